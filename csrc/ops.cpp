@@ -25,3 +25,24 @@ TORCH_LIBRARY(fused_pairloss, m) {
       "Tensor labels, Tensor lse, int centers_per_class, int kind, float p0, float p1, float p2) "
       "-> (Tensor grad_q, Tensor grad_w)");
 }
+
+#include <string>
+
+#ifndef FPL_CUDA_ARCH_LIST
+#define FPL_CUDA_ARCH_LIST ""
+#endif
+
+namespace {
+// What this binary was built with, as "key=value;..." (read by fused_pairloss.build_info()).
+std::string build_config() {
+  std::string s = "cpu=1";
+#ifdef FPL_WITH_CUDA
+  s += ";cuda=1;cuda_arch_list=" FPL_CUDA_ARCH_LIST;
+#else
+  s += ";cuda=0;cuda_arch_list=";
+#endif
+  return s;
+}
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fused_pairloss, m) { m.def("build_config() -> str", &build_config); }

@@ -1,0 +1,105 @@
+"""Backend selection: which implementations exist for a device, and what "auto" means."""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+from . import _extension
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+# "auto" preference per device type: the fused backends first (fastest first), reference last.
+_AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_version():
+    try:
+        import triton  # noqa: F401
+
+        return triton.__version__
+    except Exception:  # ImportError, or a broken install
+        return None
+
+
+def _triton_modules_ok() -> bool:
+    if _triton_version() is None:
+        return False
+    for name in ("triton_pair_engine", "triton_class_engine"):
+        try:
+            mod = importlib.import_module(f"fused_pairloss.ops.{name}")
+        except ImportError:
+            return False
+        if not getattr(mod, "AVAILABLE", False):
+            return False
+    return True
+
+
+def _device_type(device) -> str:
+    if isinstance(device, torch.Tensor):
+        device = device.device
+    return torch.device(device).type
+
+
+def available_backends(device="cpu") -> list:
+    """Backends that can run on `device` here (subset of reference, cpu, triton, cuda)."""
+    dev = _device_type(device)
+    out = ["reference"]
+    if dev == "cpu" and _extension.has_kernel("pair_engine_forward", "CPU"):
+        out.append("cpu")
+    if _triton_modules_ok():
+        if (dev == "cuda" and torch.cuda.is_available()) or (
+            dev == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+        ):
+            out.append("triton")
+    if dev == "cuda" and torch.cuda.is_available() and _extension.has_kernel("pair_engine_forward", "CUDA"):
+        out.append("cuda")
+    return out
+
+
+def resolve_backend(backend, device) -> str:
+    """Validate `backend` for tensors on `device`; "auto" -> fastest fused backend, else reference."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, one of {('auto',) + BACKENDS}; got {type(backend).__name__}")
+    dev = _device_type(device)
+    avail = available_backends(device)
+    if backend == "auto":
+        for name in _AUTO_ORDER.get(dev, ()):
+            if name in avail:
+                return name
+        return "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {list(BACKENDS)}; got {backend!r}")
+    if backend not in avail:
+        why = ""
+        if backend == "cpu" and dev != "cpu":
+            why = " (the 'cpu' backend runs on CPU tensors only)"
+        elif backend == "cuda" and dev != "cuda":
+            why = " (the 'cuda' backend runs on CUDA tensors only)"
+        elif backend in ("cpu", "cuda") and _extension.load_error():
+            why = f" ({_extension.load_error()})"
+        elif backend == "triton" and dev == "cpu":
+            why = " (on CPU tensors Triton runs only through its interpreter: set TRITON_INTERPRET=1 before importing triton)"
+        elif backend == "triton":
+            why = " (triton is not installed)" if _triton_version() is None else ""
+        raise ValueError(
+            f"backend {backend!r} is not available for {dev} tensors{why}; available: {avail}"
+        )
+    return backend
+
+
+def build_info() -> dict:
+    """What this install was built with and can run."""
+    cfg = _extension.build_config()
+    return {
+        "cpu": _extension.has_kernel("pair_engine_forward", "CPU"),
+        "cuda": _extension.has_kernel("pair_engine_forward", "CUDA"),
+        "cuda_arch_list": cfg.get("cuda_arch_list", "") or None,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _triton_version(),
+        "library": _extension.load(),
+        "library_error": _extension.load_error(),
+    }
