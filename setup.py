@@ -21,24 +21,29 @@ def _find_cuda_home():
     if os.environ.get("CUDA_HOME"):
         return os.environ["CUDA_HOME"]
     nvcc = shutil.which("nvcc")
-    for cand in ([os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []) + [
-        "/usr/local/cuda"
-    ]:
+    cands = ([os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []) + ["/usr/local/cuda"]
+    for cand in cands:  # prefer a root that also has the runtime library
+        if os.path.exists(os.path.join(cand, "bin", "nvcc")) and glob.glob(os.path.join(cand, "lib*", "libcudart.so*")):
+            return cand
+    for cand in cands:
         if os.path.exists(os.path.join(cand, "bin", "nvcc")):
             return cand
     return None
 
 
 def _extensions():
+    # CUDA_HOME must be the toolkit root (bin/nvcc, lib64/libcudart) before cpp_extension is
+    # imported: it reads it once, and guesses from `which nvcc` (here /usr/local/bin -> /usr/local).
+    cuda_home = _find_cuda_home()
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home
     try:
         import torch
         from torch.utils import cpp_extension
     except ImportError:  # no torch at build time: pure-Python install, reference backend only
         return [], {}
-
-    cuda_home = _find_cuda_home()
     if cuda_home:
-        os.environ.setdefault("CUDA_HOME", cuda_home)
+        cpp_extension.CUDA_HOME = cuda_home
     want_cuda = os.environ.get("FPL_NO_CUDA", "0") != "1" and (
         os.environ.get("FORCE_CUDA", "0") == "1"
         or (torch.version.cuda is not None and cuda_home is not None)
@@ -47,7 +52,7 @@ def _extensions():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
     sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DFPL_WITH_CPU"]
+    cxx_flags = ["-O3", "-fopenmp", "-DFPL_WITH_CPU"]  # C++ standard: torch's default (C++20 for torch >= 2.12)
     include_dirs = [os.path.join(ROOT, "csrc")]
     if want_cuda:
         cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp"))) + sorted(
@@ -60,7 +65,7 @@ def _extensions():
             include_dirs=include_dirs,
             extra_compile_args={
                 "cxx": cxx_flags + ["-DFPL_WITH_CUDA", f'-DFPL_CUDA_ARCH_LIST="{arch}"'],
-                "nvcc": ["-O3", "-std=c++17", "-lineinfo", "-DFPL_WITH_CUDA"],
+                "nvcc": ["-O3", "-lineinfo", "-DFPL_WITH_CUDA"],
             },
             extra_link_args=["-fopenmp"],
         )
