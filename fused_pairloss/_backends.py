@@ -59,6 +59,16 @@ def available_backends(device="cpu") -> list:
     return out
 
 
+def _assume_constant_result(fn):
+    # Backend choice depends only on (backend, device) and the install: under torch.compile it is
+    # evaluated once at trace time and baked in as a constant (no graph break).
+    try:
+        return torch.compiler.assume_constant_result(fn)
+    except AttributeError:  # pragma: no cover - very old torch
+        return fn
+
+
+@_assume_constant_result
 def resolve_backend(backend, device) -> str:
     """Validate `backend` for tensors on `device`; "auto" -> fastest fused backend, else reference."""
     if not isinstance(backend, str):
