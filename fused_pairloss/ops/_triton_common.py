@@ -68,6 +68,9 @@ def block_d(dtype: torch.dtype) -> int:
 
 
 if AVAILABLE:
+    # The interpreter stores bf16 as raw uint16 and its tl.dot multiplies those: upcast (exactly)
+    # to fp32 first there. Compiled kernels never take this branch.
+    BF16_DOT_UPCAST = tl.constexpr(is_interpreter())
 
     @triton.jit
     def s_tile(a_ptr, b_ptr, a_idx, b_idx, a_mask, b_mask, D, stride_a, stride_b,
@@ -84,6 +87,10 @@ if AVAILABLE:
             dm = dd < D
             a = tl.load(a_row + dd[None, :], mask=a_mask[:, None] & dm[None, :], other=0.0)
             b = tl.load(b_row + dd[None, :], mask=b_mask[:, None] & dm[None, :], other=0.0)
+            if BF16_DOT_UPCAST:
+                if a.dtype == tl.bfloat16:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
             acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC, out_dtype=ACC_DT)
         return acc
 
