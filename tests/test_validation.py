@@ -1,0 +1,299 @@
+"""Input validation (issue #2 item 4) through the functional API and the modules: each bad input
+raises ValueError or TypeError, never a crash deep inside a kernel, and the message names the
+argument that is wrong."""
+import pytest
+import torch
+
+import fused_pairloss as fpl
+from fused_pairloss import functional as Fn
+
+D = 6
+X = torch.randn(8, D)
+Y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+REF = torch.randn(5, D)
+RY = torch.tensor([0, 1, 2, 3, 4])
+
+# regexes: the argument's name as a word ("labels" must not be satisfied by "ref_labels")
+LABELS = r"(?<!ref_)\blabels\b"
+REF_LABELS = r"\bref_labels\b"
+EMB = r"(?<!ref_)\bembeddings\b"
+REF_EMB = r"\bref_emb\b"
+
+
+def _pair_fns():
+    """(name, fn(emb, labels, ref_emb, ref_labels)) for every pair-loss entry point."""
+    return [
+        ("ms_functional", lambda e, y, r=None, ry=None, **k: Fn.multi_similarity_loss(e, y, r, ry, backend="reference", **k)),
+        ("ms_functional_mined", lambda e, y, r=None, ry=None, **k: Fn.multi_similarity_loss(
+            e, y, r, ry, miner_epsilon=0.1, backend="reference", **k)),
+        ("circle_functional", lambda e, y, r=None, ry=None, **k: Fn.circle_loss(e, y, r, ry, backend="reference", **k)),
+        ("ms_module", lambda e, y, r=None, ry=None: fpl.MultiSimilarityLoss(backend="reference")(e, y, None, r, ry)),
+        ("circle_module", lambda e, y, r=None, ry=None: fpl.CircleLoss(backend="reference")(e, y, None, r, ry)),
+        ("ms_module_auto", lambda e, y, r=None, ry=None: fpl.MultiSimilarityLoss()(e, y, ref_emb=r, ref_labels=ry)),
+        ("circle_module_auto", lambda e, y, r=None, ry=None: fpl.CircleLoss()(e, y, ref_emb=r, ref_labels=ry)),
+    ]
+
+
+PAIR_FNS = _pair_fns()
+PAIR_IDS = [n for n, _ in PAIR_FNS]
+
+PAIR_CASES = {
+    # name: (args, exception, regex)
+    "labels_too_short": ((X, Y[:-1]), ValueError, LABELS),
+    "labels_too_long": ((X, torch.cat([Y, Y])), ValueError, LABELS),
+    "labels_2d": ((X, Y[:, None]), ValueError, LABELS),
+    "labels_0d": ((X[:1], torch.tensor(0)), ValueError, LABELS),
+    "labels_float": ((X, Y.float()), TypeError, LABELS),
+    "labels_none": ((X, None), ValueError, LABELS),
+    "labels_list": ((X, Y.tolist()), TypeError, LABELS),
+    "embeddings_1d": ((X[0], Y[:1]), ValueError, EMB),
+    "embeddings_3d": ((X[None], Y), ValueError, EMB),
+    "embeddings_int": ((X.long(), Y), TypeError, EMB),
+    "embeddings_bool": ((X > 0, Y), TypeError, EMB),
+    "embeddings_numpy": ((X.numpy(), Y), TypeError, EMB),
+    "embeddings_empty": ((X[:0], Y[:0]), ValueError, EMB),
+    "ref_emb_without_ref_labels": ((X, Y, REF, None), ValueError, REF_LABELS),
+    "ref_labels_without_ref_emb": ((X, Y, None, RY), ValueError, REF_EMB),
+    "ref_emb_other_width": ((X, Y, torch.randn(5, D + 1), RY), ValueError, REF_EMB),
+    "ref_emb_1d": ((X, Y, REF[0], RY[:1]), ValueError, REF_EMB),
+    "ref_emb_int": ((X, Y, REF.long(), RY), TypeError, REF_EMB),
+    "ref_emb_other_dtype": ((X, Y, REF.double(), RY), TypeError, REF_EMB),
+    "ref_labels_wrong_length": ((X, Y, REF, RY[:-1]), ValueError, REF_LABELS),
+    "ref_labels_2d": ((X, Y, REF, RY[:, None]), ValueError, REF_LABELS),
+    "ref_labels_float": ((X, Y, REF, RY.float()), TypeError, REF_LABELS),
+    "ref_labels_is_labels_other_rows": ((X, Y, REF, Y), ValueError, REF_EMB),
+}
+
+
+@pytest.mark.parametrize("case", list(PAIR_CASES))
+@pytest.mark.parametrize("entry", PAIR_FNS, ids=PAIR_IDS)
+def test_pair_losses_reject(entry, case):
+    _, fn = entry
+    args, exc, regex = PAIR_CASES[case]
+    with pytest.raises(exc, match=regex):
+        fn(*args)
+
+
+def test_pair_inputs_that_are_valid_pass():
+    """The cases above differ from valid inputs only in the broken argument."""
+    for _, fn in PAIR_FNS:
+        assert fn(X, Y).dim() == 0
+        assert fn(X, Y, REF, RY).dim() == 0
+        assert fn(X, Y, torch.randn(8, D), Y).dim() == 0
+        assert fn(X, Y.int(), REF, RY.to(torch.int16)).dim() == 0  # any integer dtype
+
+
+@pytest.mark.parametrize("kw,exc,name", [
+    (dict(alpha=0.0), ValueError, "alpha"), (dict(alpha=-1.0), ValueError, "alpha"),
+    (dict(beta=0), ValueError, "beta"), (dict(alpha="2"), TypeError, "alpha"),
+    (dict(base=None), TypeError, "base"), (dict(miner_epsilon="0.1"), TypeError, "miner_epsilon"),
+])
+def test_multi_similarity_hyperparameters(kw, exc, name):
+    with pytest.raises(exc, match=rf"\b{name}\b"):
+        Fn.multi_similarity_loss(X, Y, backend="reference", **kw)
+    if name in ("alpha", "beta", "miner_epsilon"):
+        with pytest.raises(exc, match=rf"\b{name}\b"):
+            fpl.MultiSimilarityLoss(**kw)
+
+
+@pytest.mark.parametrize("kw,exc,name", [
+    (dict(gamma=0.0), ValueError, "gamma"), (dict(gamma=-80.0), ValueError, "gamma"),
+    (dict(m="0.4"), TypeError, "m"), (dict(gamma=None), TypeError, "gamma"),
+])
+def test_circle_hyperparameters(kw, exc, name):
+    with pytest.raises(exc, match=rf"\b{name}\b"):
+        Fn.circle_loss(X, Y, backend="reference", **kw)
+    with pytest.raises(exc, match=rf"\b{name}\b"):
+        fpl.CircleLoss(**kw)
+
+
+def test_indices_tuple_malformed():
+    with pytest.raises(ValueError, match="indices_tuple"):
+        fpl.MultiSimilarityLoss(backend="reference")(X, Y, (torch.tensor([0]), torch.tensor([1])))
+    with pytest.raises(ValueError, match="indices_tuple"):
+        fpl.CircleLoss(backend="reference")(X, Y, torch.tensor([0, 1, 2]))
+
+
+# ----------------------------------------------------------------------------------------------
+# SoftTriple and ProxyCircle
+# ----------------------------------------------------------------------------------------------
+C, K = 4, 3
+FC = torch.randn(D, C * K)
+YC = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+PROX = torch.randn(D, C)
+
+
+def _st(e, y, centers=FC, **kw):
+    kw.setdefault("centers_per_class", K)
+    return Fn.soft_triple_loss(e, y, centers, backend="reference", **kw)
+
+
+def _pc(e, y, proxies=PROX, **kw):
+    return Fn.proxy_circle_loss(e, y, proxies, backend="reference", **kw)
+
+
+CLASS_CASES = {
+    "labels_negative": ((X, torch.tensor([-1, 1, 2, 3, 3, 2, 1, 0])), ValueError, LABELS),
+    "labels_equal_C": ((X, torch.tensor([0, 1, 2, 3, 4, 2, 1, 0])), ValueError, LABELS),
+    "labels_huge": ((X, torch.tensor([0, 1, 2, 3, 10 ** 6, 2, 1, 0])), ValueError, LABELS),
+    "labels_wrong_length": ((X, YC[:-1]), ValueError, LABELS),
+    "labels_2d": ((X, YC[:, None]), ValueError, LABELS),
+    "labels_float": ((X, YC.float()), TypeError, LABELS),
+    "labels_none": ((X, None), ValueError, LABELS),
+    "embeddings_1d": ((X[0], YC[:1]), ValueError, EMB),
+    "embeddings_int": ((X.long(), YC), TypeError, EMB),
+}
+
+
+@pytest.mark.parametrize("case", list(CLASS_CASES))
+@pytest.mark.parametrize("which", ["soft_triple", "proxy_circle", "soft_triple_module", "proxy_circle_module"])
+def test_class_losses_reject(which, case):
+    args, exc, regex = CLASS_CASES[case]
+    if which == "soft_triple":
+        fn = _st
+    elif which == "proxy_circle":
+        fn = _pc
+    elif which == "soft_triple_module":
+        fn = fpl.SoftTripleLoss(C, D, centers_per_class=K, backend="reference")
+    else:
+        fn = fpl.ProxyCircleLoss(C, D, backend="reference")
+    with pytest.raises(exc, match=regex):
+        fn(*args)
+
+
+def test_class_losses_valid_edges_pass():
+    y = torch.tensor([0, 3, 0, 3, 0, 3, 0, 3])  # labels 0 and C-1 are valid
+    assert _st(X, y).dim() == 0
+    assert _pc(X, y).dim() == 0
+    assert fpl.SoftTripleLoss(C, D, centers_per_class=K, backend="reference")(X, y).dim() == 0
+    assert fpl.ProxyCircleLoss(C, D, backend="reference")(X, y).dim() == 0
+
+
+@pytest.mark.parametrize("centers,kw,exc,regex", [
+    (torch.randn(D, C * K + 1), {}, ValueError, r"\bcenters\b.*centers_per_class|centers_per_class.*\bcenters\b"),
+    (torch.randn(D, 2), {}, ValueError, r"\bcenters\b"),
+    (torch.randn(D + 1, C * K), {}, ValueError, r"\bcenters\b"),
+    (torch.randn(C * K), {}, ValueError, r"\bcenters\b"),
+    (torch.randn(D, 0), {}, ValueError, r"\bcenters\b"),
+    (FC.long(), {}, TypeError, r"\bcenters\b"),
+    (FC.double(), {}, TypeError, r"\bcenters\b"),
+    (FC.numpy(), {}, TypeError, r"\bcenters\b"),
+    (FC, dict(centers_per_class=0), ValueError, r"\bcenters_per_class\b"),
+    (FC, dict(centers_per_class=1.5), ValueError, r"\bcenters_per_class\b"),
+    (torch.randn(D, C), dict(centers_per_class=1, center_reg_weight=0.2), ValueError, r"centers_per_class"),
+    (FC, dict(la=0.0), ValueError, r"\bla\b"),
+    (FC, dict(gamma=-0.1), ValueError, r"\bgamma\b"),
+    (FC, dict(margin="x"), TypeError, r"\bmargin\b"),
+    (FC, dict(center_reg_weight=None), TypeError, r"\bcenter_reg_weight\b"),
+])
+def test_soft_triple_centers_and_hyperparameters(centers, kw, exc, regex):
+    with pytest.raises(exc, match=regex):
+        _st(X, YC, centers, **kw)
+
+
+@pytest.mark.parametrize("proxies,kw,exc,regex", [
+    (torch.randn(D + 1, C), {}, ValueError, r"\bproxies\b"),
+    (torch.randn(C), {}, ValueError, r"\bproxies\b"),
+    (PROX.long(), {}, TypeError, r"\bproxies\b"),
+    (PROX.double(), {}, TypeError, r"\bproxies\b"),
+    (PROX, dict(gamma=0.0), ValueError, r"\bgamma\b"),
+    (PROX, dict(m=None), TypeError, r"\bm\b"),
+])
+def test_proxy_circle_proxies_and_hyperparameters(proxies, kw, exc, regex):
+    with pytest.raises(exc, match=regex):
+        _pc(X, YC, proxies, **kw)
+
+
+@pytest.mark.parametrize("ctor,kw,name", [
+    (fpl.SoftTripleLoss, dict(num_classes=0, embedding_size=D), "num_classes"),
+    (fpl.SoftTripleLoss, dict(num_classes=2.0, embedding_size=D), "num_classes"),
+    (fpl.SoftTripleLoss, dict(num_classes=C, embedding_size=0), "embedding_size"),
+    (fpl.SoftTripleLoss, dict(num_classes=C, embedding_size=D, centers_per_class=0), "centers_per_class"),
+    (fpl.SoftTripleLoss, dict(num_classes=C, embedding_size=D, la=0), "la"),
+    (fpl.SoftTripleLoss, dict(num_classes=C, embedding_size=D, gamma=0), "gamma"),
+    (fpl.SoftTripleLoss, dict(num_classes=C, embedding_size=D, centers_per_class=1, center_reg_weight=0.2),
+     "centers_per_class"),
+    (fpl.ProxyCircleLoss, dict(num_classes=0, embedding_size=D), "num_classes"),
+    (fpl.ProxyCircleLoss, dict(num_classes=C, embedding_size=-1), "embedding_size"),
+    (fpl.ProxyCircleLoss, dict(num_classes=C, embedding_size=D, gamma=0.0), "gamma"),
+])
+def test_class_module_constructors(ctor, kw, name):
+    with pytest.raises((ValueError, TypeError), match=rf"\b{name}\b"):
+        ctor(**kw)
+
+
+def test_soft_triple_module_embedding_width_mismatch():
+    mod = fpl.SoftTripleLoss(C, D + 2, centers_per_class=K, backend="reference")
+    with pytest.raises(ValueError, match=r"D=6|embedding|centers"):
+        mod(X, YC)
+
+
+# ----------------------------------------------------------------------------------------------
+# backends
+# ----------------------------------------------------------------------------------------------
+def _all_entry_points():
+    return {
+        "ms": lambda b: Fn.multi_similarity_loss(X, Y, backend=b),
+        "ms_mined": lambda b: Fn.multi_similarity_loss(X, Y, miner_epsilon=0.1, backend=b),
+        "circle": lambda b: Fn.circle_loss(X, Y, backend=b),
+        "soft_triple": lambda b: Fn.soft_triple_loss(X, YC, FC, centers_per_class=K, backend=b),
+        "proxy_circle": lambda b: Fn.proxy_circle_loss(X, YC, PROX, backend=b),
+        "ms_module": lambda b: fpl.MultiSimilarityLoss(backend=b)(X, Y),
+        "circle_module": lambda b: fpl.CircleLoss(backend=b)(X, Y),
+        "soft_triple_module": lambda b: fpl.SoftTripleLoss(C, D, centers_per_class=K, backend=b)(X, YC),
+        "proxy_circle_module": lambda b: fpl.ProxyCircleLoss(C, D, backend=b)(X, YC),
+        "ms_module_indices": lambda b: fpl.MultiSimilarityLoss(backend=b)(
+            X, Y, (torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([0, 1]), torch.tensor([2, 3]))),
+    }
+
+
+ENTRY = _all_entry_points()
+
+
+@pytest.mark.parametrize("entry", list(ENTRY))
+@pytest.mark.parametrize("backend", ["gpu", "Reference", "", "fused"])
+def test_unknown_backend(entry, backend):
+    with pytest.raises(ValueError, match=r"\bbackend\b") as ei:
+        ENTRY[entry](backend)
+    msg = str(ei.value)
+    assert repr(backend) in msg
+    for name in ("reference", "cpu", "triton", "cuda"):
+        assert name in msg  # lists the valid names
+
+
+@pytest.mark.parametrize("entry", ["ms", "circle", "soft_triple", "proxy_circle"])
+def test_backend_not_a_string(entry):
+    with pytest.raises(TypeError, match=r"\bbackend\b"):
+        ENTRY[entry](None)
+
+
+@pytest.mark.parametrize("entry", list(ENTRY))
+def test_cuda_backend_on_cpu_tensors(entry):
+    with pytest.raises(ValueError, match=r"'cuda'") as ei:
+        ENTRY[entry]("cuda")
+    msg = str(ei.value)
+    avail = fpl.available_backends("cpu")
+    assert "reference" in avail
+    assert str(avail) in msg, f"the message must list the available backends {avail}: {msg}"
+    assert "cpu" in msg.lower()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_unavailable_backend_names_the_available_ones(backend):
+    avail = fpl.available_backends("cpu")
+    if backend in avail:
+        pytest.skip(f"{backend!r} is available here")
+    for name, fn in ENTRY.items():
+        with pytest.raises(ValueError, match=rf"'{backend}'") as ei:
+            fn(backend)
+        assert str(avail) in str(ei.value), name
+
+
+def test_reference_and_auto_always_work_on_cpu():
+    for name, fn in ENTRY.items():
+        if name == "ms_module_indices":
+            continue
+        a = fn("reference")
+        b = fn("auto")
+        assert a.dim() == 0 and b.dim() == 0
+        assert torch.isfinite(a) and torch.isfinite(b), name
