@@ -1,0 +1,269 @@
+"""The public API of SPEC §1: names, signatures (parameter names, kinds, defaults), backend
+discovery, build_info, and drop-in compatibility with PML modules (fc layout, state_dicts,
+positional forward arguments)."""
+import inspect
+
+import pytest
+import torch
+from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning import miners as pml_miners
+from pytorch_metric_learning.regularizers import SparseCentersRegularizer
+
+import fused_pairloss as fpl
+from fused_pairloss import functional as Fn
+
+P = inspect.Parameter
+POS = P.POSITIONAL_OR_KEYWORD
+KWO = P.KEYWORD_ONLY
+NODEF = P.empty
+
+
+def _sig(obj):
+    return [(p.name, p.kind, p.default) for p in inspect.signature(obj).parameters.values()]
+
+
+def _expect(*params):
+    """params: (name, default) -> POSITIONAL_OR_KEYWORD; ('*', ...) switches to KEYWORD_ONLY."""
+    out, kind = [], POS
+    for item in params:
+        if item == "*":
+            kind = KWO
+            continue
+        name, default = item
+        out.append((name, kind, default))
+    return out
+
+
+def test_public_names():
+    for name in ("MultiSimilarityLoss", "CircleLoss", "SoftTripleLoss", "ProxyCircleLoss", "functional",
+                 "reference", "available_backends", "build_info"):
+        assert hasattr(fpl, name), name
+        assert name in fpl.__all__, name
+    for name in ("multi_similarity_loss", "circle_loss", "soft_triple_loss", "proxy_circle_loss"):
+        assert callable(getattr(fpl.functional, name)), name
+        assert callable(getattr(fpl.reference, name)), name
+    for cls in (fpl.MultiSimilarityLoss, fpl.CircleLoss, fpl.SoftTripleLoss, fpl.ProxyCircleLoss):
+        assert issubclass(cls, torch.nn.Module)
+    import fused_pairloss.functional
+    import fused_pairloss.reference
+    assert fpl.functional is fused_pairloss.functional and fpl.reference is fused_pairloss.reference
+    assert isinstance(fpl.__version__, str)
+
+
+CONSTRUCTORS = {
+    fpl.MultiSimilarityLoss: _expect(("alpha", 2.0), ("beta", 50.0), ("base", 0.5), ("miner_epsilon", None),
+                                     ("backend", "auto")),
+    fpl.CircleLoss: _expect(("m", 0.4), ("gamma", 80.0), ("backend", "auto")),
+    fpl.SoftTripleLoss: _expect(("num_classes", NODEF), ("embedding_size", NODEF), ("centers_per_class", 10),
+                                ("la", 20.0), ("gamma", 0.1), ("margin", 0.01), ("center_reg_weight", 0.0),
+                                ("backend", "auto")),
+    fpl.ProxyCircleLoss: _expect(("num_classes", NODEF), ("embedding_size", NODEF), ("m", 0.25), ("gamma", 256.0),
+                                 ("backend", "auto")),
+}
+
+
+@pytest.mark.parametrize("cls", list(CONSTRUCTORS), ids=lambda c: c.__name__)
+def test_constructor_signatures(cls):
+    assert _sig(cls) == CONSTRUCTORS[cls]
+
+
+@pytest.mark.parametrize("cls", [fpl.MultiSimilarityLoss, fpl.CircleLoss], ids=lambda c: c.__name__)
+def test_pair_forward_signature_is_pmls(cls):
+    ours = _sig(cls.forward)
+    theirs = _sig(pml_losses.BaseMetricLossFunction.forward)
+    assert ours == theirs == _expect(("self", NODEF), ("embeddings", NODEF), ("labels", None),
+                                     ("indices_tuple", None), ("ref_emb", None), ("ref_labels", None))
+
+
+@pytest.mark.parametrize("cls", [fpl.SoftTripleLoss, fpl.ProxyCircleLoss], ids=lambda c: c.__name__)
+def test_class_forward_signature(cls):
+    assert [n for n, _, _ in _sig(cls.forward)][:3] == ["self", "embeddings", "labels"]
+    # everything after (embeddings, labels) must be optional
+    assert all(d is not NODEF for _, _, d in _sig(cls.forward)[3:])
+
+
+FUNCTIONALS = {
+    "multi_similarity_loss": _expect(("embeddings", NODEF), ("labels", NODEF), ("ref_emb", None), ("ref_labels", None),
+                                     "*", ("alpha", 2.0), ("beta", 50.0), ("base", 0.5), ("miner_epsilon", None),
+                                     ("backend", "auto")),
+    "circle_loss": _expect(("embeddings", NODEF), ("labels", NODEF), ("ref_emb", None), ("ref_labels", None),
+                           "*", ("m", 0.4), ("gamma", 80.0), ("backend", "auto")),
+    "soft_triple_loss": _expect(("embeddings", NODEF), ("labels", NODEF), ("centers", NODEF), "*",
+                                ("centers_per_class", 10), ("la", 20.0), ("gamma", 0.1), ("margin", 0.01),
+                                ("center_reg_weight", 0.0), ("backend", "auto")),
+    "proxy_circle_loss": _expect(("embeddings", NODEF), ("labels", NODEF), ("proxies", NODEF), "*",
+                                 ("m", 0.25), ("gamma", 256.0), ("backend", "auto")),
+}
+
+
+@pytest.mark.parametrize("name", list(FUNCTIONALS))
+def test_functional_signatures(name):
+    assert _sig(getattr(Fn, name)) == FUNCTIONALS[name]
+
+
+def test_functional_hyperparameters_are_keyword_only():
+    x, y = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])
+    with pytest.raises(TypeError):
+        Fn.multi_similarity_loss(x, y, None, None, 2.0)
+    with pytest.raises(TypeError):
+        Fn.circle_loss(x, y, None, None, 0.4)
+
+
+def test_defaults_match_pml():
+    """Constructor defaults equal PML 2.9's (the drop-in promise)."""
+    for ours, theirs, names in (
+        (fpl.MultiSimilarityLoss, pml_losses.MultiSimilarityLoss, ("alpha", "beta", "base")),
+        (fpl.CircleLoss, pml_losses.CircleLoss, ("m", "gamma")),
+        (fpl.SoftTripleLoss, pml_losses.SoftTripleLoss, ("centers_per_class", "la", "gamma", "margin")),
+    ):
+        o = inspect.signature(ours).parameters
+        t = inspect.signature(theirs).parameters
+        for n in names:
+            assert o[n].default == t[n].default, (ours.__name__, n)
+    assert inspect.signature(pml_miners.MultiSimilarityMiner).parameters["epsilon"].default == 0.1
+
+
+# ----------------------------------------------------------------------------------------------
+# backends and build info
+# ----------------------------------------------------------------------------------------------
+def test_available_backends():
+    for dev in ("cpu", torch.device("cpu"), torch.zeros(1)):
+        avail = fpl.available_backends(dev)
+        assert isinstance(avail, list)
+        assert "reference" in avail and avail[0] == "reference"
+        assert set(avail) <= {"reference", "cpu", "triton", "cuda"}
+        assert len(set(avail)) == len(avail)
+        assert "cuda" not in avail  # never for CPU tensors
+    assert fpl.available_backends() == fpl.available_backends("cpu")
+    if not torch.cuda.is_available():
+        assert fpl.available_backends("cuda") == ["reference"]
+
+
+def test_build_info():
+    info = fpl.build_info()
+    assert isinstance(info, dict)
+    for key in ("cpu", "cuda", "cuda_arch_list", "torch", "triton"):
+        assert key in info, key
+    assert isinstance(info["cpu"], bool) and isinstance(info["cuda"], bool)
+    assert info["torch"] == torch.__version__
+    assert info["cpu"] == ("cpu" in fpl.available_backends("cpu"))
+    if not info["cuda"]:
+        assert "cuda" not in fpl.available_backends("cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# drop-in compatibility with PML modules
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("C,D,K", [(5, 8, 10), (3, 4, 1), (7, 3, 2)])
+def test_soft_triple_fc_layout_and_init_match_pml(C, D, K):
+    torch.manual_seed(123)
+    theirs = pml_losses.SoftTripleLoss(C, D, centers_per_class=K)
+    torch.manual_seed(123)
+    ours = fpl.SoftTripleLoss(C, D, centers_per_class=K)
+    assert isinstance(ours.fc, torch.nn.Parameter)
+    assert tuple(ours.fc.shape) == tuple(theirs.fc.shape) == (D, C * K)
+    assert ours.fc.dtype == theirs.fc.dtype == torch.float32
+    # same init (kaiming_uniform_(a=sqrt(5)) on the same shape, same RNG draws)
+    assert torch.equal(ours.fc, theirs.fc)
+    assert [n for n, _ in ours.named_parameters()] == ["fc"]
+
+
+def test_soft_triple_state_dict_round_trip_with_pml():
+    theirs = pml_losses.SoftTripleLoss(6, 5, centers_per_class=3,
+                                       weight_regularizer=SparseCentersRegularizer(6, 3), weight_reg_weight=0.2)
+    ours = fpl.SoftTripleLoss(6, 5, centers_per_class=3, center_reg_weight=0.2, backend="reference")
+    assert set(ours.state_dict()) == set(theirs.state_dict()) == {"fc"}
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    assert torch.equal(ours.fc, theirs.fc)
+    with torch.no_grad():
+        ours.fc.mul_(2.0).add_(0.1)
+    back = pml_losses.SoftTripleLoss(6, 5, centers_per_class=3)
+    back.load_state_dict(ours.state_dict(), strict=True)
+    assert torch.equal(back.fc, ours.fc)
+    x = torch.randn(9, 5)
+    y = torch.randint(0, 6, (9,))
+    torch.testing.assert_close(ours(x, y), _pml_st_loaded(ours, x, y))
+
+
+def _pml_st_loaded(ours, x, y):
+    t = pml_losses.SoftTripleLoss(6, 5, centers_per_class=3, weight_regularizer=SparseCentersRegularizer(6, 3),
+                                  weight_reg_weight=0.2)
+    t.load_state_dict(ours.state_dict())
+    return t(x, y)
+
+
+def test_soft_triple_wrong_state_dict_shape_is_rejected():
+    ours = fpl.SoftTripleLoss(6, 5, centers_per_class=3)
+    with pytest.raises(RuntimeError, match="fc"):
+        ours.load_state_dict(pml_losses.SoftTripleLoss(6, 5, centers_per_class=2).state_dict())
+
+
+def test_proxy_circle_fc():
+    mod = fpl.ProxyCircleLoss(11, 7)
+    assert isinstance(mod.fc, torch.nn.Parameter) and tuple(mod.fc.shape) == (7, 11)
+    assert set(mod.state_dict()) == {"fc"}
+    mod2 = fpl.ProxyCircleLoss(11, 7)
+    mod2.load_state_dict(mod.state_dict(), strict=True)
+    assert torch.equal(mod.fc, mod2.fc)
+
+
+@pytest.mark.parametrize("kind", ["ms", "circle"])
+def test_pair_modules_accept_pml_positional_forward(kind):
+    ours = (fpl.MultiSimilarityLoss if kind == "ms" else fpl.CircleLoss)(backend="reference")
+    theirs = pml_losses.MultiSimilarityLoss() if kind == "ms" else pml_losses.CircleLoss()
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.randn(12, 5, generator=g), torch.randn(9, 5, generator=g)
+    y, ry = torch.randint(0, 3, (12,), generator=g), torch.randint(0, 3, (9,), generator=g)
+    calls = [
+        ((x, y), {}),
+        ((x, y, None), {}),
+        ((x, y, None, r, ry), {}),
+        ((x,), dict(labels=y)),
+        ((x, y), dict(ref_emb=r, ref_labels=ry)),
+        ((), dict(embeddings=x, labels=y, indices_tuple=None, ref_emb=r, ref_labels=ry)),
+    ]
+    for args, kw in calls:
+        a, b = ours(*args, **kw), theirs(*args, **kw)
+        assert a.dim() == 0
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)
+    # indices_tuple in the third position, as PML's miners are used
+    it = pml_miners.MultiSimilarityMiner(0.1)(x, y)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(ours(x, y, it), theirs(x, y, it), rtol=2e-5, atol=1e-6)
+
+
+def test_miner_epsilon_replaces_pml_miner_plus_loss():
+    # exact-dot-product inputs (SPEC §3): entries in {-1, 0, 1}, 4 nonzeros per row -> norm 2
+    g = torch.Generator().manual_seed(1)
+    x = torch.zeros(30, 16)
+    for i in range(30):
+        idx = torch.randperm(16, generator=g)[:4]
+        x[i, idx] = (torch.randint(0, 2, (4,), generator=g) * 2 - 1).float()
+    y = torch.randint(0, 4, (30,), generator=g)
+    theirs = pml_losses.MultiSimilarityLoss()(x, y, pml_miners.MultiSimilarityMiner(0.1)(x, y))
+    ours = fpl.MultiSimilarityLoss(miner_epsilon=0.1, backend="reference")(x, y)
+    torch.testing.assert_close(ours, theirs)
+    assert not torch.allclose(ours, fpl.MultiSimilarityLoss(backend="reference")(x, y))
+
+
+@pytest.mark.parametrize("cls,args", [(fpl.SoftTripleLoss, (4, 5)), (fpl.ProxyCircleLoss, (4, 5))],
+                         ids=["SoftTriple", "ProxyCircle"])
+def test_class_modules_forward_and_train(cls, args):
+    mod = cls(*args, backend="reference")
+    x = torch.randn(8, 5, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    loss = mod(x, y)
+    assert loss.dim() == 0 and loss.dtype == torch.float32
+    loss.backward()
+    assert x.grad is not None and mod.fc.grad is not None and mod.fc.grad.abs().sum() > 0
+    # keyword call as PML users write it
+    torch.testing.assert_close(mod(embeddings=x, labels=y), loss.detach())
+
+
+def test_modules_repr_and_backend_attribute():
+    for mod in (fpl.MultiSimilarityLoss(), fpl.CircleLoss(), fpl.SoftTripleLoss(2, 3), fpl.ProxyCircleLoss(2, 3)):
+        assert mod.backend == "auto"
+        assert "backend='auto'" in repr(mod)
+    assert "miner_epsilon=0.2" in repr(fpl.MultiSimilarityLoss(miner_epsilon=0.2))
