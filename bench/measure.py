@@ -260,6 +260,17 @@ def _run_point(point):
     return rec
 
 
+def _cuda_broken() -> bool:
+    import torch
+
+    try:
+        torch.cuda.synchronize()
+        torch.zeros(1, device="cuda").add_(1).item()
+        return False
+    except Exception:  # noqa: BLE001
+        return True
+
+
 def worker_main(points, conn):
     """Run `points` in order; larger N of a (loss, provider) that failed are skipped."""
     failed = {}
@@ -275,6 +286,11 @@ def worker_main(points, conn):
             if rec["status"] in FAILED:
                 failed[key] = (rec["status"], point["n"])
             conn.send(("result", point["id"], rec))
+            if rec["status"] == ERROR and point["device"].startswith("cuda") and _cuda_broken():
+                # a sticky CUDA error (illegal address, device assert) poisons this process:
+                # exit, and the parent goes on with the remaining points in a fresh one
+                conn.close()
+                os._exit(3)
         conn.send(("done",))
     finally:
         conn.close()
@@ -337,6 +353,7 @@ def environment(device="auto"):
         "torch_threads": torch.get_num_threads(),
     }
     if device.startswith("cuda"):
+        torch.zeros(1, device=device).add_(1).item()  # fails here if CUDA is unusable after fork
         props = torch.cuda.get_device_properties(torch.device(device))
         info["device_name"] = props.name
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 2)

@@ -139,7 +139,10 @@ def _compiled_reference(loss):
 
 
 def _pml_case(loss, inp):
-    from pytorch_metric_learning import losses, miners
+    try:
+        from pytorch_metric_learning import losses, miners
+    except ImportError as e:
+        raise Unavailable(f"pytorch-metric-learning is not installed: {e}") from e
 
     p = LOSS_PARAMS[loss]
     x, y = inp["x"], inp["labels"]

@@ -108,10 +108,12 @@ def _git_commit():
         return None
 
 
-def _context():
-    ctx = mp.get_context("forkserver")
-    # workers fork from a server that already imported torch, fused_pairloss and PML
-    ctx.set_forkserver_preload(["bench.measure"])
+def _context(method="forkserver"):
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        # workers fork from a server that already imported torch, fused_pairloss and PML
+        # (a fresh process per point costs milliseconds instead of seconds of imports)
+        ctx.set_forkserver_preload(["bench.measure"])
     return ctx
 
 
@@ -210,6 +212,7 @@ class Runner:
             wr.close()
             by_id = {p["id"]: p for p in pending}
             done_ids, current, base_kib, t0 = set(), None, None, time.monotonic()
+            started_any = False
             failure = None  # (status, note) of the point the child was killed on / died in
             while True:
                 msg = None
@@ -221,6 +224,7 @@ class Runner:
                 if msg is not None:
                     if msg[0] == "start":
                         current, base_kib, t0 = msg[1], msg[2], time.monotonic()
+                        started_any = True
                     elif msg[0] == "result":
                         done_ids.add(msg[1])
                         self.on_record(msg[2])
@@ -259,8 +263,11 @@ class Runner:
             rest = [p for p in pending if p["id"] not in done_ids]
             if not rest:
                 break
-            if failure is None:  # child exited without 'done' and without a start: should not happen
+            if failure is None:  # child exited without 'done': should not happen
                 failure = (ERROR, "worker exited early")
+            if current is None and started_any:
+                pending = rest  # died between points (e.g. exited on a sticky CUDA error): go on
+                continue
             bad = next((p for p in rest if p["id"] == current), rest[0])
             rec = measure.base_record(bad)
             rec.update(status=failure[0], note=failure[1])
@@ -392,12 +399,24 @@ def main(argv=None):
     # Small machines: inductor compiles in-process (a compile-worker pool per point costs more).
     if (os.cpu_count() or 1) <= 4:
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    # torch.cuda.is_available() through NVML: CUDA must not be initialized before a fork
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     ctx = _context()
     try:
         env = _environment(ctx, args.device)
     except Exception as e:  # noqa: BLE001
-        print(f"[bench] cannot set up device {args.device!r}: {e}", file=sys.stderr)
-        return 2
+        if args.device == "cpu":
+            print(f"[bench] cannot set up device {args.device!r}: {e}", file=sys.stderr)
+            return 2
+        # e.g. something initialized CUDA in the fork server: fall back to spawned workers
+        print(f"[bench] forked worker failed on {args.device!r} ({e}); retrying with spawn",
+              file=sys.stderr)
+        ctx = _context("spawn")
+        try:
+            env = _environment(ctx, args.device)
+        except Exception as e2:  # noqa: BLE001
+            print(f"[bench] cannot set up device {args.device!r}: {e2}", file=sys.stderr)
+            return 2
     kind = "cuda" if env["device"].startswith("cuda") else "cpu"
     preset = PRESETS[(kind, preset_name)]
     providers = resolve_providers(args, env)
@@ -454,7 +473,13 @@ def main(argv=None):
             groups = {}
             for p in points:
                 groups.setdefault((p["loss"], p["provider"]), []).append(p)
+            # cheapest and most wanted first (matmul: the ratios' base; compile: slow to build),
+            # so that a sweep cut short by a time limit still holds the fused backends
+            rank = {p: i for i, p in enumerate(["matmul", *P.FUSED_BACKENDS, "reference", "pml",
+                                                "compile"])}
             batches = [sorted(g, key=lambda p: p["n"]) for g in groups.values()]
+            batches.sort(key=lambda b: (rank.get(b[0]["provider"], 99), P.LOSSES.index(b[0]["loss"])
+                                        if b[0]["loss"] in P.LOSSES else 99))
         failed = {}
         for batch in batches:
             if isolate == "point" and not args.no_skip_larger:
