@@ -179,12 +179,6 @@ __global__ void __launch_bounds__(kThreads) class_backward_kernel(ClassArgs<T> p
   }
 }
 
-template <typename Kern>
-cudaError_t prepare_smem(Kern kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-}
-
 template <typename T>
 ClassArgs<T> make_args(const void* q, const void* w, const int64_t* labels, int64_t N, int64_t C,
                        int64_t K, int64_t D, bool vec16, int64_t kind, double p0, double p1,
@@ -217,7 +211,7 @@ cudaError_t forward_t(const void* q, const void* w, const int64_t* labels, int64
   const size_t smem = Smem<T>::kExtraOffset;
   cudaError_t err = prepare_smem(class_forward_kernel<T>, smem);
   if (err != cudaSuccess) return err;
-  class_forward_kernel<T><<<grid_for(N, kBM), kThreads, smem, stream>>>(a);
+  FPL_LAUNCH(class_forward_kernel<T>, grid_for(N, kBM), smem, stream, a);
   return cudaGetLastError();
 }
 
@@ -237,11 +231,11 @@ cudaError_t backward_t(const void* g_lse, const void* g_target, const void* q, c
   cudaError_t err = prepare_smem(class_backward_kernel<T>, smem);
   if (err != cudaSuccess) return err;
   a.out = static_cast<A*>(grad_q);
-  class_backward_kernel<T><<<grid_for(N, kBM), kThreads, smem, stream>>>(a, 0);
+  FPL_LAUNCH(class_backward_kernel<T>, grid_for(N, kBM), smem, stream, a, 0);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   a.out = static_cast<A*>(grad_w);
-  class_backward_kernel<T><<<grid_for(C, a.CPT), kThreads, smem, stream>>>(a, 1);
+  FPL_LAUNCH(class_backward_kernel<T>, grid_for(C, a.CPT), smem, stream, a, 1);
   return cudaGetLastError();
 }
 

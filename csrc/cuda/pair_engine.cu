@@ -222,12 +222,6 @@ __global__ void __launch_bounds__(kThreads) pair_backward_kernel(PairArgs<T> p, 
   }
 }
 
-template <typename K>
-cudaError_t prepare_smem(K kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-}
-
 template <typename T>
 PairArgs<T> make_args(const void* q, const void* r, const int64_t* lq, const int64_t* lr,
                       int64_t N, int64_t M, int64_t D, bool self_mode, bool vec16,
@@ -265,7 +259,7 @@ cudaError_t forward_t(const void* q, const void* r, const int64_t* lq, const int
   const size_t smem = Smem<T>::kExtraOffset + kBN * sizeof(int64_t);
   cudaError_t err = prepare_smem(pair_forward_kernel<T>, smem);
   if (err != cudaSuccess) return err;
-  pair_forward_kernel<T><<<grid_for(N, kBM), kThreads, smem, stream>>>(a);
+  FPL_LAUNCH(pair_forward_kernel<T>, grid_for(N, kBM), smem, stream, a);
   return cudaGetLastError();
 }
 
@@ -289,13 +283,13 @@ cudaError_t backward_t(const void* g_pos, const void* g_neg, const void* q, cons
   if (err != cudaSuccess) return err;
   if (N > 0) {
     a.out = static_cast<A*>(grad_q);
-    pair_backward_kernel<T><<<grid_for(N, kBM), kThreads, smem, stream>>>(a, 0);
+    FPL_LAUNCH(pair_backward_kernel<T>, grid_for(N, kBM), smem, stream, a, 0);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   if (!self_mode && a.M > 0) {
     a.out = static_cast<A*>(grad_r);
-    pair_backward_kernel<T><<<grid_for(a.M, kBM), kThreads, smem, stream>>>(a, 1);
+    FPL_LAUNCH(pair_backward_kernel<T>, grid_for(a.M, kBM), smem, stream, a, 1);
     err = cudaGetLastError();
   }
   return err;

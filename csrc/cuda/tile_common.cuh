@@ -17,7 +17,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#ifndef FPL_CUDA_EMULATION
 #include <mma.h>
+#endif
+// FPL_CUDA_EMULATION: csrc/cuda/emu/ compiles these kernels as plain C++ (one std::thread per CUDA
+// thread, emulated barriers / shuffles / WMMA) so that their logic is tested on machines without
+// a GPU (tests/test_cuda_backend.py). It changes nothing in the real build.
 
 #include "common/pair_math.h"
 
@@ -47,10 +52,10 @@ __device__ __forceinline__ double fma_acc(double a, double b, double c) { return
 
 // Does this element type go through tensor cores on the arch being compiled?
 template <typename T> struct UseMma { static constexpr bool value = false; };
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700) || defined(FPL_CUDA_EMULATION)
 template <> struct UseMma<__half> { static constexpr bool value = true; };
 #endif
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(FPL_CUDA_EMULATION)
 template <> struct UseMma<__nv_bfloat16> { static constexpr bool value = true; };
 #endif
 
@@ -273,6 +278,20 @@ template <typename A>
 __device__ __forceinline__ A nan_min(A a, A b) { return (a != a || b != b) ? (a != a ? a : b) : (b < a ? b : a); }
 template <typename A>
 __device__ __forceinline__ A nan_max(A a, A b) { return (a != a || b != b) ? (a != a ? a : b) : (b > a ? b : a); }
+
+// Kernel launch with kThreads threads per CTA and `smem` bytes of dynamic shared memory.
+#ifdef FPL_CUDA_EMULATION
+#define FPL_LAUNCH(kernel, grid, smem, stream, ...) ::fpl_emu::launch(kernel, grid, kThreads, __VA_ARGS__)
+#else
+#define FPL_LAUNCH(kernel, grid, smem, stream, ...) kernel<<<grid, kThreads, smem, stream>>>(__VA_ARGS__)
+#endif
+
+// Opt in to more than 48 KiB of dynamic shared memory where a kernel needs it.
+template <typename Kern>
+inline cudaError_t prepare_smem(Kern kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+}
 
 inline unsigned grid_for(int64_t n, int64_t per_block) {
   return static_cast<unsigned>((n + per_block - 1) / per_block);
