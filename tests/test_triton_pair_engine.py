@@ -360,13 +360,19 @@ def test_gpu_no_nxn_memory():
     n, d = 16384, 128
     x = torch.nn.functional.normalize(torch.randn(n, d, device="cuda"), dim=1)
     y = torch.randint(0, 1000, (n,), device="cuda")
+    kind, p0, p1, p2, mine, eps = LOSSES["ms_mined"]
+    g = torch.ones(n, device="cuda")
+
+    def step():
+        out = tpe.forward_op(x, None, y, None, True, kind, p0, p1, p2, mine, eps)
+        return out, tpe.backward_op(g, g, x, None, y, None, out[0], out[1], out[4], out[5], True,
+                                    kind, p0, p1, p2, mine, eps)
+
+    step()  # autotuning (its benchmark allocates a cache-flush buffer) happens here
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    kind, p0, p1, p2, mine, eps = LOSSES["ms_mined"]
-    out = tpe.forward_op(x, None, y, None, True, kind, p0, p1, p2, mine, eps)
-    g = torch.ones(n, device="cuda")
-    tpe.backward_op(g, g, x, None, y, None, out[0], out[1], out[4], out[5], True, kind, p0, p1,
-                    p2, mine, eps)
+    out = step()
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base < 64 * 2**20
+    assert torch.isfinite(out[1][0]).all()

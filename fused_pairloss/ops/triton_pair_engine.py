@@ -278,9 +278,10 @@ if _TRITON_IMPORTS:
         _BWD_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 128, 4, 3),
                         _cfg(64, 64, 4, 2)]
 
-    _KEY = ["N", "M", "D"]
+    # Tuned per shape and per variant (tensor dtypes are part of every key).
+    _KEY = ["N", "M", "D", "WEIGHTED", "MINE", "PREC"]
     _fwd = triton.autotune(configs=_FWD_CONFIGS, key=_KEY)(_fwd_kernel)
-    _bwd_rows = triton.autotune(configs=_BWD_CONFIGS, key=_KEY)(_bwd_rows_kernel)
+    _bwd_rows = triton.autotune(configs=_BWD_CONFIGS, key=_KEY + ["SELF"])(_bwd_rows_kernel)
     _bwd_cols = triton.autotune(configs=_BWD_CONFIGS, key=_KEY)(_bwd_cols_kernel)
 
     def _block_do(D):
