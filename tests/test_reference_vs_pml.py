@@ -144,6 +144,12 @@ CASES = [  # (n, m, d, layout)
 MODES = ["self", "ref", "ref_is_labels"]
 
 
+def _entries(fns, n):
+    """All entry points (raw reference, functional, module) on small batches; on large ones only
+    the functional API (the others are the same code path), to keep the suite fast."""
+    return list(fns.items()) if n <= 64 else [("functional", fns["functional"])]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "n{}m{}d{}-{}".format(*c))
@@ -158,7 +164,7 @@ def test_multi_similarity_vs_pml(case, mode, dtype):
             "module": lambda e, y, r, ry: fpl.MultiSimilarityLoss(alpha, beta, base, backend="reference")(
                 e, y, None, r, ry),
         }
-        for name, fn in fns.items():
+        for name, fn in _entries(fns, n):
             _compare(_run_pair(fn, _pml_ms(alpha, beta, base), emb, labels, ref, ref_labels, dtype),
                      dtype, f"MS {name} a={alpha}")
 
@@ -175,7 +181,7 @@ def test_circle_vs_pml(case, mode, dtype):
             "functional": lambda e, y, r, ry: Fn.circle_loss(e, y, r, ry, m=mm, gamma=gamma, backend="reference"),
             "module": lambda e, y, r, ry: fpl.CircleLoss(mm, gamma, backend="reference")(e, y, None, r, ry),
         }
-        for name, fn in fns.items():
+        for name, fn in _entries(fns, n):
             _compare(_run_pair(fn, _pml_circle(mm, gamma), emb, labels, ref, ref_labels, dtype),
                      dtype, f"Circle {name} m={mm}")
 
@@ -221,7 +227,7 @@ def test_multi_similarity_mining_vs_pml_miner(case, mode, dtype, eps):
         "functional": lambda e, y, r, ry: Fn.multi_similarity_loss(e, y, r, ry, miner_epsilon=eps, backend="reference"),
         "module": lambda e, y, r, ry: fpl.MultiSimilarityLoss(miner_epsilon=eps, backend="reference")(e, y, None, r, ry),
     }
-    for name, fn in fns.items():
+    for name, fn in _entries(fns, n if eps == 0.1 else 10 ** 9):
         _compare(_run_pair(fn, pml, emb, labels, ref, ref_labels, dtype), dtype, f"MS mined {name}")
 
 
