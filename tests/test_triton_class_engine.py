@@ -199,6 +199,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     def compile_all(dtype, kind, K, D, arch):
         dt, acc = TY[dtype], TY[tc.stat_dtype(dtype)]
         blocks, block_g, one = tce._config(4096, 1000, K, D, dtype)
+        num_warps = blocks.pop("num_warps")
         for kern in (tce._class_fwd_kernel, tce._class_bwd_rows_kernel, tce._class_bwd_cols_kernel):
             names = kern.arg_names
             const = dict(KIND=kind, POOL=kind == 0 and K > 1, PREC=tc.dot_precision(dtype), **blocks)
@@ -213,7 +214,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
                 elif n.startswith("p_"): sig[n] = "fp64"
                 else: sig[n] = "i32"
             src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
-            out = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+            out = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
             assert out.asm["cubin"], kern
     compile_all(torch.bfloat16, 0, 10, 128, 90)   # SoftTriple pool, register accumulators
     compile_all(torch.float32, 1, 1, 300, 80)     # ProxyCircle, chunked gradient

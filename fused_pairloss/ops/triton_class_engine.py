@@ -272,6 +272,9 @@ def _config(N, C, K, D, dtype):
     block_c = max(min(block_c, _next_pow2(C)), -(-16 // KP))  # keep BLOCK_C * KP >= 16
     block_g = max(16, min(_next_pow2(D), max_g))
     blocks = dict(KP=KP, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=128 if INTERPRETED else block_d(dtype))
+    # 8 warps: with 4, ptxas (sm_90, compiled offline) spills hundreds of bytes in the backward
+    # kernels at these tiles; with 8 a few dozen at most. Same for all three kernels.
+    blocks["num_warps"] = 8
     return blocks, block_g, block_g >= D
 
 
