@@ -142,6 +142,17 @@ def test_op_parity_gaussian(loss, mode):
     check_op(q, r, lq, lr, ex, LOSSES[loss], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["self", "ref_excl"])
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_op_parity_split_walks(loss, mode, monkeypatch):
+    """The GPU occupancy path (a row block's walk split over several programs, partial
+    statistics / gradients combined after), forced here: same results as the oracle."""
+    monkeypatch.setattr(tpe, "_num_splits", lambda blocks, tiles, device: 3)
+    gen = torch.Generator().manual_seed(21)
+    q, r, lq, lr, ex = make_case(mode, "few", 140, 200, 36, gen)
+    check_op(q, r, lq, lr, ex, LOSSES[loss], rtol=1e-5, atol=1e-5)
+
+
 def test_op_parity_few_hundred_rows_mined():
     gen = torch.Generator().manual_seed(3)
     q, r, lq, lr, ex = make_case("self", "few", 300, 0, 47, gen)

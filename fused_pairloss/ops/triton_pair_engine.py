@@ -119,70 +119,84 @@ if _TRITON_IMPORTS:
 
     # ---------------------------------------------------------------------------- kernels --
     @triton.jit
-    def _fwd_kernel(q_ptr, r_ptr, lq_ptr, lr_ptr, prm_ptr,
+    def _fwd_kernel(q_ptr, r_ptr, lq_ptr, lr_ptr, prm_ptr, thr_min_ptr, thr_max_ptr,
                     lse_pos_ptr, lse_neg_ptr, cnt_pos_ptr, cnt_neg_ptr, min_pos_ptr, max_neg_ptr,
-                    N, M, D, stride_q, stride_r,
+                    N, M, D, stride_q, stride_r, SPLIT,
                     EXCLUDE_DIAG: tl.constexpr, WEIGHTED: tl.constexpr, MINE: tl.constexpr,
+                    THRESH_GIVEN: tl.constexpr, DO_LSE: tl.constexpr,
                     PREC: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Program (row block, split s) walks column tiles s, s + SPLIT, ... and writes its row
+        statistics at [s, rows] of the outputs (SPLIT = 1: the final statistics). Mining: either
+        computes min_pos / max_neg itself first (THRESH_GIVEN False, only with SPLIT = 1) or
+        reads them (THRESH_GIVEN); DO_LSE False = the thresholds-only pass."""
         ACC_DT = prm_ptr.dtype.element_ty
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < N
+        split = tl.program_id(1)
+        n_first = split * BLOCK_N
+        n_step = SPLIT * BLOCK_N
+        out = split.to(tl.int64) * N + rows
         lq = tl.load(lq_ptr + rows, mask=rmask, other=0)
         ps, psh, pwa, pwb, ns, nsh, nwa, nwb, eps = _load_params(prm_ptr)
 
         min_pos = tl.full([BLOCK_M], float("inf"), ACC_DT)
         max_neg = tl.full([BLOCK_M], float("-inf"), ACC_DT)
-        if MINE:  # first walk: mining thresholds over the unmined sets
-            for n0 in range(0, M, BLOCK_N):
+        if MINE:
+            if THRESH_GIVEN:
+                min_pos = tl.load(thr_min_ptr + rows, mask=rmask, other=float("inf"))
+                max_neg = tl.load(thr_max_ptr + rows, mask=rmask, other=float("-inf"))
+            else:  # first walk: mining thresholds over the unmined sets
+                for n0 in range(n_first, M, n_step):
+                    cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+                    cmask = cols < M
+                    lr = tl.load(lr_ptr + cols, mask=cmask, other=0)
+                    pos, neg = _pair_sets(lq, lr, rows, cols, rmask, cmask, EXCLUDE_DIAG)
+                    s = s_tile(q_ptr, r_ptr, rows, cols, rmask, cmask, D, stride_q, stride_r,
+                               BLOCK_M, BLOCK_N, BLOCK_D, PREC, ACC_DT)
+                    min_pos = tl.minimum(min_pos, tl.min(tl.where(pos, s, float("inf")), axis=1))
+                    max_neg = tl.maximum(max_neg, tl.max(tl.where(neg, s, float("-inf")), axis=1))
+                tl.store(min_pos_ptr + out, min_pos, mask=rmask)
+                tl.store(max_neg_ptr + out, max_neg, mask=rmask)
+
+        if DO_LSE:
+            mp = tl.full([BLOCK_M], float("-inf"), ACC_DT)
+            lp_sum = tl.zeros([BLOCK_M], ACC_DT)
+            mn = tl.full([BLOCK_M], float("-inf"), ACC_DT)
+            ln_sum = tl.zeros([BLOCK_M], ACC_DT)
+            cp = tl.zeros([BLOCK_M], tl.int32)
+            cn = tl.zeros([BLOCK_M], tl.int32)
+            for n0 in range(n_first, M, n_step):
                 cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
                 cmask = cols < M
                 lr = tl.load(lr_ptr + cols, mask=cmask, other=0)
                 pos, neg = _pair_sets(lq, lr, rows, cols, rmask, cmask, EXCLUDE_DIAG)
                 s = s_tile(q_ptr, r_ptr, rows, cols, rmask, cmask, D, stride_q, stride_r,
                            BLOCK_M, BLOCK_N, BLOCK_D, PREC, ACC_DT)
-                min_pos = tl.minimum(min_pos, tl.min(tl.where(pos, s, float("inf")), axis=1))
-                max_neg = tl.maximum(max_neg, tl.max(tl.where(neg, s, float("-inf")), axis=1))
-
-        mp = tl.full([BLOCK_M], float("-inf"), ACC_DT)
-        lp_sum = tl.zeros([BLOCK_M], ACC_DT)
-        mn = tl.full([BLOCK_M], float("-inf"), ACC_DT)
-        ln_sum = tl.zeros([BLOCK_M], ACC_DT)
-        cp = tl.zeros([BLOCK_M], tl.int32)
-        cn = tl.zeros([BLOCK_M], tl.int32)
-        for n0 in range(0, M, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-            cmask = cols < M
-            lr = tl.load(lr_ptr + cols, mask=cmask, other=0)
-            pos, neg = _pair_sets(lq, lr, rows, cols, rmask, cmask, EXCLUDE_DIAG)
-            s = s_tile(q_ptr, r_ptr, rows, cols, rmask, cmask, D, stride_q, stride_r,
-                       BLOCK_M, BLOCK_N, BLOCK_D, PREC, ACC_DT)
-            if MINE:
-                pos = pos & (s - eps < max_neg[:, None])
-                neg = neg & (s + eps > min_pos[:, None])
-            lpos, _ = pair_logit(s, ps, psh, pwa, pwb, WEIGHTED)
-            lneg, _ = pair_logit(s, ns, nsh, nwa, nwb, WEIGHTED)
-            mp, lp_sum = lse_update(mp, lp_sum, lpos, pos)
-            mn, ln_sum = lse_update(mn, ln_sum, lneg, neg)
-            cp += tl.sum(pos.to(tl.int32), axis=1)
-            cn += tl.sum(neg.to(tl.int32), axis=1)
-
-        tl.store(lse_pos_ptr + rows, lse_value(mp, lp_sum), mask=rmask)
-        tl.store(lse_neg_ptr + rows, lse_value(mn, ln_sum), mask=rmask)
-        tl.store(cnt_pos_ptr + rows, cp, mask=rmask)
-        tl.store(cnt_neg_ptr + rows, cn, mask=rmask)
-        tl.store(min_pos_ptr + rows, min_pos, mask=rmask)
-        tl.store(max_neg_ptr + rows, max_neg, mask=rmask)
+                if MINE:
+                    pos = pos & (s - eps < max_neg[:, None])
+                    neg = neg & (s + eps > min_pos[:, None])
+                lpos, _ = pair_logit(s, ps, psh, pwa, pwb, WEIGHTED)
+                lneg, _ = pair_logit(s, ns, nsh, nwa, nwb, WEIGHTED)
+                mp, lp_sum = lse_update(mp, lp_sum, lpos, pos)
+                mn, ln_sum = lse_update(mn, ln_sum, lneg, neg)
+                cp += tl.sum(pos.to(tl.int32), axis=1)
+                cn += tl.sum(neg.to(tl.int32), axis=1)
+            tl.store(lse_pos_ptr + out, lse_value(mp, lp_sum), mask=rmask)
+            tl.store(lse_neg_ptr + out, lse_value(mn, ln_sum), mask=rmask)
+            tl.store(cnt_pos_ptr + out, cp, mask=rmask)
+            tl.store(cnt_neg_ptr + out, cn, mask=rmask)
 
     @triton.jit
     def _bwd_rows_kernel(gp_ptr, gn_ptr, q_ptr, r_ptr, lq_ptr, lr_ptr,
                          lsep_ptr, lsen_ptr, minp_ptr, maxn_ptr, prm_ptr, out_ptr,
-                         N, M, D, stride_q, stride_r, stride_o,
+                         N, M, D, stride_q, stride_r, stride_o, stride_split, SPLIT,
                          SELF: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, WEIGHTED: tl.constexpr,
                          MINE: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """grad_q[I, dslice] = sum_J G_IJ r_J (ref mode) or sum_J (G_IJ + G_JI) q_J (self mode)."""
+        """grad_q[I, dslice] = sum_J G_IJ r_J (ref mode) or sum_J (G_IJ + G_JI) q_J (self mode);
+        program (I, dslice, s) sums the column tiles s, s + SPLIT, ... into out[s] (summed after)."""
         ACC_DT = prm_ptr.dtype.element_ty
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < N
@@ -197,8 +211,9 @@ if _TRITON_IMPORTS:
         minp_i = tl.load(minp_ptr + rows, mask=rmask, other=0.0)[:, None]
         maxn_i = tl.load(maxn_ptr + rows, mask=rmask, other=0.0)[:, None]
 
+        split = tl.program_id(2)
         acc = tl.zeros([BLOCK_M, BLOCK_DO], ACC_DT)
-        for n0 in range(0, M, BLOCK_N):
+        for n0 in range(split * BLOCK_N, M, SPLIT * BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
             cmask = cols < M
             lr = tl.load(lr_ptr + cols, mask=cmask, other=0)
@@ -219,13 +234,14 @@ if _TRITON_IMPORTS:
             x = tl.load(r_ptr + cols[:, None] * stride_r + do[None, :],
                         mask=cmask[:, None] & domask[None, :], other=0.0)
             acc = tl.dot(g, x.to(ACC_DT), acc, input_precision=GPREC, out_dtype=ACC_DT)
+        out_ptr += split.to(tl.int64) * stride_split
         tl.store(out_ptr + rows[:, None] * stride_o + do[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & domask[None, :])
 
     @triton.jit
     def _bwd_cols_kernel(gp_ptr, gn_ptr, q_ptr, r_ptr, lq_ptr, lr_ptr,
                          lsep_ptr, lsen_ptr, minp_ptr, maxn_ptr, prm_ptr, out_ptr,
-                         N, M, D, stride_q, stride_r, stride_o,
+                         N, M, D, stride_q, stride_r, stride_o, stride_split, SPLIT,
                          EXCLUDE_DIAG: tl.constexpr, WEIGHTED: tl.constexpr,
                          MINE: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
@@ -239,8 +255,9 @@ if _TRITON_IMPORTS:
         lr = tl.load(lr_ptr + cols, mask=cmask, other=0)
         ps, psh, pwa, pwb, ns, nsh, nwa, nwb, eps = _load_params(prm_ptr)
 
+        split = tl.program_id(2)
         acc = tl.zeros([BLOCK_N, BLOCK_DO], ACC_DT)
-        for m0 in range(0, N, BLOCK_M):
+        for m0 in range(split * BLOCK_M, N, SPLIT * BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
             rmask = rows < N
             lq = tl.load(lq_ptr + rows, mask=rmask, other=0)
@@ -258,6 +275,7 @@ if _TRITON_IMPORTS:
             x = tl.load(q_ptr + rows[:, None] * stride_q + do[None, :],
                         mask=rmask[:, None] & domask[None, :], other=0.0)
             acc = tl.dot(tl.trans(g), x.to(ACC_DT), acc, input_precision=GPREC, out_dtype=ACC_DT)
+        out_ptr += split.to(tl.int64) * stride_split
         tl.store(out_ptr + cols[:, None] * stride_o + do[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=cmask[:, None] & domask[None, :])
 
@@ -279,13 +297,26 @@ if _TRITON_IMPORTS:
                         _cfg(64, 64, 4, 2)]
 
     # Tuned per shape and per variant (tensor dtypes are part of every key).
-    _KEY = ["N", "M", "D", "WEIGHTED", "MINE", "PREC"]
-    _fwd = triton.autotune(configs=_FWD_CONFIGS, key=_KEY)(_fwd_kernel)
+    _KEY = ["N", "M", "D", "WEIGHTED", "MINE", "PREC", "SPLIT"]
+    _fwd = triton.autotune(configs=_FWD_CONFIGS, key=_KEY + ["THRESH_GIVEN", "DO_LSE"])(_fwd_kernel)
     _bwd_rows = triton.autotune(configs=_BWD_CONFIGS, key=_KEY + ["SELF"])(_bwd_rows_kernel)
     _bwd_cols = triton.autotune(configs=_BWD_CONFIGS, key=_KEY)(_bwd_cols_kernel)
 
     def _block_do(D):
         return max(16, min(triton.next_power_of_2(max(D, 1)), 256 if _INTERPRET else 128))
+
+    def _num_splits(blocks, tiles, device):
+        """How many programs share one row block's walk over the other side's tiles: enough
+        programs to fill the GPU (~2 per SM) when there are few row blocks, each walking >= 4
+        tiles. Partial results are combined in a fixed order (deterministic)."""
+        if _INTERPRET or device.type != "cuda" or blocks <= 0:
+            return 1
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        if blocks >= sms:
+            return 1
+        return max(1, min(triton.cdiv(2 * sms, blocks), tiles // 4))
+
+    _MIN_TILE = 64  # smallest BLOCK_M / BLOCK_N of any config (sizes the split heuristic)
 
     def _launch(kernel):
         # Under torch.compile a triton_op's kernels must be launched through wrap_triton; the
@@ -305,22 +336,39 @@ if _TRITON_IMPORTS:
         else:
             r, labels_r = r.contiguous(), labels_r.contiguous()
         m = r.shape[0]
-        lse_pos = torch.empty((n,), dtype=A, device=q.device)
-        lse_neg = torch.empty_like(lse_pos)
-        min_pos = torch.empty_like(lse_pos)
-        max_neg = torch.empty_like(lse_pos)
-        count_pos = torch.empty((n,), dtype=torch.int32, device=q.device)
-        count_neg = torch.empty_like(count_pos)
+        new = lambda *shape, dt=A: torch.empty(shape, dtype=dt, device=q.device)  # noqa: E731
+        inf = lambda: torch.full((n,), float("inf"), dtype=A, device=q.device)  # noqa: E731
         if n == 0:
-            return lse_pos, lse_neg, count_pos, count_neg, min_pos, max_neg
+            return new(0), new(0), new(0, dt=torch.int32), new(0, dt=torch.int32), new(0), new(0)
         prm = torch.tensor(consts, dtype=A, device=q.device)
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)  # noqa: E731
+        splits = _num_splits(triton.cdiv(n, _MIN_TILE), triton.cdiv(m, _MIN_TILE), q.device)
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)  # noqa: E731
+        common = dict(EXCLUDE_DIAG=bool(exclude_diag), WEIGHTED=weighted, MINE=bool(mine),
+                      PREC=dot_precision(q.dtype), BLOCK_D=block_d(q.dtype))
+        dims = (n, m, d, q.stride(0), r.stride(0), splits)
+        if splits == 1:  # one kernel: (mining walk +) LSE walk, final statistics
+            lse_pos, lse_neg, min_pos, max_neg = new(n), new(n), inf(), -inf()
+            count_pos, count_neg = new(n, dt=torch.int32), new(n, dt=torch.int32)
+            _launch(_fwd)[grid](
+                q, r, labels_q, labels_r, prm, min_pos, max_neg, lse_pos, lse_neg, count_pos,
+                count_neg, min_pos, max_neg, *dims, THRESH_GIVEN=False, DO_LSE=True, **common)
+            return lse_pos, lse_neg, count_pos, count_neg, min_pos, max_neg
+        # split walks: partial statistics [splits, n], combined in a fixed order
+        min_pos, max_neg = inf(), -inf()
+        if mine:
+            pmin, pmax = new(splits, n), new(splits, n)
+            _launch(_fwd)[grid](
+                q, r, labels_q, labels_r, prm, min_pos, max_neg, pmin, pmax, pmin, pmax, pmin,
+                pmax, *dims, THRESH_GIVEN=False, DO_LSE=False, **common)
+            min_pos, max_neg = pmin.amin(dim=0), pmax.amax(dim=0)
+        plp, pln = new(splits, n), new(splits, n)
+        pcp, pcn = new(splits, n, dt=torch.int32), new(splits, n, dt=torch.int32)
         _launch(_fwd)[grid](
-            q, r, labels_q, labels_r, prm, lse_pos, lse_neg, count_pos, count_neg, min_pos,
-            max_neg, n, m, d, q.stride(0), r.stride(0),
-            EXCLUDE_DIAG=bool(exclude_diag), WEIGHTED=weighted, MINE=bool(mine),
-            PREC=dot_precision(q.dtype), BLOCK_D=block_d(q.dtype))
-        return lse_pos, lse_neg, count_pos, count_neg, min_pos, max_neg
+            q, r, labels_q, labels_r, prm, min_pos, max_neg, plp, pln, pcp, pcn, plp, pln,
+            *dims, THRESH_GIVEN=True, DO_LSE=True, **common)
+        return (torch.logsumexp(plp, dim=0), torch.logsumexp(pln, dim=0),
+                pcp.sum(dim=0, dtype=torch.int32), pcn.sum(dim=0, dtype=torch.int32),
+                min_pos, max_neg)
 
     def _backward_impl(grad_lse_pos, grad_lse_neg, q, r, labels_q, labels_r, lse_pos, lse_neg,
                        min_pos, max_neg, exclude_diag, kind, p0, p1, p2, mine, miner_eps):
@@ -338,29 +386,32 @@ if _TRITON_IMPORTS:
         m = r_.shape[0]
         stats = [t.to(A).contiguous() for t in (grad_lse_pos, grad_lse_neg, lse_pos, lse_neg,
                                                 min_pos, max_neg)]
-        gp, gn, lsep, lsen, minp, maxn = stats
-        grad_q = torch.empty_like(q)
-        grad_r = q.new_empty((0,)) if self_mode else torch.empty_like(r_)
         prm = torch.tensor(consts, dtype=A, device=q.device)
+        bdo = _block_do(d)
         flags = dict(EXCLUDE_DIAG=bool(exclude_diag), WEIGHTED=weighted, MINE=bool(mine),
                      PREC=dot_precision(q.dtype), GPREC=grad_dot_precision(q.dtype),
-                     BLOCK_D=block_d(q.dtype), BLOCK_DO=_block_do(d))
-        bdo = flags["BLOCK_DO"]
-        if n > 0 and d > 0:
-            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, bdo))  # noqa: E731
-            _launch(_bwd_rows)[grid](
-                gp, gn, q, r_, labels_q, labels_r_, lsep, lsen, minp, maxn, prm, grad_q,
-                n, m, d, q.stride(0), r_.stride(0), grad_q.stride(0), SELF=self_mode, **flags)
-        elif n > 0:
-            grad_q.zero_()
-        if not self_mode and m > 0:
-            if d > 0:
-                grid = lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), triton.cdiv(d, bdo))  # noqa: E731
-                _launch(_bwd_cols)[grid](
-                    gp, gn, q, r_, labels_q, labels_r_, lsep, lsen, minp, maxn, prm, grad_r,
-                    n, m, d, q.stride(0), r_.stride(0), grad_r.stride(0), **flags)
-            else:
-                grad_r.zero_()
+                     BLOCK_D=block_d(q.dtype), BLOCK_DO=bdo)
+        operands = (stats[0], stats[1], q, r_, labels_q, labels_r_, *stats[2:], prm)
+        strides = (q.stride(0), r_.stride(0))
+
+        def run(kernel, own, other, out_like, **extra):
+            # own: rows of the output, other: the walked side. Split walks sum into fp32 (fp64)
+            # partials [splits, own, D] that are added in a fixed order.
+            if own == 0 or d == 0:
+                return torch.zeros_like(out_like)
+            chunks = triton.cdiv(d, bdo)
+            splits = _num_splits(triton.cdiv(own, _MIN_TILE) * chunks,
+                                 triton.cdiv(other, _MIN_TILE), q.device)
+            out = torch.empty_like(out_like) if splits == 1 else \
+                torch.empty((splits, own, d), dtype=A, device=q.device)
+            blk = "BLOCK_M" if kernel is _bwd_rows else "BLOCK_N"
+            grid = lambda meta: (triton.cdiv(own, meta[blk]), chunks, splits)  # noqa: E731
+            _launch(kernel)[grid](*operands, out, n, m, d, *strides, d,
+                                  out.stride(0) if splits > 1 else 0, splits, **flags, **extra)
+            return out if splits == 1 else out.sum(dim=0).to(out_like.dtype)
+
+        grad_q = run(_bwd_rows, n, m, q, SELF=self_mode)
+        grad_r = q.new_empty((0,)) if self_mode else run(_bwd_cols, m, n, r_)
         return grad_q, grad_r
 
     def _fake_forward(q, r, labels_q, labels_r, exclude_diag, kind, p0, p1, p2, mine, miner_eps):
