@@ -72,7 +72,7 @@ struct Smem {
   using A = typename AccOf<T>::type;
   static constexpr int kSsBytes = kBM * kLDS * int(sizeof(A));
   static constexpr int kFmaStageBytes = 2 * FmaBK<A>::value * kFmaLDT * int(sizeof(A));
-  static constexpr int kMmaStageBytes = 2 * kBM * kMmaLDK * int(sizeof(T));
+  static constexpr int kMmaStageBytes = sizeof(T) == 2 ? 2 * kBM * kMmaLDK * int(sizeof(T)) : 0;
   static constexpr int kStageBytes0 = kFmaStageBytes > kMmaStageBytes ? kFmaStageBytes : kMmaStageBytes;
   static constexpr int kStageBytes = (kStageBytes0 + 127) / 128 * 128;
   static constexpr int kExtraOffset = kSsBytes + kStageBytes;
