@@ -23,7 +23,10 @@ Without a GPU, set TRITON_INTERPRET=1 before importing triton to run on CPU tens
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
+from torch import Tensor
 
 from . import _kinds
 from ._triton_common import AVAILABLE as _TRITON_IMPORTS
@@ -324,7 +327,9 @@ if _TRITON_IMPORTS:
         return torch.library.wrap_triton(kernel) if _USE_TRITON_OP else kernel
 
     # ------------------------------------------------------------------------- op bodies --
-    def _forward_impl(q, r, labels_q, labels_r, exclude_diag, kind, p0, p1, p2, mine, miner_eps):
+    def _forward_impl(q: Tensor, r: Optional[Tensor], labels_q: Tensor, labels_r: Optional[Tensor],
+                      exclude_diag: bool, kind: int, p0: float, p1: float, p2: float, mine: bool,
+                      miner_eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         _check_inputs(q, r, labels_q, labels_r)
         weighted, consts = _pair_constants(kind, p0, p1, p2, miner_eps)
         A = stat_dtype(q.dtype)
@@ -370,8 +375,11 @@ if _TRITON_IMPORTS:
                 pcp.sum(dim=0, dtype=torch.int32), pcn.sum(dim=0, dtype=torch.int32),
                 min_pos, max_neg)
 
-    def _backward_impl(grad_lse_pos, grad_lse_neg, q, r, labels_q, labels_r, lse_pos, lse_neg,
-                       min_pos, max_neg, exclude_diag, kind, p0, p1, p2, mine, miner_eps):
+    def _backward_impl(grad_lse_pos: Tensor, grad_lse_neg: Tensor, q: Tensor, r: Optional[Tensor],
+                       labels_q: Tensor, labels_r: Optional[Tensor], lse_pos: Tensor,
+                       lse_neg: Tensor, min_pos: Tensor, max_neg: Tensor, exclude_diag: bool,
+                       kind: int, p0: float, p1: float, p2: float, mine: bool,
+                       miner_eps: float) -> Tuple[Tensor, Tensor]:
         _check_inputs(q, r, labels_q, labels_r)
         weighted, consts = _pair_constants(kind, p0, p1, p2, miner_eps)
         A = stat_dtype(q.dtype)
@@ -429,17 +437,19 @@ if _TRITON_IMPORTS:
     # trace an interpreted launch, so there it is a custom_op with explicit fake kernels.
     _USE_TRITON_OP = (not _INTERPRET) and hasattr(torch.library, "triton_op")
 
+    def _define(make, name, fn, schema):
+        try:
+            return make(name, fn, mutates_args=(), schema=schema)
+        except TypeError:  # a torch without the `schema` argument: inferred from annotations
+            return make(name, fn, mutates_args=())
+
     def _register():
-        if _USE_TRITON_OP:
-            fwd = torch.library.triton_op("fused_pairloss::triton_pair_engine_forward",
-                                          _forward_impl, mutates_args=(), schema=FORWARD_SCHEMA)
-            bwd = torch.library.triton_op("fused_pairloss::triton_pair_engine_backward",
-                                          _backward_impl, mutates_args=(), schema=BACKWARD_SCHEMA)
-        else:
-            fwd = torch.library.custom_op("fused_pairloss::triton_pair_engine_forward",
-                                          _forward_impl, mutates_args=(), schema=FORWARD_SCHEMA)
-            bwd = torch.library.custom_op("fused_pairloss::triton_pair_engine_backward",
-                                          _backward_impl, mutates_args=(), schema=BACKWARD_SCHEMA)
+        make = torch.library.triton_op if _USE_TRITON_OP else torch.library.custom_op
+        fwd = _define(make, "fused_pairloss::triton_pair_engine_forward", _forward_impl,
+                      FORWARD_SCHEMA)
+        bwd = _define(make, "fused_pairloss::triton_pair_engine_backward", _backward_impl,
+                      BACKWARD_SCHEMA)
+        if not _USE_TRITON_OP:
             fwd.register_fake(_fake_forward)
             bwd.register_fake(_fake_backward)
         return fwd, bwd
