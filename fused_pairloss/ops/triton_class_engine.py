@@ -8,6 +8,7 @@ The algorithm is that of a fused linear cross-entropy: a program owns BLOCK_N ro
 tiles of whole classes of w (never an N x C*K tensor):
 
   tile sims   s[BLOCK_N, BLOCK_C*KP] = q_rows . w_tile^T with tl.dot, D in chunks of BLOCK_D
+              (_triton_common.s_tile, shared with the pair engine)
   pool        S[BLOCK_N, BLOCK_C] = sum_k softmax_k(s/gamma) s     (SoftTriple, K > 1)
   logit       z = la (S - margin [c == y])  |  gamma relu(S + m) (S - m)   (same rounding as
               csrc/common/pair_math.h `ClassLoss`)
@@ -29,15 +30,17 @@ are bitwise those of the forward. It forms G_ic = dL/dS_ic from the saved lse, t
 gs_ick = G_ic p_ick (1 + (s_ick - S_ic)/gamma) (SoftTriple, K > 1) or G_ic, and
   - row pass (grid over row blocks):    grad_q[rows] += gs @ w_tile   (owns its rows)
   - column pass (grid over class tiles): grad_w[tile] += gs^T @ q_rows (owns its classes)
-Both own their outputs: deterministic, no atomics. When D fits one chunk (BLOCK_D >= D) the
-accumulator stays in registers; otherwise each chunk of it is read-modify-written in global memory
-by the program that owns it (same addresses, same program: ordered).
+Both own their outputs: deterministic, no atomics. The gradient dots walk D in chunks of BLOCK_G:
+when D fits one chunk the accumulator stays in registers; otherwise each chunk of it is
+read-modify-written in global memory by the program that owns it (same addresses, same program:
+ordered). Gradients accumulate in A and are cast to the input dtype at the end.
 
-Precision (SPEC §3): fp32 inputs use ieee fp32 products unless torch.backends.cuda.matmul.allow_tf32;
-fp16/bf16 inputs use tensor cores with fp32 accumulation (gs is rounded to the input dtype for
-the backward dots, as FlashAttention does with dS); fp64 inputs compute in fp64. Statistics are in
-A = fp64 for fp64 inputs, else fp32. Tile base offsets
-(row * D, class * K * D) are int64; offsets inside a tile are int32.
+Precision (SPEC §3, the pair engine's policy in _triton_common): fp32 inputs use ieee fp32
+products unless torch.backends.cuda.matmul.allow_tf32; fp16/bf16 inputs use tensor cores with fp32
+accumulation for s, and the gradient dots take gs in fp32 with the inputs upcast exactly (3xTF32),
+so the only low-precision rounding of a gradient is its final store; fp64 computes in fp64.
+Statistics are in A = fp64 for fp64 inputs, else fp32. Row and center indices are int64, so every
+offset index * D is computed in int64.
 
 Runs on CPU tensors through the Triton interpreter (TRITON_INTERPRET=1 set before triton is
 imported). There the ops are plain custom ops (the interpreter cannot be traced by wrap_triton
@@ -266,7 +269,7 @@ def _config(N, C, K, D, dtype):
     if INTERPRETED:  # numpy per block op: few, large blocks
         block_n, block_ck, max_g = 128, 512, 256
     else:  # untuned starting point (no GPU was available to tune it)
-        block_n, block_ck, max_g = 64, 64, 128
+        block_n, block_ck, max_g = 64, 64, 64 if dtype == torch.float64 else 128
     block_n = max(16, min(block_n, _next_pow2(N)))
     block_c = max(1, block_ck // KP)
     block_c = max(min(block_c, _next_pow2(C)), -(-16 // KP))  # keep BLOCK_C * KP >= 16
