@@ -81,6 +81,7 @@ CASES = [
     (ST, 3, 37, 65, 33),
     (ST, 10, 50, 130, 40),
     (ST, 4, 9, 20, 300),
+    (ST, 17, 5, 40, 20),  # K > 16: one class per tile
     (ST, 10, 1000, 130, 24),
     (PC, 1, 2, 37, 16),
     (PC, 1, 37, 65, 33),
@@ -133,6 +134,19 @@ def test_proxy_circle_single_class():
     gq, gw = tce.backward_op(torch.ones(9, device=DEV), g, q, w, y, out[0], 1, PC, *PARAMS[PC])
     torch.testing.assert_close(gq, g[:, None] * w[0][None, :])
     torch.testing.assert_close(gw, (g @ q)[None, :])
+
+
+def test_nan_propagates_like_the_reference():
+    q, w, y = make_case(6, 3, 2, 8, seed=7)
+    q[1, 3] = float("nan")
+    w[4, 0] = float("nan")  # class 2, center 0: every row's SoftTriple lse, rows with y = 2 in PC
+    for kind, k in [(ST, 2), (PC, 1)]:
+        wk = w if k == 2 else w[::2]
+        out = tce.forward_op(q, wk, y, k, kind, *PARAMS[kind])
+        ref = R.class_engine_forward_reference(q, wk, y, k, kind, *PARAMS[kind])
+        for a, b in zip(out, ref):
+            assert torch.equal(a.isnan(), b.isnan())
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
 def test_empty_and_tiny():
