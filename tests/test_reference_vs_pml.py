@@ -339,14 +339,23 @@ def test_one_pair_quirk(which):
 
 
 def test_one_pair_quirk_after_mining():
-    """Mining that leaves <= 1 positive and <= 1 negative pair gives PML's zero loss."""
-    # class 0: two identical rows (S=1); class 1: one row orthogonal to them -> no hard pairs
-    e = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0]], dtype=torch.float64, requires_grad=True)
-    y = torch.tensor([0, 0, 1])
-    loss = R.multi_similarity_loss(e, y, miner_epsilon=0.1)
-    pml = _pml_ms(2.0, 50.0, 0.5, 0.1)(e, y, None, None)
+    """Mining that leaves 1 positive and 1 negative pair gives PML's zero loss (attached), though
+    the same two pairs as an explicit list of 2 + 1 pairs would give a positive loss."""
+    c = lambda s: [s, (1 - s * s) ** 0.5]
+    e = torch.tensor([[1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    # refs: positives at S = 0.5 and 1.0, negatives at S = 0.75 and 0.0: with eps = 0.1 the
+    # miner keeps positive S=0.5 (0.4 < 0.75) and negative S=0.75 (0.85 > 0.5) only
+    r = torch.tensor([c(0.5), c(1.0), c(0.75), c(0.0)], dtype=torch.float64, requires_grad=True)
+    y, ry = torch.tensor([0]), torch.tensor([0, 0, 1, 1])
+    a1, p, a2, n = pml_miners.MultiSimilarityMiner(0.1)(e, y, r, ry)
+    assert p.tolist() == [0] and n.tolist() == [2]
+    loss = R.multi_similarity_loss(e, y, r, ry, miner_epsilon=0.1)
+    pml = _pml_ms(2.0, 50.0, 0.5, 0.1)(e, y, r, ry)
     assert float(pml.detach()) == 0.0
-    _assert_zero_attached(loss, [e])
+    _assert_zero_attached(loss, [e, r])
+    _assert_zero_attached(Fn.multi_similarity_loss(e, y, r, ry, miner_epsilon=0.1, backend="reference"), [e, r])
+    it = (torch.tensor([0, 0]), torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([2]))
+    assert float(R.multi_similarity_loss(e, y, r, ry, indices_tuple=it).detach()) > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
