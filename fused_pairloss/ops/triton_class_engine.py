@@ -182,6 +182,33 @@ if AVAILABLE:
         return gs
 
     @triton.jit
+    def _add_grad(acc, g, x_ptr, x_rows, x_ok, out_ptr, out_rows, out_ok, D,
+                  BLOCK_G: tl.constexpr, ONE_CHUNK: tl.constexpr, GPREC: tl.constexpr):
+        """(g @ x[x_rows]) added, D in chunks of BLOCK_G, to the register accumulator acc when
+        ONE_CHUNK, else to out[out_rows] in memory (rows the calling program owns: its own
+        read-add-write, ordered). x is upcast exactly to acc's dtype. Returns acc."""
+        for d0 in range(0, D, BLOCK_G):
+            d = d0 + tl.arange(0, BLOCK_G)
+            d_ok = d < D
+            xt = tl.load(x_ptr + x_rows[:, None] * D + d[None, :],
+                         mask=x_ok[:, None] & d_ok[None, :], other=0.0).to(acc.dtype)
+            if ONE_CHUNK:
+                acc = tl.dot(g, xt, acc, input_precision=GPREC, out_dtype=acc.dtype)
+            else:
+                out = out_ptr + out_rows[:, None] * D + d[None, :]
+                o_mask = out_ok[:, None] & d_ok[None, :]
+                part = tl.load(out, mask=o_mask, other=0.0)
+                part = tl.dot(g, xt, part, input_precision=GPREC, out_dtype=acc.dtype)
+                tl.store(out, part, mask=o_mask)
+        return acc
+
+    @triton.jit
+    def _store_grad(acc, out_ptr, out_rows, out_ok, D, BLOCK_G: tl.constexpr, ONE_CHUNK: tl.constexpr):
+        if ONE_CHUNK:
+            d = tl.arange(0, BLOCK_G)
+            tl.store(out_ptr + out_rows[:, None] * D + d[None, :], acc, mask=out_ok[:, None] & (d < D)[None, :])
+
+    @triton.jit
     def _class_bwd_rows_kernel(q_ptr, w_ptr, labels_ptr, glse_ptr, gts_ptr, lse_ptr, gq_ptr,
                                N, C, D, K,
                                p_a: tl.float64, p_b: tl.float64, p_c: tl.float64,
@@ -201,22 +228,9 @@ if AVAILABLE:
                             N, C, D, K, c_a, c_b, c_c,
                             KIND, POOL, KP, BLOCK_N, BLOCK_C, BLOCK_D, PREC)
             w_rows, col_ok = _tile_cols(c0, C, K, KP, BLOCK_C)
-            for d0 in range(0, D, BLOCK_G):
-                d = d0 + tl.arange(0, BLOCK_G)
-                d_ok = d < D
-                wt = tl.load(w_ptr + w_rows[:, None] * D + d[None, :],
-                             mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
-                if ONE_CHUNK:
-                    acc = tl.dot(gs, wt, acc, input_precision=GPREC, out_dtype=ACC)
-                else:  # this program owns these rows: read-add-write its chunk of grad_q
-                    out = gq_ptr + rows[:, None] * D + d[None, :]
-                    o_mask = row_ok[:, None] & d_ok[None, :]
-                    part = tl.load(out, mask=o_mask, other=0.0)
-                    part = tl.dot(gs, wt, part, input_precision=GPREC, out_dtype=ACC)
-                    tl.store(out, part, mask=o_mask)
-        if ONE_CHUNK:
-            d = tl.arange(0, BLOCK_G)
-            tl.store(gq_ptr + rows[:, None] * D + d[None, :], acc, mask=row_ok[:, None] & (d < D)[None, :])
+            acc = _add_grad(acc, gs, w_ptr, w_rows, col_ok, gq_ptr, rows, row_ok, D,
+                            BLOCK_G, ONE_CHUNK, GPREC)
+        _store_grad(acc, gq_ptr, rows, row_ok, D, BLOCK_G, ONE_CHUNK)
 
     @triton.jit
     def _class_bwd_cols_kernel(q_ptr, w_ptr, labels_ptr, glse_ptr, gts_ptr, lse_ptr, gw_ptr,
@@ -234,28 +248,13 @@ if AVAILABLE:
         acc = tl.zeros([BLOCK_C * KP, BLOCK_G], ACC)  # used when ONE_CHUNK
         for r0 in range(0, N, BLOCK_N):
             row0 = tl.full([], r0, tl.int64)
-            gs_t = tl.trans(_tile_grad(q_ptr, w_ptr, labels_ptr, glse_ptr, gts_ptr, lse_ptr, row0, c0,
-                                       N, C, D, K, c_a, c_b, c_c,
-                                       KIND, POOL, KP, BLOCK_N, BLOCK_C, BLOCK_D, PREC))
+            gs = _tile_grad(q_ptr, w_ptr, labels_ptr, glse_ptr, gts_ptr, lse_ptr, row0, c0,
+                            N, C, D, K, c_a, c_b, c_c,
+                            KIND, POOL, KP, BLOCK_N, BLOCK_C, BLOCK_D, PREC)
             rows = row0 + tl.arange(0, BLOCK_N)
-            row_ok = rows < N
-            for d0 in range(0, D, BLOCK_G):
-                d = d0 + tl.arange(0, BLOCK_G)
-                d_ok = d < D
-                qt = tl.load(q_ptr + rows[:, None] * D + d[None, :],
-                             mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
-                if ONE_CHUNK:
-                    acc = tl.dot(gs_t, qt, acc, input_precision=GPREC, out_dtype=ACC)
-                else:  # this program owns these classes: read-add-write its chunk of grad_w
-                    out = gw_ptr + w_rows[:, None] * D + d[None, :]
-                    o_mask = col_ok[:, None] & d_ok[None, :]
-                    part = tl.load(out, mask=o_mask, other=0.0)
-                    part = tl.dot(gs_t, qt, part, input_precision=GPREC, out_dtype=ACC)
-                    tl.store(out, part, mask=o_mask)
-        if ONE_CHUNK:
-            d = tl.arange(0, BLOCK_G)
-            tl.store(gw_ptr + w_rows[:, None] * D + d[None, :], acc, mask=col_ok[:, None] & (d < D)[None, :])
-
+            acc = _add_grad(acc, tl.trans(gs), q_ptr, rows, rows < N, gw_ptr, w_rows, col_ok, D,
+                            BLOCK_G, ONE_CHUNK, GPREC)
+        _store_grad(acc, gw_ptr, w_rows, col_ok, D, BLOCK_G, ONE_CHUNK)
 
 def _next_pow2(x):
     return 1 << max(0, int(x) - 1).bit_length()
