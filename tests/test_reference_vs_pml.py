@@ -289,9 +289,11 @@ def test_pml_miner_with_ref_labels_is_labels_documented_difference():
     expected = pml_losses.MultiSimilarityLoss()(emb, labels, (ia1, ip, ia2, in_), ref, labels)
     got = R.multi_similarity_loss(emb, labels, ref, labels, miner_epsilon=eps)
     torch.testing.assert_close(got, expected)
-    # and away from the diagonal, the reference's mining equals PML's where PML mined no diagonal
-    if not ((a1 == p).any() or (a2 == n).any()):
-        torch.testing.assert_close(got, pml_losses.MultiSimilarityLoss()(emb, labels, (a1, p, a2, n), ref, labels))
+    # PML 2.9 really does mine the diagonal here, and its loss then asserts on its own pairs
+    assert (a1 == p).any() and (a2 == n).any()
+    with pytest.raises(AssertionError, match="either be positive or negative"):
+        pml_losses.MultiSimilarityLoss()(emb, labels, (a1, p, a2, n), ref, labels)
+    # (S_ii also enters PML's row thresholds there, so its off-diagonal pairs differ too)
 
 
 # ----------------------------------------------------------------------------------------------
