@@ -22,7 +22,7 @@ LOSSES = PAIR_LOSSES + CLASS_LOSSES
 FUSED_BACKENDS = ("cpu", "cuda", "triton")
 BASE_PROVIDERS = ("reference", "pml", "compile", "matmul")
 # Providers that exist only to test the harness: never listed by default.
-TEST_PROVIDERS = ("_fail", "_oom", "_sleep")
+TEST_PROVIDERS = ("_fail", "_oom", "_sleep", "_crash")
 ALL_PROVIDERS = FUSED_BACKENDS + BASE_PROVIDERS + TEST_PROVIDERS
 
 # Loss hyper-parameters: the defaults of SPEC §1 (PML's defaults; ms_mined: PML's miner epsilon).
@@ -233,6 +233,14 @@ def build(point) -> Case:
         def fwd():
             time.sleep(float(point.get("sleep_s", 3600)))
             return x.sum()
+        return Case(fwd, _default_backward, grads)
+
+    if prov == "_crash":
+        def fwd():
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGSEGV)  # a segfaulting kernel
         return Case(fwd, _default_backward, grads)
 
     raise Unavailable(f"unknown provider {prov!r}")

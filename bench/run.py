@@ -237,6 +237,12 @@ class Runner:
                         sig = -code if code is not None and code < 0 else None
                         if sig == signal.SIGKILL:
                             failure = (OOM, "worker killed by SIGKILL (kernel OOM killer?)")
+                        elif sig:
+                            try:
+                                name = signal.Signals(sig).name
+                            except ValueError:
+                                name = str(sig)
+                            failure = (ERROR, f"worker died of signal {name}")
                         else:
                             failure = (ERROR, f"worker died (exit code {code})")
                         break

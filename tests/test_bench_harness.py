@@ -91,8 +91,8 @@ def test_failures_are_recorded_not_raised(sweep):
         assert oom[0]["fwdbwd_ms"] == "" or oom[0]["note"]
 
 
-def test_timeout_is_recorded(tmp_path):
-    rc = bench_run.main(["--loss", "ms", "--provider", "_sleep", "matmul", "--n", "64", "128",
+def test_timeout_and_crash_are_recorded(tmp_path):
+    rc = bench_run.main(["--loss", "ms", "--provider", "_sleep", "_crash", "matmul", "--n", "64", "128",
                          "--d", "16", "--repeats", "1", "--timeout", "3", "--out", str(tmp_path),
                          "--tag", "to", "--device", "cpu", "--no-plots"])
     assert rc == 0
@@ -101,6 +101,9 @@ def test_timeout_is_recorded(tmp_path):
     assert [r["status"] for r in sl] == ["TIMEOUT", "TIMEOUT"]
     assert "timeout" in sl[0]["note"] and "not run" in sl[1]["note"]
     assert all(r["status"] == "OK" for r in _by(rows, provider="matmul"))
+    # a worker that dies (segfault) is an ERROR for that point only; the sweep goes on
+    cr = _by(rows, provider="_crash")
+    assert [r["status"] for r in cr] == ["ERROR", "ERROR"] and "SIGSEGV" in cr[0]["note"]
 
 
 def test_table_and_ratios_pure():
