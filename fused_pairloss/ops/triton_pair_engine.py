@@ -80,7 +80,7 @@ if _TRITON_IMPORTS:
     import triton.language as tl
 
     from ._triton_common import (block_d, dot_precision, grad_dot_precision, is_interpreter,
-                                 lse_update, lse_value, pair_logit, s_tile, stat_dtype)
+                                 lse_value, pair_logit, s_tile, stat_dtype)
 
     _INTERPRET = is_interpreter()
 
@@ -113,12 +113,25 @@ if _TRITON_IMPORTS:
             neg = neg & (s + eps > min_pos)
         lp, dlp = pair_logit(s, ps, psh, pwa, pwb, WEIGHTED)
         ln, dln = pair_logit(s, ns, nsh, nwa, nwb, WEIGHTED)
-        # exp only of the selected elements (no inf / overflow from pairs outside the set)
-        wp = tl.exp(tl.where(pos, lp - lse_pos, float("-inf")))
-        wn = tl.exp(tl.where(neg, ln - lse_neg, float("-inf")))
-        g = tl.where(pos, g_pos * wp * dlp, 0.0)
-        g += tl.where(neg, g_neg * wn * dln, 0.0)
+        # P and N are disjoint: one exp per element (exp throughput bounds these kernels), and
+        # only of selected elements (no inf / overflow from pairs outside both sets)
+        e = tl.exp(tl.where(pos, lp - lse_pos, tl.where(neg, ln - lse_neg, float("-inf"))))
+        g = tl.where(pos, g_pos * e * dlp, tl.where(neg, g_neg * e * dln, 0.0))
         return g
+
+    @triton.jit
+    def _lse_update_pair(mp, lp, xp, pos, mn, ln, xn, neg):
+        """Online LSE of the positive and the negative set of a tile at once (pos, neg disjoint):
+        the same update as `lse_update` for each, with one exp per element instead of two."""
+        mp_new = tl.maximum(mp, tl.max(tl.where(pos, xp, float("-inf")), axis=1))
+        mn_new = tl.maximum(mn, tl.max(tl.where(neg, xn, float("-inf")), axis=1))
+        mp_safe = tl.where(mp_new == float("-inf"), 0.0, mp_new)
+        mn_safe = tl.where(mn_new == float("-inf"), 0.0, mn_new)
+        e = tl.exp(tl.where(pos, xp - mp_safe[:, None],
+                            tl.where(neg, xn - mn_safe[:, None], float("-inf"))))
+        lp = lp * tl.exp(mp - mp_safe) + tl.sum(tl.where(pos, e, 0.0), axis=1)
+        ln = ln * tl.exp(mn - mn_safe) + tl.sum(tl.where(neg, e, 0.0), axis=1)
+        return mp_new, lp, mn_new, ln
 
     # ---------------------------------------------------------------------------- kernels --
     @triton.jit
@@ -181,8 +194,8 @@ if _TRITON_IMPORTS:
                     neg = neg & (s + eps > min_pos[:, None])
                 lpos, _ = pair_logit(s, ps, psh, pwa, pwb, WEIGHTED)
                 lneg, _ = pair_logit(s, ns, nsh, nwa, nwb, WEIGHTED)
-                mp, lp_sum = lse_update(mp, lp_sum, lpos, pos)
-                mn, ln_sum = lse_update(mn, ln_sum, lneg, neg)
+                mp, lp_sum, mn, ln_sum = _lse_update_pair(mp, lp_sum, lpos, pos,
+                                                          mn, ln_sum, lneg, neg)
                 cp += tl.sum(pos.to(tl.int32), axis=1)
                 cn += tl.sum(neg.to(tl.int32), axis=1)
             tl.store(lse_pos_ptr + out, lse_value(mp, lp_sum), mask=rmask)
