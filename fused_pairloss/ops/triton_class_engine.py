@@ -256,23 +256,23 @@ if AVAILABLE:
                             BLOCK_G, ONE_CHUNK, GPREC)
         _store_grad(acc, gw_ptr, w_rows, col_ok, D, BLOCK_G, ONE_CHUNK)
 
-def _next_pow2(x):
-    return 1 << max(0, int(x) - 1).bit_length()
-
 
 def _config(N, C, K, D, dtype):
     """Block sizes: a function of the shapes and dtype only, so the forward and both backward
-    passes tile (and round) identically; the S chunk BLOCK_D is the engines' fixed per-dtype
-    block_d on GPU (larger in the interpreter, where each block op costs a numpy call). Every tl.dot dimension stays >= 16 (the GPU minimum)."""
-    KP = _next_pow2(K)
+    passes tile (and round) identically. The S chunk BLOCK_D is the engines' fixed per-dtype
+    block_d on GPU (larger in the interpreter, where each block op costs a numpy call); gradient
+    dots walk D in chunks of BLOCK_G (one chunk, register accumulator, when it covers D). Every
+    tl.dot dimension stays >= 16 (the GPU minimum). Returns (launch meta, BLOCK_G, one chunk)."""
+    N, C, K, D = int(N), int(C), int(K), int(D)  # block sizes specialize on (symbolic) shapes
+    KP = triton.next_power_of_2(K)
     if INTERPRETED:  # numpy per block op: few, large blocks
         block_n, block_ck, max_g = 128, 512, 256
     else:  # untuned starting point (no GPU was available to tune it)
         block_n, block_ck, max_g = 64, 64, 64 if dtype == torch.float64 else 128
-    block_n = max(16, min(block_n, _next_pow2(N)))
+    block_n = max(16, min(block_n, triton.next_power_of_2(N)))
     block_c = max(1, block_ck // KP)
-    block_c = max(min(block_c, _next_pow2(C)), -(-16 // KP))  # keep BLOCK_C * KP >= 16
-    block_g = max(16, min(_next_pow2(D), max_g))
+    block_c = max(min(block_c, triton.next_power_of_2(C)), -(-16 // KP))  # keep BLOCK_C * KP >= 16
+    block_g = max(16, min(triton.next_power_of_2(D), max_g))
     blocks = dict(KP=KP, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=128 if INTERPRETED else block_d(dtype))
     # 8 warps: with 4, ptxas (sm_90, compiled offline) spills hundreds of bytes in the backward
     # kernels at these tiles; with 8 a few dozen at most. Same for all three kernels.
