@@ -130,7 +130,7 @@ def test_available_backends():
     for dev in ("cpu", torch.device("cpu"), torch.zeros(1)):
         avail = fpl.available_backends(dev)
         assert isinstance(avail, list)
-        assert "reference" in avail and avail[0] == "reference"
+        assert "reference" in avail
         assert set(avail) <= {"reference", "cpu", "triton", "cuda"}
         assert len(set(avail)) == len(avail)
         assert "cuda" not in avail  # never for CPU tensors
