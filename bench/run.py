@@ -411,7 +411,7 @@ def main(argv=None):
     try:
         env = _environment(ctx, args.device)
     except Exception as e:  # noqa: BLE001
-        if args.device == "cpu":
+        if args.device == "cpu" or "is_available() is False" in str(e):
             print(f"[bench] cannot set up device {args.device!r}: {e}", file=sys.stderr)
             return 2
         # e.g. something initialized CUDA in the fork server: fall back to spawned workers
