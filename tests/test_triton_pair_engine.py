@@ -127,10 +127,12 @@ def test_op_parity_dyadic(loss, mode, layout):
     gen = torch.Generator().manual_seed(zlib.crc32(f"{loss}{mode}{layout}".encode()))
     d = 33 if layout in ("few", "distinct") else 40  # odd and even D, not multiples of BLOCK_D
     q, r, lq, lr, ex = make_case(mode, layout, 97, 70, d, gen)
-    (lse_pos, lse_neg, cp, cn, minp, maxn), _ = check_op(q, r, lq, lr, ex, LOSSES[loss],
-                                                         rtol=1e-5, atol=1e-5)
-    if LOSSES[loss][4] and layout == "few":  # the mining boundaries were really exercised
-        assert (cp.sum() + cn.sum()) > 0
+    out, _ = check_op(q, r, lq, lr, ex, LOSSES[loss], rtol=1e-5, atol=1e-5)
+    if LOSSES[loss][4] and layout == "few":  # mining really dropped pairs, but not all of them
+        kind, p0, p1, p2, _, _ = LOSSES[loss]
+        unmined = tpe.forward_op(*to_dev(q, r, lq, lr), ex, kind, p0, p1, p2, False, 0.0)
+        kept, total = out[2].sum() + out[3].sum(), unmined[2].sum() + unmined[3].sum()
+        assert 0 < kept < total
 
 
 @pytest.mark.parametrize("mode", ["self", "ref"])
