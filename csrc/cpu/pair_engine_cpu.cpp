@@ -21,6 +21,7 @@
 // Mining (MultiSimilarityMiner) needs min_pos / max_neg of each row first: one more pass.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -49,33 +50,35 @@ using namespace fpl::cpu_pair;
 #define FPL_PAIR_CLONES
 #endif
 
-// Runs f(begin, end) on contiguous static chunks of [0, n) in an OpenMP team of
+// Runs f(k, scratch) for every k in [0, n) (scratch = init(), once per thread), handed out dynamically to an OpenMP team of
 // at::get_num_threads() threads. The team is started even when n is 1: MKL (torch's CPU BLAS on
 // x86) runs a matmul on one thread inside an active parallel region but may split it over threads
 // outside one, and every tile of S must be computed the same way in every pass (forward, backward,
 // row and column passes), whatever the number of tiles in a pass.
-template <typename F>
-void tile_parallel(int64_t n, const F& f) {
+template <typename Init, typename F>
+void tile_parallel(int64_t n, const Init& init, const F& f) {
   if (n <= 0) return;
 #ifdef _OPENMP
   const int nt = std::max(1, at::get_num_threads());
   std::exception_ptr err = nullptr;
   std::atomic<bool> failed{false};
+  std::atomic<int64_t> next{0};
 #pragma omp parallel num_threads(nt)
   {
-    const int64_t T = omp_get_num_threads(), tid = omp_get_thread_num();
-    const int64_t chunk = (n + T - 1) / T, b = tid * chunk, e = std::min(n, b + chunk);
-    if (b < e) {
-      try {
-        f(b, e);
-      } catch (...) {
-        if (!failed.exchange(true)) err = std::current_exception();
-      }
+    // dynamic: items are independent (disjoint output rows), so who runs one does not matter
+    try {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // the tiles are plain buffers
+      auto scratch = init();                                // per-thread tile buffers
+      for (int64_t k = next.fetch_add(1); k < n && !failed.load(); k = next.fetch_add(1)) f(k, scratch);
+    } catch (...) {
+      if (!failed.exchange(true)) err = std::current_exception();
     }
   }
   if (err) std::rethrow_exception(err);
 #else
-  f(0, n);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  auto scratch = init();
+  for (int64_t k = 0; k < n; ++k) f(k, scratch);
 #endif
 }
 
@@ -173,21 +176,33 @@ FPL_PAIR_INLINE void minmax_rows_impl(const Tile<A>& t_, const RowState<A>& st, 
       bp[j] = pinf<A>();
       bn[j] = ninf<A>();
     }
+    // min / max that skip NaN (selects only) plus a NaN flag per lane: torch.amin / amax
+    // semantics (a NaN among the pairs makes the threshold NaN) without NaN-sticky selects
     A mp[kLanes], mn[kLanes];
+    int32_t np[kLanes], nn[kLanes];
     for (int k = 0; k < kLanes; ++k) {
       mp[k] = pinf<A>();
       mn[k] = ninf<A>();
+      np[k] = nn[k] = 0;
     }
     for (int j = 0; j < cp; j += kLanes)
       for (int k = 0; k < kLanes; ++k) {
-        mp[k] = nan_min(mp[k], bp[j + k]);
-        mn[k] = nan_max(mn[k], bn[j + k]);
+        const A a = bp[j + k], b = bn[j + k];
+        mp[k] = a < mp[k] ? a : mp[k];
+        mn[k] = b > mn[k] ? b : mn[k];
+        np[k] |= (a != a) ? 1 : 0;
+        nn[k] |= (b != b) ? 1 : 0;
       }
     A a = st.minpos[gi], b = st.maxneg[gi];
+    int32_t any_np = 0, any_nn = 0;
     for (int k = 0; k < kLanes; ++k) {
       a = nan_min(a, mp[k]);
       b = nan_max(b, mn[k]);
+      any_np |= np[k];
+      any_nn |= nn[k];
     }
+    if (any_np) a = std::numeric_limits<A>::quiet_NaN();
+    if (any_nn) b = std::numeric_limits<A>::quiet_NaN();
     st.minpos[gi] = a;
     st.maxneg[gi] = b;
   }
@@ -469,7 +484,8 @@ Operands prepare(const at::Tensor& q, const std::optional<at::Tensor>& r, const 
   o.self = !r.has_value();
   o.N = q.size(0);
   o.D = q.size(1);
-  o.q = q.to(A).contiguous();
+  // detached: the tile matmuls run on OpenMP threads with out= tensors, outside autograd
+  o.q = q.detach().to(A).contiguous();
   at::Tensor all_labels = labels_q.to(at::kLong).contiguous();
   if (!o.self) {
     const at::Tensor& rr = *r;
@@ -480,7 +496,7 @@ Operands prepare(const at::Tensor& q, const std::optional<at::Tensor>& r, const 
     TORCH_CHECK(labels_r.has_value() && labels_r->dim() == 1 && labels_r->size(0) == rr.size(0),
                 "pair_engine: labels_r must have shape (M,) = (", rr.size(0), ",)");
     o.M = rr.size(0);
-    o.r = rr.to(A).contiguous();
+    o.r = rr.detach().to(A).contiguous();
     all_labels = at::cat({all_labels, labels_r->to(at::kLong).contiguous()});
   } else {
     o.M = o.N;
@@ -537,9 +553,8 @@ std::vector<at::Tensor> forward_impl(const Operands& o, const fpl::PairLoss<A>& 
     const auto rounds = self_schedule(nb);
     for (int pass = MINE ? 0 : 1; pass < 2; ++pass) {
       for (const auto& round : rounds) {
-        tile_parallel(static_cast<int64_t>(round.size()), [&](int64_t b, int64_t e) {
-          Scratch<A> sc(T);
-          for (int64_t k = b; k < e; ++k) {
+        tile_parallel(static_cast<int64_t>(round.size()), [&] { return Scratch<A>(T); }, [&](int64_t k, Scratch<A>& sc) {
+          {
             const int64_t I = round[k].first, J = round[k].second;
             const int64_t i0 = I * T, j0 = J * T;
             const int ti = static_cast<int>(std::min(T, N - i0)), tj = static_cast<int>(std::min(T, N - j0));
@@ -562,9 +577,8 @@ std::vector<at::Tensor> forward_impl(const Operands& o, const fpl::PairLoss<A>& 
     const int64_t M = o.M;
     const int64_t TI = tile_size(N), TJ = tile_size(M), nbi = (N + TI - 1) / TI, nbj = (M + TJ - 1) / TJ;
     const int32_t* lr = o.lab_r.data_ptr<int32_t>();
-    tile_parallel(nbi, [&](int64_t b, int64_t e) {
-      Scratch<A> sc(std::max(TI, TJ));
-      for (int64_t I = b; I < e; ++I) {
+    tile_parallel(nbi, [&] { return Scratch<A>(std::max(TI, TJ)); }, [&](int64_t I, Scratch<A>& sc) {
+      {
         const int64_t i0 = I * TI;
         const int ti = static_cast<int>(std::min(TI, N - i0));
         const at::Tensor qi = o.q.narrow(0, i0, ti);
@@ -614,9 +628,8 @@ std::vector<at::Tensor> backward_impl(const Operands& o, const fpl::PairLoss<A>&
     const int64_t T = tile_size(N), nb = (N + T - 1) / T;
     const auto rounds = self_schedule(nb);
     for (const auto& round : rounds) {
-      tile_parallel(static_cast<int64_t>(round.size()), [&](int64_t b, int64_t e) {
-        Scratch<A> sc(T);
-        for (int64_t k = b; k < e; ++k) {
+      tile_parallel(static_cast<int64_t>(round.size()), [&] { return Scratch<A>(T); }, [&](int64_t k, Scratch<A>& sc) {
+        {
           const int64_t I = round[k].first, J = round[k].second;
           const int64_t i0 = I * T, j0 = J * T;
           const int ti = static_cast<int>(std::min(T, N - i0)), tj = static_cast<int>(std::min(T, N - j0));
@@ -649,9 +662,8 @@ std::vector<at::Tensor> backward_impl(const Operands& o, const fpl::PairLoss<A>&
   const int32_t* lr = o.lab_r.data_ptr<int32_t>();
   at::Tensor dr = at::zeros({M, D}, opts);
   // row pass: dq_I = sum_J G_IJ r_J
-  tile_parallel(nbi, [&](int64_t b, int64_t e) {
-    Scratch<A> sc(std::max(TI, TJ));
-    for (int64_t I = b; I < e; ++I) {
+  tile_parallel(nbi, [&] { return Scratch<A>(std::max(TI, TJ)); }, [&](int64_t I, Scratch<A>& sc) {
+    {
       const int64_t i0 = I * TI;
       const int ti = static_cast<int>(std::min(TI, N - i0));
       const at::Tensor qi = o.q.narrow(0, i0, ti);
@@ -668,9 +680,8 @@ std::vector<at::Tensor> backward_impl(const Operands& o, const fpl::PairLoss<A>&
     }
   });
   // column pass: dr_J = sum_I G_IJ^T q_I, the same tiles q_I r_J^T recomputed
-  tile_parallel(nbj, [&](int64_t b, int64_t e) {
-    Scratch<A> sc(std::max(TI, TJ));
-    for (int64_t J = b; J < e; ++J) {
+  tile_parallel(nbj, [&] { return Scratch<A>(std::max(TI, TJ)); }, [&](int64_t J, Scratch<A>& sc) {
+    {
       const int64_t j0 = J * TJ;
       const int tj = static_cast<int>(std::min(TJ, M - j0));
       const at::Tensor rj = o.r.narrow(0, j0, tj);
