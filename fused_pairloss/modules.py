@@ -19,7 +19,7 @@ class _PairLossBase(torch.nn.Module):
         if not _PairLossBase._warned_indices_tuple:
             warnings.warn("fused_pairloss: an explicit indices_tuple is computed by the unfused reference "
                           "path (it materializes N x M); use miner_epsilon for the fused MS miner",
-                          stacklevel=3)
+                          stacklevel=5)  # forward, Module._call_impl, _wrapped_call_impl, caller
             _PairLossBase._warned_indices_tuple = True
         V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
         if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):

@@ -106,7 +106,12 @@ def multi_similarity_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, 
     pos_loss = (1.0 / alpha) * _masked_logsumexp(alpha * (base - sim), pos, add_one=True)
     neg_loss = (1.0 / beta) * _masked_logsumexp(beta * (sim - base), neg, add_one=True)
     loss = torch.mean(pos_loss + neg_loss)
-    return torch.where(too_few, _zero_loss(embeddings), loss)
+    loss = torch.where(too_few, _zero_loss(embeddings), loss)
+    if miner_epsilon is not None:
+        # Mining compares S with thresholds and a NaN compares false, so a NaN row would silently
+        # drop out; adding an exact 0 derived from the inputs keeps "NaN in, NaN out".
+        loss = loss + _zero_loss(embeddings) + (0 if ref_emb is None else _zero_loss(ref_emb))
+    return loss
 
 
 def circle_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, m=0.4, gamma=80.0,

@@ -24,4 +24,7 @@ def multi_similarity_fused(embeddings, labels, ref_emb, ref_labels, *, alpha, be
     zero = torch.zeros_like(lse_pos)
     rows = torch.logaddexp(lse_pos, zero) / alpha + torch.logaddexp(lse_neg, zero) / beta
     loss = rows.mean().to(embeddings.dtype)
-    return torch.where(too_few_pairs(count_pos, count_neg), zero_loss(embeddings), loss)
+    loss = torch.where(too_few_pairs(count_pos, count_neg), zero_loss(embeddings), loss)
+    if miner_epsilon is not None:  # NaN in, NaN out also through the mining comparisons
+        loss = loss + zero_loss(embeddings) + (0 if ref_emb is None else zero_loss(ref_emb))
+    return loss
