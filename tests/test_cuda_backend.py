@@ -381,7 +381,8 @@ def test_gpu_class_engine_matches_oracle(loss, dtype):
 
 
 def _loss_and_grads(fn, tensors, kwargs, backend, dtype):
-    leaves = [t.detach().to("cuda", dtype).requires_grad_(t.is_floating_point()) for t in tensors]
+    leaves = [t.detach().to("cuda", dtype).requires_grad_() if t.is_floating_point() else t.to("cuda")
+              for t in tensors]
     loss = fn(*leaves, **kwargs, backend=backend)
     assert loss.dtype == dtype
     wrt = [t for t in leaves if t.requires_grad]
@@ -414,7 +415,8 @@ def _class_loss_case(name, gen):
         return Fn.proxy_circle_loss, [x, y, torch.randn(d, c, generator=gen, dtype=torch.float64)], {}
     K = {"softtriple_k1": 1, "softtriple_k3": 3}[name]
     centers = torch.randn(d, c * K, generator=gen, dtype=torch.float64)
-    return Fn.soft_triple_loss, [x, y, centers], {"centers_per_class": K, "center_reg_weight": 0.2}
+    return Fn.soft_triple_loss, [x, y, centers], {"centers_per_class": K,
+                                                  "center_reg_weight": 0.2 if K > 1 else 0.0}
 
 
 def _check_loss_parity(fn, tensors, kwargs, dtype):
