@@ -1,7 +1,7 @@
 """The fused CPU class engine (csrc/cpu/class_engine_cpu.cpp: SoftTriple, ProxyCircle) against the
 materializing oracles (fused_pairloss.reference.class_engine_*_reference) and the reference losses.
 
-Tile geometry of the kernel (to make sure the tests cross its boundaries): rows in blocks of 128,
+Tile geometry of the kernel (to make sure the tests cross its boundaries): rows in blocks of 256,
 classes in tiles of max(1, 512 // K) whole classes; the backward owns the larger of (N, C*K).
 The class engine has no mining threshold and its only kink (ProxyCircle's relu(S + m)) is
 continuous in value with a detached weight, so random inputs are fine here (SPEC §3).
@@ -59,9 +59,10 @@ TOL = {torch.float64: 1e-13, torch.float32: 2e-5}
 SHAPES = [
     (1, 5, 2),       # one row, two classes
     (37, 16, 7),     # one row block, one class tile
-    (300, 17, 5),    # 3 row blocks (last partial), C*K < N: backward owns rows
-    (129, 33, 1000),  # row block edge + 1, several class tiles (last partial), owns classes
-    (257, 64, 2999),
+    (300, 17, 5),    # 2 row blocks (last partial), C*K < N: backward owns rows
+    (129, 33, 1000),  # several class tiles (last partial), backward owns classes
+    (257, 64, 2999),  # row block edge + 1
+    (600, 8, 150),   # 3 row blocks; K=10: C*K > N owns classes, K=1: owns rows
 ]
 KINDS = [(ST, 1), (ST, 3), (ST, 10), (PC, 1)]
 

@@ -48,7 +48,7 @@ namespace {
 using at::Tensor;
 
 // ---- tile geometry ----------------------------------------------------------------------------
-constexpr int64_t kRowBlock = 128;     // BI: rows of q per block
+constexpr int64_t kRowBlock = 256;     // BI: rows of q per block (tile ~512 KiB fp32: in L2)
 constexpr int64_t kTileRows = 512;     // target rows of w per class tile (TC = kTileRows / K)
 constexpr int64_t kMinFwdItems = 64;   // forward splits the classes when there are few row blocks
 constexpr int64_t kMinBwdChunks = 4;   // backward private-buffer chunks (see header comment)
