@@ -15,6 +15,12 @@ tiles of whole classes of w (never an N x C*K tensor):
   reduce      online log-sum-exp over classes (target included for SoftTriple, excluded for
               ProxyCircle) and target_sim = S[i, y_i].
 
+Parallelism. The forward and the row pass run on a grid (row blocks, class splits): when the batch
+has few row blocks (N = 512 is 8 of them, far too few programs for a GPU), each row block's class
+tiles are dealt round-robin to SPLITS programs; their partial (max, sum) of the online LSE and
+target_sim are merged in torch (O(SPLITS * N)), their partial grad_q summed (O(SPLITS * N * D),
+deterministic). SPLITS depends only on the shapes and the GPU's SM count.
+
 Tile layout. A tile holds BLOCK_C classes x KP centers, KP = K rounded up to a power of two (tile
 shapes must be powers of two); local column j is center k = j % KP of class c0 + j // KP, i.e. w
 row (c0 + j // KP) * K + k, masked when k >= K or the class is past C. One tl.dot gives the whole
@@ -72,7 +78,7 @@ if AVAILABLE:
     import triton.language as tl
 
     from ._triton_common import (block_d, dot_precision, grad_dot_precision, is_interpreter,
-                                 lse_update, lse_value, pair_logit, s_tile, stat_dtype)
+                                 lse_update, pair_logit, s_tile, stat_dtype)
 
     INTERPRETED = is_interpreter()
 
@@ -131,18 +137,22 @@ if AVAILABLE:
         return s3, p, S, z, dz, in_lse, is_target & valid
 
     @triton.jit
-    def _class_fwd_kernel(q_ptr, w_ptr, labels_ptr, lse_ptr, tsim_ptr, N, C, D, K,
+    def _class_fwd_kernel(q_ptr, w_ptr, labels_ptr, max_ptr, sum_ptr, tsim_ptr, N, C, D, K,
                           p_a: tl.float64, p_b: tl.float64, p_c: tl.float64,
                           KIND: tl.constexpr, POOL: tl.constexpr, KP: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                           PREC: tl.constexpr):
-        ACC: tl.constexpr = lse_ptr.dtype.element_ty
+        """Program (row block, split): class tiles split, split + SPLITS, ... of its rows; writes
+        its partial (LSE max, LSE sum, target_sim) to row `split` of the [SPLITS, N] outputs."""
+        ACC: tl.constexpr = max_ptr.dtype.element_ty
         c_a, c_b, c_c = _to_acc(p_a, p_b, p_c, ACC)
         row0 = tl.program_id(0).to(tl.int64) * BLOCK_N
+        split = tl.program_id(1)
+        n_splits = tl.num_programs(1)
         m_run = tl.full([BLOCK_N], float("-inf"), ACC)
         l_run = tl.zeros([BLOCK_N], ACC)
         t_run = tl.zeros([BLOCK_N], ACC)
-        for c0 in range(0, C, BLOCK_C):
+        for c0 in range(split * BLOCK_C, C, n_splits * BLOCK_C):
             _s3, _p, S, z, _dz, in_lse, is_target = _tile(
                 q_ptr, w_ptr, labels_ptr, row0, c0, N, C, D, K, c_a, c_b, c_c,
                 KIND, POOL, KP, BLOCK_N, BLOCK_C, BLOCK_D, PREC)
@@ -150,8 +160,10 @@ if AVAILABLE:
             t_run += tl.sum(tl.where(is_target, S, 0.0), axis=1)
         rows = row0 + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        tl.store(lse_ptr + rows, lse_value(m_run, l_run), mask=row_ok)
-        tl.store(tsim_ptr + rows, t_run, mask=row_ok)
+        out = split.to(tl.int64) * N + rows
+        tl.store(max_ptr + out, m_run, mask=row_ok)
+        tl.store(sum_ptr + out, l_run, mask=row_ok)
+        tl.store(tsim_ptr + out, t_run, mask=row_ok)
 
     @triton.jit
     def _tile_grad(q_ptr, w_ptr, labels_ptr, glse_ptr, gts_ptr, lse_ptr, row0, c0, N, C, D, K,
@@ -216,14 +228,18 @@ if AVAILABLE:
                                BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                                BLOCK_G: tl.constexpr, ONE_CHUNK: tl.constexpr,
                                PREC: tl.constexpr, GPREC: tl.constexpr):
-        """grad_q[rows] = sum over class tiles of gs @ w_tile; one program per row block."""
+        """Program (row block, split): partial grad_q[split, rows] = sum over the class tiles
+        split, split + SPLITS, ... of gs @ w_tile (the caller sums the SPLITS partials)."""
         ACC: tl.constexpr = gq_ptr.dtype.element_ty
         c_a, c_b, c_c = _to_acc(p_a, p_b, p_c, ACC)
         row0 = tl.program_id(0).to(tl.int64) * BLOCK_N
+        split = tl.program_id(1)
+        n_splits = tl.num_programs(1)
+        gq_ptr += split.to(tl.int64) * N * D
         rows = row0 + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         acc = tl.zeros([BLOCK_N, BLOCK_G], ACC)  # used when ONE_CHUNK
-        for c0 in range(0, C, BLOCK_C):
+        for c0 in range(split * BLOCK_C, C, n_splits * BLOCK_C):
             gs = _tile_grad(q_ptr, w_ptr, labels_ptr, glse_ptr, gts_ptr, lse_ptr, row0, c0,
                             N, C, D, K, c_a, c_b, c_c,
                             KIND, POOL, KP, BLOCK_N, BLOCK_C, BLOCK_D, PREC)
@@ -280,6 +296,19 @@ def _config(N, C, K, D, dtype):
     return blocks, block_g, block_g >= D
 
 
+def _grid_rows(N, C, blocks, device):
+    """Grid (row blocks, class splits) of the forward and the row pass. A small batch has few row
+    blocks: the class tiles are then split among SPLITS programs per row block (partials merged
+    by the caller) so the GPU fills up. A function of the shapes (and the GPU) only."""
+    row_blocks = triton.cdiv(int(N), blocks["BLOCK_N"])
+    class_tiles = triton.cdiv(int(C), blocks["BLOCK_C"])
+    if INTERPRETED:  # small target: the tests exercise both the split and the unsplit form
+        target = 4
+    else:
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return row_blocks, max(1, min(class_tiles, target // row_blocks, 64))
+
+
 def _constants(kind, p0, p1, p2):
     """(a, b, c) of the kernels: SoftTriple (la, 1/gamma, margin); ProxyCircle (gamma, m, unused)."""
     if kind == _kinds.SOFT_TRIPLE:
@@ -314,16 +343,22 @@ def _forward(q, w, labels, centers_per_class, kind, p0, p1, p2):
     K = centers_per_class
     C = w.shape[0] // K
     A = stat_dtype(q.dtype)
-    lse = torch.empty((N,), dtype=A, device=q.device)
-    target_sim = torch.empty((N,), dtype=A, device=q.device)
     if N == 0:
-        return lse, target_sim
+        return q.new_empty((0,), dtype=A), q.new_empty((0,), dtype=A)
     blocks, _, _ = _config(N, C, K, D, q.dtype)
+    grid = _grid_rows(N, C, blocks, q.device)
+    m, l, t = (torch.empty((grid[1], N), dtype=A, device=q.device) for _ in range(3))
     a, b, c = _constants(kind, p0, p1, p2)
-    _launch(_class_fwd_kernel)[(triton.cdiv(N, blocks["BLOCK_N"]),)](
-        q, w, labels, lse, target_sim, N, C, D, K, a, b, c,
+    _launch(_class_fwd_kernel)[grid](
+        q, w, labels, m, l, t, N, C, D, K, a, b, c,
         KIND=kind, POOL=(kind == _kinds.SOFT_TRIPLE and K > 1), PREC=dot_precision(q.dtype), **blocks)
-    return lse, target_sim
+    if grid[1] == 1:
+        m, l, t = m[0], l[0], t[0]
+        return m + torch.log(l), t  # l == 0 (empty set): -inf
+    # merge the splits' online LSEs (O(SPLITS * N)); NaN stays NaN, an empty set gives -inf
+    m_all = m.amax(dim=0)
+    m_all = torch.where(torch.isneginf(m_all), torch.zeros_like(m_all), m_all)
+    return m_all + torch.log((l * torch.exp(m - m_all)).sum(dim=0)), t.sum(dim=0)
 
 
 def _backward(grad_lse, grad_target_sim, q, w, labels, lse, centers_per_class, kind, p0, p1, p2):
@@ -336,19 +371,23 @@ def _backward(grad_lse, grad_target_sim, q, w, labels, lse, centers_per_class, k
     grad_lse = grad_lse.to(A).contiguous()
     grad_target_sim = grad_target_sim.to(A).contiguous()
     lse = lse.to(A).contiguous()
-    # accumulated in A, zero-initialized (the chunked form adds into it), cast to q's dtype at the end
-    grad_q = torch.zeros((N, D), dtype=A, device=q.device)
+    if N == 0 or C == 0 or D == 0:
+        return torch.zeros_like(q), torch.zeros_like(w)
+    blocks, block_g, one_chunk = _config(N, C, K, D, q.dtype)
+    grid = _grid_rows(N, C, blocks, q.device)
+    # accumulated in A, zero-initialized (the chunked form adds into it); the row pass writes one
+    # partial grad_q per class split, summed here (deterministic); cast to q's dtype at the end
+    grad_q = torch.zeros((grid[1], N, D), dtype=A, device=q.device)
     grad_w = torch.zeros((w.shape[0], D), dtype=A, device=q.device)
-    if N > 0 and C > 0 and D > 0:
-        blocks, block_g, one_chunk = _config(N, C, K, D, q.dtype)
-        a, b, c = _constants(kind, p0, p1, p2)
-        args = (q, w, labels, grad_lse, grad_target_sim, lse)
-        scalars = (N, C, D, K, a, b, c)
-        meta = dict(KIND=kind, POOL=(kind == _kinds.SOFT_TRIPLE and K > 1), BLOCK_G=block_g,
-                    ONE_CHUNK=one_chunk, PREC=dot_precision(q.dtype),
-                    GPREC=grad_dot_precision(q.dtype), **blocks)
-        _launch(_class_bwd_rows_kernel)[(triton.cdiv(N, blocks["BLOCK_N"]),)](*args, grad_q, *scalars, **meta)
-        _launch(_class_bwd_cols_kernel)[(triton.cdiv(C, blocks["BLOCK_C"]),)](*args, grad_w, *scalars, **meta)
+    a, b, c = _constants(kind, p0, p1, p2)
+    args = (q, w, labels, grad_lse, grad_target_sim, lse)
+    scalars = (N, C, D, K, a, b, c)
+    meta = dict(KIND=kind, POOL=(kind == _kinds.SOFT_TRIPLE and K > 1), BLOCK_G=block_g,
+                ONE_CHUNK=one_chunk, PREC=dot_precision(q.dtype),
+                GPREC=grad_dot_precision(q.dtype), **blocks)
+    _launch(_class_bwd_rows_kernel)[grid](*args, grad_q, *scalars, **meta)
+    _launch(_class_bwd_cols_kernel)[(triton.cdiv(C, blocks["BLOCK_C"]),)](*args, grad_w, *scalars, **meta)
+    grad_q = grad_q[0] if grid[1] == 1 else grad_q.sum(dim=0)
     return grad_q.to(q.dtype), grad_w.to(w.dtype)
 
 
