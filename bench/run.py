@@ -121,7 +121,7 @@ def _environment(ctx, device):
     from bench import measure
 
     rd, wr = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=measure.info_main, args=(device, wr), daemon=True)
+    proc = ctx.Process(target=measure.info_main, args=(device, wr), daemon=False)
     proc.start()
     wr.close()
     try:
@@ -207,7 +207,8 @@ class Runner:
         pending = list(points)
         while pending:
             rd, wr = self.ctx.Pipe(duplex=False)
-            self.proc = self.ctx.Process(target=measure.worker_main, args=(pending, wr), daemon=True)
+            # not daemonic: a daemonic process may not start children (compile worker pools)
+            self.proc = self.ctx.Process(target=measure.worker_main, args=(pending, wr), daemon=False)
             self.proc.start()
             wr.close()
             by_id = {p["id"]: p for p in pending}
@@ -506,6 +507,7 @@ def main(argv=None):
         runner.kill()
         print("\n[bench] interrupted: writing partial results", file=sys.stderr)
     finally:
+        runner.kill()
         signal.signal(signal.SIGTERM, old)
         progress.close()
 
