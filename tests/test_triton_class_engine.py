@@ -99,16 +99,16 @@ def test_op_parity(kind, k, c, n, d):
 @pytest.mark.parametrize("kind,k", [(ST, 10), (PC, 1)])
 def test_class_splits(kind, k, monkeypatch):
     """A small batch splits the class tiles among programs (forward LSE partials merged, row-pass
-    grad_q partials summed): any split count, also more splits than tiles, gives the oracle's
-    result; the default grid of these shapes does split."""
+    grad_q partials summed; the column pass splits row blocks alike): any split count, also more
+    splits than tiles, gives the oracle's result; the default grid of these shapes does split."""
     c = 150 if k == 10 else 1200  # 5 / 3 class tiles of the interpreter's blocks, one row block
     q, w, y = make_case(40, c, k, 24, seed=15)
     blocks, _, _ = tce._config(40, c, k, 24, q.dtype)
-    assert tce._grid_rows(40, c, blocks, q.device)[1] > 1
-    default = tce._grid_rows
+    assert tce._split_grid(1, triton.cdiv(c, blocks["BLOCK_C"]), q.device)[1] > 1
+    default = tce._split_grid
     outs = []
-    for splits in (1, 2, 7):
-        monkeypatch.setattr(tce, "_grid_rows", lambda *a, s=splits: (default(*a)[0], s))
+    for splits in (1, 2, 7):  # the column pass too (one row block: 1 useful split, the rest empty)
+        monkeypatch.setattr(tce, "_split_grid", lambda *a, s=splits: (default(*a)[0], s))
         outs.append(check_op(q, w, y, k, kind, rtol=1e-5, atol=1e-5))
     for (o, g) in outs[1:]:
         torch.testing.assert_close(o, outs[0][0], rtol=1e-6, atol=1e-6)

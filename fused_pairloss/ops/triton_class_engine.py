@@ -19,7 +19,8 @@ Parallelism. The forward and the row pass run on a grid (row blocks, class split
 has few row blocks (N = 512 is 8 of them, far too few programs for a GPU), each row block's class
 tiles are dealt round-robin to SPLITS programs; their partial (max, sum) of the online LSE and
 target_sim are merged in torch (O(SPLITS * N)), their partial grad_q summed (O(SPLITS * N * D),
-deterministic). SPLITS depends only on the shapes and the GPU's SM count.
+deterministic). The column pass likewise splits the row blocks when there are few class tiles.
+SPLITS depends only on the shapes and the GPU's SM count.
 
 Tile layout. A tile holds BLOCK_C classes x KP centers, KP = K rounded up to a power of two (tile
 shapes must be powers of two); local column j is center k = j % KP of class c0 + j // KP, i.e. w
@@ -256,13 +257,17 @@ if AVAILABLE:
                                BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                                BLOCK_G: tl.constexpr, ONE_CHUNK: tl.constexpr,
                                PREC: tl.constexpr, GPREC: tl.constexpr):
-        """grad_w[tile] = sum over row blocks of gs^T @ q_rows; one program per class tile."""
+        """Program (class tile, split): partial grad_w[split, tile] = sum over the row blocks
+        split, split + SPLITS, ... of gs^T @ q_rows (the caller sums the SPLITS partials)."""
         ACC: tl.constexpr = gw_ptr.dtype.element_ty
         c_a, c_b, c_c = _to_acc(p_a, p_b, p_c, ACC)
         c0 = tl.program_id(0) * BLOCK_C
+        split = tl.program_id(1)
+        n_splits = tl.num_programs(1)
+        gw_ptr += split.to(tl.int64) * C * K * D
         w_rows, col_ok = _tile_cols(c0, C, K, KP, BLOCK_C)
         acc = tl.zeros([BLOCK_C * KP, BLOCK_G], ACC)  # used when ONE_CHUNK
-        for r0 in range(0, N, BLOCK_N):
+        for r0 in range(split * BLOCK_N, N, n_splits * BLOCK_N):
             row0 = tl.full([], r0, tl.int64)
             gs = _tile_grad(q_ptr, w_ptr, labels_ptr, glse_ptr, gts_ptr, lse_ptr, row0, c0,
                             N, C, D, K, c_a, c_b, c_c,
@@ -296,17 +301,16 @@ def _config(N, C, K, D, dtype):
     return blocks, block_g, block_g >= D
 
 
-def _grid_rows(N, C, blocks, device):
-    """Grid (row blocks, class splits) of the forward and the row pass. A small batch has few row
-    blocks: the class tiles are then split among SPLITS programs per row block (partials merged
-    by the caller) so the GPU fills up. A function of the shapes (and the GPU) only."""
-    row_blocks = triton.cdiv(int(N), blocks["BLOCK_N"])
-    class_tiles = triton.cdiv(int(C), blocks["BLOCK_C"])
+def _split_grid(n_owned, n_walked, device):
+    """Grid (n_owned, SPLITS) of a pass whose programs own n_owned output blocks and walk n_walked
+    tiles each (forward / row pass: row blocks x class tiles; column pass: class tiles x row
+    blocks). With few owned blocks the walk is dealt round-robin to SPLITS programs (partials
+    merged by the caller) so the GPU fills up. A function of the shapes (and the GPU) only."""
     if INTERPRETED:  # small target: the tests exercise both the split and the unsplit form
         target = 4
     else:
         target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return row_blocks, max(1, min(class_tiles, target // row_blocks, 64))
+    return n_owned, max(1, min(n_walked, target // n_owned, 64))
 
 
 def _constants(kind, p0, p1, p2):
@@ -346,7 +350,7 @@ def _forward(q, w, labels, centers_per_class, kind, p0, p1, p2):
     if N == 0:
         return q.new_empty((0,), dtype=A), q.new_empty((0,), dtype=A)
     blocks, _, _ = _config(N, C, K, D, q.dtype)
-    grid = _grid_rows(N, C, blocks, q.device)
+    grid = _split_grid(triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(C, blocks["BLOCK_C"]), q.device)
     m, l, t = (torch.empty((grid[1], N), dtype=A, device=q.device) for _ in range(3))
     a, b, c = _constants(kind, p0, p1, p2)
     _launch(_class_fwd_kernel)[grid](
@@ -374,20 +378,23 @@ def _backward(grad_lse, grad_target_sim, q, w, labels, lse, centers_per_class, k
     if N == 0 or C == 0 or D == 0:
         return torch.zeros_like(q), torch.zeros_like(w)
     blocks, block_g, one_chunk = _config(N, C, K, D, q.dtype)
-    grid = _grid_rows(N, C, blocks, q.device)
-    # accumulated in A, zero-initialized (the chunked form adds into it); the row pass writes one
-    # partial grad_q per class split, summed here (deterministic); cast to q's dtype at the end
-    grad_q = torch.zeros((grid[1], N, D), dtype=A, device=q.device)
-    grad_w = torch.zeros((w.shape[0], D), dtype=A, device=q.device)
+    row_blocks, class_tiles = triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(C, blocks["BLOCK_C"])
+    grid_rows = _split_grid(row_blocks, class_tiles, q.device)
+    grid_cols = _split_grid(class_tiles, row_blocks, q.device)
+    # accumulated in A, zero-initialized (the chunked form adds into it); one partial per split,
+    # summed here (deterministic); cast to the input dtype at the end
+    grad_q = torch.zeros((grid_rows[1], N, D), dtype=A, device=q.device)
+    grad_w = torch.zeros((grid_cols[1], w.shape[0], D), dtype=A, device=q.device)
     a, b, c = _constants(kind, p0, p1, p2)
     args = (q, w, labels, grad_lse, grad_target_sim, lse)
     scalars = (N, C, D, K, a, b, c)
     meta = dict(KIND=kind, POOL=(kind == _kinds.SOFT_TRIPLE and K > 1), BLOCK_G=block_g,
                 ONE_CHUNK=one_chunk, PREC=dot_precision(q.dtype),
                 GPREC=grad_dot_precision(q.dtype), **blocks)
-    _launch(_class_bwd_rows_kernel)[grid](*args, grad_q, *scalars, **meta)
-    _launch(_class_bwd_cols_kernel)[(triton.cdiv(C, blocks["BLOCK_C"]),)](*args, grad_w, *scalars, **meta)
-    grad_q = grad_q[0] if grid[1] == 1 else grad_q.sum(dim=0)
+    _launch(_class_bwd_rows_kernel)[grid_rows](*args, grad_q, *scalars, **meta)
+    _launch(_class_bwd_cols_kernel)[grid_cols](*args, grad_w, *scalars, **meta)
+    grad_q = grad_q[0] if grid_rows[1] == 1 else grad_q.sum(dim=0)
+    grad_w = grad_w[0] if grid_cols[1] == 1 else grad_w.sum(dim=0)
     return grad_q.to(q.dtype), grad_w.to(w.dtype)
 
 
