@@ -224,19 +224,23 @@ FPL_PAIR_INLINE void lse_rows_impl(const Tile<A>& t_, const Params<A, W>& P_, co
     const A thr_n = MINE ? st.minpos[gi] : A(0);
     int32_t np = 0, nn = 0;
     for (int j = 0; j < t.cols; ++j) {
+      // the mining rule as selects on floats (bool masks mixed with float compares stop GCC's
+      // vectorizer); a kept pair never has logit -inf (S finite, or NaN: then it is kept only
+      // without mining, and NaN != -inf)
       const A v = s[j];
       const bool same = t.lab_c[j] == li;
-      bool pos = same & (j != dj);
-      bool neg = !same;
+      const bool pos0 = same & (j != dj);
+      A xp = pos0 ? P.pos.logit(v) : ninf<A>();
+      A xn = same ? ninf<A>() : P.neg.logit(v);
       if constexpr (MINE) {
-        pos = pos & (v - P.eps < thr_p);
-        neg = neg & (v + P.eps > thr_n);
+        xp = (v - P.eps < thr_p) ? xp : ninf<A>();
+        xn = (v + P.eps > thr_n) ? xn : ninf<A>();
       }
-      const A lp = P.pos.logit(v), ln = P.neg.logit(v);
-      xb[j] = pos ? lp : (neg ? ln : ninf<A>());
-      cb[j] = pos ? 1 : (neg ? 2 : 0);
-      np += pos ? 1 : 0;
-      nn += neg ? 1 : 0;
+      const int32_t c = (xp != ninf<A>()) ? 1 : ((xn != ninf<A>()) ? 2 : 0);
+      xb[j] = c == 1 ? xp : xn;
+      cb[j] = c;
+      np += c == 1 ? 1 : 0;
+      nn += c == 2 ? 1 : 0;
     }
     for (int j = t.cols; j < cpad; ++j) {
       xb[j] = ninf<A>();
@@ -307,17 +311,20 @@ FPL_PAIR_INLINE void grad_rows_impl(const Tile<A>& t_, const Params<A, W>& P_, c
     const A thr_n = MINE ? st.minpos[gi] : A(0);
     const A gp = st.gp[gi], gn = st.gn[gi], lsp = st.lsep[gi], lsn = st.lsen[gi];
     for (int j = 0; j < t.cols; ++j) {
+      // as in lse_rows_impl: masks as float selects; a kept pair has exponent > -inf
       const A v = s[j];
       const bool same = t.lab_c[j] == li;
-      bool pos = same & (j != dj);
-      bool neg = !same;
+      const bool pos0 = same & (j != dj);
+      A xp = pos0 ? P.pos.logit(v) : ninf<A>();
+      A xn = same ? ninf<A>() : P.neg.logit(v);
       if constexpr (MINE) {
-        pos = pos & (v - P.eps < thr_p);
-        neg = neg & (v + P.eps > thr_n);
+        xp = (v - P.eps < thr_p) ? xp : ninf<A>();
+        xn = (v + P.eps > thr_n) ? xn : ninf<A>();
       }
-      const A lp = P.pos.logit(v), ln = P.neg.logit(v);
-      const A d = (pos ? lp : ln) - (pos ? lsp : lsn);  // selects only, no conditional arithmetic
-      g[j] = (pos | neg) ? d : ninf<A>();
+      const bool pos = xp != ninf<A>();
+      const bool member = pos | (xn != ninf<A>());
+      const A d = pos ? xp - lsp : xn - lsn;
+      g[j] = member ? d : ninf<A>();  // not d: -inf - lse is NaN when lse is -inf
       cb[j] = pos ? 1 : 0;
     }
     // as the reference: grad_lse * exp(logit - lse) * dlogit/dS. Outside both sets
