@@ -323,11 +323,11 @@ inline void tile_locations(const Geometry& g, const int64_t* labels, int64_t rb,
 
 template <typename T>
 struct Scratch {
-  std::vector<T> st, e, Sb, zb, v0, tmax, tsum;
+  std::vector<T> st, e, Sb, zb, v0, tmax, tsum, ts;
   std::vector<int32_t> loc;
   explicit Scratch(const Geometry& g)
       : st(g.TC * g.K * g.BI), e(g.K * g.BI), Sb(g.BI), zb(g.TC * g.BI), v0(g.BI), tmax(g.BI),
-        tsum(g.BI), loc(g.BI) {}
+        tsum(g.BI), ts(g.BI), loc(g.BI) {}
   TileArgs<T> args(const ClassLoss<T>& L, const Geometry& g, int64_t rb, int64_t t) {
     TileArgs<T> a{};
     a.L = &L;
@@ -406,13 +406,17 @@ void forward_kernel(const Tensor& qA, const Tensor& wA, const Tensor& labels, in
         tile_similarities(g, q, w, rb, t, sc.st.data());
         tile_locations(g, y, rb, t, sc.loc.data());
         TileArgs<T> a = sc.args(L, g, rb, t);
-        a.target_sim = ts + i0;  // the one item holding class y_i writes target_sim_i
+        a.target_sim = sc.ts.data();  // private: items of one row block may run concurrently
         run_tile(a);
         for (int64_t i = 0; i < bi; ++i) row[i].merge(sc.tmax[i], sc.tsum[i]);
       }
+      // the one item whose classes hold y_i publishes target_sim_i
+      const int64_t c_lo = g.ct_begin(chunk_begin(g.n_ct, n_cc, cc));
+      const int64_t c_hi = std::min(g.C, g.ct_begin(t_end));
       for (int64_t i = 0; i < bi; ++i) {
         part_max[cc * N + i0 + i] = row[i].max;
         part_sum[cc * N + i0 + i] = row[i].sum;
+        if (y[i0 + i] >= c_lo && y[i0 + i] < c_hi) ts[i0 + i] = sc.ts[i];
       }
     }
   });
