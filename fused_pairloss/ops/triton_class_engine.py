@@ -37,7 +37,7 @@ are bitwise those of the forward. It forms G_ic = dL/dS_ic from the saved lse, t
 gs_ick = G_ic p_ick (1 + (s_ick - S_ic)/gamma) (SoftTriple, K > 1) or G_ic, and
   - row pass (grid over row blocks):    grad_q[rows] += gs @ w_tile   (owns its rows)
   - column pass (grid over class tiles): grad_w[tile] += gs^T @ q_rows (owns its classes)
-Both own their outputs: deterministic, no atomics. The gradient dots walk D in chunks of BLOCK_G:
+Every program owns its output (its split's partial): deterministic, no atomics. The gradient dots walk D in chunks of BLOCK_G:
 when D fits one chunk the accumulator stays in registers; otherwise each chunk of it is
 read-modify-written in global memory by the program that owns it (same addresses, same program:
 ordered). Gradients accumulate in A and are cast to the input dtype at the end.
