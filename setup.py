@@ -58,7 +58,8 @@ def _extensions():
         cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp"))) + sorted(
             glob.glob(os.path.join("csrc", "cuda", "*.cu"))
         )
-        arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+        # recorded for build_info(); ';' would clash with build_config()'s own separator
+        arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(";", " ").strip()
         ext = cpp_extension.CUDAExtension(
             "fused_pairloss._C",
             sources + cuda_sources,

@@ -50,7 +50,7 @@ def build_config() -> dict:
     if load() is None:
         return {}
     raw = torch.ops.fused_pairloss.build_config()
-    return dict(kv.split("=", 1) for kv in raw.split(";") if kv)
+    return dict(kv.split("=", 1) for kv in raw.split(";") if "=" in kv)
 
 
 def load_error():
