@@ -37,6 +37,13 @@ def _triton_modules_ok() -> bool:
     return True
 
 
+def _cpp_backend_built(dispatch_key: str) -> bool:
+    """Both engines have kernels for this dispatch key in the loaded library."""
+    return all(_extension.has_kernel(op, dispatch_key)
+               for op in ("pair_engine_forward", "pair_engine_backward",
+                          "class_engine_forward", "class_engine_backward"))
+
+
 def _device_type(device) -> str:
     if isinstance(device, torch.Tensor):
         device = device.device
@@ -47,14 +54,14 @@ def available_backends(device="cpu") -> list:
     """Backends that can run on `device` here (subset of reference, cpu, triton, cuda)."""
     dev = _device_type(device)
     out = ["reference"]
-    if dev == "cpu" and _extension.has_kernel("pair_engine_forward", "CPU"):
+    if dev == "cpu" and _cpp_backend_built("CPU"):
         out.append("cpu")
     if _triton_modules_ok():
         if (dev == "cuda" and torch.cuda.is_available()) or (
             dev == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
         ):
             out.append("triton")
-    if dev == "cuda" and torch.cuda.is_available() and _extension.has_kernel("pair_engine_forward", "CUDA"):
+    if dev == "cuda" and torch.cuda.is_available() and _cpp_backend_built("CUDA"):
         out.append("cuda")
     return out
 
@@ -104,8 +111,8 @@ def build_info() -> dict:
     """What this install was built with and can run."""
     cfg = _extension.build_config()
     return {
-        "cpu": _extension.has_kernel("pair_engine_forward", "CPU"),
-        "cuda": _extension.has_kernel("pair_engine_forward", "CUDA"),
+        "cpu": _cpp_backend_built("CPU"),
+        "cuda": _cpp_backend_built("CUDA"),
         "cuda_arch_list": cfg.get("cuda_arch_list", "") or None,
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
