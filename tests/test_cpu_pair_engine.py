@@ -126,10 +126,11 @@ def run_op_parity(loss, mode, n, d, layout, dtype, data, seed=0):
     return out, (gq, gr)
 
 
-# N from 1 to ~300, D odd and even, all label layouts; tiles are 32..48 rows at these sizes, so
-# N = 70 / 300 span several row blocks (edge tiles, off-diagonal tiles, several rounds).
+# N from 1 to ~700, D odd and even, all label layouts; tiles are 32..96 rows at these sizes, so
+# N >= 70 spans several row blocks (edge tiles, off-diagonal tiles, several rounds); N = 700 is
+# above the engine's size threshold for running tiles on a thread team (the smaller ones run inline).
 SHAPES = [(1, 3, "few"), (2, 4, "same"), (7, 5, "distinct"), (33, 8, "few"), (70, 6, "many"),
-          (129, 7, "same"), (300, 10, "few"), (300, 9, "distinct")]
+          (129, 7, "same"), (300, 10, "few"), (300, 9, "distinct"), (700, 12, "many")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])

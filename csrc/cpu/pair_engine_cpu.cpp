@@ -55,11 +55,20 @@ using namespace fpl::cpu_pair;
 // x86) runs a matmul on one thread inside an active parallel region but may split it over threads
 // outside one, and every tile of S must be computed the same way in every pass (forward, backward,
 // row and column passes), whatever the number of tiles in a pass.
+// `parallel` is decided once per call from the problem size (parallel_work), the same for every
+// pass of the call, so a given tile is computed in the same context in every pass; tiny problems
+// run inline (a thread team per round costs more than their work, a lot more on a busy machine).
 template <typename Init, typename F>
-void tile_parallel(int64_t n, const Init& init, const F& f) {
+void tile_parallel(int64_t n, bool parallel, const Init& init, const F& f) {
   if (n <= 0) return;
 #ifdef _OPENMP
-  const int nt = std::max(1, at::get_num_threads());
+  const int nt = parallel ? std::max(1, at::get_num_threads()) : 1;
+  if (nt == 1) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto scratch = init();
+    for (int64_t k = 0; k < n; ++k) f(k, scratch);
+    return;
+  }
   std::exception_ptr err = nullptr;
   std::atomic<bool> failed{false};
   std::atomic<int64_t> next{0};
@@ -80,6 +89,10 @@ void tile_parallel(int64_t n, const Init& init, const F& f) {
   auto scratch = init();
   for (int64_t k = 0; k < n; ++k) f(k, scratch);
 #endif
+}
+
+bool parallel_work(int64_t N, int64_t M, int64_t D) {
+  return static_cast<double>(N) * static_cast<double>(M) * static_cast<double>(std::max<int64_t>(D, 8)) > 4.0e6;
 }
 
 template <typename A>
@@ -554,13 +567,14 @@ std::vector<at::Tensor> forward_impl(const Operands& o, const fpl::PairLoss<A>& 
                  maxneg.data_ptr<A>(), nullptr, nullptr, nullptr, nullptr};
   const Params<A, W> P = make_params<A, W>(L);
   const int32_t* lq = o.lab_q.data_ptr<int32_t>();
+  const bool par = parallel_work(o.N, o.M, o.D);
 
   if (o.self) {
     const int64_t T = tile_size(N), nb = (N + T - 1) / T;
     const auto rounds = self_schedule(nb);
     for (int pass = MINE ? 0 : 1; pass < 2; ++pass) {
       for (const auto& round : rounds) {
-        tile_parallel(static_cast<int64_t>(round.size()), [&] { return Scratch<A>(T); }, [&](int64_t k, Scratch<A>& sc) {
+        tile_parallel(static_cast<int64_t>(round.size()), par, [&] { return Scratch<A>(T); }, [&](int64_t k, Scratch<A>& sc) {
           {
             const int64_t I = round[k].first, J = round[k].second;
             const int64_t i0 = I * T, j0 = J * T;
@@ -584,7 +598,7 @@ std::vector<at::Tensor> forward_impl(const Operands& o, const fpl::PairLoss<A>& 
     const int64_t M = o.M;
     const int64_t TI = tile_size(N), TJ = tile_size(M), nbi = (N + TI - 1) / TI, nbj = (M + TJ - 1) / TJ;
     const int32_t* lr = o.lab_r.data_ptr<int32_t>();
-    tile_parallel(nbi, [&] { return Scratch<A>(std::max(TI, TJ)); }, [&](int64_t I, Scratch<A>& sc) {
+    tile_parallel(nbi, par, [&] { return Scratch<A>(std::max(TI, TJ)); }, [&](int64_t I, Scratch<A>& sc) {
       {
         const int64_t i0 = I * TI;
         const int ti = static_cast<int>(std::min(TI, N - i0));
@@ -629,13 +643,14 @@ std::vector<at::Tensor> backward_impl(const Operands& o, const fpl::PairLoss<A>&
                  glp.data_ptr<A>(), gln.data_ptr<A>(), lsep.data_ptr<A>(), lsen.data_ptr<A>()};
   const Params<A, W> P = make_params<A, W>(L);
   const int32_t* lq = o.lab_q.data_ptr<int32_t>();
+  const bool par = parallel_work(o.N, o.M, o.D);
   at::Tensor dq = at::zeros({N, D}, opts);
 
   if (o.self) {
     const int64_t T = tile_size(N), nb = (N + T - 1) / T;
     const auto rounds = self_schedule(nb);
     for (const auto& round : rounds) {
-      tile_parallel(static_cast<int64_t>(round.size()), [&] { return Scratch<A>(T); }, [&](int64_t k, Scratch<A>& sc) {
+      tile_parallel(static_cast<int64_t>(round.size()), par, [&] { return Scratch<A>(T); }, [&](int64_t k, Scratch<A>& sc) {
         {
           const int64_t I = round[k].first, J = round[k].second;
           const int64_t i0 = I * T, j0 = J * T;
@@ -669,7 +684,7 @@ std::vector<at::Tensor> backward_impl(const Operands& o, const fpl::PairLoss<A>&
   const int32_t* lr = o.lab_r.data_ptr<int32_t>();
   at::Tensor dr = at::zeros({M, D}, opts);
   // row pass: dq_I = sum_J G_IJ r_J
-  tile_parallel(nbi, [&] { return Scratch<A>(std::max(TI, TJ)); }, [&](int64_t I, Scratch<A>& sc) {
+  tile_parallel(nbi, par, [&] { return Scratch<A>(std::max(TI, TJ)); }, [&](int64_t I, Scratch<A>& sc) {
     {
       const int64_t i0 = I * TI;
       const int ti = static_cast<int>(std::min(TI, N - i0));
@@ -687,7 +702,7 @@ std::vector<at::Tensor> backward_impl(const Operands& o, const fpl::PairLoss<A>&
     }
   });
   // column pass: dr_J = sum_I G_IJ^T q_I, the same tiles q_I r_J^T recomputed
-  tile_parallel(nbj, [&] { return Scratch<A>(std::max(TI, TJ)); }, [&](int64_t J, Scratch<A>& sc) {
+  tile_parallel(nbj, par, [&] { return Scratch<A>(std::max(TI, TJ)); }, [&](int64_t J, Scratch<A>& sc) {
     {
       const int64_t j0 = J * TJ;
       const int tj = static_cast<int>(std::min(TJ, M - j0));
