@@ -37,6 +37,14 @@
 #endif
 
 #include "common/pair_math.h"
+// The element loops below are compiled without -ftrapping-math: GCC then if-converts selects
+// whose arms are float arithmetic also without AVX-512 masks (the AVX2 clones vectorize). Nothing
+// here reads the FP exception flags; NaN / inf semantics are unchanged.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#define FPL_PAIR_POP_OPTIONS 1
+#endif
 #include "cpu/pair_vec.h"
 
 namespace {
@@ -106,7 +114,7 @@ template <typename A, bool W>
 struct Logit {
   A scale, shift, w_a, w_b;
   FPL_PAIR_INLINE A weight(A s) const {
-    if constexpr (W) return fpl::relu_nan<A>(w_a + w_b * s);
+    if constexpr (W) return prelu<A>(w_a + w_b * s);  // == fpl::relu_nan
     else return A(1);
   }
   FPL_PAIR_INLINE A logit(A s) const { return (scale * weight(s)) * (s - shift); }
@@ -409,6 +417,10 @@ struct Kernels;
   };
 FPL_PAIR_KERNELS(float)
 FPL_PAIR_KERNELS(double)
+
+#ifdef FPL_PAIR_POP_OPTIONS
+#pragma GCC pop_options
+#endif
 
 // ---- small dense helpers ---------------------------------------------------------------------
 template <typename A>

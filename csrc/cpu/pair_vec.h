@@ -61,6 +61,11 @@ FPL_PAIR_INLINE float pexp(float x) {
 // fp64 is the accuracy path: the C library's exp.
 FPL_PAIR_INLINE double pexp(double x) { return std::exp(x); }
 
+// fpl::relu_nan (pair_math.h), restated here so that it is compiled with the element loops'
+// options (GCC does not inline a function across differing optimize options)
+template <typename T>
+FPL_PAIR_INLINE T prelu(T x) { return (x != x) ? x : (x > T(0) ? x : T(0)); }
+
 // max that never picks a NaN (NaNs reach the sums through exp(x - max) instead)
 template <typename T>
 FPL_PAIR_INLINE T pmax(T a, T b) { return b > a ? b : a; }
