@@ -51,7 +51,14 @@ namespace {
 
 using namespace fpl::cpu_pair;
 
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__)
+#if defined(FPL_PAIR_FORCE_ISA)
+// testing hook: one instruction set only: -DFPL_PAIR_FORCE_ISA=3 (AVX2+FMA) or 0 (baseline)
+#if FPL_PAIR_FORCE_ISA == 3
+#define FPL_PAIR_CLONES __attribute__((target("arch=x86-64-v3")))
+#else
+#define FPL_PAIR_CLONES
+#endif
+#elif defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__)
 // Element loops compiled for AVX-512 / AVX2+FMA / baseline x86-64, picked at load time.
 #define FPL_PAIR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
