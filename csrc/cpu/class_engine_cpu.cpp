@@ -7,7 +7,7 @@
 //     st (tc*K x bi) = w_tile (tc*K x D) @ q_block^T,
 // with ATen's CPU matmul (single-threaded BLAS inside at::parallel_for), so that every per-class
 // step (softmax over the K centers, pooled S, logit, log-sum-exp over classes) is a plain loop
-// over the bi rows of the block: contiguous, and vectorized by the compiler (class_vec.h).
+// over the bi rows of the block: contiguous, and vectorized by the compiler (vec_math.h).
 // No N x C*K tensor exists; forward saves nothing but lse_i and target_sim_i (O(1) per row).
 //
 // Forward: work items = (row block, chunk of class tiles). Each keeps an online LSE per row over
@@ -39,11 +39,12 @@
 #include <vector>
 
 #include "common/pair_math.h"
-#include "cpu/class_vec.h"
+#include "cpu/vec_math.h"
 
 namespace fpl {
 namespace cpu_class {
 namespace {
+using namespace fpl::cpu_vec;
 
 using at::Tensor;
 
@@ -108,7 +109,7 @@ struct TileArgs {
 // SoftTriple pooling of one class: S_i = sum_k p_ik s_ik, p_i = softmax_k(s_ik * inv_gamma);
 // leaves p in e (K x bi). For K == 1 the caller uses S = s (p = 1 exactly).
 template <typename T>
-FPL_ALWAYS_INLINE void pool_class(T ig, int64_t K, int64_t bi, const T* FPL_RESTRICT s,
+FPL_VEC_INLINE void pool_class(T ig, int64_t K, int64_t bi, const T* FPL_RESTRICT s,
                                   T* FPL_RESTRICT e, T* FPL_RESTRICT S, T* FPL_RESTRICT v) {
   for (int64_t i = 0; i < bi; ++i) v[i] = neg_infinity<T>();
   for (int64_t k = 0; k < K; ++k) {
@@ -139,7 +140,7 @@ FPL_ALWAYS_INLINE void pool_class(T ig, int64_t K, int64_t bi, const T* FPL_REST
 // Logits of one class for the rows of the block (z = -inf outside the LSE set), running tile max,
 // and target_sim where the class is the row's own.
 template <typename T>
-FPL_ALWAYS_INLINE void class_logits(const ClassLoss<T>& L, int64_t bi, int32_t c,
+FPL_VEC_INLINE void class_logits(const ClassLoss<T>& L, int64_t bi, int32_t c,
                                     const int32_t* FPL_RESTRICT loc, const T* FPL_RESTRICT S,
                                     T* FPL_RESTRICT z, T* FPL_RESTRICT tmax,
                                     T* FPL_RESTRICT target_sim) {
@@ -158,7 +159,7 @@ FPL_ALWAYS_INLINE void class_logits(const ClassLoss<T>& L, int64_t bi, int32_t c
 // kKind is a.L->kind as a compile-time constant: the loss' branch on its kind then folds away
 // and the per-row loops vectorize.
 template <typename T, int64_t kKind>
-FPL_ALWAYS_INLINE void forward_tile_impl(const TileArgs<T>& a) {
+FPL_VEC_INLINE void forward_tile_impl(const TileArgs<T>& a) {
   ClassLoss<T> L = *a.L;
   L.kind = kKind;
   const int64_t K = a.K, bi = a.bi, tc = a.tc;
@@ -186,7 +187,7 @@ FPL_ALWAYS_INLINE void forward_tile_impl(const TileArgs<T>& a) {
 
 // dL/dS of one class for the rows of the block (README: G_ic).
 template <typename T>
-FPL_ALWAYS_INLINE void class_grad(const ClassLoss<T>& L, int64_t bi, int32_t c,
+FPL_VEC_INLINE void class_grad(const ClassLoss<T>& L, int64_t bi, int32_t c,
                                   const int32_t* FPL_RESTRICT loc, const T* S,
                                   const T* FPL_RESTRICT grad_lse, const T* FPL_RESTRICT grad_ts,
                                   const T* FPL_RESTRICT lse, T* g) {
@@ -202,7 +203,7 @@ FPL_ALWAYS_INLINE void class_grad(const ClassLoss<T>& L, int64_t bi, int32_t c,
 }
 
 template <typename T, int64_t kKind>
-FPL_ALWAYS_INLINE void backward_tile_impl(const TileArgs<T>& a) {
+FPL_VEC_INLINE void backward_tile_impl(const TileArgs<T>& a) {
   ClassLoss<T> L = *a.L;
   L.kind = kKind;
   const int64_t K = a.K, bi = a.bi, tc = a.tc;

@@ -45,11 +45,11 @@
 #pragma GCC optimize("no-trapping-math")
 #define FPL_PAIR_POP_OPTIONS 1
 #endif
-#include "cpu/pair_vec.h"
+#include "cpu/vec_math.h"
 
 namespace {
 
-using namespace fpl::cpu_pair;
+using namespace fpl::cpu_vec;
 
 #if defined(FPL_PAIR_FORCE_ISA)
 // testing hook: one instruction set only: -DFPL_PAIR_FORCE_ISA=3 (AVX2+FMA) or 0 (baseline)
@@ -120,12 +120,12 @@ constexpr A pinf() { return std::numeric_limits<A>::infinity(); }
 template <typename A, bool W>
 struct Logit {
   A scale, shift, w_a, w_b;
-  FPL_PAIR_INLINE A weight(A s) const {
-    if constexpr (W) return prelu<A>(w_a + w_b * s);  // == fpl::relu_nan
+  FPL_VEC_INLINE A weight(A s) const {
+    if constexpr (W) return vrelu<A>(w_a + w_b * s);  // == fpl::relu_nan
     else return A(1);
   }
-  FPL_PAIR_INLINE A logit(A s) const { return (scale * weight(s)) * (s - shift); }
-  FPL_PAIR_INLINE A dlogit(A s) const { return scale * weight(s); }
+  FPL_VEC_INLINE A logit(A s) const { return (scale * weight(s)) * (s - shift); }
+  FPL_VEC_INLINE A dlogit(A s) const { return scale * weight(s); }
 };
 
 template <typename A, bool W>
@@ -176,16 +176,16 @@ struct RowState {
 
 // column of the excluded self pair of global row gi in this tile, or -1
 template <typename A>
-FPL_PAIR_INLINE int32_t diag_col(const Tile<A>& t, int64_t gi) {
+FPL_VEC_INLINE int32_t diag_col(const Tile<A>& t, int64_t gi) {
   const int64_t d = gi - t.col0;
   return (t.exclude_diag && d >= 0 && d < t.cols) ? static_cast<int32_t>(d) : -1;
 }
 
-FPL_PAIR_INLINE int pad_lanes(int n) { return (n + kLanes - 1) / kLanes * kLanes; }
+FPL_VEC_INLINE int pad_lanes(int n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
 // ---- pass 0 (mining only): min over positives, max over negatives, per row --------------------
 template <typename A>
-FPL_PAIR_INLINE void minmax_rows_impl(const Tile<A>& t_, const RowState<A>& st, A* bp, A* bn) {
+FPL_VEC_INLINE void minmax_rows_impl(const Tile<A>& t_, const RowState<A>& st, A* bp, A* bn) {
   const Tile<A> t = t_;  // local copy: stores through bp / bn cannot alias it
   const int cp = pad_lanes(t.cols);
   for (int i = 0; i < t.rows; ++i) {
@@ -238,7 +238,7 @@ FPL_PAIR_INLINE void minmax_rows_impl(const Tile<A>& t_, const RowState<A>& st, 
 
 // ---- forward: online log-sum-exp of the kept positive / negative logits, per row --------------
 template <typename A, bool W, bool MINE>
-FPL_PAIR_INLINE void lse_rows_impl(const Tile<A>& t_, const Params<A, W>& P_, const RowState<A>& st,
+FPL_VEC_INLINE void lse_rows_impl(const Tile<A>& t_, const Params<A, W>& P_, const RowState<A>& st,
                                    A* xb, int32_t* cb) {
   const Tile<A> t = t_;  // local copies: stores through xb / cb cannot alias them
   const Params<A, W> P = P_;
@@ -280,20 +280,20 @@ FPL_PAIR_INLINE void lse_rows_impl(const Tile<A>& t_, const Params<A, W>& P_, co
       for (int k = 0; k < kLanes; ++k) {
         const A x = xb[j + k];
         const int32_t c = cb[j + k];
-        mp[k] = pmax(mp[k], c == 1 ? x : ninf<A>());
-        mn[k] = pmax(mn[k], c == 2 ? x : ninf<A>());
+        mp[k] = vmax(mp[k], c == 1 ? x : ninf<A>());
+        mn[k] = vmax(mn[k], c == 2 ? x : ninf<A>());
       }
     A Mp = st.maxp[gi], Mn = st.maxn[gi];
     const A old_mp = Mp, old_mn = Mn;
     for (int k = 0; k < kLanes; ++k) {
-      Mp = pmax(Mp, mp[k]);
-      Mn = pmax(Mn, mn[k]);
+      Mp = vmax(Mp, mp[k]);
+      Mn = vmax(Mn, mn[k]);
     }
     // exp in a plain map loop (vectorizes), then lane sums
     for (int j = 0; j < cpad; ++j) {
       const int32_t c = cb[j];
       const A d = xb[j] - (c == 1 ? Mp : Mn);  // no conditional arithmetic: selects only
-      xb[j] = pexp(c == 0 ? ninf<A>() : d);
+      xb[j] = vexp(c == 0 ? ninf<A>() : d);
     }
     A sp[kLanes], sn[kLanes];
     for (int k = 0; k < kLanes; ++k) sp[k] = sn[k] = A(0);
@@ -310,8 +310,8 @@ FPL_PAIR_INLINE void lse_rows_impl(const Tile<A>& t_, const Params<A, W>& P_, co
         sp[k] += sp[k + w];
         sn[k] += sn[k + w];
       }
-    const A fp = (old_mp == Mp) ? A(1) : pexp(old_mp - Mp);
-    const A fn = (old_mn == Mn) ? A(1) : pexp(old_mn - Mn);
+    const A fp = (old_mp == Mp) ? A(1) : vexp(old_mp - Mp);
+    const A fn = (old_mn == Mn) ? A(1) : vexp(old_mn - Mn);
     st.sump[gi] = st.sump[gi] * fp + sp[0];
     st.sumn[gi] = st.sumn[gi] * fn + sn[0];
     st.maxp[gi] = Mp;
@@ -325,7 +325,7 @@ FPL_PAIR_INLINE void lse_rows_impl(const Tile<A>& t_, const Params<A, W>& P_, co
 // Two map loops per row (set + exponent, then exp and weight): each vectorizes on its own, the
 // fused loop does not (GCC 12).
 template <typename A, bool W, bool MINE>
-FPL_PAIR_INLINE void grad_rows_impl(const Tile<A>& t_, const Params<A, W>& P_, const RowState<A>& st,
+FPL_VEC_INLINE void grad_rows_impl(const Tile<A>& t_, const Params<A, W>& P_, const RowState<A>& st,
                                     A* G, int64_t ldg, int32_t* cb) {
   const Tile<A> t = t_;  // local copies: stores through G / cb cannot alias them
   const Params<A, W> P = P_;
@@ -360,7 +360,7 @@ FPL_PAIR_INLINE void grad_rows_impl(const Tile<A>& t_, const Params<A, W>& P_, c
     for (int j = 0; j < t.cols; ++j) {
       const A v = s[j];
       const bool pos = cb[j] == 1;
-      const A e = pexp(g[j]);
+      const A e = vexp(g[j]);
       const A gr = pos ? gp : gn;
       const A dl = pos ? P.pos.dlogit(v) : P.neg.dlogit(v);
       g[j] = (gr * e) * dl;

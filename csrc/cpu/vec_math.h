@@ -1,11 +1,10 @@
-// Vectorizable element helpers of the CPU pair engine (csrc/cpu/pair_engine_cpu.cpp).
+// Vectorizable element helpers shared by the CPU engines (pair_engine_cpu.cpp, class_engine_cpu.cpp).
 //
-// The inner loops of the pair engine run along one row of a tile of S. They vectorize once every
+// The engines' inner loops run along one row (or column) of a tile. They vectorize once every
 // operation in them is a select or plain arithmetic: the C library's expf is an opaque call the
 // compiler cannot vectorize (without -ffast-math, which would also fold away the NaN checks), so
-// `pexp(float)` below is a branch-free exp. Float reductions (max, sum) are written over explicit
-// lanes (kLanes partial accumulators) because compilers only vectorize a float reduction when they
-// may reassociate it; the lanes give a fixed, thread-count independent summation order.
+// `vexp(float)` below is a branch-free exp. The loops are compiled once per instruction set
+// (AVX-512 / AVX2 / baseline) and picked at run time, so the package needs no machine-specific flags.
 #pragma once
 
 #include <cmath>
@@ -14,23 +13,23 @@
 #include <limits>
 
 #if defined(__GNUC__)
-#define FPL_PAIR_INLINE inline __attribute__((always_inline))
+#define FPL_VEC_INLINE inline __attribute__((always_inline))
 #else
-#define FPL_PAIR_INLINE inline
+#define FPL_VEC_INLINE inline
 #endif
 
 namespace fpl {
-namespace cpu_pair {
+namespace cpu_vec {
 
 constexpr int kLanes = 16;  // one AVX-512 float vector, two AVX2 ones
 
-// exp(x) in float with selects only; about 1 ulp on the normal range.
-// x < -87 gives 0 (e^-87 ~ 1.6e-38: there expf would be subnormal; the engine only adds such
-// terms to sums that hold a 1); x > 88 gives +inf (the engine only takes exp of x <= 0); NaN -> NaN.
+// exp(x) in float with selects only; about 1 ulp on the normal range (checked for every float in
+// [-87, 88]). x < -87 gives 0 (e^-87 ~ 1.6e-38: expf would be subnormal there; the engines only add
+// such terms to sums that hold a 1); x > 88 gives +inf; NaN gives NaN.
 // x = n ln2 + r, n = round(x log2 e) (round-to-nearest by adding 1.5 * 2^23), |r| <= ln2 / 2,
-// ln2 split in a high part with few mantissa bits (n * hi exact) and a low part;
+// ln2 split in a high part with few mantissa bits (n * hi exact for |n| <= 128) and a low part;
 // e^r by its Taylor polynomial of degree 7 (truncation < 6e-9 relative); 2^n from the exponent bits.
-FPL_PAIR_INLINE float pexp(float x) {
+FPL_VEC_INLINE float vexp(float x) {
   const float lo = -87.0f, hi = 88.0f;
   const bool is_nan = x != x;
   float xc = is_nan ? 0.0f : x;
@@ -59,22 +58,22 @@ FPL_PAIR_INLINE float pexp(float x) {
 }
 
 // fp64 is the accuracy path: the C library's exp.
-FPL_PAIR_INLINE double pexp(double x) { return std::exp(x); }
+FPL_VEC_INLINE double vexp(double x) { return std::exp(x); }
 
-// fpl::relu_nan (pair_math.h), restated here so that it is compiled with the element loops'
-// options (GCC does not inline a function across differing optimize options)
+// fpl::relu_nan (pair_math.h), restated so that it is compiled with the element loops' target
+// options (GCC does not inline a function across differing target options)
 template <typename T>
-FPL_PAIR_INLINE T prelu(T x) { return (x != x) ? x : (x > T(0) ? x : T(0)); }
+FPL_VEC_INLINE T vrelu(T x) { return (x != x) ? x : (x > T(0) ? x : T(0)); }
 
 // max that never picks a NaN (NaNs reach the sums through exp(x - max) instead)
 template <typename T>
-FPL_PAIR_INLINE T pmax(T a, T b) { return b > a ? b : a; }
+FPL_VEC_INLINE T vmax(T a, T b) { return b > a ? b : a; }
 
 // min / max that stick to NaN once they saw one (torch.amin / amax semantics)
 template <typename T>
-FPL_PAIR_INLINE T nan_min(T a, T b) { return (a != a) ? a : ((b < a || b != b) ? b : a); }
+FPL_VEC_INLINE T nan_min(T a, T b) { return (a != a) ? a : ((b < a || b != b) ? b : a); }
 template <typename T>
-FPL_PAIR_INLINE T nan_max(T a, T b) { return (a != a) ? a : ((b > a || b != b) ? b : a); }
+FPL_VEC_INLINE T nan_max(T a, T b) { return (a != a) ? a : ((b > a || b != b) ? b : a); }
 
-}  // namespace cpu_pair
+}  // namespace cpu_vec
 }  // namespace fpl
