@@ -35,7 +35,7 @@ def sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     argv = ["--loss", "ms", "softtriple", "--provider", "matmul", "reference", "_fail", "_oom",
             "--n", "128", "512", "--d", "32", "--repeats", "2", "--warmup", "1",
-            "--mem-cap-mib", "24", "--timeout", "120", "--out", str(out), "--tag", "tiny",
+            "--mem-cap-mib", "128", "--timeout", "120", "--out", str(out), "--tag", "tiny",
             "--device", "cpu", "--centers-per-class", "2"]
     rc = bench_run.main(argv)
     return rc, str(out / "tiny_"), argv
