@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _extension
+from ._registry import EngineOps
 
 
 def _stat_dtype(q):
@@ -43,40 +43,15 @@ def _make_backward(backward_op):
     return backward
 
 
-_registered = set()
+def _triton_module():
+    from . import triton_class_engine
+
+    return triton_class_engine
 
 
-def _register_cpp():
-    if "cpp" in _registered or _extension.load() is None:
-        return
-    torch.library.register_fake("fused_pairloss::class_engine_forward")(_fake_forward)
-    torch.library.register_fake("fused_pairloss::class_engine_backward")(_fake_backward)
-    torch.library.register_autograd("fused_pairloss::class_engine_forward",
-                                    _make_backward(torch.ops.fused_pairloss.class_engine_backward),
-                                    setup_context=_setup_context)
-    _registered.add("cpp")
-
-
-def _register_triton():
-    if "triton" in _registered:
-        return
-    from . import triton_class_engine as tce
-
-    if not getattr(tce, "AVAILABLE", False):
-        raise RuntimeError("the Triton class engine is not available (is triton installed?)")
-    torch.library.register_autograd(tce.forward_op, _make_backward(tce.backward_op),
-                                    setup_context=_setup_context)
-    _registered.add("triton")
-
-
-def forward_op(backend):
-    if backend == "triton":
-        _register_triton()
-        from . import triton_class_engine as tce
-
-        return tce.forward_op
-    _register_cpp()
-    return torch.ops.fused_pairloss.class_engine_forward
+_ops = EngineOps("class_engine", _fake_forward, _fake_backward, _setup_context, _make_backward,
+                 _triton_module)
+forward_op = _ops.forward_op
 
 
 def row_stats(q, w, labels, *, centers_per_class, kind, params, backend):
@@ -86,5 +61,3 @@ def row_stats(q, w, labels, *, centers_per_class, kind, params, backend):
     return forward_op(backend)(q.contiguous(), w.contiguous(), labels, int(centers_per_class),
                                int(kind), p0, p1, p2)
 
-
-_register_cpp()

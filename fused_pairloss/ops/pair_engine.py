@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _extension
+from ._registry import EngineOps
 
 
 def _stat_dtype(q):
@@ -49,41 +49,15 @@ def _make_backward(backward_op):
     return backward
 
 
-_registered = set()
+def _triton_module():
+    from . import triton_pair_engine
+
+    return triton_pair_engine
 
 
-def _register_cpp():
-    if "cpp" in _registered or _extension.load() is None:
-        return
-    torch.library.register_fake("fused_pairloss::pair_engine_forward")(_fake_forward)
-    torch.library.register_fake("fused_pairloss::pair_engine_backward")(_fake_backward)
-    torch.library.register_autograd("fused_pairloss::pair_engine_forward",
-                                    _make_backward(torch.ops.fused_pairloss.pair_engine_backward),
-                                    setup_context=_setup_context)
-    _registered.add("cpp")
-
-
-def _register_triton():
-    if "triton" in _registered:
-        return
-    from . import triton_pair_engine as tpe
-
-    if not getattr(tpe, "AVAILABLE", False):
-        raise RuntimeError("the Triton pair engine is not available (is triton installed?)")
-    torch.library.register_autograd(tpe.forward_op, _make_backward(tpe.backward_op),
-                                    setup_context=_setup_context)
-    _registered.add("triton")
-
-
-def forward_op(backend):
-    """The forward op of `backend` ("cpu" / "cuda" share the C++ op; "triton" its own)."""
-    if backend == "triton":
-        _register_triton()
-        from . import triton_pair_engine as tpe
-
-        return tpe.forward_op
-    _register_cpp()
-    return torch.ops.fused_pairloss.pair_engine_forward
+_ops = EngineOps("pair_engine", _fake_forward, _fake_backward, _setup_context, _make_backward,
+                 _triton_module)
+forward_op = _ops.forward_op
 
 
 def row_stats(q, r, labels_q, labels_r, *, exclude_diag, kind, params, mine, miner_eps, backend):
@@ -100,6 +74,3 @@ def row_stats(q, r, labels_q, labels_r, *, exclude_diag, kind, params, mine, min
     return forward_op(backend)(q.contiguous(), r, labels_q, labels_r, bool(exclude_diag), int(kind),
                                p0, p1, p2, bool(mine), float(miner_eps))
 
-
-# Register at import when the library is there, so opcheck / torch.compile see fake kernels.
-_register_cpp()
