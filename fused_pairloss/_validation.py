@@ -93,6 +93,8 @@ def check_centers(embeddings, labels, centers, centers_per_class, name="centers"
     if centers.shape[1] == 0 or centers.shape[1] % centers_per_class != 0:
         raise ValueError(
             f"{name} width must be a positive multiple of centers_per_class={centers_per_class}; got width {centers.shape[1]}")
+    if centers.dtype != embeddings.dtype:
+        raise TypeError(f"{name} must have the dtype of embeddings ({embeddings.dtype}); got {centers.dtype}")
     if centers.device != embeddings.device:
         raise ValueError(f"{name} must be on the device of embeddings ({embeddings.device}); got {centers.device}")
     num_classes = centers.shape[1] // centers_per_class

@@ -57,8 +57,6 @@ def soft_triple_loss(embeddings, labels, centers, *, centers_per_class=10, la=20
     if center_reg_weight and centers_per_class < 2:
         raise ValueError("center_reg_weight > 0 needs centers_per_class >= 2 (the regularizer "
                          f"compares centers of one class); got centers_per_class={centers_per_class}")
-    if centers.dtype != embeddings.dtype:
-        raise TypeError(f"centers must have the dtype of embeddings ({embeddings.dtype}); got {centers.dtype}")
     backend = resolve_backend(backend, embeddings.device)
     kw = dict(centers_per_class=centers_per_class, la=la, gamma=gamma, margin=margin,
               center_reg_weight=center_reg_weight)
@@ -72,8 +70,6 @@ def proxy_circle_loss(embeddings, labels, proxies, *, m=0.25, gamma=256.0, backe
     V.check_centers(embeddings, labels, proxies, 1, name="proxies")
     V.check_real("m", m)
     V.check_positive("gamma", gamma)
-    if proxies.dtype != embeddings.dtype:
-        raise TypeError(f"proxies must have the dtype of embeddings ({embeddings.dtype}); got {proxies.dtype}")
     backend = resolve_backend(backend, embeddings.device)
     if backend == "reference":
         return reference.proxy_circle_loss(embeddings, labels, proxies, m=m, gamma=gamma)
