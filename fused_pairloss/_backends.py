@@ -24,6 +24,7 @@ def _triton_version():
         return None
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_modules_ok() -> bool:
     if _triton_version() is None:
         return False
@@ -37,6 +38,7 @@ def _triton_modules_ok() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)  # fixed once the library is loaded; asked on every eager call
 def _cpp_backend_built(dispatch_key: str) -> bool:
     """Both engines have kernels for this dispatch key in the loaded library."""
     return all(_extension.has_kernel(op, dispatch_key)
