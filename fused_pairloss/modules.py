@@ -81,6 +81,20 @@ def _kaiming_like_pml(fc):
     torch.nn.init.kaiming_uniform_(fc, a=math.sqrt(5))
 
 
+def _check_sizes(**sizes):
+    for name, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1; got {v!r}")
+
+
+def _fc_like(fc, embeddings):
+    """fc on the embeddings' device and dtype (PML's cast_types); the functional API validates the rest."""
+    if isinstance(embeddings, torch.Tensor) and embeddings.is_floating_point() and (
+            fc.dtype != embeddings.dtype or fc.device != embeddings.device):
+        return fc.to(device=embeddings.device, dtype=embeddings.dtype)
+    return fc
+
+
 class SoftTripleLoss(torch.nn.Module):
     """Drop-in for pytorch_metric_learning.losses.SoftTripleLoss; parameter `fc` (D, C*K) in PML's
     layout (column c*K+k is center k of class c), so PML state_dicts load. center_reg_weight > 0
@@ -89,10 +103,8 @@ class SoftTripleLoss(torch.nn.Module):
     def __init__(self, num_classes, embedding_size, centers_per_class=10, la=20.0, gamma=0.1,
                  margin=0.01, center_reg_weight=0.0, backend="auto"):
         super().__init__()
-        for name, v in (("num_classes", num_classes), ("embedding_size", embedding_size),
-                        ("centers_per_class", centers_per_class)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1; got {v!r}")
+        _check_sizes(num_classes=num_classes, embedding_size=embedding_size,
+                     centers_per_class=centers_per_class)
         V.check_positive("la", la)
         V.check_positive("gamma", gamma)
         if center_reg_weight and centers_per_class < 2:
@@ -104,11 +116,8 @@ class SoftTripleLoss(torch.nn.Module):
         _kaiming_like_pml(self.fc)
 
     def forward(self, embeddings, labels):
-        fc = self.fc
-        if isinstance(embeddings, torch.Tensor) and embeddings.is_floating_point() and (
-                fc.dtype != embeddings.dtype or fc.device != embeddings.device):
-            fc = fc.to(device=embeddings.device, dtype=embeddings.dtype)  # PML's cast_types
-        return functional.soft_triple_loss(embeddings, labels, fc, centers_per_class=self.centers_per_class,
+        return functional.soft_triple_loss(embeddings, labels, _fc_like(self.fc, embeddings),
+                                           centers_per_class=self.centers_per_class,
                                            la=self.la, gamma=self.gamma, margin=self.margin,
                                            center_reg_weight=self.center_reg_weight, backend=self.backend)
 
@@ -123,9 +132,7 @@ class ProxyCircleLoss(torch.nn.Module):
 
     def __init__(self, num_classes, embedding_size, m=0.25, gamma=256.0, backend="auto"):
         super().__init__()
-        for name, v in (("num_classes", num_classes), ("embedding_size", embedding_size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1; got {v!r}")
+        _check_sizes(num_classes=num_classes, embedding_size=embedding_size)
         V.check_positive("gamma", gamma)
         self.num_classes, self.embedding_size, self.m, self.gamma = num_classes, embedding_size, m, gamma
         self.backend = backend
@@ -133,11 +140,8 @@ class ProxyCircleLoss(torch.nn.Module):
         _kaiming_like_pml(self.fc)
 
     def forward(self, embeddings, labels):
-        fc = self.fc
-        if isinstance(embeddings, torch.Tensor) and embeddings.is_floating_point() and (
-                fc.dtype != embeddings.dtype or fc.device != embeddings.device):
-            fc = fc.to(device=embeddings.device, dtype=embeddings.dtype)
-        return functional.proxy_circle_loss(embeddings, labels, fc, m=self.m, gamma=self.gamma,
+        return functional.proxy_circle_loss(embeddings, labels, _fc_like(self.fc, embeddings),
+                                            m=self.m, gamma=self.gamma,
                                             backend=self.backend)
 
     def extra_repr(self):
