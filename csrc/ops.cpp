@@ -1,38 +1,20 @@
 // Schemas of the fused ops. Backends add kernels with TORCH_LIBRARY_IMPL (csrc/cpu, csrc/cuda);
-// fake kernels and autograd are registered from Python (fused_pairloss/ops/pair_engine.py and
-// class_engine.py). Exact semantics of every argument: fused_pairloss/ops/README.md.
+// fake kernels and autograd are registered from Python (fused_pairloss/ops/engines.py). Exact
+// semantics of every argument: fused_pairloss/ops/README.md; the loss declaration `terms, flags`:
+// csrc/common/loss_spec.h (packed by fused_pairloss/ops/spec.py).
 #include <torch/library.h>
 
-TORCH_LIBRARY(fused_pairloss, m) {
-  // Tiled pair engine (Multi-Similarity, Circle). r / labels_r = None means self mode
-  // (ref is the batch itself, S symmetric, self pairs excluded).
-  m.def(
-      "pair_engine_forward(Tensor q, Tensor? r, Tensor labels_q, Tensor? labels_r, "
-      "bool exclude_diag, int kind, float p0, float p1, float p2, bool mine, float miner_eps) "
-      "-> (Tensor lse_pos, Tensor lse_neg, Tensor count_pos, Tensor count_neg, "
-      "Tensor min_pos, Tensor max_neg)");
-  m.def(
-      "pair_engine_backward(Tensor grad_lse_pos, Tensor grad_lse_neg, Tensor q, Tensor? r, "
-      "Tensor labels_q, Tensor? labels_r, Tensor lse_pos, Tensor lse_neg, Tensor min_pos, "
-      "Tensor max_neg, bool exclude_diag, int kind, float p0, float p1, float p2, bool mine, "
-      "float miner_eps) -> (Tensor grad_q, Tensor grad_r)");
-  // Tiled class engine (SoftTriple, class-level Circle). w: (C*K, D), row c*K+k = center k of c.
-  m.def(
-      "class_engine_forward(Tensor q, Tensor w, Tensor labels, int centers_per_class, int kind, "
-      "float p0, float p1, float p2) -> (Tensor lse, Tensor target_sim)");
-  m.def(
-      "class_engine_backward(Tensor grad_lse, Tensor grad_target_sim, Tensor q, Tensor w, "
-      "Tensor labels, Tensor lse, int centers_per_class, int kind, float p0, float p1, float p2) "
-      "-> (Tensor grad_q, Tensor grad_w)");
-}
-
+#include <sstream>
 #include <string>
+
+#include "common/loss_spec.h"
 
 #ifndef FPL_CUDA_ARCH_LIST
 #define FPL_CUDA_ARCH_LIST ""
 #endif
 
 namespace {
+
 // What this binary was built with, as "key=value;..." (read by fused_pairloss.build_info()).
 std::string build_config() {
   std::string s = "cpu=1";
@@ -43,6 +25,66 @@ std::string build_config() {
 #endif
   return s;
 }
+
+void term(std::ostringstream& o, const char* name, const fpl::PairTermParams<double>& t) {
+  o << name << ".scale=" << t.scale << ";" << name << ".shift=" << t.shift << ";" << name
+    << ".weight_offset=" << t.weight_offset << ";" << name << ".weight_slope=" << t.weight_slope << ";"
+    << name << ".lse=" << t.lse << ";" << name << ".sum=" << t.sum << ";" << name << ".hinge=" << t.hinge
+    << ";";
+}
+
+// The C++ reading of a packed declaration, field by field (tests compare it with spec.py's).
+std::string describe_pair_spec(c10::ArrayRef<double> terms, int64_t flags) {
+  const std::string bad = fpl::check_pair_spec(static_cast<int64_t>(terms.size()), flags);
+  TORCH_CHECK(bad.empty(), "describe_pair_spec: ", bad);
+  const auto s = fpl::decode_pair_spec<double>(terms.data(), flags);
+  std::ostringstream o;
+  o.precision(17);
+  term(o, "pos", s.pos);
+  term(o, "neg", s.neg);
+  o << "lp_distance=" << s.lp_distance << ";mine=" << s.mine << ";miner_epsilon=" << s.miner_eps
+    << ";pos_vs_neg_lse=" << s.pos_vs_neg_lse << ";exclude_after_mining=" << s.exclude_after_mining;
+  return o.str();
+}
+
+std::string describe_class_spec(c10::ArrayRef<double> terms, int64_t flags, int64_t K) {
+  const std::string bad = fpl::check_class_spec(static_cast<int64_t>(terms.size()), flags, K);
+  TORCH_CHECK(bad.empty(), "describe_class_spec: ", bad);
+  const auto s = fpl::decode_class_spec<double>(terms.data(), flags, K);
+  std::ostringstream o;
+  o.precision(17);
+  term(o, "row", s.row);
+  term(o, "col_pos", s.col_pos);
+  term(o, "col_neg", s.col_neg);
+  o << "pool_inv_gamma=" << s.pool_inv_gamma << ";centers_per_class=" << s.K;
+  return o.str();
+}
+
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fused_pairloss, m) { m.def("build_config() -> str", &build_config); }
+TORCH_LIBRARY(fused_pairloss, m) {
+  // Tiled pair engine. r / labels_r = None means self mode (ref is the batch itself, S symmetric,
+  // row i's own column excluded from its positives); exclude_col (ref mode): per row the column
+  // excluded from its positives, -1 for none.
+  // values [5, N]: lse_pos, lse_neg, sum_pos, sum_neg, pos_vs_neg; counts [4, N] int32: count_pos,
+  // count_neg, nonzero_pos, nonzero_neg; aux [3, N]: min_pos, max_neg, d pos_vs_neg / d lse_neg.
+  m.def(
+      "pair_engine_forward(Tensor q, Tensor? r, Tensor labels_q, Tensor? labels_r, "
+      "Tensor? exclude_col, float[] terms, int flags) -> (Tensor values, Tensor counts, Tensor aux)");
+  m.def(
+      "pair_engine_backward(Tensor grad_values, Tensor q, Tensor? r, Tensor labels_q, "
+      "Tensor? labels_r, Tensor? exclude_col, Tensor values, Tensor aux, float[] terms, int flags, "
+      "bool need_grad_r) -> (Tensor grad_q, Tensor grad_r)");
+  // Tiled class engine. w: (C*K, D), row c*K+k = center k of class c.
+  // rows [2, N]: lse over the non-target classes, target_sim; cols [2, C]: column LSEs (pos, neg).
+  m.def(
+      "class_engine_forward(Tensor q, Tensor w, Tensor labels, int centers_per_class, "
+      "float[] terms, int flags) -> (Tensor rows, Tensor cols)");
+  m.def(
+      "class_engine_backward(Tensor grad_rows, Tensor grad_cols, Tensor q, Tensor w, Tensor labels, "
+      "Tensor rows, Tensor cols, int centers_per_class, float[] terms, int flags, bool need_grad_w) "
+      "-> (Tensor grad_q, Tensor grad_w)");
+  m.def("build_config() -> str", &build_config);
+  m.def("describe_pair_spec(float[] terms, int flags) -> str", &describe_pair_spec);
+  m.def("describe_class_spec(float[] terms, int flags, int centers_per_class) -> str", &describe_class_spec);
+}

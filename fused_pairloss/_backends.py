@@ -28,14 +28,11 @@ def _triton_version():
 def _triton_modules_ok() -> bool:
     if _triton_version() is None:
         return False
-    for name in ("triton_pair_engine", "triton_class_engine"):
-        try:
-            mod = importlib.import_module(f"fused_pairloss.ops.{name}")
-        except ImportError:
-            return False
-        if not getattr(mod, "AVAILABLE", False):
-            return False
-    return True
+    try:
+        mod = importlib.import_module("fused_pairloss.ops.triton_engines")
+    except ImportError:
+        return False
+    return bool(getattr(mod, "AVAILABLE", False))
 
 
 @functools.lru_cache(maxsize=None)  # fixed once the library is loaded; asked on every eager call

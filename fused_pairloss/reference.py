@@ -4,18 +4,14 @@ They materialize the N x M similarity matrix and follow pytorch-metric-learning 
 step (same masks, same masked log-sum-exp, same reductions and quirks), so they agree with PML to
 rounding; the test suite checks that. Every fused backend is tested against this module.
 
-Two layers:
-- loss functions (`multi_similarity_loss`, `circle_loss`, `soft_triple_loss`,
-  `proxy_circle_loss`): what backend="reference" runs;
-- engine oracles (`pair_engine_forward_reference`, ...): the materializing versions of the fused
-  ops' row statistics (fused_pairloss/ops/README.md), for op-level tests of each backend.
+These are what backend="reference" runs. The materializing oracles of the fused ops themselves
+(for op-level tests of each backend) are fused_pairloss/ops/oracle.py.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .ops import _kinds
 
 __all__ = [
     "multi_similarity_loss",
@@ -23,10 +19,6 @@ __all__ = [
     "soft_triple_loss",
     "proxy_circle_loss",
     "sparse_centers_regularizer",
-    "pair_engine_forward_reference",
-    "pair_engine_backward_reference",
-    "class_engine_forward_reference",
-    "class_engine_backward_reference",
 ]
 
 
@@ -179,108 +171,3 @@ def proxy_circle_loss(embeddings, labels, proxies, *, m=0.25, gamma=256.0):
     ln = gamma * torch.relu(sg + m) * (sim - m)
     lse_n = torch.logsumexp(ln.masked_fill(target, float("-inf")), dim=1)
     return F.softplus(lse_n + lp).mean()
-
-
-# ---------------------------------------------------------------------------------------------
-# Engine oracles: materializing versions of the fused ops (ops/README.md), for op-level tests.
-# ---------------------------------------------------------------------------------------------
-def _acc_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _pair_logits(kind, p0, p1, p2, s):
-    """(pos_logit, d pos/dS, neg_logit, d neg/dS) as in csrc/common/pair_math.h."""
-    if kind == _kinds.MULTI_SIMILARITY:
-        alpha, beta, base = p0, p1, p2
-        return (-alpha) * (s - base), torch.full_like(s, -alpha), beta * (s - base), torch.full_like(s, beta)
-    m, gamma = p0, p1
-    wp = -gamma * torch.relu((1 + m) - s)
-    wn = gamma * torch.relu(s + m)
-    return wp * (s - (1 - m)), wp, wn * (s - m), wn
-
-
-def _pair_engine_setup(q, r, labels_q, labels_r, exclude_diag, kind, p0, p1, p2, mine, miner_eps):
-    A = _acc_dtype(q)
-    if r is None:
-        r, labels_r, exclude_diag = q, labels_q, True
-    s = q.to(A) @ r.to(A).t()
-    pos, neg = _pair_masks(labels_q, labels_r, exclude_diag)
-    inf = torch.full((q.shape[0],), float("inf"), dtype=A, device=q.device)
-    min_pos, max_neg = inf, -inf
-    if mine:
-        min_pos = torch.where(pos, s, float("inf")).amin(dim=1) if s.shape[1] else inf
-        max_neg = torch.where(neg, s, float("-inf")).amax(dim=1) if s.shape[1] else -inf
-        pos = pos & (s - miner_eps < max_neg[:, None])
-        neg = neg & (s + miner_eps > min_pos[:, None])
-    return s, r, pos, neg, min_pos, max_neg
-
-
-def pair_engine_forward_reference(q, r, labels_q, labels_r, exclude_diag, kind, p0, p1, p2, mine,
-                                  miner_eps):
-    s, _, pos, neg, min_pos, max_neg = _pair_engine_setup(
-        q, r, labels_q, labels_r, exclude_diag, kind, p0, p1, p2, mine, miner_eps)
-    lp, _, ln, _ = _pair_logits(kind, p0, p1, p2, s)
-    lse_pos = torch.logsumexp(lp.masked_fill(~pos, float("-inf")), dim=1)
-    lse_neg = torch.logsumexp(ln.masked_fill(~neg, float("-inf")), dim=1)
-    return (lse_pos, lse_neg, pos.sum(1).to(torch.int32), neg.sum(1).to(torch.int32), min_pos, max_neg)
-
-
-def pair_engine_backward_reference(grad_lse_pos, grad_lse_neg, q, r, labels_q, labels_r, lse_pos,
-                                   lse_neg, min_pos, max_neg, exclude_diag, kind, p0, p1, p2, mine,
-                                   miner_eps):
-    self_mode = r is None
-    s, r_, pos, neg, _, _ = _pair_engine_setup(
-        q, r, labels_q, labels_r, exclude_diag, kind, p0, p1, p2, mine, miner_eps)
-    lp, dlp, ln, dln = _pair_logits(kind, p0, p1, p2, s)
-    zero = torch.zeros_like(s)
-    g = torch.where(pos, grad_lse_pos[:, None] * torch.exp(lp - lse_pos[:, None]) * dlp, zero)
-    g = g + torch.where(neg, grad_lse_neg[:, None] * torch.exp(ln - lse_neg[:, None]) * dln, zero)
-    A = s.dtype
-    if self_mode:
-        grad_q = (g + g.t()) @ q.to(A)
-        return grad_q.to(q.dtype), q.new_empty(0)
-    return (g @ r_.to(A)).to(q.dtype), (g.t() @ q.to(A)).to(r_.dtype)
-
-
-def _class_sims(q, w, K, kind, p2_gamma):
-    A = _acc_dtype(q)
-    s = (q.to(A) @ w.to(A).t()).view(q.shape[0], -1, K)  # (N, C, K)
-    if kind == _kinds.SOFT_TRIPLE:
-        prob = torch.softmax(s * (1.0 / p2_gamma), dim=2)
-        return s, prob, (prob * s).sum(2)
-    return s, None, s[:, :, 0]
-
-
-def _class_logits(kind, S, target, p0, p1, p2):
-    if kind == _kinds.SOFT_TRIPLE:
-        la, margin = p0, p2
-        z = la * (S - margin * target.to(S.dtype))
-        return z, torch.full_like(S, la), torch.ones_like(target)
-    m, gamma = p0, p1
-    w = gamma * torch.relu(S + m)
-    return w * (S - m), w, ~target
-
-
-def class_engine_forward_reference(q, w, labels, centers_per_class, kind, p0, p1, p2):
-    _, _, S = _class_sims(q, w, centers_per_class, kind, p1)
-    target = F.one_hot(labels, S.shape[1]).bool()
-    z, _, in_lse = _class_logits(kind, S, target, p0, p1, p2)
-    lse = torch.logsumexp(z.masked_fill(~in_lse, float("-inf")), dim=1)
-    return lse, S[target]
-
-
-def class_engine_backward_reference(grad_lse, grad_target_sim, q, w, labels, lse, centers_per_class,
-                                    kind, p0, p1, p2):
-    K = centers_per_class
-    s, prob, S = _class_sims(q, w, K, kind, p1)
-    target = F.one_hot(labels, S.shape[1]).bool()
-    z, dz, in_lse = _class_logits(kind, S, target, p0, p1, p2)
-    g = torch.where(in_lse, grad_lse[:, None] * torch.exp(z - lse[:, None]) * dz, torch.zeros_like(S))
-    g = g + target.to(S.dtype) * grad_target_sim[:, None]  # (N, C) = dL/dS_ic
-    if kind == _kinds.SOFT_TRIPLE:
-        gs = g[:, :, None] * prob * (1 + (s - S[:, :, None]) * (1.0 / p1))  # dS/ds_ick
-    else:
-        gs = g[:, :, None]
-    gs = gs.reshape(q.shape[0], -1)
-    A = gs.dtype
-    return (gs @ w.to(A)).to(q.dtype), (gs.t() @ q.to(A)).to(w.dtype)

@@ -1,494 +1,98 @@
 // CPU kernels of the tiled pair engine: fused_pairloss::pair_engine_forward / _backward
-// (semantics: fused_pairloss/ops/README.md; per-pair math: csrc/common/pair_math.h).
+// (semantics: fused_pairloss/ops/README.md; the loss declaration: common/loss_spec.h; per-tile
+// kernels: cpu_kernels.h).
 //
-// S is walked in tiles (T x T, T <= 256) that are computed with ATen's matmul (MKL, one thread
-// per tile, see tile_parallel) into per-thread scratch; label masks are built on the fly from dense int32 label ids;
-// per row an online log-sum-exp (running max + rescaled sum) is kept for the positive and the
-// negative set. Nothing of size N x M is allocated: extra memory is O((N + M) D) (the operands in
-// the compute dtype and the gradient accumulators) plus a few T x T buffers per thread.
+// S = q r^T is walked in tiles (T x T, T <= 256) computed by the engine's own GEMM into per-thread
+// scratch; label masks come from dense int32 label ids; per row an online log-sum-exp (running max
+// + rescaled sum) and the sums / counts the declaration asks for are kept for the positive and the
+// negative set. Nothing of size N x M is allocated: extra memory is O((N + M) D) (operands in the
+// compute dtype, packed panels, label-sorted copies, gradient accumulators) plus a few T x T
+// buffers per thread.
 //
 // Self mode (r = None, S symmetric): only the tiles I <= J are computed, in both passes. A tile
-// serves row block I (as is) and row block J (transposed, exactly the same numbers), so
-// S_ij == S_ji bitwise and the forward and the backward see the same S. The tiles are processed
-// in rounds of a round-robin tournament (all diagonal tiles, then nb - 1 rounds in which every
-// block appears in at most one tile), so within a round no two tiles touch the same row block:
-// row statistics and gradient rows are updated without atomics or per-thread copies, in an order
-// fixed by the schedule, i.e. the results do not depend on the number of threads.
+// serves row block I (as is) and row block J (transposed). The tiles are processed in rounds of a
+// round-robin tournament (all diagonal tiles, then rounds in which every block appears in at most
+// one tile), so within a round no two tiles touch the same row block: row statistics and gradient
+// rows are updated without atomics or private copies, in an order fixed by the schedule.
 // Backward (self): per tile H = G_IJ + G_JI^T; dq_I += H q_J, dq_J += H^T q_I (grad_q = (G+G^T) q).
-// Cross mode (r given): forward and a row pass (dq) parallel over row blocks of q, a column
-// pass (dr) parallel over row blocks of r, every tile recomputed as q_I r_J^T (FlashAttention's
-// deterministic backward).
-// Mining (MultiSimilarityMiner) needs min_pos / max_neg of each row first: one more pass.
+// Ref mode: forward and a row pass (dq) parallel over row blocks of q; a column pass (dr) parallel
+// over row blocks of r, every tile recomputed as q_I r_J^T (FlashAttention's deterministic
+// backward); the column pass is skipped when r needs no gradient.
+//
+// Positives whose reduction needs a statistic of the whole row (spec.defer_positives(): the
+// mining threshold max_neg, or NTXent's lse_neg) are reduced after the main walk, in a walk over
+// the positive pairs only: rows and columns sorted by label, so the positives of a row block form
+// one band of columns. The miner's min_pos comes from the same kind of walk before the main one.
+// S_ij is bitwise the same in every walk (cpu_kernels.h), so the mining decisions agree.
+//
+// Determinism: the work partition, the reduction order and every GEMM depend on the shapes only;
+// threads only pick up independent items. Results are bitwise the same for any thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
-#include <exception>
+#include <cmath>
 #include <cstdint>
+#include <exception>
 #include <limits>
 #include <utility>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "common/loss_spec.h"
+#include "cpu/cpu_kernels.h"
 
-#include "common/pair_math.h"
-// The element loops below are compiled without -ftrapping-math: GCC then if-converts selects
-// whose arms are float arithmetic also without AVX-512 masks (the AVX2 clones vectorize). Nothing
-// here reads the FP exception flags; NaN / inf semantics are unchanged.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC push_options
-#pragma GCC optimize("no-trapping-math")
-#define FPL_PAIR_POP_OPTIONS 1
-#endif
-#include "cpu/vec_math.h"
-
+namespace fpl {
+namespace cpu {
 namespace {
 
-using namespace fpl::cpu_vec;
+using at::Tensor;
 
-#if defined(FPL_PAIR_FORCE_ISA)
-// testing hook: one instruction set only: -DFPL_PAIR_FORCE_ISA=3 (AVX2+FMA) or 0 (baseline)
-#if FPL_PAIR_FORCE_ISA == 3
-#define FPL_PAIR_CLONES __attribute__((target("arch=x86-64-v3")))
-#else
-#define FPL_PAIR_CLONES
-#endif
-#elif defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__)
-// Element loops compiled for AVX-512 / AVX2+FMA / baseline x86-64, picked at load time.
-#define FPL_PAIR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FPL_PAIR_CLONES
-#endif
-
-// Runs f(k, scratch) for every k in [0, n) (scratch = init(), once per thread), handed out dynamically to an OpenMP team of
-// at::get_num_threads() threads. The team is started even when n is 1: MKL (torch's CPU BLAS on
-// x86) runs a matmul on one thread inside an active parallel region but may split it over threads
-// outside one, and every tile of S must be computed the same way in every pass (forward, backward,
-// row and column passes), whatever the number of tiles in a pass.
-// `parallel` is decided once per call from the problem size (parallel_work), the same for every
-// pass of the call, so a given tile is computed in the same context in every pass; tiny problems
-// run inline (a thread team per round costs more than their work, a lot more on a busy machine).
+// Runs f(k, scratch) for every k in [0, n) on an OpenMP team of at::get_num_threads() threads
+// (scratch = init(), once per thread), items handed out dynamically: items are independent
+// (disjoint output rows), so which thread runs one does not matter. `parallel` false runs them
+// inline (tiny problems, where starting a team costs more than the work).
 template <typename Init, typename F>
 void tile_parallel(int64_t n, bool parallel, const Init& init, const F& f) {
   if (n <= 0) return;
 #ifdef _OPENMP
-  const int nt = parallel ? std::max(1, at::get_num_threads()) : 1;
-  if (nt == 1) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto scratch = init();
-    for (int64_t k = 0; k < n; ++k) f(k, scratch);
+  const int nt = parallel ? static_cast<int>(std::min<int64_t>(std::max(1, at::get_num_threads()), n)) : 1;
+  if (nt > 1) {
+    std::exception_ptr err = nullptr;
+    std::atomic<bool> failed{false};
+    std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(nt)
+    {
+      try {
+        auto scratch = init();
+        for (int64_t k = next.fetch_add(1); k < n && !failed.load(); k = next.fetch_add(1)) f(k, scratch);
+      } catch (...) {
+        if (!failed.exchange(true)) err = std::current_exception();
+      }
+    }
+    if (err) std::rethrow_exception(err);
     return;
   }
-  std::exception_ptr err = nullptr;
-  std::atomic<bool> failed{false};
-  std::atomic<int64_t> next{0};
-#pragma omp parallel num_threads(nt)
-  {
-    // dynamic: items are independent (disjoint output rows), so who runs one does not matter
-    try {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;  // the tiles are plain buffers
-      auto scratch = init();                                // per-thread tile buffers
-      for (int64_t k = next.fetch_add(1); k < n && !failed.load(); k = next.fetch_add(1)) f(k, scratch);
-    } catch (...) {
-      if (!failed.exchange(true)) err = std::current_exception();
-    }
-  }
-  if (err) std::rethrow_exception(err);
-#else
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
+#endif
   auto scratch = init();
   for (int64_t k = 0; k < n; ++k) f(k, scratch);
-#endif
 }
 
 bool parallel_work(int64_t N, int64_t M, int64_t D) {
   return static_cast<double>(N) * static_cast<double>(M) * static_cast<double>(std::max<int64_t>(D, 8)) > 4.0e6;
 }
 
-template <typename A>
-constexpr A ninf() { return -std::numeric_limits<A>::infinity(); }
-template <typename A>
-constexpr A pinf() { return std::numeric_limits<A>::infinity(); }
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Logit of one set, specialised on whether it carries a weight (Circle) or not (MS).
-// Same formula and rounding as fpl::PairLogit (pair_math.h): (scale * weight(S)) * (S - shift).
-template <typename A, bool W>
-struct Logit {
-  A scale, shift, w_a, w_b;
-  FPL_VEC_INLINE A weight(A s) const {
-    if constexpr (W) return vrelu<A>(w_a + w_b * s);  // == fpl::relu_nan
-    else return A(1);
-  }
-  FPL_VEC_INLINE A logit(A s) const { return (scale * weight(s)) * (s - shift); }
-  FPL_VEC_INLINE A dlogit(A s) const { return scale * weight(s); }
-};
-
-template <typename A, bool W>
-struct Params {
-  Logit<A, W> pos, neg;
-  A eps;
-};
-
-template <typename A, bool W>
-Params<A, W> make_params(const fpl::PairLoss<A>& L) {
-  Params<A, W> P;
-  P.pos = Logit<A, W>{L.pos.scale, L.pos.shift, L.pos.w_a, L.pos.w_b};
-  P.neg = Logit<A, W>{L.neg.scale, L.neg.shift, L.neg.w_a, L.neg.w_b};
-  P.eps = L.miner_eps;
-  return P;
-}
-
-// One tile of S (rows x cols, row stride ld) with the label ids and global indices of its rows
-// and columns.
-template <typename A>
-struct Tile {
-  const A* S;
-  int64_t ld;
-  int rows, cols;
-  const int32_t* lab_r;
-  const int32_t* lab_c;
-  int64_t row0, col0;
-  bool exclude_diag;
-};
-
-// Per-row state, arrays over all rows (indexed by global row).
-template <typename A>
-struct RowState {
-  A* maxp;
-  A* sump;
-  A* maxn;
-  A* sumn;
-  int32_t* cntp;
-  int32_t* cntn;
-  A* minpos;   // mining thresholds (unmined sets)
-  A* maxneg;
-  // backward
-  const A* gp;
-  const A* gn;
-  const A* lsep;
-  const A* lsen;
-};
-
-// column of the excluded self pair of global row gi in this tile, or -1
-template <typename A>
-FPL_VEC_INLINE int32_t diag_col(const Tile<A>& t, int64_t gi) {
-  const int64_t d = gi - t.col0;
-  return (t.exclude_diag && d >= 0 && d < t.cols) ? static_cast<int32_t>(d) : -1;
-}
-
-FPL_VEC_INLINE int pad_lanes(int n) { return (n + kLanes - 1) / kLanes * kLanes; }
-
-// ---- pass 0 (mining only): min over positives, max over negatives, per row --------------------
-template <typename A>
-FPL_VEC_INLINE void minmax_rows_impl(const Tile<A>& t_, const RowState<A>& st, A* bp, A* bn) {
-  const Tile<A> t = t_;  // local copy: stores through bp / bn cannot alias it
-  const int cp = pad_lanes(t.cols);
-  for (int i = 0; i < t.rows; ++i) {
-    const A* s = t.S + static_cast<int64_t>(i) * t.ld;
-    const int64_t gi = t.row0 + i;
-    const int32_t li = t.lab_r[i];
-    const int32_t dj = diag_col(t, gi);
-    for (int j = 0; j < t.cols; ++j) {
-      const A v = s[j];
-      const bool same = t.lab_c[j] == li;
-      const bool pos = same & (j != dj);
-      bp[j] = pos ? v : pinf<A>();
-      bn[j] = same ? ninf<A>() : v;
-    }
-    for (int j = t.cols; j < cp; ++j) {
-      bp[j] = pinf<A>();
-      bn[j] = ninf<A>();
-    }
-    // min / max that skip NaN (selects only) plus a NaN flag per lane: torch.amin / amax
-    // semantics (a NaN among the pairs makes the threshold NaN) without NaN-sticky selects
-    A mp[kLanes], mn[kLanes];
-    int32_t np[kLanes], nn[kLanes];
-    for (int k = 0; k < kLanes; ++k) {
-      mp[k] = pinf<A>();
-      mn[k] = ninf<A>();
-      np[k] = nn[k] = 0;
-    }
-    for (int j = 0; j < cp; j += kLanes)
-      for (int k = 0; k < kLanes; ++k) {
-        const A a = bp[j + k], b = bn[j + k];
-        mp[k] = a < mp[k] ? a : mp[k];
-        mn[k] = b > mn[k] ? b : mn[k];
-        np[k] |= (a != a) ? 1 : 0;
-        nn[k] |= (b != b) ? 1 : 0;
-      }
-    A a = st.minpos[gi], b = st.maxneg[gi];
-    int32_t any_np = 0, any_nn = 0;
-    for (int k = 0; k < kLanes; ++k) {
-      a = nan_min(a, mp[k]);
-      b = nan_max(b, mn[k]);
-      any_np |= np[k];
-      any_nn |= nn[k];
-    }
-    if (any_np) a = std::numeric_limits<A>::quiet_NaN();
-    if (any_nn) b = std::numeric_limits<A>::quiet_NaN();
-    st.minpos[gi] = a;
-    st.maxneg[gi] = b;
-  }
-}
-
-// MultiSimilarityMiner rule (pair_math.h keep_positive / keep_negative) applied to one row of a
-// tile after the set masks: x_j (a logit, or logit - lse) becomes -inf for a pair the miner drops.
-// Used by the backward in a loop of its own: folded into its mask loop, GCC 12 leaves that loop
-// scalar (mined backward at N=4096: 64 ms instead of 54). The forward keeps the folded form, which
-// measured faster there (45 vs 52 ms).
-template <typename A, bool W>
-FPL_VEC_INLINE void drop_unmined(const Tile<A>& t, const Params<A, W>& P, int32_t li, A thr_p,
-                                 A thr_n, const A* s, A* x) {
-  for (int j = 0; j < t.cols; ++j) {
-    const A v = s[j];
-    const bool keep = (t.lab_c[j] == li) ? (v - P.eps < thr_p) : (v + P.eps > thr_n);
-    x[j] = keep ? x[j] : ninf<A>();
-  }
-}
-
-// ---- forward: online log-sum-exp of the kept positive / negative logits, per row --------------
-template <typename A, bool W, bool MINE>
-FPL_VEC_INLINE void lse_rows_impl(const Tile<A>& t_, const Params<A, W>& P_, const RowState<A>& st,
-                                   A* xb, int32_t* cb) {
-  const Tile<A> t = t_;  // local copies: stores through xb / cb cannot alias them
-  const Params<A, W> P = P_;
-  const int cpad = pad_lanes(t.cols);
-  for (int i = 0; i < t.rows; ++i) {
-    const A* s = t.S + static_cast<int64_t>(i) * t.ld;
-    const int64_t gi = t.row0 + i;
-    const int32_t li = t.lab_r[i];
-    const int32_t dj = diag_col(t, gi);
-    const A thr_p = MINE ? st.maxneg[gi] : A(0);
-    const A thr_n = MINE ? st.minpos[gi] : A(0);
-    int32_t np = 0, nn = 0;
-    for (int j = 0; j < t.cols; ++j) {
-      // the mining rule as selects on floats (bool masks mixed with float compares stop GCC's
-      // vectorizer); a kept pair never has logit -inf (S finite, or NaN: then it is kept only
-      // without mining, and NaN != -inf)
-      const A v = s[j];
-      const bool same = t.lab_c[j] == li;
-      const bool pos0 = same & (j != dj);
-      A xp = pos0 ? P.pos.logit(v) : ninf<A>();
-      A xn = same ? ninf<A>() : P.neg.logit(v);
-      if constexpr (MINE) {
-        xp = (v - P.eps < thr_p) ? xp : ninf<A>();
-        xn = (v + P.eps > thr_n) ? xn : ninf<A>();
-      }
-      const int32_t c = (xp != ninf<A>()) ? 1 : ((xn != ninf<A>()) ? 2 : 0);
-      xb[j] = c == 1 ? xp : xn;
-      cb[j] = c;
-      np += c == 1 ? 1 : 0;
-      nn += c == 2 ? 1 : 0;
-    }
-    for (int j = t.cols; j < cpad; ++j) {
-      xb[j] = ninf<A>();
-      cb[j] = 0;
-    }
-    A mp[kLanes], mn[kLanes];
-    for (int k = 0; k < kLanes; ++k) mp[k] = mn[k] = ninf<A>();
-    for (int j = 0; j < cpad; j += kLanes)
-      for (int k = 0; k < kLanes; ++k) {
-        const A x = xb[j + k];
-        const int32_t c = cb[j + k];
-        mp[k] = vmax(mp[k], c == 1 ? x : ninf<A>());
-        mn[k] = vmax(mn[k], c == 2 ? x : ninf<A>());
-      }
-    A Mp = st.maxp[gi], Mn = st.maxn[gi];
-    const A old_mp = Mp, old_mn = Mn;
-    for (int k = 0; k < kLanes; ++k) {
-      Mp = vmax(Mp, mp[k]);
-      Mn = vmax(Mn, mn[k]);
-    }
-    // exp in a plain map loop (vectorizes), then lane sums
-    for (int j = 0; j < cpad; ++j) {
-      const int32_t c = cb[j];
-      const A d = xb[j] - (c == 1 ? Mp : Mn);  // no conditional arithmetic: selects only
-      xb[j] = vexp(c == 0 ? ninf<A>() : d);
-    }
-    A sp[kLanes], sn[kLanes];
-    for (int k = 0; k < kLanes; ++k) sp[k] = sn[k] = A(0);
-    for (int j = 0; j < cpad; j += kLanes)
-      for (int k = 0; k < kLanes; ++k) {
-        const A e = xb[j + k];
-        const int32_t c = cb[j + k];
-        sp[k] += c == 1 ? e : A(0);
-        sn[k] += c == 2 ? e : A(0);
-      }
-    // fixed pairwise combination of the lanes
-    for (int w = kLanes / 2; w > 0; w /= 2)
-      for (int k = 0; k < w; ++k) {
-        sp[k] += sp[k + w];
-        sn[k] += sn[k + w];
-      }
-    const A fp = (old_mp == Mp) ? A(1) : vexp(old_mp - Mp);
-    const A fn = (old_mn == Mn) ? A(1) : vexp(old_mn - Mn);
-    st.sump[gi] = st.sump[gi] * fp + sp[0];
-    st.sumn[gi] = st.sumn[gi] * fn + sn[0];
-    st.maxp[gi] = Mp;
-    st.maxn[gi] = Mn;
-    st.cntp[gi] += np;
-    st.cntn[gi] += nn;
-  }
-}
-
-// ---- backward: G_ij = dL/dS_ij for the rows of a tile ------------------------------------------
-// Two map loops per row (set + exponent, then exp and weight): each vectorizes on its own, the
-// fused loop does not (GCC 12).
-template <typename A, bool W, bool MINE>
-FPL_VEC_INLINE void grad_rows_impl(const Tile<A>& t_, const Params<A, W>& P_, const RowState<A>& st,
-                                    A* G, int64_t ldg, int32_t* cb) {
-  const Tile<A> t = t_;  // local copies: stores through G / cb cannot alias them
-  const Params<A, W> P = P_;
-  for (int i = 0; i < t.rows; ++i) {
-    const A* s = t.S + static_cast<int64_t>(i) * t.ld;
-    A* g = G + static_cast<int64_t>(i) * ldg;
-    const int64_t gi = t.row0 + i;
-    const int32_t li = t.lab_r[i];
-    const int32_t dj = diag_col(t, gi);
-    const A thr_p = MINE ? st.maxneg[gi] : A(0);
-    const A thr_n = MINE ? st.minpos[gi] : A(0);
-    const A gp = st.gp[gi], gn = st.gn[gi], lsp = st.lsep[gi], lsn = st.lsen[gi];
-    for (int j = 0; j < t.cols; ++j) {
-      // as in lse_rows_impl: masks as float selects; a kept pair has exponent > -inf
-      const A v = s[j];
-      const bool same = t.lab_c[j] == li;
-      const bool pos0 = same & (j != dj);
-      const A xp = pos0 ? P.pos.logit(v) : ninf<A>();
-      const A xn = same ? ninf<A>() : P.neg.logit(v);
-      const bool pos = xp != ninf<A>();
-      const bool member = pos | (xn != ninf<A>());
-      const A d = pos ? xp - lsp : xn - lsn;
-      g[j] = member ? d : ninf<A>();  // not d: -inf - lse is NaN when lse is -inf
-      cb[j] = pos ? 1 : 0;
-    }
-    if constexpr (MINE) drop_unmined(t, P, li, thr_p, thr_n, s, g);
-    // as the reference: grad_lse * exp(logit - lse) * dlogit/dS. Outside both sets
-    // e = exp(-inf) = 0, so the product is 0 (NaN only where S_ij is NaN: the row is NaN anyway).
-    for (int j = 0; j < t.cols; ++j) {
-      const A v = s[j];
-      const bool pos = cb[j] == 1;
-      const A e = vexp(g[j]);
-      const A gr = pos ? gp : gn;
-      const A dl = pos ? P.pos.dlogit(v) : P.neg.dlogit(v);
-      g[j] = (gr * e) * dl;
-    }
-  }
-}
-
-// Non-template entry points of the element loops, each compiled once per instruction set.
-#define FPL_PAIR_MINMAX(A)                                                                         \
-  FPL_PAIR_CLONES void minmax_rows_##A(const Tile<A>& t, const RowState<A>& st, A* bp, A* bn) {    \
-    minmax_rows_impl<A>(t, st, bp, bn);                                                            \
-  }
-#define FPL_PAIR_LSE(A, W, MINE)                                                                   \
-  FPL_PAIR_CLONES void lse_rows_##A##_##W##_##MINE(const Tile<A>& t, const Params<A, W>& P,       \
-                                                   const RowState<A>& st, A* xb, int32_t* cb) {    \
-    lse_rows_impl<A, W, MINE>(t, P, st, xb, cb);                                                   \
-  }
-#define FPL_PAIR_GRAD(A, W, MINE)                                                                  \
-  FPL_PAIR_CLONES void grad_rows_##A##_##W##_##MINE(const Tile<A>& t, const Params<A, W>& P,      \
-                                                    const RowState<A>& st, A* G, int64_t ldg,      \
-                                                    int32_t* cb) {                                 \
-    grad_rows_impl<A, W, MINE>(t, P, st, G, ldg, cb);                                                  \
-  }
-#define FPL_PAIR_ALL(A)           \
-  FPL_PAIR_MINMAX(A)              \
-  FPL_PAIR_LSE(A, false, false)   \
-  FPL_PAIR_LSE(A, false, true)    \
-  FPL_PAIR_LSE(A, true, false)    \
-  FPL_PAIR_LSE(A, true, true)     \
-  FPL_PAIR_GRAD(A, false, false)  \
-  FPL_PAIR_GRAD(A, false, true)   \
-  FPL_PAIR_GRAD(A, true, false)   \
-  FPL_PAIR_GRAD(A, true, true)
-FPL_PAIR_ALL(float)
-FPL_PAIR_ALL(double)
-
-template <typename A>
-struct Kernels;
-#define FPL_PAIR_KERNELS(A)                                                                        \
-  template <>                                                                                      \
-  struct Kernels<A> {                                                                              \
-    static void minmax(const Tile<A>& t, const RowState<A>& st, A* bp, A* bn) {                    \
-      minmax_rows_##A(t, st, bp, bn);                                                              \
-    }                                                                                              \
-    template <bool W, bool MINE>                                                                   \
-    static void lse(const Tile<A>& t, const Params<A, W>& P, const RowState<A>& st, A* xb,         \
-                    int32_t* cb) {                                                                 \
-      if constexpr (W && MINE) lse_rows_##A##_true_true(t, P, st, xb, cb);                         \
-      else if constexpr (W) lse_rows_##A##_true_false(t, P, st, xb, cb);                           \
-      else if constexpr (MINE) lse_rows_##A##_false_true(t, P, st, xb, cb);                        \
-      else lse_rows_##A##_false_false(t, P, st, xb, cb);                                           \
-    }                                                                                              \
-    template <bool W, bool MINE>                                                                   \
-    static void grad(const Tile<A>& t, const Params<A, W>& P, const RowState<A>& st, A* G,         \
-                     int64_t ldg, int32_t* cb) {                                                   \
-      if constexpr (W && MINE) grad_rows_##A##_true_true(t, P, st, G, ldg, cb);                    \
-      else if constexpr (W) grad_rows_##A##_true_false(t, P, st, G, ldg, cb);                      \
-      else if constexpr (MINE) grad_rows_##A##_false_true(t, P, st, G, ldg, cb);                   \
-      else grad_rows_##A##_false_false(t, P, st, G, ldg, cb);                                          \
-    }                                                                                              \
-  };
-FPL_PAIR_KERNELS(float)
-FPL_PAIR_KERNELS(double)
-
-#ifdef FPL_PAIR_POP_OPTIONS
-#pragma GCC pop_options
-#endif
-
-// ---- small dense helpers ---------------------------------------------------------------------
-template <typename A>
-void transpose(const A* src, int rows, int cols, A* dst) {  // dst (cols x rows) = src^T
-  constexpr int B = 32;
-  for (int i0 = 0; i0 < rows; i0 += B)
-    for (int j0 = 0; j0 < cols; j0 += B) {
-      const int i1 = std::min(rows, i0 + B), j1 = std::min(cols, j0 + B);
-      for (int j = j0; j < j1; ++j)
-        for (int i = i0; i < i1; ++i) dst[static_cast<int64_t>(j) * rows + i] = src[static_cast<int64_t>(i) * cols + j];
-    }
-}
-
-template <typename A>
-void symmetrize_from_upper(A* S, int n) {  // S[b][a] = S[a][b] for a < b
-  for (int a = 0; a < n; ++a)
-    for (int b = a + 1; b < n; ++b) S[static_cast<int64_t>(b) * n + a] = S[static_cast<int64_t>(a) * n + b];
-}
-
-template <typename A>
-void add_transposed(A* H, const A* G2, int rows, int cols) {  // H (rows x cols) += G2^T, G2 cols x rows
-  constexpr int B = 32;
-  for (int i0 = 0; i0 < rows; i0 += B)
-    for (int j0 = 0; j0 < cols; j0 += B) {
-      const int i1 = std::min(rows, i0 + B), j1 = std::min(cols, j0 + B);
-      for (int i = i0; i < i1; ++i)
-        for (int j = j0; j < j1; ++j) H[static_cast<int64_t>(i) * cols + j] += G2[static_cast<int64_t>(j) * rows + i];
-    }
-}
-
-template <typename A>
-void sym_add_self(A* G, int n) {  // G <- G + G^T
-  for (int a = 0; a < n; ++a) {
-    G[static_cast<int64_t>(a) * n + a] *= A(2);
-    for (int b = a + 1; b < n; ++b) {
-      const A h = G[static_cast<int64_t>(a) * n + b] + G[static_cast<int64_t>(b) * n + a];
-      G[static_cast<int64_t>(a) * n + b] = h;
-      G[static_cast<int64_t>(b) * n + a] = h;
-    }
-  }
-}
-
-// Tile edge: a function of the row count only (so every pass of one call tiles identically), small
-// enough for a few tiles per thread on small inputs, 256 on large ones.
+// Tile edge: a function of the row count only, a multiple of 32 (packed panels start at tile
+// boundaries), small enough for a few tiles per thread on small inputs, 256 on large ones.
 int64_t tile_size(int64_t n) {
-  int64_t t = (n + 7) / 8;
-  t = (t + 15) / 16 * 16;
+  const int64_t t = round_up((n + 7) / 8, 32);
   return std::max<int64_t>(32, std::min<int64_t>(256, t));
 }
+constexpr int64_t kBandRows = 64;   // rows per block of the positive-pair walks
+constexpr int64_t kBandCols = 256;  // columns per tile of the positive-pair walks
 
 // Round-robin schedule of the tiles I <= J of nb row blocks: round 0 = the diagonal tiles, then
 // (circle method) nb - 1 (nb even) or nb (nb odd) rounds in which each block is in at most one tile.
@@ -511,323 +115,566 @@ std::vector<std::vector<std::pair<int64_t, int64_t>>> self_schedule(int64_t nb) 
   return rounds;
 }
 
+template <typename T>
+void transpose(const T* src, int rows, int cols, int64_t lds, T* dst, int64_t ldd) {
+  constexpr int B = 32;  // dst (cols x rows, row stride ldd) = src^T
+  for (int i0 = 0; i0 < rows; i0 += B)
+    for (int j0 = 0; j0 < cols; j0 += B) {
+      const int i1 = std::min(rows, i0 + B), j1 = std::min(cols, j0 + B);
+      for (int j = j0; j < j1; ++j)
+        for (int i = i0; i < i1; ++i) dst[j * ldd + i] = src[i * lds + j];
+    }
+}
+
+template <typename T>
+void add_transposed(T* H, int64_t ldh, const T* G2, int64_t ldg, int rows, int cols) {
+  constexpr int B = 32;  // H (rows x cols) += G2^T, G2 cols x rows
+  for (int i0 = 0; i0 < rows; i0 += B)
+    for (int j0 = 0; j0 < cols; j0 += B) {
+      const int i1 = std::min(rows, i0 + B), j1 = std::min(cols, j0 + B);
+      for (int i = i0; i < i1; ++i)
+        for (int j = j0; j < j1; ++j) H[i * ldh + j] += G2[j * ldg + i];
+    }
+}
+
+template <typename T>
+void sym_add_self(T* G, int64_t ld, int n) {  // G <- G + G^T
+  for (int a = 0; a < n; ++a) {
+    G[a * ld + a] *= T(2);
+    for (int b = a + 1; b < n; ++b) {
+      const T h = G[a * ld + b] + G[b * ld + a];
+      G[a * ld + b] = h;
+      G[b * ld + a] = h;
+    }
+  }
+}
+
+// out[i] += sum_j G[i][j] (rows x cols)
+template <typename T>
+void add_row_sums(const T* G, int64_t ld, int rows, int cols, T* out) {
+  for (int i = 0; i < rows; ++i) {
+    T s = T(0);
+    for (int j = 0; j < cols; ++j) s += G[i * ld + j];
+    out[i] += s;
+  }
+}
+
+// out[j] += sum_i G[i][j], i ascending
+template <typename T>
+void add_col_sums(const T* G, int64_t ld, int rows, int cols, T* out) {
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < cols; ++j) out[j] += G[i * ld + j];
+}
+
+// The distance's dependence on the squared norms (d = sqrt(|q_i|^2 + |r_j|^2 - 2 S_ij)):
+// d/dq_i gains q_i * sum_j (dL/dd_ij / d_ij) = -q_i * sum_j G_ij with G = dL/dS, as in torch's
+// _euclidean_dist_backward.
+template <typename T>
+void add_norm_gradient(T* dx, const T* x, const T* gsum, int64_t n, int64_t Dp) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t d = 0; d < Dp; ++d) dx[i * Dp + d] -= gsum[i] * x[i * Dp + d];
+}
+
 // ---- operands --------------------------------------------------------------------------------
+// q and r in the compute dtype with rows padded to Dp columns (zeros), r's rows packed into panels
+// for the S tiles, dense int32 label ids, the excluded column of each row, squared norms (lp).
+template <typename T>
 struct Operands {
-  at::Tensor q, r;          // compute dtype, contiguous; r undefined in self mode
-  at::Tensor lab_q, lab_r;  // dense int32 label ids (lab_r undefined in self mode)
+  const Kernels<T>* K;
   bool self;
-  int64_t N, M, D;
+  int64_t N, M, D, Dp;
+  Tensor q, r;              // (N, Dp), (M, Dp); r == q in self mode
+  Tensor panels;            // r (or q) packed: ceil(M / nr) x D x nr
+  Tensor lab_q, lab_r;      // int32 label ids
+  Tensor excl;              // int64 (N): excluded column of row i, -1 for none
+  Tensor norm_q, norm_r;    // (N), (M) squared norms, lp only
+  int64_t num_labels;
 };
 
-at::ScalarType compute_dtype(const at::Tensor& q) {
+at::ScalarType compute_dtype(const Tensor& q) {
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-Operands prepare(const at::Tensor& q, const std::optional<at::Tensor>& r, const at::Tensor& labels_q,
-                 const std::optional<at::Tensor>& labels_r) {
-  TORCH_CHECK(q.device().is_cpu(), "pair_engine (cpu): q must be a CPU tensor");
-  TORCH_CHECK(q.dim() == 2, "pair_engine: q must be 2-D (N, D), got ", q.sizes());
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()), "pair_engine: q must be floating point");
-  TORCH_CHECK(labels_q.dim() == 1 && labels_q.size(0) == q.size(0),
-              "pair_engine: labels_q must have shape (N,) = (", q.size(0), ",), got ", labels_q.sizes());
-  Operands o;
-  const auto A = compute_dtype(q);
+template <typename T>
+Tensor padded_rows(const Tensor& x, int64_t Dp) {
+  const auto opts = x.options().dtype(c10::CppTypeToScalarType<T>::value);
+  Tensor out = at::zeros({x.size(0), Dp}, opts);
+  if (x.size(0) > 0 && x.size(1) > 0) out.narrow(1, 0, x.size(1)).copy_(x);
+  return out;
+}
+
+template <typename T>
+Tensor squared_norms(const Tensor& x, int64_t D) {  // sequential over d: the same on every ISA
+  Tensor out = at::empty({x.size(0)}, x.options());
+  const T* p = x.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  const int64_t ld = x.size(1);
+  for (int64_t i = 0; i < x.size(0); ++i) {
+    T s = T(0);
+    for (int64_t d = 0; d < D; ++d) s += p[i * ld + d] * p[i * ld + d];
+    o[i] = s;
+  }
+  return out;
+}
+
+template <typename T>
+Tensor pack(const Kernels<T>& K, const Tensor& x, int64_t D) {
+  const int64_t n = x.size(0), np = (n + K.nr - 1) / K.nr;
+  Tensor out = at::empty({std::max<int64_t>(np, 1) * D * K.nr}, x.options());
+  if (n > 0) K.pack_panels(x.data_ptr<T>(), x.size(1), n, D, out.data_ptr<T>());
+  return out;
+}
+
+template <typename T>
+Operands<T> prepare(const Tensor& q, const std::optional<Tensor>& r, const Tensor& labels_q,
+                    const std::optional<Tensor>& labels_r, const std::optional<Tensor>& exclude_col,
+                    const PairSpec<T>& spec) {
+  Operands<T> o;
+  o.K = &active_kernels<T>();
   o.self = !r.has_value();
   o.N = q.size(0);
   o.D = q.size(1);
-  // detached: the tile matmuls run on OpenMP threads with out= tensors, outside autograd
-  o.q = q.detach().to(A).contiguous();
-  at::Tensor all_labels = labels_q.to(at::kLong).contiguous();
-  if (!o.self) {
-    const at::Tensor& rr = *r;
-    TORCH_CHECK(rr.device().is_cpu(), "pair_engine (cpu): r must be a CPU tensor");
-    TORCH_CHECK(rr.dim() == 2 && rr.size(1) == o.D, "pair_engine: r must have shape (M, ", o.D,
-                "), got ", rr.sizes());
-    TORCH_CHECK(rr.scalar_type() == q.scalar_type(), "pair_engine: q and r must have the same dtype");
-    TORCH_CHECK(labels_r.has_value() && labels_r->dim() == 1 && labels_r->size(0) == rr.size(0),
-                "pair_engine: labels_r must have shape (M,) = (", rr.size(0), ",)");
-    o.M = rr.size(0);
-    o.r = rr.detach().to(A).contiguous();
-    all_labels = at::cat({all_labels, labels_r->to(at::kLong).contiguous()});
-  } else {
+  o.Dp = round_up(std::max<int64_t>(o.D, 1), sizeof(T) == 4 ? 16 : 8);
+  o.q = padded_rows<T>(q.detach(), o.Dp);
+  Tensor all_labels = labels_q.to(at::kLong).contiguous();
+  if (o.self) {
     o.M = o.N;
-  }
-  // labels only meet in equality tests: dense int32 ids keep the mask lanes as wide as floats
-  at::Tensor ids;
-  if (all_labels.numel() > 0) {
-    ids = std::get<1>(at::_unique(all_labels, /*sorted=*/true, /*return_inverse=*/true)).to(at::kInt);
+    o.r = o.q;
   } else {
-    ids = at::empty({0}, all_labels.options().dtype(at::kInt));
+    o.M = r->size(0);
+    o.r = padded_rows<T>(r->detach(), o.Dp);
+    all_labels = at::cat({all_labels, labels_r->to(at::kLong).contiguous()});
+  }
+  o.panels = pack<T>(*o.K, o.r, o.D);
+  // labels only meet in equality tests: dense int32 ids keep the mask lanes as wide as floats
+  Tensor ids = at::empty({0}, all_labels.options().dtype(at::kInt));
+  o.num_labels = 0;
+  if (all_labels.numel() > 0) {
+    auto uniq = at::_unique(all_labels, /*sorted=*/true, /*return_inverse=*/true);
+    ids = std::get<1>(uniq).to(at::kInt);
+    o.num_labels = std::get<0>(uniq).numel();
   }
   o.lab_q = ids.narrow(0, 0, o.N).contiguous();
-  if (!o.self) o.lab_r = ids.narrow(0, o.N, o.M).contiguous();
+  o.lab_r = o.self ? o.lab_q : ids.narrow(0, o.N, o.M).contiguous();
+  if (o.self) {
+    o.excl = at::arange(o.N, labels_q.options().dtype(at::kLong));
+  } else if (exclude_col.has_value()) {
+    o.excl = exclude_col->to(at::kLong).contiguous();
+  } else {
+    o.excl = at::full({o.N}, -1, labels_q.options().dtype(at::kLong));
+  }
+  if (spec.lp_distance) {
+    o.norm_q = squared_norms<T>(o.q, o.D);
+    o.norm_r = o.self ? o.norm_q : squared_norms<T>(o.r, o.D);
+  }
   return o;
 }
 
-template <typename A>
-at::Tensor blob(A* p, int64_t rows, int64_t cols) {
-  return at::from_blob(p, {rows, cols}, at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value));
-}
-
-// S tile = a b^T into scratch (rows(a) x rows(b), contiguous)
-template <typename A>
-void tile_mm(A* out, const at::Tensor& a, const at::Tensor& b) {
-  auto o = blob(out, a.size(0), b.size(0));
-  at::mm_out(o, a, b.t());
-}
-
-template <typename A>
+template <typename T>
 struct Scratch {
-  std::vector<A> S, St, G1, G2, xb;
-  std::vector<int32_t> cb;
-  explicit Scratch(int64_t T) : S(T * T), St(T * T), G1(T * T), G2(T * T), xb(T + kLanes), cb(T + kLanes) {}
+  std::vector<T> S, St, G1, G2, buf;
+  Scratch(int64_t ti, int64_t tj)
+      : S(ti * round_up(tj, 32)), St(tj * round_up(ti, 32)), G1(ti * round_up(tj, 32)),
+        G2(tj * round_up(ti, 32)), buf(4 * (std::max(ti, tj) + 64)) {}
 };
 
-// ---- forward -----------------------------------------------------------------------------------
-template <typename A, bool W, bool MINE>
-std::vector<at::Tensor> forward_impl(const Operands& o, const fpl::PairLoss<A>& L, bool exclude_diag) {
-  const auto A_t = c10::CppTypeToScalarType<A>::value;
-  const auto opts = o.q.options().dtype(A_t);
-  const int64_t N = o.N;
-  at::Tensor maxp = at::full({N}, ninf<A>(), opts), sump = at::zeros({N}, opts);
-  at::Tensor maxn = at::full({N}, ninf<A>(), opts), sumn = at::zeros({N}, opts);
-  at::Tensor cntp = at::zeros({N}, opts.dtype(at::kInt)), cntn = at::zeros({N}, opts.dtype(at::kInt));
-  at::Tensor minpos = at::full({N}, pinf<A>(), opts), maxneg = at::full({N}, ninf<A>(), opts);
-  RowState<A> st{maxp.data_ptr<A>(), sump.data_ptr<A>(), maxn.data_ptr<A>(), sumn.data_ptr<A>(),
-                 cntp.data_ptr<int32_t>(), cntn.data_ptr<int32_t>(), minpos.data_ptr<A>(),
-                 maxneg.data_ptr<A>(), nullptr, nullptr, nullptr, nullptr};
-  const Params<A, W> P = make_params<A, W>(L);
-  const int32_t* lq = o.lab_q.data_ptr<int32_t>();
-  const bool par = parallel_work(o.N, o.M, o.D);
-
-  if (o.self) {
-    const int64_t T = tile_size(N), nb = (N + T - 1) / T;
-    const auto rounds = self_schedule(nb);
-    for (int pass = MINE ? 0 : 1; pass < 2; ++pass) {
-      for (const auto& round : rounds) {
-        tile_parallel(static_cast<int64_t>(round.size()), par, [&] { return Scratch<A>(T); }, [&](int64_t k, Scratch<A>& sc) {
-          {
-            const int64_t I = round[k].first, J = round[k].second;
-            const int64_t i0 = I * T, j0 = J * T;
-            const int ti = static_cast<int>(std::min(T, N - i0)), tj = static_cast<int>(std::min(T, N - j0));
-            tile_mm<A>(sc.S.data(), o.q.narrow(0, i0, ti), o.q.narrow(0, j0, tj));
-            if (I == J) symmetrize_from_upper(sc.S.data(), ti);
-            const Tile<A> t1{sc.S.data(), tj, ti, tj, lq + i0, lq + j0, i0, j0, true};
-            if (pass == 0) Kernels<A>::minmax(t1, st, sc.xb.data(), sc.G1.data());
-            else Kernels<A>::template lse<W, MINE>(t1, P, st, sc.xb.data(), sc.cb.data());
-            if (I != J) {
-              transpose(sc.S.data(), ti, tj, sc.St.data());
-              const Tile<A> t2{sc.St.data(), ti, tj, ti, lq + j0, lq + i0, j0, i0, true};
-              if (pass == 0) Kernels<A>::minmax(t2, st, sc.xb.data(), sc.G1.data());
-              else Kernels<A>::template lse<W, MINE>(t2, P, st, sc.xb.data(), sc.cb.data());
-            }
-          }
-        });
-      }
-    }
-  } else {
-    const int64_t M = o.M;
-    const int64_t TI = tile_size(N), TJ = tile_size(M), nbi = (N + TI - 1) / TI, nbj = (M + TJ - 1) / TJ;
-    const int32_t* lr = o.lab_r.data_ptr<int32_t>();
-    tile_parallel(nbi, par, [&] { return Scratch<A>(std::max(TI, TJ)); }, [&](int64_t I, Scratch<A>& sc) {
-      {
-        const int64_t i0 = I * TI;
-        const int ti = static_cast<int>(std::min(TI, N - i0));
-        const at::Tensor qi = o.q.narrow(0, i0, ti);
-        for (int pass = MINE ? 0 : 1; pass < 2; ++pass) {
-          for (int64_t J = 0; J < nbj; ++J) {
-            const int64_t j0 = J * TJ;
-            const int tj = static_cast<int>(std::min(TJ, M - j0));
-            tile_mm<A>(sc.S.data(), qi, o.r.narrow(0, j0, tj));
-            const Tile<A> t{sc.S.data(), tj, ti, tj, lq + i0, lr + j0, i0, j0, exclude_diag};
-            if (pass == 0) Kernels<A>::minmax(t, st, sc.xb.data(), sc.G1.data());
-            else Kernels<A>::template lse<W, MINE>(t, P, st, sc.xb.data(), sc.cb.data());
-          }
-        }
-      }
-    });
+template <typename T>
+PairTile<T> make_tile(const Operands<T>& o, const T* S, int64_t ld, int64_t i0, int ti, int64_t j0,
+                      int tj, bool transposed) {
+  // transposed: rows are r's block j0 (self mode only), columns q's block i0
+  PairTile<T> t{};
+  t.S = S;
+  t.ld = ld;
+  t.rows = transposed ? tj : ti;
+  t.cols = transposed ? ti : tj;
+  const int64_t r0 = transposed ? j0 : i0, c0 = transposed ? i0 : j0;
+  const int32_t* lr = transposed ? o.lab_r.template data_ptr<int32_t>() : o.lab_q.template data_ptr<int32_t>();
+  const int32_t* lc = transposed ? o.lab_q.template data_ptr<int32_t>() : o.lab_r.template data_ptr<int32_t>();
+  t.lab_r = lr + r0;
+  t.lab_c = lc + c0;
+  t.excl_r = o.excl.template data_ptr<int64_t>() + r0;
+  if (o.norm_q.defined()) {
+    const T* nr_ = transposed ? o.norm_r.template data_ptr<T>() : o.norm_q.template data_ptr<T>();
+    const T* nc_ = transposed ? o.norm_q.template data_ptr<T>() : o.norm_r.template data_ptr<T>();
+    t.norm_r = nr_ + r0;
+    t.norm_c = nc_ + c0;
   }
-
-  // lse = max + log(sum); empty set (sum 0) -> -inf; NaN stays NaN
-  at::Tensor lse_pos = at::empty({N}, opts), lse_neg = at::empty({N}, opts);
-  A* lp = lse_pos.data_ptr<A>();
-  A* ln = lse_neg.data_ptr<A>();
-  for (int64_t i = 0; i < N; ++i) {
-    const A a = st.sump[i], b = st.sumn[i];
-    lp[i] = (a != a) ? a : (a > A(0) ? st.maxp[i] + std::log(a) : ninf<A>());
-    ln[i] = (b != b) ? b : (b > A(0) ? st.maxn[i] + std::log(b) : ninf<A>());
-  }
-  return {lse_pos, lse_neg, cntp, cntn, minpos, maxneg};
+  t.row0 = r0;
+  t.col0 = c0;
+  return t;
 }
 
-// ---- backward ----------------------------------------------------------------------------------
-template <typename A, bool W, bool MINE>
-std::vector<at::Tensor> backward_impl(const Operands& o, const fpl::PairLoss<A>& L, bool exclude_diag,
-                                      const at::Tensor& glp, const at::Tensor& gln, const at::Tensor& lsep,
-                                      const at::Tensor& lsen, const at::Tensor& minpos,
-                                      const at::Tensor& maxneg) {
-  const auto A_t = c10::CppTypeToScalarType<A>::value;
-  const auto opts = o.q.options().dtype(A_t);
-  const int64_t N = o.N, D = o.D;
-  RowState<A> st{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                 const_cast<A*>(minpos.data_ptr<A>()), const_cast<A*>(maxneg.data_ptr<A>()),
-                 glp.data_ptr<A>(), gln.data_ptr<A>(), lsep.data_ptr<A>(), lsen.data_ptr<A>()};
-  const Params<A, W> P = make_params<A, W>(L);
-  const int32_t* lq = o.lab_q.data_ptr<int32_t>();
-  const bool par = parallel_work(o.N, o.M, o.D);
-  at::Tensor dq = at::zeros({N, D}, opts);
+// S tile q_I r_J^T into S (row stride ld)
+template <typename T>
+void s_tile(const Operands<T>& o, int64_t i0, int ti, int64_t j0, int tj, T* S, int64_t ld) {
+  const int64_t nr = o.K->nr;
+  o.K->gemm_nt(o.q.template data_ptr<T>() + i0 * o.Dp, o.Dp,
+               o.panels.template data_ptr<T>() + (j0 / nr) * o.D * nr, ti, tj, o.D, S, ld);
+}
+
+// ---- row state --------------------------------------------------------------------------------
+template <typename T>
+struct State {
+  Tensor lse_max, lse_sum, sum, count, nonzero, min_pos, max_neg, ntx, ntx_dlse;
+  PairRowState<T> view{};
+  explicit State(int64_t N, const at::TensorOptions& opts) {
+    lse_max = at::full({2, N}, -std::numeric_limits<T>::infinity(), opts);
+    lse_sum = at::zeros({2, N}, opts);
+    sum = at::zeros({2, N}, opts);
+    count = at::zeros({2, N}, opts.dtype(at::kInt));
+    nonzero = at::zeros({2, N}, opts.dtype(at::kInt));
+    min_pos = at::full({N}, std::numeric_limits<T>::infinity(), opts);
+    max_neg = at::full({N}, -std::numeric_limits<T>::infinity(), opts);
+    ntx = at::zeros({N}, opts);
+    ntx_dlse = at::zeros({N}, opts);
+    for (int s = 0; s < 2; ++s) {
+      view.lse_max[s] = lse_max[s].template data_ptr<T>();
+      view.lse_sum[s] = lse_sum[s].template data_ptr<T>();
+      view.sum[s] = sum[s].template data_ptr<T>();
+      view.count[s] = count[s].template data_ptr<int32_t>();
+      view.nonzero[s] = nonzero[s].template data_ptr<int32_t>();
+    }
+    view.min_pos = min_pos.template data_ptr<T>();
+    view.max_neg = max_neg.template data_ptr<T>();
+    view.ntx = ntx.template data_ptr<T>();
+    view.ntx_dlse = ntx_dlse.template data_ptr<T>();
+  }
+};
+
+// lse = max + log(sum); empty set (sum 0) -> -inf; NaN stays NaN
+template <typename T>
+void finish_lse(const T* mx, const T* sm, T* out, int64_t N) {
+  for (int64_t i = 0; i < N; ++i) {
+    const T a = sm[i];
+    out[i] = (a != a) ? a : (a > T(0) ? mx[i] + std::log(a) : -std::numeric_limits<T>::infinity());
+  }
+}
+
+// ---- walks over the positive pairs (label-sorted copies) --------------------------------------
+template <typename T>
+struct Sorted {
+  Tensor q, r;            // rows in label order (r == q in self mode), (., Dp)
+  Tensor perm_q, perm_r;  // int64: sorted position -> global index
+  Tensor lab_q, lab_r, excl_q, norm_q, norm_r;
+  std::vector<int64_t> col_begin, col_end;  // per label id: its columns in sorted r
+};
+
+template <typename T>
+Sorted<T> sort_by_label(const Operands<T>& o) {
+  Sorted<T> s;
+  auto sorted_perm = [](const Tensor& lab) {
+    return std::get<1>(at::sort(lab.to(at::kLong), /*stable=*/true, /*dim=*/0, /*descending=*/false));
+  };
+  s.perm_q = sorted_perm(o.lab_q).contiguous();
+  s.q = o.q.index_select(0, s.perm_q).contiguous();
+  s.lab_q = o.lab_q.index_select(0, s.perm_q).contiguous();
+  s.excl_q = o.excl.index_select(0, s.perm_q).contiguous();
+  if (o.self) {
+    s.perm_r = s.perm_q;
+    s.r = s.q;
+    s.lab_r = s.lab_q;
+  } else {
+    s.perm_r = sorted_perm(o.lab_r).contiguous();
+    s.r = o.r.index_select(0, s.perm_r).contiguous();
+    s.lab_r = o.lab_r.index_select(0, s.perm_r).contiguous();
+  }
+  if (o.norm_q.defined()) {
+    s.norm_q = o.norm_q.index_select(0, s.perm_q).contiguous();
+    s.norm_r = o.self ? s.norm_q : o.norm_r.index_select(0, s.perm_r).contiguous();
+  }
+  // columns of label l in sorted r: [first label >= l, first label > l) (empty if r has none)
+  s.col_begin.assign(o.num_labels, o.M);
+  s.col_end.assign(o.num_labels, o.M);
+  const int32_t* lr = s.lab_r.template data_ptr<int32_t>();
+  int64_t j = 0;
+  for (int64_t l = 0; l < o.num_labels; ++l) {
+    while (j < o.M && lr[j] < l) ++j;
+    s.col_begin[l] = j;
+    while (j < o.M && lr[j] <= l) ++j;
+    s.col_end[l] = j;
+  }
+  return s;
+}
+
+template <typename T>
+void positive_walk(const Operands<T>& o, const Sorted<T>& s, const PairSpec<T>& spec,
+                   const PairRowState<T>& st, int pass, bool par) {
+  const int64_t N = o.N, nb = (N + kBandRows - 1) / kBandRows;
+  const int32_t* lq = s.lab_q.template data_ptr<int32_t>();
+  tile_parallel(nb, par, [&] {
+    return std::pair<std::vector<T>, std::vector<T>>(
+        std::vector<T>(kBandRows * kBandCols), std::vector<T>(round_up(kBandCols, 32) * o.D));
+  }, [&](int64_t b, std::pair<std::vector<T>, std::vector<T>>& sc) {
+    const int64_t i0 = b * kBandRows, ti = std::min(kBandRows, N - i0);
+    const int64_t c_lo = s.col_begin[lq[i0]], c_hi = s.col_end[lq[i0 + ti - 1]];
+    for (int64_t c0 = c_lo; c0 < c_hi; c0 += kBandCols) {
+      const int64_t tc = std::min(kBandCols, c_hi - c0);
+      o.K->pack_panels(s.r.template data_ptr<T>() + c0 * o.Dp, o.Dp, tc, o.D, sc.second.data());
+      o.K->gemm_nt(s.q.template data_ptr<T>() + i0 * o.Dp, o.Dp, sc.second.data(), ti, tc, o.D,
+                   sc.first.data(), kBandCols);
+      PairTile<T> t{};
+      t.S = sc.first.data();
+      t.ld = kBandCols;
+      t.rows = static_cast<int>(ti);
+      t.cols = static_cast<int>(tc);
+      t.lab_r = lq + i0;
+      t.lab_c = s.lab_r.template data_ptr<int32_t>() + c0;
+      t.excl_r = s.excl_q.template data_ptr<int64_t>() + i0;
+      if (s.norm_q.defined()) {
+        t.norm_r = s.norm_q.template data_ptr<T>() + i0;
+        t.norm_c = s.norm_r.template data_ptr<T>() + c0;
+      }
+      t.row_index = s.perm_q.template data_ptr<int64_t>() + i0;
+      t.col_index = s.perm_r.template data_ptr<int64_t>() + c0;
+      o.K->pair_positives(spec, t, st, pass);
+    }
+  });
+}
+
+// ---- forward -----------------------------------------------------------------------------------
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor> forward_impl(const Operands<T>& o, const PairSpec<T>& spec) {
+  const auto opts = o.q.options();
+  const int64_t N = o.N, M = o.M;
+  State<T> state(N, opts);
+  PairRowState<T>& st = state.view;
+  const bool par = parallel_work(N, M, o.D);
+  const bool defer = spec.defer_positives();
+  Sorted<T> sorted;
+  if (defer && N > 0 && M > 0) sorted = sort_by_label(o);
+  if (spec.mine && N > 0 && M > 0) positive_walk(o, sorted, spec, st, /*pass=*/0, par);
 
   if (o.self) {
-    const int64_t T = tile_size(N), nb = (N + T - 1) / T;
-    const auto rounds = self_schedule(nb);
-    for (const auto& round : rounds) {
-      tile_parallel(static_cast<int64_t>(round.size()), par, [&] { return Scratch<A>(T); }, [&](int64_t k, Scratch<A>& sc) {
-        {
-          const int64_t I = round[k].first, J = round[k].second;
-          const int64_t i0 = I * T, j0 = J * T;
-          const int ti = static_cast<int>(std::min(T, N - i0)), tj = static_cast<int>(std::min(T, N - j0));
-          const at::Tensor qi = o.q.narrow(0, i0, ti), qj = o.q.narrow(0, j0, tj);
-          tile_mm<A>(sc.S.data(), qi, qj);
-          const Tile<A> t1{sc.S.data(), tj, ti, tj, lq + i0, lq + j0, i0, j0, true};
-          if (I == J) {
-            symmetrize_from_upper(sc.S.data(), ti);
-            Kernels<A>::template grad<W, MINE>(t1, P, st, sc.G1.data(), tj, sc.cb.data());
-            sym_add_self(sc.G1.data(), ti);
-            dq.narrow(0, i0, ti).addmm_(blob(sc.G1.data(), ti, ti), qi);
-          } else {
-            Kernels<A>::template grad<W, MINE>(t1, P, st, sc.G1.data(), tj, sc.cb.data());
-            transpose(sc.S.data(), ti, tj, sc.St.data());
-            const Tile<A> t2{sc.St.data(), ti, tj, ti, lq + j0, lq + i0, j0, i0, true};
-            Kernels<A>::template grad<W, MINE>(t2, P, st, sc.G2.data(), ti, sc.cb.data());
-            add_transposed(sc.G1.data(), sc.G2.data(), ti, tj);  // H = G_IJ + G_JI^T
-            const at::Tensor H = blob(sc.G1.data(), ti, tj);
-            dq.narrow(0, i0, ti).addmm_(H, qj);
-            dq.narrow(0, j0, tj).addmm_(H.t(), qi);
-          }
+    const int64_t T_ = tile_size(N), nb = (N + T_ - 1) / T_;
+    for (const auto& round : self_schedule(nb)) {
+      tile_parallel(static_cast<int64_t>(round.size()), par, [&] { return Scratch<T>(T_, T_); },
+                    [&](int64_t k, Scratch<T>& sc) {
+        const int64_t I = round[k].first, J = round[k].second, i0 = I * T_, j0 = J * T_;
+        const int ti = static_cast<int>(std::min(T_, N - i0)), tj = static_cast<int>(std::min(T_, N - j0));
+        const int64_t ld = round_up(tj, 32), ldt = round_up(ti, 32);
+        s_tile(o, i0, ti, j0, tj, sc.S.data(), ld);
+        o.K->pair_forward(spec, make_tile(o, sc.S.data(), ld, i0, ti, j0, tj, false), st, sc.buf.data());
+        if (I != J) {
+          transpose(sc.S.data(), ti, tj, ld, sc.St.data(), ldt);
+          o.K->pair_forward(spec, make_tile(o, sc.St.data(), ldt, i0, ti, j0, tj, true), st, sc.buf.data());
         }
       });
     }
-    return {dq, at::Tensor()};
-  }
-
-  const int64_t M = o.M;
-  const int64_t TI = tile_size(N), TJ = tile_size(M), nbi = (N + TI - 1) / TI, nbj = (M + TJ - 1) / TJ;
-  const int32_t* lr = o.lab_r.data_ptr<int32_t>();
-  at::Tensor dr = at::zeros({M, D}, opts);
-  // row pass: dq_I = sum_J G_IJ r_J
-  tile_parallel(nbi, par, [&] { return Scratch<A>(std::max(TI, TJ)); }, [&](int64_t I, Scratch<A>& sc) {
-    {
+  } else {
+    const int64_t TI = tile_size(N), TJ = tile_size(M), nbi = (N + TI - 1) / TI, nbj = (M + TJ - 1) / TJ;
+    tile_parallel(nbi, par, [&] { return Scratch<T>(TI, TJ); }, [&](int64_t I, Scratch<T>& sc) {
       const int64_t i0 = I * TI;
       const int ti = static_cast<int>(std::min(TI, N - i0));
-      const at::Tensor qi = o.q.narrow(0, i0, ti);
-      at::Tensor dqi = dq.narrow(0, i0, ti);
       for (int64_t J = 0; J < nbj; ++J) {
         const int64_t j0 = J * TJ;
         const int tj = static_cast<int>(std::min(TJ, M - j0));
-        const at::Tensor rj = o.r.narrow(0, j0, tj);
-        tile_mm<A>(sc.S.data(), qi, rj);
-        const Tile<A> t{sc.S.data(), tj, ti, tj, lq + i0, lr + j0, i0, j0, exclude_diag};
-        Kernels<A>::template grad<W, MINE>(t, P, st, sc.G1.data(), tj, sc.cb.data());
-        dqi.addmm_(blob(sc.G1.data(), ti, tj), rj);
+        const int64_t ld = round_up(tj, 32);
+        s_tile(o, i0, ti, j0, tj, sc.S.data(), ld);
+        o.K->pair_forward(spec, make_tile(o, sc.S.data(), ld, i0, ti, j0, tj, false), st, sc.buf.data());
       }
+    });
+  }
+
+  Tensor values = at::zeros({kNumPairValues, N}, opts);
+  T* lse_pos = values[kLsePos].template data_ptr<T>();
+  T* lse_neg = values[kLseNeg].template data_ptr<T>();
+  finish_lse(st.lse_max[1], st.lse_sum[1], lse_neg, N);
+  if (defer && N > 0 && M > 0) {
+    st.lse[1] = lse_neg;  // NTXent's pair terms need the final lse_neg
+    positive_walk(o, sorted, spec, st, /*pass=*/1, par);
+  }
+  finish_lse(st.lse_max[0], st.lse_sum[0], lse_pos, N);
+  values[kSumPos].copy_(state.sum[0]);
+  values[kSumNeg].copy_(state.sum[1]);
+  values[kPosVsNeg].copy_(state.ntx);
+  Tensor counts = at::stack({state.count[0], state.count[1], state.nonzero[0], state.nonzero[1]});
+  Tensor aux = at::stack({state.min_pos, state.max_neg, state.ntx_dlse});
+  return {values, counts, aux};
+}
+
+// ---- backward ----------------------------------------------------------------------------------
+template <typename T>
+std::tuple<Tensor, Tensor> backward_impl(const Operands<T>& o, const PairSpec<T>& spec,
+                                         const Tensor& grad_values, const Tensor& values,
+                                         const Tensor& aux, bool need_grad_r) {
+  const auto opts = o.q.options();
+  const int64_t N = o.N, M = o.M, Dp = o.Dp;
+  // NTXent: d(pair terms)/d(lse_neg) joins the gradient of lse_neg
+  const Tensor g_lse_neg = grad_values[kLseNeg] + grad_values[kPosVsNeg] * aux[kPosVsNegDLse];
+  const Tensor gv = grad_values.contiguous();
+  PairRowState<T> st{};
+  st.g_lse[0] = gv[kLsePos].template data_ptr<T>();
+  st.g_lse[1] = g_lse_neg.template data_ptr<T>();
+  st.g_sum[0] = gv[kSumPos].template data_ptr<T>();
+  st.g_sum[1] = gv[kSumNeg].template data_ptr<T>();
+  st.g_ntx = gv[kPosVsNeg].template data_ptr<T>();
+  st.lse[0] = values[kLsePos].template data_ptr<T>();
+  st.lse[1] = values[kLseNeg].template data_ptr<T>();
+  st.min_pos = const_cast<T*>(aux[kMinPos].template data_ptr<T>());
+  st.max_neg = const_cast<T*>(aux[kMaxNeg].template data_ptr<T>());
+  const bool par = parallel_work(N, M, o.D);
+  Tensor dq = at::zeros({N, Dp}, opts);
+  T* dqp = dq.template data_ptr<T>();
+  const T* qp = o.q.template data_ptr<T>();
+  const bool lp = spec.lp_distance;
+  std::vector<T> gsum_q(lp ? N : 0, T(0));  // row sums of G (lp: the norms' share of the gradient)
+
+  if (o.self) {
+    const int64_t T_ = tile_size(N), nb = (N + T_ - 1) / T_;
+    for (const auto& round : self_schedule(nb)) {
+      tile_parallel(static_cast<int64_t>(round.size()), par, [&] { return Scratch<T>(T_, T_); },
+                    [&](int64_t k, Scratch<T>& sc) {
+        const int64_t I = round[k].first, J = round[k].second, i0 = I * T_, j0 = J * T_;
+        const int ti = static_cast<int>(std::min(T_, N - i0)), tj = static_cast<int>(std::min(T_, N - j0));
+        const int64_t ld = round_up(tj, 32), ldt = round_up(ti, 32);
+        s_tile(o, i0, ti, j0, tj, sc.S.data(), ld);
+        o.K->pair_backward(spec, make_tile(o, sc.S.data(), ld, i0, ti, j0, tj, false), st, sc.G1.data(), ld,
+                           sc.buf.data());
+        if (I == J) {
+          sym_add_self(sc.G1.data(), ld, ti);
+          o.K->gemm_nn_acc(sc.G1.data(), ld, qp + i0 * Dp, Dp, ti, Dp, ti, dqp + i0 * Dp, Dp);
+          if (lp) add_row_sums(sc.G1.data(), ld, ti, ti, gsum_q.data() + i0);
+          return;
+        }
+        transpose(sc.S.data(), ti, tj, ld, sc.St.data(), ldt);
+        o.K->pair_backward(spec, make_tile(o, sc.St.data(), ldt, i0, ti, j0, tj, true), st, sc.G2.data(), ldt,
+                           sc.buf.data());
+        add_transposed(sc.G1.data(), ld, sc.G2.data(), ldt, ti, tj);  // H = G_IJ + G_JI^T
+        o.K->gemm_nn_acc(sc.G1.data(), ld, qp + j0 * Dp, Dp, ti, Dp, tj, dqp + i0 * Dp, Dp);
+        o.K->gemm_tn_acc(sc.G1.data(), ld, qp + i0 * Dp, Dp, tj, Dp, ti, dqp + j0 * Dp, Dp);
+        if (lp) {
+          add_row_sums(sc.G1.data(), ld, ti, tj, gsum_q.data() + i0);
+          add_col_sums(sc.G1.data(), ld, ti, tj, gsum_q.data() + j0);
+        }
+      });
     }
-  });
-  // column pass: dr_J = sum_I G_IJ^T q_I, the same tiles q_I r_J^T recomputed
-  tile_parallel(nbj, par, [&] { return Scratch<A>(std::max(TI, TJ)); }, [&](int64_t J, Scratch<A>& sc) {
-    {
+    if (lp) add_norm_gradient(dqp, qp, gsum_q.data(), N, Dp);
+    return {dq.narrow(1, 0, o.D), Tensor()};
+  }
+
+  const int64_t TI = tile_size(N), TJ = tile_size(M), nbi = (N + TI - 1) / TI, nbj = (M + TJ - 1) / TJ;
+  const T* rp = o.r.template data_ptr<T>();
+  // row pass: dq_I = sum_J G_IJ r_J
+  tile_parallel(nbi, par, [&] { return Scratch<T>(TI, TJ); }, [&](int64_t I, Scratch<T>& sc) {
+    const int64_t i0 = I * TI;
+    const int ti = static_cast<int>(std::min(TI, N - i0));
+    for (int64_t J = 0; J < nbj; ++J) {
       const int64_t j0 = J * TJ;
       const int tj = static_cast<int>(std::min(TJ, M - j0));
-      const at::Tensor rj = o.r.narrow(0, j0, tj);
-      at::Tensor drj = dr.narrow(0, j0, tj);
-      for (int64_t I = 0; I < nbi; ++I) {
-        const int64_t i0 = I * TI;
-        const int ti = static_cast<int>(std::min(TI, N - i0));
-        const at::Tensor qi = o.q.narrow(0, i0, ti);
-        tile_mm<A>(sc.S.data(), qi, rj);
-        const Tile<A> t{sc.S.data(), tj, ti, tj, lq + i0, lr + j0, i0, j0, exclude_diag};
-        Kernels<A>::template grad<W, MINE>(t, P, st, sc.G1.data(), tj, sc.cb.data());
-        drj.addmm_(blob(sc.G1.data(), ti, tj).t(), qi);
-      }
+      const int64_t ld = round_up(tj, 32);
+      s_tile(o, i0, ti, j0, tj, sc.S.data(), ld);
+      o.K->pair_backward(spec, make_tile(o, sc.S.data(), ld, i0, ti, j0, tj, false), st, sc.G1.data(), ld,
+                         sc.buf.data());
+      o.K->gemm_nn_acc(sc.G1.data(), ld, rp + j0 * Dp, Dp, ti, Dp, tj, dqp + i0 * Dp, Dp);
+      if (lp) add_row_sums(sc.G1.data(), ld, ti, tj, gsum_q.data() + i0);
     }
   });
-  return {dq, dr};
+  if (lp) add_norm_gradient(dqp, qp, gsum_q.data(), N, Dp);
+  if (!need_grad_r) return {dq.narrow(1, 0, o.D), Tensor()};
+  // column pass: dr_J = sum_I G_IJ^T q_I, the same tiles q_I r_J^T recomputed
+  Tensor dr = at::zeros({M, Dp}, opts);
+  T* drp = dr.template data_ptr<T>();
+  std::vector<T> gsum_r(lp ? M : 0, T(0));
+  tile_parallel(nbj, par, [&] { return Scratch<T>(TI, TJ); }, [&](int64_t J, Scratch<T>& sc) {
+    const int64_t j0 = J * TJ;
+    const int tj = static_cast<int>(std::min(TJ, M - j0));
+    const int64_t ld = round_up(tj, 32);
+    for (int64_t I = 0; I < nbi; ++I) {
+      const int64_t i0 = I * TI;
+      const int ti = static_cast<int>(std::min(TI, N - i0));
+      s_tile(o, i0, ti, j0, tj, sc.S.data(), ld);
+      o.K->pair_backward(spec, make_tile(o, sc.S.data(), ld, i0, ti, j0, tj, false), st, sc.G1.data(), ld,
+                         sc.buf.data());
+      o.K->gemm_tn_acc(sc.G1.data(), ld, qp + i0 * Dp, Dp, tj, Dp, ti, drp + j0 * Dp, Dp);
+      if (lp) add_col_sums(sc.G1.data(), ld, ti, tj, gsum_r.data() + j0);
+    }
+  });
+  if (lp) add_norm_gradient(drp, rp, gsum_r.data(), M, Dp);
+  return {dq.narrow(1, 0, o.D), dr.narrow(1, 0, o.D)};
 }
 
-void check_kind(int64_t kind) {
-  TORCH_CHECK(kind == fpl::kMultiSimilarity || kind == fpl::kCircle,
-              "pair_engine: unknown kind ", kind, " (0 = Multi-Similarity, 1 = Circle)");
-}
-
-template <typename A, typename F>
-auto dispatch_flags(int64_t kind, bool mine, F&& f) {
-  const bool W = kind == fpl::kCircle;
-  if (W && mine) return f(std::integral_constant<bool, true>{}, std::integral_constant<bool, true>{});
-  if (W) return f(std::integral_constant<bool, true>{}, std::integral_constant<bool, false>{});
-  if (mine) return f(std::integral_constant<bool, false>{}, std::integral_constant<bool, true>{});
-  return f(std::integral_constant<bool, false>{}, std::integral_constant<bool, false>{});
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_engine_forward_cpu(
-    const at::Tensor& q, const std::optional<at::Tensor>& r, const at::Tensor& labels_q,
-    const std::optional<at::Tensor>& labels_r, bool exclude_diag, int64_t kind, double p0, double p1,
-    double p2, bool mine, double miner_eps) {
-  check_kind(kind);
-  const Operands o = prepare(q, r, labels_q, labels_r);
-  if (o.self) exclude_diag = true;
-  std::vector<at::Tensor> out;
-  if (o.q.scalar_type() == at::kDouble) {
-    const auto L = fpl::make_pair_loss<double>(kind, p0, p1, p2, mine, miner_eps);
-    out = dispatch_flags<double>(kind, mine, [&](auto W, auto MINE) {
-      return forward_impl<double, decltype(W)::value, decltype(MINE)::value>(o, L, exclude_diag);
-    });
+// ---- op entry points ---------------------------------------------------------------------------
+void check_inputs(const Tensor& q, const std::optional<Tensor>& r, const Tensor& labels_q,
+                  const std::optional<Tensor>& labels_r, const std::optional<Tensor>& exclude_col,
+                  c10::ArrayRef<double> terms, int64_t flags) {
+  const std::string bad = check_pair_spec(static_cast<int64_t>(terms.size()), flags);
+  TORCH_CHECK(bad.empty(), "pair_engine: invalid loss declaration: ", bad);
+  TORCH_CHECK(q.device().is_cpu(), "pair_engine (cpu): q must be a CPU tensor, got ", q.device());
+  TORCH_CHECK(q.dim() == 2, "pair_engine: q must be 2-D (N, D), got shape ", q.sizes());
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()), "pair_engine: q must be floating point, got ", q.scalar_type());
+  TORCH_CHECK(labels_q.dim() == 1 && labels_q.size(0) == q.size(0), "pair_engine: labels_q must have shape (",
+              q.size(0), ",), got ", labels_q.sizes());
+  TORCH_CHECK(r.has_value() == labels_r.has_value(), "pair_engine: r and labels_r go together");
+  if (r.has_value()) {
+    TORCH_CHECK(r->device().is_cpu(), "pair_engine (cpu): r must be a CPU tensor, got ", r->device());
+    TORCH_CHECK(r->dim() == 2 && r->size(1) == q.size(1), "pair_engine: r must have shape (M, ", q.size(1),
+                "), got ", r->sizes());
+    TORCH_CHECK(r->scalar_type() == q.scalar_type(), "pair_engine: q and r must have the same dtype");
+    TORCH_CHECK(labels_r->dim() == 1 && labels_r->size(0) == r->size(0), "pair_engine: labels_r must have shape (",
+                r->size(0), ",), got ", labels_r->sizes());
   } else {
-    const auto L = fpl::make_pair_loss<float>(kind, p0, p1, p2, mine, miner_eps);
-    out = dispatch_flags<float>(kind, mine, [&](auto W, auto MINE) {
-      return forward_impl<float, decltype(W)::value, decltype(MINE)::value>(o, L, exclude_diag);
-    });
+    TORCH_CHECK(!exclude_col.has_value(), "pair_engine: exclude_col is implied (the diagonal) in self mode");
   }
-  return {out[0], out[1], out[2], out[3], out[4], out[5]};
+  if (exclude_col.has_value()) {
+    TORCH_CHECK(exclude_col->dim() == 1 && exclude_col->size(0) == q.size(0) &&
+                    exclude_col->scalar_type() == at::kLong,
+                "pair_engine: exclude_col must be int64 of shape (", q.size(0), ",), got ",
+                exclude_col->scalar_type(), " ", exclude_col->sizes());
+    if (exclude_col->numel() > 0) {
+      const int64_t lo = exclude_col->min().item<int64_t>(), hi = exclude_col->max().item<int64_t>();
+      TORCH_CHECK(lo >= -1 && hi < r->size(0), "pair_engine: exclude_col values must lie in [-1, ",
+                  r->size(0), "), got [", lo, ", ", hi, "]");
+    }
+  }
 }
 
-std::tuple<at::Tensor, at::Tensor> pair_engine_backward_cpu(
-    const at::Tensor& grad_lse_pos, const at::Tensor& grad_lse_neg, const at::Tensor& q,
-    const std::optional<at::Tensor>& r, const at::Tensor& labels_q, const std::optional<at::Tensor>& labels_r,
-    const at::Tensor& lse_pos, const at::Tensor& lse_neg, const at::Tensor& min_pos, const at::Tensor& max_neg,
-    bool exclude_diag, int64_t kind, double p0, double p1, double p2, bool mine, double miner_eps) {
-  check_kind(kind);
-  const Operands o = prepare(q, r, labels_q, labels_r);
-  if (o.self) exclude_diag = true;
+std::tuple<Tensor, Tensor, Tensor> pair_engine_forward_cpu(
+    const Tensor& q, const std::optional<Tensor>& r, const Tensor& labels_q,
+    const std::optional<Tensor>& labels_r, const std::optional<Tensor>& exclude_col,
+    c10::ArrayRef<double> terms, int64_t flags) {
+  check_inputs(q, r, labels_q, labels_r, exclude_col, terms, flags);
+  if (compute_dtype(q) == at::kDouble) {
+    const auto spec = decode_pair_spec<double>(terms.data(), flags);
+    return forward_impl(prepare(q, r, labels_q, labels_r, exclude_col, spec), spec);
+  }
+  const auto spec = decode_pair_spec<float>(terms.data(), flags);
+  return forward_impl(prepare(q, r, labels_q, labels_r, exclude_col, spec), spec);
+}
+
+std::tuple<Tensor, Tensor> pair_engine_backward_cpu(
+    const Tensor& grad_values, const Tensor& q, const std::optional<Tensor>& r, const Tensor& labels_q,
+    const std::optional<Tensor>& labels_r, const std::optional<Tensor>& exclude_col, const Tensor& values,
+    const Tensor& aux, c10::ArrayRef<double> terms, int64_t flags, bool need_grad_r) {
+  check_inputs(q, r, labels_q, labels_r, exclude_col, terms, flags);
+  const int64_t N = q.size(0);
   const auto A = compute_dtype(q);
-  auto row = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == o.N, "pair_engine_backward: ", name, " must have shape (",
-                o.N, ",), got ", t.sizes());
+  auto stats = [&](const Tensor& t, int64_t rows, const char* name) {
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == N, "pair_engine_backward: ", name,
+                " must have shape (", rows, ", ", N, "), got ", t.sizes());
     return t.to(A).contiguous();
   };
-  const at::Tensor glp = row(grad_lse_pos, "grad_lse_pos"), gln = row(grad_lse_neg, "grad_lse_neg");
-  const at::Tensor lsp = row(lse_pos, "lse_pos"), lsn = row(lse_neg, "lse_neg");
-  const at::Tensor mnp = row(min_pos, "min_pos"), mxn = row(max_neg, "max_neg");
-  std::vector<at::Tensor> out;
+  const Tensor gv = stats(grad_values, kNumPairValues, "grad_values");
+  const Tensor vals = stats(values, kNumPairValues, "values");
+  const Tensor ax = stats(aux, kNumPairAux, "aux");
+  std::tuple<Tensor, Tensor> out;
   if (A == at::kDouble) {
-    const auto L = fpl::make_pair_loss<double>(kind, p0, p1, p2, mine, miner_eps);
-    out = dispatch_flags<double>(kind, mine, [&](auto W, auto MINE) {
-      return backward_impl<double, decltype(W)::value, decltype(MINE)::value>(o, L, exclude_diag, glp, gln,
-                                                                              lsp, lsn, mnp, mxn);
-    });
+    const auto spec = decode_pair_spec<double>(terms.data(), flags);
+    out = backward_impl(prepare(q, r, labels_q, labels_r, exclude_col, spec), spec, gv, vals, ax, need_grad_r);
   } else {
-    const auto L = fpl::make_pair_loss<float>(kind, p0, p1, p2, mine, miner_eps);
-    out = dispatch_flags<float>(kind, mine, [&](auto W, auto MINE) {
-      return backward_impl<float, decltype(W)::value, decltype(MINE)::value>(o, L, exclude_diag, glp, gln,
-                                                                             lsp, lsn, mnp, mxn);
-    });
+    const auto spec = decode_pair_spec<float>(terms.data(), flags);
+    out = backward_impl(prepare(q, r, labels_q, labels_r, exclude_col, spec), spec, gv, vals, ax, need_grad_r);
   }
-  at::Tensor grad_q = out[0].to(q.scalar_type());
-  at::Tensor grad_r = o.self ? q.new_empty({0}) : out[1].to(r->scalar_type());
+  Tensor grad_q = std::get<0>(out).to(q.scalar_type()).contiguous();
+  Tensor grad_r = (r.has_value() && need_grad_r) ? std::get<1>(out).to(r->scalar_type()).contiguous()
+                                                 : q.new_empty({0});
   return {grad_q, grad_r};
 }
 
 }  // namespace
+}  // namespace cpu
+}  // namespace fpl
 
 TORCH_LIBRARY_IMPL(fused_pairloss, CPU, m) {
-  m.impl("pair_engine_forward", &pair_engine_forward_cpu);
-  m.impl("pair_engine_backward", &pair_engine_backward_cpu);
+  m.impl("pair_engine_forward", &fpl::cpu::pair_engine_forward_cpu);
+  m.impl("pair_engine_backward", &fpl::cpu::pair_engine_backward_cpu);
 }

@@ -1,12 +1,16 @@
-"""Small pieces shared by the loss plug-ins."""
+"""Pieces shared by the loss plug-ins: operands, PML's zero loss and few-pairs rule, and the
+batch reductions a loss's row combination is written in (so the distributed wrapper can run the
+same combination over rows spread across ranks)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from .engines import exclusion_for
+
 
 def normalize(x):
-    return F.normalize(x, p=2, dim=1)  # eps 1e-12 (SPEC §2), in the input dtype as PML
+    return F.normalize(x, p=2, dim=1)  # eps 1e-12 (docs/semantics.md), in the input dtype as PML
 
 
 def zero_loss(embeddings):
@@ -14,14 +18,46 @@ def zero_loss(embeddings):
     return torch.sum(embeddings * 0)
 
 
-def pair_operands(embeddings, labels, ref_emb, ref_labels):
-    """(q, r, labels_r, exclude_diag): r None means self mode (S symmetric). PML's identity rule:
-    self pairs are excluded iff ref_emb is None or `ref_labels is labels`."""
-    if ref_emb is None or (ref_emb is embeddings and ref_labels is labels):
-        return normalize(embeddings), None, None, True
-    return normalize(embeddings), normalize(ref_emb), ref_labels, ref_labels is labels
+def pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col=None):
+    """(q, r, labels_r, exclude_col) for the pair engine: r None means self mode (S symmetric, each
+    row's own column excluded). PML's identity rule: self pairs are excluded iff ref_emb is None or
+    `ref_labels is labels`; an explicit exclude_col (distributed rows, memory slots) overrides it."""
+    if exclude_col is None and (ref_emb is None or (ref_emb is embeddings and ref_labels is labels)):
+        return normalize(embeddings), None, None, None
+    if exclude_col is None and ref_labels is labels:
+        exclude_col = exclusion_for(embeddings.shape[0], embeddings.device)
+    return normalize(embeddings), normalize(ref_emb), ref_labels, exclude_col
 
 
-def too_few_pairs(count_pos, count_neg):
-    """PML GenericPairLoss quirk: <= 1 positive and <= 1 negative pair in the whole batch."""
-    return (count_pos.sum() <= 1) & (count_neg.sum() <= 1)
+class Batch:
+    """The batch a loss reduces its per-row values over. This one: the rows of this call. The
+    distributed wrapper substitutes one whose sums run over every rank's rows (parallel.py)."""
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of a per-row tensor over the batch (0-dim)."""
+        return x.sum()
+
+    def count(self, mask: torch.Tensor) -> torch.Tensor:
+        """Number of True rows over the batch (0-dim int64)."""
+        return mask.sum()
+
+    def rows(self, x: torch.Tensor) -> int:
+        """Number of rows of the batch (rows of x here)."""
+        return x.shape[0]
+
+    def mean(self, x):
+        return self.sum(x) / self.rows(x)
+
+    def mean_above_zero(self, x, zero):
+        """PML AvgNonZeroReducer: mean of the entries > 0, `zero` if there are none."""
+        above = x > 0
+        n = self.count(above)
+        mean = self.sum(torch.where(above, x, torch.zeros_like(x))) / n.clamp(min=1)
+        return torch.where(n > 0, mean.to(zero.dtype), zero)
+
+    def too_few_pairs(self, count_pos, count_neg):
+        """PML GenericPairLoss: at most one positive and one negative pair in the whole batch."""
+        return (self.sum(count_pos) <= 1) & (self.sum(count_neg) <= 1)
+
+
+LOCAL = Batch()

@@ -1,28 +1,35 @@
 """Circle loss, pair-wise labels (Sun et al., CVPR 2020; PML CircleLoss) on the pair engine.
 
-Plug-in: kind CIRCLE, logits pos = -gamma relu(1+m - sg(S)) (S - (1-m)),
-neg = gamma relu(sg(S) + m) (S - m) (csrc/common/pair_math.h).
-Row combination (SPEC §2): L_i = softplus(lse_pos_i + lse_neg_i) (0 when a set is empty: lse is
--inf there), loss = mean of the L_i > 0 (PML AvgNonZeroReducer), 0 if there are none.
+Declaration (docs/semantics.md): pos x = -gamma relu(1+m - sg(S)) (S - (1-m)), neg x = gamma
+relu(sg(S) + m) (S - m) (detached weights), both reduced by LSE.
+Row combination: L_i = softplus(lse_pos_i + lse_neg_i) (0 when a set is empty: lse is -inf there),
+loss = mean of the L_i > 0 (PML AvgNonZeroReducer), 0 if there are none; PML's few-pairs rule.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
-from . import _kinds, pair_engine
-from ._common import pair_operands, too_few_pairs, zero_loss
+from . import engines
+from ._common import LOCAL, pair_operands, zero_loss
+from .spec import PairLossSpec, PairTerm
 
 
-def circle_fused(embeddings, labels, ref_emb, ref_labels, *, m, gamma, backend):
-    q, r, labels_r, exclude_diag = pair_operands(embeddings, labels, ref_emb, ref_labels)
-    lse_pos, lse_neg, count_pos, count_neg, _, _ = pair_engine.row_stats(
-        q, r, labels, labels_r, exclude_diag=exclude_diag, kind=_kinds.CIRCLE,
-        params=(m, gamma, 0.0), mine=False, miner_eps=0.0, backend=backend)
-    rows = F.softplus(lse_pos + lse_neg)
-    above = rows > 0
-    n_above = above.sum()
-    mean_above = torch.where(above, rows, torch.zeros_like(rows)).sum() / n_above.clamp(min=1)
+def declaration(m, gamma):
+    # PML: -gamma * relu(op - S) * (S - delta_p), op = 1+m, delta_p = 1-m
+    pos = PairTerm(scale=-gamma, shift=1.0 - m, weight_offset=1.0 + m, weight_slope=-1.0, lse=True)
+    # PML:  gamma * relu(S - on) * (S - delta_n), on = -m, delta_n = m
+    neg = PairTerm(scale=gamma, shift=m, weight_offset=m, weight_slope=1.0, lse=True)
+    return PairLossSpec(pos=pos, neg=neg)
+
+
+def combine(st: engines.PairStats, embeddings, *, batch=LOCAL):
+    rows = F.softplus(st.lse_pos + st.lse_neg)
     zero = zero_loss(embeddings)
-    loss = torch.where(n_above > 0, mean_above.to(embeddings.dtype), zero)
-    return torch.where(too_few_pairs(count_pos, count_neg), zero, loss)
+    loss = batch.mean_above_zero(rows, zero)
+    return loss.where(~batch.too_few_pairs(st.count_pos, st.count_neg), zero)
+
+
+def circle_fused(embeddings, labels, ref_emb, ref_labels, *, m, gamma, backend, exclude_col=None):
+    q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
+    st = engines.pair_stats(q, r, labels, labels_r, excl, declaration(m, gamma), backend)
+    return combine(st, embeddings)

@@ -1,30 +1,44 @@
 """Multi-Similarity loss (Wang et al., CVPR 2019; PML MultiSimilarityLoss) on the pair engine.
 
-Plug-in: kind MULTI_SIMILARITY, logits pos = -alpha (S - base), neg = beta (S - base)
-(csrc/common/pair_math.h); optional MultiSimilarityMiner rule (mine=True, miner_eps).
-Row combination (SPEC §2): L_i = softplus(lse_pos_i) / alpha + softplus(lse_neg_i) / beta
-(PML's logsumexp with add_one), loss = mean over all rows.
+Declaration (docs/semantics.md): cosine: pos x = -alpha (S - base), neg x = beta (S - base); lp
+distance: pos x = alpha (d - base), neg x = -beta (d - base) (PML's distance.margin); both sets
+reduced by LSE; optionally PML's MultiSimilarityMiner(epsilon).
+Row combination: L_i = softplus(lse_pos_i) / alpha + softplus(lse_neg_i) / beta (PML's logsumexp
+with add_one), loss = mean over all rows; PML's few-pairs rule.
 """
 from __future__ import annotations
 
 import torch
 
-from . import _kinds, pair_engine
-from ._common import pair_operands, too_few_pairs, zero_loss
+from . import engines
+from ._common import LOCAL, pair_operands, zero_loss
+from .spec import PairLossSpec, PairTerm
 
 
-def multi_similarity_fused(embeddings, labels, ref_emb, ref_labels, *, alpha, beta, base,
-                           miner_epsilon, backend):
-    q, r, labels_r, exclude_diag = pair_operands(embeddings, labels, ref_emb, ref_labels)
-    lse_pos, lse_neg, count_pos, count_neg, _, _ = pair_engine.row_stats(
-        q, r, labels, labels_r, exclude_diag=exclude_diag, kind=_kinds.MULTI_SIMILARITY,
-        params=(alpha, beta, base), mine=miner_epsilon is not None,
-        miner_eps=0.0 if miner_epsilon is None else miner_epsilon, backend=backend)
+def declaration(alpha, beta, base, miner_epsilon=None, distance="cosine"):
+    sign = 1.0 if distance == "lp" else -1.0  # PML: margin(x, y) = y - x for a similarity
+    return PairLossSpec(pos=PairTerm(scale=sign * alpha, shift=base, lse=True),
+                        neg=PairTerm(scale=-sign * beta, shift=base, lse=True),
+                        distance=distance, miner_epsilon=miner_epsilon)
+
+
+def combine(st: engines.PairStats, embeddings, *, alpha, beta, mined, batch=LOCAL):
+    zero = torch.zeros_like(st.lse_pos)
     # softplus(x) = log(1 + e^x) = logaddexp(x, 0); exact at -inf (empty set -> 0)
-    zero = torch.zeros_like(lse_pos)
-    rows = torch.logaddexp(lse_pos, zero) / alpha + torch.logaddexp(lse_neg, zero) / beta
-    loss = rows.mean().to(embeddings.dtype)
-    loss = torch.where(too_few_pairs(count_pos, count_neg), zero_loss(embeddings), loss)
-    if miner_epsilon is not None:  # NaN in, NaN out also through the mining comparisons
-        loss = loss + zero_loss(embeddings) + (0 if ref_emb is None else zero_loss(ref_emb))
+    rows = torch.logaddexp(st.lse_pos, zero) / alpha + torch.logaddexp(st.lse_neg, zero) / beta
+    loss = batch.mean(rows).to(embeddings.dtype)
+    loss = torch.where(batch.too_few_pairs(st.count_pos, st.count_neg), zero_loss(embeddings), loss)
+    if mined:  # NaN in, NaN out also through the mining comparisons
+        loss = loss + zero_loss(embeddings)
+    return loss
+
+
+def multi_similarity_fused(embeddings, labels, ref_emb, ref_labels, *, alpha, beta, base, miner_epsilon,
+                           distance="cosine", backend, exclude_col=None):
+    q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
+    st = engines.pair_stats(q, r, labels, labels_r, excl,
+                            declaration(alpha, beta, base, miner_epsilon, distance), backend)
+    loss = combine(st, embeddings, alpha=alpha, beta=beta, mined=miner_epsilon is not None)
+    if miner_epsilon is not None and ref_emb is not None:
+        loss = loss + zero_loss(ref_emb)
     return loss

@@ -1,24 +1,32 @@
 """Circle loss with class-level labels (Sun et al., CVPR 2020, the unified formula with one
 positive per sample) on the class engine with K = 1.
 
-Plug-in: kind PROXY_CIRCLE: the engine returns lse_i = LSE_{c != y_i} gamma relu(sg(s_ic) + m)
-(s_ic - m) and sp_i = s_{i,y_i}. Row combination (SPEC §2):
-L_i = softplus(lse_i - gamma relu(1 + m - sg(sp_i)) (sp_i - (1 - m))), loss = mean over rows.
+Declaration: row term over the non-target classes: gamma relu(sg(s_ic) + m) (s_ic - m), LSE; the
+positive's logit -gamma relu(1 + m - sg(sp_i)) (sp_i - (1 - m)) is formed here from target_sim.
+Row combination (docs/semantics.md): L_i = softplus(lse_i + lp_i), loss = mean over rows.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from . import _kinds, class_engine
-from ._common import normalize
+from . import engines
+from ._common import LOCAL, normalize
+from .spec import ClassLossSpec, PairTerm
+
+
+def declaration(m, gamma):
+    return ClassLossSpec(row=PairTerm(scale=gamma, shift=m, weight_offset=m, weight_slope=1.0, lse=True))
+
+
+def combine(st: engines.ClassStats, embeddings, *, m, gamma, batch=LOCAL):
+    sp = st.target_sim
+    lp = -gamma * torch.relu(1 + m - sp.detach()) * (sp - (1 - m))
+    return batch.mean(F.softplus(st.lse_other + lp)).to(embeddings.dtype)
 
 
 def proxy_circle_fused(embeddings, labels, proxies, *, m, gamma, backend):
     q = normalize(embeddings)
     p = normalize(proxies.t())  # (C, D)
-    lse_neg, sp = class_engine.row_stats(q, p, labels, centers_per_class=1,
-                                         kind=_kinds.PROXY_CIRCLE, params=(m, gamma, 0.0),
-                                         backend=backend)
-    lp = -gamma * torch.relu(1 + m - sp.detach()) * (sp - (1 - m))
-    return F.softplus(lse_neg + lp).mean().to(embeddings.dtype)
+    st = engines.class_stats(q, p, labels, declaration(m, gamma), backend)
+    return combine(st, embeddings, m=m, gamma=gamma)

@@ -1,21 +1,27 @@
 """SoftTriple loss (Qian et al., ICCV 2019; PML SoftTripleLoss) on the class engine.
 
-Plug-in: kind SOFT_TRIPLE: S_ic = sum_k softmax_k(s_ick / gamma) s_ick over the K centers of
-class c, z_ic = la (S_ic - margin [c == y_i]); the engine returns lse_i = LSE_c z_ic and
-S_{i,y_i}. Row combination: cross-entropy L_i = lse_i - la (S_{i,y_i} - margin), mean over rows,
-plus center_reg_weight * PML's SparseCentersRegularizer computed per class block (C x K x K, never
-C*K x C*K).
+Declaration: S_ic = sum_k softmax_k(s_ick / gamma) s_ick over the K centers of class c (pooling),
+row term z = la S over the other classes (LSE); the target logit la (S_{i,y_i} - margin) is formed
+here from target_sim. Row combination: cross-entropy L_i = logaddexp(lse_i, z_i) - z_i, mean over
+rows, plus center_reg_weight * PML's SparseCentersRegularizer computed per class block
+(C x K x K, never C*K x C*K).
 """
 from __future__ import annotations
 
 import torch
 
-from . import _kinds, class_engine
-from ._common import normalize
+from . import engines
+from ._common import LOCAL, normalize
+from .spec import ClassLossSpec, PairTerm
+
+
+def declaration(centers_per_class, la, gamma):
+    return ClassLossSpec(row=PairTerm(scale=la, lse=True), centers_per_class=centers_per_class,
+                         pool_gamma=gamma if centers_per_class > 1 else None)
 
 
 def sparse_centers_regularizer_blockwise(centers, centers_per_class):
-    """PML SparseCentersRegularizer (SPEC §2) from per-class K x K blocks."""
+    """PML SparseCentersRegularizer (docs/semantics.md) from per-class K x K blocks."""
     K = centers_per_class
     w = normalize(centers.t())  # (C*K, D)
     C = w.shape[0] // K
@@ -28,14 +34,17 @@ def sparse_centers_regularizer_blockwise(centers, centers_per_class):
     return reg.sum() / (C * K * (K - 1))
 
 
+def combine(st: engines.ClassStats, embeddings, *, la, margin, batch=LOCAL):
+    z_target = la * (st.target_sim - margin)
+    return batch.mean(torch.logaddexp(st.lse_other, z_target) - z_target).to(embeddings.dtype)
+
+
 def soft_triple_fused(embeddings, labels, centers, *, centers_per_class, la, gamma, margin,
                       center_reg_weight, backend):
     q = normalize(embeddings)
     w = normalize(centers.t())  # (C*K, D), row c*K+k = center k of class c
-    lse, target_sim = class_engine.row_stats(
-        q, w, labels, centers_per_class=centers_per_class, kind=_kinds.SOFT_TRIPLE,
-        params=(la, gamma, margin), backend=backend)
-    loss = (lse - la * (target_sim - margin)).mean().to(embeddings.dtype)
+    st = engines.class_stats(q, w, labels, declaration(centers_per_class, la, gamma), backend)
+    loss = combine(st, embeddings, la=la, margin=margin)
     if center_reg_weight:
         loss = loss + center_reg_weight * sparse_centers_regularizer_blockwise(centers, centers_per_class)
     return loss

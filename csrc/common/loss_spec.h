@@ -1,0 +1,138 @@
+// The loss declaration as the fused ops receive it, decoded once per call.
+//
+// A loss is declared once, in Python (fused_pairloss/ops/spec.py: PairLossSpec, ClassLossSpec),
+// and packed into the ops' arguments `float[] terms, int flags`; this header is the one place that
+// reads that layout back into named fields. Every C++ backend (csrc/cpu, csrc/cuda) consumes these
+// structs; the per-element math on them is csrc/common/pair_terms.inl. No kernel knows which loss
+// it runs. The layout constants are mirrored in spec.py, and tests/test_ops_registration.py checks
+// that both sides agree (op `fused_pairloss::describe_spec`).
+//
+// No torch headers here: included from .cu files.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace fpl {
+
+// ---- pair engine (tiles of S = q r^T) -----------------------------------------------------------
+// Per-pair function of one set (positives or negatives), docs/design.md "pair terms":
+//   v = S_ij (cosine) or d_ij = sqrt(max(|q_i|^2 + |r_j|^2 - 2 S_ij, 0)) (PML LpDistance)
+//   x = (scale * w(v)) * (v - shift),  w(v) = relu(weight_offset + weight_slope * v), detached
+//   x = relu(x) if hinge
+// and the row reductions over the set's (kept) pairs: LSE of x, sum of x (+ count of x > 0).
+enum PairFlag : int64_t {
+  kPosLse = 1 << 0,
+  kPosSum = 1 << 1,
+  kPosHinge = 1 << 2,
+  kNegLse = 1 << 3,
+  kNegSum = 1 << 4,
+  kNegHinge = 1 << 5,
+  kLpDistance = 1 << 6,         // v = d_ij instead of S_ij
+  kMine = 1 << 7,               // MultiSimilarityMiner rule on u = S (cosine) or -d (lp)
+  kPosVsNegLse = 1 << 8,        // NTXent: per kept positive, -log(sigmoid(x - lse_neg_i) + tiny)
+  kExcludeAfterMining = 1 << 9  // the excluded column takes part in the mining thresholds
+};
+constexpr int64_t kPairFlagMask = (int64_t(1) << 10) - 1;
+
+// terms = [pos.scale, pos.shift, pos.weight_offset, pos.weight_slope,
+//          neg.scale, neg.shift, neg.weight_offset, neg.weight_slope, miner_epsilon]
+constexpr int kTermFloats = 4;
+constexpr int kPairTermsLength = 2 * kTermFloats + 1;
+
+// Row outputs of the forward op, one row of the returned [k, N] tensors per slot.
+enum PairValueSlot : int { kLsePos = 0, kLseNeg, kSumPos, kSumNeg, kPosVsNeg, kNumPairValues };
+enum PairCountSlot : int { kCountPos = 0, kCountNeg, kNonzeroPos, kNonzeroNeg, kNumPairCounts };
+// aux: mining thresholds over the unmined sets (u orientation), and d(PosVsNeg)/d(lse_neg)
+enum PairAuxSlot : int { kMinPos = 0, kMaxNeg, kPosVsNegDLse, kNumPairAux };
+
+template <typename T>
+struct PairTermParams {
+  T scale, shift, weight_offset, weight_slope;
+  bool lse, sum, hinge;
+};
+
+template <typename T>
+struct PairSpec {
+  PairTermParams<T> pos, neg;
+  bool lp_distance, mine, pos_vs_neg_lse, exclude_after_mining;
+  T miner_eps;
+  // positives whose reduction needs a statistic of the whole row first (the mining threshold
+  // max_neg, or lse_neg for NTXent) are reduced in a second walk over the positive pairs only
+  bool defer_positives() const { return mine || pos_vs_neg_lse; }
+};
+
+// Constants are rounded to T once, as torch rounds a Python float in `tensor op float`.
+template <typename T>
+PairTermParams<T> decode_term(const double* p, bool lse, bool sum, bool hinge) {
+  return PairTermParams<T>{T(p[0]), T(p[1]), T(p[2]), T(p[3]), lse, sum, hinge};
+}
+
+template <typename T>
+PairSpec<T> decode_pair_spec(const double* terms, int64_t flags) {
+  PairSpec<T> s;
+  s.pos = decode_term<T>(terms, flags & kPosLse, flags & kPosSum, flags & kPosHinge);
+  s.neg = decode_term<T>(terms + kTermFloats, flags & kNegLse, flags & kNegSum, flags & kNegHinge);
+  s.lp_distance = flags & kLpDistance;
+  s.mine = flags & kMine;
+  s.pos_vs_neg_lse = flags & kPosVsNegLse;
+  s.exclude_after_mining = flags & kExcludeAfterMining;
+  s.miner_eps = T(terms[2 * kTermFloats]);
+  return s;
+}
+
+// Empty string when (terms, flags) is a valid pair declaration, else what is wrong.
+inline std::string check_pair_spec(int64_t n_terms, int64_t flags) {
+  if (n_terms != kPairTermsLength)
+    return "terms must have " + std::to_string(kPairTermsLength) + " entries, got " +
+           std::to_string(n_terms);
+  if (flags & ~kPairFlagMask) return "unknown pair flag bits " + std::to_string(flags & ~kPairFlagMask);
+  if ((flags & kExcludeAfterMining) && !(flags & kMine)) return "exclude-after-mining needs mining";
+  return "";
+}
+
+// ---- class engine (tiles of whole classes of w) -------------------------------------------------
+// s_ick = q_i . w_ck; S_ic = s_ic (K = 1) or sum_k softmax_k(s_ick * pool_inv_gamma) s_ick
+// (SoftTriple); row term over the non-target classes c != y_i: x = (scale * w(S)) * (S - shift),
+// reduced by LSE; target_sim_i = S_{i,y_i}. Column terms (K = 1 only, ProxyAnchor): per class c,
+// LSE over the samples i with y_i == c of the pos term, and over y_i != c of the neg term.
+enum ClassFlag : int64_t { kRowLse = 1 << 0, kColPosLse = 1 << 1, kColNegLse = 1 << 2 };
+constexpr int64_t kClassFlagMask = (int64_t(1) << 3) - 1;
+
+// terms = [row.scale, row.shift, row.weight_offset, row.weight_slope,
+//          col_pos.scale, col_pos.shift, col_pos.weight_offset, col_pos.weight_slope,
+//          col_neg.scale, ..., pool_inv_gamma]
+constexpr int kClassTermsLength = 3 * kTermFloats + 1;
+
+enum ClassRowSlot : int { kRowLseOther = 0, kRowTargetSim, kNumClassRowValues };
+enum ClassColSlot : int { kColLsePos = 0, kColLseNeg, kNumClassColValues };
+
+template <typename T>
+struct ClassSpec {
+  PairTermParams<T> row, col_pos, col_neg;
+  T pool_inv_gamma;  // PML stores 1/gamma and multiplies
+  int64_t K;
+};
+
+template <typename T>
+ClassSpec<T> decode_class_spec(const double* terms, int64_t flags, int64_t K) {
+  ClassSpec<T> s;
+  s.row = decode_term<T>(terms, flags & kRowLse, false, false);
+  s.col_pos = decode_term<T>(terms + kTermFloats, flags & kColPosLse, false, false);
+  s.col_neg = decode_term<T>(terms + 2 * kTermFloats, flags & kColNegLse, false, false);
+  s.pool_inv_gamma = T(terms[3 * kTermFloats]);
+  s.K = K;
+  return s;
+}
+
+inline std::string check_class_spec(int64_t n_terms, int64_t flags, int64_t K) {
+  if (n_terms != kClassTermsLength)
+    return "terms must have " + std::to_string(kClassTermsLength) + " entries, got " +
+           std::to_string(n_terms);
+  if (flags & ~kClassFlagMask) return "unknown class flag bits " + std::to_string(flags & ~kClassFlagMask);
+  if (K < 1) return "centers_per_class must be >= 1, got " + std::to_string(K);
+  if ((flags & (kColPosLse | kColNegLse)) && K != 1) return "column reductions need centers_per_class = 1";
+  return "";
+}
+
+}  // namespace fpl

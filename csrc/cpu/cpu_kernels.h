@@ -1,0 +1,149 @@
+// Interface between the CPU engines' ATen glue (pair_engine_cpu.cpp, class_engine_cpu.cpp) and
+// their per-instruction-set kernels (kernels_isa.inc, compiled once per ISA by kernels_avx512.cpp,
+// kernels_avx2.cpp, kernels_base.cpp).
+//
+// The glue owns tensors, scheduling and threads; a kernel gets raw pointers to one tile. Nothing
+// here includes torch, and the kernel translation units include only this header and the standard
+// library before their target pragma, so no inline function is compiled with two instruction sets.
+//
+// Determinism (docs/design.md "Determinism"): every GEMM below computes each output element as one
+// fixed chain of operations (a fused multiply-add per k, k ascending; without FMA hardware, a
+// multiply and an add), whatever the tile it sits in and whatever the thread. So S_ij is a function
+// of the two rows only: a recomputed tile, a transposed tile and a tile of a label-sorted copy all
+// hold the same bits, and the results cannot depend on the thread count.
+#pragma once
+
+#include <cstdint>
+
+#include "common/loss_spec.h"
+
+namespace fpl {
+namespace cpu {
+
+enum class Isa : int { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+const char* isa_name(Isa isa);
+
+// ---- pair engine tiles --------------------------------------------------------------------------
+// One tile of S: rows x cols, row stride ld, with the dense label ids of its rows and columns, the
+// global row / column indices, per row the excluded column (global index, -1 for none) and, for
+// the distance, the squared norms of rows and columns.
+template <typename T>
+struct PairTile {
+  const T* S;
+  int64_t ld;
+  int rows, cols;
+  const int32_t* lab_r;
+  const int32_t* lab_c;
+  const int64_t* excl_r;  // indexed like lab_r
+  const T* norm_r;        // lp only
+  const T* norm_c;
+  int64_t row0, col0;  // global index of row 0 / column 0 (main walk)
+  // band walks (label-sorted copies): global index of each row / column instead of row0 / col0
+  const int64_t* row_index;
+  const int64_t* col_index;
+};
+
+// Per-row state of the pair engine, arrays over all N rows (global row index).
+template <typename T>
+struct PairRowState {
+  T* lse_max[2];  // [0] positives, [1] negatives: online LSE (running max, rescaled sum)
+  T* lse_sum[2];
+  T* sum[2];
+  int32_t* count[2];
+  int32_t* nonzero[2];
+  T* min_pos;  // mining thresholds, u orientation
+  T* max_neg;
+  T* ntx;      // NTXent pair terms and their d/d lse_neg
+  T* ntx_dlse;
+  // backward: incoming gradients and saved statistics
+  const T* g_lse[2];  // g_lse[1] already includes the NTXent term's share (glue)
+  const T* g_sum[2];
+  const T* g_ntx;
+  const T* lse[2];
+};
+
+// ---- class engine tiles -------------------------------------------------------------------------
+// A tile of tc whole classes x bi rows, computed transposed: st[(c*K + k) * ld + i] = w_ck . q_i.
+template <typename T>
+struct ClassTile {
+  T* st;  // backward: overwritten with dL/ds
+  int64_t ld;
+  int tc, bi;
+  const int32_t* loc;  // bi: y_i - c0 if the row's class is in the tile, else -1
+  // forward, per row of the block: running LSE over the tile (max, sum), target_sim where loc >= 0
+  T* row_max;
+  T* row_sum;
+  T* target_sim;
+  // forward, per class of the tile: column LSE partials (pos, neg) over this row block
+  T* col_max[2];
+  T* col_sum[2];
+  // backward inputs, per row / per class
+  const T* g_row_lse;
+  const T* g_target_sim;
+  const T* row_lse;
+  const T* g_col_lse[2];
+  const T* col_lse[2];
+  // scratch, at least (K + 3) * bi elements
+  T* scratch;
+};
+
+template <typename T>
+struct Kernels {
+  int nr;  // columns per packed panel (pack_panels / gemm_nt)
+  // panels of the rows [0, n) of x (row stride ldx, K columns): out[(p*K + k)*nr + c] = x[p*nr + c][k],
+  // zero for rows >= n; ceil(n / nr) panels.
+  void (*pack_panels)(const T* x, int64_t ldx, int64_t n, int64_t K, T* out);
+  // C[m][n] = sum_k A[m][k] B[n][k] for m < M, n < round_up(N, nr), B given as panels.
+  void (*gemm_nt)(const T* A, int64_t lda, const T* B_panels, int64_t M, int64_t N, int64_t K, T* C,
+                  int64_t ldc);
+  // C[m][n] += sum_k A[m][k] B[k][n]   (N a multiple of 16 floats / 8 doubles)
+  void (*gemm_nn_acc)(const T* A, int64_t lda, const T* B, int64_t ldb, int64_t M, int64_t N,
+                      int64_t K, T* C, int64_t ldc);
+  // C[m][n] += sum_k A[k][m] B[k][n]
+  void (*gemm_tn_acc)(const T* A, int64_t lda, const T* B, int64_t ldb, int64_t M, int64_t N,
+                      int64_t K, T* C, int64_t ldc);
+  // pair engine, main walk: forward reductions / dL/dS of the tile's rows (G, row stride ldg)
+  void (*pair_forward)(const PairSpec<T>& spec, const PairTile<T>& t, const PairRowState<T>& st,
+                       T* scratch);
+  void (*pair_backward)(const PairSpec<T>& spec, const PairTile<T>& t, const PairRowState<T>& st,
+                        T* G, int64_t ldg, T* scratch);
+  // pair engine, walks over the positive pairs of a label-sorted copy (spec.defer_positives()):
+  // pass 0: mining threshold min_pos; pass 1: the positives' reductions.
+  void (*pair_positives)(const PairSpec<T>& spec, const PairTile<T>& t, const PairRowState<T>& st,
+                         int pass);
+  // class engine
+  void (*class_forward)(const ClassSpec<T>& spec, const ClassTile<T>& t);
+  void (*class_backward)(const ClassSpec<T>& spec, const ClassTile<T>& t);
+};
+
+// The kernels of one instruction set (nullptr where this build or this CPU has none).
+const Kernels<float>* kernels_f32(Isa isa);
+const Kernels<double>* kernels_f64(Isa isa);
+
+// Instruction set the engines use now: the best the CPU supports, capped by FPL_CPU_ISA
+// (base | avx2 | avx512) at load time and by set_active_isa().
+Isa active_isa();
+Isa best_supported_isa();
+// Caps the ISA (for tests: the AVX2 and baseline kernels on an AVX-512 machine); returns the one
+// now active. A call must not change it between an op's forward and backward.
+Isa set_active_isa(Isa cap);
+
+template <typename T>
+const Kernels<T>& active_kernels();
+
+// Per-ISA tables (defined in kernels_<isa>.cpp).
+namespace isa_base {
+const Kernels<float>* table_f32();
+const Kernels<double>* table_f64();
+}  // namespace isa_base
+namespace isa_avx2 {
+const Kernels<float>* table_f32();
+const Kernels<double>* table_f64();
+}  // namespace isa_avx2
+namespace isa_avx512 {
+const Kernels<float>* table_f32();
+const Kernels<double>* table_f64();
+}  // namespace isa_avx512
+
+}  // namespace cpu
+}  // namespace fpl

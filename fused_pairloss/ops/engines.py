@@ -1,0 +1,196 @@
+"""The two fused engines, Python side: op registration and the calls the loss plug-ins make.
+
+- pair engine, tiles of S = q r^T: `pair_stats(q, r, labels_q, labels_r, exclude_col, spec, backend)`
+- class engine, tiles of whole classes of w: `class_stats(q, w, labels, spec, backend)`
+
+Each engine is an op pair with one schema (csrc/ops.cpp) and two implementations: the C++ ops
+`fused_pairloss::<engine>_forward/_backward` (CPU kernels for backend "cpu", CUDA kernels for
+"cuda") and their Triton twins `fused_pairloss::triton_<engine>_forward/_backward`
+(ops/triton_engines.py). Both get the fake kernels and the autograd rule defined here: the forward
+returns O(N) row statistics (and O(C) column statistics), the backward op gets their incoming
+gradients and recomputes the tiles (FlashAttention's backward with saved LSE). A reference (ref
+side, class weights) that needs no gradient skips its pass (`ctx.needs_input_grad`).
+The C++ part registers at import (so opcheck and torch.compile see it), the Triton part on first
+use (importing triton is slow).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .. import _extension
+from . import spec as S
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation / statistics dtype of the ops: fp64 for fp64 inputs, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class PairStats(NamedTuple):
+    """Per-row statistics of the (kept) positive and negative sets (ops/README.md)."""
+    lse_pos: torch.Tensor
+    lse_neg: torch.Tensor
+    sum_pos: torch.Tensor
+    sum_neg: torch.Tensor
+    pos_vs_neg: torch.Tensor
+    count_pos: torch.Tensor
+    count_neg: torch.Tensor
+    nonzero_pos: torch.Tensor
+    nonzero_neg: torch.Tensor
+    min_pos: torch.Tensor
+    max_neg: torch.Tensor
+
+
+class ClassStats(NamedTuple):
+    """Per-row and per-class statistics of the class engine (ops/README.md)."""
+    lse_other: torch.Tensor
+    target_sim: torch.Tensor
+    col_lse_pos: torch.Tensor
+    col_lse_neg: torch.Tensor
+
+
+# ---- pair engine: fake kernels and autograd ------------------------------------------------------
+def pair_fake_forward(q, r, labels_q, labels_r, exclude_col, terms, flags):
+    n, A = q.shape[0], stat_dtype(q.dtype)
+    return (q.new_empty((len(S.PAIR_VALUES), n), dtype=A),
+            q.new_empty((len(S.PAIR_COUNTS), n), dtype=torch.int32),
+            q.new_empty((len(S.PAIR_AUX), n), dtype=A))
+
+
+def pair_fake_backward(grad_values, q, r, labels_q, labels_r, exclude_col, values, aux, terms, flags,
+                       need_grad_r):
+    grad_r = torch.empty_like(r) if (r is not None and need_grad_r) else q.new_empty((0,))
+    return torch.empty_like(q), grad_r
+
+
+def _pair_setup_context(ctx, inputs, output):
+    q, r, labels_q, labels_r, exclude_col, terms, flags = inputs
+    values, _, aux = output
+    ctx.save_for_backward(q, r, labels_q, labels_r, exclude_col, values, aux)
+    ctx.spec_args = (terms, flags)
+
+
+def _pair_autograd(backward_op):
+    def backward(ctx, grad_values, _grad_counts, _grad_aux):
+        q, r, labels_q, labels_r, exclude_col, values, aux = ctx.saved_tensors
+        need_q = ctx.needs_input_grad[0]
+        need_r = r is not None and ctx.needs_input_grad[1]
+        if grad_values is None or not (need_q or need_r):
+            return None, None, None, None, None, None, None
+        grad_q, grad_r = backward_op(grad_values.contiguous(), q, r, labels_q, labels_r, exclude_col,
+                                     values, aux, *ctx.spec_args, need_r)
+        return (grad_q if need_q else None), (grad_r if need_r else None), None, None, None, None, None
+
+    return backward
+
+
+# ---- class engine: fake kernels and autograd -----------------------------------------------------
+def class_fake_forward(q, w, labels, centers_per_class, terms, flags):
+    A = stat_dtype(q.dtype)
+    return (q.new_empty((len(S.CLASS_ROWS), q.shape[0]), dtype=A),
+            q.new_empty((len(S.CLASS_COLS), w.shape[0] // centers_per_class), dtype=A))
+
+
+def class_fake_backward(grad_rows, grad_cols, q, w, labels, rows, cols, centers_per_class, terms, flags,
+                        need_grad_w):
+    return torch.empty_like(q), (torch.empty_like(w) if need_grad_w else q.new_empty((0,)))
+
+
+def _class_setup_context(ctx, inputs, output):
+    q, w, labels, centers_per_class, terms, flags = inputs
+    rows, cols = output
+    ctx.save_for_backward(q, w, labels, rows, cols)
+    ctx.spec_args = (centers_per_class, terms, flags)
+
+
+def _class_autograd(backward_op):
+    def backward(ctx, grad_rows, grad_cols):
+        q, w, labels, rows, cols = ctx.saved_tensors
+        need_q, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_q or need_w) or (grad_rows is None and grad_cols is None):
+            return None, None, None, None, None, None
+        grad_rows = torch.zeros_like(rows) if grad_rows is None else grad_rows.contiguous()
+        grad_cols = torch.zeros_like(cols) if grad_cols is None else grad_cols.contiguous()
+        grad_q, grad_w = backward_op(grad_rows, grad_cols, q, w, labels, rows, cols, *ctx.spec_args, need_w)
+        return (grad_q if need_q else None), (grad_w if need_w else None), None, None, None, None
+
+    return backward
+
+
+class Engine:
+    """One engine's op pair in both families (C++ and Triton) with one autograd rule."""
+
+    def __init__(self, name, fake_forward, fake_backward, setup_context, autograd):
+        self.name = name  # "pair_engine" / "class_engine"
+        self.fake_forward, self.fake_backward = fake_forward, fake_backward
+        self._setup_context, self._autograd = setup_context, autograd
+        self._registered = set()
+        self.register_cpp()
+
+    def register_cpp(self):
+        if "cpp" in self._registered or _extension.load() is None:
+            return
+        fwd, bwd = f"fused_pairloss::{self.name}_forward", f"fused_pairloss::{self.name}_backward"
+        torch.library.register_fake(fwd)(self.fake_forward)
+        torch.library.register_fake(bwd)(self.fake_backward)
+        backward_op = getattr(torch.ops.fused_pairloss, f"{self.name}_backward")
+        torch.library.register_autograd(fwd, self._autograd(backward_op), setup_context=self._setup_context)
+        self._registered.add("cpp")
+
+    def register_triton(self, forward_op, backward_op):
+        """Called by ops/triton_engines.py once it has defined the Triton twins."""
+        torch.library.register_autograd(forward_op, self._autograd(backward_op), setup_context=self._setup_context)
+
+    def forward_op(self, backend):
+        """The forward op of `backend` ("cpu" / "cuda" share the C++ op; "triton" its own)."""
+        if backend == "triton":
+            from . import triton_engines  # importing it registers the twins (torch.compile traces this)
+
+            if not triton_engines.AVAILABLE:
+                raise RuntimeError("the Triton engines are not available (is triton installed?)")
+            return triton_engines.forward_op(self.name)
+        self.register_cpp()
+        return getattr(torch.ops.fused_pairloss, f"{self.name}_forward")
+
+
+PAIR = Engine("pair_engine", pair_fake_forward, pair_fake_backward, _pair_setup_context, _pair_autograd)
+CLASS = Engine("class_engine", class_fake_forward, class_fake_backward, _class_setup_context, _class_autograd)
+
+
+def pair_stats(q, r, labels_q, labels_r, exclude_col, spec: S.PairLossSpec, backend) -> PairStats:
+    """Row statistics of the pair sets for normalized q (N, D) against r (M, D) (None: self mode,
+    each row's own column excluded); exclude_col (N,) int64, ref mode: the column excluded from row
+    i's positives, -1 for none. Differentiable w.r.t. q and r."""
+    terms, flags = spec.pack()
+    labels_q = labels_q.to(device=q.device, dtype=torch.int64).contiguous()
+    if r is not None:
+        r = r.contiguous()
+        labels_r = labels_r.to(device=q.device, dtype=torch.int64).contiguous()
+        if exclude_col is not None:
+            exclude_col = exclude_col.to(device=q.device, dtype=torch.int64).contiguous()
+    else:
+        labels_r, exclude_col = None, None
+    values, counts, aux = PAIR.forward_op(backend)(q.contiguous(), r, labels_q, labels_r, exclude_col,
+                                                   list(terms), flags)
+    return PairStats(*values.unbind(0), *counts.unbind(0), aux[0], aux[1])
+
+
+def class_stats(q, w, labels, spec: S.ClassLossSpec, backend) -> ClassStats:
+    """Row and column statistics for normalized q (N, D) and w (C*K, D), row c*K+k = center k of
+    class c. Differentiable w.r.t. q and w."""
+    terms, flags = spec.pack()
+    labels = labels.to(device=q.device, dtype=torch.int64).contiguous()
+    rows, cols = CLASS.forward_op(backend)(q.contiguous(), w.contiguous(), labels,
+                                           int(spec.centers_per_class), list(terms), flags)
+    return ClassStats(rows[0], rows[1], cols[0], cols[1])
+
+
+def exclusion_for(n: int, device, offset: int = 0) -> torch.Tensor:
+    """exclude_col of rows that sit at columns offset .. offset + n - 1 of the ref."""
+    return torch.arange(offset, offset + n, device=device, dtype=torch.int64)
+
+
+__all__ = ["PairStats", "ClassStats", "pair_stats", "class_stats", "exclusion_for", "PAIR", "CLASS",
+           "stat_dtype"]

@@ -1,0 +1,177 @@
+"""Materializing oracles of the fused ops, for op-level tests of every backend.
+
+Each function takes exactly the arguments of its op (csrc/ops.cpp) and returns what the op returns
+(ops/README.md), computed with plain PyTorch on the whole N x M (N x C*K) matrix, from the same
+packed declaration (`spec.unpack_pair` / `unpack_class`). The backward oracles are the autograd
+of the forward ones (not a second derivation of the gradient formulas), so a kernel's backward is
+checked against the true vector-Jacobian product of its forward. Statistics in the stat dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import spec as S
+from .engines import stat_dtype
+
+NEG_INF = float("-inf")
+
+
+def _term(t: S.PairTerm, v):
+    """x = (scale * w(v)) * (v - shift), w detached; hinge: relu (loss_spec.h)."""
+    w = torch.relu(t.weight_offset + t.weight_slope * v.detach())
+    x = (t.scale * w) * (v - t.shift)
+    return torch.relu(x) if t.hinge else x
+
+
+def _lp(s, nq, nr):
+    """sqrt(clamp_min(nq + nr - 2 S, 0)) with gradient 0 where it is 0 (torch.cdist's choice)."""
+    d2 = torch.clamp_min(nq[:, None] + nr[None, :] - 2 * s, 0)
+    pos = d2 > 0
+    return torch.where(pos, torch.sqrt(torch.where(pos, d2, torch.ones_like(d2))), torch.zeros_like(d2))
+
+
+def _masked_lse(x, mask, dim):
+    """log-sum-exp of x over mask along dim: -inf (and no gradient) where the mask is empty, NaN
+    where a masked x is NaN."""
+    m = torch.where(mask, x, NEG_INF).amax(dim=dim, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    # exp of the masked entries only: an unmasked exp that overflows would make the gradient NaN
+    total = torch.exp(torch.where(mask, x - m, NEG_INF)).sum(dim=dim, keepdim=True)
+    empty = ~mask.any(dim=dim, keepdim=True)
+    out = torch.where(empty, NEG_INF, m + torch.log(torch.where(empty, torch.ones_like(total), total)))
+    return out.squeeze(dim)
+
+
+def _ntx_pair_loss(t, tiny):
+    """-log(sigmoid(t) + tiny) (NTXent's pair term, loss_spec.h)."""
+    return -torch.log(torch.sigmoid(t) + tiny)
+
+
+def _pair_values(q, r, labels_q, labels_r, exclude_col, sp: S.PairLossSpec):
+    A = stat_dtype(q.dtype)
+    qa = q.to(A)
+    n = q.shape[0]
+    if r is None:
+        ra, labels_r = qa, labels_q
+        exclude_col = torch.arange(n, device=q.device)
+    else:
+        ra = r.to(A)
+        if exclude_col is None:
+            exclude_col = torch.full((n,), -1, dtype=torch.long, device=q.device)
+    s = qa @ ra.t()
+    if sp.distance == "lp":
+        v = _lp(s, (qa * qa).sum(1), (ra * ra).sum(1))
+    else:
+        v = s
+    same = labels_q[:, None] == labels_r[None, :]
+    cols = torch.arange(ra.shape[0], device=q.device)
+    is_excluded = cols[None, :] == exclude_col[:, None]
+    pos = same & ~is_excluded
+    neg = ~same
+    inf = torch.full((n,), float("inf"), dtype=A, device=q.device)
+    min_pos, max_neg = inf, -inf
+    if sp.mine:
+        u = (-v if sp.distance == "lp" else v).detach()
+        pos_unmined = same if sp.exclude_after_mining else pos
+        if s.shape[1]:
+            min_pos = torch.where(pos_unmined, u, float("inf")).amin(dim=1)
+            max_neg = torch.where(neg, u, NEG_INF).amax(dim=1)
+        eps = float(sp.miner_epsilon)
+        pos = pos & (u - eps < max_neg[:, None])
+        neg = neg & (u + eps > min_pos[:, None])
+    xp, xn = _term(sp.pos, v), _term(sp.neg, v)
+    zero_row = torch.zeros(n, dtype=A, device=q.device)
+
+    def lse(mask, x, on):
+        return _masked_lse(x, mask, 1) if on else zero_row + NEG_INF
+
+    def total(mask, x, on):
+        return torch.where(mask, x, 0).sum(1) if on else zero_row
+
+    def nonzero(mask, x, on):
+        return (mask & (x > 0)).sum(1).to(torch.int32) if on else zero_row.to(torch.int32)
+
+    lse_pos, lse_neg = lse(pos, xp, sp.pos.lse), lse(neg, xn, sp.neg.lse)
+    ntx, ntx_dlse = zero_row, zero_row
+    if sp.pos_vs_neg_lse:
+        tiny = torch.finfo(A).tiny
+        t = xp - lse_neg[:, None]
+        ntx = torch.where(pos, _ntx_pair_loss(t, tiny), 0).sum(1)
+        td = t.detach().requires_grad_(True)
+        with torch.enable_grad():
+            dphi = torch.autograd.grad(_ntx_pair_loss(td, tiny).sum(), td)[0]
+        ntx_dlse = -torch.where(pos, dphi, 0).sum(1)
+    values = torch.stack([lse_pos, lse_neg, total(pos, xp, sp.pos.sum), total(neg, xn, sp.neg.sum), ntx])
+    counts = torch.stack([pos.sum(1).to(torch.int32), neg.sum(1).to(torch.int32),
+                          nonzero(pos, xp, sp.pos.sum), nonzero(neg, xn, sp.neg.sum)])
+    aux = torch.stack([min_pos, max_neg, ntx_dlse.detach()])
+    return values, counts, aux
+
+
+def pair_engine_forward_oracle(q, r, labels_q, labels_r, exclude_col, terms, flags):
+    with torch.no_grad():
+        return _pair_values(q, r, labels_q, labels_r, exclude_col, S.unpack_pair(terms, flags))
+
+
+def pair_engine_backward_oracle(grad_values, q, r, labels_q, labels_r, exclude_col, values, aux, terms, flags,
+                                need_grad_r):
+    sp = S.unpack_pair(terms, flags)
+    qv = q.detach().requires_grad_(True)
+    rv = None if r is None else r.detach().requires_grad_(True)
+    with torch.enable_grad():
+        vals, _, _ = _pair_values(qv, rv, labels_q, labels_r, exclude_col, sp)
+        g = grad_values.to(vals.dtype)
+        # outputs the declaration does not produce are constants: no gradient flows through them
+        obj = torch.where(torch.isfinite(vals), vals * g, torch.zeros_like(vals)).sum()
+        inputs = [qv] + ([rv] if rv is not None and need_grad_r else [])
+        grads = torch.autograd.grad(obj, inputs, allow_unused=True)
+    grad_q = torch.zeros_like(q) if grads[0] is None else grads[0].to(q.dtype)
+    if rv is not None and need_grad_r:
+        grad_r = torch.zeros_like(r) if grads[1] is None else grads[1].to(r.dtype)
+    else:
+        grad_r = q.new_empty((0,))
+    return grad_q, grad_r
+
+
+def _class_values(q, w, labels, K, cs: S.ClassLossSpec, inv_gamma):
+    A = stat_dtype(q.dtype)
+    n = q.shape[0]
+    s = (q.to(A) @ w.to(A).t()).view(n, -1, K)  # (N, C, K)
+    C = s.shape[1]
+    if K > 1:
+        S_ = (torch.softmax(s * inv_gamma, dim=2) * s).sum(2)
+    else:
+        S_ = s[:, :, 0]
+    target = torch.nn.functional.one_hot(labels, C).bool()
+    rows = torch.full((n,), NEG_INF, dtype=A, device=q.device)
+    if cs.row is not None:
+        rows = _masked_lse(_term(cs.row, S_), ~target, 1)
+    target_sim = (S_ * target).sum(1)
+    cols = []
+    for term, mask in ((cs.col_pos, target), (cs.col_neg, ~target)):
+        if term is None:
+            cols.append(torch.full((C,), NEG_INF, dtype=A, device=q.device))
+        else:
+            cols.append(_masked_lse(_term(term, S_), mask, 0))
+    return torch.stack([rows, target_sim]), torch.stack(cols)
+
+
+def class_engine_forward_oracle(q, w, labels, centers_per_class, terms, flags):
+    cs = S.unpack_class(terms, flags, centers_per_class)
+    with torch.no_grad():
+        return _class_values(q, w, labels, centers_per_class, cs, float(terms[-1]))
+
+
+def class_engine_backward_oracle(grad_rows, grad_cols, q, w, labels, rows, cols, centers_per_class, terms, flags,
+                                 need_grad_w):
+    cs = S.unpack_class(terms, flags, centers_per_class)
+    qv = q.detach().requires_grad_(True)
+    wv = w.detach().requires_grad_(True)
+    with torch.enable_grad():
+        r_, c_ = _class_values(qv, wv, labels, centers_per_class, cs, float(terms[-1]))
+        obj = sum(torch.where(torch.isfinite(x), x * g.to(x.dtype), torch.zeros_like(x)).sum()
+                  for x, g in ((r_, grad_rows), (c_, grad_cols)))
+        grads = torch.autograd.grad(obj, [qv, wv], allow_unused=True)
+    grad_q = torch.zeros_like(q) if grads[0] is None else grads[0].to(q.dtype)
+    grad_w = (torch.zeros_like(w) if grads[1] is None else grads[1].to(w.dtype)) if need_grad_w else q.new_empty((0,))
+    return grad_q, grad_w

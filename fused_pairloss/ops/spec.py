@@ -1,0 +1,218 @@
+"""Loss declarations: what a fused engine computes for one loss (docs/design.md, "Declarations").
+
+A pair loss is a `PairLossSpec`: one `PairTerm` per pair set (positives, negatives), the distance,
+the optional MultiSimilarityMiner rule and NTXent's pair term; a class loss is a `ClassLossSpec`.
+Every backend consumes the same declaration: `pack()` turns it into the fused ops' `terms, flags`
+arguments, whose layout csrc/common/loss_spec.h reads back (the Triton kernels read the same
+fields); `fused_pairloss.ops.oracle` evaluates it with materializing PyTorch for op-level tests.
+The layout constants below mirror loss_spec.h; tests/test_ops_registration.py checks that the C++
+reading of every packed field (op `describe_pair_spec`) is the one written here.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+# ---- loss_spec.h PairFlag / ClassFlag --------------------------------------------------------
+POS_LSE = 1 << 0
+POS_SUM = 1 << 1
+POS_HINGE = 1 << 2
+NEG_LSE = 1 << 3
+NEG_SUM = 1 << 4
+NEG_HINGE = 1 << 5
+LP_DISTANCE = 1 << 6
+MINE = 1 << 7
+POS_VS_NEG_LSE = 1 << 8
+EXCLUDE_AFTER_MINING = 1 << 9
+
+ROW_LSE = 1 << 0
+COL_POS_LSE = 1 << 1
+COL_NEG_LSE = 1 << 2
+
+# rows of the pair engine's outputs (loss_spec.h PairValueSlot, PairCountSlot, PairAuxSlot)
+PAIR_VALUES = ("lse_pos", "lse_neg", "sum_pos", "sum_neg", "pos_vs_neg")
+PAIR_COUNTS = ("count_pos", "count_neg", "nonzero_pos", "nonzero_neg")
+PAIR_AUX = ("min_pos", "max_neg", "pos_vs_neg_dlse")
+# rows of the class engine's outputs (ClassRowSlot, ClassColSlot)
+CLASS_ROWS = ("lse_other", "target_sim")
+CLASS_COLS = ("col_lse_pos", "col_lse_neg")
+
+DISTANCES = ("cosine", "lp")
+
+
+@dataclass(frozen=True)
+class PairTerm:
+    """The function of one pair set and how a row reduces it (loss_spec.h):
+    v = S_ij ("cosine") or d_ij ("lp"); x = (scale * w(v)) * (v - shift) with the detached weight
+    w(v) = relu(weight_offset + weight_slope * v) (1 by default); x = relu(x) if `hinge`.
+    Per row: `lse` the log-sum-exp of x over the set, `sum` the sum of x and the count of x > 0;
+    the size of the set is always counted."""
+
+    scale: float
+    shift: float = 0.0
+    weight_offset: float = 1.0
+    weight_slope: float = 0.0
+    hinge: bool = False
+    lse: bool = False
+    sum: bool = False
+
+    def floats(self) -> Tuple[float, float, float, float]:
+        return (float(self.scale), float(self.shift), float(self.weight_offset), float(self.weight_slope))
+
+    @property
+    def weighted(self) -> bool:
+        return self.weight_slope != 0.0 or self.weight_offset != 1.0
+
+
+NO_TERM = PairTerm(scale=0.0)
+
+
+@dataclass(frozen=True)
+class PairLossSpec:
+    """Declaration of a pair loss for the pair engine (tiles of S = q r^T).
+
+    `miner_epsilon`: PML's MultiSimilarityMiner(epsilon) on u = S (cosine) or u = -d (lp): per row
+    min_pos / max_neg over the unmined sets, positives kept if u - eps < max_neg, negatives if
+    u + eps > min_pos. `pos_vs_neg_lse` (NTXent): per kept positive, -log(sigmoid(x - lse_neg_i) +
+    tiny), summed per row. `exclude_after_mining`: the excluded column (exclude_col) takes part in
+    the mining thresholds but is never kept (PML's CrossBatchMemory removes self comparisons after
+    its miner ran)."""
+
+    pos: PairTerm
+    neg: PairTerm
+    distance: str = "cosine"
+    miner_epsilon: Optional[float] = None
+    pos_vs_neg_lse: bool = False
+    exclude_after_mining: bool = False
+    # the packed arguments, computed once (a spec is immutable)
+    _packed: Tuple[Tuple[float, ...], int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}; got {self.distance!r}")
+        if self.exclude_after_mining and self.miner_epsilon is None:
+            raise ValueError("exclude_after_mining needs miner_epsilon")
+        flags = 0
+        flags |= POS_LSE if self.pos.lse else 0
+        flags |= POS_SUM if self.pos.sum else 0
+        flags |= POS_HINGE if self.pos.hinge else 0
+        flags |= NEG_LSE if self.neg.lse else 0
+        flags |= NEG_SUM if self.neg.sum else 0
+        flags |= NEG_HINGE if self.neg.hinge else 0
+        flags |= LP_DISTANCE if self.distance == "lp" else 0
+        flags |= MINE if self.miner_epsilon is not None else 0
+        flags |= POS_VS_NEG_LSE if self.pos_vs_neg_lse else 0
+        flags |= EXCLUDE_AFTER_MINING if self.exclude_after_mining else 0
+        eps = 0.0 if self.miner_epsilon is None else float(self.miner_epsilon)
+        object.__setattr__(self, "_packed", (self.pos.floats() + self.neg.floats() + (eps,), flags))
+
+    def pack(self) -> Tuple[Tuple[float, ...], int]:
+        """(terms, flags): the fused ops' arguments (loss_spec.h layout)."""
+        return self._packed
+
+    @property
+    def mine(self) -> bool:
+        return self.miner_epsilon is not None
+
+    @property
+    def defer_positives(self) -> bool:
+        """Positives reduced after the main walk (they need max_neg or lse_neg of their row)."""
+        return self.mine or self.pos_vs_neg_lse
+
+    def describe(self) -> str:
+        """The fields as the op `describe_pair_spec` prints its C++ reading of them."""
+        eps = 0.0 if self.miner_epsilon is None else float(self.miner_epsilon)
+        parts = _term_fields("pos", self.pos) + _term_fields("neg", self.neg) + [
+            f"lp_distance={int(self.distance == 'lp')}", f"mine={int(self.mine)}",
+            f"miner_epsilon={_num(eps)}", f"pos_vs_neg_lse={int(self.pos_vs_neg_lse)}",
+            f"exclude_after_mining={int(self.exclude_after_mining)}"]
+        return ";".join(parts)
+
+
+@dataclass(frozen=True)
+class ClassLossSpec:
+    """Declaration of a class (proxy) loss for the class engine (tiles of whole classes of w).
+
+    s_ick = q_i . w_ck; S_ic = s_ic (K = 1) or SoftTriple's pooling sum_k softmax_k(s_ick / gamma)
+    s_ick (`pool_gamma`); `row`: per row the LSE over the non-target classes of the term of S_ic
+    (the target's logit is combined outside, from target_sim); `col_pos` / `col_neg` (K = 1): per
+    class c the LSE over the samples with y_i == c / y_i != c of the term of s_ic (ProxyAnchor)."""
+
+    row: Optional[PairTerm] = None
+    col_pos: Optional[PairTerm] = None
+    col_neg: Optional[PairTerm] = None
+    centers_per_class: int = 1
+    pool_gamma: Optional[float] = None
+    _packed: Tuple[Tuple[float, ...], int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        K = self.centers_per_class
+        for name in ("row", "col_pos", "col_neg"):
+            t = getattr(self, name)
+            if t is not None and (t.hinge or t.sum):
+                raise ValueError(f"class engine term {name}: only LSE reductions (no hinge / sum)")
+        if (self.col_pos is not None or self.col_neg is not None) and K != 1:
+            raise ValueError("column reductions need centers_per_class = 1")
+        if K > 1 and self.pool_gamma is None:
+            raise ValueError("centers_per_class > 1 needs pool_gamma (SoftTriple's pooling)")
+        flags = (ROW_LSE if self.row is not None else 0) | (COL_POS_LSE if self.col_pos is not None else 0) \
+            | (COL_NEG_LSE if self.col_neg is not None else 0)
+        inv_gamma = 1.0 / self.pool_gamma if self.pool_gamma else 0.0
+        terms = (self.row or NO_TERM).floats() + (self.col_pos or NO_TERM).floats() \
+            + (self.col_neg or NO_TERM).floats() + (inv_gamma,)
+        object.__setattr__(self, "_packed", (terms, flags))
+
+    def pack(self) -> Tuple[Tuple[float, ...], int]:
+        return self._packed
+
+    def describe(self) -> str:
+        inv_gamma = self._packed[0][-1]
+        parts = (_term_fields("row", self.row, lse=self.row is not None)
+                 + _term_fields("col_pos", self.col_pos, lse=self.col_pos is not None)
+                 + _term_fields("col_neg", self.col_neg, lse=self.col_neg is not None)
+                 + [f"pool_inv_gamma={_num(inv_gamma)}", f"centers_per_class={self.centers_per_class}"])
+        return ";".join(parts)
+
+
+def unpack_pair(terms, flags: int) -> PairLossSpec:
+    """The declaration a packed (terms, flags) encodes (the inverse of PairLossSpec.pack)."""
+    terms = [float(t) for t in terms]
+
+    def term(off, lse, sm, hinge):
+        return PairTerm(*terms[off:off + 4], hinge=bool(flags & hinge), lse=bool(flags & lse), sum=bool(flags & sm))
+
+    return PairLossSpec(pos=term(0, POS_LSE, POS_SUM, POS_HINGE), neg=term(4, NEG_LSE, NEG_SUM, NEG_HINGE),
+                        distance="lp" if flags & LP_DISTANCE else "cosine",
+                        miner_epsilon=terms[8] if flags & MINE else None,
+                        pos_vs_neg_lse=bool(flags & POS_VS_NEG_LSE),
+                        exclude_after_mining=bool(flags & EXCLUDE_AFTER_MINING))
+
+
+def unpack_class(terms, flags: int, centers_per_class: int) -> ClassLossSpec:
+    """The declaration a packed (terms, flags, centers_per_class) encodes."""
+    terms = [float(t) for t in terms]
+
+    def term(off, bit):
+        return PairTerm(*terms[off:off + 4], lse=True) if flags & bit else None
+
+    return ClassLossSpec(row=term(0, ROW_LSE), col_pos=term(4, COL_POS_LSE), col_neg=term(8, COL_NEG_LSE),
+                         centers_per_class=int(centers_per_class),
+                         pool_gamma=(1.0 / terms[12]) if terms[12] else None)
+
+
+def _num(x: float) -> str:
+    """A float as C++ prints it with precision 17 (%.17g), 'inf' / 'nan' spelled the same way."""
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:.17g}"
+
+
+def _term_fields(name, term, lse=None):
+    t = term or NO_TERM
+    return [f"{name}.scale={_num(t.scale)}", f"{name}.shift={_num(t.shift)}",
+            f"{name}.weight_offset={_num(t.weight_offset)}", f"{name}.weight_slope={_num(t.weight_slope)}",
+            f"{name}.lse={int(t.lse if lse is None else lse)}",
+            f"{name}.sum={int(t.sum and lse is None)}", f"{name}.hinge={int(t.hinge and lse is None)}"]
