@@ -364,9 +364,17 @@ def _is_sparse_centers(reg, num_classes, centers_per_class):
         from pytorch_metric_learning.regularizers import SparseCentersRegularizer
     except ImportError:
         return False
-    return (type(reg) is SparseCentersRegularizer and type(reg.reducer) is DivisorReducer
-            and type(reg.distance) is CosineSimilarity and reg.num_classes == num_classes
-            and reg.centers_per_class == centers_per_class)
+    if not (type(reg) is SparseCentersRegularizer and type(reg.reducer) is DivisorReducer
+            and type(reg.distance) is CosineSimilarity):
+        return False
+    # its (num_classes, centers_per_class) live only in its mask (the attributes of those names
+    # are PML's zero-initialized records)
+    K = centers_per_class
+    mask = reg.same_class_mask
+    if K < 2 or tuple(mask.shape) != (num_classes * K, num_classes * K):
+        return False
+    block = torch.ones(K, K, dtype=torch.bool).triu(1)
+    return bool(mask.sum() == num_classes * block.sum()) and bool(mask[:K, :K].equal(block))
 
 
 class ProxyCircleLoss(_ClassLoss):
@@ -423,7 +431,9 @@ class _MarginSoftmax(_ClassLoss):
     def _init_margin(self, num_classes, embedding_size, backend, kwargs, pml_kwargs):
         _check_sizes(num_classes=num_classes, embedding_size=embedding_size)
         self.num_classes, self.embedding_size = num_classes, embedding_size
-        self._init_class((embedding_size, num_classes), backend, kwargs, (num_classes, embedding_size), pml_kwargs)
+        # PML's WeightRegularizerMixin default weight_init_func: normal_
+        self._init_class((embedding_size, num_classes), backend, kwargs, (num_classes, embedding_size), pml_kwargs,
+                         init=torch.nn.init.normal_)
 
     def _reference_with_weights(self, embeddings, labels, indices_tuple):
         return self._reference_fn(embeddings, labels, _like(self.W, embeddings), indices_tuple=indices_tuple,

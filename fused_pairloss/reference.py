@@ -323,7 +323,13 @@ def supcon_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperatur
     mean_log_prob_pos = (pos_f * log_prob).sum(dim=1) / (pos_f.sum(dim=1) + torch.finfo(z.dtype).tiny)
     loss = _avg_non_zero(-mean_log_prob_pos, embeddings)
     loss = torch.where(pos.any() & neg.any(), loss, _zero_loss(embeddings))
-    return torch.where(too_few, _zero_loss(embeddings), loss)
+    return _nan_in_nan_out(torch.where(too_few, _zero_loss(embeddings), loss), embeddings, ref_emb)
+
+
+def _nan_in_nan_out(loss, embeddings, ref_emb):
+    """AvgNonZeroReducer drops a NaN term (NaN > 0 is false), so PML can return a finite loss for a
+    NaN input; adding an exact 0 derived from the inputs keeps this project's NaN in, NaN out."""
+    return loss + _zero_loss(embeddings) + (0 if ref_emb is None else _zero_loss(ref_emb))
 
 
 def contrastive_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_margin=0.0,
@@ -346,7 +352,7 @@ def contrastive_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_m
     loss = (_avg_non_zero(pos_losses, embeddings, pos_cnt)
             + _avg_non_zero(neg_losses, embeddings, neg_cnt))
     too_few = _too_few_pairs(pos_cnt.sum(), neg_cnt.sum(), mat.device)
-    return torch.where(too_few, _zero_loss(embeddings), loss)
+    return _nan_in_nan_out(torch.where(too_few, _zero_loss(embeddings), loss), embeddings, ref_emb)
 
 
 def generalized_lifted_structure_loss(embeddings, labels, ref_emb=None, ref_labels=None, *,

@@ -24,11 +24,11 @@ def declaration(temperature, distance="cosine"):
 def combine(st: engines.PairStats, embeddings, *, batch=LOCAL):
     zero = zero_loss(embeddings)
     cnt = st.count_pos.to(st.sum_pos.dtype)
-    lse_all = torch.logaddexp(st.lse_pos, st.lse_neg)
     has_pos = st.count_pos > 0
+    # rows without positives are 0; mask lse_pos before logaddexp (its gradient is NaN at -inf, -inf)
+    lse_all = torch.logaddexp(torch.where(has_pos, st.lse_pos, 0), st.lse_neg)
     tiny = torch.finfo(st.sum_pos.dtype).tiny
-    rows = torch.where(has_pos, (cnt * torch.where(has_pos, lse_all, 0) - st.sum_pos) / (cnt + tiny),
-                       torch.zeros_like(cnt))
+    rows = torch.where(has_pos, (cnt * lse_all - st.sum_pos) / (cnt + tiny), torch.zeros_like(cnt))
     loss = batch.mean_above_zero(rows, zero)
     n_pos, n_neg = batch.sum(st.count_pos), batch.sum(st.count_neg)
     loss = torch.where((n_pos > 0) & (n_neg > 0), loss, zero)
@@ -39,4 +39,6 @@ def supcon_fused(embeddings, labels, ref_emb, ref_labels, *, temperature, distan
                  exclude_col=None):
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
     st = engines.pair_stats(q, r, labels, labels_r, excl, declaration(temperature, distance), backend)
-    return combine(st, embeddings)
+    loss = combine(st, embeddings)
+    # PML's AvgNonZeroReducer drops NaN terms: keep NaN in, NaN out (docs/semantics.md)
+    return loss + zero_loss(embeddings) + (0 if ref_emb is None else zero_loss(ref_emb))
