@@ -52,7 +52,11 @@ def _extensions():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
     sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx_flags = ["-O3", "-fopenmp", "-DFPL_WITH_CPU"]  # C++ standard: torch's default (C++20 for torch >= 2.12)
+    # C++ standard: torch's default (C++20 for torch >= 2.12). The CPU kernels need no errno or FP
+    # exception semantics (their loops vectorize without them, sqrt included) and round every
+    # operation on its own (no contraction into FMAs beyond the GEMMs' explicit ones): the same
+    # bits on every instruction set.
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-DFPL_WITH_CPU"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if want_cuda:
         cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp"))) + sorted(

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <string>
 
 namespace fpl {
@@ -49,7 +50,11 @@ enum PairAuxSlot : int { kMinPos = 0, kMaxNeg, kPosVsNegDLse, kNumPairAux };
 template <typename T>
 struct PairTermParams {
   T scale, shift, weight_offset, weight_slope;
-  bool lse, sum, hinge;
+  // the hinge as a number, so the element loops need no branch on it: x = max(x, floor) with
+  // floor = 0 (hinge) or NaN (none: every comparison with it is false, pair_terms.inl)
+  T hinge_floor;
+  bool lse, sum;
+  bool hinge() const { return hinge_floor == hinge_floor; }
 };
 
 template <typename T>
@@ -65,7 +70,8 @@ struct PairSpec {
 // Constants are rounded to T once, as torch rounds a Python float in `tensor op float`.
 template <typename T>
 PairTermParams<T> decode_term(const double* p, bool lse, bool sum, bool hinge) {
-  return PairTermParams<T>{T(p[0]), T(p[1]), T(p[2]), T(p[3]), lse, sum, hinge};
+  const T floor = hinge ? T(0) : std::numeric_limits<T>::quiet_NaN();
+  return PairTermParams<T>{T(p[0]), T(p[1]), T(p[2]), T(p[3]), floor, lse, sum};
 }
 
 template <typename T>

@@ -5,28 +5,38 @@
 // Deliberately without include guard: it is included inside each backend's own namespace (the CPU
 // engines compile it once per instruction set, csrc/cpu/kernels_isa.inc; CUDA once, in
 // csrc/cuda/tile_common.cuh), so every copy is compiled with its caller's target options and is
-// inlined into the vectorized loops. The includer defines FPL_TERM_FN (function qualifiers) and
-// the scalar functions math_exp, math_log, math_log1p and math_sqrt for float and double. Selects only, so the loops that
-// call these vectorize.
+// inlined into its loops. The includer defines FPL_TERM_FN (function qualifiers) and the scalar
+// functions math_exp, math_log, math_log1p and math_sqrt for float and double.
+//
+// T is a float type, or (CPU) a vector of them: the functions are written with arithmetic,
+// comparisons combined with `&` / `|` (never `&&`: no branches) and selects only, and constants
+// come through TermLit, which the CPU kernels specialize to broadcast into their vector types.
+
+template <typename T>
+struct TermLit {
+  static FPL_TERM_FN T of(double c) { return T(c); }
+};
 
 template <typename T>
 FPL_TERM_FN T relu_keep_nan(T x) {  // torch.relu: NaN stays NaN
-  return (x != x) ? x : (x > T(0) ? x : T(0));
+  return (x != x) ? x : (x > TermLit<T>::of(0) ? x : TermLit<T>::of(0));
 }
 
 // v of a pair: S itself, or PML's LpDistance on the normalized rows (torch.cdist, p = 2):
 // sqrt(clamp_min(|q_i|^2 + |r_j|^2 - 2 S_ij, 0)) with nq = |q_i|^2, nr = |r_j|^2.
 template <typename T>
 FPL_TERM_FN T pair_v_lp(T s, T nq, T nr) {
-  const T d2 = (nq + nr) - T(2) * s;
-  return (d2 != d2) ? d2 : (d2 > T(0) ? math_sqrt(d2) : T(0));
+  const T d2 = (nq + nr) - TermLit<T>::of(2) * s;
+  // clamp (NaN passes), then the root unconditionally: a call inside a select stops vectorizers
+  return math_sqrt(((d2 > TermLit<T>::of(0)) | (d2 != d2)) ? d2 : TermLit<T>::of(0));
 }
 
 // dv/dS: 1 for cosine; -1/d for the distance, and 0 at d = 0 (the subgradient torch's
 // _euclidean_dist_backward takes there).
 template <typename T>
 FPL_TERM_FN T pair_dv_lp(T v) {
-  return (v > T(0) || v != v) ? T(-1) / v : T(0);
+  const T r = TermLit<T>::of(-1) / v;  // unconditionally: a division inside a select stops GCC's vectorizer
+  return ((v > TermLit<T>::of(0)) | (v != v)) ? r : TermLit<T>::of(0);
 }
 
 // x = (scale * w(v)) * (v - shift), w detached; hinge: relu(x). (loss_spec.h PairFlag)
@@ -37,13 +47,14 @@ FPL_TERM_FN T term_weight(const PairTermParams<T>& p, T v) {
 template <typename T>
 FPL_TERM_FN T term_value(const PairTermParams<T>& p, T v) {
   const T x = (p.scale * term_weight(p, v)) * (v - p.shift);
-  return p.hinge ? relu_keep_nan<T>(x) : x;
+  return x < p.hinge_floor ? p.hinge_floor : x;  // relu(x), NaN kept; floor NaN: x itself
 }
-// dx/dv, given x = term_value(p, v): the hinge passes the gradient only where x > 0 (as relu).
+// dx/dv, given x = term_value(p, v): the hinge blocks the gradient where x <= 0 and passes it
+// elsewhere, NaN included (torch's relu backward).
 template <typename T>
 FPL_TERM_FN T term_dvalue(const PairTermParams<T>& p, T v, T x) {
   const T d = p.scale * term_weight(p, v);
-  return (p.hinge && !(x > T(0))) ? T(0) : d;
+  return x <= p.hinge_floor ? TermLit<T>::of(0) : d;
 }
 
 // The MultiSimilarityMiner compares similarities: u = S, or u = -d for a distance (PML's miner
@@ -65,8 +76,8 @@ FPL_TERM_FN double smallest_normal<double>() { return 2.22507385850720138309e-30
 // sigmoid(t) = exp(-softplus(-t)), softplus(-t) = max(-t, 0) + log1p(exp(-|t|)).
 template <typename T>
 FPL_TERM_FN T ntx_sigmoid(T t) {
-  const T a = t < T(0) ? -t : t;
-  const T sp = (t < T(0) ? -t : T(0)) + math_log1p(math_exp(-a));
+  const T a = t < TermLit<T>::of(0) ? -t : t;
+  const T sp = (t < TermLit<T>::of(0) ? -t : TermLit<T>::of(0)) + math_log1p(math_exp(-a));
   return (t != t) ? t : math_exp(-sp);
 }
 template <typename T>

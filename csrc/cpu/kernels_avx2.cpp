@@ -1,6 +1,7 @@
 // The CPU engines' kernels for AVX2 with FMA (x86-64-v3): kernels_isa.inc compiled under this
 // file's target pragma (see kernels_avx512.cpp).
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu/cpu_kernels.h"
 
@@ -37,6 +38,7 @@ struct VD {
 };
 constexpr int MR_F32 = 6;  // 6 x 16 floats: 12 accumulator registers of 16
 constexpr int MR_F64 = 6;
+#define NATIVE_BYTES 32  // native vector width of the element loops (kernels_isa.inc)
 
 #include "cpu/kernels_isa.inc"
 

@@ -3,6 +3,7 @@
 // (cpu_isa.cpp). fp-contract=off: FMAs only where the GEMM asks for them, so the element loops
 // round exactly as in the other instruction sets.
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu/cpu_kernels.h"
 
@@ -39,6 +40,7 @@ struct VD {
 };
 constexpr int MR_F32 = 12;  // 12 x 32 floats: 24 accumulator registers of 32
 constexpr int MR_F64 = 12;
+#define NATIVE_BYTES 64  // native vector width of the element loops (kernels_isa.inc)
 
 #include "cpu/kernels_isa.inc"
 

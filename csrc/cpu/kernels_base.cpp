@@ -2,6 +2,7 @@
 // no FMA, so a GEMM step is a multiply and an add): kernels_isa.inc with GCC's generic vector
 // types, which need no target pragma.
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu/cpu_kernels.h"
 
@@ -39,6 +40,7 @@ struct VD {
 };
 constexpr int MR_F32 = 6;  // 6 x 8 floats: 12 accumulator registers of 16
 constexpr int MR_F64 = 6;
+#define NATIVE_BYTES 16  // native vector width of the element loops (kernels_isa.inc)
 
 #include "cpu/kernels_isa.inc"
 
