@@ -118,7 +118,7 @@ void tile_similarities(const Operands<T>& o, int64_t rb, int64_t t, T* st) {
                o.q_panels.template data_ptr<T>() + (i0 / o.K->nr) * g.D * o.K->nr, tck, bi, g.D, st, g.ld);
 }
 
-// loc[i] = y_i - c0 if y_i is a class of tile t, else -1
+// loc[i] = y_i - c0 if y_i is a class of tile t, else -1 (also for the padding up to BI)
 inline void tile_locations(const Geometry& g, const int64_t* labels, int64_t rb, int64_t t, int32_t* loc) {
   const int64_t i0 = g.rb_begin(rb), bi = g.rb_size(rb);
   const int64_t c0 = g.ct_begin(t), tc = g.ct_size(t);
@@ -126,15 +126,24 @@ inline void tile_locations(const Geometry& g, const int64_t* labels, int64_t rb,
     const int64_t yy = labels[i0 + i] - c0;
     loc[i] = (yy >= 0 && yy < tc) ? static_cast<int32_t>(yy) : -1;
   }
+  for (int64_t i = bi; i < g.BI; ++i) loc[i] = -1;
+}
+
+// a block's slice of a per-row array, zero-padded to BI entries (the kernels read whole vectors)
+template <typename T>
+const T* stage_rows(const T* src, int64_t i0, int64_t bi, int64_t BI, std::vector<T>& buf) {
+  std::copy(src + i0, src + i0 + bi, buf.begin());
+  std::fill(buf.begin() + bi, buf.begin() + BI, T(0));
+  return buf.data();
 }
 
 template <typename T>
 struct Scratch {
-  std::vector<T> st, work, row_max, row_sum, ts, cmax, csum;
+  std::vector<T> st, work, row_max, row_sum, ts, cmax, csum, g_row, g_ts, lse;
   std::vector<int32_t> loc;
   explicit Scratch(const Geometry& g)
-      : st(g.TC * g.K * g.ld), work((g.TC + g.K + 3) * g.BI), row_max(g.BI), row_sum(g.BI), ts(g.BI),
-        cmax(2 * g.TC), csum(2 * g.TC), loc(g.BI) {}
+      : st(g.TC * g.K * g.ld), work((g.TC + 1) * g.BI + 16 * g.K), row_max(g.BI), row_sum(g.BI), ts(g.BI),
+        cmax(2 * g.TC), csum(2 * g.TC), g_row(g.BI), g_ts(g.BI), lse(g.BI), loc(g.BI) {}
   ClassTile<T> tile(const Geometry& g, int64_t rb, int64_t t) {
     ClassTile<T> a{};
     a.st = st.data();
@@ -281,9 +290,9 @@ void backward_kernel(const Operands<T>& o, const ClassSpec<T>& spec, const T* g_
         tile_similarities(o, rb, t, sc.st.data());
         tile_locations(g, o.y, rb, t, sc.loc.data());
         ClassTile<T> a = sc.tile(g, rb, t);
-        a.g_row_lse = g_row_lse + i0;
-        a.g_target_sim = g_ts + i0;
-        a.row_lse = row_lse + i0;
+        a.g_row_lse = stage_rows(g_row_lse, i0, bi, g.BI, sc.g_row);
+        a.g_target_sim = stage_rows(g_ts, i0, bi, g.BI, sc.g_ts);
+        a.row_lse = stage_rows(row_lse, i0, bi, g.BI, sc.lse);
         a.g_col_lse[0] = g_col_pos ? g_col_pos + c0 : nullptr;
         a.g_col_lse[1] = g_col_neg ? g_col_neg + c0 : nullptr;
         a.col_lse[0] = col_pos ? col_pos + c0 : nullptr;

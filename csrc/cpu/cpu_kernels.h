@@ -64,6 +64,8 @@ struct PairRowState {
 
 // ---- class engine tiles -------------------------------------------------------------------------
 // A tile of tc whole classes x bi rows, computed transposed: st[(c*K + k) * ld + i] = w_ck . q_i.
+// The per-row arrays hold pad16(bi) entries (loc padded with -1, the backward inputs with zeros), so
+// the kernels run on whole vectors.
 template <typename T>
 struct ClassTile {
   T* st;  // backward: overwritten with dL/ds
@@ -83,7 +85,7 @@ struct ClassTile {
   const T* row_lse;
   const T* g_col_lse[2];
   const T* col_lse[2];
-  // scratch, at least (K + 3) * bi elements
+  // scratch, at least (tc + 1) * pad16(bi) + 16 K elements
   T* scratch;
 };
 
