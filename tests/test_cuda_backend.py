@@ -1,108 +1,162 @@
-"""CUDA C++ backend (backend "cuda", csrc/cuda): pair engine and class engine.
+"""CUDA C++ backend (backend "cuda", csrc/cuda): pair engine and class engine, with the shared
+kit's declarations, inputs and tolerance rule (tests/kit.py).
 
 Three layers:
 - CPU, always: when the installed library was built with CUDA (build_info()["cuda"]), all four
   ops have CUDA kernels registered (CI builds the CUDA code on a machine with no GPU and checks it
   this way).
-- CPU, when g++ and the CUDA headers are there: the kernels of csrc/cuda compiled as plain C++ by
-  csrc/cuda/emu (one std::thread per CUDA thread, emulated barriers, shuffles and WMMA fragments)
-  and compared with the materializing oracles (fused_pairloss.reference.*_engine_*_reference).
-  This runs the real tiling, masks, transposed / symmetrized self-mode tiles and both backward
-  passes on a machine without a GPU.
-- GPU (@pytest.mark.gpu, skipped without one): the same op-level parity on the device, loss-level
-  parity through the public API against backend="reference" (fp32; fp16/bf16: error vs an fp64
-  reference at most 2x the reference backend's own error in that dtype), determinism, large scales.
+- CPU, when a C++ compiler and the CUDA headers are there: the kernels of csrc/cuda compiled as
+  plain C++ (csrc/cuda/emu: one std::thread per CUDA thread, emulated barriers, shuffles and WMMA
+  fragments) inside the real host glue (csrc/cuda/glue.h), registered as ops `fpl_cuda_emu::*` on
+  CPU tensors with the schemas of the fused ops, and compared op by op with the materializing
+  oracles (fused_pairloss.ops.oracle). This runs the real tiling, masks, label-sorted bands,
+  transposed / symmetrized self-mode tiles and every backward pass on a machine without a GPU.
+- GPU (@pytest.mark.gpu, skipped without one): the same op-level parity on the device in every
+  dtype, loss-level parity of every loss of the kit's table against backend="reference",
+  determinism, memory, large scales.
 
-Near thresholds (SPEC §3): op-level cases use "dyadic" rows (16 entries of +-1/4: unit norm, every
-S = k/16 exact in any summation order) with miner_eps = 1/8 and Circle m = 1/4, so many pairs sit
-exactly on the mining / relu boundaries and both sides must decide them the same way.
+Declarations: the kit's table (the losses' own declarations) plus a few built directly with
+spec.PairLossSpec / ClassLossSpec for engine features no loss combines yet (LSE and sum of one
+set, NTXent's pair term with mining, a row term with both column terms, K = 10 / 64).
+Exactness (SPEC §3): on dyadic inputs every dot product, squared norm and squared distance is
+exact in any summation order, also through the tensor cores (fp16 / bf16 hold k/4 exactly), so
+the set sizes and the mining thresholds are compared bitwise with the same-dtype oracle; mining
+epsilons and margins are multiples of 1/16, so many pairs sit exactly on the boundaries.
+Everything else: kit.check_close, with the stat dtype's floor for statistics and the input
+dtype's for gradients (returned in the input dtype).
 """
-import ctypes
 import glob
 import hashlib
 import os
-import shutil
-import subprocess
 import tempfile
 
 import pytest
 import torch
 
 import fused_pairloss as fpl
-from fused_pairloss import functional as Fn
-from fused_pairloss import reference as R
-from fused_pairloss.ops import _kinds
+from fused_pairloss.ops import oracle
+from fused_pairloss.ops import spec as S
+
+import kit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
-MS, CIRCLE = _kinds.MULTI_SIMILARITY, _kinds.CIRCLE
-SOFT_TRIPLE, PROXY_CIRCLE = _kinds.SOFT_TRIPLE, _kinds.PROXY_CIRCLE
 LOWP = (torch.float16, torch.bfloat16)
+ALL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+DTYPE_IDS = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+T = S.PairTerm
 
-# (kind, p0, p1, p2, mine, miner_eps)
-PAIR_LOSSES = {
-    "ms": (MS, 2.0, 50.0, 0.5, False, 0.0),
-    "ms_mined": (MS, 2.0, 50.0, 0.5, True, 0.125),
-    "circle": (CIRCLE, 0.25, 80.0, 0.0, False, 0.0),
+# ---- declarations: the kit's, and engine features beyond them ------------------------------------
+EXTRA_PAIR = {
+    # weighted (Circle's detached relu weights) terms reduced by LSE and by sum together
+    "circle_lse_sum": S.PairLossSpec(pos=T(-4.0, 0.75, 1.25, -1.0, lse=True, sum=True),
+                                     neg=T(4.0, 0.25, 0.25, 1.0, lse=True, sum=True)),
+    # NTXent's pair term with mining: both deferrals (max_neg and lse_neg) in one walk
+    "ntxent_mine": S.PairLossSpec(pos=T(4.0, lse=True), neg=T(4.0, lse=True), pos_vs_neg_lse=True,
+                                  miner_epsilon=0.0625),
+    "ntxent_lp_mine_after_excl": S.PairLossSpec(pos=T(-2.0, sum=True), neg=T(-2.0, lse=True), distance="lp",
+                                                pos_vs_neg_lse=True, miner_epsilon=0.125,
+                                                exclude_after_mining=True),
 }
-# (K, kind, p0, p1, p2)
-CLASS_LOSSES = {
-    "softtriple_k1": (1, SOFT_TRIPLE, 20.0, 0.1, 0.01),
-    "softtriple_k3": (3, SOFT_TRIPLE, 20.0, 0.1, 0.01),
-    "softtriple_k10": (10, SOFT_TRIPLE, 20.0, 0.1, 0.01),
-    "proxy_circle": (1, PROXY_CIRCLE, 0.25, 256.0, 0.0),
+PAIR_DECLS = {**kit.PAIR_DECLARATIONS, **EXTRA_PAIR}
+
+EXTRA_CLASS = {
+    "softtriple_k10": (S.ClassLossSpec(row=T(8.0, lse=True), centers_per_class=10, pool_gamma=0.125), 10),
+    "softtriple_k64": (S.ClassLossSpec(row=T(8.0, lse=True), centers_per_class=64, pool_gamma=0.125), 64),
+    # a row term and both column terms: the row and the column kernel in one call
+    "row_and_cols": (S.ClassLossSpec(row=T(4.0, 0.125, lse=True), col_pos=T(-2.0, 0.5, lse=True),
+                                     col_neg=T(2.0, 0.0, 0.25, 1.0, lse=True)), 1),
 }
+CLASS_DECLS = {**kit.CLASS_DECLARATIONS, **EXTRA_CLASS}
 
 
-def dyadic(n, d, gen, dtype):
-    """n unit rows, 16 entries +-1/4 each (d >= 16): S = q.r = k/16, exact."""
-    x = torch.zeros(n, d, dtype=torch.float64)
-    for i in range(n):
-        idx = torch.randperm(d, generator=gen)[:16]
-        x[i, idx] = (torch.randint(0, 2, (16,), generator=gen) * 2 - 1).double() / 4
-    return x.to(dtype)
+def decls_and_modes(names=None):
+    """(declaration, mode) pairs that mean something (kit's rule: exclude-after-mining only with
+    the excluded column of a separate ref)."""
+    names = list(PAIR_DECLS) if names is None else names
+    return [(n, m) for n in names for m in kit.MODES if m == "ref_excl" or not PAIR_DECLS[n].exclude_after_mining]
 
 
-def gaussian(n, d, gen, dtype):
-    return torch.nn.functional.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1).to(dtype)
+# ---- checks against the oracles -------------------------------------------------------------------
+def _on(t, device):
+    return t if (t is None or device is None) else t.to(device)
 
 
-def pair_case(mode, n, m, d, gen, dtype):
-    q = dyadic(n, d, gen, dtype)
-    lq = torch.randint(0, 5, (n,), generator=gen)
-    if mode == "self":
-        return q, None, lq, None, True
-    if mode == "ref_excl":  # PML: ref_labels is labels -> i == j excluded (N == M)
-        return q, dyadic(n, d, gen, dtype), lq, lq.clone(), True
-    return q, dyadic(m, d, gen, dtype), lq, torch.randint(0, 5, (m,), generator=gen), False
+def _cpu(ts):
+    return [t.cpu() for t in ts]
 
 
-def acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def check_pair(ops, case, spec, exact, seed=0, need_grad_r=True, device=None):
+    """Forward and backward of one op call (emulated: device None; GPU: "cuda") against the oracle:
+    fp64 truth and same-dtype reference (kit.check_close), set sizes and thresholds bitwise where
+    exact. Returns the outputs (on the CPU)."""
+    dtype = case.q.dtype
+    A = kit.stat_dtype(dtype)
+    terms, flags = spec.pack()
+    dcase = case.to(device=device) if device else case
+    out = _cpu(ops.pair_engine_forward(*dcase.args(), list(terms), flags))
+    same = oracle.pair_engine_forward_oracle(*case.args(), terms, flags)
+    truth, _ = kit.pair_truth(case, spec)
+    assert [t.dtype for t in out] == [A, torch.int32, A]
+    assert [t.shape for t in out] == [t.shape for t in same]
+    if exact:
+        assert torch.equal(out[1], same[1]), "set sizes"
+        assert torch.equal(out[2][:2], same[2][:2]), "mining thresholds"
+    else:
+        for k in (0, 1):
+            kit.check_close(out[2][k], truth[2][k], same[2][k], what=S.PAIR_AUX[k], dtype=A)
+    for k, name in enumerate(S.PAIR_VALUES):
+        kit.check_close(out[0][k], truth[0][k], same[0][k], what=name, dtype=A)
+    kit.check_close(out[2][2], truth[2][2], same[2][2], what=S.PAIR_AUX[2], dtype=A)
+    g = torch.Generator().manual_seed(seed + 1)
+    gv = torch.randn(len(S.PAIR_VALUES), case.q.shape[0], generator=g, dtype=torch.float64).to(A)
+    # the backward gets its own forward's statistics, as in training
+    grads = _cpu(ops.pair_engine_backward(_on(gv, device), *dcase.args(), _on(out[0], device), _on(out[2], device),
+                                          list(terms), flags, need_grad_r))
+    _, truth_g = kit.pair_truth(case, spec, gv, need_grad_r)
+    same_g = oracle.pair_engine_backward_oracle(gv, *case.args(), same[0], same[2], terms, flags, need_grad_r)
+    assert grads[0].dtype == dtype
+    kit.check_close(grads[0], truth_g[0], same_g[0], what="grad_q", dtype=dtype)
+    if case.r is None or not need_grad_r:
+        assert grads[1].shape == (0,)
+    else:
+        assert grads[1].dtype == dtype
+        kit.check_close(grads[1], truth_g[1], same_g[1], what="grad_r", dtype=dtype)
+    return out, grads
 
 
-def grad_tols(dtype):
-    return {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
-
-
-def assert_stats_equal(out, ref, dtype):
-    tol = 1e-10 if dtype == torch.float64 else 2e-5
-    names = ("lse_pos", "lse_neg", "count_pos", "count_neg", "min_pos", "max_neg")
-    for name, a, b in zip(names, out, ref):
-        a, b = a.cpu(), b.cpu()
-        assert a.dtype == b.dtype, name
-        if name.startswith("count") or name in ("min_pos", "max_neg"):  # exact (dyadic S)
-            assert torch.equal(a, b), name
-        else:
-            torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=name)
-
-
-def assert_grad_close(a, b, dtype, name):
-    a, b = a.cpu().double(), b.cpu().double()
-    assert a.shape == b.shape, name
-    scale = max(b.abs().max().item(), 1e-30)
-    tol = grad_tols(dtype)
-    torch.testing.assert_close(a / scale, b / scale, rtol=tol, atol=tol, msg=name)
+def check_class(ops, case, spec, seed=0, need_grad_w=True, device=None):
+    dtype = case.q.dtype
+    A = kit.stat_dtype(dtype)
+    terms, flags = spec.pack()
+    dcase = case.to(device=device) if device else case
+    out = _cpu(ops.class_engine_forward(*dcase.args(), list(terms), flags))
+    same = oracle.class_engine_forward_oracle(*case.args(), terms, flags)
+    c64 = case.to(torch.float64)
+    truth = oracle.class_engine_forward_oracle(*c64.args(), terms, flags)
+    assert out[0].dtype == out[1].dtype == A
+    for k in range(2):
+        kit.check_close(out[0][k], truth[0][k], same[0][k], what=S.CLASS_ROWS[k], dtype=A)
+        kit.check_close(out[1][k], truth[1][k], same[1][k], what=S.CLASS_COLS[k], dtype=A)
+    g = torch.Generator().manual_seed(seed + 1)
+    n, C = case.q.shape[0], case.w.shape[0] // case.K
+    gr = torch.randn(2, n, generator=g, dtype=torch.float64).to(A)
+    gc = torch.randn(2, C, generator=g, dtype=torch.float64).to(A)
+    grads = _cpu(ops.class_engine_backward(_on(gr, device), _on(gc, device), dcase.q, dcase.w, dcase.labels,
+                                           _on(out[0], device), _on(out[1], device), case.K, list(terms), flags,
+                                           need_grad_w))
+    truth_g = oracle.class_engine_backward_oracle(gr.double(), gc.double(), c64.q, c64.w, c64.labels, truth[0],
+                                                  truth[1], case.K, terms, flags, need_grad_w)
+    same_g = oracle.class_engine_backward_oracle(gr, gc, *case.args()[:3], same[0], same[1], case.K, terms, flags,
+                                                 need_grad_w)
+    assert grads[0].dtype == dtype
+    kit.check_close(grads[0], truth_g[0], same_g[0], what="grad_q", dtype=dtype)
+    if need_grad_w:
+        assert grads[1].dtype == dtype
+        kit.check_close(grads[1], truth_g[1], same_g[1], what="grad_w", dtype=dtype)
+    else:
+        assert grads[1].shape == (0,)
+    return out, grads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,7 +174,7 @@ def test_cuda_kernels_registered_when_built_with_cuda():
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. CPU emulation of the CUDA kernels (csrc/cuda/emu)
+# 2. CPU emulation of the CUDA kernels and their glue (csrc/cuda/emu)
 # ---------------------------------------------------------------------------------------------
 def _cuda_include_dir():
     homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
@@ -135,337 +189,464 @@ def _cuda_include_dir():
     return None
 
 
+def _emu_sources():
+    return [os.path.join(CSRC, "cuda", "emu", f) for f in ("emu_ops.cpp", "emu_pair.cpp", "emu_class.cpp")]
+
+
 @pytest.fixture(scope="module")
 def emu():
-    cxx = shutil.which("g++")
+    import shutil
+
+    from torch.utils import cpp_extension
+
     inc = _cuda_include_dir()
-    if cxx is None or inc is None:
-        pytest.skip("the CUDA kernel emulation needs g++ and the CUDA headers (cuda_fp16.h)")
-    srcs = [os.path.join(CSRC, "cuda", "emu", f"emu_{n}.cpp") for n in ("pair", "class", "api")]
-    deps = sorted(glob.glob(os.path.join(CSRC, "cuda", "*")) + glob.glob(os.path.join(CSRC, "cuda", "emu", "*"))
-                  + [os.path.join(CSRC, "common", "pair_math.h")])
-    h = hashlib.sha1()
+    if shutil.which(os.environ.get("CXX", "c++")) is None or inc is None:
+        pytest.skip("the CUDA kernel emulation needs a C++ compiler and the CUDA headers (cuda_fp16.h)")
+    deps = sorted(glob.glob(os.path.join(CSRC, "cuda", "**", "*"), recursive=True)
+                  + glob.glob(os.path.join(CSRC, "common", "*")))
+    h = hashlib.sha1(torch.__version__.encode())
     for p in deps:
         if os.path.isfile(p):
             with open(p, "rb") as f:
-                h.update(f.read())
-    out_dir = os.path.join(tempfile.gettempdir(), f"fpl_cuda_emu_{h.hexdigest()[:16]}")
-    lib_path = os.path.join(out_dir, "libfpl_cuda_emu.so")
-    if not os.path.exists(lib_path):
-        os.makedirs(out_dir, exist_ok=True)
-        flags = ["-std=c++20", "-O1", "-fPIC", "-pthread", f"-I{CSRC}", f"-I{inc}"]
-        procs, objs = [], []
-        for s in srcs:
-            o = os.path.join(out_dir, os.path.basename(s) + ".o")
-            objs.append(o)
-            procs.append(subprocess.Popen([cxx, *flags, "-c", s, "-o", o], stderr=subprocess.PIPE, text=True))
-        for p, s in zip(procs, srcs):
-            _, err = p.communicate()
-            assert p.returncode == 0, f"emulation build of {s} failed:\n{err[-4000:]}"
-        tmp = lib_path + f".{os.getpid()}"
-        subprocess.run([cxx, "-shared", "-pthread", "-o", tmp, *objs], check=True)
-        os.replace(tmp, lib_path)
-    return _Emu(ctypes.CDLL(lib_path))
+                h.update(p.encode() + f.read())
+    build_dir = os.path.join(tempfile.gettempdir(), f"fpl_cuda_emu_{h.hexdigest()[:16]}")
+    os.makedirs(build_dir, exist_ok=True)
+    cpp_extension.load(
+        name="fpl_cuda_emu", sources=_emu_sources(), extra_include_paths=[CSRC, inc],
+        extra_cflags=["-std=c++20", "-O1", "-pthread"], extra_ldflags=["-pthread"],
+        build_directory=build_dir, with_cuda=False, is_python_module=False, verbose=False)
+    return torch.ops.fpl_cuda_emu
 
 
-class _Emu:
-    """The launchers of csrc/cuda/launchers.h on CPU tensors, with the ops' signatures."""
-    DT = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-
-    def __init__(self, lib):
-        self.lib = lib
-        self.vec16 = True
-
-    @staticmethod
-    def _p(t):
-        return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
-
-    def _vec(self, a, b):
-        return int(self.vec16 and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
-                   and (a.shape[1] * a.element_size()) % 16 == 0)
-
-    def pair_engine_forward(self, q, r, lq, lr, exclude_diag, kind, p0, p1, p2, mine, eps):
-        self_mode = r is None
-        rr, llr = (q, lq) if self_mode else (r, lr)
-        (n, d), m, A = q.shape, rr.shape[0], acc_dtype(q.dtype)
-        out = [torch.empty(n, dtype=A), torch.empty(n, dtype=A), torch.empty(n, dtype=torch.int32),
-               torch.empty(n, dtype=torch.int32), torch.empty(n, dtype=A), torch.empty(n, dtype=A)]
-        i64, f64, p = ctypes.c_int64, ctypes.c_double, self._p
-        rc = self.lib.fpl_emu_pair_forward(
-            self.DT[q.dtype], p(q), p(rr), p(lq), p(llr), i64(n), i64(m), i64(d), int(self_mode),
-            self._vec(q, rr), i64(kind), f64(p0), f64(p1), f64(p2), int(mine), f64(eps),
-            int(exclude_diag or self_mode), *[p(t) for t in out])
-        assert rc == 0
-        return tuple(out)
-
-    def pair_engine_backward(self, gp, gn, q, r, lq, lr, lse_pos, lse_neg, min_pos, max_neg,
-                             exclude_diag, kind, p0, p1, p2, mine, eps):
-        self_mode = r is None
-        rr, llr = (q, lq) if self_mode else (r, lr)
-        (n, d), m, A = q.shape, rr.shape[0], acc_dtype(q.dtype)
-        gq = torch.zeros(n, d, dtype=A)
-        gr = None if self_mode else torch.zeros(m, d, dtype=A)
-        st = [t.to(A).contiguous() for t in (gp, gn, lse_pos, lse_neg, min_pos, max_neg)]
-        i64, f64, p = ctypes.c_int64, ctypes.c_double, self._p
-        rc = self.lib.fpl_emu_pair_backward(
-            self.DT[q.dtype], p(st[0]), p(st[1]), p(q), p(rr), p(lq), p(llr), p(st[2]), p(st[3]),
-            p(st[4]), p(st[5]), i64(n), i64(m), i64(d), int(self_mode), self._vec(q, rr), i64(kind),
-            f64(p0), f64(p1), f64(p2), int(mine), f64(eps), int(exclude_diag or self_mode), p(gq), p(gr))
-        assert rc == 0
-        return gq.to(q.dtype), (q.new_empty(0) if self_mode else gr.to(q.dtype))
-
-    def class_engine_forward(self, q, w, labels, K, kind, p0, p1, p2):
-        (n, d), c, A = q.shape, w.shape[0] // K, acc_dtype(q.dtype)
-        lse, ts = torch.empty(n, dtype=A), torch.empty(n, dtype=A)
-        i64, f64, p = ctypes.c_int64, ctypes.c_double, self._p
-        rc = self.lib.fpl_emu_class_forward(
-            self.DT[q.dtype], p(q), p(w), p(labels), i64(n), i64(c), i64(K), i64(d), self._vec(q, w),
-            i64(kind), f64(p0), f64(p1), f64(p2), p(lse), p(ts))
-        assert rc == 0
-        return lse, ts
-
-    def class_engine_backward(self, gl, gt, q, w, labels, lse, K, kind, p0, p1, p2):
-        (n, d), c, A = q.shape, w.shape[0] // K, acc_dtype(q.dtype)
-        gq, gw = torch.zeros(n, d, dtype=A), torch.zeros(w.shape[0], d, dtype=A)
-        gl, gt, lse = (t.to(A).contiguous() for t in (gl, gt, lse))
-        i64, f64, p = ctypes.c_int64, ctypes.c_double, self._p
-        rc = self.lib.fpl_emu_class_backward(
-            self.DT[q.dtype], p(gl), p(gt), p(q), p(w), p(labels), p(lse), i64(n), i64(c), i64(K),
-            i64(d), self._vec(q, w), i64(kind), f64(p0), f64(p1), f64(p2), p(gq), p(gw))
-        assert rc == 0
-        return gq.to(q.dtype), gw.to(w.dtype)
+# ---- pair engine --------------------------------------------------------------------------------
+# 70 rows (ref: 35 columns): 2 row blocks, ragged; 131 rows (ref: 136 columns): 3 row blocks and 3
+# column tiles, several diagonal tiles, bands across tile edges; D = 24 / 37: partial chunks, and
+# D = 37 rows are not 16-byte multiples (scalar loads)
+EMU_SHAPES = [(70, 24, "few"), (131, 37, "many")]
 
 
-class _GpuOps:
-    """The registered CUDA kernels, on CUDA copies of the inputs."""
-
-    def __getattr__(self, name):
-        op = getattr(torch.ops.fused_pairloss, name)
-
-        def call(*args):
-            args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
-            out = op(*args)
-            torch.cuda.synchronize()
-            return tuple(o.cpu() for o in out)
-
-        return call
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("decl,mode", decls_and_modes())
+def test_emulated_pair_op_parity_dyadic(emu, decl, mode, dtype):
+    for n, d, layout in EMU_SHAPES:
+        check_pair(emu, kit.pair_case(mode, n, d, layout, dtype, "dyadic", seed=n), PAIR_DECLS[decl], exact=True,
+                   seed=n)
 
 
-def check_pair_op(ops, mode, loss, dtype, n=70, m=90, d=40, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q, r, lq, lr, excl = pair_case(mode, n, m, d, gen, dtype)
-    args = (excl, *PAIR_LOSSES[loss])
-    out = ops.pair_engine_forward(q, r, lq, lr, *args)
-    ref = R.pair_engine_forward_reference(q, r, lq, lr, *args)
-    assert_stats_equal(out, ref, dtype)
-    A = acc_dtype(dtype)
-    gp = torch.rand(n, generator=gen, dtype=torch.float64).to(A)
-    gn = torch.rand(n, generator=gen, dtype=torch.float64).to(A)
-    saved = (ref[0], ref[1], ref[4], ref[5])
-    g = ops.pair_engine_backward(gp, gn, q, r, lq, lr, *saved, *args)
-    gref = R.pair_engine_backward_reference(gp, gn, q, r, lq, lr, *saved, *args)
-    assert g[0].dtype == dtype
-    assert_grad_close(g[0], gref[0], dtype, "grad_q")
-    if r is None:
-        assert g[1].numel() == 0
-    else:
-        assert_grad_close(g[1], gref[1], dtype, "grad_r")
-    return g
+@pytest.mark.parametrize("dtype", LOWP, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("decl,mode", decls_and_modes(["ms_mine", "circle", "ntxent_lp", "contrastive_lp",
+                                                       "ms_mine_after_excl", "ntxent_mine"]))
+def test_emulated_pair_op_low_precision_through_wmma(emu, decl, mode, dtype):
+    """fp16 / bf16 go through the (emulated) WMMA tiles with fp32 accumulation; dyadic entries are
+    exact in both, so S is exact and the set sizes and thresholds are still bitwise the oracle's."""
+    check_pair(emu, kit.pair_case(mode, 70, 40, "few", dtype, "dyadic", seed=3), PAIR_DECLS[decl], exact=True)
 
 
-def check_class_op(ops, loss, dtype, n=70, c=13, d=40, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    K, kind, p0, p1, p2 = CLASS_LOSSES[loss]
-    q = gaussian(n, d, gen, dtype)
-    w = gaussian(c * K, d, gen, dtype)
-    labels = torch.randint(0, c, (n,), generator=gen)
-    args = (K, kind, p0, p1, p2)
-    out = ops.class_engine_forward(q, w, labels, *args)
-    ref = R.class_engine_forward_reference(q, w, labels, *args)
-    tol = 1e-10 if dtype == torch.float64 else 2e-5
-    for name, a, b in zip(("lse", "target_sim"), out, ref):
-        torch.testing.assert_close(a.cpu(), b, rtol=tol, atol=tol, msg=name)
-    A = acc_dtype(dtype)
-    gl = torch.rand(n, generator=gen, dtype=torch.float64).to(A)
-    gt = torch.randn(n, generator=gen, dtype=torch.float64).to(A)
-    g = ops.class_engine_backward(gl, gt, q, w, labels, ref[0], *args)
-    gref = R.class_engine_backward_reference(gl, gt, q, w, labels, ref[0], *args)
-    assert_grad_close(g[0], gref[0], dtype, "grad_q")
-    assert_grad_close(g[1], gref[1], dtype, "grad_w")
+# 1 row; all one label (no negatives); all distinct (no positives); exactly one tile; one past it
+SHAPES = [(1, 3, "few"), (2, 4, "same"), (7, 5, "distinct"), (64, 16, "few"), (65, 8, "same"),
+          (129, 7, "distinct")]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("loss", list(PAIR_LOSSES))
-@pytest.mark.parametrize("mode", ["self", "ref", "ref_excl"])
-def test_emulated_pair_engine_matches_oracle(emu, mode, loss, dtype):
-    check_pair_op(emu, mode, loss, dtype)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("decl,mode", decls_and_modes(["ms_mine0", "ms_mine_after_excl", "circle_lse_sum",
+                                                       "contrastive_lp", "ntxent_lp_mine_after_excl", "supcon"]))
+def test_emulated_pair_op_shapes_and_label_layouts(emu, decl, mode, dtype):
+    for n, d, layout in SHAPES:
+        check_pair(emu, kit.pair_case(mode, n, d, layout, dtype, "dyadic", seed=n + d), PAIR_DECLS[decl],
+                   exact=True, seed=n)
+
+
+# mining on random fp32 S is left out: a pair could sit within an ulp of a threshold
+@pytest.mark.parametrize("mode", kit.MODES)
+@pytest.mark.parametrize("decl,dtype", [("ms", torch.float32), ("circle", torch.float32), ("ntxent", torch.float32),
+                                        ("supcon", torch.float32), ("contrastive_lp", torch.float32),
+                                        ("lifted_lp", torch.float32), ("ms_mine", torch.float64),
+                                        ("ms_lp_mine", torch.float64), ("ntxent_mine", torch.float64)], ids=str)
+def test_emulated_pair_op_parity_random(emu, decl, mode, dtype):
+    check_pair(emu, kit.pair_case(mode, 100, 33, "many", dtype, "normalized", seed=7), PAIR_DECLS[decl],
+               exact=False, seed=7)
+
+
+@pytest.mark.parametrize("decl", ["ms_mine", "contrastive_lp", "ntxent_mine"])
+def test_emulated_need_grad_r_false_skips_the_column_pass(emu, decl):
+    case = kit.pair_case("ref", 70, 24, "few", torch.float32, "dyadic", seed=11)
+    _, (gq1, gr1) = check_pair(emu, case, PAIR_DECLS[decl], exact=True, seed=11, need_grad_r=True)
+    _, (gq0, gr0) = check_pair(emu, case, PAIR_DECLS[decl], exact=True, seed=11, need_grad_r=False)
+    assert gr1.shape == case.r.shape and gr0.shape == (0,)
+    assert torch.equal(gq0, gq1)
+
+
+@pytest.mark.parametrize("decl", ["ms_mine", "circle", "contrastive_lp", "ntxent_mine"])
+def test_emulated_self_mode_is_symmetric(emu, decl):
+    """Self mode reads S_ij and S_ji from one canonical tile: its forward is bitwise the forward of
+    its ref-mode twin (r a copy of q, each row's own column excluded) on Gaussian fp32 rows (no
+    help from exactness); its gradient (G + G^T) q is grad_q + grad_r of the twin to rounding; and
+    both are bitwise reproducible."""
+    spec = PAIR_DECLS[decl]
+    terms, flags = spec.pack()
+    case = kit.pair_case("self", 150, 40, "few", torch.float32, "normalized", seed=5)
+    twin = kit.PairCase(case.q, case.q.clone(), case.labels_q, case.labels_q.clone(), torch.arange(150))
+    a = emu.pair_engine_forward(*case.args(), list(terms), flags)
+    b = emu.pair_engine_forward(*twin.args(), list(terms), flags)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    gv = torch.randn(len(S.PAIR_VALUES), 150, generator=torch.Generator().manual_seed(5))
+    ga, _ = emu.pair_engine_backward(gv, *case.args(), a[0], a[2], list(terms), flags, True)
+    gq, gr = emu.pair_engine_backward(gv, *twin.args(), a[0], a[2], list(terms), flags, True)
+    kit.check_close(ga, gq.double() + gr.double(), what="grad_q", dtype=torch.float32)
+    a2 = emu.pair_engine_forward(*case.args(), list(terms), flags)
+    ga2, _ = emu.pair_engine_backward(gv, *case.args(), a[0], a[2], list(terms), flags, True)
+    assert all(torch.equal(x, y) for x, y in zip(a, a2)) and torch.equal(ga, ga2)
+
+
+def _misaligned(t):
+    """The same values at an address that is not 16-byte aligned (the glue then takes scalar loads)."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    assert out.data_ptr() % 16 != 0
+    return out
+
+
+def test_emulated_vector_and_scalar_loads_agree(emu):
+    for dtype in (torch.float32, torch.float16):
+        case = kit.pair_case("ref", 70, 64, "few", dtype, "normalized", seed=3)
+        terms, flags = PAIR_DECLS["ms_mine"].pack()
+        a = emu.pair_engine_forward(*case.args(), list(terms), flags)
+        b = emu.pair_engine_forward(_misaligned(case.q), _misaligned(case.r), *case.args()[2:], list(terms), flags)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        spec, K = CLASS_DECLS["row_and_cols"]
+        cc = kit.class_case(70, 64, 20, K, dtype, seed=3)
+        a = emu.class_engine_forward(*cc.args(), *spec.pack())
+        b = emu.class_engine_forward(_misaligned(cc.q), _misaligned(cc.w), cc.labels, K, *spec.pack())
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 @pytest.mark.parametrize("mode", ["self", "ref"])
-def test_emulated_pair_engine_fp64_and_ragged_shapes(emu, mode):
-    # fp64 FMA path; 3 row blocks (several diagonal tiles in self mode); D = 37: scalar loads
-    check_pair_op(emu, mode, "ms_mined", torch.float64, n=130, m=75, d=37, seed=1)
-    check_pair_op(emu, mode, "circle", torch.float32, n=130, m=75, d=37, seed=2)
+@pytest.mark.parametrize("decl", ["ms", "ms_mine", "circle_lse_sum", "ntxent", "ntxent_mine", "contrastive_lp"])
+def test_emulated_nan_in_nan_out(emu, decl, mode):
+    """A NaN entry: NaN in the same statistics as the oracle's (torch.amin / amax semantics for the
+    thresholds: every comparison with NaN is false), the same set sizes, no crash, NaN in the NaN
+    row's gradient. The distance keeps NaN (pair_terms.inl pair_v_lp, as the CPU engine), while the
+    oracle's _lp maps a NaN d^2 to d = 0: for lp only NaN-in-NaN-out is checked."""
+    spec = PAIR_DECLS[decl]
+    terms, flags = spec.pack()
+    case = kit.pair_case(mode, 70, 24, "few", torch.float32, "dyadic", seed=2)
+    case.q[3, 2] = float("nan")
+    values, counts, aux = emu.pair_engine_forward(*case.args(), list(terms), flags)
+    if spec.distance == "lp":
+        assert torch.isnan(values[2, 3]) and torch.isnan(values[3, 3])
+    else:
+        ref = oracle.pair_engine_forward_oracle(*case.args(), terms, flags)
+        assert torch.equal(counts, ref[1])
+        assert torch.equal(values.isnan(), ref[0].isnan()) and torch.equal(aux.isnan(), ref[2].isnan())
+    assert values[:, 3].isnan().any() or aux[:2, 3].isnan().all()
+    gv = torch.randn(5, 70, generator=torch.Generator().manual_seed(2))
+    gq, gr = emu.pair_engine_backward(gv, *case.args(), values, aux, list(terms), flags, True)
+    assert gq.shape == case.q.shape and gr.shape == ((0,) if case.r is None else case.r.shape)
+    if not spec.mine:  # mining drops every pair of the NaN row (comparisons with NaN are false)
+        assert torch.isnan(gq[3]).all()
 
 
-def test_emulated_pair_engine_vector_and_scalar_loads_agree(emu):
-    gen = torch.Generator().manual_seed(3)
-    q = gaussian(70, 64, gen, torch.float16)
-    lq = torch.randint(0, 4, (70,), generator=gen)
-    args = (True, *PAIR_LOSSES["ms_mined"])
-    emu.vec16 = True
-    a = emu.pair_engine_forward(q, None, lq, None, *args)
-    emu.vec16 = False
-    try:
-        b = emu.pair_engine_forward(q, None, lq, None, *args)
-    finally:
-        emu.vec16 = True
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
+def test_emulated_empty_sides(emu):
+    terms, flags = PAIR_DECLS["ntxent_lp_mine_after_excl"].pack()
+    q = kit.dyadic(6, 8, torch.Generator().manual_seed(0), torch.float32)
+    lq = torch.arange(6) % 2
+    # M = 0: every set empty
+    r, lr = q[:0], lq[:0]
+    values, counts, aux = emu.pair_engine_forward(q, r, lq, lr, torch.full((6,), -1), list(terms), flags)
+    assert torch.isneginf(values[:2]).all() and (values[2:] == 0).all() and (counts == 0).all()
+    assert torch.isposinf(aux[0]).all() and torch.isneginf(aux[1]).all() and (aux[2] == 0).all()
+    gv = torch.ones(5, 6)
+    gq, gr = emu.pair_engine_backward(gv, q, r, lq, lr, None, values, aux, list(terms), flags, True)
+    assert (gq == 0).all() and gq.shape == (6, 8) and gr.shape == (0, 8)
+    # N = 0
+    values, counts, aux = emu.pair_engine_forward(q[:0], None, lq[:0], None, None, list(terms), flags)
+    assert values.shape == (5, 0) and counts.shape == (4, 0) and aux.shape == (3, 0)
+    gq, gr = emu.pair_engine_backward(gv[:, :0], q[:0], q, lq[:0], lq, None, values, aux, list(terms), flags, True)
+    assert gq.shape == (0, 8) and (gr == 0).all() and gr.shape == (6, 8)
+    # exclude_col values outside [-1, M) exclude nothing (no device sync to reject them)
+    case = kit.pair_case("ref", 9, 4, "few", torch.float64, "dyadic", seed=1)
+    a = emu.pair_engine_forward(*case.args()[:4], torch.full((9,), 99), list(terms), flags)
+    b = emu.pair_engine_forward(*case.args()[:4], None, list(terms), flags)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def test_emulated_pair_backward_is_deterministic(emu):
-    g1 = check_pair_op(emu, "ref", "ms_mined", torch.float32, seed=4)
-    g2 = check_pair_op(emu, "ref", "ms_mined", torch.float32, seed=4)
-    assert torch.equal(g1[0], g2[0]) and torch.equal(g1[1], g2[1])
+def test_emulated_rejects_bad_arguments(emu):
+    terms, flags = PAIR_DECLS["ms"].pack()
+    q = torch.zeros(4, 3)
+    lq = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="exclude_col is implied"):
+        emu.pair_engine_forward(q, None, lq, None, torch.zeros(4, dtype=torch.long), list(terms), flags)
+    with pytest.raises(RuntimeError, match="terms must have"):
+        emu.pair_engine_forward(q, None, lq, None, None, list(terms)[:-1], flags)
+    with pytest.raises(RuntimeError, match="unknown pair flag"):
+        emu.pair_engine_forward(q, None, lq, None, None, list(terms), flags | (1 << 12))
+    with pytest.raises(RuntimeError, match="same dtype"):
+        emu.pair_engine_forward(q, q.double(), lq, lq, None, list(terms), flags)
+    with pytest.raises(RuntimeError, match="float32, float64, float16 or bfloat16"):
+        emu.pair_engine_forward(q.int(), None, lq, None, None, list(terms), flags)
+    spec = S.ClassLossSpec(row=T(1.0, lse=True), centers_per_class=65, pool_gamma=0.1)
+    with pytest.raises(RuntimeError, match="at most 64"):
+        emu.class_engine_forward(q, torch.zeros(65, 3), lq, 65, *spec.pack())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("loss", list(CLASS_LOSSES))
-def test_emulated_class_engine_matches_oracle(emu, loss, dtype):
-    check_class_op(emu, loss, dtype)
+# ---- class engine -------------------------------------------------------------------------------
+# (n, d, C): 2 row blocks, one class tile (K = 1) / 2-3 tiles (K = 5: 12 classes a tile); 3 row
+# blocks, 3 class tiles for K = 1, scalar loads (D = 37), most classes without a sample
+EMU_CLASS_SHAPES = [(70, 24, 13), (131, 37, 150)]
 
 
-def test_emulated_class_engine_many_tiles(emu):
-    # K = 64: one class per tile; 2 row blocks
-    CLASS_LOSSES_K64 = (64, SOFT_TRIPLE, 20.0, 0.1, 0.01)
-    gen = torch.Generator().manual_seed(5)
-    q, w = gaussian(70, 24, gen, torch.float32), gaussian(3 * 64, 24, gen, torch.float32)
-    labels = torch.randint(0, 3, (70,), generator=gen)
-    out = emu.class_engine_forward(q, w, labels, *CLASS_LOSSES_K64)
-    ref = R.class_engine_forward_reference(q, w, labels, *CLASS_LOSSES_K64)
-    for a, b in zip(out, ref):
-        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
-    gl, gt = torch.rand(70, generator=gen), torch.randn(70, generator=gen)
-    g = emu.class_engine_backward(gl, gt, q, w, labels, ref[0], *CLASS_LOSSES_K64)
-    gref = R.class_engine_backward_reference(gl, gt, q, w, labels, ref[0], *CLASS_LOSSES_K64)
-    assert_grad_close(g[0], gref[0], torch.float32, "grad_q")
-    assert_grad_close(g[1], gref[1], torch.float32, "grad_w")
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("decl", [d for d in CLASS_DECLS if d != "softtriple_k64"])
+def test_emulated_class_op_parity(emu, decl, dtype):
+    spec, K = CLASS_DECLS[decl]
+    for n, d, C in EMU_CLASS_SHAPES:
+        check_class(emu, kit.class_case(n, d, C, K, dtype, seed=n), spec, seed=n)
+
+
+def test_emulated_class_op_one_class_per_tile(emu):
+    spec, K = CLASS_DECLS["softtriple_k64"]
+    check_class(emu, kit.class_case(131, 37, 3, K, torch.float32, seed=5), spec)
+
+
+@pytest.mark.parametrize("decl", ["proxycircle", "proxyanchor", "row_and_cols"])
+def test_emulated_class_op_dyadic_kinks(emu, decl):
+    """Dyadic inputs put pairs exactly on the relu kinks of the weighted terms."""
+    spec, K = CLASS_DECLS[decl]
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        check_class(emu, kit.class_case(70, 24, 13, K, dtype, seed=4, data="dyadic"), spec, seed=4)
+
+
+@pytest.mark.parametrize("decl", ["softtriple", "proxyanchor", "row_and_cols"])
+def test_emulated_class_need_grad_w_false(emu, decl):
+    spec, K = CLASS_DECLS[decl]
+    case = kit.class_case(70, 24, 13, K, torch.float32, seed=8)
+    _, (gq1, gw1) = check_class(emu, case, spec, seed=8, need_grad_w=True)
+    _, (gq0, gw0) = check_class(emu, case, spec, seed=8, need_grad_w=False)
+    assert gw0.shape == (0,) and gw1.shape == case.w.shape and torch.equal(gq0, gq1)
+
+
+@pytest.mark.parametrize("decl", ["softtriple", "proxycircle", "row_and_cols"])
+def test_emulated_class_nan_in_nan_out(emu, decl):
+    spec, K = CLASS_DECLS[decl]
+    terms, flags = spec.pack()
+    case = kit.class_case(70, 24, 13, K, torch.float32, seed=9)
+    case.q[1, 3] = float("nan")
+    case.w[4 * K, 0] = float("nan")  # class 4
+    rows, cols = emu.class_engine_forward(*case.args(), list(terms), flags)
+    rrows, rcols = oracle.class_engine_forward_oracle(*case.args(), terms, flags)
+    assert torch.equal(rows[0].isnan(), rrows[0].isnan()) and torch.equal(cols.isnan(), rcols.isnan())
+    # target_sim_i = S_{i,y_i}: NaN for the NaN row and for the rows of the NaN class only (the
+    # oracle's (S * one_hot).sum(1) spreads a NaN of any class to every row)
+    assert torch.equal(rows[1].isnan(), (torch.arange(70) == 1) | (case.labels == 4))
+    assert rows[0].isnan().any()
+    g = torch.ones_like(rrows), torch.ones_like(rcols)
+    gq, gw = emu.class_engine_backward(*g, case.q, case.w, case.labels, rrows, rcols, K, list(terms), flags, True)
+    assert gq.shape == case.q.shape and gw.shape == case.w.shape and torch.isnan(gq[1]).all()
+
+
+def test_emulated_class_edge_cases(emu):
+    spec, K = CLASS_DECLS["row_and_cols"]
+    terms, flags = spec.pack()
+    # C = 1: no other class (row LSE -inf), every row a positive of the class
+    case = kit.class_case(5, 8, 1, 1, torch.float32, seed=0)
+    rows, cols = emu.class_engine_forward(*case.args(), list(terms), flags)
+    assert torch.isneginf(rows[0]).all() and torch.isneginf(cols[1]).all()
+    check_class(emu, case, spec)
+    # labels that are no class index: target_sim NaN (the Python layer rejects them first)
+    rows, _ = emu.class_engine_forward(case.q, case.w, torch.full((5,), 7), 1, list(terms), flags)
+    assert torch.isnan(rows[1]).all()
+    # N = 0
+    rows, cols = emu.class_engine_forward(case.q[:0], case.w, case.labels[:0], 1, list(terms), flags)
+    assert rows.shape == (2, 0) and torch.isneginf(cols).all()
+    gq, gw = emu.class_engine_backward(rows, cols, case.q[:0], case.w, case.labels[:0], rows, cols, 1, list(terms),
+                                       flags, True)
+    assert gq.shape == (0, 8) and (gw == 0).all()
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. GPU
+# 3. GPU (the real kernels; skipped without a GPU)
 # ---------------------------------------------------------------------------------------------
-def _needs_cuda_backend():
+GPU, GPU_BACKEND = "cuda", "cuda"  # device and backend of the GPU tests (a dry run of their logic on the
+# CPU points them at the emulation)
+
+
+def _gpu_ops():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     if "cuda" not in fpl.available_backends("cuda"):
         pytest.skip(f"the cuda backend is not available: {fpl.build_info()}")
+    return torch.ops.fused_pairloss
+
+
+# 300 rows (ref: 150): 5 row blocks; D = 136: 16-byte loads; 257 rows (ref: 262), D = 37: scalar loads
+GPU_SHAPES = [(300, 136, "few"), (257, 37, "many")]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("loss", list(PAIR_LOSSES))
-@pytest.mark.parametrize("mode", ["self", "ref", "ref_excl"])
-def test_gpu_pair_engine_matches_oracle(mode, loss, dtype):
-    _needs_cuda_backend()
-    check_pair_op(_GpuOps(), mode, loss, dtype, n=300, m=200, d=136)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("decl,mode", decls_and_modes())
+def test_gpu_pair_op_parity_dyadic(decl, mode, dtype):
+    """Dyadic inputs (exact S also through the tensor cores): set sizes and thresholds bitwise."""
+    ops = _gpu_ops()
+    for n, d, layout in GPU_SHAPES:
+        d = min(d, 64)  # dyadic dot products are exact for d <= 64
+        check_pair(ops, kit.pair_case(mode, n, d, layout, dtype, "dyadic", seed=n), PAIR_DECLS[decl], exact=True,
+                   seed=n, device=GPU)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("loss", list(CLASS_LOSSES))
-def test_gpu_class_engine_matches_oracle(loss, dtype):
-    _needs_cuda_backend()
-    check_class_op(_GpuOps(), loss, dtype, n=300, c=50, d=136)
-
-
-def _loss_and_grads(fn, tensors, kwargs, backend, dtype):
-    leaves = [t.detach().to("cuda", dtype).requires_grad_() if t.is_floating_point() else t.to("cuda")
-              for t in tensors]
-    loss = fn(*leaves, **kwargs, backend=backend)
-    assert loss.dtype == dtype
-    wrt = [t for t in leaves if t.requires_grad]
-    grads = torch.autograd.grad(loss, wrt)
-    return loss.detach().double().cpu(), [g.double().cpu() for g in grads]
-
-
-def _pair_loss_case(name, ref_mode, gen):
-    n, d = 96, 64
-    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
-    y = torch.randint(0, 6, (n,), generator=gen)
-    tensors = [x, y]
-    if name.startswith("ms_mined"):  # exact S (dyadic rows) so mining decisions are exact
-        tensors[0] = dyadic(n, d, gen, torch.float64)
-    if ref_mode:
-        tensors += [torch.randn(80, d, generator=gen, dtype=torch.float64), torch.randint(0, 6, (80,), generator=gen)]
-    fn, kwargs = {
-        "ms": (Fn.multi_similarity_loss, {}),
-        "ms_mined": (Fn.multi_similarity_loss, {"miner_epsilon": 0.1}),
-        "circle": (Fn.circle_loss, {}),
-    }[name]
-    return fn, tensors, kwargs
-
-
-def _class_loss_case(name, gen):
-    n, d, c = 96, 64, 20
-    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
-    y = torch.randint(0, c, (n,), generator=gen)
-    if name == "proxy_circle":
-        return Fn.proxy_circle_loss, [x, y, torch.randn(d, c, generator=gen, dtype=torch.float64)], {}
-    K = {"softtriple_k1": 1, "softtriple_k3": 3}[name]
-    centers = torch.randn(d, c * K, generator=gen, dtype=torch.float64)
-    return Fn.soft_triple_loss, [x, y, centers], {"centers_per_class": K,
-                                                  "center_reg_weight": 0.2 if K > 1 else 0.0}
-
-
-def _check_loss_parity(fn, tensors, kwargs, dtype):
-    got = _loss_and_grads(fn, tensors, kwargs, "cuda", dtype)
-    ref = _loss_and_grads(fn, tensors, kwargs, "reference", dtype)
-    if dtype == torch.float32:
-        torch.testing.assert_close(got[0], ref[0], rtol=1e-4, atol=1e-5)
-        for a, b in zip(got[1], ref[1]):
-            assert_grad_close(a, b, torch.float32, "grad")
-        return
-    exact = _loss_and_grads(fn, tensors, kwargs, "reference", torch.float64)
-    eps = torch.finfo(dtype).eps
-    for a, b, e in zip([got[0], *got[1]], [ref[0], *ref[1]], [exact[0], *exact[1]]):
-        err_cuda = (a - e).norm().item()
-        err_ref = (b - e).norm().item()
-        assert err_cuda <= 2 * err_ref + eps * e.norm().item() + 1e-12, (err_cuda, err_ref)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("decl", ["ms_mine_after_excl", "contrastive_lp", "ntxent_mine", "circle_lse_sum"])
+def test_gpu_pair_op_shapes_and_need_grad_r(decl, dtype):
+    ops = _gpu_ops()
+    for decl_, mode in decls_and_modes([decl]):
+        for n, d, layout in SHAPES + [(1000, 64, "many")]:
+            check_pair(ops, kit.pair_case(mode, n, d, layout, dtype, "dyadic", seed=n), PAIR_DECLS[decl_],
+                       exact=True, seed=n, device=GPU)
+    case = kit.pair_case("ref", 300, 40, "few", dtype, "dyadic", seed=1)
+    _, (gq1, _) = check_pair(ops, case, PAIR_DECLS[decl], exact=True, need_grad_r=True, device=GPU)
+    _, (gq0, gr0) = check_pair(ops, case, PAIR_DECLS[decl], exact=True, need_grad_r=False, device=GPU)
+    assert gr0.shape == (0,) and torch.equal(gq0, gq1)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("ref_mode", [False, True])
-@pytest.mark.parametrize("name", ["ms", "ms_mined", "circle"])
-def test_gpu_pair_losses_match_reference(name, ref_mode, dtype):
-    _needs_cuda_backend()
-    fn, tensors, kwargs = _pair_loss_case(name, ref_mode, torch.Generator().manual_seed(10))
-    _check_loss_parity(fn, tensors, kwargs, dtype)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("mode", kit.MODES)
+@pytest.mark.parametrize("decl", ["ms", "circle", "ntxent", "supcon", "contrastive_lp", "lifted_lp"])
+def test_gpu_pair_op_parity_random(decl, mode, dtype):
+    ops = _gpu_ops()
+    check_pair(ops, kit.pair_case(mode, 700, 128, "many", dtype, "normalized", seed=7), PAIR_DECLS[decl],
+               exact=False, seed=7, device=GPU)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("name", ["softtriple_k1", "softtriple_k3", "proxy_circle"])
-def test_gpu_class_losses_match_reference(name, dtype):
-    _needs_cuda_backend()
-    fn, tensors, kwargs = _class_loss_case(name, torch.Generator().manual_seed(11))
-    _check_loss_parity(fn, tensors, kwargs, dtype)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("decl", ["ms_mine", "contrastive_lp", "ntxent_mine"])
+def test_gpu_self_mode_equals_its_ref_mode_twin(decl, dtype):
+    """fp32 / fp64 (FMA: S_ij == S_ji whatever the operand order): the forward bitwise; fp16 / bf16
+    through the tensor cores: self mode reads both orientations from one canonical tile, its twin
+    computes S_ji with the operands swapped, so Gaussian rows agree to rounding only (dyadic
+    rows exactly, see the parity tests)."""
+    ops = _gpu_ops()
+    spec = PAIR_DECLS[decl]
+    terms, flags = spec.pack()
+    case = kit.pair_case("self", 500, 64, "many", dtype, "normalized", seed=5).to(device=GPU)
+    twin = kit.PairCase(case.q, case.q.clone(), case.labels_q, case.labels_q.clone(),
+                        torch.arange(500, device=GPU))
+    a = ops.pair_engine_forward(*case.args(), list(terms), flags)
+    b = ops.pair_engine_forward(*twin.args(), list(terms), flags)
+    if dtype in LOWP:
+        for k in range(len(S.PAIR_VALUES)):
+            kit.check_close(a[0][k].cpu(), b[0][k].cpu().double(), what=S.PAIR_VALUES[k], dtype=dtype)
+    else:
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 @pytest.mark.gpu
-def test_gpu_backward_is_deterministic_and_large_scales_stay_finite():
-    _needs_cuda_backend()
-    gen = torch.Generator().manual_seed(12)
-    x = torch.randn(1000, 128, generator=gen).cuda().requires_grad_()
-    y = torch.randint(0, 50, (1000,), generator=gen).cuda()
-    grads = []
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("decl", list(CLASS_DECLS))
+def test_gpu_class_op_parity(decl, dtype):
+    ops = _gpu_ops()
+    spec, K = CLASS_DECLS[decl]
+    for n, d, C in [(300, 136, 50), (257, 37, 150), (64, 16, 100_000 // K)]:
+        check_class(ops, kit.class_case(n, d, C, K, dtype, seed=n), spec, seed=n, device=GPU)
+    case = kit.class_case(130, 40, 20, K, dtype, seed=1)
+    _, (gq1, _) = check_class(ops, case, spec, need_grad_w=True, device=GPU)
+    _, (gq0, gw0) = check_class(ops, case, spec, need_grad_w=False, device=GPU)
+    assert gw0.shape == (0,) and torch.equal(gq0, gq1)
+    if K <= 1:
+        check_class(ops, kit.class_case(300, 64, 70, K, dtype, seed=4, data="dyadic"), spec, device=GPU)
+
+
+def _to_cuda(case: "kit.LossCase"):
+    """The case on the GPU as fresh leaves; a tensor passed twice stays one tensor (PML's
+    `ref_labels is labels` rule)."""
+    conv = {id(p): p.detach().to(GPU).requires_grad_(True) for p in case.params}
+    for a in case.args:
+        if torch.is_tensor(a) and id(a) not in conv:
+            conv[id(a)] = a.to(GPU)
+    args = tuple(conv.get(id(a), a) for a in case.args)
+    return kit.LossCase(args, tuple(conv[id(p)] for p in case.params))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("name,mode", [(n, m) for n in kit.PAIR_LOSSES for m in ("self", "ref", "ref_excl")]
+                         + [(n, "self") for n in kit.CLASS_LOSSES])
+def test_gpu_losses_match_reference(name, mode, dtype):
+    """Every loss of the kit's table through backend="cuda": values and gradients against the fp64
+    reference with the kit's rule (slack over the reference backend's own error in that dtype)."""
+    _gpu_ops()
+    loss = kit.LOSSES[name]
+    for n, d in [(96, 64), (300, 40)]:
+        case = kit.loss_case(loss, n, d, dtype, mode, seed=n, num_classes=50 if loss.kind == "class" else None)
+        kit.check_loss_parity(loss, _to_cuda(case), GPU_BACKEND, what=f"{name} {mode} n={n}")
+
+
+@pytest.mark.gpu
+def test_gpu_results_are_deterministic_and_large_scales_stay_finite():
+    ops = _gpu_ops()
+    for decl in ("ms_mine_after_excl", "ntxent_mine", "contrastive_lp"):
+        spec = PAIR_DECLS[decl]
+        terms, flags = spec.pack()
+        runs = []
+        for _ in range(2):
+            for _, mode in decls_and_modes([decl]):
+                case = kit.pair_case(mode, 1000, 128, "many", torch.float32, "normalized", seed=12).to(device=GPU)
+                out = ops.pair_engine_forward(*case.args(), list(terms), flags)
+                g = ops.pair_engine_backward(torch.ones_like(out[0]), *case.args(), out[0], out[2], list(terms), flags,
+                                             True)
+                runs.append([*out, *g])
+        half = len(runs) // 2
+        for a, b in zip(runs[:half], runs[half:]):
+            assert all(torch.equal(u, v) for u, v in zip(a, b)), decl
+    spec, K = CLASS_DECLS["row_and_cols"]
+    outs = []
     for _ in range(2):
-        loss = Fn.multi_similarity_loss(x, y, beta=50.0, miner_epsilon=0.1, backend="cuda")
-        grads.append(torch.autograd.grad(loss, x)[0])
-    assert torch.isfinite(loss) and torch.equal(grads[0], grads[1])
-    p = torch.randn(128, 50, generator=gen).cuda().requires_grad_()
-    loss = Fn.proxy_circle_loss(x, y, p, gamma=256.0, backend="cuda")
+        case = kit.class_case(1000, 128, 300, K, torch.float32, seed=13).to(device=GPU)
+        rows, cols = ops.class_engine_forward(*case.args(), *spec.pack())
+        g = ops.class_engine_backward(torch.ones_like(rows), torch.ones_like(cols), case.q, case.w, case.labels, rows,
+                                      cols, K, *spec.pack(), True)
+        outs.append([rows, cols, *g])
+    assert all(torch.equal(u, v) for u, v in zip(*outs))
+    # gamma = 256, beta = 50: an online max, never a fixed bound
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(1000, 128, generator=gen).to(GPU).requires_grad_()
+    y = torch.randint(0, 50, (1000,), generator=gen).to(GPU)
+    loss = fpl.functional.multi_similarity_loss(x, y, beta=50.0, miner_epsilon=0.1, backend=GPU_BACKEND)
+    gx = torch.autograd.grad(loss, x)[0]
+    assert torch.isfinite(loss) and torch.isfinite(gx).all()
+    p = torch.randn(128, 50, generator=gen).to(GPU).requires_grad_()
+    loss = fpl.functional.proxy_circle_loss(x, y, p, gamma=256.0, backend=GPU_BACKEND)
     gx, gp = torch.autograd.grad(loss, (x, p))
     assert torch.isfinite(loss) and torch.isfinite(gx).all() and torch.isfinite(gp).all()
+
+
+@pytest.mark.gpu
+def test_gpu_memory_stays_linear():
+    """No N x N (or N x C) buffer: at N = 16384 a forward + backward allocates far less than one
+    fp32 N x N matrix (1 GiB); the extra memory is O((N + M) D)."""
+    ops = _gpu_ops()
+    n, d = 16384, 128
+    case = kit.pair_case("self", n, d, "many", torch.float32, "normalized", seed=13).to(device=GPU)
+    for decl in ("ms_mine", "ntxent", "contrastive_lp"):
+        terms, flags = PAIR_DECLS[decl].pack()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = ops.pair_engine_forward(*case.args(), list(terms), flags)
+        ops.pair_engine_backward(torch.ones_like(out[0]), *case.args(), out[0], out[2], list(terms), flags, False)
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+        assert extra < 6 * n * d * 4 + (64 << 20), (decl, extra)
+    spec, K = CLASS_DECLS["row_and_cols"]
+    cc = kit.class_case(n, d, 20000, K, torch.float32, seed=14).to(device=GPU)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    rows, cols = ops.class_engine_forward(*cc.args(), *spec.pack())
+    ops.class_engine_backward(torch.ones_like(rows), torch.ones_like(cols), cc.q, cc.w, cc.labels, rows, cols, K,
+                              *spec.pack(), True)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < 4 * (n + 20000) * d * 4 + (64 << 20)

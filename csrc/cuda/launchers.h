@@ -1,12 +1,13 @@
 // Plain C++ entry points of the CUDA kernels (defined in pair_engine.cu / class_engine.cu).
 //
-// The .cu files include no torch headers (fast compiles); the host glue (ops_cuda.cpp) checks the
-// tensors, allocates the outputs, takes the current PyTorch stream and calls these functions with
-// raw pointers. Every launcher returns the first CUDA error it saw (cudaSuccess if none); the glue
-// turns an error into a Python exception.
+// The .cu files include no torch headers (fast compiles); the host glue (glue.h, used by
+// ops_cuda.cpp) checks the tensors, prepares the operands, allocates the outputs and calls these
+// functions with raw pointers on the current PyTorch stream. Every launcher returns the first CUDA
+// error it saw (cudaSuccess if none); the glue turns an error into a Python exception.
 //
-// Element types: q / r / w and the returned gradients' inputs are `DType`; the statistics are the
-// accumulation type A = double for kFloat64, float otherwise (ops/README.md).
+// Element types: q / r / w are `DType`; statistics and gradient accumulators are the accumulation
+// type A = double for kFloat64, float otherwise (ops/README.md "stat dtype"). The loss declaration
+// is passed packed (terms, flags: common/loss_spec.h) and decoded here, in A.
 #pragma once
 
 #include <cstdint>
@@ -17,46 +18,62 @@ namespace fpl_cuda {
 
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
-// The loss parameters of one call (ops/README.md): kind, p0..p2, mining.
-struct PairParams {
-  int64_t kind;
-  double p0, p1, p2;
-  bool mine;
-  double miner_eps;
-  bool exclude_diag;
+// Operands of the pair engine, as the glue prepared them. Rows of q / r may be a permutation of
+// the op's inputs (label-sorted copies, for the walks over positive pairs): then perm_q[i] is the
+// op's row of operand row i (statistics are read and written, gradient rows accumulated, there),
+// and likewise perm_r. Null perms: the identity.
+struct PairOperands {
+  DType dt;
+  const void* q;  // (N, D) contiguous
+  const void* r;  // (M, D); == q in self mode
+  const int64_t* labels_q;
+  const int64_t* labels_r;     // == labels_q in self mode
+  const int64_t* exclude_col;  // ref mode: per operand row of q, the operand column excluded from
+                               // its positives (-1: none); null: none. Self mode: the diagonal.
+  // per operand row of q: [band_lo, band_hi) = the columns of r with its label (r label-sorted);
+  // required when the declaration defers its positives (mining, NTXent), else null
+  const int64_t* band_lo;
+  const int64_t* band_hi;
+  const int64_t* perm_q;
+  const int64_t* perm_r;  // == perm_q in self mode
+  const void* norm_q;     // LP_DISTANCE: squared norms of the operand rows (A), else null
+  const void* norm_r;
+  int64_t N, M, D;
+  bool self_mode;
+  bool vec16;  // q and r rows may be read 16 bytes at a time
 };
 
-// Self mode: r == q and labels_r == labels_q (pass the same pointers, M == N).
-// vec16: q and r rows may be read 16 bytes at a time (D * elem_size % 16 == 0, 16-byte aligned).
-// Outputs (length N): lse_pos, lse_neg, min_pos, max_neg in A; counts int32.
-cudaError_t pair_forward(DType dt, const void* q, const void* r, const int64_t* labels_q,
-                         const int64_t* labels_r, int64_t N, int64_t M, int64_t D, bool self_mode,
-                         bool vec16, const PairParams& p, void* lse_pos, void* lse_neg,
-                         int32_t* count_pos, int32_t* count_neg, void* min_pos, void* max_neg,
-                         cudaStream_t stream);
+// values (A, [5, N]), counts (int32, [4, N]), aux (A, [3, N]): ops/README.md pair_engine_forward.
+cudaError_t pair_forward(const PairOperands& o, const double* terms, int64_t flags, void* values,
+                         int32_t* counts, void* aux, cudaStream_t stream);
 
-// grad_q_acc (N x D, A, zero-filled by the caller) receives dL/dq; in ref mode grad_r_acc
-// (M x D, A, zero-filled) receives dL/dr (ignored in self mode). Row statistics in A.
-cudaError_t pair_backward(DType dt, const void* grad_lse_pos, const void* grad_lse_neg,
-                          const void* q, const void* r, const int64_t* labels_q,
-                          const int64_t* labels_r, const void* lse_pos, const void* lse_neg,
-                          const void* min_pos, const void* max_neg, int64_t N, int64_t M, int64_t D,
-                          bool self_mode, bool vec16, const PairParams& p, void* grad_q_acc,
-                          void* grad_r_acc, cudaStream_t stream);
+// grad_values (A, [5, N]) with row 1 already holding grad_lse_neg + grad_pos_vs_neg * aux[2];
+// values, aux: the forward's. grad_q (N x D, A, zero-filled) receives dL/dq; in ref mode grad_r
+// (M x D, A, zero-filled) receives dL/dr, or is null (need_grad_r False: its pass is skipped).
+cudaError_t pair_backward(const PairOperands& o, const double* terms, int64_t flags,
+                          const void* grad_values, const void* values, const void* aux, void* grad_q,
+                          void* grad_r, cudaStream_t stream);
 
 // Largest centers_per_class K the class engine supports (a tile holds whole classes).
 constexpr int64_t kMaxCentersPerClass = 64;
 
-// q (N x D), w (C*K x D); outputs lse, target_sim (N, A).
-cudaError_t class_forward(DType dt, const void* q, const void* w, const int64_t* labels, int64_t N,
-                          int64_t C, int64_t K, int64_t D, bool vec16, int64_t kind, double p0,
-                          double p1, double p2, void* lse, void* target_sim, cudaStream_t stream);
+struct ClassOperands {
+  DType dt;
+  const void* q;  // (N, D)
+  const void* w;  // (C*K, D), row c*K + k = center k of class c
+  const int64_t* labels;
+  int64_t N, C, K, D;
+  bool vec16;
+};
 
-// grad_q_acc (N x D, A) and grad_w_acc (C*K x D, A), both zero-filled by the caller.
-cudaError_t class_backward(DType dt, const void* grad_lse, const void* grad_target_sim,
-                           const void* q, const void* w, const int64_t* labels, const void* lse,
-                           int64_t N, int64_t C, int64_t K, int64_t D, bool vec16, int64_t kind,
-                           double p0, double p1, double p2, void* grad_q_acc, void* grad_w_acc,
-                           cudaStream_t stream);
+// rows (A, [2, N]: lse_other, target_sim), cols (A, [2, C]): ops/README.md class_engine_forward.
+// target_sim must be NaN-filled by the caller (rows whose label is no class keep it).
+cudaError_t class_forward(const ClassOperands& o, const double* terms, int64_t flags, void* rows,
+                          void* cols, cudaStream_t stream);
+
+// grad_q (N x D, A) and grad_w (C*K x D, A, or null: its pass is skipped), zero-filled.
+cudaError_t class_backward(const ClassOperands& o, const double* terms, int64_t flags,
+                           const void* grad_rows, const void* grad_cols, const void* rows,
+                           const void* cols, void* grad_q, void* grad_w, cudaStream_t stream);
 
 }  // namespace fpl_cuda

@@ -1,13 +1,25 @@
-// CUDA pair engine (Multi-Similarity, Circle): fused, FlashAttention-style (SPEC §3).
+// CUDA pair engine: fused_pairloss::pair_engine_forward / _backward (semantics:
+// fused_pairloss/ops/README.md; the loss declaration: common/loss_spec.h, its per-element math:
+// common/pair_terms.inl). FlashAttention-style, SPEC §3. No kernel knows which loss it runs.
 //
 // Forward: a CTA owns kBM rows of q and walks column tiles of r; two threads per row keep the
-// row's statistics in registers (online LSE of the kept positives / negatives, counts, and for
-// mining a first pass with min_pos / max_neg), merged with a warp shuffle at the end.
-// Backward: the same tiles are recomputed (same tile_dot call, so bitwise the same S), G = dL/dS
-// is formed from the saved row statistics and accumulated into the rows this CTA owns:
+// row's reductions in registers (per set: online LSE, sum, count, count of x > 0; the mining
+// thresholds; NTXent's pair terms) and are merged with a warp shuffle at the end. Walks:
+//   main walk, every column tile: the negatives (kept by u + eps > min_pos_i with mining, whose
+//     max_neg_i over the unmined negatives it also takes), and the positives unless deferred;
+//   deferred positives (the declaration needs a statistic of the whole row first: mining's
+//     max_neg, NTXent's lse_neg): the rows and columns are label-sorted copies (glue.h), so the
+//     positives of a row block lie in one band of column tiles [band_lo of its first row,
+//     band_hi of its last); with mining a walk over that band before the main walk gives min_pos_i
+//     over the unmined positives, and one after it reduces the kept positives. The bands are tiles
+//     of the same grid as the main walk's, so their S is bitwise the main walk's.
+// Backward: the same tiles are recomputed (same tile_dot call, so bitwise the same S and the same
+// mining decisions), G = dL/dS is formed from the saved row statistics and accumulated into the
+// rows this CTA owns:
 //   row pass (pass 0): grad_q[I] += H(I, X) . V[X], H = G (ref mode, V = r) or G + G^T (self mode,
 //     V = q: the other row's statistics give G_xi from the same S tile);
-//   column pass (pass 1, ref mode only): grad_r[J] += G(X, J)^T . q[X].
+//   column pass (pass 1, ref mode with need_grad_r): grad_r[J] += G(X, J)^T . q[X].
+//   LP_DISTANCE adds the norms' share, -x_o sum_x H_ox, at the end of each pass.
 // Deterministic, no atomics. Self mode: the tile of blocks (I, J) with I > J is computed as the
 // transpose of the (J, I) tile and diagonal tiles are symmetrized, so S_ij == S_ji bitwise in
 // every pass whatever the MMA's internal order.
@@ -24,28 +36,32 @@ struct PairArgs {
   const T* r;  // == q in self mode
   const int64_t* lq;
   const int64_t* lr;  // == lq in self mode
+  const int64_t* excl;  // ref mode only (self mode: the diagonal)
+  const int64_t* band_lo;
+  const int64_t* band_hi;
+  const int64_t* perm_q;
+  const int64_t* perm_r;  // == perm_q in self mode
+  const A* nq;
+  const A* nr;  // == nq in self mode
   int64_t N, M, D;
-  bool self_mode, vec16, exclude_diag;
-  fpl::PairLoss<A> L;
-  // forward outputs / backward inputs (length N)
-  A* lse_pos;
-  A* lse_neg;
-  A* min_pos;
-  A* max_neg;
-  int32_t* cnt_pos;
-  int32_t* cnt_neg;
-  // backward
-  const A* g_pos;
-  const A* g_neg;
+  bool self_mode, vec16, defer;
+  PairSpec<A> sp;
+  // forward outputs ([k][N], row stride N, op row order)
+  A* values;
+  int32_t* counts;
+  A* aux;
+  // backward inputs (op row order) and output
+  const A* gvals;
+  const A* vals;
+  const A* auxin;
   A* out;
 };
 
 // S(owner o, other x) into Ss[o][x]. pass 0: owner = rows of q, other = rows of r;
 // pass 1: owner = rows of r, other = rows of q (S(x, o) = q_x . r_o, stored transposed).
 template <typename T>
-__device__ __forceinline__ void pair_tile(const PairArgs<T>& p, int pass, int64_t o0, int no,
-                                          int64_t x0, int nx, typename AccOf<T>::type* Ss,
-                                          unsigned char* stage) {
+FPL_DEV void pair_tile(const PairArgs<T>& p, int pass, int64_t o0, int no, int64_t x0, int nx,
+                       typename AccOf<T>::type* Ss, unsigned char* stage) {
   if (p.self_mode) {
     // canonical order: always (lower block) . (higher block)^T
     if (o0 <= x0)
@@ -66,88 +82,226 @@ __device__ __forceinline__ void pair_tile(const PairArgs<T>& p, int pass, int64_
   }
 }
 
+// v of a pair: S, or the distance from S and the two squared norms
 template <typename A>
-__device__ __forceinline__ A pair_grad(const fpl::PairLoss<A>& L, A s, bool pos, bool neg, A g_pos,
-                                       A g_neg, A lse_pos, A lse_neg, A min_pos, A max_neg) {
-  A g = A(0);
-  if (pos && fpl::keep_positive(L, s, max_neg))
-    g += g_pos * fpl::lse_softmax(L.pos.logit(s), lse_pos) * L.pos.dlogit(s);
-  if (neg && fpl::keep_negative(L, s, min_pos))
-    g += g_neg * fpl::lse_softmax(L.neg.logit(s), lse_neg) * L.neg.dlogit(s);
-  return g;
+FPL_DEV A pair_v(const PairSpec<A>& sp, A s, A n_row, A n_col) {
+  return sp.lp_distance ? pair_v_lp<A>(s, n_row, n_col) : s;
 }
+
+// Forward walk over the column tiles [x_begin, x_end) (x_begin a multiple of kBN) for the CTA's
+// rows [o0, o0 + no): f(s, column, label of the column, squared norm of the column) for the
+// columns of this thread's row (its two threads take alternate columns).
+template <typename T, typename F>
+FPL_DEV void walk_columns(const PairArgs<T>& p, int64_t o0, int no, int64_t x_begin, int64_t x_end,
+                          unsigned char* smem, F&& f) {
+  using A = typename AccOf<T>::type;
+  A* Ss = reinterpret_cast<A*>(smem);
+  unsigned char* stage = smem + Smem<T>::kSsBytes;
+  int64_t* lx_s = reinterpret_cast<int64_t*>(smem + Smem<T>::kExtraOffset);
+  A* nr_s = reinterpret_cast<A*>(lx_s + kBN);
+  const int t = threadIdx.x, ol = t >> 1, h = t & 1;
+  const bool valid = ol < no, lp = p.sp.lp_distance;
+  for (int64_t x0 = x_begin; x0 < x_end; x0 += kBN) {
+    const int nx = int(p.M - x0 < kBN ? p.M - x0 : kBN);
+    __syncthreads();  // the previous tile's readers of lx_s / nr_s are done
+    if (t < nx) {
+      lx_s[t] = p.lr[x0 + t];
+      if (lp) nr_s[t] = p.nr[x0 + t];
+    }
+    pair_tile<T>(p, 0, o0, no, x0, nx, Ss, stage);
+    if (valid) {
+      for (int x = h; x < nx; x += 2) f(Ss[ol * kLDS + x], x0 + x, lx_s[x], lp ? nr_s[x] : A(0));
+    }
+  }
+}
+
+// Reductions of one pair set of one row (ops/README.md values / counts).
+template <typename A>
+struct SetAcc {
+  OnlineLSE<A> lse;
+  A sum;
+  int count, nonzero;
+  FPL_DEV void init() {
+    lse.init();
+    sum = A(0);
+    count = 0;
+    nonzero = 0;
+  }
+  FPL_DEV void add(const PairTermParams<A>& t, A x) {
+    ++count;
+    if (t.lse) lse.add(x);
+    if (t.sum) {
+      sum += x;
+      nonzero += x > A(0) ? 1 : 0;
+    }
+  }
+  FPL_DEV void merge_lanes() {  // every thread of the CTA calls it
+    merge_pair_lanes(lse);
+    sum += pair_lane(sum);
+    count += pair_lane(count);
+    nonzero += pair_lane(nonzero);
+  }
+};
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) pair_forward_kernel(PairArgs<T> p) {
   using A = typename AccOf<T>::type;
   extern __shared__ __align__(128) unsigned char smem[];
-  A* Ss = reinterpret_cast<A*>(smem);
-  unsigned char* stage = smem + Smem<T>::kSsBytes;
-  int64_t* lx_s = reinterpret_cast<int64_t*>(smem + Smem<T>::kExtraOffset);
-
   const int t = threadIdx.x, ol = t >> 1, h = t & 1;
   const int64_t o0 = int64_t(blockIdx.x) * kBM;
   const int no = int(p.N - o0 < kBM ? p.N - o0 : kBM);
   const bool valid = ol < no;
   const int64_t o = o0 + ol;
+  const PairSpec<A>& sp = p.sp;
+  const bool lp = sp.lp_distance;
   const int64_t lo = valid ? p.lq[o] : 0;
-  const fpl::PairLoss<A>& L = p.L;
-
-  A min_pos = fpl::pos_infinity<A>(), max_neg = fpl::neg_infinity<A>();
-  if (L.mine) {  // first pass: thresholds over the unmined sets
-    for (int64_t x0 = 0; x0 < p.M; x0 += kBN) {
-      const int nx = int(p.M - x0 < kBN ? p.M - x0 : kBN);
-      __syncthreads();
-      if (t < nx) lx_s[t] = p.lr[x0 + t];
-      pair_tile<T>(p, 0, o0, no, x0, nx, Ss, stage);
-      if (valid) {
-        for (int x = h; x < nx; x += 2) {
-          const A s = Ss[ol * kLDS + x];
-          const int64_t lx = lx_s[x];
-          if (fpl::is_positive_pair(lo, lx, o, x0 + x, p.exclude_diag)) min_pos = nan_min(min_pos, s);
-          else if (fpl::is_negative_pair(lo, lx)) max_neg = nan_max(max_neg, s);
-        }
-      }
-    }
-    min_pos = nan_min(min_pos, __shfl_xor_sync(0xffffffffu, min_pos, 1));
-    max_neg = nan_max(max_neg, __shfl_xor_sync(0xffffffffu, max_neg, 1));
+  const A nq = (valid && lp) ? p.nq[o] : A(0);
+  const int64_t ex = !valid ? -1 : (p.self_mode ? o : (p.excl ? p.excl[o] : -1));
+  // the band of column tiles that holds the positives of the CTA's rows (label-sorted operands)
+  int64_t b_begin = 0, b_end = 0;
+  if (p.defer) {
+    b_begin = p.band_lo[o0] / kBN * kBN;
+    b_end = p.band_hi[o0 + no - 1];
   }
 
-  fpl::OnlineLSE<A> lp, ln;
-  int cp = 0, cn = 0;
-  for (int64_t x0 = 0; x0 < p.M; x0 += kBN) {
-    const int nx = int(p.M - x0 < kBN ? p.M - x0 : kBN);
-    __syncthreads();
-    if (t < nx) lx_s[t] = p.lr[x0 + t];
-    pair_tile<T>(p, 0, o0, no, x0, nx, Ss, stage);
-    if (valid) {
-      for (int x = h; x < nx; x += 2) {
-        const A s = Ss[ol * kLDS + x];
-        const int64_t lx = lx_s[x];
-        if (fpl::is_positive_pair(lo, lx, o, x0 + x, p.exclude_diag)) {
-          if (fpl::keep_positive(L, s, max_neg)) { lp.add(L.pos.logit(s)); ++cp; }
-        } else if (fpl::is_negative_pair(lo, lx)) {
-          if (fpl::keep_negative(L, s, min_pos)) { ln.add(L.neg.logit(s)); ++cn; }
-        }
-      }
-    }
+  // mining thresholds over the unmined sets (u orientation)
+  A min_pos = pos_inf<A>(), max_neg = neg_inf<A>();
+  if (sp.mine) {
+    walk_columns<T>(p, o0, no, b_begin, b_end, smem, [&](A s, int64_t col, int64_t lx, A nr) {
+      if (lx != lo || (col == ex && !sp.exclude_after_mining)) return;
+      min_pos = nan_min(min_pos, mining_u(pair_v(sp, s, nq, nr), lp));
+    });
+    min_pos = nan_min(min_pos, pair_lane(min_pos));
   }
-  merge_pair_lanes(lp);
-  merge_pair_lanes(ln);
-  cp += __shfl_xor_sync(0xffffffffu, cp, 1);
-  cn += __shfl_xor_sync(0xffffffffu, cn, 1);
+
+  SetAcc<A> pos, neg;
+  pos.init();
+  neg.init();
+  walk_columns<T>(p, o0, no, 0, p.M, smem, [&](A s, int64_t col, int64_t lx, A nr) {
+    const A v = pair_v(sp, s, nq, nr);
+    if (lx == lo) {
+      if (!p.defer && col != ex) pos.add(sp.pos, term_value(sp.pos, v));
+      return;
+    }
+    if (sp.mine) {
+      const A u = mining_u(v, lp);
+      max_neg = nan_max(max_neg, u);
+      if (!(u + sp.miner_eps > min_pos)) return;
+    }
+    neg.add(sp.neg, term_value(sp.neg, v));
+  });
+  neg.merge_lanes();
+  if (sp.mine) max_neg = nan_max(max_neg, pair_lane(max_neg));
+
+  A ntx = A(0), ntx_dlse = A(0);
+  if (p.defer) {
+    const A lse_neg = neg.lse.value();  // -inf when the negatives are not LSE-reduced
+    walk_columns<T>(p, o0, no, b_begin, b_end, smem, [&](A s, int64_t col, int64_t lx, A nr) {
+      if (lx != lo || col == ex) return;
+      const A v = pair_v(sp, s, nq, nr);
+      if (sp.mine && !(mining_u(v, lp) - sp.miner_eps < max_neg)) return;
+      const A x = term_value(sp.pos, v);
+      pos.add(sp.pos, x);
+      if (sp.pos_vs_neg_lse) {
+        const A tt = x - lse_neg;
+        ntx += ntx_pair_loss(tt);
+        ntx_dlse -= ntx_pair_dloss(tt);
+      }
+    });
+  }
+  pos.merge_lanes();
+  ntx += pair_lane(ntx);
+  ntx_dlse += pair_lane(ntx_dlse);
+
   if (valid && h == 0) {
-    p.lse_pos[o] = lp.value();
-    p.lse_neg[o] = ln.value();
-    p.cnt_pos[o] = cp;
-    p.cnt_neg[o] = cn;
-    p.min_pos[o] = min_pos;
-    p.max_neg[o] = max_neg;
+    const int64_t N = p.N, row = mapped_row(p.perm_q, o);
+    p.values[fpl::kLsePos * N + row] = pos.lse.value();
+    p.values[fpl::kLseNeg * N + row] = neg.lse.value();
+    p.values[fpl::kSumPos * N + row] = pos.sum;
+    p.values[fpl::kSumNeg * N + row] = neg.sum;
+    p.values[fpl::kPosVsNeg * N + row] = ntx;
+    p.counts[fpl::kCountPos * N + row] = pos.count;
+    p.counts[fpl::kCountNeg * N + row] = neg.count;
+    p.counts[fpl::kNonzeroPos * N + row] = pos.nonzero;
+    p.counts[fpl::kNonzeroNeg * N + row] = neg.nonzero;
+    p.aux[fpl::kMinPos * N + row] = min_pos;
+    p.aux[fpl::kMaxNeg * N + row] = max_neg;
+    p.aux[fpl::kPosVsNegDLse * N + row] = ntx_dlse;
   }
 }
 
-// Statistics of the "other" rows staged per tile (backward).
-constexpr int kNumStats = 6;  // g_pos, g_neg, lse_pos, lse_neg, min_pos, max_neg
+// ---- backward --------------------------------------------------------------------------------
+// What the backward needs of a row of q: incoming gradients and saved statistics.
+template <typename A>
+struct RowStats {
+  A g_lse[2], g_sum[2], g_ntx, lse[2], min_pos, max_neg;
+};
+constexpr int kNumStats = 9;
+
+template <typename T>
+FPL_DEV RowStats<typename AccOf<T>::type> load_stats(const PairArgs<T>& p, int64_t row) {
+  const int64_t N = p.N;
+  RowStats<typename AccOf<T>::type> s;
+  s.g_lse[0] = p.gvals[fpl::kLsePos * N + row];
+  s.g_lse[1] = p.gvals[fpl::kLseNeg * N + row];
+  s.g_sum[0] = p.gvals[fpl::kSumPos * N + row];
+  s.g_sum[1] = p.gvals[fpl::kSumNeg * N + row];
+  s.g_ntx = p.gvals[fpl::kPosVsNeg * N + row];
+  s.lse[0] = p.vals[fpl::kLsePos * N + row];
+  s.lse[1] = p.vals[fpl::kLseNeg * N + row];
+  s.min_pos = p.auxin[fpl::kMinPos * N + row];
+  s.max_neg = p.auxin[fpl::kMaxNeg * N + row];
+  return s;
+}
+
+template <typename A>
+FPL_DEV void store_stats(const RowStats<A>& s, A* dst, int x) {
+  const A v[kNumStats] = {s.g_lse[0], s.g_lse[1], s.g_sum[0], s.g_sum[1], s.g_ntx,
+                          s.lse[0],   s.lse[1],   s.min_pos,  s.max_neg};
+#pragma unroll
+  for (int k = 0; k < kNumStats; ++k) dst[k * kBN + x] = v[k];
+}
+
+template <typename A>
+FPL_DEV RowStats<A> staged_stats(const A* src, int x) {
+  RowStats<A> s;
+  s.g_lse[0] = src[0 * kBN + x];
+  s.g_lse[1] = src[1 * kBN + x];
+  s.g_sum[0] = src[2 * kBN + x];
+  s.g_sum[1] = src[3 * kBN + x];
+  s.g_ntx = src[4 * kBN + x];
+  s.lse[0] = src[5 * kBN + x];
+  s.lse[1] = src[6 * kBN + x];
+  s.min_pos = src[7 * kBN + x];
+  s.max_neg = src[8 * kBN + x];
+  return s;
+}
+
+// G = dL/dS of the pair (row i, column j) from row i's statistics (ops/README.md backward):
+//   kept pair of set s: (g_lse_s exp(x - lse_s) [LSE] + g_sum_s [SUM]) dx/dv dv/dS
+//   kept positive, NTXent: + g_ntx dphi(x - lse_neg) dx/dv dv/dS
+// n_row, n_col: squared norms of q_i, r_j (LP_DISTANCE).
+template <typename A>
+FPL_DEV A pair_grad(const PairSpec<A>& sp, A s, A n_row, A n_col, bool same, bool excluded,
+                    const RowStats<A>& st) {
+  const A v = pair_v(sp, s, n_row, n_col);
+  bool pos = same && !excluded, neg = !same;
+  if (sp.mine) {
+    const A u = mining_u(v, sp.lp_distance);
+    pos = pos && (u - sp.miner_eps < st.max_neg);
+    neg = neg && (u + sp.miner_eps > st.min_pos);
+  }
+  if (!pos && !neg) return A(0);
+  const PairTermParams<A>& tp = pos ? sp.pos : sp.neg;
+  const int set = pos ? 0 : 1;
+  const A x = term_value(tp, v);
+  const A db = term_dvalue(tp, v, x) * (sp.lp_distance ? pair_dv_lp(v) : A(1));
+  const A gl = tp.lse ? st.g_lse[set] * math_exp(x - st.lse[set]) : A(0);
+  const A gs = tp.sum ? st.g_sum[set] : A(0);
+  A g = (gl + gs) * db;
+  if (pos && sp.pos_vs_neg_lse) g += st.g_ntx * ntx_pair_dloss(x - st.lse[1]) * db;
+  return g;
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) pair_backward_kernel(PairArgs<T> p, int pass) {
@@ -156,138 +310,147 @@ __global__ void __launch_bounds__(kThreads) pair_backward_kernel(PairArgs<T> p, 
   A* Ss = reinterpret_cast<A*>(smem);
   unsigned char* stage = smem + Smem<T>::kSsBytes;
   int64_t* lx_s = reinterpret_cast<int64_t*>(smem + Smem<T>::kExtraOffset);
-  A* xst = reinterpret_cast<A*>(lx_s + kBN);  // [kNumStats][kBN]
+  int64_t* ex_s = lx_s + kBN;
+  A* nx_s = reinterpret_cast<A*>(ex_s + kBN);
+  A* xst = nx_s + kBN;  // [kNumStats][kBN]
 
   const int t = threadIdx.x, ol = t >> 1, h = t & 1;
+  const PairSpec<A>& sp = p.sp;
+  const bool lp = sp.lp_distance;
   const int64_t n_owner = pass == 0 ? p.N : p.M, n_other = pass == 0 ? p.M : p.N;
   const int64_t* l_owner = pass == 0 ? p.lq : p.lr;
   const int64_t* l_other = pass == 0 ? p.lr : p.lq;
-  const T* V = pass == 0 ? p.r : p.q;
-  const bool use_owner = pass == 0;                // G_ox, row o's statistics
-  const bool use_other = p.self_mode || pass == 1;  // G_xo, row x's statistics
+  const A* norm_owner = pass == 0 ? p.nq : p.nr;
+  const A* norm_other = pass == 0 ? p.nr : p.nq;
+  const T* X = pass == 0 ? p.q : p.r;  // owner rows
+  const T* V = pass == 0 ? p.r : p.q;  // other rows
+  const int64_t* perm_owner = pass == 0 ? p.perm_q : p.perm_r;
+  const int64_t* perm_other = pass == 0 ? p.perm_r : p.perm_q;
+  const bool use_owner = pass == 0;                 // G_ox, the owner row's statistics
+  const bool use_other = p.self_mode || pass == 1;  // G_xo, the other row's (a row of q)
   const int64_t o0 = int64_t(blockIdx.x) * kBM;
   const int no = int(n_owner - o0 < kBM ? n_owner - o0 : kBM);
   const bool valid = ol < no;
   const int64_t o = o0 + ol;
   const int64_t lo = valid ? l_owner[o] : 0;
-  const fpl::PairLoss<A>& L = p.L;
+  const A n_o = (valid && lp) ? norm_owner[o] : A(0);
+  const int64_t ex_o = (use_owner && valid) ? (p.self_mode ? o : (p.excl ? p.excl[o] : -1)) : -1;
+  RowStats<A> ost{};
+  if (use_owner && valid) ost = load_stats(p, mapped_row(perm_owner, o));
 
-  A og_pos = A(0), og_neg = A(0), olse_pos = A(0), olse_neg = A(0), omin_pos = A(0), omax_neg = A(0);
-  if (use_owner && valid) {
-    og_pos = p.g_pos[o];
-    og_neg = p.g_neg[o];
-    olse_pos = p.lse_pos[o];
-    olse_neg = p.lse_neg[o];
-    omin_pos = p.min_pos[o];
-    omax_neg = p.max_neg[o];
-  }
-
-  A* out = p.out + o0 * p.D;
+  A gsum = A(0);  // sum over the walk of H_ox (LP_DISTANCE: the norms' share)
   for (int64_t x0 = 0; x0 < n_other; x0 += kBN) {
     const int nx = int(n_other - x0 < kBN ? n_other - x0 : kBN);
-    __syncthreads();  // the previous tile's readers of lx_s / xst / Ss are done
+    __syncthreads();  // the previous tile's readers of the staged rows / Ss are done
     if (t < nx) {
       const int64_t x = x0 + t;
       lx_s[t] = l_other[x];
+      if (lp) nx_s[t] = norm_other[x];
       if (use_other) {
-        xst[0 * kBN + t] = p.g_pos[x];
-        xst[1 * kBN + t] = p.g_neg[x];
-        xst[2 * kBN + t] = p.lse_pos[x];
-        xst[3 * kBN + t] = p.lse_neg[x];
-        xst[4 * kBN + t] = p.min_pos[x];
-        xst[5 * kBN + t] = p.max_neg[x];
+        ex_s[t] = p.self_mode ? x : (p.excl ? p.excl[x] : -1);
+        store_stats(load_stats(p, mapped_row(perm_other, x)), xst, t);
       }
     }
     pair_tile<T>(p, pass, o0, no, x0, nx, Ss, stage);
     if (valid) {
       for (int x = h; x < nx; x += 2) {
         const A s = Ss[ol * kLDS + x];
-        const int64_t lx = lx_s[x], gx = x0 + x;
-        const bool neg = fpl::is_negative_pair(lo, lx);
+        const bool same = lo == lx_s[x];
+        const A n_x = lp ? nx_s[x] : A(0);
         A hv = A(0);
-        if (use_owner) {
-          const bool pos = fpl::is_positive_pair(lo, lx, o, gx, p.exclude_diag);
-          hv += pair_grad(L, s, pos, neg, og_pos, og_neg, olse_pos, olse_neg, omin_pos, omax_neg);
-        }
-        if (use_other) {
-          const bool pos = fpl::is_positive_pair(lx, lo, gx, o, p.exclude_diag);
-          hv += pair_grad(L, s, pos, neg, xst[0 * kBN + x], xst[1 * kBN + x], xst[2 * kBN + x],
-                          xst[3 * kBN + x], xst[4 * kBN + x], xst[5 * kBN + x]);
-        }
+        if (use_owner) hv += pair_grad(sp, s, n_o, n_x, same, x0 + x == ex_o, ost);
+        if (use_other) hv += pair_grad(sp, s, n_x, n_o, same, o == ex_s[x], staged_stats(xst, x));
+        gsum += hv;
         Ss[ol * kLDS + x] = hv;
       }
     }
     __syncthreads();
-    accumulate_tile<T>(Ss, no, nx, out, V + x0 * p.D, p.D);
+    accumulate_tile<T>(Ss, no, nx, p.out, perm_owner, o0, V + x0 * p.D, p.D);
+  }
+  if (lp) {  // d = sqrt(|x_o|^2 + |v|^2 - 2 S): d/dx_o of the norm gives -x_o sum H_ox
+    gsum += pair_lane(gsum);
+    __syncthreads();  // this CTA's accumulate_tile writes to its rows are done
+    if (valid) {
+      const int64_t row = mapped_row(perm_owner, o);
+      for (int64_t d = h; d < p.D; d += 2) p.out[row * p.D + d] -= gsum * to_acc(X[o * p.D + d]);
+    }
   }
 }
 
+// ---- launchers -------------------------------------------------------------------------------
 template <typename T>
-PairArgs<T> make_args(const void* q, const void* r, const int64_t* lq, const int64_t* lr,
-                      int64_t N, int64_t M, int64_t D, bool self_mode, bool vec16,
-                      const PairParams& pp) {
+PairArgs<T> make_args(const PairOperands& op, const double* terms, int64_t flags) {
   using A = typename AccOf<T>::type;
   PairArgs<T> a{};
-  a.q = static_cast<const T*>(q);
-  a.r = self_mode ? a.q : static_cast<const T*>(r);
-  a.lq = lq;
-  a.lr = self_mode ? lq : lr;
-  a.N = N;
-  a.M = self_mode ? N : M;
-  a.D = D;
-  a.self_mode = self_mode;
-  a.vec16 = vec16;
-  a.exclude_diag = self_mode ? true : pp.exclude_diag;
-  a.L = fpl::make_pair_loss<A>(pp.kind, pp.p0, pp.p1, pp.p2, pp.mine, pp.miner_eps);
+  a.q = static_cast<const T*>(op.q);
+  a.r = op.self_mode ? a.q : static_cast<const T*>(op.r);
+  a.lq = op.labels_q;
+  a.lr = op.self_mode ? op.labels_q : op.labels_r;
+  a.excl = op.self_mode ? nullptr : op.exclude_col;
+  a.band_lo = op.band_lo;
+  a.band_hi = op.band_hi;
+  a.perm_q = op.perm_q;
+  a.perm_r = op.self_mode ? op.perm_q : op.perm_r;
+  a.nq = static_cast<const A*>(op.norm_q);
+  a.nr = op.self_mode ? a.nq : static_cast<const A*>(op.norm_r);
+  a.N = op.N;
+  a.M = op.self_mode ? op.N : op.M;
+  a.D = op.D;
+  a.self_mode = op.self_mode;
+  a.vec16 = op.vec16;
+  a.sp = fpl::decode_pair_spec<A>(terms, flags);
+  a.defer = a.sp.defer_positives();
   return a;
 }
 
 template <typename T>
-cudaError_t forward_t(const void* q, const void* r, const int64_t* lq, const int64_t* lr, int64_t N,
-                      int64_t M, int64_t D, bool self_mode, bool vec16, const PairParams& pp,
-                      void* lse_pos, void* lse_neg, int32_t* cnt_pos, int32_t* cnt_neg,
-                      void* min_pos, void* max_neg, cudaStream_t stream) {
+bool operands_ok(const PairArgs<T>& a) {
+  // (empty tensors may have null data)
+  if (a.N > 0 && (a.q == nullptr || a.lq == nullptr)) return false;
+  if (a.M > 0 && (a.r == nullptr || a.lr == nullptr)) return false;
+  if (a.defer && a.N > 0 && (a.band_lo == nullptr || a.band_hi == nullptr)) return false;
+  if (a.sp.lp_distance && ((a.N > 0 && a.nq == nullptr) || (a.M > 0 && a.nr == nullptr))) return false;
+  return true;
+}
+
+template <typename T>
+cudaError_t forward_t(const PairOperands& op, const double* terms, int64_t flags, void* values,
+                      int32_t* counts, void* aux, cudaStream_t stream) {
   using A = typename AccOf<T>::type;
-  if (N == 0) return cudaSuccess;
-  PairArgs<T> a = make_args<T>(q, r, lq, lr, N, M, D, self_mode, vec16, pp);
-  a.lse_pos = static_cast<A*>(lse_pos);
-  a.lse_neg = static_cast<A*>(lse_neg);
-  a.min_pos = static_cast<A*>(min_pos);
-  a.max_neg = static_cast<A*>(max_neg);
-  a.cnt_pos = cnt_pos;
-  a.cnt_neg = cnt_neg;
-  const size_t smem = Smem<T>::kExtraOffset + kBN * sizeof(int64_t);
+  if (op.N == 0) return cudaSuccess;
+  PairArgs<T> a = make_args<T>(op, terms, flags);
+  if (!operands_ok(a)) return cudaErrorInvalidValue;
+  a.values = static_cast<A*>(values);
+  a.counts = counts;
+  a.aux = static_cast<A*>(aux);
+  const size_t smem = Smem<T>::kExtraOffset + kBN * (sizeof(int64_t) + sizeof(A));
   cudaError_t err = prepare_smem(pair_forward_kernel<T>, smem);
   if (err != cudaSuccess) return err;
-  FPL_LAUNCH(pair_forward_kernel<T>, grid_for(N, kBM), smem, stream, a);
+  FPL_LAUNCH(pair_forward_kernel<T>, grid_for(a.N, kBM), smem, stream, a);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t backward_t(const void* g_pos, const void* g_neg, const void* q, const void* r,
-                       const int64_t* lq, const int64_t* lr, const void* lse_pos,
-                       const void* lse_neg, const void* min_pos, const void* max_neg, int64_t N,
-                       int64_t M, int64_t D, bool self_mode, bool vec16, const PairParams& pp,
-                       void* grad_q, void* grad_r, cudaStream_t stream) {
+cudaError_t backward_t(const PairOperands& op, const double* terms, int64_t flags, const void* gvals,
+                       const void* vals, const void* aux, void* grad_q, void* grad_r,
+                       cudaStream_t stream) {
   using A = typename AccOf<T>::type;
-  PairArgs<T> a = make_args<T>(q, r, lq, lr, N, M, D, self_mode, vec16, pp);
-  // the kernels only read these through the backward paths
-  a.lse_pos = const_cast<A*>(static_cast<const A*>(lse_pos));
-  a.lse_neg = const_cast<A*>(static_cast<const A*>(lse_neg));
-  a.min_pos = const_cast<A*>(static_cast<const A*>(min_pos));
-  a.max_neg = const_cast<A*>(static_cast<const A*>(max_neg));
-  a.g_pos = static_cast<const A*>(g_pos);
-  a.g_neg = static_cast<const A*>(g_neg);
-  const size_t smem = Smem<T>::kExtraOffset + kBN * sizeof(int64_t) + kNumStats * kBN * sizeof(A);
+  PairArgs<T> a = make_args<T>(op, terms, flags);
+  if (!operands_ok(a)) return cudaErrorInvalidValue;
+  a.gvals = static_cast<const A*>(gvals);
+  a.vals = static_cast<const A*>(vals);
+  a.auxin = static_cast<const A*>(aux);
+  const size_t smem =
+      Smem<T>::kExtraOffset + 2 * kBN * sizeof(int64_t) + (1 + kNumStats) * kBN * sizeof(A);
   cudaError_t err = prepare_smem(pair_backward_kernel<T>, smem);
   if (err != cudaSuccess) return err;
-  if (N > 0) {
+  if (a.N > 0 && grad_q != nullptr) {
     a.out = static_cast<A*>(grad_q);
-    FPL_LAUNCH(pair_backward_kernel<T>, grid_for(N, kBM), smem, stream, a, 0);
+    FPL_LAUNCH(pair_backward_kernel<T>, grid_for(a.N, kBM), smem, stream, a, 0);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  if (!self_mode && a.M > 0) {
+  if (!a.self_mode && a.M > 0 && grad_r != nullptr) {
     a.out = static_cast<A*>(grad_r);
     FPL_LAUNCH(pair_backward_kernel<T>, grid_for(a.M, kBM), smem, stream, a, 1);
     err = cudaGetLastError();
@@ -297,35 +460,22 @@ cudaError_t backward_t(const void* g_pos, const void* g_neg, const void* q, cons
 
 }  // namespace
 
-cudaError_t pair_forward(DType dt, const void* q, const void* r, const int64_t* labels_q,
-                         const int64_t* labels_r, int64_t N, int64_t M, int64_t D, bool self_mode,
-                         bool vec16, const PairParams& p, void* lse_pos, void* lse_neg,
-                         int32_t* count_pos, int32_t* count_neg, void* min_pos, void* max_neg,
-                         cudaStream_t stream) {
-#define FPL_PAIR_FWD(T)                                                                       \
-  return forward_t<T>(q, r, labels_q, labels_r, N, M, D, self_mode, vec16, p, lse_pos, lse_neg, \
-                      count_pos, count_neg, min_pos, max_neg, stream)
-  switch (dt) {
-    case DType::kFloat32: FPL_PAIR_FWD(float);
-    case DType::kFloat64: FPL_PAIR_FWD(double);
-    case DType::kFloat16: FPL_PAIR_FWD(__half);
-    case DType::kBFloat16: FPL_PAIR_FWD(__nv_bfloat16);
+cudaError_t pair_forward(const PairOperands& o, const double* terms, int64_t flags, void* values,
+                         int32_t* counts, void* aux, cudaStream_t stream) {
+  switch (o.dt) {
+    case DType::kFloat32: return forward_t<float>(o, terms, flags, values, counts, aux, stream);
+    case DType::kFloat64: return forward_t<double>(o, terms, flags, values, counts, aux, stream);
+    case DType::kFloat16: return forward_t<__half>(o, terms, flags, values, counts, aux, stream);
+    case DType::kBFloat16: return forward_t<__nv_bfloat16>(o, terms, flags, values, counts, aux, stream);
   }
-#undef FPL_PAIR_FWD
   return cudaErrorInvalidValue;
 }
 
-cudaError_t pair_backward(DType dt, const void* grad_lse_pos, const void* grad_lse_neg,
-                          const void* q, const void* r, const int64_t* labels_q,
-                          const int64_t* labels_r, const void* lse_pos, const void* lse_neg,
-                          const void* min_pos, const void* max_neg, int64_t N, int64_t M, int64_t D,
-                          bool self_mode, bool vec16, const PairParams& p, void* grad_q_acc,
-                          void* grad_r_acc, cudaStream_t stream) {
-#define FPL_PAIR_BWD(T)                                                                         \
-  return backward_t<T>(grad_lse_pos, grad_lse_neg, q, r, labels_q, labels_r, lse_pos, lse_neg,    \
-                       min_pos, max_neg, N, M, D, self_mode, vec16, p, grad_q_acc, grad_r_acc, \
-                       stream)
-  switch (dt) {
+cudaError_t pair_backward(const PairOperands& o, const double* terms, int64_t flags,
+                          const void* grad_values, const void* values, const void* aux, void* grad_q,
+                          void* grad_r, cudaStream_t stream) {
+#define FPL_PAIR_BWD(T) return backward_t<T>(o, terms, flags, grad_values, values, aux, grad_q, grad_r, stream)
+  switch (o.dt) {
     case DType::kFloat32: FPL_PAIR_BWD(float);
     case DType::kFloat64: FPL_PAIR_BWD(double);
     case DType::kFloat16: FPL_PAIR_BWD(__half);

@@ -1,22 +1,47 @@
-"""Small run of every CUDA op (forward + backward), for compute-sanitizer.
+"""Small run of every CUDA kernel (forward + backward of both engines), for compute-sanitizer.
 
     compute-sanitizer --tool memcheck  python csrc/cuda/sanitize_case.py
     compute-sanitizer --tool racecheck python csrc/cuda/sanitize_case.py
     compute-sanitizer --tool synccheck python csrc/cuda/sanitize_case.py
+    compute-sanitizer --tool initcheck python csrc/cuda/sanitize_case.py
 
-Covers: pair engine self / ref / ref with the diagonal excluded, MS (plain and mined) and Circle;
-class engine SoftTriple K=1, K=3 and ProxyCircle; fp32 / fp64 / fp16 / bf16; ragged shapes (several
-row blocks, a partial last tile, D not a multiple of the staged chunk) and D with and without the
-16-byte vector loads. Uses the library fused_pairloss loads (FUSED_PAIRLOSS_LIBRARY to pick one).
-Exits non-zero if the CUDA kernels are missing or any output is not finite where it must be.
+One small case per engine and kernel path, in fp32 / fp64 / fp16 / bf16, with ragged shapes
+(several row blocks, a partial last tile, D not a multiple of the staged chunk) and D with and
+without the 16-byte vector loads:
+- pair engine: a mined declaration with exclude_after_mining (label-sorted operands, both band
+  walks, the main walk), NTXent's pair term, a hinge + sum on the lp distance (norm gradients);
+  self mode, ref mode with exclude_col, ref mode without the column pass (need_grad_r False);
+- class engine: SoftTriple K = 3 (row kernel, pooling), a row term with both column terms (row
+  and column kernels), column terms only (the column kernel writes target_sim), need_grad_w False.
+Uses the library fused_pairloss loads. Exits non-zero if the CUDA kernels are missing or an output
+that must be finite is not.
 """
 import sys
 
 import torch
 
 import fused_pairloss as fpl
+from fused_pairloss.ops import spec as S
 
 ops = torch.ops.fused_pairloss
+T = S.PairTerm
+
+PAIR = [
+    S.PairLossSpec(pos=T(-2.0, 0.5, lse=True), neg=T(50.0, 0.5, lse=True), miner_epsilon=0.1,
+                   exclude_after_mining=True),
+    S.PairLossSpec(pos=T(4.0, sum=True), neg=T(4.0, lse=True), pos_vs_neg_lse=True),
+    S.PairLossSpec(pos=T(1.0, 0.0, hinge=True, sum=True), neg=T(-1.0, 1.0, hinge=True, sum=True), distance="lp"),
+]
+CLASS = [
+    S.ClassLossSpec(row=T(20.0, lse=True), centers_per_class=3, pool_gamma=0.1),
+    S.ClassLossSpec(row=T(16.0, 0.25, 0.25, 1.0, lse=True), col_pos=T(-4.0, 0.1, lse=True),
+                    col_neg=T(4.0, -0.1, lse=True)),
+    S.ClassLossSpec(col_pos=T(-4.0, 0.1, lse=True), col_neg=T(4.0, -0.1, lse=True)),
+]
+
+
+def unit(n, d, gen, dev, dtype):
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1).to(dev, dtype)
 
 
 def main():
@@ -31,33 +56,34 @@ def main():
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         A = torch.float64 if dtype == torch.float64 else torch.float32
         for d in (40, 37):
-            q = torch.nn.functional.normalize(torch.randn(70, d, generator=gen), dim=1).to(dev, dtype)
-            r = torch.nn.functional.normalize(torch.randn(90, d, generator=gen), dim=1).to(dev, dtype)
-            r70 = r[:70].contiguous()
+            q, r = unit(70, d, gen, dev, dtype), unit(90, d, gen, dev, dtype)
             lq = torch.randint(0, 5, (70,), generator=gen).to(dev)
             lr = torch.randint(0, 5, (90,), generator=gen).to(dev)
-            for rr, llr, excl in ((None, None, True), (r, lr, False), (r70, lq, True)):
-                for kind, p, mine in ((0, (2.0, 50.0, 0.5), False), (0, (2.0, 50.0, 0.5), True),
-                                      (1, (0.25, 80.0, 0.0), False)):
-                    args = (excl, kind, *p, mine, 0.1)
-                    lp, ln, cp, cn, mp, mn = ops.pair_engine_forward(q, rr, lq, llr, *args)
-                    gp = torch.rand(70, generator=gen).to(dev, A)
-                    gn = torch.rand(70, generator=gen).to(dev, A)
-                    gq, gr = ops.pair_engine_backward(gp, gn, q, rr, lq, llr, lp, ln, mp, mn, *args)
+            excl = torch.randint(-1, 90, (70,), generator=gen).to(dev)
+            for sp in PAIR:
+                terms, flags = sp.pack()
+                for rr, llr, ex, need_r in ((None, None, None, False), (r, lr, excl, True), (r, lr, None, False)):
+                    values, counts, aux = ops.pair_engine_forward(q, rr, lq, llr, ex, list(terms), flags)
+                    gv = torch.rand(values.shape, generator=gen).to(dev, A)
+                    gq, gr = ops.pair_engine_backward(gv, q, rr, lq, llr, ex, values, aux, list(terms), flags, need_r)
                     torch.cuda.synchronize()
-                    assert torch.isfinite(gq).all() and torch.isfinite(gr).all(), (dtype, d, kind, mine)
+                    assert torch.isfinite(gq).all() and torch.isfinite(gr).all(), (dtype, d, sp)
                     n_runs += 1
-            for K, kind, p in ((1, 0, (20.0, 0.1, 0.01)), (3, 0, (20.0, 0.1, 0.01)), (1, 1, (0.25, 256.0, 0.0))):
-                w = torch.nn.functional.normalize(torch.randn(13 * K, d, generator=gen), dim=1).to(dev, dtype)
+            for sp in CLASS:
+                terms, flags = sp.pack()
+                K = sp.centers_per_class
+                w = unit(13 * K, d, gen, dev, dtype)
                 y = torch.randint(0, 13, (70,), generator=gen).to(dev)
-                lse, ts = ops.class_engine_forward(q, w, y, K, kind, *p)
-                gl = torch.rand(70, generator=gen).to(dev, A)
-                gt = torch.randn(70, generator=gen).to(dev, A)
-                gq, gw = ops.class_engine_backward(gl, gt, q, w, y, lse, K, kind, *p)
-                torch.cuda.synchronize()
-                assert torch.isfinite(lse).all() and torch.isfinite(ts).all(), (dtype, d, K, kind)
-                assert torch.isfinite(gq).all() and torch.isfinite(gw).all(), (dtype, d, K, kind)
-                n_runs += 1
+                rows, cols = ops.class_engine_forward(q, w, y, K, list(terms), flags)
+                g_rows = torch.rand(rows.shape, generator=gen).to(dev, A)
+                g_cols = torch.rand(cols.shape, generator=gen).to(dev, A)
+                for need_w in (True, False):
+                    gq, gw = ops.class_engine_backward(g_rows, g_cols, q, w, y, rows, cols, K, list(terms), flags,
+                                                       need_w)
+                    torch.cuda.synchronize()
+                    assert torch.isfinite(rows[1]).all(), (dtype, d, sp)
+                    assert torch.isfinite(gq).all() and torch.isfinite(gw).all(), (dtype, d, sp)
+                    n_runs += 1
     print(f"sanitize_case: {n_runs} forward+backward runs OK on {torch.cuda.get_device_name()}")
 
 

@@ -6,11 +6,13 @@
 //      fp32 accumulation); fp32/fp64: FMA in the input precision. Each S element is the sum over d
 //      in increasing order of chunks (FMA: strictly sequential fma over d), so the same call always
 //      gives bitwise the same tile, in every pass.
-//   2. the engine's per-element math (pair_math.h) on the tile;
+//   2. the engine's per-element math on the tile: the loss declaration (common/loss_spec.h) and its
+//      per-element functions (common/pair_terms.inl, included below into this namespace);
 //   3. backward only: accumulate_tile, out[owner rows] += H_tile . V[other rows] (FMA in A, rows
 //      owned by this CTA: no atomics, deterministic order).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -24,31 +26,105 @@
 // thread, emulated barriers / shuffles / WMMA) so that their logic is tested on machines without
 // a GPU (tests/test_cuda_backend.py). It changes nothing in the real build.
 
-#include "common/pair_math.h"
+#include "common/loss_spec.h"
 
 namespace fpl_cuda {
 
+using fpl::ClassSpec;
+using fpl::PairSpec;
+using fpl::PairTermParams;
+
+// ---- the per-element math of the declaration (one definition for every C++ backend) ----------
+#define FPL_TERM_FN __host__ __device__ __forceinline__
+FPL_TERM_FN float math_exp(float x) { return ::expf(x); }
+FPL_TERM_FN double math_exp(double x) { return ::exp(x); }
+FPL_TERM_FN float math_log(float x) { return ::logf(x); }
+FPL_TERM_FN double math_log(double x) { return ::log(x); }
+FPL_TERM_FN float math_log1p(float x) { return ::log1pf(x); }
+FPL_TERM_FN double math_log1p(double x) { return ::log1p(x); }
+FPL_TERM_FN float math_sqrt(float x) { return ::sqrtf(x); }
+FPL_TERM_FN double math_sqrt(double x) { return ::sqrt(x); }
+
+#include "common/pair_terms.inl"
+
+#define FPL_DEV __device__ __forceinline__
+
+template <typename A> FPL_DEV A pos_inf() { return A(INFINITY); }
+template <typename A> FPL_DEV A neg_inf() { return -A(INFINITY); }
+template <typename A> FPL_DEV A quiet_nan() { return A(NAN); }
+
+// ---- online log-sum-exp: running (max, sum of exp(x - max)); empty set -> -inf; NaN sticks ----
+template <typename A>
+struct OnlineLSE {
+  A max, sum;
+  FPL_DEV void init() {
+    max = neg_inf<A>();
+    sum = A(0);
+  }
+  FPL_DEV void add(A x) {
+    if (x > max) {
+      sum = sum * math_exp(max - x) + A(1);  // max = -inf at first: exp(-inf) = 0
+      max = x;
+    } else if (x != x) {
+      sum = x;
+    } else if (x != neg_inf<A>()) {
+      sum += math_exp(x - max);
+    }
+  }
+  // merge a partial (max, sum) computed elsewhere; symmetric: both lanes of a pair get the same bits
+  FPL_DEV void merge(A omax, A osum) {
+    if (osum != osum || sum != sum) {
+      sum = (osum != osum) ? osum : sum;
+      return;
+    }
+    if (osum == A(0)) return;
+    if (sum == A(0)) {
+      max = omax;
+      sum = osum;
+      return;
+    }
+    if (omax > max) {
+      sum = sum * math_exp(max - omax) + osum;
+      max = omax;
+    } else {
+      sum += osum * math_exp(omax - max);
+    }
+  }
+  FPL_DEV A value() const {
+    if (sum != sum) return sum;
+    return sum > A(0) ? max + math_log(sum) : neg_inf<A>();
+  }
+};
+
+// NaN-propagating min / max (torch.amin / amax semantics).
+template <typename A>
+FPL_DEV A nan_min(A a, A b) { return (a != a || b != b) ? (a != a ? a : b) : (b < a ? b : a); }
+template <typename A>
+FPL_DEV A nan_max(A a, A b) { return (a != a || b != b) ? (a != a ? a : b) : (b > a ? b : a); }
+
+// ---- tile geometry -------------------------------------------------------------------------------
 constexpr int kThreads = 128;  // 4 warps
 constexpr int kBM = 64;        // owner rows per CTA
-constexpr int kBN = 64;        // other rows per tile
+constexpr int kBN = 64;        // other rows per tile (== kBM: row blocks and column tiles align)
 constexpr int kLDS = kBN + 4;  // row stride of the S tile in shared memory (WMMA: multiple of 4)
+static_assert(kBM == kBN, "the passes that swap owner and other rely on one tile grid");
 
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
 
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+FPL_DEV float to_acc(float x) { return x; }
+FPL_DEV double to_acc(double x) { return x; }
+FPL_DEV float to_acc(__half x) { return __half2float(x); }
+FPL_DEV float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-template <typename T> __device__ __forceinline__ T zero_of();
-template <> __device__ __forceinline__ float zero_of<float>() { return 0.f; }
-template <> __device__ __forceinline__ double zero_of<double>() { return 0.0; }
-template <> __device__ __forceinline__ __half zero_of<__half>() { return __float2half(0.f); }
-template <> __device__ __forceinline__ __nv_bfloat16 zero_of<__nv_bfloat16>() { return __float2bfloat16(0.f); }
+template <typename T> FPL_DEV T zero_of();
+template <> FPL_DEV float zero_of<float>() { return 0.f; }
+template <> FPL_DEV double zero_of<double>() { return 0.0; }
+template <> FPL_DEV __half zero_of<__half>() { return __float2half(0.f); }
+template <> FPL_DEV __nv_bfloat16 zero_of<__nv_bfloat16>() { return __float2bfloat16(0.f); }
 
-__device__ __forceinline__ float fma_acc(float a, float b, float c) { return fmaf(a, b, c); }
-__device__ __forceinline__ double fma_acc(double a, double b, double c) { return fma(a, b, c); }
+FPL_DEV float fma_acc(float a, float b, float c) { return fmaf(a, b, c); }
+FPL_DEV double fma_acc(double a, double b, double c) { return fma(a, b, c); }
 
 // Does this element type go through tensor cores on the arch being compiled?
 template <typename T> struct UseMma { static constexpr bool value = false; };
@@ -81,8 +157,8 @@ struct Smem {
 // Load rows [row0, row0 + n) x [d0, d0 + BK) of X (row stride D) into the stage, zero-padded.
 // kKMajor: dst[k * ld + i] (FMA path), else dst[i * ld + k] (MMA path). vec16: 16-byte loads.
 template <typename T, typename S, int BK, bool kKMajor>
-__device__ __forceinline__ void stage_rows(const T* __restrict__ X, int64_t row0, int n, int64_t D,
-                                           int64_t d0, bool vec16, S* dst, int ld) {
+FPL_DEV void stage_rows(const T* __restrict__ X, int64_t row0, int n, int64_t D, int64_t d0, bool vec16,
+                        S* dst, int ld) {
   constexpr int V = 16 / int(sizeof(T));  // elements per 16-byte vector
   static_assert(BK % V == 0, "a staged chunk must hold whole 16-byte vectors");
   const int t = threadIdx.x;
@@ -206,10 +282,9 @@ __device__ void tile_dot_mma(const T* __restrict__ Am, int64_t a0, int na, const
 // na / nb are zeros. Starts and ends with __syncthreads (readers of the previous Ss are done,
 // the new tile is visible to all threads).
 template <typename T>
-__device__ __forceinline__ void tile_dot(const T* __restrict__ Am, int64_t a0, int na,
-                                         const T* __restrict__ Bm, int64_t b0, int nb, int64_t D,
-                                         bool vec16, bool transpose, typename AccOf<T>::type* Ss,
-                                         unsigned char* stage) {
+FPL_DEV void tile_dot(const T* __restrict__ Am, int64_t a0, int na, const T* __restrict__ Bm, int64_t b0,
+                      int nb, int64_t D, bool vec16, bool transpose, typename AccOf<T>::type* Ss,
+                      unsigned char* stage) {
   __syncthreads();
   if constexpr (UseMma<T>::value) {
     tile_dot_mma<T>(Am, a0, na, Bm, b0, nb, D, vec16, transpose, Ss, stage);
@@ -219,15 +294,26 @@ __device__ __forceinline__ void tile_dot(const T* __restrict__ Am, int64_t a0, i
   __syncthreads();
 }
 
-// out[o, :] += sum_{x < nx} H[o][x] * V[x, :] for o < no (out, V: row stride D, already offset
-// to the owner / other block). Thread (rg = t/16, dl = t%16) owns rows rg + 8a, columns
-// d0 + dl + 16u of each 64-wide chunk of D. Ends with no barrier; the next tile_dot starts with one.
+// Output row of local owner row o: rows[o0 + o] through the map (a permutation: the row's place in
+// the caller's tensor), or o0 + o.
+FPL_DEV int64_t mapped_row(const int64_t* rows, int64_t i) { return rows ? rows[i] : i; }
+
+// out[row(o), :] += sum_{x < nx} H[o][x] * V[x, :] for o < no, row(o) = mapped_row(out_rows, o0 + o)
+// (out: row stride D; V already offset to the other block, row stride D). Thread (rg = t/16,
+// dl = t%16) owns rows rg + 8a, columns d0 + dl + 16u of each 64-wide chunk of D. Ends with no
+// barrier; the next tile_dot starts with one.
 template <typename T>
 __device__ void accumulate_tile(const typename AccOf<T>::type* Hs, int no, int nx,
-                                typename AccOf<T>::type* __restrict__ out, const T* __restrict__ V,
-                                int64_t D) {
+                                typename AccOf<T>::type* __restrict__ out, const int64_t* out_rows,
+                                int64_t o0, const T* __restrict__ V, int64_t D) {
   using A = typename AccOf<T>::type;
   const int t = threadIdx.x, rg = t / 16, dl = t % 16;
+  int64_t row[8];
+#pragma unroll
+  for (int a = 0; a < 8; ++a) {
+    const int o = rg + 8 * a;
+    row[a] = o < no ? mapped_row(out_rows, o0 + o) : 0;
+  }
   for (int64_t d0 = 0; d0 < D; d0 += 64) {
     A acc[8][4];
 #pragma unroll
@@ -236,7 +322,7 @@ __device__ void accumulate_tile(const typename AccOf<T>::type* Hs, int no, int n
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
         const int64_t d = d0 + dl + 16 * u;
-        acc[a][u] = (o < no && d < D) ? out[int64_t(o) * D + d] : A(0);
+        acc[a][u] = (o < no && d < D) ? out[row[a] * D + d] : A(0);
       }
     }
     for (int x = 0; x < nx; ++x) {
@@ -259,25 +345,22 @@ __device__ void accumulate_tile(const typename AccOf<T>::type* Hs, int no, int n
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
         const int64_t d = d0 + dl + 16 * u;
-        if (o < no && d < D) out[int64_t(o) * D + d] = acc[a][u];
+        if (o < no && d < D) out[row[a] * D + d] = acc[a][u];
       }
     }
   }
 }
 
-// Merge the per-thread online LSE of the two threads that share a row (lanes 2k, 2k+1).
+// Shuffles with the other thread of a row pair (lanes 2k, 2k+1); every thread of the CTA calls them.
+template <typename V>
+FPL_DEV V pair_lane(V v) { return __shfl_xor_sync(0xffffffffu, v, 1); }
+
 template <typename A>
-__device__ __forceinline__ void merge_pair_lanes(fpl::OnlineLSE<A>& s) {
-  const A omax = __shfl_xor_sync(0xffffffffu, s.max, 1);
-  const A osum = __shfl_xor_sync(0xffffffffu, s.sum, 1);
+FPL_DEV void merge_pair_lanes(OnlineLSE<A>& s) {
+  const A omax = pair_lane(s.max);
+  const A osum = pair_lane(s.sum);
   s.merge(omax, osum);
 }
-
-// NaN-propagating min / max (torch.amin / amax semantics).
-template <typename A>
-__device__ __forceinline__ A nan_min(A a, A b) { return (a != a || b != b) ? (a != a ? a : b) : (b < a ? b : a); }
-template <typename A>
-__device__ __forceinline__ A nan_max(A a, A b) { return (a != a || b != b) ? (a != a ? a : b) : (b > a ? b : a); }
 
 // Kernel launch with kThreads threads per CTA and `smem` bytes of dynamic shared memory.
 #ifdef FPL_CUDA_EMULATION
@@ -296,5 +379,8 @@ inline cudaError_t prepare_smem(Kern kernel, size_t bytes) {
 inline unsigned grid_for(int64_t n, int64_t per_block) {
   return static_cast<unsigned>((n + per_block - 1) / per_block);
 }
+
+// The first error of a sequence of launches.
+inline cudaError_t first_error(cudaError_t a, cudaError_t b) { return a != cudaSuccess ? a : b; }
 
 }  // namespace fpl_cuda

@@ -1,7 +1,9 @@
 // CPU emulation of the few CUDA features the kernels of csrc/cuda use, so that their logic
-// (tiling, masks, online LSE, barriers, shuffles, transposed / symmetrized tiles, WMMA fragment
-// layouts) is tested on machines without a GPU. Test-only: built by tests/test_cuda_backend.py
-// with g++, never part of the extension (setup.py only globs csrc/cuda/*.cpp / *.cu).
+// (tiling, masks, label-sorted bands, online LSE, barriers, shuffles, transposed / symmetrized
+// tiles, WMMA fragment layouts) is tested on machines without a GPU. Test-only: built by
+// tests/test_cuda_backend.py (emu_pair.cpp, emu_class.cpp: the .cu files as plain C++;
+// emu_ops.cpp: the real host glue around them, as ops fpl_cuda_emu::*), never part of the
+// extension (setup.py only globs csrc/cuda/*.cpp / *.cu).
 //
 // One std::thread per CUDA thread of a CTA (kThreads), CTAs run one after another; __syncthreads
 // is a std::barrier; __shfl_xor_sync exchanges through a block buffer between two barriers (the

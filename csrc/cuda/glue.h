@@ -1,0 +1,335 @@
+// Host glue of the CUDA engines, written with device-agnostic ATen calls only: checks the op's
+// arguments, prepares the kernels' operands, allocates the outputs and calls the plain launchers
+// of launchers.h. Used by ops_cuda.cpp (the CUDA kernels of the four fused ops, on the current
+// PyTorch stream) and by the emulation build (emu/emu_ops.cpp: the same glue around the kernels
+// compiled as plain C++, on CPU tensors), so the tests exercise this file too.
+//
+// Pair engine operands: when the declaration defers its positives (mining, NTXent: spec.h
+// defer_positives) the rows of q and r are label-sorted copies (stable sort: the same permutation
+// in forward and backward), so that the positives of a block of rows are one band of column tiles
+// (pair_engine.cu); the kernels read and write statistics and gradient rows through the
+// permutations, so the op's outputs are in the caller's order. Extra memory O((N + M) D).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "common/loss_spec.h"
+#include "cuda/launchers.h"
+
+namespace fpl_cuda_glue {
+
+using at::Tensor;
+
+// How the launchers run: on which stream, and how a CUDA error reads.
+struct Runtime {
+  const char* backend;  // "cuda" / "cuda emulation", for messages
+  cudaStream_t stream;
+  const char* (*error_string)(cudaError_t);
+};
+
+inline fpl_cuda::DType dtype_code(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return fpl_cuda::DType::kFloat32;
+    case at::kDouble: return fpl_cuda::DType::kFloat64;
+    case at::kHalf: return fpl_cuda::DType::kFloat16;
+    case at::kBFloat16: return fpl_cuda::DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "fused_pairloss (cuda): embeddings must be float32, float64, float16 or bfloat16; got ",
+                  t.scalar_type());
+  }
+}
+
+inline at::ScalarType stat_type(const Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+inline void check_launch(const Runtime& rt, cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "fused_pairloss (", rt.backend, "): ", what, " failed: ", rt.error_string(err));
+}
+
+// 16-byte vector loads: every row starts 16-byte aligned.
+inline bool can_vec16(const Tensor& a, const Tensor& b) {
+  auto aligned = [](const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
+  return (a.size(1) * a.element_size()) % 16 == 0 && aligned(a) && aligned(b);
+}
+
+inline void check_same_device(const Tensor& t, const Tensor& like, const char* name) {
+  TORCH_CHECK(t.device() == like.device(), "fused_pairloss (cuda): ", name, " must be on ", like.device(),
+              " like q; got ", t.device());
+}
+
+// ---- pair engine -------------------------------------------------------------------------------
+inline void check_pair_inputs(const Tensor& q, const std::optional<Tensor>& r, const Tensor& labels_q,
+                              const std::optional<Tensor>& labels_r, const std::optional<Tensor>& exclude_col,
+                              c10::ArrayRef<double> terms, int64_t flags) {
+  const std::string bad = fpl::check_pair_spec(static_cast<int64_t>(terms.size()), flags);
+  TORCH_CHECK(bad.empty(), "pair_engine: invalid loss declaration: ", bad);
+  TORCH_CHECK(q.dim() == 2, "pair_engine: q must be 2-D (N, D), got shape ", q.sizes());
+  dtype_code(q);
+  TORCH_CHECK(labels_q.dim() == 1 && labels_q.size(0) == q.size(0) && labels_q.scalar_type() == at::kLong,
+              "pair_engine: labels_q must be int64 of shape (", q.size(0), ",), got ", labels_q.scalar_type(), " ",
+              labels_q.sizes());
+  check_same_device(labels_q, q, "labels_q");
+  TORCH_CHECK(r.has_value() == labels_r.has_value(), "pair_engine: r and labels_r go together");
+  if (r.has_value()) {
+    TORCH_CHECK(r->dim() == 2 && r->size(1) == q.size(1), "pair_engine: r must have shape (M, ", q.size(1),
+                "), got ", r->sizes());
+    TORCH_CHECK(r->scalar_type() == q.scalar_type(), "pair_engine: q and r must have the same dtype, got ",
+                q.scalar_type(), " and ", r->scalar_type());
+    TORCH_CHECK(labels_r->dim() == 1 && labels_r->size(0) == r->size(0) && labels_r->scalar_type() == at::kLong,
+                "pair_engine: labels_r must be int64 of shape (", r->size(0), ",), got ", labels_r->scalar_type(),
+                " ", labels_r->sizes());
+    check_same_device(*r, q, "r");
+    check_same_device(*labels_r, q, "labels_r");
+  } else {
+    TORCH_CHECK(!exclude_col.has_value(), "pair_engine: exclude_col is implied (the diagonal) in self mode");
+  }
+  if (exclude_col.has_value()) {
+    // values outside [-1, M) exclude nothing (checking them would cost a device sync per call)
+    TORCH_CHECK(exclude_col->dim() == 1 && exclude_col->size(0) == q.size(0) &&
+                    exclude_col->scalar_type() == at::kLong,
+                "pair_engine: exclude_col must be int64 of shape (", q.size(0), ",), got ",
+                exclude_col->scalar_type(), " ", exclude_col->sizes());
+    check_same_device(*exclude_col, q, "exclude_col");
+  }
+}
+
+// The kernels' operands (launchers.h PairOperands) and the tensors that hold them.
+struct PairPrep {
+  Tensor q, r, lq, lr, excl, band_lo, band_hi, perm_q, perm_r, nq, nr;
+  bool self_mode = true;
+  int64_t N = 0, M = 0, D = 0;
+
+  fpl_cuda::PairOperands operands() const {
+    auto ptr = [](const Tensor& t) -> const void* { return t.defined() ? t.data_ptr() : nullptr; };
+    auto iptr = [](const Tensor& t) -> const int64_t* { return t.defined() ? t.data_ptr<int64_t>() : nullptr; };
+    fpl_cuda::PairOperands o{};
+    o.dt = dtype_code(q);
+    o.q = ptr(q);
+    o.r = ptr(r);
+    o.labels_q = iptr(lq);
+    o.labels_r = iptr(lr);
+    o.exclude_col = iptr(excl);
+    o.band_lo = iptr(band_lo);
+    o.band_hi = iptr(band_hi);
+    o.perm_q = iptr(perm_q);
+    o.perm_r = iptr(perm_r);
+    o.norm_q = ptr(nq);
+    o.norm_r = ptr(nr);
+    o.N = N;
+    o.M = M;
+    o.D = D;
+    o.self_mode = self_mode;
+    o.vec16 = N > 0 && M > 0 && can_vec16(q, r);
+    return o;
+  }
+};
+
+inline Tensor stable_sort_perm(const Tensor& labels) {
+  return std::get<1>(at::sort(labels, /*stable=*/true, /*dim=*/0, /*descending=*/false)).contiguous();
+}
+
+inline PairPrep prepare_pair(const Tensor& q_in, const std::optional<Tensor>& r_in, const Tensor& labels_q,
+                             const std::optional<Tensor>& labels_r, const std::optional<Tensor>& exclude_col,
+                             int64_t flags) {
+  PairPrep p;
+  p.self_mode = !r_in.has_value();
+  const Tensor q = q_in.contiguous(), lq = labels_q.contiguous();
+  p.N = q.size(0);
+  p.D = q.size(1);
+  p.M = p.self_mode ? p.N : r_in->size(0);
+  const bool defer = flags & (fpl::kMine | fpl::kPosVsNegLse);  // PairSpec::defer_positives
+  if (!defer) {
+    p.q = q;
+    p.lq = lq;
+    if (!p.self_mode) {
+      p.r = r_in->contiguous();
+      p.lr = labels_r->contiguous();
+      if (exclude_col.has_value()) p.excl = exclude_col->contiguous();
+    }
+  } else {
+    p.perm_q = stable_sort_perm(lq);
+    p.q = q.index_select(0, p.perm_q);
+    p.lq = lq.index_select(0, p.perm_q);
+    if (!p.self_mode) {
+      p.perm_r = stable_sort_perm(labels_r->contiguous());
+      p.r = r_in->contiguous().index_select(0, p.perm_r);
+      p.lr = labels_r->contiguous().index_select(0, p.perm_r);
+      if (exclude_col.has_value()) {  // the excluded column in the sorted order of r
+        const Tensor e = exclude_col->contiguous().index_select(0, p.perm_q);
+        if (p.M > 0) {
+          Tensor inv_r = at::empty_like(p.perm_r);
+          inv_r.index_copy_(0, p.perm_r, at::arange(p.M, p.perm_r.options()));
+          const Tensor valid = e.ge(0).logical_and(e.lt(p.M));
+          const Tensor ec = at::where(valid, e, at::zeros_like(e));
+          p.excl = at::where(valid, inv_r.index_select(0, ec), at::full_like(e, -1)).contiguous();
+        } else {
+          p.excl = at::full_like(e, -1);
+        }
+      }
+    }
+    const Tensor& lr_sorted = p.self_mode ? p.lq : p.lr;
+    p.band_lo = at::searchsorted(lr_sorted, p.lq, /*out_int32=*/false, /*right=*/false).contiguous();
+    p.band_hi = at::searchsorted(lr_sorted, p.lq, /*out_int32=*/false, /*right=*/true).contiguous();
+  }
+  if (p.self_mode) {
+    p.r = p.q;
+    p.lr = p.lq;
+    p.perm_r = p.perm_q;
+  }
+  if (flags & fpl::kLpDistance) {  // squared norms of the operand rows, in the stat dtype
+    const auto A = stat_type(q);
+    p.nq = p.q.to(A).square().sum(1).contiguous();
+    p.nr = p.self_mode ? p.nq : p.r.to(A).square().sum(1).contiguous();
+  }
+  return p;
+}
+
+inline std::tuple<Tensor, Tensor, Tensor> pair_forward(const Runtime& rt, const Tensor& q,
+                                                       const std::optional<Tensor>& r, const Tensor& labels_q,
+                                                       const std::optional<Tensor>& labels_r,
+                                                       const std::optional<Tensor>& exclude_col,
+                                                       c10::ArrayRef<double> terms, int64_t flags) {
+  check_pair_inputs(q, r, labels_q, labels_r, exclude_col, terms, flags);
+  const PairPrep p = prepare_pair(q, r, labels_q, labels_r, exclude_col, flags);
+  const auto opts = q.options().dtype(stat_type(q));
+  Tensor values = at::empty({fpl::kNumPairValues, p.N}, opts);
+  Tensor counts = at::empty({fpl::kNumPairCounts, p.N}, opts.dtype(at::kInt));
+  Tensor aux = at::empty({fpl::kNumPairAux, p.N}, opts);
+  if (p.N > 0) {
+    check_launch(rt,
+                 fpl_cuda::pair_forward(p.operands(), terms.data(), flags, values.data_ptr(),
+                                        counts.data_ptr<int32_t>(), aux.data_ptr(), rt.stream),
+                 "pair_engine_forward");
+  }
+  return {values, counts, aux};
+}
+
+inline std::tuple<Tensor, Tensor> pair_backward(const Runtime& rt, const Tensor& grad_values, const Tensor& q,
+                                                const std::optional<Tensor>& r, const Tensor& labels_q,
+                                                const std::optional<Tensor>& labels_r,
+                                                const std::optional<Tensor>& exclude_col, const Tensor& values,
+                                                const Tensor& aux, c10::ArrayRef<double> terms, int64_t flags,
+                                                bool need_grad_r) {
+  check_pair_inputs(q, r, labels_q, labels_r, exclude_col, terms, flags);
+  const int64_t N = q.size(0);
+  const auto A = stat_type(q);
+  auto stats = [&](const Tensor& t, int64_t rows, const char* name) {
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == N, "pair_engine_backward: ", name,
+                " must have shape (", rows, ", ", N, "), got ", t.sizes());
+    check_same_device(t, q, name);
+    return t.to(A).contiguous();
+  };
+  Tensor gv = stats(grad_values, fpl::kNumPairValues, "grad_values").clone();
+  const Tensor vals = stats(values, fpl::kNumPairValues, "values");
+  const Tensor ax = stats(aux, fpl::kNumPairAux, "aux");
+  if (flags & fpl::kPosVsNegLse)  // NTXent: d(pair terms)/d(lse_neg) joins the gradient of lse_neg
+    gv[fpl::kLseNeg].add_(gv[fpl::kPosVsNeg] * ax[fpl::kPosVsNegDLse]);
+  const PairPrep p = prepare_pair(q, r, labels_q, labels_r, exclude_col, flags);
+  const bool want_r = !p.self_mode && need_grad_r;
+  const auto opts = q.options().dtype(A);
+  Tensor gq = at::zeros({p.N, p.D}, opts);
+  Tensor gr = want_r ? at::zeros({p.M, p.D}, opts) : Tensor();
+  if (p.N > 0) {
+    check_launch(rt,
+                 fpl_cuda::pair_backward(p.operands(), terms.data(), flags, gv.data_ptr(), vals.data_ptr(),
+                                         ax.data_ptr(), gq.data_ptr(), want_r ? gr.data_ptr() : nullptr, rt.stream),
+                 "pair_engine_backward");
+  }
+  Tensor grad_q = gq.to(q.scalar_type()).contiguous();
+  Tensor grad_r = want_r ? gr.to(r->scalar_type()).contiguous() : q.new_empty({0});
+  return {grad_q, grad_r};
+}
+
+// ---- class engine ------------------------------------------------------------------------------
+inline void check_class_inputs(const Tensor& q, const Tensor& w, const Tensor& labels, int64_t K,
+                               c10::ArrayRef<double> terms, int64_t flags) {
+  const std::string bad = fpl::check_class_spec(static_cast<int64_t>(terms.size()), flags, K);
+  TORCH_CHECK(bad.empty(), "class_engine: invalid loss declaration: ", bad);
+  TORCH_CHECK(q.dim() == 2 && w.dim() == 2, "class_engine: q (N, D) and w (C*K, D) must be 2-D, got ", q.sizes(),
+              " and ", w.sizes());
+  dtype_code(q);
+  TORCH_CHECK(q.scalar_type() == w.scalar_type(), "class_engine: q and w must have the same dtype, got ",
+              q.scalar_type(), " and ", w.scalar_type());
+  TORCH_CHECK(q.size(1) == w.size(1), "class_engine: q and w must have the same D, got ", q.size(1), " and ",
+              w.size(1));
+  TORCH_CHECK(K <= fpl_cuda::kMaxCentersPerClass, "class_engine (cuda): centers_per_class must be at most ",
+              fpl_cuda::kMaxCentersPerClass, " (a tile holds whole classes), got ", K,
+              "; use backend='cpu' or 'triton' for more");
+  TORCH_CHECK(w.size(0) % K == 0, "class_engine: w has ", w.size(0), " rows, not a multiple of centers_per_class=", K);
+  // label values are compared with class indices only: out-of-range labels (the Python layer
+  // checks them) give target_sim = NaN, never a bad memory access
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == q.size(0) && labels.scalar_type() == at::kLong,
+              "class_engine: labels must be int64 of shape (N,) = (", q.size(0), ",), got ", labels.scalar_type(),
+              " ", labels.sizes());
+  check_same_device(w, q, "w");
+  check_same_device(labels, q, "labels");
+}
+
+inline fpl_cuda::ClassOperands class_operands(const Tensor& q, const Tensor& w, const Tensor& labels, int64_t K) {
+  fpl_cuda::ClassOperands o{};
+  o.dt = dtype_code(q);
+  o.q = q.data_ptr();
+  o.w = w.data_ptr();
+  o.labels = labels.data_ptr<int64_t>();
+  o.N = q.size(0);
+  o.K = K;
+  o.C = w.size(0) / K;
+  o.D = q.size(1);
+  o.vec16 = o.N > 0 && w.size(0) > 0 && can_vec16(q, w);
+  return o;
+}
+
+inline std::tuple<Tensor, Tensor> class_forward(const Runtime& rt, const Tensor& q_in, const Tensor& w_in,
+                                                const Tensor& labels_in, int64_t K, c10::ArrayRef<double> terms,
+                                                int64_t flags) {
+  check_class_inputs(q_in, w_in, labels_in, K, terms, flags);
+  const Tensor q = q_in.contiguous(), w = w_in.contiguous(), labels = labels_in.contiguous();
+  const int64_t N = q.size(0), C = w.size(0) / K;
+  const auto opts = q.options().dtype(stat_type(q));
+  Tensor rows = at::full({fpl::kNumClassRowValues, N}, -std::numeric_limits<double>::infinity(), opts);
+  rows[fpl::kRowTargetSim].fill_(std::numeric_limits<double>::quiet_NaN());
+  Tensor cols = at::full({fpl::kNumClassColValues, C}, -std::numeric_limits<double>::infinity(), opts);
+  check_launch(rt,
+               fpl_cuda::class_forward(class_operands(q, w, labels, K), terms.data(), flags, rows.data_ptr(),
+                                       cols.data_ptr(), rt.stream),
+               "class_engine_forward");
+  return {rows, cols};
+}
+
+inline std::tuple<Tensor, Tensor> class_backward(const Runtime& rt, const Tensor& grad_rows, const Tensor& grad_cols,
+                                                 const Tensor& q_in, const Tensor& w_in, const Tensor& labels_in,
+                                                 const Tensor& rows, const Tensor& cols, int64_t K,
+                                                 c10::ArrayRef<double> terms, int64_t flags, bool need_grad_w) {
+  check_class_inputs(q_in, w_in, labels_in, K, terms, flags);
+  const Tensor q = q_in.contiguous(), w = w_in.contiguous(), labels = labels_in.contiguous();
+  const int64_t N = q.size(0), C = w.size(0) / K, D = q.size(1);
+  const auto A = stat_type(q);
+  auto stats = [&](const Tensor& t, int64_t r, int64_t n, const char* name) {
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == r && t.size(1) == n, "class_engine_backward: ", name,
+                " must have shape (", r, ", ", n, "), got ", t.sizes());
+    check_same_device(t, q, name);
+    return t.to(A).contiguous();
+  };
+  const Tensor gr = stats(grad_rows, fpl::kNumClassRowValues, N, "grad_rows");
+  const Tensor gc = stats(grad_cols, fpl::kNumClassColValues, C, "grad_cols");
+  const Tensor rv = stats(rows, fpl::kNumClassRowValues, N, "rows");
+  const Tensor cv = stats(cols, fpl::kNumClassColValues, C, "cols");
+  const auto opts = q.options().dtype(A);
+  Tensor gq = at::zeros({N, D}, opts);
+  Tensor gw = need_grad_w ? at::zeros({w.size(0), D}, opts) : Tensor();
+  check_launch(rt,
+               fpl_cuda::class_backward(class_operands(q, w, labels, K), terms.data(), flags, gr.data_ptr(),
+                                        gc.data_ptr(), rv.data_ptr(), cv.data_ptr(), gq.data_ptr(),
+                                        need_grad_w ? gw.data_ptr() : nullptr, rt.stream),
+               "class_engine_backward");
+  Tensor grad_q = gq.to(q.scalar_type()).contiguous();
+  Tensor grad_w = need_grad_w ? gw.to(w.scalar_type()).contiguous() : q.new_empty({0});
+  return {grad_q, grad_w};
+}
+
+}  // namespace fpl_cuda_glue
