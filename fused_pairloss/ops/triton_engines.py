@@ -514,25 +514,28 @@ if _IMPORTED:
     def _pair_grad(kp, kn, xp, xn, db_p, db_n, glp, gln, gsp, gsn, gx, lsp, lsn, tiny,
                    POS_LSE: tl.constexpr, POS_SUM: tl.constexpr, NEG_LSE: tl.constexpr,
                    NEG_SUM: tl.constexpr, NTX: tl.constexpr):
-        """G = dL/dS on a tile for the kept pairs kp / kn (ops/README.md, kernels_isa.inc
-        pair_backward_impl); the row statistics come pre-broadcast ([R, 1] or [1, C]), so the same
-        code gives G_IJ (statistics of I) and G_JI^T (statistics of J) in self mode.
-        db_s = dx_s/dv * dv/dS; gln already holds grad_lse_neg + grad_pos_vs_neg * aux[2]. exp only
-        of the selected elements (no overflow / NaN from pairs outside the LSE sets)."""
+        """G = dL/dS on a tile for the kept pairs kp / kn, as kernels_isa.inc pair_backward_impl:
+        (grad_lse_s exp(x - lse_s) [LSE] + grad_sum_s [SUM]) * db_s, db_s = dx_s/dv dv/dS, and for
+        kept positives (NTX) + grad_pos_vs_neg dphi(x - lse_neg) db_pos. The row statistics come
+        pre-broadcast ([R, 1] or [1, C]), so the same code gives G_IJ (statistics of I) and G_JI^T
+        (statistics of J) in self mode; gln already holds grad_lse_neg + grad_pos_vs_neg * aux[2].
+        exp only of the LSE members (no overflow from pairs outside them); a pair in no set gets
+        (0 + 0) * db_neg, which is 0 unless its S is NaN (NaN propagates as in the C++ kernels)."""
         if POS_LSE and NEG_LSE:
-            e = tl.exp(tl.where(kp, xp - lsp, tl.where(kn, xn - lsn, _NEG_INF)))
-            g = tl.where(kp, glp * e, tl.where(kn, gln * e, 0.0))
+            arg = tl.where(kp, xp - lsp, tl.where(kn, xn - lsn, _NEG_INF))
         elif POS_LSE:
-            g = tl.where(kp, glp * tl.exp(tl.where(kp, xp - lsp, _NEG_INF)), 0.0)
+            arg = tl.where(kp, xp - lsp, _NEG_INF)
         elif NEG_LSE:
-            g = tl.where(kn, gln * tl.exp(tl.where(kn, xn - lsn, _NEG_INF)), 0.0)
+            arg = tl.where(kn, xn - lsn, _NEG_INF)
+        if POS_LSE or NEG_LSE:
+            g = tl.where(kp, glp, gln) * tl.exp(arg)
         else:
             g = tl.zeros_like(xp)
         if POS_SUM:
             g = tl.where(kp, g + gsp, g)
         if NEG_SUM:
             g = tl.where(kn, g + gsn, g)
-        g = tl.where(kp, g * db_p, tl.where(kn, g * db_n, 0.0))
+        g = g * tl.where(kp, db_p, db_n)
         if NTX:
             g = tl.where(kp, g + (gx * _ntx_dloss(xp - lsn, tiny)) * db_p, g)
         return g
@@ -1001,18 +1004,19 @@ if _IMPORTED:
     # =============================================================================== configs
     # Autotuning varies only tile sizes / warps / stages of the pair kernels: never BLOCK_D or the
     # dot orientation, so an S element is summed identically in every kernel and every config. All
-    # GPU configs use tiles >= 64 x 64 and >= 4 warps (the same tensor-core instruction family).
+    # GPU configs use tiles >= 64 x 64 and 8 warps (the same tensor-core instruction family). Offline
+    # ptxas (sm_90, no GPU here) at 4 warps spilled 0.2-1.7 KB (forward / self-mode row pass) and
+    # more at 64 x 128; at 64 x 64 with 8 warps the forward does not spill and the row pass ~160 B.
+    # Untuned starting points: no GPU was available to time them.
     def _cfg(bm, bn, warps, stages):
         return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
     if INTERPRETED:  # numpy per block op: small tiles so that small tests cross several tiles
         _FWD_CONFIGS = [_cfg(32, 32, 4, 1)]
         _BWD_CONFIGS = [_cfg(32, 32, 4, 1)]
-    else:  # untuned starting points (no GPU was available to tune them)
-        _FWD_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(128, 64, 4, 3), _cfg(64, 128, 4, 3),
-                        _cfg(128, 128, 8, 3), _cfg(128, 64, 8, 4)]
-        _BWD_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 128, 4, 3),
-                        _cfg(64, 64, 4, 2)]
+    else:
+        _FWD_CONFIGS = [_cfg(64, 64, 8, 3), _cfg(64, 64, 8, 4), _cfg(128, 64, 8, 3), _cfg(64, 128, 8, 3)]
+        _BWD_CONFIGS = [_cfg(64, 64, 8, 2), _cfg(64, 64, 8, 3)]
     _KEY = ["N", "M", "D"]
     _pair_fwd = triton.autotune(configs=_FWD_CONFIGS, key=_KEY)(_pair_fwd_kernel)
     # the chunked gradient form adds into its output: reset between the autotuner's trial runs
