@@ -1,5 +1,5 @@
-"""fused_pairloss: fused kernels for pair-based metric-learning losses (Multi-Similarity, Circle,
-SoftTriple, class-level Circle), drop-in replacements for pytorch-metric-learning's losses.
+"""fused_pairloss: fused kernels for the pair-based and proxy metric-learning losses of
+pytorch-metric-learning (PML), drop-in replacements for PML's loss classes.
 
     import fused_pairloss as fpl
     loss_fn = fpl.MultiSimilarityLoss(alpha=2, beta=50, base=0.5)   # was: losses.MultiSimilarityLoss
@@ -7,15 +7,25 @@ SoftTriple, class-level Circle), drop-in replacements for pytorch-metric-learnin
 """
 from . import functional, reference
 from ._backends import available_backends, build_info
-from .modules import CircleLoss, MultiSimilarityLoss, ProxyCircleLoss, SoftTripleLoss
+from .modules import (ArcFaceLoss, CircleLoss, ContrastiveLoss, CosFaceLoss, GeneralizedLiftedStructureLoss,
+                      MultiSimilarityLoss, NormalizedSoftmaxLoss, NTXentLoss, ProxyAnchorLoss, ProxyCircleLoss,
+                      SoftTripleLoss, SupConLoss)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MultiSimilarityLoss",
     "CircleLoss",
+    "NTXentLoss",
+    "SupConLoss",
+    "ContrastiveLoss",
+    "GeneralizedLiftedStructureLoss",
     "SoftTripleLoss",
     "ProxyCircleLoss",
+    "ProxyAnchorLoss",
+    "NormalizedSoftmaxLoss",
+    "CosFaceLoss",
+    "ArcFaceLoss",
     "functional",
     "reference",
     "available_backends",

@@ -3,6 +3,7 @@ expected. Value checks that need a device sync (label ranges) are skipped while 
 traces, so a compiled loss has no graph break."""
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -73,10 +74,34 @@ def check_real(name, value, allow_none=False):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         what = "a real number or None" if allow_none else "a real number"
         raise TypeError(f"{name} must be {what}; got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite; got {value}")
 
 
-def check_centers(embeddings, labels, centers, centers_per_class, name="centers"):
-    """centers: (D, C*K) like PML's fc; labels in [0, C)."""
+DISTANCES = ("cosine", "lp")
+
+
+def check_distance(distance, allowed=DISTANCES):
+    """distance: "cosine" (PML CosineSimilarity()) or "lp" (PML LpDistance() with its defaults)."""
+    if distance not in allowed:
+        raise ValueError(f"distance must be one of {list(allowed)} (PML CosineSimilarity() / LpDistance() with "
+                         f"its defaults are fused); got {distance!r}")
+
+
+def check_margins_ordered(pos_margin, neg_margin, distance):
+    """A distance pulls positives below pos_margin and pushes negatives above neg_margin, a
+    similarity the other way round: margins in the other order make every pair a violation."""
+    if distance == "lp" and pos_margin > neg_margin:
+        raise ValueError(f"pos_margin must be <= neg_margin for a distance (lp); got pos_margin={pos_margin}, "
+                         f"neg_margin={neg_margin}")
+    if distance == "cosine" and pos_margin < neg_margin:
+        raise ValueError(f"pos_margin must be >= neg_margin for a similarity (cosine); got pos_margin="
+                         f"{pos_margin}, neg_margin={neg_margin}")
+
+
+def check_centers(embeddings, labels, centers, centers_per_class, name="centers", classes_first=False):
+    """centers: (D, C*K) like PML's fc and W, or (C, D) like PML's ProxyAnchor proxies
+    (classes_first); labels in [0, C)."""
     check_embeddings(embeddings)
     if labels is None:
         raise ValueError("labels is required (a 1-D integer tensor of length N)")
@@ -87,17 +112,18 @@ def check_centers(embeddings, labels, centers, centers_per_class, name="centers"
         raise TypeError(f"{name} must be a torch.Tensor of shape (D, C*K); got {type(centers).__name__}")
     if not centers.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor; got dtype {centers.dtype}")
-    if centers.dim() != 2 or centers.shape[0] != embeddings.shape[1]:
-        raise ValueError(
-            f"{name} must be 2-D of shape (D={embeddings.shape[1]}, C*K) (PML's fc layout); got shape {tuple(centers.shape)}")
-    if centers.shape[1] == 0 or centers.shape[1] % centers_per_class != 0:
-        raise ValueError(
-            f"{name} width must be a positive multiple of centers_per_class={centers_per_class}; got width {centers.shape[1]}")
+    d_axis, c_axis = (1, 0) if classes_first else (0, 1)
+    if centers.dim() != 2 or centers.shape[d_axis] != embeddings.shape[1]:
+        layout = f"(C, D={embeddings.shape[1]})" if classes_first else f"(D={embeddings.shape[1]}, C*K)"
+        raise ValueError(f"{name} must be 2-D of shape {layout} (PML's layout); got shape {tuple(centers.shape)}")
+    if centers.shape[c_axis] == 0 or centers.shape[c_axis] % centers_per_class != 0:
+        raise ValueError(f"{name}'s class axis must have a positive multiple of centers_per_class="
+                         f"{centers_per_class} entries; got {centers.shape[c_axis]}")
     if centers.dtype != embeddings.dtype:
         raise TypeError(f"{name} must have the dtype of embeddings ({embeddings.dtype}); got {centers.dtype}")
     if centers.device != embeddings.device:
         raise ValueError(f"{name} must be on the device of embeddings ({embeddings.device}); got {centers.device}")
-    num_classes = centers.shape[1] // centers_per_class
+    num_classes = centers.shape[c_axis] // centers_per_class
     if not _compiling() and labels.numel() > 0:
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= num_classes:

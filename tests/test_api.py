@@ -23,27 +23,39 @@ def _sig(obj):
 
 
 def _expect(*params):
-    """params: (name, default) -> POSITIONAL_OR_KEYWORD; ('*', ...) switches to KEYWORD_ONLY."""
+    """params: (name, default) -> POSITIONAL_OR_KEYWORD; ('*', ...) switches to KEYWORD_ONLY;
+    '**kwargs' is PML's VAR_KEYWORD tail."""
     out, kind = [], POS
     for item in params:
         if item == "*":
             kind = KWO
+            continue
+        if item == "**kwargs":
+            out.append(("kwargs", P.VAR_KEYWORD, NODEF))
             continue
         name, default = item
         out.append((name, kind, default))
     return out
 
 
+PAIR_CLASSES = ["MultiSimilarityLoss", "CircleLoss", "NTXentLoss", "SupConLoss", "ContrastiveLoss",
+                "GeneralizedLiftedStructureLoss"]
+CLASS_CLASSES = ["SoftTripleLoss", "ProxyCircleLoss", "ProxyAnchorLoss", "NormalizedSoftmaxLoss", "CosFaceLoss",
+                 "ArcFaceLoss"]
+FUNCTIONAL_NAMES = ["multi_similarity_loss", "circle_loss", "ntxent_loss", "supcon_loss", "contrastive_loss",
+                    "generalized_lifted_structure_loss", "soft_triple_loss", "proxy_circle_loss",
+                    "proxy_anchor_loss", "normalized_softmax_loss", "cosface_loss", "arcface_loss"]
+
+
 def test_public_names():
-    for name in ("MultiSimilarityLoss", "CircleLoss", "SoftTripleLoss", "ProxyCircleLoss", "functional",
-                 "reference", "available_backends", "build_info"):
+    for name in PAIR_CLASSES + CLASS_CLASSES + ["functional", "reference", "available_backends", "build_info"]:
         assert hasattr(fpl, name), name
         assert name in fpl.__all__, name
-    for name in ("multi_similarity_loss", "circle_loss", "soft_triple_loss", "proxy_circle_loss"):
+    for name in FUNCTIONAL_NAMES:
         assert callable(getattr(fpl.functional, name)), name
         assert callable(getattr(fpl.reference, name)), name
-    for cls in (fpl.MultiSimilarityLoss, fpl.CircleLoss, fpl.SoftTripleLoss, fpl.ProxyCircleLoss):
-        assert issubclass(cls, torch.nn.Module)
+    for name in PAIR_CLASSES + CLASS_CLASSES:
+        assert issubclass(getattr(fpl, name), torch.nn.Module)
     import fused_pairloss.functional
     import fused_pairloss.reference
     assert fpl.functional is fused_pairloss.functional and fpl.reference is fused_pairloss.reference
@@ -52,13 +64,26 @@ def test_public_names():
 
 CONSTRUCTORS = {
     fpl.MultiSimilarityLoss: _expect(("alpha", 2.0), ("beta", 50.0), ("base", 0.5), ("miner_epsilon", None),
-                                     ("backend", "auto")),
-    fpl.CircleLoss: _expect(("m", 0.4), ("gamma", 80.0), ("backend", "auto")),
+                                     ("backend", "auto"), "**kwargs"),
+    fpl.CircleLoss: _expect(("m", 0.4), ("gamma", 80.0), ("backend", "auto"), "**kwargs"),
+    fpl.NTXentLoss: _expect(("temperature", 0.07), ("backend", "auto"), "**kwargs"),
+    fpl.SupConLoss: _expect(("temperature", 0.1), ("backend", "auto"), "**kwargs"),
+    fpl.ContrastiveLoss: _expect(("pos_margin", 0), ("neg_margin", 1), ("backend", "auto"), "**kwargs"),
+    fpl.GeneralizedLiftedStructureLoss: _expect(("neg_margin", 1), ("pos_margin", 0), ("backend", "auto"),
+                                                "**kwargs"),
     fpl.SoftTripleLoss: _expect(("num_classes", NODEF), ("embedding_size", NODEF), ("centers_per_class", 10),
                                 ("la", 20.0), ("gamma", 0.1), ("margin", 0.01), ("center_reg_weight", 0.0),
-                                ("backend", "auto")),
+                                ("backend", "auto"), "**kwargs"),
     fpl.ProxyCircleLoss: _expect(("num_classes", NODEF), ("embedding_size", NODEF), ("m", 0.25), ("gamma", 256.0),
                                  ("backend", "auto")),
+    fpl.ProxyAnchorLoss: _expect(("num_classes", NODEF), ("embedding_size", NODEF), ("margin", 0.1), ("alpha", 32),
+                                 ("backend", "auto"), "**kwargs"),
+    fpl.NormalizedSoftmaxLoss: _expect(("num_classes", NODEF), ("embedding_size", NODEF), ("temperature", 0.05),
+                                       ("backend", "auto"), "**kwargs"),
+    fpl.CosFaceLoss: _expect(("num_classes", NODEF), ("embedding_size", NODEF), ("margin", 0.35), ("scale", 64),
+                             ("backend", "auto"), "**kwargs"),
+    fpl.ArcFaceLoss: _expect(("num_classes", NODEF), ("embedding_size", NODEF), ("margin", 28.6), ("scale", 64),
+                             ("backend", "auto"), "**kwargs"),
 }
 
 
@@ -67,7 +92,7 @@ def test_constructor_signatures(cls):
     assert _sig(cls) == CONSTRUCTORS[cls]
 
 
-@pytest.mark.parametrize("cls", [fpl.MultiSimilarityLoss, fpl.CircleLoss], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [getattr(fpl, n) for n in PAIR_CLASSES], ids=lambda c: c.__name__)
 def test_pair_forward_signature_is_pmls(cls):
     ours = _sig(cls.forward)
     theirs = _sig(pml_losses.BaseMetricLossFunction.forward)
@@ -75,24 +100,37 @@ def test_pair_forward_signature_is_pmls(cls):
                                      ("indices_tuple", None), ("ref_emb", None), ("ref_labels", None))
 
 
-@pytest.mark.parametrize("cls", [fpl.SoftTripleLoss, fpl.ProxyCircleLoss], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [getattr(fpl, n) for n in CLASS_CLASSES], ids=lambda c: c.__name__)
 def test_class_forward_signature(cls):
     assert [n for n, _, _ in _sig(cls.forward)][:3] == ["self", "embeddings", "labels"]
     # everything after (embeddings, labels) must be optional
     assert all(d is not NODEF for _, _, d in _sig(cls.forward)[3:])
 
 
+_PAIR_HEAD = (("embeddings", NODEF), ("labels", NODEF), ("ref_emb", None), ("ref_labels", None), "*")
 FUNCTIONALS = {
-    "multi_similarity_loss": _expect(("embeddings", NODEF), ("labels", NODEF), ("ref_emb", None), ("ref_labels", None),
-                                     "*", ("alpha", 2.0), ("beta", 50.0), ("base", 0.5), ("miner_epsilon", None),
-                                     ("backend", "auto")),
-    "circle_loss": _expect(("embeddings", NODEF), ("labels", NODEF), ("ref_emb", None), ("ref_labels", None),
-                           "*", ("m", 0.4), ("gamma", 80.0), ("backend", "auto")),
+    "multi_similarity_loss": _expect(*_PAIR_HEAD, ("alpha", 2.0), ("beta", 50.0), ("base", 0.5),
+                                     ("miner_epsilon", None), ("distance", "cosine"), ("backend", "auto")),
+    "circle_loss": _expect(*_PAIR_HEAD, ("m", 0.4), ("gamma", 80.0), ("backend", "auto")),
+    "ntxent_loss": _expect(*_PAIR_HEAD, ("temperature", 0.07), ("distance", "cosine"), ("backend", "auto")),
+    "supcon_loss": _expect(*_PAIR_HEAD, ("temperature", 0.1), ("distance", "cosine"), ("backend", "auto")),
+    "contrastive_loss": _expect(*_PAIR_HEAD, ("pos_margin", 0.0), ("neg_margin", 1.0), ("distance", "lp"),
+                                ("backend", "auto")),
+    "generalized_lifted_structure_loss": _expect(*_PAIR_HEAD, ("neg_margin", 1.0), ("pos_margin", 0.0),
+                                                 ("distance", "lp"), ("backend", "auto")),
     "soft_triple_loss": _expect(("embeddings", NODEF), ("labels", NODEF), ("centers", NODEF), "*",
                                 ("centers_per_class", 10), ("la", 20.0), ("gamma", 0.1), ("margin", 0.01),
                                 ("center_reg_weight", 0.0), ("backend", "auto")),
     "proxy_circle_loss": _expect(("embeddings", NODEF), ("labels", NODEF), ("proxies", NODEF), "*",
                                  ("m", 0.25), ("gamma", 256.0), ("backend", "auto")),
+    "proxy_anchor_loss": _expect(("embeddings", NODEF), ("labels", NODEF), ("proxies", NODEF), "*",
+                                 ("margin", 0.1), ("alpha", 32.0), ("backend", "auto")),
+    "normalized_softmax_loss": _expect(("embeddings", NODEF), ("labels", NODEF), ("W", NODEF), "*",
+                                       ("temperature", 0.05), ("backend", "auto")),
+    "cosface_loss": _expect(("embeddings", NODEF), ("labels", NODEF), ("W", NODEF), "*", ("margin", 0.35),
+                            ("scale", 64.0), ("backend", "auto")),
+    "arcface_loss": _expect(("embeddings", NODEF), ("labels", NODEF), ("W", NODEF), "*", ("margin", 28.6),
+                            ("scale", 64.0), ("backend", "auto")),
 }
 
 
@@ -110,16 +148,17 @@ def test_functional_hyperparameters_are_keyword_only():
 
 
 def test_defaults_match_pml():
-    """Constructor defaults equal PML 2.9's (the drop-in promise)."""
-    for ours, theirs, names in (
-        (fpl.MultiSimilarityLoss, pml_losses.MultiSimilarityLoss, ("alpha", "beta", "base")),
-        (fpl.CircleLoss, pml_losses.CircleLoss, ("m", "gamma")),
-        (fpl.SoftTripleLoss, pml_losses.SoftTripleLoss, ("centers_per_class", "la", "gamma", "margin")),
-    ):
-        o = inspect.signature(ours).parameters
-        t = inspect.signature(theirs).parameters
-        for n in names:
-            assert o[n].default == t[n].default, (ours.__name__, n)
+    """Constructor defaults equal PML 2.9's (the drop-in promise), for every loss PML has."""
+    for name in PAIR_CLASSES + CLASS_CLASSES:
+        if name == "ProxyCircleLoss":  # no PML counterpart
+            continue
+        ours = inspect.signature(getattr(fpl, name)).parameters
+        theirs = inspect.signature(getattr(pml_losses, name)).parameters
+        for n, p in theirs.items():
+            if p.kind in (P.VAR_KEYWORD, P.VAR_POSITIONAL):
+                continue
+            assert n in ours, (name, n)
+            assert ours[n].default == p.default, (name, n, ours[n].default, p.default)
     assert inspect.signature(pml_miners.MultiSimilarityMiner).parameters["epsilon"].default == 0.1
 
 
@@ -267,3 +306,88 @@ def test_modules_repr_and_backend_attribute():
         assert mod.backend == "auto"
         assert "backend='auto'" in repr(mod)
     assert "miner_epsilon=0.2" in repr(fpl.MultiSimilarityLoss(miner_epsilon=0.2))
+
+
+# ----------------------------------------------------------------------------------------------
+# PML's keyword arguments and the new modules
+# ----------------------------------------------------------------------------------------------
+from pytorch_metric_learning import distances as pml_distances  # noqa: E402
+from pytorch_metric_learning import reducers as pml_reducers  # noqa: E402
+
+
+@pytest.mark.parametrize("name,kw", [("MultiSimilarityLoss", {}), ("NTXentLoss", {}), ("SupConLoss", {}),
+                                     ("ContrastiveLoss", {}), ("GeneralizedLiftedStructureLoss", {})])
+@pytest.mark.parametrize("distance", ["default", "cosine", "lp", "dot"])
+def test_pair_modules_with_pml_distances_are_fused_and_equal_pml(name, kw, distance):
+    dist = {"default": None, "cosine": pml_distances.CosineSimilarity(), "lp": pml_distances.LpDistance(),
+            "dot": pml_distances.DotProductSimilarity()}[distance]
+    if name in ("ContrastiveLoss", "GeneralizedLiftedStructureLoss") and distance in ("cosine", "dot"):
+        kw = dict(pos_margin=0.9, neg_margin=0.1)
+    extra = {} if dist is None else {"distance": dist}
+    ours = getattr(fpl, name)(backend="cpu", **kw, **extra)
+    theirs = getattr(pml_losses, name)(**kw, **extra)
+    assert ours._pml is None and ours.distance in ("cosine", "lp")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(30, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 6, (30,), generator=g)
+    torch.testing.assert_close(ours(x, y), theirs(x, y), rtol=1e-9, atol=1e-12)
+
+
+def test_unfused_pml_arguments_go_to_pml_with_one_warning(monkeypatch):
+    monkeypatch.setattr(fpl.modules, "_warned", set())
+    reducer = pml_reducers.SumReducer()
+    ours = fpl.NTXentLoss(reducer=reducer)
+    theirs = pml_losses.NTXentLoss(reducer=pml_reducers.SumReducer())
+    assert ours._pml is not None
+    x, y = torch.randn(20, 5), torch.randint(0, 4, (20,))
+    with pytest.warns(UserWarning, match="pytorch-metric-learning itself"):
+        a = ours(x, y)
+    torch.testing.assert_close(a, theirs(x, y))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours(x, y)  # once
+    # an Lp distance with p=1 is not PML's default LpDistance: computed by PML too
+    assert fpl.MultiSimilarityLoss(distance=pml_distances.LpDistance(p=1))._pml is not None
+
+
+def test_cosine_only_losses_reject_other_distances():
+    for cls in (fpl.CircleLoss, fpl.CosFaceLoss, fpl.ArcFaceLoss):
+        args = () if cls is fpl.CircleLoss else (4, 5)
+        with pytest.raises(ValueError, match="distance"):
+            cls(*args, distance=pml_distances.LpDistance())
+
+
+def test_soft_triple_pml_regularizer_is_fused():
+    reg = SparseCentersRegularizer(6, 3)
+    ours = fpl.SoftTripleLoss(6, 5, centers_per_class=3, weight_regularizer=reg, weight_reg_weight=0.3,
+                              backend="cpu")
+    assert ours._pml is None and ours.center_reg_weight == 0.3
+    theirs = pml_losses.SoftTripleLoss(6, 5, centers_per_class=3, weight_regularizer=SparseCentersRegularizer(6, 3),
+                                       weight_reg_weight=0.3)
+    theirs.load_state_dict(ours.state_dict())
+    x, y = torch.randn(12, 5), torch.randint(0, 6, (12,))
+    torch.testing.assert_close(ours(x, y), theirs(x, y), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="not both"):
+        fpl.SoftTripleLoss(6, 5, centers_per_class=3, center_reg_weight=0.1,
+                           weight_regularizer=pml_reducers.MeanReducer())
+
+
+@pytest.mark.parametrize("name,param,shape", [("ProxyAnchorLoss", "proxies", (7, 5)), ("NormalizedSoftmaxLoss", "W", (5, 7)),
+                                              ("CosFaceLoss", "W", (5, 7)), ("ArcFaceLoss", "W", (5, 7))])
+def test_class_modules_parameter_layout_init_and_state_dict_match_pml(name, param, shape):
+    torch.manual_seed(9)
+    theirs = getattr(pml_losses, name)(7, 5)
+    torch.manual_seed(9)
+    ours = getattr(fpl, name)(7, 5, backend="cpu")
+    p = getattr(ours, param)
+    assert isinstance(p, torch.nn.Parameter) and tuple(p.shape) == shape
+    assert set(ours.state_dict()) == set(theirs.state_dict()) == {param}
+    assert torch.equal(p, getattr(theirs, param))  # PML's weight_init_func on the same draws
+    with torch.no_grad():
+        p.mul_(1.5)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(16, 5, dtype=torch.float32)
+    y = torch.randint(0, 7, (16,))
+    torch.testing.assert_close(ours(x, y), theirs(x, y), rtol=2e-5, atol=2e-5)
+    ours.load_state_dict(theirs.state_dict(), strict=True)

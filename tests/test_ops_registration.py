@@ -1,17 +1,22 @@
-"""Every fused op is a torch.library op with a fake kernel and registered autograd: opcheck it,
-and check that torch.compile(fullgraph=True) traces a whole loss call on each fused backend."""
+"""Every fused op is a torch.library op with a fake kernel and registered autograd: opcheck them;
+and the C++ reading of a packed loss declaration is the one spec.py writes."""
 import os
 
 import pytest
 import torch
 
 import fused_pairloss as fpl
-from fused_pairloss.ops import _kinds
+from fused_pairloss.ops import engines  # noqa: F401  (registers the fake kernels and autograd)
+from fused_pairloss.ops import spec as S
+
+import kit
 
 CPU_BUILT = fpl.build_info()["cpu"]
 IN_CI = bool(os.environ.get("CI"))
+op = torch.ops.fused_pairloss
 
 
+@pytest.fixture(autouse=True)
 def _require_cpu():
     if not CPU_BUILT:
         if IN_CI:
@@ -19,85 +24,80 @@ def _require_cpu():
         pytest.skip("fused_pairloss._C not built: " + str(fpl.build_info()["library_error"]))
 
 
-def _fused_backends(device="cpu"):
-    return [b for b in fpl.available_backends(device) if b != "reference"]
+def _grad_leaf(t):
+    return None if t is None else t.clone().requires_grad_(True)
 
 
-def _pair_args(self_mode, mine, kind, dtype=torch.float32, n=13, m=9, d=7):
-    g = torch.Generator().manual_seed(0)
-    q = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=dtype), dim=1)
-    lq = torch.randint(0, 3, (n,), generator=g)
-    if self_mode:
-        r, lr = None, None
-    else:
-        r = torch.nn.functional.normalize(torch.randn(m, d, generator=g, dtype=dtype), dim=1)
-        lr = torch.randint(0, 3, (m,), generator=g)
-    params = (2.0, 50.0, 0.5) if kind == _kinds.MULTI_SIMILARITY else (0.4, 80.0, 0.0)
-    return q, r, lq, lr, True if self_mode else False, kind, *params, mine, 0.1
+@pytest.mark.parametrize("decl,mode", kit.pair_declarations_and_modes())
+def test_opcheck_pair_engine(decl, mode):
+    spec = kit.PAIR_DECLARATIONS[decl]
+    terms, flags = spec.pack()
+    case = kit.pair_case(mode, 13, 7, "few", torch.float32, "normalized", seed=0, m=9 if mode == "ref" else None)
+    q, r, lq, lr, ex = case.args()
+    torch.library.opcheck(op.pair_engine_forward.default, (_grad_leaf(q), _grad_leaf(r), lq, lr, ex, list(terms), flags))
+    values, _, aux = op.pair_engine_forward(q, r, lq, lr, ex, list(terms), flags)
+    for need_r in (True, False):
+        torch.library.opcheck(op.pair_engine_backward.default,
+                              (torch.ones_like(values), q, r, lq, lr, ex, values, aux, list(terms), flags, need_r))
 
 
-@pytest.mark.parametrize("self_mode", [True, False])
-@pytest.mark.parametrize("kind,mine", [(_kinds.MULTI_SIMILARITY, False), (_kinds.MULTI_SIMILARITY, True),
-                                       (_kinds.CIRCLE, False)])
-def test_opcheck_pair_engine(self_mode, kind, mine):
-    _require_cpu()
-    from fused_pairloss.ops import pair_engine  # noqa: F401  (registers fake + autograd)
-
-    args = list(_pair_args(self_mode, mine, kind))
-    args[0] = args[0].clone().requires_grad_(True)
-    if args[1] is not None:
-        args[1] = args[1].clone().requires_grad_(True)
-    torch.library.opcheck(torch.ops.fused_pairloss.pair_engine_forward.default, tuple(args))
-    fwd = torch.ops.fused_pairloss.pair_engine_forward(*[a.detach() if torch.is_tensor(a) else a for a in args])
-    lse_pos, lse_neg, _, _, min_pos, max_neg = fwd
-    q, r, lq, lr = (a.detach() if torch.is_tensor(a) else a for a in args[:4])
-    bwd_args = (torch.ones_like(lse_pos), torch.ones_like(lse_neg), q, r, lq, lr, lse_pos, lse_neg,
-                min_pos, max_neg, *args[4:])
-    torch.library.opcheck(torch.ops.fused_pairloss.pair_engine_backward.default, bwd_args)
+@pytest.mark.parametrize("decl", list(kit.CLASS_DECLARATIONS))
+def test_opcheck_class_engine(decl):
+    spec, K = kit.CLASS_DECLARATIONS[decl]
+    terms, flags = spec.pack()
+    case = kit.class_case(11, 6, 5, K, torch.float32, seed=1)
+    torch.library.opcheck(op.class_engine_forward.default,
+                          (_grad_leaf(case.q), _grad_leaf(case.w), case.labels, K, list(terms), flags))
+    rows, cols = op.class_engine_forward(*case.args(), list(terms), flags)
+    for need_w in (True, False):
+        torch.library.opcheck(op.class_engine_backward.default,
+                              (torch.ones_like(rows), torch.ones_like(cols), case.q, case.w, case.labels, rows, cols,
+                               K, list(terms), flags, need_w))
 
 
-@pytest.mark.parametrize("kind,K", [(_kinds.SOFT_TRIPLE, 1), (_kinds.SOFT_TRIPLE, 3), (_kinds.PROXY_CIRCLE, 1)])
-def test_opcheck_class_engine(kind, K):
-    _require_cpu()
-    from fused_pairloss.ops import class_engine  # noqa: F401
-
-    g = torch.Generator().manual_seed(1)
-    n, d, c = 11, 6, 5
-    q = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_(True)
-    w = torch.nn.functional.normalize(torch.randn(c * K, d, generator=g), dim=1).requires_grad_(True)
-    y = torch.randint(0, c, (n,), generator=g)
-    params = (20.0, 0.1, 0.01) if kind == _kinds.SOFT_TRIPLE else (0.25, 256.0, 0.0)
-    args = (q, w, y, K, kind, *params)
-    torch.library.opcheck(torch.ops.fused_pairloss.class_engine_forward.default, args)
-    lse, tsim = torch.ops.fused_pairloss.class_engine_forward(q.detach(), w.detach(), y, K, kind, *params)
-    bwd_args = (torch.ones_like(lse), torch.ones_like(tsim), q.detach(), w.detach(), y, lse, K, kind, *params)
-    torch.library.opcheck(torch.ops.fused_pairloss.class_engine_backward.default, bwd_args)
+@pytest.mark.parametrize("decl", list(kit.PAIR_DECLARATIONS))
+def test_cpp_reads_the_pair_declaration_spec_py_writes(decl):
+    spec = kit.PAIR_DECLARATIONS[decl]
+    terms, flags = spec.pack()
+    assert op.describe_pair_spec(list(terms), flags) == spec.describe()
+    assert S.unpack_pair(terms, flags).pack() == (terms, flags)
 
 
-def _loss_calls(backend):
-    return {
-        "ms": lambda x, y, c: fpl.functional.multi_similarity_loss(x, y, backend=backend),
-        "ms_mined": lambda x, y, c: fpl.functional.multi_similarity_loss(x, y, miner_epsilon=0.1, backend=backend),
-        "circle": lambda x, y, c: fpl.functional.circle_loss(x, y, backend=backend),
-        "softtriple": lambda x, y, c: fpl.functional.soft_triple_loss(x, y, c, centers_per_class=2, backend=backend),
-        "proxycircle": lambda x, y, c: fpl.functional.proxy_circle_loss(x, y, c[:, :4], backend=backend),
-    }
+@pytest.mark.parametrize("decl", list(kit.CLASS_DECLARATIONS))
+def test_cpp_reads_the_class_declaration_spec_py_writes(decl):
+    spec, K = kit.CLASS_DECLARATIONS[decl]
+    terms, flags = spec.pack()
+    assert op.describe_class_spec(list(terms), flags, K) == spec.describe()
+    assert S.unpack_class(terms, flags, K).pack()[1] == flags
 
 
-@pytest.mark.parametrize("loss", ["ms", "ms_mined", "circle", "softtriple", "proxycircle"])
-def test_torch_compile_fullgraph(loss):
-    _require_cpu()
-    backends = [b for b in _fused_backends() if b == "cpu"]  # the interpreter is too slow to compile-test here
-    assert backends, "the cpu backend must be available when the library is built"
-    torch._dynamo.reset()
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(16, 8, generator=g, requires_grad=True)
-    y = torch.randint(0, 4, (16,), generator=g)
-    c = torch.randn(8, 8, generator=g, requires_grad=True)
-    fn = _loss_calls(backends[0])[loss]
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    out = compiled(x, y, c)
-    ref = _loss_calls("reference")[loss](x, y, c)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-    out.backward()
-    assert x.grad is not None and torch.isfinite(x.grad).all()
+def test_every_pair_flag_reaches_cpp():
+    """Each flag bit and each float field, set alone, shows up in the C++ reading."""
+    base = S.PairLossSpec(pos=S.PairTerm(scale=1.0), neg=S.PairTerm(scale=1.0))
+    variants = [
+        S.PairLossSpec(pos=S.PairTerm(scale=-3.5, shift=0.25, weight_offset=1.5, weight_slope=-1.0, lse=True),
+                       neg=S.PairTerm(scale=2.0)),
+        S.PairLossSpec(pos=S.PairTerm(scale=1.0, sum=True, hinge=True), neg=S.PairTerm(scale=1.0, lse=True, sum=True,
+                                                                                          hinge=True)),
+        S.PairLossSpec(pos=S.PairTerm(scale=1.0), neg=S.PairTerm(scale=1.0, shift=-0.125), distance="lp",
+                       miner_epsilon=0.3, pos_vs_neg_lse=True, exclude_after_mining=True),
+    ]
+    seen = {base.describe()}
+    for v in variants:
+        terms, flags = v.pack()
+        text = op.describe_pair_spec(list(terms), flags)
+        assert text == v.describe() and text not in seen
+        seen.add(text)
+
+
+def test_invalid_declarations_are_rejected():
+    q = torch.randn(4, 3)
+    y = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="terms must have"):
+        op.pair_engine_forward(q, None, y, None, None, [1.0, 2.0], 0)
+    with pytest.raises(RuntimeError, match="unknown pair flag"):
+        op.pair_engine_forward(q, None, y, None, None, [0.0] * 9, 1 << 12)
+    with pytest.raises(RuntimeError, match="column reductions need"):
+        op.class_engine_forward(q, torch.randn(6, 3), y, 2, [0.0] * 13, S.COL_POS_LSE)
+    with pytest.raises(RuntimeError, match="exclude_col values"):
+        op.pair_engine_forward(q, q, y, y, torch.tensor([0, 1, 2, 9]), [0.0] * 9, 0)

@@ -297,3 +297,91 @@ def test_reference_and_auto_always_work_on_cpu():
         b = fn("auto")
         assert a.dim() == 0 and b.dim() == 0
         assert torch.isfinite(a) and torch.isfinite(b), name
+
+
+# ---- the pair and class families: each entry point with its own hyper-parameters ---------------
+NEW_PAIR = {
+    "ntxent": Fn.ntxent_loss,
+    "supcon": Fn.supcon_loss,
+    "contrastive": Fn.contrastive_loss,
+    "lifted": Fn.generalized_lifted_structure_loss,
+}
+
+
+@pytest.mark.parametrize("case", list(PAIR_CASES))
+@pytest.mark.parametrize("name", list(NEW_PAIR))
+def test_new_pair_losses_reject_bad_inputs(name, case):
+    args, exc, regex = PAIR_CASES[case]
+    with pytest.raises(exc, match=regex):
+        NEW_PAIR[name](*args, backend="reference")
+
+
+@pytest.mark.parametrize("fn,kw,exc,arg", [
+    (Fn.ntxent_loss, dict(temperature=0.0), ValueError, "temperature"),
+    (Fn.ntxent_loss, dict(temperature=-1.0), ValueError, "temperature"),
+    (Fn.supcon_loss, dict(temperature="0.1"), TypeError, "temperature"),
+    (Fn.ntxent_loss, dict(distance="euclidean"), ValueError, "distance"),
+    (Fn.multi_similarity_loss, dict(distance="dot"), ValueError, "distance"),
+    (Fn.contrastive_loss, dict(pos_margin=1.0, neg_margin=0.5), ValueError, "pos_margin"),
+    (Fn.contrastive_loss, dict(pos_margin=0.1, neg_margin=0.5, distance="cosine"), ValueError, "pos_margin"),
+    (Fn.generalized_lifted_structure_loss, dict(pos_margin=2.0, neg_margin=1.0), ValueError, "pos_margin"),
+    (Fn.contrastive_loss, dict(neg_margin=float("inf")), ValueError, "neg_margin"),
+    (Fn.multi_similarity_loss, dict(base=float("nan")), ValueError, "base"),
+    (Fn.circle_loss, dict(m=float("inf")), ValueError, r"\bm\b"),
+])
+def test_pair_hyperparameters_named_in_errors(fn, kw, exc, arg):
+    with pytest.raises(exc, match=arg):
+        fn(X, Y, backend="reference", **kw)
+
+
+W = torch.randn(D, 4)  # (D, C) like PML's W
+PROXIES = torch.randn(4, D)  # (C, D) like PML's ProxyAnchor proxies
+CLASS_FNS = {
+    "normalized_softmax": (Fn.normalized_softmax_loss, W, "W"),
+    "cosface": (Fn.cosface_loss, W, "W"),
+    "arcface": (Fn.arcface_loss, W, "W"),
+    "proxy_anchor": (Fn.proxy_anchor_loss, PROXIES, "proxies"),
+}
+
+
+@pytest.mark.parametrize("name", list(CLASS_FNS))
+def test_new_class_losses_reject_bad_weights_and_labels(name):
+    fn, w, arg = CLASS_FNS[name]
+    with pytest.raises(ValueError, match=arg):
+        fn(X, Y, w.t(), backend="reference")  # the other layout
+    with pytest.raises(TypeError, match=arg):
+        fn(X, Y, w.double(), backend="reference")  # dtype
+    with pytest.raises(TypeError, match=arg):
+        fn(X, Y, w.tolist(), backend="reference")
+    with pytest.raises(ValueError, match=LABELS):
+        fn(X, Y + 10, w, backend="reference")  # labels outside [0, C)
+    with pytest.raises(ValueError, match=LABELS):
+        fn(X, Y - 1, w, backend="reference")
+
+
+@pytest.mark.parametrize("fn,w,kw,exc,arg", [
+    (Fn.normalized_softmax_loss, W, dict(temperature=0), ValueError, "temperature"),
+    (Fn.cosface_loss, W, dict(margin=float("nan")), ValueError, "margin"),
+    (Fn.arcface_loss, W, dict(margin=float("inf")), ValueError, "margin"),
+    (Fn.arcface_loss, W, dict(scale=-1.0), ValueError, "scale"),
+    (Fn.proxy_anchor_loss, PROXIES, dict(alpha=0), ValueError, "alpha"),
+    (Fn.proxy_anchor_loss, PROXIES, dict(margin=float("-inf")), ValueError, "margin"),
+])
+def test_class_hyperparameters_named_in_errors(fn, w, kw, exc, arg):
+    with pytest.raises(exc, match=arg):
+        fn(X, Y, w, backend="reference", **kw)
+
+
+@pytest.mark.parametrize("cls,args,kw,arg", [
+    (fpl.NTXentLoss, (), dict(temperature=0), "temperature"),
+    (fpl.SupConLoss, (), dict(temperature=-0.5), "temperature"),
+    (fpl.ContrastiveLoss, (), dict(pos_margin=2, neg_margin=1), "pos_margin"),
+    (fpl.GeneralizedLiftedStructureLoss, (), dict(neg_margin=0, pos_margin=1), "pos_margin"),
+    (fpl.ProxyAnchorLoss, (0, 4), {}, "num_classes"),
+    (fpl.CosFaceLoss, (3, 0), {}, "embedding_size"),
+    (fpl.ArcFaceLoss, (3, 4), dict(scale=0), "scale"),
+    (fpl.NormalizedSoftmaxLoss, (3, 4), dict(temperature=float("nan")), "temperature"),
+])
+def test_new_module_constructors_name_the_argument(cls, args, kw, arg):
+    with pytest.raises(ValueError, match=arg):
+        cls(*args, **kw)

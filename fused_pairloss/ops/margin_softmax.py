@@ -1,0 +1,48 @@
+"""Margin-softmax cross-entropies on the class engine: PML's NormalizedSoftmaxLoss (Zhai & Wu,
+2019), CosFaceLoss (Wang et al., CVPR 2018), ArcFaceLoss (Deng et al., CVPR 2019).
+
+Declaration: row LSE over the classes c != y_i of scale * S_ic (cosine S; scale = 1/temperature,
+or PML's `scale`); the target logit is formed here from target_sim, with PML's own formula:
+NormalizedSoftmax S_y / t, CosFace s (S_y - m), ArcFace s * cos(acos(S_y) + m) with PML's clamp
+and "keep it monotonic" branch. Combination: cross-entropy L_i = logaddexp(lse_i, z_i) - z_i, mean
+over rows.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import engines
+from ._common import LOCAL, normalize
+from .spec import ClassLossSpec, PairTerm
+
+
+def declaration(scale):
+    return ClassLossSpec(row=PairTerm(scale=scale, lse=True))
+
+
+def target_logit(kind, sim, *, scale, margin):
+    """The target class's logit from its cosine, as PML computes it."""
+    if kind == "normalized_softmax":
+        return sim * scale
+    if kind == "cosface":
+        return (sim - margin) * scale
+    # arcface: margin in radians here (PML converts its degrees with np.radians)
+    angles = torch.acos(torch.clamp(sim, -1, 1))
+    modified = torch.where(angles <= math.pi - margin, torch.cos(angles + margin),
+                           sim - margin * math.sin(margin))
+    return modified * scale
+
+
+def combine(st: engines.ClassStats, embeddings, *, kind, scale, margin, batch=LOCAL):
+    z = target_logit(kind, st.target_sim, scale=scale, margin=margin)
+    return batch.mean(torch.logaddexp(st.lse_other, z) - z).to(embeddings.dtype)
+
+
+def margin_softmax_fused(embeddings, labels, weights, *, kind, scale, margin, backend):
+    """weights: PML's W (D, C)."""
+    q = normalize(embeddings)
+    w = normalize(weights.t())  # (C, D)
+    st = engines.class_stats(q, w, labels, declaration(scale), backend)
+    return combine(st, embeddings, kind=kind, scale=scale, margin=margin)

@@ -1,0 +1,297 @@
+"""The shared test kit: one loss table, one input builder, one tolerance rule, for every backend's
+tests (cpu, triton, cuda) at op level and at loss level.
+
+Exactness (docs/design.md "Testing near thresholds"): mining and relu kinks make a pair on the
+boundary flip under a different summation order. Exact comparisons are made only on dyadic inputs
+(entries k/4, |k| <= 2, a few dims), whose dot products are exact in fp32 and fp64, so S is the same
+number in every implementation and every tie is decided the same way: counts and mining
+thresholds are then compared bitwise. Everywhere else the rule is `check_close`:
+|truth - backend| <= SLACK |truth - same-dtype reference| + floor(dtype) (1 + |truth|), with truth
+the fp64 reference on the same inputs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+import fused_pairloss as fpl
+from fused_pairloss.ops import (circle, contrastive, lifted_structure, margin_softmax, multi_similarity, ntxent,
+                                oracle, proxy_anchor, proxy_circle, soft_triple, supcon)
+from fused_pairloss.ops.spec import PairLossSpec
+
+# ---- tolerance rule ------------------------------------------------------------------------------
+SLACK = 2.0
+# floor of the rule, in units of the dtype's epsilon times (1 + |truth|): sums over a few hundred
+# terms in a different order may differ by that much even where the same-dtype reference is lucky
+FLOOR_EPS = {torch.float64: 4096, torch.float32: 64, torch.float16: 16, torch.bfloat16: 16}
+
+
+def stat_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def floor(dtype):
+    return FLOOR_EPS[dtype] * torch.finfo(dtype).eps
+
+
+def check_close(got, truth, same_dtype=None, what="", dtype=None):
+    """The kit's tolerance rule (module docstring). `dtype` (default got's) sets the floor; without
+    a same-dtype reference only the floor applies. Infinite entries must match exactly; NaN where
+    truth is NaN."""
+    dtype = dtype or got.dtype
+    g, t = got.double(), truth.double()
+    assert g.shape == t.shape, (what, g.shape, t.shape)
+    inf = torch.isinf(t)
+    assert torch.equal(torch.isinf(g), inf) and torch.equal(g[inf], t[inf]), f"{what}: infinities differ"
+    nan = torch.isnan(t)
+    assert torch.equal(torch.isnan(g), nan), f"{what}: NaNs differ"
+    ok = ~(inf | nan)
+    if not ok.any():
+        return
+    scale = 1.0 + t[ok].abs().max().item()
+    err = (g - t)[ok].abs().max().item()
+    bound = floor(dtype) * scale
+    if same_dtype is not None:
+        bound += SLACK * (same_dtype.double() - t)[ok].abs().max().item()
+    assert err <= bound, f"{what}: max error {err:.3e} > bound {bound:.3e} (scale {scale:.3e})"
+
+
+# ---- inputs --------------------------------------------------------------------------------------
+def dyadic(n, d, gen, dtype):
+    """Entries k/4, |k| <= 2: every dot product is exact in fp32 and fp64 (d <= 64)."""
+    return torch.randint(-2, 3, (n, d), generator=gen).to(dtype) / 4
+
+
+def normalized(n, d, gen, dtype):
+    return F.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1).to(dtype)
+
+
+def labels_for(layout, n, gen):
+    if layout == "few":
+        return torch.randint(0, 3, (n,), generator=gen)
+    if layout == "many":
+        return torch.randint(0, max(1, n // 2), (n,), generator=gen)
+    if layout == "same":
+        return torch.full((n,), 7, dtype=torch.long)
+    if layout == "distinct":
+        return torch.randperm(n, generator=gen) * 3 - 5  # negative ids too
+    raise ValueError(layout)
+
+
+MODES = ("self", "ref", "ref_excl")
+
+
+@dataclass
+class PairCase:
+    """Arguments of a pair-engine op call (r None: self mode)."""
+    q: torch.Tensor
+    r: Optional[torch.Tensor]
+    labels_q: torch.Tensor
+    labels_r: Optional[torch.Tensor]
+    exclude_col: Optional[torch.Tensor]
+
+    def args(self):
+        return self.q, self.r, self.labels_q, self.labels_r, self.exclude_col
+
+    def to(self, dtype=None, device=None):
+        conv = (lambda t: None if t is None else t.to(device=device, dtype=dtype or t.dtype))
+        keep = (lambda t: None if t is None else t.to(device=device))
+        return PairCase(conv(self.q), conv(self.r), keep(self.labels_q), keep(self.labels_r), keep(self.exclude_col))
+
+
+def pair_case(mode, n, d, layout, dtype, data="dyadic", seed=0, m=None):
+    """self: r None; ref: a separate r of m rows (default n + 5 or n // 2), no exclusion; ref_excl:
+    n rows, labels_r = labels_q and row i's column i excluded (PML's `ref_labels is labels`), with
+    a few rows excluding another column or none."""
+    g = torch.Generator().manual_seed(seed)
+    gen = dyadic if data == "dyadic" else normalized
+    q = gen(n, d, g, dtype)
+    lq = labels_for(layout, n, g)
+    if mode == "self":
+        return PairCase(q, None, lq, None, None)
+    if mode == "ref_excl":
+        excl = torch.arange(n)
+        if n > 2:
+            excl[0], excl[1] = -1, (2 if n > 2 else 1)
+        return PairCase(q, gen(n, d, g, dtype), lq, lq.clone(), excl)
+    m = m if m is not None else (n + 5 if n % 2 else max(1, n // 2))
+    return PairCase(q, gen(m, d, g, dtype), lq, labels_for(layout, m, g), None)
+
+
+@dataclass
+class ClassCase:
+    q: torch.Tensor
+    w: torch.Tensor
+    labels: torch.Tensor
+    K: int
+
+    def args(self):
+        return self.q, self.w, self.labels, self.K
+
+    def to(self, dtype=None, device=None):
+        return ClassCase(self.q.to(device=device, dtype=dtype or self.q.dtype),
+                         self.w.to(device=device, dtype=dtype or self.w.dtype), self.labels.to(device=device), self.K)
+
+
+def class_case(n, d, C, K, dtype, seed=0, data="normalized"):
+    g = torch.Generator().manual_seed(seed)
+    gen = dyadic if data == "dyadic" else normalized
+    q = gen(n, d, g, dtype)
+    w = gen(C * K, d, g, dtype)
+    y = torch.randint(0, C, (n,), generator=g)
+    y[0] = 0  # the first and the last class are present
+    y[-1] = C - 1
+    return ClassCase(q, w, y, K)
+
+
+# ---- declarations for op-level tests (parameters chosen so relu kinks sit on dyadic values) -----
+PAIR_DECLARATIONS: Dict[str, PairLossSpec] = {
+    "ms": multi_similarity.declaration(2.0, 50.0, 0.5),
+    "ms_mine": multi_similarity.declaration(2.0, 50.0, 0.5, miner_epsilon=0.125),
+    "ms_mine0": multi_similarity.declaration(2.0, 40.0, 0.5, miner_epsilon=0.0),
+    "ms_lp_mine": multi_similarity.declaration(2.0, 10.0, 0.5, miner_epsilon=0.125, distance="lp"),
+    "circle": circle.declaration(0.25, 80.0),
+    "ntxent": ntxent.declaration(0.5),
+    "ntxent_lp": ntxent.declaration(0.25, distance="lp"),
+    "supcon": supcon.declaration(0.5),
+    "contrastive_lp": contrastive.declaration(0.25, 1.0, distance="lp"),
+    "contrastive_cos": contrastive.declaration(0.75, 0.25, distance="cosine"),
+    "lifted_lp": lifted_structure.declaration(1.0, 0.25, distance="lp"),
+    # PML CrossBatchMemory with a miner: the excluded column is in the thresholds, never kept
+    "ms_mine_after_excl": PairLossSpec(pos=multi_similarity.declaration(2.0, 50.0, 0.5).pos,
+                                       neg=multi_similarity.declaration(2.0, 50.0, 0.5).neg,
+                                       miner_epsilon=0.125, exclude_after_mining=True),
+}
+
+def pair_declarations_and_modes():
+    """(declaration, mode) pairs that mean something: exclude-after-mining is about the excluded
+    column of a separate ref."""
+    return [(name, mode) for name, spec in PAIR_DECLARATIONS.items() for mode in MODES
+            if mode == "ref_excl" or not spec.exclude_after_mining]
+
+
+CLASS_DECLARATIONS = {
+    # name: (declaration, K)
+    "softtriple": (soft_triple.declaration(5, 20.0, 0.1), 5),
+    "softtriple_k1": (soft_triple.declaration(1, 20.0, 0.1), 1),
+    "proxycircle": (proxy_circle.declaration(0.25, 256.0), 1),
+    "proxyanchor": (proxy_anchor.declaration(0.1, 32.0), 1),
+    "cosface": (margin_softmax.declaration(64.0), 1),
+}
+
+
+def pair_truth(case: PairCase, spec: PairLossSpec, grad_values=None, need_grad_r=True):
+    """(forward, backward) of the pair op by the oracle, in fp64 on the same inputs."""
+    c = case.to(torch.float64)
+    terms, flags = spec.pack()
+    fwd = oracle.pair_engine_forward_oracle(*c.args(), terms, flags)
+    if grad_values is None:
+        return fwd, None
+    bwd = oracle.pair_engine_backward_oracle(grad_values.double(), *c.args(), fwd[0], fwd[2], terms, flags,
+                                             need_grad_r)
+    return fwd, bwd
+
+
+# ---- losses for loss-level tests ------------------------------------------------------------------
+@dataclass
+class Loss:
+    name: str
+    kind: str  # "pair" / "class"
+    fn: Callable
+    kwargs: dict = field(default_factory=dict)
+    weights: Optional[Callable] = None  # class losses: (C, D, gen, dtype) -> the parameter tensor
+    centers_per_class: int = 1
+
+
+def _fc(K):
+    return lambda C, D, g, dt: torch.randn(D, C * K, generator=g, dtype=torch.float64).to(dt)
+
+
+def _proxies(C, D, g, dt):
+    return torch.randn(C, D, generator=g, dtype=torch.float64).to(dt)
+
+
+Fn = fpl.functional
+LOSSES: Dict[str, Loss] = {l.name: l for l in [
+    Loss("ms", "pair", Fn.multi_similarity_loss),
+    Loss("ms_mined", "pair", Fn.multi_similarity_loss, dict(miner_epsilon=0.1)),
+    Loss("ms_lp", "pair", Fn.multi_similarity_loss, dict(distance="lp", beta=10.0)),
+    Loss("circle", "pair", Fn.circle_loss),
+    Loss("ntxent", "pair", Fn.ntxent_loss),
+    Loss("ntxent_lp", "pair", Fn.ntxent_loss, dict(distance="lp", temperature=0.2)),
+    Loss("supcon", "pair", Fn.supcon_loss),
+    Loss("contrastive", "pair", Fn.contrastive_loss),
+    Loss("contrastive_cos", "pair", Fn.contrastive_loss, dict(distance="cosine", pos_margin=0.9, neg_margin=0.1)),
+    Loss("lifted", "pair", Fn.generalized_lifted_structure_loss),
+    Loss("softtriple", "class", Fn.soft_triple_loss, dict(centers_per_class=4), _fc(4), 4),
+    Loss("softtriple_reg", "class", Fn.soft_triple_loss, dict(centers_per_class=3, center_reg_weight=0.2), _fc(3), 3),
+    Loss("proxycircle", "class", Fn.proxy_circle_loss, {}, _fc(1)),
+    Loss("proxyanchor", "class", Fn.proxy_anchor_loss, {}, _proxies),
+    Loss("normsoftmax", "class", Fn.normalized_softmax_loss, {}, _fc(1)),
+    Loss("cosface", "class", Fn.cosface_loss, {}, _fc(1)),
+    Loss("arcface", "class", Fn.arcface_loss, {}, _fc(1)),
+]}
+PAIR_LOSSES = [n for n, l in LOSSES.items() if l.kind == "pair"]
+CLASS_LOSSES = [n for n, l in LOSSES.items() if l.kind == "class"]
+
+
+@dataclass
+class LossCase:
+    """Inputs of a functional loss call; `params` are the tensors gradients are checked for."""
+    args: tuple
+    params: tuple
+
+
+def loss_case(loss: Loss, n, d, dtype, mode="self", seed=0, num_classes=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    if loss.kind == "class":
+        C = num_classes or max(2, n // 3)
+        y = torch.randint(0, C, (n,), generator=g)
+        w = loss.weights(C, d, g, dtype).requires_grad_(True)
+        return LossCase((x, y, w), (x, w))
+    y = torch.randint(0, max(2, n // 4), (n,), generator=g)
+    if mode == "self":
+        return LossCase((x, y), (x,))
+    if mode == "ref_excl":  # PML's `ref_labels is labels`
+        r = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+        return LossCase((x, y, r, y), (x, r))
+    m = n + 3
+    r = torch.randn(m, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    ry = torch.randint(0, max(2, n // 4), (m,), generator=g)
+    return LossCase((x, y, r, ry), (x, r))
+
+
+def run_loss(loss: Loss, case: LossCase, backend):
+    """(value, grads of case.params) of one functional call."""
+    out = loss.fn(*case.args, backend=backend, **loss.kwargs)
+    grads = torch.autograd.grad(out, case.params, allow_unused=True)
+    return out, [torch.zeros_like(p) if gr is None else gr for p, gr in zip(case.params, grads)]
+
+
+def cast_case(case: LossCase, dtype):
+    """The same inputs in another dtype (labels unchanged), as fresh leaves."""
+    conv = {id(p): p.detach().to(dtype).requires_grad_(True) for p in case.params}
+    args = tuple(conv.get(id(a), a) for a in case.args)
+    return LossCase(args, tuple(conv[id(p)] for p in case.params))
+
+
+def check_loss_parity(loss: Loss, case: LossCase, backend, what=""):
+    """The backend's value and gradients against the fp64 reference (truth) and the reference in
+    the case's dtype, with the kit's rule."""
+    dtype = case.params[0].dtype
+    val, grads = run_loss(loss, case, backend)
+    ref_val, ref_grads = run_loss(loss, case, "reference")
+    truth_val, truth_grads = run_loss(loss, cast_case(case, torch.float64), "reference")
+    assert val.dtype == dtype and val.dim() == 0
+    check_close(val, truth_val, ref_val, what=f"{what} value", dtype=dtype)
+    for k, (a, b, t) in enumerate(zip(grads, ref_grads, truth_grads)):
+        check_close(a, t, b, what=f"{what} grad {k}", dtype=dtype)
+
+
+def isnan_scalar(x):
+    return bool(torch.isnan(x).item()) if torch.is_tensor(x) else math.isnan(x)

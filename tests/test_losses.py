@@ -1,0 +1,116 @@
+"""Every loss through every fused backend on this machine against the reference backend (which
+tests/test_reference_*.py check against PML), with the shared kit's tolerance rule: values and
+gradients of the embeddings, the ref embeddings and the class weights; PML's edge cases; NaN in,
+NaN out; torch.compile(fullgraph=True) of each loss."""
+import pytest
+import torch
+
+import fused_pairloss as fpl
+
+import kit
+
+CPU_FUSED = [b for b in fpl.available_backends("cpu") if b == "cpu"]  # triton: its own (interpreter) tests
+GPU = torch.cuda.is_available()
+
+
+def _pair_modes():
+    return [(name, mode) for name in kit.PAIR_LOSSES for mode in ("self", "ref", "ref_excl")]
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("name,mode", _pair_modes())
+def test_pair_loss_parity(name, mode, dtype, backend):
+    loss = kit.LOSSES[name]
+    for n, d in [(40, 7), (130, 16)]:
+        kit.check_loss_parity(loss, kit.loss_case(loss, n, d, dtype, mode, seed=n), backend, what=f"{name} {mode} n={n}")
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("name", kit.CLASS_LOSSES)
+def test_class_loss_parity(name, dtype, backend):
+    loss = kit.LOSSES[name]
+    for n, d, C in [(40, 7, 13), (130, 16, 300)]:
+        case = kit.loss_case(loss, n, d, dtype, seed=n, num_classes=C)
+        kit.check_loss_parity(loss, case, backend, what=f"{name} n={n} C={C}")
+
+
+def _edge_cases():
+    """Labels that exercise PML's rules: one row, no positives, no negatives, one positive pair."""
+    return {
+        "one_row": torch.tensor([3]),
+        "no_positives": torch.arange(9),
+        "no_negatives": torch.zeros(9, dtype=torch.long),
+        "one_positive_pair": torch.tensor([0, 0, 1, 2, 3, 4, 5]),
+        "two_classes": torch.tensor([0, 1] * 6),
+    }
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("name", kit.PAIR_LOSSES)
+def test_pair_loss_edge_cases(name, backend):
+    loss = kit.LOSSES[name]
+    for what, y in _edge_cases().items():
+        g = torch.Generator().manual_seed(len(y))
+        x = torch.randn(len(y), 5, generator=g, dtype=torch.float64, requires_grad=True)
+        case = kit.LossCase((x, y), (x,))
+        a, ga = kit.run_loss(loss, case, backend)
+        b, gb = kit.run_loss(loss, case, "reference")
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"{name} {what}")
+        torch.testing.assert_close(ga[0], gb[0], rtol=1e-9, atol=1e-12, msg=f"{name} {what} grad")
+        assert a.grad_fn is not None, f"{name} {what}: the zero loss stays attached to the graph"
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("name", list(kit.LOSSES))
+def test_nan_in_nan_out(name, backend):
+    loss = kit.LOSSES[name]
+    case = kit.loss_case(loss, 24, 6, torch.float32, seed=1)
+    with torch.no_grad():
+        case.args[0][4, 2] = float("nan")
+    out = loss.fn(*case.args, backend=backend, **loss.kwargs)
+    ref = loss.fn(*case.args, backend="reference", **loss.kwargs)
+    assert kit.isnan_scalar(out) == kit.isnan_scalar(ref), (name, out, ref)
+    assert kit.isnan_scalar(out), f"{name}: a NaN embedding gives a NaN loss"
+
+
+@pytest.mark.parametrize("name", list(kit.LOSSES))
+def test_torch_compile_fullgraph(name):
+    if not CPU_FUSED:
+        pytest.fail("the cpu backend must be available when the library is built")
+    loss = kit.LOSSES[name]
+    torch._dynamo.reset()
+    case = kit.loss_case(loss, 16, 8, torch.float32, seed=2)
+
+    def fn(*args):
+        return loss.fn(*args, backend="cpu", **loss.kwargs)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = compiled(*case.args)
+    ref = loss.fn(*case.args, backend="reference", **loss.kwargs)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    grads = torch.autograd.grad(out, case.params)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("name", list(kit.LOSSES))
+def test_gpu_loss_parity(name, dtype, backend):
+    """GPU backends, every loss, fp32/bf16/fp16, against the reference on the same GPU inputs."""
+    if backend not in fpl.available_backends("cuda"):
+        pytest.fail(f"{backend} is not available on this GPU machine: {fpl.available_backends('cuda')}")
+    loss = kit.LOSSES[name]
+    modes = ("self", "ref", "ref_excl") if loss.kind == "pair" else ("self",)
+    for mode in modes:
+        case = kit.loss_case(loss, 300, 64, torch.float32, mode, seed=3, num_classes=500)
+        case = kit.cast_case(case, dtype)
+        case = kit.LossCase(tuple(a.cuda() if torch.is_tensor(a) else a for a in case.args), ())
+        params = tuple(a for a in case.args if torch.is_tensor(a) and a.is_floating_point())
+        params = tuple(p.detach().requires_grad_(True) for p in params)
+        it = iter(params)
+        args = tuple(next(it) if torch.is_tensor(a) and a.is_floating_point() else a for a in case.args)
+        gpu_case = kit.LossCase(args, params)
+        kit.check_loss_parity(loss, gpu_case, backend, what=f"{name} {mode} {dtype} {backend}")
