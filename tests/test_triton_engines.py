@@ -1,9 +1,9 @@
 """Triton engines (backend "triton", fused_pairloss/ops/triton_engines.py): the four ops against the
-materializing oracles of ops/oracle.py, for many declarations built directly with ops/spec.py, in
-self / ref / ref-with-exclude_col modes, fp32 and fp64 (fp16 / bf16 on exact inputs); split walks,
-the chunked gradient form and the need_grad_* paths forced; NaN, empty and tiny inputs, large
-scales; opcheck of the four ops; a few loss-level calls through the shared autograd rule; every
-kernel compiled for sm_80 / sm_90 (offline, no GPU needed). The tests marked `gpu` need a CUDA GPU
+materializing oracles of ops/oracle.py, for the shared kit's declarations (tests/kit.py) and a few
+more built with ops/spec.py, in self / ref / ref-with-exclude_col modes, fp32 and fp64 (fp16 / bf16
+on exact inputs); split walks, the chunked gradient form and the need_grad_* paths forced; NaN,
+empty and tiny inputs, large scales; opcheck of the four ops; every loss of the kit's table through
+the shared autograd rule; the kernels compiled for sm_80 / sm_90 (offline, no GPU needed). The tests marked `gpu` need a CUDA GPU
 (fp16 / bf16 error bounds, fp32 parity at real sizes, determinism, memory, torch.compile).
 
 Without a GPU this runs through the Triton interpreter on CPU tensors (tests/conftest.py sets
@@ -38,6 +38,9 @@ from fused_pairloss.ops import oracle  # noqa: E402
 from fused_pairloss.ops import spec as S  # noqa: E402
 from fused_pairloss.ops.spec import PAIR_VALUES, PairLossSpec, PairTerm, ClassLossSpec  # noqa: E402
 
+import kit  # noqa: E402
+from kit import MODES, check_close, normalized, stat_dtype  # noqa: E402
+
 INTERPRET = T.INTERPRETED
 DEV = "cpu" if INTERPRET else "cuda"
 pytestmark = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
@@ -46,125 +49,34 @@ PAIR_FWD, PAIR_BWD = T.forward_op("pair_engine"), T.backward_op("pair_engine")
 CLASS_FWD, CLASS_BWD = T.forward_op("class_engine"), T.backward_op("class_engine")
 
 
-# ---- local copy of the shared kit's rule and inputs (tests/kit.py once it is on main) -----------
-SLACK = 2.0
-FLOOR_EPS = {torch.float64: 4096, torch.float32: 64, torch.float16: 16, torch.bfloat16: 16}
+# ---- the shared kit (tests/kit.py): rule, inputs, declarations; cases as op arguments on DEV ------
+def pair_case(*args, **kwargs):
+    """kit.pair_case as the op's (q, r, labels_q, labels_r, exclude_col) on DEV."""
+    return kit.pair_case(*args, **kwargs).to(device=DEV).args()
 
 
-def stat_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def check_close(got, truth, same_dtype=None, what="", dtype=None):
-    """|truth - got| <= SLACK |truth - same_dtype| + FLOOR_EPS eps(dtype) (1 + max |truth|);
-    infinities exactly, NaN where truth is NaN."""
-    dtype = dtype or got.dtype
-    g, t = got.double().cpu(), truth.double().cpu()
-    assert g.shape == t.shape, (what, g.shape, t.shape)
-    inf = torch.isinf(t)
-    assert torch.equal(torch.isinf(g), inf) and torch.equal(g[inf], t[inf]), f"{what}: infinities differ"
-    nan = torch.isnan(t)
-    assert torch.equal(torch.isnan(g), nan), f"{what}: NaNs differ"
-    ok = ~(inf | nan)
-    if not ok.any():
-        return
-    scale = 1.0 + t[ok].abs().max().item()
-    err = (g - t)[ok].abs().max().item()
-    bound = FLOOR_EPS[dtype] * torch.finfo(dtype).eps * scale
-    if same_dtype is not None:
-        bound += SLACK * (same_dtype.double().cpu() - t)[ok].abs().max().item()
-    assert err <= bound, f"{what}: max error {err:.3e} > bound {bound:.3e} (scale {scale:.3e})"
-
-
-def dyadic(n, d, gen, dtype):
-    """Entries k/4, |k| <= 2: every dot product is exact in fp32 and fp64 (d <= 64)."""
-    return torch.randint(-2, 3, (n, d), generator=gen).to(dtype) / 4
-
-
-def normalized(n, d, gen, dtype):
-    return F.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1).to(dtype)
-
-
-def labels_for(layout, n, gen):
-    if layout == "few":
-        return torch.randint(0, 3, (n,), generator=gen)
-    if layout == "many":
-        return torch.randint(0, max(1, n // 2), (n,), generator=gen)
-    if layout == "same":
-        return torch.full((n,), 7, dtype=torch.long)
-    if layout == "distinct":
-        return torch.randperm(n, generator=gen) * 3 - 5  # negative ids too
-    raise ValueError(layout)
-
-
-MODES = ("self", "ref", "ref_excl")
-
-
-def pair_case(mode, n, d, layout, dtype, data="dyadic", seed=0, m=None):
-    """(q, r, labels_q, labels_r, exclude_col): self (r None); ref (m rows, no exclusion); ref_excl
-    (n rows, labels_r = labels_q, row i excludes column i, row 0 none, row 1 column 2)."""
-    g = torch.Generator().manual_seed(seed)
-    gen = dyadic if data == "dyadic" else normalized
-    q = gen(n, d, g, dtype)
-    lq = labels_for(layout, n, g)
-    if mode == "self":
-        args = (q, None, lq, None, None)
-    elif mode == "ref_excl":
-        excl = torch.arange(n)
-        if n > 2:
-            excl[0], excl[1] = -1, 2
-        args = (q, gen(n, d, g, dtype), lq, lq.clone(), excl)
-    else:
-        m = m if m is not None else (n + 5 if n % 2 else max(1, n // 2))
-        args = (q, gen(m, d, g, dtype), lq, labels_for(layout, m, g), None)
-    return tuple(None if a is None else a.to(DEV) for a in args)
+def class_case(*args, **kwargs):
+    """kit.class_case as the op's (q, w, labels, K) on DEV."""
+    return kit.class_case(*args, **kwargs).to(device=DEV).args()
 
 
 def cast(args, dtype):
     return tuple(a.to(dtype) if (a is not None and a.is_floating_point()) else a for a in args)
 
 
-def class_case(n, d, C, K, dtype, seed=0, data="normalized"):
-    g = torch.Generator().manual_seed(seed)
-    gen = dyadic if data == "dyadic" else normalized
-    q, w = gen(n, d, g, dtype), gen(C * K, d, g, dtype)
-    y = torch.randint(0, C, (n,), generator=g)
-    y[0], y[-1] = 0, C - 1  # the first and the last class are present
-    return q.to(DEV), w.to(DEV), y.to(DEV), K
-
-
-# ---- declarations (relu kinks and margins on dyadic values) ---------------------------------------
 P = PairTerm
-PAIR_DECLS = {
-    "ms": PairLossSpec(pos=P(-2.0, 0.5, lse=True), neg=P(50.0, 0.5, lse=True)),
-    "ms_mine": PairLossSpec(pos=P(-2.0, 0.5, lse=True), neg=P(50.0, 0.5, lse=True), miner_epsilon=0.125),
-    "ms_mine0": PairLossSpec(pos=P(-2.0, 0.5, lse=True), neg=P(40.0, 0.5, lse=True), miner_epsilon=0.0),
-    "ms_mine_after_excl": PairLossSpec(pos=P(-2.0, 0.5, lse=True), neg=P(50.0, 0.5, lse=True),
-                                       miner_epsilon=0.125, exclude_after_mining=True),
-    "ms_lp_mine": PairLossSpec(pos=P(2.0, 0.5, lse=True), neg=P(-10.0, 0.5, lse=True), distance="lp",
-                               miner_epsilon=0.125),
-    # Circle: detached weights relu(1 + m - S), relu(S + m), m = 1/4
-    "circle": PairLossSpec(pos=P(-80.0, 0.75, 1.25, -1.0, lse=True), neg=P(80.0, 0.25, 0.25, 1.0, lse=True)),
-    "ntxent": PairLossSpec(pos=P(2.0), neg=P(2.0, lse=True), pos_vs_neg_lse=True),
-    "ntxent_lp": PairLossSpec(pos=P(-4.0), neg=P(-4.0, lse=True), distance="lp", pos_vs_neg_lse=True),
-    "supcon": PairLossSpec(pos=P(2.0, lse=True, sum=True), neg=P(2.0, lse=True)),
-    "contrastive_lp": PairLossSpec(pos=P(1.0, 0.25, hinge=True, sum=True), neg=P(-1.0, 1.0, hinge=True, sum=True),
-                                   distance="lp"),
-    "contrastive_cos": PairLossSpec(pos=P(-1.0, 0.75, hinge=True, sum=True), neg=P(1.0, 0.25, hinge=True, sum=True)),
-    "lifted_lp": PairLossSpec(pos=P(1.0, 0.25, lse=True), neg=P(-1.0, 1.0, lse=True), distance="lp"),
-    # everything at once: mining + NTXent's pair term + sums of hinged / weighted terms
-    "mixed": PairLossSpec(pos=P(2.0, 0.25, 0.5, 1.0, hinge=True, sum=True), neg=P(3.0, 0.25, lse=True, sum=True),
-                          miner_epsilon=0.125, pos_vs_neg_lse=True),
-}
-CLASS_DECLS = {  # name: (declaration, K)
-    "softtriple": (ClassLossSpec(row=P(20.0, lse=True), centers_per_class=5, pool_gamma=0.1), 5),
-    "softtriple_k3": (ClassLossSpec(row=P(20.0, lse=True), centers_per_class=3, pool_gamma=0.1), 3),
-    "softtriple_k1": (ClassLossSpec(row=P(20.0, lse=True)), 1),
-    "proxycircle": (ClassLossSpec(row=P(256.0, 0.25, 0.25, 1.0, lse=True)), 1),
-    "proxyanchor": (ClassLossSpec(col_pos=P(-32.0, 0.1, lse=True), col_neg=P(32.0, -0.1, lse=True)), 1),
-    "rows_and_cols": (ClassLossSpec(row=P(16.0, lse=True), col_pos=P(-8.0, 0.1, 0.5, 1.0, lse=True)), 1),
-    "col_neg_weighted": (ClassLossSpec(col_neg=P(8.0, -0.1, 0.5, 1.0, lse=True)), 1),
-}
+# the kit's declarations, and one that has everything at once: mining + NTXent's pair term + sums
+# of hinged and weighted terms
+PAIR_DECLS = dict(kit.PAIR_DECLARATIONS, mixed=PairLossSpec(
+    pos=P(2.0, 0.25, 0.5, 1.0, hinge=True, sum=True), neg=P(3.0, 0.25, lse=True, sum=True),
+    miner_epsilon=0.125, pos_vs_neg_lse=True))
+PAIR_DECLS_AND_MODES = kit.pair_declarations_and_modes() + [("mixed", mode) for mode in MODES]
+CLASS_DECLS = dict(  # name: (declaration, K): the kit's, a padded K (3 -> 4 lanes), rows and columns
+    kit.CLASS_DECLARATIONS,
+    softtriple_k3=(ClassLossSpec(row=P(20.0, lse=True), centers_per_class=3, pool_gamma=0.1), 3),
+    rows_and_cols=(ClassLossSpec(row=P(16.0, lse=True), col_pos=P(-8.0, 0.1, 0.5, 1.0, lse=True)), 1),
+    col_neg_weighted=(ClassLossSpec(col_neg=P(8.0, -0.1, 0.5, 1.0, lse=True)), 1),
+)
 
 
 # ---- op-level checks -----------------------------------------------------------------------------
@@ -316,8 +228,7 @@ def test_bad_arguments():
 
 
 # =================================================================================== pair engine
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("decl", list(PAIR_DECLS))
+@pytest.mark.parametrize("decl,mode", PAIR_DECLS_AND_MODES)
 def test_pair_op_parity_dyadic(decl, mode):
     """Exact S (fp32, dyadic): sizes and thresholds bitwise, the rest by the rule. N = 45 rows,
     odd M: 2 row tiles and 2 column tiles with edges; D = 12 < BLOCK_D."""
@@ -624,30 +535,19 @@ def test_class_deterministic():
 
 
 # ==================================================================================== loss level
-LOSS_CALLS = {  # name: (call(x, y, extra), needs a class weight (D, C*K) or None)
-    "ms_mined": (lambda x, y, c, **kw: fpl.functional.multi_similarity_loss(x, y, miner_epsilon=0.1, **kw), None),
-    "circle_ref": (lambda x, y, c, **kw: fpl.functional.circle_loss(x[:20], y[:20], x[20:], y[20:], **kw), None),
-    "softtriple": (lambda x, y, c, **kw: fpl.functional.soft_triple_loss(x, y, c, centers_per_class=3, **kw), 3),
-    "proxycircle": (lambda x, y, c, **kw: fpl.functional.proxy_circle_loss(x, y, c, **kw), 1),
-}
-
-
-@pytest.mark.parametrize("name", list(LOSS_CALLS))
+@pytest.mark.parametrize("name", kit.PAIR_LOSSES + kit.CLASS_LOSSES)
 def test_loss_parity(name):
-    """Whole losses through the shared autograd rule: values and gradients against the reference."""
-    call, K = LOSS_CALLS[name]
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(40, 16, generator=g, dtype=torch.float64).to(DEV).requires_grad_(True)
-    y = torch.randint(0, 5, (40,), generator=g).to(DEV)
-    c = None if K is None else torch.randn(16, 5 * K, generator=g, dtype=torch.float64).to(DEV).requires_grad_(True)
-    wrt = (x,) if c is None else (x, c)
-
-    def run(backend):
-        loss = call(x, y, c, backend=backend)
-        return (loss, *torch.autograd.grad(loss, wrt))
-
-    for a, b in zip(run("triton"), run("reference")):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    """Every loss of the kit's table through the shared autograd rule (engines.*.register_triton):
+    value and gradients by the kit's rule (fp32, truth the fp64 reference)."""
+    loss = kit.LOSSES[name]
+    modes = ("self", "ref_excl") if loss.kind == "pair" else ("self",)
+    for mode in modes:
+        case = kit.loss_case(loss, 24, 8, torch.float32, mode=mode, seed=1)
+        if DEV != "cpu":  # the same leaves on the GPU
+            conv = {id(p): p.detach().to(DEV).requires_grad_(True) for p in case.params}
+            case = kit.LossCase(tuple(conv.get(id(a), a.to(DEV) if torch.is_tensor(a) else a) for a in case.args),
+                                tuple(conv[id(p)] for p in case.params))
+        kit.check_loss_parity(loss, case, "triton", what=f"{name} {mode}")
 
 
 # ============================================================================ compiles for a GPU
@@ -734,10 +634,6 @@ def test_kernels_compile_for_gpu():
 
 
 # ============================================================================== GPU only (issue)
-def _err(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
 GPU_LOSSES = {  # name: (call(x, y, c), K or None)
     "ms": (lambda x, y, c, **kw: fpl.functional.multi_similarity_loss(x, y, **kw), None),
     "ms_mined": (lambda x, y, c, **kw: fpl.functional.multi_similarity_loss(x, y, miner_epsilon=0.1, **kw), None),
@@ -802,7 +698,9 @@ def test_gpu_deterministic_and_same_bits_split_or_not():
     gv = torch.randn(5, 4096, device="cuda")
     ga, gb = pair_bwd(gv, args, spec, a), pair_bwd(gv, args, spec, a)
     assert torch.equal(ga[0], gb[0])
-    few = (args[0][:128], None, args[2][:128], None, None)
+    # 128 rows against 4096: 2 row blocks, so the walks are split over many programs
+    few = (args[0][:128].contiguous(), args[0], args[2][:128].contiguous(), args[2], torch.arange(128, device="cuda"))
+    assert T._splits(2, 64, torch.device("cuda")) > 1
     split = pair_fwd(few, spec)
     T_splits = T._splits
     try:
@@ -811,6 +709,7 @@ def test_gpu_deterministic_and_same_bits_split_or_not():
     finally:
         T._splits = T_splits
     assert torch.equal(split[1], unsplit[1]) and torch.equal(split[2][:2], unsplit[2][:2])
+    torch.testing.assert_close(split[0], unsplit[0], rtol=1e-5, atol=1e-5)
     case = class_case(2048, 128, 1000, 10, torch.bfloat16, seed=4)
     spec_c, _ = CLASS_DECLS["softtriple"]
     spec_c = ClassLossSpec(row=spec_c.row, centers_per_class=10, pool_gamma=0.1)
