@@ -1,0 +1,1252 @@
+"""Triton engines (backend "triton"): the ops `fused_pairloss::triton_pair_engine_forward/_backward`
+and `fused_pairloss::triton_class_engine_forward/_backward`.
+
+Same schemas (csrc/ops.cpp, `triton_` prefix) and semantics (ops/README.md) as the C++ ops; the
+materializing oracles (ops/oracle.py) define the expected outputs. No kernel knows which loss it
+runs: the declaration `terms, flags` (ops/spec.py) reaches the kernels as
+- terms: fp64 scalar kernel arguments, each rounded once in-kernel to the stat dtype A (as
+  csrc/common/loss_spec.h rounds them, and as torch rounds a Python float in `tensor op float`);
+- flags: decoded here, in Python, into named `tl.constexpr` switches (POS_LSE, NEG_HINGE, LP, MINE,
+  ...), so each declaration compiles to its own straight-line kernel.
+No per-call host-to-device copy, no N x M (N x C*K) tensor. Fake kernels and the autograd rule are
+those of ops/engines.py (`engines.PAIR` / `engines.CLASS`), attached when this module is imported.
+
+Pair engine (tiles of S = q r^T), programs own BLOCK_M rows (or BLOCK_N columns) and walk the other
+side's tiles; per row an online log-sum-exp (running max + rescaled sum), sums, counts:
+- forward `_pair_fwd_kernel`, up to three walks over a row block's column tiles:
+    THRESH (MINE): min_pos / max_neg of the unmined sets (torch.amin/amax semantics: NaN sticks);
+    MAIN: the kept sets (mining masks from the thresholds): LSE / sum / nonzero count per set, sizes;
+    NTX (POS_VS_NEG_LSE): sum over the kept positives of -log(sigmoid(x - lse_neg_i) + tiny) and its
+      d/d lse_neg. It needs the row's final lse_neg, so it is a walk of its own after MAIN; it skips
+      every column tile without a positive of the row block (decided from the labels before S is
+      computed), so its cost is one S GEMM over the tiles that hold positives: about 1/(number of
+      classes) of a full walk for balanced labels, a full walk (+1 GEMM-equivalent) at worst.
+  Forward cost: 1 GEMM-equivalent, +1 with mining, + the NTX walk.
+  With SPLIT = 1 (enough row blocks to fill the GPU) one launch runs all walks in each program
+  (thresholds and lse_neg stay in registers). With SPLIT > 1, a row block's column tiles are dealt
+  round-robin (tile s, s + SPLIT, ...) to SPLIT programs, one launch per walk: each writes partial
+  statistics [SPLIT, k, N], combined in torch in a fixed order (amin / amax, logsumexp, sums)
+  between the launches; min / max are exact, so split and unsplit runs make the same mining masks.
+- backward `_pair_bwd_rows_kernel`: grad_q[I] = sum_J G_IJ r_J (+ the lp norms' share -q_I sum_J G_IJ).
+  Self mode: S is symmetric, so the recomputed tile S_IJ gives G_IJ (row I's statistics) and G_JI
+  (row J's statistics, mining masks of row J, the same S bits), and grad_q = (G + G^T) q is one
+  deterministic row pass (2 GEMM-equivalents), no atomics. Ref mode adds `_pair_bwd_cols_kernel`
+  (programs own columns J, recompute S_IJ in the forward's orientation, grad_r[J] = sum_I G_IJ q_I),
+  skipped when need_grad_r is False.
+Class engine (tiles of whole classes of w; a tile is BLOCK_C classes x KP lanes, KP = K rounded up
+to a power of two, one tl.dot, reshaped to [BLOCK_N, BLOCK_C, KP] for SoftTriple's pooling):
+- forward `_class_fwd_rows_kernel` (ROW_LSE and target_sim; programs own row blocks, walk class
+  tiles, split like the pair engine) and, with column terms (K = 1), `_class_fwd_cols_kernel`
+  (programs own class tiles and walk row blocks: column LSEs; target_sim too when there is no row
+  term, so ProxyAnchor costs one GEMM). Row and column terms together: 2 GEMM-equivalents.
+- backward `_class_bwd_rows_kernel` (grad_q) and `_class_bwd_cols_kernel` (grad_w; skipped when
+  need_grad_w is False), G from the row and column statistics, dS/ds of the pooling.
+
+Shared by every kernel (one structure for both engines):
+- `_s_tile`: an S element is always a[i] . b[j] summed over D in chunks of a fixed BLOCK_D per dtype
+  (never autotuned), q (rows) first, so recomputed S is bitwise the forward's in every pass and every
+  config; autotuning only varies BLOCK_M / BLOCK_N / warps / stages (all GPU configs >= 64 x 64 tiles
+  and >= 4 warps: the same dot instruction family).
+- precision: fp32 inputs use true fp32 products ("ieee") unless torch.backends.cuda.matmul.allow_tf32;
+  fp16 / bf16 use tensor cores with fp32 accumulation for S; the gradient dots take G in A with the
+  inputs upcast exactly (fp16/bf16: 3xTF32), so the only low-precision rounding of a gradient is its
+  final store; fp64 computes in fp64.
+- `_acc_grad` / `_finish_grad`: gradient dots over D in chunks of BLOCK_G; when D fits one chunk the
+  accumulator stays in registers, else each chunk is read-modify-written in global memory by the one
+  program that owns those rows (ordered, deterministic; autotuning resets it with reset_to_zero).
+  Split walks write one partial per split, summed in torch in split order. No atomics anywhere.
+- `_splits`: how many programs share a walk, a function of the shapes and the SM count only.
+- int64 index arithmetic for every row / column offset (index * D, slot * N).
+- `_launch`: torch.library.wrap_triton under triton_op (torch.compile sees the kernels), a direct
+  launch under the interpreter.
+
+Registration: on a GPU the ops are `torch.library.triton_op`s; under the interpreter
+(TRITON_INTERPRET=1 set before triton is imported; CPU tensors) they are `custom_op`s with the fake
+kernels of ops/engines.py (triton_op's traced fake cannot run an interpreted launch).
+
+Not validated here (the C++ ops check them with a device sync): exclude_col values outside [-1, M)
+exclude nothing; class labels outside [0, C) match no class (target_sim 0, every class in the LSE).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import engines
+from . import spec as S
+from .engines import stat_dtype
+
+try:  # the module imports without triton: then AVAILABLE stays False
+    import triton
+    import triton.language as tl
+
+    _IMPORTED = True
+except Exception:  # ImportError, or a broken triton install
+    triton = None
+    tl = None
+    _IMPORTED = False
+
+__all__ = ["AVAILABLE", "INTERPRETED", "SCHEMAS", "forward_op", "backward_op"]
+
+AVAILABLE = False
+
+# Exactly the schemas of csrc/ops.cpp (the op names gain the prefix `triton_`).
+SCHEMAS = {
+    "pair_engine_forward": (
+        "(Tensor q, Tensor? r, Tensor labels_q, Tensor? labels_r, Tensor? exclude_col, float[] terms, "
+        "int flags) -> (Tensor values, Tensor counts, Tensor aux)"),
+    "pair_engine_backward": (
+        "(Tensor grad_values, Tensor q, Tensor? r, Tensor labels_q, Tensor? labels_r, "
+        "Tensor? exclude_col, Tensor values, Tensor aux, float[] terms, int flags, bool need_grad_r) "
+        "-> (Tensor grad_q, Tensor grad_r)"),
+    "class_engine_forward": (
+        "(Tensor q, Tensor w, Tensor labels, int centers_per_class, float[] terms, int flags) "
+        "-> (Tensor rows, Tensor cols)"),
+    "class_engine_backward": (
+        "(Tensor grad_rows, Tensor grad_cols, Tensor q, Tensor w, Tensor labels, Tensor rows, "
+        "Tensor cols, int centers_per_class, float[] terms, int flags, bool need_grad_w) "
+        "-> (Tensor grad_q, Tensor grad_w)"),
+}
+
+_OPS: dict = {}
+
+
+def forward_op(name: str):
+    """The forward op of engine `name` ("pair_engine" / "class_engine")."""
+    return _OPS[f"{name}_forward"]
+
+
+def backward_op(name: str):
+    return _OPS[f"{name}_backward"]
+
+
+def is_interpreter() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return True
+    try:  # triton >= 3.4 keeps the setting in knobs (read once at import)
+        return bool(triton.knobs.runtime.interpret)
+    except Exception:
+        return False
+
+
+INTERPRETED = _IMPORTED and is_interpreter()
+_USE_TRITON_OP = _IMPORTED and not INTERPRETED and hasattr(torch.library, "triton_op")
+
+_PAIR_TERMS = 2 * 4 + 1
+_CLASS_TERMS = 3 * 4 + 1
+_PAIR_FLAG_MASK = (1 << 10) - 1
+_CLASS_FLAG_MASK = (1 << 3) - 1
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+# ---- precision and tiling policy (host side) -----------------------------------------------------
+def dot_precision(dtype: torch.dtype) -> str:
+    """`input_precision` of the S dot: true fp32 products for fp32 unless the user enabled TF32 the
+    PyTorch way; fp64 exact; fp16 / bf16 tensor cores (the setting only matters for fp32 operands)."""
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    if dtype == torch.float64:
+        return "ieee"
+    return "tf32"
+
+
+def grad_dot_precision(dtype: torch.dtype) -> str:
+    """`input_precision` of the G @ x gradient dots, whose operands are in A (G, and x upcast
+    exactly): fp32 follows dot_precision, fp64 exact, fp16 / bf16 3xTF32 (tensor cores, about fp32
+    accuracy), so the only low-precision rounding of a gradient is its final store."""
+    if dtype in (torch.float32, torch.float64):
+        return dot_precision(dtype)
+    return "tf32x3"
+
+
+def block_d(dtype: torch.dtype) -> int:
+    """D chunk of the S dot. Fixed per dtype (never autotuned, the same in both engines' kernels and
+    in every pass) so that an S element is always summed in the same order."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return 64
+    if dtype == torch.float64:
+        return 16
+    return 32
+
+
+def _block_g(D: int, dtype: torch.dtype):
+    """(BLOCK_G, ONE_CHUNK): D chunk of the gradient dots; one chunk = register accumulator."""
+    cap = 256 if INTERPRETED else (64 if dtype == torch.float64 else 128)
+    bg = max(16, min(triton.next_power_of_2(max(int(D), 1)), cap))
+    return bg, bg >= int(D)
+
+
+_MIN_TILE = 64  # tile edge the split policy counts in (independent of the autotuned config)
+
+
+def _splits(owned: int, walked: int, device) -> int:
+    """How many programs share the walk of one owned block (row block, class tile) over `walked`
+    tiles: enough programs to fill the GPU (~2 per SM) when there are few owned blocks, each walking
+    >= 4 tiles. 1 under the interpreter (tests force other values). Shapes and SM count only."""
+    if INTERPRETED or device.type != "cuda" or owned <= 0:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if owned >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, owned), walked // 4, 64))
+
+
+def _launch(kernel):
+    """A triton_op launches through wrap_triton (torch.compile sees the kernel); the custom_op
+    fallback (interpreter) calls the kernel directly."""
+    return torch.library.wrap_triton(kernel) if _USE_TRITON_OP else kernel
+
+
+def _pair_switches(flags: int) -> dict:
+    """The declaration's flags as the kernels' constexpr switches."""
+    f = int(flags)
+    return dict(POS_LSE=bool(f & S.POS_LSE), POS_SUM=bool(f & S.POS_SUM), POS_HINGE=bool(f & S.POS_HINGE),
+                NEG_LSE=bool(f & S.NEG_LSE), NEG_SUM=bool(f & S.NEG_SUM), NEG_HINGE=bool(f & S.NEG_HINGE),
+                LP=bool(f & S.LP_DISTANCE), MINE=bool(f & S.MINE), NTX=bool(f & S.POS_VS_NEG_LSE),
+                EAM=bool(f & S.EXCLUDE_AFTER_MINING))
+
+
+def _class_switches(flags: int) -> dict:
+    f = int(flags)
+    return dict(ROW_LSE=bool(f & S.ROW_LSE), COL_POS=bool(f & S.COL_POS_LSE), COL_NEG=bool(f & S.COL_NEG_LSE))
+
+
+# ---- argument checks (torch._check: they also run under fake tensors) ----------------------------
+def _check_pair(q, r, labels_q, labels_r, exclude_col, terms, flags):
+    torch._check(len(terms) == _PAIR_TERMS,
+                 lambda: f"pair_engine (triton): terms must have {_PAIR_TERMS} entries, got {len(terms)}")
+    torch._check((int(flags) & ~_PAIR_FLAG_MASK) == 0,
+                 lambda: f"pair_engine (triton): unknown pair flag bits {int(flags) & ~_PAIR_FLAG_MASK}")
+    torch._check(not (flags & S.EXCLUDE_AFTER_MINING) or bool(flags & S.MINE),
+                 lambda: "pair_engine (triton): exclude-after-mining needs mining")
+    torch._check(q.dim() == 2, lambda: f"pair_engine (triton): q must be 2-D (N, D), got shape {tuple(q.shape)}")
+    torch._check(q.dtype in _DTYPES, lambda: f"pair_engine (triton): unsupported dtype {q.dtype}")
+    torch._check(labels_q.dim() == 1 and labels_q.shape[0] == q.shape[0],
+                 lambda: f"pair_engine (triton): labels_q must have shape ({q.shape[0]},)")
+    torch._check((r is None) == (labels_r is None), lambda: "pair_engine (triton): r and labels_r go together")
+    if r is None:
+        torch._check(exclude_col is None,
+                     lambda: "pair_engine (triton): exclude_col is implied (the diagonal) in self mode")
+        return
+    torch._check(r.dim() == 2 and r.shape[1] == q.shape[1],
+                 lambda: f"pair_engine (triton): r must have shape (M, {q.shape[1]}), got {tuple(r.shape)}")
+    torch._check(r.dtype == q.dtype, lambda: "pair_engine (triton): q and r must have the same dtype")
+    torch._check(labels_r.dim() == 1 and labels_r.shape[0] == r.shape[0],
+                 lambda: f"pair_engine (triton): labels_r must have shape ({r.shape[0]},)")
+    if exclude_col is not None:
+        torch._check(exclude_col.dim() == 1 and exclude_col.shape[0] == q.shape[0]
+                     and exclude_col.dtype == torch.int64,
+                     lambda: f"pair_engine (triton): exclude_col must be int64 of shape ({q.shape[0]},)")
+
+
+def _check_class(q, w, labels, K, terms, flags):
+    torch._check(len(terms) == _CLASS_TERMS,
+                 lambda: f"class_engine (triton): terms must have {_CLASS_TERMS} entries, got {len(terms)}")
+    torch._check((int(flags) & ~_CLASS_FLAG_MASK) == 0,
+                 lambda: f"class_engine (triton): unknown class flag bits {int(flags) & ~_CLASS_FLAG_MASK}")
+    torch._check(K >= 1, lambda: f"class_engine (triton): centers_per_class must be >= 1, got {K}")
+    torch._check(not (flags & (S.COL_POS_LSE | S.COL_NEG_LSE)) or K == 1,
+                 lambda: "class_engine (triton): column reductions need centers_per_class = 1")
+    torch._check(q.dim() == 2 and w.dim() == 2, lambda: "class_engine (triton): q and w must be 2-D")
+    torch._check(q.shape[1] == w.shape[1],
+                 lambda: f"class_engine (triton): q and w must have the same D, got {q.shape[1]} and {w.shape[1]}")
+    torch._check(q.dtype == w.dtype,
+                 lambda: f"class_engine (triton): q and w must have the same dtype, got {q.dtype} and {w.dtype}")
+    torch._check(q.dtype in _DTYPES, lambda: f"class_engine (triton): unsupported dtype {q.dtype}")
+    torch._check(w.shape[0] % K == 0,
+                 lambda: f"class_engine (triton): w has {w.shape[0]} rows, not a multiple of centers_per_class={K}")
+    torch._check(labels.dim() == 1 and labels.shape[0] == q.shape[0] and labels.dtype == torch.int64,
+                 lambda: f"class_engine (triton): labels must be int64 of shape ({q.shape[0]},)")
+
+
+def _stats(t, rows, n, A, name):
+    torch._check(t.dim() == 2 and t.shape[0] == rows and t.shape[1] == n,
+                 lambda: f"{name} must have shape ({rows}, {n}), got {tuple(t.shape)}")
+    return t.to(A).contiguous()
+
+
+if _IMPORTED:
+    # The interpreter stores bf16 as raw uint16 and its tl.dot multiplies those: upcast (exactly)
+    # to fp32 first there. Compiled kernels never take this branch.
+    _BF16_DOT_UPCAST = tl.constexpr(INTERPRETED)
+    _NEG_INF = tl.constexpr(float("-inf"))
+    _POS_INF = tl.constexpr(float("inf"))
+    _NAN = tl.constexpr(float("nan"))
+
+    # ============================================================ shared element / tile functions
+    @triton.jit
+    def _c(x, ACC: tl.constexpr):
+        """An fp64 scalar argument (a declaration constant) rounded once to the stat dtype."""
+        return tl.full([], x, ACC)
+
+    @triton.jit
+    def _s_tile(a_ptr, b_ptr, a_idx, b_idx, a_ok, b_ok, D, stride_a, stride_b,
+                BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+                PREC: tl.constexpr, ACC: tl.constexpr):
+        """S[BLOCK_A, BLOCK_B] = a[a_idx] . b[b_idx] (int64 row indices), accumulated in ACC chunk by
+        chunk of BLOCK_D. Every kernel of both engines calls it with the same BLOCK_D and the q / batch
+        side as `a`, so an element is always summed the same way."""
+        acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=ACC)
+        a_row = a_ptr + a_idx[:, None] * stride_a
+        b_row = b_ptr + b_idx[:, None] * stride_b
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            dm = dd < D
+            a = tl.load(a_row + dd[None, :], mask=a_ok[:, None] & dm[None, :], other=0.0)
+            b = tl.load(b_row + dd[None, :], mask=b_ok[:, None] & dm[None, :], other=0.0)
+            if _BF16_DOT_UPCAST:
+                if a.dtype == tl.bfloat16:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC, out_dtype=ACC)
+        return acc
+
+    @triton.jit
+    def _relu_nan(x):
+        """torch.relu: NaN stays NaN (pair_terms.inl relu_keep_nan)."""
+        return tl.where((x > 0) | (x != x), x, 0.0)
+
+    @triton.jit
+    def _sqrt(x):
+        if x.dtype == tl.float32:
+            return tl.sqrt_rn(x)  # IEEE-rounded (tl.sqrt is an approximation on GPUs)
+        else:
+            return tl.sqrt(x)
+
+    @triton.jit
+    def _div(a, b):
+        if b.dtype == tl.float32:
+            return tl.div_rn(a, b)
+        else:
+            return a / b
+
+    @triton.jit
+    def _term(v, scale, shift, w_off, w_slope, HINGE: tl.constexpr):
+        """(x, dx/dv) of a pair term (loss_spec.h): x = (scale * w(v)) * (v - shift), w(v) =
+        relu(w_off + w_slope v) detached; hinge: relu(x), and dx/dv = 0 where x <= 0."""
+        d = scale * _relu_nan(w_off + w_slope * v)
+        x = d * (v - shift)
+        if HINGE:
+            x = _relu_nan(x)
+            d = tl.where(x > 0, d, 0.0)
+        return x, d
+
+    @triton.jit
+    def _lse_fold(m, l, x, mask, AXIS: tl.constexpr):
+        """Online LSE along AXIS: fold the masked elements of x into the running (max m, rescaled sum
+        l). Empty sets keep (-inf, 0); a NaN member makes the sum NaN (and it stays NaN)."""
+        xm = tl.where(mask, x, _NEG_INF)
+        m_new = tl.maximum(m, tl.max(xm, axis=AXIS))
+        m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)
+        e = tl.exp(xm - tl.expand_dims(m_safe, AXIS))
+        return m_new, l * tl.exp(m - m_safe) + tl.sum(e, axis=AXIS)
+
+    @triton.jit
+    def _lse_fold2(mp, lp, xp, inp, mn, ln, xn, inn):
+        """`_lse_fold` (axis 1) of two disjoint sets at once: one exp per element."""
+        mp_new = tl.maximum(mp, tl.max(tl.where(inp, xp, _NEG_INF), axis=1))
+        mn_new = tl.maximum(mn, tl.max(tl.where(inn, xn, _NEG_INF), axis=1))
+        mp_safe = tl.where(mp_new == _NEG_INF, 0.0, mp_new)
+        mn_safe = tl.where(mn_new == _NEG_INF, 0.0, mn_new)
+        e = tl.exp(tl.where(inp, xp - mp_safe[:, None], tl.where(inn, xn - mn_safe[:, None], _NEG_INF)))
+        lp = lp * tl.exp(mp - mp_safe) + tl.sum(tl.where(inp, e, 0.0), axis=1)
+        ln = ln * tl.exp(mn - mn_safe) + tl.sum(tl.where(inn, e, 0.0), axis=1)
+        return mp_new, lp, mn_new, ln
+
+    @triton.jit
+    def _lse_value(m, l):
+        """log-sum-exp from (max, sum): -inf for an empty set, NaN stays NaN."""
+        return tl.where(l == 0, _NEG_INF, m + tl.log(tl.where(l == 0, 1.0, l)))
+
+    @triton.jit
+    def _acc_grad(acc, g, x_ptr, x_idx, x_ok, x_stride, out_ptr, out_idx, out_ok, D,
+                  BLOCK_G: tl.constexpr, ONE_CHUNK: tl.constexpr, GPREC: tl.constexpr):
+        """Add g @ x[x_idx] (x upcast exactly to acc's dtype), D in chunks of BLOCK_G, to the register
+        accumulator acc (ONE_CHUNK) or to out[out_idx] in memory (rows this program owns: its own
+        ordered read-add-write). Returns acc."""
+        for d0 in range(0, D, BLOCK_G):
+            d = d0 + tl.arange(0, BLOCK_G)
+            d_ok = d < D
+            xt = tl.load(x_ptr + x_idx[:, None] * x_stride + d[None, :],
+                         mask=x_ok[:, None] & d_ok[None, :], other=0.0).to(acc.dtype)
+            if ONE_CHUNK:
+                acc = tl.dot(g, xt, acc, input_precision=GPREC, out_dtype=acc.dtype)
+            else:
+                out = out_ptr + out_idx[:, None] * D + d[None, :]
+                o_mask = out_ok[:, None] & d_ok[None, :]
+                part = tl.load(out, mask=o_mask, other=0.0)
+                part = tl.dot(g, xt, part, input_precision=GPREC, out_dtype=acc.dtype)
+                tl.store(out, part, mask=o_mask)
+        return acc
+
+    @triton.jit
+    def _finish_grad(acc, gsum, own_ptr, own_idx, own_ok, own_stride, out_ptr, D,
+                     NORM: tl.constexpr, BLOCK_G: tl.constexpr, ONE_CHUNK: tl.constexpr):
+        """Store the register accumulator (ONE_CHUNK; cast to out's dtype) and, with NORM (lp), add the
+        norms' share -gsum_i x_i of the owned rows x = own[own_idx] (torch's _euclidean_dist_backward)."""
+        if ONE_CHUNK:
+            d = tl.arange(0, BLOCK_G)
+            mask = own_ok[:, None] & (d < D)[None, :]
+            if NORM:
+                x = tl.load(own_ptr + own_idx[:, None] * own_stride + d[None, :], mask=mask, other=0.0)
+                acc = acc - gsum[:, None] * x.to(acc.dtype)
+            tl.store(out_ptr + own_idx[:, None] * D + d[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            if NORM:
+                for d0 in range(0, D, BLOCK_G):
+                    d = d0 + tl.arange(0, BLOCK_G)
+                    mask = own_ok[:, None] & (d < D)[None, :]
+                    out = out_ptr + own_idx[:, None] * D + d[None, :]
+                    x = tl.load(own_ptr + own_idx[:, None] * own_stride + d[None, :], mask=mask, other=0.0)
+                    part = tl.load(out, mask=mask, other=0.0)
+                    tl.store(out, part - gsum[:, None] * x.to(part.dtype), mask=mask)
+
+    # ================================================================== pair engine: element math
+    @triton.jit
+    def _pair_sets(lq, lr, ex, rows, cols, rmask, cmask, EXCL: tl.constexpr):
+        """(same, P, N) masks of a tile: same label (unmined positives incl. the excluded column),
+        same label minus the excluded column, different label. EXCL: 0 none, 1 the diagonal (self
+        mode), 2 per-row column `ex` (ref mode, -1 for none)."""
+        valid = rmask[:, None] & cmask[None, :]
+        eq = lq[:, None] == lr[None, :]
+        same = eq & valid
+        neg = (lq[:, None] != lr[None, :]) & valid
+        if EXCL == 1:
+            pos = same & (rows[:, None] != cols[None, :])
+        elif EXCL == 2:
+            pos = same & (ex[:, None] != cols[None, :])
+        else:
+            pos = same
+        return same, pos, neg
+
+    @triton.jit
+    def _pair_v(q_ptr, r_ptr, rows, cols, rmask, cmask, nq, nr, D, stride_q, stride_r,
+                LP: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
+        """v of a tile: S, or PML's LpDistance sqrt(max(|q_i|^2 + |r_j|^2 - 2 S, 0)) (NaN stays)."""
+        s = _s_tile(q_ptr, r_ptr, rows, cols, rmask, cmask, D, stride_q, stride_r,
+                    BLOCK_M, BLOCK_N, BLOCK_D, PREC, ACC)
+        if LP:
+            d2 = (nq[:, None] + nr[None, :]) - 2.0 * s
+            s = tl.where(d2 != d2, d2, tl.where(d2 > 0, _sqrt(tl.where(d2 > 0, d2, 1.0)), 0.0))
+        return s
+
+    @triton.jit
+    def _load_or_zeros(ptr, idx, ok, ON: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+        if ON:
+            x = tl.load(ptr + idx, mask=ok, other=0.0)
+        else:
+            x = tl.zeros([BLOCK], ACC)
+        return x
+
+    @triton.jit
+    def _pair_side(lab_ptr, ex_ptr, norm_ptr, idx, ok, EXCL: tl.constexpr, LP: tl.constexpr,
+                   BLOCK: tl.constexpr, ACC: tl.constexpr):
+        """Labels, excluded column (EXCL 2; else the index itself) and squared norms (lp) of rows idx."""
+        lab = tl.load(lab_ptr + idx, mask=ok, other=0)
+        if EXCL == 2:
+            ex = tl.load(ex_ptr + idx, mask=ok, other=-1)
+        else:
+            ex = idx
+        return lab, ex, _load_or_zeros(norm_ptr, idx, ok, LP, BLOCK, ACC)
+
+    @triton.jit
+    def _mining_u(v, LP: tl.constexpr):
+        """The miner compares similarities: u = S, or u = -d (exact) for the distance."""
+        if LP:
+            u = -v
+        else:
+            u = v
+        return u
+
+    @triton.jit
+    def _pair_consts(k_ps, k_psh, k_pwo, k_pws, k_ns, k_nsh, k_nwo, k_nws, k_eps, k_tiny, ACC: tl.constexpr):
+        return (_c(k_ps, ACC), _c(k_psh, ACC), _c(k_pwo, ACC), _c(k_pws, ACC), _c(k_ns, ACC), _c(k_nsh, ACC),
+                _c(k_nwo, ACC), _c(k_nws, ACC), _c(k_eps, ACC), _c(k_tiny, ACC))
+
+    @triton.jit
+    def _pair_dterms(v, ps, psh, pwo, pws, ns, nsh, nwo, nws, POS_HINGE: tl.constexpr, NEG_HINGE: tl.constexpr,
+                     LP: tl.constexpr):
+        """(x_pos, x_neg, dx_pos/dS, dx_neg/dS) of a tile: dx/dv times dv/dS (lp: -1/d, 0 at d = 0)."""
+        xp, dxp = _term(v, ps, psh, pwo, pws, POS_HINGE)
+        xn, dxn = _term(v, ns, nsh, nwo, nws, NEG_HINGE)
+        if LP:
+            dv = tl.where((v > 0) | (v != v), _div(tl.zeros_like(v) - 1.0, v), 0.0)
+            dxp = dxp * dv
+            dxn = dxn * dv
+        return xp, xn, dxp, dxn
+
+    @triton.jit
+    def _mined(pos, neg, u, mnp, mxn, eps, MINE: tl.constexpr):
+        """Kept pairs (MultiSimilarityMiner): positives with u - eps < max_neg, negatives with
+        u + eps > min_pos (thresholds pre-broadcast: [R, 1] or [1, C])."""
+        if MINE:
+            pos = pos & (u - eps < mxn)
+            neg = neg & (u + eps > mnp)
+        return pos, neg
+
+    @triton.jit
+    def _log1p(y):
+        """log(1 + y) for y >= 0, accurate for small y (Goldberg's trick; no log1p in the interpreter)."""
+        u = 1.0 + y
+        return tl.where(u == 1.0, y, tl.log(u) * (y / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+    @triton.jit
+    def _sigmoid(t):
+        """exp(-softplus(-t)) (pair_terms.inl ntx_sigmoid); NaN stays NaN."""
+        a = tl.abs(t)
+        sp = tl.where(t < 0, -t, 0.0) + _log1p(tl.exp(-a))
+        return tl.where(t != t, t, tl.exp(-sp))
+
+    @triton.jit
+    def _ntx_loss(t, tiny):
+        """NTXent's pair term -log(sigmoid(t) + tiny), t = x - lse_neg_i."""
+        return -tl.log(_sigmoid(t) + tiny)
+
+    @triton.jit
+    def _ntx_dloss(t, tiny):
+        sg = _sigmoid(t)
+        return -(sg * _sigmoid(-t)) / (sg + tiny)
+
+    @triton.jit
+    def _pair_grad(kp, kn, xp, xn, db_p, db_n, glp, gln, gsp, gsn, gx, lsp, lsn, tiny,
+                   POS_LSE: tl.constexpr, POS_SUM: tl.constexpr, NEG_LSE: tl.constexpr,
+                   NEG_SUM: tl.constexpr, NTX: tl.constexpr):
+        """G = dL/dS on a tile for the kept pairs kp / kn, as kernels_isa.inc pair_backward_impl:
+        (grad_lse_s exp(x - lse_s) [LSE] + grad_sum_s [SUM]) * db_s, db_s = dx_s/dv dv/dS, and for
+        kept positives (NTX) + grad_pos_vs_neg dphi(x - lse_neg) db_pos. The row statistics come
+        pre-broadcast ([R, 1] or [1, C]), so the same code gives G_IJ (statistics of I) and G_JI^T
+        (statistics of J) in self mode; gln already holds grad_lse_neg + grad_pos_vs_neg * aux[2].
+        exp only of the LSE members (no overflow from pairs outside them); a pair in no set gets
+        (0 + 0) * db_neg, which is 0 unless its S is NaN (NaN propagates as in the C++ kernels)."""
+        if POS_LSE and NEG_LSE:
+            arg = tl.where(kp, xp - lsp, tl.where(kn, xn - lsn, _NEG_INF))
+        elif POS_LSE:
+            arg = tl.where(kp, xp - lsp, _NEG_INF)
+        elif NEG_LSE:
+            arg = tl.where(kn, xn - lsn, _NEG_INF)
+        if POS_LSE or NEG_LSE:
+            g = tl.where(kp, glp, gln) * tl.exp(arg)
+        else:
+            g = tl.zeros_like(xp)
+        if POS_SUM:
+            g = tl.where(kp, g + gsp, g)
+        if NEG_SUM:
+            g = tl.where(kn, g + gsn, g)
+        g = g * tl.where(kp, db_p, db_n)
+        if NTX:
+            g = tl.where(kp, g + (gx * _ntx_dloss(xp - lsn, tiny)) * db_p, g)
+        return g
+
+    @triton.jit
+    def _load_row_stats(st_ptr, idx, ok, N):
+        """The backward's per-row statistics [9, N] (host `_pair_backward`): grad lse_pos, grad
+        lse_neg (+ NTXent's share), grad sum_pos, grad sum_neg, grad pos_vs_neg, lse_pos, lse_neg,
+        min_pos, max_neg."""
+        glp = tl.load(st_ptr + idx, mask=ok, other=0.0)
+        gln = tl.load(st_ptr + N + idx, mask=ok, other=0.0)
+        gsp = tl.load(st_ptr + 2 * N + idx, mask=ok, other=0.0)
+        gsn = tl.load(st_ptr + 3 * N + idx, mask=ok, other=0.0)
+        gx = tl.load(st_ptr + 4 * N + idx, mask=ok, other=0.0)
+        lsp = tl.load(st_ptr + 5 * N + idx, mask=ok, other=0.0)
+        lsn = tl.load(st_ptr + 6 * N + idx, mask=ok, other=0.0)
+        mnp = tl.load(st_ptr + 7 * N + idx, mask=ok, other=0.0)
+        mxn = tl.load(st_ptr + 8 * N + idx, mask=ok, other=0.0)
+        return glp, gln, gsp, gsn, gx, lsp, lsn, mnp, mxn
+
+    # ======================================================================= pair engine: kernels
+    @triton.jit
+    def _pair_fwd_kernel(q_ptr, r_ptr, lq_ptr, lr_ptr, ex_ptr, nq_ptr, nr_ptr, thr_ptr, lsen_ptr,
+                         val_ptr, cnt_ptr, aux_ptr, N, M, D, stride_q, stride_r,
+                         split_v, split_c, split_a,
+                         k_ps: tl.float64, k_psh: tl.float64, k_pwo: tl.float64, k_pws: tl.float64,
+                         k_ns: tl.float64, k_nsh: tl.float64, k_nwo: tl.float64, k_nws: tl.float64,
+                         k_eps: tl.float64, k_tiny: tl.float64,
+                         WALK_THRESH: tl.constexpr, WALK_MAIN: tl.constexpr, WALK_NTX: tl.constexpr,
+                         EXCL: tl.constexpr, LP: tl.constexpr, MINE: tl.constexpr, EAM: tl.constexpr,
+                         NTX: tl.constexpr, POS_LSE: tl.constexpr, POS_SUM: tl.constexpr,
+                         POS_HINGE: tl.constexpr, NEG_LSE: tl.constexpr, NEG_SUM: tl.constexpr,
+                         NEG_HINGE: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Program (row block, split s) walks the column tiles s, s + SPLIT, ... and writes its row
+        statistics to slice s of values / counts / aux (layout of the op's outputs; SPLIT = 1: the
+        outputs themselves). Walks: THRESH (mining thresholds; else, with MINE, read from thr_ptr),
+        MAIN, NTX (lse_neg from MAIN in registers, else read from lsen_ptr)."""
+        ACC: tl.constexpr = val_ptr.dtype.element_ty
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < N
+        split = tl.program_id(1).to(tl.int64)
+        n_first = tl.program_id(1) * BLOCK_N
+        n_step = tl.num_programs(1) * BLOCK_N
+        vb = val_ptr + split * split_v + rows
+        cb = cnt_ptr + split * split_c + rows
+        ab = aux_ptr + split * split_a + rows
+        lq, ex, nq = _pair_side(lq_ptr, ex_ptr, nq_ptr, rows, rmask, EXCL, LP, BLOCK_M, ACC)
+        ps, psh, pwo, pws, ns, nsh, nwo, nws, eps, tiny = _pair_consts(
+            k_ps, k_psh, k_pwo, k_pws, k_ns, k_nsh, k_nwo, k_nws, k_eps, k_tiny, ACC)
+
+        min_pos = tl.full([BLOCK_M], _POS_INF, ACC)
+        max_neg = tl.full([BLOCK_M], _NEG_INF, ACC)
+        if WALK_THRESH:  # mining thresholds over the unmined sets (u = v, or -d for lp)
+            nan_p = tl.zeros([BLOCK_M], tl.int32)
+            nan_n = tl.zeros([BLOCK_M], tl.int32)
+            for n0 in range(n_first, M, n_step):
+                cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+                cmask = cols < M
+                lr = tl.load(lr_ptr + cols, mask=cmask, other=0)
+                same, pos, neg = _pair_sets(lq, lr, ex, rows, cols, rmask, cmask, EXCL)
+                nr = _load_or_zeros(nr_ptr, cols, cmask, LP, BLOCK_N, ACC)
+                v = _pair_v(q_ptr, r_ptr, rows, cols, rmask, cmask, nq, nr, D, stride_q, stride_r,
+                            LP, PREC, BLOCK_D, BLOCK_M, BLOCK_N, ACC)
+                u = _mining_u(v, LP)
+                if EAM:
+                    pm = same
+                else:
+                    pm = pos
+                num = u == u
+                min_pos = tl.minimum(min_pos, tl.min(tl.where(pm & num, u, _POS_INF), axis=1))
+                max_neg = tl.maximum(max_neg, tl.max(tl.where(neg & num, u, _NEG_INF), axis=1))
+                nan_p = tl.maximum(nan_p, tl.max(tl.where(pm & ~num, 1, 0), axis=1))
+                nan_n = tl.maximum(nan_n, tl.max(tl.where(neg & ~num, 1, 0), axis=1))
+            min_pos = tl.where(nan_p > 0, _NAN, min_pos)
+            max_neg = tl.where(nan_n > 0, _NAN, max_neg)
+            tl.store(ab, min_pos, mask=rmask)
+            tl.store(ab + N, max_neg, mask=rmask)
+        elif MINE:
+            min_pos = tl.load(thr_ptr + rows, mask=rmask, other=_POS_INF)
+            max_neg = tl.load(thr_ptr + N + rows, mask=rmask, other=_NEG_INF)
+
+        lse_neg = tl.full([BLOCK_M], _NEG_INF, ACC)
+        if WALK_MAIN:
+            mp = tl.full([BLOCK_M], _NEG_INF, ACC)
+            lp = tl.zeros([BLOCK_M], ACC)
+            mn = tl.full([BLOCK_M], _NEG_INF, ACC)
+            ln = tl.zeros([BLOCK_M], ACC)
+            sp = tl.zeros([BLOCK_M], ACC)
+            sn = tl.zeros([BLOCK_M], ACC)
+            cp = tl.zeros([BLOCK_M], tl.int32)
+            cn = tl.zeros([BLOCK_M], tl.int32)
+            zp = tl.zeros([BLOCK_M], tl.int32)
+            zn = tl.zeros([BLOCK_M], tl.int32)
+            for n0 in range(n_first, M, n_step):
+                cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+                cmask = cols < M
+                lr = tl.load(lr_ptr + cols, mask=cmask, other=0)
+                same, pos, neg = _pair_sets(lq, lr, ex, rows, cols, rmask, cmask, EXCL)
+                nr = _load_or_zeros(nr_ptr, cols, cmask, LP, BLOCK_N, ACC)
+                v = _pair_v(q_ptr, r_ptr, rows, cols, rmask, cmask, nq, nr, D, stride_q, stride_r,
+                            LP, PREC, BLOCK_D, BLOCK_M, BLOCK_N, ACC)
+                u = _mining_u(v, LP)
+                kp, kn = _mined(pos, neg, u, min_pos[:, None], max_neg[:, None], eps, MINE)
+                xp, _dp = _term(v, ps, psh, pwo, pws, POS_HINGE)
+                xn, _dn = _term(v, ns, nsh, nwo, nws, NEG_HINGE)
+                if POS_LSE and NEG_LSE:
+                    mp, lp, mn, ln = _lse_fold2(mp, lp, xp, kp, mn, ln, xn, kn)
+                elif POS_LSE:
+                    mp, lp = _lse_fold(mp, lp, xp, kp, 1)
+                elif NEG_LSE:
+                    mn, ln = _lse_fold(mn, ln, xn, kn, 1)
+                if POS_SUM:
+                    sp += tl.sum(tl.where(kp, xp, 0.0), axis=1)
+                    zp += tl.sum((kp & (xp > 0)).to(tl.int32), axis=1)
+                if NEG_SUM:
+                    sn += tl.sum(tl.where(kn, xn, 0.0), axis=1)
+                    zn += tl.sum((kn & (xn > 0)).to(tl.int32), axis=1)
+                cp += tl.sum(kp.to(tl.int32), axis=1)
+                cn += tl.sum(kn.to(tl.int32), axis=1)
+            lse_neg = _lse_value(mn, ln)
+            tl.store(vb, _lse_value(mp, lp), mask=rmask)
+            tl.store(vb + N, lse_neg, mask=rmask)
+            tl.store(vb + 2 * N, sp, mask=rmask)
+            tl.store(vb + 3 * N, sn, mask=rmask)
+            tl.store(cb, cp, mask=rmask)
+            tl.store(cb + N, cn, mask=rmask)
+            tl.store(cb + 2 * N, zp, mask=rmask)
+            tl.store(cb + 3 * N, zn, mask=rmask)
+            # the slots of walks the declaration does not have
+            if not MINE:
+                tl.store(ab, min_pos, mask=rmask)
+                tl.store(ab + N, max_neg, mask=rmask)
+            if not NTX:
+                tl.store(vb + 4 * N, tl.zeros([BLOCK_M], ACC), mask=rmask)
+                tl.store(ab + 2 * N, tl.zeros([BLOCK_M], ACC), mask=rmask)
+        elif WALK_NTX:
+            lse_neg = tl.load(lsen_ptr + rows, mask=rmask, other=_NEG_INF)
+
+        if WALK_NTX:  # NTXent: the kept positives against the row's final lse_neg
+            ntx = tl.zeros([BLOCK_M], ACC)
+            dl = tl.zeros([BLOCK_M], ACC)
+            for n0 in range(n_first, M, n_step):
+                cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+                cmask = cols < M
+                lr = tl.load(lr_ptr + cols, mask=cmask, other=0)
+                same, pos, neg = _pair_sets(lq, lr, ex, rows, cols, rmask, cmask, EXCL)
+                if tl.sum(pos.to(tl.int32)) > 0:  # tiles without a positive: skipped (labels only)
+                    nr = _load_or_zeros(nr_ptr, cols, cmask, LP, BLOCK_N, ACC)
+                    v = _pair_v(q_ptr, r_ptr, rows, cols, rmask, cmask, nq, nr, D, stride_q, stride_r,
+                                LP, PREC, BLOCK_D, BLOCK_M, BLOCK_N, ACC)
+                    u = _mining_u(v, LP)
+                    kp, kn = _mined(pos, neg, u, min_pos[:, None], max_neg[:, None], eps, MINE)
+                    xp, _dp = _term(v, ps, psh, pwo, pws, POS_HINGE)
+                    t = xp - lse_neg[:, None]
+                    ntx += tl.sum(tl.where(kp, _ntx_loss(t, tiny), 0.0), axis=1)
+                    dl -= tl.sum(tl.where(kp, _ntx_dloss(t, tiny), 0.0), axis=1)
+            tl.store(vb + 4 * N, ntx, mask=rmask)
+            tl.store(ab + 2 * N, dl, mask=rmask)
+
+    @triton.jit
+    def _pair_bwd_rows_kernel(q_ptr, r_ptr, lq_ptr, lr_ptr, ex_ptr, nq_ptr, nr_ptr, st_ptr, out_ptr,
+                              N, M, D, stride_q, stride_r, split_o,
+                              k_ps: tl.float64, k_psh: tl.float64, k_pwo: tl.float64, k_pws: tl.float64,
+                              k_ns: tl.float64, k_nsh: tl.float64, k_nwo: tl.float64, k_nws: tl.float64,
+                              k_eps: tl.float64, k_tiny: tl.float64,
+                              SELF: tl.constexpr, EXCL: tl.constexpr, LP: tl.constexpr, MINE: tl.constexpr,
+                              NTX: tl.constexpr, POS_LSE: tl.constexpr, POS_SUM: tl.constexpr,
+                              POS_HINGE: tl.constexpr, NEG_LSE: tl.constexpr, NEG_SUM: tl.constexpr,
+                              NEG_HINGE: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr,
+                              BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, ONE_CHUNK: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """grad_q[I] (slice s of the output) = sum over the column tiles J = s, s + SPLIT, ... of
+        G_IJ r_J (ref mode) or (G_IJ + G_JI) q_J (self mode: r = q), plus the lp norms' share."""
+        ACC: tl.constexpr = st_ptr.dtype.element_ty
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < N
+        out_ptr += tl.program_id(1).to(tl.int64) * split_o
+        lq, ex, nq = _pair_side(lq_ptr, ex_ptr, nq_ptr, rows, rmask, EXCL, LP, BLOCK_M, ACC)
+        ps, psh, pwo, pws, ns, nsh, nwo, nws, eps, tiny = _pair_consts(
+            k_ps, k_psh, k_pwo, k_pws, k_ns, k_nsh, k_nwo, k_nws, k_eps, k_tiny, ACC)
+        glp, gln, gsp, gsn, gx, lsp, lsn, mnp, mxn = _load_row_stats(st_ptr, rows, rmask, N)
+        acc = tl.zeros([BLOCK_M, BLOCK_G], ACC)
+        gsum = tl.zeros([BLOCK_M], ACC)
+        for n0 in range(tl.program_id(1) * BLOCK_N, M, tl.num_programs(1) * BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+            cmask = cols < M
+            lr = tl.load(lr_ptr + cols, mask=cmask, other=0)
+            same, pos, neg = _pair_sets(lq, lr, ex, rows, cols, rmask, cmask, EXCL)
+            nr = _load_or_zeros(nr_ptr, cols, cmask, LP, BLOCK_N, ACC)
+            v = _pair_v(q_ptr, r_ptr, rows, cols, rmask, cmask, nq, nr, D, stride_q, stride_r,
+                        LP, PREC, BLOCK_D, BLOCK_M, BLOCK_N, ACC)
+            u = _mining_u(v, LP)
+            xp, xn, db_p, db_n = _pair_dterms(v, ps, psh, pwo, pws, ns, nsh, nwo, nws, POS_HINGE, NEG_HINGE, LP)
+            kp, kn = _mined(pos, neg, u, mnp[:, None], mxn[:, None], eps, MINE)
+            g = _pair_grad(kp, kn, xp, xn, db_p, db_n, glp[:, None], gln[:, None],
+                           gsp[:, None], gsn[:, None], gx[:, None], lsp[:, None], lsn[:, None], tiny,
+                           POS_LSE, POS_SUM, NEG_LSE, NEG_SUM, NTX)
+            if SELF:  # G_JI from row J's statistics and mining masks, on the same (symmetric) S tile
+                glp_j, gln_j, gsp_j, gsn_j, gx_j, lsp_j, lsn_j, mnp_j, mxn_j = _load_row_stats(
+                    st_ptr, cols, cmask, N)
+                kp_j, kn_j = _mined(pos, neg, u, mnp_j[None, :], mxn_j[None, :], eps, MINE)
+                g += _pair_grad(kp_j, kn_j, xp, xn, db_p, db_n, glp_j[None, :], gln_j[None, :],
+                                gsp_j[None, :], gsn_j[None, :], gx_j[None, :], lsp_j[None, :],
+                                lsn_j[None, :], tiny, POS_LSE, POS_SUM, NEG_LSE, NEG_SUM, NTX)
+            if LP:
+                gsum += tl.sum(g, axis=1)
+            acc = _acc_grad(acc, g, r_ptr, cols, cmask, stride_r, out_ptr, rows, rmask, D,
+                            BLOCK_G, ONE_CHUNK, GPREC)
+        _finish_grad(acc, gsum, q_ptr, rows, rmask, stride_q, out_ptr, D, LP, BLOCK_G, ONE_CHUNK)
+
+    @triton.jit
+    def _pair_bwd_cols_kernel(q_ptr, r_ptr, lq_ptr, lr_ptr, ex_ptr, nq_ptr, nr_ptr, st_ptr, out_ptr,
+                              N, M, D, stride_q, stride_r, split_o,
+                              k_ps: tl.float64, k_psh: tl.float64, k_pwo: tl.float64, k_pws: tl.float64,
+                              k_ns: tl.float64, k_nsh: tl.float64, k_nwo: tl.float64, k_nws: tl.float64,
+                              k_eps: tl.float64, k_tiny: tl.float64,
+                              EXCL: tl.constexpr, LP: tl.constexpr, MINE: tl.constexpr,
+                              NTX: tl.constexpr, POS_LSE: tl.constexpr, POS_SUM: tl.constexpr,
+                              POS_HINGE: tl.constexpr, NEG_LSE: tl.constexpr, NEG_SUM: tl.constexpr,
+                              NEG_HINGE: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr,
+                              BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, ONE_CHUNK: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """grad_r[J] (slice s) = sum over the row tiles I = s, s + SPLIT, ... of G_IJ^T q_I (ref
+        mode), S_IJ recomputed in the forward's orientation, plus the lp norms' share."""
+        ACC: tl.constexpr = st_ptr.dtype.element_ty
+        cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < M
+        out_ptr += tl.program_id(1).to(tl.int64) * split_o
+        lr = tl.load(lr_ptr + cols, mask=cmask, other=0)
+        nr = _load_or_zeros(nr_ptr, cols, cmask, LP, BLOCK_N, ACC)
+        ps, psh, pwo, pws, ns, nsh, nwo, nws, eps, tiny = _pair_consts(
+            k_ps, k_psh, k_pwo, k_pws, k_ns, k_nsh, k_nwo, k_nws, k_eps, k_tiny, ACC)
+        acc = tl.zeros([BLOCK_N, BLOCK_G], ACC)
+        gsum = tl.zeros([BLOCK_N], ACC)
+        for m0 in range(tl.program_id(1) * BLOCK_M, N, tl.num_programs(1) * BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+            rmask = rows < N
+            lq, ex, nq = _pair_side(lq_ptr, ex_ptr, nq_ptr, rows, rmask, EXCL, LP, BLOCK_M, ACC)
+            glp, gln, gsp, gsn, gx, lsp, lsn, mnp, mxn = _load_row_stats(st_ptr, rows, rmask, N)
+            same, pos, neg = _pair_sets(lq, lr, ex, rows, cols, rmask, cmask, EXCL)
+            v = _pair_v(q_ptr, r_ptr, rows, cols, rmask, cmask, nq, nr, D, stride_q, stride_r,
+                        LP, PREC, BLOCK_D, BLOCK_M, BLOCK_N, ACC)
+            u = _mining_u(v, LP)
+            xp, xn, db_p, db_n = _pair_dterms(v, ps, psh, pwo, pws, ns, nsh, nwo, nws, POS_HINGE, NEG_HINGE, LP)
+            kp, kn = _mined(pos, neg, u, mnp[:, None], mxn[:, None], eps, MINE)
+            g = _pair_grad(kp, kn, xp, xn, db_p, db_n, glp[:, None], gln[:, None],
+                           gsp[:, None], gsn[:, None], gx[:, None], lsp[:, None], lsn[:, None], tiny,
+                           POS_LSE, POS_SUM, NEG_LSE, NEG_SUM, NTX)
+            if LP:
+                gsum += tl.sum(g, axis=0)
+            acc = _acc_grad(acc, tl.trans(g), q_ptr, rows, rmask, stride_q, out_ptr, cols, cmask, D,
+                            BLOCK_G, ONE_CHUNK, GPREC)
+        _finish_grad(acc, gsum, r_ptr, cols, cmask, stride_r, out_ptr, D, LP, BLOCK_G, ONE_CHUNK)
+
+    # ===================================================================== class engine: kernels
+    @triton.jit
+    def _tile_cols(c0, C, K, KP: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Lanes of a class tile: (w row of each lane [BLOCK_C*KP] int64, lane valid); lane j is
+        center k = j % KP of class c0 + j // KP."""
+        j = tl.arange(0, BLOCK_C * KP)
+        k = j % KP
+        cls = c0 + j // KP
+        return cls.to(tl.int64) * K + k, (cls < C) & (k < K)
+
+    @triton.jit
+    def _class_tile(q_ptr, w_ptr, rows, row_ok, c0, C, D, K, ig,
+                    POOL: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                    BLOCK_D: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+        """(s3, p, S) of the tile rows x classes c0..: S [BLOCK_N, BLOCK_C] the pooled similarity
+        (SoftTriple: sum_k softmax_k(s * inv_gamma) s over the KP lanes of a class, padded lanes
+        -inf -> p = 0) or s itself (KP = 1); s3, p [BLOCK_N, BLOCK_C, KP] (dummies without POOL)."""
+        w_rows, col_ok = _tile_cols(c0, C, K, KP, BLOCK_C)
+        s = _s_tile(q_ptr, w_ptr, rows, w_rows, row_ok, col_ok, D, D, D,
+                    BLOCK_N, BLOCK_C * KP, BLOCK_D, PREC, ACC)
+        if POOL:
+            s3 = tl.reshape(s, [BLOCK_N, BLOCK_C, KP])
+            k_ok = (tl.arange(0, KP) < K)[None, None, :]
+            x = tl.where(k_ok, s3 * ig, _NEG_INF)
+            e = tl.exp(x - tl.max(x, axis=2)[:, :, None])
+            p = e * (1.0 / tl.sum(e, axis=2))[:, :, None]
+            S_ = tl.sum(p * s3, axis=2)
+        else:
+            s3 = s
+            p = s
+            S_ = s
+        return s3, p, S_
+
+    @triton.jit
+    def _class_fwd_rows_kernel(q_ptr, w_ptr, y_ptr, out_ptr, N, C, D, K, split_o,
+                               k_rs: tl.float64, k_rsh: tl.float64, k_rwo: tl.float64, k_rws: tl.float64,
+                               k_ig: tl.float64,
+                               ROW_LSE: tl.constexpr, POOL: tl.constexpr, KP: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                               PREC: tl.constexpr):
+        """Program (row block, split s): class tiles s, s + SPLIT, ...; writes its partial rows
+        (lse over c != y_i of the row term, target_sim) to slice s of out [SPLIT, 2, N]."""
+        ACC: tl.constexpr = out_ptr.dtype.element_ty
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
+        rs, rsh, rwo, rws, ig = _c(k_rs, ACC), _c(k_rsh, ACC), _c(k_rwo, ACC), _c(k_rws, ACC), _c(k_ig, ACC)
+        m = tl.full([BLOCK_N], _NEG_INF, ACC)
+        l = tl.zeros([BLOCK_N], ACC)
+        t = tl.zeros([BLOCK_N], ACC)
+        for c0 in range(tl.program_id(1) * BLOCK_C, C, tl.num_programs(1) * BLOCK_C):
+            _s3, _p, S_ = _class_tile(q_ptr, w_ptr, rows, row_ok, c0, C, D, K, ig,
+                                      POOL, KP, BLOCK_N, BLOCK_C, BLOCK_D, PREC, ACC)
+            cls = c0 + tl.arange(0, BLOCK_C)
+            valid = row_ok[:, None] & (cls < C)[None, :]
+            tg = (y[:, None] == cls[None, :]) & valid
+            if ROW_LSE:
+                x, _dx = _term(S_, rs, rsh, rwo, rws, False)
+                m, l = _lse_fold(m, l, x, valid & ~tg, 1)
+            t += tl.sum(tl.where(tg, S_, 0.0), axis=1)
+        ob = out_ptr + tl.program_id(1).to(tl.int64) * split_o + rows
+        tl.store(ob, _lse_value(m, l), mask=row_ok)
+        tl.store(ob + N, t, mask=row_ok)
+
+    @triton.jit
+    def _class_fwd_cols_kernel(q_ptr, w_ptr, y_ptr, out_ptr, rows_ptr, N, C, D, split_o,
+                               k_ps: tl.float64, k_psh: tl.float64, k_pwo: tl.float64, k_pws: tl.float64,
+                               k_ns: tl.float64, k_nsh: tl.float64, k_nwo: tl.float64, k_nws: tl.float64,
+                               COL_POS: tl.constexpr, COL_NEG: tl.constexpr, WRITE_TSIM: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                               PREC: tl.constexpr):
+        """Program (class tile, split s), K = 1: row blocks s, s + SPLIT, ...; writes its partial
+        column LSEs (pos: rows of the class, neg: the others) to slice s of out [SPLIT, 2, C]. With
+        WRITE_TSIM also target_sim_i of the rows whose class is in the tile (one writer per row)."""
+        ACC: tl.constexpr = out_ptr.dtype.element_ty
+        c0 = tl.program_id(0) * BLOCK_C
+        cls = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cls < C
+        ps, psh, pwo, pws = _c(k_ps, ACC), _c(k_psh, ACC), _c(k_pwo, ACC), _c(k_pws, ACC)
+        ns, nsh, nwo, nws = _c(k_ns, ACC), _c(k_nsh, ACC), _c(k_nwo, ACC), _c(k_nws, ACC)
+        mp = tl.full([BLOCK_C], _NEG_INF, ACC)
+        lp = tl.zeros([BLOCK_C], ACC)
+        mn = tl.full([BLOCK_C], _NEG_INF, ACC)
+        ln = tl.zeros([BLOCK_C], ACC)
+        for r0 in range(tl.program_id(1) * BLOCK_N, N, tl.num_programs(1) * BLOCK_N):
+            rows = r0 + tl.arange(0, BLOCK_N).to(tl.int64)
+            row_ok = rows < N
+            y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
+            _s3, _p, s = _class_tile(q_ptr, w_ptr, rows, row_ok, c0, C, D, 1, 0.0,
+                                     False, 1, BLOCK_N, BLOCK_C, BLOCK_D, PREC, ACC)
+            valid = row_ok[:, None] & col_ok[None, :]
+            tg = (y[:, None] == cls[None, :]) & valid
+            if COL_POS:
+                xp, _dp = _term(s, ps, psh, pwo, pws, False)
+                mp, lp = _lse_fold(mp, lp, xp, tg, 0)
+            if COL_NEG:
+                xn, _dn = _term(s, ns, nsh, nwo, nws, False)
+                mn, ln = _lse_fold(mn, ln, xn, valid & ~tg, 0)
+            if WRITE_TSIM:
+                mine = row_ok & (y >= c0) & (y < c0 + BLOCK_C) & (y < C)
+                tl.store(rows_ptr + N + rows, tl.sum(tl.where(tg, s, 0.0), axis=1), mask=mine)
+        ob = out_ptr + tl.program_id(1).to(tl.int64) * split_o + cls
+        tl.store(ob, _lse_value(mp, lp), mask=col_ok)
+        tl.store(ob + C, _lse_value(mn, ln), mask=col_ok)
+
+    @triton.jit
+    def _class_grad_tile(q_ptr, w_ptr, y_ptr, rst_ptr, cst_ptr, rows, row_ok, c0, N, C, D, K,
+                         rs, rsh, rwo, rws, ps, psh, pwo, pws, ns, nsh, nwo, nws, ig,
+                         ROW_LSE: tl.constexpr, COL_POS: tl.constexpr, COL_NEG: tl.constexpr,
+                         POOL: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                         ACC: tl.constexpr):
+        """gs = dL/ds of one recomputed tile, [BLOCK_N, BLOCK_C*KP] in ACC (ops/README.md,
+        kernels_isa.inc class_grad): row stats rst [3, N] = grad lse_other, grad target_sim,
+        lse_other; column stats cst [4, C] = grad col_lse_pos, grad col_lse_neg, col_lse_pos, col_lse_neg."""
+        s3, p, S_ = _class_tile(q_ptr, w_ptr, rows, row_ok, c0, C, D, K, ig,
+                                POOL, KP, BLOCK_N, BLOCK_C, BLOCK_D, PREC, ACC)
+        cls = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cls < C
+        y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
+        valid = row_ok[:, None] & col_ok[None, :]
+        tg = (y[:, None] == cls[None, :]) & valid
+        other = valid & ~tg
+        G = tl.zeros([BLOCK_N, BLOCK_C], ACC)
+        if ROW_LSE:
+            g_row = tl.load(rst_ptr + rows, mask=row_ok, other=0.0)
+            lse = tl.load(rst_ptr + 2 * N + rows, mask=row_ok, other=0.0)
+            x, dx = _term(S_, rs, rsh, rwo, rws, False)
+            e = tl.exp(tl.where(other, x - lse[:, None], _NEG_INF))
+            G = tl.where(other, (g_row[:, None] * e) * dx, 0.0)
+        if COL_POS:
+            g_cp = tl.load(cst_ptr + cls, mask=col_ok, other=0.0)
+            l_cp = tl.load(cst_ptr + 2 * C + cls, mask=col_ok, other=0.0)
+            x, dx = _term(S_, ps, psh, pwo, pws, False)
+            e = tl.exp(tl.where(tg, x - l_cp[None, :], _NEG_INF))
+            G = tl.where(tg, G + (g_cp[None, :] * e) * dx, G)
+        if COL_NEG:
+            g_cn = tl.load(cst_ptr + C + cls, mask=col_ok, other=0.0)
+            l_cn = tl.load(cst_ptr + 3 * C + cls, mask=col_ok, other=0.0)
+            x, dx = _term(S_, ns, nsh, nwo, nws, False)
+            e = tl.exp(tl.where(other, x - l_cn[None, :], _NEG_INF))
+            G = tl.where(other, G + (g_cn[None, :] * e) * dx, G)
+        g_ts = tl.load(rst_ptr + N + rows, mask=row_ok, other=0.0)
+        G = G + tl.where(tg, g_ts[:, None], 0.0)
+        if POOL:  # dS/ds_k = p_k (1 + (s_k - S) inv_gamma)
+            gs3 = (G[:, :, None] * p) * (1.0 + (s3 - S_[:, :, None]) * ig)
+            gs = tl.reshape(gs3, [BLOCK_N, BLOCK_C * KP])
+        else:
+            gs = G
+        return gs
+
+    @triton.jit
+    def _class_bwd_rows_kernel(q_ptr, w_ptr, y_ptr, rst_ptr, cst_ptr, out_ptr, N, C, D, K, split_o,
+                               k_rs: tl.float64, k_rsh: tl.float64, k_rwo: tl.float64, k_rws: tl.float64,
+                               k_ps: tl.float64, k_psh: tl.float64, k_pwo: tl.float64, k_pws: tl.float64,
+                               k_ns: tl.float64, k_nsh: tl.float64, k_nwo: tl.float64, k_nws: tl.float64,
+                               k_ig: tl.float64,
+                               ROW_LSE: tl.constexpr, COL_POS: tl.constexpr, COL_NEG: tl.constexpr,
+                               POOL: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+                               ONE_CHUNK: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr):
+        """grad_q[rows] (slice s) = sum over the class tiles s, s + SPLIT, ... of gs @ w_tile."""
+        ACC: tl.constexpr = rst_ptr.dtype.element_ty
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        out_ptr += tl.program_id(1).to(tl.int64) * split_o
+        rs, rsh, rwo, rws = _c(k_rs, ACC), _c(k_rsh, ACC), _c(k_rwo, ACC), _c(k_rws, ACC)
+        ps, psh, pwo, pws = _c(k_ps, ACC), _c(k_psh, ACC), _c(k_pwo, ACC), _c(k_pws, ACC)
+        ns, nsh, nwo, nws = _c(k_ns, ACC), _c(k_nsh, ACC), _c(k_nwo, ACC), _c(k_nws, ACC)
+        ig = _c(k_ig, ACC)
+        acc = tl.zeros([BLOCK_N, BLOCK_G], ACC)
+        for c0 in range(tl.program_id(1) * BLOCK_C, C, tl.num_programs(1) * BLOCK_C):
+            gs = _class_grad_tile(q_ptr, w_ptr, y_ptr, rst_ptr, cst_ptr, rows, row_ok, c0, N, C, D, K,
+                                  rs, rsh, rwo, rws, ps, psh, pwo, pws, ns, nsh, nwo, nws, ig,
+                                  ROW_LSE, COL_POS, COL_NEG, POOL, KP, BLOCK_N, BLOCK_C, BLOCK_D, PREC, ACC)
+            w_rows, col_ok = _tile_cols(c0, C, K, KP, BLOCK_C)
+            acc = _acc_grad(acc, gs, w_ptr, w_rows, col_ok, D, out_ptr, rows, row_ok, D,
+                            BLOCK_G, ONE_CHUNK, GPREC)
+        _finish_grad(acc, acc, q_ptr, rows, row_ok, D, out_ptr, D, False, BLOCK_G, ONE_CHUNK)
+
+    @triton.jit
+    def _class_bwd_cols_kernel(q_ptr, w_ptr, y_ptr, rst_ptr, cst_ptr, out_ptr, N, C, D, K, split_o,
+                               k_rs: tl.float64, k_rsh: tl.float64, k_rwo: tl.float64, k_rws: tl.float64,
+                               k_ps: tl.float64, k_psh: tl.float64, k_pwo: tl.float64, k_pws: tl.float64,
+                               k_ns: tl.float64, k_nsh: tl.float64, k_nwo: tl.float64, k_nws: tl.float64,
+                               k_ig: tl.float64,
+                               ROW_LSE: tl.constexpr, COL_POS: tl.constexpr, COL_NEG: tl.constexpr,
+                               POOL: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+                               ONE_CHUNK: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr):
+        """grad_w[tile] (slice s) = sum over the row blocks s, s + SPLIT, ... of gs^T @ q_rows."""
+        ACC: tl.constexpr = rst_ptr.dtype.element_ty
+        c0 = tl.program_id(0) * BLOCK_C
+        out_ptr += tl.program_id(1).to(tl.int64) * split_o
+        rs, rsh, rwo, rws = _c(k_rs, ACC), _c(k_rsh, ACC), _c(k_rwo, ACC), _c(k_rws, ACC)
+        ps, psh, pwo, pws = _c(k_ps, ACC), _c(k_psh, ACC), _c(k_pwo, ACC), _c(k_pws, ACC)
+        ns, nsh, nwo, nws = _c(k_ns, ACC), _c(k_nsh, ACC), _c(k_nwo, ACC), _c(k_nws, ACC)
+        ig = _c(k_ig, ACC)
+        w_rows, col_ok = _tile_cols(c0, C, K, KP, BLOCK_C)
+        acc = tl.zeros([BLOCK_C * KP, BLOCK_G], ACC)
+        for r0 in range(tl.program_id(1) * BLOCK_N, N, tl.num_programs(1) * BLOCK_N):
+            rows = r0 + tl.arange(0, BLOCK_N).to(tl.int64)
+            row_ok = rows < N
+            gs = _class_grad_tile(q_ptr, w_ptr, y_ptr, rst_ptr, cst_ptr, rows, row_ok, c0, N, C, D, K,
+                                  rs, rsh, rwo, rws, ps, psh, pwo, pws, ns, nsh, nwo, nws, ig,
+                                  ROW_LSE, COL_POS, COL_NEG, POOL, KP, BLOCK_N, BLOCK_C, BLOCK_D, PREC, ACC)
+            acc = _acc_grad(acc, tl.trans(gs), q_ptr, rows, row_ok, D, out_ptr, w_rows, col_ok, D,
+                            BLOCK_G, ONE_CHUNK, GPREC)
+        _finish_grad(acc, acc, w_ptr, w_rows, col_ok, D, out_ptr, D, False, BLOCK_G, ONE_CHUNK)
+
+    # =============================================================================== configs
+    # Autotuning varies only tile sizes / warps / stages of the pair kernels: never BLOCK_D or the
+    # dot orientation, so an S element is summed identically in every kernel and every config. All
+    # GPU configs use tiles >= 64 x 64 and 8 warps (the same tensor-core instruction family). Offline
+    # ptxas (sm_90, no GPU here) at 4 warps spilled 0.2-1.7 KB (forward / self-mode row pass) and
+    # more at 64 x 128; at 64 x 64 with 8 warps the forward does not spill and the row pass ~160 B.
+    # Untuned starting points: no GPU was available to time them.
+    def _cfg(bm, bn, warps, stages):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+    if INTERPRETED:  # numpy per block op: small tiles so that small tests cross several tiles
+        _FWD_CONFIGS = [_cfg(32, 32, 4, 1)]
+        _BWD_CONFIGS = [_cfg(32, 32, 4, 1)]
+    else:
+        _FWD_CONFIGS = [_cfg(64, 64, 8, 3), _cfg(64, 64, 8, 4), _cfg(128, 64, 8, 3), _cfg(64, 128, 8, 3)]
+        _BWD_CONFIGS = [_cfg(64, 64, 8, 2), _cfg(64, 64, 8, 3)]
+    _KEY = ["N", "M", "D"]
+    _pair_fwd = triton.autotune(configs=_FWD_CONFIGS, key=_KEY)(_pair_fwd_kernel)
+    # the chunked gradient form adds into its output: reset between the autotuner's trial runs
+    _pair_bwd_rows = triton.autotune(configs=_BWD_CONFIGS, key=_KEY, reset_to_zero=["out_ptr"])(
+        _pair_bwd_rows_kernel)
+    _pair_bwd_cols = triton.autotune(configs=_BWD_CONFIGS, key=_KEY, reset_to_zero=["out_ptr"])(
+        _pair_bwd_cols_kernel)
+
+    def _class_blocks(N, C, K, dtype):
+        """Class engine tiles: a function of the shapes and dtype only, the same in every pass. A tile
+        is BLOCK_C classes x KP lanes; every tl.dot dimension stays >= 16. 8 warps on GPU (with 4,
+        ptxas spilled in the backward kernels at these tiles). Untuned (no GPU was available)."""
+        N, C, K = int(N), int(C), int(K)
+        KP = triton.next_power_of_2(K)
+        block_n, lanes = (32, 32) if INTERPRETED else (64, 64)
+        block_n = max(16, min(block_n, triton.next_power_of_2(max(N, 1))))
+        block_c = max(1, lanes // KP)
+        block_c = max(min(block_c, triton.next_power_of_2(max(C, 1))), -(-16 // KP))
+        return dict(KP=KP, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d(dtype), num_warps=8)
+
+    # ================================================================================ op bodies
+    def _pair_operands(q, r, labels_q, labels_r, exclude_col, LP, A):
+        """(q, r, labels_q, labels_r, exclude_col or dummy, EXCL, |q|^2, |r|^2 or dummies)."""
+        q = q.contiguous()
+        labels_q = labels_q.contiguous()
+        if r is None:
+            r, labels_r, ex, excl = q, labels_q, labels_q, 1
+        else:
+            r, labels_r = r.contiguous(), labels_r.contiguous()
+            ex, excl = (exclude_col.contiguous(), 2) if exclude_col is not None else (labels_q, 0)
+        if LP:  # squared norms in A (the same call in every pass: the same bits)
+            nq = q.to(A).square().sum(1)
+            nr = nq if r is q else r.to(A).square().sum(1)
+        else:
+            nq = nr = q
+        return q, r, labels_q, labels_r, ex, excl, nq, nr
+
+    def _pair_forward(q, r, labels_q, labels_r, exclude_col, terms, flags):
+        _check_pair(q, r, labels_q, labels_r, exclude_col, terms, flags)
+        sw = _pair_switches(flags)
+        A = stat_dtype(q.dtype)
+        N, D = q.shape
+        q, r_, lq, lr, ex, excl, nq, nr = _pair_operands(q, r, labels_q, labels_r, exclude_col, sw["LP"], A)
+        M = r_.shape[0]
+        dev = q.device
+        if N == 0:
+            return (torch.empty((5, 0), dtype=A, device=dev), torch.empty((4, 0), dtype=torch.int32, device=dev),
+                    torch.empty((3, 0), dtype=A, device=dev))
+        consts = tuple(float(t) for t in terms) + (float(torch.finfo(A).tiny),)
+        splits = _splits(triton.cdiv(N, _MIN_TILE), triton.cdiv(M, _MIN_TILE), dev)
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), splits)  # noqa: E731
+        meta = dict(EXCL=excl, PREC=dot_precision(q.dtype), BLOCK_D=block_d(q.dtype), **sw)
+        operands = (q, r_, lq, lr, ex, nq, nr)
+        dims = (N, M, D, q.stride(0), r_.stride(0))
+        if splits == 1:  # one launch: every walk in each program, the final statistics
+            values = torch.empty((5, N), dtype=A, device=dev)
+            counts = torch.empty((4, N), dtype=torch.int32, device=dev)
+            aux = torch.empty((3, N), dtype=A, device=dev)
+            _launch(_pair_fwd)[grid](*operands, values, values, values, counts, aux, *dims, 0, 0, 0, *consts,
+                                     WALK_THRESH=sw["MINE"], WALK_MAIN=True, WALK_NTX=sw["NTX"], **meta)
+            return values, counts, aux
+        # split walks: one launch per walk, partial statistics [splits, k, N] combined in a fixed order
+        pv = torch.empty((splits, 5, N), dtype=A, device=dev)
+        pc = torch.empty((splits, 4, N), dtype=torch.int32, device=dev)
+        pa = torch.empty((splits, 3, N), dtype=A, device=dev)
+        part = (pv, pc, pa, *dims, 5 * N, 4 * N, 3 * N, *consts)
+        thr = pa  # unread without MINE
+        if sw["MINE"]:
+            _launch(_pair_fwd)[grid](*operands, pa, pa, *part, WALK_THRESH=True, WALK_MAIN=False,
+                                     WALK_NTX=False, **meta)
+            thr = torch.stack([pa[:, 0].amin(0), pa[:, 1].amax(0)])
+        _launch(_pair_fwd)[grid](*operands, thr, pa, *part, WALK_THRESH=False, WALK_MAIN=True,
+                                 WALK_NTX=False, **meta)
+        lse = torch.logsumexp(pv[:, 0:2], dim=0)
+        if sw["NTX"]:
+            _launch(_pair_fwd)[grid](*operands, thr, lse[1].contiguous(), *part, WALK_THRESH=False,
+                                     WALK_MAIN=False, WALK_NTX=True, **meta)
+        values = torch.cat([lse, pv[:, 2:5].sum(0)])
+        counts = pc.sum(0, dtype=torch.int32)
+        aux = torch.cat([pa[:, 0:1].amin(0), pa[:, 1:2].amax(0), pa[:, 2:3].sum(0)])
+        return values, counts, aux
+
+    def _grad_pass(kernel, x, own, splits, owned_blocks, A, before, dims, consts, meta):
+        """Launch a gradient pass of either engine: its programs own `own` rows of the output (shaped
+        like x; owned_blocks(meta) row blocks of them) and walk the other side split over `splits`
+        programs. SPLIT = 1 with a register accumulator stores the gradient in x's dtype directly;
+        else one partial in A per split (zeroed for the chunked form, which adds into it), summed
+        here in split order."""
+        D = x.shape[1]
+        dev = x.device
+        block_g, one_chunk = _block_g(D, x.dtype)
+        if splits == 1 and one_chunk:
+            out = torch.empty((own, D), dtype=x.dtype, device=dev)
+        elif one_chunk:
+            out = torch.empty((splits, own, D), dtype=A, device=dev)
+        else:
+            out = torch.zeros((splits, own, D), dtype=A, device=dev)
+        grid = lambda m: (owned_blocks(m), splits)  # noqa: E731
+        _launch(kernel)[grid](*before, out, *dims, own * D, *consts, BLOCK_G=block_g, ONE_CHUNK=one_chunk,
+                              GPREC=grad_dot_precision(x.dtype), **meta)
+        if out.dim() == 2:
+            return out
+        return (out[0] if splits == 1 else out.sum(0)).to(x.dtype)
+
+    def _pair_backward(grad_values, q, r, labels_q, labels_r, exclude_col, values, aux, terms, flags,
+                       need_grad_r):
+        _check_pair(q, r, labels_q, labels_r, exclude_col, terms, flags)
+        sw = _pair_switches(flags)
+        A = stat_dtype(q.dtype)
+        N = q.shape[0]
+        gv = _stats(grad_values, 5, N, A, "pair_engine_backward (triton): grad_values")
+        vals = _stats(values, 5, N, A, "pair_engine_backward (triton): values")
+        ax = _stats(aux, 3, N, A, "pair_engine_backward (triton): aux")
+        self_mode = r is None
+        q_, r_, lq, lr, ex, excl, nq, nr = _pair_operands(q, r, labels_q, labels_r, exclude_col, sw["LP"], A)
+        M = r_.shape[0]
+        # NTXent: d(pair terms)/d(lse_neg) joins the gradient of lse_neg
+        g_lse_neg = gv[1] + gv[4] * ax[2] if sw["NTX"] else gv[1]
+        st = torch.stack([gv[0], g_lse_neg, gv[2], gv[3], gv[4], vals[0], vals[1], ax[0], ax[1]]).contiguous()
+        consts = tuple(float(t) for t in terms) + (float(torch.finfo(A).tiny),)
+        meta = dict(EXCL=excl, PREC=dot_precision(q.dtype), BLOCK_D=block_d(q.dtype), **sw)
+        meta.pop("EAM")
+        operands = (q_, r_, lq, lr, ex, nq, nr, st)
+        dims = (N, M, q.shape[1], q_.stride(0), r_.stride(0))
+        if N == 0 or q.shape[1] == 0:
+            grad_q = torch.zeros_like(q)
+        else:
+            splits = _splits(triton.cdiv(N, _MIN_TILE), triton.cdiv(M, _MIN_TILE), q.device)
+            grad_q = _grad_pass(_pair_bwd_rows, q_, N, splits, lambda m: triton.cdiv(N, m["BLOCK_M"]), A,
+                                operands, dims, consts, dict(meta, SELF=self_mode))
+        if self_mode or not need_grad_r:
+            return grad_q, q.new_empty((0,))
+        if M == 0 or q.shape[1] == 0:
+            return grad_q, torch.zeros_like(r_)
+        splits = _splits(triton.cdiv(M, _MIN_TILE), triton.cdiv(N, _MIN_TILE), q.device)
+        grad_r = _grad_pass(_pair_bwd_cols, r_, M, splits, lambda m: triton.cdiv(M, m["BLOCK_N"]), A,
+                            operands, dims, consts, meta)
+        return grad_q, grad_r
+
+    def _class_forward(q, w, labels, centers_per_class, terms, flags):
+        K = int(centers_per_class)
+        _check_class(q, w, labels, K, terms, flags)
+        sw = _class_switches(flags)
+        A = stat_dtype(q.dtype)
+        q, w, labels = q.contiguous(), w.contiguous(), labels.contiguous()
+        N, D = q.shape
+        C = w.shape[0] // K
+        dev = q.device
+        t = [float(x) for x in terms]
+        columns = sw["COL_POS"] or sw["COL_NEG"]
+        blocks = _class_blocks(N, C, K, q.dtype)
+        prec = dot_precision(q.dtype)
+        if N == 0 or C == 0:
+            rows = torch.full((2, N), float("-inf"), dtype=A, device=dev)
+            rows[1].zero_()
+            return rows, torch.full((2, C), float("-inf"), dtype=A, device=dev)
+        row_blocks, class_tiles = triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(C, blocks["BLOCK_C"])
+        if sw["ROW_LSE"] or not columns:
+            splits = _splits(row_blocks, class_tiles, dev)
+            part = torch.empty((splits, 2, N), dtype=A, device=dev) if splits > 1 else \
+                torch.empty((2, N), dtype=A, device=dev)
+            _launch(_class_fwd_rows_kernel)[(row_blocks, splits)](
+                q, w, labels, part, N, C, D, K, 2 * N, *t[0:4], t[12], ROW_LSE=sw["ROW_LSE"],
+                POOL=K > 1, PREC=prec, **blocks)
+            rows = part if splits == 1 else torch.stack([torch.logsumexp(part[:, 0], 0), part[:, 1].sum(0)])
+        else:  # target_sim comes from the column kernel
+            rows = torch.empty((2, N), dtype=A, device=dev)
+            rows[0].fill_(float("-inf"))
+            rows[1].zero_()
+        if not columns:
+            return rows, torch.full((2, C), float("-inf"), dtype=A, device=dev)
+        cblocks = dict(blocks)
+        cblocks.pop("KP")  # K = 1
+        splits = _splits(class_tiles, row_blocks, dev)
+        part = torch.empty((splits, 2, C), dtype=A, device=dev) if splits > 1 else \
+            torch.empty((2, C), dtype=A, device=dev)
+        _launch(_class_fwd_cols_kernel)[(class_tiles, splits)](
+            q, w, labels, part, rows, N, C, D, 2 * C, *t[4:12], COL_POS=sw["COL_POS"], COL_NEG=sw["COL_NEG"],
+            WRITE_TSIM=not sw["ROW_LSE"], PREC=prec, **cblocks)
+        cols = part if splits == 1 else torch.logsumexp(part, 0)
+        return rows, cols
+
+    def _class_backward(grad_rows, grad_cols, q, w, labels, rows, cols, centers_per_class, terms, flags,
+                        need_grad_w):
+        K = int(centers_per_class)
+        _check_class(q, w, labels, K, terms, flags)
+        sw = _class_switches(flags)
+        A = stat_dtype(q.dtype)
+        q, w, labels = q.contiguous(), w.contiguous(), labels.contiguous()
+        N, D = q.shape
+        C = w.shape[0] // K
+        gr = _stats(grad_rows, 2, N, A, "class_engine_backward (triton): grad_rows")
+        gc = _stats(grad_cols, 2, C, A, "class_engine_backward (triton): grad_cols")
+        rv = _stats(rows, 2, N, A, "class_engine_backward (triton): rows")
+        cv = _stats(cols, 2, C, A, "class_engine_backward (triton): cols")
+        rst = torch.cat([gr, rv[0:1]]).contiguous()  # grad lse_other, grad target_sim, lse_other
+        cst = torch.cat([gc, cv]).contiguous()       # grad col lse pos / neg, col lse pos / neg
+        t = [float(x) for x in terms]
+        blocks = _class_blocks(N, C, K, q.dtype)
+        meta = dict(PREC=dot_precision(q.dtype), POOL=K > 1, **sw, **blocks)
+        operands = (q, w, labels, rst, cst)
+        dims = (N, C, D, K)
+        if N == 0 or C == 0 or D == 0:
+            return torch.zeros_like(q), (torch.zeros_like(w) if need_grad_w else q.new_empty((0,)))
+        row_blocks, class_tiles = triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(C, blocks["BLOCK_C"])
+        splits = _splits(row_blocks, class_tiles, q.device)
+        grad_q = _grad_pass(_class_bwd_rows_kernel, q, N, splits, lambda m: row_blocks, A, operands, dims, t, meta)
+        if not need_grad_w:
+            return grad_q, q.new_empty((0,))
+        splits = _splits(class_tiles, row_blocks, q.device)
+        grad_w = _grad_pass(_class_bwd_cols_kernel, w, w.shape[0], splits, lambda m: class_tiles, A, operands,
+                            dims, t, meta)
+        return grad_q, grad_w
+
+    # ============================================================================= registration
+    def _register():
+        impls = {"pair_engine_forward": (_pair_forward, engines.pair_fake_forward),
+                 "pair_engine_backward": (_pair_backward, engines.pair_fake_backward),
+                 "class_engine_forward": (_class_forward, engines.class_fake_forward),
+                 "class_engine_backward": (_class_backward, engines.class_fake_backward)}
+        for name, (impl, fake) in impls.items():
+            qualname = f"fused_pairloss::triton_{name}"
+            if _USE_TRITON_OP:
+                op = torch.library.triton_op(qualname, impl, mutates_args=(), schema=SCHEMAS[name])
+            else:
+                op = torch.library.custom_op(qualname, impl, mutates_args=(), schema=SCHEMAS[name])
+                op.register_fake(fake)
+            _OPS[name] = op
+        engines.PAIR.register_triton(_OPS["pair_engine_forward"], _OPS["pair_engine_backward"])
+        engines.CLASS.register_triton(_OPS["class_engine_forward"], _OPS["class_engine_backward"])
+
+    _register()
+    AVAILABLE = True
