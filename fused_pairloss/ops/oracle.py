@@ -29,7 +29,7 @@ def _lp(s, nq, nr):
     value is the correctly rounded square root (numpy's; torch's CPU sqrt can be 1 ulp off), so that
     on exact inputs the oracle's distances are the kernels' bit for bit."""
     d2 = torch.clamp_min(nq[:, None] + nr[None, :] - 2 * s, 0)
-    pos = d2 > 0
+    pos = (d2 > 0) | torch.isnan(d2)  # NaN passes through, as in the kernels
     d2_safe = torch.where(pos, d2, torch.ones_like(d2))
     root = torch.sqrt(d2_safe)
     exact = torch.from_numpy(np.sqrt(d2_safe.detach().cpu().numpy())).to(root.device)
@@ -40,6 +40,8 @@ def _lp(s, nq, nr):
 def _masked_lse(x, mask, dim):
     """log-sum-exp of x over mask along dim: -inf (and no gradient) where the mask is empty, NaN
     where a masked x is NaN."""
+    if x.shape[dim] == 0:
+        return torch.full(x.shape[:dim] + x.shape[dim + 1:], NEG_INF, dtype=x.dtype, device=x.device)
     m = torch.where(mask, x, NEG_INF).amax(dim=dim, keepdim=True).detach()
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     # exp of the masked entries only: an unmasked exp that overflows would make the gradient NaN
@@ -153,7 +155,7 @@ def _class_values(q, w, labels, K, cs: S.ClassLossSpec, inv_gamma):
     rows = torch.full((n,), NEG_INF, dtype=A, device=q.device)
     if cs.row is not None:
         rows = _masked_lse(_term(cs.row, S_), ~target, 1)
-    target_sim = (S_ * target).sum(1)
+    target_sim = S_.gather(1, labels[:, None]).squeeze(1)
     cols = []
     for term, mask in ((cs.col_pos, target), (cs.col_neg, ~target)):
         if term is None:

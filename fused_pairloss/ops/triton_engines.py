@@ -325,12 +325,13 @@ if _IMPORTED:
     @triton.jit
     def _term(v, scale, shift, w_off, w_slope, HINGE: tl.constexpr):
         """(x, dx/dv) of a pair term (loss_spec.h): x = (scale * w(v)) * (v - shift), w(v) =
-        relu(w_off + w_slope v) detached; hinge: relu(x), and dx/dv = 0 where x <= 0."""
+        relu(w_off + w_slope v) detached; hinge: relu(x), and dx/dv = 0 where x <= 0 (NaN passes,
+        as torch's relu backward)."""
         d = scale * _relu_nan(w_off + w_slope * v)
         x = d * (v - shift)
         if HINGE:
             x = _relu_nan(x)
-            d = tl.where(x > 0, d, 0.0)
+            d = tl.where(x <= 0, 0.0, d)
         return x, d
 
     @triton.jit
