@@ -49,8 +49,8 @@
 #   BENCH_ARGS        extra bench/run.py arguments for the three bench steps (e.g. "--loss ms circle")
 #   PYTEST_ARGS       extra pytest arguments for the test steps
 #   PYTHON            interpreter (default python3; dry run: .venv/bin/python if there)
-#   OUT               where the packed results go (default ./gpu_check_out; dry run: a temp folder)
-#   KEEP_WORK=1       keep the scratch folder (/tmp/gpu_check.*) of a dry run
+#   OUT               where the packed results go (the device tool sets it; default: <scratch>/out)
+#   KEEP_WORK=1       keep the scratch folder (/tmp/gpu_check.*) of a dry run (a real run keeps it)
 # Packages missing there (pytorch-metric-learning: the `pml` provider) can travel as wheels in
 # .whl/ (carry=[".whl"]): they are installed with --no-index into /tmp/site first.
 set -u
@@ -74,9 +74,7 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 LOGS=$WORK/logs
 RES_PARENT=$WORK/res          # holds bench/results/<tag>/ (the repo layout, for results.tgz)
 mkdir -p "$LOGS"
-if [[ -z "${OUT:-}" ]]; then
-  if [[ $DRY == 1 ]]; then OUT=$WORK/out; else OUT=$ROOT/gpu_check_out; fi
-fi
+OUT=${OUT:-$WORK/out}          # the device tool sets OUT; elsewhere the scratch folder
 mkdir -p "$OUT"
 SUMMARY=$WORK/summary.txt
 if [[ $DRY == 1 ]]; then BUDGET=${GPU_CHECK_BUDGET:-400}; else BUDGET=${GPU_CHECK_BUDGET:-450}; fi
@@ -137,7 +135,7 @@ notes_of() {
   # pytest tally ("3 passed, 2 skipped, 100 deselected in 4.2s"), collect-only ("12 tests collected")
   n+=$(grep -aE '[0-9]+ (passed|failed|skipped|deselected|errors?|tests? collected).* in [0-9.]+s' "$log" | tail -1 | sed -E 's/=+//g; s/^ +| +$//g')
   # bench/run.py status counts and loss mismatches
-  n+=$(grep -aE '^\[bench\] (OK|SKIP|ERROR|OOM|TIMEOUT|NOT_RUN)[A-Z_]*: ' "$log" | tail -1 | sed 's/^\[bench\]/ bench/')
+  n+=$(grep -aE '^\[bench\] [A-Z_]+: [0-9]+' "$log" | tail -1 | sed 's/^\[bench\]/ bench/')
   local w; w=$(grep -ac '^\[bench\] WARNING' "$log")
   (( w > 0 )) && n+=" ($w loss mismatches vs reference)"
   # compute-sanitizer and sanitize_small.py
@@ -246,7 +244,10 @@ if [[ $DRY == 1 ]]; then
   SAN_DEV=(--device cpu --dims 37)
   WARM_THREADS=1
 else
-  DEVTAG=$($PY -c 'import torch; print(torch.cuda.get_device_name(0))' 2>/dev/null | sed -E 's/[^A-Za-z0-9]+/-/g; s/^-+|-+$//g')
+  # "<capability> <name>", e.g. "9.0 NVIDIA H200" (bounded: a broken GPU must not hang the round)
+  gpu=$(timeout 60 $PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability(0), torch.cuda.get_device_name(0))' 2>/dev/null)
+  cap=${gpu%% *}
+  DEVTAG=$(echo "${gpu#* }" | sed -E 's/[^A-Za-z0-9]+/-/g; s/^-+|-+$//g')   # = bench/run.py's device tag
   DEVTAG=cuda-${DEVTAG:-unknown}
   DTYPE=bfloat16; D=512
   SWEEP_N=${BENCH_N:-1024 2048 4096 8192 16384}; BIG_N=${BENCH_BIG_N:-65536}
@@ -258,8 +259,7 @@ else
   WARM_THREADS=8
   SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer 2>/dev/null | head -1)
   if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then    # build for this GPU only: faster
-    cap=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability(0))' 2>/dev/null)
-    [[ -n "$cap" ]] && export TORCH_CUDA_ARCH_LIST=$cap
+    [[ $cap =~ ^[0-9]+\.[0-9]+$ ]] && export TORCH_CUDA_ARCH_LIST=$cap
   fi
 fi
 RESDIR=$RES_PARENT/bench/results/$DEVTAG
@@ -273,8 +273,10 @@ BENCH_EXTRA=(${BENCH_ARGS:-})
 # shellcheck disable=SC2206
 PYTEST_EXTRA=(${PYTEST_ARGS:-})
 BENCH=("$PY" bench/run.py "${BENCH_DEV[@]}" --dtype "$DTYPE" --d "$D" --out "$RESDIR" --strict)
+# a dry run draws the plots of the main sweep only (the plots of the other two are the same code)
+NOPLOT=(); [[ $DRY == 1 ]] && NOPLOT=(--no-plots)
 # shellcheck disable=SC2206
-COMPILE_CMD=("${BENCH[@]}" --n $SWEEP_N --provider matmul compile "${COMPILE_LOSS[@]}" --timeout 120 --tag "$TAG_COMPILE" "${BENCH_EXTRA[@]}")
+COMPILE_CMD=("${BENCH[@]}" --n $SWEEP_N --provider matmul compile "${COMPILE_LOSS[@]}" --timeout 120 --tag "$TAG_COMPILE" "${NOPLOT[@]}" "${BENCH_EXTRA[@]}")
 
 # pytest: parallel workers where pytest-xdist is installed (the GPU image has it; a crashed worker
 # takes only its own tests with it), a per-test limit where pytest-timeout is
@@ -287,17 +289,29 @@ if $PY -c 'import pytest_timeout' 2>/dev/null; then
 fi
 
 # ==== 1. env ======================================================================================
+cat > "$WORK/env_probe.py" <<'PYEOF'
+import importlib, sys
+import torch
+print("python", sys.version.split()[0], sys.executable)
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("GPU:", p.name, "sm_%d%d" % (p.major, p.minor), p.multi_processor_count, "SMs",
+          round(p.total_memory / 2**30), "GiB")
+for mod in ("triton", "pytorch_metric_learning", "xdist", "pytest_timeout", "matplotlib", "tqdm"):
+    try:
+        print(mod, getattr(importlib.import_module(mod), "__version__", "?"))
+    except Exception as e:  # noqa: BLE001
+        print(mod, "MISSING", type(e).__name__, "(pytorch_metric_learning: pml points are SKIP)"
+              if mod == "pytorch_metric_learning" else "")
+sys.exit(0 if torch.cuda.is_available() or sys.argv[1:] == ["dry"] else 3)
+PYEOF
 [[ $DRY == 1 ]] && DRYNOTE="no GPU: versions only"
 step env 30 bash -c "uname -a; echo \"kernel: \$(uname -r)\"; nproc; free -g | head -2; df -h /tmp . | tail -2; \
   if command -v nvidia-smi >/dev/null; then nvidia-smi; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem,power.limit --format=csv; else echo 'no nvidia-smi'; fi; \
   command -v nvcc >/dev/null && nvcc --version | tail -2; \
   [[ -n '$SAN' ]] && '$SAN' --version | head -2; \
-  $PY -c 'import sys, torch; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available()); \
-torch.cuda.is_available() and print(\"GPU:\", torch.cuda.get_device_name(0), \"sm_%d%d\" % torch.cuda.get_device_capability(0), torch.cuda.get_device_properties(0).multi_processor_count, \"SMs\")' && \
-  $PY -c 'import triton; print(\"triton\", triton.__version__)'; \
-  $PY -c 'import xdist, pytest_timeout; print(\"pytest-xdist, pytest-timeout: yes\")' 2>/dev/null || echo 'pytest-xdist / pytest-timeout: not both'; \
-  $PY -c 'import pytorch_metric_learning as p; print(\"pml\", p.__version__)' 2>/dev/null || echo 'no pytorch-metric-learning: pml points are SKIP'; \
-  $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() or $DRY else 3)'"
+  $PY $WORK/env_probe.py $([[ $DRY == 1 ]] && echo dry)"
 
 # the compile warm-up starts now, on the cores the build leaves idle (bench_compile reads its caches)
 if want bench_compile; then
@@ -379,7 +393,7 @@ step bench 120 "${BENCH[@]}" --n $SWEEP_N --provider matmul $FUSED reference pml
 want bigmem && warm_stop
 # shellcheck disable=SC2086
 step bigmem 75 "${BENCH[@]}" --n $BIG_N --provider matmul $FUSED reference --repeats 3 --warmup 1 \
-  --timeout 60 --tag "$TAG_BIG" "${BIG_LOSS[@]}" "${BENCH_EXTRA[@]}"
+  --timeout 60 --tag "$TAG_BIG" "${BIG_LOSS[@]}" "${NOPLOT[@]}" "${BENCH_EXTRA[@]}"
 
 # ==== 7. the torch.compile sweep (the warm-up has filled inductor's caches meanwhile) ==============
 warm_stop
