@@ -215,6 +215,7 @@ on_signal() {
   [[ -n $WARM_PID ]] && kill -TERM "$WARM_PID" 2>/dev/null
   record "interrupted at $(elapsed)s"
   pack
+  [[ $DRY == 1 && ${KEEP_WORK:-0} != 1 && $OUT != "$WORK"/* ]] && rm -rf "$WORK"
   exit 1
 }
 trap on_signal TERM INT
@@ -420,5 +421,5 @@ pack
 ls -la "$OUT"
 echo "----- summary.txt"
 cat "$OUT/summary.txt"
-[[ $DRY == 1 && ${KEEP_WORK:-0} != 1 ]] && rm -rf "$WORK"
+[[ $DRY == 1 && ${KEEP_WORK:-0} != 1 && $OUT != "$WORK"/* ]] && rm -rf "$WORK"
 (( ${#FAILED[@]} == 0 ))
