@@ -378,8 +378,9 @@ san_step() {  # san_step NAME LIMIT TOOL SCRIPT ARGS...
     return 0
   fi
   # no caching allocator: an out-of-bounds access into a cached neighbour block is caught too
+  local extra=(); [[ $(basename "$1") == sanitize_small.py ]] && extra=("${SAN_DEV[@]}")
   step "$name" "$lim" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "$tool" --error-exitcode 9 \
-    --print-limit 50 "$PY" "$@" "${SAN_DEV[@]}"
+    --print-limit 50 "$PY" "$@" "${extra[@]}"
 }
 san_step memcheck_pair 60 memcheck bench/sanitize_small.py --engine pair --backends cuda
 san_step memcheck_class 60 memcheck bench/sanitize_small.py --engine class --backends cuda
