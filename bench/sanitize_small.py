@@ -30,6 +30,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+CLASSES_FIRST = ("proxy_anchor_loss",)  # weight tensors with the classes on the first axis
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,7 +154,9 @@ def main(argv=None):
                         for label, kw in class_cases(name, params):
                             k = kw.get("centers_per_class", 1)
                             x = torch.randn(n, d, generator=gen).to(dev, dtype).requires_grad_()
-                            w = torch.randn(d, c * k, generator=gen).to(dev, dtype).requires_grad_()
+                            # PML's layouts: (D, C*K), except ProxyAnchor's proxies (C, D)
+                            shape = (c, d) if name in CLASSES_FIRST else (d, c * k)
+                            w = torch.randn(*shape, generator=gen).to(dev, dtype).requires_grad_()
                             y = torch.randint(0, c, (n,), generator=gen).to(dev)
                             call = lambda: fn(x, y, w, backend=backend, **kw)  # noqa: E731
                             n_ok += _run(f"{backend} {dt_name} D={d} {label}", call, [x, w],
