@@ -10,14 +10,47 @@ inside the benchmark worker process (bench/measure.py), never in the parent.
 """
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-PAIR_LOSSES = ("ms", "ms_mined", "circle")
-CLASS_LOSSES = ("softtriple", "proxycircle")
+@dataclass(frozen=True)
+class BenchLoss:
+    """One benchmarked loss: its fused_pairloss.functional / .reference function, hyper-parameters
+    (PML's defaults), the PML module that computes it (None: PML has none) and, for class losses,
+    the layout of its weight parameter: "dc" = (D, C*K) like PML's fc / W, "cd" = (C, D) like
+    ProxyAnchor's proxies."""
+    kind: str
+    function: str
+    params: dict
+    pml: str = None
+    weights: str = "dc"
+    pooled: bool = False  # SoftTriple: K centers per class
+
+
+BENCH_LOSSES = {
+    "ms": BenchLoss("pair", "multi_similarity_loss", dict(alpha=2.0, beta=50.0, base=0.5), "MultiSimilarityLoss"),
+    "ms_mined": BenchLoss("pair", "multi_similarity_loss", dict(alpha=2.0, beta=50.0, base=0.5, miner_epsilon=0.1),
+                          "MultiSimilarityLoss"),
+    "circle": BenchLoss("pair", "circle_loss", dict(m=0.4, gamma=80.0), "CircleLoss"),
+    "ntxent": BenchLoss("pair", "ntxent_loss", dict(temperature=0.07), "NTXentLoss"),
+    "supcon": BenchLoss("pair", "supcon_loss", dict(temperature=0.1), "SupConLoss"),
+    "contrastive": BenchLoss("pair", "contrastive_loss", dict(pos_margin=0.0, neg_margin=1.0), "ContrastiveLoss"),
+    "lifted": BenchLoss("pair", "generalized_lifted_structure_loss", dict(neg_margin=1.0, pos_margin=0.0),
+                        "GeneralizedLiftedStructureLoss"),
+    "softtriple": BenchLoss("class", "soft_triple_loss", dict(la=20.0, gamma=0.1, margin=0.01), "SoftTripleLoss",
+                            pooled=True),
+    "proxycircle": BenchLoss("class", "proxy_circle_loss", dict(m=0.25, gamma=256.0)),
+    "proxyanchor": BenchLoss("class", "proxy_anchor_loss", dict(margin=0.1, alpha=32.0), "ProxyAnchorLoss", "cd"),
+    "normsoftmax": BenchLoss("class", "normalized_softmax_loss", dict(temperature=0.05), "NormalizedSoftmaxLoss"),
+    "cosface": BenchLoss("class", "cosface_loss", dict(margin=0.35, scale=64.0), "CosFaceLoss"),
+    "arcface": BenchLoss("class", "arcface_loss", dict(margin=28.6, scale=64.0), "ArcFaceLoss"),
+}
+PAIR_LOSSES = tuple(n for n, b in BENCH_LOSSES.items() if b.kind == "pair")
+CLASS_LOSSES = tuple(n for n, b in BENCH_LOSSES.items() if b.kind == "class")
 LOSSES = PAIR_LOSSES + CLASS_LOSSES
+# the default sweep (`--loss` chooses any of LOSSES)
+DEFAULT_LOSSES = ("ms", "ms_mined", "circle", "ntxent", "supcon", "contrastive", "softtriple", "proxycircle")
 
 FUSED_BACKENDS = ("cpu", "cuda", "triton")
 BASE_PROVIDERS = ("reference", "pml", "compile", "matmul")
@@ -25,14 +58,8 @@ BASE_PROVIDERS = ("reference", "pml", "compile", "matmul")
 TEST_PROVIDERS = ("_fail", "_oom", "_sleep", "_crash")
 ALL_PROVIDERS = FUSED_BACKENDS + BASE_PROVIDERS + TEST_PROVIDERS
 
-# Loss hyper-parameters: the defaults of SPEC §1 (PML's defaults; ms_mined: PML's miner epsilon).
-LOSS_PARAMS = {
-    "ms": dict(alpha=2.0, beta=50.0, base=0.5),
-    "ms_mined": dict(alpha=2.0, beta=50.0, base=0.5, miner_epsilon=0.1),
-    "circle": dict(m=0.4, gamma=80.0),
-    "softtriple": dict(la=20.0, gamma=0.1, margin=0.01),
-    "proxycircle": dict(m=0.25, gamma=256.0),
-}
+# Loss hyper-parameters (kept as a name for the harness' reports)
+LOSS_PARAMS = {name: b.params for name, b in BENCH_LOSSES.items()}
 
 DTYPES = {
     "float32": "float32", "fp32": "float32", "float": "float32",
@@ -49,7 +76,7 @@ class Unavailable(Exception):
 def class_shape(loss: str, n: int, ck_scale: float, centers_per_class: int):
     """(C, K) of a class loss at batch size n: C*K ~= ck_scale * n (at least 2 classes)."""
     cols = max(2, int(round(ck_scale * n)))
-    if loss == "softtriple":
+    if BENCH_LOSSES[loss].pooled:
         k = max(1, int(centers_per_class))
         return max(2, cols // k), k
     return cols, 1
@@ -92,8 +119,9 @@ def make_inputs(point):
         inputs["labels"] = torch.randint(0, n_classes, (n,), generator=gen).to(dev)
     else:
         c, k = class_shape(loss, n, point.get("ck_scale", 1.0), point.get("centers_per_class", 10))
-        w = torch.randn(d, c * k, generator=gen).to(device=dev, dtype=dtype)
-        inputs["centers"] = torch.nn.Parameter(w)
+        shape = (c * k, d) if BENCH_LOSSES[loss].weights == "cd" else (d, c * k)
+        w = torch.randn(*shape, generator=gen).to(device=dev, dtype=dtype)
+        inputs["centers"] = torch.nn.Parameter(w)  # the loss's weight, in PML's layout
         inputs["labels"] = torch.randint(0, c, (n,), generator=gen).to(dev)
         inputs["C"], inputs["K"] = c, k
     return inputs
@@ -103,36 +131,31 @@ def _default_backward(out):
     out.backward()
 
 
-def _functional_call(mod, loss, inp, extra):
-    """Call fused_pairloss.functional (or .reference: same signatures) for `loss`."""
-    p = dict(LOSS_PARAMS[loss])
+def _call(fn, loss, inp, extra):
+    """A closure calling a functional-style loss function (fused_pairloss.functional, .reference
+    or a compiled reference: same signatures) on the point's inputs."""
+    b = BENCH_LOSSES[loss]
+    kw = dict(b.params, **extra)
     x, y = inp["x"], inp["labels"]
-    if loss in ("ms", "ms_mined"):
-        fn = functools.partial(mod.multi_similarity_loss, **p, **extra)
-        return lambda: fn(x, y)
-    if loss == "circle":
-        fn = functools.partial(mod.circle_loss, **p, **extra)
-        return lambda: fn(x, y)
-    if loss == "softtriple":
-        fn = functools.partial(mod.soft_triple_loss, centers_per_class=inp["K"], **p, **extra)
-        return lambda: fn(x, y, inp["centers"])
-    if loss == "proxycircle":
-        fn = functools.partial(mod.proxy_circle_loss, **p, **extra)
-        return lambda: fn(x, y, inp["centers"])
-    raise ValueError(loss)
+    if b.kind == "pair":
+        return lambda: fn(x, y, **kw)
+    if b.pooled:
+        kw["centers_per_class"] = inp["K"]
+    return lambda: fn(x, y, inp["centers"], **kw)
 
 
-_COMPILED = {}  # loss -> compiled reference function (reused across N within one worker)
+def _functional_call(mod, loss, inp, extra):
+    return _call(getattr(mod, BENCH_LOSSES[loss].function), loss, inp, extra)
+
+
+_COMPILED = {}  # function name -> compiled reference function (reused across N within one worker)
 
 
 def _compiled_reference(loss):
     import torch
     import fused_pairloss.reference as R
 
-    names = {"ms": "multi_similarity_loss", "ms_mined": "multi_similarity_loss",
-             "circle": "circle_loss", "softtriple": "soft_triple_loss",
-             "proxycircle": "proxy_circle_loss"}
-    key = names[loss]
+    key = BENCH_LOSSES[loss].function
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(getattr(R, key))
     return _COMPILED[key]
@@ -144,24 +167,23 @@ def _pml_case(loss, inp):
     except ImportError as e:
         raise Unavailable(f"pytorch-metric-learning is not installed: {e}") from e
 
-    p = LOSS_PARAMS[loss]
+    b = BENCH_LOSSES[loss]
+    if b.pml is None:
+        raise Unavailable(f"pytorch-metric-learning has no {loss} loss")
     x, y = inp["x"], inp["labels"]
-    if loss == "ms":
-        fn = losses.MultiSimilarityLoss(alpha=p["alpha"], beta=p["beta"], base=p["base"])
+    p = {k: v for k, v in b.params.items() if k != "miner_epsilon"}
+    if b.kind == "pair":
+        fn = getattr(losses, b.pml)(**p)
+        if "miner_epsilon" in b.params:
+            miner = miners.MultiSimilarityMiner(epsilon=b.params["miner_epsilon"])
+            return lambda: fn(x, y, miner(x, y))
         return lambda: fn(x, y)
-    if loss == "ms_mined":
-        fn = losses.MultiSimilarityLoss(alpha=p["alpha"], beta=p["beta"], base=p["base"])
-        miner = miners.MultiSimilarityMiner(epsilon=p["miner_epsilon"])
-        return lambda: fn(x, y, miner(x, y))
-    if loss == "circle":
-        fn = losses.CircleLoss(m=p["m"], gamma=p["gamma"])
-        return lambda: fn(x, y)
-    if loss == "softtriple":
-        fn = losses.SoftTripleLoss(inp["C"], x.shape[1], centers_per_class=inp["K"], la=p["la"],
-                                   gamma=p["gamma"], margin=p["margin"])
-        fn.fc = inp["centers"]  # our centers, same layout (D, C*K)
-        return lambda: fn(x, y)
-    raise Unavailable(f"pytorch-metric-learning has no {loss} loss")
+    if b.pooled:
+        p["centers_per_class"] = inp["K"]
+    fn = getattr(losses, b.pml)(inp["C"], x.shape[1], **p)
+    # our weight tensor, in the same layout, as the module's parameter
+    setattr(fn, {"SoftTripleLoss": "fc", "ProxyAnchorLoss": "proxies"}.get(b.pml, "W"), inp["centers"])
+    return lambda: fn(x, y)
 
 
 def build(point) -> Case:
@@ -190,26 +212,18 @@ def build(point) -> Case:
         return Case(fwd, _default_backward, grads)
 
     if prov == "compile":
-        cfn = _compiled_reference(loss)
-        p = dict(LOSS_PARAMS[loss])
-        y = inp["labels"]
-        if loss in PAIR_LOSSES:
-            return Case(lambda: cfn(x, y, **p), _default_backward, grads)
-        if loss == "softtriple":
-            return Case(lambda: cfn(x, y, inp["centers"], centers_per_class=inp["K"], **p),
-                        _default_backward, grads)
-        return Case(lambda: cfn(x, y, inp["centers"], **p), _default_backward, grads)
+        return Case(_call(_compiled_reference(loss), loss, inp, {}), _default_backward, grads)
 
     if prov == "pml":
         return Case(_pml_case(loss, inp), _default_backward, grads)
 
     if prov == "matmul":
-        other = x if loss in PAIR_LOSSES else inp["centers"]
         if loss in PAIR_LOSSES:
-            fwd = lambda: x @ x.t()  # noqa: E731
-        else:
-            fwd = lambda: x @ other  # noqa: E731  (= x @ w.T with w = centers.T, (C*K, D))
-        m = x.shape[0] if loss in PAIR_LOSSES else other.shape[1]
+            fwd, m = (lambda: x @ x.t()), x.shape[0]  # noqa: E731
+        else:  # x @ w.T with w the (C*K, D) centers
+            w = inp["centers"]
+            wt = w.t() if BENCH_LOSSES[loss].weights == "cd" else w
+            fwd, m = (lambda: x @ wt), wt.shape[1]  # noqa: E731
         gen = torch.Generator(device="cpu").manual_seed(1)
         g = torch.randn(x.shape[0], m, generator=gen).to(device=x.device, dtype=x.dtype)
         return Case(fwd, lambda out: out.backward(g), grads)

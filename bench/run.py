@@ -62,7 +62,7 @@ def parse_args(argv=None):
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="small sweep, few repeats (default)")
     mode.add_argument("--full", action="store_true", help="larger sweep, more repeats")
-    ap.add_argument("--loss", nargs="+", choices=P.LOSSES, default=list(P.LOSSES))
+    ap.add_argument("--loss", nargs="+", choices=P.LOSSES, default=list(P.DEFAULT_LOSSES))
     ap.add_argument("--provider", nargs="+", choices=P.ALL_PROVIDERS, default=None,
                     help="default: every available fused backend (not triton on CPU: that is its "
                          "interpreter), reference, pml, compile, matmul")
