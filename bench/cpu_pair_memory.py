@@ -1,5 +1,5 @@
 """Resident-memory growth of one fused Multi-Similarity step (forward + backward, backend "cpu")
-at large N (SPEC §3: no N x N buffer). Prints the peak RSS growth over the inputs' footprint.
+at large N (docs/design.md: no N x N buffer). Prints the peak RSS growth over the inputs' footprint.
 
     FUSED_PAIRLOSS_LIBRARY=/path/to/lib.so python bench/cpu_pair_memory.py --n 32768 [--mine]
 """

@@ -285,7 +285,7 @@ class _ClassLoss(_PmlFallback, torch.nn.Module):
 
     _param = "fc"
     _distances = ("cosine",)
-    _cosine_only = True
+    _cosine_only = True  # SoftTriple, ProxyCircle, CosFace, ArcFace (PML asserts it for its own)
 
     def _init_class(self, shape, backend, kwargs, pml_args, pml_kwargs=None, init=_kaiming_like_pml):
         self.backend = backend
@@ -400,8 +400,10 @@ class ProxyCircleLoss(_ClassLoss):
 
 
 class ProxyAnchorLoss(_ClassLoss):
-    """Drop-in for pytorch_metric_learning.losses.ProxyAnchorLoss; parameter `proxies` (C, D)."""
+    """Drop-in for pytorch_metric_learning.losses.ProxyAnchorLoss; parameter `proxies` (C, D).
+    Another distance than the cosine is computed by PML itself."""
     _param = "proxies"
+    _cosine_only = False
 
     def __init__(self, num_classes, embedding_size, margin=0.1, alpha=32, backend="auto", **kwargs):
         super().__init__()

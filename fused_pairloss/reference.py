@@ -115,7 +115,7 @@ def _margin(x, y, distance):
 
 
 def multi_similarity_mine(sim, pos_mask, neg_mask, epsilon, distance="cosine"):
-    """PML MultiSimilarityMiner as masks (SPEC §2): thresholds over the unmined sets of each row.
+    """PML MultiSimilarityMiner as masks (docs/semantics.md): thresholds over the unmined sets of each row.
 
     With a similarity (cosine; multi_similarity_miner.py:43-49): keep positives with
     S - e < max_{N_i} S and negatives with S + e > min_{P_i} S. With a distance (lp; lines 50-56,
@@ -408,7 +408,7 @@ def soft_triple_loss(embeddings, labels, centers, *, centers_per_class=10, la=20
 
 
 def proxy_circle_loss(embeddings, labels, proxies, *, m=0.25, gamma=256.0):
-    """Circle loss with class-level labels (SPEC §2; the paper's unified formula, one positive
+    """Circle loss with class-level labels (docs/semantics.md; the paper's unified formula, one positive
     per sample). proxies: (D, C)."""
     sim = _normalize(embeddings) @ _normalize(proxies.t()).t()  # (N, C)
     sg = sim.detach()

@@ -1,4 +1,4 @@
-"""The public API of SPEC §1: names, signatures (parameter names, kinds, defaults), backend
+"""The public API of docs/api.md: names, signatures (parameter names, kinds, defaults), backend
 discovery, build_info, and drop-in compatibility with PML modules (fc layout, state_dicts,
 positional forward arguments)."""
 import inspect
@@ -274,7 +274,7 @@ def test_pair_modules_accept_pml_positional_forward(kind):
 
 
 def test_miner_epsilon_replaces_pml_miner_plus_loss():
-    # exact-dot-product inputs (SPEC §3): entries in {-1, 0, 1}, 4 nonzeros per row -> norm 2
+    # exact-dot-product inputs (docs/design.md): entries in {-1, 0, 1}, 4 nonzeros per row -> norm 2
     g = torch.Generator().manual_seed(1)
     x = torch.zeros(30, 16)
     for i in range(30):

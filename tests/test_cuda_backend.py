@@ -18,7 +18,7 @@ Three layers:
 Declarations: the kit's table (the losses' own declarations) plus a few built directly with
 spec.PairLossSpec / ClassLossSpec for engine features no loss combines yet (LSE and sum of one
 set, NTXent's pair term with mining, a row term with both column terms, K = 10 / 64).
-Exactness (SPEC §3): on dyadic inputs every dot product, squared norm and squared distance is
+Exactness (docs/design.md): on dyadic inputs every dot product, squared norm and squared distance is
 exact in any summation order, also through the tensor cores (fp16 / bf16 hold k/4 exactly), so
 the set sizes and the mining thresholds are compared bitwise with the same-dtype oracle; mining
 epsilons and margins are multiples of 1/16, so many pairs sit exactly on the boundaries.

@@ -1,5 +1,5 @@
 """Issue #7: the reference class-level Circle loss (proxy_circle_loss / ProxyCircleLoss) against
-an independent per-sample loop written from the Circle paper's unified formula (SPEC §2, K = 1):
+an independent per-sample loop written from the Circle paper's unified formula (docs/semantics.md, K = 1):
 
     L_i = softplus( log sum_{c != y_i} exp(gamma a_n (s_n - m)) - gamma a_p (s_p - (1 - m)) ),
     a_p = relu(1 + m - s_p), a_n = relu(s_n + m), both detached;  loss = mean_i L_i.

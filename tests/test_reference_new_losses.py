@@ -1,4 +1,4 @@
-"""fused_pairloss.reference for the wider families (SPEC §5) against pytorch-metric-learning 2.9:
+"""fused_pairloss.reference for the wider families (docs/semantics.md) against pytorch-metric-learning 2.9:
 NTXent, SupCon, Contrastive, GeneralizedLiftedStructure, Multi-Similarity with LpDistance (pair
 family), ProxyAnchor, NormalizedSoftmax, CosFace, ArcFace (class family).
 

@@ -1,7 +1,7 @@
 """fused_pairloss.reference (and the public API with backend="reference") against
-pytorch-metric-learning 2.9, the oracle of SPEC §2: values and gradients, fp64 and fp32.
+pytorch-metric-learning 2.9, the oracle of docs/semantics.md: values and gradients, fp64 and fp32.
 
-Inputs near the mining thresholds follow SPEC §3: the mining tests build rows whose normalized
+Inputs near the mining thresholds follow docs/design.md: the mining tests build rows whose normalized
 entries are multiples of 1/4 (norm exactly 4 before normalization), so every S is an exact
 multiple of 1/16 in fp32 and fp64 and PML and the reference see the same comparisons.
 """
@@ -201,7 +201,7 @@ def test_ref_labels_identity_rule_changes_the_result():
 
 
 # ----------------------------------------------------------------------------------------------
-# Multi-Similarity with mining (exact dot products: SPEC §3)
+# Multi-Similarity with mining (exact dot products: docs/design.md)
 # ----------------------------------------------------------------------------------------------
 def test_exact_emb_gives_exact_similarities():
     x = exact_emb(40, 19, torch.float32, seed=1)
@@ -272,7 +272,7 @@ def test_mining_random_inputs_away_from_thresholds(dtype):
 def test_pml_miner_with_ref_labels_is_labels_documented_difference():
     """With a separate ref_emb and `ref_labels is labels`, PML's MultiSimilarityMiner does not
     exclude the diagonal pairs (i, i) (its `embeddings is ref_emb` test fails), so it may mine
-    (i, i) as a positive and as a negative at once and its loss then asserts. SPEC §2 excludes
+    (i, i) as a positive and as a negative at once and its loss then asserts. docs/semantics.md excludes
     the diagonal from the positives (the identity rule) before mining: check the reference equals
     PML's loss on the miner's pairs with the diagonal removed from both lists."""
     emb, labels, ref, _ = _setup("ref_is_labels", 24, 24, 16, torch.float64, "few", seed=9, exact=True)
@@ -395,7 +395,7 @@ def test_circle_all_rows_zero_gives_attached_zero():
 
 
 def test_circle_far_negative_has_logit_zero():
-    """A negative with S <= -m contributes exp(0) = 1 to the negative sum (SPEC §2)."""
+    """A negative with S <= -m contributes exp(0) = 1 to the negative sum (docs/semantics.md)."""
     e = torch.tensor([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)
     y = torch.tensor([0, 0, 1, 1])
     # row 0: positive S=1 -> lp = -80*0.4*0.4 = -12.8; negatives S=-1 twice -> ln = 0 each
@@ -631,7 +631,7 @@ def test_gradcheck_multi_similarity_mined():
 
 def _circle_frozen_weights(e, y, r, ry, m, gamma, e0, r0):
     """Circle with its alpha weights computed from the fixed point (e0, r0): its true gradient at
-    (e0, r0) is what the detached-weight Circle loss must return there. Written from SPEC §2,
+    (e0, r0) is what the detached-weight Circle loss must return there. Written from docs/semantics.md,
     independently of the reference (rows with both sets; mean of the rows > 0)."""
     def sims(a, b):
         return torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).t()

@@ -10,7 +10,7 @@ Without a GPU this runs through the Triton interpreter on CPU tensors (tests/con
 TRITON_INTERPRET=1 before triton is imported): sizes are small (interpreter tiles are 32 x 32, so
 N = 45..70 already crosses several row and column tiles and their edges).
 
-Exactness (SPEC §3 "Testing near thresholds"): on dyadic inputs (entries k/4) every S is exact in
+Exactness (docs/design.md, "Testing near thresholds"): on dyadic inputs (entries k/4) every S is exact in
 fp32 and fp64, so the set sizes and the mining thresholds are compared bitwise with the same-dtype
 oracle; everything else with one rule, |truth - triton| <= 2 |truth - same-dtype oracle| + floor,
 truth being the fp64 oracle on the same inputs (the shared kit's rule).

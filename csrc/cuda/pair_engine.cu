@@ -1,6 +1,6 @@
 // CUDA pair engine: fused_pairloss::pair_engine_forward / _backward (semantics:
 // fused_pairloss/ops/README.md; the loss declaration: common/loss_spec.h, its per-element math:
-// common/pair_terms.inl). FlashAttention-style, SPEC §3. No kernel knows which loss it runs.
+// common/pair_terms.inl). FlashAttention-style, docs/design.md. No kernel knows which loss it runs.
 //
 // Forward: a CTA owns kBM rows of q and walks column tiles of r; two threads per row keep the
 // row's reductions in registers (per set: online LSE, sum, count, count of x > 0; the mining

@@ -23,16 +23,17 @@ def declaration(scale):
 
 
 def target_logit(kind, sim, *, scale, margin):
-    """The target class's logit from its cosine, as PML computes it."""
+    """The target class's logit from its cosine, with PML's own operations (its clamp and acos
+    decide the gradient at |cos| = 1): PML adds the modification as `s + (f(s) - s)`."""
     if kind == "normalized_softmax":
         return sim * scale
     if kind == "cosface":
-        return (sim - margin) * scale
-    # arcface: margin in radians here (PML converts its degrees with np.radians)
-    angles = torch.acos(torch.clamp(sim, -1, 1))
-    modified = torch.where(angles <= math.pi - margin, torch.cos(angles + margin),
-                           sim - margin * math.sin(margin))
-    return modified * scale
+        modified = sim - margin
+    else:  # arcface: margin in radians here (PML converts its degrees with np.radians)
+        angles = torch.acos(torch.clamp(sim, -1, 1))
+        modified = torch.where(angles <= math.pi - margin, torch.cos(angles + margin),
+                               torch.cos(angles) - margin * math.sin(margin))
+    return (sim + (modified - sim)) * scale
 
 
 def combine(st: engines.ClassStats, embeddings, *, kind, scale, margin, batch=LOCAL):
