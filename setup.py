@@ -10,7 +10,6 @@ Without a working compiler the package still installs and imports with only `ref
 import glob
 import os
 import shutil
-import sys
 
 from setuptools import find_packages, setup
 

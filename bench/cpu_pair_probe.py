@@ -7,7 +7,6 @@ without mining) and Circle, self mode, next to `(x @ x.T).sum()` forward+backwar
 way (median of a few runs after a warm-up), and prints peak RSS growth of one fused step.
 """
 import argparse
-import resource
 import statistics
 import time
 

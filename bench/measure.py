@@ -246,7 +246,7 @@ def _run_point(point):
             rec.update(status=ERROR, note=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                        f" | {tb[-3][:160] if len(tb) >= 3 else ''}")
     finally:
-        out = None
+        out = None  # noqa: F841  (drop the last output before collecting)
         case = None
         gc.collect()
         if cuda:

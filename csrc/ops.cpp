@@ -28,9 +28,8 @@ std::string build_config() {
 
 void term(std::ostringstream& o, const char* name, const fpl::PairTermParams<double>& t) {
   o << name << ".scale=" << t.scale << ";" << name << ".shift=" << t.shift << ";" << name
-    << ".weight_offset=" << t.weight_offset << ";" << name << ".weight_slope=" << t.weight_slope << ";"
-    << name << ".lse=" << t.lse << ";" << name << ".sum=" << t.sum << ";" << name << ".hinge=" << t.hinge()
-    << ";";
+    << ".weight_offset=" << t.weight_offset << ";" << name << ".weight_slope=" << t.weight_slope << ";" << name
+    << ".lse=" << t.lse << ";" << name << ".sum=" << t.sum << ";" << name << ".hinge=" << t.hinge() << ";";
 }
 
 // The C++ reading of a packed declaration, field by field (tests compare it with spec.py's).

@@ -97,7 +97,8 @@ def resolve_backend(backend, device) -> str:
         elif backend in ("cpu", "cuda") and _extension.load_error():
             why = f" ({_extension.load_error()})"
         elif backend == "triton" and dev == "cpu":
-            why = " (on CPU tensors Triton runs only through its interpreter: set TRITON_INTERPRET=1 before importing triton)"
+            why = (" (on CPU tensors Triton runs only through its interpreter: set TRITON_INTERPRET=1 before "
+                   "importing triton)")
         elif backend == "triton":
             why = " (triton is not installed)" if _triton_version() is None else ""
         raise ValueError(

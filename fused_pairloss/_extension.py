@@ -33,7 +33,7 @@ def load():
         _loaded_path = path
     except (OSError, RuntimeError) as e:  # pragma: no cover - depends on the install
         _load_error = f"could not load {path}: {e}"
-        warnings.warn(f"fused_pairloss: {_load_error}; only the reference/triton backends are available")
+        warnings.warn(f"fused_pairloss: {_load_error}; only the reference/triton backends are available", stacklevel=2)
     return _loaded_path
 
 

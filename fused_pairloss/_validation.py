@@ -20,7 +20,8 @@ def check_embeddings(x, name="embeddings"):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (N, D); got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor (float32/float64/float16/bfloat16); got dtype {x.dtype}")
+        raise TypeError(f"{name} must be a floating-point tensor (float32/float64/float16/bfloat16); "
+                        f"got dtype {x.dtype}")
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D of shape (N, D); got shape {tuple(x.shape)}")
     if x.shape[0] == 0 or x.shape[1] == 0:
@@ -33,7 +34,8 @@ def check_labels(labels, n, name="labels", emb_name="embeddings"):
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor; got dtype {labels.dtype}")
     if labels.dim() != 1:
-        raise ValueError(f"{name} must be 1-D of length {n} (one label per row of {emb_name}); got shape {tuple(labels.shape)}")
+        raise ValueError(f"{name} must be 1-D of length {n} (one label per row of {emb_name}); "
+                         f"got shape {tuple(labels.shape)}")
     if labels.shape[0] != n:
         raise ValueError(f"{name} must have length {n} (rows of {emb_name}); got length {labels.shape[0]}")
 
@@ -51,7 +53,8 @@ def check_pair_inputs(embeddings, labels, ref_emb, ref_labels):
             raise ValueError("ref_emb was given without ref_labels; pass both or neither")
         if ref_emb.shape[1] != embeddings.shape[1]:
             raise ValueError(
-                f"ref_emb must have the embedding width D={embeddings.shape[1]} of embeddings; got shape {tuple(ref_emb.shape)}")
+                f"ref_emb must have the embedding width D={embeddings.shape[1]} of embeddings; "
+                f"got shape {tuple(ref_emb.shape)}")
         if ref_emb.dtype != embeddings.dtype:
             raise TypeError(f"ref_emb must have the dtype of embeddings ({embeddings.dtype}); got {ref_emb.dtype}")
         if ref_emb.device != embeddings.device:
@@ -106,7 +109,8 @@ def check_centers(embeddings, labels, centers, centers_per_class, name="centers"
     if labels is None:
         raise ValueError("labels is required (a 1-D integer tensor of length N)")
     check_labels(labels, embeddings.shape[0])
-    if isinstance(centers_per_class, bool) or not isinstance(centers_per_class, numbers.Integral) or centers_per_class < 1:
+    if (isinstance(centers_per_class, bool) or not isinstance(centers_per_class, numbers.Integral)
+            or centers_per_class < 1):
         raise ValueError(f"centers_per_class must be an int >= 1; got {centers_per_class!r}")
     if not isinstance(centers, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (D, C*K); got {type(centers).__name__}")

@@ -373,8 +373,9 @@ def test_soft_triple_pml_regularizer_is_fused():
                            weight_regularizer=pml_reducers.MeanReducer())
 
 
-@pytest.mark.parametrize("name,param,shape", [("ProxyAnchorLoss", "proxies", (7, 5)), ("NormalizedSoftmaxLoss", "W", (5, 7)),
-                                              ("CosFaceLoss", "W", (5, 7)), ("ArcFaceLoss", "W", (5, 7))])
+@pytest.mark.parametrize("name,param,shape", [("ProxyAnchorLoss", "proxies", (7, 5)),
+                                              ("NormalizedSoftmaxLoss", "W", (5, 7)), ("CosFaceLoss", "W", (5, 7)),
+                                              ("ArcFaceLoss", "W", (5, 7))])
 def test_class_modules_parameter_layout_init_and_state_dict_match_pml(name, param, shape):
     torch.manual_seed(9)
     theirs = getattr(pml_losses, name)(7, 5)

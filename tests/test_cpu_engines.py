@@ -154,7 +154,7 @@ def _pair_calls(dtype):
 def _class_calls(dtype):
     def run():
         res = []
-        for name, (spec, K) in kit.CLASS_DECLARATIONS.items():
+        for spec, K in kit.CLASS_DECLARATIONS.values():
             for n, C in [(600, 300), (300, 1100)]:  # both backward ownerships (rows / classes)
                 case = kit.class_case(n, 24, C, K, dtype, seed=7)
                 terms, flags = spec.pack()
@@ -225,7 +225,7 @@ def test_other_isa_kernels_match_the_oracle(decl, isa, isa_cap):
         for dtype in (torch.float32, torch.float64):
             check_pair(kit.pair_case(mode, 300, 10, "few", dtype, "dyadic", seed=4), kit.PAIR_DECLARATIONS[decl],
                        exact=True)
-            for name, (spec, K) in kit.CLASS_DECLARATIONS.items():
+            for spec, K in kit.CLASS_DECLARATIONS.values():
                 check_class(kit.class_case(70, 12, 40, K, dtype, seed=2), spec)
 
 

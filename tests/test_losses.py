@@ -23,7 +23,8 @@ def _pair_modes():
 def test_pair_loss_parity(name, mode, dtype, backend):
     loss = kit.LOSSES[name]
     for n, d in [(40, 7), (130, 16)]:
-        kit.check_loss_parity(loss, kit.loss_case(loss, n, d, dtype, mode, seed=n), backend, what=f"{name} {mode} n={n}")
+        case = kit.loss_case(loss, n, d, dtype, mode, seed=n)
+        kit.check_loss_parity(loss, case, backend, what=f"{name} {mode} n={n}")
 
 
 @pytest.mark.parametrize("backend", CPU_FUSED)

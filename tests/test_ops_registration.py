@@ -34,7 +34,8 @@ def test_opcheck_pair_engine(decl, mode):
     terms, flags = spec.pack()
     case = kit.pair_case(mode, 13, 7, "few", torch.float32, "normalized", seed=0, m=9 if mode == "ref" else None)
     q, r, lq, lr, ex = case.args()
-    torch.library.opcheck(op.pair_engine_forward.default, (_grad_leaf(q), _grad_leaf(r), lq, lr, ex, list(terms), flags))
+    torch.library.opcheck(op.pair_engine_forward.default,
+                          (_grad_leaf(q), _grad_leaf(r), lq, lr, ex, list(terms), flags))
     values, _, aux = op.pair_engine_forward(q, r, lq, lr, ex, list(terms), flags)
     for need_r in (True, False):
         torch.library.opcheck(op.pair_engine_backward.default,

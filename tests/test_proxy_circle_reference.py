@@ -125,7 +125,8 @@ def test_far_negative_contributes_one():
     x = torch.tensor([[2.0, 0.0]], dtype=torch.float64)  # on class 0: s = (1, -1, 0)
     m, gamma = 0.25, 256.0
     # pos: a_p = 0.25, term = -256*0.25*(1-0.75) = -16; negs: -1 -> 0 (logit 0); 0 -> 256*0.25*(-0.25) = -16
-    expected = torch.nn.functional.softplus(torch.log(torch.exp(torch.tensor(0.0)) + torch.exp(torch.tensor(-16.0))).double() - 16)
+    lse_neg = torch.log(torch.exp(torch.tensor(0.0)) + torch.exp(torch.tensor(-16.0))).double()
+    expected = torch.nn.functional.softplus(lse_neg - 16)
     got = R.proxy_circle_loss(x, torch.tensor([0]), w, m=m, gamma=gamma)
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(got, loop_loss(x, torch.tensor([0]), w, m, gamma))

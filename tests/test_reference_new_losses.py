@@ -632,7 +632,9 @@ def test_class_nan_input_like_pml(name):
 @pytest.mark.parametrize("name", list(PAIR_LOSSES))
 def test_gradcheck_pair(name, distance, mode, n):
     fn = PAIR_LOSSES[name][0]
-    kw = {"ntxent": dict(temperature=0.5), "supcon": dict(temperature=0.5), "ms": dict(alpha=2.0, beta=5.0, base=0.5 if distance == "cosine" else 1.0)}.get(name, _hyper(name, distance)[0])
+    special = {"ntxent": dict(temperature=0.5), "supcon": dict(temperature=0.5),
+               "ms": dict(alpha=2.0, beta=5.0, base=0.5 if distance == "cosine" else 1.0)}
+    kw = special.get(name, _hyper(name, distance)[0])
     emb, labels, ref, ref_labels = setup_pairs(mode, n, 6, 4, "few", seed=31)
     _assert_away_from_kinks(name, distance, kw, emb, labels, ref, ref_labels, ref is None, gap=1e-3)
     leaves = [emb.requires_grad_(True)] + ([] if ref is None else [ref.requires_grad_(True)])

@@ -5,7 +5,6 @@ Inputs near the mining thresholds follow docs/design.md: the mining tests build 
 entries are multiples of 1/4 (norm exactly 4 before normalization), so every S is an exact
 multiple of 1/16 in fp32 and fp64 and PML and the reference see the same comparisons.
 """
-import itertools
 import warnings
 
 import pytest
@@ -225,7 +224,8 @@ def test_multi_similarity_mining_vs_pml_miner(case, mode, dtype, eps):
     fns = {
         "reference": lambda e, y, r, ry: R.multi_similarity_loss(e, y, r, ry, miner_epsilon=eps),
         "functional": lambda e, y, r, ry: Fn.multi_similarity_loss(e, y, r, ry, miner_epsilon=eps, backend="reference"),
-        "module": lambda e, y, r, ry: fpl.MultiSimilarityLoss(miner_epsilon=eps, backend="reference")(e, y, None, r, ry),
+        "module": lambda e, y, r, ry: fpl.MultiSimilarityLoss(miner_epsilon=eps, backend="reference")(
+            e, y, None, r, ry),
     }
     for name, fn in _entries(fns, n if eps == 0.1 else 10 ** 9):
         _compare(_run_pair(fn, pml, emb, labels, ref, ref_labels, dtype), dtype, f"MS mined {name}")
@@ -365,7 +365,8 @@ def test_circle_avg_non_zero(dtype):
     # singleton classes: those rows have no positive, loss 0, and must not count in the mean
     emb = rand_emb(20, 12, dtype, 11)
     labels = torch.tensor([0, 0, 0, 1, 1, 2, 3, 4, 5, 5, 6, 7, 8, 9, 9, 9, 10, 11, 12, 13])
-    out = _run_pair(lambda e, y, r, ry: R.circle_loss(e, y, r, ry), _pml_circle(0.4, 80.0), emb, labels, None, None, dtype)
+    out = _run_pair(lambda e, y, r, ry: R.circle_loss(e, y, r, ry), _pml_circle(0.4, 80.0), emb, labels, None, None,
+                    dtype)
     _compare(out, dtype, "Circle avg-nonzero")
     # independent check of the reduction: mean over the rows that have both sets
     q = torch.nn.functional.normalize(emb.double(), dim=1)
@@ -399,7 +400,8 @@ def test_circle_far_negative_has_logit_zero():
     e = torch.tensor([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)
     y = torch.tensor([0, 0, 1, 1])
     # row 0: positive S=1 -> lp = -80*0.4*0.4 = -12.8; negatives S=-1 twice -> ln = 0 each
-    row = torch.nn.functional.softplus(torch.tensor(-12.8, dtype=torch.float64) + torch.log(torch.tensor(2.0, dtype=torch.float64)))
+    row = torch.nn.functional.softplus(torch.tensor(-12.8, dtype=torch.float64)
+                                       + torch.log(torch.tensor(2.0, dtype=torch.float64)))
     torch.testing.assert_close(R.circle_loss(e, y), row)
     torch.testing.assert_close(pml_losses.CircleLoss()(e, y), row)
 
@@ -441,7 +443,8 @@ def test_explicit_indices_tuple_vs_pml(miner, mode, dtype, monkeypatch):
         first = False
         _compare(out, dtype, f"{type(ours).__name__} with {miner}")
     # the mined pairs must matter: a different result than without indices_tuple
-    assert not torch.allclose(pairs[0][0](emb, labels, it, ref, ref_labels), pairs[0][0](emb, labels, None, ref, ref_labels))
+    mined, unmined = pairs[0][0](emb, labels, it, ref, ref_labels), pairs[0][0](emb, labels, None, ref, ref_labels)
+    assert not torch.allclose(mined, unmined)
 
 
 def test_indices_tuple_warning_is_a_userwarning_once(monkeypatch):

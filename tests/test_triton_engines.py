@@ -3,7 +3,8 @@ materializing oracles of ops/oracle.py, for the shared kit's declarations (tests
 more built with ops/spec.py, in self / ref / ref-with-exclude_col modes, fp32 and fp64 (fp16 / bf16
 on exact inputs); split walks, the chunked gradient form and the need_grad_* paths forced; NaN,
 empty and tiny inputs, large scales; opcheck of the four ops; every loss of the kit's table through
-the shared autograd rule; the kernels compiled for sm_80 / sm_90 (offline, no GPU needed). The tests marked `gpu` need a CUDA GPU
+the shared autograd rule; the kernels compiled for sm_80 / sm_90 (offline, no GPU needed). The tests
+marked `gpu` need a CUDA GPU
 (fp16 / bf16 error bounds, fp32 parity at real sizes, determinism, memory, torch.compile).
 
 Without a GPU this runs through the Triton interpreter on CPU tensors (tests/conftest.py sets
@@ -596,7 +597,8 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         blocks = T._class_blocks(4096, 1000, K, dtype)
         warps = blocks.pop("num_warps")
         prec = T.dot_precision(dtype)
-        build(T._class_fwd_rows_kernel, dtype, dict(ROW_LSE=sw["ROW_LSE"], POOL=K > 1, PREC=prec, **blocks), arch, warps)
+        build(T._class_fwd_rows_kernel, dtype, dict(ROW_LSE=sw["ROW_LSE"], POOL=K > 1, PREC=prec, **blocks), arch,
+              warps)
         bg, one = T._block_g(D, dtype)
         meta = dict(PREC=prec, POOL=K > 1, **sw, **blocks, BLOCK_G=bg, ONE_CHUNK=one, GPREC=T.grad_dot_precision(dtype))
         if K == 1:

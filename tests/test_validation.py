@@ -23,7 +23,8 @@ REF_EMB = r"\bref_emb\b"
 def _pair_fns():
     """(name, fn(emb, labels, ref_emb, ref_labels)) for every pair-loss entry point."""
     return [
-        ("ms_functional", lambda e, y, r=None, ry=None, **k: Fn.multi_similarity_loss(e, y, r, ry, backend="reference", **k)),
+        ("ms_functional", lambda e, y, r=None, ry=None, **k: Fn.multi_similarity_loss(
+            e, y, r, ry, backend="reference", **k)),
         ("ms_functional_mined", lambda e, y, r=None, ry=None, **k: Fn.multi_similarity_loss(
             e, y, r, ry, miner_epsilon=0.1, backend="reference", **k)),
         ("circle_functional", lambda e, y, r=None, ry=None, **k: Fn.circle_loss(e, y, r, ry, backend="reference", **k)),

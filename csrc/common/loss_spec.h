@@ -90,8 +90,7 @@ PairSpec<T> decode_pair_spec(const double* terms, int64_t flags) {
 // Empty string when (terms, flags) is a valid pair declaration, else what is wrong.
 inline std::string check_pair_spec(int64_t n_terms, int64_t flags) {
   if (n_terms != kPairTermsLength)
-    return "terms must have " + std::to_string(kPairTermsLength) + " entries, got " +
-           std::to_string(n_terms);
+    return "terms must have " + std::to_string(kPairTermsLength) + " entries, got " + std::to_string(n_terms);
   if (flags & ~kPairFlagMask) return "unknown pair flag bits " + std::to_string(flags & ~kPairFlagMask);
   if ((flags & kExcludeAfterMining) && !(flags & kMine)) return "exclude-after-mining needs mining";
   return "";
@@ -133,8 +132,7 @@ ClassSpec<T> decode_class_spec(const double* terms, int64_t flags, int64_t K) {
 
 inline std::string check_class_spec(int64_t n_terms, int64_t flags, int64_t K) {
   if (n_terms != kClassTermsLength)
-    return "terms must have " + std::to_string(kClassTermsLength) + " entries, got " +
-           std::to_string(n_terms);
+    return "terms must have " + std::to_string(kClassTermsLength) + " entries, got " + std::to_string(n_terms);
   if (flags & ~kClassFlagMask) return "unknown class flag bits " + std::to_string(flags & ~kClassFlagMask);
   if (K < 1) return "centers_per_class must be >= 1, got " + std::to_string(K);
   if ((flags & (kColPosLse | kColNegLse)) && K != 1) return "column reductions need centers_per_class = 1";

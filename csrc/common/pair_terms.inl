@@ -67,9 +67,13 @@ FPL_TERM_FN T mining_u(T v, bool lp) {
 template <typename T>
 FPL_TERM_FN T smallest_normal();
 template <>
-FPL_TERM_FN float smallest_normal<float>() { return 1.17549435082228750797e-38f; }
+FPL_TERM_FN float smallest_normal<float>() {
+  return 1.17549435082228750797e-38f;
+}
 template <>
-FPL_TERM_FN double smallest_normal<double>() { return 2.22507385850720138309e-308; }
+FPL_TERM_FN double smallest_normal<double>() {
+  return 2.22507385850720138309e-308;
+}
 
 // NTXent's pair term (PML NTXentLoss: -log(e^x / (e^x + sum_neg e^x') + tiny)) with
 // t = x - lse_neg_i: -log(sigmoid(t) + tiny), tiny = the dtype's smallest normal (PML small_val).

@@ -44,10 +44,10 @@ namespace {
 using at::Tensor;
 
 // ---- tile geometry ----------------------------------------------------------------------------
-constexpr int64_t kRowBlock = 256;     // BI: rows of q per block (a multiple of every panel width)
-constexpr int64_t kTileRows = 512;     // target rows of w per class tile (TC = kTileRows / K)
-constexpr int64_t kMinFwdItems = 64;   // forward splits the classes when there are few row blocks
-constexpr int64_t kMaxBwdChunks = 8;   // backward private-buffer chunks, at most
+constexpr int64_t kRowBlock = 256;                      // BI: rows of q per block (a multiple of every panel width)
+constexpr int64_t kTileRows = 512;                      // target rows of w per class tile (TC = kTileRows / K)
+constexpr int64_t kMinFwdItems = 64;                    // forward splits the classes when there are few row blocks
+constexpr int64_t kMaxBwdChunks = 8;                    // backward private-buffer chunks, at most
 constexpr int64_t kPrivateBudget = int64_t(256) << 20;  // bytes of private grad buffers, at most
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -142,8 +142,17 @@ struct Scratch {
   std::vector<T> st, work, row_max, row_sum, ts, cmax, csum, g_row, g_ts, lse;
   std::vector<int32_t> loc;
   explicit Scratch(const Geometry& g)
-      : st(g.TC * g.K * g.ld), work((g.TC + 1) * g.BI + 16 * g.K), row_max(g.BI), row_sum(g.BI), ts(g.BI),
-        cmax(2 * g.TC), csum(2 * g.TC), g_row(g.BI), g_ts(g.BI), lse(g.BI), loc(g.BI) {}
+      : st(g.TC * g.K * g.ld),
+        work((g.TC + 1) * g.BI + 16 * g.K),
+        row_max(g.BI),
+        row_sum(g.BI),
+        ts(g.BI),
+        cmax(2 * g.TC),
+        csum(2 * g.TC),
+        g_row(g.BI),
+        g_ts(g.BI),
+        lse(g.BI),
+        loc(g.BI) {}
   ClassTile<T> tile(const Geometry& g, int64_t rb, int64_t t) {
     ClassTile<T> a{};
     a.st = st.data();
@@ -199,8 +208,8 @@ void forward_kernel(const Operands<T>& o, const ClassSpec<T>& spec, bool columns
   if (N == 0 || g.C == 0) return;
   // class chunks: with columns, one item per chunk (it owns its classes); else enough items for
   // the threads even when there are few row blocks
-  const int64_t n_cc = columns ? std::min<int64_t>(g.n_ct, 256)
-                               : std::clamp<int64_t>((kMinFwdItems + g.n_rb - 1) / g.n_rb, 1, g.n_ct);
+  const int64_t n_cc =
+      columns ? std::min<int64_t>(g.n_ct, 256) : std::clamp<int64_t>((kMinFwdItems + g.n_rb - 1) / g.n_rb, 1, g.n_ct);
   const int64_t n_items = columns ? n_cc : g.n_rb * n_cc;
   std::vector<T> part_max(n_cc * N, -std::numeric_limits<T>::infinity()), part_sum(n_cc * N, T(0));
   std::vector<T> cmax(columns ? 2 * g.C : 0, -std::numeric_limits<T>::infinity());
@@ -261,8 +270,8 @@ void forward_kernel(const Operands<T>& o, const ClassSpec<T>& spec, bool columns
 // ---- backward -----------------------------------------------------------------------------------
 template <typename T>
 void backward_kernel(const Operands<T>& o, const ClassSpec<T>& spec, const T* g_row_lse, const T* g_ts,
-                     const T* row_lse, const T* g_col_pos, const T* g_col_neg, const T* col_pos,
-                     const T* col_neg, bool need_grad_w, T* gq, T* gw) {
+                     const T* row_lse, const T* g_col_pos, const T* g_col_neg, const T* col_pos, const T* col_neg,
+                     bool need_grad_w, T* gq, T* gw) {
   const Geometry& g = o.g;
   const int64_t N = g.N, Dp = g.Dp, CK = g.C * g.K;
   if (N == 0 || CK == 0) return;
@@ -323,8 +332,8 @@ void backward_kernel(const Operands<T>& o, const ClassSpec<T>& spec, const T* g_
 }
 
 // ---- op entry points ----------------------------------------------------------------------------
-void check_inputs(const Tensor& q, const Tensor& w, const Tensor& labels, int64_t K,
-                  c10::ArrayRef<double> terms, int64_t flags) {
+void check_inputs(const Tensor& q, const Tensor& w, const Tensor& labels, int64_t K, c10::ArrayRef<double> terms,
+                  int64_t flags) {
   const std::string bad = check_class_spec(static_cast<int64_t>(terms.size()), flags, K);
   TORCH_CHECK(bad.empty(), "class_engine: invalid loss declaration: ", bad);
   TORCH_CHECK(q.dim() == 2 && w.dim() == 2, "class_engine: q (N, D) and w (C*K, D) must be 2-D, got ", q.sizes(),
@@ -349,8 +358,8 @@ void check_inputs(const Tensor& q, const Tensor& w, const Tensor& labels, int64_
 
 at::ScalarType compute_type(const Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-std::tuple<Tensor, Tensor> class_engine_forward_cpu(const Tensor& q, const Tensor& w, const Tensor& labels,
-                                                    int64_t K, c10::ArrayRef<double> terms, int64_t flags) {
+std::tuple<Tensor, Tensor> class_engine_forward_cpu(const Tensor& q, const Tensor& w, const Tensor& labels, int64_t K,
+                                                    c10::ArrayRef<double> terms, int64_t flags) {
   check_inputs(q, w, labels, K, terms, flags);
   const at::ScalarType A = compute_type(q);
   const int64_t N = q.size(0), C = w.size(0) / K;
@@ -367,25 +376,26 @@ std::tuple<Tensor, Tensor> class_engine_forward_cpu(const Tensor& q, const Tenso
                    rows[kRowTargetSim].template data_ptr<T>(), cols[kColLsePos].template data_ptr<T>(),
                    cols[kColLseNeg].template data_ptr<T>());
   };
-  if (A == at::kDouble) run(0.0);
-  else run(0.0f);
+  if (A == at::kDouble)
+    run(0.0);
+  else
+    run(0.0f);
   if (!(flags & kRowLse)) rows[kRowLseOther].fill_(-std::numeric_limits<double>::infinity());
   if (!(flags & kColPosLse)) cols[kColLsePos].fill_(-std::numeric_limits<double>::infinity());
   if (!(flags & kColNegLse)) cols[kColLseNeg].fill_(-std::numeric_limits<double>::infinity());
   return {rows, cols};
 }
 
-std::tuple<Tensor, Tensor> class_engine_backward_cpu(const Tensor& grad_rows, const Tensor& grad_cols,
-                                                     const Tensor& q, const Tensor& w, const Tensor& labels,
-                                                     const Tensor& rows, const Tensor& cols, int64_t K,
-                                                     c10::ArrayRef<double> terms, int64_t flags,
-                                                     bool need_grad_w) {
+std::tuple<Tensor, Tensor> class_engine_backward_cpu(const Tensor& grad_rows, const Tensor& grad_cols, const Tensor& q,
+                                                     const Tensor& w, const Tensor& labels, const Tensor& rows,
+                                                     const Tensor& cols, int64_t K, c10::ArrayRef<double> terms,
+                                                     int64_t flags, bool need_grad_w) {
   check_inputs(q, w, labels, K, terms, flags);
   const int64_t N = q.size(0), C = w.size(0) / K;
   const at::ScalarType A = compute_type(q);
   auto stats = [&](const Tensor& t, int64_t r, int64_t n, const char* name) {
-    TORCH_CHECK(t.dim() == 2 && t.size(0) == r && t.size(1) == n, "class_engine_backward: ", name,
-                " must have shape (", r, ", ", n, "), got ", t.sizes());
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == r && t.size(1) == n, "class_engine_backward: ", name, " must have shape (",
+                r, ", ", n, "), got ", t.sizes());
     return t.to(A).contiguous();
   };
   const Tensor gr = stats(grad_rows, kNumClassRowValues, N, "grad_rows");
@@ -411,8 +421,10 @@ std::tuple<Tensor, Tensor> class_engine_backward_cpu(const Tensor& grad_rows, co
     grad_q = gq.narrow(1, 0, D).to(q.scalar_type()).contiguous();
     grad_w = need_grad_w ? gw.narrow(1, 0, D).to(w.scalar_type()).contiguous() : q.new_empty({0});
   };
-  if (A == at::kDouble) run(0.0);
-  else run(0.0f);
+  if (A == at::kDouble)
+    run(0.0);
+  else
+    run(0.0f);
   return {grad_q, grad_w};
 }
 

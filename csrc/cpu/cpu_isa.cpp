@@ -16,9 +16,12 @@ namespace cpu {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "base";
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "base";
   }
 }
 
@@ -35,8 +38,7 @@ Isa detect() {
   Isa best = Isa::kBase;
 #if defined(__GNUC__) && defined(__x86_64__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && isa_avx2::table_f32())
-    best = Isa::kAvx2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && isa_avx2::table_f32()) best = Isa::kAvx2;
   if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") && isa_avx512::table_f32())
     best = Isa::kAvx512;
@@ -84,17 +86,23 @@ Isa set_active_isa(Isa cap) {
 
 const Kernels<float>* kernels_f32(Isa isa) {
   switch (isa) {
-    case Isa::kAvx512: return isa_avx512::table_f32();
-    case Isa::kAvx2: return isa_avx2::table_f32();
-    default: return isa_base::table_f32();
+    case Isa::kAvx512:
+      return isa_avx512::table_f32();
+    case Isa::kAvx2:
+      return isa_avx2::table_f32();
+    default:
+      return isa_base::table_f32();
   }
 }
 
 const Kernels<double>* kernels_f64(Isa isa) {
   switch (isa) {
-    case Isa::kAvx512: return isa_avx512::table_f64();
-    case Isa::kAvx2: return isa_avx2::table_f64();
-    default: return isa_base::table_f64();
+    case Isa::kAvx512:
+      return isa_avx512::table_f64();
+    case Isa::kAvx2:
+      return isa_avx2::table_f64();
+    default:
+      return isa_base::table_f64();
   }
 }
 
@@ -110,6 +118,4 @@ const Kernels<double>& active_kernels<double>() {
 }  // namespace cpu
 }  // namespace fpl
 
-TORCH_LIBRARY_FRAGMENT(fused_pairloss, m) {
-  m.def("cpu_isa(str? cap=None) -> str", &fpl::cpu::cpu_isa_op);
-}
+TORCH_LIBRARY_FRAGMENT(fused_pairloss, m) { m.def("cpu_isa(str? cap=None) -> str", &fpl::cpu::cpu_isa_op); }

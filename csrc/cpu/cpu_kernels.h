@@ -53,7 +53,7 @@ struct PairRowState {
   int32_t* nonzero[2];
   T* min_pos;  // mining thresholds, u orientation
   T* max_neg;
-  T* ntx;      // NTXent pair terms and their d/d lse_neg
+  T* ntx;  // NTXent pair terms and their d/d lse_neg
   T* ntx_dlse;
   // backward: incoming gradients and saved statistics
   const T* g_lse[2];  // g_lse[1] already includes the NTXent term's share (glue)
@@ -96,23 +96,20 @@ struct Kernels {
   // zero for rows >= n; ceil(n / nr) panels.
   void (*pack_panels)(const T* x, int64_t ldx, int64_t n, int64_t K, T* out);
   // C[m][n] = sum_k A[m][k] B[n][k] for m < M, n < round_up(N, nr), B given as panels.
-  void (*gemm_nt)(const T* A, int64_t lda, const T* B_panels, int64_t M, int64_t N, int64_t K, T* C,
-                  int64_t ldc);
+  void (*gemm_nt)(const T* A, int64_t lda, const T* B_panels, int64_t M, int64_t N, int64_t K, T* C, int64_t ldc);
   // C[m][n] += sum_k A[m][k] B[k][n]   (N a multiple of 16 floats / 8 doubles)
-  void (*gemm_nn_acc)(const T* A, int64_t lda, const T* B, int64_t ldb, int64_t M, int64_t N,
-                      int64_t K, T* C, int64_t ldc);
+  void (*gemm_nn_acc)(const T* A, int64_t lda, const T* B, int64_t ldb, int64_t M, int64_t N, int64_t K, T* C,
+                      int64_t ldc);
   // C[m][n] += sum_k A[k][m] B[k][n]
-  void (*gemm_tn_acc)(const T* A, int64_t lda, const T* B, int64_t ldb, int64_t M, int64_t N,
-                      int64_t K, T* C, int64_t ldc);
+  void (*gemm_tn_acc)(const T* A, int64_t lda, const T* B, int64_t ldb, int64_t M, int64_t N, int64_t K, T* C,
+                      int64_t ldc);
   // pair engine, main walk: forward reductions / dL/dS of the tile's rows (G, row stride ldg)
-  void (*pair_forward)(const PairSpec<T>& spec, const PairTile<T>& t, const PairRowState<T>& st,
-                       T* scratch);
-  void (*pair_backward)(const PairSpec<T>& spec, const PairTile<T>& t, const PairRowState<T>& st,
-                        T* G, int64_t ldg, T* scratch);
+  void (*pair_forward)(const PairSpec<T>& spec, const PairTile<T>& t, const PairRowState<T>& st, T* scratch);
+  void (*pair_backward)(const PairSpec<T>& spec, const PairTile<T>& t, const PairRowState<T>& st, T* G, int64_t ldg,
+                        T* scratch);
   // pair engine, walks over the positive pairs of a label-sorted copy (spec.defer_positives()):
   // pass 0: mining threshold min_pos; pass 1: the positives' reductions.
-  void (*pair_positives)(const PairSpec<T>& spec, const PairTile<T>& t, const PairRowState<T>& st,
-                         int pass);
+  void (*pair_positives)(const PairSpec<T>& spec, const PairTile<T>& t, const PairRowState<T>& st, int pass);
   // class engine
   void (*class_forward)(const ClassSpec<T>& spec, const ClassTile<T>& t);
   void (*class_backward)(const ClassSpec<T>& spec, const ClassTile<T>& t);

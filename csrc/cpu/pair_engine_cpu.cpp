@@ -183,17 +183,15 @@ struct Operands {
   const Kernels<T>* K;
   bool self;
   int64_t N, M, D, Dp;
-  Tensor q, r;              // (N, Dp), (M, Dp); r == q in self mode
-  Tensor panels;            // r (or q) packed: ceil(M / nr) x D x nr
-  Tensor lab_q, lab_r;      // int32 label ids
-  Tensor excl;              // int64 (N): excluded column of row i, -1 for none
-  Tensor norm_q, norm_r;    // (N), (M) squared norms, lp only
+  Tensor q, r;            // (N, Dp), (M, Dp); r == q in self mode
+  Tensor panels;          // r (or q) packed: ceil(M / nr) x D x nr
+  Tensor lab_q, lab_r;    // int32 label ids
+  Tensor excl;            // int64 (N): excluded column of row i, -1 for none
+  Tensor norm_q, norm_r;  // (N), (M) squared norms, lp only
   int64_t num_labels;
 };
 
-at::ScalarType compute_dtype(const Tensor& q) {
-  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+at::ScalarType compute_dtype(const Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 template <typename T>
 Tensor padded_rows(const Tensor& x, int64_t Dp) {
@@ -274,13 +272,16 @@ template <typename T>
 struct Scratch {
   std::vector<T> S, St, G1, G2, buf;
   Scratch(int64_t ti, int64_t tj)
-      : S(ti * round_up(tj, 32)), St(tj * round_up(ti, 32)), G1(ti * round_up(tj, 32)),
-        G2(tj * round_up(ti, 32)), buf(4 * (std::max(ti, tj) + 64)) {}
+      : S(ti * round_up(tj, 32)),
+        St(tj * round_up(ti, 32)),
+        G1(ti * round_up(tj, 32)),
+        G2(tj * round_up(ti, 32)),
+        buf(4 * (std::max(ti, tj) + 64)) {}
 };
 
 template <typename T>
-PairTile<T> make_tile(const Operands<T>& o, const T* S, int64_t ld, int64_t i0, int ti, int64_t j0,
-                      int tj, bool transposed) {
+PairTile<T> make_tile(const Operands<T>& o, const T* S, int64_t ld, int64_t i0, int ti, int64_t j0, int tj,
+                      bool transposed) {
   // transposed: rows are r's block j0 (self mode only), columns q's block i0
   PairTile<T> t{};
   t.S = S;
@@ -308,8 +309,8 @@ PairTile<T> make_tile(const Operands<T>& o, const T* S, int64_t ld, int64_t i0, 
 template <typename T>
 void s_tile(const Operands<T>& o, int64_t i0, int ti, int64_t j0, int tj, T* S, int64_t ld) {
   const int64_t nr = o.K->nr;
-  o.K->gemm_nt(o.q.template data_ptr<T>() + i0 * o.Dp, o.Dp,
-               o.panels.template data_ptr<T>() + (j0 / nr) * o.D * nr, ti, tj, o.D, S, ld);
+  o.K->gemm_nt(o.q.template data_ptr<T>() + i0 * o.Dp, o.Dp, o.panels.template data_ptr<T>() + (j0 / nr) * o.D * nr, ti,
+               tj, o.D, S, ld);
 }
 
 // ---- row state --------------------------------------------------------------------------------
@@ -397,38 +398,41 @@ Sorted<T> sort_by_label(const Operands<T>& o) {
 }
 
 template <typename T>
-void positive_walk(const Operands<T>& o, const Sorted<T>& s, const PairSpec<T>& spec,
-                   const PairRowState<T>& st, int pass, bool par) {
+void positive_walk(const Operands<T>& o, const Sorted<T>& s, const PairSpec<T>& spec, const PairRowState<T>& st,
+                   int pass, bool par) {
   const int64_t N = o.N, nb = (N + kBandRows - 1) / kBandRows;
   const int32_t* lq = s.lab_q.template data_ptr<int32_t>();
-  tile_parallel(nb, par, [&] {
-    return std::pair<std::vector<T>, std::vector<T>>(
-        std::vector<T>(kBandRows * kBandCols), std::vector<T>(round_up(kBandCols, 32) * o.D));
-  }, [&](int64_t b, std::pair<std::vector<T>, std::vector<T>>& sc) {
-    const int64_t i0 = b * kBandRows, ti = std::min(kBandRows, N - i0);
-    const int64_t c_lo = s.col_begin[lq[i0]], c_hi = s.col_end[lq[i0 + ti - 1]];
-    for (int64_t c0 = c_lo; c0 < c_hi; c0 += kBandCols) {
-      const int64_t tc = std::min(kBandCols, c_hi - c0);
-      o.K->pack_panels(s.r.template data_ptr<T>() + c0 * o.Dp, o.Dp, tc, o.D, sc.second.data());
-      o.K->gemm_nt(s.q.template data_ptr<T>() + i0 * o.Dp, o.Dp, sc.second.data(), ti, tc, o.D,
-                   sc.first.data(), kBandCols);
-      PairTile<T> t{};
-      t.S = sc.first.data();
-      t.ld = kBandCols;
-      t.rows = static_cast<int>(ti);
-      t.cols = static_cast<int>(tc);
-      t.lab_r = lq + i0;
-      t.lab_c = s.lab_r.template data_ptr<int32_t>() + c0;
-      t.excl_r = s.excl_q.template data_ptr<int64_t>() + i0;
-      if (s.norm_q.defined()) {
-        t.norm_r = s.norm_q.template data_ptr<T>() + i0;
-        t.norm_c = s.norm_r.template data_ptr<T>() + c0;
-      }
-      t.row_index = s.perm_q.template data_ptr<int64_t>() + i0;
-      t.col_index = s.perm_r.template data_ptr<int64_t>() + c0;
-      o.K->pair_positives(spec, t, st, pass);
-    }
-  });
+  tile_parallel(
+      nb, par,
+      [&] {
+        return std::pair<std::vector<T>, std::vector<T>>(std::vector<T>(kBandRows * kBandCols),
+                                                         std::vector<T>(round_up(kBandCols, 32) * o.D));
+      },
+      [&](int64_t b, std::pair<std::vector<T>, std::vector<T>>& sc) {
+        const int64_t i0 = b * kBandRows, ti = std::min(kBandRows, N - i0);
+        const int64_t c_lo = s.col_begin[lq[i0]], c_hi = s.col_end[lq[i0 + ti - 1]];
+        for (int64_t c0 = c_lo; c0 < c_hi; c0 += kBandCols) {
+          const int64_t tc = std::min(kBandCols, c_hi - c0);
+          o.K->pack_panels(s.r.template data_ptr<T>() + c0 * o.Dp, o.Dp, tc, o.D, sc.second.data());
+          o.K->gemm_nt(s.q.template data_ptr<T>() + i0 * o.Dp, o.Dp, sc.second.data(), ti, tc, o.D, sc.first.data(),
+                       kBandCols);
+          PairTile<T> t{};
+          t.S = sc.first.data();
+          t.ld = kBandCols;
+          t.rows = static_cast<int>(ti);
+          t.cols = static_cast<int>(tc);
+          t.lab_r = lq + i0;
+          t.lab_c = s.lab_r.template data_ptr<int32_t>() + c0;
+          t.excl_r = s.excl_q.template data_ptr<int64_t>() + i0;
+          if (s.norm_q.defined()) {
+            t.norm_r = s.norm_q.template data_ptr<T>() + i0;
+            t.norm_c = s.norm_r.template data_ptr<T>() + c0;
+          }
+          t.row_index = s.perm_q.template data_ptr<int64_t>() + i0;
+          t.col_index = s.perm_r.template data_ptr<int64_t>() + c0;
+          o.K->pair_positives(spec, t, st, pass);
+        }
+      });
 }
 
 // ---- forward -----------------------------------------------------------------------------------
@@ -447,32 +451,35 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Operands<T>& o, const Pair
   if (o.self) {
     const int64_t T_ = tile_size(N), nb = (N + T_ - 1) / T_;
     for (const auto& round : self_schedule(nb)) {
-      tile_parallel(static_cast<int64_t>(round.size()), par, [&] { return Scratch<T>(T_, T_); },
-                    [&](int64_t k, Scratch<T>& sc) {
-        const int64_t I = round[k].first, J = round[k].second, i0 = I * T_, j0 = J * T_;
-        const int ti = static_cast<int>(std::min(T_, N - i0)), tj = static_cast<int>(std::min(T_, N - j0));
-        const int64_t ld = round_up(tj, 32), ldt = round_up(ti, 32);
-        s_tile(o, i0, ti, j0, tj, sc.S.data(), ld);
-        o.K->pair_forward(spec, make_tile(o, sc.S.data(), ld, i0, ti, j0, tj, false), st, sc.buf.data());
-        if (I != J) {
-          transpose(sc.S.data(), ti, tj, ld, sc.St.data(), ldt);
-          o.K->pair_forward(spec, make_tile(o, sc.St.data(), ldt, i0, ti, j0, tj, true), st, sc.buf.data());
-        }
-      });
+      tile_parallel(
+          static_cast<int64_t>(round.size()), par, [&] { return Scratch<T>(T_, T_); },
+          [&](int64_t k, Scratch<T>& sc) {
+            const int64_t I = round[k].first, J = round[k].second, i0 = I * T_, j0 = J * T_;
+            const int ti = static_cast<int>(std::min(T_, N - i0)), tj = static_cast<int>(std::min(T_, N - j0));
+            const int64_t ld = round_up(tj, 32), ldt = round_up(ti, 32);
+            s_tile(o, i0, ti, j0, tj, sc.S.data(), ld);
+            o.K->pair_forward(spec, make_tile(o, sc.S.data(), ld, i0, ti, j0, tj, false), st, sc.buf.data());
+            if (I != J) {
+              transpose(sc.S.data(), ti, tj, ld, sc.St.data(), ldt);
+              o.K->pair_forward(spec, make_tile(o, sc.St.data(), ldt, i0, ti, j0, tj, true), st, sc.buf.data());
+            }
+          });
     }
   } else {
     const int64_t TI = tile_size(N), TJ = tile_size(M), nbi = (N + TI - 1) / TI, nbj = (M + TJ - 1) / TJ;
-    tile_parallel(nbi, par, [&] { return Scratch<T>(TI, TJ); }, [&](int64_t I, Scratch<T>& sc) {
-      const int64_t i0 = I * TI;
-      const int ti = static_cast<int>(std::min(TI, N - i0));
-      for (int64_t J = 0; J < nbj; ++J) {
-        const int64_t j0 = J * TJ;
-        const int tj = static_cast<int>(std::min(TJ, M - j0));
-        const int64_t ld = round_up(tj, 32);
-        s_tile(o, i0, ti, j0, tj, sc.S.data(), ld);
-        o.K->pair_forward(spec, make_tile(o, sc.S.data(), ld, i0, ti, j0, tj, false), st, sc.buf.data());
-      }
-    });
+    tile_parallel(
+        nbi, par, [&] { return Scratch<T>(TI, TJ); },
+        [&](int64_t I, Scratch<T>& sc) {
+          const int64_t i0 = I * TI;
+          const int ti = static_cast<int>(std::min(TI, N - i0));
+          for (int64_t J = 0; J < nbj; ++J) {
+            const int64_t j0 = J * TJ;
+            const int tj = static_cast<int>(std::min(TJ, M - j0));
+            const int64_t ld = round_up(tj, 32);
+            s_tile(o, i0, ti, j0, tj, sc.S.data(), ld);
+            o.K->pair_forward(spec, make_tile(o, sc.S.data(), ld, i0, ti, j0, tj, false), st, sc.buf.data());
+          }
+        });
   }
 
   Tensor values = at::zeros({kNumPairValues, N}, opts);
@@ -494,9 +501,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Operands<T>& o, const Pair
 
 // ---- backward ----------------------------------------------------------------------------------
 template <typename T>
-std::tuple<Tensor, Tensor> backward_impl(const Operands<T>& o, const PairSpec<T>& spec,
-                                         const Tensor& grad_values, const Tensor& values,
-                                         const Tensor& aux, bool need_grad_r) {
+std::tuple<Tensor, Tensor> backward_impl(const Operands<T>& o, const PairSpec<T>& spec, const Tensor& grad_values,
+                                         const Tensor& values, const Tensor& aux, bool need_grad_r) {
   const auto opts = o.q.options();
   const int64_t N = o.N, M = o.M, Dp = o.Dp;
   // NTXent: d(pair terms)/d(lse_neg) joins the gradient of lse_neg
@@ -522,31 +528,32 @@ std::tuple<Tensor, Tensor> backward_impl(const Operands<T>& o, const PairSpec<T>
   if (o.self) {
     const int64_t T_ = tile_size(N), nb = (N + T_ - 1) / T_;
     for (const auto& round : self_schedule(nb)) {
-      tile_parallel(static_cast<int64_t>(round.size()), par, [&] { return Scratch<T>(T_, T_); },
-                    [&](int64_t k, Scratch<T>& sc) {
-        const int64_t I = round[k].first, J = round[k].second, i0 = I * T_, j0 = J * T_;
-        const int ti = static_cast<int>(std::min(T_, N - i0)), tj = static_cast<int>(std::min(T_, N - j0));
-        const int64_t ld = round_up(tj, 32), ldt = round_up(ti, 32);
-        s_tile(o, i0, ti, j0, tj, sc.S.data(), ld);
-        o.K->pair_backward(spec, make_tile(o, sc.S.data(), ld, i0, ti, j0, tj, false), st, sc.G1.data(), ld,
-                           sc.buf.data());
-        if (I == J) {
-          sym_add_self(sc.G1.data(), ld, ti);
-          o.K->gemm_nn_acc(sc.G1.data(), ld, qp + i0 * Dp, Dp, ti, Dp, ti, dqp + i0 * Dp, Dp);
-          if (lp) add_row_sums(sc.G1.data(), ld, ti, ti, gsum_q.data() + i0);
-          return;
-        }
-        transpose(sc.S.data(), ti, tj, ld, sc.St.data(), ldt);
-        o.K->pair_backward(spec, make_tile(o, sc.St.data(), ldt, i0, ti, j0, tj, true), st, sc.G2.data(), ldt,
-                           sc.buf.data());
-        add_transposed(sc.G1.data(), ld, sc.G2.data(), ldt, ti, tj);  // H = G_IJ + G_JI^T
-        o.K->gemm_nn_acc(sc.G1.data(), ld, qp + j0 * Dp, Dp, ti, Dp, tj, dqp + i0 * Dp, Dp);
-        o.K->gemm_tn_acc(sc.G1.data(), ld, qp + i0 * Dp, Dp, tj, Dp, ti, dqp + j0 * Dp, Dp);
-        if (lp) {
-          add_row_sums(sc.G1.data(), ld, ti, tj, gsum_q.data() + i0);
-          add_col_sums(sc.G1.data(), ld, ti, tj, gsum_q.data() + j0);
-        }
-      });
+      tile_parallel(
+          static_cast<int64_t>(round.size()), par, [&] { return Scratch<T>(T_, T_); },
+          [&](int64_t k, Scratch<T>& sc) {
+            const int64_t I = round[k].first, J = round[k].second, i0 = I * T_, j0 = J * T_;
+            const int ti = static_cast<int>(std::min(T_, N - i0)), tj = static_cast<int>(std::min(T_, N - j0));
+            const int64_t ld = round_up(tj, 32), ldt = round_up(ti, 32);
+            s_tile(o, i0, ti, j0, tj, sc.S.data(), ld);
+            o.K->pair_backward(spec, make_tile(o, sc.S.data(), ld, i0, ti, j0, tj, false), st, sc.G1.data(), ld,
+                               sc.buf.data());
+            if (I == J) {
+              sym_add_self(sc.G1.data(), ld, ti);
+              o.K->gemm_nn_acc(sc.G1.data(), ld, qp + i0 * Dp, Dp, ti, Dp, ti, dqp + i0 * Dp, Dp);
+              if (lp) add_row_sums(sc.G1.data(), ld, ti, ti, gsum_q.data() + i0);
+              return;
+            }
+            transpose(sc.S.data(), ti, tj, ld, sc.St.data(), ldt);
+            o.K->pair_backward(spec, make_tile(o, sc.St.data(), ldt, i0, ti, j0, tj, true), st, sc.G2.data(), ldt,
+                               sc.buf.data());
+            add_transposed(sc.G1.data(), ld, sc.G2.data(), ldt, ti, tj);  // H = G_IJ + G_JI^T
+            o.K->gemm_nn_acc(sc.G1.data(), ld, qp + j0 * Dp, Dp, ti, Dp, tj, dqp + i0 * Dp, Dp);
+            o.K->gemm_tn_acc(sc.G1.data(), ld, qp + i0 * Dp, Dp, tj, Dp, ti, dqp + j0 * Dp, Dp);
+            if (lp) {
+              add_row_sums(sc.G1.data(), ld, ti, tj, gsum_q.data() + i0);
+              add_col_sums(sc.G1.data(), ld, ti, tj, gsum_q.data() + j0);
+            }
+          });
     }
     if (lp) add_norm_gradient(dqp, qp, gsum_q.data(), N, Dp);
     return {dq.narrow(1, 0, o.D), Tensor()};
@@ -555,40 +562,44 @@ std::tuple<Tensor, Tensor> backward_impl(const Operands<T>& o, const PairSpec<T>
   const int64_t TI = tile_size(N), TJ = tile_size(M), nbi = (N + TI - 1) / TI, nbj = (M + TJ - 1) / TJ;
   const T* rp = o.r.template data_ptr<T>();
   // row pass: dq_I = sum_J G_IJ r_J
-  tile_parallel(nbi, par, [&] { return Scratch<T>(TI, TJ); }, [&](int64_t I, Scratch<T>& sc) {
-    const int64_t i0 = I * TI;
-    const int ti = static_cast<int>(std::min(TI, N - i0));
-    for (int64_t J = 0; J < nbj; ++J) {
-      const int64_t j0 = J * TJ;
-      const int tj = static_cast<int>(std::min(TJ, M - j0));
-      const int64_t ld = round_up(tj, 32);
-      s_tile(o, i0, ti, j0, tj, sc.S.data(), ld);
-      o.K->pair_backward(spec, make_tile(o, sc.S.data(), ld, i0, ti, j0, tj, false), st, sc.G1.data(), ld,
-                         sc.buf.data());
-      o.K->gemm_nn_acc(sc.G1.data(), ld, rp + j0 * Dp, Dp, ti, Dp, tj, dqp + i0 * Dp, Dp);
-      if (lp) add_row_sums(sc.G1.data(), ld, ti, tj, gsum_q.data() + i0);
-    }
-  });
+  tile_parallel(
+      nbi, par, [&] { return Scratch<T>(TI, TJ); },
+      [&](int64_t I, Scratch<T>& sc) {
+        const int64_t i0 = I * TI;
+        const int ti = static_cast<int>(std::min(TI, N - i0));
+        for (int64_t J = 0; J < nbj; ++J) {
+          const int64_t j0 = J * TJ;
+          const int tj = static_cast<int>(std::min(TJ, M - j0));
+          const int64_t ld = round_up(tj, 32);
+          s_tile(o, i0, ti, j0, tj, sc.S.data(), ld);
+          o.K->pair_backward(spec, make_tile(o, sc.S.data(), ld, i0, ti, j0, tj, false), st, sc.G1.data(), ld,
+                             sc.buf.data());
+          o.K->gemm_nn_acc(sc.G1.data(), ld, rp + j0 * Dp, Dp, ti, Dp, tj, dqp + i0 * Dp, Dp);
+          if (lp) add_row_sums(sc.G1.data(), ld, ti, tj, gsum_q.data() + i0);
+        }
+      });
   if (lp) add_norm_gradient(dqp, qp, gsum_q.data(), N, Dp);
   if (!need_grad_r) return {dq.narrow(1, 0, o.D), Tensor()};
   // column pass: dr_J = sum_I G_IJ^T q_I, the same tiles q_I r_J^T recomputed
   Tensor dr = at::zeros({M, Dp}, opts);
   T* drp = dr.template data_ptr<T>();
   std::vector<T> gsum_r(lp ? M : 0, T(0));
-  tile_parallel(nbj, par, [&] { return Scratch<T>(TI, TJ); }, [&](int64_t J, Scratch<T>& sc) {
-    const int64_t j0 = J * TJ;
-    const int tj = static_cast<int>(std::min(TJ, M - j0));
-    const int64_t ld = round_up(tj, 32);
-    for (int64_t I = 0; I < nbi; ++I) {
-      const int64_t i0 = I * TI;
-      const int ti = static_cast<int>(std::min(TI, N - i0));
-      s_tile(o, i0, ti, j0, tj, sc.S.data(), ld);
-      o.K->pair_backward(spec, make_tile(o, sc.S.data(), ld, i0, ti, j0, tj, false), st, sc.G1.data(), ld,
-                         sc.buf.data());
-      o.K->gemm_tn_acc(sc.G1.data(), ld, qp + i0 * Dp, Dp, tj, Dp, ti, drp + j0 * Dp, Dp);
-      if (lp) add_col_sums(sc.G1.data(), ld, ti, tj, gsum_r.data() + j0);
-    }
-  });
+  tile_parallel(
+      nbj, par, [&] { return Scratch<T>(TI, TJ); },
+      [&](int64_t J, Scratch<T>& sc) {
+        const int64_t j0 = J * TJ;
+        const int tj = static_cast<int>(std::min(TJ, M - j0));
+        const int64_t ld = round_up(tj, 32);
+        for (int64_t I = 0; I < nbi; ++I) {
+          const int64_t i0 = I * TI;
+          const int ti = static_cast<int>(std::min(TI, N - i0));
+          s_tile(o, i0, ti, j0, tj, sc.S.data(), ld);
+          o.K->pair_backward(spec, make_tile(o, sc.S.data(), ld, i0, ti, j0, tj, false), st, sc.G1.data(), ld,
+                             sc.buf.data());
+          o.K->gemm_tn_acc(sc.G1.data(), ld, qp + i0 * Dp, Dp, tj, Dp, ti, drp + j0 * Dp, Dp);
+          if (lp) add_col_sums(sc.G1.data(), ld, ti, tj, gsum_r.data() + j0);
+        }
+      });
   if (lp) add_norm_gradient(drp, rp, gsum_r.data(), M, Dp);
   return {dq.narrow(1, 0, o.D), dr.narrow(1, 0, o.D)};
 }
@@ -607,8 +618,8 @@ void check_inputs(const Tensor& q, const std::optional<Tensor>& r, const Tensor&
   TORCH_CHECK(r.has_value() == labels_r.has_value(), "pair_engine: r and labels_r go together");
   if (r.has_value()) {
     TORCH_CHECK(r->device().is_cpu(), "pair_engine (cpu): r must be a CPU tensor, got ", r->device());
-    TORCH_CHECK(r->dim() == 2 && r->size(1) == q.size(1), "pair_engine: r must have shape (M, ", q.size(1),
-                "), got ", r->sizes());
+    TORCH_CHECK(r->dim() == 2 && r->size(1) == q.size(1), "pair_engine: r must have shape (M, ", q.size(1), "), got ",
+                r->sizes());
     TORCH_CHECK(r->scalar_type() == q.scalar_type(), "pair_engine: q and r must have the same dtype");
     TORCH_CHECK(labels_r->dim() == 1 && labels_r->size(0) == r->size(0), "pair_engine: labels_r must have shape (",
                 r->size(0), ",), got ", labels_r->sizes());
@@ -616,22 +627,22 @@ void check_inputs(const Tensor& q, const std::optional<Tensor>& r, const Tensor&
     TORCH_CHECK(!exclude_col.has_value(), "pair_engine: exclude_col is implied (the diagonal) in self mode");
   }
   if (exclude_col.has_value()) {
-    TORCH_CHECK(exclude_col->dim() == 1 && exclude_col->size(0) == q.size(0) &&
-                    exclude_col->scalar_type() == at::kLong,
-                "pair_engine: exclude_col must be int64 of shape (", q.size(0), ",), got ",
-                exclude_col->scalar_type(), " ", exclude_col->sizes());
+    TORCH_CHECK(exclude_col->dim() == 1 && exclude_col->size(0) == q.size(0) && exclude_col->scalar_type() == at::kLong,
+                "pair_engine: exclude_col must be int64 of shape (", q.size(0), ",), got ", exclude_col->scalar_type(),
+                " ", exclude_col->sizes());
     if (exclude_col->numel() > 0) {
       const int64_t lo = exclude_col->min().item<int64_t>(), hi = exclude_col->max().item<int64_t>();
-      TORCH_CHECK(lo >= -1 && hi < r->size(0), "pair_engine: exclude_col values must lie in [-1, ",
-                  r->size(0), "), got [", lo, ", ", hi, "]");
+      TORCH_CHECK(lo >= -1 && hi < r->size(0), "pair_engine: exclude_col values must lie in [-1, ", r->size(0),
+                  "), got [", lo, ", ", hi, "]");
     }
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor> pair_engine_forward_cpu(
-    const Tensor& q, const std::optional<Tensor>& r, const Tensor& labels_q,
-    const std::optional<Tensor>& labels_r, const std::optional<Tensor>& exclude_col,
-    c10::ArrayRef<double> terms, int64_t flags) {
+std::tuple<Tensor, Tensor, Tensor> pair_engine_forward_cpu(const Tensor& q, const std::optional<Tensor>& r,
+                                                           const Tensor& labels_q,
+                                                           const std::optional<Tensor>& labels_r,
+                                                           const std::optional<Tensor>& exclude_col,
+                                                           c10::ArrayRef<double> terms, int64_t flags) {
   check_inputs(q, r, labels_q, labels_r, exclude_col, terms, flags);
   if (compute_dtype(q) == at::kDouble) {
     const auto spec = decode_pair_spec<double>(terms.data(), flags);
@@ -641,10 +652,12 @@ std::tuple<Tensor, Tensor, Tensor> pair_engine_forward_cpu(
   return forward_impl(prepare(q, r, labels_q, labels_r, exclude_col, spec), spec);
 }
 
-std::tuple<Tensor, Tensor> pair_engine_backward_cpu(
-    const Tensor& grad_values, const Tensor& q, const std::optional<Tensor>& r, const Tensor& labels_q,
-    const std::optional<Tensor>& labels_r, const std::optional<Tensor>& exclude_col, const Tensor& values,
-    const Tensor& aux, c10::ArrayRef<double> terms, int64_t flags, bool need_grad_r) {
+std::tuple<Tensor, Tensor> pair_engine_backward_cpu(const Tensor& grad_values, const Tensor& q,
+                                                    const std::optional<Tensor>& r, const Tensor& labels_q,
+                                                    const std::optional<Tensor>& labels_r,
+                                                    const std::optional<Tensor>& exclude_col, const Tensor& values,
+                                                    const Tensor& aux, c10::ArrayRef<double> terms, int64_t flags,
+                                                    bool need_grad_r) {
   check_inputs(q, r, labels_q, labels_r, exclude_col, terms, flags);
   const int64_t N = q.size(0);
   const auto A = compute_dtype(q);
@@ -665,8 +678,8 @@ std::tuple<Tensor, Tensor> pair_engine_backward_cpu(
     out = backward_impl(prepare(q, r, labels_q, labels_r, exclude_col, spec), spec, gv, vals, ax, need_grad_r);
   }
   Tensor grad_q = std::get<0>(out).to(q.scalar_type()).contiguous();
-  Tensor grad_r = (r.has_value() && need_grad_r) ? std::get<1>(out).to(r->scalar_type()).contiguous()
-                                                 : q.new_empty({0});
+  Tensor grad_r =
+      (r.has_value() && need_grad_r) ? std::get<1>(out).to(r->scalar_type()).contiguous() : q.new_empty({0});
   return {grad_q, grad_r};
 }
 

@@ -176,8 +176,7 @@ constexpr int kRowStats = 3;
 constexpr int kColStats = 4;
 
 template <typename T>
-FPL_DEV void stage_row_stats(const ClassArgs<T>& p, int64_t r0, int nr, int64_t* lab_s,
-                             typename AccOf<T>::type* rst) {
+FPL_DEV void stage_row_stats(const ClassArgs<T>& p, int64_t r0, int nr, int64_t* lab_s, typename AccOf<T>::type* rst) {
   const int t = threadIdx.x;
   if (t < nr) {
     lab_s[t] = p.labels[r0 + t];
@@ -188,8 +187,7 @@ FPL_DEV void stage_row_stats(const ClassArgs<T>& p, int64_t r0, int nr, int64_t*
 }
 
 template <typename T>
-FPL_DEV void stage_col_stats(const ClassArgs<T>& p, const ClassTileRange& ct,
-                             typename AccOf<T>::type* cst) {
+FPL_DEV void stage_col_stats(const ClassArgs<T>& p, const ClassTileRange& ct, typename AccOf<T>::type* cst) {
   const int t = threadIdx.x;
   if ((p.col_pos || p.col_neg) && t < ct.ncls) {
     const int64_t c = ct.c0 + t;
@@ -204,9 +202,9 @@ FPL_DEV void stage_col_stats(const ClassArgs<T>& p, const ClassTileRange& ct,
 // over the tile's s_ick in place. Element (row i, center column j) of the tile is
 // Ss[i * rs + j * cs].
 template <typename T>
-FPL_DEV void class_grad_tile(const ClassArgs<T>& p, typename AccOf<T>::type* Ss, int rs, int cs,
-                             int nrows, const ClassTileRange& ct, const int64_t* lab_s,
-                             const typename AccOf<T>::type* rst, const typename AccOf<T>::type* cst) {
+FPL_DEV void class_grad_tile(const ClassArgs<T>& p, typename AccOf<T>::type* Ss, int rs, int cs, int nrows,
+                             const ClassTileRange& ct, const int64_t* lab_s, const typename AccOf<T>::type* rst,
+                             const typename AccOf<T>::type* cst) {
   using A = typename AccOf<T>::type;
   const ClassSpec<A>& sp = p.sp;
   const int K = p.K;
@@ -310,8 +308,8 @@ bool class_operands_ok(const ClassOperands& o, int64_t flags) {
 }
 
 template <typename T>
-cudaError_t forward_t(const ClassOperands& o, const double* terms, int64_t flags, void* rows,
-                      void* cols, cudaStream_t stream) {
+cudaError_t forward_t(const ClassOperands& o, const double* terms, int64_t flags, void* rows, void* cols,
+                      cudaStream_t stream) {
   using A = typename AccOf<T>::type;
   if (!class_operands_ok(o, flags)) return cudaErrorInvalidValue;
   ClassArgs<T> a = make_args<T>(o, terms, flags);
@@ -339,9 +337,8 @@ cudaError_t forward_t(const ClassOperands& o, const double* terms, int64_t flags
 }
 
 template <typename T>
-cudaError_t backward_t(const ClassOperands& o, const double* terms, int64_t flags, const void* grows,
-                       const void* gcols, const void* rows, const void* cols, void* grad_q,
-                       void* grad_w, cudaStream_t stream) {
+cudaError_t backward_t(const ClassOperands& o, const double* terms, int64_t flags, const void* grows, const void* gcols,
+                       const void* rows, const void* cols, void* grad_q, void* grad_w, cudaStream_t stream) {
   using A = typename AccOf<T>::type;
   if (!class_operands_ok(o, flags)) return cudaErrorInvalidValue;
   if (o.N == 0 || o.C == 0) return cudaSuccess;  // the caller's zero-filled gradients are the answer
@@ -350,8 +347,7 @@ cudaError_t backward_t(const ClassOperands& o, const double* terms, int64_t flag
   a.gcols = static_cast<const A*>(gcols);
   a.rows_in = static_cast<const A*>(rows);
   a.cols_in = static_cast<const A*>(cols);
-  const size_t smem =
-      Smem<T>::kExtraOffset + kBM * sizeof(int64_t) + (kRowStats * kBM + kColStats * kBN) * sizeof(A);
+  const size_t smem = Smem<T>::kExtraOffset + kBM * sizeof(int64_t) + (kRowStats * kBM + kColStats * kBN) * sizeof(A);
   cudaError_t err = prepare_smem(class_backward_kernel<T>, smem);
   if (err != cudaSuccess) return err;
   if (grad_q != nullptr) {
@@ -370,27 +366,34 @@ cudaError_t backward_t(const ClassOperands& o, const double* terms, int64_t flag
 
 }  // namespace
 
-cudaError_t class_forward(const ClassOperands& o, const double* terms, int64_t flags, void* rows,
-                          void* cols, cudaStream_t stream) {
+cudaError_t class_forward(const ClassOperands& o, const double* terms, int64_t flags, void* rows, void* cols,
+                          cudaStream_t stream) {
   switch (o.dt) {
-    case DType::kFloat32: return forward_t<float>(o, terms, flags, rows, cols, stream);
-    case DType::kFloat64: return forward_t<double>(o, terms, flags, rows, cols, stream);
-    case DType::kFloat16: return forward_t<__half>(o, terms, flags, rows, cols, stream);
-    case DType::kBFloat16: return forward_t<__nv_bfloat16>(o, terms, flags, rows, cols, stream);
+    case DType::kFloat32:
+      return forward_t<float>(o, terms, flags, rows, cols, stream);
+    case DType::kFloat64:
+      return forward_t<double>(o, terms, flags, rows, cols, stream);
+    case DType::kFloat16:
+      return forward_t<__half>(o, terms, flags, rows, cols, stream);
+    case DType::kBFloat16:
+      return forward_t<__nv_bfloat16>(o, terms, flags, rows, cols, stream);
   }
   return cudaErrorInvalidValue;
 }
 
-cudaError_t class_backward(const ClassOperands& o, const double* terms, int64_t flags,
-                           const void* grad_rows, const void* grad_cols, const void* rows,
-                           const void* cols, void* grad_q, void* grad_w, cudaStream_t stream) {
-#define FPL_CLASS_BWD(T) \
-  return backward_t<T>(o, terms, flags, grad_rows, grad_cols, rows, cols, grad_q, grad_w, stream)
+cudaError_t class_backward(const ClassOperands& o, const double* terms, int64_t flags, const void* grad_rows,
+                           const void* grad_cols, const void* rows, const void* cols, void* grad_q, void* grad_w,
+                           cudaStream_t stream) {
+#define FPL_CLASS_BWD(T) return backward_t<T>(o, terms, flags, grad_rows, grad_cols, rows, cols, grad_q, grad_w, stream)
   switch (o.dt) {
-    case DType::kFloat32: FPL_CLASS_BWD(float);
-    case DType::kFloat64: FPL_CLASS_BWD(double);
-    case DType::kFloat16: FPL_CLASS_BWD(__half);
-    case DType::kBFloat16: FPL_CLASS_BWD(__nv_bfloat16);
+    case DType::kFloat32:
+      FPL_CLASS_BWD(float);
+    case DType::kFloat64:
+      FPL_CLASS_BWD(double);
+    case DType::kFloat16:
+      FPL_CLASS_BWD(__half);
+    case DType::kBFloat16:
+      FPL_CLASS_BWD(__nv_bfloat16);
   }
 #undef FPL_CLASS_BWD
   return cudaErrorInvalidValue;

@@ -35,10 +35,14 @@ struct Runtime {
 
 inline fpl_cuda::DType dtype_code(const Tensor& t) {
   switch (t.scalar_type()) {
-    case at::kFloat: return fpl_cuda::DType::kFloat32;
-    case at::kDouble: return fpl_cuda::DType::kFloat64;
-    case at::kHalf: return fpl_cuda::DType::kFloat16;
-    case at::kBFloat16: return fpl_cuda::DType::kBFloat16;
+    case at::kFloat:
+      return fpl_cuda::DType::kFloat32;
+    case at::kDouble:
+      return fpl_cuda::DType::kFloat64;
+    case at::kHalf:
+      return fpl_cuda::DType::kFloat16;
+    case at::kBFloat16:
+      return fpl_cuda::DType::kBFloat16;
     default:
       TORCH_CHECK(false, "fused_pairloss (cuda): embeddings must be float32, float64, float16 or bfloat16; got ",
                   t.scalar_type());
@@ -76,13 +80,13 @@ inline void check_pair_inputs(const Tensor& q, const std::optional<Tensor>& r, c
   check_same_device(labels_q, q, "labels_q");
   TORCH_CHECK(r.has_value() == labels_r.has_value(), "pair_engine: r and labels_r go together");
   if (r.has_value()) {
-    TORCH_CHECK(r->dim() == 2 && r->size(1) == q.size(1), "pair_engine: r must have shape (M, ", q.size(1),
-                "), got ", r->sizes());
+    TORCH_CHECK(r->dim() == 2 && r->size(1) == q.size(1), "pair_engine: r must have shape (M, ", q.size(1), "), got ",
+                r->sizes());
     TORCH_CHECK(r->scalar_type() == q.scalar_type(), "pair_engine: q and r must have the same dtype, got ",
                 q.scalar_type(), " and ", r->scalar_type());
     TORCH_CHECK(labels_r->dim() == 1 && labels_r->size(0) == r->size(0) && labels_r->scalar_type() == at::kLong,
-                "pair_engine: labels_r must be int64 of shape (", r->size(0), ",), got ", labels_r->scalar_type(),
-                " ", labels_r->sizes());
+                "pair_engine: labels_r must be int64 of shape (", r->size(0), ",), got ", labels_r->scalar_type(), " ",
+                labels_r->sizes());
     check_same_device(*r, q, "r");
     check_same_device(*labels_r, q, "labels_r");
   } else {
@@ -90,10 +94,9 @@ inline void check_pair_inputs(const Tensor& q, const std::optional<Tensor>& r, c
   }
   if (exclude_col.has_value()) {
     // values outside [-1, M) exclude nothing (checking them would cost a device sync per call)
-    TORCH_CHECK(exclude_col->dim() == 1 && exclude_col->size(0) == q.size(0) &&
-                    exclude_col->scalar_type() == at::kLong,
-                "pair_engine: exclude_col must be int64 of shape (", q.size(0), ",), got ",
-                exclude_col->scalar_type(), " ", exclude_col->sizes());
+    TORCH_CHECK(exclude_col->dim() == 1 && exclude_col->size(0) == q.size(0) && exclude_col->scalar_type() == at::kLong,
+                "pair_engine: exclude_col must be int64 of shape (", q.size(0), ",), got ", exclude_col->scalar_type(),
+                " ", exclude_col->sizes());
     check_same_device(*exclude_col, q, "exclude_col");
   }
 }
@@ -264,8 +267,8 @@ inline void check_class_inputs(const Tensor& q, const Tensor& w, const Tensor& l
   // label values are compared with class indices only: out-of-range labels (the Python layer
   // checks them) give target_sim = NaN, never a bad memory access
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == q.size(0) && labels.scalar_type() == at::kLong,
-              "class_engine: labels must be int64 of shape (N,) = (", q.size(0), ",), got ", labels.scalar_type(),
-              " ", labels.sizes());
+              "class_engine: labels must be int64 of shape (N,) = (", q.size(0), ",), got ", labels.scalar_type(), " ",
+              labels.sizes());
   check_same_device(w, q, "w");
   check_same_device(labels, q, "labels");
 }
@@ -310,8 +313,8 @@ inline std::tuple<Tensor, Tensor> class_backward(const Runtime& rt, const Tensor
   const int64_t N = q.size(0), C = w.size(0) / K, D = q.size(1);
   const auto A = stat_type(q);
   auto stats = [&](const Tensor& t, int64_t r, int64_t n, const char* name) {
-    TORCH_CHECK(t.dim() == 2 && t.size(0) == r && t.size(1) == n, "class_engine_backward: ", name,
-                " must have shape (", r, ", ", n, "), got ", t.sizes());
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == r && t.size(1) == n, "class_engine_backward: ", name, " must have shape (",
+                r, ", ", n, "), got ", t.sizes());
     check_same_device(t, q, name);
     return t.to(A).contiguous();
   };

@@ -44,15 +44,14 @@ struct PairOperands {
 };
 
 // values (A, [5, N]), counts (int32, [4, N]), aux (A, [3, N]): ops/README.md pair_engine_forward.
-cudaError_t pair_forward(const PairOperands& o, const double* terms, int64_t flags, void* values,
-                         int32_t* counts, void* aux, cudaStream_t stream);
+cudaError_t pair_forward(const PairOperands& o, const double* terms, int64_t flags, void* values, int32_t* counts,
+                         void* aux, cudaStream_t stream);
 
 // grad_values (A, [5, N]) with row 1 already holding grad_lse_neg + grad_pos_vs_neg * aux[2];
 // values, aux: the forward's. grad_q (N x D, A, zero-filled) receives dL/dq; in ref mode grad_r
 // (M x D, A, zero-filled) receives dL/dr, or is null (need_grad_r False: its pass is skipped).
-cudaError_t pair_backward(const PairOperands& o, const double* terms, int64_t flags,
-                          const void* grad_values, const void* values, const void* aux, void* grad_q,
-                          void* grad_r, cudaStream_t stream);
+cudaError_t pair_backward(const PairOperands& o, const double* terms, int64_t flags, const void* grad_values,
+                          const void* values, const void* aux, void* grad_q, void* grad_r, cudaStream_t stream);
 
 // Largest centers_per_class K the class engine supports (a tile holds whole classes).
 constexpr int64_t kMaxCentersPerClass = 64;
@@ -68,12 +67,12 @@ struct ClassOperands {
 
 // rows (A, [2, N]: lse_other, target_sim), cols (A, [2, C]): ops/README.md class_engine_forward.
 // target_sim must be NaN-filled by the caller (rows whose label is no class keep it).
-cudaError_t class_forward(const ClassOperands& o, const double* terms, int64_t flags, void* rows,
-                          void* cols, cudaStream_t stream);
+cudaError_t class_forward(const ClassOperands& o, const double* terms, int64_t flags, void* rows, void* cols,
+                          cudaStream_t stream);
 
 // grad_q (N x D, A) and grad_w (C*K x D, A, or null: its pass is skipped), zero-filled.
-cudaError_t class_backward(const ClassOperands& o, const double* terms, int64_t flags,
-                           const void* grad_rows, const void* grad_cols, const void* rows,
-                           const void* cols, void* grad_q, void* grad_w, cudaStream_t stream);
+cudaError_t class_backward(const ClassOperands& o, const double* terms, int64_t flags, const void* grad_rows,
+                           const void* grad_cols, const void* rows, const void* cols, void* grad_q, void* grad_w,
+                           cudaStream_t stream);
 
 }  // namespace fpl_cuda

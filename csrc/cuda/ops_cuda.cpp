@@ -55,15 +55,14 @@ std::tuple<Tensor, Tensor> class_engine_forward_cuda(const Tensor& q, const Tens
   return fpl_cuda_glue::class_forward(runtime(q), q, w, labels, centers_per_class, terms, flags);
 }
 
-std::tuple<Tensor, Tensor> class_engine_backward_cuda(const Tensor& grad_rows, const Tensor& grad_cols,
-                                                      const Tensor& q, const Tensor& w, const Tensor& labels,
-                                                      const Tensor& rows, const Tensor& cols,
-                                                      int64_t centers_per_class, c10::ArrayRef<double> terms,
-                                                      int64_t flags, bool need_grad_w) {
+std::tuple<Tensor, Tensor> class_engine_backward_cuda(const Tensor& grad_rows, const Tensor& grad_cols, const Tensor& q,
+                                                      const Tensor& w, const Tensor& labels, const Tensor& rows,
+                                                      const Tensor& cols, int64_t centers_per_class,
+                                                      c10::ArrayRef<double> terms, int64_t flags, bool need_grad_w) {
   check_cuda(q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
-  return fpl_cuda_glue::class_backward(runtime(q), grad_rows, grad_cols, q, w, labels, rows, cols,
-                                       centers_per_class, terms, flags, need_grad_w);
+  return fpl_cuda_glue::class_backward(runtime(q), grad_rows, grad_cols, q, w, labels, rows, cols, centers_per_class,
+                                       terms, flags, need_grad_w);
 }
 
 }  // namespace

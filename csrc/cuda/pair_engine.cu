@@ -35,7 +35,7 @@ struct PairArgs {
   const T* q;
   const T* r;  // == q in self mode
   const int64_t* lq;
-  const int64_t* lr;  // == lq in self mode
+  const int64_t* lr;    // == lq in self mode
   const int64_t* excl;  // ref mode only (self mode: the diagonal)
   const int64_t* band_lo;
   const int64_t* band_hi;
@@ -92,8 +92,8 @@ FPL_DEV A pair_v(const PairSpec<A>& sp, A s, A n_row, A n_col) {
 // rows [o0, o0 + no): f(s, column, label of the column, squared norm of the column) for the
 // columns of this thread's row (its two threads take alternate columns).
 template <typename T, typename F>
-FPL_DEV void walk_columns(const PairArgs<T>& p, int64_t o0, int no, int64_t x_begin, int64_t x_end,
-                          unsigned char* smem, F&& f) {
+FPL_DEV void walk_columns(const PairArgs<T>& p, int64_t o0, int no, int64_t x_begin, int64_t x_end, unsigned char* smem,
+                          F&& f) {
   using A = typename AccOf<T>::type;
   A* Ss = reinterpret_cast<A*>(smem);
   unsigned char* stage = smem + Smem<T>::kSsBytes;
@@ -282,8 +282,7 @@ FPL_DEV RowStats<A> staged_stats(const A* src, int x) {
 //   kept positive, NTXent: + g_ntx dphi(x - lse_neg) dx/dv dv/dS
 // n_row, n_col: squared norms of q_i, r_j (LP_DISTANCE).
 template <typename A>
-FPL_DEV A pair_grad(const PairSpec<A>& sp, A s, A n_row, A n_col, bool same, bool excluded,
-                    const RowStats<A>& st) {
+FPL_DEV A pair_grad(const PairSpec<A>& sp, A s, A n_row, A n_col, bool same, bool excluded, const RowStats<A>& st) {
   const A v = pair_v(sp, s, n_row, n_col);
   bool pos = same && !excluded, neg = !same;
   if (sp.mine) {
@@ -414,8 +413,8 @@ bool operands_ok(const PairArgs<T>& a) {
 }
 
 template <typename T>
-cudaError_t forward_t(const PairOperands& op, const double* terms, int64_t flags, void* values,
-                      int32_t* counts, void* aux, cudaStream_t stream) {
+cudaError_t forward_t(const PairOperands& op, const double* terms, int64_t flags, void* values, int32_t* counts,
+                      void* aux, cudaStream_t stream) {
   using A = typename AccOf<T>::type;
   if (op.N == 0) return cudaSuccess;
   PairArgs<T> a = make_args<T>(op, terms, flags);
@@ -431,17 +430,15 @@ cudaError_t forward_t(const PairOperands& op, const double* terms, int64_t flags
 }
 
 template <typename T>
-cudaError_t backward_t(const PairOperands& op, const double* terms, int64_t flags, const void* gvals,
-                       const void* vals, const void* aux, void* grad_q, void* grad_r,
-                       cudaStream_t stream) {
+cudaError_t backward_t(const PairOperands& op, const double* terms, int64_t flags, const void* gvals, const void* vals,
+                       const void* aux, void* grad_q, void* grad_r, cudaStream_t stream) {
   using A = typename AccOf<T>::type;
   PairArgs<T> a = make_args<T>(op, terms, flags);
   if (!operands_ok(a)) return cudaErrorInvalidValue;
   a.gvals = static_cast<const A*>(gvals);
   a.vals = static_cast<const A*>(vals);
   a.auxin = static_cast<const A*>(aux);
-  const size_t smem =
-      Smem<T>::kExtraOffset + 2 * kBN * sizeof(int64_t) + (1 + kNumStats) * kBN * sizeof(A);
+  const size_t smem = Smem<T>::kExtraOffset + 2 * kBN * sizeof(int64_t) + (1 + kNumStats) * kBN * sizeof(A);
   cudaError_t err = prepare_smem(pair_backward_kernel<T>, smem);
   if (err != cudaSuccess) return err;
   if (a.N > 0 && grad_q != nullptr) {
@@ -460,26 +457,33 @@ cudaError_t backward_t(const PairOperands& op, const double* terms, int64_t flag
 
 }  // namespace
 
-cudaError_t pair_forward(const PairOperands& o, const double* terms, int64_t flags, void* values,
-                         int32_t* counts, void* aux, cudaStream_t stream) {
+cudaError_t pair_forward(const PairOperands& o, const double* terms, int64_t flags, void* values, int32_t* counts,
+                         void* aux, cudaStream_t stream) {
   switch (o.dt) {
-    case DType::kFloat32: return forward_t<float>(o, terms, flags, values, counts, aux, stream);
-    case DType::kFloat64: return forward_t<double>(o, terms, flags, values, counts, aux, stream);
-    case DType::kFloat16: return forward_t<__half>(o, terms, flags, values, counts, aux, stream);
-    case DType::kBFloat16: return forward_t<__nv_bfloat16>(o, terms, flags, values, counts, aux, stream);
+    case DType::kFloat32:
+      return forward_t<float>(o, terms, flags, values, counts, aux, stream);
+    case DType::kFloat64:
+      return forward_t<double>(o, terms, flags, values, counts, aux, stream);
+    case DType::kFloat16:
+      return forward_t<__half>(o, terms, flags, values, counts, aux, stream);
+    case DType::kBFloat16:
+      return forward_t<__nv_bfloat16>(o, terms, flags, values, counts, aux, stream);
   }
   return cudaErrorInvalidValue;
 }
 
-cudaError_t pair_backward(const PairOperands& o, const double* terms, int64_t flags,
-                          const void* grad_values, const void* values, const void* aux, void* grad_q,
-                          void* grad_r, cudaStream_t stream) {
+cudaError_t pair_backward(const PairOperands& o, const double* terms, int64_t flags, const void* grad_values,
+                          const void* values, const void* aux, void* grad_q, void* grad_r, cudaStream_t stream) {
 #define FPL_PAIR_BWD(T) return backward_t<T>(o, terms, flags, grad_values, values, aux, grad_q, grad_r, stream)
   switch (o.dt) {
-    case DType::kFloat32: FPL_PAIR_BWD(float);
-    case DType::kFloat64: FPL_PAIR_BWD(double);
-    case DType::kFloat16: FPL_PAIR_BWD(__half);
-    case DType::kBFloat16: FPL_PAIR_BWD(__nv_bfloat16);
+    case DType::kFloat32:
+      FPL_PAIR_BWD(float);
+    case DType::kFloat64:
+      FPL_PAIR_BWD(double);
+    case DType::kFloat16:
+      FPL_PAIR_BWD(__half);
+    case DType::kBFloat16:
+      FPL_PAIR_BWD(__nv_bfloat16);
   }
 #undef FPL_PAIR_BWD
   return cudaErrorInvalidValue;

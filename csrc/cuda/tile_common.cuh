@@ -49,9 +49,18 @@ FPL_TERM_FN double math_sqrt(double x) { return ::sqrt(x); }
 
 #define FPL_DEV __device__ __forceinline__
 
-template <typename A> FPL_DEV A pos_inf() { return A(INFINITY); }
-template <typename A> FPL_DEV A neg_inf() { return -A(INFINITY); }
-template <typename A> FPL_DEV A quiet_nan() { return A(NAN); }
+template <typename A>
+FPL_DEV A pos_inf() {
+  return A(INFINITY);
+}
+template <typename A>
+FPL_DEV A neg_inf() {
+  return -A(INFINITY);
+}
+template <typename A>
+FPL_DEV A quiet_nan() {
+  return A(NAN);
+}
 
 // ---- online log-sum-exp: running (max, sum of exp(x - max)); empty set -> -inf; NaN sticks ----
 template <typename A>
@@ -98,9 +107,13 @@ struct OnlineLSE {
 
 // NaN-propagating min / max (torch.amin / amax semantics).
 template <typename A>
-FPL_DEV A nan_min(A a, A b) { return (a != a || b != b) ? (a != a ? a : b) : (b < a ? b : a); }
+FPL_DEV A nan_min(A a, A b) {
+  return (a != a || b != b) ? (a != a ? a : b) : (b < a ? b : a);
+}
 template <typename A>
-FPL_DEV A nan_max(A a, A b) { return (a != a || b != b) ? (a != a ? a : b) : (b > a ? b : a); }
+FPL_DEV A nan_max(A a, A b) {
+  return (a != a || b != b) ? (a != a ? a : b) : (b > a ? b : a);
+}
 
 // ---- tile geometry -------------------------------------------------------------------------------
 constexpr int kThreads = 128;  // 4 warps
@@ -109,35 +122,69 @@ constexpr int kBN = 64;        // other rows per tile (== kBM: row blocks and co
 constexpr int kLDS = kBN + 4;  // row stride of the S tile in shared memory (WMMA: multiple of 4)
 static_assert(kBM == kBN, "the passes that swap owner and other rely on one tile grid");
 
-template <typename T> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
 
 FPL_DEV float to_acc(float x) { return x; }
 FPL_DEV double to_acc(double x) { return x; }
 FPL_DEV float to_acc(__half x) { return __half2float(x); }
 FPL_DEV float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-template <typename T> FPL_DEV T zero_of();
-template <> FPL_DEV float zero_of<float>() { return 0.f; }
-template <> FPL_DEV double zero_of<double>() { return 0.0; }
-template <> FPL_DEV __half zero_of<__half>() { return __float2half(0.f); }
-template <> FPL_DEV __nv_bfloat16 zero_of<__nv_bfloat16>() { return __float2bfloat16(0.f); }
+template <typename T>
+FPL_DEV T zero_of();
+template <>
+FPL_DEV float zero_of<float>() {
+  return 0.f;
+}
+template <>
+FPL_DEV double zero_of<double>() {
+  return 0.0;
+}
+template <>
+FPL_DEV __half zero_of<__half>() {
+  return __float2half(0.f);
+}
+template <>
+FPL_DEV __nv_bfloat16 zero_of<__nv_bfloat16>() {
+  return __float2bfloat16(0.f);
+}
 
 FPL_DEV float fma_acc(float a, float b, float c) { return fmaf(a, b, c); }
 FPL_DEV double fma_acc(double a, double b, double c) { return fma(a, b, c); }
 
 // Does this element type go through tensor cores on the arch being compiled?
-template <typename T> struct UseMma { static constexpr bool value = false; };
+template <typename T>
+struct UseMma {
+  static constexpr bool value = false;
+};
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700) || defined(FPL_CUDA_EMULATION)
-template <> struct UseMma<__half> { static constexpr bool value = true; };
+template <>
+struct UseMma<__half> {
+  static constexpr bool value = true;
+};
 #endif
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(FPL_CUDA_EMULATION)
-template <> struct UseMma<__nv_bfloat16> { static constexpr bool value = true; };
+template <>
+struct UseMma<__nv_bfloat16> {
+  static constexpr bool value = true;
+};
 #endif
 
 // Chunk of D staged per step: FMA path (stage in A, k-major) / MMA path (stage in T, row-major).
-template <typename A> struct FmaBK { static constexpr int value = 16; };
-template <> struct FmaBK<double> { static constexpr int value = 8; };
+template <typename A>
+struct FmaBK {
+  static constexpr int value = 16;
+};
+template <>
+struct FmaBK<double> {
+  static constexpr int value = 8;
+};
 constexpr int kMmaBK = 32;
 constexpr int kMmaLDK = kMmaBK + 8;  // halves; 80-byte rows keep WMMA pointers 32-byte aligned
 constexpr int kFmaLDT = kBM + 4;
@@ -157,8 +204,8 @@ struct Smem {
 // Load rows [row0, row0 + n) x [d0, d0 + BK) of X (row stride D) into the stage, zero-padded.
 // kKMajor: dst[k * ld + i] (FMA path), else dst[i * ld + k] (MMA path). vec16: 16-byte loads.
 template <typename T, typename S, int BK, bool kKMajor>
-FPL_DEV void stage_rows(const T* __restrict__ X, int64_t row0, int n, int64_t D, int64_t d0, bool vec16,
-                        S* dst, int ld) {
+FPL_DEV void stage_rows(const T* __restrict__ X, int64_t row0, int n, int64_t D, int64_t d0, bool vec16, S* dst,
+                        int ld) {
   constexpr int V = 16 / int(sizeof(T));  // elements per 16-byte vector
   static_assert(BK % V == 0, "a staged chunk must hold whole 16-byte vectors");
   const int t = threadIdx.x;
@@ -173,8 +220,14 @@ FPL_DEV void stage_rows(const T* __restrict__ X, int64_t row0, int n, int64_t D,
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         S val;
-        if constexpr (std::is_same<S, T>::value) val = v[e]; else val = S(to_acc(v[e]));
-        if constexpr (kKMajor) dst[(k + e) * ld + i] = val; else dst[i * ld + k + e] = val;
+        if constexpr (std::is_same<S, T>::value)
+          val = v[e];
+        else
+          val = S(to_acc(v[e]));
+        if constexpr (kKMajor)
+          dst[(k + e) * ld + i] = val;
+        else
+          dst[i * ld + k + e] = val;
       }
     }
   } else {
@@ -183,17 +236,22 @@ FPL_DEV void stage_rows(const T* __restrict__ X, int64_t row0, int n, int64_t D,
       const int64_t d = d0 + k;
       T x = (i < n && d < D) ? X[(row0 + i) * D + d] : zero_of<T>();
       S val;
-      if constexpr (std::is_same<S, T>::value) val = x; else val = S(to_acc(x));
-      if constexpr (kKMajor) dst[k * ld + i] = val; else dst[i * ld + k] = val;
+      if constexpr (std::is_same<S, T>::value)
+        val = x;
+      else
+        val = S(to_acc(x));
+      if constexpr (kKMajor)
+        dst[k * ld + i] = val;
+      else
+        dst[i * ld + k] = val;
     }
   }
 }
 
 // FMA path: thread (ty = t/8, tx = t%8) owns rows ty + 16a, columns tx + 8b of the tile.
 template <typename T>
-__device__ void tile_dot_fma(const T* __restrict__ Am, int64_t a0, int na, const T* __restrict__ Bm,
-                             int64_t b0, int nb, int64_t D, bool vec16, bool transpose,
-                             typename AccOf<T>::type* Ss, unsigned char* stage) {
+__device__ void tile_dot_fma(const T* __restrict__ Am, int64_t a0, int na, const T* __restrict__ Bm, int64_t b0, int nb,
+                             int64_t D, bool vec16, bool transpose, typename AccOf<T>::type* Ss, unsigned char* stage) {
   using A = typename AccOf<T>::type;
   constexpr int BK = FmaBK<A>::value;
   A* As = reinterpret_cast<A*>(stage);
@@ -233,9 +291,8 @@ __device__ void tile_dot_fma(const T* __restrict__ Am, int64_t a0, int na, const
 
 // Tensor-core path (fp16/bf16 in, fp32 out): warp (wr, wc) owns the 32 x 32 quarter (wr, wc).
 template <typename T>
-__device__ void tile_dot_mma(const T* __restrict__ Am, int64_t a0, int na, const T* __restrict__ Bm,
-                             int64_t b0, int nb, int64_t D, bool vec16, bool transpose, float* Ss,
-                             unsigned char* stage) {
+__device__ void tile_dot_mma(const T* __restrict__ Am, int64_t a0, int na, const T* __restrict__ Bm, int64_t b0, int nb,
+                             int64_t D, bool vec16, bool transpose, float* Ss, unsigned char* stage) {
   namespace wmma = nvcuda::wmma;
   T* As = reinterpret_cast<T*>(stage);
   T* Bs = As + kBM * kMmaLDK;
@@ -255,11 +312,9 @@ __device__ void tile_dot_mma(const T* __restrict__ Am, int64_t a0, int na, const
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[2];
 #pragma unroll
-      for (int i = 0; i < 2; ++i)
-        wmma::load_matrix_sync(fa[i], As + (wr * 32 + i * 16) * kMmaLDK + kk, kMmaLDK);
+      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], As + (wr * 32 + i * 16) * kMmaLDK + kk, kMmaLDK);
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
-        wmma::load_matrix_sync(fb[j], Bs + (wc * 32 + j * 16) * kMmaLDK + kk, kMmaLDK);
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], Bs + (wc * 32 + j * 16) * kMmaLDK + kk, kMmaLDK);
 #pragma unroll
       for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -282,9 +337,8 @@ __device__ void tile_dot_mma(const T* __restrict__ Am, int64_t a0, int na, const
 // na / nb are zeros. Starts and ends with __syncthreads (readers of the previous Ss are done,
 // the new tile is visible to all threads).
 template <typename T>
-FPL_DEV void tile_dot(const T* __restrict__ Am, int64_t a0, int na, const T* __restrict__ Bm, int64_t b0,
-                      int nb, int64_t D, bool vec16, bool transpose, typename AccOf<T>::type* Ss,
-                      unsigned char* stage) {
+FPL_DEV void tile_dot(const T* __restrict__ Am, int64_t a0, int na, const T* __restrict__ Bm, int64_t b0, int nb,
+                      int64_t D, bool vec16, bool transpose, typename AccOf<T>::type* Ss, unsigned char* stage) {
   __syncthreads();
   if constexpr (UseMma<T>::value) {
     tile_dot_mma<T>(Am, a0, na, Bm, b0, nb, D, vec16, transpose, Ss, stage);
@@ -304,8 +358,8 @@ FPL_DEV int64_t mapped_row(const int64_t* rows, int64_t i) { return rows ? rows[
 // barrier; the next tile_dot starts with one.
 template <typename T>
 __device__ void accumulate_tile(const typename AccOf<T>::type* Hs, int no, int nx,
-                                typename AccOf<T>::type* __restrict__ out, const int64_t* out_rows,
-                                int64_t o0, const T* __restrict__ V, int64_t D) {
+                                typename AccOf<T>::type* __restrict__ out, const int64_t* out_rows, int64_t o0,
+                                const T* __restrict__ V, int64_t D) {
   using A = typename AccOf<T>::type;
   const int t = threadIdx.x, rg = t / 16, dl = t % 16;
   int64_t row[8];
@@ -353,7 +407,9 @@ __device__ void accumulate_tile(const typename AccOf<T>::type* Hs, int no, int n
 
 // Shuffles with the other thread of a row pair (lanes 2k, 2k+1); every thread of the CTA calls them.
 template <typename V>
-FPL_DEV V pair_lane(V v) { return __shfl_xor_sync(0xffffffffu, v, 1); }
+FPL_DEV V pair_lane(V v) {
+  return __shfl_xor_sync(0xffffffffu, v, 1);
+}
 
 template <typename A>
 FPL_DEV void merge_pair_lanes(OnlineLSE<A>& s) {

@@ -42,7 +42,9 @@
 
 namespace fpl_emu {
 
-struct Dim3 { unsigned x = 0, y = 0, z = 0; };
+struct Dim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
 inline thread_local Dim3 tl_thread_idx, tl_block_idx;
 inline std::barrier<>* g_barrier = nullptr;
 inline unsigned char g_xchg[1024 * 8];
@@ -62,7 +64,9 @@ T shfl_xor(unsigned /*mask*/, T v, int lane_mask) {
 }
 
 template <typename T>
-inline T ldg(const T* p) { return *p; }
+inline T ldg(const T* p) {
+  return *p;
+}
 
 template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), unsigned grid, int threads, Args... args) {
@@ -105,14 +109,18 @@ struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
 
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment { float x[16 * 16]; };  // x[r * 16 + c]; fp16/bf16 values are exact in float
+struct fragment {
+  float x[16 * 16];
+};  // x[r * 16 + c]; fp16/bf16 values are exact in float
 
 inline float to_f(float v) { return v; }
 inline float to_f(__half v) { return __half2float(v); }
 inline float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <typename F>
-void fill_fragment(F& f, float v) { for (float& e : f.x) e = v; }
+void fill_fragment(F& f, float v) {
+  for (float& e : f.x) e = v;
+}
 
 template <typename T>
 void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, row_major>& f, const T* p, unsigned ldm) {
@@ -125,8 +133,7 @@ void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, col_major>& f, const T* 
     for (int n = 0; n < 16; ++n) f.x[k * 16 + n] = to_f(p[n * ldm + k]);
 }
 template <typename T>
-void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
-              const fragment<matrix_a, 16, 16, 16, T, row_major>& a,
+void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, row_major>& a,
               const fragment<matrix_b, 16, 16, 16, T, col_major>& b,
               const fragment<accumulator, 16, 16, 16, float>& c) {
   float out[256];
@@ -138,13 +145,15 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
     }
   std::memcpy(d.x, out, sizeof(out));
 }
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
-                              unsigned ldm, layout_t layout) {
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
+                              layout_t layout) {
   if (::fpl_emu::tl_thread_idx.x % 32 != 0) return;  // one writer per warp
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) {
-      if (layout == mem_row_major) p[r * ldm + c] = f.x[r * 16 + c];
-      else p[c * ldm + r] = f.x[r * 16 + c];
+      if (layout == mem_row_major)
+        p[r * ldm + c] = f.x[r * 16 + c];
+      else
+        p[c * ldm + r] = f.x[r * 16 + c];
     }
 }
 }  // namespace wmma

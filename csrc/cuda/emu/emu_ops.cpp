@@ -16,8 +16,7 @@ using at::Tensor;
 
 const char* emu_error_string(cudaError_t err) {
   static thread_local std::string s;
-  s = "CUDA error " + std::to_string(static_cast<int>(err)) +
-      (err == cudaErrorInvalidValue ? " (invalid value)" : "");
+  s = "CUDA error " + std::to_string(static_cast<int>(err)) + (err == cudaErrorInvalidValue ? " (invalid value)" : "");
   return s.c_str();
 }
 
@@ -42,13 +41,12 @@ std::tuple<Tensor, Tensor> pair_engine_backward(const Tensor& grad_values, const
                                                 const Tensor& aux, c10::ArrayRef<double> terms, int64_t flags,
                                                 bool need_grad_r) {
   check_cpu(q);
-  return fpl_cuda_glue::pair_backward(kRuntime, grad_values, q, r, labels_q, labels_r, exclude_col, values, aux,
-                                      terms, flags, need_grad_r);
+  return fpl_cuda_glue::pair_backward(kRuntime, grad_values, q, r, labels_q, labels_r, exclude_col, values, aux, terms,
+                                      flags, need_grad_r);
 }
 
 std::tuple<Tensor, Tensor> class_engine_forward(const Tensor& q, const Tensor& w, const Tensor& labels,
-                                                int64_t centers_per_class, c10::ArrayRef<double> terms,
-                                                int64_t flags) {
+                                                int64_t centers_per_class, c10::ArrayRef<double> terms, int64_t flags) {
   check_cpu(q);
   return fpl_cuda_glue::class_forward(kRuntime, q, w, labels, centers_per_class, terms, flags);
 }
