@@ -187,18 +187,23 @@ def test_threads_do_not_change_results(engine, dtype):
 
 @pytest.fixture
 def isa_cap():
-    """Run with the CPU kernels of another instruction set; restores the best one afterwards."""
+    """Run with the CPU kernels of another instruction set; restores the selection in force before
+    (which FPL_CPU_ISA may have capped) afterwards."""
+    selected_before = op.cpu_isa()
     def set_cap(name):
         return op.cpu_isa(name)
     yield set_cap
-    op.cpu_isa("avx512")
+    op.cpu_isa(selected_before)
 
 
 def test_cpu_isa_op(isa_cap):
-    best = op.cpu_isa()
+    assert op.cpu_isa() in ISAS  # the selection in force (FPL_CPU_ISA may cap it)
+    best = isa_cap("avx512")  # capped at what the CPU supports
     assert best in ISAS
     assert isa_cap("base") == "base"
-    assert isa_cap("avx512") == best  # capped at what the CPU supports
+    assert op.cpu_isa() == "base"
+    assert isa_cap("avx2") == ("avx2" if best != "base" else "base")
+    assert isa_cap("avx512") == best
     with pytest.raises(RuntimeError, match="expected"):
         op.cpu_isa("sse9")
 

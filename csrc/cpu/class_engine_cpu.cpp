@@ -275,8 +275,13 @@ void backward_kernel(const Operands<T>& o, const ClassSpec<T>& spec, const T* g_
   const Geometry& g = o.g;
   const int64_t N = g.N, Dp = g.Dp, CK = g.C * g.K;
   if (N == 0 || CK == 0) return;
-  const T* q = o.q.template data_ptr<T>();
-  const T* w = o.w.template data_ptr<T>();
+  // column chunks of q and w: the B operands of the two products
+  const Tensor q_cols = at::empty({std::max<int64_t>(o.q.numel(), 1)}, o.q.options());
+  const Tensor w_cols = at::empty({std::max<int64_t>(o.w.numel(), 1)}, o.w.options());
+  o.K->pack_cols(o.q.template data_ptr<T>(), Dp, N, Dp, q_cols.template data_ptr<T>());
+  o.K->pack_cols(o.w.template data_ptr<T>(), Dp, CK, Dp, w_cols.template data_ptr<T>());
+  const T* qc = q_cols.template data_ptr<T>();
+  const T* wc = w_cols.template data_ptr<T>();
   // own the larger side, private buffers for the smaller one (never grad_w when it is not needed)
   const bool own_classes = need_grad_w && CK >= N;
   const int64_t n_owned = own_classes ? g.n_ct : g.n_rb;
@@ -307,8 +312,8 @@ void backward_kernel(const Operands<T>& o, const ClassSpec<T>& spec, const T* g_
         a.col_lse[0] = col_pos ? col_pos + c0 : nullptr;
         a.col_lse[1] = col_neg ? col_neg + c0 : nullptr;
         o.K->class_backward(spec, a);  // st := dL/ds (tck x bi)
-        if (need_grad_w) o.K->gemm_nn_acc(sc.st.data(), g.ld, q + i0 * Dp, Dp, tck, Dp, bi, gw_dst + r0 * Dp, Dp);
-        o.K->gemm_tn_acc(sc.st.data(), g.ld, w + r0 * Dp, Dp, bi, Dp, tck, gq_dst + i0 * Dp, Dp);
+        if (need_grad_w) o.K->gemm_nn_acc(sc.st.data(), g.ld, qc, N, i0, tck, Dp, bi, gw_dst + r0 * Dp, Dp);
+        o.K->gemm_tn_acc(sc.st.data(), g.ld, wc, CK, r0, bi, Dp, tck, gq_dst + i0 * Dp, Dp);
       };
       const int64_t o_begin = chunk_begin(n_owned, P, p), o_end = chunk_begin(n_owned, P, p + 1);
       if (own_classes) {

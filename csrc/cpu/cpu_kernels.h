@@ -97,12 +97,15 @@ struct Kernels {
   void (*pack_panels)(const T* x, int64_t ldx, int64_t n, int64_t K, T* out);
   // C[m][n] = sum_k A[m][k] B[n][k] for m < M, n < round_up(N, nr), B given as panels.
   void (*gemm_nt)(const T* A, int64_t lda, const T* B_panels, int64_t M, int64_t N, int64_t K, T* C, int64_t ldc);
-  // C[m][n] += sum_k A[m][k] B[k][n]   (N a multiple of 16 floats / 8 doubles)
-  void (*gemm_nn_acc)(const T* A, int64_t lda, const T* B, int64_t ldb, int64_t M, int64_t N, int64_t K, T* C,
-                      int64_t ldc);
-  // C[m][n] += sum_k A[k][m] B[k][n]
-  void (*gemm_tn_acc)(const T* A, int64_t lda, const T* B, int64_t ldb, int64_t M, int64_t N, int64_t K, T* C,
-                      int64_t ldc);
+  // column chunks of x (rows x N, row stride ldx; N a multiple of 16 floats / 8 doubles): the B
+  // operand of the two products below
+  void (*pack_cols)(const T* x, int64_t ldx, int64_t rows, int64_t N, T* out);
+  // C[m][n] += sum_k A[m][k] B[k0 + k][n]   (B: pack_cols of a rows_total x N matrix)
+  void (*gemm_nn_acc)(const T* A, int64_t lda, const T* B, int64_t rows_total, int64_t k0, int64_t M, int64_t N,
+                      int64_t K, T* C, int64_t ldc);
+  // C[m][n] += sum_k A[k][m] B[k0 + k][n]
+  void (*gemm_tn_acc)(const T* A, int64_t lda, const T* B, int64_t rows_total, int64_t k0, int64_t M, int64_t N,
+                      int64_t K, T* C, int64_t ldc);
   // pair engine, main walk: forward reductions / dL/dS of the tile's rows (G, row stride ldg)
   void (*pair_forward)(const PairSpec<T>& spec, const PairTile<T>& t, const PairRowState<T>& st, T* scratch);
   void (*pair_backward)(const PairSpec<T>& spec, const PairTile<T>& t, const PairRowState<T>& st, T* G, int64_t ldg,

@@ -215,6 +215,14 @@ Tensor squared_norms(const Tensor& x, int64_t D) {  // sequential over d: the sa
   return out;
 }
 
+// x (n, Dp) in column chunks: the B operand of the backward's products
+template <typename T>
+Tensor pack_columns(const Kernels<T>& K, const Tensor& x) {
+  Tensor out = at::empty({std::max<int64_t>(x.numel(), 1)}, x.options());
+  if (x.numel() > 0) K.pack_cols(x.data_ptr<T>(), x.size(1), x.size(0), x.size(1), out.data_ptr<T>());
+  return out;
+}
+
 template <typename T>
 Tensor pack(const Kernels<T>& K, const Tensor& x, int64_t D) {
   const int64_t n = x.size(0), np = (n + K.nr - 1) / K.nr;
@@ -522,6 +530,8 @@ std::tuple<Tensor, Tensor> backward_impl(const Operands<T>& o, const PairSpec<T>
   Tensor dq = at::zeros({N, Dp}, opts);
   T* dqp = dq.template data_ptr<T>();
   const T* qp = o.q.template data_ptr<T>();
+  const Tensor q_cols = pack_columns(*o.K, o.q);
+  const T* qc = q_cols.template data_ptr<T>();
   const bool lp = spec.lp_distance;
   std::vector<T> gsum_q(lp ? N : 0, T(0));  // row sums of G (lp: the norms' share of the gradient)
 
@@ -539,7 +549,7 @@ std::tuple<Tensor, Tensor> backward_impl(const Operands<T>& o, const PairSpec<T>
                                sc.buf.data());
             if (I == J) {
               sym_add_self(sc.G1.data(), ld, ti);
-              o.K->gemm_nn_acc(sc.G1.data(), ld, qp + i0 * Dp, Dp, ti, Dp, ti, dqp + i0 * Dp, Dp);
+              o.K->gemm_nn_acc(sc.G1.data(), ld, qc, N, i0, ti, Dp, ti, dqp + i0 * Dp, Dp);
               if (lp) add_row_sums(sc.G1.data(), ld, ti, ti, gsum_q.data() + i0);
               return;
             }
@@ -547,8 +557,8 @@ std::tuple<Tensor, Tensor> backward_impl(const Operands<T>& o, const PairSpec<T>
             o.K->pair_backward(spec, make_tile(o, sc.St.data(), ldt, i0, ti, j0, tj, true), st, sc.G2.data(), ldt,
                                sc.buf.data());
             add_transposed(sc.G1.data(), ld, sc.G2.data(), ldt, ti, tj);  // H = G_IJ + G_JI^T
-            o.K->gemm_nn_acc(sc.G1.data(), ld, qp + j0 * Dp, Dp, ti, Dp, tj, dqp + i0 * Dp, Dp);
-            o.K->gemm_tn_acc(sc.G1.data(), ld, qp + i0 * Dp, Dp, tj, Dp, ti, dqp + j0 * Dp, Dp);
+            o.K->gemm_nn_acc(sc.G1.data(), ld, qc, N, j0, ti, Dp, tj, dqp + i0 * Dp, Dp);
+            o.K->gemm_tn_acc(sc.G1.data(), ld, qc, N, i0, tj, Dp, ti, dqp + j0 * Dp, Dp);
             if (lp) {
               add_row_sums(sc.G1.data(), ld, ti, tj, gsum_q.data() + i0);
               add_col_sums(sc.G1.data(), ld, ti, tj, gsum_q.data() + j0);
@@ -561,6 +571,8 @@ std::tuple<Tensor, Tensor> backward_impl(const Operands<T>& o, const PairSpec<T>
 
   const int64_t TI = tile_size(N), TJ = tile_size(M), nbi = (N + TI - 1) / TI, nbj = (M + TJ - 1) / TJ;
   const T* rp = o.r.template data_ptr<T>();
+  const Tensor r_cols = pack_columns(*o.K, o.r);
+  const T* rc = r_cols.template data_ptr<T>();
   // row pass: dq_I = sum_J G_IJ r_J
   tile_parallel(
       nbi, par, [&] { return Scratch<T>(TI, TJ); },
@@ -574,7 +586,7 @@ std::tuple<Tensor, Tensor> backward_impl(const Operands<T>& o, const PairSpec<T>
           s_tile(o, i0, ti, j0, tj, sc.S.data(), ld);
           o.K->pair_backward(spec, make_tile(o, sc.S.data(), ld, i0, ti, j0, tj, false), st, sc.G1.data(), ld,
                              sc.buf.data());
-          o.K->gemm_nn_acc(sc.G1.data(), ld, rp + j0 * Dp, Dp, ti, Dp, tj, dqp + i0 * Dp, Dp);
+          o.K->gemm_nn_acc(sc.G1.data(), ld, rc, M, j0, ti, Dp, tj, dqp + i0 * Dp, Dp);
           if (lp) add_row_sums(sc.G1.data(), ld, ti, tj, gsum_q.data() + i0);
         }
       });
@@ -596,7 +608,7 @@ std::tuple<Tensor, Tensor> backward_impl(const Operands<T>& o, const PairSpec<T>
           s_tile(o, i0, ti, j0, tj, sc.S.data(), ld);
           o.K->pair_backward(spec, make_tile(o, sc.S.data(), ld, i0, ti, j0, tj, false), st, sc.G1.data(), ld,
                              sc.buf.data());
-          o.K->gemm_tn_acc(sc.G1.data(), ld, qp + i0 * Dp, Dp, tj, Dp, ti, drp + j0 * Dp, Dp);
+          o.K->gemm_tn_acc(sc.G1.data(), ld, qc, N, i0, tj, Dp, ti, drp + j0 * Dp, Dp);
           if (lp) add_col_sums(sc.G1.data(), ld, ti, tj, gsum_r.data() + j0);
         }
       });
