@@ -165,8 +165,10 @@ class CrossBatchMemory(torch.nn.Module):
         return indices_tuple
 
     # ---- validation and placement -----------------------------------------------------------------
-    def _check(self, embeddings, labels, indices_tuple, enqueue_mask, rows_to_queue=None):
-        V.check_embeddings(embeddings)
+    def _check(self, embeddings, labels, indices_tuple, enqueue_mask, rows_to_queue=None, allow_empty=False):
+        if not (allow_empty and isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2
+                and embeddings.shape[0] == 0 and embeddings.is_floating_point()):
+            V.check_embeddings(embeddings)
         if embeddings.shape[1] != self.embedding_size:
             raise ValueError(f"embeddings must have embedding_size={self.embedding_size} columns; got shape "
                              f"{tuple(embeddings.shape)}")
@@ -261,7 +263,7 @@ class CrossBatchMemory(torch.nn.Module):
         computes its own query rows against the memory; the loss's batch reductions all-reduce."""
         from .parallel import DistributedBatch, _Layout
 
-        self._check(embeddings, labels, indices_tuple, enqueue_mask, rows_to_queue=0)
+        self._check(embeddings, labels, indices_tuple, enqueue_mask, rows_to_queue=0, allow_empty=True)
         layout = _Layout(embeddings.shape[0], embeddings.device, group)
         X, Y = layout.gather(embeddings), layout.gather(labels)
         mask = None if enqueue_mask is None else layout.gather(enqueue_mask)

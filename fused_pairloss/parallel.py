@@ -185,6 +185,20 @@ def all_gather_uneven(x: torch.Tensor, group=None) -> torch.Tensor:
     return _AllGather.apply(x, _Layout(x.shape[0], x.device, group))
 
 
+def check_local_inputs(embeddings, labels, ref_emb=None, ref_labels=None):
+    """The pair losses' input checks, except that a rank may hold no rows (an epoch's last batch
+    split over more ranks than it has rows)."""
+    if isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2 and embeddings.shape[0] == 0 \
+            and embeddings.shape[1] > 0 and embeddings.is_floating_point():
+        if labels is None:
+            raise ValueError("labels is required (a 1-D integer tensor of length N)")
+        V.check_labels(labels, 0)
+        if ref_emb is not None and ref_emb.shape[0] > 0:
+            V.check_pair_inputs(ref_emb, ref_labels, None, None)
+        return
+    V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
+
+
 # ---- which losses the fused path computes -------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _fused_table():
@@ -306,7 +320,7 @@ class DistributedLossWrapper(torch.nn.Module):
     # ---- the fused path -------------------------------------------------------------------------
     def _fused(self, plan, embeddings, labels, ref_emb, ref_labels):
         fn, hyper = plan
-        V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
+        check_local_inputs(embeddings, labels, ref_emb, ref_labels)
         layout = _Layout(embeddings.shape[0], embeddings.device)
         batch = DistributedBatch(layout.total)
         labels = labels.to(embeddings.device)

@@ -15,8 +15,10 @@ D = 6
 N_CLASSES = 5
 EVEN = 10  # rows per rank in the even cases
 UNEVEN = {2: [13, 6], 3: [9, 4, 12]}
-# CrossBatchMemory steps: rows per rank per step (memory 16: wraps in the third step)
-XBM_STEPS = {2: [[5, 3], [4, 4], [2, 6], [6, 1], [3, 4]], 3: [[3, 2, 3], [2, 4, 2], [1, 3, 4], [4, 1, 2], [2, 2, 3]]}
+EMPTY_RANK = {2: [0, 9], 3: [5, 0, 6]}  # one rank has no rows
+# CrossBatchMemory steps: rows per rank per step (memory 16: wraps in the third step; the last
+# step has a rank without rows)
+XBM_STEPS = {2: [[5, 3], [4, 4], [2, 6], [6, 1], [0, 4]], 3: [[3, 2, 3], [2, 4, 2], [1, 3, 4], [4, 1, 2], [2, 0, 3]]}
 XBM_MEMORY = 16
 XBM_MASK_STEP = 3  # this step passes an enqueue_mask
 
@@ -191,6 +193,12 @@ def run_cases(rank, world):
             xr, yr = _leaf(rows_of(x, sizes, rank)), rows_of(y, sizes, rank)
             v = fpl.DistributedLossWrapper(make_f())(xr, yr)
             res["uneven"] = (v.detach(), _grads(v, [xr]))
+            if name in ("ms", "ntxent", "circle"):  # a rank without rows
+                sizes0 = EMPTY_RANK[world]
+                x0, y0 = data(10, sum(sizes0))
+                xr0 = _leaf(rows_of(x0, sizes0, rank))
+                v = fpl.DistributedLossWrapper(make_f())(xr0, rows_of(y0, sizes0, rank))
+                res["empty_rank"] = (v.detach(), _grads(v, [xr0]))
             if name in ("ms", "contrastive"):  # a separate ref, gathered too
                 r, ry = data(3, sum(sizes))
                 xr2, rr = _leaf(xr.detach()), _leaf(rows_of(r, sizes, rank))

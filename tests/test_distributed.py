@@ -88,6 +88,11 @@ def test_pair_loss(world, name):
     x, y = C.data(2, sum(sizes))
     v, g = single_process(make_p(), x, y, sizes, world, miner=miner)
     check_ranks(per_rank, "uneven", v, g, f"{name} uneven {sizes}")
+    if "empty_rank" in per_rank[0]:
+        sizes0 = C.EMPTY_RANK[world]
+        x0, y0 = C.data(10, sum(sizes0))
+        v, g = single_process(make_p(), x0, y0, sizes0, world, miner=miner)
+        check_ranks(per_rank, "empty_rank", v, g, f"{name} a rank without rows {sizes0}")
     if "ref" in per_rank[0]:
         r, ry = C.data(3, sum(sizes))
         v, g = single_process(make_p(), x, y, sizes, world, ref=(r, ry))
