@@ -7,9 +7,11 @@ pytorch-metric-learning (PML), drop-in replacements for PML's loss classes.
 """
 from . import functional, reference
 from ._backends import available_backends, build_info
+from .memory import CrossBatchMemory
 from .modules import (ArcFaceLoss, CircleLoss, ContrastiveLoss, CosFaceLoss, GeneralizedLiftedStructureLoss,
                       MultiSimilarityLoss, NormalizedSoftmaxLoss, NTXentLoss, ProxyAnchorLoss, ProxyCircleLoss,
                       SoftTripleLoss, SupConLoss)
+from .parallel import DistributedLossWrapper
 
 __version__ = "0.1.0"
 
@@ -26,6 +28,8 @@ __all__ = [
     "NormalizedSoftmaxLoss",
     "CosFaceLoss",
     "ArcFaceLoss",
+    "CrossBatchMemory",
+    "DistributedLossWrapper",
     "functional",
     "reference",
     "available_backends",

@@ -29,7 +29,7 @@ def combine(st: engines.PairStats, embeddings, *, batch=LOCAL):
     return loss.where(~batch.too_few_pairs(st.count_pos, st.count_neg), zero)
 
 
-def circle_fused(embeddings, labels, ref_emb, ref_labels, *, m, gamma, backend, exclude_col=None):
+def circle_fused(embeddings, labels, ref_emb, ref_labels, *, m, gamma, backend, exclude_col=None, batch=LOCAL):
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
     st = engines.pair_stats(q, r, labels, labels_r, excl, declaration(m, gamma), backend)
-    return combine(st, embeddings)
+    return combine(st, embeddings, batch=batch)

@@ -29,7 +29,7 @@ def combine(st: engines.PairStats, embeddings, *, batch=LOCAL):
 
 
 def lifted_structure_fused(embeddings, labels, ref_emb, ref_labels, *, neg_margin, pos_margin, distance="lp",
-                           backend, exclude_col=None):
+                           backend, exclude_col=None, batch=LOCAL):
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
     st = engines.pair_stats(q, r, labels, labels_r, excl, declaration(neg_margin, pos_margin, distance), backend)
-    return combine(st, embeddings)
+    return combine(st, embeddings, batch=batch)

@@ -15,11 +15,15 @@ from ._common import LOCAL, pair_operands, zero_loss
 from .spec import PairLossSpec, PairTerm
 
 
-def declaration(alpha, beta, base, miner_epsilon=None, distance="cosine"):
+def declaration(alpha, beta, base, miner_epsilon=None, distance="cosine", exclude_after_mining=False):
+    """exclude_after_mining: the excluded column takes part in the mining thresholds (PML's
+    CrossBatchMemory runs its miner against the memory, self slot included, then removes the self
+    comparisons)."""
     sign = 1.0 if distance == "lp" else -1.0  # PML: margin(x, y) = y - x for a similarity
     return PairLossSpec(pos=PairTerm(scale=sign * alpha, shift=base, lse=True),
                         neg=PairTerm(scale=-sign * beta, shift=base, lse=True),
-                        distance=distance, miner_epsilon=miner_epsilon)
+                        distance=distance, miner_epsilon=miner_epsilon,
+                        exclude_after_mining=bool(exclude_after_mining and miner_epsilon is not None))
 
 
 def combine(st: engines.PairStats, embeddings, *, alpha, beta, mined, batch=LOCAL):
@@ -34,11 +38,12 @@ def combine(st: engines.PairStats, embeddings, *, alpha, beta, mined, batch=LOCA
 
 
 def multi_similarity_fused(embeddings, labels, ref_emb, ref_labels, *, alpha, beta, base, miner_epsilon,
-                           distance="cosine", backend, exclude_col=None):
+                           distance="cosine", backend, exclude_col=None, batch=LOCAL,
+                           exclude_after_mining=False):
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
     st = engines.pair_stats(q, r, labels, labels_r, excl,
-                            declaration(alpha, beta, base, miner_epsilon, distance), backend)
-    loss = combine(st, embeddings, alpha=alpha, beta=beta, mined=miner_epsilon is not None)
+                            declaration(alpha, beta, base, miner_epsilon, distance, exclude_after_mining), backend)
+    loss = combine(st, embeddings, alpha=alpha, beta=beta, mined=miner_epsilon is not None, batch=batch)
     if miner_epsilon is not None and ref_emb is not None:
         loss = loss + zero_loss(ref_emb)
     return loss

@@ -30,7 +30,7 @@ def combine(st: engines.PairStats, embeddings, *, batch=LOCAL):
 
 
 def ntxent_fused(embeddings, labels, ref_emb, ref_labels, *, temperature, distance="cosine", backend,
-                 exclude_col=None):
+                 exclude_col=None, batch=LOCAL):
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
     st = engines.pair_stats(q, r, labels, labels_r, excl, declaration(temperature, distance), backend)
-    return combine(st, embeddings)
+    return combine(st, embeddings, batch=batch)

@@ -36,9 +36,9 @@ def combine(st: engines.PairStats, embeddings, *, batch=LOCAL):
 
 
 def supcon_fused(embeddings, labels, ref_emb, ref_labels, *, temperature, distance="cosine", backend,
-                 exclude_col=None):
+                 exclude_col=None, batch=LOCAL):
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
     st = engines.pair_stats(q, r, labels, labels_r, excl, declaration(temperature, distance), backend)
-    loss = combine(st, embeddings)
+    loss = combine(st, embeddings, batch=batch)
     # PML's AvgNonZeroReducer drops NaN terms: keep NaN in, NaN out (docs/semantics.md)
     return loss + zero_loss(embeddings) + (0 if ref_emb is None else zero_loss(ref_emb))

@@ -1,0 +1,294 @@
+"""CrossBatchMemory (Wang et al., "Cross-Batch Memory for Embedding Learning", CVPR 2020): PML's
+loss wrapper of the same name, arguments, buffers and semantics, computed by the fused pair engine
+against the memory.
+
+Each call writes the batch (or its `enqueue_mask` rows) into a ring buffer of detached embeddings
+and labels, then computes the loss of the (other) batch rows against the memory. The fused path
+passes the memory as `ref_emb`: B x M tiles, O((B + M) D) memory for any memory size, never a
+B x M matrix; the memory needs no gradient, so the engine's backward skips its column pass. A
+row's comparison with its own, just written, memory slot is removed through `exclude_col` (the
+slot index), the rule the engines use for every self exclusion.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _validation as V
+from .ops._common import LOCAL, zero_loss
+
+__all__ = ["CrossBatchMemory"]
+
+# PML 2.9 CrossBatchMemory.supported_losses()
+SUPPORTED_LOSSES = ("AngularLoss", "CircleLoss", "ContrastiveLoss", "GeneralizedLiftedStructureLoss",
+                    "IntraPairVarianceLoss", "LiftedStructureLoss", "MarginLoss", "MultiSimilarityLoss", "NCALoss",
+                    "NTXentLoss", "SignalToNoiseRatioContrastiveLoss", "SupConLoss", "TripletMarginLoss",
+                    "TupletMarginLoss")
+
+
+def _check_size(name, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 1; got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be an int >= 1; got {value}")
+
+
+def _ms_miner_epsilon(miner, distance):
+    """epsilon of a PML MultiSimilarityMiner whose distance is the loss's (the fused miner rule),
+    else None."""
+    try:
+        from pytorch_metric_learning.miners import MultiSimilarityMiner
+    except ImportError:
+        return None
+    from .modules import _distance_name
+
+    if type(miner) is not MultiSimilarityMiner or _distance_name(miner.distance) != distance:
+        return None
+    return float(miner.epsilon)
+
+
+def get_all_pairs_indices(labels, ref_labels):
+    """PML lmu.get_all_pairs_indices with a separate ref (no diagonal removal)."""
+    matches = labels.unsqueeze(1) == ref_labels.unsqueeze(0)
+    a1, p = torch.where(matches)
+    a2, n = torch.where(~matches)
+    return a1, p, a2, n
+
+
+def remove_self_comparisons(indices_tuple, curr_batch_idx, ref_size):
+    """PML lmu.remove_self_comparisons (ref_is_subset=False), step by step, including its rule for
+    a batch of one row (s == e: the self pair is kept)."""
+    s, e = curr_batch_idx[0], curr_batch_idx[-1]
+
+    def keep(a, p):
+        curr_batch = torch.any(p.unsqueeze(1) == curr_batch_idx, dim=1)
+        a_c, p_c = a[curr_batch], p[curr_batch] - s
+        if e <= s:
+            p_c[p_c <= e - s] += ref_size
+        without = curr_batch.clone()
+        without[torch.where(curr_batch)[0][a_c == p_c]] = False
+        return without | ~curr_batch
+
+    if len(indices_tuple) == 3:
+        a, p, n = indices_tuple
+        k = keep(a, p)
+        return a[k], p[k], n[k]
+    a1, p, a2, n = indices_tuple
+    k = keep(a1, p)
+    return a1[k], p[k], a2, n
+
+
+class CrossBatchMemory(torch.nn.Module):
+    """Drop-in for pytorch_metric_learning.losses.CrossBatchMemory(loss, embedding_size,
+    memory_size=1024, miner=None).
+
+    forward(embeddings, labels, indices_tuple=None, enqueue_mask=None): as PML. The batch is
+    written to the memory (ring buffer `embedding_memory` (memory_size, embedding_size),
+    `label_memory` (memory_size,), both buffers in the state_dict as in PML; `queue_idx` the next
+    slot, `has_been_filled`), then the loss of the batch against the filled part of the memory is
+    returned, each row's comparison with its own slot removed. With `enqueue_mask` only its rows
+    are written and only the others are the queries (no self removal). `reset_queue()` empties it.
+
+    Fused (no B x M matrix; the memory's gradient pass skipped) when `loss` is one of this
+    library's pair losses computed by a fused backend and `miner` is None or PML's
+    MultiSimilarityMiner(epsilon) (with the loss's distance) for a MultiSimilarityLoss: PML mines
+    against the memory, the self slot included, and removes the self comparisons afterwards; the
+    fused engine does the same (the declaration's `exclude_after_mining`). A
+    MultiSimilarityLoss(miner_epsilon=e) here means the same as miner=MultiSimilarityMiner(e).
+    Any other miner, an explicit indices_tuple, a PML loss object, or the reference backend: PML's
+    computation (all pair indices, self comparisons removed, the loss with the indices), exact.
+
+    PML's rules kept as they are: a queued batch of one row keeps its self comparison (PML's
+    remove_self_comparisons treats curr_batch_idx[0] == curr_batch_idx[-1] as a wrap-around), and
+    enqueueing zero rows marks the memory as filled. Inside fused_pairloss.DistributedLossWrapper
+    the gathered batch is enqueued in rank order, the same memory on every rank (PML issue #639).
+    """
+
+    def __init__(self, loss, embedding_size, memory_size=1024, miner=None, collect_stats=None):
+        super().__init__()
+        if type(loss).__name__ not in SUPPORTED_LOSSES:
+            raise TypeError(f"loss: CrossBatchMemory not supported for {type(loss).__name__} (PML supports "
+                            f"{', '.join(SUPPORTED_LOSSES)})")
+        _check_size("embedding_size", embedding_size)
+        _check_size("memory_size", memory_size)
+        self.loss = loss
+        self.miner = miner
+        self.embedding_size = embedding_size
+        self.memory_size = memory_size
+        self.collect_stats = collect_stats
+        self.reset_queue()
+
+    @staticmethod
+    def supported_losses():
+        return list(SUPPORTED_LOSSES)
+
+    def reset_queue(self):
+        self.register_buffer("embedding_memory", torch.zeros(self.memory_size, self.embedding_size))
+        self.register_buffer("label_memory", torch.zeros(self.memory_size).long())
+        self.has_been_filled = False
+        self.queue_idx = 0
+
+    def extra_repr(self):
+        return f"embedding_size={self.embedding_size}, memory_size={self.memory_size}"
+
+    # ---- PML's steps ------------------------------------------------------------------------------
+    def add_to_memory(self, embeddings, labels, batch_size):
+        self.curr_batch_idx = torch.arange(self.queue_idx, self.queue_idx + batch_size,
+                                           device=labels.device) % self.memory_size
+        self.embedding_memory[self.curr_batch_idx] = embeddings.detach()
+        self.label_memory[self.curr_batch_idx] = labels.detach()
+        prev_queue_idx = self.queue_idx
+        self.queue_idx = (self.queue_idx + batch_size) % self.memory_size
+        if (not self.has_been_filled) and (self.queue_idx <= prev_queue_idx):
+            self.has_been_filled = True
+
+    def _memory(self):
+        if not self.has_been_filled:
+            return self.embedding_memory[:self.queue_idx], self.label_memory[:self.queue_idx]
+        return self.embedding_memory, self.label_memory
+
+    def create_indices_tuple(self, embeddings, labels, E_mem, L_mem, input_indices_tuple, do_remove_self_comparisons):
+        if self.miner:
+            indices_tuple = self.miner(embeddings, labels, E_mem, L_mem)
+        else:
+            indices_tuple = get_all_pairs_indices(labels, L_mem)
+        if do_remove_self_comparisons:
+            indices_tuple = remove_self_comparisons(indices_tuple, self.curr_batch_idx, self.memory_size)
+        if input_indices_tuple is not None:
+            from pytorch_metric_learning.utils import common_functions as c_f
+            from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+            if len(input_indices_tuple) == 3 and len(indices_tuple) == 4:
+                input_indices_tuple = lmu.convert_to_pairs(input_indices_tuple, labels)
+            elif len(input_indices_tuple) == 4 and len(indices_tuple) == 3:
+                input_indices_tuple = lmu.convert_to_triplets(input_indices_tuple, labels)
+            indices_tuple = c_f.concatenate_indices_tuples(indices_tuple, input_indices_tuple)
+        return indices_tuple
+
+    # ---- validation and placement -----------------------------------------------------------------
+    def _check(self, embeddings, labels, indices_tuple, enqueue_mask, rows_to_queue=None, allow_empty=False):
+        if not (allow_empty and isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2
+                and embeddings.shape[0] == 0 and embeddings.is_floating_point()):
+            V.check_embeddings(embeddings)
+        if embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"embeddings must have embedding_size={self.embedding_size} columns; got shape "
+                             f"{tuple(embeddings.shape)}")
+        if labels is None:
+            raise ValueError("labels is required (a 1-D integer tensor of length N)")
+        V.check_labels(labels, embeddings.shape[0])
+        if labels.device != embeddings.device:
+            raise ValueError(f"labels must be on the device of embeddings ({embeddings.device}); got {labels.device}")
+        if indices_tuple is not None and enqueue_mask is not None:
+            raise ValueError("indices_tuple and enqueue_mask are mutually exclusive")
+        n = embeddings.shape[0]
+        if enqueue_mask is not None:
+            if not isinstance(enqueue_mask, torch.Tensor) or enqueue_mask.dtype != torch.bool:
+                raise TypeError(f"enqueue_mask must be a bool tensor of length {n}; got "
+                                f"{getattr(enqueue_mask, 'dtype', type(enqueue_mask).__name__)}")
+            if enqueue_mask.shape != (n,):
+                raise ValueError(f"enqueue_mask must have shape ({n},) (one entry per row of embeddings); got "
+                                 f"{tuple(enqueue_mask.shape)}")
+            if enqueue_mask.device != embeddings.device:
+                raise ValueError(f"enqueue_mask must be on the device of embeddings ({embeddings.device}); got "
+                                 f"{enqueue_mask.device}")
+        queued = rows_to_queue if rows_to_queue is not None else (
+            n if enqueue_mask is None else int(enqueue_mask.sum()))
+        if queued > self.memory_size:
+            raise ValueError(f"memory_size={self.memory_size} is smaller than the {queued} rows to enqueue")
+
+    def _place(self, embeddings, labels):
+        # as PML: the memory follows the embeddings' device and dtype, the labels' dtype
+        self.embedding_memory = self.embedding_memory.to(device=embeddings.device, dtype=embeddings.dtype)
+        self.label_memory = self.label_memory.to(device=embeddings.device, dtype=labels.dtype)
+
+    def _plan(self, indices_tuple, device):
+        """(fn, hyper) of the fused path, or None for PML's computation."""
+        if indices_tuple is not None:
+            return None
+        from . import modules as M
+        from .parallel import fused_pair_plan
+
+        plan = fused_pair_plan(self.loss, device)
+        if plan is None:
+            return None
+        fn, hyper = plan
+        if self.miner is not None:
+            eps = _ms_miner_epsilon(self.miner, hyper.get("distance"))
+            if eps is None or type(self.loss) is not M.MultiSimilarityLoss:
+                return None
+            if hyper.get("miner_epsilon") is not None:
+                raise ValueError("pass either miner=MultiSimilarityMiner(...) or the loss's miner_epsilon, not both")
+            hyper["miner_epsilon"] = eps
+        if hyper.get("miner_epsilon") is not None:
+            hyper["exclude_after_mining"] = True
+        return fn, hyper
+
+    def _self_slots(self, rows):
+        """exclude_col of the queued rows: their memory slots (PML's rule: none for one row)."""
+        if len(self.curr_batch_idx) <= 1:
+            return torch.full((rows,), -1, dtype=torch.int64, device=self.curr_batch_idx.device)
+        return self.curr_batch_idx
+
+    # ---- forward --------------------------------------------------------------------------------
+    def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
+        self._check(embeddings, labels, indices_tuple, enqueue_mask)
+        self._place(embeddings, labels)
+        plan = self._plan(indices_tuple, embeddings.device)
+        if enqueue_mask is not None:
+            emb_for_queue, labels_for_queue = embeddings[enqueue_mask], labels[enqueue_mask]
+            embeddings, labels = embeddings[~enqueue_mask], labels[~enqueue_mask]
+            remove_self = False
+        else:
+            emb_for_queue, labels_for_queue = embeddings, labels
+            remove_self = True
+        self.add_to_memory(emb_for_queue, labels_for_queue, len(emb_for_queue))
+        E_mem, L_mem = self._memory()
+        if plan is None:
+            indices_tuple = self.create_indices_tuple(embeddings, labels, E_mem, L_mem, indices_tuple, remove_self)
+            return self.loss(embeddings, labels, indices_tuple, E_mem, L_mem)
+        fn, hyper = plan
+        excl = self._self_slots(len(embeddings)) if remove_self else None
+        return self._fused(fn, hyper, embeddings, labels, E_mem, L_mem, excl, LOCAL)
+
+    @staticmethod
+    def _fused(fn, hyper, embeddings, labels, E_mem, L_mem, excl, batch):
+        if excl is None:  # exclude_col=None would mean PML's identity rule; here: no exclusion
+            excl = torch.full((embeddings.shape[0],), -1, dtype=torch.int64, device=embeddings.device)
+        # the memory is detached (no column pass); its labels are copied (O(M)) so that the next
+        # step's write into the buffer does not touch a tensor saved for this step's backward
+        return fn(embeddings, labels, E_mem.detach(), L_mem.clone(), exclude_col=excl, batch=batch, **hyper)
+
+    def _forward_distributed(self, embeddings, labels, indices_tuple=None, enqueue_mask=None, group=None):
+        """The step of DistributedLossWrapper(CrossBatchMemory) (without the world_size factor):
+        every rank enqueues the gathered batch in rank order (the same memory everywhere) and
+        computes its own query rows against the memory; the loss's batch reductions all-reduce."""
+        from .parallel import DistributedBatch, _Layout
+
+        self._check(embeddings, labels, indices_tuple, enqueue_mask, rows_to_queue=0, allow_empty=True)
+        layout = _Layout(embeddings.shape[0], embeddings.device, group)
+        X, Y = layout.gather(embeddings), layout.gather(labels)
+        mask = None if enqueue_mask is None else layout.gather(enqueue_mask)
+        plan = self._plan(indices_tuple, embeddings.device)
+        if plan is None:  # PML's computation on the gathered batch, this rank's rows with their graph
+            all_emb = torch.cat([X[:layout.offset], embeddings, X[layout.offset + layout.n:]], dim=0)
+            return self.forward(all_emb, Y, indices_tuple, mask)
+        queued = layout.total if mask is None else int(mask.sum())
+        if queued > self.memory_size:
+            raise ValueError(f"memory_size={self.memory_size} is smaller than the {queued} rows to enqueue "
+                             f"(the batch gathered from {layout.world} ranks)")
+        self._place(embeddings, labels)
+        fn, hyper = plan
+        if mask is None:
+            self.add_to_memory(X, Y, layout.total)
+            slots = self._self_slots(layout.total)
+            excl = slots[layout.offset:layout.offset + layout.n]
+            query, query_labels, total_queries = embeddings, labels, layout.total
+        else:
+            self.add_to_memory(X[mask], Y[mask], queued)
+            excl = None
+            query, query_labels = embeddings[~enqueue_mask], labels[~enqueue_mask]
+            total_queries = int((~mask).sum())
+        E_mem, L_mem = self._memory()
+        if total_queries == 0:
+            return zero_loss(query)
+        return self._fused(fn, hyper, query, query_labels, E_mem, L_mem, excl,
+                           DistributedBatch(total_queries, group))

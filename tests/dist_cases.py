@@ -1,0 +1,334 @@
+"""The multi-process cases of tests/test_distributed.py: the losses, the data, and the worker that
+each spawned gloo process runs (one spawn per world size runs every case; the parent test compares
+the saved per-rank results with PML's wrapper and with one process on the whole batch)."""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+import warnings
+
+import torch
+import torch.distributed as dist
+
+D = 6
+N_CLASSES = 5
+EVEN = 10  # rows per rank in the even cases
+UNEVEN = {2: [13, 6], 3: [9, 4, 12]}
+EMPTY_RANK = {2: [0, 9], 3: [5, 0, 6]}  # one rank has no rows
+# CrossBatchMemory steps: rows per rank per step (memory 16: wraps in the third step; the last
+# step has a rank without rows)
+XBM_STEPS = {2: [[5, 3], [4, 4], [2, 6], [6, 1], [0, 4]], 3: [[3, 2, 3], [2, 4, 2], [1, 3, 4], [4, 1, 2], [2, 0, 3]]}
+XBM_MEMORY = 16
+XBM_MASK_STEP = 3  # this step passes an enqueue_mask
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def data(seed, n, d=D, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
+    y = torch.randint(0, N_CLASSES, (n,), generator=g)
+    return x, y
+
+
+def rows_of(t, sizes, rank):
+    off = sum(sizes[:rank])
+    return t[off:off + sizes[rank]]
+
+
+# ---- pair losses: (fpl module, PML loss, PML miner or None) ---------------------------------------
+def pair_losses():
+    import fused_pairloss as fpl
+    from pytorch_metric_learning import distances as Dm
+    from pytorch_metric_learning import losses as L
+    from pytorch_metric_learning import miners
+
+    lp, cos = Dm.LpDistance, Dm.CosineSimilarity
+    return {
+        "ms": (lambda: fpl.MultiSimilarityLoss(), lambda: L.MultiSimilarityLoss(), None),
+        "ms_lp": (lambda: fpl.MultiSimilarityLoss(beta=10, distance=lp()),
+                  lambda: L.MultiSimilarityLoss(beta=10, distance=lp()), None),
+        "ms_mined": (lambda: fpl.MultiSimilarityLoss(miner_epsilon=0.1), lambda: L.MultiSimilarityLoss(),
+                     lambda: miners.MultiSimilarityMiner(0.1)),
+        "ms_mined_lp": (lambda: fpl.MultiSimilarityLoss(beta=10, miner_epsilon=0.1, distance=lp()),
+                        lambda: L.MultiSimilarityLoss(beta=10, distance=lp()),
+                        lambda: miners.MultiSimilarityMiner(0.1, distance=lp())),
+        "circle": (lambda: fpl.CircleLoss(), lambda: L.CircleLoss(), None),
+        "ntxent": (lambda: fpl.NTXentLoss(), lambda: L.NTXentLoss(), None),
+        "ntxent_lp": (lambda: fpl.NTXentLoss(0.2, distance=lp()), lambda: L.NTXentLoss(0.2, distance=lp()), None),
+        "supcon": (lambda: fpl.SupConLoss(), lambda: L.SupConLoss(), None),
+        "supcon_lp": (lambda: fpl.SupConLoss(0.2, distance=lp()), lambda: L.SupConLoss(0.2, distance=lp()), None),
+        "contrastive": (lambda: fpl.ContrastiveLoss(), lambda: L.ContrastiveLoss(), None),
+        "contrastive_cos": (lambda: fpl.ContrastiveLoss(0.9, 0.1, distance=cos()),
+                            lambda: L.ContrastiveLoss(0.9, 0.1, distance=cos()), None),
+        "lifted": (lambda: fpl.GeneralizedLiftedStructureLoss(), lambda: L.GeneralizedLiftedStructureLoss(), None),
+        "lifted_cos": (lambda: fpl.GeneralizedLiftedStructureLoss(0.2, 0.8, distance=cos()),
+                       lambda: L.GeneralizedLiftedStructureLoss(0.2, 0.8, distance=cos()), None),
+    }
+
+
+# not fused: the wrapper does what PML's does
+def fallback_losses():
+    import fused_pairloss as fpl
+    from pytorch_metric_learning import losses as L
+    from pytorch_metric_learning import reducers
+
+    return {
+        "pml_module": (lambda: fpl.MultiSimilarityLoss(reducer=reducers.MeanReducer()),
+                       lambda: L.MultiSimilarityLoss(reducer=reducers.MeanReducer())),
+        "reference_backend": (lambda: fpl.CircleLoss(backend="reference"), lambda: L.CircleLoss()),
+        "pml_loss_object": (lambda: L.TripletMarginLoss(), lambda: L.TripletMarginLoss()),
+    }
+
+
+def class_losses():
+    """(fpl module, PML module or None): the class-weight losses under plain DDP."""
+    import fused_pairloss as fpl
+    from pytorch_metric_learning import losses as L
+
+    C = 4
+    return {
+        "softtriple": (lambda: fpl.SoftTripleLoss(C, D, centers_per_class=3), None),
+        "proxycircle": (lambda: fpl.ProxyCircleLoss(C, D), None),
+        "normsoftmax": (lambda: fpl.NormalizedSoftmaxLoss(C, D), None),
+        "cosface": (lambda: fpl.CosFaceLoss(C, D), None),
+        "arcface": (lambda: fpl.ArcFaceLoss(C, D), None),
+        "proxyanchor": (lambda: fpl.ProxyAnchorLoss(C, D), lambda: L.ProxyAnchorLoss(C, D)),
+    }
+
+
+def xbm_losses():
+    """(fpl CrossBatchMemory factory)."""
+    import fused_pairloss as fpl
+    from pytorch_metric_learning import losses as L
+    from pytorch_metric_learning import miners
+
+    return {
+        "xbm_ms": lambda: fpl.CrossBatchMemory(fpl.MultiSimilarityLoss(), D, XBM_MEMORY),
+        "xbm_ms_miner": lambda: fpl.CrossBatchMemory(fpl.MultiSimilarityLoss(), D, XBM_MEMORY,
+                                                     miner=miners.MultiSimilarityMiner(0.1)),
+        "xbm_supcon": lambda: fpl.CrossBatchMemory(fpl.SupConLoss(), D, XBM_MEMORY),
+        "xbm_unfused": lambda: fpl.CrossBatchMemory(L.TripletMarginLoss(), D, XBM_MEMORY),
+    }
+
+
+class Net(torch.nn.Module):
+    """A trunk and a class loss in one module, so DDP averages both gradients."""
+
+    def __init__(self, loss):
+        super().__init__()
+        self.trunk = torch.nn.Linear(3, D).double()
+        self.loss = loss.double()
+
+    def forward(self, x, y):
+        return self.loss(self.trunk(x), y)
+
+
+def ddp_net(make_loss, seed):
+    torch.manual_seed(seed)
+    return Net(make_loss())
+
+
+def class_data(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randint(0, 4, (n,), generator=g)
+
+
+def xbm_data(world, step, seed=0):
+    sizes = XBM_STEPS[world][step]
+    x, y = data(1000 + 17 * step + seed, sum(sizes))
+    g = torch.Generator().manual_seed(50 + step)
+    mask = (torch.rand(sum(sizes), generator=g) < 0.5) if step == XBM_MASK_STEP else None
+    return sizes, x, y, mask
+
+
+def _leaf(t):
+    return t.clone().requires_grad_(True)
+
+
+def _grads(value, leaves):
+    grads = torch.autograd.grad(value, leaves, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(leaves, grads)]
+
+
+def run_cases(rank, world):
+    """Every case on this rank: {case name: result dict} (or the traceback of its failure)."""
+    import fused_pairloss as fpl
+    from pytorch_metric_learning.utils import distributed as pml_dist
+
+    out = {}
+
+    def case(name, fn):
+        try:
+            out[name] = fn()
+        except Exception:  # recorded, reported by the parent test of that case
+            out[name] = {"error": traceback.format_exc()}
+
+    for name, (make_f, make_p, make_miner) in pair_losses().items():
+        def pair_case(make_f=make_f, make_p=make_p, make_miner=make_miner, name=name):
+            res = {}
+            # even sizes: against PML's wrapper (whose all_gather needs equal sizes)
+            x, y = data(1, EVEN * world)
+            xr, yr = _leaf(rows_of(x, [EVEN] * world, rank)), rows_of(y, [EVEN] * world, rank)
+            v = fpl.DistributedLossWrapper(make_f())(xr, yr)
+            res["even"] = (v.detach(), _grads(v, [xr]))
+            xp = _leaf(xr.detach())
+            idx = None if make_miner is None else pml_dist.DistributedMinerWrapper(make_miner())(xp, yr)
+            vp = pml_dist.DistributedLossWrapper(make_p())(xp, yr, idx)
+            res["pml"] = (vp.detach(), _grads(vp, [xp]))
+            # efficient=True: the same exact result
+            xe = _leaf(xr.detach())
+            ve = fpl.DistributedLossWrapper(make_f(), efficient=True)(xe, yr)
+            res["efficient"] = (ve.detach(), _grads(ve, [xe]))
+            # uneven sizes: against one process on the whole batch (the parent computes it)
+            sizes = UNEVEN[world]
+            x, y = data(2, sum(sizes))
+            xr, yr = _leaf(rows_of(x, sizes, rank)), rows_of(y, sizes, rank)
+            v = fpl.DistributedLossWrapper(make_f())(xr, yr)
+            res["uneven"] = (v.detach(), _grads(v, [xr]))
+            if name in ("ms", "ntxent", "circle"):  # a rank without rows
+                sizes0 = EMPTY_RANK[world]
+                x0, y0 = data(10, sum(sizes0))
+                xr0 = _leaf(rows_of(x0, sizes0, rank))
+                v = fpl.DistributedLossWrapper(make_f())(xr0, rows_of(y0, sizes0, rank))
+                res["empty_rank"] = (v.detach(), _grads(v, [xr0]))
+            if name in ("ms", "contrastive"):  # a separate ref, gathered too
+                r, ry = data(3, sum(sizes))
+                xr2, rr = _leaf(xr.detach()), _leaf(rows_of(r, sizes, rank))
+                v = fpl.DistributedLossWrapper(make_f())(xr2, yr, None, rr, rows_of(ry, sizes, rank))
+                res["ref"] = (v.detach(), _grads(v, [xr2, rr]))
+            return res
+
+        case(name, pair_case)
+
+    for name, (make_f, make_p) in fallback_losses().items():
+        def fallback_case(make_f=make_f, make_p=make_p):
+            x, y = data(4, EVEN * world)
+            xr, yr = _leaf(rows_of(x, [EVEN] * world, rank)), rows_of(y, [EVEN] * world, rank)
+            xp = _leaf(xr.detach())
+            v = fpl.DistributedLossWrapper(make_f())(xr, yr)
+            vp = pml_dist.DistributedLossWrapper(make_p())(xp, yr)
+            sizes = UNEVEN[world]
+            x, y = data(5, sum(sizes))
+            xu = _leaf(rows_of(x, sizes, rank))
+            vu = fpl.DistributedLossWrapper(make_f())(xu, rows_of(y, sizes, rank))
+            return {"even": (v.detach(), _grads(v, [xr])), "pml": (vp.detach(), _grads(vp, [xp])),
+                    "uneven": (vu.detach(), _grads(vu, [xu]))}
+
+        case(name, fallback_case)
+
+    def indices_case():
+        # an explicit indices_tuple (indices into PML's gathered order): PML's computation
+        from pytorch_metric_learning import losses as L
+        from pytorch_metric_learning import miners
+
+        x, y = data(6, EVEN * world)
+        xr, yr = _leaf(rows_of(x, [EVEN] * world, rank)), rows_of(y, [EVEN] * world, rank)
+        idx = pml_dist.DistributedMinerWrapper(miners.PairMarginMiner(0.2, 0.8))(xr, yr)
+        xp = _leaf(xr.detach())
+        v = fpl.DistributedLossWrapper(fpl.ContrastiveLoss())(xr, yr, idx)
+        vp = pml_dist.DistributedLossWrapper(L.ContrastiveLoss())(xp, yr, idx)
+        return {"even": (v.detach(), _grads(v, [xr])), "pml": (vp.detach(), _grads(vp, [xp]))}
+
+    case("indices_tuple", indices_case)
+
+    for name, (make_f, make_p) in class_losses().items():
+        def class_case(make_f=make_f, make_p=make_p):
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            x, y = class_data(7, EVEN * world)
+            xr, yr = rows_of(x, [EVEN] * world, rank), rows_of(y, [EVEN] * world, rank)
+            res, init = {}, None
+            for which, make in (("fpl", make_f), ("pml", make_p)):
+                if make is None:
+                    continue
+                net = ddp_net(make, 8)
+                if init is None:
+                    init = {k: v.clone() for k, v in net.state_dict().items()}
+                net.load_state_dict(init)  # PML's module: the same parameters (state_dicts load both ways)
+                net = DDP(net)
+                net(xr, yr).backward()
+                res[which] = {k: p.grad.detach().clone() for k, p in net.module.named_parameters()}
+            return res
+
+        case(name, class_case)
+
+    for name, make in xbm_losses().items():
+        def xbm_case(make=make):
+            xbm = make()
+            wrapped = fpl.DistributedLossWrapper(xbm)
+            steps = []
+            for t in range(len(XBM_STEPS[world])):
+                sizes, x, y, mask = xbm_data(world, t)
+                xr, yr = _leaf(rows_of(x, sizes, rank)), rows_of(y, sizes, rank)
+                m = None if mask is None else rows_of(mask, sizes, rank)
+                v = wrapped(xr, yr, enqueue_mask=m)
+                steps.append((v.detach(), _grads(v, [xr]), xbm.embedding_memory.clone(), xbm.queue_idx,
+                              xbm.has_been_filled))
+            return {"steps": steps}
+
+        case(name, xbm_case)
+
+    def no_n_squared_case():
+        # the fused path never builds anything of N_global x N_global elements: a 2-D tensor
+        # check on every autograd-saved / created tensor is done by the parent on sizes only;
+        # here: the largest tensor the forward and backward create, via a dispatch mode
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        n_local = 40
+        n_global = n_local * world
+        biggest = [0]
+
+        class Watch(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                r = func(*args, **(kwargs or {}))
+                for t in (r if isinstance(r, (tuple, list)) else [r]):
+                    if isinstance(t, torch.Tensor):
+                        biggest[0] = max(biggest[0], t.numel())
+                return r
+
+        x, y = data(9, n_global, d=4)
+        xr, yr = _leaf(rows_of(x, [n_local] * world, rank)), rows_of(y, [n_local] * world, rank)
+        with Watch():
+            v = fpl.DistributedLossWrapper(fpl.MultiSimilarityLoss(miner_epsilon=0.1))(xr, yr)
+            _grads(v, [xr])
+        return {"biggest": biggest[0], "n_global": n_global, "n_local": n_local}
+
+    case("no_n_squared", no_n_squared_case)
+    return out
+
+
+def worker(rank, world, port, outdir):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        results = run_cases(rank, world)
+        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(world, outdir, timeout=240):
+    """Run `worker` on `world` gloo processes; returns the per-rank results."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(worker, args=(world, free_port(), outdir), nprocs=world, join=False,
+                             start_method="spawn")
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise TimeoutError(f"the {world} gloo workers did not finish in {timeout} s")
+    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]

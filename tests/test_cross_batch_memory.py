@@ -1,0 +1,249 @@
+"""fpl.CrossBatchMemory against PML's CrossBatchMemory step by step (values, gradients, the memory
+buffers, queue_idx, has_been_filled) over a wrap-around, with enqueue_mask, reset_queue, PML's
+MultiSimilarityMiner (fused: mined against the memory with the self slot, self pairs removed
+after), other miners and explicit indices_tuple (PML's computation); state_dicts both ways; the
+fused path's footprint (no B x M tensor, no column pass for the memory); argument validation."""
+import warnings
+
+import pytest
+import torch
+
+import fused_pairloss as fpl
+
+pytest.importorskip("pytorch_metric_learning")
+from pytorch_metric_learning import distances as Dm  # noqa: E402
+from pytorch_metric_learning import losses as L  # noqa: E402
+from pytorch_metric_learning import miners  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+D, M = 8, 20
+SIZES = (7, 6, 1, 9, 5, 8, 3)  # 7 + 6 + 1 + 9 > 20: wraps in step 4; a one-row batch (PML's rule)
+RTOL, ATOL = 1e-9, 1e-12
+
+LOSSES = {
+    "ms": (lambda: fpl.MultiSimilarityLoss(), lambda: L.MultiSimilarityLoss()),
+    "ms_lp": (lambda: fpl.MultiSimilarityLoss(beta=10, distance=Dm.LpDistance()),
+              lambda: L.MultiSimilarityLoss(beta=10, distance=Dm.LpDistance())),
+    "circle": (lambda: fpl.CircleLoss(), lambda: L.CircleLoss()),
+    "ntxent": (lambda: fpl.NTXentLoss(), lambda: L.NTXentLoss()),
+    "ntxent_lp": (lambda: fpl.NTXentLoss(0.2, distance=Dm.LpDistance()),
+                  lambda: L.NTXentLoss(0.2, distance=Dm.LpDistance())),
+    "supcon": (lambda: fpl.SupConLoss(), lambda: L.SupConLoss()),
+    "contrastive_cos": (lambda: fpl.ContrastiveLoss(0.9, 0.1, distance=Dm.CosineSimilarity()),
+                        lambda: L.ContrastiveLoss(0.9, 0.1, distance=Dm.CosineSimilarity())),
+    # lp with pos_margin 0: a kept self pair (PML's one-row rule) sits on the relu kink at d = 0
+    "contrastive": (lambda: fpl.ContrastiveLoss(0.1, 1.0), lambda: L.ContrastiveLoss(0.1, 1.0)),
+    "lifted": (lambda: fpl.GeneralizedLiftedStructureLoss(), lambda: L.GeneralizedLiftedStructureLoss()),
+    "lifted_cos": (lambda: fpl.GeneralizedLiftedStructureLoss(0.2, 0.8, distance=Dm.CosineSimilarity()),
+                   lambda: L.GeneralizedLiftedStructureLoss(0.2, 0.8, distance=Dm.CosineSimilarity())),
+}
+
+
+def batches(seed, sizes=SIZES, masks=False, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    for b in sizes:
+        x = torch.randn(b, D, generator=g, dtype=torch.float64).to(dtype)
+        y = torch.randint(0, 4, (b,), generator=g)
+        m = (torch.rand(b, generator=g) < 0.5) if masks else None
+        yield x, y, m
+
+
+def step(xbm, x, y, mask=None, indices_tuple=None):
+    x = x.clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        v = xbm(x, y, indices_tuple, mask)
+    (g,) = torch.autograd.grad(v, [x], allow_unused=True)
+    return v.detach(), (torch.zeros_like(x) if g is None else g)
+
+
+def same_state(a, b, what):
+    assert a.queue_idx == b.queue_idx and a.has_been_filled == b.has_been_filled, what
+    torch.testing.assert_close(a.embedding_memory, b.embedding_memory, rtol=0, atol=0, msg=what)
+    assert torch.equal(a.label_memory, b.label_memory), what
+
+
+def run_against_pml(ours, theirs, data, what, rtol=RTOL, atol=ATOL, indices=None):
+    for t, (x, y, m) in enumerate(data):
+        idx = None if indices is None else indices(x, y)
+        v, g = step(ours, x, y, m, idx)
+        vp, gp = step(theirs, x, y, m, idx)
+        torch.testing.assert_close(v, vp, rtol=rtol, atol=atol, msg=lambda s: f"{what} step {t} value: {s}")
+        torch.testing.assert_close(g, gp, rtol=rtol, atol=atol, msg=lambda s: f"{what} step {t} grad: {s}")
+        same_state(ours, theirs, f"{what} step {t}")
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_against_pml_step_by_step(name):
+    make_f, make_p = LOSSES[name]
+    run_against_pml(fpl.CrossBatchMemory(make_f(), D, M), L.CrossBatchMemory(make_p(), D, M), batches(1), name)
+
+
+@pytest.mark.parametrize("name", ["ms", "ntxent", "contrastive_cos", "lifted"])
+def test_enqueue_mask_and_reset_queue(name):
+    make_f, make_p = LOSSES[name]
+    ours, theirs = fpl.CrossBatchMemory(make_f(), D, M), L.CrossBatchMemory(make_p(), D, M)
+    run_against_pml(ours, theirs, batches(2, masks=True), f"{name} enqueue_mask")
+    ours.reset_queue()
+    theirs.reset_queue()
+    same_state(ours, theirs, "after reset_queue")
+    assert ours.queue_idx == 0 and not ours.has_been_filled
+    run_against_pml(ours, theirs, batches(3, sizes=(5, 9, 8)), f"{name} after reset_queue")
+
+
+@pytest.mark.parametrize("distance", ["cosine", "lp"])
+def test_multi_similarity_miner_fused(distance):
+    """PML's order of operations: MultiSimilarityMiner(eps) mines the batch against the memory,
+    its own slot included (it sits in the thresholds), then the self comparisons are removed."""
+    dist = (lambda: Dm.LpDistance()) if distance == "lp" else (lambda: Dm.CosineSimilarity())
+    beta = 10 if distance == "lp" else 50
+    for eps in (0.1, 0.3):
+        ours = fpl.CrossBatchMemory(fpl.MultiSimilarityLoss(beta=beta, distance=dist()), D, M,
+                                    miner=miners.MultiSimilarityMiner(eps, distance=dist()))
+        assert ours._plan(None, torch.device("cpu")) is not None, "the MS miner is fused"
+        theirs = L.CrossBatchMemory(L.MultiSimilarityLoss(beta=beta, distance=dist()), D, M,
+                                    miner=miners.MultiSimilarityMiner(eps, distance=dist()))
+        run_against_pml(ours, theirs, batches(4), f"MS miner {distance} eps={eps}")
+        run_against_pml(ours, theirs, batches(5, masks=True), f"MS miner {distance} eps={eps} enqueue_mask")
+    # miner_epsilon on the loss means the same as the miner
+    ours = fpl.CrossBatchMemory(fpl.MultiSimilarityLoss(beta=beta, miner_epsilon=0.1, distance=dist()), D, M)
+    theirs = L.CrossBatchMemory(L.MultiSimilarityLoss(beta=beta, distance=dist()), D, M,
+                                miner=miners.MultiSimilarityMiner(0.1, distance=dist()))
+    run_against_pml(ours, theirs, batches(6), f"miner_epsilon {distance}")
+
+
+def test_exclusion_after_mining_matters():
+    """Rows whose only positive in the memory is their own slot: mined with the self slot in the
+    thresholds (PML's order) they keep the negatives above 1 - eps, mined without it none (min_pos
+    is +inf). A check that the declaration flag tells the two orders apart."""
+    from fused_pairloss.ops import engines, multi_similarity as ms
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(6, D, generator=g, dtype=torch.float64)
+    y = torch.arange(6) + 10
+    mem = torch.cat([torch.randn(10, D, generator=g, dtype=torch.float64), x])
+    my = torch.cat([torch.randint(0, 3, (10,), generator=g), y])
+    excl = torch.arange(10, 16)
+    q, r = F.normalize(x, dim=1), F.normalize(mem, dim=1)
+    after = engines.pair_stats(q, r, y, my, excl, ms.declaration(2, 50, 0.5, 1.5, exclude_after_mining=True), "cpu")
+    before = engines.pair_stats(q, r, y, my, excl, ms.declaration(2, 50, 0.5, 1.5), "cpu")
+    assert before.count_neg.sum() == 0 and after.count_neg.sum() > 0
+    assert after.count_pos.sum() == 0  # the self slot is never kept
+
+
+def test_other_miners_and_indices_tuple_are_pml_computation():
+    ours = fpl.CrossBatchMemory(fpl.ContrastiveLoss(), D, M, miner=miners.PairMarginMiner(0.3, 0.7))
+    assert ours._plan(None, torch.device("cpu")) is None
+    theirs = L.CrossBatchMemory(L.ContrastiveLoss(), D, M, miner=miners.PairMarginMiner(0.3, 0.7))
+    run_against_pml(ours, theirs, batches(8), "PairMarginMiner")
+    # an explicit indices_tuple (pairs into the memory: here each row with its own new slot) is
+    # concatenated to the memory's pairs
+    ours = fpl.CrossBatchMemory(fpl.MultiSimilarityLoss(), D, M)
+    theirs = L.CrossBatchMemory(L.MultiSimilarityLoss(), D, M)
+
+    def own_slots(x, y):
+        a = torch.arange(len(y))
+        return a, (theirs.queue_idx + a) % M, a[:0], a[:0]
+
+    run_against_pml(ours, theirs, batches(9), "indices_tuple", indices=own_slots)
+    # a PML loss object inside ours: PML's computation
+    run_against_pml(fpl.CrossBatchMemory(L.TripletMarginLoss(), D, M), L.CrossBatchMemory(L.TripletMarginLoss(), D, M),
+                    batches(10), "TripletMarginLoss")
+    # the reference backend: PML's computation with the reference loss
+    run_against_pml(fpl.CrossBatchMemory(fpl.CircleLoss(backend="reference"), D, M),
+                    L.CrossBatchMemory(L.CircleLoss(), D, M), batches(11), "reference backend")
+
+
+def test_float32():
+    ours = fpl.CrossBatchMemory(fpl.MultiSimilarityLoss(), D, M)
+    theirs = L.CrossBatchMemory(L.MultiSimilarityLoss(), D, M)
+    run_against_pml(ours, theirs, batches(12, dtype=torch.float32), "fp32", rtol=1e-4, atol=1e-5)
+    assert ours.embedding_memory.dtype == torch.float32
+
+
+def test_state_dict_both_ways():
+    ours = fpl.CrossBatchMemory(fpl.MultiSimilarityLoss(), D, M)
+    theirs = L.CrossBatchMemory(L.MultiSimilarityLoss(), D, M)
+    assert set(ours.state_dict()) == set(theirs.state_dict()) == {"embedding_memory", "label_memory"}
+    for x, y, _ in batches(13, sizes=(6, 5), dtype=torch.float32):
+        step(theirs, x, y)
+    ours.load_state_dict(theirs.state_dict())
+    assert torch.equal(ours.embedding_memory, theirs.embedding_memory)
+    ours.queue_idx, ours.has_been_filled = theirs.queue_idx, theirs.has_been_filled
+    run_against_pml(ours, theirs, batches(14, sizes=(4, 8), dtype=torch.float32), "after loading PML's state",
+                    rtol=1e-4, atol=1e-5)
+    fresh = L.CrossBatchMemory(L.MultiSimilarityLoss(), D, M)
+    fresh.load_state_dict(ours.state_dict())
+    assert torch.equal(fresh.label_memory, ours.label_memory)
+
+
+class _Watch(TorchDispatchMode):
+    """The largest tensor any op creates, and the need_grad_r of every pair-engine backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.biggest, self.need_grad_r = 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if "pair_engine_backward" in str(func):
+            self.need_grad_r.append(args[-1])
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor):
+                self.biggest = max(self.biggest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("loss", ["ms", "ms_miner", "supcon"])
+def test_fused_footprint(loss):
+    """A full memory of 1024 rows, batch 64: nothing of B x M elements (the largest tensor is
+    the memory, M x D), and the backward skips the memory's column pass."""
+    Mbig, B, d = 1024, 64, 8
+    miner = miners.MultiSimilarityMiner(0.1) if loss == "ms_miner" else None
+    inner = fpl.SupConLoss() if loss == "supcon" else fpl.MultiSimilarityLoss()
+    xbm = fpl.CrossBatchMemory(inner, d, Mbig, miner=miner)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(Mbig // B):
+        xbm(torch.randn(B, d, generator=g), torch.randint(0, 10, (B,), generator=g))
+    assert xbm.has_been_filled
+    x = torch.randn(B, d, generator=g, requires_grad=True)
+    y = torch.randint(0, 10, (B,), generator=g)
+    w = _Watch()
+    with w:
+        v = xbm(x, y)
+        v.backward()
+    assert w.biggest <= Mbig * d < B * Mbig, w.biggest
+    assert w.need_grad_r == [False]
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_validation():
+    xbm = fpl.CrossBatchMemory(fpl.MultiSimilarityLoss(), D, 8)
+    x, y = torch.randn(5, D), torch.randint(0, 3, (5,))
+    with pytest.raises(ValueError, match="embedding_size"):
+        xbm(torch.randn(5, D + 1), y)
+    with pytest.raises(ValueError, match="labels"):
+        xbm(x, y[:4])
+    with pytest.raises(ValueError, match="labels must be on the device"):
+        xbm(x, y.to("meta"))
+    with pytest.raises(ValueError, match="indices_tuple and enqueue_mask"):
+        xbm(x, y, (y, y, y), torch.ones(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="memory_size"):
+        xbm(torch.randn(9, D), torch.randint(0, 3, (9,)))
+    with pytest.raises(ValueError, match="memory_size"):
+        xbm(torch.randn(12, D), torch.randint(0, 3, (12,)), enqueue_mask=torch.ones(12, dtype=torch.bool))
+    with pytest.raises(TypeError, match="enqueue_mask"):
+        xbm(x, y, enqueue_mask=torch.ones(5))
+    with pytest.raises(ValueError, match="enqueue_mask"):
+        xbm(x, y, enqueue_mask=torch.ones(4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="loss"):
+        fpl.CrossBatchMemory(fpl.SoftTripleLoss(3, D), D)
+    with pytest.raises(ValueError, match="memory_size"):
+        fpl.CrossBatchMemory(fpl.MultiSimilarityLoss(), D, 0)
+    with pytest.raises(TypeError, match="embedding_size"):
+        fpl.CrossBatchMemory(fpl.MultiSimilarityLoss(), 8.0)
+    both = fpl.CrossBatchMemory(fpl.MultiSimilarityLoss(miner_epsilon=0.1), D, 8, miner=miners.MultiSimilarityMiner())
+    with pytest.raises(ValueError, match="miner_epsilon"):
+        both(x, y)
+    assert xbm.queue_idx == 0, "a rejected call does not touch the memory"
