@@ -7,9 +7,8 @@ SoftTriple, class-level Circle), drop-in replacements for pytorch-metric-learnin
 """
 from . import functional, reference
 from ._backends import available_backends, build_info
+from ._version import __version__
 from .modules import CircleLoss, MultiSimilarityLoss, ProxyCircleLoss, SoftTripleLoss
-
-__version__ = "0.1.0"
 
 __all__ = [
     "MultiSimilarityLoss",
