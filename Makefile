@@ -103,6 +103,7 @@ wheel: $(DEPS_STAMP)
 	  $(PIP) wheel --no-build-isolation --no-deps -w build/raw-release .
 	$(AUDITWHEEL) --strip -w dist build/raw-release/fused_pairloss-*.whl
 	$(PY) -m build --sdist --no-isolation -o dist .
+	$(PY) -c "import glob, zipfile; [print(w, zipfile.ZipFile(w).read('fused_pairloss/_C_build.json').decode()) for w in sorted(glob.glob('dist/*.whl'))]"
 	ls -l dist
 
 sdist: $(DEPS_STAMP)
