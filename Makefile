@@ -41,7 +41,9 @@ AUDITWHEEL_EXCLUDE := libtorch*.so libc10*.so libgomp.so.1 libcudart.so.* libcud
 AUDITWHEEL = PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/auditwheel repair $(foreach l,$(AUDITWHEEL_EXCLUDE),--exclude '$(l)')
 # Everything the wheel is built from (a change rebuilds it; ninja recompiles only what changed).
 SOURCES := setup.py pyproject.toml MANIFEST.in $(shell find csrc fused_pairloss -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' -o -name '*.py' -o -name '*.md' \) -not -path '*/emu/*' 2>/dev/null)
-CI_WHEEL_DIR := build/ci-wheel
+# Build folders per venv: a LATEST=1 wheel (another torch, maybe) never lands in .venv's.
+BUILD_TAG := $(subst .,,$(notdir $(VENV)))
+CI_WHEEL_DIR := build/ci-wheel-$(BUILD_TAG)
 DEPS_STAMP := $(VENV)/.fpl-deps
 INSTALL_STAMP := $(VENV)/.fpl-installed
 
@@ -68,13 +70,13 @@ deps: $(DEPS_STAMP)
 check-pins: $(DEPS_STAMP)
 	$(PY) .ci/check_pins.py constraints.txt
 
-# The wheel `make test` tests: built in-tree (objects kept in build/temp-ci for incremental
-# rebuilds), repaired to a manylinux tag, into build/ci-wheel/.
+# The wheel `make test` tests: built in-tree (objects kept in build/temp-ci-venv for incremental
+# rebuilds), repaired to a manylinux tag, into build/ci-wheel-venv/.
 $(CI_WHEEL_DIR)/.stamp: $(DEPS_STAMP) $(SOURCES)
-	rm -rf build/lib.* build/bdist.* build/raw-ci $(CI_WHEEL_DIR)
-	TORCH_CUDA_ARCH_LIST="$(CI_CUDA_ARCHS)" FPL_BUILD_TEMP=build/temp-ci \
-	  $(PIP) wheel --no-build-isolation --no-deps -w build/raw-ci .
-	$(AUDITWHEEL) --strip -w $(CI_WHEEL_DIR) build/raw-ci/fused_pairloss-*.whl
+	rm -rf build/lib.* build/bdist.* build/raw-ci-$(BUILD_TAG) $(CI_WHEEL_DIR)
+	TORCH_CUDA_ARCH_LIST="$(CI_CUDA_ARCHS)" FPL_BUILD_TEMP=build/temp-ci-$(BUILD_TAG) \
+	  $(PIP) wheel --no-build-isolation --no-deps -w build/raw-ci-$(BUILD_TAG) .
+	$(AUDITWHEEL) --strip -w $(CI_WHEEL_DIR) build/raw-ci-$(BUILD_TAG)/fused_pairloss-*.whl
 	touch $@
 
 ci-wheel: $(CI_WHEEL_DIR)/.stamp
