@@ -34,7 +34,8 @@ CLASS_LOSSES = ("softtriple", "proxyanchor", "normsoftmax", "cosface", "arcface"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--impl", choices=("pml", "fused"), default="fused")
     p.add_argument("--loss", choices=PAIR_LOSSES + CLASS_LOSSES, default="ms")
     p.add_argument("--backend", default="auto", help="fused backend: auto, cpu, triton, cuda, reference")

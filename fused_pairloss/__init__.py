@@ -7,13 +7,12 @@ pytorch-metric-learning (PML), drop-in replacements for PML's loss classes.
 """
 from . import functional, reference
 from ._backends import available_backends, build_info
+from ._version import __version__
 from .memory import CrossBatchMemory
 from .modules import (ArcFaceLoss, CircleLoss, ContrastiveLoss, CosFaceLoss, GeneralizedLiftedStructureLoss,
                       MultiSimilarityLoss, NormalizedSoftmaxLoss, NTXentLoss, ProxyAnchorLoss, ProxyCircleLoss,
                       SoftTripleLoss, SupConLoss)
 from .parallel import DistributedLossWrapper
-
-__version__ = "0.1.0"
 
 __all__ = [
     "MultiSimilarityLoss",
@@ -34,4 +33,5 @@ __all__ = [
     "reference",
     "available_backends",
     "build_info",
+    "__version__",
 ]

@@ -109,8 +109,12 @@ def resolve_backend(backend, device) -> str:
 
 def build_info() -> dict:
     """What this install was built with and can run."""
+    from ._version import __version__
+
     cfg = _extension.build_config()
+    record = _extension.build_record() or {}
     return {
+        "version": __version__,
         "cpu": _cpp_backend_built("CPU"),
         "cuda": _cpp_backend_built("CUDA"),
         "cuda_arch_list": cfg.get("cuda_arch_list", "") or None,
@@ -119,4 +123,8 @@ def build_info() -> dict:
         "triton": _triton_version(),
         "library": _extension.load(),
         "library_error": _extension.load_error(),
+        # what the library was built with (setup.py's record beside it; None: no record)
+        "built_with_torch": record.get("torch"),
+        "built_with_torch_cuda": record.get("torch_cuda"),
+        "built_cuda_arch_list": record.get("cuda_arch_list") or None,
     }

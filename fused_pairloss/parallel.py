@@ -295,7 +295,8 @@ class DistributedLossWrapper(torch.nn.Module):
                 enqueue_mask=None):
         xbm = _is_memory(self.loss)
         if not is_distributed():
-            warnings.warn("DistributedLossWrapper is being used in a non-distributed setting. Returning the loss as is.")
+            warnings.warn("DistributedLossWrapper is being used in a non-distributed setting. "
+                          "Returning the loss as is.", stacklevel=2)
             if xbm:
                 return self.loss(embeddings, labels, indices_tuple, enqueue_mask)
             return self.loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
