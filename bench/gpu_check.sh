@@ -91,6 +91,14 @@ export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}   # every step imports fused_
 if [[ $DRY == 1 ]]; then
   export TRITON_INTERPRET=1                 # Triton on CPU tensors: its interpreter
   export CUDA_VISIBLE_DEVICES=""            # never touch a GPU in a dry run, even where one is
+  # `make test` installs the wheel and builds nothing in the tree: the tree's Python code (same
+  # commit) then loads the installed wheel's library
+  if ! compgen -G "$ROOT/fused_pairloss/_C*.so" > /dev/null && [[ -z ${FUSED_PAIRLOSS_LIBRARY:-} ]]; then
+    INSTALLED_LIB=$(cd / && env -u PYTHONPATH "$PY" -P -c \
+      'import glob, os, fused_pairloss as f; print(next(iter(glob.glob(os.path.join(os.path.dirname(f.__file__), "_C*.so"))), ""))' \
+      2>/dev/null || true)
+    [[ -n $INSTALLED_LIB ]] && export FUSED_PAIRLOSS_LIBRARY=$INSTALLED_LIB
+  fi
 fi
 
 FAILED=()

@@ -32,7 +32,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+    # appended: `bench` from this tree, fused_pairloss from the install when there is one (`make
+    # bench` installs the wheel and builds nothing in the tree; an editable install is the tree)
+    sys.path.append(ROOT)
 
 from bench import plots  # noqa: E402
 from bench import providers as P  # noqa: E402

@@ -91,7 +91,7 @@ def class_cases(name, params):
 def main(argv=None):
     args = parse_args(argv)
     if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
+        sys.path.append(ROOT)  # as bench/run.py: an installed fused_pairloss first
     import torch
 
     import fused_pairloss as fpl

@@ -55,7 +55,8 @@ std::string describe_class_spec(c10::ArrayRef<double> terms, int64_t flags, int6
   term(o, "row", s.row);
   term(o, "col_pos", s.col_pos);
   term(o, "col_neg", s.col_neg);
-  o << "pool_inv_gamma=" << s.pool_inv_gamma << ";centers_per_class=" << s.K;
+  o << "pool_inv_gamma=" << s.pool_inv_gamma << ";centers_per_class=" << s.K
+    << ";normalize_weights=" << int(s.normalize_weights) << ";weights_columns=" << int(s.weights_columns);
   return o.str();
 }
 
@@ -74,7 +75,8 @@ TORCH_LIBRARY(fused_pairloss, m) {
       "pair_engine_backward(Tensor grad_values, Tensor q, Tensor? r, Tensor labels_q, "
       "Tensor? labels_r, Tensor? exclude_col, Tensor values, Tensor aux, float[] terms, int flags, "
       "bool need_grad_r) -> (Tensor grad_q, Tensor grad_r)");
-  // Tiled class engine. w: (C*K, D), row c*K+k = center k of class c.
+  // Tiled class engine. w: (C*K, D), row c*K+k = center k of class c; flags may say (D, C*K) and
+  // normalize its vectors (common/loss_spec.h ClassFlag; the CPU kernels apply them per tile).
   // rows [2, N]: lse over the non-target classes, target_sim; cols [2, C]: column LSEs (pos, neg).
   m.def(
       "class_engine_forward(Tensor q, Tensor w, Tensor labels, int centers_per_class, "

@@ -11,6 +11,7 @@ the fp64 reference on the same inputs.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 import fused_pairloss as fpl
 from fused_pairloss.ops import (circle, contrastive, lifted_structure, margin_softmax, multi_similarity, ntxent,
                                 oracle, proxy_anchor, proxy_circle, soft_triple, supcon)
-from fused_pairloss.ops.spec import PairLossSpec
+from fused_pairloss.ops.spec import ClassLossSpec, PairLossSpec
 
 # ---- tolerance rule ------------------------------------------------------------------------------
 SLACK = 2.0
@@ -174,7 +175,13 @@ def pair_declarations_and_modes():
             if mode == "ref_excl" or not spec.exclude_after_mining]
 
 
-CLASS_DECLARATIONS = {
+def plain_rows(spec: ClassLossSpec) -> ClassLossSpec:
+    """The declaration on weights given as plain (normalized) rows (C*K, D): what every engine takes."""
+    return dataclasses.replace(spec, normalize_weights=False, weights_layout="rows")
+
+
+# the losses' own declarations: their weights as PML stores them, normalized by the engine
+LOSS_CLASS_DECLARATIONS = {
     # name: (declaration, K)
     "softtriple": (soft_triple.declaration(5, 20.0, 0.1), 5),
     "softtriple_k1": (soft_triple.declaration(1, 20.0, 0.1), 1),
@@ -182,6 +189,19 @@ CLASS_DECLARATIONS = {
     "proxyanchor": (proxy_anchor.declaration(0.1, 32.0), 1),
     "cosface": (margin_softmax.declaration(64.0), 1),
 }
+CLASS_DECLARATIONS = {name: (plain_rows(spec), K) for name, (spec, K) in LOSS_CLASS_DECLARATIONS.items()}
+
+
+def as_loss_weights(case: ClassCase, spec: ClassLossSpec, seed=0) -> ClassCase:
+    """case's (normalized) weight rows as a loss stores them under `spec`: scaled by random
+    factors in [0.5, 4) (the engine normalizes them back), transposed for the "columns" layout."""
+    w = case.w
+    if spec.normalize_weights:
+        g = torch.Generator().manual_seed(seed)
+        w = w * (0.5 + 3.5 * torch.rand(w.shape[0], 1, generator=g, dtype=torch.float64)).to(w.dtype)
+    if spec.weights_layout == "columns":
+        w = w.t().contiguous()
+    return ClassCase(case.q, w, case.labels, case.K)
 
 
 def pair_truth(case: PairCase, spec: PairLossSpec, grad_values=None, need_grad_r=True):

@@ -11,7 +11,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+    # appended, not prepended: the `bench` package comes from the tree, fused_pairloss from the
+    # installed wheel (the tree has no built library; spawned workers inherit this sys.path)
+    sys.path.append(ROOT)
 
 from bench import run as bench_run  # noqa: E402
 

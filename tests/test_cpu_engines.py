@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fused_pairloss as fpl
-from fused_pairloss.ops import oracle
+from fused_pairloss.ops import engines, oracle
 from fused_pairloss.ops.spec import PAIR_VALUES
 
 import kit
@@ -154,9 +154,9 @@ def _pair_calls(dtype):
 def _class_calls(dtype):
     def run():
         res = []
-        for spec, K in kit.CLASS_DECLARATIONS.values():
+        for spec, K in [*kit.CLASS_DECLARATIONS.values(), *kit.LOSS_CLASS_DECLARATIONS.values()]:
             for n, C in [(600, 300), (300, 1100)]:  # both backward ownerships (rows / classes)
-                case = kit.class_case(n, 24, C, K, dtype, seed=7)
+                case = kit.as_loss_weights(kit.class_case(n, 24, C, K, dtype, seed=7), spec)
                 terms, flags = spec.pack()
                 fwd = op.class_engine_forward(*case.args(), list(terms), flags)
                 gr = torch.ones(2, n, dtype=fwd[0].dtype)
@@ -285,7 +285,7 @@ def check_class(case, spec, seed=0):
         kit.check_close(out[0][k], truth[0][k], same[0][k], what=f"rows[{k}]", dtype=case.q.dtype)
         kit.check_close(out[1][k], truth[1][k], same[1][k], what=f"cols[{k}]", dtype=case.q.dtype)
     g = torch.Generator().manual_seed(seed + 1)
-    n, C = case.q.shape[0], case.w.shape[0] // case.K
+    n, C = case.q.shape[0], engines.weight_count(case.w, flags) // case.K
     gr = torch.randn(2, n, generator=g, dtype=torch.float64).to(A)
     gc = torch.randn(2, C, generator=g, dtype=torch.float64).to(A)
     grads = op.class_engine_backward(gr, gc, case.q, case.w, case.labels, out[0], out[1], case.K, list(terms),
@@ -315,6 +315,36 @@ def test_class_op_parity(decl, dtype):
             check_class(case.to(torch.float32), spec, seed=n)
             continue
         check_class(kit.class_case(n, d, C, K, dtype, seed=n), spec, seed=n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("decl", list(kit.LOSS_CLASS_DECLARATIONS))
+def test_class_op_on_the_losses_weights(decl, dtype):
+    """The losses' own declarations: weights as PML stores them ((D, C*K) columns or (C*K, D) rows,
+    any norm), normalized by the engine per tile; grad_w in the same layout, through normalize's
+    backward. Both backward ownerships, and a zero vector (F.normalize's clamp: grad / eps)."""
+    spec, K = kit.LOSS_CLASS_DECLARATIONS[decl]
+    for n, d, C in [(37, 16, 7), (300, 10, 130), (200, 24, 600)]:
+        case = kit.as_loss_weights(kit.class_case(n, d, C, K, dtype, seed=n), spec, seed=n)
+        check_class(case, spec, seed=n)
+    case = kit.as_loss_weights(kit.class_case(40, 8, 6, K, dtype, seed=3), spec, seed=3)
+    if spec.weights_layout == "columns":
+        case.w[:, K] = 0
+    else:
+        case.w[K] = 0
+    check_class(case, spec, seed=3)
+
+
+def test_class_weight_nan_propagates():
+    spec, K = kit.LOSS_CLASS_DECLARATIONS["cosface"]
+    case = kit.as_loss_weights(kit.class_case(20, 8, 6, K, torch.float32, seed=2), spec)
+    case.w[2, 4] = float("nan")  # class 4's vector
+    terms, flags = spec.pack()
+    rows, _ = op.class_engine_forward(*case.args(), list(terms), flags)
+    target4 = case.labels == 4
+    assert target4.any() and not target4.all()
+    assert torch.isnan(rows[0][~target4]).all()  # class 4 is among their other classes
+    assert torch.isnan(rows[1][target4]).all() and torch.isfinite(rows[1][~target4]).all()
 
 
 def test_class_need_grad_w_false():

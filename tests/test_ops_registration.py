@@ -42,11 +42,14 @@ def test_opcheck_pair_engine(decl, mode):
                               (torch.ones_like(values), q, r, lq, lr, ex, values, aux, list(terms), flags, need_r))
 
 
-@pytest.mark.parametrize("decl", list(kit.CLASS_DECLARATIONS))
+CLASS_OPCHECK = {**kit.CLASS_DECLARATIONS, **{f"{k}_loss_weights": v for k, v in kit.LOSS_CLASS_DECLARATIONS.items()}}
+
+
+@pytest.mark.parametrize("decl", list(CLASS_OPCHECK))
 def test_opcheck_class_engine(decl):
-    spec, K = kit.CLASS_DECLARATIONS[decl]
+    spec, K = CLASS_OPCHECK[decl]
     terms, flags = spec.pack()
-    case = kit.class_case(11, 6, 5, K, torch.float32, seed=1)
+    case = kit.as_loss_weights(kit.class_case(11, 6, 5, K, torch.float32, seed=1), spec)
     torch.library.opcheck(op.class_engine_forward.default,
                           (_grad_leaf(case.q), _grad_leaf(case.w), case.labels, K, list(terms), flags))
     rows, cols = op.class_engine_forward(*case.args(), list(terms), flags)
@@ -64,9 +67,9 @@ def test_cpp_reads_the_pair_declaration_spec_py_writes(decl):
     assert S.unpack_pair(terms, flags).pack() == (terms, flags)
 
 
-@pytest.mark.parametrize("decl", list(kit.CLASS_DECLARATIONS))
+@pytest.mark.parametrize("decl", list(CLASS_OPCHECK))
 def test_cpp_reads_the_class_declaration_spec_py_writes(decl):
-    spec, K = kit.CLASS_DECLARATIONS[decl]
+    spec, K = CLASS_OPCHECK[decl]
     terms, flags = spec.pack()
     assert op.describe_class_spec(list(terms), flags, K) == spec.describe()
     assert S.unpack_class(terms, flags, K).pack()[1] == flags

@@ -152,7 +152,8 @@ def test_sdist_builds_and_installs(tmp_path):
     tracked = subprocess.run([git, "-C", ROOT, "ls-files", "csrc", "fused_pairloss", "tests"],
                              capture_output=True, text=True).stdout.split() if git else []
     need = set(tracked) | {"setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "constraints.txt",
-                           "CHANGELOG.md", "csrc/ops.cpp", "csrc/common/pair_math.h"}
+                           "CHANGELOG.md", "csrc/ops.cpp", "csrc/common/loss_spec.h", "csrc/common/pair_terms.inl",
+                           "csrc/cpu/kernels_isa.inc"}
     missing = sorted(n for n in need if n not in members)
     assert not missing, f"not in the sdist: {missing}"
     assert not [n for n in members if n.endswith(".so") or n.endswith("_C_build.json")]

@@ -101,8 +101,19 @@ inline std::string check_pair_spec(int64_t n_terms, int64_t flags) {
 // (SoftTriple); row term over the non-target classes c != y_i: x = (scale * w(S)) * (S - shift),
 // reduced by LSE; target_sim_i = S_{i,y_i}. Column terms (K = 1 only, ProxyAnchor): per class c,
 // LSE over the samples i with y_i == c of the pos term, and over y_i != c of the neg term.
-enum ClassFlag : int64_t { kRowLse = 1 << 0, kColPosLse = 1 << 1, kColNegLse = 1 << 2 };
-constexpr int64_t kClassFlagMask = (int64_t(1) << 3) - 1;
+// The weights: kWeightsColumns: w is (D, C*K) (else (C*K, D)); kNormalizeWeights: w_ck enters as
+// w_ck / max(||w_ck||, 1e-12). These two describe the operand, not the math: an engine that does
+// not apply them gets plain normalized rows instead (ops/engines.py) and rejects the bits.
+enum ClassFlag : int64_t {
+  kRowLse = 1 << 0,
+  kColPosLse = 1 << 1,
+  kColNegLse = 1 << 2,
+  kNormalizeWeights = 1 << 3,
+  kWeightsColumns = 1 << 4
+};
+constexpr int64_t kClassFlagMask = (int64_t(1) << 5) - 1;
+constexpr int64_t kWeightOperandFlags = kNormalizeWeights | kWeightsColumns;
+constexpr double kNormalizeEps = 1e-12;  // F.normalize's default eps
 
 // terms = [row.scale, row.shift, row.weight_offset, row.weight_slope,
 //          col_pos.scale, col_pos.shift, col_pos.weight_offset, col_pos.weight_slope,
@@ -117,6 +128,7 @@ struct ClassSpec {
   PairTermParams<T> row, col_pos, col_neg;
   T pool_inv_gamma;  // PML stores 1/gamma and multiplies
   int64_t K;
+  bool normalize_weights, weights_columns;
 };
 
 template <typename T>
@@ -127,6 +139,8 @@ ClassSpec<T> decode_class_spec(const double* terms, int64_t flags, int64_t K) {
   s.col_neg = decode_term<T>(terms + 2 * kTermFloats, flags & kColNegLse, false, false);
   s.pool_inv_gamma = T(terms[3 * kTermFloats]);
   s.K = K;
+  s.normalize_weights = flags & kNormalizeWeights;
+  s.weights_columns = flags & kWeightsColumns;
   return s;
 }
 

@@ -3,7 +3,9 @@
 // fused_pairloss/ops/README.md; the declaration: common/loss_spec.h; tile kernels: cpu_kernels.h.
 //
 // Like a fused linear cross-entropy. Rows of q go in blocks of BI, classes in tiles of TC whole
-// classes (all K centers of a class in one tile). A tile is computed TRANSPOSED,
+// classes (all K centers of a class in one tile). The weights are read as the loss stores them
+// (rows or PML's D x C*K columns); a tile's vectors are packed, normalized when the declaration
+// says so, into scratch on each visit. A tile is computed TRANSPOSED,
 //     st (tc*K x bi) = w_tile (tc*K x D) . q_block^T,
 // with the engine's GEMM, so that every per-class step (softmax over the K centers, pooled S,
 // logit, the row LSE over classes, a column LSE over the block's rows) is a plain loop over the bi
@@ -16,10 +18,13 @@
 //
 // Backward: recomputes each tile with the same GEMM (bitwise the forward's tile), forms dL/ds_ick
 // in place, and accumulates grad_w_tile += st . q_block, grad_q_block += st^T . w_tile. The larger
-// of (N, C*K) is owned: if C*K >= N, items are chunks of class tiles that own their rows of grad_w
-// and add into one private grad_q buffer per chunk; else chunks of row blocks own grad_q and have
-// private grad_w buffers. The private buffers are summed in chunk order. The chunk count depends
-// on the shapes only (and on a memory budget), so results do not depend on the thread count.
+// of (N, C*K) is owned: if C*K >= N, items are chunks of class tiles that own their vectors of
+// grad_w and add into one private grad_q buffer per chunk; else chunks of row blocks own grad_q and
+// have private grad_w buffers. The private buffers are summed in chunk order. The chunk count
+// depends on the shapes only (and on a memory budget), so results do not depend on the thread
+// count. The gradient w.r.t. the normalized vectors becomes the weights' own gradient (normalize's
+// backward) as each vector is finished, written straight into the weights' layout: no transposed
+// or normalized copy of w exists, and the extra memory is O(N D + tile) beyond grad_w itself.
 //
 // Compute type A: double for fp64 inputs, float otherwise (fp16/bf16 are converted to fp32 up
 // front, O((N + C*K) D)); gradients are returned in the input dtype.
@@ -78,12 +83,20 @@ Geometry make_geometry(int64_t N, int64_t D, int64_t Dp, int64_t C, int64_t K) {
 // [begin, end) of chunk p when n items are split into P contiguous chunks
 inline int64_t chunk_begin(int64_t n, int64_t P, int64_t p) { return (n * p) / P; }
 
+// The weights stay as the loss stores them (C*K x D rows or D x C*K columns, never copied when
+// they are already in the compute type); a class tile's vectors are packed, normalized, into
+// per-thread scratch on each visit (O(tck D) against the tile's O(tck bi D) GEMM).
 template <typename T>
 struct Operands {
   const Kernels<T>* K;
   Geometry g;
-  Tensor q, w, q_panels;  // (N, Dp), (C*K, Dp), q packed in panels
+  Tensor q, q_panels;  // q (N, Dp) zero-padded; packed in panels (the B operand of every tile GEMM)
+  Tensor w;            // the weights in the compute type, laid out as the declaration says
+  Tensor w_norm;       // normalize_weights: ||w_r|| and 1 / max(||w_r||, eps) per vector r
+  Tensor w_inv_norm;
+  bool normalize, columns;
   const int64_t* y;
+  int64_t CK() const { return g.C * g.K; }
 };
 
 template <typename T>
@@ -93,14 +106,44 @@ Tensor padded_rows(const Tensor& x, int64_t Dp) {
   return out;
 }
 
+int64_t weight_count(const Tensor& w, bool columns) { return columns ? w.size(1) : w.size(0); }
+
+// ||w_r|| with a double sum over d ascending (the same order for both layouts), and its clamped
+// inverse (F.normalize: w / max(||w||, eps); NaN stays NaN).
 template <typename T>
-Operands<T> prepare(const Tensor& q, const Tensor& w, const Tensor& labels, int64_t K) {
+void weight_norms(const T* w, bool columns, int64_t CK, int64_t D, T* norm, T* inv) {
+  at::parallel_for(0, CK, 4096, [&](int64_t b, int64_t e) {
+    std::vector<double> acc(e - b, 0.0);
+    if (columns) {
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t r = b; r < e; ++r) acc[r - b] += double(w[d * CK + r]) * double(w[d * CK + r]);
+    } else {
+      for (int64_t r = b; r < e; ++r)
+        for (int64_t d = 0; d < D; ++d) acc[r - b] += double(w[r * D + d]) * double(w[r * D + d]);
+    }
+    for (int64_t r = b; r < e; ++r) {
+      norm[r] = static_cast<T>(std::sqrt(acc[r - b]));
+      inv[r] = T(1) / std::max(norm[r], static_cast<T>(kNormalizeEps));
+    }
+  });
+}
+
+template <typename T>
+Operands<T> prepare(const Tensor& q, const Tensor& w, const Tensor& labels, const ClassSpec<T>& spec) {
   Operands<T> o;
   o.K = &active_kernels<T>();
+  o.normalize = spec.normalize_weights;
+  o.columns = spec.weights_columns;
   const int64_t D = q.size(1), Dp = round_up(std::max<int64_t>(D, 1), sizeof(T) == 4 ? 16 : 8);
-  o.g = make_geometry(q.size(0), D, Dp, w.size(0) / K, K);
+  o.g = make_geometry(q.size(0), D, Dp, weight_count(w, o.columns) / spec.K, spec.K);
   o.q = padded_rows<T>(q.detach(), Dp);
-  o.w = padded_rows<T>(w.detach(), Dp);
+  o.w = w.detach().to(c10::CppTypeToScalarType<T>::value).contiguous();
+  if (o.normalize) {
+    o.w_norm = at::empty({o.CK()}, o.q.options());
+    o.w_inv_norm = at::empty({o.CK()}, o.q.options());
+    weight_norms(o.w.template data_ptr<T>(), o.columns, o.CK(), D, o.w_norm.template data_ptr<T>(),
+                 o.w_inv_norm.template data_ptr<T>());
+  }
   const int64_t np = (o.g.N + o.K->nr - 1) / o.K->nr;
   o.q_panels = at::empty({std::max<int64_t>(np, 1) * D * o.K->nr}, o.q.options());
   if (o.g.N > 0) o.K->pack_panels(o.q.template data_ptr<T>(), Dp, o.g.N, D, o.q_panels.template data_ptr<T>());
@@ -108,14 +151,78 @@ Operands<T> prepare(const Tensor& q, const Tensor& w, const Tensor& labels, int6
   return o;
 }
 
-// st (tck x bi) = w_tile . q_block^T; the forward and the backward make exactly this call.
+// The vectors of class tile t as rows (tck x Dp, zero-padded), normalized if the declaration says
+// so: the A operand of the tile's similarities (and, packed in column chunks, the B operand of
+// grad_q). The same bits on every visit.
 template <typename T>
-void tile_similarities(const Operands<T>& o, int64_t rb, int64_t t, T* st) {
+void pack_weight_tile(const Operands<T>& o, int64_t t, T* dst) {
+  const Geometry& g = o.g;
+  const int64_t r0 = g.ct_begin(t) * g.K, tck = g.ct_size(t) * g.K, D = g.D, Dp = g.Dp, CK = o.CK();
+  const T* w = o.w.template data_ptr<T>();
+  const T* inv = o.normalize ? o.w_inv_norm.template data_ptr<T>() + r0 : nullptr;
+  if (o.columns) {
+    constexpr int64_t kBlock = 64;  // vectors per pass, so the strided writes stay in cache
+    for (int64_t rb = 0; rb < tck; rb += kBlock) {
+      const int64_t re = std::min(tck, rb + kBlock);
+      for (int64_t d = 0; d < D; ++d) {
+        const T* src = w + d * CK + r0;
+        for (int64_t r = rb; r < re; ++r) dst[r * Dp + d] = inv ? src[r] * inv[r] : src[r];
+      }
+    }
+  } else {
+    for (int64_t r = 0; r < tck; ++r) {
+      const T* src = w + (r0 + r) * D;
+      T* out = dst + r * Dp;
+      if (inv)
+        for (int64_t d = 0; d < D; ++d) out[d] = src[d] * inv[r];
+      else
+        std::copy(src, src + D, out);
+    }
+  }
+  for (int64_t r = 0; r < tck; ++r) std::fill(dst + r * Dp + D, dst + (r + 1) * Dp, T(0));
+}
+
+// st (tck x bi) = w_tile . q_block^T (w_tile: pack_weight_tile); the forward and the backward make
+// exactly this call.
+template <typename T>
+void tile_similarities(const Operands<T>& o, const T* w_tile, int64_t rb, int64_t t, T* st) {
   const Geometry& g = o.g;
   const int64_t i0 = g.rb_begin(rb), bi = g.rb_size(rb);
-  const int64_t r0 = g.ct_begin(t) * g.K, tck = g.ct_size(t) * g.K;
-  o.K->gemm_nt(o.w.template data_ptr<T>() + r0 * g.Dp, g.Dp,
-               o.q_panels.template data_ptr<T>() + (i0 / o.K->nr) * g.D * o.K->nr, tck, bi, g.D, st, g.ld);
+  const int64_t tck = g.ct_size(t) * g.K;
+  o.K->gemm_nt(w_tile, g.Dp, o.q_panels.template data_ptr<T>() + (i0 / o.K->nr) * g.D * o.K->nr, tck, bi, g.D, st,
+               g.ld);
+}
+
+// The weights' gradient for the vectors [r0, r0 + n), laid out like w, from G (n x Dp, row stride
+// Dp), the gradient w.r.t. the vectors as the tiles used them. With normalization that is
+// F.normalize's backward: (G - (G . w^) w^) / ||w|| with w^ = w / ||w||, and G / eps where the
+// norm is clamped. G is overwritten.
+template <typename T>
+void finish_weight_grad(const Operands<T>& o, int64_t r0, int64_t n, T* G, T* out) {
+  const int64_t D = o.g.D, Dp = o.g.Dp, CK = o.CK();
+  const T* w = o.w.template data_ptr<T>();
+  if (o.normalize) {
+    const T* norm = o.w_norm.template data_ptr<T>();
+    const T* inv = o.w_inv_norm.template data_ptr<T>();
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t R = r0 + r;
+      T* gr = G + r * Dp;
+      auto w_at = [&](int64_t d) { return o.columns ? w[d * CK + R] : w[R * D + d]; };
+      if (norm[R] > static_cast<T>(kNormalizeEps)) {
+        T dot = 0;
+        for (int64_t d = 0; d < D; ++d) dot += gr[d] * (w_at(d) * inv[R]);
+        for (int64_t d = 0; d < D; ++d) gr[d] = (gr[d] - dot * (w_at(d) * inv[R])) * inv[R];
+      } else {
+        for (int64_t d = 0; d < D; ++d) gr[d] *= inv[R];
+      }
+    }
+  }
+  if (o.columns) {
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t r = 0; r < n; ++r) out[d * CK + r0 + r] = G[r * Dp + d];
+  } else {
+    for (int64_t r = 0; r < n; ++r) std::copy(G + r * Dp, G + r * Dp + D, out + (r0 + r) * D);
+  }
 }
 
 // loc[i] = y_i - c0 if y_i is a class of tile t, else -1 (also for the padding up to BI)
@@ -139,10 +246,11 @@ const T* stage_rows(const T* src, int64_t i0, int64_t bi, int64_t BI, std::vecto
 
 template <typename T>
 struct Scratch {
-  std::vector<T> st, work, row_max, row_sum, ts, cmax, csum, g_row, g_ts, lse;
+  std::vector<T> st, w_tile, work, row_max, row_sum, ts, cmax, csum, g_row, g_ts, lse;
   std::vector<int32_t> loc;
   explicit Scratch(const Geometry& g)
       : st(g.TC * g.K * g.ld),
+        w_tile(g.TC * g.K * g.Dp),
         work((g.TC + 1) * g.BI + 16 * g.K),
         row_max(g.BI),
         row_sum(g.BI),
@@ -230,7 +338,8 @@ void forward_kernel(const Operands<T>& o, const ClassSpec<T>& spec, bool columns
           rsum[i] = T(0);
         }
         for (int64_t t = t_lo; t < t_hi; ++t) {
-          tile_similarities(o, rb, t, sc.st.data());
+          pack_weight_tile(o, t, sc.w_tile.data());
+          tile_similarities(o, sc.w_tile.data(), rb, t, sc.st.data());
           tile_locations(g, o.y, rb, t, sc.loc.data());
           ClassTile<T> a = sc.tile(g, rb, t);
           o.K->class_forward(spec, a);
@@ -271,37 +380,45 @@ void forward_kernel(const Operands<T>& o, const ClassSpec<T>& spec, bool columns
 template <typename T>
 void backward_kernel(const Operands<T>& o, const ClassSpec<T>& spec, const T* g_row_lse, const T* g_ts,
                      const T* row_lse, const T* g_col_pos, const T* g_col_neg, const T* col_pos, const T* col_neg,
-                     bool need_grad_w, T* gq, T* gw) {
+                     bool need_grad_w, T* gq, T* gw_out) {
   const Geometry& g = o.g;
-  const int64_t N = g.N, Dp = g.Dp, CK = g.C * g.K;
+  const int64_t N = g.N, Dp = g.Dp, CK = o.CK(), TCK = g.TC * g.K;
   if (N == 0 || CK == 0) return;
-  // column chunks of q and w: the B operands of the two products
+  // q in column chunks: the B operand of grad_w += st . q_block
   const Tensor q_cols = at::empty({std::max<int64_t>(o.q.numel(), 1)}, o.q.options());
-  const Tensor w_cols = at::empty({std::max<int64_t>(o.w.numel(), 1)}, o.w.options());
   o.K->pack_cols(o.q.template data_ptr<T>(), Dp, N, Dp, q_cols.template data_ptr<T>());
-  o.K->pack_cols(o.w.template data_ptr<T>(), Dp, CK, Dp, w_cols.template data_ptr<T>());
   const T* qc = q_cols.template data_ptr<T>();
-  const T* wc = w_cols.template data_ptr<T>();
-  // own the larger side, private buffers for the smaller one (never grad_w when it is not needed)
+  // Own the larger side. Owning classes, a chunk accumulates a tile's grad_w over every row block
+  // in scratch and finishes it (finish_weight_grad) when the tile is done; grad_q goes to one
+  // private buffer per chunk. Owning rows, the chunks' private grad_w buffers (in the tiles'
+  // vector space) are summed and finished at the end. Never a grad_w buffer when it is not needed.
   const bool own_classes = need_grad_w && CK >= N;
   const int64_t n_owned = own_classes ? g.n_ct : g.n_rb;
   const int64_t private_rows = own_classes ? N : CK;
   const int64_t bytes_per_buffer = std::max<int64_t>(1, private_rows * Dp * int64_t(sizeof(T)));
   int64_t P = std::min<int64_t>(n_owned, kMaxBwdChunks);
   if (need_grad_w) P = std::max<int64_t>(1, std::min<int64_t>(P, kPrivateBudget / bytes_per_buffer));
-  std::vector<Tensor> priv(P);
   auto opts = o.q.options();
-  for (int64_t p = 1; p < P && need_grad_w; ++p) priv[p] = at::zeros({private_rows, Dp}, opts);
+  std::vector<Tensor> priv(P);
+  for (int64_t p = 0; p < P && need_grad_w; ++p)
+    if (p > 0 || !own_classes) priv[p] = at::zeros({private_rows, Dp}, opts);
 
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> sc(g);
+    std::vector<T> w_cols(TCK * Dp), gw_tile(own_classes ? TCK * Dp : 0);
     for (int64_t p = begin; p < end; ++p) {
       T* gq_dst = (own_classes && p > 0) ? priv[p].template data_ptr<T>() : gq;
-      T* gw_dst = (!own_classes && p > 0 && need_grad_w) ? priv[p].template data_ptr<T>() : gw;
+      T* gw_rows = (!own_classes && need_grad_w) ? priv[p].template data_ptr<T>() : nullptr;
+      int64_t packed = -1;  // the class tile now in sc.w_tile / w_cols
       auto do_tile = [&](int64_t rb, int64_t t) {
         const int64_t i0 = g.rb_begin(rb), bi = g.rb_size(rb);
         const int64_t c0 = g.ct_begin(t), r0 = c0 * g.K, tck = g.ct_size(t) * g.K;
-        tile_similarities(o, rb, t, sc.st.data());
+        if (packed != t) {
+          pack_weight_tile(o, t, sc.w_tile.data());
+          o.K->pack_cols(sc.w_tile.data(), Dp, tck, Dp, w_cols.data());
+          packed = t;
+        }
+        tile_similarities(o, sc.w_tile.data(), rb, t, sc.st.data());
         tile_locations(g, o.y, rb, t, sc.loc.data());
         ClassTile<T> a = sc.tile(g, rb, t);
         a.g_row_lse = stage_rows(g_row_lse, i0, bi, g.BI, sc.g_row);
@@ -312,13 +429,20 @@ void backward_kernel(const Operands<T>& o, const ClassSpec<T>& spec, const T* g_
         a.col_lse[0] = col_pos ? col_pos + c0 : nullptr;
         a.col_lse[1] = col_neg ? col_neg + c0 : nullptr;
         o.K->class_backward(spec, a);  // st := dL/ds (tck x bi)
-        if (need_grad_w) o.K->gemm_nn_acc(sc.st.data(), g.ld, qc, N, i0, tck, Dp, bi, gw_dst + r0 * Dp, Dp);
-        o.K->gemm_tn_acc(sc.st.data(), g.ld, wc, CK, r0, bi, Dp, tck, gq_dst + i0 * Dp, Dp);
+        if (own_classes)
+          o.K->gemm_nn_acc(sc.st.data(), g.ld, qc, N, i0, tck, Dp, bi, gw_tile.data(), Dp);
+        else if (gw_rows)
+          o.K->gemm_nn_acc(sc.st.data(), g.ld, qc, N, i0, tck, Dp, bi, gw_rows + r0 * Dp, Dp);
+        o.K->gemm_tn_acc(sc.st.data(), g.ld, w_cols.data(), tck, 0, bi, Dp, tck, gq_dst + i0 * Dp, Dp);
       };
       const int64_t o_begin = chunk_begin(n_owned, P, p), o_end = chunk_begin(n_owned, P, p + 1);
       if (own_classes) {
-        for (int64_t t = o_begin; t < o_end; ++t)
+        for (int64_t t = o_begin; t < o_end; ++t) {
+          const int64_t tck = g.ct_size(t) * g.K;
+          std::fill(gw_tile.begin(), gw_tile.begin() + tck * Dp, T(0));
           for (int64_t rb = 0; rb < g.n_rb; ++rb) do_tile(rb, t);
+          finish_weight_grad(o, g.ct_begin(t) * g.K, tck, gw_tile.data(), gw_out);
+        }
       } else {
         for (int64_t rb = o_begin; rb < o_end; ++rb)
           for (int64_t t = 0; t < g.n_ct; ++t) do_tile(rb, t);
@@ -326,7 +450,8 @@ void backward_kernel(const Operands<T>& o, const ClassSpec<T>& spec, const T* g_
     }
   });
   if (!need_grad_w) return;
-  T* shared = own_classes ? gq : gw;  // fixed order: deterministic
+  // the private buffers, summed in chunk order: deterministic
+  T* shared = own_classes ? gq : priv[0].template data_ptr<T>();
   const int64_t n = private_rows * Dp;
   for (int64_t p = 1; p < P; ++p) {
     const T* src = priv[p].template data_ptr<T>();
@@ -334,6 +459,8 @@ void backward_kernel(const Operands<T>& o, const ClassSpec<T>& spec, const T* g_
       for (int64_t k = b; k < e; ++k) shared[k] += src[k];
     });
   }
+  if (!own_classes)
+    at::parallel_for(0, CK, 256, [&](int64_t b, int64_t e) { finish_weight_grad(o, b, e - b, shared + b * Dp, gw_out); });
 }
 
 // ---- op entry points ----------------------------------------------------------------------------
@@ -341,19 +468,20 @@ void check_inputs(const Tensor& q, const Tensor& w, const Tensor& labels, int64_
                   int64_t flags) {
   const std::string bad = check_class_spec(static_cast<int64_t>(terms.size()), flags, K);
   TORCH_CHECK(bad.empty(), "class_engine: invalid loss declaration: ", bad);
-  TORCH_CHECK(q.dim() == 2 && w.dim() == 2, "class_engine: q (N, D) and w (C*K, D) must be 2-D, got ", q.sizes(),
-              " and ", w.sizes());
+  const bool columns = flags & kWeightsColumns;
+  TORCH_CHECK(q.dim() == 2 && w.dim() == 2, "class_engine: q (N, D) and w (", columns ? "D, C*K" : "C*K, D",
+              ") must be 2-D, got ", q.sizes(), " and ", w.sizes());
   TORCH_CHECK(q.device().is_cpu() && w.device().is_cpu() && labels.device().is_cpu(),
               "class_engine (cpu): tensors must be on the CPU");
   TORCH_CHECK(q.scalar_type() == w.scalar_type(), "class_engine: q and w must have the same dtype, got ",
               q.scalar_type(), " and ", w.scalar_type());
   TORCH_CHECK(at::isFloatingType(q.scalar_type()), "class_engine: q must be floating point, got ", q.scalar_type());
-  TORCH_CHECK(q.size(1) == w.size(1), "class_engine: q and w must have the same D, got ", q.size(1), " and ",
-              w.size(1));
-  TORCH_CHECK(w.size(0) % K == 0, "class_engine: w has ", w.size(0), " rows, not a multiple of centers_per_class=", K);
+  const int64_t w_dim = columns ? w.size(0) : w.size(1), CK = weight_count(w, columns);
+  TORCH_CHECK(q.size(1) == w_dim, "class_engine: q and w must have the same D, got ", q.size(1), " and ", w_dim);
+  TORCH_CHECK(CK % K == 0, "class_engine: w has ", CK, " vectors, not a multiple of centers_per_class=", K);
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == q.size(0) && labels.scalar_type() == at::kLong,
               "class_engine: labels must be int64 of shape (N,) = (", q.size(0), ",)");
-  const int64_t C = w.size(0) / K;
+  const int64_t C = CK / K;
   const Tensor lab = labels.contiguous();
   const int64_t* y = lab.data_ptr<int64_t>();
   for (int64_t i = 0; i < lab.numel(); ++i)
@@ -367,7 +495,7 @@ std::tuple<Tensor, Tensor> class_engine_forward_cpu(const Tensor& q, const Tenso
                                                     c10::ArrayRef<double> terms, int64_t flags) {
   check_inputs(q, w, labels, K, terms, flags);
   const at::ScalarType A = compute_type(q);
-  const int64_t N = q.size(0), C = w.size(0) / K;
+  const int64_t N = q.size(0), C = weight_count(w, flags & kWeightsColumns) / K;
   const Tensor lab = labels.contiguous();
   Tensor rows = at::full({kNumClassRowValues, N}, -std::numeric_limits<double>::infinity(), q.options().dtype(A));
   Tensor cols = at::full({kNumClassColValues, C}, -std::numeric_limits<double>::infinity(), q.options().dtype(A));
@@ -376,7 +504,7 @@ std::tuple<Tensor, Tensor> class_engine_forward_cpu(const Tensor& q, const Tenso
   auto run = [&](auto zero) {
     using T = decltype(zero);
     const auto spec = decode_class_spec<T>(terms.data(), flags, K);
-    const Operands<T> o = prepare<T>(q, w, lab, K);
+    const Operands<T> o = prepare<T>(q, w, lab, spec);
     forward_kernel(o, spec, columns, rows[kRowLseOther].template data_ptr<T>(),
                    rows[kRowTargetSim].template data_ptr<T>(), cols[kColLsePos].template data_ptr<T>(),
                    cols[kColLseNeg].template data_ptr<T>());
@@ -396,7 +524,7 @@ std::tuple<Tensor, Tensor> class_engine_backward_cpu(const Tensor& grad_rows, co
                                                      const Tensor& cols, int64_t K, c10::ArrayRef<double> terms,
                                                      int64_t flags, bool need_grad_w) {
   check_inputs(q, w, labels, K, terms, flags);
-  const int64_t N = q.size(0), C = w.size(0) / K;
+  const int64_t N = q.size(0), C = weight_count(w, flags & kWeightsColumns) / K;
   const at::ScalarType A = compute_type(q);
   auto stats = [&](const Tensor& t, int64_t r, int64_t n, const char* name) {
     TORCH_CHECK(t.dim() == 2 && t.size(0) == r && t.size(1) == n, "class_engine_backward: ", name, " must have shape (",
@@ -413,9 +541,12 @@ std::tuple<Tensor, Tensor> class_engine_backward_cpu(const Tensor& grad_rows, co
   auto run = [&](auto zero) {
     using T = decltype(zero);
     const auto spec = decode_class_spec<T>(terms.data(), flags, K);
-    const Operands<T> o = prepare<T>(q, w, lab, K);
+    const Operands<T> o = prepare<T>(q, w, lab, spec);
     Tensor gq = at::zeros({N, o.g.Dp}, o.q.options());
-    Tensor gw = at::zeros({need_grad_w ? w.size(0) : 0, o.g.Dp}, o.q.options());
+    // every vector's gradient is written by finish_weight_grad, unless there are no rows
+    Tensor gw = !need_grad_w ? o.q.new_empty({0})
+                : N == 0     ? at::zeros(w.sizes(), o.q.options())
+                             : at::empty(w.sizes(), o.q.options());
     const bool cp = flags & kColPosLse, cn = flags & kColNegLse;
     backward_kernel(o, spec, gr[kRowLseOther].template data_ptr<T>(), gr[kRowTargetSim].template data_ptr<T>(),
                     rv[kRowLseOther].template data_ptr<T>(), cp ? gc[kColLsePos].template data_ptr<T>() : nullptr,
@@ -424,7 +555,7 @@ std::tuple<Tensor, Tensor> class_engine_backward_cpu(const Tensor& grad_rows, co
                     cn ? cv[kColLseNeg].template data_ptr<T>() : nullptr, need_grad_w, gq.template data_ptr<T>(),
                     need_grad_w ? gw.template data_ptr<T>() : nullptr);
     grad_q = gq.narrow(1, 0, D).to(q.scalar_type()).contiguous();
-    grad_w = need_grad_w ? gw.narrow(1, 0, D).to(w.scalar_type()).contiguous() : q.new_empty({0});
+    grad_w = need_grad_w ? gw.to(w.scalar_type()) : q.new_empty({0});
   };
   if (A == at::kDouble)
     run(0.0);

@@ -253,6 +253,9 @@ inline void check_class_inputs(const Tensor& q, const Tensor& w, const Tensor& l
                                c10::ArrayRef<double> terms, int64_t flags) {
   const std::string bad = fpl::check_class_spec(static_cast<int64_t>(terms.size()), flags, K);
   TORCH_CHECK(bad.empty(), "class_engine: invalid loss declaration: ", bad);
+  TORCH_CHECK(!(flags & fpl::kWeightOperandFlags),
+              "class_engine (cuda): takes w as normalized rows (C*K, D); the weight-operand flags are applied by "
+              "fused_pairloss.ops.engines.class_stats");
   TORCH_CHECK(q.dim() == 2 && w.dim() == 2, "class_engine: q (N, D) and w (C*K, D) must be 2-D, got ", q.sizes(),
               " and ", w.sizes());
   dtype_code(q);

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from .. import _extension
 from . import spec as S
@@ -87,10 +88,23 @@ def _pair_autograd(backward_op):
 
 
 # ---- class engine: fake kernels and autograd -----------------------------------------------------
+def weight_count(w, flags) -> int:
+    """C*K, the number of weight vectors of w as the declaration lays it out."""
+    return w.shape[1] if flags & S.WEIGHTS_COLUMNS else w.shape[0]
+
+
+def weight_rows(w, flags):
+    """w as plain rows (C*K, D), normalized where the declaration says so: what the flags
+    S.WEIGHT_OPERAND_FLAGS describe, in differentiable PyTorch (the oracle, and the registrar for
+    engines that take plain rows)."""
+    rows = w.t() if flags & S.WEIGHTS_COLUMNS else w
+    return F.normalize(rows, p=2, dim=1) if flags & S.NORMALIZE_WEIGHTS else rows
+
+
 def class_fake_forward(q, w, labels, centers_per_class, terms, flags):
     A = stat_dtype(q.dtype)
     return (q.new_empty((len(S.CLASS_ROWS), q.shape[0]), dtype=A),
-            q.new_empty((len(S.CLASS_COLS), w.shape[0] // centers_per_class), dtype=A))
+            q.new_empty((len(S.CLASS_COLS), weight_count(w, flags) // centers_per_class), dtype=A))
 
 
 def class_fake_backward(grad_rows, grad_cols, q, w, labels, rows, cols, centers_per_class, terms, flags,
@@ -177,10 +191,19 @@ def pair_stats(q, r, labels_q, labels_r, exclude_col, spec: S.PairLossSpec, back
     return PairStats(*values.unbind(0), *counts.unbind(0), aux[0], aux[1])
 
 
+# engines that apply S.WEIGHT_OPERAND_FLAGS themselves (per tile, no copy of w); the others get
+# weight_rows(w) from class_stats
+NATIVE_WEIGHT_OPERANDS = {"cpu"}
+
+
 def class_stats(q, w, labels, spec: S.ClassLossSpec, backend) -> ClassStats:
-    """Row and column statistics for normalized q (N, D) and w (C*K, D), row c*K+k = center k of
-    class c. Differentiable w.r.t. q and w."""
+    """Row and column statistics for normalized q (N, D) and the loss's weights w as its declaration
+    lays them out (weights_layout "rows": (C*K, D), "columns": (D, C*K); vector c*K+k = center k of
+    class c). Differentiable w.r.t. q and w."""
     terms, flags = spec.pack()
+    engine_kind = "triton" if backend == "triton" else q.device.type
+    if flags & S.WEIGHT_OPERAND_FLAGS and engine_kind not in NATIVE_WEIGHT_OPERANDS:
+        w, flags = weight_rows(w, flags), flags & ~S.WEIGHT_OPERAND_FLAGS
     labels = labels.to(device=q.device, dtype=torch.int64).contiguous()
     rows, cols = CLASS.forward_op(backend)(q.contiguous(), w.contiguous(), labels,
                                            int(spec.centers_per_class), list(terms), flags)
@@ -193,4 +216,4 @@ def exclusion_for(n: int, device, offset: int = 0) -> torch.Tensor:
 
 
 __all__ = ["PairStats", "ClassStats", "pair_stats", "class_stats", "exclusion_for", "PAIR", "CLASS",
-           "stat_dtype"]
+           "stat_dtype", "weight_rows", "weight_count"]

@@ -19,7 +19,8 @@ from .spec import ClassLossSpec, PairTerm
 
 
 def declaration(scale):
-    return ClassLossSpec(row=PairTerm(scale=scale, lse=True))
+    """PML's W is (D, C); the engine normalizes its columns (PML: F.normalize(W, dim=0))."""
+    return ClassLossSpec(row=PairTerm(scale=scale, lse=True), normalize_weights=True, weights_layout="columns")
 
 
 def target_logit(kind, sim, *, scale, margin):
@@ -44,6 +45,5 @@ def combine(st: engines.ClassStats, embeddings, *, kind, scale, margin, batch=LO
 def margin_softmax_fused(embeddings, labels, weights, *, kind, scale, margin, backend):
     """weights: PML's W (D, C)."""
     q = normalize(embeddings)
-    w = normalize(weights.t())  # (C, D)
-    st = engines.class_stats(q, w, labels, declaration(scale), backend)
+    st = engines.class_stats(q, weights, labels, declaration(scale), backend)
     return combine(st, embeddings, kind=kind, scale=scale, margin=margin)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import spec as S
-from .engines import stat_dtype
+from .engines import stat_dtype, weight_rows
 
 NEG_INF = float("-inf")
 
@@ -168,7 +168,7 @@ def _class_values(q, w, labels, K, cs: S.ClassLossSpec, inv_gamma):
 def class_engine_forward_oracle(q, w, labels, centers_per_class, terms, flags):
     cs = S.unpack_class(terms, flags, centers_per_class)
     with torch.no_grad():
-        return _class_values(q, w, labels, centers_per_class, cs, float(terms[-1]))
+        return _class_values(q, weight_rows(w, flags), labels, centers_per_class, cs, float(terms[-1]))
 
 
 def class_engine_backward_oracle(grad_rows, grad_cols, q, w, labels, rows, cols, centers_per_class, terms, flags,
@@ -177,7 +177,7 @@ def class_engine_backward_oracle(grad_rows, grad_cols, q, w, labels, rows, cols,
     qv = q.detach().requires_grad_(True)
     wv = w.detach().requires_grad_(True)
     with torch.enable_grad():
-        r_, c_ = _class_values(qv, wv, labels, centers_per_class, cs, float(terms[-1]))
+        r_, c_ = _class_values(qv, weight_rows(wv, flags), labels, centers_per_class, cs, float(terms[-1]))
         obj = sum(torch.where(torch.isfinite(x), x * g.to(x.dtype), torch.zeros_like(x)).sum()
                   for x, g in ((r_, grad_rows), (c_, grad_cols)))
         grads = torch.autograd.grad(obj, [qv, wv], allow_unused=True)

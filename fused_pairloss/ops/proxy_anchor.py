@@ -15,8 +15,9 @@ from .spec import ClassLossSpec, PairTerm
 
 
 def declaration(margin, alpha):
+    """PML's proxies are (C, D); the engine normalizes them."""
     return ClassLossSpec(col_pos=PairTerm(scale=-alpha, shift=margin, lse=True),
-                         col_neg=PairTerm(scale=alpha, shift=-margin, lse=True))
+                         col_neg=PairTerm(scale=alpha, shift=-margin, lse=True), normalize_weights=True)
 
 
 def combine(st: engines.ClassStats, embeddings, labels, num_classes):
@@ -31,6 +32,5 @@ def combine(st: engines.ClassStats, embeddings, labels, num_classes):
 
 def proxy_anchor_fused(embeddings, labels, proxies, *, margin, alpha, backend):
     q = normalize(embeddings)
-    p = normalize(proxies)  # PML's proxies are (C, D)
-    st = engines.class_stats(q, p, labels, declaration(margin, alpha), backend)
+    st = engines.class_stats(q, proxies, labels, declaration(margin, alpha), backend)
     return combine(st, embeddings, labels, proxies.shape[0])

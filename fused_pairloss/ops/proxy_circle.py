@@ -16,7 +16,9 @@ from .spec import ClassLossSpec, PairTerm
 
 
 def declaration(m, gamma):
-    return ClassLossSpec(row=PairTerm(scale=gamma, shift=m, weight_offset=m, weight_slope=1.0, lse=True))
+    """The proxies are (D, C) as PML's weight layout; the engine normalizes them."""
+    return ClassLossSpec(row=PairTerm(scale=gamma, shift=m, weight_offset=m, weight_slope=1.0, lse=True),
+                         normalize_weights=True, weights_layout="columns")
 
 
 def combine(st: engines.ClassStats, embeddings, *, m, gamma, batch=LOCAL):
@@ -27,6 +29,5 @@ def combine(st: engines.ClassStats, embeddings, *, m, gamma, batch=LOCAL):
 
 def proxy_circle_fused(embeddings, labels, proxies, *, m, gamma, backend):
     q = normalize(embeddings)
-    p = normalize(proxies.t())  # (C, D)
-    st = engines.class_stats(q, p, labels, declaration(m, gamma), backend)
+    st = engines.class_stats(q, proxies, labels, declaration(m, gamma), backend)  # proxies (D, C)
     return combine(st, embeddings, m=m, gamma=gamma)

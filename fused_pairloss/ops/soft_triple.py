@@ -16,8 +16,10 @@ from .spec import ClassLossSpec, PairTerm
 
 
 def declaration(centers_per_class, la, gamma):
+    """PML's fc is (D, C*K); the engine normalizes its columns (PML: F.normalize(fc, dim=0))."""
     return ClassLossSpec(row=PairTerm(scale=la, lse=True), centers_per_class=centers_per_class,
-                         pool_gamma=gamma if centers_per_class > 1 else None)
+                         pool_gamma=gamma if centers_per_class > 1 else None,
+                         normalize_weights=True, weights_layout="columns")
 
 
 def sparse_centers_regularizer_blockwise(centers, centers_per_class):
@@ -42,8 +44,8 @@ def combine(st: engines.ClassStats, embeddings, *, la, margin, batch=LOCAL):
 def soft_triple_fused(embeddings, labels, centers, *, centers_per_class, la, gamma, margin,
                       center_reg_weight, backend):
     q = normalize(embeddings)
-    w = normalize(centers.t())  # (C*K, D), row c*K+k = center k of class c
-    st = engines.class_stats(q, w, labels, declaration(centers_per_class, la, gamma), backend)
+    # centers: PML's fc (D, C*K), column c*K+k = center k of class c
+    st = engines.class_stats(q, centers, labels, declaration(centers_per_class, la, gamma), backend)
     loss = combine(st, embeddings, la=la, margin=margin)
     if center_reg_weight:
         loss = loss + center_reg_weight * sparse_centers_regularizer_blockwise(centers, centers_per_class)

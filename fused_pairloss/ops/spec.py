@@ -29,6 +29,12 @@ EXCLUDE_AFTER_MINING = 1 << 9
 ROW_LSE = 1 << 0
 COL_POS_LSE = 1 << 1
 COL_NEG_LSE = 1 << 2
+NORMALIZE_WEIGHTS = 1 << 3
+WEIGHTS_COLUMNS = 1 << 4
+# how the weights are given rather than what is computed from them: an engine without its own
+# support gets them as plain normalized rows from the registrar (ops/engines.py, weight_rows)
+WEIGHT_OPERAND_FLAGS = NORMALIZE_WEIGHTS | WEIGHTS_COLUMNS
+WEIGHT_LAYOUTS = ("rows", "columns")
 
 # rows of the pair engine's outputs (loss_spec.h PairValueSlot, PairCountSlot, PairAuxSlot)
 PAIR_VALUES = ("lse_pos", "lse_neg", "sum_pos", "sum_neg", "pos_vs_neg")
@@ -137,13 +143,20 @@ class ClassLossSpec:
     s_ick = q_i . w_ck; S_ic = s_ic (K = 1) or SoftTriple's pooling sum_k softmax_k(s_ick / gamma)
     s_ick (`pool_gamma`); `row`: per row the LSE over the non-target classes of the term of S_ic
     (the target's logit is combined outside, from target_sim); `col_pos` / `col_neg` (K = 1): per
-    class c the LSE over the samples with y_i == c / y_i != c of the term of s_ic (ProxyAnchor)."""
+    class c the LSE over the samples with y_i == c / y_i != c of the term of s_ic (ProxyAnchor).
+
+    The weights as the loss stores them (PML's parameter): `weights_layout` "rows" (C*K, D) or
+    "columns" (D, C*K); `normalize_weights`: w_ck enters as w_ck / max(||w_ck||, 1e-12) (PML's
+    F.normalize), which the engine applies per tile, so no normalized or transposed copy of a large
+    weight matrix is made."""
 
     row: Optional[PairTerm] = None
     col_pos: Optional[PairTerm] = None
     col_neg: Optional[PairTerm] = None
     centers_per_class: int = 1
     pool_gamma: Optional[float] = None
+    normalize_weights: bool = False
+    weights_layout: str = "rows"
     _packed: Tuple[Tuple[float, ...], int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -156,8 +169,12 @@ class ClassLossSpec:
             raise ValueError("column reductions need centers_per_class = 1")
         if K > 1 and self.pool_gamma is None:
             raise ValueError("centers_per_class > 1 needs pool_gamma (SoftTriple's pooling)")
+        if self.weights_layout not in WEIGHT_LAYOUTS:
+            raise ValueError(f"weights_layout must be one of {WEIGHT_LAYOUTS}; got {self.weights_layout!r}")
         flags = (ROW_LSE if self.row is not None else 0) | (COL_POS_LSE if self.col_pos is not None else 0) \
-            | (COL_NEG_LSE if self.col_neg is not None else 0)
+            | (COL_NEG_LSE if self.col_neg is not None else 0) \
+            | (NORMALIZE_WEIGHTS if self.normalize_weights else 0) \
+            | (WEIGHTS_COLUMNS if self.weights_layout == "columns" else 0)
         inv_gamma = 1.0 / self.pool_gamma if self.pool_gamma else 0.0
         terms = (self.row or NO_TERM).floats() + (self.col_pos or NO_TERM).floats() \
             + (self.col_neg or NO_TERM).floats() + (inv_gamma,)
@@ -171,7 +188,9 @@ class ClassLossSpec:
         parts = (_term_fields("row", self.row, lse=self.row is not None)
                  + _term_fields("col_pos", self.col_pos, lse=self.col_pos is not None)
                  + _term_fields("col_neg", self.col_neg, lse=self.col_neg is not None)
-                 + [f"pool_inv_gamma={_num(inv_gamma)}", f"centers_per_class={self.centers_per_class}"])
+                 + [f"pool_inv_gamma={_num(inv_gamma)}", f"centers_per_class={self.centers_per_class}",
+                    f"normalize_weights={int(self.normalize_weights)}",
+                    f"weights_columns={int(self.weights_layout == 'columns')}"])
         return ";".join(parts)
 
 
@@ -198,7 +217,9 @@ def unpack_class(terms, flags: int, centers_per_class: int) -> ClassLossSpec:
 
     return ClassLossSpec(row=term(0, ROW_LSE), col_pos=term(4, COL_POS_LSE), col_neg=term(8, COL_NEG_LSE),
                          centers_per_class=int(centers_per_class),
-                         pool_gamma=(1.0 / terms[12]) if terms[12] else None)
+                         pool_gamma=(1.0 / terms[12]) if terms[12] else None,
+                         normalize_weights=bool(flags & NORMALIZE_WEIGHTS),
+                         weights_layout="columns" if flags & WEIGHTS_COLUMNS else "rows")
 
 
 def _num(x: float) -> str:

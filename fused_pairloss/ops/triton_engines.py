@@ -244,6 +244,9 @@ def _check_pair(q, r, labels_q, labels_r, exclude_col, terms, flags):
 def _check_class(q, w, labels, K, terms, flags):
     torch._check(len(terms) == _CLASS_TERMS,
                  lambda: f"class_engine (triton): terms must have {_CLASS_TERMS} entries, got {len(terms)}")
+    torch._check((int(flags) & S.WEIGHT_OPERAND_FLAGS) == 0,
+                 lambda: "class_engine (triton): takes w as normalized rows (C*K, D); the weight-operand flags are "
+                         "applied by fused_pairloss.ops.engines.class_stats")
     torch._check((int(flags) & ~_CLASS_FLAG_MASK) == 0,
                  lambda: f"class_engine (triton): unknown class flag bits {int(flags) & ~_CLASS_FLAG_MASK}")
     torch._check(K >= 1, lambda: f"class_engine (triton): centers_per_class must be >= 1, got {K}")
