@@ -460,7 +460,8 @@ void backward_kernel(const Operands<T>& o, const ClassSpec<T>& spec, const T* g_
     });
   }
   if (!own_classes)
-    at::parallel_for(0, CK, 256, [&](int64_t b, int64_t e) { finish_weight_grad(o, b, e - b, shared + b * Dp, gw_out); });
+    at::parallel_for(0, CK, 256,
+                     [&](int64_t b, int64_t e) { finish_weight_grad(o, b, e - b, shared + b * Dp, gw_out); });
 }
 
 // ---- op entry points ----------------------------------------------------------------------------
