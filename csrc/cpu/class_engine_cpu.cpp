@@ -49,11 +49,14 @@ namespace {
 using at::Tensor;
 
 // ---- tile geometry ----------------------------------------------------------------------------
-constexpr int64_t kRowBlock = 256;                      // BI: rows of q per block (a multiple of every panel width)
-constexpr int64_t kTileRows = 512;                      // target rows of w per class tile (TC = kTileRows / K)
-constexpr int64_t kMinFwdItems = 64;                    // forward splits the classes when there are few row blocks
-constexpr int64_t kMaxBwdChunks = 8;                    // backward private-buffer chunks, at most
-constexpr int64_t kPrivateBudget = int64_t(256) << 20;  // bytes of private grad buffers, at most
+constexpr int64_t kRowBlock = 256;         // BI: rows of q per block (a multiple of every panel width)
+constexpr int64_t kTileRows = 512;         // target rows of w per class tile (TC = kTileRows / K)
+constexpr int64_t kFwdClassChunks = 64;    // forward: class chunks, at most (each packs its tiles once per row group)
+constexpr int64_t kMaxColumnChunks = 256;  // forward with column reductions: class chunks, at most
+constexpr int64_t kMinFwdItems = 64;       // forward: rows split into groups until there are this many items
+constexpr int64_t kMaxBwdChunks = 8;       // backward private-buffer chunks, at most
+constexpr int64_t kPrivateBudget = int64_t(256) << 20;       // bytes of private grad buffers, at most
+constexpr int64_t kPackedWeightsBudget = int64_t(32) << 20;  // w packed whole up to this many bytes
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -94,6 +97,7 @@ struct Operands {
   Tensor w;            // the weights in the compute type, laid out as the declaration says
   Tensor w_norm;       // normalize_weights: ||w_r|| and 1 / max(||w_r||, eps) per vector r
   Tensor w_inv_norm;
+  Tensor w_packed;  // small weights: every tile packed once per call (weight_tile)
   bool normalize, columns;
   const int64_t* y;
   int64_t CK() const { return g.C * g.K; }
@@ -160,13 +164,22 @@ void pack_weight_tile(const Operands<T>& o, int64_t t, T* dst) {
   const int64_t r0 = g.ct_begin(t) * g.K, tck = g.ct_size(t) * g.K, D = g.D, Dp = g.Dp, CK = o.CK();
   const T* w = o.w.template data_ptr<T>();
   const T* inv = o.normalize ? o.w_inv_norm.template data_ptr<T>() + r0 : nullptr;
-  if (o.columns) {
-    constexpr int64_t kBlock = 64;  // vectors per pass, so the strided writes stay in cache
-    for (int64_t rb = 0; rb < tck; rb += kBlock) {
-      const int64_t re = std::min(tck, rb + kBlock);
-      for (int64_t d = 0; d < D; ++d) {
-        const T* src = w + d * CK + r0;
-        for (int64_t r = rb; r < re; ++r) dst[r * Dp + d] = inv ? src[r] * inv[r] : src[r];
+  if (o.columns) {  // a transpose, in 16 x 16 blocks
+    constexpr int64_t B = 16;
+    T blk[B][B];
+    for (int64_t rb = 0; rb < tck; rb += B) {
+      const int64_t nr = std::min(B, tck - rb);
+      for (int64_t db = 0; db < D; db += B) {
+        const int64_t nd = std::min(B, D - db);
+        for (int64_t d = 0; d < nd; ++d) {
+          const T* src = w + (db + d) * CK + r0 + rb;
+          for (int64_t r = 0; r < nr; ++r) blk[r][d] = src[r];
+        }
+        for (int64_t r = 0; r < nr; ++r) {
+          T* out = dst + (rb + r) * Dp + db;
+          const T s = inv ? inv[rb + r] : T(1);
+          for (int64_t d = 0; d < nd; ++d) out[d] = inv ? blk[r][d] * s : blk[r][d];
+        }
       }
     }
   } else {
@@ -182,7 +195,28 @@ void pack_weight_tile(const Operands<T>& o, int64_t t, T* dst) {
   for (int64_t r = 0; r < tck; ++r) std::fill(dst + r * Dp + D, dst + (r + 1) * Dp, T(0));
 }
 
-// st (tck x bi) = w_tile . q_block^T (w_tile: pack_weight_tile); the forward and the backward make
+// Every tile packed once, up front, when the packed weights are small (they are then read from
+// cache by every row block); else each visit packs its tile (weight_tile).
+template <typename T>
+void pack_small_weights(Operands<T>& o) {
+  const Geometry& g = o.g;
+  if (o.CK() * g.Dp * int64_t(sizeof(T)) > kPackedWeightsBudget) return;
+  o.w_packed = at::empty({std::max<int64_t>(o.CK() * g.Dp, 1)}, o.q.options());
+  T* dst = o.w_packed.template data_ptr<T>();
+  at::parallel_for(0, g.n_ct, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) pack_weight_tile(o, t, dst + g.ct_begin(t) * g.K * g.Dp);
+  });
+}
+
+// The packed vectors of class tile t: a slice of w_packed, or packed into dst now.
+template <typename T>
+const T* weight_tile(const Operands<T>& o, int64_t t, T* dst) {
+  if (o.w_packed.defined()) return o.w_packed.template data_ptr<T>() + o.g.ct_begin(t) * o.g.K * o.g.Dp;
+  pack_weight_tile(o, t, dst);
+  return dst;
+}
+
+// st (tck x bi) = w_tile . q_block^T (w_tile: weight_tile); the forward and the backward make
 // exactly this call.
 template <typename T>
 void tile_similarities(const Operands<T>& o, const T* w_tile, int64_t rb, int64_t t, T* st) {
@@ -193,33 +227,41 @@ void tile_similarities(const Operands<T>& o, const T* w_tile, int64_t rb, int64_
                g.ld);
 }
 
-// The weights' gradient for the vectors [r0, r0 + n), laid out like w, from G (n x Dp, row stride
-// Dp), the gradient w.r.t. the vectors as the tiles used them. With normalization that is
-// F.normalize's backward: (G - (G . w^) w^) / ||w|| with w^ = w / ||w||, and G / eps where the
-// norm is clamped. G is overwritten.
+// The weights' gradient for the vectors of class tile t, laid out like w, from G (tck x Dp, row
+// stride Dp), the gradient w.r.t. the vectors as the tiles used them (w_tile: pack_weight_tile
+// of t). With normalization that is F.normalize's backward: (G - (G . w^) w^) / ||w|| with
+// w^ = w / ||w||, and G / eps where the norm is clamped. G is overwritten.
 template <typename T>
-void finish_weight_grad(const Operands<T>& o, int64_t r0, int64_t n, T* G, T* out) {
-  const int64_t D = o.g.D, Dp = o.g.Dp, CK = o.CK();
-  const T* w = o.w.template data_ptr<T>();
+void finish_weight_grad(const Operands<T>& o, int64_t t, const T* w_tile, T* G, T* out) {
+  const Geometry& g = o.g;
+  const int64_t r0 = g.ct_begin(t) * g.K, n = g.ct_size(t) * g.K, D = g.D, Dp = g.Dp, CK = o.CK();
   if (o.normalize) {
-    const T* norm = o.w_norm.template data_ptr<T>();
-    const T* inv = o.w_inv_norm.template data_ptr<T>();
+    const T* norm = o.w_norm.template data_ptr<T>() + r0;
+    const T* inv = o.w_inv_norm.template data_ptr<T>() + r0;
     for (int64_t r = 0; r < n; ++r) {
-      const int64_t R = r0 + r;
       T* gr = G + r * Dp;
-      auto w_at = [&](int64_t d) { return o.columns ? w[d * CK + R] : w[R * D + d]; };
-      if (norm[R] > static_cast<T>(kNormalizeEps)) {
+      const T* wh = w_tile + r * Dp;
+      if (norm[r] > static_cast<T>(kNormalizeEps)) {
         T dot = 0;
-        for (int64_t d = 0; d < D; ++d) dot += gr[d] * (w_at(d) * inv[R]);
-        for (int64_t d = 0; d < D; ++d) gr[d] = (gr[d] - dot * (w_at(d) * inv[R])) * inv[R];
+        for (int64_t d = 0; d < D; ++d) dot += gr[d] * wh[d];
+        for (int64_t d = 0; d < D; ++d) gr[d] = (gr[d] - dot * wh[d]) * inv[r];
       } else {
-        for (int64_t d = 0; d < D; ++d) gr[d] *= inv[R];
+        for (int64_t d = 0; d < D; ++d) gr[d] *= inv[r];
       }
     }
   }
-  if (o.columns) {
-    for (int64_t d = 0; d < D; ++d)
-      for (int64_t r = 0; r < n; ++r) out[d * CK + r0 + r] = G[r * Dp + d];
+  if (o.columns) {  // a transpose, in 16 x 16 blocks
+    constexpr int64_t B = 16;
+    for (int64_t rb = 0; rb < n; rb += B) {
+      const int64_t nr = std::min(B, n - rb);
+      for (int64_t db = 0; db < D; db += B) {
+        const int64_t nd = std::min(B, D - db);
+        for (int64_t d = 0; d < nd; ++d) {
+          T* dst = out + (db + d) * CK + r0 + rb;
+          for (int64_t r = 0; r < nr; ++r) dst[r] = G[(rb + r) * Dp + db + d];
+        }
+      }
+    }
   } else {
     for (int64_t r = 0; r < n; ++r) std::copy(G + r * Dp, G + r * Dp + D, out + (r0 + r) * D);
   }
@@ -314,50 +356,43 @@ void forward_kernel(const Operands<T>& o, const ClassSpec<T>& spec, bool columns
   const Geometry& g = o.g;
   const int64_t N = g.N;
   if (N == 0 || g.C == 0) return;
-  // class chunks: with columns, one item per chunk (it owns its classes); else enough items for
-  // the threads even when there are few row blocks
-  const int64_t n_cc =
-      columns ? std::min<int64_t>(g.n_ct, 256) : std::clamp<int64_t>((kMinFwdItems + g.n_rb - 1) / g.n_rb, 1, g.n_ct);
-  const int64_t n_items = columns ? n_cc : g.n_rb * n_cc;
+  // Items: (group of row blocks, chunk of class tiles). An item walks its tiles in order, packs
+  // each once, and runs it against its row blocks, keeping per row an online LSE over its chunk
+  // (part_max / part_sum); the chunks' partials are merged in chunk order. With columns each item
+  // holds every row block, so it owns its classes' column statistics; else the rows are split
+  // into groups when there are few class chunks, so that there are enough items for the threads.
+  const int64_t n_cc = std::min<int64_t>(g.n_ct, columns ? kMaxColumnChunks : kFwdClassChunks);
+  const int64_t n_rg = columns ? 1 : std::clamp<int64_t>((kMinFwdItems + n_cc - 1) / n_cc, 1, g.n_rb);
   std::vector<T> part_max(n_cc * N, -std::numeric_limits<T>::infinity()), part_sum(n_cc * N, T(0));
   std::vector<T> cmax(columns ? 2 * g.C : 0, -std::numeric_limits<T>::infinity());
   std::vector<T> csum(columns ? 2 * g.C : 0, T(0));
 
-  at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_rg * n_cc, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> sc(g);
-    std::vector<T> rmax(g.BI), rsum(g.BI);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t cc = columns ? item : item % n_cc;
-      const int64_t rb_lo = columns ? 0 : item / n_cc, rb_hi = columns ? g.n_rb : rb_lo + 1;
+      const int64_t cc = item % n_cc, rg = item / n_cc;
+      const int64_t rb_lo = chunk_begin(g.n_rb, n_rg, rg), rb_hi = chunk_begin(g.n_rb, n_rg, rg + 1);
       const int64_t t_lo = chunk_begin(g.n_ct, n_cc, cc), t_hi = chunk_begin(g.n_ct, n_cc, cc + 1);
-      const int64_t c_lo = g.ct_begin(t_lo), c_hi = std::min(g.C, g.ct_begin(t_hi));
-      for (int64_t rb = rb_lo; rb < rb_hi; ++rb) {
-        const int64_t i0 = g.rb_begin(rb), bi = g.rb_size(rb);
-        for (int64_t i = 0; i < bi; ++i) {
-          rmax[i] = -std::numeric_limits<T>::infinity();
-          rsum[i] = T(0);
-        }
-        for (int64_t t = t_lo; t < t_hi; ++t) {
-          pack_weight_tile(o, t, sc.w_tile.data());
-          tile_similarities(o, sc.w_tile.data(), rb, t, sc.st.data());
+      T* pmax = part_max.data() + cc * N;
+      T* psum = part_sum.data() + cc * N;
+      for (int64_t t = t_lo; t < t_hi; ++t) {
+        const T* wt = weight_tile(o, t, sc.w_tile.data());
+        for (int64_t rb = rb_lo; rb < rb_hi; ++rb) {
+          const int64_t i0 = g.rb_begin(rb), bi = g.rb_size(rb);
+          tile_similarities(o, wt, rb, t, sc.st.data());
           tile_locations(g, o.y, rb, t, sc.loc.data());
           ClassTile<T> a = sc.tile(g, rb, t);
           o.K->class_forward(spec, a);
           if (spec.row.lse)
-            for (int64_t i = 0; i < bi; ++i) lse_merge(rmax[i], rsum[i], sc.row_max[i], sc.row_sum[i]);
+            for (int64_t i = 0; i < bi; ++i) lse_merge(pmax[i0 + i], psum[i0 + i], sc.row_max[i], sc.row_sum[i]);
+          for (int64_t i = 0; i < bi; ++i)  // the one tile holding y_i gives target_sim_i
+            if (sc.loc[i] >= 0) target_sim[i0 + i] = sc.ts[i];
           if (columns) {
             const int64_t c0 = g.ct_begin(t);
             for (int s = 0; s < 2; ++s)
               for (int64_t c = 0; c < a.tc; ++c)
                 lse_merge(cmax[s * g.C + c0 + c], csum[s * g.C + c0 + c], a.col_max[s][c], a.col_sum[s][c]);
           }
-        }
-        for (int64_t i = 0; i < bi; ++i) {
-          part_max[cc * N + i0 + i] = rmax[i];
-          part_sum[cc * N + i0 + i] = rsum[i];
-          // the one item whose classes hold y_i publishes target_sim_i
-          // (the tile of this item that holds y_i wrote sc.ts[i] for this row block)
-          if (o.y[i0 + i] >= c_lo && o.y[i0 + i] < c_hi) target_sim[i0 + i] = sc.ts[i];
         }
       }
     }
@@ -409,16 +444,17 @@ void backward_kernel(const Operands<T>& o, const ClassSpec<T>& spec, const T* g_
     for (int64_t p = begin; p < end; ++p) {
       T* gq_dst = (own_classes && p > 0) ? priv[p].template data_ptr<T>() : gq;
       T* gw_rows = (!own_classes && need_grad_w) ? priv[p].template data_ptr<T>() : nullptr;
-      int64_t packed = -1;  // the class tile now in sc.w_tile / w_cols
+      int64_t packed = -1;  // the class tile now in wt / w_cols
+      const T* wt = nullptr;
       auto do_tile = [&](int64_t rb, int64_t t) {
         const int64_t i0 = g.rb_begin(rb), bi = g.rb_size(rb);
         const int64_t c0 = g.ct_begin(t), r0 = c0 * g.K, tck = g.ct_size(t) * g.K;
         if (packed != t) {
-          pack_weight_tile(o, t, sc.w_tile.data());
-          o.K->pack_cols(sc.w_tile.data(), Dp, tck, Dp, w_cols.data());
+          wt = weight_tile(o, t, sc.w_tile.data());
+          o.K->pack_cols(wt, Dp, tck, Dp, w_cols.data());
           packed = t;
         }
-        tile_similarities(o, sc.w_tile.data(), rb, t, sc.st.data());
+        tile_similarities(o, wt, rb, t, sc.st.data());
         tile_locations(g, o.y, rb, t, sc.loc.data());
         ClassTile<T> a = sc.tile(g, rb, t);
         a.g_row_lse = stage_rows(g_row_lse, i0, bi, g.BI, sc.g_row);
@@ -441,11 +477,11 @@ void backward_kernel(const Operands<T>& o, const ClassSpec<T>& spec, const T* g_
           const int64_t tck = g.ct_size(t) * g.K;
           std::fill(gw_tile.begin(), gw_tile.begin() + tck * Dp, T(0));
           for (int64_t rb = 0; rb < g.n_rb; ++rb) do_tile(rb, t);
-          finish_weight_grad(o, g.ct_begin(t) * g.K, tck, gw_tile.data(), gw_out);
+          finish_weight_grad(o, t, wt, gw_tile.data(), gw_out);
         }
-      } else {
-        for (int64_t rb = o_begin; rb < o_end; ++rb)
-          for (int64_t t = 0; t < g.n_ct; ++t) do_tile(rb, t);
+      } else {  // tiles outer (each packed once per chunk); per row, t ascending all the same
+        for (int64_t t = 0; t < g.n_ct; ++t)
+          for (int64_t rb = o_begin; rb < o_end; ++rb) do_tile(rb, t);
       }
     }
   });
@@ -460,8 +496,11 @@ void backward_kernel(const Operands<T>& o, const ClassSpec<T>& spec, const T* g_
     });
   }
   if (!own_classes)
-    at::parallel_for(0, CK, 256,
-                     [&](int64_t b, int64_t e) { finish_weight_grad(o, b, e - b, shared + b * Dp, gw_out); });
+    at::parallel_for(0, g.n_ct, 1, [&](int64_t b, int64_t e) {
+      std::vector<T> w_tile(TCK * Dp);
+      for (int64_t t = b; t < e; ++t)
+        finish_weight_grad(o, t, weight_tile(o, t, w_tile.data()), shared + g.ct_begin(t) * g.K * Dp, gw_out);
+    });
 }
 
 // ---- op entry points ----------------------------------------------------------------------------
@@ -505,7 +544,8 @@ std::tuple<Tensor, Tensor> class_engine_forward_cpu(const Tensor& q, const Tenso
   auto run = [&](auto zero) {
     using T = decltype(zero);
     const auto spec = decode_class_spec<T>(terms.data(), flags, K);
-    const Operands<T> o = prepare<T>(q, w, lab, spec);
+    Operands<T> o = prepare<T>(q, w, lab, spec);
+    pack_small_weights(o);
     forward_kernel(o, spec, columns, rows[kRowLseOther].template data_ptr<T>(),
                    rows[kRowTargetSim].template data_ptr<T>(), cols[kColLsePos].template data_ptr<T>(),
                    cols[kColLseNeg].template data_ptr<T>());
@@ -542,7 +582,8 @@ std::tuple<Tensor, Tensor> class_engine_backward_cpu(const Tensor& grad_rows, co
   auto run = [&](auto zero) {
     using T = decltype(zero);
     const auto spec = decode_class_spec<T>(terms.data(), flags, K);
-    const Operands<T> o = prepare<T>(q, w, lab, spec);
+    Operands<T> o = prepare<T>(q, w, lab, spec);
+    pack_small_weights(o);
     Tensor gq = at::zeros({N, o.g.Dp}, o.q.options());
     // every vector's gradient is written by finish_weight_grad, unless there are no rows
     Tensor gw = !need_grad_w ? o.q.new_empty({0})
