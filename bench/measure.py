@@ -367,6 +367,10 @@ def environment(device="auto"):
         info["available_backends"] = list(fpl.available_backends(device.split(":")[0]))
         try:
             info["build_info"] = fpl.build_info()
+            # the instruction set the CPU kernels run (FPL_CPU_ISA can force a lower one) and
+            # whether MKL (the matmul / compile providers) was restricted too
+            info["cpu_isa"] = torch.ops.fused_pairloss.cpu_isa()
+            info["mkl_enable_instructions"] = os.environ.get("MKL_ENABLE_INSTRUCTIONS")
         except Exception:  # noqa: BLE001
             pass
     except Exception as e:  # noqa: BLE001
