@@ -126,3 +126,25 @@ def test_table_and_ratios_pure():
     assert len(warn) == 1 and "cpu" in warn[0] and "reference" in recs[2]["note"]
     table = bench_run.format_table(recs)
     assert "== ms ==" in table and "OOM" in table and "boom" in table
+
+
+def test_readme_tables_from_results():
+    """bench/tables.py: each provider's time, the fused / matmul ratio, and where the numbers come from."""
+    from bench import tables
+
+    meta = {"device": "cpu", "device_name": "Some CPU", "cpu_count": 2, "torch_threads": 2,
+            "cpu_isa": "avx2", "mkl_enable_instructions": "AVX2", "torch": "2.x", "dtype": "float32",
+            "d": 128, "date": "2026-12-01T00:00:00", "git_commit": "abcdef123", "command": "bench/run.py --n 8",
+            "providers": ["cpu", "matmul"]}
+    rec = dict(loss="ms", n=8, m=8, status="OK")
+    records = [dict(rec, provider="cpu", fwdbwd_ms=30.0, mem_mib=2.0),
+               dict(rec, provider="matmul", fwdbwd_ms=20.0, mem_mib=4.0),
+               dict(rec, loss="circle", provider="cpu", status="TIMEOUT")]
+    text = tables.table(meta, records)
+    ms_row = next(line for line in text.splitlines() if line.startswith("| MS |"))
+    assert "30 ms" in ms_row and "20 ms" in ms_row and "**1.50x**" in ms_row and "2 / 4 MiB" in ms_row
+    assert "TIMEOUT" in next(line for line in text.splitlines() if line.startswith("| Circle |"))
+    plain = tables.table(meta, records, ["cpu"], plain=True)
+    assert "30 ms / 2 MiB" in plain and "x**" not in plain
+    src = tables.source_line(meta)
+    assert "CPU kernels avx2" in src and "MKL_ENABLE_INSTRUCTIONS=AVX2" in src and "bench/run.py --n 8" in src

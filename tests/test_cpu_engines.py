@@ -335,6 +335,35 @@ def test_class_op_on_the_losses_weights(decl, dtype):
     check_class(case, spec, seed=3)
 
 
+@pytest.mark.parametrize("decl", ["cosface", "softtriple", "proxyanchor"])
+def test_class_weights_too_large_to_pack_once(decl):
+    """Weights whose packed copy exceeds the engine's once-per-call budget (32 MiB): every tile is
+    packed on each visit instead. Same values as the oracle, and the same bits for any thread count."""
+    spec, K = kit.LOSS_CLASS_DECLARATIONS[decl]
+    n, d, ck = 12, 16, 600_000  # packed: 600k x 16 fp32 = 37 MiB
+    case = kit.as_loss_weights(kit.class_case(n, d, ck // K, K, torch.float32, seed=5), spec, seed=5)
+    assert case.w.numel() * case.w.element_size() > 32 << 20
+    check_class(case, spec, seed=5)
+    terms, flags = spec.pack()
+
+    def run():
+        rows, cols = op.class_engine_forward(*case.args(), list(terms), flags)
+        gq, gw = op.class_engine_backward(torch.ones_like(rows), torch.ones_like(cols), case.q, case.w, case.labels,
+                                          rows, cols, K, list(terms), flags, True)
+        return rows, cols, gq, gw
+
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(3)
+        three = run()
+    finally:
+        torch.set_num_threads(old)
+    for what, a, b in zip(("rows", "cols", "grad_q", "grad_w"), one, three):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True, msg=f"{what}: 3 threads differ from 1")
+
+
 def test_class_weight_nan_propagates():
     spec, K = kit.LOSS_CLASS_DECLARATIONS["cosface"]
     case = kit.as_loss_weights(kit.class_case(20, 8, 6, K, torch.float32, seed=2), spec)

@@ -5,14 +5,17 @@
 // Like a fused linear cross-entropy. Rows of q go in blocks of BI, classes in tiles of TC whole
 // classes (all K centers of a class in one tile). The weights are read as the loss stores them
 // (rows or PML's D x C*K columns); a tile's vectors are packed, normalized when the declaration
-// says so, into scratch on each visit. A tile is computed TRANSPOSED,
+// says so: all tiles once per call when that copy is small (kPackedWeightsBudget), else into
+// per-thread scratch on each visit. A tile is computed TRANSPOSED,
 //     st (tc*K x bi) = w_tile (tc*K x D) . q_block^T,
 // with the engine's GEMM, so that every per-class step (softmax over the K centers, pooled S,
 // logit, the row LSE over classes, a column LSE over the block's rows) is a plain loop over the bi
 // rows of the block. No N x C*K tensor exists; the forward saves O(1) values per row and per class.
 //
-// Forward: without column reductions, work items are (row block, chunk of class tiles); each keeps
-// an online LSE per row over its tiles, the chunk partials are merged in chunk order. With column
+// Forward: without column reductions, work items are (group of row blocks, chunk of class tiles),
+// tiles outer, so a tile is packed once per row group; each item keeps an online LSE per row over
+// its tiles (partials: 2 values per row and chunk, at most kFwdClassChunks chunks), merged in chunk
+// order. With column
 // reductions (ProxyAnchor), an item is a chunk of class tiles that walks every row block in order,
 // so it owns its classes' column statistics. The partition depends on the shapes only.
 //
@@ -24,7 +27,9 @@
 // depends on the shapes only (and on a memory budget), so results do not depend on the thread
 // count. The gradient w.r.t. the normalized vectors becomes the weights' own gradient (normalize's
 // backward) as each vector is finished, written straight into the weights' layout: no transposed
-// or normalized copy of w exists, and the extra memory is O(N D + tile) beyond grad_w itself.
+// or normalized copy of w exists. Extra memory beyond grad_w: O(N D), per-thread tiles, the
+// forward's per-chunk row partials, the backward's private buffers (at most kPrivateBudget) and,
+// for small weights, their packed copy (at most kPackedWeightsBudget).
 //
 // Compute type A: double for fp64 inputs, float otherwise (fp16/bf16 are converted to fp32 up
 // front, O((N + C*K) D)); gradients are returned in the input dtype.
@@ -87,8 +92,9 @@ Geometry make_geometry(int64_t N, int64_t D, int64_t Dp, int64_t C, int64_t K) {
 inline int64_t chunk_begin(int64_t n, int64_t P, int64_t p) { return (n * p) / P; }
 
 // The weights stay as the loss stores them (C*K x D rows or D x C*K columns, never copied when
-// they are already in the compute type); a class tile's vectors are packed, normalized, into
-// per-thread scratch on each visit (O(tck D) against the tile's O(tck bi D) GEMM).
+// they are already in the compute type); a class tile's vectors are packed, normalized, once per
+// call (small weights, w_packed) or into per-thread scratch on each visit (O(tck D) against the
+// tile's O(tck bi D) GEMM): weight_tile.
 template <typename T>
 struct Operands {
   const Kernels<T>* K;
@@ -155,6 +161,34 @@ Operands<T> prepare(const Tensor& q, const Tensor& w, const Tensor& labels, cons
   return o;
 }
 
+// dst[c * ld_dst + r] = src[r * ld_src + c] * col_scale[c] (no scale: a copy) for a rows x cols
+// src: the transpose between the weights' D x C*K columns and the tiles' rows, in 16 x 16 blocks.
+template <typename T>
+void transpose_blocked(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst, int64_t ld_dst,
+                       const T* col_scale) {
+  constexpr int64_t B = 16;
+  T blk[B][B];
+  for (int64_t cb = 0; cb < cols; cb += B) {
+    const int64_t nc = std::min(B, cols - cb);
+    for (int64_t rb = 0; rb < rows; rb += B) {
+      const int64_t nr = std::min(B, rows - rb);
+      for (int64_t r = 0; r < nr; ++r) {
+        const T* in = src + (rb + r) * ld_src + cb;
+        for (int64_t c = 0; c < nc; ++c) blk[c][r] = in[c];
+      }
+      for (int64_t c = 0; c < nc; ++c) {
+        T* out = dst + (cb + c) * ld_dst + rb;
+        if (col_scale) {
+          const T s = col_scale[cb + c];
+          for (int64_t r = 0; r < nr; ++r) out[r] = blk[c][r] * s;
+        } else {
+          std::copy(blk[c], blk[c] + nr, out);
+        }
+      }
+    }
+  }
+}
+
 // The vectors of class tile t as rows (tck x Dp, zero-padded), normalized if the declaration says
 // so: the A operand of the tile's similarities (and, packed in column chunks, the B operand of
 // grad_q). The same bits on every visit.
@@ -164,24 +198,8 @@ void pack_weight_tile(const Operands<T>& o, int64_t t, T* dst) {
   const int64_t r0 = g.ct_begin(t) * g.K, tck = g.ct_size(t) * g.K, D = g.D, Dp = g.Dp, CK = o.CK();
   const T* w = o.w.template data_ptr<T>();
   const T* inv = o.normalize ? o.w_inv_norm.template data_ptr<T>() + r0 : nullptr;
-  if (o.columns) {  // a transpose, in 16 x 16 blocks
-    constexpr int64_t B = 16;
-    T blk[B][B];
-    for (int64_t rb = 0; rb < tck; rb += B) {
-      const int64_t nr = std::min(B, tck - rb);
-      for (int64_t db = 0; db < D; db += B) {
-        const int64_t nd = std::min(B, D - db);
-        for (int64_t d = 0; d < nd; ++d) {
-          const T* src = w + (db + d) * CK + r0 + rb;
-          for (int64_t r = 0; r < nr; ++r) blk[r][d] = src[r];
-        }
-        for (int64_t r = 0; r < nr; ++r) {
-          T* out = dst + (rb + r) * Dp + db;
-          const T s = inv ? inv[rb + r] : T(1);
-          for (int64_t d = 0; d < nd; ++d) out[d] = inv ? blk[r][d] * s : blk[r][d];
-        }
-      }
-    }
+  if (o.columns) {
+    transpose_blocked(w + r0, CK, D, tck, dst, Dp, inv);
   } else {
     for (int64_t r = 0; r < tck; ++r) {
       const T* src = w + (r0 + r) * D;
@@ -228,8 +246,7 @@ void tile_similarities(const Operands<T>& o, const T* w_tile, int64_t rb, int64_
 }
 
 // The weights' gradient for the vectors of class tile t, laid out like w, from G (tck x Dp, row
-// stride Dp), the gradient w.r.t. the vectors as the tiles used them (w_tile: pack_weight_tile
-// of t). With normalization that is F.normalize's backward: (G - (G . w^) w^) / ||w|| with
+// stride Dp), the gradient w.r.t. the vectors as the tiles used them (w_tile: weight_tile of t). With normalization that is F.normalize's backward: (G - (G . w^) w^) / ||w|| with
 // w^ = w / ||w||, and G / eps where the norm is clamped. G is overwritten.
 template <typename T>
 void finish_weight_grad(const Operands<T>& o, int64_t t, const T* w_tile, T* G, T* out) {
@@ -250,18 +267,8 @@ void finish_weight_grad(const Operands<T>& o, int64_t t, const T* w_tile, T* G, 
       }
     }
   }
-  if (o.columns) {  // a transpose, in 16 x 16 blocks
-    constexpr int64_t B = 16;
-    for (int64_t rb = 0; rb < n; rb += B) {
-      const int64_t nr = std::min(B, n - rb);
-      for (int64_t db = 0; db < D; db += B) {
-        const int64_t nd = std::min(B, D - db);
-        for (int64_t d = 0; d < nd; ++d) {
-          T* dst = out + (db + d) * CK + r0 + rb;
-          for (int64_t r = 0; r < nr; ++r) dst[r] = G[(rb + r) * Dp + db + d];
-        }
-      }
-    }
+  if (o.columns) {
+    transpose_blocked(G, Dp, n, D, out + r0, CK, static_cast<const T*>(nullptr));
   } else {
     for (int64_t r = 0; r < n; ++r) std::copy(G + r * Dp, G + r * Dp + D, out + (r0 + r) * D);
   }

@@ -137,7 +137,7 @@ _USE_TRITON_OP = _IMPORTED and not INTERPRETED and hasattr(torch.library, "trito
 _PAIR_TERMS = 2 * 4 + 1
 _CLASS_TERMS = 3 * 4 + 1
 _PAIR_FLAG_MASK = (1 << 10) - 1
-_CLASS_FLAG_MASK = (1 << 3) - 1
+_CLASS_FLAG_MASK = S.ROW_LSE | S.COL_POS_LSE | S.COL_NEG_LSE  # no weight-operand bits (plain rows)
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
