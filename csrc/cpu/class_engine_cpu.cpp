@@ -246,7 +246,8 @@ void tile_similarities(const Operands<T>& o, const T* w_tile, int64_t rb, int64_
 }
 
 // The weights' gradient for the vectors of class tile t, laid out like w, from G (tck x Dp, row
-// stride Dp), the gradient w.r.t. the vectors as the tiles used them (w_tile: weight_tile of t). With normalization that is F.normalize's backward: (G - (G . w^) w^) / ||w|| with
+// stride Dp), the gradient w.r.t. the vectors as the tiles used them (w_tile: weight_tile of t).
+// With normalization that is F.normalize's backward: (G - (G . w^) w^) / ||w|| with
 // w^ = w / ||w||, and G / eps where the norm is clamped. G is overwritten.
 template <typename T>
 void finish_weight_grad(const Operands<T>& o, int64_t t, const T* w_tile, T* G, T* out) {
