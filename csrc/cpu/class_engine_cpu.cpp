@@ -15,9 +15,9 @@
 // Forward: without column reductions, work items are (group of row blocks, chunk of class tiles),
 // tiles outer, so a tile is packed once per row group; each item keeps an online LSE per row over
 // its tiles (partials: 2 values per row and chunk, at most kFwdClassChunks chunks), merged in chunk
-// order. With column
-// reductions (ProxyAnchor), an item is a chunk of class tiles that walks every row block in order,
-// so it owns its classes' column statistics. The partition depends on the shapes only.
+// order. With column reductions (ProxyAnchor), an item is a chunk of class tiles that walks every
+// row block in order, so it owns its classes' column statistics. The partition depends on the
+// shapes only.
 //
 // Backward: recomputes each tile with the same GEMM (bitwise the forward's tile), forms dL/ds_ick
 // in place, and accumulates grad_w_tile += st . q_block, grad_q_block += st^T . w_tile. The larger
