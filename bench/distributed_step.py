@@ -29,6 +29,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import measure as Mz  # noqa: E402  bench/measure.py: the harness's memory and timing helpers
 
 
 def make_loss(impl, loss):
@@ -54,45 +56,6 @@ def data(n, d, seed=0):
     return torch.randn(n, d, generator=g), torch.randint(0, max(2, n // 4), (n,), generator=g)
 
 
-def timed_steps(fn, x, cfg):
-    """(first value, fwd times, bwd times, peak MiB) of fn(x) steps."""
-    import time as _t
-
-    sys.path.insert(0, HERE)
-    import measure as Mz
-
-    def step():
-        t0 = _t.perf_counter()
-        v = fn(x)
-        t1 = _t.perf_counter()
-        v.backward()
-        t2 = _t.perf_counter()
-        x.grad = None
-        return float(v.detach()), t1 - t0, t2 - t1
-
-    first = step()[0]
-    for _ in range(cfg["warmup"] - 1):
-        step()
-    Mz._malloc_trim()
-    base = Mz.proc_status_kib("VmRSS")
-    if Mz._reset_hwm():
-        step()
-        peak = Mz.proc_status_kib("VmHWM")
-    else:
-        with Mz._RssPoller() as p:
-            step()
-        peak = p.peak
-    fwd, bwd = [], []
-    t_end = _t.monotonic() + cfg["max_seconds"]
-    fixed = cfg.get("fixed_reps")  # ranks: the same number of steps everywhere (collectives)
-    while (len(fwd) < fixed) if fixed else (
-            len(fwd) < cfg["min_reps"] or (_t.monotonic() < t_end and len(fwd) < cfg["reps"])):
-        _, f, b = step()
-        fwd.append(f)
-        bwd.append(b)
-    return first, fwd, bwd, (peak - base) / 1024
-
-
 def rank_worker(rank, cfg, port, outdir):
     import warnings
 
@@ -113,7 +76,7 @@ def rank_worker(rank, cfg, port, outdir):
         loss = wrap(make_loss(cfg["impl"], cfg["loss"]))
         x = rows.clone().requires_grad_(True)
         dist.barrier()
-        first, fwd, bwd, peak = timed_steps(lambda x: loss(x, yr), x, dict(cfg, fixed_reps=cfg["dist_reps"]))
+        first, fwd, bwd, peak = Mz.timed_steps(lambda x: loss(x, yr), x, dict(cfg, fixed_reps=cfg["dist_reps"]))
         res = dict(rank=rank, first_value=first / cfg["world"], fwd=fwd, bwd=bwd, peak_mib=peak)
         with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
             json.dump(res, f)
@@ -131,7 +94,7 @@ def single_worker(cfg):
     X, Y = data(cfg["n"], cfg["d"])
     loss = make_loss(cfg["impl"], cfg["loss"])
     x = X.clone().requires_grad_(True)
-    first, fwd, bwd, peak = timed_steps(lambda x: loss(x, Y), x, cfg)
+    first, fwd, bwd, peak = Mz.timed_steps(lambda x: loss(x, Y), x, cfg)
     return dict(first_value=first, fwd=fwd, bwd=bwd, peak_mib=peak)
 
 
@@ -139,11 +102,6 @@ def summarize(fwd, bwd):
     tot = [f + b for f, b in zip(fwd, bwd)]
     return dict(fwd_ms=1e3 * statistics.median(fwd), bwd_ms=1e3 * statistics.median(bwd),
                 step_ms=1e3 * statistics.median(tot), reps=len(tot))
-
-
-def loadavg():
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
 
 
 def run_distributed(cfg):
@@ -181,15 +139,12 @@ def main():
     if args.single:
         print(json.dumps(single_worker(json.loads(args.single))))
         return
-    sys.path.insert(0, HERE)
-    import measure as Mz
-
     env = Mz.environment("cpu")
     cores = os.cpu_count()
     rank_threads = args.rank_threads or max(1, cores // args.world)
     out_dir = args.out or os.path.join(ROOT, "bench", "results", env["device_tag"])
     os.makedirs(out_dir, exist_ok=True)
-    meta = dict(env=env, load_before=loadavg(), started=time.strftime("%Y-%m-%d %H:%M:%S"), args=vars(args),
+    meta = dict(env=env, load_before=Mz.loadavg(), started=time.strftime("%Y-%m-%d %H:%M:%S"), args=vars(args),
                 rank_threads=rank_threads)
     print(f"[distributed_step] {env.get('cpu')} ({cores} cores) | torch {env.get('torch')} | world {args.world} "
           f"x {rank_threads} threads (gloo) | load {meta['load_before']}", flush=True)
@@ -205,7 +160,7 @@ def main():
                 points += [("pml", "distributed", rank_threads), ("pml", "single", cores)]
             for impl, mode, threads in points:
                 cfg = dict(base, loss=loss, n=n, impl=impl, threads=threads, world=args.world)
-                load = loadavg()
+                load = Mz.loadavg()
                 if mode == "distributed":
                     rec = run_distributed(cfg)
                 else:
@@ -223,7 +178,7 @@ def main():
                 print(f"  {loss:6s} N={n:6d} {label:32s} step {rec['step_ms']:9.1f} ms (fwd {rec['fwd_ms']:8.1f}, "
                       f"bwd {rec['bwd_ms']:8.1f}; {rec['reps']} reps)  peak/rank +{rec['peak_mib']:8.1f} MiB  "
                       f"value {rec['first_value']:.6f}  load {load}", flush=True)
-    meta["load_after"] = loadavg()
+    meta["load_after"] = Mz.loadavg()
     prefix = os.path.join(out_dir, f"distributed_step_W{args.world}_D{args.d}")
     with open(prefix + ".json", "w") as fh:
         json.dump(dict(meta=meta, rows=rows), fh, indent=1)

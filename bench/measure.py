@@ -105,6 +105,50 @@ class _RssPoller:
 
 
 # ------------------------------------------------------------------------------------------
+def timed_steps(fn, x, cfg):
+    """(first value, fwd times, bwd times, peak MiB) of steps v = fn(x); v.backward(), for the
+    step benchmarks (xbm_step.py, distributed_step.py): cfg["warmup"] untimed steps (the first
+    gives the value), one step for the peak resident-set growth, then timed steps: cfg["min_reps"]
+    up to cfg["reps"] within cfg["max_seconds"], or exactly cfg["fixed_reps"] when set (ranks must
+    all run the same number of steps: collectives)."""
+    def step():
+        t0 = time.perf_counter()
+        v = fn(x)
+        t1 = time.perf_counter()
+        v.backward()
+        t2 = time.perf_counter()
+        x.grad = None
+        return float(v.detach()), t1 - t0, t2 - t1
+
+    first = step()[0]
+    for _ in range(cfg["warmup"] - 1):
+        step()
+    _malloc_trim()
+    base = proc_status_kib("VmRSS")
+    if _reset_hwm():
+        step()
+        peak = proc_status_kib("VmHWM")
+    else:
+        with _RssPoller() as p:
+            step()
+        peak = p.peak
+    fwd, bwd = [], []
+    t_end = time.monotonic() + cfg["max_seconds"]
+    fixed = cfg.get("fixed_reps")
+    while (len(fwd) < fixed) if fixed else (
+            len(fwd) < cfg["min_reps"] or (time.monotonic() < t_end and len(fwd) < cfg["reps"])):
+        _, f, b = step()
+        fwd.append(f)
+        bwd.append(b)
+    return first, fwd, bwd, (peak - base) / 1024
+
+
+def loadavg():
+    """The 1, 5 and 15 minute load averages, as /proc/loadavg has them."""
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
 def _is_oom(e: BaseException) -> bool:
     import torch
 

@@ -26,6 +26,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import measure as Mz  # noqa: E402  bench/measure.py: the harness's memory and timing helpers
 LOSSES = ("ms", "ms_miner", "ntxent", "supcon", "contrastive")
 
 
@@ -46,9 +48,6 @@ def build(impl, loss, d, m):
 def worker(cfg):
     import torch
 
-    sys.path.insert(0, HERE)
-    import measure as Mz  # bench/measure.py: the suite's memory helpers
-
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
     B, M, D, classes = cfg["batch"], cfg["memory"], cfg["d"], cfg["classes"]
@@ -60,43 +59,12 @@ def worker(cfg):
     x = torch.randn(B, D, requires_grad=True)
     y = torch.randint(0, classes, (B,))
 
-    def step():
-        t0 = time.perf_counter()
-        v = xbm(x, y)
-        t1 = time.perf_counter()
-        v.backward()
-        t2 = time.perf_counter()
-        x.grad = None
-        return float(v.detach()), t1 - t0, t2 - t1
-
-    first = step()[0]
-    for _ in range(cfg["warmup"] - 1):
-        step()
-    Mz._malloc_trim()
-    base = Mz.proc_status_kib("VmRSS")
-    if Mz._reset_hwm():
-        step()
-        peak = Mz.proc_status_kib("VmHWM")
-    else:
-        with Mz._RssPoller() as p:
-            step()
-        peak = p.peak
-    fwd, bwd = [], []
-    t_end = time.monotonic() + cfg["max_seconds"]
-    while len(fwd) < cfg["min_reps"] or (time.monotonic() < t_end and len(fwd) < cfg["reps"]):
-        _, f, b = step()
-        fwd.append(f)
-        bwd.append(b)
+    first, fwd, bwd, peak_mib = Mz.timed_steps(lambda x: xbm(x, y), x, cfg)
     tot = [f + b for f, b in zip(fwd, bwd)]
     return dict(loss=cfg["loss"], impl=cfg["impl"], batch=B, memory=M, d=D, threads=cfg["threads"],
                 fwd_ms=1e3 * statistics.median(fwd), bwd_ms=1e3 * statistics.median(bwd),
                 step_ms=1e3 * statistics.median(tot), step_ms_min=1e3 * min(tot), reps=len(tot),
-                peak_mib=(peak - base) / 1024, first_value=first)
-
-
-def loadavg():
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
+                peak_mib=peak_mib, first_value=first)
 
 
 def main():
@@ -119,13 +87,10 @@ def main():
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-    sys.path.insert(0, HERE)
-    import measure as Mz
-
     env = Mz.environment("cpu")
     out_dir = args.out or os.path.join(ROOT, "bench", "results", env["device_tag"])
     os.makedirs(out_dir, exist_ok=True)
-    meta = dict(env=env, load_before=loadavg(), started=time.strftime("%Y-%m-%d %H:%M:%S"), args=vars(args))
+    meta = dict(env=env, load_before=Mz.loadavg(), started=time.strftime("%Y-%m-%d %H:%M:%S"), args=vars(args))
     print(f"[xbm_step] {env.get('cpu')} | torch {env.get('torch')} | threads {args.threads} | "
           f"load {meta['load_before']}", flush=True)
     rows = []
@@ -134,7 +99,7 @@ def main():
             cfg = dict(loss=loss, impl=impl, batch=args.batch, memory=args.memory, d=args.d, classes=args.classes,
                        threads=args.threads, warmup=args.warmup, reps=args.reps, min_reps=args.min_reps,
                        max_seconds=args.max_seconds, seed=args.seed)
-            load = loadavg()
+            load = Mz.loadavg()
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cfg)],
                                   capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
             if proc.returncode != 0:
@@ -147,7 +112,7 @@ def main():
             print(f"  {loss:9s} {impl:5s} step {rec['step_ms']:9.1f} ms (fwd {rec['fwd_ms']:8.1f}, bwd "
                   f"{rec['bwd_ms']:8.1f}; {rec['reps']} reps)  peak +{rec['peak_mib']:8.1f} MiB  "
                   f"value {rec['first_value']:.6f}  load {load}", flush=True)
-    meta["load_after"] = loadavg()
+    meta["load_after"] = Mz.loadavg()
     # ratios pml / fused per loss
     by = {(r["loss"], r["impl"]): r for r in rows if r.get("status") == "OK"}
     for loss in args.loss:
