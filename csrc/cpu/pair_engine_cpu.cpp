@@ -443,6 +443,57 @@ void positive_walk(const Operands<T>& o, const Sorted<T>& s, const PairSpec<T>& 
       });
 }
 
+// ---- tile walks ----------------------------------------------------------------------------------
+// One tile of S = q_I r_J^T, computed into sc.S (row stride ld) before the walk's body sees it.
+struct TileGeometry {
+  int64_t i0, j0;  // first row and column
+  int ti, tj;      // rows and columns
+  int64_t ld;      // row stride of the tile in sc.S (and of its transpose, ldt, in sc.St)
+};
+
+// Self mode: the upper-triangle tiles (I <= J), in the rounds of self_schedule (no two tiles of a
+// round share a row block, so a round's tiles run in parallel without atomics). body(I, J, tile,
+// ldt, sc), ldt the row stride of the tile's transpose.
+template <typename T, typename Body>
+void walk_self_tiles(const Operands<T>& o, bool par, const Body& body) {
+  const int64_t N = o.N, T_ = tile_size(N), nb = (N + T_ - 1) / T_;
+  for (const auto& round : self_schedule(nb)) {
+    tile_parallel(
+        static_cast<int64_t>(round.size()), par, [&] { return Scratch<T>(T_, T_); },
+        [&](int64_t k, Scratch<T>& sc) {
+          const int64_t I = round[k].first, J = round[k].second;
+          TileGeometry g{I * T_, J * T_, 0, 0, 0};
+          g.ti = static_cast<int>(std::min(T_, N - g.i0));
+          g.tj = static_cast<int>(std::min(T_, N - g.j0));
+          g.ld = round_up(g.tj, 32);
+          s_tile(o, g.i0, g.ti, g.j0, g.tj, sc.S.data(), g.ld);
+          body(I, J, g, round_up(g.ti, 32), sc);
+        });
+  }
+}
+
+// Ref mode: every tile; a work item is a row block walking all column blocks in order, or (by
+// columns) a column block walking all row blocks in order, so each item owns its rows' (or its
+// columns') results. body(tile, sc).
+template <typename T, typename Body>
+void walk_ref_tiles(const Operands<T>& o, bool par, bool by_columns, const Body& body) {
+  const int64_t N = o.N, M = o.M, TI = tile_size(N), TJ = tile_size(M);
+  const int64_t nbi = (N + TI - 1) / TI, nbj = (M + TJ - 1) / TJ;
+  tile_parallel(
+      by_columns ? nbj : nbi, par, [&] { return Scratch<T>(TI, TJ); },
+      [&](int64_t item, Scratch<T>& sc) {
+        for (int64_t other = 0; other < (by_columns ? nbi : nbj); ++other) {
+          const int64_t I = by_columns ? other : item, J = by_columns ? item : other;
+          TileGeometry g{I * TI, J * TJ, 0, 0, 0};
+          g.ti = static_cast<int>(std::min(TI, N - g.i0));
+          g.tj = static_cast<int>(std::min(TJ, M - g.j0));
+          g.ld = round_up(g.tj, 32);
+          s_tile(o, g.i0, g.ti, g.j0, g.tj, sc.S.data(), g.ld);
+          body(g, sc);
+        }
+      });
+}
+
 // ---- forward -----------------------------------------------------------------------------------
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor> forward_impl(const Operands<T>& o, const PairSpec<T>& spec) {
@@ -457,37 +508,17 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Operands<T>& o, const Pair
   if (spec.mine && N > 0 && M > 0) positive_walk(o, sorted, spec, st, /*pass=*/0, par);
 
   if (o.self) {
-    const int64_t T_ = tile_size(N), nb = (N + T_ - 1) / T_;
-    for (const auto& round : self_schedule(nb)) {
-      tile_parallel(
-          static_cast<int64_t>(round.size()), par, [&] { return Scratch<T>(T_, T_); },
-          [&](int64_t k, Scratch<T>& sc) {
-            const int64_t I = round[k].first, J = round[k].second, i0 = I * T_, j0 = J * T_;
-            const int ti = static_cast<int>(std::min(T_, N - i0)), tj = static_cast<int>(std::min(T_, N - j0));
-            const int64_t ld = round_up(tj, 32), ldt = round_up(ti, 32);
-            s_tile(o, i0, ti, j0, tj, sc.S.data(), ld);
-            o.K->pair_forward(spec, make_tile(o, sc.S.data(), ld, i0, ti, j0, tj, false), st, sc.buf.data());
-            if (I != J) {
-              transpose(sc.S.data(), ti, tj, ld, sc.St.data(), ldt);
-              o.K->pair_forward(spec, make_tile(o, sc.St.data(), ldt, i0, ti, j0, tj, true), st, sc.buf.data());
-            }
-          });
-    }
+    walk_self_tiles(o, par, [&](int64_t I, int64_t J, const TileGeometry& g, int64_t ldt, Scratch<T>& sc) {
+      o.K->pair_forward(spec, make_tile(o, sc.S.data(), g.ld, g.i0, g.ti, g.j0, g.tj, false), st, sc.buf.data());
+      if (I != J) {
+        transpose(sc.S.data(), g.ti, g.tj, g.ld, sc.St.data(), ldt);
+        o.K->pair_forward(spec, make_tile(o, sc.St.data(), ldt, g.i0, g.ti, g.j0, g.tj, true), st, sc.buf.data());
+      }
+    });
   } else {
-    const int64_t TI = tile_size(N), TJ = tile_size(M), nbi = (N + TI - 1) / TI, nbj = (M + TJ - 1) / TJ;
-    tile_parallel(
-        nbi, par, [&] { return Scratch<T>(TI, TJ); },
-        [&](int64_t I, Scratch<T>& sc) {
-          const int64_t i0 = I * TI;
-          const int ti = static_cast<int>(std::min(TI, N - i0));
-          for (int64_t J = 0; J < nbj; ++J) {
-            const int64_t j0 = J * TJ;
-            const int tj = static_cast<int>(std::min(TJ, M - j0));
-            const int64_t ld = round_up(tj, 32);
-            s_tile(o, i0, ti, j0, tj, sc.S.data(), ld);
-            o.K->pair_forward(spec, make_tile(o, sc.S.data(), ld, i0, ti, j0, tj, false), st, sc.buf.data());
-          }
-        });
+    walk_ref_tiles(o, par, /*by_columns=*/false, [&](const TileGeometry& g, Scratch<T>& sc) {
+      o.K->pair_forward(spec, make_tile(o, sc.S.data(), g.ld, g.i0, g.ti, g.j0, g.tj, false), st, sc.buf.data());
+    });
   }
 
   Tensor values = at::zeros({kNumPairValues, N}, opts);
@@ -536,82 +567,54 @@ std::tuple<Tensor, Tensor> backward_impl(const Operands<T>& o, const PairSpec<T>
   std::vector<T> gsum_q(lp ? N : 0, T(0));  // row sums of G (lp: the norms' share of the gradient)
 
   if (o.self) {
-    const int64_t T_ = tile_size(N), nb = (N + T_ - 1) / T_;
-    for (const auto& round : self_schedule(nb)) {
-      tile_parallel(
-          static_cast<int64_t>(round.size()), par, [&] { return Scratch<T>(T_, T_); },
-          [&](int64_t k, Scratch<T>& sc) {
-            const int64_t I = round[k].first, J = round[k].second, i0 = I * T_, j0 = J * T_;
-            const int ti = static_cast<int>(std::min(T_, N - i0)), tj = static_cast<int>(std::min(T_, N - j0));
-            const int64_t ld = round_up(tj, 32), ldt = round_up(ti, 32);
-            s_tile(o, i0, ti, j0, tj, sc.S.data(), ld);
-            o.K->pair_backward(spec, make_tile(o, sc.S.data(), ld, i0, ti, j0, tj, false), st, sc.G1.data(), ld,
-                               sc.buf.data());
-            if (I == J) {
-              sym_add_self(sc.G1.data(), ld, ti);
-              o.K->gemm_nn_acc(sc.G1.data(), ld, qc, N, i0, ti, Dp, ti, dqp + i0 * Dp, Dp);
-              if (lp) add_row_sums(sc.G1.data(), ld, ti, ti, gsum_q.data() + i0);
-              return;
-            }
-            transpose(sc.S.data(), ti, tj, ld, sc.St.data(), ldt);
-            o.K->pair_backward(spec, make_tile(o, sc.St.data(), ldt, i0, ti, j0, tj, true), st, sc.G2.data(), ldt,
-                               sc.buf.data());
-            add_transposed(sc.G1.data(), ld, sc.G2.data(), ldt, ti, tj);  // H = G_IJ + G_JI^T
-            o.K->gemm_nn_acc(sc.G1.data(), ld, qc, N, j0, ti, Dp, tj, dqp + i0 * Dp, Dp);
-            o.K->gemm_tn_acc(sc.G1.data(), ld, qc, N, i0, tj, Dp, ti, dqp + j0 * Dp, Dp);
-            if (lp) {
-              add_row_sums(sc.G1.data(), ld, ti, tj, gsum_q.data() + i0);
-              add_col_sums(sc.G1.data(), ld, ti, tj, gsum_q.data() + j0);
-            }
-          });
-    }
+    walk_self_tiles(o, par, [&](int64_t I, int64_t J, const TileGeometry& g, int64_t ldt, Scratch<T>& sc) {
+      const int64_t i0 = g.i0, j0 = g.j0, ld = g.ld;
+      const int ti = g.ti, tj = g.tj;
+      o.K->pair_backward(spec, make_tile(o, sc.S.data(), ld, i0, ti, j0, tj, false), st, sc.G1.data(), ld,
+                         sc.buf.data());
+      if (I == J) {
+        sym_add_self(sc.G1.data(), ld, ti);
+        o.K->gemm_nn_acc(sc.G1.data(), ld, qc, N, i0, ti, Dp, ti, dqp + i0 * Dp, Dp);
+        if (lp) add_row_sums(sc.G1.data(), ld, ti, ti, gsum_q.data() + i0);
+        return;
+      }
+      transpose(sc.S.data(), ti, tj, ld, sc.St.data(), ldt);
+      o.K->pair_backward(spec, make_tile(o, sc.St.data(), ldt, i0, ti, j0, tj, true), st, sc.G2.data(), ldt,
+                         sc.buf.data());
+      add_transposed(sc.G1.data(), ld, sc.G2.data(), ldt, ti, tj);  // H = G_IJ + G_JI^T
+      o.K->gemm_nn_acc(sc.G1.data(), ld, qc, N, j0, ti, Dp, tj, dqp + i0 * Dp, Dp);
+      o.K->gemm_tn_acc(sc.G1.data(), ld, qc, N, i0, tj, Dp, ti, dqp + j0 * Dp, Dp);
+      if (lp) {
+        add_row_sums(sc.G1.data(), ld, ti, tj, gsum_q.data() + i0);
+        add_col_sums(sc.G1.data(), ld, ti, tj, gsum_q.data() + j0);
+      }
+    });
     if (lp) add_norm_gradient(dqp, qp, gsum_q.data(), N, Dp);
     return {dq.narrow(1, 0, o.D), Tensor()};
   }
 
-  const int64_t TI = tile_size(N), TJ = tile_size(M), nbi = (N + TI - 1) / TI, nbj = (M + TJ - 1) / TJ;
   const T* rp = o.r.template data_ptr<T>();
   const Tensor r_cols = pack_columns(*o.K, o.r);
   const T* rc = r_cols.template data_ptr<T>();
   // row pass: dq_I = sum_J G_IJ r_J
-  tile_parallel(
-      nbi, par, [&] { return Scratch<T>(TI, TJ); },
-      [&](int64_t I, Scratch<T>& sc) {
-        const int64_t i0 = I * TI;
-        const int ti = static_cast<int>(std::min(TI, N - i0));
-        for (int64_t J = 0; J < nbj; ++J) {
-          const int64_t j0 = J * TJ;
-          const int tj = static_cast<int>(std::min(TJ, M - j0));
-          const int64_t ld = round_up(tj, 32);
-          s_tile(o, i0, ti, j0, tj, sc.S.data(), ld);
-          o.K->pair_backward(spec, make_tile(o, sc.S.data(), ld, i0, ti, j0, tj, false), st, sc.G1.data(), ld,
-                             sc.buf.data());
-          o.K->gemm_nn_acc(sc.G1.data(), ld, rc, M, j0, ti, Dp, tj, dqp + i0 * Dp, Dp);
-          if (lp) add_row_sums(sc.G1.data(), ld, ti, tj, gsum_q.data() + i0);
-        }
-      });
+  walk_ref_tiles(o, par, /*by_columns=*/false, [&](const TileGeometry& g, Scratch<T>& sc) {
+    o.K->pair_backward(spec, make_tile(o, sc.S.data(), g.ld, g.i0, g.ti, g.j0, g.tj, false), st, sc.G1.data(), g.ld,
+                       sc.buf.data());
+    o.K->gemm_nn_acc(sc.G1.data(), g.ld, rc, M, g.j0, g.ti, Dp, g.tj, dqp + g.i0 * Dp, Dp);
+    if (lp) add_row_sums(sc.G1.data(), g.ld, g.ti, g.tj, gsum_q.data() + g.i0);
+  });
   if (lp) add_norm_gradient(dqp, qp, gsum_q.data(), N, Dp);
   if (!need_grad_r) return {dq.narrow(1, 0, o.D), Tensor()};
   // column pass: dr_J = sum_I G_IJ^T q_I, the same tiles q_I r_J^T recomputed
   Tensor dr = at::zeros({M, Dp}, opts);
   T* drp = dr.template data_ptr<T>();
   std::vector<T> gsum_r(lp ? M : 0, T(0));
-  tile_parallel(
-      nbj, par, [&] { return Scratch<T>(TI, TJ); },
-      [&](int64_t J, Scratch<T>& sc) {
-        const int64_t j0 = J * TJ;
-        const int tj = static_cast<int>(std::min(TJ, M - j0));
-        const int64_t ld = round_up(tj, 32);
-        for (int64_t I = 0; I < nbi; ++I) {
-          const int64_t i0 = I * TI;
-          const int ti = static_cast<int>(std::min(TI, N - i0));
-          s_tile(o, i0, ti, j0, tj, sc.S.data(), ld);
-          o.K->pair_backward(spec, make_tile(o, sc.S.data(), ld, i0, ti, j0, tj, false), st, sc.G1.data(), ld,
-                             sc.buf.data());
-          o.K->gemm_tn_acc(sc.G1.data(), ld, qc, N, i0, tj, Dp, ti, drp + j0 * Dp, Dp);
-          if (lp) add_col_sums(sc.G1.data(), ld, ti, tj, gsum_r.data() + j0);
-        }
-      });
+  walk_ref_tiles(o, par, /*by_columns=*/true, [&](const TileGeometry& g, Scratch<T>& sc) {
+    o.K->pair_backward(spec, make_tile(o, sc.S.data(), g.ld, g.i0, g.ti, g.j0, g.tj, false), st, sc.G1.data(), g.ld,
+                       sc.buf.data());
+    o.K->gemm_tn_acc(sc.G1.data(), g.ld, qc, N, g.i0, g.tj, Dp, g.ti, drp + g.j0 * Dp, Dp);
+    if (lp) add_col_sums(sc.G1.data(), g.ld, g.ti, g.tj, gsum_r.data() + g.j0);
+  });
   if (lp) add_norm_gradient(drp, rp, gsum_r.data(), M, Dp);
   return {dq.narrow(1, 0, o.D), dr.narrow(1, 0, o.D)};
 }
