@@ -45,6 +45,7 @@
 #include <vector>
 
 #include "common/loss_spec.h"
+#include "common/op_checks.h"
 #include "cpu/cpu_kernels.h"
 
 namespace fpl {
@@ -514,21 +515,11 @@ void backward_kernel(const Operands<T>& o, const ClassSpec<T>& spec, const T* g_
 // ---- op entry points ----------------------------------------------------------------------------
 void check_inputs(const Tensor& q, const Tensor& w, const Tensor& labels, int64_t K, c10::ArrayRef<double> terms,
                   int64_t flags) {
-  const std::string bad = check_class_spec(static_cast<int64_t>(terms.size()), flags, K);
-  TORCH_CHECK(bad.empty(), "class_engine: invalid loss declaration: ", bad);
-  const bool columns = flags & kWeightsColumns;
-  TORCH_CHECK(q.dim() == 2 && w.dim() == 2, "class_engine: q (N, D) and w (", columns ? "D, C*K" : "C*K, D",
-              ") must be 2-D, got ", q.sizes(), " and ", w.sizes());
   TORCH_CHECK(q.device().is_cpu() && w.device().is_cpu() && labels.device().is_cpu(),
               "class_engine (cpu): tensors must be on the CPU");
-  TORCH_CHECK(q.scalar_type() == w.scalar_type(), "class_engine: q and w must have the same dtype, got ",
-              q.scalar_type(), " and ", w.scalar_type());
+  check_class_operands(q, w, labels, K, terms, flags);
   TORCH_CHECK(at::isFloatingType(q.scalar_type()), "class_engine: q must be floating point, got ", q.scalar_type());
-  const int64_t w_dim = columns ? w.size(0) : w.size(1), CK = weight_count(w, columns);
-  TORCH_CHECK(q.size(1) == w_dim, "class_engine: q and w must have the same D, got ", q.size(1), " and ", w_dim);
-  TORCH_CHECK(CK % K == 0, "class_engine: w has ", CK, " vectors, not a multiple of centers_per_class=", K);
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == q.size(0) && labels.scalar_type() == at::kLong,
-              "class_engine: labels must be int64 of shape (N,) = (", q.size(0), ",)");
+  const int64_t CK = weight_count(w, flags & kWeightsColumns);
   const int64_t C = CK / K;
   const Tensor lab = labels.contiguous();
   const int64_t* y = lab.data_ptr<int64_t>();

@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "common/loss_spec.h"
+#include "common/op_checks.h"
 #include "cpu/cpu_kernels.h"
 
 namespace fpl {
@@ -623,33 +624,14 @@ std::tuple<Tensor, Tensor> backward_impl(const Operands<T>& o, const PairSpec<T>
 void check_inputs(const Tensor& q, const std::optional<Tensor>& r, const Tensor& labels_q,
                   const std::optional<Tensor>& labels_r, const std::optional<Tensor>& exclude_col,
                   c10::ArrayRef<double> terms, int64_t flags) {
-  const std::string bad = check_pair_spec(static_cast<int64_t>(terms.size()), flags);
-  TORCH_CHECK(bad.empty(), "pair_engine: invalid loss declaration: ", bad);
   TORCH_CHECK(q.device().is_cpu(), "pair_engine (cpu): q must be a CPU tensor, got ", q.device());
-  TORCH_CHECK(q.dim() == 2, "pair_engine: q must be 2-D (N, D), got shape ", q.sizes());
+  if (r.has_value()) TORCH_CHECK(r->device().is_cpu(), "pair_engine (cpu): r must be a CPU tensor, got ", r->device());
+  check_pair_operands(q, r, labels_q, labels_r, exclude_col, terms, flags);
   TORCH_CHECK(at::isFloatingType(q.scalar_type()), "pair_engine: q must be floating point, got ", q.scalar_type());
-  TORCH_CHECK(labels_q.dim() == 1 && labels_q.size(0) == q.size(0), "pair_engine: labels_q must have shape (",
-              q.size(0), ",), got ", labels_q.sizes());
-  TORCH_CHECK(r.has_value() == labels_r.has_value(), "pair_engine: r and labels_r go together");
-  if (r.has_value()) {
-    TORCH_CHECK(r->device().is_cpu(), "pair_engine (cpu): r must be a CPU tensor, got ", r->device());
-    TORCH_CHECK(r->dim() == 2 && r->size(1) == q.size(1), "pair_engine: r must have shape (M, ", q.size(1), "), got ",
-                r->sizes());
-    TORCH_CHECK(r->scalar_type() == q.scalar_type(), "pair_engine: q and r must have the same dtype");
-    TORCH_CHECK(labels_r->dim() == 1 && labels_r->size(0) == r->size(0), "pair_engine: labels_r must have shape (",
-                r->size(0), ",), got ", labels_r->sizes());
-  } else {
-    TORCH_CHECK(!exclude_col.has_value(), "pair_engine: exclude_col is implied (the diagonal) in self mode");
-  }
-  if (exclude_col.has_value()) {
-    TORCH_CHECK(exclude_col->dim() == 1 && exclude_col->size(0) == q.size(0) && exclude_col->scalar_type() == at::kLong,
-                "pair_engine: exclude_col must be int64 of shape (", q.size(0), ",), got ", exclude_col->scalar_type(),
-                " ", exclude_col->sizes());
-    if (exclude_col->numel() > 0) {
-      const int64_t lo = exclude_col->min().item<int64_t>(), hi = exclude_col->max().item<int64_t>();
-      TORCH_CHECK(lo >= -1 && hi < r->size(0), "pair_engine: exclude_col values must lie in [-1, ", r->size(0),
-                  "), got [", lo, ", ", hi, "]");
-    }
+  if (exclude_col.has_value() && exclude_col->numel() > 0) {
+    const int64_t lo = exclude_col->min().item<int64_t>(), hi = exclude_col->max().item<int64_t>();
+    TORCH_CHECK(lo >= -1 && hi < r->size(0), "pair_engine: exclude_col values must lie in [-1, ", r->size(0),
+                "), got [", lo, ", ", hi, "]");
   }
 }
 

@@ -20,6 +20,7 @@
 #include <tuple>
 
 #include "common/loss_spec.h"
+#include "common/op_checks.h"
 #include "cuda/launchers.h"
 
 namespace fpl_cuda_glue {
@@ -70,35 +71,18 @@ inline void check_same_device(const Tensor& t, const Tensor& like, const char* n
 inline void check_pair_inputs(const Tensor& q, const std::optional<Tensor>& r, const Tensor& labels_q,
                               const std::optional<Tensor>& labels_r, const std::optional<Tensor>& exclude_col,
                               c10::ArrayRef<double> terms, int64_t flags) {
-  const std::string bad = fpl::check_pair_spec(static_cast<int64_t>(terms.size()), flags);
-  TORCH_CHECK(bad.empty(), "pair_engine: invalid loss declaration: ", bad);
-  TORCH_CHECK(q.dim() == 2, "pair_engine: q must be 2-D (N, D), got shape ", q.sizes());
+  fpl::check_pair_operands(q, r, labels_q, labels_r, exclude_col, terms, flags);
   dtype_code(q);
-  TORCH_CHECK(labels_q.dim() == 1 && labels_q.size(0) == q.size(0) && labels_q.scalar_type() == at::kLong,
-              "pair_engine: labels_q must be int64 of shape (", q.size(0), ",), got ", labels_q.scalar_type(), " ",
-              labels_q.sizes());
+  TORCH_CHECK(labels_q.scalar_type() == at::kLong, "pair_engine: labels_q must be int64, got ", labels_q.scalar_type());
   check_same_device(labels_q, q, "labels_q");
-  TORCH_CHECK(r.has_value() == labels_r.has_value(), "pair_engine: r and labels_r go together");
   if (r.has_value()) {
-    TORCH_CHECK(r->dim() == 2 && r->size(1) == q.size(1), "pair_engine: r must have shape (M, ", q.size(1), "), got ",
-                r->sizes());
-    TORCH_CHECK(r->scalar_type() == q.scalar_type(), "pair_engine: q and r must have the same dtype, got ",
-                q.scalar_type(), " and ", r->scalar_type());
-    TORCH_CHECK(labels_r->dim() == 1 && labels_r->size(0) == r->size(0) && labels_r->scalar_type() == at::kLong,
-                "pair_engine: labels_r must be int64 of shape (", r->size(0), ",), got ", labels_r->scalar_type(), " ",
-                labels_r->sizes());
+    TORCH_CHECK(labels_r->scalar_type() == at::kLong, "pair_engine: labels_r must be int64, got ",
+                labels_r->scalar_type());
     check_same_device(*r, q, "r");
     check_same_device(*labels_r, q, "labels_r");
-  } else {
-    TORCH_CHECK(!exclude_col.has_value(), "pair_engine: exclude_col is implied (the diagonal) in self mode");
   }
-  if (exclude_col.has_value()) {
-    // values outside [-1, M) exclude nothing (checking them would cost a device sync per call)
-    TORCH_CHECK(exclude_col->dim() == 1 && exclude_col->size(0) == q.size(0) && exclude_col->scalar_type() == at::kLong,
-                "pair_engine: exclude_col must be int64 of shape (", q.size(0), ",), got ", exclude_col->scalar_type(),
-                " ", exclude_col->sizes());
-    check_same_device(*exclude_col, q, "exclude_col");
-  }
+  // exclude_col values outside [-1, M) exclude nothing (checking them would cost a device sync per call)
+  if (exclude_col.has_value()) check_same_device(*exclude_col, q, "exclude_col");
 }
 
 // The kernels' operands (launchers.h PairOperands) and the tensors that hold them.
@@ -251,27 +235,16 @@ inline std::tuple<Tensor, Tensor> pair_backward(const Runtime& rt, const Tensor&
 // ---- class engine ------------------------------------------------------------------------------
 inline void check_class_inputs(const Tensor& q, const Tensor& w, const Tensor& labels, int64_t K,
                                c10::ArrayRef<double> terms, int64_t flags) {
-  const std::string bad = fpl::check_class_spec(static_cast<int64_t>(terms.size()), flags, K);
-  TORCH_CHECK(bad.empty(), "class_engine: invalid loss declaration: ", bad);
   TORCH_CHECK(!(flags & fpl::kWeightOperandFlags),
               "class_engine (cuda): takes w as normalized rows (C*K, D); the weight-operand flags are applied by "
               "fused_pairloss.ops.engines.class_stats");
-  TORCH_CHECK(q.dim() == 2 && w.dim() == 2, "class_engine: q (N, D) and w (C*K, D) must be 2-D, got ", q.sizes(),
-              " and ", w.sizes());
+  fpl::check_class_operands(q, w, labels, K, terms, flags);
   dtype_code(q);
-  TORCH_CHECK(q.scalar_type() == w.scalar_type(), "class_engine: q and w must have the same dtype, got ",
-              q.scalar_type(), " and ", w.scalar_type());
-  TORCH_CHECK(q.size(1) == w.size(1), "class_engine: q and w must have the same D, got ", q.size(1), " and ",
-              w.size(1));
   TORCH_CHECK(K <= fpl_cuda::kMaxCentersPerClass, "class_engine (cuda): centers_per_class must be at most ",
               fpl_cuda::kMaxCentersPerClass, " (a tile holds whole classes), got ", K,
               "; use backend='cpu' or 'triton' for more");
-  TORCH_CHECK(w.size(0) % K == 0, "class_engine: w has ", w.size(0), " rows, not a multiple of centers_per_class=", K);
   // label values are compared with class indices only: out-of-range labels (the Python layer
   // checks them) give target_sim = NaN, never a bad memory access
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == q.size(0) && labels.scalar_type() == at::kLong,
-              "class_engine: labels must be int64 of shape (N,) = (", q.size(0), ",), got ", labels.scalar_type(), " ",
-              labels.sizes());
   check_same_device(w, q, "w");
   check_same_device(labels, q, "labels");
 }
