@@ -80,8 +80,12 @@ def _pair_autograd(backward_op):
         need_r = r is not None and ctx.needs_input_grad[1]
         if grad_values is None or not (need_q or need_r):
             return None, None, None, None, None, None, None
-        grad_q, grad_r = backward_op(grad_values.contiguous(), q, r, labels_q, labels_r, exclude_col,
-                                     values, aux, *ctx.spec_args, need_r)
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
+            grad_q, grad_r = _differentiable_pair_backward(grad_values, q, r, labels_q, labels_r, exclude_col,
+                                                           *ctx.spec_args, need_q, need_r)
+        else:
+            grad_q, grad_r = backward_op(grad_values.contiguous(), q, r, labels_q, labels_r, exclude_col,
+                                         values, aux, *ctx.spec_args, need_r)
         return (grad_q if need_q else None), (grad_r if need_r else None), None, None, None, None, None
 
     return backward
@@ -127,10 +131,64 @@ def _class_autograd(backward_op):
             return None, None, None, None, None, None
         grad_rows = torch.zeros_like(rows) if grad_rows is None else grad_rows.contiguous()
         grad_cols = torch.zeros_like(cols) if grad_cols is None else grad_cols.contiguous()
-        grad_q, grad_w = backward_op(grad_rows, grad_cols, q, w, labels, rows, cols, *ctx.spec_args, need_w)
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
+            grad_q, grad_w = _differentiable_class_backward(grad_rows, grad_cols, q, w, labels, *ctx.spec_args,
+                                                            need_q, need_w)
+        else:
+            grad_q, grad_w = backward_op(grad_rows, grad_cols, q, w, labels, rows, cols, *ctx.spec_args, need_w)
         return (grad_q if need_q else None), (grad_w if need_w else None), None, None, None, None
 
     return backward
+
+
+# ---- second order (docs/design.md, "Second-order gradients") ------------------------------------
+# The backward ops compute first-order gradients only. Under create_graph=True (gradient penalties,
+# meta-learning) the gradient is taken instead through the materializing oracle of the same
+# declaration (ops/oracle.py), whose autograd graph PyTorch can differentiate again: correct to any
+# order, at the oracle's N x M (N x C*K) memory for that call. The backward ops themselves carry an
+# autograd rule that raises, so no path differentiates them silently as constants.
+def _differentiable_grads(outputs, grad_outputs, inputs, needed):
+    """The vector-Jacobian product of `outputs` with create_graph (differentiable in the inputs and
+    in grad_outputs, which seed it and are not traced back); None for the inputs not needed. The
+    outputs a declaration does not produce (-inf LSEs of empty sets) are constants: seeded with 0."""
+    pairs = [(out, g) for out, g in zip(outputs, grad_outputs) if out.requires_grad]
+    seeds = [torch.where(torch.isneginf(out), torch.zeros_like(out), g.to(out.dtype)) for out, g in pairs]
+    wanted = [x for x, need in zip(inputs, needed) if need]
+    grads = iter(torch.autograd.grad([out for out, _ in pairs], wanted, seeds, create_graph=True, allow_unused=True)
+                 if pairs else [None] * len(wanted))
+    out = []
+    for x, need in zip(inputs, needed):
+        g = next(grads) if need else None
+        out.append(None if not need else (torch.zeros_like(x) if g is None else g.to(x.dtype)))
+    return out
+
+
+def _differentiable_pair_backward(grad_values, q, r, labels_q, labels_r, exclude_col, terms, flags, need_q, need_r):
+    from . import oracle  # the materializing oracle is only needed here
+
+    values, _, _ = oracle.pair_values(q, r, labels_q, labels_r, exclude_col, S.unpack_pair(terms, flags))
+    return _differentiable_grads([values], [grad_values], [q, r], [need_q, need_r])
+
+
+def _differentiable_class_backward(grad_rows, grad_cols, q, w, labels, centers_per_class, terms, flags,
+                                   need_q, need_w):
+    from . import oracle
+
+    rows, cols = oracle.class_values(q, w, labels, centers_per_class, terms, flags)
+    return _differentiable_grads([rows, cols], [grad_rows, grad_cols], [q, w], [need_q, need_w])
+
+
+def _backward_op_autograd(op_name):
+    """Autograd rule of a backward op: differentiating it is not supported (see above); raise."""
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"fused_pairloss: {op_name} (a first-order gradient) is not differentiable; "
+                           "second-order gradients of the losses go through create_graph=True, which "
+                           "takes the differentiable path")
+
+    return backward, setup_context
 
 
 class Engine:
@@ -151,11 +209,15 @@ class Engine:
         torch.library.register_fake(bwd)(self.fake_backward)
         backward_op = getattr(torch.ops.fused_pairloss, f"{self.name}_backward")
         torch.library.register_autograd(fwd, self._autograd(backward_op), setup_context=self._setup_context)
+        rule, setup = _backward_op_autograd(bwd)
+        torch.library.register_autograd(bwd, rule, setup_context=setup)
         self._registered.add("cpp")
 
     def register_triton(self, forward_op, backward_op):
         """Called by ops/triton_engines.py once it has defined the Triton twins."""
         torch.library.register_autograd(forward_op, self._autograd(backward_op), setup_context=self._setup_context)
+        rule, setup = _backward_op_autograd(f"triton {self.name}_backward")
+        torch.library.register_autograd(backward_op, rule, setup_context=setup)
 
     def forward_op(self, backend):
         """The forward op of `backend` ("cpu" / "cuda" share the C++ op; "triton" its own)."""

@@ -117,6 +117,17 @@ def _pair_values(q, r, labels_q, labels_r, exclude_col, sp: S.PairLossSpec):
     return values, counts, aux
 
 
+def pair_values(q, r, labels_q, labels_r, exclude_col, sp: S.PairLossSpec):
+    """The forward's (values, counts, aux), differentiable in q and r (to any order)."""
+    return _pair_values(q, r, labels_q, labels_r, exclude_col, sp)
+
+
+def class_values(q, w, labels, centers_per_class, terms, flags):
+    """The forward's (rows, cols) from the packed declaration, differentiable in q and w (to any order)."""
+    cs = S.unpack_class(terms, flags, centers_per_class)
+    return _class_values(q, weight_rows(w, flags), labels, centers_per_class, cs, float(terms[-1]))
+
+
 def pair_engine_forward_oracle(q, r, labels_q, labels_r, exclude_col, terms, flags):
     with torch.no_grad():
         return _pair_values(q, r, labels_q, labels_r, exclude_col, S.unpack_pair(terms, flags))
@@ -166,9 +177,8 @@ def _class_values(q, w, labels, K, cs: S.ClassLossSpec, inv_gamma):
 
 
 def class_engine_forward_oracle(q, w, labels, centers_per_class, terms, flags):
-    cs = S.unpack_class(terms, flags, centers_per_class)
     with torch.no_grad():
-        return _class_values(q, weight_rows(w, flags), labels, centers_per_class, cs, float(terms[-1]))
+        return class_values(q, w, labels, centers_per_class, terms, flags)
 
 
 def class_engine_backward_oracle(grad_rows, grad_cols, q, w, labels, rows, cols, centers_per_class, terms, flags,
