@@ -236,14 +236,19 @@ def test_other_isa_kernels_match_the_oracle(decl, isa, isa_cap):
 
 def test_nan_propagates():
     """A NaN row gives NaN statistics; with mining its thresholds are NaN (comparisons with NaN are
-    false, so the kept sets lose the row: the loss adds an exact 0 of the inputs to stay NaN)."""
+    false, so the kept sets lose the row: the loss adds an exact 0 of the inputs to stay NaN). Hinge
+    terms drop NaN (PML's AvgNonZeroReducer; ops/README.md): the row's sums and counts of x > 0
+    hold none of its pairs, and the loss stays NaN through the same exact 0."""
     for decl in ("ms", "ms_mine", "ntxent", "contrastive_lp"):
         case = kit.pair_case("self", 80, 6, "few", torch.float32, "normalized", seed=1)
         case.q[5, 2] = float("nan")
         spec = kit.PAIR_DECLARATIONS[decl]
-        values, _, aux = pair_fwd(case, spec)
+        values, counts, aux = pair_fwd(case, spec)
         if spec.mine:
             assert torch.isnan(aux[0][5]) and torch.isnan(aux[1][5]), decl
+        elif spec.neg.hinge:
+            assert values[3][5] == 0 and counts[3][5] == 0 and counts[1][5] > 0, decl
+            assert not torch.isnan(values[2:4]).any(), decl
         else:
             assert torch.isnan(values[1 if spec.neg.lse else 3][5]), decl
 

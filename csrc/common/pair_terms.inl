@@ -22,12 +22,26 @@ FPL_TERM_FN T relu_keep_nan(T x) {  // torch.relu: NaN stays NaN
   return (x != x) ? x : (x > TermLit<T>::of(0) ? x : TermLit<T>::of(0));
 }
 
-// v of a pair: S itself, or PML's LpDistance on the normalized rows (torch.cdist, p = 2):
-// sqrt(clamp_min(|q_i|^2 + |r_j|^2 - 2 S_ij, 0)) with nq = |q_i|^2, nr = |r_j|^2.
+// Squared distances (PML's LpDistance, p = 2, on the normalized rows; docs/design.md "Numerics").
+// From the tile of S: d2 = |q_i|^2 + |r_j|^2 - 2 S_ij with nq = |q_i|^2, nr = |r_j|^2. Near d = 0
+// that difference cancels most of its digits (two rows 1e-3 apart lose half of them in fp32), so
+// for a near pair, d2 < kLpNearPair (nq + nr) (d below 1/4 for unit rows), each engine takes the
+// sum of squared differences of the two rows instead, in increasing k (exactly 0 for identical
+// rows, symmetric in the two rows). The tiles hold d2 from then on.
+constexpr double kLpNearPair = 1.0 / 32;
 template <typename T>
-FPL_TERM_FN T pair_v_lp(T s, T nq, T nr) {
-  const T d2 = (nq + nr) - TermLit<T>::of(2) * s;
-  // clamp (NaN passes), then the root unconditionally: a call inside a select stops vectorizers
+FPL_TERM_FN T lp_d2_from_s(T s, T nq, T nr) {
+  return (nq + nr) - TermLit<T>::of(2) * s;
+}
+template <typename T>
+FPL_TERM_FN bool lp_near_pair(T d2, T nq, T nr) {  // scalar T; false for NaN
+  return d2 < TermLit<T>::of(kLpNearPair) * (nq + nr);
+}
+
+// v of a pair under the distance: d = sqrt(clamp_min(d2, 0)) (NaN passes).
+template <typename T>
+FPL_TERM_FN T pair_v_lp(T d2) {
+  // clamp, then the root unconditionally: a call inside a select stops vectorizers
   return math_sqrt(((d2 > TermLit<T>::of(0)) | (d2 != d2)) ? d2 : TermLit<T>::of(0));
 }
 
@@ -39,7 +53,10 @@ FPL_TERM_FN T pair_dv_lp(T v) {
   return ((v > TermLit<T>::of(0)) | (v != v)) ? r : TermLit<T>::of(0);
 }
 
-// x = (scale * w(v)) * (v - shift), w detached; hinge: relu(x). (loss_spec.h PairFlag)
+// x = (scale * w(v)) * (v - shift), w detached; hinge: relu(x), with a NaN x taken as 0 (loss_spec.h
+// PairFlag). A hinge term is reduced as PML's AvgNonZeroReducer reduces it: the terms > 0, so a NaN
+// term (a row whose normalization gave NaN: an all-zero fp16 row) drops out of the sum and the
+// count (dx/dv is 0 for it); NaN in, NaN out still holds at the loss (docs/semantics.md).
 template <typename T>
 FPL_TERM_FN T term_weight(const PairTermParams<T>& p, T v) {
   return relu_keep_nan<T>(p.weight_offset + p.weight_slope * v);
@@ -47,14 +64,15 @@ FPL_TERM_FN T term_weight(const PairTermParams<T>& p, T v) {
 template <typename T>
 FPL_TERM_FN T term_value(const PairTermParams<T>& p, T v) {
   const T x = (p.scale * term_weight(p, v)) * (v - p.shift);
-  return x < p.hinge_floor ? p.hinge_floor : x;  // relu(x), NaN kept; floor NaN: x itself
+  // floor NaN (no hinge): every comparison with it is false, x itself
+  return ((x > p.hinge_floor) | (p.hinge_floor != p.hinge_floor)) ? x : p.hinge_floor;
 }
-// dx/dv, given x = term_value(p, v): the hinge blocks the gradient where x <= 0 and passes it
-// elsewhere, NaN included (torch's relu backward).
+// dx/dv, given x = term_value(p, v): the hinge blocks the gradient where x <= 0 (a dropped NaN term
+// included); without the hinge it passes, NaN included.
 template <typename T>
 FPL_TERM_FN T term_dvalue(const PairTermParams<T>& p, T v, T x) {
   const T d = p.scale * term_weight(p, v);
-  return x <= p.hinge_floor ? TermLit<T>::of(0) : d;
+  return ((x > p.hinge_floor) | (p.hinge_floor != p.hinge_floor)) ? d : TermLit<T>::of(0);
 }
 
 // The MultiSimilarityMiner compares similarities: u = S, or u = -d for a distance (PML's miner

@@ -24,9 +24,9 @@ enum class Isa : int { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
 const char* isa_name(Isa isa);
 
 // ---- pair engine tiles --------------------------------------------------------------------------
-// One tile of S: rows x cols, row stride ld, with the dense label ids of its rows and columns, the
-// global row / column indices, per row the excluded column (global index, -1 for none) and, for
-// the distance, the squared norms of rows and columns.
+// One tile of S (for the distance: of the squared distances, Kernels::lp_tile_d2):
+// rows x cols, row stride ld, with the dense label ids of its rows and columns, the global row /
+// column indices and per row the excluded column (global index, -1 for none).
 template <typename T>
 struct PairTile {
   const T* S;
@@ -35,9 +35,7 @@ struct PairTile {
   const int32_t* lab_r;
   const int32_t* lab_c;
   const int64_t* excl_r;  // indexed like lab_r
-  const T* norm_r;        // lp only
-  const T* norm_c;
-  int64_t row0, col0;  // global index of row 0 / column 0 (main walk)
+  int64_t row0, col0;     // global index of row 0 / column 0 (main walk)
   // band walks (label-sorted copies): global index of each row / column instead of row0 / col0
   const int64_t* row_index;
   const int64_t* col_index;
@@ -106,6 +104,10 @@ struct Kernels {
   // C[m][n] += sum_k A[k][m] B[k0 + k][n]
   void (*gemm_tn_acc)(const T* A, int64_t lda, const T* B, int64_t rows_total, int64_t k0, int64_t M, int64_t N,
                       int64_t K, T* C, int64_t ldc);
+  // pair engine, distance: the tile S (ti x tj, row stride ld) of rows q (row stride Dp) against rows
+  // r becomes the squared distances, the near pairs recomputed from the rows (pair_terms.inl)
+  void (*lp_tile_d2)(const T* q, const T* r, int64_t Dp, int64_t D, const T* norm_q, const T* norm_r, int ti, int tj,
+                     T* S, int64_t ld);
   // pair engine, main walk: forward reductions / dL/dS of the tile's rows (G, row stride ldg)
   void (*pair_forward)(const PairSpec<T>& spec, const PairTile<T>& t, const PairRowState<T>& st, T* scratch);
   void (*pair_backward)(const PairSpec<T>& spec, const PairTile<T>& t, const PairRowState<T>& st, T* G, int64_t ldg,

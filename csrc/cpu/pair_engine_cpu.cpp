@@ -303,23 +303,20 @@ PairTile<T> make_tile(const Operands<T>& o, const T* S, int64_t ld, int64_t i0, 
   t.lab_r = lr + r0;
   t.lab_c = lc + c0;
   t.excl_r = o.excl.template data_ptr<int64_t>() + r0;
-  if (o.norm_q.defined()) {
-    const T* nr_ = transposed ? o.norm_r.template data_ptr<T>() : o.norm_q.template data_ptr<T>();
-    const T* nc_ = transposed ? o.norm_q.template data_ptr<T>() : o.norm_r.template data_ptr<T>();
-    t.norm_r = nr_ + r0;
-    t.norm_c = nc_ + c0;
-  }
   t.row0 = r0;
   t.col0 = c0;
   return t;
 }
 
-// S tile q_I r_J^T into S (row stride ld)
+// S tile q_I r_J^T into S (row stride ld); lp: the squared distances
 template <typename T>
 void s_tile(const Operands<T>& o, int64_t i0, int ti, int64_t j0, int tj, T* S, int64_t ld) {
   const int64_t nr = o.K->nr;
   o.K->gemm_nt(o.q.template data_ptr<T>() + i0 * o.Dp, o.Dp, o.panels.template data_ptr<T>() + (j0 / nr) * o.D * nr, ti,
                tj, o.D, S, ld);
+  if (o.norm_q.defined())
+    o.K->lp_tile_d2(o.q.template data_ptr<T>() + i0 * o.Dp, o.r.template data_ptr<T>() + j0 * o.Dp, o.Dp, o.D,
+                    o.norm_q.template data_ptr<T>() + i0, o.norm_r.template data_ptr<T>() + j0, ti, tj, S, ld);
 }
 
 // ---- row state --------------------------------------------------------------------------------
@@ -425,6 +422,10 @@ void positive_walk(const Operands<T>& o, const Sorted<T>& s, const PairSpec<T>& 
           o.K->pack_panels(s.r.template data_ptr<T>() + c0 * o.Dp, o.Dp, tc, o.D, sc.second.data());
           o.K->gemm_nt(s.q.template data_ptr<T>() + i0 * o.Dp, o.Dp, sc.second.data(), ti, tc, o.D, sc.first.data(),
                        kBandCols);
+          if (s.norm_q.defined())
+            o.K->lp_tile_d2(s.q.template data_ptr<T>() + i0 * o.Dp, s.r.template data_ptr<T>() + c0 * o.Dp, o.Dp, o.D,
+                            s.norm_q.template data_ptr<T>() + i0, s.norm_r.template data_ptr<T>() + c0,
+                            static_cast<int>(ti), static_cast<int>(tc), sc.first.data(), kBandCols);
           PairTile<T> t{};
           t.S = sc.first.data();
           t.ld = kBandCols;
@@ -433,10 +434,6 @@ void positive_walk(const Operands<T>& o, const Sorted<T>& s, const PairSpec<T>& 
           t.lab_r = lq + i0;
           t.lab_c = s.lab_r.template data_ptr<int32_t>() + c0;
           t.excl_r = s.excl_q.template data_ptr<int64_t>() + i0;
-          if (s.norm_q.defined()) {
-            t.norm_r = s.norm_q.template data_ptr<T>() + i0;
-            t.norm_c = s.norm_r.template data_ptr<T>() + c0;
-          }
           t.row_index = s.perm_q.template data_ptr<int64_t>() + i0;
           t.col_index = s.perm_r.template data_ptr<int64_t>() + c0;
           o.K->pair_positives(spec, t, st, pass);

@@ -57,8 +57,40 @@ struct PairArgs {
   A* out;
 };
 
-// S(owner o, other x) into Ss[o][x]. pass 0: owner = rows of q, other = rows of r;
-// pass 1: owner = rows of r, other = rows of q (S(x, o) = q_x . r_o, stored transposed).
+// LP_DISTANCE: Ss becomes the tile of squared distances, the near pairs recomputed from the two
+// rows (common/pair_terms.inl, lp_near_pair): a sequential sum per pair, so d2 is a function of
+// the two rows only (symmetric, the same in the forward and the backward; 0 for identical rows).
+template <typename T>
+FPL_DEV void lp_tile_d2(const PairArgs<T>& p, int pass, int64_t o0, int no, int64_t x0, int nx,
+                        typename AccOf<T>::type* Ss) {
+  using A = typename AccOf<T>::type;
+  const bool owner_is_q = p.self_mode || pass == 0, other_is_q = p.self_mode || pass == 1;
+  const T* own = owner_is_q ? p.q : p.r;
+  const T* oth = other_is_q ? p.q : p.r;
+  const A* n_own = owner_is_q ? p.nq : p.nr;
+  const A* n_oth = other_is_q ? p.nq : p.nr;
+  for (int e = threadIdx.x; e < kBM * kBN; e += kThreads) {
+    const int i = e / kBN, j = e % kBN;
+    if (i >= no || j >= nx) continue;
+    const A ni = n_own[o0 + i], nj = n_oth[x0 + j];
+    A d2 = lp_d2_from_s(Ss[i * kLDS + j], ni, nj);
+    if (lp_near_pair(d2, ni, nj)) {
+      const T* a = own + (o0 + i) * p.D;
+      const T* b = oth + (x0 + j) * p.D;
+      d2 = A(0);
+      for (int64_t k = 0; k < p.D; ++k) {
+        const A diff = to_acc(a[k]) - to_acc(b[k]);
+        d2 += diff * diff;
+      }
+    }
+    Ss[i * kLDS + j] = d2;
+  }
+  __syncthreads();
+}
+
+// S(owner o, other x) into Ss[o][x] (LP_DISTANCE: the squared distance). pass 0: owner = rows of q,
+// other = rows of r; pass 1: owner = rows of r, other = rows of q (S(x, o) = q_x . r_o, stored
+// transposed).
 template <typename T>
 FPL_DEV void pair_tile(const PairArgs<T>& p, int pass, int64_t o0, int no, int64_t x0, int nx,
                        typename AccOf<T>::type* Ss, unsigned char* stage) {
@@ -80,17 +112,18 @@ FPL_DEV void pair_tile(const PairArgs<T>& p, int pass, int64_t o0, int no, int64
   } else {
     tile_dot<T>(p.q, x0, nx, p.r, o0, no, p.D, p.vec16, true, Ss, stage);
   }
+  if (p.sp.lp_distance) lp_tile_d2<T>(p, pass, o0, no, x0, nx, Ss);
 }
 
-// v of a pair: S, or the distance from S and the two squared norms
+// v of a pair: S, or the distance from the tile's squared distance
 template <typename A>
-FPL_DEV A pair_v(const PairSpec<A>& sp, A s, A n_row, A n_col) {
-  return sp.lp_distance ? pair_v_lp<A>(s, n_row, n_col) : s;
+FPL_DEV A pair_v(const PairSpec<A>& sp, A s) {
+  return sp.lp_distance ? pair_v_lp<A>(s) : s;
 }
 
 // Forward walk over the column tiles [x_begin, x_end) (x_begin a multiple of kBN) for the CTA's
-// rows [o0, o0 + no): f(s, column, label of the column, squared norm of the column) for the
-// columns of this thread's row (its two threads take alternate columns).
+// rows [o0, o0 + no): f(s, column, label of the column) for the columns of this thread's row (its
+// two threads take alternate columns).
 template <typename T, typename F>
 FPL_DEV void walk_columns(const PairArgs<T>& p, int64_t o0, int no, int64_t x_begin, int64_t x_end, unsigned char* smem,
                           F&& f) {
@@ -98,19 +131,15 @@ FPL_DEV void walk_columns(const PairArgs<T>& p, int64_t o0, int no, int64_t x_be
   A* Ss = reinterpret_cast<A*>(smem);
   unsigned char* stage = smem + Smem<T>::kSsBytes;
   int64_t* lx_s = reinterpret_cast<int64_t*>(smem + Smem<T>::kExtraOffset);
-  A* nr_s = reinterpret_cast<A*>(lx_s + kBN);
   const int t = threadIdx.x, ol = t >> 1, h = t & 1;
-  const bool valid = ol < no, lp = p.sp.lp_distance;
+  const bool valid = ol < no;
   for (int64_t x0 = x_begin; x0 < x_end; x0 += kBN) {
     const int nx = int(p.M - x0 < kBN ? p.M - x0 : kBN);
-    __syncthreads();  // the previous tile's readers of lx_s / nr_s are done
-    if (t < nx) {
-      lx_s[t] = p.lr[x0 + t];
-      if (lp) nr_s[t] = p.nr[x0 + t];
-    }
+    __syncthreads();  // the previous tile's readers of lx_s are done
+    if (t < nx) lx_s[t] = p.lr[x0 + t];
     pair_tile<T>(p, 0, o0, no, x0, nx, Ss, stage);
     if (valid) {
-      for (int x = h; x < nx; x += 2) f(Ss[ol * kLDS + x], x0 + x, lx_s[x], lp ? nr_s[x] : A(0));
+      for (int x = h; x < nx; x += 2) f(Ss[ol * kLDS + x], x0 + x, lx_s[x]);
     }
   }
 }
@@ -155,7 +184,6 @@ __global__ void __launch_bounds__(kThreads) pair_forward_kernel(PairArgs<T> p) {
   const PairSpec<A>& sp = p.sp;
   const bool lp = sp.lp_distance;
   const int64_t lo = valid ? p.lq[o] : 0;
-  const A nq = (valid && lp) ? p.nq[o] : A(0);
   const int64_t ex = !valid ? -1 : (p.self_mode ? o : (p.excl ? p.excl[o] : -1));
   // the band of column tiles that holds the positives of the CTA's rows (label-sorted operands)
   int64_t b_begin = 0, b_end = 0;
@@ -167,9 +195,9 @@ __global__ void __launch_bounds__(kThreads) pair_forward_kernel(PairArgs<T> p) {
   // mining thresholds over the unmined sets (u orientation)
   A min_pos = pos_inf<A>(), max_neg = neg_inf<A>();
   if (sp.mine) {
-    walk_columns<T>(p, o0, no, b_begin, b_end, smem, [&](A s, int64_t col, int64_t lx, A nr) {
+    walk_columns<T>(p, o0, no, b_begin, b_end, smem, [&](A s, int64_t col, int64_t lx) {
       if (lx != lo || (col == ex && !sp.exclude_after_mining)) return;
-      min_pos = nan_min(min_pos, mining_u(pair_v(sp, s, nq, nr), lp));
+      min_pos = nan_min(min_pos, mining_u(pair_v(sp, s), lp));
     });
     min_pos = nan_min(min_pos, pair_lane(min_pos));
   }
@@ -177,8 +205,8 @@ __global__ void __launch_bounds__(kThreads) pair_forward_kernel(PairArgs<T> p) {
   SetAcc<A> pos, neg;
   pos.init();
   neg.init();
-  walk_columns<T>(p, o0, no, 0, p.M, smem, [&](A s, int64_t col, int64_t lx, A nr) {
-    const A v = pair_v(sp, s, nq, nr);
+  walk_columns<T>(p, o0, no, 0, p.M, smem, [&](A s, int64_t col, int64_t lx) {
+    const A v = pair_v(sp, s);
     if (lx == lo) {
       if (!p.defer && col != ex) pos.add(sp.pos, term_value(sp.pos, v));
       return;
@@ -196,9 +224,9 @@ __global__ void __launch_bounds__(kThreads) pair_forward_kernel(PairArgs<T> p) {
   A ntx = A(0), ntx_dlse = A(0);
   if (p.defer) {
     const A lse_neg = neg.lse.value();  // -inf when the negatives are not LSE-reduced
-    walk_columns<T>(p, o0, no, b_begin, b_end, smem, [&](A s, int64_t col, int64_t lx, A nr) {
+    walk_columns<T>(p, o0, no, b_begin, b_end, smem, [&](A s, int64_t col, int64_t lx) {
       if (lx != lo || col == ex) return;
-      const A v = pair_v(sp, s, nq, nr);
+      const A v = pair_v(sp, s);
       if (sp.mine && !(mining_u(v, lp) - sp.miner_eps < max_neg)) return;
       const A x = term_value(sp.pos, v);
       pos.add(sp.pos, x);
@@ -280,10 +308,10 @@ FPL_DEV RowStats<A> staged_stats(const A* src, int x) {
 // G = dL/dS of the pair (row i, column j) from row i's statistics (ops/README.md backward):
 //   kept pair of set s: (g_lse_s exp(x - lse_s) [LSE] + g_sum_s [SUM]) dx/dv dv/dS
 //   kept positive, NTXent: + g_ntx dphi(x - lse_neg) dx/dv dv/dS
-// n_row, n_col: squared norms of q_i, r_j (LP_DISTANCE).
+// s: the tile's entry (S, or the squared distance with LP_DISTANCE).
 template <typename A>
-FPL_DEV A pair_grad(const PairSpec<A>& sp, A s, A n_row, A n_col, bool same, bool excluded, const RowStats<A>& st) {
-  const A v = pair_v(sp, s, n_row, n_col);
+FPL_DEV A pair_grad(const PairSpec<A>& sp, A s, bool same, bool excluded, const RowStats<A>& st) {
+  const A v = pair_v(sp, s);
   bool pos = same && !excluded, neg = !same;
   if (sp.mine) {
     const A u = mining_u(v, sp.lp_distance);
@@ -310,8 +338,7 @@ __global__ void __launch_bounds__(kThreads) pair_backward_kernel(PairArgs<T> p, 
   unsigned char* stage = smem + Smem<T>::kSsBytes;
   int64_t* lx_s = reinterpret_cast<int64_t*>(smem + Smem<T>::kExtraOffset);
   int64_t* ex_s = lx_s + kBN;
-  A* nx_s = reinterpret_cast<A*>(ex_s + kBN);
-  A* xst = nx_s + kBN;  // [kNumStats][kBN]
+  A* xst = reinterpret_cast<A*>(ex_s + kBN);  // [kNumStats][kBN]
 
   const int t = threadIdx.x, ol = t >> 1, h = t & 1;
   const PairSpec<A>& sp = p.sp;
@@ -319,8 +346,6 @@ __global__ void __launch_bounds__(kThreads) pair_backward_kernel(PairArgs<T> p, 
   const int64_t n_owner = pass == 0 ? p.N : p.M, n_other = pass == 0 ? p.M : p.N;
   const int64_t* l_owner = pass == 0 ? p.lq : p.lr;
   const int64_t* l_other = pass == 0 ? p.lr : p.lq;
-  const A* norm_owner = pass == 0 ? p.nq : p.nr;
-  const A* norm_other = pass == 0 ? p.nr : p.nq;
   const T* X = pass == 0 ? p.q : p.r;  // owner rows
   const T* V = pass == 0 ? p.r : p.q;  // other rows
   const int64_t* perm_owner = pass == 0 ? p.perm_q : p.perm_r;
@@ -332,7 +357,6 @@ __global__ void __launch_bounds__(kThreads) pair_backward_kernel(PairArgs<T> p, 
   const bool valid = ol < no;
   const int64_t o = o0 + ol;
   const int64_t lo = valid ? l_owner[o] : 0;
-  const A n_o = (valid && lp) ? norm_owner[o] : A(0);
   const int64_t ex_o = (use_owner && valid) ? (p.self_mode ? o : (p.excl ? p.excl[o] : -1)) : -1;
   RowStats<A> ost{};
   if (use_owner && valid) ost = load_stats(p, mapped_row(perm_owner, o));
@@ -344,7 +368,6 @@ __global__ void __launch_bounds__(kThreads) pair_backward_kernel(PairArgs<T> p, 
     if (t < nx) {
       const int64_t x = x0 + t;
       lx_s[t] = l_other[x];
-      if (lp) nx_s[t] = norm_other[x];
       if (use_other) {
         ex_s[t] = p.self_mode ? x : (p.excl ? p.excl[x] : -1);
         store_stats(load_stats(p, mapped_row(perm_other, x)), xst, t);
@@ -355,10 +378,9 @@ __global__ void __launch_bounds__(kThreads) pair_backward_kernel(PairArgs<T> p, 
       for (int x = h; x < nx; x += 2) {
         const A s = Ss[ol * kLDS + x];
         const bool same = lo == lx_s[x];
-        const A n_x = lp ? nx_s[x] : A(0);
         A hv = A(0);
-        if (use_owner) hv += pair_grad(sp, s, n_o, n_x, same, x0 + x == ex_o, ost);
-        if (use_other) hv += pair_grad(sp, s, n_x, n_o, same, o == ex_s[x], staged_stats(xst, x));
+        if (use_owner) hv += pair_grad(sp, s, same, x0 + x == ex_o, ost);
+        if (use_other) hv += pair_grad(sp, s, same, o == ex_s[x], staged_stats(xst, x));
         gsum += hv;
         Ss[ol * kLDS + x] = hv;
       }
@@ -422,7 +444,7 @@ cudaError_t forward_t(const PairOperands& op, const double* terms, int64_t flags
   a.values = static_cast<A*>(values);
   a.counts = counts;
   a.aux = static_cast<A*>(aux);
-  const size_t smem = Smem<T>::kExtraOffset + kBN * (sizeof(int64_t) + sizeof(A));
+  const size_t smem = Smem<T>::kExtraOffset + kBN * sizeof(int64_t);
   cudaError_t err = prepare_smem(pair_forward_kernel<T>, smem);
   if (err != cudaSuccess) return err;
   FPL_LAUNCH(pair_forward_kernel<T>, grid_for(a.N, kBM), smem, stream, a);
@@ -438,7 +460,7 @@ cudaError_t backward_t(const PairOperands& op, const double* terms, int64_t flag
   a.gvals = static_cast<const A*>(gvals);
   a.vals = static_cast<const A*>(vals);
   a.auxin = static_cast<const A*>(aux);
-  const size_t smem = Smem<T>::kExtraOffset + 2 * kBN * sizeof(int64_t) + (1 + kNumStats) * kBN * sizeof(A);
+  const size_t smem = Smem<T>::kExtraOffset + 2 * kBN * sizeof(int64_t) + kNumStats * kBN * sizeof(A);
   cudaError_t err = prepare_smem(pair_backward_kernel<T>, smem);
   if (err != cudaSuccess) return err;
   if (a.N > 0 && grad_q != nullptr) {

@@ -18,17 +18,28 @@ NEG_INF = float("-inf")
 
 
 def _term(t: S.PairTerm, v):
-    """x = (scale * w(v)) * (v - shift), w detached; hinge: relu (loss_spec.h)."""
+    """x = (scale * w(v)) * (v - shift), w detached; hinge: relu with NaN taken as 0 (loss_spec.h)."""
     w = torch.relu(t.weight_offset + t.weight_slope * v.detach())
     x = (t.scale * w) * (v - t.shift)
-    return torch.relu(x) if t.hinge else x
+    return torch.where(x > 0, x, torch.zeros_like(x)) if t.hinge else x
 
 
-def _lp(s, nq, nr):
-    """sqrt(clamp_min(nq + nr - 2 S, 0)) with gradient 0 where it is 0 (torch.cdist's choice). The
-    value is the correctly rounded square root (numpy's; torch's CPU sqrt can be 1 ulp off), so that
-    on exact inputs the oracle's distances are the kernels' bit for bit."""
-    d2 = torch.clamp_min(nq[:, None] + nr[None, :] - 2 * s, 0)
+# csrc/common/pair_terms.inl: pairs with d2 < LP_NEAR_PAIR (|q|^2 + |r|^2) take d2 from the rows' difference
+LP_NEAR_PAIR = 1.0 / 32
+
+
+def _lp(s, q, r):
+    """sqrt(clamp_min(d2, 0)) with d2 = |q_i|^2 + |r_j|^2 - 2 S, or for the near pairs the sum of
+    squared differences of the two rows (as the kernels: docs/design.md "Numerics"); gradient 0
+    where d is 0 (torch.cdist's choice). The value is the correctly rounded square root (numpy's;
+    torch's CPU sqrt can be 1 ulp off), so that on exact inputs the oracle's distances are the
+    kernels' bit for bit."""
+    nq, nr = (q * q).sum(1), (r * r).sum(1)
+    d2 = nq[:, None] + nr[None, :] - 2 * s
+    near = (d2 < LP_NEAR_PAIR * (nq[:, None] + nr[None, :])).nonzero(as_tuple=True)
+    if near[0].numel():  # only the near pairs: never an N x M x D tensor
+        d2 = d2.index_put(near, (q[near[0]] - r[near[1]]).square().sum(1))
+    d2 = torch.clamp_min(d2, 0)
     pos = (d2 > 0) | torch.isnan(d2)  # NaN passes through, as in the kernels
     d2_safe = torch.where(pos, d2, torch.ones_like(d2))
     root = torch.sqrt(d2_safe)
@@ -69,7 +80,7 @@ def _pair_values(q, r, labels_q, labels_r, exclude_col, sp: S.PairLossSpec):
             exclude_col = torch.full((n,), -1, dtype=torch.long, device=q.device)
     s = qa @ ra.t()
     if sp.distance == "lp":
-        v = _lp(s, (qa * qa).sum(1), (ra * ra).sum(1))
+        v = _lp(s, qa, ra)
     else:
         v = s
     same = labels_q[:, None] == labels_r[None, :]

@@ -51,7 +51,8 @@ DISTANCES = ("cosine", "lp")
 class PairTerm:
     """The function of one pair set and how a row reduces it (loss_spec.h):
     v = S_ij ("cosine") or d_ij ("lp"); x = (scale * w(v)) * (v - shift) with the detached weight
-    w(v) = relu(weight_offset + weight_slope * v) (1 by default); x = relu(x) if `hinge`.
+    w(v) = relu(weight_offset + weight_slope * v) (1 by default); x = relu(x) if `hinge` (a NaN x
+    taken as 0: a hinge term is reduced as PML's AvgNonZeroReducer, which drops NaN terms).
     Per row: `lse` the log-sum-exp of x over the set, `sum` the sum of x and the count of x > 0;
     the size of the set is always counted."""
 

@@ -328,13 +328,13 @@ if _IMPORTED:
     @triton.jit
     def _term(v, scale, shift, w_off, w_slope, HINGE: tl.constexpr):
         """(x, dx/dv) of a pair term (loss_spec.h): x = (scale * w(v)) * (v - shift), w(v) =
-        relu(w_off + w_slope v) detached; hinge: relu(x), and dx/dv = 0 where x <= 0 (NaN passes,
-        as torch's relu backward)."""
+        relu(w_off + w_slope v) detached; hinge: relu(x) with a NaN x taken as 0 (dropped, as PML's
+        AvgNonZeroReducer drops it: pair_terms.inl term_value), and dx/dv = 0 where x <= 0."""
         d = scale * _relu_nan(w_off + w_slope * v)
         x = d * (v - shift)
         if HINGE:
-            x = _relu_nan(x)
-            d = tl.where(x <= 0, 0.0, d)
+            x = tl.where(x > 0, x, 0.0)
+            d = tl.where(x > 0, d, 0.0)
         return x, d
 
     @triton.jit
@@ -426,14 +426,38 @@ if _IMPORTED:
         return same, pos, neg
 
     @triton.jit
+    def _rows_d2(q_ptr, r_ptr, rows, cols, rmask, cmask, D, stride_q, stride_r,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
+        """Squared distances of a tile from the rows' differences, summed over k in order in ACC (as
+        the C++ engines' near pairs: pair_terms.inl)."""
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        for k in range(0, D):
+            a = tl.load(q_ptr + rows * stride_q + k, mask=rmask, other=0.0).to(ACC)
+            b = tl.load(r_ptr + cols * stride_r + k, mask=cmask, other=0.0).to(ACC)
+            diff = a[:, None] - b[None, :]
+            acc += diff * diff
+        return acc
+
+    @triton.jit
     def _pair_v(q_ptr, r_ptr, rows, cols, rmask, cmask, nq, nr, D, stride_q, stride_r,
-                LP: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr,
+                LP: tl.constexpr, EXCL: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
-        """v of a tile: S, or PML's LpDistance sqrt(max(|q_i|^2 + |r_j|^2 - 2 S, 0)) (NaN stays)."""
+        """v of a tile: S, or PML's LpDistance sqrt(max(d2, 0)) (NaN stays) with d2 = |q_i|^2 + |r_j|^2 -
+        2 S, the near pairs' d2 from the rows' differences (docs/design.md "Numerics"; a tile holds
+        one only for duplicates and near-duplicates; the self pair of self mode (EXCL 1) is 0)."""
         s = _s_tile(q_ptr, r_ptr, rows, cols, rmask, cmask, D, stride_q, stride_r,
                     BLOCK_M, BLOCK_N, BLOCK_D, PREC, ACC)
         if LP:
-            d2 = (nq[:, None] + nr[None, :]) - 2.0 * s
+            norms = nq[:, None] + nr[None, :]
+            d2 = norms - 2.0 * s
+            near = (d2 < norms * 0.03125) & rmask[:, None] & cmask[None, :]  # 1/32: pair_terms.inl kLpNearPair
+            if EXCL == 1:
+                self_pair = rows[:, None] == cols[None, :]
+                d2 = tl.where(self_pair, 0.0, d2)
+                near = near & ~self_pair
+            if tl.max(near.to(tl.int32)) > 0:
+                d2 = tl.where(near, _rows_d2(q_ptr, r_ptr, rows, cols, rmask, cmask, D, stride_q, stride_r,
+                                             BLOCK_M, BLOCK_N, ACC), d2)
             s = tl.where(d2 != d2, d2, tl.where(d2 > 0, _sqrt(tl.where(d2 > 0, d2, 1.0)), 0.0))
         return s
 
@@ -603,7 +627,7 @@ if _IMPORTED:
                 same, pos, neg = _pair_sets(lq, lr, ex, rows, cols, rmask, cmask, EXCL)
                 nr = _load_or_zeros(nr_ptr, cols, cmask, LP, BLOCK_N, ACC)
                 v = _pair_v(q_ptr, r_ptr, rows, cols, rmask, cmask, nq, nr, D, stride_q, stride_r,
-                            LP, PREC, BLOCK_D, BLOCK_M, BLOCK_N, ACC)
+                            LP, EXCL, PREC, BLOCK_D, BLOCK_M, BLOCK_N, ACC)
                 u = _mining_u(v, LP)
                 if EAM:
                     pm = same
@@ -641,7 +665,7 @@ if _IMPORTED:
                 same, pos, neg = _pair_sets(lq, lr, ex, rows, cols, rmask, cmask, EXCL)
                 nr = _load_or_zeros(nr_ptr, cols, cmask, LP, BLOCK_N, ACC)
                 v = _pair_v(q_ptr, r_ptr, rows, cols, rmask, cmask, nq, nr, D, stride_q, stride_r,
-                            LP, PREC, BLOCK_D, BLOCK_M, BLOCK_N, ACC)
+                            LP, EXCL, PREC, BLOCK_D, BLOCK_M, BLOCK_N, ACC)
                 u = _mining_u(v, LP)
                 kp, kn = _mined(pos, neg, u, min_pos[:, None], max_neg[:, None], eps, MINE)
                 xp, _dp = _term(v, ps, psh, pwo, pws, POS_HINGE)
@@ -690,7 +714,7 @@ if _IMPORTED:
                 if tl.sum(pos.to(tl.int32)) > 0:  # tiles without a positive: skipped (labels only)
                     nr = _load_or_zeros(nr_ptr, cols, cmask, LP, BLOCK_N, ACC)
                     v = _pair_v(q_ptr, r_ptr, rows, cols, rmask, cmask, nq, nr, D, stride_q, stride_r,
-                                LP, PREC, BLOCK_D, BLOCK_M, BLOCK_N, ACC)
+                                LP, EXCL, PREC, BLOCK_D, BLOCK_M, BLOCK_N, ACC)
                     u = _mining_u(v, LP)
                     kp, kn = _mined(pos, neg, u, min_pos[:, None], max_neg[:, None], eps, MINE)
                     xp, _dp = _term(v, ps, psh, pwo, pws, POS_HINGE)
@@ -731,7 +755,7 @@ if _IMPORTED:
             same, pos, neg = _pair_sets(lq, lr, ex, rows, cols, rmask, cmask, EXCL)
             nr = _load_or_zeros(nr_ptr, cols, cmask, LP, BLOCK_N, ACC)
             v = _pair_v(q_ptr, r_ptr, rows, cols, rmask, cmask, nq, nr, D, stride_q, stride_r,
-                        LP, PREC, BLOCK_D, BLOCK_M, BLOCK_N, ACC)
+                        LP, EXCL, PREC, BLOCK_D, BLOCK_M, BLOCK_N, ACC)
             u = _mining_u(v, LP)
             xp, xn, db_p, db_n = _pair_dterms(v, ps, psh, pwo, pws, ns, nsh, nwo, nws, POS_HINGE, NEG_HINGE, LP)
             kp, kn = _mined(pos, neg, u, mnp[:, None], mxn[:, None], eps, MINE)
@@ -782,7 +806,7 @@ if _IMPORTED:
             glp, gln, gsp, gsn, gx, lsp, lsn, mnp, mxn = _load_row_stats(st_ptr, rows, rmask, N)
             same, pos, neg = _pair_sets(lq, lr, ex, rows, cols, rmask, cmask, EXCL)
             v = _pair_v(q_ptr, r_ptr, rows, cols, rmask, cmask, nq, nr, D, stride_q, stride_r,
-                        LP, PREC, BLOCK_D, BLOCK_M, BLOCK_N, ACC)
+                        LP, EXCL, PREC, BLOCK_D, BLOCK_M, BLOCK_N, ACC)
             u = _mining_u(v, LP)
             xp, xn, db_p, db_n = _pair_dterms(v, ps, psh, pwo, pws, ns, nsh, nwo, nws, POS_HINGE, NEG_HINGE, LP)
             kp, kn = _mined(pos, neg, u, mnp[:, None], mxn[:, None], eps, MINE)
