@@ -7,7 +7,7 @@ pytorch-metric-learning (PML), drop-in replacements for PML's loss classes.
 
 Every loss class (fused_pairloss/losses/, one module per loss) is exported here from the loss table.
 """
-from . import functional, losses, modules, reference
+from . import functional, losses, modules, reference  # noqa: F401  (fused_pairloss.modules: compatibility)
 from ._backends import available_backends, build_info
 from ._version import __version__
 from .memory import CrossBatchMemory
