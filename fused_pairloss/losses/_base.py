@@ -127,6 +127,8 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
 
 
 def run_pair_loss(reference_fn, fused_fn, embeddings, labels, ref_emb, ref_labels, backend, **hyper):
+    """A pair loss's functional form after its hyper-parameter checks: the inputs' checks, the
+    backend, then the reference or the fused call."""
     V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
     backend = resolve_backend(backend, embeddings.device)
     if backend == "reference":
@@ -185,6 +187,7 @@ class _ClassLoss(_PmlFallback, torch.nn.Module):
 
 
 def run_class_loss(reference_fn, fused_fn, embeddings, labels, weights, backend, **hyper):
+    """A class loss's functional form after its checks: the backend, then the reference or the fused call."""
     backend = resolve_backend(backend, embeddings.device)
     if backend == "reference":
         return reference_fn(embeddings, labels, weights, **hyper)
