@@ -14,37 +14,64 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from fused_pairloss.losses import REGISTRY
+
+
 @dataclass(frozen=True)
 class BenchLoss:
-    """One benchmarked loss: its fused_pairloss.functional / .reference function, hyper-parameters
-    (PML's defaults), the PML module that computes it (None: PML has none) and, for class losses,
-    the layout of its weight parameter: "dc" = (D, C*K) like PML's fc / W, "cd" = (C, D) like
-    ProxyAnchor's proxies."""
-    kind: str
-    function: str
-    params: dict
-    pml: str = None
-    weights: str = "dc"
-    pooled: bool = False  # SoftTriple: K centers per class
+    """One benchmarked loss: a loss of the table (its class name in fused_pairloss.losses.REGISTRY,
+    which gives its kind, functional / reference name, PML's class and defaults, the weight
+    parameter's name and layout) with hyper-parameters added to PML's defaults."""
+    loss: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def entry(self):
+        return REGISTRY[self.loss]
+
+    @property
+    def kind(self) -> str:
+        return self.entry.kind
+
+    @property
+    def function(self) -> str:
+        """The name in fused_pairloss.functional and fused_pairloss.reference."""
+        return self.entry.functional_name
+
+    @property
+    def params(self) -> dict:
+        return dict(self.entry.defaults, **self.extra)
+
+    @property
+    def pml(self):
+        """PML's class name (None: PML has none)."""
+        return self.entry.pml_name
+
+    @property
+    def weights_rows(self) -> bool:
+        """The weight parameter is (C*K, D) (ProxyAnchor's proxies), else (D, C*K) (PML's fc / W)."""
+        return self.entry.weight_layout == "rows"
+
+    @property
+    def pooled(self) -> bool:
+        """K centers per class (SoftTriple)."""
+        return self.entry.pooled
 
 
 BENCH_LOSSES = {
-    "ms": BenchLoss("pair", "multi_similarity_loss", dict(alpha=2.0, beta=50.0, base=0.5), "MultiSimilarityLoss"),
-    "ms_mined": BenchLoss("pair", "multi_similarity_loss", dict(alpha=2.0, beta=50.0, base=0.5, miner_epsilon=0.1),
-                          "MultiSimilarityLoss"),
-    "circle": BenchLoss("pair", "circle_loss", dict(m=0.4, gamma=80.0), "CircleLoss"),
-    "ntxent": BenchLoss("pair", "ntxent_loss", dict(temperature=0.07), "NTXentLoss"),
-    "supcon": BenchLoss("pair", "supcon_loss", dict(temperature=0.1), "SupConLoss"),
-    "contrastive": BenchLoss("pair", "contrastive_loss", dict(pos_margin=0.0, neg_margin=1.0), "ContrastiveLoss"),
-    "lifted": BenchLoss("pair", "generalized_lifted_structure_loss", dict(neg_margin=1.0, pos_margin=0.0),
-                        "GeneralizedLiftedStructureLoss"),
-    "softtriple": BenchLoss("class", "soft_triple_loss", dict(la=20.0, gamma=0.1, margin=0.01), "SoftTripleLoss",
-                            pooled=True),
-    "proxycircle": BenchLoss("class", "proxy_circle_loss", dict(m=0.25, gamma=256.0)),
-    "proxyanchor": BenchLoss("class", "proxy_anchor_loss", dict(margin=0.1, alpha=32.0), "ProxyAnchorLoss", "cd"),
-    "normsoftmax": BenchLoss("class", "normalized_softmax_loss", dict(temperature=0.05), "NormalizedSoftmaxLoss"),
-    "cosface": BenchLoss("class", "cosface_loss", dict(margin=0.35, scale=64.0), "CosFaceLoss"),
-    "arcface": BenchLoss("class", "arcface_loss", dict(margin=28.6, scale=64.0), "ArcFaceLoss"),
+    "ms": BenchLoss("MultiSimilarityLoss"),
+    "ms_mined": BenchLoss("MultiSimilarityLoss", dict(miner_epsilon=0.1)),
+    "circle": BenchLoss("CircleLoss"),
+    "ntxent": BenchLoss("NTXentLoss"),
+    "supcon": BenchLoss("SupConLoss"),
+    "contrastive": BenchLoss("ContrastiveLoss"),
+    "lifted": BenchLoss("GeneralizedLiftedStructureLoss"),
+    "softtriple": BenchLoss("SoftTripleLoss"),
+    "proxycircle": BenchLoss("ProxyCircleLoss"),
+    "proxyanchor": BenchLoss("ProxyAnchorLoss"),
+    "normsoftmax": BenchLoss("NormalizedSoftmaxLoss"),
+    "cosface": BenchLoss("CosFaceLoss"),
+    "arcface": BenchLoss("ArcFaceLoss"),
 }
 PAIR_LOSSES = tuple(n for n, b in BENCH_LOSSES.items() if b.kind == "pair")
 CLASS_LOSSES = tuple(n for n, b in BENCH_LOSSES.items() if b.kind == "class")
@@ -119,7 +146,7 @@ def make_inputs(point):
         inputs["labels"] = torch.randint(0, n_classes, (n,), generator=gen).to(dev)
     else:
         c, k = class_shape(loss, n, point.get("ck_scale", 1.0), point.get("centers_per_class", 10))
-        shape = (c * k, d) if BENCH_LOSSES[loss].weights == "cd" else (d, c * k)
+        shape = (c * k, d) if BENCH_LOSSES[loss].weights_rows else (d, c * k)
         w = torch.randn(*shape, generator=gen).to(device=dev, dtype=dtype)
         inputs["centers"] = torch.nn.Parameter(w)  # the loss's weight, in PML's layout
         inputs["labels"] = torch.randint(0, c, (n,), generator=gen).to(dev)
@@ -182,7 +209,7 @@ def _pml_case(loss, inp):
         p["centers_per_class"] = inp["K"]
     fn = getattr(losses, b.pml)(inp["C"], x.shape[1], **p)
     # our weight tensor, in the same layout, as the module's parameter
-    setattr(fn, {"SoftTripleLoss": "fc", "ProxyAnchorLoss": "proxies"}.get(b.pml, "W"), inp["centers"])
+    setattr(fn, b.entry.weight_name, inp["centers"])
     return lambda: fn(x, y)
 
 
@@ -222,7 +249,7 @@ def build(point) -> Case:
             fwd, m = (lambda: x @ x.t()), x.shape[0]  # noqa: E731
         else:  # x @ w.T with w the (C*K, D) centers
             w = inp["centers"]
-            wt = w.t() if BENCH_LOSSES[loss].weights == "cd" else w
+            wt = w.t() if BENCH_LOSSES[loss].weights_rows else w
             fwd, m = (lambda: x @ wt), wt.shape[1]  # noqa: E731
         gen = torch.Generator(device="cpu").manual_seed(1)
         g = torch.randn(x.shape[0], m, generator=gen).to(device=x.device, dtype=x.dtype)

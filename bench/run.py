@@ -157,7 +157,7 @@ def make_points(args, env, providers, preset):
     for loss in args.loss:
         for n in sorted(set(args.n or preset["n"])):
             for prov in provs:
-                if prov == "pml" and loss == "proxycircle" and not args.provider:
+                if prov == "pml" and P.BENCH_LOSSES[loss].pml is None and not args.provider:
                     continue  # no PML counterpart
                 points.append(dict(
                     id=len(points), loss=loss, provider=prov, n=n,

@@ -6,13 +6,13 @@
     compute-sanitizer --tool racecheck python bench/sanitize_small.py --engine all
     python bench/sanitize_small.py --engine all --device cpu --backends cpu triton   # CPU walk
 
-The losses are found in fused_pairloss.functional (its __all__), not listed here, so a loss added
-later is covered without editing this file: a function whose third parameter is `ref_emb` runs on
-the pair engine (self mode, a separate ref, and a ref with `ref_labels is labels`, i.e. the
-excluded diagonal; with `miner_epsilon` also mined), any other (embeddings, labels, W) function on
-the class engine (W of shape (D, C*K), K from `centers_per_class`; SoftTriple-like losses also with
-their regularizer). Shapes are ragged on purpose (70 x 90 rows, D = 40 and 37: partial tiles,
-several row blocks, with and without 16-byte vector loads), in fp32 and bf16 by default.
+The losses are read from the loss table (fused_pairloss.losses.REGISTRY), not listed here, so a
+loss added later is covered without editing this file: a pair loss runs on the pair engine (self
+mode, a separate ref, and a ref with `ref_labels is labels`, i.e. the excluded diagonal; with
+`miner_epsilon` also mined), a class loss on the class engine (its weight in its layout, (D, C*K)
+or (C*K, D), K from `centers_per_class`; SoftTriple-like losses also with their regularizer).
+Shapes are ragged on purpose (70 x 90 rows, D = 40 and 37: partial tiles, several row blocks, with
+and without 16-byte vector loads), in fp32 and bf16 by default.
 
 Every output and gradient must be finite; the exit code is non-zero if one is not, if a call
 raises, or if an asked-for backend is not available here. On the CPU (`--device cpu`, with
@@ -30,8 +30,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-CLASSES_FIRST = ("proxy_anchor_loss",)  # weight tensors with the classes on the first axis
-
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -48,23 +46,10 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def discover(F):
-    """(name, fn, engine, params) for every public loss of fused_pairloss.functional."""
-    out = []
-    for name in getattr(F, "__all__", [n for n in dir(F) if n.endswith("_loss")]):
-        fn = getattr(F, name, None)
-        if not callable(fn):
-            continue
-        try:
-            params = inspect.signature(fn).parameters
-        except (TypeError, ValueError):
-            continue
-        names = list(params)
-        if len(names) < 3 or "backend" not in params:
-            continue
-        engine = "pair" if names[2] == "ref_emb" else "class"
-        out.append((name, fn, engine, params))
-    return out
+def discover(registry):
+    """(name, fn, engine, params, weight_layout) for every loss of the table: its functional form."""
+    return [(e.functional_name, e.functional, e.kind, inspect.signature(e.functional).parameters, e.weight_layout)
+            for e in registry.values()]
 
 
 def pair_cases(name, fn, params, n, m):
@@ -95,7 +80,7 @@ def main(argv=None):
     import torch
 
     import fused_pairloss as fpl
-    from fused_pairloss import functional as F
+    from fused_pairloss.losses import REGISTRY
 
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -106,7 +91,7 @@ def main(argv=None):
     backends = args.backends or fused
     missing = [b for b in backends if b not in avail]
     backends = [b for b in backends if b in avail]
-    losses = [c for c in discover(F) if args.engine in ("all", c[2])
+    losses = [c for c in discover(REGISTRY) if args.engine in ("all", c[2])
               and (args.loss is None or c[0] in args.loss)]
     print(f"sanitize_small: device {dev}, backends {backends} (available {avail}), "
           f"engine {args.engine}, losses {[c[0] for c in losses]}, dtypes {args.dtypes}, "
@@ -129,7 +114,7 @@ def main(argv=None):
         for dt_name in args.dtypes:
             dtype = getattr(torch, dt_name)
             for d in args.dims:
-                for name, fn, engine, params in losses:
+                for name, fn, engine, params, layout in losses:
                     if engine == "pair":
                         x0 = torch.randn(n, d, generator=gen)
                         r0 = torch.randn(m, d, generator=gen)
@@ -154,8 +139,8 @@ def main(argv=None):
                         for label, kw in class_cases(name, params):
                             k = kw.get("centers_per_class", 1)
                             x = torch.randn(n, d, generator=gen).to(dev, dtype).requires_grad_()
-                            # PML's layouts: (D, C*K), except ProxyAnchor's proxies (C, D)
-                            shape = (c, d) if name in CLASSES_FIRST else (d, c * k)
+                            # PML's layouts: (D, C*K), or (C*K, D) (ProxyAnchor's proxies)
+                            shape = (c * k, d) if layout == "rows" else (d, c * k)
                             w = torch.randn(*shape, generator=gen).to(dev, dtype).requires_grad_()
                             y = torch.randint(0, c, (n,), generator=gen).to(dev)
                             call = lambda: fn(x, y, w, backend=backend, **kw)  # noqa: E731

@@ -14,6 +14,9 @@ from __future__ import annotations
 import torch
 
 from . import _validation as V
+from ._distributed import DistributedBatch, RankLayout, fused_pair_plan
+from .losses._base import _distance_name
+from .losses.multi_similarity import MultiSimilarityLoss
 from .ops._common import LOCAL, zero_loss
 
 __all__ = ["CrossBatchMemory"]
@@ -39,8 +42,6 @@ def _ms_miner_epsilon(miner, distance):
         from pytorch_metric_learning.miners import MultiSimilarityMiner
     except ImportError:
         return None
-    from .modules import _distance_name
-
     if type(miner) is not MultiSimilarityMiner or _distance_name(miner.distance) != distance:
         return None
     return float(miner.epsilon)
@@ -204,16 +205,13 @@ class CrossBatchMemory(torch.nn.Module):
         """(fn, hyper) of the fused path, or None for PML's computation."""
         if indices_tuple is not None:
             return None
-        from . import modules as M
-        from .parallel import fused_pair_plan
-
         plan = fused_pair_plan(self.loss, device)
         if plan is None:
             return None
         fn, hyper = plan
         if self.miner is not None:
             eps = _ms_miner_epsilon(self.miner, hyper.get("distance"))
-            if eps is None or type(self.loss) is not M.MultiSimilarityLoss:
+            if eps is None or type(self.loss) is not MultiSimilarityLoss:
                 return None
             if hyper.get("miner_epsilon") is not None:
                 raise ValueError("pass either miner=MultiSimilarityMiner(...) or the loss's miner_epsilon, not both")
@@ -261,10 +259,8 @@ class CrossBatchMemory(torch.nn.Module):
         """The step of DistributedLossWrapper(CrossBatchMemory) (without the world_size factor):
         every rank enqueues the gathered batch in rank order (the same memory everywhere) and
         computes its own query rows against the memory; the loss's batch reductions all-reduce."""
-        from .parallel import DistributedBatch, _Layout
-
         self._check(embeddings, labels, indices_tuple, enqueue_mask, rows_to_queue=0, allow_empty=True)
-        layout = _Layout(embeddings.shape[0], embeddings.device, group)
+        layout = RankLayout(embeddings.shape[0], embeddings.device, group)
         X, Y = layout.gather(embeddings), layout.gather(labels)
         mask = None if enqueue_mask is None else layout.gather(enqueue_mask)
         plan = self._plan(indices_tuple, embeddings.device)

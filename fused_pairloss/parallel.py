@@ -9,8 +9,9 @@ single-process gradients. Here each rank computes only its own rows against the 
   X = [rank 0's rows, rank 1's rows, ...] (the same order on every rank); the fused pair engine runs
   the local rows q = x_r against the reference X (N_local x N_global tiles, O((N_local + N_global) D)
   memory), each row's own pair excluded by its global index (`exclude_col` = offset_r + i); the
-  loss's row combination (`ops/<loss>.py` `combine`) runs on a `DistributedBatch`, whose sums and
-  counts all-reduce the O(N) row statistics, so every rank computes the same global value.
+  loss's row combination (`combine` in fused_pairloss/losses/<loss>.py) runs on a
+  `DistributedBatch`, whose sums and counts all-reduce the O(N) row statistics, so every rank
+  computes the same global value.
 - backward: the all-reduce of a row-statistic sum has the identity as its backward (every rank
   holds the same global loss, and d(global sum)/d(local part) = 1: summing the incoming gradients
   again would count each rank's gradient world_size times); the engine's backward gives the local
@@ -27,164 +28,19 @@ loss on it, times world_size; exact, and N_global x N_global as in PML.
 """
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
 import torch.distributed as dist
 
 from . import _validation as V
-from ._backends import resolve_backend
-from .ops._common import Batch
+from ._distributed import (AllGather, DistributedBatch, RankLayout, all_gather_uneven, fused_pair_plan,
+                           is_distributed)
+from .losses._base import _ClassLoss, _PairLoss
+from .memory import CrossBatchMemory
 from .ops.engines import exclusion_for
 
 __all__ = ["DistributedLossWrapper", "DistributedBatch", "is_distributed", "all_gather_uneven"]
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _collective(new, old):
-    """torch >= 2.10 renamed the tensor collectives (all_gather_into_tensor -> all_gather_single)."""
-    return getattr(dist, new, None) or getattr(dist, old)
-
-
-_all_gather_tensor = _collective("all_gather_single", "all_gather_into_tensor")
-_reduce_scatter_tensor = _collective("reduce_scatter_single", "reduce_scatter_tensor")
-
-
-class _Layout:
-    """How a per-rank tensor of n_local rows lies in the global batch: sizes and offsets of every
-    rank (one all-gather of the sizes), this rank's slice."""
-
-    def __init__(self, n_local: int, device, group=None):
-        self.group = group
-        self.world = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
-        mine = torch.tensor([n_local], dtype=torch.int64, device=device)
-        sizes = torch.empty(self.world, dtype=torch.int64, device=device)
-        _all_gather_tensor(sizes, mine, group=group)
-        self.sizes = [int(s) for s in sizes.tolist()]
-        self.offsets = [sum(self.sizes[:r]) for r in range(self.world)]
-        self.total = sum(self.sizes)
-        self.max = max(self.sizes)
-        self.n = n_local
-        self.offset = self.offsets[self.rank]
-
-    @property
-    def even(self) -> bool:
-        return all(s == self.max for s in self.sizes)
-
-    def own(self, gathered):
-        """This rank's rows of a gathered tensor."""
-        return gathered[self.offset:self.offset + self.n]
-
-    def others(self, gathered):
-        """The other ranks' rows in rank order (PML's all_gather drops the own rank)."""
-        return torch.cat([gathered[:self.offset], gathered[self.offset + self.n:]], dim=0)
-
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """All-gather (no autograd) of a tensor of self.n rows into the global order."""
-        x = x.detach()
-        dtype = x.dtype
-        if dtype == torch.bool:  # not every backend gathers bool
-            x = x.to(torch.uint8)
-        x = x.contiguous()
-        tail = tuple(x.shape[1:])
-        if self.even:
-            out = x.new_empty((self.total,) + tail)
-            _all_gather_tensor(out, x, group=self.group)
-        else:
-            padded = x.new_zeros((self.max,) + tail)
-            padded[:self.n] = x
-            full = x.new_empty((self.world * self.max,) + tail)
-            _all_gather_tensor(full, padded, group=self.group)
-            out = torch.cat([full[r * self.max:r * self.max + s] for r, s in enumerate(self.sizes)], dim=0)
-        return out.to(dtype) if dtype == torch.bool else out
-
-    def reduce_scatter(self, g: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks of a global-batch tensor, this rank's slice of it."""
-        g = g.contiguous()
-        tail = tuple(g.shape[1:])
-        if self.even:
-            padded = g
-        else:
-            padded = g.new_zeros((self.world * self.max,) + tail)
-            for r, (o, s) in enumerate(zip(self.offsets, self.sizes)):
-                padded[r * self.max:r * self.max + s] = g[o:o + s]
-        out = g.new_empty((self.max,) + tail)
-        try:
-            _reduce_scatter_tensor(out, padded, group=self.group)
-        except (RuntimeError, NotImplementedError) as e:  # a backend without reduce_scatter (older gloo)
-            if "support" not in str(e).lower():
-                raise
-            padded = padded.clone()
-            dist.all_reduce(padded, group=self.group)
-            out = padded[self.rank * self.max:(self.rank + 1) * self.max]
-        return out[:self.n]
-
-
-class _AllGather(torch.autograd.Function):
-    """All-gather into the global batch; backward: reduce-scatter (each rank gets the sum over
-    ranks of the gradient of its own rows)."""
-
-    @staticmethod
-    def forward(ctx, x, layout):
-        ctx.layout = layout
-        return layout.gather(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.layout.reduce_scatter(grad), None
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks of a per-rank partial sum. Backward: the identity. Every rank computes the
-    same global loss from it, and the partial sum enters the global one with derivative 1, so the
-    gradient of this rank's partial sum is the incoming gradient itself (an all-reduce here would
-    count it world_size times)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        y = x.clone()
-        dist.all_reduce(y, group=group)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class DistributedBatch(Batch):
-    """The batch of rows spread across the ranks of a process group: sums and counts all-reduce
-    (the O(N) row statistics' reductions), `rows` is the global number of rows. A loss's row
-    combination (`ops/<loss>.py` `combine(..., batch=)`) run on it gives, on every rank, the value
-    of the single-process combination over the gathered batch."""
-
-    def __init__(self, total_rows: int, group=None):
-        self.total_rows = int(total_rows)
-        self.group = group
-
-    def sum(self, x):
-        s = x.sum()
-        if s.is_floating_point():
-            return _AllReduceSum.apply(s, self.group)
-        s = s.clone()
-        dist.all_reduce(s, group=self.group)
-        return s
-
-    def count(self, mask):
-        return self.sum(mask.sum())
-
-    def rows(self, x):
-        return self.total_rows
-
-
-def all_gather_uneven(x: torch.Tensor, group=None) -> torch.Tensor:
-    """All-gather of per-rank tensors with possibly different numbers of rows, in rank order, with
-    autograd (the backward reduce-scatters)."""
-    return _AllGather.apply(x, _Layout(x.shape[0], x.device, group))
 
 
 def check_local_inputs(embeddings, labels, ref_emb=None, ref_labels=None):
@@ -201,44 +57,8 @@ def check_local_inputs(embeddings, labels, ref_emb=None, ref_labels=None):
     V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
 
 
-# ---- which losses the fused path computes -------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _fused_table():
-    from . import modules as M
-    from .ops.circle import circle_fused
-    from .ops.contrastive import contrastive_fused
-    from .ops.lifted_structure import lifted_structure_fused
-    from .ops.multi_similarity import multi_similarity_fused
-    from .ops.ntxent import ntxent_fused
-    from .ops.supcon import supcon_fused
-
-    return {M.MultiSimilarityLoss: multi_similarity_fused, M.CircleLoss: circle_fused, M.NTXentLoss: ntxent_fused,
-            M.SupConLoss: supcon_fused, M.ContrastiveLoss: contrastive_fused,
-            M.GeneralizedLiftedStructureLoss: lifted_structure_fused}
-
-
-def fused_pair_plan(loss, device):
-    """(fused function, hyper-parameters) when `loss` is one of this library's pair-loss modules
-    and its fused engine computes it on `device`: `fn(embeddings, labels, ref_emb, ref_labels, *,
-    exclude_col, batch, backend, **hyper)`. None otherwise (a module computing with PML itself,
-    the reference backend, a class loss, a PML loss object)."""
-    fn = _fused_table().get(type(loss))
-    if fn is None or getattr(loss, "_pml", None) is not None or loss.distance is None:
-        return None
-    backend = resolve_backend(loss.backend, device)
-    if backend == "reference":
-        return None
-    hyper = dict(loss._hyper())
-    if "miner_epsilon" in fn.__code__.co_varnames:
-        hyper["miner_epsilon"] = loss.miner_epsilon
-    return functools.partial(fn, backend=backend), hyper
-
-
 def _check_wrappable(loss):
-    from . import modules as M
-    from .memory import CrossBatchMemory
-
-    if isinstance(loss, (M._PairLoss, M._ClassLoss, CrossBatchMemory)):
+    if isinstance(loss, (_PairLoss, _ClassLoss, CrossBatchMemory)):
         return
     try:
         from pytorch_metric_learning.losses import BaseMetricLossFunction
@@ -324,17 +144,17 @@ class DistributedLossWrapper(torch.nn.Module):
     def _fused(self, plan, embeddings, labels, ref_emb, ref_labels):
         fn, hyper = plan
         check_local_inputs(embeddings, labels, ref_emb, ref_labels)
-        layout = _Layout(embeddings.shape[0], embeddings.device)
+        layout = RankLayout(embeddings.shape[0], embeddings.device)
         batch = DistributedBatch(layout.total)
         labels = labels.to(embeddings.device)
         if ref_emb is None:
-            X = _AllGather.apply(embeddings, layout)
+            X = AllGather.apply(embeddings, layout)
             Y = layout.gather(labels)
             excl = exclusion_for(embeddings.shape[0], embeddings.device, offset=layout.offset)
             return fn(embeddings, labels, X, Y, exclude_col=excl, batch=batch, **hyper)
         # a separate ref: gathered as well (PML: no self exclusion, the gathered ref labels are a new tensor)
-        ref_layout = _Layout(ref_emb.shape[0], ref_emb.device)
-        R = _AllGather.apply(ref_emb, ref_layout)
+        ref_layout = RankLayout(ref_emb.shape[0], ref_emb.device)
+        R = AllGather.apply(ref_emb, ref_layout)
         RY = ref_layout.gather(ref_labels.to(ref_emb.device))
         return fn(embeddings, labels, R, RY, exclude_col=None, batch=batch, **hyper)
 
@@ -344,7 +164,7 @@ class DistributedLossWrapper(torch.nn.Module):
         """PML's gather: this rank's tensor (with its graph) first, the others' detached."""
         if x is None:
             return None
-        layout = _Layout(x.shape[0], x.device)
+        layout = RankLayout(x.shape[0], x.device)
         return torch.cat([x, layout.others(layout.gather(x))], dim=0)
 
     def _pml_regular(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
@@ -365,8 +185,6 @@ class DistributedLossWrapper(torch.nn.Module):
 
 
 def _is_memory(loss):
-    from .memory import CrossBatchMemory
-
     if isinstance(loss, CrossBatchMemory):
         return True
     try:

@@ -19,9 +19,9 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-import fused_pairloss as fpl
-from fused_pairloss.ops import (circle, contrastive, lifted_structure, margin_softmax, multi_similarity, ntxent,
-                                oracle, proxy_anchor, proxy_circle, soft_triple, supcon)
+from fused_pairloss.losses import (REGISTRY, LossEntry, circle, contrastive, lifted_structure, margin_softmax,
+                                   multi_similarity, ntxent, proxy_anchor, proxy_circle, soft_triple, supcon)
+from fused_pairloss.ops import oracle
 from fused_pairloss.ops.spec import ClassLossSpec, PairLossSpec
 
 # ---- tolerance rule ------------------------------------------------------------------------------
@@ -219,41 +219,53 @@ def pair_truth(case: PairCase, spec: PairLossSpec, grad_values=None, need_grad_r
 # ---- losses for loss-level tests ------------------------------------------------------------------
 @dataclass
 class Loss:
+    """A loss of the table (`loss`: its class name in fused_pairloss.losses.REGISTRY, which says its
+    kind, functional form and weight layout) with the hyper-parameters to test it with."""
     name: str
-    kind: str  # "pair" / "class"
-    fn: Callable
+    loss: str
     kwargs: dict = field(default_factory=dict)
-    weights: Optional[Callable] = None  # class losses: (C, D, gen, dtype) -> the parameter tensor
-    centers_per_class: int = 1
+
+    @property
+    def entry(self) -> LossEntry:
+        return REGISTRY[self.loss]
+
+    @property
+    def kind(self) -> str:
+        return self.entry.kind
+
+    @property
+    def fn(self) -> Callable:
+        return self.entry.functional
+
+    @property
+    def centers_per_class(self) -> int:
+        return self.kwargs.get("centers_per_class", 1)
+
+    def weights(self, C, D, g, dtype):
+        """Class losses: a random parameter in the loss's layout (PML's)."""
+        rows = C * self.centers_per_class
+        shape = (D, rows) if self.entry.weight_layout == "columns" else (rows, D)
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
 
 
-def _fc(K):
-    return lambda C, D, g, dt: torch.randn(D, C * K, generator=g, dtype=torch.float64).to(dt)
-
-
-def _proxies(C, D, g, dt):
-    return torch.randn(C, D, generator=g, dtype=torch.float64).to(dt)
-
-
-Fn = fpl.functional
 LOSSES: Dict[str, Loss] = {l.name: l for l in [
-    Loss("ms", "pair", Fn.multi_similarity_loss),
-    Loss("ms_mined", "pair", Fn.multi_similarity_loss, dict(miner_epsilon=0.1)),
-    Loss("ms_lp", "pair", Fn.multi_similarity_loss, dict(distance="lp", beta=10.0)),
-    Loss("circle", "pair", Fn.circle_loss),
-    Loss("ntxent", "pair", Fn.ntxent_loss),
-    Loss("ntxent_lp", "pair", Fn.ntxent_loss, dict(distance="lp", temperature=0.2)),
-    Loss("supcon", "pair", Fn.supcon_loss),
-    Loss("contrastive", "pair", Fn.contrastive_loss),
-    Loss("contrastive_cos", "pair", Fn.contrastive_loss, dict(distance="cosine", pos_margin=0.9, neg_margin=0.1)),
-    Loss("lifted", "pair", Fn.generalized_lifted_structure_loss),
-    Loss("softtriple", "class", Fn.soft_triple_loss, dict(centers_per_class=4), _fc(4), 4),
-    Loss("softtriple_reg", "class", Fn.soft_triple_loss, dict(centers_per_class=3, center_reg_weight=0.2), _fc(3), 3),
-    Loss("proxycircle", "class", Fn.proxy_circle_loss, {}, _fc(1)),
-    Loss("proxyanchor", "class", Fn.proxy_anchor_loss, {}, _proxies),
-    Loss("normsoftmax", "class", Fn.normalized_softmax_loss, {}, _fc(1)),
-    Loss("cosface", "class", Fn.cosface_loss, {}, _fc(1)),
-    Loss("arcface", "class", Fn.arcface_loss, {}, _fc(1)),
+    Loss("ms", "MultiSimilarityLoss"),
+    Loss("ms_mined", "MultiSimilarityLoss", dict(miner_epsilon=0.1)),
+    Loss("ms_lp", "MultiSimilarityLoss", dict(distance="lp", beta=10.0)),
+    Loss("circle", "CircleLoss"),
+    Loss("ntxent", "NTXentLoss"),
+    Loss("ntxent_lp", "NTXentLoss", dict(distance="lp", temperature=0.2)),
+    Loss("supcon", "SupConLoss"),
+    Loss("contrastive", "ContrastiveLoss"),
+    Loss("contrastive_cos", "ContrastiveLoss", dict(distance="cosine", pos_margin=0.9, neg_margin=0.1)),
+    Loss("lifted", "GeneralizedLiftedStructureLoss"),
+    Loss("softtriple", "SoftTripleLoss", dict(centers_per_class=4)),
+    Loss("softtriple_reg", "SoftTripleLoss", dict(centers_per_class=3, center_reg_weight=0.2)),
+    Loss("proxycircle", "ProxyCircleLoss"),
+    Loss("proxyanchor", "ProxyAnchorLoss"),
+    Loss("normsoftmax", "NormalizedSoftmaxLoss"),
+    Loss("cosface", "CosFaceLoss"),
+    Loss("arcface", "ArcFaceLoss"),
 ]}
 PAIR_LOSSES = [n for n, l in LOSSES.items() if l.kind == "pair"]
 CLASS_LOSSES = [n for n, l in LOSSES.items() if l.kind == "class"]

@@ -334,7 +334,7 @@ def test_pair_modules_with_pml_distances_are_fused_and_equal_pml(name, kw, dista
 
 
 def test_unfused_pml_arguments_go_to_pml_with_one_warning(monkeypatch):
-    monkeypatch.setattr(fpl.modules, "_warned", set())
+    monkeypatch.setattr(fpl.losses._base, "_warned", set())
     reducer = pml_reducers.SumReducer()
     ours = fpl.NTXentLoss(reducer=reducer)
     theirs = pml_losses.NTXentLoss(reducer=pml_reducers.SumReducer())

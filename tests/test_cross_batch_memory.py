@@ -116,7 +116,8 @@ def test_exclusion_after_mining_matters():
     """Rows whose only positive in the memory is their own slot: mined with the self slot in the
     thresholds (PML's order) they keep the negatives above 1 - eps, mined without it none (min_pos
     is +inf). A check that the declaration flag tells the two orders apart."""
-    from fused_pairloss.ops import engines, multi_similarity as ms
+    from fused_pairloss.losses import multi_similarity as ms
+    from fused_pairloss.ops import stats
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(7)
@@ -126,8 +127,8 @@ def test_exclusion_after_mining_matters():
     my = torch.cat([torch.randint(0, 3, (10,), generator=g), y])
     excl = torch.arange(10, 16)
     q, r = F.normalize(x, dim=1), F.normalize(mem, dim=1)
-    after = engines.pair_stats(q, r, y, my, excl, ms.declaration(2, 50, 0.5, 1.5, exclude_after_mining=True), "cpu")
-    before = engines.pair_stats(q, r, y, my, excl, ms.declaration(2, 50, 0.5, 1.5), "cpu")
+    after = stats.pair_stats(q, r, y, my, excl, ms.declaration(2, 50, 0.5, 1.5, exclude_after_mining=True), "cpu")
+    before = stats.pair_stats(q, r, y, my, excl, ms.declaration(2, 50, 0.5, 1.5), "cpu")
     assert before.count_neg.sum() == 0 and after.count_neg.sum() > 0
     assert after.count_pos.sum() == 0  # the self slot is never kept
 

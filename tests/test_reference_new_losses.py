@@ -21,6 +21,7 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 
 from fused_pairloss import reference as R
+from fused_pairloss.losses import _reference_common as RC
 
 F32_EPS = torch.finfo(torch.float32).eps
 
@@ -197,8 +198,8 @@ def _assert_away_from_kinks(name, distance, kw, emb, labels, ref, ref_labels, se
     gradcheck, lies more than `gap` from the kink in fp64."""
     pos, neg = _pair_masks64(labels, ref_labels, emb.shape[0], (emb if ref is None else ref).shape[0], self_excl)
     e32, r32 = emb.float(), None if ref is None else ref.float()
-    m32 = R._distance_matrix(e32, e32 if r32 is None else r32, distance)
-    m64 = R._distance_matrix(e32.double(), (e32 if r32 is None else r32).double(), distance)
+    m32 = RC.distance_matrix(e32, e32 if r32 is None else r32, distance)
+    m64 = RC.distance_matrix(e32.double(), (e32 if r32 is None else r32).double(), distance)
     v32, v64 = _kink_args(name, distance, kw, m32, pos, neg), _kink_args(name, distance, kw, m64, pos, neg)
     if v32 is None:
         return
@@ -231,10 +232,10 @@ def test_lp_matrix_is_pmls_bitwise(n, m, dtype):
     """The reference's "lp" matrix is PML LpDistance()'s, bit for bit, in both cdist regimes,
     and the two regimes really differ (matmul formula: self distance not exactly 0)."""
     x, y = rand_emb(n, 9, n).to(dtype), rand_emb(m, 9, m + 1).to(dtype)
-    assert torch.equal(R._distance_matrix(x, y, "lp"), pml_dist.LpDistance()(x, y))
-    assert torch.equal(R._distance_matrix(x, x, "lp"), pml_dist.LpDistance()(x, x))
-    assert torch.equal(R._distance_matrix(x, y, "cosine"), pml_dist.CosineSimilarity()(x, y))
-    diag = R._distance_matrix(x, x, "lp").diagonal()
+    assert torch.equal(RC.distance_matrix(x, y, "lp"), pml_dist.LpDistance()(x, y))
+    assert torch.equal(RC.distance_matrix(x, x, "lp"), pml_dist.LpDistance()(x, x))
+    assert torch.equal(RC.distance_matrix(x, y, "cosine"), pml_dist.CosineSimilarity()(x, y))
+    diag = RC.distance_matrix(x, x, "lp").diagonal()
     if n <= 25:
         assert torch.equal(diag, torch.zeros_like(diag))
     elif dtype == torch.float32:
@@ -245,8 +246,8 @@ def test_lp_fp16_takes_pmls_pairwise_branch():
     """fp16 has no cdist kernel: PML's LpDistance loops pairwise_distance (with its eps=1e-6)."""
     for n in (7, 30):
         x, y = rand_emb(n, 5, 1).half(), rand_emb(4, 5, 2).half()
-        assert torch.equal(R._distance_matrix(x, y, "lp"), pml_dist.LpDistance()(x, y))
-        assert torch.equal(R._distance_matrix(x, x, "lp"), pml_dist.LpDistance()(x, x))
+        assert torch.equal(RC.distance_matrix(x, y, "lp"), pml_dist.LpDistance()(x, y))
+        assert torch.equal(RC.distance_matrix(x, x, "lp"), pml_dist.LpDistance()(x, x))
 
 
 def _pair_params():
@@ -364,7 +365,7 @@ def test_multi_similarity_lp_mining_vs_pml_miner(case, mode, dtype, eps):
     miner = pml_miners.MultiSimilarityMiner(eps, distance=pml_dist.LpDistance())
     a1, p, a2, nn_ = miner(emb, labels, ref, ref_labels)
     # the mined masks are the miner's pairs, exactly
-    mat = R._distance_matrix(emb, emb if ref is None else ref, "lp")
+    mat = RC.distance_matrix(emb, emb if ref is None else ref, "lp")
     pos, neg = _pair_masks64(labels, ref_labels, mat.shape[0], mat.shape[1], ref is None)
     hp, hn = R.multi_similarity_mine(mat, pos, neg, eps, "lp")
     mp, mn = torch.zeros_like(hp), torch.zeros_like(hn)
@@ -546,7 +547,7 @@ def test_class_loss_miner_weights_vs_pml(name, miner):
     emb = rand_emb(N, D, 7)
     labels = _class_labels(N, C, "rand", 8)
     it = _MINERS[miner]()(emb, labels)
-    w = R._miner_weights(it, labels, torch.float64)
+    w = RC.miner_weights(it, labels, torch.float64)
     assert len(it[0]) > 1 and not torch.all(w == 1)
     W = _class_weights(name, C, D, 9)
     kw = CLASS_LOSSES[name][3][0]

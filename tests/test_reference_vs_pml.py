@@ -422,7 +422,7 @@ _MINERS = {
 @pytest.mark.parametrize("miner", list(_MINERS))
 @pytest.mark.parametrize("mode", ["self", "ref"])
 def test_explicit_indices_tuple_vs_pml(miner, mode, dtype, monkeypatch):
-    monkeypatch.setattr(fpl.modules, "_warned", set())
+    monkeypatch.setattr(fpl.losses._base, "_warned", set())
     emb, labels, ref, ref_labels = _setup(mode, 40, 30, 16, dtype, "few", seed=21, exact=True)
     it = _MINERS[miner]()(emb, labels, ref, ref_labels)
     assert len(it[0]) > 1
@@ -448,7 +448,7 @@ def test_explicit_indices_tuple_vs_pml(miner, mode, dtype, monkeypatch):
 
 
 def test_indices_tuple_warning_is_a_userwarning_once(monkeypatch):
-    monkeypatch.setattr(fpl.modules, "_warned", set())
+    monkeypatch.setattr(fpl.losses._base, "_warned", set())
     emb = rand_emb(10, 4, torch.float32, 3)
     labels = make_labels(10, "few", 3)
     it = pml_miners.BatchHardMiner()(emb, labels)

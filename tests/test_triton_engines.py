@@ -181,10 +181,10 @@ def test_schemas_are_the_cpp_ops_schemas():
 
 
 def test_engines_dispatch_to_the_triton_ops():
-    from fused_pairloss.ops import engines
+    from fused_pairloss.ops import engines, stats
 
-    assert engines.PAIR.forward_op("triton") is PAIR_FWD
-    assert engines.CLASS.forward_op("triton") is CLASS_FWD
+    assert stats.forward_op(engines.PAIR, "triton") is PAIR_FWD
+    assert stats.forward_op(engines.CLASS, "triton") is CLASS_FWD
     assert "triton" in fpl.available_backends(DEV)
 
 
@@ -311,11 +311,11 @@ def test_need_grad_r_false_skips_the_column_pass(monkeypatch):
 
 def test_pair_autograd_skips_the_column_pass_for_a_detached_ref():
     """The shared autograd rule (engines.PAIR.register_triton): a ref without grad (memory bank)."""
-    from fused_pairloss.ops import engines
+    from fused_pairloss.ops import stats
 
     q, r, lq, lr, _ = pair_case("ref", 30, 8, "few", torch.float64, "normalized", seed=2)
     q = q.requires_grad_(True)
-    st = engines.pair_stats(q, r, lq, lr, None, PAIR_DECLS["ms_mine"], "triton")
+    st = stats.pair_stats(q, r, lq, lr, None, PAIR_DECLS["ms_mine"], "triton")
     (gq,) = torch.autograd.grad(st.lse_pos.nan_to_num(0, 0, 0).sum() + st.lse_neg.nan_to_num(0, 0, 0).sum(), q)
     spec = PAIR_DECLS["ms_mine"]
     fwd = pair_fwd((q.detach(), r, lq, lr, None), spec)

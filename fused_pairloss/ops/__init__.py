@@ -1,10 +1,11 @@
-"""Fused ops: one engine per kind of tiling, losses as plug-ins.
+"""The fused engines, independent of any loss (the losses are fused_pairloss/losses/):
 
-- pair_engine.py   : tiles of S = q r^T (Multi-Similarity, Circle): op dispatch, fake kernels, autograd
-- class_engine.py  : tiles of whole classes (SoftTriple, ProxyCircle)
-- triton_*.py      : the Triton kernels of both engines
-- multi_similarity.py, circle.py, soft_triple.py, proxy_circle.py: each loss's plug-in
-  (which engine, which kind, how row statistics combine into the loss)
+- spec.py          : a loss's declaration (PairLossSpec, ClassLossSpec) and its packing into the ops' arguments
+- engines.py       : both engines' op registration: fake kernels, autograd, the statistics they return
+- stats.py         : the calls a loss makes (pair_stats, class_stats): the backend's op
+- triton_engines.py: the Triton kernels of both engines (backend "triton")
+- oracle.py        : materializing oracles of every op (op-level tests)
+- _common.py       : operands, PML's zero loss, the Batch reductions a row combination is written in
 C++ kernels live in csrc/cpu (backend "cpu") and csrc/cuda (backend "cuda"); the exact contract of
 the ops is README.md beside this file.
 """

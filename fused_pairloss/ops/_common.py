@@ -1,6 +1,6 @@
-"""Pieces shared by the loss plug-ins: operands, PML's zero loss and few-pairs rule, and the
-batch reductions a loss's row combination is written in (so the distributed wrapper can run the
-same combination over rows spread across ranks)."""
+"""Pieces shared by the loss modules (fused_pairloss/losses/): operands, PML's zero loss and
+few-pairs rule, and the batch reductions a loss's row combination is written in (so the
+distributed wrapper can run the same combination over rows spread across ranks)."""
 from __future__ import annotations
 
 import torch

@@ -1,7 +1,8 @@
-"""The two fused engines, Python side: op registration and the calls the loss plug-ins make.
+"""The two fused engines, Python side: op registration (fake kernels, autograd) and the
+statistics the ops return. The calls a loss makes are ops/stats.py:
 
-- pair engine, tiles of S = q r^T: `pair_stats(q, r, labels_q, labels_r, exclude_col, spec, backend)`
-- class engine, tiles of whole classes of w: `class_stats(q, w, labels, spec, backend)`
+- pair engine, tiles of S = q r^T: `stats.pair_stats(q, r, labels_q, labels_r, exclude_col, spec, backend)`
+- class engine, tiles of whole classes of w: `stats.class_stats(q, w, labels, spec, backend)`
 
 Each engine is an op pair with one schema (csrc/ops.cpp) and two implementations: the C++ ops
 `fused_pairloss::<engine>_forward/_backward` (CPU kernels for backend "cpu", CUDA kernels for
@@ -214,62 +215,15 @@ class Engine:
         self._registered.add("cpp")
 
     def register_triton(self, forward_op, backward_op):
-        """Called by ops/triton_engines.py once it has defined the Triton twins."""
+        """Called by ops/triton_engines.py once it has defined the Triton twins (ops/stats.py
+        imports that module on the first "triton" call)."""
         torch.library.register_autograd(forward_op, self._autograd(backward_op), setup_context=self._setup_context)
         rule, setup = _backward_op_autograd(f"triton {self.name}_backward")
         torch.library.register_autograd(backward_op, rule, setup_context=setup)
 
-    def forward_op(self, backend):
-        """The forward op of `backend` ("cpu" / "cuda" share the C++ op; "triton" its own)."""
-        if backend == "triton":
-            from . import triton_engines  # importing it registers the twins (torch.compile traces this)
-
-            if not triton_engines.AVAILABLE:
-                raise RuntimeError("the Triton engines are not available (is triton installed?)")
-            return triton_engines.forward_op(self.name)
-        self.register_cpp()
-        return getattr(torch.ops.fused_pairloss, f"{self.name}_forward")
-
 
 PAIR = Engine("pair_engine", pair_fake_forward, pair_fake_backward, _pair_setup_context, _pair_autograd)
 CLASS = Engine("class_engine", class_fake_forward, class_fake_backward, _class_setup_context, _class_autograd)
-
-
-def pair_stats(q, r, labels_q, labels_r, exclude_col, spec: S.PairLossSpec, backend) -> PairStats:
-    """Row statistics of the pair sets for normalized q (N, D) against r (M, D) (None: self mode,
-    each row's own column excluded); exclude_col (N,) int64, ref mode: the column excluded from row
-    i's positives, -1 for none. Differentiable w.r.t. q and r."""
-    terms, flags = spec.pack()
-    labels_q = labels_q.to(device=q.device, dtype=torch.int64).contiguous()
-    if r is not None:
-        r = r.contiguous()
-        labels_r = labels_r.to(device=q.device, dtype=torch.int64).contiguous()
-        if exclude_col is not None:
-            exclude_col = exclude_col.to(device=q.device, dtype=torch.int64).contiguous()
-    else:
-        labels_r, exclude_col = None, None
-    values, counts, aux = PAIR.forward_op(backend)(q.contiguous(), r, labels_q, labels_r, exclude_col,
-                                                   list(terms), flags)
-    return PairStats(*values.unbind(0), *counts.unbind(0), aux[0], aux[1])
-
-
-# engines that apply S.WEIGHT_OPERAND_FLAGS themselves (per tile, no copy of w); the others get
-# weight_rows(w) from class_stats
-NATIVE_WEIGHT_OPERANDS = {"cpu"}
-
-
-def class_stats(q, w, labels, spec: S.ClassLossSpec, backend) -> ClassStats:
-    """Row and column statistics for normalized q (N, D) and the loss's weights w as its declaration
-    lays them out (weights_layout "rows": (C*K, D), "columns": (D, C*K); vector c*K+k = center k of
-    class c). Differentiable w.r.t. q and w."""
-    terms, flags = spec.pack()
-    engine_kind = "triton" if backend == "triton" else q.device.type
-    if flags & S.WEIGHT_OPERAND_FLAGS and engine_kind not in NATIVE_WEIGHT_OPERANDS:
-        w, flags = weight_rows(w, flags), flags & ~S.WEIGHT_OPERAND_FLAGS
-    labels = labels.to(device=q.device, dtype=torch.int64).contiguous()
-    rows, cols = CLASS.forward_op(backend)(q.contiguous(), w.contiguous(), labels,
-                                           int(spec.centers_per_class), list(terms), flags)
-    return ClassStats(rows[0], rows[1], cols[0], cols[1])
 
 
 def exclusion_for(n: int, device, offset: int = 0) -> torch.Tensor:
@@ -277,5 +231,5 @@ def exclusion_for(n: int, device, offset: int = 0) -> torch.Tensor:
     return torch.arange(offset, offset + n, device=device, dtype=torch.int64)
 
 
-__all__ = ["PairStats", "ClassStats", "pair_stats", "class_stats", "exclusion_for", "PAIR", "CLASS",
-           "stat_dtype", "weight_rows", "weight_count"]
+__all__ = ["PairStats", "ClassStats", "Engine", "exclusion_for", "PAIR", "CLASS", "stat_dtype", "weight_rows",
+           "weight_count"]

@@ -1,0 +1,17 @@
+"""The losses, one module per loss: its PML-exact reference, its engine declaration and row
+combination, its fused call, its functional form and its nn.Module with PML's class name
+(docs/adding-a-loss.md). Every module registers its losses in `ENTRIES`; `REGISTRY` (class name ->
+LossEntry) is the one table the package exports, fused_pairloss.functional / .reference /
+.modules, the distributed wrapper, the test kit and the benchmarks read.
+"""
+from . import (circle, contrastive, lifted_structure, margin_softmax, multi_similarity, ntxent, proxy_anchor,
+               proxy_circle, soft_triple, supcon)
+from ._registry import LossEntry
+
+LOSS_MODULES = (multi_similarity, circle, ntxent, supcon, contrastive, lifted_structure, soft_triple, proxy_circle,
+                proxy_anchor, margin_softmax)
+REGISTRY = {entry.name: entry for module in LOSS_MODULES for entry in module.ENTRIES}
+
+globals().update({name: entry.cls for name, entry in REGISTRY.items()})
+
+__all__ = [*REGISTRY, "REGISTRY", "LossEntry"]

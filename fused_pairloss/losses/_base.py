@@ -1,0 +1,194 @@
+"""What every loss module shares: the nn.Module base classes with PML's class names' conventions
+(constructor arguments, parameter name and layout, forward signatures; docs/api.md), and the call
+every functional form makes (validate, pick the backend, run the reference or the fused engine).
+
+PML's own keyword arguments are accepted: `distance=CosineSimilarity()` / `LpDistance()` (PML's
+defaults) are fused where the loss allows them; any other distance, a `reducer`,
+`embedding_regularizer`, `weight_regularizer` (except SoftTriple's SparseCentersRegularizer, which
+is fused) or `collect_stats=True` makes the module compute with PML itself (same value as PML), with
+a one-time warning; an explicit `indices_tuple` goes through the unfused reference path.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from .. import _validation as V
+from .._backends import resolve_backend
+
+
+_warned = set()
+
+
+def _warn_once(key, message, stacklevel=4):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=stacklevel)
+
+
+def _distance_name(distance):
+    """A PML distance object (or None / "cosine" / "lp") as the fused engines name it: "cosine" for
+    CosineSimilarity() and DotProductSimilarity() on normalized embeddings, "lp" for LpDistance()
+    with PML's defaults (normalized, p=2, power=1), None for anything else (PML then computes)."""
+    if distance is None or distance in ("cosine", "lp"):
+        return distance
+    try:
+        from pytorch_metric_learning import distances as pml_distances
+    except ImportError:  # a distance object without PML installed: not one of ours
+        return None
+    if not (getattr(distance, "p", None) == 2 and getattr(distance, "power", None) == 1
+            and getattr(distance, "normalize_embeddings", False)):
+        return None
+    if type(distance) in (pml_distances.CosineSimilarity, pml_distances.DotProductSimilarity):
+        return "cosine"
+    if type(distance) is pml_distances.LpDistance:
+        return "lp"
+    return None
+
+
+class _PmlFallback:
+    """What a module does with PML's keyword arguments: the fused ones (a fused distance,
+    weight_init_func) are used; anything else (another distance, reducer, regularizer,
+    collect_stats=True) builds the PML loss, sharing the module's parameter, and lets it compute
+    after a one-time warning."""
+
+    _distances = ("cosine", "lp")   # distances the fused path supports for this loss
+    _default_distance = "cosine"    # PML's default for this loss
+    _cosine_only = False            # PML asserts CosineSimilarity for this loss
+
+    def _setup_kwargs(self, kwargs, pml_args=(), pml_kwargs=None, param_name=None):
+        self._pml = None
+        name = type(self).__name__
+        distance = kwargs.get("distance")
+        if self._cosine_only and distance is not None and _distance_name(distance) != "cosine":
+            raise ValueError(f"{name}: distance must be CosineSimilarity() (as in PML); got {distance!r}")
+        fused = self._default_distance if distance is None else _distance_name(distance)
+        others = {k: v for k, v in kwargs.items() if k not in ("distance", "weight_init_func")}
+        if fused in self._distances and not any(v not in (None, False) for v in others.values()):
+            self.distance = fused
+            return
+        try:
+            from pytorch_metric_learning import losses as pml_losses
+        except ImportError as e:
+            raise ValueError(f"{name}: {sorted(kwargs)} need pytorch-metric-learning (fused: distance in "
+                             f"{list(self._distances)}, no reducer / regularizer arguments)") from e
+        pml = getattr(pml_losses, name)(*pml_args, **(pml_kwargs or {}), **kwargs)
+        if param_name is not None:  # one parameter, the module's own (state_dicts stay PML's)
+            setattr(pml, param_name, getattr(self, param_name))
+        object.__setattr__(self, "_pml", pml)  # not a submodule: no second copy in the state_dict
+        self.distance = None
+
+    def _run_pml(self, *args):
+        _warn_once(type(self).__name__ + ".pml",
+                   f"fused_pairloss: {type(self).__name__} with these PML arguments is computed by "
+                   "pytorch-metric-learning itself (not fused)", stacklevel=5)
+        return self._pml(*args)
+
+
+class _PairLoss(_PmlFallback, torch.nn.Module):
+    """Common part of the pair losses: PML's forward signature, indices_tuple, PML kwargs."""
+
+    _reference = None  # reference function taking indices_tuple=
+
+    def _init_pair(self, backend, kwargs, pml_args):
+        self.backend = backend
+        self._setup_kwargs(kwargs, pml_args)
+
+    def _hyper(self):
+        raise NotImplementedError
+
+    def _functional(self):
+        raise NotImplementedError
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        if self._pml is not None:
+            return self._run_pml(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        hyper = self._hyper()
+        if indices_tuple is not None:
+            return self._reference_with_indices(embeddings, labels, indices_tuple, ref_emb, ref_labels, hyper)
+        return self._functional()(embeddings, labels, ref_emb, ref_labels, backend=self.backend, **hyper)
+
+    def _reference_with_indices(self, embeddings, labels, indices_tuple, ref_emb, ref_labels, hyper):
+        # An explicit indices_tuple (from any PML miner) is honoured by the reference path, as PML.
+        _warn_once("indices_tuple", "fused_pairloss: an explicit indices_tuple is computed by the unfused "
+                   "reference path (it materializes N x M); use miner_epsilon for the fused MS miner",
+                   stacklevel=5)  # _reference_with_indices, forward, _call_impl, caller
+        V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
+        if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
+            raise ValueError("indices_tuple must be a tuple of 3 (a, p, n) or 4 (a1, p, a2, n) index tensors")
+        resolve_backend(self.backend, embeddings.device)  # still reject unknown backends
+        return type(self)._reference(embeddings, labels, ref_emb, ref_labels, indices_tuple=indices_tuple, **hyper)
+
+    def extra_repr(self):
+        hyper = ", ".join(f"{k}={v}" for k, v in self._hyper().items() if k != "distance")
+        return f"{hyper}, distance={self.distance!r}, backend={self.backend!r}"
+
+
+def run_pair_loss(reference_fn, fused_fn, embeddings, labels, ref_emb, ref_labels, backend, **hyper):
+    """A pair loss's functional form after its hyper-parameter checks: the inputs' checks, the
+    backend, then the reference or the fused call."""
+    V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
+    backend = resolve_backend(backend, embeddings.device)
+    if backend == "reference":
+        return reference_fn(embeddings, labels, ref_emb, ref_labels, **hyper)
+    return fused_fn(embeddings, labels, ref_emb, ref_labels, backend=backend, **hyper)
+
+
+def _kaiming_like_pml(weight):
+    # PML's default weight_init_func: kaiming_uniform_(a=sqrt(5))
+    torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+
+def _check_sizes(**sizes):
+    for name, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1; got {v!r}")
+
+
+def _like(param, embeddings):
+    """The parameter on the embeddings' device and dtype (PML's cast_types); the functional API
+    validates the rest."""
+    if isinstance(embeddings, torch.Tensor) and embeddings.is_floating_point() and (
+            param.dtype != embeddings.dtype or param.device != embeddings.device):
+        return param.to(device=embeddings.device, dtype=embeddings.dtype)
+    return param
+
+
+class _ClassLoss(_PmlFallback, torch.nn.Module):
+    """Common part of the class losses: one parameter in PML's layout, PML's forward (embeddings,
+    labels, indices_tuple=None) where PML has it, PML kwargs."""
+
+    _param = "fc"
+    _distances = ("cosine",)
+    _cosine_only = True  # SoftTriple, ProxyCircle, CosFace, ArcFace (PML asserts it for its own)
+
+    def _init_class(self, shape, backend, kwargs, pml_args, pml_kwargs=None, init=_kaiming_like_pml):
+        self.backend = backend
+        setattr(self, self._param, torch.nn.Parameter(torch.empty(*shape)))
+        (kwargs.get("weight_init_func") or init)(getattr(self, self._param))
+        self._setup_kwargs(kwargs, pml_args, pml_kwargs, param_name=self._param)
+
+    def _call(self, embeddings, labels, weights):
+        raise NotImplementedError
+
+    def _reference_with_weights(self, embeddings, labels, indices_tuple):
+        raise ValueError(f"{type(self).__name__}: indices_tuple is not supported (PML has no miner weights here)")
+
+    def forward(self, embeddings, labels, indices_tuple=None):
+        if self._pml is not None:
+            return self._run_pml(embeddings, labels, indices_tuple)
+        if indices_tuple is not None:
+            _warn_once("class.indices_tuple", "fused_pairloss: an explicit indices_tuple (miner weights) is "
+                       "computed by the unfused reference path", stacklevel=4)
+            return self._reference_with_weights(embeddings, labels, indices_tuple)
+        return self._call(embeddings, labels, _like(getattr(self, self._param), embeddings))
+
+
+def run_class_loss(reference_fn, fused_fn, embeddings, labels, weights, backend, **hyper):
+    """A class loss's functional form after its checks: the backend, then the reference or the fused call."""
+    backend = resolve_backend(backend, embeddings.device)
+    if backend == "reference":
+        return reference_fn(embeddings, labels, weights, **hyper)
+    return fused_fn(embeddings, labels, weights, backend=backend, **hyper)

@@ -1,0 +1,61 @@
+"""The engine calls a loss makes: `pair_stats`, `class_stats`. Each picks the op of the backend (the
+C++ op for "cpu" / "cuda", its Triton twin for "triton", whose module is imported on first use:
+importing triton is slow) and returns the engine's statistics (ops/README.md)."""
+from __future__ import annotations
+
+import torch
+
+from . import engines
+from . import spec as S
+
+
+def forward_op(engine: engines.Engine, backend):
+    """The forward op of `engine` for `backend` ("cpu" / "cuda" share the C++ op; "triton" its own)."""
+    if backend == "triton":
+        from . import triton_engines  # importing it registers the twins (torch.compile traces this)
+
+        if not triton_engines.AVAILABLE:
+            raise RuntimeError("the Triton engines are not available (is triton installed?)")
+        return triton_engines.forward_op(engine.name)
+    engine.register_cpp()
+    return getattr(torch.ops.fused_pairloss, f"{engine.name}_forward")
+
+
+def pair_stats(q, r, labels_q, labels_r, exclude_col, spec: S.PairLossSpec, backend) -> engines.PairStats:
+    """Row statistics of the pair sets for normalized q (N, D) against r (M, D) (None: self mode,
+    each row's own column excluded); exclude_col (N,) int64, ref mode: the column excluded from row
+    i's positives, -1 for none. Differentiable w.r.t. q and r."""
+    terms, flags = spec.pack()
+    labels_q = labels_q.to(device=q.device, dtype=torch.int64).contiguous()
+    if r is not None:
+        r = r.contiguous()
+        labels_r = labels_r.to(device=q.device, dtype=torch.int64).contiguous()
+        if exclude_col is not None:
+            exclude_col = exclude_col.to(device=q.device, dtype=torch.int64).contiguous()
+    else:
+        labels_r, exclude_col = None, None
+    values, counts, aux = forward_op(engines.PAIR, backend)(q.contiguous(), r, labels_q, labels_r, exclude_col,
+                                                            list(terms), flags)
+    return engines.PairStats(*values.unbind(0), *counts.unbind(0), aux[0], aux[1])
+
+
+# engines that apply S.WEIGHT_OPERAND_FLAGS themselves (per tile, no copy of w); the others get
+# weight_rows(w) from class_stats
+NATIVE_WEIGHT_OPERANDS = {"cpu"}
+
+
+def class_stats(q, w, labels, spec: S.ClassLossSpec, backend) -> engines.ClassStats:
+    """Row and column statistics for normalized q (N, D) and the loss's weights w as its declaration
+    lays them out (weights_layout "rows": (C*K, D), "columns": (D, C*K); vector c*K+k = center k of
+    class c). Differentiable w.r.t. q and w."""
+    terms, flags = spec.pack()
+    engine_kind = "triton" if backend == "triton" else q.device.type
+    if flags & S.WEIGHT_OPERAND_FLAGS and engine_kind not in NATIVE_WEIGHT_OPERANDS:
+        w, flags = engines.weight_rows(w, flags), flags & ~S.WEIGHT_OPERAND_FLAGS
+    labels = labels.to(device=q.device, dtype=torch.int64).contiguous()
+    rows, cols = forward_op(engines.CLASS, backend)(q.contiguous(), w.contiguous(), labels,
+                                                    int(spec.centers_per_class), list(terms), flags)
+    return engines.ClassStats(rows[0], rows[1], cols[0], cols[1])
+
+
+__all__ = ["pair_stats", "class_stats", "forward_op", "NATIVE_WEIGHT_OPERANDS"]
