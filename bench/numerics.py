@@ -43,7 +43,8 @@ def pair_rows(gap, pairs, d, gen):
 
 
 def distance_errors(backend, pairs, d, seed):
-    from fused_pairloss.ops import contrastive, engines
+    from fused_pairloss.losses import contrastive
+    from fused_pairloss.ops import stats
 
     rows = []
     gen = torch.Generator().manual_seed(seed)
@@ -55,7 +56,7 @@ def distance_errors(backend, pairs, d, seed):
             qq = q.double()
             truth = (qq[0::2] - qq[1::2]).norm(dim=1).repeat_interleave(2)
             spec = contrastive.declaration(0.0, 1.0, "lp")  # a positive's term: relu(d - 0) = d
-            fused = engines.pair_stats(q, None, labels, None, None, spec, backend).sum_pos.double()
+            fused = stats.pair_stats(q, None, labels, None, None, spec, backend).sum_pos.double()
             eps = torch.finfo(dtype).eps
             rec = {"gap": gap, "dtype": str(dtype).replace("torch.", ""), "truth_median": truth.median().item(),
                    "fused_abs_eps": ((fused - truth).abs().max() / eps).item()}

@@ -100,9 +100,10 @@ def test_duplicate_pairs_are_exactly_zero_at_op_level(backend):
     terms: the counts of x > 0 over the positives are those of the distinct pairs only."""
     x, y = duplicated_batch(6, 8, torch.float32, seed=4)
     q = F.normalize(x.detach(), dim=1)
-    from fused_pairloss.ops import contrastive, engines
+    from fused_pairloss.losses import contrastive
+    from fused_pairloss.ops import stats
 
-    st = engines.pair_stats(q, None, y, None, None, contrastive.declaration(0.0, 1.0, "lp"), backend)
+    st = stats.pair_stats(q, None, y, None, None, contrastive.declaration(0.0, 1.0, "lp"), backend)
     assert torch.equal(st.count_pos, torch.ones(12, dtype=torch.int32))  # each row's copy
     assert torch.equal(st.nonzero_pos, torch.zeros(12, dtype=torch.int32))
     assert torch.equal(st.sum_pos, torch.zeros(12))
@@ -125,14 +126,15 @@ def test_near_pairs_give_the_same_bits_on_every_isa(isa_cap):
     near = x.detach() + 1e-3 * torch.randn(x.shape, generator=g)  # near-duplicates of every row
     q = F.normalize(torch.cat([x.detach(), near]), dim=1)
     labels = torch.cat([y, y])
-    from fused_pairloss.ops import contrastive, engines
+    from fused_pairloss.losses import contrastive
+    from fused_pairloss.ops import stats
 
     spec = contrastive.declaration(0.0, 2.0, "lp")  # every negative inside the margin: no kink at all
     results = []
     for isa in ("avx512", "avx2", "base"):
         if isa_cap(isa) != isa:
             continue
-        st = engines.pair_stats(q, None, labels, None, None, spec, "cpu")
+        st = stats.pair_stats(q, None, labels, None, None, spec, "cpu")
         results.append(st.sum_pos)
     if len(results) < 2:
         pytest.skip("this CPU has one instruction set of the three")

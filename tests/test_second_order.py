@@ -8,6 +8,7 @@ import torch
 from torch.autograd import gradgradcheck
 
 import fused_pairloss as fpl
+from fused_pairloss.losses import multi_similarity, proxy_anchor
 from kit import LOSSES, check_close, loss_case
 
 FUSED = [b for b in ("cpu", "triton") if b in fpl.available_backends("cpu")]
@@ -82,13 +83,13 @@ def test_backward_ops_refuse_to_be_differentiated(engine):
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     ops = torch.ops.fused_pairloss
     if engine == "pair":
-        terms, flags = fpl.ops.multi_similarity.declaration(2.0, 50.0, 0.5).pack()
+        terms, flags = multi_similarity.declaration(2.0, 50.0, 0.5).pack()
         values, _, aux = ops.pair_engine_forward(q, None, labels, None, None, list(terms), flags)
         gq, _ = ops.pair_engine_backward(torch.ones_like(values), q, None, labels, None, None, values.detach(),
                                          aux, list(terms), flags, False)
     else:
         w = torch.nn.functional.normalize(torch.randn(3, 4, generator=g, dtype=torch.float64), dim=1)
-        terms, flags = fpl.ops.proxy_anchor.declaration(0.1, 32.0).pack()
+        terms, flags = proxy_anchor.declaration(0.1, 32.0).pack()
         rows, cols = ops.class_engine_forward(q, w, labels, 1, list(terms), flags)
         gq, _ = ops.class_engine_backward(torch.ones_like(rows), torch.ones_like(cols), q, w, labels,
                                           rows.detach(), cols.detach(), 1, list(terms), flags, False)

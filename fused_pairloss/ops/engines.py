@@ -19,15 +19,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from .. import _extension
 from . import spec as S
-
-
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation / statistics dtype of the ops: fp64 for fp64 inputs, else fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .operands import stat_dtype, weight_count, weight_rows
 
 
 class PairStats(NamedTuple):
@@ -93,19 +88,6 @@ def _pair_autograd(backward_op):
 
 
 # ---- class engine: fake kernels and autograd -----------------------------------------------------
-def weight_count(w, flags) -> int:
-    """C*K, the number of weight vectors of w as the declaration lays it out."""
-    return w.shape[1] if flags & S.WEIGHTS_COLUMNS else w.shape[0]
-
-
-def weight_rows(w, flags):
-    """w as plain rows (C*K, D), normalized where the declaration says so: what the flags
-    S.WEIGHT_OPERAND_FLAGS describe, in differentiable PyTorch (the oracle, and the registrar for
-    engines that take plain rows)."""
-    rows = w.t() if flags & S.WEIGHTS_COLUMNS else w
-    return F.normalize(rows, p=2, dim=1) if flags & S.NORMALIZE_WEIGHTS else rows
-
-
 def class_fake_forward(q, w, labels, centers_per_class, terms, flags):
     A = stat_dtype(q.dtype)
     return (q.new_empty((len(S.CLASS_ROWS), q.shape[0]), dtype=A),

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import spec as S
-from .engines import stat_dtype, weight_rows
+from .operands import stat_dtype, weight_rows
 
 NEG_INF = float("-inf")
 

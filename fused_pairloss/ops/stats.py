@@ -7,6 +7,7 @@ import torch
 
 from . import engines
 from . import spec as S
+from .operands import weight_rows
 
 
 def forward_op(engine: engines.Engine, backend):
@@ -51,7 +52,7 @@ def class_stats(q, w, labels, spec: S.ClassLossSpec, backend) -> engines.ClassSt
     terms, flags = spec.pack()
     engine_kind = "triton" if backend == "triton" else q.device.type
     if flags & S.WEIGHT_OPERAND_FLAGS and engine_kind not in NATIVE_WEIGHT_OPERANDS:
-        w, flags = engines.weight_rows(w, flags), flags & ~S.WEIGHT_OPERAND_FLAGS
+        w, flags = weight_rows(w, flags), flags & ~S.WEIGHT_OPERAND_FLAGS
     labels = labels.to(device=q.device, dtype=torch.int64).contiguous()
     rows, cols = forward_op(engines.CLASS, backend)(q.contiguous(), w.contiguous(), labels,
                                                     int(spec.centers_per_class), list(terms), flags)

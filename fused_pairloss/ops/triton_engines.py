@@ -75,7 +75,7 @@ import torch
 
 from . import engines
 from . import spec as S
-from .engines import stat_dtype
+from .operands import stat_dtype
 
 try:  # the module imports without triton: then AVAILABLE stays False
     import triton
