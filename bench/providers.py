@@ -66,6 +66,7 @@ BENCH_LOSSES = {
     "supcon": BenchLoss("SupConLoss"),
     "contrastive": BenchLoss("ContrastiveLoss"),
     "lifted": BenchLoss("GeneralizedLiftedStructureLoss"),
+    "triplet": BenchLoss("TripletMarginLoss"),
     "softtriple": BenchLoss("SoftTripleLoss"),
     "proxycircle": BenchLoss("ProxyCircleLoss"),
     "proxyanchor": BenchLoss("ProxyAnchorLoss"),

@@ -71,6 +71,9 @@ def pair_losses():
         "lifted": (lambda: fpl.GeneralizedLiftedStructureLoss(), lambda: L.GeneralizedLiftedStructureLoss(), None),
         "lifted_cos": (lambda: fpl.GeneralizedLiftedStructureLoss(0.2, 0.8, distance=cos()),
                        lambda: L.GeneralizedLiftedStructureLoss(0.2, 0.8, distance=cos()), None),
+        "triplet": (lambda: fpl.TripletMarginLoss(0.2), lambda: L.TripletMarginLoss(0.2), None),
+        "triplet_cos": (lambda: fpl.TripletMarginLoss(0.1, distance=cos()),
+                        lambda: L.TripletMarginLoss(0.1, distance=cos()), None),
     }
 
 

@@ -259,6 +259,8 @@ LOSSES: Dict[str, Loss] = {l.name: l for l in [
     Loss("contrastive", "ContrastiveLoss"),
     Loss("contrastive_cos", "ContrastiveLoss", dict(distance="cosine", pos_margin=0.9, neg_margin=0.1)),
     Loss("lifted", "GeneralizedLiftedStructureLoss"),
+    Loss("triplet", "TripletMarginLoss", dict(margin=0.2)),
+    Loss("triplet_cos", "TripletMarginLoss", dict(distance="cosine", margin=0.1)),
     Loss("softtriple", "SoftTripleLoss", dict(centers_per_class=4)),
     Loss("softtriple_reg", "SoftTripleLoss", dict(centers_per_class=3, center_reg_weight=0.2)),
     Loss("proxycircle", "ProxyCircleLoss"),

@@ -39,11 +39,11 @@ def _expect(*params):
 
 
 PAIR_CLASSES = ["MultiSimilarityLoss", "CircleLoss", "NTXentLoss", "SupConLoss", "ContrastiveLoss",
-                "GeneralizedLiftedStructureLoss"]
+                "GeneralizedLiftedStructureLoss", "TripletMarginLoss"]
 CLASS_CLASSES = ["SoftTripleLoss", "ProxyCircleLoss", "ProxyAnchorLoss", "NormalizedSoftmaxLoss", "CosFaceLoss",
                  "ArcFaceLoss"]
 FUNCTIONAL_NAMES = ["multi_similarity_loss", "circle_loss", "ntxent_loss", "supcon_loss", "contrastive_loss",
-                    "generalized_lifted_structure_loss", "soft_triple_loss", "proxy_circle_loss",
+                    "generalized_lifted_structure_loss", "triplet_margin_loss", "soft_triple_loss", "proxy_circle_loss",
                     "proxy_anchor_loss", "normalized_softmax_loss", "cosface_loss", "arcface_loss"]
 
 
@@ -71,6 +71,8 @@ CONSTRUCTORS = {
     fpl.ContrastiveLoss: _expect(("pos_margin", 0), ("neg_margin", 1), ("backend", "auto"), "**kwargs"),
     fpl.GeneralizedLiftedStructureLoss: _expect(("neg_margin", 1), ("pos_margin", 0), ("backend", "auto"),
                                                 "**kwargs"),
+    fpl.TripletMarginLoss: _expect(("margin", 0.05), ("swap", False), ("smooth_loss", False),
+                                   ("triplets_per_anchor", "all"), ("backend", "auto"), "**kwargs"),
     fpl.SoftTripleLoss: _expect(("num_classes", NODEF), ("embedding_size", NODEF), ("centers_per_class", 10),
                                 ("la", 20.0), ("gamma", 0.1), ("margin", 0.01), ("center_reg_weight", 0.0),
                                 ("backend", "auto"), "**kwargs"),
@@ -118,6 +120,7 @@ FUNCTIONALS = {
                                 ("backend", "auto")),
     "generalized_lifted_structure_loss": _expect(*_PAIR_HEAD, ("neg_margin", 1.0), ("pos_margin", 0.0),
                                                  ("distance", "lp"), ("backend", "auto")),
+    "triplet_margin_loss": _expect(*_PAIR_HEAD, ("margin", 0.05), ("distance", "lp"), ("backend", "auto")),
     "soft_triple_loss": _expect(("embeddings", NODEF), ("labels", NODEF), ("centers", NODEF), "*",
                                 ("centers_per_class", 10), ("la", 20.0), ("gamma", 0.1), ("margin", 0.01),
                                 ("center_reg_weight", 0.0), ("backend", "auto")),

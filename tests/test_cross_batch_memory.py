@@ -36,6 +36,9 @@ LOSSES = {
     "lifted": (lambda: fpl.GeneralizedLiftedStructureLoss(), lambda: L.GeneralizedLiftedStructureLoss()),
     "lifted_cos": (lambda: fpl.GeneralizedLiftedStructureLoss(0.2, 0.8, distance=Dm.CosineSimilarity()),
                    lambda: L.GeneralizedLiftedStructureLoss(0.2, 0.8, distance=Dm.CosineSimilarity())),
+    "triplet": (lambda: fpl.TripletMarginLoss(0.2), lambda: L.TripletMarginLoss(0.2)),
+    "triplet_cos": (lambda: fpl.TripletMarginLoss(0.1, distance=Dm.CosineSimilarity()),
+                    lambda: L.TripletMarginLoss(0.1, distance=Dm.CosineSimilarity())),
 }
 
 

@@ -5,11 +5,11 @@ LossEntry) is the one table the package exports, fused_pairloss.functional / .re
 .modules, the distributed wrapper, the test kit and the benchmarks read.
 """
 from . import (circle, contrastive, lifted_structure, margin_softmax, multi_similarity, ntxent, proxy_anchor,
-               proxy_circle, soft_triple, supcon)
+               proxy_circle, soft_triple, supcon, triplet_margin)
 from ._registry import LossEntry
 
-LOSS_MODULES = (multi_similarity, circle, ntxent, supcon, contrastive, lifted_structure, soft_triple, proxy_circle,
-                proxy_anchor, margin_softmax)
+LOSS_MODULES = (multi_similarity, circle, ntxent, supcon, contrastive, lifted_structure, triplet_margin, soft_triple,
+                proxy_circle, proxy_anchor, margin_softmax)
 REGISTRY = {entry.name: entry for module in LOSS_MODULES for entry in module.ENTRIES}
 
 globals().update({name: entry.cls for name, entry in REGISTRY.items()})

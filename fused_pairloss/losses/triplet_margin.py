@@ -1,0 +1,163 @@
+"""Triplet margin loss (Weinberger & Saul 2009; Schroff et al., FaceNet 2015; PML TripletMarginLoss).
+
+Per triplet (anchor a, positive p, negative n) with u = d (LpDistance) or u = -S (cosine, PML's
+distance.margin for a similarity): l_apn = relu(u_ap - u_an + margin); PML's AvgNonZeroReducer:
+the mean of the l > 0, 0 if none. "all" triplets: every (a, p, n) with label_p == label_a (p != a
+in self mode) and label_n != label_a.
+
+All triplets without enumerating them (PML builds an N x M x M mask and O(N M^2) indices): per
+anchor, with A_p = u_ap + margin over its positives and B_n = u_an over its negatives,
+    sum_{p,n} relu(A_p - B_n) = sum_p (k_p A_p - sum_{n: B_n < A_p} B_n),   k_p = #{n: B_n < A_p},
+and the count of nonzero terms is sum_p k_p: the op `fused_pairloss::triplet_rows`
+(fused_pairloss/ops/triplets.py) sorts the anchor's B once, prefix-sums it and finds each A_p in it,
+in row chunks recomputed by its backward: memory O(chunk x M + (N + M) D), never N x M or triplets.
+It is PyTorch (the same on every backend), not yet a kernel of the engines.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _validation as V
+from ..ops._common import LOCAL, normalize, pair_operands, zero_loss
+from ..ops.triplets import triplet_rows
+from ._base import _PairLoss, run_pair_loss
+from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
+from ._registry import LossEntry
+
+# ---- reference: PML step by step -------------------------------------------------------------
+def all_triplets(labels, ref_labels, exclude_self):
+    """PML lmu.get_all_triplets_indices (loss_and_miner_utils.py): (a, p, n) in torch.where order."""
+    matches = labels[:, None] == ref_labels[None, :]
+    if exclude_self:
+        matches = matches.clone()
+        matches.fill_diagonal_(False)
+    diffs = labels[:, None] != ref_labels[None, :]
+    return torch.where(matches[:, :, None] & diffs[:, None, :])
+
+
+def triplet_distances(embeddings, ref_emb, a, p, n, distance):
+    """PML's mat[a, p], mat[a, n] from the listed rows only (O(#triplets D)): the distance of each
+    listed pair (torch's direct formula for "lp", the dot product for "cosine")."""
+    q, r = normalize(embeddings), normalize(ref_emb)
+    if distance == "cosine":
+        return (q[a] * r[p]).sum(1), (q[a] * r[n]).sum(1)
+    return (q[a] - r[p]).norm(dim=1), (q[a] - r[n]).norm(dim=1)
+
+
+def triplet_margin_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.05, distance="lp",
+                             indices_tuple=None):
+    """PML TripletMarginLoss(margin) with triplets_per_anchor="all", swap=False, smooth_loss=False.
+
+    Triplets: the listed ones (indices_tuple (a, p, n), or pairs (a1, p, a2, n) joined on the
+    anchor, lmu.convert_to_triplets), else all of them (PML's identity rule for the self pair).
+    Per triplet l = relu(margin(ap, an) + margin), margin(x, y) = x - y for "lp", y - x for
+    "cosine" (base_distance.py:61-64); AvgNonZeroReducer: mean of the l > 0, 0 if none.
+    With all triplets the distances come from the materialized matrix, as PML's; with listed
+    triplets from the listed rows (memory O(#triplets D)).
+    """
+    check_distance(distance, loss="triplet_margin_loss")
+    self_mode = ref_emb is None or (ref_emb is embeddings and ref_labels is labels)
+    ref, ref_lab = (embeddings, labels) if ref_emb is None else (ref_emb, ref_labels)
+    if indices_tuple is None:
+        labels_t = torch.as_tensor(labels, device=embeddings.device)
+        ref_t = labels_t if ref_lab is labels else torch.as_tensor(ref_lab, device=embeddings.device)
+        a, p, n = all_triplets(labels_t, ref_t, exclude_self=self_mode or ref_lab is labels)
+        mat = distance_matrix(embeddings, ref, distance)
+        ap, an = mat[a, p], mat[a, n]
+    else:
+        if len(indices_tuple) == 4:  # lmu.convert_to_triplets: pairs joined on the anchor
+            a1, p1, a2, n2 = (t.to(embeddings.device).long() for t in indices_tuple)
+            pi, ni = torch.where(a1[:, None] == a2[None, :])
+            a, p, n = a1[pi], p1[pi], n2[ni]
+        else:
+            a, p, n = (t.to(embeddings.device).long() for t in indices_tuple)
+        ap, an = triplet_distances(embeddings, ref, a, p, n, distance)
+    if a.numel() == 0:
+        return nan_in_nan_out(zero_loss(embeddings), embeddings, ref_emb)
+    violation = (ap - an if distance == "lp" else an - ap) + margin
+    losses = torch.relu(violation)
+    kept = losses > 0
+    loss = losses[kept].mean() if kept.any() else zero_loss(embeddings)
+    return nan_in_nan_out(loss, embeddings, ref_emb)
+
+
+def triplet_margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, distance="lp", backend,
+                         exclude_col=None, batch=LOCAL):
+    """All triplets through the op triplet_rows (module docstring); AvgNonZero over `batch` (the distributed wrapper
+    sums over every rank's rows)."""
+    q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
+    labels_q = labels.to(device=q.device, dtype=torch.int64)
+    if r is None:
+        r, labels_r, excl = q, labels_q, torch.arange(q.shape[0], device=q.device)
+    else:
+        labels_r = labels_r.to(device=q.device, dtype=torch.int64)
+        excl = torch.full_like(labels_q, -1) if excl is None else excl.to(device=q.device, dtype=torch.int64)
+    sums, counts = triplet_rows(q, r, labels_q, labels_r, excl, float(margin), distance == "lp")
+    n = batch.sum(counts)
+    zero = zero_loss(embeddings)
+    loss = torch.where(n > 0, (batch.sum(sums) / n.clamp(min=1)).to(embeddings.dtype), zero)
+    # AvgNonZeroReducer drops NaN terms: keep NaN in, NaN out (docs/semantics.md)
+    return loss + zero + (0 if ref_emb is None else zero_loss(ref_emb))
+
+
+def triplet_margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.05, distance="lp",
+                        backend="auto"):
+    """PML TripletMarginLoss(margin) over all triplets; PML's default distance LpDistance ("lp")."""
+    V.check_real("margin", margin)
+    V.check_distance(distance)
+    return run_pair_loss(triplet_margin_reference, triplet_margin_fused, embeddings, labels, ref_emb, ref_labels,
+                         backend, margin=margin, distance=distance)
+
+
+class TripletMarginLoss(_PairLoss):
+    """Drop-in for pytorch_metric_learning.losses.TripletMarginLoss (default distance LpDistance).
+    All triplets are computed without enumerating them; swap=True, smooth_loss=True or an integer
+    triplets_per_anchor (random sampling) are computed by PML itself (one-time warning); an
+    explicit indices_tuple from the listed triplets' rows only (O(#triplets D))."""
+    _default_distance = "lp"
+    _reference = staticmethod(triplet_margin_reference)
+
+    def __init__(self, margin=0.05, swap=False, smooth_loss=False, triplets_per_anchor="all", backend="auto",
+                 **kwargs):
+        super().__init__()
+        V.check_real("margin", margin)
+        if not (triplets_per_anchor == "all" or (isinstance(triplets_per_anchor, int)
+                                                 and not isinstance(triplets_per_anchor, bool)
+                                                 and triplets_per_anchor > 0)):
+            raise ValueError(f"triplets_per_anchor must be 'all' or an int > 0; got {triplets_per_anchor!r}")
+        self.margin, self.swap, self.smooth_loss = margin, bool(swap), bool(smooth_loss)
+        self.triplets_per_anchor = triplets_per_anchor
+        # what only PML computes: passed on to PML's class, which then computes the loss
+        pml_only = {k: v for k, v in (("swap", self.swap), ("smooth_loss", self.smooth_loss),
+                                      ("triplets_per_anchor", triplets_per_anchor)) if v not in (False, "all")}
+        self._init_pair(backend, dict(kwargs, **pml_only), (margin,))
+
+    def _hyper(self):
+        return dict(margin=self.margin, distance=self.distance)
+
+    def _functional(self):
+        return triplet_margin_loss
+
+    def _reference_with_indices(self, embeddings, labels, indices_tuple, ref_emb, ref_labels, hyper):
+        # the listed triplets' rows only: no N x M matrix, so no warning
+        V.check_embeddings(embeddings)
+        if ref_emb is not None:
+            V.check_embeddings(ref_emb, "ref_emb")
+        if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
+            raise ValueError("indices_tuple must be a tuple of 3 (a, p, n) or 4 (a1, p, a2, n) index tensors")
+        return triplet_margin_reference(embeddings, labels, ref_emb, ref_labels, indices_tuple=indices_tuple, **hyper)
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        if self._pml is None and labels is None and indices_tuple is None:
+            raise ValueError("TripletMarginLoss needs labels or an indices_tuple")
+        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+    def extra_repr(self):
+        return (super().extra_repr() + f", swap={self.swap}, smooth_loss={self.smooth_loss}, "
+                f"triplets_per_anchor={self.triplets_per_anchor!r}")
+
+
+ENTRIES = (
+    LossEntry(TripletMarginLoss, "pair", functional=triplet_margin_loss, reference=triplet_margin_reference,
+              fused=triplet_margin_fused, hyper=("margin",)),
+)

@@ -1,0 +1,191 @@
+"""The all-triplets op: per anchor row, the sum and the count of the triplet hinge terms > 0 over
+all its (positive, negative) pairs, without enumerating the triplets (docs/design.md, "Triplets").
+
+    fused_pairloss::triplet_rows(q[N,D], r[M,D], labels_q[N], labels_r[M], exclude_col[N], margin, lp)
+        -> (sums A[N], counts int64[N])
+
+q, r normalized rows (self mode: r is q and exclude_col[i] = i); u = d (lp) or -S; per row i,
+A_p = u_ip + margin over its positives (same label, p != exclude_col_i), B_n = u_in over its
+negatives: sums_i = sum_{p,n} relu(A_p - B_n) = sum_p (k_p A_p - sum_{n: B_n < A_p} B_n), k_p =
+#{n : B_n < A_p}, counts_i = sum_p k_p (the nonzero terms). Per row the negatives are sorted once
+and prefix-summed, and every A_p found in them by binary search. Rows go in chunks of at most
+CHUNK_ELEMENTS pair entries; the backward recomputes each chunk and takes its vector-Jacobian
+product (d sums_i / d A_p = k_p; the B_n through the sort and the prefix sums), so no N x M tensor
+exists at any time. A stat dtype as the engines (fp32 for fp16 / bf16, fp64 for fp64).
+
+The implementation is PyTorch, the same on every device: a torch.library op (fake kernel,
+autograd, opcheck; torch.compile sees one opaque op) whose schema the kernels will keep.
+"""
+from __future__ import annotations
+
+import torch
+
+from .operands import stat_dtype
+
+# pair entries of one chunk's N_chunk x M buffers (a few of them live at once)
+CHUNK_ELEMENTS = 1 << 20
+LP_NEAR_PAIR = 1.0 / 32  # csrc/common/pair_terms.inl kLpNearPair
+
+
+def _u(q, r, lp):
+    """u = d (accurate near d = 0 as the engines: docs/design.md "Numerics") or -S."""
+    s = q @ r.t()
+    if not lp:
+        return -s
+    nq, nr = (q * q).sum(1), (r * r).sum(1)
+    d2 = nq[:, None] + nr[None, :] - 2 * s
+    near = (d2 < LP_NEAR_PAIR * (nq[:, None] + nr[None, :])).nonzero(as_tuple=True)
+    if near[0].numel():
+        d2 = d2.index_put(near, (q[near[0]] - r[near[1]]).square().sum(1))
+    pos = d2 > 0  # the root's gradient is 0 at d = 0 (torch.cdist's choice)
+    return torch.where(pos, torch.sqrt(torch.where(pos, d2, torch.ones_like(d2))), torch.zeros_like(d2))
+
+
+def chunk_rows(q, r, labels_q, labels_r, exclude_col, margin, lp):
+    """(sums, counts) of the rows q (a chunk) against r: differentiable PyTorch."""
+    u = _u(q, r, lp)
+    same = labels_q[:, None] == labels_r[None, :]
+    cols = torch.arange(r.shape[0], device=q.device)
+    positive = same & (cols[None, :] != exclude_col[:, None])
+    inf = torch.full_like(u, float("inf"))
+    thresholds = torch.where(positive, u + margin, -inf)  # A_p; -inf: not a positive
+    negatives, _ = torch.sort(torch.where(same, inf, u), dim=1)  # B_n ascending; +inf: not a negative
+    zeros = torch.zeros_like(u)
+    prefix = torch.cumsum(torch.where(torch.isinf(negatives), zeros, negatives), dim=1)
+    below = torch.searchsorted(negatives.detach(), thresholds.detach())  # k_p (strict: B_n < A_p)
+    below_sum = torch.where(below > 0, prefix.gather(1, (below - 1).clamp_min(0)), zeros)
+    terms = torch.where(positive & (below > 0), below * thresholds - below_sum, zeros)
+    return terms.sum(1), torch.where(positive, below, torch.zeros_like(below)).sum(1)
+
+
+def _chunks(n, m):
+    step = max(1, CHUNK_ELEMENTS // max(m, 1))
+    return [(i0, min(n, i0 + step)) for i0 in range(0, n, step)]
+
+
+@torch.library.custom_op("fused_pairloss::triplet_rows", mutates_args=())
+def triplet_rows(q: torch.Tensor, r: torch.Tensor, labels_q: torch.Tensor, labels_r: torch.Tensor,
+                 exclude_col: torch.Tensor, margin: float, lp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    A = stat_dtype(q.dtype)
+    qa, ra = q.to(A), r.to(A)
+    sums, counts = [], []
+    for i0, i1 in _chunks(q.shape[0], r.shape[0]):
+        s, c = chunk_rows(qa[i0:i1], ra, labels_q[i0:i1], labels_r, exclude_col[i0:i1], margin, lp)
+        sums.append(s)
+        counts.append(c)
+    if not sums:
+        return q.new_zeros((0,), dtype=A), q.new_zeros((0,), dtype=torch.int64)
+    return torch.cat(sums), torch.cat(counts)
+
+
+@triplet_rows.register_fake
+def _(q, r, labels_q, labels_r, exclude_col, margin, lp):
+    n = q.shape[0]
+    return q.new_empty((n,), dtype=stat_dtype(q.dtype)), q.new_empty((n,), dtype=torch.int64)
+
+
+def _chunk_vjp(grad_sums, q, r, labels_q, labels_r, exclude_col, margin, lp, need_q, need_r, create_graph):
+    """(grad_q, grad_r) of sum_i grad_sums_i sums_i, chunk by chunk (each chunk recomputed)."""
+    A = stat_dtype(q.dtype)
+    q_grads, grad_r = [], None
+    for i0, i1 in _chunks(q.shape[0], r.shape[0]):
+        with torch.enable_grad():
+            # create_graph: nodes of their own (r may be q itself), through which the graph reaches q and r
+            qc = q[i0:i1].to(A) if create_graph else q[i0:i1].detach().to(A).requires_grad_(need_q)
+            rc = r.to(A).view_as(r) if create_graph else r.detach().to(A).requires_grad_(need_r)
+            s, _ = chunk_rows(qc, rc, labels_q[i0:i1], labels_r, exclude_col[i0:i1], margin, lp)
+            wanted = [t for t, need in ((qc, need_q), (rc, need_r)) if need]
+            grads = list(torch.autograd.grad(s, wanted, grad_sums[i0:i1].to(A), create_graph=create_graph,
+                                             allow_unused=True))
+        if need_q:
+            gq = grads.pop(0)
+            q_grads.append(torch.zeros_like(qc) if gq is None else gq)
+        if need_r:
+            gr = grads.pop(0)
+            if gr is not None:
+                grad_r = gr if grad_r is None else grad_r + gr
+    grad_q = (torch.cat(q_grads) if q_grads else torch.zeros_like(q, dtype=A)).to(q.dtype) if need_q else None
+    if need_r:
+        grad_r = (torch.zeros_like(r, dtype=A) if grad_r is None else grad_r).to(r.dtype)
+    return grad_q, grad_r
+
+
+def _chunk_coefficients(q, r, labels_q, labels_r, exclude_col, margin, lp):
+    """(W, u) of a chunk: dsums_i/du_ij (k_j for a positive, -c_j for a negative with c_j =
+    #{p : A_p > B_j}), divided by d_ij for lp (0 at d = 0), negated for the cosine (u = -S), so
+    that the gradient of sum_i g_i sums_i is W's products with the rows."""
+    u = _u(q, r, lp)
+    same = labels_q[:, None] == labels_r[None, :]
+    cols = torch.arange(r.shape[0], device=q.device)
+    positive = same & (cols[None, :] != exclude_col[:, None])
+    negative = ~same
+    inf = torch.full_like(u, float("inf"))
+    thresholds = torch.where(positive, u + margin, -inf)
+    negatives, _ = torch.sort(torch.where(same, inf, u), dim=1)
+    k = torch.searchsorted(negatives, thresholds)  # negatives below each positive's threshold
+    ascending, _ = torch.sort(thresholds, dim=1)
+    n_pos = positive.sum(1, keepdim=True)
+    # positives above each negative: all positives minus those with A_p <= B_n (the -inf fill sorts first)
+    c = n_pos - (torch.searchsorted(ascending, u, right=True) - (r.shape[0] - n_pos))
+    coef = torch.where(positive, k.to(u.dtype), torch.where(negative, -c.to(u.dtype), torch.zeros_like(u)))
+    if lp:
+        return torch.where(u > 0, coef / torch.where(u > 0, u, torch.ones_like(u)), torch.zeros_like(u))
+    return -coef
+
+
+@torch.library.custom_op("fused_pairloss::triplet_rows_backward", mutates_args=())
+def triplet_rows_backward(grad_sums: torch.Tensor, q: torch.Tensor, r: torch.Tensor, labels_q: torch.Tensor,
+                          labels_r: torch.Tensor, exclude_col: torch.Tensor, margin: float, lp: bool,
+                          need_grad_q: bool, need_grad_r: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vector-Jacobian product of triplet_rows' sums, chunk by chunk: with W = g_i dsums_i/dv_ij
+    (v = d or S), grad_q = W r (+ the lp norms' share: d_ij = |q_i - r_j| gives (q_i - r_j) / d_ij)
+    and grad_r = W^T q likewise; an empty tensor for a gradient not needed."""
+    A = stat_dtype(q.dtype)
+    qa, ra = q.to(A), r.to(A)
+    grad_q = torch.zeros_like(qa) if need_grad_q else None
+    grad_r = torch.zeros_like(ra) if need_grad_r else None
+    for i0, i1 in _chunks(q.shape[0], r.shape[0]):
+        W = grad_sums[i0:i1, None].to(A) * _chunk_coefficients(qa[i0:i1], ra, labels_q[i0:i1], labels_r,
+                                                               exclude_col[i0:i1], margin, lp)
+        sign = -1.0 if lp else 1.0  # lp: d/dq_i |q_i - r_j| = (q_i - r_j) / d; cosine: W already holds -dsums/dS
+        if need_grad_q:
+            grad_q[i0:i1] = sign * (W @ ra) + (W.sum(1, keepdim=True) * qa[i0:i1] if lp else 0)
+        if need_grad_r:
+            grad_r += sign * (W.t() @ qa[i0:i1]) + (W.sum(0)[:, None] * ra if lp else 0)
+    empty = q.new_empty((0,))
+    return (empty if grad_q is None else grad_q.to(q.dtype)), (empty if grad_r is None else grad_r.to(r.dtype))
+
+
+@triplet_rows_backward.register_fake
+def _(grad_sums, q, r, labels_q, labels_r, exclude_col, margin, lp, need_grad_q, need_grad_r):
+    empty = q.new_empty((0,))
+    return (torch.empty_like(q) if need_grad_q else empty), (torch.empty_like(r) if need_grad_r else empty)
+
+
+def _setup_context(ctx, inputs, output):
+    q, r, labels_q, labels_r, exclude_col, margin, lp = inputs
+    ctx.save_for_backward(q, r, labels_q, labels_r, exclude_col)
+    ctx.margin, ctx.lp = margin, lp
+
+
+def _backward(ctx, grad_sums, _grad_counts):
+    q, r, labels_q, labels_r, exclude_col = ctx.saved_tensors
+    need_q, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if grad_sums is None or not (need_q or need_r):
+        return None, None, None, None, None, None, None
+    if torch.is_grad_enabled():  # create_graph=True: the gradient itself must be differentiable
+        gq, gr = _chunk_vjp(grad_sums, q, r, labels_q, labels_r, exclude_col, ctx.margin, ctx.lp, need_q, need_r,
+                            create_graph=True)
+    else:
+        gq, gr = triplet_rows_backward(grad_sums.contiguous(), q, r, labels_q, labels_r, exclude_col, ctx.margin,
+                                       ctx.lp, need_q, need_r)
+    return (gq if need_q else None), (gr if need_r else None), None, None, None, None, None
+
+
+def _backward_not_differentiable(ctx, *grads):
+    raise RuntimeError("fused_pairloss::triplet_rows_backward (a first-order gradient) is not differentiable; "
+                       "second-order gradients go through create_graph=True")
+
+
+triplet_rows.register_autograd(_backward, setup_context=_setup_context)
+triplet_rows_backward.register_autograd(_backward_not_differentiable, setup_context=lambda ctx, inputs, output: None)

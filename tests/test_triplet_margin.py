@@ -1,0 +1,130 @@
+"""TripletMarginLoss (fused_pairloss/losses/triplet_margin.py, op fused_pairloss::triplet_rows)
+against PML's own class: values and gradients over all triplets, listed triplets and pairs from
+PML's miners, PML's fallbacks (swap, smooth_loss, sampled triplets), and the op's registration."""
+import pytest
+import torch
+
+import fused_pairloss as fpl
+from fused_pairloss.ops import triplets
+from kit import check_close
+
+pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
+from pytorch_metric_learning.distances import CosineSimilarity  # noqa: E402
+
+
+def value_and_grads(fn, params):
+    out = fn()
+    return out, torch.autograd.grad(out, params)
+
+
+def inputs(n, d, classes, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    return x, torch.randint(0, classes, (n,), generator=g)
+
+
+def check_against_pml(ours, pml, args, params, dtype):
+    """Our module and PML's on the same inputs: the fp64 PML call is the truth, PML in the case's
+    dtype the same-dtype reference (tests/kit.py's rule)."""
+    val, grads = value_and_grads(lambda: ours(*args), params)
+    pml_val, pml_grads = value_and_grads(lambda: pml(*args), params)
+    conv = {id(p): p.detach().double().requires_grad_(True) for p in params}
+    args64 = [conv.get(id(a), a) for a in args]
+    truth, truth_grads = value_and_grads(lambda: pml(*args64), [conv[id(p)] for p in params])
+    check_close(val, truth, pml_val, what="value", dtype=dtype)
+    for k, (a, b, t) in enumerate(zip(grads, pml_grads, truth_grads)):
+        check_close(a, t, b, what=f"grad {k}", dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("distance", ["lp", "cosine"])
+@pytest.mark.parametrize("mode", ["self", "ref", "ref_is_labels"])
+def test_all_triplets_match_pml(dtype, distance, mode):
+    x, y = inputs(40, 12, 5, dtype, seed=1)
+    kw = dict(margin=0.2) if distance == "lp" else dict(margin=0.1, distance=CosineSimilarity())
+    ours, pml = fpl.TripletMarginLoss(**kw), pml_losses.TripletMarginLoss(**kw)
+    if mode == "self":
+        check_against_pml(ours, pml, (x, y), [x], dtype)
+        return
+    r, ry = inputs(30 if mode == "ref" else 40, 12, 5, dtype, seed=2)
+    ry = y if mode == "ref_is_labels" else ry
+    check_against_pml(ours, pml, (x, y, None, r, ry), [x, r], dtype)
+
+
+def test_many_rows_in_several_chunks(monkeypatch):
+    """Rows split into several chunks (forward and backward) give one chunk's result."""
+    x, y = inputs(64, 8, 4, torch.float64, seed=3)
+    whole, (g_whole,) = value_and_grads(lambda: fpl.TripletMarginLoss(margin=0.3)(x, y), [x])
+    monkeypatch.setattr(triplets, "CHUNK_ELEMENTS", 64 * 7)  # 7 rows per chunk: 10 chunks, the last short
+    parts, (g_parts,) = value_and_grads(lambda: fpl.TripletMarginLoss(margin=0.3)(x, y), [x])
+    check_close(parts, whole, what="value")
+    check_close(g_parts, g_whole, what="grad")
+
+
+@pytest.mark.parametrize("miner", ["triplet_margin", "multi_similarity", "batch_hard"])
+def test_indices_tuple_from_pml_miners(miner):
+    """A miner's triplets (or pairs, joined on the anchor as PML does) are computed from the listed
+    rows: equal to PML; labels=None with an indices_tuple as PML allows."""
+    x, y = inputs(32, 10, 4, torch.float64, seed=4)
+    m = {"triplet_margin": pml_miners.TripletMarginMiner(margin=0.2, type_of_triplets="all"),
+         "multi_similarity": pml_miners.MultiSimilarityMiner(0.1),
+         "batch_hard": pml_miners.BatchHardMiner()}[miner]
+    indices = m(x.detach(), y)
+    for labels in (y, None):
+        check_against_pml(fpl.TripletMarginLoss(margin=0.2), pml_losses.TripletMarginLoss(margin=0.2),
+                          (x, labels, indices), [x], torch.float64)
+
+
+@pytest.mark.parametrize("kw", [dict(swap=True), dict(smooth_loss=True), dict(triplets_per_anchor=5)])
+def test_pml_only_options_are_computed_by_pml(kw, monkeypatch):
+    monkeypatch.setattr(fpl.losses._base, "_warned", set())  # the warning is once per class
+    x, y = inputs(24, 8, 3, torch.float64, seed=5)
+    ours = fpl.TripletMarginLoss(margin=0.2, **kw)
+    with pytest.warns(UserWarning, match="computed by pytorch-metric-learning"):
+        torch.manual_seed(0)
+        val = ours(x, y)
+    torch.manual_seed(0)
+    assert torch.equal(val, pml_losses.TripletMarginLoss(margin=0.2, **kw)(x, y))
+
+
+def test_no_triplets_gives_pml_zero_loss():
+    x, y = inputs(10, 6, 1, torch.float32, seed=6)  # one class: no negative
+    val = fpl.TripletMarginLoss()(x, y)
+    assert val.item() == 0 and val.requires_grad and val.item() == pml_losses.TripletMarginLoss()(x, y).item()
+
+
+@pytest.mark.parametrize("bad", ["some", 0, -3, 2.5, True])
+def test_bad_triplets_per_anchor_is_named(bad):
+    with pytest.raises(ValueError, match="triplets_per_anchor"):
+        fpl.TripletMarginLoss(triplets_per_anchor=bad)
+
+
+def test_labels_or_indices_required():
+    with pytest.raises(ValueError, match="labels"):
+        fpl.TripletMarginLoss()(torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("self_mode", [True, False])
+def test_opcheck(self_mode):
+    g = torch.Generator().manual_seed(7)
+    q = torch.nn.functional.normalize(torch.randn(9, 5, generator=g, dtype=torch.float64), dim=1)
+    lq = torch.randint(0, 3, (9,), generator=g)
+    if self_mode:
+        r, lr, ex = q, lq, torch.arange(9)
+    else:
+        r = torch.nn.functional.normalize(torch.randn(7, 5, generator=g, dtype=torch.float64), dim=1)
+        lr, ex = torch.randint(0, 3, (7,), generator=g), torch.full((9,), -1)
+    q = q.clone().requires_grad_(True)
+    r = q if self_mode else r.requires_grad_(True)
+    torch.library.opcheck(triplets.triplet_rows, (q, r, lq, lr, ex, 0.2, True))
+    sums, _ = triplets.triplet_rows(q, r, lq, lr, ex, 0.2, True)
+    torch.library.opcheck(triplets.triplet_rows_backward,
+                          (torch.ones_like(sums), q.detach(), r.detach(), lq, lr, ex, 0.2, True, True, True))
+
+
+def test_nan_in_nan_out():
+    x, y = inputs(12, 5, 3, torch.float32, seed=8)
+    x = x.detach().clone()
+    x[4, 0] = float("nan")
+    assert torch.isnan(fpl.TripletMarginLoss()(x, y))
