@@ -6,14 +6,17 @@ pytorch-metric-learning (PML), drop-in replacements for PML's loss classes.
     loss = loss_fn(embeddings, labels)
 
 Every loss class (fused_pairloss/losses/, one module per loss) is exported here from the loss table.
+`from fused_pairloss import losses, miners, distances, reducers, regularizers` gives PML's
+namespaces with this library's classes where it has them and PML's own otherwise.
 """
-from . import functional, losses, modules, reference  # noqa: F401  (fused_pairloss.modules: compatibility)
+from . import distances, functional, losses, miners, modules, reducers, reference, regularizers  # noqa: F401
 from ._backends import available_backends, build_info
 from ._version import __version__
 from .memory import CrossBatchMemory
 from .parallel import DistributedLossWrapper
 
 globals().update({name: entry.cls for name, entry in losses.REGISTRY.items()})
+losses.CrossBatchMemory = CrossBatchMemory  # PML's losses namespace has it (losses cannot import memory: a cycle)
 
 __all__ = [
     *losses.REGISTRY,
@@ -21,6 +24,11 @@ __all__ = [
     "DistributedLossWrapper",
     "functional",
     "reference",
+    "losses",
+    "miners",
+    "distances",
+    "reducers",
+    "regularizers",
     "available_backends",
     "build_info",
     "__version__",

@@ -6,6 +6,7 @@ LossEntry) is the one table the package exports, fused_pairloss.functional / .re
 """
 from . import (circle, contrastive, lifted_structure, margin_softmax, multi_similarity, ntxent, proxy_anchor,
                proxy_circle, soft_triple, supcon, triplet_margin)
+from .._pml_namespace import pml_fallback
 from ._registry import LossEntry
 
 LOSS_MODULES = (multi_similarity, circle, ntxent, supcon, contrastive, lifted_structure, triplet_margin, soft_triple,
@@ -13,5 +14,8 @@ LOSS_MODULES = (multi_similarity, circle, ntxent, supcon, contrastive, lifted_st
 REGISTRY = {entry.name: entry for module in LOSS_MODULES for entry in module.ENTRIES}
 
 globals().update({name: entry.cls for name, entry in REGISTRY.items()})
+# PML's `losses` namespace: the names this library lacks are PML's own classes (fused_pairloss/__init__.py
+# adds CrossBatchMemory)
+__getattr__, __dir__ = pml_fallback("losses", __name__)
 
 __all__ = [*REGISTRY, "REGISTRY", "LossEntry"]

@@ -1,0 +1,37 @@
+"""PML's namespaces (losses, miners, distances, reducers, regularizers) with this library's classes
+where it has them and PML's own otherwise, so that `from fused_pairloss import losses, miners`
+replaces `from pytorch_metric_learning import losses, miners` (PML stays an optional dependency)."""
+from __future__ import annotations
+
+import importlib
+
+
+def pml_fallback(namespace: str, module_name: str):
+    """The module-level `__getattr__` and `__dir__` of a namespace module: a name the module does not
+    define is PML's `pytorch_metric_learning.<namespace>.<name>`, or an AttributeError saying so."""
+
+    def pml_module():
+        try:
+            return importlib.import_module(f"pytorch_metric_learning.{namespace}")
+        except ImportError:
+            return None
+
+    def __getattr__(name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        pml = pml_module()
+        if pml is None:
+            raise AttributeError(f"{module_name} has no {name!r} of its own, and pytorch-metric-learning (whose "
+                                 f"{namespace}.{name} it would be) is not installed")
+        try:
+            return getattr(pml, name)
+        except AttributeError:
+            raise AttributeError(f"neither fused_pairloss nor pytorch_metric_learning.{namespace} has {name!r}") \
+                from None
+
+    def __dir__():
+        pml = pml_module()
+        mod = importlib.import_module(module_name)
+        return sorted(set(vars(mod)) | (set(dir(pml)) if pml is not None else set()))
+
+    return __getattr__, __dir__

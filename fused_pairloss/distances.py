@@ -1,0 +1,5 @@
+"""PML's `distances` namespace: `from fused_pairloss import distances` gives the classes of
+pytorch_metric_learning.distances (this library has none of its own here yet)."""
+from ._pml_namespace import pml_fallback
+
+__getattr__, __dir__ = pml_fallback("distances", __name__)
