@@ -7,11 +7,11 @@ all its (positive, negative) pairs, without enumerating the triplets (docs/desig
 q, r normalized rows (self mode: r is q and exclude_col[i] = i); u = d (lp) or -S; per row i,
 A_p = u_ip + margin over its positives (same label, p != exclude_col_i), B_n = u_in over its
 negatives: sums_i = sum_{p,n} relu(A_p - B_n) = sum_p (k_p A_p - sum_{n: B_n < A_p} B_n), k_p =
-#{n : B_n < A_p}, counts_i = sum_p k_p (the nonzero terms). Per row the negatives are sorted once
-and prefix-summed, and every A_p found in them by binary search. Rows go in chunks of at most
-CHUNK_ELEMENTS pair entries; the backward recomputes each chunk and takes its vector-Jacobian
-product (d sums_i / d A_p = k_p; the B_n through the sort and the prefix sums), so no N x M tensor
-exists at any time. A stat dtype as the engines (fp32 for fp16 / bf16, fp64 for fp64).
+#{n : B_n < A_p}, counts_i = sum_p k_p (the nonzero terms). Per row the positives' A are sorted
+(a top-k), every negative is placed in the bucket between two of them (a binary search), and
+per-bucket counts and sums, prefix-summed over the buckets, give k_p and the sums. Rows go in chunks
+of at most CHUNK_ELEMENTS pair entries; the backward op recomputes each chunk (d sums_i / d A_p =
+k_p, d sums_i / d B_n = -#{p : A_p > B_n}), so no N x M tensor exists at any time. A stat dtype as the engines (fp32 for fp16 / bf16, fp64 for fp64).
 
 The implementation is PyTorch, the same on every device: a torch.library op (fake kernel,
 autograd, opcheck; torch.compile sees one opaque op) whose schema the kernels will keep.
@@ -41,21 +41,39 @@ def _u(q, r, lp):
     return torch.where(pos, torch.sqrt(torch.where(pos, d2, torch.ones_like(d2))), torch.zeros_like(d2))
 
 
-def chunk_rows(q, r, labels_q, labels_r, exclude_col, margin, lp):
-    """(sums, counts) of the rows q (a chunk) against r: differentiable PyTorch."""
+def _chunk_sets(q, r, labels_q, labels_r, exclude_col, lp):
+    """u of a chunk and its positive / negative masks."""
     u = _u(q, r, lp)
     same = labels_q[:, None] == labels_r[None, :]
     cols = torch.arange(r.shape[0], device=q.device)
-    positive = same & (cols[None, :] != exclude_col[:, None])
-    inf = torch.full_like(u, float("inf"))
-    thresholds = torch.where(positive, u + margin, -inf)  # A_p; -inf: not a positive
-    negatives, _ = torch.sort(torch.where(same, inf, u), dim=1)  # B_n ascending; +inf: not a negative
-    zeros = torch.zeros_like(u)
-    prefix = torch.cumsum(torch.where(torch.isinf(negatives), zeros, negatives), dim=1)
-    below = torch.searchsorted(negatives.detach(), thresholds.detach())  # k_p (strict: B_n < A_p)
-    below_sum = torch.where(below > 0, prefix.gather(1, (below - 1).clamp_min(0)), zeros)
-    terms = torch.where(positive & (below > 0), below * thresholds - below_sum, zeros)
-    return terms.sum(1), torch.where(positive, below, torch.zeros_like(below)).sum(1)
+    return u, same & (cols[None, :] != exclude_col[:, None]), ~same
+
+
+def _buckets(u, positive, negative, margin):
+    """Per row, the positives' thresholds A ascending (B x P, P the chunk's largest positive set, the
+    rows with fewer padded with -inf in front), where they sit in u (B x P), and each column's bucket
+    t = #{j : A_j <= u} (B x M): a negative is below A_j (a nonzero term) iff j >= t."""
+    P = int(positive.sum(1).max()) if u.numel() else 0
+    thresholds = torch.where(positive, u + margin, torch.full_like(u, float("-inf")))
+    A, where_in_u = torch.topk(thresholds, P, dim=1, largest=True, sorted=True)
+    A, where_in_u = A.flip(1), where_in_u.flip(1)
+    bucket = torch.searchsorted(A.detach().contiguous(), u.detach().contiguous(), right=True)
+    return A, where_in_u, bucket, P
+
+
+def chunk_rows(q, r, labels_q, labels_r, exclude_col, margin, lp):
+    """(sums, counts) of the rows q (a chunk) against r, differentiable: per bucket the count and the
+    sum of the negatives in it, prefix sums over the buckets give k_j and sum_{n: B_n < A_j} B_n."""
+    u, positive, negative = _chunk_sets(q, r, labels_q, labels_r, exclude_col, lp)
+    A, _, bucket, P = _buckets(u, positive, negative, margin)
+    B = u.shape[0]
+    k = torch.zeros(B, P + 1, dtype=u.dtype, device=u.device).scatter_add(1, bucket, negative.to(u.dtype))
+    below = torch.zeros(B, P + 1, dtype=u.dtype, device=u.device).scatter_add(
+        1, bucket, torch.where(negative, u, torch.zeros_like(u)))
+    k, below = k[:, :P].cumsum(1), below[:, :P].cumsum(1)
+    real = torch.isfinite(A)
+    terms = torch.where(real, k * torch.where(real, A, torch.zeros_like(A)) - below, torch.zeros_like(A))
+    return terms.sum(1), torch.where(real, k, torch.zeros_like(k)).sum(1).to(torch.int64)
 
 
 def _chunks(n, m):
@@ -111,23 +129,15 @@ def _chunk_vjp(grad_sums, q, r, labels_q, labels_r, exclude_col, margin, lp, nee
 
 
 def _chunk_coefficients(q, r, labels_q, labels_r, exclude_col, margin, lp):
-    """(W, u) of a chunk: dsums_i/du_ij (k_j for a positive, -c_j for a negative with c_j =
-    #{p : A_p > B_j}), divided by d_ij for lp (0 at d = 0), negated for the cosine (u = -S), so
-    that the gradient of sum_i g_i sums_i is W's products with the rows."""
-    u = _u(q, r, lp)
-    same = labels_q[:, None] == labels_r[None, :]
-    cols = torch.arange(r.shape[0], device=q.device)
-    positive = same & (cols[None, :] != exclude_col[:, None])
-    negative = ~same
-    inf = torch.full_like(u, float("inf"))
-    thresholds = torch.where(positive, u + margin, -inf)
-    negatives, _ = torch.sort(torch.where(same, inf, u), dim=1)
-    k = torch.searchsorted(negatives, thresholds)  # negatives below each positive's threshold
-    ascending, _ = torch.sort(thresholds, dim=1)
-    n_pos = positive.sum(1, keepdim=True)
-    # positives above each negative: all positives minus those with A_p <= B_n (the -inf fill sorts first)
-    c = n_pos - (torch.searchsorted(ascending, u, right=True) - (r.shape[0] - n_pos))
-    coef = torch.where(positive, k.to(u.dtype), torch.where(negative, -c.to(u.dtype), torch.zeros_like(u)))
+    """dsums_i/dv_ij of a chunk (v = d, or S for the cosine): k_j for a positive, -c_n for a negative
+    with c_n = #{j : A_j > B_n} = P - t_n (the -inf padding sits below every bucket), divided by d
+    for lp (0 at d = 0), negated for the cosine (u = -S)."""
+    u, positive, negative = _chunk_sets(q, r, labels_q, labels_r, exclude_col, lp)
+    A, where_in_u, bucket, P = _buckets(u, positive, negative, margin)
+    k = torch.zeros(u.shape[0], P + 1, dtype=u.dtype, device=u.device).scatter_add(1, bucket, negative.to(u.dtype))
+    k = k[:, :P].cumsum(1)
+    coef = torch.zeros_like(u).scatter(1, where_in_u, torch.where(torch.isfinite(A), k, torch.zeros_like(k)))
+    coef = torch.where(negative, -(P - bucket).to(u.dtype), torch.where(positive, coef, torch.zeros_like(u)))
     if lp:
         return torch.where(u > 0, coef / torch.where(u > 0, u, torch.ones_like(u)), torch.zeros_like(u))
     return -coef
