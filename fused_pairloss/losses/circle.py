@@ -16,7 +16,7 @@ from ..ops._common import LOCAL, pair_operands, similarity_dtype, zero_loss
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, run_pair_loss
-from ._reference_common import avg_non_zero, check_distance, masked_logsumexp, nan_in_nan_out, prepare_pairs
+from ._reference_common import avg_non_zero, check_distance, masked_logsumexp, prepare_pairs
 from ._registry import LossEntry
 
 
@@ -38,7 +38,10 @@ def circle_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, m=0.4
     has_both = pos.any(dim=1) & neg.any(dim=1)
     losses = losses * has_both.to(losses.dtype)
     loss = avg_non_zero(losses, embeddings)
-    loss = nan_in_nan_out(torch.where(too_few, zero_loss(embeddings), loss), embeddings, ref_emb)
+    loss = torch.where(too_few, zero_loss(embeddings), loss)
+    # a NaN in ref_emb makes every row NaN, which AvgNonZero drops (PML: 0); NaN in, NaN out. A NaN
+    # query row alone drops out as in PML.
+    loss = loss + (0 if ref_emb is None else zero_loss(ref_emb))
     return loss.to(similarity_dtype(embeddings, "cosine"))
 
 
@@ -61,8 +64,8 @@ def circle_fused(embeddings, labels, ref_emb, ref_labels, *, m, gamma, backend, 
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
     st = pair_stats(q, r, labels, labels_r, excl, declaration(m, gamma), backend)
     loss = combine(st, embeddings, batch=batch)
-    # AvgNonZeroReducer drops NaN rows: a NaN in the ref (in the distributed wrapper: another rank's
-    # rows) still makes the loss NaN (docs/semantics.md)
+    # as the reference: a NaN in the ref (in the distributed wrapper, the gathered batch: a NaN row
+    # on any rank) makes the loss NaN
     loss = loss + (0 if ref_emb is None else zero_loss(ref_emb))
     return loss.to(similarity_dtype(embeddings, "cosine"))  # PML's dtype under autocast
 
