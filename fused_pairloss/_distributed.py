@@ -30,16 +30,18 @@ _reduce_scatter_tensor = _collective("reduce_scatter_single", "reduce_scatter_te
 
 class RankLayout:
     """How a per-rank tensor of n_local rows lies in the global batch: sizes and offsets of every
-    rank (one all-gather of the sizes), this rank's slice."""
+    rank (one all-gather of the sizes, unless `sizes` are known), this rank's slice."""
 
-    def __init__(self, n_local: int, device, group=None):
+    def __init__(self, n_local: int, device, group=None, sizes=None):
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        mine = torch.tensor([n_local], dtype=torch.int64, device=device)
-        sizes = torch.empty(self.world, dtype=torch.int64, device=device)
-        _all_gather_tensor(sizes, mine, group=group)
-        self.sizes = [int(s) for s in sizes.tolist()]
+        if sizes is None:
+            mine = torch.tensor([n_local], dtype=torch.int64, device=device)
+            gathered = torch.empty(self.world, dtype=torch.int64, device=device)
+            _all_gather_tensor(gathered, mine, group=group)
+            sizes = gathered.tolist()
+        self.sizes = [int(s) for s in sizes]
         self.offsets = [sum(self.sizes[:r]) for r in range(self.world)]
         self.total = sum(self.sizes)
         self.max = max(self.sizes)
@@ -97,6 +99,65 @@ class RankLayout:
             dist.all_reduce(padded, group=self.group)
             out = padded[self.rank * self.max:(self.rank + 1) * self.max]
         return out[:self.n]
+
+
+# dtype codes of the descriptor all-gather (agreed_layout); any other dtype is len(_DTYPE_CODES)
+_DTYPE_CODES = {dt: i for i, dt in enumerate((
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+    torch.int8, torch.uint8, torch.bool))}
+_ABSENT, _NOT_A_TENSOR = -1, -2
+
+
+def _describe(t):
+    """(dim, width, dtype code) of a per-rank input: what must agree across ranks (not the rows)."""
+    if t is None:
+        return [_ABSENT] * 3
+    if not isinstance(t, torch.Tensor):
+        return [_NOT_A_TENSOR] * 3
+    return [t.dim(), t.shape[1] if t.dim() > 1 else 0, _DTYPE_CODES.get(t.dtype, len(_DTYPE_CODES))]
+
+
+def _what(desc):
+    dim, width, code = desc
+    if dim == _ABSENT:
+        return "None"
+    if dim == _NOT_A_TENSOR:
+        return "not a tensor"
+    dtype = next((dt for dt, c in _DTYPE_CODES.items() if c == code), "another dtype")
+    return f"{dim}-D {dtype}" + (f" of width {width}" if dim > 1 else "")
+
+
+def agreed_layout(inputs: dict, local_error=None, device=None, group=None) -> RankLayout:
+    """The RankLayout of the first of `inputs` (name -> per-rank tensor or None, rows first),
+    after checking on every rank that every rank passed the same kind of inputs: one all-gather of
+    a descriptor (rows, whether this rank's own checks passed, and dim, width and dtype of each
+    input). A collective with mismatched shapes or dtypes would hang or read garbage; instead
+    every rank raises: the rank whose checks failed its `local_error`, every other rank a
+    ValueError naming that rank; a mismatch (checked first) raises the same ValueError on every
+    rank, naming the input and what each rank passed."""
+    first = next(iter(inputs.values()))
+    rows = first.shape[0] if local_error is None and isinstance(first, torch.Tensor) and first.dim() > 0 else 0
+    if device is None:
+        device = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
+    mine = [rows, 0 if local_error is None else 1]
+    for t in inputs.values():
+        mine += _describe(t)
+    world = dist.get_world_size(group)
+    everyone = torch.empty(world * len(mine), dtype=torch.int64, device=device)
+    _all_gather_tensor(everyone, torch.tensor(mine, dtype=torch.int64, device=device), group=group)
+    per_rank = everyone.view(world, len(mine)).tolist()
+    for k, name in enumerate(inputs):
+        descs = [tuple(d[2 + 3 * k:5 + 3 * k]) for d in per_rank]
+        if len(set(descs)) > 1:
+            passed = ", ".join(f"rank {r}: {_what(d)}" for r, d in enumerate(descs))
+            raise ValueError(f"{name} must have the same dims, width (D) and dtype on every rank; got {passed}")
+    if local_error is not None:
+        raise local_error
+    failed = [r for r, d in enumerate(per_rank) if d[1]]
+    if failed:
+        raise ValueError(f"the inputs of rank(s) {failed} failed their checks (the error is raised there); "
+                         "every rank stops here")
+    return RankLayout(rows, device, group, sizes=[d[0] for d in per_rank])
 
 
 class AllGather(torch.autograd.Function):

@@ -1,6 +1,6 @@
 """Input checks shared by every public entry point. Each error names the argument and what was
 expected. Value checks that need a device sync (label ranges) are skipped while torch.compile
-traces, so a compiled loss has no graph break."""
+traces, so a compiled loss has no graph break, and on meta tensors, which hold no values."""
 from __future__ import annotations
 
 import math
@@ -128,7 +128,7 @@ def check_centers(embeddings, labels, centers, centers_per_class, name="centers"
     if centers.device != embeddings.device:
         raise ValueError(f"{name} must be on the device of embeddings ({embeddings.device}); got {centers.device}")
     num_classes = centers.shape[c_axis] // centers_per_class
-    if not _compiling() and labels.numel() > 0:
+    if not _compiling() and labels.numel() > 0 and labels.device.type != "meta":  # meta: no values
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"labels must lie in [0, {num_classes}) (num_classes); got values in [{lo}, {hi}]")

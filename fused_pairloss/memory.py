@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import _validation as V
-from ._distributed import DistributedBatch, RankLayout, fused_pair_plan
+from ._distributed import DistributedBatch, agreed_layout, fused_pair_plan
 from .losses._base import _distance_name
 from .losses.multi_similarity import MultiSimilarityLoss
 from .ops._common import LOCAL, zero_loss
@@ -259,8 +259,13 @@ class CrossBatchMemory(torch.nn.Module):
         """The step of DistributedLossWrapper(CrossBatchMemory) (without the world_size factor):
         every rank enqueues the gathered batch in rank order (the same memory everywhere) and
         computes its own query rows against the memory; the loss's batch reductions all-reduce."""
-        self._check(embeddings, labels, indices_tuple, enqueue_mask, rows_to_queue=0, allow_empty=True)
-        layout = RankLayout(embeddings.shape[0], embeddings.device, group)
+        try:
+            self._check(embeddings, labels, indices_tuple, enqueue_mask, rows_to_queue=0, allow_empty=True)
+            error = None
+        except (ValueError, TypeError) as e:  # raised after the other ranks learn of it (no hang)
+            error = e
+        layout = agreed_layout(dict(embeddings=embeddings, labels=labels, enqueue_mask=enqueue_mask), error,
+                               group=group)
         X, Y = layout.gather(embeddings), layout.gather(labels)
         mask = None if enqueue_mask is None else layout.gather(enqueue_mask)
         plan = self._plan(indices_tuple, embeddings.device)

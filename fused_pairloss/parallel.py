@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 
 from . import _validation as V
-from ._distributed import (AllGather, DistributedBatch, RankLayout, all_gather_uneven, fused_pair_plan,
-                           is_distributed)
+from ._distributed import (AllGather, DistributedBatch, RankLayout, agreed_layout, all_gather_uneven,
+                           fused_pair_plan, is_distributed)
 from .losses._base import _ClassLoss, _PairLoss
 from .memory import CrossBatchMemory
 from .ops.engines import exclusion_for
@@ -143,8 +143,13 @@ class DistributedLossWrapper(torch.nn.Module):
     # ---- the fused path -------------------------------------------------------------------------
     def _fused(self, plan, embeddings, labels, ref_emb, ref_labels):
         fn, hyper = plan
-        check_local_inputs(embeddings, labels, ref_emb, ref_labels)
-        layout = RankLayout(embeddings.shape[0], embeddings.device)
+        try:
+            check_local_inputs(embeddings, labels, ref_emb, ref_labels)
+            error = None
+        except (ValueError, TypeError) as e:  # raised after the other ranks learn of it (no hang)
+            error = e
+        layout = agreed_layout(dict(embeddings=embeddings, labels=labels, ref_emb=ref_emb, ref_labels=ref_labels),
+                               error)
         batch = DistributedBatch(layout.total)
         labels = labels.to(embeddings.device)
         if ref_emb is None:
@@ -168,6 +173,7 @@ class DistributedLossWrapper(torch.nn.Module):
         return torch.cat([x, layout.others(layout.gather(x))], dim=0)
 
     def _pml_regular(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        agreed_layout(dict(embeddings=embeddings, labels=labels, ref_emb=ref_emb, ref_labels=ref_labels))
         if labels is not None:
             labels = labels.to(embeddings.device)
         all_emb, all_labels = self._pml_gather(embeddings), self._pml_gather(labels)
@@ -179,6 +185,7 @@ class DistributedLossWrapper(torch.nn.Module):
         return self.loss(all_emb, all_labels, indices_tuple, all_ref, all_ref_labels)
 
     def _pml_cross_batch(self, embeddings, labels, indices_tuple, enqueue_mask):
+        agreed_layout(dict(embeddings=embeddings, labels=labels, enqueue_mask=enqueue_mask))
         labels = labels.to(embeddings.device)
         mask = None if enqueue_mask is None else self._pml_gather(enqueue_mask.to(embeddings.device))
         return self.loss(self._pml_gather(embeddings), self._pml_gather(labels), indices_tuple, mask)

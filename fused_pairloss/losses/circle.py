@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, pair_operands, zero_loss
+from ..ops._common import LOCAL, pair_operands, similarity_dtype, zero_loss
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, run_pair_loss
@@ -38,7 +38,11 @@ def circle_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, m=0.4
     has_both = pos.any(dim=1) & neg.any(dim=1)
     losses = losses * has_both.to(losses.dtype)
     loss = avg_non_zero(losses, embeddings)
-    return torch.where(too_few, zero_loss(embeddings), loss)
+    loss = torch.where(too_few, zero_loss(embeddings), loss)
+    # a NaN in ref_emb makes every row NaN, which AvgNonZero drops (PML: 0); NaN in, NaN out. A NaN
+    # query row alone drops out as in PML.
+    loss = loss + (0 if ref_emb is None else zero_loss(ref_emb))
+    return loss.to(similarity_dtype(embeddings, "cosine"))
 
 
 def declaration(m, gamma):
@@ -59,7 +63,11 @@ def combine(st: engines.PairStats, embeddings, *, batch=LOCAL):
 def circle_fused(embeddings, labels, ref_emb, ref_labels, *, m, gamma, backend, exclude_col=None, batch=LOCAL):
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
     st = pair_stats(q, r, labels, labels_r, excl, declaration(m, gamma), backend)
-    return combine(st, embeddings, batch=batch)
+    loss = combine(st, embeddings, batch=batch)
+    # as the reference: a NaN in the ref (in the distributed wrapper, the gathered batch: a NaN row
+    # on any rank) makes the loss NaN
+    loss = loss + (0 if ref_emb is None else zero_loss(ref_emb))
+    return loss.to(similarity_dtype(embeddings, "cosine"))  # PML's dtype under autocast
 
 
 def circle_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, m=0.4, gamma=80.0, backend="auto"):

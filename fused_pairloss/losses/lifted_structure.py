@@ -12,7 +12,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, pair_operands, zero_loss
+from ..ops._common import LOCAL, pair_operands, similarity_dtype, zero_loss
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, run_pair_loss
@@ -38,7 +38,7 @@ def lifted_structure_reference(embeddings, labels, ref_emb=None, ref_labels=None
     pos_lse = masked_logsumexp(distance_margin(mat, pos_margin, distance), pos, add_one=False)
     neg_lse = masked_logsumexp(distance_margin(neg_margin, mat, distance), neg, add_one=False)
     loss = torch.mean(torch.relu(pos_lse + neg_lse))
-    return torch.where(too_few, zero_loss(embeddings), loss)
+    return torch.where(too_few, zero_loss(embeddings), loss).to(similarity_dtype(embeddings, distance))
 
 
 def declaration(neg_margin, pos_margin, distance="lp"):
@@ -58,7 +58,7 @@ def lifted_structure_fused(embeddings, labels, ref_emb, ref_labels, *, neg_margi
                            backend, exclude_col=None, batch=LOCAL):
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
     st = pair_stats(q, r, labels, labels_r, excl, declaration(neg_margin, pos_margin, distance), backend)
-    return combine(st, embeddings, batch=batch)
+    return combine(st, embeddings, batch=batch).to(similarity_dtype(embeddings, distance))  # PML's under autocast
 
 
 def generalized_lifted_structure_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, neg_margin=1.0,

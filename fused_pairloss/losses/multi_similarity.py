@@ -12,7 +12,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, pair_operands, zero_loss
+from ..ops._common import LOCAL, pair_operands, similarity_dtype, zero_loss
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, run_pair_loss
@@ -46,7 +46,7 @@ def multi_similarity_reference(embeddings, labels, ref_emb=None, ref_labels=None
         # Mining compares S with thresholds and a NaN compares false, so a NaN row would silently
         # drop out; adding an exact 0 derived from the inputs keeps "NaN in, NaN out".
         loss = loss + zero_loss(embeddings) + (0 if ref_emb is None else zero_loss(ref_emb))
-    return loss
+    return loss.to(similarity_dtype(embeddings, distance))
 
 
 def declaration(alpha, beta, base, miner_epsilon=None, distance="cosine", exclude_after_mining=False):
@@ -80,7 +80,7 @@ def multi_similarity_fused(embeddings, labels, ref_emb, ref_labels, *, alpha, be
     loss = combine(st, embeddings, alpha=alpha, beta=beta, mined=miner_epsilon is not None, batch=batch)
     if miner_epsilon is not None and ref_emb is not None:
         loss = loss + zero_loss(ref_emb)
-    return loss
+    return loss.to(similarity_dtype(embeddings, distance))  # PML's dtype under autocast
 
 
 def multi_similarity_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, alpha=2.0, beta=50.0, base=0.5,

@@ -12,7 +12,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, pair_operands, zero_loss
+from ..ops._common import LOCAL, pair_operands, similarity_dtype, zero_loss
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, run_pair_loss
@@ -60,7 +60,8 @@ def ntxent_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, tempe
     total = torch.where(is_pos, pos_cnt * pair_losses, torch.zeros_like(pair_losses)).sum()
     loss = total / n_pos.clamp(min=1)
     loss = torch.where((n_pos > 0) & (n_neg > 0), loss, zero_loss(embeddings))
-    return torch.where(too_few_pairs(n_pos, n_neg, mat.device), zero_loss(embeddings), loss)
+    loss = torch.where(too_few_pairs(n_pos, n_neg, mat.device), zero_loss(embeddings), loss)
+    return loss.to(similarity_dtype(embeddings, distance))
 
 
 def declaration(temperature, distance="cosine"):
@@ -81,7 +82,7 @@ def ntxent_fused(embeddings, labels, ref_emb, ref_labels, *, temperature, distan
                  exclude_col=None, batch=LOCAL):
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
     st = pair_stats(q, r, labels, labels_r, excl, declaration(temperature, distance), backend)
-    return combine(st, embeddings, batch=batch)
+    return combine(st, embeddings, batch=batch).to(similarity_dtype(embeddings, distance))  # PML's under autocast
 
 
 def ntxent_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperature=0.07, distance="cosine",

@@ -12,7 +12,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, pair_operands, zero_loss
+from ..ops._common import LOCAL, pair_operands, similarity_dtype, zero_loss
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, run_pair_loss
@@ -47,7 +47,8 @@ def supcon_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, tempe
     mean_log_prob_pos = (pos_f * log_prob).sum(dim=1) / (pos_f.sum(dim=1) + torch.finfo(z.dtype).tiny)
     loss = avg_non_zero(-mean_log_prob_pos, embeddings)
     loss = torch.where(pos.any() & neg.any(), loss, zero_loss(embeddings))
-    return nan_in_nan_out(torch.where(too_few, zero_loss(embeddings), loss), embeddings, ref_emb)
+    loss = nan_in_nan_out(torch.where(too_few, zero_loss(embeddings), loss), embeddings, ref_emb)
+    return loss.to(similarity_dtype(embeddings, distance))
 
 
 def declaration(temperature, distance="cosine"):
@@ -76,7 +77,8 @@ def supcon_fused(embeddings, labels, ref_emb, ref_labels, *, temperature, distan
     st = pair_stats(q, r, labels, labels_r, excl, declaration(temperature, distance), backend)
     loss = combine(st, embeddings, batch=batch)
     # PML's AvgNonZeroReducer drops NaN terms: keep NaN in, NaN out (docs/semantics.md)
-    return loss + zero_loss(embeddings) + (0 if ref_emb is None else zero_loss(ref_emb))
+    loss = loss + zero_loss(embeddings) + (0 if ref_emb is None else zero_loss(ref_emb))
+    return loss.to(similarity_dtype(embeddings, distance))  # PML's dtype under autocast
 
 
 def supcon_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperature=0.1, distance="cosine",

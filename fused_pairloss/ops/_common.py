@@ -13,6 +13,17 @@ def normalize(x):
     return F.normalize(x, p=2, dim=1)  # eps 1e-12 (docs/semantics.md), in the input dtype as PML
 
 
+def similarity_dtype(embeddings, distance):
+    """The dtype of PML's distance matrix for these embeddings, which is the dtype of the value of
+    the pair losses that reduce it directly (MultiSimilarity, Circle, NTXent, SupCon, lifted
+    structure). Under autocast, CosineSimilarity's matmul runs in the autocast dtype (every floating
+    input but fp64); LpDistance's torch.cdist keeps the input dtype."""
+    device_type = embeddings.device.type
+    if distance == "cosine" and embeddings.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return embeddings.dtype
+
+
 def zero_loss(embeddings):
     """PML's zero loss: 0 attached to the graph (NaN if the embeddings are NaN)."""
     return torch.sum(embeddings * 0)

@@ -58,7 +58,9 @@ Shared by every kernel (one structure for both engines):
 - `_splits`: how many programs share a walk, a function of the shapes and the SM count only.
 - int64 index arithmetic for every row / column offset (index * D, slot * N).
 - `_launch`: torch.library.wrap_triton under triton_op (torch.compile sees the kernels), a direct
-  launch under the interpreter.
+  launch under the interpreter, one at a time (the interpreter patches triton.language in the
+  kernels' module globals for the length of a launch, so two threads' launches would break each
+  other).
 
 Registration: on a GPU the ops are `torch.library.triton_op`s; under the interpreter
 (TRITON_INTERPRET=1 set before triton is imported; CPU tensors) they are `custom_op`s with the fake
@@ -70,6 +72,7 @@ exclude nothing; class labels outside [0, C) match no class (target_sim 0, every
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
@@ -193,10 +196,34 @@ def _splits(owned: int, walked: int, device) -> int:
     return max(1, min(triton.cdiv(2 * sms, owned), walked // 4, 64))
 
 
+# Triton's interpreter swaps triton.language's functions in a kernel's module globals while a
+# launch runs and restores them afterwards: launches from two threads at once fail ("Did you forget
+# to add @triton.jit?") or run with the other's state. Interpreted launches take this lock.
+_INTERPRETER_LAUNCH_LOCK = threading.Lock()
+
+
+class _SerializedLaunch:
+    """kernel[grid](*args) under _INTERPRETER_LAUNCH_LOCK."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            with _INTERPRETER_LAUNCH_LOCK:
+                return launch(*args, **kwargs)
+
+        return run
+
+
 def _launch(kernel):
     """A triton_op launches through wrap_triton (torch.compile sees the kernel); the custom_op
-    fallback (interpreter) calls the kernel directly."""
-    return torch.library.wrap_triton(kernel) if _USE_TRITON_OP else kernel
+    fallback (interpreter) calls the kernel directly, one launch at a time."""
+    if _USE_TRITON_OP:
+        return torch.library.wrap_triton(kernel)
+    return _SerializedLaunch(kernel) if INTERPRETED else kernel
 
 
 def _pair_switches(flags: int) -> dict:
