@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as V
-from ..ops._common import LOCAL, normalize, pair_operands, zero_loss
+from ..ops._common import LOCAL, normalize, pair_operands, similarity_dtype, zero_loss
 from ..ops.triplets import triplet_rows
 from ._base import _PairLoss, run_pair_loss
 from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
@@ -78,7 +78,8 @@ def triplet_margin_reference(embeddings, labels, ref_emb=None, ref_labels=None, 
     losses = torch.relu(violation)
     kept = losses > 0
     loss = losses[kept].mean() if kept.any() else zero_loss(embeddings)
-    return nan_in_nan_out(loss, embeddings, ref_emb)
+    # PML's dtype under autocast (its matmul similarity's)
+    return nan_in_nan_out(loss, embeddings, ref_emb).to(similarity_dtype(embeddings, distance))
 
 
 def triplet_margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, distance="lp", backend,
@@ -97,7 +98,8 @@ def triplet_margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, dis
     zero = zero_loss(embeddings)
     loss = torch.where(n > 0, (batch.sum(sums) / n.clamp(min=1)).to(embeddings.dtype), zero)
     # AvgNonZeroReducer drops NaN terms: keep NaN in, NaN out (docs/semantics.md)
-    return loss + zero + (0 if ref_emb is None else zero_loss(ref_emb))
+    loss = loss + zero + (0 if ref_emb is None else zero_loss(ref_emb))
+    return loss.to(similarity_dtype(embeddings, distance))  # PML's dtype under autocast
 
 
 def triplet_margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.05, distance="lp",

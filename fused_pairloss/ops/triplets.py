@@ -4,14 +4,15 @@ all its (positive, negative) pairs, without enumerating the triplets (docs/desig
     fused_pairloss::triplet_rows(q[N,D], r[M,D], labels_q[N], labels_r[M], exclude_col[N], margin, lp)
         -> (sums A[N], counts int64[N])
 
-q, r normalized rows (self mode: r is q and exclude_col[i] = i); u = d (lp) or -S; per row i,
-A_p = u_ip + margin over its positives (same label, p != exclude_col_i), B_n = u_in over its
-negatives: sums_i = sum_{p,n} relu(A_p - B_n) = sum_p (k_p A_p - sum_{n: B_n < A_p} B_n), k_p =
-#{n : B_n < A_p}, counts_i = sum_p k_p (the nonzero terms). Per row the positives' A are sorted
-(a top-k), every negative is placed in the bucket between two of them (a binary search), and
-per-bucket counts and sums, prefix-summed over the buckets, give k_p and the sums. Rows go in chunks
-of at most CHUNK_ELEMENTS pair entries; the backward op recomputes each chunk (d sums_i / d A_p =
-k_p, d sums_i / d B_n = -#{p : A_p > B_n}), so no N x M tensor exists at any time. A stat dtype as the engines (fp32 for fp16 / bf16, fp64 for fp64).
+q, r normalized rows (self mode: r is q and exclude_col[i] = i); u = d (lp) or -S; per row i, A_p =
+u_ip + margin over its positives (same label, p != exclude_col_i), B_n = u_in over its negatives:
+sums_i = sum_{p,n} relu(A_p - B_n) = sum_p (k_p A_p - sum_{n: B_n < A_p} B_n), k_p = #{n : B_n <
+A_p}, counts_i = sum_p k_p (the nonzero terms). Per row the positives' A are sorted (a top-k), every
+negative is placed in the bucket between two of them (a binary search), and per-bucket counts and
+sums, prefix-summed over the buckets, give k_p and the sums. Rows go in chunks of at most
+CHUNK_ELEMENTS pair entries; the backward op recomputes each chunk (d sums_i / d A_p = k_p, d sums_i
+/ d B_n = -#{p : A_p > B_n}), so no N x M tensor exists at any time. A stat dtype as the engines
+(fp32 for fp16 / bf16, fp64 for fp64).
 
 The implementation is PyTorch, the same on every device: a torch.library op (fake kernel,
 autograd, opcheck; torch.compile sees one opaque op) whose schema the kernels will keep.
