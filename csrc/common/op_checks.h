@@ -4,12 +4,24 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
+#include <limits>
 #include <optional>
 #include <string>
 
 #include "common/loss_spec.h"
 
 namespace fpl {
+
+// Sizes every backend supports. Indices and element offsets are int64 everywhere (N x D, M x D,
+// C*K x D and the N x M / N x C*K walks may pass 2^31); what stays int32 is the op's `counts`
+// output (ops/README.md), the number of pairs of a row: at most M, so M < 2^31.
+constexpr int64_t kMaxPairColumns = std::numeric_limits<int32_t>::max();
+
+inline void check_pair_sizes(int64_t N, int64_t M) {
+  TORCH_CHECK(M <= kMaxPairColumns, "pair_engine: ", M, " rows of r (self mode: of q) exceed the limit of ",
+              kMaxPairColumns, " (2^31 - 1): the per-row set sizes (counts) are int32; N = ", N);
+}
 
 // pair_engine_*(q[N,D], r[M,D]?, labels_q[N], labels_r[M]?, exclude_col[N]?, terms, flags)
 inline void check_pair_operands(const at::Tensor& q, const std::optional<at::Tensor>& r, const at::Tensor& labels_q,
@@ -31,6 +43,7 @@ inline void check_pair_operands(const at::Tensor& q, const std::optional<at::Ten
   } else {
     TORCH_CHECK(!exclude_col.has_value(), "pair_engine: exclude_col is implied (the diagonal) in self mode");
   }
+  check_pair_sizes(q.size(0), r.has_value() ? r->size(0) : q.size(0));
   if (exclude_col.has_value())
     TORCH_CHECK(exclude_col->dim() == 1 && exclude_col->size(0) == q.size(0) && exclude_col->scalar_type() == at::kLong,
                 "pair_engine: exclude_col must be int64 of shape (", q.size(0), ",), got ", exclude_col->scalar_type(),

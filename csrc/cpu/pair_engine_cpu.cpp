@@ -258,8 +258,10 @@ Operands<T> prepare(const Tensor& q, const std::optional<Tensor>& r, const Tenso
   o.num_labels = 0;
   if (all_labels.numel() > 0) {
     auto uniq = at::_unique(all_labels, /*sorted=*/true, /*return_inverse=*/true);
-    ids = std::get<1>(uniq).to(at::kInt);
     o.num_labels = std::get<0>(uniq).numel();
+    TORCH_CHECK(o.num_labels <= std::numeric_limits<int32_t>::max(), "pair_engine (cpu): ", o.num_labels,
+                " distinct labels exceed the CPU kernels' limit of 2^31 - 1 (int32 label ids)");
+    ids = std::get<1>(uniq).to(at::kInt);
   }
   o.lab_q = ids.narrow(0, 0, o.N).contiguous();
   o.lab_r = o.self ? o.lab_q : ids.narrow(0, o.N, o.M).contiguous();

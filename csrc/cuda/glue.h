@@ -13,6 +13,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -67,6 +68,14 @@ inline void check_same_device(const Tensor& t, const Tensor& like, const char* n
               " like q; got ", t.device());
 }
 
+// A launch over n owned rows (or classes), per_cta of them per CTA, must fit CUDA's gridDim.x.
+inline void check_grid(int64_t n, int64_t per_cta, const char* what) {
+  const int64_t ctas = (n + per_cta - 1) / per_cta;
+  TORCH_CHECK(ctas <= fpl_cuda::kMaxGridX, "fused_pairloss (cuda): ", what, " = ", n, " needs ", ctas, " CTAs of ",
+              per_cta, ", more than CUDA's grid limit of ", fpl_cuda::kMaxGridX, " (gridDim.x); the limit is ",
+              fpl_cuda::kMaxGridX * per_cta);
+}
+
 // ---- pair engine -------------------------------------------------------------------------------
 inline void check_pair_inputs(const Tensor& q, const std::optional<Tensor>& r, const Tensor& labels_q,
                               const std::optional<Tensor>& labels_r, const std::optional<Tensor>& exclude_col,
@@ -83,6 +92,8 @@ inline void check_pair_inputs(const Tensor& q, const std::optional<Tensor>& r, c
   }
   // exclude_col values outside [-1, M) exclude nothing (checking them would cost a device sync per call)
   if (exclude_col.has_value()) check_same_device(*exclude_col, q, "exclude_col");
+  check_grid(q.size(0), fpl_cuda::kCtaRows, "N (rows of q)");
+  if (r.has_value()) check_grid(r->size(0), fpl_cuda::kCtaRows, "M (rows of r)");
 }
 
 // The kernels' operands (launchers.h PairOperands) and the tensors that hold them.
@@ -247,6 +258,8 @@ inline void check_class_inputs(const Tensor& q, const Tensor& w, const Tensor& l
   // checks them) give target_sim = NaN, never a bad memory access
   check_same_device(w, q, "w");
   check_same_device(labels, q, "labels");
+  check_grid(q.size(0), fpl_cuda::kCtaRows, "N (rows of q)");
+  check_grid(w.size(0) / K, std::max<int64_t>(1, fpl_cuda::kCtaRows / K), "C (classes)");
 }
 
 inline fpl_cuda::ClassOperands class_operands(const Tensor& q, const Tensor& w, const Tensor& labels, int64_t K) {

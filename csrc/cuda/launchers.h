@@ -18,6 +18,12 @@ namespace fpl_cuda {
 
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
+// Grids: one CTA per kCtaRows owned rows (pair engine: rows of q, of r in the column pass; class
+// engine: rows of q) or per class tile (kCtaRows / K classes, at least 1), along gridDim.x, which
+// CUDA caps at kMaxGridX. Every offset inside the kernels is int64.
+constexpr int64_t kCtaRows = 64;
+constexpr int64_t kMaxGridX = 2147483647;
+
 // Operands of the pair engine, as the glue prepared them. Rows of q / r may be a permutation of
 // the op's inputs (label-sorted copies, for the walks over positive pairs): then perm_q[i] is the
 // op's row of operand row i (statistics are read and written, gradient rows accumulated, there),

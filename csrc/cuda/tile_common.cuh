@@ -121,6 +121,7 @@ constexpr int kBM = 64;        // owner rows per CTA
 constexpr int kBN = 64;        // other rows per tile (== kBM: row blocks and column tiles align)
 constexpr int kLDS = kBN + 4;  // row stride of the S tile in shared memory (WMMA: multiple of 4)
 static_assert(kBM == kBN, "the passes that swap owner and other rely on one tile grid");
+static_assert(kBM == kCtaRows, "the host glue checks the grid size with launchers.h kCtaRows");
 
 template <typename T>
 struct AccOf {

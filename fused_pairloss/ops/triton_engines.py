@@ -56,7 +56,11 @@ Shared by every kernel (one structure for both engines):
   program that owns those rows (ordered, deterministic; autotuning resets it with reset_to_zero).
   Split walks write one partial per split, summed in torch in split order. No atomics anywhere.
 - `_splits`: how many programs share a walk, a function of the shapes and the SM count only.
-- int64 index arithmetic for every row / column offset (index * D, slot * N).
+- int64 index arithmetic for every row / column offset (index * D, slot * N) and every walk and
+  tile start (program ids are cast before they are multiplied): Triton passes an integer argument
+  as int32 when it fits, so a product of two of them would wrap past 2^31.
+- Limits (docs/backends.md): M < 2^31 (counts are int32, as on every backend) and at most 2^31 - 1
+  programs along the grid's first axis (`_check_grid`).
 - `_launch`: torch.library.wrap_triton under triton_op (torch.compile sees the kernels), a direct
   launch under the interpreter, one at a time (the interpreter patches triton.language in the
   kernels' module globals for the length of a launch, so two threads' launches would break each
@@ -253,6 +257,7 @@ def _check_pair(q, r, labels_q, labels_r, exclude_col, terms, flags):
     torch._check(labels_q.dim() == 1 and labels_q.shape[0] == q.shape[0],
                  lambda: f"pair_engine (triton): labels_q must have shape ({q.shape[0]},)")
     torch._check((r is None) == (labels_r is None), lambda: "pair_engine (triton): r and labels_r go together")
+    _check_pair_sizes(q.shape[0], q.shape[0] if r is None else r.shape[0])
     if r is None:
         torch._check(exclude_col is None,
                      lambda: "pair_engine (triton): exclude_col is implied (the diagonal) in self mode")
@@ -289,6 +294,23 @@ def _check_class(q, w, labels, K, terms, flags):
                  lambda: f"class_engine (triton): w has {w.shape[0]} rows, not a multiple of centers_per_class={K}")
     torch._check(labels.dim() == 1 and labels.shape[0] == q.shape[0] and labels.dtype == torch.int64,
                  lambda: f"class_engine (triton): labels must be int64 of shape ({q.shape[0]},)")
+
+
+_MAX_PAIR_COLUMNS = 2**31 - 1  # common/op_checks.h kMaxPairColumns: counts are int32
+_MAX_GRID_X = 2**31 - 1  # programs along the grid's first axis (CUDA's gridDim.x)
+
+
+def _check_pair_sizes(N, M):
+    torch._check(M <= _MAX_PAIR_COLUMNS,
+                 lambda: f"pair_engine: {M} rows of r (self mode: of q) exceed the limit of {_MAX_PAIR_COLUMNS} "
+                         f"(2^31 - 1): the per-row set sizes (counts) are int32; N = {N}")
+
+
+def _check_grid(n, per_program, what):
+    programs = -(-n // per_program)
+    torch._check(programs <= _MAX_GRID_X,
+                 lambda: f"fused_pairloss (triton): {what} = {n} needs {programs} programs of {per_program}, more "
+                         f"than the grid limit of {_MAX_GRID_X}; the limit is {_MAX_GRID_X * per_program}")
 
 
 def _stats(t, rows, n, A, name):
@@ -600,6 +622,7 @@ if _IMPORTED:
         """The backward's per-row statistics [9, N] (host `_pair_backward`): grad lse_pos, grad
         lse_neg (+ NTXent's share), grad sum_pos, grad sum_neg, grad pos_vs_neg, lse_pos, lse_neg,
         min_pos, max_neg."""
+        N = tl.cast(N, tl.int64)  # k * N passes 2^31 for N > 2^28
         glp = tl.load(st_ptr + idx, mask=ok, other=0.0)
         gln = tl.load(st_ptr + N + idx, mask=ok, other=0.0)
         gsp = tl.load(st_ptr + 2 * N + idx, mask=ok, other=0.0)
@@ -633,8 +656,9 @@ if _IMPORTED:
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < N
         split = tl.program_id(1).to(tl.int64)
-        n_first = tl.program_id(1) * BLOCK_N
+        n_first = split * BLOCK_N  # int64 walks: n0 + n_step must not wrap for M near 2^31
         n_step = tl.num_programs(1) * BLOCK_N
+        N = tl.cast(N, tl.int64)  # the slots k * N of the outputs pass 2^31 for N > 2^28
         vb = val_ptr + split * split_v + rows
         cb = cnt_ptr + split * split_c + rows
         ab = aux_ptr + split * split_a + rows
@@ -775,7 +799,7 @@ if _IMPORTED:
         glp, gln, gsp, gsn, gx, lsp, lsn, mnp, mxn = _load_row_stats(st_ptr, rows, rmask, N)
         acc = tl.zeros([BLOCK_M, BLOCK_G], ACC)
         gsum = tl.zeros([BLOCK_M], ACC)
-        for n0 in range(tl.program_id(1) * BLOCK_N, M, tl.num_programs(1) * BLOCK_N):
+        for n0 in range(tl.program_id(1).to(tl.int64) * BLOCK_N, M, tl.num_programs(1) * BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
             cmask = cols < M
             lr = tl.load(lr_ptr + cols, mask=cmask, other=0)
@@ -826,7 +850,7 @@ if _IMPORTED:
             k_ps, k_psh, k_pwo, k_pws, k_ns, k_nsh, k_nwo, k_nws, k_eps, k_tiny, ACC)
         acc = tl.zeros([BLOCK_N, BLOCK_G], ACC)
         gsum = tl.zeros([BLOCK_N], ACC)
-        for m0 in range(tl.program_id(1) * BLOCK_M, N, tl.num_programs(1) * BLOCK_M):
+        for m0 in range(tl.program_id(1).to(tl.int64) * BLOCK_M, N, tl.num_programs(1) * BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
             rmask = rows < N
             lq, ex, nq = _pair_side(lq_ptr, ex_ptr, nq_ptr, rows, rmask, EXCL, LP, BLOCK_M, ACC)
@@ -896,7 +920,7 @@ if _IMPORTED:
         m = tl.full([BLOCK_N], _NEG_INF, ACC)
         l = tl.zeros([BLOCK_N], ACC)
         t = tl.zeros([BLOCK_N], ACC)
-        for c0 in range(tl.program_id(1) * BLOCK_C, C, tl.num_programs(1) * BLOCK_C):
+        for c0 in range(tl.program_id(1).to(tl.int64) * BLOCK_C, C, tl.num_programs(1) * BLOCK_C):
             _s3, _p, S_ = _class_tile(q_ptr, w_ptr, rows, row_ok, c0, C, D, K, ig,
                                       POOL, KP, BLOCK_N, BLOCK_C, BLOCK_D, PREC, ACC)
             cls = c0 + tl.arange(0, BLOCK_C)
@@ -921,7 +945,7 @@ if _IMPORTED:
         column LSEs (pos: rows of the class, neg: the others) to slice s of out [SPLIT, 2, C]. With
         WRITE_TSIM also target_sim_i of the rows whose class is in the tile (one writer per row)."""
         ACC: tl.constexpr = out_ptr.dtype.element_ty
-        c0 = tl.program_id(0) * BLOCK_C
+        c0 = tl.program_id(0).to(tl.int64) * BLOCK_C
         cls = c0 + tl.arange(0, BLOCK_C)
         col_ok = cls < C
         ps, psh, pwo, pws = _c(k_ps, ACC), _c(k_psh, ACC), _c(k_pwo, ACC), _c(k_pws, ACC)
@@ -930,7 +954,7 @@ if _IMPORTED:
         lp = tl.zeros([BLOCK_C], ACC)
         mn = tl.full([BLOCK_C], _NEG_INF, ACC)
         ln = tl.zeros([BLOCK_C], ACC)
-        for r0 in range(tl.program_id(1) * BLOCK_N, N, tl.num_programs(1) * BLOCK_N):
+        for r0 in range(tl.program_id(1).to(tl.int64) * BLOCK_N, N, tl.num_programs(1) * BLOCK_N):
             rows = r0 + tl.arange(0, BLOCK_N).to(tl.int64)
             row_ok = rows < N
             y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
@@ -961,6 +985,8 @@ if _IMPORTED:
         """gs = dL/ds of one recomputed tile, [BLOCK_N, BLOCK_C*KP] in ACC (ops/README.md,
         kernels_isa.inc class_grad): row stats rst [3, N] = grad lse_other, grad target_sim,
         lse_other; column stats cst [4, C] = grad col_lse_pos, grad col_lse_neg, col_lse_pos, col_lse_neg."""
+        N = tl.cast(N, tl.int64)  # the slots k * N, k * C of rst / cst
+        C = tl.cast(C, tl.int64)
         s3, p, S_ = _class_tile(q_ptr, w_ptr, rows, row_ok, c0, C, D, K, ig,
                                 POOL, KP, BLOCK_N, BLOCK_C, BLOCK_D, PREC, ACC)
         cls = c0 + tl.arange(0, BLOCK_C)
@@ -1017,7 +1043,7 @@ if _IMPORTED:
         ns, nsh, nwo, nws = _c(k_ns, ACC), _c(k_nsh, ACC), _c(k_nwo, ACC), _c(k_nws, ACC)
         ig = _c(k_ig, ACC)
         acc = tl.zeros([BLOCK_N, BLOCK_G], ACC)
-        for c0 in range(tl.program_id(1) * BLOCK_C, C, tl.num_programs(1) * BLOCK_C):
+        for c0 in range(tl.program_id(1).to(tl.int64) * BLOCK_C, C, tl.num_programs(1) * BLOCK_C):
             gs = _class_grad_tile(q_ptr, w_ptr, y_ptr, rst_ptr, cst_ptr, rows, row_ok, c0, N, C, D, K,
                                   rs, rsh, rwo, rws, ps, psh, pwo, pws, ns, nsh, nwo, nws, ig,
                                   ROW_LSE, COL_POS, COL_NEG, POOL, KP, BLOCK_N, BLOCK_C, BLOCK_D, PREC, ACC)
@@ -1038,7 +1064,7 @@ if _IMPORTED:
                                ONE_CHUNK: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr):
         """grad_w[tile] (slice s) = sum over the row blocks s, s + SPLIT, ... of gs^T @ q_rows."""
         ACC: tl.constexpr = rst_ptr.dtype.element_ty
-        c0 = tl.program_id(0) * BLOCK_C
+        c0 = tl.program_id(0).to(tl.int64) * BLOCK_C
         out_ptr += tl.program_id(1).to(tl.int64) * split_o
         rs, rsh, rwo, rws = _c(k_rs, ACC), _c(k_rsh, ACC), _c(k_rwo, ACC), _c(k_rws, ACC)
         ps, psh, pwo, pws = _c(k_ps, ACC), _c(k_psh, ACC), _c(k_pwo, ACC), _c(k_pws, ACC)
@@ -1046,7 +1072,7 @@ if _IMPORTED:
         ig = _c(k_ig, ACC)
         w_rows, col_ok = _tile_cols(c0, C, K, KP, BLOCK_C)
         acc = tl.zeros([BLOCK_C * KP, BLOCK_G], ACC)
-        for r0 in range(tl.program_id(1) * BLOCK_N, N, tl.num_programs(1) * BLOCK_N):
+        for r0 in range(tl.program_id(1).to(tl.int64) * BLOCK_N, N, tl.num_programs(1) * BLOCK_N):
             rows = r0 + tl.arange(0, BLOCK_N).to(tl.int64)
             row_ok = rows < N
             gs = _class_grad_tile(q_ptr, w_ptr, y_ptr, rst_ptr, cst_ptr, rows, row_ok, c0, N, C, D, K,
@@ -1072,6 +1098,7 @@ if _IMPORTED:
     else:
         _FWD_CONFIGS = [_cfg(64, 64, 8, 3), _cfg(64, 64, 8, 4), _cfg(128, 64, 8, 3), _cfg(64, 128, 8, 3)]
         _BWD_CONFIGS = [_cfg(64, 64, 8, 2), _cfg(64, 64, 8, 3)]
+    _MIN_BLOCK = min(min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _FWD_CONFIGS + _BWD_CONFIGS)
     _KEY = ["N", "M", "D"]
     _pair_fwd = triton.autotune(configs=_FWD_CONFIGS, key=_KEY)(_pair_fwd_kernel)
     # the chunked gradient form adds into its output: reset between the autotuner's trial runs
@@ -1121,6 +1148,7 @@ if _IMPORTED:
             return (torch.empty((5, 0), dtype=A, device=dev), torch.empty((4, 0), dtype=torch.int32, device=dev),
                     torch.empty((3, 0), dtype=A, device=dev))
         consts = tuple(float(t) for t in terms) + (float(torch.finfo(A).tiny),)
+        _check_grid(N, _MIN_BLOCK, "N (rows of q)")
         splits = _splits(triton.cdiv(N, _MIN_TILE), triton.cdiv(M, _MIN_TILE), dev)
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), splits)  # noqa: E731
         meta = dict(EXCL=excl, PREC=dot_precision(q.dtype), BLOCK_D=block_d(q.dtype), **sw)
@@ -1196,6 +1224,8 @@ if _IMPORTED:
         meta.pop("EAM")
         operands = (q_, r_, lq, lr, ex, nq, nr, st)
         dims = (N, M, q.shape[1], q_.stride(0), r_.stride(0))
+        _check_grid(N, _MIN_BLOCK, "N (rows of q)")
+        _check_grid(M, _MIN_BLOCK, "M (rows of r)")
         if N == 0 or q.shape[1] == 0:
             grad_q = torch.zeros_like(q)
         else:
@@ -1229,6 +1259,8 @@ if _IMPORTED:
             rows[1].zero_()
             return rows, torch.full((2, C), float("-inf"), dtype=A, device=dev)
         row_blocks, class_tiles = triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(C, blocks["BLOCK_C"])
+        _check_grid(N, blocks["BLOCK_N"], "N (rows of q)")
+        _check_grid(C, blocks["BLOCK_C"], "C (classes)")
         if sw["ROW_LSE"] or not columns:
             splits = _splits(row_blocks, class_tiles, dev)
             part = torch.empty((splits, 2, N), dtype=A, device=dev) if splits > 1 else \
@@ -1277,6 +1309,8 @@ if _IMPORTED:
         if N == 0 or C == 0 or D == 0:
             return torch.zeros_like(q), (torch.zeros_like(w) if need_grad_w else q.new_empty((0,)))
         row_blocks, class_tiles = triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(C, blocks["BLOCK_C"])
+        _check_grid(N, blocks["BLOCK_N"], "N (rows of q)")
+        _check_grid(C, blocks["BLOCK_C"], "C (classes)")
         splits = _splits(row_blocks, class_tiles, q.device)
         grad_q = _grad_pass(_class_bwd_rows_kernel, q, N, splits, lambda m: row_blocks, A, operands, dims, t, meta)
         if not need_grad_w:
