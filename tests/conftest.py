@@ -15,9 +15,9 @@ import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 _SLOW_DRAWS = [HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large]
-settings.register_profile("ci", max_examples=8, deadline=None, derandomize=True, database=None,
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, database=None,
                           suppress_health_check=_SLOW_DRAWS, print_blob=True)
-settings.register_profile("long", max_examples=2000, deadline=None, derandomize=False, database=None,
+settings.register_profile("long", max_examples=1000, deadline=None, derandomize=False, database=None,
                           suppress_health_check=_SLOW_DRAWS, print_blob=True)
 settings.load_profile("ci")  # hypothesis' pytest plugin loads --hypothesis-profile after this
 

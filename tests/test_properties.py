@@ -39,14 +39,18 @@ import kit
 FUSED_BACKENDS = [b for b in fpl.available_backends("cpu") if b not in ("reference", "triton")]
 TRITON = "triton" in fpl.available_backends("cpu")
 # the Triton interpreter is slow: fewer examples, smaller shapes
-TRITON_EXAMPLES = max(2, settings.default.max_examples // 4)
+TRITON_EXAMPLES = max(2, settings.default.max_examples // 5)
+PAIR_MODES = ("self", "ref", "ref_is_labels", "ref_is_embeddings")
 NO_PML = {"proxycircle": "the class-level Circle loss has no PML counterpart (docs/semantics.md)"}
+# PML's MultiSimilarityMiner does not apply the identity rule with a separate ref_emb and `ref_labels
+# is labels` (it mines (i, i), then its loss asserts or S_ii moves its thresholds): a documented
+# difference, tested in test_reference_vs_pml.py; the mined losses meet PML in the other modes
+PML_MINER_MODES = tuple(mode for mode in PAIR_MODES if mode != "ref_is_labels")
 
 KINK_GAP = {torch.float64: 1e-9, torch.float32: 3e-5}  # fp32: S is exact to ~1e-6 for D <= 48
 MIN_LP_DISTANCE = 0.3  # near-duplicate lp pairs: handled elsewhere
 LABEL_MAPS = [(0, 1), (-5, 3), (-(2 ** 40), 1), (2 ** 40 - 2 ** 20, 2 ** 14)]  # label = base + stride * class
 LAYOUTS = ("contiguous", "transposed", "strided_cols", "strided_rows")
-PAIR_MODES = ("self", "ref", "ref_is_labels", "ref_is_embeddings")
 # rows of norm 4 with integer entries: |entry| patterns whose squares sum to 16
 NORM4_PATTERNS = ([4], [2, 2, 2, 2], [3, 2, 1, 1, 1], [2, 2, 2, 1, 1, 1, 1], [3] + [1] * 7, [2] * 3 + [1] * 4,
                   [1] * 16)
@@ -92,14 +96,15 @@ def hyper_params(draw, loss: kit.Loss, grid: bool):
 
 
 @st.composite
-def cases(draw, name, small=False, dtypes=(torch.float32, torch.float64)):
+def cases(draw, name, small=False, dtypes=(torch.float32, torch.float64), modes=PAIR_MODES):
     loss = kit.LOSSES[name]
     hi = 40 if small else 64  # rows: crosses the interpreter's 32-row tiles / the CPU tiles
     data = draw(st.sampled_from(["normal", "grid"]))
-    d_lo = 4 if loss.distance == "lp" or data == "grid" else 1
+    # D >= 2: with D = 1 every gradient through the normalization is 0, and only rounding noise is compared
+    d_lo = 4 if loss.distance == "lp" or data == "grid" else 2
     d = draw(st.integers(d_lo, 24 if small else 48))
     if loss.kind == "pair":
-        mode = draw(st.sampled_from(PAIR_MODES))
+        mode = draw(st.sampled_from(modes))
         m = draw(sizes(hi))
         layout_names = ["few", "many", "same", "distinct"]
         label_map = draw(st.sampled_from(LABEL_MAPS))
@@ -316,7 +321,8 @@ def test_triton_interpreter_matches_reference(name, data):
 @pytest.mark.parametrize("name", [n for n in kit.LOSSES if n not in NO_PML])
 @given(data=st.data())
 def test_reference_matches_pml(name, data):
-    case = data.draw(cases(name, dtypes=(torch.float64,)), label="case")
+    modes = PML_MINER_MODES if "miner_epsilon" in kit.LOSSES[name].hyper else PAIR_MODES
+    case = data.draw(cases(name, dtypes=(torch.float64,), modes=modes), label="case")
     inp = materialize(case)
     assume_away_from_kinks(case, inp)
     note(f"inputs: {inp}")
