@@ -50,6 +50,7 @@ PML_MINER_MODES = tuple(mode for mode in PAIR_MODES if mode != "ref_is_labels")
 KINK_GAP = {torch.float64: 1e-9, torch.float32: 3e-5}  # fp32: S is exact to ~1e-6 for D <= 48
 MIN_LP_DISTANCE = 0.3  # near-duplicate lp pairs: handled elsewhere
 LABEL_MAPS = [(0, 1), (-5, 3), (-(2 ** 40), 1), (2 ** 40 - 2 ** 20, 2 ** 14)]  # label = base + stride * class
+LABEL_LAYOUTS = ("few", "many", "same", "distinct")  # classes of the batch: few, many, one, one per row
 LAYOUTS = ("contiguous", "transposed", "strided_cols", "strided_rows")
 # rows of norm 4 with integer entries: |entry| patterns whose squares sum to 16
 NORM4_PATTERNS = ([4], [2, 2, 2, 2], [3, 2, 1, 1, 1], [2, 2, 2, 1, 1, 1, 1], [3] + [1] * 7, [2] * 3 + [1] * 4,
@@ -98,7 +99,7 @@ def hyper_params(draw, loss: kit.Loss, grid: bool):
 @st.composite
 def cases(draw, name, small=False, dtypes=(torch.float32, torch.float64), modes=PAIR_MODES):
     loss = kit.LOSSES[name]
-    hi = 40 if small else 64  # rows: crosses the interpreter's 32-row tiles / the CPU tiles
+    hi = 40 if small else 64  # rows: past one 32-row tile (the CPU engine's smallest, the interpreter's)
     data = draw(st.sampled_from(["normal", "grid"]))
     # D >= 2: with D = 1 every gradient through the normalization is 0, and only rounding noise is compared
     d_lo = 4 if loss.distance == "lp" or data == "grid" else 2
@@ -106,14 +107,12 @@ def cases(draw, name, small=False, dtypes=(torch.float32, torch.float64), modes=
     if loss.kind == "pair":
         mode = draw(st.sampled_from(modes))
         m = draw(sizes(hi))
-        layout_names = ["few", "many", "same", "distinct"]
         label_map = draw(st.sampled_from(LABEL_MAPS))
-    else:
+    else:  # m: the number of classes; labels are class indices
         mode, m = "classes", draw(st.integers(1, 12 if small else 40))
-        layout_names = ["few", "many", "same", "distinct"]
         label_map = (0, 1)
     return Case(loss=name, dtype=draw(st.sampled_from(dtypes)), data=data, n=draw(sizes(hi)), d=d, mode=mode, m=m,
-                label_layout=draw(st.sampled_from(layout_names)), label_map=label_map,
+                label_layout=draw(st.sampled_from(LABEL_LAYOUTS)), label_map=label_map,
                 layout=draw(st.sampled_from(LAYOUTS)), ref_layout=draw(st.sampled_from(LAYOUTS)),
                 hyper=draw(hyper_params(loss, data == "grid")), seed=draw(st.integers(0, 2 ** 32 - 1)))
 
