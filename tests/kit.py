@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -220,10 +220,21 @@ def pair_truth(case: PairCase, spec: PairLossSpec, grad_values=None, need_grad_r
 @dataclass
 class Loss:
     """A loss of the table (`loss`: its class name in fused_pairloss.losses.REGISTRY, which says its
-    kind, functional form and weight layout) with the hyper-parameters to test it with."""
+    kind, functional form and weight layout) with the hyper-parameters to test it with. `hyper`,
+    `ordered`, `pml` and `kinks` drive the property tests (tests/test_properties.py): a new loss
+    joins them by filling these in."""
     name: str
     loss: str
     kwargs: dict = field(default_factory=dict)
+    # hyper-parameter -> (low, high): the range the property tests draw it from (what the library
+    # and PML accept and what stays finite in fp32); drawn values replace `kwargs`' entries
+    hyper: Dict[str, Tuple[float, float]] = field(default_factory=dict)
+    # hyper-parameters drawn in ascending order (margins the library requires ordered)
+    ordered: Tuple[str, ...] = ()
+    # hyper-parameters -> PML's callable with the fn's positional arguments; None: no PML counterpart
+    pml: Optional[Callable] = None
+    # (hyper-parameters, Geometry) -> fp64 arguments of every relu / mining comparison (kink at 0)
+    kinks: Optional[Callable] = None
 
     @property
     def entry(self) -> LossEntry:
@@ -248,26 +259,173 @@ class Loss:
         return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
 
 
+    @property
+    def distance(self):
+        return self.kwargs.get("distance", self.fn.__kwdefaults__.get("distance"))
+
+
+# ---- what the property tests need per loss: PML's counterpart and the kinks ------------------------
+@dataclass
+class Geometry:
+    """fp64 quantities the kinks are stated in. Pair losses: `mat` (S for cosine, d for lp) and the
+    positive / negative masks (self pairs excluded). Class losses: `s` = q . w_ck (N, C*K, centers
+    of a class adjacent), `labels`, K and the Gram matrix `ww` of the normalized centers."""
+    mat: Optional[torch.Tensor] = None
+    pos: Optional[torch.Tensor] = None
+    neg: Optional[torch.Tensor] = None
+    s: Optional[torch.Tensor] = None
+    labels: Optional[torch.Tensor] = None
+    K: int = 1
+    ww: Optional[torch.Tensor] = None
+
+
+def _pml_margin(x, y, distance):
+    """PML's distance.margin(x, y): y - x for a similarity, x - y for a distance."""
+    return y - x if distance == "cosine" else x - y
+
+
+def _masked_lse0(x, mask):
+    """Row LSE over mask; a row with an empty mask gives 0 (PML's masked LSE)."""
+    lse = x.masked_fill(~mask, -math.inf).logsumexp(1)
+    return torch.where(mask.any(1), lse, torch.zeros_like(lse))
+
+
+def _ms_miner_kinks(distance):
+    """MultiSimilarityMiner(e): positives kept iff u - e < max_neg_i, negatives iff u + e > min_pos_i,
+    u = S (cosine) or -d (lp)."""
+    def kinks(kw, g):
+        u = g.mat if distance == "cosine" else -g.mat
+        e = kw["miner_epsilon"]
+        max_neg = u.masked_fill(~g.neg, -math.inf).amax(1, keepdim=True)
+        min_pos = u.masked_fill(~g.pos, math.inf).amin(1, keepdim=True)
+        pos = g.pos & g.neg.any(1, keepdim=True)
+        neg = g.neg & g.pos.any(1, keepdim=True)
+        return torch.cat([(u - e - max_neg)[pos], (u + e - min_pos)[neg]])
+    return kinks
+
+
+def _contrastive_kinks(distance):
+    def kinks(kw, g):
+        return torch.cat([_pml_margin(g.mat, kw["pos_margin"], distance)[g.pos],
+                          _pml_margin(kw["neg_margin"], g.mat, distance)[g.neg]])
+    return kinks
+
+
+def _lifted_kinks(distance):
+    def kinks(kw, g):
+        arg = (_masked_lse0(_pml_margin(g.mat, kw["pos_margin"], distance), g.pos)
+               + _masked_lse0(_pml_margin(kw["neg_margin"], g.mat, distance), g.neg))
+        return arg[g.pos.any(1) | g.neg.any(1)]  # a row without pairs is an exact 0 everywhere
+    return kinks
+
+
+def _triplet_kinks(distance):
+    """relu(margin(d_ap, d_an) + margin) of every triplet (a, p, n) of every anchor."""
+    def kinks(kw, g):
+        viol = _pml_margin(g.mat[:, :, None], g.mat[:, None, :], distance) + kw["margin"]
+        return viol[g.pos[:, :, None] & g.neg[:, None, :]]
+    return kinks
+
+
+def _target_cos(g):
+    return g.s[torch.arange(g.s.shape[0]), g.labels]
+
+
+def _arcface_kinks(kw, g):
+    """The branch theta <= pi - m (s_target >= -cos m) and the clamp of acos at |s_target| = 1."""
+    s = _target_cos(g)
+    return torch.cat([s + math.cos(math.radians(kw["margin"])), 1 - s.abs()])
+
+
+def _sparse_centers_kinks(kw, g):
+    """SparseCentersRegularizer: sqrt(2 + tiny - min(2 w.w', 2)) per class: kink at w.w' = 1."""
+    if not kw.get("center_reg_weight"):
+        return torch.zeros(0, dtype=torch.float64)
+    C = g.ww.shape[0] // g.K
+    same_class = torch.block_diag(*[torch.ones(g.K, g.K, dtype=torch.bool)] * C)
+    return (1 - g.ww)[same_class.triu(1)]
+
+
+def _pml_pair(cls_name, distance=None, **fixed):
+    """PML's pair loss as fn(embeddings, labels, ref_emb, ref_labels), with PML's
+    MultiSimilarityMiner(miner_epsilon) first when that hyper-parameter is not None."""
+    def make(kw):
+        from pytorch_metric_learning import distances, losses, miners
+        kw = dict(kw)
+        kw.pop("distance", None)
+        eps = kw.pop("miner_epsilon", None)
+        dist = {"cosine": distances.CosineSimilarity, "lp": distances.LpDistance}.get(distance)
+        extra = {} if dist is None else dict(distance=dist())
+        loss = getattr(losses, cls_name)(**fixed, **extra, **kw)
+        miner = None if eps is None else miners.MultiSimilarityMiner(eps, **extra)
+
+        def fn(e, y, r=None, ry=None):
+            tuples = None if miner is None else miner(e, y, r, ry)
+            return loss(e, y, tuples, r, ry)
+        return fn
+    return make
+
+
+def _pml_class(cls_name, attr):
+    """PML's class loss as fn(embeddings, labels, weights): the module's parameter `attr` is
+    replaced by the weights tensor itself, so gradients reach it."""
+    def make(kw):
+        from pytorch_metric_learning import losses
+        from pytorch_metric_learning.regularizers import SparseCentersRegularizer
+        kw = dict(kw)
+        reg = kw.pop("center_reg_weight", 0.0)
+        K = kw.get("centers_per_class", 1)
+
+        def fn(e, y, w):
+            C = (w.shape[0] if attr == "proxies" else w.shape[1]) // K
+            extra = dict(weight_regularizer=SparseCentersRegularizer(C, K), weight_reg_weight=reg) if reg else {}
+            mod = getattr(losses, cls_name)(C, e.shape[1], **kw, **extra)
+            delattr(mod, attr)
+            setattr(mod, attr, w)
+            return mod(e, y)
+        return fn
+    return make
+
+
+MS_HYPER = dict(alpha=(0.1, 10.0), beta=(1.0, 100.0), base=(-0.5, 1.0))
+ST_HYPER = dict(la=(1.0, 30.0), gamma=(0.02, 1.0), margin=(0.0, 0.5))
 LOSSES: Dict[str, Loss] = {l.name: l for l in [
-    Loss("ms", "MultiSimilarityLoss"),
-    Loss("ms_mined", "MultiSimilarityLoss", dict(miner_epsilon=0.1)),
-    Loss("ms_lp", "MultiSimilarityLoss", dict(distance="lp", beta=10.0)),
-    Loss("circle", "CircleLoss"),
-    Loss("ntxent", "NTXentLoss"),
-    Loss("ntxent_lp", "NTXentLoss", dict(distance="lp", temperature=0.2)),
-    Loss("supcon", "SupConLoss"),
-    Loss("contrastive", "ContrastiveLoss"),
-    Loss("contrastive_cos", "ContrastiveLoss", dict(distance="cosine", pos_margin=0.9, neg_margin=0.1)),
-    Loss("lifted", "GeneralizedLiftedStructureLoss"),
-    Loss("triplet", "TripletMarginLoss", dict(margin=0.2)),
-    Loss("triplet_cos", "TripletMarginLoss", dict(distance="cosine", margin=0.1)),
-    Loss("softtriple", "SoftTripleLoss", dict(centers_per_class=4)),
-    Loss("softtriple_reg", "SoftTripleLoss", dict(centers_per_class=3, center_reg_weight=0.2)),
-    Loss("proxycircle", "ProxyCircleLoss"),
-    Loss("proxyanchor", "ProxyAnchorLoss"),
-    Loss("normsoftmax", "NormalizedSoftmaxLoss"),
-    Loss("cosface", "CosFaceLoss"),
-    Loss("arcface", "ArcFaceLoss"),
+    Loss("ms", "MultiSimilarityLoss", hyper=MS_HYPER, pml=_pml_pair("MultiSimilarityLoss", "cosine")),
+    Loss("ms_mined", "MultiSimilarityLoss", dict(miner_epsilon=0.1), hyper=dict(MS_HYPER, miner_epsilon=(0.0, 0.5)),
+         pml=_pml_pair("MultiSimilarityLoss", "cosine"), kinks=_ms_miner_kinks("cosine")),
+    Loss("ms_lp", "MultiSimilarityLoss", dict(distance="lp", beta=10.0),
+         hyper=dict(alpha=(0.1, 10.0), beta=(1.0, 50.0), base=(0.0, 2.0)), pml=_pml_pair("MultiSimilarityLoss", "lp")),
+    Loss("circle", "CircleLoss", hyper=dict(m=(-0.2, 0.6), gamma=(1.0, 256.0)), pml=_pml_pair("CircleLoss")),
+    Loss("ntxent", "NTXentLoss", hyper=dict(temperature=(0.01, 1.0)), pml=_pml_pair("NTXentLoss", "cosine")),
+    Loss("ntxent_lp", "NTXentLoss", dict(distance="lp", temperature=0.2), hyper=dict(temperature=(0.01, 1.0)),
+         pml=_pml_pair("NTXentLoss", "lp")),
+    Loss("supcon", "SupConLoss", hyper=dict(temperature=(0.01, 1.0)), pml=_pml_pair("SupConLoss", "cosine")),
+    Loss("contrastive", "ContrastiveLoss", hyper=dict(pos_margin=(0.0, 2.0), neg_margin=(0.0, 2.0)),
+         ordered=("pos_margin", "neg_margin"), pml=_pml_pair("ContrastiveLoss", "lp"), kinks=_contrastive_kinks("lp")),
+    Loss("contrastive_cos", "ContrastiveLoss", dict(distance="cosine", pos_margin=0.9, neg_margin=0.1),
+         hyper=dict(pos_margin=(-1.0, 1.0), neg_margin=(-1.0, 1.0)), ordered=("neg_margin", "pos_margin"),
+         pml=_pml_pair("ContrastiveLoss", "cosine"), kinks=_contrastive_kinks("cosine")),
+    Loss("lifted", "GeneralizedLiftedStructureLoss", hyper=dict(pos_margin=(0.0, 2.0), neg_margin=(0.0, 2.0)),
+         ordered=("pos_margin", "neg_margin"), pml=_pml_pair("GeneralizedLiftedStructureLoss", "lp"),
+         kinks=_lifted_kinks("lp")),
+    Loss("triplet", "TripletMarginLoss", dict(margin=0.2), hyper=dict(margin=(0.0, 1.0)),
+         pml=_pml_pair("TripletMarginLoss", "lp"), kinks=_triplet_kinks("lp")),
+    Loss("triplet_cos", "TripletMarginLoss", dict(distance="cosine", margin=0.1), hyper=dict(margin=(0.0, 1.0)),
+         pml=_pml_pair("TripletMarginLoss", "cosine"), kinks=_triplet_kinks("cosine")),
+    Loss("softtriple", "SoftTripleLoss", dict(centers_per_class=4), hyper=ST_HYPER,
+         pml=_pml_class("SoftTripleLoss", "fc")),
+    Loss("softtriple_reg", "SoftTripleLoss", dict(centers_per_class=3, center_reg_weight=0.2),
+         hyper=dict(ST_HYPER, center_reg_weight=(0.0, 1.0)), pml=_pml_class("SoftTripleLoss", "fc"),
+         kinks=_sparse_centers_kinks),
+    Loss("proxycircle", "ProxyCircleLoss", hyper=dict(m=(-0.2, 0.6), gamma=(1.0, 256.0))),
+    Loss("proxyanchor", "ProxyAnchorLoss", hyper=dict(margin=(0.0, 0.5), alpha=(1.0, 64.0)),
+         pml=_pml_class("ProxyAnchorLoss", "proxies")),
+    Loss("normsoftmax", "NormalizedSoftmaxLoss", hyper=dict(temperature=(0.01, 1.0)),
+         pml=_pml_class("NormalizedSoftmaxLoss", "W")),
+    Loss("cosface", "CosFaceLoss", hyper=dict(margin=(0.0, 0.5), scale=(1.0, 64.0)),
+         pml=_pml_class("CosFaceLoss", "W")),
+    Loss("arcface", "ArcFaceLoss", hyper=dict(margin=(0.0, 60.0), scale=(1.0, 64.0)),
+         pml=_pml_class("ArcFaceLoss", "W"), kinks=_arcface_kinks),
 ]}
 PAIR_LOSSES = [n for n, l in LOSSES.items() if l.kind == "pair"]
 CLASS_LOSSES = [n for n, l in LOSSES.items() if l.kind == "class"]
