@@ -333,7 +333,8 @@ def enable_cpu_distributed(tests_dir, world_size):
     path = os.path.join(tests_dir, "utils", "test_distributed.py")
     with open(path) as f:
         src = f.read()
-    guard = re.compile(r'if TEST_DEVICE == torch\.device\("cpu"\):\n\s+return\n(\s+)max_world_size = min\(4, torch\.cuda\.device_count\(\)\)')
+    guard = re.compile(r'if TEST_DEVICE == torch\.device\("cpu"\):\n\s+return\n(\s+)'
+                       r'max_world_size = min\(4, torch\.cuda\.device_count\(\)\)')
     src, n = guard.subn(lambda m: "max_world_size = %d if TEST_DEVICE == torch.device(\"cpu\") else "
                                   "min(4, torch.cuda.device_count())" % world_size, src)
     if n != 1:
@@ -396,7 +397,8 @@ def run_dtype(args, work, files, dtype, env_base):
         cmd += ["-k", args.k]
     cmd += args.pytest_args
     cmd += [os.path.join("tests", f) for f in files]
-    print("\n=== TEST_DTYPES=%s TEST_DEVICE=%s%s ===" % (dtype, args.device, " (PML's own classes)" if args.no_patch else ""))
+    whose = " (PML's own classes)" if args.no_patch else ""
+    print("\n=== TEST_DTYPES=%s TEST_DEVICE=%s%s ===" % (dtype, args.device, whose))
     sys.stdout.flush()
     t0 = time.time()
     out = subprocess.run(cmd, cwd=work, env=env,
