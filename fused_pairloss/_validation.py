@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 
@@ -93,13 +94,22 @@ def check_distance(distance, allowed=DISTANCES):
 
 def check_margins_ordered(pos_margin, neg_margin, distance):
     """A distance pulls positives below pos_margin and pushes negatives above neg_margin, a
-    similarity the other way round: margins in the other order make every pair a violation."""
+    similarity the other way round: margins in the other order make every pair a violation. PML
+    accepts them (its ContrastiveLoss with CosineSimilarity() and the default margins is such a
+    case), so this is a warning, not an error."""
     if distance == "lp" and pos_margin > neg_margin:
-        raise ValueError(f"pos_margin must be <= neg_margin for a distance (lp); got pos_margin={pos_margin}, "
-                         f"neg_margin={neg_margin}")
-    if distance == "cosine" and pos_margin < neg_margin:
-        raise ValueError(f"pos_margin must be >= neg_margin for a similarity (cosine); got pos_margin="
-                         f"{pos_margin}, neg_margin={neg_margin}")
+        why = f"pos_margin={pos_margin} > neg_margin={neg_margin} for a distance (lp)"
+    elif distance == "cosine" and pos_margin < neg_margin:
+        why = f"pos_margin={pos_margin} < neg_margin={neg_margin} for a similarity (cosine)"
+    else:
+        return
+    if why not in _warned_margins:  # once per setting: the functional forms check on every call
+        _warned_margins.add(why)
+        warnings.warn(f"fused_pairloss: {why}: every pair violates its margin (the loss is degenerate; PML "
+                      "computes it the same way)", stacklevel=4)
+
+
+_warned_margins = set()
 
 
 def check_centers(embeddings, labels, centers, centers_per_class, name="centers", classes_first=False):

@@ -212,9 +212,10 @@ def test_class_module_moved_between_dtypes(cls_name):
         check_close(value, truth, ref_value, what=f"{cls_name} {move} value")
         for k, (a, b, t) in enumerate(zip(grads, ref_grads, truth_grads)):
             check_close(a, t, b, what=f"{cls_name} {move} grad {k}")
-    fused.double()  # fp32 embeddings, fp64 parameter: the value in fp32, the gradient in fp64
+    fused.double()  # fp32 embeddings, fp64 parameter: PML's cast_types makes the parameter itself fp32
     value, grads = _value_and_grads(fused, x, y, list(fused.parameters()))
-    assert value.dtype == torch.float32 and grads[1].dtype == torch.float64
+    (param,) = fused.parameters()
+    assert value.dtype == param.dtype == grads[1].dtype == torch.float32
     reference.double()
     ref_value, ref_grads = _value_and_grads(reference, x, y, list(reference.parameters()))
     check_close(value, ref_value.double(), what=f"{cls_name} fp64 module, fp32 embeddings", dtype=torch.float32)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fused_pairloss as fpl
+from fused_pairloss import _validation as V
 from fused_pairloss import functional as Fn
 
 D = 6
@@ -323,9 +324,6 @@ def test_new_pair_losses_reject_bad_inputs(name, case):
     (Fn.supcon_loss, dict(temperature="0.1"), TypeError, "temperature"),
     (Fn.ntxent_loss, dict(distance="euclidean"), ValueError, "distance"),
     (Fn.multi_similarity_loss, dict(distance="dot"), ValueError, "distance"),
-    (Fn.contrastive_loss, dict(pos_margin=1.0, neg_margin=0.5), ValueError, "pos_margin"),
-    (Fn.contrastive_loss, dict(pos_margin=0.1, neg_margin=0.5, distance="cosine"), ValueError, "pos_margin"),
-    (Fn.generalized_lifted_structure_loss, dict(pos_margin=2.0, neg_margin=1.0), ValueError, "pos_margin"),
     (Fn.contrastive_loss, dict(neg_margin=float("inf")), ValueError, "neg_margin"),
     (Fn.multi_similarity_loss, dict(base=float("nan")), ValueError, "base"),
     (Fn.circle_loss, dict(m=float("inf")), ValueError, r"\bm\b"),
@@ -376,8 +374,6 @@ def test_class_hyperparameters_named_in_errors(fn, w, kw, exc, arg):
 @pytest.mark.parametrize("cls,args,kw,arg", [
     (fpl.NTXentLoss, (), dict(temperature=0), "temperature"),
     (fpl.SupConLoss, (), dict(temperature=-0.5), "temperature"),
-    (fpl.ContrastiveLoss, (), dict(pos_margin=2, neg_margin=1), "pos_margin"),
-    (fpl.GeneralizedLiftedStructureLoss, (), dict(neg_margin=0, pos_margin=1), "pos_margin"),
     (fpl.ProxyAnchorLoss, (0, 4), {}, "num_classes"),
     (fpl.CosFaceLoss, (3, 0), {}, "embedding_size"),
     (fpl.ArcFaceLoss, (3, 4), dict(scale=0), "scale"),
@@ -386,3 +382,18 @@ def test_class_hyperparameters_named_in_errors(fn, w, kw, exc, arg):
 def test_new_module_constructors_name_the_argument(cls, args, kw, arg):
     with pytest.raises(ValueError, match=arg):
         cls(*args, **kw)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Fn.contrastive_loss(X, Y, pos_margin=1.0, neg_margin=0.5, backend="reference"),
+    lambda: Fn.contrastive_loss(X, Y, pos_margin=0.1, neg_margin=0.5, distance="cosine", backend="reference"),
+    lambda: Fn.generalized_lifted_structure_loss(X, Y, pos_margin=2.0, neg_margin=1.0, backend="reference"),
+    lambda: fpl.ContrastiveLoss(pos_margin=2, neg_margin=1),
+    lambda: fpl.GeneralizedLiftedStructureLoss(neg_margin=0, pos_margin=1),
+])
+def test_margins_in_the_degenerate_order_warn_as_pml_accepts_them(make, monkeypatch):
+    """Every pair then violates its margin; PML computes it (e.g. ContrastiveLoss with
+    CosineSimilarity() and the default margins), so a warning naming the margins, not an error."""
+    monkeypatch.setattr(V, "_warned_margins", set())  # once per setting
+    with pytest.warns(UserWarning, match="pos_margin"):
+        make()

@@ -115,7 +115,12 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
         _warn_once("indices_tuple", "fused_pairloss: an explicit indices_tuple is computed by the unfused "
                    "reference path (it materializes N x M); use miner_epsilon for the fused MS miner",
                    stacklevel=5)  # _reference_with_indices, forward, _call_impl, caller
-        V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
+        if labels is None:  # PML computes from the tuple alone
+            V.check_embeddings(embeddings)
+            if ref_emb is not None:
+                V.check_embeddings(ref_emb, "ref_emb")
+        else:
+            V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
         if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
             raise ValueError("indices_tuple must be a tuple of 3 (a, p, n) or 4 (a1, p, a2, n) index tensors")
         resolve_backend(self.backend, embeddings.device)  # still reject unknown backends
@@ -176,14 +181,33 @@ class _ClassLoss(_PmlFallback, torch.nn.Module):
     def _reference_with_weights(self, embeddings, labels, indices_tuple):
         raise ValueError(f"{type(self).__name__}: indices_tuple is not supported (PML has no miner weights here)")
 
-    def forward(self, embeddings, labels, indices_tuple=None):
+    def cast_weights(self, embeddings):
+        """PML's cast_types: the parameter itself moves to the embeddings' dtype and device (its
+        .data is replaced, as PML does before every forward); returns it."""
+        param = getattr(self, self._param)
+        if isinstance(embeddings, torch.Tensor) and embeddings.is_floating_point() and (
+                param.dtype != embeddings.dtype or param.device != embeddings.device):
+            param.data = param.data.to(device=embeddings.device, dtype=embeddings.dtype)
+        return param
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         if self._pml is not None:
-            return self._run_pml(embeddings, labels, indices_tuple)
+            return self._run_pml(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        name = type(self).__name__
+        if labels is None:
+            raise ValueError(f"{name}: labels is required (a 1-D integer tensor of length N), as in PML")
+        if ref_emb is not None or ref_labels is not None:
+            raise ValueError(f"{name}: ref_emb / ref_labels are not supported (as in PML)")
+        weights = self.cast_weights(embeddings)
         if indices_tuple is not None:
             _warn_once("class.indices_tuple", "fused_pairloss: an explicit indices_tuple (miner weights) is "
                        "computed by the unfused reference path", stacklevel=4)
             return self._reference_with_weights(embeddings, labels, indices_tuple)
-        return self._call(embeddings, labels, _like(getattr(self, self._param), embeddings))
+        return self._call(embeddings, labels, weights)
+
+    def get_logits(self, embeddings):
+        """PML's get_logits: the N x C logits (materialized: that is what it returns)."""
+        raise NotImplementedError
 
 
 def run_class_loss(reference_fn, fused_fn, embeddings, labels, weights, backend, **hyper):

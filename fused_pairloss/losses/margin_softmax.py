@@ -174,6 +174,9 @@ class _MarginSoftmax(_ClassLoss):
     def _call(self, embeddings, labels, W):
         return self._functional_fn(embeddings, labels, W, backend=self.backend, **self._hyper())
 
+    def _cosines(self, embeddings):
+        return normalize(embeddings) @ F.normalize(self.cast_weights(embeddings), dim=0)
+
     def extra_repr(self):
         hyper = ", ".join(f"{k}={v}" for k, v in self._hyper().items())
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, {hyper}, "
@@ -196,6 +199,10 @@ class NormalizedSoftmaxLoss(_MarginSoftmax):
     def _hyper(self):
         return dict(temperature=self.temperature)
 
+    def get_logits(self, embeddings):
+        """PML's: cosines over the temperature (N x C)."""
+        return self._cosines(embeddings) / self.temperature
+
 
 class CosFaceLoss(_MarginSoftmax):
     """Drop-in for pytorch_metric_learning.losses.CosFaceLoss; parameter `W` (D, C)."""
@@ -212,6 +219,10 @@ class CosFaceLoss(_MarginSoftmax):
     def _hyper(self):
         return dict(margin=self.margin, scale=self.scale)
 
+    def get_logits(self, embeddings):
+        """PML's: scaled cosines, without the margin (N x C)."""
+        return self._cosines(embeddings) * self.scale
+
 
 class ArcFaceLoss(_MarginSoftmax):
     """Drop-in for pytorch_metric_learning.losses.ArcFaceLoss (margin in degrees); parameter `W` (D, C)."""
@@ -227,6 +238,10 @@ class ArcFaceLoss(_MarginSoftmax):
 
     def _hyper(self):
         return dict(margin=self.margin, scale=self.scale)
+
+    def get_logits(self, embeddings):
+        """PML's: scaled cosines, without the margin (N x C)."""
+        return self._cosines(embeddings) * self.scale
 
 
 ENTRIES = (

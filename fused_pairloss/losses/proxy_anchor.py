@@ -102,6 +102,10 @@ class ProxyAnchorLoss(_ClassLoss):
         return proxy_anchor_loss(embeddings, labels, proxies, margin=self.margin, alpha=self.alpha,
                                  backend=self.backend)
 
+    def get_logits(self, embeddings):
+        """PML's: the cosine of every row with every proxy (N x C)."""
+        return normalize(embeddings) @ F.normalize(self.cast_weights(embeddings), dim=1).t()
+
     def _reference_with_weights(self, embeddings, labels, indices_tuple):
         return proxy_anchor_reference(embeddings, labels, _like(self.proxies, embeddings), margin=self.margin,
                                       alpha=self.alpha, indices_tuple=indices_tuple)

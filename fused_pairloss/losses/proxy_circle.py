@@ -74,8 +74,9 @@ class ProxyCircleLoss(_ClassLoss):
     def _call(self, embeddings, labels, fc):
         return proxy_circle_loss(embeddings, labels, fc, m=self.m, gamma=self.gamma, backend=self.backend)
 
-    def forward(self, embeddings, labels):
-        return super().forward(embeddings, labels)
+    def get_logits(self, embeddings):
+        """The cosine of every row with every proxy (N x C)."""
+        return normalize(embeddings) @ F.normalize(self.cast_weights(embeddings), dim=0)
 
     def extra_repr(self):
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, m={self.m}, "

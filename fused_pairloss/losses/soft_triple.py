@@ -17,6 +17,7 @@ from ..ops._common import LOCAL, normalize
 from ..ops.spec import ClassLossSpec, PairTerm
 from ..ops.stats import class_stats
 from ._base import _ClassLoss, _check_sizes, run_class_loss
+from ._reference_common import miner_weights
 from ._registry import LossEntry
 
 
@@ -35,8 +36,9 @@ def sparse_centers_regularizer(centers, centers_per_class):
 
 
 def soft_triple_reference(embeddings, labels, centers, *, centers_per_class=10, la=20.0, gamma=0.1,
-                          margin=0.01, center_reg_weight=0.0):
-    """PML SoftTripleLoss (MeanReducer); centers = PML's `fc`, shape (D, C*K)."""
+                          margin=0.01, center_reg_weight=0.0, indices_tuple=None):
+    """PML SoftTripleLoss (MeanReducer); centers = PML's `fc`, shape (D, C*K). With an
+    indices_tuple, PML's miner weights multiply the rows' losses (lmu.convert_to_weights)."""
     K = centers_per_class
     C = centers.shape[1] // K
     sim_to_centers = normalize(embeddings) @ normalize(centers.t()).t()
@@ -45,7 +47,10 @@ def soft_triple_reference(embeddings, labels, centers, *, centers_per_class=10, 
     sim_to_classes = torch.sum(prob * sim_to_centers, dim=2)
     margin_mat = torch.zeros_like(sim_to_classes)
     margin_mat[torch.arange(margin_mat.shape[0], device=margin_mat.device), labels] = margin
-    loss = F.cross_entropy(la * (sim_to_classes - margin_mat), labels, reduction="none").mean()
+    losses = F.cross_entropy(la * (sim_to_classes - margin_mat), labels, reduction="none")
+    if indices_tuple is not None:
+        losses = losses * miner_weights(indices_tuple, labels, losses.dtype)
+    loss = losses.mean()
     if center_reg_weight:
         loss = loss + center_reg_weight * sparse_centers_regularizer(centers, K)
     return loss
@@ -141,8 +146,16 @@ class SoftTripleLoss(_ClassLoss):
                                 la=self.la, gamma=self.gamma, margin=self.margin,
                                 center_reg_weight=self.center_reg_weight, backend=self.backend)
 
-    def forward(self, embeddings, labels):  # PML's SoftTripleLoss takes no indices_tuple either
-        return super().forward(embeddings, labels)
+    def _reference_with_weights(self, embeddings, labels, indices_tuple):
+        return soft_triple_reference(embeddings, labels, self.fc, centers_per_class=self.centers_per_class,
+                                     la=self.la, gamma=self.gamma, margin=self.margin,
+                                     center_reg_weight=self.center_reg_weight, indices_tuple=indices_tuple)
+
+    def get_logits(self, embeddings):
+        """PML's: the pooled similarity S_ic of every row and class (N x C)."""
+        fc = self.cast_weights(embeddings)
+        sim = (normalize(embeddings) @ F.normalize(fc, dim=0)).view(-1, self.num_classes, self.centers_per_class)
+        return (torch.softmax(sim / self.gamma, dim=2) * sim).sum(2)
 
     def extra_repr(self):
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
