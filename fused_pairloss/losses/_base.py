@@ -206,7 +206,13 @@ class _ClassLoss(_PmlFallback, torch.nn.Module):
         return self._call(embeddings, labels, weights)
 
     def get_logits(self, embeddings):
-        """PML's get_logits: the N x C logits (materialized: that is what it returns)."""
+        """PML's get_logits: the N x C logits (materialized: that is what it returns); PML's own
+        when PML computes this module (another distance)."""
+        if self._pml is not None:
+            return self._pml.get_logits(embeddings)
+        return self._logits(embeddings)
+
+    def _logits(self, embeddings):
         raise NotImplementedError
 
 

@@ -199,7 +199,7 @@ class NormalizedSoftmaxLoss(_MarginSoftmax):
     def _hyper(self):
         return dict(temperature=self.temperature)
 
-    def get_logits(self, embeddings):
+    def _logits(self, embeddings):
         """PML's: cosines over the temperature (N x C)."""
         return self._cosines(embeddings) / self.temperature
 
@@ -219,7 +219,7 @@ class CosFaceLoss(_MarginSoftmax):
     def _hyper(self):
         return dict(margin=self.margin, scale=self.scale)
 
-    def get_logits(self, embeddings):
+    def _logits(self, embeddings):
         """PML's: scaled cosines, without the margin (N x C)."""
         return self._cosines(embeddings) * self.scale
 
@@ -239,7 +239,7 @@ class ArcFaceLoss(_MarginSoftmax):
     def _hyper(self):
         return dict(margin=self.margin, scale=self.scale)
 
-    def get_logits(self, embeddings):
+    def _logits(self, embeddings):
         """PML's: scaled cosines, without the margin (N x C)."""
         return self._cosines(embeddings) * self.scale
 

@@ -102,7 +102,7 @@ class ProxyAnchorLoss(_ClassLoss):
         return proxy_anchor_loss(embeddings, labels, proxies, margin=self.margin, alpha=self.alpha,
                                  backend=self.backend)
 
-    def get_logits(self, embeddings):
+    def _logits(self, embeddings):
         """PML's: the cosine of every row with every proxy (N x C)."""
         return normalize(embeddings) @ F.normalize(self.cast_weights(embeddings), dim=1).t()
 

@@ -74,7 +74,7 @@ class ProxyCircleLoss(_ClassLoss):
     def _call(self, embeddings, labels, fc):
         return proxy_circle_loss(embeddings, labels, fc, m=self.m, gamma=self.gamma, backend=self.backend)
 
-    def get_logits(self, embeddings):
+    def _logits(self, embeddings):
         """The cosine of every row with every proxy (N x C)."""
         return normalize(embeddings) @ F.normalize(self.cast_weights(embeddings), dim=0)
 

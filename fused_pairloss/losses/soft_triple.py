@@ -151,7 +151,7 @@ class SoftTripleLoss(_ClassLoss):
                                      la=self.la, gamma=self.gamma, margin=self.margin,
                                      center_reg_weight=self.center_reg_weight, indices_tuple=indices_tuple)
 
-    def get_logits(self, embeddings):
+    def _logits(self, embeddings):
         """PML's: the pooled similarity S_ic of every row and class (N x C)."""
         fc = self.cast_weights(embeddings)
         sim = (normalize(embeddings) @ F.normalize(fc, dim=0)).view(-1, self.num_classes, self.centers_per_class)
