@@ -204,44 +204,41 @@ class NormalizedSoftmaxLoss(_MarginSoftmax):
         return self._cosines(embeddings) / self.temperature
 
 
-class CosFaceLoss(_MarginSoftmax):
+class _ScaledMarginSoftmax(_MarginSoftmax):
+    """CosFace and ArcFace: a margin on the target's cosine, then a scale."""
+
+    def _init_margin_scale(self, num_classes, embedding_size, margin, scale, backend, kwargs):
+        V.check_real("margin", margin)
+        V.check_positive("scale", scale)
+        self.margin, self.scale = margin, scale
+        self._init_margin(num_classes, embedding_size, backend, kwargs, dict(margin=margin, scale=scale))
+
+    def _hyper(self):
+        return dict(margin=self.margin, scale=self.scale)
+
+    def _logits(self, embeddings):
+        """PML's: scaled cosines, without the margin (N x C)."""
+        return self._cosines(embeddings) * self.scale
+
+
+class CosFaceLoss(_ScaledMarginSoftmax):
     """Drop-in for pytorch_metric_learning.losses.CosFaceLoss; parameter `W` (D, C)."""
     _reference_fn = staticmethod(cosface_reference)
     _functional_fn = staticmethod(cosface_loss)
 
     def __init__(self, num_classes, embedding_size, margin=0.35, scale=64, backend="auto", **kwargs):
         super().__init__()
-        V.check_real("margin", margin)
-        V.check_positive("scale", scale)
-        self.margin, self.scale = margin, scale
-        self._init_margin(num_classes, embedding_size, backend, kwargs, dict(margin=margin, scale=scale))
-
-    def _hyper(self):
-        return dict(margin=self.margin, scale=self.scale)
-
-    def _logits(self, embeddings):
-        """PML's: scaled cosines, without the margin (N x C)."""
-        return self._cosines(embeddings) * self.scale
+        self._init_margin_scale(num_classes, embedding_size, margin, scale, backend, kwargs)
 
 
-class ArcFaceLoss(_MarginSoftmax):
+class ArcFaceLoss(_ScaledMarginSoftmax):
     """Drop-in for pytorch_metric_learning.losses.ArcFaceLoss (margin in degrees); parameter `W` (D, C)."""
     _reference_fn = staticmethod(arcface_reference)
     _functional_fn = staticmethod(arcface_loss)
 
     def __init__(self, num_classes, embedding_size, margin=28.6, scale=64, backend="auto", **kwargs):
         super().__init__()
-        V.check_real("margin", margin)
-        V.check_positive("scale", scale)
-        self.margin, self.scale = margin, scale
-        self._init_margin(num_classes, embedding_size, backend, kwargs, dict(margin=margin, scale=scale))
-
-    def _hyper(self):
-        return dict(margin=self.margin, scale=self.scale)
-
-    def _logits(self, embeddings):
-        """PML's: scaled cosines, without the margin (N x C)."""
-        return self._cosines(embeddings) * self.scale
+        self._init_margin_scale(num_classes, embedding_size, margin, scale, backend, kwargs)
 
 
 ENTRIES = (
