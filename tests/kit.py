@@ -319,6 +319,20 @@ def _lifted_kinks(distance):
     return kinks
 
 
+def _supcon_kinks(distance):
+    """AvgNonZero keeps the rows with L_i > 0: a row whose positive dominates has L_i within
+    rounding of 0, and whether it is counted depends on how L_i is rounded (PML's max-shifted form
+    and ours round at other points)."""
+    def kinks(kw, g):
+        z = (g.mat if distance == "cosine" else -g.mat) / kw["temperature"]
+        rows = g.pos.any(1)
+        lse = z.masked_fill(~(g.pos | g.neg), -math.inf).logsumexp(1)
+        n_pos = g.pos.sum(1)
+        loss = (n_pos * lse - z.masked_fill(~g.pos, 0).sum(1)) / n_pos.clamp(min=1)
+        return loss[rows]
+    return kinks
+
+
 def _triplet_kinks(distance):
     """relu(margin(d_ap, d_an) + margin) of every triplet (a, p, n) of every anchor."""
     def kinks(kw, g):
@@ -399,7 +413,8 @@ LOSSES: Dict[str, Loss] = {l.name: l for l in [
     Loss("ntxent", "NTXentLoss", hyper=dict(temperature=(0.01, 1.0)), pml=_pml_pair("NTXentLoss", "cosine")),
     Loss("ntxent_lp", "NTXentLoss", dict(distance="lp", temperature=0.2), hyper=dict(temperature=(0.01, 1.0)),
          pml=_pml_pair("NTXentLoss", "lp")),
-    Loss("supcon", "SupConLoss", hyper=dict(temperature=(0.01, 1.0)), pml=_pml_pair("SupConLoss", "cosine")),
+    Loss("supcon", "SupConLoss", hyper=dict(temperature=(0.01, 1.0)), pml=_pml_pair("SupConLoss", "cosine"),
+         kinks=_supcon_kinks("cosine")),
     Loss("contrastive", "ContrastiveLoss", hyper=dict(pos_margin=(0.0, 2.0), neg_margin=(0.0, 2.0)),
          ordered=("pos_margin", "neg_margin"), pml=_pml_pair("ContrastiveLoss", "lp"), kinks=_contrastive_kinks("lp")),
     Loss("contrastive_cos", "ContrastiveLoss", dict(distance="cosine", pos_margin=0.9, neg_margin=0.1),

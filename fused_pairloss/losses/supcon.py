@@ -9,7 +9,6 @@ negative pair; PML's few-pairs rule. (PML subtracts the detached row max first: 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import _validation as V
 from ..ops import engines
@@ -62,16 +61,10 @@ def combine(st: engines.PairStats, embeddings, *, batch=LOCAL):
     zero = zero_loss(embeddings)
     cnt = st.count_pos.to(st.sum_pos.dtype)
     has_pos = st.count_pos > 0
-    # rows without positives are 0; lse_pos masked first (a gradient through -inf would be NaN).
-    # L_i = |P| LSE_{P u N} - sum_P z, written as |P| softplus(LSE_N - LSE_P) + (|P| LSE_P - sum_P z):
-    # the second term is exactly 0 for one positive and at least |P| log |P| otherwise, so a row whose
-    # positive dominates keeps its tiny loss (PML's max-shifted form does; |P| LSE_all - sum_P z
-    # rounds it to 0, and AvgNonZero would then drop the row)
-    lse_pos = torch.where(has_pos, st.lse_pos, 0)
-    spread = cnt * lse_pos - st.sum_pos
+    # rows without positives are 0; mask lse_pos before logaddexp (its gradient is NaN at -inf, -inf)
+    lse_all = torch.logaddexp(torch.where(has_pos, st.lse_pos, 0), st.lse_neg)
     tiny = torch.finfo(st.sum_pos.dtype).tiny
-    rows = torch.where(has_pos, (cnt * F.softplus(st.lse_neg - lse_pos) + spread) / (cnt + tiny),
-                       torch.zeros_like(cnt))
+    rows = torch.where(has_pos, (cnt * lse_all - st.sum_pos) / (cnt + tiny), torch.zeros_like(cnt))
     loss = batch.mean_above_zero(rows, zero)
     n_pos, n_neg = batch.sum(st.count_pos), batch.sum(st.count_neg)
     loss = torch.where((n_pos > 0) & (n_neg > 0), loss, zero)
