@@ -193,8 +193,14 @@ def _emu_sources():
     return [os.path.join(CSRC, "cuda", "emu", f) for f in ("emu_ops.cpp", "emu_pair.cpp", "emu_class.cpp")]
 
 
+_EMU_LOADED = []  # the emulation library is loaded once per process (a second load of a rebuilt file
+# would register its ops twice), also when other test modules reuse this fixture
+
+
 @pytest.fixture(scope="module")
 def emu():
+    if _EMU_LOADED:
+        return torch.ops.fpl_cuda_emu
     import shutil
 
     from torch.utils import cpp_extension
@@ -215,6 +221,7 @@ def emu():
         name="fpl_cuda_emu", sources=_emu_sources(), extra_include_paths=[CSRC, inc],
         extra_cflags=["-std=c++20", "-O1", "-pthread"], extra_ldflags=["-pthread"],
         build_directory=build_dir, with_cuda=False, is_python_module=False, verbose=False)
+    _EMU_LOADED.append(build_dir)
     return torch.ops.fpl_cuda_emu
 
 
