@@ -168,13 +168,14 @@ def test_module_vs_loop(dtype):
 
 
 def test_module_fp64_input_with_fp32_parameter():
+    """The parameter moves to the input's dtype, as every class loss's does (PML's cast_types)."""
     C, D = 6, 5
     mod = fpl.ProxyCircleLoss(C, D, backend="reference")
     x, _, labels = _inputs(7, D, C, torch.float64, seed=8)
     loss = mod(x, labels)
-    assert loss.dtype == torch.float64
+    assert loss.dtype == torch.float64 and mod.fc.dtype == torch.float64
     loss.backward()
-    assert mod.fc.grad is not None and mod.fc.grad.dtype == torch.float32
+    assert mod.fc.grad is not None and mod.fc.grad.dtype == torch.float64
     torch.testing.assert_close(loss.detach(), loop_loss(x, labels, mod.fc.detach().double(), 0.25, 256.0))
 
 
