@@ -287,11 +287,18 @@ def library_fn(case: Case, backend):
     return lambda *args: loss.fn(*args, backend=backend, **case.hyper)
 
 
-def check_backend(case: Case, backend):
+def on_device(fn, device):
+    """fn with its tensor arguments moved to `device` (moves autograd follows back to the CPU
+    leaves) and its value moved back."""
+    return lambda *args: fn(*[a.to(device) if torch.is_tensor(a) else a for a in args]).cpu()
+
+
+def check_backend(case: Case, backend, device=None):
     inp = materialize(case)
     assume_away_from_kinks(case, inp)
     note(f"inputs: {inp}")
-    got, got_grads = call(case, inp, library_fn(case, backend), case.dtype)
+    fn = library_fn(case, backend) if device is None else on_device(library_fn(case, backend), device)
+    got, got_grads = call(case, inp, fn, case.dtype)
     same, same_grads = call(case, inp, library_fn(case, "reference"), case.dtype)
     truth, truth_grads = call(case, inp, library_fn(case, "reference"), torch.float64, layouts=False)
     assert torch.isfinite(truth) and all(torch.isfinite(gr).all() for gr in truth_grads), \
@@ -315,6 +322,16 @@ def test_fused_backend_matches_reference(name, backend, data):
 @given(data=st.data())
 def test_triton_interpreter_matches_reference(name, data):
     check_backend(data.draw(cases(name, small=True), label="case"), "triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("name", list(kit.LOSSES))
+@settings(max_examples=TRITON_EXAMPLES)  # the GPU round's time budget (bench/gpu_check.sh)
+@given(data=st.data())
+def test_gpu_backend_matches_reference(name, backend, data):
+    """The GPU backends on CUDA tensors against the CPU reference (the GPU round; skipped without a GPU)."""
+    check_backend(data.draw(cases(name), label="case"), backend, device="cuda")
 
 
 @pytest.mark.parametrize("name", [n for n in kit.LOSSES if n not in NO_PML])
