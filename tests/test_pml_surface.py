@@ -72,3 +72,10 @@ def test_cosine_with_default_margins_is_accepted_as_pml(name, monkeypatch):
     torch.testing.assert_close(ours(x, y), getattr(L, name)(distance=CosineSimilarity())(x, y),
                                rtol=1e-12, atol=1e-12)
 
+
+
+@pytest.mark.parametrize("name", CLASS)
+def test_class_loss_accepts_the_batch_as_its_own_ref_as_pml(name):
+    x, y = batch(4)
+    ours, pml = make_pair(name)
+    torch.testing.assert_close(ours(x, y, None, x, y), pml(x, y, None, x, y), rtol=1e-12, atol=1e-12)

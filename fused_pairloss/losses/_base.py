@@ -196,7 +196,7 @@ class _ClassLoss(_PmlFallback, torch.nn.Module):
         name = type(self).__name__
         if labels is None:
             raise ValueError(f"{name}: labels is required (a 1-D integer tensor of length N), as in PML")
-        if ref_emb is not None or ref_labels is not None:
+        if ref_emb is not None and not (ref_emb is embeddings and ref_labels is labels):  # PML's ref_not_supported
             raise ValueError(f"{name}: ref_emb / ref_labels are not supported (as in PML)")
         weights = self.cast_weights(embeddings)
         if indices_tuple is not None:
