@@ -13,6 +13,23 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# csrc/common/pair_terms.inl kLpNearPair (the Triton _pair_v spells it 0.03125): pairs with
+# d2 < LP_NEAR_PAIR (|q|^2 + |r|^2) take d2 from the rows' difference
+LP_NEAR_PAIR = 1.0 / 32
+
+
+def lp_squared_distances(s, q, r):
+    """d2 of rows q x r from their products s, as the kernels compute it (docs/design.md
+    "Numerics"): |q_i|^2 + |r_j|^2 - 2 S, or for the near pairs the sum of squared differences of
+    the two rows (exactly 0 for identical rows); differentiable, never an N x M x D tensor."""
+    nq, nr = (q * q).sum(1), (r * r).sum(1)
+    d2 = nq[:, None] + nr[None, :] - 2 * s
+    near = (d2 < LP_NEAR_PAIR * (nq[:, None] + nr[None, :])).nonzero(as_tuple=True)
+    if near[0].numel():
+        d2 = d2.index_put(near, (q[near[0]] - r[near[1]]).square().sum(1))
+    return d2
+
+
 def weight_count(w, flags) -> int:
     """C*K, the number of weight vectors of w as the declaration lays it out."""
     return w.shape[1] if flags & S.WEIGHTS_COLUMNS else w.shape[0]

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import spec as S
-from .operands import stat_dtype, weight_rows
+from .operands import lp_squared_distances, stat_dtype, weight_rows
 
 NEG_INF = float("-inf")
 
@@ -24,22 +24,13 @@ def _term(t: S.PairTerm, v):
     return torch.where(x > 0, x, torch.zeros_like(x)) if t.hinge else x
 
 
-# csrc/common/pair_terms.inl: pairs with d2 < LP_NEAR_PAIR (|q|^2 + |r|^2) take d2 from the rows' difference
-LP_NEAR_PAIR = 1.0 / 32
-
-
 def _lp(s, q, r):
     """sqrt(clamp_min(d2, 0)) with d2 = |q_i|^2 + |r_j|^2 - 2 S, or for the near pairs the sum of
     squared differences of the two rows (as the kernels: docs/design.md "Numerics"); gradient 0
     where d is 0 (torch.cdist's choice). The value is the correctly rounded square root (numpy's;
     torch's CPU sqrt can be 1 ulp off), so that on exact inputs the oracle's distances are the
     kernels' bit for bit."""
-    nq, nr = (q * q).sum(1), (r * r).sum(1)
-    d2 = nq[:, None] + nr[None, :] - 2 * s
-    near = (d2 < LP_NEAR_PAIR * (nq[:, None] + nr[None, :])).nonzero(as_tuple=True)
-    if near[0].numel():  # only the near pairs: never an N x M x D tensor
-        d2 = d2.index_put(near, (q[near[0]] - r[near[1]]).square().sum(1))
-    d2 = torch.clamp_min(d2, 0)
+    d2 = torch.clamp_min(lp_squared_distances(s, q, r), 0)
     pos = (d2 > 0) | torch.isnan(d2)  # NaN passes through, as in the kernels
     d2_safe = torch.where(pos, d2, torch.ones_like(d2))
     root = torch.sqrt(d2_safe)

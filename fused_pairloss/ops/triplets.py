@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from .operands import stat_dtype
+from .operands import lp_squared_distances, stat_dtype
 
 # pair entries of one chunk's N_chunk x M buffers (a few of them live at once)
 CHUNK_ELEMENTS = 1 << 20
-LP_NEAR_PAIR = 1.0 / 32  # csrc/common/pair_terms.inl kLpNearPair
 
 
 def _u(q, r, lp):
@@ -33,11 +32,7 @@ def _u(q, r, lp):
     s = q @ r.t()
     if not lp:
         return -s
-    nq, nr = (q * q).sum(1), (r * r).sum(1)
-    d2 = nq[:, None] + nr[None, :] - 2 * s
-    near = (d2 < LP_NEAR_PAIR * (nq[:, None] + nr[None, :])).nonzero(as_tuple=True)
-    if near[0].numel():
-        d2 = d2.index_put(near, (q[near[0]] - r[near[1]]).square().sum(1))
+    d2 = lp_squared_distances(s, q, r)
     pos = d2 > 0  # the root's gradient is 0 at d = 0 (torch.cdist's choice)
     return torch.where(pos, torch.sqrt(torch.where(pos, d2, torch.ones_like(d2))), torch.zeros_like(d2))
 
