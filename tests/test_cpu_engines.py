@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fused_pairloss as fpl
 from fused_pairloss.ops import engines, oracle
@@ -168,10 +169,32 @@ def _class_calls(dtype):
     return run
 
 
-@pytest.mark.parametrize("engine", ["pair", "class"])
+def _triplet_calls(dtype):
+    """The all-triplets kernel in both modes, distances and row paths (few positives: compared with
+    every negative; many: a binary search), on 3 strips of rows."""
+    def run():
+        res = []
+        g = torch.Generator().manual_seed(3)
+        q = F.normalize(torch.randn(600, 24, generator=g, dtype=torch.float64), dim=1).to(dtype)
+        r = F.normalize(torch.randn(650, 24, generator=g, dtype=torch.float64), dim=1).to(dtype)
+        for classes in (40, 2):
+            lq, lr = torch.randint(0, classes, (600,), generator=g), torch.randint(0, classes, (650,), generator=g)
+            for lp in (True, False):
+                for args in ((q, q, lq, lq, torch.arange(600)), (q, r, lq, lr, torch.full((600,), -1))):
+                    fwd = op.triplet_engine_forward(*args, 0.1, lp)
+                    res.append(fwd)
+                    res.append(op.triplet_engine_backward(torch.ones_like(fwd[0]), *args, 0.1, lp, True, True))
+        return res
+    return run
+
+
+CALLS = {"pair": _pair_calls, "class": _class_calls, "triplet": _triplet_calls}
+
+
+@pytest.mark.parametrize("engine", ["pair", "class", "triplet"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_threads_do_not_change_results(engine, dtype):
-    run = (_pair_calls if engine == "pair" else _class_calls)(dtype)
+    run = CALLS[engine](dtype)
     old = torch.get_num_threads()
     try:
         results = []
@@ -208,10 +231,10 @@ def test_cpu_isa_op(isa_cap):
         op.cpu_isa("sse9")
 
 
-@pytest.mark.parametrize("engine", ["pair", "class"])
+@pytest.mark.parametrize("engine", ["pair", "class", "triplet"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_avx2_kernels_give_the_avx512_bits(engine, dtype, isa_cap):
-    run = (_pair_calls if engine == "pair" else _class_calls)(dtype)
+    run = CALLS[engine](dtype)
     isa_cap("avx512")
     a = _results(run)
     if isa_cap("avx2") != "avx2":
@@ -423,3 +446,27 @@ def test_class_gradcheck():
         q = case.q.clone().requires_grad_(True)
         w = case.w.clone().requires_grad_(True)
         assert torch.autograd.gradcheck(f, (q, w), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "base"])
+def test_other_isa_triplet_kernels_match_the_pytorch_op(isa, isa_cap):
+    """The all-triplets kernel of another instruction set against the PyTorch op on dyadic rows (the
+    same u, so the same counts)."""
+    from fused_pairloss.ops import triplets
+    if isa_cap(isa) != isa:
+        pytest.skip(f"this CPU has no {isa}")
+    g = torch.Generator().manual_seed(8)
+    for dtype in (torch.float32, torch.float64):
+        q = kit.dyadic(300, 12, g, dtype)
+        for classes in (30, 2):
+            lab = torch.randint(0, classes, (300,), generator=g)
+            for lp in (True, False):
+                args = (q, q, lab, lab, torch.arange(300), 0.25, lp)
+                sums, counts = op.triplet_engine_forward(*args)
+                ref_sums, ref_counts = triplets.triplet_rows(*args)
+                assert torch.equal(counts, ref_counts)
+                kit.check_close(sums, ref_sums.double(), what="sums", dtype=dtype)
+                grads = op.triplet_engine_backward(torch.ones_like(sums), *args[:5], 0.25, lp, True, True)
+                ref_grads = triplets.triplet_rows_backward(torch.ones_like(sums), *args[:5], 0.25, lp, True, True)
+                for a, b in zip(grads, ref_grads):
+                    kit.check_close(a, b.double(), what="grad", dtype=dtype)

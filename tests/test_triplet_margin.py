@@ -1,12 +1,15 @@
-"""TripletMarginLoss (fused_pairloss/losses/triplet_margin.py, op fused_pairloss::triplet_rows)
-against PML's own class: values and gradients over all triplets, listed triplets and pairs from
-PML's miners, PML's fallbacks (swap, smooth_loss, sampled triplets), and the op's registration."""
+"""TripletMarginLoss (fused_pairloss/losses/triplet_margin.py, ops fused_pairloss::triplet_rows and
+its C++ kernel triplet_engine_forward) against PML's own class: values and gradients over all
+triplets, listed triplets and pairs from PML's miners, PML's fallbacks (swap, smooth_loss, sampled
+triplets); the C++ kernel against the PyTorch op, and both ops' registration."""
+import os
+
 import pytest
 import torch
 
 import fused_pairloss as fpl
 from fused_pairloss.ops import triplets
-from kit import check_close
+from kit import check_close, dyadic
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
@@ -53,13 +56,98 @@ def test_all_triplets_match_pml(dtype, distance, mode):
 
 
 def test_many_rows_in_several_chunks(monkeypatch):
-    """Rows split into several chunks (forward and backward) give one chunk's result."""
+    """The PyTorch op's rows split into several chunks (forward and backward) give one chunk's result."""
     x, y = inputs(64, 8, 4, torch.float64, seed=3)
-    whole, (g_whole,) = value_and_grads(lambda: fpl.TripletMarginLoss(margin=0.3)(x, y), [x])
+    ex = torch.arange(64)
+
+    def run():
+        q = torch.nn.functional.normalize(x, dim=1)
+        sums, counts = triplets.triplet_rows(q, q, y, y, ex, 0.3, True)
+        return counts, sums, torch.autograd.grad(sums.sum(), x)[0]
+    whole = run()
     monkeypatch.setattr(triplets, "CHUNK_ELEMENTS", 64 * 7)  # 7 rows per chunk: 10 chunks, the last short
-    parts, (g_parts,) = value_and_grads(lambda: fpl.TripletMarginLoss(margin=0.3)(x, y), [x])
-    check_close(parts, whole, what="value")
-    check_close(g_parts, g_whole, what="grad")
+    parts = run()
+    assert torch.equal(parts[0], whole[0])
+    check_close(parts[1], whole[1], what="value")
+    check_close(parts[2], whole[2], what="grad")
+
+
+NATIVE = triplets.rows_op("cpu", torch.device("cpu")) is not triplets.triplet_rows
+needs_native = pytest.mark.skipif(not NATIVE and not os.environ.get("CI"),
+                                  reason="fused_pairloss._C (the CPU kernels) not built")
+
+
+def op_inputs(mode, n, classes, dtype, seed, d=16):
+    """Dyadic rows (tests/kit.py): S and d^2 are exact in every dtype, so both ops see the same u
+    (d correctly rounded from an exact d^2) and take the same decisions, ties included."""
+    g = torch.Generator().manual_seed(seed)
+    q = dyadic(n, d, g, dtype)
+    lq = torch.randint(0, classes, (n,), generator=g)
+    if mode == "self":
+        return q, q, lq, lq, torch.arange(n)
+    m = n + 50
+    r = dyadic(m, d, g, dtype)
+    lr = torch.randint(0, classes, (m,), generator=g)
+    ex = torch.full((n,), -1)
+    ex[::3] = torch.randint(0, m, (len(ex[::3]),), generator=g)  # some rows leave one column out
+    return q, r, lq, lr, ex
+
+
+def op_results(op, args, margin, lp):
+    """counts, sums and the gradients of a weighted sum of the sums wrt q and r."""
+    q, r, lq, lr, ex = args
+    q = q.clone().requires_grad_(True)
+    r = q if args[1] is args[0] else r.clone().requires_grad_(True)
+    sums, counts = op(q, r, lq, lr, ex, margin, lp)
+    w = torch.linspace(0.5, 1.5, len(sums), dtype=sums.dtype)
+    params = [q] if r is q else [q, r]
+    return (counts, sums, *torch.autograd.grad((sums * w).sum(), params))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("lp", [True, False], ids=["lp", "cosine"])
+@pytest.mark.parametrize("mode", ["self", "ref"])
+@pytest.mark.parametrize("classes", [40, 2], ids=["few_positives", "many_positives"])
+def test_cpu_kernel_matches_the_pytorch_op(dtype, lp, mode, classes):
+    """The C++ kernel against the PyTorch op (fp64: the truth; the dtype's own: the reference): rows
+    with ~15 positives (compared with every negative) and with ~300 (a binary search among them);
+    the counts exactly."""
+    args = op_inputs(mode, 600, classes, dtype, seed=classes)
+    args64 = tuple(a.double() if a.is_floating_point() else a for a in args)
+    args64 = (args64[0], args64[0], *args64[2:]) if mode == "self" else args64
+    native = op_results(torch.ops.fused_pairloss.triplet_engine_forward, args, 0.25, lp)
+    same = op_results(triplets.triplet_rows, args, 0.25, lp)
+    truth = op_results(triplets.triplet_rows, args64, 0.25, lp)
+    assert torch.equal(native[0], same[0])
+    assert native[1].dtype == dtype
+    for k, (a, t, b) in enumerate(zip(native[1:], truth[1:], same[1:])):
+        check_close(a, t, b, what=["sums", "grad q", "grad r"][k], dtype=dtype)
+
+
+@needs_native
+def test_cpu_kernel_half_inputs_accumulate_in_fp32():
+    args = op_inputs("ref", 100, 6, torch.float16, seed=9)
+    native = op_results(torch.ops.fused_pairloss.triplet_engine_forward, args, 0.1, True)
+    same = op_results(triplets.triplet_rows, args, 0.1, True)
+    assert native[1].dtype == torch.float32 and native[2].dtype == torch.float16
+    check_close(native[1], same[1].double(), what="sums", dtype=torch.float16)
+
+
+@needs_native
+def test_cpu_kernel_nan_row_is_in_no_term():
+    """A NaN row has no nonzero term (the loss adds an exact 0 of the inputs to stay NaN) and
+    leaves the other rows' terms with a NaN u out, as the PyTorch op."""
+    q, r, lq, lr, ex = op_inputs("self", 50, 4, torch.float64, seed=10)
+    q = q.clone()
+    q[7] = float("nan")
+    sums, counts = torch.ops.fused_pairloss.triplet_engine_forward(q, q, lq, lq, torch.arange(50), 0.2, True)
+    assert counts[7] == 0 and sums[7] == 0 and torch.isfinite(sums).all()
+    keep = torch.arange(50) != 7
+    sub = torch.ops.fused_pairloss.triplet_engine_forward(q[keep], q[keep], lq[keep], lq[keep], torch.arange(49),
+                                                          0.2, True)
+    torch.testing.assert_close(sums[keep], sub[0], rtol=1e-12, atol=1e-12)
+    assert torch.equal(counts[keep], sub[1])
 
 
 @pytest.mark.parametrize("miner", ["triplet_margin", "multi_similarity", "batch_hard"])
@@ -121,6 +209,18 @@ def test_opcheck(self_mode):
     sums, _ = triplets.triplet_rows(q, r, lq, lr, ex, 0.2, True)
     torch.library.opcheck(triplets.triplet_rows_backward,
                           (torch.ones_like(sums), q.detach(), r.detach(), lq, lr, ex, 0.2, True, True, True))
+
+
+@needs_native
+@pytest.mark.parametrize("lp", [True, False], ids=["lp", "cosine"])
+def test_cpu_kernel_opcheck(lp):
+    q, r, lq, lr, ex = op_inputs("ref", 9, 3, torch.float64, seed=11, d=5)
+    q, r = q.requires_grad_(True), r.requires_grad_(True)
+    torch.library.opcheck(torch.ops.fused_pairloss.triplet_engine_forward.default, (q, r, lq, lr, ex, 0.2, lp))
+    sums, _ = torch.ops.fused_pairloss.triplet_engine_forward(q, r, lq, lr, ex, 0.2, lp)
+    for need in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(torch.ops.fused_pairloss.triplet_engine_backward.default,
+                              (torch.ones_like(sums), q.detach(), r.detach(), lq, lr, ex, 0.2, lp, *need))
 
 
 def test_nan_in_nan_out():

@@ -43,48 +43,14 @@
 #include "common/loss_spec.h"
 #include "common/op_checks.h"
 #include "cpu/cpu_kernels.h"
+#include "cpu/engine_glue.h"
 
 namespace fpl {
 namespace cpu {
 namespace {
 
 using at::Tensor;
-
-// Runs f(k, scratch) for every k in [0, n) on an OpenMP team of at::get_num_threads() threads
-// (scratch = init(), once per thread), items handed out dynamically: items are independent
-// (disjoint output rows), so which thread runs one does not matter. `parallel` false runs them
-// inline (tiny problems, where starting a team costs more than the work).
-template <typename Init, typename F>
-void tile_parallel(int64_t n, bool parallel, const Init& init, const F& f) {
-  if (n <= 0) return;
-#ifdef _OPENMP
-  const int nt = parallel ? static_cast<int>(std::min<int64_t>(std::max(1, at::get_num_threads()), n)) : 1;
-  if (nt > 1) {
-    std::exception_ptr err = nullptr;
-    std::atomic<bool> failed{false};
-    std::atomic<int64_t> next{0};
-#pragma omp parallel num_threads(nt)
-    {
-      try {
-        auto scratch = init();
-        for (int64_t k = next.fetch_add(1); k < n && !failed.load(); k = next.fetch_add(1)) f(k, scratch);
-      } catch (...) {
-        if (!failed.exchange(true)) err = std::current_exception();
-      }
-    }
-    if (err) std::rethrow_exception(err);
-    return;
-  }
-#endif
-  auto scratch = init();
-  for (int64_t k = 0; k < n; ++k) f(k, scratch);
-}
-
-bool parallel_work(int64_t N, int64_t M, int64_t D) {
-  return static_cast<double>(N) * static_cast<double>(M) * static_cast<double>(std::max<int64_t>(D, 8)) > 4.0e6;
-}
-
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+using namespace glue;
 
 // Tile edge: a function of the row count only, a multiple of 32 (packed panels start at tile
 // boundaries), small enough for a few tiles per thread on small inputs, 256 on large ones.
@@ -150,32 +116,6 @@ void sym_add_self(T* G, int64_t ld, int n) {  // G <- G + G^T
   }
 }
 
-// out[i] += sum_j G[i][j] (rows x cols)
-template <typename T>
-void add_row_sums(const T* G, int64_t ld, int rows, int cols, T* out) {
-  for (int i = 0; i < rows; ++i) {
-    T s = T(0);
-    for (int j = 0; j < cols; ++j) s += G[i * ld + j];
-    out[i] += s;
-  }
-}
-
-// out[j] += sum_i G[i][j], i ascending
-template <typename T>
-void add_col_sums(const T* G, int64_t ld, int rows, int cols, T* out) {
-  for (int i = 0; i < rows; ++i)
-    for (int j = 0; j < cols; ++j) out[j] += G[i * ld + j];
-}
-
-// The distance's dependence on the squared norms (d = sqrt(|q_i|^2 + |r_j|^2 - 2 S_ij)):
-// d/dq_i gains q_i * sum_j (dL/dd_ij / d_ij) = -q_i * sum_j G_ij with G = dL/dS, as in torch's
-// _euclidean_dist_backward.
-template <typename T>
-void add_norm_gradient(T* dx, const T* x, const T* gsum, int64_t n, int64_t Dp) {
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t d = 0; d < Dp; ++d) dx[i * Dp + d] -= gsum[i] * x[i * Dp + d];
-}
-
 // ---- operands --------------------------------------------------------------------------------
 // q and r in the compute dtype with rows padded to Dp columns (zeros), r's rows packed into panels
 // for the S tiles, dense int32 label ids, the excluded column of each row, squared norms (lp).
@@ -193,44 +133,6 @@ struct Operands {
 };
 
 at::ScalarType compute_dtype(const Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-template <typename T>
-Tensor padded_rows(const Tensor& x, int64_t Dp) {
-  const auto opts = x.options().dtype(c10::CppTypeToScalarType<T>::value);
-  Tensor out = at::zeros({x.size(0), Dp}, opts);
-  if (x.size(0) > 0 && x.size(1) > 0) out.narrow(1, 0, x.size(1)).copy_(x);
-  return out;
-}
-
-template <typename T>
-Tensor squared_norms(const Tensor& x, int64_t D) {  // sequential over d: the same on every ISA
-  Tensor out = at::empty({x.size(0)}, x.options());
-  const T* p = x.data_ptr<T>();
-  T* o = out.data_ptr<T>();
-  const int64_t ld = x.size(1);
-  for (int64_t i = 0; i < x.size(0); ++i) {
-    T s = T(0);
-    for (int64_t d = 0; d < D; ++d) s += p[i * ld + d] * p[i * ld + d];
-    o[i] = s;
-  }
-  return out;
-}
-
-// x (n, Dp) in column chunks: the B operand of the backward's products
-template <typename T>
-Tensor pack_columns(const Kernels<T>& K, const Tensor& x) {
-  Tensor out = at::empty({std::max<int64_t>(x.numel(), 1)}, x.options());
-  if (x.numel() > 0) K.pack_cols(x.data_ptr<T>(), x.size(1), x.size(0), x.size(1), out.data_ptr<T>());
-  return out;
-}
-
-template <typename T>
-Tensor pack(const Kernels<T>& K, const Tensor& x, int64_t D) {
-  const int64_t n = x.size(0), np = (n + K.nr - 1) / K.nr;
-  Tensor out = at::empty({std::max<int64_t>(np, 1) * D * K.nr}, x.options());
-  if (n > 0) K.pack_panels(x.data_ptr<T>(), x.size(1), n, D, out.data_ptr<T>());
-  return out;
-}
 
 template <typename T>
 Operands<T> prepare(const Tensor& q, const std::optional<Tensor>& r, const Tensor& labels_q,

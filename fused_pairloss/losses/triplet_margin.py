@@ -8,10 +8,10 @@ in self mode) and label_n != label_a.
 All triplets without enumerating them (PML builds an N x M x M mask and O(N M^2) indices): per
 anchor, with A_p = u_ap + margin over its positives and B_n = u_an over its negatives,
     sum_{p,n} relu(A_p - B_n) = sum_p (k_p A_p - sum_{n: B_n < A_p} B_n),   k_p = #{n: B_n < A_p},
-and the count of nonzero terms is sum_p k_p: the op `fused_pairloss::triplet_rows`
-(fused_pairloss/ops/triplets.py) sorts the anchor's B once, prefix-sums it and finds each A_p in it,
-in row chunks recomputed by its backward: memory O(chunk x M + (N + M) D), never N x M or triplets.
-It is PyTorch (the same on every backend), not yet a kernel of the engines.
+and the count of nonzero terms is sum_p k_p (fused_pairloss/ops/triplets.py; docs/design.md
+"Triplets"): on the "cpu" backend the C++ kernel triplet_engine_forward, elsewhere the PyTorch op
+triplet_rows, both in strips of rows recomputed by their backward: memory O(strip x M + (N + M) D),
+never N x M or triplets.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 
 from .. import _validation as V
 from ..ops._common import LOCAL, normalize, pair_operands, similarity_dtype, zero_loss
-from ..ops.triplets import triplet_rows
+from ..ops.triplets import rows_op
 from ._base import _PairLoss, run_pair_loss
 from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
 from ._registry import LossEntry
@@ -93,7 +93,7 @@ def triplet_margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, dis
     else:
         labels_r = labels_r.to(device=q.device, dtype=torch.int64)
         excl = torch.full_like(labels_q, -1) if excl is None else excl.to(device=q.device, dtype=torch.int64)
-    sums, counts = triplet_rows(q, r, labels_q, labels_r, excl, float(margin), distance == "lp")
+    sums, counts = rows_op(backend, q.device)(q, r, labels_q, labels_r, excl, float(margin), distance == "lp")
     n = batch.sum(counts)
     zero = zero_loss(embeddings)
     loss = torch.where(n > 0, (batch.sum(sums) / n.clamp(min=1)).to(embeddings.dtype), zero)

@@ -14,13 +14,17 @@ CHUNK_ELEMENTS pair entries; the backward op recomputes each chunk (d sums_i / d
 / d B_n = -#{p : A_p > B_n}), so no N x M tensor exists at any time. A stat dtype as the engines
 (fp32 for fp16 / bf16, fp64 for fp64).
 
-The implementation is PyTorch, the same on every device: a torch.library op (fake kernel,
-autograd, opcheck; torch.compile sees one opaque op) whose schema the kernels will keep.
+Two implementations of that schema, each a torch.library op pair (forward, backward) with a fake
+kernel and one autograd rule: `triplet_rows` here in PyTorch, the same on every device, and the C++
+kernel `fused_pairloss::triplet_engine_forward` (csrc/cpu/triplet_engine_cpu.cpp) that the "cpu"
+backend uses: one strip of rows against all columns at a time, its S from the engines' GEMM.
+`rows_op(backend, device)` picks one.
 """
 from __future__ import annotations
 
 import torch
 
+from .. import _extension
 from .operands import lp_squared_distances, stat_dtype
 
 # pair entries of one chunk's N_chunk x M buffers (a few of them live at once)
@@ -92,10 +96,12 @@ def triplet_rows(q: torch.Tensor, r: torch.Tensor, labels_q: torch.Tensor, label
     return torch.cat(sums), torch.cat(counts)
 
 
-@triplet_rows.register_fake
-def _(q, r, labels_q, labels_r, exclude_col, margin, lp):
+def _fake_rows(q, r, labels_q, labels_r, exclude_col, margin, lp):
     n = q.shape[0]
     return q.new_empty((n,), dtype=stat_dtype(q.dtype)), q.new_empty((n,), dtype=torch.int64)
+
+
+triplet_rows.register_fake(_fake_rows)
 
 
 def _chunk_vjp(grad_sums, q, r, labels_q, labels_r, exclude_col, margin, lp, need_q, need_r, create_graph):
@@ -162,10 +168,12 @@ def triplet_rows_backward(grad_sums: torch.Tensor, q: torch.Tensor, r: torch.Ten
     return (empty if grad_q is None else grad_q.to(q.dtype)), (empty if grad_r is None else grad_r.to(r.dtype))
 
 
-@triplet_rows_backward.register_fake
-def _(grad_sums, q, r, labels_q, labels_r, exclude_col, margin, lp, need_grad_q, need_grad_r):
+def _fake_rows_backward(grad_sums, q, r, labels_q, labels_r, exclude_col, margin, lp, need_grad_q, need_grad_r):
     empty = q.new_empty((0,))
     return (torch.empty_like(q) if need_grad_q else empty), (torch.empty_like(r) if need_grad_r else empty)
+
+
+triplet_rows_backward.register_fake(_fake_rows_backward)
 
 
 def _setup_context(ctx, inputs, output):
@@ -174,24 +182,59 @@ def _setup_context(ctx, inputs, output):
     ctx.margin, ctx.lp = margin, lp
 
 
-def _backward(ctx, grad_sums, _grad_counts):
-    q, r, labels_q, labels_r, exclude_col = ctx.saved_tensors
-    need_q, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if grad_sums is None or not (need_q or need_r):
-        return None, None, None, None, None, None, None
-    if torch.is_grad_enabled():  # create_graph=True: the gradient itself must be differentiable
-        gq, gr = _chunk_vjp(grad_sums, q, r, labels_q, labels_r, exclude_col, ctx.margin, ctx.lp, need_q, need_r,
-                            create_graph=True)
-    else:
-        gq, gr = triplet_rows_backward(grad_sums.contiguous(), q, r, labels_q, labels_r, exclude_col, ctx.margin,
-                                       ctx.lp, need_q, need_r)
-    return (gq if need_q else None), (gr if need_r else None), None, None, None, None, None
+def _autograd_backward(backward_op):
+    """The autograd rule of a forward op whose first-order gradient is `backward_op`."""
+    def backward(ctx, grad_sums, _grad_counts):
+        q, r, labels_q, labels_r, exclude_col = ctx.saved_tensors
+        need_q, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad_sums is None or not (need_q or need_r):
+            return None, None, None, None, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True: the gradient itself must be differentiable
+            gq, gr = _chunk_vjp(grad_sums, q, r, labels_q, labels_r, exclude_col, ctx.margin, ctx.lp, need_q, need_r,
+                                create_graph=True)
+        else:
+            gq, gr = backward_op(grad_sums.contiguous(), q, r, labels_q, labels_r, exclude_col, ctx.margin, ctx.lp,
+                                 need_q, need_r)
+        return (gq if need_q else None), (gr if need_r else None), None, None, None, None, None
+    return backward
 
 
 def _backward_not_differentiable(ctx, *grads):
-    raise RuntimeError("fused_pairloss::triplet_rows_backward (a first-order gradient) is not differentiable; "
-                       "second-order gradients go through create_graph=True")
+    raise RuntimeError("fused_pairloss: the triplet rows' backward op (a first-order gradient) is not "
+                       "differentiable; second-order gradients go through create_graph=True")
 
 
-triplet_rows.register_autograd(_backward, setup_context=_setup_context)
-triplet_rows_backward.register_autograd(_backward_not_differentiable, setup_context=lambda ctx, inputs, output: None)
+def _no_context(ctx, inputs, output):
+    pass
+
+
+triplet_rows.register_autograd(_autograd_backward(triplet_rows_backward), setup_context=_setup_context)
+triplet_rows_backward.register_autograd(_backward_not_differentiable, setup_context=_no_context)
+
+
+def _register_native():
+    """Fake kernels and autograd of the C++ op pair (when the loaded library has it); True if usable."""
+    if not _extension.has_kernel("triplet_engine_forward", "CPU"):
+        return False
+    fwd, bwd = "fused_pairloss::triplet_engine_forward", "fused_pairloss::triplet_engine_backward"
+    torch.library.register_fake(fwd)(_fake_rows)
+    torch.library.register_fake(bwd)(_fake_rows_backward)
+    torch.library.register_autograd(fwd, _autograd_backward(torch.ops.fused_pairloss.triplet_engine_backward),
+                                    setup_context=_setup_context)
+    torch.library.register_autograd(bwd, _backward_not_differentiable, setup_context=_no_context)
+    return True
+
+
+_NATIVE = None
+
+
+def rows_op(backend, device):
+    """The forward op of the triplet rows for a backend: the C++ kernel for "cpu" on CPU tensors
+    (when built), else the PyTorch op."""
+    global _NATIVE
+    if backend == "cpu" and device.type == "cpu":
+        if _NATIVE is None:
+            _NATIVE = _register_native()
+        if _NATIVE:
+            return torch.ops.fused_pairloss.triplet_engine_forward
+    return triplet_rows

@@ -1,0 +1,331 @@
+// CPU kernels of the all-triplets op: fused_pairloss::triplet_engine_forward / _backward
+// (semantics: fused_pairloss/ops/triplets.py and docs/design.md "Triplets").
+//
+// Per anchor row i, with u = d (lp) or u = -S (cosine), A_p = u_ip + margin over its positives (same
+// label, column != exclude_col_i) and B_n = u_in over its negatives (other label):
+//   sums_i   = sum_{p,n} relu(A_p - B_n),   counts_i = #{(p, n) : A_p > B_n},
+//   d sums_i / d A_p = k_p = #{n : B_n < A_p},   d sums_i / d B_n = -c_n,  c_n = #{p : A_p > B_n}.
+// No triplet is enumerated and nothing of size N x M exists: rows go in strips of ti rows against all
+// M columns (ti * M <= kStripElements), the strip's S computed by the engine's GEMM (cpu_kernels.h:
+// the same bits in the forward and the backward, whatever the strip or the thread). A row's positives
+// come from r's labels sorted once (no scan of the row); their columns (and the excluded one) are
+// then set to +inf in the row, so what is left finite are the negatives. A row with few positives
+// (P <= kDirectPositives) makes one vector pass over the row per positive (the per-ISA kernels
+// triplet_row_*); one with more sorts its A and finds each negative's place among them by binary
+// search, summing from suffix sums (O(M log P)).
+//
+// Backward: per strip, G = dL/dS (-g_i coef_ij / d_ij for lp, -g_i coef_ij for the cosine, as the pair
+// engine's G), then dq_I += G r, dr += G^T q_I. dr is accumulated in kGroups private buffers, one per
+// fixed group of strips (a group's strips in order, the groups summed in order): the result depends
+// on the shapes only, never on the thread count. Memory: O((N + M) D) operands, kGroups x M x D for
+// dr, two strips of ti x M per thread.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "cpu/cpu_kernels.h"
+#include "cpu/engine_glue.h"
+
+namespace fpl {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+using namespace glue;
+
+constexpr int64_t kStripElements = int64_t(1) << 20;  // S entries of one strip, at most
+constexpr int64_t kMaxStripRows = 256;
+constexpr int64_t kDirectPositives = 256;             // rows with more positives use the binary search
+constexpr int64_t kGroups = 8;                        // private dr buffers (shape-determined)
+constexpr int64_t kGroupBudget = int64_t(256) << 20;  // bytes of private dr buffers, at most
+
+template <typename T>
+struct TripletOperands {
+  const Kernels<T>* K;
+  int64_t N, M, D, Dp, ld;  // ld: row stride of a strip (columns rounded up to the panel width)
+  int64_t strip_rows;
+  Tensor q, r, panels, norm_q, norm_r;
+  Tensor labels_q, excl;              // int64 (N)
+  Tensor sorted_labels_r, columns_r;  // r's labels ascending, and their columns (a stable sort)
+  T margin;
+  bool lp;
+};
+
+template <typename T>
+TripletOperands<T> prepare(const Tensor& q, const Tensor& r, const Tensor& labels_q, const Tensor& labels_r,
+                           const Tensor& exclude_col, double margin, bool lp) {
+  TripletOperands<T> o;
+  o.K = &active_kernels<T>();
+  o.N = q.size(0);
+  o.M = r.size(0);
+  o.D = q.size(1);
+  o.Dp = round_up(std::max<int64_t>(o.D, 1), sizeof(T) == 4 ? 16 : 8);
+  o.ld = round_up(std::max<int64_t>(o.M, 1), 32);
+  o.strip_rows = std::max<int64_t>(1, std::min(kMaxStripRows, kStripElements / o.ld));
+  o.q = padded_rows<T>(q.detach(), o.Dp);
+  o.r = padded_rows<T>(r.detach(), o.Dp);
+  o.panels = pack<T>(*o.K, o.r, o.D);
+  o.labels_q = labels_q.to(at::kLong).contiguous();
+  auto sorted = at::sort(labels_r.to(at::kLong), /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  o.sorted_labels_r = std::get<0>(sorted).contiguous();
+  o.columns_r = std::get<1>(sorted).contiguous();
+  o.excl = exclude_col.to(at::kLong).contiguous();
+  if (lp) {
+    o.norm_q = squared_norms<T>(o.q, o.D);
+    o.norm_r = squared_norms<T>(o.r, o.D);
+  }
+  o.margin = static_cast<T>(margin);
+  o.lp = lp;
+  return o;
+}
+
+// u of rows i0 .. i0 + ti against every column, into U (row stride o.ld): d = sqrt(max(d2, 0))
+// (the near pairs' d2 recomputed from the rows, as every engine) or -S; the padding +inf.
+template <typename T>
+void strip_u(const TripletOperands<T>& o, int64_t i0, int64_t ti, T* U) {
+  const T* qp = o.q.template data_ptr<T>() + i0 * o.Dp;
+  o.K->gemm_nt(qp, o.Dp, o.panels.template data_ptr<T>(), ti, o.M, o.D, U, o.ld);
+  if (o.lp)
+    o.K->lp_tile_d2(qp, o.r.template data_ptr<T>(), o.Dp, o.D, o.norm_q.template data_ptr<T>() + i0,
+                    o.norm_r.template data_ptr<T>(), static_cast<int>(ti), static_cast<int>(o.M), U, o.ld);
+  o.K->triplet_strip_u(U, o.ld, static_cast<int>(ti), o.M, o.lp);
+}
+
+// One positive of a row: its threshold A = u + margin, its column and its u.
+template <typename T>
+struct Positive {
+  T A;
+  int64_t col;
+  T u;
+  bool operator<(const Positive& other) const { return A < other.A; }
+};
+
+// Row i's positives (the columns of its label but exclude_col_i; a NaN u is in no term and is left
+// out), and every column of its label set to +inf in u: what is left finite (or NaN) are the
+// negatives. Sorted by A when the row takes the binary-search path.
+template <typename T>
+void take_positives(const TripletOperands<T>& o, int64_t i, T* u, std::vector<Positive<T>>& pos, std::vector<T>& A) {
+  pos.clear();
+  const int64_t li = o.labels_q.template data_ptr<int64_t>()[i];
+  const int64_t ex = o.excl.template data_ptr<int64_t>()[i];
+  const int64_t* lab = o.sorted_labels_r.template data_ptr<int64_t>();
+  const int64_t* col = o.columns_r.template data_ptr<int64_t>();
+  const auto range = std::equal_range(lab, lab + o.M, li);
+  for (const int64_t* e = range.first; e != range.second; ++e) {
+    const int64_t j = col[e - lab];
+    if (j != ex && u[j] == u[j]) pos.push_back(Positive<T>{u[j] + o.margin, j, u[j]});
+    u[j] = std::numeric_limits<T>::infinity();
+  }
+  if (static_cast<int64_t>(pos.size()) > kDirectPositives) std::sort(pos.begin(), pos.end());
+  A.resize(pos.size());
+  for (size_t p = 0; p < pos.size(); ++p) A[p] = pos[p].A;
+}
+
+// #{p : A_p <= b} over ascending A: b's bucket (a NaN b is past every A: in no term)
+template <typename T>
+int64_t bucket_of(const std::vector<T>& A, T b) {
+  return std::upper_bound(A.begin(), A.end(), b) - A.begin();
+}
+
+// Per row: sums_i and counts_i.
+template <typename T>
+void row_forward(const TripletOperands<T>& o, int64_t i, T* u, std::vector<Positive<T>>& pos, std::vector<T>& A,
+                 std::vector<double>& suffix, T* sums, int64_t* counts) {
+  take_positives(o, i, u, pos, A);
+  const int64_t P = static_cast<int64_t>(A.size());
+  double s = 0.0;
+  int64_t c = 0;
+  if (P > 0 && P <= kDirectPositives) {
+    o.K->triplet_row_sums(u, o.M, A.data(), P, &s, &c);
+  } else if (P > 0) {  // the negatives' buckets among the sorted A, sums from suffix sums
+    suffix.assign(P + 1, 0.0);
+    for (int64_t p = P - 1; p >= 0; --p) suffix[p] = suffix[p + 1] + static_cast<double>(A[p]);
+    for (int64_t j = 0; j < o.M; ++j) {
+      const int64_t above = P - bucket_of(A, u[j]);  // the A_p > u_j
+      if (above == 0) continue;
+      s += suffix[P - above] - static_cast<double>(above) * static_cast<double>(u[j]);
+      c += above;
+    }
+  }
+  sums[i] = static_cast<T>(s);
+  counts[i] = c;
+}
+
+// Per row: G_ij = dL/dS_ij for the incoming gradient g of sums_i (lp: dL/dd_ij = g coef_ij and
+// dd/dS = -1/d, 0 at d = 0; cosine: dL/du_ij = g coef_ij, du/dS = -1).
+template <typename T>
+void row_backward(const TripletOperands<T>& o, int64_t i, T* u, T g, std::vector<Positive<T>>& pos, std::vector<T>& A,
+                  std::vector<int64_t>& k, T* G) {
+  take_positives(o, i, u, pos, A);
+  const int64_t P = static_cast<int64_t>(A.size());
+  k.assign(P + 1, 0);
+  if (P <= kDirectPositives) {
+    o.K->triplet_row_coefficients(u, o.M, A.data(), P, G, k.data());
+  } else {
+    std::vector<int64_t>& hist = k;  // hist[t]: the negatives in bucket t
+    for (int64_t j = 0; j < o.M; ++j) {
+      const int64_t t = bucket_of(A, u[j]);
+      G[j] = -static_cast<T>(P - t);
+      ++hist[t];
+    }
+    for (int64_t p = 1; p < P; ++p) hist[p] += hist[p - 1];  // k_p = #{n : bucket <= p}
+  }
+  o.K->triplet_row_grad(u, o.M, g, o.lp, G);
+  for (int64_t p = 0; p < P; ++p) {
+    const T kp = static_cast<T>(k[p]), up = pos[p].u;
+    G[pos[p].col] = o.lp ? (up > T(0) ? -g * kp / up : T(0)) : -g * kp;
+  }
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor> forward_impl(const TripletOperands<T>& o) {
+  Tensor sums = at::zeros({o.N}, o.q.options());
+  Tensor counts = at::zeros({o.N}, o.q.options().dtype(at::kLong));
+  if (o.N == 0 || o.M == 0) return {sums, counts};
+  T* sp = sums.template data_ptr<T>();
+  int64_t* cp = counts.template data_ptr<int64_t>();
+  const int64_t TI = o.strip_rows, nb = (o.N + TI - 1) / TI;
+  struct Scratch {
+    std::vector<T> U, A;
+    std::vector<Positive<T>> pos;
+    std::vector<double> suffix;
+  };
+  tile_parallel(
+      nb, parallel_work(o.N, o.M, o.D), [&] { return Scratch{std::vector<T>(TI * o.ld), {}, {}, {}}; },
+      [&](int64_t b, Scratch& sc) {
+        const int64_t i0 = b * TI, ti = std::min(TI, o.N - i0);
+        strip_u(o, i0, ti, sc.U.data());
+        for (int64_t i = 0; i < ti; ++i)
+          row_forward(o, i0 + i, sc.U.data() + i * o.ld, sc.pos, sc.A, sc.suffix, sp, cp);
+      });
+  return {sums, counts};
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor> backward_impl(const TripletOperands<T>& o, const Tensor& grad_sums, bool need_q,
+                                         bool need_r) {
+  const auto opts = o.q.options();
+  const int64_t N = o.N, M = o.M, Dp = o.Dp;
+  Tensor dq = at::zeros({need_q ? N : 0, Dp}, opts);
+  Tensor dr = at::zeros({need_r ? M : 0, Dp}, opts);
+  if (N == 0 || M == 0 || !(need_q || need_r)) return {dq, dr};
+  const T* g = grad_sums.template data_ptr<T>();
+  const T* qp = o.q.template data_ptr<T>();
+  const T* rp = o.r.template data_ptr<T>();
+  const Tensor q_cols = need_r ? pack_columns(*o.K, o.q) : Tensor();
+  const Tensor r_cols = need_q ? pack_columns(*o.K, o.r) : Tensor();
+  const int64_t TI = o.strip_rows, nb = (N + TI - 1) / TI;
+  int64_t groups = std::min(nb, kGroups);
+  if (need_r) groups = std::max<int64_t>(1, std::min(groups, kGroupBudget / std::max<int64_t>(1, M * Dp * sizeof(T))));
+  // per group: its dr partial (M x Dp) and the column sums of its G (lp)
+  Tensor dr_part = need_r ? at::zeros({groups, M, Dp}, opts) : Tensor();
+  std::vector<std::vector<T>> col_sums(need_r && o.lp ? groups : 0, std::vector<T>(M, T(0)));
+  std::vector<T> row_sums(o.lp ? N : 0, T(0));
+  struct Scratch {
+    std::vector<T> U, G, A;
+    std::vector<Positive<T>> pos;
+    std::vector<int64_t> k;
+  };
+  tile_parallel(
+      groups, parallel_work(N, M, o.D),
+      [&] { return Scratch{std::vector<T>(TI * o.ld), std::vector<T>(TI * o.ld), {}, {}, {}}; },
+      [&](int64_t grp, Scratch& sc) {
+        for (int64_t b = nb * grp / groups; b < nb * (grp + 1) / groups; ++b) {
+          const int64_t i0 = b * TI, ti = std::min(TI, N - i0);
+          strip_u(o, i0, ti, sc.U.data());
+          for (int64_t i = 0; i < ti; ++i)
+            row_backward(o, i0 + i, sc.U.data() + i * o.ld, g[i0 + i], sc.pos, sc.A, sc.k, sc.G.data() + i * o.ld);
+          if (o.lp) add_row_sums(sc.G.data(), o.ld, static_cast<int>(ti), static_cast<int>(M), row_sums.data() + i0);
+          if (need_q)
+            o.K->gemm_nn_acc(sc.G.data(), o.ld, r_cols.template data_ptr<T>(), M, 0, ti, Dp, M,
+                             dq.template data_ptr<T>() + i0 * Dp, Dp);
+          if (need_r) {
+            o.K->gemm_tn_acc(sc.G.data(), o.ld, q_cols.template data_ptr<T>(), N, i0, M, Dp, ti,
+                             dr_part[grp].template data_ptr<T>(), Dp);
+            if (o.lp) add_col_sums(sc.G.data(), o.ld, static_cast<int>(ti), static_cast<int>(M), col_sums[grp].data());
+          }
+        }
+      });
+  if (need_q && o.lp) add_norm_gradient(dq.template data_ptr<T>(), qp, row_sums.data(), N, Dp);
+  if (need_r) {
+    T* drp = dr.template data_ptr<T>();
+    for (int64_t grp = 0; grp < groups; ++grp) {  // in group order
+      const T* part = dr_part[grp].template data_ptr<T>();
+      for (int64_t e = 0; e < M * Dp; ++e) drp[e] += part[e];
+    }
+    if (o.lp) {
+      std::vector<T> total(M, T(0));
+      for (int64_t grp = 0; grp < groups; ++grp)
+        for (int64_t j = 0; j < M; ++j) total[j] += col_sums[grp][j];
+      add_norm_gradient(drp, rp, total.data(), M, Dp);
+    }
+  }
+  return {dq, dr};
+}
+
+void check_inputs(const Tensor& q, const Tensor& r, const Tensor& labels_q, const Tensor& labels_r,
+                  const Tensor& exclude_col) {
+  TORCH_CHECK(q.device().is_cpu() && r.device().is_cpu(), "triplet_engine (cpu): q and r must be CPU tensors, got ",
+              q.device(), " and ", r.device());
+  TORCH_CHECK(q.dim() == 2 && r.dim() == 2 && q.size(1) == r.size(1),
+              "triplet_engine: q and r must be 2-D with the same number of columns, got ", q.sizes(), " and ",
+              r.sizes());
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()) && q.scalar_type() == r.scalar_type(),
+              "triplet_engine: q and r must share one floating dtype, got ", q.scalar_type(), " and ", r.scalar_type());
+  TORCH_CHECK(labels_q.dim() == 1 && labels_q.size(0) == q.size(0) && exclude_col.dim() == 1 &&
+                  exclude_col.size(0) == q.size(0),
+              "triplet_engine: labels_q and exclude_col must have shape (", q.size(0), ",), got ", labels_q.sizes(),
+              " and ", exclude_col.sizes());
+  TORCH_CHECK(labels_r.dim() == 1 && labels_r.size(0) == r.size(0), "triplet_engine: labels_r must have shape (",
+              r.size(0), ",), got ", labels_r.sizes());
+  TORCH_CHECK(r.size(0) <= std::numeric_limits<int32_t>::max(), "triplet_engine: ", r.size(0),
+              " rows of r exceed the limit of 2^31 - 1");
+}
+
+std::tuple<Tensor, Tensor> triplet_engine_forward_cpu(const Tensor& q, const Tensor& r, const Tensor& labels_q,
+                                                      const Tensor& labels_r, const Tensor& exclude_col, double margin,
+                                                      bool lp) {
+  check_inputs(q, r, labels_q, labels_r, exclude_col);
+  if (q.scalar_type() == at::kDouble)
+    return forward_impl(prepare<double>(q, r, labels_q, labels_r, exclude_col, margin, lp));
+  return forward_impl(prepare<float>(q, r, labels_q, labels_r, exclude_col, margin, lp));
+}
+
+std::tuple<Tensor, Tensor> triplet_engine_backward_cpu(const Tensor& grad_sums, const Tensor& q, const Tensor& r,
+                                                       const Tensor& labels_q, const Tensor& labels_r,
+                                                       const Tensor& exclude_col, double margin, bool lp,
+                                                       bool need_grad_q, bool need_grad_r) {
+  check_inputs(q, r, labels_q, labels_r, exclude_col);
+  TORCH_CHECK(grad_sums.dim() == 1 && grad_sums.size(0) == q.size(0),
+              "triplet_engine_backward: grad_sums must have "
+              "shape (",
+              q.size(0), ",), got ", grad_sums.sizes());
+  std::tuple<Tensor, Tensor> out;
+  if (q.scalar_type() == at::kDouble) {
+    out = backward_impl(prepare<double>(q, r, labels_q, labels_r, exclude_col, margin, lp),
+                        grad_sums.to(at::kDouble).contiguous(), need_grad_q, need_grad_r);
+  } else {
+    out = backward_impl(prepare<float>(q, r, labels_q, labels_r, exclude_col, margin, lp),
+                        grad_sums.to(at::kFloat).contiguous(), need_grad_q, need_grad_r);
+  }
+  const int64_t D = q.size(1);
+  Tensor grad_q = need_grad_q ? std::get<0>(out).narrow(1, 0, D).to(q.scalar_type()).contiguous() : q.new_empty({0});
+  Tensor grad_r = need_grad_r ? std::get<1>(out).narrow(1, 0, D).to(r.scalar_type()).contiguous() : r.new_empty({0});
+  return {grad_q, grad_r};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fpl
+
+TORCH_LIBRARY_IMPL(fused_pairloss, CPU, m) {
+  m.impl("triplet_engine_forward", &fpl::cpu::triplet_engine_forward_cpu);
+  m.impl("triplet_engine_backward", &fpl::cpu::triplet_engine_backward_cpu);
+}
