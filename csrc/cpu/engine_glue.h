@@ -55,6 +55,17 @@ inline bool parallel_work(int64_t N, int64_t M, int64_t D) {
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+template <typename T>
+void transpose(const T* src, int rows, int cols, int64_t lds, T* dst, int64_t ldd) {
+  constexpr int B = 32;  // dst (cols x rows, row stride ldd) = src^T
+  for (int i0 = 0; i0 < rows; i0 += B)
+    for (int j0 = 0; j0 < cols; j0 += B) {
+      const int i1 = std::min(rows, i0 + B), j1 = std::min(cols, j0 + B);
+      for (int j = j0; j < j1; ++j)
+        for (int i = i0; i < i1; ++i) dst[j * ldd + i] = src[i * lds + j];
+    }
+}
+
 // out[i] += sum_j G[i][j] (rows x cols)
 template <typename T>
 void add_row_sums(const T* G, int64_t ld, int rows, int cols, T* out) {

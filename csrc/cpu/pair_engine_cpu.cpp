@@ -83,17 +83,6 @@ std::vector<std::vector<std::pair<int64_t, int64_t>>> self_schedule(int64_t nb) 
 }
 
 template <typename T>
-void transpose(const T* src, int rows, int cols, int64_t lds, T* dst, int64_t ldd) {
-  constexpr int B = 32;  // dst (cols x rows, row stride ldd) = src^T
-  for (int i0 = 0; i0 < rows; i0 += B)
-    for (int j0 = 0; j0 < cols; j0 += B) {
-      const int i1 = std::min(rows, i0 + B), j1 = std::min(cols, j0 + B);
-      for (int j = j0; j < j1; ++j)
-        for (int i = i0; i < i1; ++i) dst[j * ldd + i] = src[i * lds + j];
-    }
-}
-
-template <typename T>
 void add_transposed(T* H, int64_t ldh, const T* G2, int64_t ldg, int rows, int cols) {
   constexpr int B = 32;  // H (rows x cols) += G2^T, G2 cols x rows
   for (int i0 = 0; i0 < rows; i0 += B)

@@ -229,13 +229,16 @@ std::tuple<Tensor, Tensor> backward_impl(const TripletOperands<T>& o, const Tens
   std::vector<std::vector<T>> col_sums(need_r && o.lp ? groups : 0, std::vector<T>(M, T(0)));
   std::vector<T> row_sums(o.lp ? N : 0, T(0));
   struct Scratch {
-    std::vector<T> U, G, A;
+    std::vector<T> U, G, Gt, A;
     std::vector<Positive<T>> pos;
     std::vector<int64_t> k;
   };
   tile_parallel(
       groups, parallel_work(N, M, o.D),
-      [&] { return Scratch{std::vector<T>(TI * o.ld), std::vector<T>(TI * o.ld), {}, {}, {}}; },
+      [&] {
+        return Scratch{
+            std::vector<T>(TI * o.ld), std::vector<T>(TI * o.ld), std::vector<T>(need_r ? TI * M : 0), {}, {}, {}};
+      },
       [&](int64_t grp, Scratch& sc) {
         for (int64_t b = nb * grp / groups; b < nb * (grp + 1) / groups; ++b) {
           const int64_t i0 = b * TI, ti = std::min(TI, N - i0);
@@ -247,7 +250,9 @@ std::tuple<Tensor, Tensor> backward_impl(const TripletOperands<T>& o, const Tens
             o.K->gemm_nn_acc(sc.G.data(), o.ld, r_cols.template data_ptr<T>(), M, 0, ti, Dp, M,
                              dq.template data_ptr<T>() + i0 * Dp, Dp);
           if (need_r) {
-            o.K->gemm_tn_acc(sc.G.data(), o.ld, q_cols.template data_ptr<T>(), N, i0, M, Dp, ti,
+            // dr += G^T q_I from G^T stored row-major (G's strided columns would cost a page per row)
+            transpose(sc.G.data(), static_cast<int>(ti), static_cast<int>(M), o.ld, sc.Gt.data(), TI);
+            o.K->gemm_nn_acc(sc.Gt.data(), TI, q_cols.template data_ptr<T>(), N, i0, M, Dp, ti,
                              dr_part[grp].template data_ptr<T>(), Dp);
             if (o.lp) add_col_sums(sc.G.data(), o.ld, static_cast<int>(ti), static_cast<int>(M), col_sums[grp].data());
           }
