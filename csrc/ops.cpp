@@ -86,15 +86,17 @@ TORCH_LIBRARY(fused_pairloss, m) {
       "Tensor rows, Tensor cols, int centers_per_class, float[] terms, int flags, bool need_grad_w) "
       "-> (Tensor grad_q, Tensor grad_w)");
   // All-triplets rows (fused_pairloss/ops/triplets.py): per row of q the sum and the count of the
-  // triplet hinge terms > 0 over its (positive, negative) pairs of r; exclude_col[i] (-1 for none)
-  // is left out of row i's positives. lp: u = |q_i - r_j|, else u = -q_i . r_j.
+  // triplet hinge terms > 0 over its (positive, negative) pairs of r whose u_n - u_p lies in
+  // (window_lo, window_hi] (a miner's window; -inf, inf for none), and the count of those pairs;
+  // exclude_col[i] (-1 for none) is left out of row i's positives. lp: u = |q_i - r_j|, else
+  // u = -q_i . r_j.
   m.def(
       "triplet_engine_forward(Tensor q, Tensor r, Tensor labels_q, Tensor labels_r, Tensor exclude_col, "
-      "float margin, bool lp) -> (Tensor sums, Tensor counts)");
+      "float margin, bool lp, float window_lo, float window_hi) -> (Tensor sums, Tensor counts, Tensor in_window)");
   m.def(
       "triplet_engine_backward(Tensor grad_sums, Tensor q, Tensor r, Tensor labels_q, Tensor labels_r, "
-      "Tensor exclude_col, float margin, bool lp, bool need_grad_q, bool need_grad_r) "
-      "-> (Tensor grad_q, Tensor grad_r)");
+      "Tensor exclude_col, float margin, bool lp, float window_lo, float window_hi, bool need_grad_q, "
+      "bool need_grad_r) -> (Tensor grad_q, Tensor grad_r)");
   m.def("build_config() -> str", &build_config);
   m.def("describe_pair_spec(float[] terms, int flags) -> str", &describe_pair_spec);
   m.def("describe_class_spec(float[] terms, int flags, int centers_per_class) -> str", &describe_class_spec);

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.skipif(not CPU_BUILT and not os.environ.get("CI"),
                                        + str(fpl.build_info()["library_error"]))
 op = torch.ops.fused_pairloss
 ISAS = ("avx512", "avx2", "base")
+INF = float("inf")
 
 
 def pair_fwd(case, spec):
@@ -181,9 +182,11 @@ def _triplet_calls(dtype):
             lq, lr = torch.randint(0, classes, (600,), generator=g), torch.randint(0, classes, (650,), generator=g)
             for lp in (True, False):
                 for args in ((q, q, lq, lq, torch.arange(600)), (q, r, lq, lr, torch.full((600,), -1))):
-                    fwd = op.triplet_engine_forward(*args, 0.1, lp)
-                    res.append(fwd)
-                    res.append(op.triplet_engine_backward(torch.ones_like(fwd[0]), *args, 0.1, lp, True, True))
+                    for window in ((-INF, INF), (0.0, 0.3)):
+                        fwd = op.triplet_engine_forward(*args, 0.1, lp, *window)
+                        res.append(fwd)
+                        res.append(op.triplet_engine_backward(torch.ones_like(fwd[0]), *args, 0.1, lp, *window, True,
+                                                              True))
         return res
     return run
 
@@ -460,13 +463,13 @@ def test_other_isa_triplet_kernels_match_the_pytorch_op(isa, isa_cap):
         q = kit.dyadic(300, 12, g, dtype)
         for classes in (30, 2):
             lab = torch.randint(0, classes, (300,), generator=g)
-            for lp in (True, False):
-                args = (q, q, lab, lab, torch.arange(300), 0.25, lp)
-                sums, counts = op.triplet_engine_forward(*args)
-                ref_sums, ref_counts = triplets.triplet_rows(*args)
-                assert torch.equal(counts, ref_counts)
+            for lp, window in ((True, (-INF, INF)), (False, (-INF, INF)), (True, (-0.5, 0.0))):
+                args = (q, q, lab, lab, torch.arange(300), 0.25, lp, *window)
+                sums, counts, in_window = op.triplet_engine_forward(*args)
+                ref_sums, ref_counts, ref_in_window = triplets.triplet_rows(*args)
+                assert torch.equal(counts, ref_counts) and torch.equal(in_window, ref_in_window)
                 kit.check_close(sums, ref_sums.double(), what="sums", dtype=dtype)
-                grads = op.triplet_engine_backward(torch.ones_like(sums), *args[:5], 0.25, lp, True, True)
-                ref_grads = triplets.triplet_rows_backward(torch.ones_like(sums), *args[:5], 0.25, lp, True, True)
+                grads = op.triplet_engine_backward(torch.ones_like(sums), *args, True, True)
+                ref_grads = triplets.triplet_rows_backward(torch.ones_like(sums), *args, True, True)
                 for a, b in zip(grads, ref_grads):
                     kit.check_close(a, b.double(), what="grad", dtype=dtype)

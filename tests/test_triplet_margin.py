@@ -62,7 +62,7 @@ def test_many_rows_in_several_chunks(monkeypatch):
 
     def run():
         q = torch.nn.functional.normalize(x, dim=1)
-        sums, counts = triplets.triplet_rows(q, q, y, y, ex, 0.3, True)
+        sums, counts, _ = triplets.triplet_rows(q, q, y, y, ex, 0.3, True, *triplets.NO_WINDOW)
         return counts, sums, torch.autograd.grad(sums.sum(), x)[0]
     whole = run()
     monkeypatch.setattr(triplets, "CHUNK_ELEMENTS", 64 * 7)  # 7 rows per chunk: 10 chunks, the last short
@@ -93,15 +93,15 @@ def op_inputs(mode, n, classes, dtype, seed, d=16):
     return q, r, lq, lr, ex
 
 
-def op_results(op, args, margin, lp):
-    """counts, sums and the gradients of a weighted sum of the sums wrt q and r."""
+def op_results(op, args, margin, lp, window=triplets.NO_WINDOW):
+    """counts, in_window, sums and the gradients of a weighted sum of the sums wrt q and r."""
     q, r, lq, lr, ex = args
     q = q.clone().requires_grad_(True)
     r = q if args[1] is args[0] else r.clone().requires_grad_(True)
-    sums, counts = op(q, r, lq, lr, ex, margin, lp)
+    sums, counts, in_window = op(q, r, lq, lr, ex, margin, lp, *window)
     w = torch.linspace(0.5, 1.5, len(sums), dtype=sums.dtype)
     params = [q] if r is q else [q, r]
-    return (counts, sums, *torch.autograd.grad((sums * w).sum(), params))
+    return (counts, in_window, sums, *torch.autograd.grad((sums * w).sum(), params))
 
 
 @needs_native
@@ -109,19 +109,23 @@ def op_results(op, args, margin, lp):
 @pytest.mark.parametrize("lp", [True, False], ids=["lp", "cosine"])
 @pytest.mark.parametrize("mode", ["self", "ref"])
 @pytest.mark.parametrize("classes", [40, 2], ids=["few_positives", "many_positives"])
-def test_cpu_kernel_matches_the_pytorch_op(dtype, lp, mode, classes):
+@pytest.mark.parametrize("window", ["none", "hard", "semihard"])
+def test_cpu_kernel_matches_the_pytorch_op(dtype, lp, mode, classes, window):
     """The C++ kernel against the PyTorch op (fp64: the truth; the dtype's own: the reference): rows
-    with ~15 positives (compared with every negative) and with ~300 (a binary search among them);
-    the counts exactly."""
-    args = op_inputs(mode, 600, classes, dtype, seed=classes)
+    with ~15 positives (compared with every negative) and with ~300 (without a window: a binary
+    search among them), with and without a miner's window; the counts exactly."""
+    if classes == 2 and window != "none" and (dtype == torch.float32 or mode == "ref"):
+        pytest.skip("one windowed many-positives case is enough (the PyTorch op loops over ~300 positives)")
+    win = {"none": triplets.NO_WINDOW, "hard": (float("-inf"), 0.0), "semihard": (0.0, 0.5)}[window]
+    args = op_inputs(mode, 600 if window == "none" else 200, classes, dtype, seed=classes)
     args64 = tuple(a.double() if a.is_floating_point() else a for a in args)
     args64 = (args64[0], args64[0], *args64[2:]) if mode == "self" else args64
-    native = op_results(torch.ops.fused_pairloss.triplet_engine_forward, args, 0.25, lp)
-    same = op_results(triplets.triplet_rows, args, 0.25, lp)
-    truth = op_results(triplets.triplet_rows, args64, 0.25, lp)
-    assert torch.equal(native[0], same[0])
-    assert native[1].dtype == dtype
-    for k, (a, t, b) in enumerate(zip(native[1:], truth[1:], same[1:])):
+    native = op_results(torch.ops.fused_pairloss.triplet_engine_forward, args, 0.25, lp, win)
+    same = op_results(triplets.triplet_rows, args, 0.25, lp, win)
+    truth = op_results(triplets.triplet_rows, args64, 0.25, lp, win)
+    assert torch.equal(native[0], same[0]) and torch.equal(native[1], same[1])
+    assert native[2].dtype == dtype
+    for k, (a, t, b) in enumerate(zip(native[2:], truth[2:], same[2:])):
         check_close(a, t, b, what=["sums", "grad q", "grad r"][k], dtype=dtype)
 
 
@@ -130,8 +134,8 @@ def test_cpu_kernel_half_inputs_accumulate_in_fp32():
     args = op_inputs("ref", 100, 6, torch.float16, seed=9)
     native = op_results(torch.ops.fused_pairloss.triplet_engine_forward, args, 0.1, True)
     same = op_results(triplets.triplet_rows, args, 0.1, True)
-    assert native[1].dtype == torch.float32 and native[2].dtype == torch.float16
-    check_close(native[1], same[1].double(), what="sums", dtype=torch.float16)
+    assert native[2].dtype == torch.float32 and native[3].dtype == torch.float16
+    check_close(native[2], same[2].double(), what="sums", dtype=torch.float16)
 
 
 @needs_native
@@ -141,11 +145,12 @@ def test_cpu_kernel_nan_row_is_in_no_term():
     q, r, lq, lr, ex = op_inputs("self", 50, 4, torch.float64, seed=10)
     q = q.clone()
     q[7] = float("nan")
-    sums, counts = torch.ops.fused_pairloss.triplet_engine_forward(q, q, lq, lq, torch.arange(50), 0.2, True)
+    sums, counts, _ = torch.ops.fused_pairloss.triplet_engine_forward(q, q, lq, lq, torch.arange(50), 0.2, True,
+                                                                      *triplets.NO_WINDOW)
     assert counts[7] == 0 and sums[7] == 0 and torch.isfinite(sums).all()
     keep = torch.arange(50) != 7
     sub = torch.ops.fused_pairloss.triplet_engine_forward(q[keep], q[keep], lq[keep], lq[keep], torch.arange(49),
-                                                          0.2, True)
+                                                          0.2, True, *triplets.NO_WINDOW)
     torch.testing.assert_close(sums[keep], sub[0], rtol=1e-12, atol=1e-12)
     assert torch.equal(counts[keep], sub[1])
 
@@ -205,22 +210,25 @@ def test_opcheck(self_mode):
         lr, ex = torch.randint(0, 3, (7,), generator=g), torch.full((9,), -1)
     q = q.clone().requires_grad_(True)
     r = q if self_mode else r.requires_grad_(True)
-    torch.library.opcheck(triplets.triplet_rows, (q, r, lq, lr, ex, 0.2, True))
-    sums, _ = triplets.triplet_rows(q, r, lq, lr, ex, 0.2, True)
-    torch.library.opcheck(triplets.triplet_rows_backward,
-                          (torch.ones_like(sums), q.detach(), r.detach(), lq, lr, ex, 0.2, True, True, True))
+    for window in (triplets.NO_WINDOW, (-0.1, 0.3)):
+        torch.library.opcheck(triplets.triplet_rows, (q, r, lq, lr, ex, 0.2, True, *window))
+        sums, _, _ = triplets.triplet_rows(q, r, lq, lr, ex, 0.2, True, *window)
+        torch.library.opcheck(triplets.triplet_rows_backward, (torch.ones_like(sums), q.detach(), r.detach(), lq, lr,
+                                                               ex, 0.2, True, *window, True, True))
 
 
 @needs_native
 @pytest.mark.parametrize("lp", [True, False], ids=["lp", "cosine"])
-def test_cpu_kernel_opcheck(lp):
+@pytest.mark.parametrize("window", [triplets.NO_WINDOW, (0.0, 0.4)], ids=["all", "window"])
+def test_cpu_kernel_opcheck(lp, window):
     q, r, lq, lr, ex = op_inputs("ref", 9, 3, torch.float64, seed=11, d=5)
     q, r = q.requires_grad_(True), r.requires_grad_(True)
-    torch.library.opcheck(torch.ops.fused_pairloss.triplet_engine_forward.default, (q, r, lq, lr, ex, 0.2, lp))
-    sums, _ = torch.ops.fused_pairloss.triplet_engine_forward(q, r, lq, lr, ex, 0.2, lp)
+    args = (q, r, lq, lr, ex, 0.2, lp, *window)
+    torch.library.opcheck(torch.ops.fused_pairloss.triplet_engine_forward.default, args)
+    sums, _, _ = torch.ops.fused_pairloss.triplet_engine_forward(*args)
     for need in ((True, True), (True, False), (False, True)):
         torch.library.opcheck(torch.ops.fused_pairloss.triplet_engine_backward.default,
-                              (torch.ones_like(sums), q.detach(), r.detach(), lq, lr, ex, 0.2, lp, *need))
+                              (torch.ones_like(sums), q.detach(), r.detach(), *args[2:], *need))
 
 
 def test_nan_in_nan_out():

@@ -109,12 +109,15 @@ struct Kernels {
   void (*lp_tile_d2)(const T* q, const T* r, int64_t Dp, int64_t D, const T* norm_q, const T* norm_r, int ti, int tj,
                      T* S, int64_t ld);
   // triplet rows (triplet_engine_cpu.cpp; rows padded to whole 16-element chunks within ld, the
-  // columns that are no negative set to +inf): the strip of S (or d^2) to u in place; per row the
-  // hinge sum and count over the thresholds A[P]; the coefficients d sums / d u_j of the negatives
-  // and k_p; G = dL/dS of the row from its coefficients.
+  // columns that are no negative set to NaN): the strip of S (or d^2) to u in place; per row, over
+  // the positives' u_ap a[P] and thresholds A[P] = a + margin, and a miner's window {lo, hi} (or
+  // nullptr): the hinge sum, its count of terms > 0 and the count of (p, n) in the window; the
+  // coefficients d sums / d u_j of the negatives and k_p; G = dL/dS of the row from its coefficients.
   void (*triplet_strip_u)(T* U, int64_t ld, int rows, int64_t M, bool lp);
-  void (*triplet_row_sums)(const T* u, int64_t M, const T* A, int64_t P, double* sum, int64_t* count);
-  void (*triplet_row_coefficients)(const T* u, int64_t M, const T* A, int64_t P, T* coef, int64_t* k);
+  void (*triplet_row_sums)(const T* u, int64_t M, const T* A, const T* a, int64_t P, const T* window, double* sum,
+                           int64_t* count, int64_t* in_window);
+  void (*triplet_row_coefficients)(const T* u, int64_t M, const T* A, const T* a, int64_t P, const T* window, T* coef,
+                                   int64_t* k);
   void (*triplet_row_grad)(const T* u, int64_t M, T g, bool lp, T* G);
   // pair engine, main walk: forward reductions / dL/dS of the tile's rows (G, row stride ldg)
   void (*pair_forward)(const PairSpec<T>& spec, const PairTile<T>& t, const PairRowState<T>& st, T* scratch);

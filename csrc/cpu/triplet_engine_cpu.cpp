@@ -4,7 +4,9 @@
 // Per anchor row i, with u = d (lp) or u = -S (cosine), A_p = u_ip + margin over its positives (same
 // label, column != exclude_col_i) and B_n = u_in over its negatives (other label):
 //   sums_i   = sum_{p,n} relu(A_p - B_n),   counts_i = #{(p, n) : A_p > B_n},
-//   d sums_i / d A_p = k_p = #{n : B_n < A_p},   d sums_i / d B_n = -c_n,  c_n = #{p : A_p > B_n}.
+//   d sums_i / d A_p = k_p = #{n : B_n < A_p},   d sums_i / d B_n = -c_n,  c_n = #{p : A_p > B_n};
+// with a miner's window (TripletMarginMiner's type_of_triplets) only the (p, n) with
+// lo < B_n - u_ap <= hi count, and in_window_i = #{(p, n) in the window} (the miner's triplets).
 // No triplet is enumerated and nothing of size N x M exists: rows go in strips of ti rows against all
 // M columns (ti * M <= kStripElements), the strip's S computed by the engine's GEMM (cpu_kernels.h:
 // the same bits in the forward and the backward, whatever the strip or the thread). A row's positives
@@ -56,11 +58,13 @@ struct TripletOperands {
   Tensor sorted_labels_r, columns_r;  // r's labels ascending, and their columns (a stable sort)
   T margin;
   bool lp;
+  bool has_window;  // a miner's window on u_n - u_ap: (window[0], window[1]]
+  T window[2];
 };
 
 template <typename T>
 TripletOperands<T> prepare(const Tensor& q, const Tensor& r, const Tensor& labels_q, const Tensor& labels_r,
-                           const Tensor& exclude_col, double margin, bool lp) {
+                           const Tensor& exclude_col, double margin, bool lp, double window_lo, double window_hi) {
   TripletOperands<T> o;
   o.K = &active_kernels<T>();
   o.N = q.size(0);
@@ -83,11 +87,14 @@ TripletOperands<T> prepare(const Tensor& q, const Tensor& r, const Tensor& label
   }
   o.margin = static_cast<T>(margin);
   o.lp = lp;
+  o.has_window = !(std::isinf(window_lo) && window_lo < 0 && std::isinf(window_hi) && window_hi > 0);
+  o.window[0] = static_cast<T>(window_lo);
+  o.window[1] = static_cast<T>(window_hi);
   return o;
 }
 
 // u of rows i0 .. i0 + ti against every column, into U (row stride o.ld): d = sqrt(max(d2, 0))
-// (the near pairs' d2 recomputed from the rows, as every engine) or -S; the padding +inf.
+// (the near pairs' d2 recomputed from the rows, as every engine) or -S; the padding NaN.
 template <typename T>
 void strip_u(const TripletOperands<T>& o, int64_t i0, int64_t ti, T* U) {
   const T* qp = o.q.template data_ptr<T>() + i0 * o.Dp;
@@ -107,12 +114,27 @@ struct Positive {
   bool operator<(const Positive& other) const { return A < other.A; }
 };
 
-// Row i's positives (the columns of its label but exclude_col_i; a NaN u is in no term and is left
-// out), and every column of its label set to +inf in u: what is left finite (or NaN) are the
-// negatives. Sorted by A when the row takes the binary-search path.
+// A row's scratch: its positives, their thresholds A and their u (a), per positive k_p.
 template <typename T>
-void take_positives(const TripletOperands<T>& o, int64_t i, T* u, std::vector<Positive<T>>& pos, std::vector<T>& A) {
-  pos.clear();
+struct RowScratch {
+  std::vector<Positive<T>> pos;
+  std::vector<T> A, a;
+  std::vector<double> suffix;
+  std::vector<int64_t> k;
+};
+
+// The binary search among the sorted A serves rows with many positives and no window.
+template <typename T>
+bool binary_search_path(const TripletOperands<T>& o, int64_t P) {
+  return P > kDirectPositives && !o.has_window;
+}
+
+// Row i's positives (the columns of its label but exclude_col_i; a NaN u is in no term and is left
+// out), and every column of its label set to NaN in u: what is left not NaN are the negatives.
+// Sorted by A when the row takes the binary-search path.
+template <typename T>
+void take_positives(const TripletOperands<T>& o, int64_t i, T* u, RowScratch<T>& rs) {
+  rs.pos.clear();
   const int64_t li = o.labels_q.template data_ptr<int64_t>()[i];
   const int64_t ex = o.excl.template data_ptr<int64_t>()[i];
   const int64_t* lab = o.sorted_labels_r.template data_ptr<int64_t>();
@@ -120,58 +142,68 @@ void take_positives(const TripletOperands<T>& o, int64_t i, T* u, std::vector<Po
   const auto range = std::equal_range(lab, lab + o.M, li);
   for (const int64_t* e = range.first; e != range.second; ++e) {
     const int64_t j = col[e - lab];
-    if (j != ex && u[j] == u[j]) pos.push_back(Positive<T>{u[j] + o.margin, j, u[j]});
-    u[j] = std::numeric_limits<T>::infinity();
+    if (j != ex && u[j] == u[j]) rs.pos.push_back(Positive<T>{u[j] + o.margin, j, u[j]});
+    u[j] = std::numeric_limits<T>::quiet_NaN();
   }
-  if (static_cast<int64_t>(pos.size()) > kDirectPositives) std::sort(pos.begin(), pos.end());
-  A.resize(pos.size());
-  for (size_t p = 0; p < pos.size(); ++p) A[p] = pos[p].A;
+  const int64_t P = static_cast<int64_t>(rs.pos.size());
+  if (binary_search_path(o, P)) std::sort(rs.pos.begin(), rs.pos.end());
+  rs.A.resize(P);
+  rs.a.resize(P);
+  for (int64_t p = 0; p < P; ++p) {
+    rs.A[p] = rs.pos[p].A;
+    rs.a[p] = rs.pos[p].u;
+  }
 }
 
-// #{p : A_p <= b} over ascending A: b's bucket (a NaN b is past every A: in no term)
+// #{p : A_p <= b} over ascending A: b's bucket
 template <typename T>
 int64_t bucket_of(const std::vector<T>& A, T b) {
   return std::upper_bound(A.begin(), A.end(), b) - A.begin();
 }
 
-// Per row: sums_i and counts_i.
+// Per row: sums_i, counts_i and the number of (p, n) in the window.
 template <typename T>
-void row_forward(const TripletOperands<T>& o, int64_t i, T* u, std::vector<Positive<T>>& pos, std::vector<T>& A,
-                 std::vector<double>& suffix, T* sums, int64_t* counts) {
-  take_positives(o, i, u, pos, A);
+void row_forward(const TripletOperands<T>& o, int64_t i, T* u, RowScratch<T>& rs, T* sums, int64_t* counts,
+                 int64_t* in_window) {
+  take_positives(o, i, u, rs);
+  const std::vector<T>& A = rs.A;
   const int64_t P = static_cast<int64_t>(A.size());
   double s = 0.0;
-  int64_t c = 0;
-  if (P > 0 && P <= kDirectPositives) {
-    o.K->triplet_row_sums(u, o.M, A.data(), P, &s, &c);
+  int64_t c = 0, w = 0;
+  if (P > 0 && !binary_search_path(o, P)) {
+    o.K->triplet_row_sums(u, o.M, A.data(), rs.a.data(), P, o.has_window ? o.window : nullptr, &s, &c, &w);
   } else if (P > 0) {  // the negatives' buckets among the sorted A, sums from suffix sums
-    suffix.assign(P + 1, 0.0);
-    for (int64_t p = P - 1; p >= 0; --p) suffix[p] = suffix[p + 1] + static_cast<double>(A[p]);
+    rs.suffix.assign(P + 1, 0.0);
+    for (int64_t p = P - 1; p >= 0; --p) rs.suffix[p] = rs.suffix[p + 1] + static_cast<double>(A[p]);
     for (int64_t j = 0; j < o.M; ++j) {
+      if (u[j] != u[j]) continue;
+      w += P;
       const int64_t above = P - bucket_of(A, u[j]);  // the A_p > u_j
       if (above == 0) continue;
-      s += suffix[P - above] - static_cast<double>(above) * static_cast<double>(u[j]);
+      s += rs.suffix[P - above] - static_cast<double>(above) * static_cast<double>(u[j]);
       c += above;
     }
   }
   sums[i] = static_cast<T>(s);
   counts[i] = c;
+  in_window[i] = w;
 }
 
 // Per row: G_ij = dL/dS_ij for the incoming gradient g of sums_i (lp: dL/dd_ij = g coef_ij and
 // dd/dS = -1/d, 0 at d = 0; cosine: dL/du_ij = g coef_ij, du/dS = -1).
 template <typename T>
-void row_backward(const TripletOperands<T>& o, int64_t i, T* u, T g, std::vector<Positive<T>>& pos, std::vector<T>& A,
-                  std::vector<int64_t>& k, T* G) {
-  take_positives(o, i, u, pos, A);
+void row_backward(const TripletOperands<T>& o, int64_t i, T* u, T g, RowScratch<T>& rs, T* G) {
+  take_positives(o, i, u, rs);
+  const std::vector<T>& A = rs.A;
   const int64_t P = static_cast<int64_t>(A.size());
+  std::vector<int64_t>& k = rs.k;
   k.assign(P + 1, 0);
-  if (P <= kDirectPositives) {
-    o.K->triplet_row_coefficients(u, o.M, A.data(), P, G, k.data());
+  if (!binary_search_path(o, P)) {
+    o.K->triplet_row_coefficients(u, o.M, A.data(), rs.a.data(), P, o.has_window ? o.window : nullptr, G, k.data());
   } else {
     std::vector<int64_t>& hist = k;  // hist[t]: the negatives in bucket t
     for (int64_t j = 0; j < o.M; ++j) {
-      const int64_t t = bucket_of(A, u[j]);
+      const int64_t t = bucket_of(A, u[j]);  // a NaN u is past every A: in no term
       G[j] = -static_cast<T>(P - t);
       ++hist[t];
     }
@@ -179,33 +211,33 @@ void row_backward(const TripletOperands<T>& o, int64_t i, T* u, T g, std::vector
   }
   o.K->triplet_row_grad(u, o.M, g, o.lp, G);
   for (int64_t p = 0; p < P; ++p) {
-    const T kp = static_cast<T>(k[p]), up = pos[p].u;
-    G[pos[p].col] = o.lp ? (up > T(0) ? -g * kp / up : T(0)) : -g * kp;
+    const T kp = static_cast<T>(k[p]), up = rs.pos[p].u;
+    G[rs.pos[p].col] = o.lp ? (up > T(0) ? -g * kp / up : T(0)) : -g * kp;
   }
 }
 
 template <typename T>
-std::tuple<Tensor, Tensor> forward_impl(const TripletOperands<T>& o) {
+std::tuple<Tensor, Tensor, Tensor> forward_impl(const TripletOperands<T>& o) {
   Tensor sums = at::zeros({o.N}, o.q.options());
   Tensor counts = at::zeros({o.N}, o.q.options().dtype(at::kLong));
-  if (o.N == 0 || o.M == 0) return {sums, counts};
+  Tensor in_window = at::zeros({o.N}, o.q.options().dtype(at::kLong));
+  if (o.N == 0 || o.M == 0) return {sums, counts, in_window};
   T* sp = sums.template data_ptr<T>();
   int64_t* cp = counts.template data_ptr<int64_t>();
+  int64_t* wp = in_window.template data_ptr<int64_t>();
   const int64_t TI = o.strip_rows, nb = (o.N + TI - 1) / TI;
   struct Scratch {
-    std::vector<T> U, A;
-    std::vector<Positive<T>> pos;
-    std::vector<double> suffix;
+    std::vector<T> U;
+    RowScratch<T> row;
   };
   tile_parallel(
-      nb, parallel_work(o.N, o.M, o.D), [&] { return Scratch{std::vector<T>(TI * o.ld), {}, {}, {}}; },
+      nb, parallel_work(o.N, o.M, o.D), [&] { return Scratch{std::vector<T>(TI * o.ld), {}}; },
       [&](int64_t b, Scratch& sc) {
         const int64_t i0 = b * TI, ti = std::min(TI, o.N - i0);
         strip_u(o, i0, ti, sc.U.data());
-        for (int64_t i = 0; i < ti; ++i)
-          row_forward(o, i0 + i, sc.U.data() + i * o.ld, sc.pos, sc.A, sc.suffix, sp, cp);
+        for (int64_t i = 0; i < ti; ++i) row_forward(o, i0 + i, sc.U.data() + i * o.ld, sc.row, sp, cp, wp);
       });
-  return {sums, counts};
+  return {sums, counts, in_window};
 }
 
 template <typename T>
@@ -229,22 +261,20 @@ std::tuple<Tensor, Tensor> backward_impl(const TripletOperands<T>& o, const Tens
   std::vector<std::vector<T>> col_sums(need_r && o.lp ? groups : 0, std::vector<T>(M, T(0)));
   std::vector<T> row_sums(o.lp ? N : 0, T(0));
   struct Scratch {
-    std::vector<T> U, G, Gt, A;
-    std::vector<Positive<T>> pos;
-    std::vector<int64_t> k;
+    std::vector<T> U, G, Gt;
+    RowScratch<T> row;
   };
   tile_parallel(
       groups, parallel_work(N, M, o.D),
       [&] {
-        return Scratch{
-            std::vector<T>(TI * o.ld), std::vector<T>(TI * o.ld), std::vector<T>(need_r ? TI * M : 0), {}, {}, {}};
+        return Scratch{std::vector<T>(TI * o.ld), std::vector<T>(TI * o.ld), std::vector<T>(need_r ? TI * M : 0), {}};
       },
       [&](int64_t grp, Scratch& sc) {
         for (int64_t b = nb * grp / groups; b < nb * (grp + 1) / groups; ++b) {
           const int64_t i0 = b * TI, ti = std::min(TI, N - i0);
           strip_u(o, i0, ti, sc.U.data());
           for (int64_t i = 0; i < ti; ++i)
-            row_backward(o, i0 + i, sc.U.data() + i * o.ld, g[i0 + i], sc.pos, sc.A, sc.k, sc.G.data() + i * o.ld);
+            row_backward(o, i0 + i, sc.U.data() + i * o.ld, g[i0 + i], sc.row, sc.G.data() + i * o.ld);
           if (o.lp) add_row_sums(sc.G.data(), o.ld, static_cast<int>(ti), static_cast<int>(M), row_sums.data() + i0);
           if (need_q)
             o.K->gemm_nn_acc(sc.G.data(), o.ld, r_cols.template data_ptr<T>(), M, 0, ti, Dp, M,
@@ -294,30 +324,30 @@ void check_inputs(const Tensor& q, const Tensor& r, const Tensor& labels_q, cons
               " rows of r exceed the limit of 2^31 - 1");
 }
 
-std::tuple<Tensor, Tensor> triplet_engine_forward_cpu(const Tensor& q, const Tensor& r, const Tensor& labels_q,
-                                                      const Tensor& labels_r, const Tensor& exclude_col, double margin,
-                                                      bool lp) {
+std::tuple<Tensor, Tensor, Tensor> triplet_engine_forward_cpu(const Tensor& q, const Tensor& r, const Tensor& labels_q,
+                                                              const Tensor& labels_r, const Tensor& exclude_col,
+                                                              double margin, bool lp, double window_lo,
+                                                              double window_hi) {
   check_inputs(q, r, labels_q, labels_r, exclude_col);
   if (q.scalar_type() == at::kDouble)
-    return forward_impl(prepare<double>(q, r, labels_q, labels_r, exclude_col, margin, lp));
-  return forward_impl(prepare<float>(q, r, labels_q, labels_r, exclude_col, margin, lp));
+    return forward_impl(prepare<double>(q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo, window_hi));
+  return forward_impl(prepare<float>(q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo, window_hi));
 }
 
 std::tuple<Tensor, Tensor> triplet_engine_backward_cpu(const Tensor& grad_sums, const Tensor& q, const Tensor& r,
                                                        const Tensor& labels_q, const Tensor& labels_r,
                                                        const Tensor& exclude_col, double margin, bool lp,
-                                                       bool need_grad_q, bool need_grad_r) {
+                                                       double window_lo, double window_hi, bool need_grad_q,
+                                                       bool need_grad_r) {
   check_inputs(q, r, labels_q, labels_r, exclude_col);
   TORCH_CHECK(grad_sums.dim() == 1 && grad_sums.size(0) == q.size(0),
-              "triplet_engine_backward: grad_sums must have "
-              "shape (",
-              q.size(0), ",), got ", grad_sums.sizes());
+              "triplet_engine_backward: grad_sums must have shape (", q.size(0), ",), got ", grad_sums.sizes());
   std::tuple<Tensor, Tensor> out;
   if (q.scalar_type() == at::kDouble) {
-    out = backward_impl(prepare<double>(q, r, labels_q, labels_r, exclude_col, margin, lp),
+    out = backward_impl(prepare<double>(q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo, window_hi),
                         grad_sums.to(at::kDouble).contiguous(), need_grad_q, need_grad_r);
   } else {
-    out = backward_impl(prepare<float>(q, r, labels_q, labels_r, exclude_col, margin, lp),
+    out = backward_impl(prepare<float>(q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo, window_hi),
                         grad_sums.to(at::kFloat).contiguous(), need_grad_q, need_grad_r);
   }
   const int64_t D = q.size(1);

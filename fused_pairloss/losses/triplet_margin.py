@@ -19,7 +19,7 @@ import torch
 
 from .. import _validation as V
 from ..ops._common import LOCAL, normalize, pair_operands, similarity_dtype, zero_loss
-from ..ops.triplets import rows_op
+from ..ops.triplets import NO_WINDOW, rows_op
 from ._base import _PairLoss, run_pair_loss
 from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
 from ._registry import LossEntry
@@ -93,7 +93,8 @@ def triplet_margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, dis
     else:
         labels_r = labels_r.to(device=q.device, dtype=torch.int64)
         excl = torch.full_like(labels_q, -1) if excl is None else excl.to(device=q.device, dtype=torch.int64)
-    sums, counts = rows_op(backend, q.device)(q, r, labels_q, labels_r, excl, float(margin), distance == "lp")
+    sums, counts, _ = rows_op(backend, q.device)(q, r, labels_q, labels_r, excl, float(margin), distance == "lp",
+                                                 *NO_WINDOW)
     n = batch.sum(counts)
     zero = zero_loss(embeddings)
     loss = torch.where(n > 0, (batch.sum(sums) / n.clamp(min=1)).to(embeddings.dtype), zero)

@@ -1,8 +1,8 @@
 """The all-triplets op: per anchor row, the sum and the count of the triplet hinge terms > 0 over
 all its (positive, negative) pairs, without enumerating the triplets (docs/design.md, "Triplets").
 
-    fused_pairloss::triplet_rows(q[N,D], r[M,D], labels_q[N], labels_r[M], exclude_col[N], margin, lp)
-        -> (sums A[N], counts int64[N])
+    fused_pairloss::triplet_rows(q[N,D], r[M,D], labels_q[N], labels_r[M], exclude_col[N], margin, lp,
+                                 window_lo, window_hi) -> (sums A[N], counts int64[N], in_window int64[N])
 
 q, r normalized rows (self mode: r is q and exclude_col[i] = i); u = d (lp) or -S; per row i, A_p =
 u_ip + margin over its positives (same label, p != exclude_col_i), B_n = u_in over its negatives:
@@ -13,6 +13,11 @@ sums, prefix-summed over the buckets, give k_p and the sums. Rows go in chunks o
 CHUNK_ELEMENTS pair entries; the backward op recomputes each chunk (d sums_i / d A_p = k_p, d sums_i
 / d B_n = -#{p : A_p > B_n}), so no N x M tensor exists at any time. A stat dtype as the engines
 (fp32 for fp16 / bf16, fp64 for fp64).
+
+A miner's window (TripletMarginMiner's type_of_triplets, on PML's triplet margin u_an - u_ap)
+keeps only the (p, n) with window_lo < B_n - u_ap <= window_hi (-inf, inf: every pair); in_window_i
+counts them (the miner's triplets of row i). With a window each positive is compared with every
+negative (P passes over the row) instead of the buckets.
 
 Two implementations of that schema, each a torch.library op pair (forward, backward) with a fake
 kernel and one autograd rule: `triplet_rows` here in PyTorch, the same on every device, and the C++
@@ -61,19 +66,59 @@ def _buckets(u, positive, negative, margin):
     return A, where_in_u, bucket, P
 
 
-def chunk_rows(q, r, labels_q, labels_r, exclude_col, margin, lp):
-    """(sums, counts) of the rows q (a chunk) against r, differentiable: per bucket the count and the
-    sum of the negatives in it, prefix sums over the buckets give k_j and sum_{n: B_n < A_j} B_n."""
+NO_WINDOW = (float("-inf"), float("inf"))
+
+
+def _has_window(window_lo, window_hi):
+    return (window_lo, window_hi) != NO_WINDOW
+
+
+def _positives(u, positive):
+    """Per row the positives' u and columns (B x P, P the chunk's largest positive set; rows with
+    fewer padded, `real` False there)."""
+    P = int(positive.sum(1).max()) if u.numel() else 0
+    _, cols = torch.topk(positive.to(torch.int8), P, dim=1)
+    real = torch.gather(positive, 1, cols)
+    return torch.gather(u, 1, cols), cols, real
+
+
+def _window_terms(u, positive, negative, margin, window_lo, window_hi):
+    """Per positive rank j (a loop over P): the B x M masks of the (p_j, n) in the window and of the
+    terms > 0 there, with the hinge x = u_pj + margin - u_n."""
+    a, cols, real = _positives(u, positive)
+    for j in range(a.shape[1]):
+        aj = a[:, j:j + 1]
+        tm = u - aj
+        win = negative & real[:, j:j + 1] & (tm > window_lo) & (tm <= window_hi)
+        x = (aj + margin) - u
+        yield j, cols, win, win & (x > 0), x
+
+
+def chunk_rows(q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo=NO_WINDOW[0], window_hi=NO_WINDOW[1]):
+    """(sums, counts, in_window) of the rows q (a chunk) against r, sums differentiable. Without a
+    window: per bucket the count and the sum of the negatives in it, prefix sums over the buckets
+    give k_j and sum_{n: B_n < A_j} B_n; with one, a pass per positive."""
     u, positive, negative = _chunk_sets(q, r, labels_q, labels_r, exclude_col, lp)
-    A, _, bucket, P = _buckets(u, positive, negative, margin)
     B = u.shape[0]
+    if _has_window(window_lo, window_hi):
+        sums = u.new_zeros(B)
+        counts = torch.zeros(B, dtype=torch.int64, device=u.device)
+        in_window = torch.zeros_like(counts)
+        for _, _, win, on, x in _window_terms(u, positive, negative, margin, window_lo, window_hi):
+            sums = sums + torch.where(on, x, torch.zeros_like(x)).sum(1)
+            counts += on.sum(1)
+            in_window += win.sum(1)
+        return sums, counts, in_window
+    A, _, bucket, P = _buckets(u, positive, negative, margin)
     k = torch.zeros(B, P + 1, dtype=u.dtype, device=u.device).scatter_add(1, bucket, negative.to(u.dtype))
     below = torch.zeros(B, P + 1, dtype=u.dtype, device=u.device).scatter_add(
         1, bucket, torch.where(negative, u, torch.zeros_like(u)))
     k, below = k[:, :P].cumsum(1), below[:, :P].cumsum(1)
     real = torch.isfinite(A)
     terms = torch.where(real, k * torch.where(real, A, torch.zeros_like(A)) - below, torch.zeros_like(A))
-    return terms.sum(1), torch.where(real, k, torch.zeros_like(k)).sum(1).to(torch.int64)
+    n_pos = real.sum(1)
+    in_window = n_pos * (negative & (u == u)).sum(1)
+    return terms.sum(1), torch.where(real, k, torch.zeros_like(k)).sum(1).to(torch.int64), in_window
 
 
 def _chunks(n, m):
@@ -83,28 +128,27 @@ def _chunks(n, m):
 
 @torch.library.custom_op("fused_pairloss::triplet_rows", mutates_args=())
 def triplet_rows(q: torch.Tensor, r: torch.Tensor, labels_q: torch.Tensor, labels_r: torch.Tensor,
-                 exclude_col: torch.Tensor, margin: float, lp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 exclude_col: torch.Tensor, margin: float, lp: bool, window_lo: float,
+                 window_hi: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     A = stat_dtype(q.dtype)
     qa, ra = q.to(A), r.to(A)
-    sums, counts = [], []
-    for i0, i1 in _chunks(q.shape[0], r.shape[0]):
-        s, c = chunk_rows(qa[i0:i1], ra, labels_q[i0:i1], labels_r, exclude_col[i0:i1], margin, lp)
-        sums.append(s)
-        counts.append(c)
-    if not sums:
-        return q.new_zeros((0,), dtype=A), q.new_zeros((0,), dtype=torch.int64)
-    return torch.cat(sums), torch.cat(counts)
+    parts = [chunk_rows(qa[i0:i1], ra, labels_q[i0:i1], labels_r, exclude_col[i0:i1], margin, lp, window_lo,
+                        window_hi) for i0, i1 in _chunks(q.shape[0], r.shape[0])]
+    if not parts:
+        return q.new_zeros((0,), dtype=A), q.new_zeros((0,), dtype=torch.int64), q.new_zeros((0,), dtype=torch.int64)
+    return tuple(torch.cat(x) for x in zip(*parts))
 
 
-def _fake_rows(q, r, labels_q, labels_r, exclude_col, margin, lp):
+def _fake_rows(q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo, window_hi):
     n = q.shape[0]
-    return q.new_empty((n,), dtype=stat_dtype(q.dtype)), q.new_empty((n,), dtype=torch.int64)
+    return (q.new_empty((n,), dtype=stat_dtype(q.dtype)), q.new_empty((n,), dtype=torch.int64),
+            q.new_empty((n,), dtype=torch.int64))
 
 
 triplet_rows.register_fake(_fake_rows)
 
 
-def _chunk_vjp(grad_sums, q, r, labels_q, labels_r, exclude_col, margin, lp, need_q, need_r, create_graph):
+def _chunk_vjp(grad_sums, q, r, labels_q, labels_r, exclude_col, margin, lp, window, need_q, need_r, create_graph):
     """(grad_q, grad_r) of sum_i grad_sums_i sums_i, chunk by chunk (each chunk recomputed)."""
     A = stat_dtype(q.dtype)
     q_grads, grad_r = [], None
@@ -113,7 +157,7 @@ def _chunk_vjp(grad_sums, q, r, labels_q, labels_r, exclude_col, margin, lp, nee
             # create_graph: nodes of their own (r may be q itself), through which the graph reaches q and r
             qc = q[i0:i1].to(A) if create_graph else q[i0:i1].detach().to(A).requires_grad_(need_q)
             rc = r.to(A).view_as(r) if create_graph else r.detach().to(A).requires_grad_(need_r)
-            s, _ = chunk_rows(qc, rc, labels_q[i0:i1], labels_r, exclude_col[i0:i1], margin, lp)
+            s, _, _ = chunk_rows(qc, rc, labels_q[i0:i1], labels_r, exclude_col[i0:i1], margin, lp, *window)
             wanted = [t for t, need in ((qc, need_q), (rc, need_r)) if need]
             grads = list(torch.autograd.grad(s, wanted, grad_sums[i0:i1].to(A), create_graph=create_graph,
                                              allow_unused=True))
@@ -130,16 +174,24 @@ def _chunk_vjp(grad_sums, q, r, labels_q, labels_r, exclude_col, margin, lp, nee
     return grad_q, grad_r
 
 
-def _chunk_coefficients(q, r, labels_q, labels_r, exclude_col, margin, lp):
+def _chunk_coefficients(q, r, labels_q, labels_r, exclude_col, margin, lp, window):
     """dsums_i/dv_ij of a chunk (v = d, or S for the cosine): k_j for a positive, -c_n for a negative
-    with c_n = #{j : A_j > B_n} = P - t_n (the -inf padding sits below every bucket), divided by d
-    for lp (0 at d = 0), negated for the cosine (u = -S)."""
+    with c_n = #{j : A_j > B_n} = P - t_n (the -inf padding sits below every bucket; with a window:
+    the terms > 0 counted pass by pass), divided by d for lp (0 at d = 0), negated for the cosine
+    (u = -S)."""
     u, positive, negative = _chunk_sets(q, r, labels_q, labels_r, exclude_col, lp)
-    A, where_in_u, bucket, P = _buckets(u, positive, negative, margin)
-    k = torch.zeros(u.shape[0], P + 1, dtype=u.dtype, device=u.device).scatter_add(1, bucket, negative.to(u.dtype))
-    k = k[:, :P].cumsum(1)
-    coef = torch.zeros_like(u).scatter(1, where_in_u, torch.where(torch.isfinite(A), k, torch.zeros_like(k)))
-    coef = torch.where(negative, -(P - bucket).to(u.dtype), torch.where(positive, coef, torch.zeros_like(u)))
+    if _has_window(*window):
+        coef = torch.zeros_like(u)
+        for j, cols, _, on, _ in _window_terms(u, positive, negative, margin, *window):
+            coef = coef - on.to(u.dtype)
+            coef = coef.scatter_add(1, cols[:, j:j + 1], on.sum(1, keepdim=True).to(u.dtype))
+    else:
+        A, where_in_u, bucket, P = _buckets(u, positive, negative, margin)
+        k = torch.zeros(u.shape[0], P + 1, dtype=u.dtype, device=u.device).scatter_add(1, bucket,
+                                                                                       negative.to(u.dtype))
+        k = k[:, :P].cumsum(1)
+        coef = torch.zeros_like(u).scatter(1, where_in_u, torch.where(torch.isfinite(A), k, torch.zeros_like(k)))
+        coef = torch.where(negative, -(P - bucket).to(u.dtype), torch.where(positive, coef, torch.zeros_like(u)))
     if lp:
         return torch.where(u > 0, coef / torch.where(u > 0, u, torch.ones_like(u)), torch.zeros_like(u))
     return -coef
@@ -148,7 +200,8 @@ def _chunk_coefficients(q, r, labels_q, labels_r, exclude_col, margin, lp):
 @torch.library.custom_op("fused_pairloss::triplet_rows_backward", mutates_args=())
 def triplet_rows_backward(grad_sums: torch.Tensor, q: torch.Tensor, r: torch.Tensor, labels_q: torch.Tensor,
                           labels_r: torch.Tensor, exclude_col: torch.Tensor, margin: float, lp: bool,
-                          need_grad_q: bool, need_grad_r: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                          window_lo: float, window_hi: float, need_grad_q: bool,
+                          need_grad_r: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The vector-Jacobian product of triplet_rows' sums, chunk by chunk: with W = g_i dsums_i/dv_ij
     (v = d or S), grad_q = W r (+ the lp norms' share: d_ij = |q_i - r_j| gives (q_i - r_j) / d_ij)
     and grad_r = W^T q likewise; an empty tensor for a gradient not needed."""
@@ -158,7 +211,8 @@ def triplet_rows_backward(grad_sums: torch.Tensor, q: torch.Tensor, r: torch.Ten
     grad_r = torch.zeros_like(ra) if need_grad_r else None
     for i0, i1 in _chunks(q.shape[0], r.shape[0]):
         W = grad_sums[i0:i1, None].to(A) * _chunk_coefficients(qa[i0:i1], ra, labels_q[i0:i1], labels_r,
-                                                               exclude_col[i0:i1], margin, lp)
+                                                               exclude_col[i0:i1], margin, lp,
+                                                               (window_lo, window_hi))
         sign = -1.0 if lp else 1.0  # lp: d/dq_i |q_i - r_j| = (q_i - r_j) / d; cosine: W already holds -dsums/dS
         if need_grad_q:
             grad_q[i0:i1] = sign * (W @ ra) + (W.sum(1, keepdim=True) * qa[i0:i1] if lp else 0)
@@ -168,7 +222,8 @@ def triplet_rows_backward(grad_sums: torch.Tensor, q: torch.Tensor, r: torch.Ten
     return (empty if grad_q is None else grad_q.to(q.dtype)), (empty if grad_r is None else grad_r.to(r.dtype))
 
 
-def _fake_rows_backward(grad_sums, q, r, labels_q, labels_r, exclude_col, margin, lp, need_grad_q, need_grad_r):
+def _fake_rows_backward(grad_sums, q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo, window_hi,
+                        need_grad_q, need_grad_r):
     empty = q.new_empty((0,))
     return (torch.empty_like(q) if need_grad_q else empty), (torch.empty_like(r) if need_grad_r else empty)
 
@@ -177,25 +232,26 @@ triplet_rows_backward.register_fake(_fake_rows_backward)
 
 
 def _setup_context(ctx, inputs, output):
-    q, r, labels_q, labels_r, exclude_col, margin, lp = inputs
+    q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo, window_hi = inputs
     ctx.save_for_backward(q, r, labels_q, labels_r, exclude_col)
-    ctx.margin, ctx.lp = margin, lp
+    ctx.margin, ctx.lp, ctx.window = margin, lp, (window_lo, window_hi)
 
 
 def _autograd_backward(backward_op):
     """The autograd rule of a forward op whose first-order gradient is `backward_op`."""
-    def backward(ctx, grad_sums, _grad_counts):
+    def backward(ctx, grad_sums, _grad_counts, _grad_in_window):
         q, r, labels_q, labels_r, exclude_col = ctx.saved_tensors
         need_q, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        rest = (None,) * 7  # labels, exclude_col, margin, lp, window
         if grad_sums is None or not (need_q or need_r):
-            return None, None, None, None, None, None, None
+            return (None, None, *rest)
         if torch.is_grad_enabled():  # create_graph=True: the gradient itself must be differentiable
-            gq, gr = _chunk_vjp(grad_sums, q, r, labels_q, labels_r, exclude_col, ctx.margin, ctx.lp, need_q, need_r,
-                                create_graph=True)
+            gq, gr = _chunk_vjp(grad_sums, q, r, labels_q, labels_r, exclude_col, ctx.margin, ctx.lp, ctx.window,
+                                need_q, need_r, create_graph=True)
         else:
             gq, gr = backward_op(grad_sums.contiguous(), q, r, labels_q, labels_r, exclude_col, ctx.margin, ctx.lp,
-                                 need_q, need_r)
-        return (gq if need_q else None), (gr if need_r else None), None, None, None, None, None
+                                 *ctx.window, need_q, need_r)
+        return ((gq if need_q else None), (gr if need_r else None), *rest)
     return backward
 
 
