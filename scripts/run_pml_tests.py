@@ -15,7 +15,8 @@ fallbacks use PML's own classes), every name the module imported from `pytorch_m
   (DistributedLossWrapper ours, DistributedMinerWrapper PML's) and for a module-level
   `import pytorch_metric_learning`.
 
-Ours = fused_pairloss.losses.REGISTRY (class name -> entry.cls), fused_pairloss.CrossBatchMemory,
+Ours = fused_pairloss.losses.REGISTRY (class name -> entry.cls), our miners
+(fused_pairloss._miners.MINERS, patched in for `pytorch_metric_learning.miners`), fused_pairloss.CrossBatchMemory,
 fused_pairloss.DistributedLossWrapper.
 
 The patch is applied by a pytest plugin (after collection, i.e. after each test module's import and
@@ -98,6 +99,8 @@ def ours():
         d = {name: entry.cls for name, entry in fl.REGISTRY.items()}
         d["CrossBatchMemory"] = fused_pairloss.CrossBatchMemory
         d["DistributedLossWrapper"] = fused_pairloss.DistributedLossWrapper
+        from fused_pairloss import _miners
+        d.update(_miners.MINERS)
         _OURS = d
     return _OURS
 
@@ -126,21 +129,24 @@ def proxies():
     if _PROXIES is None:
         import pytorch_metric_learning as pml
         import pytorch_metric_learning.losses as pl
+        import pytorch_metric_learning.miners as pm
         import pytorch_metric_learning.utils as pu
         import pytorch_metric_learning.utils.distributed as pd
         o = ours()
         losses = _Proxy(pl, {k: v for k, v in o.items() if hasattr(pl, k)})
+        miners = _Proxy(pm, {k: v for k, v in o.items() if hasattr(pm, k)})
         dist = _Proxy(pd, {k: v for k, v in o.items() if hasattr(pd, k)})
         utils = _Proxy(pu, {"distributed": dist})
-        pkg = _Proxy(pml, {"losses": losses, "utils": utils})
-        _PROXIES = {pl: losses, pd: dist, pu: utils, pml: pkg}
+        pkg = _Proxy(pml, {"losses": losses, "miners": miners, "utils": utils})
+        _PROXIES = {pl: losses, pm: miners, pd: dist, pu: utils, pml: pkg}
     return _PROXIES
 
 
 def _pml_sources():
     import pytorch_metric_learning.losses as pl
+    import pytorch_metric_learning.miners as pm
     import pytorch_metric_learning.utils.distributed as pd
-    return (pl, pd)
+    return (pl, pm, pd)
 
 
 def is_test_module(name):
@@ -351,7 +357,9 @@ def enable_cpu_distributed(tests_dir, world_size):
 
 def our_names(python, env, cwd):
     code = ("import json, fused_pairloss as f; "
-            "print(json.dumps(sorted(list(f.losses.REGISTRY) + ['CrossBatchMemory', 'DistributedLossWrapper'])))")
+            "from fused_pairloss import _miners; "
+            "print(json.dumps(sorted(list(f.losses.REGISTRY) + list(_miners.MINERS) "
+            "+ ['CrossBatchMemory', 'DistributedLossWrapper'])))")
     out = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env, cwd=cwd)
     if out.returncode:
         raise SystemExit("cannot import fused_pairloss:\n" + out.stderr)

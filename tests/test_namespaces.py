@@ -17,7 +17,8 @@ def test_one_import_line_gives_pml_namespaces():
         assert getattr(losses, name) is entry.cls, name
     assert losses.CrossBatchMemory is fpl.CrossBatchMemory
     assert losses.VICRegLoss is L.VICRegLoss  # a loss we lack: PML's own
-    assert miners.BatchHardMiner is pml_miners.BatchHardMiner
+    assert miners.BatchHardMiner is not pml_miners.BatchHardMiner  # ours (tests/test_miners.py)
+    assert miners.HDCMiner is pml_miners.HDCMiner
     assert reducers.MeanReducer is pml_reducers.MeanReducer
     assert distances.LpDistance.__module__.startswith("pytorch_metric_learning")
     assert regularizers.LpRegularizer.__module__.startswith("pytorch_metric_learning")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as V
+from .._backends import resolve_backend
 from ..ops._common import LOCAL, normalize, pair_operands, similarity_dtype, zero_loss
 from ..ops.triplets import NO_WINDOW, rows_op
 from ._base import _PairLoss, run_pair_loss
@@ -82,10 +83,9 @@ def triplet_margin_reference(embeddings, labels, ref_emb=None, ref_labels=None, 
     return nan_in_nan_out(loss, embeddings, ref_emb).to(similarity_dtype(embeddings, distance))
 
 
-def triplet_margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, distance="lp", backend,
-                         exclude_col=None, batch=LOCAL):
-    """All triplets through the op triplet_rows (module docstring); AvgNonZero over `batch` (the distributed wrapper
-    sums over every rank's rows)."""
+def _triplet_rows(embeddings, labels, ref_emb, ref_labels, margin, distance, backend, exclude_col=None,
+                  window=NO_WINDOW):
+    """(sums, counts, in_window) per anchor row from the op (module docstring)."""
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
     labels_q = labels.to(device=q.device, dtype=torch.int64)
     if r is None:
@@ -93,14 +93,28 @@ def triplet_margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, dis
     else:
         labels_r = labels_r.to(device=q.device, dtype=torch.int64)
         excl = torch.full_like(labels_q, -1) if excl is None else excl.to(device=q.device, dtype=torch.int64)
-    sums, counts, _ = rows_op(backend, q.device)(q, r, labels_q, labels_r, excl, float(margin), distance == "lp",
-                                                 *NO_WINDOW)
+    return rows_op(backend, q.device)(q, r, labels_q, labels_r, excl, float(margin), distance == "lp", *window)
+
+
+def triplet_margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, distance="lp", backend,
+                         exclude_col=None, batch=LOCAL, window=NO_WINDOW):
+    """All triplets (or a TripletMarginMiner's: `window`) through the op triplet_rows (module
+    docstring); AvgNonZero over `batch` (the distributed wrapper sums over every rank's rows)."""
+    sums, counts, _ = _triplet_rows(embeddings, labels, ref_emb, ref_labels, margin, distance, backend,
+                                    exclude_col, window)
     n = batch.sum(counts)
     zero = zero_loss(embeddings)
     loss = torch.where(n > 0, (batch.sum(sums) / n.clamp(min=1)).to(embeddings.dtype), zero)
     # AvgNonZeroReducer drops NaN terms: keep NaN in, NaN out (docs/semantics.md)
     loss = loss + zero + (0 if ref_emb is None else zero_loss(ref_emb))
     return loss.to(similarity_dtype(embeddings, distance))  # PML's dtype under autocast
+
+
+def _ref_is_labels(mined):
+    """ref mode where ref_labels is labels: PML's identity rule leaves the diagonal out of the positives."""
+    if mined.ref_emb is not mined.embeddings and mined.ref_labels is mined.labels:
+        return dict(exclude_col=torch.arange(mined.embeddings.shape[0], device=mined.embeddings.device))
+    return {}
 
 
 def triplet_margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.05, distance="lp",
@@ -153,11 +167,33 @@ class TripletMarginLoss(_PairLoss):
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         if self._pml is None and labels is None and indices_tuple is None:
             raise ValueError("TripletMarginLoss needs labels or an indices_tuple")
+        if self._pml is None and _is_mined_triplets(indices_tuple) and indices_tuple.fused_for(
+                embeddings, labels, ref_emb, ref_labels, self.distance):
+            return self._fused_with_miner(indices_tuple)
         return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+    def _fused_with_miner(self, mined):
+        """Our TripletMarginMiner's triplets: its window on the triplet margin in the op, nothing listed."""
+        emb = mined.embeddings
+        ref_emb = None if mined.ref_emb is emb else mined.ref_emb
+        ref_labels = None if ref_emb is None else mined.ref_labels
+        V.check_pair_inputs(emb, mined.labels, ref_emb, ref_labels)
+        backend = resolve_backend(self.backend, emb.device)
+        if backend == "reference":
+            return self._reference_with_indices(emb, mined.labels, mined, ref_emb, ref_labels, self._hyper())
+        return triplet_margin_fused(emb, mined.labels, ref_emb, ref_labels, margin=self.margin,
+                                    distance=self.distance, backend=backend, window=mined.window,
+                                    **_ref_is_labels(mined))
 
     def extra_repr(self):
         return (super().extra_repr() + f", swap={self.swap}, smooth_loss={self.smooth_loss}, "
                 f"triplets_per_anchor={self.triplets_per_anchor!r}")
+
+
+def _is_mined_triplets(indices_tuple):
+    """A TripletMarginMiner result of ours (fused_pairloss._miners.MinedTriplets; that module needs
+    PML and reaches this one: recognized by what it offers)."""
+    return hasattr(indices_tuple, "fused_for") and hasattr(indices_tuple, "window")
 
 
 ENTRIES = (

@@ -1,0 +1,316 @@
+"""PML's five most used miners, each PML's own class with its mining done in chunks of anchor rows
+(docs/api.md "Miners"): the same arguments, defaults, attributes, recorded stats and output (PML's
+index tuples in PML's order), without PML's N x M (MultiSimilarity: five of them) or N x M x M
+(TripletMargin) intermediates: memory O(chunk x M) plus the output.
+
+Every one of them mines row by row (a row's output depends on its row of the distance matrix and
+on the labels only), so the chunks' outputs, concatenated, are PML's. The distances are PML's
+distance object applied to a chunk of rows; a BLAS product of a chunk may round differently from
+the whole product in the last bit, so a pair within rounding of a miner's threshold may be decided
+differently from PML (docs/semantics.md "Miners").
+
+TripletMarginMiner lists its triplets per anchor and positive (O(N P M) work, P the positives of a
+row; PML builds the N x M x M candidate mask) and returns them as a `MinedTriplets`: PML's tuple,
+which also carries the miner's window on the triplet margin, so that our TripletMarginLoss computes
+over the same triplets in the all-triplets op without reading the list.
+"""
+from __future__ import annotations
+
+import torch
+from pytorch_metric_learning import miners as pml_miners
+from pytorch_metric_learning.utils import common_functions as c_f
+
+
+# entries of one chunk's N_chunk x M (pair miners) or N_chunk x M x M (triplets) intermediates
+CHUNK_ELEMENTS = 1 << 20
+TRIPLET_CHUNK_ELEMENTS = 1 << 22
+
+
+def _row_chunks(n, m, per_row, budget):
+    """[i0, i1) chunks of rows, budget / per_row rows each (all rows against at most 25 columns:
+    torch.cdist picks its method by the row counts, and with more than 25 it is PML's matmul form
+    whatever the chunk)."""
+    step = n if m <= 25 else max(1, budget // max(per_row, 1))
+    return [(i0, min(n, i0 + step)) for i0 in range(0, n, max(step, 1))]
+
+
+def _empty(device):
+    return torch.tensor([], device=device, dtype=torch.long)
+
+
+class _Rows:
+    """The mining inputs as PML's BaseMiner.forward hands them to mine(), and chunks of their rows:
+    the distance rows and the label masks with PML's identity rules (the diagonal is no positive
+    when ref_labels is labels; MultiSimilarity also ignores it when ref_emb is embeddings)."""
+
+    def __init__(self, miner, embeddings, labels, ref_emb, ref_labels):
+        self.miner, self.embeddings, self.labels, self.ref_emb, self.ref_labels = (miner, embeddings, labels,
+                                                                                   ref_emb, ref_labels)
+        self.N, self.M = embeddings.shape[0], ref_emb.shape[0]
+        self.self_labels = ref_labels is labels
+        self.self_emb = ref_emb is embeddings
+
+    def chunk(self, i0, i1):
+        mat = self.miner.distance(self.embeddings[i0:i1], self.ref_emb)
+        matches = self.labels[i0:i1, None] == self.ref_labels[None, :]
+        diffs = ~matches
+        if self.self_labels:
+            matches[torch.arange(i1 - i0, device=mat.device), torch.arange(i0, i1, device=mat.device)] = False
+        return mat, matches, diffs
+
+    def diagonal(self, i0, i1):
+        """(rows, columns) of the chunk's diagonal entries (self mode)."""
+        k = torch.arange(i1 - i0, device=self.embeddings.device)
+        return k, k + i0
+
+    def pair_totals(self):
+        """PML's len(a1) and len(a2): all positive and all negative pairs, from the label counts."""
+        values, counts = torch.unique(self.ref_labels, return_counts=True)
+        pos = (self.labels[:, None] == values[None, :]).to(counts.dtype) @ counts
+        n_pos = int(pos.sum()) - (self.N if self.self_labels else 0)
+        return n_pos, self.N * self.M - int(pos.sum())
+
+
+class PairMarginMiner(pml_miners.PairMarginMiner):
+    __doc__ = "PML's PairMarginMiner, mined in chunks of rows (fused_pairloss._miners)."
+
+    def mine(self, embeddings, labels, ref_emb, ref_labels):
+        rows = _Rows(self, embeddings, labels, ref_emb, ref_labels)
+        out, sums = [[], [], [], []], [0.0, 0, 0.0, 0]
+        for i0, i1 in _row_chunks(rows.N, rows.M, rows.M, CHUNK_ELEMENTS):
+            mat, matches, diffs = rows.chunk(i0, i1)
+            a1, p = torch.where(matches)
+            a2, n = torch.where(diffs)
+            pos_pair, neg_pair = mat[a1, p], mat[a2, n]
+            if self.distance.is_inverted:
+                pos_mask, neg_mask = pos_pair < self.pos_margin, neg_pair > self.neg_margin
+            else:
+                pos_mask, neg_mask = pos_pair > self.pos_margin, neg_pair < self.neg_margin
+            for k, t in enumerate((a1[pos_mask] + i0, p[pos_mask], a2[neg_mask] + i0, n[neg_mask])):
+                out[k].append(t)
+            sums = [sums[0] + pos_pair.double().sum().item(), sums[1] + len(pos_pair),
+                    sums[2] + neg_pair.double().sum().item(), sums[3] + len(neg_pair)]
+        if self.collect_stats:  # PML: the means over all pairs
+            self.pos_pair_dist = sums[0] / sums[1] if sums[1] > 0 else 0
+            self.neg_pair_dist = sums[2] / sums[3] if sums[3] > 0 else 0
+        return tuple(torch.cat(t) if t else _empty(embeddings.device) for t in out)
+
+
+class MultiSimilarityMiner(pml_miners.MultiSimilarityMiner):
+    __doc__ = "PML's MultiSimilarityMiner, mined in chunks of rows (fused_pairloss._miners)."
+
+    def mine(self, embeddings, labels, ref_emb, ref_labels):
+        rows = _Rows(self, embeddings, labels, ref_emb, ref_labels)
+        n_pos, n_neg = rows.pair_totals()
+        if n_pos == 0 or n_neg == 0:
+            return tuple(_empty(labels.device) for _ in range(4))
+        inverted = self.distance.is_inverted
+        out = [[], [], [], []]
+        for i0, i1 in _row_chunks(rows.N, rows.M, rows.M, CHUNK_ELEMENTS):
+            mat, matches, diffs = rows.chunk(i0, i1)
+            dtype = mat.dtype
+            pos_ignore = c_f.pos_inf(dtype) if inverted else c_f.neg_inf(dtype)
+            neg_ignore = c_f.neg_inf(dtype) if inverted else c_f.pos_inf(dtype)
+            mat_neg_sorting = mat
+            mat_pos_sorting = mat.clone()
+            mat_pos_sorting[diffs] = pos_ignore
+            mat_neg_sorting[matches] = neg_ignore
+            if rows.self_emb:
+                d = rows.diagonal(i0, i1)
+                mat_pos_sorting[d] = pos_ignore
+                mat_neg_sorting[d] = neg_ignore
+            pos_sorted, pos_sorted_idx = torch.sort(mat_pos_sorting, dim=1)
+            neg_sorted, neg_sorted_idx = torch.sort(mat_neg_sorting, dim=1)
+            if inverted:
+                hard_pos = torch.where(pos_sorted - self.epsilon < neg_sorted[:, -1].unsqueeze(1))
+                hard_neg = torch.where(neg_sorted + self.epsilon > pos_sorted[:, 0].unsqueeze(1))
+            else:
+                hard_pos = torch.where(pos_sorted + self.epsilon > neg_sorted[:, 0].unsqueeze(1))
+                hard_neg = torch.where(neg_sorted - self.epsilon < pos_sorted[:, -1].unsqueeze(1))
+            out[0].append(hard_pos[0] + i0)
+            out[1].append(pos_sorted_idx[hard_pos])
+            out[2].append(hard_neg[0] + i0)
+            out[3].append(neg_sorted_idx[hard_neg])
+        return tuple(torch.cat(t) for t in out)
+
+
+class BatchEasyHardMiner(pml_miners.BatchEasyHardMiner):
+    __doc__ = "PML's BatchEasyHardMiner, mined in chunks of rows (fused_pairloss._miners)."
+
+    def _x_per_row(self, xtype, mat, pairs, val_range=None, semihard_thresholds=None):
+        """PML's get_x_per_row on a chunk: the per-row min / max over the pairs (a bool mask)."""
+        inf = c_f.pos_inf(mat.dtype) if xtype == "min" else c_f.neg_inf(mat.dtype)
+        drop = ~pairs
+        if semihard_thresholds is not None:
+            drop |= (mat <= semihard_thresholds.unsqueeze(1)) if xtype == "min" else \
+                (mat >= semihard_thresholds.unsqueeze(1))
+        if val_range is not None:
+            drop |= (mat > val_range[1]) | (mat < val_range[0])
+        non_inf_rows = torch.any(~drop, dim=1)
+        mat = mat.masked_fill(drop, inf)
+        return (torch.min if xtype == "min" else torch.max)(mat, dim=1), non_inf_rows
+
+    def _extreme(self, strategy):
+        """PML's get_mine_function: min or max per row, for a positive strategy."""
+        if strategy in (self.HARD, self.SEMIHARD):
+            return "min" if self.distance.is_inverted else "max"
+        return "max" if self.distance.is_inverted else "min"
+
+    def _positives(self, mat, matches, negative_dists=None):
+        return self._x_per_row(self._extreme(self.pos_strategy), mat, matches, self.allowed_pos_range,
+                               negative_dists)
+
+    def _negatives(self, mat, diffs, positive_dists=None):
+        strategy = self.EASY if self.neg_strategy in (self.HARD, self.SEMIHARD) else self.HARD
+        return self._x_per_row(self._extreme(strategy), mat, diffs, self.allowed_neg_range, positive_dists)
+
+    def mine(self, embeddings, labels, ref_emb, ref_labels):
+        rows = _Rows(self, embeddings, labels, ref_emb, ref_labels)
+        ALL, SEMI = self.ALL, self.SEMIHARD
+        pos_s, neg_s = self.pos_strategy, self.neg_strategy
+        out, stats = [[], [], [], []], [[], []]
+        for i0, i1 in _row_chunks(rows.N, rows.M, rows.M, CHUNK_ELEMENTS):
+            mat, matches, diffs = rows.chunk(i0, i1)
+            a = torch.arange(i0, i1, device=mat.device)
+            if pos_s == SEMI and neg_s != ALL:
+                (neg_d, neg_i), n_keep = self._negatives(mat, diffs)
+                (pos_d, pos_i), p_keep = self._positives(mat, matches, neg_d)
+            elif neg_s == SEMI and pos_s != ALL:
+                (pos_d, pos_i), p_keep = self._positives(mat, matches)
+                (neg_d, neg_i), n_keep = self._negatives(mat, diffs, pos_d)
+            else:
+                if pos_s != ALL:
+                    (pos_d, pos_i), p_keep = self._positives(mat, matches)
+                if neg_s != ALL:
+                    (neg_d, neg_i), n_keep = self._negatives(mat, diffs)
+            if ALL not in (pos_s, neg_s):
+                keep = torch.where(p_keep & n_keep)
+                parts = (a[keep], pos_i[keep], a[keep], neg_i[keep])
+                stats_parts = (pos_d[keep], neg_d[keep])
+            elif pos_s == ALL and neg_s != ALL:
+                a1, p = torch.where(matches)
+                parts = (a1 + i0, p, a[n_keep], neg_i[n_keep])
+                stats_parts = (mat[a1, p], neg_d[n_keep])
+            elif pos_s != ALL and neg_s == ALL:
+                a2, n = torch.where(diffs)
+                parts = (a[p_keep], pos_i[p_keep], a2 + i0, n)
+                stats_parts = (pos_d[p_keep], mat[a2, n])
+            else:
+                a1, p = torch.where(matches)
+                a2, n = torch.where(diffs)
+                parts = (a1 + i0, p, a2 + i0, n)
+                stats_parts = (mat[a1, p], mat[a2, n])
+            for k, t in enumerate(parts):
+                out[k].append(t)
+            if self.collect_stats:
+                stats[0].append(stats_parts[0])
+                stats[1].append(stats_parts[1])
+        dev = embeddings.device
+        result = [torch.cat(t) if t else _empty(dev) for t in out]
+        if self.collect_stats:
+            self.set_stats(*(torch.cat(s) if s else torch.tensor([], device=dev) for s in stats))
+        if ALL not in (pos_s, neg_s):  # PML returns the anchors' one tensor twice
+            result[2] = result[0]
+        return tuple(result)
+
+
+class BatchHardMiner(BatchEasyHardMiner, pml_miners.BatchHardMiner):
+    __doc__ = "PML's BatchHardMiner (the hardest positive and negative of each anchor), mined in chunks of rows."
+
+    def mine(self, *args, **kwargs):  # PML's BatchHardMiner's __init__ sets both strategies to "hard"
+        a1, p, a2, n = super().mine(*args, **kwargs)
+        return a1, p, n
+
+
+def triplet_window(miner_margin, type_of_triplets):
+    """TripletMarginMiner's kept triplets as a window (lo, hi] on its triplet margin u_an - u_ap
+    (PML: an - ap for a distance, ap - an for a similarity; u = d or -S)."""
+    m = float(miner_margin)
+    return {"all": (float("-inf"), m), "hard": (float("-inf"), min(m, 0.0)), "semihard": (0.0, m),
+            "easy": (m, float("inf"))}[type_of_triplets]
+
+
+class MinedTriplets(tuple):
+    """TripletMarginMiner's (a, p, n): a real tuple, PML's triplets in PML's order, that also says
+    how they were mined (the inputs, the distance and the window on the triplet margin), so that
+    our TripletMarginLoss computes over the same triplets from the window without reading the list
+    (docs/api.md "Miners")."""
+
+    def __new__(cls, triplets, miner, embeddings, labels, ref_emb, ref_labels):
+        out = super().__new__(cls, triplets)
+        out.distance = miner.distance
+        out.window = triplet_window(miner.margin, miner.type_of_triplets)
+        out.embeddings, out.labels, out.ref_emb, out.ref_labels = embeddings, labels, ref_emb, ref_labels
+        return out
+
+    def fused_for(self, embeddings, labels, ref_emb, ref_labels, distance):
+        """True when a loss call on these inputs, with this distance ("lp" / "cosine"), may use the
+        window: the miner saw the same tensors and measured with the same distance."""
+        from .losses._base import _distance_name
+        same_ref = (ref_emb is None and self.ref_emb is self.embeddings) or ref_emb is self.ref_emb
+        same_ref_labels = (ref_labels is None and self.ref_labels is self.labels) or ref_labels is self.ref_labels
+        return (embeddings is self.embeddings and (labels is None or labels is self.labels) and same_ref
+                and same_ref_labels and _distance_name(self.distance) == distance)
+
+
+class TripletMarginMiner(pml_miners.TripletMarginMiner):
+    """PML's TripletMarginMiner, its triplets listed per anchor row and positive (PML lists all
+    N M^2 candidates first): a chunk's N_chunk x P x M window mask, P the most positives of a row.
+    The result is a MinedTriplets: PML's tuple, which our TripletMarginLoss fuses."""
+
+    def __init__(self, margin=0.2, type_of_triplets="all", **kwargs):
+        if type_of_triplets not in ("all", "hard", "semihard", "easy"):
+            raise ValueError("TripletMarginMiner: type_of_triplets must be 'all', 'hard', 'semihard' or 'easy'; "
+                             f"got {type_of_triplets!r}")
+        super().__init__(margin=margin, type_of_triplets=type_of_triplets, **kwargs)
+
+    def mine(self, embeddings, labels, ref_emb, ref_labels):
+        rows = _Rows(self, embeddings, labels, ref_emb, ref_labels)
+        inverted = self.distance.is_inverted
+        out, stats = [[], [], []], [0.0, 0.0, 0]
+        max_pos = _most_positives(rows)
+        for i0, i1 in _row_chunks(rows.N, rows.M, max(max_pos, 1) * rows.M, TRIPLET_CHUNK_ELEMENTS):
+            mat, matches, diffs = rows.chunk(i0, i1)
+            P = int(matches.sum(1).max()) if matches.numel() else 0
+            # the positives of each row in column order (PML's order: a, then p, then n)
+            cols = torch.sort(torch.where(matches, torch.arange(rows.M, device=mat.device), rows.M), dim=1)[0][:, :P]
+            real = cols < rows.M
+            cols = cols.clamp(max=max(rows.M - 1, 0))
+            ap = torch.gather(mat, 1, cols)                                   # B x P
+            margin = (ap[:, :, None] - mat[:, None, :]) if inverted else (mat[:, None, :] - ap[:, :, None])
+            if self.type_of_triplets == "easy":
+                keep = margin > self.margin
+            else:
+                keep = margin <= self.margin
+                if self.type_of_triplets == "hard":
+                    keep &= margin <= 0
+                elif self.type_of_triplets == "semihard":
+                    keep &= margin > 0
+            keep &= real[:, :, None] & diffs[:, None, :]
+            b, j, n = torch.where(keep)
+            out[0].append(b + i0)
+            out[1].append(cols[b, j])
+            out[2].append(n)
+            if self.collect_stats:  # sums over all triplets: ap once per negative, an once per positive
+                n_neg, n_pos = diffs.sum(1).to(torch.float64), real.sum(1).to(torch.float64)
+                stats[0] += float((torch.where(real, ap, 0).double().sum(1) * n_neg).sum())
+                stats[1] += float((torch.where(diffs, mat, 0).double().sum(1) * n_pos).sum())
+                stats[2] += int((n_neg * n_pos).sum())
+        if self.collect_stats and stats[2] > 0:  # PML: the means over all triplets
+            self.pos_pair_dist, self.neg_pair_dist = stats[0] / stats[2], stats[1] / stats[2]
+            self.avg_triplet_margin = (self.pos_pair_dist - self.neg_pair_dist if inverted
+                                       else self.neg_pair_dist - self.pos_pair_dist)
+        triplets = tuple(torch.cat(t) if t else _empty(embeddings.device) for t in out)
+        return MinedTriplets(triplets, self, embeddings, labels, ref_emb, ref_labels)
+
+
+def _most_positives(rows):
+    """The largest positive set of a row (its label's count in ref_labels, less itself in self mode)."""
+    values, counts = torch.unique(rows.ref_labels, return_counts=True)
+    per_row = (rows.labels[:, None] == values[None, :]).to(counts.dtype) @ counts
+    return int(per_row.max()) if per_row.numel() else 0
+
+
+MINERS = {cls.__name__: cls for cls in (TripletMarginMiner, MultiSimilarityMiner, PairMarginMiner, BatchHardMiner,
+                                        BatchEasyHardMiner)}
+__all__ = [*MINERS, "MinedTriplets"]

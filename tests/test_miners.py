@@ -1,0 +1,160 @@
+"""Our miners (fused_pairloss/_miners.py: PML's classes mined in chunks of rows) against PML's own:
+the same index tuples in the same order, the same recorded stats; TripletMarginMiner's result fused
+by TripletMarginLoss (the list not read) equal to PML's miner + loss in values, gradients and
+num_triplets; and our miners' tuples inside our losses and PML's."""
+import pytest
+import torch
+
+import fused_pairloss as fpl
+
+pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
+pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+from pytorch_metric_learning.distances import CosineSimilarity, LpDistance  # noqa: E402
+
+from fused_pairloss import _miners, miners  # noqa: E402
+from kit import check_close  # noqa: E402
+
+MODES = ["self", "ref", "ref_is_labels"]
+
+
+def batch(mode, n=48, d=12, classes=5, seed=0, dtype=torch.float64):
+    """Embeddings, labels and the ref arguments of a mode (None, None in self mode)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    y = torch.randint(0, classes, (n,), generator=g)
+    if mode == "self":
+        return x, y, None, None
+    r = torch.randn(n + 7 if mode == "ref" else n, d, generator=g, dtype=torch.float64).to(dtype)
+    ry = torch.randint(0, classes, (len(r),), generator=g) if mode == "ref" else y
+    return x, y, r.requires_grad_(True), ry
+
+
+MINER_CASES = [
+    ("PairMarginMiner", {}),
+    ("PairMarginMiner", dict(pos_margin=0.5, neg_margin=0.4, distance=CosineSimilarity())),
+    ("MultiSimilarityMiner", {}),
+    ("MultiSimilarityMiner", dict(epsilon=0.3, distance=LpDistance())),
+    ("BatchHardMiner", {}),
+    ("BatchHardMiner", dict(distance=CosineSimilarity())),
+    ("BatchEasyHardMiner", {}),
+    ("BatchEasyHardMiner", dict(pos_strategy="hard", neg_strategy="semihard", distance=CosineSimilarity())),
+    ("BatchEasyHardMiner", dict(pos_strategy="semihard", neg_strategy="easy")),
+    ("BatchEasyHardMiner", dict(pos_strategy="all", neg_strategy="hard")),
+    ("BatchEasyHardMiner", dict(pos_strategy="easy", neg_strategy="all", allowed_pos_range=(0.2, 1.5))),
+    ("BatchEasyHardMiner", dict(pos_strategy="all", neg_strategy="all")),
+    ("TripletMarginMiner", dict(margin=0.3, type_of_triplets="semihard")),
+    ("TripletMarginMiner", dict(margin=0.1, type_of_triplets="hard", distance=CosineSimilarity())),
+]
+
+
+def case_id(case):
+    name, kw = case
+    return name + "-" + "-".join(f"{k}={v if not hasattr(v, 'is_inverted') else type(v).__name__}"
+                                 for k, v in kw.items())
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Several chunks of rows on the tests' small batches."""
+    monkeypatch.setattr(_miners, "CHUNK_ELEMENTS", 7 * 64)
+    monkeypatch.setattr(_miners, "TRIPLET_CHUNK_ELEMENTS", 5 * 64 * 20)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", MINER_CASES, ids=case_id)
+def test_miner_tuples_equal_pml(case, mode, small_chunks):
+    name, kw = case
+    x, y, r, ry = batch(mode)
+    ours, theirs = getattr(miners, name)(**kw), getattr(pml_miners, name)(**kw)
+    assert isinstance(ours, getattr(pml_miners, name)) and ours is not theirs
+    a, b = ours(x, y, r, ry), theirs(x, y, r, ry)
+    assert len(a) == len(b)
+    for k, (s, t) in enumerate(zip(a, b)):
+        assert torch.equal(s, t), f"{name}: element {k}"
+    for stat in ("num_pos_pairs", "num_neg_pairs", "num_triplets"):
+        assert getattr(ours, stat, None) == getattr(theirs, stat, None), stat
+
+
+@pytest.mark.parametrize("case", [c for c in MINER_CASES if c[0] != "MultiSimilarityMiner"], ids=case_id)
+def test_collect_stats_equal_pml(case, small_chunks):
+    name, kw = case
+    x, y, _, _ = batch("self", seed=3)
+    ours = getattr(miners, name)(collect_stats=True, **kw)
+    theirs = getattr(pml_miners, name)(collect_stats=True, **kw)
+    ours(x, y), theirs(x, y)
+    for stat in theirs._record_these_stats:
+        torch.testing.assert_close(torch.tensor(float(getattr(ours, stat))),
+                                   torch.tensor(float(getattr(theirs, stat))), rtol=1e-12, atol=1e-12, msg=stat)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("distance", ["lp", "cosine"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("type_of_triplets", ["all", "hard", "semihard", "easy"])
+def test_triplet_miner_fused_into_triplet_loss(type_of_triplets, mode, distance, dtype, monkeypatch):
+    """Our TripletMarginMiner + TripletMarginLoss: the window in the op (the listed path is not
+    taken), PML's miner + loss's value and gradients (fp64 PML the truth, PML in the dtype the
+    reference) and num_triplets."""
+    x, y, r, ry = batch(mode, seed=5, dtype=dtype)
+    dist = {} if distance == "lp" else dict(distance=CosineSimilarity())
+    mm, lm = (0.3, 0.2) if distance == "lp" else (0.15, 0.1)
+    params = [x] if r is None else [x, r]
+
+    def run(lib_miners, lib_losses, inputs):
+        miner = lib_miners.TripletMarginMiner(margin=mm, type_of_triplets=type_of_triplets, **dist)
+        xx, yy, rr, rry = inputs
+        mined = miner(xx, yy, rr, rry)
+        loss = lib_losses.TripletMarginLoss(margin=lm, **dist)(xx, yy, mined, rr, rry)
+        wrt = [xx] if rr is None else [xx, rr]
+        grads = torch.autograd.grad(loss, wrt, allow_unused=True)  # PML's zero loss may not reach ref_emb
+        grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
+        return loss, grads, miner.num_triplets, mined
+
+    with monkeypatch.context() as m:
+        m.setattr(fpl.TripletMarginLoss, "_reference_with_indices", None)  # the listed triplets' path
+        loss, grads, count, mined = run(miners, fpl.losses, (x, y, r, ry))
+    same, same_grads, pml_count, pml_mined = run(pml_miners, pml_losses, (x, y, r, ry))
+    conv = {id(p): p.detach().double().requires_grad_(True) for p in params}
+    inputs64 = (conv[id(x)], y, None if r is None else conv[id(r)], ry)
+    truth, truth_grads, _, _ = run(pml_miners, pml_losses, inputs64)
+    if dtype == torch.float64:
+        assert count == pml_count == len(pml_mined[0])
+    check_close(loss, truth, same, what="value", dtype=dtype)
+    for k, (a, t, b) in enumerate(zip(grads, truth_grads, same_grads)):
+        check_close(a, t, b, what=f"grad {k}", dtype=dtype)
+
+
+def test_mined_triplets_is_pmls_tuple_to_anything_else():
+    """A real tuple: PML's losses (their reducers check for a tuple) and our loss on other inputs
+    (then from the list) see PML's (a, p, n)."""
+    x, y, _, _ = batch("self", seed=6)
+    ours, theirs = miners.TripletMarginMiner(margin=0.2), pml_miners.TripletMarginMiner(margin=0.2)
+    mined, listed = ours(x, y), theirs(x, y)
+    assert isinstance(mined, tuple) and len(mined) == 3 and ours.num_triplets == theirs.num_triplets
+    assert all(torch.equal(s, t) for s, t in zip(mined, listed)) and torch.equal(torch.cat(mined), torch.cat(listed))
+    for loss in (pml_losses.ContrastiveLoss(), pml_losses.MarginLoss()):
+        torch.testing.assert_close(loss(x, y, mined), loss(x, y, listed))
+    x2 = x.detach().clone().requires_grad_(True)  # other embeddings: not fused, the listed triplets are used
+    torch.testing.assert_close(fpl.TripletMarginLoss(0.1)(x2, y, mined),
+                               pml_losses.TripletMarginLoss(0.1)(x2, y, listed))
+
+
+@pytest.mark.parametrize("name", ["PairMarginMiner", "MultiSimilarityMiner", "BatchHardMiner",
+                                  "BatchEasyHardMiner"])
+def test_miner_tuples_in_our_losses_equal_pml(name):
+    x, y, _, _ = batch("self", seed=7)
+    for loss in ("ContrastiveLoss", "TripletMarginLoss", "MultiSimilarityLoss"):
+        ours = getattr(fpl.losses, loss)()(x, y, getattr(miners, name)()(x, y))
+        theirs = getattr(pml_losses, loss)()(x, y, getattr(pml_miners, name)()(x, y))
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12, msg=f"{name} + {loss}")
+
+
+def test_bad_type_of_triplets_is_named():
+    with pytest.raises(ValueError, match="type_of_triplets"):
+        miners.TripletMarginMiner(type_of_triplets="hardest")
+
+
+def test_namespace_has_our_miners():
+    assert miners.TripletMarginMiner is _miners.TripletMarginMiner
+    assert miners.BatchHardMiner is _miners.BatchHardMiner
+    assert miners.HDCMiner is pml_miners.HDCMiner  # one we lack: PML's own
