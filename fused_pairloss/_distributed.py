@@ -232,7 +232,7 @@ def fused_pair_plan(loss, device):
     exclude_col, batch, backend, **hyper)`. None otherwise (a module computing with PML itself,
     the reference backend, a class loss, a PML loss object)."""
     fn = FUSED_PAIR_CALLS.get(type(loss))
-    if fn is None or getattr(loss, "_pml", None) is not None or loss.distance is None:
+    if fn is None or getattr(loss, "_pml", None) is not None or getattr(loss, "_distance_kind", None) is None:
         return None
     backend = resolve_backend(loss.backend, device)
     if backend == "reference":

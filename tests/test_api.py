@@ -329,7 +329,8 @@ def test_pair_modules_with_pml_distances_are_fused_and_equal_pml(name, kw, dista
     extra = {} if dist is None else {"distance": dist}
     ours = getattr(fpl, name)(backend="cpu", **kw, **extra)
     theirs = getattr(pml_losses, name)(**kw, **extra)
-    assert ours._pml is None and ours.distance in ("cosine", "lp")
+    assert ours._pml is None and ours._distance_kind in ("cosine", "lp")
+    assert type(ours.distance) is type(theirs.distance)  # PML's object, as PML's class has it
     g = torch.Generator().manual_seed(4)
     x = torch.randn(30, 6, generator=g, dtype=torch.float64)
     y = torch.randint(0, 6, (30,), generator=g)

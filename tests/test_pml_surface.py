@@ -79,3 +79,47 @@ def test_class_loss_accepts_the_batch_as_its_own_ref_as_pml(name):
     x, y = batch(4)
     ours, pml = make_pair(name)
     torch.testing.assert_close(ours(x, y, None, x, y), pml(x, y, None, x, y), rtol=1e-12, atol=1e-12)
+
+
+def _state(module):
+    """A module's PML-style surface: distance and reducer types, with collect_stats."""
+    return (type(module.distance), type(module.reducer), module.collect_stats, module.distance.collect_stats)
+
+
+@pytest.mark.parametrize("name", PAIR + CLASS)
+def test_distance_and_reducer_are_pmls_objects(name):
+    """`distance` and `reducer` are PML's objects of PML's types (so `Miner(distance=loss.distance)`
+    works); the module still computes fused; its state_dict is PML's."""
+    args = (4, 8) if name in CLASS else ()
+    ours, theirs = getattr(fpl, name)(*args), getattr(L, name)(*args)
+    assert ours._pml is None
+    assert type(ours.distance) is type(theirs.distance)
+    if not isinstance(theirs.reducer, type(None)):
+        assert type(ours.reducer) is type(theirs.reducer)
+        if hasattr(theirs.reducer, "reducers"):  # MultipleReducers: the same sub-losses
+            assert set(ours.reducer.reducers) == set(theirs.reducer.reducers)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    if name in PAIR:
+        x, y = batch(3)
+        mined = miners.BatchHardMiner(distance=ours.distance)(x, y)
+        torch.testing.assert_close(ours(x, y, mined), theirs(x, y, mined), rtol=1e-9, atol=1e-12)
+
+
+def test_collect_stats_follows_pmls_global_flag(monkeypatch):
+    """PML's c_f.COLLECT_STATS: the default of collect_stats, on the loss and on its distance and
+    reducer (PML's test_collect_stats_flag); True makes PML compute (it records the stats)."""
+    from pytorch_metric_learning.utils import common_functions as c_f
+    for flag in (True, False):
+        monkeypatch.setattr(c_f, "COLLECT_STATS", flag)
+        loss = fpl.TripletMarginLoss()
+        assert loss.collect_stats == flag and loss.distance.collect_stats == flag and loss.reducer.collect_stats == flag
+        assert (loss._pml is not None) == flag
+    for flag in (True, False):
+        assert fpl.TripletMarginLoss(collect_stats=flag).collect_stats == flag
+    monkeypatch.setattr(fpl.losses._base, "_warned", set())
+    x, y = batch(4)
+    ours, theirs = fpl.ContrastiveLoss(collect_stats=True), L.ContrastiveLoss(collect_stats=True)
+    with pytest.warns(UserWarning, match="computed by pytorch-metric-learning"):
+        ours(x, y)
+    theirs(x, y)
+    assert ours._pml.collect_stats and ours.distance is ours._pml.distance and ours.reducer is ours._pml.reducer

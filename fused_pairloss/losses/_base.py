@@ -48,6 +48,28 @@ def _distance_name(distance):
     return None
 
 
+def _collect_stats(value):
+    """PML's collect_stats: the argument, or PML's global default when None (False without PML)."""
+    if value is not None:
+        return bool(value)
+    try:
+        from pytorch_metric_learning.utils import common_functions as c_f
+    except ImportError:
+        return False
+    return bool(c_f.COLLECT_STATS)
+
+
+def _pml_default_reducer(pml_cls):
+    """PML's default reducer of a class (PML's set_reducer: MultipleReducers over its sub-losses)."""
+    from pytorch_metric_learning.reducers import MultipleReducers
+    if pml_cls is None:  # a loss PML does not have
+        return None
+    names = pml_cls._sub_loss_names(None)
+    if len(names) == 1:
+        return pml_cls.get_default_reducer(None)
+    return MultipleReducers({k: pml_cls.get_default_reducer(None) for k in names})
+
+
 class _PmlFallback:
     """What a module does with PML's keyword arguments: the fused ones (a fused distance,
     weight_init_func) are used; anything else (another distance, reducer, regularizer,
@@ -58,6 +80,8 @@ class _PmlFallback:
     _default_distance = "cosine"    # PML's default for this loss
     _cosine_only = False            # PML asserts CosineSimilarity for this loss
 
+    _pml_twin = True  # PML's distance / reducer objects from a PML instance (cheap: no parameters)
+
     def _setup_kwargs(self, kwargs, pml_args=(), pml_kwargs=None, param_name=None):
         self._pml = None
         name = type(self).__name__
@@ -65,9 +89,13 @@ class _PmlFallback:
         if self._cosine_only and distance is not None and _distance_name(distance) != "cosine":
             raise ValueError(f"{name}: distance must be CosineSimilarity() (as in PML); got {distance!r}")
         fused = self._default_distance if distance is None else _distance_name(distance)
-        others = {k: v for k, v in kwargs.items() if k not in ("distance", "weight_init_func")}
-        if fused in self._distances and not any(v not in (None, False) for v in others.values()):
-            self.distance = fused
+        # PML's collect_stats: None is PML's global default (c_f.COLLECT_STATS)
+        self.collect_stats = _collect_stats(kwargs.get("collect_stats"))
+        others = {k: v for k, v in kwargs.items() if k not in ("distance", "weight_init_func", "collect_stats")}
+        if (fused in self._distances and not self.collect_stats
+                and not any(v not in (None, False) for v in others.values())):
+            self._distance_kind = fused
+            self._attach_pml_objects(name, kwargs, pml_args, pml_kwargs)
             return
         try:
             from pytorch_metric_learning import losses as pml_losses
@@ -78,7 +106,32 @@ class _PmlFallback:
         if param_name is not None:  # one parameter, the module's own (state_dicts stay PML's)
             setattr(pml, param_name, getattr(self, param_name))
         object.__setattr__(self, "_pml", pml)  # not a submodule: no second copy in the state_dict
-        self.distance = None
+        self._distance_kind = None
+        object.__setattr__(self, "distance", pml.distance)  # PML's objects, PML's computation
+        object.__setattr__(self, "reducer", pml.reducer)
+
+    def _attach_pml_objects(self, name, kwargs, pml_args, pml_kwargs):
+        """`distance` and `reducer` as PML's class has them (PML's objects: `Miner(distance=
+        loss.distance)` works); the fused computation follows `_distance_kind`. Without PML,
+        `distance` is the kind ("cosine" / "lp") and `reducer` None."""
+        object.__setattr__(self, "distance", self._distance_kind)
+        object.__setattr__(self, "reducer", None)
+        try:
+            from pytorch_metric_learning import distances as pml_distances
+            from pytorch_metric_learning import losses as pml_losses
+        except ImportError:
+            return
+        if self._pml_twin:  # PML's own construction: its default distance, reducer (MultipleReducers...)
+            twin = getattr(pml_losses, name)(*pml_args, **(pml_kwargs or {}), **kwargs)
+            distance, reducer = twin.distance, twin.reducer
+        else:  # class losses: PML's defaults without building a W of C x D just for this
+            pml_cls = getattr(pml_losses, name, None)
+            distance = kwargs.get("distance") or (pml_distances.CosineSimilarity() if pml_cls is None
+                                                  else pml_cls.get_default_distance(None))
+            reducer = _pml_default_reducer(pml_cls)
+        # plain attributes, as PML's are submodules without state: no state_dict entries either way
+        object.__setattr__(self, "distance", distance)
+        object.__setattr__(self, "reducer", reducer)
 
     def _run_pml(self, *args):
         _warn_once(type(self).__name__ + ".pml",
@@ -128,7 +181,7 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
 
     def extra_repr(self):
         hyper = ", ".join(f"{k}={v}" for k, v in self._hyper().items() if k != "distance")
-        return f"{hyper}, distance={self.distance!r}, backend={self.backend!r}"
+        return f"{hyper}, distance={self._distance_kind!r}, backend={self.backend!r}"
 
 
 def run_pair_loss(reference_fn, fused_fn, embeddings, labels, ref_emb, ref_labels, backend, **hyper):
@@ -168,6 +221,7 @@ class _ClassLoss(_PmlFallback, torch.nn.Module):
     _param = "fc"
     _distances = ("cosine",)
     _cosine_only = True  # SoftTriple, ProxyCircle, CosFace, ArcFace (PML asserts it for its own)
+    _pml_twin = False
 
     def _init_class(self, shape, backend, kwargs, pml_args, pml_kwargs=None, init=_kaiming_like_pml):
         self.backend = backend

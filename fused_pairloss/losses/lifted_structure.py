@@ -83,11 +83,11 @@ class GeneralizedLiftedStructureLoss(_PairLoss):
         V.check_real("neg_margin", neg_margin)
         self.neg_margin, self.pos_margin = neg_margin, pos_margin
         self._init_pair(backend, kwargs, (neg_margin, pos_margin))
-        if self.distance is not None:
-            V.check_margins_ordered(pos_margin, neg_margin, self.distance)
+        if self._distance_kind is not None:
+            V.check_margins_ordered(pos_margin, neg_margin, self._distance_kind)
 
     def _hyper(self):
-        return dict(neg_margin=self.neg_margin, pos_margin=self.pos_margin, distance=self.distance)
+        return dict(neg_margin=self.neg_margin, pos_margin=self.pos_margin, distance=self._distance_kind)
 
     def _functional(self):
         return generalized_lifted_structure_loss

@@ -114,7 +114,7 @@ class MultiSimilarityLoss(_PairLoss):
                              "reducer / regularizer arguments; pass PML's MultiSimilarityMiner's indices_tuple")
 
     def _hyper(self):
-        return dict(alpha=self.alpha, beta=self.beta, base=self.base, distance=self.distance)
+        return dict(alpha=self.alpha, beta=self.beta, base=self.base, distance=self._distance_kind)
 
     def _functional(self):
         return multi_similarity_loss

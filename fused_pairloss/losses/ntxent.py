@@ -105,7 +105,7 @@ class NTXentLoss(_PairLoss):
         self._init_pair(backend, kwargs, (temperature,))
 
     def _hyper(self):
-        return dict(temperature=self.temperature, distance=self.distance)
+        return dict(temperature=self.temperature, distance=self._distance_kind)
 
     def _functional(self):
         return ntxent_loss

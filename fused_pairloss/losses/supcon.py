@@ -101,7 +101,7 @@ class SupConLoss(_PairLoss):
         self._init_pair(backend, kwargs, (temperature,))
 
     def _hyper(self):
-        return dict(temperature=self.temperature, distance=self.distance)
+        return dict(temperature=self.temperature, distance=self._distance_kind)
 
     def _functional(self):
         return supcon_loss

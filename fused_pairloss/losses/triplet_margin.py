@@ -150,7 +150,7 @@ class TripletMarginLoss(_PairLoss):
         self._init_pair(backend, dict(kwargs, **pml_only), (margin,))
 
     def _hyper(self):
-        return dict(margin=self.margin, distance=self.distance)
+        return dict(margin=self.margin, distance=self._distance_kind)
 
     def _functional(self):
         return triplet_margin_loss
@@ -168,7 +168,7 @@ class TripletMarginLoss(_PairLoss):
         if self._pml is None and labels is None and indices_tuple is None:
             raise ValueError("TripletMarginLoss needs labels or an indices_tuple")
         if self._pml is None and _is_mined_triplets(indices_tuple) and indices_tuple.fused_for(
-                embeddings, labels, ref_emb, ref_labels, self.distance):
+                embeddings, labels, ref_emb, ref_labels, self._distance_kind):
             return self._fused_with_miner(indices_tuple)
         return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
@@ -182,7 +182,7 @@ class TripletMarginLoss(_PairLoss):
         if backend == "reference":
             return self._reference_with_indices(emb, mined.labels, mined, ref_emb, ref_labels, self._hyper())
         return triplet_margin_fused(emb, mined.labels, ref_emb, ref_labels, margin=self.margin,
-                                    distance=self.distance, backend=backend, window=mined.window,
+                                    distance=self._distance_kind, backend=backend, window=mined.window,
                                     **_ref_is_labels(mined))
 
     def extra_repr(self):
