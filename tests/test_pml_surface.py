@@ -123,3 +123,17 @@ def test_collect_stats_follows_pmls_global_flag(monkeypatch):
         ours(x, y)
     theirs(x, y)
     assert ours._pml.collect_stats and ours.distance is ours._pml.distance and ours.reducer is ours._pml.reducer
+
+
+def test_hyper_parameters_are_stored_as_pml_stores_them():
+    """ArcFace's margin in radians (PML's init_margin), SoftTriple's gamma as 1 / gamma; setting them
+    as PML users do changes the loss as it changes PML's."""
+    x, y = batch(5)
+    y = y % 3
+    for name, attr, value in (("ArcFaceLoss", "margin", 0.3), ("SoftTripleLoss", "gamma", 5.0)):
+        ours, theirs = getattr(fpl, name)(3, 8), getattr(L, name)(3, 8)
+        assert getattr(ours, attr) == getattr(theirs, attr)
+        ours.load_state_dict(theirs.state_dict())
+        setattr(ours, attr, value)
+        setattr(theirs, attr, value)
+        torch.testing.assert_close(ours(x, y), theirs(x, y), rtol=1e-9, atol=1e-12)

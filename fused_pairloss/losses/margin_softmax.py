@@ -232,13 +232,31 @@ class CosFaceLoss(_ScaledMarginSoftmax):
 
 
 class ArcFaceLoss(_ScaledMarginSoftmax):
-    """Drop-in for pytorch_metric_learning.losses.ArcFaceLoss (margin in degrees); parameter `W` (D, C)."""
+    """Drop-in for pytorch_metric_learning.losses.ArcFaceLoss; parameter `W` (D, C). The argument
+    `margin` is in degrees and the attribute in radians, as PML's (its init_margin: np.radians)."""
     _reference_fn = staticmethod(arcface_reference)
     _functional_fn = staticmethod(arcface_loss)
 
     def __init__(self, num_classes, embedding_size, margin=28.6, scale=64, backend="auto", **kwargs):
         super().__init__()
         self._init_margin_scale(num_classes, embedding_size, margin, scale, backend, kwargs)
+
+    @property
+    def margin(self):
+        """PML's attribute: the additive angular margin in radians."""
+        return self._margin_radians
+
+    @margin.setter
+    def margin(self, value):  # the constructor's degrees go through _init_margin_scale
+        self._margin_radians, self._margin_degrees = value, math.degrees(value)
+
+    def _init_margin_scale(self, num_classes, embedding_size, margin, scale, backend, kwargs):
+        super()._init_margin_scale(num_classes, embedding_size, margin, scale, backend, kwargs)
+        # math.radians: x * (pi / 180), the value of PML's np.radians
+        self._margin_radians, self._margin_degrees = math.radians(margin), margin
+
+    def _hyper(self):  # the functional form takes degrees, as PML's constructor
+        return dict(margin=self._margin_degrees, scale=self.scale)
 
 
 ENTRIES = (

@@ -134,32 +134,41 @@ class SoftTripleLoss(_ClassLoss):
         if center_reg_weight and centers_per_class < 2:
             raise ValueError("center_reg_weight > 0 needs centers_per_class >= 2")
         self.num_classes, self.embedding_size = num_classes, embedding_size
-        self.centers_per_class, self.la, self.gamma, self.margin = centers_per_class, la, gamma, margin
+        self.centers_per_class, self.la, self._gamma, self.margin = centers_per_class, la, gamma, margin
         self.center_reg_weight = center_reg_weight
         if "weight_regularizer" in kwargs and center_reg_weight:
             raise ValueError("pass center_reg_weight or PML's weight_regularizer, not both")
         self._init_class((embedding_size, num_classes * centers_per_class), backend, kwargs,
                          (num_classes, embedding_size, centers_per_class, la, gamma, margin))
 
+    @property
+    def gamma(self):
+        """PML's attribute: 1 / gamma (the pooling's inverse temperature; the argument is gamma)."""
+        return 1.0 / self._gamma
+
+    @gamma.setter
+    def gamma(self, value):
+        self._gamma = 1.0 / value
+
     def _call(self, embeddings, labels, fc):
         return soft_triple_loss(embeddings, labels, fc, centers_per_class=self.centers_per_class,
-                                la=self.la, gamma=self.gamma, margin=self.margin,
+                                la=self.la, gamma=self._gamma, margin=self.margin,
                                 center_reg_weight=self.center_reg_weight, backend=self.backend)
 
     def _reference_with_weights(self, embeddings, labels, indices_tuple):
         return soft_triple_reference(embeddings, labels, self.fc, centers_per_class=self.centers_per_class,
-                                     la=self.la, gamma=self.gamma, margin=self.margin,
+                                     la=self.la, gamma=self._gamma, margin=self.margin,
                                      center_reg_weight=self.center_reg_weight, indices_tuple=indices_tuple)
 
     def _logits(self, embeddings):
         """PML's: the pooled similarity S_ic of every row and class (N x C)."""
         fc = self.cast_weights(embeddings)
         sim = (normalize(embeddings) @ F.normalize(fc, dim=0)).view(-1, self.num_classes, self.centers_per_class)
-        return (torch.softmax(sim / self.gamma, dim=2) * sim).sum(2)
+        return (torch.softmax(sim / self._gamma, dim=2) * sim).sum(2)
 
     def extra_repr(self):
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
-                f"centers_per_class={self.centers_per_class}, la={self.la}, gamma={self.gamma}, "
+                f"centers_per_class={self.centers_per_class}, la={self.la}, gamma={self._gamma}, "
                 f"margin={self.margin}, center_reg_weight={self.center_reg_weight}, backend={self.backend!r}")
 
 
