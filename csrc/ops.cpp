@@ -97,6 +97,12 @@ TORCH_LIBRARY(fused_pairloss, m) {
       "triplet_engine_backward(Tensor grad_sums, Tensor q, Tensor r, Tensor labels_q, Tensor labels_r, "
       "Tensor exclude_col, float margin, bool lp, float window_lo, float window_hi, bool need_grad_q, "
       "bool need_grad_r) -> (Tensor grad_q, Tensor grad_r)");
+  // The batch miners' pairs (fused_pairloss/_miners.py): per row of q, the positive of r with the
+  // largest (pos_largest) or smallest u and the negative likewise (first column of a tie), their u;
+  // index -1 where the row has none. No gradient (mining).
+  m.def(
+      "row_extremes(Tensor q, Tensor r, Tensor labels_q, Tensor labels_r, Tensor exclude_col, bool lp, "
+      "bool pos_largest, bool neg_largest) -> (Tensor pos_u, Tensor pos_index, Tensor neg_u, Tensor neg_index)");
   m.def("build_config() -> str", &build_config);
   m.def("describe_pair_spec(float[] terms, int flags) -> str", &describe_pair_spec);
   m.def("describe_class_spec(float[] terms, int flags, int centers_per_class) -> str", &describe_class_spec);

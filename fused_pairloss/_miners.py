@@ -9,6 +9,9 @@ distance object applied to a chunk of rows; a BLAS product of a chunk may round 
 the whole product in the last bit, so a pair within rounding of a miner's threshold may be decided
 differently from PML (docs/semantics.md "Miners").
 
+BatchHardMiner and BatchEasyHardMiner with the hard / easy strategies (no ranges) on CPU take each
+row's extremes from the C++ op row_extremes (the engines' distances, strip by strip).
+
 TripletMarginMiner lists its triplets per anchor and positive (O(N P M) work, P the positives of a
 row; PML builds the N x M x M candidate mask) and returns them as a `MinedTriplets`: PML's tuple,
 which also carries the miner's window on the triplet margin, so that our TripletMarginLoss computes
@@ -164,8 +167,40 @@ class BatchEasyHardMiner(pml_miners.BatchEasyHardMiner):
         strategy = self.EASY if self.neg_strategy in (self.HARD, self.SEMIHARD) else self.HARD
         return self._x_per_row(self._extreme(strategy), mat, diffs, self.allowed_neg_range, positive_dists)
 
+    def _fused_extremes(self, rows):
+        """The hard / easy strategies without ranges, on CPU with the C++ kernels: the per-row
+        extremes from the op row_extremes (strips of the engines' distances, no N x M), else None."""
+        from .losses._base import _distance_name
+        from .ops.triplets import row_extremes_op
+        strategies = (self.HARD, self.EASY)
+        kind = _distance_name(self.distance)
+        op = row_extremes_op(rows.embeddings.device)
+        if (op is None or kind not in ("lp", "cosine") or self.pos_strategy not in strategies
+                or self.neg_strategy not in strategies or self.allowed_pos_range is not None
+                or self.allowed_neg_range is not None):
+            return None
+        q = torch.nn.functional.normalize(rows.embeddings, dim=1)
+        r = q if rows.self_emb else torch.nn.functional.normalize(rows.ref_emb, dim=1)
+        if rows.self_labels:  # PML's identity rule: the diagonal is no positive
+            excl = torch.arange(rows.N, device=q.device)
+        else:
+            excl = torch.full((rows.N,), -1, dtype=torch.int64, device=q.device)
+        # in u = d (lp) or -S: the hardest positive has the largest u, the hardest negative the smallest
+        pos_u, pos_i, neg_u, neg_i = op(q, r, rows.labels, rows.ref_labels, excl, kind == "lp",
+                                        self.pos_strategy == self.HARD, self.neg_strategy == self.EASY)
+        sign = 1.0 if kind == "lp" else -1.0  # back to PML's matrix: d, or S = -u
+        return (sign * pos_u).to(q.dtype), pos_i, pos_i >= 0, (sign * neg_u).to(q.dtype), neg_i, neg_i >= 0
+
     def mine(self, embeddings, labels, ref_emb, ref_labels):
         rows = _Rows(self, embeddings, labels, ref_emb, ref_labels)
+        fused = self._fused_extremes(rows)
+        if fused is not None:
+            pos_d, pos_i, p_keep, neg_d, neg_i, n_keep = fused
+            keep = torch.where(p_keep & n_keep)
+            a = torch.arange(rows.N, device=embeddings.device)[keep]
+            if self.collect_stats:
+                self.set_stats(pos_d[keep], neg_d[keep])
+            return a, pos_i[keep], a, neg_i[keep]
         ALL, SEMI = self.ALL, self.SEMIHARD
         pos_s, neg_s = self.pos_strategy, self.neg_strategy
         out, stats = [[], [], [], []], [[], []]

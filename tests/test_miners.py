@@ -158,3 +158,32 @@ def test_namespace_has_our_miners():
     assert miners.TripletMarginMiner is _miners.TripletMarginMiner
     assert miners.BatchHardMiner is _miners.BatchHardMiner
     assert miners.HDCMiner is pml_miners.HDCMiner  # one we lack: PML's own
+
+
+def test_row_extremes_opcheck():
+    from fused_pairloss.ops import triplets
+    if triplets.row_extremes_op(torch.device("cpu")) is None:
+        pytest.skip("fused_pairloss._C (the CPU kernels) not built")
+    g = torch.Generator().manual_seed(9)
+    q = torch.nn.functional.normalize(torch.randn(9, 5, generator=g, dtype=torch.float64), dim=1)
+    r = torch.nn.functional.normalize(torch.randn(7, 5, generator=g, dtype=torch.float64), dim=1)
+    lq, lr = torch.randint(0, 3, (9,), generator=g), torch.randint(0, 3, (7,), generator=g)
+    for lp, largest in ((True, (True, False)), (False, (False, True))):
+        torch.library.opcheck(torch.ops.fused_pairloss.row_extremes.default,
+                              (q, r, lq, lr, torch.full((9,), -1), lp, *largest))
+
+
+@pytest.mark.parametrize("strategies", [("hard", "hard"), ("easy", "easy"), ("hard", "easy"), ("easy", "hard")])
+def test_batch_miner_kernel_equals_pml_on_ties(strategies):
+    """The C++ row extremes against PML with repeated rows (8 distinct ones: every distance is tied
+    across the copies of a row, the same bits in both): the first column of a tie, as torch.max /
+    torch.min."""
+    g = torch.Generator().manual_seed(10)
+    prototypes = torch.randn(8, 6, generator=g, dtype=torch.float64)
+    x = prototypes[torch.randint(0, 8, (40,), generator=g)]
+    y = torch.randint(0, 4, (40,), generator=g)
+    for dist in ({}, dict(distance=CosineSimilarity())):
+        kw = dict(pos_strategy=strategies[0], neg_strategy=strategies[1], **dist)
+        a, b = miners.BatchEasyHardMiner(**kw)(x, y), pml_miners.BatchEasyHardMiner(**kw)(x, y)
+        for s, t in zip(a, b):
+            assert torch.equal(s, t), kw

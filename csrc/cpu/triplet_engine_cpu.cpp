@@ -305,6 +305,59 @@ std::tuple<Tensor, Tensor> backward_impl(const TripletOperands<T>& o, const Tens
   return {dq, dr};
 }
 
+// ---- row extremes (the batch miners' hardest / easiest pairs) -----------------------------------
+// Per row: the positive with the largest (or smallest) u and the negative with the largest (or
+// smallest) u, the first column of a tie; -1 where the row has none (a NaN u is in no set).
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor> extremes_impl(const TripletOperands<T>& o, bool pos_largest,
+                                                         bool neg_largest) {
+  const auto opts = o.q.options();
+  Tensor pos_u = at::full({o.N}, std::numeric_limits<T>::quiet_NaN(), opts);
+  Tensor neg_u = at::full({o.N}, std::numeric_limits<T>::quiet_NaN(), opts);
+  Tensor pos_i = at::full({o.N}, -1, opts.dtype(at::kLong));
+  Tensor neg_i = at::full({o.N}, -1, opts.dtype(at::kLong));
+  if (o.N == 0 || o.M == 0) return {pos_u, pos_i, neg_u, neg_i};
+  T* pu = pos_u.template data_ptr<T>();
+  T* nu = neg_u.template data_ptr<T>();
+  int64_t* pi = pos_i.template data_ptr<int64_t>();
+  int64_t* ni = neg_i.template data_ptr<int64_t>();
+  const int64_t TI = o.strip_rows, nb = (o.N + TI - 1) / TI;
+  tile_parallel(
+      nb, parallel_work(o.N, o.M, o.D), [&] { return std::vector<T>(TI * o.ld); },
+      [&](int64_t b, std::vector<T>& U) {
+        const int64_t i0 = b * TI, ti = std::min(TI, o.N - i0);
+        strip_u(o, i0, ti, U.data());
+        const int64_t* lab = o.sorted_labels_r.template data_ptr<int64_t>();
+        const int64_t* col = o.columns_r.template data_ptr<int64_t>();
+        for (int64_t k = 0; k < ti; ++k) {
+          const int64_t i = i0 + k;
+          T* u = U.data() + k * o.ld;
+          const int64_t li = o.labels_q.template data_ptr<int64_t>()[i];
+          const int64_t ex = o.excl.template data_ptr<int64_t>()[i];
+          const auto range = std::equal_range(lab, lab + o.M, li);
+          int64_t best = -1;
+          for (const int64_t* e = range.first; e != range.second; ++e) {  // columns ascending (a stable sort)
+            const int64_t j = col[e - lab];
+            if (j != ex && u[j] == u[j] && (best < 0 || (pos_largest ? u[j] > u[best] : u[j] < u[best]))) best = j;
+          }
+          if (best >= 0) {
+            pi[i] = best;
+            pu[i] = u[best];
+          }
+          for (const int64_t* e = range.first; e != range.second; ++e)
+            u[col[e - lab]] = std::numeric_limits<T>::quiet_NaN();
+          best = -1;
+          for (int64_t j = 0; j < o.M; ++j)
+            if (u[j] == u[j] && (best < 0 || (neg_largest ? u[j] > u[best] : u[j] < u[best]))) best = j;
+          if (best >= 0) {
+            ni[i] = best;
+            nu[i] = u[best];
+          }
+        }
+      });
+  return {pos_u, pos_i, neg_u, neg_i};
+}
+
 void check_inputs(const Tensor& q, const Tensor& r, const Tensor& labels_q, const Tensor& labels_r,
                   const Tensor& exclude_col) {
   TORCH_CHECK(q.device().is_cpu() && r.device().is_cpu(), "triplet_engine (cpu): q and r must be CPU tensors, got ",
@@ -356,6 +409,18 @@ std::tuple<Tensor, Tensor> triplet_engine_backward_cpu(const Tensor& grad_sums, 
   return {grad_q, grad_r};
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor> row_extremes_cpu(const Tensor& q, const Tensor& r, const Tensor& labels_q,
+                                                            const Tensor& labels_r, const Tensor& exclude_col, bool lp,
+                                                            bool pos_largest, bool neg_largest) {
+  check_inputs(q, r, labels_q, labels_r, exclude_col);
+  const double inf = std::numeric_limits<double>::infinity();
+  if (q.scalar_type() == at::kDouble)
+    return extremes_impl(prepare<double>(q, r, labels_q, labels_r, exclude_col, 0.0, lp, -inf, inf), pos_largest,
+                         neg_largest);
+  return extremes_impl(prepare<float>(q, r, labels_q, labels_r, exclude_col, 0.0, lp, -inf, inf), pos_largest,
+                       neg_largest);
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fpl
@@ -363,4 +428,5 @@ std::tuple<Tensor, Tensor> triplet_engine_backward_cpu(const Tensor& grad_sums, 
 TORCH_LIBRARY_IMPL(fused_pairloss, CPU, m) {
   m.impl("triplet_engine_forward", &fpl::cpu::triplet_engine_forward_cpu);
   m.impl("triplet_engine_backward", &fpl::cpu::triplet_engine_backward_cpu);
+  m.impl("row_extremes", &fpl::cpu::row_extremes_cpu);
 }

@@ -278,7 +278,25 @@ def _register_native():
     torch.library.register_autograd(fwd, _autograd_backward(torch.ops.fused_pairloss.triplet_engine_backward),
                                     setup_context=_setup_context)
     torch.library.register_autograd(bwd, _backward_not_differentiable, setup_context=_no_context)
+    torch.library.register_fake("fused_pairloss::row_extremes")(_fake_row_extremes)
     return True
+
+
+def _fake_row_extremes(q, r, labels_q, labels_r, exclude_col, lp, pos_largest, neg_largest):
+    n, A = q.shape[0], stat_dtype(q.dtype)
+    return (q.new_empty((n,), dtype=A), q.new_empty((n,), dtype=torch.int64), q.new_empty((n,), dtype=A),
+            q.new_empty((n,), dtype=torch.int64))
+
+
+def row_extremes_op(device):
+    """The C++ op of the batch miners' hardest / easiest pairs for tensors on `device` (CPU tensors,
+    when built), else None (the miners then mine in PyTorch)."""
+    global _NATIVE
+    if device.type != "cpu":
+        return None
+    if _NATIVE is None:
+        _NATIVE = _register_native()
+    return torch.ops.fused_pairloss.row_extremes if _NATIVE else None
 
 
 _NATIVE = None
