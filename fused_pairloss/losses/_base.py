@@ -11,6 +11,7 @@ a one-time warning; an explicit `indices_tuple` goes through the unfused referen
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import torch
@@ -160,8 +161,41 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
             return self._run_pml(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         hyper = self._hyper()
         if indices_tuple is not None:
+            fused = self._fused_with_listed_pairs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+            if fused is not None:
+                return fused
             return self._reference_with_indices(embeddings, labels, indices_tuple, ref_emb, ref_labels, hyper)
         return self._functional()(embeddings, labels, ref_emb, ref_labels, backend=self.backend, **hyper)
+
+    _pair_based = False  # PML reduces the pair list (duplicates count), not a 0/1 mask (ops/listed.py)
+
+    def _listed_hyper(self):
+        return self._hyper()
+
+    def _fused_with_listed_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """The loss's own fused function over the listed pairs (ops/listed.py: O(#pairs x D)), or None
+        where the reference path computes it (another backend than a fused one, a PML-only case)."""
+        entries = getattr(sys.modules.get(type(self).__module__), "ENTRIES", ())
+        fused_fn = next((e.fused for e in entries if e.cls is type(self) and e.fused is not None), None)
+        if fused_fn is None or not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
+            return None
+        if labels is None:
+            V.check_embeddings(embeddings)
+            if ref_emb is not None:
+                V.check_embeddings(ref_emb, "ref_emb")
+        else:
+            V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
+        if resolve_backend(self.backend, embeddings.device) == "reference":
+            return None
+        from ..ops.listed import ListedPairs
+        pairs = ListedPairs(indices_tuple, self._pair_based, embeddings.device)
+        if not pairs.count_rule_agrees():  # PML's one-pair rule on listed duplicates: the reference's
+            return None
+        if labels is None:  # the sets are the listed pairs; the labels only say self / ref mode
+            labels = torch.zeros(embeddings.shape[0], dtype=torch.int64, device=embeddings.device)
+            ref_labels = None if ref_emb is None else torch.zeros(ref_emb.shape[0], dtype=torch.int64,
+                                                                  device=embeddings.device)
+        return fused_fn(embeddings, labels, ref_emb, ref_labels, backend=pairs, **self._listed_hyper())
 
     def _reference_with_indices(self, embeddings, labels, indices_tuple, ref_emb, ref_labels, hyper):
         # An explicit indices_tuple (from any PML miner) is honoured by the reference path, as PML.

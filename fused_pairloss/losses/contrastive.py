@@ -82,6 +82,7 @@ def contrastive_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_m
 
 class ContrastiveLoss(_PairLoss):
     """Drop-in for pytorch_metric_learning.losses.ContrastiveLoss (default distance LpDistance)."""
+    _pair_based = True  # PML's GenericPairLoss(mat_based_loss=False): the pair list
     _default_distance = "lp"
     _reference = staticmethod(contrastive_reference)
 

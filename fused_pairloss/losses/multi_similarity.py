@@ -119,6 +119,9 @@ class MultiSimilarityLoss(_PairLoss):
     def _functional(self):
         return multi_similarity_loss
 
+    def _listed_hyper(self):  # with an indices_tuple PML's loss does not mine
+        return dict(self._hyper(), miner_epsilon=None)
+
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         if indices_tuple is not None and self.miner_epsilon is not None:
             raise ValueError("pass either indices_tuple or miner_epsilon, not both")

@@ -96,6 +96,7 @@ def ntxent_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperatur
 
 class NTXentLoss(_PairLoss):
     """Drop-in for pytorch_metric_learning.losses.NTXentLoss."""
+    _pair_based = True  # PML's GenericPairLoss(mat_based_loss=False): the pair list
     _reference = staticmethod(ntxent_reference)
 
     def __init__(self, temperature=0.07, backend="auto", **kwargs):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import engines
+from .listed import ListedPairs, listed_pair_stats
 from . import spec as S
 from .operands import weight_rows
 
@@ -25,7 +26,10 @@ def forward_op(engine: engines.Engine, backend):
 def pair_stats(q, r, labels_q, labels_r, exclude_col, spec: S.PairLossSpec, backend) -> engines.PairStats:
     """Row statistics of the pair sets for normalized q (N, D) against r (M, D) (None: self mode,
     each row's own column excluded); exclude_col (N,) int64, ref mode: the column excluded from row
-    i's positives, -1 for none. Differentiable w.r.t. q and r."""
+    i's positives, -1 for none. Differentiable w.r.t. q and r. A `ListedPairs` in place of the
+    backend: the statistics over a miner's listed pairs instead of the label sets (ops/listed.py)."""
+    if isinstance(backend, ListedPairs):
+        return listed_pair_stats(q, r, spec, backend)
     terms, flags = spec.pack()
     labels_q = labels_q.to(device=q.device, dtype=torch.int64).contiguous()
     if r is not None:

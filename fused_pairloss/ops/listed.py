@@ -1,0 +1,112 @@
+"""A miner's pairs in place of the label sets: the pair engine's row statistics (ops/README.md,
+PairStats) from listed pairs only, O(#pairs x D) memory, never N x M (docs/design.md "Listed
+pairs").
+
+A pair loss given an indices_tuple computes exactly what it computes from the label sets, with
+each row's positive and negative sets replaced by its listed pairs: `ListedPairs` goes where the
+backend goes (`ops/stats.pair_stats` recognizes it), so every loss's own fused function, declaration
+and row combination serve both. Per listed pair, v = S_ij (cosine) or d_ij (lp, from the rows'
+difference: exact near 0); the declaration's term per pair; the row reductions (log-sum-exp, sum,
+counts) by scatter over the pairs' anchors. PML's mat-based losses (MultiSimilarity, Circle, SupCon,
+GeneralizedLiftedStructure) reduce a 0/1 mask: duplicate pairs count once; its pair-based ones
+(Contrastive, NTXent) reduce the pair list: a pair listed k times counts k times (`weighted`).
+The declaration's miner (MultiSimilarityLoss's miner_epsilon) is not applied: with an
+indices_tuple PML's loss does not mine either.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import spec as S
+from .engines import PairStats
+from .operands import stat_dtype
+
+
+class ListedPairs:
+    """(a1, p, a2, n) of PML's pair form (a triplet tuple (a, p, n) gives (a, p, a, n), as PML's
+    convert_to_pairs); `weighted`: duplicates count (pair-based losses) or not (mat-based)."""
+
+    def __init__(self, indices_tuple, weighted, device):
+        if len(indices_tuple) == 3:
+            a, p, n = indices_tuple
+            indices_tuple = (a, p, a, n)
+        a1, p, a2, n = (torch.as_tensor(t, device=device).long().reshape(-1) for t in indices_tuple)
+        self.weighted = weighted
+        self.pos, self.neg = self._pairs(a1, p), self._pairs(a2, n)
+        self.listed_pos, self.listed_neg = len(a1), len(a2)  # PML's len(a1), len(a2): duplicates included
+
+    def _pairs(self, rows, cols):
+        """(rows, cols, multiplicity) of the distinct pairs."""
+        if rows.numel() == 0:
+            return rows, cols, rows.new_zeros(0)
+        width = int(cols.max()) + 1
+        keys, counts = torch.unique(rows * width + cols, return_counts=True)
+        return keys // width, keys % width, counts
+
+    def count_rule_agrees(self):
+        """PML's one-pair rule counts the listed pairs; the rows' counts hold the distinct ones for a
+        mat-based loss: True when both give the same verdict."""
+        distinct = (len(self.pos[0]) <= 1) & (len(self.neg[0]) <= 1)
+        return self.weighted or distinct == ((self.listed_pos <= 1) & (self.listed_neg <= 1))
+
+
+def _pair_v(q, r, rows, cols, lp):
+    """v of the listed pairs from their rows: S, or d from the difference (gradient 0 at d = 0)."""
+    if not lp:
+        return (q[rows] * r[cols]).sum(1)
+    d2 = ((q[rows] - r[cols]) ** 2).sum(1)
+    pos = d2 > 0
+    return torch.where(pos, torch.sqrt(torch.where(pos, d2, torch.ones_like(d2))), torch.zeros_like(d2))
+
+
+def _term(t: S.PairTerm, v):
+    """x = (scale * w(v)) * (v - shift), w detached; hinge: relu with NaN taken as 0 (loss_spec.h)."""
+    w = torch.relu(t.weight_offset + t.weight_slope * v.detach())
+    x = (t.scale * w) * (v - t.shift)
+    return torch.where(x > 0, x, torch.zeros_like(x)) if t.hinge else x
+
+
+def _row_lse(x, rows, weight, n):
+    """log sum_j w_j e^{x_j} per row (-inf for a row without pairs; NaN stays NaN)."""
+    if x.numel() == 0:
+        return x.new_full((n,), float("-inf"))
+    m = torch.full((n,), float("-inf"), dtype=x.dtype, device=x.device)
+    m = m.scatter_reduce(0, rows, x.detach(), reduce="amax", include_self=True)
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    total = torch.zeros(n, dtype=x.dtype, device=x.device).index_add(0, rows, weight * torch.exp(x - m_safe[rows]))
+    has = torch.zeros(n, dtype=torch.bool, device=x.device).index_fill(0, rows, True)
+    return torch.where(has, m_safe + torch.log(torch.where(has, total, torch.ones_like(total))), float("-inf"))
+
+
+def listed_pair_stats(q, r, spec: S.PairLossSpec, pairs: ListedPairs) -> PairStats:
+    """PairStats of normalized q (N, D) against r (M, D; None: q itself) over the listed pairs."""
+    A = stat_dtype(q.dtype)
+    qa = q.to(A)
+    ra = qa if r is None else r.to(A)
+    n, lp = q.shape[0], spec.distance == "lp"
+
+    def side(pairs_, term):
+        rows, cols, mult = pairs_
+        w = (mult if pairs.weighted else torch.ones_like(mult)).to(A)
+        x = _term(term, _pair_v(qa, ra, rows, cols, lp))
+        zero = torch.zeros(n, dtype=A, device=q.device)
+        count = torch.zeros(n, dtype=torch.int32, device=q.device).index_add(0, rows, w.to(torch.int32))
+        nonzero = torch.zeros(n, dtype=torch.int32, device=q.device).index_add(0, rows,
+                                                                                (w * (x > 0)).to(torch.int32))
+        lse = _row_lse(x, rows, w, n) if term.lse else zero + float("-inf")
+        total = zero.index_add(0, rows, w * x) if term.sum else zero
+        return x, w, rows, lse, total, count, (nonzero if term.sum else torch.zeros_like(nonzero))
+
+    xp, wp, rows_p, lse_pos, sum_pos, count_pos, nonzero_pos = side(pairs.pos, spec.pos)
+    _, _, _, lse_neg, sum_neg, count_neg, nonzero_neg = side(pairs.neg, spec.neg)
+    pos_vs_neg = torch.zeros(n, dtype=A, device=q.device)
+    if spec.pos_vs_neg_lse:  # NTXent: per positive pair -log(sigmoid(x_p - lse_neg) + tiny)
+        t = xp - lse_neg[rows_p]
+        pair_loss = -torch.log(torch.sigmoid(t) + torch.finfo(A).tiny)
+        pos_vs_neg = pos_vs_neg.index_add(0, rows_p, wp * pair_loss)
+    inf = torch.full((n,), float("inf"), dtype=A, device=q.device)
+    return PairStats(lse_pos, lse_neg, sum_pos, sum_neg, pos_vs_neg, count_pos, count_neg, nonzero_pos, nonzero_neg,
+                     inf, -inf)
+
+
+__all__ = ["ListedPairs", "listed_pair_stats"]

@@ -1,0 +1,94 @@
+"""Pair losses given a miner's indices_tuple compute over the listed pairs only (ops/listed.py: the
+engine's row statistics from the pairs' rows, O(#pairs x D), never N x M), equal to PML's loss with
+the same tuple: values and gradients (embeddings and ref_emb), fp32 and fp64, self and ref mode,
+labels=None, duplicated pairs (PML's pair-based losses count them, its mat-based ones do not)."""
+import pytest
+import torch
+
+import fused_pairloss as fpl
+from kit import check_close
+
+pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
+from pytorch_metric_learning.distances import CosineSimilarity, LpDistance  # noqa: E402
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu  # noqa: E402
+
+LOSSES = {
+    "MultiSimilarityLoss": {}, "CircleLoss": {}, "SupConLoss": {}, "GeneralizedLiftedStructureLoss": {},
+    "ContrastiveLoss": {}, "NTXentLoss": {},
+    "NTXentLoss-lp": dict(distance=LpDistance()), "ContrastiveLoss-cos": dict(pos_margin=0.9, neg_margin=0.1,
+                                                                             distance=CosineSimilarity()),
+}
+MINERS = {
+    "multi_similarity": lambda: pml_miners.MultiSimilarityMiner(0.2),
+    "pair_margin": lambda: pml_miners.PairMarginMiner(0.6, 0.9),
+    "batch_hard": lambda: pml_miners.BatchHardMiner(),
+    "triplet_margin": lambda: pml_miners.TripletMarginMiner(0.3),
+    "duplicated_pairs": None,
+}
+
+
+def inputs(mode, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(40, 8, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    y = torch.randint(0, 5, (40,), generator=g)
+    if mode == "self":
+        return x, y, None, None
+    r = torch.randn(30, 8, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    return x, y, r, torch.randint(0, 5, (30,), generator=g)
+
+
+def mined(miner, x, y, r, ry):
+    if MINERS[miner] is not None:
+        return MINERS[miner]()(x, y, r, ry)
+    a1, p, a2, n = lmu.get_all_pairs_indices(y, ry)
+    if r is None:  # PML's identity rule: the self pairs are no positives
+        keep = a1 != p
+        a1, p = a1[keep], p[keep]
+    return (torch.cat([a1, a1[:7]]), torch.cat([p, p[:7]]), torch.cat([a2, a2[:5]]), torch.cat([n, n[:5]]))
+
+
+def module(lib, key):
+    return getattr(lib, key.split("-")[0])(**LOSSES[key])
+
+
+def value_and_grads(loss, x, y, idx, r, ry):
+    out = loss(x, y, idx, r, ry)
+    wrt = [x] if r is None else [x, r]
+    grads = torch.autograd.grad(out, wrt, allow_unused=True)
+    return out, [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("mode", ["self", "ref"])
+@pytest.mark.parametrize("miner", list(MINERS))
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_listed_pairs_equal_pml(loss, miner, mode, dtype, monkeypatch):
+    if dtype == torch.float32 and miner not in ("multi_similarity", "duplicated_pairs"):
+        pytest.skip("fp32 on two miners' tuples is enough (fp64 runs every miner)")
+    x, y, r, ry = inputs(mode, dtype)
+    idx = mined(miner, x.detach(), y, None if r is None else r.detach(), ry)
+    with monkeypatch.context() as m:  # the listed path, not the reference's N x M
+        m.setattr(fpl.losses._base._PairLoss, "_reference_with_indices", None)
+        ours, grads = value_and_grads(module(fpl.losses, loss), x, y, idx, r, ry)
+        ours_unlabelled = module(fpl.losses, loss)(x, None, idx, r, None)
+    same, same_grads = value_and_grads(module(pml_losses, loss), x, y, idx, r, ry)
+    conv = {id(t): t.detach().double().requires_grad_(True) for t in (x, r) if t is not None}
+    x64, r64 = conv[id(x)], None if r is None else conv[id(r)]
+    truth, truth_grads = value_and_grads(module(pml_losses, loss), x64, y, idx, r64, ry)
+    check_close(ours, truth, same, what="value", dtype=dtype)
+    for k, (a, t, b) in enumerate(zip(grads, truth_grads, same_grads)):
+        check_close(a, t, b, what=f"grad {k}", dtype=dtype)
+    assert torch.equal(ours_unlabelled, ours)  # labels=None: the same sets
+
+
+def test_one_pair_rule_on_listed_duplicates_is_pmls():
+    """PML's one-pair rule counts listed pairs, duplicates included: a mat-based loss given one
+    positive pair twice and one negative pair is computed (by the reference), as PML's."""
+    x, y, _, _ = inputs("self", torch.float64)
+    pos = torch.nonzero(y[:, None] == y[None, :])
+    pos = pos[pos[:, 0] != pos[:, 1]][0]
+    neg = torch.nonzero(y[:, None] != y[None, :])[0]
+    idx = (pos[:1].repeat(2), pos[1:].repeat(2), neg[:1], neg[1:])
+    for name in ("MultiSimilarityLoss", "CircleLoss"):
+        torch.testing.assert_close(getattr(fpl.losses, name)()(x, y, idx), getattr(pml_losses, name)()(x, y, idx))
