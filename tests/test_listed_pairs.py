@@ -59,13 +59,14 @@ def value_and_grads(loss, x, y, idx, r, ry):
     return out, [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+# fp64 on every miner's tuple, fp32 on two of them
+CASES = [(m, torch.float64) for m in MINERS] + [(m, torch.float32) for m in ("multi_similarity", "duplicated_pairs")]
+
+
+@pytest.mark.parametrize("miner,dtype", CASES, ids=[f"{m}-{str(d)[-7:]}" for m, d in CASES])
 @pytest.mark.parametrize("mode", ["self", "ref"])
-@pytest.mark.parametrize("miner", list(MINERS))
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_listed_pairs_equal_pml(loss, miner, mode, dtype, monkeypatch):
-    if dtype == torch.float32 and miner not in ("multi_similarity", "duplicated_pairs"):
-        pytest.skip("fp32 on two miners' tuples is enough (fp64 runs every miner)")
     x, y, r, ry = inputs(mode, dtype)
     idx = mined(miner, x.detach(), y, None if r is None else r.detach(), ry)
     with monkeypatch.context() as m:  # the listed path, not the reference's N x M
