@@ -93,3 +93,15 @@ def test_one_pair_rule_on_listed_duplicates_is_pmls():
     idx = (pos[:1].repeat(2), pos[1:].repeat(2), neg[:1], neg[1:])
     for name in ("MultiSimilarityLoss", "CircleLoss"):
         torch.testing.assert_close(getattr(fpl.losses, name)()(x, y, idx), getattr(pml_losses, name)()(x, y, idx))
+
+
+def test_indices_from_another_batch_are_named():
+    x, y, _, _ = inputs("self", torch.float64)
+    idx = pml_miners.MultiSimilarityMiner(0.2)(torch.randn(60, 8, dtype=torch.float64), torch.randint(0, 5, (60,)))
+    with pytest.raises(ValueError, match="indices_tuple: .*another batch"):
+        fpl.ContrastiveLoss()(x, y, idx)
+    with pytest.raises(ValueError, match="indices_tuple: anchors and their partners"):
+        fpl.CircleLoss()(x, y, (idx[0], idx[1][:-1], idx[2], idx[3]))
+    with pytest.raises(ValueError, match="indices_tuple: .*another batch"):
+        fpl.TripletMarginLoss()(x, y, pml_miners.BatchHardMiner()(torch.randn(60, 8, dtype=torch.float64),
+                                                                  torch.randint(0, 5, (60,))))

@@ -168,6 +168,7 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
         return self._functional()(embeddings, labels, ref_emb, ref_labels, backend=self.backend, **hyper)
 
     _pair_based = False  # PML reduces the pair list (duplicates count), not a 0/1 mask (ops/listed.py)
+    _listed_pairs = True  # an indices_tuple's pairs through the loss's fused function (ops/listed.py)
 
     def _listed_hyper(self):
         return self._hyper()
@@ -177,7 +178,8 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
         where the reference path computes it (another backend than a fused one, a PML-only case)."""
         entries = getattr(sys.modules.get(type(self).__module__), "ENTRIES", ())
         fused_fn = next((e.fused for e in entries if e.cls is type(self) and e.fused is not None), None)
-        if fused_fn is None or not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
+        if (not self._listed_pairs or fused_fn is None or not isinstance(indices_tuple, (tuple, list))
+                or len(indices_tuple) not in (3, 4)):
             return None
         if labels is None:
             V.check_embeddings(embeddings)
@@ -188,7 +190,8 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
         if resolve_backend(self.backend, embeddings.device) == "reference":
             return None
         from ..ops.listed import ListedPairs
-        pairs = ListedPairs(indices_tuple, self._pair_based, embeddings.device)
+        pairs = ListedPairs(indices_tuple, self._pair_based, embeddings.device, n_rows=embeddings.shape[0],
+                            n_cols=(embeddings if ref_emb is None else ref_emb).shape[0])
         if not pairs.count_rule_agrees():  # PML's one-pair rule on listed duplicates: the reference's
             return None
         if labels is None:  # the sets are the listed pairs; the labels only say self / ref mode

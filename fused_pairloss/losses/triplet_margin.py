@@ -20,6 +20,7 @@ import torch
 from .. import _validation as V
 from .._backends import resolve_backend
 from ..ops._common import LOCAL, normalize, pair_operands, similarity_dtype, zero_loss
+from ..ops.listed import check_indices
 from ..ops.triplets import NO_WINDOW, rows_op
 from ._base import _PairLoss, run_pair_loss
 from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
@@ -133,6 +134,7 @@ class TripletMarginLoss(_PairLoss):
     explicit indices_tuple from the listed triplets' rows only (O(#triplets D))."""
     _default_distance = "lp"
     _reference = staticmethod(triplet_margin_reference)
+    _listed_pairs = False  # its listed triplets go through _reference_with_indices (their rows only)
 
     def __init__(self, margin=0.05, swap=False, smooth_loss=False, triplets_per_anchor="all", backend="auto",
                  **kwargs):
@@ -162,6 +164,9 @@ class TripletMarginLoss(_PairLoss):
             V.check_embeddings(ref_emb, "ref_emb")
         if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
             raise ValueError("indices_tuple must be a tuple of 3 (a, p, n) or 4 (a1, p, a2, n) index tensors")
+        listed = [torch.as_tensor(t).reshape(-1) for t in indices_tuple]
+        check_indices(listed if len(listed) == 4 else (listed[0], listed[1], listed[0], listed[2]),
+                      embeddings.shape[0], (embeddings if ref_emb is None else ref_emb).shape[0])
         return triplet_margin_reference(embeddings, labels, ref_emb, ref_labels, indices_tuple=indices_tuple, **hyper)
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):

@@ -22,15 +22,31 @@ from .engines import PairStats
 from .operands import stat_dtype
 
 
+def check_indices(pairs, n_rows, n_cols):
+    """A miner's (a1, p, a2, n) against the rows of embeddings (n_rows) and of ref_emb (n_cols):
+    ValueError naming indices_tuple (a tuple mined on another batch, say)."""
+    a1, p, a2, n = pairs
+    if len(a1) != len(p) or len(a2) != len(n):
+        raise ValueError(f"indices_tuple: anchors and their partners must pair up; got lengths "
+                         f"{len(a1)}, {len(p)}, {len(a2)}, {len(n)}")
+    for name, t, bound in (("anchor", a1, n_rows), ("positive", p, n_cols), ("anchor", a2, n_rows),
+                           ("negative", n, n_cols)):
+        if bound is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) >= bound):
+            raise ValueError(f"indices_tuple: {name} indices must lie in [0, {bound}) (the rows of "
+                             f"{'embeddings' if name == 'anchor' else 'ref_emb (or embeddings)'}); got "
+                             f"[{int(t.min())}, {int(t.max())}]: was it mined on another batch?")
+
+
 class ListedPairs:
     """(a1, p, a2, n) of PML's pair form (a triplet tuple (a, p, n) gives (a, p, a, n), as PML's
     convert_to_pairs); `weighted`: duplicates count (pair-based losses) or not (mat-based)."""
 
-    def __init__(self, indices_tuple, weighted, device):
+    def __init__(self, indices_tuple, weighted, device, n_rows=None, n_cols=None):
         if len(indices_tuple) == 3:
             a, p, n = indices_tuple
             indices_tuple = (a, p, a, n)
         a1, p, a2, n = (torch.as_tensor(t, device=device).long().reshape(-1) for t in indices_tuple)
+        check_indices((a1, p, a2, n), n_rows, n_cols)
         self.weighted = weighted
         self.pos, self.neg = self._pairs(a1, p), self._pairs(a2, n)
         self.listed_pos, self.listed_neg = len(a1), len(a2)  # PML's len(a1), len(a2): duplicates included
@@ -109,4 +125,4 @@ def listed_pair_stats(q, r, spec: S.PairLossSpec, pairs: ListedPairs) -> PairSta
                      inf, -inf)
 
 
-__all__ = ["ListedPairs", "listed_pair_stats"]
+__all__ = ["ListedPairs", "listed_pair_stats", "check_indices"]
