@@ -105,3 +105,26 @@ def test_indices_from_another_batch_are_named():
     with pytest.raises(ValueError, match="indices_tuple: .*another batch"):
         fpl.TripletMarginLoss()(x, y, pml_miners.BatchHardMiner()(torch.randn(60, 8, dtype=torch.float64),
                                                                   torch.randint(0, 5, (60,))))
+
+
+@pytest.mark.parametrize("lp", [True, False], ids=["lp", "cosine"])
+def test_pair_values_gradcheck_and_chunks(lp, monkeypatch):
+    """The listed pairs' v (an autograd function over chunks of gathers): gradcheck, self mode (one
+    tensor in both roles), several chunks equal to one; a second derivative raises."""
+    from fused_pairloss.ops import listed
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    rows, cols = torch.randint(0, 7, (30,), generator=g), torch.randint(0, 5, (30,), generator=g)
+    torch.autograd.gradcheck(lambda a, b: listed._pair_v(a, b, rows, cols, lp), (q, r))
+    torch.autograd.gradcheck(lambda a: listed._pair_v(a, a, rows, cols % 7, lp), (q,))
+    whole = listed._pair_v(q, r, rows, cols, lp)
+    (gq, gr) = torch.autograd.grad(whole.sum(), (q, r))
+    monkeypatch.setattr(listed, "CHUNK_PAIRS", 4)
+    parts = listed._pair_v(q, r, rows, cols, lp)
+    torch.testing.assert_close(parts, whole, rtol=0, atol=0)
+    for a, b in zip(torch.autograd.grad(parts.sum(), (q, r)), (gq, gr)):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
+    (gq2,) = torch.autograd.grad(listed._pair_v(q, r, rows, cols, lp).pow(2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(gq2.sum(), q)

@@ -174,7 +174,7 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
         return self._hyper()
 
     def _fused_with_listed_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        """The loss's own fused function over the listed pairs (ops/listed.py: O(#pairs x D)), or None
+        """The loss's own fused function over the listed pairs (ops/listed.py: O(#pairs + (N + M) D)), or None
         where the reference path computes it (another backend than a fused one, a PML-only case)."""
         entries = getattr(sys.modules.get(type(self).__module__), "ENTRIES", ())
         fused_fn = next((e.fused for e in entries if e.cls is type(self) and e.fused is not None), None)

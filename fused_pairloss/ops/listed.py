@@ -1,5 +1,5 @@
 """A miner's pairs in place of the label sets: the pair engine's row statistics (ops/README.md,
-PairStats) from listed pairs only, O(#pairs x D) memory, never N x M (docs/design.md "Listed
+PairStats) from listed pairs only, O(#pairs + (N + M) D) memory, never N x M (docs/design.md "Listed
 pairs").
 
 A pair loss given an indices_tuple computes exactly what it computes from the label sets, with
@@ -66,13 +66,55 @@ class ListedPairs:
         return self.weighted or distinct == ((self.listed_pos <= 1) & (self.listed_neg <= 1))
 
 
+# pairs per chunk of the gathers (two chunk x D row blocks live at once)
+CHUNK_PAIRS = 1 << 16
+
+
+def _chunks(n):
+    return [(k0, min(n, k0 + CHUNK_PAIRS)) for k0 in range(0, n, CHUNK_PAIRS)]
+
+
+class _PairV(torch.autograd.Function):
+    """v of the listed pairs from their rows, in chunks: S, or d from the difference (gradient 0
+    at d = 0); saves q, r and the indices only, so memory is O(#pairs + (N + M) D) whatever the
+    number of pairs (PML's CrossBatchMemory lists all N x M of them)."""
+
+    @staticmethod
+    def forward(ctx, q, r, rows, cols, lp):
+        v = q.new_empty(rows.shape[0])
+        for k0, k1 in _chunks(rows.shape[0]):
+            a, b = q[rows[k0:k1]], r[cols[k0:k1]]
+            v[k0:k1] = ((a - b) ** 2).sum(1).sqrt() if lp else (a * b).sum(1)
+        ctx.save_for_backward(q, r, rows, cols, v)
+        ctx.lp = lp
+        return v
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        q, r, rows, cols, v = ctx.saved_tensors
+        need_q, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gq = torch.zeros_like(q) if need_q else None
+        gr = torch.zeros_like(r) if need_r else None
+        for k0, k1 in _chunks(rows.shape[0]):
+            ri, ci, gk = rows[k0:k1], cols[k0:k1], g[k0:k1, None]
+            a, b = q[ri], r[ci]
+            if ctx.lp:  # d/dq_i |q_i - r_j| = (q_i - r_j) / d, 0 at d = 0
+                vk = v[k0:k1, None]
+                w = torch.where(vk > 0, gk / torch.where(vk > 0, vk, torch.ones_like(vk)), torch.zeros_like(vk))
+                diff = w * (a - b)
+                da, db = diff, -diff
+            else:
+                da, db = gk * b, gk * a
+            if need_q:
+                gq.index_add_(0, ri, da)
+            if need_r:
+                gr.index_add_(0, ci, db)
+        return gq, gr, None, None, None
+
+
 def _pair_v(q, r, rows, cols, lp):
-    """v of the listed pairs from their rows: S, or d from the difference (gradient 0 at d = 0)."""
-    if not lp:
-        return (q[rows] * r[cols]).sum(1)
-    d2 = ((q[rows] - r[cols]) ** 2).sum(1)
-    pos = d2 > 0
-    return torch.where(pos, torch.sqrt(torch.where(pos, d2, torch.ones_like(d2))), torch.zeros_like(d2))
+    return _PairV.apply(q, r, rows, cols, lp)  # r may be q itself: autograd sums the two roles
 
 
 def _term(t: S.PairTerm, v):
