@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import _validation as V
-from ._distributed import DistributedBatch, agreed_layout, fused_pair_plan
+from ._distributed import FUSED_PAIR_CALLS, DistributedBatch, agreed_layout, fused_pair_plan
 from .losses._base import _distance_name
 from .losses.multi_similarity import MultiSimilarityLoss
 from .ops._common import LOCAL, zero_loss
@@ -106,7 +106,7 @@ class CrossBatchMemory(torch.nn.Module):
 
     def __init__(self, loss, embedding_size, memory_size=1024, miner=None, collect_stats=None):
         super().__init__()
-        if type(loss).__name__ not in SUPPORTED_LOSSES:
+        if type(loss).__name__ not in SUPPORTED_LOSSES and type(loss) not in FUSED_PAIR_CALLS:  # or a declared one
             raise TypeError(f"loss: CrossBatchMemory not supported for {type(loss).__name__} (PML supports "
                             f"{', '.join(SUPPORTED_LOSSES)})")
         _check_size("embedding_size", embedding_size)

@@ -176,8 +176,10 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
     def _fused_with_listed_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """The loss's own fused function over the listed pairs (ops/listed.py: O(#pairs + (N + M) D)), or None
         where the reference path computes it (another backend than a fused one, a PML-only case)."""
-        entries = getattr(sys.modules.get(type(self).__module__), "ENTRIES", ())
-        fused_fn = next((e.fused for e in entries if e.cls is type(self) and e.fused is not None), None)
+        fused_fn = getattr(type(self), "_fused_fn", None)  # a declared loss (fused_pairloss.declare)
+        if fused_fn is None:
+            entries = getattr(sys.modules.get(type(self).__module__), "ENTRIES", ())
+            fused_fn = next((e.fused for e in entries if e.cls is type(self) and e.fused is not None), None)
         if (not self._listed_pairs or fused_fn is None or not isinstance(indices_tuple, (tuple, list))
                 or len(indices_tuple) not in (3, 4)):
             return None

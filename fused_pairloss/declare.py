@@ -1,0 +1,190 @@
+"""Declare a pair loss of your own and get it fused (docs/declarations.md).
+
+A pair loss here is what this library's own pair losses are: a declaration (`PairLossSpec`: per pair
+set a `PairTerm` and the row reductions it needs) that every engine computes without the N x M
+matrix (C++ on the CPU, CUDA, Triton), and a row combination in PyTorch from the engine's per-row
+statistics (`PairStats`) to the loss. `pair_loss` builds from the two a module class, its
+functional form and its materializing reference; the module runs on every backend with autograd,
+inside `DistributedLossWrapper` and `CrossBatchMemory` (fused there too), and with a miner's
+`indices_tuple` (the listed pairs).
+
+    import fused_pairloss as fpl
+    from fused_pairloss.declare import PairLossSpec, PairTerm, pair_loss
+
+    def declaration(margin, distance):
+        return PairLossSpec(pos=PairTerm(scale=1.0, shift=0.0, hinge=True, sum=True),
+                            neg=PairTerm(scale=-1.0, shift=margin, hinge=True, sum=True), distance=distance)
+
+    def combine(st, embeddings, *, batch, margin):
+        return (batch.sum(st.sum_pos) + batch.sum(st.sum_neg)) / batch.rows(st.sum_pos)
+
+    MyLoss = pair_loss("MyLoss", declaration=declaration, combine=combine, hyper={"margin": 1.0},
+                       distance="lp")
+    loss = MyLoss(margin=0.5)(embeddings, labels)
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+
+import torch
+
+from . import _distributed
+from . import _validation as V
+from .losses._base import _PairLoss, run_pair_loss
+from .ops import oracle
+from .ops._common import LOCAL, Batch, pair_operands, zero_loss
+from .ops.engines import PairStats
+from .ops.listed import ListedPairs, listed_pair_stats
+from .ops.spec import DISTANCES, PairLossSpec, PairTerm
+from .ops.stats import pair_stats
+
+__all__ = ["PairTerm", "PairLossSpec", "PairStats", "Batch", "pair_loss", "check_declaration"]
+
+_TERM_FLOATS = ("scale", "shift", "weight_offset", "weight_slope")
+_TERM_FLAGS = ("hinge", "lse", "sum")
+
+
+def check_declaration(spec, where="declaration"):
+    """A declaration a user wrote: ValueError / TypeError naming the field that is wrong."""
+    if not isinstance(spec, PairLossSpec):
+        raise TypeError(f"{where} must return a fused_pairloss.declare.PairLossSpec; got {type(spec).__name__}")
+    for side in ("pos", "neg"):
+        term = getattr(spec, side)
+        if not isinstance(term, PairTerm):
+            raise TypeError(f"{where}: PairLossSpec.{side} must be a PairTerm; got {type(term).__name__}")
+        for name in _TERM_FLOATS:
+            value = getattr(term, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{where}: PairLossSpec.{side}.{name} must be a finite number; got {value!r}")
+        for name in _TERM_FLAGS:
+            if not isinstance(getattr(term, name), bool):
+                raise TypeError(f"{where}: PairLossSpec.{side}.{name} must be a bool; got {getattr(term, name)!r}")
+        if term.hinge and term.lse:
+            raise ValueError(f"{where}: PairLossSpec.{side}: a hinge term is reduced by sum (PML's AvgNonZero), "
+                             "not lse")
+    if spec.distance not in DISTANCES:
+        raise ValueError(f"{where}: PairLossSpec.distance must be one of {DISTANCES}; got {spec.distance!r}")
+    if spec.pos_vs_neg_lse and not spec.neg.lse:
+        raise ValueError(f"{where}: PairLossSpec.pos_vs_neg_lse needs neg.lse=True (it reads each row's lse_neg)")
+    if spec.miner_epsilon is not None and not (isinstance(spec.miner_epsilon, numbers.Real)
+                                               and math.isfinite(spec.miner_epsilon)):
+        raise ValueError(f"{where}: PairLossSpec.miner_epsilon must be None or a finite number; "
+                         f"got {spec.miner_epsilon!r}")
+    return spec
+
+
+def pair_loss(name, *, declaration, combine, hyper, distance="cosine", doc=None):
+    """A pair loss from its declaration and row combination: returns its module class (with
+    `.functional` and `.reference` attached).
+
+    declaration(**hyper, distance) -> PairLossSpec: the pair terms and reductions.
+    combine(stats: PairStats, embeddings, *, batch: Batch, **hyper) -> 0-dim tensor: the loss from
+        the per-row statistics, reduced over rows with `batch` (sum, count, rows, mean): the
+        distributed wrapper passes one whose reductions run over every rank's rows.
+    hyper: the hyper-parameters and their defaults, in constructor order (floats).
+    distance: the default distance, "cosine" (S) or "lp" (d); the constructor takes either.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"name must be a Python identifier (the class name); got {name!r}")
+    if not callable(declaration) or not callable(combine):
+        raise TypeError("declaration and combine must be callables")
+    if not isinstance(hyper, dict) or not all(isinstance(k, str) for k in hyper):
+        raise TypeError(f"hyper must be a dict of hyper-parameter names to defaults; got {hyper!r}")
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}; got {distance!r}")
+    params = inspect.signature(combine).parameters
+    if "batch" not in params:
+        raise TypeError("combine must take a keyword argument batch (the rows' reductions)")
+    # what it computes is checked once, at the defaults
+    check_declaration(declaration(**hyper, distance=distance), where=f"{name}: declaration")
+
+    def spec_of(hyper_values, dist):
+        return check_declaration(declaration(**hyper_values, distance=dist), where=f"{name}: declaration")
+
+    def finish(loss, embeddings, ref_emb):
+        # NaN in, NaN out: hinge terms drop NaN (PML's AvgNonZero); an exact 0 of the inputs keeps it
+        return loss + zero_loss(embeddings) + (0 if ref_emb is None else zero_loss(ref_emb))
+
+    def fused(embeddings, labels, ref_emb, ref_labels, *, backend, exclude_col=None, batch=LOCAL, distance=distance,
+              **hyper_values):
+        q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
+        st = pair_stats(q, r, labels, labels_r, excl, spec_of(hyper_values, distance), backend)
+        return finish(combine(st, embeddings, batch=batch, **hyper_values), embeddings, ref_emb)
+
+    def reference(embeddings, labels, ref_emb=None, ref_labels=None, *, distance=distance, indices_tuple=None,
+                  **hyper_values):
+        """The materializing computation of the same declaration (ops/oracle.py), or over the listed
+        pairs with an indices_tuple (ops/listed.py)."""
+        spec = spec_of(hyper_values, distance)
+        q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels)
+        if indices_tuple is not None:
+            n_cols = (embeddings if ref_emb is None else ref_emb).shape[0]
+            st = listed_pair_stats(q, r, spec, ListedPairs(indices_tuple, False, embeddings.device,
+                                                           embeddings.shape[0], n_cols))
+        else:
+            labels_q = torch.as_tensor(labels, device=q.device).long()
+            labels_r = None if labels_r is None else torch.as_tensor(labels_r, device=q.device).long()
+            values, counts, aux = oracle.pair_values(q, r, labels_q, labels_r, excl, spec)
+            st = PairStats(*values.unbind(0), *counts.unbind(0), aux[0], aux[1])
+        return finish(combine(st, embeddings, batch=LOCAL, **hyper_values), embeddings, ref_emb)
+
+    def functional(embeddings, labels, ref_emb=None, ref_labels=None, *, distance=distance, backend="auto",
+                   **hyper_values):
+        unknown = set(hyper_values) - set(hyper)
+        if unknown:
+            raise TypeError(f"{name}: unknown hyper-parameters {sorted(unknown)}; it takes {list(hyper)}")
+        values = {**hyper, **hyper_values}
+        for k, v in values.items():
+            V.check_real(k, v)
+        V.check_distance(distance)
+        return run_pair_loss(reference, fused, embeddings, labels, ref_emb, ref_labels, backend, distance=distance,
+                             **values)
+
+    functional.__name__ = functional.__qualname__ = _snake(name)
+    reference.__name__ = reference.__qualname__ = _snake(name) + "_reference"
+
+    def __init__(self, *args, backend="auto", distance=distance, **kwargs):
+        _PairLoss.__init__(self)
+        if len(args) > len(hyper):
+            raise TypeError(f"{name} takes at most {len(hyper)} positional hyper-parameters ({list(hyper)})")
+        values = dict(hyper, **dict(zip(hyper, args)))
+        unknown = set(kwargs) - set(hyper)
+        if unknown:
+            raise TypeError(f"{name}: unknown arguments {sorted(unknown)}; it takes {list(hyper)}, distance, backend")
+        values.update(kwargs)
+        for k, v in values.items():
+            V.check_real(k, v)
+        if distance not in DISTANCES:
+            raise ValueError(f"{name}: distance must be one of {DISTANCES}; got {distance!r}")
+        spec_of(values, distance)
+        self._values = values
+        self.backend, self._distance_kind, self.distance = backend, distance, distance
+        self._pml, self.reducer, self.collect_stats = None, None, False
+
+    def _hyper(self):
+        return dict(self._values, distance=self._distance_kind)
+
+    cls = type(name, (_PairLoss,), {
+        "__init__": __init__, "__doc__": doc or f"{name}: a pair loss declared with fused_pairloss.declare.pair_loss.",
+        "_hyper": _hyper, "_functional": lambda self: functional, "_reference": staticmethod(reference),
+        "_fused_fn": staticmethod(fused), "_default_distance": distance, "__module__": _caller_module(),
+    })
+    cls.functional, cls.reference, cls.declaration, cls.combine = (staticmethod(functional), staticmethod(reference),
+                                                                   staticmethod(declaration), staticmethod(combine))
+    for k in hyper:  # PML-style attributes: loss.margin reads (and sets) the hyper-parameter
+        setattr(cls, k, property(lambda self, k=k: self._values[k],
+                                 lambda self, v, k=k: self._values.__setitem__(k, v)))
+    _distributed.FUSED_PAIR_CALLS[cls] = fused  # the distributed wrapper and CrossBatchMemory fuse it
+    return cls
+
+
+def _snake(name):
+    out = "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+    return out if out.endswith("loss") else out + "_loss"
+
+
+def _caller_module():
+    frame = inspect.currentframe().f_back.f_back
+    return frame.f_globals.get("__name__", __name__) if frame is not None else __name__

@@ -1,0 +1,95 @@
+"""The public declaration API (fused_pairloss/declare.py, docs/declarations.md): the documented
+example runs (it rebuilds ContrastiveLoss and checks it against ours, in CrossBatchMemory and with
+a miner's pairs), every backend against the declared loss's reference, the distributed wrapper,
+and invalid declarations named by field."""
+import pathlib
+import re
+
+import pytest
+import torch
+
+import fused_pairloss as fpl
+from fused_pairloss.declare import PairLossSpec, PairTerm, check_declaration, pair_loss
+
+import kit
+
+DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "declarations.md"
+
+
+def doc_example():
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+    assert len(blocks) == 1, "docs/declarations.md has one example"
+    return blocks[0]
+
+
+def test_documented_example_runs():
+    namespace = {}
+    exec(compile(doc_example(), str(DOC), "exec"), namespace)
+    assert issubclass(namespace["MyContrastiveLoss"], torch.nn.Module)
+
+
+@pytest.fixture(scope="module")
+def declared():
+    namespace = {}
+    exec(compile(doc_example().split("g = torch.Generator()")[0], str(DOC), "exec"), namespace)
+    return namespace["MyContrastiveLoss"]
+
+
+@pytest.mark.parametrize("backend", [b for b in fpl.available_backends("cpu") if b != "reference"])
+@pytest.mark.parametrize("mode", ["self", "ref"])
+def test_every_backend_against_the_declared_reference(declared, backend, mode):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 5, (40,), generator=g)
+    ref = (None, None) if mode == "self" else (torch.randn(30, 8, generator=g, dtype=torch.float64),
+                                                torch.randint(0, 5, (30,), generator=g))
+    out = declared(0.1, 0.8, backend=backend)(x, y, None, *ref)
+    truth = declared(0.1, 0.8, backend="reference")(x, y, None, *ref)
+    (g1,), (g2,) = torch.autograd.grad(out, x), torch.autograd.grad(truth, x)
+    kit.check_close(out, truth, what="value")
+    kit.check_close(g1, g2, what="grad")
+
+
+def test_declared_loss_in_the_distributed_wrapper_is_fused(declared, monkeypatch):
+    """One process: the wrapper's fused plan runs the declared loss's fused call."""
+    from fused_pairloss import _distributed
+    calls = []
+    fused = _distributed.FUSED_PAIR_CALLS[declared]
+    monkeypatch.setitem(_distributed.FUSED_PAIR_CALLS, declared, lambda *a, **k: calls.append(1) or fused(*a, **k))
+    plan = _distributed.fused_pair_plan(declared(), torch.device("cpu"))
+    assert plan is not None
+    x, y = torch.randn(20, 6, dtype=torch.float64), torch.randint(0, 3, (20,))
+    fn, hyper = plan
+    torch.testing.assert_close(fn(x, y, None, None, **hyper), fpl.ContrastiveLoss()(x, y))
+    assert calls
+
+
+@pytest.mark.parametrize("field,bad,match", [
+    ("scale", float("nan"), r"PairLossSpec\.neg\.scale must be a finite number"),
+    ("hinge", 1, r"PairLossSpec\.neg\.hinge must be a bool"),
+    ("lse", True, r"PairLossSpec\.neg: a hinge term is reduced by sum"),
+])
+def test_invalid_declarations_name_the_field(field, bad, match):
+    neg = dict(scale=-1.0, shift=1.0, hinge=True, sum=True)
+    neg[field] = bad
+    spec = PairLossSpec(pos=PairTerm(scale=1.0, hinge=True, sum=True), neg=PairTerm(**neg), distance="lp")
+    with pytest.raises((ValueError, TypeError), match=match):
+        check_declaration(spec)
+    with pytest.raises((ValueError, TypeError), match=match):
+        pair_loss("Bad", declaration=lambda distance: spec, combine=lambda st, e, *, batch: e.sum(), hyper={})
+
+
+def test_invalid_declaration_arguments_are_named():
+    ok = PairLossSpec(pos=PairTerm(scale=1.0, lse=True), neg=PairTerm(scale=1.0, lse=True))
+    with pytest.raises(ValueError, match="pos_vs_neg_lse needs neg.lse"):
+        check_declaration(PairLossSpec(pos=PairTerm(scale=1.0), neg=PairTerm(scale=1.0), pos_vs_neg_lse=True))
+    with pytest.raises(TypeError, match="must return a fused_pairloss.declare.PairLossSpec"):
+        pair_loss("Bad", declaration=lambda distance: None, combine=lambda st, e, *, batch: e.sum(), hyper={})
+    with pytest.raises(TypeError, match="keyword argument batch"):
+        pair_loss("Bad", declaration=lambda distance: ok, combine=lambda st, e: e.sum(), hyper={})
+    cls = pair_loss("Fine", declaration=lambda margin, distance: ok, combine=lambda st, e, *, batch, margin: e.sum(),
+                    hyper={"margin": 0.1})
+    with pytest.raises(TypeError, match="unknown arguments"):
+        cls(margn=0.2)
+    with pytest.raises(ValueError, match="distance must be one of"):
+        cls(distance="manhattan")
