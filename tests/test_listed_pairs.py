@@ -128,3 +128,17 @@ def test_pair_values_gradcheck_and_chunks(lp, monkeypatch):
     (gq2,) = torch.autograd.grad(listed._pair_v(q, r, rows, cols, lp).pow(2).sum(), q, create_graph=True)
     with pytest.raises(RuntimeError):
         torch.autograd.grad(gq2.sum(), q)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_gpu_listed_pairs_equal_pml(loss):
+    x, y, r, ry = inputs("ref", torch.float64)
+    x, r = x.detach().cuda().requires_grad_(True), r.detach().cuda().requires_grad_(True)
+    y, ry = y.cuda(), ry.cuda()
+    idx = mined("multi_similarity", x.detach(), y, r.detach(), ry)
+    ours, grads = value_and_grads(module(fpl.losses, loss), x, y, idx, r, ry)
+    theirs, pml_grads = value_and_grads(module(pml_losses, loss), x, y, idx, r, ry)
+    torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
+    for a, b in zip(grads, pml_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

@@ -187,3 +187,28 @@ def test_batch_miner_kernel_equals_pml_on_ties(strategies):
         a, b = miners.BatchEasyHardMiner(**kw)(x, y), pml_miners.BatchEasyHardMiner(**kw)(x, y)
         for s, t in zip(a, b):
             assert torch.equal(s, t), kw
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", MINER_CASES, ids=case_id)
+def test_gpu_miner_tuples_equal_pml(case):
+    """On CUDA tensors (the chunked PyTorch mining; the C++ row extremes are CPU-only): PML's tuples."""
+    name, kw = case
+    x, y, _, _ = batch("self", n=300, d=32)
+    x, y = x.detach().cuda(), y.cuda()
+    a, b = getattr(miners, name)(**kw)(x, y), getattr(pml_miners, name)(**kw)(x, y)
+    for s, t in zip(a, b):
+        assert torch.equal(s, t), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("type_of_triplets", ["all", "semihard"])
+def test_gpu_triplet_miner_fused_into_triplet_loss(type_of_triplets, backend):
+    x, y, _, _ = batch("self", n=300, d=32, seed=2)
+    x = x.detach().cuda().requires_grad_(True)
+    y = y.cuda()
+    mined = miners.TripletMarginMiner(margin=0.3, type_of_triplets=type_of_triplets)(x, y)
+    ours = fpl.TripletMarginLoss(margin=0.2, backend=backend)(x, y, mined)
+    theirs = pml_losses.TripletMarginLoss(margin=0.2)(x, y, tuple(mined))
+    torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
