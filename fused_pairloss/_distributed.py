@@ -222,8 +222,10 @@ def all_gather_uneven(x: torch.Tensor, group=None) -> torch.Tensor:
     return AllGather.apply(x, RankLayout(x.shape[0], x.device, group))
 
 
-# the pair-loss modules the fused path computes (exactly these classes: a subclass may change forward)
-FUSED_PAIR_CALLS = {entry.cls: entry.fused for entry in REGISTRY.values() if entry.kind == "pair"}
+# the pair-loss modules the fused path computes (exactly these classes: a subclass may change forward;
+# a loss whose PML semantics there differ from its label sets, NCA's, is called as PML calls it)
+FUSED_PAIR_CALLS = {entry.cls: entry.fused for entry in REGISTRY.values()
+                    if entry.kind == "pair" and entry.cls._fused_in_wrappers}
 
 
 def fused_pair_plan(loss, device):

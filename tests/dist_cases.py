@@ -348,3 +348,19 @@ def spawn(world, outdir, timeout=240, cases=None, collective_timeout_s=None):
                 p.kill()
             raise TimeoutError(f"the {world} gloo workers did not finish in {timeout} s")
     return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+# ---- what the test files read from the ranks' results -------------------------------------------
+def case_results(all_results, name):
+    """Per rank, the results of case `name`; a rank's error fails the test (naming the rank)."""
+    import pytest
+
+    per_rank = [r[name] for r in all_results]
+    for rank, r in enumerate(per_rank):
+        if "error" in r:
+            pytest.fail(f"rank {rank} of {len(all_results)}: {r['error']}")
+    return per_rank
+
+
+def close(a, b, what, rtol, atol, equal_nan=False):
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol, equal_nan=equal_nan, msg=lambda m: f"{what}: {m}")

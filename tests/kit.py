@@ -319,6 +319,12 @@ def _lifted_kinks(distance):
     return kinks
 
 
+def _nca_kinks(kw, g):
+    """PML's NCALoss of a batch without any positive pair is NaN (the mean over no row): such a draw
+    is thrown out (returned as an argument just above 0); softmax losses have no kink otherwise."""
+    return g.mat.new_full((1,), 0.0 if bool(g.pos.any()) else 1e-30)
+
+
 def _supcon_kinks(distance):
     """AvgNonZero keeps the rows with L_i > 0: a row whose positive dominates has L_i within
     rounding of 0, and whether it is counted depends on how L_i is rounded (PML's max-shifted form
@@ -427,6 +433,9 @@ LOSSES: Dict[str, Loss] = {l.name: l for l in [
          pml=_pml_pair("TripletMarginLoss", "lp"), kinks=_triplet_kinks("lp")),
     Loss("triplet_cos", "TripletMarginLoss", dict(distance="cosine", margin=0.1), hyper=dict(margin=(0.0, 1.0)),
          pml=_pml_pair("TripletMarginLoss", "cosine"), kinks=_triplet_kinks("cosine")),
+    Loss("nca", "NCALoss", hyper=dict(softmax_scale=(0.1, 8.0)), pml=_pml_pair("NCALoss"), kinks=_nca_kinks),
+    Loss("nca_cos", "NCALoss", dict(distance="cosine"), hyper=dict(softmax_scale=(0.1, 8.0)),
+         pml=_pml_pair("NCALoss", "cosine"), kinks=_nca_kinks),
     Loss("softtriple", "SoftTripleLoss", dict(centers_per_class=4), hyper=ST_HYPER,
          pml=_pml_class("SoftTripleLoss", "fc")),
     Loss("softtriple_reg", "SoftTripleLoss", dict(centers_per_class=3, center_reg_weight=0.2),

@@ -106,8 +106,10 @@ def _value_and_grads(module, x, y, leaves, miner=None):
 
 
 # ---- (b) autocast --------------------------------------------------------------------------------
-# the kit's losses with a PML class, and the cosine lifted structure (PML: a bf16 value too)
-AUTOCAST_LOSSES = {**{n: l for n, l in LOSSES.items() if l.entry.in_pml},
+# the kit's losses with a PML class, and the cosine lifted structure (PML: a bf16 value too); not
+# NCA with the cosine, which PML cannot run under bf16 autocast (its fill_diagonal_ of fp32's
+# lowest value into the bf16 similarity matrix overflows)
+AUTOCAST_LOSSES = {**{n: l for n, l in LOSSES.items() if l.entry.in_pml and n != "nca_cos"},
                    "lifted_cos": Loss("lifted_cos", "GeneralizedLiftedStructureLoss",
                                       dict(distance="cosine", pos_margin=0.8, neg_margin=0.2))}
 

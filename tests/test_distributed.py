@@ -30,15 +30,11 @@ def results(world):
 
 
 def case_results(world, name):
-    per_rank = [r[name] for r in results(world)]
-    for rank, r in enumerate(per_rank):
-        if "error" in r:
-            pytest.fail(f"rank {rank} of {world}: {r['error']}")
-    return per_rank
+    return C.case_results(results(world), name)
 
 
 def close(a, b, what):
-    torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {m}")
+    C.close(a, b, what, RTOL, ATOL)
 
 
 def single_process(loss, x, y, sizes, world, ref=None, miner=None):

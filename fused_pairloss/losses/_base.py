@@ -82,6 +82,7 @@ class _PmlFallback:
     _cosine_only = False            # PML asserts CosineSimilarity for this loss
 
     _pml_twin = True  # PML's distance / reducer objects from a PML instance (cheap: no parameters)
+    _kind_of = staticmethod(_distance_name)  # a PML distance object as the fused path names it
 
     def _setup_kwargs(self, kwargs, pml_args=(), pml_kwargs=None, param_name=None):
         self._pml = None
@@ -89,7 +90,7 @@ class _PmlFallback:
         distance = kwargs.get("distance")
         if self._cosine_only and distance is not None and _distance_name(distance) != "cosine":
             raise ValueError(f"{name}: distance must be CosineSimilarity() (as in PML); got {distance!r}")
-        fused = self._default_distance if distance is None else _distance_name(distance)
+        fused = self._default_distance if distance is None else self._kind_of(distance)
         # PML's collect_stats: None is PML's global default (c_f.COLLECT_STATS)
         self.collect_stats = _collect_stats(kwargs.get("collect_stats"))
         others = {k: v for k, v in kwargs.items() if k not in ("distance", "weight_init_func", "collect_stats")}
@@ -169,6 +170,7 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
 
     _pair_based = False  # PML reduces the pair list (duplicates count), not a 0/1 mask (ops/listed.py)
     _listed_pairs = True  # an indices_tuple's pairs through the loss's fused function (ops/listed.py)
+    _fused_in_wrappers = True  # DistributedLossWrapper / CrossBatchMemory run its fused call
 
     def _listed_hyper(self):
         return self._hyper()

@@ -1,0 +1,164 @@
+"""Neighbourhood components analysis (Goldberger et al., NIPS 2004; PML NCALoss) on the pair engine.
+
+Per row i, with z_ij = s * mat_ij, mat = -d^2 (PML's default LpDistance(power=2)) or S
+(CosineSimilarity), over the columns j (not i itself when the ref is the batch):
+    p_i = sum_{j: y_j = y_i} softmax_j(z_ij),   L_i = -log p_i,
+loss = mean of L_i over the rows with p_i != 0 (PML's MeanReducer; NaN if no row has a positive,
+as PML: the mean of nothing).
+
+Declaration: on unit rows d^2 = 2 - 2 S, so both distances are a term on v = S: x = 2 s (S - 1)
+(squared distance) or x = s S (cosine), reduced by LSE over the positives and over the negatives.
+Row combination: L_i = logaddexp(lse_pos_i, lse_neg_i) - lse_pos_i over the rows with a positive.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _validation as V
+from ..ops import engines
+from ..ops._common import LOCAL, normalize, pair_operands, zero_loss
+from ..ops.spec import PairLossSpec, PairTerm
+from ..ops.stats import pair_stats
+from ._base import _PairLoss, run_pair_loss
+from ._reference_common import miner_weights, nan_in_nan_out
+from ._registry import LossEntry
+
+DISTANCES = ("squared_lp", "cosine")  # PML's LpDistance(power=2) (its default), CosineSimilarity()
+
+
+def _check_distance(distance):
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES} (LpDistance(power=2) or CosineSimilarity()); "
+                         f"got {distance!r}")
+
+
+def nca_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, softmax_scale=1.0, distance="squared_lp",
+                  indices_tuple=None):
+    """PML NCALoss(softmax_scale) step by step (nca_loss.py): miner weights per query row (PML's
+    convert_to_weights: the anchors only when a ref is given), mat = -cdist^2 or S, the diagonal
+    -inf when the ref is the batch itself (`query is reference`), the softmax over each row, the
+    mass of the same-label columns, -log of it times the weight over the rows where it is not 0,
+    their mean."""
+    _check_distance(distance)
+    if len(embeddings) <= 1:
+        return zero_loss(embeddings)
+    query = normalize(embeddings)
+    same_object = ref_emb is None or ref_emb is embeddings
+    reference = query if same_object else normalize(ref_emb)
+    ref_labels = labels if ref_emb is None else ref_labels
+    weights = miner_weights(indices_tuple if indices_tuple is None or same_object else
+                            (indices_tuple[0],) if len(indices_tuple) == 3 else (indices_tuple[0], indices_tuple[2]),
+                            torch.as_tensor(labels, device=embeddings.device), query.dtype)
+    if distance == "cosine":
+        mat = query @ reference.t()
+    else:
+        mat = -torch.cdist(query, reference) ** 2
+    if same_object:
+        mat = mat.clone()
+        mat.fill_diagonal_(float("-inf"))
+    same = (torch.as_tensor(labels, device=mat.device)[:, None]
+            == torch.as_tensor(ref_labels, device=mat.device)[None, :]).to(mat.dtype)
+    exp = (torch.softmax(softmax_scale * mat, dim=1) * same).sum(1)
+    non_zero = exp != 0
+    loss = (-torch.log(exp[non_zero]) * weights[non_zero]).mean()
+    # PML's dtype under autocast: its softmax runs in fp32, so the input dtype
+    return nan_in_nan_out(loss, embeddings, ref_emb).to(embeddings.dtype)
+
+
+def declaration(softmax_scale, distance):
+    s = float(softmax_scale)
+    term = PairTerm(scale=s, lse=True) if distance == "cosine" else PairTerm(scale=2.0 * s, shift=1.0, lse=True)
+    return PairLossSpec(pos=term, neg=term, distance="cosine")
+
+
+def combine(st: engines.PairStats, embeddings, *, batch=LOCAL):
+    kept = st.count_pos > 0
+    # the rows without a positive out of the arithmetic (their lse are -inf: no NaN in the gradient)
+    lse_pos = torch.where(kept, st.lse_pos, torch.zeros_like(st.lse_pos))
+    lse_neg = torch.where(kept, st.lse_neg, torch.zeros_like(st.lse_neg))
+    rows = torch.where(kept, torch.logaddexp(lse_pos, lse_neg) - lse_pos, torch.zeros_like(lse_pos))
+    n = batch.count(kept)
+    mean = batch.sum(rows) / n.clamp(min=1).to(rows.dtype)
+    # PML's MeanReducer of no row: the mean of nothing, NaN (a constant: no NaN in the gradient)
+    return torch.where(n > 0, mean, torch.full_like(mean, float("nan"))).to(embeddings.dtype)
+
+
+def nca_fused(embeddings, labels, ref_emb, ref_labels, *, softmax_scale, distance="squared_lp", backend,
+              exclude_col=None, batch=LOCAL):
+    if exclude_col is None and ref_emb is not None and ref_emb is not embeddings:
+        # NCA's identity rule is `query is reference` (not `ref_labels is labels`): keep the diagonal
+        exclude_col = torch.full((embeddings.shape[0],), -1, dtype=torch.int64, device=embeddings.device)
+    q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
+    st = pair_stats(q, r, labels, labels_r, excl, declaration(softmax_scale, distance), backend)
+    loss = combine(st, embeddings, batch=batch)
+    loss = torch.where(torch.as_tensor(batch.rows(embeddings) <= 1, device=loss.device), zero_loss(embeddings),
+                       loss)
+    return nan_in_nan_out(loss, embeddings, ref_emb).to(embeddings.dtype)
+
+
+def nca_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, softmax_scale=1.0, distance="squared_lp",
+             backend="auto"):
+    """PML NCALoss(softmax_scale); PML's default distance LpDistance(power=2) ("squared_lp")."""
+    V.check_real("softmax_scale", softmax_scale)
+    _check_distance(distance)
+    return run_pair_loss(nca_reference, nca_fused, embeddings, labels, ref_emb, ref_labels, backend,
+                         softmax_scale=softmax_scale, distance=distance)
+
+
+def _nca_distance_kind(distance):
+    """PML's distance object as this loss fuses it: LpDistance(power=2) (normalized, p=2) or
+    CosineSimilarity(); None for anything else (PML computes)."""
+    if distance is None:
+        return "squared_lp"
+    if isinstance(distance, str):
+        return distance if distance in DISTANCES else None
+    try:
+        from pytorch_metric_learning import distances as pml_distances
+    except ImportError:
+        return None
+    if not (getattr(distance, "p", None) == 2 and getattr(distance, "normalize_embeddings", False)):
+        return None
+    if type(distance) is pml_distances.LpDistance and getattr(distance, "power", None) == 2:
+        return "squared_lp"
+    if type(distance) is pml_distances.CosineSimilarity and getattr(distance, "power", None) == 1:
+        return "cosine"
+    return None
+
+
+class NCALoss(_PairLoss):
+    """Drop-in for pytorch_metric_learning.losses.NCALoss (default distance LpDistance(power=2))."""
+    _distances = DISTANCES
+    _default_distance = "squared_lp"
+    _reference = staticmethod(nca_reference)
+    _listed_pairs = False  # an indices_tuple gives PML's per-row miner weights (the reference)
+    # PML's CrossBatchMemory passes all pairs but the self ones, which NCA reads as miner weights over a
+    # softmax that keeps the self column: the wrappers call it as PML does (the reference)
+    _fused_in_wrappers = False
+
+    def __init__(self, softmax_scale=1, backend="auto", **kwargs):
+        super().__init__()
+        V.check_real("softmax_scale", softmax_scale)
+        self.softmax_scale = softmax_scale
+        self._init_pair(backend, kwargs, (softmax_scale,))
+
+    @staticmethod
+    def _kind_of(distance):
+        return _nca_distance_kind(distance)
+
+    def _hyper(self):
+        return dict(softmax_scale=self.softmax_scale, distance=self._distance_kind)
+
+    def _functional(self):
+        return nca_loss
+
+    def _reference_with_indices(self, embeddings, labels, indices_tuple, ref_emb, ref_labels, hyper):
+        if labels is None:
+            raise ValueError("NCALoss: labels is required (PML's labels_required), also with an indices_tuple")
+        V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
+        return nca_reference(embeddings, labels, ref_emb, ref_labels, indices_tuple=indices_tuple, **hyper)
+
+
+ENTRIES = (
+    LossEntry(NCALoss, "pair", functional=nca_loss, reference=nca_reference, fused=nca_fused,
+              hyper=("softmax_scale",)),
+)
