@@ -142,3 +142,26 @@ def test_gpu_listed_pairs_equal_pml(loss):
     torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
     for a, b in zip(grads, pml_grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("lp", [True, False], ids=["lp", "cosine"])
+def test_dense_strips_equal_gathers(lp, monkeypatch):
+    """A dense list (rows ascending) goes through row strips of S, a sparse one through row gathers:
+    the same values and gradients, duplicates included; and the strip-wise pair count equals
+    torch.unique's."""
+    from fused_pairloss.ops import listed
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(50, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(40, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    rows = torch.sort(torch.randint(0, 50, (900,), generator=g))[0]
+    cols = torch.randint(0, 40, (900,), generator=g)
+    out = {}
+    for path, fraction in (("dense", 10 ** 9), ("gathers", 0)):
+        monkeypatch.setattr(listed, "DENSE_FRACTION", fraction)
+        monkeypatch.setattr(listed, "STRIP_ELEMENTS", 7 * 40)  # several strips
+        v = listed._pair_v(q, r, rows, cols, lp)
+        w = torch.linspace(-1, 1, len(v), dtype=v.dtype)
+        out[path] = (v, *torch.autograd.grad((v * w).sum(), (q, r)),
+                     *listed.ListedPairs((rows, cols, rows, cols), True, q.device, 50, 40).pos)
+    for a, b in zip(out["dense"], out["gathers"]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

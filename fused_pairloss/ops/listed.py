@@ -19,7 +19,7 @@ import torch
 
 from . import spec as S
 from .engines import PairStats
-from .operands import stat_dtype
+from .operands import lp_squared_distances, stat_dtype
 
 
 def check_indices(pairs, n_rows, n_cols):
@@ -48,13 +48,28 @@ class ListedPairs:
         a1, p, a2, n = (torch.as_tensor(t, device=device).long().reshape(-1) for t in indices_tuple)
         check_indices((a1, p, a2, n), n_rows, n_cols)
         self.weighted = weighted
-        self.pos, self.neg = self._pairs(a1, p), self._pairs(a2, n)
+        self.pos, self.neg = self._pairs(a1, p, n_rows, n_cols), self._pairs(a2, n, n_rows, n_cols)
         self.listed_pos, self.listed_neg = len(a1), len(a2)  # PML's len(a1), len(a2): duplicates included
 
-    def _pairs(self, rows, cols):
-        """(rows, cols, multiplicity) of the distinct pairs."""
+    def _pairs(self, rows, cols, n_rows, n_cols):
+        """(rows, cols, multiplicity) of the distinct pairs, by row then column. A dense list whose rows
+        ascend (every miner's, PML's order) is counted strip by strip of rows (a bincount of the
+        strip's entries, STRIP_ELEMENTS of them); any other list through a sort (torch.unique)."""
         if rows.numel() == 0:
             return rows, cols, rows.new_zeros(0)
+        if (n_rows and n_cols and rows.numel() * DENSE_FRACTION >= n_rows * n_cols
+                and bool((rows[1:] >= rows[:-1]).all())):
+            step = max(1, STRIP_ELEMENTS // n_cols)
+            bounds = list(range(0, n_rows, step)) + [n_rows]
+            cuts = torch.searchsorted(rows, torch.tensor(bounds, device=rows.device)).tolist()
+            parts = []
+            for i0, i1, k0, k1 in zip(bounds[:-1], bounds[1:], cuts[:-1], cuts[1:]):
+                if k1 == k0:
+                    continue
+                cnt = torch.bincount((rows[k0:k1] - i0) * n_cols + cols[k0:k1], minlength=(i1 - i0) * n_cols)
+                nz = cnt.nonzero().squeeze(1)
+                parts.append((nz // n_cols + i0, nz % n_cols, cnt[nz]))
+            return tuple(torch.cat(t) for t in zip(*parts))
         width = int(cols.max()) + 1
         keys, counts = torch.unique(rows * width + cols, return_counts=True)
         return keys // width, keys % width, counts
@@ -66,27 +81,59 @@ class ListedPairs:
         return self.weighted or distinct == ((self.listed_pos <= 1) & (self.listed_neg <= 1))
 
 
-# pairs per chunk of the gathers (two chunk x D row blocks live at once)
+# pairs per chunk of the gathers (two chunk x D row blocks live at once); S entries per row strip
 CHUNK_PAIRS = 1 << 16
+STRIP_ELEMENTS = 1 << 20
+# a pair list denser than 1 / DENSE_FRACTION of the N x M entries is computed by row strips of S (a
+# GEMM per strip) instead of row gathers: on a CPU a gathered pair costs about as much as a few
+# hundred GEMM entries
+DENSE_FRACTION = 64
 
 
 def _chunks(n):
     return [(k0, min(n, k0 + CHUNK_PAIRS)) for k0 in range(0, n, CHUNK_PAIRS)]
 
 
+def _strips(q, r, rows):
+    """Row strips [i0, i1) of q (at most STRIP_ELEMENTS entries of S each) and the pairs [k0, k1) in
+    them (`rows` ascending)."""
+    step = max(1, STRIP_ELEMENTS // max(r.shape[0], 1))
+    bounds = torch.arange(0, q.shape[0] + step, step, device=rows.device).clamp(max=q.shape[0])
+    cuts = torch.searchsorted(rows, bounds).tolist()
+    bounds = bounds.tolist()
+    return [(bounds[k], bounds[k + 1], cuts[k], cuts[k + 1]) for k in range(len(bounds) - 1)
+            if cuts[k + 1] > cuts[k]]
+
+
+def _strip_v(q, r, i0, i1, lp):
+    """v of a strip of rows against every column: S, or d (the near pairs from the rows' difference,
+    as the engines: docs/design.md "Numerics")."""
+    s = q[i0:i1] @ r.t()
+    if not lp:
+        return s
+    return lp_squared_distances(s, q[i0:i1], r).clamp_min(0).sqrt()
+
+
 class _PairV(torch.autograd.Function):
-    """v of the listed pairs from their rows, in chunks: S, or d from the difference (gradient 0
-    at d = 0); saves q, r and the indices only, so memory is O(#pairs + (N + M) D) whatever the
-    number of pairs (PML's CrossBatchMemory lists all N x M of them)."""
+    """v of the listed pairs (rows ascending), S or d (gradient 0 at d = 0), from row gathers in
+    chunks or, for a dense list, from row strips of S; saves q, r and the indices only, so memory is
+    O(#pairs + (N + M) D + strip) whatever the number of pairs (PML's CrossBatchMemory lists all
+    N x M of them)."""
 
     @staticmethod
     def forward(ctx, q, r, rows, cols, lp):
         v = q.new_empty(rows.shape[0])
-        for k0, k1 in _chunks(rows.shape[0]):
-            a, b = q[rows[k0:k1]], r[cols[k0:k1]]
-            v[k0:k1] = ((a - b) ** 2).sum(1).sqrt() if lp else (a * b).sum(1)
+        dense = (rows.shape[0] * DENSE_FRACTION >= q.shape[0] * r.shape[0]
+                 and bool((rows[1:] >= rows[:-1]).all()))  # the strips need the rows ascending
+        if dense:
+            for i0, i1, k0, k1 in _strips(q, r, rows):
+                v[k0:k1] = _strip_v(q, r, i0, i1, lp)[rows[k0:k1] - i0, cols[k0:k1]]
+        else:
+            for k0, k1 in _chunks(rows.shape[0]):
+                a, b = q[rows[k0:k1]], r[cols[k0:k1]]
+                v[k0:k1] = ((a - b) ** 2).sum(1).sqrt() if lp else (a * b).sum(1)
         ctx.save_for_backward(q, r, rows, cols, v)
-        ctx.lp = lp
+        ctx.lp, ctx.dense = lp, dense
         return v
 
     @staticmethod
@@ -96,16 +143,22 @@ class _PairV(torch.autograd.Function):
         need_q, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gq = torch.zeros_like(q) if need_q else None
         gr = torch.zeros_like(r) if need_r else None
+        if ctx.lp:  # dL/dd_ij = g; d/dq_i |q_i - r_j| = (q_i - r_j) / d: the weight g / d, 0 at d = 0
+            g = torch.where(v > 0, g / torch.where(v > 0, v, torch.ones_like(v)), torch.zeros_like(v))
+        if ctx.dense:
+            for i0, i1, k0, k1 in _strips(q, r, rows):
+                W = q.new_zeros(i1 - i0, r.shape[0])
+                W.index_put_((rows[k0:k1] - i0, cols[k0:k1]), g[k0:k1], accumulate=True)  # duplicates add
+                sign = -1.0 if ctx.lp else 1.0  # lp: dq_i = sum_j W_ij (q_i - r_j); cosine: W r
+                if need_q:
+                    gq[i0:i1] += sign * (W @ r) + (W.sum(1, keepdim=True) * q[i0:i1] if ctx.lp else 0)
+                if need_r:
+                    gr += sign * (W.t() @ q[i0:i1]) + (W.sum(0)[:, None] * r if ctx.lp else 0)
+            return gq, gr, None, None, None
         for k0, k1 in _chunks(rows.shape[0]):
             ri, ci, gk = rows[k0:k1], cols[k0:k1], g[k0:k1, None]
             a, b = q[ri], r[ci]
-            if ctx.lp:  # d/dq_i |q_i - r_j| = (q_i - r_j) / d, 0 at d = 0
-                vk = v[k0:k1, None]
-                w = torch.where(vk > 0, gk / torch.where(vk > 0, vk, torch.ones_like(vk)), torch.zeros_like(vk))
-                diff = w * (a - b)
-                da, db = diff, -diff
-            else:
-                da, db = gk * b, gk * a
+            da, db = (gk * (a - b), -gk * (a - b)) if ctx.lp else (gk * b, gk * a)
             if need_q:
                 gq.index_add_(0, ri, da)
             if need_r:
