@@ -101,15 +101,18 @@ def run_point(spec, timeout):
     p.start()
     child.close()
     rec = None
-    if parent.poll(timeout):
-        rec = parent.recv()
+    try:
+        if parent.poll(timeout):
+            rec = parent.recv()
+    except EOFError:  # the child died without a word (killed: out of memory)
+        rec = None
+    timed_out = rec is None and p.is_alive()
     p.join(5)
     if p.is_alive():
         p.kill()
         p.join()
-    if rec is None:
-        rec = dict(status="TIMEOUT" if p.exitcode is None or p.exitcode < 0 and p.exitcode != -9 else "OOM",
-                   exitcode=p.exitcode)
+    if rec is None:  # killed by the kernel (SIGKILL: out of memory), else out of time
+        rec = dict(status="OOM" if p.exitcode == -9 and not timed_out else "TIMEOUT", exitcode=p.exitcode)
     return rec
 
 
