@@ -116,16 +116,16 @@ def test_pair_values_gradcheck_and_chunks(lp, monkeypatch):
     q = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
     r = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
     rows, cols = torch.randint(0, 7, (30,), generator=g), torch.randint(0, 5, (30,), generator=g)
-    torch.autograd.gradcheck(lambda a, b: listed._pair_v(a, b, rows, cols, lp), (q, r))
-    torch.autograd.gradcheck(lambda a: listed._pair_v(a, a, rows, cols % 7, lp), (q,))
-    whole = listed._pair_v(q, r, rows, cols, lp)
+    torch.autograd.gradcheck(lambda a, b: listed.pair_values(a, b, rows, cols, lp), (q, r))
+    torch.autograd.gradcheck(lambda a: listed.pair_values(a, a, rows, cols % 7, lp), (q,))
+    whole = listed.pair_values(q, r, rows, cols, lp)
     (gq, gr) = torch.autograd.grad(whole.sum(), (q, r))
     monkeypatch.setattr(listed, "CHUNK_PAIRS", 4)
-    parts = listed._pair_v(q, r, rows, cols, lp)
+    parts = listed.pair_values(q, r, rows, cols, lp)
     torch.testing.assert_close(parts, whole, rtol=0, atol=0)
     for a, b in zip(torch.autograd.grad(parts.sum(), (q, r)), (gq, gr)):
         torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
-    (gq2,) = torch.autograd.grad(listed._pair_v(q, r, rows, cols, lp).pow(2).sum(), q, create_graph=True)
+    (gq2,) = torch.autograd.grad(listed.pair_values(q, r, rows, cols, lp).pow(2).sum(), q, create_graph=True)
     with pytest.raises(RuntimeError):
         torch.autograd.grad(gq2.sum(), q)
 
@@ -159,7 +159,7 @@ def test_dense_strips_equal_gathers(lp, monkeypatch):
     for path, fraction in (("dense", 10 ** 9), ("gathers", 0)):
         monkeypatch.setattr(listed, "DENSE_FRACTION", fraction)
         monkeypatch.setattr(listed, "STRIP_ELEMENTS", 7 * 40)  # several strips
-        v = listed._pair_v(q, r, rows, cols, lp)
+        v = listed.pair_values(q, r, rows, cols, lp)
         w = torch.linspace(-1, 1, len(v), dtype=v.dtype)
         out[path] = (v, *torch.autograd.grad((v * w).sum(), (q, r)),
                      *listed.ListedPairs((rows, cols, rows, cols), True, q.device, 50, 40).pos)

@@ -236,3 +236,15 @@ def test_nan_in_nan_out():
     x = x.detach().clone()
     x[4, 0] = float("nan")
     assert torch.isnan(fpl.TripletMarginLoss()(x, y))
+
+
+def test_pairs_join_on_the_anchor_in_pmls_order():
+    """PML's convert_to_triplets join (torch.where over #pos x #neg) without that matrix."""
+    from fused_pairloss.losses.triplet_margin import join_on_anchor
+    g = torch.Generator().manual_seed(12)
+    for _ in range(20):
+        a1 = torch.randint(0, 9, (int(torch.randint(0, 30, (1,), generator=g)),), generator=g)
+        a2 = torch.randint(0, 9, (int(torch.randint(0, 30, (1,), generator=g)),), generator=g)
+        expected = torch.where(a1[:, None] == a2[None, :])
+        for got, want in zip(join_on_anchor(a1, a2), expected):
+            assert torch.equal(got, want)

@@ -20,7 +20,7 @@ import torch
 from .. import _validation as V
 from .._backends import resolve_backend
 from ..ops._common import LOCAL, normalize, pair_operands, similarity_dtype, zero_loss
-from ..ops.listed import check_indices
+from ..ops.listed import check_indices, pair_values
 from ..ops.triplets import NO_WINDOW, rows_op
 from ._base import _PairLoss, run_pair_loss
 from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
@@ -37,13 +37,30 @@ def all_triplets(labels, ref_labels, exclude_self):
     return torch.where(matches[:, :, None] & diffs[:, None, :])
 
 
+def join_on_anchor(a1, a2):
+    """PML's convert_to_triplets join, torch.where(a1[:, None] == a2[None, :]), in its order (by
+    positive pair, then negative pair), without its #pos x #neg matrix: the negative pairs sorted
+    stably by anchor, each positive pair takes its anchor's run. Memory O(#pos + #neg + #triplets)."""
+    if a1.numel() == 0 or a2.numel() == 0:
+        empty = a1.new_zeros(0)
+        return empty, empty
+    order = torch.sort(a2, stable=True)[1]
+    keys = a2[order]
+    start = torch.searchsorted(keys, a1)
+    count = torch.searchsorted(keys, a1, right=True) - start
+    pi = torch.repeat_interleave(torch.arange(a1.numel(), device=a1.device), count)
+    offset = torch.arange(pi.numel(), device=a1.device) - torch.repeat_interleave(torch.cumsum(count, 0) - count,
+                                                                                  count)
+    return pi, order[start[pi] + offset]
+
+
 def triplet_distances(embeddings, ref_emb, a, p, n, distance):
-    """PML's mat[a, p], mat[a, n] from the listed rows only (O(#triplets D)): the distance of each
-    listed pair (torch's direct formula for "lp", the dot product for "cosine")."""
+    """PML's mat[a, p], mat[a, n] of the listed triplets, never N x M and never a row per triplet
+    (ops/listed.py: row gathers in chunks, or row strips of S for a dense list; memory
+    O(#triplets + (N + M) D)): d from the rows' difference for "lp", the dot product for "cosine"."""
     q, r = normalize(embeddings), normalize(ref_emb)
-    if distance == "cosine":
-        return (q[a] * r[p]).sum(1), (q[a] * r[n]).sum(1)
-    return (q[a] - r[p]).norm(dim=1), (q[a] - r[n]).norm(dim=1)
+    lp = distance == "lp"
+    return pair_values(q, r, a, p, lp), pair_values(q, r, a, n, lp)
 
 
 def triplet_margin_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.05, distance="lp",
@@ -69,7 +86,7 @@ def triplet_margin_reference(embeddings, labels, ref_emb=None, ref_labels=None, 
     else:
         if len(indices_tuple) == 4:  # lmu.convert_to_triplets: pairs joined on the anchor
             a1, p1, a2, n2 = (t.to(embeddings.device).long() for t in indices_tuple)
-            pi, ni = torch.where(a1[:, None] == a2[None, :])
+            pi, ni = join_on_anchor(a1, a2)
             a, p, n = a1[pi], p1[pi], n2[ni]
         else:
             a, p, n = (t.to(embeddings.device).long() for t in indices_tuple)

@@ -166,8 +166,10 @@ class _PairV(torch.autograd.Function):
         return gq, gr, None, None, None
 
 
-def _pair_v(q, r, rows, cols, lp):
-    return _PairV.apply(q, r, rows, cols, lp)  # r may be q itself: autograd sums the two roles
+def pair_values(q, r, rows, cols, lp):
+    """v (S, or d for lp) of the listed pairs (rows[k], cols[k]) of q against r, differentiable
+    (first order); r may be q itself (autograd sums the two roles)."""
+    return _PairV.apply(q, r, rows, cols, lp)
 
 
 def _term(t: S.PairTerm, v):
@@ -199,7 +201,7 @@ def listed_pair_stats(q, r, spec: S.PairLossSpec, pairs: ListedPairs) -> PairSta
     def side(pairs_, term):
         rows, cols, mult = pairs_
         w = (mult if pairs.weighted else torch.ones_like(mult)).to(A)
-        x = _term(term, _pair_v(qa, ra, rows, cols, lp))
+        x = _term(term, pair_values(qa, ra, rows, cols, lp))
         zero = torch.zeros(n, dtype=A, device=q.device)
         count = torch.zeros(n, dtype=torch.int32, device=q.device).index_add(0, rows, w.to(torch.int32))
         nonzero = torch.zeros(n, dtype=torch.int32, device=q.device).index_add(0, rows,
@@ -220,4 +222,4 @@ def listed_pair_stats(q, r, spec: S.PairLossSpec, pairs: ListedPairs) -> PairSta
                      inf, -inf)
 
 
-__all__ = ["ListedPairs", "listed_pair_stats", "check_indices"]
+__all__ = ["ListedPairs", "listed_pair_stats", "check_indices", "pair_values"]
