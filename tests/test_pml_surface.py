@@ -137,3 +137,29 @@ def test_hyper_parameters_are_stored_as_pml_stores_them():
         setattr(ours, attr, value)
         setattr(theirs, attr, value)
         torch.testing.assert_close(ours(x, y), theirs(x, y), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_soft_triple_miner_weights_are_fused_as_pml(dtype):
+    """SoftTripleLoss with a miner's indices_tuple: PML's miner weights on the fused rows (no N x C,
+    no warning), values and gradients (embeddings and fc) equal to PML's."""
+    import warnings
+    from kit import check_close
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(60, 16, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 7, (60,), generator=g)
+    idx = miners.MultiSimilarityMiner(0.1)(x, y)
+    theirs = L.SoftTripleLoss(7, 16, centers_per_class=3).double()
+    results = []
+    for lib, dt in ((fpl, dtype), (L, dtype), (L, torch.float64)):
+        loss = lib.SoftTripleLoss(7, 16, centers_per_class=3)
+        loss.load_state_dict(theirs.state_dict())
+        loss = loss.to(dt)
+        xx = x.to(dt).requires_grad_(True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error" if lib is fpl else "ignore")
+            value = loss(xx, y, idx)
+        results.append((value, *torch.autograd.grad(value, [xx, loss.fc])))
+    ours, same, truth = results
+    for k, (a, b, t) in enumerate(zip(ours, same, truth)):
+        check_close(a, t, b, what=["value", "grad x", "grad fc"][k], dtype=dtype)

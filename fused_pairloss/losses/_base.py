@@ -273,6 +273,10 @@ class _ClassLoss(_PmlFallback, torch.nn.Module):
     def _call(self, embeddings, labels, weights):
         raise NotImplementedError
 
+    def _fused_with_weights(self, embeddings, labels, indices_tuple, weights):
+        """A loss whose miner weights the fused path applies (SoftTriple): its value, else None."""
+        return None
+
     def _reference_with_weights(self, embeddings, labels, indices_tuple):
         raise ValueError(f"{type(self).__name__}: indices_tuple is not supported (PML has no miner weights here)")
 
@@ -295,6 +299,9 @@ class _ClassLoss(_PmlFallback, torch.nn.Module):
             raise ValueError(f"{name}: ref_emb / ref_labels are not supported (as in PML)")
         weights = self.cast_weights(embeddings)
         if indices_tuple is not None:
+            fused = self._fused_with_weights(embeddings, labels, indices_tuple, weights)
+            if fused is not None:
+                return fused
             _warn_once("class.indices_tuple", "fused_pairloss: an explicit indices_tuple (miner weights) is "
                        "computed by the unfused reference path", stacklevel=4)
             return self._reference_with_weights(embeddings, labels, indices_tuple)

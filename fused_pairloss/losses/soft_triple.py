@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import _validation as V
+from .._backends import resolve_backend
 from ..ops import engines
 from ..ops._common import LOCAL, normalize
+from ..ops.operands import stat_dtype
 from ..ops.spec import ClassLossSpec, PairTerm
 from ..ops.stats import class_stats
 from ._base import _ClassLoss, _check_sizes, run_class_loss
@@ -77,17 +79,21 @@ def sparse_centers_regularizer_blockwise(centers, centers_per_class):
     return reg.sum() / (C * K * (K - 1))
 
 
-def combine(st: engines.ClassStats, embeddings, *, la, margin, batch=LOCAL):
+def combine(st: engines.ClassStats, embeddings, *, la, margin, batch=LOCAL, row_weights=None):
+    """The mean of the rows' cross-entropies; `row_weights`: PML's miner weights multiply them."""
     z_target = la * (st.target_sim - margin)
-    return batch.mean(torch.logaddexp(st.lse_other, z_target) - z_target).to(embeddings.dtype)
+    rows = torch.logaddexp(st.lse_other, z_target) - z_target
+    if row_weights is not None:
+        rows = rows * row_weights
+    return batch.mean(rows).to(embeddings.dtype)
 
 
 def soft_triple_fused(embeddings, labels, centers, *, centers_per_class, la, gamma, margin,
-                      center_reg_weight, backend):
+                      center_reg_weight, backend, row_weights=None):
     q = normalize(embeddings)
     # centers: PML's fc (D, C*K), column c*K+k = center k of class c
     st = class_stats(q, centers, labels, declaration(centers_per_class, la, gamma), backend)
-    loss = combine(st, embeddings, la=la, margin=margin)
+    loss = combine(st, embeddings, la=la, margin=margin, row_weights=row_weights)
     if center_reg_weight:
         loss = loss + center_reg_weight * sparse_centers_regularizer_blockwise(centers, centers_per_class)
     return loss
@@ -154,6 +160,18 @@ class SoftTripleLoss(_ClassLoss):
         return soft_triple_loss(embeddings, labels, fc, centers_per_class=self.centers_per_class,
                                 la=self.la, gamma=self._gamma, margin=self.margin,
                                 center_reg_weight=self.center_reg_weight, backend=self.backend)
+
+    def _fused_with_weights(self, embeddings, labels, indices_tuple, fc):
+        """PML's miner weights (lmu.convert_to_weights: O(#indices)) on the fused rows: no N x C."""
+        backend = resolve_backend(self.backend, embeddings.device)
+        if backend == "reference":
+            return None
+        V.check_centers(embeddings, labels, fc, self.centers_per_class)
+        weights = miner_weights(indices_tuple, torch.as_tensor(labels, device=embeddings.device),
+                                stat_dtype(embeddings.dtype))
+        return soft_triple_fused(embeddings, labels, fc, centers_per_class=self.centers_per_class, la=self.la,
+                                 gamma=self._gamma, margin=self.margin, center_reg_weight=self.center_reg_weight,
+                                 backend=backend, row_weights=weights)
 
     def _reference_with_weights(self, embeddings, labels, indices_tuple):
         return soft_triple_reference(embeddings, labels, self.fc, centers_per_class=self.centers_per_class,
