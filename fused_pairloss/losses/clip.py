@@ -63,7 +63,14 @@ def _positive_logits(q, r, scale, offset):
 
 def clip_fused(image_features, text_features, logit_scale, logit_bias=None, *, all_image_features=None,
                all_text_features=None, local_loss=False, rank=0):
-    """The same loss from the fused op: row (and column) LSEs of the logits' row chunks."""
+    """The same loss from the fused op: row (and column) LSEs of the logits' row chunks. fp16 / bf16
+    features enter as fp32 (one copy), so each feature's gradient (the op's and the positive
+    logit's) is summed in fp32 and rounded once."""
+    dtype = image_features.dtype
+    A = stat_dtype(dtype)
+    image_features, text_features = image_features.to(A), text_features.to(A)
+    if all_image_features is not None:
+        all_image_features, all_text_features = all_image_features.to(A), all_text_features.to(A)
     if all_image_features is not None and local_loss:
         off = rank * image_features.shape[0]
         row_i, _ = clip_lse(image_features, all_text_features, logit_scale, False)
@@ -76,7 +83,7 @@ def clip_fused(image_features, text_features, logit_scale, logit_bias=None, *, a
         row, col = clip_lse(q, r, logit_scale, True)
         pos = _positive_logits(q, r, logit_scale, 0)
         loss = ((row - pos).mean() + (col - pos).mean()) / 2
-    loss = loss.to(image_features.dtype)
+    loss = loss.to(dtype)
     if logit_bias is not None:  # cancels in both softmaxes; its gradient is 0 (NaN in, NaN out)
         loss = loss + (logit_bias * 0).to(loss.dtype)
     return loss
