@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from .operands import stat_dtype
 
-# logits of one chunk (a few chunk-sized buffers live at once: 16 MiB each in fp32)
-CHUNK_ELEMENTS = 1 << 22
+# logits of one chunk (one to three chunk-sized buffers live at once: 8 MiB each in fp32)
+CHUNK_ELEMENTS = 1 << 21
 
 
 def _chunks(n, m):
@@ -45,6 +45,25 @@ def _as_stat(x, A):
 
 
 # ---- CLIP: row and column log-sum-exps ------------------------------------------------------------
+def _finite_or_zero(x):
+    """A shift for exp(x - shift): x where finite, else 0 (an all -inf row / column stays -inf, +inf
+    and NaN propagate)."""
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+class _Buffers:
+    """The chunk-sized scratch of one call (allocated once: a fresh allocation per chunk costs page
+    faults), viewed as c x M for a chunk of c rows."""
+
+    def __init__(self, n, m, count, A, device):
+        rows = min(n, max(1, CHUNK_ELEMENTS // max(m, 1)))
+        self.m = m
+        self.flat = [torch.empty(rows * m, dtype=A, device=device) for _ in range(count)]
+
+    def get(self, k, c):
+        return self.flat[k][:c * self.m].view(c, self.m)
+
+
 @torch.library.custom_op("fused_pairloss::clip_lse", mutates_args=())
 def clip_lse(q: torch.Tensor, r: torch.Tensor, scale: torch.Tensor, cols: bool) -> tuple[torch.Tensor, torch.Tensor]:
     A = stat_dtype(q.dtype)
@@ -56,22 +75,21 @@ def clip_lse(q: torch.Tensor, r: torch.Tensor, scale: torch.Tensor, cols: bool) 
     else:
         col_max = torch.full((m,), float("-inf"), dtype=A, device=q.device)
         col_sum = torch.zeros(m, dtype=A, device=q.device)
+    buf = _Buffers(n, m, 2 if cols else 1, A, q.device)
     rt = ra.t()
     for i0, i1 in _chunks(n, m):
-        x = torch.mm(qa[i0:i1], rt).mul_(t)                       # c x M logits
-        rmax = x.amax(1, keepdim=True)
+        x = torch.mm(qa[i0:i1] * t, rt, out=buf.get(0, i1 - i0))   # c x M logits
         if cols:
-            cmax = x.amax(0)
-            new_max = torch.maximum(col_max, cmax)
-            finite = torch.isfinite(new_max)
-            shift = torch.where(finite, new_max, torch.zeros_like(new_max))
+            new_max = torch.maximum(col_max, x.amax(0))
+            shift = _finite_or_zero(new_max)
             # rescale the running sum to the new maximum, add this chunk's terms
-            col_sum.mul_(torch.exp(col_max - shift)).add_(torch.exp(x - shift).sum(0))
+            e = torch.sub(x, shift, out=buf.get(1, i1 - i0)).exp_()
+            col_sum.mul_((col_max - shift).exp_()).add_(e.sum(0))
             col_max = new_max
-        rshift = torch.where(torch.isfinite(rmax), rmax, torch.zeros_like(rmax))
+        rshift = _finite_or_zero(x.amax(1, keepdim=True))
         row_lse[i0:i1] = x.sub_(rshift).exp_().sum(1).log_().add_(rshift[:, 0])
     if cols:
-        col_lse = col_sum.log_().add_(torch.where(torch.isfinite(col_max), col_max, torch.zeros_like(col_max)))
+        col_lse = col_sum.log_().add_(_finite_or_zero(col_max))
     return row_lse, col_lse
 
 
@@ -81,12 +99,29 @@ def _(q, r, scale, cols):
     return q.new_empty((q.shape[0],), dtype=A), q.new_empty((r.shape[0] if cols else 0,), dtype=A)
 
 
-def _clip_grad_logits(x, g_row, row_lse, g_col, col_lse):
-    """G of a chunk of logits x (overwritten) for the saved LSEs (in place; g_col None: rows only)."""
-    if g_col is None:
-        return x.sub_(row_lse[:, None]).exp_().mul_(g_row[:, None])
-    rows = torch.sub(x, row_lse[:, None]).exp_().mul_(g_row[:, None])
-    return x.sub_(col_lse[None, :]).exp_().mul_(g_col[None, :]).add_(rows)
+def _common_factor(*gs):
+    """The one value of every entry of the incoming gradients (a mean reduction gives each row the
+    same), as a 0-dim tensor, or None when they differ."""
+    g = torch.cat([x.reshape(-1) for x in gs])
+    if g.numel() and bool((g == g[0]).all()):
+        return g[0]
+    return None
+
+
+def _clip_grad_logits(x, tmp, row_lse, g_row, col_lse, g_col):
+    """G = g_row exp(x - row_lse) (+ g_col exp(x - col_lse)) of a chunk of logits x, in place (tmp:
+    scratch of x's shape; col_lse None: rows only); g_row / g_col None: a common factor left out."""
+    G = x
+    if col_lse is not None:
+        rows_term = torch.sub(x, row_lse[:, None], out=tmp).exp_()
+        if g_row is not None:
+            rows_term.mul_(g_row[:, None])
+        G = x.sub_(col_lse[None, :]).exp_()
+        if g_col is not None:
+            G.mul_(g_col[None, :])
+        return G.add_(rows_term)
+    G = x.sub_(row_lse[:, None]).exp_()
+    return G if g_row is None else G.mul_(g_row[:, None])
 
 
 @torch.library.custom_op("fused_pairloss::clip_lse_backward", mutates_args=())
@@ -98,21 +133,32 @@ def clip_lse_backward(grad_row: torch.Tensor, grad_col: torch.Tensor, q: torch.T
     A = stat_dtype(q.dtype)
     qa, ra, t = _as_stat(q, A), _as_stat(r, A), scale.to(A)
     g_row, g_col = grad_row.to(A), (grad_col.to(A) if cols else None)
-    n, m = q.shape[0], r.shape[0]
+    # the usual case, one value in every incoming gradient: G / common from exps alone, the factor
+    # applied to the c x D products instead of the c x M chunk
+    common = _common_factor(g_row, *([g_col] if cols else []))
+    if common is not None:
+        g_row = g_col = None
+    n, m, d = q.shape[0], r.shape[0], q.shape[1]
     grad_q = torch.empty_like(qa) if need_grad_q else None
     grad_r = torch.zeros_like(ra) if need_grad_r else None
     grad_t = torch.zeros((), dtype=A, device=q.device)
+    buf = _Buffers(n, m, 2 if cols else 1, A, q.device)
+    U_flat = torch.empty(buf.flat[0].numel() // max(m, 1) * d, dtype=A, device=q.device)
     rt = ra.t()
     for i0, i1 in _chunks(n, m):
+        c = i1 - i0
         qc = qa[i0:i1]
-        x = torch.mm(qc, rt).mul_(t)
-        G = _clip_grad_logits(x, g_row[i0:i1], row_lse[i0:i1], g_col, col_lse)
-        U = torch.mm(G, ra)                                        # G r (c x D)
+        x = torch.mm(qc * t, rt, out=buf.get(0, c))
+        G = _clip_grad_logits(x, buf.get(1, c) if cols else None, row_lse[i0:i1],
+                              None if g_row is None else g_row[i0:i1], col_lse if cols else None, g_col)
+        U = torch.mm(G, ra, out=U_flat[:c * d].view(c, d))         # G r (c x D)
+        if common is not None:
+            U.mul_(common)
         grad_t += (U * qc).sum()
         if need_grad_q:
-            grad_q[i0:i1] = U.mul_(t)
+            torch.mul(U, t, out=grad_q[i0:i1])
         if need_grad_r:
-            grad_r.addmm_(G.t(), qc)                          # G^T q, times t below
+            grad_r.addmm_(G.t(), qc if common is None else qc * common)  # G^T q, times t below
     if need_grad_r:
         grad_r.mul_(t)
     empty = q.new_empty((0,))
@@ -184,9 +230,10 @@ def siglip_rows(q: torch.Tensor, r: torch.Tensor, scale: torch.Tensor, bias: tor
     qa, ra, t, b = _as_stat(q, A), _as_stat(r, A), scale.to(A), bias.to(A)
     n, m = q.shape[0], r.shape[0]
     rows = torch.empty(n, dtype=A, device=q.device)
+    buf = _Buffers(n, m, 1, A, q.device)
     rt = ra.t()
     for i0, i1 in _chunks(n, m):
-        x = torch.mm(qa[i0:i1], rt).mul_(t).add_(b)
+        x = torch.addmm(b, qa[i0:i1] * t, rt, out=buf.get(0, i1 - i0))
         diag = _positive_diagonal(x, i0, i1, pos_offset)
         if diag is not None:
             diag.neg_()                                            # -z x: +x off the diagonal, -x on it
@@ -208,28 +255,31 @@ def siglip_rows_backward(grad_rows: torch.Tensor, q: torch.Tensor, r: torch.Tens
     A = stat_dtype(q.dtype)
     qa, ra, t, b = _as_stat(q, A), _as_stat(r, A), scale.to(A), bias.to(A)
     g = grad_rows.to(A)
-    n, m = q.shape[0], r.shape[0]
+    n, m, d = q.shape[0], r.shape[0], q.shape[1]
     grad_q = torch.empty_like(qa) if need_grad_q else None
     grad_r = torch.zeros_like(ra) if need_grad_r else None
     grad_t = torch.zeros((), dtype=A, device=q.device)
     grad_b = torch.zeros((), dtype=A, device=q.device)
+    buf = _Buffers(n, m, 1, A, q.device)
+    U_flat = torch.empty(buf.flat[0].numel() // max(m, 1) * d, dtype=A, device=q.device)
     rt = ra.t()
     for i0, i1 in _chunks(n, m):
-        qc = qa[i0:i1]
-        x = torch.mm(qc, rt).mul_(t).add_(b)
+        c = i1 - i0
+        qc, gc = qa[i0:i1], g[i0:i1, None]
+        x = torch.addmm(b, qc * t, rt, out=buf.get(0, c))
         diag = _positive_diagonal(x, i0, i1, pos_offset)
         if diag is not None:
             diag.neg_()
-        G = x.sigmoid_().mul_(g[i0:i1, None])                      # d/dx' softplus(x') with x' = -z x
+        H = x.sigmoid_()                                           # d/dx' softplus(x') with x' = -z x
         if diag is not None:
-            diag.neg_()                                            # dx'/dx = -z
-        grad_b += G.sum()
-        U = torch.mm(G, ra)
+            diag.neg_()                                            # dx'/dx = -z: H = G / g_i
+        grad_b += (H.sum(1, keepdim=True) * gc).sum()
+        U = torch.mm(H, ra, out=U_flat[:c * d].view(c, d)).mul_(gc)  # G r (c x D)
         grad_t += (U * qc).sum()
         if need_grad_q:
-            grad_q[i0:i1] = U.mul_(t)
+            torch.mul(U, t, out=grad_q[i0:i1])
         if need_grad_r:
-            grad_r.addmm_(G.t(), qc)                          # G^T q, times t below
+            grad_r.addmm_(H.t(), qc * gc)                          # G^T q, times t below
     if need_grad_r:
         grad_r.mul_(t)
     empty = q.new_empty((0,))
