@@ -66,7 +66,9 @@ def check_scalar(name, value, features):
         return value.reshape(())
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a scalar tensor or a real number; got {type(value).__name__}")
-    return torch.tensor(float(value), dtype=features.dtype, device=features.device)
+    # a number: in the statistics dtype (fp32 for fp16 / bf16 features: not rounded to theirs)
+    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    return torch.tensor(float(value), dtype=dtype, device=features.device)
 
 
 # ---- feature exchanges (open_clip's semantics) ---------------------------------------------------
