@@ -9,8 +9,18 @@ import numbers
 import torch
 import torch.distributed as dist
 
+from .._backends import resolve_backend
+
 
 # ---- argument checks -----------------------------------------------------------------------------
+def resolve(backend, device):
+    """"auto": the chunked ops (PyTorch: they run on every device, with or without the compiled
+    extension); a named backend is validated as for every loss ("reference": open_clip's math)."""
+    if backend == "auto":
+        return "auto"
+    return resolve_backend(backend, device)
+
+
 def check_rank(rank, world_size):
     for name, v in (("rank", rank), ("world_size", world_size)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._backends import resolve_backend
 from ..ops.image_text import clip_lse
 from ..ops.operands import stat_dtype
 from . import _image_text as IT
@@ -99,7 +98,7 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, lo
     IT.check_features(image_features, text_features)
     scale = IT.check_scalar("logit_scale", logit_scale, image_features)
     bias = None if logit_bias is None else IT.check_scalar("logit_bias", logit_bias, image_features)
-    backend = resolve_backend(backend, image_features.device)
+    backend = IT.resolve(backend, image_features.device)
     gathered = {}
     if world_size > 1:
         IT.check_process_group(rank, world_size)

@@ -20,7 +20,6 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from .._backends import resolve_backend
 from ..ops.image_text import siglip_rows
 from . import _image_text as IT
 
@@ -58,7 +57,7 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, rank=
     if logit_bias is None:
         raise TypeError("logit_bias is required by SigLipLoss (a scalar tensor, e.g. the model's logit_bias)")
     bias = IT.check_scalar("logit_bias", logit_bias, image_features)
-    backend = resolve_backend(backend, image_features.device)
+    backend = IT.resolve(backend, image_features.device)
     block = siglip_reference if backend == "reference" else siglip_fused
     loss = block(image_features, text_features, scale, bias)
     if world_size > 1:
