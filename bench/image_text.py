@@ -17,7 +17,7 @@ step; the growth of its peak resident set (VmHWM, reset through /proc/self/clear
 resident set before the step, after malloc_trim (bench/measure.py's method), so the gradients of
 the features are included and the inputs are not. The load average before and after each point
 is recorded. Results: a table on stdout and
-bench/results/<device-tag>/image_text_D<d>_<dtype>.{csv,json}.
+bench/results/<device-tag>/image_text_D<d>_<dtype>_<threads>t.{csv,json}.
 """
 from __future__ import annotations
 
@@ -161,6 +161,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-memory", action="store_true", help="time only")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--tag", default="", help="appended to the result files' name")
     ap.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -213,7 +214,7 @@ def main():
                       f"{f.get('memory_ratio_vs_open_clip', float('nan')):.1f}x less peak memory; values differ by "
                       f"{f['value_rel_diff']:.1e}", flush=True)
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    prefix = os.path.join(out_dir, f"image_text_D{args.d}_{args.dtype}")
+    prefix = os.path.join(out_dir, f"image_text_D{args.d}_{args.dtype}_{args.threads}t{args.tag}")
     with open(prefix + ".json", "w") as fh:
         json.dump(dict(meta=meta, rows=rows), fh, indent=1)
     keys = sorted({k for r in rows for k in r})

@@ -19,10 +19,10 @@ def test_bench_image_text_tiny(tmp_path):
                         "--threads", "1", "--no-memory", "--out", str(tmp_path)],
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    data = json.loads((tmp_path / "image_text_D8_float32.json").read_text())
+    data = json.loads((tmp_path / "image_text_D8_float32_1t.json").read_text())
     rows = {r["provider"]: r for r in data["rows"]}
     assert set(rows) == {"matmul", "clip_fused", "clip_open_clip", "siglip_fused", "siglip_open_clip"}
     for kind in ("clip", "siglip"):
         fused = rows[f"{kind}_fused"]
         assert fused["value_rel_diff"] < 1e-5 and fused["total_ms"] > 0
-    assert (tmp_path / "image_text_D8_float32.csv").exists()
+    assert (tmp_path / "image_text_D8_float32_1t.csv").exists()
