@@ -24,6 +24,7 @@ def small_chunks(monkeypatch):
     """Chunks of a few rows: the column LSE is merged over many chunks, the positives of a chunk sit
     at its own offset."""
     monkeypatch.setattr(image_text, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(image_text, "MIN_CHUNK_ROWS", 1)
 
 
 def leaves(n, d, seed, dtype, scale=14.3, bias=-3.0, normalize=True):
@@ -122,11 +123,18 @@ def test_nan_bias_gives_nan():
         assert torch.isnan(loss(img, txt, t, torch.tensor(float("nan"))))
 
 
+def test_chunk_rows():
+    """8 MiB chunks, at least 256 rows while that stays within 32 MiB."""
+    assert [image_text._chunk_rows(m) for m in (4096, 8192, 16384, 32768, 65536, 1 << 20)] == [512, 256, 256, 256,
+                                                                                                128, 8]
+
+
 def test_never_a_batch_by_batch_tensor(monkeypatch):
     """The largest tensor the fused forward and backward create, with chunks of 4 rows of 64."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     monkeypatch.setattr(image_text, "CHUNK_ELEMENTS", 4 * 64)
+    monkeypatch.setattr(image_text, "MIN_CHUNK_ROWS", 1)
     biggest = [0]
 
     class Watch(TorchDispatchMode):
@@ -210,16 +218,14 @@ def test_torch_compile_fullgraph(name):
         torch.testing.assert_close(a, e)
 
 
-def test_chunk_positions_of_the_siglip_positive():
+def test_chunk_positions_of_the_siglip_positive(monkeypatch):
     """pos_offset: positives at column i + offset where that lies inside the block, none elsewhere."""
     img, txt, t, b = [a.detach() for a in leaves(7, 4, 15, torch.float64)]
     for off in (-3, 0, 2, 6, 7, None):
         for chunk in (1 << 22, 4):
-            image_text.CHUNK_ELEMENTS, saved = chunk, image_text.CHUNK_ELEMENTS
-            try:
-                rows = image_text.siglip_rows(img, txt, t, b, off)
-            finally:
-                image_text.CHUNK_ELEMENTS = saved
+            monkeypatch.setattr(image_text, "CHUNK_ELEMENTS", chunk)
+            monkeypatch.setattr(image_text, "MIN_CHUNK_ROWS", 1)
+            rows = image_text.siglip_rows(img, txt, t, b, off)
             x = t * img @ txt.T + b
             z = -torch.ones_like(x)
             if off is not None:

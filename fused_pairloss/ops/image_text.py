@@ -31,12 +31,22 @@ import torch.nn.functional as F
 
 from .operands import stat_dtype
 
-# logits of one chunk (one to three chunk-sized buffers live at once: 8 MiB each in fp32)
+# logits of one chunk: CHUNK_ELEMENTS (8 MiB in fp32), but at least MIN_CHUNK_ROWS rows while that
+# stays within MAX_CHUNK_ELEMENTS (32 MiB): the gradient product G^T q of a chunk has the chunk's
+# rows as its inner dimension, and below about 256 it is bound by the M x D accumulator's memory
+# traffic. One to two chunk-sized buffers live at once.
 CHUNK_ELEMENTS = 1 << 21
+MIN_CHUNK_ROWS = 256
+MAX_CHUNK_ELEMENTS = 1 << 23
+
+
+def _chunk_rows(m):
+    m = max(m, 1)
+    return max(1, CHUNK_ELEMENTS // m, min(MIN_CHUNK_ROWS, MAX_CHUNK_ELEMENTS // m))
 
 
 def _chunks(n, m):
-    step = max(1, CHUNK_ELEMENTS // max(m, 1))
+    step = _chunk_rows(m)
     return [(i0, min(n, i0 + step)) for i0 in range(0, n, step)]
 
 
@@ -56,7 +66,7 @@ class _Buffers:
     faults), viewed as c x M for a chunk of c rows."""
 
     def __init__(self, n, m, count, A, device):
-        rows = min(n, max(1, CHUNK_ELEMENTS // max(m, 1)))
+        rows = min(n, _chunk_rows(m))
         self.m = m
         self.flat = [torch.empty(rows * m, dtype=A, device=device) for _ in range(count)]
 
