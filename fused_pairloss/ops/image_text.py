@@ -9,7 +9,7 @@ the logits x_ij = t (q_i . r_j) (+ b) of two feature blocks, in row chunks, with
 
 A = float64 for fp64 inputs, else float32 (fp16 / bf16 features are converted to fp32 once). scale and
 bias are 0-dim tensors (learnable: their gradients are reductions, see below). The forward walks
-row chunks of at most CHUNK_ELEMENTS logits: CLIP's row LSE of a chunk is final, its column LSE is
+row chunks (_chunk_rows): CLIP's row LSE of a chunk is final, its column LSE is
 merged chunk by chunk (running maximum and rescaled sum), so both directions come from one walk.
 The backward ops recompute each chunk and form G = dL/dx in place:
     CLIP    G_ij = g_row_i exp(x_ij - row_lse_i) + g_col_j exp(x_ij - col_lse_j)
