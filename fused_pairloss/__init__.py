@@ -8,10 +8,14 @@ pytorch-metric-learning (PML), drop-in replacements for PML's loss classes.
 Every loss class (fused_pairloss/losses/, one module per loss) is exported here from the loss table.
 `from fused_pairloss import losses, miners, distances, reducers, regularizers` gives PML's
 namespaces with this library's classes where it has them and PML's own otherwise.
+`ClipLoss` and `SigLipLoss` are open_clip's image-text losses (their own forward signature: they
+are not in the PML loss table).
 """
 from . import distances, functional, losses, miners, modules, reducers, reference, regularizers  # noqa: F401
 from ._backends import available_backends, build_info
 from ._version import __version__
+from .losses.clip import ClipLoss
+from .losses.siglip import SigLipLoss
 from .memory import CrossBatchMemory
 from .parallel import DistributedLossWrapper
 
@@ -20,6 +24,8 @@ losses.CrossBatchMemory = CrossBatchMemory  # PML's losses namespace has it (los
 
 __all__ = [
     *losses.REGISTRY,
+    "ClipLoss",
+    "SigLipLoss",
     "CrossBatchMemory",
     "DistributedLossWrapper",
     "functional",

@@ -1,0 +1,140 @@
+"""CLIP loss (Radford et al., "Learning Transferable Visual Models From Natural Language Supervision",
+2021): the symmetric InfoNCE of open_clip 3.3's `ClipLoss` (src/open_clip/loss.py), a drop-in.
+
+With logits x_ij = t (q_i . r_j) (+ b) of image rows q and text rows r (t = logit_scale, already
+exponentiated; b = logit_bias, which cancels in both softmaxes), row i's positive column p(i):
+    loss = 1/2 [ mean_i (LSE_j x_ij - x_i,p(i)) + mean_j (LSE_i' y_ji' - y_j,p(j)) ]
+the cross-entropy of the image rows against the texts and of the text rows against the images
+(open_clip's `F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)`,
+halved). On one process (or with local_loss=False: the gathered features of every rank) q and r
+are the whole batch, p(i) = i, and the text direction is the column LSE of the same logits: one
+walk gives both directions (`ops/image_text.clip_lse` with cols=True). With local_loss=True each
+rank's rows are its own images against every rank's texts and its own texts against every rank's
+images, p(i) = rank * B + i: two row walks.
+
+The fused path never holds the B x B (or B x world*B) logits: the op walks row chunks and saves one
+LSE per row and per column; the positive logits x_i,p(i) are computed directly from the two rows.
+logit_scale's gradient is a reduction of the op's backward (sum_ij G_ij q_i . r_j).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.image_text import clip_lse
+from ..ops.operands import stat_dtype
+from . import _image_text as IT
+
+
+def clip_reference(image_features, text_features, logit_scale, logit_bias=None, *, all_image_features=None,
+                   all_text_features=None, local_loss=False, rank=0):
+    """open_clip 3.3 ClipLoss.forward after its gather (loss.py: get_logits, get_ground_truth,
+    forward), materializing the logits. Without all_* (one process): logits_per_image =
+    t * image @ text.T, logits_per_text = t * text @ image.T, labels = arange(B). With the gathered
+    all_* (world_size > 1): local_loss=True: t * image @ all_text.T and t * text @ all_image.T,
+    labels = arange(B) + rank * B; local_loss=False: t * all_image @ all_text.T and its transpose,
+    labels = arange(world * B). logit_bias (if given) is added to both; loss = the mean of the two
+    cross-entropies."""
+    if all_image_features is None:
+        logits_per_image = logit_scale * image_features @ text_features.T
+        logits_per_text = logit_scale * text_features @ image_features.T
+    elif local_loss:
+        logits_per_image = logit_scale * image_features @ all_text_features.T
+        logits_per_text = logit_scale * text_features @ all_image_features.T
+    else:
+        logits_per_image = logit_scale * all_image_features @ all_text_features.T
+        logits_per_text = logits_per_image.T
+    if logit_bias is not None:
+        logits_per_image = logits_per_image + logit_bias
+        logits_per_text = logits_per_text + logit_bias
+    n = logits_per_image.shape[0]
+    labels = torch.arange(n, device=image_features.device)
+    if all_image_features is not None and local_loss:
+        labels = labels + n * rank
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def _positive_logits(q, r, scale, offset):
+    """t (q_i . r_{i + offset}) in the stat dtype (differentiable)."""
+    A = stat_dtype(q.dtype)
+    return scale.to(A) * (q.to(A) * r[offset:offset + q.shape[0]].to(A)).sum(1)
+
+
+def clip_fused(image_features, text_features, logit_scale, logit_bias=None, *, all_image_features=None,
+               all_text_features=None, local_loss=False, rank=0):
+    """The same loss from the fused op: row (and column) LSEs of the logits' row chunks. fp16 / bf16
+    features enter as fp32 (one copy), so each feature's gradient (the op's and the positive
+    logit's) is summed in fp32 and rounded once."""
+    dtype = image_features.dtype
+    A = stat_dtype(dtype)
+    image_features, text_features = image_features.to(A), text_features.to(A)
+    if all_image_features is not None:
+        all_image_features, all_text_features = all_image_features.to(A), all_text_features.to(A)
+    if all_image_features is not None and local_loss:
+        off = rank * image_features.shape[0]
+        row_i, _ = clip_lse(image_features, all_text_features, logit_scale, False)
+        row_t, _ = clip_lse(text_features, all_image_features, logit_scale, False)
+        loss = ((row_i - _positive_logits(image_features, all_text_features, logit_scale, off)).mean()
+                + (row_t - _positive_logits(text_features, all_image_features, logit_scale, off)).mean()) / 2
+    else:
+        q = image_features if all_image_features is None else all_image_features
+        r = text_features if all_text_features is None else all_text_features
+        row, col = clip_lse(q, r, logit_scale, True)
+        pos = _positive_logits(q, r, logit_scale, 0)
+        loss = ((row - pos).mean() + (col - pos).mean()) / 2
+    loss = loss.to(dtype)
+    if logit_bias is not None:  # cancels in both softmaxes; its gradient is 0 (NaN in, NaN out)
+        loss = loss + (logit_bias * 0).to(loss.dtype)
+    return loss
+
+
+def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, local_loss=False,
+              gather_with_grad=False, rank=0, world_size=1, backend="auto"):
+    """open_clip ClipLoss(local_loss, gather_with_grad, rank=rank, world_size=world_size)(image_features,
+    text_features, logit_scale, logit_bias), fused. world_size > 1: an initialized
+    torch.distributed process group of that size in which this process is `rank`; every rank's
+    image_features / text_features have the same shape."""
+    IT.check_rank(rank, world_size)
+    IT.check_features(image_features, text_features)
+    scale = IT.check_scalar("logit_scale", logit_scale, image_features)
+    bias = None if logit_bias is None else IT.check_scalar("logit_bias", logit_bias, image_features)
+    backend = IT.resolve(backend, image_features.device)
+    gathered = {}
+    if world_size > 1:
+        IT.check_process_group(rank, world_size)
+        all_image, all_text = IT.gather_features(image_features, text_features, local_loss=local_loss,
+                                                 gather_with_grad=gather_with_grad, rank=rank, world_size=world_size)
+        gathered = dict(all_image_features=all_image, all_text_features=all_text, local_loss=local_loss, rank=rank)
+    fn = clip_reference if backend == "reference" else clip_fused
+    return fn(image_features, text_features, scale, bias, **gathered)
+
+
+class ClipLoss(torch.nn.Module):
+    """Drop-in for open_clip.loss.ClipLoss (open_clip 3.3): the same constructor arguments and
+    forward signature; `backend` picks the computation ("reference": open_clip's materializing
+    math). cache_labels has nothing to cache here (no label tensor is built); use_horovod=True is
+    not supported (a ValueError)."""
+
+    def __init__(self, local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1,
+                 use_horovod=False, backend="auto"):
+        super().__init__()
+        IT.check_rank(rank, world_size)
+        if use_horovod:
+            raise ValueError("use_horovod=True is not supported by fused_pairloss.ClipLoss (torch.distributed only)")
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.use_horovod = use_horovod
+        self.backend = backend
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
+        loss = clip_loss(image_features, text_features, logit_scale, logit_bias, local_loss=self.local_loss,
+                         gather_with_grad=self.gather_with_grad, rank=self.rank, world_size=self.world_size,
+                         backend=self.backend)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def extra_repr(self):
+        return (f"local_loss={self.local_loss}, gather_with_grad={self.gather_with_grad}, rank={self.rank}, "
+                f"world_size={self.world_size}, backend={self.backend!r}")

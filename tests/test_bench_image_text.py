@@ -1,0 +1,28 @@
+"""bench/image_text.py end to end at a tiny size, timing only (the memory points are one fresh
+process each: slow to start): every provider runs, the fused values equal open_clip's, and the
+CSV / JSON are written."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from image_text_kit import open_clip_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_image_text_tiny(tmp_path):
+    open_clip_loss()  # skips without open-clip-torch
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "image_text.py"), "--b", "48", "--d", "8", "--reps", "1",
+                        "--threads", "1", "--no-memory", "--out", str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    data = json.loads((tmp_path / "image_text_D8_float32_1t.json").read_text())
+    rows = {r["provider"]: r for r in data["rows"]}
+    assert set(rows) == {"matmul", "clip_fused", "clip_open_clip", "siglip_fused", "siglip_open_clip"}
+    for kind in ("clip", "siglip"):
+        fused = rows[f"{kind}_fused"]
+        assert fused["value_rel_diff"] < 1e-5 and fused["total_ms"] > 0
+    assert (tmp_path / "image_text_D8_float32_1t.csv").exists()

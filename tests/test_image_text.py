@@ -1,0 +1,274 @@
+"""ClipLoss and SigLipLoss (fused_pairloss/losses/clip.py, siglip.py; ops fused_pairloss::clip_lse,
+siglip_rows, ops/image_text.py) on one process: the reference against open_clip 3.3's loss.py and
+the fused path against the reference (values and gradients of image, text, logit_scale,
+logit_bias; fp32 and fp64; tests/kit.py's rule), many row chunks, bf16 inputs, NaN, opcheck,
+torch.compile, second order, the largest tensor, bad input."""
+import pytest
+import torch
+
+import fused_pairloss as fpl
+from fused_pairloss.losses import clip, siglip
+from fused_pairloss.ops import image_text
+from image_text_kit import features, open_clip_loss
+from kit import check_close
+
+OC = open_clip_loss()
+LOSSES = {
+    "clip": (lambda **kw: fpl.ClipLoss(**kw), lambda: OC.ClipLoss()),
+    "siglip": (lambda **kw: fpl.SigLipLoss(**kw), lambda: OC.SigLipLoss()),
+}
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of a few rows: the column LSE is merged over many chunks, the positives of a chunk sit
+    at its own offset."""
+    monkeypatch.setattr(image_text, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(image_text, "MIN_CHUNK_ROWS", 1)
+
+
+def leaves(n, d, seed, dtype, scale=14.3, bias=-3.0, normalize=True):
+    img, txt = features(n, d, seed, dtype, normalize)
+    t = torch.tensor(scale, dtype=dtype)
+    b = torch.tensor(bias, dtype=dtype)
+    return [x.clone().requires_grad_(True) for x in (img, txt, t, b)]
+
+
+def value_and_grads(loss, args):
+    out = loss(*args)
+    grads = torch.autograd.grad(out, args, allow_unused=True)
+    return out, [torch.zeros_like(a) if g is None else g for a, g in zip(args, grads)]
+
+
+def as64(args):
+    return [a.detach().double().requires_grad_(True) for a in args]
+
+
+def check_all(got, truth, same, dtype, what):
+    check_close(got[0], truth[0], same[0], what=f"{what} value", dtype=dtype)
+    for name, a, t, s in zip(("image", "text", "logit_scale", "logit_bias"), got[1], truth[1], same[1]):
+        check_close(a, t, s, what=f"{what} grad {name}", dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+@pytest.mark.parametrize("n,d,normalize,scale", [(37, 16, True, 14.3), (1, 8, True, 100.0), (24, 12, False, 2.5)])
+def test_against_open_clip(name, dtype, n, d, normalize, scale, small_chunks):
+    ours, theirs = LOSSES[name]
+    args = leaves(n, d, 3, dtype, scale=scale, normalize=normalize)
+    oc = theirs()
+    oc_val = value_and_grads(oc, args)
+    truth = value_and_grads(oc, as64(args))
+    reference = value_and_grads(ours(backend="reference"), args)
+    fused = value_and_grads(ours(), args)
+    assert fused[0].dtype == oc_val[0].dtype and fused[0].shape == ()
+    check_all(reference, truth, oc_val, dtype, "reference vs open_clip")
+    ref64 = value_and_grads(ours(backend="reference"), as64(args))
+    check_all(fused, ref64, reference, dtype, "fused vs reference")
+
+
+def test_clip_without_bias_and_output_dict():
+    args = leaves(20, 8, 5, torch.float64)[:3]
+    out = fpl.ClipLoss()(*args, output_dict=True)
+    assert set(out) == {"contrastive_loss"}
+    torch.testing.assert_close(out["contrastive_loss"], OC.ClipLoss()(*args), rtol=1e-12, atol=0)
+    out = fpl.SigLipLoss()(*leaves(20, 8, 5, torch.float64), output_dict=True)
+    assert set(out) == {"contrastive_loss"}
+
+
+def test_functional_forms_and_scalar_forms():
+    img, txt, t, b = leaves(16, 8, 6, torch.float64)
+    expected = OC.ClipLoss()(img, txt, t)
+    torch.testing.assert_close(fpl.functional.clip_loss(img, txt, t), expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(fpl.functional.clip_loss(img, txt, t.reshape(1)), expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(fpl.functional.clip_loss(img, txt, 14.3), expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(fpl.functional.siglip_loss(img, txt, t, b), OC.SigLipLoss()(img, txt, t, b),
+                               rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_bf16_accumulates_in_fp32(name):
+    ours, theirs = LOSSES[name]
+    img, txt, t, b = leaves(40, 16, 7, torch.bfloat16)
+    val = ours()(img, txt, t, b)
+    assert val.dtype == torch.bfloat16
+    # the truth: open_clip on the same (bf16-rounded) features in fp64
+    truth = theirs()(img.double(), txt.double(), t.double(), b.double())
+    assert abs(val.double() - truth).item() <= 2 * 2 ** -8 * (1 + truth.abs().item())
+    grads = torch.autograd.grad(val, [img, txt])
+    args64 = as64([img, txt, t, b])
+    truth_grads = torch.autograd.grad(theirs()(*args64), args64[:2])
+    for g, tg in zip(grads, truth_grads):
+        assert (g.double() - tg).abs().max() <= 2 * 2 ** -8 * tg.abs().max()
+    assert all(g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+@pytest.mark.parametrize("where", ["image", "text", "logit_scale"])
+def test_nan_in_nan_out(name, where, small_chunks):
+    ours, _ = LOSSES[name]
+    img, txt, t, b = [a.detach() for a in leaves(12, 6, 8, torch.float32)]
+    if where == "image":
+        img[3, 2] = float("nan")
+    elif where == "text":
+        txt[5, 0] = float("nan")
+    else:
+        t = torch.tensor(float("nan"))
+    assert torch.isnan(ours()(img, txt, t, b))
+
+
+def test_nan_bias_gives_nan():
+    img, txt, t, b = [a.detach() for a in leaves(8, 6, 8, torch.float32)]
+    for loss in (fpl.ClipLoss(), fpl.SigLipLoss()):
+        assert torch.isnan(loss(img, txt, t, torch.tensor(float("nan"))))
+
+
+def test_chunk_rows():
+    """8 MiB chunks, at least 256 rows while that stays within 32 MiB."""
+    assert [image_text._chunk_rows(m) for m in (4096, 8192, 16384, 32768, 65536, 1 << 20)] == [512, 256, 256, 256,
+                                                                                                128, 8]
+
+
+def test_never_a_batch_by_batch_tensor(monkeypatch):
+    """The largest tensor the fused forward and backward create, with chunks of 4 rows of 64."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(image_text, "CHUNK_ELEMENTS", 4 * 64)
+    monkeypatch.setattr(image_text, "MIN_CHUNK_ROWS", 1)
+    biggest = [0]
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            r = func(*args, **(kwargs or {}))
+            for x in (r if isinstance(r, (tuple, list)) else [r]):
+                if isinstance(x, torch.Tensor):
+                    biggest[0] = max(biggest[0], x.numel())
+            return r
+
+    for make, _ in LOSSES.values():
+        args = leaves(64, 8, 9, torch.float32)
+        with Watch():
+            out = make()(*args)
+            torch.autograd.grad(out, args)
+    assert biggest[0] <= max(4 * 64, 64 * 8), biggest[0]  # a chunk of logits, or the features (B x D)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_second_order(name, small_chunks):
+    """Hessian-vector products through create_graph=True equal open_clip's."""
+    ours, theirs = LOSSES[name]
+    args = leaves(10, 5, 11, torch.float64)
+    g = torch.Generator().manual_seed(1)
+    vs = [torch.randn(a.shape, generator=g, dtype=torch.float64) for a in args]
+
+    def hvp(loss):
+        grads = torch.autograd.grad(loss(*args), args, create_graph=True, allow_unused=True)
+        dot = sum((gr * v).sum() for gr, v in zip(grads, vs) if gr is not None)
+        return torch.autograd.grad(dot, args, allow_unused=True)
+
+    for a, b in zip(hvp(ours()), hvp(theirs())):
+        if a is None or b is None:
+            assert (a is None or a.abs().max() < 1e-12) and (b is None or b.abs().max() < 1e-12)
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_backward_ops_raise_when_differentiated():
+    img, txt, t, b = leaves(6, 4, 12, torch.float64)
+    row, col = image_text.clip_lse(img, txt, t, True)
+    gq, gr, gt = image_text.clip_lse_backward(torch.ones_like(row), torch.ones_like(col), img, txt, t, row.detach(),
+                                              col.detach(), True, True, True)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        gq.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(dtype):
+    img, txt, t, b = [a.detach() for a in leaves(9, 5, 13, dtype)]
+    for req in (True, False):
+        args = [img.clone().requires_grad_(req), txt.clone().requires_grad_(req), t.clone().requires_grad_(req)]
+        torch.library.opcheck(image_text.clip_lse, (*args, True))
+        torch.library.opcheck(image_text.clip_lse, (*args, False))
+        for off in (0, None, 3, -2):
+            torch.library.opcheck(image_text.siglip_rows, (*args, b.clone().requires_grad_(req), off))
+    A = torch.float64 if dtype == torch.float64 else torch.float32
+    row, col = image_text.clip_lse(img, txt, t, True)
+    torch.library.opcheck(image_text.clip_lse_backward,
+                          (torch.rand(9, dtype=A), torch.rand(9, dtype=A), img, txt, t, row, col, True, True, False))
+    torch.library.opcheck(image_text.siglip_rows_backward,
+                          (torch.rand(9, dtype=A), img, txt, t, b, 0, False, True))
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_torch_compile_fullgraph(name):
+    ours, theirs = LOSSES[name]
+    loss = ours()
+    img, txt, t, b = leaves(16, 8, 14, torch.float32)
+
+    def step(img, txt, t, b):
+        out = loss(img, txt, t, b)
+        return out, torch.autograd.grad(out, [img, txt, t, b])
+
+    compiled = torch.compile(lambda *a: loss(*a), fullgraph=True, backend="aot_eager")
+    out = compiled(img, txt, t, b)
+    torch.testing.assert_close(out, loss(img, txt, t, b))
+    grads = torch.autograd.grad(out, [img, txt, t, b])
+    expected = step(img, txt, t, b)[1]
+    for a, e in zip(grads, expected):
+        torch.testing.assert_close(a, e)
+
+
+def test_chunk_positions_of_the_siglip_positive(monkeypatch):
+    """pos_offset: positives at column i + offset where that lies inside the block, none elsewhere."""
+    img, txt, t, b = [a.detach() for a in leaves(7, 4, 15, torch.float64)]
+    for off in (-3, 0, 2, 6, 7, None):
+        for chunk in (1 << 22, 4):
+            monkeypatch.setattr(image_text, "CHUNK_ELEMENTS", chunk)
+            monkeypatch.setattr(image_text, "MIN_CHUNK_ROWS", 1)
+            rows = image_text.siglip_rows(img, txt, t, b, off)
+            x = t * img @ txt.T + b
+            z = -torch.ones_like(x)
+            if off is not None:
+                for i in range(7):
+                    if 0 <= i + off < 7:
+                        z[i, i + off] = 1
+            torch.testing.assert_close(rows, torch.nn.functional.softplus(-z * x).sum(1), rtol=1e-12, atol=0)
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+def _bad_calls():
+    img, txt, t, b = [a.detach() for a in leaves(6, 4, 16, torch.float32)]
+    return [
+        ("text_features", lambda: fpl.ClipLoss()(img, txt[:5], t), ValueError),
+        ("text_features", lambda: fpl.SigLipLoss()(img, txt[:, :3], t, b), ValueError),
+        ("text_features", lambda: fpl.ClipLoss()(img, txt.double(), t), TypeError),
+        ("image_features", lambda: fpl.ClipLoss()(img[0], txt[0], t), ValueError),
+        ("image_features", lambda: fpl.SigLipLoss()(img.long(), txt.long(), t, b), TypeError),
+        ("image_features", lambda: fpl.ClipLoss()("x", txt, t), TypeError),
+        ("logit_scale", lambda: fpl.ClipLoss()(img, txt, torch.ones(2)), ValueError),
+        ("logit_scale", lambda: fpl.SigLipLoss()(img, txt, torch.ones(3, 1), b), ValueError),
+        ("logit_scale", lambda: fpl.ClipLoss()(img, txt, "a"), TypeError),
+        ("logit_bias", lambda: fpl.SigLipLoss()(img, txt, t), TypeError),
+        ("logit_bias", lambda: fpl.SigLipLoss()(img, txt, t, torch.zeros(2)), ValueError),
+        ("rank", lambda: fpl.ClipLoss(rank=2, world_size=2), ValueError),
+        ("rank", lambda: fpl.SigLipLoss(rank=-1), ValueError),
+        ("world_size", lambda: fpl.SigLipLoss(world_size=0), ValueError),
+        ("world_size", lambda: fpl.ClipLoss(world_size=1.5), TypeError),
+        ("world_size", lambda: fpl.ClipLoss(rank=1, world_size=2)(img, txt, t), ValueError),  # no process group
+        ("dist_impl", lambda: fpl.SigLipLoss(dist_impl="ring"), ValueError),
+        ("chunk_size", lambda: fpl.SigLipLoss(chunk_size=-1), ValueError),
+        ("use_horovod", lambda: fpl.ClipLoss(use_horovod=True), ValueError),
+        ("backend", lambda: fpl.ClipLoss(backend="nope")(img, txt, t), ValueError),
+    ]
+
+
+@pytest.mark.parametrize("k", range(len(_bad_calls())))
+def test_bad_input_names_the_argument(k):
+    name, call, exc = _bad_calls()[k]
+    with pytest.raises(exc, match=name):
+        call()
+
+
+def test_modules_are_not_in_the_pml_table():
+    assert "ClipLoss" not in fpl.losses.REGISTRY and "SigLipLoss" not in fpl.losses.REGISTRY
+    assert clip.ClipLoss is fpl.ClipLoss and siglip.SigLipLoss is fpl.SigLipLoss
