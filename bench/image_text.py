@@ -39,8 +39,20 @@ import measure as Mz  # noqa: E402  bench/measure.py: the harness's memory helpe
 PROVIDERS = ("matmul", "clip_fused", "clip_open_clip", "siglip_fused", "siglip_open_clip")
 
 
+def _no_deps_spec():
+    """open_clip where `make deps` puts it: pip install --no-deps --target <venv>/no-deps."""
+    import os
+    import sys
+
+    init = os.path.join(sys.prefix, "no-deps", "open_clip", "__init__.py")
+    if not os.path.exists(init):
+        return None
+    return importlib.util.spec_from_file_location("open_clip", init,
+                                                  submodule_search_locations=[os.path.dirname(init)])
+
+
 def open_clip_loss():
-    spec = importlib.util.find_spec("open_clip")
+    spec = importlib.util.find_spec("open_clip") or _no_deps_spec()
     if spec is None:
         raise SystemExit("open-clip-torch is not installed (pip install --no-deps open-clip-torch==3.3.0)")
     path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")

@@ -9,9 +9,21 @@ import torch
 import torch.nn.functional as F
 
 
+def _no_deps_spec():
+    """open_clip where `make deps` puts it: pip install --no-deps --target <venv>/no-deps."""
+    import os
+    import sys
+
+    init = os.path.join(sys.prefix, "no-deps", "open_clip", "__init__.py")
+    if not os.path.exists(init):
+        return None
+    return importlib.util.spec_from_file_location("open_clip", init,
+                                                  submodule_search_locations=[os.path.dirname(init)])
+
+
 def open_clip_loss():
     """open_clip's loss.py as a module, or skip (pip install --no-deps open-clip-torch; constraints.txt)."""
-    spec = importlib.util.find_spec("open_clip")
+    spec = importlib.util.find_spec("open_clip") or _no_deps_spec()
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("open-clip-torch is not installed (make deps installs it, --no-deps)")
     import os
