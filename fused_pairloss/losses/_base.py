@@ -6,7 +6,11 @@ PML's own keyword arguments are accepted: `distance=CosineSimilarity()` / `LpDis
 defaults) are fused where the loss allows them; any other distance, a `reducer`,
 `embedding_regularizer`, `weight_regularizer` (except SoftTriple's SparseCentersRegularizer, which
 is fused) or `collect_stats=True` makes the module compute with PML itself (same value as PML), with
-a one-time warning; an explicit `indices_tuple` goes through the unfused reference path.
+a one-time warning. `distance` and `reducer` are PML's objects either way. An explicit
+`indices_tuple`: a pair loss computes over the listed pairs through its own fused function
+(ops/listed.py), SoftTriple applies the miner weights to its fused rows; the reference path (N x M,
+with a one-time warning) remains for the "reference" backend and the losses whose PML semantics
+there are per-row weights.
 """
 from __future__ import annotations
 
