@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import os
 import statistics
@@ -39,26 +38,11 @@ import measure as Mz  # noqa: E402  bench/measure.py: the harness's memory helpe
 PROVIDERS = ("matmul", "clip_fused", "clip_open_clip", "siglip_fused", "siglip_open_clip")
 
 
-def _no_deps_spec():
-    """open_clip where `make deps` puts it: pip install --no-deps --target <venv>/no-deps."""
-    import os
-    import sys
-
-    init = os.path.join(sys.prefix, "no-deps", "open_clip", "__init__.py")
-    if not os.path.exists(init):
-        return None
-    return importlib.util.spec_from_file_location("open_clip", init,
-                                                  submodule_search_locations=[os.path.dirname(init)])
-
-
 def open_clip_loss():
-    spec = importlib.util.find_spec("open_clip") or _no_deps_spec()
-    if spec is None:
+    from fused_pairloss.losses._image_text import open_clip_loss_module
+    module = open_clip_loss_module()
+    if module is None:
         raise SystemExit("open-clip-torch is not installed (pip install --no-deps open-clip-torch==3.3.0)")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
-    mod_spec = importlib.util.spec_from_file_location("open_clip_loss", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
     return module
 
 

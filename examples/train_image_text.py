@@ -20,7 +20,6 @@ the gradient of the global batch's loss, docs/training.md), and DDP averages the
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -29,18 +28,6 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
-
-def _no_deps_spec():
-    """open_clip where `make deps` puts it: pip install --no-deps --target <venv>/no-deps."""
-    import os
-    import sys
-
-    init = os.path.join(sys.prefix, "no-deps", "open_clip", "__init__.py")
-    if not os.path.exists(init):
-        return None
-    return importlib.util.spec_from_file_location("open_clip", init,
-                                                  submodule_search_locations=[os.path.dirname(init)])
 
 
 def parse_args(argv=None):
@@ -63,13 +50,10 @@ def parse_args(argv=None):
 
 def open_clip_loss_module():
     """open_clip's loss.py alone (the package's __init__ imports torchvision and timm)."""
-    spec = importlib.util.find_spec("open_clip") or _no_deps_spec()
-    if spec is None:
+    from fused_pairloss.losses._image_text import open_clip_loss_module as load
+    module = load()
+    if module is None:
         raise SystemExit("--impl open_clip needs open-clip-torch (pip install --no-deps open-clip-torch==3.3.0)")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
-    mod_spec = importlib.util.spec_from_file_location("open_clip_loss", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
     return module
 
 

@@ -4,12 +4,34 @@ neighbour_exchange*, torch.distributed.nn.all_gather / all_reduce). Only feature
 ranks, never logits."""
 from __future__ import annotations
 
+import importlib.util
 import numbers
+import os
+import sys
 
 import torch
 import torch.distributed as dist
 
 from .._backends import resolve_backend
+
+
+# ---- the reference ---------------------------------------------------------------------------------
+def open_clip_loss_module():
+    """open_clip's src/open_clip/loss.py as a module (it needs only torch; the package's __init__
+    imports torchvision and timm), from an installed open_clip or where `make deps` puts it
+    (pip install --no-deps --target <venv>/no-deps); None if neither has it."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        init = os.path.join(sys.prefix, "no-deps", "open_clip", "__init__.py")
+        if not os.path.exists(init):
+            return None
+        folder = os.path.dirname(init)
+    else:
+        folder = list(spec.submodule_search_locations)[0]
+    loss_spec = importlib.util.spec_from_file_location("open_clip_loss", os.path.join(folder, "loss.py"))
+    module = importlib.util.module_from_spec(loss_spec)
+    loss_spec.loader.exec_module(module)
+    return module
 
 
 # ---- argument checks -----------------------------------------------------------------------------
