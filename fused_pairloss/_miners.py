@@ -66,12 +66,20 @@ class _Rows:
         k = torch.arange(i1 - i0, device=self.embeddings.device)
         return k, k + i0
 
-    def pair_totals(self):
-        """PML's len(a1) and len(a2): all positive and all negative pairs, from the label counts."""
+    def same_label_counts(self):
+        """Per row, the columns of its label (itself included), from the label counts."""
         values, counts = torch.unique(self.ref_labels, return_counts=True)
-        pos = (self.labels[:, None] == values[None, :]).to(counts.dtype) @ counts
-        n_pos = int(pos.sum()) - (self.N if self.self_labels else 0)
-        return n_pos, self.N * self.M - int(pos.sum())
+        return (self.labels[:, None] == values[None, :]).to(counts.dtype) @ counts
+
+    def pair_totals(self):
+        """PML's len(a1) and len(a2): all positive and all negative pairs."""
+        same = int(self.same_label_counts().sum())
+        return same - (self.N if self.self_labels else 0), self.N * self.M - same
+
+    def most_positives(self):
+        """The largest positive set of a row (less itself when the diagonal is excluded)."""
+        per_row = self.same_label_counts() - (1 if self.self_labels else 0)
+        return int(per_row.max()) if per_row.numel() else 0
 
 
 class PairMarginMiner(pml_miners.PairMarginMiner):
@@ -303,7 +311,7 @@ class TripletMarginMiner(pml_miners.TripletMarginMiner):
         rows = _Rows(self, embeddings, labels, ref_emb, ref_labels)
         inverted = self.distance.is_inverted
         out, stats = [[], [], []], [0.0, 0.0, 0]
-        max_pos = _most_positives(rows)
+        max_pos = rows.most_positives()
         for i0, i1 in _row_chunks(rows.N, rows.M, max(max_pos, 1) * rows.M, TRIPLET_CHUNK_ELEMENTS):
             mat, matches, diffs = rows.chunk(i0, i1)
             P = int(matches.sum(1).max()) if matches.numel() else 0
@@ -337,13 +345,6 @@ class TripletMarginMiner(pml_miners.TripletMarginMiner):
                                        else self.neg_pair_dist - self.pos_pair_dist)
         triplets = tuple(torch.cat(t) if t else _empty(embeddings.device) for t in out)
         return MinedTriplets(triplets, self, embeddings, labels, ref_emb, ref_labels)
-
-
-def _most_positives(rows):
-    """The largest positive set of a row (its label's count in ref_labels, less itself in self mode)."""
-    values, counts = torch.unique(rows.ref_labels, return_counts=True)
-    per_row = (rows.labels[:, None] == values[None, :]).to(counts.dtype) @ counts
-    return int(per_row.max()) if per_row.numel() else 0
 
 
 MINERS = {cls.__name__: cls for cls in (TripletMarginMiner, MultiSimilarityMiner, PairMarginMiner, BatchHardMiner,
