@@ -129,19 +129,26 @@ bool binary_search_path(const TripletOperands<T>& o, int64_t P) {
   return P > kDirectPositives && !o.has_window;
 }
 
+// The columns of r that carry row i's label, ascending (r's labels sorted stably once): [first, last).
+template <typename T>
+std::pair<const int64_t*, const int64_t*> label_columns(const TripletOperands<T>& o, int64_t i) {
+  const int64_t li = o.labels_q.template data_ptr<int64_t>()[i];
+  const int64_t* lab = o.sorted_labels_r.template data_ptr<int64_t>();
+  const int64_t* col = o.columns_r.template data_ptr<int64_t>();
+  const auto range = std::equal_range(lab, lab + o.M, li);
+  return {col + (range.first - lab), col + (range.second - lab)};
+}
+
 // Row i's positives (the columns of its label but exclude_col_i; a NaN u is in no term and is left
 // out), and every column of its label set to NaN in u: what is left not NaN are the negatives.
 // Sorted by A when the row takes the binary-search path.
 template <typename T>
 void take_positives(const TripletOperands<T>& o, int64_t i, T* u, RowScratch<T>& rs) {
   rs.pos.clear();
-  const int64_t li = o.labels_q.template data_ptr<int64_t>()[i];
   const int64_t ex = o.excl.template data_ptr<int64_t>()[i];
-  const int64_t* lab = o.sorted_labels_r.template data_ptr<int64_t>();
-  const int64_t* col = o.columns_r.template data_ptr<int64_t>();
-  const auto range = std::equal_range(lab, lab + o.M, li);
-  for (const int64_t* e = range.first; e != range.second; ++e) {
-    const int64_t j = col[e - lab];
+  const auto cols = label_columns(o, i);
+  for (const int64_t* c = cols.first; c != cols.second; ++c) {
+    const int64_t j = *c;
     if (j != ex && u[j] == u[j]) rs.pos.push_back(Positive<T>{u[j] + o.margin, j, u[j]});
     u[j] = std::numeric_limits<T>::quiet_NaN();
   }
@@ -327,25 +334,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> extremes_impl(const TripletOperands<T
       [&](int64_t b, std::vector<T>& U) {
         const int64_t i0 = b * TI, ti = std::min(TI, o.N - i0);
         strip_u(o, i0, ti, U.data());
-        const int64_t* lab = o.sorted_labels_r.template data_ptr<int64_t>();
-        const int64_t* col = o.columns_r.template data_ptr<int64_t>();
         for (int64_t k = 0; k < ti; ++k) {
           const int64_t i = i0 + k;
           T* u = U.data() + k * o.ld;
-          const int64_t li = o.labels_q.template data_ptr<int64_t>()[i];
           const int64_t ex = o.excl.template data_ptr<int64_t>()[i];
-          const auto range = std::equal_range(lab, lab + o.M, li);
+          const auto cols = label_columns(o, i);
           int64_t best = -1;
-          for (const int64_t* e = range.first; e != range.second; ++e) {  // columns ascending (a stable sort)
-            const int64_t j = col[e - lab];
+          for (const int64_t* c = cols.first; c != cols.second; ++c) {  // ascending: a tie keeps the first
+            const int64_t j = *c;
             if (j != ex && u[j] == u[j] && (best < 0 || (pos_largest ? u[j] > u[best] : u[j] < u[best]))) best = j;
           }
           if (best >= 0) {
             pi[i] = best;
             pu[i] = u[best];
           }
-          for (const int64_t* e = range.first; e != range.second; ++e)
-            u[col[e - lab]] = std::numeric_limits<T>::quiet_NaN();
+          for (const int64_t* c = cols.first; c != cols.second; ++c) u[*c] = std::numeric_limits<T>::quiet_NaN();
           best = -1;
           for (int64_t j = 0; j < o.M; ++j)
             if (u[j] == u[j] && (best < 0 || (neg_largest ? u[j] > u[best] : u[j] < u[best]))) best = j;
