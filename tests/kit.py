@@ -260,6 +260,11 @@ class Loss:
 
 
     @property
+    def modes(self) -> Tuple[str, ...]:
+        """The pair modes of `loss_case` the loss takes (PML's NPairsLoss / InstanceLoss: no ref_emb)."""
+        return MODES if self.entry.ref_emb else ("self",)
+
+    @property
     def distance(self):
         return self.kwargs.get("distance", self.fn.__kwdefaults__.get("distance"))
 
@@ -316,6 +321,38 @@ def _lifted_kinks(distance):
         arg = (_masked_lse0(_pml_margin(g.mat, kw["pos_margin"], distance), g.pos)
                + _masked_lse0(_pml_margin(kw["neg_margin"], g.mat, distance), g.neg))
         return arg[g.pos.any(1) | g.neg.any(1)]  # a row without pairs is an exact 0 everywhere
+    return kinks
+
+
+def _lifted_pairs_kinks(distance):
+    """LiftedStructureLoss: relu(logaddexp(L_a, L_p) + margin(u_ap, pos_margin)) per positive pair,
+    L_x the LSE of margin(neg_margin, u) over row x's negatives (-inf: none; column p > N or p == a:
+    none), an empty union giving 0."""
+    def kinks(kw, g):
+        L = _masked_lse0(_pml_margin(kw["neg_margin"], g.mat, distance), g.neg)
+        L = torch.where(g.neg.any(1), L, torch.full_like(L, -math.inf))
+        n, m = g.mat.shape
+        col = torch.cat([L, L.new_full((max(m - n, 0),), -math.inf)])[:m]
+        col = torch.where(torch.arange(m)[None, :] == torch.arange(n)[:, None], -math.inf, col[None, :])
+        union = torch.logaddexp(L[:, None].expand(n, m), col)
+        union = torch.where(torch.isneginf(union), torch.zeros_like(union), union)
+        return (union + _pml_margin(g.mat, kw["pos_margin"], distance))[g.pos]
+    return kinks
+
+
+def _tuplet_kinks(kw, g):
+    """acos(S_ap) of a positive pair has an infinite derivative at |S_ap| = 1 (in PML too): such a
+    pair is thrown out, an exact 1 of grid inputs included (returned as an argument just above 0)."""
+    t = (1 - g.mat.abs())[g.pos]
+    return torch.where(t == 0, torch.full_like(t, 1e-30), t)
+
+
+def _margin_kinks(distance):
+    """MarginLoss: relu(margin(u_ap, beta) + m) per positive pair, relu(margin(beta, u_an) + m) per
+    negative pair (each is in the triplets of its row when the row has the other kind)."""
+    def kinks(kw, g):
+        return torch.cat([_pml_margin(g.mat, kw["beta"], distance)[g.pos] + kw["margin"],
+                          _pml_margin(kw["beta"], g.mat, distance)[g.neg] + kw["margin"]])
     return kinks
 
 
@@ -429,10 +466,23 @@ LOSSES: Dict[str, Loss] = {l.name: l for l in [
     Loss("lifted", "GeneralizedLiftedStructureLoss", hyper=dict(pos_margin=(0.0, 2.0), neg_margin=(0.0, 2.0)),
          ordered=("pos_margin", "neg_margin"), pml=_pml_pair("GeneralizedLiftedStructureLoss", "lp"),
          kinks=_lifted_kinks("lp")),
+    Loss("lifted_pairs", "LiftedStructureLoss", hyper=dict(pos_margin=(0.0, 1.0), neg_margin=(0.0, 2.0)),
+         pml=_pml_pair("LiftedStructureLoss", "lp"), kinks=_lifted_pairs_kinks("lp")),
+    Loss("lifted_pairs_cos", "LiftedStructureLoss", dict(distance="cosine", pos_margin=0.8, neg_margin=0.2),
+         hyper=dict(pos_margin=(-1.0, 1.0), neg_margin=(-1.0, 1.0)), pml=_pml_pair("LiftedStructureLoss", "cosine"),
+         kinks=_lifted_pairs_kinks("cosine")),
+    Loss("tuplet", "TupletMarginLoss", dict(scale=16.0), hyper=dict(margin=(0.0, 30.0), scale=(1.0, 64.0)),
+         pml=_pml_pair("TupletMarginLoss"), kinks=_tuplet_kinks),
     Loss("triplet", "TripletMarginLoss", dict(margin=0.2), hyper=dict(margin=(0.0, 1.0)),
          pml=_pml_pair("TripletMarginLoss", "lp"), kinks=_triplet_kinks("lp")),
     Loss("triplet_cos", "TripletMarginLoss", dict(distance="cosine", margin=0.1), hyper=dict(margin=(0.0, 1.0)),
          pml=_pml_pair("TripletMarginLoss", "cosine"), kinks=_triplet_kinks("cosine")),
+    Loss("margin", "MarginLoss", dict(margin=0.2, beta=0.9), hyper=dict(margin=(0.0, 0.5), beta=(0.2, 1.5)),
+         pml=_pml_pair("MarginLoss", "lp"), kinks=_margin_kinks("lp")),
+    Loss("margin_cos", "MarginLoss", dict(distance="cosine", beta=0.1), hyper=dict(margin=(0.0, 0.5), beta=(-0.5, 0.8)),
+         pml=_pml_pair("MarginLoss", "cosine"), kinks=_margin_kinks("cosine")),
+    Loss("instance", "InstanceLoss", dict(gamma=16.0), hyper=dict(gamma=(1.0, 64.0)), pml=_pml_pair("InstanceLoss")),
+    Loss("npairs", "NPairsLoss", pml=_pml_pair("NPairsLoss")),
     Loss("nca", "NCALoss", hyper=dict(softmax_scale=(0.1, 8.0)), pml=_pml_pair("NCALoss"), kinks=_nca_kinks),
     Loss("nca_cos", "NCALoss", dict(distance="cosine"), hyper=dict(softmax_scale=(0.1, 8.0)),
          pml=_pml_pair("NCALoss", "cosine"), kinks=_nca_kinks),

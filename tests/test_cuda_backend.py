@@ -583,7 +583,7 @@ def _to_cuda(case: "kit.LossCase"):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("name,mode", [(n, m) for n in kit.PAIR_LOSSES for m in ("self", "ref", "ref_excl")]
+@pytest.mark.parametrize("name,mode", [(n, m) for n in kit.PAIR_LOSSES for m in kit.LOSSES[n].modes]
                          + [(n, "self") for n in kit.CLASS_LOSSES])
 def test_gpu_losses_match_reference(name, mode, dtype):
     """Every loss of the kit's table through backend="cuda": values and gradients against the fp64

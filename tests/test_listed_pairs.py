@@ -18,6 +18,9 @@ LOSSES = {
     "ContrastiveLoss": {}, "NTXentLoss": {},
     "NTXentLoss-lp": dict(distance=LpDistance()), "ContrastiveLoss-cos": dict(pos_margin=0.9, neg_margin=0.1,
                                                                              distance=CosineSimilarity()),
+    "LiftedStructureLoss": {},
+    "LiftedStructureLoss-cos": dict(pos_margin=0.8, neg_margin=0.2, distance=CosineSimilarity()),
+    "TupletMarginLoss": dict(scale=16),
 }
 MINERS = {
     "multi_similarity": lambda: pml_miners.MultiSimilarityMiner(0.2),

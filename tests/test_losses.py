@@ -14,7 +14,7 @@ GPU = torch.cuda.is_available()
 
 
 def _pair_modes():
-    return [(name, mode) for name in kit.PAIR_LOSSES for mode in ("self", "ref", "ref_excl")]
+    return [(name, mode) for name in kit.PAIR_LOSSES for mode in kit.LOSSES[name].modes]
 
 
 @pytest.mark.parametrize("backend", CPU_FUSED)
@@ -105,7 +105,7 @@ def test_gpu_loss_parity(name, dtype, backend):
     if backend not in fpl.available_backends("cuda"):
         pytest.fail(f"{backend} is not available on this GPU machine: {fpl.available_backends('cuda')}")
     loss = kit.LOSSES[name]
-    modes = ("self", "ref", "ref_excl") if loss.kind == "pair" else ("self",)
+    modes = loss.modes if loss.kind == "pair" else ("self",)
     for mode in modes:
         case = kit.loss_case(loss, 300, 64, torch.float32, mode, seed=3, num_classes=500)
         case = kit.cast_case(case, dtype)

@@ -105,7 +105,8 @@ def cases(draw, name, small=False, dtypes=(torch.float32, torch.float64), modes=
     d_lo = 4 if loss.distance == "lp" or data == "grid" else 2
     d = draw(st.integers(d_lo, 24 if small else 48))
     if loss.kind == "pair":
-        mode = draw(st.sampled_from(modes))
+        # PML's NPairsLoss / InstanceLoss take no ref_emb but the batch itself
+        mode = draw(st.sampled_from(modes if loss.entry.ref_emb else ("self", "ref_is_embeddings")))
         m = draw(sizes(hi))
         label_map = draw(st.sampled_from(LABEL_MAPS))
     else:  # m: the number of classes; labels are class indices
@@ -353,7 +354,7 @@ def test_every_loss_is_drawn_fully():
     """Each kit entry gives the property tests a range per hyper-parameter it has and a PML
     counterpart (or a reason in NO_PML); the losses with hinges or mining state their kinks."""
     for name, loss in kit.LOSSES.items():
-        assert loss.hyper, f"{name}: no hyper-parameter ranges in its kit entry"
+        assert loss.hyper or not loss.entry.hyper, f"{name}: no hyper-parameter ranges in its kit entry"
         defaults = loss.fn.__kwdefaults__
         assert set(loss.hyper) <= set(defaults), (name, set(loss.hyper) - set(defaults))
         assert all(lo <= hi for lo, hi in loss.hyper.values()), name

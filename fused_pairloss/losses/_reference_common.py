@@ -134,6 +134,16 @@ def pair_setup(embeddings, labels, ref_emb, ref_labels, indices_tuple, distance)
     return mat, pos, neg
 
 
+def pml_pair_lists(pos_cnt, neg_cnt):
+    """PML's (a1, p, a2, n) from pair-count matrices: each pair repeated by its count, in torch.where
+    (row-major) order; PML's own order is the tuple's, which a mean or a per-anchor LSE does not see."""
+    a1, p = torch.where(pos_cnt > 0)
+    a2, n = torch.where(neg_cnt > 0)
+    rep_p, rep_n = pos_cnt[a1, p], neg_cnt[a2, n]
+    return (a1.repeat_interleave(rep_p), p.repeat_interleave(rep_p), a2.repeat_interleave(rep_n),
+            n.repeat_interleave(rep_n))
+
+
 def too_few_pairs(n_pos, n_neg, device):
     # PML quirk (generic_pair_loss.py:18-19): at most one positive and one negative pair in the
     # whole batch -> zero loss, before any distance is computed.

@@ -25,6 +25,7 @@ class LossEntry:
     hyper: the hyper-parameters PML's constructor takes (after the sizes of a class loss), in its
         order; `defaults` reads their defaults from the functional form.
     in_pml: PML has a class of this name (ProxyCircleLoss: no).
+    ref_emb: a pair loss takes a separate ref_emb (PML's NPairsLoss and InstanceLoss refuse one).
     weight_layout: class losses: the parameter as PML stores it, "columns" (D, C*K) or "rows" (C, D).
     """
     cls: type
@@ -34,6 +35,7 @@ class LossEntry:
     fused: Optional[Callable] = None
     hyper: Tuple[str, ...] = ()
     in_pml: bool = True
+    ref_emb: bool = True
     weight_layout: Optional[str] = None
 
     def __post_init__(self):

@@ -149,6 +149,8 @@ def _differentiable_grads(outputs, grad_outputs, inputs, needed):
 def _differentiable_pair_backward(grad_values, q, r, labels_q, labels_r, exclude_col, terms, flags, need_q, need_r):
     from . import oracle  # the materializing oracle is only needed here
 
+    # nodes of their own: r may be q itself (the op's two inputs each get their own share)
+    q, r = q.view_as(q), (None if r is None else r.view_as(r))
     values, _, _ = oracle.pair_values(q, r, labels_q, labels_r, exclude_col, S.unpack_pair(terms, flags))
     return _differentiable_grads([values], [grad_values], [q, r], [need_q, need_r])
 

@@ -1,0 +1,118 @@
+"""Instance loss (Zheng et al., "Dual-Path Convolutional Image-Text Embeddings with Instance Loss",
+ACM TOMM 2020; PML InstanceLoss).
+
+PML's computation: the batch's cosine similarities scaled by gamma as logits, row i's target the
+column t_i = the rank of y_i among the batch's distinct labels (torch.unique(labels,
+return_inverse=True)); so per row, over every column j (its own included),
+    L_i = LSE_j (gamma S_ij) - gamma S_{i t_i},   loss = mean_i L_i (PML's MeanReducer).
+
+Declaration: x = gamma S on both pair sets, reduced by LSE, nothing excluded; the row's LSE is
+logaddexp(lse_pos, lse_neg). The target logit is one gathered row per row (O(N D)).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _validation as V
+from ..ops import engines
+from ..ops._common import LOCAL, normalize
+from ..ops.spec import PairLossSpec, PairTerm
+from ..ops.stats import pair_stats
+from ._base import _PairLoss, run_pair_loss
+from ._reference_common import nan_in_nan_out
+from ._registry import LossEntry
+
+
+def _targets(labels, device):
+    """PML's sim_label: the rank of each label among the distinct labels of the batch."""
+    return torch.unique(torch.as_tensor(labels, device=device), return_inverse=True)[1]
+
+
+def _check_self_only(embeddings, labels, ref_emb, ref_labels, name):
+    if ref_emb is not None and not (ref_emb is embeddings and ref_labels is labels):
+        raise ValueError(f"{name}: ref_emb / ref_labels are not supported (as in PML: ref_emb is not supported "
+                         "for this loss function)")
+
+
+def instance_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, gamma=64.0, distance="cosine",
+                       indices_tuple=None):
+    """PML InstanceLoss(gamma) (instance_loss.py) step by step: S of the normalized batch with itself
+    times gamma, cross-entropy against the labels' ranks among the distinct labels, their mean."""
+    _check_self_only(embeddings, labels, ref_emb, ref_labels, "InstanceLoss")
+    if indices_tuple is not None:
+        raise ValueError("InstanceLoss: indices_tuple is not supported (as in PML)")
+    q = normalize(embeddings)
+    logits = (q @ q.t()) * gamma
+    loss = torch.nn.functional.cross_entropy(logits, _targets(labels, embeddings.device), reduction="none").mean()
+    return nan_in_nan_out(loss, embeddings, None)
+
+
+def declaration(gamma):
+    term = PairTerm(scale=float(gamma), lse=True)
+    return PairLossSpec(pos=term, neg=term, distance="cosine")
+
+
+def combine(st: engines.PairStats, embeddings, target_logit, *, batch=LOCAL):
+    """L_i = logaddexp(lse_pos_i, lse_neg_i) - target_i (the target is a positive of row i: its
+    LSE over the whole row is finite), mean over the rows."""
+    row_lse = torch.logaddexp(st.lse_pos, st.lse_neg)
+    return batch.mean(row_lse - target_logit.to(row_lse.dtype)).to(embeddings.dtype)
+
+
+def instance_fused(embeddings, labels, ref_emb, ref_labels, *, gamma, distance="cosine", backend, exclude_col=None,
+                   batch=LOCAL):
+    _check_self_only(embeddings, labels, ref_emb, ref_labels, "InstanceLoss")
+    q = normalize(embeddings)
+    n = q.shape[0]
+    keep_all = torch.full((n,), -1, dtype=torch.int64, device=q.device)  # the row's own column is a logit too
+    labels_t = torch.as_tensor(labels, device=q.device)
+    st = pair_stats(q, q, labels_t, labels_t, keep_all, declaration(gamma), backend)
+    target = gamma * (q * q[_targets(labels_t, q.device)]).sum(1)
+    return nan_in_nan_out(combine(st, embeddings, target, batch=batch), embeddings, None)
+
+
+def instance_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, gamma=64.0, distance="cosine",
+                  backend="auto"):
+    """PML InstanceLoss(gamma): CosineSimilarity only, no ref_emb (as PML)."""
+    V.check_real("gamma", gamma)
+    if distance != "cosine":
+        raise ValueError(f"distance must be 'cosine' for InstanceLoss (PML asserts CosineSimilarity); got {distance!r}")
+    _check_self_only(embeddings, labels, ref_emb, ref_labels, "InstanceLoss")
+    return run_pair_loss(instance_reference, instance_fused, embeddings, labels, ref_emb, ref_labels, backend,
+                         gamma=gamma, distance=distance)
+
+
+class InstanceLoss(_PairLoss):
+    """Drop-in for pytorch_metric_learning.losses.InstanceLoss (CosineSimilarity; labels required; no
+    ref_emb and no indices_tuple, as in PML)."""
+    _distances = ("cosine",)
+    _cosine_only = True
+    _reference = staticmethod(instance_reference)
+    _listed_pairs = False
+    _fused_in_wrappers = False  # PML's wrappers pass a ref_emb, which PML's InstanceLoss refuses
+
+    def __init__(self, gamma=64, backend="auto", **kwargs):
+        super().__init__()
+        V.check_real("gamma", gamma)
+        self.gamma = gamma
+        self._init_pair(backend, kwargs, (gamma,))
+
+    def _hyper(self):
+        return dict(gamma=self.gamma, distance=self._distance_kind)
+
+    def _functional(self):
+        return instance_loss
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        if self._pml is None:
+            if labels is None:
+                raise ValueError("InstanceLoss: labels is required (as in PML)")
+            if indices_tuple is not None:
+                raise ValueError("InstanceLoss: indices_tuple is not supported (as in PML)")
+        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+
+ENTRIES = (
+    LossEntry(InstanceLoss, "pair", functional=instance_loss, reference=instance_reference, fused=instance_fused,
+              hyper=("gamma",), ref_emb=False),
+)

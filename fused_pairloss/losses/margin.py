@@ -1,0 +1,208 @@
+"""Margin loss (Wu et al., "Sampling Matters in Deep Embedding Learning", ICCV 2017; PML MarginLoss).
+
+Per triplet (a, p, n) with u = d (LpDistance, PML's default) or u = S (cosine; PML's
+distance.margin(x, y) = y - x for a similarity), beta the boundary and m the margin:
+    pos_apn = relu(margin(u_ap, beta) + m),   neg_apn = relu(margin(beta, u_an) + m),
+PML's DivisorReducer: sum over the triplets of pos + neg, divided by the number of nonzero pos and
+neg terms (0 when that is 0); plus beta * nu when beta is learned.
+
+All triplets without enumerating them: pos_apn depends on (a, p) only and neg_apn on (a, n) only,
+so with P_a / N_a the positives / negatives of row a,
+    sum_{p,n} (pos_apn + neg_apn) = |N_a| sum_p pos_ap + |P_a| sum_n neg_an,
+and the nonzero count is |N_a| #{pos_ap > 0} + |P_a| #{neg_an > 0}. Declaration: per set a hinge
+term summed per row (x = d - (beta - m), x = beta + m - d for lp). A learned scalar beta gets its
+gradient from the counts: d/d beta = (#{neg > 0} - #{pos > 0}) / divisor for lp (the other sign
+for cosine), added through (beta - beta.detach()) * gradient.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _validation as V
+from ..ops import engines
+from ..ops._common import LOCAL, pair_operands, zero_loss
+from ..ops.spec import PairLossSpec, PairTerm
+from ..ops.stats import pair_stats
+from ._base import _PairLoss, run_pair_loss
+from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
+from ._registry import LossEntry
+from .triplet_margin import all_triplets, join_on_anchor, triplet_distances
+
+
+def _beta_tensor(beta, like):
+    """beta as PML uses it: c_f.to_device(beta, device=..., dtype=embeddings.dtype), shape (1,) or (C,)."""
+    return torch.as_tensor(beta).to(device=like.device, dtype=like.dtype).reshape(-1)
+
+
+def margin_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.2, nu=0.0, beta=1.2,
+                     learn_beta=False, distance="lp", indices_tuple=None):
+    """PML MarginLoss(margin, nu, beta, learn_beta) with triplets_per_anchor="all" (margin_loss.py),
+    step by step: the triplets (all of them under PML's identity rule, or the listed ones joined on
+    the anchor as lmu.convert_to_triplets), beta per triplet (one value, or beta[labels[a]] for a
+    per-class beta), pos / neg terms, DivisorReducer of their sum by the nonzero count, the beta
+    regularizer beta * nu when learned (already reduced for one beta, per triplet by the divisor for
+    a per-class one), the sub-losses summed in the embeddings' dtype (PML's MultipleReducers)."""
+    check_distance(distance, loss="margin_loss")
+    self_mode = ref_emb is None or (ref_emb is embeddings and ref_labels is labels)
+    ref, ref_lab = (embeddings, labels) if ref_emb is None else (ref_emb, ref_labels)
+    zero = zero_loss(embeddings)
+    if indices_tuple is None:
+        labels_t = torch.as_tensor(labels, device=embeddings.device)
+        ref_t = labels_t if ref_lab is labels else torch.as_tensor(ref_lab, device=embeddings.device)
+        a, p, n = all_triplets(labels_t, ref_t, exclude_self=self_mode or ref_lab is labels)
+        mat = distance_matrix(embeddings, ref, distance)
+        u_ap, u_an = mat[a, p], mat[a, n]
+    else:
+        if len(indices_tuple) == 4:
+            a1, p1, a2, n2 = (torch.as_tensor(t, device=embeddings.device).long() for t in indices_tuple)
+            pi, ni = join_on_anchor(a1, a2)
+            a, p, n = a1[pi], p1[pi], n2[ni]
+        else:
+            a, p, n = (torch.as_tensor(t, device=embeddings.device).long() for t in indices_tuple)
+        u_ap, u_an = triplet_distances(embeddings, ref, a, p, n, distance)
+    if a.numel() == 0:  # PML's zero_losses: both sub-losses sum(embeddings * 0)
+        return nan_in_nan_out(zero + zero, embeddings, ref_emb)
+    beta_t = _beta_tensor(beta, embeddings)
+    b = beta_t if beta_t.numel() == 1 else beta_t[torch.as_tensor(labels, device=embeddings.device)[a]]
+    lp = distance == "lp"
+    pos = torch.relu((u_ap - b if lp else b - u_ap) + margin)
+    neg = torch.relu((b - u_an if lp else u_an - b) + margin)
+    divisor = (pos > 0).sum() + (neg > 0).sum()
+    margin_part = (pos + neg).sum() / divisor if divisor != 0 else zero
+    reg = zero
+    if learn_beta:
+        if beta_t.numel() == 1:
+            reg = (beta_t * nu).reshape(())
+        else:
+            reg = (b * nu).sum() / divisor if divisor != 0 else zero
+    return nan_in_nan_out((margin_part + reg).to(embeddings.dtype), embeddings, ref_emb)
+
+
+def declaration(margin, beta, distance="lp"):
+    b, m = float(beta), float(margin)
+    if distance == "lp":  # pos: d - (beta - m), neg: (beta + m) - d
+        pos, neg = PairTerm(scale=1.0, shift=b - m), PairTerm(scale=-1.0, shift=b + m)
+    else:  # pos: (beta + m) - S, neg: S - (beta - m)
+        pos, neg = PairTerm(scale=-1.0, shift=b + m), PairTerm(scale=1.0, shift=b - m)
+    hinged = dict(hinge=True, sum=True)
+    return PairLossSpec(pos=PairTerm(pos.scale, pos.shift, **hinged), neg=PairTerm(neg.scale, neg.shift, **hinged),
+                        distance=distance)
+
+
+def combine(st: engines.PairStats, embeddings, *, beta, nu, learn_beta, distance, batch=LOCAL):
+    """Module docstring: the triplet sums from the rows' pair sums and counts."""
+    n_pos, n_neg = st.count_pos.long(), st.count_neg.long()
+    A = st.sum_pos.dtype
+    total = batch.sum(n_neg.to(A) * st.sum_pos + n_pos.to(A) * st.sum_neg)
+    pos_nonzero = batch.sum(n_neg * st.nonzero_pos.long())
+    neg_nonzero = batch.sum(n_pos * st.nonzero_neg.long())
+    divisor = pos_nonzero + neg_nonzero
+    zero = zero_loss(embeddings)
+    margin_part = torch.where(divisor > 0, (total / divisor.clamp(min=1)).to(embeddings.dtype), zero)
+    beta_t = _beta_tensor(beta, embeddings).reshape(())
+    if beta_t.requires_grad:  # the shift is a constant to the engine: beta's gradient from the counts
+        sign = 1.0 if distance == "lp" else -1.0
+        grad = sign * (neg_nonzero - pos_nonzero).to(embeddings.dtype) / divisor.clamp(min=1).to(embeddings.dtype)
+        margin_part = margin_part + (beta_t - beta_t.detach()) * torch.where(divisor > 0, grad, 0.0)
+    loss = margin_part + (beta_t * nu if learn_beta else 0.0)
+    has_triplets = batch.sum(n_pos * n_neg) > 0
+    return torch.where(has_triplets, loss, zero + zero)
+
+
+def margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, nu=0.0, beta=1.2, learn_beta=False,
+                 distance="lp", backend, exclude_col=None, batch=LOCAL):
+    q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
+    st = pair_stats(q, r, labels, labels_r, excl, declaration(margin, _scalar(beta), distance), backend)
+    loss = combine(st, embeddings, beta=beta, nu=nu, learn_beta=learn_beta, distance=distance, batch=batch)
+    # hinge terms drop NaN: NaN in, NaN out through an exact 0 of the inputs
+    return loss + zero_loss(embeddings) + (0 if ref_emb is None else zero_loss(ref_emb))
+
+
+def _scalar(beta):
+    t = torch.as_tensor(beta).detach()
+    if t.numel() != 1:
+        raise ValueError(f"beta: the fused margin loss takes one beta (PML's num_classes=None); got {t.numel()}")
+    return float(t.reshape(()))
+
+
+def margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.2, nu=0.0, beta=1.2,
+                learn_beta=False, distance="lp", backend="auto"):
+    """PML MarginLoss(margin, nu, beta, learn_beta) over all triplets; beta a float or a one-element
+    tensor (a learned one gets its gradient); PML's default distance LpDistance ("lp")."""
+    V.check_real("margin", margin)
+    V.check_real("nu", nu)
+    if not torch.is_tensor(beta):
+        V.check_real("beta", beta)
+    V.check_distance(distance)
+    return run_pair_loss(margin_reference, margin_fused, embeddings, labels, ref_emb, ref_labels, backend,
+                         margin=margin, nu=nu, beta=beta, learn_beta=learn_beta, distance=distance)
+
+
+class MarginLoss(_PairLoss):
+    """Drop-in for pytorch_metric_learning.losses.MarginLoss (default distance LpDistance). One beta
+    (learned or not) is fused; a per-class beta (num_classes) or an integer triplets_per_anchor
+    (random sampling) is computed by PML itself (one-time warning), sharing the module's beta."""
+    _default_distance = "lp"
+    _reference = staticmethod(margin_reference)
+    _listed_pairs = False  # listed triplets from their rows (_reference_with_indices)
+
+    def __init__(self, margin=0.2, nu=0, beta=1.2, triplets_per_anchor="all", learn_beta=False, num_classes=None,
+                 backend="auto", **kwargs):
+        super().__init__()
+        V.check_real("margin", margin)
+        V.check_real("nu", nu)
+        V.check_real("beta", beta)
+        if not (triplets_per_anchor == "all" or (isinstance(triplets_per_anchor, int)
+                                                 and not isinstance(triplets_per_anchor, bool)
+                                                 and triplets_per_anchor > 0)):
+            raise ValueError(f"triplets_per_anchor must be 'all' or an int > 0; got {triplets_per_anchor!r}")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 0):
+            raise ValueError(f"num_classes must be None or an int >= 0; got {num_classes!r}")
+        self.margin, self.nu, self.learn_beta = margin, nu, bool(learn_beta)
+        self.triplets_per_anchor = triplets_per_anchor
+        # PML's initialize_beta: shape (1,) or (num_classes,), a Parameter when learned
+        beta_t = torch.tensor([float(beta)])
+        if num_classes:
+            beta_t = torch.ones(num_classes) * beta_t
+        self.beta = torch.nn.Parameter(beta_t) if self.learn_beta else beta_t
+        pml_only = {k: v for k, v in (("triplets_per_anchor", triplets_per_anchor), ("num_classes", num_classes))
+                    if v not in ("all", None, 0)}
+        self.backend = backend
+        self._setup_kwargs(dict(kwargs, **pml_only), (margin, nu, beta), dict(learn_beta=self.learn_beta),
+                           param_name="beta")
+
+    def _hyper(self):
+        return dict(margin=self.margin, nu=self.nu, beta=self.beta, learn_beta=self.learn_beta,
+                    distance=self._distance_kind)
+
+    def _functional(self):
+        return margin_loss
+
+    def _reference_with_indices(self, embeddings, labels, indices_tuple, ref_emb, ref_labels, hyper):
+        # the listed triplets' rows only (O(#triplets D)): no N x M matrix, so no warning
+        from ..ops.listed import check_indices
+        V.check_embeddings(embeddings)
+        if ref_emb is not None:
+            V.check_embeddings(ref_emb, "ref_emb")
+        if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
+            raise ValueError("indices_tuple must be a tuple of 3 (a, p, n) or 4 (a1, p, a2, n) index tensors")
+        listed = [torch.as_tensor(t).reshape(-1) for t in indices_tuple]
+        check_indices(listed if len(listed) == 4 else (listed[0], listed[1], listed[0], listed[2]),
+                      embeddings.shape[0], (embeddings if ref_emb is None else ref_emb).shape[0])
+        return margin_reference(embeddings, labels, ref_emb, ref_labels, indices_tuple=indices_tuple, **hyper)
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        if self._pml is None and labels is None and indices_tuple is None:
+            raise ValueError("MarginLoss needs labels or an indices_tuple (PML: labels and indices_tuple "
+                             "cannot both be None)")
+        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", triplets_per_anchor={self.triplets_per_anchor!r}"
+
+
+ENTRIES = (
+    LossEntry(MarginLoss, "pair", functional=margin_loss, reference=margin_reference, fused=margin_fused,
+              hyper=("margin", "nu", "beta")),
+)

@@ -1,0 +1,226 @@
+"""PML's MarginLoss, LiftedStructureLoss, TupletMarginLoss, NPairsLoss and InstanceLoss against
+PML's own classes where the kit's table (tests/kit.py) does not reach: a learned beta's gradient
+and PML's fallbacks (per-class beta, sampled triplets), every PML miner's tuple, PML's errors, the
+attributes PML users read, state_dicts both ways, and the positive-pair op (opcheck, many chunks,
+the miner's listed pairs)."""
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import fused_pairloss as fpl
+from fused_pairloss.ops import positive_pairs
+from kit import check_close
+
+pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
+from pytorch_metric_learning.distances import CosineSimilarity  # noqa: E402
+
+
+def inputs(n, d, classes, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    return x, torch.randint(0, classes, (n,), generator=g)
+
+
+def value_and_grads(fn, params):
+    out = fn()
+    grads = torch.autograd.grad(out, params, allow_unused=True)
+    return out, [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def check_against_pml(ours, pml, args, params, pml_params, dtype):
+    """Values and gradients (params of ours, the matching pml_params of PML's) with the kit's rule:
+    PML in fp64 is the truth, PML in the case's dtype the same-dtype reference."""
+    val, grads = value_and_grads(lambda: ours(*args), params)
+    pml_val, pml_grads = value_and_grads(lambda: pml(*args), pml_params)
+    conv = {id(p): p.detach().double().requires_grad_(True) for p in params if p.dtype == dtype}
+    args64 = [conv.get(id(a), a) for a in args]
+    pml64 = [conv.get(id(p), p) for p in pml_params]
+    truth, truth_grads = value_and_grads(lambda: pml(*args64), pml64)
+    check_close(val, truth, pml_val, what="value", dtype=dtype)
+    for k, (a, b, t) in enumerate(zip(grads, pml_grads, truth_grads)):
+        check_close(a, t, b, what=f"grad {k}", dtype=dtype)
+
+
+# ---- MarginLoss -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("distance", ["lp", "cosine"])
+@pytest.mark.parametrize("mode", ["self", "ref"])
+def test_margin_learned_beta_matches_pml(dtype, distance, mode):
+    """learn_beta=True, nu > 0: the value and the gradients of the embeddings and of beta (from the
+    rows' nonzero counts) equal PML's; beta's state_dict entry is PML's."""
+    kw = dict(margin=0.2, nu=0.3, beta=0.8 if distance == "lp" else 0.2, learn_beta=True)
+    if distance == "cosine":
+        kw["distance"] = CosineSimilarity()
+    ours, pml = fpl.MarginLoss(**kw), pml_losses.MarginLoss(**kw)
+    assert set(ours.state_dict()) == set(pml.state_dict()) == {"beta"}
+    x, y = inputs(40, 12, 5, dtype, seed=1)
+    if mode == "self":
+        args, params = (x, y), [x]
+    else:
+        r, ry = inputs(30, 12, 5, dtype, seed=2)
+        args, params = (x, y, None, r, ry), [x, r]
+    val, grads = value_and_grads(lambda: ours(*args), params + [ours.beta])
+    pml_val, pml_grads = value_and_grads(lambda: pml(*args), params + [pml.beta])
+    check_close(val, pml_val.to(dtype), pml_val, what="value", dtype=dtype)
+    for k, (a, b) in enumerate(zip(grads, pml_grads)):
+        check_close(a, b, what=f"grad {k}", dtype=dtype)
+    assert float(grads[-1].abs().sum()) > 0  # beta's gradient is checked, not a zero against a zero
+
+
+@pytest.mark.parametrize("kw", [dict(num_classes=5, learn_beta=True), dict(triplets_per_anchor=4)])
+def test_margin_per_class_beta_and_sampling_are_computed_by_pml(kw, monkeypatch):
+    """A per-class beta (PML's num_classes) and sampled triplets: PML computes, sharing our beta
+    (its state_dict loads into PML's module and back), with a one-time warning naming the class."""
+    monkeypatch.setattr(fpl.losses._base, "_warned", set())  # the warning is once per process
+    ours = fpl.MarginLoss(nu=0.1, **kw)
+    pml = pml_losses.MarginLoss(nu=0.1, **kw)
+    with torch.no_grad():
+        ours.beta.copy_(torch.linspace(0.6, 1.4, ours.beta.numel()))
+    pml.load_state_dict(ours.state_dict())
+    ours.load_state_dict(pml.state_dict())
+    if not ours.learn_beta:  # a plain tensor attribute in PML, outside the state_dict
+        pml.beta = ours.beta.clone()
+    x, y = inputs(30, 8, 5, torch.float64, seed=3)
+    with pytest.warns(UserWarning, match="MarginLoss"):
+        torch.manual_seed(0), np.random.seed(0)  # PML samples triplets with numpy's global generator
+        val, grads = value_and_grads(lambda: ours(x, y), [x] + ([ours.beta] if ours.learn_beta else []))
+    torch.manual_seed(0), np.random.seed(0)
+    pml_val, pml_grads = value_and_grads(lambda: pml(x, y), [x] + ([pml.beta] if pml.learn_beta else []))
+    assert torch.equal(val, pml_val)
+    for a, b in zip(grads, pml_grads):
+        assert torch.equal(a, b)
+
+
+MINERS = {
+    "multi_similarity": lambda: pml_miners.MultiSimilarityMiner(0.2),
+    "pair_margin": lambda: pml_miners.PairMarginMiner(0.6, 0.9),
+    "batch_hard": lambda: pml_miners.BatchHardMiner(),
+    "batch_easy_hard": lambda: pml_miners.BatchEasyHardMiner(),
+    "triplet_margin": lambda: pml_miners.TripletMarginMiner(0.3),
+}
+
+
+@pytest.mark.parametrize("miner", list(MINERS))
+@pytest.mark.parametrize("cls,kw", [("MarginLoss", dict(beta=0.9)), ("MarginLoss", dict(learn_beta=True, nu=0.2)),
+                                    ("LiftedStructureLoss", {}), ("TupletMarginLoss", dict(scale=16)),
+                                    ("NPairsLoss", {})])
+def test_miner_tuples_match_pml(cls, kw, miner):
+    """A PML miner's tuple (pairs or triplets), also labels=None for the losses PML allows it:
+    values and gradients equal PML's."""
+    x, y = inputs(40, 8, 5, torch.float64, seed=4)
+    ours, pml = getattr(fpl.losses, cls)(**kw), getattr(pml_losses, cls)(**kw)
+    idx = MINERS[miner]()(x.detach(), y)
+    learned = [ours.beta] if kw.get("learn_beta") else []
+    pml_learned = [pml.beta] if kw.get("learn_beta") else []
+    check_against_pml(ours, pml, (x, y, idx), [x] + learned, [x] + pml_learned, torch.float64)
+    if cls != "NPairsLoss":  # PML's NPairsLoss requires labels
+        check_close(ours(x, None, idx), pml(x, None, idx), what="labels=None")
+
+
+def test_margin_without_triplets_is_pml_zero():
+    x, y = inputs(6, 4, 6, torch.float64, seed=5)
+    y = torch.arange(6)  # no positive pair
+    out = fpl.MarginLoss(learn_beta=True, nu=1.0)(x, y)
+    assert out.item() == 0.0 and out.grad_fn is not None
+
+
+# ---- LiftedStructureLoss, TupletMarginLoss ---------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("cls,kw", [("LiftedStructureLoss", dict(neg_margin=0.8, pos_margin=0.1)),
+                                    ("LiftedStructureLoss", dict(neg_margin=0.2, pos_margin=0.8,
+                                                                 distance=CosineSimilarity())),
+                                    ("TupletMarginLoss", dict(margin=10.0, scale=32))])
+@pytest.mark.parametrize("mode", ["ref_larger", "ref_smaller"])
+def test_positive_pair_losses_ref_sizes_match_pml(cls, kw, mode, dtype):
+    """PML reads a positive pair's column index as a row index of the batch (LiftedStructureLoss's
+    n_per_p): a ref with more rows than the batch, and one with fewer."""
+    x, y = inputs(30, 8, 4, dtype, seed=6)
+    r, ry = inputs(45 if mode == "ref_larger" else 17, 8, 4, dtype, seed=7)
+    ours, pml = getattr(fpl.losses, cls)(**kw), getattr(pml_losses, cls)(**kw)
+    check_against_pml(ours, pml, (x, y, None, r, ry), [x, r], [x, r], dtype)
+
+
+def test_tuplet_margin_attributes_are_pmls():
+    ours, pml = fpl.TupletMarginLoss(margin=7.5, scale=32), pml_losses.TupletMarginLoss(margin=7.5, scale=32)
+    assert ours.margin == pytest.approx(float(pml.margin), rel=1e-15) and ours.scale == pml.scale
+    ours.margin = math.radians(3.0)
+    pml.margin = math.radians(3.0)
+    x, y = inputs(20, 6, 4, torch.float64, seed=8)
+    check_close(ours(x, y), pml(x, y), what="after setting margin in radians")
+    with pytest.raises(ValueError, match="CosineSimilarity"):
+        fpl.TupletMarginLoss(distance=pml_losses.LiftedStructureLoss().distance)  # LpDistance
+
+
+@pytest.mark.parametrize("term,lp", [("lifted_structure", True), ("lifted_structure", False),
+                                     ("tuplet_margin", False)])
+@pytest.mark.parametrize("self_mode", [True, False])
+def test_positive_pair_op_opcheck(term, lp, self_mode):
+    g = torch.Generator().manual_seed(9)
+    q = torch.nn.functional.normalize(torch.randn(13, 5, generator=g, dtype=torch.float64), dim=1)
+    r = q if self_mode else torch.nn.functional.normalize(torch.randn(9, 5, generator=g, dtype=torch.float64), dim=1)
+    lq = torch.randint(0, 3, (13,), generator=g)
+    lr = lq if self_mode else torch.randint(0, 3, (9,), generator=g)
+    excl = torch.arange(13) if self_mode else torch.full((13,), -1)
+    row = torch.randn(13, generator=g, dtype=torch.float64)
+    col = torch.randn(r.shape[0], generator=g, dtype=torch.float64)
+    args = (q.clone().requires_grad_(True), r.clone().requires_grad_(True), lq, lr, excl,
+            row.requires_grad_(True), col.requires_grad_(True), term, 0.5, 0.1, lp)
+    torch.library.opcheck(positive_pairs.positive_pair_rows, args)
+    out = positive_pairs.positive_pair_rows(*args)
+    torch.library.opcheck(positive_pairs.positive_pair_rows_backward,
+                          (torch.ones_like(out), q, r, lq, lr, excl, row.detach(), col.detach(), term, 0.5, 0.1, lp,
+                           [True, True, True, True]))
+    assert torch.autograd.gradcheck(lambda *t: positive_pairs.positive_pair_rows(*t[:2], lq, lr, excl, *t[2:],
+                                                                                 term, 0.5, 0.1, lp),
+                                    (args[0], args[1], args[5], args[6]))
+
+
+def test_positive_pair_op_in_many_chunks(monkeypatch):
+    """Pairs split into several chunks of gathers give one chunk's values and gradients."""
+    x, y = inputs(60, 8, 3, torch.float64, seed=10)
+    loss = fpl.LiftedStructureLoss()
+    one, one_grads = value_and_grads(lambda: loss(x, y), [x])
+    monkeypatch.setattr(positive_pairs, "CHUNK_PAIRS", 37)
+    many, many_grads = value_and_grads(lambda: loss(x, y), [x])
+    check_close(many, one, what="value")
+    check_close(many_grads[0], one_grads[0], what="grad")
+
+
+# ---- NPairsLoss, InstanceLoss ------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", ["NPairsLoss", "InstanceLoss"])
+def test_self_only_losses_refuse_what_pml_refuses(cls):
+    x, y = inputs(12, 4, 3, torch.float32, seed=11)
+    r, ry = inputs(12, 4, 3, torch.float32, seed=12)
+    ours, pml = getattr(fpl.losses, cls)(), getattr(pml_losses, cls)()
+    for call in (lambda m: m(x, y, None, r, ry), lambda m: m(x, None)):
+        with pytest.raises(ValueError):
+            call(pml)
+        with pytest.raises(ValueError, match=cls):
+            call(ours)
+    check_close(ours(x, y, None, x, y), pml(x, y, None, x, y), what="ref_emb is embeddings")
+    if cls == "InstanceLoss":
+        idx = pml_miners.MultiSimilarityMiner(0.2)(x, y)
+        with pytest.raises(ValueError, match="indices_tuple"):
+            ours(x, y, idx)
+
+
+def test_n_pairs_num_pairs_is_pmls():
+    x, y = inputs(20, 4, 6, torch.float64, seed=13)
+    ours, pml = fpl.NPairsLoss(), pml_losses.NPairsLoss()
+    check_close(ours(x, y), pml(x, y), what="value")
+    assert ours.num_pairs == pml.num_pairs > 0
+
+
+def test_instance_gamma_and_other_distances():
+    ours = fpl.InstanceLoss(gamma=32)
+    assert ours.gamma == 32 and type(ours.distance).__name__ == "CosineSimilarity"
+    with pytest.raises(ValueError, match="CosineSimilarity"):
+        fpl.InstanceLoss(distance=pml_losses.MarginLoss().distance)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fused path: no fallback warning
+        x, y = inputs(10, 4, 3, torch.float32, seed=14)
+        ours(x, y)
