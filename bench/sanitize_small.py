@@ -47,17 +47,18 @@ def parse_args(argv=None):
 
 
 def discover(registry):
-    """(name, fn, engine, params, weight_layout) for every loss of the table: its functional form."""
-    return [(e.functional_name, e.functional, e.kind, inspect.signature(e.functional).parameters, e.weight_layout)
-            for e in registry.values()]
+    """(name, fn, engine, params, weight_layout, modes) for every loss of the table: its functional
+    form, and the pair modes it takes (PML's NPairsLoss / InstanceLoss: no ref_emb)."""
+    return [(e.functional_name, e.functional, e.kind, inspect.signature(e.functional).parameters, e.weight_layout,
+             ("self", "ref", "ref_excl") if e.ref_emb else ("self",)) for e in registry.values()]
 
 
-def pair_cases(name, fn, params, n, m):
+def pair_cases(name, fn, params, n, m, modes):
     """(label, kwargs-builder) pairs: modes x (plain, mined)."""
     variants = [("", {})]
     if "miner_epsilon" in params:
         variants.append(("+miner", {"miner_epsilon": 0.1}))
-    for mode in ("self", "ref", "ref_excl"):
+    for mode in modes:
         for vname, kw in variants:
             yield f"{name}{vname} {mode}", mode, kw
 
@@ -114,13 +115,13 @@ def main(argv=None):
         for dt_name in args.dtypes:
             dtype = getattr(torch, dt_name)
             for d in args.dims:
-                for name, fn, engine, params, layout in losses:
+                for name, fn, engine, params, layout, modes in losses:
                     if engine == "pair":
                         x0 = torch.randn(n, d, generator=gen)
                         r0 = torch.randn(m, d, generator=gen)
                         y = torch.randint(0, 5, (n,), generator=gen).to(dev)
                         yr = torch.randint(0, 5, (m,), generator=gen).to(dev)
-                        for label, mode, kw in pair_cases(name, fn, params, n, m):
+                        for label, mode, kw in pair_cases(name, fn, params, n, m, modes):
                             x = x0.to(dev, dtype).requires_grad_()
                             leaves, call = [x], None
                             if mode == "self":

@@ -75,6 +75,7 @@ def pair_losses():
         "triplet": (lambda: fpl.TripletMarginLoss(0.2), lambda: L.TripletMarginLoss(0.2), None),
         "triplet_cos": (lambda: fpl.TripletMarginLoss(0.1, distance=cos()),
                         lambda: L.TripletMarginLoss(0.1, distance=cos()), None),
+        "margin": (lambda: fpl.MarginLoss(0.2, beta=0.9), lambda: L.MarginLoss(0.2, beta=0.9), None),
     }
 
 
@@ -89,6 +90,9 @@ def fallback_losses():
                        lambda: L.MultiSimilarityLoss(reducer=reducers.MeanReducer())),
         "reference_backend": (lambda: fpl.CircleLoss(backend="reference"), lambda: L.CircleLoss()),
         "pml_loss_object": (lambda: L.TripletMarginLoss(), lambda: L.TripletMarginLoss()),
+        # fused by their own forward on the gathered batch as ref_emb, as PML calls them
+        "lifted_pairs": (lambda: fpl.LiftedStructureLoss(), lambda: L.LiftedStructureLoss()),
+        "tuplet": (lambda: fpl.TupletMarginLoss(scale=16), lambda: L.TupletMarginLoss(scale=16)),
     }
 
 

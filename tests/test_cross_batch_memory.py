@@ -39,6 +39,11 @@ LOSSES = {
     "triplet": (lambda: fpl.TripletMarginLoss(0.2), lambda: L.TripletMarginLoss(0.2)),
     "triplet_cos": (lambda: fpl.TripletMarginLoss(0.1, distance=Dm.CosineSimilarity()),
                     lambda: L.TripletMarginLoss(0.1, distance=Dm.CosineSimilarity())),
+    "margin": (lambda: fpl.MarginLoss(0.2, beta=0.9), lambda: L.MarginLoss(0.2, beta=0.9)),
+    "margin_cos": (lambda: fpl.MarginLoss(0.1, beta=0.3, distance=Dm.CosineSimilarity()),
+                   lambda: L.MarginLoss(0.1, beta=0.3, distance=Dm.CosineSimilarity())),
+    "lifted_pairs": (lambda: fpl.LiftedStructureLoss(), lambda: L.LiftedStructureLoss()),
+    "tuplet": (lambda: fpl.TupletMarginLoss(scale=16), lambda: L.TupletMarginLoss(scale=16)),
 }
 
 
