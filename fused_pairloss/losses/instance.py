@@ -6,8 +6,9 @@ column t_i = the rank of y_i among the batch's distinct labels (torch.unique(lab
 return_inverse=True)); so per row, over every column j (its own included),
     L_i = LSE_j (gamma S_ij) - gamma S_{i t_i},   loss = mean_i L_i (PML's MeanReducer).
 
-Declaration: x = gamma S on both pair sets, reduced by LSE, nothing excluded; the row's LSE is
-logaddexp(lse_pos, lse_neg). The target logit is one gathered row per row (O(N D)).
+Declaration: x = gamma S on both pair sets, reduced by LSE, in self mode (the row's own column
+excluded, so the engine's symmetric self-mode pass serves); the row's LSE is that of lse_pos,
+lse_neg and its own logit gamma q_i . q_i. The target logit is one gathered row per row (O(N D)).
 """
 from __future__ import annotations
 
@@ -52,23 +53,23 @@ def declaration(gamma):
     return PairLossSpec(pos=term, neg=term, distance="cosine")
 
 
-def combine(st: engines.PairStats, embeddings, target_logit, *, batch=LOCAL):
-    """L_i = logaddexp(lse_pos_i, lse_neg_i) - target_i (the target is a positive of row i: its
-    LSE over the whole row is finite), mean over the rows."""
-    row_lse = torch.logaddexp(st.lse_pos, st.lse_neg)
-    return batch.mean(row_lse - target_logit.to(row_lse.dtype)).to(embeddings.dtype)
+def combine(st: engines.PairStats, embeddings, own_logit, target_logit, *, batch=LOCAL):
+    """L_i = LSE(lse_pos_i, lse_neg_i, own_i) - target_i (own_i finite: so is the row's LSE), mean
+    over the rows."""
+    A = st.lse_pos.dtype
+    row_lse = torch.logsumexp(torch.stack([st.lse_pos, st.lse_neg, own_logit.to(A)]), dim=0)
+    return batch.mean(row_lse - target_logit.to(A)).to(embeddings.dtype)
 
 
 def instance_fused(embeddings, labels, ref_emb, ref_labels, *, gamma, distance="cosine", backend, exclude_col=None,
                    batch=LOCAL):
     _check_self_only(embeddings, labels, ref_emb, ref_labels, "InstanceLoss")
     q = normalize(embeddings)
-    n = q.shape[0]
-    keep_all = torch.full((n,), -1, dtype=torch.int64, device=q.device)  # the row's own column is a logit too
     labels_t = torch.as_tensor(labels, device=q.device)
-    st = pair_stats(q, q, labels_t, labels_t, keep_all, declaration(gamma), backend)
+    st = pair_stats(q, None, labels_t, None, None, declaration(gamma), backend)
+    own = gamma * (q * q).sum(1)  # the row's own column, which self mode leaves out
     target = gamma * (q * q[_targets(labels_t, q.device)]).sum(1)
-    return nan_in_nan_out(combine(st, embeddings, target, batch=batch), embeddings, None)
+    return nan_in_nan_out(combine(st, embeddings, own, target, batch=batch), embeddings, None)
 
 
 def instance_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, gamma=64.0, distance="cosine",

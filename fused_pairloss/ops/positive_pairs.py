@@ -47,15 +47,17 @@ def label_positive_pairs(labels_q, labels_r, exclude_col):
     return rows[keep], cols[keep]
 
 
-# positive pairs per chunk of the op's gathers (two chunk x D row blocks live at once)
-CHUNK_PAIRS = 1 << 16
+# positive pairs per chunk of the op's gathers: two chunk x D row blocks live at once, small enough to
+# stay in cache (larger chunks measured slower per pair on a CPU: bench/results, new_losses_*)
+CHUNK_PAIRS = 2048
 
 
 def _pair_u(a, b, lp):
     """u of gathered pairs (rows a of q, b of r): a . b, or |a - b| (0 with gradient 0 at 0)."""
     if not lp:
         return (a * b).sum(1)
-    sq = ((a - b) ** 2).sum(1)
+    diff = a - b
+    sq = (diff * diff).sum(1)  # bitwise diff ** 2, without pow's slow path
     return torch.where(sq > 0, torch.where(sq > 0, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
 
 
@@ -65,7 +67,8 @@ def _values(a, b, row_stat, col_stat, same_index, term, p0, p1, lp):
 
 def _gathered(qa, ra, rows, cols, row_stat, col_stat, k0, k1):
     ri, ci = rows[k0:k1], cols[k0:k1]
-    return (qa[ri], ra[ci], row_stat[ri], col_stat[ci]), ri, ci
+    return (qa.index_select(0, ri), ra.index_select(0, ci), row_stat.index_select(0, ri),
+            col_stat.index_select(0, ci)), ri, ci
 
 
 def _sums(qa, ra, rows, cols, row_stat, col_stat, term, p0, p1, lp):
