@@ -73,6 +73,7 @@ BENCH_LOSSES = {
     "nca": BenchLoss("NCALoss"),
     "npairs": BenchLoss("NPairsLoss"),
     "instance": BenchLoss("InstanceLoss"),
+    "tcm": BenchLoss("ThresholdConsistentMarginLoss"),
     "softtriple": BenchLoss("SoftTripleLoss"),
     "proxycircle": BenchLoss("ProxyCircleLoss"),
     "proxyanchor": BenchLoss("ProxyAnchorLoss"),

@@ -347,6 +347,14 @@ def _tuplet_kinks(kw, g):
     return torch.where(t == 0, torch.full_like(t, 1e-30), t)
 
 
+def _tcm_kinks(kw, g):
+    """relu(m+ - S) over the positives, relu(S - m-) over the negatives. A pair exactly on its margin
+    is thrown out (returned just above 0), grid inputs included: PML counts it in its mean's
+    denominator, the fused count of terms > 0 does not (docs/semantics.md)."""
+    t = torch.cat([(g.mat - kw["margin_plus"])[g.pos], (g.mat - kw["margin_minus"])[g.neg]])
+    return torch.where(t == 0, torch.full_like(t, 1e-30), t)
+
+
 def _margin_kinks(distance):
     """MarginLoss: relu(margin(u_ap, beta) + m) per positive pair, relu(margin(beta, u_an) + m) per
     negative pair (each is in the triplets of its row when the row has the other kind)."""
@@ -473,6 +481,9 @@ LOSSES: Dict[str, Loss] = {l.name: l for l in [
          kinks=_lifted_pairs_kinks("cosine")),
     Loss("tuplet", "TupletMarginLoss", dict(scale=16.0), hyper=dict(margin=(0.0, 30.0), scale=(1.0, 64.0)),
          pml=_pml_pair("TupletMarginLoss"), kinks=_tuplet_kinks),
+    Loss("tcm", "ThresholdConsistentMarginLoss", dict(margin_plus=0.3, margin_minus=0.1),
+         hyper=dict(lambda_plus=(0.0, 2.0), lambda_minus=(0.0, 2.0), margin_plus=(-0.5, 1.0), margin_minus=(-0.5, 1.0)),
+         pml=_pml_pair("ThresholdConsistentMarginLoss"), kinks=_tcm_kinks),
     Loss("triplet", "TripletMarginLoss", dict(margin=0.2), hyper=dict(margin=(0.0, 1.0)),
          pml=_pml_pair("TripletMarginLoss", "lp"), kinks=_triplet_kinks("lp")),
     Loss("triplet_cos", "TripletMarginLoss", dict(distance="cosine", margin=0.1), hyper=dict(margin=(0.0, 1.0)),

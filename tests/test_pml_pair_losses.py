@@ -107,7 +107,7 @@ MINERS = {
 @pytest.mark.parametrize("miner", list(MINERS))
 @pytest.mark.parametrize("cls,kw", [("MarginLoss", dict(beta=0.9)), ("MarginLoss", dict(learn_beta=True, nu=0.2)),
                                     ("LiftedStructureLoss", {}), ("TupletMarginLoss", dict(scale=16)),
-                                    ("NPairsLoss", {})])
+                                    ("NPairsLoss", {}), ("ThresholdConsistentMarginLoss", dict(margin_plus=0.3))])
 def test_miner_tuples_match_pml(cls, kw, miner):
     """A PML miner's tuple (pairs or triplets), also labels=None for the losses PML allows it:
     values and gradients equal PML's."""
@@ -224,3 +224,19 @@ def test_instance_gamma_and_other_distances():
         warnings.simplefilter("error")  # the fused path: no fallback warning
         x, y = inputs(10, 4, 3, torch.float32, seed=14)
         ours(x, y)
+
+
+# ---- ThresholdConsistentMarginLoss -------------------------------------------------------------------
+def test_tcm_with_a_ref_is_computed_as_pml_computes_it(monkeypatch):
+    """PML's TCM takes both ends of a pair from embeddings, also with a ref_emb (its indices then
+    read rows of the batch): reproduced unfused, with a one-time warning at the caller's line."""
+    monkeypatch.setattr(fpl.losses._base, "_warned", set())
+    x, y = inputs(30, 8, 4, torch.float64, seed=15)
+    r, ry = inputs(20, 8, 4, torch.float64, seed=16)
+    ours, pml = fpl.ThresholdConsistentMarginLoss(margin_plus=0.4), pml_losses.ThresholdConsistentMarginLoss(
+        margin_plus=0.4)
+    with pytest.warns(UserWarning, match="ThresholdConsistentMarginLoss with a ref_emb") as record:
+        check_against_pml(ours, pml, (x, y, None, r, ry), [x], [x], torch.float64)
+    assert record[0].filename == __file__
+    idx = pml_miners.MultiSimilarityMiner(0.2)(x.detach(), y, r, ry)
+    check_against_pml(ours, pml, (x, y, idx, r, ry), [x], [x], torch.float64)

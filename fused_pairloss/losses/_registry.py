@@ -25,7 +25,9 @@ class LossEntry:
     hyper: the hyper-parameters PML's constructor takes (after the sizes of a class loss), in its
         order; `defaults` reads their defaults from the functional form.
     in_pml: PML has a class of this name (ProxyCircleLoss: no).
-    ref_emb: a pair loss takes a separate ref_emb (PML's NPairsLoss and InstanceLoss refuse one).
+    ref_emb: the fused path compares the batch with a separate ref_emb (PML's NPairsLoss and
+        InstanceLoss refuse one; its ThresholdConsistentMarginLoss reads both ends of a pair from
+        embeddings, which the reference reproduces).
     weight_layout: class losses: the parameter as PML stores it, "columns" (D, C*K) or "rows" (C, D).
     """
     cls: type

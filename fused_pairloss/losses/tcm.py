@@ -1,0 +1,151 @@
+"""Threshold-consistent margin loss (Zhang et al., "Threshold-Consistent Margin Loss for Open-World
+Deep Metric Learning", 2023; PML ThresholdConsistentMarginLoss), cosine only.
+
+Over PML's pair lists (all pairs, or an indices_tuple's, duplicates counted), with S the cosine
+similarity of the pair's two embeddings:
+    pos = sum_{S_ap <= m+} (m+ - S_ap) / #{S_ap <= m+}   (0 if none),
+    neg = sum_{S_an >= m-} (S_an - m-) / #{S_an >= m-}   (0 if none),
+    loss = lambda+ pos + lambda- neg (already reduced).
+
+Declaration: hinge terms relu(m+ - S) on the positives and relu(S - m-) on the negatives, summed
+with the count of terms > 0 per row. That count leaves out a pair exactly on its margin (its term
+is 0), which PML's <= / >= counts: the one deliberate difference (docs/semantics.md).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _validation as V
+from ..ops import engines
+from ..ops._common import LOCAL, pair_operands, zero_loss
+from ..ops.spec import PairLossSpec, PairTerm
+from ..ops.stats import pair_stats
+from ._base import _PairLoss, _warn_once, run_pair_loss
+from ._reference_common import check_distance, nan_in_nan_out, pair_counts_from_indices, pair_masks, pml_pair_lists
+from ._registry import LossEntry
+
+
+def tcm_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, lambda_plus=1.0, lambda_minus=1.0,
+                  margin_plus=0.9, margin_minus=0.5, distance="cosine", indices_tuple=None):
+    """PML ThresholdConsistentMarginLoss (tcm_loss.py) step by step: the pair lists
+    (lmu.convert_to_pairs), F.cosine_similarity of the rows of `embeddings` at those indices (PML
+    takes both ends from embeddings, also with a ref_emb), the masked means, their weighted sum."""
+    check_distance(distance, allowed=("cosine",), loss="threshold_consistent_margin_loss")
+    self_mode = ref_emb is None or (ref_emb is embeddings and ref_labels is labels)
+    ref_lab = labels if ref_emb is None else ref_labels
+    labels_t = torch.as_tensor(labels, device=embeddings.device)
+    ref_t = labels_t if ref_lab is labels else torch.as_tensor(ref_lab, device=embeddings.device)
+    shape = (labels_t.shape[0], ref_t.shape[0])
+    if indices_tuple is None:
+        pos, neg = pair_masks(labels_t, ref_t, exclude_self=self_mode or ref_lab is labels)
+        pos, neg = pos.long(), neg.long()
+    else:
+        pos, neg = pair_counts_from_indices(indices_tuple, shape, embeddings.device)
+    a1, p, a2, n = pml_pair_lists(pos, neg)
+    pos_sims = torch.nn.functional.cosine_similarity(embeddings[a1], embeddings[p])
+    neg_sims = torch.nn.functional.cosine_similarity(embeddings[a2], embeddings[n])
+    below = pos_sims <= margin_plus
+    above = neg_sims >= margin_minus
+    pos_tcm = ((margin_plus - pos_sims) * below).sum() / below.sum() if below.any() else 0
+    neg_tcm = ((neg_sims - margin_minus) * above).sum() / above.sum() if above.any() else 0
+    loss = lambda_plus * pos_tcm + lambda_minus * neg_tcm
+    if not torch.is_tensor(loss):  # PML's zero loss for a plain 0
+        loss = zero_loss(embeddings)
+    return nan_in_nan_out(loss, embeddings, None)
+
+
+def declaration(margin_plus, margin_minus):
+    return PairLossSpec(pos=PairTerm(scale=-1.0, shift=float(margin_plus), hinge=True, sum=True),
+                        neg=PairTerm(scale=1.0, shift=float(margin_minus), hinge=True, sum=True), distance="cosine")
+
+
+def combine(st: engines.PairStats, embeddings, *, lambda_plus, lambda_minus, batch=LOCAL):
+    def masked_mean(total, count):
+        n = batch.sum(count)
+        return torch.where(n > 0, batch.sum(total) / n.clamp(min=1), 0.0)
+
+    loss = lambda_plus * masked_mean(st.sum_pos, st.nonzero_pos) + lambda_minus * masked_mean(st.sum_neg,
+                                                                                               st.nonzero_neg)
+    return loss.to(embeddings.dtype)
+
+
+def _separate_ref(embeddings, labels, ref_emb, ref_labels):
+    return ref_emb is not None and not (ref_emb is embeddings and ref_labels is labels)
+
+
+def _warn_unfused_ref(stacklevel):
+    _warn_once("tcm.ref", "fused_pairloss: ThresholdConsistentMarginLoss with a ref_emb is computed as PML computes "
+               "it (both ends of a pair taken from embeddings), unfused", stacklevel=stacklevel)
+
+
+def tcm_fused(embeddings, labels, ref_emb, ref_labels, *, lambda_plus=1.0, lambda_minus=1.0, margin_plus=0.9,
+              margin_minus=0.5, distance="cosine", backend, exclude_col=None, batch=LOCAL):
+    hyper = dict(lambda_plus=lambda_plus, lambda_minus=lambda_minus, margin_plus=margin_plus,
+                 margin_minus=margin_minus, distance=distance)
+    if _separate_ref(embeddings, labels, ref_emb, ref_labels) and exclude_col is None:
+        # PML takes both ends of a pair from embeddings, also the ref's: what it computes then is
+        # not a comparison with ref_emb, so it is reproduced as it is, unfused
+        return tcm_reference(embeddings, labels, ref_emb, ref_labels, **hyper)
+    q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
+    st = pair_stats(q, r, labels, labels_r, excl, declaration(margin_plus, margin_minus), backend)
+    loss = combine(st, embeddings, lambda_plus=lambda_plus, lambda_minus=lambda_minus, batch=batch)
+    return nan_in_nan_out(loss, embeddings, None)
+
+
+def threshold_consistent_margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, lambda_plus=1.0,
+                                     lambda_minus=1.0, margin_plus=0.9, margin_minus=0.5, distance="cosine",
+                                     backend="auto"):
+    """PML ThresholdConsistentMarginLoss(lambda_plus, lambda_minus, margin_plus, margin_minus); cosine only."""
+    for name, v in (("lambda_plus", lambda_plus), ("lambda_minus", lambda_minus), ("margin_plus", margin_plus),
+                    ("margin_minus", margin_minus)):
+        V.check_real(name, v)
+    check_distance(distance, allowed=("cosine",), loss="threshold_consistent_margin_loss")
+    if _separate_ref(embeddings, labels, ref_emb, ref_labels):
+        _warn_unfused_ref(stacklevel=4)  # from _warn_once: this helper, this function, the caller
+    return run_pair_loss(tcm_reference, tcm_fused, embeddings, labels, ref_emb, ref_labels, backend,
+                         lambda_plus=lambda_plus, lambda_minus=lambda_minus, margin_plus=margin_plus,
+                         margin_minus=margin_minus, distance=distance)
+
+
+class ThresholdConsistentMarginLoss(_PairLoss):
+    """Drop-in for pytorch_metric_learning.losses.ThresholdConsistentMarginLoss (CosineSimilarity)."""
+    _distances = ("cosine",)
+    _cosine_only = True
+    _reference = staticmethod(tcm_reference)
+    _pair_based = True  # PML reduces the pair lists: a listed pair counts as often as it is listed
+    # PML's wrappers pass a ref_emb, whose rows PML's TCM does not read: called as PML calls it
+    _fused_in_wrappers = False
+
+    def __init__(self, lambda_plus=1.0, lambda_minus=1.0, margin_plus=0.9, margin_minus=0.5, backend="auto",
+                 **kwargs):
+        super().__init__()
+        for name, v in (("lambda_plus", lambda_plus), ("lambda_minus", lambda_minus), ("margin_plus", margin_plus),
+                        ("margin_minus", margin_minus)):
+            V.check_real(name, v)
+        self.lambda_plus, self.lambda_minus = lambda_plus, lambda_minus
+        self.margin_plus, self.margin_minus = margin_plus, margin_minus
+        self._init_pair(backend, kwargs, (lambda_plus, lambda_minus, margin_plus, margin_minus))
+
+    def _hyper(self):
+        return dict(lambda_plus=self.lambda_plus, lambda_minus=self.lambda_minus, margin_plus=self.margin_plus,
+                    margin_minus=self.margin_minus, distance=self._distance_kind)
+
+    def _functional(self):
+        return threshold_consistent_margin_loss
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        if self._pml is None and _separate_ref(embeddings, labels, ref_emb, ref_labels):
+            _warn_unfused_ref(stacklevel=6)  # from _warn_once: this helper, forward, two Module frames, the caller
+        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+    def _fused_with_listed_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        if _separate_ref(embeddings, labels, ref_emb, ref_labels):
+            return None  # PML's reading of a ref_emb (tcm_fused): the reference with the listed pairs
+        return super()._fused_with_listed_pairs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+
+ENTRIES = (
+    LossEntry(ThresholdConsistentMarginLoss, "pair", functional=threshold_consistent_margin_loss,
+              reference=tcm_reference, fused=tcm_fused,
+              hyper=("lambda_plus", "lambda_minus", "margin_plus", "margin_minus"), ref_emb=False),
+)
