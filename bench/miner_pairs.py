@@ -38,6 +38,10 @@ LOSSES = {
     "CircleLoss": {},
     "SupConLoss": {},
     "GeneralizedLiftedStructureLoss": {},
+    "MarginLoss": {},
+    "LiftedStructureLoss": {},
+    "TupletMarginLoss": {},
+    "ThresholdConsistentMarginLoss": {},
 }
 
 

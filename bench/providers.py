@@ -74,6 +74,7 @@ BENCH_LOSSES = {
     "npairs": BenchLoss("NPairsLoss"),
     "instance": BenchLoss("InstanceLoss"),
     "tcm": BenchLoss("ThresholdConsistentMarginLoss"),
+    "angular": BenchLoss("AngularLoss"),
     "softtriple": BenchLoss("SoftTripleLoss"),
     "proxycircle": BenchLoss("ProxyCircleLoss"),
     "proxyanchor": BenchLoss("ProxyAnchorLoss"),

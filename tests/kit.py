@@ -484,6 +484,7 @@ LOSSES: Dict[str, Loss] = {l.name: l for l in [
     Loss("tcm", "ThresholdConsistentMarginLoss", dict(margin_plus=0.3, margin_minus=0.1),
          hyper=dict(lambda_plus=(0.0, 2.0), lambda_minus=(0.0, 2.0), margin_plus=(-0.5, 1.0), margin_minus=(-0.5, 1.0)),
          pml=_pml_pair("ThresholdConsistentMarginLoss"), kinks=_tcm_kinks),
+    Loss("angular", "AngularLoss", dict(alpha=35.0), hyper=dict(alpha=(10.0, 50.0)), pml=_pml_pair("AngularLoss")),
     Loss("triplet", "TripletMarginLoss", dict(margin=0.2), hyper=dict(margin=(0.0, 1.0)),
          pml=_pml_pair("TripletMarginLoss", "lp"), kinks=_triplet_kinks("lp")),
     Loss("triplet_cos", "TripletMarginLoss", dict(distance="cosine", margin=0.1), hyper=dict(margin=(0.0, 1.0)),

@@ -44,6 +44,7 @@ LOSSES = {
                    lambda: L.MarginLoss(0.1, beta=0.3, distance=Dm.CosineSimilarity())),
     "lifted_pairs": (lambda: fpl.LiftedStructureLoss(), lambda: L.LiftedStructureLoss()),
     "tuplet": (lambda: fpl.TupletMarginLoss(scale=16), lambda: L.TupletMarginLoss(scale=16)),
+    "angular": (lambda: fpl.AngularLoss(), lambda: L.AngularLoss()),
 }
 
 

@@ -107,7 +107,8 @@ MINERS = {
 @pytest.mark.parametrize("miner", list(MINERS))
 @pytest.mark.parametrize("cls,kw", [("MarginLoss", dict(beta=0.9)), ("MarginLoss", dict(learn_beta=True, nu=0.2)),
                                     ("LiftedStructureLoss", {}), ("TupletMarginLoss", dict(scale=16)),
-                                    ("NPairsLoss", {}), ("ThresholdConsistentMarginLoss", dict(margin_plus=0.3))])
+                                    ("NPairsLoss", {}), ("ThresholdConsistentMarginLoss", dict(margin_plus=0.3)),
+                                    ("AngularLoss", dict(alpha=35))])
 def test_miner_tuples_match_pml(cls, kw, miner):
     """A PML miner's tuple (pairs or triplets), also labels=None for the losses PML allows it:
     values and gradients equal PML's."""
@@ -117,7 +118,7 @@ def test_miner_tuples_match_pml(cls, kw, miner):
     learned = [ours.beta] if kw.get("learn_beta") else []
     pml_learned = [pml.beta] if kw.get("learn_beta") else []
     check_against_pml(ours, pml, (x, y, idx), [x] + learned, [x] + pml_learned, torch.float64)
-    if cls != "NPairsLoss":  # PML's NPairsLoss requires labels
+    if cls not in ("NPairsLoss", "AngularLoss"):  # PML's NPairsLoss and AngularLoss require labels
         check_close(ours(x, None, idx), pml(x, None, idx), what="labels=None")
 
 
@@ -133,7 +134,7 @@ def test_margin_without_triplets_is_pml_zero():
 @pytest.mark.parametrize("cls,kw", [("LiftedStructureLoss", dict(neg_margin=0.8, pos_margin=0.1)),
                                     ("LiftedStructureLoss", dict(neg_margin=0.2, pos_margin=0.8,
                                                                  distance=CosineSimilarity())),
-                                    ("TupletMarginLoss", dict(margin=10.0, scale=32))])
+                                    ("TupletMarginLoss", dict(margin=10.0, scale=32)), ("AngularLoss", {})])
 @pytest.mark.parametrize("mode", ["ref_larger", "ref_smaller"])
 def test_positive_pair_losses_ref_sizes_match_pml(cls, kw, mode, dtype):
     """PML reads a positive pair's column index as a row index of the batch (LiftedStructureLoss's
@@ -240,3 +241,40 @@ def test_tcm_with_a_ref_is_computed_as_pml_computes_it(monkeypatch):
     assert record[0].filename == __file__
     idx = pml_miners.MultiSimilarityMiner(0.2)(x.detach(), y, r, ry)
     check_against_pml(ours, pml, (x, y, idx, r, ry), [x], [x], torch.float64)
+
+
+# ---- AngularLoss ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("self_mode", [True, False])
+def test_angular_op_opcheck_and_chunks(self_mode, monkeypatch):
+    """The op (derived queries through the engine) and its backward op: opcheck; gradcheck; several
+    chunks of pairs give one chunk's result; PML reads the negatives' raw rows (norms not 1)."""
+    from fused_pairloss.losses import angular
+    g = torch.Generator().manual_seed(17)
+    x = 2 * torch.randn(13, 5, generator=g, dtype=torch.float64)
+    r_raw = x if self_mode else 3 * torch.randn(9, 5, generator=g, dtype=torch.float64)
+    q_hat = torch.nn.functional.normalize(x, dim=1)
+    r_hat = torch.nn.functional.normalize(r_raw, dim=1)
+    lq = torch.randint(0, 3, (13,), generator=g)
+    lr = lq if self_mode else torch.randint(0, 3, (9,), generator=g)
+    excl = torch.arange(13) if self_mode else torch.full((13,), -1)
+    c_neg, c_ap = angular._constants(35.0)
+    leaves = [t.clone().requires_grad_(True) for t in (q_hat, r_hat, r_raw)]
+    torch.library.opcheck(angular.angular_rows, (*leaves, lq, lr, excl, c_neg, c_ap, "cpu"))
+    out = angular.angular_rows(q_hat, r_hat, r_raw, lq, lr, excl, c_neg, c_ap, "cpu")
+    torch.library.opcheck(angular.angular_rows_backward,
+                          (torch.ones_like(out), q_hat, r_hat, r_raw, lq, lr, excl, c_neg, c_ap, "cpu"))
+    assert torch.autograd.gradcheck(lambda *t: angular.angular_rows(*t, lq, lr, excl, c_neg, c_ap, "cpu"), leaves)
+    x, y = inputs(50, 8, 4, torch.float64, seed=18)
+    loss = fpl.AngularLoss()
+    one, one_grads = value_and_grads(lambda: loss(x, y), [x])
+    monkeypatch.setattr(angular, "CHUNK_PAIRS", 29)
+    many, many_grads = value_and_grads(lambda: loss(x, y), [x])
+    check_close(many, one, what="value")
+    check_close(many_grads[0], one_grads[0], what="grad")
+
+
+def test_angular_attributes_are_pmls():
+    ours, pml = fpl.AngularLoss(alpha=30), pml_losses.AngularLoss(alpha=30)
+    assert torch.equal(ours.alpha, pml.alpha)
+    with pytest.raises(ValueError, match="labels"):
+        ours(torch.randn(4, 3), None, pml_miners.MultiSimilarityMiner()(torch.randn(4, 3), torch.tensor([0, 0, 1, 1])))

@@ -23,6 +23,17 @@ def forward_op(engine: engines.Engine, backend):
     return getattr(torch.ops.fused_pairloss, f"{engine.name}_forward")
 
 
+def backward_op(engine: engines.Engine, backend):
+    """The backward op of `engine` for `backend` (first-order gradients; ops/README.md)."""
+    if backend == "triton":
+        from . import triton_engines
+
+        forward_op(engine, backend)  # the availability check
+        return triton_engines.backward_op(engine.name)
+    engine.register_cpp()
+    return getattr(torch.ops.fused_pairloss, f"{engine.name}_backward")
+
+
 def pair_stats(q, r, labels_q, labels_r, exclude_col, spec: S.PairLossSpec, backend) -> engines.PairStats:
     """Row statistics of the pair sets for normalized q (N, D) against r (M, D) (None: self mode,
     each row's own column excluded); exclude_col (N,) int64, ref mode: the column excluded from row
@@ -63,4 +74,4 @@ def class_stats(q, w, labels, spec: S.ClassLossSpec, backend) -> engines.ClassSt
     return engines.ClassStats(rows[0], rows[1], cols[0], cols[1])
 
 
-__all__ = ["pair_stats", "class_stats", "forward_op", "NATIVE_WEIGHT_OPERANDS"]
+__all__ = ["pair_stats", "class_stats", "forward_op", "backward_op", "NATIVE_WEIGHT_OPERANDS"]
