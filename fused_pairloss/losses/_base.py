@@ -229,6 +229,26 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
         return f"{hyper}, distance={self._distance_kind!r}, backend={self.backend!r}"
 
 
+def check_listed_indices(embeddings, ref_emb, indices_tuple):
+    """A loss computing from its listed rows only: the embeddings, and the tuple's form and indices
+    against their rows (ValueError naming indices_tuple)."""
+    from ..ops.listed import check_indices
+    V.check_embeddings(embeddings)
+    if ref_emb is not None:
+        V.check_embeddings(ref_emb, "ref_emb")
+    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
+        raise ValueError("indices_tuple must be a tuple of 3 (a, p, n) or 4 (a1, p, a2, n) index tensors")
+    listed = [torch.as_tensor(t).reshape(-1) for t in indices_tuple]
+    check_indices(listed if len(listed) == 4 else (listed[0], listed[1], listed[0], listed[2]),
+                  embeddings.shape[0], (embeddings if ref_emb is None else ref_emb).shape[0])
+
+
+def check_triplets_per_anchor(value):
+    """PML's triplets_per_anchor: "all" or an int > 0 (a sample of that many per anchor)."""
+    if not (value == "all" or (isinstance(value, int) and not isinstance(value, bool) and value > 0)):
+        raise ValueError(f"triplets_per_anchor must be 'all' or an int > 0; got {value!r}")
+
+
 def run_pair_loss(reference_fn, fused_fn, embeddings, labels, ref_emb, ref_labels, backend, **hyper):
     """A pair loss's functional form after its hyper-parameter checks: the inputs' checks, the
     backend, then the reference or the fused call."""

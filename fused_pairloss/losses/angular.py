@@ -26,7 +26,7 @@ from ..ops.operands import stat_dtype
 from ..ops.positive_pairs import label_positive_pairs
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import backward_op, forward_op
-from ._base import _PairLoss, run_pair_loss
+from ._base import _PairLoss, check_listed_indices, run_pair_loss
 from ._reference_common import check_distance, masked_logsumexp, pair_counts_from_indices, pair_masks, pml_pair_lists
 from ._registry import LossEntry
 
@@ -297,10 +297,7 @@ class AngularLoss(_PairLoss):
         if backend == "reference" or not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
             return None
         V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
-        from ..ops.listed import check_indices
-        listed = [torch.as_tensor(t).reshape(-1) for t in indices_tuple]
-        check_indices(listed if len(listed) == 4 else (listed[0], listed[1], listed[0], listed[2]),
-                      embeddings.shape[0], (embeddings if ref_emb is None else ref_emb).shape[0])
+        check_listed_indices(embeddings, ref_emb, indices_tuple)
         return angular_listed(embeddings, labels, ref_emb, ref_labels, indices_tuple, alpha=self._alpha_degrees,
                               backend=backend)
 

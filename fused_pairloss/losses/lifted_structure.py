@@ -25,7 +25,7 @@ import torch
 from .. import _validation as V
 from ..ops import engines
 from ..ops._common import LOCAL, pair_operands, similarity_dtype, zero_loss
-from ..ops.positive_pairs import positive_pair_sums, register_pair_term
+from ..ops.positive_pairs import positive_pair_mean, positive_pair_sums, register_pair_term
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, run_pair_loss
@@ -171,10 +171,7 @@ def lifted_structure_pairs_fused(embeddings, labels, ref_emb, ref_labels, *, neg
     col_lse = torch.cat([st.lse_neg, pad])[:n_cols]
     sums = positive_pair_sums(q, r, labels, labels_r, excl, st.lse_neg, col_lse, "lifted_structure",
                               float(pos_margin), 0.0, distance == "lp", backend)
-    n_pos, n_neg = batch.sum(st.count_pos), batch.sum(st.count_neg)
-    zero = zero_loss(embeddings)
-    loss = torch.where((n_pos > 0) & (n_neg > 0) & ~batch.too_few_pairs(st.count_pos, st.count_neg),
-                       (batch.sum(sums) / n_pos.clamp(min=1)).to(embeddings.dtype), zero)
+    loss = positive_pair_mean(sums, st, embeddings, batch)
     return nan_in_nan_out(loss, embeddings, ref_emb).to(similarity_dtype(embeddings, distance))
 
 

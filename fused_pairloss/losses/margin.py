@@ -23,7 +23,7 @@ from ..ops import engines
 from ..ops._common import LOCAL, pair_operands, zero_loss
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
-from ._base import _PairLoss, run_pair_loss
+from ._base import _PairLoss, check_listed_indices, check_triplets_per_anchor, run_pair_loss
 from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
 from ._registry import LossEntry
 from .triplet_margin import all_triplets, join_on_anchor, triplet_distances
@@ -152,10 +152,7 @@ class MarginLoss(_PairLoss):
         V.check_real("margin", margin)
         V.check_real("nu", nu)
         V.check_real("beta", beta)
-        if not (triplets_per_anchor == "all" or (isinstance(triplets_per_anchor, int)
-                                                 and not isinstance(triplets_per_anchor, bool)
-                                                 and triplets_per_anchor > 0)):
-            raise ValueError(f"triplets_per_anchor must be 'all' or an int > 0; got {triplets_per_anchor!r}")
+        check_triplets_per_anchor(triplets_per_anchor)
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                         or num_classes < 0):
             raise ValueError(f"num_classes must be None or an int >= 0; got {num_classes!r}")
@@ -181,15 +178,7 @@ class MarginLoss(_PairLoss):
 
     def _reference_with_indices(self, embeddings, labels, indices_tuple, ref_emb, ref_labels, hyper):
         # the listed triplets' rows only (O(#triplets D)): no N x M matrix, so no warning
-        from ..ops.listed import check_indices
-        V.check_embeddings(embeddings)
-        if ref_emb is not None:
-            V.check_embeddings(ref_emb, "ref_emb")
-        if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
-            raise ValueError("indices_tuple must be a tuple of 3 (a, p, n) or 4 (a1, p, a2, n) index tensors")
-        listed = [torch.as_tensor(t).reshape(-1) for t in indices_tuple]
-        check_indices(listed if len(listed) == 4 else (listed[0], listed[1], listed[0], listed[2]),
-                      embeddings.shape[0], (embeddings if ref_emb is None else ref_emb).shape[0])
+        check_listed_indices(embeddings, ref_emb, indices_tuple)
         return margin_reference(embeddings, labels, ref_emb, ref_labels, indices_tuple=indices_tuple, **hyper)
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):

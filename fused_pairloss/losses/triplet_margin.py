@@ -20,9 +20,9 @@ import torch
 from .. import _validation as V
 from .._backends import resolve_backend
 from ..ops._common import LOCAL, normalize, pair_operands, similarity_dtype, zero_loss
-from ..ops.listed import check_indices, pair_values
+from ..ops.listed import pair_values
 from ..ops.triplets import NO_WINDOW, rows_op
-from ._base import _PairLoss, run_pair_loss
+from ._base import _PairLoss, check_listed_indices, check_triplets_per_anchor, run_pair_loss
 from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
 from ._registry import LossEntry
 
@@ -157,10 +157,7 @@ class TripletMarginLoss(_PairLoss):
                  **kwargs):
         super().__init__()
         V.check_real("margin", margin)
-        if not (triplets_per_anchor == "all" or (isinstance(triplets_per_anchor, int)
-                                                 and not isinstance(triplets_per_anchor, bool)
-                                                 and triplets_per_anchor > 0)):
-            raise ValueError(f"triplets_per_anchor must be 'all' or an int > 0; got {triplets_per_anchor!r}")
+        check_triplets_per_anchor(triplets_per_anchor)
         self.margin, self.swap, self.smooth_loss = margin, bool(swap), bool(smooth_loss)
         self.triplets_per_anchor = triplets_per_anchor
         # what only PML computes: passed on to PML's class, which then computes the loss
@@ -176,14 +173,7 @@ class TripletMarginLoss(_PairLoss):
 
     def _reference_with_indices(self, embeddings, labels, indices_tuple, ref_emb, ref_labels, hyper):
         # the listed triplets' rows only: no N x M matrix, so no warning
-        V.check_embeddings(embeddings)
-        if ref_emb is not None:
-            V.check_embeddings(ref_emb, "ref_emb")
-        if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
-            raise ValueError("indices_tuple must be a tuple of 3 (a, p, n) or 4 (a1, p, a2, n) index tensors")
-        listed = [torch.as_tensor(t).reshape(-1) for t in indices_tuple]
-        check_indices(listed if len(listed) == 4 else (listed[0], listed[1], listed[0], listed[2]),
-                      embeddings.shape[0], (embeddings if ref_emb is None else ref_emb).shape[0])
+        check_listed_indices(embeddings, ref_emb, indices_tuple)
         return triplet_margin_reference(embeddings, labels, ref_emb, ref_labels, indices_tuple=indices_tuple, **hyper)
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):

@@ -18,7 +18,7 @@ import torch
 
 from .. import _validation as V
 from ..ops._common import LOCAL, pair_operands, similarity_dtype, zero_loss
-from ..ops.positive_pairs import positive_pair_sums, register_pair_term
+from ..ops.positive_pairs import positive_pair_mean, positive_pair_sums, register_pair_term
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, run_pair_loss
@@ -72,10 +72,7 @@ def tuplet_margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, scal
     unused_col_stat = st.lse_neg.new_zeros(n_cols)  # the term reads its row's statistic only
     sums = positive_pair_sums(q, r, labels, labels_r, excl, st.lse_neg, unused_col_stat, "tuplet_margin",
                               float(scale), math.radians(margin), False, backend)
-    n_pos, n_neg = batch.sum(st.count_pos), batch.sum(st.count_neg)
-    zero = zero_loss(embeddings)
-    loss = torch.where((n_pos > 0) & (n_neg > 0) & ~batch.too_few_pairs(st.count_pos, st.count_neg),
-                       (batch.sum(sums) / n_pos.clamp(min=1)).to(embeddings.dtype), zero)
+    loss = positive_pair_mean(sums, st, embeddings, batch)
     return nan_in_nan_out(loss, embeddings, ref_emb).to(similarity_dtype(embeddings, distance))  # PML's under autocast
 
 

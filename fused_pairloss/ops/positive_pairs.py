@@ -21,6 +21,7 @@ from typing import Callable, Dict, Tuple
 
 import torch
 
+from ._common import zero_loss
 from .listed import pair_values
 from .operands import stat_dtype
 
@@ -203,5 +204,14 @@ def positive_pair_sums(q, r, labels, labels_r, exclude_col, row_stat, col_stat, 
                               float(p1), bool(lp))
 
 
-__all__ = ["PAIR_TERMS", "register_pair_term", "label_positive_pairs", "positive_pair_rows", "listed_pair_rows",
-           "positive_pair_sums"]
+def positive_pair_mean(sums, st, embeddings, batch):
+    """PML's MeanReducer over the positive pairs of the per-row sums, with GenericPairLoss's rules:
+    0 (an exact 0 of the embeddings) without a positive or a negative pair, or with at most one of
+    each in the whole batch."""
+    n_pos, n_neg = batch.sum(st.count_pos), batch.sum(st.count_neg)
+    keep = (n_pos > 0) & (n_neg > 0) & ~batch.too_few_pairs(st.count_pos, st.count_neg)
+    return torch.where(keep, (batch.sum(sums) / n_pos.clamp(min=1)).to(embeddings.dtype), zero_loss(embeddings))
+
+
+__all__ = ["PAIR_TERMS", "register_pair_term", "positive_pair_mean", "label_positive_pairs", "positive_pair_rows",
+           "listed_pair_rows", "positive_pair_sums"]
