@@ -75,6 +75,7 @@ BENCH_LOSSES = {
     "instance": BenchLoss("InstanceLoss"),
     "tcm": BenchLoss("ThresholdConsistentMarginLoss"),
     "angular": BenchLoss("AngularLoss"),
+    "snr": BenchLoss("SignalToNoiseRatioContrastiveLoss"),
     "softtriple": BenchLoss("SoftTripleLoss"),
     "proxycircle": BenchLoss("ProxyCircleLoss"),
     "proxyanchor": BenchLoss("ProxyAnchorLoss"),

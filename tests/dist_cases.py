@@ -76,6 +76,8 @@ def pair_losses():
         "triplet_cos": (lambda: fpl.TripletMarginLoss(0.1, distance=cos()),
                         lambda: L.TripletMarginLoss(0.1, distance=cos()), None),
         "margin": (lambda: fpl.MarginLoss(0.2, beta=0.9), lambda: L.MarginLoss(0.2, beta=0.9), None),
+        "snr": (lambda: fpl.SignalToNoiseRatioContrastiveLoss(pos_margin=0.3, neg_margin=1.5),
+                lambda: L.SignalToNoiseRatioContrastiveLoss(pos_margin=0.3, neg_margin=1.5), None),
     }
 
 

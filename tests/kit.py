@@ -355,6 +355,16 @@ def _tcm_kinks(kw, g):
     return torch.where(t == 0, torch.full_like(t, 1e-30), t)
 
 
+def _snr_kinks(kw, g):
+    """relu(d - pos_margin), relu(neg_margin - d) on PML's SNR d (g.mat). An exact 0 of grid inputs is
+    thrown out too (returned just above 0): the fused d, a dot product of augmented rows, cancels to
+    within rounding of it (docs/semantics.md)."""
+    t = torch.cat([(g.mat - kw["pos_margin"])[g.pos], (kw["neg_margin"] - g.mat)[g.neg]])
+    # a row of equal entries (grid inputs) has no variance: d is not finite, in PML too
+    t = torch.cat([t, torch.where(torch.isfinite(g.mat).all(), 1.0, 0.0).reshape(1).to(t)])
+    return torch.where(t == 0, torch.full_like(t, 1e-30), t)
+
+
 def _margin_kinks(distance):
     """MarginLoss: relu(margin(u_ap, beta) + m) per positive pair, relu(margin(beta, u_an) + m) per
     negative pair (each is in the triplets of its row when the row has the other kind)."""
@@ -485,6 +495,9 @@ LOSSES: Dict[str, Loss] = {l.name: l for l in [
          hyper=dict(lambda_plus=(0.0, 2.0), lambda_minus=(0.0, 2.0), margin_plus=(-0.5, 1.0), margin_minus=(-0.5, 1.0)),
          pml=_pml_pair("ThresholdConsistentMarginLoss"), kinks=_tcm_kinks),
     Loss("angular", "AngularLoss", dict(alpha=35.0), hyper=dict(alpha=(10.0, 50.0)), pml=_pml_pair("AngularLoss")),
+    Loss("snr", "SignalToNoiseRatioContrastiveLoss", dict(pos_margin=0.3, neg_margin=1.5),
+         hyper=dict(pos_margin=(0.0, 1.5), neg_margin=(0.5, 3.0)), pml=_pml_pair("SignalToNoiseRatioContrastiveLoss"),
+         kinks=_snr_kinks),
     Loss("triplet", "TripletMarginLoss", dict(margin=0.2), hyper=dict(margin=(0.0, 1.0)),
          pml=_pml_pair("TripletMarginLoss", "lp"), kinks=_triplet_kinks("lp")),
     Loss("triplet_cos", "TripletMarginLoss", dict(distance="cosine", margin=0.1), hyper=dict(margin=(0.0, 1.0)),

@@ -45,6 +45,8 @@ LOSSES = {
     "lifted_pairs": (lambda: fpl.LiftedStructureLoss(), lambda: L.LiftedStructureLoss()),
     "tuplet": (lambda: fpl.TupletMarginLoss(scale=16), lambda: L.TupletMarginLoss(scale=16)),
     "angular": (lambda: fpl.AngularLoss(), lambda: L.AngularLoss()),
+    "snr": (lambda: fpl.SignalToNoiseRatioContrastiveLoss(pos_margin=0.3, neg_margin=1.5),
+            lambda: L.SignalToNoiseRatioContrastiveLoss(pos_margin=0.3, neg_margin=1.5)),
 }
 
 

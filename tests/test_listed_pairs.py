@@ -21,6 +21,7 @@ LOSSES = {
     "LiftedStructureLoss": {},
     "LiftedStructureLoss-cos": dict(pos_margin=0.8, neg_margin=0.2, distance=CosineSimilarity()),
     "TupletMarginLoss": dict(scale=16),
+    "SignalToNoiseRatioContrastiveLoss": dict(pos_margin=0.3, neg_margin=1.5),
 }
 MINERS = {
     "multi_similarity": lambda: pml_miners.MultiSimilarityMiner(0.2),

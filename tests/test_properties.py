@@ -33,6 +33,7 @@ from hypothesis import assume, given, note, settings
 from hypothesis import strategies as st
 
 import fused_pairloss as fpl
+from fused_pairloss.losses import snr_contrastive
 
 import kit
 
@@ -102,7 +103,7 @@ def cases(draw, name, small=False, dtypes=(torch.float32, torch.float64), modes=
     hi = 40 if small else 64  # rows: past one 32-row tile (the CPU engine's smallest, the interpreter's)
     data = draw(st.sampled_from(["normal", "grid"]))
     # D >= 2: with D = 1 every gradient through the normalization is 0, and only rounding noise is compared
-    d_lo = 4 if loss.distance == "lp" or data == "grid" else 2
+    d_lo = 4 if loss.distance in ("lp", "snr") or data == "grid" else 2
     d = draw(st.integers(d_lo, 24 if small else 48))
     if loss.kind == "pair":
         # PML's NPairsLoss / InstanceLoss take no ref_emb but the batch itself
@@ -227,7 +228,10 @@ def geometry(case: Case, inp: Inputs) -> kit.Geometry:
         return kit.Geometry(s=q @ wn.t(), labels=inp.labels, K=loss.centers_per_class, ww=wn @ wn.t())
     r = q if inp.ref is None else F.normalize(inp.ref, dim=1)
     s = q @ r.t()
-    mat = s if loss.distance == "cosine" else (2 - 2 * s).clamp(min=0).sqrt()
+    if loss.distance == "snr":  # PML's SNRDistance
+        mat = snr_contrastive.snr_matrix(inp.x, inp.x if inp.ref is None else inp.ref)
+    else:
+        mat = s if loss.distance == "cosine" else (2 - 2 * s).clamp(min=0).sqrt()
     ry = inp.labels if inp.ref_labels is None else inp.ref_labels
     pos, neg = inp.labels[:, None] == ry[None], inp.labels[:, None] != ry[None]
     if inp.ref is None or inp.ref_labels is inp.labels:  # PML's identity rule

@@ -1,0 +1,150 @@
+"""Signal-to-noise-ratio contrastive loss (Yuan et al., "Signal-To-Noise Ratio: A Robust Distance
+Metric for Deep Metric Learning", CVPR 2019; PML SignalToNoiseRatioContrastiveLoss).
+
+PML's ContrastiveLoss with its SNRDistance: on the normalized rows x (PML's normalize_embeddings),
+d_ij = var(x_i - r_j) / var(x_i); positive l_ij = relu(d_ij - pos_margin), negative
+l_ij = relu(neg_margin - d_ij); AvgNonZeroReducer per sub-loss (as ContrastiveLoss).
+
+The SNR as a dot product: with centered rows c_i = x_i - mean(x_i) and n_i = |c_i|^2 (the (D - 1)
+of the variances cancels), d_ij = (n_i + n_j - 2 c_i . c_j) / n_i = u_i . v_j for the rows
+u_i = [-2 c_i / n_i, 1 / n_i, 1] and v_j = [c_j, n_j, 1] (D + 2 entries). So the pair engine runs
+Contrastive's declaration on v = u . v (the "cosine" kind: a plain dot product), in ref mode even
+for the batch itself (d is not symmetric), and autograd takes the gradient back through u and v.
+The dot product cancels near d = 0 (about the dtype's epsilon, absolute), where PML's difference of
+rows does not: docs/semantics.md.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _validation as V
+from ..ops._common import LOCAL, normalize, zero_loss
+from ..ops.spec import PairLossSpec, PairTerm
+from ..ops.stats import pair_stats
+from ._base import _PairLoss, run_pair_loss
+from ._reference_common import avg_non_zero, nan_in_nan_out, pair_counts_from_indices, pair_masks, too_few_pairs
+from ._registry import LossEntry
+from .contrastive import combine
+
+DISTANCES = ("snr",)
+
+
+def _check_distance(distance):
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be 'snr' (PML's SNRDistance(), which this loss asserts); got {distance!r}")
+
+
+def snr_matrix(embeddings, ref):
+    """PML SNRDistance()(embeddings, ref) (snr_distance.py): var of the row differences over the
+    anchor's variance, on the normalized rows."""
+    q, r = normalize(embeddings), normalize(ref)
+    return torch.var(q[:, None, :] - r[None, :, :], dim=2) / torch.var(q, dim=1)[:, None]
+
+
+def snr_contrastive_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_margin=0.0,
+                              neg_margin=1.0, distance="snr", indices_tuple=None):
+    """PML SignalToNoiseRatioContrastiveLoss(pos_margin, neg_margin) step by step: the SNR matrix,
+    the pair lists' counts (PML's identity rule; an indices_tuple's pairs with their multiplicity),
+    relu(d - pos_margin) and relu(neg_margin - d), AvgNonZero of each, PML's one-pair rule."""
+    _check_distance(distance)
+    exclude_self = ref_emb is None or ref_labels is labels
+    ref, ref_lab = (embeddings, labels) if ref_emb is None else (ref_emb, ref_labels)
+    mat = snr_matrix(embeddings, ref)
+    if indices_tuple is not None:
+        pos, neg = pair_counts_from_indices(indices_tuple, mat.shape, mat.device)
+    else:
+        labels_t = torch.as_tensor(labels, device=mat.device)
+        pos, neg = (m.long() for m in pair_masks(labels_t, torch.as_tensor(ref_lab, device=mat.device),
+                                                 exclude_self))
+    loss = (avg_non_zero(torch.relu(mat - pos_margin), embeddings, pos)
+            + avg_non_zero(torch.relu(neg_margin - mat), embeddings, neg))
+    too_few = too_few_pairs(pos.sum(), neg.sum(), mat.device)
+    return nan_in_nan_out(torch.where(too_few, zero_loss(embeddings), loss), embeddings, ref_emb)
+
+
+def snr_operands(embeddings, ref):
+    """(u, v) with u_i . v_j = d_ij (module docstring), differentiable."""
+    c = normalize(embeddings)
+    c = c - c.mean(1, keepdim=True)
+    n = (c * c).sum(1, keepdim=True)
+    u = torch.cat([-2 * c / n, 1 / n, torch.ones_like(n)], dim=1)
+    cr = normalize(ref)
+    cr = cr - cr.mean(1, keepdim=True)
+    v = torch.cat([cr, (cr * cr).sum(1, keepdim=True), torch.ones_like(cr[:, :1])], dim=1)
+    return u, v
+
+
+def declaration(pos_margin, neg_margin):
+    # Contrastive's terms on a distance, with v = u . v read as the dot product it is
+    return PairLossSpec(pos=PairTerm(scale=1.0, shift=float(pos_margin), hinge=True, sum=True),
+                        neg=PairTerm(scale=-1.0, shift=float(neg_margin), hinge=True, sum=True), distance="cosine")
+
+
+def snr_contrastive_fused(embeddings, labels, ref_emb, ref_labels, *, pos_margin=0.0, neg_margin=1.0, distance="snr",
+                          backend, exclude_col=None, batch=LOCAL):
+    self_mode = ref_emb is None or (ref_emb is embeddings and ref_labels is labels)
+    ref, ref_lab = (embeddings, labels) if ref_emb is None else (ref_emb, ref_labels)
+    labels_q = torch.as_tensor(labels, device=embeddings.device)
+    labels_r = labels_q if ref_lab is labels else torch.as_tensor(ref_lab, device=embeddings.device)
+    if exclude_col is None:  # PML's identity rule, in ref mode (d is not symmetric)
+        exclude_col = (torch.arange(labels_q.shape[0], device=embeddings.device) if self_mode or ref_lab is labels
+                       else torch.full((labels_q.shape[0],), -1, dtype=torch.int64, device=embeddings.device))
+    u, v = snr_operands(embeddings, ref)
+    st = pair_stats(u, v, labels_q, labels_r, exclude_col, declaration(pos_margin, neg_margin), backend)
+    return nan_in_nan_out(combine(st, embeddings, batch=batch), embeddings, ref_emb)
+
+
+def signal_to_noise_ratio_contrastive_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_margin=0.0,
+                                           neg_margin=1.0, distance="snr", backend="auto"):
+    """PML SignalToNoiseRatioContrastiveLoss(pos_margin, neg_margin) with its SNRDistance()."""
+    V.check_real("pos_margin", pos_margin)
+    V.check_real("neg_margin", neg_margin)
+    _check_distance(distance)
+    return run_pair_loss(snr_contrastive_reference, snr_contrastive_fused, embeddings, labels, ref_emb, ref_labels,
+                         backend, pos_margin=pos_margin, neg_margin=neg_margin, distance=distance)
+
+
+def _snr_distance_kind(distance):
+    """PML's SNRDistance() with its defaults (normalized rows, power 1) -> "snr"; None otherwise."""
+    if distance is None or distance == "snr":
+        return "snr"
+    try:
+        from pytorch_metric_learning.distances import SNRDistance
+    except ImportError:
+        return None
+    if (type(distance) is SNRDistance and getattr(distance, "normalize_embeddings", False)
+            and getattr(distance, "power", None) == 1):
+        return "snr"
+    return None
+
+
+class SignalToNoiseRatioContrastiveLoss(_PairLoss):
+    """Drop-in for pytorch_metric_learning.losses.SignalToNoiseRatioContrastiveLoss (SNRDistance)."""
+    _distances = DISTANCES
+    _default_distance = "snr"
+    _reference = staticmethod(snr_contrastive_reference)
+    _pair_based = True  # ContrastiveLoss reduces the pair lists: a listed pair counts as often as it is listed
+
+    def __init__(self, pos_margin=0, neg_margin=1, backend="auto", **kwargs):
+        super().__init__()
+        V.check_real("pos_margin", pos_margin)
+        V.check_real("neg_margin", neg_margin)
+        self.pos_margin, self.neg_margin = pos_margin, neg_margin
+        self.backend = backend  # PML's class takes its margins as keyword arguments only
+        self._setup_kwargs(kwargs, (), dict(pos_margin=pos_margin, neg_margin=neg_margin))
+
+    @staticmethod
+    def _kind_of(distance):
+        return _snr_distance_kind(distance)
+
+    def _hyper(self):
+        return dict(pos_margin=self.pos_margin, neg_margin=self.neg_margin, distance=self._distance_kind)
+
+    def _functional(self):
+        return signal_to_noise_ratio_contrastive_loss
+
+
+ENTRIES = (
+    LossEntry(SignalToNoiseRatioContrastiveLoss, "pair", functional=signal_to_noise_ratio_contrastive_loss,
+              reference=snr_contrastive_reference, fused=snr_contrastive_fused, hyper=("pos_margin", "neg_margin")),
+)
