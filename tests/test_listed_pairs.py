@@ -169,3 +169,24 @@ def test_dense_strips_equal_gathers(lp, monkeypatch):
                      *listed.ListedPairs((rows, cols, rows, cols), True, q.device, 50, 40).pos)
     for a, b in zip(out["dense"], out["gathers"]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["MultiSimilarityLoss", "ContrastiveLoss", "NTXentLoss", "NTXentLoss-lp",
+                                  "LiftedStructureLoss", "TupletMarginLoss"])
+@pytest.mark.parametrize("mode", ["self", "ref"])
+def test_dense_strips_and_gathers_agree(loss, mode, monkeypatch):
+    """A list's pair values from row strips of S (a dense list) and from gathers of its pairs' rows:
+    the same statistics, so the same values and gradients."""
+    from fused_pairloss.ops import listed
+    x, y, r, ry = inputs(mode, torch.float64, seed=3)
+    idx = mined("duplicated_pairs", x.detach(), y, None if r is None else r.detach(), ry)
+    results = []
+    for fraction in (10 ** 9, 0):  # every list dense / none
+        monkeypatch.setattr(listed, "DENSE_FRACTION", fraction)
+        with monkeypatch.context() as m:  # the listed path, not the reference's N x M
+            m.setattr(fpl.losses._base._PairLoss, "_reference_with_indices", None)
+            results.append(value_and_grads(module(fpl.losses, loss), x, y, idx, r, ry))
+    (a, ga), (b, gb) = results
+    check_close(a, b, what="value")
+    for k, (u, v) in enumerate(zip(ga, gb)):
+        check_close(u, v, what=f"grad {k}")
