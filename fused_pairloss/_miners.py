@@ -114,7 +114,8 @@ class MultiSimilarityMiner(pml_miners.MultiSimilarityMiner):
         rows = _Rows(self, embeddings, labels, ref_emb, ref_labels)
         n_pos, n_neg = rows.pair_totals()
         if n_pos == 0 or n_neg == 0:
-            return tuple(_empty(labels.device) for _ in range(4))
+            return MinedPairs(tuple(_empty(labels.device) for _ in range(4)), self, embeddings, labels, ref_emb,
+                              ref_labels)
         inverted = self.distance.is_inverted
         out = [[], [], [], []]
         for i0, i1 in _row_chunks(rows.N, rows.M, rows.M, CHUNK_ELEMENTS):
@@ -142,7 +143,7 @@ class MultiSimilarityMiner(pml_miners.MultiSimilarityMiner):
             out[1].append(pos_sorted_idx[hard_pos])
             out[2].append(hard_neg[0] + i0)
             out[3].append(neg_sorted_idx[hard_neg])
-        return tuple(torch.cat(t) for t in out)
+        return MinedPairs(tuple(torch.cat(t) for t in out), self, embeddings, labels, ref_emb, ref_labels)
 
 
 class BatchEasyHardMiner(pml_miners.BatchEasyHardMiner):
@@ -273,27 +274,52 @@ def triplet_window(miner_margin, type_of_triplets):
             "easy": (m, float("inf"))}[type_of_triplets]
 
 
-class MinedTriplets(tuple):
-    """TripletMarginMiner's (a, p, n): a real tuple, PML's triplets in PML's order, that also says
-    how they were mined (the inputs, the distance and the window on the triplet margin), so that
-    our TripletMarginLoss computes over the same triplets from the window without reading the list
-    (docs/api.md "Miners")."""
+class _Mined(tuple):
+    """A miner's result: a real tuple, PML's indices in PML's order, that also says how they were
+    mined (the inputs and the distance), so that our losses can apply the miner's rule in their
+    fused engines instead of reading the list (docs/api.md "Miners")."""
 
-    def __new__(cls, triplets, miner, embeddings, labels, ref_emb, ref_labels):
-        out = super().__new__(cls, triplets)
+    def __new__(cls, indices, miner, embeddings, labels, ref_emb, ref_labels):
+        out = super().__new__(cls, indices)
         out.distance = miner.distance
-        out.window = triplet_window(miner.margin, miner.type_of_triplets)
         out.embeddings, out.labels, out.ref_emb, out.ref_labels = embeddings, labels, ref_emb, ref_labels
         return out
 
     def fused_for(self, embeddings, labels, ref_emb, ref_labels, distance):
         """True when a loss call on these inputs, with this distance ("lp" / "cosine"), may use the
-        window: the miner saw the same tensors and measured with the same distance."""
+        miner's rule: the miner saw the same tensors and measured with the same distance."""
         from .losses._base import _distance_name
         same_ref = (ref_emb is None and self.ref_emb is self.embeddings) or ref_emb is self.ref_emb
         same_ref_labels = (ref_labels is None and self.ref_labels is self.labels) or ref_labels is self.ref_labels
         return (embeddings is self.embeddings and (labels is None or labels is self.labels) and same_ref
                 and same_ref_labels and _distance_name(self.distance) == distance)
+
+
+class MinedTriplets(_Mined):
+    """TripletMarginMiner's (a, p, n), with the miner's window on the triplet margin, which our
+    TripletMarginLoss computes over in its all-triplets op."""
+
+    def __new__(cls, triplets, miner, embeddings, labels, ref_emb, ref_labels):
+        out = super().__new__(cls, triplets, miner, embeddings, labels, ref_emb, ref_labels)
+        out.window = triplet_window(miner.margin, miner.type_of_triplets)
+        return out
+
+
+class MinedPairs(_Mined):
+    """MultiSimilarityMiner's (a1, p, a2, n), with its epsilon: a pair loss whose engine mines
+    (declaration.miner_epsilon, PML's rule on the label sets) computes over the same pairs without
+    reading the list. Only where PML's miner and the engine apply the same identity rule: the batch
+    against itself, or a ref with other embeddings and other labels (docs/semantics.md "Miners")."""
+
+    def __new__(cls, pairs, miner, embeddings, labels, ref_emb, ref_labels):
+        out = super().__new__(cls, pairs, miner, embeddings, labels, ref_emb, ref_labels)
+        out.epsilon = float(miner.epsilon)
+        return out
+
+    def fused_for(self, embeddings, labels, ref_emb, ref_labels, distance):
+        separate_ref = self.ref_emb is not self.embeddings and self.ref_labels is not self.labels
+        self_mode = self.ref_emb is self.embeddings and self.ref_labels is self.labels
+        return (self_mode or separate_ref) and super().fused_for(embeddings, labels, ref_emb, ref_labels, distance)
 
 
 class TripletMarginMiner(pml_miners.TripletMarginMiner):
@@ -349,4 +375,4 @@ class TripletMarginMiner(pml_miners.TripletMarginMiner):
 
 MINERS = {cls.__name__: cls for cls in (TripletMarginMiner, MultiSimilarityMiner, PairMarginMiner, BatchHardMiner,
                                         BatchEasyHardMiner)}
-__all__ = [*MINERS, "MinedTriplets"]
+__all__ = [*MINERS, "MinedTriplets", "MinedPairs"]

@@ -212,3 +212,67 @@ def test_gpu_triplet_miner_fused_into_triplet_loss(type_of_triplets, backend):
     ours = fpl.TripletMarginLoss(margin=0.2, backend=backend)(x, y, mined)
     theirs = pml_losses.TripletMarginLoss(margin=0.2)(x, y, tuple(mined))
     torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
+
+
+MS_FUSED_LOSSES = {  # loss -> (cosine kwargs, lp kwargs or None: cosine only)
+    "MultiSimilarityLoss": ({}, dict(beta=10, distance=LpDistance())),
+    "CircleLoss": ({}, None),
+    "NTXentLoss": ({}, dict(temperature=0.2, distance=LpDistance())),
+    "SupConLoss": ({}, dict(temperature=0.2, distance=LpDistance())),
+    "ContrastiveLoss": (dict(pos_margin=0.9, neg_margin=0.1, distance=CosineSimilarity()), {}),
+    "GeneralizedLiftedStructureLoss": (dict(pos_margin=0.8, neg_margin=0.2, distance=CosineSimilarity()), {}),
+    "ThresholdConsistentMarginLoss": ({}, None),
+    "MarginLoss": (dict(beta=0.3, distance=CosineSimilarity()), dict(beta=0.9)),
+}
+
+
+# PML's cosine-only losses with the cosine only; PML's TCM reads a ref_emb's indices as rows of
+# embeddings, which is computed as PML does (tests/test_pml_pair_losses.py), not fused
+MS_FUSED_CASES = [(loss, mode, distance) for loss, kws in MS_FUSED_LOSSES.items() for mode in ("self", "ref")
+                  for distance, kw in zip(("cosine", "lp"), kws)
+                  if kw is not None and not (loss == "ThresholdConsistentMarginLoss" and mode == "ref")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("loss,mode,distance", MS_FUSED_CASES)
+def test_ms_miner_rule_fused_into_pair_losses(loss, mode, distance, dtype, monkeypatch):
+    """Our MultiSimilarityMiner's pairs given to a pair loss with the miner's distance: the miner's
+    rule in the loss's engine (the list is not read), equal to PML's miner + loss (values and
+    gradients; fp64 PML the truth, PML in the dtype the reference)."""
+    kw = MS_FUSED_LOSSES[loss][0 if distance == "cosine" else 1]
+    miner_kw = dict(epsilon=0.1, distance=CosineSimilarity() if distance == "cosine" else LpDistance())
+    x, y, r, ry = batch(mode, seed=11, dtype=dtype)
+    params = [x] if r is None else [x, r]
+
+    def run(lib_miners, lib_losses, inputs):
+        xx, yy, rr, rry = inputs
+        mined = lib_miners.MultiSimilarityMiner(**miner_kw)(xx, yy, rr, rry)
+        out = getattr(lib_losses, loss)(**kw)(xx, yy, mined, rr, rry)
+        wrt = [xx] if rr is None else [xx, rr]
+        grads = torch.autograd.grad(out, wrt, allow_unused=True)
+        return out, [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
+
+    with monkeypatch.context() as m:  # neither the listed pairs nor the reference
+        m.setattr(fpl.losses._base._PairLoss, "_fused_with_listed_pairs", None)
+        m.setattr(fpl.losses._base._PairLoss, "_reference_with_indices", None)
+        m.setattr(getattr(fpl.losses, loss), "_reference_with_indices", None)
+        value, grads = run(miners, fpl.losses, (x, y, r, ry))
+    same, same_grads = run(pml_miners, pml_losses, (x, y, r, ry))
+    conv = {id(p): p.detach().double().requires_grad_(True) for p in params}
+    truth, truth_grads = run(pml_miners, pml_losses, (conv[id(x)], y, None if r is None else conv[id(r)], ry))
+    check_close(value, truth, same, what="value", dtype=dtype)
+    for k, (a, t, b) in enumerate(zip(grads, truth_grads, same_grads)):
+        check_close(a, t, b, what=f"grad {k}", dtype=dtype)
+
+
+def test_ms_miner_pairs_are_listed_where_the_rule_differs():
+    """Another distance than the miner's, or PML's ref_labels-is-labels case (its miner keeps the
+    diagonal there): the loss reads the list, still equal to PML."""
+    x, y, r, _ = batch("ref_is_labels", seed=12)
+    for args, loss_kw in (((x, y), {}), ((x, y, r, y), dict(distance=CosineSimilarity(), pos_margin=0.9,
+                                                             neg_margin=0.1))):
+        mined, listed = miners.MultiSimilarityMiner(0.1)(*args), pml_miners.MultiSimilarityMiner(0.1)(*args)
+        ours = fpl.ContrastiveLoss(**loss_kw)
+        assert ours._fused_with_miner_rule(args[0], args[1], mined, *(args[2:] or (None, None))) is None
+        check_close(ours(args[0], args[1], mined, *args[2:]),
+                    pml_losses.ContrastiveLoss(**loss_kw)(args[0], args[1], listed, *args[2:]), what=str(loss_kw))

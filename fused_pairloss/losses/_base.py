@@ -166,7 +166,9 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
             return self._run_pml(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         hyper = self._hyper()
         if indices_tuple is not None:
-            fused = self._fused_with_listed_pairs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+            fused = self._fused_with_miner_rule(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+            if fused is None:
+                fused = self._fused_with_listed_pairs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
             if fused is not None:
                 return fused
             return self._reference_with_indices(embeddings, labels, indices_tuple, ref_emb, ref_labels, hyper)
@@ -179,13 +181,41 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
     def _listed_hyper(self):
         return self._hyper()
 
-    def _fused_with_listed_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        """The loss's own fused function over the listed pairs (ops/listed.py: O(#pairs + (N + M) D)), or None
-        where the reference path computes it (another backend than a fused one, a PML-only case)."""
+    # the loss's fused call is its declaration on the label sets through one pair_stats call, to which
+    # the engine's MultiSimilarityMiner rule can be added (ops/stats.MinedBy)
+    _fuses_ms_miner = False
+
+    def _own_fused_fn(self):
         fused_fn = getattr(type(self), "_fused_fn", None)  # a declared loss (fused_pairloss.declare)
         if fused_fn is None:
             entries = getattr(sys.modules.get(type(self).__module__), "ENTRIES", ())
             fused_fn = next((e.fused for e in entries if e.cls is type(self) and e.fused is not None), None)
+        return fused_fn
+
+    def _fused_with_miner_rule(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """Our MultiSimilarityMiner's pairs (fused_pairloss._miners.MinedPairs) on the inputs it mined,
+        with the loss's distance: the loss's fused call with the miner's rule in its engine (the list
+        is not read); None otherwise."""
+        if (not self._fuses_ms_miner or not hasattr(indices_tuple, "epsilon")
+                or not indices_tuple.fused_for(embeddings, labels, ref_emb, ref_labels, self._distance_kind)
+                or getattr(self, "miner_epsilon", None) is not None):
+            return None
+        backend = resolve_backend(self.backend, embeddings.device)
+        fused_fn = self._own_fused_fn()
+        if backend == "reference" or fused_fn is None:
+            return None
+        from ..ops.stats import MinedBy
+        labels = indices_tuple.labels if labels is None else labels
+        if ref_emb is not None and ref_labels is None:
+            ref_labels = indices_tuple.ref_labels
+        V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
+        return fused_fn(embeddings, labels, ref_emb, ref_labels, backend=MinedBy(backend, indices_tuple.epsilon),
+                        **self._listed_hyper())
+
+    def _fused_with_listed_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """The loss's own fused function over the listed pairs (ops/listed.py: O(#pairs + (N + M) D)), or None
+        where the reference path computes it (another backend than a fused one, a PML-only case)."""
+        fused_fn = self._own_fused_fn()
         if (not self._listed_pairs or fused_fn is None or not isinstance(indices_tuple, (tuple, list))
                 or len(indices_tuple) not in (3, 4)):
             return None

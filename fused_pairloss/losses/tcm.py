@@ -112,6 +112,7 @@ class ThresholdConsistentMarginLoss(_PairLoss):
     _distances = ("cosine",)
     _cosine_only = True
     _reference = staticmethod(tcm_reference)
+    _fuses_ms_miner = True  # our MultiSimilarityMiner's pairs: its rule in the engine (losses/_base.py)
     _pair_based = True  # PML reduces the pair lists: a listed pair counts as often as it is listed
     # PML's wrappers pass a ref_emb, whose rows PML's TCM does not read: called as PML calls it
     _fused_in_wrappers = False
@@ -137,6 +138,11 @@ class ThresholdConsistentMarginLoss(_PairLoss):
         if self._pml is None and _separate_ref(embeddings, labels, ref_emb, ref_labels):
             _warn_unfused_ref(stacklevel=6)  # from _warn_once: this helper, forward, two Module frames, the caller
         return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+    def _fused_with_miner_rule(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        if _separate_ref(embeddings, labels, ref_emb, ref_labels):
+            return None  # PML's reading of a ref_emb (tcm_fused): the reference with the listed pairs
+        return super()._fused_with_miner_rule(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def _fused_with_listed_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         if _separate_ref(embeddings, labels, ref_emb, ref_labels):

@@ -3,6 +3,8 @@ C++ op for "cpu" / "cuda", its Triton twin for "triton", whose module is importe
 importing triton is slow) and returns the engine's statistics (ops/README.md)."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from . import engines
@@ -34,6 +36,15 @@ def backward_op(engine: engines.Engine, backend):
     return getattr(torch.ops.fused_pairloss, f"{engine.name}_backward")
 
 
+class MinedBy:
+    """A backend whose pair engine also applies PML's MultiSimilarityMiner(epsilon) to the label sets
+    (the declaration's miner_epsilon, docs/semantics.md "Multi-Similarity"): how a loss computes over
+    our MultiSimilarityMiner's pairs (fused_pairloss._miners.MinedPairs) without reading them."""
+
+    def __init__(self, backend, epsilon):
+        self.backend, self.epsilon = backend, float(epsilon)
+
+
 def pair_stats(q, r, labels_q, labels_r, exclude_col, spec: S.PairLossSpec, backend) -> engines.PairStats:
     """Row statistics of the pair sets for normalized q (N, D) against r (M, D) (None: self mode,
     each row's own column excluded); exclude_col (N,) int64, ref mode: the column excluded from row
@@ -41,6 +52,8 @@ def pair_stats(q, r, labels_q, labels_r, exclude_col, spec: S.PairLossSpec, back
     backend: the statistics over a miner's listed pairs instead of the label sets (ops/listed.py)."""
     if isinstance(backend, ListedPairs):
         return listed_pair_stats(q, r, spec, backend)
+    if isinstance(backend, MinedBy):
+        spec, backend = dataclasses.replace(spec, miner_epsilon=backend.epsilon), backend.backend
     terms, flags = spec.pack()
     labels_q = labels_q.to(device=q.device, dtype=torch.int64).contiguous()
     if r is not None:
@@ -74,4 +87,4 @@ def class_stats(q, w, labels, spec: S.ClassLossSpec, backend) -> engines.ClassSt
     return engines.ClassStats(rows[0], rows[1], cols[0], cols[1])
 
 
-__all__ = ["pair_stats", "class_stats", "forward_op", "backward_op", "NATIVE_WEIGHT_OPERANDS"]
+__all__ = ["pair_stats", "class_stats", "forward_op", "backward_op", "MinedBy", "NATIVE_WEIGHT_OPERANDS"]
