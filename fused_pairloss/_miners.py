@@ -285,6 +285,10 @@ class _Mined(tuple):
         out.embeddings, out.labels, out.ref_emb, out.ref_labels = embeddings, labels, ref_emb, ref_labels
         return out
 
+    def __reduce__(self):
+        # pickled or copied: PML's plain tuple (the inputs it refers to are not carried along)
+        return tuple, (tuple(self),)
+
     def fused_for(self, embeddings, labels, ref_emb, ref_labels, distance):
         """True when a loss call on these inputs, with this distance ("lp" / "cosine"), may use the
         miner's rule: the miner saw the same tensors and measured with the same distance."""

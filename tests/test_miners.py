@@ -276,3 +276,13 @@ def test_ms_miner_pairs_are_listed_where_the_rule_differs():
         assert ours._fused_with_miner_rule(args[0], args[1], mined, *(args[2:] or (None, None))) is None
         check_close(ours(args[0], args[1], mined, *args[2:]),
                     pml_losses.ContrastiveLoss(**loss_kw)(args[0], args[1], listed, *args[2:]), what=str(loss_kw))
+
+
+def test_mined_tuples_pickle_and_copy_as_pmls_tuple():
+    import copy
+    import pickle
+    x, y, _, _ = batch("self", seed=13)
+    for mined in (miners.MultiSimilarityMiner(0.1)(x, y), miners.TripletMarginMiner(0.2)(x, y)):
+        for other in (pickle.loads(pickle.dumps(mined)), copy.deepcopy(mined), copy.copy(mined)):
+            assert type(other) is tuple and len(other) == len(mined)
+            assert all(torch.equal(a, b) for a, b in zip(other, mined))
