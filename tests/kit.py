@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from fused_pairloss.losses import (REGISTRY, LossEntry, circle, contrastive, lifted_structure, margin_softmax,
-                                   multi_similarity, ntxent, proxy_anchor, proxy_circle, soft_triple, supcon)
+                                   multi_similarity, ntxent, proxy_anchor, proxy_circle, soft_triple, supcon,
+                                   tuplet_margin)
 from fused_pairloss.ops import oracle
 from fused_pairloss.ops.spec import ClassLossSpec, PairLossSpec
 
@@ -162,6 +163,9 @@ PAIR_DECLARATIONS: Dict[str, PairLossSpec] = {
     "contrastive_lp": contrastive.declaration(0.25, 1.0, distance="lp"),
     "contrastive_cos": contrastive.declaration(0.75, 0.25, distance="cosine"),
     "lifted_lp": lifted_structure.declaration(1.0, 0.25, distance="lp"),
+    # one set reduced (LSE of the negatives), the other only counted: LiftedStructure, TupletMargin
+    "lifted_pairs_lp": lifted_structure.lifted_pairs_declaration(1.0, distance="lp"),
+    "tuplet": tuplet_margin.declaration(16.0),
     # PML CrossBatchMemory with a miner: the excluded column is in the thresholds, never kept
     "ms_mine_after_excl": PairLossSpec(pos=multi_similarity.declaration(2.0, 50.0, 0.5).pos,
                                        neg=multi_similarity.declaration(2.0, 50.0, 0.5).neg,

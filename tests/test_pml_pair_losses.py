@@ -259,11 +259,16 @@ def test_angular_op_opcheck_and_chunks(self_mode, monkeypatch):
     excl = torch.arange(13) if self_mode else torch.full((13,), -1)
     c_neg, c_ap = angular._constants(35.0)
     leaves = [t.clone().requires_grad_(True) for t in (q_hat, r_hat, r_raw)]
-    torch.library.opcheck(angular.angular_rows, (*leaves, lq, lr, excl, c_neg, c_ap, "cpu"))
-    out = angular.angular_rows(q_hat, r_hat, r_raw, lq, lr, excl, c_neg, c_ap, "cpu")
-    torch.library.opcheck(angular.angular_rows_backward,
-                          (torch.ones_like(out), q_hat, r_hat, r_raw, lq, lr, excl, c_neg, c_ap, "cpu"))
-    assert torch.autograd.gradcheck(lambda *t: angular.angular_rows(*t, lq, lr, excl, c_neg, c_ap, "cpu"), leaves)
+    for symmetric in ((False, True) if self_mode else (False,)):
+        args = (lq, lr, excl, c_neg, c_ap, "cpu", symmetric)
+        torch.library.opcheck(angular.angular_rows, (*leaves, *args))
+        out = angular.angular_rows(q_hat, r_hat, r_raw, *args)
+        torch.library.opcheck(angular.angular_rows_backward, (torch.ones_like(out), q_hat, r_hat, r_raw, *args))
+        assert torch.autograd.gradcheck(lambda *t: angular.angular_rows(*t, *args), leaves)
+    if self_mode:  # each unordered pair once: the same sums
+        check_close(angular.angular_rows(q_hat, q_hat, r_raw, lq, lr, excl, c_neg, c_ap, "cpu", True),
+                    angular.angular_rows(q_hat, q_hat, r_raw, lq, lr, excl, c_neg, c_ap, "cpu", False),
+                    what="symmetric walk")
     x, y = inputs(50, 8, 4, torch.float64, seed=18)
     loss = fpl.AngularLoss()
     one, one_grads = value_and_grads(lambda: loss(x, y), [x])

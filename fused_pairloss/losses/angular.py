@@ -9,7 +9,8 @@ The sum over negatives is a row of the derived query x^_a + x^_p: each chunk of 
 becomes a chunk of rows of the pair engine in ref mode (rows x^_a + x^_p with label y_a, columns r,
 the negatives' LSE of 4 t S), so l_ap = logaddexp(0, L_ap - 2 (1 + t) x^_a . x^_p). It couples a
 positive with every negative: the engine walks #positive pairs x M (about |P_i| times a pair loss's
-N x M), memory O(chunk D + (N + M) D). The op `fused_pairloss::angular_rows` sums l_ap per anchor
+N x M; half of it for the batch against itself, where (a, p) and (p, a) are one value), memory
+O(chunk D + (N + M) D). The op `fused_pairloss::angular_rows` sums l_ap per anchor
 row (fixed output shape, so torch.compile traces it) and its backward op recomputes each chunk and
 runs the engine's backward on it.
 """
@@ -93,47 +94,67 @@ def _pair_chunks(n_pairs):
     return [(k0, min(n_pairs, k0 + CHUNK_PAIRS)) for k0 in range(0, n_pairs, CHUNK_PAIRS)]
 
 
+def _op_pairs(labels_q, labels_r, exclude_col, symmetric):
+    """The positive pairs the op walks: all of them, or, for the batch against itself (`symmetric`),
+    each unordered pair once: (a, p) and (p, a) have one derived query, one negative set (one
+    label) and one x^_a . x^_p, so one value, added to both rows."""
+    rows, cols = label_positive_pairs(labels_q, labels_r, exclude_col)
+    if symmetric:
+        keep = rows < cols
+        rows, cols = rows[keep], cols[keep]
+    return rows, cols
+
+
+def _add_to_rows(sums, rows, cols, values, symmetric):
+    sums = sums.index_add(0, rows, values)
+    return sums.index_add(0, cols, values) if symmetric else sums
+
+
 @torch.library.custom_op("fused_pairloss::angular_rows", mutates_args=())
 def angular_rows(q_hat: torch.Tensor, r_hat: torch.Tensor, r_raw: torch.Tensor, labels_q: torch.Tensor,
-                 labels_r: torch.Tensor, exclude_col: torch.Tensor, c_neg: float, c_ap: float,
-                 backend: str) -> torch.Tensor:
+                 labels_r: torch.Tensor, exclude_col: torch.Tensor, c_neg: float, c_ap: float, backend: str,
+                 symmetric: bool) -> torch.Tensor:
     """Per anchor row a: sum over its positives p (labels equal, p != exclude_col[a]) of
     logaddexp(0, z_ap), z_ap = LSE_{n: y_n != y_a} c_neg (q^_a + r^_p) . r_n - c_ap q^_a . r^_p, with
     q^ the normalized anchors, r^ the normalized ref rows (positives) and r_raw the ref rows as given
-    (negatives, as PML reads them); in the statistics' dtype."""
+    (negatives, as PML reads them); in the statistics' dtype. `symmetric`: q^ and r^ are the same
+    rows, r_raw their rows as given and the labels one (the batch against itself, _op_pairs)."""
     A = stat_dtype(q_hat.dtype)
     qa, rh, rr = q_hat.to(A), r_hat.to(A), r_raw.to(A).contiguous()
-    rows, cols = label_positive_pairs(labels_q, labels_r, exclude_col)
+    rows, cols = _op_pairs(labels_q, labels_r, exclude_col, symmetric)
     sums = torch.zeros(q_hat.shape[0], dtype=A, device=q_hat.device)
     for k0, k1 in _pair_chunks(rows.shape[0]):
-        z = _chunk_forward(qa, rh, rr, labels_q, labels_r, rows[k0:k1], cols[k0:k1], c_neg, c_ap, backend)[3]
-        sums.index_add_(0, rows[k0:k1], torch.logaddexp(torch.zeros_like(z), z))
+        ri, ci = rows[k0:k1], cols[k0:k1]
+        z = _chunk_forward(qa, rh, rr, labels_q, labels_r, ri, ci, c_neg, c_ap, backend)[3]
+        sums = _add_to_rows(sums, ri, ci, torch.logaddexp(torch.zeros_like(z), z), symmetric)
     return sums
 
 
 @angular_rows.register_fake
-def _fake(q_hat, r_hat, r_raw, labels_q, labels_r, exclude_col, c_neg, c_ap, backend):
+def _fake(q_hat, r_hat, r_raw, labels_q, labels_r, exclude_col, c_neg, c_ap, backend, symmetric):
     return q_hat.new_empty((q_hat.shape[0],), dtype=stat_dtype(q_hat.dtype))
 
 
 @torch.library.custom_op("fused_pairloss::angular_rows_backward", mutates_args=())
 def angular_rows_backward(grad: torch.Tensor, q_hat: torch.Tensor, r_hat: torch.Tensor, r_raw: torch.Tensor,
                           labels_q: torch.Tensor, labels_r: torch.Tensor, exclude_col: torch.Tensor, c_neg: float,
-                          c_ap: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          c_ap: float, backend: str, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor,
+                                                                               torch.Tensor]:
     """(grad_q_hat, grad_r_hat, grad_r_raw) of angular_rows' sums weighted by `grad`: per chunk the
     forward again, then the pair's weight w = grad_a sigmoid(z) into the engine's backward through
     lse_neg (the derived query's gradient goes to q^_a and r^_p, the columns' to r_raw), and -c_ap w
     through q^_a . r^_p."""
     A = stat_dtype(q_hat.dtype)
     qa, rh, rr, g = q_hat.to(A), r_hat.to(A), r_raw.to(A).contiguous(), grad.to(A)
-    rows, cols = label_positive_pairs(labels_q, labels_r, exclude_col)
+    rows, cols = _op_pairs(labels_q, labels_r, exclude_col, symmetric)
     grad_q, grad_rh, grad_rr = torch.zeros_like(qa), torch.zeros_like(rh), torch.zeros_like(rr)
     engine_backward = backward_op(engines.PAIR, backend)
     for k0, k1 in _pair_chunks(rows.shape[0]):
         ri, ci = rows[k0:k1], cols[k0:k1]
         derived, values, aux, z, (terms, flags, excl) = _chunk_forward(qa, rh, rr, labels_q, labels_r, ri, ci, c_neg,
                                                                        c_ap, backend)
-        weight = g[ri] * torch.sigmoid(z)  # d logaddexp(0, z) / dz
+        g_pair = g[ri] + g[ci] if symmetric else g[ri]  # the pair's value is in both rows' sums
+        weight = g_pair * torch.sigmoid(z)  # d logaddexp(0, z) / dz
         grad_values = torch.zeros_like(values)
         grad_values[1] = weight
         g_derived, g_cols = engine_backward(grad_values, derived, rr, labels_q[ri].contiguous(), labels_r, excl,
@@ -146,27 +167,27 @@ def angular_rows_backward(grad: torch.Tensor, q_hat: torch.Tensor, r_hat: torch.
 
 
 @angular_rows_backward.register_fake
-def _fake_backward(grad, q_hat, r_hat, r_raw, labels_q, labels_r, exclude_col, c_neg, c_ap, backend):
+def _fake_backward(grad, q_hat, r_hat, r_raw, labels_q, labels_r, exclude_col, c_neg, c_ap, backend, symmetric):
     return torch.empty_like(q_hat), torch.empty_like(r_hat), torch.empty_like(r_raw)
 
 
 def _setup_context(ctx, inputs, output):
-    q_hat, r_hat, r_raw, labels_q, labels_r, exclude_col, c_neg, c_ap, backend = inputs
+    q_hat, r_hat, r_raw, labels_q, labels_r, exclude_col, c_neg, c_ap, backend, symmetric = inputs
     ctx.save_for_backward(q_hat, r_hat, r_raw, labels_q, labels_r, exclude_col)
-    ctx.args = (c_neg, c_ap, backend)
+    ctx.args = (c_neg, c_ap, backend, symmetric)
 
 
-def _differentiable_sums(q_hat, r_hat, r_raw, labels_q, labels_r, exclude_col, c_neg, c_ap, backend):
+def _differentiable_sums(q_hat, r_hat, r_raw, labels_q, labels_r, exclude_col, c_neg, c_ap, backend, symmetric):
     """angular_rows' sums through the engine's differentiable call, chunk by chunk (create_graph)."""
     from ..ops.stats import pair_stats
-    rows, cols = label_positive_pairs(labels_q, labels_r, exclude_col)
+    rows, cols = _op_pairs(labels_q, labels_r, exclude_col, symmetric)
     sums = torch.zeros(q_hat.shape[0], dtype=stat_dtype(q_hat.dtype), device=q_hat.device)
     for k0, k1 in _pair_chunks(rows.shape[0]):
         ri, ci = rows[k0:k1], cols[k0:k1]
         st = pair_stats(q_hat[ri] + r_hat[ci], r_raw, labels_q[ri], labels_r, torch.full_like(ri, -1),
                         declaration(c_neg), backend)
         z = st.lse_neg - c_ap * (q_hat[ri] * r_hat[ci]).sum(1).to(st.lse_neg.dtype)
-        sums = sums.index_add(0, ri, torch.logaddexp(torch.zeros_like(z), z))
+        sums = _add_to_rows(sums, ri, ci, torch.logaddexp(torch.zeros_like(z), z), symmetric)
     return sums
 
 
@@ -179,7 +200,7 @@ def _backward(ctx, grad):
             torch.autograd.grad(sums, inputs, grad.to(sums.dtype), create_graph=True, allow_unused=True), inputs))
     else:
         gq, grh, grr = angular_rows_backward(grad.contiguous(), *saved, *ctx.args)
-    return gq, grh, grr, None, None, None, None, None, None
+    return gq, grh, grr, None, None, None, None, None, None, None
 
 
 def _not_differentiable(ctx, *grads):
@@ -208,13 +229,16 @@ def angular_fused(embeddings, labels, ref_emb, ref_labels, *, alpha=40.0, distan
     ref, ref_lab = (embeddings, labels) if ref_emb is None else (ref_emb, ref_labels)
     labels_q = torch.as_tensor(labels, device=embeddings.device).long()
     labels_r = labels_q if ref_lab is labels else torch.as_tensor(ref_lab, device=embeddings.device).long()
+    given_exclusion = exclude_col
     if exclude_col is None:
         exclude_col = (torch.arange(labels_q.shape[0], device=embeddings.device) if self_mode or ref_lab is labels
                        else torch.full_like(labels_q, -1))
     c_neg, c_ap = _constants(alpha)
     q_hat = normalize(embeddings)
     r_hat = q_hat if ref_emb is None else normalize(ref)
-    sums = angular_rows(q_hat, r_hat, ref, labels_q, labels_r, exclude_col, c_neg, c_ap, backend)
+    # the batch against itself (PML's identity rule, no caller's exclusion): each unordered pair once
+    symmetric = ref_emb is None and given_exclusion is None
+    sums = angular_rows(q_hat, r_hat, ref, labels_q, labels_r, exclude_col, c_neg, c_ap, backend, symmetric)
     n_pos, n_neg = _label_counts(labels_q, labels_r, exclude_col)
     n_pairs, n_negs = batch.sum(n_pos), batch.sum(n_neg)
     loss = torch.where((n_pairs > 0) & (n_negs > 0), (batch.sum(sums) / n_pairs.clamp(min=1)).to(embeddings.dtype),
