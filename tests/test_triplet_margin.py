@@ -240,7 +240,7 @@ def test_nan_in_nan_out():
 
 def test_pairs_join_on_the_anchor_in_pmls_order():
     """PML's convert_to_triplets join (torch.where over #pos x #neg) without that matrix."""
-    from fused_pairloss.losses.triplet_margin import join_on_anchor
+    from fused_pairloss.ops.listed import join_on_anchor
     g = torch.Generator().manual_seed(12)
     for _ in range(20):
         a1 = torch.randint(0, 9, (int(torch.randint(0, 30, (1,), generator=g)),), generator=g)

@@ -120,18 +120,23 @@ def masked_logsumexp(x, keep_mask, add_one):
     return out.masked_fill(~torch.any(keep_mask, dim=1, keepdim=True), 0)
 
 
+def pair_count_matrices(labels, ref_emb, ref_labels, indices_tuple, shape, device):
+    """PML's pair lists (lmu.convert_to_pairs) as (pos_count, neg_count) matrices of `shape`: an
+    indices_tuple's pairs with their multiplicity, else the label sets (0/1) under PML's identity
+    rule (the self pairs are no positives when ref_emb is None or ref_labels is labels)."""
+    if indices_tuple is not None:
+        return pair_counts_from_indices(indices_tuple, shape, device)
+    exclude_self = ref_emb is None or ref_labels is labels
+    labels_t = torch.as_tensor(labels, device=device)
+    ref_t = labels_t if ref_emb is None or ref_labels is labels else torch.as_tensor(ref_labels, device=device)
+    return tuple(m.long() for m in pair_masks(labels_t, ref_t, exclude_self))
+
+
 def pair_setup(embeddings, labels, ref_emb, ref_labels, indices_tuple, distance):
     """GenericPairLoss.compute_loss (generic_pair_loss.py:15-21) as matrices: (mat, pos_count,
     neg_count), counts of each pair in PML's pair lists (0/1 without an indices_tuple)."""
-    exclude_self = ref_emb is None or ref_labels is labels
-    if ref_emb is None:
-        ref_emb, ref_labels = embeddings, labels
-    mat = distance_matrix(embeddings, ref_emb, distance)
-    if indices_tuple is not None:
-        pos, neg = pair_counts_from_indices(indices_tuple, mat.shape, mat.device)
-    else:
-        pos, neg = (m.long() for m in pair_masks(labels, ref_labels, exclude_self))
-    return mat, pos, neg
+    mat = distance_matrix(embeddings, embeddings if ref_emb is None else ref_emb, distance)
+    return (mat, *pair_count_matrices(labels, ref_emb, ref_labels, indices_tuple, mat.shape, mat.device))
 
 
 def pml_pair_lists(pos_cnt, neg_cnt):

@@ -28,7 +28,7 @@ from ..ops.positive_pairs import label_positive_pairs
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import backward_op, forward_op
 from ._base import _PairLoss, check_listed_indices, run_pair_loss
-from ._reference_common import check_distance, masked_logsumexp, pair_counts_from_indices, pair_masks, pml_pair_lists
+from ._reference_common import check_distance, masked_logsumexp, pair_count_matrices, pml_pair_lists
 from ._registry import LossEntry
 
 # derived query rows (positive pairs) per engine call
@@ -41,15 +41,6 @@ def _constants(alpha_degrees):
     return 4.0 * t, 2.0 * (1.0 + t)
 
 
-def _pairs(labels_t, ref_t, self_rule, indices_tuple, n_cols, device):
-    """PML's (a1, p, a2, n) (lmu.convert_to_pairs) as lists, duplicates repeated."""
-    if indices_tuple is None:
-        pos, neg = (m.long() for m in pair_masks(labels_t, ref_t, exclude_self=self_rule))
-    else:
-        pos, neg = pair_counts_from_indices(indices_tuple, (labels_t.shape[0], n_cols), device)
-    return pml_pair_lists(pos, neg)
-
-
 def angular_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, alpha=40.0, distance="lp",
                       indices_tuple=None):
     """PML AngularLoss(alpha in degrees) (angular_loss.py) step by step: the pair lists, the anchors and
@@ -58,12 +49,11 @@ def angular_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, alph
     check_distance(distance, allowed=("lp",), loss="angular_loss")
     if labels is None:
         raise ValueError("AngularLoss: labels is required (as in PML)")
-    self_mode = ref_emb is None or (ref_emb is embeddings and ref_labels is labels)
     ref, ref_lab = (embeddings, labels) if ref_emb is None else (ref_emb, ref_labels)
     labels_t = torch.as_tensor(labels, device=embeddings.device)
     ref_t = labels_t if ref_lab is labels else torch.as_tensor(ref_lab, device=embeddings.device)
-    a1, p, a2, _ = _pairs(labels_t, ref_t, self_mode or ref_lab is labels, indices_tuple, ref.shape[0],
-                          embeddings.device)
+    a1, p, a2, _ = pml_pair_lists(*pair_count_matrices(labels, ref_emb, ref_labels, indices_tuple,
+                                                       (embeddings.shape[0], ref.shape[0]), embeddings.device))
     if a1.numel() == 0 or a2.numel() == 0:
         return zero_loss(embeddings)
     c_neg, c_ap = _constants(alpha)

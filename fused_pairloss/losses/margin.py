@@ -24,9 +24,9 @@ from ..ops._common import LOCAL, pair_operands, zero_loss
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, check_listed_indices, check_triplets_per_anchor, run_pair_loss
-from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
+from ._reference_common import check_distance, nan_in_nan_out
 from ._registry import LossEntry
-from .triplet_margin import all_triplets, join_on_anchor, triplet_distances
+from .triplet_margin import pml_triplets
 
 
 def _beta_tensor(beta, like):
@@ -43,23 +43,8 @@ def margin_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, margi
     regularizer beta * nu when learned (already reduced for one beta, per triplet by the divisor for
     a per-class one), the sub-losses summed in the embeddings' dtype (PML's MultipleReducers)."""
     check_distance(distance, loss="margin_loss")
-    self_mode = ref_emb is None or (ref_emb is embeddings and ref_labels is labels)
-    ref, ref_lab = (embeddings, labels) if ref_emb is None else (ref_emb, ref_labels)
     zero = zero_loss(embeddings)
-    if indices_tuple is None:
-        labels_t = torch.as_tensor(labels, device=embeddings.device)
-        ref_t = labels_t if ref_lab is labels else torch.as_tensor(ref_lab, device=embeddings.device)
-        a, p, n = all_triplets(labels_t, ref_t, exclude_self=self_mode or ref_lab is labels)
-        mat = distance_matrix(embeddings, ref, distance)
-        u_ap, u_an = mat[a, p], mat[a, n]
-    else:
-        if len(indices_tuple) == 4:
-            a1, p1, a2, n2 = (torch.as_tensor(t, device=embeddings.device).long() for t in indices_tuple)
-            pi, ni = join_on_anchor(a1, a2)
-            a, p, n = a1[pi], p1[pi], n2[ni]
-        else:
-            a, p, n = (torch.as_tensor(t, device=embeddings.device).long() for t in indices_tuple)
-        u_ap, u_an = triplet_distances(embeddings, ref, a, p, n, distance)
+    a, u_ap, u_an = pml_triplets(embeddings, labels, ref_emb, ref_labels, indices_tuple, distance)
     if a.numel() == 0:  # PML's zero_losses: both sub-losses sum(embeddings * 0)
         return nan_in_nan_out(zero + zero, embeddings, ref_emb)
     beta_t = _beta_tensor(beta, embeddings)
@@ -80,13 +65,12 @@ def margin_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, margi
 
 def declaration(margin, beta, distance="lp"):
     b, m = float(beta), float(margin)
-    if distance == "lp":  # pos: d - (beta - m), neg: (beta + m) - d
-        pos, neg = PairTerm(scale=1.0, shift=b - m), PairTerm(scale=-1.0, shift=b + m)
-    else:  # pos: (beta + m) - S, neg: S - (beta - m)
-        pos, neg = PairTerm(scale=-1.0, shift=b + m), PairTerm(scale=1.0, shift=b - m)
     hinged = dict(hinge=True, sum=True)
-    return PairLossSpec(pos=PairTerm(pos.scale, pos.shift, **hinged), neg=PairTerm(neg.scale, neg.shift, **hinged),
-                        distance=distance)
+    if distance == "lp":  # pos: d - (beta - m), neg: (beta + m) - d
+        pos, neg = PairTerm(1.0, b - m, **hinged), PairTerm(-1.0, b + m, **hinged)
+    else:  # pos: (beta + m) - S, neg: S - (beta - m)
+        pos, neg = PairTerm(-1.0, b + m, **hinged), PairTerm(1.0, b - m, **hinged)
+    return PairLossSpec(pos=pos, neg=neg, distance=distance)
 
 
 def combine(st: engines.PairStats, embeddings, *, beta, nu, learn_beta, distance, batch=LOCAL):

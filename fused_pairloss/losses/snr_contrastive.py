@@ -22,7 +22,7 @@ from ..ops._common import LOCAL, normalize, zero_loss
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, run_pair_loss
-from ._reference_common import avg_non_zero, nan_in_nan_out, pair_counts_from_indices, pair_masks, too_few_pairs
+from ._reference_common import avg_non_zero, nan_in_nan_out, pair_count_matrices, too_few_pairs
 from ._registry import LossEntry
 from .contrastive import combine
 
@@ -47,15 +47,8 @@ def snr_contrastive_reference(embeddings, labels, ref_emb=None, ref_labels=None,
     the pair lists' counts (PML's identity rule; an indices_tuple's pairs with their multiplicity),
     relu(d - pos_margin) and relu(neg_margin - d), AvgNonZero of each, PML's one-pair rule."""
     _check_distance(distance)
-    exclude_self = ref_emb is None or ref_labels is labels
-    ref, ref_lab = (embeddings, labels) if ref_emb is None else (ref_emb, ref_labels)
-    mat = snr_matrix(embeddings, ref)
-    if indices_tuple is not None:
-        pos, neg = pair_counts_from_indices(indices_tuple, mat.shape, mat.device)
-    else:
-        labels_t = torch.as_tensor(labels, device=mat.device)
-        pos, neg = (m.long() for m in pair_masks(labels_t, torch.as_tensor(ref_lab, device=mat.device),
-                                                 exclude_self))
+    mat = snr_matrix(embeddings, embeddings if ref_emb is None else ref_emb)
+    pos, neg = pair_count_matrices(labels, ref_emb, ref_labels, indices_tuple, mat.shape, mat.device)
     loss = (avg_non_zero(torch.relu(mat - pos_margin), embeddings, pos)
             + avg_non_zero(torch.relu(neg_margin - mat), embeddings, neg))
     too_few = too_few_pairs(pos.sum(), neg.sum(), mat.device)

@@ -21,7 +21,7 @@ from ..ops._common import LOCAL, pair_operands, zero_loss
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, _warn_once, run_pair_loss
-from ._reference_common import check_distance, nan_in_nan_out, pair_counts_from_indices, pair_masks, pml_pair_lists
+from ._reference_common import check_distance, nan_in_nan_out, pair_count_matrices, pml_pair_lists
 from ._registry import LossEntry
 
 
@@ -31,17 +31,9 @@ def tcm_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, lambda_p
     (lmu.convert_to_pairs), F.cosine_similarity of the rows of `embeddings` at those indices (PML
     takes both ends from embeddings, also with a ref_emb), the masked means, their weighted sum."""
     check_distance(distance, allowed=("cosine",), loss="threshold_consistent_margin_loss")
-    self_mode = ref_emb is None or (ref_emb is embeddings and ref_labels is labels)
-    ref_lab = labels if ref_emb is None else ref_labels
-    labels_t = torch.as_tensor(labels, device=embeddings.device)
-    ref_t = labels_t if ref_lab is labels else torch.as_tensor(ref_lab, device=embeddings.device)
-    shape = (labels_t.shape[0], ref_t.shape[0])
-    if indices_tuple is None:
-        pos, neg = pair_masks(labels_t, ref_t, exclude_self=self_mode or ref_lab is labels)
-        pos, neg = pos.long(), neg.long()
-    else:
-        pos, neg = pair_counts_from_indices(indices_tuple, shape, embeddings.device)
-    a1, p, a2, n = pml_pair_lists(pos, neg)
+    shape = (embeddings.shape[0], (embeddings if ref_emb is None else ref_emb).shape[0])
+    a1, p, a2, n = pml_pair_lists(*pair_count_matrices(labels, ref_emb, ref_labels, indices_tuple, shape,
+                                                       embeddings.device))
     pos_sims = torch.nn.functional.cosine_similarity(embeddings[a1], embeddings[p])
     neg_sims = torch.nn.functional.cosine_similarity(embeddings[a2], embeddings[n])
     below = pos_sims <= margin_plus

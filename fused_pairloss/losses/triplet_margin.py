@@ -20,7 +20,7 @@ import torch
 from .. import _validation as V
 from .._backends import resolve_backend
 from ..ops._common import LOCAL, normalize, pair_operands, similarity_dtype, zero_loss
-from ..ops.listed import pair_values
+from ..ops.listed import join_on_anchor, pair_values
 from ..ops.triplets import NO_WINDOW, rows_op
 from ._base import _PairLoss, check_listed_indices, check_triplets_per_anchor, run_pair_loss
 from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
@@ -37,23 +37,6 @@ def all_triplets(labels, ref_labels, exclude_self):
     return torch.where(matches[:, :, None] & diffs[:, None, :])
 
 
-def join_on_anchor(a1, a2):
-    """PML's convert_to_triplets join, torch.where(a1[:, None] == a2[None, :]), in its order (by
-    positive pair, then negative pair), without its #pos x #neg matrix: the negative pairs sorted
-    stably by anchor, each positive pair takes its anchor's run. Memory O(#pos + #neg + #triplets)."""
-    if a1.numel() == 0 or a2.numel() == 0:
-        empty = a1.new_zeros(0)
-        return empty, empty
-    order = torch.sort(a2, stable=True)[1]
-    keys = a2[order]
-    start = torch.searchsorted(keys, a1)
-    count = torch.searchsorted(keys, a1, right=True) - start
-    pi = torch.repeat_interleave(torch.arange(a1.numel(), device=a1.device), count)
-    offset = torch.arange(pi.numel(), device=a1.device) - torch.repeat_interleave(torch.cumsum(count, 0) - count,
-                                                                                  count)
-    return pi, order[start[pi] + offset]
-
-
 def triplet_distances(embeddings, ref_emb, a, p, n, distance):
     """PML's mat[a, p], mat[a, n] of the listed triplets, never N x M and never a row per triplet
     (ops/listed.py: row gathers in chunks, or row strips of S for a dense list; memory
@@ -61,6 +44,27 @@ def triplet_distances(embeddings, ref_emb, a, p, n, distance):
     q, r = normalize(embeddings), normalize(ref_emb)
     lp = distance == "lp"
     return pair_values(q, r, a, p, lp), pair_values(q, r, a, n, lp)
+
+
+def pml_triplets(embeddings, labels, ref_emb, ref_labels, indices_tuple, distance):
+    """(a, u_ap, u_an) of PML's triplets (lmu.convert_to_triplets with "all"): all of them under
+    PML's identity rule, their distances from the materialized matrix as PML's; or the listed ones
+    (triplets, or pairs joined on the anchor), their distances from the listed rows."""
+    self_mode = ref_emb is None or (ref_emb is embeddings and ref_labels is labels)
+    ref, ref_lab = (embeddings, labels) if ref_emb is None else (ref_emb, ref_labels)
+    if indices_tuple is None:
+        labels_t = torch.as_tensor(labels, device=embeddings.device)
+        ref_t = labels_t if ref_lab is labels else torch.as_tensor(ref_lab, device=embeddings.device)
+        a, p, n = all_triplets(labels_t, ref_t, exclude_self=self_mode or ref_lab is labels)
+        mat = distance_matrix(embeddings, ref, distance)
+        return a, mat[a, p], mat[a, n]
+    if len(indices_tuple) == 4:  # lmu.convert_to_triplets: pairs joined on the anchor
+        a1, p1, a2, n2 = (torch.as_tensor(t, device=embeddings.device).long() for t in indices_tuple)
+        pi, ni = join_on_anchor(a1, a2)
+        a, p, n = a1[pi], p1[pi], n2[ni]
+    else:
+        a, p, n = (torch.as_tensor(t, device=embeddings.device).long() for t in indices_tuple)
+    return a, *triplet_distances(embeddings, ref, a, p, n, distance)
 
 
 def triplet_margin_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.05, distance="lp",
@@ -75,22 +79,7 @@ def triplet_margin_reference(embeddings, labels, ref_emb=None, ref_labels=None, 
     triplets from the listed rows (memory O(#triplets D)).
     """
     check_distance(distance, loss="triplet_margin_loss")
-    self_mode = ref_emb is None or (ref_emb is embeddings and ref_labels is labels)
-    ref, ref_lab = (embeddings, labels) if ref_emb is None else (ref_emb, ref_labels)
-    if indices_tuple is None:
-        labels_t = torch.as_tensor(labels, device=embeddings.device)
-        ref_t = labels_t if ref_lab is labels else torch.as_tensor(ref_lab, device=embeddings.device)
-        a, p, n = all_triplets(labels_t, ref_t, exclude_self=self_mode or ref_lab is labels)
-        mat = distance_matrix(embeddings, ref, distance)
-        ap, an = mat[a, p], mat[a, n]
-    else:
-        if len(indices_tuple) == 4:  # lmu.convert_to_triplets: pairs joined on the anchor
-            a1, p1, a2, n2 = (t.to(embeddings.device).long() for t in indices_tuple)
-            pi, ni = join_on_anchor(a1, a2)
-            a, p, n = a1[pi], p1[pi], n2[ni]
-        else:
-            a, p, n = (t.to(embeddings.device).long() for t in indices_tuple)
-        ap, an = triplet_distances(embeddings, ref, a, p, n, distance)
+    a, ap, an = pml_triplets(embeddings, labels, ref_emb, ref_labels, indices_tuple, distance)
     if a.numel() == 0:
         return nan_in_nan_out(zero_loss(embeddings), embeddings, ref_emb)
     violation = (ap - an if distance == "lp" else an - ap) + margin

@@ -222,4 +222,22 @@ def listed_pair_stats(q, r, spec: S.PairLossSpec, pairs: ListedPairs) -> PairSta
                      inf, -inf)
 
 
-__all__ = ["ListedPairs", "listed_pair_stats", "check_indices", "pair_values"]
+def join_on_anchor(a1, a2):
+    """torch.where(a1[:, None] == a2[None, :]) without the #a1 x #a2 matrix, in its order (by entry
+    of a1, then of a2): a2 sorted stably, each entry of a1 takes its run. PML's convert_to_triplets
+    (anchors of positive and negative pairs), a row's positives (labels of q and of r). Memory
+    O(#a1 + #a2 + #matches)."""
+    if a1.numel() == 0 or a2.numel() == 0:
+        empty = a1.new_zeros(0)
+        return empty, empty
+    order = torch.sort(a2, stable=True)[1]
+    keys = a2[order]
+    start = torch.searchsorted(keys, a1)
+    count = torch.searchsorted(keys, a1, right=True) - start
+    pi = torch.repeat_interleave(torch.arange(a1.numel(), device=a1.device), count)
+    offset = torch.arange(pi.numel(), device=a1.device) - torch.repeat_interleave(torch.cumsum(count, 0) - count,
+                                                                                  count)
+    return pi, order[start[pi] + offset]
+
+
+__all__ = ["ListedPairs", "listed_pair_stats", "check_indices", "pair_values", "join_on_anchor"]

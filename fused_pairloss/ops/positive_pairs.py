@@ -4,8 +4,8 @@ whose per-pair term reads a row's reduction over its negatives (PML's LiftedStru
 logaddexp(L_a, L_p) + d_ap; TupletMarginLoss: softplus(L_a - s cos(theta_ap - m))).
 
 The row statistics come from the pair engine (any backend), with their gradient; this pass
-enumerates the positive pairs (sorted labels: O(#positive pairs) indices, no N x M), takes their
-values from row gathers (ops/listed.pair_values) and adds f per row. As the op
+enumerates the positive pairs (sorted labels: O(#positive pairs) indices, no N x M), gathers the
+two rows of each pair in chunks and adds f per row. As the op
 `fused_pairloss::positive_pair_rows` (fixed output shape, fake kernel, autograd through the op
 `positive_pair_rows_backward`, which recomputes), torch.compile traces a loss through it. A
 miner's listed positive pairs take the same function eagerly (`listed_pair_rows`).
@@ -22,7 +22,7 @@ from typing import Callable, Dict, Tuple
 import torch
 
 from ._common import zero_loss
-from .listed import pair_values
+from .listed import join_on_anchor, pair_values
 from .operands import stat_dtype
 
 PAIR_TERMS: Dict[str, Tuple[Callable, Callable]] = {}
@@ -36,14 +36,8 @@ def register_pair_term(name, value, grad):
 
 def label_positive_pairs(labels_q, labels_r, exclude_col):
     """(rows, cols) of every (i, j) with labels_r[j] == labels_q[i] and j != exclude_col[i], rows
-    ascending and columns ascending within a row: the sorted labels of r, a binary search per row."""
-    sorted_r, order = torch.sort(labels_r, stable=True)
-    lo = torch.searchsorted(sorted_r, labels_q)
-    count = torch.searchsorted(sorted_r, labels_q, right=True) - lo
-    rows = torch.repeat_interleave(torch.arange(labels_q.shape[0], device=labels_q.device), count)
-    offset = torch.arange(rows.shape[0], device=labels_q.device) - torch.repeat_interleave(count.cumsum(0) - count,
-                                                                                          count)
-    cols = order[lo[rows] + offset]
+    ascending and columns ascending within a row (ops/listed.join_on_anchor of the labels)."""
+    rows, cols = join_on_anchor(labels_q, labels_r)
     keep = cols != exclude_col[rows]
     return rows[keep], cols[keep]
 
