@@ -74,9 +74,10 @@ def combine(st: engines.PairStats, embeddings, *, batch=LOCAL):
 
 
 def n_pairs_fused(embeddings, labels, ref_emb, ref_labels, *, distance="cosine", backend, exclude_col=None,
-                  batch=LOCAL, indices_tuple=None):
+                  batch=LOCAL, pairs=None):
+    """`pairs`: the (anchors, positives) of unique_label_pairs when the caller has them already."""
     _check_self_only(embeddings, labels, ref_emb, ref_labels, "NPairsLoss")
-    a, p = unique_label_pairs(torch.as_tensor(labels, device=embeddings.device), indices_tuple)
+    a, p = unique_label_pairs(torch.as_tensor(labels, device=embeddings.device)) if pairs is None else pairs
     k = torch.arange(a.shape[0], device=embeddings.device)
     st = pair_stats(normalize(embeddings[a]), normalize(embeddings[p]), k, k, None, DECLARATION, backend)
     # no pair: PML's zero loss (a branch on the data-dependent count would break torch.compile's graph)
@@ -126,13 +127,13 @@ class NPairsLoss(_PairLoss):
         if indices_tuple is not None and (not isinstance(indices_tuple, (tuple, list))
                                           or len(indices_tuple) not in (3, 4)):
             raise ValueError("indices_tuple must be a tuple of 3 (a, p, n) or 4 (a1, p, a2, n) index tensors")
-        self.num_pairs = int(unique_label_pairs(torch.as_tensor(labels, device=embeddings.device),
-                                                indices_tuple)[0].numel())
+        pairs = unique_label_pairs(torch.as_tensor(labels, device=embeddings.device), indices_tuple)
+        self.num_pairs = int(pairs[0].numel())
         from .._backends import resolve_backend
         backend = resolve_backend(self.backend, embeddings.device)
         if backend == "reference":
             return n_pairs_reference(embeddings, labels, indices_tuple=indices_tuple)
-        return n_pairs_fused(embeddings, labels, None, None, backend=backend, indices_tuple=indices_tuple)
+        return n_pairs_fused(embeddings, labels, None, None, backend=backend, pairs=pairs)
 
 
 ENTRIES = (
