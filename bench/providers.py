@@ -217,7 +217,7 @@ def _pml_case(loss, inp):
         return lambda: fn(x, y)
     if b.pooled:
         p["centers_per_class"] = inp["K"]
-    fn = getattr(losses, b.pml)(inp["C"], x.shape[1], **p)
+    fn = getattr(losses, b.pml)(**b.entry.size_kwargs(inp["C"], x.shape[1]), **p)
     # our weight tensor, in the same layout, as the module's parameter
     setattr(fn, b.entry.weight_name, inp["centers"])
     return lambda: fn(x, y)

@@ -142,7 +142,10 @@ def main(argv=None):
                             x = torch.randn(n, d, generator=gen).to(dev, dtype).requires_grad_()
                             # PML's layouts: (D, C*K), or (C*K, D) (ProxyAnchor's proxies)
                             shape = (c * k, d) if layout == "rows" else (d, c * k)
-                            w = torch.randn(*shape, generator=gen).to(dev, dtype).requires_grad_()
+                            # unit vectors: what every class loss takes (P2SGrad's functional form needs them)
+                            w = torch.randn(*shape, generator=gen)
+                            w = (w / w.norm(dim=1 if layout == "rows" else 0, keepdim=True)).to(dev, dtype)
+                            w.requires_grad_()
                             y = torch.randint(0, c, (n,), generator=gen).to(dev)
                             call = lambda: fn(x, y, w, backend=backend, **kw)  # noqa: E731
                             n_ok += _run(f"{backend} {dt_name} D={d} {label}", call, [x, w],

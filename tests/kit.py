@@ -239,6 +239,8 @@ class Loss:
     pml: Optional[Callable] = None
     # (hyper-parameters, Geometry) -> fp64 arguments of every relu / mining comparison (kink at 0)
     kinks: Optional[Callable] = None
+    # class losses whose weight has unit vectors (P2SGrad's module renormalizes its own)
+    unit_weights: bool = False
 
     @property
     def entry(self) -> LossEntry:
@@ -260,7 +262,11 @@ class Loss:
         """Class losses: a random parameter in the loss's layout (PML's)."""
         rows = C * self.centers_per_class
         shape = (D, rows) if self.entry.weight_layout == "columns" else (rows, D)
-        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+        w = torch.randn(*shape, generator=g, dtype=torch.float64)
+        if self.unit_weights:  # PML's renorm (P2SGrad's) twice: a third moves a norm by ~1e-14
+            for _ in range(2):
+                w = w.renorm(2, 1 if self.entry.weight_layout == "columns" else 0, 1e-5).mul(1e5)
+        return w.to(dtype)
 
 
     @property
@@ -416,6 +422,11 @@ def _arcface_kinks(kw, g):
     return torch.cat([s + math.cos(math.radians(kw["margin"])), 1 - s.abs()])
 
 
+def _acos_clamp_kinks(kw, g):
+    """LargeMargin / SphereFace: the clamp of acos at |s_target| = 1 (psi itself is C^1 in theta)."""
+    return 1 - _target_cos(g).abs()
+
+
 def _sparse_centers_kinks(kw, g):
     """SparseCentersRegularizer: sqrt(2 + tiny - min(2 w.w', 2)) per class: kink at w.w' = 1."""
     if not kw.get("center_reg_weight"):
@@ -445,20 +456,23 @@ def _pml_pair(cls_name, distance=None, **fixed):
     return make
 
 
-def _pml_class(cls_name, attr):
+def _pml_class(cls_name, attr, distance=None):
     """PML's class loss as fn(embeddings, labels, weights): the module's parameter `attr` is
     replaced by the weights tensor itself, so gradients reach it."""
     def make(kw):
-        from pytorch_metric_learning import losses
+        from pytorch_metric_learning import distances, losses
         from pytorch_metric_learning.regularizers import SparseCentersRegularizer
         kw = dict(kw)
+        kw.pop("distance", None)
+        if distance == "cosine":
+            kw["distance"] = distances.CosineSimilarity()
         reg = kw.pop("center_reg_weight", 0.0)
         K = kw.get("centers_per_class", 1)
 
         def fn(e, y, w):
             C = (w.shape[0] if attr == "proxies" else w.shape[1]) // K
             extra = dict(weight_regularizer=SparseCentersRegularizer(C, K), weight_reg_weight=reg) if reg else {}
-            mod = getattr(losses, cls_name)(C, e.shape[1], **kw, **extra)
+            mod = getattr(losses, cls_name)(**REGISTRY[cls_name].size_kwargs(C, e.shape[1]), **kw, **extra)
             delattr(mod, attr)
             setattr(mod, attr, w)
             return mod(e, y)
@@ -529,6 +543,16 @@ LOSSES: Dict[str, Loss] = {l.name: l for l in [
          pml=_pml_class("CosFaceLoss", "W")),
     Loss("arcface", "ArcFaceLoss", hyper=dict(margin=(0.0, 60.0), scale=(1.0, 64.0)),
          pml=_pml_class("ArcFaceLoss", "W"), kinks=_arcface_kinks),
+    Loss("lmsoftmax", "LargeMarginSoftmaxLoss", dict(margin=3, scale=0.5),
+         hyper=dict(margin=(1.0, 6.0), scale=(0.1, 2.0)),
+         pml=_pml_class("LargeMarginSoftmaxLoss", "W"), kinks=_acos_clamp_kinks),
+    Loss("sphereface", "SphereFaceLoss", hyper=dict(margin=(1.0, 6.0), scale=(0.1, 4.0)),
+         pml=_pml_class("SphereFaceLoss", "W"), kinks=_acos_clamp_kinks),
+    Loss("proxynca", "ProxyNCALoss", dict(softmax_scale=4.0), hyper=dict(softmax_scale=(0.1, 16.0)),
+         pml=_pml_class("ProxyNCALoss", "proxies")),
+    Loss("proxynca_cos", "ProxyNCALoss", dict(distance="cosine", softmax_scale=8.0),
+         hyper=dict(softmax_scale=(0.1, 32.0)), pml=_pml_class("ProxyNCALoss", "proxies", distance="cosine")),
+    Loss("p2sgrad", "P2SGradLoss", pml=_pml_class("P2SGradLoss", "weight"), unit_weights=True),
 ]}
 PAIR_LOSSES = [n for n, l in LOSSES.items() if l.kind == "pair"]
 CLASS_LOSSES = [n for n, l in LOSSES.items() if l.kind == "class"]

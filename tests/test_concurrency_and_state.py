@@ -23,8 +23,7 @@ THREADS = 4
 # the Triton interpreter runs numpy per block: a few losses that cover the engines' paths (pair
 # with mining, pair with LSE + sum, pooled class rows, class columns)
 TRITON_THREAD_LOSSES = ("ms_mined", "supcon", "softtriple", "proxyanchor")
-CLASS_MODULES = ("SoftTripleLoss", "ProxyAnchorLoss", "NormalizedSoftmaxLoss", "CosFaceLoss", "ArcFaceLoss",
-                 "ProxyCircleLoss")
+CLASS_MODULES = tuple(name for name, entry in REGISTRY.items() if entry.kind == "class")
 
 
 # ---- (a) threads ---------------------------------------------------------------------------------
@@ -79,8 +78,8 @@ def modules_for(loss, num_classes, d):
     cls_kw = {k: v for k, v in loss.kwargs.items() if k != "distance"}
     if "distance" in loss.kwargs:
         cls_kw["distance"] = _pml_kwargs(loss)["distance"]
-    sizes = (num_classes, d) if loss.kind == "class" else ()
-    ours = loss.entry.cls(*sizes, **cls_kw)
+    sizes = loss.entry.size_kwargs(num_classes, d) if loss.kind == "class" else {}
+    ours = loss.entry.cls(**sizes, **cls_kw)
     if not loss.entry.in_pml:
         return ours, None, None
     pml_kw = _pml_kwargs(loss)
@@ -88,7 +87,7 @@ def modules_for(loss, num_classes, d):
         pml_kw.update(weight_regularizer=pml_regularizers.SparseCentersRegularizer(num_classes,
                                                                                   loss.centers_per_class),
                       weight_reg_weight=loss.kwargs["center_reg_weight"])
-    pml = getattr(pml_losses, loss.entry.pml_name)(*sizes, **pml_kw)
+    pml = getattr(pml_losses, loss.entry.pml_name)(**sizes, **pml_kw)
     if loss.kind == "class":
         pml.load_state_dict(ours.state_dict())
     miner = None
@@ -170,7 +169,7 @@ def test_no_grad_and_inference_mode(backend, name):
 @pytest.mark.parametrize("cls_name", CLASS_MODULES)
 def test_class_module_in_inference_mode(cls_name):
     """A module whose parameter requires grad, called in inference mode: no graph, the grad-mode value."""
-    module = getattr(fpl, cls_name)(4, 6)
+    module = getattr(fpl, cls_name)(**REGISTRY[cls_name].size_kwargs(4, 6))
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(12, 6, generator=g), torch.randint(0, 4, (12,), generator=g)
     value = module(x, y)
@@ -184,8 +183,9 @@ def _class_pair(cls_name, seed=0):
     """(fused module, reference-backend module) with the same parameter."""
     kw = dict(centers_per_class=3) if cls_name == "SoftTripleLoss" else {}
     torch.manual_seed(seed)
-    fused = getattr(fpl, cls_name)(4, 6, **kw)
-    reference = getattr(fpl, cls_name)(4, 6, backend="reference", **kw)
+    sizes = REGISTRY[cls_name].size_kwargs(4, 6)
+    fused = getattr(fpl, cls_name)(**sizes, **kw)
+    reference = getattr(fpl, cls_name)(**sizes, backend="reference", **kw)
     reference.load_state_dict(fused.state_dict())
     return fused, reference
 
@@ -235,7 +235,7 @@ def test_state_dict_round_trips_across_dtypes(cls_name):
     assert torch.equal(next(through_half.parameters()), original.half().float())
     if REGISTRY[cls_name].in_pml:  # PML's module loads ours in another dtype, and back
         kw = dict(centers_per_class=3) if cls_name == "SoftTripleLoss" else {}
-        pml = getattr(pml_losses, cls_name)(4, 6, **kw).double()
+        pml = getattr(pml_losses, cls_name)(**REGISTRY[cls_name].size_kwargs(4, 6), **kw).double()
         pml.load_state_dict(fused.double().state_dict())
         back = _class_pair(cls_name, seed=1)[0]
         back.load_state_dict(pml.state_dict())
@@ -258,14 +258,14 @@ def test_meta_device_where_pml_runs(cls_name):
         return value, xm.grad
 
     try:
-        pml_result = run(getattr(pml_losses, cls_name)(4, 6, **kw))
+        pml_result = run(getattr(pml_losses, cls_name)(**REGISTRY[cls_name].size_kwargs(4, 6), **kw))
     except Exception as e:
         pml_error = type(e)
         try:
-            run(getattr(fpl, cls_name)(4, 6, **kw))
+            run(getattr(fpl, cls_name)(**REGISTRY[cls_name].size_kwargs(4, 6), **kw))
         except Exception as ours:
             assert isinstance(ours, pml_error), (ours, pml_error)
         return
-    value, grad = run(getattr(fpl, cls_name)(4, 6, **kw))
+    value, grad = run(getattr(fpl, cls_name)(**REGISTRY[cls_name].size_kwargs(4, 6), **kw))
     assert value.device.type == "meta" and value.shape == pml_result[0].shape and value.dtype == pml_result[0].dtype
     assert grad.shape == x.shape

@@ -11,7 +11,8 @@ from pytorch_metric_learning.distances import CosineSimilarity  # noqa: E402
 
 PAIR = ["ContrastiveLoss", "MultiSimilarityLoss", "NTXentLoss", "CircleLoss", "SupConLoss",
         "GeneralizedLiftedStructureLoss", "TripletMarginLoss"]
-CLASS = ["ArcFaceLoss", "CosFaceLoss", "NormalizedSoftmaxLoss", "ProxyAnchorLoss", "SoftTripleLoss"]
+CLASS = ["ArcFaceLoss", "CosFaceLoss", "NormalizedSoftmaxLoss", "ProxyAnchorLoss", "SoftTripleLoss",
+         "LargeMarginSoftmaxLoss", "SphereFaceLoss", "ProxyNCALoss"]
 
 
 def batch(seed=0, dtype=torch.float64):
@@ -61,6 +62,32 @@ def test_class_loss_signature_and_errors_as_pml(name):
             pml(x, **kw)
     idx = miners.MultiSimilarityMiner()(x, y)  # miner weights on the rows, as PML
     torch.testing.assert_close(ours(x, y, idx), pml(x, y, idx), rtol=1e-12, atol=1e-12)
+
+
+def test_p2s_grad_renormalizes_in_place_and_refuses_what_pml_refuses():
+    """P2SGradLoss renormalizes its weight's columns in place before every call (PML's renorm):
+    from a weight PML's would hold, the same value, gradients and renormalized weight; PML's
+    errors for an indices_tuple and a ref_emb, and labels named when missing."""
+    x, y = batch(7)
+    ours, pml = fpl.P2SGradLoss(8, 3), L.P2SGradLoss(8, 3)
+    ours.weight.data.mul_(torch.tensor([0.5, 2.0, 7.0]))  # columns off the unit sphere
+    pml.load_state_dict(ours.state_dict())
+    xo, xp = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    a, b = ours(xo, y), pml(xp, y)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours.weight.data, pml.weight.data, rtol=0, atol=0)
+    torch.testing.assert_close(ours.weight.data.norm(dim=0), torch.ones(3, dtype=torch.float64))
+    grads = [torch.autograd.grad(v, [xx, m.weight]) for v, xx, m in ((a, xo, ours), (b, xp, pml))]
+    for g_ours, g_pml in zip(*grads):
+        torch.testing.assert_close(g_ours, g_pml, rtol=1e-10, atol=1e-13)
+    idx = miners.MultiSimilarityMiner()(x, y)
+    for kw in (dict(labels=y, indices_tuple=idx), dict(labels=y, ref_emb=x)):
+        with pytest.raises(ValueError, match="not supported"):
+            ours(x, **kw)
+        with pytest.raises(ValueError, match="not supported"):
+            pml(x, **kw)
+    with pytest.raises(ValueError, match="labels"):
+        ours(x)
 
 
 @pytest.mark.parametrize("name", ["ContrastiveLoss", "GeneralizedLiftedStructureLoss"])

@@ -223,7 +223,7 @@ def geometry(case: Case, inp: Inputs) -> kit.Geometry:
     loss = kit.LOSSES[case.loss]
     q = F.normalize(inp.x, dim=1)
     if loss.kind == "class":
-        w = inp.weights if case.loss == "proxyanchor" else inp.weights.t()
+        w = inp.weights if loss.entry.weight_layout == "rows" else inp.weights.t()
         wn = F.normalize(w, dim=1)
         return kit.Geometry(s=q @ wn.t(), labels=inp.labels, K=loss.centers_per_class, ww=wn @ wn.t())
     r = q if inp.ref is None else F.normalize(inp.ref, dim=1)

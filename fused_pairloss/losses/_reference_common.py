@@ -75,7 +75,7 @@ def distance_matrix(embeddings, ref_emb, distance):
     r = normalize(ref_emb)
     if distance == "cosine":
         return q @ r.t()
-    if q.dtype == torch.float16:
+    if q.dtype in (torch.float16, torch.bfloat16):  # bf16: no cdist kernel either (PML raises)
         return F.pairwise_distance(q.unsqueeze(1), r.unsqueeze(0), p=2)
     return torch.cdist(q, r, p=2)
 
@@ -192,15 +192,20 @@ def nan_in_nan_out(loss, embeddings, ref_emb):
     return loss + zero_loss(embeddings) + (0 if ref_emb is None else zero_loss(ref_emb))
 
 
-def miner_weights(indices_tuple, labels, dtype):
-    """PML lmu.convert_to_weights(indices_tuple, labels, dtype) (loss_and_miner_utils.py:245-261):
-    every index in ALL the tuple's tensors (anchors, positives and negatives alike) counts;
+def miner_weights(indices_tuple, labels, dtype, using_ref=False):
+    """PML lmu.convert_to_weights(indices_tuple, labels, dtype, using_ref) (loss_and_miner_utils.py:
+    245-261): every index in ALL the tuple's tensors (anchors, positives and negatives alike), or
+    with `using_ref` (a query set against another reference) only the anchors, counts;
     w_i = count_i / max count, 0 for a sample that is not listed; all ones without a tuple (or
     with only empty tensors)."""
     weights = torch.zeros(labels.shape[0], dtype=dtype, device=labels.device)
     if indices_tuple is None or all(len(x) == 0 for x in indices_tuple):
         return weights + 1
-    indices = torch.cat([t.to(labels.device) for t in indices_tuple], dim=0)
+    if using_ref:  # PML's get_anchors
+        listed = [indices_tuple[0]] if len(indices_tuple) == 3 else [indices_tuple[0], indices_tuple[2]]
+    else:
+        listed = indices_tuple
+    indices = torch.cat([t.to(labels.device) for t in listed], dim=0)
     indices, counts = torch.unique(indices, return_counts=True)
     weights[indices] = counts.to(dtype) / torch.max(counts)
     return weights

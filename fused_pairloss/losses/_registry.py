@@ -78,6 +78,13 @@ class LossEntry:
         """K centers per class (SoftTriple): the functional form takes centers_per_class."""
         return "centers_per_class" in self._parameters()
 
+    def size_kwargs(self, num_classes, embedding_size) -> dict:
+        """Class losses: the constructor's size arguments by PML's names, which PML's class takes as
+        keywords too: (num_classes, embedding_size), P2SGradLoss (descriptors_dim, num_classes)."""
+        params = inspect.signature(self.cls.__init__).parameters
+        size_name = "descriptors_dim" if "descriptors_dim" in params else "embedding_size"
+        return {"num_classes": num_classes, size_name: embedding_size}
+
     @property
     def defaults(self) -> dict:
         """PML's default hyper-parameters (the functional form's defaults of `hyper`)."""

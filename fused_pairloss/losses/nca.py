@@ -46,9 +46,8 @@ def nca_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, softmax_
     same_object = ref_emb is None or ref_emb is embeddings
     reference = query if same_object else normalize(ref_emb)
     ref_labels = labels if ref_emb is None else ref_labels
-    weights = miner_weights(indices_tuple if indices_tuple is None or same_object else
-                            (indices_tuple[0],) if len(indices_tuple) == 3 else (indices_tuple[0], indices_tuple[2]),
-                            torch.as_tensor(labels, device=embeddings.device), query.dtype)
+    weights = miner_weights(indices_tuple, torch.as_tensor(labels, device=embeddings.device), query.dtype,
+                            using_ref=not same_object)
     if distance == "cosine":
         mat = query @ reference.t()
     else:
