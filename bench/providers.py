@@ -177,7 +177,7 @@ def _call(fn, loss, inp, extra):
     if b.kind == "pair":
         return lambda: fn(x, y, **kw)
     if b.pooled:
-        kw["centers_per_class"] = inp["K"]
+        kw[b.entry.centers_name] = inp["K"]
     return lambda: fn(x, y, inp["centers"], **kw)
 
 
@@ -216,7 +216,7 @@ def _pml_case(loss, inp):
             return lambda: fn(x, y, miner(x, y))
         return lambda: fn(x, y)
     if b.pooled:
-        p["centers_per_class"] = inp["K"]
+        p[b.entry.centers_name] = inp["K"]
     fn = getattr(losses, b.pml)(**b.entry.size_kwargs(inp["C"], x.shape[1]), **p)
     # our weight tensor, in the same layout, as the module's parameter
     setattr(fn, b.entry.weight_name, inp["centers"])

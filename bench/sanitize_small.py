@@ -64,9 +64,10 @@ def pair_cases(name, fn, params, n, m, modes):
 
 
 def class_cases(name, params):
-    if "centers_per_class" in params:
-        yield f"{name} K=1", {"centers_per_class": 1}
-        kw = {"centers_per_class": 3}
+    k_name = next((n for n in ("centers_per_class", "sub_centers") if n in params), None)
+    if k_name is not None:
+        yield f"{name} K=1", {k_name: 1}
+        kw = {k_name: 3}
         if "center_reg_weight" in params:
             kw["center_reg_weight"] = 0.2
         yield f"{name} K=3" + (" +reg" if "center_reg_weight" in kw else ""), kw
@@ -138,7 +139,7 @@ def main(argv=None):
                                          finite, bad, dev)
                     else:
                         for label, kw in class_cases(name, params):
-                            k = kw.get("centers_per_class", 1)
+                            k = kw.get("centers_per_class", kw.get("sub_centers", 1))
                             x = torch.randn(n, d, generator=gen).to(dev, dtype).requires_grad_()
                             # PML's layouts: (D, C*K), or (C*K, D) (ProxyAnchor's proxies)
                             shape = (c * k, d) if layout == "rows" else (d, c * k)

@@ -112,16 +112,17 @@ def check_margins_ordered(pos_margin, neg_margin, distance):
 _warned_margins = set()
 
 
-def check_centers(embeddings, labels, centers, centers_per_class, name="centers", classes_first=False):
+def check_centers(embeddings, labels, centers, centers_per_class, name="centers", classes_first=False,
+                  k_name="centers_per_class"):
     """centers: (D, C*K) like PML's fc and W, or (C, D) like PML's ProxyAnchor proxies
-    (classes_first); labels in [0, C)."""
+    (classes_first); labels in [0, C); K given as the user's argument `k_name`."""
     check_embeddings(embeddings)
     if labels is None:
         raise ValueError("labels is required (a 1-D integer tensor of length N)")
     check_labels(labels, embeddings.shape[0])
     if (isinstance(centers_per_class, bool) or not isinstance(centers_per_class, numbers.Integral)
             or centers_per_class < 1):
-        raise ValueError(f"centers_per_class must be an int >= 1; got {centers_per_class!r}")
+        raise ValueError(f"{k_name} must be an int >= 1; got {centers_per_class!r}")
     if not isinstance(centers, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (D, C*K); got {type(centers).__name__}")
     if not centers.is_floating_point():
@@ -131,7 +132,7 @@ def check_centers(embeddings, labels, centers, centers_per_class, name="centers"
         layout = f"(C, D={embeddings.shape[1]})" if classes_first else f"(D={embeddings.shape[1]}, C*K)"
         raise ValueError(f"{name} must be 2-D of shape {layout} (PML's layout); got shape {tuple(centers.shape)}")
     if centers.shape[c_axis] == 0 or centers.shape[c_axis] % centers_per_class != 0:
-        raise ValueError(f"{name}'s class axis must have a positive multiple of centers_per_class="
+        raise ValueError(f"{name}'s class axis must have a positive multiple of {k_name}="
                          f"{centers_per_class} entries; got {centers.shape[c_axis]}")
     if centers.dtype != embeddings.dtype:
         raise TypeError(f"{name} must have the dtype of embeddings ({embeddings.dtype}); got {centers.dtype}")

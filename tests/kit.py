@@ -192,6 +192,7 @@ LOSS_CLASS_DECLARATIONS = {
     "proxycircle": (proxy_circle.declaration(0.25, 256.0), 1),
     "proxyanchor": (proxy_anchor.declaration(0.1, 32.0), 1),
     "cosface": (margin_softmax.declaration(64.0), 1),
+    "subcenter_arcface": (margin_softmax.declaration(64.0, sub_centers=3), 3),
 }
 CLASS_DECLARATIONS = {name: (plain_rows(spec), K) for name, (spec, K) in LOSS_CLASS_DECLARATIONS.items()}
 
@@ -256,7 +257,7 @@ class Loss:
 
     @property
     def centers_per_class(self) -> int:
-        return self.kwargs.get("centers_per_class", 1)
+        return self.kwargs.get(self.entry.centers_name or "centers_per_class", 1)
 
     def weights(self, C, D, g, dtype):
         """Class losses: a random parameter in the loss's layout (PML's)."""
@@ -422,6 +423,16 @@ def _arcface_kinks(kw, g):
     return torch.cat([s + math.cos(math.radians(kw["margin"])), 1 - s.abs()])
 
 
+def _subcenter_arcface_kinks(kw, g):
+    """ArcFace's kinks on the pooled target cosine, and every class's two best sub-centers tied
+    (the max switches centers)."""
+    s3 = g.s.view(g.s.shape[0], -1, g.K)
+    top2 = s3.topk(2, dim=2).values
+    target = s3.max(dim=2).values[torch.arange(s3.shape[0]), g.labels]
+    return torch.cat([target + math.cos(math.radians(kw["margin"])), 1 - target.abs(),
+                      (top2[..., 0] - top2[..., 1]).flatten()])
+
+
 def _acos_clamp_kinks(kw, g):
     """LargeMargin / SphereFace: the clamp of acos at |s_target| = 1 (psi itself is C^1 in theta)."""
     return 1 - _target_cos(g).abs()
@@ -467,7 +478,7 @@ def _pml_class(cls_name, attr, distance=None):
         if distance == "cosine":
             kw["distance"] = distances.CosineSimilarity()
         reg = kw.pop("center_reg_weight", 0.0)
-        K = kw.get("centers_per_class", 1)
+        K = kw.get("centers_per_class", kw.get("sub_centers", 1))
 
         def fn(e, y, w):
             C = (w.shape[0] if attr == "proxies" else w.shape[1]) // K
@@ -543,6 +554,9 @@ LOSSES: Dict[str, Loss] = {l.name: l for l in [
          pml=_pml_class("CosFaceLoss", "W")),
     Loss("arcface", "ArcFaceLoss", hyper=dict(margin=(0.0, 60.0), scale=(1.0, 64.0)),
          pml=_pml_class("ArcFaceLoss", "W"), kinks=_arcface_kinks),
+    Loss("subcenter_arcface", "SubCenterArcFaceLoss", dict(sub_centers=3),
+         hyper=dict(margin=(0.0, 60.0), scale=(1.0, 64.0)), pml=_pml_class("SubCenterArcFaceLoss", "W"),
+         kinks=_subcenter_arcface_kinks),
     Loss("lmsoftmax", "LargeMarginSoftmaxLoss", dict(margin=3, scale=0.5),
          hyper=dict(margin=(1.0, 6.0), scale=(0.1, 2.0)),
          pml=_pml_class("LargeMarginSoftmaxLoss", "W"), kinks=_acos_clamp_kinks),

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fused_pairloss as fpl
+from fused_pairloss.losses import REGISTRY
 
 L = pytest.importorskip("pytorch_metric_learning.losses")
 from pytorch_metric_learning import miners  # noqa: E402
@@ -12,7 +13,7 @@ from pytorch_metric_learning.distances import CosineSimilarity  # noqa: E402
 PAIR = ["ContrastiveLoss", "MultiSimilarityLoss", "NTXentLoss", "CircleLoss", "SupConLoss",
         "GeneralizedLiftedStructureLoss", "TripletMarginLoss"]
 CLASS = ["ArcFaceLoss", "CosFaceLoss", "NormalizedSoftmaxLoss", "ProxyAnchorLoss", "SoftTripleLoss",
-         "LargeMarginSoftmaxLoss", "SphereFaceLoss", "ProxyNCALoss"]
+         "LargeMarginSoftmaxLoss", "SphereFaceLoss", "ProxyNCALoss", "SubCenterArcFaceLoss"]
 
 
 def batch(seed=0, dtype=torch.float64):
@@ -35,7 +36,8 @@ def test_pair_loss_from_an_indices_tuple_without_labels(name):
 
 def make_pair(name):
     kw = dict(centers_per_class=2) if name == "SoftTripleLoss" else {}
-    ours, pml = getattr(fpl, name)(3, 8, **kw), getattr(L, name)(3, 8, **kw)
+    sizes = REGISTRY[name].size_kwargs(3, 8)
+    ours, pml = getattr(fpl, name)(**sizes, **kw), getattr(L, name)(**sizes, **kw)
     pml.load_state_dict(ours.state_dict())
     return ours, pml
 
@@ -117,8 +119,8 @@ def _state(module):
 def test_distance_and_reducer_are_pmls_objects(name):
     """`distance` and `reducer` are PML's objects of PML's types (so `Miner(distance=loss.distance)`
     works); the module still computes fused; its state_dict is PML's."""
-    args = (4, 8) if name in CLASS else ()
-    ours, theirs = getattr(fpl, name)(*args), getattr(L, name)(*args)
+    sizes = REGISTRY[name].size_kwargs(4, 8) if name in CLASS else {}
+    ours, theirs = getattr(fpl, name)(**sizes), getattr(L, name)(**sizes)
     assert ours._pml is None
     assert type(ours.distance) is type(theirs.distance)
     if not isinstance(theirs.reducer, type(None)):

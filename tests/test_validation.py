@@ -1,6 +1,8 @@
 """Input validation (issue #2 item 4) through the functional API and the modules: each bad input
 raises ValueError or TypeError, never a crash deep inside a kernel, and the message names the
 argument that is wrong."""
+import functools
+
 import pytest
 import torch
 
@@ -340,6 +342,11 @@ CLASS_FNS = {
     "cosface": (Fn.cosface_loss, W, "W"),
     "arcface": (Fn.arcface_loss, W, "W"),
     "proxy_anchor": (Fn.proxy_anchor_loss, PROXIES, "proxies"),
+    "subcenter_arcface": (functools.partial(Fn.subcenter_arcface_loss, sub_centers=1), W, "W"),
+    "large_margin_softmax": (Fn.large_margin_softmax_loss, W, "W"),
+    "sphereface": (Fn.sphereface_loss, W, "W"),
+    "proxy_nca": (Fn.proxy_nca_loss, PROXIES, "proxies"),
+    "p2s_grad": (Fn.p2s_grad_loss, W / W.norm(dim=0), "weight"),
 }
 
 
@@ -365,6 +372,13 @@ def test_new_class_losses_reject_bad_weights_and_labels(name):
     (Fn.arcface_loss, W, dict(scale=-1.0), ValueError, "scale"),
     (Fn.proxy_anchor_loss, PROXIES, dict(alpha=0), ValueError, "alpha"),
     (Fn.proxy_anchor_loss, PROXIES, dict(margin=float("-inf")), ValueError, "margin"),
+    (Fn.subcenter_arcface_loss, W, dict(sub_centers=0), ValueError, "sub_centers"),
+    (Fn.subcenter_arcface_loss, W, dict(sub_centers=3), ValueError, "sub_centers"),  # 4 columns
+    (Fn.large_margin_softmax_loss, W, dict(margin=0), ValueError, "margin"),
+    (Fn.sphereface_loss, W, dict(scale=0), ValueError, "scale"),
+    (Fn.proxy_nca_loss, PROXIES, dict(softmax_scale=float("nan")), ValueError, "softmax_scale"),
+    (Fn.proxy_nca_loss, PROXIES, dict(distance="lp"), ValueError, "distance"),
+    (Fn.p2s_grad_loss, W, {}, ValueError, "weight"),  # columns not of unit norm
 ])
 def test_class_hyperparameters_named_in_errors(fn, w, kw, exc, arg):
     with pytest.raises(exc, match=arg):

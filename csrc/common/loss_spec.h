@@ -97,9 +97,11 @@ inline std::string check_pair_spec(int64_t n_terms, int64_t flags) {
 }
 
 // ---- class engine (tiles of whole classes of w) -------------------------------------------------
-// s_ick = q_i . w_ck; S_ic = s_ic (K = 1) or sum_k softmax_k(s_ick * pool_inv_gamma) s_ick
-// (SoftTriple); row term over the non-target classes c != y_i: x = (scale * w(S)) * (S - shift),
-// reduced by LSE; target_sim_i = S_{i,y_i}. Column terms (K = 1 only, ProxyAnchor): per class c,
+// s_ick = q_i . w_ck; S_ic = s_ic (K = 1), sum_k softmax_k(s_ick * pool_inv_gamma) s_ick
+// (SoftTriple) or, with kPoolMax, max_k s_ick (SubCenterArcFace; torch.max: a NaN wins, and the
+// gradient goes to the first center attaining the maximum); row term over the non-target classes
+// c != y_i: x = (scale * w(S)) * (S - shift), reduced by LSE; target_sim_i = S_{i,y_i}. Column
+// terms (K = 1 only, ProxyAnchor): per class c,
 // LSE over the samples i with y_i == c of the pos term, and over y_i != c of the neg term.
 // The weights: kWeightsColumns: w is (D, C*K) (else (C*K, D)); kNormalizeWeights: w_ck enters as
 // w_ck / max(||w_ck||, 1e-12). These two describe the operand, not the math: an engine that does
@@ -109,9 +111,10 @@ enum ClassFlag : int64_t {
   kColPosLse = 1 << 1,
   kColNegLse = 1 << 2,
   kNormalizeWeights = 1 << 3,
-  kWeightsColumns = 1 << 4
+  kWeightsColumns = 1 << 4,
+  kPoolMax = 1 << 5
 };
-constexpr int64_t kClassFlagMask = (int64_t(1) << 5) - 1;
+constexpr int64_t kClassFlagMask = (int64_t(1) << 6) - 1;
 constexpr int64_t kWeightOperandFlags = kNormalizeWeights | kWeightsColumns;
 constexpr double kNormalizeEps = 1e-12;  // F.normalize's default eps
 
@@ -128,7 +131,7 @@ struct ClassSpec {
   PairTermParams<T> row, col_pos, col_neg;
   T pool_inv_gamma;  // PML stores 1/gamma and multiplies
   int64_t K;
-  bool normalize_weights, weights_columns;
+  bool normalize_weights, weights_columns, pool_max;
 };
 
 template <typename T>
@@ -141,6 +144,7 @@ ClassSpec<T> decode_class_spec(const double* terms, int64_t flags, int64_t K) {
   s.K = K;
   s.normalize_weights = flags & kNormalizeWeights;
   s.weights_columns = flags & kWeightsColumns;
+  s.pool_max = flags & kPoolMax;
   return s;
 }
 

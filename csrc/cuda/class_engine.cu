@@ -46,10 +46,24 @@ struct ClassArgs {
 };
 
 // Pooled class similarity of the K centers at s[0], s[stride], ...; also returns the softmax's
-// max and normalizer (K > 1) so that the backward can rebuild p_k.
+// max and normalizer (K > 1) so that the backward can rebuild p_k. With pool_max (SubCenterArcFace):
+// max_k s_k as torch.max (a NaN wins), its first center's index in mx.
 template <typename A>
-FPL_DEV A pool_class(const A* s, int stride, int K, A inv_gamma, A& mx, A& Z) {
+FPL_DEV A pool_class(const A* s, int stride, int K, A inv_gamma, bool pool_max, A& mx, A& Z) {
   if (K == 1) return s[0];
+  if (pool_max) {
+    A best = s[0];
+    int first = 0;
+    for (int k = 1; k < K; ++k) {
+      const A x = s[k * stride];
+      if (x > best || (x != x && best == best)) {  // strictly larger, or the first NaN
+        best = x;
+        first = k;
+      }
+    }
+    mx = A(first);
+    return best;
+  }
   mx = neg_inf<A>();
   for (int k = 0; k < K; ++k) {
     const A x = s[k * stride] * inv_gamma;  // as PML: sim * (1/gamma), then softmax
@@ -107,7 +121,7 @@ __global__ void __launch_bounds__(kThreads) class_row_forward_kernel(ClassArgs<T
     if (valid) {
       for (int c = h; c < ct.ncls; c += 2) {
         A mx, Z;
-        const A S = pool_class(Ss + ol * kLDS + c * K, 1, K, sp.pool_inv_gamma, mx, Z);
+        const A S = pool_class(Ss + ol * kLDS + c * K, 1, K, sp.pool_inv_gamma, sp.pool_max, mx, Z);
         if (c0 + c == lo) {
           ts = S;
           has_target = 1;
@@ -214,7 +228,7 @@ FPL_DEV void class_grad_tile(const ClassArgs<T>& p, typename AccOf<T>::type* Ss,
     const int i = item % nrows, c = item / nrows;
     A* s = Ss + i * rs + c * K * cs;
     A mx = A(0), Z = A(1);
-    const A S = pool_class(s, cs, K, ig, mx, Z);
+    const A S = pool_class(s, cs, K, ig, sp.pool_max, mx, Z);
     const bool tg = ct.c0 + c == lab_s[i];
     A g = A(0);
     if (p.row_lse && !tg) {
@@ -232,6 +246,8 @@ FPL_DEV void class_grad_tile(const ClassArgs<T>& p, typename AccOf<T>::type* Ss,
     if (tg) g += rst[1 * kBM + i];
     if (K == 1) {
       s[0] = g;
+    } else if (sp.pool_max) {  // dS/ds_k = 1 at the maximum's first center (index in mx), else 0
+      for (int k = 0; k < K; ++k) s[k * cs] = k == int(mx) ? g : A(0);
     } else {
       for (int k = 0; k < K; ++k) {  // dS/ds_k = p_k (1 + (s_k - S) / gamma)
         const A sk = s[k * cs];

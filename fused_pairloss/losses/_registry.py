@@ -74,9 +74,14 @@ class LossEntry:
         return self.cls._param if self.kind == "class" else None
 
     @property
+    def centers_name(self) -> Optional[str]:
+        """K centers per class: the functional form's argument for K, PML's name ("centers_per_class"
+        for SoftTriple, "sub_centers" for SubCenterArcFace); None for one vector per class."""
+        return next((n for n in ("centers_per_class", "sub_centers") if n in self._parameters()), None)
+
+    @property
     def pooled(self) -> bool:
-        """K centers per class (SoftTriple): the functional form takes centers_per_class."""
-        return "centers_per_class" in self._parameters()
+        return self.centers_name is not None
 
     def size_kwargs(self, num_classes, embedding_size) -> dict:
         """Class losses: the constructor's size arguments by PML's names, which PML's class takes as

@@ -1,11 +1,13 @@
 """Margin-softmax cross-entropies on the class engine: PML's NormalizedSoftmaxLoss (Zhai & Wu,
-2019), CosFaceLoss (Wang et al., CVPR 2018), ArcFaceLoss (Deng et al., CVPR 2019).
+2019), CosFaceLoss (Wang et al., CVPR 2018), ArcFaceLoss (Deng et al., CVPR 2019) and
+SubCenterArcFaceLoss (Deng et al., ECCV 2020: K sub-centers per class, S_ic = max_k s_ick, then
+ArcFace).
 
-Declaration: row LSE over the classes c != y_i of scale * S_ic (cosine S; scale = 1/temperature,
-or PML's `scale`); the target logit is formed here from target_sim, with PML's own formula:
-NormalizedSoftmax S_y / t, CosFace s (S_y - m), ArcFace s * cos(acos(S_y) + m) with PML's clamp
-and "keep it monotonic" branch. Combination: cross-entropy L_i = logaddexp(lse_i, z_i) - z_i, mean
-over rows.
+Declaration: row LSE over the classes c != y_i of scale * S_ic (cosine S, max-pooled over the
+sub-centers; scale = 1/temperature, or PML's `scale`); the target logit is formed here from
+target_sim, with PML's own formula: NormalizedSoftmax S_y / t, CosFace s (S_y - m), ArcFace
+s * cos(acos(S_y) + m) with PML's clamp and "keep it monotonic" branch. Combination: cross-entropy
+L_i = logaddexp(lse_i, z_i) - z_i, mean over rows.
 """
 from __future__ import annotations
 
@@ -25,15 +27,18 @@ from ._reference_common import miner_weights
 from ._registry import LossEntry
 
 
-def _large_margin_softmax(embeddings, labels, W, scale, modify_target, indices_tuple):
+def _large_margin_softmax(embeddings, labels, W, scale, modify_target, indices_tuple, sub_centers=1):
     """PML LargeMarginSoftmaxLoss.compute_loss (large_margin_softmax_loss.py:101-128) with
-    CosFace's / ArcFace's scale_logits (logits * scale, no norms)."""
+    CosFace's / ArcFace's scale_logits (logits * scale, no norms); SubCenterArcFace's get_cosine
+    (the max over each class's sub_centers adjacent columns) when sub_centers > 1."""
     dtype = embeddings.dtype
     W = W.to(dtype)
-    N, C = labels.shape[0], W.shape[1]
+    N, C = labels.shape[0], W.shape[1] // sub_centers
     mask = torch.zeros(N, C, dtype=dtype, device=embeddings.device)
     mask[torch.arange(N, device=embeddings.device), labels] = 1
     cosine = normalize(embeddings) @ normalize(W.t()).t()  # CosineSimilarity(embeddings, W^T)
+    if sub_centers > 1:
+        cosine = cosine.view(-1, C, sub_centers).max(dim=2).values
     cosine_of_target = cosine[mask == 1]
     diff = (modify_target(cosine_of_target) - cosine_of_target).unsqueeze(1)
     logits = (cosine + mask * diff) * scale  # target logit: s + (f(s) - s), as PML (not f(s))
@@ -70,6 +75,18 @@ def cosface_reference(embeddings, labels, W, *, margin=0.35, scale=64, indices_t
     return _large_margin_softmax(embeddings, labels, W, scale, lambda s: s - margin, indices_tuple)
 
 
+def _arcface_target(margin_degrees):
+    """ArcFace's modify_target for a margin in degrees (module docstring of arcface_reference)."""
+    m = math.radians(margin_degrees)  # == np.radians(margin) (x * pi/180 in both)
+    threshold = math.pi - m  # PML: np.deg2rad(180) - margin, np.deg2rad(180) == math.pi
+    m_sin_m = m * math.sin(m)
+
+    def modify(cosine_of_target):
+        angles = torch.acos(torch.clamp(cosine_of_target, -1, 1))
+        return torch.where(angles <= threshold, torch.cos(angles + m), torch.cos(angles) - m_sin_m)
+    return modify
+
+
 def arcface_reference(embeddings, labels, W, *, margin=28.6, scale=64, indices_tuple=None):
     """PML ArcFaceLoss (arcface_loss.py; MeanReducer). W: PML's `W`, shape (D, C); margin in
     degrees (PML's init_margin: np.radians, line 23).
@@ -81,20 +98,23 @@ def arcface_reference(embeddings, labels, W, *, margin=28.6, scale=64, indices_t
                cos(theta) - m sin(m)        otherwise ("keep the cost monotonically decreasing")
     (cos(theta) recomputed through acos, not s); then as CosFace with t_i = s + (f(s) - s).
     """
-    m = math.radians(margin)  # == np.radians(margin) (x * pi/180 in both)
-    threshold = math.pi - m  # PML: np.deg2rad(180) - margin, np.deg2rad(180) == math.pi
-    m_sin_m = m * math.sin(m)
-
-    def modify(cosine_of_target):
-        angles = torch.acos(torch.clamp(cosine_of_target, -1, 1))
-        return torch.where(angles <= threshold, torch.cos(angles + m), torch.cos(angles) - m_sin_m)
-
-    return _large_margin_softmax(embeddings, labels, W, scale, modify, indices_tuple)
+    return _large_margin_softmax(embeddings, labels, W, scale, _arcface_target(margin), indices_tuple)
 
 
-def declaration(scale):
-    """PML's W is (D, C); the engine normalizes its columns (PML: F.normalize(W, dim=0))."""
-    return ClassLossSpec(row=PairTerm(scale=scale, lse=True), normalize_weights=True, weights_layout="columns")
+def subcenter_arcface_reference(embeddings, labels, W, *, margin=28.6, scale=64, sub_centers=3,
+                                indices_tuple=None):
+    """PML SubCenterArcFaceLoss (subcenter_arcface_loss.py; MeanReducer). W: PML's `W`, shape
+    (D, C * sub_centers), class c's sub-centers the adjacent columns c*K .. c*K + K-1. ArcFace on
+    s_ic = max_k s_ick (torch.max: the gradient to the first sub-center attaining it)."""
+    return _large_margin_softmax(embeddings, labels, W, scale, _arcface_target(margin), indices_tuple,
+                                 sub_centers=sub_centers)
+
+
+def declaration(scale, sub_centers=1):
+    """PML's W is (D, C*K); the engine normalizes its columns (PML: F.normalize(W, dim=0)) and
+    max-pools each class's K sub-centers (SubCenterArcFace)."""
+    return ClassLossSpec(row=PairTerm(scale=scale, lse=True), centers_per_class=sub_centers,
+                         pool_max=sub_centers > 1, normalize_weights=True, weights_layout="columns")
 
 
 def target_logit(kind, sim, *, scale, margin):
@@ -116,10 +136,10 @@ def combine(st: engines.ClassStats, embeddings, *, kind, scale, margin, batch=LO
     return batch.mean(torch.logaddexp(st.lse_other, z) - z).to(embeddings.dtype)
 
 
-def margin_softmax_fused(embeddings, labels, weights, *, kind, scale, margin, backend):
-    """weights: PML's W (D, C)."""
+def margin_softmax_fused(embeddings, labels, weights, *, kind, scale, margin, backend, sub_centers=1):
+    """weights: PML's W (D, C * sub_centers)."""
     q = normalize(embeddings)
-    st = class_stats(q, weights, labels, declaration(scale), backend)
+    st = class_stats(q, weights, labels, declaration(scale, sub_centers), backend)
     return combine(st, embeddings, kind=kind, scale=scale, margin=margin)
 
 
@@ -155,6 +175,18 @@ def arcface_loss(embeddings, labels, W, *, margin=28.6, scale=64.0, backend="aut
         return arcface_reference(embeddings, labels, W, margin=margin, scale=scale)
     return margin_softmax_fused(embeddings, labels, W, kind="arcface", scale=scale, margin=math.radians(margin),
                                 backend=backend)
+
+
+def subcenter_arcface_loss(embeddings, labels, W, *, margin=28.6, scale=64.0, sub_centers=3, backend="auto"):
+    """PML SubCenterArcFaceLoss; margin in degrees (as PML); W in PML's layout (D, C * sub_centers)."""
+    V.check_centers(embeddings, labels, W, sub_centers, name="W", k_name="sub_centers")
+    V.check_real("margin", margin)
+    V.check_positive("scale", scale)
+    backend = resolve_backend(backend, embeddings.device)
+    if backend == "reference":
+        return subcenter_arcface_reference(embeddings, labels, W, margin=margin, scale=scale, sub_centers=sub_centers)
+    return margin_softmax_fused(embeddings, labels, W, kind="arcface", scale=scale, margin=math.radians(margin),
+                                backend=backend, sub_centers=sub_centers)
 
 
 class _MarginSoftmax(_ClassLoss):
@@ -259,6 +291,57 @@ class ArcFaceLoss(_ScaledMarginSoftmax):
         return dict(margin=self._margin_degrees, scale=self.scale)
 
 
+class SubCenterArcFaceLoss(ArcFaceLoss):
+    """Drop-in for pytorch_metric_learning.losses.SubCenterArcFaceLoss; parameter `W` (D, C * K),
+    class c's sub-centers the adjacent columns. PML takes num_classes and embedding_size as keywords
+    only; they may also be given positionally here."""
+    _reference_fn = staticmethod(subcenter_arcface_reference)
+    _functional_fn = staticmethod(subcenter_arcface_loss)
+
+    def __init__(self, num_classes, embedding_size, margin=28.6, scale=64, sub_centers=3, backend="auto", **kwargs):
+        torch.nn.Module.__init__(self)
+        _check_sizes(num_classes=num_classes, embedding_size=embedding_size, sub_centers=sub_centers)
+        V.check_real("margin", margin)
+        V.check_positive("scale", scale)
+        self.num_classes, self.embedding_size, self.sub_centers = num_classes, embedding_size, sub_centers
+        self.scale = scale
+        self._margin_radians, self._margin_degrees = math.radians(margin), margin
+        self._init_class((embedding_size, num_classes * sub_centers), backend, kwargs, (),
+                         dict(num_classes=num_classes, embedding_size=embedding_size, margin=margin, scale=scale,
+                              sub_centers=sub_centers), init=torch.nn.init.normal_)
+
+    def _hyper(self):
+        return dict(super()._hyper(), sub_centers=self.sub_centers)
+
+    def _cosines(self, embeddings):
+        """PML's get_cosine: the max over each class's sub-centers (N x C)."""
+        return super()._cosines(embeddings).view(-1, self.num_classes, self.sub_centers).max(dim=2).values
+
+    def get_outliers(self, embeddings, labels, threshold=75, return_dominant_centers=True):
+        """PML's get_outliers: per class present in labels, its dominant sub-center (the one most of
+        the class's samples are closest to) and the samples farther than `threshold` degrees from
+        it. Returns (outlier indices, dominant centers (D, C)); classes without samples keep
+        uninitialized columns, as PML's."""
+        if self._pml is not None:
+            return self._pml.get_outliers(embeddings, labels, threshold, return_dominant_centers)
+        W = self.cast_weights(embeddings)  # PML's cast_types first
+        V.check_centers(embeddings, labels, W, self.sub_centers, name="W", k_name="sub_centers")
+        cos_threshold = math.cos(math.radians(threshold))
+        dominant = torch.empty(W.shape[0], self.num_classes, dtype=embeddings.dtype, device=embeddings.device)
+        outliers = []
+        with torch.no_grad():
+            for label in range(self.num_classes):
+                members = (labels == label).nonzero().flatten()
+                if members.numel() == 0:
+                    continue
+                centers = W[:, label * self.sub_centers:(label + 1) * self.sub_centers]
+                cosines = normalize(embeddings[members]) @ normalize(centers.t()).t()
+                best = torch.bincount(cosines.argmax(dim=1)).argmax()
+                dominant[:, label] = centers[:, best]
+                outliers.extend(members[cosines[:, best] < cos_threshold].tolist())
+        return torch.tensor(outliers, device=embeddings.device).flatten(), dominant
+
+
 ENTRIES = (
     LossEntry(NormalizedSoftmaxLoss, "class", functional=normalized_softmax_loss,
               reference=normalized_softmax_reference, hyper=("temperature",), weight_layout="columns"),
@@ -266,4 +349,6 @@ ENTRIES = (
               weight_layout="columns"),
     LossEntry(ArcFaceLoss, "class", functional=arcface_loss, reference=arcface_reference, hyper=("margin", "scale"),
               weight_layout="columns"),
+    LossEntry(SubCenterArcFaceLoss, "class", functional=subcenter_arcface_loss, reference=subcenter_arcface_reference,
+              hyper=("margin", "scale", "sub_centers"), weight_layout="columns"),
 )

@@ -160,7 +160,9 @@ def _class_values(q, w, labels, K, cs: S.ClassLossSpec, inv_gamma):
     n = q.shape[0]
     s = (q.to(A) @ w.to(A).t()).view(n, -1, K)  # (N, C, K)
     C = s.shape[1]
-    if K > 1:
+    if K > 1 and cs.pool_max:
+        S_ = s.max(dim=2).values
+    elif K > 1:
         S_ = (torch.softmax(s * inv_gamma, dim=2) * s).sum(2)
     else:
         S_ = s[:, :, 0]

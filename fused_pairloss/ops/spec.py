@@ -31,6 +31,7 @@ COL_POS_LSE = 1 << 1
 COL_NEG_LSE = 1 << 2
 NORMALIZE_WEIGHTS = 1 << 3
 WEIGHTS_COLUMNS = 1 << 4
+POOL_MAX = 1 << 5
 # how the weights are given rather than what is computed from them: an engine without its own
 # support gets them as plain normalized rows from the registrar (ops/engines.py, weight_rows)
 WEIGHT_OPERAND_FLAGS = NORMALIZE_WEIGHTS | WEIGHTS_COLUMNS
@@ -141,9 +142,11 @@ class PairLossSpec:
 class ClassLossSpec:
     """Declaration of a class (proxy) loss for the class engine (tiles of whole classes of w).
 
-    s_ick = q_i . w_ck; S_ic = s_ic (K = 1) or SoftTriple's pooling sum_k softmax_k(s_ick / gamma)
-    s_ick (`pool_gamma`); `row`: per row the LSE over the non-target classes of the term of S_ic
-    (the target's logit is combined outside, from target_sim); `col_pos` / `col_neg` (K = 1): per
+    s_ick = q_i . w_ck; S_ic = s_ic (K = 1), SoftTriple's pooling sum_k softmax_k(s_ick / gamma)
+    s_ick (`pool_gamma`) or SubCenterArcFace's max_k s_ick (`pool_max`: torch.max's value, NaN
+    first, and its gradient to the first center attaining it); `row`: per row the LSE over the
+    non-target classes of the term of S_ic (the target's logit is combined outside, from
+    target_sim); `col_pos` / `col_neg` (K = 1): per
     class c the LSE over the samples with y_i == c / y_i != c of the term of s_ic (ProxyAnchor).
 
     The weights as the loss stores them (PML's parameter): `weights_layout` "rows" (C*K, D) or
@@ -156,6 +159,7 @@ class ClassLossSpec:
     col_neg: Optional[PairTerm] = None
     centers_per_class: int = 1
     pool_gamma: Optional[float] = None
+    pool_max: bool = False
     normalize_weights: bool = False
     weights_layout: str = "rows"
     _packed: Tuple[Tuple[float, ...], int] = field(init=False, repr=False, compare=False)
@@ -168,14 +172,16 @@ class ClassLossSpec:
                 raise ValueError(f"class engine term {name}: only LSE reductions (no hinge / sum)")
         if (self.col_pos is not None or self.col_neg is not None) and K != 1:
             raise ValueError("column reductions need centers_per_class = 1")
-        if K > 1 and self.pool_gamma is None:
-            raise ValueError("centers_per_class > 1 needs pool_gamma (SoftTriple's pooling)")
+        if K > 1 and (self.pool_gamma is None) == (not self.pool_max):
+            raise ValueError("centers_per_class > 1 needs one pooling: pool_gamma (SoftTriple's) or pool_max "
+                             "(SubCenterArcFace's)")
         if self.weights_layout not in WEIGHT_LAYOUTS:
             raise ValueError(f"weights_layout must be one of {WEIGHT_LAYOUTS}; got {self.weights_layout!r}")
         flags = (ROW_LSE if self.row is not None else 0) | (COL_POS_LSE if self.col_pos is not None else 0) \
             | (COL_NEG_LSE if self.col_neg is not None else 0) \
             | (NORMALIZE_WEIGHTS if self.normalize_weights else 0) \
-            | (WEIGHTS_COLUMNS if self.weights_layout == "columns" else 0)
+            | (WEIGHTS_COLUMNS if self.weights_layout == "columns" else 0) \
+            | (POOL_MAX if self.pool_max else 0)
         inv_gamma = 1.0 / self.pool_gamma if self.pool_gamma else 0.0
         terms = (self.row or NO_TERM).floats() + (self.col_pos or NO_TERM).floats() \
             + (self.col_neg or NO_TERM).floats() + (inv_gamma,)
@@ -191,7 +197,7 @@ class ClassLossSpec:
                  + _term_fields("col_neg", self.col_neg, lse=self.col_neg is not None)
                  + [f"pool_inv_gamma={_num(inv_gamma)}", f"centers_per_class={self.centers_per_class}",
                     f"normalize_weights={int(self.normalize_weights)}",
-                    f"weights_columns={int(self.weights_layout == 'columns')}"])
+                    f"weights_columns={int(self.weights_layout == 'columns')}", f"pool_max={int(self.pool_max)}"])
         return ";".join(parts)
 
 
@@ -218,7 +224,7 @@ def unpack_class(terms, flags: int, centers_per_class: int) -> ClassLossSpec:
 
     return ClassLossSpec(row=term(0, ROW_LSE), col_pos=term(4, COL_POS_LSE), col_neg=term(8, COL_NEG_LSE),
                          centers_per_class=int(centers_per_class),
-                         pool_gamma=(1.0 / terms[12]) if terms[12] else None,
+                         pool_gamma=(1.0 / terms[12]) if terms[12] else None, pool_max=bool(flags & POOL_MAX),
                          normalize_weights=bool(flags & NORMALIZE_WEIGHTS),
                          weights_layout="columns" if flags & WEIGHTS_COLUMNS else "rows")
 

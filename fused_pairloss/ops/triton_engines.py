@@ -34,7 +34,8 @@ side's tiles; per row an online log-sum-exp (running max + rescaled sum), sums, 
   (programs own columns J, recompute S_IJ in the forward's orientation, grad_r[J] = sum_I G_IJ q_I),
   skipped when need_grad_r is False.
 Class engine (tiles of whole classes of w; a tile is BLOCK_C classes x KP lanes, KP = K rounded up
-to a power of two, one tl.dot, reshaped to [BLOCK_N, BLOCK_C, KP] for SoftTriple's pooling):
+to a power of two, one tl.dot, reshaped to [BLOCK_N, BLOCK_C, KP] for the pooling: SoftTriple's
+softmax, SubCenterArcFace's max):
 - forward `_class_fwd_rows_kernel` (ROW_LSE and target_sim; programs own row blocks, walk class
   tiles, split like the pair engine) and, with column terms (K = 1), `_class_fwd_cols_kernel`
   (programs own class tiles and walk row blocks: column LSEs; target_sim too when there is no row
@@ -144,7 +145,7 @@ _USE_TRITON_OP = _IMPORTED and not INTERPRETED and hasattr(torch.library, "trito
 _PAIR_TERMS = 2 * 4 + 1
 _CLASS_TERMS = 3 * 4 + 1
 _PAIR_FLAG_MASK = (1 << 10) - 1
-_CLASS_FLAG_MASK = S.ROW_LSE | S.COL_POS_LSE | S.COL_NEG_LSE  # no weight-operand bits (plain rows)
+_CLASS_FLAG_MASK = S.ROW_LSE | S.COL_POS_LSE | S.COL_NEG_LSE | S.POOL_MAX  # no weight-operand bits (plain rows)
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -237,6 +238,11 @@ def _pair_switches(flags: int) -> dict:
                 NEG_LSE=bool(f & S.NEG_LSE), NEG_SUM=bool(f & S.NEG_SUM), NEG_HINGE=bool(f & S.NEG_HINGE),
                 LP=bool(f & S.LP_DISTANCE), MINE=bool(f & S.MINE), NTX=bool(f & S.POS_VS_NEG_LSE),
                 EAM=bool(f & S.EXCLUDE_AFTER_MINING))
+
+
+def _pool_kind(K: int, flags: int) -> int:
+    """The class tile's pooling: 0 none (K = 1), 1 SoftTriple's softmax, 2 SubCenterArcFace's max."""
+    return 0 if K == 1 else 2 if int(flags) & S.POOL_MAX else 1
 
 
 def _class_switches(flags: int) -> dict:
@@ -885,12 +891,22 @@ if _IMPORTED:
                     POOL: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
                     BLOCK_D: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
         """(s3, p, S) of the tile rows x classes c0..: S [BLOCK_N, BLOCK_C] the pooled similarity
-        (SoftTriple: sum_k softmax_k(s * inv_gamma) s over the KP lanes of a class, padded lanes
-        -inf -> p = 0) or s itself (KP = 1); s3, p [BLOCK_N, BLOCK_C, KP] (dummies without POOL)."""
+        (POOL 1, SoftTriple: sum_k softmax_k(s * inv_gamma) s over the KP lanes of a class, padded
+        lanes -inf -> p = 0; POOL 2, SubCenterArcFace: max_k s as torch.max, a NaN first, p the
+        one-hot of the first lane attaining it) or s itself (POOL 0, KP = 1); s3, p
+        [BLOCK_N, BLOCK_C, KP] (dummies without POOL)."""
         w_rows, col_ok = _tile_cols(c0, C, K, KP, BLOCK_C)
         s = _s_tile(q_ptr, w_ptr, rows, w_rows, row_ok, col_ok, D, D, D,
                     BLOCK_N, BLOCK_C * KP, BLOCK_D, PREC, ACC)
-        if POOL:
+        if POOL == 2:
+            s3 = tl.reshape(s, [BLOCK_N, BLOCK_C, KP])
+            k = tl.arange(0, KP)[None, None, :]
+            key = tl.where(k < K, tl.where(s3 != s3, float("inf"), s3), _NEG_INF)
+            first = tl.min(tl.where(key == tl.max(key, axis=2)[:, :, None], k, KP), axis=2)
+            pick = k == first[:, :, None]
+            p = tl.where(pick, 1.0, 0.0).to(ACC)
+            S_ = tl.sum(tl.where(pick, s3, 0.0), axis=2)
+        elif POOL == 1:
             s3 = tl.reshape(s, [BLOCK_N, BLOCK_C, KP])
             k_ok = (tl.arange(0, KP) < K)[None, None, :]
             x = tl.where(k_ok, s3 * ig, _NEG_INF)
@@ -1016,7 +1032,9 @@ if _IMPORTED:
             G = tl.where(other, G + (g_cn[None, :] * e) * dx, G)
         g_ts = tl.load(rst_ptr + N + rows, mask=row_ok, other=0.0)
         G = G + tl.where(tg, g_ts[:, None], 0.0)
-        if POOL:  # dS/ds_k = p_k (1 + (s_k - S) inv_gamma)
+        if POOL == 2:  # dS/ds_k = [k is the maximum's first lane]
+            gs = tl.reshape(tl.where(p != 0.0, G[:, :, None], 0.0), [BLOCK_N, BLOCK_C * KP])
+        elif POOL == 1:  # dS/ds_k = p_k (1 + (s_k - S) inv_gamma)
             gs3 = (G[:, :, None] * p) * (1.0 + (s3 - S_[:, :, None]) * ig)
             gs = tl.reshape(gs3, [BLOCK_N, BLOCK_C * KP])
         else:
@@ -1267,7 +1285,7 @@ if _IMPORTED:
                 torch.empty((2, N), dtype=A, device=dev)
             _launch(_class_fwd_rows_kernel)[(row_blocks, splits)](
                 q, w, labels, part, N, C, D, K, 2 * N, *t[0:4], t[12], ROW_LSE=sw["ROW_LSE"],
-                POOL=K > 1, PREC=prec, **blocks)
+                POOL=_pool_kind(K, flags), PREC=prec, **blocks)
             rows = part if splits == 1 else torch.stack([torch.logsumexp(part[:, 0], 0), part[:, 1].sum(0)])
         else:  # target_sim comes from the column kernel
             rows = torch.empty((2, N), dtype=A, device=dev)
@@ -1303,7 +1321,7 @@ if _IMPORTED:
         cst = torch.cat([gc, cv]).contiguous()       # grad col lse pos / neg, col lse pos / neg
         t = [float(x) for x in terms]
         blocks = _class_blocks(N, C, K, q.dtype)
-        meta = dict(PREC=dot_precision(q.dtype), POOL=K > 1, **sw, **blocks)
+        meta = dict(PREC=dot_precision(q.dtype), POOL=_pool_kind(K, flags), **sw, **blocks)
         operands = (q, w, labels, rst, cst)
         dims = (N, C, D, K)
         if N == 0 or C == 0 or D == 0:
