@@ -82,6 +82,11 @@ BENCH_LOSSES = {
     "normsoftmax": BenchLoss("NormalizedSoftmaxLoss"),
     "cosface": BenchLoss("CosFaceLoss"),
     "arcface": BenchLoss("ArcFaceLoss"),
+    "subcenter_arcface": BenchLoss("SubCenterArcFaceLoss"),
+    "lmsoftmax": BenchLoss("LargeMarginSoftmaxLoss"),
+    "sphereface": BenchLoss("SphereFaceLoss"),
+    "proxynca": BenchLoss("ProxyNCALoss"),
+    "p2sgrad": BenchLoss("P2SGradLoss"),
 }
 PAIR_LOSSES = tuple(n for n, b in BENCH_LOSSES.items() if b.kind == "pair")
 CLASS_LOSSES = tuple(n for n, b in BENCH_LOSSES.items() if b.kind == "class")
@@ -157,7 +162,10 @@ def make_inputs(point):
     else:
         c, k = class_shape(loss, n, point.get("ck_scale", 1.0), point.get("centers_per_class", 10))
         shape = (c * k, d) if BENCH_LOSSES[loss].weights_rows else (d, c * k)
-        w = torch.randn(*shape, generator=gen).to(device=dev, dtype=dtype)
+        w = torch.randn(*shape, generator=gen)
+        if BENCH_LOSSES[loss].entry.unit_weights:  # the functional form takes unit vectors only (P2SGrad)
+            w = w / w.norm(dim=1 if BENCH_LOSSES[loss].weights_rows else 0, keepdim=True)
+        w = w.to(device=dev, dtype=dtype)
         inputs["centers"] = torch.nn.Parameter(w)  # the loss's weight, in PML's layout
         inputs["labels"] = torch.randint(0, c, (n,), generator=gen).to(dev)
         inputs["C"], inputs["K"] = c, k

@@ -47,10 +47,10 @@ def parse_args(argv=None):
 
 
 def discover(registry):
-    """(name, fn, engine, params, weight_layout, modes) for every loss of the table: its functional
-    form, and the pair modes it takes (PML's NPairsLoss / InstanceLoss: no ref_emb)."""
+    """(name, fn, engine, params, weight_layout, modes, unit_weights) for every loss of the table:
+    its functional form, and the pair modes it takes (PML's NPairsLoss / InstanceLoss: no ref_emb)."""
     return [(e.functional_name, e.functional, e.kind, inspect.signature(e.functional).parameters, e.weight_layout,
-             ("self", "ref", "ref_excl") if e.ref_emb else ("self",)) for e in registry.values()]
+             ("self", "ref", "ref_excl") if e.ref_emb else ("self",), e.unit_weights) for e in registry.values()]
 
 
 def pair_cases(name, fn, params, n, m, modes):
@@ -116,7 +116,7 @@ def main(argv=None):
         for dt_name in args.dtypes:
             dtype = getattr(torch, dt_name)
             for d in args.dims:
-                for name, fn, engine, params, layout, modes in losses:
+                for name, fn, engine, params, layout, modes, unit in losses:
                     if engine == "pair":
                         x0 = torch.randn(n, d, generator=gen)
                         r0 = torch.randn(m, d, generator=gen)
@@ -143,10 +143,10 @@ def main(argv=None):
                             x = torch.randn(n, d, generator=gen).to(dev, dtype).requires_grad_()
                             # PML's layouts: (D, C*K), or (C*K, D) (ProxyAnchor's proxies)
                             shape = (c * k, d) if layout == "rows" else (d, c * k)
-                            # unit vectors: what every class loss takes (P2SGrad's functional form needs them)
                             w = torch.randn(*shape, generator=gen)
-                            w = (w / w.norm(dim=1 if layout == "rows" else 0, keepdim=True)).to(dev, dtype)
-                            w.requires_grad_()
+                            if unit:  # the functional form takes unit vectors only (P2SGrad)
+                                w = w / w.norm(dim=1 if layout == "rows" else 0, keepdim=True)
+                            w = w.to(dev, dtype).requires_grad_()
                             y = torch.randint(0, c, (n,), generator=gen).to(dev)
                             call = lambda: fn(x, y, w, backend=backend, **kw)  # noqa: E731
                             n_ok += _run(f"{backend} {dt_name} D={d} {label}", call, [x, w],

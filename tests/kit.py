@@ -240,8 +240,6 @@ class Loss:
     pml: Optional[Callable] = None
     # (hyper-parameters, Geometry) -> fp64 arguments of every relu / mining comparison (kink at 0)
     kinks: Optional[Callable] = None
-    # class losses whose weight has unit vectors (P2SGrad's module renormalizes its own)
-    unit_weights: bool = False
 
     @property
     def entry(self) -> LossEntry:
@@ -264,7 +262,7 @@ class Loss:
         rows = C * self.centers_per_class
         shape = (D, rows) if self.entry.weight_layout == "columns" else (rows, D)
         w = torch.randn(*shape, generator=g, dtype=torch.float64)
-        if self.unit_weights:  # PML's renorm (P2SGrad's) twice: a third moves a norm by ~1e-14
+        if self.entry.unit_weights:  # PML's renorm (P2SGrad's) twice: a third moves a norm by ~1e-14
             for _ in range(2):
                 w = w.renorm(2, 1 if self.entry.weight_layout == "columns" else 0, 1e-5).mul(1e5)
         return w.to(dtype)
@@ -566,7 +564,7 @@ LOSSES: Dict[str, Loss] = {l.name: l for l in [
          pml=_pml_class("ProxyNCALoss", "proxies")),
     Loss("proxynca_cos", "ProxyNCALoss", dict(distance="cosine", softmax_scale=8.0),
          hyper=dict(softmax_scale=(0.1, 32.0)), pml=_pml_class("ProxyNCALoss", "proxies", distance="cosine")),
-    Loss("p2sgrad", "P2SGradLoss", pml=_pml_class("P2SGradLoss", "weight"), unit_weights=True),
+    Loss("p2sgrad", "P2SGradLoss", pml=_pml_class("P2SGradLoss", "weight")),
 ]}
 PAIR_LOSSES = [n for n, l in LOSSES.items() if l.kind == "pair"]
 CLASS_LOSSES = [n for n, l in LOSSES.items() if l.kind == "class"]

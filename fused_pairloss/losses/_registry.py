@@ -29,6 +29,8 @@ class LossEntry:
         InstanceLoss refuse one; its ThresholdConsistentMarginLoss reads both ends of a pair from
         embeddings, which the reference reproduces).
     weight_layout: class losses: the parameter as PML stores it, "columns" (D, C*K) or "rows" (C, D).
+    unit_weights: class losses whose functional form takes weight vectors of unit norm only
+        (P2SGradLoss: its module renormalizes the parameter before each call).
     """
     cls: type
     kind: str
@@ -39,6 +41,7 @@ class LossEntry:
     in_pml: bool = True
     ref_emb: bool = True
     weight_layout: Optional[str] = None
+    unit_weights: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:

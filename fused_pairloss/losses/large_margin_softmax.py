@@ -11,8 +11,9 @@ PML's miner weights w_i; loss = mean over rows.
 
 Declaration: for c != y_i, |x_i| |w_c| cos_ic = x_i . w_c, so the engine takes the raw embeddings
 against W's raw columns (SphereFace: normalized columns, x_i . w_c / |w_c|) with scale, reduced by
-LSE over the non-target classes. The target logit is formed here from the gathered columns
-w_{y_i} (O(N D)), with PML's operations, so its gradient at the clamp and the branches is PML's.
+LSE over the non-target classes. The target logit is formed here from the engine's target dot
+product (its gradient flows back through the engine) and the norms, with PML's operations on the
+cosine, so its gradient at the clamp and the branches is PML's.
 """
 from __future__ import annotations
 
@@ -103,21 +104,22 @@ def declaration(scale, sphereface):
     return ClassLossSpec(row=PairTerm(scale=scale, lse=True), normalize_weights=sphereface, weights_layout="columns")
 
 
-def target_logit(embeddings, target_columns, *, margin, scale, sphereface):
-    """z_{i,y_i} from the rows and their gathered target columns (N x D each)."""
-    x_norm = torch.norm(embeddings, p=2, dim=1)
-    cosine = (normalize(embeddings) * normalize(target_columns)).sum(1)
-    magnitude = x_norm if sphereface else x_norm * torch.norm(target_columns, p=2, dim=1)
-    return target_cosine(cosine, margin) * magnitude * scale
+def target_logit(target_dot, x_norm, target_norm, *, margin, scale):
+    """z_{i,y_i} = scale |x_i| |w_{y_i}| psi(cos) from the engine's target dot product x_i . w_{y_i}
+    (SphereFace: against the normalized column, target_norm 1) and the norms."""
+    magnitude = x_norm * target_norm
+    return target_cosine(target_dot / magnitude, margin) * magnitude * scale
 
 
 def large_margin_fused(embeddings, labels, W, *, margin, scale, sphereface, backend, row_weights=None):
     margin = check_margin(margin)
-    A = stat_dtype(embeddings.dtype)
     labels = labels.to(device=embeddings.device, dtype=torch.int64)
     st = class_stats(embeddings, W, labels, declaration(scale, sphereface), backend)
-    z = target_logit(embeddings.to(A), W.index_select(1, labels).t().to(A), margin=margin, scale=scale,
-                     sphereface=sphereface)
+    A = st.target_sim.dtype
+    x_norm = torch.linalg.vector_norm(embeddings.to(A), dim=1)
+    # the target columns' norms: all C column norms (O(C D), a dense backward), then a gather of N
+    target_norm = 1.0 if sphereface else torch.linalg.vector_norm(W.to(A), dim=0).index_select(0, labels)
+    z = target_logit(st.target_sim, x_norm, target_norm, margin=margin, scale=scale)
     rows = torch.logaddexp(st.lse_other, z) - z
     if row_weights is not None:
         rows = rows * row_weights

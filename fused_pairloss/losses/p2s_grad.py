@@ -111,5 +111,6 @@ class P2SGradLoss(_ClassLoss):
 
 
 ENTRIES = (
-    LossEntry(P2SGradLoss, "class", functional=p2s_grad_loss, reference=p2s_grad_reference, weight_layout="columns"),
+    LossEntry(P2SGradLoss, "class", functional=p2s_grad_loss, reference=p2s_grad_reference, weight_layout="columns",
+              unit_weights=True),
 )
