@@ -47,6 +47,7 @@
 #include "common/loss_spec.h"
 #include "common/op_checks.h"
 #include "cpu/cpu_kernels.h"
+#include "cpu/engine_glue.h"
 
 namespace fpl {
 namespace cpu {
@@ -123,7 +124,7 @@ int64_t weight_count(const Tensor& w, bool columns) { return columns ? w.size(1)
 // inverse (F.normalize: w / max(||w||, eps); NaN stays NaN).
 template <typename T>
 void weight_norms(const T* w, bool columns, int64_t CK, int64_t D, T* norm, T* inv) {
-  at::parallel_for(0, CK, 4096, [&](int64_t b, int64_t e) {
+  glue::parallel_for(0, CK, 4096, [&](int64_t b, int64_t e) {
     std::vector<double> acc(e - b, 0.0);
     if (columns) {
       for (int64_t d = 0; d < D; ++d)
@@ -222,7 +223,7 @@ void pack_small_weights(Operands<T>& o) {
   if (o.CK() * g.Dp * int64_t(sizeof(T)) > kPackedWeightsBudget) return;
   o.w_packed = at::empty({std::max<int64_t>(o.CK() * g.Dp, 1)}, o.q.options());
   T* dst = o.w_packed.template data_ptr<T>();
-  at::parallel_for(0, g.n_ct, 1, [&](int64_t b, int64_t e) {
+  glue::parallel_for(0, g.n_ct, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) pack_weight_tile(o, t, dst + g.ct_begin(t) * g.K * g.Dp);
   });
 }
@@ -376,7 +377,7 @@ void forward_kernel(const Operands<T>& o, const ClassSpec<T>& spec, bool columns
   std::vector<T> cmax(columns ? 2 * g.C : 0, -std::numeric_limits<T>::infinity());
   std::vector<T> csum(columns ? 2 * g.C : 0, T(0));
 
-  at::parallel_for(0, n_rg * n_cc, 1, [&](int64_t begin, int64_t end) {
+  glue::parallel_for(0, n_rg * n_cc, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> sc(g);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t cc = item % n_cc, rg = item / n_cc;
@@ -406,7 +407,7 @@ void forward_kernel(const Operands<T>& o, const ClassSpec<T>& spec, bool columns
       }
     }
   });
-  at::parallel_for(0, N, 1024, [&](int64_t begin, int64_t end) {
+  glue::parallel_for(0, N, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       T m = -std::numeric_limits<T>::infinity(), s = T(0);
       for (int64_t cc = 0; cc < n_cc; ++cc) lse_merge(m, s, part_max[cc * N + i], part_sum[cc * N + i]);
@@ -447,7 +448,7 @@ void backward_kernel(const Operands<T>& o, const ClassSpec<T>& spec, const T* g_
   for (int64_t p = 0; p < P && need_grad_w; ++p)
     if (p > 0 || !own_classes) priv[p] = at::zeros({private_rows, Dp}, opts);
 
-  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+  glue::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> sc(g);
     std::vector<T> w_cols(TCK * Dp), gw_tile(own_classes ? TCK * Dp : 0);
     for (int64_t p = begin; p < end; ++p) {
@@ -500,12 +501,12 @@ void backward_kernel(const Operands<T>& o, const ClassSpec<T>& spec, const T* g_
   const int64_t n = private_rows * Dp;
   for (int64_t p = 1; p < P; ++p) {
     const T* src = priv[p].template data_ptr<T>();
-    at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
+    glue::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
       for (int64_t k = b; k < e; ++k) shared[k] += src[k];
     });
   }
   if (!own_classes)
-    at::parallel_for(0, g.n_ct, 1, [&](int64_t b, int64_t e) {
+    glue::parallel_for(0, g.n_ct, 1, [&](int64_t b, int64_t e) {
       std::vector<T> w_tile(TCK * Dp);
       for (int64_t t = b; t < e; ++t)
         finish_weight_grad(o, t, weight_tile(o, t, w_tile.data()), shared + g.ct_begin(t) * g.K * Dp, gw_out);

@@ -1,6 +1,6 @@
-// ATen-side helpers shared by the CPU engines' glue (pair_engine_cpu.cpp, triplet_engine_cpu.cpp):
-// the deterministic work loop, operand staging (padded rows, squared norms, packed panels and
-// column chunks for the kernels of cpu_kernels.h) and the lp norms' share of a gradient.
+// ATen-side helpers shared by the CPU engines' glue (pair_engine_cpu.cpp, triplet_engine_cpu.cpp,
+// class_engine_cpu.cpp): the work loops (subnormals flushed inside), operand staging (padded rows, squared norms,
+// packed panels and column chunks for the kernels of cpu_kernels.h) and the lp norms' share of a gradient.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,6 +10,9 @@
 #include <atomic>
 #include <cstdint>
 #include <exception>
+#if defined(__SSE2__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
 
 #include "cpu/cpu_kernels.h"
 
@@ -18,6 +21,34 @@ namespace cpu {
 namespace glue {
 
 using at::Tensor;
+
+// Subnormal floats are flushed to zero (FTZ) and read as zero (DAZ) while an engine's work item
+// runs on a thread, and the thread's flags restored after. A term far below its row's maximum
+// makes exp(x - lse) times an upstream gradient of 1/N underflow to a subnormal, and on x86 every
+// arithmetic operation on one costs about 100 cycles: a gradient tile holding a few per thousand
+// made the GEMMs behind it several times slower (LargeMarginSoftmax on raw embeddings, N = 4096,
+// C = 250000: 8 s instead of 3.5 s). What is dropped is below the smallest normal number.
+class SubnormalsAreZero {
+#if defined(__SSE2__) || defined(_M_X64)
+ public:
+  SubnormalsAreZero() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040u); }  // FTZ (bit 15) | DAZ (bit 6)
+  ~SubnormalsAreZero() { _mm_setcsr(saved_); }
+  SubnormalsAreZero(const SubnormalsAreZero&) = delete;
+  SubnormalsAreZero& operator=(const SubnormalsAreZero&) = delete;
+
+ private:
+  unsigned int saved_;
+#endif
+};
+
+// at::parallel_for with each chunk under SubnormalsAreZero.
+template <typename F>
+inline void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+    SubnormalsAreZero ftz;
+    f(b, e);
+  });
+}
 
 // Runs f(k, scratch) for every k in [0, n) on an OpenMP team of at::get_num_threads() threads
 // (scratch = init(), once per thread), items handed out dynamically: items are independent
@@ -35,6 +66,7 @@ inline void tile_parallel(int64_t n, bool parallel, const Init& init, const F& f
 #pragma omp parallel num_threads(nt)
     {
       try {
+        SubnormalsAreZero ftz;
         auto scratch = init();
         for (int64_t k = next.fetch_add(1); k < n && !failed.load(); k = next.fetch_add(1)) f(k, scratch);
       } catch (...) {
@@ -45,6 +77,7 @@ inline void tile_parallel(int64_t n, bool parallel, const Init& init, const F& f
     return;
   }
 #endif
+  SubnormalsAreZero ftz;
   auto scratch = init();
   for (int64_t k = 0; k < n; ++k) f(k, scratch);
 }

@@ -111,14 +111,38 @@ def target_logit(target_dot, x_norm, target_norm, *, margin, scale):
     return target_cosine(target_dot / magnitude, margin) * magnitude * scale
 
 
+class _WithTargetColumns(torch.autograd.Function):
+    """(W, its columns w_{y_i} as N x D rows): the second output's gradient is scattered into the
+    first's in place, so W's gradient is one D x C tensor (the engine's), not a second one from
+    the gather (at C = 1M, D = 128 that is 488 MiB)."""
+
+    @staticmethod
+    def forward(ctx, W, labels):
+        ctx.save_for_backward(labels)
+        ctx.weight_shape = W.shape
+        return W.view_as(W), W.index_select(1, labels).t()
+
+    @staticmethod
+    def backward(ctx, grad_W, grad_columns):
+        (labels,) = ctx.saved_tensors
+        if grad_columns is None:
+            return grad_W, None
+        if grad_W is None:
+            grad_W = grad_columns.new_zeros(ctx.weight_shape)
+        return grad_W.index_add_(1, labels, grad_columns.t()), None
+
+
 def large_margin_fused(embeddings, labels, W, *, margin, scale, sphereface, backend, row_weights=None):
     margin = check_margin(margin)
     labels = labels.to(device=embeddings.device, dtype=torch.int64)
-    st = class_stats(embeddings, W, labels, declaration(scale, sphereface), backend)
-    A = st.target_sim.dtype
-    x_norm = torch.linalg.vector_norm(embeddings.to(A), dim=1)
-    # the target columns' norms: all C column norms (O(C D), a dense backward), then a gather of N
-    target_norm = 1.0 if sphereface else torch.linalg.vector_norm(W.to(A), dim=0).index_select(0, labels)
+    if sphereface:
+        st = class_stats(embeddings, W, labels, declaration(scale, True), backend)
+        target_norm = 1.0
+    else:
+        W, target_columns = _WithTargetColumns.apply(W, labels)
+        st = class_stats(embeddings, W, labels, declaration(scale, False), backend)
+        target_norm = torch.linalg.vector_norm(target_columns.to(st.target_sim.dtype), dim=1)
+    x_norm = torch.linalg.vector_norm(embeddings.to(st.target_sim.dtype), dim=1)
     z = target_logit(st.target_sim, x_norm, target_norm, margin=margin, scale=scale)
     rows = torch.logaddexp(st.lse_other, z) - z
     if row_weights is not None:

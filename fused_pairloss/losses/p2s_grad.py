@@ -54,15 +54,46 @@ def p2s_grad_reference(embeddings, labels, weight):
     return F.mse_loss(cos_theta, index)
 
 
+class _GramForm(torch.autograd.Function):
+    """sum_i x^_i^T (W W^T) x^_i - 2 sum_i x^_i . w_{y_i} with a backward that writes W's gradient
+    once, 2 g ((X^^T X^) W - M) with M_c = sum_{i: y_i = c} x^_i scattered into it in place
+    (autograd's own would add three D x C tensors: the Gram product's two operands and the
+    gather's scatter). In the operands' dtype (autocast off). With create_graph the backward
+    recomputes its N x D products from the inputs, so second order goes through it."""
+
+    @staticmethod
+    def _products(x_hat, w, labels):
+        return x_hat @ (w @ w.t()), w.index_select(1, labels).t()  # G x^_i, w_{y_i} (N x D each)
+
+    @staticmethod
+    def forward(ctx, x_hat, w, labels):
+        with torch.autocast(x_hat.device.type, enabled=False):
+            quadratic, target_columns = _GramForm._products(x_hat, w, labels)
+            ctx.save_for_backward(x_hat, w, labels, quadratic, target_columns)
+            return (quadratic * x_hat).sum() - 2 * (x_hat * target_columns).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_hat, w, labels, quadratic, target_columns = ctx.saved_tensors
+        grad_x = grad_w = None
+        with torch.autocast(x_hat.device.type, enabled=False):
+            if torch.is_grad_enabled():  # create_graph: the products as functions of the inputs
+                quadratic, target_columns = _GramForm._products(x_hat, w, labels)
+            if ctx.needs_input_grad[0]:  # d/dx^_i: 2 G x^_i - 2 w_{y_i}
+                grad_x = (2 * grad) * (quadratic - target_columns)
+            if ctx.needs_input_grad[1]:
+                grad_w = (x_hat.t() @ x_hat) @ w  # one D x C tensor, updated in place
+                grad_w.index_add_(1, labels, x_hat.t(), alpha=-1).mul_(2 * grad)
+        return grad_x, grad_w, None
+
+
 def p2s_grad_fused(embeddings, labels, weight, *, backend=None):
     """The Gram-matrix form (module docstring); fp16 / bf16 compute in fp32."""
     A = stat_dtype(embeddings.dtype)
     x_hat, w = _unit_rows(embeddings.to(A)), weight.to(A)
     labels = labels.to(device=embeddings.device, dtype=torch.int64)
     n, num_classes = x_hat.shape[0], w.shape[1]
-    squares = ((x_hat @ (w @ w.t())) * x_hat).sum()
-    targets = (x_hat * w.index_select(1, labels).t()).sum()
-    return ((squares - 2 * targets + n) / (n * num_classes)).to(embeddings.dtype)
+    return ((_GramForm.apply(x_hat, w, labels) + n) / (n * num_classes)).to(embeddings.dtype)
 
 
 def p2s_grad_loss(embeddings, labels, weight, *, backend="auto"):
