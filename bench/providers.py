@@ -76,6 +76,7 @@ BENCH_LOSSES = {
     "tcm": BenchLoss("ThresholdConsistentMarginLoss"),
     "angular": BenchLoss("AngularLoss"),
     "snr": BenchLoss("SignalToNoiseRatioContrastiveLoss"),
+    "ipv": BenchLoss("IntraPairVarianceLoss"),
     "softtriple": BenchLoss("SoftTripleLoss"),
     "proxycircle": BenchLoss("ProxyCircleLoss"),
     "proxyanchor": BenchLoss("ProxyAnchorLoss"),

@@ -431,6 +431,19 @@ def _subcenter_arcface_kinks(kw, g):
                       (top2[..., 0] - top2[..., 1]).flatten()])
 
 
+def _ipv_kinks(distance):
+    """IntraPairVariance: each pair's hinge against its set's threshold (a factor of the set's mean)."""
+    def kinks(kw, g):
+        f_pos, f_neg = (1 - kw["pos_eps"], 1 + kw["neg_eps"]) if distance == "cosine" else \
+            (1 + kw["pos_eps"], 1 - kw["neg_eps"])
+        out = []
+        for mask, f in ((g.pos, f_pos), (g.neg, f_neg)):
+            if mask.any():
+                out.append(f * g.mat[mask].mean() - g.mat[mask])
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+    return kinks
+
+
 def _acos_clamp_kinks(kw, g):
     """LargeMargin / SphereFace: the clamp of acos at |s_target| = 1 (psi itself is C^1 in theta)."""
     return 1 - _target_cos(g).abs()
@@ -533,6 +546,12 @@ LOSSES: Dict[str, Loss] = {l.name: l for l in [
          pml=_pml_pair("MarginLoss", "lp"), kinks=_margin_kinks("lp")),
     Loss("margin_cos", "MarginLoss", dict(distance="cosine", beta=0.1), hyper=dict(margin=(0.0, 0.5), beta=(-0.5, 0.8)),
          pml=_pml_pair("MarginLoss", "cosine"), kinks=_margin_kinks("cosine")),
+    Loss("ipv", "IntraPairVarianceLoss", dict(pos_eps=0.05, neg_eps=0.05), hyper=dict(pos_eps=(0.0, 0.5),
+                                                                                   neg_eps=(0.0, 0.5)),
+         pml=_pml_pair("IntraPairVarianceLoss", "cosine"), kinks=_ipv_kinks("cosine")),
+    Loss("ipv_lp", "IntraPairVarianceLoss", dict(distance="lp", pos_eps=0.05, neg_eps=0.05),
+         hyper=dict(pos_eps=(0.0, 0.5), neg_eps=(0.0, 0.5)), pml=_pml_pair("IntraPairVarianceLoss", "lp"),
+         kinks=_ipv_kinks("lp")),
     Loss("instance", "InstanceLoss", dict(gamma=16.0), hyper=dict(gamma=(1.0, 64.0)), pml=_pml_pair("InstanceLoss")),
     Loss("npairs", "NPairsLoss", pml=_pml_pair("NPairsLoss")),
     Loss("nca", "NCALoss", hyper=dict(softmax_scale=(0.1, 8.0)), pml=_pml_pair("NCALoss"), kinks=_nca_kinks),
