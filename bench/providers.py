@@ -77,6 +77,7 @@ BENCH_LOSSES = {
     "angular": BenchLoss("AngularLoss"),
     "snr": BenchLoss("SignalToNoiseRatioContrastiveLoss"),
     "ipv": BenchLoss("IntraPairVarianceLoss"),
+    "histogram": BenchLoss("HistogramLoss"),
     "softtriple": BenchLoss("SoftTripleLoss"),
     "proxycircle": BenchLoss("ProxyCircleLoss"),
     "proxyanchor": BenchLoss("ProxyAnchorLoss"),

@@ -444,6 +444,17 @@ def _ipv_kinks(distance):
     return kinks
 
 
+def _histogram_kinks(kw, g):
+    """HistogramLoss: every pair's similarity against the bin edges -1 + k delta (the density is
+    piecewise linear in S). A pair whose bin's upper node is past the last (S = 1, or the top of a
+    partial last bin) makes PML's scatter go out of range (it raises): a tiny positive argument
+    rejects such a draw."""
+    delta = kw.get("delta") or 2 / kw.get("n_bins", 100)
+    u = (g.mat[g.pos | g.neg] + 1) / delta
+    beyond = torch.floor(u) + 1 >= round(1 + 2 / delta)
+    return torch.where(beyond, torch.full_like(u, 1e-300), (u - torch.round(u)) * delta)
+
+
 def _acos_clamp_kinks(kw, g):
     """LargeMargin / SphereFace: the clamp of acos at |s_target| = 1 (psi itself is C^1 in theta)."""
     return 1 - _target_cos(g).abs()
@@ -552,6 +563,9 @@ LOSSES: Dict[str, Loss] = {l.name: l for l in [
     Loss("ipv_lp", "IntraPairVarianceLoss", dict(distance="lp", pos_eps=0.05, neg_eps=0.05),
          hyper=dict(pos_eps=(0.0, 0.5), neg_eps=(0.0, 0.5)), pml=_pml_pair("IntraPairVarianceLoss", "lp"),
          kinks=_ipv_kinks("lp")),
+    Loss("histogram", "HistogramLoss", dict(n_bins=16), hyper=dict(n_bins=(4.0, 40.0)),
+         pml=_pml_pair("HistogramLoss", "cosine"),
+         kinks=_histogram_kinks),
     Loss("instance", "InstanceLoss", dict(gamma=16.0), hyper=dict(gamma=(1.0, 64.0)), pml=_pml_pair("InstanceLoss")),
     Loss("npairs", "NPairsLoss", pml=_pml_pair("NPairsLoss")),
     Loss("nca", "NCALoss", hyper=dict(softmax_scale=(0.1, 8.0)), pml=_pml_pair("NCALoss"), kinks=_nca_kinks),

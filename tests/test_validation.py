@@ -385,6 +385,15 @@ def test_class_hyperparameters_named_in_errors(fn, w, kw, exc, arg):
         fn(X, Y, w, backend="reference", **kw)
 
 
+@pytest.mark.parametrize("kw,arg", [(dict(n_bins=0), "n_bins"), (dict(delta=-0.1), "delta"),
+                                    (dict(n_bins=10, delta=0.4), "delta and n_bins")])
+def test_histogram_bins_named_in_errors(kw, arg):
+    with pytest.raises(ValueError, match=arg):
+        Fn.histogram_loss(X, Y, backend="reference", **kw)
+    with pytest.raises(ValueError, match=arg):
+        fpl.HistogramLoss(**kw)
+
+
 @pytest.mark.parametrize("cls,args,kw,arg", [
     (fpl.NTXentLoss, (), dict(temperature=0), "temperature"),
     (fpl.SupConLoss, (), dict(temperature=-0.5), "temperature"),

@@ -1,0 +1,255 @@
+"""Histogram loss (Ustinova & Lempitsky, NIPS 2016; PML HistogramLoss), cosine similarity.
+
+PML's pairs: from all triplets (or an indices_tuple's), the distinct unordered pairs {a, p} and
+{a, n}: the positive pairs of the anchors that have a negative and the negative pairs of which an
+end has a positive. Over each set, the soft histogram of S on the nodes -1, -1 + delta, ..., 1
+(delta = 2 / n_bins): a pair with r = floor((S + 1) / delta) adds (S + 1 - r delta) / delta to node
+r + 1 and ((r + 1) delta - 1 - S) / delta to node r; divided by the set's size it is the density
+p+ or p-. loss = sum_k p-_k Phi+_k, Phi+ = cumsum(p+) (the probability that a negative pair is more
+similar than a positive one).
+
+Fused: the op `fused_pairloss::pair_histograms` walks the batch in row chunks (S of a chunk
+against every row, each unordered pair once), scatter-adding both histograms, and its backward op
+recomputes each chunk: dL/dS_ij = (g_{r+1} - g_r) / delta with g the gradient of the pair's
+histogram, then grad_q = G q + G^T q chunk by chunk. Memory O(chunk N + N D + n_bins); the
+densities, the cumulative sum and the loss are PyTorch on n_bins + 1 numbers. S = 1 exactly (a
+duplicated sample) puts r on the last node, where PML's scatter goes out of range (it raises).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _validation as V
+from ..ops._common import LOCAL, normalize, similarity_dtype, zero_loss
+from ..ops.operands import stat_dtype
+from ._base import _PairLoss, run_pair_loss
+from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
+from ._registry import LossEntry
+from .instance import _check_self_only
+
+# pair entries of one row chunk (a few chunk-sized buffers live at once)
+CHUNK_ELEMENTS = 1 << 20
+
+
+class BinsMismatchError(ValueError, AssertionError):
+    """delta != 2 / n_bins: a ValueError, and the AssertionError PML raises (its tests expect one)."""
+
+
+def check_bins(n_bins, delta):
+    """PML's (n_bins, delta): delta = 2 / n_bins; defaults n_bins = 100. Returns delta."""
+    if n_bins is not None:
+        V.check_positive("n_bins", n_bins)
+    if delta is not None:
+        V.check_positive("delta", delta)
+    if delta is not None and n_bins is not None and delta != 2 / n_bins:
+        raise BinsMismatchError(f"delta and n_bins must satisfy delta = 2 / n_bins (as in PML); got delta={delta}, "
+                                f"n_bins={n_bins}")
+    return delta if delta is not None else 2 / (100 if n_bins is None else n_bins)
+
+
+def _nodes(delta):
+    return round(1 + 2 / delta)
+
+
+def _bins(s, delta):
+    """PML's r = floor((S.float() + 1) / delta) and the two weights with its operations (r delta
+    is an integer tensor times a float: torch's default dtype), in S's dtype; r kept below the
+    last node (S = 1: weight 1 on it)."""
+    r = torch.floor((s.float() + 1) / delta).long().clamp(0, _nodes(delta) - 2)
+    upper = ((s + 1 - r * delta) / delta).to(s.dtype)
+    lower = (((r + 1) * delta - 1 - s) / delta).to(s.dtype)
+    return r, upper, lower
+
+
+def _pair_sets(labels):
+    """Per sample: its class size, whether it has a positive, whether it has a negative."""
+    same = labels[:, None] == labels[None, :]
+    class_size = same.sum(1)
+    return class_size >= 2, class_size < labels.shape[0]
+
+
+def histogram_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, n_bins=None, delta=None,
+                        distance="cosine", indices_tuple=None):
+    """PML HistogramLoss (histogram_loss.py) step by step: all triplets (lmu.convert_to_triplets) or
+    the tuple's, the distinct unordered (anchor, positive) and (anchor, negative) pairs, the
+    densities of their similarities, sum of p- times the cumulative p+."""
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+    check_distance(distance, allowed=("cosine",), loss="histogram_loss")
+    _check_self_only(embeddings, labels, ref_emb, ref_labels, "HistogramLoss")
+    delta = check_bins(n_bins, delta)
+    labels_t = None if labels is None else torch.as_tensor(labels, device=embeddings.device)
+    a, p, n = lmu.convert_to_triplets(indices_tuple, labels_t, labels_t, t_per_anchor="all")
+    if len(a) == 0:
+        return zero_loss(embeddings)
+    mat = distance_matrix(embeddings, embeddings, "cosine")
+
+    def distinct(i, j):
+        return torch.unique(torch.sort(torch.stack([i, j]), dim=0).values, dim=1)
+
+    def density(values):
+        r, upper, lower = _bins(values, delta)
+        out = torch.zeros(_nodes(delta), dtype=values.dtype, device=values.device)
+        return (out.scatter_add(0, r + 1, upper).scatter_add(0, r, lower)) / values.shape[0]
+
+    ap, an = distinct(a, p), distinct(a, n)
+    phi = torch.cumsum(density(mat[ap[0], ap[1]]), 0)
+    return nan_in_nan_out(torch.sum(density(mat[an[0], an[1]]) * phi), embeddings, None)
+
+
+# ---- the op: both soft histograms of the batch's unordered pairs -----------------------------------
+def _chunks(n):
+    step = max(1, CHUNK_ELEMENTS // max(n, 1))
+    return [(i0, min(n, i0 + step)) for i0 in range(0, n, step)]
+
+
+def _chunk_pairs(q, labels, has_pos, has_neg, i0, i1):
+    """S of rows i0..i1 against every row, and the masks of the chunk's pairs (i < j) in each set."""
+    s = q[i0:i1] @ q.t()
+    rows = torch.arange(i0, i1, device=q.device)
+    cols = torch.arange(q.shape[0], device=q.device)
+    upper = cols[None, :] > rows[:, None]
+    same = labels[i0:i1, None] == labels[None, :]
+    pos = upper & same & has_neg[i0:i1, None]
+    neg = upper & ~same & (has_pos[i0:i1, None] | has_pos[None, :])
+    return s, pos, neg
+
+
+@torch.library.custom_op("fused_pairloss::pair_histograms", mutates_args=())
+def pair_histograms(q: torch.Tensor, labels: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(histograms A[2, nodes], sizes int64[2]): the soft histograms of S over the positive (row 0)
+    and negative (row 1) unordered pairs of PML's triplets (module docstring), not divided by the
+    sets' sizes."""
+    A = stat_dtype(q.dtype)
+    qa = q.to(A)
+    has_pos, has_neg = _pair_sets(labels)
+    hist = torch.zeros(2, _nodes(delta), dtype=A, device=q.device)
+    sizes = torch.zeros(2, dtype=torch.int64, device=q.device)
+    with torch.autocast(q.device.type, enabled=False):  # in the stat dtype
+        for i0, i1 in _chunks(q.shape[0]):
+            s, pos, neg = _chunk_pairs(qa, labels, has_pos, has_neg, i0, i1)
+            for k, mask in enumerate((pos, neg)):
+                r, upper, lower = _bins(s[mask], delta)
+                hist[k].index_add_(0, r + 1, upper).index_add_(0, r, lower)
+                sizes[k] += mask.sum()
+    return hist, sizes
+
+
+@pair_histograms.register_fake
+def _fake(q, labels, delta):
+    return q.new_empty((2, _nodes(delta)), dtype=stat_dtype(q.dtype)), q.new_empty((2,), dtype=torch.int64)
+
+
+@torch.library.custom_op("fused_pairloss::pair_histograms_backward", mutates_args=())
+def pair_histograms_backward(grad_hist: torch.Tensor, q: torch.Tensor, labels: torch.Tensor,
+                             delta: float) -> torch.Tensor:
+    """grad_q of sum(grad_hist * histograms): per chunk G_ij = (g_{r+1} - g_r) / delta of the
+    pair's set, then grad_q_i += sum_j G_ij q_j and grad_q_j += G_ij q_i."""
+    A = stat_dtype(q.dtype)
+    qa, g = q.to(A), grad_hist.to(A)
+    has_pos, has_neg = _pair_sets(labels)
+    grad_q = torch.zeros_like(qa)
+    with torch.autocast(q.device.type, enabled=False):  # in the stat dtype
+        for i0, i1 in _chunks(q.shape[0]):
+            s, pos, neg = _chunk_pairs(qa, labels, has_pos, has_neg, i0, i1)
+            r, _, _ = _bins(s, delta)
+            G = torch.zeros_like(s)
+            for k, mask in enumerate((pos, neg)):
+                G = torch.where(mask, (g[k][r + 1] - g[k][r]) / delta, G)
+            grad_q[i0:i1] += G @ qa
+            grad_q += G.t() @ qa[i0:i1]
+    return grad_q.to(q.dtype)
+
+
+@pair_histograms_backward.register_fake
+def _fake_backward(grad_hist, q, labels, delta):
+    return torch.empty_like(q)
+
+
+def _setup_context(ctx, inputs, output):
+    q, labels, delta = inputs
+    ctx.save_for_backward(q, labels)
+    ctx.delta = delta
+
+
+def _differentiable_histograms(q, labels, delta):
+    """The histograms as a differentiable PyTorch computation (create_graph=True only)."""
+    A = stat_dtype(q.dtype)
+    has_pos, has_neg = _pair_sets(labels)
+    s, pos, neg = _chunk_pairs(q.to(A), labels, has_pos, has_neg, 0, q.shape[0])
+    rows = []
+    for mask in (pos, neg):
+        r, upper, lower = _bins(s[mask], delta)
+        out = torch.zeros(_nodes(delta), dtype=A, device=q.device)
+        rows.append(out.index_add(0, r + 1, upper).index_add(0, r, lower))
+    return torch.stack(rows)
+
+
+def _backward(ctx, grad_hist, grad_sizes):
+    q, labels = ctx.saved_tensors
+    if grad_hist is None:
+        return None, None, None
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable recomputation (second order)
+        qv = q.view_as(q)
+        hist = _differentiable_histograms(qv, labels, ctx.delta)
+        (grad_q,) = torch.autograd.grad(hist, [qv], grad_hist.to(hist.dtype), create_graph=True)
+        return grad_q, None, None
+    return pair_histograms_backward(grad_hist.contiguous(), q, labels, ctx.delta), None, None
+
+
+def _not_differentiable(ctx, *grads):
+    raise RuntimeError("fused_pairloss: pair_histograms_backward (a first-order gradient) is not differentiable")
+
+
+pair_histograms.register_autograd(_backward, setup_context=_setup_context)
+pair_histograms_backward.register_autograd(_not_differentiable, setup_context=lambda ctx, inputs, output: None)
+
+
+def histogram_fused(embeddings, labels, ref_emb, ref_labels, *, n_bins=None, delta=None, distance="cosine", backend,
+                    exclude_col=None, batch=LOCAL):
+    _check_self_only(embeddings, labels, ref_emb, ref_labels, "HistogramLoss")
+    delta = check_bins(n_bins, delta)
+    labels = torch.as_tensor(labels, device=embeddings.device).to(torch.int64).contiguous()
+    hist, sizes = pair_histograms(normalize(embeddings).contiguous(), labels, delta)
+    density = hist / sizes.clamp(min=1).to(hist.dtype)[:, None]
+    loss = torch.sum(density[1] * torch.cumsum(density[0], 0))
+    # PML: no triplet, the zero loss (no positive pair with a negative, or no negative pair)
+    loss = torch.where((sizes > 0).all(), loss, torch.zeros_like(loss))
+    # PML's value has its similarity matrix's dtype (the autocast dtype under autocast)
+    return nan_in_nan_out(loss, embeddings, None).to(similarity_dtype(embeddings, "cosine"))
+
+
+def histogram_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, n_bins=None, delta=None, distance="cosine",
+                   backend="auto"):
+    """PML HistogramLoss(n_bins, delta) (CosineSimilarity); no ref_emb, as PML."""
+    check_bins(n_bins, delta)
+    check_distance(distance, allowed=("cosine",), loss="histogram_loss")
+    _check_self_only(embeddings, labels, ref_emb, ref_labels, "HistogramLoss")
+    return run_pair_loss(histogram_reference, histogram_fused, embeddings, labels, ref_emb, ref_labels, backend,
+                         n_bins=n_bins, delta=delta, distance=distance)
+
+
+class HistogramLoss(_PairLoss):
+    """Drop-in for pytorch_metric_learning.losses.HistogramLoss (CosineSimilarity; no ref_emb, as
+    PML); `delta` is PML's attribute (2 / n_bins). An indices_tuple's triplets (labels=None allowed,
+    as PML) go through the reference, which filters its pairs as PML does."""
+    _distances = ("cosine",)
+    _reference = staticmethod(histogram_reference)
+    _listed_pairs = False
+    _fused_in_wrappers = False  # PML's wrappers pass a ref_emb, which PML's HistogramLoss refuses
+
+    def __init__(self, n_bins=None, delta=None, backend="auto", **kwargs):
+        super().__init__()
+        self.delta = check_bins(n_bins, delta)
+        self._init_pair(backend, kwargs, (n_bins, delta))
+
+    def _hyper(self):
+        return dict(delta=self.delta, distance=self._distance_kind)
+
+    def _functional(self):
+        return histogram_loss
+
+
+ENTRIES = (
+    LossEntry(HistogramLoss, "pair", functional=histogram_loss, reference=histogram_reference, fused=histogram_fused,
+              hyper=("n_bins", "delta"), ref_emb=False),
+)
