@@ -78,6 +78,7 @@ BENCH_LOSSES = {
     "snr": BenchLoss("SignalToNoiseRatioContrastiveLoss"),
     "ipv": BenchLoss("IntraPairVarianceLoss"),
     "histogram": BenchLoss("HistogramLoss"),
+    "fastap": BenchLoss("FastAPLoss"),
     "softtriple": BenchLoss("SoftTripleLoss"),
     "proxycircle": BenchLoss("ProxyCircleLoss"),
     "proxyanchor": BenchLoss("ProxyAnchorLoss"),

@@ -455,6 +455,13 @@ def _histogram_kinks(kw, g):
     return torch.where(beyond, torch.full_like(u, 1e-300), (u - torch.round(u)) * delta)
 
 
+def _fast_ap_kinks(kw, g):
+    """FastAP: every pair's squared distance against the histogram's nodes k 4 / int(num_bins)."""
+    delta = 4.0 / int(kw.get("num_bins", 10))
+    u = g.mat[g.pos | g.neg] ** 2 / delta
+    return (u - torch.round(u)) * delta
+
+
 def _acos_clamp_kinks(kw, g):
     """LargeMargin / SphereFace: the clamp of acos at |s_target| = 1 (psi itself is C^1 in theta)."""
     return 1 - _target_cos(g).abs()
@@ -566,6 +573,8 @@ LOSSES: Dict[str, Loss] = {l.name: l for l in [
     Loss("histogram", "HistogramLoss", dict(n_bins=16), hyper=dict(n_bins=(4.0, 40.0)),
          pml=_pml_pair("HistogramLoss", "cosine"),
          kinks=_histogram_kinks),
+    Loss("fastap", "FastAPLoss", dict(num_bins=10), hyper=dict(num_bins=(2.0, 20.0)), pml=_pml_pair("FastAPLoss"),
+         kinks=_fast_ap_kinks),
     Loss("instance", "InstanceLoss", dict(gamma=16.0), hyper=dict(gamma=(1.0, 64.0)), pml=_pml_pair("InstanceLoss")),
     Loss("npairs", "NPairsLoss", pml=_pml_pair("NPairsLoss")),
     Loss("nca", "NCALoss", hyper=dict(softmax_scale=(0.1, 8.0)), pml=_pml_pair("NCALoss"), kinks=_nca_kinks),

@@ -1,0 +1,268 @@
+"""FastAP (Cakir et al., "Deep Metric Learning to Rank", CVPR 2019; PML FastAPLoss), with PML's
+LpDistance(power=2) on normalized embeddings (d2 in [0, 4]).
+
+Per row i, over its positives (same label, not i) and its negatives, the histograms of d2_ij on
+the num_bins + 1 nodes 0, D, ..., 4 (D = 4 / num_bins) with triangular pulses
+relu(1 - |d2 - node_k| / D): h+_i, h-_i. With H+ = cumsum(h+), H = cumsum(h+ + h-),
+    FastAP_i = sum_k [h+ H+ > 0 and H > 0] h+_k H+_k / H_k / |P_i|,
+    L_i = (1 - FastAP_i) w_i (PML's miner weights),  loss = mean of L_i over the rows with a positive.
+
+Fused: the op `fused_pairloss::row_histograms` walks the batch in row chunks (d2 of a chunk
+against every row, the engines' accurate formula near 0), scatter-adding each pair's two pulses
+(1 - f on node k = floor(d2 / D), f on node k + 1) into its row's histograms, and its backward op
+recomputes each chunk: dL/dd2_ij = (g_{i,k+1} - g_{i,k}) / D (0 on a node, as PML's abs and relu). Memory O(chunk N + N num_bins + N D);
+the per-row FastAP is PyTorch on the N x (num_bins + 1) histograms.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _validation as V
+from ..ops._common import LOCAL, normalize, zero_loss
+from ..ops.operands import lp_squared_distances, stat_dtype
+from .._backends import resolve_backend
+from ._base import _PairLoss, run_pair_loss
+from ._reference_common import check_distance, miner_weights, nan_in_nan_out
+from ._registry import LossEntry
+from .instance import _check_self_only
+from .nca import _nca_distance_kind
+
+# pair entries of one row chunk (a few chunk-sized buffers live at once)
+CHUNK_ELEMENTS = 1 << 20
+HISTOGRAM_MAX = 4.0  # 2 ** power of PML's LpDistance(power=2)
+
+
+def check_num_bins(num_bins):
+    """PML stores int(num_bins)."""
+    if isinstance(num_bins, bool) or not isinstance(num_bins, (int, float)) or int(num_bins) < 1:
+        raise ValueError(f"num_bins must be a number with int(num_bins) >= 1; got {num_bins!r}")
+    return int(num_bins)
+
+
+def _fast_ap_rows(pos_hist, neg_hist, n_pos, weights):
+    """PML's FastAP from the per-row histograms (N x (num_bins + 1)): (per-row losses, rows kept)."""
+    total_pos = torch.cumsum(pos_hist, dim=1)
+    total = torch.cumsum(pos_hist + neg_hist, dim=1)
+    product = pos_hist * total_pos
+    safe = (product > 0) & (total > 0)
+    ap = torch.where(safe, product / torch.where(safe, total, torch.ones_like(total)), torch.zeros_like(product))
+    kept = n_pos > 0
+    ap = ap.sum(1) / torch.where(kept, n_pos, torch.ones_like(n_pos)).to(ap.dtype)
+    return (1 - ap) * weights, kept, safe.any()
+
+
+def fast_ap_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, num_bins=10, distance="squared_lp",
+                      indices_tuple=None):
+    """PML FastAPLoss (fast_ap_loss.py) step by step: the pair indicators, the N x N squared
+    distances (cdist ** 2 of the normalized rows), the pulses of every node (nodes x N x N), the
+    histograms, FastAP per row, the mean over the rows with a positive."""
+    check_distance(distance, allowed=("squared_lp",), loss="fast_ap_loss")
+    _check_self_only(embeddings, labels, ref_emb, ref_labels, "FastAPLoss")
+    num_bins = check_num_bins(num_bins)
+    dtype, device = embeddings.dtype, embeddings.device
+    labels = torch.as_tensor(labels, device=device)
+    weights = miner_weights(indices_tuple, labels, dtype)
+    n = labels.shape[0]
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(n, dtype=torch.bool, device=device)
+    I_pos, I_neg = (same & ~eye).to(dtype), (~same).to(dtype)
+    n_pos = I_pos.sum(1)
+    if not bool((n_pos > 0).any()):
+        return zero_loss(embeddings)
+    q = normalize(embeddings)
+    dist = torch.cdist(q, q) ** 2 if dtype not in (torch.float16, torch.bfloat16) else \
+        torch.nn.functional.pairwise_distance(q.unsqueeze(1), q.unsqueeze(0)) ** 2
+    delta = HISTOGRAM_MAX / num_bins
+    nodes = torch.linspace(0.0, HISTOGRAM_MAX, steps=num_bins + 1, device=device, dtype=dtype).view(-1, 1, 1)
+    pulse = torch.relu(1 - torch.abs(dist - nodes) / delta)
+    pos_hist, neg_hist = torch.sum(pulse * I_pos, dim=2).t(), torch.sum(pulse * I_neg, dim=2).t()
+    rows, kept, any_safe = _fast_ap_rows(pos_hist, neg_hist, n_pos, weights)
+    if not bool(any_safe):
+        return zero_loss(embeddings)
+    return nan_in_nan_out(rows[kept].mean(), embeddings, None)
+
+
+# ---- the op: per-row histograms of the squared distances ---------------------------------------
+def _chunks(n):
+    step = max(1, CHUNK_ELEMENTS // max(n, 1))
+    return [(i0, min(n, i0 + step)) for i0 in range(0, n, step)]
+
+
+def _chunk_bins(q, labels, i0, i1, num_bins):
+    """d2 of rows i0..i1 against every row, its node k and fraction f (d2 = (k + f) D), and the
+    positive / negative masks."""
+    d2 = lp_squared_distances(q[i0:i1] @ q.t(), q[i0:i1], q)
+    u = d2 / (HISTOGRAM_MAX / num_bins)
+    k = torch.floor(u).long().clamp(0, num_bins - 1)
+    frac = u - k.to(u.dtype)
+    rows = torch.arange(i0, i1, device=q.device)
+    same = labels[i0:i1, None] == labels[None, :]
+    pos = same & (torch.arange(q.shape[0], device=q.device)[None, :] != rows[:, None])
+    return d2, k, frac, pos, ~same
+
+
+@torch.library.custom_op("fused_pairloss::row_histograms", mutates_args=())
+def row_histograms(q: torch.Tensor, labels: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """A[2, N, num_bins + 1]: per row, the triangular-pulse histograms of d2 over its positives
+    (0) and its negatives (1), nodes 0, D, ..., 4 (module docstring)."""
+    A = stat_dtype(q.dtype)
+    qa = q.to(A)
+    hist = torch.zeros(2, q.shape[0], num_bins + 1, dtype=A, device=q.device)
+    with torch.autocast(q.device.type, enabled=False):  # in the stat dtype
+        for i0, i1 in _chunks(q.shape[0]):
+            _, k, frac, pos, neg = _chunk_bins(qa, labels, i0, i1, num_bins)
+            for s, mask in enumerate((pos, neg)):
+                m = mask.to(A)
+                hist[s, i0:i1].scatter_add_(1, k, (1 - frac) * m).scatter_add_(1, k + 1, frac * m)
+    return hist
+
+
+@row_histograms.register_fake
+def _fake(q, labels, num_bins):
+    return q.new_empty((2, q.shape[0], num_bins + 1), dtype=stat_dtype(q.dtype))
+
+
+@torch.library.custom_op("fused_pairloss::row_histograms_backward", mutates_args=())
+def row_histograms_backward(grad_hist: torch.Tensor, q: torch.Tensor, labels: torch.Tensor,
+                            num_bins: int) -> torch.Tensor:
+    """grad_q of sum(grad_hist * histograms): per chunk G_ij = (g_{i,k+1} - g_{i,k}) / D of the
+    pair's set, then through d2_ij = |q_i|^2 + |q_j|^2 - 2 q_i . q_j."""
+    A = stat_dtype(q.dtype)
+    qa, g = q.to(A), grad_hist.to(A)
+    inv_delta = num_bins / HISTOGRAM_MAX
+    grad_q = torch.zeros_like(qa)
+    with torch.autocast(q.device.type, enabled=False):
+        for i0, i1 in _chunks(q.shape[0]):
+            _, k, frac, pos, neg = _chunk_bins(qa, labels, i0, i1, num_bins)
+            G = torch.zeros(k.shape, dtype=A, device=q.device)
+            for s, mask in enumerate((pos, neg)):
+                gs = g[s, i0:i1]
+                G = torch.where(mask, (gs.gather(1, k + 1) - gs.gather(1, k)) * inv_delta, G)
+            G = torch.where(frac == 0, torch.zeros_like(G), G)  # on a node PML's |d2 - node| has gradient 0
+            qi = qa[i0:i1]
+            grad_q[i0:i1] += 2 * (G.sum(1, keepdim=True) * qi - G @ qa)
+            grad_q += 2 * (G.sum(0)[:, None] * qa - G.t() @ qi)
+    return grad_q.to(q.dtype)
+
+
+@row_histograms_backward.register_fake
+def _fake_backward(grad_hist, q, labels, num_bins):
+    return torch.empty_like(q)
+
+
+def _setup_context(ctx, inputs, output):
+    q, labels, num_bins = inputs
+    ctx.save_for_backward(q, labels)
+    ctx.num_bins = num_bins
+
+
+def _differentiable_histograms(q, labels, num_bins):
+    """The histograms as a differentiable PyTorch computation (create_graph=True only)."""
+    A = stat_dtype(q.dtype)
+    _, k, frac, pos, neg = _chunk_bins(q.to(A), labels, 0, q.shape[0], num_bins)
+    out = []
+    for mask in (pos, neg):
+        m = mask.to(A)
+        h = torch.zeros(q.shape[0], num_bins + 1, dtype=A, device=q.device)
+        out.append(h.scatter_add(1, k, (1 - frac) * m).scatter_add(1, k + 1, frac * m))
+    return torch.stack(out)
+
+
+def _backward(ctx, grad_hist):
+    q, labels = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable recomputation (second order)
+        qv = q.view_as(q)
+        hist = _differentiable_histograms(qv, labels, ctx.num_bins)
+        (grad_q,) = torch.autograd.grad(hist, [qv], grad_hist.to(hist.dtype), create_graph=True)
+        return grad_q, None, None
+    return row_histograms_backward(grad_hist.contiguous(), q, labels, ctx.num_bins), None, None
+
+
+def _not_differentiable(ctx, *grads):
+    raise RuntimeError("fused_pairloss: row_histograms_backward (a first-order gradient) is not differentiable")
+
+
+row_histograms.register_autograd(_backward, setup_context=_setup_context)
+row_histograms_backward.register_autograd(_not_differentiable, setup_context=lambda ctx, inputs, output: None)
+
+
+def fast_ap_fused(embeddings, labels, ref_emb, ref_labels, *, num_bins=10, distance="squared_lp", backend,
+                  exclude_col=None, batch=LOCAL, row_weights=None):
+    _check_self_only(embeddings, labels, ref_emb, ref_labels, "FastAPLoss")
+    num_bins = check_num_bins(num_bins)
+    labels = torch.as_tensor(labels, device=embeddings.device).to(torch.int64).contiguous()
+    hist = row_histograms(normalize(embeddings).contiguous(), labels, num_bins)
+    A = hist.dtype
+    n_pos = _positives(labels)
+    weights = torch.ones(labels.shape[0], dtype=A, device=labels.device) if row_weights is None else row_weights
+    rows, kept, any_safe = _fast_ap_rows(hist[0], hist[1], n_pos.to(A), weights)
+    mean = torch.where(kept, rows, torch.zeros_like(rows)).sum() / kept.sum().clamp(min=1).to(A)
+    # PML: no row with a positive, or no safe histogram entry: the zero loss
+    loss = torch.where(kept.any() & any_safe, mean, torch.zeros_like(mean))
+    return nan_in_nan_out(loss.to(embeddings.dtype), embeddings, None)
+
+
+def _positives(labels):
+    """Per row the number of other rows with its label, from the sorted labels (no N x N; fixed
+    shapes, so torch.compile traces it)."""
+    order = torch.sort(labels, stable=True).indices
+    ordered = labels[order]
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    run = torch.cumsum(starts.long(), 0) - 1
+    sizes = torch.zeros_like(labels).index_add(0, run, torch.ones_like(run))
+    return torch.empty_like(labels).scatter_(0, order, sizes[run]) - 1
+
+
+def fast_ap_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, num_bins=10, distance="squared_lp",
+                 backend="auto"):
+    """PML FastAPLoss(num_bins) with its LpDistance(power=2) ("squared_lp"); no ref_emb, as PML."""
+    check_num_bins(num_bins)
+    check_distance(distance, allowed=("squared_lp",), loss="fast_ap_loss")
+    _check_self_only(embeddings, labels, ref_emb, ref_labels, "FastAPLoss")
+    return run_pair_loss(fast_ap_reference, fast_ap_fused, embeddings, labels, ref_emb, ref_labels, backend,
+                         num_bins=num_bins, distance=distance)
+
+
+class FastAPLoss(_PairLoss):
+    """Drop-in for pytorch_metric_learning.losses.FastAPLoss (LpDistance(power=2) on normalized
+    embeddings; no ref_emb, as PML); `num_bins` stored as int(num_bins). An indices_tuple gives
+    PML's miner weights on the fused rows."""
+    _distances = ("squared_lp",)
+    _default_distance = "squared_lp"
+    _kind_of = staticmethod(_nca_distance_kind)  # LpDistance(power=2) -> "squared_lp"
+    _reference = staticmethod(fast_ap_reference)
+    _listed_pairs = False
+    _fused_in_wrappers = False  # PML's wrappers pass a ref_emb, which PML's FastAPLoss refuses
+
+    def __init__(self, num_bins=10, backend="auto", **kwargs):
+        super().__init__()
+        self.num_bins = check_num_bins(num_bins)
+        self.num_edges = self.num_bins + 1
+        self._init_pair(backend, kwargs, (num_bins,))
+
+    def _hyper(self):
+        return dict(num_bins=self.num_bins, distance=self._distance_kind)
+
+    def _functional(self):
+        return fast_ap_loss
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        if self._pml is not None or indices_tuple is None:
+            return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        if labels is None:
+            raise ValueError("FastAPLoss: labels is required (as in PML)")
+        V.check_pair_inputs(embeddings, labels, None, None)
+        _check_self_only(embeddings, labels, ref_emb, ref_labels, "FastAPLoss")
+        backend = resolve_backend(self.backend, embeddings.device)
+        if backend == "reference":
+            return fast_ap_reference(embeddings, labels, indices_tuple=indices_tuple, **self._hyper())
+        labels_t = torch.as_tensor(labels, device=embeddings.device)
+        weights = miner_weights(indices_tuple, labels_t, stat_dtype(embeddings.dtype))
+        return fast_ap_fused(embeddings, labels_t, None, None, backend=backend, row_weights=weights, **self._hyper())
+
+
+ENTRIES = (
+    LossEntry(FastAPLoss, "pair", functional=fast_ap_loss, reference=fast_ap_reference, fused=fast_ap_fused,
+              hyper=("num_bins",), ref_emb=False),
+)
