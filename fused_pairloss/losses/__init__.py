@@ -11,8 +11,9 @@ from .._pml_namespace import pml_fallback
 from ._registry import LossEntry
 
 LOSS_MODULES = (multi_similarity, circle, ntxent, supcon, contrastive, lifted_structure, triplet_margin, margin, nca,
-                n_pairs, instance, tuplet_margin, tcm, angular, snr_contrastive, intra_pair_variance, histogram, fast_ap,
-                soft_triple, proxy_circle, proxy_anchor, proxy_nca, margin_softmax, large_margin_softmax, p2s_grad)
+                n_pairs, instance, tuplet_margin, tcm, angular, snr_contrastive, intra_pair_variance, histogram,
+                fast_ap, soft_triple, proxy_circle, proxy_anchor, proxy_nca, margin_softmax, large_margin_softmax,
+                p2s_grad)
 REGISTRY = {entry.name: entry for module in LOSS_MODULES for entry in module.ENTRIES}
 
 globals().update({name: entry.cls for name, entry in REGISTRY.items()})

@@ -10,8 +10,9 @@ relu(1 - |d2 - node_k| / D): h+_i, h-_i. With H+ = cumsum(h+), H = cumsum(h+ + h
 Fused: the op `fused_pairloss::row_histograms` walks the batch in row chunks (d2 of a chunk
 against every row, the engines' accurate formula near 0), scatter-adding each pair's two pulses
 (1 - f on node k = floor(d2 / D), f on node k + 1) into its row's histograms, and its backward op
-recomputes each chunk: dL/dd2_ij = (g_{i,k+1} - g_{i,k}) / D (0 on a node, as PML's abs and relu). Memory O(chunk N + N num_bins + N D);
-the per-row FastAP is PyTorch on the N x (num_bins + 1) histograms.
+recomputes each chunk: dL/dd2_ij = (g_{i,k+1} - g_{i,k}) / D (0 on a node, as PML's abs and relu).
+Memory O(chunk N + N num_bins + N D); the per-row FastAP is PyTorch on the N x (num_bins + 1)
+histograms.
 """
 from __future__ import annotations
 
