@@ -79,6 +79,7 @@ BENCH_LOSSES = {
     "ipv": BenchLoss("IntraPairVarianceLoss"),
     "histogram": BenchLoss("HistogramLoss"),
     "fastap": BenchLoss("FastAPLoss"),
+    "smoothap": BenchLoss("SmoothAPLoss"),
     "softtriple": BenchLoss("SoftTripleLoss"),
     "proxycircle": BenchLoss("ProxyCircleLoss"),
     "proxyanchor": BenchLoss("ProxyAnchorLoss"),
@@ -160,8 +161,13 @@ def make_inputs(point):
     x = torch.randn(n, d, generator=gen).to(device=dev, dtype=dtype).requires_grad_(True)
     inputs = {"x": x}
     if loss in PAIR_LOSSES:
-        n_classes = max(2, n // max(1, int(point.get("samples_per_class", 4))))
-        inputs["labels"] = torch.randint(0, n_classes, (n,), generator=gen).to(dev)
+        per_class = max(1, int(point.get("samples_per_class", 4)))
+        n_classes = max(2, n // per_class)
+        if BENCH_LOSSES[loss].entry.equal_label_counts:  # class by class, equal counts (SmoothAP)
+            per_class = next(k for k in range(per_class, 0, -1) if n % k == 0)
+            inputs["labels"] = torch.arange(n // per_class).repeat_interleave(per_class).to(dev)
+        else:
+            inputs["labels"] = torch.randint(0, n_classes, (n,), generator=gen).to(dev)
     else:
         c, k = class_shape(loss, n, point.get("ck_scale", 1.0), point.get("centers_per_class", 10))
         shape = (c * k, d) if BENCH_LOSSES[loss].weights_rows else (d, c * k)

@@ -47,10 +47,12 @@ def parse_args(argv=None):
 
 
 def discover(registry):
-    """(name, fn, engine, params, weight_layout, modes, unit_weights) for every loss of the table:
-    its functional form, and the pair modes it takes (PML's NPairsLoss / InstanceLoss: no ref_emb)."""
+    """(name, fn, engine, params, weight_layout, modes, unit_weights, equal_label_counts) for every
+    loss of the table: its functional form, and the pair modes it takes (PML's NPairsLoss /
+    InstanceLoss: no ref_emb)."""
     return [(e.functional_name, e.functional, e.kind, inspect.signature(e.functional).parameters, e.weight_layout,
-             ("self", "ref", "ref_excl") if e.ref_emb else ("self",), e.unit_weights) for e in registry.values()]
+             ("self", "ref", "ref_excl") if e.ref_emb else ("self",), e.unit_weights, e.equal_label_counts)
+            for e in registry.values()]
 
 
 def pair_cases(name, fn, params, n, m, modes):
@@ -116,11 +118,13 @@ def main(argv=None):
         for dt_name in args.dtypes:
             dtype = getattr(torch, dt_name)
             for d in args.dims:
-                for name, fn, engine, params, layout, modes, unit in losses:
+                for name, fn, engine, params, layout, modes, unit, equal_counts in losses:
                     if engine == "pair":
                         x0 = torch.randn(n, d, generator=gen)
                         r0 = torch.randn(m, d, generator=gen)
                         y = torch.randint(0, 5, (n,), generator=gen).to(dev)
+                        if equal_counts:  # every label n / 5 times (SmoothAP)
+                            y = torch.arange(5).repeat_interleave(n // 5).to(dev)
                         yr = torch.randint(0, 5, (m,), generator=gen).to(dev)
                         for label, mode, kw in pair_cases(name, fn, params, n, m, modes):
                             x = x0.to(dev, dtype).requires_grad_()

@@ -250,6 +250,11 @@ class Loss:
         return self.entry.kind
 
     @property
+    def balanced_labels(self) -> bool:
+        """Every label the same number of times (PML's SmoothAPLoss refuses other batches)."""
+        return self.entry.equal_label_counts
+
+    @property
     def fn(self) -> Callable:
         return self.entry.functional
 
@@ -496,6 +501,24 @@ def _pml_pair(cls_name, distance=None, **fixed):
     return make
 
 
+def _pml_in_input_dtype(cls_name):
+    """PML's pair loss computed with torch's default dtype set to the input's: PML's SmoothAPLoss
+    accumulates AP in a torch.zeros buffer of the default dtype (fp32 for an fp64 batch)."""
+    def make(kw):
+        from pytorch_metric_learning import losses
+        loss = getattr(losses, cls_name)(**{k: v for k, v in kw.items() if k != "distance"})
+
+        def fn(e, y, r=None, ry=None):
+            default = torch.get_default_dtype()
+            torch.set_default_dtype(e.dtype if e.dtype in (torch.float32, torch.float64) else default)
+            try:
+                return loss(e, y, None, r, ry)
+            finally:
+                torch.set_default_dtype(default)
+        return fn
+    return make
+
+
 def _pml_class(cls_name, attr, distance=None):
     """PML's class loss as fn(embeddings, labels, weights): the module's parameter `attr` is
     replaced by the weights tensor itself, so gradients reach it."""
@@ -575,6 +598,8 @@ LOSSES: Dict[str, Loss] = {l.name: l for l in [
          kinks=_histogram_kinks),
     Loss("fastap", "FastAPLoss", dict(num_bins=10), hyper=dict(num_bins=(2.0, 20.0)), pml=_pml_pair("FastAPLoss"),
          kinks=_fast_ap_kinks),
+    Loss("smoothap", "SmoothAPLoss", dict(temperature=0.1), hyper=dict(temperature=(0.01, 1.0)),
+         pml=_pml_in_input_dtype("SmoothAPLoss")),
     Loss("instance", "InstanceLoss", dict(gamma=16.0), hyper=dict(gamma=(1.0, 64.0)), pml=_pml_pair("InstanceLoss")),
     Loss("npairs", "NPairsLoss", pml=_pml_pair("NPairsLoss")),
     Loss("nca", "NCALoss", hyper=dict(softmax_scale=(0.1, 8.0)), pml=_pml_pair("NCALoss"), kinks=_nca_kinks),
@@ -619,6 +644,12 @@ class LossCase:
     params: tuple
 
 
+def balanced_labels(n):
+    """n labels, each the same number of times (4, 3, 2 or 1), class by class."""
+    per_class = next(k for k in (4, 3, 2, 1) if n % k == 0)
+    return torch.arange(n // per_class).repeat_interleave(per_class)
+
+
 def loss_case(loss: Loss, n, d, dtype, mode="self", seed=0, num_classes=None):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
@@ -627,7 +658,7 @@ def loss_case(loss: Loss, n, d, dtype, mode="self", seed=0, num_classes=None):
         y = torch.randint(0, C, (n,), generator=g)
         w = loss.weights(C, d, g, dtype).requires_grad_(True)
         return LossCase((x, y, w), (x, w))
-    y = torch.randint(0, max(2, n // 4), (n,), generator=g)
+    y = balanced_labels(n) if loss.balanced_labels else torch.randint(0, max(2, n // 4), (n,), generator=g)
     if mode == "self":
         return LossCase((x, y), (x,))
     if mode == "ref_excl":  # PML's `ref_labels is labels`

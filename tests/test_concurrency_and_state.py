@@ -12,6 +12,7 @@ import torch
 import fused_pairloss as fpl
 from fused_pairloss.losses import REGISTRY
 from kit import LOSSES, Loss, LossCase, check_close, loss_case, run_loss
+from kit import balanced_labels as kit_balanced_labels
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 from pytorch_metric_learning import distances as pml_distances  # noqa: E402
@@ -123,7 +124,8 @@ def test_autocast_bf16_returns_what_pml_returns(name):
     n, d, num_classes = 24, 8, 5
     g = torch.Generator().manual_seed(3)
     x = torch.randn(n, d, generator=g)
-    y = torch.randint(0, num_classes if loss.kind == "class" else 4, (n,), generator=g)
+    y = kit_balanced_labels(n) if loss.balanced_labels else \
+        torch.randint(0, num_classes if loss.kind == "class" else 4, (n,), generator=g)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ours, pml, miner = modules_for(loss, num_classes, d)

@@ -207,7 +207,10 @@ def materialize(case: Case) -> Inputs:
         return Inputs(x, class_ids(case.label_layout, case.n, case.m, g), weights=w)
     base, stride = case.label_map
     num = {"few": 3, "many": max(1, case.n // 2), "same": 1, "distinct": max(case.n, case.m)}[case.label_layout]
-    labels = base + stride * class_ids(case.label_layout, case.n, num, g)
+    if loss.balanced_labels:  # PML's SmoothAPLoss: equal counts, and labels bincount takes (>= 0)
+        labels = kit.balanced_labels(case.n) * abs(stride)
+    else:
+        labels = base + stride * class_ids(case.label_layout, case.n, num, g)
     if case.mode == "self":
         return Inputs(x, labels)
     if case.mode == "ref_is_embeddings":

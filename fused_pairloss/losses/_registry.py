@@ -31,6 +31,8 @@ class LossEntry:
     weight_layout: class losses: the parameter as PML stores it, "columns" (D, C*K) or "rows" (C, D).
     unit_weights: class losses whose functional form takes weight vectors of unit norm only
         (P2SGradLoss: its module renormalizes the parameter before each call).
+    equal_label_counts: pair losses that take only batches with every label the same number of
+        times (PML's SmoothAPLoss).
     """
     cls: type
     kind: str
@@ -42,6 +44,7 @@ class LossEntry:
     ref_emb: bool = True
     weight_layout: Optional[str] = None
     unit_weights: bool = False
+    equal_label_counts: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
