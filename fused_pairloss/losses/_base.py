@@ -259,6 +259,39 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
         return f"{hyper}, distance={self._distance_kind!r}, backend={self.backend!r}"
 
 
+class _RowWeightedSelfLoss(_PairLoss):
+    """A pair loss of the batch against itself (labels required, no ref_emb, as PML) whose
+    indices_tuple gives PML's per-row miner weights (lmu.convert_to_weights), applied to the rows
+    of its fused call (`row_weights=`): FastAPLoss, SmoothAPLoss."""
+    _listed_pairs = False
+    _fused_in_wrappers = False  # PML's wrappers pass a ref_emb, which PML refuses here
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        if self._pml is not None or indices_tuple is None:
+            return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        name = type(self).__name__
+        if labels is None:
+            raise ValueError(f"{name}: labels is required (as in PML)")
+        V.check_pair_inputs(embeddings, labels, None, None)
+        check_self_only(embeddings, labels, ref_emb, ref_labels, name)
+        backend = resolve_backend(self.backend, embeddings.device)
+        if backend == "reference":
+            return type(self)._reference(embeddings, labels, indices_tuple=indices_tuple, **self._hyper())
+        from ._reference_common import miner_weights
+        labels_t = torch.as_tensor(labels, device=embeddings.device)
+        weights = miner_weights(indices_tuple, labels_t, torch.float64 if embeddings.dtype == torch.float64
+                                else torch.float32)
+        return self._own_fused_fn()(embeddings, labels_t, None, None, backend=backend, row_weights=weights,
+                                    **self._hyper())
+
+
+def check_self_only(embeddings, labels, ref_emb, ref_labels, name):
+    """PML's ref_not_supported: a ref_emb other than the batch itself is refused."""
+    if ref_emb is not None and not (ref_emb is embeddings and ref_labels is labels):
+        raise ValueError(f"{name}: ref_emb / ref_labels are not supported (as in PML: ref_emb is not supported "
+                         "for this loss function)")
+
+
 def check_listed_indices(embeddings, ref_emb, indices_tuple):
     """A loss computing from its listed rows only: the embeddings, and the tuple's form and indices
     against their rows (ValueError naming indices_tuple)."""

@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from .. import _validation as V
-from ..ops._common import LOCAL, normalize, zero_loss
+from ..ops._common import LOCAL, label_counts, normalize, zero_loss
 from ..ops.operands import lp_squared_distances, stat_dtype
-from .._backends import resolve_backend
-from ._base import _PairLoss, run_pair_loss
+from ._base import _RowWeightedSelfLoss, check_self_only, run_pair_loss
 from ._reference_common import check_distance, miner_weights, nan_in_nan_out
 from ._registry import LossEntry
-from .instance import _check_self_only
 from .nca import _nca_distance_kind
 
 # pair entries of one row chunk (a few chunk-sized buffers live at once)
@@ -58,7 +55,7 @@ def fast_ap_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, num_
     distances (cdist ** 2 of the normalized rows), the pulses of every node (nodes x N x N), the
     histograms, FastAP per row, the mean over the rows with a positive."""
     check_distance(distance, allowed=("squared_lp",), loss="fast_ap_loss")
-    _check_self_only(embeddings, labels, ref_emb, ref_labels, "FastAPLoss")
+    check_self_only(embeddings, labels, ref_emb, ref_labels, "FastAPLoss")
     num_bins = check_num_bins(num_bins)
     dtype, device = embeddings.dtype, embeddings.device
     labels = torch.as_tensor(labels, device=device)
@@ -189,12 +186,12 @@ row_histograms_backward.register_autograd(_not_differentiable, setup_context=lam
 
 def fast_ap_fused(embeddings, labels, ref_emb, ref_labels, *, num_bins=10, distance="squared_lp", backend,
                   exclude_col=None, batch=LOCAL, row_weights=None):
-    _check_self_only(embeddings, labels, ref_emb, ref_labels, "FastAPLoss")
+    check_self_only(embeddings, labels, ref_emb, ref_labels, "FastAPLoss")
     num_bins = check_num_bins(num_bins)
     labels = torch.as_tensor(labels, device=embeddings.device).to(torch.int64).contiguous()
     hist = row_histograms(normalize(embeddings).contiguous(), labels, num_bins)
     A = hist.dtype
-    n_pos = _positives(labels)
+    n_pos = label_counts(labels) - 1
     weights = torch.ones(labels.shape[0], dtype=A, device=labels.device) if row_weights is None else row_weights
     rows, kept, any_safe = _fast_ap_rows(hist[0], hist[1], n_pos.to(A), weights)
     mean = torch.where(kept, rows, torch.zeros_like(rows)).sum() / kept.sum().clamp(min=1).to(A)
@@ -203,29 +200,17 @@ def fast_ap_fused(embeddings, labels, ref_emb, ref_labels, *, num_bins=10, dista
     return nan_in_nan_out(loss.to(embeddings.dtype), embeddings, None)
 
 
-def _positives(labels):
-    """Per row the number of other rows with its label, from the sorted labels (no N x N; fixed
-    shapes, so torch.compile traces it)."""
-    order = torch.sort(labels, stable=True).indices
-    ordered = labels[order]
-    starts = torch.ones_like(ordered, dtype=torch.bool)
-    starts[1:] = ordered[1:] != ordered[:-1]
-    run = torch.cumsum(starts.long(), 0) - 1
-    sizes = torch.zeros_like(labels).index_add(0, run, torch.ones_like(run))
-    return torch.empty_like(labels).scatter_(0, order, sizes[run]) - 1
-
-
 def fast_ap_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, num_bins=10, distance="squared_lp",
                  backend="auto"):
     """PML FastAPLoss(num_bins) with its LpDistance(power=2) ("squared_lp"); no ref_emb, as PML."""
     check_num_bins(num_bins)
     check_distance(distance, allowed=("squared_lp",), loss="fast_ap_loss")
-    _check_self_only(embeddings, labels, ref_emb, ref_labels, "FastAPLoss")
+    check_self_only(embeddings, labels, ref_emb, ref_labels, "FastAPLoss")
     return run_pair_loss(fast_ap_reference, fast_ap_fused, embeddings, labels, ref_emb, ref_labels, backend,
                          num_bins=num_bins, distance=distance)
 
 
-class FastAPLoss(_PairLoss):
+class FastAPLoss(_RowWeightedSelfLoss):
     """Drop-in for pytorch_metric_learning.losses.FastAPLoss (LpDistance(power=2) on normalized
     embeddings; no ref_emb, as PML); `num_bins` stored as int(num_bins). An indices_tuple gives
     PML's miner weights on the fused rows."""
@@ -233,8 +218,6 @@ class FastAPLoss(_PairLoss):
     _default_distance = "squared_lp"
     _kind_of = staticmethod(_nca_distance_kind)  # LpDistance(power=2) -> "squared_lp"
     _reference = staticmethod(fast_ap_reference)
-    _listed_pairs = False
-    _fused_in_wrappers = False  # PML's wrappers pass a ref_emb, which PML's FastAPLoss refuses
 
     def __init__(self, num_bins=10, backend="auto", **kwargs):
         super().__init__()
@@ -247,20 +230,6 @@ class FastAPLoss(_PairLoss):
 
     def _functional(self):
         return fast_ap_loss
-
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        if self._pml is not None or indices_tuple is None:
-            return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        if labels is None:
-            raise ValueError("FastAPLoss: labels is required (as in PML)")
-        V.check_pair_inputs(embeddings, labels, None, None)
-        _check_self_only(embeddings, labels, ref_emb, ref_labels, "FastAPLoss")
-        backend = resolve_backend(self.backend, embeddings.device)
-        if backend == "reference":
-            return fast_ap_reference(embeddings, labels, indices_tuple=indices_tuple, **self._hyper())
-        labels_t = torch.as_tensor(labels, device=embeddings.device)
-        weights = miner_weights(indices_tuple, labels_t, stat_dtype(embeddings.dtype))
-        return fast_ap_fused(embeddings, labels_t, None, None, backend=backend, row_weights=weights, **self._hyper())
 
 
 ENTRIES = (

@@ -20,12 +20,11 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as V
-from ..ops._common import LOCAL, normalize, similarity_dtype, zero_loss
+from ..ops._common import LOCAL, label_counts, normalize, similarity_dtype, zero_loss
 from ..ops.operands import stat_dtype
-from ._base import _PairLoss, run_pair_loss
+from ._base import _PairLoss, check_self_only, run_pair_loss
 from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
 from ._registry import LossEntry
-from .instance import _check_self_only
 
 # pair entries of one row chunk (a few chunk-sized buffers live at once)
 CHUNK_ELEMENTS = 1 << 20
@@ -62,9 +61,8 @@ def _bins(s, delta):
 
 
 def _pair_sets(labels):
-    """Per sample: its class size, whether it has a positive, whether it has a negative."""
-    same = labels[:, None] == labels[None, :]
-    class_size = same.sum(1)
+    """Per sample: whether it has a positive, whether it has a negative."""
+    class_size = label_counts(labels)
     return class_size >= 2, class_size < labels.shape[0]
 
 
@@ -75,7 +73,7 @@ def histogram_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, n_
     densities of their similarities, sum of p- times the cumulative p+."""
     from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
     check_distance(distance, allowed=("cosine",), loss="histogram_loss")
-    _check_self_only(embeddings, labels, ref_emb, ref_labels, "HistogramLoss")
+    check_self_only(embeddings, labels, ref_emb, ref_labels, "HistogramLoss")
     delta = check_bins(n_bins, delta)
     labels_t = None if labels is None else torch.as_tensor(labels, device=embeddings.device)
     a, p, n = lmu.convert_to_triplets(indices_tuple, labels_t, labels_t, t_per_anchor="all")
@@ -206,7 +204,7 @@ pair_histograms_backward.register_autograd(_not_differentiable, setup_context=la
 
 def histogram_fused(embeddings, labels, ref_emb, ref_labels, *, n_bins=None, delta=None, distance="cosine", backend,
                     exclude_col=None, batch=LOCAL):
-    _check_self_only(embeddings, labels, ref_emb, ref_labels, "HistogramLoss")
+    check_self_only(embeddings, labels, ref_emb, ref_labels, "HistogramLoss")
     delta = check_bins(n_bins, delta)
     labels = torch.as_tensor(labels, device=embeddings.device).to(torch.int64).contiguous()
     hist, sizes = pair_histograms(normalize(embeddings).contiguous(), labels, delta)
@@ -223,7 +221,7 @@ def histogram_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, n_bins=
     """PML HistogramLoss(n_bins, delta) (CosineSimilarity); no ref_emb, as PML."""
     check_bins(n_bins, delta)
     check_distance(distance, allowed=("cosine",), loss="histogram_loss")
-    _check_self_only(embeddings, labels, ref_emb, ref_labels, "HistogramLoss")
+    check_self_only(embeddings, labels, ref_emb, ref_labels, "HistogramLoss")
     return run_pair_loss(histogram_reference, histogram_fused, embeddings, labels, ref_emb, ref_labels, backend,
                          n_bins=n_bins, delta=delta, distance=distance)
 

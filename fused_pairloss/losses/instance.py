@@ -19,7 +19,7 @@ from ..ops import engines
 from ..ops._common import LOCAL, normalize
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
-from ._base import _PairLoss, run_pair_loss
+from ._base import _PairLoss, check_self_only, run_pair_loss
 from ._reference_common import nan_in_nan_out
 from ._registry import LossEntry
 
@@ -29,17 +29,11 @@ def _targets(labels, device):
     return torch.unique(torch.as_tensor(labels, device=device), return_inverse=True)[1]
 
 
-def _check_self_only(embeddings, labels, ref_emb, ref_labels, name):
-    if ref_emb is not None and not (ref_emb is embeddings and ref_labels is labels):
-        raise ValueError(f"{name}: ref_emb / ref_labels are not supported (as in PML: ref_emb is not supported "
-                         "for this loss function)")
-
-
 def instance_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, gamma=64.0, distance="cosine",
                        indices_tuple=None):
     """PML InstanceLoss(gamma) (instance_loss.py) step by step: S of the normalized batch with itself
     times gamma, cross-entropy against the labels' ranks among the distinct labels, their mean."""
-    _check_self_only(embeddings, labels, ref_emb, ref_labels, "InstanceLoss")
+    check_self_only(embeddings, labels, ref_emb, ref_labels, "InstanceLoss")
     if indices_tuple is not None:
         raise ValueError("InstanceLoss: indices_tuple is not supported (as in PML)")
     q = normalize(embeddings)
@@ -63,7 +57,7 @@ def combine(st: engines.PairStats, embeddings, own_logit, target_logit, *, batch
 
 def instance_fused(embeddings, labels, ref_emb, ref_labels, *, gamma, distance="cosine", backend, exclude_col=None,
                    batch=LOCAL):
-    _check_self_only(embeddings, labels, ref_emb, ref_labels, "InstanceLoss")
+    check_self_only(embeddings, labels, ref_emb, ref_labels, "InstanceLoss")
     q = normalize(embeddings)
     labels_t = torch.as_tensor(labels, device=q.device)
     st = pair_stats(q, None, labels_t, None, None, declaration(gamma), backend)
@@ -78,7 +72,7 @@ def instance_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, gamma=64
     V.check_real("gamma", gamma)
     if distance != "cosine":
         raise ValueError(f"distance must be 'cosine' for InstanceLoss (PML asserts CosineSimilarity); got {distance!r}")
-    _check_self_only(embeddings, labels, ref_emb, ref_labels, "InstanceLoss")
+    check_self_only(embeddings, labels, ref_emb, ref_labels, "InstanceLoss")
     return run_pair_loss(instance_reference, instance_fused, embeddings, labels, ref_emb, ref_labels, backend,
                          gamma=gamma, distance=distance)
 

@@ -21,10 +21,9 @@ from ..ops import engines
 from ..ops._common import LOCAL, normalize, zero_loss
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
-from ._base import _PairLoss, run_pair_loss
+from ._base import _PairLoss, check_self_only, run_pair_loss
 from ._reference_common import nan_in_nan_out
 from ._registry import LossEntry
-from .instance import _check_self_only
 
 DECLARATION = PairLossSpec(pos=PairTerm(scale=1.0, lse=True), neg=PairTerm(scale=1.0, lse=True), distance="cosine")
 
@@ -60,7 +59,7 @@ def n_pairs_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, dist
     """PML NPairsLoss() (n_pairs_loss.py) step by step: the pairs with unique labels, the K x K
     similarities of their normalized anchors and positives, cross-entropy with the diagonal as
     targets, mean; no pair: PML's zero loss."""
-    _check_self_only(embeddings, labels, ref_emb, ref_labels, "NPairsLoss")
+    check_self_only(embeddings, labels, ref_emb, ref_labels, "NPairsLoss")
     a, p = unique_label_pairs(torch.as_tensor(labels, device=embeddings.device), indices_tuple)
     if a.numel() == 0:
         return zero_loss(embeddings)
@@ -76,7 +75,7 @@ def combine(st: engines.PairStats, embeddings, *, batch=LOCAL):
 def n_pairs_fused(embeddings, labels, ref_emb, ref_labels, *, distance="cosine", backend, exclude_col=None,
                   batch=LOCAL, pairs=None):
     """`pairs`: the (anchors, positives) of unique_label_pairs when the caller has them already."""
-    _check_self_only(embeddings, labels, ref_emb, ref_labels, "NPairsLoss")
+    check_self_only(embeddings, labels, ref_emb, ref_labels, "NPairsLoss")
     a, p = unique_label_pairs(torch.as_tensor(labels, device=embeddings.device)) if pairs is None else pairs
     k = torch.arange(a.shape[0], device=embeddings.device)
     st = pair_stats(normalize(embeddings[a]), normalize(embeddings[p]), k, k, None, DECLARATION, backend)
@@ -92,7 +91,7 @@ def n_pairs_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, distance=
     if distance != "cosine":
         raise ValueError(f"distance must be 'cosine' (PML's DotProductSimilarity on normalized embeddings) for "
                          f"NPairsLoss; got {distance!r}")
-    _check_self_only(embeddings, labels, ref_emb, ref_labels, "NPairsLoss")
+    check_self_only(embeddings, labels, ref_emb, ref_labels, "NPairsLoss")
     return run_pair_loss(n_pairs_reference, n_pairs_fused, embeddings, labels, ref_emb, ref_labels, backend,
                          distance=distance)
 
@@ -123,7 +122,7 @@ class NPairsLoss(_PairLoss):
         if labels is None:
             raise ValueError("NPairsLoss: labels is required (as in PML)")
         V.check_pair_inputs(embeddings, labels, None, None)
-        _check_self_only(embeddings, labels, ref_emb, ref_labels, "NPairsLoss")
+        check_self_only(embeddings, labels, ref_emb, ref_labels, "NPairsLoss")
         if indices_tuple is not None and (not isinstance(indices_tuple, (tuple, list))
                                           or len(indices_tuple) not in (3, 4)):
             raise ValueError("indices_tuple must be a tuple of 3 (a, p, n) or 4 (a1, p, a2, n) index tensors")

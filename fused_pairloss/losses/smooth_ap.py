@@ -20,13 +20,11 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as V
-from .._backends import resolve_backend
 from ..ops._common import LOCAL, normalize
 from ..ops.operands import stat_dtype
-from ._base import _PairLoss, run_pair_loss
+from ._base import _RowWeightedSelfLoss, check_self_only, run_pair_loss
 from ._reference_common import check_distance, miner_weights, nan_in_nan_out
 from ._registry import LossEntry
-from .instance import _check_self_only
 
 # chunk x b x N sigmoid entries per step
 CHUNK_ELEMENTS = 1 << 22
@@ -47,7 +45,7 @@ def smooth_ap_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, te
     """PML SmoothAPLoss (smooth_ap.py) step by step: the N x N x N ranks of every p in every row, the
     ranks within the consecutive blocks, AP per anchor, (1 - AP) times the miner weights, their mean."""
     check_distance(distance, allowed=("cosine",), loss="smooth_ap_loss")
-    _check_self_only(embeddings, labels, ref_emb, ref_labels, "SmoothAPLoss")
+    check_self_only(embeddings, labels, ref_emb, ref_labels, "SmoothAPLoss")
     labels = torch.as_tensor(labels, device=embeddings.device)
     b = block_size(labels)
     n = embeddings.shape[0]
@@ -176,7 +174,7 @@ smooth_ap_rows_backward.register_autograd(_not_differentiable, setup_context=lam
 
 def smooth_ap_fused(embeddings, labels, ref_emb, ref_labels, *, temperature=0.01, distance="cosine", backend,
                     exclude_col=None, batch=LOCAL, row_weights=None):
-    _check_self_only(embeddings, labels, ref_emb, ref_labels, "SmoothAPLoss")
+    check_self_only(embeddings, labels, ref_emb, ref_labels, "SmoothAPLoss")
     labels = torch.as_tensor(labels, device=embeddings.device).to(torch.int64).contiguous()
     ap = smooth_ap_rows(normalize(embeddings).contiguous(), labels, float(temperature))
     rows = 1 - ap if row_weights is None else (1 - ap) * row_weights
@@ -188,22 +186,20 @@ def smooth_ap_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, tempera
     """PML SmoothAPLoss(temperature) (CosineSimilarity); every label the same count; no ref_emb."""
     V.check_positive("temperature", temperature)
     check_distance(distance, allowed=("cosine",), loss="smooth_ap_loss")
-    _check_self_only(embeddings, labels, ref_emb, ref_labels, "SmoothAPLoss")
+    check_self_only(embeddings, labels, ref_emb, ref_labels, "SmoothAPLoss")
     if labels is not None and not V._compiling():
         block_size(labels)  # PML's check of the label counts, before any work
     return run_pair_loss(smooth_ap_reference, smooth_ap_fused, embeddings, labels, ref_emb, ref_labels, backend,
                          temperature=temperature, distance=distance)
 
 
-class SmoothAPLoss(_PairLoss):
+class SmoothAPLoss(_RowWeightedSelfLoss):
     """Drop-in for pytorch_metric_learning.losses.SmoothAPLoss (CosineSimilarity; labels required,
     every label with the same count; no ref_emb, as PML). An indices_tuple gives PML's miner
     weights on the fused rows."""
     _distances = ("cosine",)
     _cosine_only = True
     _reference = staticmethod(smooth_ap_reference)
-    _listed_pairs = False
-    _fused_in_wrappers = False  # PML's wrappers pass a ref_emb, which PML's SmoothAPLoss refuses
 
     def __init__(self, temperature=0.01, backend="auto", **kwargs):
         super().__init__()
@@ -216,20 +212,6 @@ class SmoothAPLoss(_PairLoss):
 
     def _functional(self):
         return smooth_ap_loss
-
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        if self._pml is not None or indices_tuple is None:
-            return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        if labels is None:
-            raise ValueError("SmoothAPLoss: labels is required (as in PML)")
-        V.check_pair_inputs(embeddings, labels, None, None)
-        _check_self_only(embeddings, labels, ref_emb, ref_labels, "SmoothAPLoss")
-        backend = resolve_backend(self.backend, embeddings.device)
-        if backend == "reference":
-            return smooth_ap_reference(embeddings, labels, indices_tuple=indices_tuple, **self._hyper())
-        labels_t = torch.as_tensor(labels, device=embeddings.device)
-        weights = miner_weights(indices_tuple, labels_t, stat_dtype(embeddings.dtype))
-        return smooth_ap_fused(embeddings, labels_t, None, None, backend=backend, row_weights=weights, **self._hyper())
 
 
 ENTRIES = (

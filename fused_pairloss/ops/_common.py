@@ -24,6 +24,18 @@ def similarity_dtype(embeddings, distance):
     return embeddings.dtype
 
 
+def label_counts(labels):
+    """Per row, how many rows (itself included) have its label, from the sorted labels: no N x N,
+    and fixed shapes, so torch.compile traces it."""
+    order = torch.sort(labels, stable=True).indices
+    ordered = labels[order]
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    run = torch.cumsum(starts.long(), 0) - 1
+    sizes = torch.zeros_like(labels).index_add(0, run, torch.ones_like(run))
+    return torch.empty_like(labels).scatter_(0, order, sizes[run])
+
+
 def zero_loss(embeddings):
     """PML's zero loss: 0 attached to the graph (NaN if the embeddings are NaN)."""
     return torch.sum(embeddings * 0)
