@@ -9,7 +9,7 @@ p+ or p-. loss = sum_k p-_k Phi+_k, Phi+ = cumsum(p+) (the probability that a ne
 similar than a positive one).
 
 Fused: the op `fused_pairloss::pair_histograms` walks the batch in row chunks (S of a chunk
-against every row, each unordered pair once), scatter-adding both histograms, and its backward op
+against the rows from its first on: each unordered pair once), scatter-adding both histograms, and its backward op
 recomputes each chunk: dL/dS_ij = (g_{r+1} - g_r) / delta with g the gradient of the pair's
 histogram, then grad_q = G q + G^T q chunk by chunk. Memory O(chunk N + N D + n_bins); the
 densities, the cumulative sum and the loss are PyTorch on n_bins + 1 numbers. S = 1 exactly (a
@@ -101,14 +101,15 @@ def _chunks(n):
 
 
 def _chunk_pairs(q, labels, has_pos, has_neg, i0, i1):
-    """S of rows i0..i1 against every row, and the masks of the chunk's pairs (i < j) in each set."""
-    s = q[i0:i1] @ q.t()
+    """S of rows i0..i1 against the rows i0.. (the columns j > i of the upper triangle start
+    there), and the masks of the chunk's pairs (i < j) in each set."""
+    s = q[i0:i1] @ q[i0:].t()
     rows = torch.arange(i0, i1, device=q.device)
-    cols = torch.arange(q.shape[0], device=q.device)
+    cols = torch.arange(i0, q.shape[0], device=q.device)
     upper = cols[None, :] > rows[:, None]
-    same = labels[i0:i1, None] == labels[None, :]
+    same = labels[i0:i1, None] == labels[None, i0:]
     pos = upper & same & has_neg[i0:i1, None]
-    neg = upper & ~same & (has_pos[i0:i1, None] | has_pos[None, :])
+    neg = upper & ~same & (has_pos[i0:i1, None] | has_pos[None, i0:])
     return s, pos, neg
 
 
@@ -153,8 +154,8 @@ def pair_histograms_backward(grad_hist: torch.Tensor, q: torch.Tensor, labels: t
             G = torch.zeros_like(s)
             for k, mask in enumerate((pos, neg)):
                 G = torch.where(mask, (g[k][r + 1] - g[k][r]) / delta, G)
-            grad_q[i0:i1] += G @ qa
-            grad_q += G.t() @ qa[i0:i1]
+            grad_q[i0:i1] += G @ qa[i0:]
+            grad_q[i0:] += G.t() @ qa[i0:i1]
     return grad_q.to(q.dtype)
 
 
