@@ -80,6 +80,7 @@ BENCH_LOSSES = {
     "histogram": BenchLoss("HistogramLoss"),
     "fastap": BenchLoss("FastAPLoss"),
     "smoothap": BenchLoss("SmoothAPLoss"),
+    "pnp": BenchLoss("PNPLoss"),
     "softtriple": BenchLoss("SoftTripleLoss"),
     "proxycircle": BenchLoss("ProxyCircleLoss"),
     "proxyanchor": BenchLoss("ProxyAnchorLoss"),

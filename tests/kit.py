@@ -467,6 +467,15 @@ def _fast_ap_kinks(kw, g):
     return (u - torch.round(u)) * delta
 
 
+def _pnp_kinks(kw, g):
+    """PNPLoss: PML's clamp of the sigmoid's exponent at |S_aj - S_ap| = 50 anneal, for every anchor
+    a, p among its positives and itself, j among its negatives."""
+    positives = g.pos | torch.eye(*g.pos.shape, dtype=torch.bool)
+    z = g.mat.unsqueeze(1) - g.mat.unsqueeze(2)  # [a, p, j] = S_aj - S_ap
+    keep = positives.unsqueeze(2) & g.neg.unsqueeze(1)
+    return z[keep].abs() - 50 * kw.get("anneal", 0.01)
+
+
 def _acos_clamp_kinks(kw, g):
     """LargeMargin / SphereFace: the clamp of acos at |s_target| = 1 (psi itself is C^1 in theta)."""
     return 1 - _target_cos(g).abs()
@@ -600,6 +609,9 @@ LOSSES: Dict[str, Loss] = {l.name: l for l in [
          kinks=_fast_ap_kinks),
     Loss("smoothap", "SmoothAPLoss", dict(temperature=0.1), hyper=dict(temperature=(0.01, 1.0)),
          pml=_pml_in_input_dtype("SmoothAPLoss")),
+    *[Loss(f"pnp_{variant.lower()}", "PNPLoss", dict(anneal=0.05, variant=variant),
+           hyper=dict(b=(0.5, 4.0), alpha=(0.5, 2.0), anneal=(0.02, 0.5)), pml=_pml_pair("PNPLoss", "cosine"),
+           kinks=_pnp_kinks) for variant in ("O", "Ds", "Dq", "Iu", "Ib")],
     Loss("instance", "InstanceLoss", dict(gamma=16.0), hyper=dict(gamma=(1.0, 64.0)), pml=_pml_pair("InstanceLoss")),
     Loss("npairs", "NPairsLoss", pml=_pml_pair("NPairsLoss")),
     Loss("nca", "NCALoss", hyper=dict(softmax_scale=(0.1, 8.0)), pml=_pml_pair("NCALoss"), kinks=_nca_kinks),

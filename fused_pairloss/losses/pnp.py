@@ -1,0 +1,286 @@
+"""Rethinking the rank of positives (Li et al., "Rethinking the Optimization of Average Precision:
+Only Penalizing Negative Instances before Positive Ones is Enough", AAAI 2022; PML PNPLoss), cosine.
+
+PML's computation: for an anchor a and each p of its positives with a itself (P_a, |P_a| = N_pos),
+    rk_ap = sum_{j in N_a} sig(S_aj - S_ap),  sig(x) = 1 / (1 + exp(clamp(-x / anneal, -50, 50)))
+(the negatives of a ranked above p; the clamp, PML's, stops the gradient beyond 50 / anneal), then
+per variant f(rk): O rk; Ds log(1 + rk); Dq (1 + rk)^-alpha; Iu (1 + rk) log(1 + rk);
+Ib (b rk - log(1 + b rk)) / b^2;
+    L_a = sum_{p in P_a} f(rk_ap) / N_pos_a,   loss = mean of L_a over the rows with a positive
+(Dq: 1 - that; 0 when no row has one). A row without a positive has no P_a at all (PML adds the
+diagonal to the positives of the rows that have one).
+
+Cubic compute (N |P_a| N sigmoids), no cubic memory: the op `fused_pairloss::pnp_rows` walks the
+anchors in chunks (S of a chunk against every row, the chunk x max|P_a| x N sigmoids, reduced to
+L_a) and its backward op recomputes each chunk with the analytic gradient. Each anchor's positives
+are listed from the sorted labels (max|P_a| columns, padded). PML builds N x N x N tensors.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _validation as V
+from ..ops._common import LOCAL, label_counts, normalize, zero_loss
+from ..ops.operands import stat_dtype
+from ._base import _PairLoss, check_self_only, run_pair_loss
+from ._reference_common import check_distance, nan_in_nan_out
+from ._registry import LossEntry
+
+VARIANTS = ("Ds", "Dq", "Iu", "Ib", "O")
+# chunk x max|P_a| x N sigmoid entries per step
+CHUNK_ELEMENTS = 1 << 22
+EXPONENT_CLAMP = 50.0  # PML's clamp of -x / anneal
+
+
+def check_variant(variant):
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {list(VARIANTS)} (as in PML); got {variant!r}")
+
+
+def _sigmoid(x, anneal):
+    """PML's PNPLoss.sigmoid: 1 / (1 + exp(clamp(-x / anneal, -50, 50)))."""
+    return 1.0 / (1.0 + torch.exp(torch.clamp(-x / anneal, min=-EXPONENT_CLAMP, max=EXPONENT_CLAMP)))
+
+
+def _transform(rk, variant, b, alpha):
+    """f(rk) of the variant (module docstring)."""
+    if variant == "Ds":
+        return torch.log(1 + rk)
+    if variant == "Dq":
+        return 1 / (1 + rk) ** alpha
+    if variant == "Iu":
+        return (1 + rk) * torch.log(1 + rk)
+    if variant == "Ib":
+        return 1 / b ** 2 * (b * rk - torch.log(1 + b * rk))
+    return rk
+
+
+def pnp_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, b=2.0, alpha=1.0, anneal=0.01, variant="O",
+                  distance="cosine", indices_tuple=None):
+    """PML PNPLoss (pnp_loss.py) step by step: the pair indicators (positives with the diagonal),
+    the N x N x N differences, the clamped sigmoid over each positive's negatives, the variant,
+    the mean over the positives per row and over the rows."""
+    check_distance(distance, allowed=("cosine",), loss="pnp_loss")
+    check_variant(variant)
+    check_self_only(embeddings, labels, ref_emb, ref_labels, "PNPLoss")
+    if indices_tuple is not None:
+        raise ValueError("PNPLoss: indices_tuple is not supported (as in PML)")
+    dtype, device = embeddings.dtype, embeddings.device
+    labels = torch.as_tensor(labels, device=device)
+    same = labels[:, None] == labels[None, :]
+    # the diagonal is a positive of the rows that have another one (PML: I_pos[a1_idx, a1_idx] = 1)
+    has_positive = same.sum(1) > 1
+    I_pos = (same & has_positive[:, None]).to(dtype)
+    I_neg = (~same).to(dtype)
+    n_pos = I_pos.sum(1)
+    safe = n_pos > 0
+    if not bool(safe.any()):
+        return zero_loss(embeddings)
+    q = normalize(embeddings)
+    sims = q @ q.t()
+    diff = sims.unsqueeze(1) - sims.unsqueeze(2)  # [a, p, j] = S_aj - S_ap
+    rk = (_sigmoid(diff, anneal) * I_neg.unsqueeze(0)).sum(-1)
+    rows = (_transform(rk, variant, b, alpha) * I_pos).sum(-1)[safe] / n_pos[safe]
+    loss = rows.sum() / safe.sum()
+    if variant == "Dq":
+        loss = 1 - loss
+    return nan_in_nan_out(loss, embeddings, None)
+
+
+# ---- the op: rk of every anchor's positives, anchors in chunks -------------------------------------
+def _positive_lists(labels):
+    """(positives A x P, valid A x P): each row's positives with itself, from the sorted labels
+    (P = the largest class), padded with the row itself and masked; none for a row without
+    another of its label (PML's diagonal is a positive of the rows that have one)."""
+    n = labels.shape[0]
+    order = torch.sort(labels, stable=True).indices
+    ordered = labels[order]
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    run_start = torch.cummax(torch.where(starts, torch.arange(n, device=labels.device), 0), 0).values
+    first = torch.empty_like(labels).scatter_(0, order, run_start)  # per row: where its class starts in order
+    counts = label_counts(labels)
+    width = int(counts.max()) if n else 0
+    k = torch.arange(width, device=labels.device)
+    valid = (k[None, :] < counts[:, None]) & (counts[:, None] > 1)
+    at = (first[:, None] + k[None, :]).clamp(max=max(n - 1, 0))
+    rows = torch.arange(n, device=labels.device)
+    return torch.where(valid, order[at], rows[:, None]), valid
+
+
+def _anchor_chunks(n, width):
+    step = max(1, CHUNK_ELEMENTS // max(width * n, 1))
+    return [(a0, min(n, a0 + step)) for a0 in range(0, n, step)]
+
+
+def _chunk_terms(q, labels, positives, a0, a1, anneal):
+    """The chunk's z = S_aj - S_ap (c x P x N), the clamp's pass mask, the sigmoids over the
+    negatives (0 elsewhere) and rk (c x P)."""
+    s = q[a0:a1] @ q.t()  # c x N
+    s_ap = s.gather(1, positives[a0:a1])  # c x P
+    z = s[:, None, :] - s_ap[:, :, None]
+    negative = (labels[a0:a1, None] != labels[None, :])[:, None, :]
+    sig = torch.where(negative, _sigmoid(z, anneal), torch.zeros_like(z))
+    return z, negative, sig, sig.sum(-1)
+
+
+def _transform_grad(rk, variant, b, alpha):
+    """f'(rk) of the variant."""
+    if variant == "Ds":
+        return 1 / (1 + rk)
+    if variant == "Dq":
+        return -alpha * (1 + rk) ** (-alpha - 1)
+    if variant == "Iu":
+        return torch.log(1 + rk) + 1
+    if variant == "Ib":
+        return (1 - 1 / (1 + b * rk)) / b
+    return torch.ones_like(rk)
+
+
+def _differentiable_rows(q, labels, anneal, variant, b, alpha):
+    """L_a (module docstring, before Dq's 1 - mean) as a differentiable computation, in chunks."""
+    A = stat_dtype(q.dtype)
+    positives, valid = _positive_lists(labels)
+    rows = []
+    for a0, a1 in _anchor_chunks(q.shape[0], positives.shape[1]):
+        rk = _chunk_terms(q.to(A), labels, positives, a0, a1, anneal)[3]
+        f = torch.where(valid[a0:a1], _transform(rk, variant, b, alpha), torch.zeros_like(rk))
+        rows.append(f.sum(1) / valid[a0:a1].sum(1).clamp(min=1).to(A))
+    return torch.cat(rows) if rows else q.new_zeros((0,), dtype=A)
+
+
+@torch.library.custom_op("fused_pairloss::pnp_rows", mutates_args=())
+def pnp_rows(q: torch.Tensor, labels: torch.Tensor, anneal: float, variant: str, b: float,
+             alpha: float) -> torch.Tensor:
+    """A[N]: L_a = sum over a's positives p (a itself included) of f(rk_ap) / their number, rk_ap
+    the sum over a's negatives j of PML's clamped sigmoid of S_aj - S_ap (module docstring)."""
+    A = stat_dtype(q.dtype)
+    with torch.autocast(q.device.type, enabled=False):
+        return _differentiable_rows(q.to(A), labels, anneal, variant, b, alpha)
+
+
+@pnp_rows.register_fake
+def _fake(q, labels, anneal, variant, b, alpha):
+    return q.new_empty((q.shape[0],), dtype=stat_dtype(q.dtype))
+
+
+@torch.library.custom_op("fused_pairloss::pnp_rows_backward", mutates_args=())
+def pnp_rows_backward(grad: torch.Tensor, q: torch.Tensor, labels: torch.Tensor, anneal: float, variant: str,
+                      b: float, alpha: float) -> torch.Tensor:
+    """grad_q of sum(grad * pnp_rows): with g_ap = grad_a f'(rk_ap) / |P_a| and
+    u_apj = g_ap sig'(z_apj) over the negatives where PML's clamp passes, dL/dS_aj = sum_p u_apj and
+    dL/dS_ap -= sum_j u_apj; grad_q = G q + G^T q, chunk by chunk."""
+    A = stat_dtype(q.dtype)
+    qa, g = q.to(A), grad.to(A)
+    positives, valid = _positive_lists(labels)
+    limit = EXPONENT_CLAMP * anneal
+    grad_q = torch.zeros_like(qa)
+    with torch.autocast(q.device.type, enabled=False):
+        for a0, a1 in _anchor_chunks(q.shape[0], positives.shape[1]):
+            z, negative, sig, rk = _chunk_terms(qa, labels, positives, a0, a1, anneal)
+            v = valid[a0:a1]
+            g_ap = torch.where(v, g[a0:a1, None] * _transform_grad(rk, variant, b, alpha)
+                               / v.sum(1, keepdim=True).clamp(min=1).to(A), torch.zeros_like(rk))
+            passes = negative & (z.abs() < limit)  # inside PML's clamp (on its bounds: sub-gradient 0)
+            u = torch.where(passes, g_ap[:, :, None] * sig * (1 - sig) / anneal, torch.zeros_like(z))
+            G = u.sum(1).scatter_add(1, positives[a0:a1], -u.sum(2))  # c x N
+            grad_q[a0:a1] += G @ qa
+            grad_q += G.t() @ qa[a0:a1]
+    return grad_q.to(q.dtype)
+
+
+@pnp_rows_backward.register_fake
+def _fake_backward(grad, q, labels, anneal, variant, b, alpha):
+    return torch.empty_like(q)
+
+
+def _setup_context(ctx, inputs, output):
+    q, labels, anneal, variant, b, alpha = inputs
+    ctx.save_for_backward(q, labels)
+    ctx.args = (anneal, variant, b, alpha)
+
+
+def _backward(ctx, grad):
+    q, labels = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: the chunks as one differentiable computation
+        qv = q.view_as(q)
+        rows = _differentiable_rows(qv, labels, *ctx.args)
+        (grad_q,) = torch.autograd.grad(rows, [qv], grad.to(rows.dtype), create_graph=True)
+        return grad_q, None, None, None, None, None
+    return pnp_rows_backward(grad.contiguous(), q, labels, *ctx.args), None, None, None, None, None
+
+
+def _not_differentiable(ctx, *grads):
+    raise RuntimeError("fused_pairloss: pnp_rows_backward (a first-order gradient) is not differentiable")
+
+
+pnp_rows.register_autograd(_backward, setup_context=_setup_context)
+pnp_rows_backward.register_autograd(_not_differentiable, setup_context=lambda ctx, inputs, output: None)
+
+
+def pnp_fused(embeddings, labels, ref_emb, ref_labels, *, b=2.0, alpha=1.0, anneal=0.01, variant="O",
+              distance="cosine", backend, exclude_col=None, batch=LOCAL):
+    check_self_only(embeddings, labels, ref_emb, ref_labels, "PNPLoss")
+    labels = torch.as_tensor(labels, device=embeddings.device).to(torch.int64).contiguous()
+    rows = pnp_rows(normalize(embeddings).contiguous(), labels, float(anneal), variant, float(b), float(alpha))
+    safe = label_counts(labels) > 1  # the rows with a positive: PML's mean is over them
+    n_safe = safe.sum()
+    loss = rows.sum() / n_safe.clamp(min=1).to(rows.dtype)
+    if variant == "Dq":
+        loss = 1 - loss
+    # no row with a positive: PML's zero loss
+    loss = torch.where(n_safe > 0, loss, torch.zeros_like(loss))
+    return nan_in_nan_out(loss.to(embeddings.dtype), embeddings, None)
+
+
+def pnp_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, b=2.0, alpha=1.0, anneal=0.01, variant="O",
+             distance="cosine", backend="auto"):
+    """PML PNPLoss(b, alpha, anneal, variant) (CosineSimilarity); no ref_emb, no indices_tuple."""
+    for name, value in (("b", b), ("alpha", alpha)):
+        V.check_real(name, value)
+    V.check_positive("anneal", anneal)
+    check_variant(variant)
+    check_distance(distance, allowed=("cosine",), loss="pnp_loss")
+    check_self_only(embeddings, labels, ref_emb, ref_labels, "PNPLoss")
+    return run_pair_loss(pnp_reference, pnp_fused, embeddings, labels, ref_emb, ref_labels, backend, b=b,
+                         alpha=alpha, anneal=anneal, variant=variant, distance=distance)
+
+
+class PNPLoss(_PairLoss):
+    """Drop-in for pytorch_metric_learning.losses.PNPLoss (CosineSimilarity; labels required; no
+    ref_emb and no indices_tuple, as PML)."""
+    VARIANTS = list(VARIANTS)
+    _distances = ("cosine",)
+    _cosine_only = True
+    _reference = staticmethod(pnp_reference)
+    _listed_pairs = False
+    _fused_in_wrappers = False  # PML's wrappers pass a ref_emb, which PML's PNPLoss refuses
+
+    def __init__(self, b=2, alpha=1, anneal=0.01, variant="O", backend="auto", **kwargs):
+        super().__init__()
+        check_variant(variant)
+        for name, value in (("b", b), ("alpha", alpha)):
+            V.check_real(name, value)
+        V.check_positive("anneal", anneal)
+        self.b, self.alpha, self.anneal, self.variant = b, alpha, anneal, variant
+        self._init_pair(backend, kwargs, (b, alpha, anneal, variant))
+
+    def _hyper(self):
+        return dict(b=self.b, alpha=self.alpha, anneal=self.anneal, variant=self.variant,
+                    distance=self._distance_kind)
+
+    def _functional(self):
+        return pnp_loss
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        if self._pml is None and indices_tuple is not None:
+            raise ValueError("PNPLoss: indices_tuple is not supported (as in PML)")
+        if self._pml is None and labels is None:
+            raise ValueError("PNPLoss: labels is required (as in PML)")
+        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+
+ENTRIES = (
+    LossEntry(PNPLoss, "pair", functional=pnp_loss, reference=pnp_reference, fused=pnp_fused,
+              hyper=("b", "alpha", "anneal", "variant"), ref_emb=False),
+)
