@@ -81,6 +81,7 @@ BENCH_LOSSES = {
     "fastap": BenchLoss("FastAPLoss"),
     "smoothap": BenchLoss("SmoothAPLoss"),
     "pnp": BenchLoss("PNPLoss"),
+    "dsm": BenchLoss("DynamicSoftMarginLoss"),
     "softtriple": BenchLoss("SoftTripleLoss"),
     "proxycircle": BenchLoss("ProxyCircleLoss"),
     "proxyanchor": BenchLoss("ProxyAnchorLoss"),

@@ -476,6 +476,18 @@ def _pnp_kinks(kw, g):
     return z[keep].abs() - 50 * kw.get("anneal", 0.01)
 
 
+def _dsm_kinks(kw, g):
+    """DynamicSoftMargin: every triplet's d_ap - d_an against the bin edges (its CDF weight jumps
+    there). A triplet past the histogram's last edge makes PML's scatter go out of range (it
+    raises): a tiny positive argument rejects such a draw."""
+    min_val, num_bins = kw.get("min_val", -2.0), int(kw.get("num_bins", 10))
+    delta = 2 * abs(min_val) / num_bins
+    x = (g.mat.unsqueeze(2) - g.mat.unsqueeze(1))[g.pos.unsqueeze(2) & g.neg.unsqueeze(1)]
+    u = (x - min_val) / delta
+    beyond = (torch.floor(u) + 1 >= num_bins) | (u < 0)
+    return torch.where(beyond, torch.full_like(u, 1e-300), (u - torch.round(u)) * delta)
+
+
 def _acos_clamp_kinks(kw, g):
     """LargeMargin / SphereFace: the clamp of acos at |s_target| = 1 (psi itself is C^1 in theta)."""
     return 1 - _target_cos(g).abs()
@@ -612,6 +624,8 @@ LOSSES: Dict[str, Loss] = {l.name: l for l in [
     *[Loss(f"pnp_{variant.lower()}", "PNPLoss", dict(anneal=0.05, variant=variant),
            hyper=dict(b=(0.5, 4.0), alpha=(0.5, 2.0), anneal=(0.02, 0.5)), pml=_pml_pair("PNPLoss", "cosine"),
            kinks=_pnp_kinks) for variant in ("O", "Ds", "Dq", "Iu", "Ib")],
+    Loss("dsm", "DynamicSoftMarginLoss", dict(num_bins=8), hyper=dict(min_val=(-3.0, -2.0), momentum=(0.0, 1.0)),
+         pml=_pml_pair("DynamicSoftMarginLoss", "lp"), kinks=_dsm_kinks),
     Loss("instance", "InstanceLoss", dict(gamma=16.0), hyper=dict(gamma=(1.0, 64.0)), pml=_pml_pair("InstanceLoss")),
     Loss("npairs", "NPairsLoss", pml=_pml_pair("NPairsLoss")),
     Loss("nca", "NCALoss", hyper=dict(softmax_scale=(0.1, 8.0)), pml=_pml_pair("NCALoss"), kinks=_nca_kinks),

@@ -1,0 +1,309 @@
+"""Dynamic soft margin (Zhang & Rusinkiewicz, ICCV 2019; PML DynamicSoftMarginLoss), PML's
+LpDistance() on normalized embeddings.
+
+With labels, over all triplets (a, p, n) (or an indices_tuple's), x = d_ap - d_an. A histogram of
+num_bins bins of width D = 2 |min_val| / num_bins from min_val is PML's state: the batch's
+triplets add 1 - f at bin k = floor((x - min_val) / D) and f at k + 1 (f the fraction), mixed with
+the previous histogram by `momentum` (1 on the first call, while the state sums to 0), then
+normalized. loss = mean over the triplets of CDF_k x, CDF the cumulative histogram (its
+dependence on the batch's own triplets differentiated, as PML's).
+
+Fused (labels, the batch against itself): the op `fused_pairloss::triplet_difference_bins` walks
+the anchors in chunks (the chunk x max|P_a| x N triplet differences) and sums per bin the
+histogram increments and x, and its backward op recomputes each chunk: a triplet's gradient is a
+function of its bin only, w_k = (g_inc_{k+1} - g_inc_k) / D + g_x_k, added to d_ap and taken from
+d_an. The state update, the CDF and the mean are PyTorch on num_bins numbers. Cubic compute, no
+cubic memory. Without labels (PML's hardest-negative reading of a batch and its ref) and with a
+ref_emb: the reference computation (N x M).
+
+Deliberate difference: the state is stored detached. PML's keeps the previous batch's graph, so
+its second backward raises ("Trying to backward through the graph a second time").
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _validation as V
+from .._backends import resolve_backend
+from ..ops._common import LOCAL, normalize, zero_loss
+from ..ops.operands import lp_squared_distances, stat_dtype
+from ._base import _PairLoss, _warn_once, run_pair_loss
+from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
+from ._registry import LossEntry
+from .pnp import _positive_lists
+
+CHUNK_ELEMENTS = 1 << 22  # chunk x max|P_a| x N triplet differences per step
+
+
+def check_bins(min_val, num_bins, momentum):
+    V.check_real("min_val", min_val)
+    if min_val == 0:
+        raise ValueError("min_val must not be 0 (the bins' width is 2 |min_val| / num_bins)")
+    if isinstance(num_bins, bool) or not isinstance(num_bins, (int, float)) or num_bins != int(num_bins) \
+            or num_bins < 2:
+        raise ValueError(f"num_bins must be an integer >= 2 (PML sizes its histogram with it); got {num_bins!r}")
+    V.check_real("momentum", momentum)
+    return int(num_bins), 2 * abs(min_val) / num_bins
+
+
+def _bin_and_fraction(x, min_val, delta, num_bins):
+    """PML's idx = floor((x - min_val) / D) and frac; idx kept where PML's scatter stays in range."""
+    u = (x - min_val) / delta
+    return torch.floor(u).long().clamp(0, num_bins - 2), torch.frac(u)
+
+
+def _state_update(increments, previous, momentum):
+    """PML's update_histogram: (1 - m) previous + m increments, normalized; m = 1 while the state
+    sums to 0."""
+    m = torch.where(previous.sum() != 0, torch.as_tensor(momentum, dtype=previous.dtype, device=previous.device),
+                    torch.ones((), dtype=previous.dtype, device=previous.device))
+    mixed = (1.0 - m) * previous + m * increments
+    return mixed / mixed.sum()
+
+
+def dynamic_soft_margin_reference(embeddings, labels=None, ref_emb=None, ref_labels=None, *, min_val=-2.0,
+                                  num_bins=10, momentum=0.01, histogram=None, distance="lp", indices_tuple=None,
+                                  return_histogram=False):
+    """PML DynamicSoftMarginLoss.compute_loss step by step (N x M): the triplet differences (with
+    labels) or PML's hardest-negative differences (without), the histogram update from
+    `histogram` (PML's hist_, zeros at first), CDF-weighted mean."""
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+    check_distance(distance, allowed=("lp",), loss="dynamic_soft_margin_loss")
+    num_bins, delta = check_bins(min_val, num_bins, momentum)
+    ref = embeddings if ref_emb is None else ref_emb
+    previous = torch.zeros(num_bins, dtype=embeddings.dtype, device=embeddings.device) if histogram is None \
+        else histogram.to(device=embeddings.device, dtype=embeddings.dtype)
+    mat = distance_matrix(embeddings, ref, "lp")
+    if labels is None:  # PML's compute_loss_without_labels
+        r, c = mat.shape
+        d_pos = torch.zeros(max(r, c), dtype=mat.dtype, device=mat.device)
+        d_pos[:min(r, c)] = mat.diag()
+        mat = mat.clone()
+        mat.fill_diagonal_(float("inf"))
+        min_a = torch.zeros(max(r, c), dtype=mat.dtype, device=mat.device)
+        min_p = torch.zeros(max(r, c), dtype=mat.dtype, device=mat.device)
+        min_a[:c] = mat.min(0).values
+        min_p[:r] = mat.min(1).values
+        x = d_pos - torch.min(min_a, min_p)
+    else:
+        labels = torch.as_tensor(labels, device=embeddings.device)
+        ref_lab = labels if ref_labels is None else torch.as_tensor(ref_labels, device=embeddings.device)
+        a, p, n = lmu.convert_to_triplets(indices_tuple, labels, ref_lab, t_per_anchor="all")
+        x = mat[a, p] - mat[a, n]
+    if len(x) == 0:
+        return (zero_loss(embeddings), previous) if return_histogram else zero_loss(embeddings)
+    idx, frac = _bin_and_fraction(x, min_val, delta, num_bins)
+    increments = torch.zeros(num_bins, dtype=x.dtype, device=x.device).scatter_add(0, idx, 1 - frac) \
+        .scatter_add(0, idx + 1, frac)
+    state = _state_update(increments, previous, momentum)
+    cdf = torch.cumsum(state, 0)
+    weight_idx = torch.floor((x - min_val) / delta).long().clamp(0, num_bins - 1)
+    loss = nan_in_nan_out((cdf[weight_idx] * x).mean(), embeddings, ref_emb)
+    return (loss, state.detach()) if return_histogram else loss
+
+
+# ---- the op: per-bin sums over all triplets ------------------------------------------------------
+def _anchor_chunks(n, width):
+    step = max(1, CHUNK_ELEMENTS // max(width * n, 1))
+    return [(a0, min(n, a0 + step)) for a0 in range(0, n, step)]
+
+
+def _chunk_triplets(q, labels, positives, valid, a0, a1):
+    """x = d_ap - d_an of the chunk's triplets (c x P x N) and their mask (p a positive other than
+    a, n a negative)."""
+    s = q[a0:a1] @ q.t()
+    d2 = lp_squared_distances(s, q[a0:a1], q)
+    ok = d2 > 0
+    d = torch.where(ok, torch.sqrt(torch.where(ok, d2, torch.ones_like(d2))), torch.zeros_like(d2))
+    pos = positives[a0:a1]
+    rows = torch.arange(a0, a1, device=q.device)
+    is_positive = valid[a0:a1] & (pos != rows[:, None])
+    negative = labels[a0:a1, None] != labels[None, :]
+    x = d.gather(1, pos)[:, :, None] - d[:, None, :]
+    return x, is_positive[:, :, None] & negative[:, None, :], d, pos
+
+
+@torch.library.custom_op("fused_pairloss::triplet_difference_bins", mutates_args=())
+def triplet_difference_bins(q: torch.Tensor, labels: torch.Tensor, min_val: float,
+                            num_bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums A[2, num_bins], count int64[]): over all triplets of the batch, x = d_ap - d_an; row 0
+    PML's histogram increments (1 - f at bin k, f at k + 1), row 1 the sum of x per bin k."""
+    A = stat_dtype(q.dtype)
+    qa = q.to(A)
+    delta = 2 * abs(min_val) / num_bins
+    positives, valid = _positive_lists(labels)
+    sums = torch.zeros(2, num_bins, dtype=A, device=q.device)
+    count = torch.zeros((), dtype=torch.int64, device=q.device)
+    with torch.autocast(q.device.type, enabled=False):
+        for a0, a1 in _anchor_chunks(q.shape[0], positives.shape[1]):
+            x, mask, _, _ = _chunk_triplets(qa, labels, positives, valid, a0, a1)
+            x = x[mask]
+            idx, frac = _bin_and_fraction(x, min_val, delta, num_bins)
+            sums[0].index_add_(0, idx, 1 - frac).index_add_(0, idx + 1, frac)
+            weight_idx = torch.floor((x - min_val) / delta).long().clamp(0, num_bins - 1)
+            sums[1].index_add_(0, weight_idx, x)
+            count += x.numel()
+    return sums, count
+
+
+@triplet_difference_bins.register_fake
+def _fake(q, labels, min_val, num_bins):
+    return q.new_empty((2, num_bins), dtype=stat_dtype(q.dtype)), q.new_empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("fused_pairloss::triplet_difference_bins_backward", mutates_args=())
+def triplet_difference_bins_backward(grad_sums: torch.Tensor, q: torch.Tensor, labels: torch.Tensor, min_val: float,
+                                     num_bins: int) -> torch.Tensor:
+    """grad_q of sum(grad_sums * sums): a triplet's dL/dx = (g_inc[k+1] - g_inc[k]) / D + g_x[k'],
+    added to d_ap and taken from d_an, then through d = |q_i - q_j| chunk by chunk."""
+    A = stat_dtype(q.dtype)
+    qa, g = q.to(A), grad_sums.to(A)
+    delta = 2 * abs(min_val) / num_bins
+    positives, valid = _positive_lists(labels)
+    grad_q = torch.zeros_like(qa)
+    with torch.autocast(q.device.type, enabled=False):
+        for a0, a1 in _anchor_chunks(q.shape[0], positives.shape[1]):
+            x, mask, d, pos = _chunk_triplets(qa, labels, positives, valid, a0, a1)
+            idx, _ = _bin_and_fraction(x, min_val, delta, num_bins)
+            weight_idx = torch.floor((x - min_val) / delta).long().clamp(0, num_bins - 1)
+            w = (g[0][idx + 1] - g[0][idx]) / delta + g[1][weight_idx]
+            w = torch.where(mask, w, torch.zeros_like(w))
+            grad_d = (-w.sum(1)).scatter_add(1, pos, w.sum(2))  # c x N: dL/dd_aj
+            # d_aj = sqrt(|q_a|^2 + |q_j|^2 - 2 q_a . q_j): dd/dq_a = (q_a - q_j) / d (0 at d = 0)
+            coef = torch.where(d > 0, grad_d / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(d))
+            qi = qa[a0:a1]
+            grad_q[a0:a1] += coef.sum(1, keepdim=True) * qi - coef @ qa
+            grad_q += coef.sum(0)[:, None] * qa - coef.t() @ qi
+    return grad_q.to(q.dtype)
+
+
+@triplet_difference_bins_backward.register_fake
+def _fake_backward(grad_sums, q, labels, min_val, num_bins):
+    return torch.empty_like(q)
+
+
+def _setup_context(ctx, inputs, output):
+    q, labels, min_val, num_bins = inputs
+    ctx.save_for_backward(q, labels)
+    ctx.args = (min_val, num_bins)
+
+
+def _differentiable_sums(q, labels, min_val, num_bins):
+    """triplet_difference_bins' sums as a differentiable computation, chunk by chunk
+    (create_graph=True only: it keeps every chunk's triplets for the second derivative)."""
+    A = stat_dtype(q.dtype)
+    delta = 2 * abs(min_val) / num_bins
+    positives, valid = _positive_lists(labels)
+    increments = torch.zeros(num_bins, dtype=A, device=q.device)
+    x_sums = torch.zeros(num_bins, dtype=A, device=q.device)
+    for a0, a1 in _anchor_chunks(q.shape[0], positives.shape[1]):
+        x, mask, _, _ = _chunk_triplets(q.to(A), labels, positives, valid, a0, a1)
+        x = x[mask]
+        idx, frac = _bin_and_fraction(x, min_val, delta, num_bins)
+        increments = increments.index_add(0, idx, 1 - frac).index_add(0, idx + 1, frac)
+        x_sums = x_sums.index_add(0, torch.floor((x - min_val) / delta).long().clamp(0, num_bins - 1), x)
+    return torch.stack([increments, x_sums])
+
+
+def _backward(ctx, grad_sums, grad_count):
+    q, labels = ctx.saved_tensors
+    if grad_sums is None:
+        return None, None, None, None
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable recomputation (second order)
+        qv = q.view_as(q)
+        sums = _differentiable_sums(qv, labels, *ctx.args)
+        (grad_q,) = torch.autograd.grad(sums, [qv], grad_sums.to(sums.dtype), create_graph=True)
+        return grad_q, None, None, None
+    return triplet_difference_bins_backward(grad_sums.contiguous(), q, labels, *ctx.args), None, None, None
+
+
+def _not_differentiable(ctx, *grads):
+    raise RuntimeError("fused_pairloss: triplet_difference_bins_backward (a first-order gradient) is not "
+                       "differentiable")
+
+
+triplet_difference_bins.register_autograd(_backward, setup_context=_setup_context)
+triplet_difference_bins_backward.register_autograd(_not_differentiable,
+                                                   setup_context=lambda ctx, inputs, output: None)
+
+
+def dynamic_soft_margin_fused(embeddings, labels, ref_emb, ref_labels, *, min_val=-2.0, num_bins=10, momentum=0.01,
+                              histogram=None, distance="lp", backend, exclude_col=None, batch=LOCAL,
+                              return_histogram=False):
+    hyper = dict(min_val=min_val, num_bins=num_bins, momentum=momentum, histogram=histogram, distance=distance,
+                 return_histogram=return_histogram)
+    if labels is None or (ref_emb is not None and not (ref_emb is embeddings and ref_labels is labels)):
+        _warn_once("dynamic_soft_margin.ref", "fused_pairloss: DynamicSoftMarginLoss without labels or with a "
+                   "ref_emb is computed by the reference path (N x M)", stacklevel=4)
+        return dynamic_soft_margin_reference(embeddings, labels, ref_emb, ref_labels, **hyper)
+    num_bins, _ = check_bins(min_val, num_bins, momentum)
+    labels = torch.as_tensor(labels, device=embeddings.device).to(torch.int64).contiguous()
+    sums, count = triplet_difference_bins(normalize(embeddings).contiguous(), labels, float(min_val), num_bins)
+    previous = torch.zeros(num_bins, dtype=sums.dtype, device=sums.device) if histogram is None \
+        else histogram.to(device=sums.device, dtype=sums.dtype)
+    state = _state_update(sums[0], previous, momentum)
+    loss = (torch.cumsum(state, 0) * sums[1]).sum() / count.clamp(min=1).to(sums.dtype)
+    # no triplet: PML's zero loss, and the state unchanged
+    loss = torch.where(count > 0, loss, torch.zeros_like(loss))
+    state = torch.where(count > 0, state, previous)
+    loss = nan_in_nan_out(loss.to(embeddings.dtype), embeddings, None)
+    return (loss, state.detach().to(embeddings.dtype)) if return_histogram else loss
+
+
+def dynamic_soft_margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, min_val=-2.0, num_bins=10,
+                             momentum=0.01, histogram=None, distance="lp", backend="auto"):
+    """PML DynamicSoftMarginLoss(min_val, num_bins, momentum) with its LpDistance(); `histogram`:
+    the state before this call (PML's hist_; zeros: the first call). The module keeps the state."""
+    check_bins(min_val, num_bins, momentum)
+    check_distance(distance, allowed=("lp",), loss="dynamic_soft_margin_loss")
+    return run_pair_loss(dynamic_soft_margin_reference, dynamic_soft_margin_fused, embeddings, labels, ref_emb,
+                         ref_labels, backend, min_val=min_val, num_bins=num_bins, momentum=momentum,
+                         histogram=histogram, distance=distance)
+
+
+class DynamicSoftMarginLoss(_PairLoss):
+    """Drop-in for pytorch_metric_learning.losses.DynamicSoftMarginLoss (LpDistance() on normalized
+    embeddings); the histogram state `hist_` is PML's attribute (not in the state_dict, as PML),
+    stored detached. Without labels (PML's reading of a batch against its ref) and with an
+    indices_tuple: the reference computation."""
+    _distances = ("lp",)
+    _default_distance = "lp"
+    _reference = staticmethod(dynamic_soft_margin_reference)
+    _listed_pairs = False
+    _fused_in_wrappers = False
+
+    def __init__(self, min_val=-2.0, num_bins=10, momentum=0.01, backend="auto", **kwargs):
+        super().__init__()
+        self.num_bins, self.delta = check_bins(min_val, num_bins, momentum)
+        self.min_val, self.momentum = min_val, momentum
+        self.hist_ = torch.zeros((self.num_bins,))
+        self._init_pair(backend, kwargs, (min_val, num_bins, momentum))
+
+    def _hyper(self):
+        return dict(min_val=self.min_val, num_bins=self.num_bins, momentum=self.momentum, distance=self._distance_kind)
+
+    def _functional(self):
+        return dynamic_soft_margin_loss
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        if self._pml is not None:
+            return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        V.check_embeddings(embeddings)
+        if labels is not None:
+            V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
+        hyper = dict(self._hyper(), histogram=self.hist_, return_histogram=True)
+        backend = resolve_backend(self.backend, embeddings.device)
+        if backend == "reference" or indices_tuple is not None:
+            loss, self.hist_ = dynamic_soft_margin_reference(embeddings, labels, ref_emb, ref_labels,
+                                                             indices_tuple=indices_tuple, **hyper)
+        else:
+            loss, self.hist_ = dynamic_soft_margin_fused(embeddings, labels, ref_emb, ref_labels, backend=backend,
+                                                         **hyper)
+        return loss
+
+
+ENTRIES = (
+    LossEntry(DynamicSoftMarginLoss, "pair", functional=dynamic_soft_margin_loss,
+              reference=dynamic_soft_margin_reference, fused=dynamic_soft_margin_fused,
+              hyper=("min_val", "num_bins", "momentum")),
+)
