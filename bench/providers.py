@@ -82,6 +82,7 @@ BENCH_LOSSES = {
     "smoothap": BenchLoss("SmoothAPLoss"),
     "pnp": BenchLoss("PNPLoss"),
     "dsm": BenchLoss("DynamicSoftMarginLoss"),
+    "rll": BenchLoss("RankedListLoss"),
     "softtriple": BenchLoss("SoftTripleLoss"),
     "proxycircle": BenchLoss("ProxyCircleLoss"),
     "proxyanchor": BenchLoss("ProxyAnchorLoss"),

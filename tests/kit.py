@@ -488,6 +488,12 @@ def _dsm_kinks(kw, g):
     return torch.where(beyond, torch.full_like(u, 1e-300), (u - torch.round(u)) * delta)
 
 
+def _rll_kinks(kw, g):
+    """RankedList: the positives' d against alpha - margin, the negatives' against alpha and 0."""
+    alpha = kw.get("alpha") or 1 + kw["margin"] / 2
+    return torch.cat([g.mat[g.pos] - (alpha - kw["margin"]), alpha - g.mat[g.neg], g.mat[g.neg]])
+
+
 def _acos_clamp_kinks(kw, g):
     """LargeMargin / SphereFace: the clamp of acos at |s_target| = 1 (psi itself is C^1 in theta)."""
     return 1 - _target_cos(g).abs()
@@ -626,6 +632,9 @@ LOSSES: Dict[str, Loss] = {l.name: l for l in [
            kinks=_pnp_kinks) for variant in ("O", "Ds", "Dq", "Iu", "Ib")],
     Loss("dsm", "DynamicSoftMarginLoss", dict(num_bins=8), hyper=dict(min_val=(-3.0, -2.0), momentum=(0.0, 1.0)),
          pml=_pml_pair("DynamicSoftMarginLoss", "lp"), kinks=_dsm_kinks),
+    Loss("rll", "RankedListLoss", dict(margin=0.4, Tn=2.0, Tp=1.0),
+         hyper=dict(margin=(0.1, 1.0), Tn=(0.0, 5.0), imbalance=(0.0, 1.0), Tp=(0.0, 5.0)),
+         pml=_pml_pair("RankedListLoss", "lp"), kinks=_rll_kinks),
     Loss("instance", "InstanceLoss", dict(gamma=16.0), hyper=dict(gamma=(1.0, 64.0)), pml=_pml_pair("InstanceLoss")),
     Loss("npairs", "NPairsLoss", pml=_pml_pair("NPairsLoss")),
     Loss("nca", "NCALoss", hyper=dict(softmax_scale=(0.1, 8.0)), pml=_pml_pair("NCALoss"), kinks=_nca_kinks),

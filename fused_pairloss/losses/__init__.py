@@ -6,15 +6,15 @@ LossEntry) is the one table the package exports, fused_pairloss.functional / .re
 """
 from . import (angular, circle, contrastive, dynamic_soft_margin, fast_ap, histogram, instance, intra_pair_variance,
                large_margin_softmax, lifted_structure, margin, margin_softmax, multi_similarity, n_pairs, nca, ntxent,
-               p2s_grad, pnp, proxy_anchor, proxy_circle, proxy_nca, smooth_ap, snr_contrastive, soft_triple, supcon,
-               tcm, triplet_margin, tuplet_margin)
+               p2s_grad, pnp, proxy_anchor, proxy_circle, proxy_nca, ranked_list, smooth_ap, snr_contrastive,
+               soft_triple, supcon, tcm, triplet_margin, tuplet_margin)
 from .._pml_namespace import pml_fallback
 from ._registry import LossEntry
 
 LOSS_MODULES = (multi_similarity, circle, ntxent, supcon, contrastive, lifted_structure, triplet_margin, margin, nca,
-                n_pairs, instance, tuplet_margin, tcm, angular, snr_contrastive, intra_pair_variance, histogram,
-                fast_ap, smooth_ap, pnp, dynamic_soft_margin, soft_triple, proxy_circle, proxy_anchor, proxy_nca,
-                margin_softmax, large_margin_softmax, p2s_grad)
+                n_pairs, instance, tuplet_margin, tcm, angular, snr_contrastive, intra_pair_variance, ranked_list,
+                histogram, fast_ap, smooth_ap, pnp, dynamic_soft_margin, soft_triple, proxy_circle, proxy_anchor,
+                proxy_nca, margin_softmax, large_margin_softmax, p2s_grad)
 REGISTRY = {entry.name: entry for module in LOSS_MODULES for entry in module.ENTRIES}
 
 globals().update({name: entry.cls for name, entry in REGISTRY.items()})
