@@ -25,7 +25,7 @@ import torch
 
 from .. import _validation as V
 from .._backends import resolve_backend
-from ..ops._common import LOCAL, normalize, zero_loss
+from ..ops._common import LOCAL, normalize, register_recomputing_autograd, zero_loss
 from ..ops.operands import lp_squared_distances, stat_dtype
 from ._base import _PairLoss, _warn_once, run_pair_loss
 from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
@@ -182,12 +182,6 @@ def _fake_backward(grad_sums, q, labels, min_val, num_bins):
     return torch.empty_like(q)
 
 
-def _setup_context(ctx, inputs, output):
-    q, labels, min_val, num_bins = inputs
-    ctx.save_for_backward(q, labels)
-    ctx.args = (min_val, num_bins)
-
-
 def _differentiable_sums(q, labels, min_val, num_bins):
     """triplet_difference_bins' sums as a differentiable computation, chunk by chunk
     (create_graph=True only: it keeps every chunk's triplets for the second derivative)."""
@@ -205,26 +199,7 @@ def _differentiable_sums(q, labels, min_val, num_bins):
     return torch.stack([increments, x_sums])
 
 
-def _backward(ctx, grad_sums, grad_count):
-    q, labels = ctx.saved_tensors
-    if grad_sums is None:
-        return None, None, None, None
-    if torch.is_grad_enabled():  # create_graph=True: a differentiable recomputation (second order)
-        qv = q.view_as(q)
-        sums = _differentiable_sums(qv, labels, *ctx.args)
-        (grad_q,) = torch.autograd.grad(sums, [qv], grad_sums.to(sums.dtype), create_graph=True)
-        return grad_q, None, None, None
-    return triplet_difference_bins_backward(grad_sums.contiguous(), q, labels, *ctx.args), None, None, None
-
-
-def _not_differentiable(ctx, *grads):
-    raise RuntimeError("fused_pairloss: triplet_difference_bins_backward (a first-order gradient) is not "
-                       "differentiable")
-
-
-triplet_difference_bins.register_autograd(_backward, setup_context=_setup_context)
-triplet_difference_bins_backward.register_autograd(_not_differentiable,
-                                                   setup_context=lambda ctx, inputs, output: None)
+register_recomputing_autograd(triplet_difference_bins, triplet_difference_bins_backward, _differentiable_sums)
 
 
 def dynamic_soft_margin_fused(embeddings, labels, ref_emb, ref_labels, *, min_val=-2.0, num_bins=10, momentum=0.01,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops._common import LOCAL, label_counts, normalize, zero_loss
+from ..ops._common import LOCAL, label_counts, normalize, register_recomputing_autograd, zero_loss
 from ..ops.operands import lp_squared_distances, stat_dtype
 from ._base import _RowWeightedSelfLoss, check_self_only, run_pair_loss
 from ._reference_common import check_distance, miner_weights, nan_in_nan_out
@@ -148,12 +148,6 @@ def _fake_backward(grad_hist, q, labels, num_bins):
     return torch.empty_like(q)
 
 
-def _setup_context(ctx, inputs, output):
-    q, labels, num_bins = inputs
-    ctx.save_for_backward(q, labels)
-    ctx.num_bins = num_bins
-
-
 def _differentiable_histograms(q, labels, num_bins):
     """The histograms as a differentiable PyTorch computation (create_graph=True only)."""
     A = stat_dtype(q.dtype)
@@ -166,22 +160,7 @@ def _differentiable_histograms(q, labels, num_bins):
     return torch.stack(out)
 
 
-def _backward(ctx, grad_hist):
-    q, labels = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True: a differentiable recomputation (second order)
-        qv = q.view_as(q)
-        hist = _differentiable_histograms(qv, labels, ctx.num_bins)
-        (grad_q,) = torch.autograd.grad(hist, [qv], grad_hist.to(hist.dtype), create_graph=True)
-        return grad_q, None, None
-    return row_histograms_backward(grad_hist.contiguous(), q, labels, ctx.num_bins), None, None
-
-
-def _not_differentiable(ctx, *grads):
-    raise RuntimeError("fused_pairloss: row_histograms_backward (a first-order gradient) is not differentiable")
-
-
-row_histograms.register_autograd(_backward, setup_context=_setup_context)
-row_histograms_backward.register_autograd(_not_differentiable, setup_context=lambda ctx, inputs, output: None)
+register_recomputing_autograd(row_histograms, row_histograms_backward, _differentiable_histograms)
 
 
 def fast_ap_fused(embeddings, labels, ref_emb, ref_labels, *, num_bins=10, distance="squared_lp", backend,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as V
-from ..ops._common import LOCAL, label_counts, normalize, similarity_dtype, zero_loss
+from ..ops._common import LOCAL, label_counts, normalize, register_recomputing_autograd, similarity_dtype, zero_loss
 from ..ops.operands import stat_dtype
 from ._base import _PairLoss, check_self_only, run_pair_loss
 from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
@@ -164,12 +164,6 @@ def _fake_backward(grad_hist, q, labels, delta):
     return torch.empty_like(q)
 
 
-def _setup_context(ctx, inputs, output):
-    q, labels, delta = inputs
-    ctx.save_for_backward(q, labels)
-    ctx.delta = delta
-
-
 def _differentiable_histograms(q, labels, delta):
     """The histograms as a differentiable PyTorch computation (create_graph=True only)."""
     A = stat_dtype(q.dtype)
@@ -183,24 +177,7 @@ def _differentiable_histograms(q, labels, delta):
     return torch.stack(rows)
 
 
-def _backward(ctx, grad_hist, grad_sizes):
-    q, labels = ctx.saved_tensors
-    if grad_hist is None:
-        return None, None, None
-    if torch.is_grad_enabled():  # create_graph=True: a differentiable recomputation (second order)
-        qv = q.view_as(q)
-        hist = _differentiable_histograms(qv, labels, ctx.delta)
-        (grad_q,) = torch.autograd.grad(hist, [qv], grad_hist.to(hist.dtype), create_graph=True)
-        return grad_q, None, None
-    return pair_histograms_backward(grad_hist.contiguous(), q, labels, ctx.delta), None, None
-
-
-def _not_differentiable(ctx, *grads):
-    raise RuntimeError("fused_pairloss: pair_histograms_backward (a first-order gradient) is not differentiable")
-
-
-pair_histograms.register_autograd(_backward, setup_context=_setup_context)
-pair_histograms_backward.register_autograd(_not_differentiable, setup_context=lambda ctx, inputs, output: None)
+register_recomputing_autograd(pair_histograms, pair_histograms_backward, _differentiable_histograms)
 
 
 def histogram_fused(embeddings, labels, ref_emb, ref_labels, *, n_bins=None, delta=None, distance="cosine", backend,

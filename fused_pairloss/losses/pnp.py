@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as V
-from ..ops._common import LOCAL, label_counts, normalize, zero_loss
+from ..ops._common import LOCAL, label_counts, normalize, register_recomputing_autograd, zero_loss
 from ..ops.operands import stat_dtype
 from ._base import _PairLoss, check_self_only, run_pair_loss
 from ._reference_common import check_distance, nan_in_nan_out
@@ -194,28 +194,7 @@ def _fake_backward(grad, q, labels, anneal, variant, b, alpha):
     return torch.empty_like(q)
 
 
-def _setup_context(ctx, inputs, output):
-    q, labels, anneal, variant, b, alpha = inputs
-    ctx.save_for_backward(q, labels)
-    ctx.args = (anneal, variant, b, alpha)
-
-
-def _backward(ctx, grad):
-    q, labels = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True: the chunks as one differentiable computation
-        qv = q.view_as(q)
-        rows = _differentiable_rows(qv, labels, *ctx.args)
-        (grad_q,) = torch.autograd.grad(rows, [qv], grad.to(rows.dtype), create_graph=True)
-        return grad_q, None, None, None, None, None
-    return pnp_rows_backward(grad.contiguous(), q, labels, *ctx.args), None, None, None, None, None
-
-
-def _not_differentiable(ctx, *grads):
-    raise RuntimeError("fused_pairloss: pnp_rows_backward (a first-order gradient) is not differentiable")
-
-
-pnp_rows.register_autograd(_backward, setup_context=_setup_context)
-pnp_rows_backward.register_autograd(_not_differentiable, setup_context=lambda ctx, inputs, output: None)
+register_recomputing_autograd(pnp_rows, pnp_rows_backward, _differentiable_rows)
 
 
 def pnp_fused(embeddings, labels, ref_emb, ref_labels, *, b=2.0, alpha=1.0, anneal=0.01, variant="O",

@@ -21,7 +21,7 @@ import warnings
 import torch
 
 from .. import _validation as V
-from ..ops._common import LOCAL, normalize
+from ..ops._common import LOCAL, normalize, register_recomputing_autograd
 from ..ops.operands import lp_squared_distances, stat_dtype
 from ._base import _PairLoss, check_self_only, run_pair_loss
 from ._reference_common import check_distance, nan_in_nan_out
@@ -150,12 +150,6 @@ def _fake_backward(grad, q, labels, margin, alpha, Tp, Tn):
     return torch.empty_like(q)
 
 
-def _setup_context(ctx, inputs, output):
-    q, labels, *args = inputs
-    ctx.save_for_backward(q, labels)
-    ctx.args = tuple(args)
-
-
 def _differentiable_rows(q, labels, margin, alpha, Tp, Tn):
     """ranked_list_rows as a differentiable computation (create_graph=True only)."""
     A = stat_dtype(q.dtype)
@@ -163,22 +157,7 @@ def _differentiable_rows(q, labels, margin, alpha, Tp, Tn):
     return torch.stack([(w * x).sum(1) / (w.sum(1) + EPS_PER_COLUMN * q.shape[0]) for _, x, w in terms])
 
 
-def _backward(ctx, grad):
-    q, labels = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True: a differentiable recomputation (second order)
-        qv = q.view_as(q)
-        rows = _differentiable_rows(qv, labels, *ctx.args)
-        (grad_q,) = torch.autograd.grad(rows, [qv], grad.to(rows.dtype), create_graph=True)
-        return grad_q, None, None, None, None, None
-    return ranked_list_rows_backward(grad.contiguous(), q, labels, *ctx.args), None, None, None, None, None
-
-
-def _not_differentiable(ctx, *grads):
-    raise RuntimeError("fused_pairloss: ranked_list_rows_backward (a first-order gradient) is not differentiable")
-
-
-ranked_list_rows.register_autograd(_backward, setup_context=_setup_context)
-ranked_list_rows_backward.register_autograd(_not_differentiable, setup_context=lambda ctx, inputs, output: None)
+register_recomputing_autograd(ranked_list_rows, ranked_list_rows_backward, _differentiable_rows)
 
 
 def ranked_list_fused(embeddings, labels, ref_emb, ref_labels, *, margin=0.4, Tn=10.0, imbalance=0.5, alpha=None,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as V
-from ..ops._common import LOCAL, normalize
+from ..ops._common import LOCAL, normalize, register_recomputing_autograd
 from ..ops.operands import stat_dtype
 from ._base import _RowWeightedSelfLoss, check_self_only, run_pair_loss
 from ._reference_common import check_distance, miner_weights, nan_in_nan_out
@@ -139,37 +139,20 @@ def smooth_ap_rows_backward(grad: torch.Tensor, q: torch.Tensor, labels: torch.T
     return grad_q.to(q.dtype)
 
 
+def _differentiable_ap(q, labels, temperature):
+    """smooth_ap_rows as a differentiable computation, chunk by chunk (create_graph=True only)."""
+    block = block_size(labels)
+    A = stat_dtype(q.dtype)
+    return torch.cat([_chunk_ap(q[a0:a1].to(A), q.to(A), a0, block, temperature)
+                      for a0, a1 in _anchor_chunks(q.shape[0], block)])
+
+
 @smooth_ap_rows_backward.register_fake
 def _fake_backward(grad, q, labels, temperature):
     return torch.empty_like(q)
 
 
-def _setup_context(ctx, inputs, output):
-    q, labels, temperature = inputs
-    ctx.save_for_backward(q, labels)
-    ctx.temperature = temperature
-
-
-def _backward(ctx, grad):
-    q, labels = ctx.saved_tensors
-    temperature = ctx.temperature
-    if torch.is_grad_enabled():  # create_graph=True: the chunks as one differentiable computation
-        block = block_size(labels)
-        qv = q.view_as(q)
-        A = stat_dtype(q.dtype)
-        ap = torch.cat([_chunk_ap(qv[a0:a1].to(A), qv.to(A), a0, block, temperature)
-                        for a0, a1 in _anchor_chunks(q.shape[0], block)])
-        (grad_q,) = torch.autograd.grad(ap, [qv], grad.to(ap.dtype), create_graph=True)
-        return grad_q, None, None
-    return smooth_ap_rows_backward(grad.contiguous(), q, labels, temperature), None, None
-
-
-def _not_differentiable(ctx, *grads):
-    raise RuntimeError("fused_pairloss: smooth_ap_rows_backward (a first-order gradient) is not differentiable")
-
-
-smooth_ap_rows.register_autograd(_backward, setup_context=_setup_context)
-smooth_ap_rows_backward.register_autograd(_not_differentiable, setup_context=lambda ctx, inputs, output: None)
+register_recomputing_autograd(smooth_ap_rows, smooth_ap_rows_backward, _differentiable_ap)
 
 
 def smooth_ap_fused(embeddings, labels, ref_emb, ref_labels, *, temperature=0.01, distance="cosine", backend,

@@ -36,6 +36,36 @@ def label_counts(labels):
     return torch.empty_like(labels).scatter_(0, order, sizes[run])
 
 
+def register_recomputing_autograd(op, backward_op, differentiable):
+    """Autograd of a chunked op `op(q, labels, *args)` whose first output is differentiable in q
+    (the losses' row-chunk ops): its backward is `backward_op(grad, q, labels, *args)`, which
+    recomputes the chunks; under create_graph=True `differentiable(q, labels, *args)` (the same
+    value as a differentiable PyTorch computation) is differentiated instead, so second order is
+    right; the backward op itself refuses to be differentiated."""
+    def setup_context(ctx, inputs, output):
+        q, labels, *args = inputs
+        ctx.save_for_backward(q, labels)
+        ctx.args = tuple(args)
+
+    def backward(ctx, grad, *unused):
+        q, labels = ctx.saved_tensors
+        nones = (None,) * (1 + len(ctx.args))
+        if grad is None:
+            return (None,) + nones
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable recomputation (second order)
+            qv = q.view_as(q)
+            value = differentiable(qv, labels, *ctx.args)
+            (grad_q,) = torch.autograd.grad(value, [qv], grad.to(value.dtype), create_graph=True)
+            return (grad_q,) + nones
+        return (backward_op(grad.contiguous(), q, labels, *ctx.args),) + nones
+
+    def not_differentiable(ctx, *grads):
+        raise RuntimeError(f"fused_pairloss: {backward_op._name} (a first-order gradient) is not differentiable")
+
+    op.register_autograd(backward, setup_context=setup_context)
+    backward_op.register_autograd(not_differentiable, setup_context=lambda ctx, inputs, output: None)
+
+
 def zero_loss(embeddings):
     """PML's zero loss: 0 attached to the graph (NaN if the embeddings are NaN)."""
     return torch.sum(embeddings * 0)
