@@ -26,7 +26,7 @@ import torch
 from .. import _validation as V
 from .._backends import resolve_backend
 from ..ops._common import LOCAL, normalize, register_recomputing_autograd, zero_loss
-from ..ops.operands import lp_squared_distances, stat_dtype
+from ..ops.operands import add_row_chunk_distance_grad, lp_distances, lp_squared_distances, stat_dtype
 from ._base import _PairLoss, _warn_once, run_pair_loss
 from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
 from ._registry import LossEntry
@@ -113,8 +113,7 @@ def _chunk_triplets(q, labels, positives, valid, a0, a1):
     a, n a negative)."""
     s = q[a0:a1] @ q.t()
     d2 = lp_squared_distances(s, q[a0:a1], q)
-    ok = d2 > 0
-    d = torch.where(ok, torch.sqrt(torch.where(ok, d2, torch.ones_like(d2))), torch.zeros_like(d2))
+    d = lp_distances(d2)
     pos = positives[a0:a1]
     rows = torch.arange(a0, a1, device=q.device)
     is_positive = valid[a0:a1] & (pos != rows[:, None])
@@ -169,11 +168,7 @@ def triplet_difference_bins_backward(grad_sums: torch.Tensor, q: torch.Tensor, l
             w = (g[0][idx + 1] - g[0][idx]) / delta + g[1][weight_idx]
             w = torch.where(mask, w, torch.zeros_like(w))
             grad_d = (-w.sum(1)).scatter_add(1, pos, w.sum(2))  # c x N: dL/dd_aj
-            # d_aj = sqrt(|q_a|^2 + |q_j|^2 - 2 q_a . q_j): dd/dq_a = (q_a - q_j) / d (0 at d = 0)
-            coef = torch.where(d > 0, grad_d / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(d))
-            qi = qa[a0:a1]
-            grad_q[a0:a1] += coef.sum(1, keepdim=True) * qi - coef @ qa
-            grad_q += coef.sum(0)[:, None] * qa - coef.t() @ qi
+            add_row_chunk_distance_grad(grad_q, grad_d, d, qa, a0, a1)
     return grad_q.to(q.dtype)
 
 

@@ -32,7 +32,7 @@ import torch
 from .. import _validation as V
 from ..ops import engines
 from ..ops._common import LOCAL, pair_operands, zero_loss
-from ..ops.operands import lp_squared_distances, stat_dtype
+from ..ops.operands import lp_distances, lp_squared_distances, stat_dtype
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import backward_op, forward_op, pair_stats
 from ._base import _PairLoss, run_pair_loss
@@ -162,9 +162,7 @@ def _differentiable_squares(q, r, labels_q, labels_r, exclude_col, thresholds, s
     if distance == "cosine":
         v = s
     else:
-        d2 = lp_squared_distances(s, q, ref)
-        positive = d2 > 0  # the root's gradient is 0 at d = 0, as the engines'
-        v = torch.where(positive, torch.sqrt(torch.where(positive, d2, torch.ones_like(d2))), torch.zeros_like(d2))
+        v = lp_distances(lp_squared_distances(s, q, ref))
     same = labels_q[:, None] == labels_ref[None, :]
     cols = torch.arange(ref.shape[0], device=q.device)
     excluded = cols[None, :] == (cols[:q.shape[0]] if r is None else exclude_col if exclude_col is not None

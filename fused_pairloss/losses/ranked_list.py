@@ -22,7 +22,7 @@ import torch
 
 from .. import _validation as V
 from ..ops._common import LOCAL, normalize, register_recomputing_autograd
-from ..ops.operands import lp_squared_distances, stat_dtype
+from ..ops.operands import add_row_chunk_distance_grad, lp_distances, lp_squared_distances, stat_dtype
 from ._base import _PairLoss, check_self_only, run_pair_loss
 from ._reference_common import check_distance, nan_in_nan_out
 from ._registry import LossEntry
@@ -85,8 +85,7 @@ def _chunk_terms(q, labels, i0, i1, margin, alpha, Tp, Tn):
     """d of rows i0..i1 against every row and per set (positives, negatives) the active mask, x and
     its weight w (0 where inactive)."""
     d2 = lp_squared_distances(q[i0:i1] @ q.t(), q[i0:i1], q)
-    ok = d2 > 0
-    d = torch.where(ok, torch.sqrt(torch.where(ok, d2, torch.ones_like(d2))), torch.zeros_like(d2))
+    d = lp_distances(d2)
     cols = torch.arange(q.shape[0], device=q.device)
     same = labels[i0:i1, None] == labels[None, :]
     not_self = cols[None, :] != torch.arange(i0, i1, device=q.device)[:, None]
@@ -137,11 +136,7 @@ def ranked_list_rows_backward(grad: torch.Tensor, q: torch.Tensor, labels: torch
                 rows = (w * x).sum(1, keepdim=True) / total
                 grad_x = g[k, i0:i1, None] * w * (1 + t * x - t * rows) / total
                 grad_d += sign * torch.where(mask, grad_x, torch.zeros_like(grad_x))
-            # d_ij = sqrt(|q_i|^2 + |q_j|^2 - 2 q_i . q_j): dd/dq_i = (q_i - q_j) / d
-            coef = torch.where(d > 0, grad_d / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(d))
-            qi = qa[i0:i1]
-            grad_q[i0:i1] += coef.sum(1, keepdim=True) * qi - coef @ qa
-            grad_q += coef.sum(0)[:, None] * qa - coef.t() @ qi
+            add_row_chunk_distance_grad(grad_q, grad_d, d, qa, i0, i1)
     return grad_q.to(q.dtype)
 
 

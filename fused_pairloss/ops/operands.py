@@ -41,3 +41,19 @@ def weight_rows(w, flags):
     engines that take plain rows)."""
     rows = w.t() if flags & S.WEIGHTS_COLUMNS else w
     return F.normalize(rows, p=2, dim=1) if flags & S.NORMALIZE_WEIGHTS else rows
+
+
+def lp_distances(d2):
+    """d = sqrt(d2) with the root's gradient 0 at d = 0 (torch.cdist's choice)."""
+    positive = d2 > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, d2, torch.ones_like(d2))), torch.zeros_like(d2))
+
+
+def add_row_chunk_distance_grad(grad_q, grad_d, d, q, i0, i1):
+    """grad_q += the gradient of sum(grad_d * d) for the distances d (rows i0..i1 of q against every
+    row of q): d_ij = |q_i - q_j|, dd/dq_i = (q_i - q_j) / d (0 at d = 0), so
+    grad_q_i += sum_j c_ij (q_i - q_j) and grad_q_j += c_ij (q_j - q_i), c = grad_d / d."""
+    coef = torch.where(d > 0, grad_d / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(d))
+    rows = q[i0:i1]
+    grad_q[i0:i1] += coef.sum(1, keepdim=True) * rows - coef @ q
+    grad_q += coef.sum(0)[:, None] * q - coef.t() @ rows

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
-from .operands import lp_squared_distances, stat_dtype
+from .operands import lp_distances, lp_squared_distances, stat_dtype
 
 # pair entries of one chunk's N_chunk x M buffers (a few of them live at once)
 CHUNK_ELEMENTS = 1 << 20
@@ -41,9 +41,7 @@ def _u(q, r, lp):
     s = q @ r.t()
     if not lp:
         return -s
-    d2 = lp_squared_distances(s, q, r)
-    pos = d2 > 0  # the root's gradient is 0 at d = 0 (torch.cdist's choice)
-    return torch.where(pos, torch.sqrt(torch.where(pos, d2, torch.ones_like(d2))), torch.zeros_like(d2))
+    return lp_distances(lp_squared_distances(s, q, r))
 
 
 def _chunk_sets(q, r, labels_q, labels_r, exclude_col, lp):
