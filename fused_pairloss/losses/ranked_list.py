@@ -82,21 +82,24 @@ def _chunks(n):
 
 
 def _chunk_terms(q, labels, i0, i1, margin, alpha, Tp, Tn):
-    """d of rows i0..i1 against every row and per set (positives, negatives) the active mask, x and
-    its weight w (0 where inactive)."""
-    d2 = lp_squared_distances(q[i0:i1] @ q.t(), q[i0:i1], q)
-    d = lp_distances(d2)
-    cols = torch.arange(q.shape[0], device=q.device)
+    """d of rows i0..i1 against every row and per set (positives, negatives) (x, w): x = d - b or
+    alpha - d, w its weight exp(T x) on the active pairs and 0 elsewhere. A positive is active for
+    d > max(b, 0) (the row itself, at d = 0, never is), a negative for 0 < d < alpha."""
+    d = lp_distances(lp_squared_distances(q[i0:i1] @ q.t(), q[i0:i1], q))
     same = labels[i0:i1, None] == labels[None, :]
-    not_self = cols[None, :] != torch.arange(i0, i1, device=q.device)[:, None]
     b = alpha - margin
-    pos = same & not_self & (d > b) & (d > 0)
-    neg = ~same & (d < alpha) & (d > 0)
-    terms = []
-    for mask, x, t in ((pos, d - b, Tp), (neg, alpha - d, Tn)):
-        w = torch.where(mask, torch.exp(t * torch.where(mask, x, torch.zeros_like(x))), torch.zeros_like(x))
-        terms.append((mask, x, w))
-    return d, terms
+    xp, xn = d - b, alpha - d
+    e = torch.exp(torch.where(same, Tp * xp, Tn * xn))  # the two sets are disjoint: one exp per pair
+    zero = torch.zeros_like(d)
+    wp = torch.where(same & (d > max(b, 0.0)), e, zero)
+    wn = torch.where(~same & (d < alpha) & (d > 0), e, zero)
+    return d, ((xp, wp), (xn, wn))
+
+
+def _row_sums(x, w, n):
+    """L = sum w x / B, B = sum w + n 1e-5 (PML's), per row (c x 1 each)."""
+    total = w.sum(1, keepdim=True) + EPS_PER_COLUMN * n
+    return (w * x).sum(1, keepdim=True) / total, total
 
 
 @torch.library.custom_op("fused_pairloss::ranked_list_rows", mutates_args=())
@@ -109,8 +112,8 @@ def ranked_list_rows(q: torch.Tensor, labels: torch.Tensor, margin: float, alpha
     with torch.autocast(q.device.type, enabled=False):
         for i0, i1 in _chunks(q.shape[0]):
             _, terms = _chunk_terms(qa, labels, i0, i1, margin, alpha, Tp, Tn)
-            for k, (_, x, w) in enumerate(terms):
-                out[k, i0:i1] = (w * x).sum(1) / (w.sum(1) + EPS_PER_COLUMN * q.shape[0])
+            for k, (x, w) in enumerate(terms):
+                out[k, i0:i1] = _row_sums(x, w, q.shape[0])[0].squeeze(1)
     return out
 
 
@@ -129,13 +132,12 @@ def ranked_list_rows_backward(grad: torch.Tensor, q: torch.Tensor, labels: torch
     grad_q = torch.zeros_like(qa)
     with torch.autocast(q.device.type, enabled=False):
         for i0, i1 in _chunks(q.shape[0]):
-            d, terms = _chunk_terms(qa, labels, i0, i1, margin, alpha, Tp, Tn)
-            grad_d = torch.zeros_like(d)
-            for k, ((mask, x, w), t, sign) in enumerate(zip(terms, (Tp, Tn), (1.0, -1.0))):
-                total = w.sum(1, keepdim=True) + EPS_PER_COLUMN * q.shape[0]
-                rows = (w * x).sum(1, keepdim=True) / total
-                grad_x = g[k, i0:i1, None] * w * (1 + t * x - t * rows) / total
-                grad_d += sign * torch.where(mask, grad_x, torch.zeros_like(grad_x))
+            d, ((xp, wp), (xn, wn)) = _chunk_terms(qa, labels, i0, i1, margin, alpha, Tp, Tn)
+            # dL/dx = g w (1 + T x - T L) / B; x = d - b (positives), alpha - d (negatives)
+            lp, bp = _row_sums(xp, wp, q.shape[0])
+            ln, bn = _row_sums(xn, wn, q.shape[0])
+            gp, gn = g[0, i0:i1, None], g[1, i0:i1, None]
+            grad_d = wp * ((gp / bp) * (1 + Tp * (xp - lp))) - wn * ((gn / bn) * (1 + Tn * (xn - ln)))
             add_row_chunk_distance_grad(grad_q, grad_d, d, qa, i0, i1)
     return grad_q.to(q.dtype)
 
@@ -149,7 +151,7 @@ def _differentiable_rows(q, labels, margin, alpha, Tp, Tn):
     """ranked_list_rows as a differentiable computation (create_graph=True only)."""
     A = stat_dtype(q.dtype)
     _, terms = _chunk_terms(q.to(A), labels, 0, q.shape[0], margin, alpha, Tp, Tn)
-    return torch.stack([(w * x).sum(1) / (w.sum(1) + EPS_PER_COLUMN * q.shape[0]) for _, x, w in terms])
+    return torch.stack([_row_sums(x, w, q.shape[0])[0].squeeze(1) for x, w in terms])
 
 
 register_recomputing_autograd(ranked_list_rows, ranked_list_rows_backward, _differentiable_rows)
