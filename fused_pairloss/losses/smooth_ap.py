@@ -12,8 +12,8 @@ classes, the blocks are the classes (the paper's setting).
 
 Cubic compute (N b N sigmoids), no cubic memory: the op `fused_pairloss::smooth_ap_rows` walks the
 anchors in chunks (S of a chunk against every row, the chunk x b x N sigmoids, reduced to AP per
-anchor) and its backward op recomputes each chunk under autograd, so at most one chunk's
-intermediates (CHUNK_ELEMENTS entries) exist at a time. PML builds N x N x N tensors.
+anchor) and its backward op recomputes each chunk with the analytic gradient, so at most one
+chunk's intermediates (CHUNK_ELEMENTS entries) exist at a time. PML builds N x N x N tensors.
 """
 from __future__ import annotations
 
