@@ -597,10 +597,11 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         blocks = T._class_blocks(4096, 1000, K, dtype)
         warps = blocks.pop("num_warps")
         prec = T.dot_precision(dtype)
-        build(T._class_fwd_rows_kernel, dtype, dict(ROW_LSE=sw["ROW_LSE"], POOL=K > 1, PREC=prec, **blocks), arch,
+        pool = T._pool_kind(K, flags)
+        build(T._class_fwd_rows_kernel, dtype, dict(ROW_LSE=sw["ROW_LSE"], POOL=pool, PREC=prec, **blocks), arch,
               warps)
         bg, one = T._block_g(D, dtype)
-        meta = dict(PREC=prec, POOL=K > 1, **sw, **blocks, BLOCK_G=bg, ONE_CHUNK=one, GPREC=T.grad_dot_precision(dtype))
+        meta = dict(PREC=prec, POOL=pool, **sw, **blocks, BLOCK_G=bg, ONE_CHUNK=one, GPREC=T.grad_dot_precision(dtype))
         if K == 1:
             cb = dict(blocks)
             cb.pop("KP")
@@ -611,11 +612,13 @@ _COMPILE_SCRIPT = textwrap.dedent("""
             build(T._class_bwd_rows_kernel, dtype, meta, arch, warps)
 
     # bf16 self mode with mining (register accumulator); fp32 ref mode with lp, NTXent, sums, hinge,
-    # mining and exclude_col (chunked gradient); SoftTriple's pooling in bf16; ProxyAnchor in fp32
+    # mining and exclude_col (chunked gradient); SoftTriple's pooling in bf16; SubCenterArcFace's max
+    # pooling in fp32; ProxyAnchor in fp32
     pair(torch.bfloat16, S.MINE | S.POS_LSE | S.NEG_LSE | S.EXCLUDE_AFTER_MINING, 90, True, 1, 128)
     pair(torch.float32, S.NEG_LSE | S.NEG_SUM | S.POS_SUM | S.POS_HINGE | S.POS_VS_NEG_LSE | S.LP_DISTANCE | S.MINE,
          80, False, 2, 300)
     klass(torch.bfloat16, S.ROW_LSE, 10, 90, 128)
+    klass(torch.float32, S.ROW_LSE | S.POOL_MAX, 3, 80, 128)
     klass(torch.float32, S.COL_POS_LSE | S.COL_NEG_LSE, 1, 80, 300)
     print("compiled")
 """)

@@ -901,7 +901,7 @@ if _IMPORTED:
         if POOL == 2:
             s3 = tl.reshape(s, [BLOCK_N, BLOCK_C, KP])
             k = tl.arange(0, KP)[None, None, :]
-            key = tl.where(k < K, tl.where(s3 != s3, float("inf"), s3), _NEG_INF)
+            key = tl.where(k < K, tl.where(s3 != s3, _POS_INF, s3), _NEG_INF)
             first = tl.min(tl.where(key == tl.max(key, axis=2)[:, :, None], k, KP), axis=2)
             pick = k == first[:, :, None]
             p = tl.where(pick, 1.0, 0.0).to(ACC)
