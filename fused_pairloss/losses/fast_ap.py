@@ -86,6 +86,13 @@ def _chunks(n):
     return [(i0, min(n, i0 + step)) for i0 in range(0, n, step)]
 
 
+def _pulses(frac):
+    """The weights of a pair on its nodes k and k + 1, PML's triangular pulses: 1 - f and f, or,
+    past the last node (f >= 1 with k the last bin), 0 and relu(1 - (d2 - 4) / D) = relu(2 - f)."""
+    beyond = frac >= 1
+    return torch.where(beyond, torch.zeros_like(frac), 1 - frac), torch.where(beyond, torch.relu(2 - frac), frac)
+
+
 def _chunk_bins(q, labels, i0, i1, num_bins):
     """d2 of rows i0..i1 against every row, its node k and fraction f (d2 = (k + f) D), and the
     positive / negative masks."""
@@ -109,9 +116,10 @@ def row_histograms(q: torch.Tensor, labels: torch.Tensor, num_bins: int) -> torc
     with torch.autocast(q.device.type, enabled=False):  # in the stat dtype
         for i0, i1 in _chunks(q.shape[0]):
             _, k, frac, pos, neg = _chunk_bins(qa, labels, i0, i1, num_bins)
+            lower, upper = _pulses(frac)
             for s, mask in enumerate((pos, neg)):
                 m = mask.to(A)
-                hist[s, i0:i1].scatter_add_(1, k, (1 - frac) * m).scatter_add_(1, k + 1, frac * m)
+                hist[s, i0:i1].scatter_add_(1, k, lower * m).scatter_add_(1, k + 1, upper * m)
     return hist
 
 
@@ -133,10 +141,15 @@ def row_histograms_backward(grad_hist: torch.Tensor, q: torch.Tensor, labels: to
         for i0, i1 in _chunks(q.shape[0]):
             _, k, frac, pos, neg = _chunk_bins(qa, labels, i0, i1, num_bins)
             G = torch.zeros(k.shape, dtype=A, device=q.device)
+            beyond = frac >= 1
             for s, mask in enumerate((pos, neg)):
                 gs = g[s, i0:i1]
-                G = torch.where(mask, (gs.gather(1, k + 1) - gs.gather(1, k)) * inv_delta, G)
-            G = torch.where(frac == 0, torch.zeros_like(G), G)  # on a node PML's |d2 - node| has gradient 0
+                upper = gs.gather(1, k + 1)
+                slope = torch.where(beyond, torch.where(frac < 2, -upper, torch.zeros_like(upper)),
+                                    upper - gs.gather(1, k))
+                G = torch.where(mask, slope * inv_delta, G)
+            # on a node (d2 = k D) PML's |d2 - node| and the neighbours' relu have gradient 0
+            G = torch.where((frac == 0) | (frac == 1), torch.zeros_like(G), G)
             qi = qa[i0:i1]
             grad_q[i0:i1] += 2 * (G.sum(1, keepdim=True) * qi - G @ qa)
             grad_q += 2 * (G.sum(0)[:, None] * qa - G.t() @ qi)
@@ -152,11 +165,12 @@ def _differentiable_histograms(q, labels, num_bins):
     """The histograms as a differentiable PyTorch computation (create_graph=True only)."""
     A = stat_dtype(q.dtype)
     _, k, frac, pos, neg = _chunk_bins(q.to(A), labels, 0, q.shape[0], num_bins)
+    lower, upper = _pulses(frac)
     out = []
     for mask in (pos, neg):
         m = mask.to(A)
         h = torch.zeros(q.shape[0], num_bins + 1, dtype=A, device=q.device)
-        out.append(h.scatter_add(1, k, (1 - frac) * m).scatter_add(1, k + 1, frac * m))
+        out.append(h.scatter_add(1, k, lower * m).scatter_add(1, k + 1, upper * m))
     return torch.stack(out)
 
 

@@ -178,6 +178,8 @@ def _differentiable_squares(q, r, labels_q, labels_r, exclude_col, thresholds, s
 def _backward(ctx, grad_squares, grad_hinges):
     q, r, labels_q, labels_r, exclude_col, thresholds, hinges = ctx.saved_tensors
     s_pos, s_neg, distance, backend = ctx.args
+    if grad_squares is None:
+        return None, None, None, None, None, None, None, None, None, None
     if torch.is_grad_enabled():  # create_graph=True: a differentiable recomputation (second order)
         inputs = [q.view_as(q), None if r is None else r.view_as(r), thresholds.view_as(thresholds)]
         squares = _differentiable_squares(inputs[0], inputs[1], labels_q, labels_r, exclude_col, inputs[2], s_pos,
@@ -187,8 +189,6 @@ def _backward(ctx, grad_squares, grad_hinges):
                                          allow_unused=True))
         gq, gr, gt = (None if t is None else next(grads) for t in inputs)
         return gq, gr, None, None, None, gt, None, None, None, None
-    if grad_squares is None:
-        return None, None, None, None, None, None, None, None, None, None
     grad_squares = grad_squares.contiguous()
     grad_q, grad_r = pair_squared_hinges_backward(grad_squares, q, r, labels_q, labels_r, exclude_col, thresholds,
                                                   s_pos, s_neg, distance, backend)

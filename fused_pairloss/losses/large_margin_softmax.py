@@ -34,6 +34,8 @@ from ._base import _ClassLoss, _check_sizes, _like, run_class_loss
 from ._reference_common import miner_weights
 from ._registry import LossEntry
 
+NORMALIZE_EPS = 1e-12  # F.normalize's, which PML's CosineSimilarity applies
+
 
 def check_margin(margin):
     """PML stores int(margin); the expansion needs m >= 1 (PML divides pi by it)."""
@@ -106,9 +108,11 @@ def declaration(scale, sphereface):
 
 def target_logit(target_dot, x_norm, target_norm, *, margin, scale):
     """z_{i,y_i} = scale |x_i| |w_{y_i}| psi(cos) from the engine's target dot product x_i . w_{y_i}
-    (SphereFace: against the normalized column, target_norm 1) and the norms."""
+    (SphereFace: against the normalized column, target_norm 1) and the norms; the cosine's norms
+    at least 1e-12, as PML's F.normalize (a zero row: cosine 0, logit 0)."""
     magnitude = x_norm * target_norm
-    return target_cosine(target_dot / magnitude, margin) * magnitude * scale
+    cosine = target_dot / (x_norm.clamp_min(NORMALIZE_EPS) * torch.as_tensor(target_norm).clamp_min(NORMALIZE_EPS))
+    return target_cosine(cosine, margin) * magnitude * scale
 
 
 class _WithTargetColumns(torch.autograd.Function):

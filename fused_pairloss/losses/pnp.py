@@ -181,7 +181,7 @@ def pnp_rows_backward(grad: torch.Tensor, q: torch.Tensor, labels: torch.Tensor,
             v = valid[a0:a1]
             g_ap = torch.where(v, g[a0:a1, None] * _transform_grad(rk, variant, b, alpha)
                                / v.sum(1, keepdim=True).clamp(min=1).to(A), torch.zeros_like(rk))
-            passes = negative & (z.abs() < limit)  # inside PML's clamp (on its bounds: sub-gradient 0)
+            passes = negative & (z.abs() <= limit)  # inside PML's clamp, whose bounds pass the gradient
             u = torch.where(passes, g_ap[:, :, None] * sig * (1 - sig) / anneal, torch.zeros_like(z))
             G = u.sum(1).scatter_add(1, positives[a0:a1], -u.sum(2))  # c x N
             grad_q[a0:a1] += G @ qa

@@ -30,6 +30,12 @@ from ._registry import LossEntry
 CHUNK_ELEMENTS = 1 << 22
 
 
+def _loss_dtype(embeddings):
+    """PML accumulates AP in a torch.zeros buffer of the default dtype: fp16 / bf16 batches get an
+    fp32 loss; fp64 keeps fp64 here (a deliberate difference, docs/semantics.md)."""
+    return torch.promote_types(embeddings.dtype, torch.get_default_dtype())
+
+
 def block_size(labels):
     """b = the number of distinct labels, after PML's check that every label has the same count."""
     counts = torch.bincount(torch.as_tensor(labels).long() - int(torch.as_tensor(labels).min()))
@@ -63,7 +69,7 @@ def smooth_ap_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, te
     all_ranks = ranks.gather(1, block_cols)
     ap = (pos_ranks.reshape(n, b) / all_ranks).sum(1) / b
     loss = ((1 - ap) * miner_weights(indices_tuple, labels, ap.dtype)).mean()
-    return nan_in_nan_out(loss, embeddings, None)
+    return nan_in_nan_out(loss.to(_loss_dtype(embeddings)), embeddings, None)
 
 
 # ---- the op: AP per anchor, anchors in chunks ----------------------------------------------------
@@ -161,7 +167,7 @@ def smooth_ap_fused(embeddings, labels, ref_emb, ref_labels, *, temperature=0.01
     labels = torch.as_tensor(labels, device=embeddings.device).to(torch.int64).contiguous()
     ap = smooth_ap_rows(normalize(embeddings).contiguous(), labels, float(temperature))
     rows = 1 - ap if row_weights is None else (1 - ap) * row_weights
-    return nan_in_nan_out(rows.mean().to(embeddings.dtype), embeddings, None)
+    return nan_in_nan_out(rows.mean().to(_loss_dtype(embeddings)), embeddings, None)
 
 
 def smooth_ap_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperature=0.01, distance="cosine",

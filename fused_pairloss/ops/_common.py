@@ -32,8 +32,8 @@ def label_counts(labels):
     starts = torch.ones_like(ordered, dtype=torch.bool)
     starts[1:] = ordered[1:] != ordered[:-1]
     run = torch.cumsum(starts.long(), 0) - 1
-    sizes = torch.zeros_like(labels).index_add(0, run, torch.ones_like(run))
-    return torch.empty_like(labels).scatter_(0, order, sizes[run])
+    sizes = torch.zeros_like(run).index_add(0, run, torch.ones_like(run))
+    return torch.empty_like(run).scatter_(0, order, sizes[run])
 
 
 def register_recomputing_autograd(op, backward_op, differentiable):
