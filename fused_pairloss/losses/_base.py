@@ -277,10 +277,10 @@ class _RowWeightedSelfLoss(_PairLoss):
         backend = resolve_backend(self.backend, embeddings.device)
         if backend == "reference":
             return type(self)._reference(embeddings, labels, indices_tuple=indices_tuple, **self._hyper())
+        from ..ops.operands import stat_dtype
         from ._reference_common import miner_weights
         labels_t = torch.as_tensor(labels, device=embeddings.device)
-        weights = miner_weights(indices_tuple, labels_t, torch.float64 if embeddings.dtype == torch.float64
-                                else torch.float32)
+        weights = miner_weights(indices_tuple, labels_t, stat_dtype(embeddings.dtype))
         return self._own_fused_fn()(embeddings, labels_t, None, None, backend=backend, row_weights=weights,
                                     **self._hyper())
 

@@ -25,7 +25,7 @@ import torch
 
 from .. import _validation as V
 from .._backends import resolve_backend
-from ..ops._common import LOCAL, normalize, register_recomputing_autograd, zero_loss
+from ..ops._common import LOCAL, normalize, register_recomputing_autograd, row_chunks, zero_loss
 from ..ops.operands import add_row_chunk_distance_grad, lp_distances, lp_squared_distances, stat_dtype
 from ._base import _PairLoss, _warn_once, run_pair_loss
 from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
@@ -103,11 +103,6 @@ def dynamic_soft_margin_reference(embeddings, labels=None, ref_emb=None, ref_lab
 
 
 # ---- the op: per-bin sums over all triplets ------------------------------------------------------
-def _anchor_chunks(n, width):
-    step = max(1, CHUNK_ELEMENTS // max(width * n, 1))
-    return [(a0, min(n, a0 + step)) for a0 in range(0, n, step)]
-
-
 def _chunk_triplets(q, labels, positives, valid, a0, a1):
     """x = d_ap - d_an of the chunk's triplets (c x P x N) and their mask (p a positive other than
     a, n a negative)."""
@@ -134,7 +129,7 @@ def triplet_difference_bins(q: torch.Tensor, labels: torch.Tensor, min_val: floa
     sums = torch.zeros(2, num_bins, dtype=A, device=q.device)
     count = torch.zeros((), dtype=torch.int64, device=q.device)
     with torch.autocast(q.device.type, enabled=False):
-        for a0, a1 in _anchor_chunks(q.shape[0], positives.shape[1]):
+        for a0, a1 in row_chunks(q.shape[0], positives.shape[1] * q.shape[0], CHUNK_ELEMENTS):
             x, mask, _, _ = _chunk_triplets(qa, labels, positives, valid, a0, a1)
             x = x[mask]
             idx, frac = _bin_and_fraction(x, min_val, delta, num_bins)
@@ -161,7 +156,7 @@ def triplet_difference_bins_backward(grad_sums: torch.Tensor, q: torch.Tensor, l
     positives, valid = _positive_lists(labels)
     grad_q = torch.zeros_like(qa)
     with torch.autocast(q.device.type, enabled=False):
-        for a0, a1 in _anchor_chunks(q.shape[0], positives.shape[1]):
+        for a0, a1 in row_chunks(q.shape[0], positives.shape[1] * q.shape[0], CHUNK_ELEMENTS):
             x, mask, d, pos = _chunk_triplets(qa, labels, positives, valid, a0, a1)
             idx, _ = _bin_and_fraction(x, min_val, delta, num_bins)
             weight_idx = torch.floor((x - min_val) / delta).long().clamp(0, num_bins - 1)
@@ -185,7 +180,7 @@ def _differentiable_sums(q, labels, min_val, num_bins):
     positives, valid = _positive_lists(labels)
     increments = torch.zeros(num_bins, dtype=A, device=q.device)
     x_sums = torch.zeros(num_bins, dtype=A, device=q.device)
-    for a0, a1 in _anchor_chunks(q.shape[0], positives.shape[1]):
+    for a0, a1 in row_chunks(q.shape[0], positives.shape[1] * q.shape[0], CHUNK_ELEMENTS):
         x, mask, _, _ = _chunk_triplets(q.to(A), labels, positives, valid, a0, a1)
         x = x[mask]
         idx, frac = _bin_and_fraction(x, min_val, delta, num_bins)

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ..ops._common import LOCAL, label_counts, normalize, register_recomputing_autograd, zero_loss
-from ..ops.operands import lp_squared_distances, stat_dtype
+from ..ops._common import LOCAL, label_counts, normalize, register_recomputing_autograd, row_chunks, zero_loss
+from ..ops.operands import add_row_chunk_squared_distance_grad, lp_squared_distances, stat_dtype
 from ._base import _RowWeightedSelfLoss, check_self_only, run_pair_loss
 from ._reference_common import check_distance, miner_weights, nan_in_nan_out
 from ._registry import LossEntry
@@ -81,11 +81,6 @@ def fast_ap_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, num_
 
 
 # ---- the op: per-row histograms of the squared distances ---------------------------------------
-def _chunks(n):
-    step = max(1, CHUNK_ELEMENTS // max(n, 1))
-    return [(i0, min(n, i0 + step)) for i0 in range(0, n, step)]
-
-
 def _pulses(frac):
     """The weights of a pair on its nodes k and k + 1, PML's triangular pulses: 1 - f and f, or,
     past the last node (f >= 1 with k the last bin), 0 and relu(1 - (d2 - 4) / D) = relu(2 - f)."""
@@ -114,7 +109,7 @@ def row_histograms(q: torch.Tensor, labels: torch.Tensor, num_bins: int) -> torc
     qa = q.to(A)
     hist = torch.zeros(2, q.shape[0], num_bins + 1, dtype=A, device=q.device)
     with torch.autocast(q.device.type, enabled=False):  # in the stat dtype
-        for i0, i1 in _chunks(q.shape[0]):
+        for i0, i1 in row_chunks(q.shape[0], q.shape[0], CHUNK_ELEMENTS):
             _, k, frac, pos, neg = _chunk_bins(qa, labels, i0, i1, num_bins)
             lower, upper = _pulses(frac)
             for s, mask in enumerate((pos, neg)):
@@ -132,13 +127,13 @@ def _fake(q, labels, num_bins):
 def row_histograms_backward(grad_hist: torch.Tensor, q: torch.Tensor, labels: torch.Tensor,
                             num_bins: int) -> torch.Tensor:
     """grad_q of sum(grad_hist * histograms): per chunk G_ij = (g_{i,k+1} - g_{i,k}) / D of the
-    pair's set, then through d2_ij = |q_i|^2 + |q_j|^2 - 2 q_i . q_j."""
+    pair's set, then through d2 (add_row_chunk_squared_distance_grad)."""
     A = stat_dtype(q.dtype)
     qa, g = q.to(A), grad_hist.to(A)
     inv_delta = num_bins / HISTOGRAM_MAX
     grad_q = torch.zeros_like(qa)
     with torch.autocast(q.device.type, enabled=False):
-        for i0, i1 in _chunks(q.shape[0]):
+        for i0, i1 in row_chunks(q.shape[0], q.shape[0], CHUNK_ELEMENTS):
             _, k, frac, pos, neg = _chunk_bins(qa, labels, i0, i1, num_bins)
             G = torch.zeros(k.shape, dtype=A, device=q.device)
             beyond = frac >= 1
@@ -150,9 +145,7 @@ def row_histograms_backward(grad_hist: torch.Tensor, q: torch.Tensor, labels: to
                 G = torch.where(mask, slope * inv_delta, G)
             # on a node (d2 = k D) PML's |d2 - node| and the neighbours' relu have gradient 0
             G = torch.where((frac == 0) | (frac == 1), torch.zeros_like(G), G)
-            qi = qa[i0:i1]
-            grad_q[i0:i1] += 2 * (G.sum(1, keepdim=True) * qi - G @ qa)
-            grad_q += 2 * (G.sum(0)[:, None] * qa - G.t() @ qi)
+            add_row_chunk_squared_distance_grad(grad_q, G, qa, i0, i1)
     return grad_q.to(q.dtype)
 
 

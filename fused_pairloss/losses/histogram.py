@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as V
-from ..ops._common import LOCAL, label_counts, normalize, register_recomputing_autograd, similarity_dtype, zero_loss
+from ..ops._common import (LOCAL, label_counts, normalize, register_recomputing_autograd, row_chunks, similarity_dtype,
+                           zero_loss)
 from ..ops.operands import stat_dtype
 from ._base import _PairLoss, check_self_only, run_pair_loss
 from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
@@ -95,11 +96,6 @@ def histogram_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, n_
 
 
 # ---- the op: both soft histograms of the batch's unordered pairs -----------------------------------
-def _chunks(n):
-    step = max(1, CHUNK_ELEMENTS // max(n, 1))
-    return [(i0, min(n, i0 + step)) for i0 in range(0, n, step)]
-
-
 def _chunk_pairs(q, labels, has_pos, has_neg, i0, i1):
     """S of rows i0..i1 against the rows i0.. (the columns j > i of the upper triangle start
     there), and the masks of the chunk's pairs (i < j) in each set."""
@@ -124,7 +120,7 @@ def pair_histograms(q: torch.Tensor, labels: torch.Tensor, delta: float) -> tupl
     hist = torch.zeros(2, _nodes(delta), dtype=A, device=q.device)
     sizes = torch.zeros(2, dtype=torch.int64, device=q.device)
     with torch.autocast(q.device.type, enabled=False):  # in the stat dtype
-        for i0, i1 in _chunks(q.shape[0]):
+        for i0, i1 in row_chunks(q.shape[0], q.shape[0], CHUNK_ELEMENTS):
             s, pos, neg = _chunk_pairs(qa, labels, has_pos, has_neg, i0, i1)
             for k, mask in enumerate((pos, neg)):
                 r, upper, lower = _bins(s[mask], delta)
@@ -148,7 +144,7 @@ def pair_histograms_backward(grad_hist: torch.Tensor, q: torch.Tensor, labels: t
     has_pos, has_neg = _pair_sets(labels)
     grad_q = torch.zeros_like(qa)
     with torch.autocast(q.device.type, enabled=False):  # in the stat dtype
-        for i0, i1 in _chunks(q.shape[0]):
+        for i0, i1 in row_chunks(q.shape[0], q.shape[0], CHUNK_ELEMENTS):
             s, pos, neg = _chunk_pairs(qa, labels, has_pos, has_neg, i0, i1)
             r, _, _ = _bins(s, delta)
             G = torch.zeros_like(s)

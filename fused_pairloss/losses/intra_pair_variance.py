@@ -31,7 +31,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, pair_operands, zero_loss
+from ..ops._common import LOCAL, label_ids, pair_operands, zero_loss
 from ..ops.operands import lp_distances, lp_squared_distances, stat_dtype
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import backward_op, forward_op, pair_stats
@@ -212,11 +212,7 @@ def _class_row_sums(q, r, labels_q, labels_r, exclude_col):
     positives j of r with y_j = y_i and j != exclude_col[i], from per-class sums of r's rows."""
     # class ids in [0, N + M) from the sorted labels (fixed shapes: torch.compile traces it)
     every = torch.cat([labels_q, labels_r])
-    order = torch.sort(every, stable=True).indices
-    ordered = every[order]
-    starts = torch.ones_like(ordered, dtype=torch.bool)
-    starts[1:] = ordered[1:] != ordered[:-1]
-    ids = torch.empty_like(every).scatter_(0, order, torch.cumsum(starts.long(), 0) - 1)
+    ids = label_ids(every)
     id_q, id_r = ids[:labels_q.shape[0]], ids[labels_q.shape[0]:]
     class_sums = r.new_zeros((every.shape[0], r.shape[1])).index_add(0, id_r, r)
     class_counts = torch.zeros(every.shape[0], dtype=torch.int64, device=r.device).index_add(

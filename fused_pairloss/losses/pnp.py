@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as V
-from ..ops._common import LOCAL, label_counts, normalize, register_recomputing_autograd, zero_loss
+from ..ops._common import (LOCAL, label_counts, label_runs, normalize, register_recomputing_autograd, row_chunks,
+                           zero_loss)
 from ..ops.operands import stat_dtype
 from ._base import _PairLoss, check_self_only, run_pair_loss
 from ._reference_common import check_distance, nan_in_nan_out
@@ -93,10 +94,7 @@ def _positive_lists(labels):
     (P = the largest class), padded with the row itself and masked; none for a row without
     another of its label (PML's diagonal is a positive of the rows that have one)."""
     n = labels.shape[0]
-    order = torch.sort(labels, stable=True).indices
-    ordered = labels[order]
-    starts = torch.ones_like(ordered, dtype=torch.bool)
-    starts[1:] = ordered[1:] != ordered[:-1]
+    order, starts, _ = label_runs(labels)
     run_start = torch.cummax(torch.where(starts, torch.arange(n, device=labels.device), 0), 0).values
     first = torch.empty_like(labels).scatter_(0, order, run_start)  # per row: where its class starts in order
     counts = label_counts(labels)
@@ -106,11 +104,6 @@ def _positive_lists(labels):
     at = (first[:, None] + k[None, :]).clamp(max=max(n - 1, 0))
     rows = torch.arange(n, device=labels.device)
     return torch.where(valid, order[at], rows[:, None]), valid
-
-
-def _anchor_chunks(n, width):
-    step = max(1, CHUNK_ELEMENTS // max(width * n, 1))
-    return [(a0, min(n, a0 + step)) for a0 in range(0, n, step)]
 
 
 def _chunk_terms(q, labels, positives, a0, a1, anneal):
@@ -142,7 +135,7 @@ def _differentiable_rows(q, labels, anneal, variant, b, alpha):
     A = stat_dtype(q.dtype)
     positives, valid = _positive_lists(labels)
     rows = []
-    for a0, a1 in _anchor_chunks(q.shape[0], positives.shape[1]):
+    for a0, a1 in row_chunks(q.shape[0], positives.shape[1] * q.shape[0], CHUNK_ELEMENTS):
         rk = _chunk_terms(q.to(A), labels, positives, a0, a1, anneal)[3]
         f = torch.where(valid[a0:a1], _transform(rk, variant, b, alpha), torch.zeros_like(rk))
         rows.append(f.sum(1) / valid[a0:a1].sum(1).clamp(min=1).to(A))
@@ -176,7 +169,7 @@ def pnp_rows_backward(grad: torch.Tensor, q: torch.Tensor, labels: torch.Tensor,
     limit = EXPONENT_CLAMP * anneal
     grad_q = torch.zeros_like(qa)
     with torch.autocast(q.device.type, enabled=False):
-        for a0, a1 in _anchor_chunks(q.shape[0], positives.shape[1]):
+        for a0, a1 in row_chunks(q.shape[0], positives.shape[1] * q.shape[0], CHUNK_ELEMENTS):
             z, negative, sig, rk = _chunk_terms(qa, labels, positives, a0, a1, anneal)
             v = valid[a0:a1]
             g_ap = torch.where(v, g[a0:a1, None] * _transform_grad(rk, variant, b, alpha)

@@ -21,7 +21,7 @@ import warnings
 import torch
 
 from .. import _validation as V
-from ..ops._common import LOCAL, normalize, register_recomputing_autograd
+from ..ops._common import LOCAL, normalize, register_recomputing_autograd, row_chunks
 from ..ops.operands import add_row_chunk_distance_grad, lp_distances, lp_squared_distances, stat_dtype
 from ._base import _PairLoss, check_self_only, run_pair_loss
 from ._reference_common import check_distance, nan_in_nan_out
@@ -76,11 +76,6 @@ def ranked_list_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, 
 
 
 # ---- the op: the four sums per row ---------------------------------------------------------------
-def _chunks(n):
-    step = max(1, CHUNK_ELEMENTS // max(n, 1))
-    return [(i0, min(n, i0 + step)) for i0 in range(0, n, step)]
-
-
 def _chunk_terms(q, labels, i0, i1, margin, alpha, Tp, Tn):
     """d of rows i0..i1 against every row and per set (positives, negatives) (x, w): x = d - b or
     alpha - d, w its weight exp(T x) on the active pairs and 0 elsewhere. A positive is active for
@@ -110,7 +105,7 @@ def ranked_list_rows(q: torch.Tensor, labels: torch.Tensor, margin: float, alpha
     qa = q.to(A)
     out = torch.empty(2, q.shape[0], dtype=A, device=q.device)
     with torch.autocast(q.device.type, enabled=False):
-        for i0, i1 in _chunks(q.shape[0]):
+        for i0, i1 in row_chunks(q.shape[0], q.shape[0], CHUNK_ELEMENTS):
             _, terms = _chunk_terms(qa, labels, i0, i1, margin, alpha, Tp, Tn)
             for k, (x, w) in enumerate(terms):
                 out[k, i0:i1] = _row_sums(x, w, q.shape[0])[0].squeeze(1)
@@ -131,7 +126,7 @@ def ranked_list_rows_backward(grad: torch.Tensor, q: torch.Tensor, labels: torch
     qa, g = q.to(A), grad.to(A)
     grad_q = torch.zeros_like(qa)
     with torch.autocast(q.device.type, enabled=False):
-        for i0, i1 in _chunks(q.shape[0]):
+        for i0, i1 in row_chunks(q.shape[0], q.shape[0], CHUNK_ELEMENTS):
             d, ((xp, wp), (xn, wn)) = _chunk_terms(qa, labels, i0, i1, margin, alpha, Tp, Tn)
             # dL/dx = g w (1 + T x - T L) / B; x = d - b (positives), alpha - d (negatives)
             lp, bp = _row_sums(xp, wp, q.shape[0])

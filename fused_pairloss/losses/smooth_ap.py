@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as V
-from ..ops._common import LOCAL, normalize, register_recomputing_autograd
+from ..ops._common import LOCAL, normalize, register_recomputing_autograd, row_chunks
 from ..ops.operands import stat_dtype
 from ._base import _RowWeightedSelfLoss, check_self_only, run_pair_loss
 from ._reference_common import check_distance, miner_weights, nan_in_nan_out
@@ -95,11 +95,6 @@ def _chunk_ap(q_chunk, q, a0, b, temperature):
     return (pos_ranks / all_ranks).sum(1) / b
 
 
-def _anchor_chunks(n, b):
-    step = max(1, CHUNK_ELEMENTS // max(b * n, 1))
-    return [(a0, min(n, a0 + step)) for a0 in range(0, n, step)]
-
-
 @torch.library.custom_op("fused_pairloss::smooth_ap_rows", mutates_args=())
 def smooth_ap_rows(q: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
     """A[N]: Smooth-AP of every anchor row of the normalized rows q, in blocks of as many rows as
@@ -109,7 +104,7 @@ def smooth_ap_rows(q: torch.Tensor, labels: torch.Tensor, temperature: float) ->
     qa = q.to(A)
     out = torch.empty(q.shape[0], dtype=A, device=q.device)
     with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
-        for a0, a1 in _anchor_chunks(q.shape[0], block):
+        for a0, a1 in row_chunks(q.shape[0], block * q.shape[0], CHUNK_ELEMENTS):
             out[a0:a1] = _chunk_ap(qa[a0:a1], qa, a0, block, temperature)
     return out
 
@@ -131,7 +126,7 @@ def smooth_ap_rows_backward(grad: torch.Tensor, q: torch.Tensor, labels: torch.T
     qa, g = q.to(A), grad.to(A)
     grad_q = torch.zeros_like(qa)
     with torch.autocast(q.device.type, enabled=False):
-        for a0, a1 in _anchor_chunks(q.shape[0], block):
+        for a0, a1 in row_chunks(q.shape[0], block * q.shape[0], CHUNK_ELEMENTS):
             sig, all_ranks, pos_ranks, block_cols = _chunk_terms(qa[a0:a1], qa, a0, block, temperature)
             ga = g[a0:a1, None] / block
             d_pos = ga / all_ranks  # c x b
@@ -150,7 +145,7 @@ def _differentiable_ap(q, labels, temperature):
     block = block_size(labels)
     A = stat_dtype(q.dtype)
     return torch.cat([_chunk_ap(q[a0:a1].to(A), q.to(A), a0, block, temperature)
-                      for a0, a1 in _anchor_chunks(q.shape[0], block)])
+                      for a0, a1 in row_chunks(q.shape[0], block * q.shape[0], CHUNK_ELEMENTS)])
 
 
 @smooth_ap_rows_backward.register_fake

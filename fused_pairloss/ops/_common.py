@@ -24,16 +24,35 @@ def similarity_dtype(embeddings, distance):
     return embeddings.dtype
 
 
-def label_counts(labels):
-    """Per row, how many rows (itself included) have its label, from the sorted labels: no N x N,
-    and fixed shapes, so torch.compile traces it."""
+def label_runs(labels):
+    """The labels sorted (stably) into runs of equal values: (order, starts, run) with `order` the
+    sorting permutation, `starts[k]` whether sorted position k begins a run and `run[k]` its run's
+    index in [0, n). No N x N and fixed shapes, so torch.compile traces it."""
     order = torch.sort(labels, stable=True).indices
     ordered = labels[order]
     starts = torch.ones_like(ordered, dtype=torch.bool)
     starts[1:] = ordered[1:] != ordered[:-1]
-    run = torch.cumsum(starts.long(), 0) - 1
+    return order, starts, torch.cumsum(starts.long(), 0) - 1
+
+
+def label_ids(labels):
+    """Per row, its label's index in [0, n) (equal labels, equal ids)."""
+    order, _, run = label_runs(labels)
+    return torch.empty_like(run).scatter_(0, order, run)
+
+
+def label_counts(labels):
+    """Per row, how many rows (itself included) have its label."""
+    order, _, run = label_runs(labels)
     sizes = torch.zeros_like(run).index_add(0, run, torch.ones_like(run))
     return torch.empty_like(run).scatter_(0, order, sizes[run])
+
+
+def row_chunks(n, per_row, budget):
+    """[(i0, i1)] splitting n rows so that a chunk holds at most `budget` entries of `per_row`
+    each (at least one row)."""
+    step = max(1, budget // max(per_row, 1))
+    return [(i0, min(n, i0 + step)) for i0 in range(0, n, step)]
 
 
 def register_recomputing_autograd(op, backward_op, differentiable):

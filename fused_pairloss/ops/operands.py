@@ -49,11 +49,16 @@ def lp_distances(d2):
     return torch.where(positive, torch.sqrt(torch.where(positive, d2, torch.ones_like(d2))), torch.zeros_like(d2))
 
 
-def add_row_chunk_distance_grad(grad_q, grad_d, d, q, i0, i1):
-    """grad_q += the gradient of sum(grad_d * d) for the distances d (rows i0..i1 of q against every
-    row of q): d_ij = |q_i - q_j|, dd/dq_i = (q_i - q_j) / d (0 at d = 0), so
-    grad_q_i += sum_j c_ij (q_i - q_j) and grad_q_j += c_ij (q_j - q_i), c = grad_d / d."""
-    coef = torch.where(d > 0, grad_d / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(d))
+def add_row_chunk_squared_distance_grad(grad_q, grad_d2, q, i0, i1):
+    """grad_q += the gradient of sum(grad_d2 * d2) for the squared distances d2 of rows i0..i1 of q
+    against every row of q: d2_ij = |q_i|^2 + |q_j|^2 - 2 q_i . q_j, so
+    grad_q_i += 2 sum_j g_ij (q_i - q_j) and grad_q_j += 2 g_ij (q_j - q_i)."""
     rows = q[i0:i1]
-    grad_q[i0:i1] += coef.sum(1, keepdim=True) * rows - coef @ q
-    grad_q += coef.sum(0)[:, None] * q - coef.t() @ rows
+    grad_q[i0:i1] += 2 * (grad_d2.sum(1, keepdim=True) * rows - grad_d2 @ q)
+    grad_q += 2 * (grad_d2.sum(0)[:, None] * q - grad_d2.t() @ rows)
+
+
+def add_row_chunk_distance_grad(grad_q, grad_d, d, q, i0, i1):
+    """The same for the distances d = sqrt(d2): dd/dd2 = 1 / (2 d), 0 at d = 0."""
+    coef = torch.where(d > 0, grad_d / torch.where(d > 0, 2 * d, torch.ones_like(d)), torch.zeros_like(d))
+    add_row_chunk_squared_distance_grad(grad_q, coef, q, i0, i1)
