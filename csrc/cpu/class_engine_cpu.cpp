@@ -62,7 +62,7 @@ constexpr int64_t kFwdClassChunks = 64;    // forward: class chunks, at most (ea
 constexpr int64_t kMaxColumnChunks = 256;  // forward with column reductions: class chunks, at most
 constexpr int64_t kMinFwdItems = 64;       // forward: rows split into groups until there are this many items
 constexpr int64_t kMaxBwdChunks = 8;       // backward private-buffer chunks, at most
-constexpr int64_t kPrivateBudget = int64_t(256) << 20;       // bytes of private grad buffers, at most
+constexpr int64_t kPrivateBudget = int64_t(64) << 20;        // bytes of private grad buffers (or 2 chunks), at most
 constexpr int64_t kPackedWeightsBudget = int64_t(32) << 20;  // w packed whole up to this many bytes
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -101,7 +101,7 @@ template <typename T>
 struct Operands {
   const Kernels<T>* K;
   Geometry g;
-  Tensor q, q_panels;  // q (N, Dp) zero-padded; packed in panels (the B operand of every tile GEMM)
+  Tensor q, q_panels;  // q (N, Dp) zero-padded (q itself if it is); packed in panels (the B operand of every tile GEMM)
   Tensor w;            // the weights in the compute type, laid out as the declaration says
   Tensor w_norm;       // normalize_weights: ||w_r|| and 1 / max(||w_r||, eps) per vector r
   Tensor w_inv_norm;
@@ -110,13 +110,6 @@ struct Operands {
   const int64_t* y;
   int64_t CK() const { return g.C * g.K; }
 };
-
-template <typename T>
-Tensor padded_rows(const Tensor& x, int64_t Dp) {
-  Tensor out = at::zeros({x.size(0), Dp}, x.options().dtype(c10::CppTypeToScalarType<T>::value));
-  if (x.size(0) > 0 && x.size(1) > 0) out.narrow(1, 0, x.size(1)).copy_(x);
-  return out;
-}
 
 int64_t weight_count(const Tensor& w, bool columns) { return columns ? w.size(1) : w.size(0); }
 
@@ -148,7 +141,7 @@ Operands<T> prepare(const Tensor& q, const Tensor& w, const Tensor& labels, cons
   o.columns = spec.weights_columns;
   const int64_t D = q.size(1), Dp = round_up(std::max<int64_t>(D, 1), sizeof(T) == 4 ? 16 : 8);
   o.g = make_geometry(q.size(0), D, Dp, weight_count(w, o.columns) / spec.K, spec.K);
-  o.q = padded_rows<T>(q.detach(), Dp);
+  o.q = glue::padded_rows_readonly<T>(q.detach(), Dp);  // read only: the GEMMs' packed copies
   o.w = w.detach().to(c10::CppTypeToScalarType<T>::value).contiguous();
   if (o.normalize) {
     o.w_norm = at::empty({o.CK()}, o.q.options());
@@ -442,7 +435,8 @@ void backward_kernel(const Operands<T>& o, const ClassSpec<T>& spec, const T* g_
   const int64_t private_rows = own_classes ? N : CK;
   const int64_t bytes_per_buffer = std::max<int64_t>(1, private_rows * Dp * int64_t(sizeof(T)));
   int64_t P = std::min<int64_t>(n_owned, kMaxBwdChunks);
-  if (need_grad_w) P = std::max<int64_t>(1, std::min<int64_t>(P, kPrivateBudget / bytes_per_buffer));
+  // within the budget, but always 2 chunks where there are 2 (one buffer more than the gradient itself)
+  if (need_grad_w) P = std::min(P, std::max<int64_t>(2, kPrivateBudget / bytes_per_buffer));
   auto opts = o.q.options();
   std::vector<Tensor> priv(P);
   for (int64_t p = 0; p < P && need_grad_w; ++p)

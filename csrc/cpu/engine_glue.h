@@ -133,6 +133,13 @@ Tensor padded_rows(const Tensor& x, int64_t Dp) {
   return out;
 }
 
+// padded_rows for an operand that is only read: x itself when it already has that layout (no copy)
+template <typename T>
+Tensor padded_rows_readonly(const Tensor& x, int64_t Dp) {
+  if (x.scalar_type() == c10::CppTypeToScalarType<T>::value && x.is_contiguous() && x.size(1) == Dp) return x;
+  return padded_rows<T>(x, Dp);
+}
+
 template <typename T>
 Tensor squared_norms(const Tensor& x, int64_t D) {  // sequential over d: the same on every ISA
   Tensor out = at::empty({x.size(0)}, x.options());
