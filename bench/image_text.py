@@ -35,7 +35,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import measure as Mz  # noqa: E402  bench/measure.py: the harness's memory helpers
 
-PROVIDERS = ("matmul", "clip_fused", "clip_open_clip", "siglip_fused", "siglip_open_clip")
+# clip_fused: the class engine's walk (the "auto" backend); clip_chunked: the PyTorch row-chunk op
+PROVIDERS = ("matmul", "clip_fused", "clip_chunked", "clip_open_clip", "siglip_fused", "siglip_open_clip")
 
 
 def open_clip_loss():
@@ -72,6 +73,11 @@ def make_step(provider, B, D, dtype, seed):
     kind, impl = provider.split("_", 1)
     if impl == "fused":
         loss = fpl.ClipLoss() if kind == "clip" else fpl.SigLipLoss()
+    elif impl == "chunked":
+        from fused_pairloss.losses import _image_text, clip
+
+        def loss(i, x, s, b):
+            return clip.clip_fused(i, x, s, b, backend=_image_text.CHUNKED)
     else:
         oc = open_clip_loss()
         loss = oc.ClipLoss() if kind == "clip" else oc.SigLipLoss()

@@ -19,7 +19,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from fused_pairloss.losses import (REGISTRY, LossEntry, circle, contrastive, lifted_structure, margin_softmax,
+from fused_pairloss.losses import (REGISTRY, LossEntry, circle, clip, contrastive, lifted_structure, margin_softmax,
                                    multi_similarity, ntxent, proxy_anchor, proxy_circle, soft_triple, supcon,
                                    tuplet_margin)
 from fused_pairloss.ops import oracle
@@ -193,6 +193,7 @@ LOSS_CLASS_DECLARATIONS = {
     "proxyanchor": (proxy_anchor.declaration(0.1, 32.0), 1),
     "cosface": (margin_softmax.declaration(64.0), 1),
     "subcenter_arcface": (margin_softmax.declaration(64.0, sub_centers=3), 3),
+    "clip": (clip.declaration(), 1),
 }
 CLASS_DECLARATIONS = {name: (plain_rows(spec), K) for name, (spec, K) in LOSS_CLASS_DECLARATIONS.items()}
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fused_pairloss as fpl
+from fused_pairloss.losses import _image_text as IT
 from fused_pairloss.losses import clip, siglip
 from fused_pairloss.ops import image_text
 from image_text_kit import features, open_clip_loss
@@ -65,6 +66,43 @@ def test_against_open_clip(name, dtype, n, d, normalize, scale, small_chunks):
     check_all(reference, truth, oc_val, dtype, "reference vs open_clip")
     ref64 = value_and_grads(ours(backend="reference"), as64(args))
     check_all(fused, ref64, reference, dtype, "fused vs reference")
+
+
+CLIP_COMPUTATIONS = [b for b in fpl.available_backends("cpu") if b != "reference"] + [IT.CHUNKED]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("computation", CLIP_COMPUTATIONS)
+@pytest.mark.parametrize("local_loss", [False, True])
+def test_clip_computations_match_the_reference(computation, local_loss, dtype, small_chunks):
+    """Each way CLIP is computed (the class engine on every backend here, both directions in one
+    walk; the PyTorch row-chunk op) against the reference, on one process's square block and on
+    the blocks of rank 1 of 3 with local_loss (its rows against every rank's features: offset 12)."""
+    img, txt, t, _ = leaves(12, 16, 21, dtype, normalize=False)
+    kw = {}
+    if local_loss:
+        others = [x.detach() for x in leaves(24, 16, 22, dtype, normalize=False)[:2]]
+        kw = dict(all_image_features=torch.cat([others[0][:12], img, others[0][12:]]),
+                  all_text_features=torch.cat([others[1][:12], txt, others[1][12:]]), local_loss=True, rank=1)
+    args = [img, txt, t]
+
+    def run(fn, args):
+        def loss(i, x, s):
+            extra = {}
+            if local_loss:  # the gathered blocks hold this rank's leaves (gradients flow into them)
+                extra = dict(kw, all_image_features=torch.cat([kw["all_image_features"][:12].to(i.dtype), i,
+                                                               kw["all_image_features"][24:].to(i.dtype)]),
+                             all_text_features=torch.cat([kw["all_text_features"][:12].to(x.dtype), x,
+                                                          kw["all_text_features"][24:].to(x.dtype)]))
+            return fn(i, x, s, **extra)
+        return value_and_grads(loss, args)
+
+    fused = run(lambda *a, **k: clip.clip_fused(*a, backend=computation, **k), args)
+    same = run(clip.clip_reference, args)
+    truth = run(clip.clip_reference, as64(args))
+    for what, g, tr, sm in zip(("value", "image", "text", "logit_scale"), [fused[0]] + fused[1], [truth[0]] + truth[1],
+                               [same[0]] + same[1]):
+        check_close(g, tr, sm, what=f"{computation} {what}", dtype=dtype)
 
 
 def test_clip_without_bias_and_output_dict():

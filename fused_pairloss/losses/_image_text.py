@@ -35,12 +35,20 @@ def open_clip_loss_module():
 
 
 # ---- argument checks -----------------------------------------------------------------------------
-def resolve(backend, device):
-    """"auto": the chunked ops (PyTorch: they run on every device, with or without the compiled
-    extension); a named backend is validated as for every loss ("reference": open_clip's math)."""
+CHUNKED = "chunked"  # the PyTorch row-chunk ops of ops/image_text.py
+
+
+def resolve(backend, device, *, engine=False):
+    """The computation a backend names: "reference" (open_clip's materializing math), a compiled
+    engine backend ("cpu", "cuda", "triton"; only where the loss has an engine path: `engine`), or
+    CHUNKED, the PyTorch row-chunk ops, which run on every device with or without the compiled
+    extension. "auto": the fastest engine backend of the device, else CHUNKED. A named backend is
+    validated as for every loss."""
     if backend == "auto":
-        return "auto"
-    return resolve_backend(backend, device)
+        name = resolve_backend("auto", device) if engine else "reference"
+        return CHUNKED if name == "reference" else name
+    name = resolve_backend(backend, device)
+    return name if name == "reference" or engine else CHUNKED
 
 
 def check_rank(rank, world_size):

@@ -8,13 +8,13 @@ the cross-entropy of the image rows against the texts and of the text rows again
 (open_clip's `F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)`,
 halved). On one process (or with local_loss=False: the gathered features of every rank) q and r
 are the whole batch, p(i) = i, and the text direction is the column LSE of the same logits: one
-walk gives both directions (`ops/image_text.clip_lse` with cols=True). With local_loss=True each
-rank's rows are its own images against every rank's texts and its own texts against every rank's
-images, p(i) = rank * B + i: two row walks.
+walk gives both directions. With local_loss=True each rank's rows are its own images against every
+rank's texts and its own texts against every rank's images, p(i) = rank * B + i: two row walks.
 
-The fused path never holds the B x B (or B x world*B) logits: the op walks row chunks and saves one
-LSE per row and per column; the positive logits x_i,p(i) are computed directly from the two rows.
-logit_scale's gradient is a reduction of the op's backward (sum_ij G_ij q_i . r_j).
+The walk is the class engine's (`declaration`; docs/design.md "Image-text losses"): the texts are
+its classes and p(i) row i's label; where "auto" finds no engine for the device, the PyTorch
+row-chunk op `ops/image_text.clip_lse`. Neither holds the B x B (or B x world*B) logits: one LSE
+per row and per column is saved. logit_scale's gradient flows through the product t q.
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 from ..ops.image_text import clip_lse
 from ..ops.operands import stat_dtype
+from ..ops.spec import ClassLossSpec, PairTerm
+from ..ops.stats import class_stats
 from . import _image_text as IT
 
 
@@ -60,27 +62,56 @@ def _positive_logits(q, r, scale, offset):
     return scale.to(A) * (q.to(A) * r[offset:offset + q.shape[0]].to(A)).sum(1)
 
 
-def clip_fused(image_features, text_features, logit_scale, logit_bias=None, *, all_image_features=None,
-               all_text_features=None, local_loss=False, rank=0):
-    """The same loss from the fused op: row (and column) LSEs of the logits' row chunks. fp16 / bf16
-    features enter as fp32 (one copy), so each feature's gradient (the op's and the positive
-    logit's) is summed in fp32 and rounded once."""
+def _chunked_lse(q, r, scale, offset, cols, backend=None):
+    """(row LSE_j x_ij, column LSE_i x_ij or None, positive logits x_i,i+offset) of x = t q r^T from
+    the PyTorch row-chunk op; the positives from the two rows."""
+    row, col = clip_lse(q, r, scale, cols)
+    return row, (col if cols else None), _positive_logits(q, r, scale, offset)
+
+
+# The class engine's declaration of CLIP (docs/design.md "Image-text losses"): the texts are the
+# classes (K = 1, rows layout, not normalized), row i's label its positive column i + offset, the
+# rows t q_i. The engine's row LSE skips the label's column and gives that logit as target_sim;
+# its column LSE over the rows of other labels is the column's LSE without its positive row, which
+# is the positive of that column when N = M and offset = 0 (the only case with columns).
+def declaration(columns=True):
+    """The row LSE of the logits (and the column LSE over the rows of other labels)."""
+    logit = PairTerm(scale=1.0, lse=True)
+    return ClassLossSpec(row=logit, col_neg=logit if columns else None)
+
+
+def _engine_lse(q, r, scale, offset, cols, backend):
+    """The same three from one walk of the class engine on `backend` (both directions at once)."""
+    n = q.shape[0]
+    if cols and (offset != 0 or r.shape[0] != n):
+        raise ValueError("clip: column LSEs need the square block (offset 0)")
+    labels = torch.arange(offset, offset + n, device=q.device)
+    st = class_stats(scale.to(q.dtype) * q, r, labels, declaration(cols), backend)
+    pos = st.target_sim
+    row = torch.logaddexp(st.lse_other, pos)
+    return row, (torch.logaddexp(pos, st.col_lse_neg) if cols else None), pos
+
+
+def clip_fused(image_features, text_features, logit_scale, logit_bias=None, *, backend=IT.CHUNKED,
+               all_image_features=None, all_text_features=None, local_loss=False, rank=0):
+    """The same loss without the logits: row (and column) LSEs from the class engine on `backend`,
+    or from the PyTorch row-chunk op (IT.CHUNKED). fp16 / bf16 features enter as fp32 (one copy), so
+    each feature's gradient is summed in fp32 and rounded once."""
     dtype = image_features.dtype
     A = stat_dtype(dtype)
     image_features, text_features = image_features.to(A), text_features.to(A)
     if all_image_features is not None:
         all_image_features, all_text_features = all_image_features.to(A), all_text_features.to(A)
+    lse = _chunked_lse if backend == IT.CHUNKED else _engine_lse
     if all_image_features is not None and local_loss:
         off = rank * image_features.shape[0]
-        row_i, _ = clip_lse(image_features, all_text_features, logit_scale, False)
-        row_t, _ = clip_lse(text_features, all_image_features, logit_scale, False)
-        loss = ((row_i - _positive_logits(image_features, all_text_features, logit_scale, off)).mean()
-                + (row_t - _positive_logits(text_features, all_image_features, logit_scale, off)).mean()) / 2
+        row_i, _, pos_i = lse(image_features, all_text_features, logit_scale, off, False, backend)
+        row_t, _, pos_t = lse(text_features, all_image_features, logit_scale, off, False, backend)
+        loss = ((row_i - pos_i).mean() + (row_t - pos_t).mean()) / 2
     else:
         q = image_features if all_image_features is None else all_image_features
         r = text_features if all_text_features is None else all_text_features
-        row, col = clip_lse(q, r, logit_scale, True)
-        pos = _positive_logits(q, r, logit_scale, 0)
+        row, col, pos = lse(q, r, logit_scale, 0, True, backend)
         loss = ((row - pos).mean() + (col - pos).mean()) / 2
     loss = loss.to(dtype)
     if logit_bias is not None:  # cancels in both softmaxes; its gradient is 0 (NaN in, NaN out)
@@ -98,15 +129,16 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, lo
     IT.check_features(image_features, text_features)
     scale = IT.check_scalar("logit_scale", logit_scale, image_features)
     bias = None if logit_bias is None else IT.check_scalar("logit_bias", logit_bias, image_features)
-    backend = IT.resolve(backend, image_features.device)
+    backend = IT.resolve(backend, image_features.device, engine=True)
     gathered = {}
     if world_size > 1:
         IT.check_process_group(rank, world_size)
         all_image, all_text = IT.gather_features(image_features, text_features, local_loss=local_loss,
                                                  gather_with_grad=gather_with_grad, rank=rank, world_size=world_size)
         gathered = dict(all_image_features=all_image, all_text_features=all_text, local_loss=local_loss, rank=rank)
-    fn = clip_reference if backend == "reference" else clip_fused
-    return fn(image_features, text_features, scale, bias, **gathered)
+    if backend == "reference":
+        return clip_reference(image_features, text_features, scale, bias, **gathered)
+    return clip_fused(image_features, text_features, scale, bias, backend=backend, **gathered)
 
 
 class ClipLoss(torch.nn.Module):
