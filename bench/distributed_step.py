@@ -1,9 +1,13 @@
 """Benchmark: fused_pairloss.DistributedLossWrapper's per-rank step (forward + backward of the loss)
 on gloo processes against the single-process loss at the same global batch, side by side in one
-run; optionally PML's DistributedLossWrapper too.
+run; optionally PML's DistributedLossWrapper too. The image-text losses (--loss clip siglip) run
+their own rank logic in the recommended exact modes (docs/training.md: ClipLoss(local_loss=True,
+gather_with_grad=True), SigLipLoss(dist_impl="bidir")), ours against open_clip's loss.py in the
+same mode (the "pml" points of those rows are open_clip's; --pml-max-n bounds them too).
 
     python bench/distributed_step.py                           # 2 ranks, MS, N_global 2048 4096 8192, D=128
     python bench/distributed_step.py --world 2 --loss ms circle --n 4096 --pml-max-n 4096
+    python bench/distributed_step.py --loss clip siglip --d 512 --n 4096 8192 16384 --pml-max-n 16384
 
 Per rank: its N_global / world rows against the gathered batch (the fused ref path), so per-rank
 work is N_local x N_global (1.5 N_global^2-GEMM-equivalents per rank with world 2, against 3 for
@@ -33,6 +37,9 @@ sys.path.insert(0, HERE)
 import measure as Mz  # noqa: E402  bench/measure.py: the harness's memory and timing helpers
 
 
+IMAGE_TEXT = ("clip", "siglip")
+
+
 def make_loss(impl, loss):
     import fused_pairloss as fpl
     from pytorch_metric_learning import losses as L
@@ -56,6 +63,31 @@ def data(n, d, seed=0):
     return torch.randn(n, d, generator=g), torch.randint(0, max(2, n // 4), (n,), generator=g)
 
 
+def image_text_step(cfg, rank=0, world=1):
+    """(fn, x) for Mz.timed_steps: x holds this rank's image rows then its text rows (one leaf, so
+    one gradient), fn(x) the loss in the recommended mode, ours ("fused") or open_clip's ("pml")."""
+    import torch
+    import torch.nn.functional as F
+
+    import fused_pairloss as fpl
+    from fused_pairloss.losses._image_text import open_clip_loss_module
+
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(cfg["n"], cfg["d"], generator=g), dim=1).tensor_split(world)[rank]
+    txt = F.normalize(torch.randn(cfg["n"], cfg["d"], generator=g), dim=1).tensor_split(world)[rank]
+    lib = fpl if cfg["impl"] == "fused" else open_clip_loss_module()
+    if lib is None:
+        raise SystemExit("open-clip-torch is not installed (make deps puts it in .venv/no-deps)")
+    if cfg["loss"] == "clip":
+        loss = lib.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+    else:
+        loss = lib.SigLipLoss(rank=rank, world_size=world, dist_impl="bidir")
+    scale, bias = torch.tensor(1 / 0.07), torch.tensor(-10.0)
+    b = img.shape[0]
+    x = torch.cat([img, txt]).requires_grad_(True)
+    return (lambda x: loss(x[:b], x[b:], scale, bias)), x
+
+
 def rank_worker(rank, cfg, port, outdir):
     import warnings
 
@@ -69,15 +101,21 @@ def rank_worker(rank, cfg, port, outdir):
         import fused_pairloss as fpl
         from pytorch_metric_learning.utils import distributed as pml_dist
 
-        X, Y = data(cfg["n"], cfg["d"])
-        rows = X.tensor_split(cfg["world"])[rank]
-        yr = Y.tensor_split(cfg["world"])[rank]
-        wrap = (fpl.DistributedLossWrapper if cfg["impl"] == "fused" else pml_dist.DistributedLossWrapper)
-        loss = wrap(make_loss(cfg["impl"], cfg["loss"]))
-        x = rows.clone().requires_grad_(True)
+        if cfg["loss"] in IMAGE_TEXT:
+            fn, x = image_text_step(cfg, rank, cfg["world"])
+        else:
+            X, Y = data(cfg["n"], cfg["d"])
+            rows = X.tensor_split(cfg["world"])[rank]
+            yr = Y.tensor_split(cfg["world"])[rank]
+            wrap = (fpl.DistributedLossWrapper if cfg["impl"] == "fused" else pml_dist.DistributedLossWrapper)
+            loss = wrap(make_loss(cfg["impl"], cfg["loss"]))
+            x = rows.clone().requires_grad_(True)
+            fn = (lambda x: loss(x, yr))  # noqa: E731
         dist.barrier()
-        first, fwd, bwd, peak = Mz.timed_steps(lambda x: loss(x, yr), x, dict(cfg, fixed_reps=cfg["dist_reps"]))
-        res = dict(rank=rank, first_value=first / cfg["world"], fwd=fwd, bwd=bwd, peak_mib=peak)
+        first, fwd, bwd, peak = Mz.timed_steps(fn, x, dict(cfg, fixed_reps=cfg["dist_reps"]))
+        # the wrapper's rank loss is its share of the global loss; an image-text rank's is its own loss
+        share = 1 if cfg["loss"] in IMAGE_TEXT else cfg["world"]
+        res = dict(rank=rank, first_value=first / share, fwd=fwd, bwd=bwd, peak_mib=peak)
         with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
             json.dump(res, f)
     finally:
@@ -91,10 +129,14 @@ def single_worker(cfg):
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(cfg["threads"])
-    X, Y = data(cfg["n"], cfg["d"])
-    loss = make_loss(cfg["impl"], cfg["loss"])
-    x = X.clone().requires_grad_(True)
-    first, fwd, bwd, peak = Mz.timed_steps(lambda x: loss(x, Y), x, cfg)
+    if cfg["loss"] in IMAGE_TEXT:
+        fn, x = image_text_step(cfg)
+    else:
+        X, Y = data(cfg["n"], cfg["d"])
+        loss = make_loss(cfg["impl"], cfg["loss"])
+        x = X.clone().requires_grad_(True)
+        fn = (lambda x: loss(x, Y))  # noqa: E731
+    first, fwd, bwd, peak = Mz.timed_steps(fn, x, cfg)
     return dict(first_value=first, fwd=fwd, bwd=bwd, peak_mib=peak)
 
 
@@ -125,7 +167,7 @@ def main():
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--n", type=int, nargs="+", default=[2048, 4096, 8192], help="global batch sizes")
     ap.add_argument("--d", type=int, default=128)
-    ap.add_argument("--loss", nargs="+", default=["ms"], choices=("ms", "circle", "ntxent", "supcon"))
+    ap.add_argument("--loss", nargs="+", default=["ms"], choices=("ms", "circle", "ntxent", "supcon") + IMAGE_TEXT)
     ap.add_argument("--rank-threads", type=int, default=None)
     ap.add_argument("--pml-max-n", type=int, default=4096, help="PML's wrapper / loss up to this N (0: never)")
     ap.add_argument("--warmup", type=int, default=2)
@@ -174,7 +216,8 @@ def main():
                 rec.update(loss=loss, n=n, impl=impl, mode=mode, threads=threads,
                            ranks=args.world if mode == "distributed" else 1, load=load)
                 rows.append(rec)
-                label = f"{impl} {mode} ({rec['ranks']} x {threads} thr)"
+                shown = "open_clip" if impl == "pml" and loss in IMAGE_TEXT else impl
+                label = f"{shown} {mode} ({rec['ranks']} x {threads} thr)"
                 print(f"  {loss:6s} N={n:6d} {label:32s} step {rec['step_ms']:9.1f} ms (fwd {rec['fwd_ms']:8.1f}, "
                       f"bwd {rec['bwd_ms']:8.1f}; {rec['reps']} reps)  peak/rank +{rec['peak_mib']:8.1f} MiB  "
                       f"value {rec['first_value']:.6f}  load {load}", flush=True)
