@@ -175,11 +175,16 @@ def test_row_extremes_opcheck():
 
 @pytest.mark.parametrize("strategies", [("hard", "hard"), ("easy", "easy"), ("hard", "easy"), ("easy", "hard")])
 def test_batch_miner_kernel_equals_pml_on_ties(strategies):
-    """The C++ row extremes against PML with repeated rows (8 distinct ones: every distance is tied
-    across the copies of a row, the same bits in both): the first column of a tie, as torch.max /
-    torch.min."""
+    """The C++ row extremes against PML with repeated rows (8 distinct ones): the first column of a
+    tie, as torch.max / torch.min. Each prototype has four entries +-1 (norm 2), so the normalized
+    rows are +-1/2 and every distance and cosine is exact: tied across the copies of a row in any
+    summation order (a BLAS may compute the copies' entries with different roundings)."""
     g = torch.Generator().manual_seed(10)
-    prototypes = torch.randn(8, 6, generator=g, dtype=torch.float64)
+    prototypes = torch.zeros(8, 6, dtype=torch.float64)
+    for k in range(8):
+        cols = torch.randperm(6, generator=g)[:4]
+        prototypes[k, cols] = torch.randint(0, 2, (4,), generator=g).double() * 2 - 1
+    assert len({tuple(p.tolist()) for p in prototypes}) == 8
     x = prototypes[torch.randint(0, 8, (40,), generator=g)]
     y = torch.randint(0, 4, (40,), generator=g)
     for dist in ({}, dict(distance=CosineSimilarity())):
