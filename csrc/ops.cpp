@@ -42,7 +42,8 @@ std::string describe_pair_spec(c10::ArrayRef<double> terms, int64_t flags) {
   term(o, "pos", s.pos);
   term(o, "neg", s.neg);
   o << "lp_distance=" << s.lp_distance << ";mine=" << s.mine << ";miner_epsilon=" << s.miner_eps
-    << ";pos_vs_neg_lse=" << s.pos_vs_neg_lse << ";exclude_after_mining=" << s.exclude_after_mining;
+    << ";pos_vs_neg_lse=" << s.pos_vs_neg_lse << ";exclude_after_mining=" << s.exclude_after_mining
+    << ";mine_on_cosine=" << s.mine_on_cosine;
   return o.str();
 }
 

@@ -321,9 +321,19 @@ class MinedPairs(_Mined):
         return out
 
     def fused_for(self, embeddings, labels, ref_emb, ref_labels, distance):
+        """Also for a cosine miner beside an lp loss (both on normalized rows: the engine mines on
+        -d^2 / 2 = S - 1, on_cosine)."""
         separate_ref = self.ref_emb is not self.embeddings and self.ref_labels is not self.labels
         self_mode = self.ref_emb is self.embeddings and self.ref_labels is self.labels
+        if self.on_cosine(distance):
+            distance = "cosine"
         return (self_mode or separate_ref) and super().fused_for(embeddings, labels, ref_emb, ref_labels, distance)
+
+    def on_cosine(self, distance):
+        """True when the miner measured with the cosine and the loss (`distance`) with PML's
+        normalized LpDistance()."""
+        from .losses._base import _distance_name
+        return distance == "lp" and _distance_name(self.distance) == "cosine"
 
 
 class TripletMarginMiner(pml_miners.TripletMarginMiner):

@@ -156,6 +156,9 @@ PAIR_DECLARATIONS: Dict[str, PairLossSpec] = {
     "ms_mine": multi_similarity.declaration(2.0, 50.0, 0.5, miner_epsilon=0.125),
     "ms_mine0": multi_similarity.declaration(2.0, 40.0, 0.5, miner_epsilon=0.0),
     "ms_lp_mine": multi_similarity.declaration(2.0, 10.0, 0.5, miner_epsilon=0.125, distance="lp"),
+    # a cosine MultiSimilarityMiner beside an lp loss: mining on -d^2 / 2
+    "contrastive_lp_mine_cos": dataclasses.replace(contrastive.declaration(0.25, 1.0, distance="lp"),
+                                                   miner_epsilon=0.125, miner_on_cosine=True),
     "circle": circle.declaration(0.25, 80.0),
     "ntxent": ntxent.declaration(0.5),
     "ntxent_lp": ntxent.declaration(0.25, distance="lp"),

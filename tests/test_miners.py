@@ -236,16 +236,19 @@ MS_FUSED_LOSSES = {  # loss -> (cosine kwargs, lp kwargs or None: cosine only)
 MS_FUSED_CASES = [(loss, mode, distance) for loss, kws in MS_FUSED_LOSSES.items() for mode in ("self", "ref")
                   for distance, kw in zip(("cosine", "lp"), kws)
                   if kw is not None and not (loss == "ThresholdConsistentMarginLoss" and mode == "ref")]
+# the miner's default CosineSimilarity() beside a loss's LpDistance(): mined on -d^2 / 2 = S - 1
+MS_FUSED_CASES += [(loss, mode, "cosine_miner_lp") for loss, kws in MS_FUSED_LOSSES.items() for mode in ("self", "ref")
+                   if kws[1] is not None]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("loss,mode,distance", MS_FUSED_CASES)
 def test_ms_miner_rule_fused_into_pair_losses(loss, mode, distance, dtype, monkeypatch):
-    """Our MultiSimilarityMiner's pairs given to a pair loss with the miner's distance: the miner's
-    rule in the loss's engine (the list is not read), equal to PML's miner + loss (values and
-    gradients; fp64 PML the truth, PML in the dtype the reference)."""
+    """Our MultiSimilarityMiner's pairs given to a pair loss with the miner's distance (or a cosine
+    miner beside an lp loss): the miner's rule in the loss's engine (the list is not read), equal to
+    PML's miner + loss (values and gradients; fp64 PML the truth, PML in the dtype the reference)."""
     kw = MS_FUSED_LOSSES[loss][0 if distance == "cosine" else 1]
-    miner_kw = dict(epsilon=0.1, distance=CosineSimilarity() if distance == "cosine" else LpDistance())
+    miner_kw = dict(epsilon=0.1, distance=LpDistance() if distance == "lp" else CosineSimilarity())
     x, y, r, ry = batch(mode, seed=11, dtype=dtype)
     params = [x] if r is None else [x, r]
 
@@ -271,12 +274,14 @@ def test_ms_miner_rule_fused_into_pair_losses(loss, mode, distance, dtype, monke
 
 
 def test_ms_miner_pairs_are_listed_where_the_rule_differs():
-    """Another distance than the miner's, or PML's ref_labels-is-labels case (its miner keeps the
+    """An lp miner beside a cosine loss, or PML's ref_labels-is-labels case (its miner keeps the
     diagonal there): the loss reads the list, still equal to PML."""
     x, y, r, _ = batch("ref_is_labels", seed=12)
-    for args, loss_kw in (((x, y), {}), ((x, y, r, y), dict(distance=CosineSimilarity(), pos_margin=0.9,
-                                                             neg_margin=0.1))):
-        mined, listed = miners.MultiSimilarityMiner(0.1)(*args), pml_miners.MultiSimilarityMiner(0.1)(*args)
+    cosine_loss = dict(distance=CosineSimilarity(), pos_margin=0.9, neg_margin=0.1)
+    for args, loss_kw, miner_kw in (((x, y), cosine_loss, dict(distance=LpDistance())),
+                                    ((x, y, r, y), cosine_loss, {})):
+        mined = miners.MultiSimilarityMiner(0.1, **miner_kw)(*args)
+        listed = pml_miners.MultiSimilarityMiner(0.1, **miner_kw)(*args)
         ours = fpl.ContrastiveLoss(**loss_kw)
         assert ours._fused_with_miner_rule(args[0], args[1], mined, *(args[2:] or (None, None))) is None
         check_close(ours(args[0], args[1], mined, *args[2:]),

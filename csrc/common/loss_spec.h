@@ -29,12 +29,13 @@ enum PairFlag : int64_t {
   kNegLse = 1 << 3,
   kNegSum = 1 << 4,
   kNegHinge = 1 << 5,
-  kLpDistance = 1 << 6,         // v = d_ij instead of S_ij
-  kMine = 1 << 7,               // MultiSimilarityMiner rule on u = S (cosine) or -d (lp)
-  kPosVsNegLse = 1 << 8,        // NTXent: per kept positive, -log(sigmoid(x - lse_neg_i) + tiny)
-  kExcludeAfterMining = 1 << 9  // the excluded column takes part in the mining thresholds
+  kLpDistance = 1 << 6,          // v = d_ij instead of S_ij
+  kMine = 1 << 7,                // MultiSimilarityMiner rule on u = S (cosine) or -d (lp)
+  kPosVsNegLse = 1 << 8,         // NTXent: per kept positive, -log(sigmoid(x - lse_neg_i) + tiny)
+  kExcludeAfterMining = 1 << 9,  // the excluded column takes part in the mining thresholds
+  kMineOnCosine = 1 << 10        // lp: the miner's u = -d^2 / 2 (= S - 1 on normalized rows, a cosine miner)
 };
-constexpr int64_t kPairFlagMask = (int64_t(1) << 10) - 1;
+constexpr int64_t kPairFlagMask = (int64_t(1) << 11) - 1;
 
 // terms = [pos.scale, pos.shift, pos.weight_offset, pos.weight_slope,
 //          neg.scale, neg.shift, neg.weight_offset, neg.weight_slope, miner_epsilon]
@@ -60,7 +61,7 @@ struct PairTermParams {
 template <typename T>
 struct PairSpec {
   PairTermParams<T> pos, neg;
-  bool lp_distance, mine, pos_vs_neg_lse, exclude_after_mining;
+  bool lp_distance, mine, pos_vs_neg_lse, exclude_after_mining, mine_on_cosine;
   T miner_eps;
   // positives whose reduction needs a statistic of the whole row first (the mining threshold
   // max_neg, or lse_neg for NTXent) are reduced in a second walk over the positive pairs only
@@ -83,6 +84,7 @@ PairSpec<T> decode_pair_spec(const double* terms, int64_t flags) {
   s.mine = flags & kMine;
   s.pos_vs_neg_lse = flags & kPosVsNegLse;
   s.exclude_after_mining = flags & kExcludeAfterMining;
+  s.mine_on_cosine = flags & kMineOnCosine;
   s.miner_eps = T(terms[2 * kTermFloats]);
   return s;
 }
@@ -93,6 +95,8 @@ inline std::string check_pair_spec(int64_t n_terms, int64_t flags) {
     return "terms must have " + std::to_string(kPairTermsLength) + " entries, got " + std::to_string(n_terms);
   if (flags & ~kPairFlagMask) return "unknown pair flag bits " + std::to_string(flags & ~kPairFlagMask);
   if ((flags & kExcludeAfterMining) && !(flags & kMine)) return "exclude-after-mining needs mining";
+  if ((flags & kMineOnCosine) && !((flags & kMine) && (flags & kLpDistance)))
+    return "mine-on-cosine needs mining and the lp distance";
   return "";
 }
 

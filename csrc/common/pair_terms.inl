@@ -77,9 +77,11 @@ FPL_TERM_FN T term_dvalue(const PairTermParams<T>& p, T v, T x) {
 
 // The MultiSimilarityMiner compares similarities: u = S, or u = -d for a distance (PML's miner
 // flips its comparisons for non-inverted distances; negating d is exact, so the rule on u is PML's).
+// on_cosine (lp only): a cosine miner beside the lp loss, u = -d^2 / 2, which is S - 1 on normalized
+// rows (d^2 = 2 - 2 S): the same comparisons as on S, up to the rounding of d.
 template <typename T>
-FPL_TERM_FN T mining_u(T v, bool lp) {
-  return lp ? -v : v;
+FPL_TERM_FN T mining_u(T v, bool lp, bool on_cosine) {
+  return lp ? (on_cosine ? -(v * v) * TermLit<T>::of(0.5) : -v) : v;
 }
 
 template <typename T>

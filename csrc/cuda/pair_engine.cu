@@ -197,7 +197,7 @@ __global__ void __launch_bounds__(kThreads) pair_forward_kernel(PairArgs<T> p) {
   if (sp.mine) {
     walk_columns<T>(p, o0, no, b_begin, b_end, smem, [&](A s, int64_t col, int64_t lx) {
       if (lx != lo || (col == ex && !sp.exclude_after_mining)) return;
-      min_pos = nan_min(min_pos, mining_u(pair_v(sp, s), lp));
+      min_pos = nan_min(min_pos, mining_u(pair_v(sp, s), lp, sp.mine_on_cosine));
     });
     min_pos = nan_min(min_pos, pair_lane(min_pos));
   }
@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(kThreads) pair_forward_kernel(PairArgs<T> p) {
       return;
     }
     if (sp.mine) {
-      const A u = mining_u(v, lp);
+      const A u = mining_u(v, lp, sp.mine_on_cosine);
       max_neg = nan_max(max_neg, u);
       if (!(u + sp.miner_eps > min_pos)) return;
     }
@@ -227,7 +227,7 @@ __global__ void __launch_bounds__(kThreads) pair_forward_kernel(PairArgs<T> p) {
     walk_columns<T>(p, o0, no, b_begin, b_end, smem, [&](A s, int64_t col, int64_t lx) {
       if (lx != lo || col == ex) return;
       const A v = pair_v(sp, s);
-      if (sp.mine && !(mining_u(v, lp) - sp.miner_eps < max_neg)) return;
+      if (sp.mine && !(mining_u(v, lp, sp.mine_on_cosine) - sp.miner_eps < max_neg)) return;
       const A x = term_value(sp.pos, v);
       pos.add(sp.pos, x);
       if (sp.pos_vs_neg_lse) {
@@ -314,7 +314,7 @@ FPL_DEV A pair_grad(const PairSpec<A>& sp, A s, bool same, bool excluded, const 
   const A v = pair_v(sp, s);
   bool pos = same && !excluded, neg = !same;
   if (sp.mine) {
-    const A u = mining_u(v, sp.lp_distance);
+    const A u = mining_u(v, sp.lp_distance, sp.mine_on_cosine);
     pos = pos && (u - sp.miner_eps < st.max_neg);
     neg = neg && (u + sp.miner_eps > st.min_pos);
   }

@@ -194,8 +194,8 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
 
     def _fused_with_miner_rule(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """Our MultiSimilarityMiner's pairs (fused_pairloss._miners.MinedPairs) on the inputs it mined,
-        with the loss's distance: the loss's fused call with the miner's rule in its engine (the list
-        is not read); None otherwise."""
+        with the loss's distance (or a cosine miner beside PML's normalized LpDistance()): the loss's
+        fused call with the miner's rule in its engine (the list is not read); None otherwise."""
         if (not self._fuses_ms_miner or not hasattr(indices_tuple, "epsilon")
                 or not indices_tuple.fused_for(embeddings, labels, ref_emb, ref_labels, self._distance_kind)
                 or getattr(self, "miner_epsilon", None) is not None):
@@ -209,8 +209,8 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
         if ref_emb is not None and ref_labels is None:
             ref_labels = indices_tuple.ref_labels
         V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
-        return fused_fn(embeddings, labels, ref_emb, ref_labels, backend=MinedBy(backend, indices_tuple.epsilon),
-                        **self._listed_hyper())
+        mined_by = MinedBy(backend, indices_tuple.epsilon, on_cosine=indices_tuple.on_cosine(self._distance_kind))
+        return fused_fn(embeddings, labels, ref_emb, ref_labels, backend=mined_by, **self._listed_hyper())
 
     def _fused_with_listed_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """The loss's own fused function over the listed pairs (ops/listed.py: O(#pairs + (N + M) D)), or None

@@ -82,7 +82,8 @@ def _pair_values(q, r, labels_q, labels_r, exclude_col, sp: S.PairLossSpec):
     inf = torch.full((n,), float("inf"), dtype=A, device=q.device)
     min_pos, max_neg = inf, -inf
     if sp.mine:
-        u = (-v if sp.distance == "lp" else v).detach()
+        # the miner's similarity (pair_terms.inl mining_u): S, -d, or -d^2 / 2 (a cosine miner beside lp)
+        u = ((-(v * v) * 0.5 if sp.miner_on_cosine else -v) if sp.distance == "lp" else v).detach()
         pos_unmined = same if sp.exclude_after_mining else pos
         if s.shape[1]:
             min_pos = torch.where(pos_unmined, u, float("inf")).amin(dim=1)

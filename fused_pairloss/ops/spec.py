@@ -25,6 +25,7 @@ LP_DISTANCE = 1 << 6
 MINE = 1 << 7
 POS_VS_NEG_LSE = 1 << 8
 EXCLUDE_AFTER_MINING = 1 << 9
+MINE_ON_COSINE = 1 << 10
 
 ROW_LSE = 1 << 0
 COL_POS_LSE = 1 << 1
@@ -85,7 +86,8 @@ class PairLossSpec:
     u + eps > min_pos. `pos_vs_neg_lse` (NTXent): per kept positive, -log(sigmoid(x - lse_neg_i) +
     tiny), summed per row. `exclude_after_mining`: the excluded column (exclude_col) takes part in
     the mining thresholds but is never kept (PML's CrossBatchMemory removes self comparisons after
-    its miner ran)."""
+    its miner ran). `miner_on_cosine` (lp only): the miner measures with CosineSimilarity() beside
+    the loss's LpDistance(), on u = -d^2 / 2 = S - 1 (normalized rows: d^2 = 2 - 2 S)."""
 
     pos: PairTerm
     neg: PairTerm
@@ -93,6 +95,7 @@ class PairLossSpec:
     miner_epsilon: Optional[float] = None
     pos_vs_neg_lse: bool = False
     exclude_after_mining: bool = False
+    miner_on_cosine: bool = False
     # the packed arguments, computed once (a spec is immutable)
     _packed: Tuple[Tuple[float, ...], int] = field(init=False, repr=False, compare=False)
 
@@ -101,6 +104,8 @@ class PairLossSpec:
             raise ValueError(f"distance must be one of {DISTANCES}; got {self.distance!r}")
         if self.exclude_after_mining and self.miner_epsilon is None:
             raise ValueError("exclude_after_mining needs miner_epsilon")
+        if self.miner_on_cosine and (self.miner_epsilon is None or self.distance != "lp"):
+            raise ValueError("miner_on_cosine needs miner_epsilon and distance 'lp'")
         flags = 0
         flags |= POS_LSE if self.pos.lse else 0
         flags |= POS_SUM if self.pos.sum else 0
@@ -112,6 +117,7 @@ class PairLossSpec:
         flags |= MINE if self.miner_epsilon is not None else 0
         flags |= POS_VS_NEG_LSE if self.pos_vs_neg_lse else 0
         flags |= EXCLUDE_AFTER_MINING if self.exclude_after_mining else 0
+        flags |= MINE_ON_COSINE if self.miner_on_cosine else 0
         eps = 0.0 if self.miner_epsilon is None else float(self.miner_epsilon)
         object.__setattr__(self, "_packed", (self.pos.floats() + self.neg.floats() + (eps,), flags))
 
@@ -134,7 +140,8 @@ class PairLossSpec:
         parts = _term_fields("pos", self.pos) + _term_fields("neg", self.neg) + [
             f"lp_distance={int(self.distance == 'lp')}", f"mine={int(self.mine)}",
             f"miner_epsilon={_num(eps)}", f"pos_vs_neg_lse={int(self.pos_vs_neg_lse)}",
-            f"exclude_after_mining={int(self.exclude_after_mining)}"]
+            f"exclude_after_mining={int(self.exclude_after_mining)}",
+            f"mine_on_cosine={int(self.miner_on_cosine)}"]
         return ";".join(parts)
 
 
@@ -212,7 +219,8 @@ def unpack_pair(terms, flags: int) -> PairLossSpec:
                         distance="lp" if flags & LP_DISTANCE else "cosine",
                         miner_epsilon=terms[8] if flags & MINE else None,
                         pos_vs_neg_lse=bool(flags & POS_VS_NEG_LSE),
-                        exclude_after_mining=bool(flags & EXCLUDE_AFTER_MINING))
+                        exclude_after_mining=bool(flags & EXCLUDE_AFTER_MINING),
+                        miner_on_cosine=bool(flags & MINE_ON_COSINE))
 
 
 def unpack_class(terms, flags: int, centers_per_class: int) -> ClassLossSpec:

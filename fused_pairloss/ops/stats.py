@@ -41,8 +41,9 @@ class MinedBy:
     (the declaration's miner_epsilon, docs/semantics.md "Multi-Similarity"): how a loss computes over
     our MultiSimilarityMiner's pairs (fused_pairloss._miners.MinedPairs) without reading them."""
 
-    def __init__(self, backend, epsilon):
-        self.backend, self.epsilon = backend, float(epsilon)
+    def __init__(self, backend, epsilon, on_cosine=False):
+        # on_cosine: the miner measured with the cosine, the loss with the lp distance (PairLossSpec)
+        self.backend, self.epsilon, self.on_cosine = backend, float(epsilon), bool(on_cosine)
 
 
 def pair_stats(q, r, labels_q, labels_r, exclude_col, spec: S.PairLossSpec, backend) -> engines.PairStats:
@@ -53,7 +54,8 @@ def pair_stats(q, r, labels_q, labels_r, exclude_col, spec: S.PairLossSpec, back
     if isinstance(backend, ListedPairs):
         return listed_pair_stats(q, r, spec, backend)
     if isinstance(backend, MinedBy):
-        spec, backend = dataclasses.replace(spec, miner_epsilon=backend.epsilon), backend.backend
+        spec, backend = dataclasses.replace(spec, miner_epsilon=backend.epsilon,
+                                            miner_on_cosine=backend.on_cosine), backend.backend
     terms, flags = spec.pack()
     labels_q = labels_q.to(device=q.device, dtype=torch.int64).contiguous()
     if r is not None:

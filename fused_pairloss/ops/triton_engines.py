@@ -144,7 +144,7 @@ _USE_TRITON_OP = _IMPORTED and not INTERPRETED and hasattr(torch.library, "trito
 
 _PAIR_TERMS = 2 * 4 + 1
 _CLASS_TERMS = 3 * 4 + 1
-_PAIR_FLAG_MASK = (1 << 10) - 1
+_PAIR_FLAG_MASK = (1 << 11) - 1
 _CLASS_FLAG_MASK = S.ROW_LSE | S.COL_POS_LSE | S.COL_NEG_LSE | S.POOL_MAX  # no weight-operand bits (plain rows)
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -237,7 +237,7 @@ def _pair_switches(flags: int) -> dict:
     return dict(POS_LSE=bool(f & S.POS_LSE), POS_SUM=bool(f & S.POS_SUM), POS_HINGE=bool(f & S.POS_HINGE),
                 NEG_LSE=bool(f & S.NEG_LSE), NEG_SUM=bool(f & S.NEG_SUM), NEG_HINGE=bool(f & S.NEG_HINGE),
                 LP=bool(f & S.LP_DISTANCE), MINE=bool(f & S.MINE), NTX=bool(f & S.POS_VS_NEG_LSE),
-                EAM=bool(f & S.EXCLUDE_AFTER_MINING))
+                EAM=bool(f & S.EXCLUDE_AFTER_MINING), MCOS=bool(f & S.MINE_ON_COSINE))
 
 
 def _pool_kind(K: int, flags: int) -> int:
@@ -258,6 +258,8 @@ def _check_pair(q, r, labels_q, labels_r, exclude_col, terms, flags):
                  lambda: f"pair_engine (triton): unknown pair flag bits {int(flags) & ~_PAIR_FLAG_MASK}")
     torch._check(not (flags & S.EXCLUDE_AFTER_MINING) or bool(flags & S.MINE),
                  lambda: "pair_engine (triton): exclude-after-mining needs mining")
+    torch._check(not (flags & S.MINE_ON_COSINE) or (bool(flags & S.MINE) and bool(flags & S.LP_DISTANCE)),
+                 lambda: "pair_engine (triton): mine-on-cosine needs mining and the lp distance")
     torch._check(q.dim() == 2, lambda: f"pair_engine (triton): q must be 2-D (N, D), got shape {tuple(q.shape)}")
     torch._check(q.dtype in _DTYPES, lambda: f"pair_engine (triton): unsupported dtype {q.dtype}")
     torch._check(labels_q.dim() == 1 and labels_q.shape[0] == q.shape[0],
@@ -536,10 +538,14 @@ if _IMPORTED:
         return lab, ex, _load_or_zeros(norm_ptr, idx, ok, LP, BLOCK, ACC)
 
     @triton.jit
-    def _mining_u(v, LP: tl.constexpr):
-        """The miner compares similarities: u = S, or u = -d (exact) for the distance."""
+    def _mining_u(v, LP: tl.constexpr, MCOS: tl.constexpr):
+        """The miner compares similarities: u = S, or u = -d (exact) for the distance, or for a cosine
+        miner beside the distance (MCOS) u = -d^2 / 2 = S - 1 on normalized rows."""
         if LP:
-            u = -v
+            if MCOS:
+                u = -(v * v) * 0.5
+            else:
+                u = -v
         else:
             u = v
         return u
@@ -650,7 +656,7 @@ if _IMPORTED:
                          k_eps: tl.float64, k_tiny: tl.float64,
                          WALK_THRESH: tl.constexpr, WALK_MAIN: tl.constexpr, WALK_NTX: tl.constexpr,
                          EXCL: tl.constexpr, LP: tl.constexpr, MINE: tl.constexpr, EAM: tl.constexpr,
-                         NTX: tl.constexpr, POS_LSE: tl.constexpr, POS_SUM: tl.constexpr,
+                         MCOS: tl.constexpr, NTX: tl.constexpr, POS_LSE: tl.constexpr, POS_SUM: tl.constexpr,
                          POS_HINGE: tl.constexpr, NEG_LSE: tl.constexpr, NEG_SUM: tl.constexpr,
                          NEG_HINGE: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -685,7 +691,7 @@ if _IMPORTED:
                 nr = _load_or_zeros(nr_ptr, cols, cmask, LP, BLOCK_N, ACC)
                 v = _pair_v(q_ptr, r_ptr, rows, cols, rmask, cmask, nq, nr, D, stride_q, stride_r,
                             LP, EXCL, PREC, BLOCK_D, BLOCK_M, BLOCK_N, ACC)
-                u = _mining_u(v, LP)
+                u = _mining_u(v, LP, MCOS)
                 if EAM:
                     pm = same
                 else:
@@ -723,7 +729,7 @@ if _IMPORTED:
                 nr = _load_or_zeros(nr_ptr, cols, cmask, LP, BLOCK_N, ACC)
                 v = _pair_v(q_ptr, r_ptr, rows, cols, rmask, cmask, nq, nr, D, stride_q, stride_r,
                             LP, EXCL, PREC, BLOCK_D, BLOCK_M, BLOCK_N, ACC)
-                u = _mining_u(v, LP)
+                u = _mining_u(v, LP, MCOS)
                 kp, kn = _mined(pos, neg, u, min_pos[:, None], max_neg[:, None], eps, MINE)
                 xp, _dp = _term(v, ps, psh, pwo, pws, POS_HINGE)
                 xn, _dn = _term(v, ns, nsh, nwo, nws, NEG_HINGE)
@@ -772,7 +778,7 @@ if _IMPORTED:
                     nr = _load_or_zeros(nr_ptr, cols, cmask, LP, BLOCK_N, ACC)
                     v = _pair_v(q_ptr, r_ptr, rows, cols, rmask, cmask, nq, nr, D, stride_q, stride_r,
                                 LP, EXCL, PREC, BLOCK_D, BLOCK_M, BLOCK_N, ACC)
-                    u = _mining_u(v, LP)
+                    u = _mining_u(v, LP, MCOS)
                     kp, kn = _mined(pos, neg, u, min_pos[:, None], max_neg[:, None], eps, MINE)
                     xp, _dp = _term(v, ps, psh, pwo, pws, POS_HINGE)
                     t = xp - lse_neg[:, None]
@@ -788,7 +794,7 @@ if _IMPORTED:
                               k_ns: tl.float64, k_nsh: tl.float64, k_nwo: tl.float64, k_nws: tl.float64,
                               k_eps: tl.float64, k_tiny: tl.float64,
                               SELF: tl.constexpr, EXCL: tl.constexpr, LP: tl.constexpr, MINE: tl.constexpr,
-                              NTX: tl.constexpr, POS_LSE: tl.constexpr, POS_SUM: tl.constexpr,
+                              MCOS: tl.constexpr, NTX: tl.constexpr, POS_LSE: tl.constexpr, POS_SUM: tl.constexpr,
                               POS_HINGE: tl.constexpr, NEG_LSE: tl.constexpr, NEG_SUM: tl.constexpr,
                               NEG_HINGE: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr,
                               BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, ONE_CHUNK: tl.constexpr,
@@ -813,7 +819,7 @@ if _IMPORTED:
             nr = _load_or_zeros(nr_ptr, cols, cmask, LP, BLOCK_N, ACC)
             v = _pair_v(q_ptr, r_ptr, rows, cols, rmask, cmask, nq, nr, D, stride_q, stride_r,
                         LP, EXCL, PREC, BLOCK_D, BLOCK_M, BLOCK_N, ACC)
-            u = _mining_u(v, LP)
+            u = _mining_u(v, LP, MCOS)
             xp, xn, db_p, db_n = _pair_dterms(v, ps, psh, pwo, pws, ns, nsh, nwo, nws, POS_HINGE, NEG_HINGE, LP)
             kp, kn = _mined(pos, neg, u, mnp[:, None], mxn[:, None], eps, MINE)
             g = _pair_grad(kp, kn, xp, xn, db_p, db_n, glp[:, None], gln[:, None],
@@ -839,7 +845,7 @@ if _IMPORTED:
                               k_ns: tl.float64, k_nsh: tl.float64, k_nwo: tl.float64, k_nws: tl.float64,
                               k_eps: tl.float64, k_tiny: tl.float64,
                               EXCL: tl.constexpr, LP: tl.constexpr, MINE: tl.constexpr,
-                              NTX: tl.constexpr, POS_LSE: tl.constexpr, POS_SUM: tl.constexpr,
+                              MCOS: tl.constexpr, NTX: tl.constexpr, POS_LSE: tl.constexpr, POS_SUM: tl.constexpr,
                               POS_HINGE: tl.constexpr, NEG_LSE: tl.constexpr, NEG_SUM: tl.constexpr,
                               NEG_HINGE: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr,
                               BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, ONE_CHUNK: tl.constexpr,
@@ -864,7 +870,7 @@ if _IMPORTED:
             same, pos, neg = _pair_sets(lq, lr, ex, rows, cols, rmask, cmask, EXCL)
             v = _pair_v(q_ptr, r_ptr, rows, cols, rmask, cmask, nq, nr, D, stride_q, stride_r,
                         LP, EXCL, PREC, BLOCK_D, BLOCK_M, BLOCK_N, ACC)
-            u = _mining_u(v, LP)
+            u = _mining_u(v, LP, MCOS)
             xp, xn, db_p, db_n = _pair_dterms(v, ps, psh, pwo, pws, ns, nsh, nwo, nws, POS_HINGE, NEG_HINGE, LP)
             kp, kn = _mined(pos, neg, u, mnp[:, None], mxn[:, None], eps, MINE)
             g = _pair_grad(kp, kn, xp, xn, db_p, db_n, glp[:, None], gln[:, None],
