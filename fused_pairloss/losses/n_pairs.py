@@ -18,7 +18,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, normalize, zero_loss
+from ..ops._common import LOCAL, label_runs, normalize, zero_loss
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, check_self_only, run_pair_loss
@@ -26,13 +26,6 @@ from ._reference_common import nan_in_nan_out
 from ._registry import LossEntry
 
 DECLARATION = PairLossSpec(pos=PairTerm(scale=1.0, lse=True), neg=PairTerm(scale=1.0, lse=True), distance="cosine")
-
-
-def _run_starts(sorted_values):
-    """True where a run of equal values of a sorted 1-D tensor begins."""
-    starts = torch.ones_like(sorted_values, dtype=torch.bool)
-    starts[1:] = sorted_values[1:] != sorted_values[:-1]
-    return starts
 
 
 def unique_label_pairs(labels, indices_tuple=None):
@@ -43,15 +36,14 @@ def unique_label_pairs(labels, indices_tuple=None):
     its second)."""
     labels = torch.as_tensor(labels)
     if indices_tuple is None:
-        order = torch.sort(labels, stable=True)[1]
-        starts = _run_starts(labels[order])
+        order, starts, _ = label_runs(labels)
         has_second = torch.zeros_like(starts)
         has_second[:-1] = ~starts[1:]
         first = (starts & has_second).nonzero().squeeze(1)
         return order[first], order[first + 1]
     a, p = (torch.as_tensor(t, device=labels.device).long().reshape(-1) for t in indices_tuple[:2])
-    order = torch.sort(labels[a], stable=True)[1]
-    chosen = order[_run_starts(labels[a][order])]
+    order, starts, _ = label_runs(labels[a])
+    chosen = order[starts]
     return a[chosen], p[chosen]
 
 
