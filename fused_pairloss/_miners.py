@@ -322,7 +322,7 @@ class MinedPairs(_Mined):
 
     def fused_for(self, embeddings, labels, ref_emb, ref_labels, distance):
         """Also for a cosine miner beside an lp loss (both on normalized rows: the engine mines on
-        -d^2 / 2 = S - 1, on_cosine)."""
+        -d^2 / 2 = S - 1, on_cosine; the loss checks that every row normalizes to a unit row)."""
         separate_ref = self.ref_emb is not self.embeddings and self.ref_labels is not self.labels
         self_mode = self.ref_emb is self.embeddings and self.ref_labels is self.labels
         if self.on_cosine(distance):

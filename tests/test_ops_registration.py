@@ -85,6 +85,8 @@ def test_every_pair_flag_reaches_cpp():
                                                                                           hinge=True)),
         S.PairLossSpec(pos=S.PairTerm(scale=1.0), neg=S.PairTerm(scale=1.0, shift=-0.125), distance="lp",
                        miner_epsilon=0.3, pos_vs_neg_lse=True, exclude_after_mining=True),
+        S.PairLossSpec(pos=S.PairTerm(scale=1.0), neg=S.PairTerm(scale=1.0, shift=-0.125), distance="lp",
+                       miner_epsilon=0.3, pos_vs_neg_lse=True, exclude_after_mining=True, miner_on_cosine=True),
     ]
     seen = {base.describe()}
     for v in variants:

@@ -53,6 +53,12 @@ def _distance_name(distance):
     return None
 
 
+def _has_short_row(*xs):
+    """Whether a row of any of the tensors (None skipped) has a norm <= F.normalize's eps (1e-12):
+    normalized, it is not a unit row (an all-zero row stays zero)."""
+    return any(bool((torch.linalg.vector_norm(x.detach(), dim=1) <= 1e-12).any()) for x in xs if x is not None)
+
+
 def _collect_stats(value):
     """PML's collect_stats: the argument, or PML's global default when None (False without PML)."""
     if value is not None:
@@ -209,7 +215,10 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
         if ref_emb is not None and ref_labels is None:
             ref_labels = indices_tuple.ref_labels
         V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
-        mined_by = MinedBy(backend, indices_tuple.epsilon, on_cosine=indices_tuple.on_cosine(self._distance_kind))
+        on_cosine = indices_tuple.on_cosine(self._distance_kind)
+        if on_cosine and _has_short_row(embeddings, ref_emb):
+            return None  # -d^2 / 2 = S - 1 needs unit rows; F.normalize leaves a row of norm <= eps short
+        mined_by = MinedBy(backend, indices_tuple.epsilon, on_cosine=on_cosine)
         return fused_fn(embeddings, labels, ref_emb, ref_labels, backend=mined_by, **self._listed_hyper())
 
     def _fused_with_listed_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):

@@ -81,7 +81,8 @@ def declaration(columns=True):
 
 
 def _engine_lse(q, r, scale, offset, cols, backend):
-    """The same three from one walk of the class engine on `backend` (both directions at once)."""
+    """The same three from the class engine on `backend` (both directions from the same tiles: one
+    walk on the CPU, a row and a column pass on GPUs)."""
     n = q.shape[0]
     if cols and (offset != 0 or r.shape[0] != n):
         raise ValueError("clip: column LSEs need the square block (offset 0)")
