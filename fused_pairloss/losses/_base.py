@@ -167,9 +167,17 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
     def _functional(self):
         raise NotImplementedError
 
+    # PML raises for an indices_tuple and needs labels (PNPLoss, RankedListLoss)
+    _labels_without_indices = False
+
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         if self._pml is not None:
             return self._run_pml(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        if self._labels_without_indices:
+            if indices_tuple is not None:
+                raise ValueError(f"{type(self).__name__}: indices_tuple is not supported (as in PML)")
+            if labels is None:
+                raise ValueError(f"{type(self).__name__}: labels is required (as in PML)")
         hyper = self._hyper()
         if indices_tuple is not None:
             fused = self._fused_with_miner_rule(embeddings, labels, indices_tuple, ref_emb, ref_labels)

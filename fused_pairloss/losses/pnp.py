@@ -241,15 +241,10 @@ class PNPLoss(_PairLoss):
         return dict(b=self.b, alpha=self.alpha, anneal=self.anneal, variant=self.variant,
                     distance=self._distance_kind)
 
+    _labels_without_indices = True
+
     def _functional(self):
         return pnp_loss
-
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        if self._pml is None and indices_tuple is not None:
-            raise ValueError("PNPLoss: indices_tuple is not supported (as in PML)")
-        if self._pml is None and labels is None:
-            raise ValueError("PNPLoss: labels is required (as in PML)")
-        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
 
 ENTRIES = (

@@ -195,15 +195,10 @@ class RankedListLoss(_PairLoss):
         return dict(margin=self.margin, Tn=self.Tn, imbalance=self.imbalance, alpha=self.alpha, Tp=self.Tp,
                     distance=self._distance_kind)
 
+    _labels_without_indices = True
+
     def _functional(self):
         return ranked_list_loss
-
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        if self._pml is None and indices_tuple is not None:
-            raise ValueError("RankedListLoss: indices_tuple is not supported (as in PML)")
-        if self._pml is None and labels is None:
-            raise ValueError("RankedListLoss: labels is required (as in PML)")
-        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
 
 ENTRIES = (
