@@ -35,8 +35,9 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import measure as Mz  # noqa: E402  bench/measure.py: the harness's memory helpers
 
-# clip_fused: the class engine's walk (the "auto" backend); clip_chunked: the PyTorch row-chunk op
-PROVIDERS = ("matmul", "clip_fused", "clip_chunked", "clip_open_clip", "siglip_fused", "siglip_open_clip")
+# *_fused: the class engine's walk (the "auto" backend); *_chunked: the PyTorch row-chunk op
+PROVIDERS = ("matmul", "clip_fused", "clip_chunked", "clip_open_clip", "siglip_fused", "siglip_chunked",
+             "siglip_open_clip")
 
 
 def open_clip_loss():
@@ -74,10 +75,11 @@ def make_step(provider, B, D, dtype, seed):
     if impl == "fused":
         loss = fpl.ClipLoss() if kind == "clip" else fpl.SigLipLoss()
     elif impl == "chunked":
-        from fused_pairloss.losses import _image_text, clip
+        from fused_pairloss.losses import _image_text, clip, siglip
 
         def loss(i, x, s, b):
-            return clip.clip_fused(i, x, s, b, backend=_image_text.CHUNKED)
+            block = clip.clip_fused if kind == "clip" else siglip.siglip_fused
+            return block(i, x, s, b, backend=_image_text.CHUNKED)
     else:
         oc = open_clip_loss()
         loss = oc.ClipLoss() if kind == "clip" else oc.SigLipLoss()

@@ -58,7 +58,7 @@ std::string describe_class_spec(c10::ArrayRef<double> terms, int64_t flags, int6
   term(o, "col_neg", s.col_neg);
   o << "pool_inv_gamma=" << s.pool_inv_gamma << ";centers_per_class=" << s.K
     << ";normalize_weights=" << int(s.normalize_weights) << ";weights_columns=" << int(s.weights_columns)
-    << ";pool_max=" << int(s.pool_max);
+    << ";pool_max=" << int(s.pool_max) << ";row_softplus_sum=" << int(s.row_softplus);
   return o.str();
 }
 

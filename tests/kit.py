@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fused_pairloss.losses import (REGISTRY, LossEntry, circle, clip, contrastive, lifted_structure, margin_softmax,
-                                   multi_similarity, ntxent, proxy_anchor, proxy_circle, soft_triple, supcon,
+                                   multi_similarity, ntxent, proxy_anchor, proxy_circle, siglip, soft_triple, supcon,
                                    tuplet_margin)
 from fused_pairloss.ops import oracle
 from fused_pairloss.ops.spec import ClassLossSpec, PairLossSpec
@@ -197,6 +197,7 @@ LOSS_CLASS_DECLARATIONS = {
     "cosface": (margin_softmax.declaration(64.0), 1),
     "subcenter_arcface": (margin_softmax.declaration(64.0, sub_centers=3), 3),
     "clip": (clip.declaration(), 1),
+    "siglip": (siglip.declaration(), 1),
 }
 CLASS_DECLARATIONS = {name: (plain_rows(spec), K) for name, (spec, K) in LOSS_CLASS_DECLARATIONS.items()}
 

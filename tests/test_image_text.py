@@ -10,6 +10,7 @@ import fused_pairloss as fpl
 from fused_pairloss.losses import _image_text as IT
 from fused_pairloss.losses import clip, siglip
 from fused_pairloss.ops import image_text
+from fused_pairloss.ops.stats import class_stats
 from image_text_kit import features, open_clip_loss
 from kit import check_close
 
@@ -105,6 +106,41 @@ def test_clip_computations_match_the_reference(computation, local_loss, dtype, s
         check_close(g, tr, sm, what=f"{computation} {what}", dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("computation", CLIP_COMPUTATIONS)
+@pytest.mark.parametrize("negative_only", [False, True])
+def test_siglip_computations_match_the_reference(computation, negative_only, dtype, small_chunks):
+    """Each way SigLIP's block is computed (the class engine on every backend here, the PyTorch
+    row-chunk op) against the reference: the own block (positives on the diagonal) and another
+    rank's block (negative_only), values and the gradients of image, text, logit_scale, logit_bias;
+    unnormalized features and a large scale, so the logits span both tails of the softplus."""
+    args = leaves(40, 16, 23, dtype, scale=30.0, bias=-4.0, normalize=False)
+
+    def run(fn, args):
+        return value_and_grads(lambda *a: fn(*a, negative_only=negative_only), args)
+
+    fused = run(lambda *a, **k: siglip.siglip_fused(*a, backend=computation, **k), args)
+    same = run(siglip.siglip_reference, args)
+    truth = run(siglip.siglip_reference, as64(args))
+    check_all(fused, truth, same, dtype, f"{computation}")
+
+
+@pytest.mark.parametrize("backend", [b for b in fpl.available_backends("cpu") if b != "reference"])
+def test_siglip_engine_softplus_over_the_logit_range(backend):
+    """The engine's sum of softplus(x) and its gradient sigmoid(x), one logit per row over
+    [-87, 87] (fp32: below -87 the terms are under 1.6e-38 and count as 0), against fp64: within a
+    few fp32 rounding errors of each value (the CPU engine's own exp and log1p in float)."""
+    x = torch.cat([torch.linspace(-87, 87, 20001), torch.tensor([0.0, 1e-30, -1e-30, 1e-6])])
+    q = x[:, None].clone().requires_grad_(True)
+    w = torch.tensor([[1.0], [0.0]])  # x_i . w_0 = x_i, the non-target column; w_1 the label's
+    st = class_stats(q, w, torch.ones(len(x), dtype=torch.long), siglip.declaration(), backend)
+    (grad,) = torch.autograd.grad(st.lse_other.sum(), q)
+    x64 = x.double()
+    for got, want in ((st.lse_other, torch.logaddexp(x64, torch.zeros_like(x64))), (grad[:, 0], torch.sigmoid(x64))):
+        err = (got.double() - want).abs() / want
+        assert err.max() <= 4 * torch.finfo(torch.float32).eps, (backend, x[err.argmax()].item(), err.max().item())
+
+
 def test_clip_without_bias_and_output_dict():
     args = leaves(20, 8, 5, torch.float64)[:3]
     out = fpl.ClipLoss()(*args, output_dict=True)
@@ -188,7 +224,8 @@ def test_never_a_batch_by_batch_tensor(monkeypatch):
         with Watch():
             out = make()(*args)
             torch.autograd.grad(out, args)
-    assert biggest[0] <= max(4 * 64, 64 * 8), biggest[0]  # a chunk of logits, or the features (B x D)
+    # a chunk of logits, or the features (SigLIP's engine operands: B x (D + 1) padded)
+    assert biggest[0] <= max(4 * 64, 64 * siglip.operand_width(8)), biggest[0]
 
 
 @pytest.mark.parametrize("name", ["clip", "siglip"])

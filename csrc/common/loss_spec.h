@@ -104,7 +104,9 @@ inline std::string check_pair_spec(int64_t n_terms, int64_t flags) {
 // s_ick = q_i . w_ck; S_ic = s_ic (K = 1), sum_k softmax_k(s_ick * pool_inv_gamma) s_ick
 // (SoftTriple) or, with kPoolMax, max_k s_ick (SubCenterArcFace; torch.max: a NaN wins, and the
 // gradient goes to the first center attaining the maximum); row term over the non-target classes
-// c != y_i: x = (scale * w(S)) * (S - shift), reduced by LSE; target_sim_i = S_{i,y_i}. Column
+// c != y_i: x = (scale * w(S)) * (S - shift), reduced by LSE, or with kRowSoftplusSum by the sum of
+// softplus(x) = log(1 + e^x) (SigLIP's sigmoid loss; the row slot then holds that sum);
+// target_sim_i = S_{i,y_i}. Column
 // terms (K = 1 only, ProxyAnchor): per class c,
 // LSE over the samples i with y_i == c of the pos term, and over y_i != c of the neg term.
 // The weights: kWeightsColumns: w is (D, C*K) (else (C*K, D)); kNormalizeWeights: w_ck enters as
@@ -116,9 +118,10 @@ enum ClassFlag : int64_t {
   kColNegLse = 1 << 2,
   kNormalizeWeights = 1 << 3,
   kWeightsColumns = 1 << 4,
-  kPoolMax = 1 << 5
+  kPoolMax = 1 << 5,
+  kRowSoftplusSum = 1 << 6  // the row term is reduced by sum softplus(x) instead of LSE (needs kRowLse)
 };
-constexpr int64_t kClassFlagMask = (int64_t(1) << 6) - 1;
+constexpr int64_t kClassFlagMask = (int64_t(1) << 7) - 1;
 constexpr int64_t kWeightOperandFlags = kNormalizeWeights | kWeightsColumns;
 constexpr double kNormalizeEps = 1e-12;  // F.normalize's default eps
 
@@ -135,7 +138,7 @@ struct ClassSpec {
   PairTermParams<T> row, col_pos, col_neg;
   T pool_inv_gamma;  // PML stores 1/gamma and multiplies
   int64_t K;
-  bool normalize_weights, weights_columns, pool_max;
+  bool normalize_weights, weights_columns, pool_max, row_softplus;
 };
 
 template <typename T>
@@ -149,6 +152,7 @@ ClassSpec<T> decode_class_spec(const double* terms, int64_t flags, int64_t K) {
   s.normalize_weights = flags & kNormalizeWeights;
   s.weights_columns = flags & kWeightsColumns;
   s.pool_max = flags & kPoolMax;
+  s.row_softplus = flags & kRowSoftplusSum;
   return s;
 }
 
@@ -158,6 +162,7 @@ inline std::string check_class_spec(int64_t n_terms, int64_t flags, int64_t K) {
   if (flags & ~kClassFlagMask) return "unknown class flag bits " + std::to_string(flags & ~kClassFlagMask);
   if (K < 1) return "centers_per_class must be >= 1, got " + std::to_string(K);
   if ((flags & (kColPosLse | kColNegLse)) && K != 1) return "column reductions need centers_per_class = 1";
+  if ((flags & kRowSoftplusSum) && !(flags & kRowLse)) return "the softplus row sum needs the row term";
   return "";
 }
 

@@ -115,3 +115,15 @@ FPL_TERM_FN T ntx_pair_dloss(T t) {
   const T one_minus = ntx_sigmoid(-t);
   return -(sg * one_minus) / (sg + smallest_normal<T>());
 }
+
+// softplus(x) = log(1 + e^x) = max(x, 0) + log1p(e^-|x|) (SigLIP's pair loss, -log sigmoid(-x)) and
+// its derivative sigmoid(x); NaN stays NaN, softplus(-inf) = 0, softplus(+inf) = +inf.
+template <typename T>
+FPL_TERM_FN T softplus_value(T x) {
+  const T a = x < TermLit<T>::of(0) ? -x : x;
+  return (x > TermLit<T>::of(0) ? x : TermLit<T>::of(0)) + math_log1p(math_exp(-a));
+}
+template <typename T>
+FPL_TERM_FN T sigmoid_value(T x) {
+  return TermLit<T>::of(1) / (TermLit<T>::of(1) + math_exp(-x));
+}

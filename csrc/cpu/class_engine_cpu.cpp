@@ -404,7 +404,7 @@ void forward_kernel(const Operands<T>& o, const ClassSpec<T>& spec, bool columns
     for (int64_t i = begin; i < end; ++i) {
       T m = -std::numeric_limits<T>::infinity(), s = T(0);
       for (int64_t cc = 0; cc < n_cc; ++cc) lse_merge(m, s, part_max[cc * N + i], part_sum[cc * N + i]);
-      row_lse[i] = spec.row.lse ? lse_value(m, s) : -std::numeric_limits<T>::infinity();
+      row_lse[i] = !spec.row.lse ? -std::numeric_limits<T>::infinity() : spec.row_softplus ? s : lse_value(m, s);
     }
   });
   if (columns)

@@ -33,7 +33,7 @@ struct ClassArgs {
   int K, CPT;  // centers per class, classes per tile
   bool vec16;
   ClassSpec<A> sp;
-  bool row_lse, col_pos, col_neg, columns_write_target;
+  bool row_lse, row_softplus, col_pos, col_neg, columns_write_target;
   // forward outputs: rows [2][N], cols [2][C]
   A* rows;
   A* cols;
@@ -113,6 +113,7 @@ __global__ void __launch_bounds__(kThreads) class_row_forward_kernel(ClassArgs<T
 
   OnlineLSE<A> acc;
   acc.init();
+  A softplus_sum = A(0);  // row_softplus: the row's reduction instead of acc
   A ts = A(0);
   int has_target = 0;
   for (int64_t c0 = 0; c0 < p.C; c0 += p.CPT) {
@@ -125,18 +126,23 @@ __global__ void __launch_bounds__(kThreads) class_row_forward_kernel(ClassArgs<T
         if (c0 + c == lo) {
           ts = S;
           has_target = 1;
-        } else if (p.row_lse) {
-          acc.add(term_value(sp.row, S));  // the row LSE skips the target
+        } else if (p.row_lse) {  // the row reduction skips the target
+          const A z = term_value(sp.row, S);
+          if (p.row_softplus)
+            softplus_sum += softplus_value(z);
+          else
+            acc.add(z);
         }
       }
     }
   }
   merge_pair_lanes(acc);
+  softplus_sum += pair_lane(softplus_sum);
   const A other_ts = pair_lane(ts);
   const int other_has = pair_lane(has_target);
   if (!has_target && other_has) ts = other_ts;
   if (valid && h == 0) {
-    p.rows[fpl::kRowLseOther * p.N + o] = acc.value();
+    p.rows[fpl::kRowLseOther * p.N + o] = p.row_softplus ? softplus_sum : acc.value();
     p.rows[fpl::kRowTargetSim * p.N + o] = (has_target || other_has) ? ts : quiet_nan<A>();
   }
 }
@@ -231,9 +237,10 @@ FPL_DEV void class_grad_tile(const ClassArgs<T>& p, typename AccOf<T>::type* Ss,
     const A S = pool_class(s, cs, K, ig, sp.pool_max, mx, Z);
     const bool tg = ct.c0 + c == lab_s[i];
     A g = A(0);
-    if (p.row_lse && !tg) {
+    if (p.row_lse && !tg) {  // d LSE / dz = exp(z - LSE); d sum softplus / dz = sigmoid(z)
       const A z = term_value(sp.row, S);
-      g = rst[0 * kBM + i] * math_exp(z - rst[2 * kBM + i]) * term_dvalue(sp.row, S, z);
+      const A dz = p.row_softplus ? sigmoid_value(z) : math_exp(z - rst[2 * kBM + i]);
+      g = rst[0 * kBM + i] * dz * term_dvalue(sp.row, S, z);
     }
     if (p.col_pos && tg) {  // K = 1: s = S
       const A x = term_value(sp.col_pos, S);
@@ -312,6 +319,7 @@ ClassArgs<T> make_args(const ClassOperands& o, const double* terms, int64_t flag
   a.vec16 = o.vec16;
   a.sp = fpl::decode_class_spec<A>(terms, flags, o.K);
   a.row_lse = a.sp.row.lse;
+  a.row_softplus = a.sp.row_softplus;
   a.col_pos = a.sp.col_pos.lse;
   a.col_neg = a.sp.col_neg.lse;
   return a;

@@ -8,10 +8,14 @@ and each rank's loss is its own block (positives on the diagonal) plus, for worl
 images against every other rank's texts (negative_only: z = -1 everywhere), the texts exchanged as
 open_clip's dist_impl does (bidir, shift, reduce, gather).
 
-The fused path (`ops/image_text.siglip_rows`) sums softplus(-z x) per row over row chunks (the
-positive's sign flipped in place, so its term is computed as accurately as open_clip's) and never
-holds a B x B block; logit_scale's and logit_bias's gradients are reductions of its backward
-(sum_ij G_ij q_i . r_j and sum_ij G_ij).
+The fused path is the class engine's (`declaration`; docs/design.md "Image-text losses"): the texts
+are its classes, each row i's label its positive column, and the engine sums softplus(x_ij) over
+the other columns in its tile walk (flag ROW_SOFTPLUS_SUM) and returns the positive's logit, whose
+term softplus(-x) is added here. The logits come out of the engine's product whole: the rows are
+[t q_i, b] and the columns [r_j, 1], so x_ij = t (q_i . r_j) + b, and logit_scale's and
+logit_bias's gradients flow through those two copies. Where "auto" finds no engine for the device,
+the PyTorch row-chunk op `ops/image_text.siglip_rows` (the same sums over row chunks). Neither holds
+a B x B block.
 """
 from __future__ import annotations
 
@@ -21,6 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.image_text import siglip_rows
+from ..ops.operands import stat_dtype
+from ..ops.spec import ClassLossSpec, PairTerm
+from ..ops.stats import class_stats
 from . import _image_text as IT
 
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
@@ -39,10 +46,57 @@ def siglip_reference(image_features, text_features, logit_scale, logit_bias, *, 
     return -F.logsigmoid(labels * logits).sum() / n
 
 
-def siglip_fused(image_features, text_features, logit_scale, logit_bias, *, negative_only=False):
-    """The same block from the fused op (per-row sums of softplus(-z x), row chunks)."""
-    rows = siglip_rows(image_features, text_features, logit_scale, logit_bias, None if negative_only else 0)
-    return (rows.sum() / image_features.shape[0]).to(image_features.dtype)
+def declaration():
+    """SigLIP on the class engine: per row the sum of softplus(x) over the columns other than the
+    row's label (its positive), and the label column's logit (target_sim)."""
+    return ClassLossSpec(row=PairTerm(scale=1.0, lse=True), row_reduction="softplus_sum")
+
+
+def _softplus(x):
+    """log(1 + e^x) exactly for every x (F.softplus returns x itself above 20)."""
+    return torch.logaddexp(x, torch.zeros_like(x))
+
+
+# The engine's operands are D + 1 wide, zero-padded to a multiple of OPERAND_ALIGN: the CPU engine
+# reads rows of that width in place (its rows are padded to 16 floats or 8 doubles), so the
+# operands are copied once, here.
+OPERAND_ALIGN = 16
+
+
+def operand_width(d):
+    """Columns of the engine's operands for D-dimensional features: D, the bias column, padding."""
+    return -(-(d + 1) // OPERAND_ALIGN) * OPERAND_ALIGN
+
+
+def _engine_rows(q, r, scale, bias, negative_only, backend):
+    """sum_j softplus(-z_ij x_ij) per row from the class engine on `backend`: the engine's sum over
+    the columns but the label's, plus the label column's term (its logit negated when it is the
+    positive; with negative_only the label is an arbitrary column, i mod M, negative like the rest)."""
+    n, m = q.shape[0], r.shape[0]
+    if n == 0 or m == 0:
+        return q.new_zeros(n)
+    pad = operand_width(q.shape[1]) - q.shape[1] - 1
+    # x_ij = [t q_i, b, 0...] . [r_j, 1, 0...]
+    rows_q = torch.cat([scale * q, bias.expand(n, 1), q.new_zeros(n, pad)], 1)
+    cols_r = torch.cat([r, r.new_ones(m, 1), r.new_zeros(m, pad)], 1)
+    labels = torch.arange(n, device=q.device) % m
+    st = class_stats(rows_q, cols_r, labels, declaration(), backend)
+    x_label = st.target_sim
+    return st.lse_other + _softplus(x_label if negative_only else -x_label)
+
+
+def siglip_fused(image_features, text_features, logit_scale, logit_bias, *, negative_only=False, backend=IT.CHUNKED):
+    """The same block without the logits: per-row sums of softplus(-z x) from the class engine on
+    `backend`, or from the PyTorch row-chunk op (IT.CHUNKED). fp16 / bf16 features enter as fp32 (one
+    copy), so each feature's gradient is summed in fp32 and rounded once."""
+    dtype = image_features.dtype
+    if backend == IT.CHUNKED:
+        rows = siglip_rows(image_features, text_features, logit_scale, logit_bias, None if negative_only else 0)
+    else:
+        A = stat_dtype(dtype)
+        rows = _engine_rows(image_features.to(A), text_features.to(A), logit_scale.to(A), logit_bias.to(A),
+                            negative_only, backend)
+    return (rows.sum() / image_features.shape[0]).to(dtype)
 
 
 def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, rank=0, world_size=1, dist_impl=None,
@@ -57,8 +111,12 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, rank=
     if logit_bias is None:
         raise TypeError("logit_bias is required by SigLipLoss (a scalar tensor, e.g. the model's logit_bias)")
     bias = IT.check_scalar("logit_bias", logit_bias, image_features)
-    backend = IT.resolve(backend, image_features.device)
-    block = siglip_reference if backend == "reference" else siglip_fused
+    backend = IT.resolve(backend, image_features.device, engine=True)
+    if backend == "reference":
+        block = siglip_reference
+    else:
+        def block(*args, **kwargs):
+            return siglip_fused(*args, backend=backend, **kwargs)
     loss = block(image_features, text_features, scale, bias)
     if world_size > 1:
         IT.check_process_group(rank, world_size)

@@ -169,7 +169,10 @@ def _class_values(q, w, labels, K, cs: S.ClassLossSpec, inv_gamma):
         S_ = s[:, :, 0]
     target = torch.nn.functional.one_hot(labels, C).bool()
     rows = torch.full((n,), NEG_INF, dtype=A, device=q.device)
-    if cs.row is not None:
+    if cs.row is not None and cs.row_reduction == "softplus_sum":
+        x = _term(cs.row, S_)  # softplus(x) = log(e^0 + e^x), exact for every x (F.softplus cuts at 20)
+        rows = torch.where(~target, torch.logaddexp(x, torch.zeros_like(x)), 0.0).sum(1)
+    elif cs.row is not None:
         rows = _masked_lse(_term(cs.row, S_), ~target, 1)
     target_sim = S_.gather(1, labels[:, None]).squeeze(1)
     cols = []

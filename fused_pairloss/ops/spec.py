@@ -33,6 +33,7 @@ COL_NEG_LSE = 1 << 2
 NORMALIZE_WEIGHTS = 1 << 3
 WEIGHTS_COLUMNS = 1 << 4
 POOL_MAX = 1 << 5
+ROW_SOFTPLUS_SUM = 1 << 6
 # how the weights are given rather than what is computed from them: an engine without its own
 # support gets them as plain normalized rows from the registrar (ops/engines.py, weight_rows)
 WEIGHT_OPERAND_FLAGS = NORMALIZE_WEIGHTS | WEIGHTS_COLUMNS
@@ -45,6 +46,7 @@ PAIR_AUX = ("min_pos", "max_neg", "pos_vs_neg_dlse")
 # rows of the class engine's outputs (ClassRowSlot, ClassColSlot)
 CLASS_ROWS = ("lse_other", "target_sim")
 CLASS_COLS = ("col_lse_pos", "col_lse_neg")
+ROW_REDUCTIONS = ("lse", "softplus_sum")
 
 DISTANCES = ("cosine", "lp")
 
@@ -152,8 +154,9 @@ class ClassLossSpec:
     s_ick = q_i . w_ck; S_ic = s_ic (K = 1), SoftTriple's pooling sum_k softmax_k(s_ick / gamma)
     s_ick (`pool_gamma`) or SubCenterArcFace's max_k s_ick (`pool_max`: torch.max's value, NaN
     first, and its gradient to the first center attaining it); `row`: per row the LSE over the
-    non-target classes of the term of S_ic (the target's logit is combined outside, from
-    target_sim); `col_pos` / `col_neg` (K = 1): per
+    non-target classes of the term x of S_ic, or with `row_reduction="softplus_sum"` the sum of
+    softplus(x) = log(1 + e^x) over them (SigLIP's sigmoid loss; the row slot "lse_other" holds that
+    sum); the target's logit is combined outside, from target_sim; `col_pos` / `col_neg` (K = 1): per
     class c the LSE over the samples with y_i == c / y_i != c of the term of s_ic (ProxyAnchor).
 
     The weights as the loss stores them (PML's parameter): `weights_layout` "rows" (C*K, D) or
@@ -169,10 +172,15 @@ class ClassLossSpec:
     pool_max: bool = False
     normalize_weights: bool = False
     weights_layout: str = "rows"
+    row_reduction: str = "lse"
     _packed: Tuple[Tuple[float, ...], int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         K = self.centers_per_class
+        if self.row_reduction not in ROW_REDUCTIONS:
+            raise ValueError(f"row_reduction must be one of {ROW_REDUCTIONS}; got {self.row_reduction!r}")
+        if self.row_reduction != "lse" and self.row is None:
+            raise ValueError(f"row_reduction {self.row_reduction!r} needs a row term")
         for name in ("row", "col_pos", "col_neg"):
             t = getattr(self, name)
             if t is not None and (t.hinge or t.sum):
@@ -188,7 +196,8 @@ class ClassLossSpec:
             | (COL_NEG_LSE if self.col_neg is not None else 0) \
             | (NORMALIZE_WEIGHTS if self.normalize_weights else 0) \
             | (WEIGHTS_COLUMNS if self.weights_layout == "columns" else 0) \
-            | (POOL_MAX if self.pool_max else 0)
+            | (POOL_MAX if self.pool_max else 0) \
+            | (ROW_SOFTPLUS_SUM if self.row_reduction == "softplus_sum" else 0)
         inv_gamma = 1.0 / self.pool_gamma if self.pool_gamma else 0.0
         terms = (self.row or NO_TERM).floats() + (self.col_pos or NO_TERM).floats() \
             + (self.col_neg or NO_TERM).floats() + (inv_gamma,)
@@ -204,7 +213,8 @@ class ClassLossSpec:
                  + _term_fields("col_neg", self.col_neg, lse=self.col_neg is not None)
                  + [f"pool_inv_gamma={_num(inv_gamma)}", f"centers_per_class={self.centers_per_class}",
                     f"normalize_weights={int(self.normalize_weights)}",
-                    f"weights_columns={int(self.weights_layout == 'columns')}", f"pool_max={int(self.pool_max)}"])
+                    f"weights_columns={int(self.weights_layout == 'columns')}", f"pool_max={int(self.pool_max)}",
+                    f"row_softplus_sum={int(self.row_reduction == 'softplus_sum')}"])
         return ";".join(parts)
 
 
@@ -234,7 +244,8 @@ def unpack_class(terms, flags: int, centers_per_class: int) -> ClassLossSpec:
                          centers_per_class=int(centers_per_class),
                          pool_gamma=(1.0 / terms[12]) if terms[12] else None, pool_max=bool(flags & POOL_MAX),
                          normalize_weights=bool(flags & NORMALIZE_WEIGHTS),
-                         weights_layout="columns" if flags & WEIGHTS_COLUMNS else "rows")
+                         weights_layout="columns" if flags & WEIGHTS_COLUMNS else "rows",
+                         row_reduction="softplus_sum" if flags & ROW_SOFTPLUS_SUM else "lse")
 
 
 def _num(x: float) -> str:

@@ -36,8 +36,9 @@ side's tiles; per row an online log-sum-exp (running max + rescaled sum), sums, 
 Class engine (tiles of whole classes of w; a tile is BLOCK_C classes x KP lanes, KP = K rounded up
 to a power of two, one tl.dot, reshaped to [BLOCK_N, BLOCK_C, KP] for the pooling: SoftTriple's
 softmax, SubCenterArcFace's max):
-- forward `_class_fwd_rows_kernel` (ROW_LSE and target_sim; programs own row blocks, walk class
-  tiles, split like the pair engine) and, with column terms (K = 1), `_class_fwd_cols_kernel`
+- forward `_class_fwd_rows_kernel` (ROW_LSE, or with ROW_SP the row's softplus sum, and target_sim;
+  programs own row blocks, walk class tiles, split like the pair engine) and, with column terms
+  (K = 1), `_class_fwd_cols_kernel`
   (programs own class tiles and walk row blocks: column LSEs; target_sim too when there is no row
   term, so ProxyAnchor costs one GEMM). Row and column terms together: 2 GEMM-equivalents.
 - backward `_class_bwd_rows_kernel` (grad_q) and `_class_bwd_cols_kernel` (grad_w; skipped when
@@ -145,7 +146,8 @@ _USE_TRITON_OP = _IMPORTED and not INTERPRETED and hasattr(torch.library, "trito
 _PAIR_TERMS = 2 * 4 + 1
 _CLASS_TERMS = 3 * 4 + 1
 _PAIR_FLAG_MASK = (1 << 11) - 1
-_CLASS_FLAG_MASK = S.ROW_LSE | S.COL_POS_LSE | S.COL_NEG_LSE | S.POOL_MAX  # no weight-operand bits (plain rows)
+# no weight-operand bits (plain rows)
+_CLASS_FLAG_MASK = S.ROW_LSE | S.COL_POS_LSE | S.COL_NEG_LSE | S.POOL_MAX | S.ROW_SOFTPLUS_SUM
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -247,7 +249,8 @@ def _pool_kind(K: int, flags: int) -> int:
 
 def _class_switches(flags: int) -> dict:
     f = int(flags)
-    return dict(ROW_LSE=bool(f & S.ROW_LSE), COL_POS=bool(f & S.COL_POS_LSE), COL_NEG=bool(f & S.COL_NEG_LSE))
+    return dict(ROW_LSE=bool(f & S.ROW_LSE), ROW_SP=bool(f & S.ROW_SOFTPLUS_SUM), COL_POS=bool(f & S.COL_POS_LSE),
+                COL_NEG=bool(f & S.COL_NEG_LSE))
 
 
 # ---- argument checks (torch._check: they also run under fake tensors) ----------------------------
@@ -590,6 +593,11 @@ if _IMPORTED:
         return tl.where(t != t, t, tl.exp(-sp))
 
     @triton.jit
+    def _softplus(x):
+        """log(1 + e^x) (pair_terms.inl softplus_value); NaN stays NaN."""
+        return tl.where(x > 0, x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
+
+    @triton.jit
     def _ntx_loss(t, tiny):
         """NTXent's pair term -log(sigmoid(t) + tiny), t = x - lse_neg_i."""
         return -tl.log(_sigmoid(t) + tiny)
@@ -929,11 +937,12 @@ if _IMPORTED:
     def _class_fwd_rows_kernel(q_ptr, w_ptr, y_ptr, out_ptr, N, C, D, K, split_o,
                                k_rs: tl.float64, k_rsh: tl.float64, k_rwo: tl.float64, k_rws: tl.float64,
                                k_ig: tl.float64,
-                               ROW_LSE: tl.constexpr, POOL: tl.constexpr, KP: tl.constexpr,
+                               ROW_LSE: tl.constexpr, ROW_SP: tl.constexpr, POOL: tl.constexpr, KP: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                                PREC: tl.constexpr):
         """Program (row block, split s): class tiles s, s + SPLIT, ...; writes its partial rows
-        (lse over c != y_i of the row term, target_sim) to slice s of out [SPLIT, 2, N]."""
+        (lse over c != y_i of the row term, or with ROW_SP the sum of its softplus; target_sim) to
+        slice s of out [SPLIT, 2, N]."""
         ACC: tl.constexpr = out_ptr.dtype.element_ty
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
@@ -950,10 +959,16 @@ if _IMPORTED:
             tg = (y[:, None] == cls[None, :]) & valid
             if ROW_LSE:
                 x, _dx = _term(S_, rs, rsh, rwo, rws, False)
-                m, l = _lse_fold(m, l, x, valid & ~tg, 1)
+                if ROW_SP:
+                    l += tl.sum(tl.where(valid & ~tg, _softplus(x), 0.0), axis=1)
+                else:
+                    m, l = _lse_fold(m, l, x, valid & ~tg, 1)
             t += tl.sum(tl.where(tg, S_, 0.0), axis=1)
         ob = out_ptr + tl.program_id(1).to(tl.int64) * split_o + rows
-        tl.store(ob, _lse_value(m, l), mask=row_ok)
+        if ROW_SP:
+            tl.store(ob, l, mask=row_ok)
+        else:
+            tl.store(ob, _lse_value(m, l), mask=row_ok)
         tl.store(ob + N, t, mask=row_ok)
 
     @triton.jit
@@ -1000,8 +1015,8 @@ if _IMPORTED:
     @triton.jit
     def _class_grad_tile(q_ptr, w_ptr, y_ptr, rst_ptr, cst_ptr, rows, row_ok, c0, N, C, D, K,
                          rs, rsh, rwo, rws, ps, psh, pwo, pws, ns, nsh, nwo, nws, ig,
-                         ROW_LSE: tl.constexpr, COL_POS: tl.constexpr, COL_NEG: tl.constexpr,
-                         POOL: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr,
+                         ROW_LSE: tl.constexpr, ROW_SP: tl.constexpr, COL_POS: tl.constexpr,
+                         COL_NEG: tl.constexpr, POOL: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
                          ACC: tl.constexpr):
         """gs = dL/ds of one recomputed tile, [BLOCK_N, BLOCK_C*KP] in ACC (ops/README.md,
@@ -1022,7 +1037,10 @@ if _IMPORTED:
             g_row = tl.load(rst_ptr + rows, mask=row_ok, other=0.0)
             lse = tl.load(rst_ptr + 2 * N + rows, mask=row_ok, other=0.0)
             x, dx = _term(S_, rs, rsh, rwo, rws, False)
-            e = tl.exp(tl.where(other, x - lse[:, None], _NEG_INF))
+            if ROW_SP:  # d sum softplus / dx = sigmoid(x)
+                e = tl.where(other, 1.0 / (1.0 + tl.exp(-x)), 0.0)
+            else:  # d LSE / dx = exp(x - LSE)
+                e = tl.exp(tl.where(other, x - lse[:, None], _NEG_INF))
             G = tl.where(other, (g_row[:, None] * e) * dx, 0.0)
         if COL_POS:
             g_cp = tl.load(cst_ptr + cls, mask=col_ok, other=0.0)
@@ -1053,8 +1071,8 @@ if _IMPORTED:
                                k_ps: tl.float64, k_psh: tl.float64, k_pwo: tl.float64, k_pws: tl.float64,
                                k_ns: tl.float64, k_nsh: tl.float64, k_nwo: tl.float64, k_nws: tl.float64,
                                k_ig: tl.float64,
-                               ROW_LSE: tl.constexpr, COL_POS: tl.constexpr, COL_NEG: tl.constexpr,
-                               POOL: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr,
+                               ROW_LSE: tl.constexpr, ROW_SP: tl.constexpr, COL_POS: tl.constexpr,
+                               COL_NEG: tl.constexpr, POOL: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
                                ONE_CHUNK: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr):
         """grad_q[rows] (slice s) = sum over the class tiles s, s + SPLIT, ... of gs @ w_tile."""
@@ -1070,7 +1088,8 @@ if _IMPORTED:
         for c0 in range(tl.program_id(1).to(tl.int64) * BLOCK_C, C, tl.num_programs(1) * BLOCK_C):
             gs = _class_grad_tile(q_ptr, w_ptr, y_ptr, rst_ptr, cst_ptr, rows, row_ok, c0, N, C, D, K,
                                   rs, rsh, rwo, rws, ps, psh, pwo, pws, ns, nsh, nwo, nws, ig,
-                                  ROW_LSE, COL_POS, COL_NEG, POOL, KP, BLOCK_N, BLOCK_C, BLOCK_D, PREC, ACC)
+                                  ROW_LSE, ROW_SP, COL_POS, COL_NEG, POOL, KP, BLOCK_N, BLOCK_C, BLOCK_D, PREC,
+                                  ACC)
             w_rows, col_ok = _tile_cols(c0, C, K, KP, BLOCK_C)
             acc = _acc_grad(acc, gs, w_ptr, w_rows, col_ok, D, out_ptr, rows, row_ok, D,
                             BLOCK_G, ONE_CHUNK, GPREC)
@@ -1082,8 +1101,8 @@ if _IMPORTED:
                                k_ps: tl.float64, k_psh: tl.float64, k_pwo: tl.float64, k_pws: tl.float64,
                                k_ns: tl.float64, k_nsh: tl.float64, k_nwo: tl.float64, k_nws: tl.float64,
                                k_ig: tl.float64,
-                               ROW_LSE: tl.constexpr, COL_POS: tl.constexpr, COL_NEG: tl.constexpr,
-                               POOL: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr,
+                               ROW_LSE: tl.constexpr, ROW_SP: tl.constexpr, COL_POS: tl.constexpr,
+                               COL_NEG: tl.constexpr, POOL: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
                                ONE_CHUNK: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr):
         """grad_w[tile] (slice s) = sum over the row blocks s, s + SPLIT, ... of gs^T @ q_rows."""
@@ -1101,7 +1120,8 @@ if _IMPORTED:
             row_ok = rows < N
             gs = _class_grad_tile(q_ptr, w_ptr, y_ptr, rst_ptr, cst_ptr, rows, row_ok, c0, N, C, D, K,
                                   rs, rsh, rwo, rws, ps, psh, pwo, pws, ns, nsh, nwo, nws, ig,
-                                  ROW_LSE, COL_POS, COL_NEG, POOL, KP, BLOCK_N, BLOCK_C, BLOCK_D, PREC, ACC)
+                                  ROW_LSE, ROW_SP, COL_POS, COL_NEG, POOL, KP, BLOCK_N, BLOCK_C, BLOCK_D, PREC,
+                                  ACC)
             acc = _acc_grad(acc, tl.trans(gs), q_ptr, rows, row_ok, D, out_ptr, w_rows, col_ok, D,
                             BLOCK_G, ONE_CHUNK, GPREC)
         _finish_grad(acc, acc, w_ptr, w_rows, col_ok, D, out_ptr, D, False, BLOCK_G, ONE_CHUNK)
@@ -1290,9 +1310,13 @@ if _IMPORTED:
             part = torch.empty((splits, 2, N), dtype=A, device=dev) if splits > 1 else \
                 torch.empty((2, N), dtype=A, device=dev)
             _launch(_class_fwd_rows_kernel)[(row_blocks, splits)](
-                q, w, labels, part, N, C, D, K, 2 * N, *t[0:4], t[12], ROW_LSE=sw["ROW_LSE"],
+                q, w, labels, part, N, C, D, K, 2 * N, *t[0:4], t[12], ROW_LSE=sw["ROW_LSE"], ROW_SP=sw["ROW_SP"],
                 POOL=_pool_kind(K, flags), PREC=prec, **blocks)
-            rows = part if splits == 1 else torch.stack([torch.logsumexp(part[:, 0], 0), part[:, 1].sum(0)])
+            if splits > 1:  # the splits' partial rows, merged in split order
+                other = part[:, 0].sum(0) if sw["ROW_SP"] else torch.logsumexp(part[:, 0], 0)
+                rows = torch.stack([other, part[:, 1].sum(0)])
+            else:
+                rows = part
         else:  # target_sim comes from the column kernel
             rows = torch.empty((2, N), dtype=A, device=dev)
             rows[0].fill_(float("-inf"))
