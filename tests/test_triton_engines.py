@@ -561,7 +561,9 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     from fused_pairloss.ops import triton_engines as T
     from fused_pairloss.ops import spec as S
     TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
-    INT_PTRS = {"lq_ptr": "*i64", "lr_ptr": "*i64", "ex_ptr": "*i64", "y_ptr": "*i64", "cnt_ptr": "*i32"}
+    from fused_pairloss.ops import triton_triplets as TT
+    INT_PTRS = {"lq_ptr": "*i64", "lr_ptr": "*i64", "ex_ptr": "*i64", "y_ptr": "*i64", "cnt_ptr": "*i32",
+                "cols_ptr": "*i64", "counts_ptr": "*i64", "win_ptr": "*i64", "k_ptr": "*i32"}
 
     def build(kern, dtype, const, arch, num_warps, num_stages=3):
         names = kern.arg_names
@@ -598,8 +600,8 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         warps = blocks.pop("num_warps")
         prec = T.dot_precision(dtype)
         pool = T._pool_kind(K, flags)
-        build(T._class_fwd_rows_kernel, dtype, dict(ROW_LSE=sw["ROW_LSE"], POOL=pool, PREC=prec, **blocks), arch,
-              warps)
+        build(T._class_fwd_rows_kernel, dtype, dict(ROW_LSE=sw["ROW_LSE"], ROW_SP=sw["ROW_SP"], POOL=pool, PREC=prec,
+                                                    **blocks), arch, warps)
         bg, one = T._block_g(D, dtype)
         meta = dict(PREC=prec, POOL=pool, **sw, **blocks, BLOCK_G=bg, ONE_CHUNK=one, GPREC=T.grad_dot_precision(dtype))
         if K == 1:
@@ -611,15 +613,30 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         else:
             build(T._class_bwd_rows_kernel, dtype, meta, arch, warps)
 
+    def triplet(dtype, lp, window, arch, D):  # the all-triplets kernels (ops/triton_triplets.py), on A = fp32
+        b = TT._blocks()
+        warps, stages = b.pop("num_warps"), b.pop("num_stages")
+        common = dict(LP=lp, WINDOW=window, PREC=T.dot_precision(dtype), BLOCK_D=T.block_d(dtype), **b)
+        build(TT._triplet_fwd_kernel, torch.float32, common, arch, warps, stages)
+        bg, one = T._block_g(D, dtype)
+        g = dict(common, GPREC=T.grad_dot_precision(dtype), BLOCK_G=bg, ONE_CHUNK=one)
+        build(TT._triplet_bwd_rows_kernel, torch.float32, dict(g, GRAD=True), arch, warps, stages)
+        build(TT._triplet_bwd_cols_kernel, torch.float32, g, arch, warps, stages)
+        build(TT._triplet_pos_u_kernel, torch.float32, dict(LP=lp, BLOCK=128, BLOCK_D=T.block_d(dtype)), arch, 4)
+
     # bf16 self mode with mining (register accumulator); fp32 ref mode with lp, NTXent, sums, hinge,
     # mining and exclude_col (chunked gradient); SoftTriple's pooling in bf16; SubCenterArcFace's max
-    # pooling in fp32; ProxyAnchor in fp32
+    # pooling in fp32; ProxyAnchor in fp32; SigLIP's softplus rows (D + 1 = 528 columns) in fp32; the
+    # triplet kernels (lp, all triplets, register accumulator; cosine, a miner's window, chunked)
     pair(torch.bfloat16, S.MINE | S.POS_LSE | S.NEG_LSE | S.EXCLUDE_AFTER_MINING, 90, True, 1, 128)
     pair(torch.float32, S.NEG_LSE | S.NEG_SUM | S.POS_SUM | S.POS_HINGE | S.POS_VS_NEG_LSE | S.LP_DISTANCE | S.MINE,
          80, False, 2, 300)
     klass(torch.bfloat16, S.ROW_LSE, 10, 90, 128)
     klass(torch.float32, S.ROW_LSE | S.POOL_MAX, 3, 80, 128)
     klass(torch.float32, S.COL_POS_LSE | S.COL_NEG_LSE, 1, 80, 300)
+    klass(torch.float32, S.ROW_LSE | S.ROW_SOFTPLUS_SUM, 1, 90, 528)
+    triplet(torch.float32, True, False, 90, 128)
+    triplet(torch.float32, False, True, 80, 300)
     print("compiled")
 """)
 

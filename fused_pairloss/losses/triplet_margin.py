@@ -100,7 +100,15 @@ def _triplet_rows(embeddings, labels, ref_emb, ref_labels, margin, distance, bac
     else:
         labels_r = labels_r.to(device=q.device, dtype=torch.int64)
         excl = torch.full_like(labels_q, -1) if excl is None else excl.to(device=q.device, dtype=torch.int64)
-    return rows_op(backend, q.device)(q, r, labels_q, labels_r, excl, float(margin), distance == "lp", *window)
+    if backend == "triton":
+        from ..ops import triton_triplets
+
+        if not triton_triplets.AVAILABLE:
+            raise RuntimeError("the Triton engines are not available (is triton installed?)")
+        op = triton_triplets.forward_op()
+    else:
+        op = rows_op(backend, q.device)
+    return op(q, r, labels_q, labels_r, excl, float(margin), distance == "lp", *window)
 
 
 def triplet_margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, distance="lp", backend,

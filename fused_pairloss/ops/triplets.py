@@ -266,6 +266,15 @@ triplet_rows.register_autograd(_autograd_backward(triplet_rows_backward), setup_
 triplet_rows_backward.register_autograd(_backward_not_differentiable, setup_context=_no_context)
 
 
+def register_rows_op(forward, backward):
+    """Fake kernels and the autograd rule of another implementation of this schema (custom op
+    objects: the Triton ops of ops/triton_triplets.py)."""
+    forward.register_fake(_fake_rows)
+    backward.register_fake(_fake_rows_backward)
+    forward.register_autograd(_autograd_backward(backward), setup_context=_setup_context)
+    backward.register_autograd(_backward_not_differentiable, setup_context=_no_context)
+
+
 def _register_native():
     """Fake kernels and autograd of the C++ op pair (when the loaded library has it); True if usable."""
     if not _extension.has_kernel("triplet_engine_forward", "CPU"):

@@ -1,0 +1,368 @@
+"""The all-triplets op on Triton (the "triton" backend of TripletMarginLoss): the schema of
+`ops/triplets.triplet_rows` (docs/design.md "Triplets"; ops/README.md), as the custom ops
+`fused_pairloss::triton_triplet_forward` / `triton_triplet_backward`.
+
+Per anchor row i, its positives p (same label, p != exclude_col_i) are few: they are gathered on
+the host (r's labels sorted once, a row's positives one contiguous run of that order), and a small
+kernel computes their u_ip (d, or -S; the element math of the tiles, docs/design.md "Numerics").
+The kernels then stream the column tiles of r against a block of rows, the tile's u from the
+engines' S tile (`_pair_v`), and for each negative n (labels differ) and each positive p of its row
+take the hinge x = A_p - u_n, A_p = u_ip + margin:
+
+- forward: sums_i = sum_{p,n} relu(x), counts_i = #{x > 0}, in_window_i = #{(p, n)} in the miner's
+  window (window_lo < u_n - u_ip <= window_hi; every pair without one);
+- backward, rows pass: G_in = g_i c_in du/dS on the negatives, c_in = #{p : x > 0} (-c_in is
+  d sums_i / d u_n), grad_q += G r (+ the lp norms' share), and k_ip = #{n : x > 0}
+  (d sums_i / d A_p); columns pass: grad_r += G^T q. The positives' share g_i k_ip du_ip comes
+  from the gathered pairs on the host, in row chunks.
+
+Each of the P positives of a row is one elementwise pass over the tile (the C++ kernel's "vector
+pass per positive"), so the op suits the usual few positives per row: above MAX_POSITIVES it
+computes with the PyTorch op `triplet_rows` instead (buckets and a binary search per row). One
+program per row block (or column block) walks the whole other side: deterministic, no atomics, no
+split. The ops are opaque custom ops (torch.compile sees their fake kernels): the positives' count
+is data-dependent. Memory O((N + M) D + N P).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import triplets
+from . import triton_engines as TE
+from .operands import stat_dtype
+
+__all__ = ["AVAILABLE", "MAX_POSITIVES", "forward_op", "backward_op", "positives"]
+
+MAX_POSITIVES = 64  # positives per row beyond which the PyTorch op computes (see the module docstring)
+GATHER_ELEMENTS = 1 << 22  # rows x P x D entries of one host chunk of the positives' gradient
+
+AVAILABLE = False
+_OPS: dict = {}
+
+
+def forward_op():
+    return _OPS["forward"]
+
+
+def backward_op():
+    return _OPS["backward"]
+
+
+def positives(labels_q, labels_r, exclude_col):
+    """(cols [N, P] int64, real [N, P] bool): row i's positive columns, in r's label order (ties in
+    column order), the rows with fewer than P padded (real False, col 0)."""
+    n, m = labels_q.shape[0], labels_r.shape[0]
+    dev = labels_q.device
+    if n == 0 or m == 0:
+        return torch.zeros((n, 0), dtype=torch.int64, device=dev), torch.zeros((n, 0), dtype=torch.bool, device=dev)
+    order = torch.argsort(labels_r, stable=True)
+    sorted_labels = labels_r[order].contiguous()
+    start = torch.searchsorted(sorted_labels, labels_q, right=False)
+    span = torch.searchsorted(sorted_labels, labels_q, right=True) - start
+    width = int(span.max())
+    k = torch.arange(width, device=dev)
+    real = k[None, :] < span[:, None]
+    cols = order[(start[:, None] + k[None, :]).clamp(max=m - 1)]
+    real &= cols != exclude_col[:, None]
+    # the excluded column leaves a gap: move every row's real entries to the front, in order
+    front = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
+    cols, real = cols.gather(1, front), real.gather(1, front)
+    P = int(real.sum(1).max()) if width else 0
+    return torch.where(real, cols, 0)[:, :P].contiguous(), real[:, :P].contiguous()
+
+
+if TE.AVAILABLE:
+    import triton
+    import triton.language as tl
+
+    from .triton_engines import _acc_grad, _finish_grad, _pair_v, _sqrt
+
+    @triton.jit
+    def _triplet_pos_u_kernel(q_ptr, r_ptr, cols_ptr, nq_ptr, nr_ptr, a_ptr, NP, P, D, LP: tl.constexpr,
+                              BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+        """a[i, p] = u of row i and its gathered positive column cols[i, p] (-1: none, a = NaN), with
+        the element math of `_pair_v` (lp: |q|^2 + |r|^2 - 2 S, the near pairs from the rows'
+        differences; the same root), so a tie of a positive and a negative of one row is a tie here."""
+        ACC: tl.constexpr = a_ptr.dtype.element_ty
+        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = idx < NP
+        col = tl.load(cols_ptr + idx, mask=ok, other=-1)
+        real = ok & (col >= 0)
+        row = idx // P
+        s = tl.zeros([BLOCK], ACC)
+        diff2 = tl.zeros([BLOCK], ACC)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            m = real[:, None] & (d < D)[None, :]
+            x = tl.load(q_ptr + row[:, None] * D + d[None, :], mask=m, other=0.0).to(ACC)
+            y = tl.load(r_ptr + col[:, None] * D + d[None, :], mask=m, other=0.0).to(ACC)
+            s += tl.sum(x * y, axis=1)
+            diff2 += tl.sum((x - y) * (x - y), axis=1)
+        if LP:
+            norms = tl.load(nq_ptr + row, mask=real, other=0.0) + tl.load(nr_ptr + col, mask=real, other=0.0)
+            d2 = norms - 2.0 * s
+            d2 = tl.where(d2 < norms * 0.03125, diff2, d2)  # 1/32: pair_terms.inl kLpNearPair
+            u = tl.where(d2 != d2, d2, tl.where(d2 > 0, _sqrt(tl.where(d2 > 0, d2, 1.0)), 0.0))
+        else:
+            u = -s
+        tl.store(a_ptr + idx, tl.where(real, u, float("nan")), mask=ok)
+
+    @triton.jit
+    def _triplet_tile(q_ptr, r_ptr, lq, nq, rows, row_ok, c0, M, D, lr_ptr, nr_ptr, LP: tl.constexpr,
+                      PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      ACC: tl.constexpr):
+        """(u, negatives, cols, col_ok) of the tile rows x columns c0..: u = d or -S."""
+        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = cols < M
+        lr = tl.load(lr_ptr + cols, mask=col_ok, other=0)
+        if LP:
+            nr = tl.load(nr_ptr + cols, mask=col_ok, other=0.0)
+        else:
+            nr = tl.zeros([BLOCK_N], ACC)
+        v = _pair_v(q_ptr, r_ptr, rows, cols, row_ok, col_ok, nq, nr, D, D, D, LP, 0, PREC, BLOCK_D,
+                    BLOCK_M, BLOCK_N, ACC)
+        if LP:
+            u = v
+        else:
+            u = -v
+        neg = (lq[:, None] != lr[None, :]) & row_ok[:, None] & col_ok[None, :]
+        return u, neg, cols, col_ok
+
+    @triton.jit
+    def _triplet_pair(a_ptr, rows, row_ok, p, P, u, neg, margin, lo, hi, WINDOW: tl.constexpr):
+        """Positive p of each row against the tile's negatives: (in the window, x = A_p - u > 0 there, x)."""
+        a = tl.load(a_ptr + rows * P + p, mask=row_ok, other=float("nan"))
+        if WINDOW:
+            t = u - a[:, None]
+            inw = neg & (t > lo) & (t <= hi)
+        else:
+            inw = neg & (u == u) & (a == a)[:, None]
+        x = (a + margin)[:, None] - u
+        return inw, inw & (x > 0), x
+
+    @triton.jit
+    def _triplet_fwd_kernel(q_ptr, r_ptr, lq_ptr, lr_ptr, nq_ptr, nr_ptr, a_ptr, sums_ptr, counts_ptr, win_ptr,
+                            N, M, D, P, k_margin: tl.float64, k_lo: tl.float64, k_hi: tl.float64,
+                            LP: tl.constexpr, WINDOW: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Program: a row block against every column tile; sums, counts, in_window of its rows."""
+        ACC: tl.constexpr = sums_ptr.dtype.element_ty
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        lq = tl.load(lq_ptr + rows, mask=row_ok, other=0)
+        if LP:
+            nq = tl.load(nq_ptr + rows, mask=row_ok, other=0.0)
+        else:
+            nq = tl.zeros([BLOCK_M], ACC)
+        margin, lo, hi = tl.full([], k_margin, ACC), tl.full([], k_lo, ACC), tl.full([], k_hi, ACC)
+        sums = tl.zeros([BLOCK_M], ACC)
+        counts = tl.zeros([BLOCK_M], tl.int64)
+        in_window = tl.zeros([BLOCK_M], tl.int64)
+        for c0 in range(0, M, BLOCK_N):
+            u, neg, _cols, _ok = _triplet_tile(q_ptr, r_ptr, lq, nq, rows, row_ok, c0, M, D, lr_ptr, nr_ptr, LP,
+                                               PREC, BLOCK_M, BLOCK_N, BLOCK_D, ACC)
+            for p in range(0, P):
+                inw, on, x = _triplet_pair(a_ptr, rows, row_ok, p, P, u, neg, margin, lo, hi, WINDOW)
+                sums += tl.sum(tl.where(on, x, 0.0), axis=1)
+                counts += tl.sum(on.to(tl.int64), axis=1)
+                in_window += tl.sum(inw.to(tl.int64), axis=1)
+        tl.store(sums_ptr + rows, sums, mask=row_ok)
+        tl.store(counts_ptr + rows, counts, mask=row_ok)
+        tl.store(win_ptr + rows, in_window, mask=row_ok)
+
+    @triton.jit
+    def _triplet_grad_tile(a_ptr, g, rows, row_ok, P, u, neg, margin, lo, hi, LP: tl.constexpr,
+                           WINDOW: tl.constexpr):
+        """G = dL/dS of the tile's negatives: g_i c_in du/dS, c_in = #{p : A_p > u_n in the window}
+        (du/dS = -1/d for lp, 0 at d = 0; -1 for the cosine, so G = g c (1/d or 1))."""
+        c = tl.zeros(u.shape, u.dtype)
+        for p in range(0, P):
+            _inw, on, _x = _triplet_pair(a_ptr, rows, row_ok, p, P, u, neg, margin, lo, hi, WINDOW)
+            c += on.to(u.dtype)
+        G = g[:, None] * c
+        if LP:
+            G = tl.where(u > 0, G / tl.where(u > 0, u, 1.0), 0.0)
+        return G
+
+    @triton.jit
+    def _triplet_bwd_rows_kernel(q_ptr, r_ptr, lq_ptr, lr_ptr, nq_ptr, nr_ptr, a_ptr, g_ptr, k_ptr, out_ptr,
+                                 N, M, D, P, k_margin: tl.float64, k_lo: tl.float64, k_hi: tl.float64,
+                                 LP: tl.constexpr, WINDOW: tl.constexpr, GRAD: tl.constexpr, PREC: tl.constexpr,
+                                 GPREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, ONE_CHUNK: tl.constexpr):
+        """Program: a row block against every column tile; k_ip = #{n : A_p > u_n} of its rows (into
+        k, [N, P] int32, which it owns) and, with GRAD, its rows of grad_q = G r - rowsum(G) q (lp)."""
+        ACC: tl.constexpr = g_ptr.dtype.element_ty
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        lq = tl.load(lq_ptr + rows, mask=row_ok, other=0)
+        if LP:
+            nq = tl.load(nq_ptr + rows, mask=row_ok, other=0.0)
+        else:
+            nq = tl.zeros([BLOCK_M], ACC)
+        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+        margin, lo, hi = tl.full([], k_margin, ACC), tl.full([], k_lo, ACC), tl.full([], k_hi, ACC)
+        acc = tl.zeros([BLOCK_M, BLOCK_G], ACC)
+        gsum = tl.zeros([BLOCK_M], ACC)
+        for c0 in range(0, M, BLOCK_N):
+            u, neg, cols, col_ok = _triplet_tile(q_ptr, r_ptr, lq, nq, rows, row_ok, c0, M, D, lr_ptr, nr_ptr, LP,
+                                                 PREC, BLOCK_M, BLOCK_N, BLOCK_D, ACC)
+            for p in range(0, P):
+                _inw, on, _x = _triplet_pair(a_ptr, rows, row_ok, p, P, u, neg, margin, lo, hi, WINDOW)
+                kp = k_ptr + rows * P + p
+                tl.store(kp, tl.load(kp, mask=row_ok, other=0) + tl.sum(on.to(tl.int32), axis=1), mask=row_ok)
+            if GRAD:
+                G = _triplet_grad_tile(a_ptr, g, rows, row_ok, P, u, neg, margin, lo, hi, LP, WINDOW)
+                acc = _acc_grad(acc, G, r_ptr, cols, col_ok, D, out_ptr, rows, row_ok, D, BLOCK_G, ONE_CHUNK,
+                                GPREC)
+                gsum += tl.sum(G, axis=1)
+        if GRAD:
+            _finish_grad(acc, gsum, q_ptr, rows, row_ok, D, out_ptr, D, LP, BLOCK_G, ONE_CHUNK)
+
+    @triton.jit
+    def _triplet_bwd_cols_kernel(q_ptr, r_ptr, lq_ptr, lr_ptr, nq_ptr, nr_ptr, a_ptr, g_ptr, out_ptr,
+                                 N, M, D, P, k_margin: tl.float64, k_lo: tl.float64, k_hi: tl.float64,
+                                 LP: tl.constexpr, WINDOW: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                                 BLOCK_G: tl.constexpr, ONE_CHUNK: tl.constexpr):
+        """Program: a column block against every row block (the forward's tile orientation, so the
+        same u bits); its columns of grad_r = G^T q - colsum(G) r (lp)."""
+        ACC: tl.constexpr = g_ptr.dtype.element_ty
+        c0 = tl.program_id(0).to(tl.int64) * BLOCK_N
+        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = cols < M
+        margin, lo, hi = tl.full([], k_margin, ACC), tl.full([], k_lo, ACC), tl.full([], k_hi, ACC)
+        acc = tl.zeros([BLOCK_N, BLOCK_G], ACC)
+        gsum = tl.zeros([BLOCK_N], ACC)
+        for r0 in range(0, N, BLOCK_M):
+            rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
+            row_ok = rows < N
+            lq = tl.load(lq_ptr + rows, mask=row_ok, other=0)
+            if LP:
+                nq = tl.load(nq_ptr + rows, mask=row_ok, other=0.0)
+            else:
+                nq = tl.zeros([BLOCK_M], ACC)
+            g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+            u, neg, _cols, _ok = _triplet_tile(q_ptr, r_ptr, lq, nq, rows, row_ok, c0, M, D, lr_ptr, nr_ptr, LP,
+                                               PREC, BLOCK_M, BLOCK_N, BLOCK_D, ACC)
+            G = _triplet_grad_tile(a_ptr, g, rows, row_ok, P, u, neg, margin, lo, hi, LP, WINDOW)
+            acc = _acc_grad(acc, tl.trans(G), q_ptr, rows, row_ok, D, out_ptr, cols, col_ok, D, BLOCK_G, ONE_CHUNK,
+                            GPREC)
+            gsum += tl.sum(G, axis=0)
+        _finish_grad(acc, gsum, r_ptr, cols, col_ok, D, out_ptr, D, LP, BLOCK_G, ONE_CHUNK)
+
+    # ---- host ---------------------------------------------------------------------------------------
+    def _blocks():
+        """Fixed tiles (untuned: no GPU was available); small under the interpreter so that small tests
+        cross several tiles."""
+        if TE.INTERPRETED:
+            return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+
+    def _operands(q, r, labels_q, labels_r, exclude_col, lp):
+        """The kernels' inputs in the stat dtype A, the gathered positives and their u ([N, P], NaN
+        where not real), or None when a row has more than MAX_POSITIVES positives."""
+        A = stat_dtype(q.dtype)
+        qa, ra = q.detach().to(A).contiguous(), r.detach().to(A).contiguous()
+        cols, real = positives(labels_q, labels_r, exclude_col)
+        if cols.shape[1] > MAX_POSITIVES:
+            return None
+        nq = (qa * qa).sum(1) if lp else qa.new_zeros(1)
+        nr = (ra * ra).sum(1) if lp else ra.new_zeros(1)
+        a = torch.empty(cols.shape, dtype=A, device=q.device)
+        if a.numel():
+            block = 64 if TE.INTERPRETED else 128
+            TE._launch(_triplet_pos_u_kernel)[(triton.cdiv(a.numel(), block),)](
+                qa, ra, torch.where(real, cols, -1), nq, nr, a, a.numel(), a.shape[1], qa.shape[1], LP=bool(lp),
+                BLOCK=block, BLOCK_D=TE.block_d(q.dtype))
+        return A, qa, ra, labels_q.contiguous(), labels_r.contiguous(), nq, nr, a, cols, real
+
+    def _forward(q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo, window_hi):
+        TE._check_pair_sizes(q.shape[0], r.shape[0])
+        ops = _operands(q, r, labels_q, labels_r, exclude_col, lp)
+        if ops is None:
+            return triplets.triplet_rows(q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo, window_hi)
+        A, qa, ra, lq, lr, nq, nr, a, _cols, _real = ops
+        N, M, D = qa.shape[0], ra.shape[0], qa.shape[1]
+        sums = torch.zeros(N, dtype=A, device=q.device)
+        counts = torch.zeros(N, dtype=torch.int64, device=q.device)
+        in_window = torch.zeros(N, dtype=torch.int64, device=q.device)
+        if N == 0 or M == 0 or a.shape[1] == 0:
+            return sums, counts, in_window
+        b = _blocks()
+        TE._launch(_triplet_fwd_kernel)[(triton.cdiv(N, b["BLOCK_M"]),)](
+            qa, ra, lq, lr, nq, nr, a, sums, counts, in_window, N, M, D, a.shape[1], float(margin),
+            float(window_lo), float(window_hi), LP=bool(lp), WINDOW=triplets._has_window(window_lo, window_hi),
+            PREC=TE.dot_precision(q.dtype), BLOCK_D=TE.block_d(q.dtype), **b)
+        return sums, counts, in_window
+
+    def _backward(grad_sums, q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo, window_hi,
+                  need_grad_q, need_grad_r):
+        ops = _operands(q, r, labels_q, labels_r, exclude_col, lp)
+        if ops is None:
+            return triplets.triplet_rows_backward(grad_sums, q, r, labels_q, labels_r, exclude_col, margin, lp,
+                                                  window_lo, window_hi, need_grad_q, need_grad_r)
+        A, qa, ra, lq, lr, nq, nr, a, cols, real = ops
+        N, M, D, P = qa.shape[0], ra.shape[0], qa.shape[1], a.shape[1]
+        g = grad_sums.to(A).contiguous()
+        grad_q = torch.zeros_like(qa) if need_grad_q else None
+        grad_r = torch.zeros_like(ra) if need_grad_r else None
+        if N and M and P and D:
+            b = _blocks()
+            block_g, one_chunk = TE._block_g(D, q.dtype)
+            args = (N, M, D, P, float(margin), float(window_lo), float(window_hi))
+            meta = dict(LP=bool(lp), WINDOW=triplets._has_window(window_lo, window_hi),
+                        PREC=TE.dot_precision(q.dtype), GPREC=TE.grad_dot_precision(q.dtype),
+                        BLOCK_D=TE.block_d(q.dtype), BLOCK_G=block_g, ONE_CHUNK=one_chunk, **b)
+            k = torch.zeros((N, P), dtype=torch.int32, device=q.device)
+            out_q = grad_q if grad_q is not None else qa.new_zeros(1)
+            TE._launch(_triplet_bwd_rows_kernel)[(triton.cdiv(N, b["BLOCK_M"]),)](
+                qa, ra, lq, lr, nq, nr, a, g, k, out_q, *args, GRAD=need_grad_q, **meta)
+            if need_grad_r:
+                TE._launch(_triplet_bwd_cols_kernel)[(triton.cdiv(M, b["BLOCK_N"]),)](
+                    qa, ra, lq, lr, nq, nr, a, g, grad_r, *args, **meta)
+            _add_positives_grad(grad_q, grad_r, g, k, qa, ra, a, cols, real, lp)
+        empty = q.new_empty((0,))
+        return ((empty if grad_q is None else grad_q.to(q.dtype)),
+                (empty if grad_r is None else grad_r.to(r.dtype)))
+
+    def _add_positives_grad(grad_q, grad_r, g, k, qa, ra, a, cols, real, lp):
+        """The positives' share, from the gathered pairs in row chunks: d sums_i / d u_ip = k_ip, so
+        with W = g k (and W / d for lp, 0 at d = 0): cosine (u = -S) grad_q_i -= sum_p W r_p,
+        grad_r_p -= W q_i; lp (u = |q_i - r_p|) grad_q_i += sum_p W (q_i - r_p), grad_r_p += W (r_p -
+        q_i). The scatter into grad_r is index_add_ (on CUDA deterministic only under
+        torch.use_deterministic_algorithms)."""
+        n, P = cols.shape
+        D = qa.shape[1]
+        step = max(1, GATHER_ELEMENTS // max(P * D, 1))
+        for i0 in range(0, n, step):
+            i1 = min(n, i0 + step)
+            W = torch.where(real[i0:i1], g[i0:i1, None] * k[i0:i1].to(g.dtype), 0.0)
+            if lp:
+                d = a[i0:i1]
+                W = torch.where(d > 0, W / torch.where(d > 0, d, 1.0), 0.0)
+            if not bool((W != 0).any()):
+                continue
+            rows, rp = qa[i0:i1], ra[cols[i0:i1]]  # chunk x D, chunk x P x D
+            w_r = torch.bmm(W[:, None, :], rp).squeeze(1)  # sum_p W_ip r_p
+            if grad_q is not None:
+                grad_q[i0:i1] += (W.sum(1, keepdim=True) * rows - w_r) if lp else -w_r
+            if grad_r is not None:
+                contrib = W[:, :, None] * ((rp - rows[:, None, :]) if lp else -rows[:, None, :])
+                grad_r.index_add_(0, cols[i0:i1].reshape(-1), contrib.reshape(-1, D))
+
+    def _register():
+        schema_fwd = ("(Tensor q, Tensor r, Tensor labels_q, Tensor labels_r, Tensor exclude_col, float margin, "
+                      "bool lp, float window_lo, float window_hi) -> (Tensor sums, Tensor counts, Tensor in_window)")
+        schema_bwd = ("(Tensor grad_sums, Tensor q, Tensor r, Tensor labels_q, Tensor labels_r, Tensor exclude_col, "
+                      "float margin, bool lp, float window_lo, float window_hi, bool need_grad_q, "
+                      "bool need_grad_r) -> (Tensor grad_q, Tensor grad_r)")
+        fwd = torch.library.custom_op("fused_pairloss::triton_triplet_forward", _forward, mutates_args=(),
+                                      schema=schema_fwd)
+        bwd = torch.library.custom_op("fused_pairloss::triton_triplet_backward", _backward, mutates_args=(),
+                                      schema=schema_bwd)
+        triplets.register_rows_op(fwd, bwd)
+        _OPS.update(forward=fwd, backward=bwd)
+
+    _register()
+    AVAILABLE = True

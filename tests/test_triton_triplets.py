@@ -1,0 +1,149 @@
+"""The all-triplets op on Triton (fused_pairloss/ops/triton_triplets.py, ops
+fused_pairloss::triton_triplet_forward / _backward): against the PyTorch op triplet_rows (the same
+schema) on dyadic rows, where every u is exact in both and ties are decided alike, so the counts
+are compared exactly and the sums and gradients by the kit's rule; with and without a miner's
+window, self and ref mode, few and many positives (beyond MAX_POSITIVES the PyTorch op computes);
+NaN rows, fp16 inputs, opcheck, TripletMarginLoss(backend="triton"). Without a GPU through the
+Triton interpreter (tests/conftest.py), at small sizes; the `gpu` tests run the same checks on CUDA
+tensors at real sizes."""
+import glob
+import os
+
+import pytest
+import torch
+
+if not glob.glob("/dev/nvidia[0-9]*"):  # also when this file runs without the conftest
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+TT = pytest.importorskip("fused_pairloss.ops.triton_triplets")
+if not TT.AVAILABLE:  # pragma: no cover
+    pytest.skip("the Triton engines are not available", allow_module_level=True)
+
+import fused_pairloss as fpl  # noqa: E402
+from fused_pairloss.ops import triplets  # noqa: E402
+from fused_pairloss.ops import triton_engines as TE  # noqa: E402
+from kit import check_close  # noqa: E402
+from test_triplet_margin import op_inputs, op_results  # noqa: E402
+
+FWD, BWD = TT.forward_op(), TT.backward_op()
+WINDOWS = {"none": triplets.NO_WINDOW, "hard": (float("-inf"), 0.0), "semihard": (0.0, 0.5)}
+pytestmark = pytest.mark.skipif(not TE.INTERPRETED and not torch.cuda.is_available(),
+                                reason="Triton needs a CUDA GPU or TRITON_INTERPRET=1")
+
+
+def to(args, device):
+    return tuple(a.to(device) for a in args)
+
+
+def check_against_the_pytorch_op(args, margin, lp, window, dtype):
+    """counts and in_window exactly; sums and the gradients of q and r by the kit's rule (the truth:
+    the PyTorch op in fp64 on the same rows)."""
+    mode_self = args[1] is args[0]
+    args64 = tuple(a.double() if a.is_floating_point() else a for a in args)
+    args64 = (args64[0], args64[0], *args64[2:]) if mode_self else args64
+    ours = op_results(FWD, args, margin, lp, window)
+    same = op_results(triplets.triplet_rows, args, margin, lp, window)
+    truth = op_results(triplets.triplet_rows, args64, margin, lp, window)
+    assert torch.equal(ours[0].cpu(), same[0].cpu()) and torch.equal(ours[1].cpu(), same[1].cpu())
+    assert ours[2].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    for k, (a, t, b) in enumerate(zip(ours[2:], truth[2:], same[2:])):
+        check_close(a.cpu(), t.cpu(), b.cpu(), what=["sums", "grad q", "grad r"][k], dtype=dtype)
+
+
+CASES = [(dtype, lp, mode, "none") for dtype in (torch.float32, torch.float64) for lp in (True, False)
+         for mode in ("self", "ref")] + [(torch.float64, lp, mode, w) for lp in (True, False)
+                                         for mode, w in (("ref", "hard"), ("self", "semihard"))]
+
+
+@pytest.mark.parametrize("dtype,lp,mode,window", CASES,
+                         ids=[f"{'fp32' if c[0] == torch.float32 else 'fp64'}-{'lp' if c[1] else 'cos'}-{c[2]}-{c[3]}"
+                              for c in CASES])
+def test_matches_the_pytorch_op(dtype, lp, mode, window):
+    """70 rows (3 row and column tiles of the interpreter's 32), ~6 positives a row; ref mode with a
+    wider r and every third row leaving one column out."""
+    check_against_the_pytorch_op(op_inputs(mode, 70, 12, dtype, seed=3), 0.25, lp, WINDOWS[window], dtype)
+
+
+def test_many_positives_compute_with_the_pytorch_op():
+    """A row with more than MAX_POSITIVES positives: the PyTorch op's own results, bitwise."""
+    args = op_inputs("self", 2 * TT.MAX_POSITIVES + 20, 2, torch.float64, seed=4)
+    assert TT.positives(args[2], args[3], args[4])[0].shape[1] > TT.MAX_POSITIVES
+    ours = op_results(FWD, args, 0.2, True)
+    theirs = op_results(triplets.triplet_rows, args, 0.2, True)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_positives_are_each_rows_same_label_columns_but_the_excluded():
+    lq = torch.tensor([0, 1, 0, 2, 5])
+    lr = torch.tensor([1, 0, 0, 2, 1, 0])
+    ex = torch.tensor([1, -1, 5, 3, 0])
+    cols, real = TT.positives(lq, lr, ex)
+    got = [sorted(c[m].tolist()) for c, m in zip(cols, real)]
+    assert got == [[2, 5], [0, 4], [1, 2], [], []]
+
+
+def test_half_inputs_accumulate_in_fp32():
+    args = op_inputs("ref", 60, 6, torch.float16, seed=9)
+    ours = op_results(FWD, args, 0.1, True)
+    same = op_results(triplets.triplet_rows, args, 0.1, True)
+    assert ours[2].dtype == torch.float32 and ours[3].dtype == torch.float16
+    assert torch.equal(ours[0], same[0])
+    check_close(ours[2], same[2].double(), what="sums", dtype=torch.float16)
+
+
+def test_nan_row_is_in_no_term():
+    """As the C++ kernel: a NaN row has no nonzero term (the loss adds an exact 0 of the inputs to
+    stay NaN), and the other rows' terms with its NaN u are left out: they equal the batch without
+    that row."""
+    q, r, lq, lr, ex = op_inputs("self", 50, 4, torch.float64, seed=10)
+    q = q.clone()
+    q[7] = float("nan")
+    sums, counts, _ = FWD(q, q, lq, lq, ex, 0.2, True, *triplets.NO_WINDOW)
+    assert counts[7] == 0 and sums[7] == 0 and torch.isfinite(sums).all()
+    keep = torch.arange(50) != 7
+    sub = triplets.triplet_rows(q[keep], q[keep], lq[keep], lq[keep], torch.arange(49), 0.2, True,
+                                *triplets.NO_WINDOW)
+    assert torch.equal(counts[keep], sub[1])
+    torch.testing.assert_close(sums[keep], sub[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("lp", [True, False], ids=["lp", "cosine"])
+@pytest.mark.parametrize("window", [triplets.NO_WINDOW, (0.0, 0.4)], ids=["all", "window"])
+def test_opcheck(lp, window):
+    q, r, lq, lr, ex = op_inputs("ref", 9, 3, torch.float64, seed=11, d=5)
+    q, r = q.requires_grad_(True), r.requires_grad_(True)
+    args = (q, r, lq, lr, ex, 0.2, lp, *window)
+    torch.library.opcheck(FWD, args)
+    sums, _, _ = FWD(*args)
+    for need in ((True, True), (False, True)):
+        torch.library.opcheck(BWD, (torch.ones_like(sums), q.detach(), r.detach(), *args[2:], *need))
+
+
+@pytest.mark.parametrize("miner", [None, "semihard"])
+def test_loss_through_the_triton_backend(miner):
+    """TripletMarginLoss(backend="triton"), alone and fed by a fused TripletMarginMiner, against the
+    reference backend (the loss on the op's sums and counts)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(48, 12, generator=g, dtype=torch.float64).requires_grad_(True)
+    y = torch.randint(0, 8, (48,), generator=g)
+
+    def run(backend):
+        loss = fpl.TripletMarginLoss(margin=0.2, backend=backend)
+        mined = None if miner is None else fpl.miners.TripletMarginMiner(margin=0.3, type_of_triplets=miner)(x, y)
+        out = loss(x, y, mined)
+        return out, torch.autograd.grad(out, x)[0]
+
+    ours, reference = run("triton"), run("reference")
+    torch.testing.assert_close(ours[0], reference[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours[1], reference[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lp", [True, False], ids=["lp", "cosine"])
+@pytest.mark.parametrize("window", ["none", "semihard"])
+def test_gpu_matches_the_pytorch_op(lp, window):
+    """CUDA tensors at a real size (N = 2048, 4 per class; ref mode 2098 columns), fp32 and fp64."""
+    for dtype in (torch.float32, torch.float64):
+        args = to(op_inputs("ref", 2048, 512, dtype, seed=12, d=64), "cuda")
+        check_against_the_pytorch_op(args, 0.2, lp, WINDOWS[window], dtype)
