@@ -17,6 +17,7 @@ from . import _validation as V
 from ._distributed import FUSED_PAIR_CALLS, DistributedBatch, agreed_layout, fused_pair_plan
 from .losses._base import _distance_name
 from .losses.multi_similarity import MultiSimilarityLoss
+from .losses.triplet_margin import TripletMarginLoss
 from .ops._common import LOCAL, zero_loss
 
 __all__ = ["CrossBatchMemory"]
@@ -45,6 +46,22 @@ def _ms_miner_epsilon(miner, distance):
     if type(miner) is not MultiSimilarityMiner or _distance_name(miner.distance) != distance:
         return None
     return float(miner.epsilon)
+
+
+def _triplet_miner_window(miner, distance):
+    """The window on the triplet margin of a TripletMarginMiner (PML's, or ours) whose distance is
+    the loss's: PML removes the self comparisons after mining, which for triplets is leaving the
+    self slot out of the positives (exclude_col), the window being a rule on each triplet alone.
+    Else None."""
+    try:
+        from pytorch_metric_learning.miners import TripletMarginMiner
+    except ImportError:
+        return None
+    from ._miners import TripletMarginMiner as FusedTripletMarginMiner, triplet_window
+
+    if type(miner) not in (TripletMarginMiner, FusedTripletMarginMiner) or _distance_name(miner.distance) != distance:
+        return None
+    return triplet_window(miner.margin, miner.type_of_triplets)
 
 
 def get_all_pairs_indices(labels, ref_labels):
@@ -90,11 +107,13 @@ class CrossBatchMemory(torch.nn.Module):
     are written and only the others are the queries (no self removal). `reset_queue()` empties it.
 
     Fused (no B x M matrix; the memory's gradient pass skipped) when `loss` is one of this
-    library's pair losses computed by a fused backend and `miner` is None or PML's
+    library's pair losses computed by a fused backend and `miner` is None, or PML's
     MultiSimilarityMiner(epsilon) (with the loss's distance) for a MultiSimilarityLoss: PML mines
     against the memory, the self slot included, and removes the self comparisons afterwards; the
     fused engine does the same (the declaration's `exclude_after_mining`). A
-    MultiSimilarityLoss(miner_epsilon=e) here means the same as miner=MultiSimilarityMiner(e).
+    MultiSimilarityLoss(miner_epsilon=e) here means the same as miner=MultiSimilarityMiner(e). Or a
+    TripletMarginMiner (PML's or ours, with the loss's distance) for a TripletMarginLoss: its
+    window on the triplet margin in the all-triplets op, the self slot left out of the positives.
     Any other miner, an explicit indices_tuple, a PML loss object, or the reference backend: PML's
     computation (all pair indices, self comparisons removed, the loss with the indices), exact.
 
@@ -209,6 +228,12 @@ class CrossBatchMemory(torch.nn.Module):
         if plan is None:
             return None
         fn, hyper = plan
+        if self.miner is not None and type(self.loss) is TripletMarginLoss:
+            window = _triplet_miner_window(self.miner, hyper.get("distance"))
+            if window is None:
+                return None
+            hyper["window"] = window
+            return fn, hyper
         if self.miner is not None:
             eps = _ms_miner_epsilon(self.miner, hyper.get("distance"))
             if eps is None or type(self.loss) is not MultiSimilarityLoss:

@@ -1,7 +1,7 @@
 """fpl.CrossBatchMemory against PML's CrossBatchMemory step by step (values, gradients, the memory
 buffers, queue_idx, has_been_filled) over a wrap-around, with enqueue_mask, reset_queue, PML's
-MultiSimilarityMiner (fused: mined against the memory with the self slot, self pairs removed
-after), other miners and explicit indices_tuple (PML's computation); state_dicts both ways; the
+MultiSimilarityMiner and TripletMarginMiner (fused: mined against the memory with the self slot,
+self comparisons removed after), other miners and explicit indices_tuple (PML's computation); state_dicts both ways; the
 fused path's footprint (no B x M tensor, no column pass for the memory); argument validation."""
 import warnings
 
@@ -121,6 +121,28 @@ def test_multi_similarity_miner_fused(distance):
     theirs = L.CrossBatchMemory(L.MultiSimilarityLoss(beta=beta, distance=dist()), D, M,
                                 miner=miners.MultiSimilarityMiner(0.1, distance=dist()))
     run_against_pml(ours, theirs, batches(6), f"miner_epsilon {distance}")
+
+
+@pytest.mark.parametrize("distance", ["lp", "cosine"])
+@pytest.mark.parametrize("ours_miner", [False, True], ids=["pml_miner", "our_miner"])
+def test_triplet_margin_miner_fused(distance, ours_miner):
+    """TripletMarginMiner (PML's or ours, every type_of_triplets) beside a TripletMarginLoss: PML
+    mines the batch against the memory and removes the triplets whose positive is the anchor's own
+    slot; the fused op keeps the miner's window and leaves that slot out of the positives."""
+    dist = (lambda: Dm.LpDistance()) if distance == "lp" else (lambda: Dm.CosineSimilarity())
+    make_miner = fpl.miners.TripletMarginMiner if ours_miner else miners.TripletMarginMiner
+    for t, kind in enumerate(("all", "hard", "semihard", "easy")):
+        ours = fpl.CrossBatchMemory(fpl.TripletMarginLoss(0.1, distance=dist()), D, M,
+                                    miner=make_miner(0.3, type_of_triplets=kind, distance=dist()))
+        assert ours._plan(None, torch.device("cpu")) is not None, "the triplet miner is fused"
+        theirs = L.CrossBatchMemory(L.TripletMarginLoss(0.1, distance=dist()), D, M,
+                                    miner=miners.TripletMarginMiner(0.3, type_of_triplets=kind, distance=dist()))
+        run_against_pml(ours, theirs, batches(20 + t), f"TripletMarginMiner {kind} {distance}")
+    # a miner measuring with another distance than the loss's: PML's computation
+    other = Dm.CosineSimilarity() if distance == "lp" else Dm.LpDistance()
+    ours = fpl.CrossBatchMemory(fpl.TripletMarginLoss(0.1, distance=dist()), D, M,
+                                miner=make_miner(0.3, distance=other))
+    assert ours._plan(None, torch.device("cpu")) is None
 
 
 def test_exclusion_after_mining_matters():
