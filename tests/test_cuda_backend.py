@@ -190,7 +190,8 @@ def _cuda_include_dir():
 
 
 def _emu_sources():
-    return [os.path.join(CSRC, "cuda", "emu", f) for f in ("emu_ops.cpp", "emu_pair.cpp", "emu_class.cpp")]
+    return [os.path.join(CSRC, "cuda", "emu", f) for f in ("emu_ops.cpp", "emu_pair.cpp", "emu_class.cpp",
+                                                           "emu_triplet.cpp")]
 
 
 _EMU_LOADED = []  # the emulation library is loaded once per process (a second load of a rebuilt file
@@ -475,6 +476,92 @@ def test_emulated_class_edge_cases(emu):
     assert gq.shape == (0, 8) and (gw == 0).all()
 
 
+# ---- triplet engine -----------------------------------------------------------------------------
+TRIPLET_WINDOWS = {"none": (float("-inf"), float("inf")), "hard": (float("-inf"), 0.0), "semihard": (0.0, 0.5)}
+
+
+def triplet_inputs(mode, n, classes, dtype, seed, d=24):
+    """Dyadic rows (kit.dyadic): S and d^2 exact, so the counts are the PyTorch op's exactly; ref
+    mode: 50 more columns, every third row leaving one column out."""
+    g = torch.Generator().manual_seed(seed)
+    q = kit.dyadic(n, d, g, dtype)
+    lq = torch.randint(0, classes, (n,), generator=g)
+    if mode == "self":
+        return q, q, lq, lq, torch.arange(n)
+    r = kit.dyadic(n + 50, d, g, dtype)
+    lr = torch.randint(0, classes, (n + 50,), generator=g)
+    ex = torch.full((n,), -1)
+    ex[::3] = torch.randint(0, n + 50, (len(ex[::3]),), generator=g)
+    return q, r, lq, lr, ex
+
+
+def check_triplet(ops, args, margin, lp, window, need=(True, True), device="cpu"):
+    """The CUDA triplet op pair (emulated: ops = the emulation; or the GPU's) against the PyTorch op
+    triplet_rows on the same rows: counts and in_window exactly, sums and the gradients of q and r
+    by the kit's rule (the truth: the PyTorch op in fp64)."""
+    from fused_pairloss.ops import triplets
+
+    q, r, lq, lr, ex = args
+    dtype = q.dtype
+    args64 = tuple(a.double() if a.is_floating_point() else a for a in args)
+    on = tuple(a.to(device) for a in args)
+    got = ops.triplet_engine_forward(*on, margin, lp, *window)
+    same = triplets.triplet_rows(*args, margin, lp, *window)
+    truth = triplets.triplet_rows(*args64, margin, lp, *window)
+    assert torch.equal(got[1].cpu(), same[1]) and torch.equal(got[2].cpu(), same[2])
+    kit.check_close(got[0].cpu(), truth[0], same[0], what="sums", dtype=dtype)
+    g = torch.linspace(0.5, 1.5, len(lq), dtype=torch.float64)
+    grads = ops.triplet_engine_backward(g.to(device, same[0].dtype), *on, margin, lp, *window, *need)
+    same_g = triplets.triplet_rows_backward(g.to(same[0].dtype), *args, margin, lp, *window, *need)
+    truth_g = triplets.triplet_rows_backward(g, *args64, margin, lp, *window, *need)
+    for k, wanted in enumerate(need):
+        if not wanted:
+            assert grads[k].numel() == 0
+            continue
+        assert grads[k].dtype == dtype
+        kit.check_close(grads[k].cpu(), truth_g[k], same_g[k], what=["grad q", "grad r"][k], dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("lp", [True, False], ids=["lp", "cosine"])
+@pytest.mark.parametrize("mode,window", [("self", "none"), ("ref", "none"), ("ref", "hard"), ("self", "semihard")])
+def test_emulated_triplet_op_parity(emu, dtype, lp, mode, window):
+    """70 rows: 2 row blocks, ragged; ref mode 120 columns: 2 column tiles; ~6 positives a row."""
+    check_triplet(emu, triplet_inputs(mode, 70, 12, dtype, seed=1), 0.25, lp, TRIPLET_WINDOWS[window])
+
+
+def test_emulated_triplet_op_many_positives_half_inputs_and_need_flags(emu):
+    check_triplet(emu, triplet_inputs("self", 70, 2, torch.float32, seed=2), 0.2, True, TRIPLET_WINDOWS["none"])
+    check_triplet(emu, triplet_inputs("ref", 40, 5, torch.float16, seed=3), 0.1, True, TRIPLET_WINDOWS["none"])
+    args = triplet_inputs("ref", 40, 5, torch.float64, seed=4)
+    check_triplet(emu, args, 0.2, False, TRIPLET_WINDOWS["semihard"], need=(True, False))
+    check_triplet(emu, args, 0.2, True, TRIPLET_WINDOWS["hard"], need=(False, True))
+
+
+def test_emulated_triplet_op_nan_row_and_empty(emu):
+    """A NaN row is in no term and leaves the other rows as the batch without it; no positives /
+    no rows give zeros."""
+    from fused_pairloss.ops import triplets
+
+    q, _, lq, _, _ = triplet_inputs("self", 50, 4, torch.float64, seed=5)
+    q = q.clone()
+    q[7] = float("nan")
+    sums, counts, _ = emu.triplet_engine_forward(q, q, lq, lq, torch.arange(50), 0.2, True, *TRIPLET_WINDOWS["none"])
+    assert counts[7] == 0 and sums[7] == 0 and torch.isfinite(sums).all()
+    keep = torch.arange(50) != 7
+    sub = triplets.triplet_rows(q[keep], q[keep], lq[keep], lq[keep], torch.arange(49), 0.2, True,
+                                *TRIPLET_WINDOWS["none"])
+    assert torch.equal(counts[keep], sub[1])
+    torch.testing.assert_close(sums[keep], sub[0], rtol=1e-12, atol=1e-12)
+    distinct = torch.arange(50)  # every label once: no positives
+    sums, counts, win = emu.triplet_engine_forward(q, q, distinct, distinct, torch.arange(50), 0.2, True,
+                                                   *TRIPLET_WINDOWS["none"])
+    assert (sums == 0).all() and (counts == 0).all() and (win == 0).all()
+    sums, counts, win = emu.triplet_engine_forward(q[:0], q, lq[:0], lq, torch.arange(0), 0.2, True,
+                                                   *TRIPLET_WINDOWS["none"])
+    assert sums.shape == (0,)
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. GPU (the real kernels; skipped without a GPU)
 # ---------------------------------------------------------------------------------------------
@@ -593,6 +680,22 @@ def test_gpu_losses_match_reference(name, mode, dtype):
     for n, d in [(96, 64), (300, 40)]:
         case = kit.loss_case(loss, n, d, dtype, mode, seed=n, num_classes=50 if loss.kind == "class" else None)
         kit.check_loss_parity(loss, _to_cuda(case), GPU_BACKEND, what=f"{name} {mode} n={n}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lp", [True, False], ids=["lp", "cosine"])
+@pytest.mark.parametrize("mode,window", [("self", "none"), ("ref", "semihard")])
+def test_gpu_triplet_op_parity(lp, mode, window):
+    """The CUDA all-triplets op against the PyTorch op at real sizes (1000 rows, ~4 positives a row;
+    ref mode 1050 columns), fp64 and fp32, and its results bitwise the same on a second call."""
+    ops = _gpu_ops()
+    for dtype in (torch.float64, torch.float32):
+        args = triplet_inputs(mode, 1000, 250, dtype, seed=7, d=64)
+        check_triplet(ops, args, 0.2, lp, TRIPLET_WINDOWS[window], device=GPU)
+        on = tuple(a.to(GPU) for a in args)
+        a, b = ops.triplet_engine_forward(*on, 0.2, lp, *TRIPLET_WINDOWS[window]), \
+            ops.triplet_engine_forward(*on, 0.2, lp, *TRIPLET_WINDOWS[window])
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 @pytest.mark.gpu

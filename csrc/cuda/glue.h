@@ -324,4 +324,183 @@ inline std::tuple<Tensor, Tensor> class_backward(const Runtime& rt, const Tensor
   return {grad_q, grad_w};
 }
 
+// ---- all-triplets engine (triplet_engine.cu) ----------------------------------------------------
+inline void check_triplet_inputs(const Tensor& q, const Tensor& r, const Tensor& labels_q, const Tensor& labels_r,
+                                 const Tensor& exclude_col) {
+  TORCH_CHECK(q.dim() == 2 && r.dim() == 2 && q.size(1) == r.size(1),
+              "triplet_engine: q and r must be 2-D with the same number of columns, got ", q.sizes(), " and ",
+              r.sizes());
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()) && q.scalar_type() == r.scalar_type(),
+              "triplet_engine: q and r must share one floating dtype, got ", q.scalar_type(), " and ", r.scalar_type());
+  dtype_code(q);
+  TORCH_CHECK(labels_q.dim() == 1 && labels_q.size(0) == q.size(0) && exclude_col.dim() == 1 &&
+                  exclude_col.size(0) == q.size(0),
+              "triplet_engine: labels_q and exclude_col must have shape (", q.size(0), ",), got ", labels_q.sizes(),
+              " and ", exclude_col.sizes());
+  TORCH_CHECK(labels_r.dim() == 1 && labels_r.size(0) == r.size(0), "triplet_engine: labels_r must have shape (",
+              r.size(0), ",), got ", labels_r.sizes());
+  TORCH_CHECK(labels_q.scalar_type() == at::kLong && labels_r.scalar_type() == at::kLong &&
+                  exclude_col.scalar_type() == at::kLong,
+              "triplet_engine: labels_q, labels_r and exclude_col must be int64");
+  for (const auto& [t, name] : {std::pair<const Tensor&, const char*>{r, "r"},
+                                {labels_q, "labels_q"},
+                                {labels_r, "labels_r"},
+                                {exclude_col, "exclude_col"}})
+    check_same_device(t, q, name);
+  check_grid(q.size(0), fpl_cuda::kCtaRows, "N (rows of q)");
+  check_grid(r.size(0), fpl_cuda::kCtaRows, "M (rows of r)");
+}
+
+// The kernels' operands: q, r in the stat dtype A, and per row of q its positives (r's labels
+// sorted once: a row's positives are one run of that order; the excluded column taken out).
+struct TripletPrep {
+  Tensor q, r, lq, lr, nq, nr, pos_cols, pos_u;
+  int64_t N = 0, M = 0, D = 0, P = 0;
+  double margin = 0, lo = 0, hi = 0;
+  bool lp = false, window = false;
+
+  fpl_cuda::TripletOperands operands() const {
+    fpl_cuda::TripletOperands o{};
+    o.dt = dtype_code(q);
+    o.q = q.data_ptr();
+    o.r = r.data_ptr();
+    o.labels_q = lq.data_ptr<int64_t>();
+    o.labels_r = lr.data_ptr<int64_t>();
+    o.norm_q = nq.defined() ? nq.data_ptr() : nullptr;
+    o.norm_r = nr.defined() ? nr.data_ptr() : nullptr;
+    o.pos_cols = pos_cols.data_ptr<int64_t>();
+    o.pos_u = pos_u.data_ptr();
+    o.N = N;
+    o.M = M;
+    o.D = D;
+    o.P = P;
+    o.margin = margin;
+    o.window_lo = lo;
+    o.window_hi = hi;
+    o.lp = lp;
+    o.window = window;
+    o.vec16 = N > 0 && M > 0 && can_vec16(q, r);
+    return o;
+  }
+};
+
+inline TripletPrep prepare_triplet(const Runtime& rt, const Tensor& q, const Tensor& r, const Tensor& labels_q,
+                                   const Tensor& labels_r, const Tensor& exclude_col, double margin, bool lp,
+                                   double window_lo, double window_hi) {
+  TripletPrep p;
+  const auto A = stat_type(q);
+  p.q = q.to(A).contiguous();
+  p.r = r.to(A).contiguous();
+  p.lq = labels_q.contiguous();
+  p.lr = labels_r.contiguous();
+  p.N = q.size(0);
+  p.M = r.size(0);
+  p.D = q.size(1);
+  p.margin = margin;
+  p.lo = window_lo;
+  p.hi = window_hi;
+  p.lp = lp;
+  p.window = !(std::isinf(window_lo) && window_lo < 0 && std::isinf(window_hi) && window_hi > 0);
+  if (lp) {
+    p.nq = p.q.square().sum(1).contiguous();
+    p.nr = p.r.square().sum(1).contiguous();
+  }
+  const auto lopts = p.lq.options();
+  Tensor cols = at::empty({p.N, 0}, lopts), real = at::empty({p.N, 0}, lopts.dtype(at::kBool));
+  if (p.N > 0 && p.M > 0) {
+    const Tensor order = stable_sort_perm(p.lr);
+    const Tensor sorted = p.lr.index_select(0, order).contiguous();
+    const Tensor start = at::searchsorted(sorted, p.lq, /*out_int32=*/false, /*right=*/false);
+    const Tensor span = at::searchsorted(sorted, p.lq, /*out_int32=*/false, /*right=*/true) - start;
+    const int64_t width = span.max().item<int64_t>();
+    const Tensor k = at::arange(width, lopts);
+    real = k.unsqueeze(0).lt(span.unsqueeze(1));
+    cols = order.index_select(0, (start.unsqueeze(1) + k.unsqueeze(0)).clamp_max(p.M - 1).flatten()).view({p.N, width});
+    real = real.logical_and(cols.ne(exclude_col.contiguous().unsqueeze(1)));
+    // the excluded column leaves a gap: every row's real entries to the front, in order
+    const Tensor front = at::argsort(real.logical_not().to(at::kByte), /*stable=*/true, /*dim=*/1);
+    cols = cols.gather(1, front);
+    real = real.gather(1, front);
+    p.P = width > 0 ? real.sum(1).max().item<int64_t>() : 0;
+    cols = cols.narrow(1, 0, p.P);
+    real = real.narrow(1, 0, p.P);
+  }
+  p.pos_cols = at::where(real, cols, at::full_like(cols, -1)).contiguous();
+  p.pos_u = at::empty({p.N, p.P}, p.q.options());
+  check_launch(rt, fpl_cuda::triplet_positive_u(p.operands(), rt.stream), "triplet_engine (positives)");
+  return p;
+}
+
+inline std::tuple<Tensor, Tensor, Tensor> triplet_forward(const Runtime& rt, const Tensor& q, const Tensor& r,
+                                                          const Tensor& labels_q, const Tensor& labels_r,
+                                                          const Tensor& exclude_col, double margin, bool lp,
+                                                          double window_lo, double window_hi) {
+  check_triplet_inputs(q, r, labels_q, labels_r, exclude_col);
+  const TripletPrep p = prepare_triplet(rt, q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo, window_hi);
+  Tensor sums = at::zeros({p.N}, p.q.options());
+  Tensor counts = at::zeros({p.N}, p.lq.options());
+  Tensor in_window = at::zeros({p.N}, p.lq.options());
+  if (p.N > 0 && p.M > 0 && p.P > 0) {
+    check_launch(rt,
+                 fpl_cuda::triplet_forward(p.operands(), sums.data_ptr(), counts.data_ptr<int64_t>(),
+                                           in_window.data_ptr<int64_t>(), rt.stream),
+                 "triplet_engine_forward");
+  }
+  return {sums, counts, in_window};
+}
+
+// The positives' share of the gradients, from the gathered pairs in row chunks: d sums_i / d u_ip =
+// k_ip, so with W = g k (W / d for lp, 0 at d = 0): cosine (u = -S) grad_q_i -= sum_p W r_p and
+// grad_r_p -= W q_i; lp (u = |q_i - r_p|) grad_q_i += sum_p W (q_i - r_p), grad_r_p += W (r_p - q_i).
+inline void add_positives_grad(const TripletPrep& p, const Tensor& g, const Tensor& k, Tensor& gq, Tensor& gr) {
+  constexpr int64_t kGatherElements = int64_t(1) << 22;
+  const int64_t step = std::max<int64_t>(1, kGatherElements / std::max<int64_t>(p.P * p.D, 1));
+  for (int64_t i0 = 0; i0 < p.N; i0 += step) {
+    const int64_t c = std::min(step, p.N - i0);
+    const Tensor cols = p.pos_cols.narrow(0, i0, c);
+    const Tensor real = cols.ge(0);
+    Tensor W = at::where(real, g.narrow(0, i0, c).unsqueeze(1) * k.narrow(0, i0, c).to(g.scalar_type()),
+                         at::zeros_like(p.pos_u.narrow(0, i0, c)));
+    if (p.lp) {
+      const Tensor d = p.pos_u.narrow(0, i0, c);
+      const Tensor pos = d.gt(0);
+      W = at::where(pos, W / at::where(pos, d, at::ones_like(d)), at::zeros_like(d));
+    }
+    const Tensor rows = p.q.narrow(0, i0, c);
+    const Tensor rp = at::where(real.unsqueeze(2), p.r.index_select(0, cols.clamp_min(0).flatten()).view({c, p.P, p.D}),
+                                at::zeros({1}, p.q.options()));
+    const Tensor w_r = at::bmm(W.unsqueeze(1), rp).squeeze(1);  // sum_p W_ip r_p
+    gq.narrow(0, i0, c).add_(p.lp ? W.sum(1, true) * rows - w_r : -w_r);
+    if (gr.defined()) {
+      const Tensor contrib = W.unsqueeze(2) * (p.lp ? rp - rows.unsqueeze(1) : -rows.unsqueeze(1));
+      gr.index_add_(0, cols.clamp_min(0).flatten(), contrib.reshape({c * p.P, p.D}));
+    }
+  }
+}
+
+inline std::tuple<Tensor, Tensor> triplet_backward(const Runtime& rt, const Tensor& grad_sums, const Tensor& q,
+                                                   const Tensor& r, const Tensor& labels_q, const Tensor& labels_r,
+                                                   const Tensor& exclude_col, double margin, bool lp, double window_lo,
+                                                   double window_hi, bool need_grad_q, bool need_grad_r) {
+  check_triplet_inputs(q, r, labels_q, labels_r, exclude_col);
+  TORCH_CHECK(grad_sums.dim() == 1 && grad_sums.size(0) == q.size(0),
+              "triplet_engine_backward: grad_sums must have shape (", q.size(0), ",), got ", grad_sums.sizes());
+  check_same_device(grad_sums, q, "grad_sums");
+  const TripletPrep p = prepare_triplet(rt, q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo, window_hi);
+  const Tensor g = grad_sums.to(p.q.scalar_type()).contiguous();
+  Tensor gq = at::zeros({p.N, p.D}, p.q.options());  // pass 0 runs for k even when grad_q is not needed
+  Tensor gr = need_grad_r ? at::zeros({p.M, p.D}, p.q.options()) : Tensor();
+  if (p.N > 0 && p.M > 0 && p.P > 0 && p.D > 0) {
+    Tensor k = at::zeros({p.N, p.P}, p.lq.options().dtype(at::kInt));
+    check_launch(rt,
+                 fpl_cuda::triplet_backward(p.operands(), g.data_ptr(), k.data_ptr<int32_t>(), gq.data_ptr(),
+                                            need_grad_r ? gr.data_ptr() : nullptr, rt.stream),
+                 "triplet_engine_backward");
+    add_positives_grad(p, g, k, gq, gr);
+  }
+  Tensor grad_q = need_grad_q ? gq.to(q.scalar_type()).contiguous() : q.new_empty({0});
+  Tensor grad_r = need_grad_r ? gr.to(r.scalar_type()).contiguous() : r.new_empty({0});
+  return {grad_q, grad_r};
+}
+
 }  // namespace fpl_cuda_glue

@@ -81,4 +81,32 @@ cudaError_t class_backward(const ClassOperands& o, const double* terms, int64_t 
                            const void* grad_cols, const void* rows, const void* cols, void* grad_q, void* grad_w,
                            cudaStream_t stream);
 
+// All-triplets engine (triplet_engine.cu): q (N, D) and r (M, D) in the accumulation type (kFloat32
+// or kFloat64: the glue converts), per row of q its positives' columns of r (pos_cols [N, P], -1
+// padding) and the buffer pos_u [N, P] that triplet_positive_u fills with their u.
+struct TripletOperands {
+  DType dt;
+  const void* q;
+  const void* r;
+  const int64_t* labels_q;
+  const int64_t* labels_r;
+  const void* norm_q;  // lp: squared norms (A), else null
+  const void* norm_r;
+  const int64_t* pos_cols;
+  void* pos_u;
+  int64_t N, M, D, P;
+  double margin, window_lo, window_hi;
+  bool lp, window, vec16;
+};
+
+cudaError_t triplet_positive_u(const TripletOperands& o, cudaStream_t stream);
+// sums (A, [N]), counts and in_window (int64, [N]): ops/README.md triplet_rows.
+cudaError_t triplet_forward(const TripletOperands& o, void* sums, int64_t* counts, int64_t* in_window,
+                            cudaStream_t stream);
+// grad_sums (A, [N]); k (int32 [N, P], zero-filled) receives #{negatives n : the term (p, n) > 0};
+// grad_q (N x D, A, zero-filled) and grad_r (M x D, A, zero-filled, or null: pass skipped) the
+// negatives' share of the gradients (the positives' share is the glue's).
+cudaError_t triplet_backward(const TripletOperands& o, const void* grad_sums, int32_t* k, void* grad_q, void* grad_r,
+                             cudaStream_t stream);
+
 }  // namespace fpl_cuda

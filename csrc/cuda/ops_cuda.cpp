@@ -1,4 +1,4 @@
-// The CUDA kernels of the four fused ops (schemas: csrc/ops.cpp, semantics:
+// The CUDA kernels of the fused ops (pair, class and triplet engines) (schemas: csrc/ops.cpp, semantics:
 // fused_pairloss/ops/README.md): the device checks, the device guard and the current PyTorch
 // stream around the shared host glue (glue.h), which calls the launchers of pair_engine.cu /
 // class_engine.cu (launchers.h).
@@ -65,6 +65,27 @@ std::tuple<Tensor, Tensor> class_engine_backward_cuda(const Tensor& grad_rows, c
                                        terms, flags, need_grad_w);
 }
 
+std::tuple<Tensor, Tensor, Tensor> triplet_engine_forward_cuda(const Tensor& q, const Tensor& r, const Tensor& labels_q,
+                                                               const Tensor& labels_r, const Tensor& exclude_col,
+                                                               double margin, bool lp, double window_lo,
+                                                               double window_hi) {
+  check_cuda(q, "q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  return fpl_cuda_glue::triplet_forward(runtime(q), q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo,
+                                        window_hi);
+}
+
+std::tuple<Tensor, Tensor> triplet_engine_backward_cuda(const Tensor& grad_sums, const Tensor& q, const Tensor& r,
+                                                        const Tensor& labels_q, const Tensor& labels_r,
+                                                        const Tensor& exclude_col, double margin, bool lp,
+                                                        double window_lo, double window_hi, bool need_grad_q,
+                                                        bool need_grad_r) {
+  check_cuda(q, "q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  return fpl_cuda_glue::triplet_backward(runtime(q), grad_sums, q, r, labels_q, labels_r, exclude_col, margin, lp,
+                                         window_lo, window_hi, need_grad_q, need_grad_r);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_pairloss, CUDA, m) {
@@ -72,4 +93,6 @@ TORCH_LIBRARY_IMPL(fused_pairloss, CUDA, m) {
   m.impl("pair_engine_backward", TORCH_FN(pair_engine_backward_cuda));
   m.impl("class_engine_forward", TORCH_FN(class_engine_forward_cuda));
   m.impl("class_engine_backward", TORCH_FN(class_engine_backward_cuda));
+  m.impl("triplet_engine_forward", TORCH_FN(triplet_engine_forward_cuda));
+  m.impl("triplet_engine_backward", TORCH_FN(triplet_engine_backward_cuda));
 }

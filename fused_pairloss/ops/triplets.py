@@ -19,11 +19,12 @@ keeps only the (p, n) with window_lo < B_n - u_ap <= window_hi (-inf, inf: every
 counts them (the miner's triplets of row i). With a window each positive is compared with every
 negative (P passes over the row) instead of the buckets.
 
-Two implementations of that schema, each a torch.library op pair (forward, backward) with a fake
-kernel and one autograd rule: `triplet_rows` here in PyTorch, the same on every device, and the C++
-kernel `fused_pairloss::triplet_engine_forward` (csrc/cpu/triplet_engine_cpu.cpp) that the "cpu"
-backend uses: one strip of rows against all columns at a time, its S from the engines' GEMM.
-`rows_op(backend, device)` picks one.
+Implementations of that schema, each a torch.library op pair (forward, backward) with a fake kernel
+and one autograd rule: `triplet_rows` here in PyTorch, the same on every device; the compiled op
+`fused_pairloss::triplet_engine_forward`, whose CPU kernel (csrc/cpu/triplet_engine_cpu.cpp: one
+strip of rows against all columns at a time, its S from the engines' GEMM) the "cpu" backend uses
+and whose CUDA kernel (csrc/cuda/triplet_engine.cu) the "cuda" backend; and the Triton ops of
+ops/triton_triplets.py. `rows_op(backend, device)` picks the first two.
 """
 from __future__ import annotations
 
@@ -310,12 +311,13 @@ _NATIVE = None
 
 
 def rows_op(backend, device):
-    """The forward op of the triplet rows for a backend: the C++ kernel for "cpu" on CPU tensors
-    (when built), else the PyTorch op."""
+    """The forward op of the triplet rows for a backend: the compiled kernel of "cpu" on CPU tensors
+    and of "cuda" on CUDA tensors (csrc/cuda/triplet_engine.cu; when built), else the PyTorch op.
+    ("triton" has its own op: ops/triton_triplets.py.)"""
     global _NATIVE
-    if backend == "cpu" and device.type == "cpu":
+    if backend in ("cpu", "cuda") and device.type == backend:
         if _NATIVE is None:
             _NATIVE = _register_native()
-        if _NATIVE:
+        if _NATIVE and _extension.has_kernel("triplet_engine_forward", backend.upper()):
             return torch.ops.fused_pairloss.triplet_engine_forward
     return triplet_rows

@@ -1,5 +1,5 @@
-// Test-only: the four fused ops of the CUDA backend on CPU tensors, i.e. the real host glue
-// (cuda/glue.h) around the CUDA kernels compiled as plain C++ (emu_pair.cpp, emu_class.cpp,
+// Test-only: the fused ops of the CUDA backend on CPU tensors, i.e. the real host glue
+// (cuda/glue.h) around the CUDA kernels compiled as plain C++ (emu_pair.cpp, emu_class.cpp, emu_triplet.cpp,
 // cuda_emu.h). Registered as fpl_cuda_emu::<op> with the schemas of csrc/ops.cpp (inferred from
 // the C++ signatures), built and loaded by tests/test_cuda_backend.py; never part of the
 // extension (setup.py only globs csrc/cuda/*.cpp / *.cu).
@@ -60,6 +60,23 @@ std::tuple<Tensor, Tensor> class_engine_backward(const Tensor& grad_rows, const 
                                        terms, flags, need_grad_w);
 }
 
+std::tuple<Tensor, Tensor, Tensor> triplet_engine_forward(const Tensor& q, const Tensor& r, const Tensor& labels_q,
+                                                          const Tensor& labels_r, const Tensor& exclude_col,
+                                                          double margin, bool lp, double window_lo, double window_hi) {
+  check_cpu(q);
+  return fpl_cuda_glue::triplet_forward(kRuntime, q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo,
+                                        window_hi);
+}
+
+std::tuple<Tensor, Tensor> triplet_engine_backward(const Tensor& grad_sums, const Tensor& q, const Tensor& r,
+                                                   const Tensor& labels_q, const Tensor& labels_r,
+                                                   const Tensor& exclude_col, double margin, bool lp, double window_lo,
+                                                   double window_hi, bool need_grad_q, bool need_grad_r) {
+  check_cpu(q);
+  return fpl_cuda_glue::triplet_backward(kRuntime, grad_sums, q, r, labels_q, labels_r, exclude_col, margin, lp,
+                                         window_lo, window_hi, need_grad_q, need_grad_r);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fpl_cuda_emu, m) {
@@ -67,4 +84,6 @@ TORCH_LIBRARY(fpl_cuda_emu, m) {
   m.def("pair_engine_backward", &pair_engine_backward);
   m.def("class_engine_forward", &class_engine_forward);
   m.def("class_engine_backward", &class_engine_backward);
+  m.def("triplet_engine_forward", &triplet_engine_forward);
+  m.def("triplet_engine_backward", &triplet_engine_backward);
 }
