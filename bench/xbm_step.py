@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import measure as Mz  # noqa: E402  bench/measure.py: the harness's memory and timing helpers
-LOSSES = ("ms", "ms_miner", "ntxent", "supcon", "contrastive")
+LOSSES = ("ms", "ms_miner", "ntxent", "supcon", "contrastive", "triplet_miner")
 
 
 def build(impl, loss, d, m):
@@ -40,8 +40,11 @@ def build(impl, loss, d, m):
     lib = fpl if impl == "fused" else L
     inner = {"ms": lambda: lib.MultiSimilarityLoss(), "ms_miner": lambda: lib.MultiSimilarityLoss(),
              "ntxent": lambda: lib.NTXentLoss(), "supcon": lambda: lib.SupConLoss(),
-             "contrastive": lambda: lib.ContrastiveLoss()}[loss]()
-    miner = miners.MultiSimilarityMiner(0.1) if loss == "ms_miner" else None
+             "contrastive": lambda: lib.ContrastiveLoss(),
+             "triplet_miner": lambda: lib.TripletMarginLoss(0.1)}[loss]()
+    miner = {"ms_miner": lambda: miners.MultiSimilarityMiner(0.1),
+             "triplet_miner": lambda: miners.TripletMarginMiner(0.2, type_of_triplets="semihard")}.get(loss)
+    miner = miner() if miner else None
     return lib.CrossBatchMemory(inner, d, memory_size=m, miner=miner)
 
 

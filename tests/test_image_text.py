@@ -224,7 +224,7 @@ def test_never_a_batch_by_batch_tensor(monkeypatch):
         with Watch():
             out = make()(*args)
             torch.autograd.grad(out, args)
-    # a chunk of logits, or the features (SigLIP's engine operands: B x (D + 1) padded)
+    # a chunk of logits, or the features (SigLIP's engine operands: B x (D + 2) padded)
     assert biggest[0] <= max(4 * 64, 64 * siglip.operand_width(8)), biggest[0]
 
 
@@ -354,11 +354,28 @@ def test_modules_are_not_in_the_pml_table():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", ["clip", "siglip"])
 def test_gpu_losses_match_reference(name, dtype, backend):
-    """On CUDA tensors: ClipLoss on the class engine of each GPU backend ("auto" picks one),
-    SigLipLoss's chunked op, against the reference (fp64 the truth)."""
+    """On CUDA tensors: ClipLoss and SigLipLoss on the class engine of each GPU backend ("auto"
+    picks one), against the reference (fp64 the truth)."""
     ours, _ = LOSSES[name]
     args = [a.detach().cuda().requires_grad_(True) for a in leaves(300, 64, 13, dtype)]
     fused = value_and_grads(ours(backend=backend), args)
     same = value_and_grads(ours(backend="reference"), args)
     truth = value_and_grads(ours(backend="reference"), as64(args))
     check_all(fused, truth, same, dtype, f"{name} {backend}")
+
+
+@pytest.mark.gpu
+def test_gpu_siglip_bias_survives_tf32():
+    """With TF32 products enabled, the logit bias (two operand columns, its bf16 part and the
+    rest) reaches the logits with fp32 accuracy: the loss stays within TF32's error on the
+    features' products, far below the 5e-3 per logit that rounding b = -10 to 10 bits would cost."""
+    img, txt, t, b = [a.detach().cuda() for a in leaves(512, 128, 14, torch.float32, scale=10.0, bias=-10.37)]
+    truth = siglip.siglip_reference(img.double(), txt.double(), t.double(), b.double())
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        for backend in [x for x in ("triton", "cuda") if x in fpl.available_backends("cuda")]:
+            val = fpl.SigLipLoss(backend=backend)(img, txt, t, b)
+            assert abs(val.double() - truth).item() <= 1e-4 * truth.abs().item(), backend
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old

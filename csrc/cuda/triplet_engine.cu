@@ -15,8 +15,9 @@
 //     (d sums_i / d a_p; each (row, p) counted by one thread, so no atomics), then
 //     G = g_i c_in du/dS over the negatives, c_in = #{p : x > 0}, grad_q += G r; pass 1 (rows of r,
 //     the tile transposed: the same S bits) grad_r += G^T q. lp adds the norms' share at the end.
-// The positives' share g_i k_ip du_ip is added by the glue from the gathered pairs. Deterministic:
-// every output row is owned by one CTA, no atomics.
+// The positives' share g_i k_ip du_ip is added by the glue from the gathered pairs (its scatter into
+// grad_r is index_add_, atomic on CUDA). The kernels are deterministic: every output row is owned
+// by one CTA, no atomics.
 #include "cuda/launchers.h"
 #include "cuda/tile_common.cuh"
 

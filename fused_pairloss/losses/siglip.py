@@ -12,8 +12,9 @@ The fused path is the class engine's (`declaration`; docs/design.md "Image-text 
 are its classes, each row i's label its positive column, and the engine sums softplus(x_ij) over
 the other columns in its tile walk (flag ROW_SOFTPLUS_SUM) and returns the positive's logit, whose
 term softplus(-x) is added here. The logits come out of the engine's product whole: the rows are
-[t q_i, b] and the columns [r_j, 1], so x_ij = t (q_i . r_j) + b, and logit_scale's and
-logit_bias's gradients flow through those two copies. Where "auto" finds no engine for the device,
+[t q_i, b] and the columns [r_j, 1] (b as two columns, a bf16 part and the rest, so that TF32
+products keep it), so x_ij = t (q_i . r_j) + b, and logit_scale's and logit_bias's gradients flow
+through those two copies. Where "auto" finds no engine for the device,
 the PyTorch row-chunk op `ops/image_text.siglip_rows` (the same sums over row chunks). Neither holds
 a B x B block.
 """
@@ -57,15 +58,15 @@ def _softplus(x):
     return torch.logaddexp(x, torch.zeros_like(x))
 
 
-# The engine's operands are D + 1 wide, zero-padded to a multiple of OPERAND_ALIGN: the CPU engine
-# reads rows of that width in place (its rows are padded to 16 floats or 8 doubles), so the
-# operands are copied once, here.
+# The engine's operands are D + 2 wide (the bias as two columns, below), zero-padded to a multiple
+# of OPERAND_ALIGN: the CPU engine reads rows of that width in place (its rows are padded to 16
+# floats or 8 doubles), so the operands are copied once, here.
 OPERAND_ALIGN = 16
 
 
 def operand_width(d):
-    """Columns of the engine's operands for D-dimensional features: D, the bias column, padding."""
-    return -(-(d + 1) // OPERAND_ALIGN) * OPERAND_ALIGN
+    """Columns of the engine's operands for D-dimensional features: D, two bias columns, padding."""
+    return -(-(d + 2) // OPERAND_ALIGN) * OPERAND_ALIGN
 
 
 def _engine_rows(q, r, scale, bias, negative_only, backend):
@@ -75,10 +76,15 @@ def _engine_rows(q, r, scale, bias, negative_only, backend):
     n, m = q.shape[0], r.shape[0]
     if n == 0 or m == 0:
         return q.new_zeros(n)
-    pad = operand_width(q.shape[1]) - q.shape[1] - 1
-    # x_ij = [t q_i, b, 0...] . [r_j, 1, 0...]
-    rows_q = torch.cat([scale * q, bias.expand(n, 1), q.new_zeros(n, pad)], 1)
-    cols_r = torch.cat([r, r.new_ones(m, 1), r.new_zeros(m, pad)], 1)
+    pad = operand_width(q.shape[1]) - q.shape[1] - 2
+    # x_ij = [t q_i, b_hi, b_lo, 0...] . [r_j, 1, 1, 0...]: b split so that a product with TF32
+    # operands (Triton, torch.backends.cuda.matmul.allow_tf32) keeps it: b_hi has bf16's 8
+    # significant bits, b_lo = b - b_hi (exact) the rest; the gradient reaches b through b_lo
+    b_hi = bias.detach().to(torch.bfloat16).to(bias.dtype)
+    b_lo = torch.where(torch.isfinite(b_hi), bias - b_hi, torch.zeros_like(bias))  # an infinite b stays in b_hi
+    bias_cols = torch.stack([b_hi, b_lo]).expand(n, 2)
+    rows_q = torch.cat([scale * q, bias_cols, q.new_zeros(n, pad)], 1)
+    cols_r = torch.cat([r, r.new_ones(m, 2), r.new_zeros(m, pad)], 1)
     labels = torch.arange(n, device=q.device) % m
     st = class_stats(rows_q, cols_r, labels, declaration(), backend)
     x_label = st.target_sim

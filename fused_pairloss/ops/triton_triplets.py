@@ -4,7 +4,9 @@
 
 Per anchor row i, its positives p (same label, p != exclude_col_i) are few: they are gathered on
 the host (r's labels sorted once, a row's positives one contiguous run of that order), and a small
-kernel computes their u_ip (d, or -S; the element math of the tiles, docs/design.md "Numerics").
+kernel computes their u_ip (d, or -S; the distance rule of the tiles, docs/design.md "Numerics",
+with S a sum of products in chunks of BLOCK_D: the same value as the tile's tl.dot up to rounding,
+and in full fp32 where the tiles' products are TF32).
 The kernels then stream the column tiles of r against a block of rows, the tile's u from the
 engines' S tile (`_pair_v`), and for each negative n (labels differ) and each positive p of its row
 take the hinge x = A_p - u_n, A_p = u_ip + margin:
@@ -17,11 +19,13 @@ take the hinge x = A_p - u_n, A_p = u_ip + margin:
   from the gathered pairs on the host, in row chunks.
 
 Each of the P positives of a row is one elementwise pass over the tile (the C++ kernel's "vector
-pass per positive"), so the op suits the usual few positives per row: above MAX_POSITIVES it
-computes with the PyTorch op `triplet_rows` instead (buckets and a binary search per row). One
-program per row block (or column block) walks the whole other side: deterministic, no atomics, no
-split. The ops are opaque custom ops (torch.compile sees their fake kernels): the positives' count
-is data-dependent. Memory O((N + M) D + N P).
+pass per positive"; at 64 x 64 tiles and D = 128, about one tile GEMM's work per 100 positives):
+a call where some row has more than MAX_POSITIVES computes with the PyTorch op `triplet_rows`
+instead (buckets and a binary search per row). One program per row block (or column block) walks
+the whole other side: no split, so a small N (a CrossBatchMemory batch against a large memory)
+gives few programs; the kernels' sums are deterministic, the host's scatter of the positives'
+share into grad_r (index_add_) is atomic on CUDA. The ops are opaque custom ops (torch.compile sees
+their fake kernels): the positives' count is data-dependent. Memory O((N + M) D + N P).
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ from .operands import stat_dtype
 
 __all__ = ["AVAILABLE", "MAX_POSITIVES", "forward_op", "backward_op", "positives"]
 
-MAX_POSITIVES = 64  # positives per row beyond which the PyTorch op computes (see the module docstring)
+MAX_POSITIVES = 512  # positives of a row beyond which the call computes with the PyTorch op (module docstring)
 GATHER_ELEMENTS = 1 << 22  # rows x P x D entries of one host chunk of the positives' gradient
 
 AVAILABLE = False
