@@ -563,7 +563,8 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
     from fused_pairloss.ops import triton_triplets as TT
     INT_PTRS = {"lq_ptr": "*i64", "lr_ptr": "*i64", "ex_ptr": "*i64", "y_ptr": "*i64", "cnt_ptr": "*i32",
-                "cols_ptr": "*i64", "counts_ptr": "*i64", "win_ptr": "*i64", "k_ptr": "*i32"}
+                "cols_ptr": "*i64", "counts_ptr": "*i64", "win_ptr": "*i64", "k_ptr": "*i32", "rank_ptr": "*i64",
+                "er_ptr": "*i64"}
 
     def build(kern, dtype, const, arch, num_warps, num_stages=3):
         names = kern.arg_names

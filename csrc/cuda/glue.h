@@ -354,7 +354,7 @@ inline void check_triplet_inputs(const Tensor& q, const Tensor& r, const Tensor&
 // The kernels' operands: q, r in the stat dtype A, and per row of q its positives (r's labels
 // sorted once: a row's positives are one run of that order; the excluded column taken out).
 struct TripletPrep {
-  Tensor q, r, lq, lr, nq, nr, pos_cols, pos_u;
+  Tensor q, r, lq, lr, nq, nr, excl, rank_r, excl_rank, pos_cols, pos_u;
   int64_t N = 0, M = 0, D = 0, P = 0;
   double margin = 0, lo = 0, hi = 0;
   bool lp = false, window = false;
@@ -368,6 +368,9 @@ struct TripletPrep {
     o.labels_r = lr.data_ptr<int64_t>();
     o.norm_q = nq.defined() ? nq.data_ptr() : nullptr;
     o.norm_r = nr.defined() ? nr.data_ptr() : nullptr;
+    o.exclude_col = excl.data_ptr<int64_t>();
+    o.rank_r = rank_r.data_ptr<int64_t>();
+    o.excl_rank = excl_rank.data_ptr<int64_t>();
     o.pos_cols = pos_cols.data_ptr<int64_t>();
     o.pos_u = pos_u.data_ptr();
     o.N = N;
@@ -406,17 +409,28 @@ inline TripletPrep prepare_triplet(const Runtime& rt, const Tensor& q, const Ten
     p.nr = p.r.square().sum(1).contiguous();
   }
   const auto lopts = p.lq.options();
+  p.excl = exclude_col.contiguous();
+  p.rank_r = at::zeros({p.M}, lopts);
+  p.excl_rank = at::full({p.N}, -1, lopts);
   Tensor cols = at::empty({p.N, 0}, lopts), real = at::empty({p.N, 0}, lopts.dtype(at::kBool));
   if (p.N > 0 && p.M > 0) {
     const Tensor order = stable_sort_perm(p.lr);
     const Tensor sorted = p.lr.index_select(0, order).contiguous();
+    // rank of each column among the columns of its label (its place in a row's positive list)
+    const Tensor run_start = at::searchsorted(sorted, sorted, /*out_int32=*/false, /*right=*/false);
+    p.rank_r.index_copy_(0, order, at::arange(p.M, lopts) - run_start);
+    const Tensor e = p.excl;
+    const Tensor in_r = e.ge(0).logical_and(e.lt(p.M));
+    const Tensor ec = at::where(in_r, e, at::zeros_like(e));
+    const Tensor same = in_r.logical_and(p.lr.index_select(0, ec).eq(p.lq));
+    p.excl_rank = at::where(same, p.rank_r.index_select(0, ec), at::full_like(e, -1)).contiguous();
     const Tensor start = at::searchsorted(sorted, p.lq, /*out_int32=*/false, /*right=*/false);
     const Tensor span = at::searchsorted(sorted, p.lq, /*out_int32=*/false, /*right=*/true) - start;
     const int64_t width = span.max().item<int64_t>();
     const Tensor k = at::arange(width, lopts);
     real = k.unsqueeze(0).lt(span.unsqueeze(1));
     cols = order.index_select(0, (start.unsqueeze(1) + k.unsqueeze(0)).clamp_max(p.M - 1).flatten()).view({p.N, width});
-    real = real.logical_and(cols.ne(exclude_col.contiguous().unsqueeze(1)));
+    real = real.logical_and(cols.ne(p.excl.unsqueeze(1)));
     // the excluded column leaves a gap: every row's real entries to the front, in order
     const Tensor front = at::argsort(real.logical_not().to(at::kByte), /*stable=*/true, /*dim=*/1);
     cols = cols.gather(1, front);
@@ -449,10 +463,10 @@ inline std::tuple<Tensor, Tensor, Tensor> triplet_forward(const Runtime& rt, con
   return {sums, counts, in_window};
 }
 
-// The positives' share of the gradients, from the gathered pairs in row chunks: d sums_i / d u_ip =
-// k_ip, so with W = g k (W / d for lp, 0 at d = 0): cosine (u = -S) grad_q_i -= sum_p W r_p and
-// grad_r_p -= W q_i; lp (u = |q_i - r_p|) grad_q_i += sum_p W (q_i - r_p), grad_r_p += W (r_p - q_i).
-inline void add_positives_grad(const TripletPrep& p, const Tensor& g, const Tensor& k, Tensor& gq, Tensor& gr) {
+// The positives' share of grad_q, from the gathered pairs in row chunks (grad_r's is the kernel's
+// pass 1): d sums_i / d u_ip = k_ip, so with W = g k (W / d for lp, 0 at d = 0): cosine (u = -S)
+// grad_q_i -= sum_p W r_p; lp (u = |q_i - r_p|) grad_q_i += sum_p W (q_i - r_p).
+inline void add_positives_grad(const TripletPrep& p, const Tensor& g, const Tensor& k, Tensor& gq) {
   constexpr int64_t kGatherElements = int64_t(1) << 22;
   const int64_t step = std::max<int64_t>(1, kGatherElements / std::max<int64_t>(p.P * p.D, 1));
   for (int64_t i0 = 0; i0 < p.N; i0 += step) {
@@ -471,10 +485,6 @@ inline void add_positives_grad(const TripletPrep& p, const Tensor& g, const Tens
                                 at::zeros({1}, p.q.options()));
     const Tensor w_r = at::bmm(W.unsqueeze(1), rp).squeeze(1);  // sum_p W_ip r_p
     gq.narrow(0, i0, c).add_(p.lp ? W.sum(1, true) * rows - w_r : -w_r);
-    if (gr.defined()) {
-      const Tensor contrib = W.unsqueeze(2) * (p.lp ? rp - rows.unsqueeze(1) : -rows.unsqueeze(1));
-      gr.index_add_(0, cols.clamp_min(0).flatten(), contrib.reshape({c * p.P, p.D}));
-    }
   }
 }
 
@@ -496,7 +506,7 @@ inline std::tuple<Tensor, Tensor> triplet_backward(const Runtime& rt, const Tens
                  fpl_cuda::triplet_backward(p.operands(), g.data_ptr(), k.data_ptr<int32_t>(), gq.data_ptr(),
                                             need_grad_r ? gr.data_ptr() : nullptr, rt.stream),
                  "triplet_engine_backward");
-    add_positives_grad(p, g, k, gq, gr);
+    add_positives_grad(p, g, k, gq);
   }
   Tensor grad_q = need_grad_q ? gq.to(q.scalar_type()).contiguous() : q.new_empty({0});
   Tensor grad_r = need_grad_r ? gr.to(r.scalar_type()).contiguous() : r.new_empty({0});

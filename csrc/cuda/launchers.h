@@ -92,6 +92,9 @@ struct TripletOperands {
   const int64_t* labels_r;
   const void* norm_q;  // lp: squared norms (A), else null
   const void* norm_r;
+  const int64_t* exclude_col;  // [N], -1: none
+  const int64_t* rank_r;       // [M]: rank of column j among the columns of its label, in column order
+  const int64_t* excl_rank;    // [N]: rank_r of exclude_col[i] when it has row i's label, else -1
   const int64_t* pos_cols;
   void* pos_u;
   int64_t N, M, D, P;
@@ -104,8 +107,8 @@ cudaError_t triplet_positive_u(const TripletOperands& o, cudaStream_t stream);
 cudaError_t triplet_forward(const TripletOperands& o, void* sums, int64_t* counts, int64_t* in_window,
                             cudaStream_t stream);
 // grad_sums (A, [N]); k (int32 [N, P], zero-filled) receives #{negatives n : the term (p, n) > 0};
-// grad_q (N x D, A, zero-filled) and grad_r (M x D, A, zero-filled, or null: pass skipped) the
-// negatives' share of the gradients (the positives' share is the glue's).
+// grad_q (N x D, A, zero-filled) the negatives' share of dL/dq (the positives' share is the
+// glue's), grad_r (M x D, A, zero-filled, or null: pass skipped) all of dL/dr.
 cudaError_t triplet_backward(const TripletOperands& o, const void* grad_sums, int32_t* k, void* grad_q, void* grad_r,
                              cudaStream_t stream);
 

@@ -14,10 +14,11 @@
 //   triplet_backward_kernel, pass 0 (rows of q): recomputes the tiles, k[i, p] = #{n : x > 0}
 //     (d sums_i / d a_p; each (row, p) counted by one thread, so no atomics), then
 //     G = g_i c_in du/dS over the negatives, c_in = #{p : x > 0}, grad_q += G r; pass 1 (rows of r,
-//     the tile transposed: the same S bits) grad_r += G^T q. lp adds the norms' share at the end.
-// The positives' share g_i k_ip du_ip is added by the glue from the gathered pairs (its scatter into
-// grad_r is index_add_, atomic on CUDA). The kernels are deterministic: every output row is owned
-// by one CTA, no atomics.
+//     the tile transposed: the same S bits), after pass 0, grad_r += G^T q with G also on the
+//     positives, -g_i k[i, slot] du/dS (the slot from the column's rank among its label's columns).
+//     lp adds the norms' share at the end.
+// The positives' share of grad_q, g_i k_ip du_ip, is added by the glue from the gathered pairs (a
+// product per row, no scatter). Deterministic: every output row is owned by one CTA, no atomics.
 #include "cuda/launchers.h"
 #include "cuda/tile_common.cuh"
 
@@ -32,8 +33,11 @@ struct TripletArgs {
   const int64_t* lr;
   const A* nq;  // lp: squared norms of the rows of q / r
   const A* nr;
-  const int64_t* pos_cols;  // [N, P], -1: none
-  A* a;                     // [N, P] u of the positive pairs (NaN where none): written by the first kernel
+  const int64_t* excl;       // [N] the column excluded from row i's positives (-1: none)
+  const int64_t* rank_r;     // [M] rank of column j among the columns of its label (column order)
+  const int64_t* excl_rank;  // [N] rank_r of row i's excluded column when it has row i's label, else -1
+  const int64_t* pos_cols;   // [N, P], -1: none
+  A* a;                      // [N, P] u of the positive pairs (NaN where none): written by the first kernel
   int64_t N, M, D, P;
   A margin, lo, hi;
   bool lp, window, vec16;
@@ -209,6 +213,13 @@ __global__ void __launch_bounds__(kThreads) triplet_backward_kernel(TripletArgs<
           // d u / d S: -1/d (0 at d = 0) for lp, -1 for the cosine; d sums / d u = -c
           hv = p.g[i] * A(c);
           if (p.lp) hv = u > A(0) ? hv / u : A(0);
+        } else if (pass == 1 && p.excl[i] != o) {
+          // a positive of row i (column o of r): d sums / d u = k of its slot in the row's list
+          // (r's label order; the excluded column, when it ranks before, is not in the list)
+          const int64_t rank = p.rank_r[o], er = p.excl_rank[i];
+          const int64_t slot = rank - ((er >= 0 && er < rank) ? 1 : 0);
+          hv = -p.g[i] * A(p.k[i * p.P + slot]);
+          if (p.lp) hv = u > A(0) ? hv / u : A(0);
         }
         gsum += hv;
         Ss[ol * kLDS + x] = hv;
@@ -234,6 +245,9 @@ TripletArgs<A> make_args(const TripletOperands& op) {
   a.lr = op.labels_r;
   a.nq = static_cast<const A*>(op.norm_q);
   a.nr = static_cast<const A*>(op.norm_r);
+  a.excl = op.exclude_col;
+  a.rank_r = op.rank_r;
+  a.excl_rank = op.excl_rank;
   a.pos_cols = op.pos_cols;
   a.a = static_cast<A*>(op.pos_u);
   a.N = op.N;

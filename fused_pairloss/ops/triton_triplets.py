@@ -15,16 +15,17 @@ take the hinge x = A_p - u_n, A_p = u_ip + margin:
   window (window_lo < u_n - u_ip <= window_hi; every pair without one);
 - backward, rows pass: G_in = g_i c_in du/dS on the negatives, c_in = #{p : x > 0} (-c_in is
   d sums_i / d u_n), grad_q += G r (+ the lp norms' share), and k_ip = #{n : x > 0}
-  (d sums_i / d A_p); columns pass: grad_r += G^T q. The positives' share g_i k_ip du_ip comes
-  from the gathered pairs on the host, in row chunks.
+  (d sums_i / d A_p); columns pass, after it: grad_r += G^T q with G also on the positives,
+  -g_i k_ip du/dS (the slot p of column j in row i's list from j's rank among its label's
+  columns). The positives' share of grad_q comes from the gathered pairs on the host (a product
+  per row chunk, no scatter).
 
 Each of the P positives of a row is one elementwise pass over the tile (the C++ kernel's "vector
 pass per positive"; at 64 x 64 tiles and D = 128, about one tile GEMM's work per 100 positives):
 a call where some row has more than MAX_POSITIVES computes with the PyTorch op `triplet_rows`
 instead (buckets and a binary search per row). One program per row block (or column block) walks
 the whole other side: no split, so a small N (a CrossBatchMemory batch against a large memory)
-gives few programs; the kernels' sums are deterministic, the host's scatter of the positives'
-share into grad_r (index_add_) is atomic on CUDA. The ops are opaque custom ops (torch.compile sees
+gives few programs; deterministic, no atomics. The ops are opaque custom ops (torch.compile sees
 their fake kernels): the positives' count is data-dependent. Memory O((N + M) D + N P).
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ from . import triplets
 from . import triton_engines as TE
 from .operands import stat_dtype
 
-__all__ = ["AVAILABLE", "MAX_POSITIVES", "forward_op", "backward_op", "positives"]
+__all__ = ["AVAILABLE", "MAX_POSITIVES", "forward_op", "backward_op", "positives", "label_ranks"]
 
 MAX_POSITIVES = 512  # positives of a row beyond which the call computes with the PyTorch op (module docstring)
 GATHER_ELEMENTS = 1 << 22  # rows x P x D entries of one host chunk of the positives' gradient
@@ -73,6 +74,25 @@ def positives(labels_q, labels_r, exclude_col):
     cols, real = cols.gather(1, front), real.gather(1, front)
     P = int(real.sum(1).max()) if width else 0
     return torch.where(real, cols, 0)[:, :P].contiguous(), real[:, :P].contiguous()
+
+
+def label_ranks(labels_q, labels_r, exclude_col):
+    """(rank_r [M], excl_rank [N]): each column's rank among the columns of its label in column
+    order (its place in a row's positive list), and per row that rank of its excluded column when
+    the column has the row's label (else -1): positive j of row i sits at rank_j - [excl_rank_i <
+    rank_j]."""
+    m = labels_r.shape[0]
+    rank = torch.zeros(m, dtype=torch.int64, device=labels_r.device)
+    if m:
+        order = torch.argsort(labels_r, stable=True)
+        sorted_labels = labels_r[order].contiguous()
+        run_start = torch.searchsorted(sorted_labels, sorted_labels, right=False)
+        rank[order] = torch.arange(m, device=labels_r.device) - run_start
+    inside = (exclude_col >= 0) & (exclude_col < m)
+    ec = torch.where(inside, exclude_col, 0)
+    same = inside & (labels_r[ec] == labels_q) if m else inside
+    excl_rank = torch.where(same, rank[ec] if m else ec, -1)
+    return rank, excl_rank.contiguous()
 
 
 if TE.AVAILABLE:
@@ -224,17 +244,23 @@ if TE.AVAILABLE:
             _finish_grad(acc, gsum, q_ptr, rows, row_ok, D, out_ptr, D, LP, BLOCK_G, ONE_CHUNK)
 
     @triton.jit
-    def _triplet_bwd_cols_kernel(q_ptr, r_ptr, lq_ptr, lr_ptr, nq_ptr, nr_ptr, a_ptr, g_ptr, out_ptr,
+    def _triplet_bwd_cols_kernel(q_ptr, r_ptr, lq_ptr, lr_ptr, nq_ptr, nr_ptr, a_ptr, g_ptr, k_ptr, ex_ptr,
+                                 rank_ptr, er_ptr, out_ptr,
                                  N, M, D, P, k_margin: tl.float64, k_lo: tl.float64, k_hi: tl.float64,
                                  LP: tl.constexpr, WINDOW: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                                  BLOCK_G: tl.constexpr, ONE_CHUNK: tl.constexpr):
         """Program: a column block against every row block (the forward's tile orientation, so the
-        same u bits); its columns of grad_r = G^T q - colsum(G) r (lp)."""
+        same u bits), after the rows pass (k complete); its columns of grad_r = G^T q - colsum(G) r
+        (lp), G on the negatives as the rows pass and on the positives -g_i k[i, slot] du/dS, the
+        slot the column's rank among its label's columns (rank), less one when the row's excluded
+        column ranks before it (er: that rank, or -1)."""
         ACC: tl.constexpr = g_ptr.dtype.element_ty
         c0 = tl.program_id(0).to(tl.int64) * BLOCK_N
         cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < M
+        lr_c = tl.load(lr_ptr + cols, mask=col_ok, other=0)
+        rank = tl.load(rank_ptr + cols, mask=col_ok, other=0)
         margin, lo, hi = tl.full([], k_margin, ACC), tl.full([], k_lo, ACC), tl.full([], k_hi, ACC)
         acc = tl.zeros([BLOCK_N, BLOCK_G], ACC)
         gsum = tl.zeros([BLOCK_N], ACC)
@@ -250,6 +276,15 @@ if TE.AVAILABLE:
             u, neg, _cols, _ok = _triplet_tile(q_ptr, r_ptr, lq, nq, rows, row_ok, c0, M, D, lr_ptr, nr_ptr, LP,
                                                PREC, BLOCK_M, BLOCK_N, BLOCK_D, ACC)
             G = _triplet_grad_tile(a_ptr, g, rows, row_ok, P, u, neg, margin, lo, hi, LP, WINDOW)
+            ex = tl.load(ex_ptr + rows, mask=row_ok, other=-1)
+            er = tl.load(er_ptr + rows, mask=row_ok, other=-1)
+            pos = (lq[:, None] == lr_c[None, :]) & (ex[:, None] != cols[None, :]) & row_ok[:, None] & col_ok[None, :]
+            slot = rank[None, :] - ((er[:, None] >= 0) & (er[:, None] < rank[None, :])).to(tl.int64)
+            kv = tl.load(k_ptr + rows[:, None] * P + slot, mask=pos, other=0).to(ACC)
+            Gp = -g[:, None] * kv
+            if LP:
+                Gp = tl.where(u > 0, Gp / tl.where(u > 0, u, 1.0), 0.0)
+            G = G + tl.where(pos, Gp, 0.0)
             acc = _acc_grad(acc, tl.trans(G), q_ptr, rows, row_ok, D, out_ptr, cols, col_ok, D, BLOCK_G, ONE_CHUNK,
                             GPREC)
             gsum += tl.sum(G, axis=0)
@@ -323,19 +358,20 @@ if TE.AVAILABLE:
             TE._launch(_triplet_bwd_rows_kernel)[(triton.cdiv(N, b["BLOCK_M"]),)](
                 qa, ra, lq, lr, nq, nr, a, g, k, out_q, *args, GRAD=need_grad_q, **meta)
             if need_grad_r:
+                rank, excl_rank = label_ranks(lq, lr, exclude_col)
                 TE._launch(_triplet_bwd_cols_kernel)[(triton.cdiv(M, b["BLOCK_N"]),)](
-                    qa, ra, lq, lr, nq, nr, a, g, grad_r, *args, **meta)
-            _add_positives_grad(grad_q, grad_r, g, k, qa, ra, a, cols, real, lp)
+                    qa, ra, lq, lr, nq, nr, a, g, k, exclude_col.contiguous(), rank, excl_rank, grad_r, *args,
+                    **meta)
+            if need_grad_q:
+                _add_positives_grad(grad_q, g, k, qa, ra, a, cols, real, lp)
         empty = q.new_empty((0,))
         return ((empty if grad_q is None else grad_q.to(q.dtype)),
                 (empty if grad_r is None else grad_r.to(r.dtype)))
 
-    def _add_positives_grad(grad_q, grad_r, g, k, qa, ra, a, cols, real, lp):
-        """The positives' share, from the gathered pairs in row chunks: d sums_i / d u_ip = k_ip, so
-        with W = g k (and W / d for lp, 0 at d = 0): cosine (u = -S) grad_q_i -= sum_p W r_p,
-        grad_r_p -= W q_i; lp (u = |q_i - r_p|) grad_q_i += sum_p W (q_i - r_p), grad_r_p += W (r_p -
-        q_i). The scatter into grad_r is index_add_ (on CUDA deterministic only under
-        torch.use_deterministic_algorithms)."""
+    def _add_positives_grad(grad_q, g, k, qa, ra, a, cols, real, lp):
+        """The positives' share of grad_q (grad_r's is the columns pass's), from the gathered pairs in
+        row chunks: d sums_i / d u_ip = k_ip, so with W = g k (W / d for lp, 0 at d = 0): cosine
+        (u = -S) grad_q_i -= sum_p W r_p; lp (u = |q_i - r_p|) grad_q_i += sum_p W (q_i - r_p)."""
         n, P = cols.shape
         D = qa.shape[1]
         step = max(1, GATHER_ELEMENTS // max(P * D, 1))
@@ -347,13 +383,9 @@ if TE.AVAILABLE:
                 W = torch.where(d > 0, W / torch.where(d > 0, d, 1.0), 0.0)
             if not bool((W != 0).any()):
                 continue
-            rows, rp = qa[i0:i1], ra[cols[i0:i1]]  # chunk x D, chunk x P x D
+            rp = torch.where(real[i0:i1, :, None], ra[cols[i0:i1]], 0.0)  # chunk x P x D
             w_r = torch.bmm(W[:, None, :], rp).squeeze(1)  # sum_p W_ip r_p
-            if grad_q is not None:
-                grad_q[i0:i1] += (W.sum(1, keepdim=True) * rows - w_r) if lp else -w_r
-            if grad_r is not None:
-                contrib = W[:, :, None] * ((rp - rows[:, None, :]) if lp else -rows[:, None, :])
-                grad_r.index_add_(0, cols[i0:i1].reshape(-1), contrib.reshape(-1, D))
+            grad_q[i0:i1] += (W.sum(1, keepdim=True) * qa[i0:i1] - w_r) if lp else -w_r
 
     def _register():
         schema_fwd = ("(Tensor q, Tensor r, Tensor labels_q, Tensor labels_r, Tensor exclude_col, float margin, "
