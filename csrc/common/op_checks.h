@@ -50,6 +50,25 @@ inline void check_pair_operands(const at::Tensor& q, const std::optional<at::Ten
                 " ", exclude_col->sizes());
 }
 
+// triplet_engine_*(q[N,D], r[M,D], labels_q[N], labels_r[M], exclude_col[N], ...): the shapes and
+// dtypes every backend's kernel needs (the backends add their device checks)
+inline void check_triplet_operands(const at::Tensor& q, const at::Tensor& r, const at::Tensor& labels_q,
+                                   const at::Tensor& labels_r, const at::Tensor& exclude_col) {
+  TORCH_CHECK(q.dim() == 2 && r.dim() == 2 && q.size(1) == r.size(1),
+              "triplet_engine: q and r must be 2-D with the same number of columns, got ", q.sizes(), " and ",
+              r.sizes());
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()) && q.scalar_type() == r.scalar_type(),
+              "triplet_engine: q and r must share one floating dtype, got ", q.scalar_type(), " and ", r.scalar_type());
+  TORCH_CHECK(labels_q.dim() == 1 && labels_q.size(0) == q.size(0) && exclude_col.dim() == 1 &&
+                  exclude_col.size(0) == q.size(0),
+              "triplet_engine: labels_q and exclude_col must have shape (", q.size(0), ",), got ", labels_q.sizes(),
+              " and ", exclude_col.sizes());
+  TORCH_CHECK(labels_r.dim() == 1 && labels_r.size(0) == r.size(0), "triplet_engine: labels_r must have shape (",
+              r.size(0), ",), got ", labels_r.sizes());
+  TORCH_CHECK(r.size(0) <= std::numeric_limits<int32_t>::max(), "triplet_engine: ", r.size(0),
+              " rows of r exceed the limit of 2^31 - 1");
+}
+
 // class_engine_*(q[N,D], w[C*K,D] or [D,C*K] (WEIGHTS_COLUMNS), labels[N], K, terms, flags)
 inline void check_class_operands(const at::Tensor& q, const at::Tensor& w, const at::Tensor& labels, int64_t K,
                                  c10::ArrayRef<double> terms, int64_t flags) {

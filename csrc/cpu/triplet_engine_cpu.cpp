@@ -32,6 +32,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/op_checks.h"
 #include "cpu/cpu_kernels.h"
 #include "cpu/engine_glue.h"
 
@@ -365,19 +366,7 @@ void check_inputs(const Tensor& q, const Tensor& r, const Tensor& labels_q, cons
                   const Tensor& exclude_col) {
   TORCH_CHECK(q.device().is_cpu() && r.device().is_cpu(), "triplet_engine (cpu): q and r must be CPU tensors, got ",
               q.device(), " and ", r.device());
-  TORCH_CHECK(q.dim() == 2 && r.dim() == 2 && q.size(1) == r.size(1),
-              "triplet_engine: q and r must be 2-D with the same number of columns, got ", q.sizes(), " and ",
-              r.sizes());
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()) && q.scalar_type() == r.scalar_type(),
-              "triplet_engine: q and r must share one floating dtype, got ", q.scalar_type(), " and ", r.scalar_type());
-  TORCH_CHECK(labels_q.dim() == 1 && labels_q.size(0) == q.size(0) && exclude_col.dim() == 1 &&
-                  exclude_col.size(0) == q.size(0),
-              "triplet_engine: labels_q and exclude_col must have shape (", q.size(0), ",), got ", labels_q.sizes(),
-              " and ", exclude_col.sizes());
-  TORCH_CHECK(labels_r.dim() == 1 && labels_r.size(0) == r.size(0), "triplet_engine: labels_r must have shape (",
-              r.size(0), ",), got ", labels_r.sizes());
-  TORCH_CHECK(r.size(0) <= std::numeric_limits<int32_t>::max(), "triplet_engine: ", r.size(0),
-              " rows of r exceed the limit of 2^31 - 1");
+  fpl::check_triplet_operands(q, r, labels_q, labels_r, exclude_col);
 }
 
 std::tuple<Tensor, Tensor, Tensor> triplet_engine_forward_cpu(const Tensor& q, const Tensor& r, const Tensor& labels_q,

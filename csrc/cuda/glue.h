@@ -327,18 +327,8 @@ inline std::tuple<Tensor, Tensor> class_backward(const Runtime& rt, const Tensor
 // ---- all-triplets engine (triplet_engine.cu) ----------------------------------------------------
 inline void check_triplet_inputs(const Tensor& q, const Tensor& r, const Tensor& labels_q, const Tensor& labels_r,
                                  const Tensor& exclude_col) {
-  TORCH_CHECK(q.dim() == 2 && r.dim() == 2 && q.size(1) == r.size(1),
-              "triplet_engine: q and r must be 2-D with the same number of columns, got ", q.sizes(), " and ",
-              r.sizes());
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()) && q.scalar_type() == r.scalar_type(),
-              "triplet_engine: q and r must share one floating dtype, got ", q.scalar_type(), " and ", r.scalar_type());
+  fpl::check_triplet_operands(q, r, labels_q, labels_r, exclude_col);
   dtype_code(q);
-  TORCH_CHECK(labels_q.dim() == 1 && labels_q.size(0) == q.size(0) && exclude_col.dim() == 1 &&
-                  exclude_col.size(0) == q.size(0),
-              "triplet_engine: labels_q and exclude_col must have shape (", q.size(0), ",), got ", labels_q.sizes(),
-              " and ", exclude_col.sizes());
-  TORCH_CHECK(labels_r.dim() == 1 && labels_r.size(0) == r.size(0), "triplet_engine: labels_r must have shape (",
-              r.size(0), ",), got ", labels_r.sizes());
   TORCH_CHECK(labels_q.scalar_type() == at::kLong && labels_r.scalar_type() == at::kLong &&
                   exclude_col.scalar_type() == at::kLong,
               "triplet_engine: labels_q, labels_r and exclude_col must be int64");

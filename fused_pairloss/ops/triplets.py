@@ -277,9 +277,11 @@ def register_rows_op(forward, backward):
 
 
 def _register_native():
-    """Fake kernels and autograd of the C++ op pair (when the loaded library has it); True if usable."""
+    """Fake kernels and autograd of the compiled op pair (when the loaded library has it); the device
+    types it has kernels for ({"cpu"} or {"cpu", "cuda"}), empty if none. Read once: a lookup of
+    the dispatcher is not traceable by torch.compile."""
     if not _extension.has_kernel("triplet_engine_forward", "CPU"):
-        return False
+        return frozenset()
     fwd, bwd = "fused_pairloss::triplet_engine_forward", "fused_pairloss::triplet_engine_backward"
     torch.library.register_fake(fwd)(_fake_rows)
     torch.library.register_fake(bwd)(_fake_rows_backward)
@@ -287,7 +289,7 @@ def _register_native():
                                     setup_context=_setup_context)
     torch.library.register_autograd(bwd, _backward_not_differentiable, setup_context=_no_context)
     torch.library.register_fake("fused_pairloss::row_extremes")(_fake_row_extremes)
-    return True
+    return frozenset(["cpu"] + (["cuda"] if _extension.has_kernel("triplet_engine_forward", "CUDA") else []))
 
 
 def _fake_row_extremes(q, r, labels_q, labels_r, exclude_col, lp, pos_largest, neg_largest):
@@ -299,25 +301,25 @@ def _fake_row_extremes(q, r, labels_q, labels_r, exclude_col, lp, pos_largest, n
 def row_extremes_op(device):
     """The C++ op of the batch miners' hardest / easiest pairs for tensors on `device` (CPU tensors,
     when built), else None (the miners then mine in PyTorch)."""
-    global _NATIVE
+    global _NATIVE_DEVICES
     if device.type != "cpu":
         return None
-    if _NATIVE is None:
-        _NATIVE = _register_native()
-    return torch.ops.fused_pairloss.row_extremes if _NATIVE else None
+    if _NATIVE_DEVICES is None:
+        _NATIVE_DEVICES = _register_native()
+    return torch.ops.fused_pairloss.row_extremes if _NATIVE_DEVICES else None
 
 
-_NATIVE = None
+_NATIVE_DEVICES = None
 
 
 def rows_op(backend, device):
     """The forward op of the triplet rows for a backend: the compiled kernel of "cpu" on CPU tensors
     and of "cuda" on CUDA tensors (csrc/cuda/triplet_engine.cu; when built), else the PyTorch op.
     ("triton" has its own op: ops/triton_triplets.py.)"""
-    global _NATIVE
+    global _NATIVE_DEVICES
     if backend in ("cpu", "cuda") and device.type == backend:
-        if _NATIVE is None:
-            _NATIVE = _register_native()
-        if _NATIVE and _extension.has_kernel("triplet_engine_forward", backend.upper()):
+        if _NATIVE_DEVICES is None:
+            _NATIVE_DEVICES = _register_native()
+        if backend in _NATIVE_DEVICES:
             return torch.ops.fused_pairloss.triplet_engine_forward
     return triplet_rows

@@ -153,6 +153,16 @@ if TE.AVAILABLE:
         return u, neg, cols, col_ok
 
     @triton.jit
+    def _triplet_rows(lq_ptr, nq_ptr, rows, row_ok, LP: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr):
+        """Labels and (lp) squared norms of a block of rows of q."""
+        lq = tl.load(lq_ptr + rows, mask=row_ok, other=0)
+        if LP:
+            nq = tl.load(nq_ptr + rows, mask=row_ok, other=0.0)
+        else:
+            nq = tl.zeros([BLOCK_M], ACC)
+        return lq, nq
+
+    @triton.jit
     def _triplet_pair(a_ptr, rows, row_ok, p, P, u, neg, margin, lo, hi, WINDOW: tl.constexpr):
         """Positive p of each row against the tile's negatives: (in the window, x = A_p - u > 0 there, x)."""
         a = tl.load(a_ptr + rows * P + p, mask=row_ok, other=float("nan"))
@@ -173,11 +183,7 @@ if TE.AVAILABLE:
         ACC: tl.constexpr = sums_ptr.dtype.element_ty
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < N
-        lq = tl.load(lq_ptr + rows, mask=row_ok, other=0)
-        if LP:
-            nq = tl.load(nq_ptr + rows, mask=row_ok, other=0.0)
-        else:
-            nq = tl.zeros([BLOCK_M], ACC)
+        lq, nq = _triplet_rows(lq_ptr, nq_ptr, rows, row_ok, LP, BLOCK_M, ACC)
         margin, lo, hi = tl.full([], k_margin, ACC), tl.full([], k_lo, ACC), tl.full([], k_hi, ACC)
         sums = tl.zeros([BLOCK_M], ACC)
         counts = tl.zeros([BLOCK_M], tl.int64)
@@ -219,11 +225,7 @@ if TE.AVAILABLE:
         ACC: tl.constexpr = g_ptr.dtype.element_ty
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < N
-        lq = tl.load(lq_ptr + rows, mask=row_ok, other=0)
-        if LP:
-            nq = tl.load(nq_ptr + rows, mask=row_ok, other=0.0)
-        else:
-            nq = tl.zeros([BLOCK_M], ACC)
+        lq, nq = _triplet_rows(lq_ptr, nq_ptr, rows, row_ok, LP, BLOCK_M, ACC)
         g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
         margin, lo, hi = tl.full([], k_margin, ACC), tl.full([], k_lo, ACC), tl.full([], k_hi, ACC)
         acc = tl.zeros([BLOCK_M, BLOCK_G], ACC)
@@ -267,11 +269,7 @@ if TE.AVAILABLE:
         for r0 in range(0, N, BLOCK_M):
             rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
             row_ok = rows < N
-            lq = tl.load(lq_ptr + rows, mask=row_ok, other=0)
-            if LP:
-                nq = tl.load(nq_ptr + rows, mask=row_ok, other=0.0)
-            else:
-                nq = tl.zeros([BLOCK_M], ACC)
+            lq, nq = _triplet_rows(lq_ptr, nq_ptr, rows, row_ok, LP, BLOCK_M, ACC)
             g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
             u, neg, _cols, _ok = _triplet_tile(q_ptr, r_ptr, lq, nq, rows, row_ok, c0, M, D, lr_ptr, nr_ptr, LP,
                                                PREC, BLOCK_M, BLOCK_N, BLOCK_D, ACC)
