@@ -138,21 +138,38 @@ def test_cpu_kernel_half_inputs_accumulate_in_fp32():
     check_close(native[2], same[2].double(), what="sums", dtype=torch.float16)
 
 
-@needs_native
-def test_cpu_kernel_nan_row_is_in_no_term():
-    """A NaN row has no nonzero term (the loss adds an exact 0 of the inputs to stay NaN) and
-    leaves the other rows' terms with a NaN u out, as the PyTorch op."""
-    q, r, lq, lr, ex = op_inputs("self", 50, 4, torch.float64, seed=10)
+def check_nan_row_is_in_no_term(op, q, lq, reference):
+    """Self mode with row 7 of q NaN: that row has no nonzero term (the loss adds an exact 0 of the
+    inputs to stay NaN), and the other rows equal `reference` on the batch without it (their terms
+    with the NaN u are left out). Returns the q with the NaN row."""
+    n = len(lq)
     q = q.clone()
     q[7] = float("nan")
-    sums, counts, _ = torch.ops.fused_pairloss.triplet_engine_forward(q, q, lq, lq, torch.arange(50), 0.2, True,
-                                                                      *triplets.NO_WINDOW)
+    sums, counts, _ = op(q, q, lq, lq, torch.arange(n), 0.2, True, *triplets.NO_WINDOW)
     assert counts[7] == 0 and sums[7] == 0 and torch.isfinite(sums).all()
-    keep = torch.arange(50) != 7
-    sub = torch.ops.fused_pairloss.triplet_engine_forward(q[keep], q[keep], lq[keep], lq[keep], torch.arange(49),
-                                                          0.2, True, *triplets.NO_WINDOW)
+    keep = torch.arange(n) != 7
+    sub = reference(q[keep], q[keep], lq[keep], lq[keep], torch.arange(n - 1), 0.2, True, *triplets.NO_WINDOW)
     torch.testing.assert_close(sums[keep], sub[0], rtol=1e-12, atol=1e-12)
     assert torch.equal(counts[keep], sub[1])
+    return q
+
+
+def check_opcheck(forward, backward, lp, window, needs):
+    """torch.library.opcheck of a triplet op pair (forward, and backward for each need flag pair)."""
+    q, r, lq, lr, ex = op_inputs("ref", 9, 3, torch.float64, seed=11, d=5)
+    q, r = q.requires_grad_(True), r.requires_grad_(True)
+    args = (q, r, lq, lr, ex, 0.2, lp, *window)
+    torch.library.opcheck(forward, args)
+    sums, _, _ = forward(*args)
+    for need in needs:
+        torch.library.opcheck(backward, (torch.ones_like(sums), q.detach(), r.detach(), *args[2:], *need))
+
+
+@needs_native
+def test_cpu_kernel_nan_row_is_in_no_term():
+    q, _, lq, _, _ = op_inputs("self", 50, 4, torch.float64, seed=10)
+    op = torch.ops.fused_pairloss.triplet_engine_forward
+    check_nan_row_is_in_no_term(op, q, lq, reference=op)
 
 
 @pytest.mark.parametrize("miner", ["triplet_margin", "multi_similarity", "batch_hard"])
@@ -221,14 +238,9 @@ def test_opcheck(self_mode):
 @pytest.mark.parametrize("lp", [True, False], ids=["lp", "cosine"])
 @pytest.mark.parametrize("window", [triplets.NO_WINDOW, (0.0, 0.4)], ids=["all", "window"])
 def test_cpu_kernel_opcheck(lp, window):
-    q, r, lq, lr, ex = op_inputs("ref", 9, 3, torch.float64, seed=11, d=5)
-    q, r = q.requires_grad_(True), r.requires_grad_(True)
-    args = (q, r, lq, lr, ex, 0.2, lp, *window)
-    torch.library.opcheck(torch.ops.fused_pairloss.triplet_engine_forward.default, args)
-    sums, _, _ = torch.ops.fused_pairloss.triplet_engine_forward(*args)
-    for need in ((True, True), (True, False), (False, True)):
-        torch.library.opcheck(torch.ops.fused_pairloss.triplet_engine_backward.default,
-                              (torch.ones_like(sums), q.detach(), r.detach(), *args[2:], *need))
+    check_opcheck(torch.ops.fused_pairloss.triplet_engine_forward.default,
+                  torch.ops.fused_pairloss.triplet_engine_backward.default, lp, window,
+                  needs=((True, True), (True, False), (False, True)))
 
 
 def test_nan_in_nan_out():

@@ -24,7 +24,7 @@ import fused_pairloss as fpl  # noqa: E402
 from fused_pairloss.ops import triplets  # noqa: E402
 from fused_pairloss.ops import triton_engines as TE  # noqa: E402
 from kit import check_close  # noqa: E402
-from test_triplet_margin import op_inputs, op_results  # noqa: E402
+from test_triplet_margin import check_nan_row_is_in_no_term, check_opcheck, op_inputs, op_results  # noqa: E402
 
 FWD, BWD = TT.forward_op(), TT.backward_op()
 WINDOWS = {"none": triplets.NO_WINDOW, "hard": (float("-inf"), 0.0), "semihard": (0.0, 0.5)}
@@ -93,31 +93,15 @@ def test_half_inputs_accumulate_in_fp32():
 
 
 def test_nan_row_is_in_no_term():
-    """As the C++ kernel: a NaN row has no nonzero term (the loss adds an exact 0 of the inputs to
-    stay NaN), and the other rows' terms with its NaN u are left out: they equal the batch without
-    that row."""
-    q, r, lq, lr, ex = op_inputs("self", 50, 4, torch.float64, seed=10)
-    q = q.clone()
-    q[7] = float("nan")
-    sums, counts, _ = FWD(q, q, lq, lq, ex, 0.2, True, *triplets.NO_WINDOW)
-    assert counts[7] == 0 and sums[7] == 0 and torch.isfinite(sums).all()
-    keep = torch.arange(50) != 7
-    sub = triplets.triplet_rows(q[keep], q[keep], lq[keep], lq[keep], torch.arange(49), 0.2, True,
-                                *triplets.NO_WINDOW)
-    assert torch.equal(counts[keep], sub[1])
-    torch.testing.assert_close(sums[keep], sub[0], rtol=1e-12, atol=1e-12)
+    """As the C++ kernel: the other rows equal the batch without the NaN row."""
+    q, _, lq, _, _ = op_inputs("self", 50, 4, torch.float64, seed=10)
+    check_nan_row_is_in_no_term(FWD, q, lq, reference=triplets.triplet_rows)
 
 
 @pytest.mark.parametrize("lp", [True, False], ids=["lp", "cosine"])
 @pytest.mark.parametrize("window", [triplets.NO_WINDOW, (0.0, 0.4)], ids=["all", "window"])
 def test_opcheck(lp, window):
-    q, r, lq, lr, ex = op_inputs("ref", 9, 3, torch.float64, seed=11, d=5)
-    q, r = q.requires_grad_(True), r.requires_grad_(True)
-    args = (q, r, lq, lr, ex, 0.2, lp, *window)
-    torch.library.opcheck(FWD, args)
-    sums, _, _ = FWD(*args)
-    for need in ((True, True), (False, True)):
-        torch.library.opcheck(BWD, (torch.ones_like(sums), q.detach(), r.detach(), *args[2:], *need))
+    check_opcheck(FWD, BWD, lp, window, needs=((True, True), (False, True)))
 
 
 @pytest.mark.parametrize("miner", [None, "semihard"])

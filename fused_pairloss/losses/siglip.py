@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.image_text import siglip_rows
-from ..ops.operands import stat_dtype
+from ..ops.operands import softplus, stat_dtype
 from ..ops.spec import ClassLossSpec, PairTerm
 from ..ops.stats import class_stats
 from . import _image_text as IT
@@ -51,11 +51,6 @@ def declaration():
     """SigLIP on the class engine: per row the sum of softplus(x) over the columns other than the
     row's label (its positive), and the label column's logit (target_sim)."""
     return ClassLossSpec(row=PairTerm(scale=1.0, lse=True), row_reduction="softplus_sum")
-
-
-def _softplus(x):
-    """log(1 + e^x) exactly for every x (F.softplus returns x itself above 20)."""
-    return torch.logaddexp(x, torch.zeros_like(x))
 
 
 # The engine's operands are D + 2 wide (the bias as two columns, below), zero-padded to a multiple
@@ -88,7 +83,7 @@ def _engine_rows(q, r, scale, bias, negative_only, backend):
     labels = torch.arange(n, device=q.device) % m
     st = class_stats(rows_q, cols_r, labels, declaration(), backend)
     x_label = st.target_sim
-    return st.lse_other + _softplus(x_label if negative_only else -x_label)
+    return st.lse_other + softplus(x_label if negative_only else -x_label)
 
 
 def siglip_fused(image_features, text_features, logit_scale, logit_bias, *, negative_only=False, backend=IT.CHUNKED):

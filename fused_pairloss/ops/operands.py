@@ -43,6 +43,12 @@ def weight_rows(w, flags):
     return F.normalize(rows, p=2, dim=1) if flags & S.NORMALIZE_WEIGHTS else rows
 
 
+def softplus(x):
+    """log(1 + e^x) = log(e^0 + e^x), exact for every x and its gradient sigmoid(x) (F.softplus
+    returns x itself above its threshold of 20)."""
+    return torch.logaddexp(x, torch.zeros_like(x))
+
+
 def lp_distances(d2):
     """d = sqrt(d2) with the root's gradient 0 at d = 0 (torch.cdist's choice)."""
     positive = d2 > 0

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import spec as S
-from .operands import lp_squared_distances, stat_dtype, weight_rows
+from .operands import lp_squared_distances, softplus, stat_dtype, weight_rows
 
 NEG_INF = float("-inf")
 
@@ -170,8 +170,7 @@ def _class_values(q, w, labels, K, cs: S.ClassLossSpec, inv_gamma):
     target = torch.nn.functional.one_hot(labels, C).bool()
     rows = torch.full((n,), NEG_INF, dtype=A, device=q.device)
     if cs.row is not None and cs.row_reduction == "softplus_sum":
-        x = _term(cs.row, S_)  # softplus(x) = log(e^0 + e^x), exact for every x (F.softplus cuts at 20)
-        rows = torch.where(~target, torch.logaddexp(x, torch.zeros_like(x)), 0.0).sum(1)
+        rows = torch.where(~target, softplus(_term(cs.row, S_)), 0.0).sum(1)
     elif cs.row is not None:
         rows = _masked_lse(_term(cs.row, S_), ~target, 1)
     target_sim = S_.gather(1, labels[:, None]).squeeze(1)

@@ -34,6 +34,7 @@ import torch
 
 from . import triplets
 from . import triton_engines as TE
+from ._common import row_chunks
 from .operands import stat_dtype
 
 __all__ = ["AVAILABLE", "MAX_POSITIVES", "forward_op", "backward_op", "positives", "label_ranks"]
@@ -371,10 +372,7 @@ if TE.AVAILABLE:
         row chunks: d sums_i / d u_ip = k_ip, so with W = g k (W / d for lp, 0 at d = 0): cosine
         (u = -S) grad_q_i -= sum_p W r_p; lp (u = |q_i - r_p|) grad_q_i += sum_p W (q_i - r_p)."""
         n, P = cols.shape
-        D = qa.shape[1]
-        step = max(1, GATHER_ELEMENTS // max(P * D, 1))
-        for i0 in range(0, n, step):
-            i1 = min(n, i0 + step)
+        for i0, i1 in row_chunks(n, P * qa.shape[1], GATHER_ELEMENTS):
             W = torch.where(real[i0:i1], g[i0:i1, None] * k[i0:i1].to(g.dtype), 0.0)
             if lp:
                 d = a[i0:i1]
