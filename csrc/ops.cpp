@@ -34,7 +34,7 @@ void term(std::ostringstream& o, const char* name, const fpl::PairTermParams<dou
 
 // The C++ reading of a packed declaration, field by field (tests compare it with spec.py's).
 std::string describe_pair_spec(c10::ArrayRef<double> terms, int64_t flags) {
-  const std::string bad = fpl::check_pair_spec(static_cast<int64_t>(terms.size()), flags);
+  const std::string bad = fpl::check_pair_spec(terms.data(), static_cast<int64_t>(terms.size()), flags);
   TORCH_CHECK(bad.empty(), "describe_pair_spec: ", bad);
   const auto s = fpl::decode_pair_spec<double>(terms.data(), flags);
   std::ostringstream o;
@@ -43,7 +43,8 @@ std::string describe_pair_spec(c10::ArrayRef<double> terms, int64_t flags) {
   term(o, "neg", s.neg);
   o << "lp_distance=" << s.lp_distance << ";mine=" << s.mine << ";miner_epsilon=" << s.miner_eps
     << ";pos_vs_neg_lse=" << s.pos_vs_neg_lse << ";exclude_after_mining=" << s.exclude_after_mining
-    << ";mine_on_cosine=" << s.mine_on_cosine;
+    << ";mine_on_cosine=" << s.mine_on_cosine << ";pos.sum_temperature=" << s.pos.sum_temperature
+    << ";neg.sum_temperature=" << s.neg.sum_temperature;
   return o.str();
 }
 

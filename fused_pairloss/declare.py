@@ -42,7 +42,7 @@ from .ops.stats import pair_stats
 
 __all__ = ["PairTerm", "PairLossSpec", "PairStats", "Batch", "pair_loss", "check_declaration"]
 
-_TERM_FLOATS = ("scale", "shift", "weight_offset", "weight_slope")
+_TERM_FLOATS = ("scale", "shift", "weight_offset", "weight_slope", "sum_temperature")
 _TERM_FLAGS = ("hinge", "lse", "sum")
 
 
@@ -64,6 +64,9 @@ def check_declaration(spec, where="declaration"):
         if term.hinge and term.lse:
             raise ValueError(f"{where}: PairLossSpec.{side}: a hinge term is reduced by sum (PML's AvgNonZero), "
                              "not lse")
+        if term.sum_temperature != 0 and not (term.hinge and term.sum):
+            raise ValueError(f"{where}: PairLossSpec.{side}.sum_temperature needs hinge=True and sum=True "
+                             "(an exp-weighted sum of the terms > 0)")
     if spec.distance not in DISTANCES:
         raise ValueError(f"{where}: PairLossSpec.distance must be one of {DISTANCES}; got {spec.distance!r}")
     if spec.pos_vs_neg_lse and not spec.neg.lse:

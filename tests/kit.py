@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from fused_pairloss.losses import (REGISTRY, LossEntry, circle, clip, contrastive, lifted_structure, margin_softmax,
-                                   multi_similarity, ntxent, proxy_anchor, proxy_circle, siglip, soft_triple, supcon,
-                                   tuplet_margin)
+                                   multi_similarity, ntxent, proxy_anchor, proxy_circle, ranked_list, siglip,
+                                   soft_triple, supcon, tuplet_margin)
 from fused_pairloss.ops import oracle
 from fused_pairloss.ops.spec import ClassLossSpec, PairLossSpec
 
@@ -169,6 +169,8 @@ PAIR_DECLARATIONS: Dict[str, PairLossSpec] = {
     # one set reduced (LSE of the negatives), the other only counted: LiftedStructure, TupletMargin
     "lifted_pairs_lp": lifted_structure.lifted_pairs_declaration(1.0, distance="lp"),
     "tuplet": tuplet_margin.declaration(16.0),
+    # exp-weighted sums of both sets (RankedListLoss with Tp != 0; kinks at d = 0.25 and d = 1)
+    "ranked_list": ranked_list.declaration(0.75, 1.0, 1.0, 2.0),
     # PML CrossBatchMemory with a miner: the excluded column is in the thresholds, never kept
     "ms_mine_after_excl": PairLossSpec(pos=multi_similarity.declaration(2.0, 50.0, 0.5).pos,
                                        neg=multi_similarity.declaration(2.0, 50.0, 0.5).neg,

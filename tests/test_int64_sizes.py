@@ -23,6 +23,7 @@ import torch
 
 import fused_pairloss as fpl
 from fused_pairloss.ops import triton_engines
+from fused_pairloss.ops.spec import PAIR_VALUES
 from fused_pairloss.ops.spec import ClassLossSpec, PairLossSpec, PairTerm
 
 import test_cuda_backend
@@ -80,7 +81,7 @@ def test_cpu_pair_engine_walk_past_2_31_pairs():
     assert torch.equal(aux[:, idx], sub[2])
     assert torch.isfinite(values[:4]).all()
 
-    gv = torch.randn(5, N_BIG, generator=g)
+    gv = torch.randn(len(PAIR_VALUES), N_BIG, generator=g)
     grad_q, _ = op.pair_engine_backward(gv, q, r, lq, lr, excl, values, aux, terms, flags, False)
     sub_q, _ = op.pair_engine_backward(gv[:, idx].contiguous(), q[idx], r, lq[idx], lr, excl[idx], sub[0], sub[2],
                                        terms, flags, False)

@@ -102,8 +102,12 @@ def test_invalid_declarations_are_rejected():
     with pytest.raises(RuntimeError, match="terms must have"):
         op.pair_engine_forward(q, None, y, None, None, [1.0, 2.0], 0)
     with pytest.raises(RuntimeError, match="unknown pair flag"):
-        op.pair_engine_forward(q, None, y, None, None, [0.0] * 9, 1 << 12)
+        op.pair_engine_forward(q, None, y, None, None, [0.0] * 11, 1 << 12)
+    with pytest.raises(RuntimeError, match="pos.sum_temperature needs a hinge term reduced by sum"):
+        op.pair_engine_forward(q, None, y, None, None, [0.0] * 9 + [1.0, 0.0], S.POS_SUM)
+    with pytest.raises(ValueError, match="neg.sum_temperature needs a hinge term reduced by sum"):
+        S.PairLossSpec(pos=S.PairTerm(1.0), neg=S.PairTerm(1.0, lse=True, sum_temperature=2.0))
     with pytest.raises(RuntimeError, match="column reductions need"):
         op.class_engine_forward(q, torch.randn(6, 3), y, 2, [0.0] * 13, S.COL_POS_LSE)
     with pytest.raises(RuntimeError, match="exclude_col values"):
-        op.pair_engine_forward(q, q, y, y, torch.tensor([0, 1, 2, 9]), [0.0] * 9, 0)
+        op.pair_engine_forward(q, q, y, y, torch.tensor([0, 1, 2, 9]), [0.0] * 11, 0)

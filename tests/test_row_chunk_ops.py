@@ -1,5 +1,5 @@
 """The losses' own row-chunk ops (IntraPairVariance's pair_squared_hinges, Histogram, FastAP,
-SmoothAP, PNP, RankedList, DynamicSoftMargin): torch.library.opcheck of each op and its backward op
+SmoothAP, PNP, DynamicSoftMargin): torch.library.opcheck of each op and its backward op
 (schema, fake kernel, autograd registration, AOT dispatch), and the same value and gradient when the
 work is split into many chunks."""
 import pytest
@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fused_pairloss import functional as Fn
-from fused_pairloss.losses import (dynamic_soft_margin, fast_ap, histogram, intra_pair_variance, pnp, ranked_list,
-                                   smooth_ap)
+from fused_pairloss.losses import dynamic_soft_margin, fast_ap, histogram, intra_pair_variance, pnp, smooth_ap
 
 
 def _inputs(n=20, d=6, seed=0):
@@ -26,7 +25,6 @@ def _ops():
         ("fastap", fast_ap.row_histograms, fast_ap.row_histograms_backward, (10,), (2, n, 11)),
         ("smoothap", smooth_ap.smooth_ap_rows, smooth_ap.smooth_ap_rows_backward, (0.1,), (n,)),
         ("pnp", pnp.pnp_rows, pnp.pnp_rows_backward, (0.1, "Dq", 2.0, 1.5), (n,)),
-        ("rll", ranked_list.ranked_list_rows, ranked_list.ranked_list_rows_backward, (0.4, 1.2, 1.0, 2.0), (2, n)),
         ("dsm", dynamic_soft_margin.triplet_difference_bins, dynamic_soft_margin.triplet_difference_bins_backward,
          (-2.0, 10), (2, 10)),
     ]
@@ -61,7 +59,6 @@ LOSSES = {
     "fastap": (fast_ap, lambda x, y: Fn.fast_ap_loss(x, y, backend="cpu")),
     "smoothap": (smooth_ap, lambda x, y: Fn.smooth_ap_loss(x, y, temperature=0.1, backend="cpu")),
     "pnp": (pnp, lambda x, y: Fn.pnp_loss(x, y, anneal=0.1, variant="Ib", backend="cpu")),
-    "rll": (ranked_list, lambda x, y: Fn.ranked_list_loss(x, y, margin=0.4, Tn=2.0, Tp=1.0, backend="cpu")),
     "dsm": (dynamic_soft_margin, lambda x, y: Fn.dynamic_soft_margin_loss(x, y, backend="cpu")),
 }
 

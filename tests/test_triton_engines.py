@@ -99,7 +99,8 @@ def check_pair(args, spec, exact, seed=0):
     A = stat_dtype(dtype)
     out = pair_fwd(args, spec)
     assert [t.dtype for t in out] == [A, torch.int32, A]
-    assert [tuple(t.shape) for t in out] == [(5, args[0].shape[0]), (4, args[0].shape[0]), (3, args[0].shape[0])]
+    n = args[0].shape[0]
+    assert [tuple(t.shape) for t in out] == [(len(S.PAIR_VALUES), n), (4, n), (3, n)]
     same = oracle.pair_engine_forward_oracle(*args, terms, flags)
     a64 = cast(args, torch.float64)
     truth = oracle.pair_engine_forward_oracle(*a64, terms, flags)
@@ -110,7 +111,7 @@ def check_pair(args, spec, exact, seed=0):
         check_close(out[0][k], truth[0][k], same[0][k], what=name, dtype=dtype)
     check_close(out[2][2], truth[2][2], same[2][2], what="pos_vs_neg_dlse", dtype=dtype)
     g = torch.Generator().manual_seed(seed + 1)
-    gv = torch.randn(5, args[0].shape[0], generator=g, dtype=torch.float64).to(DEV, A)
+    gv = torch.randn(len(S.PAIR_VALUES), args[0].shape[0], generator=g, dtype=torch.float64).to(DEV, A)
     grads = pair_bwd(gv, args, spec, out)
     ref = oracle.pair_engine_backward_oracle(gv.double(), *a64, truth[0], truth[2], terms, flags, True)
     same_g = oracle.pair_engine_backward_oracle(gv, *args, same[0], same[2], terms, flags, True)
@@ -209,7 +210,7 @@ def test_opcheck_all_four_ops():
 def test_bad_arguments():
     args = pair_case("ref", 6, 4, "few", torch.float32)
     terms, flags = PAIR_DECLS["ms"].pack()
-    with pytest.raises(RuntimeError, match="terms must have 9"):
+    with pytest.raises(RuntimeError, match="terms must have 11"):
         PAIR_FWD(*args, list(terms)[:8], flags)
     with pytest.raises(RuntimeError, match="unknown pair flag"):
         PAIR_FWD(*args, list(terms), flags | (1 << 12))
@@ -300,7 +301,7 @@ def test_need_grad_r_false_skips_the_column_pass(monkeypatch):
     for decl in ("circle", "ms_lp_mine"):
         spec = PAIR_DECLS[decl]
         fwd = pair_fwd(args, spec)
-        gv = torch.randn(5, 40, dtype=torch.float64, device=DEV)
+        gv = torch.randn(len(S.PAIR_VALUES), 40, dtype=torch.float64, device=DEV)
         gq_full, gr_full = pair_bwd(gv, args, spec, fwd, True)
         with monkeypatch.context() as m:
             m.setattr(T, "_pair_bwd_cols", None)  # launching the column pass would fail
@@ -319,7 +320,7 @@ def test_pair_autograd_skips_the_column_pass_for_a_detached_ref():
     (gq,) = torch.autograd.grad(st.lse_pos.nan_to_num(0, 0, 0).sum() + st.lse_neg.nan_to_num(0, 0, 0).sum(), q)
     spec = PAIR_DECLS["ms_mine"]
     fwd = pair_fwd((q.detach(), r, lq, lr, None), spec)
-    gv = torch.zeros(5, 30, dtype=torch.float64, device=DEV)
+    gv = torch.zeros(len(S.PAIR_VALUES), 30, dtype=torch.float64, device=DEV)
     gv[0] = torch.isfinite(fwd[0][0]).double()
     gv[1] = torch.isfinite(fwd[0][1]).double()
     torch.testing.assert_close(gq, pair_bwd(gv, (q.detach(), r, lq, lr, None), spec, fwd, False)[0])
@@ -335,7 +336,7 @@ def test_self_mode_equals_its_ref_mode_twin():
         a, b = pair_fwd((q, None, lq, None, None), spec), pair_fwd(twin, spec)
         assert torch.equal(a[1], b[1]) and torch.equal(a[2][:2], b[2][:2])
         torch.testing.assert_close(a[0], b[0], rtol=1e-12, atol=1e-12)
-        gv = torch.randn(5, 50, dtype=torch.float64, device=DEV)
+        gv = torch.randn(len(S.PAIR_VALUES), 50, dtype=torch.float64, device=DEV)
         ga, _ = pair_bwd(gv, (q, None, lq, None, None), spec, a)
         gq, gr = pair_bwd(gv, twin, spec, a)
         torch.testing.assert_close(ga, gq + gr, rtol=1e-10, atol=1e-10)
@@ -356,7 +357,7 @@ def test_pair_low_precision_inputs(dtype):
         assert torch.equal(out[1], same[1]) and torch.equal(out[2][:2], same[2][:2])
         for k in range(5):
             check_close(out[0][k], same[0][k], what=PAIR_VALUES[k], dtype=torch.float32)
-        gv = torch.randn(5, 40, dtype=torch.float32, device=DEV)
+        gv = torch.randn(len(S.PAIR_VALUES), 40, dtype=torch.float32, device=DEV)
         gq, gr = pair_bwd(gv, args, spec, out)
         rq, rr = oracle.pair_engine_backward_oracle(gv, *up, out[0], out[2], terms, flags, True)
         assert gq.dtype == dtype
@@ -381,7 +382,7 @@ def test_pair_nan_propagates():
             assert torch.equal(out[2].isnan(), ref[2].isnan()), decl
             if spec.mine:
                 assert out[2][0, 5].isnan() and out[2][1, 5].isnan()
-            gv = torch.ones(5, 20, device=DEV)
+            gv = torch.ones(len(S.PAIR_VALUES), 20, device=DEV)
             gq, _ = pair_bwd(gv, args, spec, out)
             if spec.pos.hinge or spec.neg.hinge:
                 # pair_terms.inl term_dvalue closes the hinge at a NaN x (!(x > 0)); torch's relu
@@ -415,11 +416,12 @@ def test_pair_empty_and_tiny():
     v, c, a = PAIR_FWD(q, q[:0], lq, lq[:0], None, list(terms), flags)
     assert torch.isneginf(v[:2]).all() and (v[2:] == 0).all() and (c == 0).all()
     assert torch.isposinf(a[0]).all() and torch.isneginf(a[1]).all() and (a[2] == 0).all()
-    gq, gr = PAIR_BWD(torch.ones(5, 5, device=DEV), q, q[:0], lq, lq[:0], None, v, a, list(terms), flags, True)
+    gq, gr = PAIR_BWD(torch.ones(len(S.PAIR_VALUES), 5, device=DEV), q, q[:0], lq, lq[:0], None, v, a, list(terms),
+                      flags, True)
     assert (gq == 0).all() and gr.shape == (0, 16)
     # N = 0
     v, c, a = PAIR_FWD(q[:0], None, lq[:0], None, None, list(terms), flags)
-    assert v.shape == (5, 0) and c.shape == (4, 0) and a.shape == (3, 0)
+    assert v.shape == (len(S.PAIR_VALUES), 0) and c.shape == (4, 0) and a.shape == (3, 0)
     gq, gr = PAIR_BWD(v, q[:0], None, lq[:0], None, None, v, a, list(terms), flags, True)
     assert gq.shape == (0, 16) and gr.shape == (0,)
     # N = 1, self mode: no pairs
@@ -435,7 +437,7 @@ def test_pair_deterministic():
         spec = PAIR_DECLS["mixed"]
         a, b = pair_fwd(args, spec), pair_fwd(args, spec)
         assert all(torch.equal(x, y) for x, y in zip(a, b))
-        gv = torch.randn(5, 50, device=DEV)
+        gv = torch.randn(len(S.PAIR_VALUES), 50, device=DEV)
         ga, gb = pair_bwd(gv, args, spec, a), pair_bwd(gv, args, spec, a)
         assert torch.equal(ga[0], gb[0]) and torch.equal(ga[1], gb[1])
 
@@ -581,8 +583,8 @@ _COMPILE_SCRIPT = textwrap.dedent("""
                              options={"num_warps": num_warps, "num_stages": num_stages})
         assert out.asm["cubin"], kern
 
-    def pair(dtype, flags, arch, self_mode, excl, D):
-        sw = T._pair_switches(flags)
+    def pair(dtype, flags, arch, self_mode, excl, D, temperatures=(0.0, 0.0)):
+        sw = T._pair_switches(flags, [0.0] * 9 + list(temperatures))
         cfg = T._FWD_CONFIGS[0]
         common = dict(EXCL=excl, PREC=T.dot_precision(dtype), BLOCK_D=T.block_d(dtype), **cfg.kwargs)
         build(T._pair_fwd_kernel, dtype, dict(common, **sw, WALK_THRESH=sw["MINE"], WALK_MAIN=True,
@@ -626,12 +628,15 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         build(TT._triplet_pos_u_kernel, torch.float32, dict(LP=lp, BLOCK=128, BLOCK_D=T.block_d(dtype)), arch, 4)
 
     # bf16 self mode with mining (register accumulator); fp32 ref mode with lp, NTXent, sums, hinge,
-    # mining and exclude_col (chunked gradient); SoftTriple's pooling in bf16; SubCenterArcFace's max
+    # mining and exclude_col (chunked gradient); exp-weighted sums; SoftTriple's pooling in bf16; SubCenterArcFace's max
     # pooling in fp32; ProxyAnchor in fp32; SigLIP's softplus rows (D + 1 = 528 columns) in fp32; the
     # triplet kernels (lp, all triplets, register accumulator; cosine, a miner's window, chunked)
     pair(torch.bfloat16, S.MINE | S.POS_LSE | S.NEG_LSE | S.EXCLUDE_AFTER_MINING, 90, True, 1, 128)
     pair(torch.float32, S.NEG_LSE | S.NEG_SUM | S.POS_SUM | S.POS_HINGE | S.POS_VS_NEG_LSE | S.LP_DISTANCE | S.MINE,
          80, False, 2, 300)
+    # RankedListLoss's exp-weighted sums (lp, self mode)
+    pair(torch.float32, S.POS_SUM | S.POS_HINGE | S.NEG_SUM | S.NEG_HINGE | S.LP_DISTANCE, 90, True, 0, 128,
+         (1.0, 10.0))
     klass(torch.bfloat16, S.ROW_LSE, 10, 90, 128)
     klass(torch.float32, S.ROW_LSE | S.POOL_MAX, 3, 80, 128)
     klass(torch.float32, S.COL_POS_LSE | S.COL_NEG_LSE, 1, 80, 300)
@@ -718,7 +723,7 @@ def test_gpu_deterministic_and_same_bits_split_or_not():
     args = pair_case("self", 4096, 128, "many", torch.float32, "normalized", seed=3)
     a, b = pair_fwd(args, spec), pair_fwd(args, spec)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
-    gv = torch.randn(5, 4096, device="cuda")
+    gv = torch.randn(len(S.PAIR_VALUES), 4096, device="cuda")
     ga, gb = pair_bwd(gv, args, spec, a), pair_bwd(gv, args, spec, a)
     assert torch.equal(ga[0], gb[0])
     # 128 rows against 4096: 2 row blocks, so the walks are split over many programs
@@ -748,7 +753,7 @@ def test_gpu_no_n_by_n_memory():
     x = F.normalize(torch.randn(n, d, device="cuda"), dim=1)
     y = torch.randint(0, 1000, (n,), device="cuda")
     spec = PAIR_DECLS["mixed"]
-    gv = torch.ones(5, n, device="cuda")
+    gv = torch.ones(len(S.PAIR_VALUES), n, device="cuda")
     step = lambda: pair_bwd(gv, (x, None, y, None, None), spec, pair_fwd((x, None, y, None, None), spec))  # noqa
     step()  # autotuning (its benchmark allocates a cache-flush buffer) happens here
     torch.cuda.synchronize()

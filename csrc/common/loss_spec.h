@@ -22,6 +22,8 @@ namespace fpl {
 //   x = (scale * w(v)) * (v - shift),  w(v) = relu(weight_offset + weight_slope * v), detached
 //   x = relu(x) if hinge
 // and the row reductions over the set's (kept) pairs: LSE of x, sum of x (+ count of x > 0).
+// A hinge term reduced by sum with sum_temperature T != 0 is exp-weighted (RankedListLoss): over the
+// pairs with x > 0, the sum of w x and, in the slot kWeight*, of w, w = exp(T x) (differentiated).
 enum PairFlag : int64_t {
   kPosLse = 1 << 0,
   kPosSum = 1 << 1,
@@ -38,12 +40,13 @@ enum PairFlag : int64_t {
 constexpr int64_t kPairFlagMask = (int64_t(1) << 11) - 1;
 
 // terms = [pos.scale, pos.shift, pos.weight_offset, pos.weight_slope,
-//          neg.scale, neg.shift, neg.weight_offset, neg.weight_slope, miner_epsilon]
+//          neg.scale, neg.shift, neg.weight_offset, neg.weight_slope, miner_epsilon,
+//          pos.sum_temperature, neg.sum_temperature]
 constexpr int kTermFloats = 4;
-constexpr int kPairTermsLength = 2 * kTermFloats + 1;
+constexpr int kPairTermsLength = 2 * kTermFloats + 3;
 
 // Row outputs of the forward op, one row of the returned [k, N] tensors per slot.
-enum PairValueSlot : int { kLsePos = 0, kLseNeg, kSumPos, kSumNeg, kPosVsNeg, kNumPairValues };
+enum PairValueSlot : int { kLsePos = 0, kLseNeg, kSumPos, kSumNeg, kPosVsNeg, kWeightPos, kWeightNeg, kNumPairValues };
 enum PairCountSlot : int { kCountPos = 0, kCountNeg, kNonzeroPos, kNonzeroNeg, kNumPairCounts };
 // aux: mining thresholds over the unmined sets (u orientation), and d(PosVsNeg)/d(lse_neg)
 enum PairAuxSlot : int { kMinPos = 0, kMaxNeg, kPosVsNegDLse, kNumPairAux };
@@ -55,7 +58,10 @@ struct PairTermParams {
   // floor = 0 (hinge) or NaN (none: every comparison with it is false, pair_terms.inl)
   T hinge_floor;
   bool lse, sum;
+  // exp-weighted sum (sum and hinge only): w = exp(sum_temperature x); 0: the plain sum
+  T sum_temperature;
   bool hinge() const { return hinge_floor == hinge_floor; }
+  bool exp_weighted() const { return sum && sum_temperature != T(0); }
 };
 
 template <typename T>
@@ -70,16 +76,17 @@ struct PairSpec {
 
 // Constants are rounded to T once, as torch rounds a Python float in `tensor op float`.
 template <typename T>
-PairTermParams<T> decode_term(const double* p, bool lse, bool sum, bool hinge) {
+PairTermParams<T> decode_term(const double* p, bool lse, bool sum, bool hinge, double sum_temperature = 0) {
   const T floor = hinge ? T(0) : std::numeric_limits<T>::quiet_NaN();
-  return PairTermParams<T>{T(p[0]), T(p[1]), T(p[2]), T(p[3]), floor, lse, sum};
+  return PairTermParams<T>{T(p[0]), T(p[1]), T(p[2]), T(p[3]), floor, lse, sum, T(sum_temperature)};
 }
 
 template <typename T>
 PairSpec<T> decode_pair_spec(const double* terms, int64_t flags) {
   PairSpec<T> s;
-  s.pos = decode_term<T>(terms, flags & kPosLse, flags & kPosSum, flags & kPosHinge);
-  s.neg = decode_term<T>(terms + kTermFloats, flags & kNegLse, flags & kNegSum, flags & kNegHinge);
+  s.pos = decode_term<T>(terms, flags & kPosLse, flags & kPosSum, flags & kPosHinge, terms[2 * kTermFloats + 1]);
+  s.neg = decode_term<T>(terms + kTermFloats, flags & kNegLse, flags & kNegSum, flags & kNegHinge,
+                         terms[2 * kTermFloats + 2]);
   s.lp_distance = flags & kLpDistance;
   s.mine = flags & kMine;
   s.pos_vs_neg_lse = flags & kPosVsNegLse;
@@ -90,13 +97,17 @@ PairSpec<T> decode_pair_spec(const double* terms, int64_t flags) {
 }
 
 // Empty string when (terms, flags) is a valid pair declaration, else what is wrong.
-inline std::string check_pair_spec(int64_t n_terms, int64_t flags) {
+inline std::string check_pair_spec(const double* terms, int64_t n_terms, int64_t flags) {
   if (n_terms != kPairTermsLength)
     return "terms must have " + std::to_string(kPairTermsLength) + " entries, got " + std::to_string(n_terms);
   if (flags & ~kPairFlagMask) return "unknown pair flag bits " + std::to_string(flags & ~kPairFlagMask);
   if ((flags & kExcludeAfterMining) && !(flags & kMine)) return "exclude-after-mining needs mining";
   if ((flags & kMineOnCosine) && !((flags & kMine) && (flags & kLpDistance)))
     return "mine-on-cosine needs mining and the lp distance";
+  if (terms[2 * kTermFloats + 1] != 0 && !((flags & kPosSum) && (flags & kPosHinge)))
+    return "pos.sum_temperature needs a hinge term reduced by sum";
+  if (terms[2 * kTermFloats + 2] != 0 && !((flags & kNegSum) && (flags & kNegHinge)))
+    return "neg.sum_temperature needs a hinge term reduced by sum";
   return "";
 }
 

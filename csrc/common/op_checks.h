@@ -27,7 +27,7 @@ inline void check_pair_sizes(int64_t N, int64_t M) {
 inline void check_pair_operands(const at::Tensor& q, const std::optional<at::Tensor>& r, const at::Tensor& labels_q,
                                 const std::optional<at::Tensor>& labels_r, const std::optional<at::Tensor>& exclude_col,
                                 c10::ArrayRef<double> terms, int64_t flags) {
-  const std::string bad = check_pair_spec(static_cast<int64_t>(terms.size()), flags);
+  const std::string bad = check_pair_spec(terms.data(), static_cast<int64_t>(terms.size()), flags);
   TORCH_CHECK(bad.empty(), "pair_engine: invalid loss declaration: ", bad);
   TORCH_CHECK(q.dim() == 2, "pair_engine: q must be 2-D (N, D), got shape ", q.sizes());
   TORCH_CHECK(labels_q.dim() == 1 && labels_q.size(0) == q.size(0), "pair_engine: labels_q must have shape (",

@@ -47,6 +47,7 @@ struct PairRowState {
   T* lse_max[2];  // [0] positives, [1] negatives: online LSE (running max, rescaled sum)
   T* lse_sum[2];
   T* sum[2];
+  T* weight[2];  // exp-weighted sums: the sum of the weights
   int32_t* count[2];
   int32_t* nonzero[2];
   T* min_pos;  // mining thresholds, u orientation
@@ -56,6 +57,7 @@ struct PairRowState {
   // backward: incoming gradients and saved statistics
   const T* g_lse[2];  // g_lse[1] already includes the NTXent term's share (glue)
   const T* g_sum[2];
+  const T* g_weight[2];
   const T* g_ntx;
   const T* lse[2];
 };

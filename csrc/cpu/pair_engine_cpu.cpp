@@ -215,12 +215,13 @@ void s_tile(const Operands<T>& o, int64_t i0, int ti, int64_t j0, int tj, T* S, 
 // ---- row state --------------------------------------------------------------------------------
 template <typename T>
 struct State {
-  Tensor lse_max, lse_sum, sum, count, nonzero, min_pos, max_neg, ntx, ntx_dlse;
+  Tensor lse_max, lse_sum, sum, weight, count, nonzero, min_pos, max_neg, ntx, ntx_dlse;
   PairRowState<T> view{};
   explicit State(int64_t N, const at::TensorOptions& opts) {
     lse_max = at::full({2, N}, -std::numeric_limits<T>::infinity(), opts);
     lse_sum = at::zeros({2, N}, opts);
     sum = at::zeros({2, N}, opts);
+    weight = at::zeros({2, N}, opts);
     count = at::zeros({2, N}, opts.dtype(at::kInt));
     nonzero = at::zeros({2, N}, opts.dtype(at::kInt));
     min_pos = at::full({N}, std::numeric_limits<T>::infinity(), opts);
@@ -231,6 +232,7 @@ struct State {
       view.lse_max[s] = lse_max[s].template data_ptr<T>();
       view.lse_sum[s] = lse_sum[s].template data_ptr<T>();
       view.sum[s] = sum[s].template data_ptr<T>();
+      view.weight[s] = weight[s].template data_ptr<T>();
       view.count[s] = count[s].template data_ptr<int32_t>();
       view.nonzero[s] = nonzero[s].template data_ptr<int32_t>();
     }
@@ -424,6 +426,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Operands<T>& o, const Pair
   values[kSumPos].copy_(state.sum[0]);
   values[kSumNeg].copy_(state.sum[1]);
   values[kPosVsNeg].copy_(state.ntx);
+  values[kWeightPos].copy_(state.weight[0]);
+  values[kWeightNeg].copy_(state.weight[1]);
   Tensor counts = at::stack({state.count[0], state.count[1], state.nonzero[0], state.nonzero[1]});
   Tensor aux = at::stack({state.min_pos, state.max_neg, state.ntx_dlse});
   return {values, counts, aux};
@@ -443,6 +447,8 @@ std::tuple<Tensor, Tensor> backward_impl(const Operands<T>& o, const PairSpec<T>
   st.g_lse[1] = g_lse_neg.template data_ptr<T>();
   st.g_sum[0] = gv[kSumPos].template data_ptr<T>();
   st.g_sum[1] = gv[kSumNeg].template data_ptr<T>();
+  st.g_weight[0] = gv[kWeightPos].template data_ptr<T>();
+  st.g_weight[1] = gv[kWeightNeg].template data_ptr<T>();
   st.g_ntx = gv[kPosVsNeg].template data_ptr<T>();
   st.lse[0] = values[kLsePos].template data_ptr<T>();
   st.lse[1] = values[kLseNeg].template data_ptr<T>();

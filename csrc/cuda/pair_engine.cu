@@ -148,18 +148,26 @@ FPL_DEV void walk_columns(const PairArgs<T>& p, int64_t o0, int no, int64_t x_be
 template <typename A>
 struct SetAcc {
   OnlineLSE<A> lse;
-  A sum;
+  A sum, weight;  // weight: an exp-weighted sum's sum of the weights
   int count, nonzero;
   FPL_DEV void init() {
     lse.init();
     sum = A(0);
+    weight = A(0);
     count = 0;
     nonzero = 0;
   }
   FPL_DEV void add(const PairTermParams<A>& t, A x) {
     ++count;
     if (t.lse) lse.add(x);
-    if (t.sum) {
+    if (t.sum && t.sum_temperature != A(0)) {  // exp-weighted (loss_spec.h): w x and w over x > 0
+      if (x > A(0)) {
+        const A w = math_exp(t.sum_temperature * x);
+        sum += w * x;
+        weight += w;
+        ++nonzero;
+      }
+    } else if (t.sum) {
       sum += x;
       nonzero += x > A(0) ? 1 : 0;
     }
@@ -167,6 +175,7 @@ struct SetAcc {
   FPL_DEV void merge_lanes() {  // every thread of the CTA calls it
     merge_pair_lanes(lse);
     sum += pair_lane(sum);
+    weight += pair_lane(weight);
     count += pair_lane(count);
     nonzero += pair_lane(nonzero);
   }
@@ -248,6 +257,8 @@ __global__ void __launch_bounds__(kThreads) pair_forward_kernel(PairArgs<T> p) {
     p.values[fpl::kSumPos * N + row] = pos.sum;
     p.values[fpl::kSumNeg * N + row] = neg.sum;
     p.values[fpl::kPosVsNeg * N + row] = ntx;
+    p.values[fpl::kWeightPos * N + row] = pos.weight;
+    p.values[fpl::kWeightNeg * N + row] = neg.weight;
     p.counts[fpl::kCountPos * N + row] = pos.count;
     p.counts[fpl::kCountNeg * N + row] = neg.count;
     p.counts[fpl::kNonzeroPos * N + row] = pos.nonzero;
@@ -262,9 +273,9 @@ __global__ void __launch_bounds__(kThreads) pair_forward_kernel(PairArgs<T> p) {
 // What the backward needs of a row of q: incoming gradients and saved statistics.
 template <typename A>
 struct RowStats {
-  A g_lse[2], g_sum[2], g_ntx, lse[2], min_pos, max_neg;
+  A g_lse[2], g_sum[2], g_weight[2], g_ntx, lse[2], min_pos, max_neg;
 };
-constexpr int kNumStats = 9;
+constexpr int kNumStats = 11;
 
 template <typename T>
 FPL_DEV RowStats<typename AccOf<T>::type> load_stats(const PairArgs<T>& p, int64_t row) {
@@ -275,6 +286,8 @@ FPL_DEV RowStats<typename AccOf<T>::type> load_stats(const PairArgs<T>& p, int64
   s.g_sum[0] = p.gvals[fpl::kSumPos * N + row];
   s.g_sum[1] = p.gvals[fpl::kSumNeg * N + row];
   s.g_ntx = p.gvals[fpl::kPosVsNeg * N + row];
+  s.g_weight[0] = p.gvals[fpl::kWeightPos * N + row];
+  s.g_weight[1] = p.gvals[fpl::kWeightNeg * N + row];
   s.lse[0] = p.vals[fpl::kLsePos * N + row];
   s.lse[1] = p.vals[fpl::kLseNeg * N + row];
   s.min_pos = p.auxin[fpl::kMinPos * N + row];
@@ -284,8 +297,8 @@ FPL_DEV RowStats<typename AccOf<T>::type> load_stats(const PairArgs<T>& p, int64
 
 template <typename A>
 FPL_DEV void store_stats(const RowStats<A>& s, A* dst, int x) {
-  const A v[kNumStats] = {s.g_lse[0], s.g_lse[1], s.g_sum[0], s.g_sum[1], s.g_ntx,
-                          s.lse[0],   s.lse[1],   s.min_pos,  s.max_neg};
+  const A v[kNumStats] = {s.g_lse[0], s.g_lse[1], s.g_sum[0], s.g_sum[1],    s.g_ntx,      s.lse[0],
+                          s.lse[1],   s.min_pos,  s.max_neg,  s.g_weight[0], s.g_weight[1]};
 #pragma unroll
   for (int k = 0; k < kNumStats; ++k) dst[k * kBN + x] = v[k];
 }
@@ -302,11 +315,14 @@ FPL_DEV RowStats<A> staged_stats(const A* src, int x) {
   s.lse[1] = src[6 * kBN + x];
   s.min_pos = src[7 * kBN + x];
   s.max_neg = src[8 * kBN + x];
+  s.g_weight[0] = src[9 * kBN + x];
+  s.g_weight[1] = src[10 * kBN + x];
   return s;
 }
 
 // G = dL/dS of the pair (row i, column j) from row i's statistics (ops/README.md backward):
 //   kept pair of set s: (g_lse_s exp(x - lse_s) [LSE] + g_sum_s [SUM]) dx/dv dv/dS
+//   exp-weighted sum instead, w = exp(T x): w (g_sum_s (1 + T x) + g_weight_s T) dx/dv dv/dS
 //   kept positive, NTXent: + g_ntx dphi(x - lse_neg) dx/dv dv/dS
 // s: the tile's entry (S, or the squared distance with LP_DISTANCE).
 template <typename A>
@@ -324,7 +340,11 @@ FPL_DEV A pair_grad(const PairSpec<A>& sp, A s, bool same, bool excluded, const 
   const A x = term_value(tp, v);
   const A db = term_dvalue(tp, v, x) * (sp.lp_distance ? pair_dv_lp(v) : A(1));
   const A gl = tp.lse ? st.g_lse[set] * math_exp(x - st.lse[set]) : A(0);
-  const A gs = tp.sum ? st.g_sum[set] : A(0);
+  A gs = tp.sum ? st.g_sum[set] : A(0);
+  if (tp.sum && tp.sum_temperature != A(0) && x > A(0)) {  // x <= 0: db is 0
+    const A T = tp.sum_temperature, w = math_exp(T * x);
+    gs = w * (gs * (A(1) + T * x) + st.g_weight[set] * T);
+  }
   A g = (gl + gs) * db;
   if (pos && sp.pos_vs_neg_lse) g += st.g_ntx * ntx_pair_dloss(x - st.lse[1]) * db;
   return g;

@@ -9,10 +9,11 @@ Per row i, over the other rows j, with b = alpha - margin (alpha = 1 + margin / 
     L_i = (1 - imbalance) L+_i + imbalance L-_i,   loss = mean of L_i.
 The weights are differentiated, as PML's (d/dx of w x / B is w (1 + T x - T L) / B).
 
-Fused: every quantity is a sum over a row, so the op `fused_pairloss::ranked_list_rows` walks the
-rows in chunks (d of a chunk against every row, the engines' accurate formula near 0) and reduces
-the four sums per row; its backward op recomputes each chunk with the analytic gradient. Memory
-O(chunk N + N D). (The pair engine has no exp-weighted sum, so this is a PyTorch op.)
+Fused: every quantity is a sum over a row: the pair engine's exp-weighted sums (PairTerm
+sum_temperature, docs/design.md "Exp-weighted sums") give sum w x and sum w per row and set, on
+every backend. Deliberate difference (docs/semantics.md): a pair is selected by its rule alone,
+without PML's further test d > 0, which matters only for two identical rows other than the row
+itself.
 """
 from __future__ import annotations
 
@@ -21,13 +22,14 @@ import warnings
 import torch
 
 from .. import _validation as V
-from ..ops._common import LOCAL, normalize, register_recomputing_autograd, row_chunks
-from ..ops.operands import add_row_chunk_distance_grad, lp_distances, lp_squared_distances, stat_dtype
+from ..ops import engines
+from ..ops._common import LOCAL, normalize, pair_operands
+from ..ops.spec import PairLossSpec, PairTerm
+from ..ops.stats import pair_stats
 from ._base import _PairLoss, check_self_only, run_pair_loss
 from ._reference_common import check_distance, nan_in_nan_out
 from ._registry import LossEntry
 
-CHUNK_ELEMENTS = 1 << 20
 EPS_PER_COLUMN = 1e-5  # PML's torch.sum(w + 1e-5, dim=1)
 
 
@@ -75,92 +77,36 @@ def ranked_list_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, 
     return nan_in_nan_out(((1 - imbalance) * loss_P + imbalance * loss_N).mean(), embeddings, None)
 
 
-# ---- the op: the four sums per row ---------------------------------------------------------------
-def _chunk_terms(q, labels, i0, i1, margin, alpha, Tp, Tn):
-    """d of rows i0..i1 against every row and per set (positives, negatives) (x, w): x = d - b or
-    alpha - d, w its weight exp(T x) on the active pairs and 0 elsewhere. A positive is active for
-    d > max(b, 0) (the row itself, at d = 0, never is), a negative for 0 < d < alpha."""
-    d = lp_distances(lp_squared_distances(q[i0:i1] @ q.t(), q[i0:i1], q))
-    same = labels[i0:i1, None] == labels[None, :]
-    b = alpha - margin
-    xp, xn = d - b, alpha - d
-    e = torch.exp(torch.where(same, Tp * xp, Tn * xn))  # the two sets are disjoint: one exp per pair
-    zero = torch.zeros_like(d)
-    wp = torch.where(same & (d > max(b, 0.0)), e, zero)
-    wn = torch.where(~same & (d < alpha) & (d > 0), e, zero)
-    return d, ((xp, wp), (xn, wn))
+# ---- fused: the pair engine's exp-weighted sums -----------------------------------------------
+def declaration(margin, alpha, Tp, Tn):
+    """lp distance; positives x = relu(d - b), negatives x = relu(alpha - d), each reduced by an
+    exp-weighted sum (w = exp(T x) over x > 0; T = 0: the plain sum and the count of x > 0)."""
+    return PairLossSpec(pos=PairTerm(scale=1.0, shift=alpha - margin, hinge=True, sum=True, sum_temperature=Tp),
+                        neg=PairTerm(scale=-1.0, shift=alpha, hinge=True, sum=True, sum_temperature=Tn),
+                        distance="lp")
 
 
-def _row_sums(x, w, n):
-    """L = sum w x / B, B = sum w + n 1e-5 (PML's), per row (c x 1 each)."""
-    total = w.sum(1, keepdim=True) + EPS_PER_COLUMN * n
-    return (w * x).sum(1, keepdim=True) / total, total
+def combine(st: engines.PairStats, embeddings, *, imbalance, Tp, Tn):
+    """L+_i = sum w x / (sum w + N 1e-5), L-_i likewise; the mean of their imbalance mix."""
+    n = st.sum_pos.shape[0]
 
+    def row_loss(total, weight, nonzero, T):
+        return total / ((weight if T != 0 else nonzero.to(total.dtype)) + EPS_PER_COLUMN * n)
 
-@torch.library.custom_op("fused_pairloss::ranked_list_rows", mutates_args=())
-def ranked_list_rows(q: torch.Tensor, labels: torch.Tensor, margin: float, alpha: float, Tp: float,
-                     Tn: float) -> torch.Tensor:
-    """A[2, N]: per row L+ (0) and L- (1) (module docstring)."""
-    A = stat_dtype(q.dtype)
-    qa = q.to(A)
-    out = torch.empty(2, q.shape[0], dtype=A, device=q.device)
-    with torch.autocast(q.device.type, enabled=False):
-        for i0, i1 in row_chunks(q.shape[0], q.shape[0], CHUNK_ELEMENTS):
-            _, terms = _chunk_terms(qa, labels, i0, i1, margin, alpha, Tp, Tn)
-            for k, (x, w) in enumerate(terms):
-                out[k, i0:i1] = _row_sums(x, w, q.shape[0])[0].squeeze(1)
-    return out
-
-
-@ranked_list_rows.register_fake
-def _fake(q, labels, margin, alpha, Tp, Tn):
-    return q.new_empty((2, q.shape[0]), dtype=stat_dtype(q.dtype))
-
-
-@torch.library.custom_op("fused_pairloss::ranked_list_rows_backward", mutates_args=())
-def ranked_list_rows_backward(grad: torch.Tensor, q: torch.Tensor, labels: torch.Tensor, margin: float, alpha: float,
-                              Tp: float, Tn: float) -> torch.Tensor:
-    """grad_q of sum(grad * rows): per active pair dL/dx = g w (1 + T x - T L) / B (x = d - b for
-    the positives, alpha - d for the negatives), then through d = |q_i - q_j| chunk by chunk."""
-    A = stat_dtype(q.dtype)
-    qa, g = q.to(A), grad.to(A)
-    grad_q = torch.zeros_like(qa)
-    with torch.autocast(q.device.type, enabled=False):
-        for i0, i1 in row_chunks(q.shape[0], q.shape[0], CHUNK_ELEMENTS):
-            d, ((xp, wp), (xn, wn)) = _chunk_terms(qa, labels, i0, i1, margin, alpha, Tp, Tn)
-            # dL/dx = g w (1 + T x - T L) / B; x = d - b (positives), alpha - d (negatives)
-            lp, bp = _row_sums(xp, wp, q.shape[0])
-            ln, bn = _row_sums(xn, wn, q.shape[0])
-            gp, gn = g[0, i0:i1, None], g[1, i0:i1, None]
-            grad_d = wp * ((gp / bp) * (1 + Tp * (xp - lp))) - wn * ((gn / bn) * (1 + Tn * (xn - ln)))
-            add_row_chunk_distance_grad(grad_q, grad_d, d, qa, i0, i1)
-    return grad_q.to(q.dtype)
-
-
-@ranked_list_rows_backward.register_fake
-def _fake_backward(grad, q, labels, margin, alpha, Tp, Tn):
-    return torch.empty_like(q)
-
-
-def _differentiable_rows(q, labels, margin, alpha, Tp, Tn):
-    """ranked_list_rows as a differentiable computation (create_graph=True only)."""
-    A = stat_dtype(q.dtype)
-    _, terms = _chunk_terms(q.to(A), labels, 0, q.shape[0], margin, alpha, Tp, Tn)
-    return torch.stack([_row_sums(x, w, q.shape[0])[0].squeeze(1) for x, w in terms])
-
-
-register_recomputing_autograd(ranked_list_rows, ranked_list_rows_backward, _differentiable_rows)
+    rows = (1 - imbalance) * row_loss(st.sum_pos, st.weight_pos, st.nonzero_pos, Tp) \
+        + imbalance * row_loss(st.sum_neg, st.weight_neg, st.nonzero_neg, Tn)
+    return rows.mean().to(embeddings.dtype)
 
 
 def ranked_list_fused(embeddings, labels, ref_emb, ref_labels, *, margin=0.4, Tn=10.0, imbalance=0.5, alpha=None,
                       Tp=0.0, distance="lp", backend, exclude_col=None, batch=LOCAL):
     check_self_only(embeddings, labels, ref_emb, ref_labels, "RankedListLoss")
     alpha = check_hyper(margin, Tn, imbalance, alpha, Tp)
-    labels = torch.as_tensor(labels, device=embeddings.device).to(torch.int64).contiguous()
-    rows = ranked_list_rows(normalize(embeddings).contiguous(), labels, float(margin), float(alpha), float(Tp),
-                            float(Tn))
-    loss = ((1 - imbalance) * rows[0] + imbalance * rows[1]).mean()
-    return nan_in_nan_out(loss.to(embeddings.dtype), embeddings, None)
+    q, _, _, _ = pair_operands(embeddings, labels, None, None)
+    spec = declaration(float(margin), float(alpha), float(Tp), float(Tn))
+    st = pair_stats(q, None, torch.as_tensor(labels, device=embeddings.device), None, None, spec, backend)
+    loss = combine(st, embeddings, imbalance=imbalance, Tp=float(Tp), Tn=float(Tn))
+    return nan_in_nan_out(loss, embeddings, None)
 
 
 def ranked_list_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.4, Tn=10.0, imbalance=0.5,

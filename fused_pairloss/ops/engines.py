@@ -32,6 +32,8 @@ class PairStats(NamedTuple):
     sum_pos: torch.Tensor
     sum_neg: torch.Tensor
     pos_vs_neg: torch.Tensor
+    weight_pos: torch.Tensor  # exp-weighted sums (PairTerm.sum_temperature): the sum of the weights
+    weight_neg: torch.Tensor
     count_pos: torch.Tensor
     count_neg: torch.Tensor
     nonzero_pos: torch.Tensor

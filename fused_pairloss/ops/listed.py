@@ -207,19 +207,22 @@ def listed_pair_stats(q, r, spec: S.PairLossSpec, pairs: ListedPairs) -> PairSta
         nonzero = torch.zeros(n, dtype=torch.int32, device=q.device).index_add(0, rows,
                                                                                 (w * (x > 0)).to(torch.int32))
         lse = _row_lse(x, rows, w, n) if term.lse else zero + float("-inf")
-        total = zero.index_add(0, rows, w * x) if term.sum else zero
-        return x, w, rows, lse, total, count, (nonzero if term.sum else torch.zeros_like(nonzero))
+        # an exp-weighted sum (loss_spec.h): e = exp(T x) on the pairs with x > 0, 1 elsewhere
+        e = torch.exp(term.sum_temperature * torch.where(x > 0, x, 0))
+        total = zero.index_add(0, rows, w * e * x) if term.sum else zero
+        weight = zero.index_add(0, rows, w * torch.where(x > 0, e, 0)) if term.exp_weighted else zero
+        return x, w, rows, lse, total, weight, count, (nonzero if term.sum else torch.zeros_like(nonzero))
 
-    xp, wp, rows_p, lse_pos, sum_pos, count_pos, nonzero_pos = side(pairs.pos, spec.pos)
-    _, _, _, lse_neg, sum_neg, count_neg, nonzero_neg = side(pairs.neg, spec.neg)
+    xp, wp, rows_p, lse_pos, sum_pos, weight_pos, count_pos, nonzero_pos = side(pairs.pos, spec.pos)
+    _, _, _, lse_neg, sum_neg, weight_neg, count_neg, nonzero_neg = side(pairs.neg, spec.neg)
     pos_vs_neg = torch.zeros(n, dtype=A, device=q.device)
     if spec.pos_vs_neg_lse:  # NTXent: per positive pair -log(sigmoid(x_p - lse_neg) + tiny)
         t = xp - lse_neg[rows_p]
         pair_loss = -torch.log(torch.sigmoid(t) + torch.finfo(A).tiny)
         pos_vs_neg = pos_vs_neg.index_add(0, rows_p, wp * pair_loss)
     inf = torch.full((n,), float("inf"), dtype=A, device=q.device)
-    return PairStats(lse_pos, lse_neg, sum_pos, sum_neg, pos_vs_neg, count_pos, count_neg, nonzero_pos, nonzero_neg,
-                     inf, -inf)
+    return PairStats(lse_pos, lse_neg, sum_pos, sum_neg, pos_vs_neg, weight_pos, weight_neg, count_pos, count_neg,
+                     nonzero_pos, nonzero_neg, inf, -inf)
 
 
 def join_on_anchor(a1, a2):

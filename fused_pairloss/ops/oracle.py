@@ -97,8 +97,21 @@ def _pair_values(q, r, labels_q, labels_r, exclude_col, sp: S.PairLossSpec):
     def lse(mask, x, on):
         return _masked_lse(x, mask, 1) if on else zero_row + NEG_INF
 
-    def total(mask, x, on):
-        return torch.where(mask, x, 0).sum(1) if on else zero_row
+    def exp_weight(mask, x, t):
+        """w = exp(T x) on the pairs with x > 0 (an exp-weighted sum, loss_spec.h), 1 elsewhere."""
+        active = mask & (x > 0)
+        return torch.exp(t.sum_temperature * torch.where(active, x, 0)), active
+
+    def total(mask, x, t):
+        if not t.sum:
+            return zero_row
+        return torch.where(mask, exp_weight(mask, x, t)[0] * x, 0).sum(1)
+
+    def weight(mask, x, t):
+        if not t.exp_weighted:
+            return zero_row
+        w, active = exp_weight(mask, x, t)
+        return torch.where(active, w, 0).sum(1)
 
     def nonzero(mask, x, on):
         return (mask & (x > 0)).sum(1).to(torch.int32) if on else zero_row.to(torch.int32)
@@ -113,7 +126,8 @@ def _pair_values(q, r, labels_q, labels_r, exclude_col, sp: S.PairLossSpec):
         with torch.enable_grad():
             dphi = torch.autograd.grad(_ntx_pair_loss(td, tiny).sum(), td)[0]
         ntx_dlse = -torch.where(pos, dphi, 0).sum(1)
-    values = torch.stack([lse_pos, lse_neg, total(pos, xp, sp.pos.sum), total(neg, xn, sp.neg.sum), ntx])
+    values = torch.stack([lse_pos, lse_neg, total(pos, xp, sp.pos), total(neg, xn, sp.neg), ntx,
+                          weight(pos, xp, sp.pos), weight(neg, xn, sp.neg)])
     counts = torch.stack([pos.sum(1).to(torch.int32), neg.sum(1).to(torch.int32),
                           nonzero(pos, xp, sp.pos.sum), nonzero(neg, xn, sp.neg.sum)])
     aux = torch.stack([min_pos, max_neg, ntx_dlse.detach()])

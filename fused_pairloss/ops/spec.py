@@ -40,7 +40,7 @@ WEIGHT_OPERAND_FLAGS = NORMALIZE_WEIGHTS | WEIGHTS_COLUMNS
 WEIGHT_LAYOUTS = ("rows", "columns")
 
 # rows of the pair engine's outputs (loss_spec.h PairValueSlot, PairCountSlot, PairAuxSlot)
-PAIR_VALUES = ("lse_pos", "lse_neg", "sum_pos", "sum_neg", "pos_vs_neg")
+PAIR_VALUES = ("lse_pos", "lse_neg", "sum_pos", "sum_neg", "pos_vs_neg", "weight_pos", "weight_neg")
 PAIR_COUNTS = ("count_pos", "count_neg", "nonzero_pos", "nonzero_neg")
 PAIR_AUX = ("min_pos", "max_neg", "pos_vs_neg_dlse")
 # rows of the class engine's outputs (ClassRowSlot, ClassColSlot)
@@ -58,7 +58,10 @@ class PairTerm:
     w(v) = relu(weight_offset + weight_slope * v) (1 by default); x = relu(x) if `hinge` (a NaN x
     taken as 0: a hinge term is reduced as PML's AvgNonZeroReducer, which drops NaN terms).
     Per row: `lse` the log-sum-exp of x over the set, `sum` the sum of x and the count of x > 0;
-    the size of the set is always counted."""
+    the size of the set is always counted.
+    `sum_temperature` T != 0 (a hinge term reduced by `sum`): the sum is exp-weighted, over the
+    pairs with x > 0 the sum of w x and (slot weight_*) of w, w = exp(T x), differentiated with w
+    (RankedListLoss's weighting, docs/design.md "Exp-weighted sums")."""
 
     scale: float
     shift: float = 0.0
@@ -67,6 +70,7 @@ class PairTerm:
     hinge: bool = False
     lse: bool = False
     sum: bool = False
+    sum_temperature: float = 0.0
 
     def floats(self) -> Tuple[float, float, float, float]:
         return (float(self.scale), float(self.shift), float(self.weight_offset), float(self.weight_slope))
@@ -74,6 +78,10 @@ class PairTerm:
     @property
     def weighted(self) -> bool:
         return self.weight_slope != 0.0 or self.weight_offset != 1.0
+
+    @property
+    def exp_weighted(self) -> bool:
+        return self.sum_temperature != 0.0
 
 
 NO_TERM = PairTerm(scale=0.0)
@@ -108,6 +116,9 @@ class PairLossSpec:
             raise ValueError("exclude_after_mining needs miner_epsilon")
         if self.miner_on_cosine and (self.miner_epsilon is None or self.distance != "lp"):
             raise ValueError("miner_on_cosine needs miner_epsilon and distance 'lp'")
+        for name, t in (("pos", self.pos), ("neg", self.neg)):
+            if t.exp_weighted and not (t.sum and t.hinge):
+                raise ValueError(f"{name}.sum_temperature needs a hinge term reduced by sum")
         flags = 0
         flags |= POS_LSE if self.pos.lse else 0
         flags |= POS_SUM if self.pos.sum else 0
@@ -121,7 +132,8 @@ class PairLossSpec:
         flags |= EXCLUDE_AFTER_MINING if self.exclude_after_mining else 0
         flags |= MINE_ON_COSINE if self.miner_on_cosine else 0
         eps = 0.0 if self.miner_epsilon is None else float(self.miner_epsilon)
-        object.__setattr__(self, "_packed", (self.pos.floats() + self.neg.floats() + (eps,), flags))
+        temperatures = (float(self.pos.sum_temperature), float(self.neg.sum_temperature))
+        object.__setattr__(self, "_packed", (self.pos.floats() + self.neg.floats() + (eps,) + temperatures, flags))
 
     def pack(self) -> Tuple[Tuple[float, ...], int]:
         """(terms, flags): the fused ops' arguments (loss_spec.h layout)."""
@@ -143,7 +155,9 @@ class PairLossSpec:
             f"lp_distance={int(self.distance == 'lp')}", f"mine={int(self.mine)}",
             f"miner_epsilon={_num(eps)}", f"pos_vs_neg_lse={int(self.pos_vs_neg_lse)}",
             f"exclude_after_mining={int(self.exclude_after_mining)}",
-            f"mine_on_cosine={int(self.miner_on_cosine)}"]
+            f"mine_on_cosine={int(self.miner_on_cosine)}",
+            f"pos.sum_temperature={_num(float(self.pos.sum_temperature))}",
+            f"neg.sum_temperature={_num(float(self.neg.sum_temperature))}"]
         return ";".join(parts)
 
 
@@ -183,7 +197,7 @@ class ClassLossSpec:
             raise ValueError(f"row_reduction {self.row_reduction!r} needs a row term")
         for name in ("row", "col_pos", "col_neg"):
             t = getattr(self, name)
-            if t is not None and (t.hinge or t.sum):
+            if t is not None and (t.hinge or t.sum or t.exp_weighted):
                 raise ValueError(f"class engine term {name}: only LSE reductions (no hinge / sum)")
         if (self.col_pos is not None or self.col_neg is not None) and K != 1:
             raise ValueError("column reductions need centers_per_class = 1")
@@ -222,10 +236,12 @@ def unpack_pair(terms, flags: int) -> PairLossSpec:
     """The declaration a packed (terms, flags) encodes (the inverse of PairLossSpec.pack)."""
     terms = [float(t) for t in terms]
 
-    def term(off, lse, sm, hinge):
-        return PairTerm(*terms[off:off + 4], hinge=bool(flags & hinge), lse=bool(flags & lse), sum=bool(flags & sm))
+    def term(off, lse, sm, hinge, temperature):
+        return PairTerm(*terms[off:off + 4], hinge=bool(flags & hinge), lse=bool(flags & lse), sum=bool(flags & sm),
+                        sum_temperature=temperature)
 
-    return PairLossSpec(pos=term(0, POS_LSE, POS_SUM, POS_HINGE), neg=term(4, NEG_LSE, NEG_SUM, NEG_HINGE),
+    return PairLossSpec(pos=term(0, POS_LSE, POS_SUM, POS_HINGE, terms[9]),
+                        neg=term(4, NEG_LSE, NEG_SUM, NEG_HINGE, terms[10]),
                         distance="lp" if flags & LP_DISTANCE else "cosine",
                         miner_epsilon=terms[8] if flags & MINE else None,
                         pos_vs_neg_lse=bool(flags & POS_VS_NEG_LSE),

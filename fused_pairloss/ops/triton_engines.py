@@ -143,7 +143,8 @@ def is_interpreter() -> bool:
 INTERPRETED = _IMPORTED and is_interpreter()
 _USE_TRITON_OP = _IMPORTED and not INTERPRETED and hasattr(torch.library, "triton_op")
 
-_PAIR_TERMS = 2 * 4 + 1
+_PAIR_TERMS = 2 * 4 + 3
+_PAIR_VALUES = len(S.PAIR_VALUES)
 _CLASS_TERMS = 3 * 4 + 1
 _PAIR_FLAG_MASK = (1 << 11) - 1
 # no weight-operand bits (plain rows)
@@ -233,10 +234,12 @@ def _launch(kernel):
     return _SerializedLaunch(kernel) if INTERPRETED else kernel
 
 
-def _pair_switches(flags: int) -> dict:
-    """The declaration's flags as the kernels' constexpr switches."""
+def _pair_switches(flags: int, terms) -> dict:
+    """The declaration's flags (and whether its sums are exp-weighted) as the kernels' constexpr switches."""
     f = int(flags)
-    return dict(POS_LSE=bool(f & S.POS_LSE), POS_SUM=bool(f & S.POS_SUM), POS_HINGE=bool(f & S.POS_HINGE),
+    return dict(POS_EXPW=bool(f & S.POS_SUM) and float(terms[9]) != 0.0,
+                NEG_EXPW=bool(f & S.NEG_SUM) and float(terms[10]) != 0.0,
+                POS_LSE=bool(f & S.POS_LSE), POS_SUM=bool(f & S.POS_SUM), POS_HINGE=bool(f & S.POS_HINGE),
                 NEG_LSE=bool(f & S.NEG_LSE), NEG_SUM=bool(f & S.NEG_SUM), NEG_HINGE=bool(f & S.NEG_HINGE),
                 LP=bool(f & S.LP_DISTANCE), MINE=bool(f & S.MINE), NTX=bool(f & S.POS_VS_NEG_LSE),
                 EAM=bool(f & S.EXCLUDE_AFTER_MINING), MCOS=bool(f & S.MINE_ON_COSINE))
@@ -554,9 +557,15 @@ if _IMPORTED:
         return u
 
     @triton.jit
-    def _pair_consts(k_ps, k_psh, k_pwo, k_pws, k_ns, k_nsh, k_nwo, k_nws, k_eps, k_tiny, ACC: tl.constexpr):
+    def _pair_consts(k_ps, k_psh, k_pwo, k_pws, k_ns, k_nsh, k_nwo, k_nws, k_eps, k_tp, k_tn, k_tiny,
+                     ACC: tl.constexpr):
         return (_c(k_ps, ACC), _c(k_psh, ACC), _c(k_pwo, ACC), _c(k_pws, ACC), _c(k_ns, ACC), _c(k_nsh, ACC),
-                _c(k_nwo, ACC), _c(k_nws, ACC), _c(k_eps, ACC), _c(k_tiny, ACC))
+                _c(k_nwo, ACC), _c(k_nws, ACC), _c(k_eps, ACC), _c(k_tp, ACC), _c(k_tn, ACC), _c(k_tiny, ACC))
+
+    @triton.jit
+    def _exp_weight(k, x, T):
+        """w = exp(T x) of the kept pairs with x > 0 (an exp-weighted sum, loss_spec.h), 1 elsewhere."""
+        return tl.exp(T * tl.where(k & (x > 0), x, 0.0))
 
     @triton.jit
     def _pair_dterms(v, ps, psh, pwo, pws, ns, nsh, nwo, nws, POS_HINGE: tl.constexpr, NEG_HINGE: tl.constexpr,
@@ -608,11 +617,12 @@ if _IMPORTED:
         return -(sg * _sigmoid(-t)) / (sg + tiny)
 
     @triton.jit
-    def _pair_grad(kp, kn, xp, xn, db_p, db_n, glp, gln, gsp, gsn, gx, lsp, lsn, tiny,
+    def _pair_grad(kp, kn, xp, xn, db_p, db_n, glp, gln, gsp, gsn, gx, lsp, lsn, gwp, gwn, tp, tn, tiny,
                    POS_LSE: tl.constexpr, POS_SUM: tl.constexpr, NEG_LSE: tl.constexpr,
-                   NEG_SUM: tl.constexpr, NTX: tl.constexpr):
+                   NEG_SUM: tl.constexpr, NTX: tl.constexpr, POS_EXPW: tl.constexpr, NEG_EXPW: tl.constexpr):
         """G = dL/dS on a tile for the kept pairs kp / kn, as kernels_isa.inc pair_backward_impl:
-        (grad_lse_s exp(x - lse_s) [LSE] + grad_sum_s [SUM]) * db_s, db_s = dx_s/dv dv/dS, and for
+        (grad_lse_s exp(x - lse_s) [LSE] + grad_sum_s [SUM]) * db_s, db_s = dx_s/dv dv/dS (an exp-weighted
+        sum, w = exp(T x): w (grad_sum_s (1 + T x) + grad_weight_s T) in place of grad_sum_s), and for
         kept positives (NTX) + grad_pos_vs_neg dphi(x - lse_neg) db_pos. The row statistics come
         pre-broadcast ([R, 1] or [1, C]), so the same code gives G_IJ (statistics of I) and G_JI^T
         (statistics of J) in self mode; gln already holds grad_lse_neg + grad_pos_vs_neg * aux[2].
@@ -628,9 +638,13 @@ if _IMPORTED:
             g = tl.where(kp, glp, gln) * tl.exp(arg)
         else:
             g = tl.zeros_like(xp)
-        if POS_SUM:
+        if POS_EXPW:
+            g = tl.where(kp, g + _exp_weight(kp, xp, tp) * (gsp * (1.0 + tp * xp) + gwp * tp), g)
+        elif POS_SUM:
             g = tl.where(kp, g + gsp, g)
-        if NEG_SUM:
+        if NEG_EXPW:
+            g = tl.where(kn, g + _exp_weight(kn, xn, tn) * (gsn * (1.0 + tn * xn) + gwn * tn), g)
+        elif NEG_SUM:
             g = tl.where(kn, g + gsn, g)
         g = g * tl.where(kp, db_p, db_n)
         if NTX:
@@ -639,9 +653,9 @@ if _IMPORTED:
 
     @triton.jit
     def _load_row_stats(st_ptr, idx, ok, N):
-        """The backward's per-row statistics [9, N] (host `_pair_backward`): grad lse_pos, grad
+        """The backward's per-row statistics [11, N] (host `_pair_backward`): grad lse_pos, grad
         lse_neg (+ NTXent's share), grad sum_pos, grad sum_neg, grad pos_vs_neg, lse_pos, lse_neg,
-        min_pos, max_neg."""
+        min_pos, max_neg, grad weight_pos, grad weight_neg."""
         N = tl.cast(N, tl.int64)  # k * N passes 2^31 for N > 2^28
         glp = tl.load(st_ptr + idx, mask=ok, other=0.0)
         gln = tl.load(st_ptr + N + idx, mask=ok, other=0.0)
@@ -652,7 +666,9 @@ if _IMPORTED:
         lsn = tl.load(st_ptr + 6 * N + idx, mask=ok, other=0.0)
         mnp = tl.load(st_ptr + 7 * N + idx, mask=ok, other=0.0)
         mxn = tl.load(st_ptr + 8 * N + idx, mask=ok, other=0.0)
-        return glp, gln, gsp, gsn, gx, lsp, lsn, mnp, mxn
+        gwp = tl.load(st_ptr + 9 * N + idx, mask=ok, other=0.0)
+        gwn = tl.load(st_ptr + 10 * N + idx, mask=ok, other=0.0)
+        return glp, gln, gsp, gsn, gx, lsp, lsn, mnp, mxn, gwp, gwn
 
     # ======================================================================= pair engine: kernels
     @triton.jit
@@ -661,13 +677,13 @@ if _IMPORTED:
                          split_v, split_c, split_a,
                          k_ps: tl.float64, k_psh: tl.float64, k_pwo: tl.float64, k_pws: tl.float64,
                          k_ns: tl.float64, k_nsh: tl.float64, k_nwo: tl.float64, k_nws: tl.float64,
-                         k_eps: tl.float64, k_tiny: tl.float64,
+                         k_eps: tl.float64, k_tp: tl.float64, k_tn: tl.float64, k_tiny: tl.float64,
                          WALK_THRESH: tl.constexpr, WALK_MAIN: tl.constexpr, WALK_NTX: tl.constexpr,
                          EXCL: tl.constexpr, LP: tl.constexpr, MINE: tl.constexpr, EAM: tl.constexpr,
                          MCOS: tl.constexpr, NTX: tl.constexpr, POS_LSE: tl.constexpr, POS_SUM: tl.constexpr,
                          POS_HINGE: tl.constexpr, NEG_LSE: tl.constexpr, NEG_SUM: tl.constexpr,
-                         NEG_HINGE: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         NEG_HINGE: tl.constexpr, POS_EXPW: tl.constexpr, NEG_EXPW: tl.constexpr,
+                         PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Program (row block, split s) walks the column tiles s, s + SPLIT, ... and writes its row
         statistics to slice s of values / counts / aux (layout of the op's outputs; SPLIT = 1: the
         outputs themselves). Walks: THRESH (mining thresholds; else, with MINE, read from thr_ptr),
@@ -683,8 +699,8 @@ if _IMPORTED:
         cb = cnt_ptr + split * split_c + rows
         ab = aux_ptr + split * split_a + rows
         lq, ex, nq = _pair_side(lq_ptr, ex_ptr, nq_ptr, rows, rmask, EXCL, LP, BLOCK_M, ACC)
-        ps, psh, pwo, pws, ns, nsh, nwo, nws, eps, tiny = _pair_consts(
-            k_ps, k_psh, k_pwo, k_pws, k_ns, k_nsh, k_nwo, k_nws, k_eps, k_tiny, ACC)
+        ps, psh, pwo, pws, ns, nsh, nwo, nws, eps, tp, tn, tiny = _pair_consts(
+            k_ps, k_psh, k_pwo, k_pws, k_ns, k_nsh, k_nwo, k_nws, k_eps, k_tp, k_tn, k_tiny, ACC)
 
         min_pos = tl.full([BLOCK_M], _POS_INF, ACC)
         max_neg = tl.full([BLOCK_M], _NEG_INF, ACC)
@@ -725,6 +741,8 @@ if _IMPORTED:
             ln = tl.zeros([BLOCK_M], ACC)
             sp = tl.zeros([BLOCK_M], ACC)
             sn = tl.zeros([BLOCK_M], ACC)
+            wp = tl.zeros([BLOCK_M], ACC)
+            wn = tl.zeros([BLOCK_M], ACC)
             cp = tl.zeros([BLOCK_M], tl.int32)
             cn = tl.zeros([BLOCK_M], tl.int32)
             zp = tl.zeros([BLOCK_M], tl.int32)
@@ -747,11 +765,21 @@ if _IMPORTED:
                     mp, lp = _lse_fold(mp, lp, xp, kp, 1)
                 elif NEG_LSE:
                     mn, ln = _lse_fold(mn, ln, xn, kn, 1)
-                if POS_SUM:
+                if POS_EXPW:  # exp-weighted: w x and w over x > 0 (hinge terms: x >= 0)
+                    e = _exp_weight(kp, xp, tp)
+                    sp += tl.sum(tl.where(kp, e * xp, 0.0), axis=1)
+                    wp += tl.sum(tl.where(kp & (xp > 0), e, 0.0), axis=1)
+                elif POS_SUM:
                     sp += tl.sum(tl.where(kp, xp, 0.0), axis=1)
+                if NEG_EXPW:
+                    e = _exp_weight(kn, xn, tn)
+                    sn += tl.sum(tl.where(kn, e * xn, 0.0), axis=1)
+                    wn += tl.sum(tl.where(kn & (xn > 0), e, 0.0), axis=1)
+                elif NEG_SUM:
+                    sn += tl.sum(tl.where(kn, xn, 0.0), axis=1)
+                if POS_SUM:
                     zp += tl.sum((kp & (xp > 0)).to(tl.int32), axis=1)
                 if NEG_SUM:
-                    sn += tl.sum(tl.where(kn, xn, 0.0), axis=1)
                     zn += tl.sum((kn & (xn > 0)).to(tl.int32), axis=1)
                 cp += tl.sum(kp.to(tl.int32), axis=1)
                 cn += tl.sum(kn.to(tl.int32), axis=1)
@@ -760,6 +788,8 @@ if _IMPORTED:
             tl.store(vb + N, lse_neg, mask=rmask)
             tl.store(vb + 2 * N, sp, mask=rmask)
             tl.store(vb + 3 * N, sn, mask=rmask)
+            tl.store(vb + 5 * N, wp, mask=rmask)
+            tl.store(vb + 6 * N, wn, mask=rmask)
             tl.store(cb, cp, mask=rmask)
             tl.store(cb + N, cn, mask=rmask)
             tl.store(cb + 2 * N, zp, mask=rmask)
@@ -800,11 +830,12 @@ if _IMPORTED:
                               N, M, D, stride_q, stride_r, split_o,
                               k_ps: tl.float64, k_psh: tl.float64, k_pwo: tl.float64, k_pws: tl.float64,
                               k_ns: tl.float64, k_nsh: tl.float64, k_nwo: tl.float64, k_nws: tl.float64,
-                              k_eps: tl.float64, k_tiny: tl.float64,
+                              k_eps: tl.float64, k_tp: tl.float64, k_tn: tl.float64, k_tiny: tl.float64,
                               SELF: tl.constexpr, EXCL: tl.constexpr, LP: tl.constexpr, MINE: tl.constexpr,
                               MCOS: tl.constexpr, NTX: tl.constexpr, POS_LSE: tl.constexpr, POS_SUM: tl.constexpr,
                               POS_HINGE: tl.constexpr, NEG_LSE: tl.constexpr, NEG_SUM: tl.constexpr,
-                              NEG_HINGE: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr,
+                              NEG_HINGE: tl.constexpr, POS_EXPW: tl.constexpr, NEG_EXPW: tl.constexpr,
+                              PREC: tl.constexpr, GPREC: tl.constexpr,
                               BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, ONE_CHUNK: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """grad_q[I] (slice s of the output) = sum over the column tiles J = s, s + SPLIT, ... of
@@ -814,9 +845,9 @@ if _IMPORTED:
         rmask = rows < N
         out_ptr += tl.program_id(1).to(tl.int64) * split_o
         lq, ex, nq = _pair_side(lq_ptr, ex_ptr, nq_ptr, rows, rmask, EXCL, LP, BLOCK_M, ACC)
-        ps, psh, pwo, pws, ns, nsh, nwo, nws, eps, tiny = _pair_consts(
-            k_ps, k_psh, k_pwo, k_pws, k_ns, k_nsh, k_nwo, k_nws, k_eps, k_tiny, ACC)
-        glp, gln, gsp, gsn, gx, lsp, lsn, mnp, mxn = _load_row_stats(st_ptr, rows, rmask, N)
+        ps, psh, pwo, pws, ns, nsh, nwo, nws, eps, tp, tn, tiny = _pair_consts(
+            k_ps, k_psh, k_pwo, k_pws, k_ns, k_nsh, k_nwo, k_nws, k_eps, k_tp, k_tn, k_tiny, ACC)
+        glp, gln, gsp, gsn, gx, lsp, lsn, mnp, mxn, gwp, gwn = _load_row_stats(st_ptr, rows, rmask, N)
         acc = tl.zeros([BLOCK_M, BLOCK_G], ACC)
         gsum = tl.zeros([BLOCK_M], ACC)
         for n0 in range(tl.program_id(1).to(tl.int64) * BLOCK_N, M, tl.num_programs(1) * BLOCK_N):
@@ -831,15 +862,17 @@ if _IMPORTED:
             xp, xn, db_p, db_n = _pair_dterms(v, ps, psh, pwo, pws, ns, nsh, nwo, nws, POS_HINGE, NEG_HINGE, LP)
             kp, kn = _mined(pos, neg, u, mnp[:, None], mxn[:, None], eps, MINE)
             g = _pair_grad(kp, kn, xp, xn, db_p, db_n, glp[:, None], gln[:, None],
-                           gsp[:, None], gsn[:, None], gx[:, None], lsp[:, None], lsn[:, None], tiny,
-                           POS_LSE, POS_SUM, NEG_LSE, NEG_SUM, NTX)
+                           gsp[:, None], gsn[:, None], gx[:, None], lsp[:, None], lsn[:, None],
+                           gwp[:, None], gwn[:, None], tp, tn, tiny,
+                           POS_LSE, POS_SUM, NEG_LSE, NEG_SUM, NTX, POS_EXPW, NEG_EXPW)
             if SELF:  # G_JI from row J's statistics and mining masks, on the same (symmetric) S tile
-                glp_j, gln_j, gsp_j, gsn_j, gx_j, lsp_j, lsn_j, mnp_j, mxn_j = _load_row_stats(
+                glp_j, gln_j, gsp_j, gsn_j, gx_j, lsp_j, lsn_j, mnp_j, mxn_j, gwp_j, gwn_j = _load_row_stats(
                     st_ptr, cols, cmask, N)
                 kp_j, kn_j = _mined(pos, neg, u, mnp_j[None, :], mxn_j[None, :], eps, MINE)
                 g += _pair_grad(kp_j, kn_j, xp, xn, db_p, db_n, glp_j[None, :], gln_j[None, :],
                                 gsp_j[None, :], gsn_j[None, :], gx_j[None, :], lsp_j[None, :],
-                                lsn_j[None, :], tiny, POS_LSE, POS_SUM, NEG_LSE, NEG_SUM, NTX)
+                                lsn_j[None, :], gwp_j[None, :], gwn_j[None, :], tp, tn, tiny,
+                                POS_LSE, POS_SUM, NEG_LSE, NEG_SUM, NTX, POS_EXPW, NEG_EXPW)
             if LP:
                 gsum += tl.sum(g, axis=1)
             acc = _acc_grad(acc, g, r_ptr, cols, cmask, stride_r, out_ptr, rows, rmask, D,
@@ -851,11 +884,12 @@ if _IMPORTED:
                               N, M, D, stride_q, stride_r, split_o,
                               k_ps: tl.float64, k_psh: tl.float64, k_pwo: tl.float64, k_pws: tl.float64,
                               k_ns: tl.float64, k_nsh: tl.float64, k_nwo: tl.float64, k_nws: tl.float64,
-                              k_eps: tl.float64, k_tiny: tl.float64,
+                              k_eps: tl.float64, k_tp: tl.float64, k_tn: tl.float64, k_tiny: tl.float64,
                               EXCL: tl.constexpr, LP: tl.constexpr, MINE: tl.constexpr,
                               MCOS: tl.constexpr, NTX: tl.constexpr, POS_LSE: tl.constexpr, POS_SUM: tl.constexpr,
                               POS_HINGE: tl.constexpr, NEG_LSE: tl.constexpr, NEG_SUM: tl.constexpr,
-                              NEG_HINGE: tl.constexpr, PREC: tl.constexpr, GPREC: tl.constexpr,
+                              NEG_HINGE: tl.constexpr, POS_EXPW: tl.constexpr, NEG_EXPW: tl.constexpr,
+                              PREC: tl.constexpr, GPREC: tl.constexpr,
                               BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, ONE_CHUNK: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """grad_r[J] (slice s) = sum over the row tiles I = s, s + SPLIT, ... of G_IJ^T q_I (ref
@@ -866,15 +900,15 @@ if _IMPORTED:
         out_ptr += tl.program_id(1).to(tl.int64) * split_o
         lr = tl.load(lr_ptr + cols, mask=cmask, other=0)
         nr = _load_or_zeros(nr_ptr, cols, cmask, LP, BLOCK_N, ACC)
-        ps, psh, pwo, pws, ns, nsh, nwo, nws, eps, tiny = _pair_consts(
-            k_ps, k_psh, k_pwo, k_pws, k_ns, k_nsh, k_nwo, k_nws, k_eps, k_tiny, ACC)
+        ps, psh, pwo, pws, ns, nsh, nwo, nws, eps, tp, tn, tiny = _pair_consts(
+            k_ps, k_psh, k_pwo, k_pws, k_ns, k_nsh, k_nwo, k_nws, k_eps, k_tp, k_tn, k_tiny, ACC)
         acc = tl.zeros([BLOCK_N, BLOCK_G], ACC)
         gsum = tl.zeros([BLOCK_N], ACC)
         for m0 in range(tl.program_id(1).to(tl.int64) * BLOCK_M, N, tl.num_programs(1) * BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
             rmask = rows < N
             lq, ex, nq = _pair_side(lq_ptr, ex_ptr, nq_ptr, rows, rmask, EXCL, LP, BLOCK_M, ACC)
-            glp, gln, gsp, gsn, gx, lsp, lsn, mnp, mxn = _load_row_stats(st_ptr, rows, rmask, N)
+            glp, gln, gsp, gsn, gx, lsp, lsn, mnp, mxn, gwp, gwn = _load_row_stats(st_ptr, rows, rmask, N)
             same, pos, neg = _pair_sets(lq, lr, ex, rows, cols, rmask, cmask, EXCL)
             v = _pair_v(q_ptr, r_ptr, rows, cols, rmask, cmask, nq, nr, D, stride_q, stride_r,
                         LP, EXCL, PREC, BLOCK_D, BLOCK_M, BLOCK_N, ACC)
@@ -882,8 +916,9 @@ if _IMPORTED:
             xp, xn, db_p, db_n = _pair_dterms(v, ps, psh, pwo, pws, ns, nsh, nwo, nws, POS_HINGE, NEG_HINGE, LP)
             kp, kn = _mined(pos, neg, u, mnp[:, None], mxn[:, None], eps, MINE)
             g = _pair_grad(kp, kn, xp, xn, db_p, db_n, glp[:, None], gln[:, None],
-                           gsp[:, None], gsn[:, None], gx[:, None], lsp[:, None], lsn[:, None], tiny,
-                           POS_LSE, POS_SUM, NEG_LSE, NEG_SUM, NTX)
+                           gsp[:, None], gsn[:, None], gx[:, None], lsp[:, None], lsn[:, None],
+                           gwp[:, None], gwn[:, None], tp, tn, tiny,
+                           POS_LSE, POS_SUM, NEG_LSE, NEG_SUM, NTX, POS_EXPW, NEG_EXPW)
             if LP:
                 gsum += tl.sum(g, axis=0)
             acc = _acc_grad(acc, tl.trans(g), q_ptr, rows, rmask, stride_q, out_ptr, cols, cmask, D,
@@ -1182,15 +1217,15 @@ if _IMPORTED:
 
     def _pair_forward(q, r, labels_q, labels_r, exclude_col, terms, flags):
         _check_pair(q, r, labels_q, labels_r, exclude_col, terms, flags)
-        sw = _pair_switches(flags)
+        sw = _pair_switches(flags, terms)
         A = stat_dtype(q.dtype)
         N, D = q.shape
         q, r_, lq, lr, ex, excl, nq, nr = _pair_operands(q, r, labels_q, labels_r, exclude_col, sw["LP"], A)
         M = r_.shape[0]
         dev = q.device
         if N == 0:
-            return (torch.empty((5, 0), dtype=A, device=dev), torch.empty((4, 0), dtype=torch.int32, device=dev),
-                    torch.empty((3, 0), dtype=A, device=dev))
+            return (torch.empty((_PAIR_VALUES, 0), dtype=A, device=dev),
+                    torch.empty((4, 0), dtype=torch.int32, device=dev), torch.empty((3, 0), dtype=A, device=dev))
         consts = tuple(float(t) for t in terms) + (float(torch.finfo(A).tiny),)
         _check_grid(N, _MIN_BLOCK, "N (rows of q)")
         splits = _splits(triton.cdiv(N, _MIN_TILE), triton.cdiv(M, _MIN_TILE), dev)
@@ -1199,17 +1234,17 @@ if _IMPORTED:
         operands = (q, r_, lq, lr, ex, nq, nr)
         dims = (N, M, D, q.stride(0), r_.stride(0))
         if splits == 1:  # one launch: every walk in each program, the final statistics
-            values = torch.empty((5, N), dtype=A, device=dev)
+            values = torch.empty((_PAIR_VALUES, N), dtype=A, device=dev)
             counts = torch.empty((4, N), dtype=torch.int32, device=dev)
             aux = torch.empty((3, N), dtype=A, device=dev)
             _launch(_pair_fwd)[grid](*operands, values, values, values, counts, aux, *dims, 0, 0, 0, *consts,
                                      WALK_THRESH=sw["MINE"], WALK_MAIN=True, WALK_NTX=sw["NTX"], **meta)
             return values, counts, aux
         # split walks: one launch per walk, partial statistics [splits, k, N] combined in a fixed order
-        pv = torch.empty((splits, 5, N), dtype=A, device=dev)
+        pv = torch.empty((splits, _PAIR_VALUES, N), dtype=A, device=dev)
         pc = torch.empty((splits, 4, N), dtype=torch.int32, device=dev)
         pa = torch.empty((splits, 3, N), dtype=A, device=dev)
-        part = (pv, pc, pa, *dims, 5 * N, 4 * N, 3 * N, *consts)
+        part = (pv, pc, pa, *dims, _PAIR_VALUES * N, 4 * N, 3 * N, *consts)
         thr = pa  # unread without MINE
         if sw["MINE"]:
             _launch(_pair_fwd)[grid](*operands, pa, pa, *part, WALK_THRESH=True, WALK_MAIN=False,
@@ -1221,7 +1256,7 @@ if _IMPORTED:
         if sw["NTX"]:
             _launch(_pair_fwd)[grid](*operands, thr, lse[1].contiguous(), *part, WALK_THRESH=False,
                                      WALK_MAIN=False, WALK_NTX=True, **meta)
-        values = torch.cat([lse, pv[:, 2:5].sum(0)])
+        values = torch.cat([lse, pv[:, 2:].sum(0)])
         counts = pc.sum(0, dtype=torch.int32)
         aux = torch.cat([pa[:, 0:1].amin(0), pa[:, 1:2].amax(0), pa[:, 2:3].sum(0)])
         return values, counts, aux
@@ -1251,18 +1286,19 @@ if _IMPORTED:
     def _pair_backward(grad_values, q, r, labels_q, labels_r, exclude_col, values, aux, terms, flags,
                        need_grad_r):
         _check_pair(q, r, labels_q, labels_r, exclude_col, terms, flags)
-        sw = _pair_switches(flags)
+        sw = _pair_switches(flags, terms)
         A = stat_dtype(q.dtype)
         N = q.shape[0]
-        gv = _stats(grad_values, 5, N, A, "pair_engine_backward (triton): grad_values")
-        vals = _stats(values, 5, N, A, "pair_engine_backward (triton): values")
+        gv = _stats(grad_values, _PAIR_VALUES, N, A, "pair_engine_backward (triton): grad_values")
+        vals = _stats(values, _PAIR_VALUES, N, A, "pair_engine_backward (triton): values")
         ax = _stats(aux, 3, N, A, "pair_engine_backward (triton): aux")
         self_mode = r is None
         q_, r_, lq, lr, ex, excl, nq, nr = _pair_operands(q, r, labels_q, labels_r, exclude_col, sw["LP"], A)
         M = r_.shape[0]
         # NTXent: d(pair terms)/d(lse_neg) joins the gradient of lse_neg
         g_lse_neg = gv[1] + gv[4] * ax[2] if sw["NTX"] else gv[1]
-        st = torch.stack([gv[0], g_lse_neg, gv[2], gv[3], gv[4], vals[0], vals[1], ax[0], ax[1]]).contiguous()
+        st = torch.stack([gv[0], g_lse_neg, gv[2], gv[3], gv[4], vals[0], vals[1], ax[0], ax[1], gv[5],
+                          gv[6]]).contiguous()
         consts = tuple(float(t) for t in terms) + (float(torch.finfo(A).tiny),)
         meta = dict(EXCL=excl, PREC=dot_precision(q.dtype), BLOCK_D=block_d(q.dtype), **sw)
         meta.pop("EAM")
