@@ -17,7 +17,9 @@
 // Backward (self): per tile H = G_IJ + G_JI^T; dq_I += H q_J, dq_J += H^T q_I (grad_q = (G+G^T) q).
 // Ref mode: forward and a row pass (dq) parallel over row blocks of q; a column pass (dr) parallel
 // over row blocks of r, every tile recomputed as q_I r_J^T (FlashAttention's deterministic
-// backward); the column pass is skipped when r needs no gradient.
+// backward); the column pass is skipped when r needs no gradient. With enough blocks on both sides
+// both gradients come from one walk instead, its tiles in rounds in which no two share a row or a
+// column block (walk_ref_rounds).
 //
 // Positives whose reduction needs a statistic of the whole row (spec.defer_positives(): the
 // mining threshold max_neg, or NTXent's lse_neg) are reduced after the main walk, in a walk over
@@ -387,6 +389,40 @@ void walk_ref_tiles(const Operands<T>& o, bool par, bool by_columns, const Body&
       });
 }
 
+// Ref mode, both gradients from one walk: every tile once, in rounds (round k: the tiles
+// (I, (I + k) mod L), L = max(#row blocks, #column blocks)), so no two tiles of a round share a row
+// block or a column block and dq_I, dr_J are updated without atomics, in the order of the rounds.
+// Worth it when a round holds enough tiles for the threads (ref_rounds_pay: kMinRoundTiles blocks on each side).
+constexpr int64_t kMinRoundTiles = 4;
+template <typename T, typename Body>
+void walk_ref_rounds(const Operands<T>& o, bool par, const Body& body) {
+  const int64_t N = o.N, M = o.M, TI = tile_size(N), TJ = tile_size(M);
+  const int64_t nbi = (N + TI - 1) / TI, nbj = (M + TJ - 1) / TJ, L = std::max(nbi, nbj);
+  std::vector<std::pair<int64_t, int64_t>> round;
+  for (int64_t k = 0; k < L; ++k) {
+    round.clear();
+    for (int64_t I = 0; I < nbi; ++I)
+      if ((I + k) % L < nbj) round.emplace_back(I, (I + k) % L);
+    tile_parallel(
+        static_cast<int64_t>(round.size()), par, [&] { return Scratch<T>(TI, TJ); },
+        [&](int64_t item, Scratch<T>& sc) {
+          const int64_t I = round[item].first, J = round[item].second;
+          TileGeometry g{I * TI, J * TJ, 0, 0, 0};
+          g.ti = static_cast<int>(std::min(TI, N - g.i0));
+          g.tj = static_cast<int>(std::min(TJ, M - g.j0));
+          g.ld = round_up(g.tj, 32);
+          s_tile(o, g.i0, g.ti, g.j0, g.tj, sc.S.data(), g.ld);
+          body(g, sc);
+        });
+  }
+}
+
+template <typename T>
+bool ref_rounds_pay(const Operands<T>& o) {
+  const int64_t nbi = (o.N + tile_size(o.N) - 1) / tile_size(o.N), nbj = (o.M + tile_size(o.M) - 1) / tile_size(o.M);
+  return std::min(nbi, nbj) >= kMinRoundTiles;
+}
+
 // ---- forward -----------------------------------------------------------------------------------
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor> forward_impl(const Operands<T>& o, const PairSpec<T>& spec) {
@@ -493,6 +529,26 @@ std::tuple<Tensor, Tensor> backward_impl(const Operands<T>& o, const PairSpec<T>
   const T* rp = o.r.template data_ptr<T>();
   const Tensor r_cols = pack_columns(*o.K, o.r);
   const T* rc = r_cols.template data_ptr<T>();
+  if (need_grad_r && ref_rounds_pay(o)) {  // one walk: dq_I += G_IJ r_J and dr_J += G_IJ^T q_I per tile
+    Tensor dr = at::zeros({M, Dp}, opts);
+    T* drp = dr.template data_ptr<T>();
+    std::vector<T> gsum_r(lp ? M : 0, T(0));
+    walk_ref_rounds(o, par, [&](const TileGeometry& g, Scratch<T>& sc) {
+      o.K->pair_backward(spec, make_tile(o, sc.S.data(), g.ld, g.i0, g.ti, g.j0, g.tj, false), st, sc.G1.data(), g.ld,
+                         sc.buf.data());
+      o.K->gemm_nn_acc(sc.G1.data(), g.ld, rc, M, g.j0, g.ti, Dp, g.tj, dqp + g.i0 * Dp, Dp);
+      o.K->gemm_tn_acc(sc.G1.data(), g.ld, qc, N, g.i0, g.tj, Dp, g.ti, drp + g.j0 * Dp, Dp);
+      if (lp) {
+        add_row_sums(sc.G1.data(), g.ld, g.ti, g.tj, gsum_q.data() + g.i0);
+        add_col_sums(sc.G1.data(), g.ld, g.ti, g.tj, gsum_r.data() + g.j0);
+      }
+    });
+    if (lp) {
+      add_norm_gradient(dqp, qp, gsum_q.data(), N, Dp);
+      add_norm_gradient(drp, rp, gsum_r.data(), M, Dp);
+    }
+    return {dq.narrow(1, 0, o.D), dr.narrow(1, 0, o.D)};
+  }
   // row pass: dq_I = sum_J G_IJ r_J
   walk_ref_tiles(o, par, /*by_columns=*/false, [&](const TileGeometry& g, Scratch<T>& sc) {
     o.K->pair_backward(spec, make_tile(o, sc.S.data(), g.ld, g.i0, g.ti, g.j0, g.tj, false), st, sc.G1.data(), g.ld,
