@@ -21,7 +21,8 @@ Fused in two steps, since the thresholds t+, t- depend on every pair:
    differentiating only the linear factor), and dL/dt = 2 s sum relu(s (t - v)) from the second.
    The thresholds enter the engine's declaration as numbers, inside the op, so torch.compile
    traces the op as one node.
-Cost: the first pass forward and backward plus one forward pass (lp: plus the means' pass).
+Cost: the first pass forward and backward plus one forward pass (lp: plus the means' pass); the
+backward of a pass of sums reads no forward statistics, so it does not run the forward again.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from .. import _validation as V
 from ..ops import engines
 from ..ops._common import LOCAL, label_ids, pair_operands, zero_loss
 from ..ops.operands import lp_distances, lp_squared_distances, stat_dtype
-from ..ops.spec import PairLossSpec, PairTerm
+from ..ops.spec import PAIR_AUX, PAIR_VALUES, PairLossSpec, PairTerm
 from ..ops.stats import backward_op, forward_op, pair_stats
 from ._base import _PairLoss, run_pair_loss
 from ._reference_common import check_distance, distance_matrix, nan_in_nan_out, pair_count_matrices, \
@@ -99,8 +100,7 @@ def _as_numbers(thresholds):
 
 def _engine_pass(spec, q, r, labels_q, labels_r, exclude_col, backend):
     terms, flags = spec.pack()
-    return forward_op(engines.PAIR, backend)(q, r, labels_q, labels_r, exclude_col, list(terms), flags), \
-        (list(terms), flags)
+    return forward_op(engines.PAIR, backend)(q, r, labels_q, labels_r, exclude_col, list(terms), flags)
 
 
 @torch.library.custom_op("fused_pairloss::pair_squared_hinges", mutates_args=())
@@ -112,10 +112,10 @@ def pair_squared_hinges(q: torch.Tensor, r: Optional[torch.Tensor], labels_q: to
     of the pair engine's sets, sum_j relu(s (t - v_ij))^2 and sum_j relu(s (t - v_ij)), with
     t = thresholds[0] / [1] and s = s_pos / s_neg, v = S or d (`distance`)."""
     t_pos, t_neg = _as_numbers(thresholds)
-    (values, _, _), _ = _engine_pass(_squares_declaration(t_pos, t_neg, s_pos, s_neg, distance), q, r, labels_q,
-                                     labels_r, exclude_col, backend)
-    (h_values, _, _), _ = _engine_pass(_hinges_declaration(t_pos, t_neg, s_pos, s_neg, distance), q, r, labels_q,
-                                       labels_r, exclude_col, backend)
+    values, _, _ = _engine_pass(_squares_declaration(t_pos, t_neg, s_pos, s_neg, distance), q, r, labels_q,
+                                labels_r, exclude_col, backend)
+    h_values, _, _ = _engine_pass(_hinges_declaration(t_pos, t_neg, s_pos, s_neg, distance), q, r, labels_q,
+                                  labels_r, exclude_col, backend)
     return values[2:4].clone(), h_values[2:4].clone()  # the sum_pos, sum_neg slots
 
 
@@ -130,11 +130,16 @@ def pair_squared_hinges_backward(grad_squares: torch.Tensor, q: torch.Tensor, r:
                                  labels_q: torch.Tensor, labels_r: Optional[torch.Tensor],
                                  exclude_col: Optional[torch.Tensor], thresholds: torch.Tensor, s_pos: float,
                                  s_neg: float, distance: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_q, grad_r) of sum(grad_squares * squares): the squares' pass again, then the engine's
-    backward with the upstream doubled (the relu factor is the engine's detached weight)."""
+    """(grad_q, grad_r) of sum(grad_squares * squares): the engine's backward of the squares' pass
+    with the upstream doubled (the relu factor is the engine's detached weight). A declaration of
+    sums only (no LSE, no mining): its backward reads none of the forward's statistics
+    (ops/README.md), so zeros stand in for them and the forward pass is not run again."""
     t_pos, t_neg = _as_numbers(thresholds)
-    (values, _, aux), (terms, flags) = _engine_pass(_squares_declaration(t_pos, t_neg, s_pos, s_neg, distance), q, r,
-                                                    labels_q, labels_r, exclude_col, backend)
+    terms, flags = _squares_declaration(t_pos, t_neg, s_pos, s_neg, distance).pack()
+    terms = list(terms)
+    A, n = stat_dtype(q.dtype), q.shape[0]
+    values = q.new_zeros((len(PAIR_VALUES), n), dtype=A)
+    aux = q.new_zeros((len(PAIR_AUX), n), dtype=A)
     grad_values = torch.zeros_like(values)
     grad_values[2:4] = 2 * grad_squares.to(values.dtype)
     grad_q, grad_r = backward_op(engines.PAIR, backend)(grad_values, q, r, labels_q, labels_r, exclude_col, values,
