@@ -37,7 +37,7 @@ from .ops import oracle
 from .ops._common import LOCAL, Batch, pair_operands, zero_loss
 from .ops.engines import PairStats
 from .ops.listed import ListedPairs, listed_pair_stats
-from .ops.spec import DISTANCES, PairLossSpec, PairTerm
+from .ops.spec import DISTANCES, PairLossSpec, PairTerm, pair_stats_of
 from .ops.stats import pair_stats
 
 __all__ = ["PairTerm", "PairLossSpec", "PairStats", "Batch", "pair_loss", "check_declaration"]
@@ -130,7 +130,7 @@ def pair_loss(name, *, declaration, combine, hyper, distance="cosine", doc=None)
             labels_q = torch.as_tensor(labels, device=q.device).long()
             labels_r = None if labels_r is None else torch.as_tensor(labels_r, device=q.device).long()
             values, counts, aux = oracle.pair_values(q, r, labels_q, labels_r, excl, spec)
-            st = PairStats(*values.unbind(0), *counts.unbind(0), aux[0], aux[1])
+            st = PairStats(*pair_stats_of(values, counts, aux))
         return finish(combine(st, embeddings, batch=LOCAL, **hyper_values), embeddings, ref_emb)
 
     def functional(embeddings, labels, ref_emb=None, ref_labels=None, *, distance=distance, backend="auto",

@@ -19,11 +19,11 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from fused_pairloss.losses import (REGISTRY, LossEntry, circle, clip, contrastive, lifted_structure, margin_softmax,
-                                   multi_similarity, ntxent, proxy_anchor, proxy_circle, ranked_list, siglip,
-                                   soft_triple, supcon, tuplet_margin)
+from fused_pairloss.losses import (REGISTRY, LossEntry, circle, clip, contrastive, fast_ap, lifted_structure,
+                                   margin_softmax, multi_similarity, ntxent, proxy_anchor, proxy_circle, ranked_list,
+                                   siglip, soft_triple, supcon, tuplet_margin)
 from fused_pairloss.ops import oracle
-from fused_pairloss.ops.spec import ClassLossSpec, PairLossSpec
+from fused_pairloss.ops.spec import ClassLossSpec, PairHistogram, PairLossSpec
 
 # ---- tolerance rule ------------------------------------------------------------------------------
 SLACK = 2.0
@@ -171,11 +171,23 @@ PAIR_DECLARATIONS: Dict[str, PairLossSpec] = {
     "tuplet": tuplet_margin.declaration(16.0),
     # exp-weighted sums of both sets (RankedListLoss with Tp != 0; kinks at d = 0.25 and d = 1)
     "ranked_list": ranked_list.declaration(0.75, 1.0, 1.0, 2.0),
+    # a plain hinge sum beside an exp-weighted one (RankedListLoss's default Tp = 0)
+    "ranked_list_tp0": ranked_list.declaration(0.75, 1.0, 0.0, 2.0),
     # PML CrossBatchMemory with a miner: the excluded column is in the thresholds, never kept
     "ms_mine_after_excl": PairLossSpec(pos=multi_similarity.declaration(2.0, 50.0, 0.5).pos,
                                        neg=multi_similarity.declaration(2.0, 50.0, 0.5).neg,
                                        miner_epsilon=0.125, exclude_after_mining=True),
 }
+
+# declarations with histograms (PairLossSpec.histogram): the CPU engine's only, so not in the table
+# above that every backend runs. FastAP's (h = d^2 on 0..4) and a cosine one beside sums, whose
+# nodes (-1 + k / 8) sit on dyadic values
+HIST_DECLARATIONS: Dict[str, PairLossSpec] = {
+    "fastap": fast_ap.declaration(10),
+    "cosine_with_sums": dataclasses.replace(contrastive.declaration(0.75, 0.25, distance="cosine"),
+                                            histogram=PairHistogram(17, 8.0, -1.0)),
+}
+
 
 def pair_declarations_and_modes():
     """(declaration, mode) pairs that mean something: exclude-after-mining is about the excluded

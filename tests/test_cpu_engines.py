@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import fused_pairloss as fpl
 from fused_pairloss.ops import engines, oracle
-from fused_pairloss.ops.spec import PAIR_VALUES
+from fused_pairloss.ops.spec import NO_TERM, PAIR_VALUES, PairHistogram, PairLossSpec, pair_value_rows
 
 import kit
 
@@ -49,11 +49,13 @@ def check_pair(case, spec, exact, seed=0):
     if exact:
         assert torch.equal(out[1], same[1]), "set sizes"
         assert torch.equal(out[2][:2], same[2][:2]), "mining thresholds"
-    for k, name in enumerate(PAIR_VALUES):
+    rows = pair_value_rows(terms)  # PAIR_VALUES and the histograms' nodes
+    for k in range(rows):
+        name = PAIR_VALUES[k] if k < len(PAIR_VALUES) else f"histogram row {k - len(PAIR_VALUES)}"
         kit.check_close(out[0][k], truth[0][k], same[0][k], what=name, dtype=case.q.dtype)
     kit.check_close(out[2][2], truth[2][2], same[2][2], what="pos_vs_neg_dlse", dtype=case.q.dtype)
     g = torch.Generator().manual_seed(seed + 1)
-    gv = torch.randn(len(PAIR_VALUES), case.q.shape[0], generator=g, dtype=torch.float64).to(A)
+    gv = torch.randn(rows, case.q.shape[0], generator=g, dtype=torch.float64).to(A)
     # each backward gets its own forward's statistics, as in training: the softmax weights
     # exp(x - lse) are then consistent with the x the backward recomputes
     grads = pair_bwd(gv, case, spec, out)
@@ -93,6 +95,40 @@ def test_pair_op_parity_random(decl, mode, dtype):
     for n, d, layout in [(5, 3, "few"), (64, 16, "many"), (257, 33, "few")]:
         check_pair(kit.pair_case(mode, n, d, layout, dtype, "normalized", seed=n), kit.PAIR_DECLARATIONS[decl],
                    exact=False, seed=n)
+
+
+# the CPU engine's histograms (kit.HIST_DECLARATIONS): dyadic rows put pairs on the nodes, where
+# the kernels' and the oracle's gradient is 0 on both sides
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("mode", kit.MODES)
+@pytest.mark.parametrize("decl", list(kit.HIST_DECLARATIONS))
+def test_pair_histograms(decl, mode, dtype):
+    spec = kit.HIST_DECLARATIONS[decl]
+    for n, d, layout in [(7, 5, "distinct"), (70, 6, "many"), (300, 10, "few")]:
+        for data in ("dyadic", "normalized"):
+            check_pair(kit.pair_case(mode, n, d, layout, dtype, data, seed=n), spec, exact=data == "dyadic", seed=n)
+
+
+def test_pair_histograms_nan_and_range():
+    """A NaN pair makes its row's node 0 NaN (NaN in, NaN out); a pair beyond the last node by less
+    than a node width still reaches it (1 - f), one further out adds nothing."""
+    spec = kit.HIST_DECLARATIONS["cosine_with_sums"]
+    terms, flags = spec.pack()
+    case = kit.pair_case("ref", 40, 6, "few", torch.float64, "normalized", seed=1)
+    case.q[3, 0] = float("nan")
+    out = op.pair_engine_forward(*case.args(), list(terms), flags)
+    hist = out[0][len(PAIR_VALUES):].view(2, 17, 40)
+    assert torch.isnan(hist[:, 0, 3]).all() and not torch.isnan(hist[:, 1:, 3]).any()
+    assert not torch.isnan(hist[:, :, [0, 1, 2, 4]]).any()
+    # nodes 0.5 and 0.75 (lo 0.5, width 0.25) on S of the rows as given: row 0's positive at S = 1
+    # (u = 2) is out of reach, its negatives at S = 0.625 (u = 0.5) and 0.875 (u = 1.5) add
+    # 0.5 + 0.5 and 0.5 (the rest of the latter to a node past the last)
+    two = PairLossSpec(pos=NO_TERM, neg=NO_TERM, histogram=PairHistogram(2, 4.0, 0.5))
+    t2, f2 = two.pack()
+    q = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.625, 0.0], [0.875, 0.0]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 1])
+    h = op.pair_engine_forward(q, None, y, None, None, list(t2), f2)[0][len(PAIR_VALUES):]
+    assert torch.equal(h[:, 0], torch.tensor([0.0, 0.0, 0.5, 1.0], dtype=torch.float64))
 
 
 def test_pair_need_grad_r_false_skips_the_column_pass():
@@ -142,11 +178,11 @@ def _pair_calls(dtype):
     """Every declaration in every mode on a shape with several tiles and thread items."""
     def run():
         res = []
-        for decl, mode in kit.pair_declarations_and_modes():
-            spec = kit.PAIR_DECLARATIONS[decl]
+        decls = [(kit.PAIR_DECLARATIONS[d], m) for d, m in kit.pair_declarations_and_modes()]
+        for spec, mode in decls + [(spec, "self") for spec in kit.HIST_DECLARATIONS.values()]:
             case = kit.pair_case(mode, 600, 24, "many", dtype, "normalized", seed=5)
             fwd = pair_fwd(case, spec)
-            gv = torch.ones(len(PAIR_VALUES), 600, dtype=fwd[0].dtype)
+            gv = torch.ones(fwd[0].shape[0], 600, dtype=fwd[0].dtype)
             res.append(fwd)
             res.append(pair_bwd(gv, case, spec, fwd))
         return res

@@ -28,9 +28,10 @@ def _grad_leaf(t):
     return None if t is None else t.clone().requires_grad_(True)
 
 
-@pytest.mark.parametrize("decl,mode", kit.pair_declarations_and_modes())
+@pytest.mark.parametrize("decl,mode", kit.pair_declarations_and_modes()
+                         + [(d, m) for d in kit.HIST_DECLARATIONS for m in ("self", "ref")])
 def test_opcheck_pair_engine(decl, mode):
-    spec = kit.PAIR_DECLARATIONS[decl]
+    spec = {**kit.PAIR_DECLARATIONS, **kit.HIST_DECLARATIONS}[decl]
     terms, flags = spec.pack()
     case = kit.pair_case(mode, 13, 7, "few", torch.float32, "normalized", seed=0, m=9 if mode == "ref" else None)
     q, r, lq, lr, ex = case.args()
@@ -59,9 +60,9 @@ def test_opcheck_class_engine(decl):
                                K, list(terms), flags, need_w))
 
 
-@pytest.mark.parametrize("decl", list(kit.PAIR_DECLARATIONS))
+@pytest.mark.parametrize("decl", list(kit.PAIR_DECLARATIONS) + list(kit.HIST_DECLARATIONS))
 def test_cpp_reads_the_pair_declaration_spec_py_writes(decl):
-    spec = kit.PAIR_DECLARATIONS[decl]
+    spec = {**kit.PAIR_DECLARATIONS, **kit.HIST_DECLARATIONS}[decl]
     terms, flags = spec.pack()
     assert op.describe_pair_spec(list(terms), flags) == spec.describe()
     assert S.unpack_pair(terms, flags).pack() == (terms, flags)
@@ -102,12 +103,23 @@ def test_invalid_declarations_are_rejected():
     with pytest.raises(RuntimeError, match="terms must have"):
         op.pair_engine_forward(q, None, y, None, None, [1.0, 2.0], 0)
     with pytest.raises(RuntimeError, match="unknown pair flag"):
-        op.pair_engine_forward(q, None, y, None, None, [0.0] * 11, 1 << 12)
+        op.pair_engine_forward(q, None, y, None, None, [0.0] * 14, 1 << 12)
     with pytest.raises(RuntimeError, match="pos.sum_temperature needs a hinge term reduced by sum"):
-        op.pair_engine_forward(q, None, y, None, None, [0.0] * 9 + [1.0, 0.0], S.POS_SUM)
+        op.pair_engine_forward(q, None, y, None, None, [0.0] * 9 + [1.0, 0.0, 0.0, 0.0, 0.0], S.POS_SUM)
     with pytest.raises(ValueError, match="neg.sum_temperature needs a hinge term reduced by sum"):
         S.PairLossSpec(pos=S.PairTerm(1.0), neg=S.PairTerm(1.0, lse=True, sum_temperature=2.0))
+    hist = [0.0] * 11 + [4.0, 0.0, 2.0]  # 4 nodes
+    with pytest.raises(RuntimeError, match="a histogram cannot be combined with mining or NTXent"):
+        op.pair_engine_forward(q, None, y, None, None, hist, S.MINE)
+    with pytest.raises(RuntimeError, match="hist_inv_width must be a finite number > 0"):
+        op.pair_engine_forward(q, None, y, None, None, hist[:-1] + [0.0], 0)
+    with pytest.raises(RuntimeError, match="hist_nodes must be an integer"):
+        op.pair_engine_forward(q, None, y, None, None, [0.0] * 11 + [2.5, 0.0, 2.0], 0)
+    with pytest.raises(ValueError, match="histogram cannot be combined with miner_epsilon"):
+        S.PairLossSpec(pos=S.NO_TERM, neg=S.NO_TERM, miner_epsilon=0.1, histogram=S.PairHistogram(4, 2.0))
+    with pytest.raises(ValueError, match="PairHistogram.inv_width must be a finite number > 0"):
+        S.PairHistogram(4, float("inf"))
     with pytest.raises(RuntimeError, match="column reductions need"):
         op.class_engine_forward(q, torch.randn(6, 3), y, 2, [0.0] * 13, S.COL_POS_LSE)
     with pytest.raises(RuntimeError, match="exclude_col values"):
-        op.pair_engine_forward(q, q, y, y, torch.tensor([0, 1, 2, 9]), [0.0] * 11, 0)
+        op.pair_engine_forward(q, q, y, y, torch.tensor([0, 1, 2, 9]), [0.0] * 14, 0)

@@ -210,12 +210,15 @@ def test_opcheck_all_four_ops():
 def test_bad_arguments():
     args = pair_case("ref", 6, 4, "few", torch.float32)
     terms, flags = PAIR_DECLS["ms"].pack()
-    with pytest.raises(RuntimeError, match="terms must have 11"):
+    with pytest.raises(RuntimeError, match="terms must have 14"):
         PAIR_FWD(*args, list(terms)[:8], flags)
     with pytest.raises(RuntimeError, match="unknown pair flag"):
         PAIR_FWD(*args, list(terms), flags | (1 << 12))
     with pytest.raises(RuntimeError, match="exclude-after-mining needs mining"):
         PAIR_FWD(*args, list(terms), flags | S.EXCLUDE_AFTER_MINING)
+    hist_terms, hist_flags = kit.HIST_DECLARATIONS["cosine_with_sums"].pack()
+    with pytest.raises(RuntimeError, match=r"histograms \(hist_nodes > 0\) are computed by the CPU engine only"):
+        PAIR_FWD(*args, list(hist_terms), hist_flags)
     with pytest.raises(RuntimeError, match="implied"):
         PAIR_FWD(args[0], None, args[2], None, torch.zeros(6, dtype=torch.long, device=DEV), list(terms), flags)
     spec, K = CLASS_DECLS["softtriple_k3"]
@@ -584,7 +587,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         assert out.asm["cubin"], kern
 
     def pair(dtype, flags, arch, self_mode, excl, D, temperatures=(0.0, 0.0)):
-        sw = T._pair_switches(flags, [0.0] * 9 + list(temperatures))
+        sw = T._pair_switches(flags, [0.0] * 9 + list(temperatures) + [0.0] * 3)
         cfg = T._FWD_CONFIGS[0]
         common = dict(EXCL=excl, PREC=T.dot_precision(dtype), BLOCK_D=T.block_d(dtype), **cfg.kwargs)
         build(T._pair_fwd_kernel, dtype, dict(common, **sw, WALK_THRESH=sw["MINE"], WALK_MAIN=True,

@@ -35,15 +35,21 @@ enum PairFlag : int64_t {
   kMine = 1 << 7,                // MultiSimilarityMiner rule on u = S (cosine) or -d (lp)
   kPosVsNegLse = 1 << 8,         // NTXent: per kept positive, -log(sigmoid(x - lse_neg_i) + tiny)
   kExcludeAfterMining = 1 << 9,  // the excluded column takes part in the mining thresholds
-  kMineOnCosine = 1 << 10        // lp: the miner's u = -d^2 / 2 (= S - 1 on normalized rows, a cosine miner)
+  kMineOnCosine = 1 << 10,       // lp: the miner's u = -d^2 / 2 (= S - 1 on normalized rows, a cosine miner)
+  kHistSquared = 1 << 11         // the histogram's h is v^2 (else v)
 };
-constexpr int64_t kPairFlagMask = (int64_t(1) << 11) - 1;
+constexpr int64_t kPairFlagMask = (int64_t(1) << 12) - 1;
 
 // terms = [pos.scale, pos.shift, pos.weight_offset, pos.weight_slope,
 //          neg.scale, neg.shift, neg.weight_offset, neg.weight_slope, miner_epsilon,
-//          pos.sum_temperature, neg.sum_temperature]
+//          pos.sum_temperature, neg.sum_temperature, hist_nodes, hist_lo, hist_inv_width]
+// hist_nodes > 0: per row and set the histogram of h = v (kHistSquared: v^2) on the nodes
+// hist_lo + k / hist_inv_width, k < hist_nodes, with triangular pulses: u = (h - lo) inv_width adds
+// 1 - f to node floor(u) and f = u - floor(u) to the next (out-of-range nodes get nothing; a NaN h
+// makes node 0 NaN); in the value rows kNumPairValues + set * hist_nodes + k. CPU engine only.
 constexpr int kTermFloats = 4;
-constexpr int kPairTermsLength = 2 * kTermFloats + 3;
+constexpr int kPairTermsLength = 2 * kTermFloats + 6;
+constexpr int kHistTerms = 2 * kTermFloats + 3;  // index of hist_nodes in terms
 
 // Row outputs of the forward op, one row of the returned [k, N] tensors per slot.
 enum PairValueSlot : int { kLsePos = 0, kLseNeg, kSumPos, kSumNeg, kPosVsNeg, kWeightPos, kWeightNeg, kNumPairValues };
@@ -69,6 +75,9 @@ struct PairSpec {
   PairTermParams<T> pos, neg;
   bool lp_distance, mine, pos_vs_neg_lse, exclude_after_mining, mine_on_cosine;
   T miner_eps;
+  int64_t hist_nodes;  // 0: no histogram
+  T hist_lo, hist_inv_width;
+  bool hist_squared;
   // positives whose reduction needs a statistic of the whole row first (the mining threshold
   // max_neg, or lse_neg for NTXent) are reduced in a second walk over the positive pairs only
   bool defer_positives() const { return mine || pos_vs_neg_lse; }
@@ -93,6 +102,10 @@ PairSpec<T> decode_pair_spec(const double* terms, int64_t flags) {
   s.exclude_after_mining = flags & kExcludeAfterMining;
   s.mine_on_cosine = flags & kMineOnCosine;
   s.miner_eps = T(terms[2 * kTermFloats]);
+  s.hist_nodes = static_cast<int64_t>(terms[kHistTerms]);
+  s.hist_lo = T(terms[kHistTerms + 1]);
+  s.hist_inv_width = T(terms[kHistTerms + 2]);
+  s.hist_squared = flags & kHistSquared;
   return s;
 }
 
@@ -108,6 +121,13 @@ inline std::string check_pair_spec(const double* terms, int64_t n_terms, int64_t
     return "pos.sum_temperature needs a hinge term reduced by sum";
   if (terms[2 * kTermFloats + 2] != 0 && !((flags & kNegSum) && (flags & kNegHinge)))
     return "neg.sum_temperature needs a hinge term reduced by sum";
+  const double nodes = terms[kHistTerms], inv_width = terms[kHistTerms + 2];
+  if (!(nodes >= 0 && nodes <= (1 << 20) && nodes == static_cast<double>(static_cast<int64_t>(nodes))))
+    return "hist_nodes must be an integer in [0, 2^20]";
+  if (nodes > 0 && !(inv_width > 0 && inv_width < std::numeric_limits<double>::infinity()))
+    return "hist_inv_width must be a finite number > 0";
+  if (nodes > 0 && (flags & (kMine | kPosVsNegLse))) return "a histogram cannot be combined with mining or NTXent";
+  if (nodes == 0 && (flags & kHistSquared)) return "hist-squared needs a histogram";
   return "";
 }
 

@@ -48,6 +48,7 @@ struct PairRowState {
   T* lse_sum[2];
   T* sum[2];
   T* weight[2];  // exp-weighted sums: the sum of the weights
+  T* hist[2];    // histograms, [N][hist_nodes] per set
   int32_t* count[2];
   int32_t* nonzero[2];
   T* min_pos;  // mining thresholds, u orientation
@@ -58,6 +59,7 @@ struct PairRowState {
   const T* g_lse[2];  // g_lse[1] already includes the NTXent term's share (glue)
   const T* g_sum[2];
   const T* g_weight[2];
+  const T* g_hist[2];  // [N][hist_nodes] per set
   const T* g_ntx;
   const T* lse[2];
 };

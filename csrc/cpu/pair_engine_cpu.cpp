@@ -217,9 +217,10 @@ void s_tile(const Operands<T>& o, int64_t i0, int ti, int64_t j0, int tj, T* S, 
 // ---- row state --------------------------------------------------------------------------------
 template <typename T>
 struct State {
-  Tensor lse_max, lse_sum, sum, weight, count, nonzero, min_pos, max_neg, ntx, ntx_dlse;
+  Tensor lse_max, lse_sum, sum, weight, count, nonzero, min_pos, max_neg, ntx, ntx_dlse, hist;
   PairRowState<T> view{};
-  explicit State(int64_t N, const at::TensorOptions& opts) {
+  State(int64_t N, int64_t hist_nodes, const at::TensorOptions& opts) {
+    hist = at::zeros({2, N, hist_nodes}, opts);
     lse_max = at::full({2, N}, -std::numeric_limits<T>::infinity(), opts);
     lse_sum = at::zeros({2, N}, opts);
     sum = at::zeros({2, N}, opts);
@@ -235,6 +236,7 @@ struct State {
       view.lse_sum[s] = lse_sum[s].template data_ptr<T>();
       view.sum[s] = sum[s].template data_ptr<T>();
       view.weight[s] = weight[s].template data_ptr<T>();
+      view.hist[s] = hist[s].template data_ptr<T>();
       view.count[s] = count[s].template data_ptr<int32_t>();
       view.nonzero[s] = nonzero[s].template data_ptr<int32_t>();
     }
@@ -428,7 +430,7 @@ template <typename T>
 std::tuple<Tensor, Tensor, Tensor> forward_impl(const Operands<T>& o, const PairSpec<T>& spec) {
   const auto opts = o.q.options();
   const int64_t N = o.N, M = o.M;
-  State<T> state(N, opts);
+  State<T> state(N, spec.hist_nodes, opts);
   PairRowState<T>& st = state.view;
   const bool par = parallel_work(N, M, o.D);
   const bool defer = spec.defer_positives();
@@ -450,7 +452,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Operands<T>& o, const Pair
     });
   }
 
-  Tensor values = at::zeros({kNumPairValues, N}, opts);
+  const int64_t nodes = spec.hist_nodes;
+  Tensor values = at::zeros({kNumPairValues + 2 * nodes, N}, opts);
   T* lse_pos = values[kLsePos].template data_ptr<T>();
   T* lse_neg = values[kLseNeg].template data_ptr<T>();
   finish_lse(st.lse_max[1], st.lse_sum[1], lse_neg, N);
@@ -464,6 +467,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Operands<T>& o, const Pair
   values[kPosVsNeg].copy_(state.ntx);
   values[kWeightPos].copy_(state.weight[0]);
   values[kWeightNeg].copy_(state.weight[1]);
+  if (nodes > 0) values.narrow(0, kNumPairValues, 2 * nodes).copy_(state.hist.transpose(1, 2).reshape({2 * nodes, N}));
   Tensor counts = at::stack({state.count[0], state.count[1], state.nonzero[0], state.nonzero[1]});
   Tensor aux = at::stack({state.min_pos, state.max_neg, state.ntx_dlse});
   return {values, counts, aux};
@@ -485,6 +489,10 @@ std::tuple<Tensor, Tensor> backward_impl(const Operands<T>& o, const PairSpec<T>
   st.g_sum[1] = gv[kSumNeg].template data_ptr<T>();
   st.g_weight[0] = gv[kWeightPos].template data_ptr<T>();
   st.g_weight[1] = gv[kWeightNeg].template data_ptr<T>();
+  // the histograms' incoming gradients as the kernels read them, [set][row][node]
+  const int64_t nodes = spec.hist_nodes;
+  const Tensor g_hist = gv.narrow(0, kNumPairValues, 2 * nodes).view({2, nodes, N}).transpose(1, 2).contiguous();
+  for (int s = 0; s < 2; ++s) st.g_hist[s] = g_hist[s].template data_ptr<T>();
   st.g_ntx = gv[kPosVsNeg].template data_ptr<T>();
   st.lse[0] = values[kLsePos].template data_ptr<T>();
   st.lse[1] = values[kLseNeg].template data_ptr<T>();
@@ -615,8 +623,9 @@ std::tuple<Tensor, Tensor> pair_engine_backward_cpu(const Tensor& grad_values, c
                 " must have shape (", rows, ", ", N, "), got ", t.sizes());
     return t.to(A).contiguous();
   };
-  const Tensor gv = stats(grad_values, kNumPairValues, "grad_values");
-  const Tensor vals = stats(values, kNumPairValues, "values");
+  const int64_t rows = kNumPairValues + 2 * static_cast<int64_t>(terms[kHistTerms]);  // + the histograms
+  const Tensor gv = stats(grad_values, rows, "grad_values");
+  const Tensor vals = stats(values, rows, "values");
   const Tensor ax = stats(aux, kNumPairAux, "aux");
   std::tuple<Tensor, Tensor> out;
   if (A == at::kDouble) {

@@ -81,6 +81,9 @@ inline void check_pair_inputs(const Tensor& q, const std::optional<Tensor>& r, c
                               const std::optional<Tensor>& labels_r, const std::optional<Tensor>& exclude_col,
                               c10::ArrayRef<double> terms, int64_t flags) {
   fpl::check_pair_operands(q, r, labels_q, labels_r, exclude_col, terms, flags);
+  TORCH_CHECK(terms[fpl::kHistTerms] == 0,
+              "pair_engine (cuda): histograms (hist_nodes > 0) are computed by the CPU "
+              "engine only");
   dtype_code(q);
   TORCH_CHECK(labels_q.scalar_type() == at::kLong, "pair_engine: labels_q must be int64, got ", labels_q.scalar_type());
   check_same_device(labels_q, q, "labels_q");

@@ -31,6 +31,9 @@ PAIR = [
                    exclude_after_mining=True),
     S.PairLossSpec(pos=T(4.0, sum=True), neg=T(4.0, lse=True), pos_vs_neg_lse=True),
     S.PairLossSpec(pos=T(1.0, 0.0, hinge=True, sum=True), neg=T(-1.0, 1.0, hinge=True, sum=True), distance="lp"),
+    # exp-weighted sums beside a plain one (RankedListLoss's)
+    S.PairLossSpec(pos=T(1.0, 0.5, hinge=True, sum=True), neg=T(-1.0, 1.2, hinge=True, sum=True, sum_temperature=5.0),
+                   distance="lp"),
 ]
 CLASS = [
     S.ClassLossSpec(row=T(20.0, lse=True), centers_per_class=3, pool_gamma=0.1),

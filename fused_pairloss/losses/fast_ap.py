@@ -7,9 +7,11 @@ relu(1 - |d2 - node_k| / D): h+_i, h-_i. With H+ = cumsum(h+), H = cumsum(h+ + h
     FastAP_i = sum_k [h+ H+ > 0 and H > 0] h+_k H+_k / H_k / |P_i|,
     L_i = (1 - FastAP_i) w_i (PML's miner weights),  loss = mean of L_i over the rows with a positive.
 
-Fused: the op `fused_pairloss::row_histograms` walks the batch in row chunks (d2 of a chunk
-against every row, the engines' accurate formula near 0), scatter-adding each pair's two pulses
-(1 - f on node k = floor(d2 / D), f on node k + 1) into its row's histograms, and its backward op
+Fused: on the "cpu" backend the pair engine's histograms (PairLossSpec.histogram, h = d^2), one
+walk of the tiles; on the other backends the op `fused_pairloss::row_histograms` walks the batch
+in row chunks (d2 of a chunk against every row, the engines' accurate formula near 0),
+scatter-adding each pair's two pulses (1 - f on node k = floor(d2 / D), f on node k + 1) into its
+row's histograms, and its backward op
 recomputes each chunk: dL/dd2_ij = (g_{i,k+1} - g_{i,k}) / D (0 on a node, as PML's abs and relu).
 Memory O(chunk N + N num_bins + N D); the per-row FastAP is PyTorch on the N x (num_bins + 1)
 histograms.
@@ -20,6 +22,8 @@ import torch
 
 from ..ops._common import LOCAL, label_counts, normalize, register_recomputing_autograd, row_chunks, zero_loss
 from ..ops.operands import add_row_chunk_squared_distance_grad, lp_squared_distances, stat_dtype
+from ..ops.spec import NO_TERM, PairHistogram, PairLossSpec
+from ..ops.stats import pair_stats
 from ._base import _RowWeightedSelfLoss, check_self_only, run_pair_loss
 from ._reference_common import check_distance, miner_weights, nan_in_nan_out
 from ._registry import LossEntry
@@ -170,16 +174,28 @@ def _differentiable_histograms(q, labels, num_bins):
 register_recomputing_autograd(row_histograms, row_histograms_backward, _differentiable_histograms)
 
 
+def declaration(num_bins):
+    """The pair engine's histograms of d^2 = v^2 (lp) on the nodes 0, D, ..., 4 (D = 4 / num_bins),
+    per row over its positives and its negatives; no term reduced."""
+    return PairLossSpec(pos=NO_TERM, neg=NO_TERM, distance="lp",
+                        histogram=PairHistogram(num_bins + 1, num_bins / HISTOGRAM_MAX, 0.0, squared=True))
+
+
 def fast_ap_fused(embeddings, labels, ref_emb, ref_labels, *, num_bins=10, distance="squared_lp", backend,
                   exclude_col=None, batch=LOCAL, row_weights=None):
     check_self_only(embeddings, labels, ref_emb, ref_labels, "FastAPLoss")
     num_bins = check_num_bins(num_bins)
     labels = torch.as_tensor(labels, device=embeddings.device).to(torch.int64).contiguous()
-    hist = row_histograms(normalize(embeddings).contiguous(), labels, num_bins)
-    A = hist.dtype
+    q = normalize(embeddings).contiguous()
+    if backend == "cpu":  # the CPU pair engine's histograms (the other engines have none: the op)
+        st = pair_stats(q, None, labels, None, None, declaration(num_bins), backend)
+        pos_hist, neg_hist = st.hist_pos.t(), st.hist_neg.t()
+    else:
+        pos_hist, neg_hist = row_histograms(q, labels, num_bins)
+    A = pos_hist.dtype
     n_pos = label_counts(labels) - 1
     weights = torch.ones(labels.shape[0], dtype=A, device=labels.device) if row_weights is None else row_weights
-    rows, kept, any_safe = _fast_ap_rows(hist[0], hist[1], n_pos.to(A), weights)
+    rows, kept, any_safe = _fast_ap_rows(pos_hist, neg_hist, n_pos.to(A), weights)
     mean = torch.where(kept, rows, torch.zeros_like(rows)).sum() / kept.sum().clamp(min=1).to(A)
     # PML: no row with a positive, or no safe histogram entry: the zero loss
     loss = torch.where(kept.any() & any_safe, mean, torch.zeros_like(mean))

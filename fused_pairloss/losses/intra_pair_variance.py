@@ -135,7 +135,9 @@ def pair_squared_hinges_backward(grad_squares: torch.Tensor, q: torch.Tensor, r:
     sums only (no LSE, no mining): its backward reads none of the forward's statistics
     (ops/README.md), so zeros stand in for them and the forward pass is not run again."""
     t_pos, t_neg = _as_numbers(thresholds)
-    terms, flags = _squares_declaration(t_pos, t_neg, s_pos, s_neg, distance).pack()
+    spec = _squares_declaration(t_pos, t_neg, s_pos, s_neg, distance)
+    assert not (spec.pos.lse or spec.neg.lse or spec.mine or spec.pos_vs_neg_lse), "statistics read by the backward"
+    terms, flags = spec.pack()
     terms = list(terms)
     A, n = stat_dtype(q.dtype), q.shape[0]
     values = q.new_zeros((len(PAIR_VALUES), n), dtype=A)

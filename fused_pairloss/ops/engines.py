@@ -34,6 +34,8 @@ class PairStats(NamedTuple):
     pos_vs_neg: torch.Tensor
     weight_pos: torch.Tensor  # exp-weighted sums (PairTerm.sum_temperature): the sum of the weights
     weight_neg: torch.Tensor
+    hist_pos: torch.Tensor  # histograms (PairLossSpec.histogram): [nodes, N], else [0, N]
+    hist_neg: torch.Tensor
     count_pos: torch.Tensor
     count_neg: torch.Tensor
     nonzero_pos: torch.Tensor
@@ -53,7 +55,7 @@ class ClassStats(NamedTuple):
 # ---- pair engine: fake kernels and autograd ------------------------------------------------------
 def pair_fake_forward(q, r, labels_q, labels_r, exclude_col, terms, flags):
     n, A = q.shape[0], stat_dtype(q.dtype)
-    return (q.new_empty((len(S.PAIR_VALUES), n), dtype=A),
+    return (q.new_empty((S.pair_value_rows(terms), n), dtype=A),
             q.new_empty((len(S.PAIR_COUNTS), n), dtype=torch.int32),
             q.new_empty((len(S.PAIR_AUX), n), dtype=A))
 

@@ -192,7 +192,10 @@ def _row_lse(x, rows, weight, n):
 
 
 def listed_pair_stats(q, r, spec: S.PairLossSpec, pairs: ListedPairs) -> PairStats:
-    """PairStats of normalized q (N, D) against r (M, D; None: q itself) over the listed pairs."""
+    """PairStats of normalized q (N, D) against r (M, D; None: q itself) over the listed pairs (no
+    histograms)."""
+    if spec.histogram is not None:
+        raise ValueError("listed pairs: a declaration with a histogram is computed over the label sets only")
     A = stat_dtype(q.dtype)
     qa = q.to(A)
     ra = qa if r is None else r.to(A)
@@ -208,8 +211,8 @@ def listed_pair_stats(q, r, spec: S.PairLossSpec, pairs: ListedPairs) -> PairSta
                                                                                 (w * (x > 0)).to(torch.int32))
         lse = _row_lse(x, rows, w, n) if term.lse else zero + float("-inf")
         # an exp-weighted sum (loss_spec.h): e = exp(T x) on the pairs with x > 0, 1 elsewhere
-        e = torch.exp(term.sum_temperature * torch.where(x > 0, x, 0))
-        total = zero.index_add(0, rows, w * e * x) if term.sum else zero
+        e = torch.exp(term.sum_temperature * torch.where(x > 0, x, 0)) if term.exp_weighted else None
+        total = zero.index_add(0, rows, w * (x if e is None else e * x)) if term.sum else zero
         weight = zero.index_add(0, rows, w * torch.where(x > 0, e, 0)) if term.exp_weighted else zero
         return x, w, rows, lse, total, weight, count, (nonzero if term.sum else torch.zeros_like(nonzero))
 
@@ -221,8 +224,9 @@ def listed_pair_stats(q, r, spec: S.PairLossSpec, pairs: ListedPairs) -> PairSta
         pair_loss = -torch.log(torch.sigmoid(t) + torch.finfo(A).tiny)
         pos_vs_neg = pos_vs_neg.index_add(0, rows_p, wp * pair_loss)
     inf = torch.full((n,), float("inf"), dtype=A, device=q.device)
-    return PairStats(lse_pos, lse_neg, sum_pos, sum_neg, pos_vs_neg, weight_pos, weight_neg, count_pos, count_neg,
-                     nonzero_pos, nonzero_neg, inf, -inf)
+    no_hist = torch.zeros(0, n, dtype=A, device=q.device)
+    return PairStats(lse_pos, lse_neg, sum_pos, sum_neg, pos_vs_neg, weight_pos, weight_neg, no_hist, no_hist,
+                     count_pos, count_neg, nonzero_pos, nonzero_neg, inf, -inf)
 
 
 def join_on_anchor(a1, a2):

@@ -105,7 +105,7 @@ def _pair_values(q, r, labels_q, labels_r, exclude_col, sp: S.PairLossSpec):
     def total(mask, x, t):
         if not t.sum:
             return zero_row
-        return torch.where(mask, exp_weight(mask, x, t)[0] * x, 0).sum(1)
+        return torch.where(mask, exp_weight(mask, x, t)[0] * x if t.exp_weighted else x, 0).sum(1)
 
     def weight(mask, x, t):
         if not t.exp_weighted:
@@ -128,10 +128,28 @@ def _pair_values(q, r, labels_q, labels_r, exclude_col, sp: S.PairLossSpec):
         ntx_dlse = -torch.where(pos, dphi, 0).sum(1)
     values = torch.stack([lse_pos, lse_neg, total(pos, xp, sp.pos), total(neg, xn, sp.neg), ntx,
                           weight(pos, xp, sp.pos), weight(neg, xn, sp.neg)])
+    if sp.histogram is not None:
+        values = torch.cat([values, _histograms(v, pos, neg, sp.histogram)])
     counts = torch.stack([pos.sum(1).to(torch.int32), neg.sum(1).to(torch.int32),
                           nonzero(pos, xp, sp.pos.sum), nonzero(neg, xn, sp.neg.sum)])
     aux = torch.stack([min_pos, max_neg, ntx_dlse.detach()])
     return values, counts, aux
+
+
+def _histograms(v, pos, neg, h: S.PairHistogram):
+    """[2 * nodes, N]: per set and node k the sum over the row's pairs of the triangular pulse
+    relu(1 - |u - k|), u = (v or v^2 - lo) inv_width (loss_spec.h); a NaN u makes node 0 NaN."""
+    u = ((v * v if h.squared else v) - h.lo) * h.inv_width
+    nan = torch.isnan(u)
+    u = torch.where(nan, torch.full_like(u, -2.0), u)  # no node in reach
+    nodes = torch.arange(h.nodes, device=v.device, dtype=v.dtype)
+    out = []
+    for mask in (pos, neg):
+        pulses = torch.relu(1 - torch.abs(u[None] - nodes[:, None, None]))  # nodes x N x M
+        hist = torch.where(mask[None], pulses, 0).sum(2)
+        hist[0] = torch.where((mask & nan).any(1), float("nan"), hist[0])
+        out.append(hist)
+    return torch.cat(out)
 
 
 def pair_values(q, r, labels_q, labels_r, exclude_col, sp: S.PairLossSpec):

@@ -26,6 +26,7 @@ MINE = 1 << 7
 POS_VS_NEG_LSE = 1 << 8
 EXCLUDE_AFTER_MINING = 1 << 9
 MINE_ON_COSINE = 1 << 10
+HIST_SQUARED = 1 << 11
 
 ROW_LSE = 1 << 0
 COL_POS_LSE = 1 << 1
@@ -39,7 +40,8 @@ ROW_SOFTPLUS_SUM = 1 << 6
 WEIGHT_OPERAND_FLAGS = NORMALIZE_WEIGHTS | WEIGHTS_COLUMNS
 WEIGHT_LAYOUTS = ("rows", "columns")
 
-# rows of the pair engine's outputs (loss_spec.h PairValueSlot, PairCountSlot, PairAuxSlot)
+# rows of the pair engine's outputs (loss_spec.h PairValueSlot, PairCountSlot, PairAuxSlot); with a
+# histogram, values has 2 * nodes more rows (PairLossSpec)
 PAIR_VALUES = ("lse_pos", "lse_neg", "sum_pos", "sum_neg", "pos_vs_neg", "weight_pos", "weight_neg")
 PAIR_COUNTS = ("count_pos", "count_neg", "nonzero_pos", "nonzero_neg")
 PAIR_AUX = ("min_pos", "max_neg", "pos_vs_neg_dlse")
@@ -88,6 +90,28 @@ NO_TERM = PairTerm(scale=0.0)
 
 
 @dataclass(frozen=True)
+class PairHistogram:
+    """Per row and set, the histogram of h = v (or v^2 with `squared`) on the nodes lo + k / inv_width,
+    k = 0 .. nodes - 1, with triangular pulses relu(1 - |h - node_k| inv_width): a pair with
+    u = (h - lo) inv_width adds 1 - f to node floor(u) and f = u - floor(u) to the next (nodes out
+    of range get nothing). Its gradient is the pulses' slope, 0 on a node (docs/design.md
+    "Histograms"). The CPU engine's; FastAPLoss's histograms of d^2."""
+
+    nodes: int
+    inv_width: float
+    lo: float = 0.0
+    squared: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.nodes, bool) or not isinstance(self.nodes, int) or self.nodes < 1:
+            raise ValueError(f"PairHistogram.nodes must be an int >= 1; got {self.nodes!r}")
+        if not (math.isfinite(self.inv_width) and self.inv_width > 0):
+            raise ValueError(f"PairHistogram.inv_width must be a finite number > 0; got {self.inv_width!r}")
+        if not math.isfinite(self.lo):
+            raise ValueError(f"PairHistogram.lo must be a finite number; got {self.lo!r}")
+
+
+@dataclass(frozen=True)
 class PairLossSpec:
     """Declaration of a pair loss for the pair engine (tiles of S = q r^T).
 
@@ -97,7 +121,9 @@ class PairLossSpec:
     tiny), summed per row. `exclude_after_mining`: the excluded column (exclude_col) takes part in
     the mining thresholds but is never kept (PML's CrossBatchMemory removes self comparisons after
     its miner ran). `miner_on_cosine` (lp only): the miner measures with CosineSimilarity() beside
-    the loss's LpDistance(), on u = -d^2 / 2 = S - 1 (normalized rows: d^2 = 2 - 2 S)."""
+    the loss's LpDistance(), on u = -d^2 / 2 = S - 1 (normalized rows: d^2 = 2 - 2 S).
+    `histogram`: per row and set the histogram of the pairs' v (PairHistogram; no mining, no
+    pos_vs_neg_lse), in the value rows after PAIR_VALUES: the positives' nodes, then the negatives'."""
 
     pos: PairTerm
     neg: PairTerm
@@ -106,6 +132,7 @@ class PairLossSpec:
     pos_vs_neg_lse: bool = False
     exclude_after_mining: bool = False
     miner_on_cosine: bool = False
+    histogram: Optional[PairHistogram] = None
     # the packed arguments, computed once (a spec is immutable)
     _packed: Tuple[Tuple[float, ...], int] = field(init=False, repr=False, compare=False)
 
@@ -119,6 +146,8 @@ class PairLossSpec:
         for name, t in (("pos", self.pos), ("neg", self.neg)):
             if t.exp_weighted and not (t.sum and t.hinge):
                 raise ValueError(f"{name}.sum_temperature needs a hinge term reduced by sum")
+        if self.histogram is not None and (self.miner_epsilon is not None or self.pos_vs_neg_lse):
+            raise ValueError("histogram cannot be combined with miner_epsilon or pos_vs_neg_lse")
         flags = 0
         flags |= POS_LSE if self.pos.lse else 0
         flags |= POS_SUM if self.pos.sum else 0
@@ -131,9 +160,13 @@ class PairLossSpec:
         flags |= POS_VS_NEG_LSE if self.pos_vs_neg_lse else 0
         flags |= EXCLUDE_AFTER_MINING if self.exclude_after_mining else 0
         flags |= MINE_ON_COSINE if self.miner_on_cosine else 0
+        h = self.histogram
+        flags |= HIST_SQUARED if h is not None and h.squared else 0
+        histogram = (0.0, 0.0, 0.0) if h is None else (float(h.nodes), float(h.lo), float(h.inv_width))
         eps = 0.0 if self.miner_epsilon is None else float(self.miner_epsilon)
         temperatures = (float(self.pos.sum_temperature), float(self.neg.sum_temperature))
-        object.__setattr__(self, "_packed", (self.pos.floats() + self.neg.floats() + (eps,) + temperatures, flags))
+        object.__setattr__(self, "_packed", (self.pos.floats() + self.neg.floats() + (eps,) + temperatures + histogram,
+                                             flags))
 
     def pack(self) -> Tuple[Tuple[float, ...], int]:
         """(terms, flags): the fused ops' arguments (loss_spec.h layout)."""
@@ -157,7 +190,9 @@ class PairLossSpec:
             f"exclude_after_mining={int(self.exclude_after_mining)}",
             f"mine_on_cosine={int(self.miner_on_cosine)}",
             f"pos.sum_temperature={_num(float(self.pos.sum_temperature))}",
-            f"neg.sum_temperature={_num(float(self.neg.sum_temperature))}"]
+            f"neg.sum_temperature={_num(float(self.neg.sum_temperature))}",
+            f"hist_nodes={self._packed[0][11]:.0f}", f"hist_lo={_num(self._packed[0][12])}",
+            f"hist_inv_width={_num(self._packed[0][13])}", f"hist_squared={int(bool(self._packed[1] & HIST_SQUARED))}"]
         return ";".join(parts)
 
 
@@ -232,6 +267,18 @@ class ClassLossSpec:
         return ";".join(parts)
 
 
+def pair_value_rows(terms) -> int:
+    """Rows of the pair engine's values for packed terms: PAIR_VALUES and the two histograms."""
+    return len(PAIR_VALUES) + 2 * int(terms[11])
+
+
+def pair_stats_of(values, counts, aux):
+    """(values, counts, aux) of the pair engine as the arguments of engines.PairStats, in order."""
+    k = len(PAIR_VALUES)
+    hist = values[k:].view(2, (values.shape[0] - k) // 2, values.shape[1])
+    return (*values[:k].unbind(0), hist[0], hist[1], *counts.unbind(0), aux[0], aux[1])
+
+
 def unpack_pair(terms, flags: int) -> PairLossSpec:
     """The declaration a packed (terms, flags) encodes (the inverse of PairLossSpec.pack)."""
     terms = [float(t) for t in terms]
@@ -240,13 +287,15 @@ def unpack_pair(terms, flags: int) -> PairLossSpec:
         return PairTerm(*terms[off:off + 4], hinge=bool(flags & hinge), lse=bool(flags & lse), sum=bool(flags & sm),
                         sum_temperature=temperature)
 
+    histogram = None if not terms[11] else PairHistogram(int(terms[11]), terms[13], terms[12],
+                                                         bool(flags & HIST_SQUARED))
     return PairLossSpec(pos=term(0, POS_LSE, POS_SUM, POS_HINGE, terms[9]),
                         neg=term(4, NEG_LSE, NEG_SUM, NEG_HINGE, terms[10]),
                         distance="lp" if flags & LP_DISTANCE else "cosine",
                         miner_epsilon=terms[8] if flags & MINE else None,
                         pos_vs_neg_lse=bool(flags & POS_VS_NEG_LSE),
                         exclude_after_mining=bool(flags & EXCLUDE_AFTER_MINING),
-                        miner_on_cosine=bool(flags & MINE_ON_COSINE))
+                        miner_on_cosine=bool(flags & MINE_ON_COSINE), histogram=histogram)
 
 
 def unpack_class(terms, flags: int, centers_per_class: int) -> ClassLossSpec:

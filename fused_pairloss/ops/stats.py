@@ -67,7 +67,7 @@ def pair_stats(q, r, labels_q, labels_r, exclude_col, spec: S.PairLossSpec, back
         labels_r, exclude_col = None, None
     values, counts, aux = forward_op(engines.PAIR, backend)(q.contiguous(), r, labels_q, labels_r, exclude_col,
                                                             list(terms), flags)
-    return engines.PairStats(*values.unbind(0), *counts.unbind(0), aux[0], aux[1])
+    return engines.PairStats(*S.pair_stats_of(values, counts, aux))
 
 
 # engines that apply S.WEIGHT_OPERAND_FLAGS themselves (per tile, no copy of w); the others get

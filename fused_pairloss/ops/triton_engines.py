@@ -143,7 +143,8 @@ def is_interpreter() -> bool:
 INTERPRETED = _IMPORTED and is_interpreter()
 _USE_TRITON_OP = _IMPORTED and not INTERPRETED and hasattr(torch.library, "triton_op")
 
-_PAIR_TERMS = 2 * 4 + 3
+_PAIR_TERMS = 2 * 4 + 6
+_KERNEL_TERMS = 2 * 4 + 3  # the terms the kernels take (not the histogram's: the CPU engine's only)
 _PAIR_VALUES = len(S.PAIR_VALUES)
 _CLASS_TERMS = 3 * 4 + 1
 _PAIR_FLAG_MASK = (1 << 11) - 1
@@ -262,6 +263,11 @@ def _check_pair(q, r, labels_q, labels_r, exclude_col, terms, flags):
                  lambda: f"pair_engine (triton): terms must have {_PAIR_TERMS} entries, got {len(terms)}")
     torch._check((int(flags) & ~_PAIR_FLAG_MASK) == 0,
                  lambda: f"pair_engine (triton): unknown pair flag bits {int(flags) & ~_PAIR_FLAG_MASK}")
+    for k, (name, sum_bit, hinge_bit) in enumerate((("pos", S.POS_SUM, S.POS_HINGE), ("neg", S.NEG_SUM, S.NEG_HINGE))):
+        torch._check(float(terms[9 + k]) == 0.0 or (bool(flags & sum_bit) and bool(flags & hinge_bit)),
+                     lambda: f"pair_engine (triton): {name}.sum_temperature needs a hinge term reduced by sum")
+    torch._check(float(terms[11]) == 0.0,
+                 lambda: "pair_engine (triton): histograms (hist_nodes > 0) are computed by the CPU engine only")
     torch._check(not (flags & S.EXCLUDE_AFTER_MINING) or bool(flags & S.MINE),
                  lambda: "pair_engine (triton): exclude-after-mining needs mining")
     torch._check(not (flags & S.MINE_ON_COSINE) or (bool(flags & S.MINE) and bool(flags & S.LP_DISTANCE)),
@@ -1226,7 +1232,7 @@ if _IMPORTED:
         if N == 0:
             return (torch.empty((_PAIR_VALUES, 0), dtype=A, device=dev),
                     torch.empty((4, 0), dtype=torch.int32, device=dev), torch.empty((3, 0), dtype=A, device=dev))
-        consts = tuple(float(t) for t in terms) + (float(torch.finfo(A).tiny),)
+        consts = tuple(float(t) for t in terms[:_KERNEL_TERMS]) + (float(torch.finfo(A).tiny),)
         _check_grid(N, _MIN_BLOCK, "N (rows of q)")
         splits = _splits(triton.cdiv(N, _MIN_TILE), triton.cdiv(M, _MIN_TILE), dev)
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), splits)  # noqa: E731
@@ -1299,7 +1305,7 @@ if _IMPORTED:
         g_lse_neg = gv[1] + gv[4] * ax[2] if sw["NTX"] else gv[1]
         st = torch.stack([gv[0], g_lse_neg, gv[2], gv[3], gv[4], vals[0], vals[1], ax[0], ax[1], gv[5],
                           gv[6]]).contiguous()
-        consts = tuple(float(t) for t in terms) + (float(torch.finfo(A).tiny),)
+        consts = tuple(float(t) for t in terms[:_KERNEL_TERMS]) + (float(torch.finfo(A).tiny),)
         meta = dict(EXCL=excl, PREC=dot_precision(q.dtype), BLOCK_D=block_d(q.dtype), **sw)
         meta.pop("EAM")
         operands = (q_, r_, lq, lr, ex, nq, nr, st)
