@@ -261,13 +261,13 @@ def _class_switches(flags: int) -> dict:
 def _check_pair(q, r, labels_q, labels_r, exclude_col, terms, flags):
     torch._check(len(terms) == _PAIR_TERMS,
                  lambda: f"pair_engine (triton): terms must have {_PAIR_TERMS} entries, got {len(terms)}")
+    torch._check(float(terms[11]) == 0.0,
+                 lambda: "pair_engine (triton): histograms (hist_nodes > 0) are computed by the CPU engine only")
     torch._check((int(flags) & ~_PAIR_FLAG_MASK) == 0,
                  lambda: f"pair_engine (triton): unknown pair flag bits {int(flags) & ~_PAIR_FLAG_MASK}")
     for k, (name, sum_bit, hinge_bit) in enumerate((("pos", S.POS_SUM, S.POS_HINGE), ("neg", S.NEG_SUM, S.NEG_HINGE))):
         torch._check(float(terms[9 + k]) == 0.0 or (bool(flags & sum_bit) and bool(flags & hinge_bit)),
                      lambda: f"pair_engine (triton): {name}.sum_temperature needs a hinge term reduced by sum")
-    torch._check(float(terms[11]) == 0.0,
-                 lambda: "pair_engine (triton): histograms (hist_nodes > 0) are computed by the CPU engine only")
     torch._check(not (flags & S.EXCLUDE_AFTER_MINING) or bool(flags & S.MINE),
                  lambda: "pair_engine (triton): exclude-after-mining needs mining")
     torch._check(not (flags & S.MINE_ON_COSINE) or (bool(flags & S.MINE) and bool(flags & S.LP_DISTANCE)),
