@@ -142,6 +142,20 @@ def test_pair_need_grad_r_false_skips_the_column_pass():
     assert torch.equal(gq, gq_full)
 
 
+def test_pair_ref_mode_one_walk_backward():
+    """With 4 blocks or more on each side the ref-mode backward computes both gradients in one walk
+    (its rounds order dq's tile sums differently from the row pass that runs without grad_r): the
+    same dq up to rounding, and both gradients the oracle's."""
+    case = kit.pair_case("ref", 300, 12, "few", torch.float64, "normalized", seed=7, m=280)
+    spec = kit.PAIR_DECLARATIONS["circle"]
+    check_pair(case, spec, exact=False, seed=7)
+    fwd = pair_fwd(case, spec)
+    gv = torch.randn(len(PAIR_VALUES), 300, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    gq_walk, _ = pair_bwd(gv, case, spec, fwd, True)
+    gq_rows, _ = pair_bwd(gv, case, spec, fwd, False)
+    torch.testing.assert_close(gq_walk, gq_rows, rtol=1e-12, atol=1e-12)
+
+
 def test_self_mode_equals_its_ref_mode_twin():
     """Self mode (upper-triangle tiles, transposed reuse) equals a ref-mode call with r = a copy of q
     and each row's own column excluded; its grad_q equals grad_q + grad_r of that call."""
