@@ -348,6 +348,17 @@ struct TileGeometry {
   int64_t ld;      // row stride of the tile in sc.S (and of its transpose, ldt, in sc.St)
 };
 
+// Tile (I, J) of tiles TI x TJ: its geometry, and its S (q_I r_J^T; lp: the squared distances) in sc.S.
+template <typename T>
+TileGeometry compute_tile(const Operands<T>& o, int64_t I, int64_t J, int64_t TI, int64_t TJ, Scratch<T>& sc) {
+  TileGeometry g{I * TI, J * TJ, 0, 0, 0};
+  g.ti = static_cast<int>(std::min(TI, o.N - g.i0));
+  g.tj = static_cast<int>(std::min(TJ, o.M - g.j0));
+  g.ld = round_up(g.tj, 32);
+  s_tile(o, g.i0, g.ti, g.j0, g.tj, sc.S.data(), g.ld);
+  return g;
+}
+
 // Self mode: the upper-triangle tiles (I <= J), in the rounds of self_schedule (no two tiles of a
 // round share a row block, so a round's tiles run in parallel without atomics). body(I, J, tile,
 // ldt, sc), ldt the row stride of the tile's transpose.
@@ -359,11 +370,7 @@ void walk_self_tiles(const Operands<T>& o, bool par, const Body& body) {
         static_cast<int64_t>(round.size()), par, [&] { return Scratch<T>(T_, T_); },
         [&](int64_t k, Scratch<T>& sc) {
           const int64_t I = round[k].first, J = round[k].second;
-          TileGeometry g{I * T_, J * T_, 0, 0, 0};
-          g.ti = static_cast<int>(std::min(T_, N - g.i0));
-          g.tj = static_cast<int>(std::min(T_, N - g.j0));
-          g.ld = round_up(g.tj, 32);
-          s_tile(o, g.i0, g.ti, g.j0, g.tj, sc.S.data(), g.ld);
+          const TileGeometry g = compute_tile(o, I, J, T_, T_, sc);
           body(I, J, g, round_up(g.ti, 32), sc);
         });
   }
@@ -381,12 +388,7 @@ void walk_ref_tiles(const Operands<T>& o, bool par, bool by_columns, const Body&
       [&](int64_t item, Scratch<T>& sc) {
         for (int64_t other = 0; other < (by_columns ? nbi : nbj); ++other) {
           const int64_t I = by_columns ? other : item, J = by_columns ? item : other;
-          TileGeometry g{I * TI, J * TJ, 0, 0, 0};
-          g.ti = static_cast<int>(std::min(TI, N - g.i0));
-          g.tj = static_cast<int>(std::min(TJ, M - g.j0));
-          g.ld = round_up(g.tj, 32);
-          s_tile(o, g.i0, g.ti, g.j0, g.tj, sc.S.data(), g.ld);
-          body(g, sc);
+          body(compute_tile(o, I, J, TI, TJ, sc), sc);
         }
       });
 }
@@ -408,13 +410,7 @@ void walk_ref_rounds(const Operands<T>& o, bool par, const Body& body) {
     tile_parallel(
         static_cast<int64_t>(round.size()), par, [&] { return Scratch<T>(TI, TJ); },
         [&](int64_t item, Scratch<T>& sc) {
-          const int64_t I = round[item].first, J = round[item].second;
-          TileGeometry g{I * TI, J * TJ, 0, 0, 0};
-          g.ti = static_cast<int>(std::min(TI, N - g.i0));
-          g.tj = static_cast<int>(std::min(TJ, M - g.j0));
-          g.ld = round_up(g.tj, 32);
-          s_tile(o, g.i0, g.ti, g.j0, g.tj, sc.S.data(), g.ld);
-          body(g, sc);
+          body(compute_tile(o, round[item].first, round[item].second, TI, TJ, sc), sc);
         });
   }
 }
