@@ -70,7 +70,8 @@ TORCH_LIBRARY(fused_pairloss, m) {
   // Tiled pair engine. r / labels_r = None means self mode (ref is the batch itself, S symmetric,
   // row i's own column excluded from its positives); exclude_col (ref mode): per row the column
   // excluded from its positives, -1 for none.
-  // values [5, N]: lse_pos, lse_neg, sum_pos, sum_neg, pos_vs_neg; counts [4, N] int32: count_pos,
+  // values [7 + 2 hist_nodes, N]: lse_pos, lse_neg, sum_pos, sum_neg, pos_vs_neg, weight_pos, weight_neg,
+  // then the histograms' nodes (positives', negatives'); counts [4, N] int32: count_pos,
   // count_neg, nonzero_pos, nonzero_neg; aux [3, N]: min_pos, max_neg, d pos_vs_neg / d lse_neg.
   m.def(
       "pair_engine_forward(Tensor q, Tensor? r, Tensor labels_q, Tensor? labels_r, "

@@ -111,14 +111,16 @@ def test_invalid_declarations_are_rejected():
     hist = [0.0] * 11 + [4.0, 0.0, 2.0]  # 4 nodes
     with pytest.raises(RuntimeError, match="a histogram cannot be combined with mining or NTXent"):
         op.pair_engine_forward(q, None, y, None, None, hist, S.MINE)
-    with pytest.raises(RuntimeError, match="hist_inv_width must be a finite number > 0"):
+    with pytest.raises(RuntimeError, match="hist_inv_width must be a number > 0"):
         op.pair_engine_forward(q, None, y, None, None, hist[:-1] + [0.0], 0)
     with pytest.raises(RuntimeError, match="hist_nodes must be an integer"):
         op.pair_engine_forward(q, None, y, None, None, [0.0] * 11 + [2.5, 0.0, 2.0], 0)
     with pytest.raises(ValueError, match="histogram cannot be combined with miner_epsilon"):
         S.PairLossSpec(pos=S.NO_TERM, neg=S.NO_TERM, miner_epsilon=0.1, histogram=S.PairHistogram(4, 2.0))
-    with pytest.raises(ValueError, match="PairHistogram.inv_width must be a finite number > 0"):
+    with pytest.raises(ValueError, match="PairHistogram.inv_width must be a number > 0"):
         S.PairHistogram(4, float("inf"))
+    with pytest.raises(RuntimeError, match="hist_lo must be a finite number"):
+        op.pair_engine_forward(q, None, y, None, None, [0.0] * 11 + [4.0, float("nan"), 2.0], 0)
     with pytest.raises(RuntimeError, match="column reductions need"):
         op.class_engine_forward(q, torch.randn(6, 3), y, 2, [0.0] * 13, S.COL_POS_LSE)
     with pytest.raises(RuntimeError, match="exclude_col values"):

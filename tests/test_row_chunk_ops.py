@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from fused_pairloss import functional as Fn
 from fused_pairloss.losses import dynamic_soft_margin, fast_ap, histogram, intra_pair_variance, pnp, smooth_ap
+from fused_pairloss.ops.stats import pair_stats
 
 
 def _inputs(n=20, d=6, seed=0):
@@ -56,7 +57,9 @@ def test_opcheck_pair_squared_hinges(self_mode):
 
 LOSSES = {
     "histogram": (histogram, lambda x, y: Fn.histogram_loss(x, y, n_bins=8, backend="cpu")),
-    "fastap": (fast_ap, lambda x, y: Fn.fast_ap_loss(x, y, backend="cpu")),
+    # FastAP's op (its "cpu" backend is the pair engine's histograms, below): a weighted sum of it
+    "fastap": (fast_ap, lambda x, y: (fast_ap.row_histograms(F.normalize(x, dim=1), y, 10)
+                                      * torch.linspace(-1, 1, 11, dtype=x.dtype)).sum()),
     "smoothap": (smooth_ap, lambda x, y: Fn.smooth_ap_loss(x, y, temperature=0.1, backend="cpu")),
     "pnp": (pnp, lambda x, y: Fn.pnp_loss(x, y, anneal=0.1, variant="Ib", backend="cpu")),
     "dsm": (dynamic_soft_margin, lambda x, y: Fn.dynamic_soft_margin_loss(x, y, backend="cpu")),
@@ -75,3 +78,19 @@ def test_many_chunks_give_the_one_chunk_result(name, monkeypatch):
     (g_many,) = torch.autograd.grad(many, x)
     torch.testing.assert_close(many, one, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(g_many, g_one, rtol=1e-10, atol=1e-14)
+
+
+def test_fast_ap_engine_histograms_match_the_op():
+    """The CPU pair engine's histograms (FastAPLoss on "cpu") against the op the GPU backends run:
+    values and gradients (random rows: no pair on a node)."""
+    q, labels = _inputs(n=40, seed=3)
+    x = (2 * q).requires_grad_(True)
+    qn = F.normalize(x, dim=1)
+    st = pair_stats(qn, None, labels, None, None, fast_ap.declaration(10), "cpu")
+    engine = torch.stack([st.hist_pos.t(), st.hist_neg.t()])
+    op = fast_ap.row_histograms(qn, labels, 10)
+    torch.testing.assert_close(engine, op, rtol=1e-12, atol=1e-12)
+    w = torch.randn(op.shape, dtype=op.dtype, generator=torch.Generator().manual_seed(4))
+    (g_engine,) = torch.autograd.grad((engine * w).sum(), x, retain_graph=True)
+    (g_op,) = torch.autograd.grad((op * w).sum(), x)
+    torch.testing.assert_close(g_engine, g_op, rtol=1e-10, atol=1e-12)

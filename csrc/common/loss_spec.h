@@ -121,11 +121,14 @@ inline std::string check_pair_spec(const double* terms, int64_t n_terms, int64_t
     return "pos.sum_temperature needs a hinge term reduced by sum";
   if (terms[2 * kTermFloats + 2] != 0 && !((flags & kNegSum) && (flags & kNegHinge)))
     return "neg.sum_temperature needs a hinge term reduced by sum";
-  const double nodes = terms[kHistTerms], inv_width = terms[kHistTerms + 2];
+  const double nodes = terms[kHistTerms], lo = terms[kHistTerms + 1], inv_width = terms[kHistTerms + 2];
   if (!(nodes >= 0 && nodes <= (1 << 20) && nodes == static_cast<double>(static_cast<int64_t>(nodes))))
     return "hist_nodes must be an integer in [0, 2^20]";
-  if (nodes > 0 && !(inv_width > 0 && inv_width < std::numeric_limits<double>::infinity()))
-    return "hist_inv_width must be a finite number > 0";
+  // (finite in float too: the float engine rounds them)
+  if (nodes > 0 && !(inv_width > 0 && inv_width <= std::numeric_limits<float>::max()))
+    return "hist_inv_width must be a number > 0 and at most the largest float";
+  if (nodes > 0 && !(lo >= -std::numeric_limits<float>::max() && lo <= std::numeric_limits<float>::max()))
+    return "hist_lo must be a finite number (as a float)";
   if (nodes > 0 && (flags & (kMine | kPosVsNegLse))) return "a histogram cannot be combined with mining or NTXent";
   if (nodes == 0 && (flags & kHistSquared)) return "hist-squared needs a histogram";
   return "";

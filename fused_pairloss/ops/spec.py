@@ -51,6 +51,7 @@ CLASS_COLS = ("col_lse_pos", "col_lse_neg")
 ROW_REDUCTIONS = ("lse", "softplus_sum")
 
 DISTANCES = ("cosine", "lp")
+FLOAT_MAX = 3.4028234663852886e38  # the largest float32
 
 
 @dataclass(frozen=True)
@@ -103,12 +104,13 @@ class PairHistogram:
     squared: bool = False
 
     def __post_init__(self):
-        if isinstance(self.nodes, bool) or not isinstance(self.nodes, int) or self.nodes < 1:
-            raise ValueError(f"PairHistogram.nodes must be an int >= 1; got {self.nodes!r}")
-        if not (math.isfinite(self.inv_width) and self.inv_width > 0):
-            raise ValueError(f"PairHistogram.inv_width must be a finite number > 0; got {self.inv_width!r}")
-        if not math.isfinite(self.lo):
-            raise ValueError(f"PairHistogram.lo must be a finite number; got {self.lo!r}")
+        if isinstance(self.nodes, bool) or not isinstance(self.nodes, int) or not 1 <= self.nodes <= 1 << 20:
+            raise ValueError(f"PairHistogram.nodes must be an int in [1, 2^20]; got {self.nodes!r}")
+        if not 0 < self.inv_width <= FLOAT_MAX:  # the float engine rounds it
+            raise ValueError(f"PairHistogram.inv_width must be a number > 0 and at most the largest float; "
+                             f"got {self.inv_width!r}")
+        if not -FLOAT_MAX <= self.lo <= FLOAT_MAX:
+            raise ValueError(f"PairHistogram.lo must be a finite number (as a float); got {self.lo!r}")
 
 
 @dataclass(frozen=True)
