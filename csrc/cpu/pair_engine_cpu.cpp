@@ -60,6 +60,8 @@ int64_t tile_size(int64_t n) {
   const int64_t t = round_up((n + 7) / 8, 32);
   return std::max<int64_t>(32, std::min<int64_t>(256, t));
 }
+// Number of tile_size(n) blocks of n rows.
+int64_t tile_blocks(int64_t n) { return (n + tile_size(n) - 1) / tile_size(n); }
 constexpr int64_t kBandRows = 64;   // rows per block of the positive-pair walks
 constexpr int64_t kBandCols = 256;  // columns per tile of the positive-pair walks
 
@@ -364,7 +366,7 @@ TileGeometry compute_tile(const Operands<T>& o, int64_t I, int64_t J, int64_t TI
 // ldt, sc), ldt the row stride of the tile's transpose.
 template <typename T, typename Body>
 void walk_self_tiles(const Operands<T>& o, bool par, const Body& body) {
-  const int64_t N = o.N, T_ = tile_size(N), nb = (N + T_ - 1) / T_;
+  const int64_t T_ = tile_size(o.N), nb = tile_blocks(o.N);
   for (const auto& round : self_schedule(nb)) {
     tile_parallel(
         static_cast<int64_t>(round.size()), par, [&] { return Scratch<T>(T_, T_); },
@@ -382,7 +384,7 @@ void walk_self_tiles(const Operands<T>& o, bool par, const Body& body) {
 template <typename T, typename Body>
 void walk_ref_tiles(const Operands<T>& o, bool par, bool by_columns, const Body& body) {
   const int64_t N = o.N, M = o.M, TI = tile_size(N), TJ = tile_size(M);
-  const int64_t nbi = (N + TI - 1) / TI, nbj = (M + TJ - 1) / TJ;
+  const int64_t nbi = tile_blocks(N), nbj = tile_blocks(M);
   tile_parallel(
       by_columns ? nbj : nbi, par, [&] { return Scratch<T>(TI, TJ); },
       [&](int64_t item, Scratch<T>& sc) {
@@ -401,7 +403,7 @@ constexpr int64_t kMinRoundTiles = 4;
 template <typename T, typename Body>
 void walk_ref_rounds(const Operands<T>& o, bool par, const Body& body) {
   const int64_t N = o.N, M = o.M, TI = tile_size(N), TJ = tile_size(M);
-  const int64_t nbi = (N + TI - 1) / TI, nbj = (M + TJ - 1) / TJ, L = std::max(nbi, nbj);
+  const int64_t nbi = tile_blocks(N), nbj = tile_blocks(M), L = std::max(nbi, nbj);
   std::vector<std::pair<int64_t, int64_t>> round;
   for (int64_t k = 0; k < L; ++k) {
     round.clear();
@@ -417,8 +419,7 @@ void walk_ref_rounds(const Operands<T>& o, bool par, const Body& body) {
 
 template <typename T>
 bool ref_rounds_pay(const Operands<T>& o) {
-  const int64_t nbi = (o.N + tile_size(o.N) - 1) / tile_size(o.N), nbj = (o.M + tile_size(o.M) - 1) / tile_size(o.M);
-  return std::min(nbi, nbj) >= kMinRoundTiles;
+  return std::min(tile_blocks(o.N), tile_blocks(o.M)) >= kMinRoundTiles;
 }
 
 // ---- forward -----------------------------------------------------------------------------------
