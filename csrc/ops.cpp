@@ -102,6 +102,16 @@ TORCH_LIBRARY(fused_pairloss, m) {
       "triplet_engine_backward(Tensor grad_sums, Tensor q, Tensor r, Tensor labels_q, Tensor labels_r, "
       "Tensor exclude_col, float margin, bool lp, float window_lo, float window_hi, bool need_grad_q, "
       "bool need_grad_r) -> (Tensor grad_q, Tensor grad_r)");
+  // Triplet bins (DynamicSoftMarginLoss; fused_pairloss/ops/triplets.py): per row of q, over its
+  // (positive, negative) pairs of r with x = d_ap - d_an, PML's histogram increments and the sums of
+  // x in the bins lo + k width (bins[N, 2, bins]), and the number of pairs.
+  m.def(
+      "triplet_bins_engine_forward(Tensor q, Tensor r, Tensor labels_q, Tensor labels_r, Tensor exclude_col, "
+      "float lo, float width, int bins) -> (Tensor bins, Tensor counts)");
+  m.def(
+      "triplet_bins_engine_backward(Tensor grad_bins, Tensor q, Tensor r, Tensor labels_q, Tensor labels_r, "
+      "Tensor exclude_col, float lo, float width, int bins, bool need_grad_q, bool need_grad_r) "
+      "-> (Tensor grad_q, Tensor grad_r)");
   // The batch miners' pairs (fused_pairloss/_miners.py): per row of q, the positive of r with the
   // largest (pos_largest) or smallest u and the negative likewise (first column of a tie), their u;
   // index -1 where the row has none. No gradient (mining).

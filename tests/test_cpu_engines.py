@@ -237,6 +237,11 @@ def _triplet_calls(dtype):
                         res.append(fwd)
                         res.append(op.triplet_engine_backward(torch.ones_like(fwd[0]), *args, 0.1, lp, *window, True,
                                                               True))
+                    if lp:  # the bins (DynamicSoftMargin)
+                        bins = op.triplet_bins_engine_forward(*args, -2.0, 0.4, 10)
+                        res.append(bins)
+                        res.append(op.triplet_bins_engine_backward(torch.ones_like(bins[0]), *args, -2.0, 0.4, 10,
+                                                                   True, True))
         return res
     return run
 
@@ -503,8 +508,8 @@ def test_class_gradcheck():
 
 @pytest.mark.parametrize("isa", ["avx2", "base"])
 def test_other_isa_triplet_kernels_match_the_pytorch_op(isa, isa_cap):
-    """The all-triplets kernel of another instruction set against the PyTorch op on dyadic rows (the
-    same u, so the same counts)."""
+    """The all-triplets and the triplet-bins kernels of another instruction set against the PyTorch
+    ops on dyadic rows (the same u, so the same counts and bins)."""
     from fused_pairloss.ops import triplets
     if isa_cap(isa) != isa:
         pytest.skip(f"this CPU has no {isa}")
@@ -523,3 +528,15 @@ def test_other_isa_triplet_kernels_match_the_pytorch_op(isa, isa_cap):
                 ref_grads = triplets.triplet_rows_backward(torch.ones_like(sums), *args, True, True)
                 for a, b in zip(grads, ref_grads):
                     kit.check_close(a, b.double(), what="grad", dtype=dtype)
+            # the bins (DynamicSoftMargin), the fp64 op the truth (the fp32 op's bins add in fp32)
+            args, args64 = ((x, x, lab, lab, torch.arange(300), -2.0, 0.4, 10) for x in (q, q.double()))
+            bins, counts = op.triplet_bins_engine_forward(*args)
+            ref_bins, ref_counts = triplets.triplet_bins(*args)
+            assert torch.equal(counts, ref_counts)
+            kit.check_close(bins, triplets.triplet_bins(*args64)[0], ref_bins, what="bins", dtype=dtype)
+            w = torch.linspace(-1, 1, bins.numel(), dtype=torch.float64).view(bins.shape)
+            grads = op.triplet_bins_engine_backward(w.to(dtype), *args, True, True)
+            ref_grads = triplets.triplet_bins_backward(w.to(dtype), *args, True, True)
+            truth = triplets.triplet_bins_backward(w, *args64, True, True)
+            for a, t, b in zip(grads, truth, ref_grads):
+                kit.check_close(a, t, b, what="bins grad", dtype=dtype)

@@ -1,5 +1,5 @@
 """The losses' own row-chunk ops (IntraPairVariance's pair_squared_hinges, Histogram, FastAP,
-SmoothAP, PNP, DynamicSoftMargin): torch.library.opcheck of each op and its backward op
+SmoothAP, PNP): torch.library.opcheck of each op and its backward op
 (schema, fake kernel, autograd registration, AOT dispatch), and the same value and gradient when the
 work is split into many chunks."""
 import pytest
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fused_pairloss import functional as Fn
-from fused_pairloss.losses import dynamic_soft_margin, fast_ap, histogram, intra_pair_variance, pnp, smooth_ap
+from fused_pairloss.losses import fast_ap, histogram, intra_pair_variance, pnp, smooth_ap
 from fused_pairloss.ops.stats import pair_stats
 
 
@@ -26,8 +26,6 @@ def _ops():
         ("fastap", fast_ap.row_histograms, fast_ap.row_histograms_backward, (10,), (2, n, 11)),
         ("smoothap", smooth_ap.smooth_ap_rows, smooth_ap.smooth_ap_rows_backward, (0.1,), (n,)),
         ("pnp", pnp.pnp_rows, pnp.pnp_rows_backward, (0.1, "Dq", 2.0, 1.5), (n,)),
-        ("dsm", dynamic_soft_margin.triplet_difference_bins, dynamic_soft_margin.triplet_difference_bins_backward,
-         (-2.0, 10), (2, 10)),
     ]
 
 
@@ -62,7 +60,6 @@ LOSSES = {
                                       * torch.linspace(-1, 1, 11, dtype=x.dtype)).sum()),
     "smoothap": (smooth_ap, lambda x, y: Fn.smooth_ap_loss(x, y, temperature=0.1, backend="cpu")),
     "pnp": (pnp, lambda x, y: Fn.pnp_loss(x, y, anneal=0.1, variant="Ib", backend="cpu")),
-    "dsm": (dynamic_soft_margin, lambda x, y: Fn.dynamic_soft_margin_loss(x, y, backend="cpu")),
 }
 
 

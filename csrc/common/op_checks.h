@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -67,6 +68,14 @@ inline void check_triplet_operands(const at::Tensor& q, const at::Tensor& r, con
               r.size(0), ",), got ", labels_r.sizes());
   TORCH_CHECK(r.size(0) <= std::numeric_limits<int32_t>::max(), "triplet_engine: ", r.size(0),
               " rows of r exceed the limit of 2^31 - 1");
+}
+
+// triplet_bins_*: the bins' grid (lo, lo + width, ..., bins of them); the bins' index is int32.
+inline void check_triplet_bins(double lo, double width, int64_t bins) {
+  TORCH_CHECK(std::isfinite(lo) && std::isfinite(width) && width > 0,
+              "triplet_bins: lo must be finite and width finite and > 0, got ", lo, " and ", width);
+  TORCH_CHECK(bins >= 2 && bins <= std::numeric_limits<int32_t>::max(),
+              "triplet_bins: bins must be in [2, 2^31 - 1], got ", bins);
 }
 
 // class_engine_*(q[N,D], w[C*K,D] or [D,C*K] (WEIGHTS_COLUMNS), labels[N], K, terms, flags)

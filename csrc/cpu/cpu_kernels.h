@@ -123,6 +123,14 @@ struct Kernels {
   void (*triplet_row_coefficients)(const T* u, int64_t M, const T* A, const T* a, int64_t P, const T* window, T* coef,
                                    int64_t* k);
   void (*triplet_row_grad)(const T* u, int64_t M, T g, bool lp, T* G);
+  // triplet bins (DynamicSoftMargin): per row, over its (p, n) with x = a_p - u_n and t = (x - lo) /
+  // width, the bin k = clamp(floor t, 0, bins - 1) and f = t - trunc t: acc[0][k] += 1, acc[1][k] += f,
+  // acc[2][k] += x (acc: 3 x bins doubles, added to; scratch: 16 (bins + 1) doubles, 32-byte aligned); the backward's
+  // coef[n] = -sum_p weight[k(p, n)] over the negatives (0 elsewhere), kp[p] = sum_n weight[k(p, n)].
+  void (*triplet_row_bins)(const T* u, int64_t M, const T* a, int64_t P, T lo, T width, int64_t bins, double* acc,
+                           double* scratch);
+  void (*triplet_row_bin_coefficients)(const T* u, int64_t M, const T* a, int64_t P, T lo, T width, int64_t bins,
+                                       const T* weight, T* coef, double* kp);
   // pair engine, main walk: forward reductions / dL/dS of the tile's rows (G, row stride ldg)
   void (*pair_forward)(const PairSpec<T>& spec, const PairTile<T>& t, const PairRowState<T>& st, T* scratch);
   void (*pair_backward)(const PairSpec<T>& spec, const PairTile<T>& t, const PairRowState<T>& st, T* G, int64_t ldg,

@@ -48,6 +48,7 @@ constexpr int64_t kMaxStripRows = 256;
 constexpr int64_t kDirectPositives = 256;             // rows with more positives use the binary search
 constexpr int64_t kGroups = 8;                        // private dr buffers (shape-determined)
 constexpr int64_t kGroupBudget = int64_t(256) << 20;  // bytes of private dr buffers, at most
+constexpr int64_t kMaxBinsOnStack = 64;               // triplet bins: a row's weights on the stack
 
 template <typename T>
 struct TripletOperands {
@@ -248,15 +249,15 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const TripletOperands<T>& o) {
   return {sums, counts, in_window};
 }
 
-template <typename T>
-std::tuple<Tensor, Tensor> backward_impl(const TripletOperands<T>& o, const Tensor& grad_sums, bool need_q,
-                                         bool need_r) {
+// dq, dr of a loss whose dL/dS per row `row_G(i, u, rs, G)` gives (u: the row's u, its columns that are
+// no negative NaN after take_positives), strip by strip.
+template <typename T, typename RowG>
+std::tuple<Tensor, Tensor> backward_impl(const TripletOperands<T>& o, bool need_q, bool need_r, RowG row_G) {
   const auto opts = o.q.options();
   const int64_t N = o.N, M = o.M, Dp = o.Dp;
   Tensor dq = at::zeros({need_q ? N : 0, Dp}, opts);
   Tensor dr = at::zeros({need_r ? M : 0, Dp}, opts);
   if (N == 0 || M == 0 || !(need_q || need_r)) return {dq, dr};
-  const T* g = grad_sums.template data_ptr<T>();
   const T* qp = o.q.template data_ptr<T>();
   const T* rp = o.r.template data_ptr<T>();
   const Tensor q_cols = need_r ? pack_columns(*o.K, o.q) : Tensor();
@@ -281,8 +282,7 @@ std::tuple<Tensor, Tensor> backward_impl(const TripletOperands<T>& o, const Tens
         for (int64_t b = nb * grp / groups; b < nb * (grp + 1) / groups; ++b) {
           const int64_t i0 = b * TI, ti = std::min(TI, N - i0);
           strip_u(o, i0, ti, sc.U.data());
-          for (int64_t i = 0; i < ti; ++i)
-            row_backward(o, i0 + i, sc.U.data() + i * o.ld, g[i0 + i], sc.row, sc.G.data() + i * o.ld);
+          for (int64_t i = 0; i < ti; ++i) row_G(i0 + i, sc.U.data() + i * o.ld, sc.row, sc.G.data() + i * o.ld);
           if (o.lp) add_row_sums(sc.G.data(), o.ld, static_cast<int>(ti), static_cast<int>(M), row_sums.data() + i0);
           if (need_q)
             o.K->gemm_nn_acc(sc.G.data(), o.ld, r_cols.template data_ptr<T>(), M, 0, ti, Dp, M,
@@ -311,6 +311,111 @@ std::tuple<Tensor, Tensor> backward_impl(const TripletOperands<T>& o, const Tens
     }
   }
   return {dq, dr};
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor> hinge_backward(const TripletOperands<T>& o, const Tensor& grad_sums, bool need_q,
+                                          bool need_r) {
+  const T* g = grad_sums.template data_ptr<T>();
+  return backward_impl(o, need_q, need_r,
+                       [&](int64_t i, T* u, RowScratch<T>& rs, T* G) { row_backward(o, i, u, g[i], rs, G); });
+}
+
+// ---- triplet bins (DynamicSoftMarginLoss: fused_pairloss/ops/triplets.py, triplet_bins) ----------
+// Per row i, over its (p, n) with x = d_ap - d_an (u = d, margin 0) in PML's bins (t = (x - lo) /
+// width, k = clamp(floor t, 0, bins - 1), f = t - trunc t, m = min(k, bins - 2)): bins_out[i][0][m] +=
+// 1 - f and [0][m + 1] += f (PML's histogram increments), bins_out[i][1][k] += x; counts_i the number
+// of (p, n). The backward: d/dx of sum grad[i] . bins_out[i] is w_k = (g_inc[m + 1] - g_inc[m]) /
+// width + g_x[k], added to d_ap and taken from d_an.
+struct BinGrid {
+  double lo, width;
+  int64_t bins;
+};
+
+// the first 32-byte aligned double of a buffer with 4 doubles to spare
+double* aligned32(double* p) {
+  return reinterpret_cast<double*>((reinterpret_cast<uintptr_t>(p) + 31) & ~uintptr_t(31));
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor> bins_forward_impl(const TripletOperands<T>& o, BinGrid grid) {
+  const int64_t nb = grid.bins;
+  Tensor out = at::zeros({o.N, 2, nb}, o.q.options());
+  Tensor counts = at::zeros({o.N}, o.q.options().dtype(at::kLong));
+  if (o.N == 0 || o.M == 0) return {out, counts};
+  T* op = out.template data_ptr<T>();
+  int64_t* cp = counts.template data_ptr<int64_t>();
+  const T lo = static_cast<T>(grid.lo), width = static_cast<T>(grid.width);
+  const int64_t TI = o.strip_rows, blocks = (o.N + TI - 1) / TI;
+  struct Scratch {
+    std::vector<T> U;
+    RowScratch<T> row;
+    std::vector<double> acc, copies;
+  };
+  tile_parallel(
+      blocks, parallel_work(o.N, o.M, o.D),
+      [&] {
+        return Scratch{
+            std::vector<T>(TI * o.ld), {}, std::vector<double>(3 * nb), std::vector<double>(16 * (nb + 1) + 4)};
+      },
+      [&](int64_t b, Scratch& sc) {
+        const int64_t i0 = b * TI, ti = std::min(TI, o.N - i0);
+        strip_u(o, i0, ti, sc.U.data());
+        for (int64_t k = 0; k < ti; ++k) {
+          const int64_t i = i0 + k;
+          take_positives(o, i, sc.U.data() + k * o.ld, sc.row);
+          const int64_t P = static_cast<int64_t>(sc.row.a.size());
+          std::fill(sc.acc.begin(), sc.acc.end(), 0.0);
+          if (P > 0)
+            o.K->triplet_row_bins(sc.U.data() + k * o.ld, o.M, sc.row.a.data(), P, lo, width, nb, sc.acc.data(),
+                                  aligned32(sc.copies.data()));
+          const double *n = sc.acc.data(), *f = n + nb, *x = f + nb;
+          std::vector<double> inc(nb, 0.0);
+          int64_t c = 0;
+          for (int64_t bin = 0; bin < nb; ++bin) {
+            const int64_t m = std::min(bin, nb - 2);
+            inc[m] += n[bin] - f[bin];
+            inc[m + 1] += f[bin];
+            c += static_cast<int64_t>(n[bin]);
+          }
+          T* row = op + i * 2 * nb;
+          for (int64_t bin = 0; bin < nb; ++bin) {
+            row[bin] = static_cast<T>(inc[bin]);
+            row[nb + bin] = static_cast<T>(x[bin]);
+          }
+          cp[i] = c;
+        }
+      });
+  return {out, counts};
+}
+
+// Row i's dL/dS: the bins' weights w_k from grad[i], the coefficients d/du of the negatives and of
+// the positives, then through d (dd/dS = -1/d, 0 at d = 0).
+template <typename T>
+std::tuple<Tensor, Tensor> bins_backward_impl(const TripletOperands<T>& o, BinGrid grid, const Tensor& grad,
+                                              bool need_q, bool need_r) {
+  const int64_t nb = grid.bins;
+  const T* g = grad.template data_ptr<T>();
+  const T lo = static_cast<T>(grid.lo), width = static_cast<T>(grid.width);
+  return backward_impl(o, need_q, need_r, [&](int64_t i, T* u, RowScratch<T>& rs, T* G) {
+    take_positives(o, i, u, rs);
+    const int64_t P = static_cast<int64_t>(rs.a.size());
+    const T *g_inc = g + i * 2 * nb, *g_x = g_inc + nb;
+    T weight[kMaxBinsOnStack];
+    std::vector<T> heap(nb > kMaxBinsOnStack ? nb : 0);
+    T* w = nb > kMaxBinsOnStack ? heap.data() : weight;
+    for (int64_t bin = 0; bin < nb; ++bin) {
+      const int64_t m = std::min(bin, nb - 2);
+      w[bin] = (g_inc[m + 1] - g_inc[m]) / width + g_x[bin];
+    }
+    rs.suffix.assign(P, 0.0);  // per positive: sum_n w
+    o.K->triplet_row_bin_coefficients(u, o.M, rs.a.data(), P, lo, width, nb, w, G, rs.suffix.data());
+    o.K->triplet_row_grad(u, o.M, T(1), /*lp=*/true, G);
+    for (int64_t p = 0; p < P; ++p) {
+      const T up = rs.pos[p].u;
+      G[rs.pos[p].col] = up > T(0) ? -static_cast<T>(rs.suffix[p]) / up : T(0);
+    }
+  });
 }
 
 // ---- row extremes (the batch miners' hardest / easiest pairs) -----------------------------------
@@ -389,11 +494,49 @@ std::tuple<Tensor, Tensor> triplet_engine_backward_cpu(const Tensor& grad_sums, 
               "triplet_engine_backward: grad_sums must have shape (", q.size(0), ",), got ", grad_sums.sizes());
   std::tuple<Tensor, Tensor> out;
   if (q.scalar_type() == at::kDouble) {
-    out = backward_impl(prepare<double>(q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo, window_hi),
-                        grad_sums.to(at::kDouble).contiguous(), need_grad_q, need_grad_r);
+    out = hinge_backward(prepare<double>(q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo, window_hi),
+                         grad_sums.to(at::kDouble).contiguous(), need_grad_q, need_grad_r);
   } else {
-    out = backward_impl(prepare<float>(q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo, window_hi),
-                        grad_sums.to(at::kFloat).contiguous(), need_grad_q, need_grad_r);
+    out = hinge_backward(prepare<float>(q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo, window_hi),
+                         grad_sums.to(at::kFloat).contiguous(), need_grad_q, need_grad_r);
+  }
+  const int64_t D = q.size(1);
+  Tensor grad_q = need_grad_q ? std::get<0>(out).narrow(1, 0, D).to(q.scalar_type()).contiguous() : q.new_empty({0});
+  Tensor grad_r = need_grad_r ? std::get<1>(out).narrow(1, 0, D).to(r.scalar_type()).contiguous() : r.new_empty({0});
+  return {grad_q, grad_r};
+}
+
+std::tuple<Tensor, Tensor> triplet_bins_forward_cpu(const Tensor& q, const Tensor& r, const Tensor& labels_q,
+                                                    const Tensor& labels_r, const Tensor& exclude_col, double lo,
+                                                    double width, int64_t bins) {
+  check_inputs(q, r, labels_q, labels_r, exclude_col);
+  fpl::check_triplet_bins(lo, width, bins);
+  const double inf = std::numeric_limits<double>::infinity();
+  const BinGrid grid{lo, width, bins};
+  if (q.scalar_type() == at::kDouble)
+    return bins_forward_impl(prepare<double>(q, r, labels_q, labels_r, exclude_col, 0.0, true, -inf, inf), grid);
+  return bins_forward_impl(prepare<float>(q, r, labels_q, labels_r, exclude_col, 0.0, true, -inf, inf), grid);
+}
+
+std::tuple<Tensor, Tensor> triplet_bins_backward_cpu(const Tensor& grad_bins, const Tensor& q, const Tensor& r,
+                                                     const Tensor& labels_q, const Tensor& labels_r,
+                                                     const Tensor& exclude_col, double lo, double width, int64_t bins,
+                                                     bool need_grad_q, bool need_grad_r) {
+  check_inputs(q, r, labels_q, labels_r, exclude_col);
+  fpl::check_triplet_bins(lo, width, bins);
+  TORCH_CHECK(
+      grad_bins.dim() == 3 && grad_bins.size(0) == q.size(0) && grad_bins.size(1) == 2 && grad_bins.size(2) == bins,
+      "triplet_bins_engine_backward: grad_bins must have shape (", q.size(0), ", 2, ", bins, "), got ",
+      grad_bins.sizes());
+  const double inf = std::numeric_limits<double>::infinity();
+  const BinGrid grid{lo, width, bins};
+  std::tuple<Tensor, Tensor> out;
+  if (q.scalar_type() == at::kDouble) {
+    out = bins_backward_impl(prepare<double>(q, r, labels_q, labels_r, exclude_col, 0.0, true, -inf, inf), grid,
+                             grad_bins.to(at::kDouble).contiguous(), need_grad_q, need_grad_r);
+  } else {
+    out = bins_backward_impl(prepare<float>(q, r, labels_q, labels_r, exclude_col, 0.0, true, -inf, inf), grid,
+                             grad_bins.to(at::kFloat).contiguous(), need_grad_q, need_grad_r);
   }
   const int64_t D = q.size(1);
   Tensor grad_q = need_grad_q ? std::get<0>(out).narrow(1, 0, D).to(q.scalar_type()).contiguous() : q.new_empty({0});
@@ -421,4 +564,6 @@ TORCH_LIBRARY_IMPL(fused_pairloss, CPU, m) {
   m.impl("triplet_engine_forward", &fpl::cpu::triplet_engine_forward_cpu);
   m.impl("triplet_engine_backward", &fpl::cpu::triplet_engine_backward_cpu);
   m.impl("row_extremes", &fpl::cpu::row_extremes_cpu);
+  m.impl("triplet_bins_engine_forward", &fpl::cpu::triplet_bins_forward_cpu);
+  m.impl("triplet_bins_engine_backward", &fpl::cpu::triplet_bins_backward_cpu);
 }

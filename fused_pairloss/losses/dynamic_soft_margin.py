@@ -8,13 +8,14 @@ the previous histogram by `momentum` (1 on the first call, while the state sums 
 normalized. loss = mean over the triplets of CDF_k x, CDF the cumulative histogram (its
 dependence on the batch's own triplets differentiated, as PML's).
 
-Fused (labels, the batch against itself): the op `fused_pairloss::triplet_difference_bins` walks
-the anchors in chunks (the chunk x max|P_a| x N triplet differences) and sums per bin the
-histogram increments and x, and its backward op recomputes each chunk: a triplet's gradient is a
-function of its bin only, w_k = (g_inc_{k+1} - g_inc_k) / D + g_x_k, added to d_ap and taken from
-d_an. The state update, the CDF and the mean are PyTorch on num_bins numbers. Cubic compute, no
-cubic memory. Without labels (PML's hardest-negative reading of a batch and its ref) and with a
-ref_emb: the reference computation (N x M).
+Fused (labels; the batch against itself or a ref_emb): the triplet engine's bins
+(ops/triplets.py `triplet_bins`, on "cpu" its C++ kernel) give per anchor row the histogram
+increments and the sums of x per bin over the row's (p, n), one pass over the row's negatives per
+positive (no triplet is stored), and its backward recomputes them: a triplet's gradient is a
+function of its bin only, w_k = (g_inc_{m+1} - g_inc_m) / D + g_x_k, added to d_ap and taken from
+d_an. The state update, the CDF and the mean are PyTorch on num_bins numbers. Compute O(N M (D +
+P)), P the positives per anchor; memory O((N + M) D). Without labels (PML's hardest-negative
+reading of a batch and its ref): the reference computation (N x M).
 
 Deliberate difference: the state is stored detached. PML's keeps the previous batch's graph, so
 its second backward raises ("Trying to backward through the graph a second time").
@@ -25,14 +26,12 @@ import torch
 
 from .. import _validation as V
 from .._backends import resolve_backend
-from ..ops._common import LOCAL, normalize, register_recomputing_autograd, row_chunks, zero_loss
-from ..ops.operands import add_row_chunk_distance_grad, lp_distances, lp_squared_distances, stat_dtype
+from ..ops._common import LOCAL, zero_loss
+from ..ops.triplets import bins_op
 from ._base import _PairLoss, _warn_once, run_pair_loss
 from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
 from ._registry import LossEntry
-from .pnp import _positive_lists
-
-CHUNK_ELEMENTS = 1 << 22  # chunk x max|P_a| x N triplet differences per step
+from .triplet_margin import triplet_operands
 
 
 def check_bins(min_val, num_bins, momentum):
@@ -102,108 +101,19 @@ def dynamic_soft_margin_reference(embeddings, labels=None, ref_emb=None, ref_lab
     return (loss, state.detach()) if return_histogram else loss
 
 
-# ---- the op: per-bin sums over all triplets ------------------------------------------------------
-def _chunk_triplets(q, labels, positives, valid, a0, a1):
-    """x = d_ap - d_an of the chunk's triplets (c x P x N) and their mask (p a positive other than
-    a, n a negative)."""
-    s = q[a0:a1] @ q.t()
-    d2 = lp_squared_distances(s, q[a0:a1], q)
-    d = lp_distances(d2)
-    pos = positives[a0:a1]
-    rows = torch.arange(a0, a1, device=q.device)
-    is_positive = valid[a0:a1] & (pos != rows[:, None])
-    negative = labels[a0:a1, None] != labels[None, :]
-    x = d.gather(1, pos)[:, :, None] - d[:, None, :]
-    return x, is_positive[:, :, None] & negative[:, None, :], d, pos
-
-
-@torch.library.custom_op("fused_pairloss::triplet_difference_bins", mutates_args=())
-def triplet_difference_bins(q: torch.Tensor, labels: torch.Tensor, min_val: float,
-                            num_bins: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sums A[2, num_bins], count int64[]): over all triplets of the batch, x = d_ap - d_an; row 0
-    PML's histogram increments (1 - f at bin k, f at k + 1), row 1 the sum of x per bin k."""
-    A = stat_dtype(q.dtype)
-    qa = q.to(A)
-    delta = 2 * abs(min_val) / num_bins
-    positives, valid = _positive_lists(labels)
-    sums = torch.zeros(2, num_bins, dtype=A, device=q.device)
-    count = torch.zeros((), dtype=torch.int64, device=q.device)
-    with torch.autocast(q.device.type, enabled=False):
-        for a0, a1 in row_chunks(q.shape[0], positives.shape[1] * q.shape[0], CHUNK_ELEMENTS):
-            x, mask, _, _ = _chunk_triplets(qa, labels, positives, valid, a0, a1)
-            x = x[mask]
-            idx, frac = _bin_and_fraction(x, min_val, delta, num_bins)
-            sums[0].index_add_(0, idx, 1 - frac).index_add_(0, idx + 1, frac)
-            weight_idx = torch.floor((x - min_val) / delta).long().clamp(0, num_bins - 1)
-            sums[1].index_add_(0, weight_idx, x)
-            count += x.numel()
-    return sums, count
-
-
-@triplet_difference_bins.register_fake
-def _fake(q, labels, min_val, num_bins):
-    return q.new_empty((2, num_bins), dtype=stat_dtype(q.dtype)), q.new_empty((), dtype=torch.int64)
-
-
-@torch.library.custom_op("fused_pairloss::triplet_difference_bins_backward", mutates_args=())
-def triplet_difference_bins_backward(grad_sums: torch.Tensor, q: torch.Tensor, labels: torch.Tensor, min_val: float,
-                                     num_bins: int) -> torch.Tensor:
-    """grad_q of sum(grad_sums * sums): a triplet's dL/dx = (g_inc[k+1] - g_inc[k]) / D + g_x[k'],
-    added to d_ap and taken from d_an, then through d = |q_i - q_j| chunk by chunk."""
-    A = stat_dtype(q.dtype)
-    qa, g = q.to(A), grad_sums.to(A)
-    delta = 2 * abs(min_val) / num_bins
-    positives, valid = _positive_lists(labels)
-    grad_q = torch.zeros_like(qa)
-    with torch.autocast(q.device.type, enabled=False):
-        for a0, a1 in row_chunks(q.shape[0], positives.shape[1] * q.shape[0], CHUNK_ELEMENTS):
-            x, mask, d, pos = _chunk_triplets(qa, labels, positives, valid, a0, a1)
-            idx, _ = _bin_and_fraction(x, min_val, delta, num_bins)
-            weight_idx = torch.floor((x - min_val) / delta).long().clamp(0, num_bins - 1)
-            w = (g[0][idx + 1] - g[0][idx]) / delta + g[1][weight_idx]
-            w = torch.where(mask, w, torch.zeros_like(w))
-            grad_d = (-w.sum(1)).scatter_add(1, pos, w.sum(2))  # c x N: dL/dd_aj
-            add_row_chunk_distance_grad(grad_q, grad_d, d, qa, a0, a1)
-    return grad_q.to(q.dtype)
-
-
-@triplet_difference_bins_backward.register_fake
-def _fake_backward(grad_sums, q, labels, min_val, num_bins):
-    return torch.empty_like(q)
-
-
-def _differentiable_sums(q, labels, min_val, num_bins):
-    """triplet_difference_bins' sums as a differentiable computation, chunk by chunk
-    (create_graph=True only: it keeps every chunk's triplets for the second derivative)."""
-    A = stat_dtype(q.dtype)
-    delta = 2 * abs(min_val) / num_bins
-    positives, valid = _positive_lists(labels)
-    increments = torch.zeros(num_bins, dtype=A, device=q.device)
-    x_sums = torch.zeros(num_bins, dtype=A, device=q.device)
-    for a0, a1 in row_chunks(q.shape[0], positives.shape[1] * q.shape[0], CHUNK_ELEMENTS):
-        x, mask, _, _ = _chunk_triplets(q.to(A), labels, positives, valid, a0, a1)
-        x = x[mask]
-        idx, frac = _bin_and_fraction(x, min_val, delta, num_bins)
-        increments = increments.index_add(0, idx, 1 - frac).index_add(0, idx + 1, frac)
-        x_sums = x_sums.index_add(0, torch.floor((x - min_val) / delta).long().clamp(0, num_bins - 1), x)
-    return torch.stack([increments, x_sums])
-
-
-register_recomputing_autograd(triplet_difference_bins, triplet_difference_bins_backward, _differentiable_sums)
-
-
 def dynamic_soft_margin_fused(embeddings, labels, ref_emb, ref_labels, *, min_val=-2.0, num_bins=10, momentum=0.01,
                               histogram=None, distance="lp", backend, exclude_col=None, batch=LOCAL,
                               return_histogram=False):
     hyper = dict(min_val=min_val, num_bins=num_bins, momentum=momentum, histogram=histogram, distance=distance,
                  return_histogram=return_histogram)
-    if labels is None or (ref_emb is not None and not (ref_emb is embeddings and ref_labels is labels)):
-        _warn_once("dynamic_soft_margin.ref", "fused_pairloss: DynamicSoftMarginLoss without labels or with a "
-                   "ref_emb is computed by the reference path (N x M)", stacklevel=4)
+    if labels is None:
+        _warn_once("dynamic_soft_margin.no_labels", "fused_pairloss: DynamicSoftMarginLoss without labels is "
+                   "computed by the reference path (N x M)", stacklevel=4)
         return dynamic_soft_margin_reference(embeddings, labels, ref_emb, ref_labels, **hyper)
-    num_bins, _ = check_bins(min_val, num_bins, momentum)
-    labels = torch.as_tensor(labels, device=embeddings.device).to(torch.int64).contiguous()
-    sums, count = triplet_difference_bins(normalize(embeddings).contiguous(), labels, float(min_val), num_bins)
+    num_bins, delta = check_bins(min_val, num_bins, momentum)
+    q, r, labels_q, labels_r, excl = triplet_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
+    per_row, counts = bins_op(backend, q.device)(q, r, labels_q, labels_r, excl, float(min_val), delta, num_bins)
+    sums, count = per_row.sum(0), counts.sum()
     previous = torch.zeros(num_bins, dtype=sums.dtype, device=sums.device) if histogram is None \
         else histogram.to(device=sums.device, dtype=sums.dtype)
     state = _state_update(sums[0], previous, momentum)
@@ -211,7 +121,7 @@ def dynamic_soft_margin_fused(embeddings, labels, ref_emb, ref_labels, *, min_va
     # no triplet: PML's zero loss, and the state unchanged
     loss = torch.where(count > 0, loss, torch.zeros_like(loss))
     state = torch.where(count > 0, state, previous)
-    loss = nan_in_nan_out(loss.to(embeddings.dtype), embeddings, None)
+    loss = nan_in_nan_out(loss.to(embeddings.dtype), embeddings, ref_emb)
     return (loss, state.detach().to(embeddings.dtype)) if return_histogram else loss
 
 

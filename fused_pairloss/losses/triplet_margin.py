@@ -90,16 +90,22 @@ def triplet_margin_reference(embeddings, labels, ref_emb=None, ref_labels=None, 
     return nan_in_nan_out(loss, embeddings, ref_emb).to(similarity_dtype(embeddings, distance))
 
 
-def _triplet_rows(embeddings, labels, ref_emb, ref_labels, margin, distance, backend, exclude_col=None,
-                  window=NO_WINDOW):
-    """(sums, counts, in_window) per anchor row from the op (module docstring)."""
+def triplet_operands(embeddings, labels, ref_emb, ref_labels, exclude_col=None):
+    """(q, r, labels_q, labels_r, exclude_col) of the triplet ops: normalized rows, int64 labels, the
+    own column excluded in self mode (PML's identity rule otherwise, ops/_common.py pair_operands)."""
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
     labels_q = labels.to(device=q.device, dtype=torch.int64)
     if r is None:
-        r, labels_r, excl = q, labels_q, torch.arange(q.shape[0], device=q.device)
-    else:
-        labels_r = labels_r.to(device=q.device, dtype=torch.int64)
-        excl = torch.full_like(labels_q, -1) if excl is None else excl.to(device=q.device, dtype=torch.int64)
+        return q, q, labels_q, labels_q, torch.arange(q.shape[0], device=q.device)
+    labels_r = labels_r.to(device=q.device, dtype=torch.int64)
+    excl = torch.full_like(labels_q, -1) if excl is None else excl.to(device=q.device, dtype=torch.int64)
+    return q, r, labels_q, labels_r, excl
+
+
+def _triplet_rows(embeddings, labels, ref_emb, ref_labels, margin, distance, backend, exclude_col=None,
+                  window=NO_WINDOW):
+    """(sums, counts, in_window) per anchor row from the op (module docstring)."""
+    q, r, labels_q, labels_r, excl = triplet_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
     if backend == "triton":
         from ..ops import triton_triplets
 

@@ -147,8 +147,10 @@ def _fake_rows(q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo, win
 triplet_rows.register_fake(_fake_rows)
 
 
-def _chunk_vjp(grad_sums, q, r, labels_q, labels_r, exclude_col, margin, lp, window, need_q, need_r, create_graph):
-    """(grad_q, grad_r) of sum_i grad_sums_i sums_i, chunk by chunk (each chunk recomputed)."""
+def _chunk_vjp(differentiable, grad, q, r, labels_q, labels_r, exclude_col, scalars, need_q, need_r, create_graph):
+    """(grad_q, grad_r) of sum_i grad_i . out_i, chunk by chunk (each chunk recomputed):
+    `differentiable(q_chunk, r, labels_q_chunk, labels_r, exclude_col_chunk, *scalars)` is an op's
+    first output for those rows (chunk_rows' sums, chunk_bins' bins)."""
     A = stat_dtype(q.dtype)
     q_grads, grad_r = [], None
     for i0, i1 in _chunks(q.shape[0], r.shape[0]):
@@ -156,9 +158,9 @@ def _chunk_vjp(grad_sums, q, r, labels_q, labels_r, exclude_col, margin, lp, win
             # create_graph: nodes of their own (r may be q itself), through which the graph reaches q and r
             qc = q[i0:i1].to(A) if create_graph else q[i0:i1].detach().to(A).requires_grad_(need_q)
             rc = r.to(A).view_as(r) if create_graph else r.detach().to(A).requires_grad_(need_r)
-            s, _, _ = chunk_rows(qc, rc, labels_q[i0:i1], labels_r, exclude_col[i0:i1], margin, lp, *window)
+            out = differentiable(qc, rc, labels_q[i0:i1], labels_r, exclude_col[i0:i1], *scalars)
             wanted = [t for t, need in ((qc, need_q), (rc, need_r)) if need]
-            grads = list(torch.autograd.grad(s, wanted, grad_sums[i0:i1].to(A), create_graph=create_graph,
+            grads = list(torch.autograd.grad(out, wanted, grad[i0:i1].to(A), create_graph=create_graph,
                                              allow_unused=True))
         if need_q:
             gq = grads.pop(0)
@@ -204,15 +206,23 @@ def triplet_rows_backward(grad_sums: torch.Tensor, q: torch.Tensor, r: torch.Ten
     """The vector-Jacobian product of triplet_rows' sums, chunk by chunk: with W = g_i dsums_i/dv_ij
     (v = d or S), grad_q = W r (+ the lp norms' share: d_ij = |q_i - r_j| gives (q_i - r_j) / d_ij)
     and grad_r = W^T q likewise; an empty tensor for a gradient not needed."""
+    window = (window_lo, window_hi)
+    return _vjp_through_u(lambda qc, i0, i1: grad_sums[i0:i1, None].to(qc.dtype) * _chunk_coefficients(
+        qc, r.to(qc.dtype), labels_q[i0:i1], labels_r, exclude_col[i0:i1], margin, lp, window), q, r, lp,
+        need_grad_q, need_grad_r)
+
+
+def _vjp_through_u(chunk_W, q, r, lp, need_grad_q, need_grad_r):
+    """(grad_q, grad_r) from W = chunk_W(q_chunk, i0, i1), per chunk of rows dL/du / u for lp (u = d:
+    d/dq_i |q_i - r_j| = (q_i - r_j) / d) or -dL/du for the cosine (u = -S); an empty tensor for a
+    gradient not needed."""
     A = stat_dtype(q.dtype)
     qa, ra = q.to(A), r.to(A)
     grad_q = torch.zeros_like(qa) if need_grad_q else None
     grad_r = torch.zeros_like(ra) if need_grad_r else None
+    sign = -1.0 if lp else 1.0
     for i0, i1 in _chunks(q.shape[0], r.shape[0]):
-        W = grad_sums[i0:i1, None].to(A) * _chunk_coefficients(qa[i0:i1], ra, labels_q[i0:i1], labels_r,
-                                                               exclude_col[i0:i1], margin, lp,
-                                                               (window_lo, window_hi))
-        sign = -1.0 if lp else 1.0  # lp: d/dq_i |q_i - r_j| = (q_i - r_j) / d; cosine: W already holds -dsums/dS
+        W = chunk_W(qa[i0:i1], i0, i1)
         if need_grad_q:
             grad_q[i0:i1] = sign * (W @ ra) + (W.sum(1, keepdim=True) * qa[i0:i1] if lp else 0)
         if need_grad_r:
@@ -231,31 +241,38 @@ triplet_rows_backward.register_fake(_fake_rows_backward)
 
 
 def _setup_context(ctx, inputs, output):
-    q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo, window_hi = inputs
+    q, r, labels_q, labels_r, exclude_col, *scalars = inputs
     ctx.save_for_backward(q, r, labels_q, labels_r, exclude_col)
-    ctx.margin, ctx.lp, ctx.window = margin, lp, (window_lo, window_hi)
+    ctx.scalars = tuple(scalars)
 
 
-def _autograd_backward(backward_op):
-    """The autograd rule of a forward op whose first-order gradient is `backward_op`."""
-    def backward(ctx, grad_sums, _grad_counts, _grad_in_window):
+def _hinge_sums(q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo, window_hi):
+    return chunk_rows(q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo, window_hi)[0]
+
+
+def _autograd_backward(backward_op, differentiable=_hinge_sums):
+    """The autograd rule of a forward op (q, r, labels_q, labels_r, exclude_col, *scalars) whose
+    first output is differentiable: its first-order gradient is `backward_op`; under
+    create_graph=True `differentiable` (that output of a chunk as a PyTorch computation) is
+    differentiated instead."""
+    def backward(ctx, grad, *_other_outputs):
         q, r, labels_q, labels_r, exclude_col = ctx.saved_tensors
         need_q, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        rest = (None,) * 7  # labels, exclude_col, margin, lp, window
-        if grad_sums is None or not (need_q or need_r):
+        rest = (None,) * (3 + len(ctx.scalars))  # labels, exclude_col, the scalars
+        if grad is None or not (need_q or need_r):
             return (None, None, *rest)
         if torch.is_grad_enabled():  # create_graph=True: the gradient itself must be differentiable
-            gq, gr = _chunk_vjp(grad_sums, q, r, labels_q, labels_r, exclude_col, ctx.margin, ctx.lp, ctx.window,
-                                need_q, need_r, create_graph=True)
+            gq, gr = _chunk_vjp(differentiable, grad, q, r, labels_q, labels_r, exclude_col, ctx.scalars, need_q,
+                                need_r, create_graph=True)
         else:
-            gq, gr = backward_op(grad_sums.contiguous(), q, r, labels_q, labels_r, exclude_col, ctx.margin, ctx.lp,
-                                 *ctx.window, need_q, need_r)
+            gq, gr = backward_op(grad.contiguous(), q, r, labels_q, labels_r, exclude_col, *ctx.scalars, need_q,
+                                 need_r)
         return ((gq if need_q else None), (gr if need_r else None), *rest)
     return backward
 
 
 def _backward_not_differentiable(ctx, *grads):
-    raise RuntimeError("fused_pairloss: the triplet rows' backward op (a first-order gradient) is not "
+    raise RuntimeError("fused_pairloss: the triplet ops' backward op (a first-order gradient) is not "
                        "differentiable; second-order gradients go through create_graph=True")
 
 
@@ -265,6 +282,100 @@ def _no_context(ctx, inputs, output):
 
 triplet_rows.register_autograd(_autograd_backward(triplet_rows_backward), setup_context=_setup_context)
 triplet_rows_backward.register_autograd(_backward_not_differentiable, setup_context=_no_context)
+
+
+# ---- triplet bins (DynamicSoftMarginLoss) --------------------------------------------------------
+def chunk_bins(q, r, labels_q, labels_r, exclude_col, lo, width, bins):
+    """(bins [B, 2, bins], counts [B]) of the rows q (a chunk) against r, the bins differentiable (the
+    schema below): a pass per positive rank over the row's negatives (B x M at a time)."""
+    u, positive, negative = _chunk_sets(q, r, labels_q, labels_r, exclude_col, True)
+    a, _, real = _positives(u, positive)
+    B = u.shape[0]
+    inc, x_sums = u.new_zeros(B, bins), u.new_zeros(B, bins)
+    counts = torch.zeros(B, dtype=torch.int64, device=u.device)
+    for j in range(a.shape[1]):
+        on, x, k, m, f = _bin_terms(a[:, j:j + 1], u, negative & real[:, j:j + 1], lo, width, bins)
+        zero = torch.zeros_like(x)
+        inc = inc.scatter_add(1, m, torch.where(on, 1 - f, zero)).scatter_add(1, m + 1, torch.where(on, f, zero))
+        x_sums = x_sums.scatter_add(1, k, torch.where(on, x, zero))
+        counts += on.sum(1)
+    return torch.stack([inc, x_sums], 1), counts
+
+
+def _bin_terms(a, u, pairs, lo, width, bins):
+    """The (p, n) of one positive rank: kept (pairs and not NaN), x = a_p - u_n, PML's bin k =
+    clamp(floor t, 0, bins - 1) of t = (x - lo) / width, m = min(k, bins - 2) and f = frac(t)."""
+    x = a - u
+    on = pairs & ~torch.isnan(x)
+    t = torch.where(on, (x - lo) / width, torch.zeros_like(x))
+    k = torch.floor(t).clamp(0, bins - 1).long()
+    return on, x, k, k.clamp(max=bins - 2), torch.frac(t)
+
+
+@torch.library.custom_op("fused_pairloss::triplet_bins", mutates_args=())
+def triplet_bins(q: torch.Tensor, r: torch.Tensor, labels_q: torch.Tensor, labels_r: torch.Tensor,
+                 exclude_col: torch.Tensor, lo: float, width: float, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row i of q (normalized), over its (positive, negative) pairs of r (positives: same label,
+    column != exclude_col_i), x = d_ap - d_an in PML's bins of width `width` from `lo`:
+    bins_out[i, 0] PML's histogram increments (1 - f at bin m, f at m + 1), bins_out[i, 1, k] the sum
+    of x over bin k (module docstring of losses/dynamic_soft_margin.py); counts_i the number of
+    pairs. The compiled op triplet_bins_engine_forward has the same schema."""
+    A = stat_dtype(q.dtype)
+    qa, ra = q.to(A), r.to(A)
+    parts = [chunk_bins(qa[i0:i1], ra, labels_q[i0:i1], labels_r, exclude_col[i0:i1], lo, width, bins)
+             for i0, i1 in _chunks(q.shape[0], r.shape[0])]
+    if not parts:
+        return q.new_zeros((0, 2, bins), dtype=A), q.new_zeros((0,), dtype=torch.int64)
+    return torch.cat([b for b, _ in parts]), torch.cat([c for _, c in parts])
+
+
+def _fake_bins(q, r, labels_q, labels_r, exclude_col, lo, width, bins):
+    n = q.shape[0]
+    return q.new_empty((n, 2, bins), dtype=stat_dtype(q.dtype)), q.new_empty((n,), dtype=torch.int64)
+
+
+triplet_bins.register_fake(_fake_bins)
+
+
+def _chunk_bin_W(grad, q, r, labels_q, labels_r, exclude_col, lo, width, bins):
+    """W = dL/du_ij / u_ij of a chunk's rows (0 at u = 0): a pair's dL/dx is its bin's weight
+    w_k = (g_inc[m + 1] - g_inc[m]) / width + g_x[k], added to d_ap and taken from d_an."""
+    u, positive, negative = _chunk_sets(q, r, labels_q, labels_r, exclude_col, True)
+    a, cols, real = _positives(u, positive)
+    k_all = torch.arange(bins, device=q.device)
+    m_all = k_all.clamp(max=bins - 2)
+    weight = (grad[:, 0, m_all + 1] - grad[:, 0, m_all]) / width + grad[:, 1]
+    coef = torch.zeros_like(u)
+    for j in range(a.shape[1]):
+        on, _, k, _, _ = _bin_terms(a[:, j:j + 1], u, negative & real[:, j:j + 1], lo, width, bins)
+        w = torch.where(on, weight.gather(1, k), torch.zeros_like(u))
+        coef = (coef - w).scatter_add(1, cols[:, j:j + 1], w.sum(1, keepdim=True))
+    return torch.where(u > 0, coef / torch.where(u > 0, u, torch.ones_like(u)), torch.zeros_like(u))
+
+
+@torch.library.custom_op("fused_pairloss::triplet_bins_backward", mutates_args=())
+def triplet_bins_backward(grad_bins: torch.Tensor, q: torch.Tensor, r: torch.Tensor, labels_q: torch.Tensor,
+                          labels_r: torch.Tensor, exclude_col: torch.Tensor, lo: float, width: float, bins: int,
+                          need_grad_q: bool, need_grad_r: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vector-Jacobian product of triplet_bins' bins, chunk by chunk."""
+    return _vjp_through_u(lambda qc, i0, i1: _chunk_bin_W(grad_bins[i0:i1].to(qc.dtype), qc, r.to(qc.dtype),
+                                                          labels_q[i0:i1], labels_r, exclude_col[i0:i1], lo, width,
+                                                          bins),
+                          q, r, True, need_grad_q, need_grad_r)
+
+
+def _fake_bins_backward(grad_bins, q, r, labels_q, labels_r, exclude_col, lo, width, bins, need_grad_q, need_grad_r):
+    empty = q.new_empty((0,))
+    return (torch.empty_like(q) if need_grad_q else empty), (torch.empty_like(r) if need_grad_r else empty)
+
+
+def _bins(q, r, labels_q, labels_r, exclude_col, lo, width, bins):
+    return chunk_bins(q, r, labels_q, labels_r, exclude_col, lo, width, bins)[0]
+
+
+triplet_bins_backward.register_fake(_fake_bins_backward)
+triplet_bins.register_autograd(_autograd_backward(triplet_bins_backward, _bins), setup_context=_setup_context)
+triplet_bins_backward.register_autograd(_backward_not_differentiable, setup_context=_no_context)
 
 
 def register_rows_op(forward, backward):
@@ -289,6 +400,12 @@ def _register_native():
                                     setup_context=_setup_context)
     torch.library.register_autograd(bwd, _backward_not_differentiable, setup_context=_no_context)
     torch.library.register_fake("fused_pairloss::row_extremes")(_fake_row_extremes)
+    fwd, bwd = "fused_pairloss::triplet_bins_engine_forward", "fused_pairloss::triplet_bins_engine_backward"
+    torch.library.register_fake(fwd)(_fake_bins)
+    torch.library.register_fake(bwd)(_fake_bins_backward)
+    bins_backward = torch.ops.fused_pairloss.triplet_bins_engine_backward
+    torch.library.register_autograd(fwd, _autograd_backward(bins_backward, _bins), setup_context=_setup_context)
+    torch.library.register_autograd(bwd, _backward_not_differentiable, setup_context=_no_context)
     return frozenset(["cpu"] + (["cuda"] if _extension.has_kernel("triplet_engine_forward", "CUDA") else []))
 
 
@@ -323,3 +440,15 @@ def rows_op(backend, device):
         if backend in _NATIVE_DEVICES:
             return torch.ops.fused_pairloss.triplet_engine_forward
     return triplet_rows
+
+
+def bins_op(backend, device):
+    """The forward op of the triplet bins for a backend: the compiled kernel of "cpu" on CPU tensors
+    (when built), else the PyTorch op triplet_bins (every device)."""
+    global _NATIVE_DEVICES
+    if backend == "cpu" and device.type == "cpu":
+        if _NATIVE_DEVICES is None:
+            _NATIVE_DEVICES = _register_native()
+        if "cpu" in _NATIVE_DEVICES:
+            return torch.ops.fused_pairloss.triplet_bins_engine_forward
+    return triplet_bins
