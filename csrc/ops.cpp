@@ -45,7 +45,8 @@ std::string describe_pair_spec(c10::ArrayRef<double> terms, int64_t flags) {
     << ";pos_vs_neg_lse=" << s.pos_vs_neg_lse << ";exclude_after_mining=" << s.exclude_after_mining
     << ";mine_on_cosine=" << s.mine_on_cosine << ";pos.sum_temperature=" << s.pos.sum_temperature
     << ";neg.sum_temperature=" << s.neg.sum_temperature << ";hist_nodes=" << s.hist_nodes << ";hist_lo=" << s.hist_lo
-    << ";hist_inv_width=" << s.hist_inv_width << ";hist_squared=" << s.hist_squared;
+    << ";hist_inv_width=" << s.hist_inv_width << ";hist_squared=" << s.hist_squared
+    << ";hist_pml_bins=" << s.hist_pml_bins;
   return o.str();
 }
 

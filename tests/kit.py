@@ -19,9 +19,9 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from fused_pairloss.losses import (REGISTRY, LossEntry, circle, clip, contrastive, fast_ap, lifted_structure,
-                                   margin_softmax, multi_similarity, ntxent, proxy_anchor, proxy_circle, ranked_list,
-                                   siglip, soft_triple, supcon, tuplet_margin)
+from fused_pairloss.losses import (REGISTRY, LossEntry, circle, clip, contrastive, fast_ap, histogram,
+                                   lifted_structure, margin_softmax, multi_similarity, ntxent, proxy_anchor,
+                                   proxy_circle, ranked_list, siglip, soft_triple, supcon, tuplet_margin)
 from fused_pairloss.ops import oracle
 from fused_pairloss.ops.spec import ClassLossSpec, PairHistogram, PairLossSpec
 
@@ -180,10 +180,11 @@ PAIR_DECLARATIONS: Dict[str, PairLossSpec] = {
 }
 
 # declarations with histograms (PairLossSpec.histogram): the CPU engine's only, so not in the table
-# above that every backend runs. FastAP's (h = d^2 on 0..4) and a cosine one beside sums, whose
-# nodes (-1 + k / 8) sit on dyadic values
+# above that every backend runs. FastAP's (h = d^2 on 0..4), HistogramLoss's (PML's bins of S on
+# -1..1) and a cosine one beside sums, whose nodes (-1 + k / 8) sit on dyadic values
 HIST_DECLARATIONS: Dict[str, PairLossSpec] = {
     "fastap": fast_ap.declaration(10),
+    "histogram": histogram.declaration(2 / 16),
     "cosine_with_sums": dataclasses.replace(contrastive.declaration(0.75, 0.25, distance="cosine"),
                                             histogram=PairHistogram(17, 8.0, -1.0)),
 }

@@ -103,7 +103,7 @@ def test_invalid_declarations_are_rejected():
     with pytest.raises(RuntimeError, match="terms must have"):
         op.pair_engine_forward(q, None, y, None, None, [1.0, 2.0], 0)
     with pytest.raises(RuntimeError, match="unknown pair flag"):
-        op.pair_engine_forward(q, None, y, None, None, [0.0] * 14, 1 << 12)
+        op.pair_engine_forward(q, None, y, None, None, [0.0] * 14, 1 << 13)
     with pytest.raises(RuntimeError, match="pos.sum_temperature needs a hinge term reduced by sum"):
         op.pair_engine_forward(q, None, y, None, None, [0.0] * 9 + [1.0, 0.0, 0.0, 0.0, 0.0], S.POS_SUM)
     with pytest.raises(ValueError, match="neg.sum_temperature needs a hinge term reduced by sum"):

@@ -91,3 +91,24 @@ def test_fast_ap_engine_histograms_match_the_op():
     (g_engine,) = torch.autograd.grad((engine * w).sum(), x, retain_graph=True)
     (g_op,) = torch.autograd.grad((op * w).sum(), x)
     torch.testing.assert_close(g_engine, g_op, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("singletons", [0, 5], ids=["classes", "with_singletons"])
+def test_histogram_engine_histograms_match_the_op(singletons):
+    """HistogramLoss on "cpu" (the pair engine's histograms with PML's binning, each pair counted
+    from both ends) against the op the GPU backends run: twice its histograms and its set sizes,
+    and the gradients; samples without a positive keep only their pairs with samples that have
+    one (PML's pairs)."""
+    q, labels = _inputs(n=40, seed=5)
+    labels = torch.cat([labels, 100 + torch.arange(singletons)])
+    x = torch.cat([2 * q, torch.randn(singletons, q.shape[1], dtype=q.dtype,
+                                      generator=torch.Generator().manual_seed(6))]).requires_grad_(True)
+    qn = F.normalize(x, dim=1)
+    engine, engine_sizes = histogram._engine_histograms(qn, labels, 0.25)
+    op, op_sizes = histogram.pair_histograms(qn, labels, 0.25)
+    assert torch.equal(engine_sizes, 2 * op_sizes)
+    torch.testing.assert_close(engine, 2 * op, rtol=1e-12, atol=1e-12)
+    w = torch.randn(op.shape, dtype=op.dtype, generator=torch.Generator().manual_seed(4))
+    (g_engine,) = torch.autograd.grad((engine * w).sum(), x, retain_graph=True)
+    (g_op,) = torch.autograd.grad((2 * op * w).sum(), x)
+    torch.testing.assert_close(g_engine, g_op, rtol=1e-10, atol=1e-12)

@@ -213,7 +213,7 @@ def test_bad_arguments():
     with pytest.raises(RuntimeError, match="terms must have 14"):
         PAIR_FWD(*args, list(terms)[:8], flags)
     with pytest.raises(RuntimeError, match="unknown pair flag"):
-        PAIR_FWD(*args, list(terms), flags | (1 << 12))
+        PAIR_FWD(*args, list(terms), flags | (1 << 13))
     with pytest.raises(RuntimeError, match="exclude-after-mining needs mining"):
         PAIR_FWD(*args, list(terms), flags | S.EXCLUDE_AFTER_MINING)
     hist_terms, hist_flags = kit.HIST_DECLARATIONS["cosine_with_sums"].pack()

@@ -36,9 +36,10 @@ enum PairFlag : int64_t {
   kPosVsNegLse = 1 << 8,         // NTXent: per kept positive, -log(sigmoid(x - lse_neg_i) + tiny)
   kExcludeAfterMining = 1 << 9,  // the excluded column takes part in the mining thresholds
   kMineOnCosine = 1 << 10,       // lp: the miner's u = -d^2 / 2 (= S - 1 on normalized rows, a cosine miner)
-  kHistSquared = 1 << 11         // the histogram's h is v^2 (else v)
+  kHistSquared = 1 << 11,        // the histogram's h is v^2 (else v)
+  kHistPmlBins = 1 << 12         // PML HistogramLoss's binning of h (below)
 };
-constexpr int64_t kPairFlagMask = (int64_t(1) << 12) - 1;
+constexpr int64_t kPairFlagMask = (int64_t(1) << 13) - 1;
 
 // terms = [pos.scale, pos.shift, pos.weight_offset, pos.weight_slope,
 //          neg.scale, neg.shift, neg.weight_offset, neg.weight_slope, miner_epsilon,
@@ -47,6 +48,11 @@ constexpr int64_t kPairFlagMask = (int64_t(1) << 12) - 1;
 // hist_lo + k / hist_inv_width, k < hist_nodes, with triangular pulses: u = (h - lo) inv_width adds
 // 1 - f to node floor(u) and f = u - floor(u) to the next (out-of-range nodes get nothing; a NaN h
 // makes node 0 NaN); in the value rows kNumPairValues + set * hist_nodes + k. CPU engine only.
+// kHistPmlBins: PML HistogramLoss's operations instead (its node positions rounded to float, as its
+// `r * delta` is, whatever h's dtype): with delta = 1 / inv_width and lo, r = floor((float(h) - lo) /
+// float(delta)) clamped to [0, nodes - 2], node_k = float(k) * float(delta); node r + 1 gets
+// ((h - lo) - node_r) / delta and node r gets (float(node_{r+1} + lo) - h) / delta; the gradient is
+// the slope of r's segment, (g_{r+1} - g_r) / delta, on the node too.
 constexpr int kTermFloats = 4;
 constexpr int kPairTermsLength = 2 * kTermFloats + 6;
 constexpr int kHistTerms = 2 * kTermFloats + 3;  // index of hist_nodes in terms
@@ -78,6 +84,9 @@ struct PairSpec {
   int64_t hist_nodes;  // 0: no histogram
   T hist_lo, hist_inv_width;
   bool hist_squared;
+  bool hist_pml_bins;  // kHistPmlBins: hist_delta = 1 / inv_width, and in float hist_delta_f, hist_lo_f
+  T hist_delta;
+  float hist_delta_f, hist_lo_f;
   // positives whose reduction needs a statistic of the whole row first (the mining threshold
   // max_neg, or lse_neg for NTXent) are reduced in a second walk over the positive pairs only
   bool defer_positives() const { return mine || pos_vs_neg_lse; }
@@ -106,6 +115,11 @@ PairSpec<T> decode_pair_spec(const double* terms, int64_t flags) {
   s.hist_lo = T(terms[kHistTerms + 1]);
   s.hist_inv_width = T(terms[kHistTerms + 2]);
   s.hist_squared = flags & kHistSquared;
+  s.hist_pml_bins = flags & kHistPmlBins;
+  const double delta = 1.0 / terms[kHistTerms + 2];
+  s.hist_delta = T(delta);
+  s.hist_delta_f = static_cast<float>(delta);
+  s.hist_lo_f = static_cast<float>(terms[kHistTerms + 1]);
   return s;
 }
 
@@ -131,6 +145,8 @@ inline std::string check_pair_spec(const double* terms, int64_t n_terms, int64_t
     return "hist_lo must be a finite number (as a float)";
   if (nodes > 0 && (flags & (kMine | kPosVsNegLse))) return "a histogram cannot be combined with mining or NTXent";
   if (nodes == 0 && (flags & kHistSquared)) return "hist-squared needs a histogram";
+  if ((flags & kHistPmlBins) && !(nodes >= 2 && !(flags & kHistSquared)))
+    return "hist-pml-bins needs a histogram of 2 nodes or more, of v (not squared)";
   return "";
 }
 

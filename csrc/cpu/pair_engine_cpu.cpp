@@ -182,7 +182,7 @@ struct Scratch {
         St(tj * round_up(ti, 32)),
         G1(ti * round_up(tj, 32)),
         G2(tj * round_up(ti, 32)),
-        buf(4 * (std::max(ti, tj) + 64)) {}
+        buf(5 * (std::max(ti, tj) + 64)) {}  // the element loops' rows (kernels_isa.inc)
 };
 
 template <typename T>

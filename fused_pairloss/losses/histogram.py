@@ -8,12 +8,18 @@ r + 1 and ((r + 1) delta - 1 - S) / delta to node r; divided by the set's size i
 p+ or p-. loss = sum_k p-_k Phi+_k, Phi+ = cumsum(p+) (the probability that a negative pair is more
 similar than a positive one).
 
-Fused: the op `fused_pairloss::pair_histograms` walks the batch in row chunks (S of a chunk
-against the rows from its first on: each unordered pair once), scatter-adding both histograms, and its backward op
+Fused on "cpu": the CPU pair engine's per-row histograms with PML's binning (`declaration`;
+PairHistogram.pml_bins), summed over the rows: each unordered pair twice (once from each end),
+its set's size too, so the densities are PML's. The samples without a positive (their class alone
+in the batch) share one new label for the engine, so that a pair of two of them, no pair of PML's,
+is no negative pair either. On "triton" / "cuda" (the GPU engines have no histograms) the
+op `fused_pairloss::pair_histograms` walks the batch in row chunks (S of a chunk against the rows
+from its first on: each unordered pair once), scatter-adding both histograms, and its backward op
 recomputes each chunk: dL/dS_ij = (g_{r+1} - g_r) / delta with g the gradient of the pair's
-histogram, then grad_q = G q + G^T q chunk by chunk. Memory O(chunk N + N D + n_bins); the
-densities, the cumulative sum and the loss are PyTorch on n_bins + 1 numbers. S = 1 exactly (a
-duplicated sample) puts r on the last node, where PML's scatter goes out of range (it raises).
+histogram, then grad_q = G q + G^T q chunk by chunk. Memory O(N D + N n_bins) on "cpu", O(chunk N +
+N D + n_bins) for the op; the densities, the cumulative sum and the loss are PyTorch on n_bins + 1
+numbers. S = 1 exactly (a duplicated sample) puts r on the last node, where PML's scatter goes out
+of range (it raises).
 """
 from __future__ import annotations
 
@@ -23,6 +29,8 @@ from .. import _validation as V
 from ..ops._common import (LOCAL, label_counts, normalize, register_recomputing_autograd, row_chunks, similarity_dtype,
                            zero_loss)
 from ..ops.operands import stat_dtype
+from ..ops.spec import NO_TERM, PairHistogram, PairLossSpec
+from ..ops.stats import pair_stats
 from ._base import _PairLoss, check_self_only, run_pair_loss
 from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
 from ._registry import LossEntry
@@ -176,12 +184,36 @@ def _differentiable_histograms(q, labels, delta):
 register_recomputing_autograd(pair_histograms, pair_histograms_backward, _differentiable_histograms)
 
 
+def declaration(delta):
+    """The pair engine's per-row histograms of S with PML's binning (nodes -1, -1 + delta, ..., 1),
+    over each row's positives and its negatives; no term reduced."""
+    return PairLossSpec(pos=NO_TERM, neg=NO_TERM, distance="cosine",
+                        histogram=PairHistogram(_nodes(delta), 1.0 / delta, -1.0, pml_bins=True))
+
+
+def _engine_histograms(q, labels, delta):
+    """(histograms [2, nodes], sizes int64[2]) as pair_histograms', each pair counted from both
+    ends (module docstring). The samples without a positive share one new label for the engine, so
+    that a pair of two of them is no negative pair; the spurious positive pairs this gives them are
+    left out with their rows."""
+    has_pos, _ = _pair_sets(labels)
+    engine_labels = torch.where(has_pos, labels, labels.min() - 1)
+    st = pair_stats(q, None, engine_labels, None, None, declaration(delta), "cpu")
+    hist_pos = torch.where(has_pos, st.hist_pos, torch.zeros_like(st.hist_pos)).sum(1)
+    size_pos = torch.where(has_pos, st.count_pos, torch.zeros_like(st.count_pos)).sum()
+    return torch.stack([hist_pos, st.hist_neg.sum(1)]), torch.stack([size_pos, st.count_neg.sum()]).to(torch.int64)
+
+
 def histogram_fused(embeddings, labels, ref_emb, ref_labels, *, n_bins=None, delta=None, distance="cosine", backend,
                     exclude_col=None, batch=LOCAL):
     check_self_only(embeddings, labels, ref_emb, ref_labels, "HistogramLoss")
     delta = check_bins(n_bins, delta)
     labels = torch.as_tensor(labels, device=embeddings.device).to(torch.int64).contiguous()
-    hist, sizes = pair_histograms(normalize(embeddings).contiguous(), labels, delta)
+    q = normalize(embeddings).contiguous()
+    if backend == "cpu":  # the CPU pair engine's histograms (the other engines have none: the op)
+        hist, sizes = _engine_histograms(q, labels, delta)
+    else:
+        hist, sizes = pair_histograms(q, labels, delta)
     density = hist / sizes.clamp(min=1).to(hist.dtype)[:, None]
     loss = torch.sum(density[1] * torch.cumsum(density[0], 0))
     # PML: no triplet, the zero loss (no positive pair with a negative, or no negative pair)

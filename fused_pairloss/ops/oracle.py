@@ -139,6 +139,8 @@ def _pair_values(q, r, labels_q, labels_r, exclude_col, sp: S.PairLossSpec):
 def _histograms(v, pos, neg, h: S.PairHistogram):
     """[2 * nodes, N]: per set and node k the sum over the row's pairs of the triangular pulse
     relu(1 - |u - k|), u = (v or v^2 - lo) inv_width (loss_spec.h); a NaN u makes node 0 NaN."""
+    if h.pml_bins:
+        return _pml_histograms(v, pos, neg, h)
     u = ((v * v if h.squared else v) - h.lo) * h.inv_width
     nan = torch.isnan(u)
     u = torch.where(nan, torch.full_like(u, -2.0), u)  # no node in reach
@@ -147,6 +149,26 @@ def _histograms(v, pos, neg, h: S.PairHistogram):
     for mask in (pos, neg):
         pulses = torch.relu(1 - torch.abs(u[None] - nodes[:, None, None]))  # nodes x N x M
         hist = torch.where(mask[None], pulses, 0).sum(2)
+        hist[0] = torch.where((mask & nan).any(1), float("nan"), hist[0])
+        out.append(hist)
+    return torch.cat(out)
+
+
+def _pml_histograms(v, pos, neg, h: S.PairHistogram):
+    """The same with PML HistogramLoss's operations (loss_spec.h kHistPmlBins): its bin r from
+    float(v), its node positions r * delta in float, each pair's two weights."""
+    delta = 1.0 / h.inv_width
+    nan = torch.isnan(v)
+    vv = torch.where(nan, torch.zeros_like(v), v)
+    r = torch.floor((vv.float() - h.lo) / delta).clamp(0, h.nodes - 2).long()
+    upper = ((vv - h.lo) - (r * delta).to(v.dtype)) / delta
+    lower = (((r + 1) * delta + h.lo).to(v.dtype) - vv) / delta
+    out = []
+    for mask in (pos, neg):
+        hist = v.new_zeros(h.nodes, v.shape[0])
+        kept = mask & ~nan
+        for k in range(h.nodes):  # node k: upper of the pairs in bin k - 1, lower of those in bin k
+            hist[k] = torch.where(kept & (r == k - 1), upper, 0).sum(1) + torch.where(kept & (r == k), lower, 0).sum(1)
         hist[0] = torch.where((mask & nan).any(1), float("nan"), hist[0])
         out.append(hist)
     return torch.cat(out)

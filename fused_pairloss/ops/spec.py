@@ -27,6 +27,7 @@ POS_VS_NEG_LSE = 1 << 8
 EXCLUDE_AFTER_MINING = 1 << 9
 MINE_ON_COSINE = 1 << 10
 HIST_SQUARED = 1 << 11
+HIST_PML_BINS = 1 << 12
 
 ROW_LSE = 1 << 0
 COL_POS_LSE = 1 << 1
@@ -96,12 +97,17 @@ class PairHistogram:
     k = 0 .. nodes - 1, with triangular pulses relu(1 - |h - node_k| inv_width): a pair with
     u = (h - lo) inv_width adds 1 - f to node floor(u) and f = u - floor(u) to the next (nodes out
     of range get nothing). Its gradient is the pulses' slope, 0 on a node (docs/design.md
-    "Histograms"). The CPU engine's; FastAPLoss's histograms of d^2."""
+    "Histograms"). The CPU engine's; FastAPLoss's histograms of d^2.
+
+    `pml_bins`: PML HistogramLoss's operations instead (loss_spec.h kHistPmlBins): the bin from
+    float(h), the node positions float(k) * float(1 / inv_width), every pair in a bin of nodes
+    [0, nodes - 1] (the first or the last beyond them), the gradient its bin's slope on a node too."""
 
     nodes: int
     inv_width: float
     lo: float = 0.0
     squared: bool = False
+    pml_bins: bool = False
 
     def __post_init__(self):
         if isinstance(self.nodes, bool) or not isinstance(self.nodes, int) or not 1 <= self.nodes <= 1 << 20:
@@ -111,6 +117,8 @@ class PairHistogram:
                              f"got {self.inv_width!r}")
         if not -FLOAT_MAX <= self.lo <= FLOAT_MAX:
             raise ValueError(f"PairHistogram.lo must be a finite number (as a float); got {self.lo!r}")
+        if self.pml_bins and (self.squared or self.nodes < 2):
+            raise ValueError("PairHistogram.pml_bins needs nodes >= 2 and squared=False (PML's histogram of v)")
 
 
 @dataclass(frozen=True)
@@ -164,6 +172,7 @@ class PairLossSpec:
         flags |= MINE_ON_COSINE if self.miner_on_cosine else 0
         h = self.histogram
         flags |= HIST_SQUARED if h is not None and h.squared else 0
+        flags |= HIST_PML_BINS if h is not None and h.pml_bins else 0
         histogram = (0.0, 0.0, 0.0) if h is None else (float(h.nodes), float(h.lo), float(h.inv_width))
         eps = 0.0 if self.miner_epsilon is None else float(self.miner_epsilon)
         temperatures = (float(self.pos.sum_temperature), float(self.neg.sum_temperature))
@@ -194,7 +203,8 @@ class PairLossSpec:
             f"pos.sum_temperature={_num(float(self.pos.sum_temperature))}",
             f"neg.sum_temperature={_num(float(self.neg.sum_temperature))}",
             f"hist_nodes={self._packed[0][11]:.0f}", f"hist_lo={_num(self._packed[0][12])}",
-            f"hist_inv_width={_num(self._packed[0][13])}", f"hist_squared={int(bool(self._packed[1] & HIST_SQUARED))}"]
+            f"hist_inv_width={_num(self._packed[0][13])}", f"hist_squared={int(bool(self._packed[1] & HIST_SQUARED))}",
+            f"hist_pml_bins={int(bool(self._packed[1] & HIST_PML_BINS))}"]
         return ";".join(parts)
 
 
@@ -290,7 +300,7 @@ def unpack_pair(terms, flags: int) -> PairLossSpec:
                         sum_temperature=temperature)
 
     histogram = None if not terms[11] else PairHistogram(int(terms[11]), terms[13], terms[12],
-                                                         bool(flags & HIST_SQUARED))
+                                                         bool(flags & HIST_SQUARED), bool(flags & HIST_PML_BINS))
     return PairLossSpec(pos=term(0, POS_LSE, POS_SUM, POS_HINGE, terms[9]),
                         neg=term(4, NEG_LSE, NEG_SUM, NEG_HINGE, terms[10]),
                         distance="lp" if flags & LP_DISTANCE else "cosine",
