@@ -6,10 +6,13 @@ d_ij = var(x_i - r_j) / var(x_i); positive l_ij = relu(d_ij - pos_margin), negat
 l_ij = relu(neg_margin - d_ij); AvgNonZeroReducer per sub-loss (as ContrastiveLoss).
 
 The SNR as a dot product: with centered rows c_i = x_i - mean(x_i) and n_i = |c_i|^2 (the (D - 1)
-of the variances cancels), d_ij = (n_i + n_j - 2 c_i . c_j) / n_i = u_i . v_j for the rows
-u_i = [-2 c_i / n_i, 1 / n_i, 1] and v_j = [c_j, n_j, 1] (D + 2 entries). So the pair engine runs
-Contrastive's declaration on v = u . v (the "cosine" kind: a plain dot product), in ref mode even
-for the batch itself (d is not symmetric), and autograd takes the gradient back through u and v.
+of the variances cancels), d_ij = (n_i + n_j - 2 c_i . c_j) / n_i = 1 + u_i . v_j for the rows
+u_i = [-2 c_i / n_i, 1 / n_i] and v_j = [c_j, n_j]. The rows c_j sum to 0, so c_i . c_j = sum_{k <
+D-1} (c_ik - c_i,D-1) c_jk: the last coordinate drops out, and u, v have D entries, as the rows (an
+operand one entry wider would be padded to the next 16). So the pair engine runs Contrastive's
+declaration, its shifts less the 1, on u . v (the "cosine" kind: a plain dot product), in ref mode
+even for the batch itself (d is not symmetric), and autograd takes the gradient back through u and
+v (and through the centering, which makes the dropped coordinate's share exact).
 The dot product cancels near d = 0 (about the dtype's epsilon, absolute), where PML's difference of
 rows does not: docs/semantics.md.
 """
@@ -56,21 +59,23 @@ def snr_contrastive_reference(embeddings, labels, ref_emb=None, ref_labels=None,
 
 
 def snr_operands(embeddings, ref):
-    """(u, v) with u_i . v_j = d_ij (module docstring), differentiable."""
+    """(u, v) with 1 + u_i . v_j = d_ij (module docstring), D columns each, differentiable."""
     c = normalize(embeddings)
     c = c - c.mean(1, keepdim=True)
     n = (c * c).sum(1, keepdim=True)
-    u = torch.cat([-2 * c / n, 1 / n, torch.ones_like(n)], dim=1)
+    u = torch.cat([-2 * (c[:, :-1] - c[:, -1:]) / n, 1 / n], dim=1)
     cr = normalize(ref)
     cr = cr - cr.mean(1, keepdim=True)
-    v = torch.cat([cr, (cr * cr).sum(1, keepdim=True), torch.ones_like(cr[:, :1])], dim=1)
+    v = torch.cat([cr[:, :-1], (cr * cr).sum(1, keepdim=True)], dim=1)
     return u, v
 
 
 def declaration(pos_margin, neg_margin):
-    # Contrastive's terms on a distance, with v = u . v read as the dot product it is
-    return PairLossSpec(pos=PairTerm(scale=1.0, shift=float(pos_margin), hinge=True, sum=True),
-                        neg=PairTerm(scale=-1.0, shift=float(neg_margin), hinge=True, sum=True), distance="cosine")
+    # Contrastive's terms on the distance d = 1 + u . v, read as the dot product u . v it is:
+    # relu(d - pos_margin) = relu(u . v - (pos_margin - 1)), relu(neg_margin - d) likewise
+    return PairLossSpec(pos=PairTerm(scale=1.0, shift=float(pos_margin) - 1.0, hinge=True, sum=True),
+                        neg=PairTerm(scale=-1.0, shift=float(neg_margin) - 1.0, hinge=True, sum=True),
+                        distance="cosine")
 
 
 def snr_contrastive_fused(embeddings, labels, ref_emb, ref_labels, *, pos_margin=0.0, neg_margin=1.0, distance="snr",
