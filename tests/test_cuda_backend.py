@@ -525,6 +525,43 @@ def check_triplet(ops, args, margin, lp, window, need=(True, True), device="cpu"
         kit.check_close(grads[k].cpu(), truth_g[k], same_g[k], what=["grad q", "grad r"][k], dtype=dtype)
 
 
+def check_triplet_bins(ops, args, lo, bins, need=(True, True), device="cpu"):
+    """The CUDA triplet-bins op pair (emulated or the GPU's) against the PyTorch op triplet_bins on
+    the same rows: counts exactly, the bins and the gradients of q and r by the kit's rule (the
+    truth: the PyTorch op in fp64)."""
+    from fused_pairloss.ops import triplets
+
+    q, r, lq, lr, ex = args
+    dtype, width = q.dtype, 2 * abs(lo) / bins
+    args64 = tuple(a.double() if a.is_floating_point() else a for a in args)
+    on = tuple(a.to(device) for a in args)
+    got = ops.triplet_bins_engine_forward(*on, lo, width, bins)
+    same = triplets.triplet_bins(*args, lo, width, bins)
+    truth = triplets.triplet_bins(*args64, lo, width, bins)
+    assert torch.equal(got[1].cpu(), same[1]) and same[1].sum() > 0
+    kit.check_close(got[0].cpu(), truth[0], same[0], what="bins", dtype=dtype)
+    g = torch.randn(truth[0].shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    grads = ops.triplet_bins_engine_backward(g.to(device, same[0].dtype), *on, lo, width, bins, *need)
+    same_g = triplets.triplet_bins_backward(g.to(same[0].dtype), *args, lo, width, bins, *need)
+    truth_g = triplets.triplet_bins_backward(g, *args64, lo, width, bins, *need)
+    for k, wanted in enumerate(need):
+        if not wanted:
+            assert grads[k].numel() == 0
+            continue
+        assert grads[k].dtype == dtype
+        kit.check_close(grads[k].cpu(), truth_g[k], same_g[k], what=["grad q", "grad r"][k], dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("mode", ["self", "ref"])
+def test_emulated_triplet_bins_parity(emu, dtype, mode):
+    """DynamicSoftMargin's bins: 70 rows, 2 row blocks, ragged; ref mode 120 columns; ~6 positives a
+    row; PML's default grid and a narrow one (x below lo and past the last edge)."""
+    args = triplet_inputs(mode, 70, 12, dtype, seed=8)
+    check_triplet_bins(emu, args, -2.0, 10)
+    check_triplet_bins(emu, args, -0.5, 6, need=(True, False) if mode == "ref" else (True, True))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("lp", [True, False], ids=["lp", "cosine"])
 @pytest.mark.parametrize("mode,window", [("self", "none"), ("ref", "none"), ("ref", "hard"), ("self", "semihard")])
@@ -691,6 +728,20 @@ def test_gpu_triplet_op_parity(lp, mode, window):
         on = tuple(a.to(GPU) for a in args)
         a, b = ops.triplet_engine_forward(*on, 0.2, lp, *TRIPLET_WINDOWS[window]), \
             ops.triplet_engine_forward(*on, 0.2, lp, *TRIPLET_WINDOWS[window])
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["self", "ref"])
+def test_gpu_triplet_bins_op_parity(mode):
+    """The CUDA triplet-bins op (DynamicSoftMargin) against the PyTorch op at real sizes (1000 rows,
+    ~4 positives a row), fp64 and fp32, and its results bitwise the same on a second call."""
+    ops = _gpu_ops()
+    for dtype in (torch.float64, torch.float32):
+        args = triplet_inputs(mode, 1000, 250, dtype, seed=9, d=64)
+        check_triplet_bins(ops, args, -2.0, 10, device=GPU)
+        on = tuple(a.to(GPU) for a in args)
+        a, b = ops.triplet_bins_engine_forward(*on, -2.0, 0.4, 10), ops.triplet_bins_engine_forward(*on, -2.0, 0.4, 10)
         assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 

@@ -351,6 +351,8 @@ struct TripletPrep {
   int64_t N = 0, M = 0, D = 0, P = 0;
   double margin = 0, lo = 0, hi = 0;
   bool lp = false, window = false;
+  int64_t bins = 0;  // the bins (triplet_bins_*)
+  double bin_lo = 0, bin_width = 1;
 
   fpl_cuda::TripletOperands operands() const {
     fpl_cuda::TripletOperands o{};
@@ -376,6 +378,9 @@ struct TripletPrep {
     o.lp = lp;
     o.window = window;
     o.vec16 = N > 0 && M > 0 && can_vec16(q, r);
+    o.bins = bins;
+    o.bin_lo = bin_lo;
+    o.bin_width = bin_width;
     return o;
   }
 };
@@ -457,17 +462,17 @@ inline std::tuple<Tensor, Tensor, Tensor> triplet_forward(const Runtime& rt, con
 }
 
 // The positives' share of grad_q, from the gathered pairs in row chunks (grad_r's is the kernel's
-// pass 1): d sums_i / d u_ip = k_ip, so with W = g k (W / d for lp, 0 at d = 0): cosine (u = -S)
-// grad_q_i -= sum_p W r_p; lp (u = |q_i - r_p|) grad_q_i += sum_p W (q_i - r_p).
-inline void add_positives_grad(const TripletPrep& p, const Tensor& g, const Tensor& k, Tensor& gq) {
+// pass 1): dL/du_ip = gk_ip (g_i k_ip for the hinges, kw_ip for the bins), so with W = gk (W / d
+// for lp, 0 at d = 0): cosine (u = -S) grad_q_i -= sum_p W r_p; lp (u = |q_i - r_p|) grad_q_i +=
+// sum_p W (q_i - r_p).
+inline void add_positives_grad(const TripletPrep& p, const Tensor& gk, Tensor& gq) {
   constexpr int64_t kGatherElements = int64_t(1) << 22;
   const int64_t step = std::max<int64_t>(1, kGatherElements / std::max<int64_t>(p.P * p.D, 1));
   for (int64_t i0 = 0; i0 < p.N; i0 += step) {
     const int64_t c = std::min(step, p.N - i0);
     const Tensor cols = p.pos_cols.narrow(0, i0, c);
     const Tensor real = cols.ge(0);
-    Tensor W = at::where(real, g.narrow(0, i0, c).unsqueeze(1) * k.narrow(0, i0, c).to(g.scalar_type()),
-                         at::zeros_like(p.pos_u.narrow(0, i0, c)));
+    Tensor W = at::where(real, gk.narrow(0, i0, c), at::zeros_like(p.pos_u.narrow(0, i0, c)));
     if (p.lp) {
       const Tensor d = p.pos_u.narrow(0, i0, c);
       const Tensor pos = d.gt(0);
@@ -499,7 +504,73 @@ inline std::tuple<Tensor, Tensor> triplet_backward(const Runtime& rt, const Tens
                  fpl_cuda::triplet_backward(p.operands(), g.data_ptr(), k.data_ptr<int32_t>(), gq.data_ptr(),
                                             need_grad_r ? gr.data_ptr() : nullptr, rt.stream),
                  "triplet_engine_backward");
-    add_positives_grad(p, g, k, gq);
+    add_positives_grad(p, g.unsqueeze(1) * k.to(g.scalar_type()), gq);
+  }
+  Tensor grad_q = need_grad_q ? gq.to(q.scalar_type()).contiguous() : q.new_empty({0});
+  Tensor grad_r = need_grad_r ? gr.to(r.scalar_type()).contiguous() : r.new_empty({0});
+  return {grad_q, grad_r};
+}
+
+// ---- the triplet bins (DynamicSoftMargin; ops/README.md triplet_bins) -----------------------------
+inline TripletPrep prepare_bins(const Runtime& rt, const Tensor& q, const Tensor& r, const Tensor& labels_q,
+                                const Tensor& labels_r, const Tensor& exclude_col, double lo, double width,
+                                int64_t bins) {
+  check_triplet_inputs(q, r, labels_q, labels_r, exclude_col);
+  fpl::check_triplet_bins(lo, width, bins);
+  const double inf = std::numeric_limits<double>::infinity();
+  TripletPrep p = prepare_triplet(rt, q, r, labels_q, labels_r, exclude_col, 0.0, true, -inf, inf);
+  p.bins = bins;
+  p.bin_lo = lo;
+  p.bin_width = width;
+  return p;
+}
+
+inline std::tuple<Tensor, Tensor> triplet_bins_forward(const Runtime& rt, const Tensor& q, const Tensor& r,
+                                                       const Tensor& labels_q, const Tensor& labels_r,
+                                                       const Tensor& exclude_col, double lo, double width,
+                                                       int64_t bins) {
+  const TripletPrep p = prepare_bins(rt, q, r, labels_q, labels_r, exclude_col, lo, width, bins);
+  Tensor acc = at::zeros({p.N, 2, 3, bins}, p.q.options());
+  if (p.N > 0 && p.M > 0 && p.P > 0)
+    check_launch(rt, fpl_cuda::triplet_bins_forward(p.operands(), acc.data_ptr(), rt.stream),
+                 "triplet_bins_engine_forward");
+  // per row: n, f, x per bin (the row's two threads added in order), then PML's increments: the
+  // pairs of bin k give 1 - f to m = min(k, bins - 2) and f to m + 1
+  const Tensor sums = acc.select(1, 0) + acc.select(1, 1);
+  const Tensor n = sums.select(1, 0), f = sums.select(1, 1);
+  const Tensor m = at::arange(bins, p.lq.options()).clamp_max(bins - 2);
+  Tensor inc = at::zeros({p.N, bins}, p.q.options());
+  inc.index_add_(1, m, n - f).index_add_(1, m + 1, f);
+  Tensor out = at::stack({inc, sums.select(1, 2)}, 1).contiguous();
+  Tensor counts = n.sum(1).round().to(at::kLong);
+  return {out, counts};
+}
+
+inline std::tuple<Tensor, Tensor> triplet_bins_backward(const Runtime& rt, const Tensor& grad_bins, const Tensor& q,
+                                                        const Tensor& r, const Tensor& labels_q, const Tensor& labels_r,
+                                                        const Tensor& exclude_col, double lo, double width,
+                                                        int64_t bins, bool need_grad_q, bool need_grad_r) {
+  TORCH_CHECK(
+      grad_bins.dim() == 3 && grad_bins.size(0) == q.size(0) && grad_bins.size(1) == 2 && grad_bins.size(2) == bins,
+      "triplet_bins_engine_backward: grad_bins must have shape (", q.size(0), ", 2, ", bins, "), got ",
+      grad_bins.sizes());
+  check_same_device(grad_bins, q, "grad_bins");
+  const TripletPrep p = prepare_bins(rt, q, r, labels_q, labels_r, exclude_col, lo, width, bins);
+  // d loss / d x per row and bin k: (g_inc[m + 1] - g_inc[m]) / width + g_x[k], m = min(k, bins - 2)
+  const Tensor g = grad_bins.to(p.q.scalar_type());
+  const Tensor m = at::arange(bins, p.lq.options()).clamp_max(bins - 2);
+  const Tensor g_inc = g.select(1, 0);
+  const Tensor weight =
+      ((g_inc.index_select(1, m + 1) - g_inc.index_select(1, m)) / width + g.select(1, 1)).contiguous();
+  Tensor gq = at::zeros({p.N, p.D}, p.q.options());
+  Tensor gr = need_grad_r ? at::zeros({p.M, p.D}, p.q.options()) : Tensor();
+  if (p.N > 0 && p.M > 0 && p.P > 0 && p.D > 0) {
+    Tensor kw = at::zeros({p.N, p.P}, p.q.options());
+    check_launch(rt,
+                 fpl_cuda::triplet_bins_backward(p.operands(), weight.data_ptr(), kw.data_ptr(), gq.data_ptr(),
+                                                 need_grad_r ? gr.data_ptr() : nullptr, rt.stream),
+                 "triplet_bins_engine_backward");
+    add_positives_grad(p, kw, gq);
   }
   Tensor grad_q = need_grad_q ? gq.to(q.scalar_type()).contiguous() : q.new_empty({0});
   Tensor grad_r = need_grad_r ? gr.to(r.scalar_type()).contiguous() : r.new_empty({0});

@@ -100,6 +100,8 @@ struct TripletOperands {
   int64_t N, M, D, P;
   double margin, window_lo, window_hi;
   bool lp, window, vec16;
+  int64_t bins;  // the bins (triplet_bins_*): their number, first edge and width
+  double bin_lo, bin_width;
 };
 
 cudaError_t triplet_positive_u(const TripletOperands& o, cudaStream_t stream);
@@ -111,5 +113,12 @@ cudaError_t triplet_forward(const TripletOperands& o, void* sums, int64_t* count
 // glue's), grad_r (M x D, A, zero-filled, or null: pass skipped) all of dL/dr.
 cudaError_t triplet_backward(const TripletOperands& o, const void* grad_sums, int32_t* k, void* grad_q, void* grad_r,
                              cudaStream_t stream);
+// The bins (ops/README.md triplet_bins; margin 0, no window, lp): bin_acc (A, [N, 2, 3, bins],
+// zero-filled) receives per row and thread of the row the count, the fractions and the x of its
+// pairs per bin; the backward takes the table bin_weight (A, [N, bins]) of d loss / d x per bin,
+// kw (A [N, P], zero-filled) receives sum_n w per positive, grad_q / grad_r as triplet_backward's.
+cudaError_t triplet_bins_forward(const TripletOperands& o, void* bin_acc, cudaStream_t stream);
+cudaError_t triplet_bins_backward(const TripletOperands& o, const void* bin_weight, void* kw, void* grad_q,
+                                  void* grad_r, cudaStream_t stream);
 
 }  // namespace fpl_cuda

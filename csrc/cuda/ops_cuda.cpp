@@ -86,6 +86,24 @@ std::tuple<Tensor, Tensor> triplet_engine_backward_cuda(const Tensor& grad_sums,
                                          window_lo, window_hi, need_grad_q, need_grad_r);
 }
 
+std::tuple<Tensor, Tensor> triplet_bins_engine_forward_cuda(const Tensor& q, const Tensor& r, const Tensor& labels_q,
+                                                            const Tensor& labels_r, const Tensor& exclude_col,
+                                                            double lo, double width, int64_t bins) {
+  check_cuda(q, "q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  return fpl_cuda_glue::triplet_bins_forward(runtime(q), q, r, labels_q, labels_r, exclude_col, lo, width, bins);
+}
+
+std::tuple<Tensor, Tensor> triplet_bins_engine_backward_cuda(const Tensor& grad_bins, const Tensor& q, const Tensor& r,
+                                                             const Tensor& labels_q, const Tensor& labels_r,
+                                                             const Tensor& exclude_col, double lo, double width,
+                                                             int64_t bins, bool need_grad_q, bool need_grad_r) {
+  check_cuda(q, "q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  return fpl_cuda_glue::triplet_bins_backward(runtime(q), grad_bins, q, r, labels_q, labels_r, exclude_col, lo, width,
+                                              bins, need_grad_q, need_grad_r);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_pairloss, CUDA, m) {
@@ -95,4 +113,6 @@ TORCH_LIBRARY_IMPL(fused_pairloss, CUDA, m) {
   m.impl("class_engine_backward", TORCH_FN(class_engine_backward_cuda));
   m.impl("triplet_engine_forward", TORCH_FN(triplet_engine_forward_cuda));
   m.impl("triplet_engine_backward", TORCH_FN(triplet_engine_backward_cuda));
+  m.impl("triplet_bins_engine_forward", TORCH_FN(triplet_bins_engine_forward_cuda));
+  m.impl("triplet_bins_engine_backward", TORCH_FN(triplet_bins_engine_backward_cuda));
 }

@@ -12,7 +12,9 @@ without the 16-byte vector loads:
   walks, the main walk), NTXent's pair term, a hinge + sum on the lp distance (norm gradients);
   self mode, ref mode with exclude_col, ref mode without the column pass (need_grad_r False);
 - class engine: SoftTriple K = 3 (row kernel, pooling), a row term with both column terms (row
-  and column kernels), column terms only (the column kernel writes target_sim), need_grad_w False.
+  and column kernels), column terms only (the column kernel writes target_sim), need_grad_w False;
+- triplet engine: the hinge sums (lp and cosine, with and without a miner's window) and the bins
+  (DynamicSoftMargin), self mode and ref mode with exclude_col, need_grad_r True and False.
 Uses the library fused_pairloss loads. Exits non-zero if the CUDA kernels are missing or an output
 that must be finite is not.
 """
@@ -25,6 +27,7 @@ from fused_pairloss.ops import spec as S
 
 ops = torch.ops.fused_pairloss
 T = S.PairTerm
+INF = float("inf")
 
 PAIR = [
     S.PairLossSpec(pos=T(-2.0, 0.5, lse=True), neg=T(50.0, 0.5, lse=True), miner_epsilon=0.1,
@@ -87,6 +90,20 @@ def main():
                     assert torch.isfinite(rows[1]).all(), (dtype, d, sp)
                     assert torch.isfinite(gq).all() and torch.isfinite(gw).all(), (dtype, d, sp)
                     n_runs += 1
+            for rr, llr, ex in ((q, lq, torch.arange(70, device=dev)), (r, lr, excl)):
+                for lp, window in ((True, (-INF, INF)), (False, (0.0, 0.5))):
+                    sums, _, _ = ops.triplet_engine_forward(q, rr, lq, llr, ex, 0.2, lp, *window)
+                    g = torch.rand(sums.shape, generator=gen).to(dev, A)
+                    gq, gr = ops.triplet_engine_backward(g, q, rr, lq, llr, ex, 0.2, lp, *window, True, rr is r)
+                    torch.cuda.synchronize()
+                    assert torch.isfinite(sums).all() and torch.isfinite(gq).all(), (dtype, d, lp)
+                    n_runs += 1
+                bins, _ = ops.triplet_bins_engine_forward(q, rr, lq, llr, ex, -2.0, 0.4, 10)
+                g = torch.rand(bins.shape, generator=gen).to(dev, A)
+                gq, gr = ops.triplet_bins_engine_backward(g, q, rr, lq, llr, ex, -2.0, 0.4, 10, True, rr is r)
+                torch.cuda.synchronize()
+                assert torch.isfinite(bins).all() and torch.isfinite(gq).all(), (dtype, d, "bins")
+                n_runs += 1
     print(f"sanitize_case: {n_runs} forward+backward runs OK on {torch.cuda.get_device_name()}")
 
 

@@ -19,6 +19,13 @@
 //     lp adds the norms' share at the end.
 // The positives' share of grad_q, g_i k_ip du_ip, is added by the glue from the gathered pairs (a
 // product per row, no scatter). Deterministic: every output row is owned by one CTA, no atomics.
+//
+// The bins (BINS = true; DynamicSoftMargin, ops/README.md triplet_bins: margin 0, no window, lp):
+// the forward's term of (p, n) is x = a_p - u in PML's bin k = clamp(floor t, 0, bins - 1), t = (x -
+// lo) / width, with f = t - trunc t: each of a row's two threads adds (1, f, x) into its own slice
+// [3][bins] of bin_acc (global memory, owned by that thread: no atomics), which the glue turns into
+// PML's increments. The backward's term weight is w = bin_weight[i][k] (the glue's table from the
+// incoming gradient, which it already holds): kw[i, p] = sum_n w replaces g k, sum_p w replaces g c.
 #include "cuda/launchers.h"
 #include "cuda/tile_common.cuh"
 
@@ -47,7 +54,37 @@ struct TripletArgs {
   const A* g;  // backward: d loss / d sums
   int32_t* k;  // [N, P]
   A* out;
+  // the bins
+  int64_t bins;
+  A bin_lo, bin_width;
+  A* bin_acc;           // forward: [N, 2, 3, bins] (n, f, x per bin and thread of the row)
+  const A* bin_weight;  // backward: [N, bins]
+  A* kw;                // backward: [N, P] sum_n w
 };
+
+template <typename A>
+FPL_DEV A floor_a(A x) {
+  if constexpr (sizeof(A) == 4)
+    return floorf(x);
+  else
+    return floor(x);
+}
+template <typename A>
+FPL_DEV A trunc_a(A x) {
+  if constexpr (sizeof(A) == 4)
+    return truncf(x);
+  else
+    return trunc(x);
+}
+
+// The bin of the pair (a positive's u a, a negative's u): k, and t for PML's fraction.
+template <typename A>
+FPL_DEV int64_t bin_of(const TripletArgs<A>& p, A a, A u, A* t_out) {
+  const A t = ((a - u) - p.bin_lo) / p.bin_width;
+  const A fl = floor_a(t), top = A(p.bins - 1);
+  *t_out = t;
+  return static_cast<int64_t>(fl < A(0) ? A(0) : (fl > top ? top : fl));
+}
 
 // u of the pair (row i of q, row j of r) from s = q_i . r_j: -s, or d with the engines' rule for
 // near pairs (common/pair_terms.inl: the rows' squared differences, summed in order).
@@ -112,7 +149,7 @@ FPL_DEV bool triplet_in_window(const TripletArgs<A>& p, A a, A u) {
   return u == u && a == a;
 }
 
-template <typename A>
+template <typename A, bool BINS>
 __global__ void __launch_bounds__(kThreads) triplet_forward_kernel(TripletArgs<A> p) {
   extern __shared__ __align__(128) unsigned char smem[];
   A* Ss = reinterpret_cast<A*>(smem);
@@ -136,6 +173,19 @@ __global__ void __launch_bounds__(kThreads) triplet_forward_kernel(TripletArgs<A
     for (int x = h; x < nx; x += 2) {
       if (lx_s[x] == lo) continue;
       const A u = Ss[ol * kLDS + x];
+      if constexpr (BINS) {
+        A* acc = p.bin_acc + (o * 2 + h) * 3 * p.bins;
+        for (int64_t j = 0; j < p.P; ++j) {
+          const A a = a_row[j];
+          if (!(a == a && u == u)) continue;
+          A t;
+          const int64_t k = bin_of(p, a, u, &t);
+          acc[k] += A(1);
+          acc[p.bins + k] += t - trunc_a(t);
+          acc[2 * p.bins + k] += a - u;
+        }
+        continue;
+      }
       for (int64_t j = 0; j < p.P; ++j) {
         const A a = a_row[j];
         if (!triplet_in_window(p, a, u)) continue;
@@ -148,6 +198,7 @@ __global__ void __launch_bounds__(kThreads) triplet_forward_kernel(TripletArgs<A
       }
     }
   }
+  if constexpr (BINS) return;
   sum += pair_lane(sum);
   count += pair_lane(count);
   in_window += pair_lane(in_window);
@@ -158,8 +209,21 @@ __global__ void __launch_bounds__(kThreads) triplet_forward_kernel(TripletArgs<A
   }
 }
 
+// d loss / d u of the pair (a positive's u a, a negative's u), without the row's g: 1 for a hinge
+// term > 0 (else 0), the bin's weight for the bins (0 where a or u is NaN).
+template <typename A, bool BINS>
+FPL_DEV A pair_weight(const TripletArgs<A>& p, int64_t row, A a, A u) {
+  if constexpr (BINS) {
+    if (!(a == a && u == u)) return A(0);
+    A t;
+    return p.bin_weight[row * p.bins + bin_of(p, a, u, &t)];
+  } else {
+    return (triplet_in_window(p, a, u) && (a + p.margin) - u > A(0)) ? A(1) : A(0);
+  }
+}
+
 // pass 0: k[i, p] and grad_q; pass 1: grad_r (module comment).
-template <typename A>
+template <typename A, bool BINS>
 __global__ void __launch_bounds__(kThreads) triplet_backward_kernel(TripletArgs<A> p, int pass) {
   extern __shared__ __align__(128) unsigned char smem[];
   A* Ss = reinterpret_cast<A*>(smem);
@@ -187,13 +251,15 @@ __global__ void __launch_bounds__(kThreads) triplet_backward_kernel(TripletArgs<
         const int r = int(e / p.P);
         const int64_t row = o0 + r, label = l_owner[row];
         const A a = p.a[row * p.P + e % p.P];
-        int32_t c = 0;
+        A c = A(0);
         for (int x = 0; x < nx; ++x) {
           if (lx_s[x] == label) continue;
-          const A u = Ss[r * kLDS + x];
-          c += (triplet_in_window(p, a, u) && (a + p.margin) - u > A(0)) ? 1 : 0;
+          c += pair_weight<A, BINS>(p, row, a, Ss[r * kLDS + x]);
         }
-        p.k[row * p.P + e % p.P] += c;
+        if constexpr (BINS)
+          p.kw[row * p.P + e % p.P] += c;
+        else
+          p.k[row * p.P + e % p.P] += static_cast<int32_t>(c);
       }
       __syncthreads();
     }
@@ -205,20 +271,17 @@ __global__ void __launch_bounds__(kThreads) triplet_backward_kernel(TripletArgs<
         const A u = Ss[ol * kLDS + x];
         A hv = A(0);
         if (negative) {
-          int c = 0;
-          for (int64_t j = 0; j < p.P; ++j) {
-            const A a = p.a[i * p.P + j];
-            c += (triplet_in_window(p, a, u) && (a + p.margin) - u > A(0)) ? 1 : 0;
-          }
-          // d u / d S: -1/d (0 at d = 0) for lp, -1 for the cosine; d sums / d u = -c
-          hv = p.g[i] * A(c);
+          A c = A(0);
+          for (int64_t j = 0; j < p.P; ++j) c += pair_weight<A, BINS>(p, i, p.a[i * p.P + j], u);
+          // d u / d S: -1/d (0 at d = 0) for lp, -1 for the cosine; d sums / d u = -c (-g c)
+          hv = BINS ? c : p.g[i] * c;
           if (p.lp) hv = u > A(0) ? hv / u : A(0);
         } else if (pass == 1 && p.excl[i] != o) {
           // a positive of row i (column o of r): d sums / d u = k of its slot in the row's list
           // (r's label order; the excluded column, when it ranks before, is not in the list)
           const int64_t rank = p.rank_r[o], er = p.excl_rank[i];
           const int64_t slot = rank - ((er >= 0 && er < rank) ? 1 : 0);
-          hv = -p.g[i] * A(p.k[i * p.P + slot]);
+          hv = BINS ? -p.kw[i * p.P + slot] : -p.g[i] * A(p.k[i * p.P + slot]);
           if (p.lp) hv = u > A(0) ? hv / u : A(0);
         }
         gsum += hv;
@@ -260,6 +323,9 @@ TripletArgs<A> make_args(const TripletOperands& op) {
   a.lp = op.lp;
   a.window = op.window;
   a.vec16 = op.vec16;
+  a.bins = op.bins;
+  a.bin_lo = A(op.bin_lo);
+  a.bin_width = A(op.bin_width);
   return a;
 }
 
@@ -279,10 +345,42 @@ cudaError_t forward_t(const TripletOperands& op, void* sums, int64_t* counts, in
   a.counts = counts;
   a.in_window = in_window;
   const size_t smem = Smem<A>::kExtraOffset + kBN * sizeof(int64_t);
-  cudaError_t err = prepare_smem(triplet_forward_kernel<A>, smem);
+  cudaError_t err = prepare_smem(triplet_forward_kernel<A, false>, smem);
   if (err != cudaSuccess) return err;
-  FPL_LAUNCH(triplet_forward_kernel<A>, grid_for(a.N, kBM), smem, stream, a);
+  FPL_LAUNCH((triplet_forward_kernel<A, false>), grid_for(a.N, kBM), smem, stream, a);
   return cudaGetLastError();
+}
+
+template <typename A>
+cudaError_t bins_forward_t(const TripletOperands& op, void* bin_acc, cudaStream_t stream) {
+  TripletArgs<A> a = make_args<A>(op);
+  if (a.N == 0) return cudaSuccess;
+  a.bin_acc = static_cast<A*>(bin_acc);
+  const size_t smem = Smem<A>::kExtraOffset + kBN * sizeof(int64_t);
+  cudaError_t err = prepare_smem(triplet_forward_kernel<A, true>, smem);
+  if (err != cudaSuccess) return err;
+  FPL_LAUNCH((triplet_forward_kernel<A, true>), grid_for(a.N, kBM), smem, stream, a);
+  return cudaGetLastError();
+}
+
+// pass 0 (grad_q, and k or kw), then pass 1 (grad_r) when asked for
+template <typename A, bool BINS>
+cudaError_t run_backward(TripletArgs<A> a, void* grad_q, void* grad_r, cudaStream_t stream) {
+  const size_t smem = Smem<A>::kExtraOffset + kBN * sizeof(int64_t);
+  cudaError_t err = prepare_smem(triplet_backward_kernel<A, BINS>, smem);
+  if (err != cudaSuccess) return err;
+  if (a.N > 0) {
+    a.out = static_cast<A*>(grad_q);
+    FPL_LAUNCH((triplet_backward_kernel<A, BINS>), grid_for(a.N, kBM), smem, stream, a, 0);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  if (a.M > 0 && grad_r != nullptr) {
+    a.out = static_cast<A*>(grad_r);
+    FPL_LAUNCH((triplet_backward_kernel<A, BINS>), grid_for(a.M, kBM), smem, stream, a, 1);
+    err = cudaGetLastError();
+  }
+  return err;
 }
 
 template <typename A>
@@ -291,21 +389,16 @@ cudaError_t backward_t(const TripletOperands& op, const void* grad_sums, int32_t
   TripletArgs<A> a = make_args<A>(op);
   a.g = static_cast<const A*>(grad_sums);
   a.k = k;
-  const size_t smem = Smem<A>::kExtraOffset + kBN * sizeof(int64_t);
-  cudaError_t err = prepare_smem(triplet_backward_kernel<A>, smem);
-  if (err != cudaSuccess) return err;
-  if (a.N > 0) {
-    a.out = static_cast<A*>(grad_q);
-    FPL_LAUNCH(triplet_backward_kernel<A>, grid_for(a.N, kBM), smem, stream, a, 0);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  if (a.M > 0 && grad_r != nullptr) {
-    a.out = static_cast<A*>(grad_r);
-    FPL_LAUNCH(triplet_backward_kernel<A>, grid_for(a.M, kBM), smem, stream, a, 1);
-    err = cudaGetLastError();
-  }
-  return err;
+  return run_backward<A, false>(a, grad_q, grad_r, stream);
+}
+
+template <typename A>
+cudaError_t bins_backward_t(const TripletOperands& op, const void* bin_weight, void* kw, void* grad_q, void* grad_r,
+                            cudaStream_t stream) {
+  TripletArgs<A> a = make_args<A>(op);
+  a.bin_weight = static_cast<const A*>(bin_weight);
+  a.kw = static_cast<A*>(kw);
+  return run_backward<A, true>(a, grad_q, grad_r, stream);
 }
 
 }  // namespace
@@ -324,6 +417,17 @@ cudaError_t triplet_backward(const TripletOperands& o, const void* grad_sums, in
                              cudaStream_t stream) {
   return o.dt == DType::kFloat64 ? backward_t<double>(o, grad_sums, k, grad_q, grad_r, stream)
                                  : backward_t<float>(o, grad_sums, k, grad_q, grad_r, stream);
+}
+
+cudaError_t triplet_bins_forward(const TripletOperands& o, void* bin_acc, cudaStream_t stream) {
+  return o.dt == DType::kFloat64 ? bins_forward_t<double>(o, bin_acc, stream)
+                                 : bins_forward_t<float>(o, bin_acc, stream);
+}
+
+cudaError_t triplet_bins_backward(const TripletOperands& o, const void* bin_weight, void* kw, void* grad_q,
+                                  void* grad_r, cudaStream_t stream) {
+  return o.dt == DType::kFloat64 ? bins_backward_t<double>(o, bin_weight, kw, grad_q, grad_r, stream)
+                                 : bins_backward_t<float>(o, bin_weight, kw, grad_q, grad_r, stream);
 }
 
 }  // namespace fpl_cuda

@@ -444,11 +444,12 @@ def rows_op(backend, device):
 
 def bins_op(backend, device):
     """The forward op of the triplet bins for a backend: the compiled kernel of "cpu" on CPU tensors
-    (when built), else the PyTorch op triplet_bins (every device)."""
+    and of "cuda" on CUDA tensors (csrc/cuda/triplet_engine.cu; when built), else the PyTorch op
+    triplet_bins (every device; "triton" has no bins kernel)."""
     global _NATIVE_DEVICES
-    if backend == "cpu" and device.type == "cpu":
+    if backend in ("cpu", "cuda") and device.type == backend:
         if _NATIVE_DEVICES is None:
             _NATIVE_DEVICES = _register_native()
-        if "cpu" in _NATIVE_DEVICES:
+        if backend in _NATIVE_DEVICES:
             return torch.ops.fused_pairloss.triplet_bins_engine_forward
     return triplet_bins

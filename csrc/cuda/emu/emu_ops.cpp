@@ -77,6 +77,22 @@ std::tuple<Tensor, Tensor> triplet_engine_backward(const Tensor& grad_sums, cons
                                          window_lo, window_hi, need_grad_q, need_grad_r);
 }
 
+std::tuple<Tensor, Tensor> triplet_bins_engine_forward(const Tensor& q, const Tensor& r, const Tensor& labels_q,
+                                                       const Tensor& labels_r, const Tensor& exclude_col, double lo,
+                                                       double width, int64_t bins) {
+  check_cpu(q);
+  return fpl_cuda_glue::triplet_bins_forward(kRuntime, q, r, labels_q, labels_r, exclude_col, lo, width, bins);
+}
+
+std::tuple<Tensor, Tensor> triplet_bins_engine_backward(const Tensor& grad_bins, const Tensor& q, const Tensor& r,
+                                                        const Tensor& labels_q, const Tensor& labels_r,
+                                                        const Tensor& exclude_col, double lo, double width,
+                                                        int64_t bins, bool need_grad_q, bool need_grad_r) {
+  check_cpu(q);
+  return fpl_cuda_glue::triplet_bins_backward(kRuntime, grad_bins, q, r, labels_q, labels_r, exclude_col, lo, width,
+                                              bins, need_grad_q, need_grad_r);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fpl_cuda_emu, m) {
@@ -86,4 +102,6 @@ TORCH_LIBRARY(fpl_cuda_emu, m) {
   m.def("class_engine_backward", &class_engine_backward);
   m.def("triplet_engine_forward", &triplet_engine_forward);
   m.def("triplet_engine_backward", &triplet_engine_backward);
+  m.def("triplet_bins_engine_forward", &triplet_bins_engine_forward);
+  m.def("triplet_bins_engine_backward", &triplet_bins_engine_backward);
 }
