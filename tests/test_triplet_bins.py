@@ -119,7 +119,8 @@ def test_cpu_kernel_opcheck(mode):
 @pytest.mark.parametrize("native", [False, True], ids=["pytorch", "cpu_kernel"])
 def test_second_order_gradients(native):
     """create_graph=True differentiates the PyTorch computation of the bins (gradgradcheck, random
-    rows: no pair on a bin edge); the backward op itself refuses to be differentiated."""
+    rows: no pair on a bin edge), whichever op ran the forward: this checks that the C++ op's
+    autograd routes there (its first-order backward: the parity tests above)."""
     if native and not NATIVE:
         pytest.skip("fused_pairloss._C (the CPU kernels) not built")
     op = torch.ops.fused_pairloss.triplet_bins_engine_forward if native else triplets.triplet_bins
@@ -132,3 +133,12 @@ def test_second_order_gradients(native):
     def f(q, r):
         return (op(q, r, lq, lr, torch.full((12,), -1), -2.0, 0.4, 10)[0] * w).sum()
     assert torch.autograd.gradgradcheck(f, (q.requires_grad_(True), r.requires_grad_(True)))
+
+
+@needs_native
+def test_cpu_kernel_refuses_a_bad_grid():
+    """The kernel checks its grid (the loss checks its own arguments first, naming them)."""
+    q, r, lq, lr, ex = op_inputs("ref", 10, 3, torch.float64, seed=1)
+    for lo, width, bins in ((float("nan"), 0.4, 10), (-2.0, 0.0, 10), (-2.0, 0.4, 1)):
+        with pytest.raises(RuntimeError, match="triplet_bins"):
+            torch.ops.fused_pairloss.triplet_bins_engine_forward(q, r, lq, lr, ex, lo, width, bins)

@@ -571,11 +571,12 @@ _COMPILE_SCRIPT = textwrap.dedent("""
                 "cols_ptr": "*i64", "counts_ptr": "*i64", "win_ptr": "*i64", "k_ptr": "*i32", "rank_ptr": "*i64",
                 "er_ptr": "*i64"}
 
-    def build(kern, dtype, const, arch, num_warps, num_stages=3):
+    def build(kern, dtype, const, arch, num_warps, num_stages=3, ptrs=None):
         names = kern.arg_names
         sig = {}
         for n in names:
             if n in const: sig[n] = "constexpr"
+            elif n in (ptrs or {}): sig[n] = ptrs[n]
             elif n in INT_PTRS: sig[n] = INT_PTRS[n]
             elif n in ("q_ptr", "r_ptr", "w_ptr"): sig[n] = "*" + TY[dtype]
             elif n.endswith("_ptr"): sig[n] = "*" + TY[T.stat_dtype(dtype)]
@@ -625,10 +626,23 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         common = dict(LP=lp, WINDOW=window, PREC=T.dot_precision(dtype), BLOCK_D=T.block_d(dtype), **b)
         build(TT._triplet_fwd_kernel, torch.float32, common, arch, warps, stages)
         bg, one = T._block_g(D, dtype)
-        g = dict(common, GPREC=T.grad_dot_precision(dtype), BLOCK_G=bg, ONE_CHUNK=one)
+        g = dict(common, BINS=False, GPREC=T.grad_dot_precision(dtype), BLOCK_G=bg, ONE_CHUNK=one)
         build(TT._triplet_bwd_rows_kernel, torch.float32, dict(g, GRAD=True), arch, warps, stages)
         build(TT._triplet_bwd_cols_kernel, torch.float32, g, arch, warps, stages)
         build(TT._triplet_pos_u_kernel, torch.float32, dict(LP=lp, BLOCK=128, BLOCK_D=T.block_d(dtype)), arch, 4)
+
+    def bins(dtype, arch, D):  # the triplet bins (DynamicSoftMargin): the forward's rows x columns x bins
+        b = TT._blocks()
+        warps, stages = b.pop("num_warps"), b.pop("num_stages")
+        common = dict(PREC=T.dot_precision(dtype), BLOCK_D=T.block_d(dtype), **b)
+        build(TT._triplet_bins_fwd_kernel, torch.float32, dict(common, NB=16), arch, warps, stages,
+              ptrs={"acc_ptr": "*fp64"})
+        bg, one = T._block_g(D, dtype)
+        g = dict(common, LP=True, WINDOW=False, BINS=True, GPREC=T.grad_dot_precision(dtype), BLOCK_G=bg,
+                 ONE_CHUNK=one)
+        build(TT._triplet_bwd_rows_kernel, torch.float32, dict(g, GRAD=True), arch, warps, stages,
+              ptrs={"k_ptr": "*fp32"})
+        build(TT._triplet_bwd_cols_kernel, torch.float32, g, arch, warps, stages, ptrs={"k_ptr": "*fp32"})
 
     # bf16 self mode with mining (register accumulator); fp32 ref mode with lp, NTXent, sums, hinge,
     # mining and exclude_col (chunked gradient); exp-weighted sums; SoftTriple's pooling in bf16; SubCenterArcFace's max
@@ -646,6 +660,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     klass(torch.float32, S.ROW_LSE | S.ROW_SOFTPLUS_SUM, 1, 90, 528)
     triplet(torch.float32, True, False, 90, 128)
     triplet(torch.float32, False, True, 80, 300)
+    bins(torch.float32, 90, 128)
     print("compiled")
 """)
 

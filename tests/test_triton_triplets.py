@@ -131,3 +131,35 @@ def test_gpu_matches_the_pytorch_op(lp, window):
     for dtype in (torch.float32, torch.float64):
         args = to(op_inputs("ref", 2048, 512, dtype, seed=12, d=64), "cuda")
         check_against_the_pytorch_op(args, 0.2, lp, WINDOWS[window], dtype)
+
+
+# ---- the bins (DynamicSoftMarginLoss; ops/README.md triplet_bins) ----------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("mode", ["self", "ref"])
+def test_bins_match_the_pytorch_op(dtype, mode):
+    """70 rows (3 row and column tiles), ~6 positives a row, PML's default grid and a narrow one
+    (pairs below lo and past the last edge): counts exactly, the bins and the gradients of q and r by
+    the kit's rule (the truth: the PyTorch op in fp64)."""
+    from test_triplet_bins import op_results as bin_results
+
+    args = op_inputs(mode, 70, 12, dtype, seed=5)
+    args64 = tuple(a.double() if a.is_floating_point() else a for a in args)
+    args64 = (args64[0], args64[0], *args64[2:]) if mode == "self" else args64
+    for lo, bins in ((-2.0, 10), (-0.5, 6)):
+        ours = bin_results(TT.bins_forward_op(), args, lo, bins)
+        same = bin_results(triplets.triplet_bins, args, lo, bins)
+        truth = bin_results(triplets.triplet_bins, args64, lo, bins)
+        assert torch.equal(ours[0].cpu(), same[0].cpu()) and same[0].sum() > 0
+        for k, (a, t, b) in enumerate(zip(ours[1:], truth[1:], same[1:])):
+            check_close(a.cpu(), t.cpu(), b.cpu(), what=["bins", "grad q", "grad r"][k], dtype=dtype)
+
+
+def test_bins_opcheck_and_many_bins_compute_with_the_pytorch_op():
+    from test_triplet_bins import _opcheck, op_results as bin_results
+
+    _opcheck(TT.bins_forward_op(), TT._OPS["bins_backward"], "ref")
+    args = op_inputs("self", 40, 6, torch.float64, seed=6)
+    bins = TT.MAX_BINS + 1
+    ours = bin_results(TT.bins_forward_op(), args, -2.0, bins)
+    theirs = bin_results(triplets.triplet_bins, args, -2.0, bins)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))

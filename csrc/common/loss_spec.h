@@ -51,7 +51,8 @@ constexpr int64_t kPairFlagMask = (int64_t(1) << 13) - 1;
 // kHistPmlBins: PML HistogramLoss's operations instead (its node positions rounded to float, as its
 // `r * delta` is, whatever h's dtype): with delta = 1 / inv_width and lo, r = floor((float(h) - lo) /
 // float(delta)) clamped to [0, nodes - 2], node_k = float(k) * float(delta); node r + 1 gets
-// ((h - lo) - node_r) / delta and node r gets (float(node_{r+1} + lo) - h) / delta; the gradient is
+// ((h - lo) - node_r) / delta and node r gets (float(node_{r+1} + lo) - h) / delta (the CPU kernels
+// multiply by inv_width: a rounding apart); the gradient is
 // the slope of r's segment, (g_{r+1} - g_r) / delta, on the node too.
 constexpr int kTermFloats = 4;
 constexpr int kPairTermsLength = 2 * kTermFloats + 6;

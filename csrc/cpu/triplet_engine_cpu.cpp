@@ -48,7 +48,6 @@ constexpr int64_t kMaxStripRows = 256;
 constexpr int64_t kDirectPositives = 256;             // rows with more positives use the binary search
 constexpr int64_t kGroups = 8;                        // private dr buffers (shape-determined)
 constexpr int64_t kGroupBudget = int64_t(256) << 20;  // bytes of private dr buffers, at most
-constexpr int64_t kMaxBinsOnStack = 64;               // triplet bins: a row's weights on the stack
 
 template <typename T>
 struct TripletOperands {
@@ -116,11 +115,12 @@ struct Positive {
   bool operator<(const Positive& other) const { return A < other.A; }
 };
 
-// A row's scratch: its positives, their thresholds A and their u (a), per positive k_p.
+// A row's scratch: its positives, their thresholds A and their u (a), per positive k_p; the bins'
+// weights.
 template <typename T>
 struct RowScratch {
   std::vector<Positive<T>> pos;
-  std::vector<T> A, a;
+  std::vector<T> A, a, weight;
   std::vector<double> suffix;
   std::vector<int64_t> k;
 };
@@ -350,13 +350,16 @@ std::tuple<Tensor, Tensor> bins_forward_impl(const TripletOperands<T>& o, BinGri
   struct Scratch {
     std::vector<T> U;
     RowScratch<T> row;
-    std::vector<double> acc, copies;
+    std::vector<double> acc, copies, inc;
   };
   tile_parallel(
       blocks, parallel_work(o.N, o.M, o.D),
       [&] {
-        return Scratch{
-            std::vector<T>(TI * o.ld), {}, std::vector<double>(3 * nb), std::vector<double>(16 * (nb + 1) + 4)};
+        return Scratch{std::vector<T>(TI * o.ld),
+                       {},
+                       std::vector<double>(3 * nb),
+                       std::vector<double>(16 * (nb + 1) + 4),
+                       std::vector<double>(nb)};
       },
       [&](int64_t b, Scratch& sc) {
         const int64_t i0 = b * TI, ti = std::min(TI, o.N - i0);
@@ -370,7 +373,8 @@ std::tuple<Tensor, Tensor> bins_forward_impl(const TripletOperands<T>& o, BinGri
             o.K->triplet_row_bins(sc.U.data() + k * o.ld, o.M, sc.row.a.data(), P, lo, width, nb, sc.acc.data(),
                                   aligned32(sc.copies.data()));
           const double *n = sc.acc.data(), *f = n + nb, *x = f + nb;
-          std::vector<double> inc(nb, 0.0);
+          std::vector<double>& inc = sc.inc;
+          std::fill(inc.begin(), inc.end(), 0.0);
           int64_t c = 0;
           for (int64_t bin = 0; bin < nb; ++bin) {
             const int64_t m = std::min(bin, nb - 2);
@@ -401,9 +405,8 @@ std::tuple<Tensor, Tensor> bins_backward_impl(const TripletOperands<T>& o, BinGr
     take_positives(o, i, u, rs);
     const int64_t P = static_cast<int64_t>(rs.a.size());
     const T *g_inc = g + i * 2 * nb, *g_x = g_inc + nb;
-    T weight[kMaxBinsOnStack];
-    std::vector<T> heap(nb > kMaxBinsOnStack ? nb : 0);
-    T* w = nb > kMaxBinsOnStack ? heap.data() : weight;
+    rs.weight.resize(nb);
+    T* w = rs.weight.data();
     for (int64_t bin = 0; bin < nb; ++bin) {
       const int64_t m = std::min(bin, nb - 2);
       w[bin] = (g_inc[m + 1] - g_inc[m]) / width + g_x[bin];

@@ -530,7 +530,7 @@ inline std::tuple<Tensor, Tensor> triplet_bins_forward(const Runtime& rt, const 
                                                        const Tensor& exclude_col, double lo, double width,
                                                        int64_t bins) {
   const TripletPrep p = prepare_bins(rt, q, r, labels_q, labels_r, exclude_col, lo, width, bins);
-  Tensor acc = at::zeros({p.N, 2, 3, bins}, p.q.options());
+  Tensor acc = at::zeros({p.N, 2, 3, bins}, p.q.options().dtype(at::kDouble));
   if (p.N > 0 && p.M > 0 && p.P > 0)
     check_launch(rt, fpl_cuda::triplet_bins_forward(p.operands(), acc.data_ptr(), rt.stream),
                  "triplet_bins_engine_forward");
@@ -539,9 +539,9 @@ inline std::tuple<Tensor, Tensor> triplet_bins_forward(const Runtime& rt, const 
   const Tensor sums = acc.select(1, 0) + acc.select(1, 1);
   const Tensor n = sums.select(1, 0), f = sums.select(1, 1);
   const Tensor m = at::arange(bins, p.lq.options()).clamp_max(bins - 2);
-  Tensor inc = at::zeros({p.N, bins}, p.q.options());
+  Tensor inc = at::zeros({p.N, bins}, acc.options());
   inc.index_add_(1, m, n - f).index_add_(1, m + 1, f);
-  Tensor out = at::stack({inc, sums.select(1, 2)}, 1).contiguous();
+  Tensor out = at::stack({inc, sums.select(1, 2)}, 1).to(p.q.scalar_type()).contiguous();
   Tensor counts = n.sum(1).round().to(at::kLong);
   return {out, counts};
 }

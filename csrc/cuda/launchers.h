@@ -113,7 +113,7 @@ cudaError_t triplet_forward(const TripletOperands& o, void* sums, int64_t* count
 // glue's), grad_r (M x D, A, zero-filled, or null: pass skipped) all of dL/dr.
 cudaError_t triplet_backward(const TripletOperands& o, const void* grad_sums, int32_t* k, void* grad_q, void* grad_r,
                              cudaStream_t stream);
-// The bins (ops/README.md triplet_bins; margin 0, no window, lp): bin_acc (A, [N, 2, 3, bins],
+// The bins (ops/README.md triplet_bins; margin 0, no window, lp): bin_acc (double, [N, 2, 3, bins],
 // zero-filled) receives per row and thread of the row the count, the fractions and the x of its
 // pairs per bin; the backward takes the table bin_weight (A, [N, bins]) of d loss / d x per bin,
 // kw (A [N, P], zero-filled) receives sum_n w per positive, grad_q / grad_r as triplet_backward's.

@@ -23,7 +23,8 @@
 // The bins (BINS = true; DynamicSoftMargin, ops/README.md triplet_bins: margin 0, no window, lp):
 // the forward's term of (p, n) is x = a_p - u in PML's bin k = clamp(floor t, 0, bins - 1), t = (x -
 // lo) / width, with f = t - trunc t: each of a row's two threads adds (1, f, x) into its own slice
-// [3][bins] of bin_acc (global memory, owned by that thread: no atomics), which the glue turns into
+// [3][bins] of bin_acc (doubles, so that a count stays exact past 2^24 pairs; global memory, owned
+// by that thread: no atomics), which the glue turns into
 // PML's increments. The backward's term weight is w = bin_weight[i][k] (the glue's table from the
 // incoming gradient, which it already holds): kw[i, p] = sum_n w replaces g k, sum_p w replaces g c.
 #include "cuda/launchers.h"
@@ -57,7 +58,7 @@ struct TripletArgs {
   // the bins
   int64_t bins;
   A bin_lo, bin_width;
-  A* bin_acc;           // forward: [N, 2, 3, bins] (n, f, x per bin and thread of the row)
+  double* bin_acc;      // forward: [N, 2, 3, bins] (n, f, x per bin and thread of the row)
   const A* bin_weight;  // backward: [N, bins]
   A* kw;                // backward: [N, P] sum_n w
 };
@@ -174,15 +175,15 @@ __global__ void __launch_bounds__(kThreads) triplet_forward_kernel(TripletArgs<A
       if (lx_s[x] == lo) continue;
       const A u = Ss[ol * kLDS + x];
       if constexpr (BINS) {
-        A* acc = p.bin_acc + (o * 2 + h) * 3 * p.bins;
+        double* acc = p.bin_acc + (o * 2 + h) * 3 * p.bins;
         for (int64_t j = 0; j < p.P; ++j) {
           const A a = a_row[j];
           if (!(a == a && u == u)) continue;
           A t;
           const int64_t k = bin_of(p, a, u, &t);
-          acc[k] += A(1);
-          acc[p.bins + k] += t - trunc_a(t);
-          acc[2 * p.bins + k] += a - u;
+          acc[k] += 1.0;
+          acc[p.bins + k] += static_cast<double>(t - trunc_a(t));
+          acc[2 * p.bins + k] += static_cast<double>(a - u);
         }
         continue;
       }
@@ -355,7 +356,7 @@ template <typename A>
 cudaError_t bins_forward_t(const TripletOperands& op, void* bin_acc, cudaStream_t stream) {
   TripletArgs<A> a = make_args<A>(op);
   if (a.N == 0) return cudaSuccess;
-  a.bin_acc = static_cast<A*>(bin_acc);
+  a.bin_acc = static_cast<double*>(bin_acc);
   const size_t smem = Smem<A>::kExtraOffset + kBN * sizeof(int64_t);
   cudaError_t err = prepare_smem(triplet_forward_kernel<A, true>, smem);
   if (err != cudaSuccess) return err;

@@ -2,17 +2,17 @@
 LpDistance() on normalized embeddings.
 
 With labels, over all triplets (a, p, n) (or an indices_tuple's), x = d_ap - d_an. A histogram of
-num_bins bins of width D = 2 |min_val| / num_bins from min_val is PML's state: the batch's
-triplets add 1 - f at bin k = floor((x - min_val) / D) and f at k + 1 (f the fraction), mixed with
+num_bins bins of width W = 2 |min_val| / num_bins from min_val is PML's state: the batch's
+triplets add 1 - f at bin k = floor((x - min_val) / W) and f at k + 1 (f the fraction), mixed with
 the previous histogram by `momentum` (1 on the first call, while the state sums to 0), then
 normalized. loss = mean over the triplets of CDF_k x, CDF the cumulative histogram (its
 dependence on the batch's own triplets differentiated, as PML's).
 
 Fused (labels; the batch against itself or a ref_emb): the triplet engine's bins
-(ops/triplets.py `triplet_bins`; on "cpu" and "cuda" its kernels) give per anchor row the histogram
+(ops/triplets.py `triplet_bins`; its kernels on "cpu", "cuda" and "triton") give per anchor row the histogram
 increments and the sums of x per bin over the row's (p, n), one pass over the row's negatives per
 positive (no triplet is stored), and its backward recomputes them: a triplet's gradient is a
-function of its bin only, w_k = (g_inc_{m+1} - g_inc_m) / D + g_x_k, added to d_ap and taken from
+function of its bin only, w_k = (g_inc_{m+1} - g_inc_m) / W + g_x_k, added to d_ap and taken from
 d_an. The state update, the CDF and the mean are PyTorch on num_bins numbers. Compute O(N M (D +
 P)), P the positives per anchor; memory O((N + M) D). Without labels (PML's hardest-negative
 reading of a batch and its ref): the reference computation (N x M).
@@ -46,7 +46,7 @@ def check_bins(min_val, num_bins, momentum):
 
 
 def _bin_and_fraction(x, min_val, delta, num_bins):
-    """PML's idx = floor((x - min_val) / D) and frac; idx kept where PML's scatter stays in range."""
+    """PML's idx = floor((x - min_val) / W) and frac; idx kept where PML's scatter stays in range."""
     u = (x - min_val) / delta
     return torch.floor(u).long().clamp(0, num_bins - 2), torch.frac(u)
 
@@ -122,6 +122,9 @@ def dynamic_soft_margin_fused(embeddings, labels, ref_emb, ref_labels, *, min_va
     loss = torch.where(count > 0, loss, torch.zeros_like(loss))
     state = torch.where(count > 0, state, previous)
     loss = nan_in_nan_out(loss.to(embeddings.dtype), embeddings, ref_emb)
+    # a NaN input makes PML's state NaN too (its NaN x lands in the histogram); the engine skips them
+    state = state + zero_loss(embeddings).detach().to(state.dtype) \
+        + (0 if ref_emb is None else zero_loss(ref_emb).detach().to(state.dtype))
     return (loss, state.detach().to(embeddings.dtype)) if return_histogram else loss
 
 

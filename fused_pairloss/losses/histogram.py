@@ -197,7 +197,9 @@ def _engine_histograms(q, labels, delta):
     that a pair of two of them is no negative pair; the spurious positive pairs this gives them are
     left out with their rows."""
     has_pos, _ = _pair_sets(labels)
-    engine_labels = torch.where(has_pos, labels, labels.min() - 1)
+    lowest = labels.min()
+    alone_label = torch.where(lowest > torch.iinfo(torch.int64).min, lowest - 1, labels.max() + 1)
+    engine_labels = torch.where(has_pos, labels, alone_label)
     st = pair_stats(q, None, engine_labels, None, None, declaration(delta), "cpu")
     hist_pos = torch.where(has_pos, st.hist_pos, torch.zeros_like(st.hist_pos)).sum(1)
     size_pos = torch.where(has_pos, st.count_pos, torch.zeros_like(st.count_pos)).sum()

@@ -387,6 +387,15 @@ def register_rows_op(forward, backward):
     backward.register_autograd(_backward_not_differentiable, setup_context=_no_context)
 
 
+def register_bins_op(forward, backward):
+    """Fake kernels and the autograd rule of another implementation of the bins' schema (the Triton
+    ops of ops/triton_triplets.py)."""
+    forward.register_fake(_fake_bins)
+    backward.register_fake(_fake_bins_backward)
+    forward.register_autograd(_autograd_backward(backward, _bins), setup_context=_setup_context)
+    backward.register_autograd(_backward_not_differentiable, setup_context=_no_context)
+
+
 def _register_native():
     """Fake kernels and autograd of the compiled op pair (when the loaded library has it); the device
     types it has kernels for ({"cpu"} or {"cpu", "cuda"}), empty if none. Read once: a lookup of
@@ -444,9 +453,15 @@ def rows_op(backend, device):
 
 def bins_op(backend, device):
     """The forward op of the triplet bins for a backend: the compiled kernel of "cpu" on CPU tensors
-    and of "cuda" on CUDA tensors (csrc/cuda/triplet_engine.cu; when built), else the PyTorch op
-    triplet_bins (every device; "triton" has no bins kernel)."""
+    and of "cuda" on CUDA tensors (csrc/cuda/triplet_engine.cu; when built), the Triton op of
+    "triton" (ops/triton_triplets.py; when importable), else the PyTorch op triplet_bins."""
     global _NATIVE_DEVICES
+    if backend == "triton":
+        from . import triton_triplets
+
+        if not triton_triplets.AVAILABLE:
+            raise RuntimeError("the Triton engines are not available (is triton installed?)")
+        return triton_triplets.bins_forward_op()
     if backend in ("cpu", "cuda") and device.type == backend:
         if _NATIVE_DEVICES is None:
             _NATIVE_DEVICES = _register_native()
