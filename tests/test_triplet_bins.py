@@ -41,7 +41,7 @@ def op_results(op, args, lo, bins):
     q = q.clone().requires_grad_(True)
     r = q if args[1] is args[0] else r.clone().requires_grad_(True)
     out, counts = op(q, r, lq, lr, ex, lo, 2 * abs(lo) / bins, bins)
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(out.dtype)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(out)
     params = [q] if r is q else [q, r]
     return (counts, out, *torch.autograd.grad((out * w).sum(), params))
 

@@ -138,20 +138,32 @@ def test_gpu_matches_the_pytorch_op(lp, window):
 @pytest.mark.parametrize("mode", ["self", "ref"])
 def test_bins_match_the_pytorch_op(dtype, mode):
     """70 rows (3 row and column tiles), ~6 positives a row, PML's default grid and a narrow one
-    (pairs below lo and past the last edge): counts exactly, the bins and the gradients of q and r by
-    the kit's rule (the truth: the PyTorch op in fp64)."""
+    (pairs below lo and past the last edge)."""
+    check_bins_against_the_pytorch_op(op_inputs(mode, 70, 12, dtype, seed=5), dtype)
+
+
+def check_bins_against_the_pytorch_op(args, dtype, grids=((-2.0, 10), (-0.5, 6))):
+    """counts exactly, the bins and the gradients of q and r by the kit's rule (the truth: the
+    PyTorch op in fp64 on the same rows)."""
     from test_triplet_bins import op_results as bin_results
 
-    args = op_inputs(mode, 70, 12, dtype, seed=5)
+    mode_self = args[1] is args[0]
     args64 = tuple(a.double() if a.is_floating_point() else a for a in args)
-    args64 = (args64[0], args64[0], *args64[2:]) if mode == "self" else args64
-    for lo, bins in ((-2.0, 10), (-0.5, 6)):
+    args64 = (args64[0], args64[0], *args64[2:]) if mode_self else args64
+    for lo, bins in grids:
         ours = bin_results(TT.bins_forward_op(), args, lo, bins)
         same = bin_results(triplets.triplet_bins, args, lo, bins)
         truth = bin_results(triplets.triplet_bins, args64, lo, bins)
         assert torch.equal(ours[0].cpu(), same[0].cpu()) and same[0].sum() > 0
         for k, (a, t, b) in enumerate(zip(ours[1:], truth[1:], same[1:])):
             check_close(a.cpu(), t.cpu(), b.cpu(), what=["bins", "grad q", "grad r"][k], dtype=dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_bins_match_the_pytorch_op():
+    """CUDA tensors at a real size (N = 2048, 4 per class; ref mode 2098 columns), fp32 and fp64."""
+    for dtype in (torch.float32, torch.float64):
+        check_bins_against_the_pytorch_op(to(op_inputs("ref", 2048, 512, dtype, seed=13, d=64), "cuda"), dtype)
 
 
 def test_bins_opcheck_and_many_bins_compute_with_the_pytorch_op():
