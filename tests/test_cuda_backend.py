@@ -498,6 +498,17 @@ def triplet_inputs(mode, n, classes, dtype, seed, d=24):
     return q, r, lq, lr, ex
 
 
+def check_triplet_grads(grads, truth_g, same_g, need, dtype):
+    """(grad_q, grad_r) of a CUDA triplet op: empty where not needed, else the input dtype and close
+    by the kit's rule."""
+    for k, wanted in enumerate(need):
+        if not wanted:
+            assert grads[k].numel() == 0
+            continue
+        assert grads[k].dtype == dtype
+        kit.check_close(grads[k].cpu(), truth_g[k], same_g[k], what=["grad q", "grad r"][k], dtype=dtype)
+
+
 def check_triplet(ops, args, margin, lp, window, need=(True, True), device="cpu"):
     """The CUDA triplet op pair (emulated: ops = the emulation; or the GPU's) against the PyTorch op
     triplet_rows on the same rows: counts and in_window exactly, sums and the gradients of q and r
@@ -517,12 +528,7 @@ def check_triplet(ops, args, margin, lp, window, need=(True, True), device="cpu"
     grads = ops.triplet_engine_backward(g.to(device, same[0].dtype), *on, margin, lp, *window, *need)
     same_g = triplets.triplet_rows_backward(g.to(same[0].dtype), *args, margin, lp, *window, *need)
     truth_g = triplets.triplet_rows_backward(g, *args64, margin, lp, *window, *need)
-    for k, wanted in enumerate(need):
-        if not wanted:
-            assert grads[k].numel() == 0
-            continue
-        assert grads[k].dtype == dtype
-        kit.check_close(grads[k].cpu(), truth_g[k], same_g[k], what=["grad q", "grad r"][k], dtype=dtype)
+    check_triplet_grads(grads, truth_g, same_g, need, dtype)
 
 
 def check_triplet_bins(ops, args, lo, bins, need=(True, True), device="cpu"):
@@ -544,12 +550,7 @@ def check_triplet_bins(ops, args, lo, bins, need=(True, True), device="cpu"):
     grads = ops.triplet_bins_engine_backward(g.to(device, same[0].dtype), *on, lo, width, bins, *need)
     same_g = triplets.triplet_bins_backward(g.to(same[0].dtype), *args, lo, width, bins, *need)
     truth_g = triplets.triplet_bins_backward(g, *args64, lo, width, bins, *need)
-    for k, wanted in enumerate(need):
-        if not wanted:
-            assert grads[k].numel() == 0
-            continue
-        assert grads[k].dtype == dtype
-        kit.check_close(grads[k].cpu(), truth_g[k], same_g[k], what=["grad q", "grad r"][k], dtype=dtype)
+    check_triplet_grads(grads, truth_g, same_g, need, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fused_pairloss.ops import triplets
-from kit import check_close, dyadic
+from kit import check_close
+from test_triplet_margin import op_inputs  # dyadic rows: both ops see the same d and x, ties included
 
 NATIVE = triplets.bins_op("cpu", torch.device("cpu")) is not triplets.triplet_bins
 needs_native = pytest.mark.skipif(not NATIVE and not os.environ.get("CI"),
@@ -17,22 +18,6 @@ needs_native = pytest.mark.skipif(not NATIVE and not os.environ.get("CI"),
 # (lo, bins): PML's default grid; a narrow one that puts many x below lo and past the last edge
 # (PML's clamped bins, negative fractions); many bins (the kernel's weights on the heap)
 GRIDS = {"default": (-2.0, 10), "narrow": (-0.5, 6), "fine": (-2.0, 100)}
-
-
-def op_inputs(mode, n, classes, dtype, seed, d=16):
-    """Dyadic rows (tests/kit.py): d^2 is exact in every dtype, so both ops see the same d and the
-    same x = d_ap - d_an, and put every pair in the same bin, the ties on bin edges included."""
-    g = torch.Generator().manual_seed(seed)
-    q = dyadic(n, d, g, dtype)
-    lq = torch.randint(0, classes, (n,), generator=g)
-    if mode == "self":
-        return q, q, lq, lq, torch.arange(n)
-    m = n + 30
-    r = dyadic(m, d, g, dtype)
-    lr = torch.randint(0, classes, (m,), generator=g)
-    ex = torch.full((n,), -1)
-    ex[::3] = torch.randint(0, m, (len(ex[::3]),), generator=g)  # some rows leave one column out
-    return q, r, lq, lr, ex
 
 
 def op_results(op, args, lo, bins):

@@ -280,8 +280,19 @@ def _no_context(ctx, inputs, output):
     pass
 
 
-triplet_rows.register_autograd(_autograd_backward(triplet_rows_backward), setup_context=_setup_context)
-triplet_rows_backward.register_autograd(_backward_not_differentiable, setup_context=_no_context)
+def _register_pair(forward, backward, fakes, differentiable):
+    """The autograd rule (and, with fakes, the fake kernels) of a forward / backward op pair, given as
+    custom op objects or qualified names."""
+    if fakes is not None:
+        torch.library.register_fake(forward)(fakes[0])
+        torch.library.register_fake(backward)(fakes[1])
+    backward_op = getattr(torch.ops.fused_pairloss, backward.split("::")[1]) if isinstance(backward, str) else backward
+    torch.library.register_autograd(forward, _autograd_backward(backward_op, differentiable),
+                                    setup_context=_setup_context)
+    torch.library.register_autograd(backward, _backward_not_differentiable, setup_context=_no_context)
+
+
+_register_pair(triplet_rows, triplet_rows_backward, None, _hinge_sums)
 
 
 # ---- triplet bins (DynamicSoftMarginLoss) --------------------------------------------------------
@@ -374,26 +385,21 @@ def _bins(q, r, labels_q, labels_r, exclude_col, lo, width, bins):
 
 
 triplet_bins_backward.register_fake(_fake_bins_backward)
-triplet_bins.register_autograd(_autograd_backward(triplet_bins_backward, _bins), setup_context=_setup_context)
-triplet_bins_backward.register_autograd(_backward_not_differentiable, setup_context=_no_context)
+_register_pair(triplet_bins, triplet_bins_backward, None, _bins)
+
+ROWS_SCHEMA = ((_fake_rows, _fake_rows_backward), _hinge_sums)
+BINS_SCHEMA = ((_fake_bins, _fake_bins_backward), _bins)
 
 
 def register_rows_op(forward, backward):
-    """Fake kernels and the autograd rule of another implementation of this schema (custom op
-    objects: the Triton ops of ops/triton_triplets.py)."""
-    forward.register_fake(_fake_rows)
-    backward.register_fake(_fake_rows_backward)
-    forward.register_autograd(_autograd_backward(backward), setup_context=_setup_context)
-    backward.register_autograd(_backward_not_differentiable, setup_context=_no_context)
+    """Fake kernels and the autograd rule of another implementation of the rows' schema (the Triton
+    ops of ops/triton_triplets.py)."""
+    _register_pair(forward, backward, *ROWS_SCHEMA)
 
 
 def register_bins_op(forward, backward):
-    """Fake kernels and the autograd rule of another implementation of the bins' schema (the Triton
-    ops of ops/triton_triplets.py)."""
-    forward.register_fake(_fake_bins)
-    backward.register_fake(_fake_bins_backward)
-    forward.register_autograd(_autograd_backward(backward, _bins), setup_context=_setup_context)
-    backward.register_autograd(_backward_not_differentiable, setup_context=_no_context)
+    """The same for the bins' schema."""
+    _register_pair(forward, backward, *BINS_SCHEMA)
 
 
 def _register_native():
@@ -402,19 +408,10 @@ def _register_native():
     the dispatcher is not traceable by torch.compile."""
     if not _extension.has_kernel("triplet_engine_forward", "CPU"):
         return frozenset()
-    fwd, bwd = "fused_pairloss::triplet_engine_forward", "fused_pairloss::triplet_engine_backward"
-    torch.library.register_fake(fwd)(_fake_rows)
-    torch.library.register_fake(bwd)(_fake_rows_backward)
-    torch.library.register_autograd(fwd, _autograd_backward(torch.ops.fused_pairloss.triplet_engine_backward),
-                                    setup_context=_setup_context)
-    torch.library.register_autograd(bwd, _backward_not_differentiable, setup_context=_no_context)
+    _register_pair("fused_pairloss::triplet_engine_forward", "fused_pairloss::triplet_engine_backward", *ROWS_SCHEMA)
+    _register_pair("fused_pairloss::triplet_bins_engine_forward", "fused_pairloss::triplet_bins_engine_backward",
+                   *BINS_SCHEMA)
     torch.library.register_fake("fused_pairloss::row_extremes")(_fake_row_extremes)
-    fwd, bwd = "fused_pairloss::triplet_bins_engine_forward", "fused_pairloss::triplet_bins_engine_backward"
-    torch.library.register_fake(fwd)(_fake_bins)
-    torch.library.register_fake(bwd)(_fake_bins_backward)
-    bins_backward = torch.ops.fused_pairloss.triplet_bins_engine_backward
-    torch.library.register_autograd(fwd, _autograd_backward(bins_backward, _bins), setup_context=_setup_context)
-    torch.library.register_autograd(bwd, _backward_not_differentiable, setup_context=_no_context)
     return frozenset(["cpu"] + (["cuda"] if _extension.has_kernel("triplet_engine_forward", "CUDA") else []))
 
 
@@ -442,29 +439,29 @@ def rows_op(backend, device):
     """The forward op of the triplet rows for a backend: the compiled kernel of "cpu" on CPU tensors
     and of "cuda" on CUDA tensors (csrc/cuda/triplet_engine.cu; when built), else the PyTorch op.
     ("triton" has its own op: ops/triton_triplets.py.)"""
-    global _NATIVE_DEVICES
-    if backend in ("cpu", "cuda") and device.type == backend:
-        if _NATIVE_DEVICES is None:
-            _NATIVE_DEVICES = _register_native()
-        if backend in _NATIVE_DEVICES:
-            return torch.ops.fused_pairloss.triplet_engine_forward
-    return triplet_rows
+    return _native_op("triplet_engine_forward", backend, device) or triplet_rows
 
 
 def bins_op(backend, device):
     """The forward op of the triplet bins for a backend: the compiled kernel of "cpu" on CPU tensors
     and of "cuda" on CUDA tensors (csrc/cuda/triplet_engine.cu; when built), the Triton op of
     "triton" (ops/triton_triplets.py; when importable), else the PyTorch op triplet_bins."""
-    global _NATIVE_DEVICES
     if backend == "triton":
         from . import triton_triplets
 
         if not triton_triplets.AVAILABLE:
             raise RuntimeError("the Triton engines are not available (is triton installed?)")
         return triton_triplets.bins_forward_op()
+    return _native_op("triplet_bins_engine_forward", backend, device) or triplet_bins
+
+
+def _native_op(name, backend, device):
+    """The compiled op `name` for "cpu" on CPU tensors or "cuda" on CUDA tensors, when the loaded
+    library has kernels there; else None."""
+    global _NATIVE_DEVICES
     if backend in ("cpu", "cuda") and device.type == backend:
         if _NATIVE_DEVICES is None:
             _NATIVE_DEVICES = _register_native()
         if backend in _NATIVE_DEVICES:
-            return torch.ops.fused_pairloss.triplet_bins_engine_forward
-    return triplet_bins
+            return getattr(torch.ops.fused_pairloss, name)
+    return None
