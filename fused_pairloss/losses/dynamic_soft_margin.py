@@ -8,8 +8,8 @@ the previous histogram by `momentum` (1 on the first call, while the state sums 
 normalized. loss = mean over the triplets of CDF_k x, CDF the cumulative histogram (its
 dependence on the batch's own triplets differentiated, as PML's).
 
-Fused (labels; the batch against itself or a ref_emb): the triplet engine's bins
-(ops/triplets.py `triplet_bins`; its kernels on "cpu", "cuda" and "triton") give per anchor row the histogram
+Fused (labels; the batch against itself or a ref_emb): the triplet engine's bins (ops/triplets.py
+`triplet_bins`; its kernels on "cpu", "cuda" and "triton") give per anchor row the histogram
 increments and the sums of x per bin over the row's (p, n), one pass over the row's negatives per
 positive (no triplet is stored), and its backward recomputes them: a triplet's gradient is a
 function of its bin only, w_k = (g_inc_{m+1} - g_inc_m) / W + g_x_k, added to d_ap and taken from
