@@ -21,7 +21,7 @@
 #   bench_compile    150s  bench/run.py bf16 D=512 N=1024..16384: matmul compile (torch.compile(reference))
 #   tests_triton_dev  60s  pytest -m "not gpu" -k triton: the interpreter-tested Triton suite, on the GPU
 #   racecheck         60s  compute-sanitizer racecheck: sanitize_small.py --engine all (cuda)
-#   memcheck_triton   60s  compute-sanitizer memcheck: sanitize_small.py --engine all --backends triton
+#   memcheck_triton   90s  compute-sanitizer memcheck: sanitize_small.py --engine all --backends triton
 #   memcheck_full     90s  compute-sanitizer memcheck: csrc/cuda/sanitize_case.py (if present)
 # plus warm_compile, in the background from the start until bench begins: the same torch.compile
 # sweep, untimed, on the cores the build and the tests leave idle, so that bench_compile finds
@@ -370,7 +370,7 @@ san_step() {  # san_step NAME LIMIT TOOL SCRIPT ARGS...
     DRYNOTE="no sanitizer: $1 on the CPU"
     if [[ $1 == *.py && $(basename "$1") == sanitize_small.py ]]; then
       local args=("${@/#cuda/cpu}" "${SAN_DEV[@]}")
-      step "$name" 60 bash -c "echo 'would run: PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool --error-exitcode 9 --print-limit 50 $PY $* --device cuda'; \
+      step "$name" "$lim" bash -c "echo 'would run: PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool --error-exitcode 9 --print-limit 50 $PY $* --device cuda'; \
         $PY $1 --help > /dev/null && $PY ${args[*]}"
     else
       step "$name" 60 bash -c "echo 'would run: PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool --error-exitcode 9 --print-limit 50 $PY $*'; \
@@ -417,7 +417,7 @@ else
   step tests_triton_dev 60 "${PYTEST[@]}" -m "not gpu" -k triton --junitxml "$LOGS/tests_triton_dev.xml" "${PYTEST_EXTRA[@]}"
 fi
 san_step racecheck 60 racecheck bench/sanitize_small.py --engine all --backends cuda --dtypes bfloat16 float32 --dims 40
-san_step memcheck_triton 60 memcheck bench/sanitize_small.py --engine all --backends triton --dtypes bfloat16 --dims 40
+san_step memcheck_triton 90 memcheck bench/sanitize_small.py --engine all --backends triton --dtypes bfloat16 --dims 40
 if [[ -f csrc/cuda/sanitize_case.py ]]; then
   san_step memcheck_full 90 memcheck csrc/cuda/sanitize_case.py
 elif want memcheck_full; then

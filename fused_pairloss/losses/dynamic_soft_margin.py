@@ -27,11 +27,10 @@ import torch
 from .. import _validation as V
 from .._backends import resolve_backend
 from ..ops._common import LOCAL, zero_loss
-from ..ops.triplets import bins_op
 from ._base import _PairLoss, _warn_once, run_pair_loss
 from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
 from ._registry import LossEntry
-from .triplet_margin import triplet_operands
+from .triplet_margin import triplet_engine_op, triplet_operands
 
 
 def check_bins(min_val, num_bins, momentum):
@@ -112,7 +111,8 @@ def dynamic_soft_margin_fused(embeddings, labels, ref_emb, ref_labels, *, min_va
         return dynamic_soft_margin_reference(embeddings, labels, ref_emb, ref_labels, **hyper)
     num_bins, delta = check_bins(min_val, num_bins, momentum)
     q, r, labels_q, labels_r, excl = triplet_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
-    per_row, counts = bins_op(backend, q.device)(q, r, labels_q, labels_r, excl, float(min_val), delta, num_bins)
+    op = triplet_engine_op("bins", backend, q.device)
+    per_row, counts = op(q, r, labels_q, labels_r, excl, float(min_val), delta, num_bins)
     sums, count = per_row.sum(0), counts.sum()
     previous = torch.zeros(num_bins, dtype=sums.dtype, device=sums.device) if histogram is None \
         else histogram.to(device=sums.device, dtype=sums.dtype)

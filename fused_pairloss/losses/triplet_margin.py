@@ -21,7 +21,7 @@ from .. import _validation as V
 from .._backends import resolve_backend
 from ..ops._common import LOCAL, normalize, pair_operands, similarity_dtype, zero_loss
 from ..ops.listed import join_on_anchor, pair_values
-from ..ops.triplets import NO_WINDOW, rows_op
+from ..ops.triplets import NO_WINDOW, bins_op, rows_op
 from ._base import _PairLoss, check_listed_indices, check_triplets_per_anchor, run_pair_loss
 from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
 from ._registry import LossEntry
@@ -106,15 +106,21 @@ def _triplet_rows(embeddings, labels, ref_emb, ref_labels, margin, distance, bac
                   window=NO_WINDOW):
     """(sums, counts, in_window) per anchor row from the op (module docstring)."""
     q, r, labels_q, labels_r, excl = triplet_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
+    op = triplet_engine_op("rows", backend, q.device)
+    return op(q, r, labels_q, labels_r, excl, float(margin), distance == "lp", *window)
+
+
+def triplet_engine_op(kind, backend, device):
+    """The forward op of the triplet engine's "rows" (the hinge sums) or "bins" (DynamicSoftMargin's)
+    for a backend: Triton's on "triton" (ops/triton_triplets.py), else ops/triplets.py's (the
+    compiled kernels on "cpu" / "cuda", else the PyTorch op)."""
     if backend == "triton":
         from ..ops import triton_triplets
 
         if not triton_triplets.AVAILABLE:
             raise RuntimeError("the Triton engines are not available (is triton installed?)")
-        op = triton_triplets.forward_op()
-    else:
-        op = rows_op(backend, q.device)
-    return op(q, r, labels_q, labels_r, excl, float(margin), distance == "lp", *window)
+        return triton_triplets.forward_op() if kind == "rows" else triton_triplets.bins_forward_op()
+    return rows_op(backend, device) if kind == "rows" else bins_op(backend, device)
 
 
 def triplet_margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, distance="lp", backend,

@@ -444,14 +444,8 @@ def rows_op(backend, device):
 
 def bins_op(backend, device):
     """The forward op of the triplet bins for a backend: the compiled kernel of "cpu" on CPU tensors
-    and of "cuda" on CUDA tensors (csrc/cuda/triplet_engine.cu; when built), the Triton op of
-    "triton" (ops/triton_triplets.py; when importable), else the PyTorch op triplet_bins."""
-    if backend == "triton":
-        from . import triton_triplets
-
-        if not triton_triplets.AVAILABLE:
-            raise RuntimeError("the Triton engines are not available (is triton installed?)")
-        return triton_triplets.bins_forward_op()
+    and of "cuda" on CUDA tensors (csrc/cuda/triplet_engine.cu; when built), else the PyTorch op
+    triplet_bins. ("triton" has its own op: ops/triton_triplets.py.)"""
     return _native_op("triplet_bins_engine_forward", backend, device) or triplet_bins
 
 
