@@ -250,7 +250,7 @@ def _hinge_sums(q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo, wi
     return chunk_rows(q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo, window_hi)[0]
 
 
-def _autograd_backward(backward_op, differentiable=_hinge_sums):
+def _autograd_backward(backward_op, differentiable):
     """The autograd rule of a forward op (q, r, labels_q, labels_r, exclude_col, *scalars) whose
     first output is differentiable: its first-order gradient is `backward_op`; under
     create_graph=True `differentiable` (that output of a chunk as a PyTorch computation) is
@@ -348,14 +348,19 @@ def _fake_bins(q, r, labels_q, labels_r, exclude_col, lo, width, bins):
 triplet_bins.register_fake(_fake_bins)
 
 
+def bin_weights(grad_bins, width, bins):
+    """[N, bins]: a pair's dL/dx per row and bin k for the incoming gradient of the bins,
+    w_k = (g_inc[m + 1] - g_inc[m]) / width + g_x[k], m = min(k, bins - 2)."""
+    m = torch.arange(bins, device=grad_bins.device).clamp(max=bins - 2)
+    return (grad_bins[:, 0, m + 1] - grad_bins[:, 0, m]) / width + grad_bins[:, 1]
+
+
 def _chunk_bin_W(grad, q, r, labels_q, labels_r, exclude_col, lo, width, bins):
     """W = dL/du_ij / u_ij of a chunk's rows (0 at u = 0): a pair's dL/dx is its bin's weight
-    w_k = (g_inc[m + 1] - g_inc[m]) / width + g_x[k], added to d_ap and taken from d_an."""
+    (bin_weights), added to d_ap and taken from d_an."""
     u, positive, negative = _chunk_sets(q, r, labels_q, labels_r, exclude_col, True)
     a, cols, real = _positives(u, positive)
-    k_all = torch.arange(bins, device=q.device)
-    m_all = k_all.clamp(max=bins - 2)
-    weight = (grad[:, 0, m_all + 1] - grad[:, 0, m_all]) / width + grad[:, 1]
+    weight = bin_weights(grad, width, bins)
     coef = torch.zeros_like(u)
     for j in range(a.shape[1]):
         on, _, k, _, _ = _bin_terms(a[:, j:j + 1], u, negative & real[:, j:j + 1], lo, width, bins)

@@ -495,9 +495,7 @@ if TE.AVAILABLE:
                                                   need_grad_q, need_grad_r)
         A, qa, ra, lq, lr, nq, nr, a, cols, real = ops
         N, M, D, P = qa.shape[0], ra.shape[0], qa.shape[1], a.shape[1]
-        g = grad_bins.to(A)
-        m = torch.arange(bins, device=q.device).clamp(max=bins - 2)
-        weight = ((g[:, 0, m + 1] - g[:, 0, m]) / width + g[:, 1]).contiguous()  # d loss / d x per row and bin
+        weight = triplets.bin_weights(grad_bins.to(A), width, bins).contiguous()
         grad_q = torch.zeros_like(qa) if need_grad_q else None
         grad_r = torch.zeros_like(ra) if need_grad_r else None
         if N and M and P and D:
