@@ -379,8 +379,9 @@ class TripletMarginMiner(pml_miners.TripletMarginMiner):
                 stats[0] += float((torch.where(real, ap, 0).double().sum(1) * n_neg).sum())
                 stats[1] += float((torch.where(diffs, mat, 0).double().sum(1) * n_pos).sum())
                 stats[2] += int((n_neg * n_pos).sum())
-        if self.collect_stats and stats[2] > 0:  # PML: the means over all triplets
-            self.pos_pair_dist, self.neg_pair_dist = stats[0] / stats[2], stats[1] / stats[2]
+        if self.collect_stats:  # PML: the means over all triplets (NaN without one)
+            self.pos_pair_dist, self.neg_pair_dist = ((stats[0] / stats[2], stats[1] / stats[2]) if stats[2] > 0
+                                                      else (float("nan"), float("nan")))
             self.avg_triplet_margin = (self.pos_pair_dist - self.neg_pair_dist if inverted
                                        else self.neg_pair_dist - self.pos_pair_dist)
         triplets = tuple(torch.cat(t) if t else _empty(embeddings.device) for t in out)

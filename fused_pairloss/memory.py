@@ -16,8 +16,8 @@ import torch
 from . import _validation as V
 from ._distributed import FUSED_PAIR_CALLS, DistributedBatch, agreed_layout, fused_pair_plan
 from .losses._base import _distance_name
-from .losses.multi_similarity import MultiSimilarityLoss
-from .losses.triplet_margin import TripletMarginLoss
+from .losses.multi_similarity import MultiSimilarityLoss, miner_pair_counts
+from .losses.triplet_margin import TripletMarginLoss, all_triplet_distance_means, miner_triplet_counts
 from .ops._common import LOCAL, zero_loss
 
 __all__ = ["CrossBatchMemory"]
@@ -37,13 +37,17 @@ def _check_size(name, value):
 
 
 def _ms_miner_epsilon(miner, distance):
-    """epsilon of a PML MultiSimilarityMiner whose distance is the loss's (the fused miner rule),
-    else None."""
+    """epsilon of a MultiSimilarityMiner (PML's, or ours) whose distance is the loss's (the fused
+    miner rule), else None."""
     try:
         from pytorch_metric_learning.miners import MultiSimilarityMiner
     except ImportError:
         return None
-    if type(miner) is not MultiSimilarityMiner or _distance_name(miner.distance) != distance:
+    from ._miners import MultiSimilarityMiner as FusedMultiSimilarityMiner
+
+    if type(miner) not in (MultiSimilarityMiner, FusedMultiSimilarityMiner):
+        return None
+    if _distance_name(miner.distance) != distance:
         return None
     return float(miner.epsilon)
 
@@ -107,8 +111,9 @@ class CrossBatchMemory(torch.nn.Module):
     are written and only the others are the queries (no self removal). `reset_queue()` empties it.
 
     Fused (no B x M matrix; the memory's gradient pass skipped) when `loss` is one of this
-    library's pair losses computed by a fused backend and `miner` is None, or PML's
-    MultiSimilarityMiner(epsilon) (with the loss's distance) for a MultiSimilarityLoss: PML mines
+    library's pair losses computed by a fused backend and `miner` is None, or a
+    MultiSimilarityMiner(epsilon) (PML's or ours, with the loss's distance) for a
+    MultiSimilarityLoss: PML mines
     against the memory, the self slot included, and removes the self comparisons afterwards; the
     fused engine does the same (the declaration's `exclude_after_mining`). A
     MultiSimilarityLoss(miner_epsilon=e) here means the same as miner=MultiSimilarityMiner(e). Or a
@@ -116,6 +121,7 @@ class CrossBatchMemory(torch.nn.Module):
     window on the triplet margin in the all-triplets op, the self slot left out of the positives.
     Any other miner, an explicit indices_tuple, a PML loss object, or the reference backend: PML's
     computation (all pair indices, self comparisons removed, the loss with the indices), exact.
+    On the fused paths the miner is not called but records PML's stats (`_miner_recorder`).
 
     PML's rules kept as they are: a queued batch of one row keeps its self comparison (PML's
     remove_self_comparisons treats curr_batch_idx[0] == curr_batch_idx[-1] as a wrap-around), and
@@ -272,10 +278,43 @@ class CrossBatchMemory(torch.nn.Module):
         excl = self._self_slots(len(embeddings)) if remove_self else None
         return self._fused(fn, hyper, embeddings, labels, E_mem, L_mem, excl, LOCAL)
 
-    @staticmethod
-    def _fused(fn, hyper, embeddings, labels, E_mem, L_mem, excl, batch):
+    def _miner_recorder(self, backend, hyper, batch):
+        """PML's step calls the miner on the queries against the memory, the self slots included,
+        and the miner records what it kept: num_pos_pairs / num_neg_pairs, or num_triplets (and
+        with collect_stats TripletMarginMiner's means over all triplets). The fused step mines
+        inside the loss; the `record` callback it is given counts the miner's pairs or triplets
+        from the engine's row statistics (the self slots added back), and sums them over `batch`
+        (every rank's queries). None without a miner."""
+        miner = self.miner
+        if miner is None:
+            return None
+        miner.reset_stats()
+        distance = hyper.get("distance")
+        if "window" not in hyper:
+            def record(st, q, r, excl):
+                pos, neg = miner_pair_counts(st, q, r, excl, miner_epsilon=float(miner.epsilon), distance=distance)
+                miner.num_pos_pairs, miner.num_neg_pairs = int(batch.sum(pos)), int(batch.sum(neg))
+            return record
+
+        def record(in_window, q, r, labels_q, labels_r, excl):
+            counts = miner_triplet_counts(in_window, q, r, labels_q, labels_r, excl, lp=distance == "lp",
+                                          window=hyper["window"])
+            miner.num_triplets = int(batch.sum(counts))
+            if miner.collect_stats:  # PML's means over all triplets, NaN without one
+                no_exclusion = torch.full_like(labels_q, -1)
+                means = all_triplet_distance_means(q, labels_q, r, labels_r, distance=distance,
+                                                   exclude_col=no_exclusion, backend=backend, batch=batch)
+                miner.pos_pair_dist, miner.neg_pair_dist = (float("nan"),) * 2 if means is None else means
+                miner.avg_triplet_margin = (miner.pos_pair_dist - miner.neg_pair_dist if miner.distance.is_inverted
+                                            else miner.neg_pair_dist - miner.pos_pair_dist)
+        return record
+
+    def _fused(self, fn, hyper, embeddings, labels, E_mem, L_mem, excl, batch):
         if excl is None:  # exclude_col=None would mean PML's identity rule; here: no exclusion
             excl = torch.full((embeddings.shape[0],), -1, dtype=torch.int64, device=embeddings.device)
+        record = self._miner_recorder(fn.keywords["backend"], hyper, batch)
+        if record is not None:
+            hyper = dict(hyper, record=record)
         # the memory is detached (no column pass); its labels are copied (O(M)) so that the next
         # step's write into the buffer does not touch a tensor saved for this step's backward
         return fn(embeddings, labels, E_mem.detach(), L_mem.clone(), exclude_col=excl, batch=batch, **hyper)
@@ -314,7 +353,8 @@ class CrossBatchMemory(torch.nn.Module):
             query, query_labels = embeddings[~enqueue_mask], labels[~enqueue_mask]
             total_queries = int((~mask).sum())
         E_mem, L_mem = self._memory()
+        batch = DistributedBatch(total_queries, group)
         if total_queries == 0:
+            self._miner_recorder(fn.keywords["backend"], hyper, batch)  # PML's miner found nothing
             return zero_loss(query)
-        return self._fused(fn, hyper, query, query_labels, E_mem, L_mem, excl,
-                           DistributedBatch(total_queries, group))
+        return self._fused(fn, hyper, query, query_labels, E_mem, L_mem, excl, batch)

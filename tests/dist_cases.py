@@ -126,7 +126,17 @@ def xbm_losses():
                                                      miner=miners.MultiSimilarityMiner(0.1)),
         "xbm_supcon": lambda: fpl.CrossBatchMemory(fpl.SupConLoss(), D, XBM_MEMORY),
         "xbm_unfused": lambda: fpl.CrossBatchMemory(L.TripletMarginLoss(), D, XBM_MEMORY),
+        "xbm_triplet_miner": lambda: fpl.CrossBatchMemory(fpl.TripletMarginLoss(0.1), D, XBM_MEMORY,
+                                                          miner=fpl.miners.TripletMarginMiner(0.3, collect_stats=True)),
     }
+
+
+def miner_records(xbm):
+    """What the CrossBatchMemory's miner recorded in the last step (PML's stats), None without one."""
+    if xbm.miner is None:
+        return None
+    names = ("num_pos_pairs", "num_neg_pairs", "num_triplets", "pos_pair_dist", "neg_pair_dist")
+    return {k: getattr(xbm.miner, k, None) for k in names}
 
 
 class Net(torch.nn.Module):
@@ -281,7 +291,7 @@ def run_cases(rank, world):
                 m = None if mask is None else rows_of(mask, sizes, rank)
                 v = wrapped(xr, yr, enqueue_mask=m)
                 steps.append((v.detach(), _grads(v, [xr]), xbm.embedding_memory.clone(), xbm.queue_idx,
-                              xbm.has_been_filled))
+                              xbm.has_been_filled, miner_records(xbm)))
             return {"steps": steps}
 
         case(name, xbm_case)

@@ -82,6 +82,23 @@ def run_against_pml(ours, theirs, data, what, rtol=RTOL, atol=ATOL, indices=None
         torch.testing.assert_close(v, vp, rtol=rtol, atol=atol, msg=lambda s: f"{what} step {t} value: {s}")
         torch.testing.assert_close(g, gp, rtol=rtol, atol=atol, msg=lambda s: f"{what} step {t} grad: {s}")
         same_state(ours, theirs, f"{what} step {t}")
+        same_miner_records(ours, theirs, f"{what} step {t}")
+
+
+MINER_RECORDS = ("num_pos_pairs", "num_neg_pairs", "num_triplets", "pos_pair_dist", "neg_pair_dist",
+                 "avg_triplet_margin")
+
+
+def same_miner_records(ours, theirs, what):
+    """The miner's stats after the step are PML's (the fused step counts without listing); nothing
+    to compare where our side has no miner object (a MultiSimilarityLoss's miner_epsilon)."""
+    if ours.miner is None or theirs.miner is None:
+        return
+    for k in MINER_RECORDS:
+        mine, pml = getattr(ours.miner, k, None), getattr(theirs.miner, k, None)
+        assert (mine is None) == (pml is None), f"{what}: miner.{k} {mine} != {pml}"
+        assert pml is None or mine == pytest.approx(pml, rel=1e-9, abs=1e-12, nan_ok=True), \
+            f"{what}: miner.{k} {mine} != {pml}"
 
 
 @pytest.mark.parametrize("name", list(LOSSES))
@@ -103,14 +120,17 @@ def test_enqueue_mask_and_reset_queue(name):
 
 
 @pytest.mark.parametrize("distance", ["cosine", "lp"])
-def test_multi_similarity_miner_fused(distance):
+@pytest.mark.parametrize("ours_miner", [False, True], ids=["pml_miner", "our_miner"])
+def test_multi_similarity_miner_fused(distance, ours_miner):
     """PML's order of operations: MultiSimilarityMiner(eps) mines the batch against the memory,
-    its own slot included (it sits in the thresholds), then the self comparisons are removed."""
+    its own slot included (it sits in the thresholds), then the self comparisons are removed. The
+    miner's num_pos_pairs / num_neg_pairs count that mining, self slots included."""
     dist = (lambda: Dm.LpDistance()) if distance == "lp" else (lambda: Dm.CosineSimilarity())
+    make_miner = fpl.miners.MultiSimilarityMiner if ours_miner else miners.MultiSimilarityMiner
     beta = 10 if distance == "lp" else 50
     for eps in (0.1, 0.3):
         ours = fpl.CrossBatchMemory(fpl.MultiSimilarityLoss(beta=beta, distance=dist()), D, M,
-                                    miner=miners.MultiSimilarityMiner(eps, distance=dist()))
+                                    miner=make_miner(eps, distance=dist()))
         assert ours._plan(None, torch.device("cpu")) is not None, "the MS miner is fused"
         theirs = L.CrossBatchMemory(L.MultiSimilarityLoss(beta=beta, distance=dist()), D, M,
                                     miner=miners.MultiSimilarityMiner(eps, distance=dist()))
@@ -128,16 +148,20 @@ def test_multi_similarity_miner_fused(distance):
 def test_triplet_margin_miner_fused(distance, ours_miner):
     """TripletMarginMiner (PML's or ours, every type_of_triplets) beside a TripletMarginLoss: PML
     mines the batch against the memory and removes the triplets whose positive is the anchor's own
-    slot; the fused op keeps the miner's window and leaves that slot out of the positives."""
+    slot; the fused op keeps the miner's window and leaves that slot out of the positives. The
+    miner's num_triplets (and collect_stats' means) count the mining, self slots included."""
     dist = (lambda: Dm.LpDistance()) if distance == "lp" else (lambda: Dm.CosineSimilarity())
     make_miner = fpl.miners.TripletMarginMiner if ours_miner else miners.TripletMarginMiner
     for t, kind in enumerate(("all", "hard", "semihard", "easy")):
+        stats = dict(collect_stats=t % 2 == 1)
         ours = fpl.CrossBatchMemory(fpl.TripletMarginLoss(0.1, distance=dist()), D, M,
-                                    miner=make_miner(0.3, type_of_triplets=kind, distance=dist()))
+                                    miner=make_miner(0.3, type_of_triplets=kind, distance=dist(), **stats))
         assert ours._plan(None, torch.device("cpu")) is not None, "the triplet miner is fused"
         theirs = L.CrossBatchMemory(L.TripletMarginLoss(0.1, distance=dist()), D, M,
-                                    miner=miners.TripletMarginMiner(0.3, type_of_triplets=kind, distance=dist()))
+                                    miner=miners.TripletMarginMiner(0.3, type_of_triplets=kind, distance=dist(),
+                                                                    **stats))
         run_against_pml(ours, theirs, batches(20 + t), f"TripletMarginMiner {kind} {distance}")
+        run_against_pml(ours, theirs, batches(30 + t, masks=True), f"TripletMarginMiner {kind} {distance} mask")
     # a miner measuring with another distance than the loss's: PML's computation
     other = Dm.CosineSimilarity() if distance == "lp" else Dm.LpDistance()
     ours = fpl.CrossBatchMemory(fpl.TripletMarginLoss(0.1, distance=dist()), D, M,

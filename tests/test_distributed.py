@@ -147,11 +147,18 @@ def test_cross_batch_memory_in_wrapper(world, name):
         (g,) = torch.autograd.grad(v, [x], allow_unused=True)
         g = torch.zeros_like(x) if g is None else g
         for rank, r in enumerate(per_rank):
-            rv, rg, mem, qidx, filled = r["steps"][t]
+            rv, rg, mem, qidx, filled, records = r["steps"][t]
             close(rv, v.detach(), f"{name} step {t} rank {rank} value")
             close(rg[0], C.rows_of(g, sizes, rank), f"{name} step {t} rank {rank} grad")
             assert torch.equal(mem, xbm.embedding_memory), f"{name} step {t} rank {rank}: memory differs"
             assert (qidx, filled) == (xbm.queue_idx, xbm.has_been_filled)
+            # the miner's stats count every rank's queries (PML's step mines the gathered batch)
+            want = C.miner_records(xbm)
+            assert (records is None) == (want is None)
+            for k, value in (records or {}).items():
+                assert (value is None) == (want[k] is None), f"{name} step {t} rank {rank} {k}"
+                assert value is None or value == pytest.approx(want[k], rel=1e-12, nan_ok=True), \
+                    f"{name} step {t} rank {rank} {k}"
 
 
 @pytest.mark.parametrize("world", WORLDS)

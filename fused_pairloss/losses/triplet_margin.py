@@ -21,6 +21,8 @@ from .. import _validation as V
 from .._backends import resolve_backend
 from ..ops._common import LOCAL, normalize, pair_operands, similarity_dtype, zero_loss
 from ..ops.listed import join_on_anchor, pair_values
+from ..ops.spec import PairLossSpec, PairTerm
+from ..ops.stats import pair_stats
 from ..ops.triplets import NO_WINDOW, bins_op, rows_op
 from ._base import _PairLoss, check_listed_indices, check_triplets_per_anchor, run_pair_loss
 from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
@@ -102,14 +104,6 @@ def triplet_operands(embeddings, labels, ref_emb, ref_labels, exclude_col=None):
     return q, r, labels_q, labels_r, excl
 
 
-def _triplet_rows(embeddings, labels, ref_emb, ref_labels, margin, distance, backend, exclude_col=None,
-                  window=NO_WINDOW):
-    """(sums, counts, in_window) per anchor row from the op (module docstring)."""
-    q, r, labels_q, labels_r, excl = triplet_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
-    op = triplet_engine_op("rows", backend, q.device)
-    return op(q, r, labels_q, labels_r, excl, float(margin), distance == "lp", *window)
-
-
 def triplet_engine_op(kind, backend, device):
     """The forward op of the triplet engine's "rows" (the hinge sums) or "bins" (DynamicSoftMargin's)
     for a backend: Triton's on "triton" (ops/triton_triplets.py), else ops/triplets.py's (the
@@ -123,18 +117,75 @@ def triplet_engine_op(kind, backend, device):
     return rows_op(backend, device) if kind == "rows" else bins_op(backend, device)
 
 
+# entries of one chunk's rows x M products in miner_triplet_counts
+SELF_SLOT_CHUNK_ELEMENTS = 1 << 20
+
+
 def triplet_margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, distance="lp", backend,
-                         exclude_col=None, batch=LOCAL, window=NO_WINDOW):
+                         exclude_col=None, batch=LOCAL, window=NO_WINDOW, record=None):
     """All triplets (or a TripletMarginMiner's: `window`) through the op triplet_rows (module
-    docstring); AvgNonZero over `batch` (the distributed wrapper sums over every rank's rows)."""
-    sums, counts, _ = _triplet_rows(embeddings, labels, ref_emb, ref_labels, margin, distance, backend,
-                                    exclude_col, window)
+    docstring); AvgNonZero over `batch` (the distributed wrapper sums over every rank's rows).
+    `record(in_window, q, r, labels_q, labels_r, exclude_col)`: called with the op's per-row
+    in-window counts and operands (CrossBatchMemory counts its miner's triplets from them)."""
+    operands = triplet_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
+    op = triplet_engine_op("rows", backend, embeddings.device)
+    sums, counts, in_window = op(*operands, float(margin), distance == "lp", *window)
+    if record is not None:
+        record(in_window, *operands)
     n = batch.sum(counts)
     zero = zero_loss(embeddings)
     loss = torch.where(n > 0, (batch.sum(sums) / n.clamp(min=1)).to(embeddings.dtype), zero)
     # AvgNonZeroReducer drops NaN terms: keep NaN in, NaN out (docs/semantics.md)
     loss = loss + zero + (0 if ref_emb is None else zero_loss(ref_emb))
     return loss.to(similarity_dtype(embeddings, distance))  # PML's dtype under autocast
+
+
+def miner_triplet_counts(in_window, q, r, labels_q, labels_r, exclude_col, *, lp, window):
+    """Per anchor row, the triplets a TripletMarginMiner with this `window` on the triplet margin
+    keeps mining the rows q against r, the excluded column included (its num_triplets is their
+    sum): the op's in_window, which leaves each row's excluded column (its own memory slot) out of
+    the positives, plus the triplets with that positive, the negatives n with
+    lo < u_n - u_own <= hi (u = d or -S). On unit rows that is a range of S_n: for the cosine
+    [S_own - hi, S_own - lo), for d (u_own = 0, d^2 = 2 - 2 S) [1 - hi^2 / 2, 1 - lo^2 / 2) with
+    the sides of negative bounds open. One product pass over r in chunks of rows, no N x M matrix."""
+    lo, hi = window
+    extra = torch.zeros_like(in_window)
+    rows = torch.nonzero(exclude_col >= 0).flatten()
+    step = max(1, SELF_SLOT_CHUNK_ELEMENTS // max(r.shape[0], 1))
+    inf = float("inf")
+    with torch.no_grad():
+        for k0 in range(0, rows.numel(), step):
+            i = rows[k0:k0 + step]
+            s = q[i] @ r.t()
+            if lp:
+                if hi < 0:
+                    break
+                a = torch.full((len(i), 1), -inf if hi == inf else 1 - hi * hi / 2, dtype=s.dtype, device=s.device)
+                b = torch.full_like(a, inf if lo < 0 else 1 - lo * lo / 2)
+            else:
+                s_own = (q[i] * r[exclude_col[i]]).sum(1, keepdim=True)
+                a, b = s_own - hi, s_own - lo
+            kept = (s >= a) & (s < b) & (labels_q[i, None] != labels_r[None, :])
+            extra[i] = kept.sum(1).to(extra.dtype)
+    return in_window + extra
+
+
+def all_triplet_distance_means(embeddings, labels, ref_emb, ref_labels, *, distance, backend, exclude_col,
+                               batch=LOCAL):
+    """TripletMarginMiner's collect_stats over all triplets (a, p, n) of the rows: the means of
+    u_ap and u_an (u = d, or S for the cosine), from each row's sums and sizes of its positive and
+    negative sets (sum_a (sum_p u_ap) |N_a| / sum_a |P_a| |N_a|, and likewise), forward only;
+    None without a triplet."""
+    q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
+    sums = PairLossSpec(pos=PairTerm(scale=1.0, sum=True), neg=PairTerm(scale=1.0, sum=True), distance=distance)
+    with torch.no_grad():
+        st = pair_stats(q, r, labels, labels_r, excl, sums, backend)
+    n_pos, n_neg = st.count_pos.to(torch.float64), st.count_neg.to(torch.float64)
+    triplets = float(batch.sum(n_pos * n_neg))
+    if triplets == 0:
+        return None
+    return (float(batch.sum(st.sum_pos.double() * n_neg)) / triplets,
+            float(batch.sum(st.sum_neg.double() * n_pos)) / triplets)
 
 
 def _ref_is_labels(mined):
