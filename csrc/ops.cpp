@@ -119,6 +119,12 @@ TORCH_LIBRARY(fused_pairloss, m) {
   m.def(
       "row_extremes(Tensor q, Tensor r, Tensor labels_q, Tensor labels_r, Tensor exclude_col, bool lp, "
       "bool pos_largest, bool neg_largest) -> (Tensor pos_u, Tensor pos_index, Tensor neg_u, Tensor neg_index)");
+  // Smooth-AP's cubic part on a chunk of rows of S (fused_pairloss/losses/smooth_ap.py): per anchor
+  // row first_row + i, over the p of its block of `block` consecutive columns, the ranks of s_p
+  // among the row (all columns) and among the block by sigmoids of temperature t: AP per row; and
+  // the gradient of sum_i grad_ap_i AP_i with respect to the chunk.
+  m.def("smooth_ap_chunk_ranks(Tensor S, int first_row, int block, float temperature) -> Tensor");
+  m.def("smooth_ap_chunk_grad(Tensor S, Tensor grad_ap, int first_row, int block, float temperature) -> Tensor");
   m.def("build_config() -> str", &build_config);
   m.def("describe_pair_spec(float[] terms, int flags) -> str", &describe_pair_spec);
   m.def("describe_class_spec(float[] terms, int flags, int centers_per_class) -> str", &describe_class_spec);

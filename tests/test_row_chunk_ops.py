@@ -7,8 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from fused_pairloss import functional as Fn
+from fused_pairloss import _extension
 from fused_pairloss.losses import fast_ap, histogram, intra_pair_variance, pnp, smooth_ap
 from fused_pairloss.ops.stats import pair_stats
+
+import kit  # noqa: E402
 
 
 def _inputs(n=20, d=6, seed=0):
@@ -71,6 +74,8 @@ def test_many_chunks_give_the_one_chunk_result(name, monkeypatch):
     one = fn(x, labels)
     (g_one,) = torch.autograd.grad(one, x)
     monkeypatch.setattr(module, "CHUNK_ELEMENTS", 1)  # one row (anchor) per chunk
+    if hasattr(module, "NATIVE_CHUNK_ELEMENTS"):  # SmoothAP's compiled row kernels' chunks too
+        monkeypatch.setattr(module, "NATIVE_CHUNK_ELEMENTS", 1)
     many = fn(x, labels)
     (g_many,) = torch.autograd.grad(many, x)
     torch.testing.assert_close(many, one, rtol=1e-12, atol=1e-14)
@@ -112,3 +117,80 @@ def test_histogram_engine_histograms_match_the_op(singletons):
     (g_engine,) = torch.autograd.grad((engine * w).sum(), x, retain_graph=True)
     (g_op,) = torch.autograd.grad((2 * op * w).sum(), x)
     torch.testing.assert_close(g_engine, g_op, rtol=1e-10, atol=1e-12)
+
+
+NATIVE_SMOOTH_AP = _extension.has_kernel("smooth_ap_chunk_ranks", "CPU")
+needs_native = pytest.mark.skipif(not NATIVE_SMOOTH_AP, reason="the compiled CPU library is not built")
+
+
+def _smooth_ap_case(classes, per_class, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    n = classes * per_class
+    q = F.normalize(torch.randn(n, 8, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.arange(classes).repeat(per_class)[torch.randperm(n, generator=g)]
+    grad = torch.randn(n, generator=g, dtype=torch.float64)
+    return q.to(dtype), labels, grad.to(dtype)
+
+
+def _smooth_ap_both(q, labels, grad, temperature):
+    return (smooth_ap.smooth_ap_rows(q, labels, temperature),
+            smooth_ap.smooth_ap_rows_backward(grad, q, labels, temperature))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_smooth_ap_row_kernels_match_the_pytorch_chunks(dtype, monkeypatch):
+    """SmoothAP's compiled row kernels (CPU) against its PyTorch chunks (the other devices' path):
+    AP per anchor and the gradient, under the kit's tolerance rule against the fp64 PyTorch result;
+    blocks of several sizes, rows not a whole number of the kernels' 16 lanes."""
+    for classes, per_class, t in ((5, 5, 0.1), (7, 3, 0.01), (16, 2, 0.5)):
+        q, labels, grad = _smooth_ap_case(classes, per_class, dtype, seed=classes)
+        native = _smooth_ap_both(q, labels, grad, t)
+        with monkeypatch.context() as m:
+            m.setattr(smooth_ap, "_native_chunks", lambda qa: False)
+            same_dtype = _smooth_ap_both(q, labels, grad, t)
+            truth = _smooth_ap_both(q.double(), labels, grad.double(), t)
+        for k, what in enumerate(("AP", "grad")):
+            kit.check_close(native[k], truth[k], same_dtype[k], what=f"{classes}x{per_class} {what}")
+
+
+@needs_native
+def test_smooth_ap_row_kernels_same_bits_for_any_isa_and_thread_count():
+    """The row kernels on a given chunk of S: the same bits for every instruction set and thread
+    count (S itself is a BLAS product, whose bits may depend on the thread count)."""
+    q, labels, grad = _smooth_ap_case(9, 4, torch.float32, seed=3)
+    S, g = (q[5:30] @ q.t()).contiguous(), grad[5:30].contiguous()
+    ops, old_threads = torch.ops.fused_pairloss, torch.get_num_threads()
+    isa_before = ops.cpu_isa()
+    runs = []
+    try:
+        for isa in ("base", "avx2", "avx512"):
+            for threads in (1, 3):
+                if ops.cpu_isa(isa) != isa:
+                    continue
+                torch.set_num_threads(threads)
+                runs.append((isa, threads, ops.smooth_ap_chunk_ranks(S, 5, 9, 0.05),
+                             ops.smooth_ap_chunk_grad(S, g, 5, 9, 0.05)))
+    finally:
+        ops.cpu_isa(isa_before)
+        torch.set_num_threads(old_threads)
+    assert len(runs) >= 4
+    for isa, threads, ap, G in runs[1:]:
+        assert torch.equal(ap, runs[0][2]) and torch.equal(G, runs[0][3]), (isa, threads)
+
+
+@needs_native
+def test_smooth_ap_row_kernel_ops():
+    """The two compiled ops: opcheck (schema, fake kernel), and their argument checks."""
+    q, labels, grad = _smooth_ap_case(4, 3, torch.float64, seed=1)
+    smooth_ap._native_chunks(q)  # registers the fake kernels
+    S = (q[2:7] @ q.t()).contiguous()
+    ops = torch.ops.fused_pairloss
+    torch.library.opcheck(ops.smooth_ap_chunk_ranks.default, (S, 2, 4, 0.1))
+    torch.library.opcheck(ops.smooth_ap_chunk_grad.default, (S, grad[2:7].contiguous(), 2, 4, 0.1))
+    with pytest.raises(RuntimeError, match="block must divide"):
+        ops.smooth_ap_chunk_ranks(S, 2, 5, 0.1)
+    with pytest.raises(RuntimeError, match="are not rows"):
+        ops.smooth_ap_chunk_ranks(S, 9, 4, 0.1)
+    with pytest.raises(RuntimeError, match="grad_ap"):
+        ops.smooth_ap_chunk_grad(S, grad[:3].contiguous(), 2, 4, 0.1)

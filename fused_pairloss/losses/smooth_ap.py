@@ -13,12 +13,16 @@ classes, the blocks are the classes (the paper's setting).
 Cubic compute (N b N sigmoids), no cubic memory: the op `fused_pairloss::smooth_ap_rows` walks the
 anchors in chunks (S of a chunk against every row, the chunk x b x N sigmoids, reduced to AP per
 anchor) and its backward op recomputes each chunk with the analytic gradient, so at most one
-chunk's intermediates (CHUNK_ELEMENTS entries) exist at a time. PML builds N x N x N tensors.
+chunk's intermediates (CHUNK_ELEMENTS entries) exist at a time. On CPU tensors the sigmoids of a
+chunk are the compiled row kernels' (csrc/cpu/smooth_ap_cpu.cpp: the ops smooth_ap_chunk_ranks /
+_grad on the chunk's S, one padded row per thread, NATIVE_CHUNK_ELEMENTS entries of S per chunk);
+elsewhere PyTorch's. PML builds N x N x N tensors.
 """
 from __future__ import annotations
 
 import torch
 
+from .. import _extension
 from .. import _validation as V
 from ..ops._common import LOCAL, normalize, register_recomputing_autograd, row_chunks
 from ..ops.operands import stat_dtype
@@ -26,8 +30,9 @@ from ._base import _RowWeightedSelfLoss, check_self_only, run_pair_loss
 from ._reference_common import check_distance, miner_weights, nan_in_nan_out
 from ._registry import LossEntry
 
-# chunk x b x N sigmoid entries per step
+# chunk x b x N sigmoid entries per step (PyTorch), chunk x N entries of S (the compiled row kernels)
 CHUNK_ELEMENTS = 1 << 22
+NATIVE_CHUNK_ELEMENTS = 1 << 20
 
 
 def _loss_dtype(embeddings):
@@ -95,6 +100,31 @@ def _chunk_ap(q_chunk, q, a0, b, temperature):
     return (pos_ranks / all_ranks).sum(1) / b
 
 
+_NATIVE = None
+
+
+def _native_chunks(qa):
+    """True when the compiled row kernels compute the chunks of qa (CPU, fp32 / fp64, built); their
+    fake kernels registered on first use."""
+    global _NATIVE
+    if _NATIVE is None:
+        _NATIVE = _extension.has_kernel("smooth_ap_chunk_ranks", "CPU")
+        if _NATIVE:
+            torch.library.register_fake("fused_pairloss::smooth_ap_chunk_ranks")(
+                lambda S, first_row, block, temperature: S.new_empty((S.shape[0],)))
+            torch.library.register_fake("fused_pairloss::smooth_ap_chunk_grad")(
+                lambda S, grad_ap, first_row, block, temperature: torch.empty_like(S))
+    return _NATIVE and qa.device.type == "cpu" and qa.dtype in (torch.float32, torch.float64)
+
+
+def _chunks(qa, block):
+    """[(a0, a1)] of the anchors: chunks of S rows for the compiled kernels, of sigmoids else."""
+    n = qa.shape[0]
+    if _native_chunks(qa):
+        return row_chunks(n, n, NATIVE_CHUNK_ELEMENTS)
+    return row_chunks(n, block * n, CHUNK_ELEMENTS)
+
+
 @torch.library.custom_op("fused_pairloss::smooth_ap_rows", mutates_args=())
 def smooth_ap_rows(q: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
     """A[N]: Smooth-AP of every anchor row of the normalized rows q, in blocks of as many rows as
@@ -103,9 +133,14 @@ def smooth_ap_rows(q: torch.Tensor, labels: torch.Tensor, temperature: float) ->
     A = stat_dtype(q.dtype)
     qa = q.to(A)
     out = torch.empty(q.shape[0], dtype=A, device=q.device)
+    native = _native_chunks(qa)
     with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
-        for a0, a1 in row_chunks(q.shape[0], block * q.shape[0], CHUNK_ELEMENTS):
-            out[a0:a1] = _chunk_ap(qa[a0:a1], qa, a0, block, temperature)
+        for a0, a1 in _chunks(qa, block):
+            if native:
+                s = (qa[a0:a1] @ qa.t()).contiguous()
+                out[a0:a1] = torch.ops.fused_pairloss.smooth_ap_chunk_ranks(s, a0, block, temperature)
+            else:
+                out[a0:a1] = _chunk_ap(qa[a0:a1], qa, a0, block, temperature)
     return out
 
 
@@ -125,19 +160,29 @@ def smooth_ap_rows_backward(grad: torch.Tensor, q: torch.Tensor, labels: torch.T
     A = stat_dtype(q.dtype)
     qa, g = q.to(A), grad.to(A)
     grad_q = torch.zeros_like(qa)
+    native = _native_chunks(qa)
     with torch.autocast(q.device.type, enabled=False):
-        for a0, a1 in row_chunks(q.shape[0], block * q.shape[0], CHUNK_ELEMENTS):
-            sig, all_ranks, pos_ranks, block_cols = _chunk_terms(qa[a0:a1], qa, a0, block, temperature)
-            ga = g[a0:a1, None] / block
-            d_pos = ga / all_ranks  # c x b
-            d_all = -ga * pos_ranks / all_ranks ** 2
-            in_block = torch.zeros(sig.shape[0], 1, sig.shape[2], dtype=torch.bool, device=q.device)
-            in_block = in_block.scatter(2, block_cols[:, None, :], True)  # c x 1 x N
-            u = (d_all[:, :, None] + torch.where(in_block, d_pos[:, :, None], 0.0)) * sig * (1 - sig)
-            G = u.sum(1).scatter_add(1, block_cols, -u.sum(2)) / temperature  # c x N
+        for a0, a1 in _chunks(qa, block):
+            if native:
+                s = (qa[a0:a1] @ qa.t()).contiguous()
+                G = torch.ops.fused_pairloss.smooth_ap_chunk_grad(s, g[a0:a1].contiguous(), a0, block, temperature)
+            else:
+                G = _chunk_grad(qa[a0:a1], qa, a0, block, temperature, g[a0:a1])
             grad_q[a0:a1] += G @ qa
             grad_q += G.t() @ qa[a0:a1]
     return grad_q.to(q.dtype)
+
+
+def _chunk_grad(q_chunk, q, a0, b, temperature, g):
+    """dL/dS of the chunk's rows (c x N) for L = sum_a g_a AP_a (smooth_ap_rows_backward)."""
+    sig, all_ranks, pos_ranks, block_cols = _chunk_terms(q_chunk, q, a0, b, temperature)
+    ga = g[:, None] / b
+    d_pos = ga / all_ranks  # c x b
+    d_all = -ga * pos_ranks / all_ranks ** 2
+    in_block = torch.zeros(sig.shape[0], 1, sig.shape[2], dtype=torch.bool, device=q.device)
+    in_block = in_block.scatter(2, block_cols[:, None, :], True)  # c x 1 x N
+    u = (d_all[:, :, None] + torch.where(in_block, d_pos[:, :, None], 0.0)) * sig * (1 - sig)
+    return u.sum(1).scatter_add(1, block_cols, -u.sum(2)) / temperature
 
 
 def _differentiable_ap(q, labels, temperature):
