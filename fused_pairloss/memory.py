@@ -309,6 +309,20 @@ class CrossBatchMemory(torch.nn.Module):
                                             else miner.neg_pair_dist - miner.pos_pair_dist)
         return record
 
+    def _record_nothing_mined(self, hyper):
+        """The miner's records of a step without queries (PML's miner on no rows): zero counts,
+        NaN means."""
+        miner = self.miner
+        if miner is None:
+            return
+        miner.reset_stats()
+        if "window" not in hyper:
+            miner.num_pos_pairs = miner.num_neg_pairs = 0
+            return
+        miner.num_triplets = 0
+        if miner.collect_stats:
+            miner.pos_pair_dist = miner.neg_pair_dist = miner.avg_triplet_margin = float("nan")
+
     def _fused(self, fn, hyper, embeddings, labels, E_mem, L_mem, excl, batch):
         if excl is None:  # exclude_col=None would mean PML's identity rule; here: no exclusion
             excl = torch.full((embeddings.shape[0],), -1, dtype=torch.int64, device=embeddings.device)
@@ -355,6 +369,6 @@ class CrossBatchMemory(torch.nn.Module):
         E_mem, L_mem = self._memory()
         batch = DistributedBatch(total_queries, group)
         if total_queries == 0:
-            self._miner_recorder(fn.keywords["backend"], hyper, batch)  # PML's miner found nothing
+            self._record_nothing_mined(hyper)
             return zero_loss(query)
         return self._fused(fn, hyper, query, query_labels, E_mem, L_mem, excl, batch)

@@ -169,6 +169,37 @@ def test_triplet_margin_miner_fused(distance, ours_miner):
     assert ours._plan(None, torch.device("cpu")) is None
 
 
+@pytest.mark.parametrize("distance", ["lp", "cosine"])
+def test_miner_records_against_zero_rows_and_without_queries(distance):
+    """PML's quirk: enqueueing zero rows marks the memory as filled, so its initial zero rows (label 0)
+    take part; a batch that is all enqueued has no query (PML's miner mines nothing). The miners'
+    records equal PML's there too (the miner margin 1.2 puts the zero rows, at d = 1 from a unit
+    row, inside the windows), and with duplicate rows across labels (d = 0 at the hard / semihard
+    window edges)."""
+    dist = (lambda: Dm.LpDistance()) if distance == "lp" else (lambda: Dm.CosineSimilarity())
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(6, D, generator=g, dtype=torch.float64)
+    x[3] = x[1]  # a duplicate row under another label
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    steps = [(x, y, torch.zeros(6, dtype=torch.bool)), (x, y, None),
+             (x, y, torch.ones(6, dtype=torch.bool)), (x.flip(0), y, torch.arange(6) % 2 == 0)]
+    for kind in ("all", "hard", "semihard"):
+        for make_loss, make_miner, pml_loss, pml_miner in (
+                (fpl.TripletMarginLoss, lambda: fpl.miners.TripletMarginMiner(1.2, type_of_triplets=kind,
+                                                                              distance=dist(), collect_stats=True),
+                 L.TripletMarginLoss, lambda: miners.TripletMarginMiner(1.2, type_of_triplets=kind, distance=dist(),
+                                                                       collect_stats=True)),
+                (fpl.MultiSimilarityLoss, lambda: miners.MultiSimilarityMiner(0.5, distance=dist()),
+                 L.MultiSimilarityLoss, lambda: miners.MultiSimilarityMiner(0.5, distance=dist()))):
+            ours = fpl.CrossBatchMemory(make_loss(distance=dist()), D, M, miner=make_miner())
+            theirs = L.CrossBatchMemory(pml_loss(distance=dist()), D, M, miner=pml_miner())
+            assert ours._plan(None, torch.device("cpu")) is not None
+            for t, (xs, ys, mask) in enumerate(steps):
+                ours(xs, ys, enqueue_mask=mask)
+                theirs(xs, ys, enqueue_mask=mask)
+                same_miner_records(ours, theirs, f"{make_loss.__name__} {kind} {distance} step {t}")
+
+
 def test_exclusion_after_mining_matters():
     """Rows whose only positive in the memory is their own slot: mined with the self slot in the
     thresholds (PML's order) they keep the negatives above 1 - eps, mined without it none (min_pos

@@ -97,8 +97,8 @@ def miner_pair_counts(st: engines.PairStats, q, r, exclude_col, *, miner_epsilon
     if distance == "lp":  # the row against its own copy: the engines' d of two equal rows is 0
         u_own = torch.zeros_like(st.max_neg)
     else:
-        own = r[exclude_col.clamp(min=0)]
-        u_own = (own * q).sum(1).to(st.max_neg.dtype)
+        own = r[exclude_col.clamp(min=0)].to(st.max_neg.dtype)
+        u_own = (own * q.to(st.max_neg.dtype)).sum(1)
     kept_own = has_slot & (u_own - miner_epsilon < st.max_neg)
     return st.count_pos + kept_own.to(st.count_pos.dtype), st.count_neg
 

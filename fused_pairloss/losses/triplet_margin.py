@@ -23,7 +23,8 @@ from ..ops._common import LOCAL, normalize, pair_operands, similarity_dtype, zer
 from ..ops.listed import join_on_anchor, pair_values
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
-from ..ops.triplets import NO_WINDOW, bins_op, rows_op
+from ..ops.operands import stat_dtype
+from ..ops.triplets import NO_WINDOW, bins_op, rows_op, triplet_u
 from ._base import _PairLoss, check_listed_indices, check_triplets_per_anchor, run_pair_loss
 from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
 from ._registry import LossEntry
@@ -145,27 +146,21 @@ def miner_triplet_counts(in_window, q, r, labels_q, labels_r, exclude_col, *, lp
     keeps mining the rows q against r, the excluded column included (its num_triplets is their
     sum): the op's in_window, which leaves each row's excluded column (its own memory slot) out of
     the positives, plus the triplets with that positive, the negatives n with
-    lo < u_n - u_own <= hi (u = d or -S). On unit rows that is a range of S_n: for the cosine
-    [S_own - hi, S_own - lo), for d (u_own = 0, d^2 = 2 - 2 S) [1 - hi^2 / 2, 1 - lo^2 / 2) with
-    the sides of negative bounds open. One product pass over r in chunks of rows, no N x M matrix."""
+    lo < u_n - u_own <= hi (u = d or -S as the op computes them; u_own = 0 for d, a row against
+    its own copy). One pass over r in chunks of rows, no N x M matrix."""
     lo, hi = window
     extra = torch.zeros_like(in_window)
     rows = torch.nonzero(exclude_col >= 0).flatten()
     step = max(1, SELF_SLOT_CHUNK_ELEMENTS // max(r.shape[0], 1))
-    inf = float("inf")
+    A = stat_dtype(q.dtype)
+    qa, ra = q.to(A), r.to(A)
     with torch.no_grad():
         for k0 in range(0, rows.numel(), step):
             i = rows[k0:k0 + step]
-            s = q[i] @ r.t()
-            if lp:
-                if hi < 0:
-                    break
-                a = torch.full((len(i), 1), -inf if hi == inf else 1 - hi * hi / 2, dtype=s.dtype, device=s.device)
-                b = torch.full_like(a, inf if lo < 0 else 1 - lo * lo / 2)
-            else:
-                s_own = (q[i] * r[exclude_col[i]]).sum(1, keepdim=True)
-                a, b = s_own - hi, s_own - lo
-            kept = (s >= a) & (s < b) & (labels_q[i, None] != labels_r[None, :])
+            u = triplet_u(qa[i], ra, lp)
+            u_own = 0.0 if lp else -(qa[i] * ra[exclude_col[i]]).sum(1, keepdim=True)
+            margin = u - u_own
+            kept = (margin > lo) & (margin <= hi) & (labels_q[i, None] != labels_r[None, :])
             extra[i] = kept.sum(1).to(extra.dtype)
     return in_window + extra
 

@@ -37,7 +37,7 @@ from .operands import lp_distances, lp_squared_distances, stat_dtype
 CHUNK_ELEMENTS = 1 << 20
 
 
-def _u(q, r, lp):
+def triplet_u(q, r, lp):
     """u = d (accurate near d = 0 as the engines: docs/design.md "Numerics") or -S."""
     s = q @ r.t()
     if not lp:
@@ -47,7 +47,7 @@ def _u(q, r, lp):
 
 def _chunk_sets(q, r, labels_q, labels_r, exclude_col, lp):
     """u of a chunk and its positive / negative masks."""
-    u = _u(q, r, lp)
+    u = triplet_u(q, r, lp)
     same = labels_q[:, None] == labels_r[None, :]
     cols = torch.arange(r.shape[0], device=q.device)
     return u, same & (cols[None, :] != exclude_col[:, None]), ~same
