@@ -125,6 +125,13 @@ TORCH_LIBRARY(fused_pairloss, m) {
   // the gradient of sum_i grad_ap_i AP_i with respect to the chunk.
   m.def("smooth_ap_chunk_ranks(Tensor S, int first_row, int block, float temperature) -> Tensor");
   m.def("smooth_ap_chunk_grad(Tensor S, Tensor grad_ap, int first_row, int block, float temperature) -> Tensor");
+  // PNP's ranks on a chunk of rows of S (fused_pairloss/losses/pnp.py): per row first_row + i and
+  // listed positive column (-1: none), the sum over the columns of another class (class_ids) of
+  // PML's clamped sigmoid of S_ij - S_ip (rk[c, P]); and the gradient of sum grad_rk * rk.
+  m.def("pnp_chunk_ranks(Tensor S, Tensor class_ids, Tensor positives, int first_row, float anneal) -> Tensor");
+  m.def(
+      "pnp_chunk_grad(Tensor S, Tensor class_ids, Tensor positives, Tensor grad_rk, int first_row, float anneal) "
+      "-> Tensor");
   m.def("build_config() -> str", &build_config);
   m.def("describe_pair_spec(float[] terms, int flags) -> str", &describe_pair_spec);
   m.def("describe_class_spec(float[] terms, int flags, int centers_per_class) -> str", &describe_class_spec);

@@ -119,11 +119,11 @@ def test_histogram_engine_histograms_match_the_op(singletons):
     torch.testing.assert_close(g_engine, g_op, rtol=1e-10, atol=1e-12)
 
 
-NATIVE_SMOOTH_AP = _extension.has_kernel("smooth_ap_chunk_ranks", "CPU")
-needs_native = pytest.mark.skipif(not NATIVE_SMOOTH_AP, reason="the compiled CPU library is not built")
+NATIVE_ROW_KERNELS = _extension.has_kernel("smooth_ap_chunk_ranks", "CPU")
+needs_native = pytest.mark.skipif(not NATIVE_ROW_KERNELS, reason="the compiled CPU library is not built")
 
 
-def _smooth_ap_case(classes, per_class, dtype, seed):
+def _ranking_case(classes, per_class, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     n = classes * per_class
     q = F.normalize(torch.randn(n, 8, generator=g, dtype=torch.float64), dim=1)
@@ -132,34 +132,54 @@ def _smooth_ap_case(classes, per_class, dtype, seed):
     return q.to(dtype), labels, grad.to(dtype)
 
 
-def _smooth_ap_both(q, labels, grad, temperature):
-    return (smooth_ap.smooth_ap_rows(q, labels, temperature),
-            smooth_ap.smooth_ap_rows_backward(grad, q, labels, temperature))
+# (module, (op, backward op), extra arguments per case): SmoothAP's temperature; PNP's anneal, variant, b, alpha
+RANKING_OPS = {
+    "smoothap": (smooth_ap, (smooth_ap.smooth_ap_rows, smooth_ap.smooth_ap_rows_backward),
+                 [(0.1,), (0.01,), (0.5,)]),
+    "pnp": (pnp, (pnp.pnp_rows, pnp.pnp_rows_backward),
+            [(0.05, "O", 2.0, 1.0), (0.01, "Dq", 2.0, 1.5), (0.2, "Ib", 3.0, 1.0)]),
+}
+
+
+def _both(ops, q, labels, grad, args):
+    op, backward_op = ops
+    return op(q, labels, *args), backward_op(grad, q, labels, *args)
 
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_smooth_ap_row_kernels_match_the_pytorch_chunks(dtype, monkeypatch):
-    """SmoothAP's compiled row kernels (CPU) against its PyTorch chunks (the other devices' path):
-    AP per anchor and the gradient, under the kit's tolerance rule against the fp64 PyTorch result;
-    blocks of several sizes, rows not a whole number of the kernels' 16 lanes."""
-    for classes, per_class, t in ((5, 5, 0.1), (7, 3, 0.01), (16, 2, 0.5)):
-        q, labels, grad = _smooth_ap_case(classes, per_class, dtype, seed=classes)
-        native = _smooth_ap_both(q, labels, grad, t)
+@pytest.mark.parametrize("name", list(RANKING_OPS))
+def test_row_kernels_match_the_pytorch_chunks(name, dtype, monkeypatch):
+    """SmoothAP's and PNP's compiled row kernels (CPU) against their PyTorch chunks (the other
+    devices' path): the op's rows and the gradient, under the kit's tolerance rule against the fp64
+    PyTorch result; several class layouts (for PNP: uneven classes and singletons), rows not a whole
+    number of the kernels' 16 lanes."""
+    module, ops, arg_list = RANKING_OPS[name]
+    for k, (classes, per_class) in enumerate(((5, 5), (7, 3), (16, 2))):
+        q, labels, grad = _ranking_case(classes, per_class, dtype, seed=classes)
+        if name == "pnp":  # uneven classes, a singleton
+            labels = labels.clone()
+            labels[:3] = labels[3]
+            labels[-1] = 1000
+        native = _both(ops, q, labels, grad, arg_list[k])
         with monkeypatch.context() as m:
-            m.setattr(smooth_ap, "_native_chunks", lambda qa: False)
-            same_dtype = _smooth_ap_both(q, labels, grad, t)
-            truth = _smooth_ap_both(q.double(), labels, grad.double(), t)
-        for k, what in enumerate(("AP", "grad")):
-            kit.check_close(native[k], truth[k], same_dtype[k], what=f"{classes}x{per_class} {what}")
+            m.setattr(module, "_native_chunks", lambda qa: False)
+            same_dtype = _both(ops, q, labels, grad, arg_list[k])
+            truth = _both(ops, q.double(), labels, grad.double(), arg_list[k])
+        for j, what in enumerate(("rows", "grad")):
+            kit.check_close(native[j], truth[j], same_dtype[j], what=f"{name} {classes}x{per_class} {what}")
 
 
 @needs_native
-def test_smooth_ap_row_kernels_same_bits_for_any_isa_and_thread_count():
+def test_row_kernels_same_bits_for_any_isa_and_thread_count():
     """The row kernels on a given chunk of S: the same bits for every instruction set and thread
     count (S itself is a BLAS product, whose bits may depend on the thread count)."""
-    q, labels, grad = _smooth_ap_case(9, 4, torch.float32, seed=3)
+    q, labels, grad = _ranking_case(9, 4, torch.float32, seed=3)
     S, g = (q[5:30] @ q.t()).contiguous(), grad[5:30].contiguous()
+    ids = labels.to(torch.float32)
+    positives, valid = pnp._positive_lists(labels)
+    positives = torch.where(valid, positives, -1)[5:30].contiguous()
+    g_rk = torch.randn(positives.shape, generator=torch.Generator().manual_seed(2))
     ops, old_threads = torch.ops.fused_pairloss, torch.get_num_threads()
     isa_before = ops.cpu_isa()
     runs = []
@@ -169,28 +189,45 @@ def test_smooth_ap_row_kernels_same_bits_for_any_isa_and_thread_count():
                 if ops.cpu_isa(isa) != isa:
                     continue
                 torch.set_num_threads(threads)
-                runs.append((isa, threads, ops.smooth_ap_chunk_ranks(S, 5, 9, 0.05),
-                             ops.smooth_ap_chunk_grad(S, g, 5, 9, 0.05)))
+                runs.append((isa, threads, [ops.smooth_ap_chunk_ranks(S, 5, 9, 0.05),
+                                            ops.smooth_ap_chunk_grad(S, g, 5, 9, 0.05),
+                                            ops.pnp_chunk_ranks(S, ids, positives, 5, 0.05),
+                                            ops.pnp_chunk_grad(S, ids, positives, g_rk, 5, 0.05)]))
     finally:
         ops.cpu_isa(isa_before)
         torch.set_num_threads(old_threads)
     assert len(runs) >= 4
-    for isa, threads, ap, G in runs[1:]:
-        assert torch.equal(ap, runs[0][2]) and torch.equal(G, runs[0][3]), (isa, threads)
+    for isa, threads, outs in runs[1:]:
+        for k, (a, b) in enumerate(zip(outs, runs[0][2])):
+            assert torch.equal(a, b), (isa, threads, k)
 
 
 @needs_native
-def test_smooth_ap_row_kernel_ops():
-    """The two compiled ops: opcheck (schema, fake kernel), and their argument checks."""
-    q, labels, grad = _smooth_ap_case(4, 3, torch.float64, seed=1)
+def test_row_kernel_ops():
+    """The four compiled ops: opcheck (schema, fake kernel), and their argument checks."""
+    q, labels, grad = _ranking_case(4, 3, torch.float64, seed=1)
     smooth_ap._native_chunks(q)  # registers the fake kernels
+    pnp._native_chunks(q)
     S = (q[2:7] @ q.t()).contiguous()
+    ids = labels.to(torch.float64)
+    positives = pnp._positive_lists(labels)[0][2:7].contiguous()
+    g_rk = torch.randn(positives.shape, dtype=torch.float64)
     ops = torch.ops.fused_pairloss
     torch.library.opcheck(ops.smooth_ap_chunk_ranks.default, (S, 2, 4, 0.1))
     torch.library.opcheck(ops.smooth_ap_chunk_grad.default, (S, grad[2:7].contiguous(), 2, 4, 0.1))
+    torch.library.opcheck(ops.pnp_chunk_ranks.default, (S, ids, positives, 2, 0.1))
+    torch.library.opcheck(ops.pnp_chunk_grad.default, (S, ids, positives, g_rk, 2, 0.1))
     with pytest.raises(RuntimeError, match="block must divide"):
         ops.smooth_ap_chunk_ranks(S, 2, 5, 0.1)
     with pytest.raises(RuntimeError, match="are not rows"):
         ops.smooth_ap_chunk_ranks(S, 9, 4, 0.1)
     with pytest.raises(RuntimeError, match="grad_ap"):
         ops.smooth_ap_chunk_grad(S, grad[:3].contiguous(), 2, 4, 0.1)
+    with pytest.raises(RuntimeError, match="1 / temperature must be finite"):
+        ops.smooth_ap_chunk_ranks(S.float(), 2, 4, 1e-40)
+    with pytest.raises(RuntimeError, match="positives must be columns"):
+        ops.pnp_chunk_ranks(S, ids, positives + 100, 2, 0.1)
+    with pytest.raises(RuntimeError, match="class_ids"):
+        ops.pnp_chunk_ranks(S, ids.float(), positives, 2, 0.1)
+    with pytest.raises(RuntimeError, match="grad_rk"):
+        ops.pnp_chunk_grad(S, ids, positives, g_rk[:, :1].contiguous(), 2, 0.1)

@@ -131,12 +131,19 @@ struct Kernels {
                            double* scratch);
   void (*triplet_row_bin_coefficients)(const T* u, int64_t M, const T* a, int64_t P, T lo, T width, int64_t bins,
                                        const T* weight, T* coef, double* kp);
-  // Smooth-AP rows (smooth_ap_cpu.cpp; s padded with zeros to whole 16-element chunks, sig and G
+  // Smooth-AP rows (rank_rows_cpu.cpp; s padded with zeros to whole 16-element chunks, sig and G
   // likewise): per p of the block [b0, b0 + b), over j != b0 + p, sigmoid((s_j - s_p) inv_t) summed
   // into rank[p] = 1 + the sum over j, block_rank[p] = 1 + the sum over the block; the backward adds
   // to G the gradient of g_over_b sum_p block_rank[p] / rank[p] with respect to s (sig: scratch).
   void (*smooth_ap_row_ranks)(const T* s, int64_t N, int64_t b0, int64_t b, T inv_t, T* rank, T* block_rank);
   void (*smooth_ap_row_grad)(const T* s, int64_t N, int64_t b0, int64_t b, T inv_t, T g_over_b, T* sig, T* G);
+  // PNP rows (rank_rows_cpu.cpp; s, ids (the columns' dense class ids as T), sig, pass and G padded to
+  // whole 16-element chunks; own the row's id): rk[k] = the sum over the negatives j of PML's clamped
+  // sigmoid of s_j - s_{pos[k]} (0 for pos[k] < 0); the backward adds to G the gradient of
+  // sum_k g[k] rk[k] with respect to s (sig, pass: scratch).
+  void (*pnp_row_ranks)(const T* s, const T* ids, int64_t N, T own, const int64_t* pos, int64_t P, T inv_anneal, T* rk);
+  void (*pnp_row_grad)(const T* s, const T* ids, int64_t N, T own, const int64_t* pos, int64_t P, T inv_anneal,
+                       const T* g, T* sig, T* pass, T* G);
   // pair engine, main walk: forward reductions / dL/dS of the tile's rows (G, row stride ldg)
   void (*pair_forward)(const PairSpec<T>& spec, const PairTile<T>& t, const PairRowState<T>& st, T* scratch);
   void (*pair_backward)(const PairSpec<T>& spec, const PairTile<T>& t, const PairRowState<T>& st, T* G, int64_t ldg,

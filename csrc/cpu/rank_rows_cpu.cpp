@@ -1,16 +1,24 @@
-// CPU kernels of Smooth-AP's cubic part: fused_pairloss::smooth_ap_chunk_ranks / _grad (semantics:
-// fused_pairloss/losses/smooth_ap.py, which computes the chunk's similarities S and the products
-// with the rows around these two).
+// CPU kernels of the cubic ranking losses' sigmoids, on a chunk of rows of S computed by their ops
+// (fused_pairloss/losses/smooth_ap.py, pnp.py: the chunk's S and the products with the rows are
+// theirs). Rows are independent, one padded row per thread: the result does not depend on the
+// thread count, and the per-ISA row kernels give every instruction set the same bits.
 //
-// Anchor a = first_row + i of a chunk, its block the columns [b0, b0 + b), b0 = a - a mod b; for
-// each p of the block, over the columns j != b0 + p, sig = sigmoid((S_aj - S_a,b0+p) / t):
+// Smooth-AP (fused_pairloss::smooth_ap_chunk_ranks / _grad). Anchor a = first_row + i, its block
+// the columns [b0, b0 + b), b0 = a - a mod b; for each p of the block, over the columns j != b0 + p,
+// sig = sigmoid((S_aj - S_a,b0+p) / t):
 //   ranks:  AP_a = (1 / b) sum_p P_p / R_p,  R_p = 1 + sum_j sig,  P_p = 1 + sum_{j in block} sig;
 //   grad:   G_a = d(sum_a g_a AP_a) / dS_a, with dL/dP_p = g_a / (b R_p), dL/dR_p = -g_a P_p / (b R_p^2).
-// A row costs b N sigmoids (the per-ISA row kernels, vector code); rows are independent, so the
-// result does not depend on the thread count. Memory: the chunk and a padded row per thread.
+// A row costs b N sigmoids; the backward computes each p's once.
+//
+// PNP (fused_pairloss::pnp_chunk_ranks / _grad). For anchor a and each of its listed positive
+// columns p (-1: none), rk_ap = sum over the negatives j of PML's clamped sigmoid of S_aj - S_ap
+// (the columns' class ids tell the negatives); grad: G_a = d(sum g_ap rk_ap) / dS_a. A row costs
+// P N sigmoids (P the list's width); the backward's ranks are recomputed by pnp_chunk_ranks first
+// (its g_ap depends on them).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -25,6 +33,15 @@ using at::Tensor;
 
 constexpr int64_t kLaneChunk = 16;  // the row kernels' padding
 
+// The row kernels carry column indices (and PNP its class ids) as T, and scale by 1 / temperature.
+void check_scales(const char* op, const Tensor& S, double temperature) {
+  const bool f32 = S.scalar_type() == at::kFloat;
+  TORCH_CHECK(!f32 || S.size(1) < (int64_t(1) << 24), op, ": float32 rows of S must have fewer than 2^24 columns");
+  const double inv = 1.0 / temperature;
+  TORCH_CHECK(std::isfinite(f32 ? static_cast<double>(static_cast<float>(inv)) : inv), op,
+              ": 1 / temperature must be finite in S's dtype; got temperature ", temperature);
+}
+
 void check_chunk(const char* op, const Tensor& S, int64_t first_row, int64_t block, double temperature) {
   TORCH_CHECK(S.device().is_cpu() && S.dim() == 2 && S.is_contiguous(), op,
               ": S must be a contiguous 2-D CPU tensor (a chunk of rows of S)");
@@ -34,6 +51,7 @@ void check_chunk(const char* op, const Tensor& S, int64_t first_row, int64_t blo
   TORCH_CHECK(first_row >= 0 && first_row + c <= N, op, ": rows [", first_row, ", ", first_row + c,
               ") are not rows of a batch of ", N);
   TORCH_CHECK(temperature > 0, op, ": temperature must be > 0; got ", temperature);
+  check_scales(op, S, temperature);
 }
 
 // Runs f(i, row, scratch) for each row i of the chunk, the row copied into a zero-padded buffer;
@@ -86,6 +104,80 @@ Tensor grad_impl(const Tensor& S, const Tensor& grad_ap, int64_t first_row, int6
   return G;
 }
 
+void check_pnp(const char* op, const Tensor& S, const Tensor& class_ids, const Tensor& positives, int64_t first_row,
+               double anneal) {
+  TORCH_CHECK(S.device().is_cpu() && S.dim() == 2 && S.is_contiguous(), op,
+              ": S must be a contiguous 2-D CPU tensor (a chunk of rows of S)");
+  TORCH_CHECK(S.scalar_type() == at::kFloat || S.scalar_type() == at::kDouble, op, ": S must be float32 or float64");
+  const int64_t c = S.size(0), N = S.size(1);
+  TORCH_CHECK(class_ids.dim() == 1 && class_ids.size(0) == N && class_ids.scalar_type() == S.scalar_type() &&
+                  class_ids.is_contiguous() && class_ids.device().is_cpu(),
+              op, ": class_ids must be a contiguous CPU vector of S's columns and dtype");
+  TORCH_CHECK(positives.dim() == 2 && positives.size(0) == c && positives.scalar_type() == at::kLong &&
+                  positives.is_contiguous() && positives.device().is_cpu(),
+              op, ": positives must be a contiguous int64 CPU tensor with a row per row of S");
+  TORCH_CHECK(first_row >= 0 && first_row + c <= N, op, ": rows [", first_row, ", ", first_row + c,
+              ") are not rows of a batch of ", N);
+  TORCH_CHECK(anneal > 0, op, ": anneal must be > 0; got ", anneal);
+  check_scales(op, S, anneal);
+  const int64_t* pos = positives.data_ptr<int64_t>();
+  for (int64_t k = 0; k < positives.numel(); ++k)
+    TORCH_CHECK(pos[k] >= -1 && pos[k] < N, op, ": positives must be columns of S or -1; got ", pos[k]);
+}
+
+template <typename T>
+Tensor pnp_ranks_impl(const Tensor& S, const Tensor& class_ids, const Tensor& positives, int64_t first_row,
+                      double anneal) {
+  const Kernels<T>& K = active_kernels<T>();
+  const int64_t N = S.size(1), P = positives.size(1), pad = (N + kLaneChunk - 1) / kLaneChunk * kLaneChunk;
+  std::vector<T> ids(pad, T(0));
+  std::copy(class_ids.data_ptr<T>(), class_ids.data_ptr<T>() + N, ids.begin());
+  Tensor rk = at::empty({S.size(0), P}, S.options());
+  T* out = rk.data_ptr<T>();
+  const int64_t* pos = positives.data_ptr<int64_t>();
+  for_each_row<T>(S, [&](int64_t i, const T* row, T*) {
+    K.pnp_row_ranks(row, ids.data(), N, ids[first_row + i], pos + i * P, P, T(1.0 / anneal), out + i * P);
+  });
+  return rk;
+}
+
+template <typename T>
+Tensor pnp_grad_impl(const Tensor& S, const Tensor& class_ids, const Tensor& positives, const Tensor& grad_rk,
+                     int64_t first_row, double anneal) {
+  const Kernels<T>& K = active_kernels<T>();
+  const int64_t N = S.size(1), P = positives.size(1), pad = (N + kLaneChunk - 1) / kLaneChunk * kLaneChunk;
+  std::vector<T> ids(pad, T(0));
+  std::copy(class_ids.data_ptr<T>(), class_ids.data_ptr<T>() + N, ids.begin());
+  Tensor G = at::empty_like(S);
+  T* out = G.data_ptr<T>();
+  const int64_t* pos = positives.data_ptr<int64_t>();
+  const T* g = grad_rk.data_ptr<T>();
+  for_each_row<T>(S, [&](int64_t i, const T* row, T* sig) {
+    std::vector<T> pass(pad, T(0)), G_row(pad, T(0));
+    K.pnp_row_grad(row, ids.data(), N, ids[first_row + i], pos + i * P, P, T(1.0 / anneal), g + i * P, sig, pass.data(),
+                   G_row.data());
+    std::copy(G_row.begin(), G_row.begin() + N, out + i * N);
+  });
+  return G;
+}
+
+Tensor pnp_chunk_ranks_cpu(const Tensor& S, const Tensor& class_ids, const Tensor& positives, int64_t first_row,
+                           double anneal) {
+  check_pnp("pnp_chunk_ranks", S, class_ids, positives, first_row, anneal);
+  if (S.scalar_type() == at::kDouble) return pnp_ranks_impl<double>(S, class_ids, positives, first_row, anneal);
+  return pnp_ranks_impl<float>(S, class_ids, positives, first_row, anneal);
+}
+
+Tensor pnp_chunk_grad_cpu(const Tensor& S, const Tensor& class_ids, const Tensor& positives, const Tensor& grad_rk,
+                          int64_t first_row, double anneal) {
+  check_pnp("pnp_chunk_grad", S, class_ids, positives, first_row, anneal);
+  TORCH_CHECK(grad_rk.sizes() == positives.sizes() && grad_rk.scalar_type() == S.scalar_type() &&
+                  grad_rk.is_contiguous() && grad_rk.device().is_cpu(),
+              "pnp_chunk_grad: grad_rk must be a contiguous CPU tensor of positives' shape and S's dtype");
+  if (S.scalar_type() == at::kDouble) return pnp_grad_impl<double>(S, class_ids, positives, grad_rk, first_row, anneal);
+  return pnp_grad_impl<float>(S, class_ids, positives, grad_rk, first_row, anneal);
+}
+
 Tensor smooth_ap_chunk_ranks_cpu(const Tensor& S, int64_t first_row, int64_t block, double temperature) {
   check_chunk("smooth_ap_chunk_ranks", S, first_row, block, temperature);
   if (S.scalar_type() == at::kDouble) return ranks_impl<double>(S, first_row, block, temperature);
@@ -109,4 +201,6 @@ Tensor smooth_ap_chunk_grad_cpu(const Tensor& S, const Tensor& grad_ap, int64_t 
 TORCH_LIBRARY_IMPL(fused_pairloss, CPU, m) {
   m.impl("smooth_ap_chunk_ranks", &fpl::cpu::smooth_ap_chunk_ranks_cpu);
   m.impl("smooth_ap_chunk_grad", &fpl::cpu::smooth_ap_chunk_grad_cpu);
+  m.impl("pnp_chunk_ranks", &fpl::cpu::pnp_chunk_ranks_cpu);
+  m.impl("pnp_chunk_grad", &fpl::cpu::pnp_chunk_grad_cpu);
 }

@@ -13,12 +13,16 @@ diagonal to the positives of the rows that have one).
 Cubic compute (N |P_a| N sigmoids), no cubic memory: the op `fused_pairloss::pnp_rows` walks the
 anchors in chunks (S of a chunk against every row, the chunk x max|P_a| x N sigmoids, reduced to
 L_a) and its backward op recomputes each chunk with the analytic gradient. Each anchor's positives
-are listed from the sorted labels (max|P_a| columns, padded). PML builds N x N x N tensors.
+are listed from the sorted labels (max|P_a| columns, padded). On CPU tensors (fp32 / fp64) the
+sigmoids of a chunk are the compiled row kernels' (csrc/cpu/rank_rows_cpu.cpp: the ops
+pnp_chunk_ranks / _grad on the chunk's S, NATIVE_CHUNK_ELEMENTS entries of S per chunk); elsewhere
+PyTorch's. PML builds N x N x N tensors.
 """
 from __future__ import annotations
 
 import torch
 
+from .. import _extension
 from .. import _validation as V
 from ..ops._common import (LOCAL, label_counts, label_runs, normalize, register_recomputing_autograd, row_chunks,
                            zero_loss)
@@ -28,8 +32,9 @@ from ._reference_common import check_distance, nan_in_nan_out
 from ._registry import LossEntry
 
 VARIANTS = ("Ds", "Dq", "Iu", "Ib", "O")
-# chunk x max|P_a| x N sigmoid entries per step
+# chunk x max|P_a| x N sigmoid entries per step (PyTorch), chunk x N entries of S (the compiled row kernels)
 CHUNK_ELEMENTS = 1 << 22
+NATIVE_CHUNK_ELEMENTS = 1 << 20
 EXPONENT_CLAMP = 50.0  # PML's clamp of -x / anneal
 
 
@@ -142,14 +147,63 @@ def _differentiable_rows(q, labels, anneal, variant, b, alpha):
     return torch.cat(rows) if rows else q.new_zeros((0,), dtype=A)
 
 
+_NATIVE = None
+
+
+def _native_chunks(qa):
+    """True when the compiled row kernels compute the chunks of qa (CPU, fp32 / fp64, built); their
+    fake kernels registered on first use."""
+    global _NATIVE
+    if _NATIVE is None:
+        _NATIVE = _extension.has_kernel("pnp_chunk_ranks", "CPU")
+        if _NATIVE:
+            torch.library.register_fake("fused_pairloss::pnp_chunk_ranks")(
+                lambda S, class_ids, positives, first_row, anneal: S.new_empty(positives.shape))
+            torch.library.register_fake("fused_pairloss::pnp_chunk_grad")(
+                lambda S, class_ids, positives, grad_rk, first_row, anneal: torch.empty_like(S))
+    return _NATIVE and qa.device.type == "cpu" and qa.dtype in (torch.float32, torch.float64)
+
+
+class _NativeChunks:
+    """The compiled kernels' view of a batch: the chunks, the columns' dense class ids (as the
+    rows' dtype) and each row's positive columns (-1 where none)."""
+
+    def __init__(self, qa, labels, positives, valid):
+        self.qa, n = qa, qa.shape[0]
+        self.ids = torch.unique(labels, return_inverse=True)[1].to(qa.dtype).contiguous()
+        self.positives = torch.where(valid, positives, -1).contiguous()
+        self.chunks = row_chunks(n, n, NATIVE_CHUNK_ELEMENTS)
+
+    def ranks(self, a0, a1, anneal):
+        """(S of the chunk, rk of its rows' positives)."""
+        s = (self.qa[a0:a1] @ self.qa.t()).contiguous()
+        return s, torch.ops.fused_pairloss.pnp_chunk_ranks(s, self.ids, self.positives[a0:a1].contiguous(), a0,
+                                                            anneal)
+
+    def grad(self, s, grad_rk, a0, a1, anneal):
+        return torch.ops.fused_pairloss.pnp_chunk_grad(s, self.ids, self.positives[a0:a1].contiguous(),
+                                                       grad_rk.contiguous(), a0, anneal)
+
+
 @torch.library.custom_op("fused_pairloss::pnp_rows", mutates_args=())
 def pnp_rows(q: torch.Tensor, labels: torch.Tensor, anneal: float, variant: str, b: float,
              alpha: float) -> torch.Tensor:
     """A[N]: L_a = sum over a's positives p (a itself included) of f(rk_ap) / their number, rk_ap
     the sum over a's negatives j of PML's clamped sigmoid of S_aj - S_ap (module docstring)."""
     A = stat_dtype(q.dtype)
+    qa = q.to(A)
     with torch.autocast(q.device.type, enabled=False):
-        return _differentiable_rows(q.to(A), labels, anneal, variant, b, alpha)
+        if not _native_chunks(qa):
+            return _differentiable_rows(qa, labels, anneal, variant, b, alpha)
+        positives, valid = _positive_lists(labels)
+        native = _NativeChunks(qa, labels, positives, valid)
+        rows = torch.empty(q.shape[0], dtype=A, device=q.device)
+        for a0, a1 in native.chunks:
+            rk = native.ranks(a0, a1, anneal)[1]
+            v = valid[a0:a1]
+            f = torch.where(v, _transform(rk, variant, b, alpha), torch.zeros_like(rk))
+            rows[a0:a1] = f.sum(1) / v.sum(1).clamp(min=1).to(A)
+        return rows
 
 
 @pnp_rows.register_fake
@@ -168,15 +222,23 @@ def pnp_rows_backward(grad: torch.Tensor, q: torch.Tensor, labels: torch.Tensor,
     positives, valid = _positive_lists(labels)
     limit = EXPONENT_CLAMP * anneal
     grad_q = torch.zeros_like(qa)
+    native = _NativeChunks(qa, labels, positives, valid) if _native_chunks(qa) else None
+    chunks = native.chunks if native else row_chunks(q.shape[0], positives.shape[1] * q.shape[0], CHUNK_ELEMENTS)
     with torch.autocast(q.device.type, enabled=False):
-        for a0, a1 in row_chunks(q.shape[0], positives.shape[1] * q.shape[0], CHUNK_ELEMENTS):
-            z, negative, sig, rk = _chunk_terms(qa, labels, positives, a0, a1, anneal)
+        for a0, a1 in chunks:
+            if native:
+                s, rk = native.ranks(a0, a1, anneal)
+            else:
+                z, negative, sig, rk = _chunk_terms(qa, labels, positives, a0, a1, anneal)
             v = valid[a0:a1]
             g_ap = torch.where(v, g[a0:a1, None] * _transform_grad(rk, variant, b, alpha)
                                / v.sum(1, keepdim=True).clamp(min=1).to(A), torch.zeros_like(rk))
-            passes = negative & (z.abs() <= limit)  # inside PML's clamp, whose bounds pass the gradient
-            u = torch.where(passes, g_ap[:, :, None] * sig * (1 - sig) / anneal, torch.zeros_like(z))
-            G = u.sum(1).scatter_add(1, positives[a0:a1], -u.sum(2))  # c x N
+            if native:
+                G = native.grad(s, g_ap, a0, a1, anneal)
+            else:
+                passes = negative & (z.abs() <= limit)  # inside PML's clamp, whose bounds pass the gradient
+                u = torch.where(passes, g_ap[:, :, None] * sig * (1 - sig) / anneal, torch.zeros_like(z))
+                G = u.sum(1).scatter_add(1, positives[a0:a1], -u.sum(2))  # c x N
             grad_q[a0:a1] += G @ qa
             grad_q += G.t() @ qa[a0:a1]
     return grad_q.to(q.dtype)

@@ -14,7 +14,7 @@ Cubic compute (N b N sigmoids), no cubic memory: the op `fused_pairloss::smooth_
 anchors in chunks (S of a chunk against every row, the chunk x b x N sigmoids, reduced to AP per
 anchor) and its backward op recomputes each chunk with the analytic gradient, so at most one
 chunk's intermediates (CHUNK_ELEMENTS entries) exist at a time. On CPU tensors the sigmoids of a
-chunk are the compiled row kernels' (csrc/cpu/smooth_ap_cpu.cpp: the ops smooth_ap_chunk_ranks /
+chunk are the compiled row kernels' (csrc/cpu/rank_rows_cpu.cpp: the ops smooth_ap_chunk_ranks /
 _grad on the chunk's S, one padded row per thread, NATIVE_CHUNK_ELEMENTS entries of S per chunk);
 elsewhere PyTorch's. PML builds N x N x N tensors.
 """
