@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import _extension
 from .. import _validation as V
-from ..ops._common import (LOCAL, label_counts, label_runs, normalize, register_recomputing_autograd, row_chunks,
-                           zero_loss)
+from ..ops._common import (LOCAL, CompiledRowKernels, label_counts, label_runs, normalize,
+                           register_recomputing_autograd, row_chunks, zero_loss)
 from ..ops.operands import stat_dtype
 from ._base import _PairLoss, check_self_only, run_pair_loss
 from ._reference_common import check_distance, nan_in_nan_out
@@ -147,21 +146,11 @@ def _differentiable_rows(q, labels, anneal, variant, b, alpha):
     return torch.cat(rows) if rows else q.new_zeros((0,), dtype=A)
 
 
-_NATIVE = None
-
-
-def _native_chunks(qa):
-    """True when the compiled row kernels compute the chunks of qa (CPU, fp32 / fp64, built); their
-    fake kernels registered on first use."""
-    global _NATIVE
-    if _NATIVE is None:
-        _NATIVE = _extension.has_kernel("pnp_chunk_ranks", "CPU")
-        if _NATIVE:
-            torch.library.register_fake("fused_pairloss::pnp_chunk_ranks")(
-                lambda S, class_ids, positives, first_row, anneal: S.new_empty(positives.shape))
-            torch.library.register_fake("fused_pairloss::pnp_chunk_grad")(
-                lambda S, class_ids, positives, grad_rk, first_row, anneal: torch.empty_like(S))
-    return _NATIVE and qa.device.type == "cpu" and qa.dtype in (torch.float32, torch.float64)
+# the compiled row kernels' check on the rows (their fake kernels: rk like positives, and G like S)
+_native_chunks = CompiledRowKernels({
+    "pnp_chunk_ranks": lambda S, class_ids, positives, first_row, anneal: S.new_empty(positives.shape),
+    "pnp_chunk_grad": lambda S, class_ids, positives, grad_rk, first_row, anneal: torch.empty_like(S),
+})
 
 
 class _NativeChunks:

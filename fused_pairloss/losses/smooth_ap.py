@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _extension
 from .. import _validation as V
-from ..ops._common import LOCAL, normalize, register_recomputing_autograd, row_chunks
+from ..ops._common import LOCAL, CompiledRowKernels, normalize, register_recomputing_autograd, row_chunks
 from ..ops.operands import stat_dtype
 from ._base import _RowWeightedSelfLoss, check_self_only, run_pair_loss
 from ._reference_common import check_distance, miner_weights, nan_in_nan_out
@@ -100,21 +99,11 @@ def _chunk_ap(q_chunk, q, a0, b, temperature):
     return (pos_ranks / all_ranks).sum(1) / b
 
 
-_NATIVE = None
-
-
-def _native_chunks(qa):
-    """True when the compiled row kernels compute the chunks of qa (CPU, fp32 / fp64, built); their
-    fake kernels registered on first use."""
-    global _NATIVE
-    if _NATIVE is None:
-        _NATIVE = _extension.has_kernel("smooth_ap_chunk_ranks", "CPU")
-        if _NATIVE:
-            torch.library.register_fake("fused_pairloss::smooth_ap_chunk_ranks")(
-                lambda S, first_row, block, temperature: S.new_empty((S.shape[0],)))
-            torch.library.register_fake("fused_pairloss::smooth_ap_chunk_grad")(
-                lambda S, grad_ap, first_row, block, temperature: torch.empty_like(S))
-    return _NATIVE and qa.device.type == "cpu" and qa.dtype in (torch.float32, torch.float64)
+# the compiled row kernels' check on the rows (their fake kernels: S's rows' AP, and G like S)
+_native_chunks = CompiledRowKernels({
+    "smooth_ap_chunk_ranks": lambda S, first_row, block, temperature: S.new_empty((S.shape[0],)),
+    "smooth_ap_chunk_grad": lambda S, grad_ap, first_row, block, temperature: torch.empty_like(S),
+})
 
 
 def _chunks(qa, block):

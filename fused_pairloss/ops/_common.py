@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import _extension
 from .engines import exclusion_for
 
 
@@ -53,6 +54,23 @@ def row_chunks(n, per_row, budget):
     each (at least one row)."""
     step = max(1, budget // max(per_row, 1))
     return [(i0, min(n, i0 + step)) for i0 in range(0, n, step)]
+
+
+class CompiledRowKernels:
+    """A row-chunk op's compiled CPU kernels (csrc/cpu/rank_rows_cpu.cpp), given as {op name: fake
+    kernel}: called with the op's rows, True when the kernels compute them (CPU, fp32 / fp64, the
+    library built with them); the fake kernels are registered on the first call."""
+
+    def __init__(self, fakes):
+        self.fakes, self.built = fakes, None
+
+    def __call__(self, rows):
+        if self.built is None:
+            self.built = all(_extension.has_kernel(name, "CPU") for name in self.fakes)
+            if self.built:
+                for name, fake in self.fakes.items():
+                    torch.library.register_fake(f"fused_pairloss::{name}")(fake)
+        return self.built and rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64)
 
 
 def register_recomputing_autograd(op, backward_op, differentiable):
