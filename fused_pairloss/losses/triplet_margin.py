@@ -21,9 +21,9 @@ from .. import _validation as V
 from .._backends import resolve_backend
 from ..ops._common import LOCAL, normalize, pair_operands, similarity_dtype, zero_loss
 from ..ops.listed import join_on_anchor, pair_values
+from ..ops.operands import stat_dtype
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
-from ..ops.operands import stat_dtype
 from ..ops.triplets import NO_WINDOW, bins_op, rows_op, triplet_u
 from ._base import _PairLoss, check_listed_indices, check_triplets_per_anchor, run_pair_loss
 from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
