@@ -200,6 +200,38 @@ def test_miner_records_against_zero_rows_and_without_queries(distance):
                 same_miner_records(ours, theirs, f"{make_loss.__name__} {kind} {distance} step {t}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("lp", [True, False], ids=["lp", "cosine"])
+def test_own_slot_triplet_counts_match_the_ops_distances(lp, dtype):
+    """miner_triplet_counts' range of one product per pair against the count on the op's own u
+    (ops/triplets.triplet_u, its near-pair rule included): duplicate rows under other labels (d = 0
+    at the hard / semihard edges), zero rows (d = 1, not sqrt(2)), every window."""
+    from fused_pairloss.losses.triplet_margin import miner_triplet_counts
+    from fused_pairloss.ops.triplets import triplet_u
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(5)
+    q = F.normalize(torch.randn(12, D, generator=g, dtype=torch.float64), dim=1).to(dtype)
+    r = torch.cat([F.normalize(torch.randn(30, D, generator=g, dtype=torch.float64), dim=1).to(dtype), q,
+                   q[:4], torch.zeros(3, D, dtype=dtype)])  # own slots 30..41; copies of rows 0..3; zero rows
+    labels_q = torch.randint(0, 4, (12,), generator=g)
+    labels_r = torch.cat([torch.randint(0, 4, (30,), generator=g), labels_q, labels_q[:4] + 10,
+                          torch.zeros(3, dtype=torch.long)])
+    excl = torch.arange(30, 42)
+    excl[5] = -1  # a row without an own slot
+    for window in [(float("-inf"), 0.3), (float("-inf"), 0.0), (0.0, 0.3), (0.3, float("inf")), (float("-inf"), 1.2),
+                   (0.0, 1.2)]:
+        got = miner_triplet_counts(torch.zeros(12, dtype=torch.long), q, r, labels_q, labels_r, excl, lp=lp,
+                                   window=window)
+        u = triplet_u(q.double(), r.double(), lp)
+        rows = torch.arange(12)
+        own = u[rows, excl.clamp(min=0)][:, None]
+        margin = u - own
+        kept = (margin > window[0]) & (margin <= window[1]) & (labels_q[:, None] != labels_r[None, :])
+        want = torch.where(excl >= 0, kept.sum(1), 0)
+        assert torch.equal(got, want), (window, got.tolist(), want.tolist())
+
+
 def test_exclusion_after_mining_matters():
     """Rows whose only positive in the memory is their own slot: mined with the self slot in the
     thresholds (PML's order) they keep the negatives above 1 - eps, mined without it none (min_pos

@@ -24,7 +24,7 @@ from ..ops.listed import join_on_anchor, pair_values
 from ..ops.operands import stat_dtype
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
-from ..ops.triplets import NO_WINDOW, bins_op, rows_op, triplet_u
+from ..ops.triplets import NO_WINDOW, bins_op, rows_op
 from ._base import _PairLoss, check_listed_indices, check_triplets_per_anchor, run_pair_loss
 from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
 from ._registry import LossEntry
@@ -118,8 +118,10 @@ def triplet_engine_op(kind, backend, device):
     return rows_op(backend, device) if kind == "rows" else bins_op(backend, device)
 
 
-# entries of one chunk's rows x M products in miner_triplet_counts
+# entries of one chunk's rows x M products in miner_triplet_counts, and the half d^2 below which a
+# pair's d comes from the rows' difference there
 SELF_SLOT_CHUNK_ELEMENTS = 1 << 20
+SELF_SLOT_NEAR = 1e-3
 
 
 def triplet_margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, distance="lp", backend,
@@ -146,22 +148,46 @@ def miner_triplet_counts(in_window, q, r, labels_q, labels_r, exclude_col, *, lp
     keeps mining the rows q against r, the excluded column included (its num_triplets is their
     sum): the op's in_window, which leaves each row's excluded column (its own memory slot) out of
     the positives, plus the triplets with that positive, the negatives n with
-    lo < u_n - u_own <= hi (u = d or -S as the op computes them; u_own = 0 for d, a row against
-    its own copy). One pass over r in chunks of rows, no N x M matrix."""
+    lo < u_n - u_own <= hi (u = d or -S; u_own = 0 for d, a row against its own copy). As a range of
+    one product per pair: the cosine's S_n in [S_own - hi, S_own - lo); for d, with
+    s' = q . r_n - |r_n|^2 / 2 (a product of rows with one more column) and d^2 = |q|^2 - 2 s', the
+    range of s' that puts d in (lo, hi]. Pairs within SELF_SLOT_NEAR of d = 0 take their d from the
+    rows' difference (the op's near-pair rule: two equal rows are at exactly 0). One pass over r in
+    chunks of rows, no N x M matrix."""
     lo, hi = window
     extra = torch.zeros_like(in_window)
     rows = torch.nonzero(exclude_col >= 0).flatten()
-    step = max(1, SELF_SLOT_CHUNK_ELEMENTS // max(r.shape[0], 1))
+    if rows.numel() == 0 or (lp and hi < 0):
+        return in_window
     A = stat_dtype(q.dtype)
     qa, ra = q.to(A), r.to(A)
+    nq = (qa * qa).sum(1)
+    if lp:
+        ones = torch.ones(qa.shape[0], 1, dtype=A, device=qa.device)
+        qa, rb = torch.cat([qa, ones], 1), torch.cat([ra, -0.5 * (ra * ra).sum(1, keepdim=True)], 1)
+    else:
+        rb = ra
+    step = max(1, SELF_SLOT_CHUNK_ELEMENTS // max(r.shape[0], 1))
     with torch.no_grad():
         for k0 in range(0, rows.numel(), step):
             i = rows[k0:k0 + step]
-            u = triplet_u(qa[i], ra, lp)
-            u_own = 0.0 if lp else -(qa[i] * ra[exclude_col[i]]).sum(1, keepdim=True)
-            margin = u - u_own
-            kept = (margin > lo) & (margin <= hi) & (labels_q[i, None] != labels_r[None, :])
-            extra[i] = kept.sum(1).to(extra.dtype)
+            s = qa[i] @ rb.t()
+            if lp:  # lo < d <=> lo < 0 or d^2 > lo^2; d <= hi <=> d^2 <= hi^2 (hi >= 0)
+                s.scatter_(1, exclude_col[i, None], float("-inf"))  # the own slot: no negative, not near
+                half = 0.5 * nq[i, None]
+                kept = s >= half - 0.5 * hi * hi if hi != float("inf") else torch.ones_like(s, dtype=torch.bool)
+                if lo >= 0:
+                    kept &= s < half - 0.5 * lo * lo
+            else:
+                s_own = s.gather(1, exclude_col[i, None])  # from the same product: equal rows, equal S
+                kept = (s >= s_own - hi) & (s < s_own - lo)
+            kept &= labels_q[i, None] != labels_r[None, :]
+            near_limit = 0.5 * nq[i, None] - SELF_SLOT_NEAR
+            if lp and bool((s.amax(1, keepdim=True) > near_limit).any()):  # near d = 0: d from the rows
+                near = torch.nonzero(s > near_limit, as_tuple=True)
+                d = (qa[i][near[0], :-1] - ra[near[1]]).square().sum(1).sqrt()
+                kept[near] = (d > lo) & (d <= hi) & (labels_q[i][near[0]] != labels_r[near[1]])
+            extra[i] = torch.count_nonzero(kept, dim=1).to(extra.dtype)
     return in_window + extra
 
 
