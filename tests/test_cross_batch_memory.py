@@ -205,7 +205,8 @@ def test_miner_records_against_zero_rows_and_without_queries(distance):
 def test_own_slot_triplet_counts_match_the_ops_distances(lp, dtype):
     """miner_triplet_counts' range of one product per pair against the count on the op's own u
     (ops/triplets.triplet_u, its near-pair rule included): duplicate rows under other labels (d = 0
-    at the hard / semihard edges), zero rows (d = 1, not sqrt(2)), every window."""
+    at the hard / semihard edges), zero rows (d = 1, not sqrt(2)), NaN rows, every window and
+    negative margins."""
     from fused_pairloss.losses.triplet_margin import miner_triplet_counts
     from fused_pairloss.ops.triplets import triplet_u
     import torch.nn.functional as F
@@ -219,11 +220,15 @@ def test_own_slot_triplet_counts_match_the_ops_distances(lp, dtype):
                           torch.zeros(3, dtype=torch.long)])
     excl = torch.arange(30, 42)
     excl[5] = -1  # a row without an own slot
-    for window in [(float("-inf"), 0.3), (float("-inf"), 0.0), (0.0, 0.3), (0.3, float("inf")), (float("-inf"), 1.2),
-                   (0.0, 1.2)]:
+    q[7, 2] = r[9, 1] = float("nan")  # NaN pairs are in no window
+    r[37] = q[7]
+    inf = float("inf")
+    for window in [(-inf, 0.3), (-inf, 0.0), (0.0, 0.3), (0.3, inf), (-inf, 1.2), (0.0, 1.2), (-inf, -0.1),
+                   (-0.1, inf), (0.1, -0.1)]:
         got = miner_triplet_counts(torch.zeros(12, dtype=torch.long), q, r, labels_q, labels_r, excl, lp=lp,
                                    window=window)
         u = triplet_u(q.double(), r.double(), lp)
+        u[torch.isnan(q).any(1)] = u[:, torch.isnan(r).any(1)] = float("nan")  # PML: NaN in no window
         rows = torch.arange(12)
         own = u[rows, excl.clamp(min=0)][:, None]
         margin = u - own

@@ -151,8 +151,9 @@ def miner_triplet_counts(in_window, q, r, labels_q, labels_r, exclude_col, *, lp
     lo < u_n - u_own <= hi (u = d or -S; u_own = 0 for d, a row against its own copy). As a range of
     one product per pair: the cosine's S_n in [S_own - hi, S_own - lo); for d, with
     s' = q . r_n - |r_n|^2 / 2 (a product of rows with one more column) and d^2 = |q|^2 - 2 s', the
-    range of s' that puts d in (lo, hi]. Pairs within SELF_SLOT_NEAR of d = 0 take their d from the
-    rows' difference (the op's near-pair rule: two equal rows are at exactly 0). One pass over r in
+    range of s' that puts d in (lo, hi]. Pairs with d^2 < 2 SELF_SLOT_NEAR (unit rows) take their d
+    from the rows' difference, as the op's near pairs do (two equal rows are at exactly 0; farther
+    pairs differ from the op's d by a rounding). NaN pairs are in no window. One pass over r in
     chunks of rows, no N x M matrix."""
     lo, hi = window
     extra = torch.zeros_like(in_window)
@@ -160,33 +161,35 @@ def miner_triplet_counts(in_window, q, r, labels_q, labels_r, exclude_col, *, lp
     if rows.numel() == 0 or (lp and hi < 0):
         return in_window
     A = stat_dtype(q.dtype)
-    qa, ra = q.to(A), r.to(A)
-    nq = (qa * qa).sum(1)
-    if lp:
-        ones = torch.ones(qa.shape[0], 1, dtype=A, device=qa.device)
-        qa, rb = torch.cat([qa, ones], 1), torch.cat([ra, -0.5 * (ra * ra).sum(1, keepdim=True)], 1)
-    else:
-        rb = ra
     step = max(1, SELF_SLOT_CHUNK_ELEMENTS // max(r.shape[0], 1))
     with torch.no_grad():
+        qa, ra = q.detach().to(A), r.detach().to(A)
+        nq = (qa * qa).sum(1)
+        if lp:
+            ones = torch.ones(qa.shape[0], 1, dtype=A, device=qa.device)
+            qa, rb = torch.cat([qa, ones], 1), torch.cat([ra, -0.5 * (ra * ra).sum(1, keepdim=True)], 1)
+        else:
+            rb = ra
         for k0 in range(0, rows.numel(), step):
             i = rows[k0:k0 + step]
             s = qa[i] @ rb.t()
             if lp:  # lo < d <=> lo < 0 or d^2 > lo^2; d <= hi <=> d^2 <= hi^2 (hi >= 0)
                 s.scatter_(1, exclude_col[i, None], float("-inf"))  # the own slot: no negative, not near
                 half = 0.5 * nq[i, None]
-                kept = s >= half - 0.5 * hi * hi if hi != float("inf") else torch.ones_like(s, dtype=torch.bool)
+                kept = s >= half - 0.5 * hi * hi if hi != float("inf") else s == s  # NaN: in no window
                 if lo >= 0:
                     kept &= s < half - 0.5 * lo * lo
             else:
                 s_own = s.gather(1, exclude_col[i, None])  # from the same product: equal rows, equal S
                 kept = (s >= s_own - hi) & (s < s_own - lo)
             kept &= labels_q[i, None] != labels_r[None, :]
-            near_limit = 0.5 * nq[i, None] - SELF_SLOT_NEAR
-            if lp and bool((s.amax(1, keepdim=True) > near_limit).any()):  # near d = 0: d from the rows
-                near = torch.nonzero(s > near_limit, as_tuple=True)
-                d = (qa[i][near[0], :-1] - ra[near[1]]).square().sum(1).sqrt()
-                kept[near] = (d > lo) & (d <= hi) & (labels_q[i][near[0]] != labels_r[near[1]])
+            if lp:  # near d = 0: d from the rows' difference (the row maxima say whether any pair is)
+                near_limit = 0.5 * nq[i, None] - SELF_SLOT_NEAR
+                top = s.amax(1, keepdim=True)  # NaN where the row holds one: then look at every pair
+                if bool(((top > near_limit) | torch.isnan(top)).any()):
+                    near = torch.nonzero(s > near_limit, as_tuple=True)
+                    d = (qa[i][near[0], :-1] - ra[near[1]]).square().sum(1).sqrt()
+                    kept[near] = (d > lo) & (d <= hi) & (labels_q[i][near[0]] != labels_r[near[1]])
             extra[i] = torch.count_nonzero(kept, dim=1).to(extra.dtype)
     return in_window + extra
 

@@ -3,6 +3,8 @@ few-pairs rule, and the batch reductions a loss's row combination is written in 
 distributed wrapper can run the same combination over rows spread across ranks)."""
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -62,14 +64,17 @@ class CompiledRowKernels:
     library built with them); the fake kernels are registered on the first call."""
 
     def __init__(self, fakes):
-        self.fakes, self.built = fakes, None
+        self.fakes, self.built, self.lock = fakes, None, threading.Lock()
 
     def __call__(self, rows):
         if self.built is None:
-            self.built = all(_extension.has_kernel(name, "CPU") for name in self.fakes)
-            if self.built:
-                for name, fake in self.fakes.items():
-                    torch.library.register_fake(f"fused_pairloss::{name}")(fake)
+            with self.lock:  # two threads' first calls: one registration
+                if self.built is None:
+                    built = all(_extension.has_kernel(name, "CPU") for name in self.fakes)
+                    if built:
+                        for name, fake in self.fakes.items():
+                            torch.library.register_fake(f"fused_pairloss::{name}")(fake)
+                    self.built = built
         return self.built and rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64)
 
 
