@@ -300,14 +300,20 @@ class CrossBatchMemory(torch.nn.Module):
             counts = miner_triplet_counts(in_window, q, r, labels_q, labels_r, excl, lp=distance == "lp",
                                           window=hyper["window"])
             miner.num_triplets = int(batch.sum(counts))
-            if miner.collect_stats:  # PML's means over all triplets, NaN without one
+            if miner.collect_stats:
                 no_exclusion = torch.full_like(labels_q, -1)
-                means = all_triplet_distance_means(q, labels_q, r, labels_r, distance=distance,
-                                                   exclude_col=no_exclusion, backend=backend, batch=batch)
-                miner.pos_pair_dist, miner.neg_pair_dist = (float("nan"),) * 2 if means is None else means
-                miner.avg_triplet_margin = (miner.pos_pair_dist - miner.neg_pair_dist if miner.distance.is_inverted
-                                            else miner.neg_pair_dist - miner.pos_pair_dist)
+                self._record_triplet_means(all_triplet_distance_means(
+                    q, labels_q, r, labels_r, distance=distance, exclude_col=no_exclusion, backend=backend,
+                    batch=batch))
         return record
+
+    def _record_triplet_means(self, means):
+        """TripletMarginMiner's collect_stats: PML's means over all triplets, (u_ap, u_an) or None
+        (no triplet: NaN, as PML's mean of nothing)."""
+        miner = self.miner
+        miner.pos_pair_dist, miner.neg_pair_dist = (float("nan"),) * 2 if means is None else means
+        miner.avg_triplet_margin = (miner.pos_pair_dist - miner.neg_pair_dist if miner.distance.is_inverted
+                                    else miner.neg_pair_dist - miner.pos_pair_dist)
 
     def _record_nothing_mined(self, hyper):
         """The miner's records of a step without queries (PML's miner on no rows): zero counts,
@@ -321,7 +327,7 @@ class CrossBatchMemory(torch.nn.Module):
             return
         miner.num_triplets = 0
         if miner.collect_stats:
-            miner.pos_pair_dist = miner.neg_pair_dist = miner.avg_triplet_margin = float("nan")
+            self._record_triplet_means(None)
 
     def _fused(self, fn, hyper, embeddings, labels, E_mem, L_mem, excl, batch):
         if excl is None:  # exclude_col=None would mean PML's identity rule; here: no exclusion

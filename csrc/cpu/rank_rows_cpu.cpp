@@ -33,32 +33,37 @@ using at::Tensor;
 
 constexpr int64_t kLaneChunk = 16;  // the row kernels' padding
 
-// The row kernels carry column indices (and PNP its class ids) as T, and scale by 1 / temperature.
-void check_scales(const char* op, const Tensor& S, double temperature) {
-  const bool f32 = S.scalar_type() == at::kFloat;
-  TORCH_CHECK(!f32 || S.size(1) < (int64_t(1) << 24), op, ": float32 rows of S must have fewer than 2^24 columns");
-  const double inv = 1.0 / temperature;
-  TORCH_CHECK(std::isfinite(f32 ? static_cast<double>(static_cast<float>(inv)) : inv), op,
-              ": 1 / temperature must be finite in S's dtype; got temperature ", temperature);
-}
+int64_t padded(int64_t N) { return (N + kLaneChunk - 1) / kLaneChunk * kLaneChunk; }
 
-void check_chunk(const char* op, const Tensor& S, int64_t first_row, int64_t block, double temperature) {
+// The checks of a chunk of rows [first_row, first_row + c) of S, and of the positive scale (a
+// temperature) the kernels divide by: they carry column indices (and PNP its class ids) as T and
+// multiply by 1 / scale.
+void check_rows_of_S(const char* op, const Tensor& S, int64_t first_row, const char* scale_name, double scale) {
   TORCH_CHECK(S.device().is_cpu() && S.dim() == 2 && S.is_contiguous(), op,
               ": S must be a contiguous 2-D CPU tensor (a chunk of rows of S)");
   TORCH_CHECK(S.scalar_type() == at::kFloat || S.scalar_type() == at::kDouble, op, ": S must be float32 or float64");
   const int64_t c = S.size(0), N = S.size(1);
-  TORCH_CHECK(block >= 1 && N % block == 0, op, ": block must divide the number of columns (", N, "); got ", block);
   TORCH_CHECK(first_row >= 0 && first_row + c <= N, op, ": rows [", first_row, ", ", first_row + c,
               ") are not rows of a batch of ", N);
-  TORCH_CHECK(temperature > 0, op, ": temperature must be > 0; got ", temperature);
-  check_scales(op, S, temperature);
+  TORCH_CHECK(scale > 0, op, ": ", scale_name, " must be > 0; got ", scale);
+  const bool f32 = S.scalar_type() == at::kFloat;
+  TORCH_CHECK(!f32 || N < (int64_t(1) << 24), op, ": float32 rows of S must have fewer than 2^24 columns");
+  const double inv = 1.0 / scale;
+  TORCH_CHECK(std::isfinite(f32 ? static_cast<double>(static_cast<float>(inv)) : inv), op, ": 1 / ", scale_name,
+              " must be finite in S's dtype; got ", scale_name, " ", scale);
+}
+
+void check_chunk(const char* op, const Tensor& S, int64_t first_row, int64_t block, double temperature) {
+  check_rows_of_S(op, S, first_row, "temperature", temperature);
+  const int64_t N = S.size(1);
+  TORCH_CHECK(block >= 1 && N % block == 0, op, ": block must divide the number of columns (", N, "); got ", block);
 }
 
 // Runs f(i, row, scratch) for each row i of the chunk, the row copied into a zero-padded buffer;
 // scratch: another padded buffer of the thread.
 template <typename T, typename F>
 void for_each_row(const Tensor& S, const F& f) {
-  const int64_t c = S.size(0), N = S.size(1), pad = (N + kLaneChunk - 1) / kLaneChunk * kLaneChunk;
+  const int64_t c = S.size(0), N = S.size(1), pad = padded(N);
   const T* s = S.data_ptr<T>();
   glue::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> row(pad, T(0)), scratch(pad, T(0));
@@ -90,7 +95,7 @@ Tensor ranks_impl(const Tensor& S, int64_t first_row, int64_t block, double temp
 template <typename T>
 Tensor grad_impl(const Tensor& S, const Tensor& grad_ap, int64_t first_row, int64_t block, double temperature) {
   const Kernels<T>& K = active_kernels<T>();
-  const int64_t N = S.size(1), pad = (N + kLaneChunk - 1) / kLaneChunk * kLaneChunk;
+  const int64_t N = S.size(1), pad = padded(N);
   Tensor G = at::empty_like(S);
   T* out = G.data_ptr<T>();
   const T* g = grad_ap.data_ptr<T>();
@@ -106,9 +111,7 @@ Tensor grad_impl(const Tensor& S, const Tensor& grad_ap, int64_t first_row, int6
 
 void check_pnp(const char* op, const Tensor& S, const Tensor& class_ids, const Tensor& positives, int64_t first_row,
                double anneal) {
-  TORCH_CHECK(S.device().is_cpu() && S.dim() == 2 && S.is_contiguous(), op,
-              ": S must be a contiguous 2-D CPU tensor (a chunk of rows of S)");
-  TORCH_CHECK(S.scalar_type() == at::kFloat || S.scalar_type() == at::kDouble, op, ": S must be float32 or float64");
+  check_rows_of_S(op, S, first_row, "anneal", anneal);
   const int64_t c = S.size(0), N = S.size(1);
   TORCH_CHECK(class_ids.dim() == 1 && class_ids.size(0) == N && class_ids.scalar_type() == S.scalar_type() &&
                   class_ids.is_contiguous() && class_ids.device().is_cpu(),
@@ -116,22 +119,25 @@ void check_pnp(const char* op, const Tensor& S, const Tensor& class_ids, const T
   TORCH_CHECK(positives.dim() == 2 && positives.size(0) == c && positives.scalar_type() == at::kLong &&
                   positives.is_contiguous() && positives.device().is_cpu(),
               op, ": positives must be a contiguous int64 CPU tensor with a row per row of S");
-  TORCH_CHECK(first_row >= 0 && first_row + c <= N, op, ": rows [", first_row, ", ", first_row + c,
-              ") are not rows of a batch of ", N);
-  TORCH_CHECK(anneal > 0, op, ": anneal must be > 0; got ", anneal);
-  check_scales(op, S, anneal);
   const int64_t* pos = positives.data_ptr<int64_t>();
   for (int64_t k = 0; k < positives.numel(); ++k)
     TORCH_CHECK(pos[k] >= -1 && pos[k] < N, op, ": positives must be columns of S or -1; got ", pos[k]);
+}
+
+// A vector of N values, zero-padded to the row kernels' length.
+template <typename T>
+std::vector<T> padded_row(const Tensor& v) {
+  std::vector<T> out(padded(v.numel()), T(0));
+  std::copy(v.data_ptr<T>(), v.data_ptr<T>() + v.numel(), out.begin());
+  return out;
 }
 
 template <typename T>
 Tensor pnp_ranks_impl(const Tensor& S, const Tensor& class_ids, const Tensor& positives, int64_t first_row,
                       double anneal) {
   const Kernels<T>& K = active_kernels<T>();
-  const int64_t N = S.size(1), P = positives.size(1), pad = (N + kLaneChunk - 1) / kLaneChunk * kLaneChunk;
-  std::vector<T> ids(pad, T(0));
-  std::copy(class_ids.data_ptr<T>(), class_ids.data_ptr<T>() + N, ids.begin());
+  const int64_t N = S.size(1), P = positives.size(1);
+  const std::vector<T> ids = padded_row<T>(class_ids);
   Tensor rk = at::empty({S.size(0), P}, S.options());
   T* out = rk.data_ptr<T>();
   const int64_t* pos = positives.data_ptr<int64_t>();
@@ -145,9 +151,8 @@ template <typename T>
 Tensor pnp_grad_impl(const Tensor& S, const Tensor& class_ids, const Tensor& positives, const Tensor& grad_rk,
                      int64_t first_row, double anneal) {
   const Kernels<T>& K = active_kernels<T>();
-  const int64_t N = S.size(1), P = positives.size(1), pad = (N + kLaneChunk - 1) / kLaneChunk * kLaneChunk;
-  std::vector<T> ids(pad, T(0));
-  std::copy(class_ids.data_ptr<T>(), class_ids.data_ptr<T>() + N, ids.begin());
+  const int64_t N = S.size(1), P = positives.size(1), pad = padded(N);
+  const std::vector<T> ids = padded_row<T>(class_ids);
   Tensor G = at::empty_like(S);
   T* out = G.data_ptr<T>();
   const int64_t* pos = positives.data_ptr<int64_t>();
