@@ -46,7 +46,9 @@ std::string describe_pair_spec(c10::ArrayRef<double> terms, int64_t flags) {
     << ";mine_on_cosine=" << s.mine_on_cosine << ";pos.sum_temperature=" << s.pos.sum_temperature
     << ";neg.sum_temperature=" << s.neg.sum_temperature << ";hist_nodes=" << s.hist_nodes << ";hist_lo=" << s.hist_lo
     << ";hist_inv_width=" << s.hist_inv_width << ";hist_squared=" << s.hist_squared
-    << ";hist_pml_bins=" << s.hist_pml_bins;
+    << ";hist_pml_bins=" << s.hist_pml_bins << ";windows=" << s.windows << ";pos_window_lo=" << s.pos_window_lo
+    << ";pos_window_hi=" << s.pos_window_hi << ";neg_window_lo=" << s.neg_window_lo
+    << ";neg_window_hi=" << s.neg_window_hi;
   return o.str();
 }
 

@@ -104,7 +104,8 @@ class PairMarginMiner(pml_miners.PairMarginMiner):
         if self.collect_stats:  # PML: the means over all pairs
             self.pos_pair_dist = sums[0] / sums[1] if sums[1] > 0 else 0
             self.neg_pair_dist = sums[2] / sums[3] if sums[3] > 0 else 0
-        return tuple(torch.cat(t) if t else _empty(embeddings.device) for t in out)
+        pairs = tuple(torch.cat(t) if t else _empty(embeddings.device) for t in out)
+        return MinedByMargins(pairs, self, embeddings, labels, ref_emb, ref_labels)
 
 
 class MultiSimilarityMiner(pml_miners.MultiSimilarityMiner):
@@ -114,8 +115,8 @@ class MultiSimilarityMiner(pml_miners.MultiSimilarityMiner):
         rows = _Rows(self, embeddings, labels, ref_emb, ref_labels)
         n_pos, n_neg = rows.pair_totals()
         if n_pos == 0 or n_neg == 0:
-            return MinedPairs(tuple(_empty(labels.device) for _ in range(4)), self, embeddings, labels, ref_emb,
-                              ref_labels)
+            return MinedByEpsilon(tuple(_empty(labels.device) for _ in range(4)), self, embeddings, labels, ref_emb,
+                                  ref_labels)
         inverted = self.distance.is_inverted
         out = [[], [], [], []]
         for i0, i1 in _row_chunks(rows.N, rows.M, rows.M, CHUNK_ELEMENTS):
@@ -143,7 +144,7 @@ class MultiSimilarityMiner(pml_miners.MultiSimilarityMiner):
             out[1].append(pos_sorted_idx[hard_pos])
             out[2].append(hard_neg[0] + i0)
             out[3].append(neg_sorted_idx[hard_neg])
-        return MinedPairs(tuple(torch.cat(t) for t in out), self, embeddings, labels, ref_emb, ref_labels)
+        return MinedByEpsilon(tuple(torch.cat(t) for t in out), self, embeddings, labels, ref_emb, ref_labels)
 
 
 class BatchEasyHardMiner(pml_miners.BatchEasyHardMiner):
@@ -310,10 +311,30 @@ class MinedTriplets(_Mined):
 
 
 class MinedPairs(_Mined):
-    """MultiSimilarityMiner's (a1, p, a2, n), with its epsilon: a pair loss whose engine mines
-    (declaration.miner_epsilon, PML's rule on the label sets) computes over the same pairs without
-    reading the list. Only where PML's miner and the engine apply the same identity rule: the batch
-    against itself, or a ref with other embeddings and other labels (docs/semantics.md "Miners")."""
+    """A pair miner's (a1, p, a2, n) with its rule, which the pair losses whose engine applies it to
+    the label sets (`spec_changes`: fields of the declaration, ops/spec.PairLossSpec) compute over
+    without reading the list. Only where PML's miner and the engine apply the same identity rule:
+    the batch against itself, or a ref with other embeddings and other labels (docs/semantics.md
+    "Miners")."""
+
+    def fused_for(self, embeddings, labels, ref_emb, ref_labels, distance):
+        separate_ref = self.ref_emb is not self.embeddings and self.ref_labels is not self.labels
+        self_mode = self.ref_emb is self.embeddings and self.ref_labels is self.labels
+        return (self_mode or separate_ref) and super().fused_for(embeddings, labels, ref_emb, ref_labels, distance)
+
+    def on_cosine(self, distance):
+        """True when the engine mines on the cosine beside the loss's lp `distance` (MinedByEpsilon)."""
+        return False
+
+    def spec_changes(self, distance):
+        raise NotImplementedError
+
+
+class MinedByEpsilon(MinedPairs):
+    """MultiSimilarityMiner's pairs, with its epsilon: the declaration's miner_epsilon (PML's rule on
+    the label sets, docs/semantics.md "Multi-Similarity"), also for the miner's default
+    CosineSimilarity() beside a loss's LpDistance() (both on normalized rows: the engine mines on
+    -d^2 / 2 = S - 1, miner_on_cosine; the loss checks that every row normalizes to a unit row)."""
 
     def __new__(cls, pairs, miner, embeddings, labels, ref_emb, ref_labels):
         out = super().__new__(cls, pairs, miner, embeddings, labels, ref_emb, ref_labels)
@@ -321,19 +342,32 @@ class MinedPairs(_Mined):
         return out
 
     def fused_for(self, embeddings, labels, ref_emb, ref_labels, distance):
-        """Also for a cosine miner beside an lp loss (both on normalized rows: the engine mines on
-        -d^2 / 2 = S - 1, on_cosine; the loss checks that every row normalizes to a unit row)."""
-        separate_ref = self.ref_emb is not self.embeddings and self.ref_labels is not self.labels
-        self_mode = self.ref_emb is self.embeddings and self.ref_labels is self.labels
-        if self.on_cosine(distance):
-            distance = "cosine"
-        return (self_mode or separate_ref) and super().fused_for(embeddings, labels, ref_emb, ref_labels, distance)
+        return super().fused_for(embeddings, labels, ref_emb, ref_labels,
+                                 "cosine" if self.on_cosine(distance) else distance)
 
     def on_cosine(self, distance):
         """True when the miner measured with the cosine and the loss (`distance`) with PML's
         normalized LpDistance()."""
         from .losses._base import _distance_name
         return distance == "lp" and _distance_name(self.distance) == "cosine"
+
+    def spec_changes(self, distance):
+        return dict(miner_epsilon=self.epsilon, miner_on_cosine=self.on_cosine(distance))
+
+
+class MinedByMargins(MinedPairs):
+    """PairMarginMiner's pairs, with its margins as the declaration's keep windows on v (d or S):
+    positives kept where d > pos_margin (S < pos_margin), negatives where d < neg_margin
+    (S > neg_margin), strict and NaN-dropping as PML's comparisons; with the miner's distance only."""
+
+    def __new__(cls, pairs, miner, embeddings, labels, ref_emb, ref_labels):
+        out = super().__new__(cls, pairs, miner, embeddings, labels, ref_emb, ref_labels)
+        inf, pos, neg = float("inf"), float(miner.pos_margin), float(miner.neg_margin)
+        out.windows = ((-inf, pos), (neg, inf)) if miner.distance.is_inverted else ((pos, inf), (-inf, neg))
+        return out
+
+    def spec_changes(self, distance):
+        return dict(pos_window=self.windows[0], neg_window=self.windows[1])
 
 
 class TripletMarginMiner(pml_miners.TripletMarginMiner):
@@ -390,4 +424,4 @@ class TripletMarginMiner(pml_miners.TripletMarginMiner):
 
 MINERS = {cls.__name__: cls for cls in (TripletMarginMiner, MultiSimilarityMiner, PairMarginMiner, BatchHardMiner,
                                         BatchEasyHardMiner)}
-__all__ = [*MINERS, "MinedTriplets", "MinedPairs"]
+__all__ = [*MINERS, "MinedTriplets", "MinedPairs", "MinedByEpsilon", "MinedByMargins"]

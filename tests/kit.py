@@ -25,6 +25,8 @@ from fused_pairloss.losses import (REGISTRY, LossEntry, circle, clip, contrastiv
 from fused_pairloss.ops import oracle
 from fused_pairloss.ops.spec import ClassLossSpec, PairHistogram, PairLossSpec
 
+INF = float("inf")
+
 # ---- tolerance rule ------------------------------------------------------------------------------
 SLACK = 2.0
 # floor of the rule, in units of the dtype's epsilon times (1 + |truth|): sums over a few hundred
@@ -177,6 +179,12 @@ PAIR_DECLARATIONS: Dict[str, PairLossSpec] = {
     "ms_mine_after_excl": PairLossSpec(pos=multi_similarity.declaration(2.0, 50.0, 0.5).pos,
                                        neg=multi_similarity.declaration(2.0, 50.0, 0.5).neg,
                                        miner_epsilon=0.125, exclude_after_mining=True),
+    # PML's PairMarginMiner as keep windows lo < v < hi (bounds on the dyadic grid: the ties are strict)
+    "contrastive_cos_windows": dataclasses.replace(contrastive.declaration(0.75, 0.25, distance="cosine"),
+                                                   pos_window=(-INF, 0.5), neg_window=(0.0, INF)),
+    "ms_lp_windows": dataclasses.replace(multi_similarity.declaration(2.0, 10.0, 0.5, distance="lp"),
+                                         pos_window=(0.5, INF), neg_window=(-INF, 1.25)),
+    "ntxent_windows": dataclasses.replace(ntxent.declaration(0.5), pos_window=(-INF, 0.75), neg_window=(-0.25, INF)),
 }
 
 # declarations with histograms (PairLossSpec.histogram): the CPU engine's only, so not in the table

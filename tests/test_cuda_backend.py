@@ -392,7 +392,7 @@ def test_emulated_rejects_bad_arguments(emu):
     with pytest.raises(RuntimeError, match="terms must have"):
         emu.pair_engine_forward(q, None, lq, None, None, list(terms)[:-1], flags)
     with pytest.raises(RuntimeError, match="unknown pair flag"):
-        emu.pair_engine_forward(q, None, lq, None, None, list(terms), flags | (1 << 13))
+        emu.pair_engine_forward(q, None, lq, None, None, list(terms), flags | (1 << 14))
     hist_terms, hist_flags = kit.HIST_DECLARATIONS["fastap"].pack()
     with pytest.raises(RuntimeError, match=r"histograms \(hist_nodes > 0\) are computed by the CPU engine only"):
         emu.pair_engine_forward(q, None, lq, None, None, list(hist_terms), hist_flags)

@@ -219,6 +219,27 @@ def test_gpu_triplet_miner_fused_into_triplet_loss(type_of_triplets, backend):
     torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("miner", ["MultiSimilarityMiner", "PairMarginMiner"])
+def test_gpu_pair_miner_rule_fused_into_pair_loss(miner, backend):
+    """The miner's rule in the GPU engines' declaration (MS epsilon, PairMargin's keep windows),
+    equal to PML's miner + loss on the same CUDA tensors."""
+    x, y, _, _ = batch("self", n=300, d=32, seed=3)
+    x = x.detach().cuda().requires_grad_(True)
+    y = y.cuda()
+    kw = dict(pos_margin=1.2, neg_margin=1.4) if miner == "PairMarginMiner" else {}
+    mined = getattr(miners, miner)(**kw)(x, y)
+    loss = fpl.ContrastiveLoss(backend=backend)
+    assert loss._fused_with_miner_rule(x, y, mined, None, None) is not None
+    ours = loss(x, y, mined)
+    theirs = pml_losses.ContrastiveLoss()(x, y, tuple(mined))
+    torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
+    g_ours, = torch.autograd.grad(ours, x)
+    g_theirs, = torch.autograd.grad(theirs, x)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-7, atol=1e-12)
+
+
 MS_FUSED_LOSSES = {  # loss -> (cosine kwargs, lp kwargs or None: cosine only)
     "MultiSimilarityLoss": ({}, dict(beta=10, distance=LpDistance())),
     "CircleLoss": ({}, None),
@@ -233,41 +254,55 @@ MS_FUSED_LOSSES = {  # loss -> (cosine kwargs, lp kwargs or None: cosine only)
 
 # PML's cosine-only losses with the cosine only; PML's TCM reads a ref_emb's indices as rows of
 # embeddings, which is computed as PML does (tests/test_pml_pair_losses.py), not fused
-MS_FUSED_CASES = [(loss, mode, distance) for loss, kws in MS_FUSED_LOSSES.items() for mode in ("self", "ref")
+MS_FUSED_CASES = [("ms", loss, mode, distance) for loss, kws in MS_FUSED_LOSSES.items() for mode in ("self", "ref")
                   for distance, kw in zip(("cosine", "lp"), kws)
                   if kw is not None and not (loss == "ThresholdConsistentMarginLoss" and mode == "ref")]
-# the miner's default CosineSimilarity() beside a loss's LpDistance(): mined on -d^2 / 2 = S - 1
-MS_FUSED_CASES += [(loss, mode, "cosine_miner_lp") for loss, kws in MS_FUSED_LOSSES.items() for mode in ("self", "ref")
-                   if kws[1] is not None]
+# PairMarginMiner with the loss's distance: its margins as the engine's keep windows
+MS_FUSED_CASES += [("margins",) + case[1:] for case in MS_FUSED_CASES]
+# the MS miner's default CosineSimilarity() beside a loss's LpDistance(): mined on -d^2 / 2 = S - 1
+MS_FUSED_CASES += [("ms", loss, mode, "cosine_miner_lp") for loss, kws in MS_FUSED_LOSSES.items()
+                   for mode in ("self", "ref") if kws[1] is not None]
+PAIR_MINERS = {  # (miner, kwargs): margins that cut both sets of the test batch (d about 1.4 +- 0.4)
+    ("ms", "cosine"): ("MultiSimilarityMiner", dict(epsilon=0.1, distance=CosineSimilarity())),
+    ("ms", "lp"): ("MultiSimilarityMiner", dict(epsilon=0.1, distance=LpDistance())),
+    ("ms", "cosine_miner_lp"): ("MultiSimilarityMiner", dict(epsilon=0.1, distance=CosineSimilarity())),
+    ("margins", "cosine"): ("PairMarginMiner", dict(pos_margin=0.2, neg_margin=-0.1, distance=CosineSimilarity())),
+    ("margins", "lp"): ("PairMarginMiner", dict(pos_margin=1.2, neg_margin=1.5, distance=LpDistance())),
+}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("loss,mode,distance", MS_FUSED_CASES)
-def test_ms_miner_rule_fused_into_pair_losses(loss, mode, distance, dtype, monkeypatch):
-    """Our MultiSimilarityMiner's pairs given to a pair loss with the miner's distance (or a cosine
-    miner beside an lp loss): the miner's rule in the loss's engine (the list is not read), equal to
-    PML's miner + loss (values and gradients; fp64 PML the truth, PML in the dtype the reference)."""
+@pytest.mark.parametrize("miner,loss,mode,distance", MS_FUSED_CASES)
+def test_pair_miner_rule_fused_into_pair_losses(miner, loss, mode, distance, dtype, monkeypatch):
+    """Our MultiSimilarityMiner's or PairMarginMiner's pairs given to a pair loss with the miner's
+    distance (or a cosine MS miner beside an lp loss): the miner's rule in the loss's engine (the
+    list is not read), equal to PML's miner + loss (values and gradients; fp64 PML the truth, PML in
+    the dtype the reference)."""
     kw = MS_FUSED_LOSSES[loss][0 if distance == "cosine" else 1]
-    miner_kw = dict(epsilon=0.1, distance=LpDistance() if distance == "lp" else CosineSimilarity())
+    miner_name, miner_kw = PAIR_MINERS[miner, distance]
     x, y, r, ry = batch(mode, seed=11, dtype=dtype)
     params = [x] if r is None else [x, r]
 
     def run(lib_miners, lib_losses, inputs):
         xx, yy, rr, rry = inputs
-        mined = lib_miners.MultiSimilarityMiner(**miner_kw)(xx, yy, rr, rry)
+        mined = getattr(lib_miners, miner_name)(**miner_kw)(xx, yy, rr, rry)
         out = getattr(lib_losses, loss)(**kw)(xx, yy, mined, rr, rry)
         wrt = [xx] if rr is None else [xx, rr]
         grads = torch.autograd.grad(out, wrt, allow_unused=True)
-        return out, [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
+        return out, [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)], mined
 
     with monkeypatch.context() as m:  # neither the listed pairs nor the reference
         m.setattr(fpl.losses._base._PairLoss, "_fused_with_listed_pairs", None)
         m.setattr(fpl.losses._base._PairLoss, "_reference_with_indices", None)
         m.setattr(getattr(fpl.losses, loss), "_reference_with_indices", None)
-        value, grads = run(miners, fpl.losses, (x, y, r, ry))
-    same, same_grads = run(pml_miners, pml_losses, (x, y, r, ry))
+        value, grads, mined = run(miners, fpl.losses, (x, y, r, ry))
+    same, same_grads, listed = run(pml_miners, pml_losses, (x, y, r, ry))
+    n_pos, n_neg = len(listed[0]), len(listed[2])
+    all_pos = int((y[:, None] == (y if ry is None else ry)[None, :]).sum()) - (len(y) if r is None else 0)
+    assert 0 < n_pos < all_pos and 0 < n_neg, "the miner must keep some pairs of each set and drop some positives"
+    assert all(torch.equal(a, b) for a, b in zip(mined, listed)), "the miner's tuple is PML's"
     conv = {id(p): p.detach().double().requires_grad_(True) for p in params}
-    truth, truth_grads = run(pml_miners, pml_losses, (conv[id(x)], y, None if r is None else conv[id(r)], ry))
+    truth, truth_grads, _ = run(pml_miners, pml_losses, (conv[id(x)], y, None if r is None else conv[id(r)], ry))
     check_close(value, truth, same, what="value", dtype=dtype)
     for k, (a, t, b) in enumerate(zip(grads, truth_grads, same_grads)):
         check_close(a, t, b, what=f"grad {k}", dtype=dtype)

@@ -210,10 +210,12 @@ def test_opcheck_all_four_ops():
 def test_bad_arguments():
     args = pair_case("ref", 6, 4, "few", torch.float32)
     terms, flags = PAIR_DECLS["ms"].pack()
-    with pytest.raises(RuntimeError, match="terms must have 14"):
+    with pytest.raises(RuntimeError, match="terms must have 18"):
         PAIR_FWD(*args, list(terms)[:8], flags)
     with pytest.raises(RuntimeError, match="unknown pair flag"):
-        PAIR_FWD(*args, list(terms), flags | (1 << 13))
+        PAIR_FWD(*args, list(terms), flags | (1 << 14))
+    with pytest.raises(RuntimeError, match="keep windows cannot be combined with mining"):
+        PAIR_FWD(*args, list(terms), flags | S.MINE | S.KEEP_WINDOWS)
     with pytest.raises(RuntimeError, match="exclude-after-mining needs mining"):
         PAIR_FWD(*args, list(terms), flags | S.EXCLUDE_AFTER_MINING)
     hist_terms, hist_flags = kit.HIST_DECLARATIONS["cosine_with_sums"].pack()

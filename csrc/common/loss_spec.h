@@ -37,13 +37,18 @@ enum PairFlag : int64_t {
   kExcludeAfterMining = 1 << 9,  // the excluded column takes part in the mining thresholds
   kMineOnCosine = 1 << 10,       // lp: the miner's u = -d^2 / 2 (= S - 1 on normalized rows, a cosine miner)
   kHistSquared = 1 << 11,        // the histogram's h is v^2 (else v)
-  kHistPmlBins = 1 << 12         // PML HistogramLoss's binning of h (below)
+  kHistPmlBins = 1 << 12,        // PML HistogramLoss's binning of h (below)
+  kKeepWindows = 1 << 13         // PairMarginMiner: a pair is kept iff lo < v < hi of its set's window
 };
-constexpr int64_t kPairFlagMask = (int64_t(1) << 13) - 1;
+constexpr int64_t kPairFlagMask = (int64_t(1) << 14) - 1;
 
 // terms = [pos.scale, pos.shift, pos.weight_offset, pos.weight_slope,
 //          neg.scale, neg.shift, neg.weight_offset, neg.weight_slope, miner_epsilon,
-//          pos.sum_temperature, neg.sum_temperature, hist_nodes, hist_lo, hist_inv_width]
+//          pos.sum_temperature, neg.sum_temperature, hist_nodes, hist_lo, hist_inv_width,
+//          pos_window_lo, pos_window_hi, neg_window_lo, neg_window_hi]
+// kKeepWindows: a pair of a set is kept only where window_lo < v < window_hi (strict; a NaN v is in
+// no window, as PML's comparisons drop it; +-inf for an open side). PML's PairMarginMiner, whose
+// thresholds depend on nothing but the pair, so the windows need no extra walk.
 // hist_nodes > 0: per row and set the histogram of h = v (kHistSquared: v^2) on the nodes
 // hist_lo + k / hist_inv_width, k < hist_nodes, with triangular pulses: u = (h - lo) inv_width adds
 // 1 - f to node floor(u) and f = u - floor(u) to the next (out-of-range nodes get nothing; a NaN h
@@ -55,8 +60,9 @@ constexpr int64_t kPairFlagMask = (int64_t(1) << 13) - 1;
 // multiply by inv_width: a rounding apart); the gradient is
 // the slope of r's segment, (g_{r+1} - g_r) / delta, on the node too.
 constexpr int kTermFloats = 4;
-constexpr int kPairTermsLength = 2 * kTermFloats + 6;
-constexpr int kHistTerms = 2 * kTermFloats + 3;  // index of hist_nodes in terms
+constexpr int kPairTermsLength = 2 * kTermFloats + 10;
+constexpr int kHistTerms = 2 * kTermFloats + 3;    // index of hist_nodes in terms
+constexpr int kWindowTerms = 2 * kTermFloats + 6;  // index of pos_window_lo in terms
 
 // Row outputs of the forward op, one row of the returned [k, N] tensors per slot.
 enum PairValueSlot : int { kLsePos = 0, kLseNeg, kSumPos, kSumNeg, kPosVsNeg, kWeightPos, kWeightNeg, kNumPairValues };
@@ -82,6 +88,8 @@ struct PairSpec {
   PairTermParams<T> pos, neg;
   bool lp_distance, mine, pos_vs_neg_lse, exclude_after_mining, mine_on_cosine;
   T miner_eps;
+  bool windows;  // kKeepWindows
+  T pos_window_lo, pos_window_hi, neg_window_lo, neg_window_hi;
   int64_t hist_nodes;  // 0: no histogram
   T hist_lo, hist_inv_width;
   bool hist_squared;
@@ -112,6 +120,11 @@ PairSpec<T> decode_pair_spec(const double* terms, int64_t flags) {
   s.exclude_after_mining = flags & kExcludeAfterMining;
   s.mine_on_cosine = flags & kMineOnCosine;
   s.miner_eps = T(terms[2 * kTermFloats]);
+  s.windows = flags & kKeepWindows;
+  s.pos_window_lo = T(terms[kWindowTerms]);
+  s.pos_window_hi = T(terms[kWindowTerms + 1]);
+  s.neg_window_lo = T(terms[kWindowTerms + 2]);
+  s.neg_window_hi = T(terms[kWindowTerms + 3]);
   s.hist_nodes = static_cast<int64_t>(terms[kHistTerms]);
   s.hist_lo = T(terms[kHistTerms + 1]);
   s.hist_inv_width = T(terms[kHistTerms + 2]);
@@ -146,6 +159,10 @@ inline std::string check_pair_spec(const double* terms, int64_t n_terms, int64_t
     return "hist_lo must be a finite number (as a float)";
   if (nodes > 0 && (flags & (kMine | kPosVsNegLse))) return "a histogram cannot be combined with mining or NTXent";
   if (nodes == 0 && (flags & kHistSquared)) return "hist-squared needs a histogram";
+  if ((flags & kKeepWindows) && (flags & kMine)) return "keep windows cannot be combined with mining";
+  if ((flags & kKeepWindows) && nodes > 0) return "keep windows cannot be combined with a histogram";
+  for (int k = 0; k < 4; ++k)
+    if (terms[kWindowTerms + k] != terms[kWindowTerms + k]) return "the keep windows' bounds must not be NaN";
   if ((flags & kHistPmlBins) && !(nodes >= 2 && !(flags & kHistSquared)))
     return "hist-pml-bins needs a histogram of 2 nodes or more, of v (not squared)";
   return "";

@@ -84,6 +84,13 @@ FPL_TERM_FN T mining_u(T v, bool lp, bool on_cosine) {
   return lp ? (on_cosine ? -(v * v) * TermLit<T>::of(0.5) : -v) : v;
 }
 
+// PairMarginMiner's keep windows (loss_spec.h kKeepWindows): lo < v < hi, false for a NaN v. A
+// mask (vector T) or a bool.
+template <typename T>
+FPL_TERM_FN auto in_window(T v, T lo, T hi) {
+  return (v > lo) & (v < hi);
+}
+
 template <typename T>
 FPL_TERM_FN T smallest_normal();
 template <>

@@ -196,8 +196,8 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
         return self._hyper()
 
     # the loss's fused call is its declaration on the label sets through one pair_stats call, to which
-    # the engine's MultiSimilarityMiner rule can be added (ops/stats.MinedBy)
-    _fuses_ms_miner = False
+    # a pair miner's rule can be added (ops/stats.MinedBy): MultiSimilarityMiner's, PairMarginMiner's
+    _fuses_pair_miners = False
 
     def _own_fused_fn(self):
         fused_fn = getattr(type(self), "_fused_fn", None)  # a declared loss (fused_pairloss.declare)
@@ -207,10 +207,11 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
         return fused_fn
 
     def _fused_with_miner_rule(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        """Our MultiSimilarityMiner's pairs (fused_pairloss._miners.MinedPairs) on the inputs it mined,
-        with the loss's distance (or a cosine miner beside PML's normalized LpDistance()): the loss's
-        fused call with the miner's rule in its engine (the list is not read); None otherwise."""
-        if (not self._fuses_ms_miner or not hasattr(indices_tuple, "epsilon")
+        """Our MultiSimilarityMiner's or PairMarginMiner's pairs (fused_pairloss._miners.MinedPairs) on
+        the inputs they were mined from, with the loss's distance (or a cosine MultiSimilarityMiner
+        beside PML's normalized LpDistance()): the loss's fused call with the miner's rule in its engine
+        (the list is not read); None otherwise."""
+        if (not self._fuses_pair_miners or not hasattr(indices_tuple, "spec_changes")
                 or not indices_tuple.fused_for(embeddings, labels, ref_emb, ref_labels, self._distance_kind)
                 or getattr(self, "miner_epsilon", None) is not None):
             return None
@@ -226,7 +227,7 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
         on_cosine = indices_tuple.on_cosine(self._distance_kind)
         if on_cosine and _has_short_row(embeddings, ref_emb):
             return None  # -d^2 / 2 = S - 1 needs unit rows; F.normalize leaves a row of norm <= eps short
-        mined_by = MinedBy(backend, indices_tuple.epsilon, on_cosine=on_cosine)
+        mined_by = MinedBy(backend, indices_tuple.spec_changes(self._distance_kind))
         return fused_fn(embeddings, labels, ref_emb, ref_labels, backend=mined_by, **self._listed_hyper())
 
     def _fused_with_listed_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):

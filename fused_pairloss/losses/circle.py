@@ -83,7 +83,7 @@ class CircleLoss(_PairLoss):
     _distances = ("cosine",)
     _cosine_only = True
     _reference = staticmethod(circle_reference)
-    _fuses_ms_miner = True  # our MultiSimilarityMiner's pairs: its rule in the engine (losses/_base.py)
+    _fuses_pair_miners = True  # our MultiSimilarityMiner's and PairMarginMiner's pairs: their rule in the engine
 
     def __init__(self, m=0.4, gamma=80, backend="auto", **kwargs):
         super().__init__()

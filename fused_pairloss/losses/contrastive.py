@@ -85,7 +85,7 @@ class ContrastiveLoss(_PairLoss):
     _pair_based = True  # PML's GenericPairLoss(mat_based_loss=False): the pair list
     _default_distance = "lp"
     _reference = staticmethod(contrastive_reference)
-    _fuses_ms_miner = True  # our MultiSimilarityMiner's pairs: its rule in the engine (losses/_base.py)
+    _fuses_pair_miners = True  # our MultiSimilarityMiner's and PairMarginMiner's pairs: their rule in the engine
 
     def __init__(self, pos_margin=0, neg_margin=1, backend="auto", **kwargs):
         super().__init__()

@@ -90,7 +90,7 @@ class GeneralizedLiftedStructureLoss(_PairLoss):
     """Drop-in for pytorch_metric_learning.losses.GeneralizedLiftedStructureLoss (default LpDistance)."""
     _default_distance = "lp"
     _reference = staticmethod(lifted_structure_reference)
-    _fuses_ms_miner = True  # our MultiSimilarityMiner's pairs: its rule in the engine (losses/_base.py)
+    _fuses_pair_miners = True  # our MultiSimilarityMiner's and PairMarginMiner's pairs: their rule in the engine
 
     def __init__(self, neg_margin=1, pos_margin=0, backend="auto", **kwargs):
         super().__init__()

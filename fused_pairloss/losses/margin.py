@@ -128,7 +128,7 @@ class MarginLoss(_PairLoss):
     (random sampling) is computed by PML itself (one-time warning), sharing the module's beta."""
     _default_distance = "lp"
     _reference = staticmethod(margin_reference)
-    _fuses_ms_miner = True  # our MultiSimilarityMiner's pairs: its rule in the engine (losses/_base.py)
+    _fuses_pair_miners = True  # our MultiSimilarityMiner's and PairMarginMiner's pairs: their rule in the engine
     _listed_pairs = False  # listed triplets from their rows (_reference_with_indices)
 
     def __init__(self, margin=0.2, nu=0, beta=1.2, triplets_per_anchor="all", learn_beta=False, num_classes=None,

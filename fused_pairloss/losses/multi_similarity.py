@@ -121,7 +121,7 @@ class MultiSimilarityLoss(_PairLoss):
     """Drop-in for pytorch_metric_learning.losses.MultiSimilarityLoss; miner_epsilon=e replaces
     PML's MultiSimilarityMiner(e) + MultiSimilarityLoss (the miner uses the loss's distance)."""
     _reference = staticmethod(multi_similarity_reference)
-    _fuses_ms_miner = True  # our MultiSimilarityMiner's pairs: its rule in the engine (losses/_base.py)
+    _fuses_pair_miners = True  # our MultiSimilarityMiner's and PairMarginMiner's pairs: their rule in the engine
 
     def __init__(self, alpha=2, beta=50, base=0.5, miner_epsilon=None, backend="auto", **kwargs):
         super().__init__()

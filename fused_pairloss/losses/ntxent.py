@@ -98,7 +98,7 @@ class NTXentLoss(_PairLoss):
     """Drop-in for pytorch_metric_learning.losses.NTXentLoss."""
     _pair_based = True  # PML's GenericPairLoss(mat_based_loss=False): the pair list
     _reference = staticmethod(ntxent_reference)
-    _fuses_ms_miner = True  # our MultiSimilarityMiner's pairs: its rule in the engine (losses/_base.py)
+    _fuses_pair_miners = True  # our MultiSimilarityMiner's and PairMarginMiner's pairs: their rule in the engine
 
     def __init__(self, temperature=0.07, backend="auto", **kwargs):
         super().__init__()

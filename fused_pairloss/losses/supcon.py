@@ -93,7 +93,7 @@ def supcon_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperatur
 class SupConLoss(_PairLoss):
     """Drop-in for pytorch_metric_learning.losses.SupConLoss."""
     _reference = staticmethod(supcon_reference)
-    _fuses_ms_miner = True  # our MultiSimilarityMiner's pairs: its rule in the engine (losses/_base.py)
+    _fuses_pair_miners = True  # our MultiSimilarityMiner's and PairMarginMiner's pairs: their rule in the engine
 
     def __init__(self, temperature=0.1, backend="auto", **kwargs):
         super().__init__()

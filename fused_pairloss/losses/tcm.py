@@ -104,7 +104,7 @@ class ThresholdConsistentMarginLoss(_PairLoss):
     _distances = ("cosine",)
     _cosine_only = True
     _reference = staticmethod(tcm_reference)
-    _fuses_ms_miner = True  # our MultiSimilarityMiner's pairs: its rule in the engine (losses/_base.py)
+    _fuses_pair_miners = True  # our MultiSimilarityMiner's and PairMarginMiner's pairs: their rule in the engine
     _pair_based = True  # PML reduces the pair lists: a listed pair counts as often as it is listed
     # PML's wrappers pass a ref_emb, whose rows PML's TCM does not read: called as PML calls it
     _fused_in_wrappers = False

@@ -91,6 +91,10 @@ def _pair_values(q, r, labels_q, labels_r, exclude_col, sp: S.PairLossSpec):
         eps = float(sp.miner_epsilon)
         pos = pos & (u - eps < max_neg[:, None])
         neg = neg & (u + eps > min_pos[:, None])
+    if sp.pos_window is not None:  # PairMarginMiner: lo < v < hi (the bounds in the dtype, as torch compares)
+        vd = v.detach()
+        pos = pos & (vd > sp.pos_window[0]) & (vd < sp.pos_window[1])
+        neg = neg & (vd > sp.neg_window[0]) & (vd < sp.neg_window[1])
     xp, xn = _term(sp.pos, v), _term(sp.neg, v)
     zero_row = torch.zeros(n, dtype=A, device=q.device)
 

@@ -28,6 +28,7 @@ EXCLUDE_AFTER_MINING = 1 << 9
 MINE_ON_COSINE = 1 << 10
 HIST_SQUARED = 1 << 11
 HIST_PML_BINS = 1 << 12
+KEEP_WINDOWS = 1 << 13
 
 ROW_LSE = 1 << 0
 COL_POS_LSE = 1 << 1
@@ -133,7 +134,10 @@ class PairLossSpec:
     its miner ran). `miner_on_cosine` (lp only): the miner measures with CosineSimilarity() beside
     the loss's LpDistance(), on u = -d^2 / 2 = S - 1 (normalized rows: d^2 = 2 - 2 S).
     `histogram`: per row and set the histogram of the pairs' v (PairHistogram; no mining, no
-    pos_vs_neg_lse), in the value rows after PAIR_VALUES: the positives' nodes, then the negatives'."""
+    pos_vs_neg_lse), in the value rows after PAIR_VALUES: the positives' nodes, then the negatives'.
+    `pos_window` / `neg_window` (given together, as (lo, hi); no mining, no histogram): PML's
+    PairMarginMiner, a pair of the set kept only where lo < v < hi (a NaN v in no window, as PML's
+    comparisons drop it; +-inf for an open side)."""
 
     pos: PairTerm
     neg: PairTerm
@@ -143,6 +147,8 @@ class PairLossSpec:
     exclude_after_mining: bool = False
     miner_on_cosine: bool = False
     histogram: Optional[PairHistogram] = None
+    pos_window: Optional[Tuple[float, float]] = None
+    neg_window: Optional[Tuple[float, float]] = None
     # the packed arguments, computed once (a spec is immutable)
     _packed: Tuple[Tuple[float, ...], int] = field(init=False, repr=False, compare=False)
 
@@ -158,6 +164,15 @@ class PairLossSpec:
                 raise ValueError(f"{name}.sum_temperature needs a hinge term reduced by sum")
         if self.histogram is not None and (self.miner_epsilon is not None or self.pos_vs_neg_lse):
             raise ValueError("histogram cannot be combined with miner_epsilon or pos_vs_neg_lse")
+        if (self.pos_window is None) != (self.neg_window is None):
+            raise ValueError("pos_window and neg_window go together (both (lo, hi), or both None)")
+        windows = self.pos_window is not None
+        if windows and (self.miner_epsilon is not None or self.histogram is not None):
+            raise ValueError("pos_window / neg_window cannot be combined with miner_epsilon or a histogram")
+        for name in ("pos_window", "neg_window") if windows else ():
+            w = getattr(self, name)
+            if not (isinstance(w, tuple) and len(w) == 2 and all(isinstance(b, (int, float)) and b == b for b in w)):
+                raise ValueError(f"{name} must be a tuple (lo, hi) of two numbers (not NaN); got {w!r}")
         flags = 0
         flags |= POS_LSE if self.pos.lse else 0
         flags |= POS_SUM if self.pos.sum else 0
@@ -173,11 +188,14 @@ class PairLossSpec:
         h = self.histogram
         flags |= HIST_SQUARED if h is not None and h.squared else 0
         flags |= HIST_PML_BINS if h is not None and h.pml_bins else 0
+        flags |= KEEP_WINDOWS if windows else 0
         histogram = (0.0, 0.0, 0.0) if h is None else (float(h.nodes), float(h.lo), float(h.inv_width))
         eps = 0.0 if self.miner_epsilon is None else float(self.miner_epsilon)
         temperatures = (float(self.pos.sum_temperature), float(self.neg.sum_temperature))
-        object.__setattr__(self, "_packed", (self.pos.floats() + self.neg.floats() + (eps,) + temperatures + histogram,
-                                             flags))
+        inf = float("inf")
+        bounds = (tuple(map(float, self.pos_window + self.neg_window)) if windows else (-inf, inf, -inf, inf))
+        object.__setattr__(self, "_packed", (self.pos.floats() + self.neg.floats() + (eps,) + temperatures + histogram
+                                             + bounds, flags))
 
     def pack(self) -> Tuple[Tuple[float, ...], int]:
         """(terms, flags): the fused ops' arguments (loss_spec.h layout)."""
@@ -204,7 +222,10 @@ class PairLossSpec:
             f"neg.sum_temperature={_num(float(self.neg.sum_temperature))}",
             f"hist_nodes={self._packed[0][11]:.0f}", f"hist_lo={_num(self._packed[0][12])}",
             f"hist_inv_width={_num(self._packed[0][13])}", f"hist_squared={int(bool(self._packed[1] & HIST_SQUARED))}",
-            f"hist_pml_bins={int(bool(self._packed[1] & HIST_PML_BINS))}"]
+            f"hist_pml_bins={int(bool(self._packed[1] & HIST_PML_BINS))}",
+            f"windows={int(bool(self._packed[1] & KEEP_WINDOWS))}"] + [
+            f"{name}={_num(b)}" for name, b in zip(("pos_window_lo", "pos_window_hi", "neg_window_lo", "neg_window_hi"),
+                                                    self._packed[0][14:18])]
         return ";".join(parts)
 
 
@@ -307,7 +328,9 @@ def unpack_pair(terms, flags: int) -> PairLossSpec:
                         miner_epsilon=terms[8] if flags & MINE else None,
                         pos_vs_neg_lse=bool(flags & POS_VS_NEG_LSE),
                         exclude_after_mining=bool(flags & EXCLUDE_AFTER_MINING),
-                        miner_on_cosine=bool(flags & MINE_ON_COSINE), histogram=histogram)
+                        miner_on_cosine=bool(flags & MINE_ON_COSINE), histogram=histogram,
+                        pos_window=tuple(terms[14:16]) if flags & KEEP_WINDOWS else None,
+                        neg_window=tuple(terms[16:18]) if flags & KEEP_WINDOWS else None)
 
 
 def unpack_class(terms, flags: int, centers_per_class: int) -> ClassLossSpec:

@@ -37,13 +37,14 @@ def backward_op(engine: engines.Engine, backend):
 
 
 class MinedBy:
-    """A backend whose pair engine also applies PML's MultiSimilarityMiner(epsilon) to the label sets
-    (the declaration's miner_epsilon, docs/semantics.md "Multi-Similarity"): how a loss computes over
-    our MultiSimilarityMiner's pairs (fused_pairloss._miners.MinedPairs) without reading them."""
+    """A backend whose pair engine also applies a pair miner's rule to the label sets: `changes`, the
+    declaration's fields that say it (PairLossSpec: miner_epsilon and miner_on_cosine for PML's
+    MultiSimilarityMiner, pos_window and neg_window for its PairMarginMiner; docs/semantics.md
+    "Miners"). How a loss computes over our miners' pairs (fused_pairloss._miners.MinedPairs)
+    without reading them."""
 
-    def __init__(self, backend, epsilon, on_cosine=False):
-        # on_cosine: the miner measured with the cosine, the loss with the lp distance (PairLossSpec)
-        self.backend, self.epsilon, self.on_cosine = backend, float(epsilon), bool(on_cosine)
+    def __init__(self, backend, changes):
+        self.backend, self.changes = backend, dict(changes)
 
 
 def pair_stats(q, r, labels_q, labels_r, exclude_col, spec: S.PairLossSpec, backend) -> engines.PairStats:
@@ -54,8 +55,7 @@ def pair_stats(q, r, labels_q, labels_r, exclude_col, spec: S.PairLossSpec, back
     if isinstance(backend, ListedPairs):
         return listed_pair_stats(q, r, spec, backend)
     if isinstance(backend, MinedBy):
-        spec, backend = dataclasses.replace(spec, miner_epsilon=backend.epsilon,
-                                            miner_on_cosine=backend.on_cosine), backend.backend
+        spec, backend = dataclasses.replace(spec, **backend.changes), backend.backend
     terms, flags = spec.pack()
     labels_q = labels_q.to(device=q.device, dtype=torch.int64).contiguous()
     if r is not None:

@@ -143,11 +143,12 @@ def is_interpreter() -> bool:
 INTERPRETED = _IMPORTED and is_interpreter()
 _USE_TRITON_OP = _IMPORTED and not INTERPRETED and hasattr(torch.library, "triton_op")
 
-_PAIR_TERMS = 2 * 4 + 6
+_PAIR_TERMS = 2 * 4 + 10
 _KERNEL_TERMS = 2 * 4 + 3  # the terms the kernels take (not the histogram's: the CPU engine's only)
+_WINDOW_TERMS = slice(14, 18)  # then the keep windows' bounds (after the smallest normal)
 _PAIR_VALUES = len(S.PAIR_VALUES)
 _CLASS_TERMS = 3 * 4 + 1
-_PAIR_FLAG_MASK = (1 << 11) - 1
+_PAIR_FLAG_MASK = ((1 << 11) - 1) | S.KEEP_WINDOWS
 # no weight-operand bits (plain rows)
 _CLASS_FLAG_MASK = S.ROW_LSE | S.COL_POS_LSE | S.COL_NEG_LSE | S.POOL_MAX | S.ROW_SOFTPLUS_SUM
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -243,7 +244,7 @@ def _pair_switches(flags: int, terms) -> dict:
                 POS_LSE=bool(f & S.POS_LSE), POS_SUM=bool(f & S.POS_SUM), POS_HINGE=bool(f & S.POS_HINGE),
                 NEG_LSE=bool(f & S.NEG_LSE), NEG_SUM=bool(f & S.NEG_SUM), NEG_HINGE=bool(f & S.NEG_HINGE),
                 LP=bool(f & S.LP_DISTANCE), MINE=bool(f & S.MINE), NTX=bool(f & S.POS_VS_NEG_LSE),
-                EAM=bool(f & S.EXCLUDE_AFTER_MINING), MCOS=bool(f & S.MINE_ON_COSINE))
+                EAM=bool(f & S.EXCLUDE_AFTER_MINING), MCOS=bool(f & S.MINE_ON_COSINE), WIN=bool(f & S.KEEP_WINDOWS))
 
 
 def _pool_kind(K: int, flags: int) -> int:
@@ -272,6 +273,10 @@ def _check_pair(q, r, labels_q, labels_r, exclude_col, terms, flags):
                  lambda: "pair_engine (triton): exclude-after-mining needs mining")
     torch._check(not (flags & S.MINE_ON_COSINE) or (bool(flags & S.MINE) and bool(flags & S.LP_DISTANCE)),
                  lambda: "pair_engine (triton): mine-on-cosine needs mining and the lp distance")
+    torch._check(not (flags & S.KEEP_WINDOWS) or not (flags & S.MINE),
+                 lambda: "pair_engine (triton): keep windows cannot be combined with mining")
+    torch._check(all(float(b) == float(b) for b in terms[_WINDOW_TERMS]),
+                 lambda: "pair_engine (triton): the keep windows' bounds must not be NaN")
     torch._check(q.dim() == 2, lambda: f"pair_engine (triton): q must be 2-D (N, D), got shape {tuple(q.shape)}")
     torch._check(q.dtype in _DTYPES, lambda: f"pair_engine (triton): unsupported dtype {q.dtype}")
     torch._check(labels_q.dim() == 1 and labels_q.shape[0] == q.shape[0],
@@ -595,6 +600,15 @@ if _IMPORTED:
         return pos, neg
 
     @triton.jit
+    def _windowed(kp, kn, v, pwl, pwh, nwl, nwh, WIN: tl.constexpr):
+        """PairMarginMiner's keep windows (loss_spec.h kKeepWindows): kept where lo < v < hi of the set's
+        window (a NaN v in none)."""
+        if WIN:
+            kp = kp & (v > pwl) & (v < pwh)
+            kn = kn & (v > nwl) & (v < nwh)
+        return kp, kn
+
+    @triton.jit
     def _log1p(y):
         """log(1 + y) for y >= 0, accurate for small y (Goldberg's trick; no log1p in the interpreter)."""
         u = 1.0 + y
@@ -684,10 +698,11 @@ if _IMPORTED:
                          k_ps: tl.float64, k_psh: tl.float64, k_pwo: tl.float64, k_pws: tl.float64,
                          k_ns: tl.float64, k_nsh: tl.float64, k_nwo: tl.float64, k_nws: tl.float64,
                          k_eps: tl.float64, k_tp: tl.float64, k_tn: tl.float64, k_tiny: tl.float64,
+                         k_pwl: tl.float64, k_pwh: tl.float64, k_nwl: tl.float64, k_nwh: tl.float64,
                          WALK_THRESH: tl.constexpr, WALK_MAIN: tl.constexpr, WALK_NTX: tl.constexpr,
                          EXCL: tl.constexpr, LP: tl.constexpr, MINE: tl.constexpr, EAM: tl.constexpr,
-                         MCOS: tl.constexpr, NTX: tl.constexpr, POS_LSE: tl.constexpr, POS_SUM: tl.constexpr,
-                         POS_HINGE: tl.constexpr, NEG_LSE: tl.constexpr, NEG_SUM: tl.constexpr,
+                         MCOS: tl.constexpr, WIN: tl.constexpr, NTX: tl.constexpr, POS_LSE: tl.constexpr,
+                         POS_SUM: tl.constexpr, POS_HINGE: tl.constexpr, NEG_LSE: tl.constexpr, NEG_SUM: tl.constexpr,
                          NEG_HINGE: tl.constexpr, POS_EXPW: tl.constexpr, NEG_EXPW: tl.constexpr,
                          PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Program (row block, split s) walks the column tiles s, s + SPLIT, ... and writes its row
@@ -707,6 +722,7 @@ if _IMPORTED:
         lq, ex, nq = _pair_side(lq_ptr, ex_ptr, nq_ptr, rows, rmask, EXCL, LP, BLOCK_M, ACC)
         ps, psh, pwo, pws, ns, nsh, nwo, nws, eps, tp, tn, tiny = _pair_consts(
             k_ps, k_psh, k_pwo, k_pws, k_ns, k_nsh, k_nwo, k_nws, k_eps, k_tp, k_tn, k_tiny, ACC)
+        pwl, pwh, nwl, nwh = _c(k_pwl, ACC), _c(k_pwh, ACC), _c(k_nwl, ACC), _c(k_nwh, ACC)
 
         min_pos = tl.full([BLOCK_M], _POS_INF, ACC)
         max_neg = tl.full([BLOCK_M], _NEG_INF, ACC)
@@ -763,6 +779,7 @@ if _IMPORTED:
                             LP, EXCL, PREC, BLOCK_D, BLOCK_M, BLOCK_N, ACC)
                 u = _mining_u(v, LP, MCOS)
                 kp, kn = _mined(pos, neg, u, min_pos[:, None], max_neg[:, None], eps, MINE)
+                kp, kn = _windowed(kp, kn, v, pwl, pwh, nwl, nwh, WIN)
                 xp, _dp = _term(v, ps, psh, pwo, pws, POS_HINGE)
                 xn, _dn = _term(v, ns, nsh, nwo, nws, NEG_HINGE)
                 if POS_LSE and NEG_LSE:
@@ -824,6 +841,7 @@ if _IMPORTED:
                                 LP, EXCL, PREC, BLOCK_D, BLOCK_M, BLOCK_N, ACC)
                     u = _mining_u(v, LP, MCOS)
                     kp, kn = _mined(pos, neg, u, min_pos[:, None], max_neg[:, None], eps, MINE)
+                    kp, kn = _windowed(kp, kn, v, pwl, pwh, nwl, nwh, WIN)
                     xp, _dp = _term(v, ps, psh, pwo, pws, POS_HINGE)
                     t = xp - lse_neg[:, None]
                     ntx += tl.sum(tl.where(kp, _ntx_loss(t, tiny), 0.0), axis=1)
@@ -837,9 +855,11 @@ if _IMPORTED:
                               k_ps: tl.float64, k_psh: tl.float64, k_pwo: tl.float64, k_pws: tl.float64,
                               k_ns: tl.float64, k_nsh: tl.float64, k_nwo: tl.float64, k_nws: tl.float64,
                               k_eps: tl.float64, k_tp: tl.float64, k_tn: tl.float64, k_tiny: tl.float64,
+                              k_pwl: tl.float64, k_pwh: tl.float64, k_nwl: tl.float64, k_nwh: tl.float64,
                               SELF: tl.constexpr, EXCL: tl.constexpr, LP: tl.constexpr, MINE: tl.constexpr,
-                              MCOS: tl.constexpr, NTX: tl.constexpr, POS_LSE: tl.constexpr, POS_SUM: tl.constexpr,
-                              POS_HINGE: tl.constexpr, NEG_LSE: tl.constexpr, NEG_SUM: tl.constexpr,
+                              MCOS: tl.constexpr, WIN: tl.constexpr, NTX: tl.constexpr, POS_LSE: tl.constexpr,
+                              POS_SUM: tl.constexpr, POS_HINGE: tl.constexpr, NEG_LSE: tl.constexpr,
+                              NEG_SUM: tl.constexpr,
                               NEG_HINGE: tl.constexpr, POS_EXPW: tl.constexpr, NEG_EXPW: tl.constexpr,
                               PREC: tl.constexpr, GPREC: tl.constexpr,
                               BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, ONE_CHUNK: tl.constexpr,
@@ -853,6 +873,7 @@ if _IMPORTED:
         lq, ex, nq = _pair_side(lq_ptr, ex_ptr, nq_ptr, rows, rmask, EXCL, LP, BLOCK_M, ACC)
         ps, psh, pwo, pws, ns, nsh, nwo, nws, eps, tp, tn, tiny = _pair_consts(
             k_ps, k_psh, k_pwo, k_pws, k_ns, k_nsh, k_nwo, k_nws, k_eps, k_tp, k_tn, k_tiny, ACC)
+        pwl, pwh, nwl, nwh = _c(k_pwl, ACC), _c(k_pwh, ACC), _c(k_nwl, ACC), _c(k_nwh, ACC)
         glp, gln, gsp, gsn, gx, lsp, lsn, mnp, mxn, gwp, gwn = _load_row_stats(st_ptr, rows, rmask, N)
         acc = tl.zeros([BLOCK_M, BLOCK_G], ACC)
         gsum = tl.zeros([BLOCK_M], ACC)
@@ -867,6 +888,7 @@ if _IMPORTED:
             u = _mining_u(v, LP, MCOS)
             xp, xn, db_p, db_n = _pair_dterms(v, ps, psh, pwo, pws, ns, nsh, nwo, nws, POS_HINGE, NEG_HINGE, LP)
             kp, kn = _mined(pos, neg, u, mnp[:, None], mxn[:, None], eps, MINE)
+            kp, kn = _windowed(kp, kn, v, pwl, pwh, nwl, nwh, WIN)
             g = _pair_grad(kp, kn, xp, xn, db_p, db_n, glp[:, None], gln[:, None],
                            gsp[:, None], gsn[:, None], gx[:, None], lsp[:, None], lsn[:, None],
                            gwp[:, None], gwn[:, None], tp, tn, tiny,
@@ -875,6 +897,7 @@ if _IMPORTED:
                 glp_j, gln_j, gsp_j, gsn_j, gx_j, lsp_j, lsn_j, mnp_j, mxn_j, gwp_j, gwn_j = _load_row_stats(
                     st_ptr, cols, cmask, N)
                 kp_j, kn_j = _mined(pos, neg, u, mnp_j[None, :], mxn_j[None, :], eps, MINE)
+                kp_j, kn_j = _windowed(kp_j, kn_j, v, pwl, pwh, nwl, nwh, WIN)
                 g += _pair_grad(kp_j, kn_j, xp, xn, db_p, db_n, glp_j[None, :], gln_j[None, :],
                                 gsp_j[None, :], gsn_j[None, :], gx_j[None, :], lsp_j[None, :],
                                 lsn_j[None, :], gwp_j[None, :], gwn_j[None, :], tp, tn, tiny,
@@ -891,9 +914,11 @@ if _IMPORTED:
                               k_ps: tl.float64, k_psh: tl.float64, k_pwo: tl.float64, k_pws: tl.float64,
                               k_ns: tl.float64, k_nsh: tl.float64, k_nwo: tl.float64, k_nws: tl.float64,
                               k_eps: tl.float64, k_tp: tl.float64, k_tn: tl.float64, k_tiny: tl.float64,
+                              k_pwl: tl.float64, k_pwh: tl.float64, k_nwl: tl.float64, k_nwh: tl.float64,
                               EXCL: tl.constexpr, LP: tl.constexpr, MINE: tl.constexpr,
-                              MCOS: tl.constexpr, NTX: tl.constexpr, POS_LSE: tl.constexpr, POS_SUM: tl.constexpr,
-                              POS_HINGE: tl.constexpr, NEG_LSE: tl.constexpr, NEG_SUM: tl.constexpr,
+                              MCOS: tl.constexpr, WIN: tl.constexpr, NTX: tl.constexpr, POS_LSE: tl.constexpr,
+                              POS_SUM: tl.constexpr, POS_HINGE: tl.constexpr, NEG_LSE: tl.constexpr,
+                              NEG_SUM: tl.constexpr,
                               NEG_HINGE: tl.constexpr, POS_EXPW: tl.constexpr, NEG_EXPW: tl.constexpr,
                               PREC: tl.constexpr, GPREC: tl.constexpr,
                               BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, ONE_CHUNK: tl.constexpr,
@@ -908,6 +933,7 @@ if _IMPORTED:
         nr = _load_or_zeros(nr_ptr, cols, cmask, LP, BLOCK_N, ACC)
         ps, psh, pwo, pws, ns, nsh, nwo, nws, eps, tp, tn, tiny = _pair_consts(
             k_ps, k_psh, k_pwo, k_pws, k_ns, k_nsh, k_nwo, k_nws, k_eps, k_tp, k_tn, k_tiny, ACC)
+        pwl, pwh, nwl, nwh = _c(k_pwl, ACC), _c(k_pwh, ACC), _c(k_nwl, ACC), _c(k_nwh, ACC)
         acc = tl.zeros([BLOCK_N, BLOCK_G], ACC)
         gsum = tl.zeros([BLOCK_N], ACC)
         for m0 in range(tl.program_id(1).to(tl.int64) * BLOCK_M, N, tl.num_programs(1) * BLOCK_M):
@@ -921,6 +947,7 @@ if _IMPORTED:
             u = _mining_u(v, LP, MCOS)
             xp, xn, db_p, db_n = _pair_dterms(v, ps, psh, pwo, pws, ns, nsh, nwo, nws, POS_HINGE, NEG_HINGE, LP)
             kp, kn = _mined(pos, neg, u, mnp[:, None], mxn[:, None], eps, MINE)
+            kp, kn = _windowed(kp, kn, v, pwl, pwh, nwl, nwh, WIN)
             g = _pair_grad(kp, kn, xp, xn, db_p, db_n, glp[:, None], gln[:, None],
                            gsp[:, None], gsn[:, None], gx[:, None], lsp[:, None], lsn[:, None],
                            gwp[:, None], gwn[:, None], tp, tn, tiny,
@@ -1232,7 +1259,8 @@ if _IMPORTED:
         if N == 0:
             return (torch.empty((_PAIR_VALUES, 0), dtype=A, device=dev),
                     torch.empty((4, 0), dtype=torch.int32, device=dev), torch.empty((3, 0), dtype=A, device=dev))
-        consts = tuple(float(t) for t in terms[:_KERNEL_TERMS]) + (float(torch.finfo(A).tiny),)
+        consts = (tuple(float(t) for t in terms[:_KERNEL_TERMS]) + (float(torch.finfo(A).tiny),)
+                  + tuple(float(t) for t in terms[_WINDOW_TERMS]))
         _check_grid(N, _MIN_BLOCK, "N (rows of q)")
         splits = _splits(triton.cdiv(N, _MIN_TILE), triton.cdiv(M, _MIN_TILE), dev)
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), splits)  # noqa: E731
@@ -1305,7 +1333,8 @@ if _IMPORTED:
         g_lse_neg = gv[1] + gv[4] * ax[2] if sw["NTX"] else gv[1]
         st = torch.stack([gv[0], g_lse_neg, gv[2], gv[3], gv[4], vals[0], vals[1], ax[0], ax[1], gv[5],
                           gv[6]]).contiguous()
-        consts = tuple(float(t) for t in terms[:_KERNEL_TERMS]) + (float(torch.finfo(A).tiny),)
+        consts = (tuple(float(t) for t in terms[:_KERNEL_TERMS]) + (float(torch.finfo(A).tiny),)
+                  + tuple(float(t) for t in terms[_WINDOW_TERMS]))
         meta = dict(EXCL=excl, PREC=dot_precision(q.dtype), BLOCK_D=block_d(q.dtype), **sw)
         meta.pop("EAM")
         operands = (q_, r_, lq, lr, ex, nq, nr, st)
