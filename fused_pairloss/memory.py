@@ -11,14 +11,17 @@ slot index), the rule the engines use for every self exclusion.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _validation as V
 from ._distributed import FUSED_PAIR_CALLS, DistributedBatch, agreed_layout, fused_pair_plan
 from .losses._base import _distance_name
-from .losses.multi_similarity import MultiSimilarityLoss, miner_pair_counts
+from .losses.multi_similarity import MultiSimilarityLoss
 from .losses.triplet_margin import TripletMarginLoss, all_triplet_distance_means, miner_triplet_counts
 from .ops._common import LOCAL, zero_loss
+from .ops.stats import MinedBy
 
 __all__ = ["CrossBatchMemory"]
 
@@ -50,6 +53,58 @@ def _ms_miner_epsilon(miner, distance):
     if _distance_name(miner.distance) != distance:
         return None
     return float(miner.epsilon)
+
+
+def _margin_miner_windows(miner, distance):
+    """PairMarginMiner's (PML's, or ours) margins as the declaration's keep windows (pos_window,
+    neg_window) on v when its distance is the loss's and it collects no stats (PML's means over all
+    pairs are not among the engine's statistics), else None. PML removes the self comparisons
+    after mining; the windows are a rule on each pair alone, so that is leaving the self slot out."""
+    try:
+        from pytorch_metric_learning.miners import PairMarginMiner
+    except ImportError:
+        return None
+    from ._miners import PairMarginMiner as FusedPairMarginMiner
+
+    if (type(miner) not in (PairMarginMiner, FusedPairMarginMiner) or miner.collect_stats
+            or _distance_name(miner.distance) != distance):
+        return None
+    inf, pos, neg = float("inf"), float(miner.pos_margin), float(miner.neg_margin)
+    return ((-inf, pos), (neg, inf)) if miner.distance.is_inverted else ((pos, inf), (-inf, neg))
+
+
+def _own_slot_v(q, r, exclude_col, distance, dtype):
+    """v of each query against its own just-written memory slot: d = 0 (the engines' d of two equal
+    rows), or S = q . r_slot; rows without a slot (exclude_col -1) get a value that is never read."""
+    if distance == "lp":
+        return torch.zeros(q.shape[0], dtype=dtype, device=q.device)
+    own = r[exclude_col.clamp(min=0)].to(dtype)
+    return (own * q.to(dtype)).sum(1)
+
+
+def ms_miner_pair_counts(st, q, r, exclude_col, *, miner_epsilon, distance):
+    """Per row, the positive and the negative pairs PML's MultiSimilarityMiner(miner_epsilon) keeps
+    mining the rows q against r, the excluded column included (its num_pos_pairs / num_neg_pairs
+    are their sums), from the statistics `st` of a mining declaration with exclude_after_mining:
+    those kept every pair but the excluded one, which sits in the thresholds, is a positive (the
+    row's own memory slot) and is kept iff u - eps < max_neg (u = S, or -d = 0)."""
+    with torch.no_grad():
+        v = _own_slot_v(q, r, exclude_col, distance, st.max_neg.dtype)
+        u = -v if distance == "lp" else v  # the miner's u: S, or -d
+        kept_own = (exclude_col >= 0) & (u - miner_epsilon < st.max_neg)
+        return st.count_pos + kept_own.to(st.count_pos.dtype), st.count_neg
+
+
+def margin_miner_pair_counts(st, q, r, exclude_col, *, windows, distance):
+    """Per row, the positive and the negative pairs PML's PairMarginMiner keeps mining the rows q
+    against r, the excluded column (the row's own memory slot, a positive) included: the engine's
+    counts of a declaration with the miner's keep windows, plus the own slot where its v is in the
+    positives' window."""
+    with torch.no_grad():
+        (lo, hi) = windows[0]
+        v = _own_slot_v(q, r, exclude_col, distance, st.max_neg.dtype)
+        kept_own = (exclude_col >= 0) & (v > lo) & (v < hi)
+        return st.count_pos + kept_own.to(st.count_pos.dtype), st.count_neg
 
 
 def _triplet_miner_window(miner, distance):
@@ -112,13 +167,16 @@ class CrossBatchMemory(torch.nn.Module):
 
     Fused (no B x M matrix; the memory's gradient pass skipped) when `loss` is one of this
     library's pair losses computed by a fused backend and `miner` is None, or a
-    MultiSimilarityMiner(epsilon) (PML's or ours, with the loss's distance) for a
-    MultiSimilarityLoss: PML mines
-    against the memory, the self slot included, and removes the self comparisons afterwards; the
-    fused engine does the same (the declaration's `exclude_after_mining`). A
-    MultiSimilarityLoss(miner_epsilon=e) here means the same as miner=MultiSimilarityMiner(e). Or a
-    TripletMarginMiner (PML's or ours, with the loss's distance) for a TripletMarginLoss: its
-    window on the triplet margin in the all-triplets op, the self slot left out of the positives.
+    MultiSimilarityMiner(epsilon) (PML's or ours, with the loss's distance) for a pair loss that
+    fuses our miners' rules (MultiSimilarity, Circle, NTXent, SupCon, Contrastive,
+    GeneralizedLiftedStructure, Margin): PML mines against the memory, the self slot included, and
+    removes the self comparisons afterwards; the fused engine does the same (the declaration's
+    `exclude_after_mining`). A MultiSimilarityLoss(miner_epsilon=e) here means the same as
+    miner=MultiSimilarityMiner(e). Or a PairMarginMiner (PML's or ours, the loss's distance, no
+    collect_stats) for those losses: its margins as the declaration's keep windows, the self slot
+    left out (a rule on each pair alone). Or a TripletMarginMiner (PML's or ours, with the loss's
+    distance) for a TripletMarginLoss: its window on the triplet margin in the all-triplets op, the
+    self slot left out of the positives.
     Any other miner, an explicit indices_tuple, a PML loss object, or the reference backend: PML's
     computation (all pair indices, self comparisons removed, the loss with the indices), exact.
     On the fused paths the miner is not called but records PML's stats (`_miner_recorder`).
@@ -235,18 +293,26 @@ class CrossBatchMemory(torch.nn.Module):
             return None
         fn, hyper = plan
         if self.miner is not None and type(self.loss) is TripletMarginLoss:
-            window = _triplet_miner_window(self.miner, hyper.get("distance"))
+            window = _triplet_miner_window(self.miner, self.loss._distance_kind)
             if window is None:
                 return None
             hyper["window"] = window
             return fn, hyper
         if self.miner is not None:
-            eps = _ms_miner_epsilon(self.miner, hyper.get("distance"))
-            if eps is None or type(self.loss) is not MultiSimilarityLoss:
-                return None
+            eps = _ms_miner_epsilon(self.miner, self.loss._distance_kind)
             if hyper.get("miner_epsilon") is not None:
+                if eps is None:
+                    return None
                 raise ValueError("pass either miner=MultiSimilarityMiner(...) or the loss's miner_epsilon, not both")
-            hyper["miner_epsilon"] = eps
+            if eps is not None and type(self.loss) is MultiSimilarityLoss:
+                hyper["miner_epsilon"] = eps
+            else:  # the miner's rule in the loss's engine (a pair loss that fuses our miners' rules)
+                windows = _margin_miner_windows(self.miner, self.loss._distance_kind)
+                if not getattr(self.loss, "_fuses_pair_miners", False) or (eps is None and windows is None):
+                    return None
+                changes = (dict(miner_epsilon=eps, exclude_after_mining=True) if eps is not None
+                           else dict(pos_window=windows[0], neg_window=windows[1]))
+                return functools.partial(fn.func, backend=MinedBy(fn.keywords["backend"], changes)), hyper
         if hyper.get("miner_epsilon") is not None:
             hyper["exclude_after_mining"] = True
         return fn, hyper
@@ -289,10 +355,16 @@ class CrossBatchMemory(torch.nn.Module):
         if miner is None:
             return None
         miner.reset_stats()
-        distance = hyper.get("distance")
+        distance = self.loss._distance_kind
         if "window" not in hyper:
+            windows = _margin_miner_windows(miner, distance)
+
             def record(st, q, r, excl):
-                pos, neg = miner_pair_counts(st, q, r, excl, miner_epsilon=float(miner.epsilon), distance=distance)
+                if windows is not None:
+                    pos, neg = margin_miner_pair_counts(st, q, r, excl, windows=windows, distance=distance)
+                else:
+                    pos, neg = ms_miner_pair_counts(st, q, r, excl, miner_epsilon=float(miner.epsilon),
+                                                 distance=distance)
                 miner.num_pos_pairs, miner.num_neg_pairs = int(batch.sum(pos)), int(batch.sum(neg))
             return record
 
@@ -332,8 +404,12 @@ class CrossBatchMemory(torch.nn.Module):
     def _fused(self, fn, hyper, embeddings, labels, E_mem, L_mem, excl, batch):
         if excl is None:  # exclude_col=None would mean PML's identity rule; here: no exclusion
             excl = torch.full((embeddings.shape[0],), -1, dtype=torch.int64, device=embeddings.device)
-        record = self._miner_recorder(fn.keywords["backend"], hyper, batch)
-        if record is not None:
+        backend = fn.keywords["backend"]
+        mined_by = isinstance(backend, MinedBy)
+        record = self._miner_recorder(backend.backend if mined_by else backend, hyper, batch)
+        if record is not None and mined_by:  # the engine call reports its statistics to the recorder
+            fn = functools.partial(fn.func, backend=MinedBy(backend.backend, backend.changes, record=record))
+        elif record is not None:
             hyper = dict(hyper, record=record)
         # the memory is detached (no column pass); its labels are copied (O(M)) so that the next
         # step's write into the buffer does not touch a tensor saved for this step's backward

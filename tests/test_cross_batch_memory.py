@@ -258,11 +258,58 @@ def test_exclusion_after_mining_matters():
     assert after.count_pos.sum() == 0  # the self slot is never kept
 
 
+# (loss, miner): the miner's rule in a pair loss's engine against the memory; margins that cut both
+# sets of these batches (D = 8: d about 1.4 +- 0.5, S about 0 +- 0.35)
+PAIR_MINER_CASES = {
+    "contrastive+ms": (lambda m: m.ContrastiveLoss(0.1, 1.0),
+                       lambda m: m.MultiSimilarityMiner(0.1, distance=Dm.LpDistance())),
+    "contrastive_cos+ms": (lambda m: m.ContrastiveLoss(0.9, 0.1, distance=Dm.CosineSimilarity()),
+                           lambda m: m.MultiSimilarityMiner(0.2)),
+    "circle+ms": (lambda m: m.CircleLoss(), lambda m: m.MultiSimilarityMiner(0.1)),
+    "ntxent_lp+ms": (lambda m: m.NTXentLoss(0.2, distance=Dm.LpDistance()),
+                     lambda m: m.MultiSimilarityMiner(0.3, distance=Dm.LpDistance())),
+    "contrastive+margins": (lambda m: m.ContrastiveLoss(0.1, 1.0), lambda m: m.PairMarginMiner(1.0, 1.5)),
+    "contrastive_cos+margins": (lambda m: m.ContrastiveLoss(0.9, 0.1, distance=Dm.CosineSimilarity()),
+                                lambda m: m.PairMarginMiner(0.3, -0.1, distance=Dm.CosineSimilarity())),
+    "supcon+margins": (lambda m: m.SupConLoss(),
+                       lambda m: m.PairMarginMiner(0.2, -0.2, distance=Dm.CosineSimilarity())),
+    "ms_lp+margins": (lambda m: m.MultiSimilarityLoss(beta=10, distance=Dm.LpDistance()),
+                      lambda m: m.PairMarginMiner(1.0, 1.5)),
+    "lifted+margins": (lambda m: m.GeneralizedLiftedStructureLoss(), lambda m: m.PairMarginMiner(0.8, 1.6)),
+    "margin+margins": (lambda m: m.MarginLoss(0.2, beta=0.9), lambda m: m.PairMarginMiner(1.0, 1.5)),
+    # windows that hold the own slot (d = 0, S = 1): the miner counts it, the loss leaves it out
+    "contrastive+margins_own_slot": (lambda m: m.ContrastiveLoss(0.1, 1.0), lambda m: m.PairMarginMiner(-0.5, 1.5)),
+    "ntxent+margins_own_slot": (lambda m: m.NTXentLoss(), lambda m: m.PairMarginMiner(1.5, 0.1,
+                                                                                       distance=Dm.CosineSimilarity())),
+}
+
+
+@pytest.mark.parametrize("case", list(PAIR_MINER_CASES))
+@pytest.mark.parametrize("ours_miner", [False, True], ids=["pml_miner", "our_miner"])
+def test_pair_miner_rule_fused_against_the_memory(case, ours_miner):
+    """MultiSimilarityMiner beside a pair loss other than MultiSimilarityLoss, and PairMarginMiner
+    beside any pair loss that fuses their rules: the miner's rule in the engine against the memory
+    (MS: the self slot in the thresholds, removed after; PairMargin: the self slot left out), and the
+    miner's num_pos_pairs / num_neg_pairs PML's, self slots included."""
+    make_loss, make_miner = PAIR_MINER_CASES[case]
+    ours = fpl.CrossBatchMemory(make_loss(fpl.losses), D, M, miner=make_miner(fpl.miners if ours_miner else miners))
+    assert ours._plan(None, torch.device("cpu")) is not None, "the miner's rule is fused"
+    theirs = L.CrossBatchMemory(make_loss(L), D, M, miner=make_miner(miners))
+    run_against_pml(ours, theirs, batches(8), case)
+    assert 0 < theirs.miner.num_pos_pairs and 0 < theirs.miner.num_neg_pairs < 8 * M, "the miner keeps and drops pairs"
+    run_against_pml(ours, theirs, batches(15, masks=True), f"{case} enqueue_mask")
+
+
 def test_other_miners_and_indices_tuple_are_pml_computation():
-    ours = fpl.CrossBatchMemory(fpl.ContrastiveLoss(), D, M, miner=miners.PairMarginMiner(0.3, 0.7))
-    assert ours._plan(None, torch.device("cpu")) is None
-    theirs = L.CrossBatchMemory(L.ContrastiveLoss(), D, M, miner=miners.PairMarginMiner(0.3, 0.7))
-    run_against_pml(ours, theirs, batches(8), "PairMarginMiner")
+    # PairMarginMiner collecting stats (PML's means over all pairs), a miner beside a loss that does
+    # not fuse its rule
+    for make_loss, make_miner in ((lambda m: m.ContrastiveLoss(), lambda: miners.PairMarginMiner(0.3, 0.7,
+                                                                                                 collect_stats=True)),
+                                  (lambda m: m.AngularLoss(), lambda: miners.MultiSimilarityMiner(0.1))):
+        ours = fpl.CrossBatchMemory(make_loss(fpl.losses), D, M, miner=make_miner())
+        assert ours._plan(None, torch.device("cpu")) is None
+        theirs = L.CrossBatchMemory(make_loss(L), D, M, miner=make_miner())
+        run_against_pml(ours, theirs, batches(8), type(ours.miner).__name__)
     # an explicit indices_tuple (pairs into the memory: here each row with its own new slot) is
     # concatenated to the memory's pairs
     ours = fpl.CrossBatchMemory(fpl.MultiSimilarityLoss(), D, M)

@@ -87,23 +87,6 @@ def multi_similarity_fused(embeddings, labels, ref_emb, ref_labels, *, alpha, be
     return loss.to(similarity_dtype(embeddings, distance))  # PML's dtype under autocast
 
 
-def miner_pair_counts(st: engines.PairStats, q, r, exclude_col, *, miner_epsilon, distance):
-    """Per row, the positive and the negative pairs PML's MultiSimilarityMiner(miner_epsilon) keeps
-    mining the rows q against r, the excluded column included (its num_pos_pairs / num_neg_pairs
-    are their sums), from the statistics `st` of a mining declaration with exclude_after_mining:
-    those kept every pair but the excluded one, which sits in the thresholds, is a positive (the
-    row's own memory slot) and is kept iff u - eps < max_neg, u = S or -d = 0 (a row and its copy)."""
-    with torch.no_grad():
-        has_slot = exclude_col >= 0
-        if distance == "lp":  # the row against its own copy: the engines' d of two equal rows is 0
-            u_own = torch.zeros_like(st.max_neg)
-        else:
-            own = r[exclude_col.clamp(min=0)].to(st.max_neg.dtype)
-            u_own = (own * q.to(st.max_neg.dtype)).sum(1)
-        kept_own = has_slot & (u_own - miner_epsilon < st.max_neg)
-        return st.count_pos + kept_own.to(st.count_pos.dtype), st.count_neg
-
-
 def multi_similarity_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, alpha=2.0, beta=50.0, base=0.5,
                           miner_epsilon=None, distance="cosine", backend="auto"):
     """PML MultiSimilarityLoss(alpha, beta, base); with miner_epsilon=e, PML's

@@ -41,10 +41,11 @@ class MinedBy:
     declaration's fields that say it (PairLossSpec: miner_epsilon and miner_on_cosine for PML's
     MultiSimilarityMiner, pos_window and neg_window for its PairMarginMiner; docs/semantics.md
     "Miners"). How a loss computes over our miners' pairs (fused_pairloss._miners.MinedPairs)
-    without reading them."""
+    without reading them. `record(st, q, r, exclude_col)`, if given, is called with the engine's
+    statistics (CrossBatchMemory counts its miner's pairs from them)."""
 
-    def __init__(self, backend, changes):
-        self.backend, self.changes = backend, dict(changes)
+    def __init__(self, backend, changes, record=None):
+        self.backend, self.changes, self.record = backend, dict(changes), record
 
 
 def pair_stats(q, r, labels_q, labels_r, exclude_col, spec: S.PairLossSpec, backend) -> engines.PairStats:
@@ -54,8 +55,9 @@ def pair_stats(q, r, labels_q, labels_r, exclude_col, spec: S.PairLossSpec, back
     backend: the statistics over a miner's listed pairs instead of the label sets (ops/listed.py)."""
     if isinstance(backend, ListedPairs):
         return listed_pair_stats(q, r, spec, backend)
+    record = None
     if isinstance(backend, MinedBy):
-        spec, backend = dataclasses.replace(spec, **backend.changes), backend.backend
+        spec, backend, record = dataclasses.replace(spec, **backend.changes), backend.backend, backend.record
     terms, flags = spec.pack()
     labels_q = labels_q.to(device=q.device, dtype=torch.int64).contiguous()
     if r is not None:
@@ -67,7 +69,10 @@ def pair_stats(q, r, labels_q, labels_r, exclude_col, spec: S.PairLossSpec, back
         labels_r, exclude_col = None, None
     values, counts, aux = forward_op(engines.PAIR, backend)(q.contiguous(), r, labels_q, labels_r, exclude_col,
                                                             list(terms), flags)
-    return engines.PairStats(*S.pair_stats_of(values, counts, aux))
+    st = engines.PairStats(*S.pair_stats_of(values, counts, aux))
+    if record is not None:
+        record(st, q, r, exclude_col)
+    return st
 
 
 # engines that apply S.WEIGHT_OPERAND_FLAGS themselves (per tile, no copy of w); the others get
