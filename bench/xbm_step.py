@@ -28,7 +28,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import measure as Mz  # noqa: E402  bench/measure.py: the harness's memory and timing helpers
-LOSSES = ("ms", "ms_miner", "ntxent", "supcon", "contrastive", "triplet_miner")
+LOSSES = ("ms", "ms_miner", "ntxent", "supcon", "contrastive", "triplet_miner", "contrastive_ms_miner",
+          "contrastive_pair_margin_miner")
 
 
 def build(impl, loss, d, m):
@@ -41,9 +42,14 @@ def build(impl, loss, d, m):
     inner = {"ms": lambda: lib.MultiSimilarityLoss(), "ms_miner": lambda: lib.MultiSimilarityLoss(),
              "ntxent": lambda: lib.NTXentLoss(), "supcon": lambda: lib.SupConLoss(),
              "contrastive": lambda: lib.ContrastiveLoss(),
-             "triplet_miner": lambda: lib.TripletMarginLoss(0.1)}[loss]()
+             "triplet_miner": lambda: lib.TripletMarginLoss(0.1),
+             # PML's documented CrossBatchMemory setup (its docs: ContrastiveLoss + MultiSimilarityMiner)
+             "contrastive_ms_miner": lambda: lib.ContrastiveLoss(),
+             "contrastive_pair_margin_miner": lambda: lib.ContrastiveLoss()}[loss]()
     miner = {"ms_miner": lambda: miners.MultiSimilarityMiner(0.1),
-             "triplet_miner": lambda: miners.TripletMarginMiner(0.2, type_of_triplets="semihard")}.get(loss)
+             "triplet_miner": lambda: miners.TripletMarginMiner(0.2, type_of_triplets="semihard"),
+             "contrastive_ms_miner": lambda: miners.MultiSimilarityMiner(0.1),
+             "contrastive_pair_margin_miner": lambda: miners.PairMarginMiner(0.2, 0.8)}.get(loss)
     miner = miner() if miner else None
     return lib.CrossBatchMemory(inner, d, memory_size=m, miner=miner)
 

@@ -275,6 +275,14 @@ def triplet_window(miner_margin, type_of_triplets):
             "easy": (m, float("inf"))}[type_of_triplets]
 
 
+def margin_windows(miner):
+    """A PairMarginMiner's kept pairs as keep windows (pos_window, neg_window) on v (PairLossSpec):
+    d > pos_margin and d < neg_margin for a distance, S < pos_margin and S > neg_margin for a
+    similarity (PML flips the comparisons for an inverted distance)."""
+    inf, pos, neg = float("inf"), float(miner.pos_margin), float(miner.neg_margin)
+    return ((-inf, pos), (neg, inf)) if miner.distance.is_inverted else ((pos, inf), (-inf, neg))
+
+
 class _Mined(tuple):
     """A miner's result: a real tuple, PML's indices in PML's order, that also says how they were
     mined (the inputs and the distance), so that our losses can apply the miner's rule in their
@@ -362,8 +370,7 @@ class MinedByMargins(MinedPairs):
 
     def __new__(cls, pairs, miner, embeddings, labels, ref_emb, ref_labels):
         out = super().__new__(cls, pairs, miner, embeddings, labels, ref_emb, ref_labels)
-        inf, pos, neg = float("inf"), float(miner.pos_margin), float(miner.neg_margin)
-        out.windows = ((-inf, pos), (neg, inf)) if miner.distance.is_inverted else ((pos, inf), (-inf, neg))
+        out.windows = margin_windows(miner)
         return out
 
     def spec_changes(self, distance):

@@ -17,8 +17,7 @@ import torch
 
 from . import _validation as V
 from ._distributed import FUSED_PAIR_CALLS, DistributedBatch, agreed_layout, fused_pair_plan
-from .losses._base import _distance_name
-from .losses.multi_similarity import MultiSimilarityLoss
+from .losses._base import _distance_name, _has_short_row
 from .losses.triplet_margin import TripletMarginLoss, all_triplet_distance_means, miner_triplet_counts
 from .ops._common import LOCAL, zero_loss
 from .ops.stats import MinedBy
@@ -39,38 +38,32 @@ def _check_size(name, value):
         raise ValueError(f"{name} must be an int >= 1; got {value}")
 
 
-def _ms_miner_epsilon(miner, distance):
-    """epsilon of a MultiSimilarityMiner (PML's, or ours) whose distance is the loss's (the fused
-    miner rule), else None."""
+def _pair_miner_rule(miner, distance):
+    """The declaration's fields that say a pair miner's rule (ops/stats.MinedBy) for a loss measuring
+    with `distance`, else None. MultiSimilarityMiner (PML's or ours) with the loss's distance, or
+    with the cosine beside an lp loss (mined on -d^2 / 2 = S - 1, unit rows): PML mines against the
+    memory, the self slot included, and removes the self comparisons after (exclude_after_mining).
+    PairMarginMiner (PML's or ours) with the loss's distance and no collect_stats (PML's means over
+    all pairs are not among the engine's statistics): its margins as keep windows, the self slot
+    left out (the windows are a rule on each pair alone)."""
     try:
-        from pytorch_metric_learning.miners import MultiSimilarityMiner
+        from pytorch_metric_learning import miners as pml_miners
     except ImportError:
         return None
-    from ._miners import MultiSimilarityMiner as FusedMultiSimilarityMiner
+    from . import _miners
 
-    if type(miner) not in (MultiSimilarityMiner, FusedMultiSimilarityMiner):
-        return None
-    if _distance_name(miner.distance) != distance:
-        return None
-    return float(miner.epsilon)
-
-
-def _margin_miner_windows(miner, distance):
-    """PairMarginMiner's (PML's, or ours) margins as the declaration's keep windows (pos_window,
-    neg_window) on v when its distance is the loss's and it collects no stats (PML's means over all
-    pairs are not among the engine's statistics), else None. PML removes the self comparisons
-    after mining; the windows are a rule on each pair alone, so that is leaving the self slot out."""
-    try:
-        from pytorch_metric_learning.miners import PairMarginMiner
-    except ImportError:
-        return None
-    from ._miners import PairMarginMiner as FusedPairMarginMiner
-
-    if (type(miner) not in (PairMarginMiner, FusedPairMarginMiner) or miner.collect_stats
-            or _distance_name(miner.distance) != distance):
-        return None
-    inf, pos, neg = float("inf"), float(miner.pos_margin), float(miner.neg_margin)
-    return ((-inf, pos), (neg, inf)) if miner.distance.is_inverted else ((pos, inf), (-inf, neg))
+    kind = _distance_name(miner.distance)
+    if type(miner) in (pml_miners.MultiSimilarityMiner, _miners.MultiSimilarityMiner):
+        on_cosine = distance == "lp" and kind == "cosine"
+        if kind != distance and not on_cosine:
+            return None
+        return dict(miner_epsilon=float(miner.epsilon), miner_on_cosine=on_cosine, exclude_after_mining=True)
+    if type(miner) in (pml_miners.PairMarginMiner, _miners.PairMarginMiner):
+        if miner.collect_stats or kind != distance:
+            return None
+        pos_window, neg_window = _miners.margin_windows(miner)
+        return dict(pos_window=pos_window, neg_window=neg_window)
+    return None
 
 
 def _own_slot_v(q, r, exclude_col, distance, dtype):
@@ -82,28 +75,20 @@ def _own_slot_v(q, r, exclude_col, distance, dtype):
     return (own * q.to(dtype)).sum(1)
 
 
-def ms_miner_pair_counts(st, q, r, exclude_col, *, miner_epsilon, distance):
-    """Per row, the positive and the negative pairs PML's MultiSimilarityMiner(miner_epsilon) keeps
-    mining the rows q against r, the excluded column included (its num_pos_pairs / num_neg_pairs
-    are their sums), from the statistics `st` of a mining declaration with exclude_after_mining:
-    those kept every pair but the excluded one, which sits in the thresholds, is a positive (the
-    row's own memory slot) and is kept iff u - eps < max_neg (u = S, or -d = 0)."""
+def pair_miner_counts(st, q, r, exclude_col, *, rule, distance):
+    """Per row, the positive and the negative pairs a pair miner keeps mining the rows q against r,
+    the excluded column (the row's own memory slot, a positive) included, from the statistics `st`
+    of the declaration with the miner's `rule` (_pair_miner_rule): the engine's counts, plus the own
+    slot where the rule keeps it: MultiSimilarityMiner's iff u - eps < max_neg (u = S, or -d or
+    -d^2 / 2, both 0 for the slot), PairMarginMiner's iff v is in the positives' window."""
     with torch.no_grad():
         v = _own_slot_v(q, r, exclude_col, distance, st.max_neg.dtype)
-        u = -v if distance == "lp" else v  # the miner's u: S, or -d
-        kept_own = (exclude_col >= 0) & (u - miner_epsilon < st.max_neg)
-        return st.count_pos + kept_own.to(st.count_pos.dtype), st.count_neg
-
-
-def margin_miner_pair_counts(st, q, r, exclude_col, *, windows, distance):
-    """Per row, the positive and the negative pairs PML's PairMarginMiner keeps mining the rows q
-    against r, the excluded column (the row's own memory slot, a positive) included: the engine's
-    counts of a declaration with the miner's keep windows, plus the own slot where its v is in the
-    positives' window."""
-    with torch.no_grad():
-        (lo, hi) = windows[0]
-        v = _own_slot_v(q, r, exclude_col, distance, st.max_neg.dtype)
-        kept_own = (exclude_col >= 0) & (v > lo) & (v < hi)
+        if "miner_epsilon" in rule:
+            kept_own = (-v if distance == "lp" else v) - rule["miner_epsilon"] < st.max_neg
+        else:
+            lo, hi = rule["pos_window"]
+            kept_own = (v > lo) & (v < hi)
+        kept_own = kept_own & (exclude_col >= 0)
         return st.count_pos + kept_own.to(st.count_pos.dtype), st.count_neg
 
 
@@ -298,24 +283,23 @@ class CrossBatchMemory(torch.nn.Module):
                 return None
             hyper["window"] = window
             return fn, hyper
-        if self.miner is not None:
-            eps = _ms_miner_epsilon(self.miner, self.loss._distance_kind)
-            if hyper.get("miner_epsilon") is not None:
-                if eps is None:
-                    return None
+        if self.miner is not None:  # the miner's rule in the loss's engine
+            rule = _pair_miner_rule(self.miner, self.loss._distance_kind)
+            if rule is not None and hyper.get("miner_epsilon") is not None:
                 raise ValueError("pass either miner=MultiSimilarityMiner(...) or the loss's miner_epsilon, not both")
-            if eps is not None and type(self.loss) is MultiSimilarityLoss:
-                hyper["miner_epsilon"] = eps
-            else:  # the miner's rule in the loss's engine (a pair loss that fuses our miners' rules)
-                windows = _margin_miner_windows(self.miner, self.loss._distance_kind)
-                if not getattr(self.loss, "_fuses_pair_miners", False) or (eps is None and windows is None):
-                    return None
-                changes = (dict(miner_epsilon=eps, exclude_after_mining=True) if eps is not None
-                           else dict(pos_window=windows[0], neg_window=windows[1]))
-                return functools.partial(fn.func, backend=MinedBy(fn.keywords["backend"], changes)), hyper
+            if rule is None or not getattr(self.loss, "_fuses_pair_miners", False):
+                return None
+            return functools.partial(fn.func, backend=MinedBy(fn.keywords["backend"], rule)), hyper
         if hyper.get("miner_epsilon") is not None:
             hyper["exclude_after_mining"] = True
         return fn, hyper
+
+    @staticmethod
+    def _needs_unit_rows(plan):
+        """A cosine miner beside an lp loss mines on -d^2 / 2 = S - 1, which needs rows that normalize
+        to unit rows."""
+        backend = plan[0].keywords["backend"]
+        return isinstance(backend, MinedBy) and backend.changes.get("miner_on_cosine", False)
 
     def _self_slots(self, rows):
         """exclude_col of the queued rows: their memory slots (PML's rule: none for one row)."""
@@ -337,6 +321,8 @@ class CrossBatchMemory(torch.nn.Module):
             remove_self = True
         self.add_to_memory(emb_for_queue, labels_for_queue, len(emb_for_queue))
         E_mem, L_mem = self._memory()
+        if plan is not None and self._needs_unit_rows(plan) and _has_short_row(embeddings, E_mem):
+            plan = None  # F.normalize leaves a row of norm <= eps short: PML's computation
         if plan is None:
             indices_tuple = self.create_indices_tuple(embeddings, labels, E_mem, L_mem, indices_tuple, remove_self)
             return self.loss(embeddings, labels, indices_tuple, E_mem, L_mem)
@@ -344,27 +330,21 @@ class CrossBatchMemory(torch.nn.Module):
         excl = self._self_slots(len(embeddings)) if remove_self else None
         return self._fused(fn, hyper, embeddings, labels, E_mem, L_mem, excl, LOCAL)
 
-    def _miner_recorder(self, backend, hyper, batch):
+    def _miner_recorder(self, backend, hyper, batch, rule=None):
         """PML's step calls the miner on the queries against the memory, the self slots included,
         and the miner records what it kept: num_pos_pairs / num_neg_pairs, or num_triplets (and
         with collect_stats TripletMarginMiner's means over all triplets). The fused step mines
         inside the loss; the `record` callback it is given counts the miner's pairs or triplets
         from the engine's row statistics (the self slots added back), and sums them over `batch`
-        (every rank's queries). None without a miner."""
+        (every rank's queries). `rule`: a pair miner's rule (_pair_miner_rule). None without a miner."""
         miner = self.miner
         if miner is None:
             return None
         miner.reset_stats()
         distance = self.loss._distance_kind
         if "window" not in hyper:
-            windows = _margin_miner_windows(miner, distance)
-
             def record(st, q, r, excl):
-                if windows is not None:
-                    pos, neg = margin_miner_pair_counts(st, q, r, excl, windows=windows, distance=distance)
-                else:
-                    pos, neg = ms_miner_pair_counts(st, q, r, excl, miner_epsilon=float(miner.epsilon),
-                                                 distance=distance)
+                pos, neg = pair_miner_counts(st, q, r, excl, rule=rule, distance=distance)
                 miner.num_pos_pairs, miner.num_neg_pairs = int(batch.sum(pos)), int(batch.sum(neg))
             return record
 
@@ -405,15 +385,19 @@ class CrossBatchMemory(torch.nn.Module):
         if excl is None:  # exclude_col=None would mean PML's identity rule; here: no exclusion
             excl = torch.full((embeddings.shape[0],), -1, dtype=torch.int64, device=embeddings.device)
         backend = fn.keywords["backend"]
-        mined_by = isinstance(backend, MinedBy)
-        record = self._miner_recorder(backend.backend if mined_by else backend, hyper, batch)
-        if record is not None and mined_by:  # the engine call reports its statistics to the recorder
+        if isinstance(backend, MinedBy):  # the engine call reports its statistics to the miner's recorder
+            record = self._miner_recorder(backend.backend, hyper, batch, rule=backend.changes)
             fn = functools.partial(fn.func, backend=MinedBy(backend.backend, backend.changes, record=record))
-        elif record is not None:
-            hyper = dict(hyper, record=record)
+        else:
+            record = self._miner_recorder(backend, hyper, batch)
+            if record is not None:
+                hyper = dict(hyper, record=record)
         # the memory is detached (no column pass); its labels are copied (O(M)) so that the next
         # step's write into the buffer does not touch a tensor saved for this step's backward
-        return fn(embeddings, labels, E_mem.detach(), L_mem.clone(), exclude_col=excl, batch=batch, **hyper)
+        loss = fn(embeddings, labels, E_mem.detach(), L_mem.clone(), exclude_col=excl, batch=batch, **hyper)
+        if isinstance(backend, MinedBy):  # NaN in, NaN out also through the miner's comparisons
+            loss = loss + zero_loss(embeddings) + zero_loss(E_mem.detach())
+        return loss
 
     def _forward_distributed(self, embeddings, labels, indices_tuple=None, enqueue_mask=None, group=None):
         """The step of DistributedLossWrapper(CrossBatchMemory) (without the world_size factor):
@@ -429,6 +413,8 @@ class CrossBatchMemory(torch.nn.Module):
         X, Y = layout.gather(embeddings), layout.gather(labels)
         mask = None if enqueue_mask is None else layout.gather(enqueue_mask)
         plan = self._plan(indices_tuple, embeddings.device)
+        if plan is not None and self._needs_unit_rows(plan) and _has_short_row(X, self._memory()[0]):
+            plan = None  # a short row in the batch or the memory (a superset of the memory after this step)
         if plan is None:  # PML's computation on the gathered batch, this rank's rows with their graph
             all_emb = torch.cat([X[:layout.offset], embeddings, X[layout.offset + layout.n:]], dim=0)
             return self.forward(all_emb, Y, indices_tuple, mask)

@@ -261,6 +261,9 @@ def test_exclusion_after_mining_matters():
 # (loss, miner): the miner's rule in a pair loss's engine against the memory; margins that cut both
 # sets of these batches (D = 8: d about 1.4 +- 0.5, S about 0 +- 0.35)
 PAIR_MINER_CASES = {
+    # PML's documented setup (LpDistance loss, the miner's default CosineSimilarity(): mined on
+    # -d^2 / 2 = S - 1), the loss's pos_margin off the relu kink at d = 0
+    "contrastive+ms_default": (lambda m: m.ContrastiveLoss(0.1, 1.0), lambda m: m.MultiSimilarityMiner(0.1)),
     "contrastive+ms": (lambda m: m.ContrastiveLoss(0.1, 1.0),
                        lambda m: m.MultiSimilarityMiner(0.1, distance=Dm.LpDistance())),
     "contrastive_cos+ms": (lambda m: m.ContrastiveLoss(0.9, 0.1, distance=Dm.CosineSimilarity()),
@@ -298,6 +301,22 @@ def test_pair_miner_rule_fused_against_the_memory(case, ours_miner):
     run_against_pml(ours, theirs, batches(8), case)
     assert 0 < theirs.miner.num_pos_pairs and 0 < theirs.miner.num_neg_pairs < 8 * M, "the miner keeps and drops pairs"
     run_against_pml(ours, theirs, batches(15, masks=True), f"{case} enqueue_mask")
+
+
+def test_cosine_miner_beside_lp_loss_with_a_zero_row_is_pml_computation():
+    """A zero row stays zero under PML's normalize, so -d^2 / 2 is not S - 1 for its pairs: that step
+    is PML's computation (a zero query, then a zero row in the memory), the others fused. (The zero
+    row's d = 1 to every unit row: neg_margin off that relu kink.)"""
+    ours = fpl.CrossBatchMemory(fpl.ContrastiveLoss(0.1, 1.2), D, M, miner=fpl.miners.MultiSimilarityMiner(0.1))
+    theirs = L.CrossBatchMemory(L.ContrastiveLoss(0.1, 1.2), D, M, miner=miners.MultiSimilarityMiner(0.1))
+    data = list(batches(16))
+    data[1][0][2] = 0
+    seen = []
+    fused = ours._fused
+    ours._fused = lambda *a, **k: seen.append(True) or fused(*a, **k)
+    run_against_pml(ours, theirs, data, "zero row")
+    # fused: step 0, and steps 5 and 6 after the ring buffer overwrote the zero row's slot
+    assert len(seen) == 3 and bool((ours.embedding_memory.norm(dim=1) > 0).all())
 
 
 def test_other_miners_and_indices_tuple_are_pml_computation():

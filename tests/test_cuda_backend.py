@@ -236,7 +236,9 @@ EMU_SHAPES = [(70, 24, "few"), (131, 37, "many")]
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("decl,mode", decls_and_modes())
 def test_emulated_pair_op_parity_dyadic(emu, decl, mode, dtype):
-    for n, d, layout in EMU_SHAPES:
+    # fp64 on the smaller shape only (2 row blocks): the emulation's time goes to the larger one, whose
+    # extra tiles the fp32 case covers
+    for n, d, layout in EMU_SHAPES if dtype == torch.float32 else EMU_SHAPES[:1]:
         check_pair(emu, kit.pair_case(mode, n, d, layout, dtype, "dyadic", seed=n), PAIR_DECLS[decl], exact=True,
                    seed=n)
 

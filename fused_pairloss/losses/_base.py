@@ -22,6 +22,7 @@ import torch
 
 from .. import _validation as V
 from .._backends import resolve_backend
+from ..ops._common import zero_loss
 
 
 _warned = set()
@@ -228,7 +229,9 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
         if on_cosine and _has_short_row(embeddings, ref_emb):
             return None  # -d^2 / 2 = S - 1 needs unit rows; F.normalize leaves a row of norm <= eps short
         mined_by = MinedBy(backend, indices_tuple.spec_changes(self._distance_kind))
-        return fused_fn(embeddings, labels, ref_emb, ref_labels, backend=mined_by, **self._listed_hyper())
+        loss = fused_fn(embeddings, labels, ref_emb, ref_labels, backend=mined_by, **self._listed_hyper())
+        # NaN in, NaN out also through the miner's comparisons (which drop a NaN pair, as PML's)
+        return loss + zero_loss(embeddings) + (0 if ref_emb is None else zero_loss(ref_emb))
 
     def _fused_with_listed_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """The loss's own fused function over the listed pairs (ops/listed.py: O(#pairs + (N + M) D)), or None

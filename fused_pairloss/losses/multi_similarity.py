@@ -72,15 +72,10 @@ def combine(st: engines.PairStats, embeddings, *, alpha, beta, mined, batch=LOCA
 
 
 def multi_similarity_fused(embeddings, labels, ref_emb, ref_labels, *, alpha, beta, base, miner_epsilon,
-                           distance="cosine", backend, exclude_col=None, batch=LOCAL,
-                           exclude_after_mining=False, record=None):
-    """`record(st, q, r, exclude_col)`: called with the engine's row statistics (CrossBatchMemory
-    counts its miner's pairs from them)."""
+                           distance="cosine", backend, exclude_col=None, batch=LOCAL, exclude_after_mining=False):
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
     st = pair_stats(q, r, labels, labels_r, excl,
                     declaration(alpha, beta, base, miner_epsilon, distance, exclude_after_mining), backend)
-    if record is not None:
-        record(st, q, r, excl)
     loss = combine(st, embeddings, alpha=alpha, beta=beta, mined=miner_epsilon is not None, batch=batch)
     if miner_epsilon is not None and ref_emb is not None:
         loss = loss + zero_loss(ref_emb)

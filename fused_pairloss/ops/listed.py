@@ -196,6 +196,10 @@ def listed_pair_stats(q, r, spec: S.PairLossSpec, pairs: ListedPairs) -> PairSta
     histograms)."""
     if spec.histogram is not None:
         raise ValueError("listed pairs: a declaration with a histogram is computed over the label sets only")
+    if spec.mine or spec.pos_window is not None:
+        raise ValueError("listed pairs: a declaration with a miner's rule (miner_epsilon, pos_window / neg_window) "
+                         "is computed over the label sets only; given an indices_tuple, the listed pairs are the "
+                         "mined ones")
     A = stat_dtype(q.dtype)
     qa = q.to(A)
     ra = qa if r is None else r.to(A)
