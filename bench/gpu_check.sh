@@ -249,6 +249,10 @@ if [[ $DRY == 1 ]]; then
   # one worker per (loss, provider), as on the GPU (the CPU default is a fresh process per point)
   BENCH_DEV=(--device cpu --repeats 1 --warmup 1 --max-seconds 2 --isolate group)
   BIG_LOSS=(--loss ms softtriple) # one pair and one class loss: the sweep above has them all
+  # the dry run checks the steps' plumbing: one pair and one class loss in the sweep and in the
+  # interpreted Triton walk (the suite runs every loss through the interpreter)
+  SWEEP_LOSS=(--loss ms softtriple)
+  SAN_TRITON_LOSS=(--loss multi_similarity_loss soft_triple_loss)
   COMPILE_LOSS=(--loss ms)       # one compile is the check; five would take minutes on 2 cores
   SAN_DEV=(--device cpu --dims 37)
   WARM_THREADS=1
@@ -264,6 +268,8 @@ else
   BENCH_DEV=(--device cuda)
   COMPILE_LOSS=()
   BIG_LOSS=()
+  SWEEP_LOSS=()
+  SAN_TRITON_LOSS=()
   SAN_DEV=(--device cuda)
   WARM_THREADS=8
   SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer 2>/dev/null | head -1)
@@ -397,7 +403,7 @@ san_step memcheck_class 60 memcheck bench/sanitize_small.py --engine class --bac
 want bench && warm_stop
 # shellcheck disable=SC2086
 step bench 120 "${BENCH[@]}" --n $SWEEP_N --provider matmul $FUSED reference pml --timeout 60 \
-  --tag "$TAG_MAIN" "${BENCH_EXTRA[@]}"
+  --tag "$TAG_MAIN" "${SWEEP_LOSS[@]}" "${BENCH_EXTRA[@]}"
 
 # ==== 6. the memory point: N = 65536 ===============================================================
 want bigmem && warm_stop
@@ -417,7 +423,8 @@ else
   step tests_triton_dev 60 "${PYTEST[@]}" -m "not gpu" -k triton --junitxml "$LOGS/tests_triton_dev.xml" "${PYTEST_EXTRA[@]}"
 fi
 san_step racecheck 60 racecheck bench/sanitize_small.py --engine all --backends cuda --dtypes bfloat16 float32 --dims 40
-san_step memcheck_triton 90 memcheck bench/sanitize_small.py --engine all --backends triton --dtypes bfloat16 --dims 40
+san_step memcheck_triton 90 memcheck bench/sanitize_small.py --engine all --backends triton --dtypes bfloat16 --dims 40 \
+  "${SAN_TRITON_LOSS[@]}"
 if [[ -f csrc/cuda/sanitize_case.py ]]; then
   san_step memcheck_full 90 memcheck csrc/cuda/sanitize_case.py
 elif want memcheck_full; then
