@@ -45,7 +45,7 @@ LOSSES = {
 }
 
 
-def _step_fn(provider, miner_name, loss_name, x, y):
+def _step_fn(provider, miner_name, loss_name, x, y, miner_kwargs):
     import torch
     if provider == "matmul":
         def step():
@@ -55,11 +55,11 @@ def _step_fn(provider, miner_name, loss_name, x, y):
     if provider == "ours":
         import fused_pairloss as fpl
         from fused_pairloss import miners
-        miner, loss = getattr(miners, miner_name)(**MINERS[miner_name]), getattr(fpl.losses, loss_name)(
+        miner, loss = getattr(miners, miner_name)(**miner_kwargs), getattr(fpl.losses, loss_name)(
             **LOSSES[loss_name])
     else:
         from pytorch_metric_learning import losses, miners
-        miner, loss = getattr(miners, miner_name)(**MINERS[miner_name]), getattr(losses, loss_name)(
+        miner, loss = getattr(miners, miner_name)(**miner_kwargs), getattr(losses, loss_name)(
             **LOSSES[loss_name])
 
     def step():
@@ -73,12 +73,12 @@ def _point(args, conn):
 
     import torch
     warnings.simplefilter("ignore")
-    provider, miner_name, loss_name, n, d, repeats = args
+    provider, miner_name, loss_name, n, d, repeats, miner_kwargs = args
     torch.manual_seed(0)
     x = torch.randn(n, d, requires_grad=True)
     y = torch.arange(n) // 4
     try:
-        step = _step_fn(provider, miner_name, loss_name, x, y)
+        step = _step_fn(provider, miner_name, loss_name, x, y, miner_kwargs)
         step()  # warm-up
         x.grad = None
         measure._malloc_trim()
@@ -128,22 +128,26 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds per point")
     ap.add_argument("--providers", nargs="+", default=["ours", "pml", "matmul"])
     ap.add_argument("--pairs", nargs="*", help="Miner:Loss pairs (default: every miner with every loss)")
+    ap.add_argument("--miner-kwargs", type=json.loads, default={},
+                    help='JSON: the miners\' arguments over MINERS\' (e.g. \'{"neg_margin": 1.5}\')')
     ap.add_argument("--out", required=True, help="output prefix (.json, .csv)")
     a = ap.parse_args(argv)
     pairs = [tuple(p.split(":")) for p in a.pairs] if a.pairs else [(m, ls) for m in MINERS for ls in LOSSES]
     records = []
     if "matmul" in a.providers:
-        rec = run_point(("matmul", "", "", a.n, a.d, a.repeats), a.timeout)
+        rec = run_point(("matmul", "", "", a.n, a.d, a.repeats, {}), a.timeout)
         records.append(dict(provider="matmul", miner="", loss="", n=a.n, **rec))
         print(f"matmul: {rec}", flush=True)
     for miner_name, loss_name in pairs:
         for provider in (p for p in a.providers if p != "matmul"):
-            rec = run_point((provider, miner_name, loss_name, a.n, a.d, a.repeats), a.timeout)
+            kwargs = {**MINERS[miner_name], **a.miner_kwargs}
+            rec = run_point((provider, miner_name, loss_name, a.n, a.d, a.repeats, kwargs), a.timeout)
             records.append(dict(provider=provider, miner=miner_name, loss=loss_name, n=a.n, **rec))
             print(f"{miner_name} + {loss_name} [{provider}]: {rec}", flush=True)
     env = dict(command=" ".join([os.path.basename(sys.executable)] + sys.argv), cpu=measure._cpu_model(),
                cpu_count=os.cpu_count(), loadavg=measure.loadavg(), date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-               miners=MINERS, losses=LOSSES, d=a.d, labels="arange(N) // 4 (4 samples per class)", dtype="float32")
+               miners={m: {**kw, **a.miner_kwargs} for m, kw in MINERS.items()}, losses=LOSSES, d=a.d,
+               labels="arange(N) // 4 (4 samples per class)", dtype="float32")
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out + ".json", "w") as f:
         json.dump(dict(meta=env, records=records), f, indent=1)

@@ -90,17 +90,19 @@ class PairMarginMiner(pml_miners.PairMarginMiner):
         out, sums = [[], [], [], []], [0.0, 0, 0.0, 0]
         for i0, i1 in _row_chunks(rows.N, rows.M, rows.M, CHUNK_ELEMENTS):
             mat, matches, diffs = rows.chunk(i0, i1)
-            a1, p = torch.where(matches)
-            a2, n = torch.where(diffs)
-            pos_pair, neg_pair = mat[a1, p], mat[a2, n]
+            # PML lists every pair of a set, then keeps those past the margin: the same pairs in the
+            # same (row-major) order as listing the kept ones directly
             if self.distance.is_inverted:
-                pos_mask, neg_mask = pos_pair < self.pos_margin, neg_pair > self.neg_margin
+                pos_keep, neg_keep = matches & (mat < self.pos_margin), diffs & (mat > self.neg_margin)
             else:
-                pos_mask, neg_mask = pos_pair > self.pos_margin, neg_pair < self.neg_margin
-            for k, t in enumerate((a1[pos_mask] + i0, p[pos_mask], a2[neg_mask] + i0, n[neg_mask])):
+                pos_keep, neg_keep = matches & (mat > self.pos_margin), diffs & (mat < self.neg_margin)
+            a1, p = torch.where(pos_keep)
+            a2, n = torch.where(neg_keep)
+            for k, t in enumerate((a1 + i0, p, a2 + i0, n)):
                 out[k].append(t)
-            sums = [sums[0] + pos_pair.double().sum().item(), sums[1] + len(pos_pair),
-                    sums[2] + neg_pair.double().sum().item(), sums[3] + len(neg_pair)]
+            if self.collect_stats:
+                sums = [sums[0] + mat[matches].double().sum().item(), sums[1] + int(matches.sum()),
+                        sums[2] + mat[diffs].double().sum().item(), sums[3] + int(diffs.sum())]
         if self.collect_stats:  # PML: the means over all pairs
             self.pos_pair_dist = sums[0] / sums[1] if sums[1] > 0 else 0
             self.neg_pair_dist = sums[2] / sums[3] if sums[3] > 0 else 0

@@ -231,6 +231,7 @@ def test_gpu_pair_miner_rule_fused_into_pair_loss(miner, backend):
     kw = dict(pos_margin=1.2, neg_margin=1.4) if miner == "PairMarginMiner" else {}
     mined = getattr(miners, miner)(**kw)(x, y)
     loss = fpl.ContrastiveLoss(backend=backend)
+    loss.ENGINE_PAIR_FRACTION = 0  # the engine whatever the number of mined pairs
     assert loss._fused_with_miner_rule(x, y, mined, None, None) is not None
     ours = loss(x, y, mined)
     theirs = pml_losses.ContrastiveLoss()(x, y, tuple(mined))
@@ -295,6 +296,7 @@ def test_pair_miner_rule_fused_into_pair_losses(miner, loss, mode, distance, dty
         m.setattr(fpl.losses._base._PairLoss, "_fused_with_listed_pairs", None)
         m.setattr(fpl.losses._base._PairLoss, "_reference_with_indices", None)
         m.setattr(getattr(fpl.losses, loss), "_reference_with_indices", None)
+        m.setattr(fpl.losses._base._PairLoss, "ENGINE_PAIR_FRACTION", 0)  # the engine for any number of pairs
         value, grads, mined = run(miners, fpl.losses, (x, y, r, ry))
     same, same_grads, listed = run(pml_miners, pml_losses, (x, y, r, ry))
     n_pos, n_neg = len(listed[0]), len(listed[2])
@@ -318,6 +320,7 @@ def test_ms_miner_pairs_are_listed_where_the_rule_differs():
         mined = miners.MultiSimilarityMiner(0.1, **miner_kw)(*args)
         listed = pml_miners.MultiSimilarityMiner(0.1, **miner_kw)(*args)
         ours = fpl.ContrastiveLoss(**loss_kw)
+        ours.ENGINE_PAIR_FRACTION = 0
         assert ours._fused_with_miner_rule(args[0], args[1], mined, *(args[2:] or (None, None))) is None
         check_close(ours(args[0], args[1], mined, *args[2:]),
                     pml_losses.ContrastiveLoss(**loss_kw)(args[0], args[1], listed, *args[2:]), what=str(loss_kw))
@@ -331,11 +334,25 @@ def test_cosine_miner_beside_lp_loss_with_a_zero_row_reads_the_list():
     x[3] = 0
     mined, listed = miners.MultiSimilarityMiner(0.1)(x, y), pml_miners.MultiSimilarityMiner(0.1)(x, y)
     ours = fpl.ContrastiveLoss()
+    ours.ENGINE_PAIR_FRACTION = 0
     assert ours._fused_with_miner_rule(x, y, mined, None, None) is None
     check_close(ours(x, y, mined), pml_losses.ContrastiveLoss()(x, y, listed), what="zero row")
     x[3] = 1  # the same call without the zero row: the rule in the engine
     mined = miners.MultiSimilarityMiner(0.1)(x, y)
     assert ours._fused_with_miner_rule(x, y, mined, None, None) is not None
+
+
+def test_few_mined_pairs_are_read_from_the_list():
+    """The miner's rule in the engine walks all N x M pairs; a list of fewer than
+    ENGINE_PAIR_FRACTION of them is cheaper to read. Either way PML's value."""
+    x, y, _, _ = batch("self", n=64, classes=32, seed=14)
+    loss = fpl.ContrastiveLoss()
+    for neg_margin, engine in ((0.5, False), (1.9, True)):  # d of these rows: about 1.4 +- 0.4
+        mined = miners.PairMarginMiner(0.2, neg_margin)(x, y)
+        kept = len(mined[0]) + len(mined[2])
+        assert (kept >= loss.ENGINE_PAIR_FRACTION * 64 * 64) == engine, kept
+        assert (loss._fused_with_miner_rule(x, y, mined, None, None) is not None) == engine
+        check_close(loss(x, y, mined), pml_losses.ContrastiveLoss()(x, y, tuple(mined)), what=f"{neg_margin}")
 
 
 def test_mined_tuples_pickle_and_copy_as_pmls_tuple():

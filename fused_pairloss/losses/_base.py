@@ -196,6 +196,11 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
     def _listed_hyper(self):
         return self._hyper()
 
+    # A miner's rule in the engine costs a walk over all N x M pairs; its listed pairs cost O(#pairs D)
+    # (about 80 ns a pair against 10 ns a pair of the walk, forward and backward, on the CPU:
+    # docs/design.md "Miners in the engine"): the engine when the miner kept at least this fraction.
+    ENGINE_PAIR_FRACTION = 1 / 8
+
     # the loss's fused call is its declaration on the label sets through one pair_stats call, to which
     # a pair miner's rule can be added (ops/stats.MinedBy): MultiSimilarityMiner's, PairMarginMiner's
     _fuses_pair_miners = False
@@ -216,6 +221,9 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
                 or not indices_tuple.fused_for(embeddings, labels, ref_emb, ref_labels, self._distance_kind)
                 or getattr(self, "miner_epsilon", None) is not None):
             return None
+        n_cols = (embeddings if ref_emb is None else ref_emb).shape[0]
+        if len(indices_tuple[0]) + len(indices_tuple[2]) < self.ENGINE_PAIR_FRACTION * embeddings.shape[0] * n_cols:
+            return None  # few pairs: the listed pairs are cheaper
         backend = resolve_backend(self.backend, embeddings.device)
         fused_fn = self._own_fused_fn()
         if backend == "reference" or fused_fn is None:
