@@ -128,6 +128,12 @@ def xbm_losses():
         "xbm_unfused": lambda: fpl.CrossBatchMemory(L.TripletMarginLoss(), D, XBM_MEMORY),
         "xbm_triplet_miner": lambda: fpl.CrossBatchMemory(fpl.TripletMarginLoss(0.1), D, XBM_MEMORY,
                                                           miner=fpl.miners.TripletMarginMiner(0.3, collect_stats=True)),
+        # a pair miner's rule in another loss's engine: PML's cosine MS miner beside an lp loss, and
+        # PairMarginMiner's keep windows
+        "xbm_contrastive_ms_miner": lambda: fpl.CrossBatchMemory(fpl.ContrastiveLoss(0.1, 1.2), D, XBM_MEMORY,
+                                                                 miner=miners.MultiSimilarityMiner(0.1)),
+        "xbm_contrastive_pair_margin": lambda: fpl.CrossBatchMemory(fpl.ContrastiveLoss(0.1, 1.2), D, XBM_MEMORY,
+                                                                    miner=fpl.miners.PairMarginMiner(1.0, 1.5)),
     }
 
 

@@ -1,8 +1,9 @@
 """fpl.CrossBatchMemory against PML's CrossBatchMemory step by step (values, gradients, the memory
-buffers, queue_idx, has_been_filled) over a wrap-around, with enqueue_mask, reset_queue, PML's
-MultiSimilarityMiner and TripletMarginMiner (fused: mined against the memory with the self slot,
-self comparisons removed after), other miners and explicit indices_tuple (PML's computation); state_dicts both ways; the
-fused path's footprint (no B x M tensor, no column pass for the memory); argument validation."""
+buffers, queue_idx, has_been_filled, the miner's records) over a wrap-around, with enqueue_mask,
+reset_queue, the MultiSimilarity, PairMargin and TripletMargin miners (PML's and ours; fused: mined
+against the memory with the self slot, self comparisons removed after), other miners and explicit
+indices_tuple (PML's computation); state_dicts both ways; the fused path's footprint (no B x M
+tensor, no column pass for the memory); argument validation."""
 import warnings
 
 import pytest
