@@ -87,7 +87,7 @@ FPL_TERM_FN T mining_u(T v, bool lp, bool on_cosine) {
 // PairMarginMiner's keep windows (loss_spec.h kKeepWindows): lo < v < hi, false for a NaN v. A
 // mask (vector T) or a bool.
 template <typename T>
-FPL_TERM_FN auto in_window(T v, T lo, T hi) {
+FPL_TERM_FN auto in_keep_window(T v, T lo, T hi) {
   return (v > lo) & (v < hi);
 }
 

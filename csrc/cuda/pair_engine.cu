@@ -217,11 +217,11 @@ __global__ void __launch_bounds__(kThreads) pair_forward_kernel(PairArgs<T> p) {
   walk_columns<T>(p, o0, no, 0, p.M, smem, [&](A s, int64_t col, int64_t lx) {
     const A v = pair_v(sp, s);
     if (lx == lo) {
-      if (!p.defer && col != ex && (!sp.windows || in_window(v, sp.pos_window_lo, sp.pos_window_hi)))
+      if (!p.defer && col != ex && (!sp.windows || in_keep_window(v, sp.pos_window_lo, sp.pos_window_hi)))
         pos.add(sp.pos, term_value(sp.pos, v));
       return;
     }
-    if (sp.windows && !in_window(v, sp.neg_window_lo, sp.neg_window_hi)) return;
+    if (sp.windows && !in_keep_window(v, sp.neg_window_lo, sp.neg_window_hi)) return;
     if (sp.mine) {
       const A u = mining_u(v, lp, sp.mine_on_cosine);
       max_neg = nan_max(max_neg, u);
@@ -239,7 +239,7 @@ __global__ void __launch_bounds__(kThreads) pair_forward_kernel(PairArgs<T> p) {
       if (lx != lo || col == ex) return;
       const A v = pair_v(sp, s);
       if (sp.mine && !(mining_u(v, lp, sp.mine_on_cosine) - sp.miner_eps < max_neg)) return;
-      if (sp.windows && !in_window(v, sp.pos_window_lo, sp.pos_window_hi)) return;
+      if (sp.windows && !in_keep_window(v, sp.pos_window_lo, sp.pos_window_hi)) return;
       const A x = term_value(sp.pos, v);
       pos.add(sp.pos, x);
       if (sp.pos_vs_neg_lse) {
@@ -338,8 +338,8 @@ FPL_DEV A pair_grad(const PairSpec<A>& sp, A s, bool same, bool excluded, const 
     neg = neg && (u + sp.miner_eps > st.min_pos);
   }
   if (sp.windows) {
-    pos = pos && in_window(v, sp.pos_window_lo, sp.pos_window_hi);
-    neg = neg && in_window(v, sp.neg_window_lo, sp.neg_window_hi);
+    pos = pos && in_keep_window(v, sp.pos_window_lo, sp.pos_window_hi);
+    neg = neg && in_keep_window(v, sp.neg_window_lo, sp.neg_window_hi);
   }
   if (!pos && !neg) return A(0);
   const PairTermParams<A>& tp = pos ? sp.pos : sp.neg;
