@@ -436,7 +436,8 @@ def test_validation():
         fpl.CrossBatchMemory(fpl.MultiSimilarityLoss(), D, 0)
     with pytest.raises(TypeError, match="embedding_size"):
         fpl.CrossBatchMemory(fpl.MultiSimilarityLoss(), 8.0)
-    both = fpl.CrossBatchMemory(fpl.MultiSimilarityLoss(miner_epsilon=0.1), D, 8, miner=miners.MultiSimilarityMiner())
-    with pytest.raises(ValueError, match="miner_epsilon"):
-        both(x, y)
+    for miner in (miners.MultiSimilarityMiner(), miners.PairMarginMiner(distance=Dm.CosineSimilarity())):
+        both = fpl.CrossBatchMemory(fpl.MultiSimilarityLoss(miner_epsilon=0.1), D, 8, miner=miner)
+        with pytest.raises(ValueError, match=f"miner={type(miner).__name__}.*miner_epsilon"):
+            both(x, y)
     assert xbm.queue_idx == 0, "a rejected call does not touch the memory"
