@@ -215,8 +215,9 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
     def _fused_with_miner_rule(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """Our MultiSimilarityMiner's or PairMarginMiner's pairs (fused_pairloss._miners.MinedPairs) on
         the inputs they were mined from, with the loss's distance (or a cosine MultiSimilarityMiner
-        beside PML's normalized LpDistance()): the loss's fused call with the miner's rule in its engine
-        (the list is not read); None otherwise."""
+        beside PML's normalized LpDistance()), when the miner kept at least ENGINE_PAIR_FRACTION of the
+        pairs: the loss's fused call with the miner's rule in its engine (the list is not read); None
+        otherwise."""
         if (not self._fuses_pair_miners or not hasattr(indices_tuple, "spec_changes")
                 or not indices_tuple.fused_for(embeddings, labels, ref_emb, ref_labels, self._distance_kind)
                 or getattr(self, "miner_epsilon", None) is not None):
