@@ -100,18 +100,20 @@ def check_pair(args, spec, exact, seed=0):
     out = pair_fwd(args, spec)
     assert [t.dtype for t in out] == [A, torch.int32, A]
     n = args[0].shape[0]
-    assert [tuple(t.shape) for t in out] == [(len(S.PAIR_VALUES), n), (4, n), (3, n)]
+    rows = S.pair_value_rows(terms)  # PAIR_VALUES and the histograms' nodes
+    assert [tuple(t.shape) for t in out] == [(rows, n), (4, n), (3, n)]
     same = oracle.pair_engine_forward_oracle(*args, terms, flags)
     a64 = cast(args, torch.float64)
     truth = oracle.pair_engine_forward_oracle(*a64, terms, flags)
     if exact:
         assert torch.equal(out[1], same[1]), "counts"
         assert torch.equal(out[2][:2], same[2][:2]), "mining thresholds"
-    for k, name in enumerate(PAIR_VALUES):
+    for k in range(rows):
+        name = PAIR_VALUES[k] if k < len(PAIR_VALUES) else f"histogram row {k - len(PAIR_VALUES)}"
         check_close(out[0][k], truth[0][k], same[0][k], what=name, dtype=dtype)
     check_close(out[2][2], truth[2][2], same[2][2], what="pos_vs_neg_dlse", dtype=dtype)
     g = torch.Generator().manual_seed(seed + 1)
-    gv = torch.randn(len(S.PAIR_VALUES), args[0].shape[0], generator=g, dtype=torch.float64).to(DEV, A)
+    gv = torch.randn(rows, args[0].shape[0], generator=g, dtype=torch.float64).to(DEV, A)
     grads = pair_bwd(gv, args, spec, out)
     ref = oracle.pair_engine_backward_oracle(gv.double(), *a64, truth[0], truth[2], terms, flags, True)
     same_g = oracle.pair_engine_backward_oracle(gv, *args, same[0], same[2], terms, flags, True)
@@ -219,8 +221,12 @@ def test_bad_arguments():
     with pytest.raises(RuntimeError, match="exclude-after-mining needs mining"):
         PAIR_FWD(*args, list(terms), flags | S.EXCLUDE_AFTER_MINING)
     hist_terms, hist_flags = kit.HIST_DECLARATIONS["cosine_with_sums"].pack()
-    with pytest.raises(RuntimeError, match=r"histograms \(hist_nodes > 0\) are computed by the CPU engine only"):
-        PAIR_FWD(*args, list(hist_terms), hist_flags)
+    with pytest.raises(RuntimeError, match="a histogram cannot be combined with mining"):
+        PAIR_FWD(*args, list(hist_terms), hist_flags | S.MINE)
+    with pytest.raises(RuntimeError, match="hist_inv_width must be a number > 0"):
+        PAIR_FWD(*args, list(hist_terms[:13]) + [0.0] + list(hist_terms[14:]), hist_flags)
+    with pytest.raises(RuntimeError, match="hist-pml-bins needs a histogram of 2 nodes"):
+        PAIR_FWD(*args, [1.0 if k == 11 else t for k, t in enumerate(hist_terms)], hist_flags | S.HIST_PML_BINS)
     with pytest.raises(RuntimeError, match="implied"):
         PAIR_FWD(args[0], None, args[2], None, torch.zeros(6, dtype=torch.long, device=DEV), list(terms), flags)
     spec, K = CLASS_DECLS["softtriple_k3"]
@@ -251,6 +257,41 @@ def test_pair_op_parity_fp64(decl):
                    PAIR_DECLS[decl], exact=False)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("decl", list(kit.HIST_DECLARATIONS))
+def test_pair_histograms(decl, mode):
+    """The histograms (kit.HIST_DECLARATIONS: FastAP's of d^2, HistogramLoss's PML bins, a cosine one
+    beside sums): dyadic fp32 rows put pairs on the nodes (where the gradient is 0 on both sides),
+    random fp64 rows between them; 2 x 2 tiles with edges."""
+    spec = kit.HIST_DECLARATIONS[decl]
+    check_pair(pair_case(mode, 45, 12, "few", torch.float32, "dyadic", seed=4), spec, exact=True)
+    check_pair(pair_case(mode, 38, 20, "many", torch.float64, "normalized", seed=5), spec, exact=False)
+
+
+def test_pair_histograms_nan_split_and_reach(monkeypatch):
+    """NaN in, NaN out (node 0 of the NaN row only); split walks add their partial histograms; a
+    pair past the last node by less than a node width reaches it, one further out adds nothing."""
+    spec = kit.HIST_DECLARATIONS["cosine_with_sums"]
+    terms, flags = spec.pack()
+    args = list(pair_case("ref", 40, 6, "few", torch.float64, "normalized", seed=1))
+    args[0][3, 0] = float("nan")
+    hist = PAIR_FWD(*args, list(terms), flags)[0][len(PAIR_VALUES):].view(2, 17, 40)
+    assert torch.isnan(hist[:, 0, 3]).all() and not torch.isnan(hist[:, 1:, 3]).any()
+    assert not torch.isnan(hist[:, :, [0, 1, 2, 4]]).any()
+    monkeypatch.setattr(T, "_splits", lambda owned, walked, device: 3)
+    split = PAIR_FWD(*args, list(terms), flags)[0][len(PAIR_VALUES):].view(2, 17, 40)
+    torch.testing.assert_close(split, hist, equal_nan=True)
+    monkeypatch.undo()
+    two = PairLossSpec(pos=S.NO_TERM, neg=S.NO_TERM, histogram=S.PairHistogram(2, 4.0, 0.5))
+    t2, f2 = two.pack()
+    q = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.625, 0.0], [0.875, 0.0]], dtype=torch.float64, device=DEV)
+    y = torch.tensor([0, 0, 1, 1], device=DEV)
+    h = PAIR_FWD(q, None, y, None, None, list(t2), f2)[0][len(PAIR_VALUES):]
+    # nodes 0.5 and 0.75: row 0's positive at S = 1 (u = 2) is out of reach, its negatives at
+    # u = 0.5 and 1.5 add 0.5 + 0.5 and 0.5 (the rest of the latter to a node past the last)
+    assert h[:, 0].tolist() == [0.0, 0.0, 0.5, 1.0]
+
+
 @pytest.mark.parametrize("decl", ["ms", "circle", "ntxent", "contrastive_lp"])
 def test_pair_op_parity_fp32_random(decl):
     """fp32 random rows (no mining: a pair within an ulp of a threshold could flip), D = 40 (two
@@ -278,15 +319,17 @@ def test_mining_ties_are_decided_exactly():
 
 
 @pytest.mark.parametrize("decl,mode", [("ms_mine", "self"), ("mixed", "ref_excl"), ("ntxent_lp", "ref"),
-                                       ("ms_mine_after_excl", "ref_excl"), ("contrastive_lp", "self")])
+                                       ("ms_mine_after_excl", "ref_excl"), ("contrastive_lp", "self"),
+                                       ("fastap", "ref"), ("histogram", "self")])
 def test_pair_split_walks(decl, mode, monkeypatch):
     """The GPU occupancy path, forced: a row block's walk dealt to 3 programs (partial statistics
     combined in a fixed order, one launch per walk), and the gradient passes' walks split too. Same
     results as the oracle; thresholds and sizes bitwise those of the unsplit run."""
+    spec = {**PAIR_DECLS, **kit.HIST_DECLARATIONS}[decl]
     args = pair_case(mode, 70, 10, "few", torch.float32, "dyadic", seed=21)
-    one = pair_fwd(args, PAIR_DECLS[decl])
+    one = pair_fwd(args, spec)
     monkeypatch.setattr(T, "_splits", lambda owned, walked, device: 3)
-    out, _ = check_pair(args, PAIR_DECLS[decl], exact=True)
+    out, _ = check_pair(args, spec, exact=True)
     assert torch.equal(out[1], one[1]) and torch.equal(out[2][:2], one[2][:2])
 
 
@@ -589,8 +632,8 @@ _COMPILE_SCRIPT = textwrap.dedent("""
                              options={"num_warps": num_warps, "num_stages": num_stages})
         assert out.asm["cubin"], kern
 
-    def pair(dtype, flags, arch, self_mode, excl, D, temperatures=(0.0, 0.0)):
-        sw = T._pair_switches(flags, [0.0] * 9 + list(temperatures) + [0.0] * 3)
+    def pair(dtype, flags, arch, self_mode, excl, D, temperatures=(0.0, 0.0), hist_nodes=0):
+        sw = T._pair_switches(flags, [0.0] * 9 + list(temperatures) + [float(hist_nodes), 0.0, 1.0])
         cfg = T._FWD_CONFIGS[0]
         common = dict(EXCL=excl, PREC=T.dot_precision(dtype), BLOCK_D=T.block_d(dtype), **cfg.kwargs)
         build(T._pair_fwd_kernel, dtype, dict(common, **sw, WALK_THRESH=sw["MINE"], WALK_MAIN=True,
@@ -656,6 +699,9 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     # RankedListLoss's exp-weighted sums (lp, self mode)
     pair(torch.float32, S.POS_SUM | S.POS_HINGE | S.NEG_SUM | S.NEG_HINGE | S.LP_DISTANCE, 90, True, 0, 128,
          (1.0, 10.0))
+    # histograms: FastAP's of d^2 (fp32, self mode), HistogramLoss's PML bins (fp16 ref mode, chunked gradient)
+    pair(torch.float32, S.LP_DISTANCE | S.HIST_SQUARED, 90, True, 1, 128, hist_nodes=11)
+    pair(torch.float16, S.HIST_PML_BINS | S.POS_SUM, 80, False, 0, 300, hist_nodes=101)
     klass(torch.bfloat16, S.ROW_LSE, 10, 90, 128)
     klass(torch.float32, S.ROW_LSE | S.POOL_MAX, 3, 80, 128)
     klass(torch.float32, S.COL_POS_LSE | S.COL_NEG_LSE, 1, 80, 300)

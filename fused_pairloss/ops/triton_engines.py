@@ -144,11 +144,11 @@ INTERPRETED = _IMPORTED and is_interpreter()
 _USE_TRITON_OP = _IMPORTED and not INTERPRETED and hasattr(torch.library, "triton_op")
 
 _PAIR_TERMS = 2 * 4 + 10
-_KERNEL_TERMS = 2 * 4 + 3  # the terms the kernels take (not the histogram's: the CPU engine's only)
+_KERNEL_TERMS = 2 * 4 + 3  # the pair terms' floats, miner_epsilon, the sums' temperatures
 _WINDOW_TERMS = slice(14, 18)  # then the keep windows' bounds (after the smallest normal)
 _PAIR_VALUES = len(S.PAIR_VALUES)
 _CLASS_TERMS = 3 * 4 + 1
-_PAIR_FLAG_MASK = ((1 << 11) - 1) | S.KEEP_WINDOWS
+_PAIR_FLAG_MASK = ((1 << 11) - 1) | S.KEEP_WINDOWS | S.HIST_SQUARED | S.HIST_PML_BINS
 # no weight-operand bits (plain rows)
 _CLASS_FLAG_MASK = S.ROW_LSE | S.COL_POS_LSE | S.COL_NEG_LSE | S.POOL_MAX | S.ROW_SOFTPLUS_SUM
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -244,7 +244,19 @@ def _pair_switches(flags: int, terms) -> dict:
                 POS_LSE=bool(f & S.POS_LSE), POS_SUM=bool(f & S.POS_SUM), POS_HINGE=bool(f & S.POS_HINGE),
                 NEG_LSE=bool(f & S.NEG_LSE), NEG_SUM=bool(f & S.NEG_SUM), NEG_HINGE=bool(f & S.NEG_HINGE),
                 LP=bool(f & S.LP_DISTANCE), MINE=bool(f & S.MINE), NTX=bool(f & S.POS_VS_NEG_LSE),
-                EAM=bool(f & S.EXCLUDE_AFTER_MINING), MCOS=bool(f & S.MINE_ON_COSINE), WIN=bool(f & S.KEEP_WINDOWS))
+                EAM=bool(f & S.EXCLUDE_AFTER_MINING), MCOS=bool(f & S.MINE_ON_COSINE), WIN=bool(f & S.KEEP_WINDOWS),
+                HIST=float(terms[11]) > 0, HSQ=bool(f & S.HIST_SQUARED), HPML=bool(f & S.HIST_PML_BINS))
+
+
+def _pair_kernel_consts(terms, A) -> tuple:
+    """The declaration's scalars as the pair kernels take them, after the shapes: the terms' floats,
+    miner_epsilon, the temperatures, A's smallest normal (NTXent's tiny), the keep windows' bounds,
+    then the histogram's nodes, lo, inv_width, and PML's delta = 1 / inv_width (rounded to float in
+    the kernels, as loss_spec.h hist_delta_f)."""
+    nodes, lo, inv_width = int(terms[11]), float(terms[12]), float(terms[13])
+    return (tuple(float(t) for t in terms[:_KERNEL_TERMS]) + (float(torch.finfo(A).tiny),)
+            + tuple(float(t) for t in terms[_WINDOW_TERMS])
+            + (nodes, lo, inv_width if nodes else 1.0, 1.0 / inv_width if nodes else 1.0))
 
 
 def _pool_kind(K: int, flags: int) -> int:
@@ -262,8 +274,22 @@ def _class_switches(flags: int) -> dict:
 def _check_pair(q, r, labels_q, labels_r, exclude_col, terms, flags):
     torch._check(len(terms) == _PAIR_TERMS,
                  lambda: f"pair_engine (triton): terms must have {_PAIR_TERMS} entries, got {len(terms)}")
-    torch._check(float(terms[11]) == 0.0,
-                 lambda: "pair_engine (triton): histograms (hist_nodes > 0) are computed by the CPU engine only")
+    # the histogram's fields, as common/loss_spec.h validates them
+    nodes, lo, inv_width, fmax = float(terms[11]), float(terms[12]), float(terms[13]), torch.finfo(torch.float32).max
+    torch._check(nodes.is_integer() and 0 <= nodes <= 2**20,
+                 lambda: "pair_engine (triton): hist_nodes must be an integer in [0, 2^20]")
+    torch._check(nodes == 0 or 0 < inv_width <= fmax,
+                 lambda: "pair_engine (triton): hist_inv_width must be a number > 0 and at most the largest float")
+    torch._check(nodes == 0 or -fmax <= lo <= fmax,
+                 lambda: "pair_engine (triton): hist_lo must be a finite number (as a float)")
+    torch._check(nodes == 0 or not (flags & (S.MINE | S.POS_VS_NEG_LSE)),
+                 lambda: "pair_engine (triton): a histogram cannot be combined with mining or NTXent")
+    torch._check(nodes > 0 or not (flags & S.HIST_SQUARED),
+                 lambda: "pair_engine (triton): hist-squared needs a histogram")
+    torch._check(nodes == 0 or not (flags & S.KEEP_WINDOWS),
+                 lambda: "pair_engine (triton): keep windows cannot be combined with a histogram")
+    torch._check(not (flags & S.HIST_PML_BINS) or (nodes >= 2 and not (flags & S.HIST_SQUARED)),
+                 lambda: "pair_engine (triton): hist-pml-bins needs a histogram of 2 nodes or more, of v (not squared)")
     torch._check((int(flags) & ~_PAIR_FLAG_MASK) == 0,
                  lambda: f"pair_engine (triton): unknown pair flag bits {int(flags) & ~_PAIR_FLAG_MASK}")
     for k, (name, sum_bit, hinge_bit) in enumerate((("pos", S.POS_SUM, S.POS_HINGE), ("neg", S.NEG_SUM, S.NEG_HINGE))):
@@ -351,6 +377,7 @@ if _IMPORTED:
     _NEG_INF = tl.constexpr(float("-inf"))
     _POS_INF = tl.constexpr(float("inf"))
     _NAN = tl.constexpr(float("nan"))
+    _HIST_ROW0 = tl.constexpr(len(S.PAIR_VALUES))  # the pair engine's first histogram row in values
 
     # ============================================================ shared element / tile functions
     @triton.jit
@@ -609,6 +636,80 @@ if _IMPORTED:
         return kp, kn
 
     @triton.jit
+    def _hist_pulses(v, hlo, hiw, hdf, hlof, NODES, HSQ: tl.constexpr, HPML: tl.constexpr):
+        """Each pair's place in the histogram (loss_spec.h hist_nodes, kernels_isa.inc histogram_add):
+        node a = ra gets wa, node b = ra + 1 gets wb where ok_a / ok_b; `inside` marks the pairs with
+        a node in reach (NaN pairs never: they make node 0 NaN). Plain: u = (h - lo) inv_width, h = v
+        or v^2, ra = floor(u), wb = u - ra, wa = 1 - wb, nodes outside [0, NODES) dropped. PML's bins
+        (HPML): ra = floor((float(v) - lo) / delta) in float, clamped to [0, NODES - 2], node
+        positions float(k) * delta; wb = ((v - lo) - node_ra) inv_width, wa = (float(node_b + lo) - v)
+        inv_width."""
+        nan = v != v
+        if HPML:
+            vs = tl.where(nan, 0.0, v)
+            t = _div(vs.to(tl.float32) - hlof, hdf)
+            ra = tl.minimum(tl.maximum(tl.floor(t), 0.0), NODES - 2).to(tl.int32)
+            node_a = ra.to(tl.float32) * hdf
+            node_b = (ra + 1).to(tl.float32) * hdf
+            wb = ((vs - hlo) - node_a.to(v.dtype)) * hiw
+            wa = ((node_b + hlof).to(v.dtype) - vs) * hiw
+            inside = ~nan
+            ok_a = inside
+            ok_b = inside
+        else:
+            if HSQ:
+                h = v * v
+            else:
+                h = v
+            u = (h - hlo) * hiw
+            inside = (u > -1.0) & (u < NODES)
+            us = tl.where(inside, u, 0.0)
+            fl = tl.floor(us)
+            ra = fl.to(tl.int32)
+            wb = us - fl
+            wa = 1.0 - wb
+            ok_a = inside & (ra >= 0)
+            ok_b = inside & (ra + 1 < NODES)
+        return ra, wa, wb, ok_a, ok_b, inside
+
+    @triton.jit
+    def _hist_add(hb, N, NODES, ra, wa, wb, ok_a, ok_b, keep, rmask):
+        """Add the kept pairs' pulses of a tile to their rows' histogram (node k at hb + k N, hb the
+        rows' pointers; slots zeroed by the host). Only nodes some pair reaches are visited. Atomic adds: the slots are
+        this program's alone (or its split's), so no other program races them; atomics only keep
+        the adds of one program's threads from racing each other."""
+        a = keep & ok_a
+        b = keep & ok_b
+        lo = tl.minimum(tl.min(tl.where(a, ra, NODES)), tl.min(tl.where(b, ra + 1, NODES)))
+        hi = tl.maximum(tl.max(tl.where(a, ra + 1, 0)), tl.max(tl.where(b, ra + 2, 0)))
+        for k in range(lo, hi):
+            w = tl.where(a & (ra == k), wa, 0.0) + tl.where(b & (ra + 1 == k), wb, 0.0)
+            tl.atomic_add(hb + k * N, tl.sum(w, axis=1), mask=rmask, sem="relaxed")
+
+    @triton.jit
+    def _hist_grad(gh_ptr, N, NODES, v, kp, kn, idx, hlo, hiw, hdf, hlof,
+                   HSQ: tl.constexpr, HPML: tl.constexpr, LP: tl.constexpr):
+        """d/dS of sum_k g_k hist_k for a tile (kernels_isa.inc histogram_grad_row): the slope of the
+        pair's segment, (g_b - g_a) inv_width, times dh/dv (1, or 2 v) and dv/dS (lp: -1/d). g of
+        row idx (pre-broadcast [R, 1] or [1, C]) at gh_ptr + (set NODES + k) N + idx. Plain: 0 on a
+        node (f = 0) and a node out of range reads as 0; PML's bins: the segment's slope on the node
+        too."""
+        ra, wa, wb, ok_a, ok_b, inside = _hist_pulses(v, hlo, hiw, hdf, hlof, NODES, HSQ, HPML)
+        act = (kp | kn) & inside
+        if not HPML:
+            act = act & (wb != 0)
+        base = gh_ptr + idx + tl.where(kp, 0, NODES).to(tl.int64) * N
+        ga = tl.load(base + ra.to(tl.int64) * N, mask=act & ok_a, other=0.0)
+        gb = tl.load(base + (ra + 1).to(tl.int64) * N, mask=act & ok_b, other=0.0)
+        if HSQ:
+            dh = (v + v) * hiw
+        else:
+            dh = tl.zeros_like(v) + hiw
+        if LP:
+            dh = dh * tl.where((v > 0) | (v != v), _div(tl.zeros_like(v) - 1.0, v), 0.0)
+        return tl.where(act, (gb - ga) * dh, 0.0)
+
+    @triton.jit
     def _log1p(y):
         """log(1 + y) for y >= 0, accurate for small y (Goldberg's trick; no log1p in the interpreter)."""
         u = 1.0 + y
@@ -699,16 +800,19 @@ if _IMPORTED:
                          k_ns: tl.float64, k_nsh: tl.float64, k_nwo: tl.float64, k_nws: tl.float64,
                          k_eps: tl.float64, k_tp: tl.float64, k_tn: tl.float64, k_tiny: tl.float64,
                          k_pwl: tl.float64, k_pwh: tl.float64, k_nwl: tl.float64, k_nwh: tl.float64,
+                         NODES, k_hlo: tl.float64, k_hiw: tl.float64, k_hdf: tl.float64,
                          WALK_THRESH: tl.constexpr, WALK_MAIN: tl.constexpr, WALK_NTX: tl.constexpr,
                          EXCL: tl.constexpr, LP: tl.constexpr, MINE: tl.constexpr, EAM: tl.constexpr,
                          MCOS: tl.constexpr, WIN: tl.constexpr, NTX: tl.constexpr, POS_LSE: tl.constexpr,
                          POS_SUM: tl.constexpr, POS_HINGE: tl.constexpr, NEG_LSE: tl.constexpr, NEG_SUM: tl.constexpr,
                          NEG_HINGE: tl.constexpr, POS_EXPW: tl.constexpr, NEG_EXPW: tl.constexpr,
+                         HIST: tl.constexpr, HSQ: tl.constexpr, HPML: tl.constexpr,
                          PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Program (row block, split s) walks the column tiles s, s + SPLIT, ... and writes its row
         statistics to slice s of values / counts / aux (layout of the op's outputs; SPLIT = 1: the
         outputs themselves). Walks: THRESH (mining thresholds; else, with MINE, read from thr_ptr),
-        MAIN, NTX (lse_neg from MAIN in registers, else read from lsen_ptr)."""
+        MAIN (with HIST also the histograms, added into value rows the host zeroed), NTX (lse_neg
+        from MAIN in registers, else read from lsen_ptr)."""
         ACC: tl.constexpr = val_ptr.dtype.element_ty
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < N
@@ -723,6 +827,8 @@ if _IMPORTED:
         ps, psh, pwo, pws, ns, nsh, nwo, nws, eps, tp, tn, tiny = _pair_consts(
             k_ps, k_psh, k_pwo, k_pws, k_ns, k_nsh, k_nwo, k_nws, k_eps, k_tp, k_tn, k_tiny, ACC)
         pwl, pwh, nwl, nwh = _c(k_pwl, ACC), _c(k_pwh, ACC), _c(k_nwl, ACC), _c(k_nwh, ACC)
+        hlo, hiw = _c(k_hlo, ACC), _c(k_hiw, ACC)
+        hdf, hlof = _c(k_hdf, tl.float32), _c(k_hlo, tl.float32)
 
         min_pos = tl.full([BLOCK_M], _POS_INF, ACC)
         max_neg = tl.full([BLOCK_M], _NEG_INF, ACC)
@@ -769,6 +875,8 @@ if _IMPORTED:
             cn = tl.zeros([BLOCK_M], tl.int32)
             zp = tl.zeros([BLOCK_M], tl.int32)
             zn = tl.zeros([BLOCK_M], tl.int32)
+            nan_hp = tl.zeros([BLOCK_M], tl.int32)  # HIST: a kept pair with a NaN v
+            nan_hn = tl.zeros([BLOCK_M], tl.int32)
             for n0 in range(n_first, M, n_step):
                 cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
                 cmask = cols < M
@@ -806,6 +914,16 @@ if _IMPORTED:
                     zn += tl.sum((kn & (xn > 0)).to(tl.int32), axis=1)
                 cp += tl.sum(kp.to(tl.int32), axis=1)
                 cn += tl.sum(kn.to(tl.int32), axis=1)
+                if HIST:  # positives' histogram in value rows 7.., the negatives' NODES rows later
+                    ra, wa, wb, ok_a, ok_b, _inside = _hist_pulses(v, hlo, hiw, hdf, hlof, NODES, HSQ, HPML)
+                    _hist_add(vb + _HIST_ROW0 * N, N, NODES, ra, wa, wb, ok_a, ok_b, kp, rmask)
+                    _hist_add(vb + (_HIST_ROW0 + NODES) * N, N, NODES, ra, wa, wb, ok_a, ok_b, kn, rmask)
+                    nan_hp = tl.maximum(nan_hp, tl.max((kp & (v != v)).to(tl.int32), axis=1))
+                    nan_hn = tl.maximum(nan_hn, tl.max((kn & (v != v)).to(tl.int32), axis=1))
+            if HIST:  # NaN in, NaN out: node 0 of a row with a NaN pair
+                tl.atomic_add(vb + _HIST_ROW0 * N, tl.where(nan_hp > 0, _NAN, 0.0).to(ACC), mask=rmask, sem="relaxed")
+                tl.atomic_add(vb + (_HIST_ROW0 + NODES) * N, tl.where(nan_hn > 0, _NAN, 0.0).to(ACC), mask=rmask,
+                              sem="relaxed")
             lse_neg = _lse_value(mn, ln)
             tl.store(vb, _lse_value(mp, lp), mask=rmask)
             tl.store(vb + N, lse_neg, mask=rmask)
@@ -850,22 +968,25 @@ if _IMPORTED:
             tl.store(ab + 2 * N, dl, mask=rmask)
 
     @triton.jit
-    def _pair_bwd_rows_kernel(q_ptr, r_ptr, lq_ptr, lr_ptr, ex_ptr, nq_ptr, nr_ptr, st_ptr, out_ptr,
+    def _pair_bwd_rows_kernel(q_ptr, r_ptr, lq_ptr, lr_ptr, ex_ptr, nq_ptr, nr_ptr, st_ptr, gh_ptr, out_ptr,
                               N, M, D, stride_q, stride_r, split_o,
                               k_ps: tl.float64, k_psh: tl.float64, k_pwo: tl.float64, k_pws: tl.float64,
                               k_ns: tl.float64, k_nsh: tl.float64, k_nwo: tl.float64, k_nws: tl.float64,
                               k_eps: tl.float64, k_tp: tl.float64, k_tn: tl.float64, k_tiny: tl.float64,
                               k_pwl: tl.float64, k_pwh: tl.float64, k_nwl: tl.float64, k_nwh: tl.float64,
+                              NODES, k_hlo: tl.float64, k_hiw: tl.float64, k_hdf: tl.float64,
                               SELF: tl.constexpr, EXCL: tl.constexpr, LP: tl.constexpr, MINE: tl.constexpr,
                               MCOS: tl.constexpr, WIN: tl.constexpr, NTX: tl.constexpr, POS_LSE: tl.constexpr,
                               POS_SUM: tl.constexpr, POS_HINGE: tl.constexpr, NEG_LSE: tl.constexpr,
                               NEG_SUM: tl.constexpr,
                               NEG_HINGE: tl.constexpr, POS_EXPW: tl.constexpr, NEG_EXPW: tl.constexpr,
+                              HIST: tl.constexpr, HSQ: tl.constexpr, HPML: tl.constexpr,
                               PREC: tl.constexpr, GPREC: tl.constexpr,
                               BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, ONE_CHUNK: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """grad_q[I] (slice s of the output) = sum over the column tiles J = s, s + SPLIT, ... of
-        G_IJ r_J (ref mode) or (G_IJ + G_JI) q_J (self mode: r = q), plus the lp norms' share."""
+        G_IJ r_J (ref mode) or (G_IJ + G_JI) q_J (self mode: r = q), plus the lp norms' share. HIST:
+        the histograms' incoming gradients [2 NODES, N] at gh_ptr."""
         ACC: tl.constexpr = st_ptr.dtype.element_ty
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < N
@@ -874,6 +995,9 @@ if _IMPORTED:
         ps, psh, pwo, pws, ns, nsh, nwo, nws, eps, tp, tn, tiny = _pair_consts(
             k_ps, k_psh, k_pwo, k_pws, k_ns, k_nsh, k_nwo, k_nws, k_eps, k_tp, k_tn, k_tiny, ACC)
         pwl, pwh, nwl, nwh = _c(k_pwl, ACC), _c(k_pwh, ACC), _c(k_nwl, ACC), _c(k_nwh, ACC)
+        hlo, hiw = _c(k_hlo, ACC), _c(k_hiw, ACC)
+        hdf, hlof = _c(k_hdf, tl.float32), _c(k_hlo, tl.float32)
+        N64 = tl.cast(N, tl.int64)
         glp, gln, gsp, gsn, gx, lsp, lsn, mnp, mxn, gwp, gwn = _load_row_stats(st_ptr, rows, rmask, N)
         acc = tl.zeros([BLOCK_M, BLOCK_G], ACC)
         gsum = tl.zeros([BLOCK_M], ACC)
@@ -893,6 +1017,8 @@ if _IMPORTED:
                            gsp[:, None], gsn[:, None], gx[:, None], lsp[:, None], lsn[:, None],
                            gwp[:, None], gwn[:, None], tp, tn, tiny,
                            POS_LSE, POS_SUM, NEG_LSE, NEG_SUM, NTX, POS_EXPW, NEG_EXPW)
+            if HIST:
+                g += _hist_grad(gh_ptr, N64, NODES, v, kp, kn, rows[:, None], hlo, hiw, hdf, hlof, HSQ, HPML, LP)
             if SELF:  # G_JI from row J's statistics and mining masks, on the same (symmetric) S tile
                 glp_j, gln_j, gsp_j, gsn_j, gx_j, lsp_j, lsn_j, mnp_j, mxn_j, gwp_j, gwn_j = _load_row_stats(
                     st_ptr, cols, cmask, N)
@@ -902,6 +1028,9 @@ if _IMPORTED:
                                 gsp_j[None, :], gsn_j[None, :], gx_j[None, :], lsp_j[None, :],
                                 lsn_j[None, :], gwp_j[None, :], gwn_j[None, :], tp, tn, tiny,
                                 POS_LSE, POS_SUM, NEG_LSE, NEG_SUM, NTX, POS_EXPW, NEG_EXPW)
+                if HIST:
+                    g += _hist_grad(gh_ptr, N64, NODES, v, kp_j, kn_j, cols[None, :], hlo, hiw, hdf, hlof,
+                                    HSQ, HPML, LP)
             if LP:
                 gsum += tl.sum(g, axis=1)
             acc = _acc_grad(acc, g, r_ptr, cols, cmask, stride_r, out_ptr, rows, rmask, D,
@@ -909,17 +1038,19 @@ if _IMPORTED:
         _finish_grad(acc, gsum, q_ptr, rows, rmask, stride_q, out_ptr, D, LP, BLOCK_G, ONE_CHUNK)
 
     @triton.jit
-    def _pair_bwd_cols_kernel(q_ptr, r_ptr, lq_ptr, lr_ptr, ex_ptr, nq_ptr, nr_ptr, st_ptr, out_ptr,
+    def _pair_bwd_cols_kernel(q_ptr, r_ptr, lq_ptr, lr_ptr, ex_ptr, nq_ptr, nr_ptr, st_ptr, gh_ptr, out_ptr,
                               N, M, D, stride_q, stride_r, split_o,
                               k_ps: tl.float64, k_psh: tl.float64, k_pwo: tl.float64, k_pws: tl.float64,
                               k_ns: tl.float64, k_nsh: tl.float64, k_nwo: tl.float64, k_nws: tl.float64,
                               k_eps: tl.float64, k_tp: tl.float64, k_tn: tl.float64, k_tiny: tl.float64,
                               k_pwl: tl.float64, k_pwh: tl.float64, k_nwl: tl.float64, k_nwh: tl.float64,
+                              NODES, k_hlo: tl.float64, k_hiw: tl.float64, k_hdf: tl.float64,
                               EXCL: tl.constexpr, LP: tl.constexpr, MINE: tl.constexpr,
                               MCOS: tl.constexpr, WIN: tl.constexpr, NTX: tl.constexpr, POS_LSE: tl.constexpr,
                               POS_SUM: tl.constexpr, POS_HINGE: tl.constexpr, NEG_LSE: tl.constexpr,
                               NEG_SUM: tl.constexpr,
                               NEG_HINGE: tl.constexpr, POS_EXPW: tl.constexpr, NEG_EXPW: tl.constexpr,
+                              HIST: tl.constexpr, HSQ: tl.constexpr, HPML: tl.constexpr,
                               PREC: tl.constexpr, GPREC: tl.constexpr,
                               BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, ONE_CHUNK: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -934,6 +1065,9 @@ if _IMPORTED:
         ps, psh, pwo, pws, ns, nsh, nwo, nws, eps, tp, tn, tiny = _pair_consts(
             k_ps, k_psh, k_pwo, k_pws, k_ns, k_nsh, k_nwo, k_nws, k_eps, k_tp, k_tn, k_tiny, ACC)
         pwl, pwh, nwl, nwh = _c(k_pwl, ACC), _c(k_pwh, ACC), _c(k_nwl, ACC), _c(k_nwh, ACC)
+        hlo, hiw = _c(k_hlo, ACC), _c(k_hiw, ACC)
+        hdf, hlof = _c(k_hdf, tl.float32), _c(k_hlo, tl.float32)
+        N64 = tl.cast(N, tl.int64)
         acc = tl.zeros([BLOCK_N, BLOCK_G], ACC)
         gsum = tl.zeros([BLOCK_N], ACC)
         for m0 in range(tl.program_id(1).to(tl.int64) * BLOCK_M, N, tl.num_programs(1) * BLOCK_M):
@@ -952,6 +1086,8 @@ if _IMPORTED:
                            gsp[:, None], gsn[:, None], gx[:, None], lsp[:, None], lsn[:, None],
                            gwp[:, None], gwn[:, None], tp, tn, tiny,
                            POS_LSE, POS_SUM, NEG_LSE, NEG_SUM, NTX, POS_EXPW, NEG_EXPW)
+            if HIST:
+                g += _hist_grad(gh_ptr, N64, NODES, v, kp, kn, rows[:, None], hlo, hiw, hdf, hlof, HSQ, HPML, LP)
             if LP:
                 gsum += tl.sum(g, axis=0)
             acc = _acc_grad(acc, tl.trans(g), q_ptr, rows, rmask, stride_q, out_ptr, cols, cmask, D,
@@ -1256,11 +1392,12 @@ if _IMPORTED:
         q, r_, lq, lr, ex, excl, nq, nr = _pair_operands(q, r, labels_q, labels_r, exclude_col, sw["LP"], A)
         M = r_.shape[0]
         dev = q.device
+        rows = S.pair_value_rows(terms)  # PAIR_VALUES, then the histograms (zeroed: the kernels add into them)
+        new_values = torch.zeros if sw["HIST"] else torch.empty
         if N == 0:
-            return (torch.empty((_PAIR_VALUES, 0), dtype=A, device=dev),
+            return (torch.zeros((rows, 0), dtype=A, device=dev),
                     torch.empty((4, 0), dtype=torch.int32, device=dev), torch.empty((3, 0), dtype=A, device=dev))
-        consts = (tuple(float(t) for t in terms[:_KERNEL_TERMS]) + (float(torch.finfo(A).tiny),)
-                  + tuple(float(t) for t in terms[_WINDOW_TERMS]))
+        consts = _pair_kernel_consts(terms, A)
         _check_grid(N, _MIN_BLOCK, "N (rows of q)")
         splits = _splits(triton.cdiv(N, _MIN_TILE), triton.cdiv(M, _MIN_TILE), dev)
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), splits)  # noqa: E731
@@ -1268,17 +1405,17 @@ if _IMPORTED:
         operands = (q, r_, lq, lr, ex, nq, nr)
         dims = (N, M, D, q.stride(0), r_.stride(0))
         if splits == 1:  # one launch: every walk in each program, the final statistics
-            values = torch.empty((_PAIR_VALUES, N), dtype=A, device=dev)
+            values = new_values((rows, N), dtype=A, device=dev)
             counts = torch.empty((4, N), dtype=torch.int32, device=dev)
             aux = torch.empty((3, N), dtype=A, device=dev)
             _launch(_pair_fwd)[grid](*operands, values, values, values, counts, aux, *dims, 0, 0, 0, *consts,
                                      WALK_THRESH=sw["MINE"], WALK_MAIN=True, WALK_NTX=sw["NTX"], **meta)
             return values, counts, aux
         # split walks: one launch per walk, partial statistics [splits, k, N] combined in a fixed order
-        pv = torch.empty((splits, _PAIR_VALUES, N), dtype=A, device=dev)
+        pv = new_values((splits, rows, N), dtype=A, device=dev)
         pc = torch.empty((splits, 4, N), dtype=torch.int32, device=dev)
         pa = torch.empty((splits, 3, N), dtype=A, device=dev)
-        part = (pv, pc, pa, *dims, _PAIR_VALUES * N, 4 * N, 3 * N, *consts)
+        part = (pv, pc, pa, *dims, rows * N, 4 * N, 3 * N, *consts)
         thr = pa  # unread without MINE
         if sw["MINE"]:
             _launch(_pair_fwd)[grid](*operands, pa, pa, *part, WALK_THRESH=True, WALK_MAIN=False,
@@ -1323,8 +1460,9 @@ if _IMPORTED:
         sw = _pair_switches(flags, terms)
         A = stat_dtype(q.dtype)
         N = q.shape[0]
-        gv = _stats(grad_values, _PAIR_VALUES, N, A, "pair_engine_backward (triton): grad_values")
-        vals = _stats(values, _PAIR_VALUES, N, A, "pair_engine_backward (triton): values")
+        rows = S.pair_value_rows(terms)
+        gv = _stats(grad_values, rows, N, A, "pair_engine_backward (triton): grad_values")
+        vals = _stats(values, rows, N, A, "pair_engine_backward (triton): values")
         ax = _stats(aux, 3, N, A, "pair_engine_backward (triton): aux")
         self_mode = r is None
         q_, r_, lq, lr, ex, excl, nq, nr = _pair_operands(q, r, labels_q, labels_r, exclude_col, sw["LP"], A)
@@ -1333,11 +1471,11 @@ if _IMPORTED:
         g_lse_neg = gv[1] + gv[4] * ax[2] if sw["NTX"] else gv[1]
         st = torch.stack([gv[0], g_lse_neg, gv[2], gv[3], gv[4], vals[0], vals[1], ax[0], ax[1], gv[5],
                           gv[6]]).contiguous()
-        consts = (tuple(float(t) for t in terms[:_KERNEL_TERMS]) + (float(torch.finfo(A).tiny),)
-                  + tuple(float(t) for t in terms[_WINDOW_TERMS]))
+        consts = _pair_kernel_consts(terms, A)
         meta = dict(EXCL=excl, PREC=dot_precision(q.dtype), BLOCK_D=block_d(q.dtype), **sw)
         meta.pop("EAM")
-        operands = (q_, r_, lq, lr, ex, nq, nr, st)
+        g_hist = gv[_PAIR_VALUES:].contiguous() if sw["HIST"] else st  # [2 nodes, N]; unread without HIST
+        operands = (q_, r_, lq, lr, ex, nq, nr, st, g_hist)
         dims = (N, M, q.shape[1], q_.stride(0), r_.stride(0))
         _check_grid(N, _MIN_BLOCK, "N (rows of q)")
         _check_grid(M, _MIN_BLOCK, "M (rows of r)")
