@@ -187,8 +187,8 @@ PAIR_DECLARATIONS: Dict[str, PairLossSpec] = {
     "ntxent_windows": dataclasses.replace(ntxent.declaration(0.5), pos_window=(-INF, 0.75), neg_window=(-0.25, INF)),
 }
 
-# declarations with histograms (PairLossSpec.histogram): the CPU engine's only, so not in the table
-# above that every backend runs. FastAP's (h = d^2 on 0..4), HistogramLoss's (PML's bins of S on
+# declarations with histograms (PairLossSpec.histogram), apart from the table above: their value
+# rows differ, so each engine's tests check them on their own. FastAP's (h = d^2 on 0..4), HistogramLoss's (PML's bins of S on
 # -1..1) and a cosine one beside sums, whose nodes (-1 + k / 8) sit on dyadic values
 HIST_DECLARATIONS: Dict[str, PairLossSpec] = {
     "fastap": fast_ap.declaration(10),

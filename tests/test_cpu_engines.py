@@ -97,7 +97,7 @@ def test_pair_op_parity_random(decl, mode, dtype):
                    exact=False, seed=n)
 
 
-# the CPU engine's histograms (kit.HIST_DECLARATIONS): dyadic rows put pairs on the nodes, where
+# the histograms (kit.HIST_DECLARATIONS): dyadic rows put pairs on the nodes, where
 # the kernels' and the oracle's gradient is 0 on both sides
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("mode", kit.MODES)

@@ -105,11 +105,13 @@ def check_pair(ops, case, spec, exact, seed=0, need_grad_r=True, device=None):
     else:
         for k in (0, 1):
             kit.check_close(out[2][k], truth[2][k], same[2][k], what=S.PAIR_AUX[k], dtype=A)
-    for k, name in enumerate(S.PAIR_VALUES):
+    rows = S.pair_value_rows(terms)  # PAIR_VALUES and the histograms' nodes
+    for k in range(rows):
+        name = S.PAIR_VALUES[k] if k < len(S.PAIR_VALUES) else f"histogram row {k - len(S.PAIR_VALUES)}"
         kit.check_close(out[0][k], truth[0][k], same[0][k], what=name, dtype=A)
     kit.check_close(out[2][2], truth[2][2], same[2][2], what=S.PAIR_AUX[2], dtype=A)
     g = torch.Generator().manual_seed(seed + 1)
-    gv = torch.randn(len(S.PAIR_VALUES), case.q.shape[0], generator=g, dtype=torch.float64).to(A)
+    gv = torch.randn(rows, case.q.shape[0], generator=g, dtype=torch.float64).to(A)
     # the backward gets its own forward's statistics, as in training
     grads = _cpu(ops.pair_engine_backward(_on(gv, device), *dcase.args(), _on(out[0], device), _on(out[2], device),
                                           list(terms), flags, need_grad_r))
@@ -361,6 +363,31 @@ def test_emulated_nan_in_nan_out(emu, decl, mode):
         assert torch.isnan(gq[3]).all()
 
 
+# the histograms (kit.HIST_DECLARATIONS: FastAP's of d^2, HistogramLoss's PML bins, a cosine one
+# beside sums): dyadic rows put pairs on the nodes (gradient 0 on both sides), random rows between them
+@pytest.mark.parametrize("mode", kit.MODES)
+@pytest.mark.parametrize("decl", list(kit.HIST_DECLARATIONS))
+def test_emulated_pair_histograms(emu, decl, mode):
+    spec = kit.HIST_DECLARATIONS[decl]
+    n, d, layout = EMU_SHAPES[0]
+    check_pair(emu, kit.pair_case(mode, n, d, layout, torch.float32, "dyadic", seed=n), spec, exact=True, seed=n)
+    check_pair(emu, kit.pair_case(mode, n, d, "many", torch.float64, "normalized", seed=3), spec, exact=False)
+
+
+def test_emulated_pair_histograms_nan_and_half_inputs(emu):
+    """A NaN pair makes its row's node 0 NaN and nothing else; bf16 inputs (fp32 statistics) through
+    the WMMA tiles on dyadic rows."""
+    spec = kit.HIST_DECLARATIONS["cosine_with_sums"]
+    terms, flags = spec.pack()
+    case = kit.pair_case("ref", 40, 6, "few", torch.float64, "normalized", seed=1)
+    case.q[3, 0] = float("nan")
+    hist = emu.pair_engine_forward(*case.args(), list(terms), flags)[0][len(S.PAIR_VALUES):].view(2, 17, 40)
+    assert torch.isnan(hist[:, 0, 3]).all() and not torch.isnan(hist[:, 1:, 3]).any()
+    assert not torch.isnan(hist[:, :, [0, 1, 2, 4]]).any()
+    check_pair(emu, kit.pair_case("self", 70, 40, "few", torch.bfloat16, "dyadic", seed=3),
+               kit.HIST_DECLARATIONS["histogram"], exact=True)
+
+
 def test_emulated_empty_sides(emu):
     terms, flags = PAIR_DECLS["ntxent_lp_mine_after_excl"].pack()
     q = kit.dyadic(6, 8, torch.Generator().manual_seed(0), torch.float32)
@@ -396,8 +423,12 @@ def test_emulated_rejects_bad_arguments(emu):
     with pytest.raises(RuntimeError, match="unknown pair flag"):
         emu.pair_engine_forward(q, None, lq, None, None, list(terms), flags | (1 << 14))
     hist_terms, hist_flags = kit.HIST_DECLARATIONS["fastap"].pack()
-    with pytest.raises(RuntimeError, match=r"histograms \(hist_nodes > 0\) are computed by the CPU engine only"):
-        emu.pair_engine_forward(q, None, lq, None, None, list(hist_terms), hist_flags)
+    with pytest.raises(RuntimeError, match="a histogram cannot be combined with mining"):
+        emu.pair_engine_forward(q, None, lq, None, None, list(hist_terms), hist_flags | S.MINE)
+    values = emu.pair_engine_forward(q, None, lq, None, None, list(hist_terms), hist_flags)[0]
+    with pytest.raises(RuntimeError, match=r"grad_values must have shape \(29, 4\)"):
+        emu.pair_engine_backward(torch.zeros(7, 4), q, None, lq, None, None, values, torch.zeros(3, 4),
+                                 list(hist_terms), hist_flags, True)
     with pytest.raises(RuntimeError, match="same dtype"):
         emu.pair_engine_forward(q, q.double(), lq, lq, None, list(terms), flags)
     with pytest.raises(RuntimeError, match="float32, float64, float16 or bfloat16"):
@@ -627,6 +658,22 @@ def test_gpu_pair_op_parity_dyadic(decl, mode, dtype):
         d = min(d, 64)  # dyadic dot products are exact for d <= 64
         check_pair(ops, kit.pair_case(mode, n, d, layout, dtype, "dyadic", seed=n), PAIR_DECLS[decl], exact=True,
                    seed=n, device=GPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("mode", kit.MODES)
+@pytest.mark.parametrize("decl", list(kit.HIST_DECLARATIONS))
+def test_gpu_pair_histograms(decl, mode, dtype):
+    """The histograms on the device: dyadic rows (exact S) and random unit rows."""
+    ops = _gpu_ops()
+    spec = kit.HIST_DECLARATIONS[decl]
+    for n, d, layout in GPU_SHAPES:
+        check_pair(ops, kit.pair_case(mode, n, min(d, 64), layout, dtype, "dyadic", seed=n), spec, exact=True,
+                   seed=n, device=GPU)
+    if dtype in (torch.float32, torch.float64):
+        check_pair(ops, kit.pair_case(mode, 700, 128, "many", dtype, "normalized", seed=7), spec, exact=False,
+                   seed=7, device=GPU)
 
 
 @pytest.mark.gpu

@@ -1,15 +1,13 @@
-"""The losses' own row-chunk ops (IntraPairVariance's pair_squared_hinges, Histogram, FastAP,
-SmoothAP, PNP): torch.library.opcheck of each op and its backward op
-(schema, fake kernel, autograd registration, AOT dispatch), and the same value and gradient when the
-work is split into many chunks."""
+"""The losses' own row-chunk ops (IntraPairVariance's pair_squared_hinges, SmoothAP, PNP):
+torch.library.opcheck of each op and its backward op (schema, fake kernel, autograd registration,
+AOT dispatch), and the same value and gradient when the work is split into many chunks."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fused_pairloss import functional as Fn
 from fused_pairloss import _extension
-from fused_pairloss.losses import fast_ap, histogram, intra_pair_variance, pnp, smooth_ap
-from fused_pairloss.ops.stats import pair_stats
+from fused_pairloss.losses import intra_pair_variance, pnp, smooth_ap
 
 import kit  # noqa: E402
 
@@ -25,8 +23,6 @@ def _ops():
     """(name, op, backward op, args after (q, labels), upstream gradient shape)."""
     n = 20
     return [
-        ("histogram", histogram.pair_histograms, histogram.pair_histograms_backward, (0.25,), (2, 9)),
-        ("fastap", fast_ap.row_histograms, fast_ap.row_histograms_backward, (10,), (2, n, 11)),
         ("smoothap", smooth_ap.smooth_ap_rows, smooth_ap.smooth_ap_rows_backward, (0.1,), (n,)),
         ("pnp", pnp.pnp_rows, pnp.pnp_rows_backward, (0.1, "Dq", 2.0, 1.5), (n,)),
     ]
@@ -57,10 +53,6 @@ def test_opcheck_pair_squared_hinges(self_mode):
 
 
 LOSSES = {
-    "histogram": (histogram, lambda x, y: Fn.histogram_loss(x, y, n_bins=8, backend="cpu")),
-    # FastAP's op (its "cpu" backend is the pair engine's histograms, below): a weighted sum of it
-    "fastap": (fast_ap, lambda x, y: (fast_ap.row_histograms(F.normalize(x, dim=1), y, 10)
-                                      * torch.linspace(-1, 1, 11, dtype=x.dtype)).sum()),
     "smoothap": (smooth_ap, lambda x, y: Fn.smooth_ap_loss(x, y, temperature=0.1, backend="cpu")),
     "pnp": (pnp, lambda x, y: Fn.pnp_loss(x, y, anneal=0.1, variant="Ib", backend="cpu")),
 }
@@ -80,43 +72,6 @@ def test_many_chunks_give_the_one_chunk_result(name, monkeypatch):
     (g_many,) = torch.autograd.grad(many, x)
     torch.testing.assert_close(many, one, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(g_many, g_one, rtol=1e-10, atol=1e-14)
-
-
-def test_fast_ap_engine_histograms_match_the_op():
-    """The CPU pair engine's histograms (FastAPLoss on "cpu") against the op the GPU backends run:
-    values and gradients (random rows: no pair on a node)."""
-    q, labels = _inputs(n=40, seed=3)
-    x = (2 * q).requires_grad_(True)
-    qn = F.normalize(x, dim=1)
-    st = pair_stats(qn, None, labels, None, None, fast_ap.declaration(10), "cpu")
-    engine = torch.stack([st.hist_pos.t(), st.hist_neg.t()])
-    op = fast_ap.row_histograms(qn, labels, 10)
-    torch.testing.assert_close(engine, op, rtol=1e-12, atol=1e-12)
-    w = torch.randn(op.shape, dtype=op.dtype, generator=torch.Generator().manual_seed(4))
-    (g_engine,) = torch.autograd.grad((engine * w).sum(), x, retain_graph=True)
-    (g_op,) = torch.autograd.grad((op * w).sum(), x)
-    torch.testing.assert_close(g_engine, g_op, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("singletons", [0, 5], ids=["classes", "with_singletons"])
-def test_histogram_engine_histograms_match_the_op(singletons):
-    """HistogramLoss on "cpu" (the pair engine's histograms with PML's binning, each pair counted
-    from both ends) against the op the GPU backends run: twice its histograms and its set sizes,
-    and the gradients; samples without a positive keep only their pairs with samples that have
-    one (PML's pairs)."""
-    q, labels = _inputs(n=40, seed=5)
-    labels = torch.cat([labels, 100 + torch.arange(singletons)])
-    x = torch.cat([2 * q, torch.randn(singletons, q.shape[1], dtype=q.dtype,
-                                      generator=torch.Generator().manual_seed(6))]).requires_grad_(True)
-    qn = F.normalize(x, dim=1)
-    engine, engine_sizes = histogram._engine_histograms(qn, labels, 0.25)
-    op, op_sizes = histogram.pair_histograms(qn, labels, 0.25)
-    assert torch.equal(engine_sizes, 2 * op_sizes)
-    torch.testing.assert_close(engine, 2 * op, rtol=1e-12, atol=1e-12)
-    w = torch.randn(op.shape, dtype=op.dtype, generator=torch.Generator().manual_seed(4))
-    (g_engine,) = torch.autograd.grad((engine * w).sum(), x, retain_graph=True)
-    (g_op,) = torch.autograd.grad((2 * op * w).sum(), x)
-    torch.testing.assert_close(g_engine, g_op, rtol=1e-10, atol=1e-12)
 
 
 NATIVE_ROW_KERNELS = _extension.has_kernel("smooth_ap_chunk_ranks", "CPU")

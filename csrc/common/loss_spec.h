@@ -52,7 +52,7 @@ constexpr int64_t kPairFlagMask = (int64_t(1) << 14) - 1;
 // hist_nodes > 0: per row and set the histogram of h = v (kHistSquared: v^2) on the nodes
 // hist_lo + k / hist_inv_width, k < hist_nodes, with triangular pulses: u = (h - lo) inv_width adds
 // 1 - f to node floor(u) and f = u - floor(u) to the next (out-of-range nodes get nothing; a NaN h
-// makes node 0 NaN); in the value rows kNumPairValues + set * hist_nodes + k. CPU engine only.
+// makes node 0 NaN); in the value rows kNumPairValues + set * hist_nodes + k.
 // kHistPmlBins: PML HistogramLoss's operations instead (its node positions rounded to float, as its
 // `r * delta` is, whatever h's dtype): with delta = 1 / inv_width and lo, r = floor((float(h) - lo) /
 // float(delta)) clamped to [0, nodes - 2], node_k = float(k) * float(delta); node r + 1 gets

@@ -81,9 +81,6 @@ inline void check_pair_inputs(const Tensor& q, const std::optional<Tensor>& r, c
                               const std::optional<Tensor>& labels_r, const std::optional<Tensor>& exclude_col,
                               c10::ArrayRef<double> terms, int64_t flags) {
   fpl::check_pair_operands(q, r, labels_q, labels_r, exclude_col, terms, flags);
-  TORCH_CHECK(terms[fpl::kHistTerms] == 0,
-              "pair_engine (cuda): histograms (hist_nodes > 0) are computed by the CPU "
-              "engine only");
   dtype_code(q);
   TORCH_CHECK(labels_q.scalar_type() == at::kLong, "pair_engine: labels_q must be int64, got ", labels_q.scalar_type());
   check_same_device(labels_q, q, "labels_q");
@@ -198,14 +195,20 @@ inline std::tuple<Tensor, Tensor, Tensor> pair_forward(const Runtime& rt, const 
   check_pair_inputs(q, r, labels_q, labels_r, exclude_col, terms, flags);
   const PairPrep p = prepare_pair(q, r, labels_q, labels_r, exclude_col, flags);
   const auto opts = q.options().dtype(stat_type(q));
-  Tensor values = at::empty({fpl::kNumPairValues, p.N}, opts);
+  const int64_t hist_rows = 2 * static_cast<int64_t>(terms[fpl::kHistTerms]);
+  // histograms: their rows and the second thread's scratch copy start at zero (the kernel adds)
+  Tensor values = hist_rows > 0 ? at::zeros({fpl::kNumPairValues + hist_rows, p.N}, opts)
+                                : at::empty({fpl::kNumPairValues, p.N}, opts);
   Tensor counts = at::empty({fpl::kNumPairCounts, p.N}, opts.dtype(at::kInt));
   Tensor aux = at::empty({fpl::kNumPairAux, p.N}, opts);
+  Tensor hist_scratch = hist_rows > 0 ? at::zeros({hist_rows, p.N}, opts) : Tensor();
   if (p.N > 0) {
     check_launch(rt,
                  fpl_cuda::pair_forward(p.operands(), terms.data(), flags, values.data_ptr(),
-                                        counts.data_ptr<int32_t>(), aux.data_ptr(), rt.stream),
+                                        counts.data_ptr<int32_t>(), aux.data_ptr(),
+                                        hist_rows > 0 ? hist_scratch.data_ptr() : nullptr, rt.stream),
                  "pair_engine_forward");
+    if (hist_rows > 0) values.narrow(0, fpl::kNumPairValues, hist_rows).add_(hist_scratch);
   }
   return {values, counts, aux};
 }
@@ -225,8 +228,9 @@ inline std::tuple<Tensor, Tensor> pair_backward(const Runtime& rt, const Tensor&
     check_same_device(t, q, name);
     return t.to(A).contiguous();
   };
-  Tensor gv = stats(grad_values, fpl::kNumPairValues, "grad_values").clone();
-  const Tensor vals = stats(values, fpl::kNumPairValues, "values");
+  const int64_t value_rows = fpl::kNumPairValues + 2 * static_cast<int64_t>(terms[fpl::kHistTerms]);
+  Tensor gv = stats(grad_values, value_rows, "grad_values").clone();
+  const Tensor vals = stats(values, value_rows, "values");
   const Tensor ax = stats(aux, fpl::kNumPairAux, "aux");
   if (flags & fpl::kPosVsNegLse)  // NTXent: d(pair terms)/d(lse_neg) joins the gradient of lse_neg
     gv[fpl::kLseNeg].add_(gv[fpl::kPosVsNeg] * ax[fpl::kPosVsNegDLse]);

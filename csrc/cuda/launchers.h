@@ -49,11 +49,14 @@ struct PairOperands {
   bool vec16;  // q and r rows may be read 16 bytes at a time
 };
 
-// values (A, [7, N]), counts (int32, [4, N]), aux (A, [3, N]): ops/README.md pair_engine_forward.
+// values (A, [7 + 2 nodes, N]), counts (int32, [4, N]), aux (A, [3, N]): ops/README.md
+// pair_engine_forward. With a histogram (hist_nodes > 0) the histogram rows of values and
+// hist_scratch (A, [2 nodes, N]) must be zero-filled; the caller adds hist_scratch to those rows
+// afterwards (the second thread of each row adds into it). Without one hist_scratch may be null.
 cudaError_t pair_forward(const PairOperands& o, const double* terms, int64_t flags, void* values, int32_t* counts,
-                         void* aux, cudaStream_t stream);
+                         void* aux, void* hist_scratch, cudaStream_t stream);
 
-// grad_values (A, [7, N]) with row 1 already holding grad_lse_neg + grad_pos_vs_neg * aux[2];
+// grad_values (A, [7 + 2 nodes, N]) with row 1 already holding grad_lse_neg + grad_pos_vs_neg * aux[2];
 // values, aux: the forward's. grad_q (N x D, A, zero-filled) receives dL/dq; in ref mode grad_r
 // (M x D, A, zero-filled) receives dL/dr, or is null (need_grad_r False: its pass is skipped).
 cudaError_t pair_backward(const PairOperands& o, const double* terms, int64_t flags, const void* grad_values,

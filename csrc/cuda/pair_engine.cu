@@ -13,6 +13,10 @@
 //     band_hi of its last); with mining a walk over that band before the main walk gives min_pos_i
 //     over the unmined positives, and one after it reduces the kept positives. The bands are tiles
 //     of the same grid as the main walk's, so their S is bitwise the main walk's.
+// Histograms (loss_spec.h hist_nodes; never with mining or NTXent, so never deferred): in the main
+//   walk each kept pair adds its two pulses to its row's nodes; thread h = 0 of a row adds into the
+//   value rows, h = 1 into a scratch copy that the glue adds to them afterwards (both zeroed by the
+//   glue): every node has one writer. The backward adds the pulses' slope (hist_grad).
 // Backward: the same tiles are recomputed (same tile_dot call, so bitwise the same S and the same
 // mining decisions), G = dL/dS is formed from the saved row statistics and accumulated into the
 // rows this CTA owns:
@@ -50,6 +54,7 @@ struct PairArgs {
   A* values;
   int32_t* counts;
   A* aux;
+  A* hist_scratch;  // histograms: thread h = 1's nodes ([2 nodes][N], zeroed), else null
   // backward inputs (op row order) and output
   const A* gvals;
   const A* vals;
@@ -144,6 +149,66 @@ FPL_DEV void walk_columns(const PairArgs<T>& p, int64_t o0, int no, int64_t x_be
   }
 }
 
+FPL_DEV float math_floor(float x) { return ::floorf(x); }
+FPL_DEV double math_floor(double x) { return ::floor(x); }
+// a * b rounded on its own: nvcc contracts a plain product and a following add into an FMA, which
+// would move a histogram node (and a pair's bin) off the CPU kernels' and PML's
+FPL_DEV float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+FPL_DEV double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
+// A pair's place in its row's histogram (loss_spec.h hist_nodes; the CPU kernels' histogram_add):
+// node a gets wa, node a + 1 gets wb; false when no node is in reach. NaN pairs are the caller's.
+// Plain: u = (h - lo) inv_width, h = v or v^2, a = floor(u), wb = u - a, wa = 1 - wb (nodes outside
+// [0, nodes) dropped by the caller). PML's bins: a = floor((float(v) - lo) / delta) in float,
+// clamped to [0, nodes - 2], node positions float(k) * delta; wb = ((v - lo) - node_a) inv_width,
+// wa = (float(node_{a+1} + lo) - v) inv_width.
+template <typename A>
+FPL_DEV bool hist_place(const PairSpec<A>& sp, A v, int64_t& a, A& wa, A& wb) {
+  if (sp.hist_pml_bins) {
+    const A t = A((static_cast<float>(v) - sp.hist_lo_f) / sp.hist_delta_f);
+    const A r = math_floor(t), top = A(sp.hist_nodes - 2);
+    a = static_cast<int64_t>(r < A(0) ? A(0) : (r > top ? top : r));
+    wb = ((v - sp.hist_lo) - A(mul_rn(static_cast<float>(a), sp.hist_delta_f))) * sp.hist_inv_width;
+    wa = (A(mul_rn(static_cast<float>(a + 1), sp.hist_delta_f) + sp.hist_lo_f) - v) * sp.hist_inv_width;
+    return true;
+  }
+  const A u = ((sp.hist_squared ? mul_rn(v, v) : v) - sp.hist_lo) * sp.hist_inv_width;
+  if (!(u > A(-1) && u < A(sp.hist_nodes))) return false;
+  const A fl = math_floor(u);
+  a = static_cast<int64_t>(fl);
+  wb = u - fl;
+  wa = A(1) - wb;
+  return true;
+}
+
+// Adds a kept pair to its row's histogram of one set: node k at h[k * stride]; a NaN v makes node 0 NaN.
+template <typename A>
+FPL_DEV void hist_add(const PairSpec<A>& sp, A v, A* h, int64_t stride) {
+  if (v != v) {
+    h[0] += v;
+    return;
+  }
+  int64_t a;
+  A wa, wb;
+  if (!hist_place(sp, v, a, wa, wb)) return;
+  if (a >= 0) h[a * stride] += wa;
+  if (a + 1 < sp.hist_nodes) h[(a + 1) * stride] += wb;
+}
+
+// d/dv of sum_k g_k hist_k for a kept pair (the CPU kernels' histogram_grad_row): the slope of its
+// segment, (g_{a+1} - g_a) inv_width, times dh/dv (1, or 2 v); g_k at g[k * stride]. Plain: 0 on a
+// node (wb = 0) and a node out of range reads as 0; PML's bins: the segment's slope on the node too.
+template <typename A>
+FPL_DEV A hist_dv(const PairSpec<A>& sp, A v, const A* g, int64_t stride) {
+  int64_t a;
+  A wa, wb;
+  if (v != v || !hist_place(sp, v, a, wa, wb)) return A(0);
+  if (!sp.hist_pml_bins && wb == A(0)) return A(0);
+  const A ga = a >= 0 ? g[a * stride] : A(0);
+  const A gb = a + 1 < sp.hist_nodes ? g[(a + 1) * stride] : A(0);
+  return (gb - ga) * (sp.hist_squared ? (v + v) * sp.hist_inv_width : sp.hist_inv_width);
+}
+
 // Reductions of one pair set of one row (ops/README.md values / counts).
 template <typename A>
 struct SetAcc {
@@ -214,11 +279,18 @@ __global__ void __launch_bounds__(kThreads) pair_forward_kernel(PairArgs<T> p) {
   SetAcc<A> pos, neg;
   pos.init();
   neg.init();
+  // histograms: this thread's copy of its row's nodes (h = 0: the value rows, h = 1: the scratch)
+  const int64_t N = p.N, nodes = sp.hist_nodes;
+  A* hist = nullptr;
+  if (nodes > 0 && valid)
+    hist = (h == 0 ? p.values + fpl::kNumPairValues * N : p.hist_scratch) + mapped_row(p.perm_q, o);
   walk_columns<T>(p, o0, no, 0, p.M, smem, [&](A s, int64_t col, int64_t lx) {
     const A v = pair_v(sp, s);
     if (lx == lo) {
-      if (!p.defer && col != ex && (!sp.windows || in_keep_window(v, sp.pos_window_lo, sp.pos_window_hi)))
+      if (!p.defer && col != ex && (!sp.windows || in_keep_window(v, sp.pos_window_lo, sp.pos_window_hi))) {
         pos.add(sp.pos, term_value(sp.pos, v));
+        if (hist) hist_add(sp, v, hist, N);
+      }
       return;
     }
     if (sp.windows && !in_keep_window(v, sp.neg_window_lo, sp.neg_window_hi)) return;
@@ -228,6 +300,7 @@ __global__ void __launch_bounds__(kThreads) pair_forward_kernel(PairArgs<T> p) {
       if (!(u + sp.miner_eps > min_pos)) return;
     }
     neg.add(sp.neg, term_value(sp.neg, v));
+    if (hist) hist_add(sp, v, hist + nodes * N, N);
   });
   neg.merge_lanes();
   if (sp.mine) max_neg = nan_max(max_neg, pair_lane(max_neg));
@@ -254,7 +327,7 @@ __global__ void __launch_bounds__(kThreads) pair_forward_kernel(PairArgs<T> p) {
   ntx_dlse += pair_lane(ntx_dlse);
 
   if (valid && h == 0) {
-    const int64_t N = p.N, row = mapped_row(p.perm_q, o);
+    const int64_t row = mapped_row(p.perm_q, o);
     p.values[fpl::kLsePos * N + row] = pos.lse.value();
     p.values[fpl::kLseNeg * N + row] = neg.lse.value();
     p.values[fpl::kSumPos * N + row] = pos.sum;
@@ -328,8 +401,11 @@ FPL_DEV RowStats<A> staged_stats(const A* src, int x) {
 //   exp-weighted sum instead, w = exp(T x): w (g_sum_s (1 + T x) + g_weight_s T) dx/dv dv/dS
 //   kept positive, NTXent: + g_ntx dphi(x - lse_neg) dx/dv dv/dS
 // s: the tile's entry (S, or the squared distance with LP_DISTANCE).
+// Histograms: + the pulses' slope (hist_dv) dv/dS, g_hist the row's incoming gradients of its
+// histograms (node k of set 0 at g_hist[k N], of set 1 at g_hist[(nodes + k) N]).
 template <typename A>
-FPL_DEV A pair_grad(const PairSpec<A>& sp, A s, bool same, bool excluded, const RowStats<A>& st) {
+FPL_DEV A pair_grad(const PairSpec<A>& sp, A s, bool same, bool excluded, const RowStats<A>& st, const A* g_hist,
+                    int64_t N) {
   const A v = pair_v(sp, s);
   bool pos = same && !excluded, neg = !same;
   if (sp.mine) {
@@ -354,6 +430,8 @@ FPL_DEV A pair_grad(const PairSpec<A>& sp, A s, bool same, bool excluded, const 
   }
   A g = (gl + gs) * db;
   if (pos && sp.pos_vs_neg_lse) g += st.g_ntx * ntx_pair_dloss(x - st.lse[1]) * db;
+  if (g_hist != nullptr)
+    g += hist_dv(sp, v, g_hist + set * sp.hist_nodes * N, N) * (sp.lp_distance ? pair_dv_lp(v) : A(1));
   return g;
 }
 
@@ -387,6 +465,9 @@ __global__ void __launch_bounds__(kThreads) pair_backward_kernel(PairArgs<T> p, 
   const int64_t ex_o = (use_owner && valid) ? (p.self_mode ? o : (p.excl ? p.excl[o] : -1)) : -1;
   RowStats<A> ost{};
   if (use_owner && valid) ost = load_stats(p, mapped_row(perm_owner, o));
+  // histograms' incoming gradients ([2 nodes][N] after the value rows), at the owner's row
+  const A* g_hist = sp.hist_nodes > 0 ? p.gvals + fpl::kNumPairValues * p.N : nullptr;
+  const A* g_hist_owner = (g_hist && use_owner && valid) ? g_hist + mapped_row(perm_owner, o) : nullptr;
 
   A gsum = A(0);  // sum over the walk of H_ox (LP_DISTANCE: the norms' share)
   for (int64_t x0 = 0; x0 < n_other; x0 += kBN) {
@@ -406,8 +487,11 @@ __global__ void __launch_bounds__(kThreads) pair_backward_kernel(PairArgs<T> p, 
         const A s = Ss[ol * kLDS + x];
         const bool same = lo == lx_s[x];
         A hv = A(0);
-        if (use_owner) hv += pair_grad(sp, s, same, x0 + x == ex_o, ost);
-        if (use_other) hv += pair_grad(sp, s, same, o == ex_s[x], staged_stats(xst, x));
+        if (use_owner) hv += pair_grad(sp, s, same, x0 + x == ex_o, ost, g_hist_owner, p.N);
+        if (use_other) {
+          const A* g_hist_other = g_hist ? g_hist + mapped_row(perm_other, x0 + x) : nullptr;
+          hv += pair_grad(sp, s, same, o == ex_s[x], staged_stats(xst, x), g_hist_other, p.N);
+        }
         gsum += hv;
         Ss[ol * kLDS + x] = hv;
       }
@@ -463,7 +547,7 @@ bool operands_ok(const PairArgs<T>& a) {
 
 template <typename T>
 cudaError_t forward_t(const PairOperands& op, const double* terms, int64_t flags, void* values, int32_t* counts,
-                      void* aux, cudaStream_t stream) {
+                      void* aux, void* hist_scratch, cudaStream_t stream) {
   using A = typename AccOf<T>::type;
   if (op.N == 0) return cudaSuccess;
   PairArgs<T> a = make_args<T>(op, terms, flags);
@@ -471,6 +555,8 @@ cudaError_t forward_t(const PairOperands& op, const double* terms, int64_t flags
   a.values = static_cast<A*>(values);
   a.counts = counts;
   a.aux = static_cast<A*>(aux);
+  a.hist_scratch = static_cast<A*>(hist_scratch);
+  if (a.sp.hist_nodes > 0 && hist_scratch == nullptr) return cudaErrorInvalidValue;
   const size_t smem = Smem<T>::kExtraOffset + kBN * sizeof(int64_t);
   cudaError_t err = prepare_smem(pair_forward_kernel<T>, smem);
   if (err != cudaSuccess) return err;
@@ -507,16 +593,16 @@ cudaError_t backward_t(const PairOperands& op, const double* terms, int64_t flag
 }  // namespace
 
 cudaError_t pair_forward(const PairOperands& o, const double* terms, int64_t flags, void* values, int32_t* counts,
-                         void* aux, cudaStream_t stream) {
+                         void* aux, void* hist_scratch, cudaStream_t stream) {
   switch (o.dt) {
     case DType::kFloat32:
-      return forward_t<float>(o, terms, flags, values, counts, aux, stream);
+      return forward_t<float>(o, terms, flags, values, counts, aux, hist_scratch, stream);
     case DType::kFloat64:
-      return forward_t<double>(o, terms, flags, values, counts, aux, stream);
+      return forward_t<double>(o, terms, flags, values, counts, aux, hist_scratch, stream);
     case DType::kFloat16:
-      return forward_t<__half>(o, terms, flags, values, counts, aux, stream);
+      return forward_t<__half>(o, terms, flags, values, counts, aux, hist_scratch, stream);
     case DType::kBFloat16:
-      return forward_t<__nv_bfloat16>(o, terms, flags, values, counts, aux, stream);
+      return forward_t<__nv_bfloat16>(o, terms, flags, values, counts, aux, hist_scratch, stream);
   }
   return cudaErrorInvalidValue;
 }

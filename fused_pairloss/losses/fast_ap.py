@@ -7,21 +7,17 @@ relu(1 - |d2 - node_k| / D): h+_i, h-_i. With H+ = cumsum(h+), H = cumsum(h+ + h
     FastAP_i = sum_k [h+ H+ > 0 and H > 0] h+_k H+_k / H_k / |P_i|,
     L_i = (1 - FastAP_i) w_i (PML's miner weights),  loss = mean of L_i over the rows with a positive.
 
-Fused: on the "cpu" backend the pair engine's histograms (PairLossSpec.histogram, h = d^2), one
-walk of the tiles; on the other backends the op `fused_pairloss::row_histograms` walks the batch
-in row chunks (d2 of a chunk against every row, the engines' accurate formula near 0),
-scatter-adding each pair's two pulses (1 - f on node k = floor(d2 / D), f on node k + 1) into its
-row's histograms, and its backward op
-recomputes each chunk: dL/dd2_ij = (g_{i,k+1} - g_{i,k}) / D (0 on a node, as PML's abs and relu).
-Memory O(chunk N + N num_bins + N D); the per-row FastAP is PyTorch on the N x (num_bins + 1)
-histograms.
+Fused: the pair engine's histograms (PairLossSpec.histogram, h = d^2) on every backend, one walk
+of the tiles: each pair adds 1 - f to node k = floor(d2 / D) and f to node k + 1 of its row's
+histogram of its set; the backward recomputes the tiles, dL/dd2_ij = (g_{i,k+1} - g_{i,k}) / D (0
+on a node, as PML's abs and relu). Memory O(N num_bins + N D); the per-row FastAP is PyTorch on the
+N x (num_bins + 1) histograms.
 """
 from __future__ import annotations
 
 import torch
 
-from ..ops._common import LOCAL, label_counts, normalize, register_recomputing_autograd, row_chunks, zero_loss
-from ..ops.operands import add_row_chunk_squared_distance_grad, lp_squared_distances, stat_dtype
+from ..ops._common import LOCAL, label_counts, normalize, zero_loss
 from ..ops.spec import NO_TERM, PairHistogram, PairLossSpec
 from ..ops.stats import pair_stats
 from ._base import _RowWeightedSelfLoss, check_self_only, run_pair_loss
@@ -29,8 +25,6 @@ from ._reference_common import check_distance, miner_weights, nan_in_nan_out
 from ._registry import LossEntry
 from .nca import _nca_distance_kind
 
-# pair entries of one row chunk (a few chunk-sized buffers live at once)
-CHUNK_ELEMENTS = 1 << 20
 HISTOGRAM_MAX = 4.0  # 2 ** power of PML's LpDistance(power=2)
 
 
@@ -84,96 +78,6 @@ def fast_ap_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, num_
     return nan_in_nan_out(rows[kept].mean(), embeddings, None)
 
 
-# ---- the op: per-row histograms of the squared distances ---------------------------------------
-def _pulses(frac):
-    """The weights of a pair on its nodes k and k + 1, PML's triangular pulses: 1 - f and f, or,
-    past the last node (f >= 1 with k the last bin), 0 and relu(1 - (d2 - 4) / D) = relu(2 - f)."""
-    beyond = frac >= 1
-    return torch.where(beyond, torch.zeros_like(frac), 1 - frac), torch.where(beyond, torch.relu(2 - frac), frac)
-
-
-def _chunk_bins(q, labels, i0, i1, num_bins):
-    """d2 of rows i0..i1 against every row, its node k and fraction f (d2 = (k + f) D), and the
-    positive / negative masks."""
-    d2 = lp_squared_distances(q[i0:i1] @ q.t(), q[i0:i1], q)
-    u = d2 / (HISTOGRAM_MAX / num_bins)
-    k = torch.floor(u).long().clamp(0, num_bins - 1)
-    frac = u - k.to(u.dtype)
-    rows = torch.arange(i0, i1, device=q.device)
-    same = labels[i0:i1, None] == labels[None, :]
-    pos = same & (torch.arange(q.shape[0], device=q.device)[None, :] != rows[:, None])
-    return d2, k, frac, pos, ~same
-
-
-@torch.library.custom_op("fused_pairloss::row_histograms", mutates_args=())
-def row_histograms(q: torch.Tensor, labels: torch.Tensor, num_bins: int) -> torch.Tensor:
-    """A[2, N, num_bins + 1]: per row, the triangular-pulse histograms of d2 over its positives
-    (0) and its negatives (1), nodes 0, D, ..., 4 (module docstring)."""
-    A = stat_dtype(q.dtype)
-    qa = q.to(A)
-    hist = torch.zeros(2, q.shape[0], num_bins + 1, dtype=A, device=q.device)
-    with torch.autocast(q.device.type, enabled=False):  # in the stat dtype
-        for i0, i1 in row_chunks(q.shape[0], q.shape[0], CHUNK_ELEMENTS):
-            _, k, frac, pos, neg = _chunk_bins(qa, labels, i0, i1, num_bins)
-            lower, upper = _pulses(frac)
-            for s, mask in enumerate((pos, neg)):
-                m = mask.to(A)
-                hist[s, i0:i1].scatter_add_(1, k, lower * m).scatter_add_(1, k + 1, upper * m)
-    return hist
-
-
-@row_histograms.register_fake
-def _fake(q, labels, num_bins):
-    return q.new_empty((2, q.shape[0], num_bins + 1), dtype=stat_dtype(q.dtype))
-
-
-@torch.library.custom_op("fused_pairloss::row_histograms_backward", mutates_args=())
-def row_histograms_backward(grad_hist: torch.Tensor, q: torch.Tensor, labels: torch.Tensor,
-                            num_bins: int) -> torch.Tensor:
-    """grad_q of sum(grad_hist * histograms): per chunk G_ij = (g_{i,k+1} - g_{i,k}) / D of the
-    pair's set, then through d2 (add_row_chunk_squared_distance_grad)."""
-    A = stat_dtype(q.dtype)
-    qa, g = q.to(A), grad_hist.to(A)
-    inv_delta = num_bins / HISTOGRAM_MAX
-    grad_q = torch.zeros_like(qa)
-    with torch.autocast(q.device.type, enabled=False):
-        for i0, i1 in row_chunks(q.shape[0], q.shape[0], CHUNK_ELEMENTS):
-            _, k, frac, pos, neg = _chunk_bins(qa, labels, i0, i1, num_bins)
-            G = torch.zeros(k.shape, dtype=A, device=q.device)
-            beyond = frac >= 1
-            for s, mask in enumerate((pos, neg)):
-                gs = g[s, i0:i1]
-                upper = gs.gather(1, k + 1)
-                slope = torch.where(beyond, torch.where(frac < 2, -upper, torch.zeros_like(upper)),
-                                    upper - gs.gather(1, k))
-                G = torch.where(mask, slope * inv_delta, G)
-            # on a node (d2 = k D) PML's |d2 - node| and the neighbours' relu have gradient 0
-            G = torch.where((frac == 0) | (frac == 1), torch.zeros_like(G), G)
-            add_row_chunk_squared_distance_grad(grad_q, G, qa, i0, i1)
-    return grad_q.to(q.dtype)
-
-
-@row_histograms_backward.register_fake
-def _fake_backward(grad_hist, q, labels, num_bins):
-    return torch.empty_like(q)
-
-
-def _differentiable_histograms(q, labels, num_bins):
-    """The histograms as a differentiable PyTorch computation (create_graph=True only)."""
-    A = stat_dtype(q.dtype)
-    _, k, frac, pos, neg = _chunk_bins(q.to(A), labels, 0, q.shape[0], num_bins)
-    lower, upper = _pulses(frac)
-    out = []
-    for mask in (pos, neg):
-        m = mask.to(A)
-        h = torch.zeros(q.shape[0], num_bins + 1, dtype=A, device=q.device)
-        out.append(h.scatter_add(1, k, lower * m).scatter_add(1, k + 1, upper * m))
-    return torch.stack(out)
-
-
-register_recomputing_autograd(row_histograms, row_histograms_backward, _differentiable_histograms)
-
-
 def declaration(num_bins):
     """The pair engine's histograms of d^2 = v^2 (lp) on the nodes 0, D, ..., 4 (D = 4 / num_bins),
     per row over its positives and its negatives; no term reduced."""
@@ -187,11 +91,8 @@ def fast_ap_fused(embeddings, labels, ref_emb, ref_labels, *, num_bins=10, dista
     num_bins = check_num_bins(num_bins)
     labels = torch.as_tensor(labels, device=embeddings.device).to(torch.int64).contiguous()
     q = normalize(embeddings).contiguous()
-    if backend == "cpu":  # the CPU pair engine's histograms (the other engines have none: the op)
-        st = pair_stats(q, None, labels, None, None, declaration(num_bins), backend)
-        pos_hist, neg_hist = st.hist_pos.t(), st.hist_neg.t()
-    else:
-        pos_hist, neg_hist = row_histograms(q, labels, num_bins)
+    st = pair_stats(q, None, labels, None, None, declaration(num_bins), backend)
+    pos_hist, neg_hist = st.hist_pos.t(), st.hist_neg.t()
     A = pos_hist.dtype
     n_pos = label_counts(labels) - 1
     weights = torch.ones(labels.shape[0], dtype=A, device=labels.device) if row_weights is None else row_weights

@@ -8,35 +8,26 @@ r + 1 and ((r + 1) delta - 1 - S) / delta to node r; divided by the set's size i
 p+ or p-. loss = sum_k p-_k Phi+_k, Phi+ = cumsum(p+) (the probability that a negative pair is more
 similar than a positive one).
 
-Fused on "cpu": the CPU pair engine's per-row histograms with PML's binning (`declaration`;
-PairHistogram.pml_bins), summed over the rows: each unordered pair twice (once from each end),
-its set's size too, so the densities are PML's. The samples without a positive (their class alone
-in the batch) share one new label for the engine, so that a pair of two of them, no pair of PML's,
-is no negative pair either. On "triton" / "cuda" (the GPU engines have no histograms) the
-op `fused_pairloss::pair_histograms` walks the batch in row chunks (S of a chunk against the rows
-from its first on: each unordered pair once), scatter-adding both histograms, and its backward op
-recomputes each chunk: dL/dS_ij = (g_{r+1} - g_r) / delta with g the gradient of the pair's
-histogram, then grad_q = G q + G^T q chunk by chunk. Memory O(N D + N n_bins) on "cpu", O(chunk N +
-N D + n_bins) for the op; the densities, the cumulative sum and the loss are PyTorch on n_bins + 1
-numbers. S = 1 exactly (a duplicated sample) puts r on the last node, where PML's scatter goes out
-of range (it raises).
+Fused: the pair engine's per-row histograms with PML's binning (`declaration`;
+PairHistogram.pml_bins) on every backend, summed over the rows: each unordered pair twice (once
+from each end), its set's size too, so the densities are PML's. The samples without a positive
+(their class alone in the batch) share one new label for the engine, so that a pair of two of them,
+no pair of PML's, is no negative pair either. The backward recomputes the tiles: dL/dS_ij =
+(g_{r+1} - g_r) / delta with g the gradient of the pair's histogram. Memory O(N D + N n_bins); the
+densities, the cumulative sum and the loss are PyTorch on n_bins + 1 numbers. S = 1 exactly (a
+duplicated sample) puts r on the last node, where PML's scatter goes out of range (it raises).
 """
 from __future__ import annotations
 
 import torch
 
 from .. import _validation as V
-from ..ops._common import (LOCAL, label_counts, normalize, register_recomputing_autograd, row_chunks, similarity_dtype,
-                           zero_loss)
-from ..ops.operands import stat_dtype
+from ..ops._common import LOCAL, label_counts, normalize, similarity_dtype, zero_loss
 from ..ops.spec import NO_TERM, PairHistogram, PairLossSpec
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, check_self_only, run_pair_loss
 from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
 from ._registry import LossEntry
-
-# pair entries of one row chunk (a few chunk-sized buffers live at once)
-CHUNK_ELEMENTS = 1 << 20
 
 
 class BinsMismatchError(ValueError, AssertionError):
@@ -103,87 +94,6 @@ def histogram_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, n_
     return nan_in_nan_out(torch.sum(density(mat[an[0], an[1]]) * phi), embeddings, None)
 
 
-# ---- the op: both soft histograms of the batch's unordered pairs -----------------------------------
-def _chunk_pairs(q, labels, has_pos, has_neg, i0, i1):
-    """S of rows i0..i1 against the rows i0.. (the columns j > i of the upper triangle start
-    there), and the masks of the chunk's pairs (i < j) in each set."""
-    s = q[i0:i1] @ q[i0:].t()
-    rows = torch.arange(i0, i1, device=q.device)
-    cols = torch.arange(i0, q.shape[0], device=q.device)
-    upper = cols[None, :] > rows[:, None]
-    same = labels[i0:i1, None] == labels[None, i0:]
-    pos = upper & same & has_neg[i0:i1, None]
-    neg = upper & ~same & (has_pos[i0:i1, None] | has_pos[None, i0:])
-    return s, pos, neg
-
-
-@torch.library.custom_op("fused_pairloss::pair_histograms", mutates_args=())
-def pair_histograms(q: torch.Tensor, labels: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(histograms A[2, nodes], sizes int64[2]): the soft histograms of S over the positive (row 0)
-    and negative (row 1) unordered pairs of PML's triplets (module docstring), not divided by the
-    sets' sizes."""
-    A = stat_dtype(q.dtype)
-    qa = q.to(A)
-    has_pos, has_neg = _pair_sets(labels)
-    hist = torch.zeros(2, _nodes(delta), dtype=A, device=q.device)
-    sizes = torch.zeros(2, dtype=torch.int64, device=q.device)
-    with torch.autocast(q.device.type, enabled=False):  # in the stat dtype
-        for i0, i1 in row_chunks(q.shape[0], q.shape[0], CHUNK_ELEMENTS):
-            s, pos, neg = _chunk_pairs(qa, labels, has_pos, has_neg, i0, i1)
-            for k, mask in enumerate((pos, neg)):
-                r, upper, lower = _bins(s[mask], delta)
-                hist[k].index_add_(0, r + 1, upper).index_add_(0, r, lower)
-                sizes[k] += mask.sum()
-    return hist, sizes
-
-
-@pair_histograms.register_fake
-def _fake(q, labels, delta):
-    return q.new_empty((2, _nodes(delta)), dtype=stat_dtype(q.dtype)), q.new_empty((2,), dtype=torch.int64)
-
-
-@torch.library.custom_op("fused_pairloss::pair_histograms_backward", mutates_args=())
-def pair_histograms_backward(grad_hist: torch.Tensor, q: torch.Tensor, labels: torch.Tensor,
-                             delta: float) -> torch.Tensor:
-    """grad_q of sum(grad_hist * histograms): per chunk G_ij = (g_{r+1} - g_r) / delta of the
-    pair's set, then grad_q_i += sum_j G_ij q_j and grad_q_j += G_ij q_i."""
-    A = stat_dtype(q.dtype)
-    qa, g = q.to(A), grad_hist.to(A)
-    has_pos, has_neg = _pair_sets(labels)
-    grad_q = torch.zeros_like(qa)
-    with torch.autocast(q.device.type, enabled=False):  # in the stat dtype
-        for i0, i1 in row_chunks(q.shape[0], q.shape[0], CHUNK_ELEMENTS):
-            s, pos, neg = _chunk_pairs(qa, labels, has_pos, has_neg, i0, i1)
-            r, _, _ = _bins(s, delta)
-            G = torch.zeros_like(s)
-            for k, mask in enumerate((pos, neg)):
-                G = torch.where(mask, (g[k][r + 1] - g[k][r]) / delta, G)
-            grad_q[i0:i1] += G @ qa[i0:]
-            grad_q[i0:] += G.t() @ qa[i0:i1]
-    return grad_q.to(q.dtype)
-
-
-@pair_histograms_backward.register_fake
-def _fake_backward(grad_hist, q, labels, delta):
-    return torch.empty_like(q)
-
-
-def _differentiable_histograms(q, labels, delta):
-    """The histograms as a differentiable PyTorch computation (create_graph=True only)."""
-    A = stat_dtype(q.dtype)
-    has_pos, has_neg = _pair_sets(labels)
-    s, pos, neg = _chunk_pairs(q.to(A), labels, has_pos, has_neg, 0, q.shape[0])
-    rows = []
-    for mask in (pos, neg):
-        r, upper, lower = _bins(s[mask], delta)
-        out = torch.zeros(_nodes(delta), dtype=A, device=q.device)
-        rows.append(out.index_add(0, r + 1, upper).index_add(0, r, lower))
-    return torch.stack(rows)
-
-
-register_recomputing_autograd(pair_histograms, pair_histograms_backward, _differentiable_histograms)
-
-
 def declaration(delta):
     """The pair engine's per-row histograms of S with PML's binning (nodes -1, -1 + delta, ..., 1),
     over each row's positives and its negatives; no term reduced."""
@@ -191,16 +101,16 @@ def declaration(delta):
                         histogram=PairHistogram(_nodes(delta), 1.0 / delta, -1.0, pml_bins=True))
 
 
-def _engine_histograms(q, labels, delta):
-    """(histograms [2, nodes], sizes int64[2]) as pair_histograms', each pair counted from both
-    ends (module docstring). The samples without a positive share one new label for the engine, so
-    that a pair of two of them is no negative pair; the spurious positive pairs this gives them are
-    left out with their rows."""
+def _engine_histograms(q, labels, delta, backend):
+    """(histograms [2, nodes], sizes int64[2]) of PML's positive and negative pairs, not divided by
+    the sets' sizes, each pair counted from both ends (module docstring). The samples without a
+    positive share one new label for the engine, so that a pair of two of them is no negative pair;
+    the spurious positive pairs this gives them are left out with their rows."""
     has_pos, _ = _pair_sets(labels)
     lowest = labels.min()
     alone_label = torch.where(lowest > torch.iinfo(torch.int64).min, lowest - 1, labels.max() + 1)
     engine_labels = torch.where(has_pos, labels, alone_label)
-    st = pair_stats(q, None, engine_labels, None, None, declaration(delta), "cpu")
+    st = pair_stats(q, None, engine_labels, None, None, declaration(delta), backend)
     hist_pos = torch.where(has_pos, st.hist_pos, torch.zeros_like(st.hist_pos)).sum(1)
     size_pos = torch.where(has_pos, st.count_pos, torch.zeros_like(st.count_pos)).sum()
     return torch.stack([hist_pos, st.hist_neg.sum(1)]), torch.stack([size_pos, st.count_neg.sum()]).to(torch.int64)
@@ -212,10 +122,7 @@ def histogram_fused(embeddings, labels, ref_emb, ref_labels, *, n_bins=None, del
     delta = check_bins(n_bins, delta)
     labels = torch.as_tensor(labels, device=embeddings.device).to(torch.int64).contiguous()
     q = normalize(embeddings).contiguous()
-    if backend == "cpu":  # the CPU pair engine's histograms (the other engines have none: the op)
-        hist, sizes = _engine_histograms(q, labels, delta)
-    else:
-        hist, sizes = pair_histograms(q, labels, delta)
+    hist, sizes = _engine_histograms(q, labels, delta, backend)
     density = hist / sizes.clamp(min=1).to(hist.dtype)[:, None]
     loss = torch.sum(density[1] * torch.cumsum(density[0], 0))
     # PML: no triplet, the zero loss (no positive pair with a negative, or no negative pair)

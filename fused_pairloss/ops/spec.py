@@ -98,7 +98,7 @@ class PairHistogram:
     k = 0 .. nodes - 1, with triangular pulses relu(1 - |h - node_k| inv_width): a pair with
     u = (h - lo) inv_width adds 1 - f to node floor(u) and f = u - floor(u) to the next (nodes out
     of range get nothing). Its gradient is the pulses' slope, 0 on a node (docs/design.md
-    "Histograms"). The CPU engine's; FastAPLoss's histograms of d^2.
+    "Histograms"). Every engine's; FastAPLoss's histograms of d^2.
 
     `pml_bins`: PML HistogramLoss's operations instead (loss_spec.h kHistPmlBins): the bin from
     float(h), the node positions float(k) * float(1 / inv_width), every pair in a bin of nodes

@@ -16,6 +16,8 @@ side's tiles; per row an online log-sum-exp (running max + rescaled sum), sums, 
 - forward `_pair_fwd_kernel`, up to three walks over a row block's column tiles:
     THRESH (MINE): min_pos / max_neg of the unmined sets (torch.amin/amax semantics: NaN sticks);
     MAIN: the kept sets (mining masks from the thresholds): LSE / sum / nonzero count per set, sizes;
+      with a histogram (HIST) each tile's pulses summed per node over its columns (only the nodes a
+      pair of the tile reaches) and added into the row's value rows, which the host zeroed;
     NTX (POS_VS_NEG_LSE): sum over the kept positives of -log(sigmoid(x - lse_neg_i) + tiny) and its
       d/d lse_neg. It needs the row's final lse_neg, so it is a walk of its own after MAIN; it skips
       every column tile without a positive of the row block (decided from the labels before S is
@@ -32,7 +34,8 @@ side's tiles; per row an online log-sum-exp (running max + rescaled sum), sums, 
   (row J's statistics, mining masks of row J, the same S bits), and grad_q = (G + G^T) q is one
   deterministic row pass (2 GEMM-equivalents), no atomics. Ref mode adds `_pair_bwd_cols_kernel`
   (programs own columns J, recompute S_IJ in the forward's orientation, grad_r[J] = sum_I G_IJ q_I),
-  skipped when need_grad_r is False.
+  skipped when need_grad_r is False. HIST adds the pulses' slope to G (the incoming gradients of
+  the pair's two nodes, gathered).
 Class engine (tiles of whole classes of w; a tile is BLOCK_C classes x KP lanes, KP = K rounded up
 to a power of two, one tl.dot, reshaped to [BLOCK_N, BLOCK_C, KP] for the pooling: SoftTriple's
 softmax, SubCenterArcFace's max):
@@ -56,7 +59,8 @@ Shared by every kernel (one structure for both engines):
 - `_acc_grad` / `_finish_grad`: gradient dots over D in chunks of BLOCK_G; when D fits one chunk the
   accumulator stays in registers, else each chunk is read-modify-written in global memory by the one
   program that owns those rows (ordered, deterministic; autotuning resets it with reset_to_zero).
-  Split walks write one partial per split, summed in torch in split order. No atomics anywhere.
+  Split walks write one partial per split, summed in torch in split order. The only atomics are
+  the histograms' adds (`_hist_add`), into slots no other program owns.
 - `_splits`: how many programs share a walk, a function of the shapes and the SM count only.
 - int64 index arithmetic for every row / column offset (index * D, slot * N) and every walk and
   tile start (program ids are cast before they are multiplied): Triton passes an integer argument
@@ -89,11 +93,13 @@ from .operands import stat_dtype
 try:  # the module imports without triton: then AVAILABLE stays False
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 
     _IMPORTED = True
 except Exception:  # ImportError, or a broken triton install
     triton = None
     tl = None
+    libdevice = None
     _IMPORTED = False
 
 __all__ = ["AVAILABLE", "INTERPRETED", "SCHEMAS", "forward_op", "backward_op"]
@@ -378,6 +384,7 @@ if _IMPORTED:
     _POS_INF = tl.constexpr(float("inf"))
     _NAN = tl.constexpr(float("nan"))
     _HIST_ROW0 = tl.constexpr(len(S.PAIR_VALUES))  # the pair engine's first histogram row in values
+    _MUL_RN = tl.constexpr(not INTERPRETED)  # libdevice's mul_rn (the interpreter has no libdevice)
 
     # ============================================================ shared element / tile functions
     @triton.jit
@@ -636,6 +643,16 @@ if _IMPORTED:
         return kp, kn
 
     @triton.jit
+    def _mul_rn(a, b):
+        """a * b rounded on its own: the GPU compiler contracts a plain product and a following add
+        into an FMA, which would move a histogram node (and a pair's bin) off the CPU kernels' and
+        PML's (numpy, under the interpreter, never contracts)."""
+        if _MUL_RN:
+            return libdevice.mul_rn(a, b)
+        else:
+            return a * b
+
+    @triton.jit
     def _hist_pulses(v, hlo, hiw, hdf, hlof, NODES, HSQ: tl.constexpr, HPML: tl.constexpr):
         """Each pair's place in the histogram (loss_spec.h hist_nodes, kernels_isa.inc histogram_add):
         node a = ra gets wa, node b = ra + 1 gets wb where ok_a / ok_b; `inside` marks the pairs with
@@ -649,8 +666,8 @@ if _IMPORTED:
             vs = tl.where(nan, 0.0, v)
             t = _div(vs.to(tl.float32) - hlof, hdf)
             ra = tl.minimum(tl.maximum(tl.floor(t), 0.0), NODES - 2).to(tl.int32)
-            node_a = ra.to(tl.float32) * hdf
-            node_b = (ra + 1).to(tl.float32) * hdf
+            node_a = _mul_rn(ra.to(tl.float32), hdf)
+            node_b = _mul_rn((ra + 1).to(tl.float32), hdf)
             wb = ((vs - hlo) - node_a.to(v.dtype)) * hiw
             wa = ((node_b + hlof).to(v.dtype) - vs) * hiw
             inside = ~nan
@@ -658,7 +675,7 @@ if _IMPORTED:
             ok_b = inside
         else:
             if HSQ:
-                h = v * v
+                h = _mul_rn(v, v)
             else:
                 h = v
             u = (h - hlo) * hiw
@@ -1348,7 +1365,9 @@ if _IMPORTED:
         _BWD_CONFIGS = [_cfg(64, 64, 8, 2), _cfg(64, 64, 8, 3)]
     _MIN_BLOCK = min(min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _FWD_CONFIGS + _BWD_CONFIGS)
     _KEY = ["N", "M", "D"]
-    _pair_fwd = triton.autotune(configs=_FWD_CONFIGS, key=_KEY)(_pair_fwd_kernel)
+    # the histograms add into their value rows: reset between the autotuner's trial runs (every other
+    # value row is stored, so zeroing them all changes nothing else)
+    _pair_fwd = triton.autotune(configs=_FWD_CONFIGS, key=_KEY, reset_to_zero=["val_ptr"])(_pair_fwd_kernel)
     # the chunked gradient form adds into its output: reset between the autotuner's trial runs
     _pair_bwd_rows = triton.autotune(configs=_BWD_CONFIGS, key=_KEY, reset_to_zero=["out_ptr"])(
         _pair_bwd_rows_kernel)

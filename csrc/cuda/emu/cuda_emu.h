@@ -97,6 +97,9 @@ void launch(void (*kernel)(KArgs...), unsigned grid, int threads, Args... args) 
 #define __ldg(p) ::fpl_emu::ldg(p)
 #define cudaGetLastError() (cudaSuccess)
 #define cudaFuncSetAttribute(...) (cudaSuccess)
+// products rounded on their own (this build never contracts into FMAs: no FMA in its target)
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
 
 // ---- WMMA (nvcuda::wmma) with the documented semantics of the calls the kernels make --------
 namespace nvcuda {
