@@ -188,8 +188,9 @@ PAIR_DECLARATIONS: Dict[str, PairLossSpec] = {
 }
 
 # declarations with histograms (PairLossSpec.histogram), apart from the table above: their value
-# rows differ, so each engine's tests check them on their own. FastAP's (h = d^2 on 0..4), HistogramLoss's (PML's bins of S on
-# -1..1) and a cosine one beside sums, whose nodes (-1 + k / 8) sit on dyadic values
+# rows differ, so each engine's tests check them on their own. FastAP's (h = d^2 on 0..4),
+# HistogramLoss's (PML's bins of S on -1..1) and a cosine one beside sums, whose nodes (-1 + k / 8)
+# sit on dyadic values
 HIST_DECLARATIONS: Dict[str, PairLossSpec] = {
     "fastap": fast_ap.declaration(10),
     "histogram": histogram.declaration(2 / 16),
