@@ -186,3 +186,112 @@ def test_row_kernel_ops():
         ops.pnp_chunk_ranks(S, ids.float(), positives, 2, 0.1)
     with pytest.raises(RuntimeError, match="grad_rk"):
         ops.pnp_chunk_grad(S, ids, positives, g_rk[:, :1].contiguous(), 2, 0.1)
+
+
+# ---- the Triton row kernels (the ops' CUDA kernels, ops/triton_rank_rows.py) ----------------------
+def _triton_rank_rows():
+    pytest.importorskip("triton")
+    from fused_pairloss.ops import triton_rank_rows as TR
+
+    if not TR.AVAILABLE:
+        pytest.skip("the Triton row kernels need the compiled library (the ops' schemas)")
+    return TR
+
+
+def _interpreted():
+    from fused_pairloss.ops import triton_engines
+
+    return triton_engines.INTERPRETED
+
+
+def _chunk_case(name, classes, per_class, dtype, seed, a0, a1):
+    """(S rows a0..a1 of the batch, the op's extra arguments before first_row, after it)."""
+    q, labels, _ = _ranking_case(classes, per_class, dtype, seed)
+    S = (q[a0:a1] @ q.t()).contiguous()
+    if name == "smoothap":
+        return S, (), (classes, 0.05)
+    positives, valid = pnp._positive_lists(labels)
+    positives = torch.where(valid, positives, -1)[a0:a1].contiguous()
+    return S, (torch.unique(labels, return_inverse=True)[1].to(dtype), positives), (0.02,)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("name", ["smoothap", "pnp"])
+def test_triton_row_kernels_match_the_cpu_kernels(name, dtype):
+    """The GPUs' row kernels (run by the interpreter on CPU tensors) against the compiled CPU ones:
+    ranks and gradients under the kit's rule (truth: the CPU kernels in fp64); 33 classes of 2
+    (SmoothAP: two blocks of p's, columns over two tiles), 5 classes of 20 (PNP: positive lists
+    wider than a block), a chunk that starts inside a block."""
+    TR = _triton_rank_rows()
+    if not _interpreted():
+        pytest.skip("the GPU runs these kernels in the loss tests")
+    ops = torch.ops.fused_pairloss
+    for classes, per_class, a0, a1 in ((33, 2, 3, 50), (5, 20, 0, 100), (4, 3, 1, 12)):
+        case = _chunk_case(name, classes, per_class, dtype, classes, a0, a1)
+        case64 = _chunk_case(name, classes, per_class, torch.float64, classes, a0, a1)
+        S, before, after = case
+        rows = S.shape[0]
+        width = rows if name == "smoothap" else before[1].shape
+        g = torch.randn(width, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        for op in ("ranks", "grad"):
+            cpu_op = getattr(ops, f"{'smooth_ap' if name == 'smoothap' else 'pnp'}_chunk_{op}")
+            tr_op = getattr(TR, f"{'smooth_ap' if name == 'smoothap' else 'pnp'}_chunk_{op}")
+
+            def args(c, gd):
+                s, b, a = c
+                return (s, *b, *((gd,) if op == "grad" else ()), a0, *a)
+            got = tr_op(*args(case, g.to(dtype)))
+            same = cpu_op(*args(case, g.to(dtype)))
+            truth = cpu_op(*args(case64, g))
+            kit.check_close(got, truth, same, what=f"{name} {classes}x{per_class} {op}")
+
+
+def test_triton_row_kernels_check_their_arguments():
+    TR = _triton_rank_rows()
+    S = torch.zeros(3, 8)
+    with pytest.raises(RuntimeError, match="block must divide"):
+        TR.smooth_ap_chunk_ranks(S, 0, 3, 0.1)
+    with pytest.raises(RuntimeError, match="are not rows"):
+        TR.smooth_ap_chunk_ranks(S, 6, 4, 0.1)
+    with pytest.raises(RuntimeError, match="1 / temperature must be finite"):
+        TR.smooth_ap_chunk_ranks(S, 0, 4, 1e-40)
+    with pytest.raises(RuntimeError, match="grad_ap"):
+        TR.smooth_ap_chunk_grad(S, torch.zeros(2), 0, 4, 0.1)
+    ids, positives = torch.zeros(8), torch.zeros(3, 2, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="positives must be columns"):
+        TR.pnp_chunk_ranks(S, ids, positives + 100, 0, 0.1)
+    with pytest.raises(RuntimeError, match="class_ids"):
+        TR.pnp_chunk_ranks(S, ids.double(), positives, 0, 0.1)
+    with pytest.raises(RuntimeError, match="grad_rk"):
+        TR.pnp_chunk_grad(S, ids, positives, torch.zeros(3, 1), 0, 0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("name", list(RANKING_OPS))
+def test_gpu_row_kernels_match_the_pytorch_chunks(name, dtype, monkeypatch):
+    """On a GPU the losses' ops run the Triton row kernels: their rows and gradients against the
+    PyTorch chunks on the same device (kit's rule, truth the fp64 PyTorch chunks), and at N = 2048
+    the memory of the op's forward and backward stays within a few chunks of S."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    _triton_rank_rows()
+    module, ops, arg_list = RANKING_OPS[name]
+    for k, (classes, per_class) in enumerate(((5, 5), (33, 2), (16, 8))):
+        q, labels, grad = (t.cuda() for t in _ranking_case(classes, per_class, dtype, seed=classes))
+        assert module._native_chunks(q)
+        native = _both(ops, q, labels, grad, arg_list[k])
+        with monkeypatch.context() as m:
+            m.setattr(module, "_native_chunks", lambda qa: False)
+            same_dtype = _both(ops, q, labels, grad, arg_list[k])
+            truth = _both(ops, q.double(), labels, grad.double(), arg_list[k])
+        for j, what in enumerate(("rows", "grad")):
+            kit.check_close(native[j], truth[j], same_dtype[j], what=f"{name} {classes}x{per_class} {what}")
+    q, labels, grad = (t.cuda() for t in _ranking_case(32, 64, torch.float32, seed=1))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    _both(ops, q, labels, grad, arg_list[0])
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < 64 * 2**20

@@ -614,7 +614,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     from fused_pairloss.ops import triton_triplets as TT
     INT_PTRS = {"lq_ptr": "*i64", "lr_ptr": "*i64", "ex_ptr": "*i64", "y_ptr": "*i64", "cnt_ptr": "*i32",
                 "cols_ptr": "*i64", "counts_ptr": "*i64", "win_ptr": "*i64", "k_ptr": "*i32", "rank_ptr": "*i64",
-                "er_ptr": "*i64"}
+                "er_ptr": "*i64", "pos_ptr": "*i64"}
 
     def build(kern, dtype, const, arch, num_warps, num_stages=3, ptrs=None):
         names = kern.arg_names
@@ -676,6 +676,13 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         build(TT._triplet_bwd_cols_kernel, torch.float32, g, arch, warps, stages)
         build(TT._triplet_pos_u_kernel, torch.float32, dict(LP=lp, BLOCK=128, BLOCK_D=T.block_d(dtype)), arch, 4)
 
+    def rank_rows(dtype, arch):  # SmoothAP's and PNP's row kernels (ops/triton_rank_rows.py) on S's dtype
+        from fused_pairloss.ops import triton_rank_rows as TR
+        b = dict(BLOCK_P=TR._BLOCK_P, BLOCK_J=TR._BLOCK_J)
+        for kern, extra in ((TR._smooth_ap_ranks_kernel, dict(DERIV=True)), (TR._smooth_ap_grad_kernel, {}),
+                            (TR._pnp_ranks_kernel, dict(DERIV=True)), (TR._pnp_grad_kernel, {})):
+            build(kern, dtype, dict(b, **extra), arch, 4)
+
     def bins(dtype, arch, D):  # the triplet bins (DynamicSoftMargin): the forward's rows x columns x bins
         b = TT._blocks()
         warps, stages = b.pop("num_warps"), b.pop("num_stages")
@@ -709,6 +716,8 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     triplet(torch.float32, True, False, 90, 128)
     triplet(torch.float32, False, True, 80, 300)
     bins(torch.float32, 90, 128)
+    rank_rows(torch.float32, 90)
+    rank_rows(torch.float64, 80)
     print("compiled")
 """)
 

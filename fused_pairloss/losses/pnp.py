@@ -13,9 +13,10 @@ diagonal to the positives of the rows that have one).
 Cubic compute (N |P_a| N sigmoids), no cubic memory: the op `fused_pairloss::pnp_rows` walks the
 anchors in chunks (S of a chunk against every row, the chunk x max|P_a| x N sigmoids, reduced to
 L_a) and its backward op recomputes each chunk with the analytic gradient. Each anchor's positives
-are listed from the sorted labels (max|P_a| columns, padded). On CPU tensors (fp32 / fp64) the
-sigmoids of a chunk are the compiled row kernels' (csrc/cpu/rank_rows_cpu.cpp: the ops
-pnp_chunk_ranks / _grad on the chunk's S, NATIVE_CHUNK_ELEMENTS entries of S per chunk); elsewhere
+are listed from the sorted labels (max|P_a| columns, padded). On CPU and CUDA tensors (fp32 /
+fp64) the sigmoids of a chunk are row kernels' (the ops pnp_chunk_ranks / _grad on the chunk's S,
+NATIVE_CHUNK_ELEMENTS entries of S per chunk, no sigmoid stored): the compiled CPU ones
+(csrc/cpu/rank_rows_cpu.cpp) and Triton's on the GPUs (ops/triton_rank_rows.py); elsewhere
 PyTorch's. PML builds N x N x N tensors.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ._reference_common import check_distance, nan_in_nan_out
 from ._registry import LossEntry
 
 VARIANTS = ("Ds", "Dq", "Iu", "Ib", "O")
-# chunk x max|P_a| x N sigmoid entries per step (PyTorch), chunk x N entries of S (the compiled row kernels)
+# chunk x max|P_a| x N sigmoid entries per step (PyTorch), chunk x N entries of S (the row kernels)
 CHUNK_ELEMENTS = 1 << 22
 NATIVE_CHUNK_ELEMENTS = 1 << 20
 EXPONENT_CLAMP = 50.0  # PML's clamp of -x / anneal
@@ -146,7 +147,7 @@ def _differentiable_rows(q, labels, anneal, variant, b, alpha):
     return torch.cat(rows) if rows else q.new_zeros((0,), dtype=A)
 
 
-# the compiled row kernels' check on the rows (their fake kernels: rk like positives, and G like S)
+# the row kernels' check on the rows (their fake kernels: rk like positives, and G like S)
 _native_chunks = CompiledRowKernels({
     "pnp_chunk_ranks": lambda S, class_ids, positives, first_row, anneal: S.new_empty(positives.shape),
     "pnp_chunk_grad": lambda S, class_ids, positives, grad_rk, first_row, anneal: torch.empty_like(S),

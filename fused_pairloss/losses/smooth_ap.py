@@ -13,10 +13,11 @@ classes, the blocks are the classes (the paper's setting).
 Cubic compute (N b N sigmoids), no cubic memory: the op `fused_pairloss::smooth_ap_rows` walks the
 anchors in chunks (S of a chunk against every row, the chunk x b x N sigmoids, reduced to AP per
 anchor) and its backward op recomputes each chunk with the analytic gradient, so at most one
-chunk's intermediates (CHUNK_ELEMENTS entries) exist at a time. On CPU tensors the sigmoids of a
-chunk are the compiled row kernels' (csrc/cpu/rank_rows_cpu.cpp: the ops smooth_ap_chunk_ranks /
-_grad on the chunk's S, one padded row per thread, NATIVE_CHUNK_ELEMENTS entries of S per chunk);
-elsewhere PyTorch's. PML builds N x N x N tensors.
+chunk's intermediates (CHUNK_ELEMENTS entries) exist at a time. On CPU and CUDA tensors (fp32 /
+fp64) the sigmoids of a chunk are row kernels' (the ops smooth_ap_chunk_ranks / _grad on the
+chunk's S, NATIVE_CHUNK_ELEMENTS entries of S per chunk, no sigmoid stored): the compiled CPU ones
+(csrc/cpu/rank_rows_cpu.cpp, one padded row per thread) and Triton's on the GPUs
+(ops/triton_rank_rows.py); elsewhere PyTorch's. PML builds N x N x N tensors.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from ._base import _RowWeightedSelfLoss, check_self_only, run_pair_loss
 from ._reference_common import check_distance, miner_weights, nan_in_nan_out
 from ._registry import LossEntry
 
-# chunk x b x N sigmoid entries per step (PyTorch), chunk x N entries of S (the compiled row kernels)
+# chunk x b x N sigmoid entries per step (PyTorch), chunk x N entries of S (the row kernels)
 CHUNK_ELEMENTS = 1 << 22
 NATIVE_CHUNK_ELEMENTS = 1 << 20
 
@@ -99,7 +100,7 @@ def _chunk_ap(q_chunk, q, a0, b, temperature):
     return (pos_ranks / all_ranks).sum(1) / b
 
 
-# the compiled row kernels' check on the rows (their fake kernels: S's rows' AP, and G like S)
+# the row kernels' check on the rows (their fake kernels: S's rows' AP, and G like S)
 _native_chunks = CompiledRowKernels({
     "smooth_ap_chunk_ranks": lambda S, first_row, block, temperature: S.new_empty((S.shape[0],)),
     "smooth_ap_chunk_grad": lambda S, grad_ap, first_row, block, temperature: torch.empty_like(S),

@@ -59,12 +59,13 @@ def row_chunks(n, per_row, budget):
 
 
 class CompiledRowKernels:
-    """A row-chunk op's compiled CPU kernels (csrc/cpu/rank_rows_cpu.cpp), given as {op name: fake
-    kernel}: called with the op's rows, True when the kernels compute them (CPU, fp32 / fp64, the
-    library built with them); the fake kernels are registered on the first call."""
+    """A row-chunk op's kernels, given as {op name: fake kernel}: the compiled CPU ones
+    (csrc/cpu/rank_rows_cpu.cpp) and on CUDA tensors the Triton ones (ops/triton_rank_rows.py).
+    Called with the op's rows: True when kernels compute them (fp32 / fp64, the library built with
+    the ops, Triton for CUDA tensors); the fake kernels are registered on the first call."""
 
     def __init__(self, fakes):
-        self.fakes, self.built, self.lock = fakes, None, threading.Lock()
+        self.fakes, self.built, self.cuda, self.lock = fakes, None, None, threading.Lock()
 
     def __call__(self, rows):
         if self.built is None:
@@ -75,7 +76,24 @@ class CompiledRowKernels:
                         for name, fake in self.fakes.items():
                             torch.library.register_fake(f"fused_pairloss::{name}")(fake)
                     self.built = built
-        return self.built and rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64)
+        if not self.built or rows.dtype not in (torch.float32, torch.float64):
+            return False
+        if rows.device.type == "cuda":
+            return self._cuda_kernels()
+        return rows.device.type == "cpu"
+
+    def _cuda_kernels(self) -> bool:
+        if self.cuda is None:
+            with self.lock:
+                if self.cuda is None:
+                    try:  # registers the ops' CUDA kernels where Triton imports
+                        from . import triton_rank_rows
+                    except ImportError:
+                        self.cuda = False
+                    else:
+                        self.cuda = triton_rank_rows.AVAILABLE and all(
+                            _extension.has_kernel(name, "CUDA") for name in self.fakes)
+        return self.cuda
 
 
 def register_recomputing_autograd(op, backward_op, differentiable):
