@@ -203,11 +203,11 @@ inline std::tuple<Tensor, Tensor, Tensor> pair_forward(const Runtime& rt, const 
   Tensor aux = at::empty({fpl::kNumPairAux, p.N}, opts);
   Tensor hist_scratch = hist_rows > 0 ? at::zeros({hist_rows, p.N}, opts) : Tensor();
   if (p.N > 0) {
-    check_launch(rt,
-                 fpl_cuda::pair_forward(p.operands(), terms.data(), flags, values.data_ptr(),
-                                        counts.data_ptr<int32_t>(), aux.data_ptr(),
-                                        hist_rows > 0 ? hist_scratch.data_ptr() : nullptr, rt.stream),
-                 "pair_engine_forward");
+    check_launch(
+        rt,
+        fpl_cuda::pair_forward(p.operands(), terms.data(), flags, values.data_ptr(), counts.data_ptr<int32_t>(),
+                               aux.data_ptr(), hist_rows > 0 ? hist_scratch.data_ptr() : nullptr, rt.stream),
+        "pair_engine_forward");
     if (hist_rows > 0) values.narrow(0, fpl::kNumPairValues, hist_rows).add_(hist_scratch);
   }
   return {values, counts, aux};
