@@ -288,6 +288,18 @@ def test_gpu_row_kernels_match_the_pytorch_chunks(name, dtype, monkeypatch):
             truth = _both(ops, q.double(), labels, grad.double(), arg_list[k])
         for j, what in enumerate(("rows", "grad")):
             kit.check_close(native[j], truth[j], same_dtype[j], what=f"{name} {classes}x{per_class} {what}")
+    # the ops' CUDA kernels (schema, fake kernel) on a chunk, as test_row_kernel_ops on the CPU
+    S = (q[2:7] @ q.t()).contiguous()
+    if name == "smoothap":
+        torch.library.opcheck(torch.ops.fused_pairloss.smooth_ap_chunk_ranks.default, (S, 2, classes, 0.1))
+        torch.library.opcheck(torch.ops.fused_pairloss.smooth_ap_chunk_grad.default,
+                              (S, grad[2:7].contiguous(), 2, classes, 0.1))
+    else:
+        ids = torch.unique(labels, return_inverse=True)[1].to(S.dtype)
+        positives = pnp._positive_lists(labels)[0][2:7].contiguous()
+        torch.library.opcheck(torch.ops.fused_pairloss.pnp_chunk_ranks.default, (S, ids, positives, 2, 0.1))
+        torch.library.opcheck(torch.ops.fused_pairloss.pnp_chunk_grad.default,
+                              (S, ids, positives, torch.randn_like(positives, dtype=S.dtype), 2, 0.1))
     q, labels, grad = (t.cuda() for t in _ranking_case(32, 64, torch.float32, seed=1))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
