@@ -247,6 +247,28 @@ def test_triton_row_kernels_match_the_cpu_kernels(name, dtype):
             kit.check_close(got, truth, same, what=f"{name} {classes}x{per_class} {op}")
 
 
+@needs_native
+@pytest.mark.parametrize("name", ["smoothap", "pnp"])
+def test_triton_row_kernels_keep_nan(name):
+    """A NaN entry of S: NaN in the GPUs' ranks and gradient exactly where the CPU kernels have it
+    (PNP's clamp keeps NaN in the ranks), the same values elsewhere."""
+    TR = _triton_rank_rows()
+    if not _interpreted():
+        pytest.skip("the GPU runs these kernels in the loss tests")
+    ops = torch.ops.fused_pairloss
+    prefix = "smooth_ap" if name == "smoothap" else "pnp"
+    S, before, after = _chunk_case(name, 5, 4, torch.float64, 2, 0, 20)
+    S[3, 7] = float("nan")
+    g = torch.randn(S.shape[0] if name == "smoothap" else before[1].shape, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(3))
+    for op in ("ranks", "grad"):
+        args = (S, *before, *((g,) if op == "grad" else ()), 0, *after)
+        got, want = getattr(TR, f"{prefix}_chunk_{op}")(*args), getattr(ops, f"{prefix}_chunk_{op}")(*args)
+        # (PNP's gradient drops the NaN pairs: the clamp passes no gradient there)
+        assert torch.equal(torch.isnan(got), torch.isnan(want)) and (op == "grad" or torch.isnan(want).any()), op
+        torch.testing.assert_close(got, want, equal_nan=True)
+
+
 def test_triton_row_kernels_check_their_arguments():
     TR = _triton_rank_rows()
     S = torch.zeros(3, 8)

@@ -152,7 +152,8 @@ FPL_DEV void walk_columns(const PairArgs<T>& p, int64_t o0, int no, int64_t x_be
 FPL_DEV float math_floor(float x) { return ::floorf(x); }
 FPL_DEV double math_floor(double x) { return ::floor(x); }
 // a * b rounded on its own: nvcc contracts a plain product and a following add into an FMA, which
-// would move a histogram node (and a pair's bin) off the CPU kernels' and PML's
+// would move a histogram node, a pair's bin or its weights off the CPU kernels' and PML's (the CPU
+// build rounds every operation on its own)
 FPL_DEV float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 FPL_DEV double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
@@ -168,11 +169,11 @@ FPL_DEV bool hist_place(const PairSpec<A>& sp, A v, int64_t& a, A& wa, A& wb) {
     const A t = A((static_cast<float>(v) - sp.hist_lo_f) / sp.hist_delta_f);
     const A r = math_floor(t), top = A(sp.hist_nodes - 2);
     a = static_cast<int64_t>(r < A(0) ? A(0) : (r > top ? top : r));
-    wb = ((v - sp.hist_lo) - A(mul_rn(static_cast<float>(a), sp.hist_delta_f))) * sp.hist_inv_width;
-    wa = (A(mul_rn(static_cast<float>(a + 1), sp.hist_delta_f) + sp.hist_lo_f) - v) * sp.hist_inv_width;
+    wb = mul_rn((v - sp.hist_lo) - A(mul_rn(static_cast<float>(a), sp.hist_delta_f)), sp.hist_inv_width);
+    wa = mul_rn(A(mul_rn(static_cast<float>(a + 1), sp.hist_delta_f) + sp.hist_lo_f) - v, sp.hist_inv_width);
     return true;
   }
-  const A u = ((sp.hist_squared ? mul_rn(v, v) : v) - sp.hist_lo) * sp.hist_inv_width;
+  const A u = mul_rn((sp.hist_squared ? mul_rn(v, v) : v) - sp.hist_lo, sp.hist_inv_width);
   if (!(u > A(-1) && u < A(sp.hist_nodes))) return false;
   const A fl = math_floor(u);
   a = static_cast<int64_t>(fl);

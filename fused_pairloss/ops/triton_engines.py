@@ -1365,9 +1365,10 @@ if _IMPORTED:
         _BWD_CONFIGS = [_cfg(64, 64, 8, 2), _cfg(64, 64, 8, 3)]
     _MIN_BLOCK = min(min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _FWD_CONFIGS + _BWD_CONFIGS)
     _KEY = ["N", "M", "D"]
-    # the histograms add into their value rows: reset between the autotuner's trial runs (every other
-    # value row is stored, so zeroing them all changes nothing else)
-    _pair_fwd = triton.autotune(configs=_FWD_CONFIGS, key=_KEY, reset_to_zero=["val_ptr"])(_pair_fwd_kernel)
+    _pair_fwd = triton.autotune(configs=_FWD_CONFIGS, key=_KEY)(_pair_fwd_kernel)
+    # with a histogram (never with mining or NTXent: a MAIN walk only, which stores every other value
+    # row) the kernel adds into its value rows: zeroed between the autotuner's trial runs
+    _pair_fwd_hist = triton.autotune(configs=_FWD_CONFIGS, key=_KEY, reset_to_zero=["val_ptr"])(_pair_fwd_kernel)
     # the chunked gradient form adds into its output: reset between the autotuner's trial runs
     _pair_bwd_rows = triton.autotune(configs=_BWD_CONFIGS, key=_KEY, reset_to_zero=["out_ptr"])(
         _pair_bwd_rows_kernel)
@@ -1413,6 +1414,7 @@ if _IMPORTED:
         dev = q.device
         rows = S.pair_value_rows(terms)  # PAIR_VALUES, then the histograms (zeroed: the kernels add into them)
         new_values = torch.zeros if sw["HIST"] else torch.empty
+        fwd = _pair_fwd_hist if sw["HIST"] else _pair_fwd
         if N == 0:
             return (torch.zeros((rows, 0), dtype=A, device=dev),
                     torch.empty((4, 0), dtype=torch.int32, device=dev), torch.empty((3, 0), dtype=A, device=dev))
@@ -1427,7 +1429,7 @@ if _IMPORTED:
             values = new_values((rows, N), dtype=A, device=dev)
             counts = torch.empty((4, N), dtype=torch.int32, device=dev)
             aux = torch.empty((3, N), dtype=A, device=dev)
-            _launch(_pair_fwd)[grid](*operands, values, values, values, counts, aux, *dims, 0, 0, 0, *consts,
+            _launch(fwd)[grid](*operands, values, values, values, counts, aux, *dims, 0, 0, 0, *consts,
                                      WALK_THRESH=sw["MINE"], WALK_MAIN=True, WALK_NTX=sw["NTX"], **meta)
             return values, counts, aux
         # split walks: one launch per walk, partial statistics [splits, k, N] combined in a fixed order
@@ -1440,7 +1442,7 @@ if _IMPORTED:
             _launch(_pair_fwd)[grid](*operands, pa, pa, *part, WALK_THRESH=True, WALK_MAIN=False,
                                      WALK_NTX=False, **meta)
             thr = torch.stack([pa[:, 0].amin(0), pa[:, 1].amax(0)])
-        _launch(_pair_fwd)[grid](*operands, thr, pa, *part, WALK_THRESH=False, WALK_MAIN=True,
+        _launch(fwd)[grid](*operands, thr, pa, *part, WALK_THRESH=False, WALK_MAIN=True,
                                  WALK_NTX=False, **meta)
         lse = torch.logsumexp(pv[:, 0:2], dim=0)
         if sw["NTX"]:

@@ -149,6 +149,11 @@ if _IMPORTED:
         tl.store(g_ptr + i * N + j, acc, mask=j_ok)
 
     @triton.jit
+    def _clamp_keep_nan(e):
+        """PML's clamp of PNP's exponent to [-50, 50]; NaN stays NaN (as the CPU kernels' compares)."""
+        return tl.where(e != e, e, tl.minimum(tl.maximum(e, -50.0), 50.0))
+
+    @triton.jit
     def _pnp_ranks_kernel(s_ptr, ids_ptr, pos_ptr, out_ptr, N, P, first_row, k_inv_a: tl.float64,
                           DERIV: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr):
         """Program (row i, block of its positives k): out[i, k] = (rk[, sum sig (1 - sig) pass]) over
@@ -173,7 +178,7 @@ if _IMPORTED:
             neg = j_ok & (tl.load(ids_ptr + j, mask=j_ok, other=0.0) != own)
             on = p_ok[:, None] & neg[None, :]
             e = (sp[:, None] - sj[None, :]) * inv_a
-            sig = tl.where(on, 1.0 / (1.0 + tl.exp(tl.minimum(tl.maximum(e, -50.0), 50.0))), 0.0)
+            sig = tl.where(on, 1.0 / (1.0 + tl.exp(_clamp_keep_nan(e))), 0.0)
             rk += tl.sum(sig, axis=1)
             if DERIV:
                 passes = on & (e >= -50.0) & (e <= 50.0)
@@ -207,7 +212,7 @@ if _IMPORTED:
             coef = tl.load(coef_ptr + i * P + k, mask=k_ok, other=0.0)
             e = (sp[:, None] - sj[None, :]) * inv_a
             passes = p_ok[:, None] & neg[None, :] & (e >= -50.0) & (e <= 50.0)
-            sig = 1.0 / (1.0 + tl.exp(tl.minimum(tl.maximum(e, -50.0), 50.0)))
+            sig = 1.0 / (1.0 + tl.exp(_clamp_keep_nan(e)))
             acc += tl.sum(tl.where(passes, coef[:, None] * (sig * (1.0 - sig)), 0.0), axis=0)
         tl.store(g_ptr + i * N + j, acc, mask=j_ok)
 
