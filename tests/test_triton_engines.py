@@ -709,6 +709,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     # histograms: FastAP's of d^2 (fp32, self mode), HistogramLoss's PML bins (fp16 ref mode, chunked gradient)
     pair(torch.float32, S.LP_DISTANCE | S.HIST_SQUARED, 90, True, 1, 128, hist_nodes=11)
     pair(torch.float16, S.HIST_PML_BINS | S.POS_SUM, 80, False, 0, 300, hist_nodes=101)
+    pair(torch.float64, S.HIST_PML_BINS, 80, True, 1, 64, hist_nodes=17)  # fp64 atomic adds
     klass(torch.bfloat16, S.ROW_LSE, 10, 90, 128)
     klass(torch.float32, S.ROW_LSE | S.POOL_MAX, 3, 80, 128)
     klass(torch.float32, S.COL_POS_LSE | S.COL_NEG_LSE, 1, 80, 300)

@@ -16,7 +16,7 @@
 // Histograms (loss_spec.h hist_nodes; never with mining or NTXent, so never deferred): in the main
 //   walk each kept pair adds its two pulses to its row's nodes; thread h = 0 of a row adds into the
 //   value rows, h = 1 into a scratch copy that the glue adds to them afterwards (both zeroed by the
-//   glue): every node has one writer. The backward adds the pulses' slope (hist_grad).
+//   glue): every node has one writer. The backward adds the pulses' slope (hist_dv).
 // Backward: the same tiles are recomputed (same tile_dot call, so bitwise the same S and the same
 // mining decisions), G = dL/dS is formed from the saved row statistics and accumulated into the
 // rows this CTA owns:

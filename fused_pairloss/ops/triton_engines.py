@@ -692,9 +692,9 @@ if _IMPORTED:
     @triton.jit
     def _hist_add(hb, N, NODES, ra, wa, wb, ok_a, ok_b, keep, rmask):
         """Add the kept pairs' pulses of a tile to their rows' histogram (node k at hb + k N, hb the
-        rows' pointers; slots zeroed by the host). Only nodes some pair reaches are visited. Atomic adds: the slots are
-        this program's alone (or its split's), so no other program races them; atomics only keep
-        the adds of one program's threads from racing each other."""
+        rows' pointers; slots zeroed by the host), visiting only the nodes some pair reaches. Atomic
+        adds: the slots are this program's alone (or its split's), so no other program races them;
+        the atomics keep the adds of one program's threads from racing each other."""
         a = keep & ok_a
         b = keep & ok_b
         lo = tl.minimum(tl.min(tl.where(a, ra, NODES)), tl.min(tl.where(b, ra + 1, NODES)))
