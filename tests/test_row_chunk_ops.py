@@ -101,6 +101,18 @@ def _both(ops, q, labels, grad, args):
     return op(q, labels, *args), backward_op(grad, q, labels, *args)
 
 
+def _check_kernels_against_pytorch_chunks(module, ops, q, labels, grad, args, monkeypatch, what):
+    """The loss op's rows and gradient through its row kernels against its PyTorch chunks, under
+    the kit's rule (truth: the PyTorch chunks in fp64)."""
+    kernels = _both(ops, q, labels, grad, args)
+    with monkeypatch.context() as m:
+        m.setattr(module, "_native_chunks", lambda qa: False)
+        same_dtype = _both(ops, q, labels, grad, args)
+        truth = _both(ops, q.double(), labels, grad.double(), args)
+    for j, part in enumerate(("rows", "grad")):
+        kit.check_close(kernels[j], truth[j], same_dtype[j], what=f"{what} {part}")
+
+
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("name", list(RANKING_OPS))
@@ -116,13 +128,8 @@ def test_row_kernels_match_the_pytorch_chunks(name, dtype, monkeypatch):
             labels = labels.clone()
             labels[:3] = labels[3]
             labels[-1] = 1000
-        native = _both(ops, q, labels, grad, arg_list[k])
-        with monkeypatch.context() as m:
-            m.setattr(module, "_native_chunks", lambda qa: False)
-            same_dtype = _both(ops, q, labels, grad, arg_list[k])
-            truth = _both(ops, q.double(), labels, grad.double(), arg_list[k])
-        for j, what in enumerate(("rows", "grad")):
-            kit.check_close(native[j], truth[j], same_dtype[j], what=f"{name} {classes}x{per_class} {what}")
+        _check_kernels_against_pytorch_chunks(module, ops, q, labels, grad, arg_list[k], monkeypatch,
+                                              f"{name} {classes}x{per_class}")
 
 
 @needs_native
@@ -303,13 +310,8 @@ def test_gpu_row_kernels_match_the_pytorch_chunks(name, dtype, monkeypatch):
     for k, (classes, per_class) in enumerate(((5, 5), (33, 2), (16, 8))):
         q, labels, grad = (t.cuda() for t in _ranking_case(classes, per_class, dtype, seed=classes))
         assert module._native_chunks(q)
-        native = _both(ops, q, labels, grad, arg_list[k])
-        with monkeypatch.context() as m:
-            m.setattr(module, "_native_chunks", lambda qa: False)
-            same_dtype = _both(ops, q, labels, grad, arg_list[k])
-            truth = _both(ops, q.double(), labels, grad.double(), arg_list[k])
-        for j, what in enumerate(("rows", "grad")):
-            kit.check_close(native[j], truth[j], same_dtype[j], what=f"{name} {classes}x{per_class} {what}")
+        _check_kernels_against_pytorch_chunks(module, ops, q, labels, grad, arg_list[k], monkeypatch,
+                                              f"{name} {classes}x{per_class}")
     # the ops' CUDA kernels (schema, fake kernel) on a chunk, as test_row_kernel_ops on the CPU
     S = (q[2:7] @ q.t()).contiguous()
     if name == "smoothap":
