@@ -35,7 +35,6 @@ except Exception:  # ImportError, or a broken triton install
     _IMPORTED = False
 
 AVAILABLE = False
-EXPONENT_CLAMP = 50.0  # PML's PNPLoss clamps the sigmoid's exponent to [-50, 50]
 
 __all__ = ["AVAILABLE", "smooth_ap_chunk_ranks", "smooth_ap_chunk_grad", "pnp_chunk_ranks", "pnp_chunk_grad"]
 
