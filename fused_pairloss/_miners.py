@@ -19,6 +19,8 @@ over the same triplets in the all-triplets op without reading the list.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning.utils import common_functions as c_f
@@ -277,12 +279,26 @@ def triplet_window(miner_margin, type_of_triplets):
             "easy": (m, float("inf"))}[type_of_triplets]
 
 
-def margin_windows(miner):
+def margin_windows(miner, distance=None):
     """A PairMarginMiner's kept pairs as keep windows (pos_window, neg_window) on v (PairLossSpec):
     d > pos_margin and d < neg_margin for a distance, S < pos_margin and S > neg_margin for a
-    similarity (PML flips the comparisons for an inverted distance)."""
+    similarity (PML flips the comparisons for an inverted distance).
+
+    `distance` ("lp" / "cosine", default the miner's own): the windows on that v. PML's normalized
+    LpDistance() and CosineSimilarity() measure unit rows, where d^2 = 2 - 2 S, so either's margins
+    move to the other's v: d > m is S < 1 - m^2 / 2 (m >= 0), d < m is S > 1 - m^2 / 2 (m > 0),
+    S < m is d > sqrt(2 - 2 m) (m <= 1), S > m is d < sqrt(2 - 2 m) (m < 1); a margin that every
+    pair passes gives (-inf, inf), one that none passes the empty window (0, 0)."""
     inf, pos, neg = float("inf"), float(miner.pos_margin), float(miner.neg_margin)
-    return ((-inf, pos), (neg, inf)) if miner.distance.is_inverted else ((pos, inf), (-inf, neg))
+    kind = "cosine" if miner.distance.is_inverted else "lp"
+    if distance is None or distance == kind:
+        return ((-inf, pos), (neg, inf)) if kind == "cosine" else ((pos, inf), (-inf, neg))
+    everything, nothing = (-inf, inf), (0.0, 0.0)
+    if kind == "lp":  # on S
+        return ((-inf, 1 - pos * pos / 2) if pos >= 0 else everything,
+                (1 - neg * neg / 2, inf) if neg > 0 else nothing)
+    return ((math.sqrt(2 - 2 * pos), inf) if pos <= 1 else everything,  # on d
+            (-inf, math.sqrt(2 - 2 * neg)) if neg < 1 else nothing)
 
 
 class _Mined(tuple):
@@ -336,6 +352,11 @@ class MinedPairs(_Mined):
         """True when the engine mines on the cosine beside the loss's lp `distance` (MinedByEpsilon)."""
         return False
 
+    def translated(self, distance):
+        """True when the rule is moved from the miner's distance to the loss's `distance` through
+        d^2 = 2 - 2 S, which needs unit rows (the loss then checks that every row normalizes to one)."""
+        return self.on_cosine(distance)
+
     def spec_changes(self, distance):
         raise NotImplementedError
 
@@ -368,15 +389,27 @@ class MinedByEpsilon(MinedPairs):
 class MinedByMargins(MinedPairs):
     """PairMarginMiner's pairs, with its margins as the declaration's keep windows on v (d or S):
     positives kept where d > pos_margin (S < pos_margin), negatives where d < neg_margin
-    (S > neg_margin), strict and NaN-dropping as PML's comparisons; with the miner's distance only."""
+    (S > neg_margin), strict and NaN-dropping as PML's comparisons. With the miner's distance, or
+    PML's normalized LpDistance() beside a cosine loss and CosineSimilarity() beside an lp loss, the
+    margins moved through d^2 = 2 - 2 S (margin_windows; unit rows)."""
 
     def __new__(cls, pairs, miner, embeddings, labels, ref_emb, ref_labels):
         out = super().__new__(cls, pairs, miner, embeddings, labels, ref_emb, ref_labels)
-        out.windows = margin_windows(miner)
+        out.windows = {d: margin_windows(miner, d) for d in ("lp", "cosine")}
         return out
 
+    def translated(self, distance):
+        from .losses._base import _distance_name
+        return {distance, _distance_name(self.distance)} == {"lp", "cosine"}
+
+    def fused_for(self, embeddings, labels, ref_emb, ref_labels, distance):
+        from .losses._base import _distance_name
+        return super().fused_for(embeddings, labels, ref_emb, ref_labels,
+                                 _distance_name(self.distance) if self.translated(distance) else distance)
+
     def spec_changes(self, distance):
-        return dict(pos_window=self.windows[0], neg_window=self.windows[1])
+        pos_window, neg_window = self.windows[distance]
+        return dict(pos_window=pos_window, neg_window=neg_window)
 
 
 class TripletMarginMiner(pml_miners.TripletMarginMiner):

@@ -43,9 +43,10 @@ def _pair_miner_rule(miner, distance):
     with `distance`, else None. MultiSimilarityMiner (PML's or ours) with the loss's distance, or
     with the cosine beside an lp loss (mined on -d^2 / 2 = S - 1, unit rows): PML mines against the
     memory, the self slot included, and removes the self comparisons after (exclude_after_mining).
-    PairMarginMiner (PML's or ours) with the loss's distance and no collect_stats (PML's means over
-    all pairs are not among the engine's statistics): its margins as keep windows, the self slot
-    left out (the windows are a rule on each pair alone)."""
+    PairMarginMiner (PML's or ours) with no collect_stats (PML's means over all pairs are not among
+    the engine's statistics), with the loss's distance or the other of lp and cosine (its margins
+    moved through d^2 = 2 - 2 S, unit rows: _miners.margin_windows): its margins as keep windows on
+    the loss's v, the self slot left out (the windows are a rule on each pair alone)."""
     try:
         from pytorch_metric_learning import miners as pml_miners
     except ImportError:
@@ -59,9 +60,9 @@ def _pair_miner_rule(miner, distance):
             return None
         return dict(miner_epsilon=float(miner.epsilon), miner_on_cosine=on_cosine, exclude_after_mining=True)
     if type(miner) in (pml_miners.PairMarginMiner, _miners.PairMarginMiner):
-        if miner.collect_stats or kind != distance:
+        if miner.collect_stats or kind not in ("lp", "cosine") or distance not in ("lp", "cosine"):
             return None
-        pos_window, neg_window = _miners.margin_windows(miner)
+        pos_window, neg_window = _miners.margin_windows(miner, distance)
         return dict(pos_window=pos_window, neg_window=neg_window)
     return None
 
@@ -295,12 +296,12 @@ class CrossBatchMemory(torch.nn.Module):
             hyper["exclude_after_mining"] = True
         return fn, hyper
 
-    @staticmethod
-    def _needs_unit_rows(plan):
-        """A cosine miner beside an lp loss mines on -d^2 / 2 = S - 1, which needs rows that normalize
-        to unit rows."""
-        backend = plan[0].keywords["backend"]
-        return isinstance(backend, MinedBy) and backend.changes.get("miner_on_cosine", False)
+    def _needs_unit_rows(self, plan):
+        """A miner's rule moved to the loss's other distance (a cosine MultiSimilarityMiner beside an lp
+        loss mines on -d^2 / 2 = S - 1; a PairMarginMiner's margins move through d^2 = 2 - 2 S) needs
+        rows that normalize to unit rows."""
+        return (isinstance(plan[0].keywords["backend"], MinedBy)
+                and _distance_name(self.miner.distance) != self.loss._distance_kind)
 
     def _self_slots(self, rows):
         """exclude_col of the queued rows: their memory slots (PML's rule: none for one row)."""

@@ -281,6 +281,10 @@ PAIR_MINER_CASES = {
                       lambda m: m.PairMarginMiner(1.0, 1.5)),
     "lifted+margins": (lambda m: m.GeneralizedLiftedStructureLoss(), lambda m: m.PairMarginMiner(0.8, 1.6)),
     "margin+margins": (lambda m: m.MarginLoss(0.2, beta=0.9), lambda m: m.PairMarginMiner(1.0, 1.5)),
+    # PairMarginMiner with the other distance: its margins moved through d^2 = 2 - 2 S
+    "ms+margins_lp": (lambda m: m.MultiSimilarityLoss(), lambda m: m.PairMarginMiner(1.0, 1.5)),
+    "contrastive+margins_cos": (lambda m: m.ContrastiveLoss(0.1, 1.0),
+                                lambda m: m.PairMarginMiner(0.3, -0.1, distance=Dm.CosineSimilarity())),
     # windows that hold the own slot (d = 0, S = 1): the miner counts it, the loss leaves it out
     "contrastive+margins_own_slot": (lambda m: m.ContrastiveLoss(0.1, 1.0), lambda m: m.PairMarginMiner(-0.5, 1.5)),
     "ntxent+margins_own_slot": (lambda m: m.NTXentLoss(), lambda m: m.PairMarginMiner(1.5, 0.1,
@@ -304,12 +308,17 @@ def test_pair_miner_rule_fused_against_the_memory(case, ours_miner):
     run_against_pml(ours, theirs, batches(15, masks=True), f"{case} enqueue_mask")
 
 
-def test_cosine_miner_beside_lp_loss_with_a_zero_row_is_pml_computation():
-    """A zero row stays zero under PML's normalize, so -d^2 / 2 is not S - 1 for its pairs: that step
-    is PML's computation (a zero query, then a zero row in the memory), the others fused. (The zero
-    row's d = 1 to every unit row: neg_margin off that relu kink.)"""
-    ours = fpl.CrossBatchMemory(fpl.ContrastiveLoss(0.1, 1.2), D, M, miner=fpl.miners.MultiSimilarityMiner(0.1))
-    theirs = L.CrossBatchMemory(L.ContrastiveLoss(0.1, 1.2), D, M, miner=miners.MultiSimilarityMiner(0.1))
+@pytest.mark.parametrize("case", ["contrastive+ms_cos", "ms+margins_lp"])
+def test_miner_with_the_other_distance_and_a_zero_row_is_pml_computation(case):
+    """A zero row stays zero under PML's normalize, so d^2 = 2 - 2 S fails for its pairs (a cosine
+    MultiSimilarityMiner beside an lp loss mines on -d^2 / 2 = S - 1, a PairMarginMiner's margins
+    move through it): that step is PML's computation (a zero query, then a zero row in the memory),
+    the others fused. (The zero row's d = 1 to every unit row: neg_margin off that relu kink.)"""
+    make_loss, make_miner = {
+        "contrastive+ms_cos": (lambda m: m.ContrastiveLoss(0.1, 1.2), lambda m: m.MultiSimilarityMiner(0.1)),
+        "ms+margins_lp": (lambda m: m.MultiSimilarityLoss(), lambda m: m.PairMarginMiner(1.0, 1.5))}[case]
+    ours = fpl.CrossBatchMemory(make_loss(fpl.losses), D, M, miner=make_miner(fpl.miners))
+    theirs = L.CrossBatchMemory(make_loss(L), D, M, miner=make_miner(miners))
     data = list(batches(16))
     data[1][0][2] = 0
     seen = []

@@ -221,15 +221,16 @@ def test_gpu_triplet_miner_fused_into_triplet_loss(type_of_triplets, backend):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("miner", ["MultiSimilarityMiner", "PairMarginMiner"])
+@pytest.mark.parametrize("miner", ["MultiSimilarityMiner", "PairMarginMiner", "PairMarginMiner-cosine"])
 def test_gpu_pair_miner_rule_fused_into_pair_loss(miner, backend):
-    """The miner's rule in the GPU engines' declaration (MS epsilon, PairMargin's keep windows),
-    equal to PML's miner + loss on the same CUDA tensors."""
+    """The miner's rule in the GPU engines' declaration (MS epsilon, PairMargin's keep windows, a
+    cosine PairMarginMiner's moved to d), equal to PML's miner + loss on the same CUDA tensors."""
     x, y, _, _ = batch("self", n=300, d=32, seed=3)
     x = x.detach().cuda().requires_grad_(True)
     y = y.cuda()
-    kw = dict(pos_margin=1.2, neg_margin=1.4) if miner == "PairMarginMiner" else {}
-    mined = getattr(miners, miner)(**kw)(x, y)
+    kw = {"PairMarginMiner": dict(pos_margin=1.2, neg_margin=1.4),
+          "PairMarginMiner-cosine": dict(pos_margin=0.2, neg_margin=-0.1, distance=CosineSimilarity())}.get(miner, {})
+    mined = getattr(miners, miner.split("-")[0])(**kw)(x, y)
     loss = fpl.ContrastiveLoss(backend=backend)
     loss.ENGINE_PAIR_FRACTION = 0  # the engine whatever the number of mined pairs
     assert loss._fused_with_miner_rule(x, y, mined, None, None) is not None
@@ -263,23 +264,33 @@ MS_FUSED_CASES += [("margins",) + case[1:] for case in MS_FUSED_CASES]
 # the MS miner's default CosineSimilarity() beside a loss's LpDistance(): mined on -d^2 / 2 = S - 1
 MS_FUSED_CASES += [("ms", loss, mode, "cosine_miner_lp") for loss, kws in MS_FUSED_LOSSES.items()
                    for mode in ("self", "ref") if kws[1] is not None]
+# PairMarginMiner's default LpDistance() beside a cosine loss, CosineSimilarity() beside an lp loss:
+# its margins moved through d^2 = 2 - 2 S
+MS_FUSED_CASES += [("margins", loss, mode, other) for loss, kws in MS_FUSED_LOSSES.items() for mode in ("self", "ref")
+                   for other, kw in zip(("lp_miner_cosine", "cosine_miner_lp"), kws)
+                   if kw is not None and not (loss == "ThresholdConsistentMarginLoss" and mode == "ref")]
 PAIR_MINERS = {  # (miner, kwargs): margins that cut both sets of the test batch (d about 1.4 +- 0.4)
     ("ms", "cosine"): ("MultiSimilarityMiner", dict(epsilon=0.1, distance=CosineSimilarity())),
     ("ms", "lp"): ("MultiSimilarityMiner", dict(epsilon=0.1, distance=LpDistance())),
     ("ms", "cosine_miner_lp"): ("MultiSimilarityMiner", dict(epsilon=0.1, distance=CosineSimilarity())),
     ("margins", "cosine"): ("PairMarginMiner", dict(pos_margin=0.2, neg_margin=-0.1, distance=CosineSimilarity())),
     ("margins", "lp"): ("PairMarginMiner", dict(pos_margin=1.2, neg_margin=1.5, distance=LpDistance())),
+    ("margins", "lp_miner_cosine"): ("PairMarginMiner", dict(pos_margin=1.2, neg_margin=1.5)),
+    ("margins", "cosine_miner_lp"): ("PairMarginMiner", dict(pos_margin=0.2, neg_margin=-0.1,
+                                                             distance=CosineSimilarity())),
 }
+# the loss's own distance in each case of MS_FUSED_CASES (its kwargs in MS_FUSED_LOSSES)
+LOSS_DISTANCE = {"cosine": "cosine", "lp": "lp", "cosine_miner_lp": "lp", "lp_miner_cosine": "cosine"}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("miner,loss,mode,distance", MS_FUSED_CASES)
 def test_pair_miner_rule_fused_into_pair_losses(miner, loss, mode, distance, dtype, monkeypatch):
     """Our MultiSimilarityMiner's or PairMarginMiner's pairs given to a pair loss with the miner's
-    distance (or a cosine MS miner beside an lp loss): the miner's rule in the loss's engine (the
-    list is not read), equal to PML's miner + loss (values and gradients; fp64 PML the truth, PML in
-    the dtype the reference)."""
-    kw = MS_FUSED_LOSSES[loss][0 if distance == "cosine" else 1]
+    distance (or a cosine MS miner beside an lp loss, a PairMarginMiner with the other of lp and
+    cosine): the miner's rule in the loss's engine (the list is not read), equal to PML's miner +
+    loss (values and gradients; fp64 PML the truth, PML in the dtype the reference)."""
+    kw = MS_FUSED_LOSSES[loss][0 if LOSS_DISTANCE[distance] == "cosine" else 1]
     miner_name, miner_kw = PAIR_MINERS[miner, distance]
     x, y, r, ry = batch(mode, seed=11, dtype=dtype)
     params = [x] if r is None else [x, r]
@@ -340,6 +351,47 @@ def test_cosine_miner_beside_lp_loss_with_a_zero_row_reads_the_list():
     x[3] = 1  # the same call without the zero row: the rule in the engine
     mined = miners.MultiSimilarityMiner(0.1)(x, y)
     assert ours._fused_with_miner_rule(x, y, mined, None, None) is not None
+
+
+def test_lp_margin_miner_beside_cosine_loss_with_a_zero_row_reads_the_list():
+    """PairMarginMiner's LpDistance() margins move to S through d^2 = 2 - 2 S, which a zero row
+    (zero after normalization) breaks: the cosine loss reads the list there, equal to PML."""
+    x, y, _, _ = batch("self", seed=13)
+    x = x.detach().clone()
+    x[3] = 0
+    ours = fpl.MultiSimilarityLoss()
+    ours.ENGINE_PAIR_FRACTION = 0
+    for zero_row in (True, False):
+        mined, listed = miners.PairMarginMiner(1.2, 1.5)(x, y), pml_miners.PairMarginMiner(1.2, 1.5)(x, y)
+        assert (ours._fused_with_miner_rule(x, y, mined, None, None) is None) == zero_row
+        check_close(ours(x, y, mined), pml_losses.MultiSimilarityLoss()(x, y, listed), what=f"zero row {zero_row}")
+        x[3] = 1
+
+
+@pytest.mark.parametrize("miner_distance", ["lp", "cosine"])
+def test_margins_moved_to_the_other_distance_keep_pmls_pairs(miner_distance):
+    """margin_windows on the other distance's v, every case of its margins (passed by all pairs, by
+    none, in between), against PML's miner on unit rows: a pair is in the moved window iff PML kept
+    it (fp64, off the thresholds)."""
+    from fused_pairloss._miners import margin_windows
+    x, y, _, _ = batch("self", n=64, d=8, seed=15, dtype=torch.float64)
+    q = torch.nn.functional.normalize(x.detach(), dim=1)
+    s = q @ q.t()
+    d = (2 - 2 * s).clamp_min(0).sqrt()
+    same, other = y[:, None] == y[None, :], y[:, None] != y[None, :]
+    same.fill_diagonal_(False)
+    v = s if miner_distance == "lp" else d  # the loss's v
+    margins = ((-0.5, 0.0), (0.0, 1.1), (1.2, 1.5), (2.5, 3.0)) if miner_distance == "lp" else \
+        ((1.5, 1.2), (1.0, 0.9), (0.2, -0.1), (-1.5, -2.0))
+    for pos_margin, neg_margin in margins:
+        dist = LpDistance() if miner_distance == "lp" else CosineSimilarity()
+        miner = pml_miners.PairMarginMiner(pos_margin, neg_margin, distance=dist)
+        a1, p, a2, n = miner(x, y)
+        (plo, phi), (nlo, nhi) = margin_windows(miner, "cosine" if miner_distance == "lp" else "lp")
+        kept_pos = same & (v > plo) & (v < phi)
+        kept_neg = other & (v > nlo) & (v < nhi)
+        assert torch.equal(torch.stack(torch.where(kept_pos)), torch.stack((a1, p))), (pos_margin, neg_margin)
+        assert torch.equal(torch.stack(torch.where(kept_neg)), torch.stack((a2, n))), (pos_margin, neg_margin)
 
 
 def test_few_mined_pairs_are_read_from_the_list():

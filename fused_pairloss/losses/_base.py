@@ -215,7 +215,8 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
     def _fused_with_miner_rule(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """Our MultiSimilarityMiner's or PairMarginMiner's pairs (fused_pairloss._miners.MinedPairs) on
         the inputs they were mined from, with the loss's distance (or a cosine MultiSimilarityMiner
-        beside PML's normalized LpDistance()), when the miner kept at least ENGINE_PAIR_FRACTION of the
+        beside PML's normalized LpDistance(), a PairMarginMiner with the other of LpDistance() and
+        CosineSimilarity(): MinedPairs.translated), when the miner kept at least ENGINE_PAIR_FRACTION of the
         pairs: the loss's fused call with the miner's rule in its engine (the list is not read); None
         otherwise."""
         if (not self._fuses_pair_miners or not hasattr(indices_tuple, "spec_changes")
@@ -234,9 +235,8 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
         if ref_emb is not None and ref_labels is None:
             ref_labels = indices_tuple.ref_labels
         V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
-        on_cosine = indices_tuple.on_cosine(self._distance_kind)
-        if on_cosine and _has_short_row(embeddings, ref_emb):
-            return None  # -d^2 / 2 = S - 1 needs unit rows; F.normalize leaves a row of norm <= eps short
+        if indices_tuple.translated(self._distance_kind) and _has_short_row(embeddings, ref_emb):
+            return None  # d^2 = 2 - 2 S needs unit rows; F.normalize leaves a row of norm <= eps short
         mined_by = MinedBy(backend, indices_tuple.spec_changes(self._distance_kind))
         loss = fused_fn(embeddings, labels, ref_emb, ref_labels, backend=mined_by, **self._listed_hyper())
         # NaN in, NaN out also through the miner's comparisons (which drop a NaN pair, as PML's)
