@@ -121,6 +121,13 @@ TORCH_LIBRARY(fused_pairloss, m) {
   m.def(
       "row_extremes(Tensor q, Tensor r, Tensor labels_q, Tensor labels_r, Tensor exclude_col, bool lp, "
       "bool pos_largest, bool neg_largest) -> (Tensor pos_u, Tensor pos_index, Tensor neg_u, Tensor neg_index)");
+  // MultiSimilarityMiner's order (fused_pairloss/_miners.py): the entries of values where keep holds,
+  // row after row, each row's in ascending order of their values (stable: columns ascending among
+  // equal values), as (rows, columns); per row their number and whether two of them have equal
+  // values. No gradient (mining).
+  m.def(
+      "ascending_kept_columns(Tensor values, Tensor keep) -> (Tensor rows, Tensor columns, Tensor counts, "
+      "Tensor tied)");
   // Smooth-AP's cubic part on a chunk of rows of S (fused_pairloss/losses/smooth_ap.py): per anchor
   // row first_row + i, over the p of its block of `block` consecutive columns, the ranks of s_p
   // among the row (all columns) and among the block by sigmoids of temperature t: AP per row; and

@@ -11,6 +11,9 @@ differently from PML (docs/semantics.md "Miners").
 
 BatchHardMiner and BatchEasyHardMiner with the hard / easy strategies (no ranges) on CPU take each
 row's extremes from the C++ op row_extremes (the engines' distances, strip by strip).
+MultiSimilarityMiner on CPU sorts only the pairs it keeps, with the C++ op ascending_kept_columns
+(PML sorts both sets' whole rows): the same order, as long as two kept values of a row are not
+equal; such a row is sorted as PML does.
 
 TripletMarginMiner lists its triplets per anchor and positive (O(N P M) work, P the positives of a
 row; PML builds the N x M x M candidate mask) and returns them as a `MinedTriplets`: PML's tuple,
@@ -115,16 +118,64 @@ class PairMarginMiner(pml_miners.PairMarginMiner):
 class MultiSimilarityMiner(pml_miners.MultiSimilarityMiner):
     __doc__ = "PML's MultiSimilarityMiner, mined in chunks of rows (fused_pairloss._miners)."
 
+    def _hard_pairs_in_order(self, order_op, mat, matches, diffs, diagonal):
+        """PML's hard positives and negatives of a chunk of finite values, each row's in PML's order,
+        sorting only the kept entries (order_op: the op ascending_kept_columns) and, where two kept
+        values of a row are equal (torch.sort orders those its own way), that row as PML does: each
+        row's hardest negative and positive by a masked max / min, PML's comparisons on the unsorted
+        values. Returns [(rows, columns) of the positives, (rows, columns) of the negatives]."""
+        eps, inf = self.epsilon, float("inf")
+        # PML's sets: a sorted row ignores the other set's pairs (and the diagonal when ref_emb is
+        # embeddings), so with ref_labels labels and another ref_emb its diagonal is in both
+        pos_in, neg_in = ~diffs, ~matches
+        if diagonal is not None:
+            pos_in[diagonal] = False
+            neg_in[diagonal] = False
+        if self.distance.is_inverted:  # S: the hardest negative is the largest, the hardest positive the smallest
+            pos_ignore, neg_ignore = inf, -inf
+            hardest_neg = mat.masked_fill(~neg_in, neg_ignore).amax(1, keepdim=True)
+            hardest_pos = mat.masked_fill(~pos_in, pos_ignore).amin(1, keepdim=True)
+            pos_rule = lambda v, hn, hp: v - eps < hn  # noqa: E731
+            neg_rule = lambda v, hn, hp: v + eps > hp  # noqa: E731
+        else:
+            pos_ignore, neg_ignore = -inf, inf
+            hardest_neg = mat.masked_fill(~neg_in, neg_ignore).amin(1, keepdim=True)
+            hardest_pos = mat.masked_fill(~pos_in, pos_ignore).amax(1, keepdim=True)
+            pos_rule = lambda v, hn, hp: v + eps > hn  # noqa: E731
+            neg_rule = lambda v, hn, hp: v - eps < hp  # noqa: E731
+        out = []
+        for members, ignore, rule in ((pos_in, pos_ignore, pos_rule), (neg_in, neg_ignore, neg_rule)):
+            rows, columns, counts, tied = order_op(mat, members & rule(mat, hardest_neg, hardest_pos))
+            tied = torch.nonzero(tied).flatten()
+            if len(tied):  # PML's sort of those rows: the same kept columns, in torch.sort's order
+                sorted_v, sorted_i = torch.sort(mat[tied].masked_fill(~members[tied], ignore), dim=1)
+                row, at = torch.where(rule(sorted_v, hardest_neg[tied], hardest_pos[tied]))
+                start = torch.cumsum(counts, 0) - counts  # of each row's entries
+                first_of_row = torch.cumsum(counts[tied], 0) - counts[tied]  # in `row`
+                columns[start[tied[row]] + torch.arange(len(row)) - first_of_row[row]] = sorted_i[row, at]
+            out.append((rows, columns))
+        return out
+
     def mine(self, embeddings, labels, ref_emb, ref_labels):
+        from .ops.triplets import ascending_kept_columns_op
         rows = _Rows(self, embeddings, labels, ref_emb, ref_labels)
         n_pos, n_neg = rows.pair_totals()
         if n_pos == 0 or n_neg == 0:
             return MinedByEpsilon(tuple(_empty(labels.device) for _ in range(4)), self, embeddings, labels, ref_emb,
                                   ref_labels)
         inverted = self.distance.is_inverted
+        order_op = ascending_kept_columns_op(embeddings.device)
         out = [[], [], [], []]
         for i0, i1 in _row_chunks(rows.N, rows.M, rows.M, CHUNK_ELEMENTS):
             mat, matches, diffs = rows.chunk(i0, i1)
+            if order_op is not None and mat.dtype in (torch.float32, torch.float64) and bool(mat.isfinite().all()):
+                pairs = self._hard_pairs_in_order(order_op, mat, matches, diffs,
+                                                  rows.diagonal(i0, i1) if rows.self_emb else None)
+                for k, (r, c) in enumerate(pairs):
+                    out[2 * k].append(r + i0)
+                    out[2 * k + 1].append(c)
+                continue
+            # PML's steps (on other devices and dtypes, and for chunks with a non-finite value)
             dtype = mat.dtype
             pos_ignore = c_f.pos_inf(dtype) if inverted else c_f.neg_inf(dtype)
             neg_ignore = c_f.neg_inf(dtype) if inverted else c_f.pos_inf(dtype)

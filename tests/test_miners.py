@@ -173,6 +173,82 @@ def test_row_extremes_opcheck():
                               (q, r, lq, lr, torch.full((9,), -1), lp, *largest))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("values", ["random", "ties", "nonfinite"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("distance", [CosineSimilarity(), LpDistance()], ids=["cosine", "lp"])
+def test_ms_miner_order_equals_pml(distance, mode, values, dtype, small_chunks, monkeypatch):
+    """MultiSimilarityMiner sorts only each row's kept pairs (the op ascending_kept_columns) and
+    sorts a row as PML does where two kept values are equal (on a grid of multiples of 1/4, where
+    torch.sort orders ties its own way), or a chunk with a NaN or inf: PML's tuple, bitwise."""
+    from fused_pairloss.ops import triplets
+    if triplets.ascending_kept_columns_op(torch.device("cpu")) is None:
+        pytest.skip("fused_pairloss._C (the CPU kernels) not built")
+    x, y, r, ry = batch(mode, n=96, d=6, dtype=dtype)
+    x = x.detach()
+    if values == "ties":
+        x, r = (x * 4).round() / 4, None if r is None else (r.detach() * 4).round() / 4
+        x[(x == 0).all(1)] = 1  # no zero row: its cosines would all tie at 0
+        if r is not None:
+            r[(r == 0).all(1)] = 1
+    if values == "nonfinite":
+        x[5, 2] = float("nan")
+        x[50, 1] = float("inf")
+    seen = {"tied": 0, "ordered": 0}
+    order = triplets.ascending_kept_columns_op(torch.device("cpu"))
+
+    def spy(*args):
+        out = order(*args)
+        seen["ordered"] += 1
+        seen["tied"] += int(out[3].sum())
+        return out
+
+    monkeypatch.setattr(triplets, "ascending_kept_columns_op", lambda device: spy)
+    ours = miners.MultiSimilarityMiner(0.1, distance=distance)(x, y, r, ry)
+    theirs = pml_miners.MultiSimilarityMiner(0.1, distance=distance)(x, y, r, ry)
+    assert values == "nonfinite" or (len(theirs[0]) and len(theirs[2])), "the miner keeps pairs of both sets"
+    for k, (a, b) in enumerate(zip(ours, theirs)):
+        assert torch.equal(a, b), f"element {k}"
+    n_chunks = len(_miners._row_chunks(len(x), len(x if r is None else r), len(x if r is None else r),
+                                       _miners.CHUNK_ELEMENTS))
+    if values == "nonfinite":  # a chunk with a NaN or an inf: PML's steps (every chunk in self mode)
+        assert seen["ordered"] == (0 if r is None else 2 * (n_chunks - 2))
+    else:
+        assert seen["ordered"] == 2 * n_chunks
+        assert (seen["tied"] > 0) == (values == "ties")
+
+
+def test_ascending_kept_columns_op():
+    from fused_pairloss.ops import triplets
+    op = triplets.ascending_kept_columns_op(torch.device("cpu"))
+    if op is None:
+        pytest.skip("fused_pairloss._C (the CPU kernels) not built")
+    g = torch.Generator().manual_seed(16)
+    for dtype, n_cols in ((torch.float32, 300), (torch.float64, 300), (torch.float32, 20)):
+        v = (torch.randn(9, n_cols, generator=g, dtype=torch.float64) * 8).round().to(dtype) / 8  # ties
+        v[0, :4] = torch.tensor([0.0, -0.0, 0.0, -0.0], dtype=dtype)  # -0.0 == +0.0: a tie
+        keep = torch.rand(9, n_cols, generator=g) < 0.7
+        keep[0, :4] = True
+        keep[3] = False  # a row without an entry
+        rows, cols, counts, tied = op(v, keep)
+        assert torch.equal(counts, keep.sum(1))
+        # stable: columns ascending among equal values; -0.0 just below +0.0 (a tie the caller redoes)
+        by = torch.where((v == 0) & torch.signbit(v), torch.full_like(v, -1e-30), v)
+        for i in range(9):
+            listed = torch.nonzero(keep[i]).flatten()
+            expect = listed[torch.sort(by[i, listed], stable=True)[1]]
+            mine = cols[rows == i]
+            assert torch.equal(mine, expect), i
+            sorted_v = v[i, mine]
+            assert bool(tied[i]) == bool((sorted_v[1:] == sorted_v[:-1]).any()), i
+        assert bool(tied[0])
+        torch.library.opcheck(torch.ops.fused_pairloss.ascending_kept_columns.default, (v, keep))
+    with pytest.raises(RuntimeError, match="keep must be a bool tensor"):
+        op(torch.zeros(2, 3), torch.zeros(2, 3))
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        op(torch.zeros(2, 3, dtype=torch.float16), torch.zeros(2, 3, dtype=torch.bool))
+
+
 @pytest.mark.parametrize("strategies", [("hard", "hard"), ("easy", "easy"), ("hard", "easy"), ("easy", "hard")])
 def test_batch_miner_kernel_equals_pml_on_ties(strategies):
     """The C++ row extremes against PML with repeated rows (8 distinct ones): the first column of a

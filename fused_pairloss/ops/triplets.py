@@ -417,6 +417,7 @@ def _register_native():
     _register_pair("fused_pairloss::triplet_bins_engine_forward", "fused_pairloss::triplet_bins_engine_backward",
                    *BINS_SCHEMA)
     torch.library.register_fake("fused_pairloss::row_extremes")(_fake_row_extremes)
+    torch.library.register_fake("fused_pairloss::ascending_kept_columns")(_fake_ascending_kept_columns)
     return frozenset(["cpu"] + (["cuda"] if _extension.has_kernel("triplet_engine_forward", "CUDA") else []))
 
 
@@ -424,6 +425,18 @@ def _fake_row_extremes(q, r, labels_q, labels_r, exclude_col, lp, pos_largest, n
     n, A = q.shape[0], stat_dtype(q.dtype)
     return (q.new_empty((n,), dtype=A), q.new_empty((n,), dtype=torch.int64), q.new_empty((n,), dtype=A),
             q.new_empty((n,), dtype=torch.int64))
+
+
+def _fake_ascending_kept_columns(values, keep):
+    n, listed = values.shape[0], torch.library.get_ctx().new_dynamic_size()
+    return (values.new_empty((listed,), dtype=torch.int64), values.new_empty((listed,), dtype=torch.int64),
+            values.new_empty((n,), dtype=torch.int64), values.new_empty((n,), dtype=torch.bool))
+
+
+def ascending_kept_columns_op(device):
+    """The C++ op that orders MultiSimilarityMiner's pairs of a row (csrc/cpu/kept_order_cpu.cpp) for
+    tensors on `device` (CPU tensors, when built), else None."""
+    return torch.ops.fused_pairloss.ascending_kept_columns if row_extremes_op(device) is not None else None
 
 
 def row_extremes_op(device):
