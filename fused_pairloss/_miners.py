@@ -455,6 +455,8 @@ class MinedByMargins(MinedPairs):
 
     def fused_for(self, embeddings, labels, ref_emb, ref_labels, distance):
         from .losses._base import _distance_name
+        if any(b != b for w in self.windows["lp"] for b in w):  # a NaN margin (PML keeps no pair): the list
+            return False
         return super().fused_for(embeddings, labels, ref_emb, ref_labels,
                                  _distance_name(self.distance) if self.translated(distance) else distance)
 

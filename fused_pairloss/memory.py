@@ -60,7 +60,9 @@ def _pair_miner_rule(miner, distance):
             return None
         return dict(miner_epsilon=float(miner.epsilon), miner_on_cosine=on_cosine, exclude_after_mining=True)
     if type(miner) in (pml_miners.PairMarginMiner, _miners.PairMarginMiner):
-        if miner.collect_stats or kind not in ("lp", "cosine") or distance not in ("lp", "cosine"):
+        margins = (float(miner.pos_margin), float(miner.neg_margin))
+        if (miner.collect_stats or kind not in ("lp", "cosine") or distance not in ("lp", "cosine")
+                or any(m != m for m in margins)):  # a NaN margin: PML keeps no pair
             return None
         pos_window, neg_window = _miners.margin_windows(miner, distance)
         return dict(pos_window=pos_window, neg_window=neg_window)
@@ -153,14 +155,17 @@ class CrossBatchMemory(torch.nn.Module):
 
     Fused (no B x M matrix; the memory's gradient pass skipped) when `loss` is one of this
     library's pair losses computed by a fused backend and `miner` is None, or a
-    MultiSimilarityMiner(epsilon) (PML's or ours, with the loss's distance) for a pair loss that
+    MultiSimilarityMiner(epsilon) (PML's or ours) for a pair loss that
     fuses our miners' rules (MultiSimilarity, Circle, NTXent, SupCon, Contrastive,
     GeneralizedLiftedStructure, Margin): PML mines against the memory, the self slot included, and
     removes the self comparisons afterwards; the fused engine does the same (the declaration's
     `exclude_after_mining`). A MultiSimilarityLoss(miner_epsilon=e) here means the same as
-    miner=MultiSimilarityMiner(e). Or a PairMarginMiner (PML's or ours, the loss's distance, no
-    collect_stats) for those losses: its margins as the declaration's keep windows, the self slot
-    left out (a rule on each pair alone). Or a TripletMarginMiner (PML's or ours, with the loss's
+    miner=MultiSimilarityMiner(e). Or a PairMarginMiner (PML's or ours, no collect_stats) for those
+    losses: its margins as the declaration's keep windows, the self slot left out (a rule on each
+    pair alone). A miner with the other of LpDistance() and CosineSimilarity() than the loss is
+    fused too (MultiSimilarityMiner's cosine beside an lp loss mined on -d^2 / 2 = S - 1,
+    PairMarginMiner's margins moved through d^2 = 2 - 2 S); a step with a row that does not
+    normalize to a unit row is then PML's computation. Or a TripletMarginMiner (PML's or ours, with the loss's
     distance) for a TripletMarginLoss: its window on the triplet margin in the all-triplets op, the
     self slot left out of the positives.
     Any other miner, an explicit indices_tuple, a PML loss object, or the reference backend: PML's

@@ -313,10 +313,11 @@ def test_miner_with_the_other_distance_and_a_zero_row_is_pml_computation(case):
     """A zero row stays zero under PML's normalize, so d^2 = 2 - 2 S fails for its pairs (a cosine
     MultiSimilarityMiner beside an lp loss mines on -d^2 / 2 = S - 1, a PairMarginMiner's margins
     move through it): that step is PML's computation (a zero query, then a zero row in the memory),
-    the others fused. (The zero row's d = 1 to every unit row: neg_margin off that relu kink.)"""
+    the others fused. (The zero row's d = 1 to every unit row: ContrastiveLoss's neg_margin and the
+    PairMarginMiner's margins off it.)"""
     make_loss, make_miner = {
         "contrastive+ms_cos": (lambda m: m.ContrastiveLoss(0.1, 1.2), lambda m: m.MultiSimilarityMiner(0.1)),
-        "ms+margins_lp": (lambda m: m.MultiSimilarityLoss(), lambda m: m.PairMarginMiner(1.0, 1.5))}[case]
+        "ms+margins_lp": (lambda m: m.MultiSimilarityLoss(), lambda m: m.PairMarginMiner(1.1, 1.5))}[case]
     ours = fpl.CrossBatchMemory(make_loss(fpl.losses), D, M, miner=make_miner(fpl.miners))
     theirs = L.CrossBatchMemory(make_loss(L), D, M, miner=make_miner(miners))
     data = list(batches(16))

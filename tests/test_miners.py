@@ -444,6 +444,19 @@ def test_lp_margin_miner_beside_cosine_loss_with_a_zero_row_reads_the_list():
         x[3] = 1
 
 
+@pytest.mark.parametrize("margins", [(float("nan"), 1.5), (1.2, float("nan"))])
+def test_nan_margin_is_read_from_the_list(margins):
+    """A NaN margin keeps no pair of its set in PML (every comparison with NaN is false): not a keep
+    window, the list is read (with the miner's distance or moved to the other), equal to PML."""
+    x, y, _, _ = batch("self", seed=17)
+    for loss in (fpl.ContrastiveLoss(), fpl.MultiSimilarityLoss()):
+        loss.ENGINE_PAIR_FRACTION = 0
+        mined, listed = miners.PairMarginMiner(*margins)(x, y), pml_miners.PairMarginMiner(*margins)(x, y)
+        assert loss._fused_with_miner_rule(x, y, mined, None, None) is None
+        check_close(loss(x, y, mined), getattr(pml_losses, type(loss).__name__)()(x, y, listed),
+                    what=f"{type(loss).__name__} {margins}")
+
+
 @pytest.mark.parametrize("miner_distance", ["lp", "cosine"])
 def test_margins_moved_to_the_other_distance_keep_pmls_pairs(miner_distance):
     """margin_windows on the other distance's v, every case of its margins (passed by all pairs, by

@@ -417,7 +417,8 @@ def _register_native():
     _register_pair("fused_pairloss::triplet_bins_engine_forward", "fused_pairloss::triplet_bins_engine_backward",
                    *BINS_SCHEMA)
     torch.library.register_fake("fused_pairloss::row_extremes")(_fake_row_extremes)
-    torch.library.register_fake("fused_pairloss::ascending_kept_columns")(_fake_ascending_kept_columns)
+    if _extension.has_kernel("ascending_kept_columns", "CPU"):  # not in a library built before it
+        torch.library.register_fake("fused_pairloss::ascending_kept_columns")(_fake_ascending_kept_columns)
     return frozenset(["cpu"] + (["cuda"] if _extension.has_kernel("triplet_engine_forward", "CUDA") else []))
 
 
@@ -436,7 +437,9 @@ def _fake_ascending_kept_columns(values, keep):
 def ascending_kept_columns_op(device):
     """The C++ op that orders MultiSimilarityMiner's pairs of a row (csrc/cpu/kept_order_cpu.cpp) for
     tensors on `device` (CPU tensors, when built), else None."""
-    return torch.ops.fused_pairloss.ascending_kept_columns if row_extremes_op(device) is not None else None
+    if row_extremes_op(device) is None or not _extension.has_kernel("ascending_kept_columns", "CPU"):
+        return None
+    return torch.ops.fused_pairloss.ascending_kept_columns
 
 
 def row_extremes_op(device):
