@@ -447,6 +447,7 @@ class MinedByMargins(MinedPairs):
     def __new__(cls, pairs, miner, embeddings, labels, ref_emb, ref_labels):
         out = super().__new__(cls, pairs, miner, embeddings, labels, ref_emb, ref_labels)
         out.windows = {d: margin_windows(miner, d) for d in ("lp", "cosine")}
+        out.margins = (float(miner.pos_margin), float(miner.neg_margin))
         return out
 
     def translated(self, distance):
@@ -455,7 +456,7 @@ class MinedByMargins(MinedPairs):
 
     def fused_for(self, embeddings, labels, ref_emb, ref_labels, distance):
         from .losses._base import _distance_name
-        if any(b != b for w in self.windows["lp"] for b in w):  # a NaN margin (PML keeps no pair): the list
+        if any(m != m for m in self.margins):  # a NaN margin (PML keeps no pair of its set): the list
             return False
         return super().fused_for(embeddings, labels, ref_emb, ref_labels,
                                  _distance_name(self.distance) if self.translated(distance) else distance)

@@ -444,14 +444,16 @@ def test_lp_margin_miner_beside_cosine_loss_with_a_zero_row_reads_the_list():
         x[3] = 1
 
 
+@pytest.mark.parametrize("distance", [LpDistance(), CosineSimilarity()], ids=["lp", "cosine"])
 @pytest.mark.parametrize("margins", [(float("nan"), 1.5), (1.2, float("nan"))])
-def test_nan_margin_is_read_from_the_list(margins):
+def test_nan_margin_is_read_from_the_list(margins, distance):
     """A NaN margin keeps no pair of its set in PML (every comparison with NaN is false): not a keep
     window, the list is read (with the miner's distance or moved to the other), equal to PML."""
     x, y, _, _ = batch("self", seed=17)
     for loss in (fpl.ContrastiveLoss(), fpl.MultiSimilarityLoss()):
         loss.ENGINE_PAIR_FRACTION = 0
-        mined, listed = miners.PairMarginMiner(*margins)(x, y), pml_miners.PairMarginMiner(*margins)(x, y)
+        mined = miners.PairMarginMiner(*margins, distance=distance)(x, y)
+        listed = pml_miners.PairMarginMiner(*margins, distance=distance)(x, y)
         assert loss._fused_with_miner_rule(x, y, mined, None, None) is None
         check_close(loss(x, y, mined), getattr(pml_losses, type(loss).__name__)()(x, y, listed),
                     what=f"{type(loss).__name__} {margins}")
