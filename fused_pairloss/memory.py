@@ -155,19 +155,19 @@ class CrossBatchMemory(torch.nn.Module):
 
     Fused (no B x M matrix; the memory's gradient pass skipped) when `loss` is one of this
     library's pair losses computed by a fused backend and `miner` is None, or a
-    MultiSimilarityMiner(epsilon) (PML's or ours) for a pair loss that
-    fuses our miners' rules (MultiSimilarity, Circle, NTXent, SupCon, Contrastive,
-    GeneralizedLiftedStructure, Margin): PML mines against the memory, the self slot included, and
-    removes the self comparisons afterwards; the fused engine does the same (the declaration's
-    `exclude_after_mining`). A MultiSimilarityLoss(miner_epsilon=e) here means the same as
-    miner=MultiSimilarityMiner(e). Or a PairMarginMiner (PML's or ours, no collect_stats) for those
-    losses: its margins as the declaration's keep windows, the self slot left out (a rule on each
-    pair alone). A miner with the other of LpDistance() and CosineSimilarity() than the loss is
-    fused too (MultiSimilarityMiner's cosine beside an lp loss mined on -d^2 / 2 = S - 1,
-    PairMarginMiner's margins moved through d^2 = 2 - 2 S); a step with a row that does not
-    normalize to a unit row is then PML's computation. Or a TripletMarginMiner (PML's or ours, with the loss's
-    distance) for a TripletMarginLoss: its window on the triplet margin in the all-triplets op, the
-    self slot left out of the positives.
+    MultiSimilarityMiner(epsilon) (PML's or ours) for a pair loss that fuses our miners' rules
+    (MultiSimilarity, Circle, NTXent, SupCon, Contrastive, GeneralizedLiftedStructure, Margin): PML
+    mines against the memory, the self slot included, and removes the self comparisons afterwards;
+    the fused engine does the same (the declaration's `exclude_after_mining`). A
+    MultiSimilarityLoss(miner_epsilon=e) here means the same as miner=MultiSimilarityMiner(e). Or a
+    PairMarginMiner (PML's or ours, no collect_stats) for those losses: its margins as the
+    declaration's keep windows, the self slot left out (a rule on each pair alone). Each with the
+    loss's distance, and also a cosine MultiSimilarityMiner beside an lp loss (mined on
+    -d^2 / 2 = S - 1) and a PairMarginMiner with the other of LpDistance() and CosineSimilarity()
+    (its margins moved through d^2 = 2 - 2 S); in these two a step with a row that does not
+    normalize to a unit row is PML's computation. Or a TripletMarginMiner (PML's or ours, with the
+    loss's distance) for a TripletMarginLoss: its window on the triplet margin in the all-triplets
+    op, the self slot left out of the positives.
     Any other miner, an explicit indices_tuple, a PML loss object, or the reference backend: PML's
     computation (all pair indices, self comparisons removed, the loss with the indices), exact.
     On the fused paths the miner is not called but records PML's stats (`_miner_recorder`).
