@@ -118,42 +118,64 @@ class PairMarginMiner(pml_miners.PairMarginMiner):
 class MultiSimilarityMiner(pml_miners.MultiSimilarityMiner):
     __doc__ = "PML's MultiSimilarityMiner, mined in chunks of rows (fused_pairloss._miners)."
 
+    def _pml_rule(self, dtype):
+        """PML's rule (its mine()) on a chunk's rows: the value its sorted rows give the entries out of
+        the positives and out of the negatives, whether each set's hardest entry is its largest, and
+        the comparisons that keep a positive v (against the hardest negative) and a negative v
+        (against the hardest positive)."""
+        eps = self.epsilon
+        if self.distance.is_inverted:  # S: the hardest negative is the largest, the hardest positive the smallest
+            return ((c_f.pos_inf(dtype), c_f.neg_inf(dtype)), (False, True), lambda v, hn: v - eps < hn,
+                    lambda v, hp: v + eps > hp)
+        return ((c_f.neg_inf(dtype), c_f.pos_inf(dtype)), (True, False), lambda v, hn: v + eps > hn,
+                lambda v, hp: v - eps < hp)
+
+    @staticmethod
+    def _sets(matches, diffs, diagonal):
+        """PML's sets of a chunk's rows: a sorted row ignores the other set's pairs (and the diagonal
+        when ref_emb is embeddings: `diagonal`), so with ref_labels labels and another ref_emb its
+        diagonal is in both."""
+        pos_in, neg_in = ~diffs, ~matches
+        if diagonal is not None:
+            pos_in[diagonal] = False
+            neg_in[diagonal] = False
+        return pos_in, neg_in
+
     def _hard_pairs_in_order(self, order_op, mat, matches, diffs, diagonal):
         """PML's hard positives and negatives of a chunk of finite values, each row's in PML's order,
         sorting only the kept entries (order_op: the op ascending_kept_columns) and, where two kept
         values of a row are equal (torch.sort orders those its own way), that row as PML does: each
         row's hardest negative and positive by a masked max / min, PML's comparisons on the unsorted
         values. Returns [(rows, columns) of the positives, (rows, columns) of the negatives]."""
-        eps, inf = self.epsilon, float("inf")
-        # PML's sets: a sorted row ignores the other set's pairs (and the diagonal when ref_emb is
-        # embeddings), so with ref_labels labels and another ref_emb its diagonal is in both
-        pos_in, neg_in = ~diffs, ~matches
-        if diagonal is not None:
-            pos_in[diagonal] = False
-            neg_in[diagonal] = False
-        if self.distance.is_inverted:  # S: the hardest negative is the largest, the hardest positive the smallest
-            pos_ignore, neg_ignore = inf, -inf
-            hardest_neg = mat.masked_fill(~neg_in, neg_ignore).amax(1, keepdim=True)
-            hardest_pos = mat.masked_fill(~pos_in, pos_ignore).amin(1, keepdim=True)
-            pos_rule = lambda v, hn, hp: v - eps < hn  # noqa: E731
-            neg_rule = lambda v, hn, hp: v + eps > hp  # noqa: E731
-        else:
-            pos_ignore, neg_ignore = -inf, inf
-            hardest_neg = mat.masked_fill(~neg_in, neg_ignore).amin(1, keepdim=True)
-            hardest_pos = mat.masked_fill(~pos_in, pos_ignore).amax(1, keepdim=True)
-            pos_rule = lambda v, hn, hp: v + eps > hn  # noqa: E731
-            neg_rule = lambda v, hn, hp: v - eps < hp  # noqa: E731
+        ignores, largest, pos_rule, neg_rule = self._pml_rule(mat.dtype)
+        sets = self._sets(matches, diffs, diagonal)
+        pos_hardest, neg_hardest = (mat.masked_fill(~members, ignore).amax(1, keepdim=True) if top else
+                                    mat.masked_fill(~members, ignore).amin(1, keepdim=True)
+                                    for members, ignore, top in zip(sets, ignores, largest))
         out = []
-        for members, ignore, rule in ((pos_in, pos_ignore, pos_rule), (neg_in, neg_ignore, neg_rule)):
-            rows, columns, counts, tied = order_op(mat, members & rule(mat, hardest_neg, hardest_pos))
+        for members, ignore, rule, other in zip(sets, ignores, (pos_rule, neg_rule), (neg_hardest, pos_hardest)):
+            rows, columns, counts, tied = order_op(mat, members & rule(mat, other))
             tied = torch.nonzero(tied).flatten()
             if len(tied):  # PML's sort of those rows: the same kept columns, in torch.sort's order
                 sorted_v, sorted_i = torch.sort(mat[tied].masked_fill(~members[tied], ignore), dim=1)
-                row, at = torch.where(rule(sorted_v, hardest_neg[tied], hardest_pos[tied]))
+                row, at = torch.where(rule(sorted_v, other[tied]))
                 start = torch.cumsum(counts, 0) - counts  # of each row's entries
                 first_of_row = torch.cumsum(counts[tied], 0) - counts[tied]  # in `row`
                 columns[start[tied[row]] + torch.arange(len(row)) - first_of_row[row]] = sorted_i[row, at]
             out.append((rows, columns))
+        return out
+
+    def _pml_steps(self, mat, matches, diffs, diagonal):
+        """PML's steps on a chunk: both sets' whole rows sorted, the hardest at their ends. Returns
+        [(rows, columns) of the positives, (rows, columns) of the negatives]."""
+        ignores, largest, pos_rule, neg_rule = self._pml_rule(mat.dtype)
+        (pos_v, pos_i), (neg_v, neg_i) = (torch.sort(mat.masked_fill(~members, ignore), dim=1)
+                                          for members, ignore in zip(self._sets(matches, diffs, diagonal), ignores))
+        pos_hardest, neg_hardest = (v[:, -1:] if top else v[:, :1] for v, top in zip((pos_v, neg_v), largest))
+        out = []
+        for order, hard in ((pos_i, pos_rule(pos_v, neg_hardest)), (neg_i, neg_rule(neg_v, pos_hardest))):
+            row, at = torch.where(hard)
+            out.append((row, order[row, at]))
         return out
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
@@ -163,42 +185,18 @@ class MultiSimilarityMiner(pml_miners.MultiSimilarityMiner):
         if n_pos == 0 or n_neg == 0:
             return MinedByEpsilon(tuple(_empty(labels.device) for _ in range(4)), self, embeddings, labels, ref_emb,
                                   ref_labels)
-        inverted = self.distance.is_inverted
         order_op = ascending_kept_columns_op(embeddings.device)
         out = [[], [], [], []]
         for i0, i1 in _row_chunks(rows.N, rows.M, rows.M, CHUNK_ELEMENTS):
             mat, matches, diffs = rows.chunk(i0, i1)
+            diagonal = rows.diagonal(i0, i1) if rows.self_emb else None
             if order_op is not None and mat.dtype in (torch.float32, torch.float64) and bool(mat.isfinite().all()):
-                pairs = self._hard_pairs_in_order(order_op, mat, matches, diffs,
-                                                  rows.diagonal(i0, i1) if rows.self_emb else None)
-                for k, (r, c) in enumerate(pairs):
-                    out[2 * k].append(r + i0)
-                    out[2 * k + 1].append(c)
-                continue
-            # PML's steps (on other devices and dtypes, and for chunks with a non-finite value)
-            dtype = mat.dtype
-            pos_ignore = c_f.pos_inf(dtype) if inverted else c_f.neg_inf(dtype)
-            neg_ignore = c_f.neg_inf(dtype) if inverted else c_f.pos_inf(dtype)
-            mat_neg_sorting = mat
-            mat_pos_sorting = mat.clone()
-            mat_pos_sorting[diffs] = pos_ignore
-            mat_neg_sorting[matches] = neg_ignore
-            if rows.self_emb:
-                d = rows.diagonal(i0, i1)
-                mat_pos_sorting[d] = pos_ignore
-                mat_neg_sorting[d] = neg_ignore
-            pos_sorted, pos_sorted_idx = torch.sort(mat_pos_sorting, dim=1)
-            neg_sorted, neg_sorted_idx = torch.sort(mat_neg_sorting, dim=1)
-            if inverted:
-                hard_pos = torch.where(pos_sorted - self.epsilon < neg_sorted[:, -1].unsqueeze(1))
-                hard_neg = torch.where(neg_sorted + self.epsilon > pos_sorted[:, 0].unsqueeze(1))
-            else:
-                hard_pos = torch.where(pos_sorted + self.epsilon > neg_sorted[:, 0].unsqueeze(1))
-                hard_neg = torch.where(neg_sorted - self.epsilon < pos_sorted[:, -1].unsqueeze(1))
-            out[0].append(hard_pos[0] + i0)
-            out[1].append(pos_sorted_idx[hard_pos])
-            out[2].append(hard_neg[0] + i0)
-            out[3].append(neg_sorted_idx[hard_neg])
+                pairs = self._hard_pairs_in_order(order_op, mat, matches, diffs, diagonal)
+            else:  # other devices and dtypes, and chunks with a non-finite value
+                pairs = self._pml_steps(mat, matches, diffs, diagonal)
+            for k, (r, c) in enumerate(pairs):
+                out[2 * k].append(r + i0)
+                out[2 * k + 1].append(c)
         return MinedByEpsilon(tuple(torch.cat(t) for t in out), self, embeddings, labels, ref_emb, ref_labels)
 
 
@@ -339,8 +337,13 @@ def margin_windows(miner, distance=None):
     LpDistance() and CosineSimilarity() measure unit rows, where d^2 = 2 - 2 S, so either's margins
     move to the other's v: d > m is S < 1 - m^2 / 2 (m >= 0), d < m is S > 1 - m^2 / 2 (m > 0),
     S < m is d > sqrt(2 - 2 m) (m <= 1), S > m is d < sqrt(2 - 2 m) (m < 1); a margin that every
-    pair passes gives (-inf, inf), one that none passes the empty window (0, 0)."""
+    pair passes gives (-inf, inf), one that none passes the empty window (0, 0).
+
+    None for a NaN margin: PML keeps no pair of its set, which no window says; the caller reads the
+    list instead."""
     inf, pos, neg = float("inf"), float(miner.pos_margin), float(miner.neg_margin)
+    if pos != pos or neg != neg:
+        return None
     kind = "cosine" if miner.distance.is_inverted else "lp"
     if distance is None or distance == kind:
         return ((-inf, pos), (neg, inf)) if kind == "cosine" else ((pos, inf), (-inf, neg))
@@ -447,7 +450,6 @@ class MinedByMargins(MinedPairs):
     def __new__(cls, pairs, miner, embeddings, labels, ref_emb, ref_labels):
         out = super().__new__(cls, pairs, miner, embeddings, labels, ref_emb, ref_labels)
         out.windows = {d: margin_windows(miner, d) for d in ("lp", "cosine")}
-        out.margins = (float(miner.pos_margin), float(miner.neg_margin))
         return out
 
     def translated(self, distance):
@@ -456,7 +458,7 @@ class MinedByMargins(MinedPairs):
 
     def fused_for(self, embeddings, labels, ref_emb, ref_labels, distance):
         from .losses._base import _distance_name
-        if any(m != m for m in self.margins):  # a NaN margin (PML keeps no pair of its set): the list
+        if self.windows.get(distance) is None:  # neither lp nor cosine, or a NaN margin: the list
             return False
         return super().fused_for(embeddings, labels, ref_emb, ref_labels,
                                  _distance_name(self.distance) if self.translated(distance) else distance)

@@ -60,12 +60,10 @@ def _pair_miner_rule(miner, distance):
             return None
         return dict(miner_epsilon=float(miner.epsilon), miner_on_cosine=on_cosine, exclude_after_mining=True)
     if type(miner) in (pml_miners.PairMarginMiner, _miners.PairMarginMiner):
-        margins = (float(miner.pos_margin), float(miner.neg_margin))
-        if (miner.collect_stats or kind not in ("lp", "cosine") or distance not in ("lp", "cosine")
-                or any(m != m for m in margins)):  # a NaN margin: PML keeps no pair
+        if miner.collect_stats or kind not in ("lp", "cosine") or distance not in ("lp", "cosine"):
             return None
-        pos_window, neg_window = _miners.margin_windows(miner, distance)
-        return dict(pos_window=pos_window, neg_window=neg_window)
+        windows = _miners.margin_windows(miner, distance)  # None for a NaN margin
+        return None if windows is None else dict(pos_window=windows[0], neg_window=windows[1])
     return None
 
 
