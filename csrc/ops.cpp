@@ -128,6 +128,10 @@ TORCH_LIBRARY(fused_pairloss, m) {
   m.def(
       "ascending_kept_columns(Tensor values, Tensor keep) -> (Tensor rows, Tensor columns, Tensor counts, "
       "Tensor tied)");
+  // A miner's listed pairs (fused_pairloss/ops/listed.py): v[k] of the pair (rows[k], cols[k]), S of
+  // q's row against r's, or for lp their distance, with the bits the engines' tiles hold for that
+  // pair. No gradient (ops/listed.py's pair_values wraps it in its own backward).
+  m.def("listed_pair_values(Tensor q, Tensor r, Tensor rows, Tensor cols, bool lp) -> Tensor");
   // Smooth-AP's cubic part on a chunk of rows of S (fused_pairloss/losses/smooth_ap.py): per anchor
   // row first_row + i, over the p of its block of `block` consecutive columns, the ranks of s_p
   // among the row (all columns) and among the block by sigmoids of temperature t: AP per row; and

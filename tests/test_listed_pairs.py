@@ -148,12 +148,17 @@ def test_gpu_listed_pairs_equal_pml(loss):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("forward", ["engine_op", "torch"])
 @pytest.mark.parametrize("lp", [True, False], ids=["lp", "cosine"])
-def test_dense_strips_equal_gathers(lp, monkeypatch):
-    """A dense list (rows ascending) goes through row strips of S, a sparse one through row gathers:
-    the same values and gradients, duplicates included; and the strip-wise pair count equals
-    torch.unique's."""
+def test_dense_strips_equal_gathers(lp, forward, monkeypatch):
+    """A dense list (rows ascending) goes through row strips of S, a sparse one through row gathers
+    (the values: in the C++ op on CPU, in torch elsewhere; the gradients: in torch): the same values
+    and gradients, duplicates included; and the strip-wise pair count equals torch.unique's."""
     from fused_pairloss.ops import listed
+    if forward == "torch":
+        monkeypatch.setattr(listed, "_ENGINE_VALUES_OP", False)
+    elif listed._engine_values_op(torch.zeros(1, 1), torch.zeros(1, 1)) is None:
+        pytest.skip("fused_pairloss._C (the CPU kernels) not built")
     g = torch.Generator().manual_seed(4)
     q = torch.randn(50, 6, generator=g, dtype=torch.float64, requires_grad=True)
     r = torch.randn(40, 6, generator=g, dtype=torch.float64, requires_grad=True)
@@ -190,3 +195,72 @@ def test_dense_strips_and_gathers_agree(loss, mode, monkeypatch):
     check_close(a, b, what="value")
     for k, (u, v) in enumerate(zip(ga, gb)):
         check_close(u, v, what=f"grad {k}")
+
+
+ISAS = ["avx512", "avx2", "base"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("lp", [True, False], ids=["lp", "cosine"])
+def test_listed_values_are_the_engines_bits(lp, dtype, monkeypatch):
+    """On CPU a listed pair's v has the bits the engines' tiles hold for it (csrc/cpu/listed_pairs_cpu.cpp),
+    so a kink or a margin decides a listed pair as the same loss over the label sets (PML's
+    CrossBatchMemory test compares the two): against the triplet engine's u of each row's farthest
+    positive and nearest negative (row_extremes), with identical and near-identical rows (the lp near
+    pairs' recompute) and a NaN row; a dense list (row strips of the engines' GEMM) and a sparse one
+    (pair by pair), on every instruction set this CPU has; pair_values goes through the op."""
+    from fused_pairloss.ops import listed, triplets
+    extremes = triplets.row_extremes_op(torch.device("cpu"))
+    if extremes is None or listed._engine_values_op(torch.zeros(1, 1), torch.zeros(1, 1)) is None:
+        pytest.skip("fused_pairloss._C (the CPU kernels) not built")
+    g = torch.Generator().manual_seed(11)
+    n, m, d = 70, 90, 37
+    q = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1).to(dtype)
+    r = torch.nn.functional.normalize(torch.randn(m, d, generator=g, dtype=torch.float64), dim=1).to(dtype)
+    r[:5] = q[:5]
+    r[5:10] = q[5:10] + 1e-3
+    q[12] = float("nan")
+    lq, lr = torch.randint(0, 4, (n,), generator=g), torch.randint(0, 4, (m,), generator=g)
+    rows, cols = (t.reshape(-1) for t in torch.meshgrid(torch.arange(n), torch.arange(m), indexing="ij"))
+    sparse = torch.randperm(n * m, generator=g)[:500]
+    op, calls = listed._ENGINE_VALUES_OP, []
+    monkeypatch.setattr(listed, "_ENGINE_VALUES_OP", lambda *a: calls.append(1) or op(*a))
+    before = torch.ops.fused_pairloss.cpu_isa()
+    try:
+        for isa in ISAS:
+            if torch.ops.fused_pairloss.cpu_isa(isa) != isa:
+                continue
+            pos_u, pos_i, neg_u, neg_i = extremes(q, r, lq, lr, torch.full((n,), -1), lp, True, False)
+            dense = listed.pair_values(q, r, rows, cols, lp).view(n, m)
+            torch.testing.assert_close(listed.pair_values(q, r, rows[sparse], cols[sparse], lp),
+                                       dense.view(-1)[sparse], rtol=0, atol=0, equal_nan=True)
+            for u, i in ((pos_u, pos_i), (neg_u, neg_i)):
+                has = i >= 0
+                v = dense[has.nonzero().squeeze(1), i[has]]
+                assert torch.equal(v if lp else -v, u[has]), isa
+                assert has.sum() > 60
+            assert bool(dense[12].isnan().all()) and not bool(dense[13].isnan().any())
+            if lp:
+                assert bool((dense[:5, :5].diagonal() == 0).all())
+    finally:
+        torch.ops.fused_pairloss.cpu_isa(before)
+    assert len(calls) >= 2
+
+
+def test_listed_values_op_check_and_errors():
+    from fused_pairloss.ops import listed
+    op = listed._engine_values_op(torch.zeros(1, 1), torch.zeros(1, 1))
+    if op is None:
+        pytest.skip("fused_pairloss._C (the CPU kernels) not built")
+    g = torch.Generator().manual_seed(12)
+    q, r = torch.randn(9, 5, generator=g, dtype=torch.float64), torch.randn(7, 5, generator=g, dtype=torch.float64)
+    rows, cols = torch.randint(0, 9, (20,), generator=g), torch.randint(0, 7, (20,), generator=g)
+    for lp in (True, False):
+        torch.library.opcheck(torch.ops.fused_pairloss.listed_pair_values.default, (q, r, rows, cols, lp))
+    assert op(q, r, rows[:0], cols[:0], True).shape == (0,)
+    with pytest.raises(RuntimeError, match="lies outside"):
+        op(q, r, rows, cols + 7, True)
+    with pytest.raises(RuntimeError, match="float32 or both float64"):
+        op(q, r.float(), rows, cols, True)
+    with pytest.raises(RuntimeError, match="int64 vectors of one length"):
+        op(q, r, rows, cols[:3], True)

@@ -415,15 +415,17 @@ def test_ms_miner_pairs_are_listed_where_the_rule_differs():
 
 def test_cosine_miner_beside_lp_loss_with_a_zero_row_reads_the_list():
     """A zero row stays zero under PML's normalize, so -d^2 / 2 is not S - 1 for its pairs: the
-    cosine miner's pairs beside an lp loss are read from the list there, equal to PML."""
+    cosine miner's pairs beside an lp loss are read from the list there, equal to PML. (Its pairs'
+    d is 1 up to rounding: margins off 1, so that no term sits at its relu kink.)"""
     x, y, _, _ = batch("self", seed=13)
     x = x.detach().clone()
     x[3] = 0
     mined, listed = miners.MultiSimilarityMiner(0.1)(x, y), pml_miners.MultiSimilarityMiner(0.1)(x, y)
-    ours = fpl.ContrastiveLoss()
+    margins = dict(pos_margin=0.1, neg_margin=1.2)
+    ours = fpl.ContrastiveLoss(**margins)
     ours.ENGINE_PAIR_FRACTION = 0
     assert ours._fused_with_miner_rule(x, y, mined, None, None) is None
-    check_close(ours(x, y, mined), pml_losses.ContrastiveLoss()(x, y, listed), what="zero row")
+    check_close(ours(x, y, mined), pml_losses.ContrastiveLoss(**margins)(x, y, listed), what="zero row")
     x[3] = 1  # the same call without the zero row: the rule in the engine
     mined = miners.MultiSimilarityMiner(0.1)(x, y)
     assert ours._fused_with_miner_rule(x, y, mined, None, None) is not None

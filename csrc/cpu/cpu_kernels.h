@@ -112,6 +112,11 @@ struct Kernels {
   // r becomes the squared distances, the near pairs recomputed from the rows (pair_terms.inl)
   void (*lp_tile_d2)(const T* q, const T* r, int64_t Dp, int64_t D, const T* norm_q, const T* norm_r, int ti, int tj,
                      T* S, int64_t ld);
+  // listed pairs (listed_pairs_cpu.cpp): out[k] = v of the pair (rows[k], cols[k]) of q against r
+  // (row strides ldq, ldr; D columns), the bits a tile of gemm_nt (and lp_tile_d2, then
+  // d = sqrt(max(d2, 0)), when norm_q / norm_r are given) holds for it
+  void (*listed_pair_values)(const T* q, int64_t ldq, const T* r, int64_t ldr, int64_t D, const T* norm_q,
+                             const T* norm_r, const int64_t* rows, const int64_t* cols, int64_t n, T* out);
   // triplet rows (triplet_engine_cpu.cpp; rows padded to whole 16-element chunks within ld, the
   // columns that are no negative set to NaN): the strip of S (or d^2) to u in place; per row, over
   // the positives' u_ap a[P] and thresholds A[P] = a + margin, and a miner's window {lo, hi} (or

@@ -6,7 +6,8 @@ A pair loss given an indices_tuple computes exactly what it computes from the la
 each row's positive and negative sets replaced by its listed pairs: `ListedPairs` goes where the
 backend goes (`ops/stats.pair_stats` recognizes it), so every loss's own fused function, declaration
 and row combination serve both. Per listed pair, v = S_ij (cosine) or d_ij (lp, from the rows'
-difference: exact near 0); the declaration's term per pair; the row reductions (log-sum-exp, sum,
+difference: exact near 0), on the CPU with the engines' own bits (the op listed_pair_values), so
+a kink decides a pair as over the label sets; the declaration's term per pair; the row reductions (log-sum-exp, sum,
 counts) by scatter over the pairs' anchors. PML's mat-based losses (MultiSimilarity, Circle, SupCon,
 GeneralizedLiftedStructure) reduce a 0/1 mask: duplicate pairs count once; its pair-based ones
 (Contrastive, NTXent) reduce the pair list: a pair listed k times counts k times (`weighted`).
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _extension
 from . import spec as S
 from .engines import PairStats
 from .operands import lp_squared_distances, stat_dtype
@@ -115,17 +117,21 @@ def _strip_v(q, r, i0, i1, lp):
 
 
 class _PairV(torch.autograd.Function):
-    """v of the listed pairs (rows ascending), S or d (gradient 0 at d = 0), from row gathers in
-    chunks or, for a dense list, from row strips of S; saves q, r and the indices only, so memory is
-    O(#pairs + (N + M) D + strip) whatever the number of pairs (PML's CrossBatchMemory lists all
-    N x M of them)."""
+    """v of the listed pairs, S or d (gradient 0 at d = 0): on CPU fp32 / fp64 from the engines'
+    arithmetic (_engine_values_op), elsewhere from row gathers in chunks or, for a dense list (rows
+    ascending), from row strips of S; the backward likewise by gathers or strips. It saves q, r and
+    the indices only, so memory is O(#pairs + (N + M) D + strip) whatever the number of pairs (PML's
+    CrossBatchMemory lists all N x M of them)."""
 
     @staticmethod
     def forward(ctx, q, r, rows, cols, lp):
         v = q.new_empty(rows.shape[0])
         dense = (rows.shape[0] * DENSE_FRACTION >= q.shape[0] * r.shape[0]
                  and bool((rows[1:] >= rows[:-1]).all()))  # the strips need the rows ascending
-        if dense:
+        engine_values = _engine_values_op(q, r)
+        if engine_values is not None:
+            v = engine_values(q.detach(), r.detach(), rows, cols, lp)
+        elif dense:
             for i0, i1, k0, k1 in _strips(q, r, rows):
                 v[k0:k1] = _strip_v(q, r, i0, i1, lp)[rows[k0:k1] - i0, cols[k0:k1]]
         else:
@@ -164,6 +170,28 @@ class _PairV(torch.autograd.Function):
             if need_r:
                 gr.index_add_(0, ci, db)
         return gq, gr, None, None, None
+
+
+_ENGINE_VALUES_OP = None
+
+
+def _fake_listed_pair_values(q, r, rows, cols, lp):
+    return q.new_empty(rows.shape)
+
+
+def _engine_values_op(q, r):
+    """The C++ op that gives listed pairs the CPU engines' own bits (csrc/cpu/listed_pairs_cpu.cpp),
+    for fp32 / fp64 CPU operands when built; else None (torch's products: another rounding than the
+    engines', which may decide a pair at a kink differently from the same loss over the label sets)."""
+    global _ENGINE_VALUES_OP
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64) or r.dtype != q.dtype:
+        return None
+    if _ENGINE_VALUES_OP is None:
+        _ENGINE_VALUES_OP = False
+        if _extension.has_kernel("listed_pair_values", "CPU"):  # not in a library built before it
+            torch.library.register_fake("fused_pairloss::listed_pair_values")(_fake_listed_pair_values)
+            _ENGINE_VALUES_OP = torch.ops.fused_pairloss.listed_pair_values
+    return _ENGINE_VALUES_OP or None
 
 
 def pair_values(q, r, rows, cols, lp):
