@@ -260,3 +260,73 @@ def test_pairs_join_on_the_anchor_in_pmls_order():
         expected = torch.where(a1[:, None] == a2[None, :])
         for got, want in zip(join_on_anchor(a1, a2), expected):
             assert torch.equal(got, want)
+
+
+def test_below_counts_equal_the_comparisons():
+    """The pair tuple's triplet counts without the #pos x #neg comparisons: against them, random
+    values and ties on a grid of multiples of 1/4 (B_j = A_t counts in neither), fp32 and fp64."""
+    from fused_pairloss.losses.triplet_margin import _below_counts
+    g = torch.Generator().manual_seed(13)
+    for trial in range(60):
+        na, nb, anchors = (int(torch.randint(1, hi, (1,), generator=g)) for hi in (40, 200, 8))
+        dtype = (torch.float32, torch.float64)[trial % 2]
+        if trial % 3:
+            A, B = (torch.randint(-6, 6, (k,), generator=g).to(dtype) / 4 for k in (na, nb))
+        else:
+            A, B = (torch.randn(k, generator=g, dtype=dtype) for k in (na, nb))
+        anchor_a, anchor_b = (torch.randint(0, anchors, (k,), generator=g) for k in (na, nb))
+        k, c = _below_counts(anchor_a, A, anchor_b, B)
+        below = (anchor_a[:, None] == anchor_b[None, :]) & (B[None, :] < A[:, None])
+        assert torch.equal(k, below.sum(1)) and torch.equal(c, below.sum(0)), trial
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("distance", ["lp", "cosine"])
+@pytest.mark.parametrize("mode", ["self", "ref"])
+def test_pair_tuples_are_counted_not_joined(mode, distance, dtype, monkeypatch):
+    """A pair tuple's triplets (PML's convert_to_triplets: each listed positive with each listed
+    negative of its anchor, duplicates included) are counted per pair, never joined: equal to PML in
+    values and gradients, with the labels and without; the join is not called."""
+    from fused_pairloss.losses import triplet_margin
+    x, y = inputs(48, 12, 5, dtype, seed=14)
+    kw = dict(margin=0.2) if distance == "lp" else dict(margin=0.1, distance=CosineSimilarity())
+    args, params = (x, y), [x]
+    if mode == "ref":
+        r, ry = inputs(36, 12, 5, dtype, seed=15)
+        args, params = (x, y, None, r, ry), [x, r]
+    mined_on = [t.detach() if torch.is_tensor(t) else t for t in args[:2] + args[3:]]
+    a1, p, a2, n = pml_miners.MultiSimilarityMiner(0.3)(*mined_on)
+    pairs = (torch.cat([a1, a1[:9]]), torch.cat([p, p[:9]]), torch.cat([a2, a2[-5:]]), torch.cat([n, n[-5:]]))
+
+    def no_join(*_):
+        raise AssertionError("the pairs were joined into triplets")
+    monkeypatch.setattr(triplet_margin, "join_on_anchor", no_join)
+    ours, pml = fpl.TripletMarginLoss(**kw), pml_losses.TripletMarginLoss(**kw)
+    for labels in (y, None):
+        call = (args[0], labels, pairs) + tuple(args[3:])
+        check_against_pml(ours, pml, call, params, dtype)
+    with pytest.raises(AssertionError, match="joined"):  # the reference backend joins them, as PML
+        fpl.TripletMarginLoss(backend="reference", **kw)(args[0], y, pairs, *args[3:])
+
+
+def test_pair_tuples_with_nan_or_one_side_empty():
+    """A NaN row gives NaN (the counts defer to the reference); a tuple without negative pairs PML's
+    zero loss."""
+    x, y = inputs(20, 6, 3, torch.float64, seed=16)
+    a1, p, a2, n = pml_miners.MultiSimilarityMiner(0.3)(x.detach(), y)
+    x_nan = x.detach().clone()
+    x_nan[int(a1[0])] = float("nan")
+    assert torch.isnan(fpl.TripletMarginLoss()(x_nan, y, (a1, p, a2, n)))
+    empty = fpl.TripletMarginLoss()(x, y, (a1, p, a2[:0], n[:0]))
+    assert empty.item() == 0 and empty.item() == pml_losses.TripletMarginLoss()(x, y, (a1, p, a2[:0], n[:0])).item()
+
+
+@pytest.mark.gpu
+def test_gpu_pair_tuples_are_counted():
+    x, y = inputs(48, 12, 5, torch.float64, seed=17)
+    pairs = pml_miners.MultiSimilarityMiner(0.3)(x.detach(), y)
+    xc = x.detach().cuda().requires_grad_(True)
+    ours, ours_grad = value_and_grads(lambda: fpl.TripletMarginLoss(0.2)(xc, y.cuda(), [t.cuda() for t in pairs]), [xc])
+    pml, pml_grad = value_and_grads(lambda: pml_losses.TripletMarginLoss(0.2)(x, y, pairs), [x])
+    torch.testing.assert_close(ours.cpu(), pml, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ours_grad[0].cpu(), pml_grad[0], rtol=1e-9, atol=1e-12)

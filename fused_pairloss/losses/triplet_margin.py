@@ -11,7 +11,8 @@ anchor, with A_p = u_ap + margin over its positives and B_n = u_an over its nega
 and the count of nonzero terms is sum_p k_p (fused_pairloss/ops/triplets.py; docs/design.md
 "Triplets"): on the "cpu" backend the C++ kernel triplet_engine_forward, elsewhere the PyTorch op
 triplet_rows, both in strips of rows recomputed by their backward: memory O(strip x M + (N + M) D),
-never N x M or triplets.
+never N x M or triplets. A pair tuple's triplets (a miner's (a1, p, a2, n)) by the same sums over
+its listed pairs (listed_pairs_triplet_margin), never joined into triplets.
 """
 from __future__ import annotations
 
@@ -68,6 +69,65 @@ def pml_triplets(embeddings, labels, ref_emb, ref_labels, indices_tuple, distanc
     else:
         a, p, n = (torch.as_tensor(t, device=embeddings.device).long() for t in indices_tuple)
     return a, *triplet_distances(embeddings, ref, a, p, n, distance)
+
+
+def _below_counts(anchor_a, A, anchor_b, B):
+    """Per entry t of A: k_t = #{j : anchor_b[j] = anchor_a[t], B_j < A_t}; per entry j of B: c_j =
+    #{t : anchor_a[t] = anchor_b[j], A_t > B_j} (int64), sorting A only (B, a miner's negative pairs,
+    is the long one). With L(x) = #{A < x} and R(x) = #{A <= x} over all of A, B_j < A_t exactly when
+    R(B_j) <= L(A_t): the integer keys anchor W + 2 L(A_t) + 1 and anchor W + 2 R(B_j) (W = 2 #A + 2)
+    are never equal and order each anchor's values as the values. pos_j, the number of A keys below
+    B_j's, places it among its anchor's sorted thresholds [start, end): c_j = end - pos_j, and k_t
+    counts the negatives of its anchor with pos_j <= t (a histogram of pos, cumulated)."""
+    width = 2 * A.numel() + 2
+    values = torch.sort(A).values
+    key_a = anchor_a * width + 2 * torch.searchsorted(values, A) + 1
+    key_b = anchor_b * width + 2 * torch.searchsorted(values, B, right=True)
+    sorted_a, order = torch.sort(key_a)
+    pos = torch.searchsorted(sorted_a, key_b)
+    end = torch.searchsorted(sorted_a, (anchor_b + 1) * width)
+    c = end - pos
+    below_some = pos < end  # a threshold of its anchor lies above it
+    cum = torch.cumsum(torch.bincount(pos[below_some], minlength=A.numel()), 0)
+    first = torch.searchsorted(sorted_a, sorted_a // width * width)  # the first threshold of t's anchor
+    before = torch.where(first > 0, cum[(first - 1).clamp(min=0)], torch.zeros_like(first))
+    k = torch.empty_like(order)
+    k[order] = cum[:A.numel()] - before
+    return k, c
+
+
+def listed_pairs_triplet_margin(embeddings, ref_emb, indices_tuple, *, margin, distance):
+    """TripletMarginLoss over a pair tuple (a1, p, a2, n): PML's triplets (lmu.convert_to_triplets:
+    every listed positive pair with every listed negative pair of its anchor, duplicates included)
+    without enumerating them, by the triplet engine's rule (docs/design.md "Triplets"): with u = d
+    (or -S), A = u_ap + margin per positive pair and B = u_an per negative pair, the sum of the terms
+    A_p - B_n > 0 is sum_p k_p A_p - sum_n c_n B_n and their count sum_p k_p (_below_counts; the
+    counts are constants of the autograd, so the gradients are k_p and -c_n as the engine's). The
+    pairs' u from ops/listed.pair_values (on the CPU the engines' bits). Memory O(#pairs + (N + M) D),
+    time O(#pairs (D + log #pairs)). None where the reference computes it: no positive or no negative
+    pair, or a u that is not finite (PML's NaN terms drop out of AvgNonZero)."""
+    a1, p, a2, n = (torch.as_tensor(t, device=embeddings.device).long().reshape(-1) for t in indices_tuple)
+    if a1.numel() == 0 or a2.numel() == 0:
+        return None
+    A = stat_dtype(embeddings.dtype)
+    q = normalize(embeddings).to(A)
+    r = q if ref_emb is None else normalize(ref_emb).to(A)
+    lp = distance == "lp"
+    sign = 1.0 if lp else -1.0  # u = d, or -S
+    u_ap, u_an = sign * pair_values(q, r, a1, p, lp), sign * pair_values(q, r, a2, n, lp)
+    thresholds = u_ap + margin
+    if not bool(torch.isfinite(thresholds).all() & torch.isfinite(u_an).all()):
+        return None
+    with torch.no_grad():
+        k, c = _below_counts(a1, thresholds.detach(), a2, u_an.detach())
+    count = int(k.sum())
+    zero = zero_loss(embeddings)
+    if count == 0:
+        loss = zero
+    else:  # in float64: the two sums are about count x |u|, their difference only the violations
+        total = (k.double() * thresholds.double()).sum() - (c.double() * u_an.double()).sum()
+        loss = (total / count).to(embeddings.dtype)
+    return nan_in_nan_out(loss, embeddings, ref_emb).to(similarity_dtype(embeddings, distance))
 
 
 def triplet_margin_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.05, distance="lp",
@@ -231,11 +291,12 @@ def triplet_margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, ma
 class TripletMarginLoss(_PairLoss):
     """Drop-in for pytorch_metric_learning.losses.TripletMarginLoss (default distance LpDistance).
     All triplets are computed without enumerating them; swap=True, smooth_loss=True or an integer
-    triplets_per_anchor (random sampling) are computed by PML itself (one-time warning); an
-    explicit indices_tuple from the listed triplets' rows only (O(#triplets D))."""
+    triplets_per_anchor (random sampling) are computed by PML itself (one-time warning); listed
+    triplets from their rows only (O(#triplets D)), a pair tuple's triplets counted per listed pair
+    (O(#pairs))."""
     _default_distance = "lp"
     _reference = staticmethod(triplet_margin_reference)
-    _listed_pairs = False  # its listed triplets go through _reference_with_indices (their rows only)
+    _listed_pairs = False  # listed triplets: _reference_with_indices (their rows only); pairs: below
 
     def __init__(self, margin=0.05, swap=False, smooth_loss=False, triplets_per_anchor="all", backend="auto",
                  **kwargs):
@@ -267,6 +328,20 @@ class TripletMarginLoss(_PairLoss):
                 embeddings, labels, ref_emb, ref_labels, self._distance_kind):
             return self._fused_with_miner(indices_tuple)
         return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+    def _fused_with_listed_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """A pair tuple (a1, p, a2, n), any miner's: its triplets counted without enumerating them
+        (listed_pairs_triplet_margin); None for listed triplets (their rows, _reference_with_indices),
+        on the reference backend and where that function defers to the reference."""
+        if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) != 4:
+            return None
+        if labels is not None:
+            V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
+        check_listed_indices(embeddings, ref_emb, indices_tuple)
+        if resolve_backend(self.backend, embeddings.device) == "reference":
+            return None
+        return listed_pairs_triplet_margin(embeddings, ref_emb, indices_tuple, margin=self.margin,
+                                           distance=self._distance_kind)
 
     def _fused_with_miner(self, mined):
         """Our TripletMarginMiner's triplets: its window on the triplet margin in the op, nothing listed."""
