@@ -151,9 +151,11 @@ def test_gpu_listed_pairs_equal_pml(loss):
 @pytest.mark.parametrize("forward", ["engine_op", "torch"])
 @pytest.mark.parametrize("lp", [True, False], ids=["lp", "cosine"])
 def test_dense_strips_equal_gathers(lp, forward, monkeypatch):
-    """A dense list (rows ascending) goes through row strips of S, a sparse one through row gathers
-    (the values: in the C++ op on CPU, in torch elsewhere; the gradients: in torch): the same values
-    and gradients, duplicates included; and the strip-wise pair count equals torch.unique's."""
+    """A dense list (rows ascending) goes through row strips of S, a sparse one through row gathers:
+    the same values and gradients, duplicates included; and the strip-wise pair count equals
+    torch.unique's. With the C++ op the forward takes its own path (its own dense rule; its two
+    paths: test_listed_values_are_the_engines_bits) and the backward's strips and gathers are
+    compared; with torch's forward both."""
     from fused_pairloss.ops import listed
     if forward == "torch":
         monkeypatch.setattr(listed, "_ENGINE_VALUES_OP", False)

@@ -309,14 +309,22 @@ def test_pair_tuples_are_counted_not_joined(mode, distance, dtype, monkeypatch):
         fpl.TripletMarginLoss(backend="reference", **kw)(args[0], y, pairs, *args[3:])
 
 
-def test_pair_tuples_with_nan_or_one_side_empty():
-    """A NaN row gives NaN (the counts defer to the reference); a tuple without negative pairs PML's
-    zero loss."""
+def test_pair_tuples_with_nan_what_pml_accepts_and_one_side_empty(monkeypatch):
+    """A NaN row gives NaN without joining the pairs; what PML accepts with a pair tuple (it reads
+    the tuple only): float labels, ref_emb without ref_labels, labels=None; a tuple without
+    negative pairs gives PML's zero loss."""
+    from fused_pairloss.losses import triplet_margin
     x, y = inputs(20, 6, 3, torch.float64, seed=16)
+    r, _ = inputs(15, 6, 3, torch.float64, seed=18)
     a1, p, a2, n = pml_miners.MultiSimilarityMiner(0.3)(x.detach(), y)
     x_nan = x.detach().clone()
     x_nan[int(a1[0])] = float("nan")
-    assert torch.isnan(fpl.TripletMarginLoss()(x_nan, y, (a1, p, a2, n)))
+    with monkeypatch.context() as m:
+        m.setattr(triplet_margin, "join_on_anchor", None)  # a join would fail
+        assert torch.isnan(fpl.TripletMarginLoss()(x_nan, y, (a1, p, a2, n)))
+        pairs = (a1, p % 15, a2, n % 15)
+        for call in ((x, y.double(), pairs), (x, y, pairs, r), (x, None, pairs, r)):
+            check_close(fpl.TripletMarginLoss()(*call), pml_losses.TripletMarginLoss()(*call), what=str(len(call)))
     empty = fpl.TripletMarginLoss()(x, y, (a1, p, a2[:0], n[:0]))
     assert empty.item() == 0 and empty.item() == pml_losses.TripletMarginLoss()(x, y, (a1, p, a2[:0], n[:0])).item()
 

@@ -54,7 +54,7 @@ void dense_values(const Kernels<T>& K, const Tensor& q_in, const Tensor& r_in, c
   }
   const int64_t strips = (N + strip_rows - 1) / strip_rows;
   tile_parallel(
-      strips, parallel_work(n, 1, D), [&] { return std::vector<T>(strip_rows * ld); },
+      strips, parallel_work(N, M, D), [&] { return std::vector<T>(strip_rows * ld); },
       [&](int64_t s, std::vector<T>& U) {
         const int64_t i0 = s * strip_rows, ti = std::min(strip_rows, N - i0);
         const int64_t k0 = std::lower_bound(rows, rows + n, i0) - rows;

@@ -105,7 +105,7 @@ def listed_pairs_triplet_margin(embeddings, ref_emb, indices_tuple, *, margin, d
     counts are constants of the autograd, so the gradients are k_p and -c_n as the engine's). The
     pairs' u from ops/listed.pair_values (on the CPU the engines' bits). Memory O(#pairs + (N + M) D),
     time O(#pairs (D + log #pairs)). None where the reference computes it: no positive or no negative
-    pair, or a u that is not finite (PML's NaN terms drop out of AvgNonZero)."""
+    pair. A u that is not finite (a row that is not) gives NaN, as the loss over the label sets."""
     a1, p, a2, n = (torch.as_tensor(t, device=embeddings.device).long().reshape(-1) for t in indices_tuple)
     if a1.numel() == 0 or a2.numel() == 0:
         return None
@@ -117,7 +117,9 @@ def listed_pairs_triplet_margin(embeddings, ref_emb, indices_tuple, *, margin, d
     u_ap, u_an = sign * pair_values(q, r, a1, p, lp), sign * pair_values(q, r, a2, n, lp)
     thresholds = u_ap + margin
     if not bool(torch.isfinite(thresholds).all() & torch.isfinite(u_an).all()):
-        return None
+        nan = (thresholds.sum() + u_an.sum()) * 0  # NaN, with the graph of the pairs' u
+        return nan_in_nan_out(nan.to(embeddings.dtype), embeddings, ref_emb).to(similarity_dtype(embeddings,
+                                                                                                 distance))
     with torch.no_grad():
         k, c = _below_counts(a1, thresholds.detach(), a2, u_an.detach())
     count = int(k.sum())
@@ -335,11 +337,10 @@ class TripletMarginLoss(_PairLoss):
         on the reference backend and where that function defers to the reference."""
         if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) != 4:
             return None
-        if labels is not None:
-            V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
-        check_listed_indices(embeddings, ref_emb, indices_tuple)
         if resolve_backend(self.backend, embeddings.device) == "reference":
             return None
+        # PML reads the tuple only (convert_to_triplets ignores the labels): what it accepts, we do
+        check_listed_indices(embeddings, ref_emb, indices_tuple)
         return listed_pairs_triplet_margin(embeddings, ref_emb, indices_tuple, margin=self.margin,
                                            distance=self._distance_kind)
 
