@@ -5,10 +5,10 @@ pairs").
 A pair loss given an indices_tuple computes exactly what it computes from the label sets, with
 each row's positive and negative sets replaced by its listed pairs: `ListedPairs` goes where the
 backend goes (`ops/stats.pair_stats` recognizes it), so every loss's own fused function, declaration
-and row combination serve both. Per listed pair, v = S_ij (cosine) or d_ij (lp, from the rows'
-difference: exact near 0), on the CPU with the engines' own bits (the op listed_pair_values), so
-a kink decides a pair as the engines' walks over the label sets do; the declaration's term per pair; the row reductions (log-sum-exp, sum,
-counts) by scatter over the pairs' anchors. PML's mat-based losses (MultiSimilarity, Circle, SupCon,
+and row combination serve both. Per listed pair, v = S_ij (cosine) or d_ij (lp, exact near 0), on
+the CPU with the engines' own bits (the op listed_pair_values), so a kink decides a pair as the
+engines' walks over the label sets do; the declaration's term per pair; the row reductions
+(log-sum-exp, sum, counts) by scatter over the pairs' anchors. PML's mat-based losses (MultiSimilarity, Circle, SupCon,
 GeneralizedLiftedStructure) reduce a 0/1 mask: duplicate pairs count once; its pair-based ones
 (Contrastive, NTXent) reduce the pair list: a pair listed k times counts k times (`weighted`).
 The declaration's miner (MultiSimilarityLoss's miner_epsilon) is not applied: with an
