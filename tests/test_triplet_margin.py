@@ -262,10 +262,14 @@ def test_pairs_join_on_the_anchor_in_pmls_order():
             assert torch.equal(got, want)
 
 
-def test_below_counts_equal_the_comparisons():
-    """The pair tuple's triplet counts without the #pos x #neg comparisons: against them, random
-    values and ties on a grid of multiples of 1/4 (B_j = A_t counts in neither), fp32 and fp64."""
+@pytest.mark.parametrize("direct_thresholds", [10 ** 9, 0], ids=["table", "sorted_keys"])
+def test_below_counts_equal_the_comparisons(direct_thresholds, monkeypatch):
+    """The pair tuple's triplet counts without the #pos x #neg comparisons (each anchor's thresholds
+    in a table, or the sorted-key search): against them, random values and ties on a grid of
+    multiples of 1/4 (B_j = A_t counts in neither), anchors without thresholds, fp32 and fp64."""
+    from fused_pairloss.losses import triplet_margin
     from fused_pairloss.losses.triplet_margin import _below_counts
+    monkeypatch.setattr(triplet_margin, "DIRECT_THRESHOLDS", direct_thresholds)
     g = torch.Generator().manual_seed(13)
     for trial in range(60):
         na, nb, anchors = (int(torch.randint(1, hi, (1,), generator=g)) for hi in (40, 200, 8))

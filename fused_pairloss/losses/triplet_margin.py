@@ -71,10 +71,42 @@ def pml_triplets(embeddings, labels, ref_emb, ref_labels, indices_tuple, distanc
     return a, *triplet_distances(embeddings, ref, a, p, n, distance)
 
 
+# anchors with at most this many thresholds (positive pairs) compare each negative pair with them
+# directly, one vector pass per threshold slot; with more, the sorted-key search below
+DIRECT_THRESHOLDS = 16
+
+
 def _below_counts(anchor_a, A, anchor_b, B):
     """Per entry t of A: k_t = #{j : anchor_b[j] = anchor_a[t], B_j < A_t}; per entry j of B: c_j =
-    #{t : anchor_a[t] = anchor_b[j], A_t > B_j} (int64), sorting A only (B, a miner's negative pairs,
-    is the long one). With L(x) = #{A < x} and R(x) = #{A <= x} over all of A, B_j < A_t exactly when
+    #{t : anchor_a[t] = anchor_b[j], A_t > B_j} (int64). Few thresholds per anchor (at most
+    DIRECT_THRESHOLDS, a miner's positive pairs with a few samples per class): each anchor's
+    thresholds in a row of a table, padded with -inf, and every B_j compared with its anchor's row,
+    slot by slot; else _below_counts_sorted."""
+    n_anchors = int(torch.maximum(anchor_a.max(), anchor_b.max())) + 1
+    per_anchor = torch.bincount(anchor_a, minlength=n_anchors)
+    slots = int(per_anchor.max())
+    if slots > DIRECT_THRESHOLDS:
+        return _below_counts_sorted(anchor_a, A, anchor_b, B)
+    order = torch.sort(anchor_a, stable=True).indices
+    anchor_sorted = anchor_a[order]
+    slot = torch.arange(A.numel(), device=A.device) - (torch.cumsum(per_anchor, 0) - per_anchor)[anchor_sorted]
+    table = torch.full((slots, n_anchors), float("-inf"), dtype=A.dtype, device=A.device)
+    table[slot, anchor_sorted] = A[order]
+    c = torch.zeros_like(anchor_b)
+    k_table = torch.empty((slots, n_anchors), dtype=torch.int64, device=A.device)
+    for s in range(slots):
+        above = table[s].index_select(0, anchor_b) > B
+        c += above
+        # counts < 2^53: exact in the float64 weights of bincount (no index of the masked entries)
+        k_table[s] = torch.bincount(anchor_b, weights=above.to(torch.float64), minlength=n_anchors).to(torch.int64)
+    k = torch.empty_like(anchor_a)
+    k[order] = k_table[slot, anchor_sorted]
+    return k, c
+
+
+def _below_counts_sorted(anchor_a, A, anchor_b, B):
+    """_below_counts for many thresholds per anchor, sorting A only (B, a miner's negative pairs, is
+    the long one). With L(x) = #{A < x} and R(x) = #{A <= x} over all of A, B_j < A_t exactly when
     R(B_j) <= L(A_t): the integer keys anchor W + 2 L(A_t) + 1 and anchor W + 2 R(B_j) (W = 2 #A + 2)
     are never equal and order each anchor's values as the values. pos_j, the number of A keys below
     B_j's, places it among its anchor's sorted thresholds [start, end): c_j = end - pos_j, and k_t
@@ -104,7 +136,7 @@ def listed_pairs_triplet_margin(embeddings, ref_emb, indices_tuple, *, margin, d
     A_p - B_n > 0 is sum_p k_p A_p - sum_n c_n B_n and their count sum_p k_p (_below_counts; the
     counts are constants of the autograd, so the gradients are k_p and -c_n as the engine's). The
     pairs' u from ops/listed.pair_values (on the CPU the engines' bits). Memory O(#pairs + (N + M) D),
-    time O(#pairs (D + log #pairs)). None where the reference computes it: no positive or no negative
+    time O(#pairs (D + s)) (s: _below_counts). None where the reference computes it: no positive or no negative
     pair. A u that is not finite (a row that is not) gives NaN, as the loss over the label sets."""
     a1, p, a2, n = (torch.as_tensor(t, device=embeddings.device).long().reshape(-1) for t in indices_tuple)
     if a1.numel() == 0 or a2.numel() == 0:
