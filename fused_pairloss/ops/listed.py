@@ -154,7 +154,10 @@ class _PairV(torch.autograd.Function):
         if ctx.dense:
             for i0, i1, k0, k1 in _strips(q, r, rows):
                 W = q.new_zeros(i1 - i0, r.shape[0])  # duplicates add
-                W.view(-1).index_add_(0, (rows[k0:k1] - i0) * r.shape[0] + cols[k0:k1], g[k0:k1])
+                if W.device.type == "cpu":  # index_add: the faster scatter there, and deterministic
+                    W.view(-1).index_add_(0, (rows[k0:k1] - i0) * r.shape[0] + cols[k0:k1], g[k0:k1])
+                else:  # deterministic on a GPU, where index_add's atomics are not
+                    W.index_put_((rows[k0:k1] - i0, cols[k0:k1]), g[k0:k1], accumulate=True)
                 sign = -1.0 if ctx.lp else 1.0  # lp: dq_i = sum_j W_ij (q_i - r_j); cosine: W r
                 if need_q:
                     gq[i0:i1] += sign * (W @ r) + (W.sum(1, keepdim=True) * q[i0:i1] if ctx.lp else 0)
