@@ -22,7 +22,7 @@ from typing import Callable, Dict, Tuple
 import torch
 
 from ._common import zero_loss
-from .listed import join_on_anchor, pair_values
+from .listed import _engine_values_op, join_on_anchor, pair_values
 from .operands import stat_dtype
 
 PAIR_TERMS: Dict[str, Tuple[Callable, Callable]] = {}
@@ -56,8 +56,12 @@ def _pair_u(a, b, lp):
     return torch.where(sq > 0, torch.where(sq > 0, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
 
 
-def _values(a, b, row_stat, col_stat, same_index, term, p0, p1, lp):
-    return PAIR_TERMS[term][0](_pair_u(a, b, lp), row_stat, col_stat, same_index, p0, p1, lp)
+def _chunk_u(qa, ra, ri, ci, a, b, lp, differentiable=False):
+    """u of a chunk of pairs (gathered rows a, b): in the ops on the CPU with the engines' bits
+    (ops/listed.py's op, as a miner's listed pairs get them); else, and in a differentiable
+    recomputation, _pair_u."""
+    engine_values = None if differentiable else _engine_values_op(qa, ra)
+    return _pair_u(a, b, lp) if engine_values is None else engine_values(qa.detach(), ra.detach(), ri, ci, lp)
 
 
 def _gathered(qa, ra, rows, cols, row_stat, col_stat, k0, k1):
@@ -66,12 +70,14 @@ def _gathered(qa, ra, rows, cols, row_stat, col_stat, k0, k1):
             col_stat.index_select(0, ci)), ri, ci
 
 
-def _sums(qa, ra, rows, cols, row_stat, col_stat, term, p0, p1, lp):
-    """Per row the sum of the term over its pairs, chunk by chunk of gathers (differentiable)."""
+def _sums(qa, ra, rows, cols, row_stat, col_stat, term, p0, p1, lp, differentiable=False):
+    """Per row the sum of the term over its pairs, chunk by chunk of gathers (differentiable in
+    q and r where `differentiable`)."""
     sums = torch.zeros(qa.shape[0], dtype=qa.dtype, device=qa.device)
     for k0 in range(0, rows.shape[0], CHUNK_PAIRS):
-        args, ri, ci = _gathered(qa, ra, rows, cols, row_stat, col_stat, k0, k0 + CHUNK_PAIRS)
-        sums = sums.index_add(0, ri, _values(*args, ri == ci, term, p0, p1, lp))
+        (a, b, row_k, col_k), ri, ci = _gathered(qa, ra, rows, cols, row_stat, col_stat, k0, k0 + CHUNK_PAIRS)
+        u = _chunk_u(qa, ra, ri, ci, a, b, lp, differentiable)
+        sums = sums.index_add(0, ri, PAIR_TERMS[term][0](u, row_k, col_k, ri == ci, p0, p1, lp))
     return sums
 
 
@@ -114,7 +120,7 @@ def positive_pair_rows_backward(grad: torch.Tensor, q: torch.Tensor, r: torch.Te
     gq, gr, g_row, g_col = (torch.zeros_like(t) for t in (qa, ra, row_a, col_a))
     for k0 in range(0, rows.shape[0], CHUNK_PAIRS):
         (a, b, row_k, col_k), ri, ci = _gathered(qa, ra, rows, cols, row_a, col_a, k0, k0 + CHUNK_PAIRS)
-        u = _pair_u(a, b, lp)
+        u = _chunk_u(qa, ra, ri, ci, a, b, lp)
         du, d_row, d_col = PAIR_TERMS[term][1](u, row_k, col_k, ri == ci, p0, p1, lp)
         gk = g[ri]
         g_row.index_add_(0, ri, gk * d_row)
@@ -152,7 +158,8 @@ def _backward(ctx, grad):
         rows, cols = label_positive_pairs(labels_q, labels_r, exclude_col)
         # nodes of their own (r may be q itself: each input gets its own share)
         inputs = tuple(t.view_as(t) for t in (q, r, row_stat, col_stat))
-        sums = _sums(*(t.to(A) for t in inputs[:2]), rows, cols, *(t.to(A) for t in inputs[2:]), *ctx.args)
+        sums = _sums(*(t.to(A) for t in inputs[:2]), rows, cols, *(t.to(A) for t in inputs[2:]), *ctx.args,
+                     differentiable=True)
         wanted = [t for t, need in zip(inputs, needs) if need]
         got = iter(torch.autograd.grad(sums, wanted, grad.to(A), create_graph=True, allow_unused=True))
         got = [(lambda g, t: torch.zeros_like(t) if g is None else g)(next(got), t) if need else None
