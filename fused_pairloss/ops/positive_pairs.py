@@ -56,12 +56,12 @@ def _pair_u(a, b, lp):
     return torch.where(sq > 0, torch.where(sq > 0, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
 
 
-def _chunk_u(qa, ra, ri, ci, a, b, lp, differentiable=False):
-    """u of a chunk of pairs (gathered rows a, b): in the ops on the CPU with the engines' bits
-    (ops/listed.py's op, as a miner's listed pairs get them); else, and in a differentiable
-    recomputation, _pair_u."""
+def _engine_u(qa, ra, rows, cols, lp, differentiable=False):
+    """u of all the pairs at once (O(#pairs), as the indices) with the engines' bits, in the ops on the
+    CPU (ops/listed.py's op, as a miner's listed pairs get them); None elsewhere and in a
+    differentiable recomputation (each chunk then takes _pair_u of its gathered rows)."""
     engine_values = None if differentiable else _engine_values_op(qa, ra)
-    return _pair_u(a, b, lp) if engine_values is None else engine_values(qa.detach(), ra.detach(), ri, ci, lp)
+    return None if engine_values is None else engine_values(qa.detach(), ra.detach(), rows, cols, lp)
 
 
 def _gathered(qa, ra, rows, cols, row_stat, col_stat, k0, k1):
@@ -74,9 +74,10 @@ def _sums(qa, ra, rows, cols, row_stat, col_stat, term, p0, p1, lp, differentiab
     """Per row the sum of the term over its pairs, chunk by chunk of gathers (differentiable in
     q and r where `differentiable`)."""
     sums = torch.zeros(qa.shape[0], dtype=qa.dtype, device=qa.device)
+    u_all = _engine_u(qa, ra, rows, cols, lp, differentiable)
     for k0 in range(0, rows.shape[0], CHUNK_PAIRS):
         (a, b, row_k, col_k), ri, ci = _gathered(qa, ra, rows, cols, row_stat, col_stat, k0, k0 + CHUNK_PAIRS)
-        u = _chunk_u(qa, ra, ri, ci, a, b, lp, differentiable)
+        u = _pair_u(a, b, lp) if u_all is None else u_all[k0:k0 + CHUNK_PAIRS]
         sums = sums.index_add(0, ri, PAIR_TERMS[term][0](u, row_k, col_k, ri == ci, p0, p1, lp))
     return sums
 
@@ -118,9 +119,10 @@ def positive_pair_rows_backward(grad: torch.Tensor, q: torch.Tensor, r: torch.Te
     qa, ra, row_a, col_a, g = q.to(A), r.to(A), row_stat.to(A), col_stat.to(A), grad.to(A)
     rows, cols = label_positive_pairs(labels_q, labels_r, exclude_col)
     gq, gr, g_row, g_col = (torch.zeros_like(t) for t in (qa, ra, row_a, col_a))
+    u_all = _engine_u(qa, ra, rows, cols, lp)
     for k0 in range(0, rows.shape[0], CHUNK_PAIRS):
         (a, b, row_k, col_k), ri, ci = _gathered(qa, ra, rows, cols, row_a, col_a, k0, k0 + CHUNK_PAIRS)
-        u = _chunk_u(qa, ra, ri, ci, a, b, lp)
+        u = _pair_u(a, b, lp) if u_all is None else u_all[k0:k0 + CHUNK_PAIRS]
         du, d_row, d_col = PAIR_TERMS[term][1](u, row_k, col_k, ri == ci, p0, p1, lp)
         gk = g[ri]
         g_row.index_add_(0, ri, gk * d_row)
