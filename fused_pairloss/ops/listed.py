@@ -125,16 +125,17 @@ class _PairV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, r, rows, cols, lp):
-        v = q.new_empty(rows.shape[0])
         dense = (rows.shape[0] * DENSE_FRACTION >= q.shape[0] * r.shape[0]
                  and bool((rows[1:] >= rows[:-1]).all()))  # the strips need the rows ascending
         engine_values = _engine_values_op(q, r)
         if engine_values is not None:
             v = engine_values(q.detach(), r.detach(), rows, cols, lp)
         elif dense:
+            v = q.new_empty(rows.shape[0])
             for i0, i1, k0, k1 in _strips(q, r, rows):
                 v[k0:k1] = _strip_v(q, r, i0, i1, lp)[rows[k0:k1] - i0, cols[k0:k1]]
         else:
+            v = q.new_empty(rows.shape[0])
             for k0, k1 in _chunks(rows.shape[0]):
                 a, b = q[rows[k0:k1]], r[cols[k0:k1]]
                 v[k0:k1] = ((a - b) ** 2).sum(1).sqrt() if lp else (a * b).sum(1)
