@@ -159,7 +159,7 @@ def test_dense_strips_equal_gathers(lp, forward, monkeypatch):
     from fused_pairloss.ops import listed
     if forward == "torch":
         monkeypatch.setattr(listed, "_ENGINE_VALUES_OP", False)
-    elif listed._engine_values_op(torch.zeros(1, 1), torch.zeros(1, 1)) is None:
+    elif listed.engine_values_op(torch.zeros(1, 1), torch.zeros(1, 1)) is None:
         pytest.skip("fused_pairloss._C (the CPU kernels) not built")
     g = torch.Generator().manual_seed(4)
     q = torch.randn(50, 6, generator=g, dtype=torch.float64, requires_grad=True)
@@ -213,7 +213,7 @@ def test_listed_values_are_the_engines_bits(lp, dtype, monkeypatch):
     (pair by pair), on every instruction set this CPU has; pair_values goes through the op."""
     from fused_pairloss.ops import listed, triplets
     extremes = triplets.row_extremes_op(torch.device("cpu"))
-    if extremes is None or listed._engine_values_op(torch.zeros(1, 1), torch.zeros(1, 1)) is None:
+    if extremes is None or listed.engine_values_op(torch.zeros(1, 1), torch.zeros(1, 1)) is None:
         pytest.skip("fused_pairloss._C (the CPU kernels) not built")
     g = torch.Generator().manual_seed(11)
     n, m, d = 70, 90, 37
@@ -251,7 +251,7 @@ def test_listed_values_are_the_engines_bits(lp, dtype, monkeypatch):
 
 def test_listed_values_op_check_and_errors():
     from fused_pairloss.ops import listed
-    op = listed._engine_values_op(torch.zeros(1, 1), torch.zeros(1, 1))
+    op = listed.engine_values_op(torch.zeros(1, 1), torch.zeros(1, 1))
     if op is None:
         pytest.skip("fused_pairloss._C (the CPU kernels) not built")
     g = torch.Generator().manual_seed(12)

@@ -14,7 +14,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -32,11 +31,6 @@ constexpr int64_t kDenseFraction = 64;                // ops/listed.py DENSE_FRA
 constexpr int64_t kStripElements = int64_t(1) << 20;  // S entries of one strip, at most
 constexpr int64_t kMaxStripRows = 256;
 constexpr int64_t kPairsPerItem = 4096;  // pairs of one work item of the pair-by-pair path
-
-template <typename T>
-T distance_from_d2(T d2) {  // pair_terms.inl pair_v_lp: sqrt(max(d2, 0)), NaN passes
-  return (d2 > T(0) || d2 != d2) ? std::sqrt(d2) : T(0);
-}
 
 template <typename T>
 void dense_values(const Kernels<T>& K, const Tensor& q_in, const Tensor& r_in, const int64_t* rows, const int64_t* cols,
@@ -65,9 +59,11 @@ void dense_values(const Kernels<T>& K, const Tensor& q_in, const Tensor& r_in, c
         if (lp)
           K.lp_tile_d2(qp, r.data_ptr<T>(), Dp, D, norm_q.data_ptr<T>() + i0, norm_r.data_ptr<T>(),
                        static_cast<int>(ti), static_cast<int>(M), U.data(), ld);
+        // u = d (pair_terms.inl pair_v_lp, the engines' one definition) or -S, as the triplet rows read it
+        K.triplet_strip_u(U.data(), ld, static_cast<int>(ti), M, lp);
         for (int64_t k = k0; k < k1; ++k) {
-          const T x = U[(rows[k] - i0) * ld + cols[k]];
-          out[k] = lp ? distance_from_d2(x) : x;
+          const T u = U[(rows[k] - i0) * ld + cols[k]];
+          out[k] = lp ? u : -u;
         }
       });
 }

@@ -149,18 +149,16 @@ def listed_pairs_triplet_margin(embeddings, ref_emb, indices_tuple, *, margin, d
     u_ap, u_an = sign * pair_values(q, r, a1, p, lp), sign * pair_values(q, r, a2, n, lp)
     thresholds = u_ap + margin
     if not bool(torch.isfinite(thresholds).all() & torch.isfinite(u_an).all()):
-        nan = (thresholds.sum() + u_an.sum()) * 0  # NaN, with the graph of the pairs' u
-        return nan_in_nan_out(nan.to(embeddings.dtype), embeddings, ref_emb).to(similarity_dtype(embeddings,
-                                                                                                 distance))
-    with torch.no_grad():
-        k, c = _below_counts(a1, thresholds.detach(), a2, u_an.detach())
-    count = int(k.sum())
-    zero = zero_loss(embeddings)
-    if count == 0:
-        loss = zero
-    else:  # in float64: the two sums are about count x |u|, their difference only the violations
-        total = (k.double() * thresholds.double()).sum() - (c.double() * u_an.double()).sum()
-        loss = (total / count).to(embeddings.dtype)
+        loss = ((thresholds.sum() + u_an.sum()) * 0).to(embeddings.dtype)  # NaN, with the graph of the u
+    else:
+        with torch.no_grad():
+            k, c = _below_counts(a1, thresholds.detach(), a2, u_an.detach())
+        count = int(k.sum())
+        if count == 0:
+            loss = zero_loss(embeddings)
+        else:  # in float64: the two sums are about count x |u|, their difference only the violations
+            total = (k.double() * thresholds.double()).sum() - (c.double() * u_an.double()).sum()
+            loss = (total / count).to(embeddings.dtype)
     return nan_in_nan_out(loss, embeddings, ref_emb).to(similarity_dtype(embeddings, distance))
 
 

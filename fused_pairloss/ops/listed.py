@@ -118,7 +118,7 @@ def _strip_v(q, r, i0, i1, lp):
 
 class _PairV(torch.autograd.Function):
     """v of the listed pairs, S or d (gradient 0 at d = 0): on CPU fp32 / fp64 from the engines'
-    arithmetic (_engine_values_op), elsewhere from row gathers in chunks or, for a dense list (rows
+    arithmetic (engine_values_op), elsewhere from row gathers in chunks or, for a dense list (rows
     ascending), from row strips of S; the backward likewise by gathers or strips. It saves q, r and
     the indices only, so memory is O(#pairs + (N + M) D + strip) whatever the number of pairs (PML's
     CrossBatchMemory lists all N x M of them)."""
@@ -127,7 +127,7 @@ class _PairV(torch.autograd.Function):
     def forward(ctx, q, r, rows, cols, lp):
         dense = (rows.shape[0] * DENSE_FRACTION >= q.shape[0] * r.shape[0]
                  and bool((rows[1:] >= rows[:-1]).all()))  # the strips need the rows ascending
-        engine_values = _engine_values_op(q, r)
+        engine_values = engine_values_op(q, r)
         if engine_values is not None:
             v = engine_values(q.detach(), r.detach(), rows, cols, lp)
         elif dense:
@@ -183,7 +183,7 @@ def _fake_listed_pair_values(q, r, rows, cols, lp):
     return q.new_empty(rows.shape)
 
 
-def _engine_values_op(q, r):
+def engine_values_op(q, r):
     """The C++ op that gives listed pairs the CPU engines' own bits (csrc/cpu/listed_pairs_cpu.cpp),
     for fp32 / fp64 CPU operands when built; else None (torch's products: another rounding than the
     engines', which may decide a pair at a kink differently from the same loss over the label sets)."""

@@ -22,7 +22,7 @@ from typing import Callable, Dict, Tuple
 import torch
 
 from ._common import zero_loss
-from .listed import _engine_values_op, join_on_anchor, pair_values
+from .listed import engine_values_op, join_on_anchor, pair_values
 from .operands import stat_dtype
 
 PAIR_TERMS: Dict[str, Tuple[Callable, Callable]] = {}
@@ -60,7 +60,7 @@ def _engine_u(qa, ra, rows, cols, lp, differentiable=False):
     """u of all the pairs at once (O(#pairs), as the indices) with the engines' bits, in the ops on the
     CPU (ops/listed.py's op, as a miner's listed pairs get them); None elsewhere and in a
     differentiable recomputation (each chunk then takes _pair_u of its gathered rows)."""
-    engine_values = None if differentiable else _engine_values_op(qa, ra)
+    engine_values = None if differentiable else engine_values_op(qa, ra)
     return None if engine_values is None else engine_values(qa.detach(), ra.detach(), rows, cols, lp)
 
 
