@@ -260,9 +260,37 @@ def test_listed_values_op_check_and_errors():
     for lp in (True, False):
         torch.library.opcheck(torch.ops.fused_pairloss.listed_pair_values.default, (q, r, rows, cols, lp))
     assert op(q, r, rows[:0], cols[:0], True).shape == (0,)
+    with pytest.raises(RuntimeError, match="no gradient of its own"):  # pair_values carries the gradient
+        op(q.requires_grad_(), r, rows, cols, True).sum().backward()
+    q = q.detach()
     with pytest.raises(RuntimeError, match="lies outside"):
         op(q, r, rows, cols + 7, True)
     with pytest.raises(RuntimeError, match="float32 or both float64"):
         op(q, r.float(), rows, cols, True)
     with pytest.raises(RuntimeError, match="int64 vectors of one length"):
         op(q, r, rows, cols[:3], True)
+
+
+def test_listed_values_the_same_for_any_thread_count():
+    """Sizes that run the op's dense strips and its pair-by-pair items on several threads: the
+    same bits for 1 to 4 threads."""
+    from fused_pairloss.ops import listed
+    op = listed.engine_values_op(torch.zeros(1, 1), torch.zeros(1, 1))
+    if op is None:
+        pytest.skip("fused_pairloss._C (the CPU kernels) not built")
+    g = torch.Generator().manual_seed(19)
+    q = torch.nn.functional.normalize(torch.randn(600, 16, generator=g), dim=1)
+    rows, cols = (t.reshape(-1) for t in torch.meshgrid(torch.arange(600), torch.arange(600), indexing="ij"))
+    sparse = torch.randperm(rows.numel(), generator=g)[:300000]
+    before = torch.get_num_threads()
+    try:
+        for lp in (True, False):
+            results = []
+            for threads in (1, 2, 3, 4):
+                torch.set_num_threads(threads)
+                results.append((op(q, q, rows, cols, lp), op(q, q, rows[sparse], cols[sparse], lp)))
+            for dense, picked in results[1:]:
+                assert torch.equal(dense, results[0][0]) and torch.equal(picked, results[0][1]), lp
+            assert torch.equal(results[0][1], results[0][0][sparse])
+    finally:
+        torch.set_num_threads(before)

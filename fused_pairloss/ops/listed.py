@@ -183,6 +183,11 @@ def _fake_listed_pair_values(q, r, rows, cols, lp):
     return q.new_empty(rows.shape)
 
 
+def _listed_pair_values_backward(ctx, grad):
+    raise RuntimeError("fused_pairloss::listed_pair_values has no gradient of its own: "
+                       "ops/listed.pair_values wraps it in its backward")
+
+
 def engine_values_op(q, r):
     """The C++ op that gives listed pairs the CPU engines' own bits (csrc/cpu/listed_pairs_cpu.cpp),
     for fp32 / fp64 CPU operands when built; else None (torch's products: another rounding than the
@@ -194,6 +199,7 @@ def engine_values_op(q, r):
         _ENGINE_VALUES_OP = False
         if _extension.has_kernel("listed_pair_values", "CPU"):  # not in a library built before it
             torch.library.register_fake("fused_pairloss::listed_pair_values")(_fake_listed_pair_values)
+            torch.library.register_autograd("fused_pairloss::listed_pair_values", _listed_pair_values_backward)
             _ENGINE_VALUES_OP = torch.ops.fused_pairloss.listed_pair_values
     return _ENGINE_VALUES_OP or None
 
