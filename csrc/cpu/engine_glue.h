@@ -1,6 +1,7 @@
 // ATen-side helpers shared by the CPU engines' glue (pair_engine_cpu.cpp, triplet_engine_cpu.cpp,
-// class_engine_cpu.cpp): the work loops (subnormals flushed inside), operand staging (padded rows, squared norms,
-// packed panels and column chunks for the kernels of cpu_kernels.h) and the lp norms' share of a gradient.
+// class_engine_cpu.cpp, listed_pairs_cpu.cpp): the work loops (subnormals flushed inside), operand staging
+// (padded rows, squared norms, packed panels and column chunks for the kernels of cpu_kernels.h), the
+// strips of u that the triplet engine and the listed pairs read, and the lp norms' share of a gradient.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -169,6 +170,48 @@ Tensor pack(const Kernels<T>& K, const Tensor& x, int64_t D) {
   if (n > 0) K.pack_panels(x.data_ptr<T>(), x.size(1), n, D, out.data_ptr<T>());
   return out;
 }
+
+// The u strips of q's rows against every row of r, as the triplet engine and the listed-pairs op
+// read them: u = d (lp: sqrt of the clamped d2, near pairs recomputed from the rows) or u = -S, by
+// the engines' GEMM, so an element's bits depend on its two rows only (cpu_kernels.h
+// "Determinism"). A strip is ti <= strip_rows rows of ld columns (M rounded up to the panel width,
+// the padding NaN); strip_rows * ld <= strip_elements.
+template <typename T>
+struct UStrips {
+  const Kernels<T>* K = nullptr;
+  int64_t N = 0, M = 0, D = 0, Dp = 0, ld = 0, strip_rows = 0;
+  Tensor q, r, panels, norm_q, norm_r;  // q, r padded to Dp columns; r packed; squared norms (lp)
+  bool lp = false;
+
+  UStrips() = default;
+  UStrips(const Kernels<T>& kernels, const Tensor& q_in, const Tensor& r_in, bool lp_in, int64_t strip_elements,
+          int64_t max_strip_rows)
+      : K(&kernels), N(q_in.size(0)), M(r_in.size(0)), D(q_in.size(1)), lp(lp_in) {
+    Dp = round_up(std::max<int64_t>(D, 1), sizeof(T) == 4 ? 16 : 8);
+    ld = round_up(std::max<int64_t>(M, 1), 32);
+    strip_rows = std::max<int64_t>(1, std::min(max_strip_rows, strip_elements / ld));
+    q = padded_rows<T>(q_in.detach(), Dp);
+    r = padded_rows<T>(r_in.detach(), Dp);
+    panels = pack<T>(kernels, r, D);
+    if (lp) {
+      norm_q = squared_norms<T>(q, D);
+      norm_r = squared_norms<T>(r, D);
+    }
+  }
+
+  int64_t strips() const { return (N + strip_rows - 1) / strip_rows; }
+
+  // u of rows i0 .. i0 + ti against every column, into U (row stride ld)
+  void fill(int64_t i0, int64_t ti, T* U) const {
+    const T* qp = q.template data_ptr<T>() + i0 * Dp;
+    K->gemm_nt(qp, Dp, panels.template data_ptr<T>(), ti, M, D, U, ld);
+    if (lp)
+      K->lp_tile_d2(qp, r.template data_ptr<T>(), Dp, D, norm_q.template data_ptr<T>() + i0,
+                    norm_r.template data_ptr<T>(), static_cast<int>(ti), static_cast<int>(M), U, ld);
+    // u = d (pair_terms.inl pair_v_lp, the engines' one definition) or -S
+    K->triplet_strip_u(U, ld, static_cast<int>(ti), M, lp);
+  }
+};
 
 }  // namespace glue
 }  // namespace cpu

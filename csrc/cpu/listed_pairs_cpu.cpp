@@ -6,8 +6,8 @@
 // CrossBatchMemory compares the two), whatever BLAS would have computed.
 //
 // A dense list (at least one pair in kDenseFraction of the N x M entries, rows ascending: PML's
-// CrossBatchMemory lists all of them) is computed by row strips of S through the engines' own GEMM
-// and lp_tile_d2, then read at the listed pairs; any other list pair by pair
+// CrossBatchMemory lists all of them) is computed by the triplet engine's strips of u (engine_glue.h
+// UStrips), then read at the listed pairs; any other list pair by pair
 // (Kernels::listed_pair_values, the same chain per element). Memory: the output, the squared norms
 // and, for a dense list, the packed r and one strip per thread.
 #include <ATen/ATen.h>
@@ -33,37 +33,21 @@ constexpr int64_t kMaxStripRows = 256;
 constexpr int64_t kPairsPerItem = 4096;  // pairs of one work item of the pair-by-pair path
 
 template <typename T>
-void dense_values(const Kernels<T>& K, const Tensor& q_in, const Tensor& r_in, const int64_t* rows, const int64_t* cols,
+void dense_values(const Kernels<T>& K, const Tensor& q, const Tensor& r, const int64_t* rows, const int64_t* cols,
                   int64_t n, bool lp, T* out) {
-  const int64_t N = q_in.size(0), M = r_in.size(0), D = q_in.size(1);
-  const int64_t Dp = round_up(std::max<int64_t>(D, 1), sizeof(T) == 4 ? 16 : 8);
-  const int64_t ld = round_up(std::max<int64_t>(M, 1), 32);
-  const int64_t strip_rows = std::max<int64_t>(1, std::min(kMaxStripRows, kStripElements / ld));
-  const Tensor q = padded_rows<T>(q_in, Dp), r = padded_rows<T>(r_in, Dp);
-  const Tensor panels = pack<T>(K, r, D);
-  Tensor norm_q, norm_r;
-  if (lp) {
-    norm_q = squared_norms<T>(q, D);
-    norm_r = squared_norms<T>(r, D);
-  }
-  const int64_t strips = (N + strip_rows - 1) / strip_rows;
+  const UStrips<T> u(K, q, r, lp, kStripElements, kMaxStripRows);
+  const int64_t ld = u.ld;
   tile_parallel(
-      strips, parallel_work(N, M, D), [&] { return std::vector<T>(strip_rows * ld); },
+      u.strips(), parallel_work(u.N, u.M, u.D), [&] { return std::vector<T>(u.strip_rows * ld); },
       [&](int64_t s, std::vector<T>& U) {
-        const int64_t i0 = s * strip_rows, ti = std::min(strip_rows, N - i0);
+        const int64_t i0 = s * u.strip_rows, ti = std::min(u.strip_rows, u.N - i0);
         const int64_t k0 = std::lower_bound(rows, rows + n, i0) - rows;
         const int64_t k1 = std::lower_bound(rows + k0, rows + n, i0 + ti) - rows;
         if (k1 == k0) return;
-        const T* qp = q.data_ptr<T>() + i0 * Dp;
-        K.gemm_nt(qp, Dp, panels.data_ptr<T>(), ti, M, D, U.data(), ld);
-        if (lp)
-          K.lp_tile_d2(qp, r.data_ptr<T>(), Dp, D, norm_q.data_ptr<T>() + i0, norm_r.data_ptr<T>(),
-                       static_cast<int>(ti), static_cast<int>(M), U.data(), ld);
-        // u = d (pair_terms.inl pair_v_lp, the engines' one definition) or -S, as the triplet rows read it
-        K.triplet_strip_u(U.data(), ld, static_cast<int>(ti), M, lp);
+        u.fill(i0, ti, U.data());
         for (int64_t k = k0; k < k1; ++k) {
-          const T u = U[(rows[k] - i0) * ld + cols[k]];
-          out[k] = lp ? u : -u;
+          const T v = U[(rows[k] - i0) * ld + cols[k]];
+          out[k] = lp ? v : -v;  // u = d, or -S
         }
       });
 }

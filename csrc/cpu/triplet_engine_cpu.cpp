@@ -49,16 +49,12 @@ constexpr int64_t kDirectPositives = 256;             // rows with more positive
 constexpr int64_t kGroups = 8;                        // private dr buffers (shape-determined)
 constexpr int64_t kGroupBudget = int64_t(256) << 20;  // bytes of private dr buffers, at most
 
+// The strips of u (engine_glue.h UStrips), the labels and the margin / window of one call.
 template <typename T>
-struct TripletOperands {
-  const Kernels<T>* K;
-  int64_t N, M, D, Dp, ld;  // ld: row stride of a strip (columns rounded up to the panel width)
-  int64_t strip_rows;
-  Tensor q, r, panels, norm_q, norm_r;
+struct TripletOperands : UStrips<T> {
   Tensor labels_q, excl;              // int64 (N)
   Tensor sorted_labels_r, columns_r;  // r's labels ascending, and their columns (a stable sort)
   T margin;
-  bool lp;
   bool has_window;  // a miner's window on u_n - u_ap: (window[0], window[1]]
   T window[2];
 };
@@ -67,43 +63,17 @@ template <typename T>
 TripletOperands<T> prepare(const Tensor& q, const Tensor& r, const Tensor& labels_q, const Tensor& labels_r,
                            const Tensor& exclude_col, double margin, bool lp, double window_lo, double window_hi) {
   TripletOperands<T> o;
-  o.K = &active_kernels<T>();
-  o.N = q.size(0);
-  o.M = r.size(0);
-  o.D = q.size(1);
-  o.Dp = round_up(std::max<int64_t>(o.D, 1), sizeof(T) == 4 ? 16 : 8);
-  o.ld = round_up(std::max<int64_t>(o.M, 1), 32);
-  o.strip_rows = std::max<int64_t>(1, std::min(kMaxStripRows, kStripElements / o.ld));
-  o.q = padded_rows<T>(q.detach(), o.Dp);
-  o.r = padded_rows<T>(r.detach(), o.Dp);
-  o.panels = pack<T>(*o.K, o.r, o.D);
+  static_cast<UStrips<T>&>(o) = UStrips<T>(active_kernels<T>(), q, r, lp, kStripElements, kMaxStripRows);
   o.labels_q = labels_q.to(at::kLong).contiguous();
   auto sorted = at::sort(labels_r.to(at::kLong), /*stable=*/true, /*dim=*/0, /*descending=*/false);
   o.sorted_labels_r = std::get<0>(sorted).contiguous();
   o.columns_r = std::get<1>(sorted).contiguous();
   o.excl = exclude_col.to(at::kLong).contiguous();
-  if (lp) {
-    o.norm_q = squared_norms<T>(o.q, o.D);
-    o.norm_r = squared_norms<T>(o.r, o.D);
-  }
   o.margin = static_cast<T>(margin);
-  o.lp = lp;
   o.has_window = !(std::isinf(window_lo) && window_lo < 0 && std::isinf(window_hi) && window_hi > 0);
   o.window[0] = static_cast<T>(window_lo);
   o.window[1] = static_cast<T>(window_hi);
   return o;
-}
-
-// u of rows i0 .. i0 + ti against every column, into U (row stride o.ld): d = sqrt(max(d2, 0))
-// (the near pairs' d2 recomputed from the rows, as every engine) or -S; the padding NaN.
-template <typename T>
-void strip_u(const TripletOperands<T>& o, int64_t i0, int64_t ti, T* U) {
-  const T* qp = o.q.template data_ptr<T>() + i0 * o.Dp;
-  o.K->gemm_nt(qp, o.Dp, o.panels.template data_ptr<T>(), ti, o.M, o.D, U, o.ld);
-  if (o.lp)
-    o.K->lp_tile_d2(qp, o.r.template data_ptr<T>(), o.Dp, o.D, o.norm_q.template data_ptr<T>() + i0,
-                    o.norm_r.template data_ptr<T>(), static_cast<int>(ti), static_cast<int>(o.M), U, o.ld);
-  o.K->triplet_strip_u(U, o.ld, static_cast<int>(ti), o.M, o.lp);
 }
 
 // One positive of a row: its threshold A = u + margin, its column and its u.
@@ -243,7 +213,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const TripletOperands<T>& o) {
       nb, parallel_work(o.N, o.M, o.D), [&] { return Scratch{std::vector<T>(TI * o.ld), {}}; },
       [&](int64_t b, Scratch& sc) {
         const int64_t i0 = b * TI, ti = std::min(TI, o.N - i0);
-        strip_u(o, i0, ti, sc.U.data());
+        o.fill(i0, ti, sc.U.data());
         for (int64_t i = 0; i < ti; ++i) row_forward(o, i0 + i, sc.U.data() + i * o.ld, sc.row, sp, cp, wp);
       });
   return {sums, counts, in_window};
@@ -281,7 +251,7 @@ std::tuple<Tensor, Tensor> backward_impl(const TripletOperands<T>& o, bool need_
       [&](int64_t grp, Scratch& sc) {
         for (int64_t b = nb * grp / groups; b < nb * (grp + 1) / groups; ++b) {
           const int64_t i0 = b * TI, ti = std::min(TI, N - i0);
-          strip_u(o, i0, ti, sc.U.data());
+          o.fill(i0, ti, sc.U.data());
           for (int64_t i = 0; i < ti; ++i) row_G(i0 + i, sc.U.data() + i * o.ld, sc.row, sc.G.data() + i * o.ld);
           if (o.lp) add_row_sums(sc.G.data(), o.ld, static_cast<int>(ti), static_cast<int>(M), row_sums.data() + i0);
           if (need_q)
@@ -363,7 +333,7 @@ std::tuple<Tensor, Tensor> bins_forward_impl(const TripletOperands<T>& o, BinGri
       },
       [&](int64_t b, Scratch& sc) {
         const int64_t i0 = b * TI, ti = std::min(TI, o.N - i0);
-        strip_u(o, i0, ti, sc.U.data());
+        o.fill(i0, ti, sc.U.data());
         for (int64_t k = 0; k < ti; ++k) {
           const int64_t i = i0 + k;
           take_positives(o, i, sc.U.data() + k * o.ld, sc.row);
@@ -442,7 +412,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> extremes_impl(const TripletOperands<T
       nb, parallel_work(o.N, o.M, o.D), [&] { return std::vector<T>(TI * o.ld); },
       [&](int64_t b, std::vector<T>& U) {
         const int64_t i0 = b * TI, ti = std::min(TI, o.N - i0);
-        strip_u(o, i0, ti, U.data());
+        o.fill(i0, ti, U.data());
         for (int64_t k = 0; k < ti; ++k) {
           const int64_t i = i0 + k;
           T* u = U.data() + k * o.ld;
