@@ -5,9 +5,28 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
 import warnings
 
 import torch
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def user_stacklevel():
+    """warnings.warn's stacklevel, for a warning raised in this package, that points at the first
+    frame outside fused_pairloss, torch and pytorch_metric_learning: the user's line, however many
+    of our and torch's (Module.__call__) frames lie between."""
+    skip = [_PACKAGE_DIR, os.path.dirname(os.path.abspath(torch.__file__)) + os.sep]
+    pml = sys.modules.get("pytorch_metric_learning")
+    if pml is not None and getattr(pml, "__file__", None):
+        skip.append(os.path.dirname(os.path.abspath(pml.__file__)) + os.sep)
+    frame, level = sys._getframe(1), 1  # level 1: the function that calls warnings.warn
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(tuple(skip)):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _compiling() -> bool:
@@ -17,7 +36,7 @@ def _compiling() -> bool:
         return False
 
 
-def check_embeddings(x, name="embeddings"):
+def check_embeddings(x, name="embeddings", allow_empty=False):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (N, D); got {type(x).__name__}")
     if not x.is_floating_point():
@@ -25,7 +44,7 @@ def check_embeddings(x, name="embeddings"):
                         f"got dtype {x.dtype}")
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D of shape (N, D); got shape {tuple(x.shape)}")
-    if x.shape[0] == 0 or x.shape[1] == 0:
+    if (x.shape[0] == 0 and not allow_empty) or x.shape[1] == 0:
         raise ValueError(f"{name} must have N >= 1 rows and D >= 1 columns; got shape {tuple(x.shape)}")
 
 
@@ -41,6 +60,38 @@ def check_labels(labels, n, name="labels", emb_name="embeddings"):
         raise ValueError(f"{name} must have length {n} (rows of {emb_name}); got length {labels.shape[0]}")
 
 
+def _needs_ids(labels):
+    return isinstance(labels, torch.Tensor) and (labels.is_floating_point() or labels.dtype == torch.bool)
+
+
+def label_ids(labels, ref_labels=None):
+    """PML compares labels with == only, so it takes float and bool labels too: such labels (either
+    argument) become int64 ids, equal exactly where the labels are equal (torch.unique over both
+    together); `ref_labels is labels` stays true. Integer labels pass unchanged. A NaN label, which
+    equals nothing (not even itself, unlike any id), is a ValueError naming its argument."""
+    if not (_needs_ids(labels) or _needs_ids(ref_labels)):
+        return labels, ref_labels
+    same = ref_labels is labels
+    given = [(name, x) for name, x in (("labels", labels), ("ref_labels", None if same else ref_labels))
+             if isinstance(x, torch.Tensor)]
+    for name, x in given:
+        if x.is_complex():
+            return labels, ref_labels  # check_labels names it
+        if x.is_floating_point() and not _compiling() and x.device.type != "meta" and bool(torch.isnan(x).any()):
+            raise ValueError(f"{name} must not contain NaN (PML compares labels with ==, and NaN equals no label)")
+    dtype = given[0][1].dtype
+    for _, x in given[1:]:
+        dtype = torch.promote_types(dtype, x.dtype)
+    flat = torch.cat([x.reshape(-1).to(dtype) for _, x in given])
+    ids = torch.unique(flat, return_inverse=True)[1]
+    out, start = {}, 0
+    for name, x in given:
+        out[name] = ids[start:start + x.numel()].reshape(x.shape)
+        start += x.numel()
+    ids_labels = out.get("labels", labels)
+    return ids_labels, (ids_labels if same else out.get("ref_labels", ref_labels))
+
+
 def check_pair_inputs(embeddings, labels, ref_emb, ref_labels):
     check_embeddings(embeddings)
     if labels is None:
@@ -51,7 +102,9 @@ def check_pair_inputs(embeddings, labels, ref_emb, ref_labels):
     if ref_emb is not None:
         check_embeddings(ref_emb, "ref_emb")
         if ref_labels is None:
-            raise ValueError("ref_emb was given without ref_labels; pass both or neither")
+            raise ValueError("ref_emb was given without ref_labels: the labels then stand for ref_emb's rows too "
+                             f"(as in PML), which needs ref_emb to have {embeddings.shape[0]} rows like embeddings; "
+                             f"got {ref_emb.shape[0]}")
         if ref_emb.shape[1] != embeddings.shape[1]:
             raise ValueError(
                 f"ref_emb must have the embedding width D={embeddings.shape[1]} of embeddings; "
@@ -92,21 +145,23 @@ def check_distance(distance, allowed=DISTANCES):
                          f"its defaults are fused); got {distance!r}")
 
 
-def check_margins_ordered(pos_margin, neg_margin, distance):
+def check_margins_ordered(pos_margin, neg_margin, distance, loss):
     """A distance pulls positives below pos_margin and pushes negatives above neg_margin, a
-    similarity the other way round: margins in the other order make every pair a violation. PML
-    accepts them (its ContrastiveLoss with CosineSimilarity() and the default margins is such a
-    case), so this is a warning, not an error."""
+    similarity the other way round. Margins in the other order are most likely the defaults meant
+    for the other kind (ContrastiveLoss with CosineSimilarity() and its default margins 0 and 1,
+    where no negative ever counts). PML computes the loss as given, so this is a warning, once per
+    loss and setting, pointing at the user's line."""
     if distance == "lp" and pos_margin > neg_margin:
-        why = f"pos_margin={pos_margin} > neg_margin={neg_margin} for a distance (lp)"
+        why = f"pos_margin={pos_margin} > neg_margin={neg_margin} for a distance (LpDistance)"
     elif distance == "cosine" and pos_margin < neg_margin:
-        why = f"pos_margin={pos_margin} < neg_margin={neg_margin} for a similarity (cosine)"
+        why = f"pos_margin={pos_margin} < neg_margin={neg_margin} for a similarity (CosineSimilarity)"
     else:
         return
-    if why not in _warned_margins:  # once per setting: the functional forms check on every call
-        _warned_margins.add(why)
-        warnings.warn(f"fused_pairloss: {why}: every pair violates its margin (the loss is degenerate; PML "
-                      "computes it the same way)", stacklevel=4)
+    if (loss, why) not in _warned_margins:  # once: the functional forms check on every call
+        _warned_margins.add((loss, why))
+        warnings.warn(f"fused_pairloss: {loss}: {why}: the margins are in the order meant for the other kind of "
+                      "distance (PML computes the loss as given; so does fused_pairloss)",
+                      stacklevel=user_stacklevel())
 
 
 _warned_margins = set()

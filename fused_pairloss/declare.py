@@ -32,7 +32,7 @@ import torch
 
 from . import _distributed
 from . import _validation as V
-from .losses._base import _PairLoss, run_pair_loss
+from .losses._base import _PairLoss, _set_pml_object, run_pair_loss
 from .ops import oracle
 from .ops._common import LOCAL, Batch, pair_operands, zero_loss
 from .ops.engines import PairStats
@@ -163,8 +163,10 @@ def pair_loss(name, *, declaration, combine, hyper, distance="cosine", doc=None)
             raise ValueError(f"{name}: distance must be one of {DISTANCES}; got {distance!r}")
         spec_of(values, distance)
         self._values = values
-        self.backend, self._distance_kind, self.distance = backend, distance, distance
-        self._pml, self.reducer, self.collect_stats = None, None, False
+        self.backend, self._distance_kind = backend, distance
+        _set_pml_object(self, "distance", distance)  # no PML object: the declared kind
+        _set_pml_object(self, "reducer", None)
+        self._pml, self.collect_stats = None, False
 
     def _hyper(self):
         return dict(self._values, distance=self._distance_kind)

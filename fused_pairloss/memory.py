@@ -140,7 +140,19 @@ def remove_self_comparisons(indices_tuple, curr_batch_idx, ref_size):
     return a1[k], p[k], a2, n
 
 
-class CrossBatchMemory(torch.nn.Module):
+def _pml_memory_base():
+    """PML's CrossBatchMemory where PML is installed (PML's DistributedLossWrapper takes its
+    subclasses as memories: it gathers the batch and calls the memory once), else torch.nn.Module.
+    Every method PML's steps call is this class's own; its __init__ is not run (it would allocate
+    the memory again)."""
+    try:
+        from pytorch_metric_learning.losses import CrossBatchMemory as PmlCrossBatchMemory
+    except ImportError:
+        return torch.nn.Module
+    return PmlCrossBatchMemory
+
+
+class CrossBatchMemory(_pml_memory_base()):
     """Drop-in for pytorch_metric_learning.losses.CrossBatchMemory(loss, embedding_size,
     memory_size=1024, miner=None).
 
@@ -177,7 +189,7 @@ class CrossBatchMemory(torch.nn.Module):
     """
 
     def __init__(self, loss, embedding_size, memory_size=1024, miner=None, collect_stats=None):
-        super().__init__()
+        torch.nn.Module.__init__(self)
         if type(loss).__name__ not in SUPPORTED_LOSSES and type(loss) not in FUSED_PAIR_CALLS:  # or a declared one
             raise TypeError(f"loss: CrossBatchMemory not supported for {type(loss).__name__} (PML supports "
                             f"{', '.join(SUPPORTED_LOSSES)})")

@@ -116,7 +116,7 @@ class DistributedLossWrapper(torch.nn.Module):
         xbm = _is_memory(self.loss)
         if not is_distributed():
             warnings.warn("DistributedLossWrapper is being used in a non-distributed setting. "
-                          "Returning the loss as is.", stacklevel=2)
+                          "Returning the loss as is.", stacklevel=V.user_stacklevel())
             if xbm:
                 return self.loss(embeddings, labels, indices_tuple, enqueue_mask)
             return self.loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)

@@ -209,6 +209,10 @@ def run_cases(rank, world):
             idx = None if make_miner is None else pml_dist.DistributedMinerWrapper(make_miner())(xp, yr)
             vp = pml_dist.DistributedLossWrapper(make_p())(xp, yr, idx)
             res["pml"] = (vp.detach(), _grads(vp, [xp]))
+            # PML's wrapper around our loss (ours is a BaseMetricLossFunction): our loss on its gathered rows
+            xo = _leaf(xr.detach())
+            vo = pml_dist.DistributedLossWrapper(make_f())(xo, yr)
+            res["pml_wrapping_ours"] = (vo.detach(), _grads(vo, [xo]))
             # efficient=True: the same exact result
             xe = _leaf(xr.detach())
             ve = fpl.DistributedLossWrapper(make_f(), efficient=True)(xe, yr)
@@ -301,6 +305,27 @@ def run_cases(rank, world):
             return {"steps": steps}
 
         case(name, xbm_case)
+
+    def pml_wrapper_xbm_case():
+        # PML's wrapper around our CrossBatchMemory (ours is a PML CrossBatchMemory) and around PML's,
+        # equal rows per rank (PML's all_gather); PML's gathered order puts the local rows first
+        from pytorch_metric_learning import losses as L
+
+        memories = {"ours": fpl.CrossBatchMemory(fpl.ContrastiveLoss(), D, memory_size=XBM_MEMORY),
+                    "pml": L.CrossBatchMemory(L.ContrastiveLoss(), D, memory_size=XBM_MEMORY)}
+        out = {}
+        for who, xbm in memories.items():
+            wrapped = pml_dist.DistributedLossWrapper(xbm)
+            steps = []
+            for t in range(5):
+                x, y = data(20 + t, 4 * world)
+                xr, yr = _leaf(rows_of(x, [4] * world, rank)), rows_of(y, [4] * world, rank)
+                v = wrapped(xr, yr)
+                steps.append((v.detach(), _grads(v, [xr]), xbm.embedding_memory.clone()))
+            out[who] = steps
+        return out
+
+    case("pml_wrapper_xbm", pml_wrapper_xbm_case)
 
     def no_n_squared_case():
         # the fused path never builds anything of N_global x N_global elements: a 2-D tensor

@@ -73,6 +73,8 @@ def test_pair_loss(world, name):
     for rank, r in enumerate(per_rank):
         close(r["even"][0], r["pml"][0], f"{name} rank {rank} value vs PML's wrapper")
         close(r["even"][1][0], r["pml"][1][0], f"{name} rank {rank} grad vs PML's wrapper")
+        close(r["pml_wrapping_ours"][0], r["pml"][0], f"{name} rank {rank} value of PML's wrapper around ours")
+        close(r["pml_wrapping_ours"][1][0], r["pml"][1][0], f"{name} rank {rank} grad of PML's wrapper around ours")
         close(r["efficient"][0], r["even"][0], f"{name} rank {rank} efficient=True value")
         close(r["efficient"][1][0], r["even"][1][0], f"{name} rank {rank} efficient=True grad")
     # one process on the whole batch, PML's loss, even and uneven sizes
@@ -159,6 +161,17 @@ def test_cross_batch_memory_in_wrapper(world, name):
                 assert (value is None) == (want[k] is None), f"{name} step {t} rank {rank} {k}"
                 assert value is None or value == pytest.approx(want[k], rel=1e-12, nan_ok=True), \
                     f"{name} step {t} rank {rank} {k}"
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_pmls_wrapper_takes_our_cross_batch_memory(world):
+    """PML's DistributedLossWrapper around our CrossBatchMemory: on every rank and step the value,
+    gradient and memory of PML's wrapper around PML's CrossBatchMemory (over a wrap-around)."""
+    for rank, r in enumerate(case_results(world, "pml_wrapper_xbm")):
+        for t, (ours, pml) in enumerate(zip(r["ours"], r["pml"])):
+            close(ours[0], pml[0], f"step {t} rank {rank} value")
+            close(ours[1][0], pml[1][0], f"step {t} rank {rank} grad")
+            assert torch.equal(ours[2], pml[2]), f"step {t} rank {rank}: memory differs"
 
 
 @pytest.mark.parametrize("world", WORLDS)

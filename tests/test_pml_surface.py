@@ -97,8 +97,9 @@ def test_p2s_grad_renormalizes_in_place_and_refuses_what_pml_refuses():
 def test_cosine_with_default_margins_is_accepted_as_pml(name, monkeypatch):
     monkeypatch.setattr(fpl._validation, "_warned_margins", set())
     x, y = batch(3)
-    with pytest.warns(UserWarning, match="every pair violates"):
+    with pytest.warns(UserWarning, match=f"{name}: pos_margin=0 < neg_margin=1 .* order meant for the other") as w:
         ours = getattr(fpl, name)(distance=CosineSimilarity())
+    assert w[0].filename == __file__  # the user's line, not ours
     torch.testing.assert_close(ours(x, y), getattr(L, name)(distance=CosineSimilarity())(x, y),
                                rtol=1e-12, atol=1e-12)
 

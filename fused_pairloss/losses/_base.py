@@ -14,6 +14,7 @@ there are per-row weights.
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import warnings
@@ -28,10 +29,11 @@ from ..ops._common import zero_loss
 _warned = set()
 
 
-def _warn_once(key, message, stacklevel=4):
+def _warn_once(key, message):
+    """A warning once per key, pointing at the user's line (V.user_stacklevel)."""
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, stacklevel=stacklevel)
+        warnings.warn(message, stacklevel=V.user_stacklevel())
 
 
 def _distance_name(distance):
@@ -82,15 +84,67 @@ def _pml_default_reducer(pml_cls):
     return MultipleReducers({k: pml_cls.get_default_reducer(None) for k in names})
 
 
+def _plain_number(value):
+    """A hyper-parameter given as a one-element tensor or a numpy number (PML takes them: it stores
+    and uses them as given) as the Python number the checks and the fused ops take; anything else
+    unchanged."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        return value.item()
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) in ((), (1,)) and hasattr(value, "item"):
+        item = value.item()
+        return item if isinstance(item, (bool, int, float)) else value
+    return value
+
+
+def _taking_plain_numbers(init):
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *map(_plain_number, args), **{k: _plain_number(v) for k, v in kwargs.items()})
+    return __init__
+
+
+def _pml_loss_base():
+    """PML's BaseMetricLossFunction where PML is installed (PML's DistributedLossWrapper takes only
+    its subclasses; its __init__ gives PML's attributes: collect_stats, embedding_regularizer,
+    embedding_reg_weight), else torch.nn.Module. Our modules override its forward."""
+    try:
+        from pytorch_metric_learning.losses import BaseMetricLossFunction
+    except ImportError:
+        return torch.nn.Module
+    return BaseMetricLossFunction
+
+
+_LossBase = _pml_loss_base()
+
+
+def _set_pml_object(module, name, value):
+    """`distance` / `reducer`: PML's objects as PML's losses hold them (submodules, without state:
+    no state_dict entries), or a plain value ("cosine" / "lp", None) without PML."""
+    if isinstance(value, torch.nn.Module):
+        setattr(module, name, value)
+    else:
+        module._modules.pop(name, None)
+        object.__setattr__(module, name, value)
+
+
 class _PmlFallback:
     """What a module does with PML's keyword arguments: the fused ones (a fused distance,
     weight_init_func) are used; anything else (another distance, reducer, regularizer,
     collect_stats=True) builds the PML loss, sharing the module's parameter, and lets it compute
-    after a one-time warning."""
+    after a one-time warning.
+
+    Every loss class's constructor takes its numbers also as one-element tensors and numpy numbers,
+    as PML's do (`_plain_number`, applied to each subclass's own __init__)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _taking_plain_numbers(cls.__dict__["__init__"])
 
     _distances = ("cosine", "lp")   # distances the fused path supports for this loss
     _default_distance = "cosine"    # PML's default for this loss
     _cosine_only = False            # PML asserts CosineSimilarity for this loss
+    _inverted_only = False          # PML asserts only a similarity (SoftTriple): others are PML's computation
 
     _pml_twin = True  # PML's distance / reducer objects from a PML instance (cheap: no parameters)
     _kind_of = staticmethod(_distance_name)  # a PML distance object as the fused path names it
@@ -99,14 +153,18 @@ class _PmlFallback:
         self._pml = None
         name = type(self).__name__
         distance = kwargs.get("distance")
-        if self._cosine_only and distance is not None and _distance_name(distance) != "cosine":
-            raise ValueError(f"{name}: distance must be CosineSimilarity() (as in PML); got {distance!r}")
+        if self._cosine_only and distance is not None and _distance_name(distance) != "cosine" and not (
+                self._inverted_only and getattr(distance, "is_inverted", False)):
+            what = "a similarity (is_inverted)" if self._inverted_only else "CosineSimilarity()"
+            raise ValueError(f"{name}: distance must be {what} (as in PML); got {distance!r}")
         fused = self._default_distance if distance is None else self._kind_of(distance)
         # PML's collect_stats: None is PML's global default (c_f.COLLECT_STATS)
         self.collect_stats = _collect_stats(kwargs.get("collect_stats"))
         others = {k: v for k, v in kwargs.items() if k not in ("distance", "weight_init_func", "collect_stats")}
-        if (fused in self._distances and not self.collect_stats
-                and not any(v not in (None, False) for v in others.values())):
+        unfused = ([f"distance={distance!r}"] if fused not in self._distances else []) + (
+            ["collect_stats=True"] if self.collect_stats else []) + [
+            f"{k}={v!r}" for k, v in others.items() if v not in (None, False)]
+        if not unfused:
             self._distance_kind = fused
             self._attach_pml_objects(name, kwargs, pml_args, pml_kwargs)
             return
@@ -116,44 +174,50 @@ class _PmlFallback:
             raise ValueError(f"{name}: {sorted(kwargs)} need pytorch-metric-learning (fused: distance in "
                              f"{list(self._distances)}, no reducer / regularizer arguments)") from e
         pml = getattr(pml_losses, name)(*pml_args, **(pml_kwargs or {}), **kwargs)
+        self._pml_reason = ", ".join(unfused)  # what the fallback warning names
         if param_name is not None:  # one parameter, the module's own (state_dicts stay PML's)
             setattr(pml, param_name, getattr(self, param_name))
         object.__setattr__(self, "_pml", pml)  # not a submodule: no second copy in the state_dict
         self._distance_kind = None
-        object.__setattr__(self, "distance", pml.distance)  # PML's objects, PML's computation
-        object.__setattr__(self, "reducer", pml.reducer)
+        _set_pml_object(self, "distance", pml.distance)  # PML's objects, PML's computation
+        _set_pml_object(self, "reducer", pml.reducer)
 
     def _attach_pml_objects(self, name, kwargs, pml_args, pml_kwargs):
         """`distance` and `reducer` as PML's class has them (PML's objects: `Miner(distance=
         loss.distance)` works); the fused computation follows `_distance_kind`. Without PML,
         `distance` is the kind ("cosine" / "lp") and `reducer` None."""
-        object.__setattr__(self, "distance", self._distance_kind)
-        object.__setattr__(self, "reducer", None)
+        _set_pml_object(self, "distance", self._distance_kind)
+        _set_pml_object(self, "reducer", None)
         try:
             from pytorch_metric_learning import distances as pml_distances
             from pytorch_metric_learning import losses as pml_losses
         except ImportError:
             return
         if self._pml_twin:  # PML's own construction: its default distance, reducer (MultipleReducers...)
-            twin = getattr(pml_losses, name)(*pml_args, **(pml_kwargs or {}), **kwargs)
+            with warnings.catch_warnings():  # the loss's own warnings are ours (not twice)
+                warnings.simplefilter("ignore")
+                twin = getattr(pml_losses, name)(*pml_args, **(pml_kwargs or {}), **kwargs)
             distance, reducer = twin.distance, twin.reducer
         else:  # class losses: PML's defaults without building a W of C x D just for this
             pml_cls = getattr(pml_losses, name, None)
             distance = kwargs.get("distance") or (pml_distances.CosineSimilarity() if pml_cls is None
                                                   else pml_cls.get_default_distance(None))
             reducer = _pml_default_reducer(pml_cls)
-        # plain attributes, as PML's are submodules without state: no state_dict entries either way
-        object.__setattr__(self, "distance", distance)
-        object.__setattr__(self, "reducer", reducer)
+        _set_pml_object(self, "distance", distance)
+        _set_pml_object(self, "reducer", reducer)
 
     def _run_pml(self, *args):
-        _warn_once(type(self).__name__ + ".pml",
-                   f"fused_pairloss: {type(self).__name__} with these PML arguments is computed by "
-                   "pytorch-metric-learning itself (not fused)", stacklevel=5)
-        return self._pml(*args)
+        _warn_once((type(self).__name__, self._pml_reason),
+                   f"fused_pairloss: {type(self).__name__} with {self._pml_reason} is computed by "
+                   "pytorch-metric-learning itself (not fused)")
+        out = self._pml(*args)
+        for stat in getattr(self._pml, "_record_these_stats", ()):  # the stats PML collected, on this module
+            if hasattr(self._pml, stat):
+                object.__setattr__(self, stat, getattr(self._pml, stat))
+        return out
 
 
-class _PairLoss(_PmlFallback, torch.nn.Module):
+class _PairLoss(_PmlFallback, _LossBase):
     """Common part of the pair losses: PML's forward signature, indices_tuple, PML kwargs."""
 
     _reference = None  # reference function taking indices_tuple=
@@ -171,9 +235,22 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
     # PML raises for an indices_tuple and needs labels (PNPLoss, RankedListLoss)
     _labels_without_indices = False
 
+    # PML's value for a batch of no rows (or a ref_emb of none): its zero loss, NaN for the losses
+    # whose reducer averages an empty per-row loss; None where PML raises (the input checks do)
+    _empty_batch_value = 0.0
+
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        """PML's forward: PML itself for PML-only arguments; else the inputs PML accepts made ours
+        (pml_labels), an empty batch's PML value, then the loss's own `_forward`."""
         if self._pml is not None:
             return self._run_pml(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        labels, ref_labels = pml_labels(embeddings, labels, ref_emb, ref_labels)
+        if _no_rows(embeddings) or _no_rows(ref_emb):
+            V.check_embeddings(embeddings, allow_empty=self._empty_batch_value is not None)
+            return empty_batch_loss(embeddings, self._empty_batch_value)
+        return self._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+    def _forward(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         if self._labels_without_indices:
             if indices_tuple is not None:
                 raise ValueError(f"{type(self).__name__}: indices_tuple is not supported (as in PML)")
@@ -249,7 +326,7 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
         if (not self._listed_pairs or fused_fn is None or not isinstance(indices_tuple, (tuple, list))
                 or len(indices_tuple) not in (3, 4)):
             return None
-        if labels is None:
+        if labels is None or (ref_emb is not None and ref_labels is None):  # PML reads the tuple only
             V.check_embeddings(embeddings)
             if ref_emb is not None:
                 V.check_embeddings(ref_emb, "ref_emb")
@@ -262,7 +339,8 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
                             n_cols=(embeddings if ref_emb is None else ref_emb).shape[0])
         if not pairs.count_rule_agrees():  # PML's one-pair rule on listed duplicates: the reference's
             return None
-        if labels is None:  # the sets are the listed pairs; the labels only say self / ref mode
+        if labels is None or (ref_emb is not None and ref_labels is None):
+            # the sets are the listed pairs; the labels only say self / ref mode
             labels = torch.zeros(embeddings.shape[0], dtype=torch.int64, device=embeddings.device)
             ref_labels = None if ref_emb is None else torch.zeros(ref_emb.shape[0], dtype=torch.int64,
                                                                   device=embeddings.device)
@@ -271,8 +349,7 @@ class _PairLoss(_PmlFallback, torch.nn.Module):
     def _reference_with_indices(self, embeddings, labels, indices_tuple, ref_emb, ref_labels, hyper):
         # An explicit indices_tuple (from any PML miner) is honoured by the reference path, as PML.
         _warn_once("indices_tuple", "fused_pairloss: an explicit indices_tuple is computed by the unfused "
-                   "reference path (it materializes N x M); use miner_epsilon for the fused MS miner",
-                   stacklevel=5)  # _reference_with_indices, forward, _call_impl, caller
+                   "reference path (it materializes N x M); use miner_epsilon for the fused MS miner")
         if labels is None:  # PML computes from the tuple alone
             V.check_embeddings(embeddings)
             if ref_emb is not None:
@@ -296,9 +373,9 @@ class _RowWeightedSelfLoss(_PairLoss):
     _listed_pairs = False
     _fused_in_wrappers = False  # PML's wrappers pass a ref_emb, which PML refuses here
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        if self._pml is not None or indices_tuple is None:
-            return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+    def _forward(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        if indices_tuple is None:
+            return super()._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         name = type(self).__name__
         if labels is None:
             raise ValueError(f"{name}: labels is required (as in PML)")
@@ -320,6 +397,32 @@ def check_self_only(embeddings, labels, ref_emb, ref_labels, name):
     if ref_emb is not None and not (ref_emb is embeddings and ref_labels is labels):
         raise ValueError(f"{name}: ref_emb / ref_labels are not supported (as in PML: ref_emb is not supported "
                          "for this loss function)")
+
+
+def pml_labels(embeddings, labels, ref_emb, ref_labels):
+    """The labels as a pair loss's fused and reference paths take them, from what PML accepts:
+    float / bool labels as int64 ids (V.label_ids), ref_labels without ref_emb unused, and PML's
+    set_ref_emb rule for a ref_emb without ref_labels: the labels stand for ref_emb's rows too
+    (`ref_labels is labels`, so the diagonal is no pair), which needs as many rows as embeddings
+    (else the input checks raise, as PML fails)."""
+    if ref_emb is None:  # PML's set_ref_emb: the batch is its own ref, ref_labels unused
+        ref_labels = None
+    labels, ref_labels = V.label_ids(labels, ref_labels)
+    if (isinstance(ref_emb, torch.Tensor) and ref_labels is None and isinstance(labels, torch.Tensor)
+            and isinstance(embeddings, torch.Tensor) and ref_emb.dim() == 2 and embeddings.dim() == 2
+            and ref_emb.shape[0] == embeddings.shape[0]):
+        ref_labels = labels
+    return labels, ref_labels
+
+
+def _no_rows(x):
+    return isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[0] == 0
+
+
+def empty_batch_loss(embeddings, value):
+    """PML's loss of an empty batch, on the graph of the embeddings: its zero loss (0), or the mean
+    of an empty per-row loss (NaN)."""
+    return zero_loss(embeddings) if value == 0 else embeddings.sum(dim=1).mean()
 
 
 def check_listed_indices(embeddings, ref_emb, indices_tuple):
@@ -372,19 +475,26 @@ def _like(param, embeddings):
     return param
 
 
-class _ClassLoss(_PmlFallback, torch.nn.Module):
+class _ClassLoss(_PmlFallback, _LossBase):
     """Common part of the class losses: one parameter in PML's layout, PML's forward (embeddings,
     labels, indices_tuple=None) where PML has it, PML kwargs."""
 
     _param = "fc"
+    _empty_batch_value = math.nan
     _distances = ("cosine",)
     _cosine_only = True  # SoftTriple, ProxyCircle, CosFace, ArcFace (PML asserts it for its own)
     _pml_twin = False
 
+    _size_name = "embedding_size"  # the constructor argument that gives the parameter's D
+
     def _init_class(self, shape, backend, kwargs, pml_args, pml_kwargs=None, init=_kaiming_like_pml):
         self.backend = backend
         setattr(self, self._param, torch.nn.Parameter(torch.empty(*shape)))
-        (kwargs.get("weight_init_func") or init)(getattr(self, self._param))
+        # PML's WeightMixin / WeightRegularizerMixin attributes
+        self.weight_init_func = kwargs.get("weight_init_func") or init
+        self.weight_regularizer = kwargs.get("weight_regularizer")
+        self.weight_reg_weight = kwargs.get("weight_reg_weight", 1)
+        self.weight_init_func(getattr(self, self._param))
         self._setup_kwargs(kwargs, pml_args, pml_kwargs, param_name=self._param)
 
     def _call(self, embeddings, labels, weights):
@@ -415,14 +525,30 @@ class _ClassLoss(_PmlFallback, torch.nn.Module):
         if ref_emb is not None and not (ref_emb is embeddings and ref_labels is labels):  # PML's ref_not_supported
             raise ValueError(f"{name}: ref_emb / ref_labels are not supported (as in PML)")
         weights = self.cast_weights(embeddings)
+        self._check_width(embeddings, weights)
+        if _no_rows(embeddings):  # PML: the mean of no rows' cross-entropy (NaN), ProxyAnchor's zero loss
+            V.check_embeddings(embeddings, allow_empty=True)
+            return empty_batch_loss(embeddings, self._empty_batch_value) + zero_loss(weights)
         if indices_tuple is not None:
             fused = self._fused_with_weights(embeddings, labels, indices_tuple, weights)
             if fused is not None:
                 return fused
             _warn_once("class.indices_tuple", "fused_pairloss: an explicit indices_tuple (miner weights) is "
-                       "computed by the unfused reference path", stacklevel=4)
+                       "computed by the unfused reference path")
             return self._reference_with_weights(embeddings, labels, indices_tuple)
         return self._call(embeddings, labels, weights)
+
+    def _check_width(self, embeddings, weights):
+        """The embeddings' width against the parameter's D, the error naming the constructor's argument."""
+        entries = getattr(sys.modules.get(type(self).__module__), "ENTRIES", ())
+        layout = next((e.weight_layout for e in entries if e.cls is type(self)), None)
+        if layout is None or not (isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2
+                                  and weights.dim() == 2):
+            return  # the functional form's checks name what is wrong
+        width = weights.shape[0] if layout == "columns" else weights.shape[1]
+        if embeddings.shape[1] != width:
+            raise ValueError(f"{type(self).__name__}: embeddings have {embeddings.shape[1]} columns, but the loss was "
+                             f"built with {self._size_name}={width}")
 
     def get_logits(self, embeddings):
         """PML's get_logits: the N x C logits (materialized: that is what it returns); PML's own

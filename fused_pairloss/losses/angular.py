@@ -300,10 +300,10 @@ class AngularLoss(_PairLoss):
     def _functional(self):
         return angular_loss
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def _forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         if self._pml is None and labels is None:
             raise ValueError("AngularLoss: labels is required (as in PML), also with an indices_tuple")
-        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        return super()._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def _fused_with_listed_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         from .._backends import resolve_backend

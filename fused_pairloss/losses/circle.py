@@ -91,6 +91,7 @@ class CircleLoss(_PairLoss):
         V.check_positive("gamma", gamma)
         self.m, self.gamma = m, gamma
         self._init_pair(backend, kwargs, (m, gamma))
+        self.soft_plus = torch.nn.Softplus(beta=1)  # PML's attribute (no state)
 
     def _hyper(self):
         return dict(m=self.m, gamma=self.gamma)

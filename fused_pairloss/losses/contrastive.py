@@ -75,7 +75,7 @@ def contrastive_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_m
     V.check_real("pos_margin", pos_margin)
     V.check_real("neg_margin", neg_margin)
     V.check_distance(distance)
-    V.check_margins_ordered(pos_margin, neg_margin, distance)
+    V.check_margins_ordered(pos_margin, neg_margin, distance, "contrastive_loss")
     return run_pair_loss(contrastive_reference, contrastive_fused, embeddings, labels, ref_emb, ref_labels, backend,
                          pos_margin=pos_margin, neg_margin=neg_margin, distance=distance)
 
@@ -94,7 +94,7 @@ class ContrastiveLoss(_PairLoss):
         self.pos_margin, self.neg_margin = pos_margin, neg_margin
         self._init_pair(backend, kwargs, (pos_margin, neg_margin))
         if self._distance_kind is not None:
-            V.check_margins_ordered(pos_margin, neg_margin, self._distance_kind)
+            V.check_margins_ordered(pos_margin, neg_margin, self._distance_kind, "ContrastiveLoss")
 
     def _hyper(self):
         return dict(pos_margin=self.pos_margin, neg_margin=self.neg_margin, distance=self._distance_kind)

@@ -107,7 +107,7 @@ def dynamic_soft_margin_fused(embeddings, labels, ref_emb, ref_labels, *, min_va
                  return_histogram=return_histogram)
     if labels is None:
         _warn_once("dynamic_soft_margin.no_labels", "fused_pairloss: DynamicSoftMarginLoss without labels is "
-                   "computed by the reference path (N x M)", stacklevel=4)
+                   "computed by the reference path (N x M)")
         return dynamic_soft_margin_reference(embeddings, labels, ref_emb, ref_labels, **hyper)
     num_bins, delta = check_bins(min_val, num_bins, momentum)
     q, r, labels_q, labels_r, excl = triplet_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
@@ -163,9 +163,9 @@ class DynamicSoftMarginLoss(_PairLoss):
     def _functional(self):
         return dynamic_soft_margin_loss
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def _forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         if self._pml is not None:
-            return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+            return super()._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         V.check_embeddings(embeddings)
         if labels is not None:
             V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)

@@ -91,7 +91,8 @@ def histogram_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, n_
 
     ap, an = distinct(a, p), distinct(a, n)
     phi = torch.cumsum(density(mat[ap[0], ap[1]]), 0)
-    return nan_in_nan_out(torch.sum(density(mat[an[0], an[1]]) * phi), embeddings, None)
+    loss = nan_in_nan_out(torch.sum(density(mat[an[0], an[1]]) * phi), embeddings, None)
+    return loss.to(similarity_dtype(embeddings, "cosine"))  # PML's dtype under autocast
 
 
 def declaration(delta):

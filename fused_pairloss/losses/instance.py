@@ -12,6 +12,8 @@ lse_neg and its own logit gamma q_i . q_i. The target logit is one gathered row 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _validation as V
@@ -80,6 +82,7 @@ def instance_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, gamma=64
 class InstanceLoss(_PairLoss):
     """Drop-in for pytorch_metric_learning.losses.InstanceLoss (CosineSimilarity; labels required; no
     ref_emb and no indices_tuple, as in PML)."""
+    _empty_batch_value = math.nan  # PML: the mean of an empty per-row loss
     _distances = ("cosine",)
     _cosine_only = True
     _reference = staticmethod(instance_reference)
@@ -98,13 +101,13 @@ class InstanceLoss(_PairLoss):
     def _functional(self):
         return instance_loss
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def _forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         if self._pml is None:
             if labels is None:
                 raise ValueError("InstanceLoss: labels is required (as in PML)")
             if indices_tuple is not None:
                 raise ValueError("InstanceLoss: indices_tuple is not supported (as in PML)")
-        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        return super()._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
 
 ENTRIES = (

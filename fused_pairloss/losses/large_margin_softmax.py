@@ -188,6 +188,7 @@ class LargeMarginSoftmaxLoss(_ClassLoss):
         self.num_classes, self.embedding_size, self.scale = num_classes, embedding_size, scale
         self._init_class((embedding_size, num_classes), backend, kwargs, (num_classes, embedding_size),
                          dict(margin=margin, scale=scale), init=torch.nn.init.normal_)
+        self.cross_entropy = torch.nn.CrossEntropyLoss(reduction="none")  # PML's attribute (no state)
 
     def _hyper(self):
         return dict(margin=self.margin, scale=self.scale)

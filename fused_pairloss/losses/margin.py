@@ -166,11 +166,11 @@ class MarginLoss(_PairLoss):
         check_listed_indices(embeddings, ref_emb, indices_tuple)
         return margin_reference(embeddings, labels, ref_emb, ref_labels, indices_tuple=indices_tuple, **hyper)
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def _forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         if self._pml is None and labels is None and indices_tuple is None:
             raise ValueError("MarginLoss needs labels or an indices_tuple (PML: labels and indices_tuple "
                              "cannot both be None)")
-        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        return super()._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def extra_repr(self):
         return super().extra_repr() + f", triplets_per_anchor={self.triplets_per_anchor!r}"

@@ -22,7 +22,7 @@ from ..ops import engines
 from ..ops._common import LOCAL, normalize
 from ..ops.spec import ClassLossSpec, PairTerm
 from ..ops.stats import class_stats
-from ._base import _ClassLoss, _check_sizes, _like
+from ._base import _ClassLoss, _LossBase, _check_sizes, _like
 from ._reference_common import miner_weights
 from ._registry import LossEntry
 
@@ -198,6 +198,7 @@ class _MarginSoftmax(_ClassLoss):
         # PML's WeightRegularizerMixin default weight_init_func: normal_
         self._init_class((embedding_size, num_classes), backend, kwargs, (num_classes, embedding_size), pml_kwargs,
                          init=torch.nn.init.normal_)
+        self.cross_entropy = torch.nn.CrossEntropyLoss(reduction="none")  # PML's attribute (no state)
 
     def _reference_with_weights(self, embeddings, labels, indices_tuple):
         return self._reference_fn(embeddings, labels, _like(self.W, embeddings), indices_tuple=indices_tuple,
@@ -299,7 +300,7 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
     _functional_fn = staticmethod(subcenter_arcface_loss)
 
     def __init__(self, num_classes, embedding_size, margin=28.6, scale=64, sub_centers=3, backend="auto", **kwargs):
-        torch.nn.Module.__init__(self)
+        _LossBase.__init__(self)  # not ArcFaceLoss's: its parameter has K columns per class
         _check_sizes(num_classes=num_classes, embedding_size=embedding_size, sub_centers=sub_centers)
         V.check_real("margin", margin)
         V.check_positive("scale", scale)
@@ -309,6 +310,7 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
         self._init_class((embedding_size, num_classes * sub_centers), backend, kwargs, (),
                          dict(num_classes=num_classes, embedding_size=embedding_size, margin=margin, scale=scale,
                               sub_centers=sub_centers), init=torch.nn.init.normal_)
+        self.cross_entropy = torch.nn.CrossEntropyLoss(reduction="none")  # PML's attribute (no state)
 
     def _hyper(self):
         return dict(super()._hyper(), sub_centers=self.sub_centers)

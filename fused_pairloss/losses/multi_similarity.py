@@ -122,14 +122,14 @@ class MultiSimilarityLoss(_PairLoss):
     def _listed_hyper(self):  # with an indices_tuple PML's loss does not mine
         return dict(self._hyper(), miner_epsilon=None)
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def _forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         if indices_tuple is not None and self.miner_epsilon is not None:
             raise ValueError("pass either indices_tuple or miner_epsilon, not both")
         if self._pml is None and indices_tuple is None:
             return multi_similarity_loss(embeddings, labels, ref_emb, ref_labels,
                                          miner_epsilon=self.miner_epsilon, backend=self.backend,
                                          **self._hyper())
-        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        return super()._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def extra_repr(self):
         return super().extra_repr() + f", miner_epsilon={self.miner_epsilon}"

@@ -101,6 +101,7 @@ class NPairsLoss(_PairLoss):
         super().__init__()
         self.num_pairs = 0
         self._init_pair(backend, kwargs, ())
+        self.cross_entropy = torch.nn.CrossEntropyLoss(reduction="none")  # PML's attribute (no state)
 
     def _hyper(self):
         return dict(distance=self._distance_kind)
@@ -108,9 +109,9 @@ class NPairsLoss(_PairLoss):
     def _functional(self):
         return n_pairs_loss
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def _forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         if self._pml is not None:
-            return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+            return super()._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         if labels is None:
             raise ValueError("NPairsLoss: labels is required (as in PML)")
         V.check_pair_inputs(embeddings, labels, None, None)

@@ -105,9 +105,15 @@ def p2s_grad_loss(embeddings, labels, weight, *, backend="auto"):
     return p2s_grad_fused(embeddings, labels, weight)
 
 
+def _unit_columns_init(weight):
+    """PML's P2SGrad initialization: uniform in [-1, 1], each column renormalized to norm 1."""
+    weight.data.uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)
+
+
 class P2SGradLoss(_ClassLoss):
     """Drop-in for pytorch_metric_learning.losses.P2SGradLoss; parameter `weight` (D, C), its columns
     renormalized to unit norm in place before every call (PML's renorm(2, 1, 1e-5) * 1e5)."""
+    _size_name = "descriptors_dim"
     _param = "weight"
     _cosine_only = False
     _distances = ("cosine",)
@@ -117,7 +123,8 @@ class P2SGradLoss(_ClassLoss):
         _check_sizes(descriptors_dim=descriptors_dim, num_classes=num_classes)
         self.descriptors_dim, self.num_classes = descriptors_dim, num_classes
         self._init_class((descriptors_dim, num_classes), backend, kwargs, (descriptors_dim, num_classes),
-                         init=lambda w: w.data.uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5))
+                         init=_unit_columns_init)
+        self.m_loss = torch.nn.MSELoss()  # PML's attribute (no state)
 
     def cast_weights(self, embeddings):
         """PML's forward: the weight renormalized in place, then moved to the embeddings' dtype."""

@@ -83,9 +83,15 @@ def proxy_anchor_loss(embeddings, labels, proxies, *, margin=0.1, alpha=32.0, ba
                           margin=margin, alpha=alpha)
 
 
+def _kaiming_normal_fan_out(proxies):
+    """PML's ProxyAnchor initialization."""
+    torch.nn.init.kaiming_normal_(proxies, mode="fan_out")
+
+
 class ProxyAnchorLoss(_ClassLoss):
     """Drop-in for pytorch_metric_learning.losses.ProxyAnchorLoss; parameter `proxies` (C, D).
     Another distance than the cosine is computed by PML itself."""
+    _empty_batch_value = 0.0  # PML's zero loss (no rows, no pairs)
     _param = "proxies"
     _cosine_only = False
 
@@ -96,7 +102,7 @@ class ProxyAnchorLoss(_ClassLoss):
         V.check_positive("alpha", alpha)
         self.num_classes, self.embedding_size, self.margin, self.alpha = num_classes, embedding_size, margin, alpha
         self._init_class((num_classes, embedding_size), backend, kwargs, (num_classes, embedding_size, margin, alpha),
-                         init=lambda p: torch.nn.init.kaiming_normal_(p, mode="fan_out"))
+                         init=_kaiming_normal_fan_out)
 
     def _call(self, embeddings, labels, proxies):
         return proxy_anchor_loss(embeddings, labels, proxies, margin=self.margin, alpha=self.alpha,

@@ -62,6 +62,7 @@ def proxy_circle_loss(embeddings, labels, proxies, *, m=0.25, gamma=256.0, backe
 
 class ProxyCircleLoss(_ClassLoss):
     """Circle loss with class-level labels: one learnable proxy per class, parameter `fc` (D, C)."""
+    _empty_batch_value = 0.0  # no rows, no pairs: a zero loss, as ProxyAnchor's in PML
 
     def __init__(self, num_classes, embedding_size, m=0.25, gamma=256.0, backend="auto"):
         super().__init__()

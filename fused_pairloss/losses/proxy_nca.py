@@ -91,6 +91,7 @@ class ProxyNCALoss(_ClassLoss):
         self.num_classes, self.embedding_size, self.softmax_scale = num_classes, embedding_size, softmax_scale
         self._init_class((num_classes, embedding_size), backend, kwargs, (num_classes, embedding_size),
                          dict(softmax_scale=softmax_scale), init=torch.nn.init.normal_)
+        self.proxy_labels = torch.arange(num_classes)  # PML's attribute (not in the state_dict)
 
     def _hyper(self):
         return dict(softmax_scale=self.softmax_scale, distance=self._distance_kind)

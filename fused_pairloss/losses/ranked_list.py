@@ -17,6 +17,7 @@ itself.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -122,6 +123,7 @@ def ranked_list_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margi
 class RankedListLoss(_PairLoss):
     """Drop-in for pytorch_metric_learning.losses.RankedListLoss (LpDistance(); margin and Tn
     required, as PML; labels required; no ref_emb and no indices_tuple, as PML)."""
+    _empty_batch_value = math.nan  # PML: the mean of an empty per-row loss
     _distances = ("lp",)
     _default_distance = "lp"
     _reference = staticmethod(ranked_list_reference)
@@ -133,7 +135,7 @@ class RankedListLoss(_PairLoss):
         self.alpha = check_hyper(margin, Tn, imbalance, alpha, Tp)
         if Tp > 5 or Tn > 5:  # PML's warning
             warnings.warn("Values of Tp or Tn are too high. Too large temperature values may lead to overflow.",
-                          stacklevel=2)
+                          stacklevel=V.user_stacklevel())
         self.margin, self.imbalance, self.Tp, self.Tn = margin, imbalance, Tp, Tn
         self._init_pair(backend, kwargs, (margin, Tn, imbalance, alpha, Tp))
 

@@ -216,6 +216,7 @@ class SmoothAPLoss(_RowWeightedSelfLoss):
     """Drop-in for pytorch_metric_learning.losses.SmoothAPLoss (CosineSimilarity; labels required,
     every label with the same count; no ref_emb, as PML). An indices_tuple gives PML's miner
     weights on the fused rows."""
+    _empty_batch_value = None  # PML raises (its labels must form classes of one size)
     _distances = ("cosine",)
     _cosine_only = True
     _reference = staticmethod(smooth_ap_reference)

@@ -120,6 +120,7 @@ class SoftTripleLoss(_ClassLoss):
     layout (column c*K+k is center k of class c), so PML state_dicts load. The center regularizer:
     center_reg_weight=w, or PML's weight_regularizer=SparseCentersRegularizer(C, K) with
     weight_reg_weight=w (both fused)."""
+    _inverted_only = True  # PML asserts distance.is_inverted only
 
     def __init__(self, num_classes, embedding_size, centers_per_class=10, la=20, gamma=0.1, margin=0.01,
                  center_reg_weight=0.0, backend="auto", **kwargs):

@@ -65,9 +65,9 @@ def _separate_ref(embeddings, labels, ref_emb, ref_labels):
     return ref_emb is not None and not (ref_emb is embeddings and ref_labels is labels)
 
 
-def _warn_unfused_ref(stacklevel):
+def _warn_unfused_ref():
     _warn_once("tcm.ref", "fused_pairloss: ThresholdConsistentMarginLoss with a ref_emb is computed as PML computes "
-               "it (both ends of a pair taken from embeddings), unfused", stacklevel=stacklevel)
+               "it (both ends of a pair taken from embeddings), unfused")
 
 
 def tcm_fused(embeddings, labels, ref_emb, ref_labels, *, lambda_plus=1.0, lambda_minus=1.0, margin_plus=0.9,
@@ -93,7 +93,7 @@ def threshold_consistent_margin_loss(embeddings, labels, ref_emb=None, ref_label
         V.check_real(name, v)
     check_distance(distance, allowed=("cosine",), loss="threshold_consistent_margin_loss")
     if _separate_ref(embeddings, labels, ref_emb, ref_labels):
-        _warn_unfused_ref(stacklevel=4)  # from _warn_once: this helper, this function, the caller
+        _warn_unfused_ref()
     return run_pair_loss(tcm_reference, tcm_fused, embeddings, labels, ref_emb, ref_labels, backend,
                          lambda_plus=lambda_plus, lambda_minus=lambda_minus, margin_plus=margin_plus,
                          margin_minus=margin_minus, distance=distance)
@@ -126,10 +126,10 @@ class ThresholdConsistentMarginLoss(_PairLoss):
     def _functional(self):
         return threshold_consistent_margin_loss
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def _forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         if self._pml is None and _separate_ref(embeddings, labels, ref_emb, ref_labels):
-            _warn_unfused_ref(stacklevel=6)  # from _warn_once: this helper, forward, two Module frames, the caller
-        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+            _warn_unfused_ref()
+        return super()._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def _fused_with_miner_rule(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         if _separate_ref(embeddings, labels, ref_emb, ref_labels):

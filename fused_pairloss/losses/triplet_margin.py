@@ -353,13 +353,13 @@ class TripletMarginLoss(_PairLoss):
         check_listed_indices(embeddings, ref_emb, indices_tuple)
         return triplet_margin_reference(embeddings, labels, ref_emb, ref_labels, indices_tuple=indices_tuple, **hyper)
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def _forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         if self._pml is None and labels is None and indices_tuple is None:
             raise ValueError("TripletMarginLoss needs labels or an indices_tuple")
         if self._pml is None and _is_mined_triplets(indices_tuple) and indices_tuple.fused_for(
                 embeddings, labels, ref_emb, ref_labels, self._distance_kind):
             return self._fused_with_miner(indices_tuple)
-        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        return super()._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def _fused_with_listed_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """A pair tuple (a1, p, a2, n), any miner's: its triplets counted without enumerating them

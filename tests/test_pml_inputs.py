@@ -1,0 +1,239 @@
+"""What PML's forward accepts, the modules accept (docs/api.md "Bad input"), each against PML itself:
+float and bool labels, a ref_emb without ref_labels, ref_labels without a ref_emb, an empty batch,
+hyper-parameters given as tensors or numpy numbers; and the warnings point at the caller's line."""
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import fused_pairloss as fpl
+from fused_pairloss.losses import REGISTRY
+from fused_pairloss.losses import _base
+
+from kit import LOSSES, PAIR_LOSSES
+
+L = pytest.importorskip("pytorch_metric_learning.losses")
+from pytorch_metric_learning import miners, reducers  # noqa: E402
+from pytorch_metric_learning.distances import CosineSimilarity, LpDistance  # noqa: E402
+
+# the pair losses of the test kit as PML modules take them (a MultiSimilarity miner is its own test)
+MODULE_LOSSES = [n for n in PAIR_LOSSES if "miner_epsilon" not in LOSSES[n].kwargs]
+# PML's NCALoss and AngularLoss fail on a ref_emb without ref_labels (AttributeError); NPairs,
+# Instance, SmoothAP, FastAP, RankedList, PNP refuse a ref_emb
+REF_WITHOUT_LABELS = [n for n in MODULE_LOSSES if LOSSES[n].entry.ref_emb
+                      and LOSSES[n].loss not in ("NCALoss", "AngularLoss", "SmoothAPLoss", "FastAPLoss",
+                                                 "RankedListLoss", "PNPLoss")]
+
+
+def modules(name, **overrides):
+    """(ours, PML's) module of a kit loss, with PML's distance objects."""
+    kw = dict(LOSSES[name].kwargs, **overrides)
+    distance = kw.pop("distance", None)
+    if distance is not None:
+        kw["distance"] = {"cosine": CosineSimilarity, "lp": LpDistance}[distance]()
+    cls = LOSSES[name].loss
+    return getattr(fpl.losses, cls)(**kw), getattr(L, cls)(**kw)
+
+
+def batch(seed=0, n=12):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.arange(n) % 3
+
+
+def value_and_grad(loss, x, *args, **kw):
+    x = x.clone().requires_grad_(True)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(x.dtype)  # PML's SmoothAPLoss sums in a buffer of the default dtype
+    try:
+        value = loss(x, *args, **kw)
+    finally:
+        torch.set_default_dtype(previous)
+    grad, = torch.autograd.grad(value, x, allow_unused=True)
+    return value.detach(), grad
+
+
+def assert_same(ours, pml):
+    for a, b in zip(ours, pml):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", [n for n in MODULE_LOSSES if n != "smoothap"])  # PML's bincount refuses them
+def test_float_and_bool_labels_as_pml(name):
+    x, y = batch(1)
+    for labels in (y.double() / 2, y == 0):  # PML compares labels with == only
+        ours, pml = modules(name)
+        assert_same(value_and_grad(ours, x, labels), value_and_grad(pml, x, labels))
+
+
+@pytest.mark.parametrize("name", REF_WITHOUT_LABELS)
+def test_ref_emb_without_ref_labels_as_pml(name):
+    """PML: the labels stand for ref_emb's rows too, and the diagonal is no pair (ref_labels is
+    labels)."""
+    x, y = batch(2)
+    r = batch(3)[0]
+    ours, pml = modules(name)
+    assert_same(value_and_grad(ours, x, y, ref_emb=r), value_and_grad(pml, x, y, ref_emb=r))
+
+
+@pytest.mark.parametrize("name", ["contrastive", "triplet", "ms", "nca"])
+def test_ref_labels_without_ref_emb_is_ignored_as_pml(name):
+    x, y = batch(4)
+    ours, pml = modules(name)
+    other = torch.arange(12) % 5
+    assert_same(value_and_grad(ours, x, y, ref_labels=other), value_and_grad(pml, x, y, ref_labels=other))
+
+
+def test_a_ref_emb_without_ref_labels_of_other_rows_names_ref_labels():
+    x, y = batch(5)
+    with pytest.raises(ValueError, match="ref_labels"):
+        fpl.ContrastiveLoss()(x, y, ref_emb=x[:5])
+
+
+def test_nan_labels_name_labels():
+    x, y = batch(6)
+    labels = y.double()
+    labels[3] = math.nan
+    with pytest.raises(ValueError, match="labels must not contain NaN"):
+        fpl.ContrastiveLoss()(x, labels)
+
+
+def _constructed(cls_name):
+    if REGISTRY[cls_name].kind == "class":
+        sizes = REGISTRY[cls_name].size_kwargs(3, 6)
+        return getattr(fpl.losses, cls_name)(**sizes), getattr(L, cls_name, None) and getattr(L, cls_name)(**sizes)
+    kw = dict(margin=0.4, Tn=2.0) if cls_name == "RankedListLoss" else {}
+    return getattr(fpl.losses, cls_name)(**kw), getattr(L, cls_name)(**kw)
+
+
+@pytest.mark.parametrize("cls_name", [n for n in REGISTRY if REGISTRY[n].kind in ("pair", "class")])
+def test_an_empty_batch_gives_pmls_value(cls_name):
+    ours, pml = _constructed(cls_name)
+    x = torch.randn(0, 6, dtype=torch.float64, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.long)
+    if cls_name == "SmoothAPLoss":  # PML refuses it (its classes of one size)
+        for loss in (ours, pml):
+            with pytest.raises(ValueError):
+                loss(x, y)
+        return
+    value = ours(x, y)
+    expected = pml(x, y) if pml is not None else torch.zeros((), dtype=torch.float64)
+    torch.testing.assert_close(value, expected, equal_nan=True, rtol=0, atol=0)
+    grad, = torch.autograd.grad(value, x)
+    assert grad.shape == x.shape
+
+
+@pytest.mark.parametrize("name", ["contrastive", "triplet", "ms"])
+def test_an_empty_ref_emb_gives_pmls_zero(name):
+    x, y = batch(7)
+    ours, pml = modules(name)
+    r, ry = x[:0], y[:0]
+    torch.testing.assert_close(ours(x, y, ref_emb=r, ref_labels=ry), pml(x, y, ref_emb=r, ref_labels=ry))
+
+
+@pytest.mark.parametrize("name", [n for n in MODULE_LOSSES if any(
+    isinstance(v, (int, float)) and not isinstance(v, bool) for v in LOSSES[n].kwargs.values())])
+@pytest.mark.parametrize("wrap", [lambda v: torch.tensor(v, dtype=torch.float64 if isinstance(v, float) else None),
+                                  np.asarray, lambda v: np.float64(v) if isinstance(v, float)
+                                  else np.int64(v)], ids=["tensor", "numpy_array", "numpy_scalar"])
+def test_tensor_and_numpy_hyper_parameters_as_pml(name, wrap):
+    numbers = {k: v for k, v in LOSSES[name].kwargs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    x, y = batch(8)
+    plain, _ = modules(name)
+    wrapped, _ = modules(name, **{k: wrap(v) for k, v in numbers.items()})
+    assert_same(value_and_grad(wrapped, x, y), value_and_grad(plain, x, y))
+
+
+def test_class_loss_sizes_as_numpy_and_tensor_numbers():
+    x, y = batch(9)
+    plain = fpl.ArcFaceLoss(3, 6)
+    for args in ((np.int64(3), np.int64(6)), (torch.tensor(3), torch.tensor(6))):
+        other = fpl.ArcFaceLoss(*args)
+        other.load_state_dict(plain.state_dict())
+        assert_same((other(x, y),), (plain(x, y),))
+
+
+def test_warnings_point_at_the_callers_line_and_name_the_argument(monkeypatch):
+    monkeypatch.setattr(_base, "_warned", set())
+    x, y = batch(10)
+    with pytest.warns(UserWarning, match=r"ContrastiveLoss with reducer=MeanReducer\(\)") as w:
+        fpl.ContrastiveLoss(reducer=reducers.MeanReducer())(x, y)
+    assert [r.filename for r in w] == [__file__]
+    idx = miners.MultiSimilarityMiner()(x, y)
+    with pytest.warns(UserWarning, match="indices_tuple") as w:
+        fpl.ProxyAnchorLoss(3, 6)(x.float(), y, idx)
+    assert [r.filename for r in w] == [__file__]
+
+
+def test_ranked_list_warns_once_as_pml():
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        fpl.RankedListLoss(margin=0.4, Tn=10)
+    assert [str(r.message)[:20] for r in w] == ["Values of Tp or Tn a"]
+    assert w[0].filename == __file__
+
+
+@pytest.mark.parametrize("cls_name", [n for n in REGISTRY if REGISTRY[n].kind in ("pair", "class")
+                                      and REGISTRY[n].in_pml])
+def test_submodules_and_attributes_as_pmls(cls_name):
+    """distance, reducer (and cross_entropy) are submodules as in PML; PML's regularizer attributes exist."""
+    ours, pml = _constructed(cls_name)
+    assert sorted(k for k, _ in ours.named_modules()) == sorted(k for k, _ in pml.named_modules())
+    assert isinstance(ours, L.BaseMetricLossFunction)
+    for attr in ("embedding_regularizer", "embedding_reg_weight", "collect_stats"):
+        assert getattr(ours, attr) == getattr(pml, attr), attr
+    if REGISTRY[cls_name].kind == "class" and cls_name != "P2SGradLoss":  # PML's P2SGrad has no weight regularizer
+        for attr in ("weight_regularizer", "weight_reg_weight"):
+            assert getattr(ours, attr) == getattr(pml, attr), attr
+
+
+def test_pmls_distributed_wrapper_takes_ours():
+    from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
+    x, y = batch(11)
+    with pytest.warns(UserWarning, match="non-distributed"):  # PML's: one process, the loss as is
+        value = DistributedLossWrapper(fpl.ContrastiveLoss())(x, y)
+    torch.testing.assert_close(value, L.ContrastiveLoss()(x, y))
+    memory = fpl.CrossBatchMemory(fpl.ContrastiveLoss(), 6, memory_size=16)
+    assert isinstance(memory, L.CrossBatchMemory)
+    DistributedLossWrapper(memory)
+
+
+def test_collected_stats_are_set_on_the_module():
+    x, y = batch(12)
+    ours, pml = fpl.ArcFaceLoss(3, 6, collect_stats=True), L.ArcFaceLoss(3, 6, collect_stats=True)
+    pml.load_state_dict(ours.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's own warning
+        torch.testing.assert_close(ours(x, y), pml(x, y))
+    assert ours.avg_angle == pytest.approx(pml.avg_angle)
+
+
+@pytest.mark.parametrize("make,name", [(lambda: fpl.ArcFaceLoss(3, 8), "embedding_size"),
+                                       (lambda: fpl.ProxyAnchorLoss(3, 8), "embedding_size"),
+                                       (lambda: fpl.P2SGradLoss(8, 3), "descriptors_dim")])
+def test_a_class_loss_of_another_width_names_the_constructor_argument(make, name):
+    x, y = batch(13)
+    with pytest.raises(ValueError, match=f"built with {name}=8"):
+        make()(x, y)
+
+
+def test_soft_triple_takes_any_similarity_as_pml():
+    from pytorch_metric_learning.distances import DotProductSimilarity
+    x, y = batch(14)
+    dot = dict(distance=DotProductSimilarity(normalize_embeddings=False), centers_per_class=2)
+    ours, pml = fpl.SoftTripleLoss(3, 6, **dot), L.SoftTripleLoss(3, 6, **dot)
+    pml.load_state_dict(ours.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(ours(x, y), pml(x, y))
+    with pytest.raises(ValueError, match="similarity"):
+        fpl.SoftTripleLoss(3, 6, distance=LpDistance())
+
+
+@pytest.mark.parametrize("cls_name", [n for n in REGISTRY if REGISTRY[n].kind in ("pair", "class")])
+def test_modules_pickle(cls_name):
+    """torch.save of a whole module (its attributes: PML's objects, the init function) works."""
+    import io
+    ours, _ = _constructed(cls_name)
+    torch.save(ours, io.BytesIO())
