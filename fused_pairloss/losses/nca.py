@@ -9,6 +9,13 @@ as PML: the mean of nothing).
 Declaration: on unit rows d^2 = 2 - 2 S, so both distances are a term on v = S: x = 2 s (S - 1)
 (squared distance) or x = s S (cosine), reduced by LSE over the positives and over the negatives.
 Row combination: L_i = logaddexp(lse_pos_i, lse_neg_i) - lse_pos_i over the rows with a positive.
+A row of norm <= 1e-12 is no unit row after F.normalize (an all-zero row stays 0): there the
+squared distance runs on rows one entry wider (short_row_operands), still a term on v; so does
+every call while torch.compile traces (no sync to look for such a row).
+Identity rule: the diagonal is left out when the query is the reference (`embeddings is ref_emb`,
+whatever the labels objects), as the engine's exclusion of a positive; a diagonal column of
+another label (ref_labels other than labels there) is the reference's, except while torch.compile
+traces, where it stays a negative.
 """
 from __future__ import annotations
 
@@ -17,9 +24,10 @@ import torch
 from .. import _validation as V
 from ..ops import engines
 from ..ops._common import LOCAL, normalize, pair_operands, zero_loss
+from ..ops.engines import exclusion_for
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
-from ._base import _PairLoss, run_pair_loss
+from ._base import _PairLoss, _has_short_row, run_pair_loss
 from ._reference_common import miner_weights, nan_in_nan_out
 from ._registry import LossEntry
 
@@ -82,12 +90,39 @@ def combine(st: engines.PairStats, embeddings, *, batch=LOCAL):
     return torch.where(n > 0, mean, torch.full_like(mean, float("nan"))).to(embeddings.dtype)
 
 
+def short_row_operands(q, r, labels, labels_r, exclude_col):
+    """Operands (q', r', labels_r, exclude_col) in ref mode whose term 2 s (q' . r' - 1) is -s d^2 up to
+    a constant per row, for normalized rows that need not be unit rows (norm <= 1e-12 before
+    F.normalize): -d_ij^2 = 2 S_ij - |r_j|^2 - |q_i|^2, and the softmax over row i drops the
+    constant -|q_i|^2, so q' = [q, 1], r' = [r, (1 - |r|^2) / 2] give 2 (q' . r' - 1) = -d^2 + |q_i|^2 - 1.
+    Self mode (r None) becomes the batch against itself with each row's own column excluded."""
+    if r is None:
+        r, labels_r, exclude_col = q, labels, exclusion_for(q.shape[0], q.device)
+    q_wide = torch.cat([q, torch.ones_like(q[:, :1])], dim=1)
+    r_wide = torch.cat([r, (1 - (r * r).sum(1, keepdim=True)) / 2], dim=1)
+    return q_wide, r_wide, labels_r, exclude_col
+
+
 def nca_fused(embeddings, labels, ref_emb, ref_labels, *, softmax_scale, distance="squared_lp", backend,
               exclude_col=None, batch=LOCAL):
+    if exclude_col is None and ref_emb is embeddings and ref_labels is not labels:
+        # NCA's identity rule is `query is reference` (PML's diagonal -inf, whatever the labels objects):
+        # the diagonal excluded from the positives, where it is one
+        diagonal_positive = torch.as_tensor(labels, device=embeddings.device) == torch.as_tensor(
+            ref_labels, device=embeddings.device)
+        if not V._compiling() and not bool(diagonal_positive.all()):
+            # a diagonal column of another label is a negative, which the engine does not exclude
+            return nca_reference(embeddings, labels, ref_emb, ref_labels, softmax_scale=softmax_scale,
+                                 distance=distance)
+        exclude_col = torch.where(diagonal_positive, exclusion_for(embeddings.shape[0], embeddings.device), -1)
     if exclude_col is None and ref_emb is not None and ref_emb is not embeddings:
-        # NCA's identity rule is `query is reference` (not `ref_labels is labels`): keep the diagonal
+        # not the query itself (whatever `ref_labels is labels` says): keep the diagonal
         exclude_col = torch.full((embeddings.shape[0],), -1, dtype=torch.int64, device=embeddings.device)
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
+    # d^2 = 2 - 2 S needs unit rows; F.normalize leaves a row of norm <= eps short (module docstring).
+    # While torch.compile traces (no sync to look): the wider rows, exact for every row
+    if distance == "squared_lp" and (V._compiling() or _has_short_row(embeddings, ref_emb)):
+        q, r, labels_r, excl = short_row_operands(q, r, labels, labels_r, excl)
     st = pair_stats(q, r, labels, labels_r, excl, declaration(softmax_scale, distance), backend)
     loss = combine(st, embeddings, batch=batch)
     loss = torch.where(torch.as_tensor(batch.rows(embeddings) <= 1, device=loss.device), zero_loss(embeddings),

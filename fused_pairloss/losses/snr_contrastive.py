@@ -15,6 +15,13 @@ even for the batch itself (d is not symmetric), and autograd takes the gradient 
 v (and through the centering, which makes the dropped coordinate's share exact).
 The dot product cancels near d = 0 (about the dtype's epsilon, absolute), where PML's difference of
 rows does not: docs/semantics.md.
+A constant query row (all-zero, or all its entries equal: n_i is 0 or the rounding of its mean) has
+PML's d_ij = var(x_i - r_j) / var(x_i) = inf (NaN against a constant column: 0 / 0, which PML's
+reducer drops), which 1 / n_i does not reproduce (its terms come out NaN, which the engine's hinge
+drops, or rounding noise): such a call is PML's steps (the reference) over the same pairs, PML's
+gradient included. Not while torch.compile traces (no sync to look) nor inside the distributed
+wrapper (its ranks reduce together): there such a row gives the dot product's terms, dropped or of
+the size 1 / eps^2, not PML's inf (docs/semantics.md).
 """
 from __future__ import annotations
 
@@ -22,10 +29,12 @@ import torch
 
 from .. import _validation as V
 from ..ops._common import LOCAL, normalize, zero_loss
+from ..ops.listed import ListedPairs
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, run_pair_loss
-from ._reference_common import avg_non_zero, nan_in_nan_out, pair_count_matrices, too_few_pairs
+from ._reference_common import (avg_non_zero, nan_in_nan_out, pair_count_matrices, pair_masks, pml_pair_lists,
+                                too_few_pairs)
 from ._registry import LossEntry
 from .contrastive import combine
 
@@ -70,6 +79,29 @@ def snr_operands(embeddings, ref):
     return u, v
 
 
+def has_constant_row(embeddings):
+    """Whether a normalized row of `embeddings` has all its entries equal (module docstring): PML's
+    var of it is 0, its centered row here the rounding of its mean. O(N D), one sync."""
+    q = normalize(embeddings.detach())
+    return bool((q.amax(1) == q.amin(1)).any())
+
+
+def pml_pairs_of_call(labels, ref_labels, exclude_col, backend):
+    """The pairs a fused call computes over, as PML's (a1, p, a2, n): a ListedPairs backend's (each
+    as often as listed), or with an exclude_col the label pairs less row i's column exclude_col_i
+    (CrossBatchMemory's remove_self_comparisons); None: the label sets under PML's identity rule."""
+    if isinstance(backend, ListedPairs):
+        (a1, p, n_p), (a2, n, n_n) = backend.pos, backend.neg
+        return a1.repeat_interleave(n_p), p.repeat_interleave(n_p), a2.repeat_interleave(n_n), n.repeat_interleave(n_n)
+    if exclude_col is None:
+        return None
+    pos, neg = pair_masks(torch.as_tensor(labels, device=exclude_col.device),
+                          torch.as_tensor(ref_labels, device=exclude_col.device), exclude_self=False)
+    rows = torch.nonzero(exclude_col >= 0).squeeze(1)
+    pos = pos.index_put((rows, exclude_col[rows]), torch.zeros_like(rows, dtype=torch.bool))
+    return pml_pair_lists(pos.long(), neg.long())
+
+
 def declaration(pos_margin, neg_margin):
     # Contrastive's terms on the distance d = 1 + u . v, read as the dot product u . v it is:
     # relu(d - pos_margin) = relu(u . v - (pos_margin - 1)), relu(neg_margin - d) likewise
@@ -80,6 +112,11 @@ def declaration(pos_margin, neg_margin):
 
 def snr_contrastive_fused(embeddings, labels, ref_emb, ref_labels, *, pos_margin=0.0, neg_margin=1.0, distance="snr",
                           backend, exclude_col=None, batch=LOCAL):
+    if batch is LOCAL and not V._compiling() and has_constant_row(embeddings):
+        # a constant query row: PML's steps over the same pairs (module docstring)
+        return snr_contrastive_reference(embeddings, labels, ref_emb, ref_labels, pos_margin=pos_margin,
+                                         neg_margin=neg_margin, distance=distance,
+                                         indices_tuple=pml_pairs_of_call(labels, ref_labels, exclude_col, backend))
     self_mode = ref_emb is None or (ref_emb is embeddings and ref_labels is labels)
     ref, ref_lab = (embeddings, labels) if ref_emb is None else (ref_emb, ref_labels)
     labels_q = torch.as_tensor(labels, device=embeddings.device)

@@ -10,6 +10,8 @@ similarity of the pair's two embeddings:
 Declaration: hinge terms relu(m+ - S) on the positives and relu(S - m-) on the negatives, summed
 with the count of terms > 0 per row. That count leaves out a pair exactly on its margin (its term
 is 0), which PML's <= / >= counts: the one deliberate difference (docs/semantics.md).
+The engine's operands are the rows F.cosine_similarity compares (cosine_similarity_rows: norms
+clamped at 1e-8, not F.normalize's 1e-12), so S is PML's for every row, a short one included.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, pair_operands, zero_loss
+from ..ops._common import LOCAL, zero_loss
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, _warn_once, run_pair_loss
@@ -44,6 +46,26 @@ def tcm_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, lambda_p
     if not torch.is_tensor(loss):  # PML's zero loss for a plain 0
         loss = zero_loss(embeddings)
     return nan_in_nan_out(loss, embeddings, None)
+
+
+COSINE_SIMILARITY_EPS = 1e-8  # F.cosine_similarity's default eps, which PML's TCM uses
+
+
+def cosine_similarity_rows(x):
+    """The rows F.cosine_similarity multiplies: x / max(|x|, 1e-8), the clamp outside autograd (torch
+    clamps the norm in place under no_grad), so a row shorter than 1e-8 gets the gradient of x / |x|'s
+    formula at the clamped value (F.normalize's clamp_min passes none to the norm there). The norm is
+    F.normalize's op (its dtype under autocast)."""
+    norm = x.norm(2, dim=1, keepdim=True)
+    clamped = torch.where(norm < COSINE_SIMILARITY_EPS, COSINE_SIMILARITY_EPS + (norm - norm.detach()), norm)
+    return x / clamped
+
+
+def _has_row_below_cosine_eps(*xs):
+    """Whether a row of any of the tensors (None skipped) has a norm < 1e-8: F.cosine_similarity and
+    F.normalize (the miners' distances) make different rows of it."""
+    return any(bool((torch.linalg.vector_norm(x.detach(), dim=1) < COSINE_SIMILARITY_EPS).any())
+               for x in xs if x is not None)
 
 
 def declaration(margin_plus, margin_minus):
@@ -78,8 +100,10 @@ def tcm_fused(embeddings, labels, ref_emb, ref_labels, *, lambda_plus=1.0, lambd
         # PML takes both ends of a pair from embeddings, also the ref's: what it computes then is
         # not a comparison with ref_emb, so it is reproduced as it is, unfused
         return tcm_reference(embeddings, labels, ref_emb, ref_labels, **hyper)
-    q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
-    st = pair_stats(q, r, labels, labels_r, excl, declaration(margin_plus, margin_minus), backend)
+    # the batch against itself (self mode), or an explicit exclusion against a ref; on PML's rows
+    q = cosine_similarity_rows(embeddings)
+    r, labels_r = (None, None) if exclude_col is None else (cosine_similarity_rows(ref_emb), ref_labels)
+    st = pair_stats(q, r, labels, labels_r, exclude_col, declaration(margin_plus, margin_minus), backend)
     loss = combine(st, embeddings, lambda_plus=lambda_plus, lambda_minus=lambda_minus, batch=batch)
     return nan_in_nan_out(loss, embeddings, None)
 
@@ -134,6 +158,8 @@ class ThresholdConsistentMarginLoss(_PairLoss):
     def _fused_with_miner_rule(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         if _separate_ref(embeddings, labels, ref_emb, ref_labels):
             return None  # PML's reading of a ref_emb (tcm_fused): the reference with the listed pairs
+        if hasattr(indices_tuple, "spec_changes") and _has_row_below_cosine_eps(embeddings, ref_emb):
+            return None  # the miner measured other rows than TCM's S (cosine_similarity_rows): its listed pairs
         return super()._fused_with_miner_rule(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def _fused_with_listed_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):

@@ -1,0 +1,290 @@
+"""Rows where the fused path once gave another loss than PML's (the reference backend did not),
+against PML itself (values and gradients, fp64 and fp32, tests/kit.py's rule): NCALoss on a row
+of norm <= 1e-12 (no unit row after F.normalize: d^2 = 2 - 2 S does not hold) and with
+ref_emb=embeddings and another ref_labels object (PML's rule `query is reference`);
+ThresholdConsistentMarginLoss on a row of norm < 1e-8 (F.cosine_similarity's eps, not
+F.normalize's 1e-12); SignalToNoiseRatioContrastiveLoss on a constant query row (PML's var / 0:
+inf). Self mode, a ref, a miner's indices_tuple and CrossBatchMemory where the loss takes them;
+and ordinary batches still fused (the reference function raising)."""
+import warnings
+
+import pytest
+import torch
+
+import fused_pairloss as fpl
+from fused_pairloss.losses import nca, snr_contrastive, tcm
+from kit import check_close
+
+pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
+
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+
+
+def rows(n, d, seed, dtype=torch.float64, zero=(), scaled=(), constant=()):
+    """A random (n, d) batch with the rows `zero` all 0, `scaled` (row, factor) multiplied, `constant`
+    (row, value) all equal to the value."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    for i in zero:
+        x[i] = 0
+    for i, f in scaled:
+        x[i] *= f
+    for i, c in constant:
+        x[i] = c
+    return x.to(dtype)
+
+
+def value_and_grads(loss, args, params):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the one-time notes of the unfused paths
+        out = loss(*args)
+    grads = torch.autograd.grad(out, params, allow_unused=True)
+    return out, [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def check_against_pml(ours, pml, args, dtype):
+    """ours(*args) against pml(*args) in `dtype`, the gradients of the embeddings (and of a ref)
+    included, with the kit's rule: PML on the fp64 inputs the truth, PML on the case's the
+    same-dtype reference. Returns our value."""
+    params = list({id(a): a for a in args if torch.is_tensor(a) and a.is_floating_point()}.values())
+    # one input tensor passed twice (ref_emb=embeddings) stays one tensor
+    cast = {id(p): p.detach().to(dtype).requires_grad_(True) for p in params}
+    cast64 = {id(p): p.detach().double().requires_grad_(True) for p in params}
+    args, args64 = [cast.get(id(a), a) for a in args], [cast64.get(id(a), a) for a in args]
+    val, grads = value_and_grads(ours, args, list(cast.values()))
+    same, same_grads = value_and_grads(pml, args, list(cast.values()))
+    truth, truth_grads = value_and_grads(pml, args64, list(cast64.values()))
+    check_close(val, truth, same, what="value", dtype=dtype)
+    for k, (a, t, b) in enumerate(zip(grads, truth_grads, same_grads)):
+        check_close(a, t, b, what=f"grad {k}", dtype=dtype)
+    return val
+
+
+def labels(*ids):
+    return torch.tensor(ids)
+
+
+# ---- NCALoss: a row of norm <= 1e-12 ----------------------------------------------------------------
+@DTYPES
+def test_nca_zero_row_of_the_issue(dtype):
+    x = torch.tensor([[1.0, 0], [0, 0], [0, 1]])
+    val = check_against_pml(fpl.NCALoss(), pml_losses.NCALoss(), (x, labels(0, 0, 1)), dtype)
+    assert abs(float(val) - 0.503204) < 1e-5
+
+
+@DTYPES
+@pytest.mark.parametrize("where", ["query", "ref", "both"])
+@pytest.mark.parametrize("short", ["zero", "1e-13"])
+def test_nca_short_rows(where, short, dtype):
+    """An all-zero row (normalized: 0) or one of norm ~1e-13 (normalized: norm ~0.1, not 1), in the
+    batch (self mode) or in a ref, with PML's default distance and a softmax_scale."""
+    y, ry = labels(0, 0, 1, 1, 2, 2, 0, 1), labels(0, 1, 2, 0, 1, 2, 2)
+    make = (lambda n, seed, i: rows(n, 5, seed, zero=[i]) if short == "zero" else rows(n, 5, seed, scaled=[(i, 1e-13)]))
+    x = make(8, 1, 2) if where in ("query", "both") else rows(8, 5, 1)
+    r = make(7, 2, 4) if where in ("ref", "both") else rows(7, 5, 2)
+    for kw in ({}, dict(softmax_scale=3)):
+        ours, pml = fpl.NCALoss(**kw), pml_losses.NCALoss(**kw)
+        if where != "ref":
+            check_against_pml(ours, pml, (x, y), dtype)
+        check_against_pml(ours, pml, (x, y, None, r, ry), dtype)
+
+
+@DTYPES
+def test_nca_ref_is_the_batch_with_other_label_objects(dtype):
+    """ref_emb=embeddings (one tensor as both: PML's `query is reference`) leaves the diagonal out
+    whatever ref_labels is: the same labels in another tensor, or other labels; also with a zero row."""
+    y = labels(0, 0, 1, 1, 2, 2)
+    for x in (rows(6, 4, 0), rows(6, 4, 0, zero=[3])):
+        for ry in (y.clone(), labels(0, 1, 1, 2, 2, 0)):
+            check_against_pml(fpl.NCALoss(), pml_losses.NCALoss(), (x, y, None, x, ry), dtype)
+    torch.manual_seed(0)
+    e = torch.randn(6, 4, dtype=torch.float64)
+    assert abs(float(fpl.NCALoss()(e, y, ref_emb=e, ref_labels=y.clone())) - 2.52013) < 1e-5  # the issue's
+
+
+def test_nca_short_rows_with_a_miner_and_in_cross_batch_memory():
+    """NCA's indices_tuple (PML's per-row miner weights) and CrossBatchMemory (PML's call) with a
+    zero row: PML's values."""
+    x, y = rows(10, 5, 3, zero=[4]), labels(0, 1, 2, 0, 1, 2, 0, 1, 2, 0)
+    r, ry = rows(7, 5, 4, zero=[1]), labels(0, 1, 2, 0, 1, 2, 0)
+    for args in ((x, y), (x, y, None, r, ry)):
+        idx = pml_miners.MultiSimilarityMiner(0.3)(*(a for a in args if a is not None))
+        full = list(args) + [None] * (5 - len(args))
+        full[2] = idx
+        check_against_pml(fpl.NCALoss(), pml_losses.NCALoss(), full, torch.float64)
+    run_memory(lambda: fpl.NCALoss(), lambda: pml_losses.NCALoss(), zero_row_at=1)
+
+
+# ---- ThresholdConsistentMarginLoss: a row of norm < 1e-8 ------------------------------------------
+@DTYPES
+def test_tcm_short_row_of_the_issue(dtype):
+    x = torch.tensor([[1.0, 0], [1e-10, 1e-10], [0, 1]])
+    val = check_against_pml(fpl.ThresholdConsistentMarginLoss(), pml_losses.ThresholdConsistentMarginLoss(),
+                            (x, labels(0, 0, 1)), dtype)
+    assert abs(float(val) - 0.89) < 1e-5
+
+
+@DTYPES
+@pytest.mark.parametrize("short", ["zero", "1e-10", "1e-13"])
+def test_tcm_short_rows(short, dtype):
+    """Rows below F.cosine_similarity's eps (1e-8): an all-zero row, one of norm ~1e-10 (between the
+    two eps) and one of norm ~1e-13 (below both), in self mode and with a ref (PML reads both ends
+    from the batch there)."""
+    kw = dict(margin_plus=0.6, margin_minus=0.2)
+    x = (rows(12, 6, 5, zero=[3]) if short == "zero" else
+         rows(12, 6, 5, scaled=[(3, float(short)), (8, float(short))]))
+    y = labels(0, 0, 1, 1, 2, 2, 0, 1, 2, 3, 3, 0)
+    ours, pml = fpl.ThresholdConsistentMarginLoss(**kw), pml_losses.ThresholdConsistentMarginLoss(**kw)
+    check_against_pml(ours, pml, (x, y), dtype)
+    check_against_pml(ours, pml, (x, y, None, rows(9, 6, 6), labels(0, 1, 2, 3, 0, 1, 2, 3, 0)), dtype)
+
+
+@DTYPES
+@pytest.mark.parametrize("miner", ["ours", "pml"])
+def test_tcm_short_rows_with_a_miner(miner, dtype, monkeypatch):
+    """A miner's pairs on a batch with a row of norm ~1e-10: our MultiSimilarityMiner's rule (which
+    measured the row as F.normalize makes it) is not applied to TCM's S (the listed pairs are), PML's
+    tuple through the listed pairs; PML's miner and loss the truth."""
+    monkeypatch.setattr(fpl.losses._base._PairLoss, "ENGINE_PAIR_FRACTION", 0)  # the engine rule for any count
+    kw = dict(margin_plus=0.6, margin_minus=0.2)
+    x = rows(12, 6, 7)
+    x[2] = (x[0] + 0.1 * x[2]) * 1e-10  # a close positive of row 0: mined otherwise on S than on its S / 100
+    x = x.to(dtype)
+    y = labels(0, 0, 0, 1, 2, 2, 0, 1, 2, 0, 1, 2)
+    x_ = x.clone().requires_grad_(True)  # the miner's rule is for the tensor it mined
+    idx = (fpl.miners.MultiSimilarityMiner(0.3) if miner == "ours" else pml_miners.MultiSimilarityMiner(0.3))(x_, y)
+    pml_idx = pml_miners.MultiSimilarityMiner(0.3)(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(idx, pml_idx))
+    ours, pml = fpl.ThresholdConsistentMarginLoss(**kw), pml_losses.ThresholdConsistentMarginLoss(**kw)
+    val, (g,) = value_and_grads(ours, (x_, y, idx), [x_])
+    same, (same_g,) = value_and_grads(pml, (x_, y, pml_idx), [x_])
+    x64 = x.double().requires_grad_(True)
+    truth, (truth_g,) = value_and_grads(pml, (x64, y, pml_idx), [x64])
+    check_close(val, truth, same, what="value", dtype=dtype)
+    check_close(g, truth_g, same_g, what="grad", dtype=dtype)
+
+
+# ---- SignalToNoiseRatioContrastiveLoss: a constant query row ------------------------------------------
+@DTYPES
+def test_snr_constant_row_of_the_issue(dtype):
+    x = torch.tensor([[1.0, 2, 0], [2, 2, 2], [0, 1, 3]])
+    val = check_against_pml(fpl.SignalToNoiseRatioContrastiveLoss(), pml_losses.SignalToNoiseRatioContrastiveLoss(),
+                            (x, labels(0, 0, 1)), dtype)
+    assert float(val) == float("inf")
+
+
+@DTYPES
+@pytest.mark.parametrize("row", ["zero", "constant", "constant_pair"])
+def test_snr_constant_query_rows(row, dtype):
+    """An all-zero or a constant query row (PML: var(x_i) = 0, d inf, or NaN against another constant
+    row, which PML's reducer drops), in self mode and against a ref; a constant row only in the ref
+    is an ordinary column (d = 1)."""
+    kw = dict(pos_margin=0.3, neg_margin=1.5)
+    constant = {"zero": [], "constant": [(2, 0.7)], "constant_pair": [(2, 0.7), (5, -3.0)]}[row]
+    x = rows(8, 5, 8, zero=[2] if row == "zero" else [], constant=constant)
+    y = labels(0, 1, 1, 2, 0, 1, 2, 0)
+    r, ry = rows(6, 5, 9, constant=[(1, 2.0)]), labels(0, 1, 2, 0, 1, 1)
+    ours = fpl.SignalToNoiseRatioContrastiveLoss(**kw)
+    pml = pml_losses.SignalToNoiseRatioContrastiveLoss(**kw)
+    check_against_pml(ours, pml, (x, y), dtype)
+    check_against_pml(ours, pml, (x, y, None, r, ry), dtype)
+    check_against_pml(ours, pml, (rows(8, 5, 10), y, None, r, ry), dtype)  # only a column constant
+
+
+@pytest.mark.parametrize("mode", ["self", "ref"])
+def test_snr_constant_row_with_a_miner(mode, monkeypatch):
+    """A miner's tuple (the listed pairs, duplicates counted) on a batch with a constant row."""
+    kw = dict(pos_margin=0.3, neg_margin=1.5)
+    x, y = rows(10, 5, 11, constant=[(3, 1.0)]), labels(0, 1, 2, 0, 1, 2, 0, 1, 2, 0)
+    r, ry = (None, None) if mode == "self" else (rows(7, 5, 12), labels(0, 1, 2, 0, 1, 2, 0))
+    for miner in (pml_miners.TripletMarginMiner(0.5), pml_miners.PairMarginMiner(0.2, 0.8)):
+        idx = miner(x, y, r, ry)
+        with monkeypatch.context() as m:  # the listed pairs' call, not the module's N x M reference
+            m.setattr(fpl.losses._base._PairLoss, "_reference_with_indices", None)
+            check_against_pml(fpl.SignalToNoiseRatioContrastiveLoss(**kw),
+                              pml_losses.SignalToNoiseRatioContrastiveLoss(**kw), (x, y, idx, r, ry),
+                              torch.float64)
+
+
+@pytest.mark.parametrize("masks", [False, True], ids=["all_queued", "enqueue_mask"])
+def test_snr_constant_row_in_cross_batch_memory(masks):
+    kw = dict(pos_margin=0.3, neg_margin=1.5)
+    run_memory(lambda: fpl.SignalToNoiseRatioContrastiveLoss(**kw),
+               lambda: pml_losses.SignalToNoiseRatioContrastiveLoss(**kw), constant_row_at=1, masks=masks)
+
+
+def run_memory(make_ours, make_pml, zero_row_at=None, constant_row_at=None, masks=False, D=5, M=16):
+    """fpl.CrossBatchMemory against PML's over four steps (fp64), the step `*_row_at` with a zero or
+    constant row (then in the memory for the steps after)."""
+    ours, theirs = fpl.CrossBatchMemory(make_ours(), D, M), pml_losses.CrossBatchMemory(make_pml(), D, M)
+    g = torch.Generator().manual_seed(13)
+    for t, b in enumerate((6, 7, 5, 6)):
+        x = torch.randn(b, D, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (b,), generator=g)
+        mask = (torch.arange(b) % 2 == 0) if masks else None
+        if t == zero_row_at:
+            x[1] = 0
+        if t == constant_row_at:
+            x[1] = 0.4  # a query row also with the enqueue mask (odd rows are the queries)
+        results = []
+        for xbm in (ours, theirs):
+            x_ = x.clone().requires_grad_(True)
+            results.append(value_and_grads(lambda *a: xbm(*a), (x_, y, None, mask), [x_]))
+        (v, (gx,)), (vp, (gp,)) = results
+        check_close(v, vp, what=f"step {t} value")
+        check_close(gx, gp, what=f"step {t} grad")
+        assert torch.equal(ours.embedding_memory, theirs.embedding_memory)
+        if t == constant_row_at:
+            assert float(vp) == float("inf")
+
+
+# ---- ordinary batches stay fused --------------------------------------------------------------------
+def test_ordinary_batches_stay_fused(monkeypatch):
+    """Without a degenerate row the fused path computes (each reference raises): NCA in self mode,
+    with a ref and with ref_emb=embeddings and a copy of the labels; TCM in self mode, also with our
+    miner's rule in the engine; SNR in self mode, with a ref holding a constant row and in
+    CrossBatchMemory."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference computed an ordinary batch")
+
+    for module, name in ((nca, "nca_reference"), (tcm, "tcm_reference"),
+                         (snr_contrastive, "snr_contrastive_reference")):
+        monkeypatch.setattr(module, name, refuse)
+    monkeypatch.setattr(fpl.losses._base._PairLoss, "_reference_with_indices", refuse)
+    monkeypatch.setattr(fpl.losses._base._PairLoss, "_fused_with_listed_pairs", refuse)
+    monkeypatch.setattr(fpl.losses._base._PairLoss, "ENGINE_PAIR_FRACTION", 0)
+    x, y = rows(12, 6, 14, scaled=[(1, 1e-6)]), labels(0, 0, 1, 1, 2, 2, 0, 1, 2, 3, 3, 0)
+    r, ry = rows(9, 6, 15, constant=[(2, 1.0)]), labels(0, 1, 2, 3, 0, 1, 2, 3, 0)
+    for args in ((x, y), (x, y, None, r, ry), (x, y, None, x, y.clone())):
+        check_against_pml(fpl.NCALoss(), pml_losses.NCALoss(), args, torch.float64)
+    tcm_kw = dict(margin_plus=0.6, margin_minus=0.2)
+    check_against_pml(fpl.ThresholdConsistentMarginLoss(**tcm_kw), pml_losses.ThresholdConsistentMarginLoss(**tcm_kw),
+                      (x, y), torch.float64)
+    x_ = x.clone().requires_grad_(True)
+    mined = fpl.miners.MultiSimilarityMiner(0.3)(x_, y)
+    assert float(fpl.ThresholdConsistentMarginLoss(**tcm_kw)(x_, y, mined)) == pytest.approx(
+        float(pml_losses.ThresholdConsistentMarginLoss(**tcm_kw)(x, y, pml_miners.MultiSimilarityMiner(0.3)(x, y))),
+        rel=1e-12)
+    snr = (lambda: fpl.SignalToNoiseRatioContrastiveLoss(pos_margin=0.3, neg_margin=1.5),
+           lambda: pml_losses.SignalToNoiseRatioContrastiveLoss(pos_margin=0.3, neg_margin=1.5))
+    check_against_pml(snr[0](), snr[1](), (x, y), torch.float64)
+    check_against_pml(snr[0](), snr[1](), (x, y, None, r, ry), torch.float64)
+    run_memory(*snr)
+
+
+# ---- while torch.compile traces (no sync to look for a degenerate row) --------------------------------
+def test_nca_while_compiling_is_exact_on_every_row(monkeypatch):
+    """NCA's fused call as torch.compile traces it (no sync): the wider rows for every call, exact
+    with or without a short row; ref_emb=embeddings with the labels in another tensor leaves the
+    diagonal out. Then compiled (fullgraph) on a batch with a zero row."""
+    x, y = rows(8, 5, 16, zero=[2]), labels(0, 0, 1, 1, 2, 2, 0, 1)
+    r, ry = rows(7, 5, 17), labels(0, 1, 2, 0, 1, 2, 2)
+    with monkeypatch.context() as m:
+        m.setattr(fpl._validation, "_compiling", lambda: True)
+        for xx in (x, rows(8, 5, 18)):
+            for args in ((xx, y), (xx, y, None, r, ry), (xx, y, None, xx, y.clone())):
+                check_against_pml(fpl.NCALoss(), pml_losses.NCALoss(), args, torch.float64)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, b: nca.nca_loss(a, b, backend="cpu"), fullgraph=True, backend="aot_eager")
+    check_against_pml(compiled, pml_losses.NCALoss(), (x, y), torch.float32)
