@@ -422,6 +422,7 @@ def _register_native():
     return frozenset(["cpu"] + (["cuda"] if _extension.has_kernel("triplet_engine_forward", "CUDA") else []))
 
 
+
 def _fake_row_extremes(q, r, labels_q, labels_r, exclude_col, lp, pos_largest, neg_largest):
     n, A = q.shape[0], stat_dtype(q.dtype)
     return (q.new_empty((n,), dtype=A), q.new_empty((n,), dtype=torch.int64), q.new_empty((n,), dtype=A),
@@ -445,15 +446,9 @@ def ascending_kept_columns_op(device):
 def row_extremes_op(device):
     """The C++ op of the batch miners' hardest / easiest pairs for tensors on `device` (CPU tensors,
     when built), else None (the miners then mine in PyTorch)."""
-    global _NATIVE_DEVICES
     if device.type != "cpu":
         return None
-    if _NATIVE_DEVICES is None:
-        _NATIVE_DEVICES = _register_native()
     return torch.ops.fused_pairloss.row_extremes if _NATIVE_DEVICES else None
-
-
-_NATIVE_DEVICES = None
 
 
 def rows_op(backend, device):
@@ -473,10 +468,11 @@ def bins_op(backend, device):
 def _native_op(name, backend, device):
     """The compiled op `name` for "cpu" on CPU tensors or "cuda" on CUDA tensors, when the loaded
     library has kernels there; else None."""
-    global _NATIVE_DEVICES
     if backend in ("cpu", "cuda") and device.type == backend:
-        if _NATIVE_DEVICES is None:
-            _NATIVE_DEVICES = _register_native()
         if backend in _NATIVE_DEVICES:
             return getattr(torch.ops.fused_pairloss, name)
     return None
+
+
+# at import (after the fake kernels above): the dispatcher's lookups are not traceable by torch.compile
+_NATIVE_DEVICES = _register_native()
