@@ -288,3 +288,31 @@ def test_nca_while_compiling_is_exact_on_every_row(monkeypatch):
     torch._dynamo.reset()
     compiled = torch.compile(lambda a, b: nca.nca_loss(a, b, backend="cpu"), fullgraph=True, backend="aot_eager")
     check_against_pml(compiled, pml_losses.NCALoss(), (x, y), torch.float32)
+
+
+# ---- ProxyNCALoss: a proxy of norm <= 1e-12 --------------------------------------------------------------
+@DTYPES
+@pytest.mark.parametrize("distance", [None, "cosine"])
+def test_proxy_nca_zero_proxy(distance, dtype, monkeypatch):
+    """A zero proxy (no unit row after F.normalize: d^2 = |x|^2 to it) as PML computes it, values and
+    the gradients of the embeddings and of the proxies; an ordinary call keeps the engine's own
+    normalization (the wider rows raise)."""
+    from pytorch_metric_learning.distances import CosineSimilarity
+    from fused_pairloss.losses import proxy_nca
+
+    kw = {} if distance is None else dict(distance=CosineSimilarity())
+    x, y = rows(10, 6, 19, dtype=dtype), labels(0, 1, 2, 3, 0, 1, 2, 3, 0, 1)
+    for zero in ((2,), ()):
+        ours, pml = fpl.ProxyNCALoss(4, 6, softmax_scale=3, **kw), pml_losses.ProxyNCALoss(4, 6, softmax_scale=3, **kw)
+        ours.proxies.data[list(zero)] = 0
+        pml.load_state_dict(ours.state_dict())
+        with monkeypatch.context() as m:
+            if not zero or distance == "cosine":  # the cosine needs no wider rows
+                m.setattr(proxy_nca, "short_proxy_operands", lambda *a: (_ for _ in ()).throw(AssertionError("wide")))
+            xo, xp = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+            a, b = ours(xo, y), pml(xp, y)
+            a.backward()
+            b.backward()
+        check_close(a, b, b, what="value", dtype=dtype)
+        check_close(xo.grad, xp.grad, xp.grad, what="grad embeddings", dtype=dtype)
+        check_close(ours.proxies.grad, pml.proxies.grad, pml.proxies.grad, what="grad proxies", dtype=dtype)

@@ -10,10 +10,14 @@ target logit about 100 below the row's largest).
 
 Declaration: on unit rows d^2 = 2 - 2 S, so both distances are a term on S: x = 2 s (S - 1)
 (squared distance) or x = s S (cosine), reduced by LSE over the classes c != y_i; the proxies
-enter normalized per row (the engine normalizes each tile). Row combination: the target's logit z
-from the engine's target_sim, L_i = logaddexp(lse_i, z_i) - z_i.
+enter normalized per row (the engine normalizes each tile). A proxy of norm <= 1e-12 is no unit
+row after F.normalize: such a call runs on rows one entry wider (short_proxy_operands), exact; not
+while torch.compile traces (no sync to look), where such a proxy has d^2 = 2 - 2 S.
+Row combination: the target's logit z from the engine's target_sim, L_i = logaddexp(lse_i, z_i) - z_i.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -23,7 +27,7 @@ from ..ops._common import normalize
 from ..ops.operands import stat_dtype
 from ..ops.spec import ClassLossSpec, PairTerm
 from ..ops.stats import class_stats
-from ._base import _ClassLoss, _check_sizes, _like, run_class_loss
+from ._base import _ClassLoss, _check_sizes, _has_short_row, _like, run_class_loss
 from ._reference_common import distance_matrix, miner_weights
 from ._registry import LossEntry
 from .nca import DISTANCES, _check_distance, _nca_distance_kind
@@ -51,9 +55,25 @@ def declaration(softmax_scale, distance):
     return ClassLossSpec(row=term, normalize_weights=True, weights_layout="rows")
 
 
+def short_proxy_operands(embeddings, proxies):
+    """Operands whose term 2 s (q' . p' - 1) is -s d^2 up to a constant per row, for proxies that
+    need not be unit rows after F.normalize (norm <= 1e-12: a zero proxy stays 0, d^2 = |q|^2 to
+    it, not 2 - 2 S): -d_ic^2 = 2 S_ic - |p_c|^2 - |q_i|^2, and the softmax over row i drops
+    -|q_i|^2, so q' = [q, 1], p' = [p, (1 - |p|^2) / 2] (both normalized first: the engine must not)."""
+    q, p = normalize(embeddings), normalize(proxies.to(embeddings.dtype))
+    q_wide = torch.cat([q, torch.ones_like(q[:, :1])], dim=1)
+    p_wide = torch.cat([p, (1 - (p * p).sum(1, keepdim=True)) / 2], dim=1)
+    return q_wide, p_wide
+
+
 def proxy_nca_fused(embeddings, labels, proxies, *, softmax_scale, distance="squared_lp", backend, row_weights=None):
     labels = labels.to(device=embeddings.device, dtype=torch.int64)
-    st = class_stats(normalize(embeddings), proxies, labels, declaration(softmax_scale, distance), backend)
+    spec = declaration(softmax_scale, distance)
+    if distance == "squared_lp" and not V._compiling() and _has_short_row(proxies):
+        q, p = short_proxy_operands(embeddings, proxies)  # a copy of the proxies, for this call only
+        st = class_stats(q, p, labels, dataclasses.replace(spec, normalize_weights=False), backend)
+    else:
+        st = class_stats(normalize(embeddings), proxies, labels, spec, backend)
     s = float(softmax_scale)
     z = s * st.target_sim if distance == "cosine" else 2.0 * s * (st.target_sim - 1)
     rows = torch.logaddexp(st.lse_other, z) - z
