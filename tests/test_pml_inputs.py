@@ -237,3 +237,16 @@ def test_modules_pickle(cls_name):
     import io
     ours, _ = _constructed(cls_name)
     torch.save(ours, io.BytesIO())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["contrastive", "triplet", "ms", "nca"])
+def test_labels_on_another_device_as_pml(name):
+    """PML moves the labels to the embeddings' device (c_f.to_device): CUDA embeddings, CPU labels."""
+    x, y = batch(15)
+    x = x.cuda()
+    ours, pml = modules(name)
+    assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))
+    arc, arc_pml = fpl.ArcFaceLoss(3, 6).cuda(), L.ArcFaceLoss(3, 6).cuda()
+    arc_pml.load_state_dict(arc.state_dict())
+    assert_same((arc(x, y),), (arc_pml(x, y),))

@@ -401,18 +401,28 @@ def check_self_only(embeddings, labels, ref_emb, ref_labels, name):
 
 def pml_labels(embeddings, labels, ref_emb, ref_labels):
     """The labels as a pair loss's fused and reference paths take them, from what PML accepts:
-    float / bool labels as int64 ids (V.label_ids), ref_labels without ref_emb unused, and PML's
-    set_ref_emb rule for a ref_emb without ref_labels: the labels stand for ref_emb's rows too
-    (`ref_labels is labels`, so the diagonal is no pair), which needs as many rows as embeddings
-    (else the input checks raise, as PML fails)."""
+    labels moved to the embeddings' device (ref_labels to ref_emb's), float / bool labels as int64
+    ids (V.label_ids), ref_labels without ref_emb unused, and PML's set_ref_emb rule for a ref_emb
+    without ref_labels: the labels stand for ref_emb's rows too (`ref_labels is labels`, so the
+    diagonal is no pair), which needs as many rows as embeddings (else the input checks raise, as
+    PML fails)."""
     if ref_emb is None:  # PML's set_ref_emb: the batch is its own ref, ref_labels unused
         ref_labels = None
+    same = ref_labels is labels
+    labels = _on_device_of(labels, embeddings)  # PML's c_f.to_device: labels go to the embeddings
+    ref_labels = labels if same else _on_device_of(ref_labels, ref_emb)
     labels, ref_labels = V.label_ids(labels, ref_labels)
     if (isinstance(ref_emb, torch.Tensor) and ref_labels is None and isinstance(labels, torch.Tensor)
             and isinstance(embeddings, torch.Tensor) and ref_emb.dim() == 2 and embeddings.dim() == 2
             and ref_emb.shape[0] == embeddings.shape[0]):
         ref_labels = labels
     return labels, ref_labels
+
+
+def _on_device_of(labels, x):
+    if isinstance(labels, torch.Tensor) and isinstance(x, torch.Tensor) and labels.device != x.device:
+        return labels.to(x.device)
+    return labels
 
 
 def _no_rows(x):
@@ -524,6 +534,7 @@ class _ClassLoss(_PmlFallback, _LossBase):
             raise ValueError(f"{name}: labels is required (a 1-D integer tensor of length N), as in PML")
         if ref_emb is not None and not (ref_emb is embeddings and ref_labels is labels):  # PML's ref_not_supported
             raise ValueError(f"{name}: ref_emb / ref_labels are not supported (as in PML)")
+        labels = _on_device_of(labels, embeddings)  # PML's c_f.to_device
         weights = self.cast_weights(embeddings)
         self._check_width(embeddings, weights)
         if _no_rows(embeddings):  # PML: the mean of no rows' cross-entropy (NaN), ProxyAnchor's zero loss
