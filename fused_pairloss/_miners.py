@@ -52,6 +52,8 @@ class _Rows:
     when ref_labels is labels; MultiSimilarity also ignores it when ref_emb is embeddings)."""
 
     def __init__(self, miner, embeddings, labels, ref_emb, ref_labels):
+        if ref_labels is None:  # PML's get_matches_and_diffs: the labels stand for the ref's rows
+            ref_labels = labels
         self.miner, self.embeddings, self.labels, self.ref_emb, self.ref_labels = (miner, embeddings, labels,
                                                                                    ref_emb, ref_labels)
         self.N, self.M = embeddings.shape[0], ref_emb.shape[0]
@@ -362,6 +364,8 @@ class _Mined(tuple):
 
     def __new__(cls, indices, miner, embeddings, labels, ref_emb, ref_labels):
         out = super().__new__(cls, indices)
+        if ref_labels is None:  # PML mined a ref_emb without ref_labels with the labels (_Rows)
+            ref_labels = labels
         out.distance = miner.distance
         out.embeddings, out.labels, out.ref_emb, out.ref_labels = embeddings, labels, ref_emb, ref_labels
         return out

@@ -92,6 +92,21 @@ def label_ids(labels, ref_labels=None):
     return ids_labels, (ids_labels if same else out.get("ref_labels", ref_labels))
 
 
+def integral_labels(labels, name="labels"):
+    """Float and bool labels as int64 for the wrappers (CrossBatchMemory keeps labels across steps,
+    DistributedLossWrapper across ranks, where per-call ids (label_ids) would not agree): bool as
+    0 / 1, a float label that is a whole number as that number; any other float is a ValueError
+    naming the argument. Other labels pass unchanged."""
+    if not _needs_ids(labels):
+        return labels
+    if labels.is_floating_point() and not _compiling() and labels.device.type != "meta":
+        whole = torch.isfinite(labels) & (labels == torch.round(labels))
+        if not bool(whole.all()):
+            raise ValueError(f"{name}: float labels must be whole numbers here (kept as int64 across steps / "
+                             "ranks); got a value that is not")
+    return labels.to(torch.int64)
+
+
 def check_pair_inputs(embeddings, labels, ref_emb, ref_labels):
     check_embeddings(embeddings)
     if labels is None:

@@ -326,6 +326,7 @@ class CrossBatchMemory(_pml_memory_base()):
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
+        labels = V.integral_labels(labels)  # PML takes float / bool labels too
         self._check(embeddings, labels, indices_tuple, enqueue_mask)
         self._place(embeddings, labels)
         plan = self._plan(indices_tuple, embeddings.device)

@@ -143,7 +143,11 @@ class DistributedLossWrapper(torch.nn.Module):
     # ---- the fused path -------------------------------------------------------------------------
     def _fused(self, plan, embeddings, labels, ref_emb, ref_labels):
         fn, hyper = plan
+        # PML's set_ref_emb: a ref_emb without ref_labels is read with the labels (its diagonal no pair)
+        labels_for_ref = ref_emb is not None and ref_labels is None
         try:
+            labels = V.integral_labels(labels)
+            ref_labels = labels if labels_for_ref else V.integral_labels(ref_labels, "ref_labels")
             check_local_inputs(embeddings, labels, ref_emb, ref_labels)
             error = None
         except (ValueError, TypeError) as e:  # raised after the other ranks learn of it (no hang)
@@ -152,6 +156,10 @@ class DistributedLossWrapper(torch.nn.Module):
                                error)
         batch = DistributedBatch(layout.total)
         labels = labels.to(embeddings.device)
+        if labels_for_ref:  # ref_emb's rows laid out as the batch's: global row i against ref row i excluded
+            R = AllGather.apply(ref_emb, layout)
+            excl = exclusion_for(embeddings.shape[0], embeddings.device, offset=layout.offset)
+            return fn(embeddings, labels, R, layout.gather(labels), exclude_col=excl, batch=batch, **hyper)
         if ref_emb is None:
             X = AllGather.apply(embeddings, layout)
             Y = layout.gather(labels)

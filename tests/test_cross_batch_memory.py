@@ -48,6 +48,8 @@ LOSSES = {
     "angular": (lambda: fpl.AngularLoss(), lambda: L.AngularLoss()),
     "snr": (lambda: fpl.SignalToNoiseRatioContrastiveLoss(pos_margin=0.3, neg_margin=1.5),
             lambda: L.SignalToNoiseRatioContrastiveLoss(pos_margin=0.3, neg_margin=1.5)),
+    "nca": (lambda: fpl.NCALoss(softmax_scale=2), lambda: L.NCALoss(softmax_scale=2)),
+    "ipv": (lambda: fpl.IntraPairVarianceLoss(0.05, 0.05), lambda: L.IntraPairVarianceLoss(0.05, 0.05)),
 }
 
 
@@ -451,3 +453,18 @@ def test_validation():
         with pytest.raises(ValueError, match=f"miner={type(miner).__name__}.*miner_epsilon"):
             both(x, y)
     assert xbm.queue_idx == 0, "a rejected call does not touch the memory"
+
+
+def test_float_and_bool_labels_as_pml():
+    """PML keeps float / bool labels (compared with ==); ours keeps them as int64 (whole numbers; any
+    other float is refused, naming labels): the same steps."""
+    for convert in (lambda y: y.double(), lambda y: y == 0):
+        ours, theirs = fpl.CrossBatchMemory(fpl.ContrastiveLoss(), D, M), L.CrossBatchMemory(L.ContrastiveLoss(), D, M)
+        for t, (x, y, _) in enumerate(batches(3)):
+            v, g = step(ours, x, convert(y))
+            vp, gp = step(theirs, x, convert(y))
+            torch.testing.assert_close(v, vp, rtol=RTOL, atol=ATOL)
+            torch.testing.assert_close(g, gp, rtol=RTOL, atol=ATOL)
+            assert torch.equal(ours.label_memory, theirs.label_memory.long()), f"step {t}"
+    with pytest.raises(ValueError, match="labels"):
+        fpl.CrossBatchMemory(fpl.ContrastiveLoss(), D, M)(torch.randn(3, D), torch.tensor([0.5, 1.0, 2.0]))

@@ -316,3 +316,14 @@ def test_proxy_nca_zero_proxy(distance, dtype, monkeypatch):
         check_close(a, b, b, what="value", dtype=dtype)
         check_close(xo.grad, xp.grad, xp.grad, what="grad embeddings", dtype=dtype)
         check_close(ours.proxies.grad, pml.proxies.grad, pml.proxies.grad, what="grad proxies", dtype=dtype)
+
+
+@DTYPES
+@pytest.mark.parametrize("pos_margin", [0.0, 0.2])
+def test_snr_batch_as_its_own_ref_under_other_label_objects(pos_margin, dtype):
+    """ref_emb=embeddings with a copy of the labels: PML's d_ii is exactly 0 (no term, not counted);
+    the dot product's is 0 to rounding, so those diagonal positives are left out."""
+    x, y = rows(12, 6, 21), labels(0, 0, 1, 1, 2, 2, 0, 1, 2, 3, 3, 0)
+    kw = dict(pos_margin=pos_margin, neg_margin=1.5)
+    check_against_pml(fpl.SignalToNoiseRatioContrastiveLoss(**kw), pml_losses.SignalToNoiseRatioContrastiveLoss(**kw),
+                      (x, y, None, x, y.clone()), dtype)

@@ -14,7 +14,8 @@ from pytorch_metric_learning.distances import CosineSimilarity, LpDistance  # no
 from fused_pairloss import _miners, miners  # noqa: E402
 from kit import check_close  # noqa: E402
 
-MODES = ["self", "ref", "ref_is_labels"]
+# ref_without_labels: PML reads a ref_emb without ref_labels with the labels (`ref_labels is labels`)
+MODES = ["self", "ref", "ref_is_labels", "ref_without_labels"]
 
 
 def batch(mode, n=48, d=12, classes=5, seed=0, dtype=torch.float64):
@@ -25,7 +26,7 @@ def batch(mode, n=48, d=12, classes=5, seed=0, dtype=torch.float64):
     if mode == "self":
         return x, y, None, None
     r = torch.randn(n + 7 if mode == "ref" else n, d, generator=g, dtype=torch.float64).to(dtype)
-    ry = torch.randint(0, classes, (len(r),), generator=g) if mode == "ref" else y
+    ry = {"ref": torch.randint(0, classes, (len(r),), generator=g), "ref_is_labels": y}.get(mode)
     return x, y, r.requires_grad_(True), ry
 
 

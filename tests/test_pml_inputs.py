@@ -124,12 +124,20 @@ def test_an_empty_batch_gives_pmls_value(cls_name):
     assert grad.shape == x.shape
 
 
-@pytest.mark.parametrize("name", ["contrastive", "triplet", "ms"])
-def test_an_empty_ref_emb_gives_pmls_zero(name):
+@pytest.mark.parametrize("cls_name", [n for n in REGISTRY if REGISTRY[n].kind == "pair"])
+def test_an_empty_ref_emb_as_pml(cls_name):
+    """PML's zero loss, NCA's NaN, or a ValueError where PML refuses a ref_emb."""
+    ours, pml = _constructed(cls_name)
     x, y = batch(7)
-    ours, pml = modules(name)
     r, ry = x[:0], y[:0]
-    torch.testing.assert_close(ours(x, y, ref_emb=r, ref_labels=ry), pml(x, y, ref_emb=r, ref_labels=ry))
+    try:
+        expected = pml(x, y, ref_emb=r, ref_labels=ry)
+    except ValueError:
+        with pytest.raises(ValueError):
+            ours(x, y, ref_emb=r, ref_labels=ry)
+        return
+    torch.testing.assert_close(ours(x, y, ref_emb=r, ref_labels=ry), expected.detach(), equal_nan=True,
+                               rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", [n for n in MODULE_LOSSES if any(
@@ -250,3 +258,26 @@ def test_labels_on_another_device_as_pml(name):
     arc, arc_pml = fpl.ArcFaceLoss(3, 6).cuda(), L.ArcFaceLoss(3, 6).cuda()
     arc_pml.load_state_dict(arc.state_dict())
     assert_same((arc(x, y),), (arc_pml(x, y),))
+
+
+def test_a_learnable_hyper_parameter_is_refused_by_name():
+    """PML would train it; the fused ops take numbers: an error naming it, not a silent detach."""
+    with pytest.raises(TypeError, match="margin"):
+        fpl.TripletMarginLoss(margin=torch.nn.Parameter(torch.tensor(0.2)))
+
+
+def test_our_miners_tuple_of_float_labels_without_labels_as_pml():
+    x, y = batch(16)
+    ours = fpl.ContrastiveLoss()(x, None, fpl.miners.MultiSimilarityMiner(0.5)(x, y.double()))
+    theirs = L.ContrastiveLoss()(x, None, miners.MultiSimilarityMiner(0.5)(x, y.double()))
+    torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["tcm", "ipv", "contrastive", "triplet"])
+def test_a_tuple_with_a_ref_emb_without_ref_labels_as_pml(name):
+    """PML reads the tuple only, whatever ref_emb's rows."""
+    x, y = batch(17)
+    r = batch(18, n=7)[0]
+    idx = miners.MultiSimilarityMiner(0.5)(x, y, r, torch.arange(7) % 3)
+    ours, pml = modules(name)
+    assert_same(value_and_grad(ours, x, y, idx, ref_emb=r), value_and_grad(pml, x, y, idx, ref_emb=r))

@@ -87,9 +87,10 @@ def _pml_default_reducer(pml_cls):
 def _plain_number(value):
     """A hyper-parameter given as a one-element tensor or a numpy number (PML takes them: it stores
     and uses them as given) as the Python number the checks and the fused ops take; anything else
-    unchanged."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
-        return value.item()
+    unchanged (a tensor that requires grad too: the fused ops take no learnable hyper-parameter,
+    and the check names it rather than detaching it)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() and not value.requires_grad:
+        return value.item()  # a learnable one (requires_grad) stays a tensor: the checks refuse it, named
     if type(value).__module__ == "numpy" and getattr(value, "shape", None) in ((), (1,)) and hasattr(value, "item"):
         item = value.item()
         return item if isinstance(item, (bool, int, float)) else value
@@ -235,19 +236,27 @@ class _PairLoss(_PmlFallback, _LossBase):
     # PML raises for an indices_tuple and needs labels (PNPLoss, RankedListLoss)
     _labels_without_indices = False
 
-    # PML's value for a batch of no rows (or a ref_emb of none): its zero loss, NaN for the losses
-    # whose reducer averages an empty per-row loss; None where PML raises (the input checks do)
+    # PML's value for a batch of no rows: its zero loss, NaN for the losses whose reducer averages
+    # an empty per-row loss; None where PML raises (the input checks do)
     _empty_batch_value = 0.0
+    # PML's value for a ref_emb of no rows (its zero loss; NCA: the mean of no row, NaN)
+    _empty_ref_value = 0.0
+    # PML's ref_not_supported: a ref_emb other than the batch is refused (check_self_only), and one
+    # without ref_labels is not read as the batch's
+    _refuses_ref = False
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         """PML's forward: PML itself for PML-only arguments; else the inputs PML accepts made ours
         (pml_labels), an empty batch's PML value, then the loss's own `_forward`."""
         if self._pml is not None:
             return self._run_pml(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        labels, ref_labels = pml_labels(embeddings, labels, ref_emb, ref_labels)
-        if _no_rows(embeddings) or _no_rows(ref_emb):
+        labels, ref_labels = pml_labels(embeddings, labels, ref_emb, ref_labels, not self._refuses_ref)
+        if _no_rows(embeddings):
             V.check_embeddings(embeddings, allow_empty=self._empty_batch_value is not None)
             return empty_batch_loss(embeddings, self._empty_batch_value)
+        if _no_rows(ref_emb) and not self._refuses_ref:
+            V.check_embeddings(embeddings)
+            return empty_batch_loss(embeddings, self._empty_ref_value)
         return self._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def _forward(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
@@ -311,6 +320,7 @@ class _PairLoss(_PmlFallback, _LossBase):
         labels = indices_tuple.labels if labels is None else labels
         if ref_emb is not None and ref_labels is None:
             ref_labels = indices_tuple.ref_labels
+        labels, ref_labels = V.label_ids(labels, ref_labels)  # the miner's own, float ones included
         V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
         if indices_tuple.translated(self._distance_kind) and _has_short_row(embeddings, ref_emb):
             return None  # d^2 = 2 - 2 S needs unit rows; F.normalize leaves a row of norm <= eps short
@@ -350,7 +360,7 @@ class _PairLoss(_PmlFallback, _LossBase):
         # An explicit indices_tuple (from any PML miner) is honoured by the reference path, as PML.
         _warn_once("indices_tuple", "fused_pairloss: an explicit indices_tuple is computed by the unfused "
                    "reference path (it materializes N x M); use miner_epsilon for the fused MS miner")
-        if labels is None:  # PML computes from the tuple alone
+        if labels is None or (ref_emb is not None and ref_labels is None):  # PML computes from the tuple alone
             V.check_embeddings(embeddings)
             if ref_emb is not None:
                 V.check_embeddings(ref_emb, "ref_emb")
@@ -372,6 +382,7 @@ class _RowWeightedSelfLoss(_PairLoss):
     of its fused call (`row_weights=`): FastAPLoss, SmoothAPLoss."""
     _listed_pairs = False
     _fused_in_wrappers = False  # PML's wrappers pass a ref_emb, which PML refuses here
+    _refuses_ref = True
 
     def _forward(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         if indices_tuple is None:
@@ -399,7 +410,7 @@ def check_self_only(embeddings, labels, ref_emb, ref_labels, name):
                          "for this loss function)")
 
 
-def pml_labels(embeddings, labels, ref_emb, ref_labels):
+def pml_labels(embeddings, labels, ref_emb, ref_labels, takes_ref=True):
     """The labels as a pair loss's fused and reference paths take them, from what PML accepts:
     labels moved to the embeddings' device (ref_labels to ref_emb's), float / bool labels as int64
     ids (V.label_ids), ref_labels without ref_emb unused, and PML's set_ref_emb rule for a ref_emb
@@ -412,7 +423,7 @@ def pml_labels(embeddings, labels, ref_emb, ref_labels):
     labels = _on_device_of(labels, embeddings)  # PML's c_f.to_device: labels go to the embeddings
     ref_labels = labels if same else _on_device_of(ref_labels, ref_emb)
     labels, ref_labels = V.label_ids(labels, ref_labels)
-    if (isinstance(ref_emb, torch.Tensor) and ref_labels is None and isinstance(labels, torch.Tensor)
+    if (takes_ref and isinstance(ref_emb, torch.Tensor) and ref_labels is None and isinstance(labels, torch.Tensor)
             and isinstance(embeddings, torch.Tensor) and ref_emb.dim() == 2 and embeddings.dim() == 2
             and ref_emb.shape[0] == embeddings.shape[0]):
         ref_labels = labels
@@ -430,9 +441,9 @@ def _no_rows(x):
 
 
 def empty_batch_loss(embeddings, value):
-    """PML's loss of an empty batch, on the graph of the embeddings: its zero loss (0), or the mean
-    of an empty per-row loss (NaN)."""
-    return zero_loss(embeddings) if value == 0 else embeddings.sum(dim=1).mean()
+    """PML's loss of an empty batch (or ref), on the graph of the embeddings: its zero loss (0), or
+    the mean of an empty per-row loss (NaN)."""
+    return zero_loss(embeddings) + value
 
 
 def check_listed_indices(embeddings, ref_emb, indices_tuple):

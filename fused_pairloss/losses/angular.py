@@ -301,7 +301,7 @@ class AngularLoss(_PairLoss):
         return angular_loss
 
     def _forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        if self._pml is None and labels is None:
+        if labels is None:
             raise ValueError("AngularLoss: labels is required (as in PML), also with an indices_tuple")
         return super()._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 

@@ -164,8 +164,6 @@ class DynamicSoftMarginLoss(_PairLoss):
         return dynamic_soft_margin_loss
 
     def _forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        if self._pml is not None:
-            return super()._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         V.check_embeddings(embeddings)
         if labels is not None:
             V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)

@@ -146,6 +146,7 @@ class HistogramLoss(_PairLoss):
     """Drop-in for pytorch_metric_learning.losses.HistogramLoss (CosineSimilarity; no ref_emb, as
     PML); `delta` is PML's attribute (2 / n_bins). An indices_tuple's triplets (labels=None allowed,
     as PML) go through the reference, which filters its pairs as PML does."""
+    _refuses_ref = True  # PML: ref_emb is not supported
     _distances = ("cosine",)
     _reference = staticmethod(histogram_reference)
     _listed_pairs = False

@@ -82,6 +82,7 @@ def instance_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, gamma=64
 class InstanceLoss(_PairLoss):
     """Drop-in for pytorch_metric_learning.losses.InstanceLoss (CosineSimilarity; labels required; no
     ref_emb and no indices_tuple, as in PML)."""
+    _refuses_ref = True  # PML: ref_emb is not supported
     _empty_batch_value = math.nan  # PML: the mean of an empty per-row loss
     _distances = ("cosine",)
     _cosine_only = True
@@ -102,11 +103,10 @@ class InstanceLoss(_PairLoss):
         return instance_loss
 
     def _forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        if self._pml is None:
-            if labels is None:
-                raise ValueError("InstanceLoss: labels is required (as in PML)")
-            if indices_tuple is not None:
-                raise ValueError("InstanceLoss: indices_tuple is not supported (as in PML)")
+        if labels is None:
+            raise ValueError("InstanceLoss: labels is required (as in PML)")
+        if indices_tuple is not None:
+            raise ValueError("InstanceLoss: indices_tuple is not supported (as in PML)")
         return super()._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
 

@@ -167,7 +167,7 @@ class MarginLoss(_PairLoss):
         return margin_reference(embeddings, labels, ref_emb, ref_labels, indices_tuple=indices_tuple, **hyper)
 
     def _forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        if self._pml is None and labels is None and indices_tuple is None:
+        if labels is None and indices_tuple is None:
             raise ValueError("MarginLoss needs labels or an indices_tuple (PML: labels and indices_tuple "
                              "cannot both be None)")
         return super()._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)

@@ -125,7 +125,7 @@ class MultiSimilarityLoss(_PairLoss):
     def _forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         if indices_tuple is not None and self.miner_epsilon is not None:
             raise ValueError("pass either indices_tuple or miner_epsilon, not both")
-        if self._pml is None and indices_tuple is None:
+        if indices_tuple is None:
             return multi_similarity_loss(embeddings, labels, ref_emb, ref_labels,
                                          miner_epsilon=self.miner_epsilon, backend=self.backend,
                                          **self._hyper())

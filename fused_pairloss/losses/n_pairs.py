@@ -92,6 +92,7 @@ class NPairsLoss(_PairLoss):
     """Drop-in for pytorch_metric_learning.losses.NPairsLoss (default DotProductSimilarity(), which
     normalizes: fused as cosine; labels required; no ref_emb, as in PML). An indices_tuple chooses the
     pairs as PML's convert_to_pos_pairs_with_unique_labels does, fused too. `num_pairs`: PML's stat."""
+    _refuses_ref = True  # PML: ref_emb is not supported
     _distances = ("cosine",)
     _reference = staticmethod(n_pairs_reference)
     _listed_pairs = False
@@ -110,8 +111,6 @@ class NPairsLoss(_PairLoss):
         return n_pairs_loss
 
     def _forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        if self._pml is not None:
-            return super()._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         if labels is None:
             raise ValueError("NPairsLoss: labels is required (as in PML)")
         V.check_pair_inputs(embeddings, labels, None, None)

@@ -19,6 +19,8 @@ traces, where it stays a negative.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _validation as V
@@ -161,6 +163,7 @@ def _nca_distance_kind(distance):
 
 class NCALoss(_PairLoss):
     """Drop-in for pytorch_metric_learning.losses.NCALoss (default distance LpDistance(power=2))."""
+    _empty_ref_value = math.nan  # PML: no row has a positive, the mean of nothing
     _distances = DISTANCES
     _default_distance = "squared_lp"
     _reference = staticmethod(nca_reference)

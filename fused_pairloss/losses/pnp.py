@@ -273,6 +273,7 @@ def pnp_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, b=2.0, alpha=
 class PNPLoss(_PairLoss):
     """Drop-in for pytorch_metric_learning.losses.PNPLoss (CosineSimilarity; labels required; no
     ref_emb and no indices_tuple, as PML)."""
+    _refuses_ref = True  # PML: ref_emb is not supported
     VARIANTS = list(VARIANTS)
     _distances = ("cosine",)
     _cosine_only = True

@@ -123,6 +123,7 @@ def ranked_list_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margi
 class RankedListLoss(_PairLoss):
     """Drop-in for pytorch_metric_learning.losses.RankedListLoss (LpDistance(); margin and Tn
     required, as PML; labels required; no ref_emb and no indices_tuple, as PML)."""
+    _refuses_ref = True  # PML: ref_emb is not supported
     _empty_batch_value = math.nan  # PML: the mean of an empty per-row loss
     _distances = ("lp",)
     _default_distance = "lp"

@@ -121,6 +121,12 @@ def snr_contrastive_fused(embeddings, labels, ref_emb, ref_labels, *, pos_margin
     ref, ref_lab = (embeddings, labels) if ref_emb is None else (ref_emb, ref_labels)
     labels_q = torch.as_tensor(labels, device=embeddings.device)
     labels_r = labels_q if ref_lab is labels else torch.as_tensor(ref_lab, device=embeddings.device)
+    if exclude_col is None and not self_mode and ref_emb is embeddings and pos_margin >= 0:
+        # the batch is its own ref under other label objects: PML's d_ii is exactly 0, so a positive
+        # there adds relu(0 - pos_margin) = 0 and is not counted; the dot product's d_ii is 0 only to
+        # rounding (and would be counted): leave those positives out
+        diagonal = torch.arange(labels_q.shape[0], device=embeddings.device)
+        exclude_col = torch.where(labels_q == labels_r, diagonal, -1)
     if exclude_col is None:  # PML's identity rule, in ref mode (d is not symmetric)
         exclude_col = (torch.arange(labels_q.shape[0], device=embeddings.device) if self_mode or ref_lab is labels
                        else torch.full((labels_q.shape[0],), -1, dtype=torch.int64, device=embeddings.device))

@@ -151,7 +151,7 @@ class ThresholdConsistentMarginLoss(_PairLoss):
         return threshold_consistent_margin_loss
 
     def _forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        if self._pml is None and _separate_ref(embeddings, labels, ref_emb, ref_labels):
+        if _separate_ref(embeddings, labels, ref_emb, ref_labels):
             _warn_unfused_ref()
         return super()._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 

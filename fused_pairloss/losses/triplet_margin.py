@@ -354,9 +354,9 @@ class TripletMarginLoss(_PairLoss):
         return triplet_margin_reference(embeddings, labels, ref_emb, ref_labels, indices_tuple=indices_tuple, **hyper)
 
     def _forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        if self._pml is None and labels is None and indices_tuple is None:
+        if labels is None and indices_tuple is None:
             raise ValueError("TripletMarginLoss needs labels or an indices_tuple")
-        if self._pml is None and _is_mined_triplets(indices_tuple) and indices_tuple.fused_for(
+        if _is_mined_triplets(indices_tuple) and indices_tuple.fused_for(
                 embeddings, labels, ref_emb, ref_labels, self._distance_kind):
             return self._fused_with_miner(indices_tuple)
         return super()._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
