@@ -191,6 +191,23 @@ class _AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
+class _AllReduceGrad(torch.autograd.Function):
+    """Forward: the identity. Backward: the sum over ranks of the incoming gradient. For a global
+    value (computed from all-reduced sums) that each rank's rows then use: each rank's backward sees
+    only its own rows' share of dL/dx, and the partial sums beneath it need all of it."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 class DistributedBatch(Batch):
     """The batch of rows spread across the ranks of a process group: sums and counts all-reduce
     (the O(N) row statistics' reductions), `rows` is the global number of rows. A loss's row
@@ -211,6 +228,9 @@ class DistributedBatch(Batch):
 
     def count(self, mask):
         return self.sum(mask.sum())
+
+    def shared(self, x):
+        return _AllReduceGrad.apply(x, self.group)
 
     def rows(self, x):
         return self.total_rows

@@ -78,6 +78,11 @@ def pair_losses():
         "margin": (lambda: fpl.MarginLoss(0.2, beta=0.9), lambda: L.MarginLoss(0.2, beta=0.9), None),
         "snr": (lambda: fpl.SignalToNoiseRatioContrastiveLoss(pos_margin=0.3, neg_margin=1.5),
                 lambda: L.SignalToNoiseRatioContrastiveLoss(pos_margin=0.3, neg_margin=1.5), None),
+        "nca": (lambda: fpl.NCALoss(softmax_scale=2), lambda: L.NCALoss(softmax_scale=2), None),
+        "ipv": (lambda: fpl.IntraPairVarianceLoss(0.05, 0.05), lambda: L.IntraPairVarianceLoss(0.05, 0.05), None),
+        "angular": (lambda: fpl.AngularLoss(), lambda: L.AngularLoss(), None),
+        "tcm": (lambda: fpl.ThresholdConsistentMarginLoss(margin_plus=0.3, margin_minus=0.1),
+                lambda: L.ThresholdConsistentMarginLoss(margin_plus=0.3, margin_minus=0.1), None),
     }
 
 
@@ -125,6 +130,7 @@ def xbm_losses():
         "xbm_ms_miner": lambda: fpl.CrossBatchMemory(fpl.MultiSimilarityLoss(), D, XBM_MEMORY,
                                                      miner=miners.MultiSimilarityMiner(0.1)),
         "xbm_supcon": lambda: fpl.CrossBatchMemory(fpl.SupConLoss(), D, XBM_MEMORY),
+        "xbm_ipv": lambda: fpl.CrossBatchMemory(fpl.IntraPairVarianceLoss(0.05, 0.05), D, XBM_MEMORY),
         "xbm_unfused": lambda: fpl.CrossBatchMemory(L.TripletMarginLoss(), D, XBM_MEMORY),
         "xbm_triplet_miner": lambda: fpl.CrossBatchMemory(fpl.TripletMarginLoss(0.1), D, XBM_MEMORY,
                                                           miner=fpl.miners.TripletMarginMiner(0.3, collect_stats=True)),
@@ -326,6 +332,26 @@ def run_cases(rank, world):
         return out
 
     case("pml_wrapper_xbm", pml_wrapper_xbm_case)
+
+    def pml_inputs_case():
+        # what PML's wrapper accepts: float labels, a ref_emb without ref_labels (read with the labels);
+        # ours fused against PML's wrapper around PML's loss, equal rows per rank
+        from pytorch_metric_learning import losses as L
+
+        x, y = data(30, EVEN * world)
+        r, _ = data(31, EVEN * world)
+        xr, yr = rows_of(x, [EVEN] * world, rank), rows_of(y, [EVEN] * world, rank)
+        rr = rows_of(r, [EVEN] * world, rank)
+        out = {}
+        for what, args in (("float_labels", lambda: (yr.double(),)), ("ref_without_labels", lambda: (yr, None, rr))):
+            for who, wrapper in (("ours", fpl.DistributedLossWrapper(fpl.ContrastiveLoss())),
+                                 ("pml", pml_dist.DistributedLossWrapper(L.ContrastiveLoss()))):
+                xo = _leaf(xr.detach())
+                v = wrapper(xo, *args())
+                out[f"{what}_{who}"] = (v.detach(), _grads(v, [xo]))
+        return out
+
+    case("pml_inputs", pml_inputs_case)
 
     def no_n_squared_case():
         # the fused path never builds anything of N_global x N_global elements: a 2-D tensor

@@ -175,6 +175,16 @@ def test_pmls_wrapper_takes_our_cross_batch_memory(world):
 
 
 @pytest.mark.parametrize("world", WORLDS)
+def test_what_pmls_wrapper_accepts(world):
+    """Float labels and a ref_emb without ref_labels, fused, against PML's wrapper around PML's loss."""
+    for rank, r in enumerate(case_results(world, "pml_inputs")):
+        for what in ("float_labels", "ref_without_labels"):
+            ours, pml = r[f"{what}_ours"], r[f"{what}_pml"]
+            close(ours[0], pml[0], f"{what} rank {rank} value")
+            close(ours[1][0], pml[1][0], f"{what} rank {rank} grad")
+
+
+@pytest.mark.parametrize("world", WORLDS)
 def test_no_rank_holds_n_global_squared(world):
     for rank, r in enumerate(case_results(world, "no_n_squared")):
         assert r["biggest"] < r["n_local"] * r["n_global"], (rank, r)

@@ -262,7 +262,8 @@ def intra_pair_variance_fused(embeddings, labels, ref_emb, ref_labels, *, pos_ep
     f_pos, f_neg = _threshold_factors(distance, pos_eps, neg_eps)
     mean_pos = batch.sum(sum_pos) / n_pos.clamp(min=1).to(A)
     mean_neg = batch.sum(sum_neg) / n_neg.clamp(min=1).to(A)
-    thresholds = torch.stack([f_pos * mean_pos, f_neg * mean_neg])
+    # every row's hinges use the global thresholds: across ranks their gradient sums every rank's share
+    thresholds = batch.shared(torch.stack([f_pos * mean_pos, f_neg * mean_neg]))
     s_pos, s_neg = _directions(distance)
     squares, _ = pair_squared_hinges(q, r, labels_q, labels_r, excl, thresholds, s_pos, s_neg, distance, backend)
     pos = torch.where(n_pos > 0, batch.sum(squares[0]) / n_pos.clamp(min=1).to(A), 0.0)

@@ -168,6 +168,12 @@ class Batch:
         mean = self.sum(torch.where(above, x, torch.zeros_like(x))) / n.clamp(min=1)
         return torch.where(n > 0, mean.to(zero.dtype), zero)
 
+    def shared(self, x):
+        """x, a value computed from the batch's sums that every row's own computation then uses
+        (IntraPairVariance's thresholds): here x itself. Across ranks its gradient is summed over
+        the ranks (each rank's rows add their share of dL/dx)."""
+        return x
+
     def too_few_pairs(self, count_pos, count_neg):
         """PML GenericPairLoss: at most one positive and one negative pair in the whole batch."""
         return (self.sum(count_pos) <= 1) & (self.sum(count_neg) <= 1)
