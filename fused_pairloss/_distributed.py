@@ -202,6 +202,7 @@ class _AllReduceGrad(torch.autograd.Function):
         return x.clone()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second-order gradient through it raises
     def backward(ctx, grad):
         grad = grad.clone()
         dist.all_reduce(grad, group=ctx.group)

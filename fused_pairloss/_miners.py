@@ -53,6 +53,9 @@ class _Rows:
 
     def __init__(self, miner, embeddings, labels, ref_emb, ref_labels):
         if ref_labels is None:  # PML's get_matches_and_diffs: the labels stand for the ref's rows
+            if ref_emb.shape[0] != embeddings.shape[0]:
+                raise ValueError(f"ref_emb was given without ref_labels: the labels then stand for ref_emb's rows "
+                                 f"too (as in PML), which needs {embeddings.shape[0]} rows; got {ref_emb.shape[0]}")
             ref_labels = labels
         self.miner, self.embeddings, self.labels, self.ref_emb, self.ref_labels = (miner, embeddings, labels,
                                                                                    ref_emb, ref_labels)

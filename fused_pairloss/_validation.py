@@ -100,11 +100,17 @@ def integral_labels(labels, name="labels"):
     if not _needs_ids(labels):
         return labels
     if labels.is_floating_point() and not _compiling() and labels.device.type != "meta":
-        whole = torch.isfinite(labels) & (labels == torch.round(labels))
+        whole = torch.isfinite(labels) & (labels == torch.round(labels)) & (labels.abs() < 2.0 ** 62)
         if not bool(whole.all()):
-            raise ValueError(f"{name}: float labels must be whole numbers here (kept as int64 across steps / "
-                             "ranks); got a value that is not")
+            raise ValueError(f"{name}: float labels must be whole numbers below 2^62 in magnitude here (kept as "
+                             "int64 across steps / ranks); got a value that is not")
     return labels.to(torch.int64)
+
+
+def int64_like(labels):
+    """Float / bool labels cast to int64 without a check (the dtype that integral_labels gives), for
+    a rank that reports its own error while the others compare dtypes; anything else unchanged."""
+    return labels.to(torch.int64) if _needs_ids(labels) else labels
 
 
 def check_pair_inputs(embeddings, labels, ref_emb, ref_labels):

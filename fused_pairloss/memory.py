@@ -422,10 +422,12 @@ class CrossBatchMemory(_pml_memory_base()):
         every rank enqueues the gathered batch in rank order (the same memory everywhere) and
         computes its own query rows against the memory; the loss's batch reductions all-reduce."""
         try:
+            labels = V.integral_labels(labels)
             self._check(embeddings, labels, indices_tuple, enqueue_mask, rows_to_queue=0, allow_empty=True)
             error = None
         except (ValueError, TypeError) as e:  # raised after the other ranks learn of it (no hang)
             error = e
+            labels = V.int64_like(labels)  # the same dtype on every rank, so the layout check names this error
         layout = agreed_layout(dict(embeddings=embeddings, labels=labels, enqueue_mask=enqueue_mask), error,
                                group=group)
         X, Y = layout.gather(embeddings), layout.gather(labels)

@@ -76,9 +76,10 @@ class DistributedLossWrapper(torch.nn.Module):
 
     Returns, on every rank, world_size times the single-process loss of the gathered batch (PML's
     default mode), so DDP's gradient averaging gives the single-process gradients; the gradients of
-    the gathered rows go back to the ranks that own them. For this library's pair losses
-    (MultiSimilarity incl. miner_epsilon, Circle, NTXent, SupCon, Contrastive,
-    GeneralizedLiftedStructure, cosine and lp) each rank computes only its rows against the
+    the gathered rows go back to the ranks that own them. For this library's pair losses of
+    `_distributed.FUSED_PAIR_CALLS` (MultiSimilarity incl. miner_epsilon, Circle, NTXent, SupCon,
+    Contrastive, GeneralizedLiftedStructure, TripletMargin, Margin, SignalToNoiseRatioContrastive,
+    IntraPairVariance; cosine and lp, and declared losses) each rank computes only its rows against the
     gathered batch with the fused engine: N_local x N_global work, O((N_local + N_global) D)
     memory, no N_global x N_global matrix anywhere. Local batch sizes may differ between ranks
     (an epoch's last batch). `fused_pairloss.CrossBatchMemory` is supported the same way (the
@@ -152,6 +153,8 @@ class DistributedLossWrapper(torch.nn.Module):
             error = None
         except (ValueError, TypeError) as e:  # raised after the other ranks learn of it (no hang)
             error = e
+            # the same dtype on every rank, so the layout check names this rank's error
+            labels, ref_labels = V.int64_like(labels), V.int64_like(ref_labels)
         layout = agreed_layout(dict(embeddings=embeddings, labels=labels, ref_emb=ref_emb, ref_labels=ref_labels),
                                error)
         batch = DistributedBatch(layout.total)

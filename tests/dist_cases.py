@@ -349,6 +349,16 @@ def run_cases(rank, world):
                 xo = _leaf(xr.detach())
                 v = wrapper(xo, *args())
                 out[f"{what}_{who}"] = (v.detach(), _grads(v, [xo]))
+        # our wrapper around our memory with float labels: the steps of int labels
+        for who, convert in (("float", lambda t: t.double()), ("int", lambda t: t)):
+            wrapped = fpl.DistributedLossWrapper(fpl.CrossBatchMemory(fpl.ContrastiveLoss(), D, memory_size=XBM_MEMORY))
+            steps = []
+            for t in range(3):
+                xs, ys = data(40 + t, 4 * world)
+                xo = _leaf(rows_of(xs, [4] * world, rank))
+                v = wrapped(xo, convert(rows_of(ys, [4] * world, rank)))
+                steps.append((v.detach(), _grads(v, [xo])))
+            out[f"xbm_{who}"] = steps
         return out
 
     case("pml_inputs", pml_inputs_case)

@@ -327,3 +327,18 @@ def test_snr_batch_as_its_own_ref_under_other_label_objects(pos_margin, dtype):
     kw = dict(pos_margin=pos_margin, neg_margin=1.5)
     check_against_pml(fpl.SignalToNoiseRatioContrastiveLoss(**kw), pml_losses.SignalToNoiseRatioContrastiveLoss(**kw),
                       (x, y, None, x, y.clone()), dtype)
+
+
+@pytest.mark.parametrize("ref", [False, True])
+def test_snr_listed_own_row_positives(ref):
+    """Listed positive pairs (i, i) (a hand-made tuple, or all pairs under a copy of the labels):
+    PML's d_ii is exactly 0 (no term at pos_margin 0, not counted); the fused path leaves them out."""
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+    x, y = rows(10, 6, 22), labels(0, 0, 1, 1, 2, 2, 0, 1, 2, 0)
+    tuples = [(torch.tensor([0, 0, 3]), torch.tensor([0, 1, 2]), torch.tensor([2, 4]), torch.tensor([0, 1])),
+              lmu.get_all_pairs_indices(y, y.clone())]
+    for idx in tuples:
+        args = (x, y, idx, x, y) if ref else (x, y, idx)
+        kw = dict(pos_margin=0.0, neg_margin=1.5)
+        check_against_pml(fpl.SignalToNoiseRatioContrastiveLoss(**kw),
+                          pml_losses.SignalToNoiseRatioContrastiveLoss(**kw), args, torch.float64)

@@ -176,12 +176,16 @@ def test_pmls_wrapper_takes_our_cross_batch_memory(world):
 
 @pytest.mark.parametrize("world", WORLDS)
 def test_what_pmls_wrapper_accepts(world):
-    """Float labels and a ref_emb without ref_labels, fused, against PML's wrapper around PML's loss."""
+    """Float labels and a ref_emb without ref_labels, fused, against PML's wrapper around PML's loss;
+    our memory in our wrapper with float labels gives the steps of int labels."""
     for rank, r in enumerate(case_results(world, "pml_inputs")):
         for what in ("float_labels", "ref_without_labels"):
             ours, pml = r[f"{what}_ours"], r[f"{what}_pml"]
             close(ours[0], pml[0], f"{what} rank {rank} value")
             close(ours[1][0], pml[1][0], f"{what} rank {rank} grad")
+        for t, (a, b) in enumerate(zip(r["xbm_float"], r["xbm_int"])):  # our memory in our wrapper
+            close(a[0], b[0], f"memory with float labels step {t} rank {rank} value")
+            close(a[1][0], b[1][0], f"memory with float labels step {t} rank {rank} grad")
 
 
 @pytest.mark.parametrize("world", WORLDS)

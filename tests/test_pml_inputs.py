@@ -281,3 +281,15 @@ def test_a_tuple_with_a_ref_emb_without_ref_labels_as_pml(name):
     idx = miners.MultiSimilarityMiner(0.5)(x, y, r, torch.arange(7) % 3)
     ours, pml = modules(name)
     assert_same(value_and_grad(ours, x, y, idx, ref_emb=r), value_and_grad(pml, x, y, idx, ref_emb=r))
+
+
+def test_wrapper_labels_and_ref_errors_name_the_argument():
+    from fused_pairloss import _validation as V
+    with pytest.raises(ValueError, match="whole numbers"):
+        V.integral_labels(torch.tensor([1e19, 2e19, -1e19]))  # would overflow int64 and merge classes
+    assert V.integral_labels(torch.tensor([3.0, -2.0])).tolist() == [3, -2]
+    x, y = batch(19)
+    with pytest.raises(ValueError, match="ref_labels"):  # an empty ref with labels of other rows
+        fpl.ContrastiveLoss()(x, y, ref_emb=x[:0], ref_labels=y[:3])
+    with pytest.raises(ValueError, match="ref_labels"):  # PML would read a 7-row ref with 12 labels
+        fpl.miners.PairMarginMiner()(x, y, x[:7])

@@ -256,6 +256,8 @@ class _PairLoss(_PmlFallback, _LossBase):
             return empty_batch_loss(embeddings, self._empty_batch_value)
         if _no_rows(ref_emb) and not self._refuses_ref:
             V.check_embeddings(embeddings)
+            if ref_labels is not None:
+                V.check_labels(ref_labels, 0, "ref_labels", "ref_emb")
             return empty_batch_loss(embeddings, self._empty_ref_value)
         return self._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 

@@ -165,8 +165,10 @@ class DynamicSoftMarginLoss(_PairLoss):
 
     def _forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         V.check_embeddings(embeddings)
-        if labels is not None:
-            V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
+        if ref_emb is not None:
+            V.check_embeddings(ref_emb, "ref_emb")
+        if labels is not None and not (indices_tuple is not None and ref_emb is not None and ref_labels is None):
+            V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)  # (a tuple alone: PML reads only it)
         hyper = dict(self._hyper(), histogram=self.hist_, return_histogram=True)
         backend = resolve_backend(self.backend, embeddings.device)
         if backend == "reference" or indices_tuple is not None:

@@ -184,6 +184,29 @@ class SignalToNoiseRatioContrastiveLoss(_PairLoss):
     def _functional(self):
         return signal_to_noise_ratio_contrastive_loss
 
+    def _fused_with_listed_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        if (self.pos_margin >= 0 and (ref_emb is None or ref_emb is embeddings)
+                and isinstance(indices_tuple, (tuple, list)) and len(indices_tuple) in (3, 4)):
+            indices_tuple = without_own_row_positives(indices_tuple)
+        return super()._fused_with_listed_pairs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+
+def without_own_row_positives(indices_tuple):
+    """A listed tuple (PML's convert_to_pairs: a triplet's (a, p) and (a, n)) without its positive
+    pairs (i, i) of a row against itself: PML's d_ii is exactly 0, so with pos_margin >= 0 such a
+    pair adds no term and is not counted, where the dot product's d_ii is 0 only to rounding. Kept
+    where leaving them out would trigger PML's too-few-pairs rule (every list of at most one)."""
+    a1, p, a2, n = indices_tuple if len(indices_tuple) == 4 else (indices_tuple[0], indices_tuple[1],
+                                                                  indices_tuple[0], indices_tuple[2])
+    a1, p = torch.as_tensor(a1), torch.as_tensor(p)
+    own = a1 == p
+    if not bool(own.any()):
+        return indices_tuple
+    kept = (a1[~own], p[~own], a2, n)
+    if all(len(x) <= 1 for x in kept) and not all(len(x) <= 1 for x in (a1, p, a2, n)):
+        return indices_tuple
+    return kept
+
 
 ENTRIES = (
     LossEntry(SignalToNoiseRatioContrastiveLoss, "pair", functional=signal_to_noise_ratio_contrastive_loss,
