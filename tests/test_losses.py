@@ -101,6 +101,22 @@ def test_torch_compile_fullgraph(name):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("make", [lambda: fpl.ContrastiveLoss(), lambda: fpl.MultiSimilarityLoss(miner_epsilon=0.1),
+                                  lambda: fpl.TripletMarginLoss(0.1), lambda: fpl.NCALoss(),
+                                  lambda: fpl.ArcFaceLoss(4, 8)], ids=["contrastive", "ms_mined", "triplet", "nca",
+                                                                       "arcface"])
+def test_torch_compile_fullgraph_of_a_module(make):
+    """A module's forward (PML's input handling: labels' device and ids, the empty-batch and ref
+    rules) traces without a graph break, with int and with float labels."""
+    loss = make()
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(3))
+    y = torch.arange(16) % 4
+    for labels in (y, y.float()) if not isinstance(loss, fpl.ArcFaceLoss) else (y,):
+        torch._dynamo.reset()
+        compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x, labels), loss(x, labels), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
