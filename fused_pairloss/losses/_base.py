@@ -1,6 +1,9 @@
-"""What every loss module shares: the nn.Module base classes with PML's class names' conventions
+"""What every loss module shares: the base classes with PML's class names' conventions
 (constructor arguments, parameter name and layout, forward signatures; docs/api.md), and the call
 every functional form makes (validate, pick the backend, run the reference or the fused engine).
+The base classes derive from PML's BaseMetricLossFunction where PML is installed (its wrappers
+take them), else from nn.Module; `forward` first makes what PML's forward accepts ours
+(`pml_labels`, empty batches: docs/api.md "Bad input"), then runs the loss's `_forward`.
 
 PML's own keyword arguments are accepted: `distance=CosineSimilarity()` / `LpDistance()` (PML's
 defaults) are fused where the loss allows them; any other distance, a `reducer`,
