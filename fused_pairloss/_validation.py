@@ -66,8 +66,8 @@ def _needs_ids(labels):
 
 def label_ids(labels, ref_labels=None):
     """PML compares labels with == only, so it takes float and bool labels too: such labels (either
-    argument) become int64 ids, equal exactly where the labels are equal (torch.unique over both
-    together); `ref_labels is labels` stays true. Integer labels pass unchanged. A NaN label, which
+    argument) become int64 ids, equal exactly where the labels are equal (ops/_common.label_ids over
+    both together); `ref_labels is labels` stays true. Integer labels pass unchanged. A NaN label, which
     equals nothing (not even itself, unlike any id), is a ValueError naming its argument."""
     if not (_needs_ids(labels) or _needs_ids(ref_labels)):
         return labels, ref_labels
@@ -79,11 +79,12 @@ def label_ids(labels, ref_labels=None):
             return labels, ref_labels  # check_labels names it
         if x.is_floating_point() and not _compiling() and x.device.type != "meta" and bool(torch.isnan(x).any()):
             raise ValueError(f"{name} must not contain NaN (PML compares labels with ==, and NaN equals no label)")
+    from .ops._common import label_ids as dense_label_ids  # the engines' own ids (sorted runs)
     dtype = given[0][1].dtype
     for _, x in given[1:]:
         dtype = torch.promote_types(dtype, x.dtype)
-    flat = torch.cat([x.reshape(-1).to(dtype) for _, x in given])
-    ids = torch.unique(flat, return_inverse=True)[1]
+    dtype = torch.int64 if dtype == torch.bool else dtype
+    ids = dense_label_ids(torch.cat([x.reshape(-1).to(dtype) for _, x in given]))
     out, start = {}, 0
     for name, x in given:
         out[name] = ids[start:start + x.numel()].reshape(x.shape)

@@ -92,17 +92,22 @@ def combine(st: engines.PairStats, embeddings, *, batch=LOCAL):
     return torch.where(n > 0, mean, torch.full_like(mean, float("nan"))).to(embeddings.dtype)
 
 
-def short_row_operands(q, r, labels, labels_r, exclude_col):
-    """Operands (q', r', labels_r, exclude_col) in ref mode whose term 2 s (q' . r' - 1) is -s d^2 up to
-    a constant per row, for normalized rows that need not be unit rows (norm <= 1e-12 before
-    F.normalize): -d_ij^2 = 2 S_ij - |r_j|^2 - |q_i|^2, and the softmax over row i drops the
-    constant -|q_i|^2, so q' = [q, 1], r' = [r, (1 - |r|^2) / 2] give 2 (q' . r' - 1) = -d^2 + |q_i|^2 - 1.
-    Self mode (r None) becomes the batch against itself with each row's own column excluded."""
-    if r is None:
-        r, labels_r, exclude_col = q, labels, exclusion_for(q.shape[0], q.device)
+def wider_rows(q, r):
+    """(q', r') whose term 2 s (q' . r' - 1) is -s d^2 up to a constant per row of q, for normalized
+    rows that need not be unit rows (norm <= 1e-12 before F.normalize): -d_ij^2 = 2 S_ij - |r_j|^2
+    - |q_i|^2, and the softmax over row i drops the constant -|q_i|^2, so q' = [q, 1],
+    r' = [r, (1 - |r|^2) / 2] give 2 (q' . r' - 1) = -d^2 + |q_i|^2 - 1. (NCA, Proxy-NCA.)"""
     q_wide = torch.cat([q, torch.ones_like(q[:, :1])], dim=1)
     r_wide = torch.cat([r, (1 - (r * r).sum(1, keepdim=True)) / 2], dim=1)
-    return q_wide, r_wide, labels_r, exclude_col
+    return q_wide, r_wide
+
+
+def short_row_operands(q, r, labels, labels_r, exclude_col):
+    """The pair engine's operands (q', r', labels_r, exclude_col) on wider_rows, in ref mode: self
+    mode (r None) becomes the batch against itself with each row's own column excluded."""
+    if r is None:
+        r, labels_r, exclude_col = q, labels, exclusion_for(q.shape[0], q.device)
+    return (*wider_rows(q, r), labels_r, exclude_col)
 
 
 def nca_fused(embeddings, labels, ref_emb, ref_labels, *, softmax_scale, distance="squared_lp", backend,

@@ -30,7 +30,7 @@ from ..ops.stats import class_stats
 from ._base import _ClassLoss, _check_sizes, _has_short_row, _like, run_class_loss
 from ._reference_common import distance_matrix, miner_weights
 from ._registry import LossEntry
-from .nca import DISTANCES, _check_distance, _nca_distance_kind
+from .nca import DISTANCES, _check_distance, _nca_distance_kind, wider_rows
 
 
 def proxy_nca_reference(embeddings, labels, proxies, *, softmax_scale=1.0, distance="squared_lp", indices_tuple=None):
@@ -56,14 +56,10 @@ def declaration(softmax_scale, distance):
 
 
 def short_proxy_operands(embeddings, proxies):
-    """Operands whose term 2 s (q' . p' - 1) is -s d^2 up to a constant per row, for proxies that
-    need not be unit rows after F.normalize (norm <= 1e-12: a zero proxy stays 0, d^2 = |q|^2 to
-    it, not 2 - 2 S): -d_ic^2 = 2 S_ic - |p_c|^2 - |q_i|^2, and the softmax over row i drops
-    -|q_i|^2, so q' = [q, 1], p' = [p, (1 - |p|^2) / 2] (both normalized first: the engine must not)."""
-    q, p = normalize(embeddings), normalize(proxies.to(embeddings.dtype))
-    q_wide = torch.cat([q, torch.ones_like(q[:, :1])], dim=1)
-    p_wide = torch.cat([p, (1 - (p * p).sum(1, keepdim=True)) / 2], dim=1)
-    return q_wide, p_wide
+    """The class engine's operands for proxies that need not be unit rows after F.normalize (norm
+    <= 1e-12: a zero proxy stays 0, d^2 = |q|^2 to it, not 2 - 2 S): nca.wider_rows of the
+    normalized rows (normalized here: the engine must not)."""
+    return wider_rows(normalize(embeddings), normalize(proxies.to(embeddings.dtype)))
 
 
 def proxy_nca_fused(embeddings, labels, proxies, *, softmax_scale, distance="squared_lp", backend, row_weights=None):
