@@ -341,12 +341,7 @@ class _PairLoss(_PmlFallback, _LossBase):
         if (not self._listed_pairs or fused_fn is None or not isinstance(indices_tuple, (tuple, list))
                 or len(indices_tuple) not in (3, 4)):
             return None
-        if labels is None or (ref_emb is not None and ref_labels is None):  # PML reads the tuple only
-            V.check_embeddings(embeddings)
-            if ref_emb is not None:
-                V.check_embeddings(ref_emb, "ref_emb")
-        else:
-            V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
+        tuple_alone = check_tuple_inputs(embeddings, labels, ref_emb, ref_labels)
         if resolve_backend(self.backend, embeddings.device) == "reference":
             return None
         from ..ops.listed import ListedPairs
@@ -354,8 +349,7 @@ class _PairLoss(_PmlFallback, _LossBase):
                             n_cols=(embeddings if ref_emb is None else ref_emb).shape[0])
         if not pairs.count_rule_agrees():  # PML's one-pair rule on listed duplicates: the reference's
             return None
-        if labels is None or (ref_emb is not None and ref_labels is None):
-            # the sets are the listed pairs; the labels only say self / ref mode
+        if tuple_alone:  # the sets are the listed pairs; the labels only say self / ref mode
             labels = torch.zeros(embeddings.shape[0], dtype=torch.int64, device=embeddings.device)
             ref_labels = None if ref_emb is None else torch.zeros(ref_emb.shape[0], dtype=torch.int64,
                                                                   device=embeddings.device)
@@ -365,12 +359,7 @@ class _PairLoss(_PmlFallback, _LossBase):
         # An explicit indices_tuple (from any PML miner) is honoured by the reference path, as PML.
         _warn_once("indices_tuple", "fused_pairloss: an explicit indices_tuple is computed by the unfused "
                    "reference path (it materializes N x M); use miner_epsilon for the fused MS miner")
-        if labels is None or (ref_emb is not None and ref_labels is None):  # PML computes from the tuple alone
-            V.check_embeddings(embeddings)
-            if ref_emb is not None:
-                V.check_embeddings(ref_emb, "ref_emb")
-        else:
-            V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
+        check_tuple_inputs(embeddings, labels, ref_emb, ref_labels)
         if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
             raise ValueError("indices_tuple must be a tuple of 3 (a, p, n) or 4 (a1, p, a2, n) index tensors")
         resolve_backend(self.backend, embeddings.device)  # still reject unknown backends
@@ -406,6 +395,19 @@ class _RowWeightedSelfLoss(_PairLoss):
         weights = miner_weights(indices_tuple, labels_t, stat_dtype(embeddings.dtype))
         return self._own_fused_fn()(embeddings, labels_t, None, None, backend=backend, row_weights=weights,
                                     **self._hyper())
+
+
+def check_tuple_inputs(embeddings, labels, ref_emb, ref_labels):
+    """The input checks of a call with an indices_tuple. PML reads the tuple alone when there are no
+    labels, or a ref_emb without ref_labels (whatever its rows): then only the embeddings are
+    checked, and True is returned; else the pair inputs' checks, False."""
+    if labels is None or (ref_emb is not None and ref_labels is None):
+        V.check_embeddings(embeddings)
+        if ref_emb is not None:
+            V.check_embeddings(ref_emb, "ref_emb")
+        return True
+    V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
+    return False
 
 
 def check_self_only(embeddings, labels, ref_emb, ref_labels, name):

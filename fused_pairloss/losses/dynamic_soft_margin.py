@@ -27,7 +27,7 @@ import torch
 from .. import _validation as V
 from .._backends import resolve_backend
 from ..ops._common import LOCAL, zero_loss
-from ._base import _PairLoss, _warn_once, run_pair_loss
+from ._base import _PairLoss, _warn_once, check_tuple_inputs, run_pair_loss
 from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
 from ._registry import LossEntry
 from .triplet_margin import triplet_engine_op, triplet_operands
@@ -164,11 +164,10 @@ class DynamicSoftMarginLoss(_PairLoss):
         return dynamic_soft_margin_loss
 
     def _forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        V.check_embeddings(embeddings)
-        if ref_emb is not None:
-            V.check_embeddings(ref_emb, "ref_emb")
-        if labels is not None and not (indices_tuple is not None and ref_emb is not None and ref_labels is None):
-            V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)  # (a tuple alone: PML reads only it)
+        if indices_tuple is not None or labels is None:
+            check_tuple_inputs(embeddings, labels, ref_emb, ref_labels)
+        else:
+            V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
         hyper = dict(self._hyper(), histogram=self.hist_, return_histogram=True)
         backend = resolve_backend(self.backend, embeddings.device)
         if backend == "reference" or indices_tuple is not None:
