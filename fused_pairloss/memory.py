@@ -17,7 +17,7 @@ import torch
 
 from . import _validation as V
 from ._distributed import FUSED_PAIR_CALLS, DistributedBatch, agreed_layout, fused_pair_plan
-from .losses._base import _distance_name, _has_short_row
+from .losses._base import _distance_name, _has_short_row, pml_base
 from .losses.triplet_margin import TripletMarginLoss, all_triplet_distance_means, miner_triplet_counts
 from .ops._common import LOCAL, zero_loss
 from .ops.stats import MinedBy
@@ -140,19 +140,10 @@ def remove_self_comparisons(indices_tuple, curr_batch_idx, ref_size):
     return a1[k], p[k], a2, n
 
 
-def _pml_memory_base():
-    """PML's CrossBatchMemory where PML is installed (PML's DistributedLossWrapper takes its
-    subclasses as memories: it gathers the batch and calls the memory once), else torch.nn.Module.
-    Every method PML's steps call is this class's own; its __init__ is not run (it would allocate
-    the memory again)."""
-    try:
-        from pytorch_metric_learning.losses import CrossBatchMemory as PmlCrossBatchMemory
-    except ImportError:
-        return torch.nn.Module
-    return PmlCrossBatchMemory
-
-
-class CrossBatchMemory(_pml_memory_base()):
+# PML's CrossBatchMemory as the base where PML is installed (PML's DistributedLossWrapper takes its
+# subclasses as memories: it gathers the batch and calls the memory once). Every method PML's steps
+# call is this class's own; its __init__ is not run (it would allocate the memory again).
+class CrossBatchMemory(pml_base("CrossBatchMemory")):
     """Drop-in for pytorch_metric_learning.losses.CrossBatchMemory(loss, embedding_size,
     memory_size=1024, miner=None).
 

@@ -107,18 +107,19 @@ def _taking_plain_numbers(init):
     return __init__
 
 
-def _pml_loss_base():
-    """PML's BaseMetricLossFunction where PML is installed (PML's DistributedLossWrapper takes only
-    its subclasses; its __init__ gives PML's attributes: collect_stats, embedding_regularizer,
-    embedding_reg_weight), else torch.nn.Module. Our modules override its forward."""
+def pml_base(name):
+    """PML's class pytorch_metric_learning.losses.<name> where PML is installed, else torch.nn.Module:
+    the base of ours that PML's DistributedLossWrapper takes (BaseMetricLossFunction, whose
+    __init__ gives PML's attributes collect_stats, embedding_regularizer, embedding_reg_weight;
+    CrossBatchMemory). Ours override its forward."""
     try:
-        from pytorch_metric_learning.losses import BaseMetricLossFunction
+        from pytorch_metric_learning import losses as pml_losses
     except ImportError:
         return torch.nn.Module
-    return BaseMetricLossFunction
+    return getattr(pml_losses, name)
 
 
-_LossBase = _pml_loss_base()
+_LossBase = pml_base("BaseMetricLossFunction")
 
 
 def _set_pml_object(module, name, value):
