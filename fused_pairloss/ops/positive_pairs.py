@@ -76,8 +76,10 @@ def _sums(qa, ra, rows, cols, row_stat, col_stat, term, p0, p1, lp, differentiab
     sums = torch.zeros(qa.shape[0], dtype=qa.dtype, device=qa.device)
     u_all = _engine_u(qa, ra, rows, cols, lp, differentiable)
     for k0 in range(0, rows.shape[0], CHUNK_PAIRS):
-        (a, b, row_k, col_k), ri, ci = _gathered(qa, ra, rows, cols, row_stat, col_stat, k0, k0 + CHUNK_PAIRS)
-        u = _pair_u(a, b, lp) if u_all is None else u_all[k0:k0 + CHUNK_PAIRS]
+        ri, ci = rows[k0:k0 + CHUNK_PAIRS], cols[k0:k0 + CHUNK_PAIRS]
+        # the rows themselves are gathered only where u is not the op's already
+        u = _pair_u(qa.index_select(0, ri), ra.index_select(0, ci), lp) if u_all is None else u_all[k0:k0 + CHUNK_PAIRS]
+        row_k, col_k = row_stat.index_select(0, ri), col_stat.index_select(0, ci)
         sums = sums.index_add(0, ri, PAIR_TERMS[term][0](u, row_k, col_k, ri == ci, p0, p1, lp))
     return sums
 
