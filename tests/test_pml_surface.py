@@ -170,6 +170,19 @@ def test_hyper_parameters_are_stored_as_pml_stores_them():
         torch.testing.assert_close(ours(x, y), theirs(x, y), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("margin", [1, 4, 5.7])
+def test_large_margin_softmax_keeps_pml_expansion_attributes(margin):
+    """PML's init_margin attributes of LargeMarginSoftmax / SphereFace (the terms of the paper's
+    eq. 7), equal in value and dtype, and kept out of the state_dict as PML keeps them."""
+    for name in ("LargeMarginSoftmaxLoss", "SphereFaceLoss"):
+        ours, theirs = getattr(fpl, name)(3, 8, margin=margin), getattr(L, name)(3, 8, margin=margin)
+        assert (ours.margin, ours.max_n) == (theirs.margin, theirs.max_n)
+        for attr in ("n_range", "margin_choose_n", "cos_powers", "alternating"):
+            a, b = getattr(ours, attr), getattr(theirs, attr)
+            assert a.dtype == b.dtype and torch.equal(a, b), attr
+        assert ours.state_dict().keys() == theirs.state_dict().keys()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_soft_triple_miner_weights_are_fused_as_pml(dtype):
     """SoftTripleLoss with a miner's indices_tuple: PML's miner weights on the fused rows (no N x C,

@@ -189,6 +189,19 @@ class LargeMarginSoftmaxLoss(_ClassLoss):
         self._init_class((embedding_size, num_classes), backend, kwargs, (num_classes, embedding_size),
                          dict(margin=margin, scale=scale), init=torch.nn.init.normal_)
         self.cross_entropy = torch.nn.CrossEntropyLoss(reduction="none")  # PML's attribute (no state)
+        self.init_margin()
+
+    def init_margin(self):
+        """PML's attributes for eq. 7 (plain tensors, not buffers: PML keeps them out of the
+        state_dict): n = 0..m//2, binom(m, 2n), the powers m - 2n of the cosine, (-1)^n. The loss
+        itself reads only `margin` (cos_of_multiple_angle)."""
+        self.margin = check_margin(self.margin)
+        self.max_n = self.margin // 2
+        self.n_range = torch.arange(self.max_n + 1)
+        self.margin_choose_n = torch.tensor([float(math.comb(self.margin, 2 * n)) for n in range(self.max_n + 1)],
+                                            dtype=torch.float64)
+        self.cos_powers = self.margin - 2 * self.n_range
+        self.alternating = 1 - 2 * (self.n_range % 2)
 
     def _hyper(self):
         return dict(margin=self.margin, scale=self.scale)
