@@ -207,3 +207,80 @@ def test_soft_triple_miner_weights_are_fused_as_pml(dtype):
     ours, same, truth = results
     for k, (a, b, t) in enumerate(zip(ours, same, truth)):
         check_close(a, t, b, what=["value", "grad x", "grad fc"][k], dtype=dtype)
+
+
+def _same_as_pml(ours, theirs, x, y, params=()):
+    """ours and PML's module on the same inputs (fp64): values and gradients (x and the named
+    parameters, PML's state loaded into ours first)."""
+    if params:
+        ours.load_state_dict(theirs.state_dict())
+    results = []
+    for loss in (ours, theirs):
+        xx = x.clone().requires_grad_(True)
+        value = loss(xx, y)
+        results.append((value, *torch.autograd.grad(value, [xx, *(getattr(loss, p) for p in params)])))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+COSINE_CLASS_OF_PML = ["CircleLoss", "TupletMarginLoss", "InstanceLoss", "ThresholdConsistentMarginLoss",
+                       "CosFaceLoss", "ArcFaceLoss", "LargeMarginSoftmaxLoss", "SphereFaceLoss"]
+
+
+@pytest.mark.parametrize("name", COSINE_CLASS_OF_PML)
+def test_any_cosine_similarity_pml_takes_is_pmls_computation(name):
+    """The losses whose PML class asserts a CosineSimilarity take every one (other power or p, a
+    subclass) and give PML's number (computed by PML: not what the fused cosine gives)."""
+    class MyCosine(CosineSimilarity):
+        pass
+    x, y = batch(3)
+    sizes = REGISTRY[name].size_kwargs(3, 8) if REGISTRY[name].kind == "class" else {}
+    for distance in (CosineSimilarity(power=2), CosineSimilarity(p=1), MyCosine()):
+        with pytest.warns(UserWarning, match="computed by pytorch-metric-learning"):
+            ours = getattr(fpl, name)(**sizes, distance=distance)
+            theirs = getattr(L, name)(**sizes, distance=distance)
+            _same_as_pml(ours, theirs, x, y, params=(ours._param,) if sizes else ())
+        fpl.losses._base._warned.clear()
+
+
+def test_snr_distance_other_than_pmls_default_is_pmls_computation():
+    """SNRDistance(p=1) normalizes the rows in the L1 norm: PML's computation, not the fused SNR."""
+    from pytorch_metric_learning.distances import SNRDistance
+    x, y = batch(4)
+    with pytest.warns(UserWarning, match="computed by pytorch-metric-learning"):
+        _same_as_pml(fpl.SignalToNoiseRatioContrastiveLoss(distance=SNRDistance(p=1)),
+                     L.SignalToNoiseRatioContrastiveLoss(distance=SNRDistance(p=1)), x, y)
+
+
+def test_soft_triple_center_regularizer_survives_every_path():
+    """SoftTriple's center regularizer: fused with PML's default SparseCentersRegularizer (PML's
+    attributes kept); PML's computation with another one; and on every fallback PML gets the
+    regularizer (ours: center_reg_weight as PML's SparseCentersRegularizer)."""
+    from pytorch_metric_learning.reducers import SumReducer
+    from pytorch_metric_learning.regularizers import SparseCentersRegularizer
+    x, y = batch(5)
+    C, D, K = 3, 8, 2
+
+    def pair(reg_kwargs=None, ours_kwargs=None, **extra):
+        reg = SparseCentersRegularizer(C, K, **(reg_kwargs or {}))
+        theirs = L.SoftTripleLoss(C, D, centers_per_class=K, weight_regularizer=reg, weight_reg_weight=0.4, **extra)
+        ours_kw = ours_kwargs if ours_kwargs is not None else dict(weight_regularizer=reg, weight_reg_weight=0.4)
+        return fpl.SoftTripleLoss(C, D, centers_per_class=K, **ours_kw, **extra), theirs
+
+    ours, theirs = pair()
+    assert ours._pml is None and isinstance(ours.weight_regularizer, SparseCentersRegularizer)
+    assert ours.weight_reg_weight == 0.4
+    _same_as_pml(ours, theirs, x, y, params=("fc",))
+    for case in (dict(reg_kwargs=dict(distance=CosineSimilarity(power=2))), dict(collect_stats=True),
+                 dict(reducer=SumReducer()), dict(ours_kwargs=dict(center_reg_weight=0.4), collect_stats=True)):
+        ours, theirs = pair(**case)
+        assert ours._pml is not None, case
+        with pytest.warns(UserWarning, match="computed by pytorch-metric-learning"):
+            _same_as_pml(ours, theirs, x, y, params=("fc",))
+        fpl.losses._base._warned.clear()
+
+
+def test_circle_loss_has_pmls_derived_attributes():
+    ours, theirs = fpl.CircleLoss(m=0.3), L.CircleLoss(m=0.3)
+    assert [getattr(ours, k) for k in ("op", "on", "delta_p", "delta_n")] == [
+        getattr(theirs, k) for k in ("op", "on", "delta_p", "delta_n")]

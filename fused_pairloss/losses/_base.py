@@ -59,6 +59,16 @@ def _distance_name(distance):
     return None
 
 
+def _is_pml_cosine(distance):
+    """PML's assert_distance_type(loss, CosineSimilarity): any CosineSimilarity, subclasses and other
+    settings (power, p) included; those other than _distance_name's "cosine" PML computes."""
+    try:
+        from pytorch_metric_learning.distances import CosineSimilarity
+    except ImportError:
+        return False
+    return isinstance(distance, CosineSimilarity)
+
+
 def _has_short_row(*xs):
     """Whether a row of any of the tensors (None skipped) has a norm <= F.normalize's eps (1e-12):
     normalized, it is not a unit row (an all-zero row stays zero)."""
@@ -152,6 +162,7 @@ class _PmlFallback:
     _inverted_only = False          # PML asserts only a similarity (SoftTriple): others are PML's computation
 
     _pml_twin = True  # PML's distance / reducer objects from a PML instance (cheap: no parameters)
+    _fused_kwargs = ()  # PML keyword arguments the fused path computes itself (PML still gets them on a fallback)
     _kind_of = staticmethod(_distance_name)  # a PML distance object as the fused path names it
 
     def _setup_kwargs(self, kwargs, pml_args=(), pml_kwargs=None, param_name=None):
@@ -159,13 +170,14 @@ class _PmlFallback:
         name = type(self).__name__
         distance = kwargs.get("distance")
         if self._cosine_only and distance is not None and _distance_name(distance) != "cosine" and not (
-                self._inverted_only and getattr(distance, "is_inverted", False)):
+                _is_pml_cosine(distance) or self._inverted_only and getattr(distance, "is_inverted", False)):
             what = "a similarity (is_inverted)" if self._inverted_only else "CosineSimilarity()"
             raise ValueError(f"{name}: distance must be {what} (as in PML); got {distance!r}")
         fused = self._default_distance if distance is None else self._kind_of(distance)
         # PML's collect_stats: None is PML's global default (c_f.COLLECT_STATS)
         self.collect_stats = _collect_stats(kwargs.get("collect_stats"))
-        others = {k: v for k, v in kwargs.items() if k not in ("distance", "weight_init_func", "collect_stats")}
+        others = {k: v for k, v in kwargs.items()
+                  if k not in ("distance", "weight_init_func", "collect_stats", *self._fused_kwargs)}
         unfused = ([f"distance={distance!r}"] if fused not in self._distances else []) + (
             ["collect_stats=True"] if self.collect_stats else []) + [
             f"{k}={v!r}" for k, v in others.items() if v not in (None, False)]
@@ -178,7 +190,7 @@ class _PmlFallback:
         except ImportError as e:
             raise ValueError(f"{name}: {sorted(kwargs)} need pytorch-metric-learning (fused: distance in "
                              f"{list(self._distances)}, no reducer / regularizer arguments)") from e
-        pml = getattr(pml_losses, name)(*pml_args, **(pml_kwargs or {}), **kwargs)
+        pml = getattr(pml_losses, name)(*pml_args, **(pml_kwargs or {}), **self._pml_fallback_kwargs(kwargs))
         self._pml_reason = ", ".join(unfused)  # what the fallback warning names
         if param_name is not None:  # one parameter, the module's own (state_dicts stay PML's)
             setattr(pml, param_name, getattr(self, param_name))
@@ -186,6 +198,11 @@ class _PmlFallback:
         self._distance_kind = None
         _set_pml_object(self, "distance", pml.distance)  # PML's objects, PML's computation
         _set_pml_object(self, "reducer", pml.reducer)
+
+    def _pml_fallback_kwargs(self, kwargs):
+        """The keyword arguments of PML's class that computes this loss on a fallback: the user's
+        (a loss whose own arguments PML spells otherwise adds PML's spelling)."""
+        return kwargs
 
     def _attach_pml_objects(self, name, kwargs, pml_args, pml_kwargs):
         """`distance` and `reducer` as PML's class has them (PML's objects: `Miner(distance=

@@ -93,6 +93,12 @@ class CircleLoss(_PairLoss):
         self._init_pair(backend, kwargs, (m, gamma))
         self.soft_plus = torch.nn.Softplus(beta=1)  # PML's attribute (no state)
 
+    # PML's derived attributes (read-only here: the loss follows m)
+    op = property(lambda self: 1 + self.m)
+    on = property(lambda self: -self.m)
+    delta_p = property(lambda self: 1 - self.m)
+    delta_n = property(lambda self: self.m)
+
     def _hyper(self):
         return dict(m=self.m, gamma=self.gamma)
 

@@ -146,7 +146,8 @@ def signal_to_noise_ratio_contrastive_loss(embeddings, labels, ref_emb=None, ref
 
 
 def _snr_distance_kind(distance):
-    """PML's SNRDistance() with its defaults (normalized rows, power 1) -> "snr"; None otherwise."""
+    """PML's SNRDistance() with its defaults (rows normalized in the L2 norm, power 1) -> "snr"; None
+    otherwise."""
     if distance is None or distance == "snr":
         return "snr"
     try:
@@ -154,7 +155,7 @@ def _snr_distance_kind(distance):
     except ImportError:
         return None
     if (type(distance) is SNRDistance and getattr(distance, "normalize_embeddings", False)
-            and getattr(distance, "power", None) == 1):
+            and getattr(distance, "p", None) == 2 and getattr(distance, "power", None) == 1):
         return "snr"
     return None
 

@@ -18,7 +18,7 @@ from ..ops._common import LOCAL, normalize
 from ..ops.operands import stat_dtype
 from ..ops.spec import ClassLossSpec, PairTerm
 from ..ops.stats import class_stats
-from ._base import _ClassLoss, _check_sizes, run_class_loss
+from ._base import _ClassLoss, _check_sizes, _distance_name, run_class_loss
 from ._reference_common import miner_weights
 from ._registry import LossEntry
 
@@ -130,23 +130,30 @@ class SoftTripleLoss(_ClassLoss):
         V.check_positive("gamma", gamma)
         V.check_real("margin", margin)
         V.check_real("center_reg_weight", center_reg_weight)
-        kwargs = dict(kwargs)
         reg = kwargs.get("weight_regularizer")
+        if reg is not None and center_reg_weight:
+            raise ValueError("pass center_reg_weight or PML's weight_regularizer, not both")
         if reg is not None and _is_sparse_centers(reg, num_classes, centers_per_class):
-            kwargs.pop("weight_regularizer")
-            center_reg_weight = kwargs.pop("weight_reg_weight", 1)
+            center_reg_weight = kwargs.get("weight_reg_weight", 1)
             V.check_real("weight_reg_weight", center_reg_weight)
+            self._fused_kwargs = ("weight_regularizer", "weight_reg_weight")  # the fused regularizer
         elif reg is None:
-            kwargs.pop("weight_reg_weight", None)  # PML ignores it without a regularizer
+            self._fused_kwargs = ("weight_reg_weight",)  # PML ignores it without a regularizer
         if center_reg_weight and centers_per_class < 2:
             raise ValueError("center_reg_weight > 0 needs centers_per_class >= 2")
         self.num_classes, self.embedding_size = num_classes, embedding_size
         self.centers_per_class, self.la, self._gamma, self.margin = centers_per_class, la, gamma, margin
         self.center_reg_weight = center_reg_weight
-        if "weight_regularizer" in kwargs and center_reg_weight:
-            raise ValueError("pass center_reg_weight or PML's weight_regularizer, not both")
         self._init_class((embedding_size, num_classes * centers_per_class), backend, kwargs,
                          (num_classes, embedding_size, centers_per_class, la, gamma, margin))
+
+    def _pml_fallback_kwargs(self, kwargs):
+        """center_reg_weight (ours) as PML spells it: weight_regularizer=SparseCentersRegularizer."""
+        if not self.center_reg_weight or kwargs.get("weight_regularizer") is not None:
+            return kwargs
+        from pytorch_metric_learning.regularizers import SparseCentersRegularizer
+        return dict(kwargs, weight_regularizer=SparseCentersRegularizer(self.num_classes, self.centers_per_class),
+                    weight_reg_weight=self.center_reg_weight)
 
     @property
     def gamma(self):
@@ -201,7 +208,8 @@ def _is_sparse_centers(reg, num_classes, centers_per_class):
     except ImportError:
         return False
     if not (type(reg) is SparseCentersRegularizer and type(reg.reducer) is DivisorReducer
-            and type(reg.distance) is CosineSimilarity):
+            and type(reg.distance) is CosineSimilarity and _distance_name(reg.distance) == "cosine"
+            and not reg.collect_stats):  # its stats: PML's computation records them
         return False
     # its (num_classes, centers_per_class) live only in its mask (the attributes of those names
     # are PML's zero-initialized records)
