@@ -197,6 +197,59 @@ def test_nan_bias_gives_nan():
         assert torch.isnan(loss(img, txt, t, torch.tensor(float("nan"))))
 
 
+def _value_and_leaf_grads(loss, args):
+    """The loss and its gradients (zeros where unused) w.r.t. the arguments that require grad."""
+    out = loss(*args)
+    leaves_ = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    grads = torch.autograd.grad(out, leaves_, allow_unused=True)
+    return out, [torch.zeros_like(a) if g is None else g for a, g in zip(leaves_, grads)]
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_what_open_clip_accepts_on_one_process(backend):
+    """Inputs open_clip takes: SigLIP without a bias, an integer logit_scale tensor, rank and
+    use_horovod on one process (open_clip reads neither there), an empty batch (open_clip's NaN,
+    zero gradients), an fp64 bias beyond bf16's range (the engine's bias columns)."""
+    img, txt, t, b = leaves(12, 8, 9, torch.float64)
+    for ours, theirs, args in (
+            (fpl.SigLipLoss(backend=backend), OC.SigLipLoss(), (img, txt, t, None)),
+            (fpl.ClipLoss(backend=backend), OC.ClipLoss(), (img, txt, torch.tensor(14))),
+            (fpl.SigLipLoss(backend=backend), OC.SigLipLoss(), (img, txt, torch.tensor(14), b)),
+            (fpl.ClipLoss(rank=1, use_horovod=True, backend=backend), OC.ClipLoss(rank=1, use_horovod=True),
+             (img, txt, t)),
+            (fpl.SigLipLoss(rank=3, backend=backend), OC.SigLipLoss(rank=3), (img, txt, t, b)),
+            *((fpl.SigLipLoss(backend=backend), OC.SigLipLoss(), (img, txt, t, torch.tensor(huge, dtype=torch.float64)))
+              for huge in (1e39, -1e300))):
+        got, want = _value_and_leaf_grads(ours, args), _value_and_leaf_grads(theirs, args)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=0)
+        for g, w in zip(got[1], want[1]):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    empty = [torch.zeros(0, 8, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    for ours, theirs in ((fpl.ClipLoss(backend=backend), OC.ClipLoss()), (fpl.SigLipLoss(backend=backend),
+                                                                         OC.SigLipLoss())):
+        got, want = _value_and_leaf_grads(ours, empty + [t, b]), _value_and_leaf_grads(theirs, empty + [t, b])
+        assert torch.isnan(got[0]) and torch.isnan(want[0])
+        for g, w in zip(got[1], want[1]):
+            assert torch.equal(g, w)
+
+
+def test_open_clip_methods_for_subclasses():
+    """get_logits / get_ground_truth / _loss and the label cache, as open_clip's."""
+    img, txt, t, b = leaves(10, 8, 10, torch.float64)
+    ours, theirs = fpl.ClipLoss(cache_labels=True), OC.ClipLoss(cache_labels=True)
+    for u, v in zip(ours.get_logits(img, txt, t, b), theirs.get_logits(img, txt, t, b)):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
+    assert torch.equal(ours.get_ground_truth(img.device, 10), theirs.get_ground_truth(img.device, 10))
+    assert ours.prev_num_logits == theirs.prev_num_logits == 10 and set(ours.labels) == set(theirs.labels)
+    ours, theirs = fpl.SigLipLoss(), OC.SigLipLoss()
+    torch.testing.assert_close(ours.get_logits(img, txt, t, b), theirs.get_logits(img, txt, t, b), rtol=0, atol=0)
+    for negative_only in (False, True):
+        assert torch.equal(ours.get_ground_truth(img.device, img.dtype, 10, negative_only),
+                           theirs.get_ground_truth(img.device, img.dtype, 10, negative_only))
+        torch.testing.assert_close(ours._loss(img, txt, t, b, negative_only=negative_only),
+                                   theirs._loss(img, txt, t, b, negative_only=negative_only), rtol=1e-12, atol=0)
+
+
 def test_chunk_rows():
     """8 MiB chunks, at least 256 rows while that stays within 32 MiB."""
     assert [image_text._chunk_rows(m) for m in (4096, 8192, 16384, 32768, 65536, 1 << 20)] == [512, 256, 256, 256,
@@ -323,16 +376,17 @@ def _bad_calls():
         ("logit_scale", lambda: fpl.ClipLoss()(img, txt, torch.ones(2)), ValueError),
         ("logit_scale", lambda: fpl.SigLipLoss()(img, txt, torch.ones(3, 1), b), ValueError),
         ("logit_scale", lambda: fpl.ClipLoss()(img, txt, "a"), TypeError),
-        ("logit_bias", lambda: fpl.SigLipLoss()(img, txt, t), TypeError),
+        ("logit_bias", lambda: fpl.SigLipLoss()(img, txt, t, torch.tensor(True)), TypeError),
         ("logit_bias", lambda: fpl.SigLipLoss()(img, txt, t, torch.zeros(2)), ValueError),
         ("rank", lambda: fpl.ClipLoss(rank=2, world_size=2), ValueError),
-        ("rank", lambda: fpl.SigLipLoss(rank=-1), ValueError),
+        ("rank", lambda: fpl.SigLipLoss(rank=-1, world_size=2), ValueError),
         ("world_size", lambda: fpl.SigLipLoss(world_size=0), ValueError),
         ("world_size", lambda: fpl.ClipLoss(world_size=1.5), TypeError),
         ("world_size", lambda: fpl.ClipLoss(rank=1, world_size=2)(img, txt, t), ValueError),  # no process group
         ("dist_impl", lambda: fpl.SigLipLoss(dist_impl="ring"), ValueError),
         ("chunk_size", lambda: fpl.SigLipLoss(chunk_size=-1), ValueError),
-        ("use_horovod", lambda: fpl.ClipLoss(use_horovod=True), ValueError),
+        ("use_horovod", lambda: fpl.ClipLoss(use_horovod=True, rank=0, world_size=2), ValueError),
+        ("image_features", lambda: fpl.ClipLoss(rank=0, world_size=2)(img[:0], txt[:0], t), ValueError),
         ("backend", lambda: fpl.ClipLoss(backend="nope")(img, txt, t), ValueError),
     ]
 

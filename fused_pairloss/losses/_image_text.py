@@ -57,7 +57,8 @@ def check_rank(rank, world_size):
             raise TypeError(f"{name} must be an int; got {type(v).__name__}")
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1; got {world_size}")
-    if not 0 <= rank < world_size:
+    # one process: open_clip never reads rank (nor use_horovod) there
+    if world_size > 1 and not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size) = [0, {world_size}); got {rank}")
 
 
@@ -72,7 +73,7 @@ def check_process_group(rank, world_size):
         raise ValueError(f"rank={rank} but this process is rank {actual_rank} of the process group")
 
 
-def check_features(image_features, text_features):
+def check_features(image_features, text_features, world_size=1):
     for name, x in (("image_features", image_features), ("text_features", text_features)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
@@ -89,8 +90,8 @@ def check_features(image_features, text_features):
     if image_features.device != text_features.device:
         raise ValueError(f"text_features must be on image_features' device {image_features.device}; got "
                          f"{text_features.device}")
-    if image_features.shape[0] < 1:
-        raise ValueError("image_features must have at least one row")
+    if world_size > 1 and image_features.shape[0] < 1:
+        raise ValueError("image_features must have at least one row on every rank")
 
 
 def check_scalar(name, value, features):
@@ -99,16 +100,30 @@ def check_scalar(name, value, features):
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar (a tensor of one element); got shape {tuple(value.shape)}")
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor; got {value.dtype}")
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a real-valued tensor; got {value.dtype}")
         if value.device != features.device:
             raise ValueError(f"{name} must be on the features' device {features.device}; got {value.device}")
+        if not value.is_floating_point():  # an integer tensor (no gradient): a number, as open_clip's product has it
+            return value.reshape(()).to(_number_dtype(features))
         return value.reshape(())
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a scalar tensor or a real number; got {type(value).__name__}")
-    # a number: in the statistics dtype (fp32 for fp16 / bf16 features: not rounded to theirs)
-    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
-    return torch.tensor(float(value), dtype=dtype, device=features.device)
+    return torch.tensor(float(value), dtype=_number_dtype(features), device=features.device)
+
+
+def _number_dtype(features):
+    """A number's dtype: the statistics dtype (fp32 for fp16 / bf16 features: not rounded to theirs)."""
+    return torch.float64 if features.dtype == torch.float64 else torch.float32
+
+
+def empty_batch_loss(image_features, text_features, scale, bias):
+    """open_clip's value for a batch of no pairs: NaN (CLIP's cross-entropy means, SigLIP's sum / B,
+    over nothing), attached to the graph with zero gradients, as open_clip's."""
+    attached = image_features.sum() + text_features.sum() + scale * 0
+    if bias is not None:
+        attached = attached + bias * 0
+    return (attached * 0 + float("nan")).to(image_features.dtype)
 
 
 # ---- feature exchanges (open_clip's semantics) ---------------------------------------------------

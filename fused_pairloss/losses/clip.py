@@ -127,10 +127,12 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, lo
     torch.distributed process group of that size in which this process is `rank`; every rank's
     image_features / text_features have the same shape."""
     IT.check_rank(rank, world_size)
-    IT.check_features(image_features, text_features)
+    IT.check_features(image_features, text_features, world_size)
     scale = IT.check_scalar("logit_scale", logit_scale, image_features)
     bias = None if logit_bias is None else IT.check_scalar("logit_bias", logit_bias, image_features)
     backend = IT.resolve(backend, image_features.device, engine=True)
+    if image_features.shape[0] == 0:
+        return IT.empty_batch_loss(image_features, text_features, scale, bias)
     gathered = {}
     if world_size > 1:
         IT.check_process_group(rank, world_size)
@@ -145,14 +147,16 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, lo
 class ClipLoss(torch.nn.Module):
     """Drop-in for open_clip.loss.ClipLoss (open_clip 3.3): the same constructor arguments and
     forward signature; `backend` picks the computation ("reference": open_clip's materializing
-    math). cache_labels has nothing to cache here (no label tensor is built); use_horovod=True is
-    not supported (a ValueError)."""
+    math). The loss builds no label tensor; open_clip's `get_logits` and `get_ground_truth` (and the
+    label cache they keep) are there for code that calls them, as open_clip's subclasses do: they
+    build the B x B logits. use_horovod=True is not supported across processes (a ValueError with
+    world_size > 1; one process never exchanges, as in open_clip)."""
 
     def __init__(self, local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1,
                  use_horovod=False, backend="auto"):
         super().__init__()
         IT.check_rank(rank, world_size)
-        if use_horovod:
+        if use_horovod and world_size > 1:
             raise ValueError("use_horovod=True is not supported by fused_pairloss.ClipLoss (torch.distributed only)")
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
@@ -161,6 +165,40 @@ class ClipLoss(torch.nn.Module):
         self.world_size = world_size
         self.use_horovod = use_horovod
         self.backend = backend
+        self.prev_num_logits = 0  # open_clip's label cache (get_ground_truth)
+        self.labels = {}
+
+    def get_ground_truth(self, device, num_logits):
+        """open_clip's: arange(num_logits), offset by num_logits * rank with local_loss across ranks."""
+        if self.prev_num_logits == num_logits and device in self.labels:
+            return self.labels[device]
+        labels = torch.arange(num_logits, device=device, dtype=torch.long)
+        if self.world_size > 1 and self.local_loss:
+            labels = labels + num_logits * self.rank
+        if self.cache_labels:
+            self.labels[device] = labels
+            self.prev_num_logits = num_logits
+        return labels
+
+    def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+        """open_clip's (logits_per_image, logits_per_text), materialized; the features gathered from
+        the ranks as forward gathers them."""
+        if self.world_size > 1:
+            all_image, all_text = IT.gather_features(image_features, text_features, local_loss=self.local_loss,
+                                                     gather_with_grad=self.gather_with_grad, rank=self.rank,
+                                                     world_size=self.world_size)
+            if self.local_loss:
+                per_image = logit_scale * image_features @ all_text.T
+                per_text = logit_scale * text_features @ all_image.T
+            else:
+                per_image = logit_scale * all_image @ all_text.T
+                per_text = per_image.T
+        else:
+            per_image = logit_scale * image_features @ text_features.T
+            per_text = logit_scale * text_features @ image_features.T
+        if logit_bias is not None:
+            per_image, per_text = per_image + logit_bias, per_text + logit_bias
+        return per_image, per_text
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
         loss = clip_loss(image_features, text_features, logit_scale, logit_bias, local_loss=self.local_loss,

@@ -32,6 +32,7 @@ from ..ops.stats import class_stats
 from . import _image_text as IT
 
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+BF16_MAX = torch.finfo(torch.bfloat16).max
 
 
 def siglip_reference(image_features, text_features, logit_scale, logit_bias, *, negative_only=False):
@@ -75,8 +76,9 @@ def _engine_rows(q, r, scale, bias, negative_only, backend):
     # x_ij = [t q_i, b_hi, b_lo, 0...] . [r_j, 1, 1, 0...]: b split so that a product with TF32
     # operands (Triton, torch.backends.cuda.matmul.allow_tf32) keeps it: b_hi has bf16's 8
     # significant bits, b_lo = b - b_hi (exact) the rest; the gradient reaches b through b_lo
-    b_hi = bias.detach().to(torch.bfloat16).to(bias.dtype)
-    b_lo = torch.where(torch.isfinite(b_hi), bias - b_hi, torch.zeros_like(bias))  # an infinite b stays in b_hi
+    # (b_hi clamped to bf16's range: a larger fp64 b would round to an infinite b_hi; b_lo holds the rest)
+    b_hi = bias.detach().clamp(-BF16_MAX, BF16_MAX).to(torch.bfloat16).to(bias.dtype)
+    b_lo = bias - b_hi
     bias_cols = torch.stack([b_hi, b_lo]).expand(n, 2)
     rows_q = torch.cat([scale * q, bias_cols, q.new_zeros(n, pad)], 1)
     cols_r = torch.cat([r, r.new_ones(m, 2), r.new_zeros(m, pad)], 1)
@@ -107,12 +109,13 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, rank=
     torch.distributed process group of that size in which this process is `rank`."""
     IT.check_rank(rank, world_size)
     dist_impl = check_dist_impl(dist_impl)
-    IT.check_features(image_features, text_features)
+    IT.check_features(image_features, text_features, world_size)
     scale = IT.check_scalar("logit_scale", logit_scale, image_features)
-    if logit_bias is None:
-        raise TypeError("logit_bias is required by SigLipLoss (a scalar tensor, e.g. the model's logit_bias)")
-    bias = IT.check_scalar("logit_bias", logit_bias, image_features)
+    # None: no bias (open_clip adds none); the fused path then adds an exact 0
+    bias = IT.check_scalar("logit_bias", 0 if logit_bias is None else logit_bias, image_features)
     backend = IT.resolve(backend, image_features.device, engine=True)
+    if image_features.shape[0] == 0:
+        return IT.empty_batch_loss(image_features, text_features, scale, None if logit_bias is None else bias)
     if backend == "reference":
         block = siglip_reference
     else:
@@ -141,8 +144,9 @@ class SigLipLoss(torch.nn.Module):
     """Drop-in for open_clip.loss.SigLipLoss (open_clip 3.3): the same constructor arguments and
     forward signature (logit_bias required); `backend` picks the computation ("reference":
     open_clip's materializing math). chunk_size (newer open_clip's chunked local loss, a memory
-    setting) is accepted and has no effect: the fused path is always chunked. cache_labels has
-    nothing to cache (no label tensor is built)."""
+    setting) is accepted and has no effect: the fused path is always chunked. The loss builds no
+    label tensor; open_clip's `get_ground_truth`, `get_logits` and `_loss` are there for code that
+    calls them (they build the B x B logits)."""
 
     def __init__(self, cache_labels=False, rank=0, world_size=1, dist_impl=None, chunk_size=0, backend="auto"):
         super().__init__()
@@ -155,6 +159,30 @@ class SigLipLoss(torch.nn.Module):
         self.dist_impl = check_dist_impl(dist_impl)
         self.chunk_size = chunk_size
         self.backend = backend
+        self.prev_num_logits = 0  # open_clip's attributes (its label cache, unused there too)
+        self.labels = {}
+
+    def get_ground_truth(self, device, dtype, num_logits, negative_only=False):
+        """open_clip's: 2 I - 1 (the matching pairs +1, the others -1), or -1 everywhere."""
+        labels = -torch.ones((num_logits, num_logits), device=device, dtype=dtype)
+        if not negative_only:
+            labels = 2 * torch.eye(num_logits, device=device, dtype=dtype) + labels
+        return labels
+
+    def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+        """open_clip's t * image @ text.T + b, materialized."""
+        logits = logit_scale * image_features @ text_features.T
+        return logits if logit_bias is None else logits + logit_bias
+
+    def _loss(self, image_features, text_features, logit_scale, logit_bias=None, negative_only=False):
+        """open_clip's one block (its own images against one rank's texts), fused."""
+        scale = IT.check_scalar("logit_scale", logit_scale, image_features)
+        bias = IT.check_scalar("logit_bias", 0 if logit_bias is None else logit_bias, image_features)
+        backend = IT.resolve(self.backend, image_features.device, engine=True)
+        if backend == "reference":
+            return siglip_reference(image_features, text_features, scale, bias, negative_only=negative_only)
+        return siglip_fused(image_features, text_features, scale, bias, negative_only=negative_only,
+                            backend=backend)
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
         loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, rank=self.rank,
