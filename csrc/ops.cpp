@@ -48,7 +48,7 @@ std::string describe_pair_spec(c10::ArrayRef<double> terms, int64_t flags) {
     << ";hist_inv_width=" << s.hist_inv_width << ";hist_squared=" << s.hist_squared
     << ";hist_pml_bins=" << s.hist_pml_bins << ";windows=" << s.windows << ";pos_window_lo=" << s.pos_window_lo
     << ";pos_window_hi=" << s.pos_window_hi << ";neg_window_lo=" << s.neg_window_lo
-    << ";neg_window_hi=" << s.neg_window_hi;
+    << ";neg_window_hi=" << s.neg_window_hi << ";ntx_tiny=" << terms[fpl::kNtxTinyTerm];
   return o.str();
 }
 

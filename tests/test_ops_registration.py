@@ -90,6 +90,8 @@ def test_every_pair_flag_reaches_cpp():
                        miner_epsilon=0.3, pos_vs_neg_lse=True, exclude_after_mining=True, miner_on_cosine=True),
         S.PairLossSpec(pos=S.PairTerm(scale=1.0), neg=S.PairTerm(scale=1.0), pos_window=(-0.25, float("inf")),
                        neg_window=(float("-inf"), 0.75)),
+        S.PairLossSpec(pos=S.PairTerm(scale=1.0), neg=S.PairTerm(scale=1.0, lse=True), pos_vs_neg_lse=True,
+                       ntx_tiny=2.0 ** -14),
     ]
     seen = {base.describe()}
     for v in variants:
@@ -105,12 +107,12 @@ def test_invalid_declarations_are_rejected():
     with pytest.raises(RuntimeError, match="terms must have"):
         op.pair_engine_forward(q, None, y, None, None, [1.0, 2.0], 0)
     with pytest.raises(RuntimeError, match="unknown pair flag"):
-        op.pair_engine_forward(q, None, y, None, None, [0.0] * 18, 1 << 14)
+        op.pair_engine_forward(q, None, y, None, None, [0.0] * 19, 1 << 14)
     with pytest.raises(RuntimeError, match="pos.sum_temperature needs a hinge term reduced by sum"):
-        op.pair_engine_forward(q, None, y, None, None, [0.0] * 9 + [1.0] + [0.0] * 8, S.POS_SUM)
+        op.pair_engine_forward(q, None, y, None, None, [0.0] * 9 + [1.0] + [0.0] * 9, S.POS_SUM)
     with pytest.raises(ValueError, match="neg.sum_temperature needs a hinge term reduced by sum"):
         S.PairLossSpec(pos=S.PairTerm(1.0), neg=S.PairTerm(1.0, lse=True, sum_temperature=2.0))
-    no_windows = [0.0] * 4
+    no_windows = [0.0] * 4 + [0.0]  # and the default ntx_tiny
     hist = [0.0] * 11 + [4.0, 0.0, 2.0] + no_windows  # 4 nodes
     with pytest.raises(RuntimeError, match="a histogram cannot be combined with mining or NTXent"):
         op.pair_engine_forward(q, None, y, None, None, hist, S.MINE)
@@ -125,11 +127,15 @@ def test_invalid_declarations_are_rejected():
     with pytest.raises(RuntimeError, match="hist_lo must be a finite number"):
         op.pair_engine_forward(q, None, y, None, None, [0.0] * 11 + [4.0, float("nan"), 2.0] + no_windows, 0)
     with pytest.raises(RuntimeError, match="keep windows cannot be combined with mining"):
-        op.pair_engine_forward(q, None, y, None, None, [0.0] * 18, S.MINE | S.KEEP_WINDOWS)
+        op.pair_engine_forward(q, None, y, None, None, [0.0] * 19, S.MINE | S.KEEP_WINDOWS)
     with pytest.raises(RuntimeError, match="keep windows cannot be combined with a histogram"):
         op.pair_engine_forward(q, None, y, None, None, hist, S.KEEP_WINDOWS)
     with pytest.raises(RuntimeError, match="bounds must not be NaN"):
-        op.pair_engine_forward(q, None, y, None, None, [0.0] * 14 + [0.0, float("nan"), 0.0, 1.0], S.KEEP_WINDOWS)
+        op.pair_engine_forward(q, None, y, None, None, [0.0] * 14 + [0.0, float("nan"), 0.0, 1.0, 0.0], S.KEEP_WINDOWS)
+    with pytest.raises(RuntimeError, match="ntx_tiny must be in"):
+        op.pair_engine_forward(q, None, y, None, None, [0.0] * 18 + [1.5], 0)
+    with pytest.raises(ValueError, match="ntx_tiny must be None or a number in"):
+        S.PairLossSpec(pos=S.NO_TERM, neg=S.NO_TERM, ntx_tiny=0.0)
     with pytest.raises(ValueError, match="pos_window and neg_window go together"):
         S.PairLossSpec(pos=S.NO_TERM, neg=S.NO_TERM, pos_window=(0.0, 1.0))
     with pytest.raises(ValueError, match="cannot be combined with miner_epsilon"):
@@ -139,4 +145,4 @@ def test_invalid_declarations_are_rejected():
     with pytest.raises(RuntimeError, match="column reductions need"):
         op.class_engine_forward(q, torch.randn(6, 3), y, 2, [0.0] * 13, S.COL_POS_LSE)
     with pytest.raises(RuntimeError, match="exclude_col values"):
-        op.pair_engine_forward(q, q, y, y, torch.tensor([0, 1, 2, 9]), [0.0] * 18, 0)
+        op.pair_engine_forward(q, q, y, y, torch.tensor([0, 1, 2, 9]), [0.0] * 19, 0)

@@ -60,9 +60,10 @@ constexpr int64_t kPairFlagMask = (int64_t(1) << 14) - 1;
 // multiply by inv_width: a rounding apart); the gradient is
 // the slope of r's segment, (g_{r+1} - g_r) / delta, on the node too.
 constexpr int kTermFloats = 4;
-constexpr int kPairTermsLength = 2 * kTermFloats + 10;
-constexpr int kHistTerms = 2 * kTermFloats + 3;    // index of hist_nodes in terms
-constexpr int kWindowTerms = 2 * kTermFloats + 6;  // index of pos_window_lo in terms
+constexpr int kPairTermsLength = 2 * kTermFloats + 11;
+constexpr int kHistTerms = 2 * kTermFloats + 3;     // index of hist_nodes in terms
+constexpr int kWindowTerms = 2 * kTermFloats + 6;   // index of pos_window_lo in terms
+constexpr int kNtxTinyTerm = 2 * kTermFloats + 10;  // NTXent's tiny; 0: T's smallest normal
 
 // Row outputs of the forward op, one row of the returned [k, N] tensors per slot.
 enum PairValueSlot : int { kLsePos = 0, kLseNeg, kSumPos, kSumNeg, kPosVsNeg, kWeightPos, kWeightNeg, kNumPairValues };
@@ -96,6 +97,9 @@ struct PairSpec {
   bool hist_pml_bins;  // kHistPmlBins: hist_delta = 1 / inv_width, and in float hist_delta_f, hist_lo_f
   T hist_delta;
   float hist_delta_f, hist_lo_f;
+  // NTXent's tiny inside the log (PML's small_val of its similarity matrix's dtype: fp16's under
+  // fp16 inputs or autocast, where the engine accumulates in float)
+  T ntx_tiny;
   // positives whose reduction needs a statistic of the whole row first (the mining threshold
   // max_neg, or lse_neg for NTXent) are reduced in a second walk over the positive pairs only
   bool defer_positives() const { return mine || pos_vs_neg_lse; }
@@ -134,6 +138,7 @@ PairSpec<T> decode_pair_spec(const double* terms, int64_t flags) {
   s.hist_delta = T(delta);
   s.hist_delta_f = static_cast<float>(delta);
   s.hist_lo_f = static_cast<float>(terms[kHistTerms + 1]);
+  s.ntx_tiny = terms[kNtxTinyTerm] > 0 ? T(terms[kNtxTinyTerm]) : std::numeric_limits<T>::min();
   return s;
 }
 
@@ -145,6 +150,7 @@ inline std::string check_pair_spec(const double* terms, int64_t n_terms, int64_t
   if ((flags & kExcludeAfterMining) && !(flags & kMine)) return "exclude-after-mining needs mining";
   if ((flags & kMineOnCosine) && !((flags & kMine) && (flags & kLpDistance)))
     return "mine-on-cosine needs mining and the lp distance";
+  if (!(terms[kNtxTinyTerm] >= 0 && terms[kNtxTinyTerm] < 1)) return "ntx_tiny must be in [0, 1)";
   if (terms[2 * kTermFloats + 1] != 0 && !((flags & kPosSum) && (flags & kPosHinge)))
     return "pos.sum_temperature needs a hinge term reduced by sum";
   if (terms[2 * kTermFloats + 2] != 0 && !((flags & kNegSum) && (flags & kNegHinge)))

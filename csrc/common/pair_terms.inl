@@ -91,19 +91,8 @@ FPL_TERM_FN auto in_keep_window(T v, T lo, T hi) {
   return (v > lo) & (v < hi);
 }
 
-template <typename T>
-FPL_TERM_FN T smallest_normal();
-template <>
-FPL_TERM_FN float smallest_normal<float>() {
-  return 1.17549435082228750797e-38f;
-}
-template <>
-FPL_TERM_FN double smallest_normal<double>() {
-  return 2.22507385850720138309e-308;
-}
-
 // NTXent's pair term (PML NTXentLoss: -log(e^x / (e^x + sum_neg e^x') + tiny)) with
-// t = x - lse_neg_i: -log(sigmoid(t) + tiny), tiny = the dtype's smallest normal (PML small_val).
+// t = x - lse_neg_i: -log(sigmoid(t) + tiny), tiny = PairSpec::ntx_tiny (PML's small_val).
 // sigmoid(t) = exp(-softplus(-t)), softplus(-t) = max(-t, 0) + log1p(exp(-|t|)).
 template <typename T>
 FPL_TERM_FN T ntx_sigmoid(T t) {
@@ -112,15 +101,15 @@ FPL_TERM_FN T ntx_sigmoid(T t) {
   return (t != t) ? t : math_exp(-sp);
 }
 template <typename T>
-FPL_TERM_FN T ntx_pair_loss(T t) {
-  return -math_log(ntx_sigmoid(t) + smallest_normal<T>());
+FPL_TERM_FN T ntx_pair_loss(T t, T tiny) {
+  return -math_log(ntx_sigmoid(t) + tiny);
 }
 // d/dt of ntx_pair_loss: -sigmoid (1 - sigmoid) / (sigmoid + tiny)
 template <typename T>
-FPL_TERM_FN T ntx_pair_dloss(T t) {
+FPL_TERM_FN T ntx_pair_dloss(T t, T tiny) {
   const T sg = ntx_sigmoid(t);
   const T one_minus = ntx_sigmoid(-t);
-  return -(sg * one_minus) / (sg + smallest_normal<T>());
+  return -(sg * one_minus) / (sg + tiny);
 }
 
 // softplus(x) = log(1 + e^x) = max(x, 0) + log1p(e^-|x|) (SigLIP's pair loss, -log sigmoid(-x)) and

@@ -318,8 +318,8 @@ __global__ void __launch_bounds__(kThreads) pair_forward_kernel(PairArgs<T> p) {
       pos.add(sp.pos, x);
       if (sp.pos_vs_neg_lse) {
         const A tt = x - lse_neg;
-        ntx += ntx_pair_loss(tt);
-        ntx_dlse -= ntx_pair_dloss(tt);
+        ntx += ntx_pair_loss(tt, sp.ntx_tiny);
+        ntx_dlse -= ntx_pair_dloss(tt, sp.ntx_tiny);
       }
     });
   }
@@ -430,7 +430,7 @@ FPL_DEV A pair_grad(const PairSpec<A>& sp, A s, bool same, bool excluded, const 
     gs = w * (gs * (A(1) + T * x) + st.g_weight[set] * T);
   }
   A g = (gl + gs) * db;
-  if (pos && sp.pos_vs_neg_lse) g += st.g_ntx * ntx_pair_dloss(x - st.lse[1]) * db;
+  if (pos && sp.pos_vs_neg_lse) g += st.g_ntx * ntx_pair_dloss(x - st.lse[1], sp.ntx_tiny) * db;
   if (g_hist != nullptr)
     g += hist_dv(sp, v, g_hist + set * sp.hist_nodes * N, N) * (sp.lp_distance ? pair_dv_lp(v) : A(1));
   return g;

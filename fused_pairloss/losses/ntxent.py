@@ -64,10 +64,13 @@ def ntxent_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, tempe
     return loss.to(similarity_dtype(embeddings, distance))
 
 
-def declaration(temperature, distance="cosine"):
+def declaration(temperature, distance="cosine", similarity_dtype=torch.float32):
+    """PML's tiny is the smallest normal of its similarity matrix's dtype (`similarity_dtype`):
+    fp16's for fp16 inputs or under fp16 autocast, where the engines accumulate in float."""
     scale = (1.0 if distance == "cosine" else -1.0) / temperature  # PML negates distances
+    tiny = float(torch.finfo(similarity_dtype).tiny) if similarity_dtype == torch.float16 else None
     return PairLossSpec(pos=PairTerm(scale=scale), neg=PairTerm(scale=scale, lse=True), distance=distance,
-                        pos_vs_neg_lse=True)
+                        pos_vs_neg_lse=True, ntx_tiny=tiny)
 
 
 def combine(st: engines.PairStats, embeddings, *, batch=LOCAL):
@@ -81,8 +84,9 @@ def combine(st: engines.PairStats, embeddings, *, batch=LOCAL):
 def ntxent_fused(embeddings, labels, ref_emb, ref_labels, *, temperature, distance="cosine", backend,
                  exclude_col=None, batch=LOCAL):
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
-    st = pair_stats(q, r, labels, labels_r, excl, declaration(temperature, distance), backend)
-    return combine(st, embeddings, batch=batch).to(similarity_dtype(embeddings, distance))  # PML's under autocast
+    dtype = similarity_dtype(embeddings, distance)  # PML's under autocast
+    st = pair_stats(q, r, labels, labels_r, excl, declaration(temperature, distance, dtype), backend)
+    return combine(st, embeddings, batch=batch).to(dtype)
 
 
 def ntxent_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperature=0.07, distance="cosine",

@@ -263,7 +263,7 @@ def listed_pair_stats(q, r, spec: S.PairLossSpec, pairs: ListedPairs) -> PairSta
     pos_vs_neg = torch.zeros(n, dtype=A, device=q.device)
     if spec.pos_vs_neg_lse:  # NTXent: per positive pair -log(sigmoid(x_p - lse_neg) + tiny)
         t = xp - lse_neg[rows_p]
-        pair_loss = -torch.log(torch.sigmoid(t) + torch.finfo(A).tiny)
+        pair_loss = -torch.log(torch.sigmoid(t) + spec.tiny(A))
         pos_vs_neg = pos_vs_neg.index_add(0, rows_p, wp * pair_loss)
     inf = torch.full((n,), float("inf"), dtype=A, device=q.device)
     no_hist = torch.zeros(0, n, dtype=A, device=q.device)

@@ -123,7 +123,7 @@ def _pair_values(q, r, labels_q, labels_r, exclude_col, sp: S.PairLossSpec):
     lse_pos, lse_neg = lse(pos, xp, sp.pos.lse), lse(neg, xn, sp.neg.lse)
     ntx, ntx_dlse = zero_row, zero_row
     if sp.pos_vs_neg_lse:
-        tiny = torch.finfo(A).tiny
+        tiny = sp.tiny(A)
         t = xp - lse_neg[:, None]
         ntx = torch.where(pos, _ntx_pair_loss(t, tiny), 0).sum(1)
         td = t.detach().requires_grad_(True)

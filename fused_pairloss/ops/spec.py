@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
+import torch
+
 # ---- loss_spec.h PairFlag / ClassFlag --------------------------------------------------------
 POS_LSE = 1 << 0
 POS_SUM = 1 << 1
@@ -137,7 +139,9 @@ class PairLossSpec:
     pos_vs_neg_lse), in the value rows after PAIR_VALUES: the positives' nodes, then the negatives'.
     `pos_window` / `neg_window` (given together, as (lo, hi); no mining, no histogram): PML's
     PairMarginMiner, a pair of the set kept only where lo < v < hi (a NaN v in no window, as PML's
-    comparisons drop it; +-inf for an open side)."""
+    comparisons drop it; +-inf for an open side). `ntx_tiny`: the tiny of `pos_vs_neg_lse` (PML's
+    small_val, the smallest normal of its similarity matrix's dtype); None: the smallest normal of
+    the dtype the engine accumulates in (fp16's is larger than float's, in which fp16 is summed)."""
 
     pos: PairTerm
     neg: PairTerm
@@ -149,6 +153,7 @@ class PairLossSpec:
     histogram: Optional[PairHistogram] = None
     pos_window: Optional[Tuple[float, float]] = None
     neg_window: Optional[Tuple[float, float]] = None
+    ntx_tiny: Optional[float] = None
     # the packed arguments, computed once (a spec is immutable)
     _packed: Tuple[Tuple[float, ...], int] = field(init=False, repr=False, compare=False)
 
@@ -173,6 +178,8 @@ class PairLossSpec:
             w = getattr(self, name)
             if not (isinstance(w, tuple) and len(w) == 2 and all(isinstance(b, (int, float)) and b == b for b in w)):
                 raise ValueError(f"{name} must be a tuple (lo, hi) of two numbers (not NaN); got {w!r}")
+        if self.ntx_tiny is not None and not (isinstance(self.ntx_tiny, (int, float)) and 0 < self.ntx_tiny < 1):
+            raise ValueError(f"ntx_tiny must be None or a number in (0, 1); got {self.ntx_tiny!r}")
         flags = 0
         flags |= POS_LSE if self.pos.lse else 0
         flags |= POS_SUM if self.pos.sum else 0
@@ -194,8 +201,9 @@ class PairLossSpec:
         temperatures = (float(self.pos.sum_temperature), float(self.neg.sum_temperature))
         inf = float("inf")
         bounds = (tuple(map(float, self.pos_window + self.neg_window)) if windows else (-inf, inf, -inf, inf))
+        tiny = (0.0 if self.ntx_tiny is None else float(self.ntx_tiny),)  # 0: the accumulation dtype's
         object.__setattr__(self, "_packed", (self.pos.floats() + self.neg.floats() + (eps,) + temperatures + histogram
-                                             + bounds, flags))
+                                             + bounds + tiny, flags))
 
     def pack(self) -> Tuple[Tuple[float, ...], int]:
         """(terms, flags): the fused ops' arguments (loss_spec.h layout)."""
@@ -204,6 +212,10 @@ class PairLossSpec:
     @property
     def mine(self) -> bool:
         return self.miner_epsilon is not None
+
+    def tiny(self, accumulation_dtype) -> float:
+        """NTXent's tiny as the engines read it (loss_spec.h ntx_tiny)."""
+        return float(self.ntx_tiny) if self.ntx_tiny is not None else float(torch.finfo(accumulation_dtype).tiny)
 
     @property
     def defer_positives(self) -> bool:
@@ -225,7 +237,8 @@ class PairLossSpec:
             f"hist_pml_bins={int(bool(self._packed[1] & HIST_PML_BINS))}",
             f"windows={int(bool(self._packed[1] & KEEP_WINDOWS))}"] + [
             f"{name}={_num(b)}" for name, b in zip(("pos_window_lo", "pos_window_hi", "neg_window_lo", "neg_window_hi"),
-                                                    self._packed[0][14:18])]
+                                                    self._packed[0][14:18])] + [
+            f"ntx_tiny={_num(self._packed[0][18])}"]
         return ";".join(parts)
 
 

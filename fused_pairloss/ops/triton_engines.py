@@ -149,9 +149,10 @@ def is_interpreter() -> bool:
 INTERPRETED = _IMPORTED and is_interpreter()
 _USE_TRITON_OP = _IMPORTED and not INTERPRETED and hasattr(torch.library, "triton_op")
 
-_PAIR_TERMS = 2 * 4 + 10
+_PAIR_TERMS = 2 * 4 + 11
 _KERNEL_TERMS = 2 * 4 + 3  # the pair terms' floats, miner_epsilon, the sums' temperatures
-_WINDOW_TERMS = slice(14, 18)  # then the keep windows' bounds (after the smallest normal)
+_WINDOW_TERMS = slice(14, 18)  # then the keep windows' bounds (after NTXent's tiny)
+_NTX_TINY_TERM = 18  # NTXent's tiny; 0: the accumulation dtype's smallest normal
 _PAIR_VALUES = len(S.PAIR_VALUES)
 _CLASS_TERMS = 3 * 4 + 1
 _PAIR_FLAG_MASK = ((1 << 11) - 1) | S.KEEP_WINDOWS | S.HIST_SQUARED | S.HIST_PML_BINS
@@ -256,11 +257,12 @@ def _pair_switches(flags: int, terms) -> dict:
 
 def _pair_kernel_consts(terms, A) -> tuple:
     """The declaration's scalars as the pair kernels take them, after the shapes: the terms' floats,
-    miner_epsilon, the temperatures, A's smallest normal (NTXent's tiny), the keep windows' bounds,
+    miner_epsilon, the temperatures, NTXent's tiny (loss_spec.h ntx_tiny), the keep windows' bounds,
     then the histogram's nodes, lo, inv_width, and PML's delta = 1 / inv_width (rounded to float in
     the kernels, as loss_spec.h hist_delta_f)."""
     nodes, lo, inv_width = int(terms[11]), float(terms[12]), float(terms[13])
-    return (tuple(float(t) for t in terms[:_KERNEL_TERMS]) + (float(torch.finfo(A).tiny),)
+    tiny = float(terms[_NTX_TINY_TERM]) or float(torch.finfo(A).tiny)
+    return (tuple(float(t) for t in terms[:_KERNEL_TERMS]) + (tiny,)
             + tuple(float(t) for t in terms[_WINDOW_TERMS])
             + (nodes, lo, inv_width if nodes else 1.0, 1.0 / inv_width if nodes else 1.0))
 
@@ -296,6 +298,7 @@ def _check_pair(q, r, labels_q, labels_r, exclude_col, terms, flags):
                  lambda: "pair_engine (triton): keep windows cannot be combined with a histogram")
     torch._check(not (flags & S.HIST_PML_BINS) or (nodes >= 2 and not (flags & S.HIST_SQUARED)),
                  lambda: "pair_engine (triton): hist-pml-bins needs a histogram of 2 nodes or more, of v (not squared)")
+    torch._check(0 <= float(terms[_NTX_TINY_TERM]) < 1, lambda: "pair_engine (triton): ntx_tiny must be in [0, 1)")
     torch._check((int(flags) & ~_PAIR_FLAG_MASK) == 0,
                  lambda: f"pair_engine (triton): unknown pair flag bits {int(flags) & ~_PAIR_FLAG_MASK}")
     for k, (name, sum_bit, hinge_bit) in enumerate((("pos", S.POS_SUM, S.POS_HINGE), ("neg", S.NEG_SUM, S.NEG_HINGE))):
