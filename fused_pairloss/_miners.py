@@ -249,6 +249,8 @@ class BatchEasyHardMiner(pml_miners.BatchEasyHardMiner):
             return None
         q = torch.nn.functional.normalize(rows.embeddings, dim=1)
         r = q if rows.self_emb else torch.nn.functional.normalize(rows.ref_emb, dim=1)
+        if not (bool(torch.isfinite(q).all()) and (r is q or bool(torch.isfinite(r).all()))):
+            return None  # PML's torch.max picks a NaN as the extreme; the op's comparisons skip it
         if rows.self_labels:  # PML's identity rule: the diagonal is no positive
             excl = torch.arange(rows.N, device=q.device)
         else:

@@ -509,3 +509,18 @@ def test_mined_tuples_pickle_and_copy_as_pmls_tuple():
         for other in (pickle.loads(pickle.dumps(mined)), copy.deepcopy(mined), copy.copy(mined)):
             assert type(other) is tuple and len(other) == len(mined)
             assert all(torch.equal(a, b) for a, b in zip(other, mined))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("name", ["BatchHardMiner", "BatchEasyHardMiner"])
+def test_hardest_pairs_of_a_nan_row_as_pml(name, dtype):
+    """PML's torch.max picks a NaN as a row's extreme (the NaN row stays an anchor and becomes every
+    row's hardest pair); the C++ extremes skip NaN comparisons, so such a batch is mined in PyTorch:
+    PML's tuple."""
+    from pytorch_metric_learning import miners as pml_miners
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(12, 6, generator=g, dtype=dtype)
+    y = torch.arange(12) % 4
+    x[3, 1] = float("nan")
+    ours, theirs = getattr(fpl.miners, name)()(x, y), getattr(pml_miners, name)()(x, y)
+    assert len(ours) == len(theirs) and all(torch.equal(a, b) for a, b in zip(ours, theirs))
