@@ -342,3 +342,84 @@ def test_snr_listed_own_row_positives(ref):
         kw = dict(pos_margin=0.0, neg_margin=1.5)
         check_against_pml(fpl.SignalToNoiseRatioContrastiveLoss(**kw),
                           pml_losses.SignalToNoiseRatioContrastiveLoss(**kw), args, torch.float64)
+
+
+# ---- rows whose norm overflows (fp32: |x| above about 1.8e19; F.normalize makes them zero rows) ----
+def _zeroed(x, i):
+    x = x.clone()
+    x[i] = 0
+    return x
+
+
+@pytest.mark.parametrize("case", ["nca", "nca_ref", "ms_miner_lp", "contrastive_pair_margin_cos",
+                                  "circle_pair_margin_lp"])
+def test_rows_whose_norm_overflows_are_zero_rows_as_in_pml(case):
+    """fp32 rows scaled by 1e20: F.normalize divides them by an infinite norm, to zero rows, in PML
+    as in the fused path; PML's fp32 value is the same-dtype reference, PML's fp64 value with the
+    rows zeroed the truth (values and the gradients of the embeddings)."""
+    from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
+    from fused_pairloss import miners as our_miners
+    y, ry = labels(0, 1, 2, 0, 1, 2, 0, 1, 2, 0), labels(0, 1, 2, 0, 1, 2, 0)
+    x = rows(10, 6, 21, dtype=torch.float32, scaled=[(3, 1e20)])
+    r = rows(7, 6, 22, dtype=torch.float32, scaled=[(2, 1e20)])
+    loss_name, kw, miner = {
+        "nca": ("NCALoss", {}, None), "nca_ref": ("NCALoss", {}, None),
+        "ms_miner_lp": ("MultiSimilarityLoss", dict(distance=LpDistance()),
+                        lambda: our_miners.MultiSimilarityMiner(0.3)),
+        "contrastive_pair_margin_cos": (
+            "ContrastiveLoss", {}, lambda: our_miners.PairMarginMiner(0.2, 0.8, distance=CosineSimilarity())),
+        "circle_pair_margin_lp": (
+            "CircleLoss", {}, lambda: our_miners.PairMarginMiner(0.2, 1.2, distance=LpDistance())),
+    }[case]
+
+    def call(lib, x, r):
+        loss = getattr(lib, loss_name)(**kw)
+        if case == "nca_ref":
+            return loss(x, y, None, r, ry)
+        return loss(x, y) if miner is None else loss(x, y, miner()(x, y))
+
+    xo, xp = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    x64 = _zeroed(x.double(), 3).requires_grad_(True)
+    a, b, t = call(fpl, xo, r), call(pml_losses, xp, r), call(pml_losses, x64, _zeroed(r.double(), 2))
+    (ga,), (gb,), (gt,) = (torch.autograd.grad(v, [p]) for v, p in ((a, xo), (b, xp), (t, x64)))
+    check_close(a, t, b, what="value", dtype=torch.float32)
+    keep = torch.arange(10) != 3  # the overflowing row's own gradient: 1e-20 times the zero row's
+    check_close(ga[keep], gt[keep], gb[keep], what="grad", dtype=torch.float32)
+
+
+def test_proxy_nca_proxy_whose_norm_overflows():
+    x, y = rows(10, 6, 23, dtype=torch.float32), labels(0, 1, 2, 3, 0, 1, 2, 3, 0, 1)
+    ours, theirs = fpl.ProxyNCALoss(4, 6), pml_losses.ProxyNCALoss(4, 6)
+    ours.proxies.data[1] *= 1e20
+    theirs.load_state_dict(ours.state_dict())
+    truth = pml_losses.ProxyNCALoss(4, 6).double()
+    truth.load_state_dict(ours.state_dict())
+    truth.proxies.data[1] = 0
+    values = [loss(x.to(loss.proxies.dtype), y) for loss in (ours, theirs, truth)]
+    check_close(values[0], values[2], values[1], what="value", dtype=torch.float32)
+
+
+@DTYPES
+@pytest.mark.parametrize("short", ["zero", "3e-13"])
+def test_proxy_nca_reference_normalizes_once(short, dtype):
+    """The reference backend as PML: each side normalized once (a zero row's gradient 1e12 times
+    larger, a row of norm < 1e-12 another value, were it normalized twice)."""
+    x = rows(10, 6, 24, zero=[3]) if short == "zero" else rows(10, 6, 24, scaled=[(3, 3e-13)])
+    y = labels(0, 1, 2, 3, 0, 1, 2, 3, 0, 1)
+    for backend in ("reference", "auto"):
+        ours, pml = fpl.ProxyNCALoss(4, 6, backend=backend), pml_losses.ProxyNCALoss(4, 6)
+        pml.load_state_dict(ours.state_dict())
+        check_against_pml(ours, pml, (x, y), dtype)
+
+
+@DTYPES
+@pytest.mark.parametrize("name", ["LargeMarginSoftmaxLoss", "SphereFaceLoss"])
+def test_large_margin_row_of_norm_below_eps(name, dtype):
+    """A row of norm in (0, 1e-12]: PML's cosine is F.normalize's row's (no unit row), which the
+    engine's x . w / (|x| |w|) is not; such a batch is the reference's: PML's gradient."""
+    x, y = rows(10, 6, 25, scaled=[(3, 3e-13)]), labels(0, 1, 2, 3, 0, 1, 2, 3, 0, 1)
+    ours, pml = getattr(fpl, name)(4, 6), getattr(pml_losses, name)(4, 6)
+    pml.load_state_dict(ours.state_dict())
+    check_against_pml(ours, pml, (x, y), dtype)
+    idx = pml_miners.MultiSimilarityMiner(0.3)(x, y)
+    check_against_pml(ours, pml, (x, y, idx), dtype)

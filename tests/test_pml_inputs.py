@@ -293,3 +293,53 @@ def test_wrapper_labels_and_ref_errors_name_the_argument():
         fpl.ContrastiveLoss()(x, y, ref_emb=x[:0], ref_labels=y[:3])
     with pytest.raises(ValueError, match="ref_labels"):  # PML would read a 7-row ref with 12 labels
         fpl.miners.PairMarginMiner()(x, y, x[:7])
+
+
+# ---- half precision (PML's dtypes of its similarity matrix) --------------------------------------------
+def _fp16_case(seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(24, 8, generator=g), torch.arange(24) % 6
+
+
+@pytest.mark.parametrize("how", ["fp16_inputs", "fp16_autocast"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_ntxent_half_precision_uses_pmls_tiny(how, backend):
+    """NTXent's tiny is the smallest normal of PML's similarity dtype (fp16's, 6e-5: it caps each
+    pair term at 9.7), not of the dtype the engine sums in: PML's value and gradient."""
+    x, y = _fp16_case()
+    results = []
+    for loss in (fpl.NTXentLoss(backend=backend), L.NTXentLoss()):
+        xx = (x.half() if how == "fp16_inputs" else x).clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.float16, enabled=how == "fp16_autocast"):
+            value = loss(xx, y)
+        results.append((value, torch.autograd.grad(value.float(), xx)[0]))
+    (a, ga), (b, gb) = results
+    assert a.dtype == b.dtype == torch.float16
+    assert abs(float(a) - float(b)) <= 4e-3 * abs(float(b))  # fp16 rounding of PML's own sums
+    assert (ga.float() - gb.float()).abs().max() <= 2e-2 * gb.float().abs().max()
+    # the cap matters here: without it (fp32's tiny) the value moves by more than the tolerance
+    assert abs(float(L.NTXentLoss()(x, y)) - float(b)) > 0.1
+
+
+def test_loss_dtype_under_autocast_with_our_miners_pairs():
+    """A fused miner's rule keeps PML's dtype under autocast (the cosine matrix's: bf16)."""
+    x, y = _fp16_case(4)
+    for name in ("MultiSimilarityLoss", "CircleLoss", "NTXentLoss", "SupConLoss"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = getattr(fpl, name)()(x, y, fpl.miners.MultiSimilarityMiner()(x, y))
+            theirs = getattr(L, name)()(x, y, miners.MultiSimilarityMiner()(x, y))
+        assert ours.dtype == theirs.dtype == torch.bfloat16, name
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_nca_fp16_as_pml(backend):
+    """PML's LpDistance takes fp16 through pairwise_distance (torch.cdist has no fp16 kernel): the
+    reference too, so NCA in fp16 with a miner's tuple, a ref of other labels, or the reference
+    backend gives PML's value."""
+    x, y = _fp16_case(5)
+    x = x.half()
+    idx = miners.BatchHardMiner()(x, y)
+    for args in ((x, y), (x, y, idx), (x, y, None, x, (y + 1) % 6)):
+        ours = fpl.NCALoss(backend=backend)(*args)
+        theirs = L.NCALoss()(*args)
+        assert ours.dtype == theirs.dtype and abs(float(ours) - float(theirs)) <= 4e-3 * abs(float(theirs))

@@ -70,9 +70,13 @@ def _is_pml_cosine(distance):
 
 
 def _has_short_row(*xs):
-    """Whether a row of any of the tensors (None skipped) has a norm <= F.normalize's eps (1e-12):
-    normalized, it is not a unit row (an all-zero row stays zero)."""
-    return any(bool((torch.linalg.vector_norm(x.detach(), dim=1) <= 1e-12).any()) for x in xs if x is not None)
+    """Whether a row of any of the tensors (None skipped) has a norm <= F.normalize's eps (1e-12), or
+    one that overflows the dtype (inf: F.normalize divides the row by it, to zeros): normalized, it is
+    not a unit row (an all-zero row stays zero)."""
+    def short(x):
+        norm = torch.linalg.vector_norm(x.detach(), dim=1)
+        return bool(((norm <= 1e-12) | torch.isinf(norm)).any())
+    return any(short(x) for x in xs if x is not None)
 
 
 def _collect_stats(value):
@@ -349,8 +353,9 @@ class _PairLoss(_PmlFallback, _LossBase):
             return None  # d^2 = 2 - 2 S needs unit rows; F.normalize leaves a row of norm <= eps short
         mined_by = MinedBy(backend, indices_tuple.spec_changes(self._distance_kind))
         loss = fused_fn(embeddings, labels, ref_emb, ref_labels, backend=mined_by, **self._listed_hyper())
-        # NaN in, NaN out also through the miner's comparisons (which drop a NaN pair, as PML's)
-        return loss + zero_loss(embeddings) + (0 if ref_emb is None else zero_loss(ref_emb))
+        # NaN in, NaN out also through the miner's comparisons (which drop a NaN pair, as PML's); in
+        # the loss's dtype (PML's under autocast)
+        return (loss + zero_loss(embeddings) + (0 if ref_emb is None else zero_loss(ref_emb))).to(loss.dtype)
 
     def _fused_with_listed_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """The loss's own fused function over the listed pairs (ops/listed.py: O(#pairs + (N + M) D)), or None

@@ -75,7 +75,13 @@ def distance_matrix(embeddings, ref_emb, distance):
     r = normalize(ref_emb)
     if distance == "cosine":
         return q @ r.t()
-    if q.dtype in (torch.float16, torch.bfloat16):  # bf16: no cdist kernel either (PML raises)
+    return lp_distances(q, r)
+
+
+def lp_distances(q, r):
+    """PML LpDistance's matrix of the rows as given (already normalized): torch.cdist, or for fp16
+    (and bf16: no cdist kernel either; PML raises there) pairwise_distance (distance_matrix)."""
+    if q.dtype in (torch.float16, torch.bfloat16):
         return F.pairwise_distance(q.unsqueeze(1), r.unsqueeze(0), p=2)
     return torch.cdist(q, r, p=2)
 

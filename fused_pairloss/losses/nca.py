@@ -30,7 +30,7 @@ from ..ops.engines import exclusion_for
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, _has_short_row, run_pair_loss
-from ._reference_common import miner_weights, nan_in_nan_out
+from ._reference_common import lp_distances, miner_weights, nan_in_nan_out
 from ._registry import LossEntry
 
 DISTANCES = ("squared_lp", "cosine")  # PML's LpDistance(power=2) (its default), CosineSimilarity()
@@ -61,7 +61,7 @@ def nca_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, softmax_
     if distance == "cosine":
         mat = query @ reference.t()
     else:
-        mat = -torch.cdist(query, reference) ** 2
+        mat = -lp_distances(query, reference) ** 2
     if same_object:
         mat = mat.clone()
         mat.fill_diagonal_(float("-inf"))

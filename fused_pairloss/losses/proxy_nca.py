@@ -40,9 +40,10 @@ def proxy_nca_reference(embeddings, labels, proxies, *, softmax_scale=1.0, dista
     where it is not 0, their mean."""
     _check_distance(distance)
     dtype = embeddings.dtype
-    query, reference = normalize(embeddings), normalize(proxies.to(dtype))
     weights = miner_weights(indices_tuple, labels, dtype, using_ref=True)  # PML: query is not reference
-    mat = query @ reference.t() if distance == "cosine" else -distance_matrix(query, reference, "lp") ** 2
+    # PML's distance(query, proxies): each side normalized once
+    mat = distance_matrix(embeddings, proxies.to(dtype), "cosine" if distance == "cosine" else "lp")
+    mat = mat if distance == "cosine" else -mat ** 2
     same = (labels[:, None] == torch.arange(proxies.shape[0], device=labels.device)[None, :]).to(mat.dtype)
     exp = (torch.softmax(softmax_scale * mat, dim=1) * same).sum(1)
     non_zero = exp != 0
