@@ -89,7 +89,9 @@ class DistributedLossWrapper(torch.nn.Module):
     `efficient=True` is accepted and gives the same exact result. (PML's efficient mode computes
     only the local rows as anchors against the gathered batch and lets the gradient of the other
     ranks' rows go unused, which is not the single-process gradient: PML issues #712 and #448. The
-    fused path always computes the local rows only and is exact.)
+    fused path always computes the local rows only and is exact.) With an explicit indices_tuple,
+    efficient=True is PML's efficient call (the local rows against the gathered batch as the ref:
+    the tuple of an efficient DistributedMinerWrapper indexes that).
 
     Not fused, computed as PML's wrapper does (the gathered batch, this rank's rows first, the
     others detached, and the whole loss on it): an explicit `indices_tuple` (its indices refer to
@@ -193,6 +195,12 @@ class DistributedLossWrapper(torch.nn.Module):
             if ref_labels is not None:
                 ref_labels = ref_labels.to(ref_emb.device)
             all_ref, all_ref_labels = self._pml_gather(ref_emb), self._pml_gather(ref_labels)
+        if self.efficient and indices_tuple is not None:
+            # PML's efficient call: this rank's rows against the gathered ref (or batch), which is
+            # what the anchors of an efficient DistributedMinerWrapper's tuple index
+            if all_ref is None:
+                all_ref, all_ref_labels = all_emb, all_labels
+            return self.loss(embeddings, labels, indices_tuple, all_ref, all_ref_labels)
         return self.loss(all_emb, all_labels, indices_tuple, all_ref, all_ref_labels)
 
     def _pml_cross_batch(self, embeddings, labels, indices_tuple, enqueue_mask):

@@ -223,6 +223,18 @@ def run_cases(rank, world):
             xe = _leaf(xr.detach())
             ve = fpl.DistributedLossWrapper(make_f(), efficient=True)(xe, yr)
             res["efficient"] = (ve.detach(), _grads(ve, [xe]))
+            # efficient=True with an efficient miner wrapper's tuple: PML's efficient call (not for a
+            # loss with miner_epsilon, which takes no tuple, nor TCM, whose PML class indexes the
+            # batch with the ref's indices and fails there)
+            if "mined" not in name and name != "tcm":
+                from pytorch_metric_learning import miners as pml_miners
+                tup = pml_dist.DistributedMinerWrapper(pml_miners.MultiSimilarityMiner(0.3), efficient=True)(
+                    xr.detach(), yr)
+                xe, xp = _leaf(xr.detach()), _leaf(xr.detach())
+                ve = fpl.DistributedLossWrapper(make_f(), efficient=True)(xe, yr, tup)
+                vp = pml_dist.DistributedLossWrapper(make_p(), efficient=True)(xp, yr, tup)
+                res["efficient_tuple"] = (ve.detach(), _grads(ve, [xe]))
+                res["pml_efficient_tuple"] = (vp.detach(), _grads(vp, [xp]))
             # uneven sizes: against one process on the whole batch (the parent computes it)
             sizes = UNEVEN[world]
             x, y = data(2, sum(sizes))

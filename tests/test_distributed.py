@@ -77,6 +77,10 @@ def test_pair_loss(world, name):
         close(r["pml_wrapping_ours"][1][0], r["pml"][1][0], f"{name} rank {rank} grad of PML's wrapper around ours")
         close(r["efficient"][0], r["even"][0], f"{name} rank {rank} efficient=True value")
         close(r["efficient"][1][0], r["even"][1][0], f"{name} rank {rank} efficient=True grad")
+        if "efficient_tuple" in r:  # with an efficient DistributedMinerWrapper's tuple: PML's efficient call
+            close(r["efficient_tuple"][0], r["pml_efficient_tuple"][0], f"{name} rank {rank} efficient tuple value")
+            close(r["efficient_tuple"][1][0], r["pml_efficient_tuple"][1][0],
+                  f"{name} rank {rank} efficient tuple grad")
     # one process on the whole batch, PML's loss, even and uneven sizes
     miner = None if make_miner is None else make_miner()
     x, y = C.data(1, C.EVEN * world)
