@@ -423,3 +423,29 @@ def test_large_margin_row_of_norm_below_eps(name, dtype):
     check_against_pml(ours, pml, (x, y), dtype)
     idx = pml_miners.MultiSimilarityMiner(0.3)(x, y)
     check_against_pml(ours, pml, (x, y, idx), dtype)
+
+
+# ---- TupletMarginLoss: PML's few-pairs zero with a positive at S = 1 ------------------------------------
+@DTYPES
+@pytest.mark.parametrize("how", ["listed_own_pair", "ref_copy", "memory_of_one"])
+def test_tuplet_margin_few_pairs_zero_has_a_zero_gradient(how, dtype):
+    """At most one positive and one negative pair: PML's constant zero, with a zero gradient, also
+    when that positive is a row against its copy (S = 1, where acos' derivative is infinite)."""
+    torch.manual_seed(0)
+    e, b = torch.randn(3, 6, dtype=dtype), torch.randn(1, 6, dtype=dtype)
+    results = []
+    for lib in (fpl, pml_losses):
+        if how == "memory_of_one":
+            loss = lib.CrossBatchMemory(lib.TupletMarginLoss(), 6, memory_size=1)
+            x = e[:1].clone().requires_grad_(True)
+            value = loss(x, labels(0))
+        else:
+            x = e.clone().requires_grad_(True) if how == "listed_own_pair" else e[:1].clone().requires_grad_(True)
+            if how == "listed_own_pair":
+                value = lib.TupletMarginLoss()(x, labels(0, 1, 2), (labels(0), labels(0), labels(0), labels(1)))
+            else:
+                value = lib.TupletMarginLoss()(x, labels(0), ref_emb=torch.cat([e[:1], b]), ref_labels=labels(0, 1))
+        results.append((value, torch.autograd.grad(value, x)[0]))
+    (a, ga), (p, gp) = results
+    assert float(a) == float(p) == 0.0
+    assert torch.equal(ga, gp) and not ga.any()

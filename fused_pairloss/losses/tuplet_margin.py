@@ -45,9 +45,24 @@ def tuplet_margin_reference(embeddings, labels, ref_emb=None, ref_labels=None, *
     return nan_in_nan_out(loss, embeddings, ref_emb).to(similarity_dtype(embeddings, distance))
 
 
+class _Acos(torch.autograd.Function):
+    """torch.acos whose gradient is 0 where the incoming one is (not 0 * inf at u = +-1): a pair
+    whose loss is not used (PML's few-pairs rule: a constant zero) gets no NaN gradient."""
+
+    @staticmethod
+    def forward(ctx, u):
+        ctx.save_for_backward(u)
+        return torch.acos(u)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (u,) = ctx.saved_tensors
+        return torch.where(grad == 0, torch.zeros_like(grad), -grad / torch.sqrt(1 - u * u))
+
+
 def tuplet_pair_term(u, row_lse, col_stat, same_index, scale, margin_rad, lp):
     """l_ap = logaddexp(0, z), z = L_a - s cos(acos S_ap - m); L_a = -inf (no negative) gives 0."""
-    return torch.logaddexp(torch.zeros_like(u), row_lse - scale * torch.cos(torch.acos(u) - margin_rad))
+    return torch.logaddexp(torch.zeros_like(u), row_lse - scale * torch.cos(_Acos.apply(u) - margin_rad))
 
 
 def tuplet_pair_term_grad(u, row_lse, col_stat, same_index, scale, margin_rad, lp):

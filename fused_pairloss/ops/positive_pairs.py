@@ -127,9 +127,9 @@ def positive_pair_rows_backward(grad: torch.Tensor, q: torch.Tensor, r: torch.Te
         u = _pair_u(a, b, lp) if u_all is None else u_all[k0:k0 + CHUNK_PAIRS]
         du, d_row, d_col = PAIR_TERMS[term][1](u, row_k, col_k, ri == ci, p0, p1, lp)
         gk = g[ri]
-        g_row.index_add_(0, ri, gk * d_row)
-        g_col.index_add_(0, ci, gk * d_col)
-        gu = gk * du
+        g_row.index_add_(0, ri, _times(gk, d_row))
+        g_col.index_add_(0, ci, _times(gk, d_col))
+        gu = _times(gk, du)
         if lp:  # d|a - b| / da = (a - b) / d, 0 at d = 0
             gu = torch.where(u > 0, gu / torch.where(u > 0, u, torch.ones_like(u)), torch.zeros_like(u))
             gq.index_add_(0, ri, gu[:, None] * (a - b))
@@ -139,6 +139,12 @@ def positive_pair_rows_backward(grad: torch.Tensor, q: torch.Tensor, r: torch.Te
             gr.index_add_(0, ci, gu[:, None] * a)
     return [o.to(t.dtype) if need else q.new_empty((0,))
             for o, t, need in zip((gq, gr, g_row, g_col), (q, r, row_stat, col_stat), needs)]
+
+
+def _times(g, d):
+    """g d, 0 where g is 0: a row whose loss is not used (PML's few-pairs rule: a constant zero)
+    gets no gradient, even from a pair whose partial is infinite (TupletMargin's acos at S = 1)."""
+    return torch.where(g == 0, torch.zeros_like(d), g * d)
 
 
 @positive_pair_rows_backward.register_fake
