@@ -17,7 +17,7 @@ import torch
 
 from . import _validation as V
 from ._distributed import FUSED_PAIR_CALLS, DistributedBatch, agreed_layout, fused_pair_plan
-from .losses._base import _distance_name, _has_short_row, pml_base
+from .losses._base import _collect_stats, _distance_name, _has_short_row, _on_device_of, pml_base
 from .losses.triplet_margin import TripletMarginLoss, all_triplet_distance_means, miner_triplet_counts
 from .ops._common import LOCAL, zero_loss
 from .ops.stats import MinedBy
@@ -190,8 +190,10 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
         self.miner = miner
         self.embedding_size = embedding_size
         self.memory_size = memory_size
-        self.collect_stats = collect_stats
+        self.collect_stats = _collect_stats(collect_stats)  # PML's: None is its global default
         self.reset_queue()
+        # PML's record-keeping attributes (ModuleWithRecords), which record-keeper reads
+        self._record_these = ["embedding_size", "memory_size", "queue_idx"]
 
     @staticmethod
     def supported_losses():
@@ -317,7 +319,8 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
-        labels = V.integral_labels(labels)  # PML takes float / bool labels too
+        # PML takes float / bool labels too, and moves them to the embeddings' device
+        labels = _on_device_of(V.integral_labels(labels), embeddings)
         self._check(embeddings, labels, indices_tuple, enqueue_mask)
         self._place(embeddings, labels)
         plan = self._plan(indices_tuple, embeddings.device)
@@ -405,7 +408,7 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
         # step's write into the buffer does not touch a tensor saved for this step's backward
         loss = fn(embeddings, labels, E_mem.detach(), L_mem.clone(), exclude_col=excl, batch=batch, **hyper)
         if isinstance(backend, MinedBy):  # NaN in, NaN out also through the miner's comparisons
-            loss = loss + zero_loss(embeddings) + zero_loss(E_mem.detach())
+            loss = (loss + zero_loss(embeddings) + zero_loss(E_mem.detach())).to(loss.dtype)
         return loss
 
     def _forward_distributed(self, embeddings, labels, indices_tuple=None, enqueue_mask=None, group=None):
@@ -413,7 +416,7 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
         every rank enqueues the gathered batch in rank order (the same memory everywhere) and
         computes its own query rows against the memory; the loss's batch reductions all-reduce."""
         try:
-            labels = V.integral_labels(labels)
+            labels = _on_device_of(V.integral_labels(labels), embeddings)
             self._check(embeddings, labels, indices_tuple, enqueue_mask, rows_to_queue=0, allow_empty=True)
             error = None
         except (ValueError, TypeError) as e:  # raised after the other ranks learn of it (no hang)

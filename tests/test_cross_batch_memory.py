@@ -430,8 +430,6 @@ def test_validation():
         xbm(torch.randn(5, D + 1), y)
     with pytest.raises(ValueError, match="labels"):
         xbm(x, y[:4])
-    with pytest.raises(ValueError, match="labels must be on the device"):
-        xbm(x, y.to("meta"))
     with pytest.raises(ValueError, match="indices_tuple and enqueue_mask"):
         xbm(x, y, (y, y, y), torch.ones(5, dtype=torch.bool))
     with pytest.raises(ValueError, match="memory_size"):

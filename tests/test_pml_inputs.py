@@ -258,6 +258,9 @@ def test_labels_on_another_device_as_pml(name):
     arc, arc_pml = fpl.ArcFaceLoss(3, 6).cuda(), L.ArcFaceLoss(3, 6).cuda()
     arc_pml.load_state_dict(arc.state_dict())
     assert_same((arc(x, y),), (arc_pml(x, y),))
+    xbm, xbm_pml = (lib.CrossBatchMemory(lib.MultiSimilarityLoss(), 6, memory_size=32) for lib in (fpl, L))
+    for step in range(3):
+        assert_same((xbm(x + step, y),), (xbm_pml(x + step, y),))
 
 
 def test_a_learnable_hyper_parameter_is_refused_by_name():

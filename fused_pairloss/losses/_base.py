@@ -461,6 +461,7 @@ def pml_labels(embeddings, labels, ref_emb, ref_labels, takes_ref=True):
 
 
 def _on_device_of(labels, x):
+    """PML's c_f.to_device: the labels moved to the device of x."""
     if isinstance(labels, torch.Tensor) and isinstance(x, torch.Tensor) and labels.device != x.device:
         return labels.to(x.device)
     return labels
