@@ -212,7 +212,7 @@ def test_opcheck_all_four_ops():
 def test_bad_arguments():
     args = pair_case("ref", 6, 4, "few", torch.float32)
     terms, flags = PAIR_DECLS["ms"].pack()
-    with pytest.raises(RuntimeError, match="terms must have 18"):
+    with pytest.raises(RuntimeError, match="terms must have 19"):
         PAIR_FWD(*args, list(terms)[:8], flags)
     with pytest.raises(RuntimeError, match="unknown pair flag"):
         PAIR_FWD(*args, list(terms), flags | (1 << 14))
