@@ -185,6 +185,8 @@ PAIR_DECLARATIONS: Dict[str, PairLossSpec] = {
     "ms_lp_windows": dataclasses.replace(multi_similarity.declaration(2.0, 10.0, 0.5, distance="lp"),
                                          pos_window=(0.5, INF), neg_window=(-INF, 1.25)),
     "ntxent_windows": dataclasses.replace(ntxent.declaration(0.5), pos_window=(-INF, 0.75), neg_window=(-0.25, INF)),
+    # fp16's tiny (PML's under fp16), large enough to cap the worst positives' terms at this temperature
+    "ntxent_tiny": ntxent.declaration(0.125, similarity_dtype=torch.float16),
 }
 
 # declarations with histograms (PairLossSpec.histogram), apart from the table above: their value

@@ -45,7 +45,7 @@ constexpr int64_t kPairFlagMask = (int64_t(1) << 14) - 1;
 // terms = [pos.scale, pos.shift, pos.weight_offset, pos.weight_slope,
 //          neg.scale, neg.shift, neg.weight_offset, neg.weight_slope, miner_epsilon,
 //          pos.sum_temperature, neg.sum_temperature, hist_nodes, hist_lo, hist_inv_width,
-//          pos_window_lo, pos_window_hi, neg_window_lo, neg_window_hi]
+//          pos_window_lo, pos_window_hi, neg_window_lo, neg_window_hi, ntx_tiny]
 // kKeepWindows: a pair of a set is kept only where window_lo < v < window_hi (strict; a NaN v is in
 // no window, as PML's comparisons drop it; +-inf for an open side). PML's PairMarginMiner, whose
 // thresholds depend on nothing but the pair, so the windows need no extra walk.

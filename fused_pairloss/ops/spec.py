@@ -343,7 +343,8 @@ def unpack_pair(terms, flags: int) -> PairLossSpec:
                         exclude_after_mining=bool(flags & EXCLUDE_AFTER_MINING),
                         miner_on_cosine=bool(flags & MINE_ON_COSINE), histogram=histogram,
                         pos_window=tuple(terms[14:16]) if flags & KEEP_WINDOWS else None,
-                        neg_window=tuple(terms[16:18]) if flags & KEEP_WINDOWS else None)
+                        neg_window=tuple(terms[16:18]) if flags & KEEP_WINDOWS else None,
+                        ntx_tiny=terms[18] or None)
 
 
 def unpack_class(terms, flags: int, centers_per_class: int) -> ClassLossSpec:
