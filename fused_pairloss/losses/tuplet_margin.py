@@ -57,7 +57,9 @@ class _Acos(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (u,) = ctx.saved_tensors
-        return torch.where(grad == 0, torch.zeros_like(grad), -grad / torch.sqrt(1 - u * u))
+        unused = grad == 0  # both branches are in the graph (create_graph): the unused one stays finite
+        return torch.where(unused, torch.zeros_like(grad),
+                           -grad / torch.sqrt(torch.where(unused, torch.ones_like(u), 1 - u * u)))
 
 
 def tuplet_pair_term(u, row_lse, col_stat, same_index, scale, margin_rad, lp):
