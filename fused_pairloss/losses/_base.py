@@ -59,6 +59,13 @@ def _distance_name(distance):
     return None
 
 
+def _copy_records(module, pml):
+    """PML's record-keeping list (ModuleWithRecords._record_these: the hyper-parameters record-keeper
+    logs) from the PML instance of the same arguments."""
+    if hasattr(pml, "_record_these"):
+        module._record_these = list(pml._record_these)
+
+
 def _is_pml_cosine(distance):
     """PML's assert_distance_type(loss, CosineSimilarity): any CosineSimilarity, subclasses and other
     settings (power, p) included; those other than _distance_name's "cosine" PML computes."""
@@ -74,6 +81,8 @@ def _has_short_row(*xs):
     one that overflows the dtype (inf: F.normalize divides the row by it, to zeros): normalized, it is
     not a unit row (an all-zero row stays zero)."""
     def short(x):
+        if x.device.type == "meta":  # shapes only: no values to look at
+            return False
         norm = torch.linalg.vector_norm(x.detach(), dim=1)
         return bool(((norm <= 1e-12) | torch.isinf(norm)).any())
     return any(short(x) for x in xs if x is not None)
@@ -202,6 +211,7 @@ class _PmlFallback:
         self._distance_kind = None
         _set_pml_object(self, "distance", pml.distance)  # PML's objects, PML's computation
         _set_pml_object(self, "reducer", pml.reducer)
+        _copy_records(self, pml)
 
     def _pml_fallback_kwargs(self, kwargs):
         """The keyword arguments of PML's class that computes this loss on a fallback: the user's
@@ -224,6 +234,7 @@ class _PmlFallback:
                 warnings.simplefilter("ignore")
                 twin = getattr(pml_losses, name)(*pml_args, **(pml_kwargs or {}), **kwargs)
             distance, reducer = twin.distance, twin.reducer
+            _copy_records(self, twin)
         else:  # class losses: PML's defaults without building a W of C x D just for this
             pml_cls = getattr(pml_losses, name, None)
             distance = kwargs.get("distance") or (pml_distances.CosineSimilarity() if pml_cls is None

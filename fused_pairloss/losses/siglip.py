@@ -142,7 +142,7 @@ def check_dist_impl(dist_impl):
 
 class SigLipLoss(torch.nn.Module):
     """Drop-in for open_clip.loss.SigLipLoss (open_clip 3.3): the same constructor arguments and
-    forward signature (logit_bias required); `backend` picks the computation ("reference":
+    forward signature (logit_bias=None: no bias); `backend` picks the computation ("reference":
     open_clip's materializing math). chunk_size (newer open_clip's chunked local loss, a memory
     setting) is accepted and has no effect: the fused path is always chunked. The loss builds no
     label tensor; open_clip's `get_ground_truth`, `get_logits` and `_loss` are there for code that
