@@ -454,3 +454,29 @@ def test_tuplet_margin_few_pairs_zero_has_a_zero_gradient(how, dtype):
     (a, ga), (p, gp) = results
     assert float(a) == float(p) == 0.0
     assert torch.equal(ga, gp) and not ga.any()
+
+
+# ---- SNR: positives that are exact copies of the row (PML's d exactly 0, uncounted) -------------------
+@DTYPES
+@pytest.mark.parametrize("how", ["ref_clone", "duplicated_rows", "memory_twice"])
+def test_snr_exact_copies_are_not_counted_as_pml(how, dtype):
+    x = rows(12, 8, 31, dtype=dtype)
+    y = labels(0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2)
+    if how == "duplicated_rows":
+        x[5], x[9] = x[2], x[0]
+        y[5], y[9] = y[2], y[0]
+    if how == "memory_twice":  # the same batch enqueued twice: each query's copy from the step before
+        vals = []
+        for lib in (fpl, pml_losses):
+            memory = lib.CrossBatchMemory(lib.SignalToNoiseRatioContrastiveLoss(), 8, memory_size=64)
+            memory(x, y)
+            xx = x.clone().requires_grad_(True)
+            value = memory(xx, y)
+            vals.append((value, torch.autograd.grad(value, xx)[0]))
+        (a, ga), (b, gb) = vals
+        check_close(a, b, b, what="value", dtype=dtype)
+        check_close(ga, gb, gb, what="grad", dtype=dtype)
+        return
+    args = (x, y, None, x.clone(), y.clone()) if how == "ref_clone" else (x, y)
+    check_against_pml(fpl.SignalToNoiseRatioContrastiveLoss(), pml_losses.SignalToNoiseRatioContrastiveLoss(),
+                      args, dtype)

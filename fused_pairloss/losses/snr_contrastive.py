@@ -14,7 +14,9 @@ declaration, its shifts less the 1, on u . v (the "cosine" kind: a plain dot pro
 even for the batch itself (d is not symmetric), and autograd takes the gradient back through u and
 v (and through the centering, which makes the dropped coordinate's share exact).
 The dot product cancels near d = 0 (about the dtype's epsilon, absolute), where PML's difference of
-rows does not: docs/semantics.md.
+rows does not: docs/semantics.md. With pos_margin = 0, PML counts the positives with d > 0, which
+are all but a row's exact copies (d exactly 0 in PML): that count (`exact_copy_counts`, from
+hashes of the rows' bits) replaces the engine's, whose d at a copy is rounding noise.
 A constant query row (all-zero, or all its entries equal: n_i is 0 or the rounding of its mean) has
 PML's d_ij = var(x_i - r_j) / var(x_i) = inf (NaN against a constant column: 0 / 0, which PML's
 reducer drops), which 1 / n_i does not reproduce (its terms come out NaN, which the engine's hinge
@@ -132,7 +134,46 @@ def snr_contrastive_fused(embeddings, labels, ref_emb, ref_labels, *, pos_margin
                        else torch.full((labels_q.shape[0],), -1, dtype=torch.int64, device=embeddings.device))
     u, v = snr_operands(embeddings, ref)
     st = pair_stats(u, v, labels_q, labels_r, exclude_col, declaration(pos_margin, neg_margin), backend)
+    if float(pos_margin) == 0.0 and not isinstance(backend, ListedPairs) and not V._compiling():
+        # PML counts the positives with d > 0: all but the exact copies of the row (d exactly 0
+        # there, the dot product's rounding noise here, counted about half the time)
+        copies = exact_copy_counts(embeddings, ref, labels_q, labels_r, exclude_col)
+        st = st._replace(nonzero_pos=(st.count_pos - copies).to(st.nonzero_pos.dtype))
     return nan_in_nan_out(combine(st, embeddings, batch=batch), embeddings, ref_emb)
+
+
+_INT_OF = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+           torch.bfloat16: torch.int16}
+
+
+def _row_keys(x):
+    """Two 64-bit hashes of each row's bits (random odd weights, sums wrapping around): a row and
+    its bitwise copy share them, other rows with probability about 2^-128. -0.0 reads as 0.0."""
+    bits = (x.detach() + 0.0).contiguous().view(_INT_OF[x.dtype]).to(torch.int64)
+    g = torch.Generator().manual_seed(0x5EED)
+    weights = (torch.randint(-2 ** 62, 2 ** 62, (2, x.shape[1]), generator=g, dtype=torch.int64) | 1).to(x.device)
+    return [(bits * w).sum(1) for w in weights]
+
+
+def exact_copy_counts(embeddings, ref, labels_q, labels_r, exclude_col):
+    """Per query row, its positives (same label, not the excluded column) whose normalized row is a
+    bitwise copy of its own: PML's var(x_i - r_j) is exactly 0 there. O((N + M) D), no N x M."""
+    q = normalize(embeddings.detach())
+    n = q.shape[0]
+    keys_q = torch.stack([*_row_keys(q), labels_q.to(torch.int64)], 1)
+    if ref is embeddings and labels_r is labels_q:
+        keys_r = keys_q
+    else:
+        r = q if ref is embeddings else normalize(ref.detach())
+        keys_r = torch.stack([*_row_keys(r), labels_r.to(device=q.device, dtype=torch.int64)], 1)
+    keys = torch.cat([keys_q, keys_r])
+    group = torch.unique(keys, dim=0, return_inverse=True)[1]
+    group_q, group_r = group[:n], group[n:]
+    copies = torch.bincount(group_r, minlength=int(group.max()) + 1 if group.numel() else 0)[group_q]
+    if exclude_col is not None:  # the excluded column is no pair
+        excluded = (exclude_col >= 0) & (group_r[exclude_col.clamp(min=0)] == group_q)
+        copies = copies - excluded.to(copies.dtype)
+    return copies
 
 
 def signal_to_noise_ratio_contrastive_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_margin=0.0,
