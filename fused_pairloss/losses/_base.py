@@ -66,14 +66,16 @@ def _copy_records(module, pml):
         module._record_these = list(pml._record_these)
 
 
-def _is_pml_cosine(distance):
-    """PML's assert_distance_type(loss, CosineSimilarity): any CosineSimilarity, subclasses and other
-    settings (power, p) included; those other than _distance_name's "cosine" PML computes."""
+def _is_pml_cosine(distance, name):
+    """PML's assert_distance_type(loss, CosineSimilarity) for PML's class `name`: any
+    CosineSimilarity, subclasses and other settings (power, p) included; those other than
+    _distance_name's "cosine" PML computes. False where PML has no such class."""
     try:
+        from pytorch_metric_learning import losses as pml_losses
         from pytorch_metric_learning.distances import CosineSimilarity
     except ImportError:
         return False
-    return isinstance(distance, CosineSimilarity)
+    return isinstance(distance, CosineSimilarity) and hasattr(pml_losses, name)
 
 
 def _has_short_row(*xs):
@@ -183,7 +185,7 @@ class _PmlFallback:
         name = type(self).__name__
         distance = kwargs.get("distance")
         if self._cosine_only and distance is not None and _distance_name(distance) != "cosine" and not (
-                _is_pml_cosine(distance) or self._inverted_only and getattr(distance, "is_inverted", False)):
+                _is_pml_cosine(distance, name) or self._inverted_only and getattr(distance, "is_inverted", False)):
             what = "a similarity (is_inverted)" if self._inverted_only else "CosineSimilarity()"
             raise ValueError(f"{name}: distance must be {what} (as in PML); got {distance!r}")
         fused = self._default_distance if distance is None else self._kind_of(distance)
