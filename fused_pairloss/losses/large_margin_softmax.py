@@ -159,17 +159,17 @@ def _run(embeddings, labels, W, *, margin, scale, backend, sphereface):
     check_margin(margin)
     V.check_positive("scale", scale)
     reference_fn = sphereface_reference if sphereface else large_margin_softmax_reference
-    if _has_short_row_outside_compile(embeddings, backend):
+    resolve_backend(backend, embeddings.device)  # a bad backend is an error with short rows too
+    if _has_short_row_outside_compile(embeddings):
         backend = "reference"
     return run_class_loss(reference_fn, functools.partial(large_margin_fused, sphereface=sphereface), embeddings,
                           labels, W, backend, margin=margin, scale=scale)
 
 
-def _has_short_row_outside_compile(embeddings, backend):
+def _has_short_row_outside_compile(embeddings):
     """A row of norm <= 1e-12 (or overflowing): PML's cosine is that of F.normalize's row, which is
     no unit row, and the engine's target cosine x . w / (|x| |w|) is not it; such a batch is the
     reference's (N x C: a degenerate input). While torch.compile traces, no sync to look."""
-    resolve_backend(backend, embeddings.device)  # a bad backend is an error here too
     return not V._compiling() and _has_short_row(embeddings)
 
 
@@ -223,7 +223,7 @@ class LargeMarginSoftmaxLoss(_ClassLoss):
     def _fused_with_weights(self, embeddings, labels, indices_tuple, W):
         """PML's miner weights (O(#indices)) on the fused rows."""
         backend = resolve_backend(self.backend, embeddings.device)
-        if backend == "reference" or _has_short_row_outside_compile(embeddings, backend):
+        if backend == "reference" or _has_short_row_outside_compile(embeddings):
             return None
         V.check_centers(embeddings, labels, W, 1, name="W")
         labels = torch.as_tensor(labels, device=embeddings.device)

@@ -27,6 +27,8 @@ the size 1 / eps^2, not PML's inf (docs/semantics.md).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import _validation as V
@@ -146,13 +148,18 @@ _INT_OF = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16
            torch.bfloat16: torch.int16}
 
 
+@functools.lru_cache(maxsize=16)
+def _hash_weights(width, device):
+    """Two rows of random odd int64 weights (a fixed seed), made once per width and device."""
+    g = torch.Generator().manual_seed(0x5EED)
+    return (torch.randint(-2 ** 62, 2 ** 62, (2, width), generator=g, dtype=torch.int64) | 1).to(device)
+
+
 def _row_keys(x):
     """Two 64-bit hashes of each row's bits (random odd weights, sums wrapping around): a row and
     its bitwise copy share them, other rows with probability about 2^-128. -0.0 reads as 0.0."""
     bits = (x.detach() + 0.0).contiguous().view(_INT_OF[x.dtype]).to(torch.int64)
-    g = torch.Generator().manual_seed(0x5EED)
-    weights = (torch.randint(-2 ** 62, 2 ** 62, (2, x.shape[1]), generator=g, dtype=torch.int64) | 1).to(x.device)
-    return [(bits * w).sum(1) for w in weights]
+    return [(bits * w).sum(1) for w in _hash_weights(x.shape[1], x.device)]
 
 
 def exact_copy_counts(embeddings, ref, labels_q, labels_r, exclude_col):
@@ -160,13 +167,10 @@ def exact_copy_counts(embeddings, ref, labels_q, labels_r, exclude_col):
     bitwise copy of its own: PML's var(x_i - r_j) is exactly 0 there. O((N + M) D), no N x M."""
     q = normalize(embeddings.detach())
     n = q.shape[0]
-    keys_q = torch.stack([*_row_keys(q), labels_q.to(torch.int64)], 1)
-    if ref is embeddings and labels_r is labels_q:
-        keys_r = keys_q
-    else:
-        r = q if ref is embeddings else normalize(ref.detach())
-        keys_r = torch.stack([*_row_keys(r), labels_r.to(device=q.device, dtype=torch.int64)], 1)
-    keys = torch.cat([keys_q, keys_r])
+    hashes_q = _row_keys(q)
+    hashes_r = hashes_q if ref is embeddings else _row_keys(normalize(ref.detach()))
+    keys = torch.cat([torch.stack([*hashes_q, labels_q.to(torch.int64)], 1),
+                      torch.stack([*hashes_r, labels_r.to(device=q.device, dtype=torch.int64)], 1)])
     group = torch.unique(keys, dim=0, return_inverse=True)[1]
     group_q, group_r = group[:n], group[n:]
     copies = torch.bincount(group_r, minlength=int(group.max()) + 1 if group.numel() else 0)[group_q]
