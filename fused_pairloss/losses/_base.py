@@ -66,6 +66,27 @@ def _copy_records(module, pml):
         module._record_these = list(pml._record_these)
 
 
+def _class_records(pml_cls, pml_args, pml_kwargs, kwargs):
+    """PML's `_record_these` of a class loss (the names its record-keeper logs), from PML's own
+    construction on the meta device, its weight of C x D never allocated; where PML's constructor
+    needs real values (LargeMarginSoftmax's binomials), from a construction with 2 classes of width 2
+    (the names do not depend on the sizes). None where PML has no such class or cannot build it."""
+    if pml_cls is None:
+        return None
+    small_args = tuple(min(a, 2) if type(a) is int else a for a in pml_args)
+    small_kwargs = {k: min(v, 2) if k in ("num_classes", "embedding_size") else v
+                    for k, v in (pml_kwargs or {}).items()}
+    for device, args, pkwargs in (("meta", pml_args, pml_kwargs or {}), ("cpu", small_args, small_kwargs)):
+        try:
+            with warnings.catch_warnings(), torch.device(device):
+                warnings.simplefilter("ignore")
+                twin = pml_cls(*args, **pkwargs, **kwargs)
+        except Exception:  # noqa: BLE001, S112 - the records are a courtesy to PML's record-keeper
+            continue
+        return list(twin._record_these) if hasattr(twin, "_record_these") else None
+    return None
+
+
 def _is_pml_cosine(distance, name):
     """PML's assert_distance_type(loss, CosineSimilarity) for PML's class `name`: any
     CosineSimilarity, subclasses and other settings (power, p) included; those other than
@@ -242,6 +263,9 @@ class _PmlFallback:
             distance = kwargs.get("distance") or (pml_distances.CosineSimilarity() if pml_cls is None
                                                   else pml_cls.get_default_distance(None))
             reducer = _pml_default_reducer(pml_cls)
+            records = _class_records(pml_cls, pml_args, pml_kwargs, kwargs)
+            if records is not None:
+                self._record_these = records
         _set_pml_object(self, "distance", distance)
         _set_pml_object(self, "reducer", reducer)
 
