@@ -458,11 +458,13 @@ def test_tuplet_margin_few_pairs_zero_has_a_zero_gradient(how, dtype):
 
 # ---- SNR: positives that are exact copies of the row (PML's d exactly 0, uncounted) -------------------
 @DTYPES
-@pytest.mark.parametrize("how", ["ref_clone", "duplicated_rows", "memory_twice"])
+@pytest.mark.parametrize("how", ["ref_clone", "duplicated_rows", "memory_twice", "listed_duplicates",
+                                 "listed_ref_clone"])
 def test_snr_exact_copies_are_not_counted_as_pml(how, dtype):
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
     x = rows(12, 8, 31, dtype=dtype)
     y = labels(0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2)
-    if how == "duplicated_rows":
+    if how in ("duplicated_rows", "listed_duplicates"):
         x[5], x[9] = x[2], x[0]
         y[5], y[9] = y[2], y[0]
     if how == "memory_twice":  # the same batch enqueued twice: each query's copy from the step before
@@ -477,6 +479,11 @@ def test_snr_exact_copies_are_not_counted_as_pml(how, dtype):
         check_close(a, b, b, what="value", dtype=dtype)
         check_close(ga, gb, gb, what="grad", dtype=dtype)
         return
-    args = (x, y, None, x.clone(), y.clone()) if how == "ref_clone" else (x, y)
+    if how == "listed_duplicates":  # every pair listed: (a, p) of copies among them
+        args = (x, y, lmu.get_all_pairs_indices(y))
+    elif how == "listed_ref_clone":  # every pair of the batch against its copy, (i, i) included
+        args = (x, y, lmu.get_all_pairs_indices(y, y), x.clone(), y.clone())
+    else:
+        args = (x, y, None, x.clone(), y.clone()) if how == "ref_clone" else (x, y)
     check_against_pml(fpl.SignalToNoiseRatioContrastiveLoss(), pml_losses.SignalToNoiseRatioContrastiveLoss(),
                       args, dtype)

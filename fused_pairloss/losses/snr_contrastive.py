@@ -231,24 +231,34 @@ class SignalToNoiseRatioContrastiveLoss(_PairLoss):
         return signal_to_noise_ratio_contrastive_loss
 
     def _fused_with_listed_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        if (self.pos_margin >= 0 and (ref_emb is None or ref_emb is embeddings)
-                and isinstance(indices_tuple, (tuple, list)) and len(indices_tuple) in (3, 4)):
-            indices_tuple = without_own_row_positives(indices_tuple)
+        if (self.pos_margin >= 0 and isinstance(indices_tuple, (tuple, list)) and len(indices_tuple) in (3, 4)
+                and not V._compiling()):
+            indices_tuple = without_copied_positives(indices_tuple, embeddings,
+                                                     embeddings if ref_emb is None else ref_emb)
         return super()._fused_with_listed_pairs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
 
-def without_own_row_positives(indices_tuple):
+def without_copied_positives(indices_tuple, embeddings, ref):
     """A listed tuple (PML's convert_to_pairs: a triplet's (a, p) and (a, n)) without its positive
-    pairs (i, i) of a row against itself: PML's d_ii is exactly 0, so with pos_margin >= 0 such a
-    pair adds no term and is not counted, where the dot product's d_ii is 0 only to rounding. Kept
-    where leaving them out would trigger PML's too-few-pairs rule (every list of at most one)."""
+    pairs (a, p) whose normalized rows are bitwise copies (a row against itself included): PML's
+    d_ap is exactly 0 there, so with pos_margin >= 0 such a pair adds no term and is not counted,
+    where the dot product's d_ap is 0 only to rounding. Compared through the rows' hashes: O((N +
+    M) D + #pairs). Kept where leaving them out would trigger PML's too-few-pairs rule (every list
+    of at most one)."""
     a1, p, a2, n = indices_tuple if len(indices_tuple) == 4 else (indices_tuple[0], indices_tuple[1],
                                                                   indices_tuple[0], indices_tuple[2])
-    a1, p = torch.as_tensor(a1), torch.as_tensor(p)
-    own = a1 == p
-    if not bool(own.any()):
+    device = embeddings.device
+    a1, p = torch.as_tensor(a1, device=device), torch.as_tensor(p, device=device)
+    if a1.numel() == 0:
         return indices_tuple
-    kept = (a1[~own], p[~own], a2, n)
+    q = normalize(embeddings.detach())
+    keys_q = torch.stack(_row_keys(q), 1)
+    keys_r = keys_q if ref is embeddings else torch.stack(_row_keys(normalize(ref.detach())), 1)
+    finite = torch.isfinite(q).all(1)[a1]  # a NaN row's pairs stay: NaN in, NaN out
+    copied = (keys_q[a1] == keys_r[p]).all(1) & finite
+    if not bool(copied.any()):
+        return indices_tuple
+    kept = (a1[~copied], p[~copied], a2, n)
     if all(len(x) <= 1 for x in kept) and not all(len(x) <= 1 for x in (a1, p, a2, n)):
         return indices_tuple
     return kept
