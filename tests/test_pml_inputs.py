@@ -244,6 +244,63 @@ def test_soft_triple_takes_any_similarity_as_pml():
         fpl.SoftTripleLoss(3, 6, distance=LpDistance())
 
 
+AUTOCAST_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", AUTOCAST_DEVICES)
+@pytest.mark.parametrize("cls_name", [n for n in REGISTRY if REGISTRY[n].kind == "pair" and REGISTRY[n].in_pml])
+def test_pair_loss_dtype_under_autocast_is_pmls(cls_name, device):
+    """Half-precision inputs under either half type's autocast: the module's value has the dtype of
+    PML's (asked of PML's class on the device: CUDA's autocast runs exp, log and sum in fp32, the
+    CPU's not), wherever PML runs."""
+    g = torch.Generator().manual_seed(17)
+    x, y = torch.randn(16, 8, generator=g).to(device), (torch.arange(16) // 4).to(device)
+    kw = dict(margin=0.4, Tn=2.0) if cls_name == "RankedListLoss" else {}
+    checked = 0
+    for in_dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for autocast_dtype in (torch.bfloat16, torch.float16):
+            ours, pml = getattr(fpl.losses, cls_name)(**kw).to(device), getattr(L, cls_name)(**kw).to(device)
+            with torch.autocast(device, dtype=autocast_dtype), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    pml_value = pml(x.to(in_dtype), y)
+                except Exception:  # noqa: BLE001 - PML refuses some (cdist in bf16, ...)
+                    continue
+                assert ours(x.to(in_dtype), y).dtype == pml_value.dtype, (in_dtype, autocast_dtype)
+                checked += 1
+    assert checked >= 2
+
+
+@pytest.mark.parametrize("device", AUTOCAST_DEVICES)
+@pytest.mark.parametrize("cls_name", [n for n in REGISTRY if REGISTRY[n].kind == "class" and REGISTRY[n].in_pml])
+def test_class_loss_dtype_under_autocast_is_pmls(cls_name, device):
+    """PML's cross-entropy (MSE for P2SGrad) runs in fp32 under autocast: the value is fp32 for
+    half-precision inputs, ProxyAnchor's and (fp16) ProxyNCA's stay in the input dtype; the
+    module's value has PML's dtype in every case PML runs, and the random state after construction
+    is PML's."""
+    x, y = (t.to(device) for t in batch(16))
+    checked = 0
+    for in_dtype in (torch.bfloat16, torch.float16):
+        for autocast_dtype in (torch.bfloat16, torch.float16):
+            ours, pml = (m.to(device) for m in _constructed(cls_name))
+            pml.load_state_dict(ours.state_dict())
+            with torch.autocast(device, dtype=autocast_dtype), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    pml_value = pml(x.to(in_dtype), y)
+                except Exception:  # noqa: BLE001 - PML refuses some half-precision weights (P2SGrad's unit check)
+                    continue
+                assert ours(x.to(in_dtype), y).dtype == pml_value.dtype, (in_dtype, autocast_dtype)
+                checked += 1
+    assert checked >= 2
+    torch.manual_seed(5)
+    getattr(fpl.losses, cls_name)(**REGISTRY[cls_name].size_kwargs(3, 6))
+    after_ours = torch.rand(3)
+    torch.manual_seed(5)
+    getattr(L, cls_name)(**REGISTRY[cls_name].size_kwargs(3, 6))
+    assert torch.equal(after_ours, torch.rand(3))
+
+
 @pytest.mark.parametrize("cls_name", [n for n in REGISTRY if REGISTRY[n].kind in ("pair", "class")])
 def test_modules_pickle(cls_name):
     """torch.save of a whole module (its attributes: PML's objects, the init function) works."""

@@ -66,25 +66,71 @@ def _copy_records(module, pml):
         module._record_these = list(pml._record_these)
 
 
-def _class_records(pml_cls, pml_args, pml_kwargs, kwargs):
-    """PML's `_record_these` of a class loss (the names its record-keeper logs), from PML's own
-    construction on the meta device, its weight of C x D never allocated; where PML's constructor
-    needs real values (LargeMarginSoftmax's binomials), from a construction with 2 classes of width 2
-    (the names do not depend on the sizes). None where PML has no such class or cannot build it."""
-    if pml_cls is None:
+def _small_pml_class_loss(cls, kwargs=None):
+    """PML's class of the class loss `cls` built with 2 classes of width 2 (and the given PML keyword
+    arguments): what PML's construction says without a C x D weight; its random init runs on a
+    forked random state, so the caller's stays where PML's constructor would leave it. None where
+    PML lacks the class or refuses the arguments at that size."""
+    entry = next((e for e in getattr(sys.modules.get(cls.__module__), "ENTRIES", ()) if e.cls is cls), None)
+    try:
+        from pytorch_metric_learning import losses as pml_losses
+        pml_cls = getattr(pml_losses, cls.__name__)
+    except (ImportError, AttributeError):
         return None
-    small_args = tuple(min(a, 2) if type(a) is int else a for a in pml_args)
-    small_kwargs = {k: min(v, 2) if k in ("num_classes", "embedding_size") else v
-                    for k, v in (pml_kwargs or {}).items()}
-    for device, args, pkwargs in (("meta", pml_args, pml_kwargs or {}), ("cpu", small_args, small_kwargs)):
-        try:
-            with warnings.catch_warnings(), torch.device(device):
-                warnings.simplefilter("ignore")
-                twin = pml_cls(*args, **pkwargs, **kwargs)
-        except Exception:  # noqa: BLE001, S112 - the records are a courtesy to PML's record-keeper
-            continue
-        return list(twin._record_these) if hasattr(twin, "_record_these") else None
-    return None
+    if entry is None:
+        return None
+    try:
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+            warnings.simplefilter("ignore")
+            return pml_cls(**entry.size_kwargs(2, 2), **(kwargs or {}))
+    except Exception:  # noqa: BLE001 - a courtesy (records, the value's dtype): callers have a default
+        return None
+
+
+_CLASS_VALUE_DTYPES = {}  # (class, device type, input dtype, autocast dtype) -> PML's value dtype (None: unknown)
+
+
+def _probe_batch(dtype, device, width, classes):
+    """8 rows of `width`, labels 0 0 1 1 2 2 ... (mod classes), no two rows alike (no random draw)."""
+    x = torch.tensor([[(i * 7 + j * 3) % 11 - 5.0 for j in range(width)] for i in range(8)], dtype=dtype,
+                     device=device)
+    return x, torch.arange(8, device=device) // 2 % classes
+
+
+def _pml_value_dtype(cache, make_twin, embeddings, ours, width=4, classes=4):
+    """The dtype of PML's value for these embeddings under autocast: what PML's own class (from
+    make_twin) returns on this device type, probed once on a small batch and kept in `cache` by the
+    device type and dtypes. Which ops autocast runs in fp32 differs between devices (on CUDA exp, log and sum
+    do) and torch versions, so it is asked, not tabulated. `ours` without autocast, while
+    torch.compile traces (unless probed before), without PML, or where PML refuses the probe."""
+    device_type = embeddings.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return ours
+    key = (device_type, embeddings.dtype, torch.get_autocast_dtype(device_type))
+    if key not in cache:
+        if V._compiling():
+            return ours
+        twin = make_twin()
+        dtype = None
+        if twin is not None:
+            x, y = _probe_batch(embeddings.dtype, embeddings.device, width, classes)
+            try:
+                with torch.no_grad(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    dtype = twin.to(embeddings.device)(x, y).dtype
+            except Exception:  # noqa: BLE001, S110 - PML refuses this input: its dtype is not defined
+                pass
+        cache[key] = dtype
+    return cache[key] or ours
+
+
+def _small_class_twin_with_unit_columns(cls):
+    """_small_pml_class_loss with exact unit columns (PML's P2SGrad asserts them in every dtype)."""
+    twin = _small_pml_class_loss(cls)
+    for param in () if twin is None else twin.parameters():
+        if param.dim() == 2:
+            param.data = torch.eye(*param.shape, dtype=param.dtype)
+    return twin
 
 
 def _is_pml_cosine(distance, name):
@@ -226,7 +272,8 @@ class _PmlFallback:
         except ImportError as e:
             raise ValueError(f"{name}: {sorted(kwargs)} need pytorch-metric-learning (fused: distance in "
                              f"{list(self._distances)}, no reducer / regularizer arguments)") from e
-        pml = getattr(pml_losses, name)(*pml_args, **(pml_kwargs or {}), **self._pml_fallback_kwargs(kwargs))
+        with torch.random.fork_rng(devices=[]):  # its weight is replaced by ours: PML's random state is ours
+            pml = getattr(pml_losses, name)(*pml_args, **(pml_kwargs or {}), **self._pml_fallback_kwargs(kwargs))
         self._pml_reason = ", ".join(unfused)  # what the fallback warning names
         if param_name is not None:  # one parameter, the module's own (state_dicts stay PML's)
             setattr(pml, param_name, getattr(self, param_name))
@@ -258,14 +305,15 @@ class _PmlFallback:
                 twin = getattr(pml_losses, name)(*pml_args, **(pml_kwargs or {}), **kwargs)
             distance, reducer = twin.distance, twin.reducer
             _copy_records(self, twin)
+            object.__setattr__(self, "_pml_probe", twin)  # asked for its value's dtype under autocast
         else:  # class losses: PML's defaults without building a W of C x D just for this
             pml_cls = getattr(pml_losses, name, None)
             distance = kwargs.get("distance") or (pml_distances.CosineSimilarity() if pml_cls is None
                                                   else pml_cls.get_default_distance(None))
             reducer = _pml_default_reducer(pml_cls)
-            records = _class_records(pml_cls, pml_args, pml_kwargs, kwargs)
-            if records is not None:
-                self._record_these = records
+            twin = _small_pml_class_loss(type(self), kwargs)
+            if twin is not None and hasattr(twin, "_record_these"):  # the names PML's record-keeper logs
+                self._record_these = list(twin._record_these)
         _set_pml_object(self, "distance", distance)
         _set_pml_object(self, "reducer", reducer)
 
@@ -321,7 +369,10 @@ class _PairLoss(_PmlFallback, _LossBase):
             if ref_labels is not None:
                 V.check_labels(ref_labels, 0, "ref_labels", "ref_emb")
             return empty_batch_loss(embeddings, self._empty_ref_value)
-        return self._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        value = self._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        # PML's dtype under autocast, asked of this module's PML twin (its settings: softplus, ...)
+        return value.to(_pml_value_dtype(self.__dict__.setdefault("_value_dtypes", {}),
+                                         lambda: getattr(self, "_pml_probe", None), embeddings, value.dtype))
 
     def _forward(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         if self._labels_without_indices:
@@ -608,6 +659,13 @@ class _ClassLoss(_PmlFallback, _LossBase):
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         if self._pml is not None:
             return self._run_pml(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        value = self._fused_forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        cls = type(self)
+        return value.to(_pml_value_dtype(_CLASS_VALUE_DTYPES.setdefault(cls, {}),
+                                         lambda: _small_class_twin_with_unit_columns(cls),
+                                         embeddings, value.dtype, width=2, classes=2))  # PML's dtype under autocast
+
+    def _fused_forward(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         name = type(self).__name__
         if labels is None:
             raise ValueError(f"{name}: labels is required (a 1-D integer tensor of length N), as in PML")

@@ -29,7 +29,7 @@ def proxy_circle_reference(embeddings, labels, proxies, *, m=0.25, gamma=256.0):
     lp = -gamma * torch.relu(1 + m - sg[target]) * (sp - (1 - m))
     ln = gamma * torch.relu(sg + m) * (sim - m)
     lse_n = torch.logsumexp(ln.masked_fill(target, float("-inf")), dim=1)
-    # in the input dtype also under autocast (the matmul's dtype), as the fused value and PML's class losses
+    # in the input dtype also under autocast (the matmul's dtype), as the fused value (no PML class to follow)
     return F.softplus(lse_n + lp).mean().to(embeddings.dtype)
 
 

@@ -72,7 +72,14 @@ def snr_contrastive_reference(embeddings, labels, ref_emb=None, ref_labels=None,
 
 
 def snr_operands(embeddings, ref):
-    """(u, v) with 1 + u_i . v_j = d_ij (module docstring), D columns each, differentiable."""
+    """(u, v) with 1 + u_i . v_j = d_ij (module docstring), D columns each, differentiable; from the
+    inputs as given also under autocast (which would mix fp16 and bf16 for a half-precision input
+    under the other half type's autocast)."""
+    with torch.autocast(embeddings.device.type, enabled=False):
+        return _snr_operands(embeddings, ref)
+
+
+def _snr_operands(embeddings, ref):
     c = normalize(embeddings)
     c = c - c.mean(1, keepdim=True)
     n = (c * c).sum(1, keepdim=True)
