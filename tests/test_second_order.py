@@ -95,3 +95,33 @@ def test_backward_ops_refuse_to_be_differentiated(engine):
                                           rows.detach(), cols.detach(), 1, list(terms), flags, False)
     with pytest.raises(RuntimeError, match="not differentiable"):
         gq.sum().backward()
+
+
+@pytest.mark.parametrize("mode", ["self", "ref"])
+@pytest.mark.parametrize("cls_name,kwargs", [("MultiSimilarityLoss", {}), ("ContrastiveLoss", {}),
+                                             ("TripletMarginLoss", {}), ("NTXentLoss", {}),
+                                             ("MarginLoss", {})])
+def test_listed_pairs_second_order_matches_pml(cls_name, kwargs, mode):
+    """A miner's indices_tuple runs the listed-pairs path (ops/listed.py): its Hessian-vector
+    product is PML's, with autograd.grad(inputs=...) too (which skips nodes it does not need)."""
+    pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+    from pytorch_metric_learning import miners
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(12, 6, generator=g, dtype=torch.float64)
+    r = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    y, ry = torch.arange(12) % 3, torch.arange(10) % 3
+    v = torch.randn(12, 6, generator=g, dtype=torch.float64)
+    results = []
+    for lib in (fpl.losses, pml_losses):
+        xx = x.clone().requires_grad_(True)
+        tup = miners.MultiSimilarityMiner(0.1)(*((x, y) if mode == "self" else (x, y, r, ry)))
+        args = (xx, y, tup) if mode == "self" else (xx, y, tup, r, ry)
+        out = getattr(lib, cls_name)(**kwargs)(*args)
+        (grad,) = torch.autograd.grad(out, xx, create_graph=True)
+        (hv,) = torch.autograd.grad((grad * v).sum(), xx)
+        results.append((out, grad, hv))
+    (a, ga, ha), (b, gb, hb) = results
+    assert hb.abs().max() > 0
+    check_close(a, b, what="value")
+    check_close(ga, gb, what="grad")
+    check_close(ha, hb, what="H v")

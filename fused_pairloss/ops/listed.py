@@ -144,10 +144,11 @@ class _PairV(torch.autograd.Function):
         return v
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         q, r, rows, cols, v = ctx.saved_tensors
         need_q, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():  # create_graph: the same product from differentiable ops
+            return (*_pair_v_vjp(q, r, rows, cols, g, ctx.lp, need_q, need_r), None, None, None)
         gq = torch.zeros_like(q) if need_q else None
         gr = torch.zeros_like(r) if need_r else None
         if ctx.lp:  # dL/dd_ij = g; d/dq_i |q_i - r_j| = (q_i - r_j) / d: the weight g / d, 0 at d = 0
@@ -174,6 +175,23 @@ class _PairV(torch.autograd.Function):
             if need_r:
                 gr.index_add_(0, ci, db)
         return gq, gr, None, None, None
+
+
+def _pair_v_vjp(q, r, rows, cols, g, lp, need_q, need_r):
+    """_PairV's vector-Jacobian product as differentiable torch ops (for a second derivative):
+    the listed rows gathered at once, O(#pairs D) memory while create_graph is on."""
+    a, b = q[rows], r[cols]
+    if lp:  # the weight g / d, 0 at d = 0 (its gradient too: sqrt is never taken at 0)
+        diff = a - b
+        sq = (diff * diff).sum(1)
+        apart = sq > 0
+        w = torch.where(apart, g / torch.sqrt(torch.where(apart, sq, torch.ones_like(sq))), torch.zeros_like(g))
+        da, db = w[:, None] * diff, -w[:, None] * diff
+    else:
+        da, db = g[:, None] * b, g[:, None] * a
+    gq = torch.zeros_like(q).index_add(0, rows, da) if need_q else None
+    gr = torch.zeros_like(r).index_add(0, cols, db) if need_r else None
+    return gq, gr
 
 
 _ENGINE_VALUES_OP = None
