@@ -125,3 +125,53 @@ def test_listed_pairs_second_order_matches_pml(cls_name, kwargs, mode):
     check_close(a, b, what="value")
     check_close(ga, gb, what="grad")
     check_close(ha, hb, what="H v")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_rows_with_empty_mined_sets_have_finite_second_order(backend):
+    """MultiSimilarity's miner leaves rows 1 and 6 of this batch without pairs: their log-sum-exps
+    are -inf, where torch.logaddexp's second derivative is NaN; the row combinations' logaddexp
+    (ops/operands.py) keeps it finite, so H v is the reference's."""
+    loss = LOSSES["ms_mined"]
+    case = loss_case(loss, 8, 4, torch.float64, mode="self", seed=6)
+    val, grads, hv = hessian_vector_products(loss, case, backend)
+    ref_val, ref_grads, ref_hv = hessian_vector_products(loss, case, "reference")
+    assert torch.isfinite(hv[0]).all() and ref_hv[0].abs().max() > 0
+    check_close(hv[0], ref_hv[0], what="H v")
+
+
+def test_logaddexp_second_derivative_at_minus_infinity():
+    from fused_pairloss.ops.operands import logaddexp
+    a = torch.tensor([float("-inf"), 0.5, float("-inf"), float("nan")], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([0.3, float("-inf"), float("-inf"), 0.0], dtype=torch.float64, requires_grad=True)
+    out = logaddexp(a, b)
+    assert torch.equal(out[:3], torch.logaddexp(a, b).detach()[:3]) and torch.isnan(out[3])
+    ga, gb = torch.autograd.grad(out[:2].sum(), (a, b), create_graph=True)
+    assert ga.tolist()[:2] == [0.0, 1.0] and gb.tolist()[:2] == [1.0, 0.0]
+    second = torch.autograd.grad((ga + 2 * gb).sum(), (a, b))
+    assert all(torch.isfinite(s[:2]).all() for s in second)
+
+
+@pytest.mark.parametrize("which", ["embeddings", "ref_emb"])
+@pytest.mark.parametrize("cls_name", ["AngularLoss", "IntraPairVarianceLoss"])
+def test_second_order_when_only_one_input_requires_grad(cls_name, which):
+    """create_graph with only the embeddings or only ref_emb requiring grad: PML's H v (the
+    differentiable recomputation differentiates only what is asked of it)."""
+    pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(10, 5, generator=g, dtype=torch.float64)
+    r = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    y, ry = torch.arange(10) % 3, torch.arange(9) % 3
+    v = torch.randn(*(x.shape if which == "embeddings" else r.shape), generator=g, dtype=torch.float64)
+    results = []
+    for lib in (fpl.losses, pml_losses):
+        xx, rr = x.clone(), r.clone()
+        leaf = (xx if which == "embeddings" else rr).requires_grad_(True)
+        out = getattr(lib, cls_name)()(xx, y, None, rr, ry)
+        (grad,) = torch.autograd.grad(out, leaf, create_graph=True)
+        (hv,) = torch.autograd.grad((grad * v).sum(), leaf)
+        results.append((grad, hv))
+    (ga, ha), (gb, hb) = results
+    assert hb.abs().max() > 0
+    check_close(ga, gb, what="grad")
+    check_close(ha, hb, what="H v")

@@ -22,7 +22,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, normalize, zero_loss
+from ..ops._common import LOCAL, logaddexp, normalize, zero_loss
 from ..ops.operands import stat_dtype
 from ..ops.positive_pairs import label_positive_pairs
 from ..ops.spec import PairLossSpec, PairTerm
@@ -116,7 +116,7 @@ def angular_rows(q_hat: torch.Tensor, r_hat: torch.Tensor, r_raw: torch.Tensor, 
     for k0, k1 in _pair_chunks(rows.shape[0]):
         ri, ci = rows[k0:k1], cols[k0:k1]
         z = _chunk_forward(qa, rh, rr, labels_q, labels_r, ri, ci, c_neg, c_ap, backend)[3]
-        sums = _add_to_rows(sums, ri, ci, torch.logaddexp(torch.zeros_like(z), z), symmetric)
+        sums = _add_to_rows(sums, ri, ci, logaddexp(torch.zeros_like(z), z), symmetric)
     return sums
 
 
@@ -177,17 +177,25 @@ def _differentiable_sums(q_hat, r_hat, r_raw, labels_q, labels_r, exclude_col, c
         st = pair_stats(q_hat[ri] + r_hat[ci], r_raw, labels_q[ri], labels_r, torch.full_like(ri, -1),
                         declaration(c_neg), backend)
         z = st.lse_neg - c_ap * (q_hat[ri] * r_hat[ci]).sum(1).to(st.lse_neg.dtype)
-        sums = _add_to_rows(sums, ri, ci, torch.logaddexp(torch.zeros_like(z), z), symmetric)
+        sums = _add_to_rows(sums, ri, ci, logaddexp(torch.zeros_like(z), z), symmetric)
     return sums
 
 
 def _backward(ctx, grad):
     saved = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: a differentiable recomputation (second order)
-        inputs = [t.view_as(t) for t in saved[:3]]  # nodes of their own: r_hat may be q_hat itself
+        needs = ctx.needs_input_grad[:3]
+        # nodes of their own (r_hat may be q_hat itself); those no gradient is asked of stay constants
+        inputs = [t.view_as(t) if need else t.detach() for t, need in zip(saved[:3], needs)]
         sums = _differentiable_sums(*inputs, *saved[3:], *ctx.args)
-        gq, grh, grr = (torch.zeros_like(t) if g is None else g for g, t in zip(
-            torch.autograd.grad(sums, inputs, grad.to(sums.dtype), create_graph=True, allow_unused=True), inputs))
+        wanted = [t for t, need in zip(inputs, needs) if need]
+        grads = iter(torch.autograd.grad(sums, wanted, grad.to(sums.dtype), create_graph=True, allow_unused=True)
+                     if wanted else ())
+        out = []
+        for t, need in zip(inputs, needs):
+            g = next(grads) if need else None
+            out.append(None if not need else torch.zeros_like(t) if g is None else g)
+        gq, grh, grr = out
     else:
         gq, grh, grr = angular_rows_backward(grad.contiguous(), *saved, *ctx.args)
     return gq, grh, grr, None, None, None, None, None, None, None
@@ -258,7 +266,7 @@ def angular_listed(embeddings, labels, ref_emb, ref_labels, indices_tuple, *, al
         st = pair_stats(q_hat[ri] + r_hat[ci], ref, labels_q[ri], labels_r, torch.full_like(ri, -1),
                         declaration(c_neg), backend)
         z = st.lse_neg - c_ap * (q_hat[ri] * r_hat[ci]).sum(1)
-        total = total + torch.logaddexp(torch.zeros_like(z), z).sum()
+        total = total + logaddexp(torch.zeros_like(z), z).sum()
     return (total / a1.shape[0]).to(embeddings.dtype)
 
 

@@ -188,13 +188,16 @@ def _backward(ctx, grad_squares, grad_hinges):
     if grad_squares is None:
         return None, None, None, None, None, None, None, None, None, None
     if torch.is_grad_enabled():  # create_graph=True: a differentiable recomputation (second order)
-        inputs = [q.view_as(q), None if r is None else r.view_as(r), thresholds.view_as(thresholds)]
+        # nodes of their own; those no gradient is asked of (and a ref of None) stay out
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[5])
+        inputs = [None if t is None else t.view_as(t) if need else t.detach()
+                  for t, need in zip((q, r, thresholds), needs)]
         squares = _differentiable_squares(inputs[0], inputs[1], labels_q, labels_r, exclude_col, inputs[2], s_pos,
                                           s_neg, distance)
-        wanted = [t for t in inputs if t is not None]
+        wanted = [t for t, need in zip(inputs, needs) if t is not None and need]
         grads = iter(torch.autograd.grad(squares, wanted, grad_squares.to(squares.dtype), create_graph=True,
-                                         allow_unused=True))
-        gq, gr, gt = (None if t is None else next(grads) for t in inputs)
+                                         allow_unused=True) if wanted else ())
+        gq, gr, gt = (next(grads) if t is not None and need else None for t, need in zip(inputs, needs))
         return gq, gr, None, None, None, gt, None, None, None, None
     grad_squares = grad_squares.contiguous()
     grad_q, grad_r = pair_squared_hinges_backward(grad_squares, q, r, labels_q, labels_r, exclude_col, thresholds,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .. import _validation as V
 from .._backends import resolve_backend
 from ..ops import engines
-from ..ops._common import LOCAL, normalize
+from ..ops._common import LOCAL, logaddexp, normalize
 from ..ops.spec import ClassLossSpec, PairTerm
 from ..ops.stats import class_stats
 from ._base import _ClassLoss, _LossBase, _check_sizes, _like
@@ -133,7 +133,7 @@ def target_logit(kind, sim, *, scale, margin):
 
 def combine(st: engines.ClassStats, embeddings, *, kind, scale, margin, batch=LOCAL):
     z = target_logit(kind, st.target_sim, scale=scale, margin=margin)
-    return batch.mean(torch.logaddexp(st.lse_other, z) - z).to(embeddings.dtype)
+    return batch.mean(logaddexp(st.lse_other, z) - z).to(embeddings.dtype)
 
 
 def margin_softmax_fused(embeddings, labels, weights, *, kind, scale, margin, backend, sub_centers=1):

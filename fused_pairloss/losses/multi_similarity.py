@@ -12,7 +12,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, pair_operands, similarity_dtype, zero_loss
+from ..ops._common import LOCAL, logaddexp, pair_operands, similarity_dtype, zero_loss
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, run_pair_loss
@@ -63,7 +63,7 @@ def declaration(alpha, beta, base, miner_epsilon=None, distance="cosine", exclud
 def combine(st: engines.PairStats, embeddings, *, alpha, beta, mined, batch=LOCAL):
     zero = torch.zeros_like(st.lse_pos)
     # softplus(x) = log(1 + e^x) = logaddexp(x, 0); exact at -inf (empty set -> 0)
-    rows = torch.logaddexp(st.lse_pos, zero) / alpha + torch.logaddexp(st.lse_neg, zero) / beta
+    rows = logaddexp(st.lse_pos, zero) / alpha + logaddexp(st.lse_neg, zero) / beta
     loss = batch.mean(rows).to(embeddings.dtype)
     loss = torch.where(batch.too_few_pairs(st.count_pos, st.count_neg), zero_loss(embeddings), loss)
     if mined:  # NaN in, NaN out also through the mining comparisons

@@ -18,7 +18,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, label_runs, normalize, zero_loss
+from ..ops._common import LOCAL, label_runs, logaddexp, normalize, zero_loss
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, check_self_only, run_pair_loss
@@ -61,7 +61,7 @@ def n_pairs_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, dist
 
 
 def combine(st: engines.PairStats, embeddings, *, batch=LOCAL):
-    return batch.mean(torch.logaddexp(st.lse_pos, st.lse_neg) - st.lse_pos).to(embeddings.dtype)
+    return batch.mean(logaddexp(st.lse_pos, st.lse_neg) - st.lse_pos).to(embeddings.dtype)
 
 
 def n_pairs_fused(embeddings, labels, ref_emb, ref_labels, *, distance="cosine", backend, exclude_col=None,

@@ -25,7 +25,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, normalize, pair_operands, zero_loss
+from ..ops._common import LOCAL, logaddexp, normalize, pair_operands, zero_loss
 from ..ops.engines import exclusion_for
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
@@ -85,7 +85,7 @@ def combine(st: engines.PairStats, embeddings, *, batch=LOCAL):
     # the rows without a positive out of the arithmetic (their lse are -inf: no NaN in the gradient)
     lse_pos = torch.where(kept, st.lse_pos, torch.zeros_like(st.lse_pos))
     lse_neg = torch.where(kept, st.lse_neg, torch.zeros_like(st.lse_neg))
-    rows = torch.where(kept, torch.logaddexp(lse_pos, lse_neg) - lse_pos, torch.zeros_like(lse_pos))
+    rows = torch.where(kept, logaddexp(lse_pos, lse_neg) - lse_pos, torch.zeros_like(lse_pos))
     n = batch.count(kept)
     mean = batch.sum(rows) / n.clamp(min=1).to(rows.dtype)
     # PML's MeanReducer of no row: the mean of nothing, NaN (a constant: no NaN in the gradient)

@@ -12,7 +12,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, pair_operands, similarity_dtype, zero_loss
+from ..ops._common import LOCAL, logaddexp, pair_operands, similarity_dtype, zero_loss
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, run_pair_loss
@@ -62,7 +62,7 @@ def combine(st: engines.PairStats, embeddings, *, batch=LOCAL):
     cnt = st.count_pos.to(st.sum_pos.dtype)
     has_pos = st.count_pos > 0
     # rows without positives are 0; mask lse_pos before logaddexp (its gradient is NaN at -inf, -inf)
-    lse_all = torch.logaddexp(torch.where(has_pos, st.lse_pos, 0), st.lse_neg)
+    lse_all = logaddexp(torch.where(has_pos, st.lse_pos, 0), st.lse_neg)
     tiny = torch.finfo(st.sum_pos.dtype).tiny
     rows = torch.where(has_pos, (cnt * lse_all - st.sum_pos) / (cnt + tiny), torch.zeros_like(cnt))
     loss = batch.mean_above_zero(rows, zero)

@@ -17,7 +17,7 @@ import math
 import torch
 
 from .. import _validation as V
-from ..ops._common import LOCAL, pair_operands, similarity_dtype, zero_loss
+from ..ops._common import LOCAL, logaddexp, pair_operands, similarity_dtype, zero_loss
 from ..ops.positive_pairs import positive_pair_mean, positive_pair_sums, register_pair_term
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
@@ -64,7 +64,7 @@ class _Acos(torch.autograd.Function):
 
 def tuplet_pair_term(u, row_lse, col_stat, same_index, scale, margin_rad, lp):
     """l_ap = logaddexp(0, z), z = L_a - s cos(acos S_ap - m); L_a = -inf (no negative) gives 0."""
-    return torch.logaddexp(torch.zeros_like(u), row_lse - scale * torch.cos(_Acos.apply(u) - margin_rad))
+    return logaddexp(torch.zeros_like(u), row_lse - scale * torch.cos(_Acos.apply(u) - margin_rad))
 
 
 def tuplet_pair_term_grad(u, row_lse, col_stat, same_index, scale, margin_rad, lp):

@@ -43,10 +43,19 @@ def weight_rows(w, flags):
     return F.normalize(rows, p=2, dim=1) if flags & S.NORMALIZE_WEIGHTS else rows
 
 
+def logaddexp(a, b):
+    """torch.logaddexp(a, b), with a finite second derivative where one side is -inf (an empty set's
+    log-sum-exp): torch's is NaN there (its gradient 1 / (1 + exp(b - a)) differentiates to inf /
+    inf). There the value is the other side, its gradient 1 (0 to the -inf side), as torch's."""
+    a_empty, b_empty = a == float("-inf"), b == float("-inf")
+    both = torch.logaddexp(torch.where(a_empty, torch.zeros_like(a), a), torch.where(b_empty, torch.zeros_like(b), b))
+    return torch.where(a_empty, b + torch.zeros_like(a), torch.where(b_empty, a + torch.zeros_like(b), both))
+
+
 def softplus(x):
     """log(1 + e^x) = log(e^0 + e^x), exact for every x and its gradient sigmoid(x) (F.softplus
-    returns x itself above its threshold of 20)."""
-    return torch.logaddexp(x, torch.zeros_like(x))
+    returns x itself above its threshold of 20); 0 at -inf, to the second derivative."""
+    return logaddexp(x, torch.zeros_like(x))
 
 
 def lp_distances(d2):
