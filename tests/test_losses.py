@@ -103,18 +103,29 @@ def test_torch_compile_fullgraph(name):
 
 @pytest.mark.parametrize("make", [lambda: fpl.ContrastiveLoss(), lambda: fpl.MultiSimilarityLoss(miner_epsilon=0.1),
                                   lambda: fpl.TripletMarginLoss(0.1), lambda: fpl.NCALoss(),
-                                  lambda: fpl.ArcFaceLoss(4, 8)], ids=["contrastive", "ms_mined", "triplet", "nca",
-                                                                       "arcface"])
+                                  lambda: fpl.ArcFaceLoss(4, 8), lambda: fpl.MarginLoss()],
+                         ids=["contrastive", "ms_mined", "triplet", "nca", "arcface", "margin"])
 def test_torch_compile_fullgraph_of_a_module(make):
     """A module's forward (PML's input handling: labels' device and ids, the empty-batch and ref
-    rules) traces without a graph break, with int and with float labels."""
+    rules) traces without a graph break, with int and with float labels, and again for another
+    batch size (automatic dynamic shapes)."""
     loss = make()
-    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(3))
-    y = torch.arange(16) % 4
-    for labels in (y, y.float()) if not isinstance(loss, fpl.ArcFaceLoss) else (y,):
+    g = torch.Generator().manual_seed(3)
+    for labels_float in (False, True) if not isinstance(loss, fpl.ArcFaceLoss) else (False,):
         torch._dynamo.reset()
         compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-        torch.testing.assert_close(compiled(x, labels), loss(x, labels), rtol=1e-5, atol=1e-6)
+        for n in (16, 20):
+            x, y = torch.randn(n, 8, generator=g), torch.arange(n) % 4
+            labels = y.float() if labels_float else y
+            torch.testing.assert_close(compiled(x, labels), loss(x, labels), rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_refuses_a_learned_margin_beta():
+    """MarginLoss(learn_beta=True): the engines take beta as a constant; tracing it raises, naming it."""
+    torch._dynamo.reset()
+    compiled = torch.compile(fpl.MarginLoss(learn_beta=True), fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="learn_beta=True"):
+        compiled(torch.randn(12, 8), torch.arange(12) % 4)
 
 
 @pytest.mark.gpu

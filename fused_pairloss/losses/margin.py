@@ -103,6 +103,9 @@ def margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, nu=0.0, bet
 
 
 def _scalar(beta):
+    if torch.is_tensor(beta) and V._compiling():  # the engines take beta as a constant of the declaration
+        raise ValueError("MarginLoss: beta as a tensor (learn_beta=True) cannot be traced by torch.compile: the "
+                         "fused engines take it as a constant; call the loss outside the compiled region")
     t = torch.as_tensor(beta).detach()
     if t.numel() != 1:
         raise ValueError(f"beta: the fused margin loss takes one beta (PML's num_classes=None); got {t.numel()}")
@@ -148,6 +151,9 @@ class MarginLoss(_PairLoss):
         if num_classes:
             beta_t = torch.ones(num_classes) * beta_t
         self.beta = torch.nn.Parameter(beta_t) if self.learn_beta else beta_t
+        # a fixed beta as the Python number torch.compile traces the engines with (a tensor attribute
+        # is a graph input there, whose value the engines' constant declaration cannot take)
+        self._fixed_beta = None if self.learn_beta or num_classes else float(beta)
         pml_only = {k: v for k, v in (("triplets_per_anchor", triplets_per_anchor), ("num_classes", num_classes))
                     if v not in ("all", None, 0)}
         self.backend = backend
@@ -155,7 +161,8 @@ class MarginLoss(_PairLoss):
                            param_name="beta")
 
     def _hyper(self):
-        return dict(margin=self.margin, nu=self.nu, beta=self.beta, learn_beta=self.learn_beta,
+        beta = self._fixed_beta if V._compiling() and self._fixed_beta is not None else self.beta
+        return dict(margin=self.margin, nu=self.nu, beta=beta, learn_beta=self.learn_beta,
                     distance=self._distance_kind)
 
     def _functional(self):

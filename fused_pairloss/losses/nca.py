@@ -132,8 +132,8 @@ def nca_fused(embeddings, labels, ref_emb, ref_labels, *, softmax_scale, distanc
         q, r, labels_r, excl = short_row_operands(q, r, labels, labels_r, excl)
     st = pair_stats(q, r, labels, labels_r, excl, declaration(softmax_scale, distance), backend)
     loss = combine(st, embeddings, batch=batch)
-    loss = torch.where(torch.as_tensor(batch.rows(embeddings) <= 1, device=loss.device), zero_loss(embeddings),
-                       loss)
+    if batch.rows(embeddings) <= 1:  # PML's zero loss for a batch of one row
+        loss = zero_loss(embeddings)
     return nan_in_nan_out(loss, embeddings, ref_emb).to(embeddings.dtype)
 
 
