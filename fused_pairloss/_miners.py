@@ -46,6 +46,13 @@ def _empty(device):
     return torch.tensor([], device=device, dtype=torch.long)
 
 
+def _unlabeled_wider_ref(embeddings, ref_emb, ref_labels):
+    """A ref_emb of more rows than the embeddings without ref_labels: PML reads the labels for the
+    ref's first rows and mines the others by its own steps' accidents (its MultiSimilarityMiner
+    keeps them as positives and negatives alike). PML accepts it, so it is PML's own mine()."""
+    return ref_labels is None and ref_emb is not None and ref_emb.shape[0] > embeddings.shape[0]
+
+
 class _Rows:
     """The mining inputs as PML's BaseMiner.forward hands them to mine(), and chunks of their rows:
     the distance rows and the label masks with PML's identity rules (the diagonal is no positive
@@ -53,9 +60,10 @@ class _Rows:
 
     def __init__(self, miner, embeddings, labels, ref_emb, ref_labels):
         if ref_labels is None:  # PML's get_matches_and_diffs: the labels stand for the ref's rows
-            if ref_emb.shape[0] != embeddings.shape[0]:
+            if ref_emb.shape[0] < embeddings.shape[0]:  # a wider ref is PML's own mine (_unlabeled_wider_ref)
                 raise ValueError(f"ref_emb was given without ref_labels: the labels then stand for ref_emb's rows "
-                                 f"too (as in PML), which needs {embeddings.shape[0]} rows; got {ref_emb.shape[0]}")
+                                 f"(PML's reading, which fails with an IndexError on fewer), so it needs at least "
+                                 f"{embeddings.shape[0]} rows; got {ref_emb.shape[0]}")
             ref_labels = labels
         self.miner, self.embeddings, self.labels, self.ref_emb, self.ref_labels = (miner, embeddings, labels,
                                                                                    ref_emb, ref_labels)
@@ -96,6 +104,8 @@ class PairMarginMiner(pml_miners.PairMarginMiner):
     __doc__ = "PML's PairMarginMiner, mined in chunks of rows (fused_pairloss._miners)."
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
+        if _unlabeled_wider_ref(embeddings, ref_emb, ref_labels):
+            return pml_miners.PairMarginMiner.mine(self, embeddings, labels, ref_emb, ref_labels)
         rows = _Rows(self, embeddings, labels, ref_emb, ref_labels)
         out, sums = [[], [], [], []], [0.0, 0, 0.0, 0]
         for i0, i1 in _row_chunks(rows.N, rows.M, rows.M, CHUNK_ELEMENTS):
@@ -184,6 +194,8 @@ class MultiSimilarityMiner(pml_miners.MultiSimilarityMiner):
         return out
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
+        if _unlabeled_wider_ref(embeddings, ref_emb, ref_labels):
+            return pml_miners.MultiSimilarityMiner.mine(self, embeddings, labels, ref_emb, ref_labels)
         from .ops.triplets import ascending_kept_columns_op
         rows = _Rows(self, embeddings, labels, ref_emb, ref_labels)
         n_pos, n_neg = rows.pair_totals()
@@ -247,6 +259,12 @@ class BatchEasyHardMiner(pml_miners.BatchEasyHardMiner):
                 or self.neg_strategy not in strategies or self.allowed_pos_range is not None
                 or self.allowed_neg_range is not None):
             return None
+        low_precision = any(t.dtype not in (torch.float32, torch.float64) for t in (rows.embeddings, rows.ref_emb))
+        if low_precision or (kind == "cosine" and torch.is_autocast_enabled(rows.embeddings.device.type)):
+            # PML mines on its own fp16 / bf16 matrix (autocast's, for the cosine's matmul), whose
+            # roundings tie many pairs, which its torch.max breaks to the first index; the op's
+            # distances are more precise, so its extremes would differ: PML's steps
+            return None
         q = torch.nn.functional.normalize(rows.embeddings, dim=1)
         r = q if rows.self_emb else torch.nn.functional.normalize(rows.ref_emb, dim=1)
         if not (bool(torch.isfinite(q).all()) and (r is q or bool(torch.isfinite(r).all()))):
@@ -262,6 +280,8 @@ class BatchEasyHardMiner(pml_miners.BatchEasyHardMiner):
         return (sign * pos_u).to(q.dtype), pos_i, pos_i >= 0, (sign * neg_u).to(q.dtype), neg_i, neg_i >= 0
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
+        if _unlabeled_wider_ref(embeddings, ref_emb, ref_labels):
+            return pml_miners.BatchEasyHardMiner.mine(self, embeddings, labels, ref_emb, ref_labels)
         rows = _Rows(self, embeddings, labels, ref_emb, ref_labels)
         fused = self._fused_extremes(rows)
         if fused is not None:
@@ -322,8 +342,10 @@ class BatchEasyHardMiner(pml_miners.BatchEasyHardMiner):
 class BatchHardMiner(BatchEasyHardMiner, pml_miners.BatchHardMiner):
     __doc__ = "PML's BatchHardMiner (the hardest positive and negative of each anchor), mined in chunks of rows."
 
-    def mine(self, *args, **kwargs):  # PML's BatchHardMiner's __init__ sets both strategies to "hard"
-        a1, p, a2, n = super().mine(*args, **kwargs)
+    def mine(self, embeddings, labels, ref_emb, ref_labels):  # PML's __init__ sets both strategies to "hard"
+        if _unlabeled_wider_ref(embeddings, ref_emb, ref_labels):
+            return pml_miners.BatchHardMiner.mine(self, embeddings, labels, ref_emb, ref_labels)
+        a1, p, a2, n = super().mine(embeddings, labels, ref_emb, ref_labels)
         return a1, p, n
 
 
@@ -489,6 +511,8 @@ class TripletMarginMiner(pml_miners.TripletMarginMiner):
         super().__init__(margin=margin, type_of_triplets=type_of_triplets, **kwargs)
 
     def mine(self, embeddings, labels, ref_emb, ref_labels):
+        if _unlabeled_wider_ref(embeddings, ref_emb, ref_labels):
+            return pml_miners.TripletMarginMiner.mine(self, embeddings, labels, ref_emb, ref_labels)
         rows = _Rows(self, embeddings, labels, ref_emb, ref_labels)
         inverted = self.distance.is_inverted
         out, stats = [[], [], []], [0.0, 0.0, 0]

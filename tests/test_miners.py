@@ -524,3 +524,34 @@ def test_hardest_pairs_of_a_nan_row_as_pml(name, dtype):
     x[3, 1] = float("nan")
     ours, theirs = getattr(fpl.miners, name)()(x, y), getattr(pml_miners, name)()(x, y)
     assert len(ours) == len(theirs) and all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+@pytest.mark.parametrize("how", ["fp16", "bf16", "autocast_bf16"])
+@pytest.mark.parametrize("distance", ["lp", "cosine"])
+@pytest.mark.parametrize("name", ["BatchHardMiner", "BatchEasyHardMiner"])
+def test_batch_miners_in_half_precision_tie_as_pml(name, distance, how):
+    """PML mines on its fp16 / bf16 matrix (autocast's for the cosine's matmul), where roundings tie
+    many pairs and torch.max takes the first: our tuple is PML's (not the precise extremes)."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(how, torch.float32)
+    kw = dict(distance=LpDistance() if distance == "lp" else CosineSimilarity())
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        x, y = torch.randn(64, 16, generator=g), torch.randint(0, 8, (64,), generator=g)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=how == "autocast_bf16"):
+            ours = tuple(getattr(miners, name)(**kw)(x.to(dtype), y))
+            theirs = getattr(pml_miners, name)(**kw)(x.to(dtype), y)
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs)), seed
+
+
+@pytest.mark.parametrize("name", ["PairMarginMiner", "MultiSimilarityMiner", "BatchHardMiner", "BatchEasyHardMiner",
+                                  "TripletMarginMiner"])
+def test_a_wider_ref_without_ref_labels_is_pmls(name):
+    """PML accepts a ref_emb of more rows than the embeddings without ref_labels (it reads the labels
+    for the ref's first rows): our miners give PML's tuple; a narrower one is a ValueError."""
+    g = torch.Generator().manual_seed(0)
+    x, r = (torch.randn(n, 6, generator=g, dtype=torch.float64) for n in (12, 15))
+    y = torch.arange(12) % 3
+    ours, theirs = tuple(getattr(miners, name)()(x, y, r)), getattr(pml_miners, name)()(x, y, r)
+    assert len(ours) == len(theirs) and all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    with pytest.raises(ValueError, match="ref_labels"):
+        getattr(miners, name)()(x, y, r[:10])
