@@ -67,6 +67,18 @@ def test_float_and_bool_labels_as_pml(name):
         assert_same(value_and_grad(ours, x, labels), value_and_grad(pml, x, labels))
 
 
+def test_proxy_nca_takes_the_labels_pml_compares():
+    """PML's ProxyNCALoss compares the labels with its proxies' classes (never indexes with them):
+    float and bool labels, and labels that are no class (the row's p = 0, dropped by PML's mean)."""
+    x, y = batch(4, n=16)
+    ours, pml = fpl.ProxyNCALoss(3, 6), L.ProxyNCALoss(3, 6)
+    pml.load_state_dict(ours.state_dict())
+    idx = miners.MultiSimilarityMiner()(x, y)
+    for labels in (y.double(), y == 1, torch.where(y == 0, 3, y), y.double() + 0.5 * (y == 2)):
+        assert_same(value_and_grad(ours, x, labels), value_and_grad(pml, x, labels))
+        assert_same(value_and_grad(ours, x, labels, idx), value_and_grad(pml, x, labels, idx))
+
+
 @pytest.mark.parametrize("name", REF_WITHOUT_LABELS)
 def test_ref_emb_without_ref_labels_as_pml(name):
     """PML: the labels stand for ref_emb's rows too, and the diagonal is no pair (ref_labels is

@@ -93,6 +93,18 @@ def proxy_nca_loss(embeddings, labels, proxies, *, softmax_scale=1.0, distance="
                           softmax_scale=softmax_scale, distance=distance)
 
 
+def _labels_only_compared(labels, embeddings, num_classes):
+    """Labels PML's ProxyNCA takes and our engine does not: float or bool, or integers outside
+    [0, num_classes)."""
+    if not (isinstance(labels, torch.Tensor) and isinstance(embeddings, torch.Tensor) and labels.dim() == 1
+            and embeddings.dim() == 2 and labels.shape[0] == embeddings.shape[0]):
+        return False  # the usual checks name what is wrong
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        return True
+    return (not labels.is_complex() and labels.numel() > 0 and labels.device.type != "meta"
+            and bool(((labels < 0) | (labels >= num_classes)).any()))
+
+
 class ProxyNCALoss(_ClassLoss):
     """Drop-in for pytorch_metric_learning.losses.ProxyNCALoss; parameter `proxies` (C, D)."""
     _param = "proxies"
@@ -112,6 +124,14 @@ class ProxyNCALoss(_ClassLoss):
 
     def _hyper(self):
         return dict(softmax_scale=self.softmax_scale, distance=self._distance_kind)
+
+    def _fused_forward(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        if _labels_only_compared(labels, embeddings, self.num_classes):
+            # PML compares the labels with the proxies' classes 0..C-1 and never indexes with them:
+            # float and bool labels work there, and a row whose label is no class has p = 0, which
+            # PML's mean drops. The fused engine indexes with the labels: PML's steps (N x C)
+            return self._reference_with_weights(embeddings, labels.to(embeddings.device), indices_tuple)
+        return super()._fused_forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def _call(self, embeddings, labels, proxies):
         return proxy_nca_loss(embeddings, labels, proxies, backend=self.backend, **self._hyper())
