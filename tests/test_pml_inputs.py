@@ -420,3 +420,17 @@ def test_nca_fp16_as_pml(backend):
         ours = fpl.NCALoss(backend=backend)(*args)
         theirs = L.NCALoss()(*args)
         assert ours.dtype == theirs.dtype and abs(float(ours) - float(theirs)) <= 4e-3 * abs(float(theirs))
+
+
+@pytest.mark.parametrize("cls_name", ["CosFaceLoss", "ArcFaceLoss", "LargeMarginSoftmaxLoss", "SphereFaceLoss",
+                                      "SubCenterArcFaceLoss", "CircleLoss", "TupletMarginLoss", "InstanceLoss"])
+def test_cosine_only_losses_refuse_a_dot_product_as_pml(cls_name):
+    """PML asserts a CosineSimilarity for these (DotProductSimilarity, even normalized, is refused):
+    ours raise a ValueError naming distance."""
+    from pytorch_metric_learning.distances import DotProductSimilarity
+    entry = REGISTRY[cls_name]
+    sizes = entry.size_kwargs(3, 6) if entry.kind == "class" else {}
+    with pytest.raises(AssertionError):
+        getattr(L, cls_name)(**sizes, distance=DotProductSimilarity())
+    with pytest.raises(ValueError, match="distance"):
+        getattr(fpl.losses, cls_name)(**sizes, distance=DotProductSimilarity())

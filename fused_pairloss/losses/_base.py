@@ -133,6 +133,14 @@ def _small_class_twin_with_unit_columns(cls):
     return twin
 
 
+def _pml_has_loss(name):
+    try:
+        from pytorch_metric_learning import losses as pml_losses
+    except ImportError:
+        return False
+    return hasattr(pml_losses, name)
+
+
 def _is_pml_cosine(distance, name):
     """PML's assert_distance_type(loss, CosineSimilarity) for PML's class `name`: any
     CosineSimilarity, subclasses and other settings (power, p) included; those other than
@@ -251,8 +259,11 @@ class _PmlFallback:
         self._pml = None
         name = type(self).__name__
         distance = kwargs.get("distance")
-        if self._cosine_only and distance is not None and _distance_name(distance) != "cosine" and not (
-                _is_pml_cosine(distance, name) or self._inverted_only and getattr(distance, "is_inverted", False)):
+        # PML's assertion where PML has the class (any CosineSimilarity; DotProductSimilarity is refused),
+        # else the fused cosine
+        cosine = _is_pml_cosine(distance, name) if _pml_has_loss(name) else _distance_name(distance) == "cosine"
+        if self._cosine_only and distance is not None and not (
+                cosine or self._inverted_only and getattr(distance, "is_inverted", False)):
             what = "a similarity (is_inverted)" if self._inverted_only else "CosineSimilarity()"
             raise ValueError(f"{name}: distance must be {what} (as in PML); got {distance!r}")
         fused = self._default_distance if distance is None else self._kind_of(distance)
