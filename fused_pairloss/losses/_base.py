@@ -692,6 +692,8 @@ class _ClassLoss(_PmlFallback, _LossBase):
             fused = self._fused_with_weights(embeddings, labels, indices_tuple, weights)
             if fused is not None:
                 return fused
+            if type(self)._reference_with_weights is _ClassLoss._reference_with_weights:
+                return self._reference_with_weights(embeddings, labels, indices_tuple)  # its error, no warning
             _warn_once("class.indices_tuple", "fused_pairloss: an explicit indices_tuple (miner weights) is "
                        "computed by the unfused reference path")
             return self._reference_with_weights(embeddings, labels, indices_tuple)
