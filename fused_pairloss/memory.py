@@ -11,6 +11,8 @@ slot index), the rule the engines use for every self exclusion.
 """
 from __future__ import annotations
 
+import copy
+
 import functools
 
 import torch
@@ -170,7 +172,8 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
     loss's distance) for a TripletMarginLoss: its window on the triplet margin in the all-triplets
     op, the self slot left out of the positives.
     Any other miner, an explicit indices_tuple, a PML loss object, or the reference backend: PML's
-    computation (all pair indices, self comparisons removed, the loss with the indices), exact.
+    computation (all pair indices, or a MultiSimilarityLoss's miner_epsilon as that miner's, self
+    comparisons removed, the loss with the indices), exact.
     On the fused paths the miner is not called but records PML's stats (`_miner_recorder`).
 
     PML's rules kept as they are: a queued batch of one row keeps its self comparison (PML's
@@ -225,8 +228,14 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
         return self.embedding_memory, self.label_memory
 
     def create_indices_tuple(self, embeddings, labels, E_mem, L_mem, input_indices_tuple, do_remove_self_comparisons):
-        if self.miner:
-            indices_tuple = self.miner(embeddings, labels, E_mem, L_mem)
+        return self._create_indices_tuple(self.miner, embeddings, labels, E_mem, L_mem, input_indices_tuple,
+                                          do_remove_self_comparisons)
+
+    def _create_indices_tuple(self, miner, embeddings, labels, E_mem, L_mem, input_indices_tuple,
+                              do_remove_self_comparisons):
+        """PML's create_indices_tuple with the given miner (None: all pairs)."""
+        if miner:
+            indices_tuple = miner(embeddings, labels, E_mem, L_mem)
         else:
             indices_tuple = get_all_pairs_indices(labels, L_mem)
         if do_remove_self_comparisons:
@@ -336,8 +345,21 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
         if plan is not None and self._needs_unit_rows(plan) and _has_short_row(embeddings, E_mem):
             plan = None  # F.normalize leaves a row of norm <= eps short: PML's computation
         if plan is None:
-            indices_tuple = self.create_indices_tuple(embeddings, labels, E_mem, L_mem, indices_tuple, remove_self)
-            return self.loss(embeddings, labels, indices_tuple, E_mem, L_mem)
+            loss, miner = self.loss, self.miner
+            epsilon = getattr(loss, "miner_epsilon", None)
+            if epsilon is not None and getattr(loss, "_pml", None) is None and indices_tuple is None:
+                # the loss's miner_epsilon means miner=MultiSimilarityMiner(epsilon) here (the fused
+                # step's rule): PML's steps with that miner, and the loss without its own
+                if miner is not None:
+                    raise ValueError(f"pass either miner={type(miner).__name__}(...) or the loss's miner_epsilon, "
+                                     "not both")
+                from pytorch_metric_learning.miners import MultiSimilarityMiner
+                miner = MultiSimilarityMiner(epsilon=epsilon, distance=loss.distance)
+                loss = copy.copy(loss)
+                loss.miner_epsilon = None
+            indices_tuple = self._create_indices_tuple(miner, embeddings, labels, E_mem, L_mem, indices_tuple,
+                                                       remove_self)
+            return loss(embeddings, labels, indices_tuple, E_mem, L_mem)
         fn, hyper = plan
         excl = self._self_slots(len(embeddings)) if remove_self else None
         return self._fused(fn, hyper, embeddings, labels, E_mem, L_mem, excl, LOCAL)

@@ -144,6 +144,12 @@ def test_multi_similarity_miner_fused(distance, ours_miner):
     theirs = L.CrossBatchMemory(L.MultiSimilarityLoss(beta=beta, distance=dist()), D, M,
                                 miner=miners.MultiSimilarityMiner(0.1, distance=dist()))
     run_against_pml(ours, theirs, batches(6), f"miner_epsilon {distance}")
+    # and on the reference backend (PML's steps with that miner, the loss without its own rule)
+    ours = fpl.CrossBatchMemory(fpl.MultiSimilarityLoss(beta=beta, miner_epsilon=0.1, distance=dist(),
+                                                        backend="reference"), D, M)
+    theirs = L.CrossBatchMemory(L.MultiSimilarityLoss(beta=beta, distance=dist()), D, M,
+                                miner=miners.MultiSimilarityMiner(0.1, distance=dist()))
+    run_against_pml(ours, theirs, batches(6), f"miner_epsilon {distance} reference")
 
 
 @pytest.mark.parametrize("distance", ["lp", "cosine"])
