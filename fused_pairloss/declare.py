@@ -25,8 +25,6 @@ inside `DistributedLossWrapper` and `CrossBatchMemory` (fused there too), and wi
 from __future__ import annotations
 
 import inspect
-import math
-import numbers
 
 import torch
 
@@ -42,39 +40,25 @@ from .ops.stats import pair_stats
 
 __all__ = ["PairTerm", "PairLossSpec", "PairStats", "Batch", "pair_loss", "check_declaration"]
 
-_TERM_FLOATS = ("scale", "shift", "weight_offset", "weight_slope", "sum_temperature")
-_TERM_FLAGS = ("hinge", "lse", "sum")
+# names a hyper-parameter cannot take: the call's own arguments and the module's attributes (each
+# hyper-parameter becomes a property of the class)
+_RESERVED_NAMES = frozenset({"distance", "backend", "embeddings", "labels", "indices_tuple", "ref_emb", "ref_labels",
+                             "exclude_col", "batch"} | set(dir(_PairLoss)) | set(dir(torch.nn.Module())))
 
 
 def check_declaration(spec, where="declaration"):
-    """A declaration a user wrote: ValueError / TypeError naming the field that is wrong."""
+    """A declaration a user wrote: ValueError / TypeError naming the field that is wrong (PairTerm
+    and PairLossSpec check their fields' types and ranges when built; these are the rules between
+    fields that only a declared loss must keep)."""
     if not isinstance(spec, PairLossSpec):
         raise TypeError(f"{where} must return a fused_pairloss.declare.PairLossSpec; got {type(spec).__name__}")
     for side in ("pos", "neg"):
         term = getattr(spec, side)
-        if not isinstance(term, PairTerm):
-            raise TypeError(f"{where}: PairLossSpec.{side} must be a PairTerm; got {type(term).__name__}")
-        for name in _TERM_FLOATS:
-            value = getattr(term, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise ValueError(f"{where}: PairLossSpec.{side}.{name} must be a finite number; got {value!r}")
-        for name in _TERM_FLAGS:
-            if not isinstance(getattr(term, name), bool):
-                raise TypeError(f"{where}: PairLossSpec.{side}.{name} must be a bool; got {getattr(term, name)!r}")
         if term.hinge and term.lse:
             raise ValueError(f"{where}: PairLossSpec.{side}: a hinge term is reduced by sum (PML's AvgNonZero), "
                              "not lse")
-        if term.sum_temperature != 0 and not (term.hinge and term.sum):
-            raise ValueError(f"{where}: PairLossSpec.{side}.sum_temperature needs hinge=True and sum=True "
-                             "(an exp-weighted sum of the terms > 0)")
-    if spec.distance not in DISTANCES:
-        raise ValueError(f"{where}: PairLossSpec.distance must be one of {DISTANCES}; got {spec.distance!r}")
     if spec.pos_vs_neg_lse and not spec.neg.lse:
         raise ValueError(f"{where}: PairLossSpec.pos_vs_neg_lse needs neg.lse=True (it reads each row's lse_neg)")
-    if spec.miner_epsilon is not None and not (isinstance(spec.miner_epsilon, numbers.Real)
-                                               and math.isfinite(spec.miner_epsilon)):
-        raise ValueError(f"{where}: PairLossSpec.miner_epsilon must be None or a finite number; "
-                         f"got {spec.miner_epsilon!r}")
     return spec
 
 
@@ -100,13 +84,24 @@ def pair_loss(name, *, declaration, combine, hyper, distance="cosine", doc=None)
     params = inspect.signature(combine).parameters
     if "batch" not in params:
         raise TypeError("combine must take a keyword argument batch (the rows' reductions)")
-    # what it computes is checked once, at the defaults
-    check_declaration(declaration(**hyper, distance=distance), where=f"{name}: declaration")
+    reserved = sorted(set(hyper) & _RESERVED_NAMES)
+    if reserved:
+        raise ValueError(f"hyper: {reserved} are names the loss's call or module already has (distance, backend, "
+                         "the forward's arguments, torch.nn.Module's attributes): name the hyper-parameters otherwise")
 
     def spec_of(hyper_values, dist):
-        return check_declaration(declaration(**hyper_values, distance=dist), where=f"{name}: declaration")
+        spec = check_declaration(declaration(**hyper_values, distance=dist), where=f"{name}: declaration")
+        if spec.distance != dist:
+            raise ValueError(f"{name}: declaration(distance={dist!r}) returned "
+                             f"PairLossSpec.distance={spec.distance!r}: pass the distance argument on to the spec")
+        return spec
+
+    spec_of(hyper, distance)  # what it computes is checked once, at the defaults
 
     def finish(loss, embeddings, ref_emb):
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            what = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise TypeError(f"{name}: combine must return a 0-dim tensor (the loss); got {what}")
         # NaN in, NaN out: hinge terms drop NaN (PML's AvgNonZero); an exact 0 of the inputs keeps it
         return loss + zero_loss(embeddings) + (0 if ref_emb is None else zero_loss(ref_emb))
 
@@ -119,9 +114,22 @@ def pair_loss(name, *, declaration, combine, hyper, distance="cosine", doc=None)
     def reference(embeddings, labels, ref_emb=None, ref_labels=None, *, distance=distance, indices_tuple=None,
                   **hyper_values):
         """The materializing computation of the same declaration (ops/oracle.py), or over the listed
-        pairs with an indices_tuple (ops/listed.py)."""
+        pairs with an indices_tuple (ops/listed.py); from the inputs as given, as the engines compute
+        (autocast off)."""
+        hyper_values = _with_defaults(hyper_values)
         spec = spec_of(hyper_values, distance)
-        q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels)
+        with torch.autocast(embeddings.device.type, enabled=False):
+            q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels)
+            st = _reference_stats(q, r, labels, labels_r, excl, spec, embeddings, ref_emb, indices_tuple)
+        return finish(combine(st, embeddings, batch=LOCAL, **hyper_values), embeddings, ref_emb)
+
+    def _with_defaults(hyper_values):
+        unknown = set(hyper_values) - set(hyper)
+        if unknown:
+            raise TypeError(f"{name}: unknown hyper-parameters {sorted(unknown)}; it takes {list(hyper)}")
+        return {**hyper, **hyper_values}
+
+    def _reference_stats(q, r, labels, labels_r, excl, spec, embeddings, ref_emb, indices_tuple):
         if indices_tuple is not None:
             n_cols = (embeddings if ref_emb is None else ref_emb).shape[0]
             st = listed_pair_stats(q, r, spec, ListedPairs(indices_tuple, False, embeddings.device,
@@ -131,14 +139,11 @@ def pair_loss(name, *, declaration, combine, hyper, distance="cosine", doc=None)
             labels_r = None if labels_r is None else torch.as_tensor(labels_r, device=q.device).long()
             values, counts, aux = oracle.pair_values(q, r, labels_q, labels_r, excl, spec)
             st = PairStats(*pair_stats_of(values, counts, aux))
-        return finish(combine(st, embeddings, batch=LOCAL, **hyper_values), embeddings, ref_emb)
+        return st
 
     def functional(embeddings, labels, ref_emb=None, ref_labels=None, *, distance=distance, backend="auto",
                    **hyper_values):
-        unknown = set(hyper_values) - set(hyper)
-        if unknown:
-            raise TypeError(f"{name}: unknown hyper-parameters {sorted(unknown)}; it takes {list(hyper)}")
-        values = {**hyper, **hyper_values}
+        values = _with_defaults(hyper_values)
         for k, v in values.items():
             V.check_real(k, v)
         V.check_distance(distance)

@@ -65,18 +65,56 @@ def test_declared_loss_in_the_distributed_wrapper_is_fused(declared, monkeypatch
 
 
 @pytest.mark.parametrize("field,bad,match", [
-    ("scale", float("nan"), r"PairLossSpec\.neg\.scale must be a finite number"),
-    ("hinge", 1, r"PairLossSpec\.neg\.hinge must be a bool"),
+    ("scale", float("nan"), r"PairTerm\.scale must be finite"),
+    ("scale", "a", r"PairTerm\.scale must be a real number"),
+    ("shift", 1e39, r"PairTerm\.shift must be finite as a float"),
+    ("hinge", 1, r"PairTerm\.hinge must be a bool"),
     ("lse", True, r"PairLossSpec\.neg: a hinge term is reduced by sum"),
 ])
 def test_invalid_declarations_name_the_field(field, bad, match):
     neg = dict(scale=-1.0, shift=1.0, hinge=True, sum=True)
     neg[field] = bad
-    spec = PairLossSpec(pos=PairTerm(scale=1.0, hinge=True, sum=True), neg=PairTerm(**neg), distance="lp")
+
+    def spec(distance="lp"):
+        return PairLossSpec(pos=PairTerm(scale=1.0, hinge=True, sum=True), neg=PairTerm(**neg), distance=distance)
     with pytest.raises((ValueError, TypeError), match=match):
-        check_declaration(spec)
+        check_declaration(spec())
     with pytest.raises((ValueError, TypeError), match=match):
-        pair_loss("Bad", declaration=lambda distance: spec, combine=lambda st, e, *, batch: e.sum(), hyper={})
+        pair_loss("Bad", declaration=spec, combine=lambda st, e, *, batch: e.sum(), hyper={})
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(pos=None), r"PairLossSpec\.pos must be a PairTerm"),
+    (dict(pos_vs_neg_lse=1), r"PairLossSpec\.pos_vs_neg_lse must be a bool"),
+    (dict(miner_epsilon=True), r"PairLossSpec\.miner_epsilon must be a real number"),
+    (dict(histogram=(4, 1.0)), r"PairLossSpec\.histogram must be None or a PairHistogram"),
+    (dict(ntx_tiny=1e-30), r"ntx_tiny .* needs pos_vs_neg_lse"),
+    (dict(pos_window=(True, 1.0), neg_window=(0.0, 1.0)), r"pos_window must be a tuple"),
+])
+def test_invalid_spec_fields_are_named(fields, match):
+    base = dict(pos=PairTerm(scale=1.0, lse=True), neg=PairTerm(scale=1.0, lse=True))
+    with pytest.raises((ValueError, TypeError), match=match):
+        PairLossSpec(**{**base, **fields})
+
+
+def test_declared_loss_checks_what_its_parts_return():
+    import numpy as np
+    ok = PairLossSpec(pos=PairTerm(scale=1.0, lse=True), neg=PairTerm(scale=1.0, lse=True))
+    windows = PairLossSpec(pos=PairTerm(scale=1.0, hinge=True, sum=True), neg=PairTerm(scale=1.0, hinge=True, sum=True),
+                           pos_window=(np.float32(0.1), float("inf")), neg_window=(-1.0, np.float64(0.5)))
+    assert windows.pos_window[0] == np.float32(0.1)  # numpy numbers are numbers
+    with pytest.raises(ValueError, match=r"returned PairLossSpec.distance='cosine'"):
+        pair_loss("Deaf", declaration=lambda distance: ok, combine=lambda st, e, *, batch: e.sum(), hyper={},
+                  distance="lp")
+    for reserved in ("distance", "backend", "training", "forward"):
+        with pytest.raises(ValueError, match=reserved):
+            pair_loss("Clash", declaration=lambda distance, **h: ok, combine=lambda st, e, *, batch, **h: e.sum(),
+                      hyper={reserved: 1.0})
+    rows = pair_loss("Rows", declaration=lambda distance: ok, combine=lambda st, e, *, batch: st.lse_pos, hyper={})
+    x, y = torch.randn(8, 4), torch.arange(8) % 2
+    for backend in ("cpu", "reference"):
+        with pytest.raises(TypeError, match="combine must return a 0-dim tensor"):
+            rows(backend=backend)(x, y)
 
 
 def test_invalid_declaration_arguments_are_named():
@@ -93,3 +131,18 @@ def test_invalid_declaration_arguments_are_named():
         cls(margn=0.2)
     with pytest.raises(ValueError, match="distance must be one of"):
         cls(distance="manhattan")
+
+
+def test_declared_reference_takes_defaults_and_ignores_autocast(declared):
+    """.reference fills in the defaults as .functional does; under autocast both compute the
+    statistics from the inputs as given, so the cpu backend and the reference agree."""
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
+    torch.testing.assert_close(declared.reference(x, y), declared.functional(x, y, backend="reference"))
+    with pytest.raises(TypeError, match="unknown hyper-parameters"):
+        declared.reference(x, y, margin=0.1)
+    for distance in ("lp", "cosine"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cpu = declared(distance=distance, backend="cpu")(x, y)
+            ref = declared(distance=distance, backend="reference")(x, y)
+        torch.testing.assert_close(cpu, ref, rtol=1e-5, atol=1e-6)

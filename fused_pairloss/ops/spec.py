@@ -11,6 +11,7 @@ reading of every packed field (op `describe_pair_spec`) is the one written here.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -58,6 +59,14 @@ DISTANCES = ("cosine", "lp")
 FLOAT_MAX = 3.4028234663852886e38  # the largest float32
 
 
+def _check_number(name, value):
+    """A declaration's number: real, not a bool, finite as the float the engines compute in."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {value!r}")
+    if not -FLOAT_MAX <= value <= FLOAT_MAX:
+        raise ValueError(f"{name} must be finite as a float (|x| <= {FLOAT_MAX:.4g}); got {value!r}")
+
+
 @dataclass(frozen=True)
 class PairTerm:
     """The function of one pair set and how a row reduces it (loss_spec.h):
@@ -78,6 +87,13 @@ class PairTerm:
     lse: bool = False
     sum: bool = False
     sum_temperature: float = 0.0
+
+    def __post_init__(self):
+        for name in ("scale", "shift", "weight_offset", "weight_slope", "sum_temperature"):
+            _check_number(f"PairTerm.{name}", getattr(self, name))
+        for name in ("hinge", "lse", "sum"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"PairTerm.{name} must be a bool; got {getattr(self, name)!r}")
 
     def floats(self) -> Tuple[float, float, float, float]:
         return (float(self.scale), float(self.shift), float(self.weight_offset), float(self.weight_slope))
@@ -158,6 +174,17 @@ class PairLossSpec:
     _packed: Tuple[Tuple[float, ...], int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        for name in ("pos", "neg"):
+            if not isinstance(getattr(self, name), PairTerm):
+                raise TypeError(f"PairLossSpec.{name} must be a PairTerm; got {getattr(self, name)!r}")
+        for name in ("pos_vs_neg_lse", "exclude_after_mining", "miner_on_cosine"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"PairLossSpec.{name} must be a bool; got {getattr(self, name)!r}")
+        for name in ("miner_epsilon", "ntx_tiny"):
+            if getattr(self, name) is not None:
+                _check_number(f"PairLossSpec.{name}", getattr(self, name))
+        if self.histogram is not None and not isinstance(self.histogram, PairHistogram):
+            raise TypeError(f"PairLossSpec.histogram must be None or a PairHistogram; got {self.histogram!r}")
         if self.distance not in DISTANCES:
             raise ValueError(f"distance must be one of {DISTANCES}; got {self.distance!r}")
         if self.exclude_after_mining and self.miner_epsilon is None:
@@ -176,10 +203,13 @@ class PairLossSpec:
             raise ValueError("pos_window / neg_window cannot be combined with miner_epsilon or a histogram")
         for name in ("pos_window", "neg_window") if windows else ():
             w = getattr(self, name)
-            if not (isinstance(w, tuple) and len(w) == 2 and all(isinstance(b, (int, float)) and b == b for b in w)):
+            if not (isinstance(w, tuple) and len(w) == 2
+                    and all(isinstance(b, numbers.Real) and not isinstance(b, bool) and b == b for b in w)):
                 raise ValueError(f"{name} must be a tuple (lo, hi) of two numbers (not NaN); got {w!r}")
-        if self.ntx_tiny is not None and not (isinstance(self.ntx_tiny, (int, float)) and 0 < self.ntx_tiny < 1):
+        if self.ntx_tiny is not None and not 0 < self.ntx_tiny < 1:
             raise ValueError(f"ntx_tiny must be None or a number in (0, 1); got {self.ntx_tiny!r}")
+        if self.ntx_tiny is not None and not self.pos_vs_neg_lse:
+            raise ValueError("ntx_tiny is the tiny of pos_vs_neg_lse: it needs pos_vs_neg_lse=True")
         flags = 0
         flags |= POS_LSE if self.pos.lse else 0
         flags |= POS_SUM if self.pos.sum else 0
