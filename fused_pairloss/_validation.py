@@ -29,6 +29,14 @@ def user_stacklevel():
     return level
 
 
+def autocast_enabled(device_type) -> bool:
+    """torch.is_autocast_enabled(device_type), False for a device type autocast does not know (meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def _compiling() -> bool:
     try:
         return torch.compiler.is_compiling()
@@ -149,6 +157,10 @@ def check_positive(name, value):
 
 def check_real(name, value, allow_none=False):
     if value is None and allow_none:
+        return
+    if _compiling():
+        # torch.compile traces a float that changed between calls (or with dynamic=True) as a
+        # symbol, which math.isfinite cannot take; the engines' declarations specialize it
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         what = "a real number or None" if allow_none else "a real number"

@@ -35,7 +35,7 @@ from .ops import oracle
 from .ops._common import LOCAL, Batch, pair_operands, zero_loss
 from .ops.engines import PairStats
 from .ops.listed import ListedPairs, listed_pair_stats
-from .ops.spec import DISTANCES, PairLossSpec, PairTerm, pair_stats_of
+from .ops.spec import DISTANCES, FLOAT_MAX, PairLossSpec, PairTerm, pair_stats_of
 from .ops.stats import pair_stats
 
 __all__ = ["PairTerm", "PairLossSpec", "PairStats", "Batch", "pair_loss", "check_declaration"]
@@ -43,7 +43,9 @@ __all__ = ["PairTerm", "PairLossSpec", "PairStats", "Batch", "pair_loss", "check
 # names a hyper-parameter cannot take: the call's own arguments and the module's attributes (each
 # hyper-parameter becomes a property of the class)
 _RESERVED_NAMES = frozenset({"distance", "backend", "embeddings", "labels", "indices_tuple", "ref_emb", "ref_labels",
-                             "exclude_col", "batch"} | set(dir(_PairLoss)) | set(dir(torch.nn.Module())))
+                             "exclude_col", "batch", "reducer", "collect_stats", "embedding_regularizer",
+                             "embedding_reg_weight", "functional", "reference", "declaration", "combine"}
+                            | set(dir(_PairLoss)) | set(dir(torch.nn.Module())))
 
 
 def check_declaration(spec, where="declaration"):
@@ -54,12 +56,23 @@ def check_declaration(spec, where="declaration"):
         raise TypeError(f"{where} must return a fused_pairloss.declare.PairLossSpec; got {type(spec).__name__}")
     for side in ("pos", "neg"):
         term = getattr(spec, side)
+        for field in ("scale", "shift", "weight_offset", "weight_slope", "sum_temperature"):
+            _check_finite_float(f"{where}: PairLossSpec.{side}.{field}", getattr(term, field))
         if term.hinge and term.lse:
             raise ValueError(f"{where}: PairLossSpec.{side}: a hinge term is reduced by sum (PML's AvgNonZero), "
                              "not lse")
     if spec.pos_vs_neg_lse and not spec.neg.lse:
         raise ValueError(f"{where}: PairLossSpec.pos_vs_neg_lse needs neg.lse=True (it reads each row's lse_neg)")
+    if spec.miner_epsilon is not None:
+        _check_finite_float(f"{where}: PairLossSpec.miner_epsilon", spec.miner_epsilon)
     return spec
+
+
+def _check_finite_float(name, value):
+    """Finite as the float the engines compute in (a larger double would be inf there and not in
+    the reference)."""
+    if not -FLOAT_MAX <= value <= FLOAT_MAX:
+        raise ValueError(f"{name} must be finite as a float (|x| <= {FLOAT_MAX:.4g}); got {value!r}")
 
 
 def pair_loss(name, *, declaration, combine, hyper, distance="cosine", doc=None):
@@ -84,10 +97,11 @@ def pair_loss(name, *, declaration, combine, hyper, distance="cosine", doc=None)
     params = inspect.signature(combine).parameters
     if "batch" not in params:
         raise TypeError("combine must take a keyword argument batch (the rows' reductions)")
-    reserved = sorted(set(hyper) & _RESERVED_NAMES)
+    reserved = sorted(k for k in hyper if k in _RESERVED_NAMES or k.startswith("_") or not k.isidentifier())
     if reserved:
-        raise ValueError(f"hyper: {reserved} are names the loss's call or module already has (distance, backend, "
-                         "the forward's arguments, torch.nn.Module's attributes): name the hyper-parameters otherwise")
+        raise ValueError(f"hyper: {reserved} are names the loss's call or class already has (distance, backend, "
+                         "the forward's arguments, reducer, functional, reference, torch.nn.Module's attributes) "
+                         "or no public identifiers: name the hyper-parameters otherwise")
 
     def spec_of(hyper_values, dist):
         spec = check_declaration(declaration(**hyper_values, distance=dist), where=f"{name}: declaration")

@@ -431,7 +431,7 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
         loss = fn(embeddings, labels, E_mem.detach(), L_mem.clone(), exclude_col=excl, batch=batch, **hyper)
         if isinstance(backend, MinedBy):  # NaN in, NaN out also through the miner's comparisons
             loss = (loss + zero_loss(embeddings) + zero_loss(E_mem.detach())).to(loss.dtype)
-        return loss
+        return self.loss._as_pml_dtype(loss, embeddings)  # PML's dtype under autocast, as the loss's own call
 
     def _forward_distributed(self, embeddings, labels, indices_tuple=None, enqueue_mask=None, group=None):
         """The step of DistributedLossWrapper(CrossBatchMemory) (without the world_size factor):

@@ -141,7 +141,8 @@ class DistributedLossWrapper(torch.nn.Module):
             plan = fused_pair_plan(self.loss, embeddings.device)
         if plan is None:
             return self._pml_regular(embeddings, labels, indices_tuple, ref_emb, ref_labels) * world
-        return self._fused(plan, embeddings, labels, ref_emb, ref_labels) * world
+        # PML's dtype under autocast, as the loss's own call
+        return self.loss._as_pml_dtype(self._fused(plan, embeddings, labels, ref_emb, ref_labels), embeddings) * world
 
     # ---- the fused path -------------------------------------------------------------------------
     def _fused(self, plan, embeddings, labels, ref_emb, ref_labels):

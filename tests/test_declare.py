@@ -65,9 +65,9 @@ def test_declared_loss_in_the_distributed_wrapper_is_fused(declared, monkeypatch
 
 
 @pytest.mark.parametrize("field,bad,match", [
-    ("scale", float("nan"), r"PairTerm\.scale must be finite"),
+    ("scale", float("nan"), r"PairLossSpec\.neg\.scale must be finite"),
     ("scale", "a", r"PairTerm\.scale must be a real number"),
-    ("shift", 1e39, r"PairTerm\.shift must be finite as a float"),
+    ("shift", 1e39, r"PairLossSpec\.neg\.shift must be finite as a float"),
     ("hinge", 1, r"PairTerm\.hinge must be a bool"),
     ("lse", True, r"PairLossSpec\.neg: a hinge term is reduced by sum"),
 ])

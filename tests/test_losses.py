@@ -103,21 +103,33 @@ def test_torch_compile_fullgraph(name):
 
 @pytest.mark.parametrize("make", [lambda: fpl.ContrastiveLoss(), lambda: fpl.MultiSimilarityLoss(miner_epsilon=0.1),
                                   lambda: fpl.TripletMarginLoss(0.1), lambda: fpl.NCALoss(),
-                                  lambda: fpl.ArcFaceLoss(4, 8), lambda: fpl.MarginLoss()],
-                         ids=["contrastive", "ms_mined", "triplet", "nca", "arcface", "margin"])
+                                  lambda: fpl.ArcFaceLoss(4, 8), lambda: fpl.MarginLoss(),
+                                  lambda: fpl.ProxyNCALoss(4, 8)],
+                         ids=["contrastive", "ms_mined", "triplet", "nca", "arcface", "margin", "proxynca"])
 def test_torch_compile_fullgraph_of_a_module(make):
     """A module's forward (PML's input handling: labels' device and ids, the empty-batch and ref
     rules) traces without a graph break, with int and with float labels, and again for another
     batch size (automatic dynamic shapes)."""
     loss = make()
     g = torch.Generator().manual_seed(3)
-    for labels_float in (False, True) if not isinstance(loss, fpl.ArcFaceLoss) else (False,):
+    for labels_float in (False, True) if not isinstance(loss, (fpl.ArcFaceLoss, fpl.ProxyNCALoss)) else (False,):
         torch._dynamo.reset()
         compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
         for n in (16, 20):
             x, y = torch.randn(n, 8, generator=g), torch.arange(n) % 4
             labels = y.float() if labels_float else y
             torch.testing.assert_close(compiled(x, labels), loss(x, labels), rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_of_margin_loss_follows_an_assigned_beta():
+    """A fixed beta assigned after construction (PML's attribute) is the one the compiled call uses."""
+    torch._dynamo.reset()
+    loss = fpl.MarginLoss()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    x, y = torch.randn(12, 8, generator=torch.Generator().manual_seed(5)), torch.arange(12) % 4
+    for beta in (1.2, torch.tensor([0.5])):
+        loss.beta = beta
+        torch.testing.assert_close(compiled(x, y), loss(x, y))
 
 
 def test_torch_compile_refuses_a_learned_margin_beta():

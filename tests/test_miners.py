@@ -540,7 +540,7 @@ def test_batch_miners_in_half_precision_tie_as_pml(name, distance, how):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=how == "autocast_bf16"):
             ours = tuple(getattr(miners, name)(**kw)(x.to(dtype), y))
             theirs = getattr(pml_miners, name)(**kw)(x.to(dtype), y)
-        assert all(torch.equal(a, b) for a, b in zip(ours, theirs)), seed
+        assert len(ours) == len(theirs) and all(torch.equal(a, b) for a, b in zip(ours, theirs)), seed
 
 
 @pytest.mark.parametrize("name", ["PairMarginMiner", "MultiSimilarityMiner", "BatchHardMiner", "BatchEasyHardMiner",

@@ -434,3 +434,57 @@ def test_cosine_only_losses_refuse_a_dot_product_as_pml(cls_name):
         getattr(L, cls_name)(**sizes, distance=DotProductSimilarity())
     with pytest.raises(ValueError, match="distance"):
         getattr(fpl.losses, cls_name)(**sizes, distance=DotProductSimilarity())
+
+
+def test_autocast_dtype_follows_the_modules_settings_and_wrappers():
+    """PML's dtype is asked of a twin with the module's own settings (ProxyNCA with a cosine runs
+    another softmax path than with its default LpDistance), for a user's subclass too, and the
+    fused CrossBatchMemory step returns it as the loss's own call does."""
+    x, y = batch(18, n=8)
+    for in_dtype in (torch.float16, torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ours = fpl.ProxyNCALoss(3, 6, distance=CosineSimilarity())
+            pml = L.ProxyNCALoss(3, 6, distance=CosineSimilarity())
+            pml.load_state_dict(ours.state_dict())
+            assert ours(x.to(in_dtype), y).dtype == pml(x.to(in_dtype), y).dtype
+
+            class MyArcFace(fpl.ArcFaceLoss):
+                pass
+            assert MyArcFace(3, 6)(x.to(in_dtype), y).dtype == L.ArcFaceLoss(3, 6)(x.to(in_dtype), y).dtype
+            for name in ("TripletMarginLoss", "GeneralizedLiftedStructureLoss", "MultiSimilarityLoss"):
+                xbm, xbm_pml = (lib.CrossBatchMemory(getattr(lib, name)(), 6, memory_size=16) for lib in (fpl, L))
+                xbm.embedding_memory = xbm.embedding_memory.to(in_dtype)
+                xbm_pml.embedding_memory = xbm_pml.embedding_memory.to(in_dtype)
+                assert xbm(x.to(in_dtype), y).dtype == xbm_pml(x.to(in_dtype), y).dtype, name
+
+
+def test_a_users_subclass_builds_and_its_init_function_runs_once():
+    class MyNPairs(fpl.NPairsLoss):
+        pass
+    x, y = batch(19, n=8)
+    y = torch.arange(8) // 2
+    assert_same(value_and_grad(MyNPairs(), x, y), value_and_grad(L.NPairsLoss(), x, y))
+    calls = []
+
+    def init(weight):
+        calls.append(weight.shape)
+        torch.nn.init.normal_(weight)
+    fpl.ArcFaceLoss(3, 6, weight_init_func=init)
+    assert calls == [torch.Size([6, 3])]
+
+
+def test_extreme_hyper_parameters_give_pmls_value():
+    """A temperature of 1e-39 (a scale beyond float's range in the declaration) is PML's NaN, not an
+    error about a field the user never wrote."""
+    x, y = batch(20)
+    for make in (lambda lib: lib.NTXentLoss(temperature=1e-39), lambda lib: lib.ContrastiveLoss(neg_margin=1e39)):
+        a, b = make(fpl.losses)(x, y), make(L)(x, y)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0, equal_nan=True)
+
+
+def test_snr_names_an_index_of_another_batch():
+    x, y = batch(21, n=6)
+    idx = (torch.tensor([0, 9]), torch.tensor([1, 2]), torch.tensor([0, 1]), torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match="indices_tuple"):
+        fpl.SignalToNoiseRatioContrastiveLoss()(x, y, idx)

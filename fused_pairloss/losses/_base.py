@@ -66,28 +66,37 @@ def _copy_records(module, pml):
         module._record_these = list(pml._record_these)
 
 
+def _entry_of(cls):
+    """The registry row (LossEntry) of a loss class or of the nearest of its bases that has one (a
+    user's subclass); None if none does."""
+    for klass in cls.__mro__:
+        entry = next((e for e in getattr(sys.modules.get(klass.__module__), "ENTRIES", ()) if e.cls is klass), None)
+        if entry is not None:
+            return entry
+    return None
+
+
 def _small_pml_class_loss(cls, kwargs=None):
     """PML's class of the class loss `cls` built with 2 classes of width 2 (and the given PML keyword
     arguments): what PML's construction says without a C x D weight; its random init runs on a
     forked random state, so the caller's stays where PML's constructor would leave it. None where
     PML lacks the class or refuses the arguments at that size."""
-    entry = next((e for e in getattr(sys.modules.get(cls.__module__), "ENTRIES", ()) if e.cls is cls), None)
-    try:
-        from pytorch_metric_learning import losses as pml_losses
-        pml_cls = getattr(pml_losses, cls.__name__)
-    except (ImportError, AttributeError):
-        return None
+    entry = _entry_of(cls)
     if entry is None:
         return None
     try:
+        from pytorch_metric_learning import losses as pml_losses
+        pml_cls = getattr(pml_losses, entry.cls.__name__)
+    except (ImportError, AttributeError):
+        return None
+    # not the user's weight_init_func: it would run a second time (its own generator, side effects)
+    kwargs = {k: v for k, v in (kwargs or {}).items() if k != "weight_init_func"}
+    try:
         with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             warnings.simplefilter("ignore")
-            return pml_cls(**entry.size_kwargs(2, 2), **(kwargs or {}))
+            return pml_cls(**entry.size_kwargs(2, 2), **kwargs)
     except Exception:  # noqa: BLE001 - a courtesy (records, the value's dtype): callers have a default
         return None
-
-
-_CLASS_VALUE_DTYPES = {}  # (class, device type, input dtype, autocast dtype) -> PML's value dtype (None: unknown)
 
 
 def _probe_batch(dtype, device, width, classes):
@@ -99,12 +108,13 @@ def _probe_batch(dtype, device, width, classes):
 
 def _pml_value_dtype(cache, make_twin, embeddings, ours, width=4, classes=4):
     """The dtype of PML's value for these embeddings under autocast: what PML's own class (from
-    make_twin) returns on this device type, probed once on a small batch and kept in `cache` by the
-    device type and dtypes. Which ops autocast runs in fp32 differs between devices (on CUDA exp, log and sum
-    do) and torch versions, so it is asked, not tabulated. `ours` without autocast, while
-    torch.compile traces (unless probed before), without PML, or where PML refuses the probe."""
+    make_twin, of the module's settings) returns on this device type for a batch it computes a loss
+    of, probed once on a small batch and kept in `cache` by the device type and dtypes. Which ops
+    autocast runs in fp32 differs between devices (on CUDA exp, log and sum do) and torch versions,
+    so it is asked, not tabulated. `ours` without autocast, while torch.compile traces (unless
+    probed before), without PML, or where PML refuses the probe."""
     device_type = embeddings.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not V.autocast_enabled(device_type):
         return ours
     key = (device_type, embeddings.dtype, torch.get_autocast_dtype(device_type))
     if key not in cache:
@@ -124,9 +134,8 @@ def _pml_value_dtype(cache, make_twin, embeddings, ours, width=4, classes=4):
     return cache[key] or ours
 
 
-def _small_class_twin_with_unit_columns(cls):
-    """_small_pml_class_loss with exact unit columns (PML's P2SGrad asserts them in every dtype)."""
-    twin = _small_pml_class_loss(cls)
+def _with_unit_columns(twin):
+    """A small class-loss twin with exact unit columns (PML's P2SGrad asserts them in every dtype)."""
     for param in () if twin is None else twin.parameters():
         if param.dim() == 2:
             param.data = torch.eye(*param.shape, dtype=param.dtype)
@@ -258,10 +267,13 @@ class _PmlFallback:
     def _setup_kwargs(self, kwargs, pml_args=(), pml_kwargs=None, param_name=None):
         self._pml = None
         name = type(self).__name__
+        entry = _entry_of(type(self))  # a user's subclass of one of ours: PML's class of its base
+        pml_name = name if entry is None else entry.cls.__name__
         distance = kwargs.get("distance")
         # PML's assertion where PML has the class (any CosineSimilarity; DotProductSimilarity is refused),
         # else the fused cosine
-        cosine = _is_pml_cosine(distance, name) if _pml_has_loss(name) else _distance_name(distance) == "cosine"
+        cosine = (_is_pml_cosine(distance, pml_name) if _pml_has_loss(pml_name)
+                  else _distance_name(distance) == "cosine")
         if self._cosine_only and distance is not None and not (
                 cosine or self._inverted_only and getattr(distance, "is_inverted", False)):
             what = "a similarity (is_inverted)" if self._inverted_only else "CosineSimilarity()"
@@ -276,7 +288,7 @@ class _PmlFallback:
             f"{k}={v!r}" for k, v in others.items() if v not in (None, False)]
         if not unfused:
             self._distance_kind = fused
-            self._attach_pml_objects(name, kwargs, pml_args, pml_kwargs)
+            self._attach_pml_objects(pml_name, kwargs, pml_args, pml_kwargs)
             return
         try:
             from pytorch_metric_learning import losses as pml_losses
@@ -284,7 +296,8 @@ class _PmlFallback:
             raise ValueError(f"{name}: {sorted(kwargs)} need pytorch-metric-learning (fused: distance in "
                              f"{list(self._distances)}, no reducer / regularizer arguments)") from e
         with torch.random.fork_rng(devices=[]):  # its weight is replaced by ours: PML's random state is ours
-            pml = getattr(pml_losses, name)(*pml_args, **(pml_kwargs or {}), **self._pml_fallback_kwargs(kwargs))
+            pml = getattr(pml_losses, pml_name)(*pml_args, **(pml_kwargs or {}),
+                                                **self._pml_fallback_kwargs(kwargs))
         self._pml_reason = ", ".join(unfused)  # what the fallback warning names
         if param_name is not None:  # one parameter, the module's own (state_dicts stay PML's)
             setattr(pml, param_name, getattr(self, param_name))
@@ -325,8 +338,18 @@ class _PmlFallback:
             twin = _small_pml_class_loss(type(self), kwargs)
             if twin is not None and hasattr(twin, "_record_these"):  # the names PML's record-keeper logs
                 self._record_these = list(twin._record_these)
+            object.__setattr__(self, "_pml_probe", _with_unit_columns(twin))  # its value's dtype under autocast
         _set_pml_object(self, "distance", distance)
         _set_pml_object(self, "reducer", reducer)
+
+    _probe_shape = dict(width=4, classes=4)  # the probe batch's width and labels (class losses: their twin's)
+
+    def _as_pml_dtype(self, value, embeddings):
+        """The value in the dtype of PML's under autocast, asked of this module's PML twin (its
+        settings: a distance, softplus, ...; docs/api.md); as is otherwise."""
+        return value.to(_pml_value_dtype(self.__dict__.setdefault("_value_dtypes", {}),
+                                         lambda: getattr(self, "_pml_probe", None), embeddings, value.dtype,
+                                         **self._probe_shape))
 
     def _run_pml(self, *args):
         _warn_once((type(self).__name__, self._pml_reason),
@@ -380,10 +403,7 @@ class _PairLoss(_PmlFallback, _LossBase):
             if ref_labels is not None:
                 V.check_labels(ref_labels, 0, "ref_labels", "ref_emb")
             return empty_batch_loss(embeddings, self._empty_ref_value)
-        value = self._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        # PML's dtype under autocast, asked of this module's PML twin (its settings: softplus, ...)
-        return value.to(_pml_value_dtype(self.__dict__.setdefault("_value_dtypes", {}),
-                                         lambda: getattr(self, "_pml_probe", None), embeddings, value.dtype))
+        return self._as_pml_dtype(self._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels), embeddings)
 
     def _forward(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         if self._labels_without_indices:
@@ -632,6 +652,7 @@ class _ClassLoss(_PmlFallback, _LossBase):
 
     _param = "fc"
     _empty_batch_value = math.nan
+    _probe_shape = dict(width=2, classes=2)  # the twin's size (_small_pml_class_loss)
     _distances = ("cosine",)
     _cosine_only = True  # SoftTriple, ProxyCircle, CosFace, ArcFace (PML asserts it for its own)
     _pml_twin = False
@@ -670,11 +691,8 @@ class _ClassLoss(_PmlFallback, _LossBase):
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         if self._pml is not None:
             return self._run_pml(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        value = self._fused_forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        cls = type(self)
-        return value.to(_pml_value_dtype(_CLASS_VALUE_DTYPES.setdefault(cls, {}),
-                                         lambda: _small_class_twin_with_unit_columns(cls),
-                                         embeddings, value.dtype, width=2, classes=2))  # PML's dtype under autocast
+        return self._as_pml_dtype(self._fused_forward(embeddings, labels, indices_tuple, ref_emb, ref_labels),
+                                  embeddings)
 
     def _fused_forward(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         name = type(self).__name__

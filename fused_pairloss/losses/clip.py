@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.image_text import clip_lse
-from ..ops.operands import stat_dtype
+from ..ops.operands import logaddexp, stat_dtype
 from ..ops.spec import ClassLossSpec, PairTerm
 from ..ops.stats import class_stats
 from . import _image_text as IT
@@ -89,8 +89,8 @@ def _engine_lse(q, r, scale, offset, cols, backend):
     labels = torch.arange(offset, offset + n, device=q.device)
     st = class_stats(scale.to(q.dtype) * q, r, labels, declaration(cols), backend)
     pos = st.target_sim
-    row = torch.logaddexp(st.lse_other, pos)
-    return row, (torch.logaddexp(pos, st.col_lse_neg) if cols else None), pos
+    row = logaddexp(st.lse_other, pos)
+    return row, (logaddexp(pos, st.col_lse_neg) if cols else None), pos
 
 
 def clip_fused(image_features, text_features, logit_scale, logit_bias=None, *, backend=IT.CHUNKED,

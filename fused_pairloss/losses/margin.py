@@ -16,6 +16,8 @@ for cosine), added through (beta - beta.detach()) * gradient.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .. import _validation as V
@@ -159,6 +161,13 @@ class MarginLoss(_PairLoss):
         self.backend = backend
         self._setup_kwargs(dict(kwargs, **pml_only), (margin, nu, beta), dict(learn_beta=self.learn_beta),
                            param_name="beta")
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name == "beta" and "_fixed_beta" in self.__dict__:  # a beta assigned later (PML's attribute)
+            fixed = (isinstance(value, numbers.Real) and not isinstance(value, bool)) or (
+                torch.is_tensor(value) and value.numel() == 1 and not value.requires_grad)
+            self.__dict__["_fixed_beta"] = float(value) if fixed else None
 
     def _hyper(self):
         beta = self._fixed_beta if V._compiling() and self._fixed_beta is not None else self.beta

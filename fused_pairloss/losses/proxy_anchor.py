@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import normalize, zero_loss
+from ..ops._common import logaddexp, normalize, zero_loss
 from ..ops.spec import ClassLossSpec, PairTerm
 from ..ops.stats import class_stats
 from ._base import _ClassLoss, _check_sizes, _like, run_class_loss
@@ -60,8 +60,8 @@ def declaration(margin, alpha):
 
 def combine(st: engines.ClassStats, embeddings, labels, num_classes):
     zero = torch.zeros_like(st.col_lse_pos)
-    pos = torch.logaddexp(st.col_lse_pos, zero)  # softplus; exact at -inf
-    neg = torch.logaddexp(st.col_lse_neg, zero)
+    pos = logaddexp(st.col_lse_pos, zero)  # softplus; exact at -inf
+    neg = logaddexp(st.col_lse_neg, zero)
     with_pos = torch.bincount(labels, minlength=num_classes).gt(0).sum()
     pos_loss = torch.where(with_pos > 0, pos.sum() / with_pos.clamp(min=1), 0).to(embeddings.dtype)
     neg_loss = (neg.sum() / num_classes).to(embeddings.dtype)

@@ -101,7 +101,9 @@ def _labels_only_compared(labels, embeddings, num_classes):
         return False  # the usual checks name what is wrong
     if labels.is_floating_point() or labels.dtype == torch.bool:
         return True
-    return (not labels.is_complex() and labels.numel() > 0 and labels.device.type != "meta"
+    # integers: out of range only (one sync, as the range check of the fused path's own); not while
+    # torch.compile traces (no sync there: the fused path's check is skipped too)
+    return (not labels.is_complex() and labels.numel() > 0 and labels.device.type != "meta" and not V._compiling()
             and bool(((labels < 0) | (labels >= num_classes)).any()))
 
 

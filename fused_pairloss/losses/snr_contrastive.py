@@ -256,8 +256,9 @@ def without_copied_positives(indices_tuple, embeddings, ref):
                                                                   indices_tuple[0], indices_tuple[2])
     device = embeddings.device
     a1, p = torch.as_tensor(a1, device=device), torch.as_tensor(p, device=device)
-    if a1.numel() == 0:
-        return indices_tuple
+    if (a1.numel() == 0 or a1.shape != p.shape or a1.dim() != 1 or a1.is_floating_point() or p.is_floating_point()
+            or bool((a1 < 0).any() | (a1 >= embeddings.shape[0]).any() | (p < 0).any() | (p >= ref.shape[0]).any())):
+        return indices_tuple  # nothing to leave out, or what the listed pairs' checks name (or convert)
     q = normalize(embeddings.detach())
     keys_q = torch.stack(_row_keys(q), 1)
     keys_r = keys_q if ref is embeddings else torch.stack(_row_keys(normalize(ref.detach())), 1)

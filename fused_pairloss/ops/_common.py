@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
+from .. import _validation as V
 from .engines import exclusion_for
 from .operands import logaddexp  # noqa: F401 - the losses' row combinations take it from here
 
@@ -23,7 +24,7 @@ def similarity_dtype(embeddings, distance):
     structure). Under autocast, CosineSimilarity's matmul runs in the autocast dtype (every floating
     input but fp64); LpDistance's torch.cdist keeps the input dtype."""
     device_type = embeddings.device.type
-    if distance == "cosine" and embeddings.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+    if distance == "cosine" and embeddings.dtype != torch.float64 and V.autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return embeddings.dtype
 

@@ -60,11 +60,16 @@ FLOAT_MAX = 3.4028234663852886e38  # the largest float32
 
 
 def _check_number(name, value):
-    """A declaration's number: real, not a bool, finite as the float the engines compute in."""
+    """A declaration's number is real, not a bool (its range: declare.check_declaration, for a
+    user's declaration; our losses' extreme hyper-parameters give PML's inf / NaN)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number; got {value!r}")
-    if not -FLOAT_MAX <= value <= FLOAT_MAX:
-        raise ValueError(f"{name} must be finite as a float (|x| <= {FLOAT_MAX:.4g}); got {value!r}")
+
+
+def ntx_tiny_of(packed, accumulation_dtype) -> float:
+    """NTXent's tiny from its packed term (loss_spec.h ntx_tiny): the value, or for 0 the smallest
+    normal of the dtype the engine accumulates in."""
+    return float(packed) or float(torch.finfo(accumulation_dtype).tiny)
 
 
 @dataclass(frozen=True)
@@ -245,7 +250,7 @@ class PairLossSpec:
 
     def tiny(self, accumulation_dtype) -> float:
         """NTXent's tiny as the engines read it (loss_spec.h ntx_tiny)."""
-        return float(self.ntx_tiny) if self.ntx_tiny is not None else float(torch.finfo(accumulation_dtype).tiny)
+        return ntx_tiny_of(self.ntx_tiny or 0.0, accumulation_dtype)
 
     @property
     def defer_positives(self) -> bool:

@@ -261,8 +261,7 @@ def _pair_kernel_consts(terms, A) -> tuple:
     then the histogram's nodes, lo, inv_width, and PML's delta = 1 / inv_width (rounded to float in
     the kernels, as loss_spec.h hist_delta_f)."""
     nodes, lo, inv_width = int(terms[11]), float(terms[12]), float(terms[13])
-    tiny = float(terms[_NTX_TINY_TERM]) or float(torch.finfo(A).tiny)
-    return (tuple(float(t) for t in terms[:_KERNEL_TERMS]) + (tiny,)
+    return (tuple(float(t) for t in terms[:_KERNEL_TERMS]) + (S.ntx_tiny_of(terms[_NTX_TINY_TERM], A),)
             + tuple(float(t) for t in terms[_WINDOW_TERMS])
             + (nodes, lo, inv_width if nodes else 1.0, 1.0 / inv_width if nodes else 1.0))
 
