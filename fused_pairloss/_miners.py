@@ -28,7 +28,7 @@ import torch
 from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning.utils import common_functions as c_f
 
-from . import _validation as V
+from .ops.operands import autocast_enabled
 
 
 # entries of one chunk's N_chunk x M (pair miners) or N_chunk x M x M (triplets) intermediates
@@ -262,7 +262,7 @@ class BatchEasyHardMiner(pml_miners.BatchEasyHardMiner):
                 or self.allowed_neg_range is not None):
             return None
         low_precision = any(t.dtype not in (torch.float32, torch.float64) for t in (rows.embeddings, rows.ref_emb))
-        if low_precision or (kind == "cosine" and V.autocast_enabled(rows.embeddings.device.type)):
+        if low_precision or (kind == "cosine" and autocast_enabled(rows.embeddings.device.type)):
             # PML mines on its own fp16 / bf16 matrix (autocast's, for the cosine's matmul), whose
             # roundings tie many pairs, which its torch.max breaks to the first index; the op's
             # distances are more precise, so its extremes would differ: PML's steps

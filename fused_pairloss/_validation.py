@@ -29,14 +29,6 @@ def user_stacklevel():
     return level
 
 
-def autocast_enabled(device_type) -> bool:
-    """torch.is_autocast_enabled(device_type), False for a device type autocast does not know (meta)."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except RuntimeError:
-        return False
-
-
 def _compiling() -> bool:
     try:
         return torch.compiler.is_compiling()

@@ -27,6 +27,7 @@ import torch
 from .. import _validation as V
 from .._backends import resolve_backend
 from ..ops._common import zero_loss
+from ..ops.operands import autocast_enabled
 
 
 _warned = set()
@@ -114,7 +115,7 @@ def _pml_value_dtype(cache, make_twin, embeddings, ours, width=4, classes=4):
     so it is asked, not tabulated. `ours` without autocast, while torch.compile traces (unless
     probed before), without PML, or where PML refuses the probe."""
     device_type = embeddings.device.type
-    if not V.autocast_enabled(device_type):
+    if not autocast_enabled(device_type):
         return ours
     key = (device_type, embeddings.dtype, torch.get_autocast_dtype(device_type))
     if key not in cache:

@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
-from .. import _validation as V
 from .engines import exclusion_for
-from .operands import logaddexp  # noqa: F401 - the losses' row combinations take it from here
+from .operands import autocast_enabled, logaddexp  # noqa: F401 - logaddexp: for the row combinations
 
 
 def normalize(x):
@@ -24,7 +23,7 @@ def similarity_dtype(embeddings, distance):
     structure). Under autocast, CosineSimilarity's matmul runs in the autocast dtype (every floating
     input but fp64); LpDistance's torch.cdist keeps the input dtype."""
     device_type = embeddings.device.type
-    if distance == "cosine" and embeddings.dtype != torch.float64 and V.autocast_enabled(device_type):
+    if distance == "cosine" and embeddings.dtype != torch.float64 and autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return embeddings.dtype
 

@@ -43,6 +43,14 @@ def weight_rows(w, flags):
     return F.normalize(rows, p=2, dim=1) if flags & S.NORMALIZE_WEIGHTS else rows
 
 
+def autocast_enabled(device_type) -> bool:
+    """torch.is_autocast_enabled(device_type), False for a device type autocast does not know (meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def logaddexp(a, b):
     """torch.logaddexp(a, b), with a finite second derivative where one side is -inf (an empty set's
     log-sum-exp): torch's is NaN there (its gradient 1 / (1 + exp(b - a)) differentiates to inf /
