@@ -487,3 +487,27 @@ def test_snr_exact_copies_are_not_counted_as_pml(how, dtype):
         args = (x, y, None, x.clone(), y.clone()) if how == "ref_clone" else (x, y)
     check_against_pml(fpl.SignalToNoiseRatioContrastiveLoss(), pml_losses.SignalToNoiseRatioContrastiveLoss(),
                       args, dtype)
+
+
+@pytest.mark.parametrize("how", ["listed", "memory"])
+def test_tuplet_pair_without_negatives_has_pmls_zero_gradient(how):
+    """A positive pair of a row without negatives adds no term in PML (loss 0, gradient 0), also
+    where its cosine rounds above 1 (acos would give NaN): a row against its own copy."""
+    g = torch.Generator().manual_seed(3)
+    y = torch.zeros(1, dtype=torch.long)
+    for _ in range(6):  # the second row's cosine with itself is 1 + 2^-52 in fp64
+        x = torch.randn(1, 8, generator=g, dtype=torch.float64)
+        grads = []
+        for lib in (fpl, pml_losses):
+            xx = x.clone().requires_grad_(True)
+            if how == "listed":
+                idx = (torch.tensor([0]), torch.tensor([0]), torch.tensor([], dtype=torch.long),
+                       torch.tensor([], dtype=torch.long))
+                value = lib.TupletMarginLoss(scale=16)(xx, y, idx, x.clone(), y)
+            else:  # a one-slot memory holding the row's own copy (PML keeps a one-row batch's self pair)
+                memory = lib.CrossBatchMemory(lib.TupletMarginLoss(scale=16), 8, memory_size=1)
+                value = memory(xx, y)
+            grads.append((value, torch.autograd.grad(value, xx)[0]))
+        (a, ga), (b, gb) = grads
+        assert float(a) == float(b) == 0.0
+        assert torch.equal(ga, gb) and not ga.any()

@@ -62,16 +62,26 @@ class _Acos(torch.autograd.Function):
                            -grad / torch.sqrt(torch.where(unused, torch.ones_like(u), 1 - u * u)))
 
 
+def _without_negatives(u, row_lse):
+    """(rows without a negative, u with 0 there): such a pair's term is 0 and so is its gradient (PML
+    computes no term there), also where S_ap rounds beyond 1 (acos would make it NaN)."""
+    alone = row_lse == float("-inf")
+    return alone, torch.where(alone, torch.zeros_like(u), u)
+
+
 def tuplet_pair_term(u, row_lse, col_stat, same_index, scale, margin_rad, lp):
     """l_ap = logaddexp(0, z), z = L_a - s cos(acos S_ap - m); L_a = -inf (no negative) gives 0."""
+    _, u = _without_negatives(u, row_lse)
     return logaddexp(torch.zeros_like(u), row_lse - scale * torch.cos(_Acos.apply(u) - margin_rad))
 
 
 def tuplet_pair_term_grad(u, row_lse, col_stat, same_index, scale, margin_rad, lp):
     """d l / dz = sigmoid(z); dz / du = -s sin(acos u - m) / sqrt(1 - u^2); dz / dL_a = 1."""
+    alone, u = _without_negatives(u, row_lse)
     theta = torch.acos(u)
     sig = torch.sigmoid(row_lse - scale * torch.cos(theta - margin_rad))
-    return -scale * sig * torch.sin(theta - margin_rad) / torch.sqrt(1 - u * u), sig, torch.zeros_like(u)
+    d_u = torch.where(alone, torch.zeros_like(u), -scale * sig * torch.sin(theta - margin_rad) / torch.sqrt(1 - u * u))
+    return d_u, sig, torch.zeros_like(u)
 
 
 register_pair_term("tuplet_margin", tuplet_pair_term, tuplet_pair_term_grad)
