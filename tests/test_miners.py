@@ -555,3 +555,17 @@ def test_a_wider_ref_without_ref_labels_is_pmls(name):
     assert len(ours) == len(theirs) and all(torch.equal(a, b) for a, b in zip(ours, theirs))
     with pytest.raises(ValueError, match="ref_labels"):
         getattr(miners, name)()(x, y, r[:10])
+
+
+@pytest.mark.parametrize("ref_labels_of", ["other_labels", "a_copy"])
+@pytest.mark.parametrize("type_of_triplets", ["all", "hard", "semihard"])
+def test_triplet_miner_on_the_batch_as_its_own_ref_under_other_labels(type_of_triplets, ref_labels_of):
+    """ref_emb=embeddings with another labels object: PML's identity rule does not apply (the
+    diagonal is a pair at d = 0), so the fused TripletMarginLoss is ref mode, PML's value."""
+    x, y, _, _ = batch("self", n=24, d=8, classes=4, seed=2)
+    other = torch.randint(0, 4, (24,), generator=torch.Generator().manual_seed(9))
+    y2 = y.clone() if ref_labels_of == "a_copy" else other
+    mined = miners.TripletMarginMiner(0.3, type_of_triplets=type_of_triplets)(x, y, x, y2)
+    ours = fpl.TripletMarginLoss(margin=0.1)(x, y, mined, x, y2)
+    theirs = pml_losses.TripletMarginLoss(margin=0.1)(x, y, tuple(mined), x, y2)
+    check_close(ours, theirs, theirs, what="value", dtype=torch.float64)

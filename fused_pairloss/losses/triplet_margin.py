@@ -377,8 +377,11 @@ class TripletMarginLoss(_PairLoss):
     def _fused_with_miner(self, mined):
         """Our TripletMarginMiner's triplets: its window on the triplet margin in the op, nothing listed."""
         emb = mined.embeddings
-        ref_emb = None if mined.ref_emb is emb else mined.ref_emb
-        ref_labels = None if ref_emb is None else mined.ref_labels
+        # self mode only where PML's identity rule holds (the batch under its own labels); the batch
+        # as its ref under other labels is ref mode, its diagonal a pair as in PML
+        self_mode = mined.ref_emb is emb and mined.ref_labels is mined.labels
+        ref_emb = None if self_mode else mined.ref_emb
+        ref_labels = None if self_mode else mined.ref_labels
         V.check_pair_inputs(emb, mined.labels, ref_emb, ref_labels)
         backend = resolve_backend(self.backend, emb.device)
         if backend == "reference":
