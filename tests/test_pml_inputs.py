@@ -488,3 +488,29 @@ def test_snr_names_an_index_of_another_batch():
     idx = (torch.tensor([0, 9]), torch.tensor([1, 2]), torch.tensor([0, 1]), torch.tensor([3, 4]))
     with pytest.raises(ValueError, match="indices_tuple"):
         fpl.SignalToNoiseRatioContrastiveLoss()(x, y, idx)
+
+
+def test_attributes_assigned_after_construction_as_pml():
+    """An attribute only PML computes, set later, makes the module PML's computation; a module PML
+    computes gets the attributes assigned on it; DynamicSoftMarginLoss's state is PML's there."""
+    x, y = batch(22, n=16)
+    cases = [("TripletMarginLoss", {}, dict(swap=True)), ("TripletMarginLoss", {}, dict(smooth_loss=True)),
+             ("TripletMarginLoss", dict(swap=True), dict(margin=0.5)),
+             ("TripletMarginLoss", dict(swap=True), dict(swap=False)),
+             ("MarginLoss", dict(num_classes=3), dict(margin=0.5, nu=0.3)),
+             ("LiftedStructureLoss", dict(collect_stats=True), dict(neg_margin=0.4))]
+    for name, ctor, later in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ours, pml = getattr(fpl.losses, name)(**ctor), getattr(L, name)(**{**ctor, **later})
+            for k, v in later.items():
+                setattr(ours, k, v)
+            assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours, pml = fpl.losses.DynamicSoftMarginLoss(collect_stats=True), L.DynamicSoftMarginLoss(collect_stats=True)
+        for _ in range(2):
+            assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))
+        torch.testing.assert_close(ours.hist_, pml.hist_)
+        ours.hist_ = pml.hist_ = torch.full_like(pml.hist_, 0.1)
+        assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))

@@ -214,7 +214,24 @@ def _taking_plain_numbers(init):
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
         init(self, *map(_plain_number, args), **{k: _plain_number(v) for k, v in kwargs.items()})
+        # the hyper-parameters as built (the outermost __init__ finishes last): those assigned anew
+        # later are handed to PML's instance where PML computes (_PmlFallback._sync_pml)
+        object.__setattr__(self, "_built_values", _plain_attributes(self))
     return __init__
+
+
+def _same(a, b):
+    """Whether an attribute still holds the value it was built with (numbers compared by value)."""
+    if a is b:
+        return True
+    plain = (bool, int, float, str, type(None))
+    return isinstance(a, plain) and isinstance(b, plain) and a == b
+
+
+def _plain_attributes(module):
+    """The module's plain (non-tensor, non-module, public) attributes: its hyper-parameters."""
+    return {k: v for k, v in vars(module).items()
+            if not k.startswith("_") and not isinstance(v, (torch.Tensor, torch.nn.Module))}
 
 
 def pml_base(name):
@@ -267,6 +284,7 @@ class _PmlFallback:
 
     def _setup_kwargs(self, kwargs, pml_args=(), pml_kwargs=None, param_name=None):
         self._pml = None
+        object.__setattr__(self, "_pml_setup", (kwargs, pml_args, pml_kwargs, param_name))  # _fall_back_now
         name = type(self).__name__
         entry = _entry_of(type(self))  # a user's subclass of one of ours: PML's class of its base
         pml_name = name if entry is None else entry.cls.__name__
@@ -352,14 +370,43 @@ class _PmlFallback:
                                          lambda: getattr(self, "_pml_probe", None), embeddings, value.dtype,
                                          **self._probe_shape))
 
+    # attribute -> the value the fused path computes; another one, also assigned after construction,
+    # is PML's computation (TripletMarginLoss's swap, ...)
+    _pml_only = {}
+    # attributes PML's forward updates (a module's state): handed to PML's instance and read back
+    _pml_state = ()
+
+    def _pml_only_assigned(self):
+        """Whether an attribute only PML computes was given a value after construction (the fused
+        path cannot compute it): the module then falls back to PML, as if built with it."""
+        return self._pml is None and any(getattr(self, k) != v for k, v in self._pml_only.items())
+
+    def _fall_back_now(self):
+        kwargs, pml_args, pml_kwargs, param_name = self._pml_setup
+        assigned = {k: getattr(self, k) for k, fused in self._pml_only.items() if getattr(self, k) != fused}
+        self._setup_kwargs(dict(kwargs, **assigned), pml_args, pml_kwargs, param_name)
+
+    def _sync_pml(self):
+        """PML's instance given the hyper-parameters assigned on this module after construction (PML's
+        own module reads its attributes at each call) and the module's state."""
+        built = getattr(self, "_built_values", {})
+        for k, v in _plain_attributes(self).items():
+            if k in built and hasattr(self._pml, k) and not _same(v, built[k]):
+                setattr(self._pml, k, v)
+        for k in self._pml_state:
+            setattr(self._pml, k, getattr(self, k))
+
     def _run_pml(self, *args):
         _warn_once((type(self).__name__, self._pml_reason),
                    f"fused_pairloss: {type(self).__name__} with {self._pml_reason} is computed by "
                    "pytorch-metric-learning itself (not fused)")
+        self._sync_pml()
         out = self._pml(*args)
         for stat in getattr(self._pml, "_record_these_stats", ()):  # the stats PML collected, on this module
             if hasattr(self._pml, stat):
                 object.__setattr__(self, stat, getattr(self._pml, stat))
+        for k in self._pml_state:
+            setattr(self, k, getattr(self._pml, k))
         return out
 
 
@@ -393,6 +440,8 @@ class _PairLoss(_PmlFallback, _LossBase):
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         """PML's forward: PML itself for PML-only arguments; else the inputs PML accepts made ours
         (pml_labels), an empty batch's PML value, then the loss's own `_forward`."""
+        if self._pml_only_assigned():
+            self._fall_back_now()
         if self._pml is not None:
             return self._run_pml(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         labels, ref_labels = pml_labels(embeddings, labels, ref_emb, ref_labels, not self._refuses_ref)

@@ -150,6 +150,8 @@ class DynamicSoftMarginLoss(_PairLoss):
     _listed_pairs = False
     _fused_in_wrappers = False
 
+    _pml_state = ("hist_",)  # its momentum histogram, PML's instance's where PML computes
+
     def __init__(self, min_val=-2.0, num_bins=10, momentum=0.01, backend="auto", **kwargs):
         super().__init__()
         self.num_bins, self.delta = check_bins(min_val, num_bins, momentum)

@@ -135,6 +135,7 @@ class MarginLoss(_PairLoss):
     _reference = staticmethod(margin_reference)
     _fuses_pair_miners = True  # our MultiSimilarityMiner's and PairMarginMiner's pairs: their rule in the engine
     _listed_pairs = False  # listed triplets from their rows (_reference_with_indices)
+    _pml_only = {"triplets_per_anchor": "all"}
 
     def __init__(self, margin=0.2, nu=0, beta=1.2, triplets_per_anchor="all", learn_beta=False, num_classes=None,
                  backend="auto", **kwargs):

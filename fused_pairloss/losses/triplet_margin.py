@@ -329,6 +329,7 @@ class TripletMarginLoss(_PairLoss):
     _default_distance = "lp"
     _reference = staticmethod(triplet_margin_reference)
     _listed_pairs = False  # listed triplets: _reference_with_indices (their rows only); pairs: below
+    _pml_only = {"swap": False, "smooth_loss": False, "triplets_per_anchor": "all"}
 
     def __init__(self, margin=0.05, swap=False, smooth_loss=False, triplets_per_anchor="all", backend="auto",
                  **kwargs):
