@@ -614,8 +614,8 @@ def pml_labels(embeddings, labels, ref_emb, ref_labels, takes_ref=True):
     labels moved to the embeddings' device (ref_labels to ref_emb's), float / bool labels as int64
     ids (V.label_ids), ref_labels without ref_emb unused, and PML's set_ref_emb rule for a ref_emb
     without ref_labels: the labels stand for ref_emb's rows too (`ref_labels is labels`, so the
-    diagonal is no pair), which needs as many rows as embeddings (else the input checks raise, as
-    PML fails)."""
+    diagonal is no pair), which needs as many rows as embeddings (else the input checks raise; PML
+    fails on fewer rows and reads only the first ones of more, depending on the loss)."""
     if ref_emb is None:  # PML's set_ref_emb: the batch is its own ref, ref_labels unused
         ref_labels = None
     same = ref_labels is labels
