@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from . import _validation as V
+from ._backends import resolve_backend
 from ._distributed import (AllGather, DistributedBatch, RankLayout, agreed_layout, all_gather_uneven,
                            fused_pair_plan, is_distributed)
 from .losses._base import _ClassLoss, _PairLoss
@@ -86,12 +87,13 @@ class DistributedLossWrapper(torch.nn.Module):
     gathered batch is enqueued in rank order, the same on every rank; PML enqueues each rank's own
     rows first, so its ranks' memories differ, PML issue #639).
 
-    `efficient=True` is accepted and gives the same exact result. (PML's efficient mode computes
-    only the local rows as anchors against the gathered batch and lets the gradient of the other
-    ranks' rows go unused, which is not the single-process gradient: PML issues #712 and #448. The
-    fused path always computes the local rows only and is exact.) With an explicit indices_tuple,
-    efficient=True is PML's efficient call (the local rows against the gathered batch as the ref:
-    the tuple of an efficient DistributedMinerWrapper indexes that).
+    On the fused path `efficient=True` is accepted and gives the same exact result. (PML's efficient
+    mode computes only the local rows as anchors against the gathered batch and lets the gradient
+    of the other ranks' rows go unused, which is not the single-process gradient: PML issues #712
+    and #448. The fused path always computes the local rows only and is exact.) Where PML computes
+    (below), efficient=True is PML's efficient call (the local rows against the gathered batch as
+    the ref: the tuple of an efficient DistributedMinerWrapper indexes that; without a tuple, all
+    pairs of the local rows against it less their own columns, as PML).
 
     Not fused, computed as PML's wrapper does (the gathered batch, this rank's rows first, the
     others detached, and the whole loss on it): an explicit `indices_tuple` (its indices refer to
@@ -196,13 +198,25 @@ class DistributedLossWrapper(torch.nn.Module):
             if ref_labels is not None:
                 ref_labels = ref_labels.to(ref_emb.device)
             all_ref, all_ref_labels = self._pml_gather(ref_emb), self._pml_gather(ref_labels)
-        if self.efficient and indices_tuple is not None:
+        if self.efficient and (indices_tuple is not None or self._pml_computes(embeddings.device)):
             # PML's efficient call: this rank's rows against the gathered ref (or batch), which is
-            # what the anchors of an efficient DistributedMinerWrapper's tuple index
+            # what the anchors of an efficient DistributedMinerWrapper's tuple index; without a
+            # tuple, PML's: all pairs of the local rows against it, less their own columns
             if all_ref is None:
                 all_ref, all_ref_labels = all_emb, all_labels
+            if indices_tuple is None:
+                from pytorch_metric_learning.utils.distributed import get_indices_tuple
+                indices_tuple = get_indices_tuple(labels, all_ref_labels)
             return self.loss(embeddings, labels, indices_tuple, all_ref, all_ref_labels)
         return self.loss(all_emb, all_labels, indices_tuple, all_ref, all_ref_labels)
+
+    def _pml_computes(self, device):
+        """Whether the loss is PML's computation: a PML loss object, a module of ours computing with
+        PML itself, the reference backend (efficient=True is then PML's efficient call; our other
+        losses, which the wrapper does not fuse, run on the gathered batch: the exact result)."""
+        if getattr(self.loss, "_pml", None) is not None or not hasattr(self.loss, "_pml"):
+            return True
+        return resolve_backend(getattr(self.loss, "backend", "auto"), device) == "reference"
 
     def _pml_cross_batch(self, embeddings, labels, indices_tuple, enqueue_mask):
         agreed_layout(dict(embeddings=embeddings, labels=labels, enqueue_mask=enqueue_mask))

@@ -267,8 +267,13 @@ def run_cases(rank, world):
             x, y = data(5, sum(sizes))
             xu = _leaf(rows_of(x, sizes, rank))
             vu = fpl.DistributedLossWrapper(make_f())(xu, rows_of(y, sizes, rank))
+            # efficient=True where PML computes: PML's efficient call
+            xe, xpe = _leaf(xr.detach()), _leaf(xr.detach())
+            ve = fpl.DistributedLossWrapper(make_f(), efficient=True)(xe, yr)
+            vpe = pml_dist.DistributedLossWrapper(make_p(), efficient=True)(xpe, yr)
             return {"even": (v.detach(), _grads(v, [xr])), "pml": (vp.detach(), _grads(vp, [xp])),
-                    "uneven": (vu.detach(), _grads(vu, [xu]))}
+                    "uneven": (vu.detach(), _grads(vu, [xu])),
+                    "efficient": (ve.detach(), _grads(ve, [xe])), "pml_efficient": (vpe.detach(), _grads(vpe, [xpe]))}
 
         case(name, fallback_case)
 

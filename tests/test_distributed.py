@@ -108,7 +108,14 @@ def test_not_fused_does_what_pml_does(world, name):
     for rank, r in enumerate(per_rank):
         close(r["even"][0], r["pml"][0], f"{name} rank {rank} value vs PML's wrapper")
         close(r["even"][1][0], r["pml"][1][0], f"{name} rank {rank} grad vs PML's wrapper")
-    if name in C.fallback_losses():  # uneven sizes (PML's own wrapper cannot): one process
+    if name in C.fallback_losses():
+        # efficient=True: PML's efficient call where PML computes; our losses the wrapper does not
+        # fuse run on the gathered batch either way (the exact result)
+        expected = "even" if name in ("lifted_pairs", "tuplet") else "pml_efficient"
+        for rank, r in enumerate(per_rank):
+            close(r["efficient"][0], r[expected][0], f"{name} rank {rank} efficient value vs {expected}")
+            close(r["efficient"][1][0], r[expected][1][0], f"{name} rank {rank} efficient grad vs {expected}")
+        # uneven sizes (PML's own wrapper cannot): one process
         sizes = C.UNEVEN[world]
         x, y = C.data(5, sum(sizes))
         v, g = single_process(C.fallback_losses()[name][1](), x, y, sizes, world)
