@@ -257,6 +257,8 @@ def fused_pair_plan(loss, device):
     fn = FUSED_PAIR_CALLS.get(type(loss))
     if fn is None or getattr(loss, "_pml", None) is not None or getattr(loss, "_distance_kind", None) is None:
         return None
+    if loss._pml_only_assigned():  # an attribute only PML computes, assigned after construction
+        return None
     backend = resolve_backend(loss.backend, device)
     if backend == "reference":
         return None

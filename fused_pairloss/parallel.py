@@ -34,7 +34,6 @@ import torch
 import torch.distributed as dist
 
 from . import _validation as V
-from ._backends import resolve_backend
 from ._distributed import (AllGather, DistributedBatch, RankLayout, agreed_layout, all_gather_uneven,
                            fused_pair_plan, is_distributed)
 from .losses._base import _ClassLoss, _PairLoss
@@ -198,25 +197,27 @@ class DistributedLossWrapper(torch.nn.Module):
             if ref_labels is not None:
                 ref_labels = ref_labels.to(ref_emb.device)
             all_ref, all_ref_labels = self._pml_gather(ref_emb), self._pml_gather(ref_labels)
-        if self.efficient and (indices_tuple is not None or self._pml_computes(embeddings.device)):
+        if self.efficient and (indices_tuple is not None or self._pml_computes()):
             # PML's efficient call: this rank's rows against the gathered ref (or batch), which is
             # what the anchors of an efficient DistributedMinerWrapper's tuple index; without a
             # tuple, PML's: all pairs of the local rows against it, less their own columns
             if all_ref is None:
                 all_ref, all_ref_labels = all_emb, all_labels
+            elif all_ref_labels is None:  # PML's select_ref_or_regular: the batch's labels for the ref
+                all_ref_labels = all_labels
             if indices_tuple is None:
                 from pytorch_metric_learning.utils.distributed import get_indices_tuple
                 indices_tuple = get_indices_tuple(labels, all_ref_labels)
             return self.loss(embeddings, labels, indices_tuple, all_ref, all_ref_labels)
         return self.loss(all_emb, all_labels, indices_tuple, all_ref, all_ref_labels)
 
-    def _pml_computes(self, device):
+    def _pml_computes(self):
         """Whether the loss is PML's computation: a PML loss object, a module of ours computing with
         PML itself, the reference backend (efficient=True is then PML's efficient call; our other
         losses, which the wrapper does not fuse, run on the gathered batch: the exact result)."""
         if getattr(self.loss, "_pml", None) is not None or not hasattr(self.loss, "_pml"):
             return True
-        return resolve_backend(getattr(self.loss, "backend", "auto"), device) == "reference"
+        return getattr(self.loss, "backend", "auto") == "reference"  # asked for ("auto" may resolve to it)
 
     def _pml_cross_batch(self, embeddings, labels, indices_tuple, enqueue_mask):
         agreed_layout(dict(embeddings=embeddings, labels=labels, enqueue_mask=enqueue_mask))

@@ -271,9 +271,17 @@ def run_cases(rank, world):
             xe, xpe = _leaf(xr.detach()), _leaf(xr.detach())
             ve = fpl.DistributedLossWrapper(make_f(), efficient=True)(xe, yr)
             vpe = pml_dist.DistributedLossWrapper(make_p(), efficient=True)(xpe, yr)
-            return {"even": (v.detach(), _grads(v, [xr])), "pml": (vp.detach(), _grads(vp, [xp])),
-                    "uneven": (vu.detach(), _grads(vu, [xu])),
-                    "efficient": (ve.detach(), _grads(ve, [xe])), "pml_efficient": (vpe.detach(), _grads(vpe, [xpe]))}
+            out = {"even": (v.detach(), _grads(v, [xr])), "pml": (vp.detach(), _grads(vp, [xp])),
+                   "uneven": (vu.detach(), _grads(vu, [xu])),
+                   "efficient": (ve.detach(), _grads(ve, [xe])), "pml_efficient": (vpe.detach(), _grads(vpe, [xpe]))}
+            # a ref_emb without ref_labels: PML's efficient call reads the batch's labels for it
+            r = rows_of(data(7, EVEN * world)[0], [EVEN] * world, rank)
+            xe, xpe = _leaf(xr.detach()), _leaf(xr.detach())
+            ve = fpl.DistributedLossWrapper(make_f(), efficient=True)(xe, yr, None, r)
+            vpe = pml_dist.DistributedLossWrapper(make_p(), efficient=True)(xpe, yr, None, r)
+            out["efficient_ref"] = (ve.detach(), _grads(ve, [xe]))
+            out["pml_efficient_ref"] = (vpe.detach(), _grads(vpe, [xpe]))
+            return out
 
         case(name, fallback_case)
 

@@ -115,6 +115,9 @@ def test_not_fused_does_what_pml_does(world, name):
         for rank, r in enumerate(per_rank):
             close(r["efficient"][0], r[expected][0], f"{name} rank {rank} efficient value vs {expected}")
             close(r["efficient"][1][0], r[expected][1][0], f"{name} rank {rank} efficient grad vs {expected}")
+            if expected == "pml_efficient":  # a ref_emb without ref_labels
+                close(r["efficient_ref"][0], r["pml_efficient_ref"][0], f"{name} rank {rank} efficient ref value")
+                close(r["efficient_ref"][1][0], r["pml_efficient_ref"][1][0], f"{name} rank {rank} efficient ref grad")
         # uneven sizes (PML's own wrapper cannot): one process
         sizes = C.UNEVEN[world]
         x, y = C.data(5, sum(sizes))

@@ -495,6 +495,7 @@ def test_attributes_assigned_after_construction_as_pml():
     computes gets the attributes assigned on it; DynamicSoftMarginLoss's state is PML's there."""
     x, y = batch(22, n=16)
     cases = [("TripletMarginLoss", {}, dict(swap=True)), ("TripletMarginLoss", {}, dict(smooth_loss=True)),
+             ("TripletMarginLoss", dict(swap=True, margin=0.5), dict(margin=0.05)),  # back to the default
              ("TripletMarginLoss", dict(swap=True), dict(margin=0.5)),
              ("TripletMarginLoss", dict(swap=True), dict(swap=False)),
              ("MarginLoss", dict(num_classes=3), dict(margin=0.5, nu=0.3)),
@@ -506,6 +507,19 @@ def test_attributes_assigned_after_construction_as_pml():
             for k, v in later.items():
                 setattr(ours, k, v)
             assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))
+    with warnings.catch_warnings():  # assigned back and forth, a tensor beta, a reducer then a PML-only one
+        warnings.simplefilter("ignore")
+        ours = fpl.losses.TripletMarginLoss()
+        for k, v in (("swap", True), ("swap", False), ("reducer", reducers.MeanReducer()), ("swap", True)):
+            setattr(ours, k, v)
+            pml = L.TripletMarginLoss(swap=ours.swap, reducer=ours.reducer)
+            assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))
+        ours, pml = fpl.losses.MarginLoss(collect_stats=True), L.MarginLoss(collect_stats=True)
+        ours.beta = pml.beta = torch.tensor([0.3])
+        assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))
+        xbm, xbm_pml = (lib.CrossBatchMemory(lib.TripletMarginLoss(), 6, memory_size=32) for lib in (fpl, L))
+        xbm.loss.swap = xbm_pml.loss.swap = True
+        assert_same(value_and_grad(xbm, x, y), value_and_grad(xbm_pml, x, y))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ours, pml = fpl.losses.DynamicSoftMarginLoss(collect_stats=True), L.DynamicSoftMarginLoss(collect_stats=True)

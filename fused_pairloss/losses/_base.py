@@ -214,24 +214,20 @@ def _taking_plain_numbers(init):
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
         init(self, *map(_plain_number, args), **{k: _plain_number(v) for k, v in kwargs.items()})
-        # the hyper-parameters as built (the outermost __init__ finishes last): those assigned anew
-        # later are handed to PML's instance where PML computes (_PmlFallback._sync_pml)
-        object.__setattr__(self, "_built_values", _plain_attributes(self))
     return __init__
 
 
 def _same(a, b):
-    """Whether an attribute still holds the value it was built with (numbers compared by value)."""
+    """Whether two attribute values are the same (numbers compared by value)."""
     if a is b:
         return True
     plain = (bool, int, float, str, type(None))
     return isinstance(a, plain) and isinstance(b, plain) and a == b
 
 
-def _plain_attributes(module):
-    """The module's plain (non-tensor, non-module, public) attributes: its hyper-parameters."""
-    return {k: v for k, v in vars(module).items()
-            if not k.startswith("_") and not isinstance(v, (torch.Tensor, torch.nn.Module))}
+# attributes of ours that PML's instance holds in another form (its TorchInitWrapper; a class
+# loss's sizes, which PML's instance may leave at its record default), or nn.Module's own
+_NOT_HANDED_TO_PML = frozenset({"weight_init_func", "num_classes", "embedding_size", "descriptors_dim", "training"})
 
 
 def pml_base(name):
@@ -373,7 +369,7 @@ class _PmlFallback:
     # attribute -> the value the fused path computes; another one, also assigned after construction,
     # is PML's computation (TripletMarginLoss's swap, ...)
     _pml_only = {}
-    # attributes PML's forward updates (a module's state): handed to PML's instance and read back
+    # attributes PML's forward updates (a module's state): read back from PML's instance after a call
     _pml_state = ()
 
     def _pml_only_assigned(self):
@@ -384,17 +380,27 @@ class _PmlFallback:
     def _fall_back_now(self):
         kwargs, pml_args, pml_kwargs, param_name = self._pml_setup
         assigned = {k: getattr(self, k) for k, fused in self._pml_only.items() if getattr(self, k) != fused}
+        objects = {k: getattr(self, k) for k in ("distance", "reducer")}  # as assigned, if they were
         self._setup_kwargs(dict(kwargs, **assigned), pml_args, pml_kwargs, param_name)
+        for k, v in objects.items():
+            _set_pml_object(self, k, v)
 
     def _sync_pml(self):
-        """PML's instance given the hyper-parameters assigned on this module after construction (PML's
-        own module reads its attributes at each call) and the module's state."""
-        built = getattr(self, "_built_values", {})
-        for k, v in _plain_attributes(self).items():
-            if k in built and hasattr(self._pml, k) and not _same(v, built[k]):
-                setattr(self._pml, k, v)
-        for k in self._pml_state:
-            setattr(self._pml, k, getattr(self, k))
+        """PML's instance given this module's attributes where they differ from its own (PML's module
+        reads its attributes at each call, so one assigned on ours changes the loss as on PML's),
+        the module's state included."""
+        pml = self._pml
+        names = {k for k in (*vars(self), *self._modules, *self._parameters, *self._buffers) if not k.startswith("_")}
+        for k in sorted(names - _NOT_HANDED_TO_PML):
+            if not hasattr(pml, k):
+                continue
+            v = getattr(self, k)
+            if _same(v, getattr(pml, k)):
+                continue
+            try:
+                setattr(pml, k, v)
+            except (TypeError, AttributeError):  # e.g. a plain tensor where PML registered a Parameter
+                pass
 
     def _run_pml(self, *args):
         _warn_once((type(self).__name__, self._pml_reason),
@@ -783,6 +789,7 @@ class _ClassLoss(_PmlFallback, _LossBase):
         """PML's get_logits: the N x C logits (materialized: that is what it returns); PML's own
         when PML computes this module (another distance)."""
         if self._pml is not None:
+            self._sync_pml()
             return self._pml.get_logits(embeddings)
         return self._logits(embeddings)
 
