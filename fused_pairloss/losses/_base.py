@@ -385,13 +385,18 @@ class _PmlFallback:
         for k, v in objects.items():
             _set_pml_object(self, k, v)
 
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if not name.startswith("_") and "_pml_setup" in self.__dict__:  # after PML's instance could exist
+            self.__dict__.setdefault("_assigned", set()).add(name)
+
     def _sync_pml(self):
-        """PML's instance given this module's attributes where they differ from its own (PML's module
-        reads its attributes at each call, so one assigned on ours changes the loss as on PML's),
-        the module's state included."""
+        """PML's instance given the attributes assigned on this module since it was set up, where they
+        differ from its own (PML's module reads its attributes at each call, so one assigned on ours
+        changes the loss as on PML's). Only those: others of ours may stand for what PML's instance
+        got as a keyword argument (a regularizer) or hold in its own form."""
         pml = self._pml
-        names = {k for k in (*vars(self), *self._modules, *self._parameters, *self._buffers) if not k.startswith("_")}
-        for k in sorted(names - _NOT_HANDED_TO_PML):
+        for k in sorted(self.__dict__.get("_assigned", set()) - _NOT_HANDED_TO_PML):
             if not hasattr(pml, k):
                 continue
             v = getattr(self, k)
