@@ -23,7 +23,7 @@ import torch
 from .. import _validation as V
 from ..ops import engines
 from ..ops._common import LOCAL, logaddexp, normalize, zero_loss
-from ..ops.operands import stat_dtype
+from ..ops.operands import recomputation_inputs, recomputed_grads, stat_dtype
 from ..ops.positive_pairs import label_positive_pairs
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import backward_op, forward_op
@@ -185,17 +185,9 @@ def _backward(ctx, grad):
     saved = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: a differentiable recomputation (second order)
         needs = ctx.needs_input_grad[:3]
-        # nodes of their own (r_hat may be q_hat itself); those no gradient is asked of stay constants
-        inputs = [t.view_as(t) if need else t.detach() for t, need in zip(saved[:3], needs)]
+        inputs = recomputation_inputs(saved[:3], needs)  # r_hat may be q_hat itself
         sums = _differentiable_sums(*inputs, *saved[3:], *ctx.args)
-        wanted = [t for t, need in zip(inputs, needs) if need]
-        grads = iter(torch.autograd.grad(sums, wanted, grad.to(sums.dtype), create_graph=True, allow_unused=True)
-                     if wanted else ())
-        out = []
-        for t, need in zip(inputs, needs):
-            g = next(grads) if need else None
-            out.append(None if not need else torch.zeros_like(t) if g is None else g)
-        gq, grh, grr = out
+        gq, grh, grr = recomputed_grads(sums, inputs, needs, grad.to(sums.dtype))
     else:
         gq, grh, grr = angular_rows_backward(grad.contiguous(), *saved, *ctx.args)
     return gq, grh, grr, None, None, None, None, None, None, None

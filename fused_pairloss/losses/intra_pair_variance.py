@@ -33,7 +33,7 @@ import torch
 from .. import _validation as V
 from ..ops import engines
 from ..ops._common import LOCAL, label_ids, pair_operands, zero_loss
-from ..ops.operands import lp_distances, lp_squared_distances, stat_dtype
+from ..ops.operands import lp_distances, lp_squared_distances, recomputation_inputs, recomputed_grads, stat_dtype
 from ..ops.spec import PAIR_AUX, PAIR_VALUES, PairLossSpec, PairTerm
 from ..ops.stats import backward_op, forward_op, pair_stats
 from ._base import _PairLoss, run_pair_loss
@@ -188,16 +188,12 @@ def _backward(ctx, grad_squares, grad_hinges):
     if grad_squares is None:
         return None, None, None, None, None, None, None, None, None, None
     if torch.is_grad_enabled():  # create_graph=True: a differentiable recomputation (second order)
-        # nodes of their own; those no gradient is asked of (and a ref of None) stay out
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[5])
-        inputs = [None if t is None else t.view_as(t) if need else t.detach()
-                  for t, need in zip((q, r, thresholds), needs)]
+        # a ref of None needs no gradient
+        needs = (ctx.needs_input_grad[0], r is not None and ctx.needs_input_grad[1], ctx.needs_input_grad[5])
+        inputs = recomputation_inputs((q, r, thresholds), needs)
         squares = _differentiable_squares(inputs[0], inputs[1], labels_q, labels_r, exclude_col, inputs[2], s_pos,
                                           s_neg, distance)
-        wanted = [t for t, need in zip(inputs, needs) if t is not None and need]
-        grads = iter(torch.autograd.grad(squares, wanted, grad_squares.to(squares.dtype), create_graph=True,
-                                         allow_unused=True) if wanted else ())
-        gq, gr, gt = (next(grads) if t is not None and need else None for t, need in zip(inputs, needs))
+        gq, gr, gt = recomputed_grads(squares, inputs, needs, grad_squares.to(squares.dtype))
         return gq, gr, None, None, None, gt, None, None, None, None
     grad_squares = grad_squares.contiguous()
     grad_q, grad_r = pair_squared_hinges_backward(grad_squares, q, r, labels_q, labels_r, exclude_col, thresholds,

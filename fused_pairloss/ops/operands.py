@@ -43,6 +43,26 @@ def weight_rows(w, flags):
     return F.normalize(rows, p=2, dim=1) if flags & S.NORMALIZE_WEIGHTS else rows
 
 
+def recomputation_inputs(saved, needs):
+    """A create_graph backward's inputs to its differentiable recomputation: each saved tensor a node
+    of its own (two of them may be one tensor, each gets its share), those no gradient is asked of
+    constants (None stays None)."""
+    return [None if t is None else t.view_as(t) if need else t.detach() for t, need in zip(saved, needs)]
+
+
+def recomputed_grads(output, inputs, needs, grad_output):
+    """The gradients of a recomputation (create_graph) w.r.t. the inputs that need one (zeros where
+    the output does not depend on it), None for the others."""
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    got = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=True, allow_unused=True)
+               if wanted else ())
+    out = []
+    for t, need in zip(inputs, needs):
+        g = next(got) if need else None
+        out.append(None if not need else torch.zeros_like(t) if g is None else g)
+    return out
+
+
 def autocast_enabled(device_type) -> bool:
     """torch.is_autocast_enabled(device_type), False for a device type autocast does not know (meta)."""
     try:

@@ -23,7 +23,7 @@ import torch
 
 from ._common import zero_loss
 from .listed import engine_values_op, join_on_anchor, pair_values
-from .operands import stat_dtype
+from .operands import recomputation_inputs, recomputed_grads, stat_dtype
 
 PAIR_TERMS: Dict[str, Tuple[Callable, Callable]] = {}
 
@@ -166,14 +166,10 @@ def _backward(ctx, grad):
     if torch.is_grad_enabled():  # create_graph=True: a differentiable recomputation
         A = stat_dtype(q.dtype)
         rows, cols = label_positive_pairs(labels_q, labels_r, exclude_col)
-        # nodes of their own (r may be q itself: each input gets its own share)
-        inputs = tuple(t.view_as(t) for t in (q, r, row_stat, col_stat))
+        inputs = recomputation_inputs((q, r, row_stat, col_stat), needs)  # r may be q itself
         sums = _sums(*(t.to(A) for t in inputs[:2]), rows, cols, *(t.to(A) for t in inputs[2:]), *ctx.args,
                      differentiable=True)
-        wanted = [t for t, need in zip(inputs, needs) if need]
-        got = iter(torch.autograd.grad(sums, wanted, grad.to(A), create_graph=True, allow_unused=True))
-        got = [(lambda g, t: torch.zeros_like(t) if g is None else g)(next(got), t) if need else None
-               for t, need in zip(inputs, needs)]
+        got = recomputed_grads(sums, inputs, needs, grad.to(A))
     else:
         got = positive_pair_rows_backward(grad.contiguous(), q, r, labels_q, labels_r, exclude_col, row_stat,
                                           col_stat, *ctx.args, needs)
