@@ -22,6 +22,7 @@ over the same triplets in the all-triplets op without reading the list.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -48,11 +49,18 @@ def _empty(device):
     return torch.tensor([], device=device, dtype=torch.long)
 
 
-def _unlabeled_wider_ref(embeddings, ref_emb, ref_labels):
-    """A ref_emb of more rows than the embeddings without ref_labels: PML reads the labels for the
-    ref's first rows and mines the others by its own steps' accidents (its MultiSimilarityMiner
-    keeps them as positives and negatives alike). PML accepts it, so it is PML's own mine()."""
-    return ref_labels is None and ref_emb is not None and ref_emb.shape[0] > embeddings.shape[0]
+def _pml_mines_an_unlabeled_wider_ref(pml_cls):
+    """A miner's mine() whose call with a ref_emb of more rows than the embeddings and no ref_labels
+    is PML's class's own: PML reads the labels for the ref's first rows and mines the others by its
+    own steps' accidents (its MultiSimilarityMiner keeps them as positives and negatives alike)."""
+    def wrap(mine):
+        @functools.wraps(mine)
+        def wrapped(self, embeddings, labels, ref_emb, ref_labels):
+            if ref_labels is None and ref_emb is not None and ref_emb.shape[0] > embeddings.shape[0]:
+                return pml_cls.mine(self, embeddings, labels, ref_emb, ref_labels)
+            return mine(self, embeddings, labels, ref_emb, ref_labels)
+        return wrapped
+    return wrap
 
 
 class _Rows:
@@ -62,7 +70,7 @@ class _Rows:
 
     def __init__(self, miner, embeddings, labels, ref_emb, ref_labels):
         if ref_labels is None:  # PML's get_matches_and_diffs: the labels stand for the ref's rows
-            if ref_emb.shape[0] < embeddings.shape[0]:  # a wider ref is PML's own mine (_unlabeled_wider_ref)
+            if ref_emb.shape[0] < embeddings.shape[0]:  # a wider one is PML's own mine (see the decorator)
                 raise ValueError(f"ref_emb was given without ref_labels: the labels then stand for ref_emb's rows "
                                  f"(PML's reading, which fails with an IndexError on fewer), so it needs at least "
                                  f"{embeddings.shape[0]} rows; got {ref_emb.shape[0]}")
@@ -105,9 +113,8 @@ class _Rows:
 class PairMarginMiner(pml_miners.PairMarginMiner):
     __doc__ = "PML's PairMarginMiner, mined in chunks of rows (fused_pairloss._miners)."
 
+    @_pml_mines_an_unlabeled_wider_ref(pml_miners.PairMarginMiner)
     def mine(self, embeddings, labels, ref_emb, ref_labels):
-        if _unlabeled_wider_ref(embeddings, ref_emb, ref_labels):
-            return pml_miners.PairMarginMiner.mine(self, embeddings, labels, ref_emb, ref_labels)
         rows = _Rows(self, embeddings, labels, ref_emb, ref_labels)
         out, sums = [[], [], [], []], [0.0, 0, 0.0, 0]
         for i0, i1 in _row_chunks(rows.N, rows.M, rows.M, CHUNK_ELEMENTS):
@@ -195,9 +202,8 @@ class MultiSimilarityMiner(pml_miners.MultiSimilarityMiner):
             out.append((row, order[row, at]))
         return out
 
+    @_pml_mines_an_unlabeled_wider_ref(pml_miners.MultiSimilarityMiner)
     def mine(self, embeddings, labels, ref_emb, ref_labels):
-        if _unlabeled_wider_ref(embeddings, ref_emb, ref_labels):
-            return pml_miners.MultiSimilarityMiner.mine(self, embeddings, labels, ref_emb, ref_labels)
         from .ops.triplets import ascending_kept_columns_op
         rows = _Rows(self, embeddings, labels, ref_emb, ref_labels)
         n_pos, n_neg = rows.pair_totals()
@@ -281,9 +287,8 @@ class BatchEasyHardMiner(pml_miners.BatchEasyHardMiner):
         sign = 1.0 if kind == "lp" else -1.0  # back to PML's matrix: d, or S = -u
         return (sign * pos_u).to(q.dtype), pos_i, pos_i >= 0, (sign * neg_u).to(q.dtype), neg_i, neg_i >= 0
 
+    @_pml_mines_an_unlabeled_wider_ref(pml_miners.BatchEasyHardMiner)
     def mine(self, embeddings, labels, ref_emb, ref_labels):
-        if _unlabeled_wider_ref(embeddings, ref_emb, ref_labels):
-            return pml_miners.BatchEasyHardMiner.mine(self, embeddings, labels, ref_emb, ref_labels)
         rows = _Rows(self, embeddings, labels, ref_emb, ref_labels)
         fused = self._fused_extremes(rows)
         if fused is not None:
@@ -344,9 +349,8 @@ class BatchEasyHardMiner(pml_miners.BatchEasyHardMiner):
 class BatchHardMiner(BatchEasyHardMiner, pml_miners.BatchHardMiner):
     __doc__ = "PML's BatchHardMiner (the hardest positive and negative of each anchor), mined in chunks of rows."
 
+    @_pml_mines_an_unlabeled_wider_ref(pml_miners.BatchHardMiner)
     def mine(self, embeddings, labels, ref_emb, ref_labels):  # PML's __init__ sets both strategies to "hard"
-        if _unlabeled_wider_ref(embeddings, ref_emb, ref_labels):
-            return pml_miners.BatchHardMiner.mine(self, embeddings, labels, ref_emb, ref_labels)
         a1, p, a2, n = super().mine(embeddings, labels, ref_emb, ref_labels)
         return a1, p, n
 
@@ -512,9 +516,8 @@ class TripletMarginMiner(pml_miners.TripletMarginMiner):
                              f"got {type_of_triplets!r}")
         super().__init__(margin=margin, type_of_triplets=type_of_triplets, **kwargs)
 
+    @_pml_mines_an_unlabeled_wider_ref(pml_miners.TripletMarginMiner)
     def mine(self, embeddings, labels, ref_emb, ref_labels):
-        if _unlabeled_wider_ref(embeddings, ref_emb, ref_labels):
-            return pml_miners.TripletMarginMiner.mine(self, embeddings, labels, ref_emb, ref_labels)
         rows = _Rows(self, embeddings, labels, ref_emb, ref_labels)
         inverted = self.distance.is_inverted
         out, stats = [[], [], []], [0.0, 0.0, 0]

@@ -12,7 +12,6 @@ slot index), the rule the engines use for every self exclusion.
 from __future__ import annotations
 
 import copy
-
 import functools
 
 import torch
