@@ -143,24 +143,19 @@ def _with_unit_columns(twin):
     return twin
 
 
-def _pml_has_loss(name):
-    try:
-        from pytorch_metric_learning import losses as pml_losses
-    except ImportError:
-        return False
-    return hasattr(pml_losses, name)
-
-
-def _is_pml_cosine(distance, name):
-    """PML's assert_distance_type(loss, CosineSimilarity) for PML's class `name`: any
-    CosineSimilarity, subclasses and other settings (power, p) included; those other than
-    _distance_name's "cosine" PML computes. False where PML has no such class."""
+def _takes_as_cosine(distance, name):
+    """Whether a loss that computes with the cosine only takes `distance`: PML's
+    assert_distance_type(loss, CosineSimilarity) where PML has the class `name` (any
+    CosineSimilarity, subclasses and other settings (power, p) included: those other than
+    _distance_name's "cosine" PML computes; a DotProductSimilarity refused), else the fused cosine."""
     try:
         from pytorch_metric_learning import losses as pml_losses
         from pytorch_metric_learning.distances import CosineSimilarity
     except ImportError:
-        return False
-    return isinstance(distance, CosineSimilarity) and hasattr(pml_losses, name)
+        return _distance_name(distance) == "cosine"
+    if not hasattr(pml_losses, name):
+        return _distance_name(distance) == "cosine"
+    return isinstance(distance, CosineSimilarity)
 
 
 def _has_short_row(*xs):
@@ -285,12 +280,9 @@ class _PmlFallback:
         entry = _entry_of(type(self))  # a user's subclass of one of ours: PML's class of its base
         pml_name = name if entry is None else entry.cls.__name__
         distance = kwargs.get("distance")
-        # PML's assertion where PML has the class (any CosineSimilarity; DotProductSimilarity is refused),
-        # else the fused cosine
-        cosine = (_is_pml_cosine(distance, pml_name) if _pml_has_loss(pml_name)
-                  else _distance_name(distance) == "cosine")
         if self._cosine_only and distance is not None and not (
-                cosine or self._inverted_only and getattr(distance, "is_inverted", False)):
+                _takes_as_cosine(distance, pml_name)
+                or self._inverted_only and getattr(distance, "is_inverted", False)):
             what = "a similarity (is_inverted)" if self._inverted_only else "CosineSimilarity()"
             raise ValueError(f"{name}: distance must be {what} (as in PML); got {distance!r}")
         fused = self._default_distance if distance is None else self._kind_of(distance)
