@@ -493,8 +493,8 @@ class _PairLoss(_PmlFallback, _LossBase):
     def _own_fused_fn(self):
         fused_fn = getattr(type(self), "_fused_fn", None)  # a declared loss (fused_pairloss.declare)
         if fused_fn is None:
-            entries = getattr(sys.modules.get(type(self).__module__), "ENTRIES", ())
-            fused_fn = next((e.fused for e in entries if e.cls is type(self) and e.fused is not None), None)
+            entry = _entry_of(type(self))
+            fused_fn = None if entry is None else entry.fused
         return fused_fn
 
     def _fused_with_miner_rule(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
@@ -772,8 +772,8 @@ class _ClassLoss(_PmlFallback, _LossBase):
 
     def _check_width(self, embeddings, weights):
         """The embeddings' width against the parameter's D, the error naming the constructor's argument."""
-        entries = getattr(sys.modules.get(type(self).__module__), "ENTRIES", ())
-        layout = next((e.weight_layout for e in entries if e.cls is type(self)), None)
+        entry = _entry_of(type(self))
+        layout = None if entry is None else entry.weight_layout
         if layout is None or not (isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2
                                   and weights.dim() == 2):
             return  # the functional form's checks name what is wrong
