@@ -197,6 +197,24 @@ def test_nan_bias_gives_nan():
         assert torch.isnan(loss(img, txt, t, torch.tensor(float("nan"))))
 
 
+@pytest.mark.parametrize("bad", ["nan_bias", "inf_bias", "nan_image"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_clip_nonfinite_gradients_are_open_clips(bad, backend):
+    """b cancels in CLIP's softmaxes, but a non-finite b (or a NaN loss, for b's own gradient) makes
+    open_clip's gradients NaN: the same leaves are NaN here."""
+    _, theirs = LOSSES["clip"]
+    img, txt, t, b = [a.detach() for a in leaves(8, 6, 8, torch.float64)]
+    if bad == "nan_image":
+        img[2, 1] = float("nan")
+    else:
+        b = torch.tensor(float("nan") if bad == "nan_bias" else float("inf"), dtype=torch.float64)
+    args = [a.clone().requires_grad_() for a in (img, txt, t, b)]
+    ours_grads = torch.autograd.grad(fpl.ClipLoss(backend=backend)(*args), args)
+    their_grads = torch.autograd.grad(theirs()(*args), args)
+    for ours_g, their_g in zip(ours_grads, their_grads):
+        assert torch.equal(torch.isnan(ours_g), torch.isnan(their_g))
+
+
 def _value_and_leaf_grads(loss, args):
     """The loss and its gradients (zeros where unused) w.r.t. the arguments that require grad."""
     out = loss(*args)

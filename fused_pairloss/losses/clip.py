@@ -115,9 +115,18 @@ def clip_fused(image_features, text_features, logit_scale, logit_bias=None, *, b
         row, col, pos = lse(q, r, logit_scale, 0, True, backend)
         loss = ((row - pos).mean() + (col - pos).mean()) / 2
     loss = loss.to(dtype)
-    if logit_bias is not None:  # cancels in both softmaxes; its gradient is 0 (NaN in, NaN out)
-        loss = loss + (logit_bias * 0).to(loss.dtype)
+    if logit_bias is not None:
+        loss = _with_cancelled_bias(loss, logit_bias.to(loss.dtype))
     return loss
+
+
+def _with_cancelled_bias(loss, bias):
+    """b cancels in both softmaxes: the value and every gradient are b's, but open_clip's logits
+    carry it, so a non-finite b makes the loss and every gradient NaN, and a NaN loss makes b's
+    gradient NaN. Elsewhere exactly the loss, and b's gradient 0."""
+    bias_nan = (bias - bias).detach()  # 0, or NaN where b is not finite
+    loss_nan = torch.where(torch.isnan(loss), loss, torch.zeros_like(loss)).detach()
+    return loss * (1 + bias_nan) + bias * (loss_nan + bias_nan)
 
 
 def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, local_loss=False,
