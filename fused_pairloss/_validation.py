@@ -141,9 +141,9 @@ def check_pair_inputs(embeddings, labels, ref_emb, ref_labels):
 
 
 def check_positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number; got {type(value).__name__}")
-    if not value > 0:
+    """A finite real number > 0 (temperatures, scales, alphas)."""
+    check_real(name, value)
+    if not _compiling() and not value > 0:
         raise ValueError(f"{name} must be > 0; got {value}")
 
 

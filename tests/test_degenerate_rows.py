@@ -116,6 +116,21 @@ def test_nca_short_rows_with_a_miner_and_in_cross_batch_memory():
     run_memory(lambda: fpl.NCALoss(), lambda: pml_losses.NCALoss(), zero_row_at=1)
 
 
+@DTYPES
+@pytest.mark.parametrize("softmax_scale", [20, 30, 200])
+def test_nca_rows_whose_softmax_underflows_are_dropped_as_pml(softmax_scale, dtype):
+    """PML drops a row whose p_i (its softmax, in the input's dtype) underflows to 0: the positive
+    40 s logits below the row's maximum (kept at s = 20; dropped at 30 in fp32 only; at 200 in
+    both). The same rows are dropped here, in self and ref mode; the values are PML's in that dtype."""
+    x = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [0.6, 0.8]], dtype=dtype)
+    y = labels(0, 0, 1, 1)
+    for args in ((x, y), (x[:3], y[:3], None, x, y)):
+        ours = fpl.NCALoss(softmax_scale=softmax_scale)(*args)
+        theirs = pml_losses.NCALoss(softmax_scale=softmax_scale)(*args)
+        assert torch.isfinite(theirs)
+        assert abs(float(ours) - float(theirs)) <= 1e-5 * (1 + abs(float(theirs)))
+
+
 # ---- ThresholdConsistentMarginLoss: a row of norm < 1e-8 ------------------------------------------
 @DTYPES
 def test_tcm_short_row_of_the_issue(dtype):

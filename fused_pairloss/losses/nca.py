@@ -4,7 +4,8 @@ Per row i, with z_ij = s * mat_ij, mat = -d^2 (PML's default LpDistance(power=2)
 (CosineSimilarity), over the columns j (not i itself when the ref is the batch):
     p_i = sum_{j: y_j = y_i} softmax_j(z_ij),   L_i = -log p_i,
 loss = mean of L_i over the rows with p_i != 0 (PML's MeanReducer; NaN if no row has a positive,
-as PML: the mean of nothing).
+as PML: the mean of nothing). p_i is 0 where PML's softmax, in the input's dtype, underflows: the
+fused rows compute exp(-L_i) in that dtype for the same test.
 
 Declaration: on unit rows d^2 = 2 - 2 S, so both distances are a term on v = S: x = 2 s (S - 1)
 (squared distance) or x = s S (cosine), reduced by LSE over the positives and over the negatives.
@@ -81,11 +82,15 @@ def declaration(softmax_scale, distance):
 
 
 def combine(st: engines.PairStats, embeddings, *, batch=LOCAL):
-    kept = st.count_pos > 0
+    has_pos = st.count_pos > 0
     # the rows without a positive out of the arithmetic (their lse are -inf: no NaN in the gradient)
-    lse_pos = torch.where(kept, st.lse_pos, torch.zeros_like(st.lse_pos))
-    lse_neg = torch.where(kept, st.lse_neg, torch.zeros_like(st.lse_neg))
-    rows = torch.where(kept, logaddexp(lse_pos, lse_neg) - lse_pos, torch.zeros_like(lse_pos))
+    lse_pos = torch.where(has_pos, st.lse_pos, torch.zeros_like(st.lse_pos))
+    lse_neg = torch.where(has_pos, st.lse_neg, torch.zeros_like(st.lse_neg))
+    rows = logaddexp(lse_pos, lse_neg) - lse_pos
+    # PML's p_i != 0: its softmax, in the input's dtype, underflows to 0 where the positives are far
+    # below the row's maximum, and PML drops that row
+    kept = has_pos & (torch.exp(-rows.detach().to(embeddings.dtype)) != 0)
+    rows = torch.where(kept, rows, torch.zeros_like(rows))
     n = batch.count(kept)
     mean = batch.sum(rows) / n.clamp(min=1).to(rows.dtype)
     # PML's MeanReducer of no row: the mean of nothing, NaN (a constant: no NaN in the gradient)
@@ -140,7 +145,7 @@ def nca_fused(embeddings, labels, ref_emb, ref_labels, *, softmax_scale, distanc
 def nca_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, softmax_scale=1.0, distance="squared_lp",
              backend="auto"):
     """PML NCALoss(softmax_scale); PML's default distance LpDistance(power=2) ("squared_lp")."""
-    V.check_real("softmax_scale", softmax_scale)
+    V.check_positive("softmax_scale", softmax_scale)
     _check_distance(distance)
     return run_pair_loss(nca_reference, nca_fused, embeddings, labels, ref_emb, ref_labels, backend,
                          softmax_scale=softmax_scale, distance=distance)
@@ -179,7 +184,7 @@ class NCALoss(_PairLoss):
 
     def __init__(self, softmax_scale=1, backend="auto", **kwargs):
         super().__init__()
-        V.check_real("softmax_scale", softmax_scale)
+        V.check_positive("softmax_scale", softmax_scale)
         self.softmax_scale = softmax_scale
         self._init_pair(backend, kwargs, (softmax_scale,))
 
