@@ -336,6 +336,13 @@ def test_new_pair_losses_reject_bad_inputs(name, case):
     (Fn.contrastive_loss, dict(neg_margin=float("inf")), ValueError, "neg_margin"),
     (Fn.multi_similarity_loss, dict(base=float("nan")), ValueError, "base"),
     (Fn.circle_loss, dict(m=float("inf")), ValueError, r"\bm\b"),
+    (Fn.ntxent_loss, dict(temperature=float("inf")), ValueError, "temperature"),
+    (Fn.multi_similarity_loss, dict(beta=float("inf")), ValueError, "beta"),
+    (Fn.nca_loss, dict(softmax_scale=0.0), ValueError, "softmax_scale"),
+    (Fn.nca_loss, dict(softmax_scale=-1.0), ValueError, "softmax_scale"),
+    (Fn.fast_ap_loss, dict(num_bins=float("inf")), ValueError, "num_bins"),
+    (Fn.fast_ap_loss, dict(num_bins=float("nan")), ValueError, "num_bins"),
+    (Fn.dynamic_soft_margin_loss, dict(num_bins=float("inf")), ValueError, "num_bins"),
 ])
 def test_pair_hyperparameters_named_in_errors(fn, kw, exc, arg):
     with pytest.raises(exc, match=arg):
@@ -378,6 +385,8 @@ def test_new_class_losses_reject_bad_weights_and_labels(name):
     (Fn.arcface_loss, W, dict(margin=float("inf")), ValueError, "margin"),
     (Fn.arcface_loss, W, dict(scale=-1.0), ValueError, "scale"),
     (Fn.proxy_anchor_loss, PROXIES, dict(alpha=0), ValueError, "alpha"),
+    (Fn.proxy_anchor_loss, PROXIES, dict(alpha=float("inf")), ValueError, "alpha"),
+    (Fn.large_margin_softmax_loss, W, dict(margin=float("inf")), ValueError, "margin"),
     (Fn.proxy_anchor_loss, PROXIES, dict(margin=float("-inf")), ValueError, "margin"),
     (Fn.subcenter_arcface_loss, W, dict(sub_centers=0), ValueError, "sub_centers"),
     (Fn.subcenter_arcface_loss, W, dict(sub_centers=3), ValueError, "sub_centers"),  # 4 columns

@@ -22,6 +22,8 @@ its second backward raises ("Trying to backward through the graph a second time"
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _validation as V
@@ -37,8 +39,8 @@ def check_bins(min_val, num_bins, momentum):
     V.check_real("min_val", min_val)
     if min_val == 0:
         raise ValueError("min_val must not be 0 (the bins' width is 2 |min_val| / num_bins)")
-    if isinstance(num_bins, bool) or not isinstance(num_bins, (int, float)) or num_bins != int(num_bins) \
-            or num_bins < 2:
+    if isinstance(num_bins, bool) or not isinstance(num_bins, (int, float)) or not math.isfinite(num_bins) \
+            or num_bins != int(num_bins) or num_bins < 2:
         raise ValueError(f"num_bins must be an integer >= 2 (PML sizes its histogram with it); got {num_bins!r}")
     V.check_real("momentum", momentum)
     return int(num_bins), 2 * abs(min_val) / num_bins

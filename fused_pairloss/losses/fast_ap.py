@@ -15,6 +15,8 @@ N x (num_bins + 1) histograms.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..ops._common import LOCAL, label_counts, normalize, zero_loss
@@ -30,6 +32,8 @@ HISTOGRAM_MAX = 4.0  # 2 ** power of PML's LpDistance(power=2)
 
 def check_num_bins(num_bins):
     """PML stores int(num_bins)."""
+    if isinstance(num_bins, float) and not math.isfinite(num_bins):
+        raise ValueError(f"num_bins must be finite; got {num_bins!r}")
     if isinstance(num_bins, bool) or not isinstance(num_bins, (int, float)) or int(num_bins) < 1:
         raise ValueError(f"num_bins must be a number with int(num_bins) >= 1; got {num_bins!r}")
     return int(num_bins)

@@ -41,6 +41,8 @@ def check_margin(margin):
     """PML stores int(margin); the expansion needs m >= 1 (PML divides pi by it)."""
     if isinstance(margin, bool) or not isinstance(margin, (numbers.Real, torch.Tensor)):
         raise TypeError(f"margin must be a number (PML takes int(margin)); got {type(margin).__name__}")
+    if not math.isfinite(float(margin)):
+        raise ValueError(f"margin must be finite; got {margin!r}")
     if int(margin) < 1:
         raise ValueError(f"margin must be >= 1 (the integer multiple of the target's angle); got {margin!r}")
     return int(margin)
