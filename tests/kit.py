@@ -23,7 +23,7 @@ from fused_pairloss.losses import (REGISTRY, LossEntry, circle, clip, contrastiv
                                    lifted_structure, margin_softmax, multi_similarity, ntxent, proxy_anchor,
                                    proxy_circle, ranked_list, siglip, soft_triple, supcon, tuplet_margin)
 from fused_pairloss.ops import oracle
-from fused_pairloss.ops.spec import ClassLossSpec, PairHistogram, PairLossSpec
+from fused_pairloss.ops.spec import ClassLossSpec, PairHistogram, PairLossSpec, PairTerm
 
 INF = float("inf")
 
@@ -124,6 +124,28 @@ def pair_case(mode, n, d, layout, dtype, data="dyadic", seed=0, m=None):
         return PairCase(q, gen(n, d, g, dtype), lq, lq.clone(), excl)
     m = m if m is not None else (n + 5 if n % 2 else max(1, n // 2))
     return PairCase(q, gen(m, d, g, dtype), lq, labels_for(layout, m, g), None)
+
+
+def ntxent_below_tiny_case(mode, dtype):
+    """NTXent at scale 100 (temperature 0.01) on rows whose pair terms have sigmoid(t) below fp32's
+    smallest normal (t = x_p - lse_neg in (-104, -87)), so PML's e^t is a subnormal and the term
+    -log(e^t + tiny) is not -log(tiny). Three groups in orthogonal planes (no pair across groups
+    reaches beyond S = 0): an anchor at angle 0, its positive at cosine about -0.45 and a negative at
+    cosine about 0.5. The declaration pins tiny to fp32's in both dtypes, so the fp64 truth is the
+    same function. Returns (case, declaration)."""
+    rows, labels = [], []
+    for g, (cos_pos, cos_neg) in enumerate([(-0.45, 0.5), (-0.40, 0.52), (-0.47, 0.45)]):
+        for k, cos in enumerate((1.0, cos_pos, cos_neg)):
+            row = torch.zeros(6, dtype=torch.float64)
+            row[2 * g], row[2 * g + 1] = cos, math.sqrt(1 - cos * cos)
+            rows.append(row)
+            labels.append(2 * g + (k == 2))
+    q, lq = torch.stack(rows).to(dtype), torch.tensor(labels)
+    declaration = PairLossSpec(pos=PairTerm(100.0), neg=PairTerm(100.0, lse=True), pos_vs_neg_lse=True,
+                               ntx_tiny=float(torch.finfo(torch.float32).tiny))
+    if mode == "self":
+        return PairCase(q, None, lq, None, None), declaration
+    return PairCase(q[:5], q, lq[:5], lq, torch.arange(5)), declaration
 
 
 @dataclass

@@ -70,6 +70,15 @@ def check_pair(case, spec, exact, seed=0):
     return out, grads
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("mode", ["self", "ref_excl"])
+def test_ntxent_terms_below_the_tiny(mode, dtype):
+    """NTXent's terms where sigmoid(t) is below the tiny: the value and gradient of -log(e^t +
+    tiny), not -log(tiny) with a zero gradient (kit.ntxent_below_tiny_case)."""
+    case, spec = kit.ntxent_below_tiny_case(mode, dtype)
+    check_pair(case, spec, exact=False)
+
+
 # N from 1 to 700, D odd and even, all label layouts: tiles are 32..96 rows at these sizes, so
 # N >= 70 spans several row blocks (edge tiles, off-diagonal tiles, several rounds); N = 700 runs
 # on the thread team (the smaller ones inline)

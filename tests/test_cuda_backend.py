@@ -279,6 +279,14 @@ def test_emulated_pair_op_parity_random(emu, decl, mode, dtype):
                exact=False, seed=7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("mode", ["self", "ref_excl"])
+def test_emulated_ntxent_terms_below_the_tiny(emu, mode, dtype):
+    """-log(e^t + tiny) where e^t is below the tiny (kit.ntxent_below_tiny_case)."""
+    case, spec = kit.ntxent_below_tiny_case(mode, dtype)
+    check_pair(emu, case, spec, exact=False)
+
+
 @pytest.mark.parametrize("decl", ["ms_mine", "contrastive_lp", "ntxent_mine"])
 def test_emulated_need_grad_r_false_skips_the_column_pass(emu, decl):
     case = kit.pair_case("ref", 70, 24, "few", torch.float32, "dyadic", seed=11)

@@ -131,6 +131,27 @@ def test_nca_rows_whose_softmax_underflows_are_dropped_as_pml(softmax_scale, dty
         assert abs(float(ours) - float(theirs)) <= 1e-5 * (1 + abs(float(theirs)))
 
 
+# ---- NTXentLoss: pair terms whose sigmoid is below the tiny ------------------------------------------
+@pytest.mark.parametrize("dtype,temperature", [(torch.float32, 0.01), (torch.float64, 0.001336)], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("how", ["self", "ref", "miner"])
+def test_ntxent_terms_below_the_tiny_are_pmls(dtype, temperature, how):
+    """A positive about 0.95 in cosine below its row's negatives: at these temperatures t = x_p -
+    lse_neg is about -95 (fp32) or -711 (fp64), where PML's e^t is a subnormal and its term
+    -log(e^t + tiny) differs from -log(tiny) with a gradient; the fused terms are PML's."""
+    import kit
+
+    case, _ = kit.ntxent_below_tiny_case("self", dtype)
+    x, y = case.q, case.labels_q
+    args = {"self": (x, y), "ref": (x[:5], y[:5], None, x, y),
+            "miner": (x, y, pml_miners.MultiSimilarityMiner(0.5)(x, y))}[how]
+    ours, ours_grad = value_and_grads(fpl.NTXentLoss(temperature), [a.requires_grad_(True) if a is x else a
+                                                                     for a in args], [x])
+    theirs, their_grad = value_and_grads(pml_losses.NTXentLoss(temperature), args, [x])
+    assert their_grad[0].abs().max() > 1e-3  # the terms in the band carry a gradient
+    assert abs(float(ours) - float(theirs)) <= 1e-6 * abs(float(theirs))
+    assert (ours_grad[0] - their_grad[0]).abs().max() <= 1e-3 * their_grad[0].abs().max()
+
+
 # ---- ThresholdConsistentMarginLoss: a row of norm < 1e-8 ------------------------------------------
 @DTYPES
 def test_tcm_short_row_of_the_issue(dtype):

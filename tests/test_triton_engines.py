@@ -455,6 +455,14 @@ def test_pair_large_scales_stay_finite():
         assert all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("mode", ["self", "ref_excl"])
+def test_ntxent_terms_below_the_tiny(mode, dtype):
+    """-log(e^t + tiny) where e^t is below the tiny (kit.ntxent_below_tiny_case)."""
+    case, spec = kit.ntxent_below_tiny_case(mode, dtype)
+    check_pair(case.to(device=DEV).args(), spec, exact=False)
+
+
 def test_pair_empty_and_tiny():
     spec = PAIR_DECLS["mixed"]
     terms, flags = spec.pack()

@@ -93,23 +93,30 @@ FPL_TERM_FN auto in_keep_window(T v, T lo, T hi) {
 
 // NTXent's pair term (PML NTXentLoss: -log(e^x / (e^x + sum_neg e^x') + tiny)) with
 // t = x - lse_neg_i: -log(sigmoid(t) + tiny), tiny = PairSpec::ntx_tiny (PML's small_val).
-// sigmoid(t) = exp(-softplus(-t)), softplus(-t) = max(-t, 0) + log1p(exp(-|t|)).
+// log sigmoid(t) = -softplus(-t) = min(t, 0) - log1p(exp(-|t|)); sigmoid(t) = its exp.
+template <typename T>
+FPL_TERM_FN T ntx_log_sigmoid(T t) {
+  const T a = t < TermLit<T>::of(0) ? -t : t;
+  return (t < TermLit<T>::of(0) ? t : TermLit<T>::of(0)) - math_log1p(math_exp(-a));
+}
 template <typename T>
 FPL_TERM_FN T ntx_sigmoid(T t) {
-  const T a = t < TermLit<T>::of(0) ? -t : t;
-  const T sp = (t < TermLit<T>::of(0) ? -t : TermLit<T>::of(0)) + math_log1p(math_exp(-a));
-  return (t != t) ? t : math_exp(-sp);
+  return (t != t) ? t : math_exp(ntx_log_sigmoid(t));
 }
+// In log space, -logaddexp(log sigmoid(t), log tiny): exact also where sigmoid(t) is below tiny
+// (t < about -87 in fp32), where its exp would be subnormal or flushed to 0 and the term is PML's
+// -log(subnormal + tiny), not -log(tiny).
 template <typename T>
 FPL_TERM_FN T ntx_pair_loss(T t, T tiny) {
-  return -math_log(ntx_sigmoid(t) + tiny);
+  const T ls = ntx_log_sigmoid(t), lt = math_log(tiny);
+  const T hi = ls > lt ? ls : lt, lo = ls > lt ? lt : ls;
+  return (t != t) ? t : -(hi + math_log1p(math_exp(lo - hi)));
 }
 // d/dt of ntx_pair_loss: -sigmoid (1 - sigmoid) / (sigmoid + tiny)
+//   = -sigmoid(-t) exp(log sigmoid(t) - logaddexp(log sigmoid(t), log tiny))
 template <typename T>
 FPL_TERM_FN T ntx_pair_dloss(T t, T tiny) {
-  const T sg = ntx_sigmoid(t);
-  const T one_minus = ntx_sigmoid(-t);
-  return -(sg * one_minus) / (sg + tiny);
+  return -ntx_sigmoid(-t) * math_exp(ntx_log_sigmoid(t) + ntx_pair_loss(t, tiny));
 }
 
 // softplus(x) = log(1 + e^x) = max(x, 0) + log1p(e^-|x|) (SigLIP's pair loss, -log sigmoid(-x)) and

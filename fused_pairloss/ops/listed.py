@@ -21,7 +21,7 @@ import torch
 from .. import _extension
 from . import spec as S
 from .engines import PairStats
-from .operands import lp_squared_distances, stat_dtype
+from .operands import lp_squared_distances, ntx_pair_loss, stat_dtype
 
 
 def check_indices(pairs, n_rows, n_cols):
@@ -281,7 +281,7 @@ def listed_pair_stats(q, r, spec: S.PairLossSpec, pairs: ListedPairs) -> PairSta
     pos_vs_neg = torch.zeros(n, dtype=A, device=q.device)
     if spec.pos_vs_neg_lse:  # NTXent: per positive pair -log(sigmoid(x_p - lse_neg) + tiny)
         t = xp - lse_neg[rows_p]
-        pair_loss = -torch.log(torch.sigmoid(t) + spec.tiny(A))
+        pair_loss = ntx_pair_loss(t, spec.tiny(A))
         pos_vs_neg = pos_vs_neg.index_add(0, rows_p, wp * pair_loss)
     inf = torch.full((n,), float("inf"), dtype=A, device=q.device)
     no_hist = torch.zeros(0, n, dtype=A, device=q.device)

@@ -2,6 +2,8 @@
 weights in the layout a declaration gives them (ops/README.md)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -84,6 +86,13 @@ def softplus(x):
     """log(1 + e^x) = log(e^0 + e^x), exact for every x and its gradient sigmoid(x) (F.softplus
     returns x itself above its threshold of 20); 0 at -inf, to the second derivative."""
     return logaddexp(x, torch.zeros_like(x))
+
+
+def ntx_pair_loss(t, tiny):
+    """NTXent's pair term -log(sigmoid(t) + tiny) (PML's small_val inside the log), in log space:
+    -logaddexp(log sigmoid(t), log tiny), exact also where sigmoid(t) is below tiny (t < about -87
+    in fp32), where PML's e^t is a subnormal rather than 0 (pair_terms.inl ntx_pair_loss)."""
+    return -logaddexp(-softplus(-t), torch.full_like(t, math.log(tiny)))
 
 
 def lp_distances(d2):

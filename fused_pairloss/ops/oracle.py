@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import spec as S
-from .operands import lp_squared_distances, softplus, stat_dtype, weight_rows
+from .operands import lp_squared_distances, ntx_pair_loss, softplus, stat_dtype, weight_rows
 
 NEG_INF = float("-inf")
 
@@ -51,11 +51,6 @@ def _masked_lse(x, mask, dim):
     empty = ~mask.any(dim=dim, keepdim=True)
     out = torch.where(empty, NEG_INF, m + torch.log(torch.where(empty, torch.ones_like(total), total)))
     return out.squeeze(dim)
-
-
-def _ntx_pair_loss(t, tiny):
-    """-log(sigmoid(t) + tiny) (NTXent's pair term, loss_spec.h)."""
-    return -torch.log(torch.sigmoid(t) + tiny)
 
 
 def _pair_values(q, r, labels_q, labels_r, exclude_col, sp: S.PairLossSpec):
@@ -125,10 +120,10 @@ def _pair_values(q, r, labels_q, labels_r, exclude_col, sp: S.PairLossSpec):
     if sp.pos_vs_neg_lse:
         tiny = sp.tiny(A)
         t = xp - lse_neg[:, None]
-        ntx = torch.where(pos, _ntx_pair_loss(t, tiny), 0).sum(1)
+        ntx = torch.where(pos, ntx_pair_loss(t, tiny), 0).sum(1)
         td = t.detach().requires_grad_(True)
         with torch.enable_grad():
-            dphi = torch.autograd.grad(_ntx_pair_loss(td, tiny).sum(), td)[0]
+            dphi = torch.autograd.grad(ntx_pair_loss(td, tiny).sum(), td)[0]
         ntx_dlse = -torch.where(pos, dphi, 0).sum(1)
     values = torch.stack([lse_pos, lse_neg, total(pos, xp, sp.pos), total(neg, xn, sp.neg), ntx,
                           weight(pos, xp, sp.pos), weight(neg, xn, sp.neg)])

@@ -748,13 +748,18 @@ if _IMPORTED:
 
     @triton.jit
     def _ntx_loss(t, tiny):
-        """NTXent's pair term -log(sigmoid(t) + tiny), t = x - lse_neg_i."""
-        return -tl.log(_sigmoid(t) + tiny)
+        """NTXent's pair term -log(sigmoid(t) + tiny), t = x - lse_neg_i, in log space:
+        -logaddexp(log sigmoid(t), log tiny) (pair_terms.inl ntx_pair_loss)."""
+        ls = -_softplus(-t)
+        lt = tl.log(tiny)
+        hi = tl.where(ls > lt, ls, lt)
+        lo = tl.where(ls > lt, lt, ls)
+        return tl.where(t != t, t, -(hi + _log1p(tl.exp(lo - hi))))
 
     @triton.jit
     def _ntx_dloss(t, tiny):
-        sg = _sigmoid(t)
-        return -(sg * _sigmoid(-t)) / (sg + tiny)
+        """-sigmoid (1 - sigmoid) / (sigmoid + tiny) (pair_terms.inl ntx_pair_dloss)."""
+        return -_sigmoid(-t) * tl.exp(-_softplus(-t) + _ntx_loss(t, tiny))
 
     @triton.jit
     def _pair_grad(kp, kn, xp, xn, db_p, db_n, glp, gln, gsp, gsn, gx, lsp, lsn, gwp, gwn, tp, tn, tiny,
