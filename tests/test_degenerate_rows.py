@@ -228,6 +228,19 @@ def test_snr_constant_query_rows(row, dtype):
     check_against_pml(ours, pml, (rows(8, 5, 10), y, None, r, ry), dtype)  # only a column constant
 
 
+@DTYPES
+def test_snr_all_rows_constant_is_pmls_zero_loss(dtype):
+    """Every row constant: every d is 0 / 0, no term passes PML's AvgNonZeroReducer, so PML returns
+    its zero loss on the embeddings, gradient 0 (not NaN through the division)."""
+    base = torch.tensor([1.0, -1, 2, 0.5, -3, 1, -0.2, 4], dtype=dtype).view(8, 1)
+    y = labels(0, 0, 1, 1, 2, 2, 3, 3)
+    for backend in ("auto", "reference"):
+        x = base.expand(8, 4).clone().requires_grad_(True)
+        loss = fpl.SignalToNoiseRatioContrastiveLoss(backend=backend)(x, y)
+        (grad,) = torch.autograd.grad(loss, x)
+        assert float(loss) == 0 and torch.equal(grad, torch.zeros_like(grad))
+
+
 @pytest.mark.parametrize("mode", ["self", "ref"])
 def test_snr_constant_row_with_a_miner(mode, monkeypatch):
     """A miner's tuple (the listed pairs, duplicates counted) on a batch with a constant row."""

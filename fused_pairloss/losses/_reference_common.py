@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._validation import _compiling
 from ..ops._common import normalize, zero_loss
 
 
@@ -187,6 +188,10 @@ def avg_non_zero(losses, embeddings, counts=None):
     else:
         weighted = losses
         n_above = above.sum()
+    if not _compiling() and n_above.device.type != "meta" and not bool(n_above > 0):
+        # PML's zero loss on the embeddings, off the losses' graph: a term NaN from 0 / 0 (SNR's
+        # constant rows) gives no NaN gradient through its division
+        return zero_loss(embeddings)
     total = torch.where(above, weighted, torch.zeros_like(weighted)).sum()
     mean_above = total / n_above.clamp(min=1)
     return torch.where(n_above > 0, mean_above, zero_loss(embeddings))
