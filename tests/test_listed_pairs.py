@@ -111,6 +111,23 @@ def test_indices_from_another_batch_are_named():
                                                                   torch.randint(0, 5, (60,))))
 
 
+@pytest.mark.parametrize("loss", list(LOSSES) + ["TripletMarginLoss", "MarginLoss", "IntraPairVarianceLoss"])
+@pytest.mark.parametrize("mode", ["self", "ref"])
+def test_nan_in_a_row_no_listed_pair_reads(loss, mode):
+    """NaN in, NaN out (docs/semantics.md) also where the tuple lists no pair of the NaN row: PML
+    gives a finite value there for some losses and NaN for others; every loss gives NaN here."""
+    x, y, r, ry = inputs(mode, torch.float64)
+    idx = pml_miners.MultiSimilarityMiner(0.2)(x[:30], y[:30], *((r, ry) if r is None else (r[:-1], ry[:-1])))
+    x = x.detach().clone()
+    x[35, 0] = float("nan")
+    if r is not None:
+        r = r.detach().clone()
+        r[-1, 0] = float("nan")
+        assert not any(bool((t == len(r) - 1).any()) for t in idx[1::2])  # not listed
+    cls, kw = loss.split("-")[0], LOSSES.get(loss, {})
+    assert torch.isnan(getattr(fpl, cls)(**kw)(x, y, idx, r, ry))
+
+
 @pytest.mark.parametrize("lp", [True, False], ids=["lp", "cosine"])
 def test_pair_values_gradcheck_and_chunks(lp, monkeypatch):
     """The listed pairs' v (an autograd function over chunks of gathers): gradcheck, self mode (one

@@ -28,6 +28,7 @@ from .. import _validation as V
 from .._backends import resolve_backend
 from ..ops._common import zero_loss
 from ..ops.operands import autocast_enabled
+from ._reference_common import nan_in_nan_out
 
 
 _warned = set()
@@ -466,12 +467,14 @@ class _PairLoss(_PmlFallback, _LossBase):
                 raise ValueError(f"{type(self).__name__}: labels is required (as in PML)")
         hyper = self._hyper()
         if indices_tuple is not None:
-            fused = self._fused_with_miner_rule(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-            if fused is None:
-                fused = self._fused_with_listed_pairs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-            if fused is not None:
-                return fused
-            return self._reference_with_indices(embeddings, labels, indices_tuple, ref_emb, ref_labels, hyper)
+            loss = self._fused_with_miner_rule(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+            if loss is None:
+                loss = self._fused_with_listed_pairs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+            if loss is None:
+                loss = self._reference_with_indices(embeddings, labels, indices_tuple, ref_emb, ref_labels, hyper)
+            # NaN in, NaN out also where no listed pair reads the NaN row, or a miner's comparison
+            # dropped it (as PML's do); in the loss's dtype (PML's under autocast)
+            return nan_in_nan_out(loss, embeddings, ref_emb).to(loss.dtype)
         return self._functional()(embeddings, labels, ref_emb, ref_labels, backend=self.backend, **hyper)
 
     _pair_based = False  # PML reduces the pair list (duplicates count), not a 0/1 mask (ops/listed.py)
@@ -524,10 +527,7 @@ class _PairLoss(_PmlFallback, _LossBase):
         if indices_tuple.translated(self._distance_kind) and _has_short_row(embeddings, ref_emb):
             return None  # d^2 = 2 - 2 S needs unit rows; F.normalize leaves a row of norm <= eps short
         mined_by = MinedBy(backend, indices_tuple.spec_changes(self._distance_kind))
-        loss = fused_fn(embeddings, labels, ref_emb, ref_labels, backend=mined_by, **self._listed_hyper())
-        # NaN in, NaN out also through the miner's comparisons (which drop a NaN pair, as PML's); in
-        # the loss's dtype (PML's under autocast)
-        return (loss + zero_loss(embeddings) + (0 if ref_emb is None else zero_loss(ref_emb))).to(loss.dtype)
+        return fused_fn(embeddings, labels, ref_emb, ref_labels, backend=mined_by, **self._listed_hyper())
 
     def _fused_with_listed_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """The loss's own fused function over the listed pairs (ops/listed.py: O(#pairs + (N + M) D)), or None
