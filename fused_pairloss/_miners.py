@@ -29,6 +29,7 @@ import torch
 from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning.utils import common_functions as c_f
 
+from . import _validation as V
 from .ops.operands import autocast_enabled
 
 
@@ -49,14 +50,24 @@ def _empty(device):
     return torch.tensor([], device=device, dtype=torch.long)
 
 
-def _pml_mines_an_unlabeled_wider_ref(pml_cls):
-    """A miner's mine() whose call with a ref_emb of more rows than the embeddings and no ref_labels
-    is PML's class's own: PML reads the labels for the ref's first rows and mines the others by its
-    own steps' accidents (its MultiSimilarityMiner keeps them as positives and negatives alike)."""
+def _checked_mine(pml_cls):
+    """A miner's mine(), after the checks of its inputs (2-D floating-point tensors, a ref_emb of the
+    embeddings' width and dtype: a ValueError / TypeError naming the argument, where PML fails deep
+    in its distance). A call with a ref_emb of more rows than the embeddings and no ref_labels is
+    PML's class's own mine: PML reads the labels for the ref's first rows and mines the others by
+    its own steps' accidents (its MultiSimilarityMiner keeps them as positives and negatives alike)."""
     def wrap(mine):
         @functools.wraps(mine)
         def wrapped(self, embeddings, labels, ref_emb, ref_labels):
-            if ref_labels is None and ref_emb is not None and ref_emb.shape[0] > embeddings.shape[0]:
+            V.check_embeddings(embeddings, allow_empty=True)
+            if ref_emb is not embeddings:
+                V.check_embeddings(ref_emb, "ref_emb", allow_empty=True)
+                if ref_emb.shape[1] != embeddings.shape[1]:
+                    raise ValueError(f"ref_emb must have the embedding width D={embeddings.shape[1]} of embeddings; "
+                                     f"got shape {tuple(ref_emb.shape)}")
+                if ref_emb.dtype != embeddings.dtype:
+                    raise TypeError(f"ref_emb must have the dtype of embeddings ({embeddings.dtype}); got {ref_emb.dtype}")
+            if ref_labels is None and ref_emb.shape[0] > embeddings.shape[0]:
                 return pml_cls.mine(self, embeddings, labels, ref_emb, ref_labels)
             return mine(self, embeddings, labels, ref_emb, ref_labels)
         return wrapped
@@ -113,7 +124,7 @@ class _Rows:
 class PairMarginMiner(pml_miners.PairMarginMiner):
     __doc__ = "PML's PairMarginMiner, mined in chunks of rows (fused_pairloss._miners)."
 
-    @_pml_mines_an_unlabeled_wider_ref(pml_miners.PairMarginMiner)
+    @_checked_mine(pml_miners.PairMarginMiner)
     def mine(self, embeddings, labels, ref_emb, ref_labels):
         rows = _Rows(self, embeddings, labels, ref_emb, ref_labels)
         out, sums = [[], [], [], []], [0.0, 0, 0.0, 0]
@@ -202,7 +213,7 @@ class MultiSimilarityMiner(pml_miners.MultiSimilarityMiner):
             out.append((row, order[row, at]))
         return out
 
-    @_pml_mines_an_unlabeled_wider_ref(pml_miners.MultiSimilarityMiner)
+    @_checked_mine(pml_miners.MultiSimilarityMiner)
     def mine(self, embeddings, labels, ref_emb, ref_labels):
         from .ops.triplets import ascending_kept_columns_op
         rows = _Rows(self, embeddings, labels, ref_emb, ref_labels)
@@ -287,7 +298,7 @@ class BatchEasyHardMiner(pml_miners.BatchEasyHardMiner):
         sign = 1.0 if kind == "lp" else -1.0  # back to PML's matrix: d, or S = -u
         return (sign * pos_u).to(q.dtype), pos_i, pos_i >= 0, (sign * neg_u).to(q.dtype), neg_i, neg_i >= 0
 
-    @_pml_mines_an_unlabeled_wider_ref(pml_miners.BatchEasyHardMiner)
+    @_checked_mine(pml_miners.BatchEasyHardMiner)
     def mine(self, embeddings, labels, ref_emb, ref_labels):
         rows = _Rows(self, embeddings, labels, ref_emb, ref_labels)
         fused = self._fused_extremes(rows)
@@ -349,7 +360,7 @@ class BatchEasyHardMiner(pml_miners.BatchEasyHardMiner):
 class BatchHardMiner(BatchEasyHardMiner, pml_miners.BatchHardMiner):
     __doc__ = "PML's BatchHardMiner (the hardest positive and negative of each anchor), mined in chunks of rows."
 
-    @_pml_mines_an_unlabeled_wider_ref(pml_miners.BatchHardMiner)
+    @_checked_mine(pml_miners.BatchHardMiner)
     def mine(self, embeddings, labels, ref_emb, ref_labels):  # PML's __init__ sets both strategies to "hard"
         a1, p, a2, n = super().mine(embeddings, labels, ref_emb, ref_labels)
         return a1, p, n
@@ -516,7 +527,7 @@ class TripletMarginMiner(pml_miners.TripletMarginMiner):
                              f"got {type_of_triplets!r}")
         super().__init__(margin=margin, type_of_triplets=type_of_triplets, **kwargs)
 
-    @_pml_mines_an_unlabeled_wider_ref(pml_miners.TripletMarginMiner)
+    @_checked_mine(pml_miners.TripletMarginMiner)
     def mine(self, embeddings, labels, ref_emb, ref_labels):
         rows = _Rows(self, embeddings, labels, ref_emb, ref_labels)
         inverted = self.distance.is_inverted

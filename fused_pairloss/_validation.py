@@ -140,6 +140,47 @@ def check_pair_inputs(embeddings, labels, ref_emb, ref_labels):
             raise ValueError("ref_labels is labels, so ref_emb must have as many rows as embeddings")
 
 
+def check_indices_tuple(indices_tuple, n_rows, n_cols=None):
+    """A miner's output as PML's losses index with it: a tuple (or list) of 3 (a, p, n) or 4 (a1, p,
+    a2, n) 1-D integer tensors, each anchor with its partner (a, p, n of one length; a1 with p, a2
+    with n); anchors in [0, n_rows) (the embeddings' rows), partners in [0, n_cols) (the ref's
+    rows; None: n_rows). TypeError / ValueError naming indices_tuple."""
+    if not isinstance(indices_tuple, (tuple, list)):
+        raise TypeError("indices_tuple must be a tuple of 3 (a, p, n) or 4 (a1, p, a2, n) index tensors (a "
+                        f"miner's output); got {type(indices_tuple).__name__}")
+    if len(indices_tuple) not in (3, 4):
+        raise ValueError("indices_tuple must be a tuple of 3 (a, p, n) or 4 (a1, p, a2, n) index tensors; got "
+                         f"{len(indices_tuple)} entries")
+    for k, t in enumerate(indices_tuple):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"indices_tuple[{k}] must be a tensor of indices; got {type(t).__name__}")
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"indices_tuple[{k}] must hold integer indices; got {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"indices_tuple[{k}] must be 1-D; got shape {tuple(t.shape)}")
+    a1, p, a2, n = indices_tuple if len(indices_tuple) == 4 else (indices_tuple[0], indices_tuple[1],
+                                                                     indices_tuple[0], indices_tuple[2])
+    check_index_ranges((a1, p, a2, n), n_rows, n_rows if n_cols is None else n_cols)
+
+
+def check_index_ranges(pairs, n_rows, n_cols):
+    """(a1, p, a2, n) of equal lengths pairwise, against the rows of embeddings (n_rows) and of the
+    ref (n_cols; None: unchecked): ValueError naming indices_tuple (a tuple mined on another batch,
+    say). The ranges need a sync: skipped while torch.compile traces and on meta tensors."""
+    a1, p, a2, n = pairs
+    if len(a1) != len(p) or len(a2) != len(n):
+        raise ValueError(f"indices_tuple: anchors and their partners must pair up; got lengths "
+                         f"{len(a1)}, {len(p)}, {len(a2)}, {len(n)}")
+    if _compiling():
+        return
+    for name, t, bound in (("anchor", a1, n_rows), ("positive", p, n_cols), ("anchor", a2, n_rows),
+                           ("negative", n, n_cols)):
+        if bound is not None and t.numel() and t.device.type != "meta" and (int(t.min()) < 0 or int(t.max()) >= bound):
+            raise ValueError(f"indices_tuple: {name} indices must lie in [0, {bound}) (the rows of "
+                             f"{'embeddings' if name == 'anchor' else 'ref_emb (or embeddings)'}); got "
+                             f"[{int(t.min())}, {int(t.max())}]: was it mined on another batch?")
+
+
 def check_positive(name, value):
     """A finite real number > 0 (temperatures, scales, alphas)."""
     check_real(name, value)

@@ -121,8 +121,56 @@ def test_circle_hyperparameters(kw, exc, name):
 def test_indices_tuple_malformed():
     with pytest.raises(ValueError, match="indices_tuple"):
         fpl.MultiSimilarityLoss(backend="reference")(X, Y, (torch.tensor([0]), torch.tensor([1])))
-    with pytest.raises(ValueError, match="indices_tuple"):
+    with pytest.raises(TypeError, match="indices_tuple"):
         fpl.CircleLoss(backend="reference")(X, Y, torch.tensor([0, 1, 2]))
+
+
+_A, _P, _N = torch.tensor([0, 2, 4]), torch.tensor([1, 3, 5]), torch.tensor([2, 4, 6])
+MALFORMED_TUPLES = {
+    "float": ((_A.float() + 0.7, _P.float(), _N.float()), TypeError, "integer"),
+    "stacked": (torch.stack([_A, _P, _N]), TypeError, "tuple"),
+    "lists": ((_A.tolist(), _P.tolist(), _N.tolist()), TypeError, "tensor"),
+    "column": ((_A[:, None], _P[:, None], _N[:, None]), ValueError, "1-D"),
+    "two": ((_A, _P), ValueError, "3 .* or 4"),
+    "five": ((_A, _P, _A, _N, _N), ValueError, "3 .* or 4"),
+    "uneven": ((_A, _P[:2], _A, _N), ValueError, "pair up"),
+    "out_of_range": ((_A, _P + 10, _N), ValueError, "another batch"),
+    "negative": ((_A - 1, _P, _N), ValueError, r"\[0, 8\)"),
+}
+INDEXED_LOSSES = {
+    "MultiSimilarityLoss": lambda: fpl.MultiSimilarityLoss(), "ContrastiveLoss": lambda: fpl.ContrastiveLoss(),
+    "NCALoss": lambda: fpl.NCALoss(), "FastAPLoss": lambda: fpl.FastAPLoss(),
+    "SmoothAPLoss": lambda: fpl.SmoothAPLoss(), "HistogramLoss": lambda: fpl.HistogramLoss(),
+    "IntraPairVarianceLoss": lambda: fpl.IntraPairVarianceLoss(), "NPairsLoss": lambda: fpl.NPairsLoss(),
+    "DynamicSoftMarginLoss": lambda: fpl.DynamicSoftMarginLoss(), "TripletMarginLoss": lambda: fpl.TripletMarginLoss(),
+    "MarginLoss": lambda: fpl.MarginLoss(), "AngularLoss": lambda: fpl.AngularLoss(),
+    "ArcFaceLoss": lambda: fpl.ArcFaceLoss(4, D), "SoftTripleLoss": lambda: fpl.SoftTripleLoss(4, D),
+    "ProxyNCALoss": lambda: fpl.ProxyNCALoss(4, D), "ProxyAnchorLoss": lambda: fpl.ProxyAnchorLoss(4, D),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_TUPLES))
+@pytest.mark.parametrize("loss", list(INDEXED_LOSSES))
+def test_malformed_indices_tuple_named_on_every_path(loss, case):
+    """Every loss that takes an indices_tuple (the listed pairs, the reference, the miner weights of
+    the class losses) refuses a malformed one with an error naming indices_tuple, before any work."""
+    indices_tuple, exc, regex = MALFORMED_TUPLES[case]
+    with pytest.raises(exc, match=f"indices_tuple.*{regex}|{regex}.*indices_tuple"):
+        INDEXED_LOSSES[loss]()(X, Y, indices_tuple)
+
+
+@pytest.mark.parametrize("miner", ["MultiSimilarityMiner", "PairMarginMiner", "TripletMarginMiner", "BatchHardMiner",
+                                   "BatchEasyHardMiner"])
+def test_miners_name_bad_embeddings(miner):
+    make = getattr(fpl.miners, miner)
+    with pytest.raises(TypeError, match=EMB):
+        make()(X.numpy(), Y)
+    with pytest.raises(ValueError, match=EMB):
+        make()(X[:, :, None], Y)
+    with pytest.raises(ValueError, match=REF_EMB):
+        make()(X, Y, torch.randn(5, D + 1), RY)
+    with pytest.raises(TypeError, match=REF_EMB):
+        make()(X, Y, REF.double(), RY)
 
 
 # ----------------------------------------------------------------------------------------------

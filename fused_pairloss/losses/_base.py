@@ -457,6 +457,9 @@ class _PairLoss(_PmlFallback, _LossBase):
             if ref_labels is not None:
                 V.check_labels(ref_labels, 0, "ref_labels", "ref_emb")
             return empty_batch_loss(embeddings, self._empty_ref_value)
+        if indices_tuple is not None and not self._labels_without_indices and _is_matrix(embeddings):
+            V.check_indices_tuple(indices_tuple, embeddings.shape[0],
+                                  (ref_emb if _is_matrix(ref_emb) else embeddings).shape[0])
         return self._as_pml_dtype(self._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels), embeddings)
 
     def _forward(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
@@ -639,6 +642,10 @@ def _on_device_of(labels, x):
     return labels
 
 
+def _is_matrix(x):
+    return isinstance(x, torch.Tensor) and x.dim() == 2
+
+
 def _no_rows(x):
     return isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[0] == 0
 
@@ -651,16 +658,11 @@ def empty_batch_loss(embeddings, value):
 
 def check_listed_indices(embeddings, ref_emb, indices_tuple):
     """A loss computing from its listed rows only: the embeddings, and the tuple's form and indices
-    against their rows (ValueError naming indices_tuple)."""
-    from ..ops.listed import check_indices
+    against their rows (V.check_indices_tuple)."""
     V.check_embeddings(embeddings)
     if ref_emb is not None:
         V.check_embeddings(ref_emb, "ref_emb")
-    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
-        raise ValueError("indices_tuple must be a tuple of 3 (a, p, n) or 4 (a1, p, a2, n) index tensors")
-    listed = [torch.as_tensor(t).reshape(-1) for t in indices_tuple]
-    check_indices(listed if len(listed) == 4 else (listed[0], listed[1], listed[0], listed[2]),
-                  embeddings.shape[0], (embeddings if ref_emb is None else ref_emb).shape[0])
+    V.check_indices_tuple(indices_tuple, embeddings.shape[0], (embeddings if ref_emb is None else ref_emb).shape[0])
 
 
 def check_triplets_per_anchor(value):
@@ -760,6 +762,8 @@ class _ClassLoss(_PmlFallback, _LossBase):
             V.check_embeddings(embeddings, allow_empty=True)
             return empty_batch_loss(embeddings, self._empty_batch_value) + zero_loss(weights)
         if indices_tuple is not None:
+            if _is_matrix(embeddings):  # PML's miner weights count every index as a row of labels
+                V.check_indices_tuple(indices_tuple, embeddings.shape[0])
             fused = self._fused_with_weights(embeddings, labels, indices_tuple, weights)
             if fused is not None:
                 return fused

@@ -207,6 +207,7 @@ def smooth_ap_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, tempera
     check_distance(distance, allowed=("cosine",), loss="smooth_ap_loss")
     check_self_only(embeddings, labels, ref_emb, ref_labels, "SmoothAPLoss")
     if labels is not None and not V._compiling():
+        V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
         block_size(labels)  # PML's check of the label counts, before any work
     return run_pair_loss(smooth_ap_reference, smooth_ap_fused, embeddings, labels, ref_emb, ref_labels, backend,
                          temperature=temperature, distance=distance)

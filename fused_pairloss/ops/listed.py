@@ -19,24 +19,10 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
+from .._validation import check_index_ranges
 from . import spec as S
 from .engines import PairStats
 from .operands import lp_squared_distances, ntx_pair_loss, stat_dtype
-
-
-def check_indices(pairs, n_rows, n_cols):
-    """A miner's (a1, p, a2, n) against the rows of embeddings (n_rows) and of ref_emb (n_cols):
-    ValueError naming indices_tuple (a tuple mined on another batch, say)."""
-    a1, p, a2, n = pairs
-    if len(a1) != len(p) or len(a2) != len(n):
-        raise ValueError(f"indices_tuple: anchors and their partners must pair up; got lengths "
-                         f"{len(a1)}, {len(p)}, {len(a2)}, {len(n)}")
-    for name, t, bound in (("anchor", a1, n_rows), ("positive", p, n_cols), ("anchor", a2, n_rows),
-                           ("negative", n, n_cols)):
-        if bound is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) >= bound):
-            raise ValueError(f"indices_tuple: {name} indices must lie in [0, {bound}) (the rows of "
-                             f"{'embeddings' if name == 'anchor' else 'ref_emb (or embeddings)'}); got "
-                             f"[{int(t.min())}, {int(t.max())}]: was it mined on another batch?")
 
 
 class ListedPairs:
@@ -48,7 +34,7 @@ class ListedPairs:
             a, p, n = indices_tuple
             indices_tuple = (a, p, a, n)
         a1, p, a2, n = (torch.as_tensor(t, device=device).long().reshape(-1) for t in indices_tuple)
-        check_indices((a1, p, a2, n), n_rows, n_cols)
+        check_index_ranges((a1, p, a2, n), n_rows, n_cols)
         self.weighted = weighted
         self.pos, self.neg = self._pairs(a1, p, n_rows, n_cols), self._pairs(a2, n, n_rows, n_cols)
         self.listed_pos, self.listed_neg = len(a1), len(a2)  # PML's len(a1), len(a2): duplicates included
@@ -307,4 +293,4 @@ def join_on_anchor(a1, a2):
     return pi, order[start[pi] + offset]
 
 
-__all__ = ["ListedPairs", "listed_pair_stats", "check_indices", "pair_values", "join_on_anchor"]
+__all__ = ["ListedPairs", "listed_pair_stats", "pair_values", "join_on_anchor"]
