@@ -66,7 +66,8 @@ def _checked_mine(pml_cls):
                     raise ValueError(f"ref_emb must have the embedding width D={embeddings.shape[1]} of embeddings; "
                                      f"got shape {tuple(ref_emb.shape)}")
                 if ref_emb.dtype != embeddings.dtype:
-                    raise TypeError(f"ref_emb must have the dtype of embeddings ({embeddings.dtype}); got {ref_emb.dtype}")
+                    raise TypeError(f"ref_emb must have the dtype of embeddings ({embeddings.dtype}); "
+                                    f"got {ref_emb.dtype}")
             if ref_labels is None and ref_emb.shape[0] > embeddings.shape[0]:
                 return pml_cls.mine(self, embeddings, labels, ref_emb, ref_labels)
             return mine(self, embeddings, labels, ref_emb, ref_labels)
