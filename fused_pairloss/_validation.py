@@ -140,11 +140,13 @@ def check_pair_inputs(embeddings, labels, ref_emb, ref_labels):
             raise ValueError("ref_labels is labels, so ref_emb must have as many rows as embeddings")
 
 
-def check_indices_tuple(indices_tuple, n_rows, n_cols=None):
+def check_indices_tuple(indices_tuple, n_rows, n_cols):
     """A miner's output as PML's losses index with it: a tuple (or list) of 3 (a, p, n) or 4 (a1, p,
-    a2, n) 1-D integer tensors, each anchor with its partner (a, p, n of one length; a1 with p, a2
-    with n); anchors in [0, n_rows) (the embeddings' rows), partners in [0, n_cols) (the ref's
-    rows; None: n_rows). TypeError / ValueError naming indices_tuple."""
+    a2, n) 1-D integer tensors (empty ones of any dtype, as PML builds for float labels), each
+    anchor with its partner (a, p, n of one length; a1 with p, a2 with n); anchors in [0, n_rows)
+    (the embeddings' rows), partners in [0, n_cols) (the ref's rows; None: not checked here).
+    TypeError / ValueError naming indices_tuple. Returns the tuple, its empty tensors of another
+    dtype as int64 ones."""
     if not isinstance(indices_tuple, (tuple, list)):
         raise TypeError("indices_tuple must be a tuple of 3 (a, p, n) or 4 (a1, p, a2, n) index tensors (a "
                         f"miner's output); got {type(indices_tuple).__name__}")
@@ -154,13 +156,19 @@ def check_indices_tuple(indices_tuple, n_rows, n_cols=None):
     for k, t in enumerate(indices_tuple):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"indices_tuple[{k}] must be a tensor of indices; got {type(t).__name__}")
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(f"indices_tuple[{k}] must hold integer indices; got {t.dtype}")
+        if t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype in (torch.bool, torch.uint8)):
+            # uint8 and bool index tensors are masks to torch
+            raise TypeError(f"indices_tuple[{k}] must hold integer indices (int64, int32, int16 or int8); "
+                            f"got {t.dtype}")
         if t.dim() != 1:
             raise ValueError(f"indices_tuple[{k}] must be 1-D; got shape {tuple(t.shape)}")
     a1, p, a2, n = indices_tuple if len(indices_tuple) == 4 else (indices_tuple[0], indices_tuple[1],
                                                                      indices_tuple[0], indices_tuple[2])
-    check_index_ranges((a1, p, a2, n), n_rows, n_rows if n_cols is None else n_cols)
+    check_index_ranges((a1, p, a2, n), n_rows, n_cols)
+    if any(t.is_floating_point() or t.dtype in (torch.bool, torch.uint8) for t in indices_tuple):  # empty ones
+        return tuple(t.long() if t.is_floating_point() or t.dtype in (torch.bool, torch.uint8) else t
+                     for t in indices_tuple)
+    return indices_tuple
 
 
 def check_index_ranges(pairs, n_rows, n_cols):
@@ -182,9 +190,12 @@ def check_index_ranges(pairs, n_rows, n_cols):
 
 
 def check_positive(name, value):
-    """A finite real number > 0 (temperatures, scales, alphas)."""
+    """A finite real number > 0 (temperatures, scales, alphas). While torch.compile traces: a real
+    number > 0 (a traced symbol compares, but math.isfinite cannot take it)."""
     check_real(name, value)
-    if not _compiling() and not value > 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {type(value).__name__}")
+    if not value > 0:
         raise ValueError(f"{name} must be > 0; got {value}")
 
 

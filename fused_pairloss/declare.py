@@ -146,6 +146,7 @@ def pair_loss(name, *, declaration, combine, hyper, distance="cosine", doc=None)
     def _reference_stats(q, r, labels, labels_r, excl, spec, embeddings, ref_emb, indices_tuple):
         if indices_tuple is not None:
             n_cols = (embeddings if ref_emb is None else ref_emb).shape[0]
+            V.check_indices_tuple(indices_tuple, embeddings.shape[0], n_cols)
             st = listed_pair_stats(q, r, spec, ListedPairs(indices_tuple, False, embeddings.device,
                                                            embeddings.shape[0], n_cols))
         else:

@@ -152,6 +152,29 @@ def test_ntxent_terms_below_the_tiny_are_pmls(dtype, temperature, how):
     assert (ours_grad[0] - their_grad[0]).abs().max() <= 1e-3 * their_grad[0].abs().max()
 
 
+@pytest.mark.parametrize("how", ["self", "miner"])
+def test_ntxent_second_order_at_a_low_temperature(how):
+    """At temperature 0.01 a positive's t reaches about +-100: the Hessian-vector product is PML's
+    (finite), on the engine's and the listed pairs' differentiable backward; and the pair term's own
+    second derivative is finite for every t."""
+    x, y = rows(10, 4, 21), labels(0, 0, 1, 1, 2, 2, 3, 3, 4, 4)
+    idx = pml_miners.MultiSimilarityMiner(0.5)(x, y) if how == "miner" else None
+
+    def hvp(loss):
+        e = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(loss(e, y, idx), e, create_graph=True)
+        return torch.autograd.grad((g * g).sum(), e)[0]
+
+    ours, theirs = hvp(fpl.NTXentLoss(0.01)), hvp(pml_losses.NTXentLoss(0.01))
+    assert torch.isfinite(ours).all() and float(theirs.abs().max()) > 1
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9 * float(theirs.abs().max()))
+    from fused_pairloss.ops.operands import ntx_pair_loss
+    for dtype in (torch.float32, torch.float64):
+        t = torch.linspace(-1000, 1000, 2001, dtype=dtype).requires_grad_(True)
+        (g,) = torch.autograd.grad(ntx_pair_loss(t, torch.finfo(dtype).tiny).sum(), t, create_graph=True)
+        assert torch.isfinite(torch.autograd.grad(g.sum(), t)[0]).all()
+
+
 # ---- ThresholdConsistentMarginLoss: a row of norm < 1e-8 ------------------------------------------
 @DTYPES
 def test_tcm_short_row_of_the_issue(dtype):

@@ -136,6 +136,7 @@ MALFORMED_TUPLES = {
     "uneven": ((_A, _P[:2], _A, _N), ValueError, "pair up"),
     "out_of_range": ((_A, _P + 10, _N), ValueError, "another batch"),
     "negative": ((_A - 1, _P, _N), ValueError, r"\[0, 8\)"),
+    "uint8": ((_A.to(torch.uint8), _P.to(torch.uint8), _N.to(torch.uint8)), TypeError, "integer"),
 }
 INDEXED_LOSSES = {
     "MultiSimilarityLoss": lambda: fpl.MultiSimilarityLoss(), "ContrastiveLoss": lambda: fpl.ContrastiveLoss(),
@@ -157,6 +158,21 @@ def test_malformed_indices_tuple_named_on_every_path(loss, case):
     indices_tuple, exc, regex = MALFORMED_TUPLES[case]
     with pytest.raises(exc, match=f"indices_tuple.*{regex}|{regex}.*indices_tuple"):
         INDEXED_LOSSES[loss]()(X, Y, indices_tuple)
+
+
+@pytest.mark.parametrize("loss", list(INDEXED_LOSSES))
+def test_empty_float_indices_tuple_is_an_empty_tuple(loss):
+    """PML builds empty index tensors of the labels' dtype (float labels): no pair, as PML."""
+    empty = tuple(torch.tensor([]) for _ in range(3))
+    out = INDEXED_LOSSES[loss]()(X, Y, empty)
+    assert out.dim() == 0
+
+
+def test_hyperparameter_checks_hold_while_compiling():
+    """A constant hyper-parameter out of range is refused in a compiled call too."""
+    fn = torch.compile(lambda e, y, t: Fn.ntxent_loss(e, y, temperature=t, backend="reference"), backend="eager")
+    with pytest.raises(Exception, match="temperature must be > 0"):
+        fn(X, Y, -1.0)
 
 
 @pytest.mark.parametrize("miner", ["MultiSimilarityMiner", "PairMarginMiner", "TripletMarginMiner", "BatchHardMiner",

@@ -103,20 +103,32 @@ template <typename T>
 FPL_TERM_FN T ntx_sigmoid(T t) {
   return (t != t) ? t : math_exp(ntx_log_sigmoid(t));
 }
-// In log space, -logaddexp(log sigmoid(t), log tiny): exact also where sigmoid(t) is below tiny
-// (t < about -87 in fp32), where its exp would be subnormal or flushed to 0 and the term is PML's
-// -log(subnormal + tiny), not -log(tiny).
+// log sigmoid(t) above kNtxDirectAbove (or t NaN): the term as PML computes it, -log(sigmoid(t) +
+// tiny), which is 0 where sigmoid(t) rounds to 1. Below, in log space, -logaddexp(log sigmoid(t),
+// log tiny): where sigmoid(t) is below the tiny (t < about -87 in fp32) its exp would be subnormal
+// or flushed to 0, and PML's term is -log(subnormal + tiny), not -log(tiny).
+constexpr double kNtxDirectAbove = -1;
+template <typename T>
+FPL_TERM_FN bool ntx_direct(T log_sigmoid) {
+  return !(log_sigmoid <= TermLit<T>::of(kNtxDirectAbove));
+}
 template <typename T>
 FPL_TERM_FN T ntx_pair_loss(T t, T tiny) {
   const T ls = ntx_log_sigmoid(t), lt = math_log(tiny);
+  if (ntx_direct(ls)) return -math_log(ntx_sigmoid(t) + tiny);
   const T hi = ls > lt ? ls : lt, lo = ls > lt ? lt : ls;
-  return (t != t) ? t : -(hi + math_log1p(math_exp(lo - hi)));
+  return -(hi + math_log1p(math_exp(lo - hi)));
 }
 // d/dt of ntx_pair_loss: -sigmoid (1 - sigmoid) / (sigmoid + tiny)
 //   = -sigmoid(-t) exp(log sigmoid(t) - logaddexp(log sigmoid(t), log tiny))
 template <typename T>
 FPL_TERM_FN T ntx_pair_dloss(T t, T tiny) {
-  return -ntx_sigmoid(-t) * math_exp(ntx_log_sigmoid(t) + ntx_pair_loss(t, tiny));
+  const T ls = ntx_log_sigmoid(t);
+  if (ntx_direct(ls)) {
+    const T sg = ntx_sigmoid(t);
+    return -(sg * ntx_sigmoid(-t)) / (sg + tiny);
+  }
+  return -ntx_sigmoid(-t) * math_exp(ls + ntx_pair_loss(t, tiny));
 }
 
 // softplus(x) = log(1 + e^x) = max(x, 0) + log1p(e^-|x|) (SigLIP's pair loss, -log sigmoid(-x)) and

@@ -458,8 +458,8 @@ class _PairLoss(_PmlFallback, _LossBase):
                 V.check_labels(ref_labels, 0, "ref_labels", "ref_emb")
             return empty_batch_loss(embeddings, self._empty_ref_value)
         if indices_tuple is not None and not self._labels_without_indices and _is_matrix(embeddings):
-            V.check_indices_tuple(indices_tuple, embeddings.shape[0],
-                                  (ref_emb if _is_matrix(ref_emb) else embeddings).shape[0])
+            indices_tuple = V.check_indices_tuple(indices_tuple, embeddings.shape[0],
+                                                  (ref_emb if _is_matrix(ref_emb) else embeddings).shape[0])
         return self._as_pml_dtype(self._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels), embeddings)
 
     def _forward(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
@@ -656,13 +656,12 @@ def empty_batch_loss(embeddings, value):
     return zero_loss(embeddings) + value
 
 
-def check_listed_indices(embeddings, ref_emb, indices_tuple):
-    """A loss computing from its listed rows only: the embeddings, and the tuple's form and indices
-    against their rows (V.check_indices_tuple)."""
+def check_listed_rows(embeddings, ref_emb):
+    """A loss computing from its listed rows only (the labels unread): the embeddings and the ref
+    (the tuple itself is checked by forward, V.check_indices_tuple)."""
     V.check_embeddings(embeddings)
     if ref_emb is not None:
         V.check_embeddings(ref_emb, "ref_emb")
-    V.check_indices_tuple(indices_tuple, embeddings.shape[0], (embeddings if ref_emb is None else ref_emb).shape[0])
 
 
 def check_triplets_per_anchor(value):
@@ -763,7 +762,7 @@ class _ClassLoss(_PmlFallback, _LossBase):
             return empty_batch_loss(embeddings, self._empty_batch_value) + zero_loss(weights)
         if indices_tuple is not None:
             if _is_matrix(embeddings):  # PML's miner weights count every index as a row of labels
-                V.check_indices_tuple(indices_tuple, embeddings.shape[0])
+                indices_tuple = V.check_indices_tuple(indices_tuple, embeddings.shape[0], embeddings.shape[0])
             fused = self._fused_with_weights(embeddings, labels, indices_tuple, weights)
             if fused is not None:
                 return fused

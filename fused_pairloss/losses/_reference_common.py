@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._validation import _compiling
+from .._validation import _compiling, check_indices_tuple
 from ..ops._common import normalize, zero_loss
 
 
@@ -34,6 +34,7 @@ def pair_counts_from_indices(indices_tuple, shape, device):
     mat-based ones (MS, Circle, SupCon, GeneralizedLiftedStructure: mat_based_loss, lines 26-32)
     set mask[a1, p] = 1 and only see count > 0. The one-pair rule counts list lengths.
     """
+    check_indices_tuple(indices_tuple, shape[0], shape[1])
     if len(indices_tuple) == 3:
         a, p, n = indices_tuple
         indices_tuple = (a, p, a, n)
@@ -210,6 +211,8 @@ def miner_weights(indices_tuple, labels, dtype, using_ref=False):
     w_i = count_i / max count, 0 for a sample that is not listed; all ones without a tuple (or
     with only empty tensors)."""
     weights = torch.zeros(labels.shape[0], dtype=dtype, device=labels.device)
+    if indices_tuple is not None:  # with a ref, the partners index its rows
+        check_indices_tuple(indices_tuple, labels.shape[0], None if using_ref else labels.shape[0])
     if indices_tuple is None or all(len(x) == 0 for x in indices_tuple):
         return weights + 1
     if using_ref:  # PML's get_anchors

@@ -27,7 +27,7 @@ from ..ops.operands import recomputation_inputs, recomputed_grads, stat_dtype
 from ..ops.positive_pairs import label_positive_pairs
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import backward_op, forward_op
-from ._base import _PairLoss, check_listed_indices, run_pair_loss
+from ._base import _PairLoss, check_listed_rows, run_pair_loss
 from ._reference_common import check_distance, masked_logsumexp, pair_count_matrices, pml_pair_lists
 from ._registry import LossEntry
 
@@ -311,7 +311,7 @@ class AngularLoss(_PairLoss):
         if backend == "reference" or not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
             return None
         V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
-        check_listed_indices(embeddings, ref_emb, indices_tuple)
+        check_listed_rows(embeddings, ref_emb)
         return angular_listed(embeddings, labels, ref_emb, ref_labels, indices_tuple, alpha=self._alpha_degrees,
                               backend=backend)
 

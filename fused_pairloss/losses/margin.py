@@ -25,7 +25,7 @@ from ..ops import engines
 from ..ops._common import LOCAL, pair_operands, zero_loss
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
-from ._base import _PairLoss, check_listed_indices, check_triplets_per_anchor, run_pair_loss
+from ._base import _PairLoss, check_listed_rows, check_triplets_per_anchor, run_pair_loss
 from ._reference_common import check_distance, nan_in_nan_out
 from ._registry import LossEntry
 from .triplet_margin import pml_triplets
@@ -180,7 +180,7 @@ class MarginLoss(_PairLoss):
 
     def _reference_with_indices(self, embeddings, labels, indices_tuple, ref_emb, ref_labels, hyper):
         # the listed triplets' rows only (O(#triplets D)): no N x M matrix, so no warning
-        check_listed_indices(embeddings, ref_emb, indices_tuple)
+        check_listed_rows(embeddings, ref_emb)
         return margin_reference(embeddings, labels, ref_emb, ref_labels, indices_tuple=indices_tuple, **hyper)
 
     def _forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):

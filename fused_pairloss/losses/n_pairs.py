@@ -115,15 +115,12 @@ class NPairsLoss(_PairLoss):
             raise ValueError("NPairsLoss: labels is required (as in PML)")
         V.check_pair_inputs(embeddings, labels, None, None)
         check_self_only(embeddings, labels, ref_emb, ref_labels, "NPairsLoss")
-        if indices_tuple is not None and (not isinstance(indices_tuple, (tuple, list))
-                                          or len(indices_tuple) not in (3, 4)):
-            raise ValueError("indices_tuple must be a tuple of 3 (a, p, n) or 4 (a1, p, a2, n) index tensors")
         pairs = unique_label_pairs(torch.as_tensor(labels, device=embeddings.device), indices_tuple)
         self.num_pairs = int(pairs[0].numel())
         from .._backends import resolve_backend
         backend = resolve_backend(self.backend, embeddings.device)
-        if backend == "reference":
-            return n_pairs_reference(embeddings, labels, indices_tuple=indices_tuple)
+        if backend == "reference":  # NaN in, NaN out also where the tuple lists no pair of the NaN row
+            return nan_in_nan_out(n_pairs_reference(embeddings, labels, indices_tuple=indices_tuple), embeddings, None)
         return n_pairs_fused(embeddings, labels, None, None, backend=backend, pairs=pairs)
 
 

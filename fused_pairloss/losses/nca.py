@@ -5,7 +5,8 @@ Per row i, with z_ij = s * mat_ij, mat = -d^2 (PML's default LpDistance(power=2)
     p_i = sum_{j: y_j = y_i} softmax_j(z_ij),   L_i = -log p_i,
 loss = mean of L_i over the rows with p_i != 0 (PML's MeanReducer; NaN if no row has a positive,
 as PML: the mean of nothing). p_i is 0 where PML's softmax, in the input's dtype, underflows: the
-fused rows compute exp(-L_i) in that dtype for the same test.
+fused rows drop those whose exp(-L_i) is 0 in that dtype (PML rounds each positive's entry before
+summing: docs/semantics.md).
 
 Declaration: on unit rows d^2 = 2 - 2 S, so both distances are a term on v = S: x = 2 s (S - 1)
 (squared distance) or x = s S (cosine), reduced by LSE over the positives and over the negatives.

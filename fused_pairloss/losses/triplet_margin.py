@@ -26,7 +26,7 @@ from ..ops.operands import stat_dtype
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ..ops.triplets import NO_WINDOW, bins_op, rows_op
-from ._base import _PairLoss, check_listed_indices, check_triplets_per_anchor, run_pair_loss
+from ._base import _PairLoss, check_listed_rows, check_triplets_per_anchor, run_pair_loss
 from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
 from ._registry import LossEntry
 
@@ -351,7 +351,7 @@ class TripletMarginLoss(_PairLoss):
 
     def _reference_with_indices(self, embeddings, labels, indices_tuple, ref_emb, ref_labels, hyper):
         # the listed triplets' rows only: no N x M matrix, so no warning
-        check_listed_indices(embeddings, ref_emb, indices_tuple)
+        check_listed_rows(embeddings, ref_emb)
         return triplet_margin_reference(embeddings, labels, ref_emb, ref_labels, indices_tuple=indices_tuple, **hyper)
 
     def _forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
@@ -371,7 +371,7 @@ class TripletMarginLoss(_PairLoss):
         if resolve_backend(self.backend, embeddings.device) == "reference":
             return None
         # PML reads the tuple only (convert_to_triplets ignores the labels): what it accepts, we do
-        check_listed_indices(embeddings, ref_emb, indices_tuple)
+        check_listed_rows(embeddings, ref_emb)
         return listed_pairs_triplet_margin(embeddings, ref_emb, indices_tuple, margin=self.margin,
                                            distance=self._distance_kind)
 

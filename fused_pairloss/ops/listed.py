@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
-from .._validation import check_index_ranges
 from . import spec as S
 from .engines import PairStats
 from .operands import lp_squared_distances, ntx_pair_loss, stat_dtype
@@ -33,8 +32,8 @@ class ListedPairs:
         if len(indices_tuple) == 3:
             a, p, n = indices_tuple
             indices_tuple = (a, p, a, n)
+        # the tuple's form and ranges are the caller's check (V.check_indices_tuple)
         a1, p, a2, n = (torch.as_tensor(t, device=device).long().reshape(-1) for t in indices_tuple)
-        check_index_ranges((a1, p, a2, n), n_rows, n_cols)
         self.weighted = weighted
         self.pos, self.neg = self._pairs(a1, p, n_rows, n_cols), self._pairs(a2, n, n_rows, n_cols)
         self.listed_pos, self.listed_neg = len(a1), len(a2)  # PML's len(a1), len(a2): duplicates included

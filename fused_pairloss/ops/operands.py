@@ -88,11 +88,23 @@ def softplus(x):
     return logaddexp(x, torch.zeros_like(x))
 
 
+# NTXent's pair term is computed as PML's -log(sigmoid(t) + tiny) where log sigmoid(t) is above this,
+# else in log space (pair_terms.inl kNtxDirectAbove)
+NTX_DIRECT_ABOVE = -1.0
+
+
 def ntx_pair_loss(t, tiny):
-    """NTXent's pair term -log(sigmoid(t) + tiny) (PML's small_val inside the log), in log space:
-    -logaddexp(log sigmoid(t), log tiny), exact also where sigmoid(t) is below tiny (t < about -87
-    in fp32), where PML's e^t is a subnormal rather than 0 (pair_terms.inl ntx_pair_loss)."""
-    return -logaddexp(-softplus(-t), torch.full_like(t, math.log(tiny)))
+    """NTXent's pair term -log(sigmoid(t) + tiny) (PML's small_val inside the log): as PML computes
+    it where log sigmoid(t) > NTX_DIRECT_ABOVE (0 where sigmoid(t) rounds to 1), else in log space,
+    -logaddexp(log sigmoid(t), log tiny), also where PML's e^t is a subnormal rather than 0 (t <
+    about -87 in fp32; pair_terms.inl ntx_pair_loss). Written with bounded exps, so that its second
+    derivative is finite for every t."""
+    log_sigmoid, log_tiny = F.logsigmoid(t), math.log(tiny)
+    direct = -torch.log(torch.sigmoid(t) + tiny)
+    above = log_sigmoid > log_tiny
+    hi, lo = torch.where(above, log_sigmoid, log_tiny), torch.where(above, log_tiny, log_sigmoid)
+    log_space = -(hi + torch.log1p(torch.exp(lo - hi)))
+    return torch.where(log_sigmoid <= NTX_DIRECT_ABOVE, log_space, direct)
 
 
 def lp_distances(d2):

@@ -88,7 +88,7 @@ import torch
 
 from . import engines
 from . import spec as S
-from .operands import stat_dtype
+from .operands import NTX_DIRECT_ABOVE as _NTX_DIRECT_ABOVE, stat_dtype
 
 try:  # the module imports without triton: then AVAILABLE stays False
     import triton
@@ -385,6 +385,7 @@ if _IMPORTED:
     _NEG_INF = tl.constexpr(float("-inf"))
     _POS_INF = tl.constexpr(float("inf"))
     _NAN = tl.constexpr(float("nan"))
+    NTX_DIRECT_ABOVE = tl.constexpr(_NTX_DIRECT_ABOVE)  # pair_terms.inl kNtxDirectAbove
     _HIST_ROW0 = tl.constexpr(len(S.PAIR_VALUES))  # the pair engine's first histogram row in values
     _MUL_RN = tl.constexpr(not INTERPRETED)  # libdevice's mul_rn (the interpreter has no libdevice)
 
@@ -748,18 +749,23 @@ if _IMPORTED:
 
     @triton.jit
     def _ntx_loss(t, tiny):
-        """NTXent's pair term -log(sigmoid(t) + tiny), t = x - lse_neg_i, in log space:
-        -logaddexp(log sigmoid(t), log tiny) (pair_terms.inl ntx_pair_loss)."""
+        """NTXent's pair term -log(sigmoid(t) + tiny), t = x - lse_neg_i: as PML computes it where
+        log sigmoid(t) > NTX_DIRECT_ABOVE, else in log space, -logaddexp(log sigmoid(t), log tiny)
+        (pair_terms.inl ntx_pair_loss)."""
         ls = -_softplus(-t)
         lt = tl.log(tiny)
         hi = tl.where(ls > lt, ls, lt)
         lo = tl.where(ls > lt, lt, ls)
-        return tl.where(t != t, t, -(hi + _log1p(tl.exp(lo - hi))))
+        log_space = -(hi + _log1p(tl.exp(lo - hi)))
+        return tl.where(ls <= NTX_DIRECT_ABOVE, log_space, -tl.log(_sigmoid(t) + tiny))
 
     @triton.jit
     def _ntx_dloss(t, tiny):
         """-sigmoid (1 - sigmoid) / (sigmoid + tiny) (pair_terms.inl ntx_pair_dloss)."""
-        return -_sigmoid(-t) * tl.exp(-_softplus(-t) + _ntx_loss(t, tiny))
+        ls = -_softplus(-t)
+        sg = _sigmoid(t)
+        direct = -(sg * _sigmoid(-t)) / (sg + tiny)
+        return tl.where(ls <= NTX_DIRECT_ABOVE, -_sigmoid(-t) * tl.exp(ls + _ntx_loss(t, tiny)), direct)
 
     @triton.jit
     def _pair_grad(kp, kn, xp, xn, db_p, db_n, glp, gln, gsp, gsn, gx, lsp, lsn, gwp, gwn, tp, tn, tiny,
