@@ -3,7 +3,8 @@
 Declaration: x = S / t (distance: -d / t); positives reduced by LSE and by sum, negatives by LSE.
 Combination: per row, -mean over P_i of (x_ij - LSE over P_i and N_i of x)
 = (|P_i| lse_all_i - sum_pos_i) / (|P_i| + tiny) with lse_all = logaddexp(lse_pos, lse_neg), 0 for a
-row without positives; PML's AvgNonZeroReducer over the rows; 0 when the batch has no positive or no
+row without positives (one positive: softplus(lse_neg - x_p), counted where PML's rounding keeps it,
+docs/semantics.md); PML's AvgNonZeroReducer over the rows; 0 when the batch has no positive or no
 negative pair; PML's few-pairs rule. (PML subtracts the detached row max first: it cancels.)
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from .. import _validation as V
 from ..ops import engines
 from ..ops._common import LOCAL, logaddexp, pair_operands, similarity_dtype, zero_loss
+from ..ops.operands import lp_distances, softplus, stat_dtype
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, run_pair_loss
@@ -57,25 +59,58 @@ def declaration(temperature, distance="cosine"):
                         distance=distance)
 
 
-def combine(st: engines.PairStats, embeddings, *, batch=LOCAL):
+def combine(st: engines.PairStats, embeddings, *, distance="cosine", excluded_logits=None, batch=LOCAL):
     zero = zero_loss(embeddings)
     cnt = st.count_pos.to(st.sum_pos.dtype)
     has_pos = st.count_pos > 0
     # rows without positives are 0; mask lse_pos before logaddexp (its gradient is NaN at -inf, -inf)
-    lse_all = logaddexp(torch.where(has_pos, st.lse_pos, 0), st.lse_neg)
+    lse_pos = torch.where(has_pos, st.lse_pos, 0)
+    lse_all = logaddexp(lse_pos, st.lse_neg)
     tiny = torch.finfo(st.sum_pos.dtype).tiny
     rows = torch.where(has_pos, (cnt * lse_all - st.sum_pos) / (cnt + tiny), torch.zeros_like(cnt))
+    # A row of one positive: L = log(1 + e^gap), gap = LSE_N - x_p, computed so (not as the difference
+    # of two numbers of the size of x_p, which absorbs it at about 15 logits); (two or more
+    # positives: L >= log |P|, never near 0). PML's AvgNonZero drops the row where its L rounds to
+    # 0, which it computes in its distance matrix's dtype from z' = x - m (m: the row's maximum over
+    # all columns, the excluded one included) as (log(1 + e^gap) + z'_p) - z'_p, the positive being
+    # the maximum of its sets there: the same rounding decides here which rows count.
+    gap = st.lse_neg - lse_pos
+    dt = similarity_dtype(embeddings, distance)
+    row_max = lse_pos if excluded_logits is None else torch.maximum(lse_pos, excluded_logits)
+    z_pos = (lse_pos - row_max).to(dt)
+    lse_shift = torch.log(1 + torch.exp(gap.detach()).to(dt))
+    counted = (z_pos + lse_shift) - z_pos > 0
+    rows = torch.where(st.count_pos == 1, torch.where(counted, softplus(gap), torch.zeros_like(gap)), rows)
     loss = batch.mean_above_zero(rows, zero)
     n_pos, n_neg = batch.sum(st.count_pos), batch.sum(st.count_neg)
     loss = torch.where((n_pos > 0) & (n_neg > 0), loss, zero)
     return torch.where(batch.too_few_pairs(st.count_pos, st.count_neg), zero, loss)
 
 
+def excluded_column_logits(q, r, excl, temperature, distance):
+    """z = S / T (lp: -d / T) of each row's excluded column (its own in self mode), which PML's row
+    maximum includes; -inf for a row without one. O(N D)."""
+    with torch.no_grad():
+        if r is None:
+            partner, has = q, torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
+        else:
+            has = excl >= 0 if excl is not None else torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
+            partner = r[(excl if excl is not None else torch.zeros_like(has, dtype=torch.int64)).clamp(min=0)]
+        s = (q * partner).sum(1, dtype=stat_dtype(q.dtype))
+        if distance == "cosine":
+            z = s / temperature
+        else:
+            d2 = (q * q).sum(1, dtype=s.dtype) + (partner * partner).sum(1, dtype=s.dtype) - 2 * s
+            z = -lp_distances(d2.clamp(min=0)) / temperature
+        return torch.where(has, z, float("-inf"))
+
+
 def supcon_fused(embeddings, labels, ref_emb, ref_labels, *, temperature, distance="cosine", backend,
                  exclude_col=None, batch=LOCAL):
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
     st = pair_stats(q, r, labels, labels_r, excl, declaration(temperature, distance), backend)
-    loss = combine(st, embeddings, batch=batch)
+    excluded = excluded_column_logits(q, r, excl, temperature, distance)
+    loss = combine(st, embeddings, distance=distance, excluded_logits=excluded, batch=batch)
     # PML's AvgNonZeroReducer drops NaN terms: keep NaN in, NaN out (docs/semantics.md)
     loss = loss + zero_loss(embeddings) + (0 if ref_emb is None else zero_loss(ref_emb))
     return loss.to(similarity_dtype(embeddings, distance))  # PML's dtype under autocast

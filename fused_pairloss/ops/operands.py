@@ -83,9 +83,12 @@ def logaddexp(a, b):
 
 
 def softplus(x):
-    """log(1 + e^x) = log(e^0 + e^x), exact for every x and its gradient sigmoid(x) (F.softplus
-    returns x itself above its threshold of 20); 0 at -inf, to the second derivative."""
-    return logaddexp(x, torch.zeros_like(x))
+    """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), exact for every x and its gradient sigmoid(x)
+    (F.softplus returns x itself above its threshold of 20); 0 at -inf; the exps bounded by 1, so
+    that the second derivative is finite everywhere (torch.logaddexp's is NaN far from 0)."""
+    positive = x > 0
+    x_pos, x_neg = torch.where(positive, x, 0), torch.where(positive, 0, x)
+    return torch.where(positive, x_pos + torch.log1p(torch.exp(-x_pos)), torch.log1p(torch.exp(x_neg)))
 
 
 # NTXent's pair term is computed as PML's -log(sigmoid(t) + tiny) where log sigmoid(t) is above this,
