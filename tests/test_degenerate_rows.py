@@ -214,6 +214,36 @@ def test_supcon_in_half_precision_counts_the_rows_pml_counts(how):
     assert abs(float(ours) - float(theirs)) <= 0.02 * float(theirs)
 
 
+def _two_view_batch(n, d, level, seed=0):
+    """Two views per class around unit class centers, each class with its own noise level in
+    [0, level): rows from easy to hard, as in training."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n // 2).repeat_interleave(2)
+    centers = torch.nn.functional.normalize(torch.randn(n // 2, d, generator=g), dim=1)
+    return centers[y] + level * torch.rand(n // 2, generator=g)[y, None] * torch.randn(n, d, generator=g) / d ** 0.5, y
+
+
+def test_circle_fp16_counts_the_rows_pml_counts():
+    """PML's fp16 row losses below 3e-8 are 0, and its AvgNonZero drops those rows: the fused rows
+    (in fp32) are counted the same way (the mean was 0.65 of PML's on this batch)."""
+    x, y = _two_view_batch(256, 128, 1.0)
+    x = x.half()
+    ours, theirs = fpl.CircleLoss()(x, y), pml_losses.CircleLoss()(x, y)
+    assert abs(float(ours) - float(theirs)) <= 0.02 * float(theirs)
+
+
+def test_tuplet_fp16_near_duplicate_positive_is_finite_as_pml():
+    """A positive pair's S of the fp16 unit rows, summed in fp32, comes out just above 1 (acos NaN);
+    PML's fp16 S rounds to 1. The fused term takes it at 1, as PML's value does."""
+    x, y = _two_view_batch(256, 128, 2.0)
+    x = x.half()
+    q = torch.nn.functional.normalize(x, dim=1).float()
+    pos = (y[:, None] == y[None]) & ~torch.eye(len(y), dtype=torch.bool)
+    assert float((q @ q.t())[pos].max()) > 1  # the case
+    ours, theirs = fpl.TupletMarginLoss()(x, y), pml_losses.TupletMarginLoss()(x, y)
+    assert torch.isfinite(ours) and abs(float(ours) - float(theirs)) <= 0.02 * float(theirs)
+
+
 # ---- ThresholdConsistentMarginLoss: a row of norm < 1e-8 ------------------------------------------
 @DTYPES
 def test_tcm_short_row_of_the_issue(dtype):

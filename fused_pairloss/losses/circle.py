@@ -55,6 +55,9 @@ def declaration(m, gamma):
 
 def combine(st: engines.PairStats, embeddings, *, batch=LOCAL):
     rows = F.softplus(st.lse_pos + st.lse_neg)
+    # PML's row losses are in its similarity matrix's dtype: in fp16 a row below half its smallest
+    # subnormal (3e-8) is 0 there, and its AvgNonZero drops it
+    rows = torch.where(rows.detach().to(similarity_dtype(embeddings, "cosine")) > 0, rows, torch.zeros_like(rows))
     zero = zero_loss(embeddings)
     loss = batch.mean_above_zero(rows, zero)
     return loss.where(~batch.too_few_pairs(st.count_pos, st.count_neg), zero)

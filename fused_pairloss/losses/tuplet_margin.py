@@ -87,6 +87,17 @@ def tuplet_pair_term_grad(u, row_lse, col_stat, same_index, scale, margin_rad, l
 register_pair_term("tuplet_margin", tuplet_pair_term, tuplet_pair_term_grad)
 
 
+def _at_most_one(term):
+    """The term of S_ap at most 1: PML's half-precision S rounds to 1 where the fused S of the
+    half-precision unit rows, summed in fp32, comes out just above it (acos would make it NaN)."""
+    def clamped(u, *args):
+        return term(torch.clamp(u, max=1.0), *args)
+    return clamped
+
+
+register_pair_term("tuplet_margin_half", _at_most_one(tuplet_pair_term), _at_most_one(tuplet_pair_term_grad))
+
+
 def declaration(scale):
     return PairLossSpec(pos=PairTerm(scale=0.0), neg=PairTerm(scale=float(scale), lse=True), distance="cosine")
 
@@ -97,8 +108,10 @@ def tuplet_margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, scal
     st = pair_stats(q, r, labels, labels_r, excl, declaration(scale), backend)
     n_cols = q.shape[0] if r is None else r.shape[0]
     unused_col_stat = st.lse_neg.new_zeros(n_cols)  # the term reads its row's statistic only
-    sums = positive_pair_sums(q, r, labels, labels_r, excl, st.lse_neg, unused_col_stat, "tuplet_margin",
-                              float(scale), math.radians(margin), False, backend)
+    half = similarity_dtype(embeddings, distance) in (torch.float16, torch.bfloat16)
+    sums = positive_pair_sums(q, r, labels, labels_r, excl, st.lse_neg, unused_col_stat,
+                              "tuplet_margin_half" if half else "tuplet_margin", float(scale), math.radians(margin),
+                              False, backend)
     loss = positive_pair_mean(sums, st, embeddings, batch)
     return nan_in_nan_out(loss, embeddings, ref_emb).to(similarity_dtype(embeddings, distance))  # PML's under autocast
 
