@@ -140,6 +140,9 @@ def check_pair_inputs(embeddings, labels, ref_emb, ref_labels):
             raise ValueError("ref_labels is labels, so ref_emb must have as many rows as embeddings")
 
 
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8)
+
+
 def check_indices_tuple(indices_tuple, n_rows, n_cols):
     """A miner's output as PML's losses index with it: a tuple (or list) of 3 (a, p, n) or 4 (a1, p,
     a2, n) 1-D integer tensors (empty ones of any dtype, as PML builds for float labels), each
@@ -156,8 +159,7 @@ def check_indices_tuple(indices_tuple, n_rows, n_cols):
     for k, t in enumerate(indices_tuple):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"indices_tuple[{k}] must be a tensor of indices; got {type(t).__name__}")
-        if t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype in (torch.bool, torch.uint8)):
-            # uint8 and bool index tensors are masks to torch
+        if t.numel() and t.dtype not in _INDEX_DTYPES:  # uint8 and bool index tensors are masks to torch
             raise TypeError(f"indices_tuple[{k}] must hold integer indices (int64, int32, int16 or int8); "
                             f"got {t.dtype}")
         if t.dim() != 1:
@@ -165,9 +167,8 @@ def check_indices_tuple(indices_tuple, n_rows, n_cols):
     a1, p, a2, n = indices_tuple if len(indices_tuple) == 4 else (indices_tuple[0], indices_tuple[1],
                                                                      indices_tuple[0], indices_tuple[2])
     check_index_ranges((a1, p, a2, n), n_rows, n_cols)
-    if any(t.is_floating_point() or t.dtype in (torch.bool, torch.uint8) for t in indices_tuple):  # empty ones
-        return tuple(t.long() if t.is_floating_point() or t.dtype in (torch.bool, torch.uint8) else t
-                     for t in indices_tuple)
+    if any(t.dtype not in _INDEX_DTYPES for t in indices_tuple):  # empty ones
+        return tuple(t if t.dtype in _INDEX_DTYPES else t.long() for t in indices_tuple)
     return indices_tuple
 
 

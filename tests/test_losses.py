@@ -132,6 +132,18 @@ def test_torch_compile_of_margin_loss_follows_an_assigned_beta():
         torch.testing.assert_close(compiled(x, y), loss(x, y))
 
 
+def test_inductor_follows_a_reassigned_temperature():
+    """torch.compile with inductor (its graph caches) gives each assigned temperature's value: a
+    float in the traced arithmetic beside the engine's constant made it serve the first one's."""
+    torch._dynamo.reset()
+    loss = fpl.SupConLoss(0.1)
+    compiled = torch.compile(loss, fullgraph=True)
+    x, y = torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), torch.arange(8) // 2
+    for temperature in (0.1, 0.2, 0.3):
+        loss.temperature = temperature
+        torch.testing.assert_close(compiled(x, y), fpl.SupConLoss(temperature)(x, y))
+
+
 def test_torch_compile_refuses_a_learned_margin_beta():
     """MarginLoss(learn_beta=True): the engines take beta as a constant; tracing it raises, naming it."""
     torch._dynamo.reset()

@@ -109,7 +109,9 @@ def supcon_fused(embeddings, labels, ref_emb, ref_labels, *, temperature, distan
                  exclude_col=None, batch=LOCAL):
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
     st = pair_stats(q, r, labels, labels_r, excl, declaration(temperature, distance), backend)
-    excluded = excluded_column_logits(q, r, excl, temperature, distance)
+    # while torch.compile traces: the row maximum is taken as the positive's (a temperature in the
+    # traced arithmetic would become a graph input beside the engine's constant)
+    excluded = None if V._compiling() else excluded_column_logits(q, r, excl, temperature, distance)
     loss = combine(st, embeddings, distance=distance, excluded_logits=excluded, batch=batch)
     # PML's AvgNonZeroReducer drops NaN terms: keep NaN in, NaN out (docs/semantics.md)
     loss = loss + zero_loss(embeddings) + (0 if ref_emb is None else zero_loss(ref_emb))

@@ -87,15 +87,19 @@ def tuplet_pair_term_grad(u, row_lse, col_stat, same_index, scale, margin_rad, l
 register_pair_term("tuplet_margin", tuplet_pair_term, tuplet_pair_term_grad)
 
 
-def _at_most_one(term):
-    """The term of S_ap at most 1: PML's half-precision S rounds to 1 where the fused S of the
+def tuplet_pair_term_half(u, *args):
+    """The term of min(S_ap, 1): PML's half-precision S rounds to 1 where the fused S of the
     half-precision unit rows, summed in fp32, comes out just above it (acos would make it NaN)."""
-    def clamped(u, *args):
-        return term(torch.clamp(u, max=1.0), *args)
-    return clamped
+    return tuplet_pair_term(torch.clamp(u, max=1.0), *args)
 
 
-register_pair_term("tuplet_margin_half", _at_most_one(tuplet_pair_term), _at_most_one(tuplet_pair_term_grad))
+def tuplet_pair_term_half_grad(u, *args):
+    """tuplet_pair_term_grad at min(S_ap, 1); d / du 0 above 1 (the clamp's derivative)."""
+    d_u, d_row, d_col = tuplet_pair_term_grad(torch.clamp(u, max=1.0), *args)
+    return torch.where(u > 1, torch.zeros_like(d_u), d_u), d_row, d_col
+
+
+register_pair_term("tuplet_margin_half", tuplet_pair_term_half, tuplet_pair_term_half_grad)
 
 
 def declaration(scale):

@@ -103,11 +103,17 @@ def ntx_pair_loss(t, tiny):
     about -87 in fp32; pair_terms.inl ntx_pair_loss). Written with bounded exps, so that its second
     derivative is finite for every t."""
     log_sigmoid, log_tiny = F.logsigmoid(t), math.log(tiny)
-    direct = -torch.log(torch.sigmoid(t) + tiny)
+    is_direct = ~(log_sigmoid <= NTX_DIRECT_ABOVE)  # NaN too
+    # the value -log(sigmoid(t) + tiny), rounded as PML's (0 where sigmoid(t) rounds to 1); the
+    # derivatives those of softplus(-t) - log1p(tiny (1 + e^-t)), the same function, whose gradient
+    # (about -sigmoid(-t)) is not lost where sigmoid(t) rounds to 1
+    t_direct = torch.where(is_direct, t, torch.zeros_like(t))  # a finite exp where unused
+    smooth = softplus(-t_direct) - torch.log1p(tiny * (1 + torch.exp(-t_direct)))
+    direct = smooth + (-torch.log(torch.sigmoid(t_direct) + tiny) - smooth).detach()
     above = log_sigmoid > log_tiny
     hi, lo = torch.where(above, log_sigmoid, log_tiny), torch.where(above, log_tiny, log_sigmoid)
     log_space = -(hi + torch.log1p(torch.exp(lo - hi)))
-    return torch.where(log_sigmoid <= NTX_DIRECT_ABOVE, log_space, direct)
+    return torch.where(is_direct, direct, log_space)
 
 
 def lp_distances(d2):
