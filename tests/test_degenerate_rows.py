@@ -5,7 +5,13 @@ ref_emb=embeddings and another ref_labels object (PML's rule `query is reference
 ThresholdConsistentMarginLoss on a row of norm < 1e-8 (F.cosine_similarity's eps, not
 F.normalize's 1e-12); SignalToNoiseRatioContrastiveLoss on a constant query row (PML's var / 0:
 inf). Self mode, a ref, a miner's indices_tuple and CrossBatchMemory where the loss takes them;
-and ordinary batches still fused (the reference function raising)."""
+and ordinary batches still fused (the reference function raising).
+
+Also where the fused path's rounding differed from PML's at the dtype's edges: NCA's rows whose
+softmax underflows, NTXent's terms below its tiny (and its second order at a low temperature),
+SNR's all-constant rows, and the counts PML's AvgNonZeroReducer takes after its own rounding on
+realistic two-view batches (SupCon in fp32 and half precision, Circle in fp16), TupletMargin's
+near-duplicate positive in fp16."""
 import warnings
 
 import pytest
