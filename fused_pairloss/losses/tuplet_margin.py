@@ -87,15 +87,21 @@ def tuplet_pair_term_grad(u, row_lse, col_stat, same_index, scale, margin_rad, l
 register_pair_term("tuplet_margin", tuplet_pair_term, tuplet_pair_term_grad)
 
 
+def _at_most_one(u):
+    """min(u, 1), with derivative 0 above 1 and 1 at 1 (torch.clamp's is 0 there): at S_ap = 1 the
+    gradient is acos's, infinite, as PML's."""
+    return torch.where(u > 1, torch.ones_like(u), u)
+
+
 def tuplet_pair_term_half(u, *args):
     """The term of min(S_ap, 1): PML's half-precision S rounds to 1 where the fused S of the
     half-precision unit rows, summed in fp32, comes out just above it (acos would make it NaN)."""
-    return tuplet_pair_term(torch.clamp(u, max=1.0), *args)
+    return tuplet_pair_term(_at_most_one(u), *args)
 
 
 def tuplet_pair_term_half_grad(u, *args):
-    """tuplet_pair_term_grad at min(S_ap, 1); d / du 0 above 1 (the clamp's derivative)."""
-    d_u, d_row, d_col = tuplet_pair_term_grad(torch.clamp(u, max=1.0), *args)
+    """tuplet_pair_term_grad at min(S_ap, 1); d / du 0 above 1 (_at_most_one's derivative)."""
+    d_u, d_row, d_col = tuplet_pair_term_grad(_at_most_one(u), *args)
     return torch.where(u > 1, torch.zeros_like(d_u), d_u), d_row, d_col
 
 
