@@ -166,13 +166,13 @@ def check_indices_tuple(indices_tuple, n_rows, n_cols):
             raise ValueError(f"indices_tuple[{k}] must be 1-D; got shape {tuple(t.shape)}")
     a1, p, a2, n = indices_tuple if len(indices_tuple) == 4 else (indices_tuple[0], indices_tuple[1],
                                                                      indices_tuple[0], indices_tuple[2])
-    check_index_ranges((a1, p, a2, n), n_rows, n_cols)
+    _check_index_ranges((a1, p, a2, n), n_rows, n_cols)
     if any(t.dtype not in _INDEX_DTYPES for t in indices_tuple):  # empty ones
         return tuple(t if t.dtype in _INDEX_DTYPES else t.long() for t in indices_tuple)
     return indices_tuple
 
 
-def check_index_ranges(pairs, n_rows, n_cols):
+def _check_index_ranges(pairs, n_rows, n_cols):
     """(a1, p, a2, n) of equal lengths pairwise, against the rows of embeddings (n_rows) and of the
     ref (n_cols; None: unchecked): ValueError naming indices_tuple (a tuple mined on another batch,
     say). The ranges need a sync: skipped while torch.compile traces and on meta tensors."""

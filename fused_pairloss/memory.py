@@ -19,6 +19,7 @@ import torch
 from . import _validation as V
 from ._distributed import FUSED_PAIR_CALLS, DistributedBatch, agreed_layout, fused_pair_plan
 from .losses._base import _collect_stats, _distance_name, _has_short_row, _on_device_of, pml_base
+from .losses._reference_common import nan_in_nan_out
 from .losses.triplet_margin import TripletMarginLoss, all_triplet_distance_means, miner_triplet_counts
 from .ops._common import LOCAL, zero_loss
 from .ops.stats import MinedBy
@@ -429,7 +430,7 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
         # step's write into the buffer does not touch a tensor saved for this step's backward
         loss = fn(embeddings, labels, E_mem.detach(), L_mem.clone(), exclude_col=excl, batch=batch, **hyper)
         if isinstance(backend, MinedBy):  # NaN in, NaN out also through the miner's comparisons
-            loss = (loss + zero_loss(embeddings) + zero_loss(E_mem.detach())).to(loss.dtype)
+            loss = nan_in_nan_out(loss, embeddings, E_mem.detach()).to(loss.dtype)
         return self.loss._as_pml_dtype(loss, embeddings)  # PML's dtype under autocast, as the loss's own call
 
     def _forward_distributed(self, embeddings, labels, indices_tuple=None, enqueue_mask=None, group=None):

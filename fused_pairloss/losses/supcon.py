@@ -89,13 +89,14 @@ def combine(st: engines.PairStats, embeddings, *, distance="cosine", excluded_lo
 
 def excluded_column_logits(q, r, excl, temperature, distance):
     """z = S / T (lp: -d / T) of each row's excluded column (its own in self mode), which PML's row
-    maximum includes; -inf for a row without one. O(N D)."""
+    maximum includes; -inf for a row without one; None where no row has one. O(N D)."""
+    if r is not None and excl is None:
+        return None
     with torch.no_grad():
         if r is None:
             partner, has = q, torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
         else:
-            has = excl >= 0 if excl is not None else torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
-            partner = r[(excl if excl is not None else torch.zeros_like(has, dtype=torch.int64)).clamp(min=0)]
+            partner, has = r[excl.clamp(min=0)], excl >= 0
         s = (q * partner).sum(1, dtype=stat_dtype(q.dtype))
         if distance == "cosine":
             z = s / temperature
