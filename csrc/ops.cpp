@@ -72,17 +72,19 @@ std::string describe_class_spec(c10::ArrayRef<double> terms, int64_t flags, int6
 TORCH_LIBRARY(fused_pairloss, m) {
   // Tiled pair engine. r / labels_r = None means self mode (ref is the batch itself, S symmetric,
   // row i's own column excluded from its positives); exclude_col (ref mode): per row the column
-  // excluded from its positives, -1 for none.
+  // excluded from its positives, -1 for none. row_shift: per row of q a number added to both terms'
+  // shift (a constant to the op: no gradient), None for none.
   // values [7 + 2 hist_nodes, N]: lse_pos, lse_neg, sum_pos, sum_neg, pos_vs_neg, weight_pos, weight_neg,
   // then the histograms' nodes (positives', negatives'); counts [4, N] int32: count_pos,
   // count_neg, nonzero_pos, nonzero_neg; aux [3, N]: min_pos, max_neg, d pos_vs_neg / d lse_neg.
   m.def(
       "pair_engine_forward(Tensor q, Tensor? r, Tensor labels_q, Tensor? labels_r, "
-      "Tensor? exclude_col, float[] terms, int flags) -> (Tensor values, Tensor counts, Tensor aux)");
+      "Tensor? exclude_col, float[] terms, int flags, Tensor? row_shift=None) "
+      "-> (Tensor values, Tensor counts, Tensor aux)");
   m.def(
       "pair_engine_backward(Tensor grad_values, Tensor q, Tensor? r, Tensor labels_q, "
       "Tensor? labels_r, Tensor? exclude_col, Tensor values, Tensor aux, float[] terms, int flags, "
-      "bool need_grad_r) -> (Tensor grad_q, Tensor grad_r)");
+      "bool need_grad_r, Tensor? row_shift=None) -> (Tensor grad_q, Tensor grad_r)");
   // Tiled class engine. w: (C*K, D), row c*K+k = center k of class c; flags may say (D, C*K) and
   // normalize its vectors (common/loss_spec.h ClassFlag; the CPU kernels apply them per tile).
   // rows [2, N]: lse over the non-target classes, target_sim; cols [2, C]: column LSEs (pos, neg).

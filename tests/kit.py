@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from fused_pairloss.losses import (REGISTRY, LossEntry, circle, clip, contrastive, fast_ap, histogram,
-                                   lifted_structure, margin_softmax, multi_similarity, ntxent, proxy_anchor,
+                                   lifted_structure, margin, margin_softmax, multi_similarity, ntxent, proxy_anchor,
                                    proxy_circle, ranked_list, siglip, soft_triple, supcon, tuplet_margin)
 from fused_pairloss.ops import oracle
-from fused_pairloss.ops.spec import ClassLossSpec, PairHistogram, PairLossSpec, PairTerm
+from fused_pairloss.ops.spec import PAIR_VALUES, ClassLossSpec, PairHistogram, PairLossSpec, PairTerm
 
 INF = float("inf")
 
@@ -272,6 +272,56 @@ def pair_truth(case: PairCase, spec: PairLossSpec, grad_values=None, need_grad_r
     bwd = oracle.pair_engine_backward_oracle(grad_values.double(), *c.args(), fwd[0], fwd[2], terms, flags,
                                              need_grad_r)
     return fwd, bwd
+
+
+# ---- per-row shifts (the pair ops' row_shift: MarginLoss's per-class beta) ------------------------
+# declarations the row shift is checked with: hinge sums in both distances (MarginLoss's own), the
+# mining walk (thresholds, deferred positives) and NTXent's deferred positives against lse_neg
+ROW_SHIFT_DECLARATIONS = {
+    "margin_lp": margin.declaration(0.25, 0.0, "lp"),
+    "margin_cos": margin.declaration(0.25, 0.0, "cosine"),
+    "ms_mine": PAIR_DECLARATIONS["ms_mine"],
+    "ntxent": PAIR_DECLARATIONS["ntxent"],
+}
+
+
+def row_shifts(n, seed=0):
+    """(n,) fp64 shifts k/8, |k| <= 8 (dyadic: added to a dyadic shift exactly)."""
+    g = torch.Generator().manual_seed(seed + 7)
+    return torch.randint(-8, 9, (n,), generator=g).double() / 8
+
+
+def check_row_shift(forward, backward, case: PairCase, spec: PairLossSpec, device=None, seed=0):
+    """One op call with a row shift against the oracle with the same shifts (fp64 truth, same-dtype
+    reference): forward(q, r, labels_q, labels_r, exclude_col, terms, flags, row_shift) and
+    backward(grad_values, q, ..., need_grad_r, row_shift) are the op pair of a backend; device: where
+    its tensors go (None: the CPU)."""
+    dtype = case.q.dtype
+    A = stat_dtype(dtype)
+    terms, flags = spec.pack()
+    rs = row_shifts(case.q.shape[0], seed)
+    on = (lambda t: t) if device is None else (lambda t: None if t is None else t.to(device))
+    dcase = case.to(device=device) if device else case
+    out = [t.cpu() for t in forward(*dcase.args(), list(terms), flags, on(rs.to(A)))]
+    same = oracle.pair_engine_forward_oracle(*case.args(), terms, flags, rs.to(A))
+    c64 = case.to(torch.float64)
+    truth = oracle.pair_engine_forward_oracle(*c64.args(), terms, flags, rs)
+    assert torch.equal(out[1], same[1]), "set sizes and nonzero counts (dyadic inputs: exact)"
+    rows = len(PAIR_VALUES)
+    for k in range(rows):
+        check_close(out[0][k], truth[0][k], same[0][k], what=PAIR_VALUES[k], dtype=A)
+    gv = torch.randn(rows, case.q.shape[0], generator=torch.Generator().manual_seed(seed + 1),
+                     dtype=torch.float64).to(A)
+    grads = [t.cpu() for t in backward(on(gv), *dcase.args(), on(out[0]), on(out[2]), list(terms), flags, True,
+                                       on(rs.to(A)))]
+    truth_g = oracle.pair_engine_backward_oracle(gv.double(), *c64.args(), truth[0], truth[2], terms, flags, True, rs)
+    same_g = oracle.pair_engine_backward_oracle(gv, *case.args(), same[0], same[2], terms, flags, True, rs.to(A))
+    check_close(grads[0], truth_g[0], same_g[0], what="grad_q", dtype=dtype)
+    if case.r is not None:
+        check_close(grads[1], truth_g[1], same_g[1], what="grad_r", dtype=dtype)
+    # the shift moves the terms: without it the values differ (the test would pass vacuously otherwise)
+    plain = forward(*dcase.args(), list(terms), flags)
+    assert not torch.equal(plain[0].cpu()[:4], out[0][:4]), "row_shift changed nothing"
 
 
 # ---- losses for loss-level tests ------------------------------------------------------------------

@@ -549,3 +549,12 @@ def test_other_isa_triplet_kernels_match_the_pytorch_op(isa, isa_cap):
             truth = triplets.triplet_bins_backward(w, *args64, True, True)
             for a, t, b in zip(grads, truth, ref_grads):
                 kit.check_close(a, t, b, what="bins grad", dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("mode", kit.MODES)
+@pytest.mark.parametrize("name", list(kit.ROW_SHIFT_DECLARATIONS))
+def test_pair_row_shift(name, mode, dtype):
+    """The op's row_shift (each row's terms shifted by its own number) against the oracle."""
+    case = kit.pair_case(mode, 37, 16, "few", dtype)
+    kit.check_row_shift(op.pair_engine_forward, op.pair_engine_backward, case, kit.ROW_SHIFT_DECLARATIONS[name])

@@ -245,6 +245,15 @@ def test_emulated_pair_op_parity_dyadic(emu, decl, mode, dtype):
                    seed=n)
 
 
+@pytest.mark.parametrize("mode", kit.MODES)
+@pytest.mark.parametrize("name", list(kit.ROW_SHIFT_DECLARATIONS))
+def test_emulated_pair_row_shift(emu, name, mode):
+    """The op's row_shift against the oracle: the forward's and both backward passes' per-row terms,
+    the label-sorted order of the deferred walks (ms_mine, ntxent), 3 row blocks."""
+    case = kit.pair_case(mode, 131, 24, "many", torch.float32, seed=5)
+    kit.check_row_shift(emu.pair_engine_forward, emu.pair_engine_backward, case, kit.ROW_SHIFT_DECLARATIONS[name])
+
+
 @pytest.mark.parametrize("dtype", LOWP, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("decl,mode", decls_and_modes(["ms_mine", "circle", "ntxent_lp", "contrastive_lp",
                                                        "ms_mine_after_excl", "ntxent_mine"]))
@@ -666,6 +675,17 @@ def test_gpu_pair_op_parity_dyadic(decl, mode, dtype):
         d = min(d, 64)  # dyadic dot products are exact for d <= 64
         check_pair(ops, kit.pair_case(mode, n, d, layout, dtype, "dyadic", seed=n), PAIR_DECLS[decl], exact=True,
                    seed=n, device=GPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("mode", kit.MODES)
+@pytest.mark.parametrize("name", list(kit.ROW_SHIFT_DECLARATIONS))
+def test_gpu_pair_row_shift(name, mode, dtype):
+    ops = _gpu_ops()
+    case = kit.pair_case(mode, 300, 64, "many", dtype, seed=5)
+    kit.check_row_shift(ops.pair_engine_forward, ops.pair_engine_backward, case, kit.ROW_SHIFT_DECLARATIONS[name],
+                        device=GPU)
 
 
 @pytest.mark.gpu

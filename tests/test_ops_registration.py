@@ -43,6 +43,24 @@ def test_opcheck_pair_engine(decl, mode):
                               (torch.ones_like(values), q, r, lq, lr, ex, values, aux, list(terms), flags, need_r))
 
 
+@pytest.mark.parametrize("mode", kit.MODES)
+@pytest.mark.parametrize("decl", ["margin_lp", "ms_mine"])
+def test_opcheck_pair_engine_row_shift(decl, mode):
+    """The ops' optional row_shift (a constant operand: no gradient to it)."""
+    terms, flags = kit.ROW_SHIFT_DECLARATIONS[decl].pack()
+    case = kit.pair_case(mode, 13, 7, "few", torch.float32, "normalized", seed=0, m=9 if mode == "ref" else None)
+    q, r, lq, lr, ex = case.args()
+    rs = kit.row_shifts(13).float()
+    torch.library.opcheck(op.pair_engine_forward.default,
+                          (_grad_leaf(q), _grad_leaf(r), lq, lr, ex, list(terms), flags, rs))
+    values, _, aux = op.pair_engine_forward(q, r, lq, lr, ex, list(terms), flags, rs)
+    torch.library.opcheck(op.pair_engine_backward.default,
+                          (torch.ones_like(values), q, r, lq, lr, ex, values, aux, list(terms), flags, True, rs))
+    for bad in (rs[:-1], rs.long(), rs[None]):
+        with pytest.raises(RuntimeError, match="row_shift"):
+            op.pair_engine_forward(q, r, lq, lr, ex, list(terms), flags, bad)
+
+
 CLASS_OPCHECK = {**kit.CLASS_DECLARATIONS, **{f"{k}_loss_weights": v for k, v in kit.LOSS_CLASS_DECLARATIONS.items()}}
 
 

@@ -199,6 +199,10 @@ def test_opcheck_all_four_ops():
         torch.library.opcheck(PAIR_FWD, (*args, list(terms), flags))
         v, _, aux = PAIR_FWD(*args, list(terms), flags)
         torch.library.opcheck(PAIR_BWD, (torch.ones_like(v), *args, v, aux, list(terms), flags, True))
+        rs = kit.row_shifts(20).float().to(DEV)  # the optional row_shift
+        torch.library.opcheck(PAIR_FWD, (*args, list(terms), flags, rs))
+        v, _, aux = PAIR_FWD(*args, list(terms), flags, rs)
+        torch.library.opcheck(PAIR_BWD, (torch.ones_like(v), *args, v, aux, list(terms), flags, True, rs))
     for decl in ("softtriple_k3", "rows_and_cols"):
         spec, K = CLASS_DECLS[decl]
         case = class_case(20, 6, 5, K, torch.float32, seed=2)
@@ -316,6 +320,23 @@ def test_mining_ties_are_decided_exactly():
         assert (pos & (s - eps == maxn[:, None])).any(), "the case should contain exact ties"
         out, _ = check_pair(args, PAIR_DECLS[decl], exact=True)
         assert torch.equal(out[1][0], (pos & (s - eps < maxn[:, None])).sum(1).to(torch.int32))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", list(kit.ROW_SHIFT_DECLARATIONS))
+def test_pair_row_shift(name, mode):
+    """The op's row_shift against the oracle (the forward's walks, the row pass with self mode's
+    second orientation, the column pass)."""
+    case = kit.pair_case(mode, 45, 12, "few", torch.float32, seed=9)
+    kit.check_row_shift(PAIR_FWD, PAIR_BWD, case, kit.ROW_SHIFT_DECLARATIONS[name], device=DEV)
+
+
+def test_pair_row_shift_split_walks(monkeypatch):
+    """The row shift with the walks split over programs (the GPU occupancy path, forced)."""
+    monkeypatch.setattr(T, "_splits", lambda owned, walked, device: 3)
+    for name, mode in (("ms_mine", "self"), ("margin_lp", "ref_excl")):
+        case = kit.pair_case(mode, 70, 10, "few", torch.float32, seed=21)
+        kit.check_row_shift(PAIR_FWD, PAIR_BWD, case, kit.ROW_SHIFT_DECLARATIONS[name], device=DEV)
 
 
 @pytest.mark.parametrize("decl,mode", [("ms_mine", "self"), ("mixed", "ref_excl"), ("ntxent_lp", "ref"),

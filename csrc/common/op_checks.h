@@ -51,6 +51,16 @@ inline void check_pair_operands(const at::Tensor& q, const std::optional<at::Ten
                 " ", exclude_col->sizes());
 }
 
+// pair_engine_*'s row_shift: per row of q a number added to both terms' shift (no gradient)
+inline void check_row_shift(const at::Tensor& q, const std::optional<at::Tensor>& row_shift) {
+  if (!row_shift.has_value()) return;
+  TORCH_CHECK(row_shift->dim() == 1 && row_shift->size(0) == q.size(0) && at::isFloatingType(row_shift->scalar_type()),
+              "pair_engine: row_shift must be floating point of shape (", q.size(0), ",), got ",
+              row_shift->scalar_type(), " ", row_shift->sizes());
+  TORCH_CHECK(row_shift->device() == q.device(), "pair_engine: row_shift must be on q's device (", q.device(),
+              "), got ", row_shift->device());
+}
+
 // triplet_engine_*(q[N,D], r[M,D], labels_q[N], labels_r[M], exclude_col[N], ...): the shapes and
 // dtypes every backend's kernel needs (the backends add their device checks)
 inline void check_triplet_operands(const at::Tensor& q, const at::Tensor& r, const at::Tensor& labels_q,

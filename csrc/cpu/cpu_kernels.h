@@ -62,6 +62,8 @@ struct PairRowState {
   const T* g_hist[2];  // [N][hist_nodes] per set
   const T* g_ntx;
   const T* lse[2];
+  // per row, added to both terms' shift (the op's row_shift; MarginLoss's per-class beta); null: none
+  const T* row_shift;
 };
 
 // ---- class engine tiles -------------------------------------------------------------------------

@@ -122,6 +122,7 @@ struct Operands {
   Tensor lab_q, lab_r;    // int32 label ids
   Tensor excl;            // int64 (N): excluded column of row i, -1 for none
   Tensor norm_q, norm_r;  // (N), (M) squared norms, lp only
+  Tensor row_shift;       // (N) in T, added to row i's term shifts; undefined: none
   int64_t num_labels;
 };
 
@@ -130,7 +131,7 @@ at::ScalarType compute_dtype(const Tensor& q) { return q.scalar_type() == at::kD
 template <typename T>
 Operands<T> prepare(const Tensor& q, const std::optional<Tensor>& r, const Tensor& labels_q,
                     const std::optional<Tensor>& labels_r, const std::optional<Tensor>& exclude_col,
-                    const PairSpec<T>& spec) {
+                    const std::optional<Tensor>& row_shift, const PairSpec<T>& spec) {
   Operands<T> o;
   o.K = &active_kernels<T>();
   o.self = !r.has_value();
@@ -171,6 +172,7 @@ Operands<T> prepare(const Tensor& q, const std::optional<Tensor>& r, const Tenso
     o.norm_q = squared_norms<T>(o.q, o.D);
     o.norm_r = o.self ? o.norm_q : squared_norms<T>(o.r, o.D);
   }
+  if (row_shift.has_value()) o.row_shift = row_shift->detach().to(compute_dtype(q)).contiguous();
   return o;
 }
 
@@ -429,6 +431,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Operands<T>& o, const Pair
   const int64_t N = o.N, M = o.M;
   State<T> state(N, spec.hist_nodes, opts);
   PairRowState<T>& st = state.view;
+  st.row_shift = o.row_shift.defined() ? o.row_shift.template data_ptr<T>() : nullptr;
   const bool par = parallel_work(N, M, o.D);
   const bool defer = spec.defer_positives();
   Sorted<T> sorted;
@@ -495,6 +498,7 @@ std::tuple<Tensor, Tensor> backward_impl(const Operands<T>& o, const PairSpec<T>
   st.lse[1] = values[kLseNeg].template data_ptr<T>();
   st.min_pos = const_cast<T*>(aux[kMinPos].template data_ptr<T>());
   st.max_neg = const_cast<T*>(aux[kMaxNeg].template data_ptr<T>());
+  st.row_shift = o.row_shift.defined() ? o.row_shift.template data_ptr<T>() : nullptr;
   const bool par = parallel_work(N, M, o.D);
   Tensor dq = at::zeros({N, Dp}, opts);
   T* dqp = dq.template data_ptr<T>();
@@ -580,10 +584,11 @@ std::tuple<Tensor, Tensor> backward_impl(const Operands<T>& o, const PairSpec<T>
 // ---- op entry points ---------------------------------------------------------------------------
 void check_inputs(const Tensor& q, const std::optional<Tensor>& r, const Tensor& labels_q,
                   const std::optional<Tensor>& labels_r, const std::optional<Tensor>& exclude_col,
-                  c10::ArrayRef<double> terms, int64_t flags) {
+                  const std::optional<Tensor>& row_shift, c10::ArrayRef<double> terms, int64_t flags) {
   TORCH_CHECK(q.device().is_cpu(), "pair_engine (cpu): q must be a CPU tensor, got ", q.device());
   if (r.has_value()) TORCH_CHECK(r->device().is_cpu(), "pair_engine (cpu): r must be a CPU tensor, got ", r->device());
   check_pair_operands(q, r, labels_q, labels_r, exclude_col, terms, flags);
+  check_row_shift(q, row_shift);
   TORCH_CHECK(at::isFloatingType(q.scalar_type()), "pair_engine: q must be floating point, got ", q.scalar_type());
   if (exclude_col.has_value() && exclude_col->numel() > 0) {
     const int64_t lo = exclude_col->min().item<int64_t>(), hi = exclude_col->max().item<int64_t>();
@@ -596,14 +601,15 @@ std::tuple<Tensor, Tensor, Tensor> pair_engine_forward_cpu(const Tensor& q, cons
                                                            const Tensor& labels_q,
                                                            const std::optional<Tensor>& labels_r,
                                                            const std::optional<Tensor>& exclude_col,
-                                                           c10::ArrayRef<double> terms, int64_t flags) {
-  check_inputs(q, r, labels_q, labels_r, exclude_col, terms, flags);
+                                                           c10::ArrayRef<double> terms, int64_t flags,
+                                                           const std::optional<Tensor>& row_shift) {
+  check_inputs(q, r, labels_q, labels_r, exclude_col, row_shift, terms, flags);
   if (compute_dtype(q) == at::kDouble) {
     const auto spec = decode_pair_spec<double>(terms.data(), flags);
-    return forward_impl(prepare(q, r, labels_q, labels_r, exclude_col, spec), spec);
+    return forward_impl(prepare(q, r, labels_q, labels_r, exclude_col, row_shift, spec), spec);
   }
   const auto spec = decode_pair_spec<float>(terms.data(), flags);
-  return forward_impl(prepare(q, r, labels_q, labels_r, exclude_col, spec), spec);
+  return forward_impl(prepare(q, r, labels_q, labels_r, exclude_col, row_shift, spec), spec);
 }
 
 std::tuple<Tensor, Tensor> pair_engine_backward_cpu(const Tensor& grad_values, const Tensor& q,
@@ -611,8 +617,8 @@ std::tuple<Tensor, Tensor> pair_engine_backward_cpu(const Tensor& grad_values, c
                                                     const std::optional<Tensor>& labels_r,
                                                     const std::optional<Tensor>& exclude_col, const Tensor& values,
                                                     const Tensor& aux, c10::ArrayRef<double> terms, int64_t flags,
-                                                    bool need_grad_r) {
-  check_inputs(q, r, labels_q, labels_r, exclude_col, terms, flags);
+                                                    bool need_grad_r, const std::optional<Tensor>& row_shift) {
+  check_inputs(q, r, labels_q, labels_r, exclude_col, row_shift, terms, flags);
   const int64_t N = q.size(0);
   const auto A = compute_dtype(q);
   auto stats = [&](const Tensor& t, int64_t rows, const char* name) {
@@ -627,10 +633,12 @@ std::tuple<Tensor, Tensor> pair_engine_backward_cpu(const Tensor& grad_values, c
   std::tuple<Tensor, Tensor> out;
   if (A == at::kDouble) {
     const auto spec = decode_pair_spec<double>(terms.data(), flags);
-    out = backward_impl(prepare(q, r, labels_q, labels_r, exclude_col, spec), spec, gv, vals, ax, need_grad_r);
+    out =
+        backward_impl(prepare(q, r, labels_q, labels_r, exclude_col, row_shift, spec), spec, gv, vals, ax, need_grad_r);
   } else {
     const auto spec = decode_pair_spec<float>(terms.data(), flags);
-    out = backward_impl(prepare(q, r, labels_q, labels_r, exclude_col, spec), spec, gv, vals, ax, need_grad_r);
+    out =
+        backward_impl(prepare(q, r, labels_q, labels_r, exclude_col, row_shift, spec), spec, gv, vals, ax, need_grad_r);
   }
   Tensor grad_q = std::get<0>(out).to(q.scalar_type()).contiguous();
   Tensor grad_r =

@@ -79,8 +79,9 @@ inline void check_grid(int64_t n, int64_t per_cta, const char* what) {
 // ---- pair engine -------------------------------------------------------------------------------
 inline void check_pair_inputs(const Tensor& q, const std::optional<Tensor>& r, const Tensor& labels_q,
                               const std::optional<Tensor>& labels_r, const std::optional<Tensor>& exclude_col,
-                              c10::ArrayRef<double> terms, int64_t flags) {
+                              const std::optional<Tensor>& row_shift, c10::ArrayRef<double> terms, int64_t flags) {
   fpl::check_pair_operands(q, r, labels_q, labels_r, exclude_col, terms, flags);
+  fpl::check_row_shift(q, row_shift);
   dtype_code(q);
   TORCH_CHECK(labels_q.scalar_type() == at::kLong, "pair_engine: labels_q must be int64, got ", labels_q.scalar_type());
   check_same_device(labels_q, q, "labels_q");
@@ -98,7 +99,7 @@ inline void check_pair_inputs(const Tensor& q, const std::optional<Tensor>& r, c
 
 // The kernels' operands (launchers.h PairOperands) and the tensors that hold them.
 struct PairPrep {
-  Tensor q, r, lq, lr, excl, band_lo, band_hi, perm_q, perm_r, nq, nr;
+  Tensor q, r, lq, lr, excl, band_lo, band_hi, perm_q, perm_r, nq, nr, shift;
   bool self_mode = true;
   int64_t N = 0, M = 0, D = 0;
 
@@ -118,6 +119,7 @@ struct PairPrep {
     o.perm_r = iptr(perm_r);
     o.norm_q = ptr(nq);
     o.norm_r = ptr(nr);
+    o.row_shift = ptr(shift);
     o.N = N;
     o.M = M;
     o.D = D;
@@ -133,7 +135,7 @@ inline Tensor stable_sort_perm(const Tensor& labels) {
 
 inline PairPrep prepare_pair(const Tensor& q_in, const std::optional<Tensor>& r_in, const Tensor& labels_q,
                              const std::optional<Tensor>& labels_r, const std::optional<Tensor>& exclude_col,
-                             int64_t flags) {
+                             const std::optional<Tensor>& row_shift, int64_t flags) {
   PairPrep p;
   p.self_mode = !r_in.has_value();
   const Tensor q = q_in.contiguous(), lq = labels_q.contiguous();
@@ -184,6 +186,8 @@ inline PairPrep prepare_pair(const Tensor& q_in, const std::optional<Tensor>& r_
     p.nq = p.q.to(A).square().sum(1).contiguous();
     p.nr = p.self_mode ? p.nq : p.r.to(A).square().sum(1).contiguous();
   }
+  // in the op's row order: the kernels read it at mapped_row, as the row statistics
+  if (row_shift.has_value()) p.shift = row_shift->detach().to(stat_type(q)).contiguous();
   return p;
 }
 
@@ -191,9 +195,10 @@ inline std::tuple<Tensor, Tensor, Tensor> pair_forward(const Runtime& rt, const 
                                                        const std::optional<Tensor>& r, const Tensor& labels_q,
                                                        const std::optional<Tensor>& labels_r,
                                                        const std::optional<Tensor>& exclude_col,
-                                                       c10::ArrayRef<double> terms, int64_t flags) {
-  check_pair_inputs(q, r, labels_q, labels_r, exclude_col, terms, flags);
-  const PairPrep p = prepare_pair(q, r, labels_q, labels_r, exclude_col, flags);
+                                                       c10::ArrayRef<double> terms, int64_t flags,
+                                                       const std::optional<Tensor>& row_shift) {
+  check_pair_inputs(q, r, labels_q, labels_r, exclude_col, row_shift, terms, flags);
+  const PairPrep p = prepare_pair(q, r, labels_q, labels_r, exclude_col, row_shift, flags);
   const auto opts = q.options().dtype(stat_type(q));
   const int64_t hist_rows = 2 * static_cast<int64_t>(terms[fpl::kHistTerms]);
   // histograms: their rows and the second thread's scratch copy start at zero (the kernel adds)
@@ -218,8 +223,8 @@ inline std::tuple<Tensor, Tensor> pair_backward(const Runtime& rt, const Tensor&
                                                 const std::optional<Tensor>& labels_r,
                                                 const std::optional<Tensor>& exclude_col, const Tensor& values,
                                                 const Tensor& aux, c10::ArrayRef<double> terms, int64_t flags,
-                                                bool need_grad_r) {
-  check_pair_inputs(q, r, labels_q, labels_r, exclude_col, terms, flags);
+                                                bool need_grad_r, const std::optional<Tensor>& row_shift) {
+  check_pair_inputs(q, r, labels_q, labels_r, exclude_col, row_shift, terms, flags);
   const int64_t N = q.size(0);
   const auto A = stat_type(q);
   auto stats = [&](const Tensor& t, int64_t rows, const char* name) {
@@ -234,7 +239,7 @@ inline std::tuple<Tensor, Tensor> pair_backward(const Runtime& rt, const Tensor&
   const Tensor ax = stats(aux, fpl::kNumPairAux, "aux");
   if (flags & fpl::kPosVsNegLse)  // NTXent: d(pair terms)/d(lse_neg) joins the gradient of lse_neg
     gv[fpl::kLseNeg].add_(gv[fpl::kPosVsNeg] * ax[fpl::kPosVsNegDLse]);
-  const PairPrep p = prepare_pair(q, r, labels_q, labels_r, exclude_col, flags);
+  const PairPrep p = prepare_pair(q, r, labels_q, labels_r, exclude_col, row_shift, flags);
   const bool want_r = !p.self_mode && need_grad_r;
   const auto opts = q.options().dtype(A);
   Tensor gq = at::zeros({p.N, p.D}, opts);

@@ -44,6 +44,7 @@ struct PairOperands {
   const int64_t* perm_r;  // == perm_q in self mode
   const void* norm_q;     // LP_DISTANCE: squared norms of the operand rows (A), else null
   const void* norm_r;
+  const void* row_shift;  // per row of q in the op's order (A): added to both terms' shift; null: none
   int64_t N, M, D;
   bool self_mode;
   bool vec16;  // q and r rows may be read 16 bytes at a time

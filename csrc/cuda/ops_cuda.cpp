@@ -29,10 +29,11 @@ std::tuple<Tensor, Tensor, Tensor> pair_engine_forward_cuda(const Tensor& q, con
                                                             const Tensor& labels_q,
                                                             const std::optional<Tensor>& labels_r,
                                                             const std::optional<Tensor>& exclude_col,
-                                                            c10::ArrayRef<double> terms, int64_t flags) {
+                                                            c10::ArrayRef<double> terms, int64_t flags,
+                                                            const std::optional<Tensor>& row_shift) {
   check_cuda(q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
-  return fpl_cuda_glue::pair_forward(runtime(q), q, r, labels_q, labels_r, exclude_col, terms, flags);
+  return fpl_cuda_glue::pair_forward(runtime(q), q, r, labels_q, labels_r, exclude_col, terms, flags, row_shift);
 }
 
 std::tuple<Tensor, Tensor> pair_engine_backward_cuda(const Tensor& grad_values, const Tensor& q,
@@ -40,11 +41,11 @@ std::tuple<Tensor, Tensor> pair_engine_backward_cuda(const Tensor& grad_values, 
                                                      const std::optional<Tensor>& labels_r,
                                                      const std::optional<Tensor>& exclude_col, const Tensor& values,
                                                      const Tensor& aux, c10::ArrayRef<double> terms, int64_t flags,
-                                                     bool need_grad_r) {
+                                                     bool need_grad_r, const std::optional<Tensor>& row_shift) {
   check_cuda(q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
   return fpl_cuda_glue::pair_backward(runtime(q), grad_values, q, r, labels_q, labels_r, exclude_col, values, aux,
-                                      terms, flags, need_grad_r);
+                                      terms, flags, need_grad_r, row_shift);
 }
 
 std::tuple<Tensor, Tensor> class_engine_forward_cuda(const Tensor& q, const Tensor& w, const Tensor& labels,

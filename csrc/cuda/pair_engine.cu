@@ -46,7 +46,8 @@ struct PairArgs {
   const int64_t* perm_q;
   const int64_t* perm_r;  // == perm_q in self mode
   const A* nq;
-  const A* nr;  // == nq in self mode
+  const A* nr;         // == nq in self mode
+  const A* row_shift;  // op row order (read at mapped_row): added to both terms' shift; null: none
   int64_t N, M, D;
   bool self_mode, vec16, defer;
   PairSpec<A> sp;
@@ -260,6 +261,13 @@ __global__ void __launch_bounds__(kThreads) pair_forward_kernel(PairArgs<T> p) {
   const bool lp = sp.lp_distance;
   const int64_t lo = valid ? p.lq[o] : 0;
   const int64_t ex = !valid ? -1 : (p.self_mode ? o : (p.excl ? p.excl[o] : -1));
+  // the row's terms: the declaration's, with its row shift added
+  PairTermParams<A> tpos = sp.pos, tneg = sp.neg;
+  if (p.row_shift && valid) {
+    const A shift = p.row_shift[mapped_row(p.perm_q, o)];
+    tpos.shift += shift;
+    tneg.shift += shift;
+  }
   // the band of column tiles that holds the positives of the CTA's rows (label-sorted operands)
   int64_t b_begin = 0, b_end = 0;
   if (p.defer) {
@@ -289,7 +297,7 @@ __global__ void __launch_bounds__(kThreads) pair_forward_kernel(PairArgs<T> p) {
     const A v = pair_v(sp, s);
     if (lx == lo) {
       if (!p.defer && col != ex && (!sp.windows || in_keep_window(v, sp.pos_window_lo, sp.pos_window_hi))) {
-        pos.add(sp.pos, term_value(sp.pos, v));
+        pos.add(tpos, term_value(tpos, v));
         if (hist) hist_add(sp, v, hist, N);
       }
       return;
@@ -300,7 +308,7 @@ __global__ void __launch_bounds__(kThreads) pair_forward_kernel(PairArgs<T> p) {
       max_neg = nan_max(max_neg, u);
       if (!(u + sp.miner_eps > min_pos)) return;
     }
-    neg.add(sp.neg, term_value(sp.neg, v));
+    neg.add(tneg, term_value(tneg, v));
     if (hist) hist_add(sp, v, hist + nodes * N, N);
   });
   neg.merge_lanes();
@@ -314,8 +322,8 @@ __global__ void __launch_bounds__(kThreads) pair_forward_kernel(PairArgs<T> p) {
       const A v = pair_v(sp, s);
       if (sp.mine && !(mining_u(v, lp, sp.mine_on_cosine) - sp.miner_eps < max_neg)) return;
       if (sp.windows && !in_keep_window(v, sp.pos_window_lo, sp.pos_window_hi)) return;
-      const A x = term_value(sp.pos, v);
-      pos.add(sp.pos, x);
+      const A x = term_value(tpos, v);
+      pos.add(tpos, x);
       if (sp.pos_vs_neg_lse) {
         const A tt = x - lse_neg;
         ntx += ntx_pair_loss(tt, sp.ntx_tiny);
@@ -351,8 +359,9 @@ __global__ void __launch_bounds__(kThreads) pair_forward_kernel(PairArgs<T> p) {
 template <typename A>
 struct RowStats {
   A g_lse[2], g_sum[2], g_weight[2], g_ntx, lse[2], min_pos, max_neg;
+  A shift;  // the row shift (0 without one)
 };
-constexpr int kNumStats = 11;
+constexpr int kNumStats = 12;
 
 template <typename T>
 FPL_DEV RowStats<typename AccOf<T>::type> load_stats(const PairArgs<T>& p, int64_t row) {
@@ -369,13 +378,14 @@ FPL_DEV RowStats<typename AccOf<T>::type> load_stats(const PairArgs<T>& p, int64
   s.lse[1] = p.vals[fpl::kLseNeg * N + row];
   s.min_pos = p.auxin[fpl::kMinPos * N + row];
   s.max_neg = p.auxin[fpl::kMaxNeg * N + row];
+  s.shift = p.row_shift ? p.row_shift[row] : typename AccOf<T>::type(0);
   return s;
 }
 
 template <typename A>
 FPL_DEV void store_stats(const RowStats<A>& s, A* dst, int x) {
-  const A v[kNumStats] = {s.g_lse[0], s.g_lse[1], s.g_sum[0], s.g_sum[1],    s.g_ntx,      s.lse[0],
-                          s.lse[1],   s.min_pos,  s.max_neg,  s.g_weight[0], s.g_weight[1]};
+  const A v[kNumStats] = {s.g_lse[0], s.g_lse[1], s.g_sum[0], s.g_sum[1],    s.g_ntx,       s.lse[0],
+                          s.lse[1],   s.min_pos,  s.max_neg,  s.g_weight[0], s.g_weight[1], s.shift};
 #pragma unroll
   for (int k = 0; k < kNumStats; ++k) dst[k * kBN + x] = v[k];
 }
@@ -394,6 +404,7 @@ FPL_DEV RowStats<A> staged_stats(const A* src, int x) {
   s.max_neg = src[8 * kBN + x];
   s.g_weight[0] = src[9 * kBN + x];
   s.g_weight[1] = src[10 * kBN + x];
+  s.shift = src[11 * kBN + x];
   return s;
 }
 
@@ -405,8 +416,8 @@ FPL_DEV RowStats<A> staged_stats(const A* src, int x) {
 // Histograms: + the pulses' slope (hist_dv) dv/dS, g_hist the row's incoming gradients of its
 // histograms (node k of set 0 at g_hist[k N], of set 1 at g_hist[(nodes + k) N]).
 template <typename A>
-FPL_DEV A pair_grad(const PairSpec<A>& sp, A s, bool same, bool excluded, const RowStats<A>& st, const A* g_hist,
-                    int64_t N) {
+FPL_DEV A pair_grad(const PairSpec<A>& sp, A s, bool same, bool excluded, bool shifted, const RowStats<A>& st,
+                    const A* g_hist, int64_t N) {
   const A v = pair_v(sp, s);
   bool pos = same && !excluded, neg = !same;
   if (sp.mine) {
@@ -419,7 +430,8 @@ FPL_DEV A pair_grad(const PairSpec<A>& sp, A s, bool same, bool excluded, const 
     neg = neg && in_keep_window(v, sp.neg_window_lo, sp.neg_window_hi);
   }
   if (!pos && !neg) return A(0);
-  const PairTermParams<A>& tp = pos ? sp.pos : sp.neg;
+  PairTermParams<A> tp = pos ? sp.pos : sp.neg;
+  if (shifted) tp.shift += st.shift;
   const int set = pos ? 0 : 1;
   const A x = term_value(tp, v);
   const A db = term_dvalue(tp, v, x) * (sp.lp_distance ? pair_dv_lp(v) : A(1));
@@ -448,7 +460,7 @@ __global__ void __launch_bounds__(kThreads) pair_backward_kernel(PairArgs<T> p, 
 
   const int t = threadIdx.x, ol = t >> 1, h = t & 1;
   const PairSpec<A>& sp = p.sp;
-  const bool lp = sp.lp_distance;
+  const bool lp = sp.lp_distance, shifted = p.row_shift != nullptr;
   const int64_t n_owner = pass == 0 ? p.N : p.M, n_other = pass == 0 ? p.M : p.N;
   const int64_t* l_owner = pass == 0 ? p.lq : p.lr;
   const int64_t* l_other = pass == 0 ? p.lr : p.lq;
@@ -488,10 +500,10 @@ __global__ void __launch_bounds__(kThreads) pair_backward_kernel(PairArgs<T> p, 
         const A s = Ss[ol * kLDS + x];
         const bool same = lo == lx_s[x];
         A hv = A(0);
-        if (use_owner) hv += pair_grad(sp, s, same, x0 + x == ex_o, ost, g_hist_owner, p.N);
+        if (use_owner) hv += pair_grad(sp, s, same, x0 + x == ex_o, shifted, ost, g_hist_owner, p.N);
         if (use_other) {
           const A* g_hist_other = g_hist ? g_hist + mapped_row(perm_other, x0 + x) : nullptr;
-          hv += pair_grad(sp, s, same, o == ex_s[x], staged_stats(xst, x), g_hist_other, p.N);
+          hv += pair_grad(sp, s, same, o == ex_s[x], shifted, staged_stats(xst, x), g_hist_other, p.N);
         }
         gsum += hv;
         Ss[ol * kLDS + x] = hv;
@@ -526,6 +538,7 @@ PairArgs<T> make_args(const PairOperands& op, const double* terms, int64_t flags
   a.perm_r = op.self_mode ? op.perm_q : op.perm_r;
   a.nq = static_cast<const A*>(op.norm_q);
   a.nr = op.self_mode ? a.nq : static_cast<const A*>(op.norm_r);
+  a.row_shift = static_cast<const A*>(op.row_shift);
   a.N = op.N;
   a.M = op.self_mode ? op.N : op.M;
   a.D = op.D;

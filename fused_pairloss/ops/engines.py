@@ -53,7 +53,7 @@ class ClassStats(NamedTuple):
 
 
 # ---- pair engine: fake kernels and autograd ------------------------------------------------------
-def pair_fake_forward(q, r, labels_q, labels_r, exclude_col, terms, flags):
+def pair_fake_forward(q, r, labels_q, labels_r, exclude_col, terms, flags, row_shift=None):
     n, A = q.shape[0], stat_dtype(q.dtype)
     return (q.new_empty((S.pair_value_rows(terms), n), dtype=A),
             q.new_empty((len(S.PAIR_COUNTS), n), dtype=torch.int32),
@@ -61,32 +61,35 @@ def pair_fake_forward(q, r, labels_q, labels_r, exclude_col, terms, flags):
 
 
 def pair_fake_backward(grad_values, q, r, labels_q, labels_r, exclude_col, values, aux, terms, flags,
-                       need_grad_r):
+                       need_grad_r, row_shift=None):
     grad_r = torch.empty_like(r) if (r is not None and need_grad_r) else q.new_empty((0,))
     return torch.empty_like(q), grad_r
 
 
 def _pair_setup_context(ctx, inputs, output):
-    q, r, labels_q, labels_r, exclude_col, terms, flags = inputs
+    q, r, labels_q, labels_r, exclude_col, terms, flags, *rest = inputs
+    row_shift = rest[0] if rest else None
     values, _, aux = output
-    ctx.save_for_backward(q, r, labels_q, labels_r, exclude_col, values, aux)
+    ctx.save_for_backward(q, r, labels_q, labels_r, exclude_col, values, aux, row_shift)
     ctx.spec_args = (terms, flags)
 
 
 def _pair_autograd(backward_op):
     def backward(ctx, grad_values, _grad_counts, _grad_aux):
-        q, r, labels_q, labels_r, exclude_col, values, aux = ctx.saved_tensors
+        q, r, labels_q, labels_r, exclude_col, values, aux, row_shift = ctx.saved_tensors
         need_q = ctx.needs_input_grad[0]
         need_r = r is not None and ctx.needs_input_grad[1]
+        # row_shift is a constant to the op (its users differentiate it from the counts)
+        none_after = (None,) * (len(ctx.needs_input_grad) - 2)
         if grad_values is None or not (need_q or need_r):
-            return None, None, None, None, None, None, None
+            return (None, None) + none_after
         if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
             grad_q, grad_r = _differentiable_pair_backward(grad_values, q, r, labels_q, labels_r, exclude_col,
-                                                           *ctx.spec_args, need_q, need_r)
+                                                           *ctx.spec_args, need_q, need_r, row_shift)
         else:
             grad_q, grad_r = backward_op(grad_values.contiguous(), q, r, labels_q, labels_r, exclude_col,
-                                         values, aux, *ctx.spec_args, need_r)
-        return (grad_q if need_q else None), (grad_r if need_r else None), None, None, None, None, None
+                                         values, aux, *ctx.spec_args, need_r, row_shift)
+        return ((grad_q if need_q else None), (grad_r if need_r else None)) + none_after
 
     return backward
 
@@ -150,12 +153,14 @@ def _differentiable_grads(outputs, grad_outputs, inputs, needed):
     return out
 
 
-def _differentiable_pair_backward(grad_values, q, r, labels_q, labels_r, exclude_col, terms, flags, need_q, need_r):
+def _differentiable_pair_backward(grad_values, q, r, labels_q, labels_r, exclude_col, terms, flags, need_q, need_r,
+                                  row_shift=None):
     from . import oracle  # the materializing oracle is only needed here
 
     # nodes of their own: r may be q itself (the op's two inputs each get their own share)
     q, r = q.view_as(q), (None if r is None else r.view_as(r))
-    values, _, _ = oracle.pair_values(q, r, labels_q, labels_r, exclude_col, S.unpack_pair(terms, flags))
+    values, _, _ = oracle.pair_values(q, r, labels_q, labels_r, exclude_col, S.unpack_pair(terms, flags),
+                                      row_shift=row_shift)
     return _differentiable_grads([values], [grad_values], [q, r], [need_q, need_r])
 
 

@@ -17,10 +17,14 @@ from .operands import lp_squared_distances, ntx_pair_loss, softplus, stat_dtype,
 NEG_INF = float("-inf")
 
 
-def _term(t: S.PairTerm, v):
-    """x = (scale * w(v)) * (v - shift), w detached; hinge: relu with NaN taken as 0 (loss_spec.h)."""
+def _term(t: S.PairTerm, v, row_shift=None):
+    """x = (scale * w(v)) * (v - shift), w detached; hinge: relu with NaN taken as 0 (loss_spec.h).
+    row_shift (N,): row i's shift is shift + row_shift[i], added in v's dtype (as the kernels)."""
     w = torch.relu(t.weight_offset + t.weight_slope * v.detach())
-    x = (t.scale * w) * (v - t.shift)
+    shift = t.shift
+    if row_shift is not None:
+        shift = (torch.tensor(t.shift, dtype=v.dtype, device=v.device) + row_shift.detach().to(v.dtype))[:, None]
+    x = (t.scale * w) * (v - shift)
     return torch.where(x > 0, x, torch.zeros_like(x)) if t.hinge else x
 
 
@@ -53,7 +57,7 @@ def _masked_lse(x, mask, dim):
     return out.squeeze(dim)
 
 
-def _pair_values(q, r, labels_q, labels_r, exclude_col, sp: S.PairLossSpec):
+def _pair_values(q, r, labels_q, labels_r, exclude_col, sp: S.PairLossSpec, row_shift=None):
     A = stat_dtype(q.dtype)
     qa = q.to(A)
     n = q.shape[0]
@@ -90,7 +94,7 @@ def _pair_values(q, r, labels_q, labels_r, exclude_col, sp: S.PairLossSpec):
         vd = v.detach()
         pos = pos & (vd > sp.pos_window[0]) & (vd < sp.pos_window[1])
         neg = neg & (vd > sp.neg_window[0]) & (vd < sp.neg_window[1])
-    xp, xn = _term(sp.pos, v), _term(sp.neg, v)
+    xp, xn = _term(sp.pos, v, row_shift), _term(sp.neg, v, row_shift)
     zero_row = torch.zeros(n, dtype=A, device=q.device)
 
     def lse(mask, x, on):
@@ -173,9 +177,9 @@ def _pml_histograms(v, pos, neg, h: S.PairHistogram):
     return torch.cat(out)
 
 
-def pair_values(q, r, labels_q, labels_r, exclude_col, sp: S.PairLossSpec):
+def pair_values(q, r, labels_q, labels_r, exclude_col, sp: S.PairLossSpec, row_shift=None):
     """The forward's (values, counts, aux), differentiable in q and r (to any order)."""
-    return _pair_values(q, r, labels_q, labels_r, exclude_col, sp)
+    return _pair_values(q, r, labels_q, labels_r, exclude_col, sp, row_shift)
 
 
 def class_values(q, w, labels, centers_per_class, terms, flags):
@@ -184,18 +188,18 @@ def class_values(q, w, labels, centers_per_class, terms, flags):
     return _class_values(q, weight_rows(w, flags), labels, centers_per_class, cs, float(terms[-1]))
 
 
-def pair_engine_forward_oracle(q, r, labels_q, labels_r, exclude_col, terms, flags):
+def pair_engine_forward_oracle(q, r, labels_q, labels_r, exclude_col, terms, flags, row_shift=None):
     with torch.no_grad():
-        return _pair_values(q, r, labels_q, labels_r, exclude_col, S.unpack_pair(terms, flags))
+        return _pair_values(q, r, labels_q, labels_r, exclude_col, S.unpack_pair(terms, flags), row_shift)
 
 
 def pair_engine_backward_oracle(grad_values, q, r, labels_q, labels_r, exclude_col, values, aux, terms, flags,
-                                need_grad_r):
+                                need_grad_r, row_shift=None):
     sp = S.unpack_pair(terms, flags)
     qv = q.detach().requires_grad_(True)
     rv = None if r is None else r.detach().requires_grad_(True)
     with torch.enable_grad():
-        vals, _, _ = _pair_values(qv, rv, labels_q, labels_r, exclude_col, sp)
+        vals, _, _ = _pair_values(qv, rv, labels_q, labels_r, exclude_col, sp, row_shift)
         g = grad_values.to(vals.dtype)
         # outputs the declaration does not produce are constants: no gradient flows through them
         obj = torch.where(torch.isfinite(vals), vals * g, torch.zeros_like(vals)).sum()

@@ -48,12 +48,16 @@ class MinedBy:
         self.backend, self.changes, self.record = backend, dict(changes), record
 
 
-def pair_stats(q, r, labels_q, labels_r, exclude_col, spec: S.PairLossSpec, backend) -> engines.PairStats:
+def pair_stats(q, r, labels_q, labels_r, exclude_col, spec: S.PairLossSpec, backend,
+               row_shift=None) -> engines.PairStats:
     """Row statistics of the pair sets for normalized q (N, D) against r (M, D) (None: self mode,
     each row's own column excluded); exclude_col (N,) int64, ref mode: the column excluded from row
-    i's positives, -1 for none. Differentiable w.r.t. q and r. A `ListedPairs` in place of the
+    i's positives, -1 for none; row_shift (N,): added to both terms' shift in row i (a constant:
+    no gradient flows to it). Differentiable w.r.t. q and r. A `ListedPairs` in place of the
     backend: the statistics over a miner's listed pairs instead of the label sets (ops/listed.py)."""
     if isinstance(backend, ListedPairs):
+        if row_shift is not None:
+            raise NotImplementedError("pair_stats: row_shift over listed pairs")
         return listed_pair_stats(q, r, spec, backend)
     record = None
     if isinstance(backend, MinedBy):
@@ -67,8 +71,10 @@ def pair_stats(q, r, labels_q, labels_r, exclude_col, spec: S.PairLossSpec, back
             exclude_col = exclude_col.to(device=q.device, dtype=torch.int64).contiguous()
     else:
         labels_r, exclude_col = None, None
+    if row_shift is not None:
+        row_shift = row_shift.detach().to(device=q.device, dtype=engines.stat_dtype(q.dtype)).contiguous()
     values, counts, aux = forward_op(engines.PAIR, backend)(q.contiguous(), r, labels_q, labels_r, exclude_col,
-                                                            list(terms), flags)
+                                                            list(terms), flags, row_shift)
     st = engines.PairStats(*S.pair_stats_of(values, counts, aux))
     if record is not None:
         record(st, q, r, exclude_col)

@@ -110,11 +110,11 @@ AVAILABLE = False
 SCHEMAS = {
     "pair_engine_forward": (
         "(Tensor q, Tensor? r, Tensor labels_q, Tensor? labels_r, Tensor? exclude_col, float[] terms, "
-        "int flags) -> (Tensor values, Tensor counts, Tensor aux)"),
+        "int flags, Tensor? row_shift=None) -> (Tensor values, Tensor counts, Tensor aux)"),
     "pair_engine_backward": (
         "(Tensor grad_values, Tensor q, Tensor? r, Tensor labels_q, Tensor? labels_r, "
-        "Tensor? exclude_col, Tensor values, Tensor aux, float[] terms, int flags, bool need_grad_r) "
-        "-> (Tensor grad_q, Tensor grad_r)"),
+        "Tensor? exclude_col, Tensor values, Tensor aux, float[] terms, int flags, bool need_grad_r, "
+        "Tensor? row_shift=None) -> (Tensor grad_q, Tensor grad_r)"),
     "class_engine_forward": (
         "(Tensor q, Tensor w, Tensor labels, int centers_per_class, float[] terms, int flags) "
         "-> (Tensor rows, Tensor cols)"),
@@ -278,7 +278,11 @@ def _class_switches(flags: int) -> dict:
 
 
 # ---- argument checks (torch._check: they also run under fake tensors) ----------------------------
-def _check_pair(q, r, labels_q, labels_r, exclude_col, terms, flags):
+def _check_pair(q, r, labels_q, labels_r, exclude_col, terms, flags, row_shift=None):
+    if row_shift is not None:
+        torch._check(row_shift.dim() == 1 and row_shift.shape[0] == q.shape[0] and row_shift.dtype.is_floating_point,
+                     lambda: f"pair_engine (triton): row_shift must be floating point of shape ({q.shape[0]},)")
+        torch._check(row_shift.device == q.device, lambda: "pair_engine (triton): row_shift must be on q's device")
     torch._check(len(terms) == _PAIR_TERMS,
                  lambda: f"pair_engine (triton): terms must have {_PAIR_TERMS} entries, got {len(terms)}")
     # the histogram's fields, as common/loss_spec.h validates them
@@ -592,6 +596,19 @@ if _IMPORTED:
         return lab, ex, _load_or_zeros(norm_ptr, idx, ok, LP, BLOCK, ACC)
 
     @triton.jit
+    def _row_shifts(psh, nsh, rs_ptr, idx, ok, RSHIFT: tl.constexpr, AXIS: tl.constexpr):
+        """The terms' shifts of rows idx: the declaration's plus each row's shift (RSHIFT), laid
+        along AXIS of the tile (0: the tile's rows, 1: its columns); else the scalars."""
+        if RSHIFT:
+            rsh = tl.load(rs_ptr + idx, mask=ok, other=0.0)
+            if AXIS == 0:
+                return psh + rsh[:, None], nsh + rsh[:, None]
+            else:
+                return psh + rsh[None, :], nsh + rsh[None, :]
+        else:
+            return psh, nsh
+
+    @triton.jit
     def _mining_u(v, LP: tl.constexpr, MCOS: tl.constexpr):
         """The miner compares similarities: u = S, or u = -d (exact) for the distance, or for a cosine
         miner beside the distance (MCOS) u = -d^2 / 2 = S - 1 on normalized rows."""
@@ -823,7 +840,7 @@ if _IMPORTED:
 
     # ======================================================================= pair engine: kernels
     @triton.jit
-    def _pair_fwd_kernel(q_ptr, r_ptr, lq_ptr, lr_ptr, ex_ptr, nq_ptr, nr_ptr, thr_ptr, lsen_ptr,
+    def _pair_fwd_kernel(q_ptr, r_ptr, lq_ptr, lr_ptr, ex_ptr, nq_ptr, nr_ptr, rs_ptr, thr_ptr, lsen_ptr,
                          val_ptr, cnt_ptr, aux_ptr, N, M, D, stride_q, stride_r,
                          split_v, split_c, split_a,
                          k_ps: tl.float64, k_psh: tl.float64, k_pwo: tl.float64, k_pws: tl.float64,
@@ -833,6 +850,7 @@ if _IMPORTED:
                          NODES, k_hlo: tl.float64, k_hiw: tl.float64, k_hdf: tl.float64,
                          WALK_THRESH: tl.constexpr, WALK_MAIN: tl.constexpr, WALK_NTX: tl.constexpr,
                          EXCL: tl.constexpr, LP: tl.constexpr, MINE: tl.constexpr, EAM: tl.constexpr,
+                         RSHIFT: tl.constexpr,
                          MCOS: tl.constexpr, WIN: tl.constexpr, NTX: tl.constexpr, POS_LSE: tl.constexpr,
                          POS_SUM: tl.constexpr, POS_HINGE: tl.constexpr, NEG_LSE: tl.constexpr, NEG_SUM: tl.constexpr,
                          NEG_HINGE: tl.constexpr, POS_EXPW: tl.constexpr, NEG_EXPW: tl.constexpr,
@@ -842,7 +860,7 @@ if _IMPORTED:
         statistics to slice s of values / counts / aux (layout of the op's outputs; SPLIT = 1: the
         outputs themselves). Walks: THRESH (mining thresholds; else, with MINE, read from thr_ptr),
         MAIN (with HIST also the histograms, added into value rows the host zeroed), NTX (lse_neg
-        from MAIN in registers, else read from lsen_ptr)."""
+        from MAIN in registers, else read from lsen_ptr). RSHIFT: rs_ptr holds the rows' shifts."""
         ACC: tl.constexpr = val_ptr.dtype.element_ty
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < N
@@ -856,6 +874,7 @@ if _IMPORTED:
         lq, ex, nq = _pair_side(lq_ptr, ex_ptr, nq_ptr, rows, rmask, EXCL, LP, BLOCK_M, ACC)
         ps, psh, pwo, pws, ns, nsh, nwo, nws, eps, tp, tn, tiny = _pair_consts(
             k_ps, k_psh, k_pwo, k_pws, k_ns, k_nsh, k_nwo, k_nws, k_eps, k_tp, k_tn, k_tiny, ACC)
+        psh, nsh = _row_shifts(psh, nsh, rs_ptr, rows, rmask, RSHIFT, 0)
         pwl, pwh, nwl, nwh = _c(k_pwl, ACC), _c(k_pwh, ACC), _c(k_nwl, ACC), _c(k_nwh, ACC)
         hlo, hiw = _c(k_hlo, ACC), _c(k_hiw, ACC)
         hdf, hlof = _c(k_hdf, tl.float32), _c(k_hlo, tl.float32)
@@ -998,7 +1017,7 @@ if _IMPORTED:
             tl.store(ab + 2 * N, dl, mask=rmask)
 
     @triton.jit
-    def _pair_bwd_rows_kernel(q_ptr, r_ptr, lq_ptr, lr_ptr, ex_ptr, nq_ptr, nr_ptr, st_ptr, gh_ptr, out_ptr,
+    def _pair_bwd_rows_kernel(q_ptr, r_ptr, lq_ptr, lr_ptr, ex_ptr, nq_ptr, nr_ptr, rs_ptr, st_ptr, gh_ptr, out_ptr,
                               N, M, D, stride_q, stride_r, split_o,
                               k_ps: tl.float64, k_psh: tl.float64, k_pwo: tl.float64, k_pws: tl.float64,
                               k_ns: tl.float64, k_nsh: tl.float64, k_nwo: tl.float64, k_nws: tl.float64,
@@ -1006,7 +1025,8 @@ if _IMPORTED:
                               k_pwl: tl.float64, k_pwh: tl.float64, k_nwl: tl.float64, k_nwh: tl.float64,
                               NODES, k_hlo: tl.float64, k_hiw: tl.float64, k_hdf: tl.float64,
                               SELF: tl.constexpr, EXCL: tl.constexpr, LP: tl.constexpr, MINE: tl.constexpr,
-                              MCOS: tl.constexpr, WIN: tl.constexpr, NTX: tl.constexpr, POS_LSE: tl.constexpr,
+                              RSHIFT: tl.constexpr, MCOS: tl.constexpr, WIN: tl.constexpr, NTX: tl.constexpr,
+                              POS_LSE: tl.constexpr,
                               POS_SUM: tl.constexpr, POS_HINGE: tl.constexpr, NEG_LSE: tl.constexpr,
                               NEG_SUM: tl.constexpr,
                               NEG_HINGE: tl.constexpr, POS_EXPW: tl.constexpr, NEG_EXPW: tl.constexpr,
@@ -1029,6 +1049,7 @@ if _IMPORTED:
         hdf, hlof = _c(k_hdf, tl.float32), _c(k_hlo, tl.float32)
         N64 = tl.cast(N, tl.int64)
         glp, gln, gsp, gsn, gx, lsp, lsn, mnp, mxn, gwp, gwn = _load_row_stats(st_ptr, rows, rmask, N)
+        psh_i, nsh_i = _row_shifts(psh, nsh, rs_ptr, rows, rmask, RSHIFT, 0)
         acc = tl.zeros([BLOCK_M, BLOCK_G], ACC)
         gsum = tl.zeros([BLOCK_M], ACC)
         for n0 in range(tl.program_id(1).to(tl.int64) * BLOCK_N, M, tl.num_programs(1) * BLOCK_N):
@@ -1040,7 +1061,7 @@ if _IMPORTED:
             v = _pair_v(q_ptr, r_ptr, rows, cols, rmask, cmask, nq, nr, D, stride_q, stride_r,
                         LP, EXCL, PREC, BLOCK_D, BLOCK_M, BLOCK_N, ACC)
             u = _mining_u(v, LP, MCOS)
-            xp, xn, db_p, db_n = _pair_dterms(v, ps, psh, pwo, pws, ns, nsh, nwo, nws, POS_HINGE, NEG_HINGE, LP)
+            xp, xn, db_p, db_n = _pair_dterms(v, ps, psh_i, pwo, pws, ns, nsh_i, nwo, nws, POS_HINGE, NEG_HINGE, LP)
             kp, kn = _mined(pos, neg, u, mnp[:, None], mxn[:, None], eps, MINE)
             kp, kn = _windowed(kp, kn, v, pwl, pwh, nwl, nwh, WIN)
             g = _pair_grad(kp, kn, xp, xn, db_p, db_n, glp[:, None], gln[:, None],
@@ -1052,6 +1073,10 @@ if _IMPORTED:
             if SELF:  # G_JI from row J's statistics and mining masks, on the same (symmetric) S tile
                 glp_j, gln_j, gsp_j, gsn_j, gx_j, lsp_j, lsn_j, mnp_j, mxn_j, gwp_j, gwn_j = _load_row_stats(
                     st_ptr, cols, cmask, N)
+                if RSHIFT:  # row J's terms have their own shift
+                    psh_j, nsh_j = _row_shifts(psh, nsh, rs_ptr, cols, cmask, RSHIFT, 1)
+                    xp, xn, db_p, db_n = _pair_dterms(v, ps, psh_j, pwo, pws, ns, nsh_j, nwo, nws, POS_HINGE,
+                                                      NEG_HINGE, LP)
                 kp_j, kn_j = _mined(pos, neg, u, mnp_j[None, :], mxn_j[None, :], eps, MINE)
                 kp_j, kn_j = _windowed(kp_j, kn_j, v, pwl, pwh, nwl, nwh, WIN)
                 g += _pair_grad(kp_j, kn_j, xp, xn, db_p, db_n, glp_j[None, :], gln_j[None, :],
@@ -1068,14 +1093,14 @@ if _IMPORTED:
         _finish_grad(acc, gsum, q_ptr, rows, rmask, stride_q, out_ptr, D, LP, BLOCK_G, ONE_CHUNK)
 
     @triton.jit
-    def _pair_bwd_cols_kernel(q_ptr, r_ptr, lq_ptr, lr_ptr, ex_ptr, nq_ptr, nr_ptr, st_ptr, gh_ptr, out_ptr,
+    def _pair_bwd_cols_kernel(q_ptr, r_ptr, lq_ptr, lr_ptr, ex_ptr, nq_ptr, nr_ptr, rs_ptr, st_ptr, gh_ptr, out_ptr,
                               N, M, D, stride_q, stride_r, split_o,
                               k_ps: tl.float64, k_psh: tl.float64, k_pwo: tl.float64, k_pws: tl.float64,
                               k_ns: tl.float64, k_nsh: tl.float64, k_nwo: tl.float64, k_nws: tl.float64,
                               k_eps: tl.float64, k_tp: tl.float64, k_tn: tl.float64, k_tiny: tl.float64,
                               k_pwl: tl.float64, k_pwh: tl.float64, k_nwl: tl.float64, k_nwh: tl.float64,
                               NODES, k_hlo: tl.float64, k_hiw: tl.float64, k_hdf: tl.float64,
-                              EXCL: tl.constexpr, LP: tl.constexpr, MINE: tl.constexpr,
+                              EXCL: tl.constexpr, LP: tl.constexpr, MINE: tl.constexpr, RSHIFT: tl.constexpr,
                               MCOS: tl.constexpr, WIN: tl.constexpr, NTX: tl.constexpr, POS_LSE: tl.constexpr,
                               POS_SUM: tl.constexpr, POS_HINGE: tl.constexpr, NEG_LSE: tl.constexpr,
                               NEG_SUM: tl.constexpr,
@@ -1105,11 +1130,12 @@ if _IMPORTED:
             rmask = rows < N
             lq, ex, nq = _pair_side(lq_ptr, ex_ptr, nq_ptr, rows, rmask, EXCL, LP, BLOCK_M, ACC)
             glp, gln, gsp, gsn, gx, lsp, lsn, mnp, mxn, gwp, gwn = _load_row_stats(st_ptr, rows, rmask, N)
+            psh_i, nsh_i = _row_shifts(psh, nsh, rs_ptr, rows, rmask, RSHIFT, 0)
             same, pos, neg = _pair_sets(lq, lr, ex, rows, cols, rmask, cmask, EXCL)
             v = _pair_v(q_ptr, r_ptr, rows, cols, rmask, cmask, nq, nr, D, stride_q, stride_r,
                         LP, EXCL, PREC, BLOCK_D, BLOCK_M, BLOCK_N, ACC)
             u = _mining_u(v, LP, MCOS)
-            xp, xn, db_p, db_n = _pair_dterms(v, ps, psh, pwo, pws, ns, nsh, nwo, nws, POS_HINGE, NEG_HINGE, LP)
+            xp, xn, db_p, db_n = _pair_dterms(v, ps, psh_i, pwo, pws, ns, nsh_i, nwo, nws, POS_HINGE, NEG_HINGE, LP)
             kp, kn = _mined(pos, neg, u, mnp[:, None], mxn[:, None], eps, MINE)
             kp, kn = _windowed(kp, kn, v, pwl, pwh, nwl, nwh, WIN)
             g = _pair_grad(kp, kn, xp, xn, db_p, db_n, glp[:, None], gln[:, None],
@@ -1401,6 +1427,10 @@ if _IMPORTED:
         return dict(KP=KP, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d(dtype), num_warps=8)
 
     # ================================================================================ op bodies
+    def _row_shift_operand(row_shift, q, A):
+        """The rows' shifts in the accumulation dtype, or a dummy pointer (RSHIFT off: never read)."""
+        return q if row_shift is None else row_shift.detach().to(A).contiguous()
+
     def _pair_operands(q, r, labels_q, labels_r, exclude_col, LP, A):
         """(q, r, labels_q, labels_r, exclude_col or dummy, EXCL, |q|^2, |r|^2 or dummies)."""
         q = q.contiguous()
@@ -1417,8 +1447,8 @@ if _IMPORTED:
             nq = nr = q
         return q, r, labels_q, labels_r, ex, excl, nq, nr
 
-    def _pair_forward(q, r, labels_q, labels_r, exclude_col, terms, flags):
-        _check_pair(q, r, labels_q, labels_r, exclude_col, terms, flags)
+    def _pair_forward(q, r, labels_q, labels_r, exclude_col, terms, flags, row_shift=None):
+        _check_pair(q, r, labels_q, labels_r, exclude_col, terms, flags, row_shift)
         sw = _pair_switches(flags, terms)
         A = stat_dtype(q.dtype)
         N, D = q.shape
@@ -1435,8 +1465,10 @@ if _IMPORTED:
         _check_grid(N, _MIN_BLOCK, "N (rows of q)")
         splits = _splits(triton.cdiv(N, _MIN_TILE), triton.cdiv(M, _MIN_TILE), dev)
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), splits)  # noqa: E731
-        meta = dict(EXCL=excl, PREC=dot_precision(q.dtype), BLOCK_D=block_d(q.dtype), **sw)
-        operands = (q, r_, lq, lr, ex, nq, nr)
+        rs = _row_shift_operand(row_shift, q, A)
+        meta = dict(EXCL=excl, RSHIFT=row_shift is not None, PREC=dot_precision(q.dtype), BLOCK_D=block_d(q.dtype),
+                    **sw)
+        operands = (q, r_, lq, lr, ex, nq, nr, rs)
         dims = (N, M, D, q.stride(0), r_.stride(0))
         if splits == 1:  # one launch: every walk in each program, the final statistics
             values = new_values((rows, N), dtype=A, device=dev)
@@ -1489,8 +1521,8 @@ if _IMPORTED:
         return (out[0] if splits == 1 else out.sum(0)).to(x.dtype)
 
     def _pair_backward(grad_values, q, r, labels_q, labels_r, exclude_col, values, aux, terms, flags,
-                       need_grad_r):
-        _check_pair(q, r, labels_q, labels_r, exclude_col, terms, flags)
+                       need_grad_r, row_shift=None):
+        _check_pair(q, r, labels_q, labels_r, exclude_col, terms, flags, row_shift)
         sw = _pair_switches(flags, terms)
         A = stat_dtype(q.dtype)
         N = q.shape[0]
@@ -1506,10 +1538,11 @@ if _IMPORTED:
         st = torch.stack([gv[0], g_lse_neg, gv[2], gv[3], gv[4], vals[0], vals[1], ax[0], ax[1], gv[5],
                           gv[6]]).contiguous()
         consts = _pair_kernel_consts(terms, A)
-        meta = dict(EXCL=excl, PREC=dot_precision(q.dtype), BLOCK_D=block_d(q.dtype), **sw)
+        meta = dict(EXCL=excl, RSHIFT=row_shift is not None, PREC=dot_precision(q.dtype), BLOCK_D=block_d(q.dtype),
+                    **sw)
         meta.pop("EAM")
         g_hist = gv[_PAIR_VALUES:].contiguous() if sw["HIST"] else st  # [2 nodes, N]; unread without HIST
-        operands = (q_, r_, lq, lr, ex, nq, nr, st, g_hist)
+        operands = (q_, r_, lq, lr, ex, nq, nr, _row_shift_operand(row_shift, q, A), st, g_hist)
         dims = (N, M, q.shape[1], q_.stride(0), r_.stride(0))
         _check_grid(N, _MIN_BLOCK, "N (rows of q)")
         _check_grid(M, _MIN_BLOCK, "M (rows of r)")

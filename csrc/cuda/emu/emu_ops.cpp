@@ -29,9 +29,10 @@ void check_cpu(const Tensor& q) {
 std::tuple<Tensor, Tensor, Tensor> pair_engine_forward(const Tensor& q, const std::optional<Tensor>& r,
                                                        const Tensor& labels_q, const std::optional<Tensor>& labels_r,
                                                        const std::optional<Tensor>& exclude_col,
-                                                       c10::ArrayRef<double> terms, int64_t flags) {
+                                                       c10::ArrayRef<double> terms, int64_t flags,
+                                                       const std::optional<Tensor>& row_shift) {
   check_cpu(q);
-  return fpl_cuda_glue::pair_forward(kRuntime, q, r, labels_q, labels_r, exclude_col, terms, flags);
+  return fpl_cuda_glue::pair_forward(kRuntime, q, r, labels_q, labels_r, exclude_col, terms, flags, row_shift);
 }
 
 std::tuple<Tensor, Tensor> pair_engine_backward(const Tensor& grad_values, const Tensor& q,
@@ -39,10 +40,10 @@ std::tuple<Tensor, Tensor> pair_engine_backward(const Tensor& grad_values, const
                                                 const std::optional<Tensor>& labels_r,
                                                 const std::optional<Tensor>& exclude_col, const Tensor& values,
                                                 const Tensor& aux, c10::ArrayRef<double> terms, int64_t flags,
-                                                bool need_grad_r) {
+                                                bool need_grad_r, const std::optional<Tensor>& row_shift) {
   check_cpu(q);
   return fpl_cuda_glue::pair_backward(kRuntime, grad_values, q, r, labels_q, labels_r, exclude_col, values, aux, terms,
-                                      flags, need_grad_r);
+                                      flags, need_grad_r, row_shift);
 }
 
 std::tuple<Tensor, Tensor> class_engine_forward(const Tensor& q, const Tensor& w, const Tensor& labels,
@@ -96,8 +97,16 @@ std::tuple<Tensor, Tensor> triplet_bins_engine_backward(const Tensor& grad_bins,
 }  // namespace
 
 TORCH_LIBRARY(fpl_cuda_emu, m) {
-  m.def("pair_engine_forward", &pair_engine_forward);
-  m.def("pair_engine_backward", &pair_engine_backward);
+  // the schemas of csrc/ops.cpp (row_shift's default included)
+  m.def(
+      "pair_engine_forward(Tensor q, Tensor? r, Tensor labels_q, Tensor? labels_r, Tensor? exclude_col, "
+      "float[] terms, int flags, Tensor? row_shift=None) -> (Tensor values, Tensor counts, Tensor aux)",
+      &pair_engine_forward);
+  m.def(
+      "pair_engine_backward(Tensor grad_values, Tensor q, Tensor? r, Tensor labels_q, Tensor? labels_r, "
+      "Tensor? exclude_col, Tensor values, Tensor aux, float[] terms, int flags, bool need_grad_r, "
+      "Tensor? row_shift=None) -> (Tensor grad_q, Tensor grad_r)",
+      &pair_engine_backward);
   m.def("class_engine_forward", &class_engine_forward);
   m.def("class_engine_backward", &class_engine_backward);
   m.def("triplet_engine_forward", &triplet_engine_forward);
