@@ -145,6 +145,13 @@ def remove_self_comparisons(indices_tuple, curr_batch_idx, ref_size):
 # PML's CrossBatchMemory as the base where PML is installed (PML's DistributedLossWrapper takes its
 # subclasses as memories: it gathers the batch and calls the memory once). Every method PML's steps
 # call is this class's own; its __init__ is not run (it would allocate the memory again).
+
+def _check_loss_labels(loss, labels):
+    """The wrapped loss's own label requirements (_PairLoss._check_labels; a PML loss checks its own)."""
+    check = getattr(loss, "_check_labels", None)
+    if check is not None:
+        check(labels)
+
 class CrossBatchMemory(pml_base("CrossBatchMemory")):
     """Drop-in for pytorch_metric_learning.losses.CrossBatchMemory(loss, embedding_size,
     memory_size=1024, miner=None).
@@ -329,6 +336,7 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
         # PML takes float / bool labels too, and moves them to the embeddings' device
+        _check_loss_labels(self.loss, labels)
         labels = _on_device_of(V.integral_labels(labels), embeddings)
         self._check(embeddings, labels, indices_tuple, enqueue_mask)
         self._place(embeddings, labels)
@@ -438,6 +446,7 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
         every rank enqueues the gathered batch in rank order (the same memory everywhere) and
         computes its own query rows against the memory; the loss's batch reductions all-reduce."""
         try:
+            _check_loss_labels(self.loss, labels)
             labels = _on_device_of(V.integral_labels(labels), embeddings)
             self._check(embeddings, labels, indices_tuple, enqueue_mask, rows_to_queue=0, allow_empty=True)
             error = None

@@ -151,6 +151,7 @@ class DistributedLossWrapper(torch.nn.Module):
         # PML's set_ref_emb: a ref_emb without ref_labels is read with the labels (its diagonal no pair)
         labels_for_ref = ref_emb is not None and ref_labels is None
         try:
+            self.loss._check_labels(labels)
             labels = V.integral_labels(labels)
             ref_labels = labels if labels_for_ref else V.integral_labels(ref_labels, "ref_labels")
             check_local_inputs(embeddings, labels, ref_emb, ref_labels)

@@ -76,6 +76,9 @@ def pair_losses():
         "triplet_cos": (lambda: fpl.TripletMarginLoss(0.1, distance=cos()),
                         lambda: L.TripletMarginLoss(0.1, distance=cos()), None),
         "margin": (lambda: fpl.MarginLoss(0.2, beta=0.9), lambda: L.MarginLoss(0.2, beta=0.9), None),
+        # a learned per-class beta: the rows' betas as the engine's row shifts
+        "margin_per_class": (lambda: fpl.MarginLoss(0.2, nu=0.1, learn_beta=True, num_classes=N_CLASSES),
+                             lambda: L.MarginLoss(0.2, nu=0.1, learn_beta=True, num_classes=N_CLASSES), None),
         "snr": (lambda: fpl.SignalToNoiseRatioContrastiveLoss(pos_margin=0.3, neg_margin=1.5),
                 lambda: L.SignalToNoiseRatioContrastiveLoss(pos_margin=0.3, neg_margin=1.5), None),
         "nca": (lambda: fpl.NCALoss(softmax_scale=2), lambda: L.NCALoss(softmax_scale=2), None),

@@ -130,4 +130,20 @@ def run_fault_cases(rank, world):
                 return {"raised": raised, "after": after.detach()}
 
             case(f"mismatch/{which}/{kind}", mismatch_case)
+
+    for which in ("fused", "xbm"):
+        def class_label_case(which=which):
+            """MarginLoss(num_classes=5) looks beta up by label: rank 1 holds label 7."""
+            loss = fpl.MarginLoss(num_classes=5)
+            module = loss if which == "fused" else fpl.CrossBatchMemory(loss, C.D, XBM_MEMORY)
+            x, y = C.data(60 + rank, 5)
+            if rank == 1:
+                y[2] = 7
+            try:
+                fpl.DistributedLossWrapper(module)(x.requires_grad_(True), y)
+            except Exception as e:
+                return {"raised": {"type": type(e).__name__, "message": str(e)}}
+            return {"raised": None}
+
+        case(f"class_label/{which}", class_label_case)
     return out

@@ -144,12 +144,25 @@ def test_inductor_follows_a_reassigned_temperature():
         torch.testing.assert_close(compiled(x, y), fpl.SupConLoss(temperature)(x, y))
 
 
-def test_torch_compile_refuses_a_learned_margin_beta():
-    """MarginLoss(learn_beta=True): the engines take beta as a constant; tracing it raises, naming it."""
+@pytest.mark.parametrize("num_classes", [None, 4], ids=["one_beta", "per_class"])
+def test_torch_compile_traces_a_learned_margin_beta(num_classes):
+    """MarginLoss(learn_beta=True), one beta or per class: the rows' betas are an operand of the
+    engine (row_shift), so fullgraph tracing works and gives eager's value and gradients."""
     torch._dynamo.reset()
-    compiled = torch.compile(fpl.MarginLoss(learn_beta=True), fullgraph=True, backend="aot_eager")
-    with pytest.raises(Exception, match="learn_beta=True"):
-        compiled(torch.randn(12, 8), torch.arange(12) % 4)
+    loss = fpl.MarginLoss(learn_beta=True, nu=0.2, num_classes=num_classes)
+    with torch.no_grad():
+        loss.beta.add_(torch.linspace(-0.2, 0.2, loss.beta.numel()))
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    x = torch.randn(24, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    y = torch.arange(24) % 4
+    got = compiled(x, y)
+    got_grads = torch.autograd.grad(got, [x, loss.beta])
+    want = loss(x, y)
+    want_grads = torch.autograd.grad(want, [x, loss.beta])
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)
+    assert float(got_grads[1].abs().sum()) > 0
 
 
 @pytest.mark.gpu

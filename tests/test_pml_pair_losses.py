@@ -1,6 +1,6 @@
 """PML's MarginLoss, LiftedStructureLoss, TupletMarginLoss, NPairsLoss and InstanceLoss against
-PML's own classes where the kit's table (tests/kit.py) does not reach: a learned beta's gradient
-and PML's fallbacks (per-class beta, sampled triplets), every PML miner's tuple, PML's errors, the
+PML's own classes where the kit's table (tests/kit.py) does not reach: a learned beta's gradient,
+a per-class beta and PML's fallback (sampled triplets), every PML miner's tuple, PML's errors, the
 attributes PML users read, state_dicts both ways, and the positive-pair op (opcheck, many chunks,
 the miner's listed pairs)."""
 import math
@@ -42,21 +42,29 @@ def check_against_pml(ours, pml, args, params, pml_params, dtype):
     truth, truth_grads = value_and_grads(lambda: pml(*args64), pml64)
     check_close(val, truth, pml_val, what="value", dtype=dtype)
     for k, (a, b, t) in enumerate(zip(grads, pml_grads, truth_grads)):
-        check_close(a, t, b, what=f"grad {k}", dtype=dtype)
+        # a parameter of another dtype (MarginLoss's float32 beta) has its gradient summed in it
+        check_close(a, t, b, what=f"grad {k}", dtype=a.dtype if a.dtype != dtype else dtype)
 
 
 # ---- MarginLoss -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("distance", ["lp", "cosine"])
 @pytest.mark.parametrize("mode", ["self", "ref"])
-def test_margin_learned_beta_matches_pml(dtype, distance, mode):
-    """learn_beta=True, nu > 0: the value and the gradients of the embeddings and of beta (from the
-    rows' nonzero counts) equal PML's; beta's state_dict entry is PML's."""
-    kw = dict(margin=0.2, nu=0.3, beta=0.8 if distance == "lp" else 0.2, learn_beta=True)
+@pytest.mark.parametrize("num_classes", [None, 5], ids=["one_beta", "per_class"])
+def test_margin_learned_beta_matches_pml(dtype, distance, mode, num_classes):
+    """learn_beta=True, nu > 0, one beta or one per class (PML's num_classes, spread so that the
+    classes' hinges differ): the value and the gradients of the embeddings and of beta (from the
+    rows' nonzero counts) equal PML's; beta's state_dict entry is PML's and loads both ways."""
+    kw = dict(margin=0.2, nu=0.3, beta=0.8 if distance == "lp" else 0.2, learn_beta=True, num_classes=num_classes)
     if distance == "cosine":
         kw["distance"] = CosineSimilarity()
     ours, pml = fpl.MarginLoss(**kw), pml_losses.MarginLoss(**kw)
     assert set(ours.state_dict()) == set(pml.state_dict()) == {"beta"}
+    if num_classes:
+        with torch.no_grad():
+            pml.beta.copy_(pml.beta + torch.linspace(-0.3, 0.3, num_classes))
+        ours.load_state_dict(pml.state_dict())
+        assert ours._pml is None  # fused, not PML's computation
     x, y = inputs(40, 12, 5, dtype, seed=1)
     if mode == "self":
         args, params = (x, y), [x]
@@ -67,29 +75,80 @@ def test_margin_learned_beta_matches_pml(dtype, distance, mode):
     pml_val, pml_grads = value_and_grads(lambda: pml(*args), params + [pml.beta])
     check_close(val, pml_val.to(dtype), pml_val, what="value", dtype=dtype)
     for k, (a, b) in enumerate(zip(grads, pml_grads)):
-        check_close(a, b, what=f"grad {k}", dtype=dtype)
+        # beta is a float32 parameter whatever the inputs' dtype (PML's), and its gradient is summed in it
+        check_close(a, b, what=f"grad {k}", dtype=a.dtype)
     assert float(grads[-1].abs().sum()) > 0  # beta's gradient is checked, not a zero against a zero
+    if num_classes:
+        assert int((grads[-1] != 0).sum()) > 1  # and per class
+        pml.load_state_dict(ours.state_dict())
 
 
-@pytest.mark.parametrize("kw", [dict(num_classes=5, learn_beta=True), dict(triplets_per_anchor=4)])
-def test_margin_per_class_beta_and_sampling_are_computed_by_pml(kw, monkeypatch):
-    """A per-class beta (PML's num_classes) and sampled triplets: PML computes, sharing our beta
-    (its state_dict loads into PML's module and back), with a one-time warning naming the class."""
+@pytest.mark.parametrize("distance", ["lp", "cosine"])
+def test_margin_fixed_per_class_beta_matches_pml(distance):
+    """num_classes without learn_beta: PML's beta is a plain tensor attribute (outside the
+    state_dict), assigned on both; no regularizer term."""
+    kw = dict(margin=0.1, nu=0.5, num_classes=4) if distance == "lp" else dict(
+        margin=0.1, nu=0.5, num_classes=4, beta=0.1, distance=CosineSimilarity())
+    ours, pml = fpl.MarginLoss(**kw), pml_losses.MarginLoss(**kw)
+    ours.beta = pml.beta = pml.beta + torch.tensor([-0.2, 0.0, 0.1, 0.25])
+    x, y = inputs(36, 8, 4, torch.float64, seed=6)
+    check_against_pml(ours, pml, (x, y), [x], [x], torch.float64)
+    assert ours._pml is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("num_classes", [None, 16], ids=["one_beta", "per_class"])
+def test_margin_learned_beta_half_precision(dtype, num_classes):
+    """Half-precision embeddings with a learned beta: 128 rows of 8 per class make about 1.2e5
+    triplets, past fp16's range, so the counts, the divisor and the regularizer are summed in the
+    stat dtype. Value and gradients against PML in fp64 (beta a float32 parameter, as PML's)."""
+    kw = dict(margin=0.2, nu=0.1, learn_beta=True, num_classes=num_classes)
+    ours, pml = fpl.MarginLoss(**kw), pml_losses.MarginLoss(**kw)
+    x64 = torch.randn(128, 8, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    y = torch.arange(128) % 16
+    x = x64.to(dtype).requires_grad_(True)
+    val, grads = value_and_grads(lambda: ours(x, y), [x, ours.beta])
+    xt = x.detach().double().requires_grad_(True)
+    truth, truth_grads = value_and_grads(lambda: pml(xt, y), [xt, pml.beta])
+    assert val.dtype == dtype and torch.isfinite(val)
+    check_close(val, truth, what="value", dtype=dtype)
+    check_close(grads[0], truth_grads[0], what="grad x", dtype=dtype)
+    check_close(grads[1], truth_grads[1], what="grad beta", dtype=dtype)
+    assert float(truth_grads[1].abs().min()) > 0
+
+
+def test_margin_per_class_beta_labels_are_indices():
+    """A per-class beta is looked up by label (PML: beta[labels[anchor]]): labels outside
+    [-num_classes, num_classes) or not integers name labels."""
+    x, _ = inputs(8, 4, 3, torch.float64, seed=7)
+    loss = fpl.MarginLoss(num_classes=3)
+    with pytest.raises(ValueError, match="labels.*num_classes=3"):
+        loss(x, torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]))
+    with pytest.raises(TypeError, match="labels.*integers"):
+        loss(x, torch.tensor([0.0, 1, 2, 0, 1, 2, 0, 1]))
+    with pytest.raises(TypeError, match="labels.*integers"):  # also inside CrossBatchMemory (PML: IndexError)
+        fpl.CrossBatchMemory(loss, 4, memory_size=16)(x, torch.tensor([0.0, 1, 2, 0, 1, 2, 0, 1]))
+    y = torch.tensor([0, 1, -1, 0, 1, -1, 0, 1])  # negative labels index from the end, as in PML
+    check_close(loss(x, y), pml_losses.MarginLoss(num_classes=3)(x, y), what="negative labels")
+
+
+def test_margin_sampling_is_computed_by_pml(monkeypatch):
+    """Sampled triplets (an integer triplets_per_anchor): PML computes, sharing our beta (its
+    state_dict loads into PML's module and back), with a one-time warning naming the class."""
     monkeypatch.setattr(fpl.losses._base, "_warned", set())  # the warning is once per process
+    kw = dict(triplets_per_anchor=4, num_classes=5, learn_beta=True)
     ours = fpl.MarginLoss(nu=0.1, **kw)
     pml = pml_losses.MarginLoss(nu=0.1, **kw)
     with torch.no_grad():
         ours.beta.copy_(torch.linspace(0.6, 1.4, ours.beta.numel()))
     pml.load_state_dict(ours.state_dict())
     ours.load_state_dict(pml.state_dict())
-    if not ours.learn_beta:  # a plain tensor attribute in PML, outside the state_dict
-        pml.beta = ours.beta.clone()
     x, y = inputs(30, 8, 5, torch.float64, seed=3)
     with pytest.warns(UserWarning, match="MarginLoss"):
         torch.manual_seed(0), np.random.seed(0)  # PML samples triplets with numpy's global generator
-        val, grads = value_and_grads(lambda: ours(x, y), [x] + ([ours.beta] if ours.learn_beta else []))
+        val, grads = value_and_grads(lambda: ours(x, y), [x, ours.beta])
     torch.manual_seed(0), np.random.seed(0)
-    pml_val, pml_grads = value_and_grads(lambda: pml(x, y), [x] + ([pml.beta] if pml.learn_beta else []))
+    pml_val, pml_grads = value_and_grads(lambda: pml(x, y), [x, pml.beta])
     assert torch.equal(val, pml_val)
     for a, b in zip(grads, pml_grads):
         assert torch.equal(a, b)
@@ -106,6 +165,7 @@ MINERS = {
 
 @pytest.mark.parametrize("miner", list(MINERS))
 @pytest.mark.parametrize("cls,kw", [("MarginLoss", dict(beta=0.9)), ("MarginLoss", dict(learn_beta=True, nu=0.2)),
+                                    ("MarginLoss", dict(learn_beta=True, nu=0.2, num_classes=5)),
                                     ("LiftedStructureLoss", {}), ("TupletMarginLoss", dict(scale=16)),
                                     ("NPairsLoss", {}), ("ThresholdConsistentMarginLoss", dict(margin_plus=0.3)),
                                     ("AngularLoss", dict(alpha=35))])
@@ -118,7 +178,10 @@ def test_miner_tuples_match_pml(cls, kw, miner):
     learned = [ours.beta] if kw.get("learn_beta") else []
     pml_learned = [pml.beta] if kw.get("learn_beta") else []
     check_against_pml(ours, pml, (x, y, idx), [x] + learned, [x] + pml_learned, torch.float64)
-    if cls not in ("NPairsLoss", "AngularLoss"):  # PML's NPairsLoss and AngularLoss require labels
+    if "num_classes" in kw:  # a per-class beta is looked up by label: PML fails without labels, we name them
+        with pytest.raises(ValueError, match="labels"):
+            ours(x, None, idx)
+    elif cls not in ("NPairsLoss", "AngularLoss"):  # PML's NPairsLoss and AngularLoss require labels
         check_close(ours(x, None, idx), pml(x, None, idx), what="labels=None")
 
 

@@ -429,6 +429,11 @@ class _PairLoss(_PmlFallback, _LossBase):
     def _functional(self):
         raise NotImplementedError
 
+    def _check_labels(self, labels):
+        """What this loss needs of its labels beyond the pair losses' checks (MarginLoss: indices
+        into its per-class beta), on the labels as given (before float labels become ids); the
+        wrappers call it before their ranks exchange anything."""
+
     # PML raises for an indices_tuple and needs labels (PNPLoss, RankedListLoss)
     _labels_without_indices = False
 

@@ -10,9 +10,13 @@ All triplets without enumerating them: pos_apn depends on (a, p) only and neg_ap
 so with P_a / N_a the positives / negatives of row a,
     sum_{p,n} (pos_apn + neg_apn) = |N_a| sum_p pos_ap + |P_a| sum_n neg_an,
 and the nonzero count is |N_a| #{pos_ap > 0} + |P_a| #{neg_an > 0}. Declaration: per set a hinge
-term summed per row (x = d - (beta - m), x = beta + m - d for lp). A learned scalar beta gets its
-gradient from the counts: d/d beta = (#{neg > 0} - #{pos > 0}) / divisor for lp (the other sign
-for cosine), added through (beta - beta.detach()) * gradient.
+term summed per row (x = d - (beta - m), x = beta + m - d for lp), beta a number of the declaration.
+
+A learned or per-class beta (PML's num_classes; beta_a = beta[y_a], the anchor's class): the same
+declaration with beta = 0 and row a's shift beta_a (the engine's row_shift, a constant to it), and
+beta_a's gradient from the row's counts, (|P_a| #{neg_an > 0} - |N_a| #{pos_an > 0}) / divisor (lp;
+the other sign for cosine), added through (beta_a - beta_a.detach()) * gradient. PML's regularizer:
+beta * nu for one beta, nu sum_triplets beta_a / divisor for a per-class one.
 """
 from __future__ import annotations
 
@@ -75,8 +79,11 @@ def declaration(margin, beta, distance="lp"):
     return PairLossSpec(pos=pos, neg=neg, distance=distance)
 
 
-def combine(st: engines.PairStats, embeddings, *, beta, nu, learn_beta, distance, batch=LOCAL):
-    """Module docstring: the triplet sums from the rows' pair sums and counts."""
+def combine(st: engines.PairStats, embeddings, *, beta, nu, learn_beta, distance, batch=LOCAL, row_beta=None):
+    """Module docstring: the triplet sums from the rows' pair sums and counts, in the stat dtype
+    (half-precision counts and their products overflow), the loss in the embeddings' dtype.
+    row_beta (N,): the rows' betas when the engine took them as row shifts (a learned or per-class
+    beta; differentiable to it), else None (beta a constant of the declaration)."""
     n_pos, n_neg = st.count_pos.long(), st.count_neg.long()
     A = st.sum_pos.dtype
     total = batch.sum(n_neg.to(A) * st.sum_pos + n_pos.to(A) * st.sum_neg)
@@ -84,40 +91,78 @@ def combine(st: engines.PairStats, embeddings, *, beta, nu, learn_beta, distance
     neg_nonzero = batch.sum(n_pos * st.nonzero_neg.long())
     divisor = pos_nonzero + neg_nonzero
     zero = zero_loss(embeddings)
-    margin_part = torch.where(divisor > 0, (total / divisor.clamp(min=1)).to(embeddings.dtype), zero)
-    beta_t = _beta_tensor(beta, embeddings).reshape(())
-    if beta_t.requires_grad:  # the shift is a constant to the engine: beta's gradient from the counts
+    per_divisor = torch.where(divisor > 0, 1.0 / divisor.clamp(min=1).to(A), 0.0)
+    loss = total * per_divisor
+    if row_beta is not None and row_beta.requires_grad:  # row shifts are constants to the engine
         sign = 1.0 if distance == "lp" else -1.0
-        grad = sign * (neg_nonzero - pos_nonzero).to(embeddings.dtype) / divisor.clamp(min=1).to(embeddings.dtype)
-        margin_part = margin_part + (beta_t - beta_t.detach()) * torch.where(divisor > 0, grad, 0.0)
-    loss = margin_part + (beta_t * nu if learn_beta else 0.0)
+        grad = sign * (n_pos * st.nonzero_neg.long() - n_neg * st.nonzero_pos.long()).to(A) * per_divisor
+        loss = loss + batch.sum((row_beta - row_beta.detach()) * grad)
+    if learn_beta and _beta_tensor(beta, embeddings).numel() == 1:  # PML: beta * nu, already reduced
+        loss = loss + _beta_tensor(beta, embeddings).reshape(()).to(A) * nu
+    elif learn_beta:  # PML: beta_a * nu per triplet, reduced by the divisor
+        loss = loss + batch.sum((n_pos * n_neg).to(A) * row_beta) * nu * per_divisor
     has_triplets = batch.sum(n_pos * n_neg) > 0
-    return torch.where(has_triplets, loss, zero + zero)
+    return torch.where(has_triplets, loss.to(embeddings.dtype), zero + zero)
 
 
 def margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, nu=0.0, beta=1.2, learn_beta=False,
                  distance="lp", backend, exclude_col=None, batch=LOCAL):
+    if torch.is_tensor(beta) and beta.numel() != 1 and beta.dim() != 1:
+        raise ValueError(f"beta: one beta, or a 1-D tensor of per-class betas; got shape {tuple(beta.shape)}")
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
-    st = pair_stats(q, r, labels, labels_r, excl, declaration(margin, _scalar(beta), distance), backend)
-    loss = combine(st, embeddings, beta=beta, nu=nu, learn_beta=learn_beta, distance=distance, batch=batch)
+    if _is_per_class(beta) or (torch.is_tensor(beta) and beta.requires_grad):
+        # the rows' betas as row shifts, rounded to the embeddings' dtype as PML's beta is; beta's
+        # gradient through them in the stat dtype, every rank's rows taking their share (batch.shared)
+        rows = _class_rows(labels, beta) if _is_per_class(beta) else torch.zeros_like(labels, dtype=torch.int64)
+        A = engines.stat_dtype(embeddings.dtype)
+        row_beta = batch.shared(beta.to(device=embeddings.device, dtype=A).reshape(-1))[rows.to(embeddings.device)]
+        row_shift = _beta_tensor(beta, embeddings)[rows.to(embeddings.device)]
+        st = pair_stats(q, r, labels, labels_r, excl, declaration(margin, 0.0, distance), backend, row_shift=row_shift)
+    else:
+        row_beta = None
+        st = pair_stats(q, r, labels, labels_r, excl, declaration(margin, _scalar(beta), distance), backend)
+    loss = combine(st, embeddings, beta=beta, nu=nu, learn_beta=learn_beta, distance=distance, batch=batch,
+                   row_beta=row_beta)
     # hinge terms drop NaN: NaN in, NaN out through an exact 0 of the inputs
     return loss + zero_loss(embeddings) + (0 if ref_emb is None else zero_loss(ref_emb))
 
 
+def _is_per_class(beta):
+    return torch.is_tensor(beta) and beta.dim() == 1 and beta.numel() != 1
+
+
+def _class_rows(labels, beta):
+    """labels as indices into a per-class beta (PML: beta[labels[anchor]], torch indexing: -C <= y < C)."""
+    labels = torch.as_tensor(labels)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:  # PML: IndexError
+        raise TypeError(f"labels: MarginLoss with a per-class beta (num_classes={beta.numel()}) looks beta up by "
+                        f"label, so labels must be integers; got {labels.dtype}")
+    if labels.numel() and not V._compiling():
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < -beta.numel() or hi >= beta.numel():
+            raise ValueError(f"labels: MarginLoss with a per-class beta has num_classes={beta.numel()}, so labels "
+                             f"must lie in [-{beta.numel()}, {beta.numel()}) (beta[labels], negative ones from the "
+                             f"end); got labels in [{lo}, {hi}]")
+    return labels.to(dtype=torch.int64)
+
+
 def _scalar(beta):
-    if torch.is_tensor(beta) and V._compiling():  # the engines take beta as a constant of the declaration
-        raise ValueError("MarginLoss: beta as a tensor (learn_beta=True) cannot be traced by torch.compile: the "
-                         "fused engines take it as a constant; call the loss outside the compiled region")
+    """A constant beta as the declaration's number."""
+    if torch.is_tensor(beta) and V._compiling():  # a graph input: its value is not known while tracing
+        raise ValueError("MarginLoss: a constant beta given as a tensor cannot be traced by torch.compile (the "
+                         "fused engines take it as a number of the declaration); pass a float, or a tensor that "
+                         "requires grad (then the rows' shifts), or call the loss outside the compiled region")
     t = torch.as_tensor(beta).detach()
     if t.numel() != 1:
-        raise ValueError(f"beta: the fused margin loss takes one beta (PML's num_classes=None); got {t.numel()}")
+        raise ValueError(f"beta: one beta, or a 1-D tensor of per-class betas; got shape {tuple(t.shape)}")
     return float(t.reshape(()))
 
 
 def margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.2, nu=0.0, beta=1.2,
                 learn_beta=False, distance="lp", backend="auto"):
-    """PML MarginLoss(margin, nu, beta, learn_beta) over all triplets; beta a float or a one-element
-    tensor (a learned one gets its gradient); PML's default distance LpDistance ("lp")."""
+    """PML MarginLoss(margin, nu, beta, learn_beta) over all triplets; beta a float, a one-element
+    tensor or a (num_classes,) tensor of per-class betas looked up by the anchors' labels (a learned
+    one gets its gradient); PML's default distance LpDistance ("lp")."""
     V.check_real("margin", margin)
     V.check_real("nu", nu)
     if not torch.is_tensor(beta):
@@ -129,13 +174,14 @@ def margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.2
 
 class MarginLoss(_PairLoss):
     """Drop-in for pytorch_metric_learning.losses.MarginLoss (default distance LpDistance). One beta
-    (learned or not) is fused; a per-class beta (num_classes) or an integer triplets_per_anchor
+    or a per-class beta (num_classes), learned or not, is fused; an integer triplets_per_anchor
     (random sampling) is computed by PML itself (one-time warning), sharing the module's beta."""
     _default_distance = "lp"
     _reference = staticmethod(margin_reference)
     _fuses_pair_miners = True  # our MultiSimilarityMiner's and PairMarginMiner's pairs: their rule in the engine
     _listed_pairs = False  # listed triplets from their rows (_reference_with_indices)
     _pml_only = {"triplets_per_anchor": "all"}
+    _fused_kwargs = ("num_classes",)
 
     def __init__(self, margin=0.2, nu=0, beta=1.2, triplets_per_anchor="all", learn_beta=False, num_classes=None,
                  backend="auto", **kwargs):
@@ -156,9 +202,10 @@ class MarginLoss(_PairLoss):
         self.beta = torch.nn.Parameter(beta_t) if self.learn_beta else beta_t
         # a fixed beta as the Python number torch.compile traces the engines with (a tensor attribute
         # is a graph input there, whose value the engines' constant declaration cannot take)
-        self._fixed_beta = None if self.learn_beta or num_classes else float(beta)
-        pml_only = {k: v for k, v in (("triplets_per_anchor", triplets_per_anchor), ("num_classes", num_classes))
-                    if v not in ("all", None, 0)}
+        self._fixed_beta = None if self.learn_beta or (num_classes or 1) > 1 else float(beta)
+        pml_only = {"triplets_per_anchor": triplets_per_anchor} if triplets_per_anchor != "all" else {}
+        if num_classes is not None:  # fused; PML gets it on a fallback
+            pml_only["num_classes"] = num_classes
         self.backend = backend
         self._setup_kwargs(dict(kwargs, **pml_only), (margin, nu, beta), dict(learn_beta=self.learn_beta),
                            param_name="beta")
@@ -188,6 +235,17 @@ class MarginLoss(_PairLoss):
             raise ValueError("MarginLoss needs labels or an indices_tuple (PML: labels and indices_tuple "
                              "cannot both be None)")
         return super()._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        if _is_per_class(self.beta) and labels is None and indices_tuple is not None:
+            raise ValueError(f"labels: MarginLoss with a per-class beta (num_classes={self.beta.numel()}) looks "
+                             "beta up by the anchors' labels, so it needs labels with an indices_tuple too")
+        self._check_labels(labels)
+        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+    def _check_labels(self, labels):
+        if _is_per_class(self.beta) and labels is not None:  # PML indexes beta with the labels themselves
+            _class_rows(labels, self.beta)
 
     def extra_repr(self):
         return super().extra_repr() + f", triplets_per_anchor={self.triplets_per_anchor!r}"
