@@ -596,19 +596,6 @@ if _IMPORTED:
         return lab, ex, _load_or_zeros(norm_ptr, idx, ok, LP, BLOCK, ACC)
 
     @triton.jit
-    def _row_shifts(psh, nsh, rs_ptr, idx, ok, RSHIFT: tl.constexpr, AXIS: tl.constexpr):
-        """The terms' shifts of rows idx: the declaration's plus each row's shift (RSHIFT), laid
-        along AXIS of the tile (0: the tile's rows, 1: its columns); else the scalars."""
-        if RSHIFT:
-            rsh = tl.load(rs_ptr + idx, mask=ok, other=0.0)
-            if AXIS == 0:
-                return psh + rsh[:, None], nsh + rsh[:, None]
-            else:
-                return psh + rsh[None, :], nsh + rsh[None, :]
-        else:
-            return psh, nsh
-
-    @triton.jit
     def _mining_u(v, LP: tl.constexpr, MCOS: tl.constexpr):
         """The miner compares similarities: u = S, or u = -d (exact) for the distance, or for a cosine
         miner beside the distance (MCOS) u = -d^2 / 2 = S - 1 on normalized rows."""
@@ -874,7 +861,9 @@ if _IMPORTED:
         lq, ex, nq = _pair_side(lq_ptr, ex_ptr, nq_ptr, rows, rmask, EXCL, LP, BLOCK_M, ACC)
         ps, psh, pwo, pws, ns, nsh, nwo, nws, eps, tp, tn, tiny = _pair_consts(
             k_ps, k_psh, k_pwo, k_pws, k_ns, k_nsh, k_nwo, k_nws, k_eps, k_tp, k_tn, k_tiny, ACC)
-        psh, nsh = _row_shifts(psh, nsh, rs_ptr, rows, rmask, RSHIFT, 0)
+        # each row's terms shifted by its own number (RSHIFT; else by 0: the shifts are a column either way)
+        rsh = _load_or_zeros(rs_ptr, rows, rmask, RSHIFT, BLOCK_M, ACC)
+        psh, nsh = psh + rsh[:, None], nsh + rsh[:, None]
         pwl, pwh, nwl, nwh = _c(k_pwl, ACC), _c(k_pwh, ACC), _c(k_nwl, ACC), _c(k_nwh, ACC)
         hlo, hiw = _c(k_hlo, ACC), _c(k_hiw, ACC)
         hdf, hlof = _c(k_hdf, tl.float32), _c(k_hlo, tl.float32)
@@ -1049,7 +1038,8 @@ if _IMPORTED:
         hdf, hlof = _c(k_hdf, tl.float32), _c(k_hlo, tl.float32)
         N64 = tl.cast(N, tl.int64)
         glp, gln, gsp, gsn, gx, lsp, lsn, mnp, mxn, gwp, gwn = _load_row_stats(st_ptr, rows, rmask, N)
-        psh_i, nsh_i = _row_shifts(psh, nsh, rs_ptr, rows, rmask, RSHIFT, 0)
+        rsh = _load_or_zeros(rs_ptr, rows, rmask, RSHIFT, BLOCK_M, ACC)  # the rows' own shifts (RSHIFT)
+        psh_i, nsh_i = psh + rsh[:, None], nsh + rsh[:, None]
         acc = tl.zeros([BLOCK_M, BLOCK_G], ACC)
         gsum = tl.zeros([BLOCK_M], ACC)
         for n0 in range(tl.program_id(1).to(tl.int64) * BLOCK_N, M, tl.num_programs(1) * BLOCK_N):
@@ -1073,10 +1063,10 @@ if _IMPORTED:
             if SELF:  # G_JI from row J's statistics and mining masks, on the same (symmetric) S tile
                 glp_j, gln_j, gsp_j, gsn_j, gx_j, lsp_j, lsn_j, mnp_j, mxn_j, gwp_j, gwn_j = _load_row_stats(
                     st_ptr, cols, cmask, N)
-                if RSHIFT:  # row J's terms have their own shift
-                    psh_j, nsh_j = _row_shifts(psh, nsh, rs_ptr, cols, cmask, RSHIFT, 1)
-                    xp, xn, db_p, db_n = _pair_dterms(v, ps, psh_j, pwo, pws, ns, nsh_j, nwo, nws, POS_HINGE,
-                                                      NEG_HINGE, LP)
+                if RSHIFT:  # row J's terms have their own shifts (a row of the tile)
+                    rsh_j = tl.load(rs_ptr + cols, mask=cmask, other=0.0)
+                    xp, xn, db_p, db_n = _pair_dterms(v, ps, psh + rsh_j[None, :], pwo, pws, ns,
+                                                      nsh + rsh_j[None, :], nwo, nws, POS_HINGE, NEG_HINGE, LP)
                 kp_j, kn_j = _mined(pos, neg, u, mnp_j[None, :], mxn_j[None, :], eps, MINE)
                 kp_j, kn_j = _windowed(kp_j, kn_j, v, pwl, pwh, nwl, nwh, WIN)
                 g += _pair_grad(kp_j, kn_j, xp, xn, db_p, db_n, glp_j[None, :], gln_j[None, :],
@@ -1130,7 +1120,8 @@ if _IMPORTED:
             rmask = rows < N
             lq, ex, nq = _pair_side(lq_ptr, ex_ptr, nq_ptr, rows, rmask, EXCL, LP, BLOCK_M, ACC)
             glp, gln, gsp, gsn, gx, lsp, lsn, mnp, mxn, gwp, gwn = _load_row_stats(st_ptr, rows, rmask, N)
-            psh_i, nsh_i = _row_shifts(psh, nsh, rs_ptr, rows, rmask, RSHIFT, 0)
+            rsh = _load_or_zeros(rs_ptr, rows, rmask, RSHIFT, BLOCK_M, ACC)  # the rows' own shifts (RSHIFT)
+            psh_i, nsh_i = psh + rsh[:, None], nsh + rsh[:, None]
             same, pos, neg = _pair_sets(lq, lr, ex, rows, cols, rmask, cmask, EXCL)
             v = _pair_v(q_ptr, r_ptr, rows, cols, rmask, cmask, nq, nr, D, stride_q, stride_r,
                         LP, EXCL, PREC, BLOCK_D, BLOCK_M, BLOCK_N, ACC)
