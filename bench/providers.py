@@ -24,6 +24,8 @@ class BenchLoss:
     parameter's name and layout) with hyper-parameters added to PML's defaults."""
     loss: str
     extra: dict = field(default_factory=dict)
+    # a learned beta per class (MarginLoss's num_classes): the input "beta", one per label of the batch
+    per_class_beta: bool = False
 
     @property
     def entry(self):
@@ -68,6 +70,7 @@ BENCH_LOSSES = {
     "lifted": BenchLoss("GeneralizedLiftedStructureLoss"),
     "triplet": BenchLoss("TripletMarginLoss"),
     "margin": BenchLoss("MarginLoss"),
+    "margin_per_class": BenchLoss("MarginLoss", dict(learn_beta=True, nu=0.1), per_class_beta=True),
     "lifted_pairs": BenchLoss("LiftedStructureLoss"),
     "tuplet": BenchLoss("TupletMarginLoss"),
     "nca": BenchLoss("NCALoss"),
@@ -171,6 +174,9 @@ def make_inputs(point):
             inputs["labels"] = torch.arange(n // per_class).repeat_interleave(per_class).to(dev)
         else:
             inputs["labels"] = torch.randint(0, n_classes, (n,), generator=gen).to(dev)
+        if BENCH_LOSSES[loss].per_class_beta:
+            beta = 1.2 + 0.1 * torch.randn(n_classes, generator=gen)
+            inputs["beta"] = torch.nn.Parameter(beta.to(device=dev, dtype=dtype))
     else:
         c, k = class_shape(loss, n, point.get("ck_scale", 1.0), point.get("centers_per_class", 10))
         shape = (c * k, d) if BENCH_LOSSES[loss].weights_rows else (d, c * k)
@@ -194,6 +200,8 @@ def _call(fn, loss, inp, extra):
     b = BENCH_LOSSES[loss]
     kw = dict(b.params, **extra)
     x, y = inp["x"], inp["labels"]
+    if "beta" in inp:
+        kw["beta"] = inp["beta"]
     if b.kind == "pair":
         return lambda: fn(x, y, **kw)
     if b.pooled:
@@ -230,7 +238,9 @@ def _pml_case(loss, inp):
     x, y = inp["x"], inp["labels"]
     p = {k: v for k, v in b.params.items() if k != "miner_epsilon"}
     if b.kind == "pair":
-        fn = getattr(losses, b.pml)(**p)
+        fn = getattr(losses, b.pml)(**p, **({"num_classes": inp["beta"].numel()} if "beta" in inp else {}))
+        if "beta" in inp:
+            fn.beta = inp["beta"]  # our beta, as the module's parameter
         if "miner_epsilon" in b.params:
             miner = miners.MultiSimilarityMiner(epsilon=b.params["miner_epsilon"])
             return lambda: fn(x, y, miner(x, y))
@@ -250,6 +260,8 @@ def build(point) -> Case:
     inp = make_inputs(point)
     x = inp["x"]
     grads = [x] + ([inp["centers"]] if "centers" in inp else [])
+    if "beta" in inp and prov != "matmul":  # a learned per-class beta (the matmul baseline has none)
+        grads.append(inp["beta"])
 
     if prov in FUSED_BACKENDS:
         try:
