@@ -133,12 +133,13 @@ def run_fault_cases(rank, world):
 
     for which in ("fused", "xbm"):
         def class_label_case(which=which):
-            """MarginLoss(num_classes=5) looks beta up by label: rank 1 holds label 7."""
+            """MarginLoss(num_classes=5) looks beta up by the anchors' labels: rank 1 holds two rows of
+            label 7 (anchors of triplets; a lone row of it would have none, and PML reads no beta there)."""
             loss = fpl.MarginLoss(num_classes=5)
             module = loss if which == "fused" else fpl.CrossBatchMemory(loss, C.D, XBM_MEMORY)
             x, y = C.data(60 + rank, 5)
             if rank == 1:
-                y[2] = 7
+                y[2] = y[3] = 7
             try:
                 fpl.DistributedLossWrapper(module)(x.requires_grad_(True), y)
             except Exception as e:

@@ -118,18 +118,38 @@ def test_margin_learned_beta_half_precision(dtype, num_classes):
 
 
 def test_margin_per_class_beta_labels_are_indices():
-    """A per-class beta is looked up by label (PML: beta[labels[anchor]]): labels outside
-    [-num_classes, num_classes) or not integers name labels."""
+    """A per-class beta is looked up by the anchors' labels (PML: beta[labels[anchor_idx]]): an
+    anchor of triplets with a label outside [-num_classes, num_classes) names labels, a row without
+    triplets may hold any label (PML reads no beta there), negative labels index from the end, and
+    labels must be integers (also inside CrossBatchMemory; PML: IndexError)."""
     x, _ = inputs(8, 4, 3, torch.float64, seed=7)
-    loss = fpl.MarginLoss(num_classes=3)
-    with pytest.raises(ValueError, match="labels.*num_classes=3"):
+    loss, pml = fpl.MarginLoss(num_classes=3), pml_losses.MarginLoss(num_classes=3)
+    with pytest.raises(ValueError, match=r"labels.*num_classes=3.*\[3\]"):
         loss(x, torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]))
+    lone = torch.tensor([0, 1, 2, 0, 1, 2, 0, 9])  # label 9 on a row without a positive
+    check_close(loss(x, lone), pml(x, lone), what="a lone out-of-range label")
+    y = torch.tensor([0, 1, -1, 0, 1, -1, 0, 1])
+    check_close(loss(x, y), pml(x, y), what="negative labels")
     with pytest.raises(TypeError, match="labels.*integers"):
         loss(x, torch.tensor([0.0, 1, 2, 0, 1, 2, 0, 1]))
-    with pytest.raises(TypeError, match="labels.*integers"):  # also inside CrossBatchMemory (PML: IndexError)
+    with pytest.raises(TypeError, match="labels.*integers"):
         fpl.CrossBatchMemory(loss, 4, memory_size=16)(x, torch.tensor([0.0, 1, 2, 0, 1, 2, 0, 1]))
-    y = torch.tensor([0, 1, -1, 0, 1, -1, 0, 1])  # negative labels index from the end, as in PML
-    check_close(loss(x, y), pml_losses.MarginLoss(num_classes=3)(x, y), what="negative labels")
+
+
+@pytest.mark.parametrize("ref_labels", ["float", "non_integral_float", "bool"])
+def test_margin_per_class_beta_with_float_ref_labels(ref_labels):
+    """Integer labels beside float / bool ref_labels: PML compares them with == and still indexes
+    beta with the labels themselves (they must not become ids)."""
+    x, y = inputs(12, 6, 3, torch.float64, seed=9)
+    r, _ = inputs(10, 6, 3, torch.float64, seed=10)
+    yr = {"float": torch.tensor([0.0, 1, 2, 1, 2] * 2), "non_integral_float": torch.tensor([0.5, 1, 2, 1, 2] * 2),
+          "bool": torch.tensor([True, False] * 5)}[ref_labels]
+    ours, pml = fpl.MarginLoss(num_classes=3, learn_beta=True, nu=0.1), pml_losses.MarginLoss(
+        num_classes=3, learn_beta=True, nu=0.1)
+    with torch.no_grad():
+        pml.beta.copy_(torch.tensor([0.4, 0.9, 1.5]))
+    ours.load_state_dict(pml.state_dict())
+    check_against_pml(ours, pml, (x, y, None, r, yr), [x, ours.beta], [x, pml.beta], torch.float64)
 
 
 def test_margin_sampling_is_computed_by_pml(monkeypatch):

@@ -85,24 +85,30 @@ def combine(st: engines.PairStats, embeddings, *, beta, nu, learn_beta, distance
     row_beta (N,): the rows' betas when the engine took them as row shifts (a learned or per-class
     beta; differentiable to it), else None (beta a constant of the declaration)."""
     n_pos, n_neg = st.count_pos.long(), st.count_neg.long()
-    A = st.sum_pos.dtype
-    total = batch.sum(n_neg.to(A) * st.sum_pos + n_pos.to(A) * st.sum_neg)
+    A, E = st.sum_pos.dtype, embeddings.dtype
+    used = (n_pos > 0) & (n_neg > 0)  # the anchors of triplets: only their terms (and betas) are read
+    total = batch.sum(torch.where(used, n_neg.to(A) * st.sum_pos + n_pos.to(A) * st.sum_neg, 0.0))
     pos_nonzero = batch.sum(n_neg * st.nonzero_pos.long())
     neg_nonzero = batch.sum(n_pos * st.nonzero_neg.long())
     divisor = pos_nonzero + neg_nonzero
     zero = zero_loss(embeddings)
-    per_divisor = torch.where(divisor > 0, 1.0 / divisor.clamp(min=1).to(A), 0.0)
-    loss = total * per_divisor
-    if row_beta is not None and row_beta.requires_grad:  # row shifts are constants to the engine
-        sign = 1.0 if distance == "lp" else -1.0
-        grad = sign * (n_pos * st.nonzero_neg.long() - n_neg * st.nonzero_pos.long()).to(A) * per_divisor
-        loss = loss + batch.sum((row_beta - row_beta.detach()) * grad)
-    if learn_beta and _beta_tensor(beta, embeddings).numel() == 1:  # PML: beta * nu, already reduced
-        loss = loss + _beta_tensor(beta, embeddings).reshape(()).to(A) * nu
-    elif learn_beta:  # PML: beta_a * nu per triplet, reduced by the divisor
-        loss = loss + batch.sum((n_pos * n_neg).to(A) * row_beta) * nu * per_divisor
-    has_triplets = batch.sum(n_pos * n_neg) > 0
-    return torch.where(has_triplets, loss.to(embeddings.dtype), zero + zero)
+    margin_part = torch.where(divisor > 0, total / divisor.clamp(min=1).to(A), 0.0)
+    if row_beta is not None:
+        per_divisor = torch.where(divisor > 0, 1.0 / divisor.clamp(min=1).to(A), 0.0)
+        if row_beta.requires_grad:  # row shifts are constants to the engine: the gradient from the counts
+            sign = 1.0 if distance == "lp" else -1.0
+            grad = sign * (n_pos * st.nonzero_neg.long() - n_neg * st.nonzero_pos.long()).to(A) * per_divisor
+            margin_part = margin_part + batch.sum(torch.where(used, (row_beta - row_beta.detach()) * grad, 0.0))
+        if learn_beta and _is_per_class(beta):  # PML: beta_a * nu per triplet, reduced by the divisor
+            reg = batch.sum(torch.where(used, (n_pos * n_neg).to(A) * row_beta, 0.0))
+            margin_part = margin_part + reg * nu * per_divisor
+        # NaN in, NaN out: the engine's hinges drop the NaN terms of a NaN beta, PML's sum keeps them
+        nan_beta = batch.sum(torch.where(used & torch.isnan(row_beta), row_beta, 0.0))
+        margin_part = margin_part + torch.where(divisor > 0, nan_beta, 0.0)
+    loss = margin_part.to(E)
+    if learn_beta and not _is_per_class(beta):  # PML: beta * nu, already reduced (summed in E, as PML's)
+        loss = loss + _beta_tensor(beta, embeddings).reshape(()) * nu
+    return torch.where(batch.sum(n_pos * n_neg) > 0, loss, zero + zero)
 
 
 def margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, nu=0.0, beta=1.2, learn_beta=False,
@@ -110,40 +116,68 @@ def margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, nu=0.0, bet
     if torch.is_tensor(beta) and beta.numel() != 1 and beta.dim() != 1:
         raise ValueError(f"beta: one beta, or a 1-D tensor of per-class betas; got shape {tuple(beta.shape)}")
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
-    if _is_per_class(beta) or (torch.is_tensor(beta) and beta.requires_grad):
-        # the rows' betas as row shifts, rounded to the embeddings' dtype as PML's beta is; beta's
-        # gradient through them in the stat dtype, every rank's rows taking their share (batch.shared)
-        rows = _class_rows(labels, beta) if _is_per_class(beta) else torch.zeros_like(labels, dtype=torch.int64)
-        A = engines.stat_dtype(embeddings.dtype)
-        row_beta = batch.shared(beta.to(device=embeddings.device, dtype=A).reshape(-1))[rows.to(embeddings.device)]
-        row_shift = _beta_tensor(beta, embeddings)[rows.to(embeddings.device)]
-        st = pair_stats(q, r, labels, labels_r, excl, declaration(margin, 0.0, distance), backend, row_shift=row_shift)
-    else:
-        row_beta = None
+    if not (_is_per_class(beta) or (torch.is_tensor(beta) and beta.requires_grad)):
         st = pair_stats(q, r, labels, labels_r, excl, declaration(margin, _scalar(beta), distance), backend)
+        loss = combine(st, embeddings, beta=beta, nu=nu, learn_beta=learn_beta, distance=distance, batch=batch)
+        # hinge terms drop NaN: NaN in, NaN out through an exact 0 of the inputs
+        return loss + zero_loss(embeddings) + (0 if ref_emb is None else zero_loss(ref_emb))
+    # the rows' betas as row shifts, rounded to the embeddings' dtype as PML's beta is; beta's gradient
+    # through them in the stat dtype, every rank's rows taking their share (batch.shared)
+    device = embeddings.device
+    if _is_per_class(beta):
+        C = beta.numel()
+        y = _label_indices(labels, beta).to(device)
+        in_range = (y >= -C) & (y < C)
+        rows = torch.where(in_range, y, 0)  # PML reads beta[y_a] for the anchors of triplets only (checked below)
+    else:
+        rows = torch.zeros(embeddings.shape[0], dtype=torch.int64, device=device)
+    row_beta = batch.shared(beta.to(device=device, dtype=engines.stat_dtype(embeddings.dtype)).reshape(-1))[rows]
+    row_shift = _beta_tensor(beta, embeddings)[rows]
+    st = pair_stats(q, r, labels, labels_r, excl, declaration(margin, 0.0, distance), backend, row_shift=row_shift)
+    if _is_per_class(beta) and not V._compiling():
+        # every rank counts the global number, so every rank raises (no rank waits in a collective)
+        outside = ~in_range & (st.count_pos > 0) & (st.count_neg > 0)
+        if int(batch.count(outside)) > 0:
+            seen = sorted(set(y[outside].tolist()))[:5]
+            raise ValueError(f"labels: MarginLoss with a per-class beta has num_classes={C}, so the anchors of "
+                             f"triplets need labels in [-{C}, {C}) (PML reads beta[labels]); got "
+                             + (f"{seen}" if seen else "such labels on another rank"))
     loss = combine(st, embeddings, beta=beta, nu=nu, learn_beta=learn_beta, distance=distance, batch=batch,
                    row_beta=row_beta)
-    # hinge terms drop NaN: NaN in, NaN out through an exact 0 of the inputs
     return loss + zero_loss(embeddings) + (0 if ref_emb is None else zero_loss(ref_emb))
+
+
+_NON_INTEGER_LABELS = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool)
 
 
 def _is_per_class(beta):
     return torch.is_tensor(beta) and beta.dim() == 1 and beta.numel() != 1
 
 
-def _class_rows(labels, beta):
-    """labels as indices into a per-class beta (PML: beta[labels[anchor]], torch indexing: -C <= y < C)."""
+def _label_indices(labels, beta):
+    """labels as indices into a per-class beta (PML: beta[labels[anchor]]): integers, int64."""
     labels = torch.as_tensor(labels)
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:  # PML: IndexError
         raise TypeError(f"labels: MarginLoss with a per-class beta (num_classes={beta.numel()}) looks beta up by "
                         f"label, so labels must be integers; got {labels.dtype}")
-    if labels.numel() and not V._compiling():
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < -beta.numel() or hi >= beta.numel():
-            raise ValueError(f"labels: MarginLoss with a per-class beta has num_classes={beta.numel()}, so labels "
-                             f"must lie in [-{beta.numel()}, {beta.numel()}) (beta[labels], negative ones from the "
-                             f"end); got labels in [{lo}, {hi}]")
     return labels.to(dtype=torch.int64)
+
+
+def _integer_ref_labels(labels, ref_labels):
+    """Float / bool ref_labels beside integer labels, as int64 equal to a label exactly where PML's
+    == makes them equal: so the labels (beta's indices) need not become ids. Integral values stay
+    themselves, the others (and non-finite ones) become one number below every label (they equal
+    no label; ref rows are never anchors). NaN is left to the label checks."""
+    if not ref_labels.dtype.is_floating_point:
+        return ref_labels.to(torch.int64)
+    r = ref_labels.double()
+    if bool(torch.isnan(r).any()):
+        return ref_labels
+    integral = torch.isfinite(r) & (r == torch.round(r))
+    lows = [int(labels.min())] if labels.numel() else []
+    lows += [int(r[integral].min())] if bool(integral.any()) else []
+    below = min(lows, default=0) - 1
+    return torch.where(integral, r, float(below)).to(torch.int64)
 
 
 def _scalar(beta):
@@ -241,11 +275,15 @@ class MarginLoss(_PairLoss):
             raise ValueError(f"labels: MarginLoss with a per-class beta (num_classes={self.beta.numel()}) looks "
                              "beta up by the anchors' labels, so it needs labels with an indices_tuple too")
         self._check_labels(labels)
+        if (_is_per_class(self.beta) and torch.is_tensor(labels) and torch.is_tensor(ref_labels)
+                and ref_labels is not labels and ref_labels.dtype in _NON_INTEGER_LABELS):
+            # float / bool ref_labels would make the labels ids too; beta is indexed by the labels themselves
+            ref_labels = _integer_ref_labels(labels, ref_labels)
         return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def _check_labels(self, labels):
         if _is_per_class(self.beta) and labels is not None:  # PML indexes beta with the labels themselves
-            _class_rows(labels, self.beta)
+            _label_indices(labels, self.beta)
 
     def extra_repr(self):
         return super().extra_repr() + f", triplets_per_anchor={self.triplets_per_anchor!r}"
