@@ -152,6 +152,41 @@ def test_margin_per_class_beta_with_float_ref_labels(ref_labels):
     check_against_pml(ours, pml, (x, y, None, r, yr), [x, ours.beta], [x, pml.beta], torch.float64)
 
 
+def test_margin_per_class_ref_labels_edges():
+    """Integer labels PML's == cannot tell apart in the ref_labels' dtype are refused, naming
+    ref_labels; huge labels and non-integral ref values need a stand-in that is no label; an inf
+    beta gives PML's inf, all-NaN betas PML's 0 (no nonzero term), not NaN."""
+    x, _ = inputs(6, 4, 3, torch.float64, seed=11)
+    r, _ = inputs(6, 4, 3, torch.float64, seed=12)
+    with pytest.raises(ValueError, match="ref_labels"):
+        fpl.MarginLoss(num_classes=300)(x, torch.tensor([257, 257, 1, 1, 2, 2]), None, r,
+                                        torch.tensor([256.0, 256, 1, 2, 257, 3]).bfloat16())
+    y, yr = torch.tensor([0, 0, 1, 1, 2, -2**60]), torch.tensor([0.0, 1, 2, 0.5, 1, 2], dtype=torch.float64)
+    ours, pml = fpl.MarginLoss(num_classes=3), pml_losses.MarginLoss(num_classes=3)
+    check_close(ours(x, y, None, r, yr), pml(x, y, None, r, yr), what="huge labels")
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    for beta in ([1.2, float("inf"), 1.2], [float("nan")] * 3):
+        ours = fpl.MarginLoss(num_classes=3, learn_beta=True, nu=0.1)
+        pml = pml_losses.MarginLoss(num_classes=3, learn_beta=True, nu=0.1)
+        with torch.no_grad():
+            ours.beta.copy_(torch.tensor(beta))
+            pml.beta.copy_(torch.tensor(beta))
+        a, b = ours(x, y), pml(x, y)
+        assert torch.equal(a, b.to(a.dtype)), (beta, a, b)
+
+
+def test_torch_compile_traces_a_per_class_beta_with_float_ref_labels():
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(13)
+    x, r = torch.randn(12, 6, generator=g), torch.randn(10, 6, generator=g)
+    y, yr = torch.tensor([0, 1, 2] * 4), torch.tensor([0.0, 1, 2, 1, 2] * 2)
+    loss = fpl.MarginLoss(num_classes=3, learn_beta=True, nu=0.1)
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, y, None, r, yr), loss(x, y, None, r, yr))
+    pml = pml_losses.MarginLoss(num_classes=3, learn_beta=True, nu=0.1)
+    check_close(loss(x, y, None, r, yr), pml(x, y, None, r, yr), what="value")
+
+
 def test_margin_sampling_is_computed_by_pml(monkeypatch):
     """Sampled triplets (an integer triplets_per_anchor): PML computes, sharing our beta (its
     state_dict loads into PML's module and back), with a one-time warning naming the class."""

@@ -98,10 +98,11 @@ def combine(st: engines.PairStats, embeddings, *, beta, nu, learn_beta, distance
         if row_beta.requires_grad:  # row shifts are constants to the engine: the gradient from the counts
             sign = 1.0 if distance == "lp" else -1.0
             grad = sign * (n_pos * st.nonzero_neg.long() - n_neg * st.nonzero_pos.long()).to(A) * per_divisor
-            margin_part = margin_part + batch.sum(torch.where(used, (row_beta - row_beta.detach()) * grad, 0.0))
-        if learn_beta and _is_per_class(beta):  # PML: beta_a * nu per triplet, reduced by the divisor
+            finite = used & torch.isfinite(row_beta)  # (an inf beta's x - x is NaN; its value is the sums')
+            margin_part = margin_part + batch.sum(torch.where(finite, (row_beta - row_beta.detach()) * grad, 0.0))
+        if learn_beta and _is_per_class(beta):  # PML: beta_a * nu per triplet, reduced by the divisor (0 if 0)
             reg = batch.sum(torch.where(used, (n_pos * n_neg).to(A) * row_beta, 0.0))
-            margin_part = margin_part + reg * nu * per_divisor
+            margin_part = margin_part + torch.where(divisor > 0, reg * nu * per_divisor, 0.0)
         # NaN in, NaN out: the engine's hinges drop the NaN terms of a NaN beta, PML's sum keeps them
         nan_beta = batch.sum(torch.where(used & torch.isnan(row_beta), row_beta, 0.0))
         margin_part = margin_part + torch.where(divisor > 0, nan_beta, 0.0)
@@ -133,6 +134,9 @@ def margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, nu=0.0, bet
         rows = torch.zeros(embeddings.shape[0], dtype=torch.int64, device=device)
     row_beta = batch.shared(beta.to(device=device, dtype=engines.stat_dtype(embeddings.dtype)).reshape(-1))[rows]
     row_shift = _beta_tensor(beta, embeddings)[rows]
+    if _is_per_class(beta):  # a label outside beta: NaN (while compiling, where the check below does not run)
+        row_beta = torch.where(in_range, row_beta, float("nan"))
+        row_shift = torch.where(in_range, row_shift, float("nan"))
     st = pair_stats(q, r, labels, labels_r, excl, declaration(margin, 0.0, distance), backend, row_shift=row_shift)
     if _is_per_class(beta) and not V._compiling():
         # every rank counts the global number, so every rank raises (no rank waits in a collective)
@@ -165,19 +169,28 @@ def _label_indices(labels, beta):
 
 def _integer_ref_labels(labels, ref_labels):
     """Float / bool ref_labels beside integer labels, as int64 equal to a label exactly where PML's
-    == makes them equal: so the labels (beta's indices) need not become ids. Integral values stay
-    themselves, the others (and non-finite ones) become one number below every label (they equal
-    no label; ref rows are never anchors). NaN is left to the label checks."""
+    == makes them equal: so the labels (beta's indices) need not become ids. Integral values (below
+    2^63) stay themselves, the others one number that is no label (they equal no label; ref rows
+    are never anchors). PML's == compares in the promoted dtype, so this needs every label exact in
+    it (else a ValueError naming ref_labels). NaN is left to the label checks (eager calls)."""
     if not ref_labels.dtype.is_floating_point:
         return ref_labels.to(torch.int64)
-    r = ref_labels.double()
-    if bool(torch.isnan(r).any()):
+    compiling = V._compiling()
+    if not compiling and bool(torch.isnan(ref_labels).any()):
         return ref_labels
-    integral = torch.isfinite(r) & (r == torch.round(r))
-    lows = [int(labels.min())] if labels.numel() else []
-    lows += [int(r[integral].min())] if bool(integral.any()) else []
-    below = min(lows, default=0) - 1
-    return torch.where(integral, r, float(below)).to(torch.int64)
+    common = torch.promote_types(labels.dtype, ref_labels.dtype)
+    if not compiling and bool((labels.to(common).to(torch.int64) != labels).any()):
+        raise ValueError(f"ref_labels: {ref_labels.dtype} ref_labels cannot tell some labels apart (PML's == "
+                         f"rounds the labels to {common}), while MarginLoss's per-class beta is indexed by each "
+                         "label: pass integer ref_labels")
+    r = ref_labels.double()
+    integral = torch.isfinite(r) & (r == torch.round(r)) & (r.abs() < 2.0 ** 63)
+    if labels.numel():
+        lo, hi = labels.amin(), labels.amax()
+        no_label = torch.where(lo > torch.iinfo(torch.int64).min, lo - 1, hi + 1)  # (2^64 labels do not fit)
+    else:
+        no_label = torch.zeros((), dtype=torch.int64, device=labels.device)
+    return torch.where(integral, torch.where(integral, r, 0.0).to(torch.int64), no_label.to(r.device))
 
 
 def _scalar(beta):
@@ -275,8 +288,9 @@ class MarginLoss(_PairLoss):
             raise ValueError(f"labels: MarginLoss with a per-class beta (num_classes={self.beta.numel()}) looks "
                              "beta up by the anchors' labels, so it needs labels with an indices_tuple too")
         self._check_labels(labels)
-        if (_is_per_class(self.beta) and torch.is_tensor(labels) and torch.is_tensor(ref_labels)
-                and ref_labels is not labels and ref_labels.dtype in _NON_INTEGER_LABELS):
+        if (_is_per_class(self.beta) and ref_emb is not None and torch.is_tensor(labels)
+                and torch.is_tensor(ref_labels) and ref_labels is not labels
+                and ref_labels.dtype in _NON_INTEGER_LABELS and labels.dtype not in _NON_INTEGER_LABELS):
             # float / bool ref_labels would make the labels ids too; beta is indexed by the labels themselves
             ref_labels = _integer_ref_labels(labels, ref_labels)
         return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
