@@ -136,7 +136,7 @@ def run_fault_cases(rank, world):
             """MarginLoss(num_classes=5) looks beta up by the anchors' labels: rank 1 holds two rows of
             label 7 (anchors of triplets; a lone row of it would have none, and PML reads no beta there)."""
             loss = fpl.MarginLoss(num_classes=5)
-            module = loss if which == "fused" else fpl.CrossBatchMemory(loss, C.D, XBM_MEMORY)
+            module = loss if which == "fused" else fpl.CrossBatchMemory(loss, C.D, 32)  # room for 3 ranks' rows
             x, y = C.data(60 + rank, 5)
             if rank == 1:
                 y[2] = y[3] = 7
