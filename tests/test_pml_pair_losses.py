@@ -165,14 +165,17 @@ def test_margin_per_class_ref_labels_edges():
     ours, pml = fpl.MarginLoss(num_classes=3), pml_losses.MarginLoss(num_classes=3)
     check_close(ours(x, y, None, r, yr), pml(x, y, None, r, yr), what="huge labels")
     y = torch.tensor([0, 0, 1, 1, 2, 2])
-    for beta in ([1.2, float("inf"), 1.2], [float("nan")] * 3):
-        ours = fpl.MarginLoss(num_classes=3, learn_beta=True, nu=0.1)
-        pml = pml_losses.MarginLoss(num_classes=3, learn_beta=True, nu=0.1)
+    for beta in ([1.2, float("inf"), 1.2], [float("inf")], [float("nan")] * 3):
+        kw = dict(num_classes=len(beta) if len(beta) > 1 else None, learn_beta=True, nu=0.1)
+        ours, pml = fpl.MarginLoss(**kw), pml_losses.MarginLoss(**kw)
         with torch.no_grad():
             ours.beta.copy_(torch.tensor(beta))
             pml.beta.copy_(torch.tensor(beta))
-        a, b = ours(x, y), pml(x, y)
+        (a, ga), (b, gb) = value_and_grads(lambda: ours(x, y), [ours.beta]), value_and_grads(lambda: pml(x, y),
+                                                                                              [pml.beta])
         assert torch.equal(a, b.to(a.dtype)), (beta, a, b)
+        if beta[0] == beta[0]:  # beta's gradient too (from the counts, finite for an inf beta)
+            check_close(ga[0], gb[0], what=f"grad beta {beta}")
 
 
 def test_torch_compile_traces_a_per_class_beta_with_float_ref_labels():

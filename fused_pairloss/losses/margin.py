@@ -79,6 +79,23 @@ def declaration(margin, beta, distance="lp"):
     return PairLossSpec(pos=pos, neg=neg, distance=distance)
 
 
+class _ZeroWithGradient(torch.autograd.Function):
+    """0 with the derivative 1: carries a gradient computed elsewhere (x - x.detach(), also for an
+    infinite x, where that is NaN)."""
+
+    @staticmethod
+    def forward(x):
+        return torch.zeros_like(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 def combine(st: engines.PairStats, embeddings, *, beta, nu, learn_beta, distance, batch=LOCAL, row_beta=None):
     """Module docstring: the triplet sums from the rows' pair sums and counts, in the stat dtype
     (half-precision counts and their products overflow), the loss in the embeddings' dtype.
@@ -98,13 +115,12 @@ def combine(st: engines.PairStats, embeddings, *, beta, nu, learn_beta, distance
         if row_beta.requires_grad:  # row shifts are constants to the engine: the gradient from the counts
             sign = 1.0 if distance == "lp" else -1.0
             grad = sign * (n_pos * st.nonzero_neg.long() - n_neg * st.nonzero_pos.long()).to(A) * per_divisor
-            finite = used & torch.isfinite(row_beta)  # (an inf beta's x - x is NaN; its value is the sums')
-            margin_part = margin_part + batch.sum(torch.where(finite, (row_beta - row_beta.detach()) * grad, 0.0))
+            margin_part = margin_part + batch.sum(torch.where(used, _ZeroWithGradient.apply(row_beta) * grad, 0.0))
         if learn_beta and _is_per_class(beta):  # PML: beta_a * nu per triplet, reduced by the divisor (0 if 0)
             reg = batch.sum(torch.where(used, (n_pos * n_neg).to(A) * row_beta, 0.0))
             margin_part = margin_part + torch.where(divisor > 0, reg * nu * per_divisor, 0.0)
         # NaN in, NaN out: the engine's hinges drop the NaN terms of a NaN beta, PML's sum keeps them
-        nan_beta = batch.sum(torch.where(used & torch.isnan(row_beta), row_beta, 0.0))
+        nan_beta = batch.sum(torch.where(used & torch.isnan(row_beta), row_beta.detach(), 0.0))
         margin_part = margin_part + torch.where(divisor > 0, nan_beta, 0.0)
     loss = margin_part.to(E)
     if learn_beta and not _is_per_class(beta):  # PML: beta * nu, already reduced (summed in E, as PML's)
