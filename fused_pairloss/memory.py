@@ -142,16 +142,16 @@ def remove_self_comparisons(indices_tuple, curr_batch_idx, ref_size):
     return a1[k], p[k], a2, n
 
 
-# PML's CrossBatchMemory as the base where PML is installed (PML's DistributedLossWrapper takes its
-# subclasses as memories: it gathers the batch and calls the memory once). Every method PML's steps
-# call is this class's own; its __init__ is not run (it would allocate the memory again).
-
 def _check_loss_labels(loss, labels):
     """The wrapped loss's own label requirements (_PairLoss._check_labels; a PML loss checks its own)."""
     check = getattr(loss, "_check_labels", None)
     if check is not None:
         check(labels)
 
+
+# PML's CrossBatchMemory as the base where PML is installed (PML's DistributedLossWrapper takes its
+# subclasses as memories: it gathers the batch and calls the memory once). Every method PML's steps
+# call is this class's own; its __init__ is not run (it would allocate the memory again).
 class CrossBatchMemory(pml_base("CrossBatchMemory")):
     """Drop-in for pytorch_metric_learning.losses.CrossBatchMemory(loss, embedding_size,
     memory_size=1024, miner=None).
