@@ -133,7 +133,8 @@ def margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, nu=0.0, bet
     if torch.is_tensor(beta) and beta.numel() != 1 and beta.dim() != 1:
         raise ValueError(f"beta: one beta, or a 1-D tensor of per-class betas; got shape {tuple(beta.shape)}")
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
-    if not (_is_per_class(beta) or (torch.is_tensor(beta) and beta.requires_grad)):
+    per_class = _is_per_class(beta)
+    if not (per_class or (torch.is_tensor(beta) and beta.requires_grad)):
         st = pair_stats(q, r, labels, labels_r, excl, declaration(margin, _scalar(beta), distance), backend)
         loss = combine(st, embeddings, beta=beta, nu=nu, learn_beta=learn_beta, distance=distance, batch=batch)
         # hinge terms drop NaN: NaN in, NaN out through an exact 0 of the inputs
@@ -141,7 +142,7 @@ def margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, nu=0.0, bet
     # the rows' betas as row shifts, rounded to the embeddings' dtype as PML's beta is; beta's gradient
     # through them in the stat dtype, every rank's rows taking their share (batch.shared)
     device = embeddings.device
-    if _is_per_class(beta):
+    if per_class:
         C = beta.numel()
         y = _label_indices(labels, beta).to(device)
         in_range = (y >= -C) & (y < C)
@@ -150,11 +151,11 @@ def margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, nu=0.0, bet
         rows = torch.zeros(embeddings.shape[0], dtype=torch.int64, device=device)
     row_beta = batch.shared(beta.to(device=device, dtype=engines.stat_dtype(embeddings.dtype)).reshape(-1))[rows]
     row_shift = _beta_tensor(beta, embeddings)[rows]
-    if _is_per_class(beta):  # a label outside beta: NaN (while compiling, where the check below does not run)
+    if per_class:  # a label outside beta: NaN (while compiling, where the check below does not run)
         row_beta = torch.where(in_range, row_beta, float("nan"))
         row_shift = torch.where(in_range, row_shift, float("nan"))
     st = pair_stats(q, r, labels, labels_r, excl, declaration(margin, 0.0, distance), backend, row_shift=row_shift)
-    if _is_per_class(beta) and not V._compiling():
+    if per_class and not V._compiling():
         # every rank counts the global number, so every rank raises (no rank waits in a collective)
         outside = ~in_range & (st.count_pos > 0) & (st.count_neg > 0)
         if int(batch.count(outside)) > 0:
@@ -167,9 +168,6 @@ def margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, nu=0.0, bet
     return loss + zero_loss(embeddings) + (0 if ref_emb is None else zero_loss(ref_emb))
 
 
-_NON_INTEGER_LABELS = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool)
-
-
 def _is_per_class(beta):
     return torch.is_tensor(beta) and beta.dim() == 1 and beta.numel() != 1
 
@@ -177,7 +175,7 @@ def _is_per_class(beta):
 def _label_indices(labels, beta):
     """labels as indices into a per-class beta (PML: beta[labels[anchor]]): integers, int64."""
     labels = torch.as_tensor(labels)
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:  # PML: IndexError
+    if V._needs_ids(labels) or labels.dtype.is_complex:  # float or bool (PML: IndexError)
         raise TypeError(f"labels: MarginLoss with a per-class beta (num_classes={beta.numel()}) looks beta up by "
                         f"label, so labels must be integers; got {labels.dtype}")
     return labels.to(dtype=torch.int64)
@@ -303,10 +301,9 @@ class MarginLoss(_PairLoss):
         if _is_per_class(self.beta) and labels is None and indices_tuple is not None:
             raise ValueError(f"labels: MarginLoss with a per-class beta (num_classes={self.beta.numel()}) looks "
                              "beta up by the anchors' labels, so it needs labels with an indices_tuple too")
-        self._check_labels(labels)
-        if (_is_per_class(self.beta) and ref_emb is not None and torch.is_tensor(labels)
-                and torch.is_tensor(ref_labels) and ref_labels is not labels
-                and ref_labels.dtype in _NON_INTEGER_LABELS and labels.dtype not in _NON_INTEGER_LABELS):
+        self._check_labels(labels)  # a per-class beta's labels are integers from here on
+        if (_is_per_class(self.beta) and ref_emb is not None and torch.is_tensor(labels) and ref_labels is not labels
+                and V._needs_ids(ref_labels)):
             # float / bool ref_labels would make the labels ids too; beta is indexed by the labels themselves
             ref_labels = _integer_ref_labels(labels, ref_labels)
         return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
