@@ -585,6 +585,13 @@ if _IMPORTED:
         return x
 
     @triton.jit
+    def _row_shifts(psh, nsh, rs_ptr, rows, rmask, RSHIFT: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr):
+        """The terms' shifts of a tile's rows, a column: the declaration's plus each row's own (the
+        op's row_shift with RSHIFT, else 0, so the type is the same either way)."""
+        rsh = _load_or_zeros(rs_ptr, rows, rmask, RSHIFT, BLOCK_M, ACC)
+        return psh + rsh[:, None], nsh + rsh[:, None]
+
+    @triton.jit
     def _pair_side(lab_ptr, ex_ptr, norm_ptr, idx, ok, EXCL: tl.constexpr, LP: tl.constexpr,
                    BLOCK: tl.constexpr, ACC: tl.constexpr):
         """Labels, excluded column (EXCL 2; else the index itself) and squared norms (lp) of rows idx."""
@@ -861,9 +868,7 @@ if _IMPORTED:
         lq, ex, nq = _pair_side(lq_ptr, ex_ptr, nq_ptr, rows, rmask, EXCL, LP, BLOCK_M, ACC)
         ps, psh, pwo, pws, ns, nsh, nwo, nws, eps, tp, tn, tiny = _pair_consts(
             k_ps, k_psh, k_pwo, k_pws, k_ns, k_nsh, k_nwo, k_nws, k_eps, k_tp, k_tn, k_tiny, ACC)
-        # each row's terms shifted by its own number (RSHIFT; else by 0: the shifts are a column either way)
-        rsh = _load_or_zeros(rs_ptr, rows, rmask, RSHIFT, BLOCK_M, ACC)
-        psh, nsh = psh + rsh[:, None], nsh + rsh[:, None]
+        psh, nsh = _row_shifts(psh, nsh, rs_ptr, rows, rmask, RSHIFT, BLOCK_M, ACC)
         pwl, pwh, nwl, nwh = _c(k_pwl, ACC), _c(k_pwh, ACC), _c(k_nwl, ACC), _c(k_nwh, ACC)
         hlo, hiw = _c(k_hlo, ACC), _c(k_hiw, ACC)
         hdf, hlof = _c(k_hdf, tl.float32), _c(k_hlo, tl.float32)
@@ -1038,8 +1043,7 @@ if _IMPORTED:
         hdf, hlof = _c(k_hdf, tl.float32), _c(k_hlo, tl.float32)
         N64 = tl.cast(N, tl.int64)
         glp, gln, gsp, gsn, gx, lsp, lsn, mnp, mxn, gwp, gwn = _load_row_stats(st_ptr, rows, rmask, N)
-        rsh = _load_or_zeros(rs_ptr, rows, rmask, RSHIFT, BLOCK_M, ACC)  # the rows' own shifts (RSHIFT)
-        psh_i, nsh_i = psh + rsh[:, None], nsh + rsh[:, None]
+        psh_i, nsh_i = _row_shifts(psh, nsh, rs_ptr, rows, rmask, RSHIFT, BLOCK_M, ACC)
         acc = tl.zeros([BLOCK_M, BLOCK_G], ACC)
         gsum = tl.zeros([BLOCK_M], ACC)
         for n0 in range(tl.program_id(1).to(tl.int64) * BLOCK_N, M, tl.num_programs(1) * BLOCK_N):
@@ -1120,8 +1124,7 @@ if _IMPORTED:
             rmask = rows < N
             lq, ex, nq = _pair_side(lq_ptr, ex_ptr, nq_ptr, rows, rmask, EXCL, LP, BLOCK_M, ACC)
             glp, gln, gsp, gsn, gx, lsp, lsn, mnp, mxn, gwp, gwn = _load_row_stats(st_ptr, rows, rmask, N)
-            rsh = _load_or_zeros(rs_ptr, rows, rmask, RSHIFT, BLOCK_M, ACC)  # the rows' own shifts (RSHIFT)
-            psh_i, nsh_i = psh + rsh[:, None], nsh + rsh[:, None]
+            psh_i, nsh_i = _row_shifts(psh, nsh, rs_ptr, rows, rmask, RSHIFT, BLOCK_M, ACC)
             same, pos, neg = _pair_sets(lq, lr, ex, rows, cols, rmask, cmask, EXCL)
             v = _pair_v(q_ptr, r_ptr, rows, cols, rmask, cmask, nq, nr, D, stride_q, stride_r,
                         LP, EXCL, PREC, BLOCK_D, BLOCK_M, BLOCK_N, ACC)
