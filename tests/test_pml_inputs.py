@@ -15,7 +15,7 @@ from fused_pairloss.losses import _base
 from kit import LOSSES, PAIR_LOSSES
 
 L = pytest.importorskip("pytorch_metric_learning.losses")
-from pytorch_metric_learning import miners, reducers  # noqa: E402
+from pytorch_metric_learning import distances, miners, reducers  # noqa: E402
 from pytorch_metric_learning.distances import CosineSimilarity, LpDistance  # noqa: E402
 
 # the pair losses of the test kit as PML modules take them (a MultiSimilarity miner is its own test)
@@ -528,3 +528,26 @@ def test_attributes_assigned_after_construction_as_pml():
         torch.testing.assert_close(ours.hist_, pml.hist_)
         ours.hist_ = pml.hist_ = torch.full_like(pml.hist_, 0.1)
         assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))
+
+
+@pytest.mark.parametrize("name", ["TripletMarginLoss", "MultiSimilarityLoss", "CircleLoss", "NTXentLoss"])
+def test_distance_and_reducer_assigned_after_construction(name):
+    """PML's losses read `distance` and `reducer` at each call: one assigned on ours after
+    construction is computed as PML's (a distance the fused path has, fused with it; a reducer by
+    PML), also after a first call. (CircleLoss, cosine only, refuses another distance as at construction.)"""
+    x, y = batch(23, n=16)
+    for attr, make in (("distance", distances.LpDistance), ("distance", distances.DotProductSimilarity),
+                       ("reducer", reducers.SumReducer)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ours, pml = getattr(fpl.losses, name)(), getattr(L, name)()
+            if ours._cosine_only and attr == "distance":
+                ours.distance = make()
+                with pytest.raises(ValueError, match="distance"):
+                    ours(x, y)
+                continue
+            ours(x, y)  # set up and called once before the assignment
+            setattr(ours, attr, make())
+            setattr(pml, attr, make())
+            assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))
+            assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))  # and stays so

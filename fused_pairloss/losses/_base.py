@@ -349,6 +349,7 @@ class _PmlFallback:
             object.__setattr__(self, "_pml_probe", _with_unit_columns(twin))  # its value's dtype under autocast
         _set_pml_object(self, "distance", distance)
         _set_pml_object(self, "reducer", reducer)
+        object.__setattr__(self, "_held_objects", dict(distance=distance, reducer=reducer))
 
     _probe_shape = dict(width=4, classes=4)  # the probe batch's width and labels (class losses: their twin's)
 
@@ -367,16 +368,27 @@ class _PmlFallback:
 
     def _pml_only_assigned(self):
         """Whether an attribute only PML computes was given a value after construction (the fused
-        path cannot compute it): the module then falls back to PML, as if built with it."""
-        return self._pml is None and any(getattr(self, k) != v for k, v in self._pml_only.items())
+        path cannot compute it), or `distance` / `reducer` another object (PML's loss reads them at
+        each call): the module then is set up again as if built with them (_fall_back_now)."""
+        return self._pml is None and (any(getattr(self, k) != v for k, v in self._pml_only.items())
+                                      or bool(self._reassigned_objects()))
+
+    def _reassigned_objects(self):
+        """PML's `distance` / `reducer` objects assigned on the module since it was set up."""
+        held = self.__dict__.get("_held_objects") or {}
+        return {k: getattr(self, k, None) for k, v in held.items() if getattr(self, k, None) is not v}
 
     def _fall_back_now(self):
+        """Set up again with the attributes assigned since: a distance the fused path computes stays
+        fused (with that distance); a reducer, another distance or a PML-only attribute is PML's
+        computation, with the warning naming it."""
         kwargs, pml_args, pml_kwargs, param_name = self._pml_setup
         assigned = {k: getattr(self, k) for k, fused in self._pml_only.items() if getattr(self, k) != fused}
         objects = {k: getattr(self, k) for k in ("distance", "reducer")}  # as assigned, if they were
-        self._setup_kwargs(dict(kwargs, **assigned), pml_args, pml_kwargs, param_name)
+        self._setup_kwargs(dict(kwargs, **assigned, **self._reassigned_objects()), pml_args, pml_kwargs, param_name)
         for k, v in objects.items():
             _set_pml_object(self, k, v)
+        object.__setattr__(self, "_held_objects", objects)
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
