@@ -259,6 +259,8 @@ def fused_pair_plan(loss, device):
         return None
     if loss._pml_only_assigned():  # an attribute only PML computes, assigned after construction
         return None
+    if not loss._fused_in_wrappers_now():  # settings the wrappers' fused call does not take
+        return None
     backend = resolve_backend(loss.backend, device)
     if backend == "reference":
         return None

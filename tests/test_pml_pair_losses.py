@@ -6,7 +6,6 @@ the miner's listed pairs)."""
 import math
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
@@ -190,26 +189,36 @@ def test_torch_compile_traces_a_per_class_beta_with_float_ref_labels():
     check_close(loss(x, y, None, r, yr), pml(x, y, None, r, yr), what="value")
 
 
-def test_margin_sampling_is_computed_by_pml(monkeypatch):
-    """Sampled triplets (an integer triplets_per_anchor): PML computes, sharing our beta (its
-    state_dict loads into PML's module and back), with a one-time warning naming the class."""
-    monkeypatch.setattr(fpl.losses._base, "_warned", set())  # the warning is once per process
-    kw = dict(triplets_per_anchor=4, num_classes=5, learn_beta=True)
-    ours = fpl.MarginLoss(nu=0.1, **kw)
-    pml = pml_losses.MarginLoss(nu=0.1, **kw)
-    with torch.no_grad():
-        ours.beta.copy_(torch.linspace(0.6, 1.4, ours.beta.numel()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("mode", ["self", "ref"])
+@pytest.mark.parametrize("kw", [dict(num_classes=5, learn_beta=True), dict(learn_beta=True), dict()],
+                         ids=["per_class", "learned", "fixed"])
+def test_margin_sampling_matches_pml(kw, mode, dtype):
+    """Sampled triplets (an integer triplets_per_anchor): PML's sample (the same draws from torch's
+    generator), computed from the triplets' rows without a warning; values and gradients (beta's
+    too) equal to PML's, the state_dicts loading both ways."""
+    ours = fpl.MarginLoss(nu=0.1, triplets_per_anchor=4, **kw)
+    pml = pml_losses.MarginLoss(nu=0.1, triplets_per_anchor=4, **kw)
+    if ours.beta.numel() > 1:
+        with torch.no_grad():
+            ours.beta.copy_(torch.linspace(0.6, 1.4, ours.beta.numel()))
     pml.load_state_dict(ours.state_dict())
     ours.load_state_dict(pml.state_dict())
-    x, y = inputs(30, 8, 5, torch.float64, seed=3)
-    with pytest.warns(UserWarning, match="MarginLoss"):
-        torch.manual_seed(0), np.random.seed(0)  # PML samples triplets with numpy's global generator
-        val, grads = value_and_grads(lambda: ours(x, y), [x, ours.beta])
-    torch.manual_seed(0), np.random.seed(0)
-    pml_val, pml_grads = value_and_grads(lambda: pml(x, y), [x, pml.beta])
-    assert torch.equal(val, pml_val)
-    for a, b in zip(grads, pml_grads):
-        assert torch.equal(a, b)
+    x, y = inputs(30, 8, 5, dtype, seed=3)
+    args, params = (x, y), [x]
+    if mode == "ref":
+        r, ry = inputs(24, 8, 5, dtype, seed=4)
+        args, params = (x, y, None, r, ry), [x, r]
+    learned = [ours.beta] if ours.learn_beta else []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        torch.manual_seed(0)
+        val, grads = value_and_grads(lambda: ours(*args), params + learned)
+    torch.manual_seed(0)
+    pml_val, pml_grads = value_and_grads(lambda: pml(*args), params + ([pml.beta] if pml.learn_beta else []))
+    check_close(val, pml_val.double(), what="value", dtype=dtype)
+    for k, (a, b) in enumerate(zip(grads, pml_grads)):  # beta's own dtype (fp32) for its gradient
+        check_close(a, b.double(), what=f"grad {k}", dtype=a.dtype)
 
 
 MINERS = {

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import sys
 import warnings
 
@@ -501,6 +502,11 @@ class _PairLoss(_PmlFallback, _LossBase):
     _listed_pairs = True  # an indices_tuple's pairs through the loss's fused function (ops/listed.py)
     _fused_in_wrappers = True  # DistributedLossWrapper / CrossBatchMemory run its fused call
 
+    def _fused_in_wrappers_now(self):
+        """Whether the wrappers' fused call computes the module with its present settings (else they
+        call the module as PML's wrappers do)."""
+        return True
+
     def _listed_hyper(self):
         return self._hyper()
 
@@ -682,9 +688,12 @@ def check_listed_rows(embeddings, ref_emb):
 
 
 def check_triplets_per_anchor(value):
-    """PML's triplets_per_anchor: "all" or an int > 0 (a sample of that many per anchor)."""
-    if not (value == "all" or (isinstance(value, int) and not isinstance(value, bool) and value > 0)):
-        raise ValueError(f"triplets_per_anchor must be 'all' or an int > 0; got {value!r}")
+    """PML's triplets_per_anchor: "all", an int >= 0 (a sample of that many per anchor; 0: none) or
+    None (as many per anchor as its label has positives)."""
+    if isinstance(value, str) and value == "all" or value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"triplets_per_anchor must be 'all', None or an int >= 0; got {value!r}")
 
 
 def run_pair_loss(reference_fn, fused_fn, embeddings, labels, ref_emb, ref_labels, backend, **hyper):

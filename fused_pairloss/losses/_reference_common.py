@@ -223,3 +223,36 @@ def miner_weights(indices_tuple, labels, dtype, using_ref=False):
     indices, counts = torch.unique(indices, return_counts=True)
     weights[indices] = counts.to(dtype) / torch.max(counts)
     return weights
+
+
+def sampled_triplets(labels, ref_labels, per_anchor):
+    """PML's lmu.get_random_triplet_indices without weights (convert_to_triplets with an integer
+    t_per_anchor; None: as many draws per anchor as its label has positives), drawing from torch's
+    default generator in PML's order, so a seeded call samples PML's triplets: per label of the batch
+    in ascending order, for each of its anchors `per_anchor` positives uniformly among the label's
+    positives (less the anchor itself where ref_labels is labels or None: PML's identity rule),
+    then as many negatives uniformly among the label's negatives. Labels without a positive or a
+    negative are skipped. Returns (a, p, n) int64 on the labels' device; O(N per_anchor) memory."""
+    own = ref_labels is None or ref_labels is labels
+    ref = labels if own else ref_labels
+    found = []
+    for label in torch.unique(labels):
+        positives = torch.nonzero(ref == label).flatten()
+        anchors = positives if own else torch.nonzero(labels == label).flatten()
+        negatives = torch.nonzero(ref != label).flatten()
+        n_a, n_p = anchors.numel(), positives.numel()
+        if n_p < (2 if own else 1) or negatives.numel() < 1:
+            continue
+        k = n_p if per_anchor is None else int(per_anchor)
+        # the anchors' candidates: the label's positives, less the anchor's own entry (own mode)
+        draw_p = torch.randint(0, n_a - 1 if own else n_p, (n_a * k,))
+        anchor_of = torch.arange(n_a).view(-1, 1).repeat(1, k).view(n_a * k)
+        if own:  # a draw at or past the anchor's own position is the next positive
+            draw_p = draw_p + (draw_p >= anchor_of).to(draw_p.dtype)
+        draw_n = torch.randint(0, negatives.numel(), (n_a * k,))
+        found.append((anchors[anchor_of.to(anchors.device)], positives[draw_p.to(anchors.device)],
+                      negatives[draw_n.to(anchors.device)]))
+    if not found:
+        empty = torch.zeros(0, dtype=torch.int64, device=labels.device)
+        return empty, empty.clone(), empty.clone()
+    return tuple(torch.cat(x).to(torch.int64) for x in zip(*found))

@@ -29,8 +29,9 @@ from ..ops import engines
 from ..ops._common import LOCAL, pair_operands, zero_loss
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
+from .._backends import resolve_backend
 from ._base import _PairLoss, check_listed_rows, check_triplets_per_anchor, run_pair_loss
-from ._reference_common import check_distance, nan_in_nan_out
+from ._reference_common import check_distance, nan_in_nan_out, sampled_triplets
 from ._registry import LossEntry
 from .triplet_margin import pml_triplets
 
@@ -50,7 +51,7 @@ def margin_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, margi
     a per-class one), the sub-losses summed in the embeddings' dtype (PML's MultipleReducers)."""
     check_distance(distance, loss="margin_loss")
     zero = zero_loss(embeddings)
-    a, u_ap, u_an = pml_triplets(embeddings, labels, ref_emb, ref_labels, indices_tuple, distance)
+    a, u_ap, u_an, _ = pml_triplets(embeddings, labels, ref_emb, ref_labels, indices_tuple, distance)
     if a.numel() == 0:  # PML's zero_losses: both sub-losses sum(embeddings * 0)
         return nan_in_nan_out(zero + zero, embeddings, ref_emb)
     beta_t = _beta_tensor(beta, embeddings)
@@ -236,12 +237,12 @@ def margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.2
 class MarginLoss(_PairLoss):
     """Drop-in for pytorch_metric_learning.losses.MarginLoss (default distance LpDistance). One beta
     or a per-class beta (num_classes), learned or not, is fused; an integer triplets_per_anchor
-    (random sampling) is computed by PML itself (one-time warning), sharing the module's beta."""
+    samples PML's triplets (the same draws: _reference_common.sampled_triplets) and computes them
+    from their rows."""
     _default_distance = "lp"
     _reference = staticmethod(margin_reference)
     _fuses_pair_miners = True  # our MultiSimilarityMiner's and PairMarginMiner's pairs: their rule in the engine
     _listed_pairs = False  # listed triplets from their rows (_reference_with_indices)
-    _pml_only = {"triplets_per_anchor": "all"}
     _fused_kwargs = ("num_classes",)
 
     def __init__(self, margin=0.2, nu=0, beta=1.2, triplets_per_anchor="all", learn_beta=False, num_classes=None,
@@ -264,11 +265,11 @@ class MarginLoss(_PairLoss):
         # a fixed beta as the Python number torch.compile traces the engines with (a tensor attribute
         # is a graph input there, whose value the engines' constant declaration cannot take)
         self._fixed_beta = None if self.learn_beta or (num_classes or 1) > 1 else float(beta)
-        pml_only = {"triplets_per_anchor": triplets_per_anchor} if triplets_per_anchor != "all" else {}
         if num_classes is not None:  # fused; PML gets it on a fallback
-            pml_only["num_classes"] = num_classes
+            kwargs = dict(kwargs, num_classes=num_classes)
         self.backend = backend
-        self._setup_kwargs(dict(kwargs, **pml_only), (margin, nu, beta), dict(learn_beta=self.learn_beta),
+        self._setup_kwargs(kwargs, (margin, nu, beta),
+                           dict(learn_beta=self.learn_beta, triplets_per_anchor=triplets_per_anchor),
                            param_name="beta")
 
     def __setattr__(self, name, value):
@@ -295,7 +296,17 @@ class MarginLoss(_PairLoss):
         if labels is None and indices_tuple is None:
             raise ValueError("MarginLoss needs labels or an indices_tuple (PML: labels and indices_tuple "
                              "cannot both be None)")
+        check_triplets_per_anchor(self.triplets_per_anchor)  # as assigned
+        if indices_tuple is None and self.triplets_per_anchor != "all":  # PML's sample, from its rows
+            V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
+            resolve_backend(self.backend, embeddings.device)  # still reject unknown backends
+            own = ref_emb is None or ref_labels is labels
+            sample = sampled_triplets(labels, None if own else ref_labels, self.triplets_per_anchor)
+            indices_tuple = tuple(t.to(embeddings.device) for t in sample)
         return super()._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+    def _fused_in_wrappers_now(self):
+        return self.triplets_per_anchor == "all"  # a sample is drawn by the call PML's wrappers make
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         if _is_per_class(self.beta) and labels is None and indices_tuple is not None:

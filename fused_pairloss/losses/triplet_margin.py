@@ -25,9 +25,9 @@ from ..ops.listed import join_on_anchor, pair_values
 from ..ops.operands import stat_dtype
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
-from ..ops.triplets import NO_WINDOW, bins_op, rows_op
+from ..ops.triplets import NO_WINDOW, bins_op, rows_op, triplet_coupled_rows
 from ._base import _PairLoss, check_listed_rows, check_triplets_per_anchor, run_pair_loss
-from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
+from ._reference_common import check_distance, distance_matrix, nan_in_nan_out, sampled_triplets
 from ._registry import LossEntry
 
 # ---- reference: PML step by step -------------------------------------------------------------
@@ -50,10 +50,11 @@ def triplet_distances(embeddings, ref_emb, a, p, n, distance):
     return pair_values(q, r, a, p, lp), pair_values(q, r, a, n, lp)
 
 
-def pml_triplets(embeddings, labels, ref_emb, ref_labels, indices_tuple, distance):
-    """(a, u_ap, u_an) of PML's triplets (lmu.convert_to_triplets with "all"): all of them under
-    PML's identity rule, their distances from the materialized matrix as PML's; or the listed ones
-    (triplets, or pairs joined on the anchor), their distances from the listed rows."""
+def pml_triplets(embeddings, labels, ref_emb, ref_labels, indices_tuple, distance, swap=False):
+    """(a, u_ap, u_an, u_pn) of PML's triplets (lmu.convert_to_triplets with "all"): all of them
+    under PML's identity rule, their distances from the materialized matrix as PML's; or the listed
+    ones (triplets, or pairs joined on the anchor), their distances from the listed rows. u_pn
+    (swap; else None) is PML's mat[p, n]: row p of the batch against ref n (check_swap_positives)."""
     self_mode = ref_emb is None or (ref_emb is embeddings and ref_labels is labels)
     ref, ref_lab = (embeddings, labels) if ref_emb is None else (ref_emb, ref_labels)
     if indices_tuple is None:
@@ -61,14 +62,31 @@ def pml_triplets(embeddings, labels, ref_emb, ref_labels, indices_tuple, distanc
         ref_t = labels_t if ref_lab is labels else torch.as_tensor(ref_lab, device=embeddings.device)
         a, p, n = all_triplets(labels_t, ref_t, exclude_self=self_mode or ref_lab is labels)
         mat = distance_matrix(embeddings, ref, distance)
-        return a, mat[a, p], mat[a, n]
+        if swap:
+            check_swap_positives(p, embeddings.shape[0])
+        return a, mat[a, p], mat[a, n], (mat[p, n] if swap else None)
     if len(indices_tuple) == 4:  # lmu.convert_to_triplets: pairs joined on the anchor
         a1, p1, a2, n2 = (torch.as_tensor(t, device=embeddings.device).long() for t in indices_tuple)
         pi, ni = join_on_anchor(a1, a2)
         a, p, n = a1[pi], p1[pi], n2[ni]
     else:
         a, p, n = (torch.as_tensor(t, device=embeddings.device).long() for t in indices_tuple)
-    return a, *triplet_distances(embeddings, ref, a, p, n, distance)
+    u_pn = None
+    if swap:
+        check_swap_positives(p, embeddings.shape[0])
+        u_pn = pair_values(normalize(embeddings), normalize(ref), p, n, distance == "lp")
+    return a, *triplet_distances(embeddings, ref, a, p, n, distance), u_pn
+
+
+def check_swap_positives(positives, n_rows):
+    """PML's swap reads u_pn as mat[positive_idx, negative_idx], row p of the batch's matrix (in
+    ref mode the batch's row p against ref n, the positive being ref's row p): a positive index
+    past the batch's rows fails there (an IndexError); a ValueError naming swap here."""
+    if positives.numel() and int(positives.max()) >= n_rows:
+        raise ValueError(f"TripletMarginLoss(swap=True) reads the positive-negative distance as PML does, "
+                         f"mat[positive_idx, negative_idx] of embeddings against ref_emb, which needs every "
+                         f"positive index below embeddings' {n_rows} rows; got positive index "
+                         f"{int(positives.max())} of ref_emb")
 
 
 # anchors with at most this many thresholds (positive pairs) compare each negative pair with them
@@ -163,22 +181,26 @@ def listed_pairs_triplet_margin(embeddings, ref_emb, indices_tuple, *, margin, d
 
 
 def triplet_margin_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.05, distance="lp",
-                             indices_tuple=None):
-    """PML TripletMarginLoss(margin) with triplets_per_anchor="all", swap=False, smooth_loss=False.
+                             swap=False, smooth_loss=False, indices_tuple=None):
+    """PML TripletMarginLoss(margin, swap, smooth_loss) over all or the listed triplets.
 
     Triplets: the listed ones (indices_tuple (a, p, n), or pairs (a1, p, a2, n) joined on the
-    anchor, lmu.convert_to_triplets), else all of them (PML's identity rule for the self pair).
-    Per triplet l = relu(margin(ap, an) + margin), margin(x, y) = x - y for "lp", y - x for
-    "cosine" (base_distance.py:61-64); AvgNonZeroReducer: mean of the l > 0, 0 if none.
-    With all triplets the distances come from the materialized matrix, as PML's; with listed
-    triplets from the listed rows (memory O(#triplets D)).
+    anchor, lmu.convert_to_triplets; a sample, sampled_triplets), else all of them (PML's identity
+    rule for the self pair). With swap the negative's distance is the smaller of u_an and u_pn
+    (the larger similarity: PML's distance.smallest_dist), u_pn read as PML's mat[p, n]. Per
+    triplet l = relu(margin(ap, an) + margin), or softplus with smooth_loss, margin(x, y) = x - y
+    for "lp", y - x for "cosine" (base_distance.py:61-64); AvgNonZeroReducer: mean of the l > 0,
+    0 if none. With all triplets the distances come from the materialized matrix, as PML's; with
+    listed triplets from the listed rows (memory O(#triplets D)).
     """
     check_distance(distance, loss="triplet_margin_loss")
-    a, ap, an = pml_triplets(embeddings, labels, ref_emb, ref_labels, indices_tuple, distance)
+    a, ap, an, pn = pml_triplets(embeddings, labels, ref_emb, ref_labels, indices_tuple, distance, swap)
     if a.numel() == 0:
         return nan_in_nan_out(zero_loss(embeddings), embeddings, ref_emb)
+    if swap:
+        an = torch.minimum(an, pn) if distance == "lp" else torch.maximum(an, pn)
     violation = (ap - an if distance == "lp" else an - ap) + margin
-    losses = torch.relu(violation)
+    losses = torch.nn.functional.softplus(violation) if smooth_loss else torch.relu(violation)
     kept = losses > 0
     loss = losses[kept].mean() if kept.any() else zero_loss(embeddings)
     # PML's dtype under autocast (its matmul similarity's)
@@ -217,22 +239,41 @@ SELF_SLOT_NEAR = 1e-3
 
 
 def triplet_margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, distance="lp", backend,
-                         exclude_col=None, batch=LOCAL, window=NO_WINDOW, record=None):
+                         swap=False, smooth_loss=False, exclude_col=None, batch=LOCAL, window=NO_WINDOW,
+                         record=None):
     """All triplets (or a TripletMarginMiner's: `window`) through the op triplet_rows (module
-    docstring); AvgNonZero over `batch` (the distributed wrapper sums over every rank's rows).
-    `record(in_window, q, r, labels_q, labels_r, exclude_col)`: called with the op's per-row
-    in-window counts and operands (CrossBatchMemory counts its miner's triplets from them)."""
+    docstring); with swap or smooth_loss, whose terms couple a positive and a negative, through the
+    op triplet_coupled_rows (PyTorch, streamed: O(N P M) work, no triplet memory). AvgNonZero over
+    `batch` (the distributed wrapper sums over every rank's rows). `record(in_window, q, r,
+    labels_q, labels_r, exclude_col)`: called with the op's per-row in-window counts and operands
+    (CrossBatchMemory counts its miner's triplets from them)."""
     operands = triplet_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
-    op = triplet_engine_op("rows", backend, embeddings.device)
-    sums, counts, in_window = op(*operands, float(margin), distance == "lp", *window)
-    if record is not None:
-        record(in_window, *operands)
+    if swap or smooth_loss:
+        if window != NO_WINDOW or record is not None:
+            raise ValueError("TripletMarginLoss with swap or smooth_loss: a miner's window is not fused")
+        if swap and ref_emb is not None:
+            check_swap_positives(_triplet_positive_columns(*operands[2:]), embeddings.shape[0])
+        sums, counts = triplet_coupled_rows(*operands, float(margin), distance == "lp", bool(swap), bool(smooth_loss))
+    else:
+        op = triplet_engine_op("rows", backend, embeddings.device)
+        sums, counts, in_window = op(*operands, float(margin), distance == "lp", *window)
+        if record is not None:
+            record(in_window, *operands)
     n = batch.sum(counts)
     zero = zero_loss(embeddings)
     loss = torch.where(n > 0, (batch.sum(sums) / n.clamp(min=1)).to(embeddings.dtype), zero)
     # AvgNonZeroReducer drops NaN terms: keep NaN in, NaN out (docs/semantics.md)
     loss = loss + zero + (0 if ref_emb is None else zero_loss(ref_emb))
     return loss.to(similarity_dtype(embeddings, distance))  # PML's dtype under autocast
+
+
+def _triplet_positive_columns(labels_q, labels_r, exclude_col):
+    """The columns of r that are the positive of some triplet: ref rows with an anchor's label, when
+    r holds two labels or more (else no anchor has both a positive and a negative). The excluded
+    column, an anchor's own row in ref mode, is below N: it never decides."""
+    if torch.unique(labels_r).numel() < 2:
+        return labels_r[:0]
+    return torch.nonzero(torch.isin(labels_r, labels_q)).flatten()
 
 
 def miner_triplet_counts(in_window, q, r, labels_q, labels_r, exclude_col, *, lp, window):
@@ -312,39 +353,60 @@ def _ref_is_labels(mined):
 
 
 def triplet_margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.05, distance="lp",
-                        backend="auto"):
-    """PML TripletMarginLoss(margin) over all triplets; PML's default distance LpDistance ("lp")."""
+                        swap=False, smooth_loss=False, triplets_per_anchor="all", backend="auto"):
+    """PML TripletMarginLoss(margin, swap, smooth_loss, triplets_per_anchor); PML's default distance
+    LpDistance ("lp"). An integer triplets_per_anchor (or None) samples PML's triplets
+    (sampled_triplets: the same draws from torch's default generator) and computes them from their
+    rows (O(N k D)); "all" are never enumerated."""
     V.check_real("margin", margin)
     V.check_distance(distance)
+    check_triplets_per_anchor(triplets_per_anchor)
+    hyper = dict(margin=margin, distance=distance, swap=bool(swap), smooth_loss=bool(smooth_loss))
+    if triplets_per_anchor != "all":
+        V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
+        resolve_backend(backend, embeddings.device)  # still reject unknown backends
+        return sampled_triplet_margin(embeddings, labels, ref_emb, ref_labels, triplets_per_anchor, **hyper)
     return run_pair_loss(triplet_margin_reference, triplet_margin_fused, embeddings, labels, ref_emb, ref_labels,
-                         backend, margin=margin, distance=distance)
+                         backend, **hyper)
+
+
+def sampled_triplet_margin(embeddings, labels, ref_emb, ref_labels, per_anchor, **hyper):
+    """The loss over PML's sample of `per_anchor` triplets per anchor (lmu.convert_to_triplets with an
+    integer t_per_anchor), from the sampled triplets' rows: memory O(N per_anchor + (N + M) D)."""
+    labels_t = torch.as_tensor(labels, device=embeddings.device)
+    ref_t = None if ref_emb is None or ref_labels is labels else torch.as_tensor(ref_labels, device=embeddings.device)
+    triplets = sampled_triplets(labels_t, ref_t, per_anchor)
+    return triplet_margin_reference(embeddings, labels, ref_emb, ref_labels, indices_tuple=triplets, **hyper)
 
 
 class TripletMarginLoss(_PairLoss):
     """Drop-in for pytorch_metric_learning.losses.TripletMarginLoss (default distance LpDistance).
-    All triplets are computed without enumerating them; swap=True, smooth_loss=True or an integer
-    triplets_per_anchor (random sampling) are computed by PML itself (one-time warning); listed
-    triplets from their rows only (O(#triplets D)), a pair tuple's triplets counted per listed pair
-    (O(#pairs))."""
+    All triplets are computed without enumerating them (with swap or smooth_loss streamed: O(N P M)
+    work, no triplet memory); an integer triplets_per_anchor samples PML's triplets (the same draws)
+    and computes them from their rows; listed triplets from their rows only (O(#triplets D)), a pair
+    tuple's triplets counted per listed pair (O(#pairs); joined into triplets with swap or
+    smooth_loss, as PML)."""
     _default_distance = "lp"
     _reference = staticmethod(triplet_margin_reference)
     _listed_pairs = False  # listed triplets: _reference_with_indices (their rows only); pairs: below
-    _pml_only = {"swap": False, "smooth_loss": False, "triplets_per_anchor": "all"}
 
     def __init__(self, margin=0.05, swap=False, smooth_loss=False, triplets_per_anchor="all", backend="auto",
                  **kwargs):
         super().__init__()
         V.check_real("margin", margin)
         check_triplets_per_anchor(triplets_per_anchor)
-        self.margin, self.swap, self.smooth_loss = margin, bool(swap), bool(smooth_loss)
+        self.margin, self.swap, self.smooth_loss = margin, swap, smooth_loss
         self.triplets_per_anchor = triplets_per_anchor
-        # what only PML computes: passed on to PML's class, which then computes the loss
-        pml_only = {k: v for k, v in (("swap", self.swap), ("smooth_loss", self.smooth_loss),
-                                      ("triplets_per_anchor", triplets_per_anchor)) if v not in (False, "all")}
-        self._init_pair(backend, dict(kwargs, **pml_only), (margin,))
+        self._init_pair(backend, kwargs, (margin, swap, smooth_loss, triplets_per_anchor))
 
     def _hyper(self):
-        return dict(margin=self.margin, distance=self._distance_kind)
+        return dict(margin=self.margin, distance=self._distance_kind, swap=bool(self.swap),
+                    smooth_loss=bool(self.smooth_loss))
+
+    def _fused_in_wrappers_now(self):
+        # the wrappers' fused calls take all triplets' hinge: swap reads PML's mat[p, n] of the
+        # caller's rows, and the coupled op takes no miner's window (memory.py)
+        return not (self.swap or self.smooth_loss) and self.triplets_per_anchor == "all"
 
     def _functional(self):
         return triplet_margin_loss
@@ -357,16 +419,24 @@ class TripletMarginLoss(_PairLoss):
     def _forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         if labels is None and indices_tuple is None:
             raise ValueError("TripletMarginLoss needs labels or an indices_tuple")
-        if _is_mined_triplets(indices_tuple) and indices_tuple.fused_for(
+        check_triplets_per_anchor(self.triplets_per_anchor)  # as assigned
+        coupled = self.swap or self.smooth_loss
+        if not coupled and _is_mined_triplets(indices_tuple) and indices_tuple.fused_for(
                 embeddings, labels, ref_emb, ref_labels, self._distance_kind):
             return self._fused_with_miner(indices_tuple)
+        if indices_tuple is None and self.triplets_per_anchor != "all":
+            V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
+            resolve_backend(self.backend, embeddings.device)  # still reject unknown backends
+            loss = sampled_triplet_margin(embeddings, labels, ref_emb, ref_labels, self.triplets_per_anchor,
+                                          **self._hyper())
+            return nan_in_nan_out(loss, embeddings, ref_emb).to(loss.dtype)
         return super()._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def _fused_with_listed_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """A pair tuple (a1, p, a2, n), any miner's: its triplets counted without enumerating them
         (listed_pairs_triplet_margin); None for listed triplets (their rows, _reference_with_indices),
         on the reference backend and where that function defers to the reference."""
-        if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) != 4:
+        if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) != 4 or self.swap or self.smooth_loss:
             return None
         if resolve_backend(self.backend, embeddings.device) == "reference":
             return None
@@ -392,8 +462,7 @@ class TripletMarginLoss(_PairLoss):
                                     **_ref_is_labels(mined))
 
     def extra_repr(self):
-        return (super().extra_repr() + f", swap={self.swap}, smooth_loss={self.smooth_loss}, "
-                f"triplets_per_anchor={self.triplets_per_anchor!r}")
+        return super().extra_repr() + f", triplets_per_anchor={self.triplets_per_anchor!r}"
 
 
 def _is_mined_triplets(indices_tuple):

@@ -392,6 +392,191 @@ def _bins(q, r, labels_q, labels_r, exclude_col, lo, width, bins):
 triplet_bins_backward.register_fake(_fake_bins_backward)
 _register_pair(triplet_bins, triplet_bins_backward, None, _bins)
 
+# ---- triplets whose term couples a positive and a negative (swap, smooth_loss) -------------------
+def _coupled_groups(labels_q, labels_r, exclude_col, m):
+    """The (anchor, positive) pairs in groups of at most CHUNK_ELEMENTS / m, anchors in label order
+    (a group's anchors then share their positives' rows): (a, p) index tensors."""
+    step = max(1, CHUNK_ELEMENTS // max(m, 1))
+    order = torch.sort(labels_q, stable=True).indices
+    cols = torch.arange(m, device=labels_q.device)
+    for k0 in range(0, order.numel(), step):
+        rows = order[k0:k0 + step]
+        positive = (labels_q[rows, None] == labels_r[None, :]) & (cols[None, :] != exclude_col[rows, None])
+        a_local, p = positive.nonzero(as_tuple=True)
+        a = rows[a_local]
+        for g0 in range(0, a.numel(), step):
+            yield a[g0:g0 + step], p[g0:g0 + step]
+
+
+def _distinct_u(q, r, rows, lp):
+    """(distinct rows, each listed row's place among them, u of the distinct rows of q against r)."""
+    distinct, inverse = torch.unique(rows, return_inverse=True)
+    return distinct, inverse, triplet_u(q[distinct], r, lp)
+
+
+def _coupled_x(q, r, labels_q, labels_r, a, p, margin, lp, swap):
+    """x = u_ap + margin - u'_an per listed (a, p) (G x M), the negatives' mask, and the u rows
+    read: (distinct anchors, their places, their u) and the same of the positives under swap."""
+    anchors = _distinct_u(q, r, a, lp)
+    ua = anchors[2][anchors[1]]
+    positives = None
+    un = ua
+    if swap:
+        positives = _distinct_u(q, r, p, lp)
+        un = torch.minimum(ua, positives[2][positives[1]])
+    x = (ua.gather(1, p[:, None]) + margin) - un
+    return x, labels_r[None, :] != labels_q[a][:, None], anchors, positives
+
+
+def coupled_terms(q, r, labels_q, labels_r, a, p, margin, lp, swap, smooth):
+    """Per listed (anchor a, positive p), over the negatives n of a: the sum of the terms > 0 and
+    their count. x = u_ap + margin - u'_an, u'_an = min(u_an, u_pn) with swap (u_pn of row p of q
+    against r: PML's mat[positive_idx, negative_idx], the smallest distance / largest similarity),
+    else u_an; the term softplus(x) with smooth, else relu(x). Differentiable in q and r (torch's
+    minimum splits a tie's gradient, as PML's torch.min)."""
+    x, negative, _, _ = _coupled_x(q, r, labels_q, labels_r, a, p, margin, lp, swap)
+    term = torch.nn.functional.softplus(x) if smooth else torch.relu(x)
+    on = negative & (term > 0)  # AvgNonZero: NaN terms dropped
+    return torch.where(on, term, torch.zeros_like(term)).sum(1), on.sum(1)
+
+
+def _add_rows_vjp(grad_q, grad_r, W, rows, u, q, r, lp):
+    """grad_q[rows] and grad_r += the gradient of sum(W * u) for u of the distinct `rows` of q
+    against r (u = d: d/dq_i |q_i - r_j| = (q_i - r_j) / d, 0 at d = 0; or u = -S)."""
+    if lp:
+        W = torch.where(u > 0, W / torch.where(u > 0, u, torch.ones_like(u)), torch.zeros_like(u))
+        if grad_q is not None:
+            grad_q.index_add_(0, rows, W.sum(1, keepdim=True) * q[rows] - W @ r)
+        if grad_r is not None:
+            grad_r += W.sum(0)[:, None] * r - W.t() @ q[rows]
+    else:
+        if grad_q is not None:
+            grad_q.index_add_(0, rows, -(W @ r))
+        if grad_r is not None:
+            grad_r -= W.t() @ q[rows]
+
+
+def coupled_grads(grad_sums, q, r, labels_q, labels_r, exclude_col, margin, lp, swap, smooth, need_q, need_r):
+    """(grad_q, grad_r) (None where not needed) of sum_i grad_i sums_i in q's dtype of stats: per
+    term on, g = grad_a relu'(x) = 1 or softplus'(x) = sigmoid(x); dL/du_ap = sum_n g, dL/du'_an =
+    -g, which goes to u_an or u_pn, whichever is smaller (half to each on a tie: torch's minimum),
+    then through u to the rows (_add_rows_vjp)."""
+    grad_q = torch.zeros_like(q) if need_q else None
+    grad_r = torch.zeros_like(r) if need_r else None
+    for a, p in _coupled_groups(labels_q, labels_r, exclude_col, r.shape[0]):
+        x, negative, (da, ia, Ua), positives = _coupled_x(q, r, labels_q, labels_r, a, p, margin, lp, swap)
+        term = torch.nn.functional.softplus(x) if smooth else torch.relu(x)
+        on = negative & (term > 0)
+        slope = torch.sigmoid(x) if smooth else torch.ones_like(x)
+        g = torch.where(on, slope, torch.zeros_like(x)) * grad_sums[a, None].to(x.dtype)
+        W_anchor = torch.zeros_like(x).scatter_(1, p[:, None], g.sum(1, keepdim=True))
+        if swap:
+            dp, ip, Up = positives
+            ua, up = Ua[ia], Up[ip]
+            to_an = torch.where(ua < up, 1.0, torch.where(ua == up, 0.5, 0.0)).to(x.dtype)
+            W_anchor -= g * to_an
+            W_pos = torch.zeros_like(Up).index_add_(0, ip, -g * (1 - to_an))
+            _add_rows_vjp(grad_q, grad_r, W_pos, dp, Up, q, r, lp)
+        else:
+            W_anchor -= g
+        _add_rows_vjp(grad_q, grad_r, torch.zeros_like(Ua).index_add_(0, ia, W_anchor), da, Ua, q, r, lp)
+    return grad_q, grad_r
+
+
+@torch.library.custom_op("fused_pairloss::triplet_coupled_rows", mutates_args=())
+def triplet_coupled_rows(q: torch.Tensor, r: torch.Tensor, labels_q: torch.Tensor, labels_r: torch.Tensor,
+                         exclude_col: torch.Tensor, margin: float, lp: bool, swap: bool,
+                         smooth: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per anchor row, the sum and the count of its triplet terms > 0 (coupled_terms) over all its
+    (positive, negative) pairs, streamed in groups of (anchor, positive) pairs against all columns:
+    O(N P M) work, no buffer over CHUNK_ELEMENTS entries, never the triplets."""
+    A = stat_dtype(q.dtype)
+    qa, ra = q.to(A), r.to(A)
+    sums = qa.new_zeros(q.shape[0])
+    counts = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
+    for a, p in _coupled_groups(labels_q, labels_r, exclude_col, r.shape[0]):
+        s, c = coupled_terms(qa, ra, labels_q, labels_r, a, p, margin, lp, swap, smooth)
+        sums.index_add_(0, a, s)
+        counts.index_add_(0, a, c)
+    return sums, counts
+
+
+def _fake_coupled_rows(q, r, labels_q, labels_r, exclude_col, margin, lp, swap, smooth):
+    n = q.shape[0]
+    return q.new_empty((n,), dtype=stat_dtype(q.dtype)), q.new_empty((n,), dtype=torch.int64)
+
+
+triplet_coupled_rows.register_fake(_fake_coupled_rows)
+
+
+def _coupled_vjp(grad_sums, q, r, labels_q, labels_r, exclude_col, scalars, need_q, need_r, create_graph):
+    """(grad_q, grad_r) of sum_i grad_i sums_i, differentiable (create_graph=True): each group of
+    pairs recomputed in PyTorch and differentiated by autograd (a group reads rows of q beyond its
+    anchors: its positives' under swap)."""
+    A = stat_dtype(q.dtype)
+    with torch.enable_grad():
+        # create_graph: nodes of their own (r may be q itself), through which the graph reaches q and r
+        qa = q.to(A).view_as(q) if create_graph else q.detach().to(A).requires_grad_(need_q)
+        ra = r.to(A).view_as(r) if create_graph else r.detach().to(A).requires_grad_(need_r)
+        wanted = [t for t, need in ((qa, need_q), (ra, need_r)) if need]
+        total = [None] * len(wanted)
+        for a, p in _coupled_groups(labels_q, labels_r, exclude_col, r.shape[0]):
+            s, _ = coupled_terms(qa, ra, labels_q, labels_r, a, p, *scalars)
+            grads = torch.autograd.grad(s, wanted, grad_sums[a].to(A), create_graph=create_graph, allow_unused=True)
+            total = [t if g is None else (g if t is None else t + g) for t, g in zip(total, grads)]
+    out = []
+    for x, need in ((q, need_q), (r, need_r)):
+        if need:
+            g = total.pop(0)
+            out.append((torch.zeros_like(x, dtype=A) if g is None else g).to(x.dtype))
+        else:
+            out.append(None)
+    return tuple(out)
+
+
+@torch.library.custom_op("fused_pairloss::triplet_coupled_rows_backward", mutates_args=())
+def triplet_coupled_rows_backward(grad_sums: torch.Tensor, q: torch.Tensor, r: torch.Tensor,
+                                  labels_q: torch.Tensor, labels_r: torch.Tensor, exclude_col: torch.Tensor,
+                                  margin: float, lp: bool, swap: bool, smooth: bool, need_grad_q: bool,
+                                  need_grad_r: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vector-Jacobian product of triplet_coupled_rows' sums (coupled_grads, each group of pairs
+    recomputed); an empty tensor for a gradient not needed."""
+    A = stat_dtype(q.dtype)
+    gq, gr = coupled_grads(grad_sums.to(A), q.to(A), r.to(A), labels_q, labels_r, exclude_col, margin, lp, swap,
+                           smooth, need_grad_q, need_grad_r)
+    empty = q.new_empty((0,))
+    return (empty if gq is None else gq.to(q.dtype)), (empty if gr is None else gr.to(r.dtype))
+
+
+def _fake_coupled_rows_backward(grad_sums, q, r, labels_q, labels_r, exclude_col, margin, lp, swap, smooth,
+                                need_grad_q, need_grad_r):
+    empty = q.new_empty((0,))
+    return (torch.empty_like(q) if need_grad_q else empty), (torch.empty_like(r) if need_grad_r else empty)
+
+
+triplet_coupled_rows_backward.register_fake(_fake_coupled_rows_backward)
+
+
+def _coupled_backward(ctx, grad, _counts):
+    q, r, labels_q, labels_r, exclude_col = ctx.saved_tensors
+    need_q, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    rest = (None,) * (3 + len(ctx.scalars))
+    if grad is None or not (need_q or need_r):
+        return (None, None, *rest)
+    if torch.is_grad_enabled():  # create_graph=True: the gradient itself differentiable
+        gq, gr = _coupled_vjp(grad, q, r, labels_q, labels_r, exclude_col, ctx.scalars, need_q, need_r,
+                              create_graph=True)
+    else:
+        gq, gr = triplet_coupled_rows_backward(grad.contiguous(), q, r, labels_q, labels_r, exclude_col,
+                                               *ctx.scalars, need_q, need_r)
+    return ((gq if need_q else None), (gr if need_r else None), *rest)
+
+
+torch.library.register_autograd(triplet_coupled_rows, _coupled_backward, setup_context=_setup_context)
+torch.library.register_autograd(triplet_coupled_rows_backward, _backward_not_differentiable,
+                                setup_context=_no_context)
+
+
 ROWS_SCHEMA = ((_fake_rows, _fake_rows_backward), _hinge_sums)
 BINS_SCHEMA = ((_fake_bins, _fake_bins_backward), _bins)
 
