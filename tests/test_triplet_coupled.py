@@ -255,3 +255,17 @@ def test_gpu_coupled_matches_the_cpu(option):
     gpu = value_and_grads(lambda: ours(xc, y.cuda()), [xc])
     check_close(gpu[0].cpu(), cpu[0], what="value")
     check_close(gpu[1][0].cpu(), cpu[1][0], what="grad")
+
+
+@pytest.mark.parametrize("distance", ["lp", "cosine"])
+def test_coupled_under_autocast(distance):
+    """CPU autocast to bf16: the op computes in its stat dtype (not autocast's bf16 products), the
+    value in PML's dtype there, within bf16's bound of the fp64 truth."""
+    x, y = inputs(24, 8, 4, torch.float32, seed=17)
+    for kw in COUPLED.values():
+        ours, pml = losses(distance, **kw)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            val, pml_val = ours(x, y), pml(x, y)
+        truth = pml(x.detach().double(), y)
+        assert val.dtype == pml_val.dtype
+        check_close(val, truth, pml_val, what="value", dtype=torch.bfloat16)

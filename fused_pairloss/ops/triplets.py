@@ -489,16 +489,23 @@ def triplet_coupled_rows(q: torch.Tensor, r: torch.Tensor, labels_q: torch.Tenso
                          smooth: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per anchor row, the sum and the count of its triplet terms > 0 (coupled_terms) over all its
     (positive, negative) pairs, streamed in groups of (anchor, positive) pairs against all columns:
-    O(N P M) work, no buffer over CHUNK_ELEMENTS entries, never the triplets."""
+    O(N P M) work, no buffer over CHUNK_ELEMENTS entries, never the triplets. In the stat dtype,
+    also under autocast."""
     A = stat_dtype(q.dtype)
     qa, ra = q.to(A), r.to(A)
     sums = qa.new_zeros(q.shape[0])
     counts = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
-    for a, p in _coupled_groups(labels_q, labels_r, exclude_col, r.shape[0]):
-        s, c = coupled_terms(qa, ra, labels_q, labels_r, a, p, margin, lp, swap, smooth)
-        sums.index_add_(0, a, s)
-        counts.index_add_(0, a, c)
+    with _no_autocast(q.device):
+        for a, p in _coupled_groups(labels_q, labels_r, exclude_col, r.shape[0]):
+            s, c = coupled_terms(qa, ra, labels_q, labels_r, a, p, margin, lp, swap, smooth)
+            sums.index_add_(0, a, s)
+            counts.index_add_(0, a, c)
     return sums, counts
+
+
+def _no_autocast(device):
+    """The ops' PyTorch bodies compute in their stat dtype: autocast would run their products in half."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def _fake_coupled_rows(q, r, labels_q, labels_r, exclude_col, margin, lp, swap, smooth):
@@ -514,7 +521,7 @@ def _coupled_vjp(grad_sums, q, r, labels_q, labels_r, exclude_col, scalars, need
     pairs recomputed in PyTorch and differentiated by autograd (a group reads rows of q beyond its
     anchors: its positives' under swap)."""
     A = stat_dtype(q.dtype)
-    with torch.enable_grad():
+    with torch.enable_grad(), _no_autocast(q.device):
         # create_graph: nodes of their own (r may be q itself), through which the graph reaches q and r
         qa = q.to(A).view_as(q) if create_graph else q.detach().to(A).requires_grad_(need_q)
         ra = r.to(A).view_as(r) if create_graph else r.detach().to(A).requires_grad_(need_r)
@@ -542,8 +549,9 @@ def triplet_coupled_rows_backward(grad_sums: torch.Tensor, q: torch.Tensor, r: t
     """The vector-Jacobian product of triplet_coupled_rows' sums (coupled_grads, each group of pairs
     recomputed); an empty tensor for a gradient not needed."""
     A = stat_dtype(q.dtype)
-    gq, gr = coupled_grads(grad_sums.to(A), q.to(A), r.to(A), labels_q, labels_r, exclude_col, margin, lp, swap,
-                           smooth, need_grad_q, need_grad_r)
+    with _no_autocast(q.device):
+        gq, gr = coupled_grads(grad_sums.to(A), q.to(A), r.to(A), labels_q, labels_r, exclude_col, margin, lp, swap,
+                               smooth, need_grad_q, need_grad_r)
     empty = q.new_empty((0,))
     return (empty if gq is None else gq.to(q.dtype)), (empty if gr is None else gr.to(r.dtype))
 
