@@ -551,3 +551,32 @@ def test_distance_and_reducer_assigned_after_construction(name):
             setattr(pml, attr, make())
             assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))
             assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))  # and stays so
+
+
+@pytest.mark.parametrize("name", ["TripletMarginLoss", "ContrastiveLoss", "MultiSimilarityLoss"])
+def test_distance_settings_changed_in_place(name):
+    """PML's call reads its distance's settings (power, p, normalize_embeddings) each time: one
+    changed in place on ours is computed as PML's, and changed back, as PML's again."""
+    x, y = batch(24, n=16)
+    for attr, value in (("power", 2), ("p", 1), ("normalize_embeddings", False)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ours, pml = getattr(fpl.losses, name)(), getattr(L, name)()
+            ours(x, y)
+            for v in (value, getattr(pml.distance, attr)):
+                setattr(ours.distance, attr, v)
+                setattr(pml.distance, attr, v)
+                assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))
+
+
+@pytest.mark.parametrize("name", ["ArcFaceLoss", "NormalizedSoftmaxLoss", "SoftTripleLoss"])
+def test_class_loss_reducer_assigned_after_construction(name):
+    x, y = batch(25, n=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = getattr(fpl.losses, name)(num_classes=3, embedding_size=x.shape[1]).double()
+        pml = getattr(L, name)(num_classes=3, embedding_size=x.shape[1]).double()
+        pml.load_state_dict(ours.state_dict())
+        ours(x, y % 3)
+        ours.reducer, pml.reducer = reducers.SumReducer(), reducers.SumReducer()
+        assert_same(value_and_grad(ours, x, y % 3), value_and_grad(pml, x, y % 3))

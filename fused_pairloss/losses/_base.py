@@ -252,6 +252,21 @@ def _set_pml_object(module, name, value):
         object.__setattr__(module, name, value)
 
 
+def _settings(obj):
+    """The plain settings of a PML distance / reducer object (p, power, normalize_embeddings, ...),
+    or the value itself where it is no module."""
+    if not isinstance(obj, torch.nn.Module):
+        return obj
+    return type(obj), tuple(sorted((k, v) for k, v in vars(obj).items() if not k.startswith("_") and k != "training"
+                                   and isinstance(v, (bool, int, float, str, type(None)))))
+
+
+def _hold_objects(module, objects):
+    """The distance / reducer objects the module was set up with, and their settings then."""
+    object.__setattr__(module, "_held_objects", dict(objects))
+    object.__setattr__(module, "_held_settings", {k: _settings(v) for k, v in objects.items()})
+
+
 class _PmlFallback:
     """What a module does with PML's keyword arguments: the fused ones (a fused distance,
     weight_init_func) are used; anything else (another distance, reducer, regularizer,
@@ -350,7 +365,7 @@ class _PmlFallback:
             object.__setattr__(self, "_pml_probe", _with_unit_columns(twin))  # its value's dtype under autocast
         _set_pml_object(self, "distance", distance)
         _set_pml_object(self, "reducer", reducer)
-        object.__setattr__(self, "_held_objects", dict(distance=distance, reducer=reducer))
+        _hold_objects(self, dict(distance=distance, reducer=reducer))
 
     _probe_shape = dict(width=4, classes=4)  # the probe batch's width and labels (class losses: their twin's)
 
@@ -375,9 +390,12 @@ class _PmlFallback:
                                       or bool(self._reassigned_objects()))
 
     def _reassigned_objects(self):
-        """PML's `distance` / `reducer` objects assigned on the module since it was set up."""
+        """PML's `distance` / `reducer` objects assigned on the module since it was set up, or whose
+        settings were changed in place (PML's loss reads `distance.power`... at each call)."""
         held = self.__dict__.get("_held_objects") or {}
-        return {k: getattr(self, k, None) for k, v in held.items() if getattr(self, k, None) is not v}
+        settings = self.__dict__.get("_held_settings") or {}
+        now = {k: getattr(self, k, None) for k in held}
+        return {k: v for k, v in now.items() if v is not held[k] or _settings(v) != settings.get(k)}
 
     def _fall_back_now(self):
         """Set up again with the attributes assigned since: a distance the fused path computes stays
@@ -389,7 +407,7 @@ class _PmlFallback:
         self._setup_kwargs(dict(kwargs, **assigned, **self._reassigned_objects()), pml_args, pml_kwargs, param_name)
         for k, v in objects.items():
             _set_pml_object(self, k, v)
-        object.__setattr__(self, "_held_objects", objects)
+        _hold_objects(self, objects)
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
@@ -769,6 +787,8 @@ class _ClassLoss(_PmlFallback, _LossBase):
         return param
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        if self._pml_only_assigned():  # a distance / reducer assigned since (PML reads them at each call)
+            self._fall_back_now()
         if self._pml is not None:
             return self._run_pml(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         return self._as_pml_dtype(self._fused_forward(embeddings, labels, indices_tuple, ref_emb, ref_labels),
