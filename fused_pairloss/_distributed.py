@@ -257,7 +257,7 @@ def fused_pair_plan(loss, device):
     fn = FUSED_PAIR_CALLS.get(type(loss))
     if fn is None or getattr(loss, "_pml", None) is not None or getattr(loss, "_distance_kind", None) is None:
         return None
-    if loss._pml_only_assigned():  # an attribute only PML computes, assigned after construction
+    if loss._pml_only_assigned():  # assigned after construction: an attribute only PML computes, or objects
         return None
     if not loss._fused_in_wrappers_now():  # settings the wrappers' fused call does not take
         return None
