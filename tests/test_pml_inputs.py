@@ -580,3 +580,40 @@ def test_class_loss_reducer_assigned_after_construction(name):
         ours(x, y % 3)
         ours.reducer, pml.reducer = reducers.SumReducer(), reducers.SumReducer()
         assert_same(value_and_grad(ours, x, y % 3), value_and_grad(pml, x, y % 3))
+
+
+def test_regularizers_and_sub_reducers_assigned_after_construction():
+    """PML reads its regularizers, their weights and its reducer's sub-reducers at each call: set
+    on ours after construction (and after a first call), computed as PML's; SoftTriple's fused
+    SparseCentersRegularizer too, and get_logits after a distance's settings changed in place."""
+    from pytorch_metric_learning import regularizers as R
+    x, y = batch(26, n=12)
+
+    def pair(name, *args, **kw):
+        ours, pml = getattr(fpl.losses, name)(*args, **kw).double(), getattr(L, name)(*args, **kw).double()
+        pml.load_state_dict(ours.state_dict())
+        ours(x, y)
+        return ours, pml
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in ("ContrastiveLoss", "MarginLoss"):
+            ours, pml = pair(name)
+            ours.embedding_regularizer, pml.embedding_regularizer = R.LpRegularizer(), R.LpRegularizer()
+            assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))
+            ours, pml = pair(name)
+            key = next(iter(pml.reducer.reducers))
+            ours.reducer.reducers[key], pml.reducer.reducers[key] = reducers.SumReducer(), reducers.SumReducer()
+            assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))
+        ours, pml = pair("ProxyAnchorLoss", 3, x.shape[1])
+        ours.weight_regularizer, pml.weight_regularizer = R.RegularFaceRegularizer(), R.RegularFaceRegularizer()
+        assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))
+        sparse = dict(centers_per_class=2, weight_reg_weight=0.5)
+        ours, pml = pair("SoftTripleLoss", 3, x.shape[1], weight_regularizer=R.SparseCentersRegularizer(3, 2), **sparse)
+        for k, v in (("weight_reg_weight", 4), ("weight_regularizer", None)):
+            setattr(ours, k, v)
+            setattr(pml, k, v)
+            assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))
+        ours, pml = fpl.losses.ProxyAnchorLoss(3, x.shape[1]).double(), L.ProxyAnchorLoss(3, x.shape[1])
+        pml.double().load_state_dict(ours.state_dict())
+        ours.distance.normalize_embeddings = pml.distance.normalize_embeddings = False  # before any call
+        torch.testing.assert_close(ours.get_logits(x), pml.get_logits(x), rtol=1e-12, atol=1e-12)

@@ -252,17 +252,27 @@ def _set_pml_object(module, name, value):
         object.__setattr__(module, name, value)
 
 
+# what PML's losses read from themselves at each call (BaseMetricLossFunction, WeightRegularizerMixin)
+PML_READ_AT_CALL = ("distance", "reducer", "embedding_regularizer", "embedding_reg_weight", "weight_regularizer",
+                    "weight_reg_weight")
+
+
 def _settings(obj):
-    """The plain settings of a PML distance / reducer object (p, power, normalize_embeddings, ...),
-    or the value itself where it is no module."""
-    if not isinstance(obj, torch.nn.Module):
+    """What a PML object's call reads: its type, plain settings (p, power, normalize_embeddings,
+    ...) and its sub-modules' (a MultipleReducers' reducers, a regularizer's distance), compared
+    by value; a plain value itself; any other value by identity."""
+    if isinstance(obj, torch.nn.Module):
+        plain = tuple(sorted((k, v) for k, v in vars(obj).items() if not k.startswith("_") and k != "training"
+                             and isinstance(v, (bool, int, float, str, type(None)))))
+        return type(obj), plain, tuple((k, _settings(m)) for k, m in obj._modules.items())
+    if isinstance(obj, (bool, int, float, str, type(None))):
         return obj
-    return type(obj), tuple(sorted((k, v) for k, v in vars(obj).items() if not k.startswith("_") and k != "training"
-                                   and isinstance(v, (bool, int, float, str, type(None)))))
+    return id(obj)
 
 
 def _hold_objects(module, objects):
-    """The distance / reducer objects the module was set up with, and their settings then."""
+    """The objects and values PML reads at each call as the module was set up with them, and their
+    settings then (`_reassigned_objects` compares)."""
     object.__setattr__(module, "_held_objects", dict(objects))
     object.__setattr__(module, "_held_settings", {k: _settings(v) for k, v in objects.items()})
 
@@ -365,7 +375,7 @@ class _PmlFallback:
             object.__setattr__(self, "_pml_probe", _with_unit_columns(twin))  # its value's dtype under autocast
         _set_pml_object(self, "distance", distance)
         _set_pml_object(self, "reducer", reducer)
-        _hold_objects(self, dict(distance=distance, reducer=reducer))
+        _hold_objects(self, {k: getattr(self, k) for k in PML_READ_AT_CALL if hasattr(self, k)})
 
     _probe_shape = dict(width=4, classes=4)  # the probe batch's width and labels (class losses: their twin's)
 
@@ -390,24 +400,29 @@ class _PmlFallback:
                                       or bool(self._reassigned_objects()))
 
     def _reassigned_objects(self):
-        """PML's `distance` / `reducer` objects assigned on the module since it was set up, or whose
-        settings were changed in place (PML's loss reads `distance.power`... at each call)."""
+        """What PML reads at each call (PML_READ_AT_CALL) that changed since the module was set up:
+        another object or value assigned, or an object's settings changed in place
+        (`distance.power`, a MultipleReducers' sub-reducer, ...)."""
         held = self.__dict__.get("_held_objects") or {}
         settings = self.__dict__.get("_held_settings") or {}
         now = {k: getattr(self, k, None) for k in held}
-        return {k: v for k, v in now.items() if v is not held[k] or _settings(v) != settings.get(k)}
+        return {k: v for k, v in now.items() if v is not held[k] or _settings(v) != settings[k]}
 
     def _fall_back_now(self):
         """Set up again with the attributes assigned since: a distance the fused path computes stays
-        fused (with that distance); a reducer, another distance or a PML-only attribute is PML's
-        computation, with the warning naming it."""
+        fused (with that distance); a reducer, a regularizer or its weight, another distance or a
+        PML-only attribute is PML's computation, with the warning naming it."""
         kwargs, pml_args, pml_kwargs, param_name = self._pml_setup
         assigned = {k: getattr(self, k) for k, fused in self._pml_only.items() if getattr(self, k) != fused}
-        objects = {k: getattr(self, k) for k in ("distance", "reducer")}  # as assigned, if they were
-        self._setup_kwargs(dict(kwargs, **assigned, **self._reassigned_objects()), pml_args, pml_kwargs, param_name)
-        for k, v in objects.items():
-            _set_pml_object(self, k, v)
-        _hold_objects(self, objects)
+        changed = self._reassigned_objects()
+        held = list(self.__dict__.get("_held_objects") or {})
+        if set(changed) - {"distance"}:  # PML's computation: no argument taken as a fused one
+            object.__setattr__(self, "_fused_kwargs", ())
+        self._setup_kwargs(dict(kwargs, **assigned, **changed), pml_args, pml_kwargs, param_name)
+        for k in ("distance", "reducer"):  # the objects as assigned (PML's instance got them), else its own
+            if k in changed:
+                _set_pml_object(self, k, changed[k])
+        _hold_objects(self, {k: getattr(self, k) for k in held})
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
@@ -834,6 +849,8 @@ class _ClassLoss(_PmlFallback, _LossBase):
     def get_logits(self, embeddings):
         """PML's get_logits: the N x C logits (materialized: that is what it returns); PML's own
         when PML computes this module (another distance)."""
+        if self._pml_only_assigned():  # a distance assigned or changed since (PML reads it at each call)
+            self._fall_back_now()
         if self._pml is not None:
             self._sync_pml()
             return self._pml.get_logits(embeddings)

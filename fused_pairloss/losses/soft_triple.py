@@ -149,7 +149,7 @@ class SoftTripleLoss(_ClassLoss):
 
     def _pml_fallback_kwargs(self, kwargs):
         """center_reg_weight (ours) as PML spells it: weight_regularizer=SparseCentersRegularizer."""
-        if not self.center_reg_weight or kwargs.get("weight_regularizer") is not None:
+        if not self.center_reg_weight or "weight_regularizer" in kwargs:  # PML's own, or None assigned since
             return kwargs
         from pytorch_metric_learning.regularizers import SparseCentersRegularizer
         return dict(kwargs, weight_regularizer=SparseCentersRegularizer(self.num_classes, self.centers_per_class),
