@@ -254,10 +254,14 @@ class BatchEasyHardMiner(pml_miners.BatchEasyHardMiner):
         return (torch.min if xtype == "min" else torch.max)(mat, dim=1), non_inf_rows
 
     def _extreme(self, strategy):
-        """PML's get_mine_function: min or max per row, for a positive strategy."""
+        """PML's get_mine_function: min or max per row, for a positive strategy (another one raises
+        there, as here: a strategy assigned after construction is not checked before)."""
         if strategy in (self.HARD, self.SEMIHARD):
             return "min" if self.distance.is_inverted else "max"
-        return "max" if self.distance.is_inverted else "min"
+        if strategy == self.EASY:
+            return "max" if self.distance.is_inverted else "min"
+        raise NotImplementedError(f"pos_strategy={strategy!r}: PML mines {self.HARD!r}, {self.SEMIHARD!r}, "
+                                  f"{self.EASY!r} or {self.ALL!r}")
 
     def _positives(self, mat, matches, negative_dists=None):
         return self._x_per_row(self._extreme(self.pos_strategy), mat, matches, self.allowed_pos_range,
@@ -293,8 +297,13 @@ class BatchEasyHardMiner(pml_miners.BatchEasyHardMiner):
             excl = torch.arange(rows.N, device=q.device)
         else:
             excl = torch.full((rows.N,), -1, dtype=torch.int64, device=q.device)
+        labels, ref_labels = rows.labels, rows.ref_labels
+        if V._needs_ids(labels) or V._needs_ids(ref_labels):  # float / bool labels: ids equal where they are
+            if any(t.is_floating_point() and bool(torch.isnan(t).any()) for t in (labels, ref_labels)):
+                return None  # a NaN label equals none, not even itself: PML's comparisons, its steps
+            labels, ref_labels = V.label_ids(labels, ref_labels)
         # in u = d (lp) or -S: the hardest positive has the largest u, the hardest negative the smallest
-        pos_u, pos_i, neg_u, neg_i = op(q, r, rows.labels, rows.ref_labels, excl, kind == "lp",
+        pos_u, pos_i, neg_u, neg_i = op(q, r, labels, ref_labels, excl, kind == "lp",
                                         self.pos_strategy == self.HARD, self.neg_strategy == self.EASY)
         sign = 1.0 if kind == "lp" else -1.0  # back to PML's matrix: d, or S = -u
         return (sign * pos_u).to(q.dtype), pos_i, pos_i >= 0, (sign * neg_u).to(q.dtype), neg_i, neg_i >= 0
@@ -411,7 +420,9 @@ class _Mined(tuple):
         out = super().__new__(cls, indices)
         if ref_labels is None:  # PML mined a ref_emb without ref_labels with the labels (_Rows)
             ref_labels = labels
+        from .losses._base import _settings
         out.distance = miner.distance
+        out.distance_settings = _settings(miner.distance)  # as mined (a change since: the list is read)
         out.embeddings, out.labels, out.ref_emb, out.ref_labels = embeddings, labels, ref_emb, ref_labels
         return out
 
@@ -422,11 +433,12 @@ class _Mined(tuple):
     def fused_for(self, embeddings, labels, ref_emb, ref_labels, distance):
         """True when a loss call on these inputs, with this distance ("lp" / "cosine"), may use the
         miner's rule: the miner saw the same tensors and measured with the same distance."""
-        from .losses._base import _distance_name
+        from .losses._base import _distance_name, _settings
         same_ref = (ref_emb is None and self.ref_emb is self.embeddings) or ref_emb is self.ref_emb
         same_ref_labels = (ref_labels is None and self.ref_labels is self.labels) or ref_labels is self.ref_labels
         return (embeddings is self.embeddings and (labels is None or labels is self.labels) and same_ref
-                and same_ref_labels and _distance_name(self.distance) == distance)
+                and same_ref_labels and _distance_name(self.distance) == distance
+                and _settings(self.distance) == self.distance_settings)
 
 
 class MinedTriplets(_Mined):

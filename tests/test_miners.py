@@ -569,3 +569,51 @@ def test_triplet_miner_on_the_batch_as_its_own_ref_under_other_labels(type_of_tr
     ours = fpl.TripletMarginLoss(margin=0.1)(x, y, mined, x, y2)
     theirs = pml_losses.TripletMarginLoss(margin=0.1)(x, y, tuple(mined), x, y2)
     check_close(ours, theirs, theirs, what="value", dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", ["BatchHardMiner", "BatchEasyHardMiner"])
+def test_batch_miners_float_labels_are_compared_not_truncated(name):
+    """Fractional float labels (0.1, 0.2, ...) are distinct classes, as PML's == says: the CPU op's
+    extremes take them as ids, not as integers (which merged them)."""
+    g = torch.Generator().manual_seed(31)
+    x = torch.randn(12, 4, generator=g, dtype=torch.float64)
+    for y in (torch.tensor([.1, .2, .3] * 4), torch.tensor([1.5, 1, 1.5, 1, 2, 2] * 2)):
+        ours, theirs = getattr(miners, name)()(x, y), getattr(pml_miners, name)()(x, y)
+        assert len(ours) == len(theirs) and all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_unknown_strategy_assigned_later_raises_as_pml():
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.arange(8) % 3
+    for lib in (miners, pml_miners):
+        m = lib.BatchEasyHardMiner()
+        m.pos_strategy = "HARD"
+        with pytest.raises(NotImplementedError):
+            m(x, y)
+
+
+@pytest.mark.parametrize("name,loss", [("TripletMarginMiner", "TripletMarginLoss"),
+                                       ("PairMarginMiner", "ContrastiveLoss"),
+                                       ("MultiSimilarityMiner", "MultiSimilarityLoss")])
+def test_distance_changed_between_mining_and_the_loss(name, loss):
+    """The loss applies the miner's rule only as it was mined: a miner's distance changed in place
+    after mining leaves the listed indices to the loss, as PML reads them."""
+    g = torch.Generator().manual_seed(32)
+    x, y = 3 * torch.randn(10, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (10,), generator=g)
+    ours, theirs = getattr(miners, name)(), getattr(pml_miners, name)()
+    ours.distance.normalize_embeddings = theirs.distance.normalize_embeddings = False
+    mined, pml_mined = ours(x, y), theirs(x, y)
+    ours.distance.normalize_embeddings = theirs.distance.normalize_embeddings = True
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    a, b = getattr(fpl.losses, loss)()(xa, y, mined), getattr(pml_losses, loss)()(xb, y, pml_mined)
+    check_close(a, b.detach(), what="value")
+    check_close(torch.autograd.grad(a, xa)[0], torch.autograd.grad(b, xb)[0], what="grad")
+
+
+def test_triplet_miner_float_labels_without_loss_labels():
+    """TripletMarginLoss over our TripletMarginMiner's triplets with labels=None: the miner's float
+    labels taken as PML compares them."""
+    g = torch.Generator().manual_seed(33)
+    x = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    y = torch.tensor([0.5, 1.5, 0.5, 1.5, 2.5, 2.5, 0.5, 1.5])
+    ours = fpl.losses.TripletMarginLoss()(x, None, miners.TripletMarginMiner()(x, y))
+    check_close(ours, pml_losses.TripletMarginLoss()(x, None, pml_miners.TripletMarginMiner()(x, y)), what="value")

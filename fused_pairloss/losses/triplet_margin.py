@@ -452,12 +452,13 @@ class TripletMarginLoss(_PairLoss):
         # as its ref under other labels is ref mode, its diagonal a pair as in PML
         self_mode = mined.ref_emb is emb and mined.ref_labels is mined.labels
         ref_emb = None if self_mode else mined.ref_emb
-        ref_labels = None if self_mode else mined.ref_labels
-        V.check_pair_inputs(emb, mined.labels, ref_emb, ref_labels)
+        # the miner's labels as given (float / bool ones as ids; `ref_labels is labels` kept)
+        labels, ref_labels = V.label_ids(mined.labels, None if self_mode else mined.ref_labels)
+        V.check_pair_inputs(emb, labels, ref_emb, ref_labels)
         backend = resolve_backend(self.backend, emb.device)
         if backend == "reference":
-            return self._reference_with_indices(emb, mined.labels, mined, ref_emb, ref_labels, self._hyper())
-        return triplet_margin_fused(emb, mined.labels, ref_emb, ref_labels, margin=self.margin,
+            return self._reference_with_indices(emb, labels, mined, ref_emb, ref_labels, self._hyper())
+        return triplet_margin_fused(emb, labels, ref_emb, ref_labels, margin=self.margin,
                                     distance=self._distance_kind, backend=backend, window=mined.window,
                                     **_ref_is_labels(mined))
 
