@@ -451,3 +451,29 @@ def test_gpu_siglip_bias_survives_tf32():
             assert abs(val.double() - truth).item() <= 1e-4 * truth.abs().item(), backend
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize("computation", CLIP_COMPUTATIONS)
+def test_frozen_towers_train_the_scale_and_bias(computation):
+    """Features that need no gradient (frozen towers), logit_scale and logit_bias that do: each
+    computation's backward (the row-chunk op's returns two distinct empty feature gradients)."""
+    img, txt, t, b = leaves(12, 8, 24, torch.float64)
+    img, txt = img.detach(), txt.detach()
+    for name, fn, ref, args in (("clip", clip.clip_fused, clip.clip_reference, (img, txt, t)),
+                                ("siglip", siglip.siglip_fused, siglip.siglip_reference, (img, txt, t, b))):
+        params = list(args[2:])
+        got = torch.autograd.grad(fn(*args, backend=computation), params)
+        want = torch.autograd.grad(ref(*args), params)
+        for g, w in zip(got, want):
+            check_close(g, w, what=f"{name} {computation}")
+
+
+def test_siglip_row_chunk_op_keeps_softplus_tail_in_fp64():
+    """softplus(x) above 20 is x + log1p(e^-x), not x (F.softplus's threshold): open_clip's
+    -logsigmoid keeps the e^-21 in fp64, and so does the row-chunk op."""
+    q = torch.eye(2, dtype=torch.float64)
+    rows = image_text.siglip_rows(q, -q, torch.tensor(21.0, dtype=torch.float64),
+                                  torch.tensor(0.0, dtype=torch.float64), 0)
+    x = torch.tensor([[-21.0, 0.0], [0.0, -21.0]], dtype=torch.float64)  # logits; z = +1 on the diagonal
+    z = 2 * torch.eye(2, dtype=torch.float64) - 1
+    torch.testing.assert_close(rows, -torch.nn.functional.logsigmoid(z * x).sum(1), rtol=1e-15, atol=0)

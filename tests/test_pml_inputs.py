@@ -617,3 +617,27 @@ def test_regularizers_and_sub_reducers_assigned_after_construction():
         pml.double().load_state_dict(ours.state_dict())
         ours.distance.normalize_embeddings = pml.distance.normalize_embeddings = False  # before any call
         torch.testing.assert_close(ours.get_logits(x), pml.get_logits(x), rtol=1e-12, atol=1e-12)
+
+
+def test_what_pml_reads_at_each_call_set_after_construction():
+    """FastAPLoss's num_bins (PML keeps the num_edges it derived) and num_edges, AngularLoss's alpha
+    tensor changed in place, the sub-modules PML calls (CircleLoss's soft_plus, NPairsLoss's and
+    ArcFaceLoss's cross_entropy) replaced or changed in place: PML's values."""
+    x, y = batch(27, n=12)
+    cases = [("FastAPLoss", (), lambda m: setattr(m, "num_bins", 5)),
+             ("FastAPLoss", (), lambda m: setattr(m, "num_edges", 7)),
+             ("FastAPLoss", (), lambda m: setattr(m, "num_bins", 10.7)),
+             ("AngularLoss", (), lambda m: m.alpha.fill_(0.3)),
+             ("CircleLoss", (), lambda m: setattr(m, "soft_plus", torch.nn.Softplus(beta=5))),
+             ("CircleLoss", (), lambda m: setattr(m.soft_plus, "beta", 5)),
+             ("NPairsLoss", (), lambda m: setattr(m.cross_entropy, "label_smoothing", 0.3)),
+             ("ArcFaceLoss", (3, 6), lambda m: setattr(m.cross_entropy, "label_smoothing", 0.3))]
+    for name, args, change in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ours, pml = getattr(fpl.losses, name)(*args).double(), getattr(L, name)(*args).double()
+            pml.load_state_dict(ours.state_dict())
+            ours(x, y % 3)
+            change(ours)
+            change(pml)
+            assert_same(value_and_grad(ours, x, y % 3), value_and_grad(pml, x, y % 3))

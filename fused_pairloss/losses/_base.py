@@ -252,9 +252,11 @@ def _set_pml_object(module, name, value):
         object.__setattr__(module, name, value)
 
 
-# what PML's losses read from themselves at each call (BaseMetricLossFunction, WeightRegularizerMixin)
+# what PML's losses read from themselves at each call (BaseMetricLossFunction, WeightRegularizerMixin),
+# and the sub-modules some of them call (CircleLoss's soft_plus, the softmax losses' cross_entropy)
 PML_READ_AT_CALL = ("distance", "reducer", "embedding_regularizer", "embedding_reg_weight", "weight_regularizer",
                     "weight_reg_weight")
+PML_MODULES_CALLED = ("soft_plus", "cross_entropy")
 
 
 def _settings(obj):
@@ -375,7 +377,12 @@ class _PmlFallback:
             object.__setattr__(self, "_pml_probe", _with_unit_columns(twin))  # its value's dtype under autocast
         _set_pml_object(self, "distance", distance)
         _set_pml_object(self, "reducer", reducer)
-        _hold_objects(self, {k: getattr(self, k) for k in PML_READ_AT_CALL if hasattr(self, k)})
+        self._hold_pml_read()
+
+    def _hold_pml_read(self):
+        """Hold what PML reads at each call as it is now (after construction: a loss sets its PML
+        sub-modules after the setup)."""
+        _hold_objects(self, {k: getattr(self, k) for k in PML_READ_AT_CALL + PML_MODULES_CALLED if hasattr(self, k)})
 
     _probe_shape = dict(width=4, classes=4)  # the probe batch's width and labels (class losses: their twin's)
 
@@ -397,7 +404,12 @@ class _PmlFallback:
         path cannot compute it), or `distance` / `reducer` another object (PML's loss reads them at
         each call): the module then is set up again as if built with them (_fall_back_now)."""
         return self._pml is None and (any(getattr(self, k) != v for k, v in self._pml_only.items())
-                                      or bool(self._reassigned_objects()))
+                                      or bool(self._reassigned_objects()) or self._needs_pml_now())
+
+    def _needs_pml_now(self):
+        """Whether the module's present attributes are beyond its fused computation in a way the
+        setup's arguments do not say (FastAPLoss's grid)."""
+        return False
 
     def _reassigned_objects(self):
         """What PML reads at each call (PML_READ_AT_CALL) that changed since the module was set up:
@@ -416,9 +428,15 @@ class _PmlFallback:
         assigned = {k: getattr(self, k) for k, fused in self._pml_only.items() if getattr(self, k) != fused}
         changed = self._reassigned_objects()
         held = list(self.__dict__.get("_held_objects") or {})
-        if set(changed) - {"distance"}:  # PML's computation: no argument taken as a fused one
-            object.__setattr__(self, "_fused_kwargs", ())
-        self._setup_kwargs(dict(kwargs, **assigned, **changed), pml_args, pml_kwargs, param_name)
+        arguments = {k: v for k, v in changed.items() if k in PML_READ_AT_CALL}
+        if set(changed) - {"distance"} or self._needs_pml_now():  # PML's computation
+            object.__setattr__(self, "_fused_kwargs", ())  # no argument taken as a fused one
+            if set(changed) - set(PML_READ_AT_CALL) or self._needs_pml_now():
+                # a sub-module PML calls, or a grid: no argument of PML's says it, so its reducer
+                # (the one held) is given explicitly, and the module's attributes reach PML's
+                # instance at each call (_sync_pml)
+                arguments.setdefault("reducer", self.reducer)
+        self._setup_kwargs(dict(kwargs, **assigned, **arguments), pml_args, pml_kwargs, param_name)
         for k in ("distance", "reducer"):  # the objects as assigned (PML's instance got them), else its own
             if k in changed:
                 _set_pml_object(self, k, changed[k])

@@ -283,18 +283,22 @@ class AngularLoss(_PairLoss):
         super().__init__()
         V.check_real("alpha", alpha)
         self._alpha_degrees = alpha
+        self._alpha = torch.tensor(math.radians(alpha), dtype=torch.float64)
         self._init_pair(backend, kwargs, (alpha,))
 
     @property
     def alpha(self):
-        """PML's attribute: torch.tensor(np.radians(alpha))."""
-        return torch.tensor(math.radians(self._alpha_degrees), dtype=torch.float64)
+        """PML's attribute: torch.tensor(np.radians(alpha)), the one tensor PML reads at each call
+        (changed in place, it changes the loss)."""
+        return self._alpha
 
     @alpha.setter
     def alpha(self, radians):
-        self._alpha_degrees = math.degrees(float(radians))
+        self._alpha = radians if torch.is_tensor(radians) else torch.tensor(float(radians), dtype=torch.float64)
 
     def _hyper(self):
+        if not V._compiling():  # the tensor's value (a Python number while torch.compile traces)
+            self._alpha_degrees = math.degrees(float(self._alpha))
         return dict(alpha=self._alpha_degrees, distance=self._distance_kind)
 
     def _functional(self):

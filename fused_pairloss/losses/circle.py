@@ -95,6 +95,7 @@ class CircleLoss(_PairLoss):
         self.m, self.gamma = m, gamma
         self._init_pair(backend, kwargs, (m, gamma))
         self.soft_plus = torch.nn.Softplus(beta=1)  # PML's attribute (no state)
+        self._hold_pml_read()
 
     # PML's derived attributes (read-only here: the loss follows m)
     op = property(lambda self: 1 + self.m)

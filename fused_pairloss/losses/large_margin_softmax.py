@@ -201,6 +201,7 @@ class LargeMarginSoftmaxLoss(_ClassLoss):
         self._init_class((embedding_size, num_classes), backend, kwargs, (num_classes, embedding_size),
                          dict(margin=margin, scale=scale), init=torch.nn.init.normal_)
         self.cross_entropy = torch.nn.CrossEntropyLoss(reduction="none")  # PML's attribute (no state)
+        self._hold_pml_read()
         self.init_margin()
 
     def init_margin(self):

@@ -199,6 +199,7 @@ class _MarginSoftmax(_ClassLoss):
         self._init_class((embedding_size, num_classes), backend, kwargs, (num_classes, embedding_size), pml_kwargs,
                          init=torch.nn.init.normal_)
         self.cross_entropy = torch.nn.CrossEntropyLoss(reduction="none")  # PML's attribute (no state)
+        self._hold_pml_read()
 
     def _reference_with_weights(self, embeddings, labels, indices_tuple):
         return self._reference_fn(embeddings, labels, _like(self.W, embeddings), indices_tuple=indices_tuple,
@@ -311,6 +312,7 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
                          dict(num_classes=num_classes, embedding_size=embedding_size, margin=margin, scale=scale,
                               sub_centers=sub_centers), init=torch.nn.init.normal_)
         self.cross_entropy = torch.nn.CrossEntropyLoss(reduction="none")  # PML's attribute (no state)
+        self._hold_pml_read()
 
     def _hyper(self):
         return dict(super()._hyper(), sub_centers=self.sub_centers)

@@ -103,6 +103,7 @@ class NPairsLoss(_PairLoss):
         self.num_pairs = 0
         self._init_pair(backend, kwargs, ())
         self.cross_entropy = torch.nn.CrossEntropyLoss(reduction="none")  # PML's attribute (no state)
+        self._hold_pml_read()
 
     def _hyper(self):
         return dict(distance=self._distance_kind)

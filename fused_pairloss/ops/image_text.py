@@ -171,15 +171,17 @@ def clip_lse_backward(grad_row: torch.Tensor, grad_col: torch.Tensor, q: torch.T
             grad_r.addmm_(G.t(), qc if common is None else qc * common)  # G^T q, times t below
     if need_grad_r:
         grad_r.mul_(t)
-    empty = q.new_empty((0,))
-    return ((empty if grad_q is None else grad_q.to(q.dtype)), (empty if grad_r is None else grad_r.to(r.dtype)),
+    empty = q.new_empty  # one per gradient not needed: an op's outputs may not alias
+    return ((empty((0,)) if grad_q is None else grad_q.to(q.dtype)),
+            (empty((0,)) if grad_r is None else grad_r.to(r.dtype)),
             grad_t.to(scale.dtype))
 
 
 @clip_lse_backward.register_fake
 def _(grad_row, grad_col, q, r, scale, row_lse, col_lse, cols, need_grad_q, need_grad_r):
-    empty = q.new_empty((0,))
-    return ((torch.empty_like(q) if need_grad_q else empty), (torch.empty_like(r) if need_grad_r else empty),
+    empty = q.new_empty  # one per gradient not needed: an op's outputs may not alias
+    return ((torch.empty_like(q) if need_grad_q else empty((0,))),
+            (torch.empty_like(r) if need_grad_r else empty((0,))),
             torch.empty_like(scale))
 
 
@@ -247,7 +249,9 @@ def siglip_rows(q: torch.Tensor, r: torch.Tensor, scale: torch.Tensor, bias: tor
         diag = _positive_diagonal(x, i0, i1, pos_offset)
         if diag is not None:
             diag.neg_()                                            # -z x: +x off the diagonal, -x on it
-        rows[i0:i1] = F.softplus(x).sum(1)
+        # softplus(x) as open_clip's -logsigmoid(-x): F.softplus returns x itself above 20, which drops
+        # e^-x (visible in fp64)
+        rows[i0:i1] = F.logsigmoid(x.neg_()).sum(1).neg_()
     return rows
 
 
@@ -292,15 +296,17 @@ def siglip_rows_backward(grad_rows: torch.Tensor, q: torch.Tensor, r: torch.Tens
             grad_r.addmm_(H.t(), qc * gc)                          # G^T q, times t below
     if need_grad_r:
         grad_r.mul_(t)
-    empty = q.new_empty((0,))
-    return ((empty if grad_q is None else grad_q.to(q.dtype)), (empty if grad_r is None else grad_r.to(r.dtype)),
+    empty = q.new_empty  # one per gradient not needed: an op's outputs may not alias
+    return ((empty((0,)) if grad_q is None else grad_q.to(q.dtype)),
+            (empty((0,)) if grad_r is None else grad_r.to(r.dtype)),
             grad_t.to(scale.dtype), grad_b.to(bias.dtype))
 
 
 @siglip_rows_backward.register_fake
 def _(grad_rows, q, r, scale, bias, pos_offset, need_grad_q, need_grad_r):
-    empty = q.new_empty((0,))
-    return ((torch.empty_like(q) if need_grad_q else empty), (torch.empty_like(r) if need_grad_r else empty),
+    empty = q.new_empty  # one per gradient not needed: an op's outputs may not alias
+    return ((torch.empty_like(q) if need_grad_q else empty((0,))),
+            (torch.empty_like(r) if need_grad_r else empty((0,))),
             torch.empty_like(scale), torch.empty_like(bias))
 
 

@@ -227,14 +227,15 @@ def _vjp_through_u(chunk_W, q, r, lp, need_grad_q, need_grad_r):
             grad_q[i0:i1] = sign * (W @ ra) + (W.sum(1, keepdim=True) * qa[i0:i1] if lp else 0)
         if need_grad_r:
             grad_r += sign * (W.t() @ qa[i0:i1]) + (W.sum(0)[:, None] * ra if lp else 0)
-    empty = q.new_empty((0,))
-    return (empty if grad_q is None else grad_q.to(q.dtype)), (empty if grad_r is None else grad_r.to(r.dtype))
+    empty = q.new_empty  # one per gradient not needed: an op's outputs may not alias
+    return ((empty((0,)) if grad_q is None else grad_q.to(q.dtype)),
+            (empty((0,)) if grad_r is None else grad_r.to(r.dtype)))
 
 
 def _fake_rows_backward(grad_sums, q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo, window_hi,
                         need_grad_q, need_grad_r):
-    empty = q.new_empty((0,))
-    return (torch.empty_like(q) if need_grad_q else empty), (torch.empty_like(r) if need_grad_r else empty)
+    empty = q.new_empty  # one per gradient not needed: an op's outputs may not alias
+    return (torch.empty_like(q) if need_grad_q else empty((0,))), (torch.empty_like(r) if need_grad_r else empty((0,)))
 
 
 triplet_rows_backward.register_fake(_fake_rows_backward)
@@ -381,8 +382,8 @@ def triplet_bins_backward(grad_bins: torch.Tensor, q: torch.Tensor, r: torch.Ten
 
 
 def _fake_bins_backward(grad_bins, q, r, labels_q, labels_r, exclude_col, lo, width, bins, need_grad_q, need_grad_r):
-    empty = q.new_empty((0,))
-    return (torch.empty_like(q) if need_grad_q else empty), (torch.empty_like(r) if need_grad_r else empty)
+    empty = q.new_empty  # one per gradient not needed: an op's outputs may not alias
+    return (torch.empty_like(q) if need_grad_q else empty((0,))), (torch.empty_like(r) if need_grad_r else empty((0,)))
 
 
 def _bins(q, r, labels_q, labels_r, exclude_col, lo, width, bins):
@@ -552,14 +553,14 @@ def triplet_coupled_rows_backward(grad_sums: torch.Tensor, q: torch.Tensor, r: t
     with _no_autocast(q.device):
         gq, gr = coupled_grads(grad_sums.to(A), q.to(A), r.to(A), labels_q, labels_r, exclude_col, margin, lp, swap,
                                smooth, need_grad_q, need_grad_r)
-    empty = q.new_empty((0,))
-    return (empty if gq is None else gq.to(q.dtype)), (empty if gr is None else gr.to(r.dtype))
+    empty = q.new_empty  # one per gradient not needed: an op's outputs may not alias
+    return (empty((0,)) if gq is None else gq.to(q.dtype)), (empty((0,)) if gr is None else gr.to(r.dtype))
 
 
 def _fake_coupled_rows_backward(grad_sums, q, r, labels_q, labels_r, exclude_col, margin, lp, swap, smooth,
                                 need_grad_q, need_grad_r):
-    empty = q.new_empty((0,))
-    return (torch.empty_like(q) if need_grad_q else empty), (torch.empty_like(r) if need_grad_r else empty)
+    empty = q.new_empty  # one per gradient not needed: an op's outputs may not alias
+    return (torch.empty_like(q) if need_grad_q else empty((0,))), (torch.empty_like(r) if need_grad_r else empty((0,)))
 
 
 triplet_coupled_rows_backward.register_fake(_fake_coupled_rows_backward)

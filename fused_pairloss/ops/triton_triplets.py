@@ -439,9 +439,9 @@ if TE.AVAILABLE:
                              dict(LP=bool(lp), WINDOW=triplets._has_window(window_lo, window_hi), BINS=False), q.dtype)
             if need_grad_q:
                 _add_positives_grad(grad_q, g[:, None] * k.to(g.dtype), qa, ra, a, cols, real, lp)
-        empty = q.new_empty((0,))
-        return ((empty if grad_q is None else grad_q.to(q.dtype)),
-                (empty if grad_r is None else grad_r.to(r.dtype)))
+        empty = q.new_empty  # one per gradient not needed: an op's outputs may not alias
+        return ((empty((0,)) if grad_q is None else grad_q.to(q.dtype)),
+                (empty((0,)) if grad_r is None else grad_r.to(r.dtype)))
 
     def _backward_passes(qa, ra, lq, lr, nq, nr, a, g, w, k, exclude_col, grad_q, grad_r, scalars, kinds, dtype):
         """The rows pass (k, and grad_q when asked for) then the columns pass (grad_r when asked for);
@@ -505,9 +505,9 @@ if TE.AVAILABLE:
                              dict(LP=True, WINDOW=False, BINS=True), q.dtype)
             if need_grad_q:
                 _add_positives_grad(grad_q, kw, qa, ra, a, cols, real, True)
-        empty = q.new_empty((0,))
-        return ((empty if grad_q is None else grad_q.to(q.dtype)),
-                (empty if grad_r is None else grad_r.to(r.dtype)))
+        empty = q.new_empty  # one per gradient not needed: an op's outputs may not alias
+        return ((empty((0,)) if grad_q is None else grad_q.to(q.dtype)),
+                (empty((0,)) if grad_r is None else grad_r.to(r.dtype)))
 
     def _add_positives_grad(grad_q, gk, qa, ra, a, cols, real, lp):
         """The positives' share of grad_q (grad_r's is the columns pass's), from the gathered pairs in
