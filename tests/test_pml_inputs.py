@@ -641,3 +641,56 @@ def test_what_pml_reads_at_each_call_set_after_construction():
             change(ours)
             change(pml)
             assert_same(value_and_grad(ours, x, y % 3), value_and_grad(pml, x, y % 3))
+
+
+def test_changes_after_construction_edge_cases(monkeypatch):
+    """SoftTripleLoss's fused regularizer set to None (its default weight); AngularLoss's alpha
+    changed in place, then a reducer assigned (PML's instance reads ours), or made learnable (PML
+    gives its gradient); SubCenterArcFaceLoss.get_outliers after a distance change; and no
+    re-setup from the stats a reducer records (PML's global COLLECT_STATS, under autocast)."""
+    from pytorch_metric_learning import regularizers as R
+    from pytorch_metric_learning.utils import common_functions as c_f
+    x, y = batch(28, n=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = fpl.losses.SoftTripleLoss(3, 6, centers_per_class=2, weight_regularizer=R.SparseCentersRegularizer(3, 2))
+        pml = L.SoftTripleLoss(3, 6, centers_per_class=2, weight_regularizer=R.SparseCentersRegularizer(3, 2))
+        ours, pml = ours.double(), pml.double()
+        pml.load_state_dict(ours.state_dict())
+        ours.weight_regularizer = pml.weight_regularizer = None
+        assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))
+        ours, pml = fpl.losses.AngularLoss(), L.AngularLoss()
+        for m in (ours, pml):
+            m.alpha.fill_(math.radians(55))
+        assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))
+        ours.reducer, pml.reducer = reducers.SumReducer(), reducers.SumReducer()
+        assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))
+        ours, pml = fpl.losses.AngularLoss(), L.AngularLoss()
+        ours.alpha = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+        pml.alpha = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+        grads = [torch.autograd.grad(m(x, y), m.alpha)[0] for m in (ours, pml)]
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+        ours = fpl.losses.SubCenterArcFaceLoss(num_classes=3, embedding_size=6).double()
+        pml = L.SubCenterArcFaceLoss(num_classes=3, embedding_size=6).double()
+        pml.load_state_dict(ours.state_dict())
+        ours.distance.power = pml.distance.power = 2
+        for a, b in zip(ours.get_outliers(x, y, threshold=60), pml.get_outliers(x, y, threshold=60)):
+            assert torch.equal(a, b)
+    monkeypatch.setattr(c_f, "COLLECT_STATS", True)
+    ours = fpl.losses.ContrastiveLoss(collect_stats=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        for _ in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ours(x.float(), y)
+            assert ours._pml is None
+
+
+def test_compiled_angular_loss_follows_an_assigned_alpha():
+    loss = fpl.losses.AngularLoss()
+    x, y = batch(29, n=12)
+    x = x.float()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    compiled(x, y)
+    loss.alpha = math.radians(50)
+    torch.testing.assert_close(compiled(x, y), L.AngularLoss(alpha=50)(x, y), rtol=1e-5, atol=1e-6)

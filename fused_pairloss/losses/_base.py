@@ -262,11 +262,16 @@ PML_MODULES_CALLED = ("soft_plus", "cross_entropy")
 def _settings(obj):
     """What a PML object's call reads: its type, plain settings (p, power, normalize_embeddings,
     ...) and its sub-modules' (a MultipleReducers' reducers, a regularizer's distance), compared
-    by value; a plain value itself; any other value by identity."""
+    by value (not the stats it records, nor collect_stats); a plain value itself (NaN equal to
+    NaN); any other value by identity."""
     if isinstance(obj, torch.nn.Module):
-        plain = tuple(sorted((k, v) for k, v in vars(obj).items() if not k.startswith("_") and k != "training"
+        skip = {"training", "collect_stats", *getattr(obj, "_record_these_stats", ())}
+        plain = tuple(sorted((k, _settings(v)) for k, v in vars(obj).items()
+                             if not k.startswith("_") and k not in skip
                              and isinstance(v, (bool, int, float, str, type(None)))))
         return type(obj), plain, tuple((k, _settings(m)) for k, m in obj._modules.items())
+    if isinstance(obj, float) and math.isnan(obj):
+        return "nan"
     if isinstance(obj, (bool, int, float, str, type(None))):
         return obj
     return id(obj)
@@ -396,6 +401,9 @@ class _PmlFallback:
     # attribute -> the value the fused path computes; another one, also assigned after construction,
     # is PML's computation (TripletMarginLoss's swap, ...)
     _pml_only = {}
+    # attributes PML reads at each call that may change in place (AngularLoss's alpha tensor): handed
+    # to PML's instance at each of its calls, assigned or not
+    _handed_to_pml = ()
     # attributes PML's forward updates (a module's state): read back from PML's instance after a call
     _pml_state = ()
 
@@ -429,14 +437,15 @@ class _PmlFallback:
         changed = self._reassigned_objects()
         held = list(self.__dict__.get("_held_objects") or {})
         arguments = {k: v for k, v in changed.items() if k in PML_READ_AT_CALL}
-        if set(changed) - {"distance"} or self._needs_pml_now():  # PML's computation
-            object.__setattr__(self, "_fused_kwargs", ())  # no argument taken as a fused one
-            if set(changed) - set(PML_READ_AT_CALL) or self._needs_pml_now():
-                # a sub-module PML calls, or a grid: no argument of PML's says it, so its reducer
-                # (the one held) is given explicitly, and the module's attributes reach PML's
-                # instance at each call (_sync_pml)
-                arguments.setdefault("reducer", self.reducer)
+        forced = sorted(set(changed) - {"distance"}) or (["the present attributes"] if self._needs_pml_now() else [])
+        if forced:  # PML's computation: no argument taken as a fused one, and its reducer given
+            # explicitly (a sub-module PML calls, a grid or a regularizer set to None: no argument
+            # says it); the module's attributes reach PML's instance at each call (_sync_pml)
+            object.__setattr__(self, "_fused_kwargs", ())
+            arguments.setdefault("reducer", self.reducer)
         self._setup_kwargs(dict(kwargs, **assigned, **arguments), pml_args, pml_kwargs, param_name)
+        if forced and self._pml is not None:
+            self._pml_reason = f"{', '.join(forced)} set after construction"
         for k in ("distance", "reducer"):  # the objects as assigned (PML's instance got them), else its own
             if k in changed:
                 _set_pml_object(self, k, changed[k])
@@ -453,7 +462,7 @@ class _PmlFallback:
         changes the loss as on PML's). Only those: others of ours may stand for what PML's instance
         got as a keyword argument (a regularizer) or hold in its own form."""
         pml = self._pml
-        for k in sorted(self.__dict__.get("_assigned", set()) - _NOT_HANDED_TO_PML):
+        for k in sorted((self.__dict__.get("_assigned", set()) | set(self._handed_to_pml)) - _NOT_HANDED_TO_PML):
             if not hasattr(pml, k):
                 continue
             v = getattr(self, k)

@@ -295,10 +295,20 @@ class AngularLoss(_PairLoss):
     @alpha.setter
     def alpha(self, radians):
         self._alpha = radians if torch.is_tensor(radians) else torch.tensor(float(radians), dtype=torch.float64)
+        self._sync_alpha_degrees()
+
+    _handed_to_pml = ("alpha",)  # PML reads the tensor at each call: ours, changed in place or not
+
+    def _sync_alpha_degrees(self):
+        """The Python number the fused path (and torch.compile's guards) reads, from the tensor."""
+        if not V._compiling():
+            self._alpha_degrees = math.degrees(float(self._alpha.detach()))
+
+    def _needs_pml_now(self):
+        return self._alpha.requires_grad  # a learned alpha: PML's computation gives its gradient
 
     def _hyper(self):
-        if not V._compiling():  # the tensor's value (a Python number while torch.compile traces)
-            self._alpha_degrees = math.degrees(float(self._alpha))
+        self._sync_alpha_degrees()  # an in-place change of the tensor
         return dict(alpha=self._alpha_degrees, distance=self._distance_kind)
 
     def _functional(self):
