@@ -694,3 +694,35 @@ def test_compiled_angular_loss_follows_an_assigned_alpha():
     compiled(x, y)
     loss.alpha = math.radians(50)
     torch.testing.assert_close(compiled(x, y), L.AngularLoss(alpha=50)(x, y), rtol=1e-5, atol=1e-6)
+
+
+def test_angular_alpha_as_pml_holds_it():
+    """AngularLoss's alpha as an nn.Parameter (registered, in the state_dict, its gradient PML's)
+    and as a float32 tensor (PML's tan in float32): PML's values, state_dicts loading both ways."""
+    x, y = batch(30, n=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours, pml = fpl.losses.AngularLoss(), L.AngularLoss()
+        for m in (ours, pml):
+            m.alpha = torch.nn.Parameter(torch.tensor(0.6, dtype=torch.float64))
+        assert [n for n, _ in ours.named_parameters()] == ["alpha"] and list(ours.state_dict()) == ["alpha"]
+        ours.load_state_dict(pml.state_dict())
+        vals = [m(x, y) for m in (ours, pml)]
+        grads = [torch.autograd.grad(v, m.alpha)[0] for v, m in zip(vals, (ours, pml))]
+        torch.testing.assert_close(vals[0], vals[1], rtol=1e-12, atol=0)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=0)
+        ours, pml = fpl.losses.AngularLoss(), L.AngularLoss()
+        ours.alpha, pml.alpha = torch.tensor(0.6), torch.tensor(0.6)
+        assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))
+
+
+def test_autocast_probe_records_nothing_in_the_modules_distance(monkeypatch):
+    """The dtype probe under autocast is a copy of PML's twin: the stats it records (PML's global
+    COLLECT_STATS) stay in the copy, not in the distance the module shares with its twin."""
+    from pytorch_metric_learning.utils import common_functions as c_f
+    monkeypatch.setattr(c_f, "COLLECT_STATS", True)
+    x, y = batch(31, n=12)
+    loss = fpl.losses.ContrastiveLoss(collect_stats=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss(x.float(), y)
+    assert loss.distance.initial_avg_query_norm == 0

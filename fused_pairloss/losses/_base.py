@@ -17,6 +17,7 @@ there are per-row weights.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import numbers
@@ -370,7 +371,9 @@ class _PmlFallback:
                 twin = getattr(pml_losses, name)(*pml_args, **(pml_kwargs or {}), **kwargs)
             distance, reducer = twin.distance, twin.reducer
             _copy_records(self, twin)
-            object.__setattr__(self, "_pml_probe", twin)  # asked for its value's dtype under autocast
+            # asked for its value's dtype under autocast: a copy, so that the stats its objects record
+            # are not written into the module's own (the distance it shares with the twin)
+            object.__setattr__(self, "_pml_probe", copy.deepcopy(twin))
         else:  # class losses: PML's defaults without building a W of C x D just for this
             pml_cls = getattr(pml_losses, name, None)
             distance = kwargs.get("distance") or (pml_distances.CosineSimilarity() if pml_cls is None
@@ -412,12 +415,13 @@ class _PmlFallback:
         path cannot compute it), or `distance` / `reducer` another object (PML's loss reads them at
         each call): the module then is set up again as if built with them (_fall_back_now)."""
         return self._pml is None and (any(getattr(self, k) != v for k, v in self._pml_only.items())
-                                      or bool(self._reassigned_objects()) or self._needs_pml_now())
+                                      or bool(self._reassigned_objects()) or bool(self._needs_pml_now()))
 
     def _needs_pml_now(self):
-        """Whether the module's present attributes are beyond its fused computation in a way the
-        setup's arguments do not say (FastAPLoss's grid)."""
-        return False
+        """What of the module's present attributes is beyond its fused computation in a way the
+        setup's arguments do not say (FastAPLoss's grid, a learnable AngularLoss alpha), in words; None
+        if nothing is."""
+        return None
 
     def _reassigned_objects(self):
         """What PML reads at each call (PML_READ_AT_CALL) that changed since the module was set up:
@@ -428,6 +432,7 @@ class _PmlFallback:
         now = {k: getattr(self, k, None) for k in held}
         return {k: v for k, v in now.items() if v is not held[k] or _settings(v) != settings[k]}
 
+    @torch.compiler.disable  # builds PML's module: not while torch.compile traces a call
     def _fall_back_now(self):
         """Set up again with the attributes assigned since: a distance the fused path computes stays
         fused (with that distance); a reducer, a regularizer or its weight, another distance or a
@@ -437,7 +442,8 @@ class _PmlFallback:
         changed = self._reassigned_objects()
         held = list(self.__dict__.get("_held_objects") or {})
         arguments = {k: v for k, v in changed.items() if k in PML_READ_AT_CALL}
-        forced = sorted(set(changed) - {"distance"}) or (["the present attributes"] if self._needs_pml_now() else [])
+        reason = self._needs_pml_now()
+        forced = (sorted(changed) if set(changed) - {"distance"} else []) + ([reason] if reason else [])
         if forced:  # PML's computation: no argument taken as a fused one, and its reducer given
             # explicitly (a sub-module PML calls, a grid or a regularizer set to None: no argument
             # says it); the module's attributes reach PML's instance at each call (_sync_pml)
@@ -445,7 +451,7 @@ class _PmlFallback:
             arguments.setdefault("reducer", self.reducer)
         self._setup_kwargs(dict(kwargs, **assigned, **arguments), pml_args, pml_kwargs, param_name)
         if forced and self._pml is not None:
-            self._pml_reason = f"{', '.join(forced)} set after construction"
+            self._pml_reason = f"{', '.join(forced)} (set after construction)"
         for k in ("distance", "reducer"):  # the objects as assigned (PML's instance got them), else its own
             if k in changed:
                 _set_pml_object(self, k, changed[k])

@@ -283,29 +283,31 @@ class AngularLoss(_PairLoss):
         super().__init__()
         V.check_real("alpha", alpha)
         self._alpha_degrees = alpha
-        self._alpha = torch.tensor(math.radians(alpha), dtype=torch.float64)
+        # PML's attribute: torch.tensor(np.radians(alpha)), the tensor PML reads at each call (changed
+        # in place, it changes the loss; an nn.Parameter is registered as on PML's module)
+        self.alpha = torch.tensor(math.radians(alpha), dtype=torch.float64)
         self._init_pair(backend, kwargs, (alpha,))
 
-    @property
-    def alpha(self):
-        """PML's attribute: torch.tensor(np.radians(alpha)), the one tensor PML reads at each call
-        (changed in place, it changes the loss)."""
-        return self._alpha
-
-    @alpha.setter
-    def alpha(self, radians):
-        self._alpha = radians if torch.is_tensor(radians) else torch.tensor(float(radians), dtype=torch.float64)
-        self._sync_alpha_degrees()
+    def __setattr__(self, name, value):
+        if name == "alpha" and not torch.is_tensor(value):  # a number: PML's tensor of it
+            value = torch.tensor(float(value), dtype=torch.float64)
+        super().__setattr__(name, value)
+        if name == "alpha":
+            self._sync_alpha_degrees()
 
     _handed_to_pml = ("alpha",)  # PML reads the tensor at each call: ours, changed in place or not
 
     def _sync_alpha_degrees(self):
         """The Python number the fused path (and torch.compile's guards) reads, from the tensor."""
         if not V._compiling():
-            self._alpha_degrees = math.degrees(float(self._alpha.detach()))
+            self._alpha_degrees = math.degrees(float(self.alpha.detach()))
 
     def _needs_pml_now(self):
-        return self._alpha.requires_grad  # a learned alpha: PML's computation gives its gradient
+        # a learned alpha (PML's computation gives its gradient), or one of another dtype (PML's tan
+        # in that dtype; the fused constants are float64's)
+        if self.alpha.requires_grad or self.alpha.dtype != torch.float64:
+            return "a learnable or non-float64 alpha"
+        return None
 
     def _hyper(self):
         self._sync_alpha_degrees()  # an in-place change of the tensor

@@ -138,8 +138,9 @@ class FastAPLoss(_RowWeightedSelfLoss):
     def _needs_pml_now(self):
         # PML derives num_edges = num_bins + 1 once and reads num_bins (the pulses' width) at each
         # call: another num_edges, or a num_bins that is no int, is PML's grid, not the engine's
-        return not (isinstance(self.num_bins, int) and not isinstance(self.num_bins, bool)
-                    and self.num_edges == self.num_bins + 1)
+        on_grid = (isinstance(self.num_bins, int) and not isinstance(self.num_bins, bool)
+                   and self.num_edges == self.num_bins + 1)
+        return None if on_grid else "num_bins / num_edges off num_edges = num_bins + 1"
 
     def _functional(self):
         return fast_ap_loss
