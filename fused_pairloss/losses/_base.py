@@ -411,9 +411,10 @@ class _PmlFallback:
     _pml_state = ()
 
     def _pml_only_assigned(self):
-        """Whether an attribute only PML computes was given a value after construction (the fused
-        path cannot compute it), or `distance` / `reducer` another object (PML's loss reads them at
-        each call): the module then is set up again as if built with them (_fall_back_now)."""
+        """Whether, since the module was set up, an attribute only PML computes was given a value
+        (the fused path cannot compute it), what PML reads at each call changed
+        (_reassigned_objects), or an attribute went beyond the fused computation (_needs_pml_now):
+        the module is then set up again as if built with them (_fall_back_now)."""
         return self._pml is None and (any(getattr(self, k) != v for k, v in self._pml_only.items())
                                       or bool(self._reassigned_objects()) or bool(self._needs_pml_now()))
 
