@@ -232,10 +232,16 @@ def _vjp_through_u(chunk_W, q, r, lp, need_grad_q, need_grad_r):
             (empty((0,)) if grad_r is None else grad_r.to(r.dtype)))
 
 
+def _fake_grads(q, r, need_grad_q, need_grad_r):
+    """The fake kernels' (grad_q, grad_r): like q and r, or an empty tensor (one per gradient not
+    needed: an op's outputs may not alias)."""
+    return (torch.empty_like(q) if need_grad_q else q.new_empty((0,))), (
+        torch.empty_like(r) if need_grad_r else q.new_empty((0,)))
+
+
 def _fake_rows_backward(grad_sums, q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo, window_hi,
                         need_grad_q, need_grad_r):
-    empty = q.new_empty  # one per gradient not needed: an op's outputs may not alias
-    return (torch.empty_like(q) if need_grad_q else empty((0,))), (torch.empty_like(r) if need_grad_r else empty((0,)))
+    return _fake_grads(q, r, need_grad_q, need_grad_r)
 
 
 triplet_rows_backward.register_fake(_fake_rows_backward)
@@ -382,8 +388,7 @@ def triplet_bins_backward(grad_bins: torch.Tensor, q: torch.Tensor, r: torch.Ten
 
 
 def _fake_bins_backward(grad_bins, q, r, labels_q, labels_r, exclude_col, lo, width, bins, need_grad_q, need_grad_r):
-    empty = q.new_empty  # one per gradient not needed: an op's outputs may not alias
-    return (torch.empty_like(q) if need_grad_q else empty((0,))), (torch.empty_like(r) if need_grad_r else empty((0,)))
+    return _fake_grads(q, r, need_grad_q, need_grad_r)
 
 
 def _bins(q, r, labels_q, labels_r, exclude_col, lo, width, bins):
@@ -559,8 +564,7 @@ def triplet_coupled_rows_backward(grad_sums: torch.Tensor, q: torch.Tensor, r: t
 
 def _fake_coupled_rows_backward(grad_sums, q, r, labels_q, labels_r, exclude_col, margin, lp, swap, smooth,
                                 need_grad_q, need_grad_r):
-    empty = q.new_empty  # one per gradient not needed: an op's outputs may not alias
-    return (torch.empty_like(q) if need_grad_q else empty((0,))), (torch.empty_like(r) if need_grad_r else empty((0,)))
+    return _fake_grads(q, r, need_grad_q, need_grad_r)
 
 
 triplet_coupled_rows_backward.register_fake(_fake_coupled_rows_backward)
