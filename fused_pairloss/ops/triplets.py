@@ -28,6 +28,8 @@ ops/triton_triplets.py. `rows_op(backend, device)` picks the first two.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import _extension
@@ -147,21 +149,20 @@ def _fake_rows(q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo, win
 triplet_rows.register_fake(_fake_rows)
 
 
-def _chunk_vjp(differentiable, grad, q, r, labels_q, labels_r, exclude_col, scalars, need_q, need_r, create_graph):
-    """(grad_q, grad_r) of sum_i grad_i . out_i, chunk by chunk (each chunk recomputed):
-    `differentiable(q_chunk, r, labels_q_chunk, labels_r, exclude_col_chunk, *scalars)` is an op's
-    first output for those rows (chunk_rows' sums, chunk_bins' bins)."""
+def _chunk_vjp(differentiable, grad, q, r, labels_q, labels_r, exclude_col, scalars, need_q, need_r):
+    """(grad_q, grad_r) of sum_i grad_i . out_i, differentiable (create_graph=True), chunk by chunk
+    (each chunk recomputed): `differentiable(q_chunk, r, labels_q_chunk, labels_r, exclude_col_chunk,
+    *scalars)` is an op's first output for those rows (chunk_rows' sums, chunk_bins' bins)."""
     A = stat_dtype(q.dtype)
     q_grads, grad_r = [], None
     for i0, i1 in _chunks(q.shape[0], r.shape[0]):
         with torch.enable_grad():
-            # create_graph: nodes of their own (r may be q itself), through which the graph reaches q and r
-            qc = q[i0:i1].to(A) if create_graph else q[i0:i1].detach().to(A).requires_grad_(need_q)
-            rc = r.to(A).view_as(r) if create_graph else r.detach().to(A).requires_grad_(need_r)
+            # nodes of their own (r may be q itself), through which the graph reaches q and r
+            qc = q[i0:i1].to(A)
+            rc = r.to(A).view_as(r)
             out = differentiable(qc, rc, labels_q[i0:i1], labels_r, exclude_col[i0:i1], *scalars)
             wanted = [t for t, need in ((qc, need_q), (rc, need_r)) if need]
-            grads = list(torch.autograd.grad(out, wanted, grad[i0:i1].to(A), create_graph=create_graph,
-                                             allow_unused=True))
+            grads = list(torch.autograd.grad(out, wanted, grad[i0:i1].to(A), create_graph=True, allow_unused=True))
         if need_q:
             gq = grads.pop(0)
             q_grads.append(torch.zeros_like(qc) if gq is None else gq)
@@ -257,11 +258,11 @@ def _hinge_sums(q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo, wi
     return chunk_rows(q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo, window_hi)[0]
 
 
-def _autograd_backward(backward_op, differentiable):
+def _autograd_backward(backward_op, differentiable_vjp):
     """The autograd rule of a forward op (q, r, labels_q, labels_r, exclude_col, *scalars) whose
     first output is differentiable: its first-order gradient is `backward_op`; under
-    create_graph=True `differentiable` (that output of a chunk as a PyTorch computation) is
-    differentiated instead."""
+    create_graph=True `differentiable_vjp(grad, q, r, labels_q, labels_r, exclude_col, scalars,
+    need_q, need_r)`, the same product recomputed in PyTorch, differentiable."""
     def backward(ctx, grad, *_other_outputs):
         q, r, labels_q, labels_r, exclude_col = ctx.saved_tensors
         need_q, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -269,8 +270,7 @@ def _autograd_backward(backward_op, differentiable):
         if grad is None or not (need_q or need_r):
             return (None, None, *rest)
         if torch.is_grad_enabled():  # create_graph=True: the gradient itself must be differentiable
-            gq, gr = _chunk_vjp(differentiable, grad, q, r, labels_q, labels_r, exclude_col, ctx.scalars, need_q,
-                                need_r, create_graph=True)
+            gq, gr = differentiable_vjp(grad, q, r, labels_q, labels_r, exclude_col, ctx.scalars, need_q, need_r)
         else:
             gq, gr = backward_op(grad.contiguous(), q, r, labels_q, labels_r, exclude_col, *ctx.scalars, need_q,
                                  need_r)
@@ -287,19 +287,25 @@ def _no_context(ctx, inputs, output):
     pass
 
 
-def _register_pair(forward, backward, fakes, differentiable):
+def _chunked(differentiable):
+    """The create_graph vector-Jacobian product of an op whose first output `differentiable`
+    computes for a chunk of rows (_chunk_vjp)."""
+    return functools.partial(_chunk_vjp, differentiable)
+
+
+def _register_pair(forward, backward, fakes, differentiable_vjp):
     """The autograd rule (and, with fakes, the fake kernels) of a forward / backward op pair, given as
-    custom op objects or qualified names."""
+    custom op objects or qualified names; `differentiable_vjp` as _autograd_backward's."""
     if fakes is not None:
         torch.library.register_fake(forward)(fakes[0])
         torch.library.register_fake(backward)(fakes[1])
     backward_op = getattr(torch.ops.fused_pairloss, backward.split("::")[1]) if isinstance(backward, str) else backward
-    torch.library.register_autograd(forward, _autograd_backward(backward_op, differentiable),
+    torch.library.register_autograd(forward, _autograd_backward(backward_op, differentiable_vjp),
                                     setup_context=_setup_context)
     torch.library.register_autograd(backward, _backward_not_differentiable, setup_context=_no_context)
 
 
-_register_pair(triplet_rows, triplet_rows_backward, None, _hinge_sums)
+_register_pair(triplet_rows, triplet_rows_backward, None, _chunked(_hinge_sums))
 
 
 # ---- triplet bins (DynamicSoftMarginLoss) --------------------------------------------------------
@@ -396,7 +402,7 @@ def _bins(q, r, labels_q, labels_r, exclude_col, lo, width, bins):
 
 
 triplet_bins_backward.register_fake(_fake_bins_backward)
-_register_pair(triplet_bins, triplet_bins_backward, None, _bins)
+_register_pair(triplet_bins, triplet_bins_backward, None, _chunked(_bins))
 
 # ---- triplets whose term couples a positive and a negative (swap, smooth_loss) -------------------
 def _coupled_groups(labels_q, labels_r, exclude_col, m):
@@ -522,20 +528,19 @@ def _fake_coupled_rows(q, r, labels_q, labels_r, exclude_col, margin, lp, swap, 
 triplet_coupled_rows.register_fake(_fake_coupled_rows)
 
 
-def _coupled_vjp(grad_sums, q, r, labels_q, labels_r, exclude_col, scalars, need_q, need_r, create_graph):
+def _coupled_vjp(grad_sums, q, r, labels_q, labels_r, exclude_col, scalars, need_q, need_r):
     """(grad_q, grad_r) of sum_i grad_i sums_i, differentiable (create_graph=True): each group of
     pairs recomputed in PyTorch and differentiated by autograd (a group reads rows of q beyond its
     anchors: its positives' under swap)."""
     A = stat_dtype(q.dtype)
     with torch.enable_grad(), _no_autocast(q.device):
-        # create_graph: nodes of their own (r may be q itself), through which the graph reaches q and r
-        qa = q.to(A).view_as(q) if create_graph else q.detach().to(A).requires_grad_(need_q)
-        ra = r.to(A).view_as(r) if create_graph else r.detach().to(A).requires_grad_(need_r)
+        # nodes of their own (r may be q itself), through which the graph reaches q and r
+        qa, ra = q.to(A).view_as(q), r.to(A).view_as(r)
         wanted = [t for t, need in ((qa, need_q), (ra, need_r)) if need]
         total = [None] * len(wanted)
         for a, p in _coupled_groups(labels_q, labels_r, exclude_col, r.shape[0]):
             s, _ = coupled_terms(qa, ra, labels_q, labels_r, a, p, *scalars)
-            grads = torch.autograd.grad(s, wanted, grad_sums[a].to(A), create_graph=create_graph, allow_unused=True)
+            grads = torch.autograd.grad(s, wanted, grad_sums[a].to(A), create_graph=True, allow_unused=True)
             total = [t if g is None else (g if t is None else t + g) for t, g in zip(total, grads)]
     out = []
     for x, need in ((q, need_q), (r, need_r)):
@@ -570,28 +575,11 @@ def _fake_coupled_rows_backward(grad_sums, q, r, labels_q, labels_r, exclude_col
 triplet_coupled_rows_backward.register_fake(_fake_coupled_rows_backward)
 
 
-def _coupled_backward(ctx, grad, _counts):
-    q, r, labels_q, labels_r, exclude_col = ctx.saved_tensors
-    need_q, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    rest = (None,) * (3 + len(ctx.scalars))
-    if grad is None or not (need_q or need_r):
-        return (None, None, *rest)
-    if torch.is_grad_enabled():  # create_graph=True: the gradient itself differentiable
-        gq, gr = _coupled_vjp(grad, q, r, labels_q, labels_r, exclude_col, ctx.scalars, need_q, need_r,
-                              create_graph=True)
-    else:
-        gq, gr = triplet_coupled_rows_backward(grad.contiguous(), q, r, labels_q, labels_r, exclude_col,
-                                               *ctx.scalars, need_q, need_r)
-    return ((gq if need_q else None), (gr if need_r else None), *rest)
+_register_pair(triplet_coupled_rows, triplet_coupled_rows_backward, None, _coupled_vjp)
 
 
-torch.library.register_autograd(triplet_coupled_rows, _coupled_backward, setup_context=_setup_context)
-torch.library.register_autograd(triplet_coupled_rows_backward, _backward_not_differentiable,
-                                setup_context=_no_context)
-
-
-ROWS_SCHEMA = ((_fake_rows, _fake_rows_backward), _hinge_sums)
-BINS_SCHEMA = ((_fake_bins, _fake_bins_backward), _bins)
+ROWS_SCHEMA = ((_fake_rows, _fake_rows_backward), _chunked(_hinge_sums))
+BINS_SCHEMA = ((_fake_bins, _fake_bins_backward), _chunked(_bins))
 
 
 def register_rows_op(forward, backward):
