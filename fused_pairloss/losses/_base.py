@@ -574,6 +574,18 @@ class _PairLoss(_PmlFallback, _LossBase):
         call the module as PML's wrappers do)."""
         return True
 
+    def _with_sampled_triplets(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """The call's indices_tuple, or without one PML's sample of triplets (its convert_to_triplets)
+        for an integer (or None) `triplets_per_anchor`, as an indices_tuple of triplets
+        (TripletMarginLoss, MarginLoss)."""
+        check_triplets_per_anchor(self.triplets_per_anchor)  # as assigned
+        if indices_tuple is not None or self.triplets_per_anchor == "all":
+            return indices_tuple
+        V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
+        resolve_backend(self.backend, embeddings.device)  # still reject unknown backends
+        from ._reference_common import sampled_call_triplets
+        return sampled_call_triplets(embeddings, labels, ref_emb, ref_labels, self.triplets_per_anchor)
+
     def _listed_hyper(self):
         return self._hyper()
 

@@ -256,3 +256,12 @@ def sampled_triplets(labels, ref_labels, per_anchor):
         empty = torch.zeros(0, dtype=torch.int64, device=labels.device)
         return empty, empty.clone(), empty.clone()
     return tuple(torch.cat(x).to(torch.int64) for x in zip(*found))
+
+
+def sampled_call_triplets(embeddings, labels, ref_emb, ref_labels, per_anchor):
+    """sampled_triplets of a loss call's labels, on the embeddings' device: the anchor's own entry
+    left out where ref_emb is None or ref_labels is labels (PML's identity rule)."""
+    device = embeddings.device
+    own = ref_emb is None or ref_labels is labels
+    ref = None if own else torch.as_tensor(ref_labels, device=device)
+    return tuple(t.to(device) for t in sampled_triplets(torch.as_tensor(labels, device=device), ref, per_anchor))

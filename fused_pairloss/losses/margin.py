@@ -29,9 +29,8 @@ from ..ops import engines
 from ..ops._common import LOCAL, pair_operands, zero_loss
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
-from .._backends import resolve_backend
 from ._base import _PairLoss, check_listed_rows, check_triplets_per_anchor, run_pair_loss
-from ._reference_common import check_distance, nan_in_nan_out, sampled_triplets
+from ._reference_common import check_distance, nan_in_nan_out
 from ._registry import LossEntry
 from .triplet_margin import pml_triplets
 
@@ -296,13 +295,8 @@ class MarginLoss(_PairLoss):
         if labels is None and indices_tuple is None:
             raise ValueError("MarginLoss needs labels or an indices_tuple (PML: labels and indices_tuple "
                              "cannot both be None)")
-        check_triplets_per_anchor(self.triplets_per_anchor)  # as assigned
-        if indices_tuple is None and self.triplets_per_anchor != "all":  # PML's sample, from its rows
-            V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
-            resolve_backend(self.backend, embeddings.device)  # still reject unknown backends
-            own = ref_emb is None or ref_labels is labels
-            sample = sampled_triplets(labels, None if own else ref_labels, self.triplets_per_anchor)
-            indices_tuple = tuple(t.to(embeddings.device) for t in sample)
+        # PML's sample (an integer triplets_per_anchor), computed from its triplets' rows
+        indices_tuple = self._with_sampled_triplets(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         return super()._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def _fused_in_wrappers_now(self):

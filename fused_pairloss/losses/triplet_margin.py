@@ -27,7 +27,7 @@ from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ..ops.triplets import NO_WINDOW, bins_op, rows_op, triplet_coupled_rows
 from ._base import _PairLoss, check_listed_rows, check_triplets_per_anchor, run_pair_loss
-from ._reference_common import check_distance, distance_matrix, nan_in_nan_out, sampled_triplets
+from ._reference_common import check_distance, distance_matrix, nan_in_nan_out, sampled_call_triplets
 from ._registry import LossEntry
 
 # ---- reference: PML step by step -------------------------------------------------------------
@@ -365,18 +365,10 @@ def triplet_margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, ma
     if triplets_per_anchor != "all":
         V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
         resolve_backend(backend, embeddings.device)  # still reject unknown backends
-        return sampled_triplet_margin(embeddings, labels, ref_emb, ref_labels, triplets_per_anchor, **hyper)
+        triplets = sampled_call_triplets(embeddings, labels, ref_emb, ref_labels, triplets_per_anchor)
+        return triplet_margin_reference(embeddings, labels, ref_emb, ref_labels, indices_tuple=triplets, **hyper)
     return run_pair_loss(triplet_margin_reference, triplet_margin_fused, embeddings, labels, ref_emb, ref_labels,
                          backend, **hyper)
-
-
-def sampled_triplet_margin(embeddings, labels, ref_emb, ref_labels, per_anchor, **hyper):
-    """The loss over PML's sample of `per_anchor` triplets per anchor (lmu.convert_to_triplets with an
-    integer t_per_anchor), from the sampled triplets' rows: memory O(N per_anchor + (N + M) D)."""
-    labels_t = torch.as_tensor(labels, device=embeddings.device)
-    ref_t = None if ref_emb is None or ref_labels is labels else torch.as_tensor(ref_labels, device=embeddings.device)
-    triplets = sampled_triplets(labels_t, ref_t, per_anchor)
-    return triplet_margin_reference(embeddings, labels, ref_emb, ref_labels, indices_tuple=triplets, **hyper)
 
 
 class TripletMarginLoss(_PairLoss):
@@ -419,17 +411,12 @@ class TripletMarginLoss(_PairLoss):
     def _forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         if labels is None and indices_tuple is None:
             raise ValueError("TripletMarginLoss needs labels or an indices_tuple")
-        check_triplets_per_anchor(self.triplets_per_anchor)  # as assigned
+        # PML's sample (an integer triplets_per_anchor), computed from its triplets' rows
+        indices_tuple = self._with_sampled_triplets(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         coupled = self.swap or self.smooth_loss
         if not coupled and _is_mined_triplets(indices_tuple) and indices_tuple.fused_for(
                 embeddings, labels, ref_emb, ref_labels, self._distance_kind):
             return self._fused_with_miner(indices_tuple)
-        if indices_tuple is None and self.triplets_per_anchor != "all":
-            V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
-            resolve_backend(self.backend, embeddings.device)  # still reject unknown backends
-            loss = sampled_triplet_margin(embeddings, labels, ref_emb, ref_labels, self.triplets_per_anchor,
-                                          **self._hyper())
-            return nan_in_nan_out(loss, embeddings, ref_emb).to(loss.dtype)
         return super()._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def _fused_with_listed_pairs(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
