@@ -147,6 +147,18 @@ TORCH_LIBRARY(fused_pairloss, m) {
   m.def(
       "pnp_chunk_grad(Tensor S, Tensor class_ids, Tensor positives, Tensor grad_rk, int first_row, float anneal) "
       "-> Tensor");
+  // TripletMarginLoss's swap / smooth_loss on a group of (anchor, positive) pairs
+  // (fused_pairloss/ops/triplets.py): per anchor (a row of U, its pairs by pair_offsets) the sum and
+  // the number of the kept terms over its pairs and their negatives (class_ids against anchor_ids);
+  // and the gradient of sum_i grad_i sums_i with respect to the anchors' rows of U (Wa) and each
+  // pair's positive row (Wpair, with swap).
+  m.def(
+      "triplet_coupled_chunk_sums(Tensor U, Tensor class_ids, Tensor anchor_ids, Tensor anchor_rows, "
+      "Tensor pair_offsets, Tensor pair_x0, Tensor pos_rows, bool swap, bool smooth) -> (Tensor sums, Tensor counts)");
+  m.def(
+      "triplet_coupled_chunk_coefficients(Tensor U, Tensor class_ids, Tensor anchor_ids, Tensor anchor_rows, "
+      "Tensor pair_offsets, Tensor pair_x0, Tensor pos_rows, Tensor cols, Tensor grad, bool swap, bool smooth) "
+      "-> (Tensor Wa, Tensor Wpair)");
   m.def("build_config() -> str", &build_config);
   m.def("describe_pair_spec(float[] terms, int flags) -> str", &describe_pair_spec);
   m.def("describe_class_spec(float[] terms, int flags, int centers_per_class) -> str", &describe_class_spec);

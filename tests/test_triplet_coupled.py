@@ -269,3 +269,67 @@ def test_coupled_under_autocast(distance):
         truth = pml(x.detach().double(), y)
         assert val.dtype == pml_val.dtype
         check_close(val, truth, pml_val, what="value", dtype=torch.bfloat16)
+
+
+def run_op(q, r, lq, lr, ex, margin, lp, swap, smooth):
+    """The op's counts, sums and gradients of a weighted sum of the sums (q and r leaves of their own)."""
+    qq = q.detach().clone().requires_grad_(True)
+    rr = qq if r is q else r.detach().clone().requires_grad_(True)
+    sums, counts = triplets.triplet_coupled_rows(qq, rr, lq, lr, ex, margin, lp, swap, smooth)
+    w = torch.linspace(0.5, 1.5, len(sums), dtype=sums.dtype)
+    params = [qq] if rr is qq else [qq, rr]
+    return (counts, sums, *torch.autograd.grad((sums * w).sum(), params))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("case", ["random", "dyadic_ties", "nan_row"])
+@pytest.mark.parametrize("ref", [False, True], ids=["self", "ref"])
+@pytest.mark.parametrize("lp", [True, False], ids=["lp", "cosine"])
+@pytest.mark.parametrize("option", list(COUPLED))
+def test_compiled_kernels_match_the_pytorch_groups(option, lp, ref, case, dtype, monkeypatch):
+    """The CPU kernels (csrc/cpu/triplet_coupled_cpu.cpp) against the op's PyTorch groups: the
+    counts equal, sums and gradients within the dtype's bound. dyadic_ties: entries on a grid, so
+    that swap's u_an and u_pn tie exactly (each takes half the gradient); nan_row: a NaN row."""
+    if not triplets._native_coupled(torch.ones(1)):
+        pytest.skip("the library was built without the CPU kernels")
+    q, r, lq, lr, ex = op_args(30, 4, seed=21, d=8, ref=ref)
+    if case == "dyadic_ties":
+        g = torch.Generator().manual_seed(22)
+        q = torch.randint(-1, 2, q.shape, generator=g).double() / 2
+        r = q if not ref else torch.randint(-1, 2, r.shape, generator=g).double() / 2
+    elif case == "nan_row":
+        q = q.clone()
+        q[5] = float("nan")
+        r = q if not ref else r
+    q, r = q.to(dtype), (q.to(dtype) if r is q else r.to(dtype))
+    swap, smooth = COUPLED[option].get("swap", False), COUPLED[option].get("smooth_loss", False)
+    args = (q, r, lq, lr, ex, 0.25, lp, swap, smooth)
+    native = run_op(*args)
+    monkeypatch.setattr(triplets, "_native_coupled_ids", lambda *a: None)
+    pytorch = run_op(*args)
+    assert torch.equal(native[0], pytorch[0])
+    for k, (a, b) in enumerate(zip(native[1:], pytorch[1:])):
+        check_close(a, b, what=["sums", "grad q", "grad r"][k])
+
+
+def test_smooth_counts_the_subnormal_terms_as_torch(monkeypatch):
+    """float32 softplus is a (subnormal) positive down to x = ln 2^-150 (about -104), so PML's
+    AvgNonZero counts those terms: the kernels count them too. The module's rows are normalized
+    (|x| <= 2 + margin), the op's need not be: far apart unnormalized rows put terms there."""
+    if not triplets._native_coupled(torch.ones(1)):
+        pytest.skip("the library was built without the CPU kernels")
+    g = torch.Generator().manual_seed(23)
+    y = torch.arange(12) % 3
+    q = torch.randn(12, 4, generator=g) * 0.3
+    q[:, 0] += torch.tensor([0.0, 1.5, 96.0])[y]  # classes 0 and 1 close (terms of order 1), 2 far
+    u = torch.cdist(q.double(), q.double())
+    same = y[:, None] == y[None, :]
+    terms = (u[:, :, None] - u[:, None, :] + 0.05)[same[:, :, None] & ~same[:, None, :]]
+    assert ((terms < -87) & (terms > -103)).sum() > terms.numel() / 4, "a quarter of the terms in the band"
+    args = (q, q, y, y, torch.arange(12), 0.05, True, False, True)
+    native = run_op(*args)
+    monkeypatch.setattr(triplets, "_native_coupled_ids", lambda *a: None)
+    pytorch = run_op(*args)
+    assert torch.equal(native[0], pytorch[0])
+    for k, (a, b) in enumerate(zip(native[1:], pytorch[1:])):
+        check_close(a, b, what=["sums", "grad q"][k])

@@ -151,6 +151,15 @@ struct Kernels {
   void (*pnp_row_ranks)(const T* s, const T* ids, int64_t N, T own, const int64_t* pos, int64_t P, T inv_anneal, T* rk);
   void (*pnp_row_grad)(const T* s, const T* ids, int64_t N, T own, const int64_t* pos, int64_t P, T inv_anneal,
                        const T* g, T* sig, T* pass, T* G);
+  // TripletMarginLoss's swap / smooth_loss, one (anchor, positive) pair (triplet_coupled_cpu.cpp; ua,
+  // up, ids, Wa and Wp padded to whole 16-element chunks; up and Wp nullptr without swap): over the
+  // negatives n (ids[n] != own) the terms of x = x0 - u'_n that are > 0, their sum and count; the
+  // backward adds to Wa (and Wp) the gradient of g times the sum with respect to ua_n (and up_n) and
+  // returns the one with respect to x0.
+  void (*triplet_coupled_pair_sums)(const T* ua, const T* up, const T* ids, int64_t M, T own, T x0, bool smooth, T* sum,
+                                    int64_t* count);
+  T (*triplet_coupled_pair_coefficients)(const T* ua, const T* up, const T* ids, int64_t M, T own, T x0, bool smooth,
+                                         T g, T* Wa, T* Wp);
   // pair engine, main walk: forward reductions / dL/dS of the tile's rows (G, row stride ldg)
   void (*pair_forward)(const PairSpec<T>& spec, const PairTile<T>& t, const PairRowState<T>& st, T* scratch);
   void (*pair_backward)(const PairSpec<T>& spec, const PairTile<T>& t, const PairRowState<T>& st, T* G, int64_t ldg,

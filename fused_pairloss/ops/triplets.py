@@ -33,6 +33,7 @@ import functools
 import torch
 
 from .. import _extension
+from ._common import CompiledRowKernels
 from .operands import lp_distances, lp_squared_distances, stat_dtype
 
 # pair entries of one chunk's N_chunk x M buffers (a few of them live at once)
@@ -475,7 +476,16 @@ def coupled_grads(grad_sums, q, r, labels_q, labels_r, exclude_col, margin, lp, 
     then through u to the rows (_add_rows_vjp)."""
     grad_q = torch.zeros_like(q) if need_q else None
     grad_r = torch.zeros_like(r) if need_r else None
+    native = _native_coupled_ids(q, labels_q, labels_r)
     for a, p in _coupled_groups(labels_q, labels_r, exclude_col, r.shape[0]):
+        if native is not None:
+            group = _NativeGroup(q, r, native, a, p, margin, lp, swap)
+            Wa, Wpair = torch.ops.fused_pairloss.triplet_coupled_chunk_coefficients(
+                *group.operands, p, grad_sums[group.anchors].contiguous(), swap, smooth)
+            W = Wa if not swap else torch.zeros_like(group.U).index_add_(0, group.anchor_rows, Wa).index_add_(
+                0, group.pos_rows, Wpair)
+            _add_rows_vjp(grad_q, grad_r, W, group.rows, group.U, q, r, lp)
+            continue
         x, negative, (da, ia, Ua), positives = _coupled_x(q, r, labels_q, labels_r, a, p, margin, lp, swap)
         term = torch.nn.functional.softplus(x) if smooth else torch.relu(x)
         on = negative & (term > 0)
@@ -495,6 +505,50 @@ def coupled_grads(grad_sums, q, r, labels_q, labels_r, exclude_col, margin, lp, 
     return grad_q, grad_r
 
 
+# The compiled CPU kernels of a group's terms (csrc/cpu/triplet_coupled_cpu.cpp), with their fake kernels.
+_native_coupled = CompiledRowKernels({
+    "triplet_coupled_chunk_sums":
+        lambda U, class_ids, anchor_ids, anchor_rows, pair_offsets, pair_x0, pos_rows, swap, smooth: (
+            U.new_empty(anchor_rows.shape), anchor_rows.new_empty(anchor_rows.shape)),
+    "triplet_coupled_chunk_coefficients":
+        lambda U, class_ids, anchor_ids, anchor_rows, pair_offsets, pair_x0, pos_rows, cols, grad, swap, smooth: (
+            U.new_empty((anchor_rows.shape[0], U.shape[1])), U.new_empty((pair_x0.shape[0] if swap else 0, U.shape[1]))),
+})
+
+
+def _native_coupled_ids(qa, labels_q, labels_r):
+    """Where the compiled kernels compute the coupled terms (CPU, fp32 / fp64 rows): the rows' and the
+    columns' dense class ids in qa's dtype (exact: fewer than 2^24 of them); else None."""
+    n = labels_q.shape[0]
+    if qa.device.type != "cpu" or not _native_coupled(qa) or n + labels_r.shape[0] >= 1 << 24:
+        return None
+    ids = torch.unique(torch.cat([labels_q, labels_r]), return_inverse=True)[1].to(qa.dtype)
+    return ids[:n], ids[n:].contiguous()
+
+
+class _NativeGroup:
+    """A group of (anchor a, positive p) pairs as the compiled kernels read it: U = u of the rows
+    read (the anchors, and the positives' rows under swap) against r; per distinct anchor (in the
+    group's order: its pairs are listed together) its row of U and its pairs' range; per pair x0 =
+    u_ap + margin and its positive's row of U. `operands`: the kernels' arguments up to the flags."""
+
+    def __init__(self, q, r, ids, a, p, margin, lp, swap):
+        self.anchors, per_anchor = torch.unique_consecutive(a, return_counts=True)
+        offsets = torch.cat([per_anchor.new_zeros(1), per_anchor.cumsum(0)])
+        c = self.anchors.numel()
+        if swap:
+            self.rows, where = torch.unique(torch.cat([self.anchors, p]), return_inverse=True)
+            self.anchor_rows, self.pos_rows = where[:c].contiguous(), where[c:].contiguous()
+        else:
+            self.rows, self.anchor_rows = self.anchors, torch.arange(c, device=a.device)
+            self.pos_rows = a.new_empty((0,))
+        self.U = triplet_u(q[self.rows], r, lp).contiguous()
+        x0 = self.U[self.anchor_rows.repeat_interleave(per_anchor), p] + margin
+        ids_q, ids_r = ids
+        self.operands = (self.U, ids_r, ids_q[self.anchors].contiguous(), self.anchor_rows, offsets, x0.contiguous(),
+                         self.pos_rows)
+
+
 @torch.library.custom_op("fused_pairloss::triplet_coupled_rows", mutates_args=())
 def triplet_coupled_rows(q: torch.Tensor, r: torch.Tensor, labels_q: torch.Tensor, labels_r: torch.Tensor,
                          exclude_col: torch.Tensor, margin: float, lp: bool, swap: bool,
@@ -507,9 +561,15 @@ def triplet_coupled_rows(q: torch.Tensor, r: torch.Tensor, labels_q: torch.Tenso
     qa, ra = q.to(A), r.to(A)
     sums = qa.new_zeros(q.shape[0])
     counts = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
-    with _no_autocast(q.device):
+    native = _native_coupled_ids(qa, labels_q, labels_r)
+    with torch.no_grad(), _no_autocast(q.device):
         for a, p in _coupled_groups(labels_q, labels_r, exclude_col, r.shape[0]):
-            s, c = coupled_terms(qa, ra, labels_q, labels_r, a, p, margin, lp, swap, smooth)
+            if native is None:
+                s, c = coupled_terms(qa, ra, labels_q, labels_r, a, p, margin, lp, swap, smooth)
+            else:
+                group = _NativeGroup(qa, ra, native, a, p, margin, lp, swap)
+                s, c = torch.ops.fused_pairloss.triplet_coupled_chunk_sums(*group.operands, swap, smooth)
+                a = group.anchors
             sums.index_add_(0, a, s)
             counts.index_add_(0, a, c)
     return sums, counts
