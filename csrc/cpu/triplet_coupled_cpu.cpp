@@ -38,15 +38,17 @@ bool is_cpu_vector(const Tensor& t, at::ScalarType dtype, int64_t n) {
 }
 
 void check_group(const char* op, const Tensor& U, const Tensor& class_ids, const Tensor& anchor_ids,
-                 const Tensor& anchor_rows, const Tensor& pair_offsets, const Tensor& pair_x0,
-                 const Tensor& pos_rows, bool swap) {
+                 const Tensor& anchor_rows, const Tensor& pair_offsets, const Tensor& pair_x0, const Tensor& pos_rows,
+                 bool swap) {
   TORCH_CHECK(U.device().is_cpu() && U.dim() == 2 && U.is_contiguous(), op, ": U must be a contiguous 2-D CPU tensor");
   TORCH_CHECK(U.scalar_type() == at::kFloat || U.scalar_type() == at::kDouble, op, ": U must be float32 or float64");
   const auto T = U.scalar_type();
   const int64_t k = U.size(0), M = U.size(1), c = anchor_rows.numel(), G = pair_x0.numel();
   TORCH_CHECK(T != at::kFloat || M < (int64_t(1) << 24), op, ": float32 rows must have fewer than 2^24 columns");
-  TORCH_CHECK(is_cpu_vector(class_ids, T, M), op, ": class_ids must be a contiguous CPU vector of U's columns and dtype");
-  TORCH_CHECK(is_cpu_vector(anchor_ids, T, c), op, ": anchor_ids must be a contiguous CPU vector of U's dtype, one per anchor");
+  TORCH_CHECK(is_cpu_vector(class_ids, T, M), op,
+              ": class_ids must be a contiguous CPU vector of U's columns and dtype");
+  TORCH_CHECK(is_cpu_vector(anchor_ids, T, c), op,
+              ": anchor_ids must be a contiguous CPU vector of U's dtype, one per anchor");
   TORCH_CHECK(is_cpu_vector(anchor_rows, at::kLong, c), op, ": anchor_rows must be a contiguous int64 CPU vector");
   TORCH_CHECK(is_cpu_vector(pair_offsets, at::kLong, c + 1), op,
               ": pair_offsets must be a contiguous int64 CPU vector of one more entry than anchor_rows");
@@ -57,7 +59,8 @@ void check_group(const char* op, const Tensor& U, const Tensor& class_ids, const
   TORCH_CHECK(off[0] == 0 && off[c] == G, op, ": pair_offsets must run from 0 to the number of pairs");
   for (int64_t i = 0; i < c; ++i) TORCH_CHECK(off[i] <= off[i + 1], op, ": pair_offsets must be nondecreasing");
   if (swap) {
-    TORCH_CHECK(is_cpu_vector(pos_rows, at::kLong, G), op, ": pos_rows must be a contiguous int64 CPU vector, one per pair");
+    TORCH_CHECK(is_cpu_vector(pos_rows, at::kLong, G), op,
+                ": pos_rows must be a contiguous int64 CPU vector, one per pair");
     const int64_t* pr = pos_rows.data_ptr<int64_t>();
     for (int64_t g = 0; g < G; ++g) TORCH_CHECK(pr[g] >= 0 && pr[g] < k, op, ": pos_rows must be rows of U");
   }
@@ -131,9 +134,9 @@ std::tuple<Tensor, Tensor> coefficients_impl(const Tensor& U, const Tensor& clas
           load_padded(u + pr[k] * M, M, up);
           std::fill(wp_row.begin(), wp_row.end(), T(0));
         }
-        const T d_x0 = K.triplet_coupled_pair_coefficients(ua.data(), swap ? up.data() : nullptr, ids.data(), M,
-                                                           own[i], x0[k], smooth, g[i], wa_row.data(),
-                                                           swap ? wp_row.data() : nullptr);
+        const T d_x0 =
+            K.triplet_coupled_pair_coefficients(ua.data(), swap ? up.data() : nullptr, ids.data(), M, own[i], x0[k],
+                                                smooth, g[i], wa_row.data(), swap ? wp_row.data() : nullptr);
         wa_row[p[k]] += d_x0;  // x0 = u_ap + margin
         if (swap) std::copy(wp_row.begin(), wp_row.begin() + M, wpair + k * M);
       }
@@ -154,20 +157,23 @@ std::tuple<Tensor, Tensor> triplet_coupled_chunk_sums_cpu(const Tensor& U, const
   return sums_impl<float>(U, class_ids, anchor_ids, anchor_rows, pair_offsets, pair_x0, pos_rows, swap, smooth);
 }
 
-std::tuple<Tensor, Tensor> triplet_coupled_chunk_coefficients_cpu(
-    const Tensor& U, const Tensor& class_ids, const Tensor& anchor_ids, const Tensor& anchor_rows,
-    const Tensor& pair_offsets, const Tensor& pair_x0, const Tensor& pos_rows, const Tensor& cols, const Tensor& grad,
-    bool swap, bool smooth) {
+std::tuple<Tensor, Tensor> triplet_coupled_chunk_coefficients_cpu(const Tensor& U, const Tensor& class_ids,
+                                                                  const Tensor& anchor_ids, const Tensor& anchor_rows,
+                                                                  const Tensor& pair_offsets, const Tensor& pair_x0,
+                                                                  const Tensor& pos_rows, const Tensor& cols,
+                                                                  const Tensor& grad, bool swap, bool smooth) {
   const char* op = "triplet_coupled_chunk_coefficients";
   check_group(op, U, class_ids, anchor_ids, anchor_rows, pair_offsets, pair_x0, pos_rows, swap);
-  TORCH_CHECK(is_cpu_vector(cols, at::kLong, pair_x0.numel()), op, ": cols must be a contiguous int64 CPU vector, one per pair");
+  TORCH_CHECK(is_cpu_vector(cols, at::kLong, pair_x0.numel()), op,
+              ": cols must be a contiguous int64 CPU vector, one per pair");
   const int64_t* p = cols.data_ptr<int64_t>();
-  for (int64_t k = 0; k < cols.numel(); ++k) TORCH_CHECK(p[k] >= 0 && p[k] < U.size(1), op, ": cols must be columns of U");
+  for (int64_t k = 0; k < cols.numel(); ++k)
+    TORCH_CHECK(p[k] >= 0 && p[k] < U.size(1), op, ": cols must be columns of U");
   TORCH_CHECK(is_cpu_vector(grad, U.scalar_type(), anchor_rows.numel()), op,
               ": grad must be a contiguous CPU vector of U's dtype, one per anchor");
   if (U.scalar_type() == at::kDouble)
-    return coefficients_impl<double>(U, class_ids, anchor_ids, anchor_rows, pair_offsets, pair_x0, pos_rows, cols,
-                                     grad, swap, smooth);
+    return coefficients_impl<double>(U, class_ids, anchor_ids, anchor_rows, pair_offsets, pair_x0, pos_rows, cols, grad,
+                                     swap, smooth);
   return coefficients_impl<float>(U, class_ids, anchor_ids, anchor_rows, pair_offsets, pair_x0, pos_rows, cols, grad,
                                   swap, smooth);
 }

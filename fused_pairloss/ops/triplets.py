@@ -512,7 +512,8 @@ _native_coupled = CompiledRowKernels({
             U.new_empty(anchor_rows.shape), anchor_rows.new_empty(anchor_rows.shape)),
     "triplet_coupled_chunk_coefficients":
         lambda U, class_ids, anchor_ids, anchor_rows, pair_offsets, pair_x0, pos_rows, cols, grad, swap, smooth: (
-            U.new_empty((anchor_rows.shape[0], U.shape[1])), U.new_empty((pair_x0.shape[0] if swap else 0, U.shape[1]))),
+            U.new_empty((anchor_rows.shape[0], U.shape[1])),
+            U.new_empty((pair_x0.shape[0] if swap else 0, U.shape[1]))),
 })
 
 
