@@ -411,6 +411,13 @@ def margin_windows(miner, distance=None):
             (-inf, math.sqrt(2 - 2 * neg)) if neg < 1 else nothing)
 
 
+def _versions(*inputs):
+    """The in-place version counters of the tensors among `inputs` (None for anything else): a
+    miner's inputs changed in place since it mined (an optimizer step, a refilled label buffer) no
+    longer hold its pairs, which the loss then reads from the list, as PML does."""
+    return tuple(t._version if isinstance(t, torch.Tensor) else None for t in inputs)
+
+
 class _Mined(tuple):
     """A miner's result: a real tuple, PML's indices in PML's order, that also says how they were
     mined (the inputs and the distance), so that our losses can apply the miner's rule in their
@@ -424,6 +431,7 @@ class _Mined(tuple):
         out.distance = miner.distance
         out.distance_settings = _settings(miner.distance)  # as mined (a change since: the list is read)
         out.embeddings, out.labels, out.ref_emb, out.ref_labels = embeddings, labels, ref_emb, ref_labels
+        out.versions = _versions(embeddings, labels, ref_emb, ref_labels)  # as mined (changed in place since: read)
         return out
 
     def __reduce__(self):
@@ -438,7 +446,8 @@ class _Mined(tuple):
         same_ref_labels = (ref_labels is None and self.ref_labels is self.labels) or ref_labels is self.ref_labels
         return (embeddings is self.embeddings and (labels is None or labels is self.labels) and same_ref
                 and same_ref_labels and _distance_name(self.distance) == distance
-                and _settings(self.distance) == self.distance_settings)
+                and _settings(self.distance) == self.distance_settings
+                and _versions(self.embeddings, self.labels, self.ref_emb, self.ref_labels) == self.versions)
 
 
 class MinedTriplets(_Mined):

@@ -617,3 +617,29 @@ def test_triplet_miner_float_labels_without_loss_labels():
     y = torch.tensor([0.5, 1.5, 0.5, 1.5, 2.5, 2.5, 0.5, 1.5])
     ours = fpl.losses.TripletMarginLoss()(x, None, miners.TripletMarginMiner()(x, y))
     check_close(ours, pml_losses.TripletMarginLoss()(x, None, pml_miners.TripletMarginMiner()(x, y)), what="value")
+
+
+@pytest.mark.parametrize("changed", ["embeddings", "labels"])
+@pytest.mark.parametrize("miner,loss,kw", [
+    ("MultiSimilarityMiner", "CircleLoss", dict(epsilon=0.5)),
+    ("PairMarginMiner", "ContrastiveLoss", dict(pos_margin=0.2, neg_margin=1.3)),
+    ("TripletMarginMiner", "TripletMarginLoss", dict(margin=0.3, type_of_triplets="semihard")),
+], ids=["ms", "pair_margin", "triplet_margin"])
+def test_inputs_changed_in_place_after_mining_read_the_list(miner, loss, kw, changed):
+    """A miner's inputs changed in place between mining and the loss call (an optimizer step, a
+    refilled label buffer): the mined pairs are no longer the rule's on the new values, so the loss
+    reads the list, as PML's loss does."""
+    x, y, _, _ = batch("self", n=24, seed=31)
+    ours_mined = getattr(miners, miner)(**kw)(x, y)
+    pml_mined = getattr(pml_miners, miner)(**kw)(x, y)
+    with torch.no_grad():
+        if changed == "embeddings":
+            x.mul_(1.3).add_(0.2)
+        else:
+            y.copy_(torch.randint(0, 5, y.shape, generator=torch.Generator().manual_seed(32)))
+    got = getattr(fpl, loss)()(x, y, ours_mined)
+    (g,) = torch.autograd.grad(got, x)
+    want = getattr(pml_losses, loss)()(x, y, pml_mined)
+    (w,) = torch.autograd.grad(want, x)
+    check_close(got, want, what="value")
+    check_close(g, w, what="grad")
