@@ -726,3 +726,28 @@ def test_autocast_probe_records_nothing_in_the_modules_distance(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss(x.float(), y)
     assert loss.distance.initial_avg_query_norm == 0
+
+
+@pytest.mark.parametrize("when", ["constructed", "assigned"])
+@pytest.mark.parametrize("what", ["reducer", "embedding_regularizer", "distance"])
+def test_miner_epsilon_kept_in_pmls_computation(what, when):
+    """MultiSimilarityLoss(miner_epsilon=e) with a reducer, a regularizer or another distance (PML's
+    computation): PML's MultiSimilarityMiner(e) with the loss's distance, then PML's loss."""
+    from pytorch_metric_learning import regularizers
+    x, y = batch(41)
+    value = {"reducer": reducers.SumReducer(), "embedding_regularizer": regularizers.LpRegularizer(),
+             "distance": CosineSimilarity(power=2)}[what]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if when == "constructed":
+            ours = fpl.losses.MultiSimilarityLoss(miner_epsilon=0.1, **{what: value})
+        else:
+            ours = fpl.losses.MultiSimilarityLoss(miner_epsilon=0.1)
+            ours(x, y)
+            setattr(ours, what, value)
+        got = value_and_grad(ours, x, y)
+    pml = L.MultiSimilarityLoss(**{what: value})
+    miner = miners.MultiSimilarityMiner(0.1, distance=pml.distance)
+    assert_same(got, value_and_grad(lambda e, lab: pml(e, lab, miner(e, lab)), x, y))
+    with pytest.raises(ValueError, match="miner_epsilon"):
+        ours(x, y, miners.MultiSimilarityMiner(0.1)(x, y))

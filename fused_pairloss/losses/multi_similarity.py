@@ -109,9 +109,6 @@ class MultiSimilarityLoss(_PairLoss):
         V.check_real("miner_epsilon", miner_epsilon, allow_none=True)
         self.alpha, self.beta, self.base, self.miner_epsilon = alpha, beta, base, miner_epsilon
         self._init_pair(backend, kwargs, (alpha, beta, base))
-        if self._pml is not None and miner_epsilon is not None:
-            raise ValueError("miner_epsilon is fused only with distance=CosineSimilarity() / LpDistance() and no "
-                             "reducer / regularizer arguments; pass PML's MultiSimilarityMiner's indices_tuple")
 
     def _hyper(self):
         return dict(alpha=self.alpha, beta=self.beta, base=self.base, distance=self._distance_kind)
@@ -130,6 +127,17 @@ class MultiSimilarityLoss(_PairLoss):
                                          miner_epsilon=self.miner_epsilon, backend=self.backend,
                                          **self._hyper())
         return super()._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+    def _run_pml(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        """PML's computation (a reducer, a regularizer, another distance): with miner_epsilon, PML's
+        MultiSimilarityMiner(miner_epsilon) with the loss's distance, then PML's loss on its pairs."""
+        if self.miner_epsilon is not None:
+            if indices_tuple is not None:
+                raise ValueError("pass either indices_tuple or miner_epsilon, not both")
+            from pytorch_metric_learning.miners import MultiSimilarityMiner
+            miner = MultiSimilarityMiner(self.miner_epsilon, distance=self.distance)
+            indices_tuple = miner(embeddings, labels, ref_emb, ref_labels)
+        return super()._run_pml(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def extra_repr(self):
         return super().extra_repr() + f", miner_epsilon={self.miner_epsilon}"
