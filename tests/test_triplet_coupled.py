@@ -333,3 +333,18 @@ def test_smooth_counts_the_subnormal_terms_as_torch(monkeypatch):
     assert torch.equal(native[0], pytorch[0])
     for k, (a, b) in enumerate(zip(native[1:], pytorch[1:])):
         check_close(a, b, what=["sums", "grad q"][k])
+
+
+@pytest.mark.parametrize("option", list(COUPLED))
+def test_a_ref_of_one_class_has_no_triplet(option):
+    """A ref_emb of one label, larger than the batch: no anchor has a negative, so PML's zero loss
+    (swap reads no positive's row, even one past the batch's rows)."""
+    x, y = inputs(3, 4, 2, torch.float64, seed=24)
+    r, _ = inputs(6, 4, 2, torch.float64, seed=25)
+    ry = torch.zeros(6, dtype=torch.long)
+    ours, pml = fpl.TripletMarginLoss(**COUPLED[option]), pml_losses.TripletMarginLoss(**COUPLED[option])
+    got, want = ours(x, y, ref_emb=r, ref_labels=ry), pml(x, y, ref_emb=r, ref_labels=ry)
+    assert got.item() == want.item() == 0
+    for a, b in zip(torch.autograd.grad(got, [x, r], allow_unused=True),
+                    torch.autograd.grad(want, [x, r], allow_unused=True, materialize_grads=True)):
+        assert torch.equal(a, b)

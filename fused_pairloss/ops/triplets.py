@@ -407,18 +407,30 @@ _register_pair(triplet_bins, triplet_bins_backward, None, _chunked(_bins))
 
 # ---- triplets whose term couples a positive and a negative (swap, smooth_loss) -------------------
 def _coupled_groups(labels_q, labels_r, exclude_col, m):
-    """The (anchor, positive) pairs in groups of at most CHUNK_ELEMENTS / m, anchors in label order
-    (a group's anchors then share their positives' rows): (a, p) index tensors."""
+    """The (anchor, positive) pairs of the anchors that have a negative, in groups of at most
+    CHUNK_ELEMENTS / m pairs: anchors in label order (a group's anchors then share their positives'
+    rows), each anchor's positives together in ascending column order. (a, p) index tensors, found
+    by a binary search of each anchor's label among the sorted column labels (O(N + M + pairs)
+    memory, a bounded run of anchors at a time)."""
     step = max(1, CHUNK_ELEMENTS // max(m, 1))
-    order = torch.sort(labels_q, stable=True).indices
-    cols = torch.arange(m, device=labels_q.device)
-    for k0 in range(0, order.numel(), step):
-        rows = order[k0:k0 + step]
-        positive = (labels_q[rows, None] == labels_r[None, :]) & (cols[None, :] != exclude_col[rows, None])
-        a_local, p = positive.nonzero(as_tuple=True)
-        a = rows[a_local]
+    anchors = torch.sort(labels_q, stable=True).indices
+    sorted_r, order_r = torch.sort(labels_r, stable=True)
+    first = torch.searchsorted(sorted_r, labels_q[anchors])
+    number = torch.searchsorted(sorted_r, labels_q[anchors], right=True) - first  # columns of its label
+    number = torch.where(number < m, number, 0)  # an anchor without a negative has no triplet
+    ends = number.cumsum(0)
+    begin, done = 0, 0  # the run's first anchor, the columns listed before it
+    while begin < anchors.numel():
+        end = max(begin + 1, int(torch.searchsorted(ends, done + 8 * step, right=True)))
+        count = number[begin:end]
+        a = anchors[begin:end].repeat_interleave(count)
+        within = torch.arange(a.numel(), device=a.device) - (ends[begin:end] - count - done).repeat_interleave(count)
+        p = order_r[first[begin:end].repeat_interleave(count) + within]
+        kept = p != exclude_col[a]
+        a, p = a[kept], p[kept]
         for g0 in range(0, a.numel(), step):
             yield a[g0:g0 + step], p[g0:g0 + step]
+        begin, done = end, int(ends[end - 1])
 
 
 def _distinct_u(q, r, rows, lp):
