@@ -70,7 +70,10 @@ def _checked_mine(pml_cls):
                                     f"got {ref_emb.dtype}")
             if ref_labels is None and ref_emb.shape[0] > embeddings.shape[0]:
                 return pml_cls.mine(self, embeddings, labels, ref_emb, ref_labels)
-            return mine(self, embeddings, labels, ref_emb, ref_labels)
+            out = mine(self, embeddings, labels, ref_emb, ref_labels)
+            from .losses._base import record_distance_stats  # PML's mine measures all rows at once
+            record_distance_stats(self.distance, embeddings, ref_emb)
+            return out
         return wrapped
     return wrap
 

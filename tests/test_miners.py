@@ -2,6 +2,8 @@
 the same index tuples in the same order, the same recorded stats; TripletMarginMiner's result fused
 by TripletMarginLoss (the list not read) equal to PML's miner + loss in values, gradients and
 num_triplets; and our miners' tuples inside our losses and PML's."""
+import copy
+
 import pytest
 import torch
 
@@ -61,12 +63,21 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(_miners, "TRIPLET_CHUNK_ELEMENTS", 5 * 64 * 20)
 
 
+DISTANCE_STATS = ["initial_avg_query_norm", "initial_avg_ref_norm", "final_avg_query_norm", "final_avg_ref_norm"]
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", MINER_CASES, ids=case_id)
 def test_miner_tuples_equal_pml(case, mode, small_chunks):
+    """The tuples and the miner's stats; the stats of its distance (collect_stats: the norms of all
+    rows, which our miners measure in chunks)."""
     name, kw = case
     x, y, r, ry = batch(mode)
+    x = x * (1 + torch.arange(len(x), dtype=x.dtype)[:, None])  # rows of other norms in each chunk
     ours, theirs = getattr(miners, name)(**kw), getattr(pml_miners, name)(**kw)
+    for miner in (ours, theirs):
+        miner.distance = copy.deepcopy(miner.distance)  # not the case's shared object
+        miner.distance.collect_stats = True
     assert isinstance(ours, getattr(pml_miners, name)) and ours is not theirs
     a, b = ours(x, y, r, ry), theirs(x, y, r, ry)
     assert len(a) == len(b)
@@ -74,6 +85,8 @@ def test_miner_tuples_equal_pml(case, mode, small_chunks):
         assert torch.equal(s, t), f"{name}: element {k}"
     for stat in ("num_pos_pairs", "num_neg_pairs", "num_triplets"):
         assert getattr(ours, stat, None) == getattr(theirs, stat, None), stat
+    for stat in DISTANCE_STATS:
+        assert getattr(ours.distance, stat) == pytest.approx(getattr(theirs.distance, stat), rel=1e-12), stat
 
 
 @pytest.mark.parametrize("case", [c for c in MINER_CASES if c[0] != "MultiSimilarityMiner"], ids=case_id)

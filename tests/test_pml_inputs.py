@@ -1,6 +1,7 @@
 """What PML's forward accepts, the modules accept (docs/api.md "Bad input"), each against PML itself:
 float and bool labels, a ref_emb without ref_labels, ref_labels without a ref_emb, an empty batch,
 hyper-parameters given as tensors or numpy numbers; and the warnings point at the caller's line."""
+import copy
 import math
 import warnings
 
@@ -718,14 +719,16 @@ def test_angular_alpha_as_pml_holds_it():
 
 def test_autocast_probe_records_nothing_in_the_modules_distance(monkeypatch):
     """The dtype probe under autocast is a copy of PML's twin: the stats it records (PML's global
-    COLLECT_STATS) stay in the copy, not in the distance the module shares with its twin."""
+    COLLECT_STATS) stay in the copy; the distance the module shares with its twin holds the batch's,
+    as PML's does."""
     from pytorch_metric_learning.utils import common_functions as c_f
     monkeypatch.setattr(c_f, "COLLECT_STATS", True)
     x, y = batch(31, n=12)
-    loss = fpl.losses.ContrastiveLoss(collect_stats=False)
+    x = x.float() * 3
+    loss, pml = fpl.losses.ContrastiveLoss(collect_stats=False), L.ContrastiveLoss(collect_stats=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss(x.float(), y)
-    assert loss.distance.initial_avg_query_norm == 0
+        loss(x, y), pml(x, y)
+    assert loss.distance.initial_avg_query_norm == pml.distance.initial_avg_query_norm > 1
 
 
 @pytest.mark.parametrize("when", ["constructed", "assigned"])
@@ -751,3 +754,59 @@ def test_miner_epsilon_kept_in_pmls_computation(what, when):
     assert_same(got, value_and_grad(lambda e, lab: pml(e, lab, miner(e, lab)), x, y))
     with pytest.raises(ValueError, match="miner_epsilon"):
         ours(x, y, miners.MultiSimilarityMiner(0.1)(x, y))
+
+
+DISTANCE_STATS = ["initial_avg_query_norm", "initial_avg_ref_norm", "final_avg_query_norm", "final_avg_ref_norm"]
+SIZES = dict(num_classes=3, embedding_size=6)
+CLASS_LOSSES = {"SoftTripleLoss": SIZES, "ProxyAnchorLoss": SIZES, "ProxyNCALoss": SIZES,
+                "NormalizedSoftmaxLoss": SIZES, "CosFaceLoss": SIZES, "ArcFaceLoss": SIZES,
+                "SubCenterArcFaceLoss": SIZES, "LargeMarginSoftmaxLoss": SIZES, "SphereFaceLoss": SIZES,
+                "P2SGradLoss": dict(descriptors_dim=6, num_classes=3)}
+
+
+def distance_stats(distance):
+    return [getattr(distance, s, None) for s in DISTANCE_STATS]
+
+
+@pytest.mark.parametrize("name", MODULE_LOSSES + list(CLASS_LOSSES))
+def test_a_distance_collecting_stats_records_pmls(name):
+    """A loss's distance with collect_stats: the stats PML's loss leaves in it (the rows it
+    measures: the batch against ref_emb, a class loss's parameter, NPairsLoss's pairs; none where
+    PML's loss does not call it), the loss still fused."""
+    if name in CLASS_LOSSES:
+        kw = CLASS_LOSSES[name]
+        ours, pml = getattr(fpl.losses, name)(**kw).double(), getattr(L, name)(**kw).double()
+        ours.load_state_dict(pml.state_dict())
+    else:
+        ours, pml = modules(name)
+    for loss in (ours, pml):
+        loss.distance.collect_stats = True
+    x, y = batch(43, n=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fused: no fallback warning
+        ours(x * (1 + torch.arange(12, dtype=x.dtype)[:, None]), y)
+    pml(x * (1 + torch.arange(12, dtype=x.dtype)[:, None]), y)
+    want = distance_stats(pml.distance)
+    assert distance_stats(ours.distance) == (want if None in want else pytest.approx(want, rel=1e-12))
+
+
+@pytest.mark.parametrize("name,args", [("ArcFaceLoss", (3, 6)), ("NPairsLoss", ()), ("AngularLoss", ())])
+def test_collect_stats_set_after_construction_and_reset_as_pml(name, args):
+    """collect_stats set on a fused module after a call: PML's stats recorded from then on (PML's
+    computation, as built with it); the record lists PML's logging reads, and reset_stats."""
+    x, y = batch(44)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours, pml = getattr(fpl.losses, name)(*args).double(), getattr(L, name)(*args).double()
+        if args:
+            ours.load_state_dict(pml.state_dict())
+        ours(x, y)
+        ours.collect_stats = pml.collect_stats = True
+        assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))
+        built_with = getattr(fpl.losses, name)(*args, collect_stats=True)
+        pml_built_with = getattr(L, name)(*args, collect_stats=True)
+    assert built_with._record_these_stats == pml_built_with._record_these_stats
+    stat = pml_built_with._record_these_stats[0]
+    assert getattr(ours, stat) == pytest.approx(getattr(pml, stat), rel=1e-12)
+    built_with.reset_stats()
+    assert getattr(built_with, stat) == 0

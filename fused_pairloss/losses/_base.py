@@ -64,10 +64,29 @@ def _distance_name(distance):
 
 
 def _copy_records(module, pml):
-    """PML's record-keeping list (ModuleWithRecords._record_these: the hyper-parameters record-keeper
-    logs) from the PML instance of the same arguments."""
-    if hasattr(pml, "_record_these"):
-        module._record_these = list(pml._record_these)
+    """PML's record-keeping lists (ModuleWithRecords._record_these: the hyper-parameters PML's
+    record-keeper logs; _record_these_stats: the stats it logs and reset_stats zeroes, with their
+    initial values) from the PML instance of the same arguments."""
+    for names in ("_record_these", "_record_these_stats"):
+        if hasattr(pml, names):
+            object.__setattr__(module, names, list(getattr(pml, names)))
+    for stat in getattr(pml, "_record_these_stats", ()):
+        if stat not in module.__dict__ and hasattr(pml, stat):
+            object.__setattr__(module, stat, getattr(pml, stat))
+
+
+@torch.compiler.disable  # records Python numbers (.item())
+def record_distance_stats(distance, query, ref=None):
+    """The stats a PML distance with collect_stats records when PML's loss calls it on query against
+    ref (BaseDistance.set_default_stats: the rows' mean norms before and after its normalization);
+    the fused paths measure in their engines and never call it."""
+    if not getattr(distance, "collect_stats", False) or not hasattr(distance, "set_default_stats"):
+        return
+    with torch.no_grad():
+        distance.reset_stats()
+        query = query.detach()
+        ref = query if ref is None else ref.detach()
+        distance.set_default_stats(query, ref, distance.maybe_normalize(query), distance.maybe_normalize(ref))
 
 
 def _entry_of(cls):
@@ -380,8 +399,8 @@ class _PmlFallback:
                                                   else pml_cls.get_default_distance(None))
             reducer = _pml_default_reducer(pml_cls)
             twin = _small_pml_class_loss(type(self), kwargs)
-            if twin is not None and hasattr(twin, "_record_these"):  # the names PML's record-keeper logs
-                self._record_these = list(twin._record_these)
+            if twin is not None:  # the names PML's record-keeper logs
+                _copy_records(self, twin)
             object.__setattr__(self, "_pml_probe", _with_unit_columns(twin))  # its value's dtype under autocast
         _set_pml_object(self, "distance", distance)
         _set_pml_object(self, "reducer", reducer)
@@ -416,6 +435,7 @@ class _PmlFallback:
         (_reassigned_objects), or an attribute went beyond the fused computation (_needs_pml_now):
         the module is then set up again as if built with them (_fall_back_now)."""
         return self._pml is None and (any(getattr(self, k) != v for k, v in self._pml_only.items())
+                                      or bool(getattr(self, "collect_stats", False))
                                       or bool(self._reassigned_objects()) or bool(self._needs_pml_now()))
 
     def _needs_pml_now(self):
@@ -440,6 +460,8 @@ class _PmlFallback:
         PML-only attribute is PML's computation, with the warning naming it."""
         kwargs, pml_args, pml_kwargs, param_name = self._pml_setup
         assigned = {k: getattr(self, k) for k, fused in self._pml_only.items() if getattr(self, k) != fused}
+        if getattr(self, "collect_stats", False):  # PML's instance records the stats
+            assigned["collect_stats"] = True
         changed = self._reassigned_objects()
         held = list(self.__dict__.get("_held_objects") or {})
         arguments = {k: v for k, v in changed.items() if k in PML_READ_AT_CALL}
@@ -525,6 +547,9 @@ class _PairLoss(_PmlFallback, _LossBase):
     # PML's ref_not_supported: a ref_emb other than the batch is refused (check_self_only), and one
     # without ref_labels is not read as the batch's
     _refuses_ref = False
+    # PML's loss measures the batch against ref_emb (or itself) with its distance, once a call: the
+    # distance's stats (collect_stats) are those rows' (record_distance_stats)
+    _distance_measures_the_batch = True
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         """PML's forward: PML itself for PML-only arguments; else the inputs PML accepts made ours
@@ -545,7 +570,10 @@ class _PairLoss(_PmlFallback, _LossBase):
         if indices_tuple is not None and not self._labels_without_indices and _is_matrix(embeddings):
             indices_tuple = V.check_indices_tuple(indices_tuple, embeddings.shape[0],
                                                   (ref_emb if _is_matrix(ref_emb) else embeddings).shape[0])
-        return self._as_pml_dtype(self._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels), embeddings)
+        value = self._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        if self._distance_measures_the_batch:
+            record_distance_stats(self.distance, embeddings, ref_emb)
+        return self._as_pml_dtype(value, embeddings)
 
     def _forward(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         if self._labels_without_indices:
@@ -852,8 +880,15 @@ class _ClassLoss(_PmlFallback, _LossBase):
             self._fall_back_now()
         if self._pml is not None:
             return self._run_pml(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        return self._as_pml_dtype(self._fused_forward(embeddings, labels, indices_tuple, ref_emb, ref_labels),
-                                  embeddings)
+        value = self._fused_forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        if getattr(self.distance, "collect_stats", False) and self._distance_ref_rows() is not None:
+            record_distance_stats(self.distance, embeddings, self._distance_ref_rows())
+        return self._as_pml_dtype(value, embeddings)
+
+    def _distance_ref_rows(self):
+        """The rows PML's loss measures the embeddings against with its distance (the parameter's
+        columns, PML's (D, C) layout); None where PML's loss does not call its distance."""
+        return getattr(self, self._param).t()
 
     def _fused_forward(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         name = type(self).__name__

@@ -273,6 +273,7 @@ def angular_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, alpha=40.
 class AngularLoss(_PairLoss):
     """Drop-in for pytorch_metric_learning.losses.AngularLoss (LpDistance() only, as PML asserts).
     `alpha` is PML's tensor in radians (the constructor takes degrees)."""
+    _distance_measures_the_batch = False  # PML's loss does not call its distance on the batch
     _distances = ("lp",)
     _default_distance = "lp"
     _reference = staticmethod(angular_reference)

@@ -233,6 +233,9 @@ class NormalizedSoftmaxLoss(_MarginSoftmax):
     def _hyper(self):
         return dict(temperature=self.temperature)
 
+    def _distance_ref_rows(self):
+        return self.distance.normalize(self.W, dim=0).t()  # PML's distance(embeddings, normalized_W.t())
+
     def _logits(self, embeddings):
         """PML's: cosines over the temperature (N x C)."""
         return self._cosines(embeddings) / self.temperature

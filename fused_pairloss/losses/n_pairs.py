@@ -21,7 +21,7 @@ from ..ops import engines
 from ..ops._common import LOCAL, label_runs, logaddexp, normalize, zero_loss
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
-from ._base import _PairLoss, check_self_only, run_pair_loss
+from ._base import record_distance_stats, _PairLoss, check_self_only, run_pair_loss
 from ._reference_common import nan_in_nan_out
 from ._registry import LossEntry
 
@@ -92,6 +92,7 @@ class NPairsLoss(_PairLoss):
     """Drop-in for pytorch_metric_learning.losses.NPairsLoss (default DotProductSimilarity(), which
     normalizes: fused as cosine; labels required; no ref_emb, as in PML). An indices_tuple chooses the
     pairs as PML's convert_to_pos_pairs_with_unique_labels does, fused too. `num_pairs`: PML's stat."""
+    _distance_measures_the_batch = False  # PML's measures the pairs' anchors against their positives
     _refuses_ref = True  # PML: ref_emb is not supported
     _distances = ("cosine",)
     _reference = staticmethod(n_pairs_reference)
@@ -118,6 +119,8 @@ class NPairsLoss(_PairLoss):
         check_self_only(embeddings, labels, ref_emb, ref_labels, "NPairsLoss")
         pairs = unique_label_pairs(torch.as_tensor(labels, device=embeddings.device), indices_tuple)
         self.num_pairs = int(pairs[0].numel())
+        if self.num_pairs:
+            record_distance_stats(self.distance, embeddings[pairs[0]], embeddings[pairs[1]])
         from .._backends import resolve_backend
         backend = resolve_backend(self.backend, embeddings.device)
         if backend == "reference":  # NaN in, NaN out also where the tuple lists no pair of the NaN row

@@ -136,6 +136,9 @@ class P2SGradLoss(_ClassLoss):
             raise ValueError("P2SGradLoss: indices_tuple is not supported (as in PML)")
         return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
+    def _distance_ref_rows(self):
+        return None  # PML's P2SGradLoss does not call its distance
+
     def _call(self, embeddings, labels, weight):
         return p2s_grad_loss(embeddings, labels, weight, backend=self.backend)
 

@@ -104,6 +104,9 @@ class ProxyAnchorLoss(_ClassLoss):
         self._init_class((num_classes, embedding_size), backend, kwargs, (num_classes, embedding_size, margin, alpha),
                          init=_kaiming_normal_fan_out)
 
+    def _distance_ref_rows(self):
+        return self.proxies  # PML's distance(embeddings, proxies), proxies (C, D)
+
     def _call(self, embeddings, labels, proxies):
         return proxy_anchor_loss(embeddings, labels, proxies, margin=self.margin, alpha=self.alpha,
                                  backend=self.backend)

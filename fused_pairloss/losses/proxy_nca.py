@@ -135,6 +135,9 @@ class ProxyNCALoss(_ClassLoss):
             return self._reference_with_weights(embeddings, labels.to(embeddings.device), indices_tuple)
         return super()._fused_forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
+    def _distance_ref_rows(self):
+        return self.proxies  # PML's distance(embeddings, proxies), proxies (C, D)
+
     def _call(self, embeddings, labels, proxies):
         return proxy_nca_loss(embeddings, labels, proxies, backend=self.backend, **self._hyper())
 

@@ -125,6 +125,7 @@ def threshold_consistent_margin_loss(embeddings, labels, ref_emb=None, ref_label
 
 class ThresholdConsistentMarginLoss(_PairLoss):
     """Drop-in for pytorch_metric_learning.losses.ThresholdConsistentMarginLoss (CosineSimilarity)."""
+    _distance_measures_the_batch = False  # PML's loss does not call its distance on the batch
     _distances = ("cosine",)
     _cosine_only = True
     _reference = staticmethod(tcm_reference)
