@@ -1,7 +1,6 @@
 """What PML's forward accepts, the modules accept (docs/api.md "Bad input"), each against PML itself:
 float and bool labels, a ref_emb without ref_labels, ref_labels without a ref_emb, an empty batch,
 hyper-parameters given as tensors or numpy numbers; and the warnings point at the caller's line."""
-import copy
 import math
 import warnings
 
