@@ -75,13 +75,16 @@ def _copy_records(module, pml):
             object.__setattr__(module, stat, getattr(pml, stat))
 
 
-@torch.compiler.disable  # records Python numbers (.item())
 def record_distance_stats(distance, query, ref=None):
     """The stats a PML distance with collect_stats records when PML's loss calls it on query against
     ref (BaseDistance.set_default_stats: the rows' mean norms before and after its normalization);
     the fused paths measure in their engines and never call it."""
-    if not getattr(distance, "collect_stats", False) or not hasattr(distance, "set_default_stats"):
-        return
+    if getattr(distance, "collect_stats", False) and hasattr(distance, "set_default_stats"):
+        _set_distance_stats(distance, query, ref)
+
+
+@torch.compiler.disable  # records Python numbers (.item())
+def _set_distance_stats(distance, query, ref):
     with torch.no_grad():
         distance.reset_stats()
         query = query.detach()
