@@ -23,6 +23,10 @@ namespace cpu {
 enum class Isa : int { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
 const char* isa_name(Isa isa);
 
+// The row kernels (Smooth-AP, PNP, the coupled triplets) read whole 16-element chunks: their rows are
+// copied into buffers of this length, zero-padded.
+inline int64_t padded_row_length(int64_t n) { return (n + 15) / 16 * 16; }
+
 // ---- pair engine tiles --------------------------------------------------------------------------
 // One tile of S (for the distance: of the squared distances, Kernels::lp_tile_d2):
 // rows x cols, row stride ld, with the dense label ids of its rows and columns, the global row /

@@ -31,10 +31,6 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kLaneChunk = 16;  // the row kernels' padding
-
-int64_t padded(int64_t N) { return (N + kLaneChunk - 1) / kLaneChunk * kLaneChunk; }
-
 // The checks of a chunk of rows [first_row, first_row + c) of S, and of the positive scale (a
 // temperature) the kernels divide by: they carry column indices (and PNP its class ids) as T and
 // multiply by 1 / scale.
@@ -63,7 +59,7 @@ void check_chunk(const char* op, const Tensor& S, int64_t first_row, int64_t blo
 // scratch: another padded buffer of the thread.
 template <typename T, typename F>
 void for_each_row(const Tensor& S, const F& f) {
-  const int64_t c = S.size(0), N = S.size(1), pad = padded(N);
+  const int64_t c = S.size(0), N = S.size(1), pad = padded_row_length(N);
   const T* s = S.data_ptr<T>();
   glue::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> row(pad, T(0)), scratch(pad, T(0));
@@ -95,7 +91,7 @@ Tensor ranks_impl(const Tensor& S, int64_t first_row, int64_t block, double temp
 template <typename T>
 Tensor grad_impl(const Tensor& S, const Tensor& grad_ap, int64_t first_row, int64_t block, double temperature) {
   const Kernels<T>& K = active_kernels<T>();
-  const int64_t N = S.size(1), pad = padded(N);
+  const int64_t N = S.size(1), pad = padded_row_length(N);
   Tensor G = at::empty_like(S);
   T* out = G.data_ptr<T>();
   const T* g = grad_ap.data_ptr<T>();
@@ -127,7 +123,7 @@ void check_pnp(const char* op, const Tensor& S, const Tensor& class_ids, const T
 // A vector of N values, zero-padded to the row kernels' length.
 template <typename T>
 std::vector<T> padded_row(const Tensor& v) {
-  std::vector<T> out(padded(v.numel()), T(0));
+  std::vector<T> out(padded_row_length(v.numel()), T(0));
   std::copy(v.data_ptr<T>(), v.data_ptr<T>() + v.numel(), out.begin());
   return out;
 }
@@ -151,7 +147,7 @@ template <typename T>
 Tensor pnp_grad_impl(const Tensor& S, const Tensor& class_ids, const Tensor& positives, const Tensor& grad_rk,
                      int64_t first_row, double anneal) {
   const Kernels<T>& K = active_kernels<T>();
-  const int64_t N = S.size(1), P = positives.size(1), pad = padded(N);
+  const int64_t N = S.size(1), P = positives.size(1), pad = padded_row_length(N);
   const std::vector<T> ids = padded_row<T>(class_ids);
   Tensor G = at::empty_like(S);
   T* out = G.data_ptr<T>();
