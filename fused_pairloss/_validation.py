@@ -143,6 +143,23 @@ def check_pair_inputs(embeddings, labels, ref_emb, ref_labels):
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8)
 
 
+def index_tensors(indices_tuple, device):
+    """An indices_tuple whose entries are Python lists or numpy arrays of indices (PML's losses index
+    with them too) as tensors on `device` (an empty one int64); anything else as given, for
+    check_indices_tuple to judge."""
+    def listed(t):
+        return isinstance(t, (list, tuple)) or (hasattr(t, "__array__") and not isinstance(t, torch.Tensor))
+    if not isinstance(indices_tuple, (tuple, list)) or not any(listed(t) for t in indices_tuple):
+        return indices_tuple
+    out = []
+    for t in indices_tuple:
+        if listed(t):
+            t = torch.as_tensor(t, device=device)
+            t = t.long() if t.numel() == 0 else t
+        out.append(t)
+    return tuple(out)
+
+
 def check_indices_tuple(indices_tuple, n_rows, n_cols):
     """A miner's output as PML's losses index with it: a tuple (or list) of 3 (a, p, n) or 4 (a1, p,
     a2, n) 1-D integer tensors (empty ones of any dtype, as PML builds for float labels), each

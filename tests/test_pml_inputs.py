@@ -809,3 +809,14 @@ def test_collect_stats_set_after_construction_and_reset_as_pml(name, args):
     assert getattr(ours, stat) == pytest.approx(getattr(pml, stat), rel=1e-12)
     built_with.reset_stats()
     assert getattr(built_with, stat) == 0
+
+
+@pytest.mark.parametrize("name", ["TripletMarginLoss", "MarginLoss"])
+@pytest.mark.parametrize("as_", ["lists", "numpy"])
+def test_an_indices_tuple_of_lists_as_pml(name, as_):
+    """Python lists or numpy arrays of indices, which PML's triplet losses index with."""
+    x, y = batch(45, n=10)
+    listed = ([0, 1, 2, 2], [3, 4, 5, 5], [6, 7, 8, 9])
+    t = listed if as_ == "lists" else tuple(np.array(v) for v in listed)
+    ours, pml = getattr(fpl.losses, name)(), getattr(L, name)()
+    assert_same(value_and_grad(ours, x, y, t), value_and_grad(pml, x, y, listed))

@@ -571,7 +571,8 @@ class _PairLoss(_PmlFallback, _LossBase):
                 V.check_labels(ref_labels, 0, "ref_labels", "ref_emb")
             return empty_batch_loss(embeddings, self._empty_ref_value)
         if indices_tuple is not None and not self._labels_without_indices and _is_matrix(embeddings):
-            indices_tuple = V.check_indices_tuple(indices_tuple, embeddings.shape[0],
+            indices_tuple = V.check_indices_tuple(V.index_tensors(indices_tuple, embeddings.device),
+                                                  embeddings.shape[0],
                                                   (ref_emb if _is_matrix(ref_emb) else embeddings).shape[0])
         value = self._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         if self._distance_measures_the_batch:
@@ -907,7 +908,8 @@ class _ClassLoss(_PmlFallback, _LossBase):
             return empty_batch_loss(embeddings, self._empty_batch_value) + zero_loss(weights)
         if indices_tuple is not None:
             if _is_matrix(embeddings):  # PML's miner weights count every index as a row of labels
-                indices_tuple = V.check_indices_tuple(indices_tuple, embeddings.shape[0], embeddings.shape[0])
+                indices_tuple = V.check_indices_tuple(V.index_tensors(indices_tuple, embeddings.device),
+                                                      embeddings.shape[0], embeddings.shape[0])
             fused = self._fused_with_weights(embeddings, labels, indices_tuple, weights)
             if fused is not None:
                 return fused
