@@ -174,6 +174,7 @@ def test_groups_split_give_one_groups_result(option, monkeypatch):
         return (counts, sums, *torch.autograd.grad((sums * w).sum(), [qq, rr]))
     whole = run()
     monkeypatch.setattr(triplets, "CHUNK_ELEMENTS", 62 * 5)  # 5 rows or pairs a group
+    monkeypatch.setattr(triplets, "NATIVE_GROUP_ELEMENTS", 62 * 5)  # the compiled kernels' groups too
     parts = run()
     assert torch.equal(parts[0], whole[0])
     for k, (a, b) in enumerate(zip(parts[1:], whole[1:])):

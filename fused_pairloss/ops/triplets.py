@@ -406,13 +406,13 @@ triplet_bins_backward.register_fake(_fake_bins_backward)
 _register_pair(triplet_bins, triplet_bins_backward, None, _chunked(_bins))
 
 # ---- triplets whose term couples a positive and a negative (swap, smooth_loss) -------------------
-def _coupled_groups(labels_q, labels_r, exclude_col, m):
+def _coupled_groups(labels_q, labels_r, exclude_col, m, elements=CHUNK_ELEMENTS):
     """The (anchor, positive) pairs of the anchors that have a negative, in groups of at most
-    CHUNK_ELEMENTS / m pairs: anchors in label order (a group's anchors then share their positives'
+    `elements` / m pairs: anchors in label order (a group's anchors then share their positives'
     rows), each anchor's positives together in ascending column order. (a, p) index tensors, found
     by a binary search of each anchor's label among the sorted column labels (O(N + M + pairs)
     memory, a bounded run of anchors at a time)."""
-    step = max(1, CHUNK_ELEMENTS // max(m, 1))
+    step = max(1, elements // max(m, 1))
     anchors = torch.sort(labels_q, stable=True).indices
     sorted_r, order_r = torch.sort(labels_r, stable=True)
     first = torch.searchsorted(sorted_r, labels_q[anchors])
@@ -465,43 +465,57 @@ def coupled_terms(q, r, labels_q, labels_r, a, p, margin, lp, swap, smooth):
     return torch.where(on, term, torch.zeros_like(term)).sum(1), on.sum(1)
 
 
-def _add_rows_vjp(grad_q, grad_r, W, rows, u, q, r, lp):
-    """grad_q[rows] and grad_r += the gradient of sum(W * u) for u of the distinct `rows` of q
-    against r (u = d: d/dq_i |q_i - r_j| = (q_i - r_j) / d, 0 at d = 0; or u = -S)."""
-    if lp:
-        W = torch.where(u > 0, W / torch.where(u > 0, u, torch.ones_like(u)), torch.zeros_like(u))
-        if grad_q is not None:
-            grad_q.index_add_(0, rows, W.sum(1, keepdim=True) * q[rows] - W @ r)
-        if grad_r is not None:
-            grad_r += W.sum(0)[:, None] * r - W.t() @ q[rows]
-    else:
-        if grad_q is not None:
-            grad_q.index_add_(0, rows, -(W @ r))
-        if grad_r is not None:
-            grad_r -= W.t() @ q[rows]
+class _RowGrads:
+    """grad_q and grad_r (None where not needed) of the sum over groups of sum(W * u), u the u of a
+    group's distinct `rows` of q against r (u = d: d/dq_i |q_i - r_j| = (q_i - r_j) / d, 0 at d = 0;
+    or u = -S). Each group adds to grad_q's rows and, in place, W^T q[rows] to grad_r (one pass
+    over it a group); for d, r_j's own term (sum_i W_ij / d_ij) r_j is summed over the groups as a
+    column weight and added once (finish)."""
+
+    def __init__(self, q, r, lp, need_q, need_r):
+        self.q, self.r, self.lp = q, r, lp
+        self.grad_q = torch.zeros_like(q) if need_q else None
+        self.grad_r = torch.zeros_like(r) if need_r else None
+        self.column_weight = r.new_zeros(r.shape[0]) if need_r and lp else None
+
+    def add(self, W, rows, u):
+        q, r = self.q, self.r
+        if self.lp:
+            W = torch.where(u > 0, W / torch.where(u > 0, u, torch.ones_like(u)), torch.zeros_like(u))
+        if self.grad_q is not None:
+            self.grad_q.index_add_(0, rows, W.sum(1, keepdim=True) * q[rows] - W @ r if self.lp else -(W @ r))
+        if self.grad_r is not None:
+            self.grad_r.addmm_(W.t(), q[rows], alpha=-1)
+            if self.lp:
+                self.column_weight += W.sum(0)
+
+    def finish(self):
+        if self.column_weight is not None:
+            self.grad_r += self.column_weight[:, None] * self.r
+        return self.grad_q, self.grad_r
 
 
 def coupled_grads(grad_sums, q, r, labels_q, labels_r, exclude_col, margin, lp, swap, smooth, need_q, need_r):
     """(grad_q, grad_r) (None where not needed) of sum_i grad_i sums_i in q's dtype of stats: per
-    term on, g = grad_a relu'(x) = 1 or softplus'(x) = sigmoid(x); dL/du_ap = sum_n g, dL/du'_an =
-    -g, which goes to u_an or u_pn, whichever is smaller (half to each on a tie: torch's minimum),
-    then through u to the rows (_add_rows_vjp)."""
-    grad_q = torch.zeros_like(q) if need_q else None
-    grad_r = torch.zeros_like(r) if need_r else None
+    term on, g = grad_a relu'(x) = 1 or softplus'(x) (torch's: 1 above x = 20, else sigmoid(x));
+    dL/du_ap = sum_n g, dL/du'_an = -g, which goes to u_an or u_pn, whichever is smaller (half to
+    each on a tie: torch's minimum), then through u to the rows (_RowGrads)."""
+    grads = _RowGrads(q, r, lp, need_q, need_r)
     native = _native_coupled_ids(q, labels_q, labels_r)
-    for a, p in _coupled_groups(labels_q, labels_r, exclude_col, r.shape[0]):
+    elements = CHUNK_ELEMENTS if native is None else NATIVE_GROUP_ELEMENTS
+    for a, p in _coupled_groups(labels_q, labels_r, exclude_col, r.shape[0], elements):
         if native is not None:
             group = _NativeGroup(q, r, native, a, p, margin, lp, swap)
             Wa, Wpair = torch.ops.fused_pairloss.triplet_coupled_chunk_coefficients(
                 *group.operands, p, grad_sums[group.anchors].contiguous(), swap, smooth)
             W = Wa if not swap else torch.zeros_like(group.U).index_add_(0, group.anchor_rows, Wa).index_add_(
                 0, group.pos_rows, Wpair)
-            _add_rows_vjp(grad_q, grad_r, W, group.rows, group.U, q, r, lp)
+            grads.add(W, group.rows, group.U)
             continue
         x, negative, (da, ia, Ua), positives = _coupled_x(q, r, labels_q, labels_r, a, p, margin, lp, swap)
         term = torch.nn.functional.softplus(x) if smooth else torch.relu(x)
         on = negative & (term > 0)
-        slope = torch.sigmoid(x) if smooth else torch.ones_like(x)
+        slope = torch.where(x > 20, 1.0, torch.sigmoid(x)).to(x.dtype) if smooth else torch.ones_like(x)
         g = torch.where(on, slope, torch.zeros_like(x)) * grad_sums[a, None].to(x.dtype)
         W_anchor = torch.zeros_like(x).scatter_(1, p[:, None], g.sum(1, keepdim=True))
         if swap:
@@ -509,15 +523,18 @@ def coupled_grads(grad_sums, q, r, labels_q, labels_r, exclude_col, margin, lp, 
             ua, up = Ua[ia], Up[ip]
             to_an = torch.where(ua < up, 1.0, torch.where(ua == up, 0.5, 0.0)).to(x.dtype)
             W_anchor -= g * to_an
-            W_pos = torch.zeros_like(Up).index_add_(0, ip, -g * (1 - to_an))
-            _add_rows_vjp(grad_q, grad_r, W_pos, dp, Up, q, r, lp)
+            grads.add(torch.zeros_like(Up).index_add_(0, ip, -g * (1 - to_an)), dp, Up)
         else:
             W_anchor -= g
-        _add_rows_vjp(grad_q, grad_r, torch.zeros_like(Ua).index_add_(0, ia, W_anchor), da, Ua, q, r, lp)
-    return grad_q, grad_r
+        grads.add(torch.zeros_like(Ua).index_add_(0, ia, W_anchor), da, Ua)
+    return grads.finish()
 
 
 # The compiled CPU kernels of a group's terms (csrc/cpu/triplet_coupled_cpu.cpp), with their fake kernels.
+# Their groups hold no G x M terms, only the u rows read (and under swap G x M coefficients in the
+# backward): at most NATIVE_GROUP_ELEMENTS / M pairs a group, so that a group's products read r
+# for more rows at a time.
+NATIVE_GROUP_ELEMENTS = 1 << 22
 _native_coupled = CompiledRowKernels({
     "triplet_coupled_chunk_sums":
         lambda U, class_ids, anchor_ids, anchor_rows, pair_offsets, pair_x0, pos_rows, swap, smooth: (
@@ -575,8 +592,9 @@ def triplet_coupled_rows(q: torch.Tensor, r: torch.Tensor, labels_q: torch.Tenso
     sums = qa.new_zeros(q.shape[0])
     counts = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
     native = _native_coupled_ids(qa, labels_q, labels_r)
+    elements = CHUNK_ELEMENTS if native is None else NATIVE_GROUP_ELEMENTS
     with torch.no_grad(), _no_autocast(q.device):
-        for a, p in _coupled_groups(labels_q, labels_r, exclude_col, r.shape[0]):
+        for a, p in _coupled_groups(labels_q, labels_r, exclude_col, r.shape[0], elements):
             if native is None:
                 s, c = coupled_terms(qa, ra, labels_q, labels_r, a, p, margin, lp, swap, smooth)
             else:
