@@ -417,8 +417,10 @@ def margin_windows(miner, distance=None):
 def _versions(*inputs):
     """The in-place version counters of the tensors among `inputs` (None for anything else): a
     miner's inputs changed in place since it mined (an optimizer step, a refilled label buffer) no
-    longer hold its pairs, which the loss then reads from the list, as PML does."""
-    return tuple(t._version if isinstance(t, torch.Tensor) else None for t in inputs)
+    longer hold its pairs, which the loss then reads from the list, as PML does. An inference
+    tensor has no counter: a fresh object, equal to no other, so its pairs are always read."""
+    return tuple(None if not isinstance(t, torch.Tensor) else object() if t.is_inference() else t._version
+                 for t in inputs)
 
 
 class _Mined(tuple):

@@ -11,14 +11,14 @@ slot index), the rule the engines use for every self exclusion.
 """
 from __future__ import annotations
 
-import copy
 import functools
 
 import torch
 
 from . import _validation as V
 from ._distributed import FUSED_PAIR_CALLS, DistributedBatch, agreed_layout, fused_pair_plan
-from .losses._base import _collect_stats, _distance_name, _has_short_row, _on_device_of, pml_base
+from .losses._base import (_collect_stats, _distance_name, _has_short_row, _on_device_of, pml_base,
+                           record_distance_stats)
 from .losses._reference_common import nan_in_nan_out
 from .losses.triplet_margin import TripletMarginLoss, all_triplet_distance_means, miner_triplet_counts
 from .ops._common import LOCAL, zero_loss
@@ -355,7 +355,7 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
         if plan is None:
             loss, miner = self.loss, self.miner
             epsilon = getattr(loss, "miner_epsilon", None)
-            if epsilon is not None and getattr(loss, "_pml", None) is None and indices_tuple is None:
+            if epsilon is not None and indices_tuple is None:
                 # the loss's miner_epsilon means miner=MultiSimilarityMiner(epsilon) here (the fused
                 # step's rule): PML's steps with that miner, and the loss without its own
                 if miner is not None:
@@ -363,14 +363,24 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
                                      "not both")
                 from pytorch_metric_learning.miners import MultiSimilarityMiner
                 miner = MultiSimilarityMiner(epsilon=epsilon, distance=loss.distance)
-                loss = copy.copy(loss)
-                loss.miner_epsilon = None
             indices_tuple = self._create_indices_tuple(miner, embeddings, labels, E_mem, L_mem, indices_tuple,
                                                        remove_self)
-            return loss(embeddings, labels, indices_tuple, E_mem, L_mem)
+            if epsilon is None or miner is self.miner:
+                return loss(embeddings, labels, indices_tuple, E_mem, L_mem)
+            object.__setattr__(loss, "miner_epsilon", None)  # for this call only: the module stays the user's
+            try:
+                return loss(embeddings, labels, indices_tuple, E_mem, L_mem)
+            finally:
+                object.__setattr__(loss, "miner_epsilon", epsilon)
         fn, hyper = plan
         excl = self._self_slots(len(embeddings)) if remove_self else None
-        return self._fused(fn, hyper, embeddings, labels, E_mem, L_mem, excl, LOCAL)
+        value = self._fused(fn, hyper, embeddings, labels, E_mem, L_mem, excl, LOCAL)
+        # the stats of the distances PML's steps call (collect_stats): the miner's and the loss's,
+        # on the query rows against the memory
+        for measuring in (self.miner, self.loss):
+            if measuring is not None and getattr(measuring, "_distance_measures_the_batch", True):
+                record_distance_stats(getattr(measuring, "distance", None), embeddings, E_mem)
+        return value
 
     def _miner_recorder(self, backend, hyper, batch, rule=None):
         """PML's step calls the miner on the queries against the memory, the self slots included,

@@ -472,3 +472,34 @@ def test_float_and_bool_labels_as_pml():
             assert torch.equal(ours.label_memory, theirs.label_memory.long()), f"step {t}"
     with pytest.raises(ValueError, match="labels"):
         fpl.CrossBatchMemory(fpl.ContrastiveLoss(), D, M)(torch.randn(3, D), torch.tensor([0.5, 1.0, 2.0]))
+
+
+DISTANCE_STATS = ("initial_avg_query_norm", "initial_avg_ref_norm", "final_avg_query_norm", "final_avg_ref_norm")
+
+
+@pytest.mark.parametrize("name", ["ContrastiveLoss", "MultiSimilarityLoss", "TripletMarginLoss"])
+def test_distances_collecting_stats_record_pmls(name):
+    """The loss's and the miner's distances with collect_stats, on the fused step: the stats of
+    PML's steps (the query rows against the memory)."""
+    sides = []
+    for losses, miner_cls, memory in ((fpl, fpl.miners.TripletMarginMiner, fpl.CrossBatchMemory),
+                                      (L, miners.TripletMarginMiner, L.CrossBatchMemory)):
+        loss = getattr(losses, name)(distance=Dm.LpDistance(collect_stats=True))
+        miner = miner_cls(0.3, distance=Dm.LpDistance(collect_stats=True))
+        xbm = memory(loss, D, memory_size=16, miner=miner if name == "TripletMarginLoss" else None)
+        for x, y, _ in batches(51):
+            step(xbm, x * 3, y)
+        sides.append([getattr(d, s) for d in (loss.distance, miner.distance) for s in DISTANCE_STATS])
+    assert sides[0] == pytest.approx(sides[1], rel=1e-12)
+
+
+def test_miner_epsilon_with_a_reducer_as_pmls_miner():
+    """MultiSimilarityLoss(miner_epsilon=e) computed by PML (a reducer): PML's memory with
+    MultiSimilarityMiner(e); the module keeps its miner_epsilon."""
+    from pytorch_metric_learning import reducers
+    ours = fpl.CrossBatchMemory(fpl.MultiSimilarityLoss(miner_epsilon=0.1, reducer=reducers.SumReducer()), D,
+                                memory_size=16)
+    theirs = L.CrossBatchMemory(L.MultiSimilarityLoss(reducer=reducers.SumReducer()), D, memory_size=16,
+                                miner=miners.MultiSimilarityMiner(0.1))
+    run_against_pml(ours, theirs, batches(52), "miner_epsilon with a reducer")
+    assert ours.loss.miner_epsilon == 0.1

@@ -656,3 +656,13 @@ def test_inputs_changed_in_place_after_mining_read_the_list(miner, loss, kw, cha
     (w,) = torch.autograd.grad(want, x)
     check_close(got, want, what="value")
     check_close(g, w, what="grad")
+
+
+def test_mined_under_inference_mode_as_pml():
+    """Inference tensors keep no version counter: the loss reads the mined list (PML's value)."""
+    x, y, _, _ = batch("self", n=24, seed=33)
+    with torch.inference_mode():
+        x = x.detach().clone()
+        ours = fpl.CircleLoss()(x, y, miners.PairMarginMiner(0.2, 0.8)(x, y))
+        want = pml_losses.CircleLoss()(x, y, pml_miners.PairMarginMiner(0.2, 0.8)(x, y))
+    check_close(ours, want, what="value")
