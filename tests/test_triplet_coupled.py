@@ -349,3 +349,32 @@ def test_a_ref_of_one_class_has_no_triplet(option):
     for a, b in zip(torch.autograd.grad(got, [x, r], allow_unused=True),
                     torch.autograd.grad(want, [x, r], allow_unused=True, materialize_grads=True)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_a_subnormal_term_counts_as_pmls(dtype):
+    """Normal inputs whose similarity is a subnormal (1e-39 in fp32, 1e-320 in fp64): the kernels
+    keep subnormals (no flush to zero), so a hinge term x that is one counts in AvgNonZero as PML's."""
+    tiny = 1e-20 if dtype == torch.float32 else 1e-160
+    x = torch.tensor([[tiny, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [10 * tiny, 0.0, 0.0, 1.0],
+                      [0.0, 0.8, 0.6, 0.0]], dtype=dtype, requires_grad=True)
+    y = torch.tensor([0, 0, 1, 1])
+    kw = dict(margin=0.0, swap=True, distance=CosineSimilarity())
+    ours, pml = fpl.TripletMarginLoss(**kw), pml_losses.TripletMarginLoss(**kw)
+    check_against_pml(ours, pml, (x, y), [x], dtype)
+
+
+def test_fp64_softplus_counts_its_subnormal_terms(monkeypatch):
+    """fp64 softplus is a subnormal positive for x in about (-745, -708): counted as torch's."""
+    if not triplets._native_coupled(torch.ones(1)):
+        pytest.skip("the library was built without the CPU kernels")
+    g = torch.Generator().manual_seed(26)
+    q = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    q[:, 0] += 730.0 * (torch.arange(40) % 2)  # two classes 730 apart: x about -730 + (u_ap)
+    y = torch.arange(40) % 2
+    args = (q, q, y, y, torch.arange(40), 0.0, True, False, True)
+    native = run_op(*args)
+    monkeypatch.setattr(triplets, "_native_coupled_ids", lambda *a: None)
+    pytorch = run_op(*args)
+    assert native[0].sum() > 0
+    assert torch.equal(native[0], pytorch[0])

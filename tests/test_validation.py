@@ -129,7 +129,8 @@ _A, _P, _N = torch.tensor([0, 2, 4]), torch.tensor([1, 3, 5]), torch.tensor([2, 
 MALFORMED_TUPLES = {
     "float": ((_A.float() + 0.7, _P.float(), _N.float()), TypeError, "integer"),
     "stacked": (torch.stack([_A, _P, _N]), TypeError, "tuple"),
-    "lists": ((_A.tolist(), _P.tolist(), _N.tolist()), TypeError, "tensor"),
+    # lists of indices are taken as tensors (PML's triplet losses index with them); of floats, not
+    "float_lists": (((_A + 0.5).tolist(), _P.tolist(), _N.tolist()), TypeError, "integer"),
     "column": ((_A[:, None], _P[:, None], _N[:, None]), ValueError, "1-D"),
     "two": ((_A, _P), ValueError, "3 .* or 4"),
     "five": ((_A, _P, _A, _N, _N), ValueError, "3 .* or 4"),

@@ -1,7 +1,9 @@
 // CPU kernels of TripletMarginLoss's swap / smooth_loss terms on a group of (anchor, positive) pairs
 // (fused_pairloss/ops/triplets.py, triplet_coupled_rows: the group's u rows and the products with
 // the embeddings are its own). Each anchor's pairs are walked by one thread, one padded row at a
-// time, so the result does not depend on the thread count.
+// time, so the result does not depend on the thread count. Unlike the engines' work items, these
+// run with subnormals kept (no FTZ / DAZ): a term x that is itself a subnormal counts as PML's, and
+// there are no GEMMs here for subnormals to slow down.
 //
 // U (k x M): u rows of the group (distances, or -S) against the M columns; anchor_rows[i] the row of
 // U of anchor i, its pairs [pair_offsets[i], pair_offsets[i + 1]); per pair its x0 = u_ap + margin,
@@ -14,6 +16,7 @@
 //                  swap) = the same with respect to each pair's positive row (the caller adds the
 //                  pairs' rows into U's).
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -21,7 +24,6 @@
 #include <vector>
 
 #include "cpu/cpu_kernels.h"
-#include "cpu/engine_glue.h"
 
 namespace fpl {
 namespace cpu {
@@ -83,7 +85,7 @@ std::tuple<Tensor, Tensor> sums_impl(const Tensor& U, const Tensor& class_ids, c
   const int64_t* pr = swap ? pos_rows.data_ptr<int64_t>() : nullptr;
   T* out_sum = sums.data_ptr<T>();
   int64_t* out_count = counts.data_ptr<int64_t>();
-  glue::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> ua(pad, T(0)), up(pad, T(0));
     for (int64_t i = begin; i < end; ++i) {
       load_row(u + rows[i] * M, M, ua);
@@ -120,7 +122,7 @@ std::tuple<Tensor, Tensor> coefficients_impl(const Tensor& U, const Tensor& clas
   const int64_t *rows = anchor_rows.data_ptr<int64_t>(), *off = pair_offsets.data_ptr<int64_t>();
   const int64_t *pr = swap ? pos_rows.data_ptr<int64_t>() : nullptr, *p = cols.data_ptr<int64_t>();
   T *wa = Wa.data_ptr<T>(), *wpair = Wpair.data_ptr<T>();
-  glue::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> ua(pad, T(0)), up(pad, T(0)), wa_row(pad), wp_row(pad);
     for (int64_t i = begin; i < end; ++i) {
       load_row(u + rows[i] * M, M, ua);
