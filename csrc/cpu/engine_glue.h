@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cstdint>
 #include <exception>
+#include <vector>
 #if defined(__SSE2__) || defined(_M_X64)
 #include <xmmintrin.h>
 #endif
@@ -124,6 +125,15 @@ template <typename T>
 void add_norm_gradient(T* dx, const T* x, const T* gsum, int64_t n, int64_t Dp) {
   for (int64_t i = 0; i < n; ++i)
     for (int64_t d = 0; d < Dp; ++d) dx[i * Dp + d] -= gsum[i] * x[i * Dp + d];
+}
+
+// A vector of values (contiguous, of type T) copied into a buffer zero-padded to the row kernels'
+// length (padded_row_length).
+template <typename T>
+std::vector<T> padded_row(const Tensor& v) {
+  std::vector<T> out(padded_row_length(v.numel()), T(0));
+  std::copy(v.data_ptr<T>(), v.data_ptr<T>() + v.numel(), out.begin());
+  return out;
 }
 
 template <typename T>

@@ -120,20 +120,12 @@ void check_pnp(const char* op, const Tensor& S, const Tensor& class_ids, const T
     TORCH_CHECK(pos[k] >= -1 && pos[k] < N, op, ": positives must be columns of S or -1; got ", pos[k]);
 }
 
-// A vector of N values, zero-padded to the row kernels' length.
-template <typename T>
-std::vector<T> padded_row(const Tensor& v) {
-  std::vector<T> out(padded_row_length(v.numel()), T(0));
-  std::copy(v.data_ptr<T>(), v.data_ptr<T>() + v.numel(), out.begin());
-  return out;
-}
-
 template <typename T>
 Tensor pnp_ranks_impl(const Tensor& S, const Tensor& class_ids, const Tensor& positives, int64_t first_row,
                       double anneal) {
   const Kernels<T>& K = active_kernels<T>();
   const int64_t N = S.size(1), P = positives.size(1);
-  const std::vector<T> ids = padded_row<T>(class_ids);
+  const std::vector<T> ids = glue::padded_row<T>(class_ids);
   Tensor rk = at::empty({S.size(0), P}, S.options());
   T* out = rk.data_ptr<T>();
   const int64_t* pos = positives.data_ptr<int64_t>();
@@ -148,7 +140,7 @@ Tensor pnp_grad_impl(const Tensor& S, const Tensor& class_ids, const Tensor& pos
                      int64_t first_row, double anneal) {
   const Kernels<T>& K = active_kernels<T>();
   const int64_t N = S.size(1), P = positives.size(1), pad = padded_row_length(N);
-  const std::vector<T> ids = padded_row<T>(class_ids);
+  const std::vector<T> ids = glue::padded_row<T>(class_ids);
   Tensor G = at::empty_like(S);
   T* out = G.data_ptr<T>();
   const int64_t* pos = positives.data_ptr<int64_t>();

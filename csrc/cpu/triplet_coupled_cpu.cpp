@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cpu/cpu_kernels.h"
+#include "cpu/engine_glue.h"  // padded_row
 
 namespace fpl {
 namespace cpu {
@@ -64,20 +65,13 @@ void check_group(const char* op, const Tensor& U, const Tensor& class_ids, const
   }
 }
 
-// A row of U (or any M values) copied into a zero-padded buffer.
-template <typename T>
-void load_row(const T* src, int64_t M, std::vector<T>& dst) {
-  std::copy(src, src + M, dst.begin());
-}
-
 template <typename T>
 std::tuple<Tensor, Tensor> sums_impl(const Tensor& U, const Tensor& class_ids, const Tensor& anchor_ids,
                                      const Tensor& anchor_rows, const Tensor& pair_offsets, const Tensor& pair_x0,
                                      const Tensor& pos_rows, bool swap, bool smooth) {
   const Kernels<T>& K = active_kernels<T>();
   const int64_t M = U.size(1), c = anchor_rows.numel(), pad = padded_row_length(M);
-  std::vector<T> ids(pad, T(0));
-  load_row(class_ids.data_ptr<T>(), M, ids);
+  const std::vector<T> ids = glue::padded_row<T>(class_ids);
   Tensor sums = at::zeros({c}, U.options());
   Tensor counts = at::zeros({c}, U.options().dtype(at::kLong));
   const T *u = U.data_ptr<T>(), *own = anchor_ids.data_ptr<T>(), *x0 = pair_x0.data_ptr<T>();
@@ -88,11 +82,11 @@ std::tuple<Tensor, Tensor> sums_impl(const Tensor& U, const Tensor& class_ids, c
   at::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> ua(pad, T(0)), up(pad, T(0));
     for (int64_t i = begin; i < end; ++i) {
-      load_row(u + rows[i] * M, M, ua);
+      std::copy(u + rows[i] * M, u + rows[i] * M + M, ua.begin());
       T total = T(0);
       int64_t number = 0;
       for (int64_t g = off[i]; g < off[i + 1]; ++g) {
-        if (swap) load_row(u + pr[g] * M, M, up);
+        if (swap) std::copy(u + pr[g] * M, u + pr[g] * M + M, up.begin());
         T sum;
         int64_t count;
         K.triplet_coupled_pair_sums(ua.data(), swap ? up.data() : nullptr, ids.data(), M, own[i], x0[g], smooth, &sum,
@@ -114,8 +108,7 @@ std::tuple<Tensor, Tensor> coefficients_impl(const Tensor& U, const Tensor& clas
                                              const Tensor& grad, bool swap, bool smooth) {
   const Kernels<T>& K = active_kernels<T>();
   const int64_t M = U.size(1), c = anchor_rows.numel(), G = pair_x0.numel(), pad = padded_row_length(M);
-  std::vector<T> ids(pad, T(0));
-  load_row(class_ids.data_ptr<T>(), M, ids);
+  const std::vector<T> ids = glue::padded_row<T>(class_ids);
   Tensor Wa = at::empty({c, M}, U.options());
   Tensor Wpair = at::empty({swap ? G : 0, M}, U.options());
   const T *u = U.data_ptr<T>(), *own = anchor_ids.data_ptr<T>(), *x0 = pair_x0.data_ptr<T>(), *g = grad.data_ptr<T>();
@@ -125,11 +118,11 @@ std::tuple<Tensor, Tensor> coefficients_impl(const Tensor& U, const Tensor& clas
   at::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> ua(pad, T(0)), up(pad, T(0)), wa_row(pad), wp_row(pad);
     for (int64_t i = begin; i < end; ++i) {
-      load_row(u + rows[i] * M, M, ua);
+      std::copy(u + rows[i] * M, u + rows[i] * M + M, ua.begin());
       std::fill(wa_row.begin(), wa_row.end(), T(0));
       for (int64_t k = off[i]; k < off[i + 1]; ++k) {
         if (swap) {
-          load_row(u + pr[k] * M, M, up);
+          std::copy(u + pr[k] * M, u + pr[k] * M + M, up.begin());
           std::fill(wp_row.begin(), wp_row.end(), T(0));
         }
         const T d_x0 =

@@ -885,8 +885,10 @@ class _ClassLoss(_PmlFallback, _LossBase):
         if self._pml is not None:
             return self._run_pml(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         value = self._fused_forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        if getattr(self.distance, "collect_stats", False) and self._distance_ref_rows() is not None:
-            record_distance_stats(self.distance, embeddings, self._distance_ref_rows())
+        if getattr(self.distance, "collect_stats", False):  # (rows are built only then)
+            rows = self._distance_ref_rows()
+            if rows is not None:
+                record_distance_stats(self.distance, embeddings, rows)
         return self._as_pml_dtype(value, embeddings)
 
     def _distance_ref_rows(self):
