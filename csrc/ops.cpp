@@ -151,14 +151,15 @@ TORCH_LIBRARY(fused_pairloss, m) {
   // (fused_pairloss/ops/triplets.py): per anchor (a row of U, its pairs by pair_offsets) the sum and
   // the number of the kept terms over its pairs and their negatives (class_ids against anchor_ids);
   // and the gradient of sum_i grad_i sums_i with respect to the anchors' rows of U (Wa) and each
-  // pair's positive row (Wpair, with swap).
+  // pair's positive row (Wpair, with swap), for lp divided by u; and U, the u of rows of q against r.
   m.def(
       "triplet_coupled_chunk_sums(Tensor U, Tensor class_ids, Tensor anchor_ids, Tensor anchor_rows, "
       "Tensor pair_offsets, Tensor pair_x0, Tensor pos_rows, bool swap, bool smooth) -> (Tensor sums, Tensor counts)");
   m.def(
       "triplet_coupled_chunk_coefficients(Tensor U, Tensor class_ids, Tensor anchor_ids, Tensor anchor_rows, "
-      "Tensor pair_offsets, Tensor pair_x0, Tensor pos_rows, Tensor cols, Tensor grad, bool swap, bool smooth) "
-      "-> (Tensor Wa, Tensor Wpair)");
+      "Tensor pair_offsets, Tensor pair_x0, Tensor pos_rows, Tensor cols, Tensor grad, bool swap, bool smooth, "
+      "bool lp) -> (Tensor Wa, Tensor Wpair)");
+  m.def("triplet_u_rows(Tensor q, Tensor r, bool lp) -> Tensor");
   m.def("build_config() -> str", &build_config);
   m.def("describe_pair_spec(float[] terms, int flags) -> str", &describe_pair_spec);
   m.def("describe_class_spec(float[] terms, int flags, int centers_per_class) -> str", &describe_class_spec);

@@ -160,6 +160,47 @@ def test_opcheck(option, lp, ref):
                               (torch.ones_like(sums), q.detach(), r.detach(), *args[2:], *need))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("lp", [True, False], ids=["lp", "cosine"])
+def test_compiled_group_ops(lp, dtype):
+    """The three compiled ops of a group (csrc/cpu/triplet_coupled_cpu.cpp): opcheck (schema, fake
+    kernel); triplet_u_rows against PyTorch's u (within the dtype's bound; a duplicated row exactly 0
+    apart, a NaN row NaN); the lp coefficients are the plain ones over u; their argument checks."""
+    q, r, lq, lr, ex = op_args(12, 3, seed=9, ref=True)
+    q, r = q.to(dtype), r.to(dtype)
+    if not triplets._native_coupled(q):
+        pytest.skip("the library was built without the CPU kernels")
+    ops = torch.ops.fused_pairloss
+    torch.library.opcheck(ops.triplet_u_rows.default, (q, r, lp))  # (opcheck's comparisons: no NaN)
+    r = torch.cat([r, q[:1], torch.full_like(q[:1], float("nan"))])
+    lr = torch.cat([lr, lq[:1], lq[:1]])
+    U = ops.triplet_u_rows(q, r, lp)
+    check_close(U[:, :-1], triplets.triplet_u(q.double(), r[:-1].double(), lp), triplets.triplet_u(q, r[:-1], lp),
+                what="u")
+    assert U[:, -1].isnan().all()
+    if lp:
+        assert U[0, -2] == 0
+    r, lr = r[:-1], lr[:-1]
+    a, p = next(triplets._coupled_groups(lq, lr, torch.full((12,), -1), r.shape[0]))
+    ids = triplets._native_coupled_ids(q, lq, lr)
+    for swap in (False, True):
+        group = triplets._NativeGroup(q, r, ids, a, p, 0.2, lp, swap)
+        grad = torch.linspace(0.5, 1.5, group.anchors.numel(), dtype=dtype)
+        torch.library.opcheck(ops.triplet_coupled_chunk_sums.default, (*group.operands, swap, True))
+        args = (*group.operands, p, grad, swap, True)
+        torch.library.opcheck(ops.triplet_coupled_chunk_coefficients.default, (*args, lp))
+        plain, divided = ops.triplet_coupled_chunk_coefficients(*args, False), ops.triplet_coupled_chunk_coefficients(
+            *args, lp)
+        for k, rows in enumerate([group.anchor_rows, group.pos_rows]):
+            u = group.U[rows]
+            expected = torch.where(u > 0, plain[k] / torch.where(u > 0, u, 1), 0) if lp else plain[k]
+            assert torch.equal(divided[k], expected)
+    with pytest.raises(RuntimeError, match="one width"):
+        ops.triplet_u_rows(q, r[:, :2], lp)
+    with pytest.raises(RuntimeError, match="both be float32 or both float64"):
+        ops.triplet_u_rows(q, r.to(torch.float16), lp)
+
+
 @pytest.mark.parametrize("option", list(COUPLED))
 def test_groups_split_give_one_groups_result(option, monkeypatch):
     """Two classes (about 30 positives a row): the pairs of a chunk of rows in several groups, the

@@ -14,7 +14,11 @@
 //   sums:          per anchor, the sum of its pairs' kept terms and their number;
 //   coefficients:  Wa (c x M) = d(sum_i grad_i sums_i) / d u of the anchors' rows, Wpair (G x M,
 //                  swap) = the same with respect to each pair's positive row (the caller adds the
-//                  pairs' rows into U's).
+//                  pairs' rows into U's); for lp each divided by its u (0 where u = 0), the
+//                  coefficient of the rows' difference q_i - r_j (d d_ij / d q_i = (q_i - r_j) / d_ij).
+// And U itself (triplet_u_rows): u of rows of q against every row of r by the engines' GEMM and
+// their distance (engine_glue.h UStrips: an element's bits depend on its two rows only), one pass
+// where PyTorch's q @ r^T and its distance take a dozen.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -24,13 +28,16 @@
 #include <vector>
 
 #include "cpu/cpu_kernels.h"
-#include "cpu/engine_glue.h"  // padded_row
+#include "cpu/engine_glue.h"  // padded_row, UStrips
 
 namespace fpl {
 namespace cpu {
 namespace {
 
 using at::Tensor;
+
+constexpr int64_t kStripElements = int64_t(1) << 18;  // u entries of one strip, at most
+constexpr int64_t kMaxStripRows = 64;                 // strips enough for every thread on a group's rows
 
 bool is_cpu_vector(const Tensor& t, at::ScalarType dtype, int64_t n) {
   return t.device().is_cpu() && t.dim() == 1 && t.size(0) == n && t.scalar_type() == dtype && t.is_contiguous();
@@ -105,9 +112,17 @@ template <typename T>
 std::tuple<Tensor, Tensor> coefficients_impl(const Tensor& U, const Tensor& class_ids, const Tensor& anchor_ids,
                                              const Tensor& anchor_rows, const Tensor& pair_offsets,
                                              const Tensor& pair_x0, const Tensor& pos_rows, const Tensor& cols,
-                                             const Tensor& grad, bool swap, bool smooth) {
+                                             const Tensor& grad, bool swap, bool smooth, bool lp) {
   const Kernels<T>& K = active_kernels<T>();
   const int64_t M = U.size(1), c = anchor_rows.numel(), G = pair_x0.numel(), pad = padded_row_length(M);
+  // for lp, a row of coefficients over its row of u (0 where u = 0, NaN included: torch.where(u > 0))
+  auto per_difference = [&](const std::vector<T>& w, const std::vector<T>& u_row, T* out) {
+    if (!lp) {
+      std::copy(w.begin(), w.begin() + M, out);
+      return;
+    }
+    for (int64_t j = 0; j < M; ++j) out[j] = u_row[j] > T(0) ? w[j] / u_row[j] : T(0);
+  };
   const std::vector<T> ids = glue::padded_row<T>(class_ids);
   Tensor Wa = at::empty({c, M}, U.options());
   Tensor Wpair = at::empty({swap ? G : 0, M}, U.options());
@@ -129,12 +144,40 @@ std::tuple<Tensor, Tensor> coefficients_impl(const Tensor& U, const Tensor& clas
             K.triplet_coupled_pair_coefficients(ua.data(), swap ? up.data() : nullptr, ids.data(), M, own[i], x0[k],
                                                 smooth, g[i], wa_row.data(), swap ? wp_row.data() : nullptr);
         wa_row[p[k]] += d_x0;  // x0 = u_ap + margin
-        if (swap) std::copy(wp_row.begin(), wp_row.begin() + M, wpair + k * M);
+        if (swap) per_difference(wp_row, up, wpair + k * M);
       }
-      std::copy(wa_row.begin(), wa_row.begin() + M, wa + i * M);
+      per_difference(wa_row, ua, wa + i * M);
     }
   });
   return {Wa, Wpair};
+}
+
+template <typename T>
+Tensor u_rows_impl(const Tensor& q, const Tensor& r, bool lp) {
+  const int64_t k = q.size(0), M = r.size(0);
+  Tensor U = at::empty({k, M}, q.options());
+  if (k == 0 || M == 0) return U;
+  const glue::UStrips<T> strips(active_kernels<T>(), q, r, lp, kStripElements, kMaxStripRows);
+  const int64_t ld = strips.ld;
+  T* out = U.data_ptr<T>();
+  at::parallel_for(0, strips.strips(), 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> strip(strips.strip_rows * ld);
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t i0 = s * strips.strip_rows, ti = std::min(strips.strip_rows, k - i0);
+      strips.fill(i0, ti, strip.data());
+      for (int64_t i = 0; i < ti; ++i) std::copy(strip.data() + i * ld, strip.data() + i * ld + M, out + (i0 + i) * M);
+    }
+  });
+  return U;
+}
+
+Tensor triplet_u_rows_cpu(const Tensor& q, const Tensor& r, bool lp) {
+  TORCH_CHECK(q.device().is_cpu() && r.device().is_cpu() && q.dim() == 2 && r.dim() == 2 && q.size(1) == r.size(1),
+              "triplet_u_rows: q and r must be 2-D CPU tensors of one width");
+  TORCH_CHECK(q.scalar_type() == r.scalar_type() && (q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble),
+              "triplet_u_rows: q and r must both be float32 or both float64");
+  if (q.scalar_type() == at::kDouble) return u_rows_impl<double>(q.contiguous(), r.contiguous(), lp);
+  return u_rows_impl<float>(q.contiguous(), r.contiguous(), lp);
 }
 
 std::tuple<Tensor, Tensor> triplet_coupled_chunk_sums_cpu(const Tensor& U, const Tensor& class_ids,
@@ -152,7 +195,7 @@ std::tuple<Tensor, Tensor> triplet_coupled_chunk_coefficients_cpu(const Tensor& 
                                                                   const Tensor& anchor_ids, const Tensor& anchor_rows,
                                                                   const Tensor& pair_offsets, const Tensor& pair_x0,
                                                                   const Tensor& pos_rows, const Tensor& cols,
-                                                                  const Tensor& grad, bool swap, bool smooth) {
+                                                                  const Tensor& grad, bool swap, bool smooth, bool lp) {
   const char* op = "triplet_coupled_chunk_coefficients";
   check_group(op, U, class_ids, anchor_ids, anchor_rows, pair_offsets, pair_x0, pos_rows, swap);
   TORCH_CHECK(is_cpu_vector(cols, at::kLong, pair_x0.numel()), op,
@@ -164,9 +207,9 @@ std::tuple<Tensor, Tensor> triplet_coupled_chunk_coefficients_cpu(const Tensor& 
               ": grad must be a contiguous CPU vector of U's dtype, one per anchor");
   if (U.scalar_type() == at::kDouble)
     return coefficients_impl<double>(U, class_ids, anchor_ids, anchor_rows, pair_offsets, pair_x0, pos_rows, cols, grad,
-                                     swap, smooth);
+                                     swap, smooth, lp);
   return coefficients_impl<float>(U, class_ids, anchor_ids, anchor_rows, pair_offsets, pair_x0, pos_rows, cols, grad,
-                                  swap, smooth);
+                                  swap, smooth, lp);
 }
 
 }  // namespace
@@ -176,4 +219,5 @@ std::tuple<Tensor, Tensor> triplet_coupled_chunk_coefficients_cpu(const Tensor& 
 TORCH_LIBRARY_IMPL(fused_pairloss, CPU, m) {
   m.impl("triplet_coupled_chunk_sums", &fpl::cpu::triplet_coupled_chunk_sums_cpu);
   m.impl("triplet_coupled_chunk_coefficients", &fpl::cpu::triplet_coupled_chunk_coefficients_cpu);
+  m.impl("triplet_u_rows", &fpl::cpu::triplet_u_rows_cpu);
 }

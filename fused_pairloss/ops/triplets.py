@@ -41,11 +41,13 @@ CHUNK_ELEMENTS = 1 << 20
 
 
 def triplet_u(q, r, lp):
-    """u = d (accurate near d = 0 as the engines: docs/design.md "Numerics") or -S."""
+    """u = d (accurate near d = 0 as the engines: docs/design.md "Numerics") or -S; a NaN d2 stays
+    NaN, as in the engines' u (its pairs then hold no term, as PML's NaN distances)."""
     s = q @ r.t()
     if not lp:
         return -s
-    return lp_distances(lp_squared_distances(s, q, r))
+    d2 = lp_squared_distances(s, q, r)
+    return torch.where(d2.isnan(), d2, lp_distances(d2))
 
 
 def _chunk_sets(q, r, labels_q, labels_r, exclude_col, lp):
@@ -478,9 +480,11 @@ class _RowGrads:
         self.grad_r = torch.zeros_like(r) if need_r else None
         self.column_weight = r.new_zeros(r.shape[0]) if need_r and lp else None
 
-    def add(self, W, rows, u):
+    def add(self, W, rows, u, per_difference=False):
+        """per_difference: W is already the coefficients of the rows' differences (for d: W / d, the
+        compiled kernels' division)."""
         q, r = self.q, self.r
-        if self.lp:
+        if self.lp and not per_difference:
             W = torch.where(u > 0, W / torch.where(u > 0, u, torch.ones_like(u)), torch.zeros_like(u))
         if self.grad_q is not None:
             self.grad_q.index_add_(0, rows, W.sum(1, keepdim=True) * q[rows] - W @ r if self.lp else -(W @ r))
@@ -507,10 +511,10 @@ def coupled_grads(grad_sums, q, r, labels_q, labels_r, exclude_col, margin, lp, 
         if native is not None:
             group = _NativeGroup(q, r, native, a, p, margin, lp, swap)
             Wa, Wpair = torch.ops.fused_pairloss.triplet_coupled_chunk_coefficients(
-                *group.operands, p, grad_sums[group.anchors].contiguous(), swap, smooth)
+                *group.operands, p, grad_sums[group.anchors].contiguous(), swap, smooth, lp)
             W = Wa if not swap else torch.zeros_like(group.U).index_add_(0, group.anchor_rows, Wa).index_add_(
                 0, group.pos_rows, Wpair)
-            grads.add(W, group.rows, group.U)
+            grads.add(W, group.rows, group.U, per_difference=True)
             continue
         x, negative, (da, ia, Ua), positives = _coupled_x(q, r, labels_q, labels_r, a, p, margin, lp, swap)
         term = torch.nn.functional.softplus(x) if smooth else torch.relu(x)
@@ -540,9 +544,10 @@ _native_coupled = CompiledRowKernels({
         lambda U, class_ids, anchor_ids, anchor_rows, pair_offsets, pair_x0, pos_rows, swap, smooth: (
             U.new_empty(anchor_rows.shape), anchor_rows.new_empty(anchor_rows.shape)),
     "triplet_coupled_chunk_coefficients":
-        lambda U, class_ids, anchor_ids, anchor_rows, pair_offsets, pair_x0, pos_rows, cols, grad, swap, smooth: (
+        lambda U, class_ids, anchor_ids, anchor_rows, pair_offsets, pair_x0, pos_rows, cols, grad, swap, smooth, lp: (
             U.new_empty((anchor_rows.shape[0], U.shape[1])),
             U.new_empty((pair_x0.shape[0] if swap else 0, U.shape[1]))),
+    "triplet_u_rows": lambda q, r, lp: q.new_empty((q.shape[0], r.shape[0])),
 })
 
 
@@ -558,7 +563,8 @@ def _native_coupled_ids(qa, labels_q, labels_r):
 
 class _NativeGroup:
     """A group of (anchor a, positive p) pairs as the compiled kernels read it: U = u of the rows
-    read (the anchors, and the positives' rows under swap) against r; per distinct anchor (in the
+    read (the anchors, and the positives' rows under swap) against r, the engines' u (one compiled
+    pass: triplet_u_rows); per distinct anchor (in the
     group's order: its pairs are listed together) its row of U and its pairs' range; per pair x0 =
     u_ap + margin and its positive's row of U. `operands`: the kernels' arguments up to the flags."""
 
@@ -572,7 +578,7 @@ class _NativeGroup:
         else:
             self.rows, self.anchor_rows = self.anchors, torch.arange(c, device=a.device)
             self.pos_rows = a.new_empty((0,))
-        self.U = triplet_u(q[self.rows], r, lp).contiguous()
+        self.U = torch.ops.fused_pairloss.triplet_u_rows(q[self.rows], r, lp)
         x0 = self.U[self.anchor_rows.repeat_interleave(per_anchor), p] + margin
         ids_q, ids_r = ids
         self.operands = (self.U, ids_r, ids_q[self.anchors].contiguous(), self.anchor_rows, offsets, x0.contiguous(),
