@@ -44,3 +44,45 @@ def test_nan_embedding_still_gives_nan_contrastive(backend):
     y = torch.arange(10) % 3
     assert torch.isnan(fpl.ContrastiveLoss(backend=backend)(x, y))
 
+
+
+# (loss, constructor arguments, noise, norm of the embeddings): batches whose rows sit near their
+# class's weight column (or cluster), so that the loss is 1e-8 to 1e-4 while the target logit is 10-60
+SMALL_LOSS_CASES = {
+    "NormalizedSoftmaxLoss": (dict(temperature=0.05), 0.15, 1),
+    "CosFaceLoss": ({}, 0.15, 1),
+    "ArcFaceLoss": ({}, 0.15, 1),
+    "SubCenterArcFaceLoss": (dict(sub_centers=2), 0.15, 1),
+    "SoftTripleLoss": (dict(centers_per_class=2), 0.15, 1),
+    "ProxyNCALoss": (dict(softmax_scale=10), 0.15, 1),
+    "LargeMarginSoftmaxLoss": ({}, 0.05, 40),
+    "NCALoss": (dict(softmax_scale=20), 0.15, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(SMALL_LOSS_CASES))
+def test_a_small_cross_entropy_keeps_its_digits(name):
+    """L_i = logaddexp(lse_i, z_i) - z_i cancels to the rounding of |z_i| where the target dominates
+    (a near-converged batch: 1e-3 relative error in fp32 with z = 40 and L = 1e-6, where PML's own
+    fp32 value is off by 1e-4 to 1e-2); computed as softplus(lse_i - z_i) the fp32 value keeps the
+    digits of the fp64 truth (PML in fp64, same weights)."""
+    kw, noise, norm = SMALL_LOSS_CASES[name]
+    C, D, N = 4, 16, 16
+    y = torch.arange(N) % C
+    g = torch.Generator().manual_seed(0)
+    x = norm * (torch.nn.functional.one_hot(y, D).double() + noise * torch.randn(N, D, generator=g, dtype=torch.float64))
+    if name == "NCALoss":
+        ours, pml = fpl.NCALoss(**kw), pml_losses.NCALoss(**kw)
+    else:
+        ours = getattr(fpl, name)(num_classes=C, embedding_size=D, **kw)
+        pml = getattr(pml_losses, name)(num_classes=C, embedding_size=D, **kw)
+        K = kw.get("sub_centers", kw.get("centers_per_class", 1))
+        with torch.no_grad():  # class c's weight vectors (sub-centers, centers) along axis c
+            for p in ours.parameters():
+                along = torch.eye(D, dtype=p.dtype)[:, torch.arange(C * K) // K]
+                p.copy_(along.t() if p.shape[1] == D else along)
+        pml.load_state_dict(ours.state_dict())
+    truth = pml.double()(x, y).item()
+    assert 1e-9 < truth < 1e-2, truth  # the case is the small-loss regime
+    got = ours(x.float(), y).item()
+    assert abs(got - truth) <= 2e-5 * truth, (got, truth)

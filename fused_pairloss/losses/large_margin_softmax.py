@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from .. import _validation as V
 from .._backends import resolve_backend
-from ..ops._common import logaddexp, normalize
-from ..ops.operands import stat_dtype
+from ..ops._common import normalize
+from ..ops.operands import softplus, stat_dtype
 from ..ops.spec import ClassLossSpec, PairTerm
 from ..ops.stats import class_stats
 from ._base import _ClassLoss, _check_sizes, _has_short_row, _like, run_class_loss
@@ -150,7 +150,7 @@ def large_margin_fused(embeddings, labels, W, *, margin, scale, sphereface, back
         target_norm = torch.linalg.vector_norm(target_columns.to(st.target_sim.dtype), dim=1)
     x_norm = torch.linalg.vector_norm(embeddings.to(st.target_sim.dtype), dim=1)
     z = target_logit(st.target_sim, x_norm, target_norm, margin=margin, scale=scale)
-    rows = logaddexp(st.lse_other, z) - z
+    rows = softplus(st.lse_other - z)  # logaddexp(lse, z) - z, its digits kept (margin_softmax.py)
     if row_weights is not None:
         rows = rows * row_weights
     return rows.mean().to(embeddings.dtype)

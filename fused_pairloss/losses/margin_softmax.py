@@ -7,7 +7,8 @@ Declaration: row LSE over the classes c != y_i of scale * S_ic (cosine S, max-po
 sub-centers; scale = 1/temperature, or PML's `scale`); the target logit is formed here from
 target_sim, with PML's own formula: NormalizedSoftmax S_y / t, CosFace s (S_y - m), ArcFace
 s * cos(acos(S_y) + m) with PML's clamp and "keep it monotonic" branch. Combination: cross-entropy
-L_i = logaddexp(lse_i, z_i) - z_i, mean over rows.
+L_i = logaddexp(lse_i, z_i) - z_i, mean over rows, computed as softplus(lse_i - z_i) (the difference
+would cancel to the rounding of |z_i| where the target dominates: a small loss keeps its digits).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 from .. import _validation as V
 from .._backends import resolve_backend
 from ..ops import engines
-from ..ops._common import LOCAL, logaddexp, normalize
+from ..ops._common import LOCAL, normalize
+from ..ops.operands import softplus
 from ..ops.spec import ClassLossSpec, PairTerm
 from ..ops.stats import class_stats
 from ._base import _ClassLoss, _LossBase, _check_sizes, _like
@@ -133,7 +135,7 @@ def target_logit(kind, sim, *, scale, margin):
 
 def combine(st: engines.ClassStats, embeddings, *, kind, scale, margin, batch=LOCAL):
     z = target_logit(kind, st.target_sim, scale=scale, margin=margin)
-    return batch.mean(logaddexp(st.lse_other, z) - z).to(embeddings.dtype)
+    return batch.mean(softplus(st.lse_other - z)).to(embeddings.dtype)
 
 
 def margin_softmax_fused(embeddings, labels, weights, *, kind, scale, margin, backend, sub_centers=1):

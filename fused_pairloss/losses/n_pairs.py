@@ -18,7 +18,8 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, label_runs, logaddexp, normalize, zero_loss
+from ..ops._common import LOCAL, label_runs, normalize, zero_loss
+from ..ops.operands import softplus
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import record_distance_stats, _PairLoss, check_self_only, run_pair_loss
@@ -61,7 +62,8 @@ def n_pairs_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, dist
 
 
 def combine(st: engines.PairStats, embeddings, *, batch=LOCAL):
-    return batch.mean(logaddexp(st.lse_pos, st.lse_neg) - st.lse_pos).to(embeddings.dtype)
+    # logaddexp(lse_pos, lse_neg) - lse_pos, its digits kept where the positive dominates
+    return batch.mean(softplus(st.lse_neg - st.lse_pos)).to(embeddings.dtype)
 
 
 def n_pairs_fused(embeddings, labels, ref_emb, ref_labels, *, distance="cosine", backend, exclude_col=None,

@@ -27,8 +27,9 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, logaddexp, normalize, pair_operands, zero_loss
+from ..ops._common import LOCAL, normalize, pair_operands, zero_loss
 from ..ops.engines import exclusion_for
+from ..ops.operands import softplus
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, _has_short_row, run_pair_loss
@@ -87,7 +88,7 @@ def combine(st: engines.PairStats, embeddings, *, batch=LOCAL):
     # the rows without a positive out of the arithmetic (their lse are -inf: no NaN in the gradient)
     lse_pos = torch.where(has_pos, st.lse_pos, torch.zeros_like(st.lse_pos))
     lse_neg = torch.where(has_pos, st.lse_neg, torch.zeros_like(st.lse_neg))
-    rows = logaddexp(lse_pos, lse_neg) - lse_pos
+    rows = softplus(lse_neg - lse_pos)  # logaddexp(lse_pos, lse_neg) - lse_pos, its digits kept
     # PML's p_i != 0: its softmax, in the input's dtype, underflows to 0 where the positives are far
     # below the row's maximum, and PML drops that row
     kept = has_pos & (torch.exp(-rows.detach().to(embeddings.dtype)) != 0)

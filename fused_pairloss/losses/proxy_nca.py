@@ -23,8 +23,8 @@ import torch
 
 from .. import _validation as V
 from .._backends import resolve_backend
-from ..ops._common import logaddexp, normalize
-from ..ops.operands import stat_dtype
+from ..ops._common import normalize
+from ..ops.operands import softplus, stat_dtype
 from ..ops.spec import ClassLossSpec, PairTerm
 from ..ops.stats import class_stats
 from ._base import _ClassLoss, _check_sizes, _has_short_row, _like, run_class_loss
@@ -73,7 +73,7 @@ def proxy_nca_fused(embeddings, labels, proxies, *, softmax_scale, distance="squ
         st = class_stats(normalize(embeddings), proxies, labels, spec, backend)
     s = float(softmax_scale)
     z = s * st.target_sim if distance == "cosine" else 2.0 * s * (st.target_sim - 1)
-    rows = logaddexp(st.lse_other, z) - z
+    rows = softplus(st.lse_other - z)  # logaddexp(lse, z) - z, its digits kept (margin_softmax.py)
     # PML's p_i != 0, in the input's dtype as PML's softmax; those rows out of the arithmetic
     kept = torch.exp(-rows.detach().to(embeddings.dtype)) != 0
     if row_weights is not None:

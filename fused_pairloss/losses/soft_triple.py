@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from .. import _validation as V
 from .._backends import resolve_backend
 from ..ops import engines
-from ..ops._common import LOCAL, logaddexp, normalize
-from ..ops.operands import stat_dtype
+from ..ops._common import LOCAL, normalize
+from ..ops.operands import softplus, stat_dtype
 from ..ops.spec import ClassLossSpec, PairTerm
 from ..ops.stats import class_stats
 from ._base import _ClassLoss, _check_sizes, _distance_name, run_class_loss
@@ -82,7 +82,7 @@ def sparse_centers_regularizer_blockwise(centers, centers_per_class):
 def combine(st: engines.ClassStats, embeddings, *, la, margin, batch=LOCAL, row_weights=None):
     """The mean of the rows' cross-entropies; `row_weights`: PML's miner weights multiply them."""
     z_target = la * (st.target_sim - margin)
-    rows = logaddexp(st.lse_other, z_target) - z_target
+    rows = softplus(st.lse_other - z_target)  # logaddexp(lse, z) - z, its digits kept (margin_softmax.py)
     if row_weights is not None:
         rows = rows * row_weights
     return batch.mean(rows).to(embeddings.dtype)
