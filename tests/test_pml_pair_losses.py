@@ -287,7 +287,7 @@ def test_tuplet_margin_attributes_are_pmls():
 
 
 @pytest.mark.parametrize("term,lp", [("lifted_structure", True), ("lifted_structure", False),
-                                     ("tuplet_margin", False), ("tuplet_margin_half", False)])
+                                     ("tuplet_margin", False)])
 @pytest.mark.parametrize("self_mode", [True, False])
 def test_positive_pair_op_opcheck(term, lp, self_mode):
     g = torch.Generator().manual_seed(9)

@@ -86,3 +86,25 @@ def test_a_small_cross_entropy_keeps_its_digits(name):
     assert 1e-9 < truth < 1e-2, truth  # the case is the small-loss regime
     got = ours(x.float(), y).item()
     assert abs(got - truth) <= 2e-5 * truth, (got, truth)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_tuplet_margin_with_a_copied_row(backend, dtype):
+    """A row and its copy (a memory bank holding the batch): the fused S of the pair can round just
+    above 1 where PML's is exactly 1; the term takes S_ap within [-1, 1], so the loss is PML's, not
+    NaN. Seeds on which PML's own S rounds beyond 1 (its loss NaN, in the case's dtype or in fp64)
+    are left out."""
+    compared = 0
+    for seed in range(24):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(1, 8, generator=g, dtype=torch.float64)
+        x = torch.cat([x, x, torch.randn(3, 8, generator=g, dtype=torch.float64)]).to(dtype)
+        y = torch.tensor([0, 0, 1, 1, 1])
+        pml, truth = pml_losses.TupletMarginLoss()(x, y), pml_losses.TupletMarginLoss()(x.double(), y)
+        if not (pml.isfinite() and truth.isfinite()):
+            continue
+        compared += 1
+        ours = fpl.TupletMarginLoss(backend=backend)(x, y)
+        check_close(ours, truth, pml, what=f"seed {seed}", dtype=dtype)
+    assert compared >= 8

@@ -64,48 +64,39 @@ class _Acos(torch.autograd.Function):
 
 def _without_negatives(u, row_lse):
     """(rows without a negative, u with 0 there): such a pair's term is 0 and so is its gradient (PML
-    computes no term there), also where S_ap rounds beyond 1 (acos would make it NaN)."""
+    computes no term there)."""
     alone = row_lse == float("-inf")
     return alone, torch.where(alone, torch.zeros_like(u), u)
 
 
+def _within_one(u):
+    """u clamped to [-1, 1], with derivative 0 outside and 1 at +-1 (torch.clamp's is 0 there): at
+    |S_ap| = 1 the gradient is acos's, infinite, as PML's. A cosine of unit rows is beyond 1 by
+    rounding only: the fused S of a row and its copy (or of half-precision rows summed in fp32)
+    comes out just above 1 where PML's S rounds to 1 (acos would make it NaN)."""
+    return torch.where(u > 1, torch.ones_like(u), torch.where(u < -1, -torch.ones_like(u), u))
+
+
 def tuplet_pair_term(u, row_lse, col_stat, same_index, scale, margin_rad, lp):
-    """l_ap = logaddexp(0, z), z = L_a - s cos(acos S_ap - m); L_a = -inf (no negative) gives 0."""
-    _, u = _without_negatives(u, row_lse)
+    """l_ap = logaddexp(0, z), z = L_a - s cos(acos S_ap - m) at S_ap within [-1, 1]; L_a = -inf (no
+    negative) gives 0."""
+    _, u = _without_negatives(_within_one(u), row_lse)
     return logaddexp(torch.zeros_like(u), row_lse - scale * torch.cos(_Acos.apply(u) - margin_rad))
 
 
 def tuplet_pair_term_grad(u, row_lse, col_stat, same_index, scale, margin_rad, lp):
-    """d l / dz = sigmoid(z); dz / du = -s sin(acos u - m) / sqrt(1 - u^2); dz / dL_a = 1."""
-    alone, u = _without_negatives(u, row_lse)
+    """d l / dz = sigmoid(z); dz / du = -s sin(acos u - m) / sqrt(1 - u^2) (0 beyond +-1: _within_one);
+    dz / dL_a = 1."""
+    beyond = u.abs() > 1
+    alone, u = _without_negatives(_within_one(u), row_lse)
     theta = torch.acos(u)
     sig = torch.sigmoid(row_lse - scale * torch.cos(theta - margin_rad))
-    d_u = torch.where(alone, torch.zeros_like(u), -scale * sig * torch.sin(theta - margin_rad) / torch.sqrt(1 - u * u))
+    d_u = torch.where(alone | beyond, torch.zeros_like(u),
+                      -scale * sig * torch.sin(theta - margin_rad) / torch.sqrt(1 - u * u))
     return d_u, sig, torch.zeros_like(u)
 
 
 register_pair_term("tuplet_margin", tuplet_pair_term, tuplet_pair_term_grad)
-
-
-def _at_most_one(u):
-    """min(u, 1), with derivative 0 above 1 and 1 at 1 (torch.clamp's is 0 there): at S_ap = 1 the
-    gradient is acos's, infinite, as PML's."""
-    return torch.where(u > 1, torch.ones_like(u), u)
-
-
-def tuplet_pair_term_half(u, *args):
-    """The term of min(S_ap, 1): PML's half-precision S rounds to 1 where the fused S of the
-    half-precision unit rows, summed in fp32, comes out just above it (acos would make it NaN)."""
-    return tuplet_pair_term(_at_most_one(u), *args)
-
-
-def tuplet_pair_term_half_grad(u, *args):
-    """tuplet_pair_term_grad at min(S_ap, 1); d / du 0 above 1 (_at_most_one's derivative)."""
-    d_u, d_row, d_col = tuplet_pair_term_grad(_at_most_one(u), *args)
-    return torch.where(u > 1, torch.zeros_like(d_u), d_u), d_row, d_col
-
-
-register_pair_term("tuplet_margin_half", tuplet_pair_term_half, tuplet_pair_term_half_grad)
 
 
 def declaration(scale):
@@ -118,10 +109,8 @@ def tuplet_margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, scal
     st = pair_stats(q, r, labels, labels_r, excl, declaration(scale), backend)
     n_cols = q.shape[0] if r is None else r.shape[0]
     unused_col_stat = st.lse_neg.new_zeros(n_cols)  # the term reads its row's statistic only
-    half = similarity_dtype(embeddings, distance) in (torch.float16, torch.bfloat16)
-    sums = positive_pair_sums(q, r, labels, labels_r, excl, st.lse_neg, unused_col_stat,
-                              "tuplet_margin_half" if half else "tuplet_margin", float(scale), math.radians(margin),
-                              False, backend)
+    sums = positive_pair_sums(q, r, labels, labels_r, excl, st.lse_neg, unused_col_stat, "tuplet_margin",
+                              float(scale), math.radians(margin), False, backend)
     loss = positive_pair_mean(sums, st, embeddings, batch)
     return nan_in_nan_out(loss, embeddings, ref_emb).to(similarity_dtype(embeddings, distance))  # PML's under autocast
 
