@@ -70,7 +70,8 @@ def test_a_small_cross_entropy_keeps_its_digits(name):
     C, D, N = 4, 16, 16
     y = torch.arange(N) % C
     g = torch.Generator().manual_seed(0)
-    x = norm * (torch.nn.functional.one_hot(y, D).double() + noise * torch.randn(N, D, generator=g, dtype=torch.float64))
+    x = torch.nn.functional.one_hot(y, D).double() + noise * torch.randn(N, D, generator=g, dtype=torch.float64)
+    x = norm * x
     if name == "NCALoss":
         ours, pml = fpl.NCALoss(**kw), pml_losses.NCALoss(**kw)
     else:
