@@ -24,6 +24,7 @@ inside `DistributedLossWrapper` and `CrossBatchMemory` (fused there too), and wi
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import torch
@@ -120,9 +121,12 @@ def pair_loss(name, *, declaration, combine, hyper, distance="cosine", doc=None)
         return loss + zero_loss(embeddings) + (0 if ref_emb is None else zero_loss(ref_emb))
 
     def fused(embeddings, labels, ref_emb, ref_labels, *, backend, exclude_col=None, batch=LOCAL, distance=distance,
-              **hyper_values):
+              exclude_after_mining=False, **hyper_values):
         q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
-        st = pair_stats(q, r, labels, labels_r, excl, spec_of(hyper_values, distance), backend)
+        spec = spec_of(hyper_values, distance)
+        if exclude_after_mining:  # CrossBatchMemory's self slot mines, then leaves (PML's memory + miner)
+            spec = dataclasses.replace(spec, exclude_after_mining=True)
+        st = pair_stats(q, r, labels, labels_r, excl, spec, backend)
         return finish(combine(st, embeddings, batch=batch, **hyper_values), embeddings, ref_emb)
 
     def reference(embeddings, labels, ref_emb=None, ref_labels=None, *, distance=distance, indices_tuple=None,
@@ -191,9 +195,12 @@ def pair_loss(name, *, declaration, combine, hyper, distance="cosine", doc=None)
     def _hyper(self):
         return dict(self._values, distance=self._distance_kind)
 
+    def _mines_within(self):
+        return spec_of(self._values, self._distance_kind).miner_epsilon is not None
+
     cls = type(name, (_PairLoss,), {
         "__init__": __init__, "__doc__": doc or f"{name}: a pair loss declared with fused_pairloss.declare.pair_loss.",
-        "_hyper": _hyper, "_functional": lambda self: functional, "_reference": staticmethod(reference),
+        "_hyper": _hyper, "_mines_within": _mines_within, "_functional": lambda self: functional, "_reference": staticmethod(reference),
         "_fused_fn": staticmethod(fused), "_default_distance": distance, "__module__": _caller_module(),
     })
     cls.functional, cls.reference, cls.declaration, cls.combine = (staticmethod(functional), staticmethod(reference),

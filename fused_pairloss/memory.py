@@ -310,13 +310,13 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
             return fn, hyper
         if self.miner is not None:  # the miner's rule in the loss's engine
             rule = _pair_miner_rule(self.miner, self.loss._distance_kind)
-            if rule is not None and hyper.get("miner_epsilon") is not None:
+            if rule is not None and self.loss._mines_within():
                 raise ValueError(f"pass either miner={type(self.miner).__name__}(...) or the loss's miner_epsilon, "
                                  "not both")
             if rule is None or not getattr(self.loss, "_fuses_pair_miners", False):
                 return None
             return functools.partial(fn.func, backend=MinedBy(fn.keywords["backend"], rule)), hyper
-        if hyper.get("miner_epsilon") is not None:
+        if self.loss._mines_within():
             hyper["exclude_after_mining"] = True
         return fn, hyper
 

@@ -64,6 +64,36 @@ def test_declared_loss_in_the_distributed_wrapper_is_fused(declared, monkeypatch
     assert calls
 
 
+def _multi_similarity_declaration(distance, alpha, beta, base, epsilon):
+    return PairLossSpec(pos=PairTerm(scale=-alpha, shift=base, lse=True), neg=PairTerm(scale=beta, shift=base, lse=True),
+                        distance=distance, miner_epsilon=epsilon)
+
+
+def _multi_similarity_combine(st, embeddings, *, batch, alpha, beta, base, epsilon):
+    zero = torch.zeros_like(st.lse_pos)
+    return batch.mean(torch.logaddexp(st.lse_pos, zero) / alpha + torch.logaddexp(st.lse_neg, zero) / beta)
+
+
+def test_declared_miner_epsilon_in_cross_batch_memory_mines_as_pmls():
+    """A declared loss that mines (miner_epsilon) inside our CrossBatchMemory: the self slot takes part
+    in the mining and leaves after, as PML's memory with MultiSimilarityMiner (rows whose only
+    positive in the memory is their own slot); 6 steps, the queue wrapping around."""
+    pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+    pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
+    declared = pair_loss("DeclaredMultiSimilarity", declaration=_multi_similarity_declaration,
+                         combine=_multi_similarity_combine, hyper=dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.8))
+    ours = fpl.CrossBatchMemory(declared(), 6, memory_size=12)
+    pml = pml_losses.CrossBatchMemory(pml_losses.MultiSimilarityLoss(), 6, memory_size=12,
+                                      miner=pml_miners.MultiSimilarityMiner(0.8))
+    g = torch.Generator().manual_seed(0)
+    for step in range(6):
+        x = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+        y = torch.randint(0, 8, (5,), generator=g)
+        got, want = ours(x, y), pml(x, y)
+        kit.check_close(got, want, what=f"step {step}")
+        kit.check_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(want, x)[0], what=f"grad, step {step}")
+
+
 @pytest.mark.parametrize("field,bad,match", [
     ("scale", float("nan"), r"PairLossSpec\.neg\.scale must be finite"),
     ("scale", "a", r"PairTerm\.scale must be a real number"),

@@ -606,6 +606,12 @@ class _PairLoss(_PmlFallback, _LossBase):
         call the module as PML's wrappers do)."""
         return True
 
+    def _mines_within(self):
+        """Whether the loss's declaration mines its pairs itself (MultiSimilarityLoss's miner_epsilon, a
+        declared loss's miner_epsilon): CrossBatchMemory then mines with the self slot and removes the
+        self comparisons after, as PML's memory with that miner (its fused call's exclude_after_mining)."""
+        return getattr(self, "miner_epsilon", None) is not None
+
     def _with_sampled_triplets(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """The call's indices_tuple, or without one PML's sample of triplets (its convert_to_triplets)
         for an integer (or None) `triplets_per_anchor`, as an indices_tuple of triplets
