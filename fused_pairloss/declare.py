@@ -200,8 +200,9 @@ def pair_loss(name, *, declaration, combine, hyper, distance="cosine", doc=None)
 
     cls = type(name, (_PairLoss,), {
         "__init__": __init__, "__doc__": doc or f"{name}: a pair loss declared with fused_pairloss.declare.pair_loss.",
-        "_hyper": _hyper, "_mines_within": _mines_within, "_functional": lambda self: functional, "_reference": staticmethod(reference),
-        "_fused_fn": staticmethod(fused), "_default_distance": distance, "__module__": _caller_module(),
+        "_hyper": _hyper, "_mines_within": _mines_within, "_functional": lambda self: functional,
+        "_reference": staticmethod(reference), "_fused_fn": staticmethod(fused), "_default_distance": distance,
+        "__module__": _caller_module(),
     })
     cls.functional, cls.reference, cls.declaration, cls.combine = (staticmethod(functional), staticmethod(reference),
                                                                    staticmethod(declaration), staticmethod(combine))

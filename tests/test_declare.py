@@ -65,8 +65,8 @@ def test_declared_loss_in_the_distributed_wrapper_is_fused(declared, monkeypatch
 
 
 def _multi_similarity_declaration(distance, alpha, beta, base, epsilon):
-    return PairLossSpec(pos=PairTerm(scale=-alpha, shift=base, lse=True), neg=PairTerm(scale=beta, shift=base, lse=True),
-                        distance=distance, miner_epsilon=epsilon)
+    return PairLossSpec(pos=PairTerm(scale=-alpha, shift=base, lse=True),
+                        neg=PairTerm(scale=beta, shift=base, lse=True), distance=distance, miner_epsilon=epsilon)
 
 
 def _multi_similarity_combine(st, embeddings, *, batch, alpha, beta, base, epsilon):
