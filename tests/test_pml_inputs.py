@@ -530,6 +530,20 @@ def test_attributes_assigned_after_construction_as_pml():
         assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))
 
 
+def test_dynamic_soft_margin_num_bins_set_before_the_first_call():
+    """num_bins set before the first call: the bins follow it (docs/api.md), the empty state takes its
+    size, the loss is that of a module built with it; once the state holds a histogram, another
+    num_bins is a ValueError naming it."""
+    x, y = batch(31, n=16)
+    ours, built = fpl.DynamicSoftMarginLoss(), fpl.DynamicSoftMarginLoss(num_bins=20)
+    ours.num_bins = 20
+    torch.testing.assert_close(ours(x, y), built(x, y))
+    assert ours.hist_.shape == (20,)
+    ours.num_bins = 10
+    with pytest.raises(ValueError, match="num_bins=10 does not match the histogram state hist_"):
+        ours(x, y)
+
+
 @pytest.mark.parametrize("name", ["TripletMarginLoss", "MultiSimilarityLoss", "CircleLoss", "NTXentLoss"])
 def test_distance_and_reducer_assigned_after_construction(name):
     """PML's losses read `distance` and `reducer` at each call: one assigned on ours after

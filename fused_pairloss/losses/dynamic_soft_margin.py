@@ -167,12 +167,23 @@ class DynamicSoftMarginLoss(_PairLoss):
     def _functional(self):
         return dynamic_soft_margin_loss
 
+    def _state_of_size(self):
+        """hist_, or for a num_bins set before the state holds anything, zeros of that size (the
+        bins follow num_bins here: docs/api.md)."""
+        num_bins = check_bins(self.min_val, self.num_bins, self.momentum)[0]
+        if self.hist_.shape == (num_bins,):
+            return self.hist_
+        if self.hist_.dim() == 1 and not self.hist_.any():
+            return self.hist_.new_zeros(num_bins)
+        raise ValueError(f"num_bins={self.num_bins!r} does not match the histogram state hist_ of "
+                         f"{tuple(self.hist_.shape)} entries: set num_bins before the first call, or hist_ anew with it")
+
     def _forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         if indices_tuple is not None or labels is None:
             check_tuple_inputs(embeddings, labels, ref_emb, ref_labels)
         else:
             V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
-        hyper = dict(self._hyper(), histogram=self.hist_, return_histogram=True)
+        hyper = dict(self._hyper(), histogram=self._state_of_size(), return_histogram=True)
         backend = resolve_backend(self.backend, embeddings.device)
         if backend == "reference" or indices_tuple is not None:
             loss, self.hist_ = dynamic_soft_margin_reference(embeddings, labels, ref_emb, ref_labels,
