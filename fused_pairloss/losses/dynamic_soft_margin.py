@@ -176,7 +176,8 @@ class DynamicSoftMarginLoss(_PairLoss):
         if self.hist_.dim() == 1 and not self.hist_.any():
             return self.hist_.new_zeros(num_bins)
         raise ValueError(f"num_bins={self.num_bins!r} does not match the histogram state hist_ of "
-                         f"{tuple(self.hist_.shape)} entries: set num_bins before the first call, or hist_ anew with it")
+                         f"{tuple(self.hist_.shape)} entries: set num_bins before the first call, "
+                         "or hist_ anew with it")
 
     def _forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         if indices_tuple is not None or labels is None:
