@@ -160,6 +160,25 @@ def test_functional_forms_and_scalar_forms():
                                rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("features_dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_autocast_returns_open_clips_dtype(name, autocast_dtype, features_dtype):
+    """Under torch.autocast the loss has the dtype open_clip's returns (its products in the autocast
+    dtype, its cross-entropy / logsigmoid as autocast decides), the functional form's too; the value
+    is the fp32 one, within the autocast dtype's rounding of open_clip's."""
+    ours, theirs = LOSSES[name]
+    img, txt, t, b = (x.detach() for x in leaves(24, 16, 5, torch.float32))
+    img, txt = img.to(features_dtype), txt.to(features_dtype)
+    functional = fpl.functional.clip_loss if name == "clip" else fpl.functional.siglip_loss
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        val, want = ours()(img, txt, t, b), theirs()(img, txt, t, b)
+        plain = functional(img, txt, t, b)
+    assert val.dtype == want.dtype == plain.dtype
+    truth = theirs()(img.double(), txt.double(), t.double(), b.double())
+    assert abs(val.double() - truth).item() <= 2 ** -7 * (1 + truth.abs().item())
+
+
 @pytest.mark.parametrize("name", ["clip", "siglip"])
 def test_bf16_accumulates_in_fp32(name):
     ours, theirs = LOSSES[name]

@@ -117,6 +117,33 @@ def _number_dtype(features):
     return torch.float64 if features.dtype == torch.float64 else torch.float32
 
 
+_AUTOCAST_DTYPES = {}  # (reference, device type, autocast dtype, operand dtypes) -> open_clip's loss dtype
+
+
+def open_clip_dtype(reference, image_features, text_features, scale, bias):
+    """The dtype of open_clip's loss for these operands: the features' without autocast; under
+    torch.autocast, what open_clip's math (`reference`: its products run in the autocast dtype, its
+    cross-entropy or logsigmoid as autocast decides for the device and torch version) returns on two
+    rows of the same dtypes, asked once per combination."""
+    device = image_features.device.type
+    if not torch.is_autocast_enabled(device):
+        return image_features.dtype
+    key = (reference, device, torch.get_autocast_dtype(device), image_features.dtype, text_features.dtype,
+           scale.dtype, scale.dim(), None if bias is None else (bias.dtype, bias.dim()))
+    dtype = _AUTOCAST_DTYPES.get(key)
+    if dtype is None:
+        def rows(x):
+            return torch.ones((2, 1), dtype=x.dtype, device=x.device)
+
+        def number(x):
+            return None if x is None else torch.ones(x.shape, dtype=x.dtype, device=x.device)
+
+        with torch.no_grad():
+            dtype = reference(rows(image_features), rows(text_features), number(scale), number(bias)).dtype
+        _AUTOCAST_DTYPES[key] = dtype
+    return dtype
+
+
 def empty_batch_loss(image_features, text_features, scale, bias):
     """open_clip's value for a batch of no pairs: NaN (CLIP's cross-entropy means, SigLIP's sum / B,
     over nothing), attached to the graph with zero gradients, as open_clip's."""

@@ -94,12 +94,13 @@ def _engine_lse(q, r, scale, offset, cols, backend):
 
 
 def clip_fused(image_features, text_features, logit_scale, logit_bias=None, *, backend=IT.CHUNKED,
-               all_image_features=None, all_text_features=None, local_loss=False, rank=0):
+               all_image_features=None, all_text_features=None, local_loss=False, rank=0, dtype=None):
     """The same loss without the logits: row (and column) LSEs from the class engine on `backend`,
     or from the PyTorch row-chunk op (IT.CHUNKED). fp16 / bf16 features enter as fp32 (one copy), so
-    each feature's gradient is summed in fp32 and rounded once."""
-    dtype = image_features.dtype
-    A = stat_dtype(dtype)
+    each feature's gradient is summed in fp32 and rounded once. The loss in `dtype` (default: the
+    features')."""
+    dtype = dtype or image_features.dtype
+    A = stat_dtype(image_features.dtype)
     image_features, text_features = image_features.to(A), text_features.to(A)
     if all_image_features is not None:
         all_image_features, all_text_features = all_image_features.to(A), all_text_features.to(A)
@@ -150,7 +151,8 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, lo
         gathered = dict(all_image_features=all_image, all_text_features=all_text, local_loss=local_loss, rank=rank)
     if backend == "reference":
         return clip_reference(image_features, text_features, scale, bias, **gathered)
-    return clip_fused(image_features, text_features, scale, bias, backend=backend, **gathered)
+    dtype = IT.open_clip_dtype(clip_reference, image_features, text_features, scale, bias)
+    return clip_fused(image_features, text_features, scale, bias, backend=backend, dtype=dtype, **gathered)
 
 
 class ClipLoss(torch.nn.Module):

@@ -88,15 +88,17 @@ def _engine_rows(q, r, scale, bias, negative_only, backend):
     return st.lse_other + softplus(x_label if negative_only else -x_label)
 
 
-def siglip_fused(image_features, text_features, logit_scale, logit_bias, *, negative_only=False, backend=IT.CHUNKED):
+def siglip_fused(image_features, text_features, logit_scale, logit_bias, *, negative_only=False, backend=IT.CHUNKED,
+                 dtype=None):
     """The same block without the logits: per-row sums of softplus(-z x) from the class engine on
     `backend`, or from the PyTorch row-chunk op (IT.CHUNKED). fp16 / bf16 features enter as fp32 (one
-    copy), so each feature's gradient is summed in fp32 and rounded once."""
-    dtype = image_features.dtype
+    copy), so each feature's gradient is summed in fp32 and rounded once. The loss in `dtype`
+    (default: the features')."""
+    dtype = dtype or image_features.dtype
     if backend == IT.CHUNKED:
         rows = siglip_rows(image_features, text_features, logit_scale, logit_bias, None if negative_only else 0)
     else:
-        A = stat_dtype(dtype)
+        A = stat_dtype(image_features.dtype)
         rows = _engine_rows(image_features.to(A), text_features.to(A), logit_scale.to(A), logit_bias.to(A),
                             negative_only, backend)
     return (rows.sum() / image_features.shape[0]).to(dtype)
@@ -119,8 +121,10 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, rank=
     if backend == "reference":
         block = siglip_reference
     else:
+        dtype = IT.open_clip_dtype(siglip_reference, image_features, text_features, scale, bias)
+
         def block(*args, **kwargs):
-            return siglip_fused(*args, backend=backend, **kwargs)
+            return siglip_fused(*args, backend=backend, dtype=dtype, **kwargs)
     loss = block(image_features, text_features, scale, bias)
     if world_size > 1:
         IT.check_process_group(rank, world_size)
@@ -182,7 +186,8 @@ class SigLipLoss(torch.nn.Module):
         if backend == "reference":
             return siglip_reference(image_features, text_features, scale, bias, negative_only=negative_only)
         return siglip_fused(image_features, text_features, scale, bias, negative_only=negative_only,
-                            backend=backend)
+                            backend=backend,
+                            dtype=IT.open_clip_dtype(siglip_reference, image_features, text_features, scale, bias))
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
         loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, rank=self.rank,
