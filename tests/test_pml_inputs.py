@@ -535,13 +535,21 @@ def test_dynamic_soft_margin_num_bins_set_before_the_first_call():
     size, the loss is that of a module built with it; once the state holds a histogram, another
     num_bins is a ValueError naming it."""
     x, y = batch(31, n=16)
-    ours, built = fpl.DynamicSoftMarginLoss(), fpl.DynamicSoftMarginLoss(num_bins=20)
-    ours.num_bins = 20
-    torch.testing.assert_close(ours(x, y), built(x, y))
-    assert ours.hist_.shape == (20,)
+    for kw in ({}, dict(reducer=reducers.MeanReducer())):  # fused; PML's computation (its delta is ours)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ours, built = fpl.DynamicSoftMarginLoss(**kw), fpl.DynamicSoftMarginLoss(num_bins=20, **kw)
+            ours.num_bins = 20
+            torch.testing.assert_close(ours(x, y), built(x, y))
+            assert ours.hist_.shape == (20,)
+            ours.min_val, built.min_val = -3.0, -3.0
+            torch.testing.assert_close(ours(x, y), built(x, y))
     ours.num_bins = 10
     with pytest.raises(ValueError, match="num_bins=10 does not match the histogram state hist_"):
         ours(x, y)
+    ours, built = fpl.DynamicSoftMarginLoss(), fpl.DynamicSoftMarginLoss()
+    ours.num_bins = np.int64(10)  # as the constructor takes it
+    torch.testing.assert_close(ours(x, y), built(x, y))
 
 
 @pytest.mark.parametrize("name", ["TripletMarginLoss", "MultiSimilarityLoss", "CircleLoss", "NTXentLoss"])

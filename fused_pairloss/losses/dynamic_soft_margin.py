@@ -29,13 +29,16 @@ import torch
 from .. import _validation as V
 from .._backends import resolve_backend
 from ..ops._common import LOCAL, zero_loss
-from ._base import _PairLoss, _warn_once, check_tuple_inputs, run_pair_loss
+from ._base import _PairLoss, _plain_number, _warn_once, check_tuple_inputs, run_pair_loss
 from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
 from ._registry import LossEntry
 from .triplet_margin import triplet_engine_op, triplet_operands
 
 
 def check_bins(min_val, num_bins, momentum):
+    """(int(num_bins), the bins' width 2 |min_val| / num_bins); numpy numbers and one-element tensors
+    taken as their values (an attribute assigned later too, as the constructor takes them)."""
+    min_val, num_bins, momentum = _plain_number(min_val), _plain_number(num_bins), _plain_number(momentum)
     V.check_real("min_val", min_val)
     if min_val == 0:
         raise ValueError("min_val must not be 0 (the bins' width is 2 |min_val| / num_bins)")
@@ -166,6 +169,14 @@ class DynamicSoftMarginLoss(_PairLoss):
 
     def _functional(self):
         return dynamic_soft_margin_loss
+
+    def _sync_pml(self):
+        """PML's instance as ours: PML fixes its bins' width (delta) and its state's size at
+        construction; here they follow min_val and num_bins (docs/api.md), also where PML computes
+        (a reducer, a regularizer)."""
+        super()._sync_pml()
+        self._pml.delta = check_bins(self.min_val, self.num_bins, self.momentum)[1]
+        self._pml.hist_ = self._state_of_size()
 
     def _state_of_size(self):
         """hist_, or for a num_bins set before the state holds anything, zeros of that size (the
