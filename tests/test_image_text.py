@@ -160,6 +160,15 @@ def test_functional_forms_and_scalar_forms():
                                rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_meta_device(name):
+    """Features on the meta device (shapes only, as a model's dry run): a 0-dim meta loss."""
+    ours, _ = LOSSES[name]
+    img, txt = torch.randn(8, 4, device="meta"), torch.randn(8, 4, device="meta")
+    out = ours()(img, txt, torch.tensor(10.0, device="meta"), torch.tensor(-1.0, device="meta"))
+    assert out.device.type == "meta" and out.shape == ()
+
+
 @pytest.mark.parametrize("features_dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name", ["clip", "siglip"])

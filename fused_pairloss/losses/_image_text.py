@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .._backends import resolve_backend
+from ..ops.operands import autocast_enabled
 
 
 # ---- the reference ---------------------------------------------------------------------------------
@@ -126,7 +127,7 @@ def open_clip_dtype(reference, image_features, text_features, scale, bias):
     cross-entropy or logsigmoid as autocast decides for the device and torch version) returns on two
     rows of the same dtypes, asked once per combination."""
     device = image_features.device.type
-    if not torch.is_autocast_enabled(device):
+    if not autocast_enabled(device):  # (False on the meta device, which autocast does not know)
         return image_features.dtype
     key = (reference, device, torch.get_autocast_dtype(device), image_features.dtype, text_features.dtype,
            scale.dtype, scale.dim(), None if bias is None else (bias.dtype, bias.dim()))
