@@ -564,9 +564,9 @@ def _native_coupled_ids(qa, labels_q, labels_r):
 class _NativeGroup:
     """A group of (anchor a, positive p) pairs as the compiled kernels read it: U = u of the rows
     read (the anchors, and the positives' rows under swap) against r, the engines' u (one compiled
-    pass: triplet_u_rows); per distinct anchor (in the
-    group's order: its pairs are listed together) its row of U and its pairs' range; per pair x0 =
-    u_ap + margin and its positive's row of U. `operands`: the kernels' arguments up to the flags."""
+    pass: triplet_u_rows); per distinct anchor (in the group's order: its pairs are listed
+    together) its row of U and its pairs' range; per pair x0 = u_ap + margin and its positive's row
+    of U. `operands`: the kernels' arguments up to the flags."""
 
     def __init__(self, q, r, ids, a, p, margin, lp, swap):
         self.anchors, per_anchor = torch.unique_consecutive(a, return_counts=True)
