@@ -183,7 +183,9 @@ def test_autocast_returns_open_clips_dtype(name, autocast_dtype, features_dtype)
     with torch.autocast("cpu", dtype=autocast_dtype):
         val, want = ours()(img, txt, t, b), theirs()(img, txt, t, b)
         plain = functional(img, txt, t, b)
+        empty, want_empty = ours()(img[:0], txt[:0], t, b), theirs()(img[:0], txt[:0], t, b)  # NaN, both
     assert val.dtype == want.dtype == plain.dtype
+    assert empty.dtype == want_empty.dtype
     truth = theirs()(img.double(), txt.double(), t.double(), b.double())
     assert abs(val.double() - truth).item() <= 2 ** -7 * (1 + truth.abs().item())
 

@@ -550,6 +550,17 @@ def test_dynamic_soft_margin_num_bins_set_before_the_first_call():
     ours, built = fpl.DynamicSoftMarginLoss(), fpl.DynamicSoftMarginLoss()
     ours.num_bins = np.int64(10)  # as the constructor takes it
     torch.testing.assert_close(ours(x, y), built(x, y))
+    ours.min_val, ours.num_bins = -1.9, 19
+    assert ours.delta == pytest.approx(0.2)  # derived, read-only
+    with pytest.raises(AttributeError, match="set min_val or num_bins"):
+        ours.delta = 0.5
+    with warnings.catch_warnings():  # PML's computation: the state stored detached, a second step runs
+        warnings.simplefilter("ignore")
+        ours = fpl.DynamicSoftMarginLoss(reducer=reducers.MeanReducer())
+        for _ in range(2):
+            xx = x.detach().clone().requires_grad_(True)
+            ours(xx, y).backward()
+            assert not ours.hist_.requires_grad
 
 
 @pytest.mark.parametrize("name", ["TripletMarginLoss", "MultiSimilarityLoss", "CircleLoss", "NTXentLoss"])

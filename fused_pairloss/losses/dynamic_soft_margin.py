@@ -159,7 +159,7 @@ class DynamicSoftMarginLoss(_PairLoss):
 
     def __init__(self, min_val=-2.0, num_bins=10, momentum=0.01, backend="auto", **kwargs):
         super().__init__()
-        self.num_bins, self.delta = check_bins(min_val, num_bins, momentum)
+        self.num_bins = check_bins(min_val, num_bins, momentum)[0]
         self.min_val, self.momentum = min_val, momentum
         self.hist_ = torch.zeros((self.num_bins,))
         self._init_pair(backend, kwargs, (min_val, num_bins, momentum))
@@ -170,13 +170,27 @@ class DynamicSoftMarginLoss(_PairLoss):
     def _functional(self):
         return dynamic_soft_margin_loss
 
+    @property
+    def delta(self):
+        """PML's bins' width 2 |min_val| / num_bins, derived (read-only here: it follows them)."""
+        return check_bins(self.min_val, self.num_bins, self.momentum)[1]
+
+    @delta.setter
+    def delta(self, value):
+        raise AttributeError("DynamicSoftMarginLoss.delta is 2 |min_val| / num_bins here: set min_val or num_bins")
+
     def _sync_pml(self):
         """PML's instance as ours: PML fixes its bins' width (delta) and its state's size at
         construction; here they follow min_val and num_bins (docs/api.md), also where PML computes
-        (a reducer, a regularizer)."""
+        (a reducer, a regularizer), and its state is ours, detached."""
         super()._sync_pml()
-        self._pml.delta = check_bins(self.min_val, self.num_bins, self.momentum)[1]
+        self._pml.delta = self.delta
         self._pml.hist_ = self._state_of_size()
+
+    def _run_pml(self, *args):
+        out = super()._run_pml(*args)
+        self.hist_ = self.hist_.detach()  # stored detached, as on the fused path (PML keeps the graph)
+        return out
 
     def _state_of_size(self):
         """hist_, or for a num_bins set before the state holds anything, zeros of that size (the

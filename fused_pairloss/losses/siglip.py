@@ -117,7 +117,8 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, rank=
     bias = IT.check_scalar("logit_bias", 0 if logit_bias is None else logit_bias, image_features)
     backend = IT.resolve(backend, image_features.device, engine=True)
     if image_features.shape[0] == 0:
-        return IT.empty_batch_loss(image_features, text_features, scale, None if logit_bias is None else bias)
+        return IT.empty_batch_loss(image_features, text_features, scale, None if logit_bias is None else bias).to(
+            IT.open_clip_dtype(siglip_reference, image_features, text_features, scale, bias))
     if backend == "reference":
         block = siglip_reference
     else:
