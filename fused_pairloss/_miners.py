@@ -437,6 +437,7 @@ class _Mined(tuple):
         out.distance_settings = _settings(miner.distance)  # as mined (a change since: the list is read)
         out.embeddings, out.labels, out.ref_emb, out.ref_labels = embeddings, labels, ref_emb, ref_labels
         out.versions = _versions(embeddings, labels, ref_emb, ref_labels)  # as mined (changed in place since: read)
+        out.index_versions = _versions(*out)  # its own index tensors edited in place since: the list is read
         return out
 
     def __reduce__(self):
@@ -452,7 +453,8 @@ class _Mined(tuple):
         return (embeddings is self.embeddings and (labels is None or labels is self.labels) and same_ref
                 and same_ref_labels and _distance_name(self.distance) == distance
                 and _settings(self.distance) == self.distance_settings
-                and _versions(self.embeddings, self.labels, self.ref_emb, self.ref_labels) == self.versions)
+                and _versions(self.embeddings, self.labels, self.ref_emb, self.ref_labels) == self.versions
+                and _versions(*self) == self.index_versions)
 
 
 class MinedTriplets(_Mined):

@@ -632,7 +632,7 @@ def test_triplet_miner_float_labels_without_loss_labels():
     check_close(ours, pml_losses.TripletMarginLoss()(x, None, pml_miners.TripletMarginMiner()(x, y)), what="value")
 
 
-@pytest.mark.parametrize("changed", ["embeddings", "labels"])
+@pytest.mark.parametrize("changed", ["embeddings", "labels", "indices"])
 @pytest.mark.parametrize("miner,loss,kw", [
     ("MultiSimilarityMiner", "CircleLoss", dict(epsilon=0.5)),
     ("PairMarginMiner", "ContrastiveLoss", dict(pos_margin=0.2, neg_margin=1.3)),
@@ -640,16 +640,21 @@ def test_triplet_miner_float_labels_without_loss_labels():
 ], ids=["ms", "pair_margin", "triplet_margin"])
 def test_inputs_changed_in_place_after_mining_read_the_list(miner, loss, kw, changed):
     """A miner's inputs changed in place between mining and the loss call (an optimizer step, a
-    refilled label buffer): the mined pairs are no longer the rule's on the new values, so the loss
-    reads the list, as PML's loss does."""
+    refilled label buffer), or its returned indices edited: the mined pairs are no longer the rule's
+    on the new values, so the loss reads the list, as PML's loss does."""
     x, y, _, _ = batch("self", n=24, seed=31)
     ours_mined = getattr(miners, miner)(**kw)(x, y)
     pml_mined = getattr(pml_miners, miner)(**kw)(x, y)
     with torch.no_grad():
         if changed == "embeddings":
             x.mul_(1.3).add_(0.2)
-        else:
+        elif changed == "labels":
             y.copy_(torch.randint(0, 5, y.shape, generator=torch.Generator().manual_seed(32)))
+        else:  # the returned index tensors edited (their second halves repeat their first)
+            for ours_t, pml_t in zip(ours_mined, pml_mined):
+                half = len(ours_t) // 2
+                ours_t[len(ours_t) - half:] = ours_t[:half].clone()
+                pml_t[len(pml_t) - half:] = pml_t[:half].clone()
     got = getattr(fpl, loss)()(x, y, ours_mined)
     (g,) = torch.autograd.grad(got, x)
     want = getattr(pml_losses, loss)()(x, y, pml_mined)

@@ -530,6 +530,46 @@ def test_attributes_assigned_after_construction_as_pml():
         assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))
 
 
+def test_regularizer_arguments_read_and_scaled_as_pmls():
+    """embedding_regularizer / embedding_reg_weight given to the constructor read as given (PML's
+    attributes), and a weight scaled later (a decay schedule) changes the loss as on PML's."""
+    from pytorch_metric_learning.regularizers import LpRegularizer
+    x, y = batch(35, n=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for make in (lambda lib: lib.ContrastiveLoss(embedding_regularizer=LpRegularizer(), embedding_reg_weight=0.3),
+                     lambda lib: lib.ArcFaceLoss(4, 6, embedding_regularizer=LpRegularizer(),
+                                                 embedding_reg_weight=0.3)):
+            ours, pml = make(fpl), make(L)
+            pml.load_state_dict(ours.state_dict())
+            assert isinstance(ours.embedding_regularizer, LpRegularizer) and ours.embedding_reg_weight == 0.3
+            ours.embedding_reg_weight *= 0.5
+            pml.embedding_reg_weight *= 0.5
+            assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))
+
+
+def test_class_loss_regularizer_reducer_and_init_function_as_pmls():
+    """SoftTripleLoss with PML's SparseCentersRegularizer (fused): PML's MultipleReducers as
+    `reducer`, whose sub-reducer set in place is PML's computation; a class loss PML computes (a
+    reducer) calls the user's weight_init_func once, as PML's."""
+    from pytorch_metric_learning.regularizers import SparseCentersRegularizer
+    x, y = batch(36, n=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours, pml = (lib.SoftTripleLoss(4, 6, centers_per_class=3, weight_regularizer=SparseCentersRegularizer(4, 3))
+                     for lib in (fpl, L))
+        pml.load_state_dict(ours.state_dict())
+        assert sorted(ours.reducer.reducers) == sorted(pml.reducer.reducers) == ["loss", "weight_reg_loss"]
+        ours.reducer.reducers["weight_reg_loss"] = reducers.SumReducer()
+        pml.reducer.reducers["weight_reg_loss"] = reducers.SumReducer()
+        assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))
+        for lib in (fpl, L):
+            calls = []
+            lib.ArcFaceLoss(4, 6, weight_init_func=lambda w: calls.append(1) or torch.nn.init.normal_(w),
+                            reducer=reducers.SumReducer())
+            assert len(calls) == 1, lib.__name__
+
+
 def test_dynamic_soft_margin_num_bins_set_before_the_first_call():
     """num_bins set before the first call: the bins follow it (docs/api.md), the empty state takes its
     size, the loss is that of a module built with it; once the state holds a histogram, another

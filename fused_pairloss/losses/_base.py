@@ -206,12 +206,14 @@ def _collect_stats(value):
     return bool(c_f.COLLECT_STATS)
 
 
-def _pml_default_reducer(pml_cls):
-    """PML's default reducer of a class (PML's set_reducer: MultipleReducers over its sub-losses)."""
+def _pml_default_reducer(pml_cls, kwargs):
+    """PML's default reducer of a class built with `kwargs` (PML's set_reducer: MultipleReducers over
+    its sub-losses, a regularizer's loss among them)."""
     from pytorch_metric_learning.reducers import MultipleReducers
     if pml_cls is None:  # a loss PML does not have
         return None
-    names = pml_cls._sub_loss_names(None)
+    names = pml_cls._sub_loss_names(None) + [f"{k}_reg_loss" for k in ("weight", "embedding")
+                                             if kwargs.get(f"{k}_regularizer") is not None]
     if len(names) == 1:
         return pml_cls.get_default_reducer(None)
     return MultipleReducers({k: pml_cls.get_default_reducer(None) for k in names})
@@ -359,9 +361,11 @@ class _PmlFallback:
         except ImportError as e:
             raise ValueError(f"{name}: {sorted(kwargs)} need pytorch-metric-learning (fused: distance in "
                              f"{list(self._distances)}, no reducer / regularizer arguments)") from e
+        pml_kwargs_given = self._pml_fallback_kwargs(kwargs)
+        if param_name is not None:  # its weight is replaced by ours: the user's init function runs once, on ours
+            pml_kwargs_given = {k: v for k, v in pml_kwargs_given.items() if k != "weight_init_func"}
         with torch.random.fork_rng(devices=[]):  # its weight is replaced by ours: PML's random state is ours
-            pml = getattr(pml_losses, pml_name)(*pml_args, **(pml_kwargs or {}),
-                                                **self._pml_fallback_kwargs(kwargs))
+            pml = getattr(pml_losses, pml_name)(*pml_args, **(pml_kwargs or {}), **pml_kwargs_given)
         self._pml_reason = ", ".join(unfused)  # what the fallback warning names
         if param_name is not None:  # one parameter, the module's own (state_dicts stay PML's)
             setattr(pml, param_name, getattr(self, param_name))
@@ -369,6 +373,8 @@ class _PmlFallback:
         self._distance_kind = None
         _set_pml_object(self, "distance", pml.distance)  # PML's objects, PML's computation
         _set_pml_object(self, "reducer", pml.reducer)
+        for k in ("embedding_regularizer", "embedding_reg_weight"):  # as given (read, scaled by the user)
+            _set_pml_object(self, k, getattr(pml, k))
         _copy_records(self, pml)
 
     def _pml_fallback_kwargs(self, kwargs):
@@ -400,7 +406,7 @@ class _PmlFallback:
             pml_cls = getattr(pml_losses, name, None)
             distance = kwargs.get("distance") or (pml_distances.CosineSimilarity() if pml_cls is None
                                                   else pml_cls.get_default_distance(None))
-            reducer = _pml_default_reducer(pml_cls)
+            reducer = _pml_default_reducer(pml_cls, self._pml_fallback_kwargs(kwargs))
             twin = _small_pml_class_loss(type(self), kwargs)
             if twin is not None:  # the names PML's record-keeper logs
                 _copy_records(self, twin)
