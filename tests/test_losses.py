@@ -132,16 +132,37 @@ def test_torch_compile_of_margin_loss_follows_an_assigned_beta():
         torch.testing.assert_close(compiled(x, y), loss(x, y))
 
 
-def test_inductor_follows_a_reassigned_temperature():
-    """torch.compile with inductor (its graph caches) gives each assigned temperature's value: a
-    float in the traced arithmetic beside the engine's constant made it serve the first one's."""
+@pytest.mark.parametrize("make,name,values", [
+    (lambda: fpl.SupConLoss(0.1), "temperature", (0.1, 0.2, 0.3)),
+    (lambda: fpl.MultiSimilarityLoss(), "alpha", (2.0, 3.0, 2.5)),
+    (lambda: fpl.MultiSimilarityLoss(), "beta", (50.0, 40.0, 30.0)),
+], ids=["supcon_temperature", "ms_alpha", "ms_beta"])
+def test_inductor_follows_a_reassigned_hyper_parameter(make, name, values):
+    """torch.compile with inductor (its graph caches) gives each assigned value's loss: a float in
+    the traced arithmetic beside the engine's constant (MultiSimilarity's -alpha in its terms,
+    alpha in its row combination) made a later value's call serve an earlier value's graph, until
+    the hyper-parameters became constants of the graph (ops/_common.py hyper_parameters)."""
     torch._dynamo.reset()
-    loss = fpl.SupConLoss(0.1)
+    loss = make()
     compiled = torch.compile(loss, fullgraph=True)
-    x, y = torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), torch.arange(8) // 2
-    for temperature in (0.1, 0.2, 0.3):
-        loss.temperature = temperature
-        torch.testing.assert_close(compiled(x, y), fpl.SupConLoss(temperature)(x, y))
+    x = torch.randn(12, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = torch.randint(0, 4, (12,), generator=torch.Generator().manual_seed(2))
+    for value in values:
+        setattr(loss, name, value)
+        fresh = make()
+        setattr(fresh, name, value)
+        torch.testing.assert_close(compiled(x, y), fresh(x, y))
+
+
+@pytest.mark.parametrize("make", [lambda: fpl.CircleLoss(), lambda: fpl.ArcFaceLoss(4, 8)], ids=["circle", "arcface"])
+def test_torch_compile_dynamic_true_traces_a_module(make):
+    """dynamic=True (every float and int symbolic): the module's check of PML's objects (a softplus'
+    beta, a distance's settings) traces too."""
+    torch._dynamo.reset()
+    loss = make()
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    x, y = torch.randn(16, 8, generator=torch.Generator().manual_seed(4)), torch.arange(16) % 4
+    torch.testing.assert_close(compiled(x, y), loss(x, y), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("num_classes", [None, 4], ids=["one_beta", "per_class"])

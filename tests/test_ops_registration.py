@@ -164,3 +164,10 @@ def test_invalid_declarations_are_rejected():
         op.class_engine_forward(q, torch.randn(6, 3), y, 2, [0.0] * 13, S.COL_POS_LSE)
     with pytest.raises(RuntimeError, match="exclude_col values"):
         op.pair_engine_forward(q, q, y, y, torch.tensor([0, 1, 2, 9]), [0.0] * 19, 0)
+
+
+def test_opcheck_hyper_parameters():
+    """fused_pairloss::hyper_parameters (ops/_common.py): an empty tensor, its fake kernel the same."""
+    from fused_pairloss.ops import _common
+    torch.library.opcheck(_common.hyper_parameters, ([0.5, 2.0],))
+    assert _common.hyper_parameters([1.0]).numel() == 0

@@ -28,7 +28,7 @@ import torch
 
 from .. import _validation as V
 from .._backends import resolve_backend
-from ..ops._common import zero_loss
+from ..ops._common import hyper_parameters_as_constants, zero_loss
 from ..ops.operands import autocast_enabled
 from ._reference_common import nan_in_nan_out
 
@@ -295,7 +295,7 @@ def _settings(obj):
                              if not k.startswith("_") and k not in skip
                              and isinstance(v, (bool, int, float, str, type(None)))))
         return type(obj), plain, tuple((k, _settings(m)) for k, m in obj._modules.items())
-    if isinstance(obj, float) and math.isnan(obj):
+    if isinstance(obj, float) and obj != obj:  # NaN (not math.isnan: a float torch.compile traces symbolically)
         return "nan"
     if isinstance(obj, (bool, int, float, str, type(None))):
         return obj
@@ -824,6 +824,7 @@ def run_pair_loss(reference_fn, fused_fn, embeddings, labels, ref_emb, ref_label
     backend, then the reference or the fused call."""
     V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
     backend = resolve_backend(backend, embeddings.device)
+    hyper_parameters_as_constants(hyper)
     if backend == "reference":
         return reference_fn(embeddings, labels, ref_emb, ref_labels, **hyper)
     return fused_fn(embeddings, labels, ref_emb, ref_labels, backend=backend, **hyper)
@@ -963,6 +964,7 @@ class _ClassLoss(_PmlFallback, _LossBase):
 def run_class_loss(reference_fn, fused_fn, embeddings, labels, weights, backend, **hyper):
     """A class loss's functional form after its checks: the backend, then the reference or the fused call."""
     backend = resolve_backend(backend, embeddings.device)
+    hyper_parameters_as_constants(hyper)
     if backend == "reference":
         return reference_fn(embeddings, labels, weights, **hyper)
     return fused_fn(embeddings, labels, weights, backend=backend, **hyper)

@@ -59,6 +59,27 @@ def row_chunks(n, per_row, budget):
     return [(i0, min(n, i0 + step)) for i0 in range(0, n, step)]
 
 
+@torch.library.custom_op("fused_pairloss::hyper_parameters", mutates_args=())
+def hyper_parameters(values: list[float]) -> torch.Tensor:
+    """Nothing (an empty tensor): called while torch.compile traces a loss, with its float
+    hyper-parameters, so that each becomes a constant of the graph (a float[] argument of an op:
+    dynamo specializes its entries). Left symbolic, a value that reaches both an engine op's terms
+    (as an expression such as -alpha, baked in as a constant) and the row combination (as an input)
+    made inductor's graph cache answer a later value with an earlier value's graph."""
+    return torch.empty(0)
+
+
+hyper_parameters.register_fake(lambda values: torch.empty(0))
+
+
+def hyper_parameters_as_constants(hyper):
+    """`hyper` unchanged; while torch.compile traces, its float entries made constants of the
+    graph (hyper_parameters): each value compiles once (docs/api.md)."""
+    if torch.compiler.is_compiling():
+        hyper_parameters([v for v in hyper.values() if isinstance(v, float)])
+    return hyper
+
+
 class CompiledRowKernels:
     """A row-chunk op's kernels, given as {op name: fake kernel}: the compiled CPU ones
     (csrc/cpu/rank_rows_cpu.cpp) and on CUDA tensors the Triton ones (ops/triton_rank_rows.py).
