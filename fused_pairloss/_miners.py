@@ -423,6 +423,12 @@ def _versions(*inputs):
                  for t in inputs)
 
 
+def _index_versions(indices):
+    """The version counters of a miner's own index tensors; None for one made under
+    torch.inference_mode (no counter, and outside that mode it cannot be edited in place)."""
+    return tuple(None if t.is_inference() else t._version for t in indices)
+
+
 class _Mined(tuple):
     """A miner's result: a real tuple, PML's indices in PML's order, that also says how they were
     mined (the inputs and the distance), so that our losses can apply the miner's rule in their
@@ -437,7 +443,7 @@ class _Mined(tuple):
         out.distance_settings = _settings(miner.distance)  # as mined (a change since: the list is read)
         out.embeddings, out.labels, out.ref_emb, out.ref_labels = embeddings, labels, ref_emb, ref_labels
         out.versions = _versions(embeddings, labels, ref_emb, ref_labels)  # as mined (changed in place since: read)
-        out.index_versions = _versions(*out)  # its own index tensors edited in place since: the list is read
+        out.index_versions = _index_versions(out)  # its own index tensors edited in place since: the list is read
         return out
 
     def __reduce__(self):
@@ -454,7 +460,7 @@ class _Mined(tuple):
                 and same_ref_labels and _distance_name(self.distance) == distance
                 and _settings(self.distance) == self.distance_settings
                 and _versions(self.embeddings, self.labels, self.ref_emb, self.ref_labels) == self.versions
-                and _versions(*self) == self.index_versions)
+                and _index_versions(self) == self.index_versions)
 
 
 class MinedTriplets(_Mined):

@@ -21,7 +21,7 @@ from .losses._base import (_collect_stats, _distance_name, _has_short_row, _on_d
                            record_distance_stats)
 from .losses._reference_common import nan_in_nan_out
 from .losses.triplet_margin import TripletMarginLoss, all_triplet_distance_means, miner_triplet_counts
-from .ops._common import LOCAL, zero_loss
+from .ops._common import LOCAL, hyper_parameters_as_constants, zero_loss
 from .ops.stats import MinedBy
 
 __all__ = ["CrossBatchMemory"]
@@ -446,6 +446,7 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
                 hyper = dict(hyper, record=record)
         # the memory is detached (no column pass); its labels are copied (O(M)) so that the next
         # step's write into the buffer does not touch a tensor saved for this step's backward
+        hyper_parameters_as_constants(hyper)  # while torch.compile traces (ops/_common.py)
         loss = fn(embeddings, labels, E_mem.detach(), L_mem.clone(), exclude_col=excl, batch=batch, **hyper)
         if isinstance(backend, MinedBy):  # NaN in, NaN out also through the miner's comparisons
             loss = nan_in_nan_out(loss, embeddings, E_mem.detach()).to(loss.dtype)

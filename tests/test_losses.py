@@ -154,6 +154,21 @@ def test_inductor_follows_a_reassigned_hyper_parameter(make, name, values):
         torch.testing.assert_close(compiled(x, y), fresh(x, y))
 
 
+def test_inductor_cross_batch_memory_follows_a_reassigned_alpha():
+    """CrossBatchMemory's fused step calls the loss's fused function itself: its hyper-parameters are
+    the graph's constants there too (a stale alpha at the fourth value before); an eager twin with
+    the same memory is the truth."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(1)
+    compiled_memory, eager_memory = (fpl.CrossBatchMemory(fpl.MultiSimilarityLoss(), 6, memory_size=16)
+                                     for _ in range(2))
+    compiled = torch.compile(compiled_memory, fullgraph=True)
+    for alpha in (2.0, 3.0, 2.5, 1.5):
+        x, y = torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+        compiled_memory.loss.alpha = eager_memory.loss.alpha = alpha
+        torch.testing.assert_close(compiled(x, y), eager_memory(x, y))
+
+
 @pytest.mark.parametrize("make", [lambda: fpl.CircleLoss(), lambda: fpl.ArcFaceLoss(4, 8)], ids=["circle", "arcface"])
 def test_torch_compile_dynamic_true_traces_a_module(make):
     """dynamic=True (every float and int symbolic): the module's check of PML's objects (a softplus'

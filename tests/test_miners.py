@@ -664,10 +664,16 @@ def test_inputs_changed_in_place_after_mining_read_the_list(miner, loss, kw, cha
 
 
 def test_mined_under_inference_mode_as_pml():
-    """Inference tensors keep no version counter: the loss reads the mined list (PML's value)."""
+    """Inference tensors keep no version counter: the loss reads the mined list (PML's value). A
+    miner run under inference_mode on ordinary inputs (its indices inference tensors), the loss
+    outside it with gradients: PML's value (the indices cannot have been edited since)."""
     x, y, _, _ = batch("self", n=24, seed=33)
     with torch.inference_mode():
-        x = x.detach().clone()
-        ours = fpl.CircleLoss()(x, y, miners.PairMarginMiner(0.2, 0.8)(x, y))
-        want = pml_losses.CircleLoss()(x, y, pml_miners.PairMarginMiner(0.2, 0.8)(x, y))
+        xi = x.detach().clone()
+        ours = fpl.CircleLoss()(xi, y, miners.PairMarginMiner(0.2, 0.8)(xi, y))
+        want = pml_losses.CircleLoss()(xi, y, pml_miners.PairMarginMiner(0.2, 0.8)(xi, y))
     check_close(ours, want, what="value")
+    with torch.inference_mode():
+        mined, pml_mined = miners.PairMarginMiner(0.5, 0.5)(x, y), pml_miners.PairMarginMiner(0.5, 0.5)(x, y)
+    check_close(fpl.MultiSimilarityLoss()(x, y, mined), pml_losses.MultiSimilarityLoss()(x, y, pml_mined),
+                what="value, mined under inference_mode")
