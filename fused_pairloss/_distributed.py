@@ -5,6 +5,7 @@ batch reductions of a loss's row combination, all-reduced)."""
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 import torch.distributed as dist
@@ -247,6 +248,8 @@ def all_gather_uneven(x: torch.Tensor, group=None) -> torch.Tensor:
 # a loss whose PML semantics there differ from its label sets, NCA's, is called as PML calls it)
 FUSED_PAIR_CALLS = {entry.cls: entry.fused for entry in REGISTRY.values()
                     if entry.kind == "pair" and entry.cls._fused_in_wrappers}
+# the fused calls that take the loss's miner_epsilon (MultiSimilarityLoss's)
+_TAKE_MINER_EPSILON = {fn for fn in FUSED_PAIR_CALLS.values() if "miner_epsilon" in inspect.signature(fn).parameters}
 
 
 def fused_pair_plan(loss, device):
@@ -265,6 +268,6 @@ def fused_pair_plan(loss, device):
     if backend == "reference":
         return None
     hyper = dict(loss._hyper())
-    if "miner_epsilon" in fn.__code__.co_varnames:
+    if fn in _TAKE_MINER_EPSILON:
         hyper["miner_epsilon"] = loss.miner_epsilon
     return functools.partial(fn, backend=backend), hyper

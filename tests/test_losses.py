@@ -154,6 +154,49 @@ def test_inductor_follows_a_reassigned_hyper_parameter(make, name, values):
         torch.testing.assert_close(compiled(x, y), fresh(x, y))
 
 
+def test_every_function_computing_with_hyper_parameters_makes_them_constants():
+    """Every loss's functional form and fused call carries ops/_common.constant_hyper_parameters: the
+    frame in which it runs under torch.compile (one resumed after a graph break too) has the call's
+    floats as constants before it computes with them."""
+    unmarked = [fn.__name__ for entry in fpl.losses.REGISTRY.values() for fn in (entry.functional, entry.fused)
+                if fn is not None and not getattr(fn, "constant_hyper_parameters", False)]
+    assert not unmarked
+
+
+def test_inductor_follows_hyper_parameters_read_after_a_graph_break():
+    """ProxyNCALoss with a miner's indices_tuple (its weights: a graph break) reads softmax_scale in a
+    frame of its own, where the third value became a symbolic input (torch's automatic dynamic) and
+    inductor served an earlier value's graph (27% off), until the fused function made it constant; the
+    functional form of NormalizedSoftmaxLoss (1 / temperature in the engine's terms) likewise."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 8, generator=g, dtype=torch.float64)
+    y = torch.arange(32) % 8
+    mined = fpl.miners.BatchHardMiner()(x, y)
+    loss = fpl.ProxyNCALoss(8, 8).double()
+    compiled = torch.compile(lambda e: loss(e, y, mined))
+    W = torch.randn(8, 8, generator=g, dtype=torch.float64)
+    softmax = torch.compile(lambda e, t: fpl.functional.normalized_softmax_loss(e, y, W, temperature=t))
+    for value in (1.0, 2.0, 3.0, 4.0):
+        loss.softmax_scale = value
+        torch.testing.assert_close(compiled(x), loss(x, y, mined))
+        temperature = value / 20
+        torch.testing.assert_close(softmax(x, temperature),
+                                   fpl.functional.normalized_softmax_loss(x, y, W, temperature=temperature))
+
+
+def test_torch_compile_of_angular_loss_with_an_obtuse_alpha():
+    """AngularLoss's alpha is PML's tensor in radians: one whose tangent is negative traces too (a
+    negative base under ** raised while dynamo traced the constants)."""
+    torch._dynamo.reset()
+    loss = fpl.AngularLoss()
+    compiled = torch.compile(loss, backend="eager")
+    x, y = torch.randn(16, 8, generator=torch.Generator().manual_seed(2)), torch.arange(16) % 4
+    for alpha in (0.7, 2.0):
+        loss.alpha = alpha
+        torch.testing.assert_close(compiled(x, y), loss(x, y))
+
+
 def test_inductor_cross_batch_memory_follows_a_reassigned_alpha():
     """CrossBatchMemory's fused step calls the loss's fused function itself: its hyper-parameters are
     the graph's constants there too (a stale alpha at the fourth value before); an eager twin with

@@ -323,6 +323,14 @@ class _PmlFallback:
         if "__init__" in cls.__dict__:
             cls.__init__ = _taking_plain_numbers(cls.__dict__["__init__"])
 
+    def _float_attributes_as_constants(self):
+        """While torch.compile traces: every float attribute of the module (its hyper-parameters,
+        also those a path reads directly, such as the miner-weighted or the margin-softmax calls) a
+        constant of the graph, before anything computes with it (ops/_common.py
+        hyper_parameters_as_constants)."""
+        if torch.compiler.is_compiling():
+            hyper_parameters_as_constants({k: v for k, v in vars(self).items() if isinstance(v, float)})
+
     _distances = ("cosine", "lp")   # distances the fused path supports for this loss
     _default_distance = "cosine"    # PML's default for this loss
     _cosine_only = False            # PML asserts CosineSimilarity for this loss
@@ -563,6 +571,7 @@ class _PairLoss(_PmlFallback, _LossBase):
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         """PML's forward: PML itself for PML-only arguments; else the inputs PML accepts made ours
         (pml_labels), an empty batch's PML value, then the loss's own `_forward`."""
+        self._float_attributes_as_constants()
         if self._pml_only_assigned():
             self._fall_back_now()
         if self._pml is not None:
@@ -824,7 +833,6 @@ def run_pair_loss(reference_fn, fused_fn, embeddings, labels, ref_emb, ref_label
     backend, then the reference or the fused call."""
     V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
     backend = resolve_backend(backend, embeddings.device)
-    hyper_parameters_as_constants(hyper)
     if backend == "reference":
         return reference_fn(embeddings, labels, ref_emb, ref_labels, **hyper)
     return fused_fn(embeddings, labels, ref_emb, ref_labels, backend=backend, **hyper)
@@ -893,6 +901,7 @@ class _ClassLoss(_PmlFallback, _LossBase):
         return param
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        self._float_attributes_as_constants()
         if self._pml_only_assigned():  # a distance / reducer assigned since (PML reads them at each call)
             self._fall_back_now()
         if self._pml is not None:
@@ -964,7 +973,6 @@ class _ClassLoss(_PmlFallback, _LossBase):
 def run_class_loss(reference_fn, fused_fn, embeddings, labels, weights, backend, **hyper):
     """A class loss's functional form after its checks: the backend, then the reference or the fused call."""
     backend = resolve_backend(backend, embeddings.device)
-    hyper_parameters_as_constants(hyper)
     if backend == "reference":
         return reference_fn(embeddings, labels, weights, **hyper)
     return fused_fn(embeddings, labels, weights, backend=backend, **hyper)

@@ -22,7 +22,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, logaddexp, normalize, zero_loss
+from ..ops._common import LOCAL, constant_hyper_parameters, logaddexp, normalize, zero_loss
 from ..ops.operands import recomputation_inputs, recomputed_grads, stat_dtype
 from ..ops.positive_pairs import label_positive_pairs
 from ..ops.spec import PairLossSpec, PairTerm
@@ -37,7 +37,8 @@ CHUNK_PAIRS = 1 << 13
 
 def _constants(alpha_degrees):
     """(4 tan^2 alpha, 2 (1 + tan^2 alpha)) in float64, as PML's float64 alpha tensor gives them."""
-    t = math.tan(math.radians(alpha_degrees)) ** 2
+    tan_alpha = math.tan(math.radians(alpha_degrees))
+    t = tan_alpha * tan_alpha  # (a negative base under ** made torch.compile raise)
     return 4.0 * t, 2.0 * (1.0 + t)
 
 
@@ -211,6 +212,7 @@ def _label_counts(labels_q, labels_r, exclude_col):
     return same - excluded_same.long(), labels_r.shape[0] - same
 
 
+@constant_hyper_parameters
 def angular_fused(embeddings, labels, ref_emb, ref_labels, *, alpha=40.0, distance="lp", backend, exclude_col=None,
                   batch=LOCAL):
     """The op over the label sets; PML's MeanReducer over the positive pairs, 0 without a positive or
@@ -262,6 +264,7 @@ def angular_listed(embeddings, labels, ref_emb, ref_labels, indices_tuple, *, al
     return (total / a1.shape[0]).to(embeddings.dtype)
 
 
+@constant_hyper_parameters
 def angular_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, alpha=40.0, distance="lp", backend="auto"):
     """PML AngularLoss(alpha in degrees); PML's LpDistance() (normalized, p=2, power=1) only."""
     V.check_real("alpha", alpha)

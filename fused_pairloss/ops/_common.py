@@ -3,6 +3,7 @@ few-pairs rule, and the batch reductions a loss's row combination is written in 
 distributed wrapper can run the same combination over rows spread across ranks)."""
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
@@ -78,6 +79,21 @@ def hyper_parameters_as_constants(hyper):
     if torch.compiler.is_compiling():
         hyper_parameters([v for v in hyper.values() if isinstance(v, float)])
     return hyper
+
+
+def constant_hyper_parameters(fn):
+    """Decorator of every function that computes with a loss's hyper-parameters (its functional form,
+    its fused function): while torch.compile traces, the call's float keyword arguments are made
+    constants of the graph on entry (hyper_parameters_as_constants). On each function, not only at
+    the modules' entry: a frame that resumes after a graph break (a miner's weights) reads them anew."""
+    @functools.wraps(fn)
+    def with_constant_hyper_parameters(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            hyper_parameters([v for v in kwargs.values() if isinstance(v, float)])
+        return fn(*args, **kwargs)
+
+    with_constant_hyper_parameters.constant_hyper_parameters = True
+    return with_constant_hyper_parameters
 
 
 class CompiledRowKernels:
