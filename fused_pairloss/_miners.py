@@ -387,6 +387,11 @@ def triplet_window(miner_margin, type_of_triplets):
             "easy": (m, float("inf"))}[type_of_triplets]
 
 
+# how close to S = 1 a PairMarginMiner's margin moved between d and S may lie before the rounding of
+# S near 1 (fp32: about 1e-7) decides the copies of a row (margin_windows)
+IDENTITY_BAND = 1e-5
+
+
 def margin_windows(miner, distance=None):
     """A PairMarginMiner's kept pairs as keep windows (pos_window, neg_window) on v (PairLossSpec):
     d > pos_margin and d < neg_margin for a distance, S < pos_margin and S > neg_margin for a
@@ -398,14 +403,21 @@ def margin_windows(miner, distance=None):
     S < m is d > sqrt(2 - 2 m) (m <= 1), S > m is d < sqrt(2 - 2 m) (m < 1); a margin that every
     pair passes gives (-inf, inf), one that none passes the empty window (0, 0).
 
-    None for a NaN margin: PML keeps no pair of its set, which no window says; the caller reads the
-    list instead."""
+    None for a NaN margin: PML keeps no pair of its set, which no window says; and for a margin
+    moved to the other v whose edge lies at the identity (d = 0, S = 1) within IDENTITY_BAND: copies
+    of a row sit there (a duplicated sample, a memory holding the batch), where PML's d is exactly 0
+    and its S 1 within rounding, so the moved edge would decide them otherwise. The caller reads
+    the list instead."""
     inf, pos, neg = float("inf"), float(miner.pos_margin), float(miner.neg_margin)
     if pos != pos or neg != neg:
         return None
     kind = "cosine" if miner.distance.is_inverted else "lp"
     if distance is None or distance == kind:
         return ((-inf, pos), (neg, inf)) if kind == "cosine" else ((pos, inf), (-inf, neg))
+    if kind == "lp" and (0 <= pos * pos / 2 < IDENTITY_BAND or 0 < neg * neg / 2 < IDENTITY_BAND):
+        return None
+    if kind == "cosine" and (abs(pos - 1) <= IDENTITY_BAND or abs(neg - 1) <= IDENTITY_BAND):
+        return None
     everything, nothing = (-inf, inf), (0.0, 0.0)
     if kind == "lp":  # on S
         return ((-inf, 1 - pos * pos / 2) if pos >= 0 else everything,

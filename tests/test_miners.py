@@ -488,8 +488,8 @@ def test_margins_moved_to_the_other_distance_keep_pmls_pairs(miner_distance):
     same, other = y[:, None] == y[None, :], y[:, None] != y[None, :]
     same.fill_diagonal_(False)
     v = s if miner_distance == "lp" else d  # the loss's v
-    margins = ((-0.5, 0.0), (0.0, 1.1), (1.2, 1.5), (2.5, 3.0)) if miner_distance == "lp" else \
-        ((1.5, 1.2), (1.0, 0.9), (0.2, -0.1), (-1.5, -2.0))
+    margins = ((-0.5, 0.0), (0.3, 1.1), (1.2, 1.5), (2.5, 3.0)) if miner_distance == "lp" else \
+        ((1.5, 1.2), (0.99, 0.9), (0.2, -0.1), (-1.5, -2.0))
     for pos_margin, neg_margin in margins:
         dist = LpDistance() if miner_distance == "lp" else CosineSimilarity()
         miner = pml_miners.PairMarginMiner(pos_margin, neg_margin, distance=dist)
@@ -499,6 +499,31 @@ def test_margins_moved_to_the_other_distance_keep_pmls_pairs(miner_distance):
         kept_neg = other & (v > nlo) & (v < nhi)
         assert torch.equal(torch.stack(torch.where(kept_pos)), torch.stack((a1, p))), (pos_margin, neg_margin)
         assert torch.equal(torch.stack(torch.where(kept_neg)), torch.stack((a2, n))), (pos_margin, neg_margin)
+
+
+@pytest.mark.parametrize("miner_distance,margins,loss", [
+    ("lp", (0.0, 10.0), "NTXentLoss"), ("lp", (0.0, 1.2), "MultiSimilarityLoss"),
+    ("cosine", (1.0, -0.2), "MarginLoss"), ("cosine", (0.5, 1.0), "ContrastiveLoss")])
+def test_margins_at_the_identity_moved_to_the_other_distance_read_the_list(miner_distance, margins, loss):
+    """Copies of a row (d = 0 exactly, S = 1 within rounding) sit on a margin of 0 (LpDistance) or 1
+    (CosineSimilarity): moved to the other v, the edge decided them otherwise than PML (NTXentLoss
+    8.90 against PML's 12.40 with every sample three times). Such a margin is read from the list,
+    in the loss's own call and in CrossBatchMemory holding the batch twice; equal to PML."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 5, generator=g, dtype=torch.float64).repeat(3, 1)
+    y = torch.tensor([0, 1, 0, 2, 0, 1, 1, 2, 2, 1, 0, 2])
+    distance = LpDistance() if miner_distance == "lp" else CosineSimilarity()
+    ours, pml = getattr(fpl, loss)(), getattr(pml_losses, loss)()
+    ours.ENGINE_PAIR_FRACTION = 0
+    mined = miners.PairMarginMiner(*margins, distance=distance)(x, y)
+    assert ours._fused_with_miner_rule(x, y, mined, None, None) is None
+    check_close(ours(x, y, mined), pml(x, y, pml_miners.PairMarginMiner(*margins, distance=distance)(x, y)),
+                what="listed")
+    memories = [cls(loss_fn, 5, memory_size=24, miner=pml_miners.PairMarginMiner(*margins, distance=distance))
+                for cls, loss_fn in ((fpl.CrossBatchMemory, getattr(fpl, loss)()),
+                                     (pml_losses.CrossBatchMemory, getattr(pml_losses, loss)()))]
+    for step in range(2):
+        check_close(memories[0](x, y), memories[1](x, y), what=f"memory step {step}")
 
 
 def test_few_mined_pairs_are_read_from_the_list():
