@@ -41,6 +41,27 @@ def test_hessian_vector_products_match_the_reference(name, backend):
             check_close(a, b, what=f"{name} {backend} {mode} H v {k}")
 
 
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_backward_is_linear_in_its_seed_also_at_zero(name):
+    """The backward taken with create_graph is linear in its incoming gradient also where that is 0
+    (torch.autograd.functional.jvp's double-vjp, a loss weight learned from 0): d/dw <grad(w L), v>
+    at w = 0 is <grad L, v>. TupletMarginLoss's acos zeroed its gradient where the seed was 0, and
+    gave 0.0916 where PML gives -0.1525."""
+    loss = LOSSES[name]
+    case = loss_case(loss, 12, 6, torch.float64, mode="self", seed=3)
+    backend = FUSED[0]
+    g = torch.Generator().manual_seed(1)
+    vs = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in case.params]
+    weight = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    out = loss.fn(*case.args, backend=backend, **loss.kwargs)
+    grads = torch.autograd.grad(out * weight, case.params, create_graph=True)
+    (by_seed,) = torch.autograd.grad(sum((gr * v).sum() for gr, v in zip(grads, vs)), weight)
+    grads = torch.autograd.grad(loss.fn(*case.args, backend=backend, **loss.kwargs), case.params)
+    want = sum((gr * v).sum() for gr, v in zip(grads, vs))
+    assert want != 0, f"{name}: <grad L, v> is 0: the check would be empty"
+    check_close(by_seed, want, what=name)
+
+
 def test_multi_similarity_second_order_regression():
     """The reported case: MS at N=24 fp64, where the backward op differentiated as a constant gave a
     Hessian-vector product off by 4e-3 (entries up to 3.7e-3); and gradgradcheck."""

@@ -46,8 +46,10 @@ def tuplet_margin_reference(embeddings, labels, ref_emb=None, ref_labels=None, *
 
 
 class _Acos(torch.autograd.Function):
-    """torch.acos whose gradient is 0 where the incoming one is (not 0 * inf at u = +-1): a pair
-    whose loss is not used (PML's few-pairs rule: a constant zero) gets no NaN gradient."""
+    """torch.acos whose gradient at u = +-1 is 0 where the incoming one is (not 0 * inf): a pair
+    whose loss is not used (PML's few-pairs rule: a constant zero) gets no NaN gradient. Inside
+    (-1, 1) the gradient is -grad / sqrt(1 - u^2), linear in grad also where grad is 0 (a double
+    backward differentiates it by its seed)."""
 
     @staticmethod
     def forward(ctx, u):
@@ -57,9 +59,12 @@ class _Acos(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (u,) = ctx.saved_tensors
-        unused = grad == 0  # both branches are in the graph (create_graph): the unused one stays finite
-        return torch.where(unused, torch.zeros_like(grad),
-                           -grad / torch.sqrt(torch.where(unused, torch.ones_like(u), 1 - u * u)))
+        # every branch is in the graph (create_graph): each stays finite where it is not taken
+        inside = ~(u.abs() >= 1)  # NaN u inside: a NaN gradient
+        slope = -grad / torch.sqrt(torch.where(inside, 1 - u * u, torch.ones_like(u)))
+        at_one = torch.where(grad == 0, torch.zeros_like(grad),
+                             -grad * torch.where(inside, torch.zeros_like(u), torch.full_like(u, math.inf)))
+        return torch.where(inside, slope, at_one)
 
 
 def _without_negatives(u, row_lse):
