@@ -33,7 +33,7 @@ from . import _distributed
 from . import _validation as V
 from .losses._base import _PairLoss, _set_pml_object, run_pair_loss
 from .ops import oracle
-from .ops._common import LOCAL, Batch, constant_hyper_parameters, pair_operands, zero_loss
+from .ops._common import LOCAL, Batch, loss_function, pair_operands, zero_loss
 from .ops.engines import PairStats
 from .ops.listed import ListedPairs, listed_pair_stats
 from .ops.spec import DISTANCES, FLOAT_MAX, PairLossSpec, PairTerm, pair_stats_of
@@ -120,7 +120,7 @@ def pair_loss(name, *, declaration, combine, hyper, distance="cosine", doc=None)
         # NaN in, NaN out: hinge terms drop NaN (PML's AvgNonZero); an exact 0 of the inputs keeps it
         return loss + zero_loss(embeddings) + (0 if ref_emb is None else zero_loss(ref_emb))
 
-    @constant_hyper_parameters
+    @loss_function
     def fused(embeddings, labels, ref_emb, ref_labels, *, backend, exclude_col=None, batch=LOCAL, distance=distance,
               exclude_after_mining=False, **hyper_values):
         q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
@@ -161,7 +161,7 @@ def pair_loss(name, *, declaration, combine, hyper, distance="cosine", doc=None)
             st = PairStats(*pair_stats_of(values, counts, aux))
         return st
 
-    @constant_hyper_parameters
+    @loss_function
     def functional(embeddings, labels, ref_emb=None, ref_labels=None, *, distance=distance, backend="auto",
                    **hyper_values):
         values = _with_defaults(hyper_values)

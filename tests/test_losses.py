@@ -155,11 +155,11 @@ def test_inductor_follows_a_reassigned_hyper_parameter(make, name, values):
 
 
 def test_every_function_computing_with_hyper_parameters_makes_them_constants():
-    """Every loss's functional form and fused call carries ops/_common.constant_hyper_parameters: the
+    """Every loss's functional form and fused call carries ops/_common.loss_function: the
     frame in which it runs under torch.compile (one resumed after a graph break too) has the call's
     floats as constants before it computes with them."""
     unmarked = [fn.__name__ for entry in fpl.losses.REGISTRY.values() for fn in (entry.functional, entry.fused)
-                if fn is not None and not getattr(fn, "constant_hyper_parameters", False)]
+                if fn is not None and not getattr(fn, "loss_function", False)]
     assert not unmarked
 
 

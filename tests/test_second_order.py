@@ -62,6 +62,28 @@ def test_backward_is_linear_in_its_seed_also_at_zero(name):
     check_close(by_seed, want, what=name)
 
 
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_forward_mode_ad_raises(name):
+    """The fused ops have no forward derivative: their outputs carried a zero tangent (MultiSimilarity's
+    jvp 0.0 where PML's is -0.0396). torch.autograd.forward_ad and torch.func.jvp raise instead."""
+    import torch.autograd.forward_ad as forward_ad
+    loss = LOSSES[name]
+    case = loss_case(loss, 12, 6, torch.float64, mode="self", seed=3)
+    x, rest = case.args[0].detach(), case.args[1:]
+    with pytest.raises(NotImplementedError, match="forward-mode AD"), forward_ad.dual_level():
+        loss.fn(forward_ad.make_dual(x, torch.ones_like(x)), *rest, backend=FUSED[0], **loss.kwargs)
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(lambda e: loss.fn(e, *rest, backend=FUSED[0], **loss.kwargs), (x,), (torch.ones_like(x),))
+
+
+def test_forward_mode_ad_through_a_module_raises():
+    import torch.autograd.forward_ad as forward_ad
+    x, y = torch.randn(12, 6, dtype=torch.float64), torch.arange(12) % 3
+    for module in (fpl.MultiSimilarityLoss(), fpl.TripletMarginLoss(), fpl.ArcFaceLoss(3, 6).double()):
+        with pytest.raises(NotImplementedError, match="forward-mode AD"), forward_ad.dual_level():
+            module(forward_ad.make_dual(x, torch.ones_like(x)), y)
+
+
 def test_multi_similarity_second_order_regression():
     """The reported case: MS at N=24 fp64, where the backward op differentiated as a constant gave a
     Hessian-vector product off by 4e-3 (entries up to 3.7e-3); and gradgradcheck."""

@@ -22,7 +22,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, constant_hyper_parameters, logaddexp, normalize, zero_loss
+from ..ops._common import LOCAL, loss_function, logaddexp, normalize, zero_loss
 from ..ops.operands import recomputation_inputs, recomputed_grads, stat_dtype
 from ..ops.positive_pairs import label_positive_pairs
 from ..ops.spec import PairLossSpec, PairTerm
@@ -212,7 +212,7 @@ def _label_counts(labels_q, labels_r, exclude_col):
     return same - excluded_same.long(), labels_r.shape[0] - same
 
 
-@constant_hyper_parameters
+@loss_function
 def angular_fused(embeddings, labels, ref_emb, ref_labels, *, alpha=40.0, distance="lp", backend, exclude_col=None,
                   batch=LOCAL):
     """The op over the label sets; PML's MeanReducer over the positive pairs, 0 without a positive or
@@ -264,7 +264,7 @@ def angular_listed(embeddings, labels, ref_emb, ref_labels, indices_tuple, *, al
     return (total / a1.shape[0]).to(embeddings.dtype)
 
 
-@constant_hyper_parameters
+@loss_function
 def angular_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, alpha=40.0, distance="lp", backend="auto"):
     """PML AngularLoss(alpha in degrees); PML's LpDistance() (normalized, p=2, power=1) only."""
     V.check_real("alpha", alpha)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, constant_hyper_parameters, pair_operands, similarity_dtype, zero_loss
+from ..ops._common import LOCAL, loss_function, pair_operands, similarity_dtype, zero_loss
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, run_pair_loss
@@ -63,7 +63,7 @@ def combine(st: engines.PairStats, embeddings, *, batch=LOCAL):
     return loss.where(~batch.too_few_pairs(st.count_pos, st.count_neg), zero)
 
 
-@constant_hyper_parameters
+@loss_function
 def circle_fused(embeddings, labels, ref_emb, ref_labels, *, m, gamma, backend, exclude_col=None, batch=LOCAL):
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
     st = pair_stats(q, r, labels, labels_r, excl, declaration(m, gamma), backend)
@@ -74,7 +74,7 @@ def circle_fused(embeddings, labels, ref_emb, ref_labels, *, m, gamma, backend, 
     return loss.to(similarity_dtype(embeddings, "cosine"))  # PML's dtype under autocast
 
 
-@constant_hyper_parameters
+@loss_function
 def circle_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, m=0.4, gamma=80.0, backend="auto"):
     """PML CircleLoss(m, gamma) (pair-wise labels, cosine similarity)."""
     V.check_real("m", m)

@@ -12,7 +12,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, constant_hyper_parameters, pair_operands, zero_loss
+from ..ops._common import LOCAL, loss_function, pair_operands, zero_loss
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, run_pair_loss
@@ -60,7 +60,7 @@ def combine(st: engines.PairStats, embeddings, *, batch=LOCAL):
     return torch.where(batch.too_few_pairs(st.count_pos, st.count_neg), zero, loss)
 
 
-@constant_hyper_parameters
+@loss_function
 def contrastive_fused(embeddings, labels, ref_emb, ref_labels, *, pos_margin, neg_margin, distance="lp", backend,
                       exclude_col=None, batch=LOCAL):
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
@@ -70,7 +70,7 @@ def contrastive_fused(embeddings, labels, ref_emb, ref_labels, *, pos_margin, ne
     return loss + zero_loss(embeddings) + (0 if ref_emb is None else zero_loss(ref_emb))
 
 
-@constant_hyper_parameters
+@loss_function
 def contrastive_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_margin=0.0, neg_margin=1.0,
                      distance="lp", backend="auto"):
     """PML ContrastiveLoss(pos_margin, neg_margin); PML's default distance LpDistance ("lp")."""

@@ -28,7 +28,7 @@ import torch
 
 from .. import _validation as V
 from .._backends import resolve_backend
-from ..ops._common import LOCAL, constant_hyper_parameters, zero_loss
+from ..ops._common import LOCAL, loss_function, zero_loss
 from ._base import _PairLoss, _plain_number, _warn_once, check_tuple_inputs, run_pair_loss
 from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
 from ._registry import LossEntry
@@ -105,7 +105,7 @@ def dynamic_soft_margin_reference(embeddings, labels=None, ref_emb=None, ref_lab
     return (loss, state.detach()) if return_histogram else loss
 
 
-@constant_hyper_parameters
+@loss_function
 def dynamic_soft_margin_fused(embeddings, labels, ref_emb, ref_labels, *, min_val=-2.0, num_bins=10, momentum=0.01,
                               histogram=None, distance="lp", backend, exclude_col=None, batch=LOCAL,
                               return_histogram=False):
@@ -134,7 +134,7 @@ def dynamic_soft_margin_fused(embeddings, labels, ref_emb, ref_labels, *, min_va
     return (loss, state.detach().to(embeddings.dtype)) if return_histogram else loss
 
 
-@constant_hyper_parameters
+@loss_function
 def dynamic_soft_margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, min_val=-2.0, num_bins=10,
                              momentum=0.01, histogram=None, distance="lp", backend="auto"):
     """PML DynamicSoftMarginLoss(min_val, num_bins, momentum) with its LpDistance(); `histogram`:

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from ..ops._common import LOCAL, constant_hyper_parameters, label_counts, normalize, zero_loss
+from ..ops._common import LOCAL, loss_function, label_counts, normalize, zero_loss
 from ..ops.spec import NO_TERM, PairHistogram, PairLossSpec
 from ..ops.stats import pair_stats
 from ._base import _RowWeightedSelfLoss, check_self_only, run_pair_loss
@@ -89,7 +89,7 @@ def declaration(num_bins):
                         histogram=PairHistogram(num_bins + 1, num_bins / HISTOGRAM_MAX, 0.0, squared=True))
 
 
-@constant_hyper_parameters
+@loss_function
 def fast_ap_fused(embeddings, labels, ref_emb, ref_labels, *, num_bins=10, distance="squared_lp", backend,
                   exclude_col=None, batch=LOCAL, row_weights=None):
     check_self_only(embeddings, labels, ref_emb, ref_labels, "FastAPLoss")
@@ -108,7 +108,7 @@ def fast_ap_fused(embeddings, labels, ref_emb, ref_labels, *, num_bins=10, dista
     return nan_in_nan_out(loss.to(embeddings.dtype), embeddings, None)
 
 
-@constant_hyper_parameters
+@loss_function
 def fast_ap_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, num_bins=10, distance="squared_lp",
                  backend="auto"):
     """PML FastAPLoss(num_bins) with its LpDistance(power=2) ("squared_lp"); no ref_emb, as PML."""

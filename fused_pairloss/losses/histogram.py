@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as V
-from ..ops._common import LOCAL, constant_hyper_parameters, label_counts, normalize, similarity_dtype, zero_loss
+from ..ops._common import LOCAL, loss_function, label_counts, normalize, similarity_dtype, zero_loss
 from ..ops.spec import NO_TERM, PairHistogram, PairLossSpec
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, check_self_only, run_pair_loss
@@ -117,7 +117,7 @@ def _engine_histograms(q, labels, delta, backend):
     return torch.stack([hist_pos, st.hist_neg.sum(1)]), torch.stack([size_pos, st.count_neg.sum()]).to(torch.int64)
 
 
-@constant_hyper_parameters
+@loss_function
 def histogram_fused(embeddings, labels, ref_emb, ref_labels, *, n_bins=None, delta=None, distance="cosine", backend,
                     exclude_col=None, batch=LOCAL):
     check_self_only(embeddings, labels, ref_emb, ref_labels, "HistogramLoss")
@@ -133,7 +133,7 @@ def histogram_fused(embeddings, labels, ref_emb, ref_labels, *, n_bins=None, del
     return nan_in_nan_out(loss, embeddings, None).to(similarity_dtype(embeddings, "cosine"))
 
 
-@constant_hyper_parameters
+@loss_function
 def histogram_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, n_bins=None, delta=None, distance="cosine",
                    backend="auto"):
     """PML HistogramLoss(n_bins, delta) (CosineSimilarity); no ref_emb, as PML."""

@@ -18,7 +18,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, constant_hyper_parameters, normalize
+from ..ops._common import LOCAL, loss_function, normalize
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, check_self_only, run_pair_loss
@@ -57,7 +57,7 @@ def combine(st: engines.PairStats, embeddings, own_logit, target_logit, *, batch
     return batch.mean(row_lse - target_logit.to(A)).to(embeddings.dtype)
 
 
-@constant_hyper_parameters
+@loss_function
 def instance_fused(embeddings, labels, ref_emb, ref_labels, *, gamma, distance="cosine", backend, exclude_col=None,
                    batch=LOCAL):
     check_self_only(embeddings, labels, ref_emb, ref_labels, "InstanceLoss")
@@ -69,7 +69,7 @@ def instance_fused(embeddings, labels, ref_emb, ref_labels, *, gamma, distance="
     return nan_in_nan_out(combine(st, embeddings, own, target, batch=batch), embeddings, None)
 
 
-@constant_hyper_parameters
+@loss_function
 def instance_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, gamma=64.0, distance="cosine",
                   backend="auto"):
     """PML InstanceLoss(gamma): CosineSimilarity only, no ref_emb (as PML)."""

@@ -32,7 +32,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, constant_hyper_parameters, label_ids, pair_operands, zero_loss
+from ..ops._common import LOCAL, loss_function, label_ids, pair_operands, zero_loss
 from ..ops.operands import lp_distances, lp_squared_distances, recomputation_inputs, recomputed_grads, stat_dtype
 from ..ops.spec import PAIR_AUX, PAIR_VALUES, PairLossSpec, PairTerm
 from ..ops.stats import backward_op, forward_op, pair_stats
@@ -234,7 +234,7 @@ def _class_row_sums(q, r, labels_q, labels_r, exclude_col):
     return (q * pos_rows).sum(1), (q * neg_rows).sum(1), count_pos, count_neg
 
 
-@constant_hyper_parameters
+@loss_function
 def intra_pair_variance_fused(embeddings, labels, ref_emb, ref_labels, *, pos_eps=0.01, neg_eps=0.01,
                               distance="cosine", backend, exclude_col=None, batch=LOCAL):
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
@@ -272,7 +272,7 @@ def intra_pair_variance_fused(embeddings, labels, ref_emb, ref_labels, *, pos_ep
     return nan_in_nan_out(loss.to(embeddings.dtype), embeddings, ref_emb)
 
 
-@constant_hyper_parameters
+@loss_function
 def intra_pair_variance_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_eps=0.01, neg_eps=0.01,
                              distance="cosine", backend="auto"):
     """PML IntraPairVarianceLoss(pos_eps, neg_eps); distance "cosine" (PML's default) or "lp"."""

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .. import _validation as V
 from .._backends import resolve_backend
-from ..ops._common import constant_hyper_parameters, normalize
+from ..ops._common import loss_function, normalize
 from ..ops.operands import softplus, stat_dtype
 from ..ops.spec import ClassLossSpec, PairTerm
 from ..ops.stats import class_stats
@@ -138,7 +138,7 @@ class _WithTargetColumns(torch.autograd.Function):
         return grad_W.index_add_(1, labels, grad_columns.t()), None
 
 
-@constant_hyper_parameters
+@loss_function
 def large_margin_fused(embeddings, labels, W, *, margin, scale, sphereface, backend, row_weights=None):
     margin = check_margin(margin)
     labels = labels.to(device=embeddings.device, dtype=torch.int64)
@@ -176,13 +176,13 @@ def _has_short_row_outside_compile(embeddings):
     return not V._compiling() and _has_short_row(embeddings)
 
 
-@constant_hyper_parameters
+@loss_function
 def large_margin_softmax_loss(embeddings, labels, W, *, margin=4, scale=1.0, backend="auto"):
     """PML LargeMarginSoftmaxLoss; W in PML's layout (D, C); margin an integer >= 1."""
     return _run(embeddings, labels, W, margin=margin, scale=scale, backend=backend, sphereface=False)
 
 
-@constant_hyper_parameters
+@loss_function
 def sphereface_loss(embeddings, labels, W, *, margin=4, scale=1.0, backend="auto"):
     """PML SphereFaceLoss; W in PML's layout (D, C); margin an integer >= 1."""
     return _run(embeddings, labels, W, margin=margin, scale=scale, backend=backend, sphereface=True)

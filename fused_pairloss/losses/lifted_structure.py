@@ -24,7 +24,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, constant_hyper_parameters, pair_operands, similarity_dtype, zero_loss
+from ..ops._common import LOCAL, loss_function, pair_operands, similarity_dtype, zero_loss
 from ..ops.positive_pairs import positive_pair_mean, positive_pair_sums, register_pair_term
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
@@ -68,7 +68,7 @@ def combine(st: engines.PairStats, embeddings, *, batch=LOCAL):
     return torch.where(batch.too_few_pairs(st.count_pos, st.count_neg), zero_loss(embeddings), loss)
 
 
-@constant_hyper_parameters
+@loss_function
 def lifted_structure_fused(embeddings, labels, ref_emb, ref_labels, *, neg_margin, pos_margin, distance="lp",
                            backend, exclude_col=None, batch=LOCAL):
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
@@ -76,7 +76,7 @@ def lifted_structure_fused(embeddings, labels, ref_emb, ref_labels, *, neg_margi
     return combine(st, embeddings, batch=batch).to(similarity_dtype(embeddings, distance))  # PML's under autocast
 
 
-@constant_hyper_parameters
+@loss_function
 def generalized_lifted_structure_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, neg_margin=1.0,
                                       pos_margin=0.0, distance="lp", backend="auto"):
     """PML GeneralizedLiftedStructureLoss(neg_margin, pos_margin); default distance LpDistance."""
@@ -164,7 +164,7 @@ def lifted_pairs_declaration(neg_margin, distance="lp"):
                         distance=distance)
 
 
-@constant_hyper_parameters
+@loss_function
 def lifted_structure_pairs_fused(embeddings, labels, ref_emb, ref_labels, *, neg_margin, pos_margin, distance="lp",
                                  backend, exclude_col=None, batch=LOCAL):
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
@@ -179,7 +179,7 @@ def lifted_structure_pairs_fused(embeddings, labels, ref_emb, ref_labels, *, neg
     return nan_in_nan_out(loss, embeddings, ref_emb).to(similarity_dtype(embeddings, distance))
 
 
-@constant_hyper_parameters
+@loss_function
 def lifted_structure_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, neg_margin=1.0, pos_margin=0.0,
                           distance="lp", backend="auto"):
     """PML LiftedStructureLoss(neg_margin, pos_margin); default distance LpDistance."""

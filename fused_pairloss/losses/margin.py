@@ -26,7 +26,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, constant_hyper_parameters, pair_operands, zero_loss
+from ..ops._common import LOCAL, loss_function, pair_operands, zero_loss
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, check_listed_rows, check_triplets_per_anchor, run_pair_loss
@@ -128,7 +128,7 @@ def combine(st: engines.PairStats, embeddings, *, beta, nu, learn_beta, distance
     return torch.where(batch.sum(n_pos * n_neg) > 0, loss, zero + zero)
 
 
-@constant_hyper_parameters
+@loss_function
 def margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, nu=0.0, beta=1.2, learn_beta=False,
                  distance="lp", backend, exclude_col=None, batch=LOCAL):
     if torch.is_tensor(beta) and beta.numel() != 1 and beta.dim() != 1:
@@ -220,7 +220,7 @@ def _scalar(beta):
     return float(t.reshape(()))
 
 
-@constant_hyper_parameters
+@loss_function
 def margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.2, nu=0.0, beta=1.2,
                 learn_beta=False, distance="lp", backend="auto"):
     """PML MarginLoss(margin, nu, beta, learn_beta) over all triplets; beta a float, a one-element

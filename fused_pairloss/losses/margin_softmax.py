@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .. import _validation as V
 from .._backends import resolve_backend
 from ..ops import engines
-from ..ops._common import LOCAL, constant_hyper_parameters, normalize
+from ..ops._common import LOCAL, loss_function, normalize
 from ..ops.operands import softplus
 from ..ops.spec import ClassLossSpec, PairTerm
 from ..ops.stats import class_stats
@@ -138,7 +138,7 @@ def combine(st: engines.ClassStats, embeddings, *, kind, scale, margin, batch=LO
     return batch.mean(softplus(st.lse_other - z)).to(embeddings.dtype)
 
 
-@constant_hyper_parameters
+@loss_function
 def margin_softmax_fused(embeddings, labels, weights, *, kind, scale, margin, backend, sub_centers=1):
     """weights: PML's W (D, C * sub_centers)."""
     q = normalize(embeddings)
@@ -146,7 +146,7 @@ def margin_softmax_fused(embeddings, labels, weights, *, kind, scale, margin, ba
     return combine(st, embeddings, kind=kind, scale=scale, margin=margin)
 
 
-@constant_hyper_parameters
+@loss_function
 def normalized_softmax_loss(embeddings, labels, W, *, temperature=0.05, backend="auto"):
     """PML NormalizedSoftmaxLoss; W in PML's layout (D, C)."""
     V.check_centers(embeddings, labels, W, 1, name="W")
@@ -158,7 +158,7 @@ def normalized_softmax_loss(embeddings, labels, W, *, temperature=0.05, backend=
                                 margin=0.0, backend=backend)
 
 
-@constant_hyper_parameters
+@loss_function
 def cosface_loss(embeddings, labels, W, *, margin=0.35, scale=64.0, backend="auto"):
     """PML CosFaceLoss; W in PML's layout (D, C)."""
     V.check_centers(embeddings, labels, W, 1, name="W")
@@ -170,7 +170,7 @@ def cosface_loss(embeddings, labels, W, *, margin=0.35, scale=64.0, backend="aut
     return margin_softmax_fused(embeddings, labels, W, kind="cosface", scale=scale, margin=margin, backend=backend)
 
 
-@constant_hyper_parameters
+@loss_function
 def arcface_loss(embeddings, labels, W, *, margin=28.6, scale=64.0, backend="auto"):
     """PML ArcFaceLoss; margin in degrees (as PML); W in PML's layout (D, C)."""
     V.check_centers(embeddings, labels, W, 1, name="W")
@@ -183,7 +183,7 @@ def arcface_loss(embeddings, labels, W, *, margin=28.6, scale=64.0, backend="aut
                                 backend=backend)
 
 
-@constant_hyper_parameters
+@loss_function
 def subcenter_arcface_loss(embeddings, labels, W, *, margin=28.6, scale=64.0, sub_centers=3, backend="auto"):
     """PML SubCenterArcFaceLoss; margin in degrees (as PML); W in PML's layout (D, C * sub_centers)."""
     V.check_centers(embeddings, labels, W, sub_centers, name="W", k_name="sub_centers")

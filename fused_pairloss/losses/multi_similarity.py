@@ -12,7 +12,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, constant_hyper_parameters, logaddexp, pair_operands, similarity_dtype, zero_loss
+from ..ops._common import LOCAL, loss_function, logaddexp, pair_operands, similarity_dtype, zero_loss
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, run_pair_loss
@@ -71,7 +71,7 @@ def combine(st: engines.PairStats, embeddings, *, alpha, beta, mined, batch=LOCA
     return loss
 
 
-@constant_hyper_parameters
+@loss_function
 def multi_similarity_fused(embeddings, labels, ref_emb, ref_labels, *, alpha, beta, base, miner_epsilon,
                            distance="cosine", backend, exclude_col=None, batch=LOCAL, exclude_after_mining=False):
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
@@ -83,7 +83,7 @@ def multi_similarity_fused(embeddings, labels, ref_emb, ref_labels, *, alpha, be
     return loss.to(similarity_dtype(embeddings, distance))  # PML's dtype under autocast
 
 
-@constant_hyper_parameters
+@loss_function
 def multi_similarity_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, alpha=2.0, beta=50.0, base=0.5,
                           miner_epsilon=None, distance="cosine", backend="auto"):
     """PML MultiSimilarityLoss(alpha, beta, base); with miner_epsilon=e, PML's

@@ -18,7 +18,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, constant_hyper_parameters, label_runs, normalize, zero_loss
+from ..ops._common import LOCAL, loss_function, label_runs, normalize, zero_loss
 from ..ops.operands import softplus
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
@@ -66,7 +66,7 @@ def combine(st: engines.PairStats, embeddings, *, batch=LOCAL):
     return batch.mean(softplus(st.lse_neg - st.lse_pos)).to(embeddings.dtype)
 
 
-@constant_hyper_parameters
+@loss_function
 def n_pairs_fused(embeddings, labels, ref_emb, ref_labels, *, distance="cosine", backend, exclude_col=None,
                   batch=LOCAL, pairs=None):
     """`pairs`: the (anchors, positives) of unique_label_pairs when the caller has them already."""
@@ -80,7 +80,7 @@ def n_pairs_fused(embeddings, labels, ref_emb, ref_labels, *, distance="cosine",
     return nan_in_nan_out(loss, embeddings, None)
 
 
-@constant_hyper_parameters
+@loss_function
 def n_pairs_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, distance="cosine", backend="auto"):
     """PML NPairsLoss() with its default DotProductSimilarity on normalized embeddings (cosine); no
     ref_emb (as PML)."""

@@ -27,7 +27,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, constant_hyper_parameters, normalize, pair_operands, zero_loss
+from ..ops._common import LOCAL, loss_function, normalize, pair_operands, zero_loss
 from ..ops.engines import exclusion_for
 from ..ops.operands import softplus
 from ..ops.spec import PairLossSpec, PairTerm
@@ -117,7 +117,7 @@ def short_row_operands(q, r, labels, labels_r, exclude_col):
     return (*wider_rows(q, r), labels_r, exclude_col)
 
 
-@constant_hyper_parameters
+@loss_function
 def nca_fused(embeddings, labels, ref_emb, ref_labels, *, softmax_scale, distance="squared_lp", backend,
               exclude_col=None, batch=LOCAL):
     if exclude_col is None and ref_emb is embeddings and ref_labels is not labels:
@@ -145,7 +145,7 @@ def nca_fused(embeddings, labels, ref_emb, ref_labels, *, softmax_scale, distanc
     return nan_in_nan_out(loss, embeddings, ref_emb).to(embeddings.dtype)
 
 
-@constant_hyper_parameters
+@loss_function
 def nca_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, softmax_scale=1.0, distance="squared_lp",
              backend="auto"):
     """PML NCALoss(softmax_scale); PML's default distance LpDistance(power=2) ("squared_lp")."""

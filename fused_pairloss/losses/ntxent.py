@@ -12,7 +12,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, constant_hyper_parameters, pair_operands, similarity_dtype, zero_loss
+from ..ops._common import LOCAL, loss_function, pair_operands, similarity_dtype, zero_loss
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, run_pair_loss
@@ -81,7 +81,7 @@ def combine(st: engines.PairStats, embeddings, *, batch=LOCAL):
     return torch.where(batch.too_few_pairs(st.count_pos, st.count_neg), zero, loss)
 
 
-@constant_hyper_parameters
+@loss_function
 def ntxent_fused(embeddings, labels, ref_emb, ref_labels, *, temperature, distance="cosine", backend,
                  exclude_col=None, batch=LOCAL):
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
@@ -90,7 +90,7 @@ def ntxent_fused(embeddings, labels, ref_emb, ref_labels, *, temperature, distan
     return combine(st, embeddings, batch=batch).to(dtype)
 
 
-@constant_hyper_parameters
+@loss_function
 def ntxent_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperature=0.07, distance="cosine",
                 backend="auto"):
     """PML NTXentLoss(temperature): per positive pair, a softmax against the row's negatives."""

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .. import _validation as V
 from .._backends import resolve_backend
-from ..ops._common import constant_hyper_parameters
+from ..ops._common import loss_function
 from ..ops.operands import stat_dtype
 from ._base import _ClassLoss, _check_sizes
 from ._registry import LossEntry
@@ -97,7 +97,7 @@ def p2s_grad_fused(embeddings, labels, weight, *, backend=None):
     return ((_GramForm.apply(x_hat, w, labels) + n) / (n * num_classes)).to(embeddings.dtype)
 
 
-@constant_hyper_parameters
+@loss_function
 def p2s_grad_loss(embeddings, labels, weight, *, backend="auto"):
     """PML P2SGradLoss on a weight (D, C) with unit columns (P2SGradLoss renormalizes its own)."""
     V.check_centers(embeddings, labels, weight, 1, name="weight")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as V
-from ..ops._common import (LOCAL, CompiledRowKernels, constant_hyper_parameters, label_counts, label_runs, normalize,
+from ..ops._common import (LOCAL, CompiledRowKernels, loss_function, label_counts, label_runs, normalize,
                            register_recomputing_autograd, row_chunks, zero_loss)
 from ..ops.operands import stat_dtype
 from ._base import _PairLoss, check_self_only, run_pair_loss
@@ -242,7 +242,7 @@ def _fake_backward(grad, q, labels, anneal, variant, b, alpha):
 register_recomputing_autograd(pnp_rows, pnp_rows_backward, _differentiable_rows)
 
 
-@constant_hyper_parameters
+@loss_function
 def pnp_fused(embeddings, labels, ref_emb, ref_labels, *, b=2.0, alpha=1.0, anneal=0.01, variant="O",
               distance="cosine", backend, exclude_col=None, batch=LOCAL):
     check_self_only(embeddings, labels, ref_emb, ref_labels, "PNPLoss")
@@ -258,7 +258,7 @@ def pnp_fused(embeddings, labels, ref_emb, ref_labels, *, b=2.0, alpha=1.0, anne
     return nan_in_nan_out(loss.to(embeddings.dtype), embeddings, None)
 
 
-@constant_hyper_parameters
+@loss_function
 def pnp_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, b=2.0, alpha=1.0, anneal=0.01, variant="O",
              distance="cosine", backend="auto"):
     """PML PNPLoss(b, alpha, anneal, variant) (CosineSimilarity); no ref_emb, no indices_tuple."""

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import constant_hyper_parameters, logaddexp, normalize, zero_loss
+from ..ops._common import loss_function, logaddexp, normalize, zero_loss
 from ..ops.spec import ClassLossSpec, PairTerm
 from ..ops.stats import class_stats
 from ._base import _ClassLoss, _check_sizes, _like, run_class_loss
@@ -68,14 +68,14 @@ def combine(st: engines.ClassStats, embeddings, labels, num_classes):
     return torch.where(with_pos > 0, pos_loss, zero_loss(embeddings)) + neg_loss
 
 
-@constant_hyper_parameters
+@loss_function
 def proxy_anchor_fused(embeddings, labels, proxies, *, margin, alpha, backend):
     q = normalize(embeddings)
     st = class_stats(q, proxies, labels, declaration(margin, alpha), backend)
     return combine(st, embeddings, labels, proxies.shape[0])
 
 
-@constant_hyper_parameters
+@loss_function
 def proxy_anchor_loss(embeddings, labels, proxies, *, margin=0.1, alpha=32.0, backend="auto"):
     """PML ProxyAnchorLoss; proxies in PML's layout (C, D)."""
     V.check_centers(embeddings, labels, proxies, 1, name="proxies", classes_first=True)

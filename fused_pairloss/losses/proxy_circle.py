@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, constant_hyper_parameters, normalize
+from ..ops._common import LOCAL, loss_function, normalize
 from ..ops.spec import ClassLossSpec, PairTerm
 from ..ops.stats import class_stats
 from ._base import _ClassLoss, _check_sizes, run_class_loss
@@ -45,14 +45,14 @@ def combine(st: engines.ClassStats, embeddings, *, m, gamma, batch=LOCAL):
     return batch.mean(F.softplus(st.lse_other + lp)).to(embeddings.dtype)
 
 
-@constant_hyper_parameters
+@loss_function
 def proxy_circle_fused(embeddings, labels, proxies, *, m, gamma, backend):
     q = normalize(embeddings)
     st = class_stats(q, proxies, labels, declaration(m, gamma), backend)  # proxies (D, C)
     return combine(st, embeddings, m=m, gamma=gamma)
 
 
-@constant_hyper_parameters
+@loss_function
 def proxy_circle_loss(embeddings, labels, proxies, *, m=0.25, gamma=256.0, backend="auto"):
     """Circle loss with class-level labels; proxies (D, C), one learnable proxy per class."""
     V.check_centers(embeddings, labels, proxies, 1, name="proxies")

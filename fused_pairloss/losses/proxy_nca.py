@@ -23,7 +23,7 @@ import torch
 
 from .. import _validation as V
 from .._backends import resolve_backend
-from ..ops._common import constant_hyper_parameters, normalize
+from ..ops._common import loss_function, normalize
 from ..ops.operands import softplus, stat_dtype
 from ..ops.spec import ClassLossSpec, PairTerm
 from ..ops.stats import class_stats
@@ -63,7 +63,7 @@ def short_proxy_operands(embeddings, proxies):
     return wider_rows(normalize(embeddings), normalize(proxies.to(embeddings.dtype)))
 
 
-@constant_hyper_parameters
+@loss_function
 def proxy_nca_fused(embeddings, labels, proxies, *, softmax_scale, distance="squared_lp", backend, row_weights=None):
     labels = labels.to(device=embeddings.device, dtype=torch.int64)
     spec = declaration(softmax_scale, distance)
@@ -84,7 +84,7 @@ def proxy_nca_fused(embeddings, labels, proxies, *, softmax_scale, distance="squ
     return mean.to(embeddings.dtype)
 
 
-@constant_hyper_parameters
+@loss_function
 def proxy_nca_loss(embeddings, labels, proxies, *, softmax_scale=1.0, distance="squared_lp", backend="auto"):
     """PML ProxyNCALoss; proxies in PML's layout (C, D); distance "squared_lp" (PML's default
     LpDistance(power=2)) or "cosine"."""

@@ -24,7 +24,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, constant_hyper_parameters, normalize, pair_operands
+from ..ops._common import LOCAL, loss_function, normalize, pair_operands
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, check_self_only, run_pair_loss
@@ -99,7 +99,7 @@ def combine(st: engines.PairStats, embeddings, *, imbalance, Tp, Tn):
     return rows.mean().to(embeddings.dtype)
 
 
-@constant_hyper_parameters
+@loss_function
 def ranked_list_fused(embeddings, labels, ref_emb, ref_labels, *, margin=0.4, Tn=10.0, imbalance=0.5, alpha=None,
                       Tp=0.0, distance="lp", backend, exclude_col=None, batch=LOCAL):
     check_self_only(embeddings, labels, ref_emb, ref_labels, "RankedListLoss")
@@ -111,7 +111,7 @@ def ranked_list_fused(embeddings, labels, ref_emb, ref_labels, *, margin=0.4, Tn
     return nan_in_nan_out(loss, embeddings, None)
 
 
-@constant_hyper_parameters
+@loss_function
 def ranked_list_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.4, Tn=10.0, imbalance=0.5,
                      alpha=None, Tp=0.0, distance="lp", backend="auto"):
     """PML RankedListLoss(margin, Tn, imbalance, alpha, Tp) with its LpDistance(); no ref_emb."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as V
-from ..ops._common import (LOCAL, CompiledRowKernels, constant_hyper_parameters, normalize,
+from ..ops._common import (LOCAL, CompiledRowKernels, loss_function, normalize,
                            register_recomputing_autograd, row_chunks)
 from ..ops.operands import stat_dtype
 from ._base import _RowWeightedSelfLoss, check_self_only, run_pair_loss
@@ -192,7 +192,7 @@ def _fake_backward(grad, q, labels, temperature):
 register_recomputing_autograd(smooth_ap_rows, smooth_ap_rows_backward, _differentiable_ap)
 
 
-@constant_hyper_parameters
+@loss_function
 def smooth_ap_fused(embeddings, labels, ref_emb, ref_labels, *, temperature=0.01, distance="cosine", backend,
                     exclude_col=None, batch=LOCAL, row_weights=None):
     check_self_only(embeddings, labels, ref_emb, ref_labels, "SmoothAPLoss")
@@ -202,7 +202,7 @@ def smooth_ap_fused(embeddings, labels, ref_emb, ref_labels, *, temperature=0.01
     return nan_in_nan_out(rows.mean().to(_loss_dtype(embeddings)), embeddings, None)
 
 
-@constant_hyper_parameters
+@loss_function
 def smooth_ap_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperature=0.01, distance="cosine",
                    backend="auto"):
     """PML SmoothAPLoss(temperature) (CosineSimilarity); every label the same count; no ref_emb."""

@@ -32,7 +32,7 @@ import functools
 import torch
 
 from .. import _validation as V
-from ..ops._common import LOCAL, constant_hyper_parameters, normalize, zero_loss
+from ..ops._common import LOCAL, loss_function, normalize, zero_loss
 from ..ops.listed import ListedPairs
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
@@ -121,7 +121,7 @@ def declaration(pos_margin, neg_margin):
                         distance="cosine")
 
 
-@constant_hyper_parameters
+@loss_function
 def snr_contrastive_fused(embeddings, labels, ref_emb, ref_labels, *, pos_margin=0.0, neg_margin=1.0, distance="snr",
                           backend, exclude_col=None, batch=LOCAL):
     if batch is LOCAL and not V._compiling() and has_constant_row(embeddings):
@@ -188,7 +188,7 @@ def exact_copy_counts(embeddings, ref, labels_q, labels_r, exclude_col):
     return copies
 
 
-@constant_hyper_parameters
+@loss_function
 def signal_to_noise_ratio_contrastive_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, pos_margin=0.0,
                                            neg_margin=1.0, distance="snr", backend="auto"):
     """PML SignalToNoiseRatioContrastiveLoss(pos_margin, neg_margin) with its SNRDistance()."""

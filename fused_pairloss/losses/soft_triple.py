@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .. import _validation as V
 from .._backends import resolve_backend
 from ..ops import engines
-from ..ops._common import LOCAL, constant_hyper_parameters, normalize
+from ..ops._common import LOCAL, loss_function, normalize
 from ..ops.operands import softplus, stat_dtype
 from ..ops.spec import ClassLossSpec, PairTerm
 from ..ops.stats import class_stats
@@ -88,7 +88,7 @@ def combine(st: engines.ClassStats, embeddings, *, la, margin, batch=LOCAL, row_
     return batch.mean(rows).to(embeddings.dtype)
 
 
-@constant_hyper_parameters
+@loss_function
 def soft_triple_fused(embeddings, labels, centers, *, centers_per_class, la, gamma, margin,
                       center_reg_weight, backend, row_weights=None):
     q = normalize(embeddings)
@@ -100,7 +100,7 @@ def soft_triple_fused(embeddings, labels, centers, *, centers_per_class, la, gam
     return loss
 
 
-@constant_hyper_parameters
+@loss_function
 def soft_triple_loss(embeddings, labels, centers, *, centers_per_class=10, la=20.0, gamma=0.1, margin=0.01,
                      center_reg_weight=0.0, backend="auto"):
     """PML SoftTripleLoss; centers is PML's fc, shape (D, C*K), column c*K+k = center k of class c."""

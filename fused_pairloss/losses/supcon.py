@@ -13,7 +13,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, constant_hyper_parameters, logaddexp, pair_operands, similarity_dtype, zero_loss
+from ..ops._common import LOCAL, loss_function, logaddexp, pair_operands, similarity_dtype, zero_loss
 from ..ops.operands import lp_distances, softplus, stat_dtype
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
@@ -106,7 +106,7 @@ def excluded_column_logits(q, r, excl, temperature, distance):
         return torch.where(has, z, float("-inf"))
 
 
-@constant_hyper_parameters
+@loss_function
 def supcon_fused(embeddings, labels, ref_emb, ref_labels, *, temperature, distance="cosine", backend,
                  exclude_col=None, batch=LOCAL):
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
@@ -120,7 +120,7 @@ def supcon_fused(embeddings, labels, ref_emb, ref_labels, *, temperature, distan
     return loss.to(similarity_dtype(embeddings, distance))  # PML's dtype under autocast
 
 
-@constant_hyper_parameters
+@loss_function
 def supcon_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperature=0.1, distance="cosine",
                 backend="auto"):
     """PML SupConLoss(temperature)."""

@@ -19,7 +19,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, constant_hyper_parameters, zero_loss
+from ..ops._common import LOCAL, loss_function, zero_loss
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, _warn_once, run_pair_loss
@@ -92,7 +92,7 @@ def _warn_unfused_ref():
                "it (both ends of a pair taken from embeddings), unfused")
 
 
-@constant_hyper_parameters
+@loss_function
 def tcm_fused(embeddings, labels, ref_emb, ref_labels, *, lambda_plus=1.0, lambda_minus=1.0, margin_plus=0.9,
               margin_minus=0.5, distance="cosine", backend, exclude_col=None, batch=LOCAL):
     hyper = dict(lambda_plus=lambda_plus, lambda_minus=lambda_minus, margin_plus=margin_plus,
@@ -109,7 +109,7 @@ def tcm_fused(embeddings, labels, ref_emb, ref_labels, *, lambda_plus=1.0, lambd
     return nan_in_nan_out(loss, embeddings, None)
 
 
-@constant_hyper_parameters
+@loss_function
 def threshold_consistent_margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, lambda_plus=1.0,
                                      lambda_minus=1.0, margin_plus=0.9, margin_minus=0.5, distance="cosine",
                                      backend="auto"):

@@ -20,7 +20,7 @@ import torch
 
 from .. import _validation as V
 from .._backends import resolve_backend
-from ..ops._common import LOCAL, constant_hyper_parameters, normalize, pair_operands, similarity_dtype, zero_loss
+from ..ops._common import LOCAL, loss_function, normalize, pair_operands, similarity_dtype, zero_loss
 from ..ops.listed import join_on_anchor, pair_values
 from ..ops.operands import stat_dtype
 from ..ops.spec import PairLossSpec, PairTerm
@@ -238,7 +238,7 @@ SELF_SLOT_CHUNK_ELEMENTS = 1 << 20
 SELF_SLOT_NEAR = 1e-3
 
 
-@constant_hyper_parameters
+@loss_function
 def triplet_margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, distance="lp", backend,
                          swap=False, smooth_loss=False, exclude_col=None, batch=LOCAL, window=NO_WINDOW,
                          record=None):
@@ -353,7 +353,7 @@ def _ref_is_labels(mined):
     return {}
 
 
-@constant_hyper_parameters
+@loss_function
 def triplet_margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=0.05, distance="lp",
                         swap=False, smooth_loss=False, triplets_per_anchor="all", backend="auto"):
     """PML TripletMarginLoss(margin, swap, smooth_loss, triplets_per_anchor); PML's default distance

@@ -17,7 +17,7 @@ import math
 import torch
 
 from .. import _validation as V
-from ..ops._common import LOCAL, constant_hyper_parameters, logaddexp, pair_operands, similarity_dtype, zero_loss
+from ..ops._common import LOCAL, loss_function, logaddexp, pair_operands, similarity_dtype, zero_loss
 from ..ops.positive_pairs import positive_pair_mean, positive_pair_sums, register_pair_term
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
@@ -108,7 +108,7 @@ def declaration(scale):
     return PairLossSpec(pos=PairTerm(scale=0.0), neg=PairTerm(scale=float(scale), lse=True), distance="cosine")
 
 
-@constant_hyper_parameters
+@loss_function
 def tuplet_margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, scale, distance="cosine", backend,
                         exclude_col=None, batch=LOCAL):
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
@@ -121,7 +121,7 @@ def tuplet_margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, scal
     return nan_in_nan_out(loss, embeddings, ref_emb).to(similarity_dtype(embeddings, distance))  # PML's under autocast
 
 
-@constant_hyper_parameters
+@loss_function
 def tuplet_margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, margin=5.73, scale=64.0,
                        distance="cosine", backend="auto"):
     """PML TupletMarginLoss(margin, scale): margin in degrees, CosineSimilarity only (as PML)."""

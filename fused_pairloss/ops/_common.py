@@ -7,6 +7,7 @@ import functools
 import threading
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
 from .. import _extension
@@ -81,19 +82,42 @@ def hyper_parameters_as_constants(hyper):
     return hyper
 
 
-def constant_hyper_parameters(fn):
-    """Decorator of every function that computes with a loss's hyper-parameters (its functional form,
-    its fused function): while torch.compile traces, the call's float keyword arguments are made
-    constants of the graph on entry (hyper_parameters_as_constants). On each function, not only at
-    the modules' entry: a frame that resumes after a graph break (a miner's weights) reads them anew."""
+def loss_function(fn):
+    """Decorator of every function that computes a loss from its hyper-parameters (a functional form,
+    a fused call):
+    - while torch.compile traces, the call's float keyword arguments are made constants of the graph
+      on entry (hyper_parameters_as_constants). On each function, not only at the modules' entry: a
+      frame that resumes after a graph break (a miner's weights) reads them anew;
+    - forward-mode AD (torch.autograd.forward_ad, torch.func.jvp / jacfwd) raises unless the call
+      is the reference backend's: the fused ops have no forward derivative, and their outputs would
+      carry a zero tangent."""
     @functools.wraps(fn)
-    def with_constant_hyper_parameters(*args, **kwargs):
+    def computing_a_loss(*args, **kwargs):
         if torch.compiler.is_compiling():
             hyper_parameters([v for v in kwargs.values() if isinstance(v, float)])
+        elif kwargs.get("backend") != "reference" and _forward_ad_in_use(args, kwargs.values()):
+            raise NotImplementedError(
+                f"{fn.__name__}: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp / jacfwd) is not "
+                "supported by the fused ops; reverse mode is (torch.autograd.grad, torch.func.grad / jacrev, "
+                "Hessian-vector products by double backward), and backend='reference' computes with PyTorch's ops")
         return fn(*args, **kwargs)
 
-    with_constant_hyper_parameters.constant_hyper_parameters = True
-    return with_constant_hyper_parameters
+    computing_a_loss.loss_function = True
+    return computing_a_loss
+
+
+def _forward_ad_in_use(*values):
+    """Whether a tensor among `values` carries a forward-mode tangent (torch.autograd.forward_ad), or
+    the call runs inside torch.func's jvp transform (its tensors are wrapped)."""
+    if forward_ad._current_level >= 0:
+        for group in values:
+            for v in group:
+                if isinstance(v, torch.Tensor) and forward_ad.unpack_dual(v).tangent is not None:
+                    return True
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return False
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    return any(i.key() == torch._C._functorch.TransformType.Jvp for i in retrieve_all_functorch_interpreters())
 
 
 class CompiledRowKernels:
