@@ -462,6 +462,13 @@ class _Mined(tuple):
         # pickled or copied: PML's plain tuple (the inputs it refers to are not carried along)
         return tuple, (tuple(self),)
 
+    def with_indices(self, indices):
+        """The same result holding `indices` (copies of its own index tensors, with their counters)."""
+        out = tuple.__new__(type(self), indices)
+        out.__dict__.update(self.__dict__)
+        out.index_versions = _index_versions(out)
+        return out
+
     def fused_for(self, embeddings, labels, ref_emb, ref_labels, distance):
         """True when a loss call on these inputs, with this distance ("lp" / "cosine"), may use the
         miner's rule: the miner saw the same tensors and measured with the same distance."""

@@ -145,11 +145,19 @@ _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8)
 
 def index_tensors(indices_tuple, device):
     """An indices_tuple whose entries are Python lists or numpy arrays of indices (PML's losses index
-    with them too) as tensors on `device` (an empty one int64); anything else as given, for
-    check_indices_tuple to judge."""
+    with them too) as tensors on `device` (an empty one int64), and whose index tensors made under
+    torch.inference_mode, used outside it, as copies (autograd cannot save an inference tensor for
+    the backward of a gather); anything else as given, for check_indices_tuple to judge."""
     def listed(t):
         return isinstance(t, (list, tuple)) or (hasattr(t, "__array__") and not isinstance(t, torch.Tensor))
-    if not isinstance(indices_tuple, (tuple, list)) or not any(listed(t) for t in indices_tuple):
+    if not isinstance(indices_tuple, (tuple, list)):
+        return indices_tuple
+    if not torch.is_inference_mode_enabled() and any(
+            isinstance(t, torch.Tensor) and t.is_inference() for t in indices_tuple):
+        copies = [t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t for t in indices_tuple]
+        # a miner's result (fused_pairloss._miners._Mined) keeps what it says about its mining
+        indices_tuple = indices_tuple.with_indices(copies) if hasattr(indices_tuple, "with_indices") else tuple(copies)
+    if not any(listed(t) for t in indices_tuple):
         return indices_tuple
     out = []
     for t in indices_tuple:

@@ -702,3 +702,11 @@ def test_mined_under_inference_mode_as_pml():
         mined, pml_mined = miners.PairMarginMiner(0.5, 0.5)(x, y), pml_miners.PairMarginMiner(0.5, 0.5)(x, y)
     check_close(fpl.MultiSimilarityLoss()(x, y, mined), pml_losses.MultiSimilarityLoss()(x, y, pml_mined),
                 what="value, mined under inference_mode")
+    # read from the list (pairs joined into triplets, as PML's TripletMarginLoss does), with gradients:
+    # the inference index tensors are copied (autograd cannot save them), PML's value and gradient
+    x = x.detach().requires_grad_(True)
+    with torch.inference_mode():
+        mined = pml_miners.PairMarginMiner(0.2, 0.8)(x, y)
+    got, want = fpl.TripletMarginLoss()(x, y, mined), pml_losses.TripletMarginLoss()(x, y, mined)
+    check_close(got, want, what="TripletMarginLoss, mined under inference_mode")
+    check_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(want, x)[0], what="its gradient")
