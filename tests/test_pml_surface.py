@@ -284,3 +284,18 @@ def test_circle_loss_has_pmls_derived_attributes():
     ours, theirs = fpl.CircleLoss(m=0.3), L.CircleLoss(m=0.3)
     assert [getattr(ours, k) for k in ("op", "on", "delta_p", "delta_n")] == [
         getattr(theirs, k) for k in ("op", "on", "delta_p", "delta_n")]
+
+
+@pytest.mark.parametrize("name", [n for n, e in fpl.losses.REGISTRY.items()
+                                  if e.kind == "pair" and e.cls._refuses_ref and e.in_pml])
+@pytest.mark.parametrize("rows", [0, 6], ids=["empty_batch", "batch"])
+def test_a_refused_ref_is_refused_also_beside_an_empty_batch(name, rows):
+    """PML's losses that take no ref_emb check that before anything else: an empty batch with a ref
+    raised there and returned a value here (0, or NaN)."""
+    x = torch.randn(rows, 8, dtype=torch.float64)
+    y = torch.arange(rows) % 2
+    ref, ref_labels = torch.randn(5, 8, dtype=torch.float64), torch.arange(5) % 2
+    args = (0.4, 10.0) if name == "RankedListLoss" else ()  # PML's required margin, Tn
+    for module in (getattr(fpl, name)(*args), getattr(L, name)(*args)):
+        with pytest.raises(ValueError, match="not supported"):
+            module(x, y, ref_emb=ref, ref_labels=ref_labels)

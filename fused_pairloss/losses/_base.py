@@ -576,6 +576,8 @@ class _PairLoss(_PmlFallback, _LossBase):
             self._fall_back_now()
         if self._pml is not None:
             return self._run_pml(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        if self._refuses_ref:  # before an empty batch's value, as PML checks its inputs first
+            check_self_only(embeddings, labels, ref_emb, ref_labels, type(self).__name__)
         labels, ref_labels = pml_labels(embeddings, labels, ref_emb, ref_labels, not self._refuses_ref)
         if _no_rows(embeddings):
             V.check_embeddings(embeddings, allow_empty=self._empty_batch_value is not None)
