@@ -62,8 +62,8 @@ class _Acos(torch.autograd.Function):
         # every branch is in the graph (create_graph): each stays finite where it is not taken
         inside = ~(u.abs() >= 1)  # NaN u inside: a NaN gradient
         slope = -grad / torch.sqrt(torch.where(inside, 1 - u * u, torch.ones_like(u)))
-        at_one = torch.where(grad == 0, torch.zeros_like(grad),
-                             -grad * torch.where(inside, torch.zeros_like(u), torch.full_like(u, math.inf)))
+        infinite = ~inside & (grad != 0)  # acos' slope at +-1 (PML's inf); 0 where the incoming gradient is
+        at_one = -grad * torch.where(infinite, torch.full_like(u, math.inf), torch.zeros_like(u))
         return torch.where(inside, slope, at_one)
 
 
