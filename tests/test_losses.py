@@ -158,8 +158,10 @@ def test_every_function_computing_with_hyper_parameters_makes_them_constants():
     """Every loss's functional form and fused call carries ops/_common.loss_function: the
     frame in which it runs under torch.compile (one resumed after a graph break too) has the call's
     floats as constants before it computes with them."""
-    unmarked = [fn.__name__ for entry in fpl.losses.REGISTRY.values() for fn in (entry.functional, entry.fused)
-                if fn is not None and not getattr(fn, "loss_function", False)]
+    from fused_pairloss.losses import clip, siglip
+    functions = [fn for entry in fpl.losses.REGISTRY.values() for fn in (entry.functional, entry.fused)]
+    functions += [clip.clip_loss, clip.clip_fused, siglip.siglip_loss, siglip.siglip_fused]
+    unmarked = [fn.__name__ for fn in functions if fn is not None and not getattr(fn, "loss_function", False)]
     assert not unmarked
 
 

@@ -82,6 +82,37 @@ def test_forward_mode_ad_through_a_module_raises():
     for module in (fpl.MultiSimilarityLoss(), fpl.TripletMarginLoss(), fpl.ArcFaceLoss(3, 6).double()):
         with pytest.raises(NotImplementedError, match="forward-mode AD"), forward_ad.dual_level():
             module(forward_ad.make_dual(x, torch.ones_like(x)), y)
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    for module in (fpl.ClipLoss(), fpl.SigLipLoss()):
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            torch.func.jvp(lambda image: module(image, x, scale, -scale), (x,), (torch.ones_like(x),))
+
+
+def test_forward_mode_ad_of_what_the_loss_does_not_read():
+    """Only a tangent the fused ops would drop raises: a jvp through other inputs of a sum with a
+    loss of constant inputs, and a loss the reference backend computes (backend="auto" resolved to
+    it, as on a device without kernels), give PyTorch's tangents."""
+    import torch.autograd.forward_ad as forward_ad
+    from fused_pairloss import _backends
+    x, y = torch.randn(12, 6, dtype=torch.float64), torch.arange(12) % 3
+    s = torch.tensor(1.5, dtype=torch.float64)
+    _, tangent = torch.func.jvp(lambda t: t * t + fpl.functional.ntxent_loss(x, y), (s,), (torch.ones_like(s),))
+    assert float(tangent) == 3.0
+    want = None
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(x, torch.ones_like(x))
+        want = forward_ad.unpack_dual(fpl.functional.multi_similarity_loss(dual, y, backend="reference")).tangent
+    real = _backends.available_backends
+    try:
+        _backends.available_backends = lambda device="cpu": ["reference"]
+        assert _backends.resolve_backend("auto", x.device) == "reference"
+        with forward_ad.dual_level():
+            dual = forward_ad.make_dual(x, torch.ones_like(x))
+            got = forward_ad.unpack_dual(fpl.MultiSimilarityLoss()(dual, y)).tangent
+    finally:
+        _backends.available_backends = real
+    check_close(got, want, what="auto resolved to the reference")
+    assert want != 0
 
 
 def test_multi_similarity_second_order_regression():

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..ops._common import loss_function
 from ..ops.image_text import clip_lse
 from ..ops.operands import logaddexp, stat_dtype
 from ..ops.spec import ClassLossSpec, PairTerm
@@ -93,6 +94,7 @@ def _engine_lse(q, r, scale, offset, cols, backend):
     return row, (logaddexp(pos, st.col_lse_neg) if cols else None), pos
 
 
+@loss_function
 def clip_fused(image_features, text_features, logit_scale, logit_bias=None, *, backend=IT.CHUNKED,
                all_image_features=None, all_text_features=None, local_loss=False, rank=0, dtype=None):
     """The same loss without the logits: row (and column) LSEs from the class engine on `backend`,
@@ -130,6 +132,7 @@ def _with_cancelled_bias(loss, bias):
     return loss * (1 + bias_nan) + bias * (loss_nan + bias_nan)
 
 
+@loss_function
 def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, local_loss=False,
               gather_with_grad=False, rank=0, world_size=1, backend="auto"):
     """open_clip ClipLoss(local_loss, gather_with_grad, rank=rank, world_size=world_size)(image_features,

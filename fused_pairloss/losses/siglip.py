@@ -25,6 +25,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from ..ops._common import loss_function
 from ..ops.image_text import siglip_rows
 from ..ops.operands import softplus, stat_dtype
 from ..ops.spec import ClassLossSpec, PairTerm
@@ -88,6 +89,7 @@ def _engine_rows(q, r, scale, bias, negative_only, backend):
     return st.lse_other + softplus(x_label if negative_only else -x_label)
 
 
+@loss_function
 def siglip_fused(image_features, text_features, logit_scale, logit_bias, *, negative_only=False, backend=IT.CHUNKED,
                  dtype=None):
     """The same block without the logits: per-row sums of softplus(-z x) from the class engine on
@@ -104,6 +106,7 @@ def siglip_fused(image_features, text_features, logit_scale, logit_bias, *, nega
     return (rows.sum() / image_features.shape[0]).to(dtype)
 
 
+@loss_function
 def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, rank=0, world_size=1, dist_impl=None,
                 backend="auto"):
     """open_clip SigLipLoss(rank=rank, world_size=world_size, dist_impl=dist_impl)(image_features,

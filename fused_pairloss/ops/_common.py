@@ -95,7 +95,7 @@ def loss_function(fn):
     def computing_a_loss(*args, **kwargs):
         if torch.compiler.is_compiling():
             hyper_parameters([v for v in kwargs.values() if isinstance(v, float)])
-        elif kwargs.get("backend") != "reference" and _forward_ad_in_use(args, kwargs.values()):
+        elif _forward_ad_in_use(args, kwargs.values()) and not _reference_backend(args, kwargs.get("backend", "auto")):
             raise NotImplementedError(
                 f"{fn.__name__}: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp / jacfwd) is not "
                 "supported by the fused ops; reverse mode is (torch.autograd.grad, torch.func.grad / jacrev, "
@@ -107,17 +107,34 @@ def loss_function(fn):
 
 
 def _forward_ad_in_use(*values):
-    """Whether a tensor among `values` carries a forward-mode tangent (torch.autograd.forward_ad), or
-    the call runs inside torch.func's jvp transform (its tensors are wrapped)."""
-    if forward_ad._current_level >= 0:
-        for group in values:
-            for v in group:
-                if isinstance(v, torch.Tensor) and forward_ad.unpack_dual(v).tangent is not None:
-                    return True
-    if torch._C._functorch.peek_interpreter_stack() is None:
+    """Whether a tensor among `values` carries a forward-mode tangent: a dual tensor of
+    torch.autograd.forward_ad, or one wrapped by a jvp level of torch.func (jvp, jacfwd)."""
+    tensors = [v for group in values for v in group if isinstance(v, torch.Tensor)]
+    if forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        return True
+    functorch = torch._C._functorch
+    if functorch.peek_interpreter_stack() is None:
         return False
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-    return any(i.key() == torch._C._functorch.TransformType.Jvp for i in retrieve_all_functorch_interpreters())
+    jvp_levels = {i.level() for i in retrieve_all_functorch_interpreters() if i.key() == functorch.TransformType.Jvp}
+    for t in tensors:
+        while functorch.is_functorch_wrapped_tensor(t):
+            if functorch.maybe_get_level(t) in jvp_levels:
+                return True
+            t = functorch.get_unwrapped(t)
+    return False
+
+
+def _reference_backend(args, backend):
+    """Whether the call computes with the reference backend (backend="auto" resolved on the device of
+    its first tensor)."""
+    if not isinstance(backend, str):
+        return False  # a fused backend's plan (listed pairs, a miner's rule)
+    if backend == "auto":
+        from .._backends import resolve_backend
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+        backend = resolve_backend(backend, device)
+    return backend == "reference"
 
 
 class CompiledRowKernels:
