@@ -89,6 +89,25 @@ def test_a_small_cross_entropy_keeps_its_digits(name):
     assert abs(got - truth) <= 2e-5 * truth, (got, truth)
 
 
+@pytest.mark.parametrize("name", ["ClipLoss", "ClipLoss_local"])
+def test_a_small_clip_loss_keeps_its_digits(name):
+    """CLIP's rows and columns likewise (image-text pairs well aligned at logit scale 100, the loss
+    5e-7): logaddexp(lse, x_ii) - x_ii was 9.5e-2 off in fp32 (open_clip's own fp32 value 6.7e-4);
+    softplus of the LSE over the other columns minus x_ii keeps the fp64 truth's digits."""
+    g = torch.Generator().manual_seed(6)
+    image = torch.nn.functional.normalize(torch.randn(32, 16, generator=g, dtype=torch.float64), dim=1)
+    text = torch.nn.functional.normalize(image + 0.15 * torch.randn(32, 16, generator=g, dtype=torch.float64), dim=1)
+    image, text = image.float(), text.float()  # the truth on the fp32 inputs themselves
+    scale = torch.tensor(100.0)
+    kwargs = dict(local_loss=True, all_image_features=image, all_text_features=text) if name.endswith("local") else {}
+    from fused_pairloss.losses.clip import clip_fused, clip_reference
+    wide = {k: (v.double() if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+    truth = clip_reference(image.double(), text.double(), scale.double(), **wide).item()
+    assert 1e-9 < truth < 1e-5, truth
+    got = clip_fused(image, text, scale, backend=FUSED[0], **kwargs).item()
+    assert abs(got - truth) <= 1e-4 * truth, (got, truth)
+
+
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_tuplet_margin_with_a_copied_row(backend, dtype):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..ops._common import loss_function
 from ..ops.image_text import clip_lse
-from ..ops.operands import logaddexp, stat_dtype
+from ..ops.operands import softplus, stat_dtype
 from ..ops.spec import ClassLossSpec, PairTerm
 from ..ops.stats import class_stats
 from . import _image_text as IT
@@ -63,11 +63,12 @@ def _positive_logits(q, r, scale, offset):
     return scale.to(A) * (q.to(A) * r[offset:offset + q.shape[0]].to(A)).sum(1)
 
 
-def _chunked_lse(q, r, scale, offset, cols, backend=None):
-    """(row LSE_j x_ij, column LSE_i x_ij or None, positive logits x_i,i+offset) of x = t q r^T from
-    the PyTorch row-chunk op; the positives from the two rows."""
+def _chunked_losses(q, r, scale, offset, cols, backend=None):
+    """The rows' (and the columns', or None) cross-entropies LSE_j x_ij - x_i,i+offset of x = t q r^T,
+    the LSEs from the PyTorch row-chunk op, the positives from the two rows."""
     row, col = clip_lse(q, r, scale, cols)
-    return row, (col if cols else None), _positive_logits(q, r, scale, offset)
+    pos = _positive_logits(q, r, scale, offset)
+    return row - pos, (col - pos if cols else None)
 
 
 # The class engine's declaration of CLIP (docs/design.md "Image-text losses"): the texts are the
@@ -81,17 +82,19 @@ def declaration(columns=True):
     return ClassLossSpec(row=logit, col_neg=logit if columns else None)
 
 
-def _engine_lse(q, r, scale, offset, cols, backend):
-    """The same three from the class engine on `backend` (both directions from the same tiles: one
-    walk on the CPU, a row and a column pass on GPUs)."""
+def _engine_losses(q, r, scale, offset, cols, backend):
+    """The same from the class engine on `backend` (both directions from the same tiles: one walk on
+    the CPU, a row and a column pass on GPUs), as softplus(LSE over the others - x_pos): a row whose
+    positive dominates keeps its digits (logaddexp(lse, x_pos) - x_pos cancels to x_pos's rounding)."""
     n = q.shape[0]
     if cols and (offset != 0 or r.shape[0] != n):
         raise ValueError("clip: column LSEs need the square block (offset 0)")
     labels = torch.arange(offset, offset + n, device=q.device)
     st = class_stats(scale.to(q.dtype) * q, r, labels, declaration(cols), backend)
     pos = st.target_sim
-    row = logaddexp(st.lse_other, pos)
-    return row, (logaddexp(pos, st.col_lse_neg) if cols else None), pos
+    nan_if_infinite = pos - pos  # open_clip's LSE - x_pos is NaN at an infinite logit (B = 1, t = inf)
+    return (softplus(st.lse_other - pos) + nan_if_infinite,
+            (softplus(st.col_lse_neg - pos) + nan_if_infinite) if cols else None)
 
 
 @loss_function
@@ -106,17 +109,17 @@ def clip_fused(image_features, text_features, logit_scale, logit_bias=None, *, b
     image_features, text_features = image_features.to(A), text_features.to(A)
     if all_image_features is not None:
         all_image_features, all_text_features = all_image_features.to(A), all_text_features.to(A)
-    lse = _chunked_lse if backend == IT.CHUNKED else _engine_lse
+    losses = _chunked_losses if backend == IT.CHUNKED else _engine_losses
     if all_image_features is not None and local_loss:
         off = rank * image_features.shape[0]
-        row_i, _, pos_i = lse(image_features, all_text_features, logit_scale, off, False, backend)
-        row_t, _, pos_t = lse(text_features, all_image_features, logit_scale, off, False, backend)
-        loss = ((row_i - pos_i).mean() + (row_t - pos_t).mean()) / 2
+        per_image, _ = losses(image_features, all_text_features, logit_scale, off, False, backend)
+        per_text, _ = losses(text_features, all_image_features, logit_scale, off, False, backend)
+        loss = (per_image.mean() + per_text.mean()) / 2
     else:
         q = image_features if all_image_features is None else all_image_features
         r = text_features if all_text_features is None else all_text_features
-        row, col, pos = lse(q, r, logit_scale, 0, True, backend)
-        loss = ((row - pos).mean() + (col - pos).mean()) / 2
+        per_image, per_text = losses(q, r, logit_scale, 0, True, backend)
+        loss = (per_image.mean() + per_text.mean()) / 2
     loss = loss.to(dtype)
     if logit_bias is not None:
         loss = _with_cancelled_bias(loss, logit_bias.to(loss.dtype))
