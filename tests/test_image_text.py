@@ -191,6 +191,25 @@ def test_autocast_returns_open_clips_dtype(name, autocast_dtype, features_dtype)
 
 
 @pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_features_of_two_dtypes_under_autocast_as_open_clip(name):
+    """open_clip's product takes image and text features of two dtypes under autocast (it casts
+    both); so do we, with open_clip's steps (its scaling before the cast, its labels in the image
+    features' dtype): open_clip's value, dtype and gradients. Outside autocast, an error naming
+    text_features (open_clip's matmul refuses them too)."""
+    ours, theirs = LOSSES[name]
+    img, txt, t, b = leaves(12, 8, 3, torch.float32)
+    txt_bf16 = txt.detach().bfloat16().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        val, want = ours()(img, txt_bf16, t, b), theirs()(img, txt_bf16, t, b)
+    assert val.dtype == want.dtype
+    torch.testing.assert_close(val, want, rtol=0, atol=0)
+    for g, w in zip(torch.autograd.grad(val, [img, txt_bf16]), torch.autograd.grad(want, [img, txt_bf16])):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="text_features"):
+        ours()(img, txt_bf16, t, b)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
 def test_bf16_accumulates_in_fp32(name):
     ours, theirs = LOSSES[name]
     img, txt, t, b = leaves(40, 16, 7, torch.bfloat16)

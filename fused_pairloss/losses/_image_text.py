@@ -74,6 +74,13 @@ def check_process_group(rank, world_size):
         raise ValueError(f"rank={rank} but this process is rank {actual_rank} of the process group")
 
 
+def two_dtypes_under_autocast(image_features, text_features):
+    """Features of two dtypes (check_features allows them under autocast only): open_clip's steps
+    compute them (its product casts both to autocast's dtype after scaling one, its labels take the
+    image features' dtype), the reference backend."""
+    return image_features.dtype != text_features.dtype
+
+
 def check_features(image_features, text_features, world_size=1):
     for name, x in (("image_features", image_features), ("text_features", text_features)):
         if not isinstance(x, torch.Tensor):
@@ -82,7 +89,8 @@ def check_features(image_features, text_features, world_size=1):
             raise TypeError(f"{name} must be a floating-point tensor; got {x.dtype}")
         if x.dim() != 2:
             raise ValueError(f"{name} must be 2-D (batch, dim); got shape {tuple(x.shape)}")
-    if image_features.dtype != text_features.dtype:
+    if image_features.dtype != text_features.dtype and not autocast_enabled(image_features.device.type):
+        # (under autocast open_clip's product casts both: two_dtypes_under_autocast)
         raise TypeError(f"text_features must have image_features' dtype {image_features.dtype}; "
                         f"got {text_features.dtype}")
     if image_features.shape != text_features.shape:

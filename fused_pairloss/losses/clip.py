@@ -147,6 +147,8 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, lo
     scale = IT.check_scalar("logit_scale", logit_scale, image_features)
     bias = None if logit_bias is None else IT.check_scalar("logit_bias", logit_bias, image_features)
     backend = IT.resolve(backend, image_features.device, engine=True)
+    if IT.two_dtypes_under_autocast(image_features, text_features):
+        backend = "reference"
     if image_features.shape[0] == 0:
         return IT.empty_batch_loss(image_features, text_features, scale, bias).to(
             IT.open_clip_dtype(clip_reference, image_features, text_features, scale, bias))

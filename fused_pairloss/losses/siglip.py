@@ -119,6 +119,8 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, rank=
     # None: no bias (open_clip adds none); the fused path then adds an exact 0
     bias = IT.check_scalar("logit_bias", 0 if logit_bias is None else logit_bias, image_features)
     backend = IT.resolve(backend, image_features.device, engine=True)
+    if IT.two_dtypes_under_autocast(image_features, text_features):
+        backend = "reference"
     if image_features.shape[0] == 0:
         return IT.empty_batch_loss(image_features, text_features, scale, None if logit_bias is None else bias).to(
             IT.open_clip_dtype(siglip_reference, image_features, text_features, scale, bias))
