@@ -31,7 +31,7 @@ import torch
 
 from . import _distributed
 from . import _validation as V
-from .losses._base import _PairLoss, _set_pml_object, run_pair_loss
+from .losses._base import _distance_name, _PairLoss, _set_pml_object, run_pair_loss
 from .ops import oracle
 from .ops._common import LOCAL, Batch, loss_function, pair_operands, zero_loss
 from .ops.engines import PairStats
@@ -76,7 +76,7 @@ def _check_finite_float(name, value):
         raise ValueError(f"{name} must be finite as a float (|x| <= {FLOAT_MAX:.4g}); got {value!r}")
 
 
-def pair_loss(name, *, declaration, combine, hyper, distance="cosine", doc=None):
+def pair_loss(name, *, declaration, combine, hyper, distance="cosine", pair_based=False, doc=None):
     """A pair loss from its declaration and row combination: returns its module class (with
     `.functional` and `.reference` attached).
 
@@ -86,6 +86,10 @@ def pair_loss(name, *, declaration, combine, hyper, distance="cosine", doc=None)
         distributed wrapper passes one whose reductions run over every rank's rows.
     hyper: the hyper-parameters and their defaults, in constructor order (floats).
     distance: the default distance, "cosine" (S) or "lp" (d); the constructor takes either.
+    pair_based: how an indices_tuple's pairs count: True, as often as listed (PML's losses that
+        reduce the pair list: Contrastive, NTXent, ...; a triplet miner's tuple lists a pair once per
+        triplet); False, each (row, column) pair once (PML's losses that build masks from the list:
+        MultiSimilarity, Circle, ...).
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"name must be a Python identifier (the class name); got {name!r}")
@@ -95,6 +99,8 @@ def pair_loss(name, *, declaration, combine, hyper, distance="cosine", doc=None)
         raise TypeError(f"hyper must be a dict of hyper-parameter names to defaults; got {hyper!r}")
     if distance not in DISTANCES:
         raise ValueError(f"distance must be one of {DISTANCES}; got {distance!r}")
+    if not isinstance(pair_based, bool):
+        raise TypeError(f"pair_based must be a bool; got {pair_based!r}")
     params = inspect.signature(combine).parameters
     if "batch" not in params:
         raise TypeError("combine must take a keyword argument batch (the rows' reductions)")
@@ -152,7 +158,7 @@ def pair_loss(name, *, declaration, combine, hyper, distance="cosine", doc=None)
         if indices_tuple is not None:
             n_cols = (embeddings if ref_emb is None else ref_emb).shape[0]
             V.check_indices_tuple(indices_tuple, embeddings.shape[0], n_cols)
-            st = listed_pair_stats(q, r, spec, ListedPairs(indices_tuple, False, embeddings.device,
+            st = listed_pair_stats(q, r, spec, ListedPairs(indices_tuple, pair_based, embeddings.device,
                                                            embeddings.shape[0], n_cols))
         else:
             labels_q = torch.as_tensor(labels, device=q.device).long()
@@ -197,12 +203,28 @@ def pair_loss(name, *, declaration, combine, hyper, distance="cosine", doc=None)
     def _hyper(self):
         return dict(self._values, distance=self._distance_kind)
 
+    def __setattr__(self, key, value):
+        if key in _DECLARED_READS and "_values" in self.__dict__:
+            value = _declared_setting(name, key, value)
+            if key == "distance":
+                object.__setattr__(self, "_distance_kind", value)
+            _set_pml_object(self, key, value)
+            return
+        _PairLoss.__setattr__(self, key, value)
+
+    def __copy__(self):  # a copy's hyper-parameters are its own (they live in one dict)
+        twin = type(self).__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        twin.__dict__["_values"] = dict(self._values)
+        return twin
+
     def _mines_within(self):
         return spec_of(self._values, self._distance_kind).miner_epsilon is not None
 
     cls = type(name, (_PairLoss,), {
         "__init__": __init__, "__doc__": doc or f"{name}: a pair loss declared with fused_pairloss.declare.pair_loss.",
         "_hyper": _hyper, "_mines_within": _mines_within, "_functional": lambda self: functional,
+        "__setattr__": __setattr__, "__copy__": __copy__, "_pair_based": pair_based,
         "_reference": staticmethod(reference), "_fused_fn": staticmethod(fused), "_default_distance": distance,
         "__module__": _caller_module(),
     })
@@ -213,6 +235,25 @@ def pair_loss(name, *, declaration, combine, hyper, distance="cosine", doc=None)
                                  lambda self, v, k=k: self._values.__setitem__(k, v)))
     _distributed.FUSED_PAIR_CALLS[cls] = fused  # the distributed wrapper and CrossBatchMemory fuse it
     return cls
+
+
+# what a declared loss computes with besides its hyper-parameters: its declared distance (another
+# one of DISTANCES may be assigned), no reducer and no regularizer (its combine reduces)
+_DECLARED_READS = ("distance", "reducer", "embedding_regularizer")
+
+
+def _declared_setting(name, key, value):
+    """The value a declared loss stores for an assigned `key` of _DECLARED_READS, or an error naming
+    it: a declared loss has no PML computation to fall back on."""
+    if key == "distance":
+        kind = value if isinstance(value, str) else _distance_name(value)
+        if kind not in DISTANCES:
+            raise ValueError(f"{name}: distance must be one of {DISTANCES} (or PML's LpDistance() / "
+                             f"CosineSimilarity()); got {value!r}")
+        return kind
+    if value is not None:
+        raise ValueError(f"{name}: a declared loss reduces as its combine says; {key} must be None; got {value!r}")
+    return None
 
 
 def _snake(name):

@@ -354,7 +354,13 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
             plan = None  # F.normalize leaves a row of norm <= eps short: PML's computation
         if plan is None:
             loss, miner = self.loss, self.miner
-            epsilon = getattr(loss, "miner_epsilon", None)
+            declared = getattr(type(loss), "declaration", None) is not None  # fused_pairloss.declare
+            if declared and loss._mines_within():
+                raise ValueError(f"{type(loss).__name__}: a declared loss that mines (its declaration's miner_epsilon) "
+                                 "is computed in CrossBatchMemory by its fused engine only; its backend "
+                                 f"{loss.backend!r} is the reference on {embeddings.device} (or its rows are not unit "
+                                 "rows): give it a fused backend")
+            epsilon = None if declared else getattr(loss, "miner_epsilon", None)  # (a declared one: a hyper-parameter)
             if epsilon is not None and indices_tuple is None:
                 # the loss's miner_epsilon means miner=MultiSimilarityMiner(epsilon) here (the fused
                 # step's rule): PML's steps with that miner, and the loss without its own

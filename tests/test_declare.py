@@ -94,6 +94,38 @@ def test_declared_miner_epsilon_in_cross_batch_memory_mines_as_pmls():
         kit.check_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(want, x)[0], what=f"grad, step {step}")
 
 
+    # on the reference backend the memory cannot fuse the declared miner: a clear error, not PML's
+    reference = fpl.CrossBatchMemory(declared(backend="reference"), 6, memory_size=12)
+    with pytest.raises(ValueError, match="give it a fused backend"):
+        reference(x, y)
+
+
+def test_declared_loss_attributes_as_pml_reads_them(declared):
+    """A declared loss computes with its declared distance: another one assigned (a string of
+    DISTANCES, or PML's object) is taken (it was ignored while `distance` read the new one); a
+    reducer or an embedding regularizer, which a declared loss cannot compute, is an error naming it.
+    copy.copy of it has hyper-parameters of its own."""
+    import copy
+    pml_distances = pytest.importorskip("pytorch_metric_learning.distances")
+    pml_reducers = pytest.importorskip("pytorch_metric_learning.reducers")
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(24, 8, generator=g, dtype=torch.float64), torch.randint(0, 4, (24,), generator=g)
+    for value in ("cosine", pml_distances.CosineSimilarity()):
+        loss = declared(0.8, 0.3)  # lp by default
+        loss.distance = value
+        assert loss.distance == "cosine" and "cosine" in repr(loss)
+        kit.check_close(loss(x, y), fpl.ContrastiveLoss(0.8, 0.3, distance=pml_distances.CosineSimilarity())(x, y),
+                        what=f"distance {value!r}")
+    loss = declared()
+    for key, value in (("reducer", pml_reducers.SumReducer()), ("distance", pml_distances.DotProductSimilarity(
+            normalize_embeddings=False))):
+        with pytest.raises(ValueError, match=key):
+            setattr(loss, key, value)
+    twin = copy.copy(loss)
+    twin.neg_margin = 0.5
+    assert loss.neg_margin == 1.0
+
+
 @pytest.mark.parametrize("field,bad,match", [
     ("scale", float("nan"), r"PairLossSpec\.neg\.scale must be finite"),
     ("scale", "a", r"PairTerm\.scale must be a real number"),
