@@ -212,6 +212,9 @@ def pair_loss(name, *, declaration, combine, hyper, distance="cosine", pair_base
             return
         _PairLoss.__setattr__(self, key, value)
 
+    def _pml_only_assigned(self):
+        return False  # nothing to fall back on: PML's attributes are taken or refused by __setattr__
+
     def __copy__(self):  # a copy's hyper-parameters are its own (they live in one dict)
         twin = type(self).__new__(type(self))
         twin.__dict__.update(self.__dict__)
@@ -225,6 +228,7 @@ def pair_loss(name, *, declaration, combine, hyper, distance="cosine", pair_base
         "__init__": __init__, "__doc__": doc or f"{name}: a pair loss declared with fused_pairloss.declare.pair_loss.",
         "_hyper": _hyper, "_mines_within": _mines_within, "_functional": lambda self: functional,
         "__setattr__": __setattr__, "__copy__": __copy__, "_pair_based": pair_based,
+        "_pml_only_assigned": _pml_only_assigned,
         "_reference": staticmethod(reference), "_fused_fn": staticmethod(fused), "_default_distance": distance,
         "__module__": _caller_module(),
     })

@@ -12,6 +12,7 @@ the fp64 reference on the same inputs.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
@@ -383,7 +384,13 @@ class Loss:
 
     @property
     def distance(self):
-        return self.kwargs.get("distance", self.fn.__kwdefaults__.get("distance"))
+        return self.kwargs.get("distance", self.keyword_defaults.get("distance"))
+
+    @property
+    def keyword_defaults(self):
+        """The functional form's keyword arguments and their defaults (through its decorator)."""
+        return {k: p.default for k, p in inspect.signature(self.fn).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 # ---- what the property tests need per loss: PML's counterpart and the kinks ------------------------

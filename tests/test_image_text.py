@@ -190,6 +190,19 @@ def test_autocast_returns_open_clips_dtype(name, autocast_dtype, features_dtype)
     assert abs(val.double() - truth).item() <= 2 ** -7 * (1 + truth.abs().item())
 
 
+def test_chunked_clip_loss_is_not_negative():
+    """The PyTorch row-chunk path (no compiled engine) takes LSE - x_pos from two products: where
+    the loss rounds to 0 their rounding gave -3e-5 (B = 2, fp32, scale 1000); it is 0 there."""
+    from fused_pairloss.losses.clip import clip_fused
+    smallest = []
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.nn.functional.normalize(torch.randn(2, 6, generator=g), dim=1)
+        y = torch.nn.functional.normalize(x + 0.1 * torch.randn(2, 6, generator=g), dim=1)
+        smallest.append(clip_fused(x, y, torch.tensor(1000.0), backend="chunked").item())
+    assert min(smallest) >= 0.0, smallest
+
+
 @pytest.mark.parametrize("name", ["clip", "siglip"])
 def test_features_of_two_dtypes_under_autocast_as_open_clip(name):
     """open_clip's product takes image and text features of two dtypes under autocast (it casts

@@ -299,3 +299,17 @@ def test_a_refused_ref_is_refused_also_beside_an_empty_batch(name, rows):
     for module in (getattr(fpl, name)(*args), getattr(L, name)(*args)):
         with pytest.raises(ValueError, match="not supported"):
             module(x, y, ref_emb=ref, ref_labels=ref_labels)
+
+
+@pytest.mark.parametrize("name", [n for n, e in fpl.losses.REGISTRY.items() if e.kind == "pair" and e.in_pml])
+def test_an_empty_batch_without_labels_or_indices_raises_as_pml(name):
+    """PML needs labels (or an indices_tuple) before it looks at the batch: an empty batch without
+    either raised there and returned 0 (or NaN) here."""
+    args = (0.4, 10.0) if name == "RankedListLoss" else ()
+    if name == "NCALoss":  # PML: a batch of at most one row is its zero loss first
+        assert float(fpl.NCALoss()(torch.randn(0, 8))) == float(L.NCALoss()(torch.randn(0, 8))) == 0.0
+        return
+    with pytest.raises(ValueError, match="labels"):
+        getattr(fpl, name)(*args)(torch.randn(0, 8))
+    with pytest.raises((ValueError, AttributeError, IndexError)):  # PML's check, or its computation's crash
+        getattr(L, name)(*args)(torch.randn(0, 8))

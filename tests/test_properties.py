@@ -362,7 +362,7 @@ def test_every_loss_is_drawn_fully():
     counterpart (or a reason in NO_PML); the losses with hinges or mining state their kinks."""
     for name, loss in kit.LOSSES.items():
         assert loss.hyper or not loss.entry.hyper, f"{name}: no hyper-parameter ranges in its kit entry"
-        defaults = loss.fn.__kwdefaults__
+        defaults = loss.keyword_defaults
         assert set(loss.hyper) <= set(defaults), (name, set(loss.hyper) - set(defaults))
         assert all(lo <= hi for lo, hi in loss.hyper.values()), name
         assert (loss.pml is None) == (name in NO_PML), name

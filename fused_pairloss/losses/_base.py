@@ -559,6 +559,9 @@ class _PairLoss(_PmlFallback, _LossBase):
     # PML's value for a batch of no rows: its zero loss, NaN for the losses whose reducer averages
     # an empty per-row loss; None where PML raises (the input checks do)
     _empty_batch_value = 0.0
+    # PML asks for labels (or an indices_tuple) before it looks at the batch (NCA: its zero loss of
+    # a batch of at most one row comes first)
+    _empty_batch_needs_labels = True
     # PML's value for a ref_emb of no rows (its zero loss; NCA: the mean of no row, NaN)
     _empty_ref_value = 0.0
     # PML's ref_not_supported: a ref_emb other than the batch is refused (check_self_only), and one
@@ -580,6 +583,10 @@ class _PairLoss(_PmlFallback, _LossBase):
             check_self_only(embeddings, labels, ref_emb, ref_labels, type(self).__name__)
         labels, ref_labels = pml_labels(embeddings, labels, ref_emb, ref_labels, not self._refuses_ref)
         if _no_rows(embeddings):
+            if labels is None and self._empty_batch_needs_labels and (
+                    indices_tuple is None or self._refuses_ref or self._labels_without_indices):
+                raise ValueError(f"{type(self).__name__}: labels is required (or an indices_tuple where the loss takes "
+                                 "one), as in PML, also for an empty batch")
             V.check_embeddings(embeddings, allow_empty=self._empty_batch_value is not None)
             return empty_batch_loss(embeddings, self._empty_batch_value)
         if _no_rows(ref_emb) and not self._refuses_ref:

@@ -68,7 +68,8 @@ def _chunked_losses(q, r, scale, offset, cols, backend=None):
     the LSEs from the PyTorch row-chunk op, the positives from the two rows."""
     row, col = clip_lse(q, r, scale, cols)
     pos = _positive_logits(q, r, scale, offset)
-    return row - pos, (col - pos if cols else None)
+    # LSE >= the positive logit: a difference below 0 is the two products' rounding (a loss near 0)
+    return (row - pos).clamp_min(0), ((col - pos).clamp_min(0) if cols else None)
 
 
 # The class engine's declaration of CLIP (docs/design.md "Image-text losses"): the texts are the

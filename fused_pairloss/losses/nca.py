@@ -178,6 +178,7 @@ def _nca_distance_kind(distance):
 class NCALoss(_PairLoss):
     """Drop-in for pytorch_metric_learning.losses.NCALoss (default distance LpDistance(power=2))."""
     _empty_ref_value = math.nan  # PML: no row has a positive, the mean of nothing
+    _empty_batch_needs_labels = False  # PML: a batch of at most one row is its zero loss, labels or not
     _distances = DISTANCES
     _default_distance = "squared_lp"
     _reference = staticmethod(nca_reference)
