@@ -69,6 +69,15 @@ def _pair_miner_rule(miner, distance):
     return None
 
 
+def _in_rank_order(indices_tuple, layout, device):
+    """An indices_tuple into PML's gathered batch (this rank's rows first, then the other ranks' in
+    rank order: what PML's DistributedMinerWrapper's tuples index) as indices into the batch
+    gathered in rank order, which the memory enqueues."""
+    lo, hi = layout.offset, layout.offset + layout.n
+    rank_order = torch.cat([torch.arange(lo, hi), torch.arange(0, lo), torch.arange(hi, layout.total)]).to(device)
+    return tuple(rank_order[torch.as_tensor(t, device=device).long()] for t in indices_tuple)
+
+
 def _own_slot_v(q, r, exclude_col, distance, dtype):
     """v of each query against its own just-written memory slot: d = 0 (the engines' d of two equal
     rows), or S = q . r_slot; rows without a slot (exclude_col -1) get a value that is never read."""
@@ -479,6 +488,8 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
             plan = None  # a short row in the batch or the memory (a superset of the memory after this step)
         if plan is None:  # PML's computation on the gathered batch, this rank's rows with their graph
             all_emb = torch.cat([X[:layout.offset], embeddings, X[layout.offset + layout.n:]], dim=0)
+            if indices_tuple is not None:
+                indices_tuple = _in_rank_order(indices_tuple, layout, embeddings.device)
             return self.forward(all_emb, Y, indices_tuple, mask)
         queued = layout.total if mask is None else int(mask.sum())
         if queued > self.memory_size:

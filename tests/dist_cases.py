@@ -361,6 +361,29 @@ def run_cases(rank, world):
 
     case("pml_wrapper_xbm", pml_wrapper_xbm_case)
 
+    def xbm_tuple_case():
+        # a tuple from PML's DistributedMinerWrapper indexes PML's gathered order (this rank's rows
+        # first): our memory in our wrapper against PML's memory in PML's wrapper, a first step (on
+        # later ones PML reads the tuple's partners as memory slots, which hold rows in another
+        # order here: docs/training.md)
+        from pytorch_metric_learning import losses as L
+        from pytorch_metric_learning import miners
+
+        out = {}
+        for who, wrapped in (("ours", fpl.DistributedLossWrapper(fpl.CrossBatchMemory(fpl.ContrastiveLoss(), D, 16))),
+                             ("pml", pml_dist.DistributedLossWrapper(L.CrossBatchMemory(L.ContrastiveLoss(), D, 16)))):
+            steps = []
+            for t in range(1):
+                x, y = data(50 + t, 4 * world)
+                xr, yr = _leaf(rows_of(x, [4] * world, rank)), rows_of(y, [4] * world, rank)
+                mined = pml_dist.DistributedMinerWrapper(miners.MultiSimilarityMiner(0.2))(xr.detach(), yr)
+                v = wrapped(xr, yr, mined)
+                steps.append((v.detach(), _grads(v, [xr])))
+            out[who] = steps
+        return out
+
+    case("xbm_tuple", xbm_tuple_case)
+
     def pml_inputs_case():
         # what PML's wrapper accepts: float labels, a ref_emb without ref_labels (read with the labels);
         # ours fused against PML's wrapper around PML's loss, equal rows per rank

@@ -189,6 +189,17 @@ def test_pmls_wrapper_takes_our_cross_batch_memory(world):
 
 
 @pytest.mark.parametrize("world", WORLDS)
+def test_cross_batch_memory_in_wrapper_reads_a_miners_tuple_in_pmls_order(world):
+    """An indices_tuple of PML's DistributedMinerWrapper indexes PML's gathered order (this rank's
+    rows first); our memory gathers in rank order and reads the tuple there: on rank 1 it read it
+    as rank order (3.537 against PML's 3.490). On every rank PML's value and gradient."""
+    for rank, r in enumerate(case_results(world, "xbm_tuple")):
+        for t, (ours, pml) in enumerate(zip(r["ours"], r["pml"])):
+            close(ours[0], pml[0], f"step {t} rank {rank} value")
+            close(ours[1][0], pml[1][0], f"step {t} rank {rank} grad")
+
+
+@pytest.mark.parametrize("world", WORLDS)
 def test_what_pmls_wrapper_accepts(world):
     """Float labels and a ref_emb without ref_labels, fused, against PML's wrapper around PML's loss;
     our memory in our wrapper with float labels gives the steps of int labels."""
