@@ -4,6 +4,7 @@ replaces `from pytorch_metric_learning import losses, miners` (PML stays an opti
 from __future__ import annotations
 
 import importlib
+import inspect
 
 
 def pml_fallback(namespace: str, module_name: str):
@@ -35,3 +36,16 @@ def pml_fallback(namespace: str, module_name: str):
         return sorted(set(vars(mod)) | (set(dir(pml)) if pml is not None else set()))
 
     return __getattr__, __dir__
+
+
+def star_names(namespace: str, ours=()):
+    """`__all__` of a namespace module: this library's names and the public names of PML's
+    `pytorch_metric_learning.<namespace>` other than its submodules, so that `from fused_pairloss.<namespace>
+    import *` stands for `from pytorch_metric_learning.<namespace> import *` (a module `__getattr__`
+    takes no part in a star import)."""
+    try:
+        pml = importlib.import_module(f"pytorch_metric_learning.{namespace}")
+    except ImportError:
+        return sorted(ours)
+    return sorted(set(ours) | {name for name, value in vars(pml).items()
+                               if not name.startswith("_") and not inspect.ismodule(value)})

@@ -1,11 +1,12 @@
 """PML's `miners` namespace: `from fused_pairloss import miners` gives our miners where we have
 them (fused_pairloss/_miners.py: PML's classes mined in chunks of rows; TripletMarginMiner's result
 fused by TripletMarginLoss) and the classes of pytorch_metric_learning.miners otherwise."""
-from ._pml_namespace import pml_fallback
+from ._pml_namespace import pml_fallback, star_names
 
 OURS = ("TripletMarginMiner", "MultiSimilarityMiner", "PairMarginMiner", "BatchHardMiner", "BatchEasyHardMiner")
 
 _pml_getattr, __dir__ = pml_fallback("miners", __name__)
+__all__ = star_names("miners", OURS)
 
 
 def __getattr__(name):

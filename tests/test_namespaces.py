@@ -1,5 +1,7 @@
 """One import line for PML's namespaces, and our classes inside PML's wrappers (and PML's inside
 ours), each equal to PML's own."""
+import importlib
+
 import pytest
 import torch
 
@@ -64,3 +66,68 @@ def test_pml_loss_inside_our_cross_batch_memory():
     theirs, g_pml = value_and_grad(lambda: L.CrossBatchMemory(L.TripletMarginLoss(0.2), 8, memory_size=32)(x, y), x)
     torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(g, g_pml, rtol=1e-9, atol=1e-12)
+
+
+def test_star_imports_stand_for_pmls():
+    """`from fused_pairloss.<namespace> import *` gives what PML's star import gives (its classes),
+    ours where we have them: a module __getattr__ takes no part in a star import."""
+    import inspect
+    for namespace in ("losses", "miners", "distances", "reducers", "regularizers"):
+        ours, pml = {}, {}
+        exec(f"from fused_pairloss.{namespace} import *", ours)
+        exec(f"from pytorch_metric_learning.{namespace} import *", pml)
+        classes = {k for k, v in pml.items() if inspect.isclass(v)}
+        assert classes <= set(ours), (namespace, classes - set(ours))
+    star = {}
+    exec("from fused_pairloss.losses import *", star)
+    assert star["CrossBatchMemory"] is fpl.CrossBatchMemory and star["TripletMarginLoss"] is fpl.TripletMarginLoss
+    assert star["MultipleLosses"] is importlib.import_module("pytorch_metric_learning.losses").MultipleLosses
+
+
+def test_pmls_defaults_and_set_reducer_on_our_losses():
+    """get_default_reducer / get_default_distance / sub_loss_names are PML's class's (its set_reducer
+    and zero_losses read them from the instance): TripletMarginLoss().set_reducer(None) gave 0.212
+    (the base class's MeanReducer) where PML gives 0.382; ContrastiveLoss's raised."""
+    from pytorch_metric_learning.reducers import SumReducer
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g)
+    for name in ("TripletMarginLoss", "ContrastiveLoss", "MarginLoss", "NTXentLoss", "ProxyAnchorLoss"):
+        args = (3, 6) if name == "ProxyAnchorLoss" else ()
+        ours, pml = getattr(fpl, name)(*args).double(), getattr(L, name)(*args).double()
+        assert type(ours.get_default_reducer()) is type(pml.get_default_reducer()), name
+        assert type(ours.get_default_distance()) is type(pml.get_default_distance()), name
+        assert ours.sub_loss_names() == pml.sub_loss_names(), name
+        if args:
+            continue
+        for reducer in (None, SumReducer()):
+            ours.set_reducer(reducer)
+            pml.set_reducer(reducer)
+            torch.testing.assert_close(ours(x, y), pml(x, y), msg=f"{name} set_reducer({reducer})")
+
+
+def test_a_users_subclass_overrides_as_in_pml():
+    """PML's extension points on a subclass of ours: compute_loss (PML's forward calls it),
+    get_default_distance / get_default_reducer (the constructor's defaults); they were ignored."""
+    from pytorch_metric_learning import distances, reducers
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g)
+
+    def overriding(base):
+        class Constant(base):
+            def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+                return {"loss": {"losses": embeddings.sum() * 0 + 123.0, "indices": None,
+                                 "reduction_type": "already_reduced"}}
+
+        class Cosine(base):
+            def get_default_distance(self):
+                return distances.CosineSimilarity()
+
+        class Summed(base):
+            def get_default_reducer(self):
+                return reducers.SumReducer()
+        return Constant, Cosine, Summed
+
+    for ours, pml in zip(overriding(fpl.ContrastiveLoss), overriding(L.ContrastiveLoss)):
+        a, b = ours(), pml()
+        assert type(a.distance) is type(b.distance) and type(a.reducer) is type(b.reducer), ours.__name__
+        torch.testing.assert_close(a(x, y), b(x, y), msg=ours.__name__)

@@ -8,8 +8,8 @@ from . import (angular, circle, contrastive, dynamic_soft_margin, fast_ap, histo
                large_margin_softmax, lifted_structure, margin, margin_softmax, multi_similarity, n_pairs, nca, ntxent,
                p2s_grad, pnp, proxy_anchor, proxy_circle, proxy_nca, ranked_list, smooth_ap, snr_contrastive,
                soft_triple, supcon, tcm, triplet_margin, tuplet_margin)
-from .._pml_namespace import pml_fallback
-from ._registry import LossEntry
+from .._pml_namespace import pml_fallback, star_names
+from ._registry import LossEntry  # noqa: F401 - exported (__all__)
 
 LOSS_MODULES = (multi_similarity, circle, ntxent, supcon, contrastive, lifted_structure, triplet_margin, margin, nca,
                 n_pairs, instance, tuplet_margin, tcm, angular, snr_contrastive, intra_pair_variance, ranked_list,
@@ -22,4 +22,5 @@ globals().update({name: entry.cls for name, entry in REGISTRY.items()})
 # adds CrossBatchMemory)
 __getattr__, __dir__ = pml_fallback("losses", __name__)
 
-__all__ = [*REGISTRY, "REGISTRY", "LossEntry"]
+# (a star import: ours, PML's other classes, and CrossBatchMemory, which fused_pairloss/__init__.py adds)
+__all__ = star_names("losses", [*REGISTRY, "REGISTRY", "LossEntry", "CrossBatchMemory"])

@@ -43,6 +43,14 @@ def _warn_once(key, message):
         warnings.warn(message, stacklevel=V.user_stacklevel())
 
 
+def _users_own(cls, name):
+    """Whether `name` of class `cls` is defined by a user's subclass (neither this library's nor PML's)."""
+    for klass in cls.__mro__:
+        if name in klass.__dict__:
+            return klass.__module__.split(".")[0] not in ("fused_pairloss", "pytorch_metric_learning")
+    return False
+
+
 def _distance_name(distance):
     """A PML distance object (or None / "cosine" / "lp") as the fused engines name it: "cosine" for
     CosineSimilarity() and DotProductSimilarity() on normalized embeddings, "lp" for LpDistance()
@@ -323,6 +331,48 @@ class _PmlFallback:
         if "__init__" in cls.__dict__:
             cls.__init__ = _taking_plain_numbers(cls.__dict__["__init__"])
 
+    def _pml_forward_of_a_users_compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """A user's subclass that overrides compute_loss (PML's extension point): PML's forward, which
+        calls it with the module's PML distance and reducer; None for the library's own classes."""
+        if _users_own(type(self), "compute_loss"):
+            return _LossBase.forward(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        return None
+
+    def _users_defaults(self, kwargs):
+        """The constructor's kwargs with the distance / reducer of a user's subclass that overrides
+        get_default_distance / get_default_reducer (PML's constructor calls them when not given)."""
+        for key, method in (("distance", "get_default_distance"), ("reducer", "get_default_reducer")):
+            if kwargs.get(key) is None and _users_own(type(self), method):
+                kwargs = dict(kwargs, **{key: getattr(self, method)()})
+        return kwargs
+
+    # PML's defaults of this loss's class (its set_reducer(None), zero_losses and record-keeping read
+    # them from the instance): PML's class's own, not its base class's
+    def get_default_reducer(self):
+        pml_cls = self._pml_class()
+        return super().get_default_reducer() if pml_cls is None else pml_cls.get_default_reducer(self)
+
+    def get_default_distance(self):
+        pml_cls = self._pml_class()
+        return super().get_default_distance() if pml_cls is None else pml_cls.get_default_distance(self)
+
+    def _sub_loss_names(self):
+        pml_cls = self._pml_class()
+        return super()._sub_loss_names() if pml_cls is None else pml_cls._sub_loss_names(self)
+
+    @classmethod
+    def _pml_class(cls):
+        """PML's class of the nearest of this library's classes in the MRO (a user's subclass of ours
+        included), or None (a loss PML does not have, or PML not installed)."""
+        try:
+            from pytorch_metric_learning import losses as pml_losses
+        except ImportError:
+            return None
+        for klass in cls.__mro__:
+            if klass.__module__.startswith("fused_pairloss."):
+                return getattr(pml_losses, klass.__name__, None)
+        return None
+
     def _float_attributes_as_constants(self):
         """While torch.compile traces: every float attribute of the module (its hyper-parameters,
         also those a path reads directly, such as the miner-weighted or the margin-softmax calls) a
@@ -342,6 +392,7 @@ class _PmlFallback:
 
     def _setup_kwargs(self, kwargs, pml_args=(), pml_kwargs=None, param_name=None):
         self._pml = None
+        kwargs = self._users_defaults(kwargs)
         object.__setattr__(self, "_pml_setup", (kwargs, pml_args, pml_kwargs, param_name))  # _fall_back_now
         name = type(self).__name__
         entry = _entry_of(type(self))  # a user's subclass of one of ours: PML's class of its base
@@ -575,6 +626,9 @@ class _PairLoss(_PmlFallback, _LossBase):
         """PML's forward: PML itself for PML-only arguments; else the inputs PML accepts made ours
         (pml_labels), an empty batch's PML value, then the loss's own `_forward`."""
         self._float_attributes_as_constants()
+        users = self._pml_forward_of_a_users_compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        if users is not None:
+            return users
         if self._pml_only_assigned():
             self._fall_back_now()
         if self._pml is not None:
@@ -911,6 +965,9 @@ class _ClassLoss(_PmlFallback, _LossBase):
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         self._float_attributes_as_constants()
+        users = self._pml_forward_of_a_users_compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        if users is not None:
+            return users
         if self._pml_only_assigned():  # a distance / reducer assigned since (PML reads them at each call)
             self._fall_back_now()
         if self._pml is not None:
