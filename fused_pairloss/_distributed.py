@@ -61,6 +61,13 @@ class RankLayout:
         """The other ranks' rows in rank order (PML's all_gather drops the own rank)."""
         return torch.cat([gathered[:self.offset], gathered[self.offset + self.n:]], dim=0)
 
+    def rank_order_of(self, indices_tuple, device):
+        """An indices_tuple into PML's gathered batch (this rank's rows, then others(): what PML's
+        DistributedMinerWrapper's tuples index) as indices into the batch in rank order."""
+        rank_order = self.others(torch.arange(self.total))
+        rank_order = torch.cat([torch.arange(self.offset, self.offset + self.n), rank_order]).to(device)
+        return tuple(rank_order[torch.as_tensor(t, device=device).long()] for t in indices_tuple)
+
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """All-gather (no autograd) of a tensor of self.n rows into the global order."""
         x = x.detach()

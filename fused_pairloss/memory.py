@@ -21,7 +21,7 @@ from .losses._base import (_collect_stats, _distance_name, _has_short_row, _on_d
                            record_distance_stats)
 from .losses._reference_common import nan_in_nan_out
 from .losses.triplet_margin import TripletMarginLoss, all_triplet_distance_means, miner_triplet_counts
-from .ops._common import LOCAL, hyper_parameters_as_constants, zero_loss
+from .ops._common import LOCAL, zero_loss
 from .ops.stats import MinedBy
 
 __all__ = ["CrossBatchMemory"]
@@ -67,15 +67,6 @@ def _pair_miner_rule(miner, distance):
         windows = _miners.margin_windows(miner, distance)  # None for a NaN margin
         return None if windows is None else dict(pos_window=windows[0], neg_window=windows[1])
     return None
-
-
-def _in_rank_order(indices_tuple, layout, device):
-    """An indices_tuple into PML's gathered batch (this rank's rows first, then the other ranks' in
-    rank order: what PML's DistributedMinerWrapper's tuples index) as indices into the batch
-    gathered in rank order, which the memory enqueues."""
-    lo, hi = layout.offset, layout.offset + layout.n
-    rank_order = torch.cat([torch.arange(lo, hi), torch.arange(0, lo), torch.arange(hi, layout.total)]).to(device)
-    return tuple(rank_order[torch.as_tensor(t, device=device).long()] for t in indices_tuple)
 
 
 def _own_slot_v(q, r, exclude_col, distance, dtype):
@@ -461,7 +452,6 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
                 hyper = dict(hyper, record=record)
         # the memory is detached (no column pass); its labels are copied (O(M)) so that the next
         # step's write into the buffer does not touch a tensor saved for this step's backward
-        hyper_parameters_as_constants(hyper)  # while torch.compile traces (ops/_common.py)
         loss = fn(embeddings, labels, E_mem.detach(), L_mem.clone(), exclude_col=excl, batch=batch, **hyper)
         if isinstance(backend, MinedBy):  # NaN in, NaN out also through the miner's comparisons
             loss = nan_in_nan_out(loss, embeddings, E_mem.detach()).to(loss.dtype)
@@ -489,7 +479,7 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
         if plan is None:  # PML's computation on the gathered batch, this rank's rows with their graph
             all_emb = torch.cat([X[:layout.offset], embeddings, X[layout.offset + layout.n:]], dim=0)
             if indices_tuple is not None:
-                indices_tuple = _in_rank_order(indices_tuple, layout, embeddings.device)
+                indices_tuple = layout.rank_order_of(indices_tuple, embeddings.device)  # the memory's order
             return self.forward(all_emb, Y, indices_tuple, mask)
         queued = layout.total if mask is None else int(mask.sum())
         if queued > self.memory_size:

@@ -38,7 +38,6 @@ from ._distributed import (AllGather, DistributedBatch, RankLayout, agreed_layou
                            fused_pair_plan, is_distributed)
 from .losses._base import _ClassLoss, _PairLoss
 from .memory import CrossBatchMemory
-from .ops._common import hyper_parameters_as_constants
 from .ops.engines import exclusion_for
 
 __all__ = ["DistributedLossWrapper", "DistributedBatch", "is_distributed", "all_gather_uneven"]
@@ -149,7 +148,6 @@ class DistributedLossWrapper(torch.nn.Module):
     # ---- the fused path -------------------------------------------------------------------------
     def _fused(self, plan, embeddings, labels, ref_emb, ref_labels):
         fn, hyper = plan
-        hyper_parameters_as_constants(hyper)  # while torch.compile traces (ops/_common.py)
         # PML's set_ref_emb: a ref_emb without ref_labels is read with the labels (its diagonal no pair)
         labels_for_ref = ref_emb is not None and ref_labels is None
         try:

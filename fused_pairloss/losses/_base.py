@@ -330,11 +330,12 @@ class _PmlFallback:
         super().__init_subclass__(**kwargs)
         if "__init__" in cls.__dict__:
             cls.__init__ = _taking_plain_numbers(cls.__dict__["__init__"])
+        cls._users_compute_loss = _users_own(cls, "compute_loss")
 
     def _pml_forward_of_a_users_compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """A user's subclass that overrides compute_loss (PML's extension point): PML's forward, which
         calls it with the module's PML distance and reducer; None for the library's own classes."""
-        if _users_own(type(self), "compute_loss"):
+        if self._users_compute_loss:
             return _LossBase.forward(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
         return None
 
@@ -362,16 +363,16 @@ class _PmlFallback:
 
     @classmethod
     def _pml_class(cls):
-        """PML's class of the nearest of this library's classes in the MRO (a user's subclass of ours
-        included), or None (a loss PML does not have, or PML not installed)."""
+        """PML's class of this loss (of its registered base, for a user's subclass), or None (a loss
+        PML does not have, a declared loss, or PML not installed)."""
+        entry = _entry_of(cls)
+        if entry is None or not entry.in_pml:
+            return None
         try:
             from pytorch_metric_learning import losses as pml_losses
         except ImportError:
             return None
-        for klass in cls.__mro__:
-            if klass.__module__.startswith("fused_pairloss."):
-                return getattr(pml_losses, klass.__name__, None)
-        return None
+        return getattr(pml_losses, entry.cls.__name__, None)
 
     def _float_attributes_as_constants(self):
         """While torch.compile traces: every float attribute of the module (its hyper-parameters,

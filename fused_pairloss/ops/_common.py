@@ -94,7 +94,7 @@ def loss_function(fn):
     @functools.wraps(fn)
     def computing_a_loss(*args, **kwargs):
         if torch.compiler.is_compiling():
-            hyper_parameters([v for v in kwargs.values() if isinstance(v, float)])
+            hyper_parameters_as_constants(kwargs)
         elif _forward_ad_in_use(args, kwargs.values()) and not _reference_backend(args, kwargs.get("backend", "auto")):
             raise NotImplementedError(
                 f"{fn.__name__}: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp / jacfwd) is not "
