@@ -131,3 +131,99 @@ def test_a_users_subclass_overrides_as_in_pml():
         a, b = ours(), pml()
         assert type(a.distance) is type(b.distance) and type(a.reducer) is type(b.reducer), ours.__name__
         torch.testing.assert_close(a(x, y), b(x, y), msg=ours.__name__)
+
+
+def _constructed_pair(cls, sizes):
+    """The same construction of a subclass of ours and its twin subclass of PML's class."""
+    ours_cls, pml_cls = cls
+    kwargs = dict(margin=0.4, Tn=2.0) if ours_cls.__mro__[1].__name__ == "RankedListLoss" else sizes
+    ours, pml = ours_cls(**kwargs).double(), pml_cls(**kwargs).double()
+    if list(ours.state_dict()):
+        pml.load_state_dict(ours.state_dict())
+    return ours, pml
+
+
+def _value_and_grads(loss, x, y):
+    value = loss(x, y)
+    grads = torch.autograd.grad(value, [x, *loss.parameters()])
+    return value, grads
+
+
+PML_LOSS_NAMES = [n for n, e in fpl.losses.REGISTRY.items() if e.in_pml and e.kind in ("pair", "class")]
+
+
+@pytest.mark.parametrize("name", PML_LOSS_NAMES)
+def test_a_users_compute_loss_through_super_is_pmls(name):
+    """A user's compute_loss that wraps super().compute_loss (PML's usual extension): PML's class's
+    computation on our module (it raised NotImplementedError)."""
+    def doubling(base):
+        class Doubled(base):
+            def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+                out = super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+                return {k: dict(v, losses=v["losses"] * 2) for k, v in out.items()}
+        return Doubled
+
+    entry = fpl.losses.REGISTRY[name]
+    sizes = entry.size_kwargs(3, 6) if entry.kind == "class" else {}
+    ours, pml = _constructed_pair((doubling(entry.cls), doubling(getattr(L, name))), sizes)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 6, generator=g, dtype=torch.float64).requires_grad_(True)
+    y = torch.arange(12) % 3
+    (a, grads_a), (b, grads_b) = _value_and_grads(ours, x, y), _value_and_grads(pml, x, y)
+    torch.testing.assert_close(a, b, msg=name)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(ga, gb, msg=name)
+    unchanged = entry.cls(**({"margin": 0.4, "Tn": 2.0} if name == "RankedListLoss" else sizes)).double()
+    if list(unchanged.state_dict()):
+        unchanged.load_state_dict(ours.state_dict())
+    if unchanged(x, y) != 0:  # the override is the user's: twice the loss (SmoothAP: PML's fp32)
+        tol = dict(rtol=1e-5, atol=1e-6) if a.dtype == torch.float32 else {}
+        torch.testing.assert_close(a.double(), 2 * unchanged(x, y), msg=name, **tol)
+
+
+def _scaled_logits(self, logits, embeddings):
+    return logits * 2.0
+
+
+def _half_target_cosine(self, cosine_of_target_classes):
+    return cosine_of_target_classes * 0.5
+
+
+def _thrice_positive_distances(self, pair_dists, pos_or_neg):
+    return pair_dists * 3.0 if pos_or_neg == "pos" else pair_dists * 0.5
+
+
+def _halved_logits(self, embeddings):
+    return super(type(self), self).get_logits(embeddings) * 0.5
+
+
+def _mean_of_positives(self, mat, pos_mask, neg_mask):
+    return {"loss": {"losses": (mat * pos_mask).sum() / pos_mask.sum(), "indices": None,
+                     "reduction_type": "already_reduced"}}
+
+
+@pytest.mark.parametrize("name, hook, method", [
+    ("CosFaceLoss", "scale_logits", _scaled_logits),
+    ("ArcFaceLoss", "modify_cosine_of_target_classes", _half_target_cosine),
+    ("ContrastiveLoss", "get_per_pair_loss", _thrice_positive_distances),
+    ("SoftTripleLoss", "get_logits", _halved_logits),
+    ("MultiSimilarityLoss", "_compute_loss", _mean_of_positives),
+])
+def test_a_users_override_of_what_pmls_compute_loss_calls(name, hook, method):
+    """A subclass of ours overriding a method PML's compute_loss calls (scale_logits,
+    get_per_pair_loss, ...) computes as PML's subclass does (the override was ignored)."""
+    entry = fpl.losses.REGISTRY[name]
+    sizes = entry.size_kwargs(3, 6) if entry.kind == "class" else {}
+    ours, pml = _constructed_pair((type("Users", (entry.cls,), {hook: method}),
+                                   type("Users", (getattr(L, name),), {hook: method})), sizes)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(12, 6, generator=g, dtype=torch.float64).requires_grad_(True)
+    y = torch.arange(12) % 3
+    (a, grads_a), (b, grads_b) = _value_and_grads(ours, x, y), _value_and_grads(pml, x, y)
+    torch.testing.assert_close(a, b, msg=name)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(ga, gb, msg=name)
+    unchanged = entry.cls(**sizes).double()
+    if list(unchanged.state_dict()):
+        unchanged.load_state_dict(ours.state_dict())
+    assert not torch.allclose(a, unchanged(x, y)), "the override changes the loss"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import math
 import numbers
 import sys
@@ -49,6 +50,60 @@ def _users_own(cls, name):
         if name in klass.__dict__:
             return klass.__module__.split(".")[0] not in ("fused_pairloss", "pytorch_metric_learning")
     return False
+
+
+# PML's methods of its loss classes that do not take part in what a loss computes (construction,
+# the defaults the constructor reads, which our constructors honour: _users_defaults)
+_NOT_COMPUTATION_HOOKS = frozenset({"get_default_distance", "get_default_reducer", "get_default_weight_init_func"})
+
+
+def _computation_hooks(pml_cls):
+    """PML's extension points of a loss: compute_loss, and the methods that PML's class of the loss
+    defines below BaseMetricLossFunction (get_per_pair_loss, _compute_loss, scale_logits,
+    modify_cosine_of_target_classes, get_logits, ...), which its compute_loss calls."""
+    hooks = {"compute_loss", "_sub_loss_names"}
+    if pml_cls is None:
+        return hooks
+    shared = set(pml_base("BaseMetricLossFunction").__mro__)
+    for klass in pml_cls.__mro__:
+        if klass not in shared and klass.__module__.startswith("pytorch_metric_learning"):
+            hooks.update(name for name, value in vars(klass).items()
+                         if callable(value) and not name.startswith("__") and name not in _NOT_COMPUTATION_HOOKS)
+    return hooks
+
+
+_MISSING = object()
+
+
+def _pml_attribute(module, name):
+    """For a user's subclass whose overrides PML's compute_loss calls: what PML's class of the loss
+    has and ours does not (its methods, bound to the module; its instance's attributes, such as
+    GenericPairLoss's loss_method, from the module's PML twin, its methods re-bound to the
+    module so that they call the user's overrides); _MISSING otherwise."""
+    static = inspect.getattr_static(module._pml_class(), name, _MISSING)
+    if static is not _MISSING:
+        return static.__get__(module, type(module)) if hasattr(static, "__get__") else static
+    twin = module.__dict__.get("_pml_probe")
+    if twin is None:
+        return _MISSING
+    value = getattr(twin, name, _MISSING)
+    if inspect.ismethod(value) and value.__self__ is twin:
+        return value.__func__.__get__(module, type(module))
+    return value
+
+
+def _getattr_with_pml_fallback(module, name):
+    """nn.Module's __getattr__ (parameters, buffers, sub-modules), then PML's class's attributes
+    (_pml_attribute): installed on a user's subclass that overrides PML's extension points."""
+    try:
+        return torch.nn.Module.__getattr__(module, name)
+    except AttributeError:
+        if name.startswith("__"):
+            raise
+        value = _pml_attribute(module, name)
+        if value is _MISSING:
+            raise
+        return value
 
 
 def _distance_name(distance):
@@ -330,14 +385,28 @@ class _PmlFallback:
         super().__init_subclass__(**kwargs)
         if "__init__" in cls.__dict__:
             cls.__init__ = _taking_plain_numbers(cls.__dict__["__init__"])
-        cls._users_compute_loss = _users_own(cls, "compute_loss")
+        # a user's subclass overriding compute_loss or a method PML's compute_loss calls (docs/api.md
+        # "PML's namespaces"): PML's computation on this module, which calls the overrides
+        cls._users_computation = (not cls.__module__.startswith("fused_pairloss.") and any(
+            _users_own(cls, name) for name in _computation_hooks(cls._pml_class())))
+        if cls._users_computation:
+            cls.__getattr__ = _getattr_with_pml_fallback
 
     def _pml_forward_of_a_users_compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        """A user's subclass that overrides compute_loss (PML's extension point): PML's forward, which
-        calls it with the module's PML distance and reducer; None for the library's own classes."""
-        if self._users_compute_loss:
+        """A user's subclass that overrides PML's extension points: PML's forward, which calls the
+        module's compute_loss (the user's, or PML's class's through ours) with the module's PML
+        distance and reducer; None for the library's own classes."""
+        if self._users_computation:
             return _LossBase.forward(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
         return None
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """PML's compute_loss of this loss's class, run on this module (what a user's subclass reaches
+        through super().compute_loss). The library's own forward does not call it."""
+        pml_cls = self._pml_class()
+        if pml_cls is None:
+            return super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        return pml_cls.compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def _users_defaults(self, kwargs):
         """The constructor's kwargs with the distance / reducer of a user's subclass that overrides
