@@ -273,3 +273,62 @@ def test_meta_device_where_pml_runs(cls_name):
     value, grad = run(getattr(fpl, cls_name)(**REGISTRY[cls_name].size_kwargs(4, 6), **kw))
     assert value.device.type == "meta" and value.shape == pml_result[0].shape and value.dtype == pml_result[0].dtype
     assert grad.shape == x.shape
+
+
+def _rebinding_functional_call(module, x, y):
+    w = torch.linspace(-1.0, 2.0, module.W.numel(), dtype=x.dtype).reshape(module.W.shape)
+    return torch.func.functional_call(module, {"W": w}, (x, y))
+
+
+def _rebinding_parametrization(module, x, y):
+    class Scaled(torch.nn.Module):
+        def forward(self, w):
+            return w * torch.linspace(0.5, 2.0, w.shape[1], dtype=w.dtype)
+    with torch.no_grad():
+        module.W.copy_(torch.linspace(-1.0, 2.0, module.W.numel(), dtype=x.dtype).reshape(module.W.shape))
+    torch.nn.utils.parametrize.register_parametrization(module, "W", Scaled())
+    return module(x, y)
+
+
+def _rebinding_to_empty(module, x, y):
+    module = module.to("meta").to_empty(device="cpu")  # new Parameter objects, without __setattr__
+    with torch.no_grad():
+        module.W.copy_(torch.linspace(-1.0, 2.0, module.W.numel(), dtype=x.dtype).reshape(module.W.shape))
+    return module(x, y)
+
+
+@pytest.mark.parametrize("rebind", [_rebinding_functional_call, _rebinding_parametrization, _rebinding_to_empty])
+@pytest.mark.parametrize("cls_name, kwargs", [("ArcFaceLoss", dict(collect_stats=True)),
+                                              ("LargeMarginSoftmaxLoss", dict(reducer="mean"))])
+def test_pmls_computation_reads_the_parameter_as_the_module_does(rebind, cls_name, kwargs):
+    """A class loss that PML computes (collect_stats, a reducer) reads its parameter at each call as
+    PML's module does: a functional_call's, a parametrization's, or a Parameter replaced by to_empty
+    (PML's instance kept the Parameter it was set up with: another value, no gradient to W)."""
+    from pytorch_metric_learning import reducers as pml_reducers
+    if kwargs.get("reducer") == "mean":
+        kwargs = dict(kwargs, reducer=pml_reducers.MeanReducer())
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 6, generator=g, dtype=torch.float64).requires_grad_(True)
+    y = torch.arange(10) % 4
+    results = []
+    for lib in (pml_losses, fpl):
+        module = getattr(lib, cls_name)(num_classes=4, embedding_size=6, **kwargs).double()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value = rebind(module, x, y)
+        results.append((value, *torch.autograd.grad(value, x)))
+    torch.testing.assert_close(results[1], results[0])
+
+
+@pytest.mark.parametrize("cls_name", [c for c, e in REGISTRY.items() if e.kind in ("pair", "class")])
+def test_constructed_under_the_meta_device_context(cls_name):
+    """`with torch.device("meta")`: every module of ours constructs, its parameters on meta (PML's
+    do, but for LargeMarginSoftmax / SphereFace; a class loss's small PML twin and AngularLoss's
+    alpha raised)."""
+    entry = REGISTRY[cls_name]
+    kw = entry.size_kwargs(4, 6) if entry.kind == "class" else (
+        dict(margin=0.4, Tn=2.0) if cls_name == "RankedListLoss" else {})
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = getattr(fpl, cls_name)(**kw)
+    assert all(p.device.type == "meta" for p in module.parameters())

@@ -17,6 +17,7 @@ there are per-row weights.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -227,7 +228,7 @@ def _with_unit_columns(twin):
     """A small class-loss twin with exact unit columns (PML's P2SGrad asserts them in every dtype)."""
     for param in () if twin is None else twin.parameters():
         if param.dim() == 2:
-            param.data = torch.eye(*param.shape, dtype=param.dtype)
+            param.data = torch.eye(*param.shape, dtype=param.dtype, device=param.device)  # under torch.device(...)
     return twin
 
 
@@ -640,12 +641,31 @@ class _PmlFallback:
             except (TypeError, AttributeError):  # e.g. a plain tensor where PML registered a Parameter
                 pass
 
+    @contextlib.contextmanager
+    def _synced_pml(self):
+        """PML's instance, synced (_sync_pml), computing with the module's parameter as the module
+        reads it now, as PML's module reads its own at each call: also a Parameter object replaced
+        without __setattr__ (to_empty, conversions that overwrite parameters) and the tensor of a
+        parametrization or of torch.func.functional_call, which is handed for this call only."""
+        self._sync_pml()
+        pml, name = self._pml, self._pml_setup[3]
+        if name is None or name not in pml._parameters:
+            yield pml
+            return
+        current, held = getattr(self, name), pml._parameters[name]
+        pml._parameters[name] = current
+        try:
+            yield pml
+        finally:
+            if not isinstance(current, torch.nn.Parameter):
+                pml._parameters[name] = held
+
     def _run_pml(self, *args):
         _warn_once((type(self).__name__, self._pml_reason),
                    f"fused_pairloss: {type(self).__name__} with {self._pml_reason} is computed by "
                    "pytorch-metric-learning itself (not fused)")
-        self._sync_pml()
-        out = self._pml(*args)
+        with self._synced_pml() as pml:
+            out = pml(*args)
         for stat in getattr(self._pml, "_record_these_stats", ()):  # the stats PML collected, on this module
             if hasattr(self._pml, stat):
                 object.__setattr__(self, stat, getattr(self._pml, stat))
@@ -1098,8 +1118,8 @@ class _ClassLoss(_PmlFallback, _LossBase):
         if self._pml_only_assigned():  # a distance assigned or changed since (PML reads it at each call)
             self._fall_back_now()
         if self._pml is not None:
-            self._sync_pml()
-            return self._pml.get_logits(embeddings)
+            with self._synced_pml() as pml:
+                return pml.get_logits(embeddings)
         return self._logits(embeddings)
 
     def _logits(self, embeddings):

@@ -302,8 +302,9 @@ class AngularLoss(_PairLoss):
     _handed_to_pml = ("alpha",)  # PML reads the tensor at each call: ours, changed in place or not
 
     def _sync_alpha_degrees(self):
-        """The Python number the fused path (and torch.compile's guards) reads, from the tensor."""
-        if not V._compiling():
+        """The Python number the fused path (and torch.compile's guards) reads, from the tensor (a
+        meta tensor, built under torch.device("meta"), has none: the last one stays)."""
+        if not V._compiling() and self.alpha.device.type != "meta":
             self._alpha_degrees = math.degrees(float(self.alpha.detach()))
 
     def _needs_pml_now(self):

@@ -339,8 +339,8 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
         if self._pml_only_assigned():  # a distance changed since (PML reads it at each call)
             self._fall_back_now()
         if self._pml is not None:
-            self._sync_pml()
-            return self._pml.get_outliers(embeddings, labels, threshold, return_dominant_centers)
+            with self._synced_pml() as pml:
+                return pml.get_outliers(embeddings, labels, threshold, return_dominant_centers)
         W = self.cast_weights(embeddings)  # PML's cast_types first
         V.check_centers(embeddings, labels, W, self.sub_centers, name="W", k_name="sub_centers")
         cos_threshold = math.cos(math.radians(threshold))
