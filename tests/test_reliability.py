@@ -57,6 +57,7 @@ SMALL_LOSS_CASES = {
     "ProxyNCALoss": (dict(softmax_scale=10), 0.15, 1),
     "LargeMarginSoftmaxLoss": ({}, 0.05, 40),
     "NCALoss": (dict(softmax_scale=20), 0.15, 1),
+    "InstanceLoss": (dict(gamma=16), 0.15, 1),  # one label per row: its own column the target
 }
 
 
@@ -68,12 +69,12 @@ def test_a_small_cross_entropy_keeps_its_digits(name):
     digits of the fp64 truth (PML in fp64, same weights)."""
     kw, noise, norm = SMALL_LOSS_CASES[name]
     C, D, N = 4, 16, 16
-    y = torch.arange(N) % C
+    y = torch.arange(N) % (N if name == "InstanceLoss" else C)
     g = torch.Generator().manual_seed(0)
     x = torch.nn.functional.one_hot(y, D).double() + noise * torch.randn(N, D, generator=g, dtype=torch.float64)
     x = norm * x
-    if name == "NCALoss":
-        ours, pml = fpl.NCALoss(**kw), pml_losses.NCALoss(**kw)
+    if name in ("NCALoss", "InstanceLoss"):
+        ours, pml = getattr(fpl, name)(**kw), getattr(pml_losses, name)(**kw)
     else:
         ours = getattr(fpl, name)(num_classes=C, embedding_size=D, **kw)
         pml = getattr(pml_losses, name)(num_classes=C, embedding_size=D, **kw)

@@ -49,12 +49,20 @@ def declaration(gamma):
     return PairLossSpec(pos=term, neg=term, distance="cosine")
 
 
-def combine(st: engines.PairStats, embeddings, own_logit, target_logit, *, batch=LOCAL):
-    """L_i = LSE(lse_pos_i, lse_neg_i, own_i) - target_i (own_i finite: so is the row's LSE), mean
-    over the rows."""
+def combine(st: engines.PairStats, embeddings, own_logit, target_logit, target_is_own, *, batch=LOCAL):
+    """L_i = LSE(others_i, own_i) - target_i, others_i = LSE(lse_pos_i, lse_neg_i) (the row's columns
+    but its own), mean over the rows. Where the target is the row's own column (one label per
+    instance: t_i = i) that is softplus(others_i - own_i), which keeps the relative digits of a
+    small loss that the difference of two numbers near gamma loses (docs/semantics.md,
+    cross-entropy rows)."""
     A = st.lse_pos.dtype
-    row_lse = torch.logsumexp(torch.stack([st.lse_pos, st.lse_neg, own_logit.to(A)]), dim=0)
-    return batch.mean(row_lse - target_logit.to(A)).to(embeddings.dtype)
+    own = own_logit.to(A)
+    no_others = torch.isneginf(st.lse_pos) & torch.isneginf(st.lse_neg)  # a batch of one row
+    # (a finite stand-in where there are none: logaddexp's gradient at (-inf, -inf) is NaN)
+    others = torch.logaddexp(st.lse_pos.masked_fill(no_others, 0), st.lse_neg).masked_fill(no_others, -math.inf)
+    rows = torch.where(target_is_own, torch.nn.functional.softplus(others - own),
+                       torch.logaddexp(others, own) - target_logit.to(A))
+    return batch.mean(rows).to(embeddings.dtype)
 
 
 @loss_function
@@ -65,8 +73,10 @@ def instance_fused(embeddings, labels, ref_emb, ref_labels, *, gamma, distance="
     labels_t = torch.as_tensor(labels, device=q.device)
     st = pair_stats(q, None, labels_t, None, None, declaration(gamma), backend)
     own = gamma * (q * q).sum(1)  # the row's own column, which self mode leaves out
-    target = gamma * (q * q[_targets(labels_t, q.device)]).sum(1)
-    return nan_in_nan_out(combine(st, embeddings, own, target, batch=batch), embeddings, None)
+    targets = _targets(labels_t, q.device)
+    target = gamma * (q * q[targets]).sum(1)
+    target_is_own = targets == torch.arange(len(targets), device=q.device)
+    return nan_in_nan_out(combine(st, embeddings, own, target, target_is_own, batch=batch), embeddings, None)
 
 
 @loss_function
