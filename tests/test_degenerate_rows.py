@@ -658,3 +658,27 @@ def test_tuplet_pair_without_negatives_has_pmls_zero_gradient(how):
         (a, ga), (b, gb) = grads
         assert float(a) == float(b) == 0.0
         assert torch.equal(ga, gb) and not ga.any()
+
+
+@pytest.mark.parametrize("name", ["SignalToNoiseRatioContrastiveLoss", "IntraPairVarianceLoss",
+                                  "ThresholdConsistentMarginLoss"])
+@pytest.mark.parametrize("where", ["batch", "ref", "miner"])
+def test_an_fp16_zero_row_as_pml(name, where):
+    """An all-zero fp16 row normalizes to NaN (F.normalize's eps rounds to 0 in fp16), as in PML's
+    distances; PML's reducers then drop the NaN terms (SNR) or keep them (NaN). The fused
+    combinations read them otherwise: SNR 2.0 against PML's 2.35, IntraPairVariance 0 and TCM a
+    finite loss against PML's NaN."""
+    x = rows(12, 6, 0, zero=(2,)).half()
+    y = torch.arange(12) % 3
+    kwargs, args = {}, ()
+    if where == "ref":
+        ref = rows(9, 6, 1, zero=(4,)).half()
+        kwargs = dict(ref_emb=ref, ref_labels=torch.arange(9) % 3)
+    elif where == "miner":
+        args = (pml_miners.MultiSimilarityMiner(0.3)(x.float(), y),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pml = getattr(pml_losses, name)()(x, y, *args, **kwargs)
+        for backend in [b for b in ("cpu", "reference") if b in fpl.available_backends("cpu")]:
+            ours = getattr(fpl, name)(backend=backend)(x, y, *args, **kwargs)
+            torch.testing.assert_close(ours, pml, equal_nan=True, msg=f"{name} {backend}")

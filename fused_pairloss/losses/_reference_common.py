@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from .._validation import _compiling, check_indices_tuple
 from ..ops._common import normalize, zero_loss
+from ..ops.listed import ListedPairs
 
 
 def pair_masks(labels, ref_labels, exclude_self):
@@ -265,3 +266,33 @@ def sampled_call_triplets(embeddings, labels, ref_emb, ref_labels, per_anchor):
     own = ref_emb is None or ref_labels is labels
     ref = None if own else torch.as_tensor(ref_labels, device=device)
     return tuple(t.to(device) for t in sampled_triplets(torch.as_tensor(labels, device=device), ref, per_anchor))
+
+
+def pml_pairs_of_call(labels, ref_labels, exclude_col, backend):
+    """The pairs a fused call computes over, as PML's (a1, p, a2, n): a ListedPairs backend's (each
+    as often as listed), or with an exclude_col the label pairs less row i's column exclude_col_i
+    (CrossBatchMemory's remove_self_comparisons); None: the label sets under PML's identity rule."""
+    if isinstance(backend, ListedPairs):
+        (a1, p, n_p), (a2, n, n_n) = backend.pos, backend.neg
+        return a1.repeat_interleave(n_p), p.repeat_interleave(n_p), a2.repeat_interleave(n_n), n.repeat_interleave(n_n)
+    if exclude_col is None:
+        return None
+    pos, neg = pair_masks(torch.as_tensor(labels, device=exclude_col.device),
+                          torch.as_tensor(ref_labels, device=exclude_col.device), exclude_self=False)
+    rows = torch.nonzero(exclude_col >= 0).squeeze(1)
+    pos = pos.index_put((rows, exclude_col[rows]), torch.zeros_like(rows, dtype=torch.bool))
+    return pml_pair_lists(pos.long(), neg.long())
+
+
+def fp16_rows_normalized_to_nan(*tensors):
+    """Whether normalizing turns a row of these tensors that holds no NaN into NaN: an all-zero fp16
+    row, whose F.normalize eps (1e-12) rounds to 0 (0 / 0), as PML's distances normalize it (its
+    reducers then drop or keep the NaN terms). The losses whose fused combination would read those
+    terms otherwise take PML's steps (the reference with pml_pairs_of_call). Other dtypes: False,
+    without a sync."""
+    for t in tensors:
+        if t is not None and t.dtype == torch.float16:
+            t = t.detach()
+            if bool((normalize(t).isnan().any(1) & ~t.isnan().any(1)).any()):
+                return True
+    return False

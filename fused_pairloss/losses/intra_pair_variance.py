@@ -37,8 +37,8 @@ from ..ops.operands import lp_distances, lp_squared_distances, recomputation_inp
 from ..ops.spec import PAIR_AUX, PAIR_VALUES, PairLossSpec, PairTerm
 from ..ops.stats import backward_op, forward_op, pair_stats
 from ._base import _PairLoss, run_pair_loss
-from ._reference_common import check_distance, distance_matrix, nan_in_nan_out, pair_count_matrices, \
-    pml_pair_lists, too_few_pairs
+from ._reference_common import check_distance, distance_matrix, fp16_rows_normalized_to_nan, nan_in_nan_out, \
+    pair_count_matrices, pml_pair_lists, pml_pairs_of_call, too_few_pairs
 from ._registry import LossEntry
 
 DISTANCES = ("cosine", "lp")
@@ -237,6 +237,11 @@ def _class_row_sums(q, r, labels_q, labels_r, exclude_col):
 @loss_function
 def intra_pair_variance_fused(embeddings, labels, ref_emb, ref_labels, *, pos_eps=0.01, neg_eps=0.01,
                               distance="cosine", backend, exclude_col=None, batch=LOCAL):
+    if batch is LOCAL and not V._compiling() and fp16_rows_normalized_to_nan(embeddings, ref_emb):
+        # NaN distances of an fp16 zero row: PML's steps over the same pairs (its means are NaN)
+        return intra_pair_variance_reference(embeddings, labels, ref_emb, ref_labels, pos_eps=pos_eps,
+                                             neg_eps=neg_eps, distance=distance,
+                                             indices_tuple=pml_pairs_of_call(labels, ref_labels, exclude_col, backend))
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
     q = q.contiguous()
     labels_q = torch.as_tensor(labels, device=q.device).to(torch.int64).contiguous()

@@ -37,8 +37,8 @@ from ..ops.listed import ListedPairs
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, run_pair_loss
-from ._reference_common import (avg_non_zero, nan_in_nan_out, pair_count_matrices, pair_masks, pml_pair_lists,
-                                too_few_pairs)
+from ._reference_common import (avg_non_zero, fp16_rows_normalized_to_nan, nan_in_nan_out, pair_count_matrices,
+                                pml_pairs_of_call, too_few_pairs)
 from ._registry import LossEntry
 from .contrastive import combine
 
@@ -97,22 +97,6 @@ def has_constant_row(embeddings):
     return bool((q.amax(1) == q.amin(1)).any())
 
 
-def pml_pairs_of_call(labels, ref_labels, exclude_col, backend):
-    """The pairs a fused call computes over, as PML's (a1, p, a2, n): a ListedPairs backend's (each
-    as often as listed), or with an exclude_col the label pairs less row i's column exclude_col_i
-    (CrossBatchMemory's remove_self_comparisons); None: the label sets under PML's identity rule."""
-    if isinstance(backend, ListedPairs):
-        (a1, p, n_p), (a2, n, n_n) = backend.pos, backend.neg
-        return a1.repeat_interleave(n_p), p.repeat_interleave(n_p), a2.repeat_interleave(n_n), n.repeat_interleave(n_n)
-    if exclude_col is None:
-        return None
-    pos, neg = pair_masks(torch.as_tensor(labels, device=exclude_col.device),
-                          torch.as_tensor(ref_labels, device=exclude_col.device), exclude_self=False)
-    rows = torch.nonzero(exclude_col >= 0).squeeze(1)
-    pos = pos.index_put((rows, exclude_col[rows]), torch.zeros_like(rows, dtype=torch.bool))
-    return pml_pair_lists(pos.long(), neg.long())
-
-
 def declaration(pos_margin, neg_margin):
     # Contrastive's terms on the distance d = 1 + u . v, read as the dot product u . v it is:
     # relu(d - pos_margin) = relu(u . v - (pos_margin - 1)), relu(neg_margin - d) likewise
@@ -124,8 +108,10 @@ def declaration(pos_margin, neg_margin):
 @loss_function
 def snr_contrastive_fused(embeddings, labels, ref_emb, ref_labels, *, pos_margin=0.0, neg_margin=1.0, distance="snr",
                           backend, exclude_col=None, batch=LOCAL):
-    if batch is LOCAL and not V._compiling() and has_constant_row(embeddings):
-        # a constant query row: PML's steps over the same pairs (module docstring)
+    if batch is LOCAL and not V._compiling() and (has_constant_row(embeddings)
+                                                  or fp16_rows_normalized_to_nan(embeddings, ref_emb)):
+        # a constant query row, or an fp16 zero row (NaN terms PML's reducer drops): PML's steps
+        # over the same pairs (module docstring)
         return snr_contrastive_reference(embeddings, labels, ref_emb, ref_labels, pos_margin=pos_margin,
                                          neg_margin=neg_margin, distance=distance,
                                          indices_tuple=pml_pairs_of_call(labels, ref_labels, exclude_col, backend))

@@ -23,7 +23,8 @@ from ..ops._common import LOCAL, loss_function, zero_loss
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, _warn_once, run_pair_loss
-from ._reference_common import check_distance, nan_in_nan_out, pair_count_matrices, pml_pair_lists
+from ._reference_common import check_distance, fp16_rows_normalized_to_nan, nan_in_nan_out, pair_count_matrices, \
+    pml_pair_lists, pml_pairs_of_call
 from ._registry import LossEntry
 
 
@@ -101,6 +102,10 @@ def tcm_fused(embeddings, labels, ref_emb, ref_labels, *, lambda_plus=1.0, lambd
         # PML takes both ends of a pair from embeddings, also the ref's: what it computes then is
         # not a comparison with ref_emb, so it is reproduced as it is, unfused
         return tcm_reference(embeddings, labels, ref_emb, ref_labels, **hyper)
+    if batch is LOCAL and not V._compiling() and fp16_rows_normalized_to_nan(embeddings, ref_emb):
+        # NaN similarities of an fp16 zero row: PML's steps over the same pairs (its NaN terms)
+        return tcm_reference(embeddings, labels, ref_emb, ref_labels, **hyper,
+                             indices_tuple=pml_pairs_of_call(labels, ref_labels, exclude_col, backend))
     # the batch against itself (self mode), or an explicit exclusion against a ref; on PML's rows
     q = cosine_similarity_rows(embeddings)
     r, labels_r = (None, None) if exclude_col is None else (cosine_similarity_rows(ref_emb), ref_labels)
