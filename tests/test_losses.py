@@ -132,6 +132,26 @@ def test_torch_compile_of_margin_loss_follows_an_assigned_beta():
         torch.testing.assert_close(compiled(x, y), loss(x, y))
 
 
+def test_torch_compile_of_margin_loss_follows_beta_changed_in_place():
+    """PML's beta is a tensor its loss reads at each call: changed in place (annealed), the compiled
+    call follows it (it kept the first value: 0.443 where PML gives 1.138), as does a learned beta
+    frozen later (it raised)."""
+    torch._dynamo.reset()
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = torch.randint(0, 4, (16,), generator=torch.Generator().manual_seed(1))
+    pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+    loss, pml = fpl.MarginLoss(), pml_losses.MarginLoss()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    for beta in (1.2, 0.9, 0.5):
+        with torch.no_grad():
+            loss.beta.fill_(beta)
+            pml.beta.fill_(beta)
+        torch.testing.assert_close(compiled(x, y), pml(x, y))
+    frozen = fpl.MarginLoss(learn_beta=True)
+    frozen.beta.requires_grad_(False)
+    torch.testing.assert_close(torch.compile(frozen, fullgraph=True, backend="aot_eager")(x, y), frozen(x, y))
+
+
 @pytest.mark.parametrize("make,name,values", [
     (lambda: fpl.SupConLoss(0.1), "temperature", (0.1, 0.2, 0.3)),
     (lambda: fpl.MultiSimilarityLoss(), "alpha", (2.0, 3.0, 2.5)),

@@ -20,7 +20,6 @@ beta * nu for one beta, nu sum_triplets beta_a / divisor for a per-class one.
 """
 from __future__ import annotations
 
-import numbers
 
 import torch
 
@@ -135,7 +134,9 @@ def margin_fused(embeddings, labels, ref_emb, ref_labels, *, margin, nu=0.0, bet
         raise ValueError(f"beta: one beta, or a 1-D tensor of per-class betas; got shape {tuple(beta.shape)}")
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
     per_class = _is_per_class(beta)
-    if not (per_class or (torch.is_tensor(beta) and beta.requires_grad)):
+    # a tensor beta while torch.compile traces is a graph input (its value unknown, changed in place
+    # between calls as PML's attribute may be): row shifts too
+    if not (per_class or (torch.is_tensor(beta) and (beta.requires_grad or V._compiling()))):
         st = pair_stats(q, r, labels, labels_r, excl, declaration(margin, _scalar(beta), distance), backend)
         loss = combine(st, embeddings, beta=beta, nu=nu, learn_beta=learn_beta, distance=distance, batch=batch)
         # hinge terms drop NaN: NaN in, NaN out through an exact 0 of the inputs
@@ -209,11 +210,7 @@ def _integer_ref_labels(labels, ref_labels):
 
 
 def _scalar(beta):
-    """A constant beta as the declaration's number."""
-    if torch.is_tensor(beta) and V._compiling():  # a graph input: its value is not known while tracing
-        raise ValueError("MarginLoss: a constant beta given as a tensor cannot be traced by torch.compile (the "
-                         "fused engines take it as a number of the declaration); pass a float, or a tensor that "
-                         "requires grad (then the rows' shifts), or call the loss outside the compiled region")
+    """A constant beta as the declaration's number (eager calls; a tensor's value at this call)."""
     t = torch.as_tensor(beta).detach()
     if t.numel() != 1:
         raise ValueError(f"beta: one beta, or a 1-D tensor of per-class betas; got shape {tuple(t.shape)}")
@@ -263,9 +260,6 @@ class MarginLoss(_PairLoss):
         if num_classes:
             beta_t = torch.ones(num_classes) * beta_t
         self.beta = torch.nn.Parameter(beta_t) if self.learn_beta else beta_t
-        # a fixed beta as the Python number torch.compile traces the engines with (a tensor attribute
-        # is a graph input there, whose value the engines' constant declaration cannot take)
-        self._fixed_beta = None if self.learn_beta or (num_classes or 1) > 1 else float(beta)
         if num_classes is not None:  # fused; PML gets it on a fallback
             kwargs = dict(kwargs, num_classes=num_classes)
         self.backend = backend
@@ -273,16 +267,8 @@ class MarginLoss(_PairLoss):
                            dict(learn_beta=self.learn_beta, triplets_per_anchor=triplets_per_anchor),
                            param_name="beta")
 
-    def __setattr__(self, name, value):
-        super().__setattr__(name, value)
-        if name == "beta" and "_fixed_beta" in self.__dict__:  # a beta assigned later (PML's attribute)
-            fixed = (isinstance(value, numbers.Real) and not isinstance(value, bool)) or (
-                torch.is_tensor(value) and value.numel() == 1 and not value.requires_grad)
-            self.__dict__["_fixed_beta"] = float(value) if fixed else None
-
     def _hyper(self):
-        beta = self._fixed_beta if V._compiling() and self._fixed_beta is not None else self.beta
-        return dict(margin=self.margin, nu=self.nu, beta=beta, learn_beta=self.learn_beta,
+        return dict(margin=self.margin, nu=self.nu, beta=self.beta, learn_beta=self.learn_beta,
                     distance=self._distance_kind)
 
     def _functional(self):
