@@ -893,3 +893,35 @@ def test_an_indices_tuple_of_lists_as_pml(name, as_):
     t = listed if as_ == "lists" else tuple(np.array(v) for v in listed)
     ours, pml = getattr(fpl.losses, name)(), getattr(L, name)()
     assert_same(value_and_grad(ours, x, y, t), value_and_grad(pml, x, y, listed))
+
+
+@pytest.mark.parametrize("name, attr", [("MultiSimilarityLoss", "alpha"), ("ContrastiveLoss", "neg_margin"),
+                                        ("TripletMarginLoss", "margin")])
+def test_a_number_assigned_as_a_tensor_or_numpy_number(name, attr):
+    """A hyper-parameter assigned after construction as a 0-d tensor or a numpy number (PML computes
+    with them) gives PML's loss, also compiled (a tensor raised a TypeError; a numpy number raised
+    under torch.compile, which traces it as an array)."""
+    x, y = batch(31, n=16)
+    for value in (torch.tensor(0.7, dtype=torch.float64), np.float64(0.7), np.float32(0.7)):
+        torch._dynamo.reset()
+        ours, pml = getattr(fpl.losses, name)(), getattr(L, name)()
+        setattr(ours, attr, value)
+        setattr(pml, attr, value)
+        expected = pml(x, y)
+        torch.testing.assert_close(ours(x, y), expected)
+        torch.testing.assert_close(torch.compile(ours, fullgraph=True, backend="aot_eager")(x, y), expected)
+
+
+def test_a_functional_form_takes_numpy_numbers_compiled():
+    """numpy numbers as a functional form's keyword arguments, made inside or outside the compiled
+    function (dynamo traces both as arrays): the Python number's loss."""
+    x, y = batch(32, n=16)
+    expected = fpl.functional.multi_similarity_loss(x, y, alpha=2.5)
+    torch._dynamo.reset()
+    inside = torch.compile(lambda x, y: fpl.functional.multi_similarity_loss(x, y, alpha=np.float32(2.5)),
+                           fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(inside(x, y), expected)
+    outside = torch.compile(lambda x, y, a: fpl.functional.multi_similarity_loss(x, y, alpha=a),
+                            fullgraph=True, backend="aot_eager")
+    for a in (2.5, 3.0):
+        torch.testing.assert_close(outside(x, y, np.float64(a)), fpl.functional.multi_similarity_loss(x, y, alpha=a))

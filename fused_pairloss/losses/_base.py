@@ -620,6 +620,8 @@ class _PmlFallback:
         _hold_objects(self, {k: getattr(self, k) for k in held})
 
     def __setattr__(self, name, value):
+        if isinstance(self.__dict__.get(name), numbers.Real):  # a number assigned as a tensor / numpy number
+            value = _plain_number(value)  # (PML takes them), as the constructor's arguments
         super().__setattr__(name, value)
         if not name.startswith("_") and "_pml_setup" in self.__dict__:  # after PML's instance could exist
             self.__dict__.setdefault("_assigned", set()).add(name)

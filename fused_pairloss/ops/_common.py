@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import threading
 
+import numpy as np
 import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
@@ -90,9 +91,13 @@ def loss_function(fn):
       frame that resumes after a graph break (a miner's weights) reads them anew;
     - forward-mode AD (torch.autograd.forward_ad, torch.func.jvp / jacfwd) raises unless the call
       is the reference backend's: the fused ops have no forward derivative, and their outputs would
-      carry a zero tangent."""
+      carry a zero tangent;
+    - numpy numbers among the keyword arguments are the Python numbers they hold."""
     @functools.wraps(fn)
     def computing_a_loss(*args, **kwargs):
+        # numpy numbers (PML takes them) as Python numbers: torch.compile traces them as arrays
+        kwargs = {k: v.item() if isinstance(v, (np.generic, np.ndarray)) and v.ndim == 0 else v
+                  for k, v in kwargs.items()}
         if torch.compiler.is_compiling():
             hyper_parameters_as_constants(kwargs)
         elif _forward_ad_in_use(args, kwargs.values()) and not _reference_backend(args, kwargs.get("backend", "auto")):
