@@ -703,7 +703,8 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         g = dict(common, BINS=False, GPREC=T.grad_dot_precision(dtype), BLOCK_G=bg, ONE_CHUNK=one)
         build(TT._triplet_bwd_rows_kernel, torch.float32, dict(g, GRAD=True), arch, warps, stages)
         build(TT._triplet_bwd_cols_kernel, torch.float32, g, arch, warps, stages)
-        build(TT._triplet_pos_u_kernel, torch.float32, dict(LP=lp, BLOCK=128, BLOCK_D=T.block_d(dtype)), arch, 4)
+        build(TT._triplet_pos_u_kernel, torch.float32, dict(LP=lp, PREC=T.dot_precision(dtype), BLOCK=b["BLOCK_M"],
+                                                           BLOCK_D=T.block_d(dtype)), arch, warps, stages)
 
     def rank_rows(dtype, arch):  # SmoothAP's and PNP's row kernels (ops/triton_rank_rows.py) on S's dtype
         from fused_pairloss.ops import triton_rank_rows as TR

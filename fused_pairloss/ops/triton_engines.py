@@ -383,9 +383,11 @@ def _stats(t, rows, n, A, name):
 
 
 if _IMPORTED:
-    # The interpreter stores bf16 as raw uint16 and its tl.dot multiplies those: upcast (exactly)
-    # to fp32 first there. Compiled kernels never take this branch.
-    _BF16_DOT_UPCAST = tl.constexpr(INTERPRETED)
+    # The interpreter's tl.dot is numpy's matmul, whose BLAS sums an element of a tile otherwise at
+    # another position of the tile (or another tile shape): there the S dot is products summed over
+    # the chunk (one reduction per element, the same at every position), as a compiled kernel's
+    # dot sums an element the same way wherever it sits. Compiled kernels never take this branch.
+    _SUMMED_DOT = tl.constexpr(INTERPRETED)
     _NEG_INF = tl.constexpr(float("-inf"))
     _POS_INF = tl.constexpr(float("inf"))
     _NAN = tl.constexpr(float("nan"))
@@ -414,11 +416,10 @@ if _IMPORTED:
             dm = dd < D
             a = tl.load(a_row + dd[None, :], mask=a_ok[:, None] & dm[None, :], other=0.0)
             b = tl.load(b_row + dd[None, :], mask=b_ok[:, None] & dm[None, :], other=0.0)
-            if _BF16_DOT_UPCAST:
-                if a.dtype == tl.bfloat16:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-            acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC, out_dtype=ACC)
+            if _SUMMED_DOT:
+                acc += tl.sum(a.to(ACC)[:, None, :] * b.to(ACC)[None, :, :], axis=2)
+            else:
+                acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC, out_dtype=ACC)
         return acc
 
     @triton.jit

@@ -112,36 +112,36 @@ if TE.AVAILABLE:
     import triton
     import triton.language as tl
 
-    from .triton_engines import _acc_grad, _finish_grad, _pair_v, _sqrt
+    from .triton_engines import _acc_grad, _finish_grad, _pair_v
 
     @triton.jit
     def _triplet_pos_u_kernel(q_ptr, r_ptr, cols_ptr, nq_ptr, nr_ptr, a_ptr, NP, P, D, LP: tl.constexpr,
-                              BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-        """a[i, p] = u of row i and its gathered positive column cols[i, p] (-1: none, a = NaN), with
-        the element math of `_pair_v` (lp: |q|^2 + |r|^2 - 2 S, the near pairs from the rows'
-        differences; the same root), so a tie of a positive and a negative of one row is a tie here."""
+                              PREC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+        """a[i, p] = u of row i and its gathered positive column cols[i, p] (-1: none, a = NaN): the
+        diagonal of a BLOCK x BLOCK tile of `_pair_v` over the block's pairs' rows and columns, the
+        tile shape of the triplet kernels (_blocks), so that u is summed as the tiles sum a
+        negative's: a positive and a negative of one row that are copies tie here as in PML."""
         ACC: tl.constexpr = a_ptr.dtype.element_ty
         idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         ok = idx < NP
         col = tl.load(cols_ptr + idx, mask=ok, other=-1)
         real = ok & (col >= 0)
-        row = idx // P
-        s = tl.zeros([BLOCK], ACC)
-        diff2 = tl.zeros([BLOCK], ACC)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            m = real[:, None] & (d < D)[None, :]
-            x = tl.load(q_ptr + row[:, None] * D + d[None, :], mask=m, other=0.0).to(ACC)
-            y = tl.load(r_ptr + col[:, None] * D + d[None, :], mask=m, other=0.0).to(ACC)
-            s += tl.sum(x * y, axis=1)
-            diff2 += tl.sum((x - y) * (x - y), axis=1)
+        row = tl.where(real, idx // P, 0)
+        col = tl.where(real, col, 0)
         if LP:
-            norms = tl.load(nq_ptr + row, mask=real, other=0.0) + tl.load(nr_ptr + col, mask=real, other=0.0)
-            d2 = norms - 2.0 * s
-            d2 = tl.where(d2 < norms * 0.03125, diff2, d2)  # 1/32: pair_terms.inl kLpNearPair
-            u = tl.where(d2 != d2, d2, tl.where(d2 > 0, _sqrt(tl.where(d2 > 0, d2, 1.0)), 0.0))
+            nq = tl.load(nq_ptr + row, mask=real, other=0.0)
+            nr = tl.load(nr_ptr + col, mask=real, other=0.0)
         else:
-            u = -s
+            nq = tl.zeros([BLOCK], ACC)
+            nr = tl.zeros([BLOCK], ACC)
+        v = _pair_v(q_ptr, r_ptr, row, col, real, real, nq, nr, D, D, D, LP, 0, PREC, BLOCK_D,
+                    BLOCK, BLOCK, ACC)
+        diagonal = tl.arange(0, BLOCK)[:, None] == tl.arange(0, BLOCK)[None, :]
+        v = tl.sum(tl.where(diagonal, v, 0.0), axis=1)  # one entry per row: exact
+        if LP:
+            u = v
+        else:
+            u = -v
         tl.store(a_ptr + idx, tl.where(real, u, float("nan")), mask=ok)
 
     @triton.jit
@@ -396,10 +396,11 @@ if TE.AVAILABLE:
         nr = (ra * ra).sum(1) if lp else ra.new_zeros(1)
         a = torch.empty(cols.shape, dtype=A, device=q.device)
         if a.numel():
-            block = 64 if TE.INTERPRETED else 128
-            TE._launch(_triplet_pos_u_kernel)[(triton.cdiv(a.numel(), block),)](
+            b = _blocks()  # the tiles' shape and warps: their dot sums an element the same way
+            TE._launch(_triplet_pos_u_kernel)[(triton.cdiv(a.numel(), b["BLOCK_M"]),)](
                 qa, ra, torch.where(real, cols, -1), nq, nr, a, a.numel(), a.shape[1], qa.shape[1], LP=bool(lp),
-                BLOCK=block, BLOCK_D=TE.block_d(q.dtype))
+                PREC=TE.dot_precision(q.dtype), BLOCK=b["BLOCK_M"], BLOCK_D=TE.block_d(q.dtype),
+                num_warps=b["num_warps"], num_stages=b["num_stages"])
         return A, qa, ra, labels_q.contiguous(), labels_r.contiguous(), nq, nr, a, cols, real
 
     def _forward(q, r, labels_q, labels_r, exclude_col, margin, lp, window_lo, window_hi):
