@@ -249,12 +249,13 @@ def check_distance(distance, allowed=DISTANCES):
                          f"its defaults are fused); got {distance!r}")
 
 
-def check_margins_ordered(pos_margin, neg_margin, distance, loss):
+def check_margins_ordered(pos_margin, neg_margin, distance, loss, functional=None):
     """A distance pulls positives below pos_margin and pushes negatives above neg_margin, a
     similarity the other way round. Margins in the other order are most likely the defaults meant
     for the other kind (ContrastiveLoss with CosineSimilarity() and its default margins 0 and 1,
     where no negative ever counts). PML computes the loss as given, so this is a warning, once per
-    loss and setting, pointing at the user's line."""
+    loss and setting, pointing at the user's line (a module's, at its construction, stands for its
+    `functional` form's, which its calls run)."""
     if distance == "lp" and pos_margin > neg_margin:
         why = f"pos_margin={pos_margin} > neg_margin={neg_margin} for a distance (LpDistance)"
     elif distance == "cosine" and pos_margin < neg_margin:
@@ -266,6 +267,8 @@ def check_margins_ordered(pos_margin, neg_margin, distance, loss):
         warnings.warn(f"fused_pairloss: {loss}: {why}: the margins are in the order meant for the other kind of "
                       "distance (PML computes the loss as given; so does fused_pairloss)",
                       stacklevel=user_stacklevel())
+    if functional is not None:
+        _warned_margins.add((functional, why))
 
 
 _warned_margins = set()

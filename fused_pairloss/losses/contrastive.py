@@ -96,7 +96,7 @@ class ContrastiveLoss(_PairLoss):
         self.pos_margin, self.neg_margin = pos_margin, neg_margin
         self._init_pair(backend, kwargs, (pos_margin, neg_margin))
         if self._distance_kind is not None:
-            V.check_margins_ordered(pos_margin, neg_margin, self._distance_kind, "ContrastiveLoss")
+            V.check_margins_ordered(pos_margin, neg_margin, self._distance_kind, "ContrastiveLoss", "contrastive_loss")
 
     def _hyper(self):
         return dict(pos_margin=self.pos_margin, neg_margin=self.neg_margin, distance=self._distance_kind)

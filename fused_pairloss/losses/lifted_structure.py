@@ -101,7 +101,8 @@ class GeneralizedLiftedStructureLoss(_PairLoss):
         self.neg_margin, self.pos_margin = neg_margin, pos_margin
         self._init_pair(backend, kwargs, (neg_margin, pos_margin))
         if self._distance_kind is not None:
-            V.check_margins_ordered(pos_margin, neg_margin, self._distance_kind, "GeneralizedLiftedStructureLoss")
+            V.check_margins_ordered(pos_margin, neg_margin, self._distance_kind, "GeneralizedLiftedStructureLoss",
+                                    "generalized_lifted_structure_loss")
 
     def _hyper(self):
         return dict(neg_margin=self.neg_margin, pos_margin=self.pos_margin, distance=self._distance_kind)
