@@ -390,7 +390,7 @@ class _PmlFallback:
         # "PML's namespaces"): PML's computation on this module, which calls the overrides
         cls._users_computation = (not cls.__module__.startswith("fused_pairloss.") and any(
             _users_own(cls, name) for name in _computation_hooks(cls._pml_class())))
-        if cls._users_computation:
+        if cls._users_computation and "__getattr__" not in cls.__dict__:  # (a user's own __getattr__ stays)
             cls.__getattr__ = _getattr_with_pml_fallback
 
     def _pml_forward_of_a_users_compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):

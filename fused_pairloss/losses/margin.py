@@ -20,7 +20,6 @@ beta * nu for one beta, nu sum_triplets beta_a / divisor for a per-class one.
 """
 from __future__ import annotations
 
-
 import torch
 
 from .. import _validation as V
