@@ -383,9 +383,9 @@ def test_second_order(name, small_chunks):
 
 def test_backward_ops_raise_when_differentiated():
     img, txt, t, b = leaves(6, 4, 12, torch.float64)
-    row, col = image_text.clip_lse(img, txt, t, True)
+    row, col = image_text.clip_lse(img, txt, t, True, 0)
     gq, gr, gt = image_text.clip_lse_backward(torch.ones_like(row), torch.ones_like(col), img, txt, t, row.detach(),
-                                              col.detach(), True, True, True)
+                                              col.detach(), True, 0, True, True)
     with pytest.raises(RuntimeError, match="not differentiable"):
         gq.sum().backward()
 
@@ -395,14 +395,15 @@ def test_opcheck(dtype):
     img, txt, t, b = [a.detach() for a in leaves(9, 5, 13, dtype)]
     for req in (True, False):
         args = [img.clone().requires_grad_(req), txt.clone().requires_grad_(req), t.clone().requires_grad_(req)]
-        torch.library.opcheck(image_text.clip_lse, (*args, True))
-        torch.library.opcheck(image_text.clip_lse, (*args, False))
+        torch.library.opcheck(image_text.clip_lse, (*args, True, 0))
+        for off in (0, 3, -2):
+            torch.library.opcheck(image_text.clip_lse, (*args, False, off))
         for off in (0, None, 3, -2):
             torch.library.opcheck(image_text.siglip_rows, (*args, b.clone().requires_grad_(req), off))
     A = torch.float64 if dtype == torch.float64 else torch.float32
-    row, col = image_text.clip_lse(img, txt, t, True)
+    row, col = image_text.clip_lse(img, txt, t, True, 0)
     torch.library.opcheck(image_text.clip_lse_backward,
-                          (torch.rand(9, dtype=A), torch.rand(9, dtype=A), img, txt, t, row, col, True, True, False))
+                          (torch.rand(9, dtype=A), torch.rand(9, dtype=A), img, txt, t, row, col, True, 0, True, False))
     torch.library.opcheck(image_text.siglip_rows_backward,
                           (torch.rand(9, dtype=A), img, txt, t, b, 0, False, True))
 

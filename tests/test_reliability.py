@@ -90,11 +90,14 @@ def test_a_small_cross_entropy_keeps_its_digits(name):
     assert abs(got - truth) <= 2e-5 * truth, (got, truth)
 
 
+@pytest.mark.parametrize("backend", [*FUSED[:1], "chunked"])
 @pytest.mark.parametrize("name", ["ClipLoss", "ClipLoss_local"])
-def test_a_small_clip_loss_keeps_its_digits(name):
+def test_a_small_clip_loss_keeps_its_digits(name, backend):
     """CLIP's rows and columns likewise (image-text pairs well aligned at logit scale 100, the loss
     5e-7): logaddexp(lse, x_ii) - x_ii was 9.5e-2 off in fp32 (open_clip's own fp32 value 6.7e-4);
-    softplus of the LSE over the other columns minus x_ii keeps the fp64 truth's digits."""
+    softplus of the LSE over the other columns minus x_ii keeps the fp64 truth's digits, on the
+    compiled engine and on the PyTorch row-chunk path (which took LSE(all) - x_ii, clamped at 0),
+    and so does the gradient of the logit scale."""
     g = torch.Generator().manual_seed(6)
     image = torch.nn.functional.normalize(torch.randn(32, 16, generator=g, dtype=torch.float64), dim=1)
     text = torch.nn.functional.normalize(image + 0.15 * torch.randn(32, 16, generator=g, dtype=torch.float64), dim=1)
@@ -103,10 +106,15 @@ def test_a_small_clip_loss_keeps_its_digits(name):
     kwargs = dict(local_loss=True, all_image_features=image, all_text_features=text) if name.endswith("local") else {}
     from fused_pairloss.losses.clip import clip_fused, clip_reference
     wide = {k: (v.double() if torch.is_tensor(v) else v) for k, v in kwargs.items()}
-    truth = clip_reference(image.double(), text.double(), scale.double(), **wide).item()
-    assert 1e-9 < truth < 1e-5, truth
-    got = clip_fused(image, text, scale, backend=FUSED[0], **kwargs).item()
-    assert abs(got - truth) <= 1e-4 * truth, (got, truth)
+    scale64 = scale.double().requires_grad_(True)
+    truth = clip_reference(image.double(), text.double(), scale64, **wide)
+    truth_grad, = torch.autograd.grad(truth, scale64)
+    assert 1e-9 < truth.item() < 1e-5, truth
+    scale = scale.requires_grad_(True)
+    got = clip_fused(image, text, scale, backend=backend, **kwargs)
+    got_grad, = torch.autograd.grad(got, scale)
+    assert abs(got.item() - truth.item()) <= 1e-4 * truth.item(), (got, truth)
+    assert abs(got_grad.item() - truth_grad.item()) <= 1e-3 * abs(truth_grad.item()), (got_grad, truth_grad)
 
 
 @pytest.mark.parametrize("backend", FUSED)

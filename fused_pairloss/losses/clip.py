@@ -64,12 +64,21 @@ def _positive_logits(q, r, scale, offset):
 
 
 def _chunked_losses(q, r, scale, offset, cols, backend=None):
-    """The rows' (and the columns', or None) cross-entropies LSE_j x_ij - x_i,i+offset of x = t q r^T,
-    the LSEs from the PyTorch row-chunk op, the positives from the two rows."""
-    row, col = clip_lse(q, r, scale, cols)
-    pos = _positive_logits(q, r, scale, offset)
-    # LSE >= the positive logit: a difference below 0 is the two products' rounding (a loss near 0)
-    return (row - pos).clamp_min(0), ((col - pos).clamp_min(0) if cols else None)
+    """The rows' (and the columns', or None) cross-entropies LSE_j x_ij - x_i,i+offset of x = t q r^T
+    as softplus(LSE over the others - x_pos), as _engine_losses: the LSEs over the others from the
+    PyTorch row-chunk op, the positives from the two rows."""
+    row, col = clip_lse(q, r, scale, cols, offset)
+    return _cross_entropies(row, col if cols else None, _positive_logits(q, r, scale, offset))
+
+
+def _cross_entropies(row_lse_other, col_lse_other, pos):
+    """softplus(LSE over the others - x_pos) of the rows (and the columns, or None): a row whose
+    positive dominates keeps its digits (logaddexp(lse, x_pos) - x_pos cancels to x_pos's rounding)."""
+    # open_clip's LSE - x_pos is NaN at an infinite logit (B = 1, t = inf); detached: a +g and a -g into
+    # pos would cancel (g - sigma g) - g to the rounding of g, where sigma g is the small loss's gradient
+    nan_if_infinite = (pos - pos).detach()
+    return (softplus(row_lse_other - pos) + nan_if_infinite,
+            None if col_lse_other is None else softplus(col_lse_other - pos) + nan_if_infinite)
 
 
 # The class engine's declaration of CLIP (docs/design.md "Image-text losses"): the texts are the
@@ -85,17 +94,13 @@ def declaration(columns=True):
 
 def _engine_losses(q, r, scale, offset, cols, backend):
     """The same from the class engine on `backend` (both directions from the same tiles: one walk on
-    the CPU, a row and a column pass on GPUs), as softplus(LSE over the others - x_pos): a row whose
-    positive dominates keeps its digits (logaddexp(lse, x_pos) - x_pos cancels to x_pos's rounding)."""
+    the CPU, a row and a column pass on GPUs)."""
     n = q.shape[0]
     if cols and (offset != 0 or r.shape[0] != n):
         raise ValueError("clip: column LSEs need the square block (offset 0)")
     labels = torch.arange(offset, offset + n, device=q.device)
     st = class_stats(scale.to(q.dtype) * q, r, labels, declaration(cols), backend)
-    pos = st.target_sim
-    nan_if_infinite = pos - pos  # open_clip's LSE - x_pos is NaN at an infinite logit (B = 1, t = inf)
-    return (softplus(st.lse_other - pos) + nan_if_infinite,
-            (softplus(st.col_lse_neg - pos) + nan_if_infinite) if cols else None)
+    return _cross_entropies(st.lse_other, st.col_lse_neg if cols else None, st.target_sim)
 
 
 @loss_function

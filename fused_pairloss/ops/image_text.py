@@ -1,8 +1,10 @@
 """The image-text ops of ClipLoss and SigLipLoss (docs/design.md, "Image-text losses"): statistics of
 the logits x_ij = t (q_i . r_j) (+ b) of two feature blocks, in row chunks, without the N x M block.
 
-    fused_pairloss::clip_lse(q[N,D], r[M,D], scale[], cols) -> (row_lse A[N], col_lse A[M] or [0])
-        row_lse_i = LSE_j x_ij, col_lse_j = LSE_i x_ij (only when cols), x_ij = scale (q_i . r_j)
+    fused_pairloss::clip_lse(q[N,D], r[M,D], scale[], cols, pos_offset) -> (row_lse A[N], col_lse A[M] or [0])
+        row_lse_i = LSE_{j != i + pos_offset} x_ij, col_lse_j = LSE_{i != j - pos_offset} x_ij (only when
+        cols), x_ij = scale (q_i . r_j): over the others than the positive pair, so that the loss
+        softplus(lse - x_pos) keeps the digits of a row whose positive dominates
     fused_pairloss::siglip_rows(q[N,D], r[M,D], scale[], bias[], pos_offset) -> rows A[N]
         rows_i = sum_j softplus(-z_ij x_ij), x_ij = scale (q_i . r_j) + bias, z_ij = +1 for the
         positive column j = i + pos_offset (when 0 <= j < M), -1 elsewhere
@@ -12,7 +14,7 @@ bias are 0-dim tensors (learnable: their gradients are reductions, see below). T
 row chunks (_chunk_rows): CLIP's row LSE of a chunk is final, its column LSE is
 merged chunk by chunk (running maximum and rescaled sum), so both directions come from one walk.
 The backward ops recompute each chunk and form G = dL/dx in place:
-    CLIP    G_ij = g_row_i exp(x_ij - row_lse_i) + g_col_j exp(x_ij - col_lse_j)
+    CLIP    G_ij = g_row_i exp(x_ij - row_lse_i) + g_col_j exp(x_ij - col_lse_j), 0 at the positives
     SigLIP  G_ij = -z_ij g_i sigmoid(-z_ij x_ij)
 then grad_q = scale G r, grad_r = scale G^T q, grad_scale = sum_ij G_ij (q_i . r_j) = sum_i q_i . (G r)_i
 (a c x D reduction per chunk), grad_bias = sum_ij G_ij. Memory: O(chunk x M + (N + M) D).
@@ -55,6 +57,18 @@ def _as_stat(x, A):
 
 
 # ---- CLIP: row and column log-sum-exps ------------------------------------------------------------
+def _positive_diagonal(x, i0, i1, pos_offset):
+    """The view of a chunk's positive logits (rows i0..i1, column i + pos_offset) inside [0, M), and
+    the range of chunk rows it covers."""
+    if pos_offset is None:
+        return None
+    m = x.shape[1]
+    lo, hi = max(i0, -pos_offset), min(i1, m - pos_offset)
+    if lo >= hi:
+        return None
+    return x[lo - i0:hi - i0, lo + pos_offset:hi + pos_offset].diagonal()
+
+
 def _finite_or_zero(x):
     """A shift for exp(x - shift): x where finite, else 0 (an all -inf row / column stays -inf, +inf
     and NaN propagate)."""
@@ -75,7 +89,8 @@ class _Buffers:
 
 
 @torch.library.custom_op("fused_pairloss::clip_lse", mutates_args=())
-def clip_lse(q: torch.Tensor, r: torch.Tensor, scale: torch.Tensor, cols: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def clip_lse(q: torch.Tensor, r: torch.Tensor, scale: torch.Tensor, cols: bool,
+             pos_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     A = stat_dtype(q.dtype)
     qa, ra, t = _as_stat(q, A), _as_stat(r, A), scale.to(A)
     n, m = q.shape[0], r.shape[0]
@@ -89,6 +104,7 @@ def clip_lse(q: torch.Tensor, r: torch.Tensor, scale: torch.Tensor, cols: bool) 
     rt = ra.t()
     for i0, i1 in _chunks(n, m):
         x = torch.mm(qa[i0:i1] * t, rt, out=buf.get(0, i1 - i0))   # c x M logits
+        _leave_out_positives(x, i0, i1, pos_offset)
         if cols:
             new_max = torch.maximum(col_max, x.amax(0))
             shift = _finite_or_zero(new_max)
@@ -104,7 +120,7 @@ def clip_lse(q: torch.Tensor, r: torch.Tensor, scale: torch.Tensor, cols: bool) 
 
 
 @clip_lse.register_fake
-def _(q, r, scale, cols):
+def _(q, r, scale, cols, pos_offset):
     A = stat_dtype(q.dtype)
     return q.new_empty((q.shape[0],), dtype=A), q.new_empty((r.shape[0] if cols else 0,), dtype=A)
 
@@ -118,9 +134,25 @@ def _common_factor(*gs):
     return None
 
 
+def _leave_out_positives(x, i0, i1, pos_offset):
+    """A chunk's positive logits set to -inf (in place): out of the LSEs, and G = 0 there."""
+    diag = _positive_diagonal(x, i0, i1, pos_offset)
+    if diag is not None:
+        diag.fill_(float("-inf"))
+
+
+def _no_others_as_zero(lse):
+    """An LSE over no other logit (-inf: a batch of one) as 0 in exp(x - lse), whose x are then all
+    -inf: G = 0 there, not exp(-inf + inf) = NaN."""
+    return lse.masked_fill(lse == float("-inf"), 0.0)
+
+
 def _clip_grad_logits(x, tmp, row_lse, g_row, col_lse, g_col):
     """G = g_row exp(x - row_lse) (+ g_col exp(x - col_lse)) of a chunk of logits x, in place (tmp:
-    scratch of x's shape; col_lse None: rows only); g_row / g_col None: a common factor left out."""
+    scratch of x's shape; col_lse None: rows only); g_row / g_col None: a common factor left out.
+    The positives of x are -inf (_leave_out_positives)."""
+    row_lse = _no_others_as_zero(row_lse)
+    col_lse = None if col_lse is None else _no_others_as_zero(col_lse)
     G = x
     if col_lse is not None:
         rows_term = torch.sub(x, row_lse[:, None], out=tmp).exp_()
@@ -137,7 +169,8 @@ def _clip_grad_logits(x, tmp, row_lse, g_row, col_lse, g_col):
 @torch.library.custom_op("fused_pairloss::clip_lse_backward", mutates_args=())
 def clip_lse_backward(grad_row: torch.Tensor, grad_col: torch.Tensor, q: torch.Tensor, r: torch.Tensor,
                       scale: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor, cols: bool,
-                      need_grad_q: bool, need_grad_r: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      pos_offset: int, need_grad_q: bool,
+                      need_grad_r: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_q, grad_r, grad_scale) of sum_i grad_row_i row_lse_i (+ sum_j grad_col_j col_lse_j);
     an empty tensor for a feature gradient not needed."""
     A = stat_dtype(q.dtype)
@@ -159,6 +192,7 @@ def clip_lse_backward(grad_row: torch.Tensor, grad_col: torch.Tensor, q: torch.T
         c = i1 - i0
         qc = qa[i0:i1]
         x = torch.mm(qc * t, rt, out=buf.get(0, c))
+        _leave_out_positives(x, i0, i1, pos_offset)
         G = _clip_grad_logits(x, buf.get(1, c) if cols else None, row_lse[i0:i1],
                               None if g_row is None else g_row[i0:i1], col_lse if cols else None, g_col)
         U = torch.mm(G, ra, out=U_flat[:c * d].view(c, d))         # G r (c x D)
@@ -178,63 +212,54 @@ def clip_lse_backward(grad_row: torch.Tensor, grad_col: torch.Tensor, q: torch.T
 
 
 @clip_lse_backward.register_fake
-def _(grad_row, grad_col, q, r, scale, row_lse, col_lse, cols, need_grad_q, need_grad_r):
+def _(grad_row, grad_col, q, r, scale, row_lse, col_lse, cols, pos_offset, need_grad_q, need_grad_r):
     empty = q.new_empty  # one per gradient not needed: an op's outputs may not alias
     return ((torch.empty_like(q) if need_grad_q else empty((0,))),
             (torch.empty_like(r) if need_grad_r else empty((0,))),
             torch.empty_like(scale))
 
 
-def _clip_vjp_differentiable(g_row, g_col, q, r, scale, row_lse, col_lse, cols):
+def _clip_vjp_differentiable(g_row, g_col, q, r, scale, row_lse, col_lse, cols, pos_offset):
     """The same vector-Jacobian product in differentiable PyTorch (create_graph=True): the saved
     LSEs are the forward op's outputs, so their own dependence on q, r, scale is differentiated too."""
     A = stat_dtype(q.dtype)
     qa, ra, t = q.to(A), r.to(A), scale.to(A)
     s = qa @ ra.t()
-    x = t * s
-    G = g_row.to(A)[:, None] * torch.exp(x - row_lse[:, None])
+    rows = torch.arange(q.shape[0], device=q.device)[:, None]
+    others = rows + pos_offset != torch.arange(r.shape[0], device=q.device)[None, :]
+    x = torch.where(others, t * s, float("-inf"))
+    G = g_row.to(A)[:, None] * torch.exp(x - _no_others_as_zero(row_lse)[:, None])
     if cols:
-        G = G + g_col.to(A)[None, :] * torch.exp(x - col_lse[None, :])
+        G = G + g_col.to(A)[None, :] * torch.exp(x - _no_others_as_zero(col_lse)[None, :])
     return (t * (G @ ra)).to(q.dtype), (t * (G.t() @ qa)).to(r.dtype), (G * s).sum().to(scale.dtype)
 
 
 def _clip_setup(ctx, inputs, output):
-    q, r, scale, cols = inputs
+    q, r, scale, cols, pos_offset = inputs
     ctx.save_for_backward(q, r, scale, *output)
-    ctx.cols = cols
+    ctx.cols, ctx.pos_offset = cols, pos_offset
 
 
 def _clip_backward(ctx, grad_row, grad_col):
     q, r, scale, row_lse, col_lse = ctx.saved_tensors
     need_q, need_r, need_t = ctx.needs_input_grad[:3]
     if not (need_q or need_r or need_t):
-        return None, None, None, None
+        return None, None, None, None, None
     grad_row = torch.zeros_like(row_lse) if grad_row is None else grad_row
     if ctx.cols:
         grad_col = torch.zeros_like(col_lse) if grad_col is None else grad_col
     else:
         grad_col = col_lse  # empty
     if torch.is_grad_enabled():  # create_graph=True
-        gq, gr, gt = _clip_vjp_differentiable(grad_row, grad_col, q, r, scale, row_lse, col_lse, ctx.cols)
+        gq, gr, gt = _clip_vjp_differentiable(grad_row, grad_col, q, r, scale, row_lse, col_lse, ctx.cols,
+                                              ctx.pos_offset)
     else:
         gq, gr, gt = clip_lse_backward(grad_row.contiguous(), grad_col.contiguous(), q, r, scale, row_lse,
-                                       col_lse, ctx.cols, need_q, need_r)
-    return (gq if need_q else None), (gr if need_r else None), (gt if need_t else None), None
+                                       col_lse, ctx.cols, ctx.pos_offset, need_q, need_r)
+    return (gq if need_q else None), (gr if need_r else None), (gt if need_t else None), None, None
 
 
 # ---- SigLIP: per-row sums of the pair terms -------------------------------------------------------
-def _positive_diagonal(x, i0, i1, pos_offset):
-    """The view of a chunk's positive logits (rows i0..i1, column i + pos_offset) inside [0, M), and
-    the range of chunk rows it covers."""
-    if pos_offset is None:
-        return None
-    m = x.shape[1]
-    lo, hi = max(i0, -pos_offset), min(i1, m - pos_offset)
-    if lo >= hi:
-        return None
-    return x[lo - i0:hi - i0, lo + pos_offset:hi + pos_offset].diagonal()
-
-
 @torch.library.custom_op("fused_pairloss::siglip_rows", mutates_args=())
 def siglip_rows(q: torch.Tensor, r: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                 pos_offset: Optional[int]) -> torch.Tensor:
