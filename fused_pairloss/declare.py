@@ -36,7 +36,7 @@ from .ops import oracle
 from .ops._common import LOCAL, Batch, loss_function, pair_operands, zero_loss
 from .ops.engines import PairStats
 from .ops.listed import ListedPairs, listed_pair_stats
-from .ops.spec import DISTANCES, FLOAT_MAX, PairLossSpec, PairTerm, pair_stats_of
+from .ops.spec import DISTANCES, FLOAT_MAX, FLOAT_TINY, PairLossSpec, PairTerm, pair_stats_of
 from .ops.stats import pair_stats
 
 __all__ = ["PairTerm", "PairLossSpec", "PairStats", "Batch", "pair_loss", "check_declaration"]
@@ -45,7 +45,8 @@ __all__ = ["PairTerm", "PairLossSpec", "PairStats", "Batch", "pair_loss", "check
 # hyper-parameter becomes a property of the class)
 _RESERVED_NAMES = frozenset({"distance", "backend", "embeddings", "labels", "indices_tuple", "ref_emb", "ref_labels",
                              "exclude_col", "batch", "reducer", "collect_stats", "embedding_regularizer",
-                             "embedding_reg_weight", "functional", "reference", "declaration", "combine"}
+                             "embedding_reg_weight", "functional", "reference", "declaration", "combine",
+                             "exclude_after_mining"}
                             | set(dir(_PairLoss)) | set(dir(torch.nn.Module())))
 
 
@@ -66,6 +67,10 @@ def check_declaration(spec, where="declaration"):
         raise ValueError(f"{where}: PairLossSpec.pos_vs_neg_lse needs neg.lse=True (it reads each row's lse_neg)")
     if spec.miner_epsilon is not None:
         _check_finite_float(f"{where}: PairLossSpec.miner_epsilon", spec.miner_epsilon)
+    if spec.ntx_tiny is not None and spec.ntx_tiny < FLOAT_TINY:
+        # below it the fp32 engines' tiny rounds to a subnormal or 0 (-log sigmoid without it)
+        raise ValueError(f"{where}: PairLossSpec.ntx_tiny must be at least float32's smallest normal number "
+                         f"{FLOAT_TINY} (the engines add it in fp32 for fp32 inputs); got {spec.ntx_tiny!r}")
     return spec
 
 
@@ -224,9 +229,16 @@ def pair_loss(name, *, declaration, combine, hyper, distance="cosine", pair_base
     def _mines_within(self):
         return spec_of(self._values, self._distance_kind).miner_epsilon is not None
 
+    def _has_a_miners_rule(self):
+        """A miner's rule in the declaration: its miner_epsilon or its windows (CrossBatchMemory
+        computes such a loss by its fused engine only)."""
+        spec = spec_of(self._values, self._distance_kind)
+        return spec.miner_epsilon is not None or spec.pos_window is not None
+
     cls = type(name, (_PairLoss,), {
         "__init__": __init__, "__doc__": doc or f"{name}: a pair loss declared with fused_pairloss.declare.pair_loss.",
-        "_hyper": _hyper, "_mines_within": _mines_within, "_functional": lambda self: functional,
+        "_hyper": _hyper, "_mines_within": _mines_within, "_has_a_miners_rule": _has_a_miners_rule,
+        "_functional": lambda self: functional,
         "__setattr__": __setattr__, "__copy__": __copy__, "_pair_based": pair_based,
         "_pml_only_assigned": _pml_only_assigned,
         "_reference": staticmethod(reference), "_fused_fn": staticmethod(fused), "_default_distance": distance,

@@ -355,8 +355,9 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
         if plan is None:
             loss, miner = self.loss, self.miner
             declared = getattr(type(loss), "declaration", None) is not None  # fused_pairloss.declare
-            if declared and loss._mines_within():
-                raise ValueError(f"{type(loss).__name__}: a declared loss that mines (its declaration's miner_epsilon) "
+            if declared and loss._has_a_miners_rule():
+                raise ValueError(f"{type(loss).__name__}: a declared loss that mines (its declaration's miner_epsilon "
+                                 "or windows) "
                                  "is computed in CrossBatchMemory by its fused engine only; its backend "
                                  f"{loss.backend!r} is the reference on {embeddings.device} (or its rows are not unit "
                                  "rows): give it a fused backend")

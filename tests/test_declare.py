@@ -170,7 +170,7 @@ def test_declared_loss_checks_what_its_parts_return():
     with pytest.raises(ValueError, match=r"returned PairLossSpec.distance='cosine'"):
         pair_loss("Deaf", declaration=lambda distance: ok, combine=lambda st, e, *, batch: e.sum(), hyper={},
                   distance="lp")
-    for reserved in ("distance", "backend", "training", "forward"):
+    for reserved in ("distance", "backend", "training", "forward", "exclude_after_mining"):
         with pytest.raises(ValueError, match=reserved):
             pair_loss("Clash", declaration=lambda distance, **h: ok, combine=lambda st, e, *, batch, **h: e.sum(),
                       hyper={reserved: 1.0})
@@ -185,6 +185,11 @@ def test_invalid_declaration_arguments_are_named():
     ok = PairLossSpec(pos=PairTerm(scale=1.0, lse=True), neg=PairTerm(scale=1.0, lse=True))
     with pytest.raises(ValueError, match="pos_vs_neg_lse needs neg.lse"):
         check_declaration(PairLossSpec(pos=PairTerm(scale=1.0), neg=PairTerm(scale=1.0), pos_vs_neg_lse=True))
+    # a tiny below float32's smallest normal: the fp32 engines rounded it to a subnormal or 0, the
+    # reference kept it (three backends, three values)
+    with pytest.raises(ValueError, match="ntx_tiny must be at least float32's smallest normal"):
+        check_declaration(PairLossSpec(pos=PairTerm(scale=1.0), neg=PairTerm(scale=1.0, lse=True), pos_vs_neg_lse=True,
+                                       ntx_tiny=1e-40))
     with pytest.raises(TypeError, match="must return a fused_pairloss.declare.PairLossSpec"):
         pair_loss("Bad", declaration=lambda distance: None, combine=lambda st, e, *, batch: e.sum(), hyper={})
     with pytest.raises(TypeError, match="keyword argument batch"):
@@ -210,3 +215,19 @@ def test_declared_reference_takes_defaults_and_ignores_autocast(declared):
             cpu = declared(distance=distance, backend="cpu")(x, y)
             ref = declared(distance=distance, backend="reference")(x, y)
         torch.testing.assert_close(cpu, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_windowed_declared_loss_in_cross_batch_memory_on_the_reference_is_named():
+    """A declaration with a miner's windows inside CrossBatchMemory needs its fused engine: the
+    reference backend's error says so (it spoke of an indices_tuple the user never passed)."""
+    inf = float("inf")
+
+    def spec(distance):
+        return PairLossSpec(pos=PairTerm(scale=1.0, hinge=True, sum=True),
+                            neg=PairTerm(scale=-1.0, shift=1.0, hinge=True, sum=True), distance=distance,
+                            pos_window=(0.5, inf), neg_window=(-inf, 1.2))
+    windowed = pair_loss("Windowed", declaration=spec, hyper={}, distance="lp",
+                         combine=lambda st, e, *, batch: batch.sum(st.sum_pos + st.sum_neg))
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.arange(6) % 3
+    with pytest.raises(ValueError, match="give it a fused backend"):
+        fpl.CrossBatchMemory(windowed(backend="reference"), 4, memory_size=12)(x, y)

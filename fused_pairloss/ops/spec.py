@@ -57,6 +57,7 @@ ROW_REDUCTIONS = ("lse", "softplus_sum")
 
 DISTANCES = ("cosine", "lp")
 FLOAT_MAX = 3.4028234663852886e38  # the largest float32
+FLOAT_TINY = float(torch.finfo(torch.float32).tiny)  # the smallest normal float
 
 
 def _check_number(name, value):
