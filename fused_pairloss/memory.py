@@ -320,11 +320,15 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
             hyper["exclude_after_mining"] = True
         return fn, hyper
 
+    @staticmethod
+    def _mined_in_the_engine(plan):
+        return isinstance(plan[0].keywords["backend"], MinedBy)
+
     def _needs_unit_rows(self, plan):
         """A miner's rule moved to the loss's other distance (a cosine MultiSimilarityMiner beside an lp
         loss mines on -d^2 / 2 = S - 1; a PairMarginMiner's margins move through d^2 = 2 - 2 S) needs
         rows that normalize to unit rows."""
-        return (isinstance(plan[0].keywords["backend"], MinedBy)
+        return (self._mined_in_the_engine(plan)
                 and _distance_name(self.miner.distance) != self.loss._distance_kind)
 
     def _self_slots(self, rows):
@@ -352,6 +356,8 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
         E_mem, L_mem = self._memory()
         if plan is not None and self._needs_unit_rows(plan) and _has_short_row(embeddings, E_mem):
             plan = None  # F.normalize leaves a row of norm <= eps short: PML's computation
+        if plan is not None and self._mined_in_the_engine(plan) and self.loss._needs_pml_steps(embeddings, E_mem):
+            plan = None  # rows the loss computes by PML's steps, which cannot read the miner's rule
         if plan is None:
             loss, miner = self.loss, self.miner
             declared = getattr(type(loss), "declaration", None) is not None  # fused_pairloss.declare
@@ -477,6 +483,8 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
         plan = self._plan(indices_tuple, embeddings.device)
         if plan is not None and self._needs_unit_rows(plan) and _has_short_row(X, self._memory()[0]):
             plan = None  # a short row in the batch or the memory (a superset of the memory after this step)
+        if plan is not None and self._mined_in_the_engine(plan) and self.loss._needs_pml_steps(X, self._memory()[0]):
+            plan = None
         if plan is None:  # PML's computation on the gathered batch, this rank's rows with their graph
             all_emb = torch.cat([X[:layout.offset], embeddings, X[layout.offset + layout.n:]], dim=0)
             if indices_tuple is not None:

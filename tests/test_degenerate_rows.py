@@ -12,6 +12,7 @@ softmax underflows, NTXent's terms below its tiny (and its second order at a low
 SNR's all-constant rows, and the counts PML's AvgNonZeroReducer takes after its own rounding on
 realistic two-view batches (SupCon in fp32 and half precision, Circle in fp16), TupletMargin's
 near-duplicate positive in fp16."""
+import math
 import warnings
 
 import pytest
@@ -662,7 +663,7 @@ def test_tuplet_pair_without_negatives_has_pmls_zero_gradient(how):
 
 @pytest.mark.parametrize("name", ["SignalToNoiseRatioContrastiveLoss", "IntraPairVarianceLoss",
                                   "ThresholdConsistentMarginLoss"])
-@pytest.mark.parametrize("where", ["batch", "ref", "miner"])
+@pytest.mark.parametrize("where", ["batch", "ref", "miner", "our_miner", "memory_with_our_miner"])
 def test_an_fp16_zero_row_as_pml(name, where):
     """An all-zero fp16 row normalizes to NaN (F.normalize's eps rounds to 0 in fp16), as in PML's
     distances; PML's reducers then drop the NaN terms (SNR) or keep them (NaN). The fused
@@ -678,7 +679,33 @@ def test_an_fp16_zero_row_as_pml(name, where):
         args = (pml_miners.MultiSimilarityMiner(0.3)(x.float(), y),)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if where == "memory_with_our_miner":  # the miner's rule in the memory's fused step, as PML's steps
+            if name == "ThresholdConsistentMarginLoss":
+                pytest.skip("PML's CrossBatchMemory refuses ThresholdConsistentMarginLoss")
+            pml = pml_losses.CrossBatchMemory(getattr(pml_losses, name)(), 6, memory_size=16,
+                                              miner=pml_miners.MultiSimilarityMiner(0.1))(x, y)
+            for backend in [b for b in ("cpu", "reference") if b in fpl.available_backends("cpu")]:
+                ours = fpl.CrossBatchMemory(getattr(fpl, name)(backend=backend), 6, memory_size=16,
+                                            miner=fpl.miners.MultiSimilarityMiner(0.1))(x, y)
+                torch.testing.assert_close(ours, pml, equal_nan=True, msg=f"{name} {backend}")
+            return
         pml = getattr(pml_losses, name)()(x, y, *args, **kwargs)
+        if where == "our_miner":  # the miner's rule in the loss's engine, as PML's steps over its pairs
+            pml = getattr(pml_losses, name)()(x, y, pml_miners.MultiSimilarityMiner(0.1)(x, y))
+            args = (fpl.miners.MultiSimilarityMiner(0.1)(x, y),)
         for backend in [b for b in ("cpu", "reference") if b in fpl.available_backends("cpu")]:
             ours = getattr(fpl, name)(backend=backend)(x, y, *args, **kwargs)
             torch.testing.assert_close(ours, pml, equal_nan=True, msg=f"{name} {backend}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_instance_loss_of_duplicated_half_rows(dtype):
+    """Each row twice (one label per row): the copy's logit equals the row's own, so each loss is
+    log 2. The own and target logits were computed in the half dtype beside the engine's fp32 S
+    (0.7007 where PML gives 0.6934 in fp16)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 8, generator=g).repeat_interleave(2, 0).to(dtype)
+    y = torch.arange(12)
+    ulp = torch.finfo(dtype).eps / 2  # the spacing of the dtype's numbers in [0.5, 1)
+    for loss in (fpl.InstanceLoss(gamma=64), pml_losses.InstanceLoss(gamma=64)):
+        assert abs(loss(x, y).item() - math.log(2)) <= ulp, type(loss).__module__

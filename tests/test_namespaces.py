@@ -227,3 +227,69 @@ def test_a_users_override_of_what_pmls_compute_loss_calls(name, hook, method):
     if list(unchanged.state_dict()):
         unchanged.load_state_dict(ours.state_dict())
     assert not torch.allclose(a, unchanged(x, y)), "the override changes the loss"
+
+
+def _twice_the_pair_loss(self, pair_dists, pos_or_neg):
+    return 2 * super(type(self), self).get_per_pair_loss(pair_dists, pos_or_neg)
+
+
+def _half_the_scaled_logits(self, logits, embeddings):
+    return 0.5 * super(type(self), self).scale_logits(logits, embeddings)
+
+
+def _twice_the_rows(self, mat, pos_mask, neg_mask):
+    out = super(type(self), self)._compute_loss(mat, pos_mask, neg_mask)
+    return {k: dict(v, losses=2 * v["losses"]) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("name, hook, method", [
+    ("ContrastiveLoss", "get_per_pair_loss", _twice_the_pair_loss),
+    ("CosFaceLoss", "scale_logits", _half_the_scaled_logits),
+    ("MultiSimilarityLoss", "_compute_loss", _twice_the_rows),
+])
+def test_a_users_override_calling_pmls_through_super(name, hook, method):
+    """An override of a PML hook that calls super().<hook> reaches PML's (AttributeError: the
+    'super' object had none), and the class loss's get_logits applies the user's scale_logits."""
+    entry = fpl.losses.REGISTRY[name]
+    sizes = entry.size_kwargs(3, 6) if entry.kind == "class" else {}
+    ours, pml = _constructed_pair((type("Users", (entry.cls,), {hook: method}),
+                                   type("Users", (getattr(L, name),), {hook: method})), sizes)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(12, 6, generator=g, dtype=torch.float64).requires_grad_(True)
+    y = torch.arange(12) % 3
+    (a, grads_a), (b, grads_b) = _value_and_grads(ours, x, y), _value_and_grads(pml, x, y)
+    torch.testing.assert_close(a, b, msg=name)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(ga, gb, msg=name)
+    if entry.kind == "class":
+        torch.testing.assert_close(ours.get_logits(x), pml.get_logits(x))
+
+
+def test_a_users_own_getattr_and_subclasses_of_a_users_class():
+    """A user's own __getattr__ (delegating to nn.Module's) keeps PML's attributes reachable, and so
+    does a subclass of the user's class; a subclass of ProxyCircleLoss (no PML class) overriding
+    _sub_loss_names computes (it raised NotImplementedError)."""
+    def users(base):
+        class Users(base):
+            def __getattr__(self, name):
+                return 2.0 if name == "extra_scale" else super().__getattr__(name)
+
+            def get_per_pair_loss(self, pair_dists, pos_or_neg):
+                return super().get_per_pair_loss(pair_dists, pos_or_neg) * self.extra_scale
+
+        class Deeper(Users):
+            pass
+        return Users, Deeper
+
+    x, y = batch(5, n=10, d=4)
+    for ours, pml in zip(users(fpl.losses.ContrastiveLoss), users(L.ContrastiveLoss)):
+        torch.testing.assert_close(ours()(x, y), pml()(x, y), msg=ours.__name__)
+
+    class Renamed(fpl.losses.ProxyCircleLoss):
+        def _sub_loss_names(self):
+            return ["loss"]
+    torch.manual_seed(0)
+    plain = fpl.losses.ProxyCircleLoss(num_classes=3, embedding_size=4)
+    renamed = Renamed(num_classes=3, embedding_size=4)
+    renamed.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(renamed(x, y % 3), plain(x, y % 3))

@@ -62,9 +62,9 @@ def _computation_hooks(pml_cls):
     """PML's extension points of a loss: compute_loss, and the methods that PML's class of the loss
     defines below BaseMetricLossFunction (get_per_pair_loss, _compute_loss, scale_logits,
     modify_cosine_of_target_classes, get_logits, ...), which its compute_loss calls."""
+    if pml_cls is None:  # a loss of ours alone (ProxyCircle, a declared one): no PML computation to call
+        return {"compute_loss"}
     hooks = {"compute_loss", "_sub_loss_names"}
-    if pml_cls is None:
-        return hooks
     shared = set(pml_base("BaseMetricLossFunction").__mro__)
     for klass in pml_cls.__mro__:
         if klass not in shared and klass.__module__.startswith("pytorch_metric_learning"):
@@ -93,18 +93,46 @@ def _pml_attribute(module, name):
     return value
 
 
-def _getattr_with_pml_fallback(module, name):
-    """nn.Module's __getattr__ (parameters, buffers, sub-modules), then PML's class's attributes
-    (_pml_attribute): installed on a user's subclass that overrides PML's extension points."""
-    try:
-        return torch.nn.Module.__getattr__(module, name)
-    except AttributeError:
-        if name.startswith("__"):
-            raise
-        value = _pml_attribute(module, name)
-        if value is _MISSING:
-            raise
-        return value
+def _falling_back_to_pml(getattr_first):
+    """A __getattr__: `getattr_first` (nn.Module's: parameters, buffers, sub-modules; or a user's own),
+    then PML's class's attributes (_pml_attribute). Installed on a user's subclass that overrides
+    PML's extension points."""
+    def __getattr__(module, name):
+        try:
+            return getattr_first(module, name)
+        except AttributeError:
+            if name.startswith("__"):
+                raise
+            value = _pml_attribute(module, name)
+            if value is _MISSING:
+                raise
+            return value
+    __getattr__.falls_back_to_pml = True
+    return __getattr__
+
+
+def _with_pml_hooks(loss_cls, pml_cls):
+    """PML's extension points (_computation_hooks) that the library's class `loss_cls` does not define,
+    set on it as PML's class has them, so that a user's override reaches PML's through super(); once
+    per class. The library's own forward never calls them."""
+    if pml_cls is None or "_pml_hooks" in loss_cls.__dict__:
+        return
+    set_here = set()
+    for name in _computation_hooks(pml_cls):
+        if not _defined_by_the_library(loss_cls, name):
+            setattr(loss_cls, name, inspect.getattr_static(pml_cls, name))
+            set_here.add(name)
+    loss_cls._pml_hooks = frozenset(set_here)
+
+
+def _defined_by_the_library(loss_cls, name):
+    """Whether the nearest definition of `name` in loss_cls's MRO is the library's own (not one of
+    PML's hooks set on a base by _with_pml_hooks: SubCenterArcFace takes PML's SubCenterArcFace's,
+    not the ArcFace ones set on its base)."""
+    for klass in loss_cls.__mro__:
+        if name in klass.__dict__:
+            return klass.__module__.startswith("fused_pairloss.") and name not in klass.__dict__.get("_pml_hooks", ())
+    return False
 
 
 def _distance_name(distance):
@@ -390,8 +418,13 @@ class _PmlFallback:
         # "PML's namespaces"): PML's computation on this module, which calls the overrides
         cls._users_computation = (not cls.__module__.startswith("fused_pairloss.") and any(
             _users_own(cls, name) for name in _computation_hooks(cls._pml_class())))
-        if cls._users_computation and "__getattr__" not in cls.__dict__:  # (a user's own __getattr__ stays)
-            cls.__getattr__ = _getattr_with_pml_fallback
+        if cls._users_computation:
+            entry = _entry_of(cls)
+            if entry is not None:
+                _with_pml_hooks(entry.cls, cls._pml_class())
+            inherited = cls.__getattr__ if hasattr(cls, "__getattr__") else torch.nn.Module.__getattr__
+            if "__getattr__" in cls.__dict__ or not getattr(inherited, "falls_back_to_pml", False):
+                cls.__getattr__ = _falling_back_to_pml(cls.__dict__.get("__getattr__", inherited))
 
     def _pml_forward_of_a_users_compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """A user's subclass that overrides PML's extension points: PML's forward, which calls the
@@ -685,6 +718,12 @@ class _PairLoss(_PmlFallback, _LossBase):
         self.backend = backend
         self._setup_kwargs(kwargs, pml_args)
 
+    def _needs_pml_steps(self, embeddings, ref_emb):
+        """Whether rows of these inputs make the fused call take PML's steps over the call's pairs
+        (SNR's constant rows, an fp16 all-zero row's NaN terms): a miner's rule, which those steps
+        cannot read, is then given to the loss as its listed pairs."""
+        return False
+
     def _hyper(self):
         raise NotImplementedError
 
@@ -839,6 +878,8 @@ class _PairLoss(_PmlFallback, _LossBase):
         V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
         if indices_tuple.translated(self._distance_kind) and _has_short_row(embeddings, ref_emb):
             return None  # d^2 = 2 - 2 S needs unit rows; F.normalize leaves a row of norm <= eps short
+        if self._needs_pml_steps(embeddings, ref_emb):
+            return None
         mined_by = MinedBy(backend, indices_tuple.spec_changes(self._distance_kind))
         return fused_fn(embeddings, labels, ref_emb, ref_labels, backend=mined_by, **self._listed_hyper())
 
@@ -1117,6 +1158,8 @@ class _ClassLoss(_PmlFallback, _LossBase):
     def get_logits(self, embeddings):
         """PML's get_logits: the N x C logits (materialized: that is what it returns); PML's own
         when PML computes this module (another distance)."""
+        if self._users_computation:  # PML's, on this module: it calls the user's overrides
+            return self._pml_class().get_logits(self, embeddings)
         if self._pml_only_assigned():  # a distance assigned or changed since (PML reads it at each call)
             self._fall_back_now()
         if self._pml is not None:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from .._validation import _compiling, check_indices_tuple
 from ..ops._common import normalize, zero_loss
 from ..ops.listed import ListedPairs
+from ..ops.stats import MinedBy
 
 
 def pair_masks(labels, ref_labels, exclude_self):
@@ -271,7 +272,11 @@ def sampled_call_triplets(embeddings, labels, ref_emb, ref_labels, per_anchor):
 def pml_pairs_of_call(labels, ref_labels, exclude_col, backend):
     """The pairs a fused call computes over, as PML's (a1, p, a2, n): a ListedPairs backend's (each
     as often as listed), or with an exclude_col the label pairs less row i's column exclude_col_i
-    (CrossBatchMemory's remove_self_comparisons); None: the label sets under PML's identity rule."""
+    (CrossBatchMemory's remove_self_comparisons); None: the label sets under PML's identity rule.
+    A miner's rule in the engine (MinedBy) has no such list: the modules and CrossBatchMemory give
+    those calls their listed pairs instead (_needs_pml_steps)."""
+    if isinstance(backend, MinedBy):
+        raise NotImplementedError("PML's steps over a miner's rule: give the call the miner's listed pairs")
     if isinstance(backend, ListedPairs):
         (a1, p, n_p), (a2, n, n_n) = backend.pos, backend.neg
         return a1.repeat_interleave(n_p), p.repeat_interleave(n_p), a2.repeat_interleave(n_n), n.repeat_interleave(n_n)

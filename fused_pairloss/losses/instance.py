@@ -72,9 +72,10 @@ def instance_fused(embeddings, labels, ref_emb, ref_labels, *, gamma, distance="
     q = normalize(embeddings)
     labels_t = torch.as_tensor(labels, device=q.device)
     st = pair_stats(q, None, labels_t, None, None, declaration(gamma), backend)
-    own = gamma * (q * q).sum(1)  # the row's own column, which self mode leaves out
+    qa = q.to(st.lse_pos.dtype)  # the engine's S of half rows is fp32's: so are the own and target logits
+    own = gamma * (qa * qa).sum(1)  # the row's own column, which self mode leaves out
     targets = _targets(labels_t, q.device)
-    target = gamma * (q * q[targets]).sum(1)
+    target = gamma * (qa * qa[targets]).sum(1)
     target_is_own = targets == torch.arange(len(targets), device=q.device)
     return nan_in_nan_out(combine(st, embeddings, own, target, target_is_own, batch=batch), embeddings, None)
 

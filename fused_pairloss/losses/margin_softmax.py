@@ -336,6 +336,8 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
         the class's samples are closest to) and the samples farther than `threshold` degrees from
         it. Returns (outlier indices, dominant centers (D, C)); classes without samples keep
         uninitialized columns, as PML's."""
+        if self._users_computation:  # PML's, on this module: it calls the user's overrides
+            return self._pml_class().get_outliers(self, embeddings, labels, threshold, return_dominant_centers)
         if self._pml_only_assigned():  # a distance changed since (PML reads it at each call)
             self._fall_back_now()
         if self._pml is not None:

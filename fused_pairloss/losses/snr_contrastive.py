@@ -219,6 +219,9 @@ class SignalToNoiseRatioContrastiveLoss(_PairLoss):
     def _kind_of(distance):
         return _snr_distance_kind(distance)
 
+    def _needs_pml_steps(self, embeddings, ref_emb):  # (the fused call's own check)
+        return has_constant_row(embeddings) or fp16_rows_normalized_to_nan(embeddings, ref_emb)
+
     def _hyper(self):
         return dict(pos_margin=self.pos_margin, neg_margin=self.neg_margin, distance=self._distance_kind)
 
