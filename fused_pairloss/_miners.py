@@ -387,9 +387,10 @@ def triplet_window(miner_margin, type_of_triplets):
             "easy": (m, float("inf"))}[type_of_triplets]
 
 
-# how close to S = 1 a PairMarginMiner's margin moved between d and S may lie before the rounding of
-# S near 1 (fp32: about 1e-7) decides the copies of a row (margin_windows)
-IDENTITY_BAND = 1e-5
+# how close to an exact point of S (1: a row's copies; 0: rows of disjoint supports) a PairMarginMiner's
+# margin moved between d and S may lie before the moved edge's rounding (fp32: about 1e-7) decides the
+# pairs that sit exactly there (margin_windows)
+EXACT_POINT_BAND = 1e-5
 
 
 def margin_windows(miner, distance=None):
@@ -404,19 +405,22 @@ def margin_windows(miner, distance=None):
     pair passes gives (-inf, inf), one that none passes the empty window (0, 0).
 
     None for a NaN margin: PML keeps no pair of its set, which no window says; and for a margin
-    moved to the other v whose edge lies at the identity (d = 0, S = 1) within IDENTITY_BAND: copies
-    of a row sit there (a duplicated sample, a memory holding the batch), where PML's d is exactly 0
-    and its S 1 within rounding, so the moved edge would decide them otherwise. The caller reads
-    the list instead."""
+    moved to the other v whose edge lies within EXACT_POINT_BAND of the identity (d = 0, S = 1) or of
+    orthogonality (S = 0, d = sqrt 2): copies of a row sit at the one (a duplicated sample, a memory
+    holding the batch), where PML's d is exactly 0 and its S 1 within rounding, rows of disjoint
+    supports (non-negative sparse embeddings) at the other, where PML's S is exactly 0, so the moved
+    edge would decide them otherwise. The caller reads the list instead."""
     inf, pos, neg = float("inf"), float(miner.pos_margin), float(miner.neg_margin)
     if pos != pos or neg != neg:
         return None
     kind = "cosine" if miner.distance.is_inverted else "lp"
     if distance is None or distance == kind:
         return ((-inf, pos), (neg, inf)) if kind == "cosine" else ((pos, inf), (-inf, neg))
-    if kind == "lp" and (0 <= pos * pos / 2 < IDENTITY_BAND or 0 < neg * neg / 2 < IDENTITY_BAND):
+    band = EXACT_POINT_BAND
+    if kind == "lp" and (0 <= pos * pos / 2 < band or 0 < neg * neg / 2 < band
+                         or any(m > 0 and abs(1 - m * m / 2) <= band for m in (pos, neg))):
         return None
-    if kind == "cosine" and (abs(pos - 1) <= IDENTITY_BAND or abs(neg - 1) <= IDENTITY_BAND):
+    if kind == "cosine" and any(abs(m - 1) <= band or abs(m) <= band for m in (pos, neg)):
         return None
     everything, nothing = (-inf, inf), (0.0, 0.0)
     if kind == "lp":  # on S

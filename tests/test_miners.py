@@ -4,6 +4,8 @@ by TripletMarginLoss (the list not read) equal to PML's miner + loss in values, 
 num_triplets; and our miners' tuples inside our losses and PML's."""
 import copy
 
+import math
+
 import pytest
 import torch
 
@@ -524,6 +526,26 @@ def test_margins_at_the_identity_moved_to_the_other_distance_read_the_list(miner
                                      (pml_losses.CrossBatchMemory, getattr(pml_losses, loss)()))]
     for step in range(2):
         check_close(memories[0](x, y), memories[1](x, y), what=f"memory step {step}")
+
+
+@pytest.mark.parametrize("miner_distance,margins,loss", [
+    ("cosine", (0.8, 0.0), "MarginLoss"), ("cosine", (0.8, 0.0), "GeneralizedLiftedStructureLoss"),
+    ("lp", (math.sqrt(2), 1.9), "NTXentLoss")])
+def test_margins_at_orthogonality_moved_to_the_other_distance_read_the_list(miner_distance, margins, loss):
+    """Non-negative sparse rows of disjoint supports are exactly orthogonal (S = 0, d = sqrt 2): a
+    cosine margin of 0 (an lp one of sqrt 2) moved to the other v decided them by the moved edge's
+    rounding (MarginLoss 3% off PML, its gradient 26%). Read from the list: PML's."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.relu(torch.randn(32, 4, generator=g, dtype=torch.float64))
+    x[x.norm(dim=1) == 0, 0] = 1.0
+    y = torch.randint(0, 4, (32,), generator=g)
+    distance = LpDistance() if miner_distance == "lp" else CosineSimilarity()
+    ours, pml = getattr(fpl, loss)(), getattr(pml_losses, loss)()
+    ours.ENGINE_PAIR_FRACTION = 0
+    mined = miners.PairMarginMiner(*margins, distance=distance)(x, y)
+    assert ours._fused_with_miner_rule(x, y, mined, None, None) is None
+    check_close(ours(x, y, mined), pml(x, y, pml_miners.PairMarginMiner(*margins, distance=distance)(x, y)),
+                what="listed")
 
 
 def test_few_mined_pairs_are_read_from_the_list():
