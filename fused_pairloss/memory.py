@@ -324,6 +324,10 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
     def _mined_in_the_engine(plan):
         return isinstance(plan[0].keywords["backend"], MinedBy)
 
+    def _mining_in_the_engine(self, plan):
+        """A miner's rule in the fused step: the miner's, or the loss's own miner_epsilon."""
+        return self._mined_in_the_engine(plan) or bool(plan[1].get("exclude_after_mining"))
+
     def _needs_unit_rows(self, plan):
         """A miner's rule moved to the loss's other distance (a cosine MultiSimilarityMiner beside an lp
         loss mines on -d^2 / 2 = S - 1; a PairMarginMiner's margins move through d^2 = 2 - 2 S) needs
@@ -356,7 +360,7 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
         E_mem, L_mem = self._memory()
         if plan is not None and self._needs_unit_rows(plan) and _has_short_row(embeddings, E_mem):
             plan = None  # F.normalize leaves a row of norm <= eps short: PML's computation
-        if plan is not None and self._mined_in_the_engine(plan) and self.loss._needs_pml_steps(embeddings, E_mem):
+        if plan is not None and self._mining_in_the_engine(plan) and self.loss._needs_pml_steps(embeddings, E_mem):
             plan = None  # rows the loss computes by PML's steps, which cannot read the miner's rule
         if plan is None:
             loss, miner = self.loss, self.miner
@@ -483,7 +487,7 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
         plan = self._plan(indices_tuple, embeddings.device)
         if plan is not None and self._needs_unit_rows(plan) and _has_short_row(X, self._memory()[0]):
             plan = None  # a short row in the batch or the memory (a superset of the memory after this step)
-        if plan is not None and self._mined_in_the_engine(plan) and self.loss._needs_pml_steps(X, self._memory()[0]):
+        if plan is not None and self._mining_in_the_engine(plan) and self.loss._needs_pml_steps(X, self._memory()[0]):
             plan = None
         if plan is None:  # PML's computation on the gathered batch, this rank's rows with their graph
             all_emb = torch.cat([X[:layout.offset], embeddings, X[layout.offset + layout.n:]], dim=0)

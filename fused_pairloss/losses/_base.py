@@ -32,7 +32,7 @@ from .. import _validation as V
 from .._backends import resolve_backend
 from ..ops._common import hyper_parameters_as_constants, zero_loss
 from ..ops.operands import autocast_enabled
-from ._reference_common import nan_in_nan_out
+from ._reference_common import fp16_rows_normalized_to_nan, nan_in_nan_out
 
 
 _warned = set()
@@ -111,10 +111,11 @@ def _falling_back_to_pml(getattr_first):
     return __getattr__
 
 
-def _with_pml_hooks(loss_cls, pml_cls):
+def with_pml_hooks(loss_cls, pml_cls):
     """PML's extension points (_computation_hooks) that the library's class `loss_cls` does not define,
-    set on it as PML's class has them, so that a user's override reaches PML's through super(); once
-    per class. The library's own forward never calls them."""
+    set on it as PML's class has them (the package sets them on every registered class, bases first),
+    so that they are there as on PML's class and a user's override reaches PML's through super().
+    The library's own forward never calls them."""
     if pml_cls is None or "_pml_hooks" in loss_cls.__dict__:
         return
     set_here = set()
@@ -419,9 +420,6 @@ class _PmlFallback:
         cls._users_computation = (not cls.__module__.startswith("fused_pairloss.") and any(
             _users_own(cls, name) for name in _computation_hooks(cls._pml_class())))
         if cls._users_computation:
-            entry = _entry_of(cls)
-            if entry is not None:
-                _with_pml_hooks(entry.cls, cls._pml_class())
             inherited = cls.__getattr__ if hasattr(cls, "__getattr__") else torch.nn.Module.__getattr__
             if "__getattr__" in cls.__dict__ or not getattr(inherited, "falls_back_to_pml", False):
                 cls.__getattr__ = _falling_back_to_pml(cls.__dict__.get("__getattr__", inherited))
@@ -719,10 +717,11 @@ class _PairLoss(_PmlFallback, _LossBase):
         self._setup_kwargs(kwargs, pml_args)
 
     def _needs_pml_steps(self, embeddings, ref_emb):
-        """Whether rows of these inputs make the fused call take PML's steps over the call's pairs
-        (SNR's constant rows, an fp16 all-zero row's NaN terms): a miner's rule, which those steps
-        cannot read, is then given to the loss as its listed pairs."""
-        return False
+        """Whether rows of these inputs need PML's steps over the call's pairs where a miner's rule
+        would run in the engine (an fp16 all-zero row, whose NaN similarities PML's miners drop and
+        the engine's mining reads otherwise; SNR's constant rows): the rule is then given to the
+        loss as its listed pairs (CrossBatchMemory: PML's steps with the miner)."""
+        return fp16_rows_normalized_to_nan(embeddings, ref_emb)
 
     def _hyper(self):
         raise NotImplementedError
@@ -893,6 +892,8 @@ class _PairLoss(_PmlFallback, _LossBase):
         tuple_alone = check_tuple_inputs(embeddings, labels, ref_emb, ref_labels)
         if resolve_backend(self.backend, embeddings.device) == "reference":
             return None
+        if not V._compiling() and fp16_rows_normalized_to_nan(embeddings, ref_emb):
+            return None  # an fp16 zero row's NaN terms: PML's steps (SupCon's listed rows read them otherwise)
         from ..ops.listed import ListedPairs
         pairs = ListedPairs(indices_tuple, self._pair_based, embeddings.device, n_rows=embeddings.shape[0],
                             n_cols=(embeddings if ref_emb is None else ref_emb).shape[0])

@@ -104,17 +104,20 @@ def multi_similarity_mine(sim, pos_mask, neg_mask, epsilon, distance="cosine"):
     the rule mirrored): keep positives with d + e > min_{N_i} d and negatives with
     d - e < max_{P_i} d. A row with no negatives keeps no positive and vice versa (PML's ignore
     values finfo.max / finfo.min never pass; a batch with no positive or no negative pair at all
-    returns empty lists, lines 19-21, which these masks reproduce)."""
+    returns empty lists, lines 19-21, which these masks reproduce). PML takes the extremes from
+    torch.sort, which puts NaN last: a row's maximum is NaN where the set holds one (no pair passes
+    against it), its minimum that of the others (an fp16 all-zero row normalizes to NaN)."""
     sim = sim.detach()
     inf = torch.full_like(sim, float("inf"))
+    not_nan = ~torch.isnan(sim)
     if distance == "cosine":
-        min_pos = torch.where(pos_mask, sim, inf).amin(dim=1, keepdim=True)
+        min_pos = torch.where(pos_mask & not_nan, sim, inf).amin(dim=1, keepdim=True)
         max_neg = torch.where(neg_mask, sim, -inf).amax(dim=1, keepdim=True)
         hard_pos = pos_mask & (sim - epsilon < max_neg)
         hard_neg = neg_mask & (sim + epsilon > min_pos)
     else:
         max_pos = torch.where(pos_mask, sim, -inf).amax(dim=1, keepdim=True)
-        min_neg = torch.where(neg_mask, sim, inf).amin(dim=1, keepdim=True)
+        min_neg = torch.where(neg_mask & not_nan, sim, inf).amin(dim=1, keepdim=True)
         hard_pos = pos_mask & (sim + epsilon > min_neg)
         hard_neg = neg_mask & (sim - epsilon < max_pos)
     return hard_pos, hard_neg

@@ -74,9 +74,10 @@ def _chunked_losses(q, r, scale, offset, cols, backend=None):
 def _cross_entropies(row_lse_other, col_lse_other, pos):
     """softplus(LSE over the others - x_pos) of the rows (and the columns, or None): a row whose
     positive dominates keeps its digits (logaddexp(lse, x_pos) - x_pos cancels to x_pos's rounding)."""
-    # open_clip's LSE - x_pos is NaN at an infinite logit (B = 1, t = inf); detached: a +g and a -g into
-    # pos would cancel (g - sigma g) - g to the rounding of g, where sigma g is the small loss's gradient
-    nan_if_infinite = (pos - pos).detach()
+    # open_clip's LSE - x_pos and its gradients are NaN at an infinite logit (B = 1, t = inf): an exact
+    # 0 (and a gradient of exactly 0) elsewhere. Not pos - pos: its +g and -g into pos would cancel
+    # (g - sigma g) - g to the rounding of g, where sigma g is a small loss's gradient
+    nan_if_infinite = pos * (pos - pos).detach()
     return (softplus(row_lse_other - pos) + nan_if_infinite,
             None if col_lse_other is None else softplus(col_lse_other - pos) + nan_if_infinite)
 

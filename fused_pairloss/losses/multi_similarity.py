@@ -16,7 +16,8 @@ from ..ops._common import LOCAL, loss_function, logaddexp, pair_operands, simila
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, run_pair_loss
-from ._reference_common import check_distance, distance_margin, masked_logsumexp, prepare_pairs
+from ._reference_common import (check_distance, distance_margin, fp16_rows_normalized_to_nan, masked_logsumexp,
+                                prepare_pairs)
 from ._registry import LossEntry
 
 
@@ -74,6 +75,12 @@ def combine(st: engines.PairStats, embeddings, *, alpha, beta, mined, batch=LOCA
 @loss_function
 def multi_similarity_fused(embeddings, labels, ref_emb, ref_labels, *, alpha, beta, base, miner_epsilon,
                            distance="cosine", backend, exclude_col=None, batch=LOCAL, exclude_after_mining=False):
+    if (miner_epsilon is not None and batch is LOCAL and exclude_col is None and isinstance(backend, str)
+            and not V._compiling() and fp16_rows_normalized_to_nan(embeddings, ref_emb)):
+        # PML's miner drops an fp16 zero row's NaN similarities, which the engine's mining reads
+        # otherwise: PML's steps
+        return multi_similarity_reference(embeddings, labels, ref_emb, ref_labels, alpha=alpha, beta=beta, base=base,
+                                          miner_epsilon=miner_epsilon, distance=distance)
     q, r, labels_r, excl = pair_operands(embeddings, labels, ref_emb, ref_labels, exclude_col)
     st = pair_stats(q, r, labels, labels_r, excl,
                     declaration(alpha, beta, base, miner_epsilon, distance, exclude_after_mining), backend)
