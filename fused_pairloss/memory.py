@@ -19,7 +19,7 @@ from . import _validation as V
 from ._distributed import FUSED_PAIR_CALLS, DistributedBatch, agreed_layout, fused_pair_plan
 from .losses._base import (_collect_stats, _distance_name, _has_short_row, _on_device_of, pml_base,
                            record_distance_stats)
-from .losses._reference_common import nan_in_nan_out
+from .losses._reference_common import convert_to_triplets, nan_in_nan_out
 from .losses.triplet_margin import TripletMarginLoss, all_triplet_distance_means, miner_triplet_counts
 from .ops._common import LOCAL, zero_loss
 from .ops.stats import MinedBy
@@ -247,15 +247,13 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
             indices_tuple = get_all_pairs_indices(labels, L_mem)
         if do_remove_self_comparisons:
             indices_tuple = remove_self_comparisons(indices_tuple, self.curr_batch_idx, self.memory_size)
-        if input_indices_tuple is not None:
-            from pytorch_metric_learning.utils import common_functions as c_f
-            from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
-
+        if input_indices_tuple is not None:  # PML's lmu.convert_to_pairs / _triplets, c_f.concatenate_indices_tuples
             if len(input_indices_tuple) == 3 and len(indices_tuple) == 4:
-                input_indices_tuple = lmu.convert_to_pairs(input_indices_tuple, labels)
+                a, p, n = input_indices_tuple
+                input_indices_tuple = (a, p, a, n)
             elif len(input_indices_tuple) == 4 and len(indices_tuple) == 3:
-                input_indices_tuple = lmu.convert_to_triplets(input_indices_tuple, labels)
-            indices_tuple = c_f.concatenate_indices_tuples(indices_tuple, input_indices_tuple)
+                input_indices_tuple = convert_to_triplets(input_indices_tuple, labels)
+            indices_tuple = tuple(torch.cat([x, y.to(x.device)]) for x, y in zip(indices_tuple, input_indices_tuple))
         return indices_tuple
 
     # ---- validation and placement -----------------------------------------------------------------

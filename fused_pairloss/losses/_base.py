@@ -288,6 +288,15 @@ def _has_short_row(*xs):
     return any(short(x) for x in xs if x is not None)
 
 
+@functools.lru_cache(maxsize=None)
+def _pml_installed():
+    try:
+        import pytorch_metric_learning  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _collect_stats(value):
     """PML's collect_stats: the argument, or PML's global default when None (False without PML)."""
     if value is not None:
@@ -553,6 +562,7 @@ class _PmlFallback:
             from pytorch_metric_learning import distances as pml_distances
             from pytorch_metric_learning import losses as pml_losses
         except ImportError:
+            self._hold_pml_read()  # an assignment since is then set up again, or refused naming PML
             return
         if self._pml_twin:  # PML's own construction: its default distance, reducer (MultipleReducers...)
             with warnings.catch_warnings():  # the loss's own warnings are ours (not twice)
@@ -578,8 +588,13 @@ class _PmlFallback:
 
     def _hold_pml_read(self):
         """Hold what PML reads at each call as it is now (after construction: a loss sets its PML
-        sub-modules after the setup)."""
-        _hold_objects(self, {k: getattr(self, k) for k in PML_READ_AT_CALL + PML_MODULES_CALLED if hasattr(self, k)})
+        sub-modules after the setup). Without PML the names the module lacks are held as None, so
+        that one assigned later is seen too."""
+        names = PML_READ_AT_CALL + PML_MODULES_CALLED
+        if _pml_installed():
+            _hold_objects(self, {k: getattr(self, k) for k in names if hasattr(self, k)})
+        else:
+            _hold_objects(self, {k: getattr(self, k, None) for k in names})
 
     _probe_shape = dict(width=4, classes=4)  # the probe batch's width and labels (class losses: their twin's)
 
@@ -637,6 +652,9 @@ class _PmlFallback:
         arguments = {k: v for k, v in changed.items() if k in PML_READ_AT_CALL}
         reason = self._needs_pml_now()
         forced = (sorted(changed) if set(changed) - {"distance"} else []) + ([reason] if reason else [])
+        if forced and not _pml_installed():  # (its setup below would compute fused again, ignoring them)
+            raise ValueError(f"{type(self).__name__}: {', '.join(forced)} (set after construction) need "
+                             "pytorch-metric-learning, which computes them; it is not installed")
         if forced:  # PML's computation: no argument taken as a fused one, and its reducer given
             # explicitly (a sub-module PML calls, a grid or a regularizer set to None: no argument
             # says it); the module's attributes reach PML's instance at each call (_sync_pml)
@@ -648,7 +666,7 @@ class _PmlFallback:
         for k in ("distance", "reducer"):  # the objects as assigned (PML's instance got them), else its own
             if k in changed:
                 _set_pml_object(self, k, changed[k])
-        _hold_objects(self, {k: getattr(self, k) for k in held})
+        _hold_objects(self, {k: getattr(self, k, None) for k in held})
 
     def __setattr__(self, name, value):
         if isinstance(self.__dict__.get(name), numbers.Real):  # a number assigned as a tensor / numpy number

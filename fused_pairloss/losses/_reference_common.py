@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .._validation import _compiling, check_indices_tuple
 from ..ops._common import normalize, zero_loss
-from ..ops.listed import ListedPairs
+from ..ops.listed import ListedPairs, join_on_anchor
 from ..ops.stats import MinedBy
 
 
@@ -304,3 +304,23 @@ def fp16_rows_normalized_to_nan(*tensors):
             if bool((normalize(t).isnan().any(1) & ~t.isnan().any(1)).any()):
                 return True
     return False
+
+
+def convert_to_triplets(indices_tuple, labels, ref_labels=None):
+    """PML lmu.convert_to_triplets(indices_tuple, labels, ref_labels, t_per_anchor="all")
+    (loss_and_miner_utils.py): all triplets of the labels (a, p, n in torch.where order, the diagonal
+    no positive when `ref_labels is labels` or None), a triplet tuple as it is, or pairs joined on
+    the anchor. Without PML."""
+    if indices_tuple is None:
+        ref = labels if ref_labels is None else ref_labels
+        matches = labels[:, None] == ref[None, :]
+        diffs = ~matches
+        if ref is labels:
+            matches = matches.clone()
+            matches.fill_diagonal_(False)
+        return torch.where(matches[:, :, None] & diffs[:, None, :])
+    if len(indices_tuple) == 3:
+        return indices_tuple
+    a1, p, a2, n = indices_tuple
+    p_idx, n_idx = join_on_anchor(a1, a2)
+    return a1[p_idx], p[p_idx], n[n_idx]

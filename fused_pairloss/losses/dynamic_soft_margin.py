@@ -30,7 +30,7 @@ from .. import _validation as V
 from .._backends import resolve_backend
 from ..ops._common import LOCAL, loss_function, zero_loss
 from ._base import _PairLoss, _plain_number, _warn_once, check_tuple_inputs, run_pair_loss
-from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
+from ._reference_common import check_distance, convert_to_triplets, distance_matrix, nan_in_nan_out
 from ._registry import LossEntry
 from .triplet_margin import triplet_engine_op, triplet_operands
 
@@ -70,7 +70,6 @@ def dynamic_soft_margin_reference(embeddings, labels=None, ref_emb=None, ref_lab
     """PML DynamicSoftMarginLoss.compute_loss step by step (N x M): the triplet differences (with
     labels) or PML's hardest-negative differences (without), the histogram update from
     `histogram` (PML's hist_, zeros at first), CDF-weighted mean."""
-    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
     check_distance(distance, allowed=("lp",), loss="dynamic_soft_margin_loss")
     num_bins, delta = check_bins(min_val, num_bins, momentum)
     ref = embeddings if ref_emb is None else ref_emb
@@ -91,7 +90,7 @@ def dynamic_soft_margin_reference(embeddings, labels=None, ref_emb=None, ref_lab
     else:
         labels = torch.as_tensor(labels, device=embeddings.device)
         ref_lab = labels if ref_labels is None else torch.as_tensor(ref_labels, device=embeddings.device)
-        a, p, n = lmu.convert_to_triplets(indices_tuple, labels, ref_lab, t_per_anchor="all")
+        a, p, n = convert_to_triplets(indices_tuple, labels, ref_lab)
         x = mat[a, p] - mat[a, n]
     if len(x) == 0:
         return (zero_loss(embeddings), previous) if return_histogram else zero_loss(embeddings)

@@ -26,7 +26,7 @@ from ..ops._common import LOCAL, loss_function, label_counts, normalize, similar
 from ..ops.spec import NO_TERM, PairHistogram, PairLossSpec
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, check_self_only, run_pair_loss
-from ._reference_common import check_distance, distance_matrix, nan_in_nan_out
+from ._reference_common import check_distance, convert_to_triplets, distance_matrix, nan_in_nan_out
 from ._registry import LossEntry
 
 
@@ -71,12 +71,11 @@ def histogram_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, n_
     """PML HistogramLoss (histogram_loss.py) step by step: all triplets (lmu.convert_to_triplets) or
     the tuple's, the distinct unordered (anchor, positive) and (anchor, negative) pairs, the
     densities of their similarities, sum of p- times the cumulative p+."""
-    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
     check_distance(distance, allowed=("cosine",), loss="histogram_loss")
     check_self_only(embeddings, labels, ref_emb, ref_labels, "HistogramLoss")
     delta = check_bins(n_bins, delta)
     labels_t = None if labels is None else torch.as_tensor(labels, device=embeddings.device)
-    a, p, n = lmu.convert_to_triplets(indices_tuple, labels_t, labels_t, t_per_anchor="all")
+    a, p, n = convert_to_triplets(indices_tuple, labels_t, labels_t)
     if len(a) == 0:
         return zero_loss(embeddings)
     mat = distance_matrix(embeddings, embeddings, "cosine")
