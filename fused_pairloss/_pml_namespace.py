@@ -38,14 +38,15 @@ def pml_fallback(namespace: str, module_name: str):
     return __getattr__, __dir__
 
 
-def star_names(namespace: str, ours=()):
+def star_names(namespace: str, ours=(), ours_need_pml=False):
     """`__all__` of a namespace module: this library's names and the public names of PML's
     `pytorch_metric_learning.<namespace>` other than its submodules, so that `from fused_pairloss.<namespace>
     import *` stands for `from pytorch_metric_learning.<namespace> import *` (a module `__getattr__`
-    takes no part in a star import)."""
+    takes no part in a star import). Without PML: ours, unless they are built on PML's classes
+    (`ours_need_pml`: the miners)."""
     try:
         pml = importlib.import_module(f"pytorch_metric_learning.{namespace}")
     except ImportError:
-        return sorted(ours)
+        return [] if ours_need_pml else sorted(ours)
     return sorted(set(ours) | {name for name, value in vars(pml).items()
                                if not name.startswith("_") and not inspect.ismodule(value)})

@@ -6,7 +6,7 @@ from ._pml_namespace import pml_fallback, star_names
 OURS = ("TripletMarginMiner", "MultiSimilarityMiner", "PairMarginMiner", "BatchHardMiner", "BatchEasyHardMiner")
 
 _pml_getattr, __dir__ = pml_fallback("miners", __name__)
-__all__ = star_names("miners", OURS)
+__all__ = star_names("miners", OURS, ours_need_pml=True)  # (our miners subclass PML's)
 
 
 def __getattr__(name):

@@ -438,6 +438,10 @@ class _PmlFallback:
         module's compute_loss (the user's, or PML's class's through ours) with the module's PML
         distance and reducer; None for the library's own classes."""
         if self._users_computation:
+            if not _pml_installed():
+                raise ValueError(f"{type(self).__name__}: a subclass overriding PML's compute_loss (or what it "
+                                 "calls) is computed by PML's forward, which needs pytorch-metric-learning; it is "
+                                 "not installed")
             return _LossBase.forward(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
         return None
 
@@ -445,6 +449,9 @@ class _PmlFallback:
         """PML's compute_loss of this loss's class, run on this module (what a user's subclass reaches
         through super().compute_loss). The library's own forward does not call it."""
         pml_cls = self._pml_class()
+        if pml_cls is None and not _pml_installed():
+            raise NotImplementedError(f"{type(self).__name__}.compute_loss is PML's, which needs "
+                                      "pytorch-metric-learning; it is not installed (call the module)")
         if pml_cls is None:
             return super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         return pml_cls.compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels)
@@ -459,17 +466,24 @@ class _PmlFallback:
 
     # PML's defaults of this loss's class (its set_reducer(None), zero_losses and record-keeping read
     # them from the instance): PML's class's own, not its base class's
+    # (without PML: the attributes' values as the module holds them then, the distance's name and no reducer)
     def get_default_reducer(self):
         pml_cls = self._pml_class()
-        return super().get_default_reducer() if pml_cls is None else pml_cls.get_default_reducer(self)
+        if pml_cls is None:
+            return super().get_default_reducer() if _pml_installed() else None
+        return pml_cls.get_default_reducer(self)
 
     def get_default_distance(self):
         pml_cls = self._pml_class()
-        return super().get_default_distance() if pml_cls is None else pml_cls.get_default_distance(self)
+        if pml_cls is None:
+            return super().get_default_distance() if _pml_installed() else self._default_distance
+        return pml_cls.get_default_distance(self)
 
     def _sub_loss_names(self):
         pml_cls = self._pml_class()
-        return super()._sub_loss_names() if pml_cls is None else pml_cls._sub_loss_names(self)
+        if pml_cls is None:
+            return super()._sub_loss_names() if _pml_installed() else ["loss"]
+        return pml_cls._sub_loss_names(self)
 
     @classmethod
     def _pml_class(cls):
