@@ -503,17 +503,35 @@ def test_margins_moved_to_the_other_distance_keep_pmls_pairs(miner_distance):
         assert torch.equal(torch.stack(torch.where(kept_neg)), torch.stack((a2, n))), (pos_margin, neg_margin)
 
 
-@pytest.mark.parametrize("miner_distance,margins,loss", [
-    ("lp", (0.0, 10.0), "NTXentLoss"), ("lp", (0.0, 1.2), "MultiSimilarityLoss"),
-    ("cosine", (1.0, -0.2), "MarginLoss"), ("cosine", (0.5, 1.0), "ContrastiveLoss")])
-def test_margins_at_the_identity_moved_to_the_other_distance_read_the_list(miner_distance, margins, loss):
-    """Copies of a row (d = 0 exactly, S = 1 within rounding) sit on a margin of 0 (LpDistance) or 1
-    (CosineSimilarity): moved to the other v, the edge decided them otherwise than PML (NTXentLoss
-    8.90 against PML's 12.40 with every sample three times). Such a margin is read from the list,
-    in the loss's own call and in CrossBatchMemory holding the batch twice; equal to PML."""
+def _copies_of_rows():
+    """Every row three times: copies at d = 0 exactly (S = 1 within rounding)."""
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(4, 5, generator=g, dtype=torch.float64).repeat(3, 1)
-    y = torch.tensor([0, 1, 0, 2, 0, 1, 1, 2, 2, 1, 0, 2])
+    return (torch.randn(4, 5, generator=g, dtype=torch.float64).repeat(3, 1),
+            torch.tensor([0, 1, 0, 2, 0, 1, 1, 2, 2, 1, 0, 2]))
+
+
+def _rows_of_disjoint_supports():
+    """Non-negative sparse rows: those of disjoint supports at S = 0 exactly (d = sqrt 2)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.relu(torch.randn(32, 4, generator=g, dtype=torch.float64))
+    x[x.norm(dim=1) == 0, 0] = 1.0
+    return x, torch.randint(0, 4, (32,), generator=g)
+
+
+@pytest.mark.parametrize("rows,miner_distance,margins,loss", [
+    (_copies_of_rows, "lp", (0.0, 10.0), "NTXentLoss"), (_copies_of_rows, "lp", (0.0, 1.2), "MultiSimilarityLoss"),
+    (_copies_of_rows, "cosine", (1.0, -0.2), "MarginLoss"), (_copies_of_rows, "cosine", (0.5, 1.0), "ContrastiveLoss"),
+    (_rows_of_disjoint_supports, "cosine", (0.8, 0.0), "MarginLoss"),
+    (_rows_of_disjoint_supports, "cosine", (0.8, 0.0), "GeneralizedLiftedStructureLoss"),
+    (_rows_of_disjoint_supports, "lp", (math.sqrt(2), 1.9), "NTXentLoss")])
+def test_margins_at_exact_points_moved_to_the_other_distance_read_the_list(rows, miner_distance, margins, loss):
+    """Copies of a row (d = 0 exactly, S = 1 within rounding) sit on a margin of 0 (LpDistance) or 1
+    (CosineSimilarity), rows of disjoint supports on a cosine margin of 0 (an lp one of sqrt 2):
+    moved to the other v, the edge decided them otherwise than PML (NTXentLoss 8.90 against PML's
+    12.40 with every sample three times; MarginLoss 3% off, its gradient 26%, at orthogonality).
+    Such a margin is read from the list, in the loss's own call and in CrossBatchMemory holding the
+    batch twice; equal to PML."""
+    x, y = rows()
     distance = LpDistance() if miner_distance == "lp" else CosineSimilarity()
     ours, pml = getattr(fpl, loss)(), getattr(pml_losses, loss)()
     ours.ENGINE_PAIR_FRACTION = 0
@@ -521,31 +539,12 @@ def test_margins_at_the_identity_moved_to_the_other_distance_read_the_list(miner
     assert ours._fused_with_miner_rule(x, y, mined, None, None) is None
     check_close(ours(x, y, mined), pml(x, y, pml_miners.PairMarginMiner(*margins, distance=distance)(x, y)),
                 what="listed")
-    memories = [cls(loss_fn, 5, memory_size=24, miner=pml_miners.PairMarginMiner(*margins, distance=distance))
+    memories = [cls(loss_fn, x.shape[1], memory_size=2 * len(x),
+                    miner=pml_miners.PairMarginMiner(*margins, distance=distance))
                 for cls, loss_fn in ((fpl.CrossBatchMemory, getattr(fpl, loss)()),
                                      (pml_losses.CrossBatchMemory, getattr(pml_losses, loss)()))]
     for step in range(2):
         check_close(memories[0](x, y), memories[1](x, y), what=f"memory step {step}")
-
-
-@pytest.mark.parametrize("miner_distance,margins,loss", [
-    ("cosine", (0.8, 0.0), "MarginLoss"), ("cosine", (0.8, 0.0), "GeneralizedLiftedStructureLoss"),
-    ("lp", (math.sqrt(2), 1.9), "NTXentLoss")])
-def test_margins_at_orthogonality_moved_to_the_other_distance_read_the_list(miner_distance, margins, loss):
-    """Non-negative sparse rows of disjoint supports are exactly orthogonal (S = 0, d = sqrt 2): a
-    cosine margin of 0 (an lp one of sqrt 2) moved to the other v decided them by the moved edge's
-    rounding (MarginLoss 3% off PML, its gradient 26%). Read from the list: PML's."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.relu(torch.randn(32, 4, generator=g, dtype=torch.float64))
-    x[x.norm(dim=1) == 0, 0] = 1.0
-    y = torch.randint(0, 4, (32,), generator=g)
-    distance = LpDistance() if miner_distance == "lp" else CosineSimilarity()
-    ours, pml = getattr(fpl, loss)(), getattr(pml_losses, loss)()
-    ours.ENGINE_PAIR_FRACTION = 0
-    mined = miners.PairMarginMiner(*margins, distance=distance)(x, y)
-    assert ours._fused_with_miner_rule(x, y, mined, None, None) is None
-    check_close(ours(x, y, mined), pml(x, y, pml_miners.PairMarginMiner(*margins, distance=distance)(x, y)),
-                what="listed")
 
 
 def test_few_mined_pairs_are_read_from_the_list():

@@ -202,16 +202,34 @@ def _mean_of_positives(self, mat, pos_mask, neg_mask):
                      "reduction_type": "already_reduced"}}
 
 
+def _twice_the_pair_loss(self, pair_dists, pos_or_neg):
+    return 2 * super(type(self), self).get_per_pair_loss(pair_dists, pos_or_neg)
+
+
+def _half_the_scaled_logits(self, logits, embeddings):
+    return 0.5 * super(type(self), self).scale_logits(logits, embeddings)
+
+
+def _twice_the_rows(self, mat, pos_mask, neg_mask):
+    out = super(type(self), self)._compute_loss(mat, pos_mask, neg_mask)
+    return {k: dict(v, losses=2 * v["losses"]) for k, v in out.items()}
+
+
 @pytest.mark.parametrize("name, hook, method", [
     ("CosFaceLoss", "scale_logits", _scaled_logits),
     ("ArcFaceLoss", "modify_cosine_of_target_classes", _half_target_cosine),
     ("ContrastiveLoss", "get_per_pair_loss", _thrice_positive_distances),
     ("SoftTripleLoss", "get_logits", _halved_logits),
     ("MultiSimilarityLoss", "_compute_loss", _mean_of_positives),
+    ("ContrastiveLoss", "get_per_pair_loss", _twice_the_pair_loss),
+    ("CosFaceLoss", "scale_logits", _half_the_scaled_logits),
+    ("MultiSimilarityLoss", "_compute_loss", _twice_the_rows),
 ])
 def test_a_users_override_of_what_pmls_compute_loss_calls(name, hook, method):
     """A subclass of ours overriding a method PML's compute_loss calls (scale_logits,
-    get_per_pair_loss, ...) computes as PML's subclass does (the override was ignored)."""
+    get_per_pair_loss, ...) computes as PML's subclass does (the override was ignored); one that
+    calls super().<hook> reaches PML's (the 'super' object had none); a class loss's get_logits
+    applies the user's override."""
     entry = fpl.losses.REGISTRY[name]
     sizes = entry.size_kwargs(3, 6) if entry.kind == "class" else {}
     ours, pml = _constructed_pair((type("Users", (entry.cls,), {hook: method}),
@@ -227,40 +245,6 @@ def test_a_users_override_of_what_pmls_compute_loss_calls(name, hook, method):
     if list(unchanged.state_dict()):
         unchanged.load_state_dict(ours.state_dict())
     assert not torch.allclose(a, unchanged(x, y)), "the override changes the loss"
-
-
-def _twice_the_pair_loss(self, pair_dists, pos_or_neg):
-    return 2 * super(type(self), self).get_per_pair_loss(pair_dists, pos_or_neg)
-
-
-def _half_the_scaled_logits(self, logits, embeddings):
-    return 0.5 * super(type(self), self).scale_logits(logits, embeddings)
-
-
-def _twice_the_rows(self, mat, pos_mask, neg_mask):
-    out = super(type(self), self)._compute_loss(mat, pos_mask, neg_mask)
-    return {k: dict(v, losses=2 * v["losses"]) for k, v in out.items()}
-
-
-@pytest.mark.parametrize("name, hook, method", [
-    ("ContrastiveLoss", "get_per_pair_loss", _twice_the_pair_loss),
-    ("CosFaceLoss", "scale_logits", _half_the_scaled_logits),
-    ("MultiSimilarityLoss", "_compute_loss", _twice_the_rows),
-])
-def test_a_users_override_calling_pmls_through_super(name, hook, method):
-    """An override of a PML hook that calls super().<hook> reaches PML's (AttributeError: the
-    'super' object had none), and the class loss's get_logits applies the user's scale_logits."""
-    entry = fpl.losses.REGISTRY[name]
-    sizes = entry.size_kwargs(3, 6) if entry.kind == "class" else {}
-    ours, pml = _constructed_pair((type("Users", (entry.cls,), {hook: method}),
-                                   type("Users", (getattr(L, name),), {hook: method})), sizes)
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(12, 6, generator=g, dtype=torch.float64).requires_grad_(True)
-    y = torch.arange(12) % 3
-    (a, grads_a), (b, grads_b) = _value_and_grads(ours, x, y), _value_and_grads(pml, x, y)
-    torch.testing.assert_close(a, b, msg=name)
-    for ga, gb in zip(grads_a, grads_b):
-        torch.testing.assert_close(ga, gb, msg=name)
     if entry.kind == "class":
         torch.testing.assert_close(ours.get_logits(x), pml.get_logits(x))
 
