@@ -128,7 +128,7 @@ def with_pml_hooks(loss_cls, pml_cls):
 
 def _defined_by_the_library(loss_cls, name):
     """Whether the nearest definition of `name` in loss_cls's MRO is the library's own (not one of
-    PML's hooks set on a base by _with_pml_hooks: SubCenterArcFace takes PML's SubCenterArcFace's,
+    PML's hooks set on a base by with_pml_hooks: SubCenterArcFace takes PML's SubCenterArcFace's,
     not the ArcFace ones set on its base)."""
     for klass in loss_cls.__mro__:
         if name in klass.__dict__:
