@@ -133,20 +133,35 @@ def test_a_users_subclass_overrides_as_in_pml():
         torch.testing.assert_close(a(x, y), b(x, y), msg=ours.__name__)
 
 
-def _constructed_pair(cls, sizes):
-    """The same construction of a subclass of ours and its twin subclass of PML's class."""
-    ours_cls, pml_cls = cls
-    kwargs = dict(margin=0.4, Tn=2.0) if ours_cls.__mro__[1].__name__ == "RankedListLoss" else sizes
+def _constructor_kwargs(name):
+    entry = fpl.losses.REGISTRY[name]
+    if entry.kind == "class":
+        return entry.size_kwargs(3, 6)
+    return dict(margin=0.4, Tn=2.0) if name == "RankedListLoss" else {}
+
+
+def _as_pmls_twin(name, ours_cls, pml_cls, seed):
+    """A user's subclass of our `name` and its twin subclass of PML's, built alike (PML's weights
+    loaded from ours): their values and gradients (the batch's, the weights') equal on a batch.
+    Returns (ours, pml, ours' value, the value of our plain class with the same weights, the batch)."""
+    kwargs = _constructor_kwargs(name)
     ours, pml = ours_cls(**kwargs).double(), pml_cls(**kwargs).double()
+    plain = fpl.losses.REGISTRY[name].cls(**kwargs).double()
     if list(ours.state_dict()):
         pml.load_state_dict(ours.state_dict())
-    return ours, pml
-
-
-def _value_and_grads(loss, x, y):
-    value = loss(x, y)
-    grads = torch.autograd.grad(value, [x, *loss.parameters()])
-    return value, grads
+        plain.load_state_dict(ours.state_dict())
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(12, 6, generator=g, dtype=torch.float64).requires_grad_(True)
+    y = torch.arange(12) % 3
+    values, grads = [], []
+    for loss in (ours, pml):
+        value = loss(x, y)
+        values.append(value)
+        grads.append(torch.autograd.grad(value, [x, *loss.parameters()]))
+    torch.testing.assert_close(values[0], values[1], msg=name)
+    for ga, gb in zip(*grads):
+        torch.testing.assert_close(ga, gb, msg=name)
+    return ours, pml, values[0], plain(x, y), (x, y)
 
 
 PML_LOSS_NAMES = [n for n, e in fpl.losses.REGISTRY.items() if e.in_pml and e.kind in ("pair", "class")]
@@ -163,22 +178,10 @@ def test_a_users_compute_loss_through_super_is_pmls(name):
                 return {k: dict(v, losses=v["losses"] * 2) for k, v in out.items()}
         return Doubled
 
-    entry = fpl.losses.REGISTRY[name]
-    sizes = entry.size_kwargs(3, 6) if entry.kind == "class" else {}
-    ours, pml = _constructed_pair((doubling(entry.cls), doubling(getattr(L, name))), sizes)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(12, 6, generator=g, dtype=torch.float64).requires_grad_(True)
-    y = torch.arange(12) % 3
-    (a, grads_a), (b, grads_b) = _value_and_grads(ours, x, y), _value_and_grads(pml, x, y)
-    torch.testing.assert_close(a, b, msg=name)
-    for ga, gb in zip(grads_a, grads_b):
-        torch.testing.assert_close(ga, gb, msg=name)
-    unchanged = entry.cls(**({"margin": 0.4, "Tn": 2.0} if name == "RankedListLoss" else sizes)).double()
-    if list(unchanged.state_dict()):
-        unchanged.load_state_dict(ours.state_dict())
-    if unchanged(x, y) != 0:  # the override is the user's: twice the loss (SmoothAP: PML's fp32)
-        tol = dict(rtol=1e-5, atol=1e-6) if a.dtype == torch.float32 else {}
-        torch.testing.assert_close(a.double(), 2 * unchanged(x, y), msg=name, **tol)
+    _, _, value, plain, _ = _as_pmls_twin(name, doubling(fpl.losses.REGISTRY[name].cls), doubling(getattr(L, name)), 1)
+    if plain != 0:  # the override is the user's: twice the loss (SmoothAP: PML's fp32)
+        tol = dict(rtol=1e-5, atol=1e-6) if value.dtype == torch.float32 else {}
+        torch.testing.assert_close(value.double(), 2 * plain, msg=name, **tol)
 
 
 def _scaled_logits(self, logits, embeddings):
@@ -231,20 +234,9 @@ def test_a_users_override_of_what_pmls_compute_loss_calls(name, hook, method):
     calls super().<hook> reaches PML's (the 'super' object had none); a class loss's get_logits
     applies the user's override."""
     entry = fpl.losses.REGISTRY[name]
-    sizes = entry.size_kwargs(3, 6) if entry.kind == "class" else {}
-    ours, pml = _constructed_pair((type("Users", (entry.cls,), {hook: method}),
-                                   type("Users", (getattr(L, name),), {hook: method})), sizes)
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(12, 6, generator=g, dtype=torch.float64).requires_grad_(True)
-    y = torch.arange(12) % 3
-    (a, grads_a), (b, grads_b) = _value_and_grads(ours, x, y), _value_and_grads(pml, x, y)
-    torch.testing.assert_close(a, b, msg=name)
-    for ga, gb in zip(grads_a, grads_b):
-        torch.testing.assert_close(ga, gb, msg=name)
-    unchanged = entry.cls(**sizes).double()
-    if list(unchanged.state_dict()):
-        unchanged.load_state_dict(ours.state_dict())
-    assert not torch.allclose(a, unchanged(x, y)), "the override changes the loss"
+    ours, pml, value, plain, (x, _) = _as_pmls_twin(name, type("Users", (entry.cls,), {hook: method}),
+                                                    type("Users", (getattr(L, name),), {hook: method}), 2)
+    assert not torch.allclose(value, plain), "the override changes the loss"
     if entry.kind == "class":
         torch.testing.assert_close(ours.get_logits(x), pml.get_logits(x))
 
