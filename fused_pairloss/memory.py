@@ -318,20 +318,22 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
             hyper["exclude_after_mining"] = True
         return fn, hyper
 
-    @staticmethod
-    def _mined_in_the_engine(plan):
-        return isinstance(plan[0].keywords["backend"], MinedBy)
-
-    def _mining_in_the_engine(self, plan):
-        """A miner's rule in the fused step: the miner's, or the loss's own miner_epsilon."""
-        return self._mined_in_the_engine(plan) or bool(plan[1].get("exclude_after_mining"))
-
-    def _needs_unit_rows(self, plan):
-        """A miner's rule moved to the loss's other distance (a cosine MultiSimilarityMiner beside an lp
-        loss mines on -d^2 / 2 = S - 1; a PairMarginMiner's margins move through d^2 = 2 - 2 S) needs
-        rows that normalize to unit rows."""
-        return (self._mined_in_the_engine(plan)
-                and _distance_name(self.miner.distance) != self.loss._distance_kind)
+    def _plan_for_rows(self, plan, batch_rows, memory_rows):
+        """The fused plan, or None (PML's computation) where these rows need it: a miner's rule moved
+        to the loss's other distance (a cosine MultiSimilarityMiner beside an lp loss mines on
+        -d^2 / 2 = S - 1; a PairMarginMiner's margins move through d^2 = 2 - 2 S) needs rows that
+        normalize to unit rows (F.normalize leaves a row of norm <= eps short); a miner's rule in
+        the fused step (the miner's, or the loss's own miner_epsilon) cannot be read by the PML
+        steps the loss takes for some rows (_needs_pml_steps)."""
+        if plan is None:
+            return None
+        mined = isinstance(plan[0].keywords["backend"], MinedBy)
+        if (mined and _distance_name(self.miner.distance) != self.loss._distance_kind
+                and _has_short_row(batch_rows, memory_rows)):
+            return None
+        if (mined or plan[1].get("exclude_after_mining")) and self.loss._needs_pml_steps(batch_rows, memory_rows):
+            return None
+        return plan
 
     def _self_slots(self, rows):
         """exclude_col of the queued rows: their memory slots (PML's rule: none for one row)."""
@@ -356,10 +358,7 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
             remove_self = True
         self.add_to_memory(emb_for_queue, labels_for_queue, len(emb_for_queue))
         E_mem, L_mem = self._memory()
-        if plan is not None and self._needs_unit_rows(plan) and _has_short_row(embeddings, E_mem):
-            plan = None  # F.normalize leaves a row of norm <= eps short: PML's computation
-        if plan is not None and self._mining_in_the_engine(plan) and self.loss._needs_pml_steps(embeddings, E_mem):
-            plan = None  # rows the loss computes by PML's steps, which cannot read the miner's rule
+        plan = self._plan_for_rows(plan, embeddings, E_mem)
         if plan is None:
             loss, miner = self.loss, self.miner
             declared = getattr(type(loss), "declaration", None) is not None  # fused_pairloss.declare
@@ -483,10 +482,8 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
         X, Y = layout.gather(embeddings), layout.gather(labels)
         mask = None if enqueue_mask is None else layout.gather(enqueue_mask)
         plan = self._plan(indices_tuple, embeddings.device)
-        if plan is not None and self._needs_unit_rows(plan) and _has_short_row(X, self._memory()[0]):
-            plan = None  # a short row in the batch or the memory (a superset of the memory after this step)
-        if plan is not None and self._mining_in_the_engine(plan) and self.loss._needs_pml_steps(X, self._memory()[0]):
-            plan = None
+        # the gathered batch and the memory: a superset of the memory after this step
+        plan = self._plan_for_rows(plan, X, self._memory()[0])
         if plan is None:  # PML's computation on the gathered batch, this rank's rows with their graph
             all_emb = torch.cat([X[:layout.offset], embeddings, X[layout.offset + layout.n:]], dim=0)
             if indices_tuple is not None:

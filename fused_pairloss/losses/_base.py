@@ -466,24 +466,22 @@ class _PmlFallback:
 
     # PML's defaults of this loss's class (its set_reducer(None), zero_losses and record-keeping read
     # them from the instance): PML's class's own, not its base class's
-    # (without PML: the attributes' values as the module holds them then, the distance's name and no reducer)
-    def get_default_reducer(self):
+    def _pml_default(self, method, without_pml):
+        """PML's `method` of this loss's class on this module (BaseMetricLossFunction's for a loss PML
+        lacks); `without_pml` where PML is not installed (as the module holds it then)."""
         pml_cls = self._pml_class()
-        if pml_cls is None:
-            return super().get_default_reducer() if _pml_installed() else None
-        return pml_cls.get_default_reducer(self)
+        if pml_cls is not None:
+            return getattr(pml_cls, method)(self)
+        return getattr(super(), method)() if _pml_installed() else without_pml
+
+    def get_default_reducer(self):
+        return self._pml_default("get_default_reducer", None)
 
     def get_default_distance(self):
-        pml_cls = self._pml_class()
-        if pml_cls is None:
-            return super().get_default_distance() if _pml_installed() else self._default_distance
-        return pml_cls.get_default_distance(self)
+        return self._pml_default("get_default_distance", self._default_distance)
 
     def _sub_loss_names(self):
-        pml_cls = self._pml_class()
-        if pml_cls is None:
-            return super()._sub_loss_names() if _pml_installed() else ["loss"]
-        return pml_cls._sub_loss_names(self)
+        return self._pml_default("_sub_loss_names", ["loss"])
 
     @classmethod
     def _pml_class(cls):

@@ -303,9 +303,6 @@ class IntraPairVarianceLoss(_PairLoss):
         self.pos_eps, self.neg_eps = pos_eps, neg_eps
         self._init_pair(backend, kwargs, (pos_eps, neg_eps))
 
-    def _needs_pml_steps(self, embeddings, ref_emb):  # (the fused call's own check)
-        return fp16_rows_normalized_to_nan(embeddings, ref_emb)
-
     def _hyper(self):
         return dict(pos_eps=self.pos_eps, neg_eps=self.neg_eps, distance=self._distance_kind)
 

@@ -97,6 +97,11 @@ def has_constant_row(embeddings):
     return bool((q.amax(1) == q.amin(1)).any())
 
 
+def needs_pml_steps(embeddings, ref_emb):
+    """The rows the fused call leaves to PML's steps: a constant query row, an fp16 zero row."""
+    return has_constant_row(embeddings) or fp16_rows_normalized_to_nan(embeddings, ref_emb)
+
+
 def declaration(pos_margin, neg_margin):
     # Contrastive's terms on the distance d = 1 + u . v, read as the dot product u . v it is:
     # relu(d - pos_margin) = relu(u . v - (pos_margin - 1)), relu(neg_margin - d) likewise
@@ -108,8 +113,7 @@ def declaration(pos_margin, neg_margin):
 @loss_function
 def snr_contrastive_fused(embeddings, labels, ref_emb, ref_labels, *, pos_margin=0.0, neg_margin=1.0, distance="snr",
                           backend, exclude_col=None, batch=LOCAL):
-    if batch is LOCAL and not V._compiling() and (has_constant_row(embeddings)
-                                                  or fp16_rows_normalized_to_nan(embeddings, ref_emb)):
+    if batch is LOCAL and not V._compiling() and needs_pml_steps(embeddings, ref_emb):
         # a constant query row, or an fp16 zero row (NaN terms PML's reducer drops): PML's steps
         # over the same pairs (module docstring)
         return snr_contrastive_reference(embeddings, labels, ref_emb, ref_labels, pos_margin=pos_margin,
@@ -219,8 +223,8 @@ class SignalToNoiseRatioContrastiveLoss(_PairLoss):
     def _kind_of(distance):
         return _snr_distance_kind(distance)
 
-    def _needs_pml_steps(self, embeddings, ref_emb):  # (the fused call's own check)
-        return has_constant_row(embeddings) or fp16_rows_normalized_to_nan(embeddings, ref_emb)
+    def _needs_pml_steps(self, embeddings, ref_emb):
+        return needs_pml_steps(embeddings, ref_emb)
 
     def _hyper(self):
         return dict(pos_margin=self.pos_margin, neg_margin=self.neg_margin, distance=self._distance_kind)

@@ -151,9 +151,6 @@ class ThresholdConsistentMarginLoss(_PairLoss):
         self.margin_plus, self.margin_minus = margin_plus, margin_minus
         self._init_pair(backend, kwargs, (lambda_plus, lambda_minus, margin_plus, margin_minus))
 
-    def _needs_pml_steps(self, embeddings, ref_emb):  # (the fused call's own check)
-        return fp16_rows_normalized_to_nan(embeddings, ref_emb)
-
     def _hyper(self):
         return dict(lambda_plus=self.lambda_plus, lambda_minus=self.lambda_minus, margin_plus=self.margin_plus,
                     margin_minus=self.margin_minus, distance=self._distance_kind)
