@@ -150,9 +150,7 @@ def _no_others_as_zero(lse):
 def _clip_grad_logits(x, tmp, row_lse, g_row, col_lse, g_col):
     """G = g_row exp(x - row_lse) (+ g_col exp(x - col_lse)) of a chunk of logits x, in place (tmp:
     scratch of x's shape; col_lse None: rows only); g_row / g_col None: a common factor left out.
-    The positives of x are -inf (_leave_out_positives)."""
-    row_lse = _no_others_as_zero(row_lse)
-    col_lse = None if col_lse is None else _no_others_as_zero(col_lse)
+    The positives of x are -inf (_leave_out_positives), the LSEs _no_others_as_zero's."""
     G = x
     if col_lse is not None:
         rows_term = torch.sub(x, row_lse[:, None], out=tmp).exp_()
@@ -176,6 +174,7 @@ def clip_lse_backward(grad_row: torch.Tensor, grad_col: torch.Tensor, q: torch.T
     A = stat_dtype(q.dtype)
     qa, ra, t = _as_stat(q, A), _as_stat(r, A), scale.to(A)
     g_row, g_col = grad_row.to(A), (grad_col.to(A) if cols else None)
+    row_lse, col_lse = _no_others_as_zero(row_lse), (_no_others_as_zero(col_lse) if cols else col_lse)
     # the usual case, one value in every incoming gradient: G / common from exps alone, the factor
     # applied to the c x D products instead of the c x M chunk
     common = _common_factor(g_row, *([g_col] if cols else []))
