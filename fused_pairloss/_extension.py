@@ -90,7 +90,20 @@ def load():
     except (OSError, RuntimeError) as e:  # pragma: no cover - depends on the install
         _load_error = f"could not load {path}: {e}"
         warnings.warn(f"fused_pairloss: {_load_error}; only the reference/triton backends are available", stacklevel=2)
+        return None
+    _warn_on_unknown_isa_cap()
     return _loaded_path
+
+
+CPU_ISA_CAPS = ("base", "avx2", "avx512")
+
+
+def _warn_on_unknown_isa_cap():
+    """The library reads FPL_CPU_ISA when it loads and ignores a value it does not know; say so."""
+    cap = os.environ.get("FPL_CPU_ISA")
+    if cap is not None and cap not in CPU_ISA_CAPS:
+        warnings.warn(f"fused_pairloss: FPL_CPU_ISA={cap!r} is not one of {', '.join(CPU_ISA_CAPS)} and is ignored; "
+                      f"the CPU engines run {torch.ops.fused_pairloss.cpu_isa()}", stacklevel=3)
 
 
 def build_record():

@@ -8,6 +8,8 @@ depend on the shapes only), and the AVX2 kernels give the AVX-512 kernels' bits 
 chains); the baseline kernels (no FMA) are checked against the oracle.
 """
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -296,6 +298,21 @@ def test_cpu_isa_op(isa_cap):
     assert isa_cap("avx512") == best
     with pytest.raises(RuntimeError, match="expected"):
         op.cpu_isa("sse9")
+
+
+@pytest.mark.parametrize("cap", ["AVX2", "sse9"])
+def test_unknown_fpl_cpu_isa_is_named(cap):
+    """The library reads FPL_CPU_ISA when it loads; a value it does not know is named in a warning,
+    not ignored in silence."""
+    code = ("import warnings\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    from fused_pairloss import _extension\n"
+            "    _extension.load()\n"
+            "print([str(w.message) for w in caught])\n")
+    env = dict(os.environ, FPL_CPU_ISA=cap)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert f"FPL_CPU_ISA={cap!r} is not one of" in out
 
 
 @pytest.mark.parametrize("engine", ["pair", "class", "triplet"])
