@@ -311,3 +311,23 @@ def test_listed_values_the_same_for_any_thread_count():
             assert torch.equal(results[0][1], results[0][0][sparse])
     finally:
         torch.set_num_threads(before)
+
+
+def test_listed_gradients_the_same_for_any_thread_count():
+    """A listed path that gathers rows by the pairs' indices (AngularLoss over a miner's triplets,
+    each anchor listed thousands of times): its gradient has the same bits for 1 and 2 threads
+    (index_select's backward; x[index]'s adds the repeats in a thread-dependent order)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(96, 16, generator=g)
+    labels = torch.randint(0, 6, (96,), generator=g)
+    triplets = lmu.get_all_triplets_indices(labels)
+    before = torch.get_num_threads()
+    try:
+        grads = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            e = x.clone().requires_grad_()
+            grads.append(torch.autograd.grad(fpl.AngularLoss(backend="auto")(e, labels, triplets), e)[0])
+        assert torch.equal(grads[0], grads[1])
+    finally:
+        torch.set_num_threads(before)

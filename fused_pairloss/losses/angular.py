@@ -22,7 +22,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, loss_function, logaddexp, normalize, zero_loss
+from ..ops._common import LOCAL, loss_function, logaddexp, normalize, rows_of, zero_loss
 from ..ops.operands import recomputation_inputs, recomputed_grads, stat_dtype
 from ..ops.positive_pairs import label_positive_pairs
 from ..ops.spec import PairLossSpec, PairTerm
@@ -175,9 +175,9 @@ def _differentiable_sums(q_hat, r_hat, r_raw, labels_q, labels_r, exclude_col, c
     sums = torch.zeros(q_hat.shape[0], dtype=stat_dtype(q_hat.dtype), device=q_hat.device)
     for k0, k1 in _pair_chunks(rows.shape[0]):
         ri, ci = rows[k0:k1], cols[k0:k1]
-        st = pair_stats(q_hat[ri] + r_hat[ci], r_raw, labels_q[ri], labels_r, torch.full_like(ri, -1),
-                        declaration(c_neg), backend)
-        z = st.lse_neg - c_ap * (q_hat[ri] * r_hat[ci]).sum(1).to(st.lse_neg.dtype)
+        qa, rp = rows_of(q_hat, ri), rows_of(r_hat, ci)
+        st = pair_stats(qa + rp, r_raw, labels_q[ri], labels_r, torch.full_like(ri, -1), declaration(c_neg), backend)
+        z = st.lse_neg - c_ap * (qa * rp).sum(1).to(st.lse_neg.dtype)
         sums = _add_to_rows(sums, ri, ci, logaddexp(torch.zeros_like(z), z), symmetric)
     return sums
 
@@ -257,9 +257,9 @@ def angular_listed(embeddings, labels, ref_emb, ref_labels, indices_tuple, *, al
     total = 0
     for k0, k1 in _pair_chunks(a1.shape[0]):
         ri, ci = a1[k0:k1], p[k0:k1]
-        st = pair_stats(q_hat[ri] + r_hat[ci], ref, labels_q[ri], labels_r, torch.full_like(ri, -1),
-                        declaration(c_neg), backend)
-        z = st.lse_neg - c_ap * (q_hat[ri] * r_hat[ci]).sum(1)
+        qa, rp = rows_of(q_hat, ri), rows_of(r_hat, ci)
+        st = pair_stats(qa + rp, ref, labels_q[ri], labels_r, torch.full_like(ri, -1), declaration(c_neg), backend)
+        z = st.lse_neg - c_ap * (qa * rp).sum(1)
         total = total + logaddexp(torch.zeros_like(z), z).sum()
     return (total / a1.shape[0]).to(embeddings.dtype)
 

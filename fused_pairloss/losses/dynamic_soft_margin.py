@@ -28,7 +28,7 @@ import torch
 
 from .. import _validation as V
 from .._backends import resolve_backend
-from ..ops._common import LOCAL, loss_function, zero_loss
+from ..ops._common import LOCAL, loss_function, pairs_of, zero_loss
 from ._base import _PairLoss, _plain_number, _warn_once, check_tuple_inputs, run_pair_loss
 from ._reference_common import check_distance, convert_to_triplets, distance_matrix, nan_in_nan_out
 from ._registry import LossEntry
@@ -91,7 +91,7 @@ def dynamic_soft_margin_reference(embeddings, labels=None, ref_emb=None, ref_lab
         labels = torch.as_tensor(labels, device=embeddings.device)
         ref_lab = labels if ref_labels is None else torch.as_tensor(ref_labels, device=embeddings.device)
         a, p, n = convert_to_triplets(indices_tuple, labels, ref_lab)
-        x = mat[a, p] - mat[a, n]
+        x = pairs_of(mat, a, p) - pairs_of(mat, a, n)
     if len(x) == 0:
         return (zero_loss(embeddings), previous) if return_histogram else zero_loss(embeddings)
     idx, frac = _bin_and_fraction(x, min_val, delta, num_bins)

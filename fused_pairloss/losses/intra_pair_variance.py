@@ -32,7 +32,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, loss_function, label_ids, pair_operands, zero_loss
+from ..ops._common import LOCAL, label_ids, loss_function, pair_operands, pairs_of, zero_loss
 from ..ops.operands import lp_distances, lp_squared_distances, recomputation_inputs, recomputed_grads, stat_dtype
 from ..ops.spec import PAIR_AUX, PAIR_VALUES, PairLossSpec, PairTerm
 from ..ops.stats import backward_op, forward_op, pair_stats
@@ -67,7 +67,7 @@ def intra_pair_variance_reference(embeddings, labels, ref_emb=None, ref_labels=N
     if bool(too_few_pairs(pos_cnt.sum(), neg_cnt.sum(), mat.device)):
         return zero_loss(embeddings)
     a1, p, a2, n = pml_pair_lists(pos_cnt, neg_cnt)
-    pos_pairs, neg_pairs = mat[a1, p], mat[a2, n]
+    pos_pairs, neg_pairs = pairs_of(mat, a1, p), pairs_of(mat, a2, n)
     s_pos, s_neg = _directions(distance)
     f_pos, f_neg = _threshold_factors(distance, pos_eps, neg_eps)
     loss = zero_loss(embeddings)

@@ -24,7 +24,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, loss_function, pair_operands, similarity_dtype, zero_loss
+from ..ops._common import LOCAL, loss_function, pair_operands, pairs_of, similarity_dtype, zero_loss
 from ..ops.positive_pairs import positive_pair_mean, positive_pair_sums, register_pair_term
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
@@ -124,9 +124,9 @@ def lifted_structure_pairs_reference(embeddings, labels, ref_emb=None, ref_label
     if a1.numel() == 0 or a2.numel() == 0 or bool(too_few_pairs(a1.numel(), a2.numel(), mat.device)):
         return nan_in_nan_out(zero, embeddings, ref_emb)
     n_per_p = (a2[None, :] == a1[:, None]) | (a2[None, :] == p[:, None])
-    neg_pairs = mat[a2, n][None, :] * n_per_p.to(mat.dtype)
+    neg_pairs = pairs_of(mat, a2, n)[None, :] * n_per_p.to(mat.dtype)
     lse = masked_logsumexp(distance_margin(neg_margin, neg_pairs, distance), n_per_p, add_one=False)[:, 0]
-    losses = torch.relu(lse + distance_margin(mat[a1, p], pos_margin, distance)) ** 2 / 2
+    losses = torch.relu(lse + distance_margin(pairs_of(mat, a1, p), pos_margin, distance)) ** 2 / 2
     return nan_in_nan_out(losses.mean(), embeddings, ref_emb)
 
 

@@ -19,7 +19,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, loss_function, zero_loss
+from ..ops._common import LOCAL, loss_function, rows_of, zero_loss
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, _warn_once, run_pair_loss
@@ -37,8 +37,8 @@ def tcm_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, lambda_p
     shape = (embeddings.shape[0], (embeddings if ref_emb is None else ref_emb).shape[0])
     a1, p, a2, n = pml_pair_lists(*pair_count_matrices(labels, ref_emb, ref_labels, indices_tuple, shape,
                                                        embeddings.device))
-    pos_sims = torch.nn.functional.cosine_similarity(embeddings[a1], embeddings[p])
-    neg_sims = torch.nn.functional.cosine_similarity(embeddings[a2], embeddings[n])
+    pos_sims = torch.nn.functional.cosine_similarity(rows_of(embeddings, a1), rows_of(embeddings, p))
+    neg_sims = torch.nn.functional.cosine_similarity(rows_of(embeddings, a2), rows_of(embeddings, n))
     below = pos_sims <= margin_plus
     above = neg_sims >= margin_minus
     pos_tcm = ((margin_plus - pos_sims) * below).sum() / below.sum() if below.any() else 0

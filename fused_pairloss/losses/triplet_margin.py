@@ -20,7 +20,7 @@ import torch
 
 from .. import _validation as V
 from .._backends import resolve_backend
-from ..ops._common import LOCAL, loss_function, normalize, pair_operands, similarity_dtype, zero_loss
+from ..ops._common import LOCAL, loss_function, normalize, pair_operands, pairs_of, similarity_dtype, zero_loss
 from ..ops.listed import join_on_anchor, pair_values
 from ..ops.operands import stat_dtype
 from ..ops.spec import PairLossSpec, PairTerm
@@ -64,7 +64,7 @@ def pml_triplets(embeddings, labels, ref_emb, ref_labels, indices_tuple, distanc
         mat = distance_matrix(embeddings, ref, distance)
         if swap:
             check_swap_positives(p, embeddings.shape[0])
-        return a, mat[a, p], mat[a, n], (mat[p, n] if swap else None)
+        return a, pairs_of(mat, a, p), pairs_of(mat, a, n), (pairs_of(mat, p, n) if swap else None)
     if len(indices_tuple) == 4:  # lmu.convert_to_triplets: pairs joined on the anchor
         a1, p1, a2, n2 = (torch.as_tensor(t, device=embeddings.device).long() for t in indices_tuple)
         pi, ni = join_on_anchor(a1, a2)

@@ -17,7 +17,7 @@ import math
 import torch
 
 from .. import _validation as V
-from ..ops._common import LOCAL, loss_function, logaddexp, pair_operands, similarity_dtype, zero_loss
+from ..ops._common import LOCAL, logaddexp, loss_function, pair_operands, pairs_of, similarity_dtype, zero_loss
 from ..ops.positive_pairs import positive_pair_mean, positive_pair_sums, register_pair_term
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
@@ -38,8 +38,8 @@ def tuplet_margin_reference(embeddings, labels, ref_emb=None, ref_labels=None, *
     a1, p, a2, n = pml_pair_lists(pos_cnt, neg_cnt)
     if a1.numel() == 0 or a2.numel() == 0 or bool(too_few_pairs(a1.numel(), a2.numel(), mat.device)):
         return nan_in_nan_out(zero, embeddings, ref_emb)
-    pos_pairs = torch.cos(torch.acos(mat[a1, p]) - math.radians(margin))[:, None]
-    inside_exp = scale * (mat[a2, n][None, :] - pos_pairs)
+    pos_pairs = torch.cos(torch.acos(pairs_of(mat, a1, p)) - math.radians(margin))[:, None]
+    inside_exp = scale * (pairs_of(mat, a2, n)[None, :] - pos_pairs)
     keep = a2[None, :] == a1[:, None]
     loss = masked_logsumexp(inside_exp, keep, add_one=True).mean()
     return nan_in_nan_out(loss, embeddings, ref_emb).to(similarity_dtype(embeddings, distance))

@@ -20,6 +20,18 @@ def normalize(x):
     return F.normalize(x, p=2, dim=1)  # eps 1e-12 (docs/semantics.md), in the input dtype as PML
 
 
+def rows_of(x, index):
+    """x[index] for a 1-d index with repeats, differentiably: index_select's backward adds the
+    repeats with index_add, in the same order for any number of threads on the CPU (the backward of
+    x[index] may add them in another order there; design.md#determinism)."""
+    return x.index_select(0, index)
+
+
+def pairs_of(mat, rows, cols):
+    """mat[rows, cols] for index lists with repeats, differentiably, with rows_of's backward."""
+    return mat.reshape(-1).index_select(0, rows * mat.shape[1] + cols)
+
+
 def similarity_dtype(embeddings, distance):
     """The dtype of PML's distance matrix for these embeddings, which is the dtype of the value of
     the pair losses that reduce it directly (MultiSimilarity, Circle, NTXent, SupCon, lifted
