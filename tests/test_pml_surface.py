@@ -55,6 +55,21 @@ def test_class_loss_casts_its_weights_and_gives_pmls_logits(name):
     torch.testing.assert_close(ours.get_logits(x), pml.get_logits(x), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("labels_as", ["float", "bool", "out_of_range"])
+def test_proxy_nca_casts_its_proxies_for_labels_it_only_compares(labels_as):
+    """ProxyNCALoss's labels PML only compares with the classes (float, bool, a label that is no
+    class: computed by PML's steps): PML's cast_types still moves the proxies themselves to the
+    embeddings' dtype, so their gradient and an optimizer's steps are PML's."""
+    x, y = batch(3)
+    y = {"float": y.double(), "bool": y > 0, "out_of_range": torch.where(y == 0, 7, y)}[labels_as]
+    ours, pml = make_pair("ProxyNCALoss")
+    for module in (ours, pml):
+        module.float()
+        module(x, y).backward()
+    assert ours.proxies.dtype == pml.proxies.dtype == ours.proxies.grad.dtype == torch.float64
+    torch.testing.assert_close(ours.proxies.grad, pml.proxies.grad, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("name", CLASS)
 def test_class_loss_signature_and_errors_as_pml(name):
     x, y = batch(2)

@@ -133,7 +133,9 @@ class ProxyNCALoss(_ClassLoss):
         if _labels_only_compared(labels, embeddings, self.num_classes):
             # PML compares the labels with the proxies' classes 0..C-1 and never indexes with them:
             # float and bool labels work there, and a row whose label is no class has p = 0, which
-            # PML's mean drops. The fused engine indexes with the labels: PML's steps (N x C)
+            # PML's mean drops. The fused engine indexes with the labels: PML's steps (N x C), after
+            # PML's cast_types of the parameter itself
+            self.cast_weights(embeddings)
             return self._reference_with_weights(embeddings, labels.to(embeddings.device), indices_tuple)
         return super()._fused_forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
