@@ -925,3 +925,14 @@ def test_a_functional_form_takes_numpy_numbers_compiled():
                             fullgraph=True, backend="aot_eager")
     for a in (2.5, 3.0):
         torch.testing.assert_close(outside(x, y, np.float64(a)), fpl.functional.multi_similarity_loss(x, y, alpha=a))
+
+
+@pytest.mark.parametrize("name", [n for n in MODULE_LOSSES if n != "smoothap"])  # PML's bincount refuses them
+def test_labels_at_both_int64_extremes_as_pml(name):
+    """Labels holding both int64 extremes beside a sample without positives: a loss that gives such
+    samples a label of their own finds one no label takes (min - 1 and max + 1 wrap around)."""
+    x, _ = batch(20, n=10)
+    extreme = torch.iinfo(torch.int64)
+    labels = torch.tensor([extreme.min, extreme.min, extreme.max, extreme.max, 5, 0, 0, 5, 7, 0])
+    ours, pml = modules(name)
+    assert_same(value_and_grad(ours, x, labels), value_and_grad(pml, x, labels))

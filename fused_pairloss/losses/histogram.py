@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as V
-from ..ops._common import LOCAL, loss_function, label_counts, normalize, similarity_dtype, zero_loss
+from ..ops._common import LOCAL, loss_function, label_counts, normalize, similarity_dtype, unused_label, zero_loss
 from ..ops.spec import NO_TERM, PairHistogram, PairLossSpec
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, check_self_only, run_pair_loss
@@ -107,9 +107,7 @@ def _engine_histograms(q, labels, delta, backend):
     positive share one new label for the engine, so that a pair of two of them is no negative pair;
     the spurious positive pairs this gives them are left out with their rows."""
     has_pos, _ = _pair_sets(labels)
-    lowest = labels.min()
-    alone_label = torch.where(lowest > torch.iinfo(torch.int64).min, lowest - 1, labels.max() + 1)
-    engine_labels = torch.where(has_pos, labels, alone_label)
+    engine_labels = torch.where(has_pos, labels, unused_label(labels))
     st = pair_stats(q, None, engine_labels, None, None, declaration(delta), backend)
     hist_pos = torch.where(has_pos, st.hist_pos, torch.zeros_like(st.hist_pos)).sum(1)
     size_pos = torch.where(has_pos, st.count_pos, torch.zeros_like(st.count_pos)).sum()

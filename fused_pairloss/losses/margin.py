@@ -24,7 +24,7 @@ import torch
 
 from .. import _validation as V
 from ..ops import engines
-from ..ops._common import LOCAL, loss_function, pair_operands, zero_loss
+from ..ops._common import LOCAL, loss_function, pair_operands, unused_label, zero_loss
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
 from ._base import _PairLoss, check_listed_rows, check_triplets_per_anchor, run_pair_loss
@@ -201,8 +201,7 @@ def _integer_ref_labels(labels, ref_labels):
     r = ref_labels.double()
     integral = torch.isfinite(r) & (r == torch.round(r)) & (r.abs() < 2.0 ** 63)
     if labels.numel():
-        lo, hi = labels.amin(), labels.amax()
-        no_label = torch.where(lo > torch.iinfo(torch.int64).min, lo - 1, hi + 1)  # (2^64 labels do not fit)
+        no_label = unused_label(labels.to(torch.int64))
     else:
         no_label = torch.zeros((), dtype=torch.int64, device=labels.device)
     return torch.where(integral, torch.where(integral, r, 0.0).to(torch.int64), no_label.to(r.device))

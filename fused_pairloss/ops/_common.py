@@ -60,6 +60,18 @@ def label_ids(labels):
     return torch.empty_like(run).scatter_(0, order, run)
 
 
+def unused_label(labels):
+    """An int64 value (0-d tensor) that no label of the non-empty int64 `labels` takes: the lowest
+    label - 1, else the highest + 1, else (labels holding both int64 extremes) the first gap above a
+    label; without a sync, so a compiled call traces it."""
+    extreme = torch.iinfo(torch.int64)
+    lo, hi = labels.amin(), labels.amax()
+    s = labels.reshape(-1).sort().values
+    gap = (s[:-1] < extreme.max) & (s[1:] != s[:-1]) & (s[1:] != s[:-1] + 1)  # s[:-1] + 1 is free
+    first_gap = (s[:-1] + 1)[gap.int().argmax()] if s.numel() > 1 else lo
+    return torch.where(lo > extreme.min, lo - 1, torch.where(hi < extreme.max, hi + 1, first_gap))
+
+
 def label_counts(labels):
     """Per row, how many rows (itself included) have its label."""
     order, _, run = label_runs(labels)
