@@ -68,7 +68,7 @@ def unused_label(labels):
     lo, hi = labels.amin(), labels.amax()
     s = labels.reshape(-1).sort().values
     gap = (s[:-1] < extreme.max) & (s[1:] != s[:-1]) & (s[1:] != s[:-1] + 1)  # s[:-1] + 1 is free
-    first_gap = (s[:-1] + 1)[gap.int().argmax()] if s.numel() > 1 else lo
+    first_gap = torch.where(gap, s[:-1] + 1, extreme.max).amin() if s.numel() > 1 else lo
     return torch.where(lo > extreme.min, lo - 1, torch.where(hi < extreme.max, hi + 1, first_gap))
 
 
