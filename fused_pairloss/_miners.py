@@ -114,14 +114,22 @@ class _Rows:
         values, counts = torch.unique(self.ref_labels, return_counts=True)
         return (self.labels[:, None] == values[None, :]).to(counts.dtype) @ counts
 
+    def _own_column(self):
+        """Per row, 1 where the diagonal counted among its label's columns (self mode; a NaN label
+        matches no column, its own neither), else 0."""
+        if not self.self_labels:
+            return 0
+        return (self.labels == self.labels).to(torch.int64)
+
     def pair_totals(self):
         """PML's len(a1) and len(a2): all positive and all negative pairs."""
-        same = int(self.same_label_counts().sum())
-        return same - (self.N if self.self_labels else 0), self.N * self.M - same
+        same = self.same_label_counts()
+        positives = int((same - self._own_column()).sum())
+        return positives, self.N * self.M - int(same.sum())
 
     def most_positives(self):
         """The largest positive set of a row (less itself when the diagonal is excluded)."""
-        per_row = self.same_label_counts() - (1 if self.self_labels else 0)
+        per_row = self.same_label_counts() - self._own_column()
         return int(per_row.max()) if per_row.numel() else 0
 
 
@@ -383,8 +391,8 @@ def triplet_window(miner_margin, type_of_triplets):
     """TripletMarginMiner's kept triplets as a window (lo, hi] on its triplet margin u_an - u_ap
     (PML: an - ap for a distance, ap - an for a similarity; u = d or -S)."""
     m = float(miner_margin)
-    return {"all": (float("-inf"), m), "hard": (float("-inf"), min(m, 0.0)), "semihard": (0.0, m),
-            "easy": (m, float("inf"))}[type_of_triplets]
+    windows = {"hard": (float("-inf"), min(m, 0.0)), "semihard": (0.0, m), "easy": (m, float("inf"))}
+    return windows.get(type_of_triplets, (float("-inf"), m))  # another name (assigned since): PML's "all"
 
 
 # how close to an exact point of S (1: a row's copies; 0: rows of disjoint supports) a PairMarginMiner's
@@ -445,6 +453,17 @@ def _index_versions(indices):
     return tuple(None if t.is_inference() else t._version for t in indices)
 
 
+def _mined_in_half_precision(distance, embeddings, ref_emb):
+    """True when PML's miner measured in fp16 / bf16: half inputs, or the cosine's matmul under
+    autocast. Its list then holds the roundings of that matrix, which the engines' fp32 / fp64
+    values do not reproduce near the rule's edges: the loss reads the list."""
+    from .losses._base import _distance_name
+    inputs = (embeddings,) if ref_emb is None else (embeddings, ref_emb)
+    if any(t.dtype not in (torch.float32, torch.float64) for t in inputs):
+        return True
+    return _distance_name(distance) == "cosine" and autocast_enabled(embeddings.device.type)
+
+
 class _Mined(tuple):
     """A miner's result: a real tuple, PML's indices in PML's order, that also says how they were
     mined (the inputs and the distance), so that our losses can apply the miner's rule in their
@@ -460,6 +479,7 @@ class _Mined(tuple):
         out.embeddings, out.labels, out.ref_emb, out.ref_labels = embeddings, labels, ref_emb, ref_labels
         out.versions = _versions(embeddings, labels, ref_emb, ref_labels)  # as mined (changed in place since: read)
         out.index_versions = _index_versions(out)  # its own index tensors edited in place since: the list is read
+        out.half_precision = _mined_in_half_precision(miner.distance, embeddings, ref_emb)
         return out
 
     def __reduce__(self):
@@ -479,7 +499,8 @@ class _Mined(tuple):
         from .losses._base import _distance_name, _settings
         same_ref = (ref_emb is None and self.ref_emb is self.embeddings) or ref_emb is self.ref_emb
         same_ref_labels = (ref_labels is None and self.ref_labels is self.labels) or ref_labels is self.ref_labels
-        return (embeddings is self.embeddings and (labels is None or labels is self.labels) and same_ref
+        return (not self.half_precision and embeddings is self.embeddings and (labels is None or labels is self.labels)
+                and same_ref
                 and same_ref_labels and _distance_name(self.distance) == distance
                 and _settings(self.distance) == self.distance_settings
                 and _versions(self.embeddings, self.labels, self.ref_emb, self.ref_labels) == self.versions

@@ -650,6 +650,52 @@ def test_unknown_strategy_assigned_later_raises_as_pml():
             m(x, y)
 
 
+def test_type_of_triplets_assigned_later_mines_as_pml():
+    """A type_of_triplets PML's mine does not know, assigned after construction: PML keeps the
+    triplets of "all", so do ours, also fused into the loss."""
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.arange(16) % 3
+    mined = []
+    for lib in (miners, pml_miners):
+        m = lib.TripletMarginMiner(margin=0.2)
+        m.type_of_triplets = "semi-hard"
+        mined.append(m(x, y))
+    assert all(torch.equal(a, b) for a, b in zip(*mined))
+    check_close(fpl.TripletMarginLoss()(x, y, mined[0]), pml_losses.TripletMarginLoss()(x, y, mined[1]))
+
+
+def test_ms_miner_with_nan_labels_as_pml():
+    """NaN labels match no label, their own neither: the pair count PML's early return reads is
+    the true one (the diagonal is no pair of a NaN row)."""
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = torch.tensor([0.0, 0.0, float("nan"), float("nan"), 1.0, 2.0])
+    ours, pml = miners.MultiSimilarityMiner(0.5)(x, y), pml_miners.MultiSimilarityMiner(0.5)(x, y)
+    assert len(pml[0]) > 0 and all(torch.equal(a, b) for a, b in zip(ours, pml))
+
+
+@pytest.mark.parametrize("how", ["autocast", "bfloat16", "float16"])
+@pytest.mark.parametrize("miner,loss", [(lambda: miners.MultiSimilarityMiner(0.1), lambda: fpl.ContrastiveLoss()),
+                                        (lambda: miners.PairMarginMiner(0.3, 0.2, distance=CosineSimilarity()),
+                                         lambda: fpl.SupConLoss()),
+                                        (lambda: miners.TripletMarginMiner(distance=CosineSimilarity()),
+                                         lambda: fpl.TripletMarginLoss(distance=CosineSimilarity()))],
+                         ids=["ms-contrastive", "pair_margin-supcon", "triplet"])
+def test_mined_in_half_precision_is_read_from_the_list(how, miner, loss):
+    """PML's miner in half precision (half inputs, or the cosine's matmul under autocast) keeps the
+    pairs of its rounded matrix: the loss reads the list (the engine's fp32 rule keeps others near
+    the edges), so the mined result and its plain tuple give the same bits."""
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(64, 32, generator=g)
+        x = (x if how == "autocast" else x.to(getattr(torch, how))).requires_grad_(True)
+        y = torch.randint(0, 4, (64,), generator=g)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=how == "autocast"):
+            mined = miner()(x, y)
+            values = [loss()(x, y, indices) for indices in (mined, tuple(mined))]
+        grads = [torch.autograd.grad(v, x)[0] for v in values]
+        assert mined.half_precision
+        assert torch.equal(values[0], values[1]) and torch.equal(grads[0], grads[1]), seed
+
+
 @pytest.mark.parametrize("name,loss", [("TripletMarginMiner", "TripletMarginLoss"),
                                        ("PairMarginMiner", "ContrastiveLoss"),
                                        ("MultiSimilarityMiner", "MultiSimilarityLoss")])
