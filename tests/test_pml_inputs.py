@@ -936,3 +936,58 @@ def test_labels_at_both_int64_extremes_as_pml(name):
     labels = torch.tensor([extreme.min, extreme.min, extreme.max, extreme.max, 5, 0, 0, 5, 7, 0])
     ours, pml = modules(name)
     assert_same(value_and_grad(ours, x, labels), value_and_grad(pml, x, labels))
+
+
+def _doubled(module, inputs, output):
+    return output * 2.0
+
+
+@pytest.mark.parametrize("name,make", [("TripletMarginLoss", distances.LpDistance),
+                                       ("ContrastiveLoss", distances.CosineSimilarity),
+                                       ("NCALoss", distances.DotProductSimilarity),
+                                       ("SignalToNoiseRatioContrastiveLoss", distances.SNRDistance)])
+@pytest.mark.parametrize("how", ["hook", "hook_later", "compute_mat", "is_inverted"])
+def test_a_distance_that_computes_otherwise_than_its_class_is_pmls(name, make, how):
+    """PML's losses call their distance object (its forward hooks run, a compute_mat set on the
+    instance is called) and read its is_inverted: such a distance, also made so after a first
+    call, is computed by PML, not as its class's fused distance."""
+    x, y = batch(26, n=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        made = []
+        for lib in (fpl.losses, L):
+            d = make()
+            if how == "hook":
+                d.register_forward_hook(_doubled)
+            loss = getattr(lib, name)(distance=d)
+            loss(x, y)
+            if how == "hook_later":
+                d.register_forward_hook(_doubled)
+            elif how == "compute_mat":
+                d.compute_mat = (lambda f: lambda q, r: 2.0 * f(q, r))(d.compute_mat)
+            elif how == "is_inverted":
+                d.is_inverted = not d.is_inverted
+            made.append(loss)
+        ours, pml = made
+        assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))
+
+
+def test_a_hooked_distance_in_our_batch_miner_is_pmls():
+    x, y = batch(27, n=16)
+    mined = []
+    for lib in (fpl.miners, miners):
+        d = distances.LpDistance()
+        d.register_forward_hook(lambda m, i, o: -o)
+        mined.append(lib.BatchHardMiner(distance=d)(x, y))
+    assert all(torch.equal(a, b) for a, b in zip(*mined))
+
+
+def test_nca_fuses_a_dot_product_on_normalized_rows():
+    """DotProductSimilarity() on PML's normalized rows is the cosine, fused as the docs say."""
+    x, y = batch(28, n=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        ours = fpl.losses.NCALoss(distance=distances.DotProductSimilarity())
+        value = value_and_grad(ours, x, y)
+    assert ours._pml is None
+    assert_same(value, value_and_grad(L.NCALoss(distance=distances.DotProductSimilarity()), x, y))

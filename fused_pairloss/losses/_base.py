@@ -136,6 +136,28 @@ def _defined_by_the_library(loss_cls, name):
     return False
 
 
+# PML's distances' is_inverted as their classes set it (a similarity is inverted)
+_CLASS_IS_INVERTED = {"CosineSimilarity": True, "DotProductSimilarity": True, "LpDistance": False,
+                      "SNRDistance": False}
+
+
+def _instance_overrides(obj):
+    """The callables set on the object itself (not its class's methods): ids, by name."""
+    return tuple(sorted((k, id(v)) for k, v in vars(obj).items() if callable(v) and not k.startswith("__")))
+
+
+def computes_as_its_class(distance):
+    """Whether PML's call of this distance object computes what its class and settings say: no
+    forward (pre-)hook, no method replaced on the instance, is_inverted as its class sets it (PML's
+    losses read it to flip their comparisons). Else PML computes."""
+    if getattr(distance, "_forward_hooks", None) or getattr(distance, "_forward_pre_hooks", None):
+        return False
+    if _instance_overrides(distance):
+        return False
+    inverted = _CLASS_IS_INVERTED.get(type(distance).__name__)
+    return inverted is None or getattr(distance, "is_inverted", inverted) == inverted
+
+
 def _distance_name(distance):
     """A PML distance object (or None / "cosine" / "lp") as the fused engines name it: "cosine" for
     CosineSimilarity() and DotProductSimilarity() on normalized embeddings, "lp" for LpDistance()
@@ -147,7 +169,7 @@ def _distance_name(distance):
     except ImportError:  # a distance object without PML installed: not one of ours
         return None
     if not (getattr(distance, "p", None) == 2 and getattr(distance, "power", None) == 1
-            and getattr(distance, "normalize_embeddings", False)):
+            and getattr(distance, "normalize_embeddings", False) and computes_as_its_class(distance)):
         return None
     if type(distance) in (pml_distances.CosineSimilarity, pml_distances.DotProductSimilarity):
         return "cosine"
@@ -396,7 +418,8 @@ def _settings(obj):
         plain = tuple(sorted((k, _settings(v)) for k, v in vars(obj).items()
                              if not k.startswith("_") and k not in skip
                              and isinstance(v, (bool, int, float, str, type(None)))))
-        return type(obj), plain, tuple((k, _settings(m)) for k, m in obj._modules.items())
+        hooks = (tuple(obj._forward_hooks), tuple(obj._forward_pre_hooks), _instance_overrides(obj))
+        return type(obj), plain, tuple((k, _settings(m)) for k, m in obj._modules.items()), hooks
     if isinstance(obj, float) and obj != obj:  # NaN (not math.isnan: a float torch.compile traces symbolically)
         return "nan"
     if isinstance(obj, (bool, int, float, str, type(None))):

@@ -32,7 +32,7 @@ from ..ops.engines import exclusion_for
 from ..ops.operands import softplus
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
-from ._base import _PairLoss, _has_short_row, run_pair_loss
+from ._base import _PairLoss, _has_short_row, computes_as_its_class, run_pair_loss
 from ._reference_common import lp_distances, miner_weights, nan_in_nan_out
 from ._registry import LossEntry
 
@@ -157,7 +157,7 @@ def nca_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, softmax_scale
 
 def _nca_distance_kind(distance):
     """PML's distance object as this loss fuses it: LpDistance(power=2) (normalized, p=2) or
-    CosineSimilarity(); None for anything else (PML computes)."""
+    CosineSimilarity() / DotProductSimilarity() (normalized); None for anything else (PML computes)."""
     if distance is None:
         return "squared_lp"
     if isinstance(distance, str):
@@ -166,11 +166,13 @@ def _nca_distance_kind(distance):
         from pytorch_metric_learning import distances as pml_distances
     except ImportError:
         return None
-    if not (getattr(distance, "p", None) == 2 and getattr(distance, "normalize_embeddings", False)):
+    if not (getattr(distance, "p", None) == 2 and getattr(distance, "normalize_embeddings", False)
+            and computes_as_its_class(distance)):
         return None
     if type(distance) is pml_distances.LpDistance and getattr(distance, "power", None) == 2:
         return "squared_lp"
-    if type(distance) is pml_distances.CosineSimilarity and getattr(distance, "power", None) == 1:
+    if (type(distance) in (pml_distances.CosineSimilarity, pml_distances.DotProductSimilarity)
+            and getattr(distance, "power", None) == 1):  # the same on normalized rows
         return "cosine"
     return None
 

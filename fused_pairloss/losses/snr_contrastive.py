@@ -36,7 +36,7 @@ from ..ops._common import LOCAL, loss_function, normalize, zero_loss
 from ..ops.listed import ListedPairs
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
-from ._base import _PairLoss, run_pair_loss
+from ._base import _PairLoss, computes_as_its_class, run_pair_loss
 from ._reference_common import (avg_non_zero, fp16_rows_normalized_to_nan, nan_in_nan_out, pair_count_matrices,
                                 pml_pairs_of_call, too_few_pairs)
 from ._registry import LossEntry
@@ -199,7 +199,8 @@ def _snr_distance_kind(distance):
     except ImportError:
         return None
     if (type(distance) is SNRDistance and getattr(distance, "normalize_embeddings", False)
-            and getattr(distance, "p", None) == 2 and getattr(distance, "power", None) == 1):
+            and getattr(distance, "p", None) == 2 and getattr(distance, "power", None) == 1
+            and computes_as_its_class(distance)):
         return "snr"
     return None
 
