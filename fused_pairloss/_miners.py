@@ -453,6 +453,23 @@ def _index_versions(indices):
     return tuple(None if t.is_inference() else t._version for t in indices)
 
 
+def _copies_under_other_labels(rows, labels):
+    """Whether two rows normalize to the same bits (copies, or one a power-of-two multiple of the
+    other) while their labels differ (NaN labels differ from everything)."""
+    if rows.shape[0] < 2:
+        return False
+    _, group = torch.unique(torch.nn.functional.normalize(rows.detach(), dim=1), dim=0, return_inverse=True)
+    label_ids = torch.unique(labels, return_inverse=True)[1].reshape(-1).to(group.device)
+    label_ids = torch.where(labels.reshape(-1) == labels.reshape(-1), label_ids,  # each NaN its own label
+                            -1 - torch.arange(label_ids.numel(), device=group.device))
+    n_groups = int(group.max()) + 1
+    lowest = torch.full((n_groups,), label_ids.numel(), dtype=torch.int64, device=group.device)
+    highest = torch.full((n_groups,), -label_ids.numel() - 1, dtype=torch.int64, device=group.device)
+    lowest = lowest.scatter_reduce(0, group, label_ids, "amin")
+    highest = highest.scatter_reduce(0, group, label_ids, "amax")
+    return bool((lowest != highest).any())
+
+
 def _mined_in_half_precision(distance, embeddings, ref_emb):
     """True when PML's miner measured in fp16 / bf16: half inputs, or the cosine's matmul under
     autocast. Its list then holds the roundings of that matrix, which the engines' fp32 / fp64
@@ -515,6 +532,15 @@ class MinedTriplets(_Mined):
         out = super().__new__(cls, triplets, miner, embeddings, labels, ref_emb, ref_labels)
         out.window = triplet_window(miner.margin, miner.type_of_triplets)
         return out
+
+    def fused_for(self, embeddings, labels, ref_emb, ref_labels, distance):
+        """Also not where the window has an edge at 0 ("hard", "semihard", a margin of 0) and a ref
+        row has a copy under another label: a triplet whose positive and negative are such copies
+        has u_an - u_ap = 0 exactly, which PML's matrix rounds to either side (its columns' bits
+        depend on their position) and the engine does not: the list is read."""
+        if not super().fused_for(embeddings, labels, ref_emb, ref_labels, distance):
+            return False
+        return 0.0 not in self.window or not _copies_under_other_labels(self.ref_emb, self.ref_labels)
 
 
 class MinedPairs(_Mined):

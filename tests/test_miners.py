@@ -672,6 +672,31 @@ def test_ms_miner_with_nan_labels_as_pml():
     assert len(pml[0]) > 0 and all(torch.equal(a, b) for a, b in zip(ours, pml))
 
 
+@pytest.mark.parametrize("type_of_triplets", ["hard", "semihard"])
+@pytest.mark.parametrize("distance", [CosineSimilarity, LpDistance])
+def test_triplet_window_at_zero_with_copies_under_other_labels_reads_the_list(type_of_triplets, distance):
+    """Samples copied under another label: a triplet whose positive and negative are copies sits
+    exactly on the "hard" / "semihard" edge at 0, which PML's matrix rounds to either side; the
+    loss reads the list there (PML's value), and fuses the window without such copies."""
+    g = torch.Generator().manual_seed(37)
+    base = torch.randn(15, 8, generator=g, dtype=torch.float64)
+    x = torch.cat([base, base[torch.randint(0, 15, (15,), generator=g)]])
+    y = torch.randint(0, 4, (30,), generator=g)
+    mined = miners.TripletMarginMiner(0.2, type_of_triplets, distance=distance())(x, y)
+    listed = pml_miners.TripletMarginMiner(0.2, type_of_triplets, distance=distance())(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(mined, listed))
+    loss = fpl.TripletMarginLoss(margin=0.05, distance=distance())
+    assert not mined.fused_for(x, y, None, None, loss._distance_kind)
+    ours = loss(x, y, mined)
+    assert torch.equal(ours, loss(x, y, tuple(mined)))
+    # (PML's cdist of more than 25 rows goes through a matmul: 1e-10 off in fp64 where d is near 0)
+    torch.testing.assert_close(ours, pml_losses.TripletMarginLoss(margin=0.05, distance=distance())(x, y, listed),
+                               rtol=1e-8, atol=0)
+    y_base = y[:15]
+    distinct = miners.TripletMarginMiner(0.2, type_of_triplets, distance=distance())(base, y_base)
+    assert distinct.fused_for(base, y_base, None, None, loss._distance_kind)
+
+
 @pytest.mark.parametrize("how", ["autocast", "bfloat16", "float16"])
 @pytest.mark.parametrize("miner,loss", [(lambda: miners.MultiSimilarityMiner(0.1), lambda: fpl.ContrastiveLoss()),
                                         (lambda: miners.PairMarginMiner(0.3, 0.2, distance=CosineSimilarity()),
