@@ -36,10 +36,10 @@ from .ops import oracle
 from .ops._common import LOCAL, Batch, loss_function, pair_operands, zero_loss
 from .ops.engines import PairStats
 from .ops.listed import ListedPairs, listed_pair_stats
-from .ops.spec import DISTANCES, FLOAT_MAX, FLOAT_TINY, PairLossSpec, PairTerm, pair_stats_of
+from .ops.spec import DISTANCES, FLOAT_MAX, FLOAT_TINY, PairHistogram, PairLossSpec, PairTerm, pair_stats_of
 from .ops.stats import pair_stats
 
-__all__ = ["PairTerm", "PairLossSpec", "PairStats", "Batch", "pair_loss", "check_declaration"]
+__all__ = ["PairTerm", "PairLossSpec", "PairHistogram", "PairStats", "Batch", "pair_loss", "check_declaration"]
 
 # names a hyper-parameter cannot take: the call's own arguments and the module's attributes (each
 # hyper-parameter becomes a property of the class)
@@ -109,6 +109,11 @@ def pair_loss(name, *, declaration, combine, hyper, distance="cosine", pair_base
     params = inspect.signature(combine).parameters
     if "batch" not in params:
         raise TypeError("combine must take a keyword argument batch (the rows' reductions)")
+    positional = [k for k, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:2]
+    taken = sorted(set(hyper) & set(positional))
+    if taken:  # combine(stats, embeddings, batch=..., **hyper) would get them twice
+        raise ValueError(f"hyper: {taken} also names combine's positional parameter (the stats, the embeddings): "
+                         "name the hyper-parameters otherwise")
     reserved = sorted(k for k in hyper if k in _RESERVED_NAMES or k.startswith("_") or not k.isidentifier())
     if reserved:
         raise ValueError(f"hyper: {reserved} are names the loss's call or class already has (distance, backend, "
@@ -190,6 +195,9 @@ def pair_loss(name, *, declaration, combine, hyper, distance="cosine", pair_base
         if len(args) > len(hyper):
             raise TypeError(f"{name} takes at most {len(hyper)} positional hyper-parameters ({list(hyper)})")
         values = dict(hyper, **dict(zip(hyper, args)))
+        twice = set(list(hyper)[:len(args)]) & set(kwargs)
+        if twice:
+            raise TypeError(f"{name} got multiple values for argument {sorted(twice)[0]!r}")
         unknown = set(kwargs) - set(hyper)
         if unknown:
             raise TypeError(f"{name}: unknown arguments {sorted(unknown)}; it takes {list(hyper)}, distance, backend")

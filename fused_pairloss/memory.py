@@ -362,6 +362,9 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
         if plan is None:
             loss, miner = self.loss, self.miner
             declared = getattr(type(loss), "declaration", None) is not None  # fused_pairloss.declare
+            if declared and loss._has_a_miners_rule() and indices_tuple is not None:
+                raise ValueError(f"{type(loss).__name__}: pass either indices_tuple or its declaration's miner rule "
+                                 "(miner_epsilon or windows), not both")
             if declared and loss._has_a_miners_rule():
                 raise ValueError(f"{type(loss).__name__}: a declared loss that mines (its declaration's miner_epsilon "
                                  "or windows) "

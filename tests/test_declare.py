@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fused_pairloss as fpl
-from fused_pairloss.declare import PairLossSpec, PairTerm, check_declaration, pair_loss
+from fused_pairloss.declare import PairHistogram, PairLossSpec, PairTerm, check_declaration, pair_loss
 
 import kit
 
@@ -98,6 +98,9 @@ def test_declared_miner_epsilon_in_cross_batch_memory_mines_as_pmls():
     reference = fpl.CrossBatchMemory(declared(backend="reference"), 6, memory_size=12)
     with pytest.raises(ValueError, match="give it a fused backend"):
         reference(x, y)
+    # a fused backend given an indices_tuple as well: the tuple is the second rule, as for ours
+    with pytest.raises(ValueError, match="either indices_tuple or its declaration's miner rule"):
+        fpl.CrossBatchMemory(declared(backend="cpu"), 6, memory_size=12)(x, y, pml_miners.PairMarginMiner()(x, y))
 
 
 def test_declared_loss_attributes_as_pml_reads_them(declared):
@@ -161,6 +164,19 @@ def test_invalid_spec_fields_are_named(fields, match):
         PairLossSpec(**{**base, **fields})
 
 
+@pytest.mark.parametrize("fields,match", [
+    (dict(squared="no"), r"PairHistogram\.squared must be a bool"),
+    (dict(pml_bins="False"), r"PairHistogram\.pml_bins must be a bool"),
+    (dict(inv_width=True), r"PairHistogram\.inv_width must be a real number"),
+    (dict(inv_width="2"), r"PairHistogram\.inv_width must be a real number"),
+    (dict(lo=None), r"PairHistogram\.lo must be a real number"),
+    (dict(nodes=4.0), r"PairHistogram\.nodes must be an int"),
+])
+def test_invalid_histogram_fields_are_named(fields, match):
+    with pytest.raises(TypeError, match=match):
+        PairHistogram(**{**dict(nodes=5, inv_width=2.0), **fields})
+
+
 def test_declared_loss_checks_what_its_parts_return():
     import numpy as np
     ok = PairLossSpec(pos=PairTerm(scale=1.0, lse=True), neg=PairTerm(scale=1.0, lse=True))
@@ -198,6 +214,11 @@ def test_invalid_declaration_arguments_are_named():
                     hyper={"margin": 0.1})
     with pytest.raises(TypeError, match="unknown arguments"):
         cls(margn=0.2)
+    with pytest.raises(TypeError, match="multiple values for argument 'margin'"):
+        cls(0.2, margin=0.5)
+    with pytest.raises(ValueError, match=r"\['st'\] also names combine's positional parameter"):
+        pair_loss("Clash", declaration=lambda st, distance: ok, combine=lambda st, e, *, batch: e.sum(),
+                  hyper={"st": 1.0})
     with pytest.raises(ValueError, match="distance must be one of"):
         cls(distance="manhattan")
 

@@ -135,8 +135,15 @@ class PairHistogram:
     pml_bins: bool = False
 
     def __post_init__(self):
-        if isinstance(self.nodes, bool) or not isinstance(self.nodes, int) or not 1 <= self.nodes <= 1 << 20:
+        if isinstance(self.nodes, bool) or not isinstance(self.nodes, int):
+            raise TypeError(f"PairHistogram.nodes must be an int; got {self.nodes!r}")
+        if not 1 <= self.nodes <= 1 << 20:
             raise ValueError(f"PairHistogram.nodes must be an int in [1, 2^20]; got {self.nodes!r}")
+        for name in ("inv_width", "lo"):
+            _check_number(f"PairHistogram.{name}", getattr(self, name))
+        for name in ("squared", "pml_bins"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"PairHistogram.{name} must be a bool; got {getattr(self, name)!r}")
         if not 0 < self.inv_width <= FLOAT_MAX:  # the float engine rounds it
             raise ValueError(f"PairHistogram.inv_width must be a number > 0 and at most the largest float; "
                              f"got {self.inv_width!r}")
