@@ -65,6 +65,16 @@ def available_backends(device="cpu") -> list:
     return out
 
 
+def check_backend_name(backend):
+    """A module's `backend` when it is set (its availability on the inputs' device is checked at the
+    call): 'auto' or one of BACKENDS."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, one of {('auto',) + BACKENDS}; got {type(backend).__name__}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {list(BACKENDS)}; got {backend!r}")
+    return backend
+
+
 def _assume_constant_result(fn):
     # Backend choice depends only on (backend, device) and the install: under torch.compile it is
     # evaluated once at trace time and baked in as a constant (no graph break).

@@ -48,9 +48,16 @@ def check_embeddings(x, name="embeddings", allow_empty=False):
         raise ValueError(f"{name} must have N >= 1 rows and D >= 1 columns; got shape {tuple(x.shape)}")
 
 
-def check_labels(labels, n, name="labels", emb_name="embeddings"):
+_WIDE_UNSIGNED = tuple(getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name))
+
+
+def check_labels(labels, n, name="labels", emb_name="embeddings", device=None):
+    """`device`: the device of the rows the labels belong to (the functional forms do not move them;
+    the modules move them first, as PML's c_f.to_device)."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a 1-D integer torch.Tensor of length {n}; got {type(labels).__name__}")
+    if device is not None and labels.device != device:
+        raise ValueError(f"{name} must be on the device of {emb_name} ({device}); got {labels.device}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor; got dtype {labels.dtype}")
     if labels.dim() != 1:
@@ -118,15 +125,15 @@ def check_pair_inputs(embeddings, labels, ref_emb, ref_labels):
     check_embeddings(embeddings)
     if labels is None:
         raise ValueError("labels is required (a 1-D integer tensor of length N)")
-    check_labels(labels, embeddings.shape[0])
+    check_labels(labels, embeddings.shape[0], device=embeddings.device)
     if ref_emb is None and ref_labels is not None:
         raise ValueError("ref_labels was given without ref_emb; pass both or neither")
     if ref_emb is not None:
         check_embeddings(ref_emb, "ref_emb")
         if ref_labels is None:
-            raise ValueError("ref_emb was given without ref_labels: the labels then stand for ref_emb's rows too "
-                             f"(as in PML), which needs ref_emb to have {embeddings.shape[0]} rows like embeddings; "
-                             f"got {ref_emb.shape[0]}")
+            raise ValueError("ref_emb was given without ref_labels: the functional forms need ref_labels (the "
+                             "modules take the labels for ref_emb's rows too, as PML, where ref_emb has as many "
+                             "rows as embeddings)")
         if ref_emb.shape[1] != embeddings.shape[1]:
             raise ValueError(
                 f"ref_emb must have the embedding width D={embeddings.shape[1]} of embeddings; "
@@ -135,7 +142,7 @@ def check_pair_inputs(embeddings, labels, ref_emb, ref_labels):
             raise TypeError(f"ref_emb must have the dtype of embeddings ({embeddings.dtype}); got {ref_emb.dtype}")
         if ref_emb.device != embeddings.device:
             raise ValueError(f"ref_emb must be on the device of embeddings ({embeddings.device}); got {ref_emb.device}")
-        check_labels(ref_labels, ref_emb.shape[0], "ref_labels", "ref_emb")
+        check_labels(ref_labels, ref_emb.shape[0], "ref_labels", "ref_emb", device=ref_emb.device)
         if ref_labels is labels and ref_emb.shape[0] != embeddings.shape[0]:
             raise ValueError("ref_labels is labels, so ref_emb must have as many rows as embeddings")
 
@@ -262,6 +269,8 @@ def check_margins_ordered(pos_margin, neg_margin, distance, loss, functional=Non
         why = f"pos_margin={pos_margin} < neg_margin={neg_margin} for a similarity (CosineSimilarity)"
     else:
         return
+    if _compiling():  # (a warning cannot be traced; an eager call or the construction gives it)
+        return
     if (loss, why) not in _warned_margins:  # once: the functional forms check on every call
         _warned_margins.add((loss, why))
         warnings.warn(f"fused_pairloss: {loss}: {why}: the margins are in the order meant for the other kind of "
@@ -281,7 +290,9 @@ def check_centers(embeddings, labels, centers, centers_per_class, name="centers"
     check_embeddings(embeddings)
     if labels is None:
         raise ValueError("labels is required (a 1-D integer tensor of length N)")
-    check_labels(labels, embeddings.shape[0])
+    check_labels(labels, embeddings.shape[0], device=embeddings.device)
+    if labels.dtype in _WIDE_UNSIGNED:  # (torch indexes with none of them)
+        raise TypeError(f"labels must be a signed integer tensor (or uint8) of class indices; got {labels.dtype}")
     if (isinstance(centers_per_class, bool) or not isinstance(centers_per_class, numbers.Integral)
             or centers_per_class < 1):
         raise ValueError(f"{k_name} must be an int >= 1; got {centers_per_class!r}")

@@ -110,7 +110,7 @@ def test_p2s_grad_renormalizes_in_place_and_refuses_what_pml_refuses():
         ours(x)
 
 
-@pytest.mark.parametrize("name", ["ContrastiveLoss", "GeneralizedLiftedStructureLoss"])
+@pytest.mark.parametrize("name", ["ContrastiveLoss", "GeneralizedLiftedStructureLoss", "LiftedStructureLoss"])
 def test_cosine_with_default_margins_is_accepted_as_pml(name, monkeypatch):
     monkeypatch.setattr(fpl._validation, "_warned_margins", set())
     x, y = batch(3)
@@ -122,6 +122,19 @@ def test_cosine_with_default_margins_is_accepted_as_pml(name, monkeypatch):
         value = ours(x, y)
     assert not [m for m in at_call if "order meant" in str(m.message)], "warned once, not again by the call"
     torch.testing.assert_close(value, getattr(L, name)(distance=CosineSimilarity())(x, y), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["ContrastiveLoss", "GeneralizedLiftedStructureLoss", "LiftedStructureLoss"])
+def test_margins_assigned_in_the_other_order_compile_fullgraph(name, monkeypatch):
+    """The margin-order warning is not traced (torch.compile cannot): a compiled call with margins
+    assigned in the other order computes, as the eager call does."""
+    monkeypatch.setattr(fpl._validation, "_warned_margins", set())
+    x, y = batch(4)
+    module = getattr(fpl, name)()
+    module.pos_margin = 1.5
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, y), module(x, y))
 
 
 

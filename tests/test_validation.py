@@ -502,3 +502,79 @@ def test_margins_in_the_degenerate_order_warn_as_pml_accepts_them(make, monkeypa
     monkeypatch.setattr(V, "_warned_margins", set())  # once per setting
     with pytest.warns(UserWarning, match="pos_margin"):
         make()
+
+
+def test_backend_names_are_checked_at_construction():
+    """A misspelt backend is named when the module is built (or the attribute set), not at the
+    first call."""
+    for make in (lambda: fpl.ContrastiveLoss(backend="CPU"), lambda: fpl.ClipLoss(backend="CPU"),
+                 lambda: fpl.SigLipLoss(backend="gpu")):
+        with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+            make()
+    with pytest.raises(TypeError, match="backend must be a str"):
+        fpl.CosFaceLoss(3, 4, backend=1)
+    loss = fpl.TripletMarginLoss()
+    with pytest.raises(ValueError, match="backend"):
+        loss.backend = "Triton"
+
+
+def test_functional_labels_on_another_device_are_named():
+    """The functional forms do not move labels (the modules do, as PML): labels on another device
+    than their rows' are a ValueError naming them."""
+    x, y = torch.randn(6, 4), torch.arange(6) % 3
+    with pytest.raises(ValueError, match=r"labels must be on the device of embeddings"):
+        Fn.contrastive_loss(x, y.to("meta"))
+    with pytest.raises(ValueError, match=r"ref_labels must be on the device of ref_emb"):
+        Fn.contrastive_loss(x, y, x.flip(0), y.to("meta"))
+    with pytest.raises(ValueError, match=r"labels must be on the device of embeddings"):
+        Fn.cosface_loss(x, y.to("meta"), torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+def test_class_loss_labels_of_wide_unsigned_dtypes_are_named(dtype):
+    x = torch.randn(6, 4)
+    with pytest.raises(TypeError, match=r"labels must be a signed integer tensor"):
+        fpl.CosFaceLoss(3, 4)(x, (torch.arange(6) % 3).to(dtype))
+
+
+def test_functional_takes_one_element_tensor_hyper_parameters():
+    """As the modules, the functional forms take a hyper-parameter given as a one-element tensor."""
+    x, y = torch.randn(12, 4, dtype=torch.float64), torch.arange(12) % 3
+    torch.testing.assert_close(Fn.triplet_margin_loss(x, y, margin=torch.tensor(0.3, dtype=torch.float64)),
+                               Fn.triplet_margin_loss(x, y, margin=0.3), rtol=0, atol=0)
+    torch.testing.assert_close(Fn.soft_triple_loss(x, y, torch.randn(4, 6, dtype=torch.float64),
+                                                   centers_per_class=torch.tensor(2)).isfinite(), torch.tensor(True))
+
+
+def test_ref_emb_without_ref_labels_in_a_functional_form_says_what_it_needs():
+    x, y = torch.randn(8, 4), torch.arange(8) % 3
+    with pytest.raises(ValueError, match="the functional forms need ref_labels"):
+        Fn.contrastive_loss(x, y, x.flip(0))
+
+
+def test_tcm_pairs_of_ref_rows_beyond_the_batch_name_ref_emb():
+    """ThresholdConsistentMarginLoss takes both ends of a pair from embeddings (as PML, whose call
+    then fails with an IndexError): a ref with more rows is named."""
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.arange(16) % 4
+    r, ry = torch.randn(20, 6, dtype=torch.float64), torch.arange(20) % 4
+    with pytest.raises(ValueError, match="ref_emb: ThresholdConsistentMarginLoss takes both ends"):
+        Fn.threshold_consistent_margin_loss(x, y, r, ry)
+
+
+def test_dynamic_soft_margin_functional_state_is_returned_and_checked():
+    """return_histogram=True gives the state after the call, which the next call takes as
+    histogram=: three calls equal PML's module's three calls, and its hist_."""
+    pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 4, dtype=torch.float64, generator=g), torch.arange(16) % 3
+    pml = pml_losses.DynamicSoftMarginLoss(min_val=-4.0, num_bins=12)
+    state = None
+    for step in range(3):
+        value, state = Fn.dynamic_soft_margin_loss(x + 0.1 * step, y, min_val=-4.0, num_bins=12, histogram=state,
+                                                   return_histogram=True)
+        torch.testing.assert_close(value, pml(x + 0.1 * step, y))
+        torch.testing.assert_close(state, pml.hist_)
+    with pytest.raises(ValueError, match=r"histogram must have shape \(10,\)"):
+        Fn.dynamic_soft_margin_loss(x, y, histogram=torch.zeros(5))
+    with pytest.raises(TypeError, match="histogram must be None or a floating-point tensor"):
+        Fn.dynamic_soft_margin_loss(x, y, histogram=[0.0] * 10)

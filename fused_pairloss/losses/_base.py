@@ -29,7 +29,7 @@ import warnings
 import torch
 
 from .. import _validation as V
-from .._backends import resolve_backend
+from .._backends import check_backend_name, resolve_backend
 from ..ops._common import hyper_parameters_as_constants, zero_loss
 from ..ops.operands import autocast_enabled
 from ._reference_common import fp16_rows_normalized_to_nan, nan_in_nan_out
@@ -706,6 +706,8 @@ class _PmlFallback:
     def __setattr__(self, name, value):
         if isinstance(self.__dict__.get(name), numbers.Real):  # a number assigned as a tensor / numpy number
             value = _plain_number(value)  # (PML takes them), as the constructor's arguments
+        if name == "backend":
+            check_backend_name(value)
         super().__setattr__(name, value)
         if not name.startswith("_") and "_pml_setup" in self.__dict__:  # after PML's instance could exist
             self.__dict__.setdefault("_assigned", set()).add(name)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._backends import check_backend_name
 from ..ops._common import loss_function
 from ..ops.image_text import clip_lse
 from ..ops.operands import softplus, stat_dtype
@@ -191,7 +192,7 @@ class ClipLoss(torch.nn.Module):
         self.rank = rank
         self.world_size = world_size
         self.use_horovod = use_horovod
-        self.backend = backend
+        self.backend = check_backend_name(backend)
         self.prev_num_logits = 0  # open_clip's label cache (get_ground_truth)
         self.labels = {}
 

@@ -135,14 +135,24 @@ def dynamic_soft_margin_fused(embeddings, labels, ref_emb, ref_labels, *, min_va
 
 @loss_function
 def dynamic_soft_margin_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, min_val=-2.0, num_bins=10,
-                             momentum=0.01, histogram=None, distance="lp", backend="auto"):
+                             momentum=0.01, histogram=None, distance="lp", backend="auto", return_histogram=False):
     """PML DynamicSoftMarginLoss(min_val, num_bins, momentum) with its LpDistance(); `histogram`:
-    the state before this call (PML's hist_; zeros: the first call). The module keeps the state."""
+    the state before this call (PML's hist_; None: zeros, the first call). The module keeps the
+    state; `return_histogram=True` returns (loss, the state after this call, detached) for the next."""
     check_bins(min_val, num_bins, momentum)
     check_distance(distance, allowed=("lp",), loss="dynamic_soft_margin_loss")
+    if histogram is not None:
+        if not isinstance(histogram, torch.Tensor) or not histogram.is_floating_point():
+            raise TypeError(f"histogram must be None or a floating-point tensor of num_bins={num_bins} entries (the "
+                            f"previous call's state); got {type(histogram).__name__}"
+                            + (f" of dtype {histogram.dtype}" if isinstance(histogram, torch.Tensor) else ""))
+        if histogram.shape != (num_bins,):
+            raise ValueError(f"histogram must have shape ({num_bins},) (num_bins); got {tuple(histogram.shape)}")
+    if not isinstance(return_histogram, bool):
+        raise TypeError(f"return_histogram must be a bool; got {return_histogram!r}")
     return run_pair_loss(dynamic_soft_margin_reference, dynamic_soft_margin_fused, embeddings, labels, ref_emb,
                          ref_labels, backend, min_val=min_val, num_bins=num_bins, momentum=momentum,
-                         histogram=histogram, distance=distance)
+                         histogram=histogram, distance=distance, return_histogram=return_histogram)
 
 
 class DynamicSoftMarginLoss(_PairLoss):

@@ -187,6 +187,7 @@ def lifted_structure_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, 
     V.check_real("pos_margin", pos_margin)
     V.check_real("neg_margin", neg_margin)
     V.check_distance(distance)
+    V.check_margins_ordered(pos_margin, neg_margin, distance, "lifted_structure_loss")
     return run_pair_loss(lifted_structure_pairs_reference, lifted_structure_pairs_fused, embeddings, labels, ref_emb,
                          ref_labels, backend, neg_margin=neg_margin, pos_margin=pos_margin, distance=distance)
 
@@ -205,6 +206,9 @@ class LiftedStructureLoss(_PairLoss):
         V.check_real("neg_margin", neg_margin)
         self.neg_margin, self.pos_margin = neg_margin, pos_margin
         self._init_pair(backend, kwargs, (neg_margin, pos_margin))
+        if self._distance_kind is not None:
+            V.check_margins_ordered(pos_margin, neg_margin, self._distance_kind, "LiftedStructureLoss",
+                                    "lifted_structure_loss")
 
     def _hyper(self):
         return dict(neg_margin=self.neg_margin, pos_margin=self.pos_margin, distance=self._distance_kind)

@@ -25,6 +25,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from .._backends import check_backend_name
 from ..ops._common import loss_function
 from ..ops.image_text import siglip_rows
 from ..ops.operands import softplus, stat_dtype
@@ -168,7 +169,7 @@ class SigLipLoss(torch.nn.Module):
         self.world_size = world_size
         self.dist_impl = check_dist_impl(dist_impl)
         self.chunk_size = chunk_size
-        self.backend = backend
+        self.backend = check_backend_name(backend)
         self.prev_num_logits = 0  # open_clip's attributes (its label cache, unused there too)
         self.labels = {}
 

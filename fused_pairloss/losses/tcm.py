@@ -37,6 +37,12 @@ def tcm_reference(embeddings, labels, ref_emb=None, ref_labels=None, *, lambda_p
     shape = (embeddings.shape[0], (embeddings if ref_emb is None else ref_emb).shape[0])
     a1, p, a2, n = pml_pair_lists(*pair_count_matrices(labels, ref_emb, ref_labels, indices_tuple, shape,
                                                        embeddings.device))
+    if ref_emb is not None and ref_emb.shape[0] > embeddings.shape[0] and not V._compiling():
+        ends = torch.cat([p, n])
+        if ends.numel() and int(ends.max()) >= embeddings.shape[0]:  # PML: an IndexError
+            raise ValueError(f"ref_emb: ThresholdConsistentMarginLoss takes both ends of a pair from embeddings (as "
+                             f"PML), so its pairs' ref rows must be rows of embeddings too; ref_emb has "
+                             f"{ref_emb.shape[0]} rows, embeddings {embeddings.shape[0]}")
     pos_sims = torch.nn.functional.cosine_similarity(rows_of(embeddings, a1), rows_of(embeddings, p))
     neg_sims = torch.nn.functional.cosine_similarity(rows_of(embeddings, a2), rows_of(embeddings, n))
     below = pos_sims <= margin_plus

@@ -4,6 +4,7 @@ distributed wrapper can run the same combination over rows spread across ranks).
 from __future__ import annotations
 
 import functools
+import inspect
 import threading
 
 import numpy as np
@@ -116,19 +117,31 @@ def loss_function(fn):
     - forward-mode AD (torch.autograd.forward_ad, torch.func.jvp / jacfwd) raises unless the call
       is the reference backend's: the fused ops have no forward derivative, and their outputs would
       carry a zero tangent;
-    - numpy numbers among the keyword arguments are the Python numbers they hold."""
+    - numpy numbers among the keyword arguments are the Python numbers they hold, and so, in eager
+      calls, are one-element tensors (not requiring grad) given for a keyword whose default is a
+      number (PML's modules take such hyper-parameters)."""
+    numeric_defaults = {name for name, p in inspect.signature(fn).parameters.items()
+                        if isinstance(p.default, (int, float)) and not isinstance(p.default, bool)}
+
+    def as_number(name, v):
+        if isinstance(v, (np.generic, np.ndarray)) and v.ndim == 0:  # torch.compile traces them as arrays
+            return v.item()
+        if (name in numeric_defaults and isinstance(v, torch.Tensor) and v.numel() == 1 and not v.requires_grad
+                and not v.is_complex() and not torch.compiler.is_compiling()):
+            return v.item()
+        return v
+
     @functools.wraps(fn)
     def computing_a_loss(*args, **kwargs):
-        # numpy numbers (PML takes them) as Python numbers: torch.compile traces them as arrays
-        kwargs = {k: v.item() if isinstance(v, (np.generic, np.ndarray)) and v.ndim == 0 else v
-                  for k, v in kwargs.items()}
+        kwargs = {k: as_number(k, v) for k, v in kwargs.items()}
         if torch.compiler.is_compiling():
             hyper_parameters_as_constants(kwargs)
         elif _forward_ad_in_use(args, kwargs.values()) and not _reference_backend(args, kwargs.get("backend", "auto")):
             raise NotImplementedError(
                 f"{fn.__name__}: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp / jacfwd) is not "
-                "supported by the fused ops; reverse mode is (torch.autograd.grad, torch.func.grad / jacrev, "
-                "Hessian-vector products by double backward), and backend='reference' computes with PyTorch's ops")
+                "supported by the fused ops; reverse mode is (torch.autograd.grad / backward, "
+                "torch.autograd.functional.hessian / hvp: double backward; torch.func's transforms are not), and "
+                "backend='reference' computes with PyTorch's ops")
         return fn(*args, **kwargs)
 
     computing_a_loss.loss_function = True
