@@ -603,6 +603,26 @@ def check_triplet_bins(ops, args, lo, bins, need=(True, True), device="cpu"):
     check_triplet_grads(grads, truth_g, same_g, need, dtype)
 
 
+def test_emulated_triplet_bins_inf_entry_as_the_pytorch_op(emu):
+    """A pair whose x = a - u is NaN (inf - inf; the op's own input) is in no bin, forward and
+    backward, as in the PyTorch op (the kernel binned it by a cast of NaN)."""
+    from fused_pairloss.ops import triplets
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-2, 3, (70, 9), generator=g).double() / 4
+    labels = torch.randint(0, 5, (70,), generator=g)
+    q[4, 2] = float("inf")
+    args = (q, q, labels, labels, torch.arange(70), -2.0, 0.4, 10)
+    got, same = emu.triplet_bins_engine_forward(*args), triplets.triplet_bins(*args)
+    assert torch.equal(got[1], same[1])
+    torch.testing.assert_close(got[0], same[0], equal_nan=True)
+    grad = torch.randn(same[0].shape, generator=g, dtype=torch.float64)
+    got_g = emu.triplet_bins_engine_backward(grad, *args, True, True)
+    same_g = triplets.triplet_bins_backward(grad, *args, True, True)
+    for a, b in zip(got_g, same_g):
+        torch.testing.assert_close(a, b, equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("mode", ["self", "ref"])
 def test_emulated_triplet_bins_parity(emu, dtype, mode):

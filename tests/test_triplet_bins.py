@@ -68,6 +68,22 @@ def test_cpu_kernel_nan_row_is_in_no_term():
     check_close(out[keep], ref, what="bins")
 
 
+@needs_native
+def test_cpu_kernel_inf_entry_as_the_pytorch_op():
+    """An infinite entry (the op's own input; the losses normalize it to a NaN row): a pair whose
+    x = a - u is NaN (inf - inf) is in no bin, as in the PyTorch op (the kernel's bin of a NaN
+    was an index out of its buffer)."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-2, 3, (70, 9), generator=g).double() / 4
+    labels = torch.randint(0, 5, (70,), generator=g)
+    q[4, 2] = float("inf")
+    args = (q, q, labels, labels, torch.arange(70), -2.0, 0.4, 10)
+    native = torch.ops.fused_pairloss.triplet_bins_engine_forward(*args)
+    same = triplets.triplet_bins(*args)
+    assert torch.equal(native[1], same[1])
+    torch.testing.assert_close(native[0], same[0], equal_nan=True)
+
+
 def test_many_chunks_give_the_one_chunk_result(monkeypatch):
     args = op_inputs("ref", 64, 4, torch.float64, seed=4)
     whole = op_results(triplets.triplet_bins, args, -2.0, 10)

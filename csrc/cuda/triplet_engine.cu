@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(kThreads) triplet_forward_kernel(TripletArgs<A
         double* acc = p.bin_acc + (o * 2 + h) * 3 * p.bins;
         for (int64_t j = 0; j < p.P; ++j) {
           const A a = a_row[j];
-          if (!(a == a && u == u)) continue;
+          if (!((a - u) == (a - u))) continue;  // NaN a or u, or inf - inf: in no bin (ops/triplets.py)
           A t;
           const int64_t k = bin_of(p, a, u, &t);
           acc[k] += 1.0;
@@ -211,11 +211,11 @@ __global__ void __launch_bounds__(kThreads) triplet_forward_kernel(TripletArgs<A
 }
 
 // d loss / d u of the pair (a positive's u a, a negative's u), without the row's g: 1 for a hinge
-// term > 0 (else 0), the bin's weight for the bins (0 where a or u is NaN).
+// term > 0 (else 0), the bin's weight for the bins (0 where a - u is NaN).
 template <typename A, bool BINS>
 FPL_DEV A pair_weight(const TripletArgs<A>& p, int64_t row, A a, A u) {
   if constexpr (BINS) {
-    if (!(a == a && u == u)) return A(0);
+    if (!((a - u) == (a - u))) return A(0);
     A t;
     return p.bin_weight[row * p.bins + bin_of(p, a, u, &t)];
   } else {
