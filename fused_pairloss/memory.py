@@ -318,16 +318,26 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
             hyper["exclude_after_mining"] = True
         return fn, hyper
 
-    def _plan_for_rows(self, plan, batch_rows, memory_rows):
+    def _plan_for_rows(self, plan, batch_rows, batch_labels, memory_rows, memory_labels):
         """The fused plan, or None (PML's computation) where these rows need it: a miner's rule moved
         to the loss's other distance (a cosine MultiSimilarityMiner beside an lp loss mines on
         -d^2 / 2 = S - 1; a PairMarginMiner's margins move through d^2 = 2 - 2 S) needs rows that
         normalize to unit rows (F.normalize leaves a row of norm <= eps short); a miner's rule in
         the fused step (the miner's, or the loss's own miner_epsilon) cannot be read by the PML
-        steps the loss takes for some rows (_needs_pml_steps)."""
+        steps the loss takes for some rows (_needs_pml_steps); a miner in half precision keeps the
+        pairs of its rounded matrix, and a triplet window's edge at 0 is decided by PML's matrix's
+        rounding where a positive and a negative are copies (the rules of our miners' results,
+        _miners._Mined)."""
         if plan is None:
             return None
         mined = isinstance(plan[0].keywords["backend"], MinedBy)
+        if self.miner is not None and (mined or "window" in plan[1]):
+            from ._miners import _copies_under_other_labels, _mined_in_half_precision
+            if _mined_in_half_precision(self.miner.distance, batch_rows, memory_rows):
+                return None
+            if (0.0 in plan[1].get("window", ()) and _copies_under_other_labels(
+                    torch.cat([batch_rows, memory_rows]), torch.cat([batch_labels, memory_labels.to(batch_labels)]))):
+                return None
         if (mined and _distance_name(self.miner.distance) != self.loss._distance_kind
                 and _has_short_row(batch_rows, memory_rows)):
             return None
@@ -358,7 +368,7 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
             remove_self = True
         self.add_to_memory(emb_for_queue, labels_for_queue, len(emb_for_queue))
         E_mem, L_mem = self._memory()
-        plan = self._plan_for_rows(plan, embeddings, E_mem)
+        plan = self._plan_for_rows(plan, embeddings, labels, E_mem, L_mem)
         if plan is None:
             loss, miner = self.loss, self.miner
             declared = getattr(type(loss), "declaration", None) is not None  # fused_pairloss.declare
@@ -486,7 +496,7 @@ class CrossBatchMemory(pml_base("CrossBatchMemory")):
         mask = None if enqueue_mask is None else layout.gather(enqueue_mask)
         plan = self._plan(indices_tuple, embeddings.device)
         # the gathered batch and the memory: a superset of the memory after this step
-        plan = self._plan_for_rows(plan, X, self._memory()[0])
+        plan = self._plan_for_rows(plan, X, Y, *self._memory())
         if plan is None:  # PML's computation on the gathered batch, this rank's rows with their graph
             all_emb = torch.cat([X[:layout.offset], embeddings, X[layout.offset + layout.n:]], dim=0)
             if indices_tuple is not None:

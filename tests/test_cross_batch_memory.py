@@ -178,6 +178,45 @@ def test_triplet_margin_miner_fused(distance, ours_miner):
     assert ours._plan(None, torch.device("cpu")) is None
 
 
+def copied_batches(seed):
+    """Batches whose rows repeat earlier rows under other labels (a sample in two classes)."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.randn(12, D, generator=g, dtype=torch.float64)
+    for b in SIZES:
+        yield pool[torch.randint(0, 12, (b,), generator=g)], torch.randint(0, 4, (b,), generator=g), None
+
+
+@pytest.mark.parametrize("kind", ["hard", "semihard"])
+@pytest.mark.parametrize("distance", ["lp", "cosine"])
+def test_triplet_window_at_zero_with_copies_in_the_memory_is_pmls(kind, distance):
+    """A positive and a negative that are copies (the same sample under two labels) sit exactly on
+    the "hard" / "semihard" edge at 0, which PML's matrix rounds to either side: the memory takes
+    PML's steps then, and equals PML's."""
+    dist = (lambda: Dm.LpDistance()) if distance == "lp" else (lambda: Dm.CosineSimilarity())
+    ours = fpl.CrossBatchMemory(fpl.TripletMarginLoss(0.05, distance=dist()), D, M,
+                                miner=fpl.miners.TripletMarginMiner(0.3, type_of_triplets=kind, distance=dist()))
+    theirs = L.CrossBatchMemory(L.TripletMarginLoss(0.05, distance=dist()), D, M,
+                                miner=miners.TripletMarginMiner(0.3, type_of_triplets=kind, distance=dist()))
+    run_against_pml(ours, theirs, copied_batches(3), f"copies {kind} {distance}", rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("how", ["bfloat16", "autocast"])
+def test_a_miner_in_half_precision_is_pmls(how):
+    """A miner on half-precision rows (or the cosine under autocast) keeps the pairs of PML's rounded
+    matrix: the memory takes PML's steps, the same bits as PML's memory."""
+    dtype = torch.bfloat16 if how == "bfloat16" else torch.float32
+    loss = dict(distance=Dm.CosineSimilarity(), pos_margin=0.9, neg_margin=0.3)
+    ours = fpl.CrossBatchMemory(fpl.ContrastiveLoss(**loss), D, M, miner=fpl.miners.MultiSimilarityMiner(0.1))
+    theirs = L.CrossBatchMemory(L.ContrastiveLoss(**loss), D, M, miner=miners.MultiSimilarityMiner(0.1))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=how == "autocast"):
+        fused = ours._plan(None, torch.device("cpu"))
+        assert fused is not None
+        assert ours._plan_for_rows(fused, torch.ones(2, D, dtype=dtype), torch.arange(2),
+                                   torch.ones(2, D, dtype=dtype), torch.arange(2)) is None
+        # (the listed pairs' terms in fp32, PML's in bf16: the dtype's rounding apart)
+        run_against_pml(ours, theirs, batches(4, dtype=dtype), f"half precision {how}", rtol=5e-2, atol=2e-3)
+
+
 @pytest.mark.parametrize("distance", ["lp", "cosine"])
 def test_miner_records_against_zero_rows_and_without_queries(distance):
     """PML's quirk: enqueueing zero rows marks the memory as filled, so its initial zero rows (label 0)
