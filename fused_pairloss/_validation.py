@@ -154,7 +154,9 @@ def index_tensors(indices_tuple, device):
     """An indices_tuple whose entries are Python lists or numpy arrays of indices (PML's losses index
     with them too) as tensors on `device` (an empty one int64), and whose index tensors made under
     torch.inference_mode, used outside it, as copies (autograd cannot save an inference tensor for
-    the backward of a gather); anything else as given, for check_indices_tuple to judge."""
+    the backward of a gather), and index tensors on another device moved to `device` (PML's losses
+    index a CUDA matrix with CPU indices too); anything else as given, for check_indices_tuple to
+    judge."""
     def listed(t):
         return isinstance(t, (list, tuple)) or (hasattr(t, "__array__") and not isinstance(t, torch.Tensor))
     if not isinstance(indices_tuple, (tuple, list)):
@@ -164,6 +166,12 @@ def index_tensors(indices_tuple, device):
         copies = [t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t for t in indices_tuple]
         # a miner's result (fused_pairloss._miners._Mined) keeps what it says about its mining
         indices_tuple = indices_tuple.with_indices(copies) if hasattr(indices_tuple, "with_indices") else tuple(copies)
+    device = torch.device(device)
+    if any(isinstance(t, torch.Tensor) and t.device != device and "meta" not in (t.device.type, device.type)
+           for t in indices_tuple):
+        moved = [t.to(device) if isinstance(t, torch.Tensor) and t.device.type != "meta" else t
+                 for t in indices_tuple]
+        indices_tuple = indices_tuple.with_indices(moved) if hasattr(indices_tuple, "with_indices") else tuple(moved)
     if not any(listed(t) for t in indices_tuple):
         return indices_tuple
     out = []

@@ -337,6 +337,18 @@ def test_labels_on_another_device_as_pml(name):
         assert_same((xbm(x + step, y),), (xbm_pml(x + step, y),))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["angular", "ipv", "triplet", "contrastive", "lifted"])
+def test_indices_on_another_device_as_pml(name):
+    """PML's losses index a CUDA matrix with CPU indices: an indices_tuple on the CPU beside CUDA
+    embeddings is taken (moved to their device), with PML's value."""
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+    x, y = batch(16)
+    triplets = lmu.get_all_triplets_indices(y)
+    ours, pml = modules(name)
+    assert_same(value_and_grad(ours, x.cuda(), y.cuda(), triplets), value_and_grad(pml, x.cuda(), y.cuda(), triplets))
+
+
 def test_a_learnable_hyper_parameter_is_refused_by_name():
     """PML would train it; the fused ops take numbers: an error naming it, not a silent detach."""
     with pytest.raises(TypeError, match="margin"):
