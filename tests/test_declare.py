@@ -175,6 +175,9 @@ def test_invalid_spec_fields_are_named(fields, match):
 def test_invalid_histogram_fields_are_named(fields, match):
     with pytest.raises(TypeError, match=match):
         PairHistogram(**{**dict(nodes=5, inv_width=2.0), **fields})
+    import numpy as np
+    numpy_fields = PairHistogram(np.int64(5), np.float32(2.0), squared=np.bool_(True))  # numpy numbers are numbers
+    assert numpy_fields == PairHistogram(5, 2.0, squared=True) and type(numpy_fields.nodes) is int
 
 
 def test_declared_loss_checks_what_its_parts_return():

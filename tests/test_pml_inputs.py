@@ -954,16 +954,26 @@ def _doubled(module, inputs, output):
     return output * 2.0
 
 
+def _doubled_gradient(module, grad_input, grad_output):
+    return tuple(None if g is None else 2.0 * g for g in grad_input)
+
+
+def _distances_doubled(module, inputs, output):
+    return output * 2.0 if isinstance(module, distances.BaseDistance) else None
+
+
 @pytest.mark.parametrize("name,make", [("TripletMarginLoss", distances.LpDistance),
                                        ("ContrastiveLoss", distances.CosineSimilarity),
-                                       ("NCALoss", distances.DotProductSimilarity),
+                                       ("NCALoss", lambda: distances.LpDistance(power=2)),
                                        ("SignalToNoiseRatioContrastiveLoss", distances.SNRDistance)])
-@pytest.mark.parametrize("how", ["hook", "hook_later", "compute_mat", "is_inverted"])
+@pytest.mark.parametrize("how", ["hook", "hook_later", "backward_hook", "hook_on_every_module", "compute_mat",
+                                 "is_inverted"])
 def test_a_distance_that_computes_otherwise_than_its_class_is_pmls(name, make, how):
-    """PML's losses call their distance object (its forward hooks run, a compute_mat set on the
-    instance is called) and read its is_inverted: such a distance, also made so after a first
-    call, is computed by PML, not as its class's fused distance."""
+    """PML's losses call their distance object (its forward and backward hooks run, also those on
+    every module, and a compute_mat set on the instance is called) and read its is_inverted: such a
+    distance, also made so after a first call, is computed by PML, not as its class's fused distance."""
     x, y = batch(26, n=16)
+    handle = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         made = []
@@ -975,13 +985,21 @@ def test_a_distance_that_computes_otherwise_than_its_class_is_pmls(name, make, h
             loss(x, y)
             if how == "hook_later":
                 d.register_forward_hook(_doubled)
+            elif how == "backward_hook":
+                d.register_full_backward_hook(_doubled_gradient)
             elif how == "compute_mat":
                 d.compute_mat = (lambda f: lambda q, r: 2.0 * f(q, r))(d.compute_mat)
             elif how == "is_inverted":
                 d.is_inverted = not d.is_inverted
             made.append(loss)
         ours, pml = made
-        assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))
+        if how == "hook_on_every_module":
+            handle = torch.nn.modules.module.register_module_forward_hook(_distances_doubled)
+        try:
+            assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))
+        finally:
+            if handle is not None:
+                handle.remove()
 
 
 def test_a_hooked_distance_in_our_batch_miner_is_pmls():

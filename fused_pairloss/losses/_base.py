@@ -146,11 +146,24 @@ def _instance_overrides(obj):
     return tuple(sorted((k, id(v)) for k, v in vars(obj).items() if callable(v) and not k.startswith("__")))
 
 
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _hooks_of(module):
+    """The keys of the module's own hooks and of the hooks registered on every module
+    (torch.nn.modules.module.register_module_forward_hook, ...): forward and backward, pre and post."""
+    from torch.nn.modules import module as torch_module
+    own = tuple(tuple(getattr(module, name, None) or ()) for name in _HOOKS)
+    every = tuple(tuple(getattr(torch_module, "_global" + name, None) or ()) for name in _HOOKS)
+    return own + every
+
+
 def computes_as_its_class(distance):
-    """Whether PML's call of this distance object computes what its class and settings say: no
-    forward (pre-)hook, no method replaced on the instance, is_inverted as its class sets it (PML's
-    losses read it to flip their comparisons). Else PML computes."""
-    if getattr(distance, "_forward_hooks", None) or getattr(distance, "_forward_pre_hooks", None):
+    """Whether PML's call of this distance object computes what its class and settings say: no hook
+    (forward or backward, its own or one on every module: PML calls the object), no method replaced
+    on the instance, is_inverted as its class sets it (PML's losses read it to flip their
+    comparisons). Else PML computes."""
+    if any(_hooks_of(distance)):
         return False
     if _instance_overrides(distance):
         return False
@@ -418,7 +431,7 @@ def _settings(obj):
         plain = tuple(sorted((k, _settings(v)) for k, v in vars(obj).items()
                              if not k.startswith("_") and k not in skip
                              and isinstance(v, (bool, int, float, str, type(None)))))
-        hooks = (tuple(obj._forward_hooks), tuple(obj._forward_pre_hooks), _instance_overrides(obj))
+        hooks = (_hooks_of(obj), _instance_overrides(obj))
         return type(obj), plain, tuple((k, _settings(m)) for k, m in obj._modules.items()), hooks
     if isinstance(obj, float) and obj != obj:  # NaN (not math.isnan: a float torch.compile traces symbolically)
         return "nan"

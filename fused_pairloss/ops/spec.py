@@ -60,10 +60,15 @@ FLOAT_MAX = 3.4028234663852886e38  # the largest float32
 FLOAT_TINY = float(torch.finfo(torch.float32).tiny)  # the smallest normal float
 
 
+def _is_flag(value):
+    """A bool, Python's or numpy's (numpy's bool_ is no numbers.Integral)."""
+    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))
+
+
 def _check_number(name, value):
     """A declaration's number is real, not a bool (its range: declare.check_declaration, for a
     user's declaration; our losses' extreme hyper-parameters give PML's inf / NaN)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if _is_flag(value) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number; got {value!r}")
 
 
@@ -135,15 +140,17 @@ class PairHistogram:
     pml_bins: bool = False
 
     def __post_init__(self):
-        if isinstance(self.nodes, bool) or not isinstance(self.nodes, int):
+        if _is_flag(self.nodes) or not isinstance(self.nodes, numbers.Integral):
             raise TypeError(f"PairHistogram.nodes must be an int; got {self.nodes!r}")
+        object.__setattr__(self, "nodes", int(self.nodes))  # (a numpy integer as the int it holds)
         if not 1 <= self.nodes <= 1 << 20:
             raise ValueError(f"PairHistogram.nodes must be an int in [1, 2^20]; got {self.nodes!r}")
         for name in ("inv_width", "lo"):
             _check_number(f"PairHistogram.{name}", getattr(self, name))
         for name in ("squared", "pml_bins"):
-            if not isinstance(getattr(self, name), bool):
+            if not _is_flag(getattr(self, name)):
                 raise TypeError(f"PairHistogram.{name} must be a bool; got {getattr(self, name)!r}")
+            object.__setattr__(self, name, bool(getattr(self, name)))
         if not 0 < self.inv_width <= FLOAT_MAX:  # the float engine rounds it
             raise ValueError(f"PairHistogram.inv_width must be a number > 0 and at most the largest float; "
                              f"got {self.inv_width!r}")
