@@ -45,6 +45,13 @@ def _warn_once(key, message):
         warnings.warn(message, stacklevel=V.user_stacklevel())
 
 
+def warn_unfused_indices(module):
+    """Once per loss class: its indices_tuple is computed by the reference (N x M)."""
+    name = type(module).__name__
+    _warn_once(f"indices_tuple.{name}", f"fused_pairloss: {name} computes an explicit indices_tuple by the "
+               "unfused reference path (it materializes N x M)")
+
+
 def _users_own(cls, name):
     """Whether `name` of class `cls` is defined by a user's subclass (neither this library's nor PML's)."""
     for klass in cls.__mro__:
@@ -975,8 +982,7 @@ class _PairLoss(_PmlFallback, _LossBase):
 
     def _reference_with_indices(self, embeddings, labels, indices_tuple, ref_emb, ref_labels, hyper):
         # An explicit indices_tuple (from any PML miner) is honoured by the reference path, as PML.
-        _warn_once("indices_tuple", "fused_pairloss: an explicit indices_tuple is computed by the unfused "
-                   "reference path (it materializes N x M); use miner_epsilon for the fused MS miner")
+        warn_unfused_indices(self)
         check_tuple_inputs(embeddings, labels, ref_emb, ref_labels)
         if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
             raise ValueError("indices_tuple must be a tuple of 3 (a, p, n) or 4 (a1, p, a2, n) index tensors")
@@ -1207,8 +1213,8 @@ class _ClassLoss(_PmlFallback, _LossBase):
                 return fused
             if type(self)._reference_with_weights is _ClassLoss._reference_with_weights:
                 return self._reference_with_weights(embeddings, labels, indices_tuple)  # its error, no warning
-            _warn_once("class.indices_tuple", "fused_pairloss: an explicit indices_tuple (miner weights) is "
-                       "computed by the unfused reference path")
+            _warn_once(f"class.indices_tuple.{name}", f"fused_pairloss: {name} computes an explicit indices_tuple "
+                       "(miner weights) by the unfused reference path (N x C)")
             return self._reference_with_weights(embeddings, labels, indices_tuple)
         return self._call(embeddings, labels, weights)
 

@@ -254,13 +254,18 @@ def angular_listed(embeddings, labels, ref_emb, ref_labels, indices_tuple, *, al
         return zero_loss(embeddings)
     c_neg, c_ap = _constants(alpha)
     q_hat, r_hat = normalize(embeddings), normalize(ref)
+    rows, cols, repeats = a1, p, None
+    if not V._compiling():  # a triplet tuple lists each (a, p) once per negative: one walk per distinct pair
+        distinct, repeats = torch.unique(a1 * ref.shape[0] + p, return_counts=True)
+        rows, cols = distinct // ref.shape[0], distinct % ref.shape[0]
     total = 0
-    for k0, k1 in _pair_chunks(a1.shape[0]):
-        ri, ci = a1[k0:k1], p[k0:k1]
+    for k0, k1 in _pair_chunks(rows.shape[0]):
+        ri, ci = rows[k0:k1], cols[k0:k1]
         qa, rp = rows_of(q_hat, ri), rows_of(r_hat, ci)
         st = pair_stats(qa + rp, ref, labels_q[ri], labels_r, torch.full_like(ri, -1), declaration(c_neg), backend)
         z = st.lse_neg - c_ap * (qa * rp).sum(1)
-        total = total + logaddexp(torch.zeros_like(z), z).sum()
+        terms = logaddexp(torch.zeros_like(z), z)
+        total = total + (terms if repeats is None else terms * repeats[k0:k1].to(terms.dtype)).sum()
     return (total / a1.shape[0]).to(embeddings.dtype)
 
 

@@ -29,7 +29,7 @@ import torch
 from .. import _validation as V
 from .._backends import resolve_backend
 from ..ops._common import LOCAL, loss_function, pairs_of, zero_loss
-from ._base import _PairLoss, _plain_number, _warn_once, check_tuple_inputs, run_pair_loss
+from ._base import _PairLoss, _plain_number, _warn_once, check_tuple_inputs, run_pair_loss, warn_unfused_indices
 from ._reference_common import check_distance, convert_to_triplets, distance_matrix, nan_in_nan_out
 from ._registry import LossEntry
 from .triplet_margin import triplet_engine_op, triplet_operands
@@ -222,6 +222,8 @@ class DynamicSoftMarginLoss(_PairLoss):
             V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
         hyper = dict(self._hyper(), histogram=self._state_of_size(), return_histogram=True)
         backend = resolve_backend(self.backend, embeddings.device)
+        if indices_tuple is not None:
+            warn_unfused_indices(self)
         if backend == "reference" or indices_tuple is not None:
             loss, self.hist_ = dynamic_soft_margin_reference(embeddings, labels, ref_emb, ref_labels,
                                                              indices_tuple=indices_tuple, **hyper)

@@ -32,7 +32,7 @@ from ..ops.engines import exclusion_for
 from ..ops.operands import softplus
 from ..ops.spec import PairLossSpec, PairTerm
 from ..ops.stats import pair_stats
-from ._base import _PairLoss, _has_short_row, computes_as_its_class, run_pair_loss
+from ._base import _PairLoss, _has_short_row, computes_as_its_class, run_pair_loss, warn_unfused_indices
 from ._reference_common import lp_distances, miner_weights, nan_in_nan_out
 from ._registry import LossEntry
 
@@ -209,6 +209,7 @@ class NCALoss(_PairLoss):
         if labels is None:
             raise ValueError("NCALoss: labels is required (PML's labels_required), also with an indices_tuple")
         V.check_pair_inputs(embeddings, labels, ref_emb, ref_labels)
+        warn_unfused_indices(self)
         return nca_reference(embeddings, labels, ref_emb, ref_labels, indices_tuple=indices_tuple, **hyper)
 
 
