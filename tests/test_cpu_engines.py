@@ -311,7 +311,9 @@ def test_unknown_fpl_cpu_isa_is_named(cap):
             "    _extension.load()\n"
             "print([str(w.message) for w in caught])\n")
     env = dict(os.environ, FPL_CPU_ISA=cap)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    safe_path = ["-P"] if sys.flags.safe_path else []  # the package this run tests (make test: the installed wheel)
+    out = subprocess.run([sys.executable, *safe_path, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout
     assert f"FPL_CPU_ISA={cap!r} is not one of" in out
 
 

@@ -579,12 +579,3 @@ def test_dynamic_soft_margin_functional_state_is_returned_and_checked():
     with pytest.raises(TypeError, match="histogram must be None or a floating-point tensor"):
         Fn.dynamic_soft_margin_loss(x, y, histogram=[0.0] * 10)
 
-
-def test_a_tensor_hyper_parameter_inside_torch_compile_is_named():
-    """The functional forms read a one-element tensor's value in eager calls; inside a compiled
-    call that value is data the trace cannot read: the error names the argument."""
-    x, y = torch.randn(8, 4, dtype=torch.float64), torch.arange(8) % 3
-    compiled = torch.compile(lambda x, y, m: Fn.contrastive_loss(x, y, neg_margin=m), fullgraph=True,
-                             backend="aot_eager")
-    with pytest.raises(Exception, match="neg_margin is a tensor inside torch.compile"):
-        compiled(x, y, torch.tensor(0.7, dtype=torch.float64))

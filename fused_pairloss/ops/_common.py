@@ -126,11 +126,9 @@ def loss_function(fn):
     def as_number(name, v):
         if isinstance(v, (np.generic, np.ndarray)) and v.ndim == 0:  # torch.compile traces them as arrays
             return v.item()
-        if name in numeric_defaults and isinstance(v, torch.Tensor) and v.numel() == 1 and not v.requires_grad:
-            if torch.compiler.is_compiling():  # (its value would be data the trace cannot read)
-                raise TypeError(f"{fn.__name__}: {name} is a tensor inside torch.compile: pass a Python number")
-            if not v.is_complex():
-                return v.item()
+        if (name in numeric_defaults and isinstance(v, torch.Tensor) and v.numel() == 1 and not v.requires_grad
+                and not v.is_complex() and not torch.compiler.is_compiling()):  # (MarginLoss's beta stays a
+            return v.item()  # tensor while compiled: its value is read in the graph)
         return v
 
     @functools.wraps(fn)
