@@ -516,8 +516,8 @@ class _Mined(tuple):
         from .losses._base import _distance_name, _settings
         same_ref = (ref_emb is None and self.ref_emb is self.embeddings) or ref_emb is self.ref_emb
         same_ref_labels = (ref_labels is None and self.ref_labels is self.labels) or ref_labels is self.ref_labels
-        return (not self.half_precision and embeddings is self.embeddings and (labels is None or labels is self.labels)
-                and same_ref
+        return (not self.half_precision and embeddings is self.embeddings
+                and (labels is None or labels is self.labels) and same_ref
                 and same_ref_labels and _distance_name(self.distance) == distance
                 and _settings(self.distance) == self.distance_settings
                 and _versions(self.embeddings, self.labels, self.ref_emb, self.ref_labels) == self.versions

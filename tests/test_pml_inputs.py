@@ -958,22 +958,16 @@ def _doubled_gradient(module, grad_input, grad_output):
     return tuple(None if g is None else 2.0 * g for g in grad_input)
 
 
-def _distances_doubled(module, inputs, output):
-    return output * 2.0 if isinstance(module, distances.BaseDistance) else None
-
-
 @pytest.mark.parametrize("name,make", [("TripletMarginLoss", distances.LpDistance),
                                        ("ContrastiveLoss", distances.CosineSimilarity),
                                        ("NCALoss", lambda: distances.LpDistance(power=2)),
                                        ("SignalToNoiseRatioContrastiveLoss", distances.SNRDistance)])
-@pytest.mark.parametrize("how", ["hook", "hook_later", "backward_hook", "hook_on_every_module", "compute_mat",
-                                 "is_inverted"])
+@pytest.mark.parametrize("how", ["hook", "hook_later", "backward_hook", "compute_mat", "is_inverted"])
 def test_a_distance_that_computes_otherwise_than_its_class_is_pmls(name, make, how):
-    """PML's losses call their distance object (its forward and backward hooks run, also those on
-    every module, and a compute_mat set on the instance is called) and read its is_inverted: such a
-    distance, also made so after a first call, is computed by PML, not as its class's fused distance."""
+    """PML's losses call their distance object (its forward and backward hooks run, and a
+    compute_mat set on the instance is called) and read its is_inverted: such a distance, also made
+    so after a first call, is computed by PML, not as its class's fused distance."""
     x, y = batch(26, n=16)
-    handle = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         made = []
@@ -993,13 +987,23 @@ def test_a_distance_that_computes_otherwise_than_its_class_is_pmls(name, make, h
                 d.is_inverted = not d.is_inverted
             made.append(loss)
         ours, pml = made
-        if how == "hook_on_every_module":
-            handle = torch.nn.modules.module.register_module_forward_hook(_distances_doubled)
-        try:
-            assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))
-        finally:
-            if handle is not None:
-                handle.remove()
+        assert_same(value_and_grad(ours, x, y), value_and_grad(pml, x, y))
+
+
+def test_a_hook_on_every_module_leaves_the_losses_fused():
+    """A hook registered on every module for a while (a profiler's module tracker) is not a reason
+    to compute with PML: the loss stays fused during and after it."""
+    x, y = batch(27, n=16)
+    loss = fpl.losses.ContrastiveLoss()
+    loss(x, y)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, inputs, output: None)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loss(x, y)
+    finally:
+        handle.remove()
+    assert loss._pml is None
 
 
 def test_a_hooked_distance_in_our_batch_miner_is_pmls():

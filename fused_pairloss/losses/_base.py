@@ -157,19 +157,18 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_
 
 
 def _hooks_of(module):
-    """The keys of the module's own hooks and of the hooks registered on every module
-    (torch.nn.modules.module.register_module_forward_hook, ...): forward and backward, pre and post."""
-    from torch.nn.modules import module as torch_module
-    own = tuple(tuple(getattr(module, name, None) or ()) for name in _HOOKS)
-    every = tuple(tuple(getattr(torch_module, "_global" + name, None) or ()) for name in _HOOKS)
-    return own + every
+    """The keys of the module's own hooks, forward and backward, pre and post. (Not those registered
+    on every module, torch.nn.modules.module.register_module_forward_hook: tools such as
+    FlopCounterMode's module tracker add them for a while, and every loss would then be PML's
+    computation, the hook's outputs unchanged; docs/api.md.)"""
+    return tuple(tuple(getattr(module, name, None) or ()) for name in _HOOKS)
 
 
 def computes_as_its_class(distance):
     """Whether PML's call of this distance object computes what its class and settings say: no hook
-    (forward or backward, its own or one on every module: PML calls the object), no method replaced
-    on the instance, is_inverted as its class sets it (PML's losses read it to flip their
-    comparisons). Else PML computes."""
+    of its own (forward or backward: PML calls the object), no method replaced on the instance,
+    is_inverted as its class sets it (PML's losses read it to flip their comparisons). Else PML
+    computes."""
     if any(_hooks_of(distance)):
         return False
     if _instance_overrides(distance):
